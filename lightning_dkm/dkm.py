@@ -1,0 +1,172 @@
+r"""The differentiable k-means (DKM) step of Cho et al., ICLR 2022 (arXiv 2108.12659).
+
+DKM casts k-means as attention. For the weights of one palette :math:`X \in R^{n \times d}` and
+centroids :math:`C \in R^{k \times d}`, one iteration is
+
+.. math::
+
+    A = \operatorname{softmax}_{\text{rows}}\Big(-\frac{\|X_i - C_j\|^2}{\tau\,s^2}\Big),
+    \qquad C \leftarrow \frac{A^\top X}{A^\top \mathbf 1},
+
+repeated up to ``max_iter`` times or until no centroid moves more than ``epsilon``. The
+clustered weight is :math:`\tilde X = A C` (the attention of the last iteration times the
+centroids it produced). Every operation is differentiable, so the loss gradient reaches ``X``
+through all iterations (the "unrolled" backward).
+
+**How tau relates to the weights' scale.** Distances are divided by :math:`s^2`, the per-palette
+variance of the weights (a constant for autograd, recomputed every call), so ``tau`` is
+*scale-free*: the same schedule works for an embedding with std 1 and a conv with std 0.01, and
+it keeps its meaning as weights shrink or grow during training. Concretely, a weight half-way
+between two centroids that are :math:`\Delta` apart moves from the one to the other over a
+band of width about :math:`2\tau s^2/\Delta`; with 16 centroids spread over :math:`\pm 2s`
+(:math:`\Delta \approx s/4`) ``tau = 1e-2`` gives a band of 8 % of the spacing. (coremltools uses
+raw squared distances with ``tau=1e-4``; for weights of std 0.03 that is ``tau ~ 0.1`` here.)
+
+**Numerics.** Each row's smallest distance is subtracted before dividing by tau, so every row
+has a logit of exactly 0 and the softmax cannot produce NaN for any tau > 0 (tested down to
+1e-7 and below, where the rows become exactly one-hot). A centroid whose attention mass falls
+below ``EMPTY_MASS`` (an empty cluster) keeps its previous position instead of dividing by
+~0. Data are centred before distances are formed, so weights far from the origin lose no
+precision in the ``|x|^2 - 2x.c + |c|^2`` expansion used for vectors.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from .kmeans import nearest_centroid, pairwise_sq_dist
+
+__all__ = [
+    "EMPTY_MASS",
+    "DKMOutput",
+    "Normalization",
+    "dkm_cluster",
+    "hard_assign",
+    "normalization_of",
+    "soft_assignment",
+    "update_centroids",
+]
+
+#: A cluster whose total attention mass is below this is treated as empty (its centroid stays).
+EMPTY_MASS = 1e-6
+
+
+class Normalization(NamedTuple):
+    """Per-palette affine normalisation ``x_n = (x - center) / scale`` (constants for autograd)."""
+
+    center: Tensor  # (P, 1, d)
+    scale: Tensor  # (P, 1, 1)
+
+
+class DKMOutput(NamedTuple):
+    """What one DKM call returns."""
+
+    weights: Tensor  # (P, n, d): the soft-clustered weights A @ C, differentiable
+    centroids: Tensor  # (P, k, d): the final centroids, detached (the state for the next call)
+    attention: Tensor  # (P, n, k): the last soft-assignment matrix (part of the graph)
+    iterations: int  # centroid updates performed (<= max_iter)
+
+
+@torch.no_grad()
+def normalization_of(x: Tensor) -> Normalization:
+    """Centre and scale of each palette of ``x`` (P, n, d): the mean vector and the standard
+    deviation of the scalar weights. A constant palette gets a tiny positive scale so that it
+    stays finite (its distances are 0 or far larger than any tau anyway)."""
+    center = x.mean(dim=1, keepdim=True)
+    var = (x - center).square().mean(dim=(1, 2), keepdim=True)
+    eps = torch.finfo(x.dtype).eps
+    floor = (eps * center.abs().amax(dim=-1, keepdim=True)).clamp_min(1e-12)
+    return Normalization(center, torch.maximum(var.sqrt(), floor))
+
+
+def _normalize(t: Tensor, norm: Normalization) -> Tensor:
+    return (t - norm.center) / norm.scale
+
+
+def _denormalize(t: Tensor, norm: Normalization) -> Tensor:
+    return t * norm.scale + norm.center
+
+
+def soft_assignment(xn: Tensor, cn: Tensor, tau: Tensor | float) -> Tensor:
+    r"""Row-wise :math:`\operatorname{softmax}(-D / \tau)` on normalised data: shape (P, n, k).
+
+    The row minimum is subtracted first (softmax is shift-invariant), which guarantees one logit
+    of exactly 0 per row: finite for any positive tau.
+    """
+    dist = pairwise_sq_dist(xn, cn)
+    dist = dist - dist.amin(dim=-1, keepdim=True).detach()
+    return torch.softmax(dist / -tau, dim=-1)
+
+
+def update_centroids(attention: Tensor, xn: Tensor, previous: Tensor) -> Tensor:
+    r""":math:`C = A^\top X / A^\top 1`; clusters with mass below ``EMPTY_MASS`` keep ``previous``."""
+    mass = attention.sum(dim=1)  # (P, k)
+    weighted_sum = torch.bmm(attention.transpose(1, 2), xn)  # (P, k, d)
+    updated = weighted_sum / mass.clamp_min(EMPTY_MASS).unsqueeze(-1)
+    return torch.where((mass > EMPTY_MASS).unsqueeze(-1), updated, previous)
+
+
+def dkm_cluster(
+    x: Tensor,
+    centroids: Tensor,
+    tau: Tensor | float,
+    *,
+    max_iter: int = 3,
+    epsilon: float = 1e-4,
+    normalization: Normalization | None = None,
+) -> DKMOutput:
+    """Run the DKM iterations on palettes ``x`` (P, n, d) from ``centroids`` (P, k, d).
+
+    Args:
+        x: the weights, arranged as palettes (see :class:`~lightning_dkm.layout.PaletteLayout`);
+            gradients flow back into it through every iteration.
+        centroids: starting centroids in the units of ``x``; treated as constants (detached).
+        tau: temperature (> 0), in units of the palette's weight variance (module docstring).
+        max_iter: at most this many attention + centroid-update rounds (>= 1).
+        epsilon: stop early once no centroid moves more than ``epsilon`` (in units of the
+            palette's standard deviation); 0 runs all ``max_iter`` rounds. An early stop reads
+            one scalar back from the device per iteration.
+        normalization: fixed centre and scale; computed from ``x`` (detached) when omitted.
+
+    Returns:
+        :class:`DKMOutput` with the soft-clustered weights ``A @ C`` in the units and dtype
+        of ``x``.
+    """
+    if max_iter < 1:
+        raise ValueError(f"max_iter must be >= 1; got {max_iter}")
+    if epsilon < 0:
+        raise ValueError(f"epsilon must be >= 0; got {epsilon}")
+    if not isinstance(tau, Tensor) and not tau > 0:  # tensor taus are checked where they are set
+        raise ValueError(f"tau must be > 0; got {tau}")
+    compute_dtype = torch.promote_types(x.dtype, torch.float32)
+    xc = x.to(compute_dtype)
+    norm = normalization if normalization is not None else normalization_of(xc.detach())
+    xn = _normalize(xc, norm)
+    c = _normalize(centroids.detach().to(compute_dtype), norm)
+
+    iterations = 0
+    for _ in range(max_iter):
+        attention = soft_assignment(xn, c, tau)
+        c_new = update_centroids(attention, xn, c)
+        iterations += 1
+        moved = (c_new - c).abs().amax().detach()
+        c = c_new
+        if epsilon > 0 and bool(moved <= epsilon):
+            break
+    out = _denormalize(torch.bmm(attention, c), norm).to(x.dtype)
+    return DKMOutput(out, _denormalize(c.detach(), norm).to(centroids.dtype), attention, iterations)
+
+
+def hard_assign(x: Tensor, centroids: Tensor) -> tuple[Tensor, Tensor]:
+    """Nearest-centroid indices ``(P, n)`` and the snapped weights ``centroids[indices]``.
+
+    The snapped tensor is built by gathering from ``centroids``, so ``LUT[indices]`` reproduces
+    it bit for bit. No gradient flows through it.
+    """
+    with torch.no_grad():
+        idx = nearest_centroid(x.detach(), centroids.to(x.dtype))
+        snapped = centroids.gather(1, idx.unsqueeze(-1).expand(-1, -1, centroids.shape[-1]))
+    return idx, snapped.to(x.dtype)

@@ -1,0 +1,332 @@
+"""Plain (hard) k-means on tensors: distances, nearest centroid, k-means++ seeding, Lloyd.
+
+Every function works on a *batch of independent problems*, one per palette: data ``x`` has shape
+``(P, n, d)`` (P palettes, n points of dimension d each) and centroids have shape ``(P, k, d)``.
+A single tensor is simply ``P = 1``. Nothing here knows about modules, Lightning or DKM; the
+differentiable step in :mod:`lightning_dkm.dkm` builds on these functions.
+
+Seeding is driven by a :class:`torch.Generator`, so the same seed gives the same centroids on
+every process (this is how all DDP ranks agree without communication).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "KMeansResult",
+    "kmeans",
+    "kmeans_plusplus",
+    "lloyd",
+    "nearest_centroid",
+    "pairwise_sq_dist",
+]
+
+# Rows of `x` processed at once by nearest_centroid for d > 1, to bound the (rows x k) buffer.
+_ROW_CHUNK = 1 << 18
+# k-means++ seeds on at most this many points per palette (a random subset); Lloyd then runs on
+# all points. Seeding cost is O(n k L); Lloyd's is O(n k) per iteration.
+_MAX_SEED_POINTS = 1 << 16
+
+
+def pairwise_sq_dist(x: Tensor, c: Tensor) -> Tensor:
+    r"""Squared Euclidean distances ``D[p, i, j] = ||x[p, i] - c[p, j]||^2``.
+
+    For ``d == 1`` the difference is formed directly (exact). For ``d > 1`` the expansion
+    :math:`\|x\|^2 - 2 x \cdot c + \|c\|^2` keeps memory at ``n x k`` instead of ``n x k x d``;
+    it is clamped at 0 against rounding. Callers that need accuracy for data far from the origin
+    centre it first (distances are translation invariant).
+    """
+    if x.shape[-1] == 1:
+        return (x - c.transpose(-1, -2)).square()
+    x2 = x.square().sum(-1, keepdim=True)
+    c2 = c.square().sum(-1).unsqueeze(-2)
+    return torch.baddbmm(x2 + c2, x, c.transpose(-1, -2), alpha=-2.0).clamp_min_(0.0)
+
+
+def _nearest_1d(x: Tensor, c: Tensor) -> Tensor:
+    """Exact argmin for d == 1 in O(n log k): binary search on sorted centroids, then the two
+    neighbours are compared by their actual squared distance (ties go to the lower index)."""
+    k = c.shape[1]
+    sorted_c, order = torch.sort(c.squeeze(-1), dim=-1, stable=True)
+    pos = torch.searchsorted(sorted_c.contiguous(), x.squeeze(-1).contiguous())
+    lo = (pos - 1).clamp(0, k - 1)
+    hi = pos.clamp(0, k - 1)
+    xv = x.squeeze(-1)
+    d_lo = (xv - sorted_c.gather(1, lo)).square()
+    d_hi = (xv - sorted_c.gather(1, hi)).square()
+    orig_lo = order.gather(1, lo)
+    orig_hi = order.gather(1, hi)
+    take_hi = (d_hi < d_lo) | ((d_hi == d_lo) & (orig_hi < orig_lo))
+    return torch.where(take_hi, orig_hi, orig_lo)
+
+
+@torch.no_grad()
+def nearest_centroid(x: Tensor, c: Tensor) -> Tensor:
+    """Index of the nearest centroid for every point: shape ``(P, n)``, dtype int64.
+
+    Ties go to the lowest centroid index, as ``argmin`` does. Memory stays bounded for any n:
+    1-D data uses a sorted search (no ``n x k`` matrix), vectors are processed in row chunks.
+    """
+    _check_batch(x, c)
+    if x.shape[-1] == 1:
+        return _nearest_1d(x, c)
+    out = torch.empty(x.shape[:2], dtype=torch.long, device=x.device)
+    for start in range(0, x.shape[1], _ROW_CHUNK):
+        stop = min(start + _ROW_CHUNK, x.shape[1])
+        out[:, start:stop] = pairwise_sq_dist(x[:, start:stop], c).argmin(-1)
+    return out
+
+
+def _check_batch(x: Tensor, c: Tensor) -> None:
+    if x.dim() != 3 or c.dim() != 3:
+        raise ValueError(
+            f"x and centroids must be 3-D (P, n, d) and (P, k, d); got {tuple(x.shape)} and "
+            f"{tuple(c.shape)}"
+        )
+    if x.shape[0] != c.shape[0] or x.shape[2] != c.shape[2]:
+        raise ValueError(
+            f"x {tuple(x.shape)} and centroids {tuple(c.shape)} disagree on P or d"
+        )
+
+
+def _placeholder_centroids(x: Tensor, count: int) -> Tensor:
+    """``count`` distinct points per palette that lie outside the data (beyond its maximum).
+
+    Used when a palette has fewer distinct values than k: the surplus centroids must be neither
+    duplicates (ambiguous assignment) nor NaN; placed past the data they simply stay unused.
+    """
+    hi = x.amax(dim=1, keepdim=True)  # (P, 1, d)
+    lo = x.amin(dim=1, keepdim=True)
+    span = (hi - lo).amax(-1, keepdim=True)
+    magnitude = hi.abs().amax(-1, keepdim=True).clamp_min(1.0)
+    step = torch.maximum(span, 1e-3 * magnitude)
+    steps = torch.arange(1, count + 1, device=x.device, dtype=x.dtype).view(1, count, 1)
+    return hi + steps * step
+
+
+@torch.no_grad()
+def kmeans_plusplus(
+    x: Tensor,
+    k: int,
+    generator: torch.Generator | None = None,
+    sample_weight: Tensor | None = None,
+    n_local_trials: int | None = None,
+) -> Tensor:
+    r"""Greedy k-means++ seeding (D^2 sampling), batched over palettes.
+
+    The first centroid is drawn with probability proportional to ``sample_weight``; each next one
+    from ``L = n_local_trials`` candidates drawn with probability :math:`\propto w_i D_i^2`
+    (:math:`D_i` the distance to the nearest chosen centroid), keeping the candidate that lowers
+    the potential :math:`\sum_i w_i D_i^2` most (Arthur & Vassilvitskii 2007; L = 2 + ln k as in
+    scikit-learn). Palettes whose potential reaches zero have fewer distinct points than k; their
+    remaining centroids are distinct placeholders outside the data (see :func:`kmeans`).
+
+    Returns centroids of shape ``(P, k, d)`` in the dtype of ``x``.
+    """
+    _check_k(x, k)
+    P, n, d = x.shape
+    w = torch.ones(P, n, dtype=x.dtype, device=x.device) if sample_weight is None else sample_weight
+    trials = n_local_trials if n_local_trials is not None else 2 + int(math.log(k))
+    rows = torch.arange(P, device=x.device)
+
+    centers = torch.empty(P, k, d, dtype=x.dtype, device=x.device)
+    first = torch.multinomial(w, 1, generator=generator).squeeze(1)
+    centers[:, 0] = x[rows, first]
+    closest = pairwise_sq_dist(x, centers[:, :1]).squeeze(-1)  # (P, n)
+    exhausted = torch.zeros(P, dtype=torch.bool, device=x.device)
+    for i in range(1, k):
+        potential = w * closest
+        exhausted |= potential.sum(-1) <= 0
+        probs = torch.where(exhausted[:, None], w, potential)
+        cand = torch.multinomial(probs, trials, replacement=True, generator=generator)  # (P, L)
+        cand_x = x[rows[:, None], cand]  # (P, L, d)
+        trial_closest = torch.minimum(closest.unsqueeze(-1), pairwise_sq_dist(x, cand_x))
+        best = (w.unsqueeze(-1) * trial_closest).sum(1).argmin(-1)  # (P,)
+        centers[:, i] = cand_x[rows, best]
+        closest = trial_closest[rows, :, best]
+    if bool(exhausted.any()):
+        centers = _dedupe_centroids(x, centers)
+    return centers
+
+
+def _dedupe_centroids(x: Tensor, centers: Tensor) -> Tensor:
+    """Replace repeated centroids of a palette by distinct placeholders outside its data."""
+    P, k, _ = centers.shape
+    out = centers.clone()
+    placeholders = _placeholder_centroids(x, k)
+    for p in range(P):
+        _, first_index = _unique_rows_first_index(centers[p])
+        duplicate = torch.ones(k, dtype=torch.bool, device=centers.device)
+        duplicate[first_index] = False
+        n_dup = int(duplicate.sum())
+        if n_dup:
+            out[p, duplicate] = placeholders[p, :n_dup]
+    return out
+
+
+def _unique_rows_first_index(rows: Tensor) -> tuple[Tensor, Tensor]:
+    uniq, inverse = torch.unique(rows, dim=0, return_inverse=True)
+    first = torch.full((uniq.shape[0],), rows.shape[0], dtype=torch.long, device=rows.device)
+    first.scatter_reduce_(0, inverse, torch.arange(rows.shape[0], device=rows.device), "amin")
+    return uniq, first
+
+
+def _check_k(x: Tensor, k: int) -> None:
+    if x.dim() != 3:
+        raise ValueError(f"x must have shape (P, n, d); got {tuple(x.shape)}")
+    if not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be a positive int; got {k!r}")
+    if x.shape[1] < k:
+        raise ValueError(
+            f"k-means needs at least k={k} points per palette; got n={x.shape[1]}"
+        )
+    if not x.is_floating_point():
+        raise ValueError(f"x must be a floating tensor; got dtype {x.dtype}")
+
+
+class KMeansResult(NamedTuple):
+    """Result of :func:`kmeans` / :func:`lloyd`."""
+
+    centroids: Tensor  # (P, k, d)
+    labels: Tensor  # (P, n) int64
+    inertia: Tensor  # (P,) sum of squared distances to the assigned centroid
+
+
+def _inertia(x: Tensor, c: Tensor, labels: Tensor, w: Tensor | None) -> Tensor:
+    snapped = c.gather(1, labels.unsqueeze(-1).expand(-1, -1, c.shape[-1]))
+    err = (x - snapped).square().sum(-1)
+    if w is not None:
+        err = err * w
+    return err.sum(-1)
+
+
+@torch.no_grad()
+def lloyd(
+    x: Tensor,
+    centroids: Tensor,
+    max_iter: int = 300,
+    tol: float = 1e-4,
+    sample_weight: Tensor | None = None,
+) -> KMeansResult:
+    r"""Lloyd's algorithm from the given centroids, batched over palettes.
+
+    Each iteration assigns every point to its nearest centroid and moves each centroid to the
+    (weighted) mean of its members; a centroid with no members stays where it is (it never
+    becomes NaN). Stops after ``max_iter`` iterations or when every centroid moved less than
+    ``tol`` times the data's mean per-dimension variance squared distance (scikit-learn's rule).
+    Inertia never increases from one iteration to the next.
+    """
+    _check_batch(x, centroids)
+    P, _, d = x.shape
+    k = centroids.shape[1]
+    c = centroids.clone()
+    w = sample_weight
+    wx = x if w is None else x * w.unsqueeze(-1)
+    ones = torch.ones(x.shape[:2], dtype=x.dtype, device=x.device) if w is None else w
+    threshold = tol * x.var(dim=1, unbiased=False).mean() if x.shape[1] > 1 else x.new_zeros(())
+    for _ in range(max_iter):
+        labels = nearest_centroid(x, c)
+        sums = torch.zeros(P, k, d, dtype=x.dtype, device=x.device)
+        sums.scatter_add_(1, labels.unsqueeze(-1).expand(-1, -1, d), wx)
+        counts = torch.zeros(P, k, dtype=x.dtype, device=x.device).scatter_add_(1, labels, ones)
+        has_members = counts > 0
+        new_c = torch.where(
+            has_members.unsqueeze(-1), sums / counts.clamp_min(1e-30).unsqueeze(-1), c
+        )
+        shift = (new_c - c).square().sum(-1).amax()
+        c = new_c
+        if shift <= threshold:
+            break
+    labels = nearest_centroid(x, c)
+    return KMeansResult(c, labels, _inertia(x, c, labels, w))
+
+
+@torch.no_grad()
+def kmeans(
+    x: Tensor,
+    k: int,
+    generator: torch.Generator | None = None,
+    *,
+    n_init: int = 1,
+    max_iter: int = 300,
+    tol: float = 1e-4,
+    sample_weight: Tensor | None = None,
+    name: str | None = None,
+) -> KMeansResult:
+    """k-means++ seeding followed by Lloyd's algorithm; the best of ``n_init`` runs per palette.
+
+    Args:
+        x: data ``(P, n, d)``; any floating dtype (computed in at least float32).
+        k: number of centroids per palette.
+        generator: drives the seeding; the same generator state gives the same result.
+        n_init: independent seedings per palette; the lowest inertia wins.
+        max_iter, tol: Lloyd's stopping rule, see :func:`lloyd`.
+        sample_weight: optional non-negative weights ``(P, n)`` (e.g. counts of unique values).
+        name: used in warnings (e.g. the parameter being clustered).
+
+    A palette with fewer distinct points than ``k`` gets one centroid per distinct point plus
+    distinct, unused placeholders beyond the data's maximum, and a ``UserWarning`` says so.
+    """
+    _check_k(x, k)
+    if n_init < 1:
+        raise ValueError(f"n_init must be >= 1; got {n_init}")
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"k-means input{_label(name)} contains NaN or Inf values")
+    work_dtype = torch.promote_types(x.dtype, torch.float32)
+    xw = x.to(work_dtype)
+    w = None if sample_weight is None else sample_weight.to(work_dtype)
+    _warn_if_few_distinct(xw, k, name)
+
+    best: KMeansResult | None = None
+    for _ in range(n_init):
+        seed_x, seed_w = _seed_subset(xw, w, generator)
+        seeds = kmeans_plusplus(seed_x, k, generator, sample_weight=seed_w)
+        result = lloyd(xw, seeds, max_iter=max_iter, tol=tol, sample_weight=w)
+        best = result if best is None else _keep_better(best, result)
+    assert best is not None
+    return KMeansResult(best.centroids.to(x.dtype), best.labels, best.inertia)
+
+
+def _seed_subset(
+    x: Tensor, w: Tensor | None, generator: torch.Generator | None
+) -> tuple[Tensor, Tensor | None]:
+    """At most ``_MAX_SEED_POINTS`` points per palette (drawn without replacement, seeded)."""
+    n = x.shape[1]
+    if n <= _MAX_SEED_POINTS:
+        return x, w
+    idx = torch.randperm(n, generator=generator, device="cpu")[:_MAX_SEED_POINTS].to(x.device)
+    return x[:, idx], None if w is None else w[:, idx]
+
+
+def _keep_better(a: KMeansResult, b: KMeansResult) -> KMeansResult:
+    take_b = b.inertia < a.inertia
+    return KMeansResult(
+        torch.where(take_b[:, None, None], b.centroids, a.centroids),
+        torch.where(take_b[:, None], b.labels, a.labels),
+        torch.where(take_b, b.inertia, a.inertia),
+    )
+
+
+def _label(name: str | None) -> str:
+    return f" of {name!r}" if name else ""
+
+
+def _warn_if_few_distinct(x: Tensor, k: int, name: str | None) -> None:
+    # Sorting is O(n log n); only worth it when a palette can plausibly be short of values.
+    counts = [int(torch.unique(x[p], dim=0).shape[0]) for p in range(x.shape[0])]
+    short = [(p, c) for p, c in enumerate(counts) if c < k]
+    if short:
+        p, c = short[0]
+        warnings.warn(
+            f"{len(short)} palette(s){_label(name)} have fewer distinct values than k={k} "
+            f"(palette {p} has {c}); the surplus centroids are placed outside the data and stay "
+            "unused",
+            UserWarning,
+            stacklevel=3,
+        )

@@ -1,0 +1,183 @@
+"""What a clustered tensor looks like to k-means: the spec (bits, cluster_dim, group_size) and
+the layout that turns a weight tensor into palettes of vectors and back.
+
+Conventions (the DKM paper reports "bits/dim" pairs; we spell them out):
+
+* ``bits`` is the number of bits of one palette *index*; every palette has ``k = 2**bits``
+  centroids. With ``cluster_dim = d > 1`` one index addresses a d-long vector, so the storage
+  cost is ``bits / d`` bits per weight: ``bits=4, cluster_dim=2`` is 16 centroids of 2-vectors,
+  2 bits per weight.
+* Vectors run along the tensor's *input-channel* axis (``vector_axis``), which ``cluster_dim``
+  must divide.
+* ``group_size = None`` gives one palette for the whole tensor; ``group_size = g`` gives one
+  palette per ``g`` consecutive output channels (``group_axis``), which ``g`` must divide.
+
+A tensor of shape ``shape`` becomes ``x`` of shape ``(P, n, d)``: P palettes, n vectors each.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = ["MAX_BITS", "MAX_CLUSTER_DIM", "ClusterSpec", "PaletteLayout"]
+
+MAX_BITS = 8
+MAX_CLUSTER_DIM = 8
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class ClusterSpec:
+    """How one tensor is clustered.
+
+    Args:
+        bits: bits per palette index, 1..8; the palette has ``2**bits`` entries.
+        cluster_dim: length of the clustered vectors along the input-channel axis, 1..8.
+        group_size: output channels that share one palette; ``None`` for one palette per tensor.
+    """
+
+    bits: int = 4
+    cluster_dim: int = 1
+    group_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if not _is_int(self.bits) or not 1 <= self.bits <= MAX_BITS:
+            raise ValueError(f"bits must be an int in 1..{MAX_BITS}; got {self.bits!r}")
+        if not _is_int(self.cluster_dim) or not 1 <= self.cluster_dim <= MAX_CLUSTER_DIM:
+            raise ValueError(
+                f"cluster_dim must be an int in 1..{MAX_CLUSTER_DIM}; got {self.cluster_dim!r}"
+            )
+        if self.group_size is not None and (not _is_int(self.group_size) or self.group_size < 1):
+            raise ValueError(
+                f"group_size must be None (one palette per tensor) or an int >= 1; "
+                f"got {self.group_size!r}"
+            )
+
+    @property
+    def num_centroids(self) -> int:
+        """k = 2**bits."""
+        return 1 << self.bits
+
+    @property
+    def bits_per_weight(self) -> float:
+        """Index storage per scalar weight: ``bits / cluster_dim``."""
+        return self.bits / self.cluster_dim
+
+
+@dataclass(frozen=True)
+class PaletteLayout:
+    """Maps a weight tensor of ``shape`` to palettes ``(P, n, d)`` and back.
+
+    Args:
+        shape: the weight's shape (at least 2-D).
+        spec: the :class:`ClusterSpec`.
+        group_axis: the output-channel axis that ``group_size`` splits (0 for Linear/Conv/
+            Embedding, 1 for ConvTranspose).
+        vector_axis: the input-channel axis along which ``cluster_dim`` vectors run.
+        name: the parameter's name, used in error messages.
+    """
+
+    shape: tuple[int, ...]
+    spec: ClusterSpec
+    group_axis: int = 0
+    vector_axis: int = 1
+    name: str = "weight"
+
+    def __post_init__(self) -> None:
+        shape = tuple(int(s) for s in self.shape)
+        object.__setattr__(self, "shape", shape)
+        ndim = len(shape)
+        if ndim < 2:
+            raise ValueError(f"{self.name}: only tensors with >= 2 dims are clustered; got {shape}")
+        for label, axis in (("group_axis", self.group_axis), ("vector_axis", self.vector_axis)):
+            if not -ndim <= axis < ndim:
+                raise ValueError(f"{self.name}: {label}={axis} is out of range for shape {shape}")
+        object.__setattr__(self, "group_axis", self.group_axis % ndim)
+        object.__setattr__(self, "vector_axis", self.vector_axis % ndim)
+        if self.group_axis == self.vector_axis:
+            raise ValueError(f"{self.name}: group_axis and vector_axis must differ")
+        d, g = self.spec.cluster_dim, self.spec.group_size
+        vec_len = shape[self.vector_axis]
+        if vec_len % d:
+            raise ValueError(
+                f"{self.name}: cluster_dim={d} does not divide the input-channel axis "
+                f"(size {vec_len}, shape {shape}); allowed: a divisor of {vec_len} in "
+                f"1..{MAX_CLUSTER_DIM}"
+            )
+        channels = shape[self.group_axis]
+        if g is not None and channels % g:
+            raise ValueError(
+                f"{self.name}: group_size={g} does not divide the output-channel axis "
+                f"(size {channels}, shape {shape}); allowed: None or a divisor of {channels}"
+            )
+        k = self.spec.num_centroids
+        if self.vectors_per_palette < k:
+            raise ValueError(
+                f"{self.name}: each palette holds {self.vectors_per_palette} vectors, fewer than "
+                f"2**bits = {k} centroids (shape {shape}, bits={self.spec.bits}, cluster_dim={d}, "
+                f"group_size={g}); use fewer bits, a larger group_size, or skip this tensor"
+            )
+
+    # -- derived sizes -----------------------------------------------------------------------
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def num_palettes(self) -> int:
+        """P: one palette per ``group_size`` output channels, or 1."""
+        g = self.spec.group_size
+        return 1 if g is None else self.shape[self.group_axis] // g
+
+    @property
+    def vectors_per_palette(self) -> int:
+        """n: the number of d-vectors each palette indexes."""
+        return self.numel // (self.num_palettes * self.spec.cluster_dim)
+
+    @property
+    def palette_shape(self) -> tuple[int, int, int]:
+        return (self.num_palettes, self.vectors_per_palette, self.spec.cluster_dim)
+
+    @property
+    def _permutation(self) -> tuple[int, ...]:
+        rest = [a for a in range(len(self.shape)) if a not in (self.group_axis, self.vector_axis)]
+        return (self.group_axis, *rest, self.vector_axis)
+
+    @property
+    def _inverse_permutation(self) -> tuple[int, ...]:
+        perm = self._permutation
+        inverse = [0] * len(perm)
+        for i, p in enumerate(perm):
+            inverse[p] = i
+        return tuple(inverse)
+
+    # -- mapping -----------------------------------------------------------------------------
+    def check(self, weight: Tensor) -> None:
+        """Errors for a tensor this layout cannot cluster: wrong shape, non-float, NaN/Inf."""
+        if tuple(weight.shape) != self.shape:
+            raise ValueError(
+                f"{self.name}: expected shape {self.shape}, got {tuple(weight.shape)}"
+            )
+        if not weight.is_floating_point():
+            raise ValueError(
+                f"{self.name}: only floating-point weights can be clustered; got {weight.dtype}"
+            )
+        if not bool(torch.isfinite(weight).all()):
+            raise ValueError(f"{self.name}: weight contains NaN or Inf values; cannot cluster it")
+
+    def to_palettes(self, weight: Tensor) -> Tensor:
+        """``weight`` (shape) -> ``(P, n, d)``. Differentiable; a view when no permute is needed."""
+        permuted = weight.permute(self._permutation)
+        return permuted.reshape(self.palette_shape)
+
+    def from_palettes(self, x: Tensor) -> Tensor:
+        """``(P, n, d)`` -> a tensor of ``shape``; the exact inverse of :meth:`to_palettes`."""
+        permuted_shape = tuple(self.shape[a] for a in self._permutation)
+        return x.reshape(permuted_shape).permute(self._inverse_permutation).contiguous()

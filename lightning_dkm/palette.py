@@ -1,0 +1,63 @@
+"""The finalized form of a clustered tensor: a look-up table (LUT) plus integer indices.
+
+Per palette ``p`` the LUT holds ``k = 2**bits`` centroids of length ``cluster_dim`` and every
+d-vector of the weight is stored as an index into it. ``Palette.weight()`` rebuilds the dense
+weight as ``LUT[indices]`` laid back into the tensor's shape; it is exact by construction.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .layout import PaletteLayout
+
+__all__ = ["Palette"]
+
+
+@dataclass
+class Palette:
+    """LUT ``(P, k, d)`` + indices ``(P, n)`` for one tensor, with the layout to rebuild it."""
+
+    lut: Tensor
+    indices: Tensor
+    layout: PaletteLayout
+
+    def __post_init__(self) -> None:
+        P, n, d = self.layout.palette_shape
+        k = self.layout.spec.num_centroids
+        if tuple(self.lut.shape) != (P, k, d):
+            raise ValueError(
+                f"{self.layout.name}: LUT shape {tuple(self.lut.shape)} != expected {(P, k, d)}"
+            )
+        if tuple(self.indices.shape) != (P, n):
+            raise ValueError(
+                f"{self.layout.name}: indices shape {tuple(self.indices.shape)} != expected "
+                f"{(P, n)}"
+            )
+        if self.indices.is_floating_point():
+            raise ValueError(f"{self.layout.name}: indices must be integers")
+        if self.indices.numel() and (int(self.indices.min()) < 0 or int(self.indices.max()) >= k):
+            raise ValueError(
+                f"{self.layout.name}: indices must lie in [0, {k}); found "
+                f"[{int(self.indices.min())}, {int(self.indices.max())}]"
+            )
+
+    @property
+    def name(self) -> str:
+        return self.layout.name
+
+    def vectors(self) -> Tensor:
+        """``LUT[indices]`` as palettes ``(P, n, d)``."""
+        idx = self.indices.long().unsqueeze(-1).expand(-1, -1, self.lut.shape[-1])
+        return self.lut.gather(1, idx)
+
+    def weight(self) -> Tensor:
+        """The dense weight in its original shape, bit-for-bit ``LUT[indices]``."""
+        return self.layout.from_palettes(self.vectors())
+
+    def distinct_values_per_palette(self) -> list[int]:
+        """Number of distinct LUT entries (vectors) actually used by each palette."""
+        return [int(torch.unique(self.indices[p]).numel()) for p in range(self.indices.shape[0])]

@@ -1,0 +1,184 @@
+"""The ``torch.nn.utils.parametrize`` module that runs DKM on one weight during training.
+
+``register_parametrization(linear, "weight", DKMParametrization(layout))`` makes
+``linear.weight`` a computed tensor: the trainable original stays a ``Parameter`` with the same
+identity (optimizers built before or after stay valid) under
+``linear.parametrizations.weight.original``, and every access returns its clustered form.
+
+Modes (``DKMParametrization.mode``):
+
+* ``"soft"`` -- training: the DKM step (:func:`lightning_dkm.dkm.dkm_cluster`); the centroids
+  move to where the iterations ended (in place, no gradient). In ``eval()`` the weight is
+  snapped to its nearest centroid, so validation measures the model as it will ship.
+* ``"hard"`` -- nearest-centroid weights with a straight-through gradient (identity backward);
+  in training the centroids move to the mean of their members (one Lloyd step per forward).
+* ``"off"`` -- the weight passes through unchanged (plain training before DKM starts).
+
+Temperature and centroids are buffers, updated in place (``fill_`` / ``copy_``): they follow the
+module across devices, land in ``state_dict`` and checkpoints, and never trigger a recompile.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Iterator
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from .dkm import dkm_cluster, hard_assign, normalization_of, soft_assignment
+from .kmeans import kmeans
+from .layout import PaletteLayout
+from .palette import Palette
+
+__all__ = ["DKMParametrization", "Mode", "stable_seed"]
+
+Mode = Literal["soft", "hard", "off"]
+_MODES = ("soft", "hard", "off")
+# Lloyd iterations used to initialise centroids (k-means++ then Lloyd, on the current weights).
+_INIT_MAX_ITER = 100
+
+
+def stable_seed(base_seed: int, name: str) -> int:
+    """A per-tensor seed that is the same in every process and every Python run (unlike
+    ``hash``): ``base_seed`` mixed with the CRC32 of the parameter's name."""
+    return (int(base_seed) * 1_000_003 + zlib.crc32(name.encode())) % (2**63 - 1)
+
+
+class DKMParametrization(nn.Module):
+    """Differentiable k-means clustering of one weight tensor.
+
+    Args:
+        layout: how the weight is cut into palettes (:class:`~lightning_dkm.layout.PaletteLayout`),
+            including bits, cluster_dim and group_size.
+        temperature: initial tau (> 0), in units of the palette's weight variance.
+        max_iter: DKM iterations per forward (the paper and coremltools use 3).
+        epsilon: early-stop threshold on centroid movement, in weight standard deviations.
+        seed: k-means++ seed; with :func:`stable_seed` every rank gets the same centroids.
+        mode: ``"soft"``, ``"hard"`` or ``"off"`` (module docstring).
+    """
+
+    centroids: Tensor
+    temperature: Tensor
+    initialized: Tensor
+
+    def __init__(
+        self,
+        layout: PaletteLayout,
+        *,
+        temperature: float = 1e-2,
+        max_iter: int = 3,
+        epsilon: float = 1e-4,
+        seed: int = 0,
+        mode: Mode = "soft",
+    ) -> None:
+        super().__init__()
+        if not isinstance(max_iter, int) or max_iter < 1:
+            raise ValueError(f"max_iter must be an int >= 1; got {max_iter!r}")
+        if not epsilon >= 0:
+            raise ValueError(f"epsilon must be >= 0; got {epsilon!r}")
+        self.layout = layout
+        self.max_iter = max_iter
+        self.epsilon = float(epsilon)
+        self.seed = int(seed)
+        P, _, d = layout.palette_shape
+        self.register_buffer("centroids", torch.zeros(P, layout.spec.num_centroids, d))
+        self.register_buffer("temperature", torch.tensor(1.0))
+        self.register_buffer("initialized", torch.tensor(False))
+        self.set_temperature(temperature)
+        self.mode: Mode = "soft"
+        self.set_mode(mode)
+
+    # -- state -------------------------------------------------------------------------------
+    def set_temperature(self, tau: float) -> None:
+        """Set tau in place (``fill_``: the buffer keeps its identity, device and dtype)."""
+        tau = float(tau)
+        if not (tau > 0 and tau != float("inf")):
+            raise ValueError(
+                f"{self.layout.name}: temperature must be a finite number > 0; got {tau}"
+            )
+        self.temperature.fill_(tau)
+
+    def set_mode(self, mode: Mode) -> None:
+        if mode not in _MODES:
+            raise ValueError(f"{self.layout.name}: mode must be one of {_MODES}; got {mode!r}")
+        self.mode = mode
+
+    @torch.no_grad()
+    def initialize(self, weight: Tensor, generator: torch.Generator | None = None) -> None:
+        """Centroids from seeded k-means++ and Lloyd on ``weight`` (deterministic for a seed)."""
+        self.layout.check(weight)
+        if generator is None:
+            generator = torch.Generator(device="cpu").manual_seed(self.seed)
+        x = self.layout.to_palettes(weight.detach()).float().cpu()
+        result = kmeans(
+            x,
+            self.layout.spec.num_centroids,
+            generator,
+            max_iter=_INIT_MAX_ITER,
+            name=self.layout.name,
+        )
+        self.centroids.copy_(result.centroids.to(self.centroids.dtype))
+        self.initialized.fill_(True)
+
+    # -- forward -----------------------------------------------------------------------------
+    def forward(self, weight: Tensor) -> Tensor:
+        if self.mode == "off":
+            return weight
+        if not bool(self.initialized):
+            self.initialize(weight)
+        x = self.layout.to_palettes(weight)
+        if self.mode == "soft" and self.training:
+            result = dkm_cluster(
+                x, self.centroids, self.temperature, max_iter=self.max_iter, epsilon=self.epsilon
+            )
+            with torch.no_grad():
+                self.centroids.copy_(result.centroids)
+            return self.layout.from_palettes(result.weights)
+        _, snapped = hard_assign(x, self.centroids)
+        if self.mode == "hard" and self.training:
+            self._move_centroids_to_member_means(x.detach())
+        # Straight-through: the value is the snapped weight, the gradient is the identity.
+        return self.layout.from_palettes(x + (snapped - x).detach())
+
+    @torch.no_grad()
+    def _move_centroids_to_member_means(self, x: Tensor) -> None:
+        idx, _ = hard_assign(x, self.centroids)
+        P, k, d = self.centroids.shape
+        sums = torch.zeros(P, k, d, dtype=torch.float32, device=x.device)
+        sums.scatter_add_(1, idx.unsqueeze(-1).expand(-1, -1, d), x.float())
+        counts = torch.zeros(P, k, dtype=torch.float32, device=x.device)
+        counts.scatter_add_(1, idx, torch.ones_like(idx, dtype=torch.float32))
+        means = sums / counts.clamp_min(1).unsqueeze(-1)
+        self.centroids.copy_(torch.where(counts.unsqueeze(-1) > 0, means, self.centroids.float()))
+
+    # -- inspection and finalize -------------------------------------------------------------
+    @torch.no_grad()
+    def soft_assignment_chunks(
+        self, weight: Tensor, chunk_rows: int = 1 << 16
+    ) -> Iterator[Tensor]:
+        """The current soft assignments (P, rows, k), a chunk of rows at a time, without
+        gradient: for metrics such as assignment entropy on tensors of any size."""
+        x = self.layout.to_palettes(weight.detach()).float()
+        norm = normalization_of(x)
+        xn = (x - norm.center) / norm.scale
+        cn = (self.centroids.float() - norm.center) / norm.scale
+        for start in range(0, xn.shape[1], chunk_rows):
+            yield soft_assignment(xn[:, start : start + chunk_rows], cn, self.temperature)
+
+    @torch.no_grad()
+    def palette(self, weight: Tensor) -> Palette:
+        """Hard-assign ``weight`` to the current centroids: the LUT and indices it ships as."""
+        self.layout.check(weight)
+        x = self.layout.to_palettes(weight.detach())
+        idx, _ = hard_assign(x, self.centroids)
+        lut = self.centroids.to(weight.dtype).clone()
+        return Palette(lut=lut, indices=idx, layout=self.layout)
+
+    def extra_repr(self) -> str:
+        spec = self.layout.spec
+        return (
+            f"bits={spec.bits}, cluster_dim={spec.cluster_dim}, group_size={spec.group_size}, "
+            f"palettes={self.layout.num_palettes}, max_iter={self.max_iter}, mode={self.mode!r}"
+        )

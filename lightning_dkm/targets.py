@@ -1,0 +1,233 @@
+"""Which parameters are clustered, and with what spec.
+
+A *target* is one weight tensor of a supported module together with its
+:class:`~lightning_dkm.layout.ClusterSpec` and :class:`~lightning_dkm.layout.PaletteLayout`.
+
+Patterns (in ``targets``, ``exclude`` and the keys of ``overrides``) follow the vocabulary of
+PEFT's ``target_modules``: each is matched against a module's qualified name (``"features.0"``)
+and against the parameter's qualified name (``"attn.in_proj_weight"``). A pattern that starts
+with ``re:`` is a regular expression that must match the whole name; any other pattern is a
+shell-style glob (``*``, ``?``, ``[...]``), e.g. ``"features.*"`` or ``"*.fc"``.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+import warnings
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, fields, replace
+from typing import Any
+
+from torch import nn
+
+from .layout import ClusterSpec, PaletteLayout
+
+__all__ = [
+    "DEFAULT_MIN_SIZE",
+    "Target",
+    "clusterable_parameters",
+    "matches",
+    "select_targets",
+]
+
+#: Tensors with fewer elements are skipped by default (as coremltools' ``weight_threshold``):
+#: a LUT plus indices saves little on them, and they are often the most sensitive.
+DEFAULT_MIN_SIZE = 2048
+
+_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_CONV_TRANSPOSE = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+_EMBEDDING = (nn.Embedding, nn.EmbeddingBag)
+
+
+def clusterable_parameters(module: nn.Module) -> list[tuple[str, int, int]]:
+    """``(parameter name, group_axis, vector_axis)`` for each weight of ``module`` that DKM can
+    cluster; empty for unsupported module types.
+
+    Output channels (``group_axis``) are axis 0 for Linear, Conv and Embedding rows and axis 1
+    for ConvTranspose (whose weight is ``(in, out/groups, *kernel)``); vectors run along the
+    other channel axis.
+    """
+    if isinstance(module, (nn.Linear, *_CONV, *_EMBEDDING)):
+        return [("weight", 0, 1)]
+    if isinstance(module, _CONV_TRANSPOSE):
+        return [("weight", 1, 0)]
+    if isinstance(module, nn.MultiheadAttention):
+        if module.in_proj_weight is not None:
+            return [("in_proj_weight", 0, 1)]
+        return [(name, 0, 1) for name in ("q_proj_weight", "k_proj_weight", "v_proj_weight")]
+    return []
+
+
+def matches(pattern: str, name: str) -> bool:
+    """Whether ``name`` matches one pattern (``re:`` regex, full match; otherwise a glob)."""
+    if pattern.startswith("re:"):
+        return re.fullmatch(pattern[3:], name) is not None
+    return fnmatch.fnmatchcase(name, pattern)
+
+
+def _matches_any(patterns: Iterable[str], names: Iterable[str]) -> bool:
+    names = list(names)
+    return any(matches(p, n) for p in patterns for n in names)
+
+
+def _validate_patterns(label: str, patterns: Iterable[str] | None) -> list[str]:
+    if patterns is None:
+        return []
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    out = list(patterns)
+    for p in out:
+        if not isinstance(p, str) or not p:
+            raise ValueError(f"{label} must be non-empty strings; got {p!r}")
+        if p.startswith("re:"):
+            try:
+                re.compile(p[3:])
+            except re.error as err:
+                raise ValueError(f"{label}: invalid regular expression {p!r}: {err}") from err
+    return out
+
+
+_SPEC_KEYS = tuple(f.name for f in fields(ClusterSpec))
+
+
+def _spec_with_override(base: ClusterSpec, pattern: str, override: Any) -> ClusterSpec:
+    if not isinstance(override, Mapping):
+        raise ValueError(
+            f"overrides[{pattern!r}] must be a mapping with keys from {_SPEC_KEYS}; "
+            f"got {override!r}"
+        )
+    unknown = set(override) - set(_SPEC_KEYS)
+    if unknown:
+        raise ValueError(
+            f"overrides[{pattern!r}] has unknown keys {sorted(unknown)}; allowed: {_SPEC_KEYS}"
+        )
+    try:
+        return replace(base, **dict(override))
+    except ValueError as err:
+        raise ValueError(f"overrides[{pattern!r}]: {err}") from err
+
+
+@dataclass(frozen=True)
+class Target:
+    """One weight tensor to cluster."""
+
+    module_name: str
+    param_name: str
+    layout: PaletteLayout
+
+    @property
+    def name(self) -> str:
+        """The parameter's qualified name, e.g. ``"features.0.weight"``."""
+        return f"{self.module_name}.{self.param_name}" if self.module_name else self.param_name
+
+    @property
+    def spec(self) -> ClusterSpec:
+        return self.layout.spec
+
+
+def select_targets(
+    model: nn.Module,
+    spec: ClusterSpec | None = None,
+    *,
+    targets: Iterable[str] | str | None = None,
+    exclude: Iterable[str] | str | None = None,
+    min_size: int = DEFAULT_MIN_SIZE,
+    overrides: Mapping[str, Mapping[str, Any]] | None = None,
+) -> list[Target]:
+    """The weights of ``model`` to cluster, in module order.
+
+    Args:
+        model: the model to inspect (already parametrized tensors are inspected by their
+            original shape).
+        spec: the default :class:`ClusterSpec` (bits, cluster_dim, group_size).
+        targets: patterns of modules/parameters to cluster; ``None`` means every supported
+            weight (Linear, Conv*, ConvTranspose*, Embedding*, MultiheadAttention projections).
+        exclude: patterns removed from the selection.
+        min_size: tensors with fewer elements are skipped, with one warning listing them.
+        overrides: ``pattern -> {bits?, cluster_dim?, group_size?}``; the first pattern (in
+            mapping order) that matches a tensor replaces those fields of its spec.
+
+    Raises:
+        ValueError: a pattern in ``targets`` or an override that matches no supported weight
+            (the message lists the candidates), a spec or layout that does not fit a tensor.
+    """
+    spec = spec if spec is not None else ClusterSpec()
+    target_patterns = _validate_patterns("targets", targets)
+    exclude_patterns = _validate_patterns("exclude", exclude)
+    overrides = dict(overrides or {})
+    _validate_patterns("overrides keys", list(overrides))
+    override_specs = {p: _spec_with_override(spec, p, o) for p, o in overrides.items()}
+    if not isinstance(min_size, int) or min_size < 0:
+        raise ValueError(f"min_size must be an int >= 0; got {min_size!r}")
+
+    candidates: list[tuple[str, str, nn.Module, int, int]] = []
+    for module_name, module in model.named_modules():
+        for param_name, group_axis, vector_axis in clusterable_parameters(module):
+            candidates.append((module_name, param_name, module, group_axis, vector_axis))
+    candidate_names = [_qualified(m, p) for m, p, *_ in candidates]
+
+    for pattern in target_patterns:
+        if not any(matches(pattern, n) for m, p, *_ in candidates for n in (m, _qualified(m, p))):
+            raise ValueError(
+                f"targets pattern {pattern!r} matches no supported weight; candidates are: "
+                f"{', '.join(candidate_names) or '(none)'}"
+            )
+    for pattern in overrides:
+        if not any(matches(pattern, n) for m, p, *_ in candidates for n in (m, _qualified(m, p))):
+            raise ValueError(
+                f"overrides pattern {pattern!r} matches no supported weight; candidates are: "
+                f"{', '.join(candidate_names) or '(none)'}"
+            )
+
+    selected: list[Target] = []
+    skipped: list[str] = []
+    seen_tensors: dict[int, str] = {}
+    for module_name, param_name, module, group_axis, vector_axis in candidates:
+        names = (module_name, _qualified(module_name, param_name))
+        if target_patterns and not _matches_any(target_patterns, names):
+            continue
+        if _matches_any(exclude_patterns, names):
+            continue
+        tensor = _original_tensor(module, param_name)
+        qualified = names[1]
+        if tensor.data_ptr() in seen_tensors and tensor.numel():
+            warnings.warn(
+                f"{qualified} shares its storage with {seen_tensors[tensor.data_ptr()]} (tied "
+                "weights); it is clustered once, as the latter",
+                UserWarning,
+                stacklevel=2,
+            )
+            continue
+        if tensor.numel() < min_size:
+            skipped.append(f"{qualified} ({tensor.numel()} elements)")
+            continue
+        seen_tensors[tensor.data_ptr()] = qualified
+        tensor_spec = next(
+            (s for p, s in override_specs.items() if _matches_any([p], names)), spec
+        )
+        layout = PaletteLayout(
+            tuple(tensor.shape), tensor_spec, group_axis, vector_axis, name=qualified
+        )
+        selected.append(Target(module_name, param_name, layout))
+
+    if skipped:
+        warnings.warn(
+            f"skipping {len(skipped)} tensor(s) smaller than min_size={min_size} elements "
+            f"(kept in full precision): {', '.join(skipped)}",
+            UserWarning,
+            stacklevel=2,
+        )
+    return selected
+
+
+def _qualified(module_name: str, param_name: str) -> str:
+    return f"{module_name}.{param_name}" if module_name else param_name
+
+
+def _original_tensor(module: nn.Module, param_name: str):
+    """The stored tensor behind ``module.<param_name>``, looking through a parametrization."""
+    parametrizations = getattr(module, "parametrizations", None)
+    if parametrizations is not None and param_name in parametrizations:
+        return parametrizations[param_name].original
+    return getattr(module, param_name)
