@@ -4,25 +4,42 @@ The engine (``kmeans``, ``dkm``, ``layout``, ``parametrize``) is plain PyTorch; 
 callback builds on it.
 """
 
+from .artifact import load_compressed, read_metadata, save_compressed
+from .bitpack import pack_bits, unpack_bits
+from .callback import DKMCallback
 from .clustering import ClusteredTensor, attach, clustered_tensors, finalize
+from .energy import EnergyModel, count_macs
 from .layout import ClusterSpec, PaletteLayout
 from .palette import Palette
 from .palettize import palettize
 from .parametrize import DKMParametrization
+from .report import CompressionReport, EnergyEstimate, LayerReport, TensorReport
 from .targets import Target, select_targets
 
 __all__ = [
     "ClusterSpec",
     "ClusteredTensor",
+    "DKMCallback",
+    "CompressionReport",
     "DKMParametrization",
+    "EnergyEstimate",
+    "EnergyModel",
+    "LayerReport",
     "Palette",
     "PaletteLayout",
     "Target",
+    "TensorReport",
     "attach",
     "clustered_tensors",
+    "count_macs",
     "finalize",
+    "load_compressed",
+    "pack_bits",
     "palettize",
+    "read_metadata",
+    "save_compressed",
     "select_targets",
+    "unpack_bits",
 ]
 
 __version__ = "0.1.0"

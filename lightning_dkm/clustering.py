@@ -9,6 +9,7 @@ their identity) and returns the palettes (LUT + indices) that the artifact and r
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -16,12 +17,21 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from .dkm import hard_assign
 from .palette import Palette
 from .parametrize import DKMParametrization, Mode, stable_seed
 from .targets import Target
 
-__all__ = ["ClusteredTensor", "attach", "clustered_tensors", "finalize", "set_mode",
-           "set_temperature"]
+__all__ = [
+    "ClusteredTensor",
+    "attach",
+    "clustered_tensors",
+    "finalize",
+    "load_snapped",
+    "set_mode",
+    "set_temperature",
+    "snap_state_dict",
+]
 
 
 @dataclass(frozen=True)
@@ -39,8 +49,12 @@ class ClusteredTensor:
         return self.module.parametrizations[self.param_name].original
 
 
-def clustered_tensors(model: nn.Module) -> dict[str, ClusteredTensor]:
-    """Every DKM-parametrized weight of ``model``, by qualified parameter name."""
+def clustered_tensors(
+    model: nn.Module, names: Iterable[str] | None = None
+) -> dict[str, ClusteredTensor]:
+    """Every DKM-parametrized weight of ``model`` (or those named in ``names``), by qualified
+    parameter name."""
+    wanted = None if names is None else set(names)
     found: dict[str, ClusteredTensor] = {}
     for module_name, module in model.named_modules():
         if not parametrize.is_parametrized(module):
@@ -49,6 +63,8 @@ def clustered_tensors(model: nn.Module) -> dict[str, ClusteredTensor]:
             for p in plist:
                 if isinstance(p, DKMParametrization):
                     name = f"{module_name}.{param_name}" if module_name else param_name
+                    if wanted is not None and name not in wanted:
+                        continue
                     found[name] = ClusteredTensor(name, module, param_name, p)
     return found
 
@@ -92,29 +108,29 @@ def attach(
     return clustered_tensors(model)
 
 
-def set_temperature(model: nn.Module, tau: float) -> None:
-    """Set tau on every clustered tensor (in place)."""
-    for tensor in clustered_tensors(model).values():
+def set_temperature(model: nn.Module, tau: float, names: Iterable[str] | None = None) -> None:
+    """Set tau on every clustered tensor (or those in ``names``), in place."""
+    for tensor in clustered_tensors(model, names).values():
         tensor.parametrization.set_temperature(tau)
 
 
-def set_mode(model: nn.Module, mode: Mode) -> None:
-    """Switch every clustered tensor to ``"soft"``, ``"hard"`` or ``"off"``."""
-    for tensor in clustered_tensors(model).values():
+def set_mode(model: nn.Module, mode: Mode, names: Iterable[str] | None = None) -> None:
+    """Switch every clustered tensor (or those in ``names``) to ``"soft"``, ``"hard"``, ``"off"``."""
+    for tensor in clustered_tensors(model, names).values():
         tensor.parametrization.set_mode(mode)
 
 
 @torch.no_grad()
-def finalize(model: nn.Module) -> dict[str, Palette]:
+def finalize(model: nn.Module, names: Iterable[str] | None = None) -> dict[str, Palette]:
     """Snap every clustered weight to its nearest centroid and remove the parametrizations.
 
     Afterwards ``model`` is a plain model of its own class whose clustered weights hold at most
     ``2**bits`` distinct values (vectors) per palette; each original ``Parameter`` keeps its
-    identity. Returns the palettes by qualified parameter name; ``palette.weight()`` equals the
-    model's weight bit for bit.
+    identity. ``names`` limits it to some clustered tensors. Returns the palettes by qualified
+    parameter name; ``palette.weight()`` equals the model's weight bit for bit.
     """
     palettes: dict[str, Palette] = {}
-    for name, tensor in clustered_tensors(model).items():
+    for name, tensor in clustered_tensors(model, names).items():
         original = tensor.original
         palette = tensor.parametrization.palette(original)
         parametrize.remove_parametrizations(
@@ -123,3 +139,80 @@ def finalize(model: nn.Module) -> dict[str, Palette]:
         getattr(tensor.module, tensor.param_name).copy_(palette.weight())
         palettes[name] = palette
     return palettes
+
+
+_ORIGINAL_SUFFIX = ".original"
+_PARAMETRIZATIONS = "parametrizations."
+
+
+def snap_state_dict(model: nn.Module, state_dict: dict, prefix: str = "") -> list[str]:
+    """Turn the DKM entries of a mid-training ``state_dict`` into plain, snapped weights, in place.
+
+    A checkpoint written during DKM stores ``<module>.parametrizations.<name>.original`` and the
+    parametrization's buffers; a finalized model expects ``<module>.<name>``. For each such
+    entry whose module exists in ``model`` this writes the weight as finalize would have made it
+    from that checkpoint (every weight snapped to its nearest centroid) and drops the DKM keys.
+    Returns the converted parameter names.
+    """
+    modules = dict(model.named_modules())
+    converted: list[str] = []
+    for key in [k for k in state_dict if k.endswith(_ORIGINAL_SUFFIX)]:
+        if not key.startswith(prefix):
+            continue
+        head, sep, param_name = key[len(prefix) : -len(_ORIGINAL_SUFFIX)].rpartition(
+            _PARAMETRIZATIONS
+        )
+        module_name = head.removesuffix(".")
+        centroids_key = f"{prefix}{head}{_PARAMETRIZATIONS}{param_name}.0.centroids"
+        module = modules.get(module_name)
+        if not sep or module is None or centroids_key not in state_dict:
+            continue
+        layout = _layout_from_checkpoint(
+            module, module_name, param_name, state_dict[key], state_dict[centroids_key]
+        )
+        if layout is None:
+            continue
+        weight = state_dict[key]
+        idx, _ = hard_assign(layout.to_palettes(weight), state_dict[centroids_key])
+        palette = Palette(state_dict[centroids_key].to(weight.dtype), idx, layout)
+        buffer_prefix = f"{prefix}{head}{_PARAMETRIZATIONS}{param_name}.0."
+        for stale in [k for k in state_dict if k.startswith(buffer_prefix)] + [key]:
+            del state_dict[stale]
+        state_dict[f"{prefix}{head}{param_name}"] = palette.weight()
+        converted.append(f"{head}{param_name}")
+    return converted
+
+
+def _layout_from_checkpoint(module, module_name, param_name, weight, centroids):
+    from .layout import ClusterSpec, PaletteLayout
+    from .targets import clusterable_parameters
+
+    axes = {name: (g, v) for name, g, v in clusterable_parameters(module)}
+    if param_name not in axes or centroids.dim() != 3:
+        return None
+    group_axis, vector_axis = axes[param_name]
+    P, k, d = centroids.shape
+    bits = k.bit_length() - 1
+    group_size = None if P == 1 else weight.shape[group_axis] // P
+    spec = ClusterSpec(bits=bits, cluster_dim=d, group_size=group_size)
+    name = f"{module_name}.{param_name}" if module_name else param_name
+    return PaletteLayout(tuple(weight.shape), spec, group_axis, vector_axis, name=name)
+
+
+_SNAP_HOOKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def load_snapped(model: nn.Module) -> None:
+    """Let ``model`` (finalized) load mid-DKM checkpoints: its ``load_state_dict`` then converts
+    DKM entries with :func:`snap_state_dict` first. Registering twice has no further effect."""
+    if model in _SNAP_HOOKS:
+        return
+
+    def hook(module, state_dict, prefix, *args) -> None:
+        snap_state_dict(module, state_dict, prefix)
+
+    register = getattr(model, "register_load_state_dict_pre_hook", None)
+    if register is not None:
+        _SNAP_HOOKS[model] = register(hook)
+    else:  # torch < 2.5
+        _SNAP_HOOKS[model] = model._register_load_state_dict_pre_hook(hook, with_module=True)

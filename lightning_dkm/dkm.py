@@ -22,9 +22,11 @@ band of width about :math:`2\tau s^2/\Delta`; with 16 centroids spread over :mat
 (:math:`\Delta \approx s/4`) ``tau = 1e-2`` gives a band of 8 % of the spacing. (coremltools uses
 raw squared distances with ``tau=1e-4``; for weights of std 0.03 that is ``tau ~ 0.1`` here.)
 
-**Numerics.** Each row's smallest distance is subtracted before dividing by tau, so every row
-has a logit of exactly 0 and the softmax cannot produce NaN for any tau > 0 (tested down to
-1e-7 and below, where the rows become exactly one-hot). A centroid whose attention mass falls
+**Numerics.** Distances are formed on data normalised to unit variance, so they are modest
+numbers and ``-D / tau`` stays finite for every ``tau >= MIN_TAU`` (1e-30); softmax subtracts
+each weight's largest logit, so it cannot produce NaN (tested down to tau = 1e-7 and below, where
+the assignments become exactly one-hot). The attention is laid out ``(P, k, n)`` so that every
+elementwise pass runs over contiguous memory. A centroid whose attention mass falls
 below ``EMPTY_MASS`` (an empty cluster) keeps its previous position instead of dividing by
 ~0. Data are centred before distances are formed, so weights far from the origin lose no
 precision in the ``|x|^2 - 2x.c + |c|^2`` expansion used for vectors.
@@ -41,6 +43,7 @@ from .kmeans import nearest_centroid, pairwise_sq_dist
 
 __all__ = [
     "EMPTY_MASS",
+    "MIN_TAU",
     "DKMOutput",
     "Normalization",
     "dkm_cluster",
@@ -52,6 +55,8 @@ __all__ = [
 
 #: A cluster whose total attention mass is below this is treated as empty (its centroid stays).
 EMPTY_MASS = 1e-6
+#: Smallest temperature used; a smaller tau gives the same (one-hot) assignments anyway.
+MIN_TAU = 1e-30
 
 
 class Normalization(NamedTuple):
@@ -66,7 +71,7 @@ class DKMOutput(NamedTuple):
 
     weights: Tensor  # (P, n, d): the soft-clustered weights A @ C, differentiable
     centroids: Tensor  # (P, k, d): the final centroids, detached (the state for the next call)
-    attention: Tensor  # (P, n, k): the last soft-assignment matrix (part of the graph)
+    attention: Tensor  # (P, k, n): the last soft-assignment matrix (part of the graph)
     iterations: int  # centroid updates performed (<= max_iter)
 
 
@@ -90,21 +95,39 @@ def _denormalize(t: Tensor, norm: Normalization) -> Tensor:
     return t * norm.scale + norm.center
 
 
-def soft_assignment(xn: Tensor, cn: Tensor, tau: Tensor | float) -> Tensor:
-    r"""Row-wise :math:`\operatorname{softmax}(-D / \tau)` on normalised data: shape (P, n, k).
+def _sq_dist_kmajor(xt: Tensor, c: Tensor) -> Tensor:
+    """Squared distances laid out ``(P, k, n)`` from ``xt`` (P, d, n) and ``c`` (P, k, d).
 
-    The row minimum is subtracted first (softmax is shift-invariant), which guarantees one logit
-    of exactly 0 per row: finite for any positive tau.
+    Keeping n innermost makes every elementwise pass over the ``k x n`` matrix a contiguous,
+    vectorised loop (about 3x faster on CPU than ``(P, n, k)`` for small k).
     """
-    dist = pairwise_sq_dist(xn, cn)
-    dist = dist - dist.amin(dim=-1, keepdim=True).detach()
-    return torch.softmax(dist / -tau, dim=-1)
+    if xt.shape[1] == 1:
+        return (xt - c).square()
+    x2 = xt.square().sum(1, keepdim=True)  # (P, 1, n)
+    c2 = c.square().sum(-1, keepdim=True)  # (P, k, 1)
+    return torch.baddbmm(x2 + c2, c, xt, alpha=-2.0).clamp_min(0.0)
 
 
-def update_centroids(attention: Tensor, xn: Tensor, previous: Tensor) -> Tensor:
-    r""":math:`C = A^\top X / A^\top 1`; clusters with mass below ``EMPTY_MASS`` keep ``previous``."""
-    mass = attention.sum(dim=1)  # (P, k)
-    weighted_sum = torch.bmm(attention.transpose(1, 2), xn)  # (P, k, d)
+def soft_assignment(xt: Tensor, cn: Tensor, tau: Tensor | float) -> Tensor:
+    r""":math:`\operatorname{softmax}(-D / \tau)` over the centroids: shape ``(P, k, n)``.
+
+    ``xt`` holds the normalised points as ``(P, d, n)``, ``cn`` the normalised centroids
+    ``(P, k, d)``. Softmax subtracts each column's largest logit, and every distance here is a
+    modest number (data normalised to unit variance), so the logits stay finite and no column
+    is all ``-inf`` for any ``tau >= MIN_TAU``; smaller taus are raised to ``MIN_TAU``.
+    """
+    if isinstance(tau, Tensor):
+        tau = tau.clamp_min(MIN_TAU)
+    else:
+        tau = max(float(tau), MIN_TAU)
+    return torch.softmax(_sq_dist_kmajor(xt, cn) / -tau, dim=1)
+
+
+def update_centroids(attention: Tensor, xt: Tensor, previous: Tensor) -> Tensor:
+    r""":math:`C = A X / A 1` from ``attention`` (P, k, n) and ``xt`` (P, d, n); clusters with
+    mass below ``EMPTY_MASS`` keep ``previous`` (P, k, d)."""
+    mass = attention.sum(dim=2)  # (P, k)
+    weighted_sum = torch.bmm(attention, xt.transpose(1, 2))  # (P, k, d)
     updated = weighted_sum / mass.clamp_min(EMPTY_MASS).unsqueeze(-1)
     return torch.where((mass > EMPTY_MASS).unsqueeze(-1), updated, previous)
 
@@ -144,19 +167,20 @@ def dkm_cluster(
     compute_dtype = torch.promote_types(x.dtype, torch.float32)
     xc = x.to(compute_dtype)
     norm = normalization if normalization is not None else normalization_of(xc.detach())
-    xn = _normalize(xc, norm)
+    xt = _normalize(xc, norm).transpose(1, 2)  # (P, d, n)
     c = _normalize(centroids.detach().to(compute_dtype), norm)
 
     iterations = 0
     for _ in range(max_iter):
-        attention = soft_assignment(xn, c, tau)
-        c_new = update_centroids(attention, xn, c)
+        attention = soft_assignment(xt, c, tau)
+        c_new = update_centroids(attention, xt, c)
         iterations += 1
         moved = (c_new - c).abs().amax().detach()
         c = c_new
         if epsilon > 0 and bool(moved <= epsilon):
             break
-    out = _denormalize(torch.bmm(attention, c), norm).to(x.dtype)
+    out = _denormalize(torch.bmm(c.transpose(1, 2), attention).transpose(1, 2), norm)
+    out = out.to(x.dtype)
     return DKMOutput(out, _denormalize(c.detach(), norm).to(centroids.dtype), attention, iterations)
 
 

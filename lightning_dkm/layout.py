@@ -169,8 +169,13 @@ class PaletteLayout:
             raise ValueError(
                 f"{self.name}: only floating-point weights can be clustered; got {weight.dtype}"
             )
-        if not bool(torch.isfinite(weight).all()):
-            raise ValueError(f"{self.name}: weight contains NaN or Inf values; cannot cluster it")
+        finite = torch.isfinite(weight)
+        if not bool(finite.all()):
+            bad = weight.numel() - int(finite.sum())
+            raise ValueError(
+                f"{self.name}: weight contains NaN or Inf values ({bad} of {weight.numel()} "
+                "elements); only finite weights can be clustered"
+            )
 
     def to_palettes(self, weight: Tensor) -> Tensor:
         """``weight`` (shape) -> ``(P, n, d)``. Differentiable; a view when no permute is needed."""

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .bitpack import packed_size
 from .layout import PaletteLayout
 
 __all__ = ["Palette"]
@@ -57,6 +58,28 @@ class Palette:
     def weight(self) -> Tensor:
         """The dense weight in its original shape, bit-for-bit ``LUT[indices]``."""
         return self.layout.from_palettes(self.vectors())
+
+    # -- storage sizes -----------------------------------------------------------------------
+    @property
+    def num_indices(self) -> int:
+        """Stored indices ``P * n``: one per d-vector of the weight."""
+        P, n, _ = self.layout.palette_shape
+        return P * n
+
+    def index_bytes(self) -> int:
+        """Bytes of the indices bit-packed at ``bits`` each over the whole tensor:
+        ``ceil(P * n * bits / 8)`` (see :mod:`lightning_dkm.bitpack`)."""
+        return packed_size(self.num_indices, self.layout.spec.bits)
+
+    def lut_bytes(self, lut_dtype: torch.dtype | None = None) -> int:
+        """Bytes of the ``P`` LUTs of ``k x d`` entries stored as ``lut_dtype`` (default: the
+        LUT's own dtype)."""
+        dtype = self.lut.dtype if lut_dtype is None else lut_dtype
+        return self.lut.numel() * dtype.itemsize
+
+    def compressed_bytes(self, lut_dtype: torch.dtype | None = None) -> int:
+        """Stored size of this tensor: :meth:`lut_bytes` + :meth:`index_bytes`."""
+        return self.lut_bytes(lut_dtype) + self.index_bytes()
 
     def distinct_values_per_palette(self) -> list[int]:
         """Number of distinct LUT entries (vectors) actually used by each palette."""

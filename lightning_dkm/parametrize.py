@@ -162,10 +162,11 @@ class DKMParametrization(nn.Module):
         gradient: for metrics such as assignment entropy on tensors of any size."""
         x = self.layout.to_palettes(weight.detach()).float()
         norm = normalization_of(x)
-        xn = (x - norm.center) / norm.scale
+        xt = ((x - norm.center) / norm.scale).transpose(1, 2)
         cn = (self.centroids.float() - norm.center) / norm.scale
-        for start in range(0, xn.shape[1], chunk_rows):
-            yield soft_assignment(xn[:, start : start + chunk_rows], cn, self.temperature)
+        for start in range(0, xt.shape[2], chunk_rows):
+            chunk = xt[:, :, start : start + chunk_rows]
+            yield soft_assignment(chunk, cn, self.temperature).transpose(1, 2)
 
     @torch.no_grad()
     def palette(self, weight: Tensor) -> Palette:

@@ -44,7 +44,7 @@ run_tests() {
 }
 
 run_main() {
-  "$venv/bin/python" examples/digits_main.py "$@"
+  "$venv/bin/python" examples/digits_main.py --config examples/digits_dkm.yaml "$@"
 }
 
 cmd="${1:-}"

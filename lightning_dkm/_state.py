@@ -1,0 +1,58 @@
+"""The tensors a model's ``state_dict`` holds, each stored tensor once.
+
+Tied weights (one Parameter reachable under two names, e.g. an embedding shared with the output
+layer) appear in ``state_dict`` under every name. The report counts them once and the artifact
+stores them once, so both use :func:`state_tensors`: the first name (or a preferred one, such as
+the name a palette was made for) is canonical and the others become aliases of it. Two entries
+are the same tensor when they are the same view of the same memory (data pointer, dtype, shape
+and strides); empty tensors are never merged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from torch import Tensor, nn
+
+__all__ = ["StateTensors", "state_tensors"]
+
+
+@dataclass(frozen=True)
+class StateTensors:
+    """``tensors``: canonical name -> tensor, in ``state_dict`` order; ``aliases``: duplicate
+    name -> canonical name; ``parameters``: the names that are Parameters (not buffers);
+    ``non_tensors``: ``state_dict`` entries that are not tensors (``get_extra_state``)."""
+
+    tensors: dict[str, Tensor]
+    aliases: dict[str, str]
+    parameters: frozenset[str]
+    non_tensors: tuple[str, ...]
+
+
+def _identity(t: Tensor) -> tuple | None:
+    if t.numel() == 0:
+        return None
+    return (t.device, t.data_ptr(), t.dtype, tuple(t.shape), tuple(t.stride()))
+
+
+def state_tensors(model: nn.Module, preferred: Iterable[str] = ()) -> StateTensors:
+    """Deduplicate ``model.state_dict()``; names in ``preferred`` win the canonical slot."""
+    state = model.state_dict()
+    identities = {name: _identity(t) for name, t in state.items() if isinstance(t, Tensor)}
+    canonical_of: dict[tuple, str] = {}
+    for name in preferred:
+        ident = identities.get(name)
+        if ident is not None:
+            canonical_of.setdefault(ident, name)
+    tensors: dict[str, Tensor] = {}
+    aliases: dict[str, str] = {}
+    for name, ident in identities.items():
+        owner = canonical_of.setdefault(ident, name) if ident is not None else name
+        if owner == name:
+            tensors[name] = state[name]
+        else:
+            aliases[name] = owner
+    parameters = frozenset(name for name, _ in model.named_parameters(remove_duplicate=False))
+    non_tensors = tuple(name for name, v in state.items() if not isinstance(v, Tensor))
+    return StateTensors(tensors, aliases, parameters, non_tensors)

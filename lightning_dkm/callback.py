@@ -1,0 +1,383 @@
+"""``DKMCallback``: the Lightning lifecycle glue around the DKM engine.
+
+Hooks, one concern each:
+
+* ``setup("fit")`` -- select targets, register the parametrizations (before
+  ``configure_optimizers`` and before DDP wraps the model), seed the centroids.
+* ``on_train_epoch_start`` -- mode (off / soft / hard) and tau from the schedule.
+* ``on_train_epoch_end`` -- clustering metrics, logged with ``pl_module.log``; TensorBoard
+  histograms of centroids and weights.
+* ``on_fit_end`` -- finalize: snap, remove parametrizations, print and save the report.
+* ``state_dict`` / ``load_state_dict`` -- what resuming needs beyond the model's own buffers.
+* ``setup`` for validate/test/predict -- lets a mid-DKM checkpoint (``ckpt_path="best"``) load
+  into a model that was already finalized: its weights arrive snapped to their centroids.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+
+from .clustering import ClusteredTensor, attach, clustered_tensors, finalize, load_snapped
+from .layout import ClusterSpec
+from .monitor import measure_all
+from .palette import Palette
+from .schedules import SCHEDULE_NAMES, TemperatureSchedule, build_schedule
+from .targets import DEFAULT_MIN_SIZE, Target, _spec_with_override, select_targets
+
+__all__ = ["DKMCallback"]
+
+_UNSUPPORTED_STRATEGIES = {
+    "FSDPStrategy": "FSDP shards each weight across ranks, but DKM needs the whole tensor on "
+    "every rank to compute its assignments and centroids",
+    "DeepSpeedStrategy": "DeepSpeed ZeRO partitions parameters and wraps the optimizer, which "
+    "the parametrizations are not yet adapted to",
+    "ModelParallelStrategy": "tensor-parallel weights are sharded across ranks; DKM needs whole "
+    "tensors",
+}
+_TEMPERATURE_KEYS = ("schedule", "start", "end", "step_size", "gamma")
+_STATE_VERSION = 1
+
+
+def _check_temperature(temperature: float | dict[str, Any]) -> dict[str, Any]:
+    """Normalise the ``temperature`` argument to the keyword arguments of ``build_schedule``."""
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float, dict)):
+        raise ValueError(
+            "temperature must be a number (a constant tau) or a mapping like "
+            "{schedule: exponential, start: 1e-2, end: 1e-4}; got "
+            f"{temperature!r}"
+        )
+    config = (
+        {"schedule": "constant", "start": float(temperature)}
+        if not isinstance(temperature, dict)
+        else dict(temperature)
+    )
+    unknown = set(config) - set(_TEMPERATURE_KEYS)
+    if unknown:
+        raise ValueError(
+            f"temperature has unknown keys {sorted(unknown)}; allowed: {_TEMPERATURE_KEYS}"
+        )
+    if "start" not in config:
+        raise ValueError("temperature needs a 'start' value (tau at the first DKM epoch)")
+    for key in ("start", "end"):
+        value = config.get(key)
+        if value is None and key == "end":
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"temperature.{key} must be a number > 0; got {value!r}")
+        if not (value > 0 and math.isfinite(value)):
+            raise ValueError(f"temperature.{key} must be a finite number > 0; got {value!r}")
+    schedule = config.setdefault("schedule", "exponential" if "end" in config else "constant")
+    if not isinstance(schedule, str) or (
+        schedule not in SCHEDULE_NAMES and "." not in schedule and ":" not in schedule
+    ):
+        raise ValueError(
+            f"temperature.schedule must be one of {SCHEDULE_NAMES} or the import path of a "
+            f"callable epoch -> tau ('package.module.function'); got {schedule!r}"
+        )
+    return config
+
+
+class DKMCallback(Callback):
+    r"""Compress a model by train-time weight clustering (Differentiable K-Means).
+
+    Add it to a ``Trainer``; the loss and the architecture stay as they are. During training
+    every targeted weight is replaced by its soft-clustered form (DKM); when fit ends the weights
+    are snapped to their nearest centroid, so each palette holds at most ``2**bits`` values.
+
+    Args:
+        bits: bits per palette index (1..8): ``2**bits`` centroids per palette. Default 4.
+        cluster_dim: length of the clustered vectors along the input-channel axis (1..8). An
+            index then addresses a vector, so storage is ``bits / cluster_dim`` bits per weight.
+            Default 1 (scalars).
+        group_size: output channels that share a palette; ``None`` (default) gives one palette
+            per tensor.
+        targets: module or parameter name patterns to cluster (globs such as ``"features.*"``,
+            or regexes prefixed ``"re:"``). Default ``None``: every Linear, Conv*,
+            ConvTranspose*, Embedding and MultiheadAttention weight.
+        exclude: patterns removed from the selection. Default none.
+        min_size: tensors with fewer elements stay in full precision (one warning lists them).
+            Default 2048.
+        overrides: ``pattern -> {bits, cluster_dim, group_size}`` for particular tensors, e.g.
+            ``{"features.0": {"bits": 8}}``; the first matching pattern wins. Default none.
+        temperature: tau, in units of each palette's weight variance (see
+            :mod:`lightning_dkm.dkm`). A number is a constant tau; a mapping chooses a schedule:
+            ``{schedule: constant|linear|exponential|cosine|step|<import.path>, start, end,
+            step_size, gamma}``. tau changes at the start of every epoch and reaches ``end`` at
+            the last soft epoch. Default: exponential from 1e-2 to 1e-4.
+        start_epoch: plain training before this epoch; DKM starts here (centroids are seeded
+            from the weights as they are then). Default 0.
+        hard_epoch: from this epoch on, hard nearest-centroid weights with straight-through
+            gradients (centroids follow their members). Default ``None``: soft to the end.
+        max_iter: DKM iterations per forward pass. Default 3.
+        epsilon: stop the iterations early once no centroid moves more than this many weight
+            standard deviations; 0 always runs ``max_iter``. Default 1e-4.
+        seed: seed of the k-means++ initialisation (the same on every rank). Default 0.
+        finalize: snap the weights and remove the parametrizations when fit ends. Default True.
+        save_dir: where the report (and the artifact) go; default: the trainer's ``log_dir``
+            (or ``default_root_dir``) + ``/dkm``.
+        log_histograms: TensorBoard histograms of centroids and weights every epoch. Default
+            True (only with a ``TensorBoardLogger``).
+        verbose: print the compression report at the end of fit. Default True.
+    """
+
+    def __init__(
+        self,
+        bits: int = 4,
+        cluster_dim: int = 1,
+        group_size: int | None = None,
+        targets: list[str] | None = None,
+        exclude: list[str] | None = None,
+        min_size: int = DEFAULT_MIN_SIZE,
+        overrides: dict[str, dict[str, int | None]] | None = None,
+        temperature: float | dict[str, Any] | None = None,
+        start_epoch: int = 0,
+        hard_epoch: int | None = None,
+        max_iter: int = 3,
+        epsilon: float = 1e-4,
+        seed: int = 0,
+        finalize: bool = True,
+        save_dir: str | None = None,
+        log_histograms: bool = True,
+        verbose: bool = True,
+    ) -> None:
+        super().__init__()
+        self.spec = ClusterSpec(bits=bits, cluster_dim=cluster_dim, group_size=group_size)
+        self.targets = list(targets) if targets is not None else None
+        self.exclude = list(exclude) if exclude is not None else None
+        if not isinstance(min_size, int) or min_size < 0:
+            raise ValueError(f"min_size must be an int >= 0; got {min_size!r}")
+        self.min_size = min_size
+        self.overrides = dict(overrides or {})
+        for pattern, override in self.overrides.items():
+            _spec_with_override(self.spec, pattern, override)  # early, clear errors
+        if temperature is None:
+            temperature = {"schedule": "exponential", "start": 1e-2, "end": 1e-4}
+        self.temperature = _check_temperature(temperature)
+        if not isinstance(start_epoch, int) or start_epoch < 0:
+            raise ValueError(f"start_epoch must be an int >= 0; got {start_epoch!r}")
+        if hard_epoch is not None and (not isinstance(hard_epoch, int) or hard_epoch < start_epoch):
+            raise ValueError(
+                f"hard_epoch must be None or an int >= start_epoch ({start_epoch}); "
+                f"got {hard_epoch!r}"
+            )
+        if not isinstance(max_iter, int) or max_iter < 1:
+            raise ValueError(f"max_iter must be an int >= 1; got {max_iter!r}")
+        if not (isinstance(epsilon, (int, float)) and epsilon >= 0):
+            raise ValueError(f"epsilon must be a number >= 0; got {epsilon!r}")
+        self.start_epoch = start_epoch
+        self.hard_epoch = hard_epoch
+        self.max_iter = max_iter
+        self.epsilon = float(epsilon)
+        self.seed = int(seed)
+        self.finalize = finalize
+        self.save_dir = save_dir
+        self.log_histograms = log_histograms
+        self.verbose = verbose
+
+        self._names: list[str] = []
+        self._schedule: TemperatureSchedule | None = None
+        self._tau: float | None = None
+        self._finalized = False
+        #: Per-tensor statistics from the last measured epoch (name -> metric -> value).
+        self.stats: dict[str, dict[str, float]] = {}
+        #: The palettes (LUT + indices) produced by finalize, by parameter name.
+        self.palettes: dict[str, Palette] = {}
+        self.report: Any = None
+
+    # -- identity and state --------------------------------------------------------------------
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(
+            bits=self.spec.bits,
+            cluster_dim=self.spec.cluster_dim,
+            group_size=self.spec.group_size,
+            targets=self.targets,
+            exclude=self.exclude,
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "version": _STATE_VERSION,
+            "names": list(self._names),
+            "tau": self._tau,
+            "finalized": self._finalized,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        names = list(state_dict.get("names", []))
+        if self._names and names and names != self._names:
+            raise MisconfigurationException(
+                "DKMCallback: the checkpoint clusters "
+                f"{names}, but this callback's targets select {self._names}; resume with the "
+                "same targets / exclude / min_size as the run that wrote the checkpoint"
+            )
+        self._tau = state_dict.get("tau")
+        self._finalized = bool(state_dict.get("finalized", False))
+
+    # -- helpers ---------------------------------------------------------------------------------
+    def _select(self, pl_module: pl.LightningModule) -> list[Target]:
+        return select_targets(
+            pl_module,
+            self.spec,
+            targets=self.targets,
+            exclude=self.exclude,
+            min_size=self.min_size,
+            overrides=self.overrides,
+        )
+
+    def _tensors(self, pl_module: pl.LightningModule) -> dict[str, ClusteredTensor]:
+        return clustered_tensors(pl_module, self._names)
+
+    def _attach(self, pl_module: pl.LightningModule, selected: list[Target], init: bool) -> None:
+        others = set(clustered_tensors(pl_module)) - set(self._names)
+        clash = [t.name for t in selected if t.name in others]
+        if clash:
+            raise MisconfigurationException(
+                f"DKMCallback: {clash} are already clustered by another DKMCallback; give each "
+                "callback disjoint targets (use `exclude`)"
+            )
+        attach(
+            pl_module,
+            selected,
+            temperature=self.temperature["start"],
+            max_iter=self.max_iter,
+            epsilon=self.epsilon,
+            seed=self.seed,
+            mode="off",
+            initialize=init,
+        )
+        self._names = [t.name for t in selected]
+
+    def _build_schedule(self, trainer: pl.Trainer) -> TemperatureSchedule:
+        last = self.hard_epoch if self.hard_epoch is not None else trainer.max_epochs
+        num_epochs = None if last is None or last < 0 else max(last - self.start_epoch, 1)
+        config = dict(self.temperature)
+        try:
+            return build_schedule(config.pop("schedule"), num_epochs=num_epochs, **config)
+        except ValueError as err:
+            raise MisconfigurationException(f"DKMCallback temperature: {err}") from err
+
+    def _mode_for_epoch(self, epoch: int) -> str:
+        if epoch < self.start_epoch:
+            return "off"
+        if self.hard_epoch is not None and epoch >= self.hard_epoch:
+            return "hard"
+        return "soft"
+
+    def _resolve_save_dir(self, trainer: pl.Trainer) -> Path:
+        if self.save_dir is not None:
+            return Path(self.save_dir)
+        base = trainer.log_dir or trainer.default_root_dir
+        return Path(base) / "dkm"
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            if not self._tensors(pl_module):
+                load_snapped(pl_module)  # e.g. test(ckpt_path="best") after finalize
+            return
+        name = type(trainer.strategy).__name__
+        if name in _UNSUPPORTED_STRATEGIES:
+            raise MisconfigurationException(
+                f"DKMCallback does not support {name} yet: {_UNSUPPORTED_STRATEGIES[name]}. "
+                "Use a single device, 'ddp' or 'ddp_spawn'."
+            )
+        self._schedule = self._build_schedule(trainer)
+        selected = self._select(pl_module)
+        if not selected:
+            rank_zero_warn(
+                "DKMCallback: no tensor is left to cluster (all matches are smaller than "
+                f"min_size={self.min_size} or excluded); training runs without DKM"
+            )
+        # Seed now (before DDP wraps the model) when DKM starts at once; otherwise at start_epoch
+        # from the weights as they are then. Either way every rank computes the same centroids.
+        self._attach(pl_module, selected, init=self.start_epoch == 0)
+        self._finalized = False
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        epoch = trainer.current_epoch
+        mode = self._mode_for_epoch(epoch)
+        tensors = self._tensors(pl_module)
+        if mode != "off":
+            for tensor in tensors.values():
+                if not bool(tensor.parametrization.initialized):
+                    tensor.parametrization.initialize(tensor.original.detach())
+            assert self._schedule is not None
+            self._tau = float(self._schedule(epoch - self.start_epoch))
+        for tensor in tensors.values():
+            tensor.parametrization.set_mode(mode)  # type: ignore[arg-type]
+            if self._tau is not None:
+                tensor.parametrization.set_temperature(self._tau)
+        if mode != "off" and tensors:
+            pl_module.log("dkm/tau", self._tau, on_step=False, on_epoch=True, prog_bar=True)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._mode_for_epoch(trainer.current_epoch) == "off":
+            return
+        tensors = self._tensors(pl_module)
+        if not tensors:
+            return
+        self.stats, model_entropy = measure_all(tensors)
+        log = {"dkm/entropy": model_entropy}
+        for name, values in self.stats.items():
+            for key, value in values.items():
+                log[f"dkm/{key}/{name}"] = value
+        for key, value in log.items():
+            pl_module.log(
+                key, value, on_step=False, on_epoch=True, prog_bar=key == "dkm/entropy"
+            )
+        if self.log_histograms:
+            self._log_histograms(trainer, tensors)
+
+    def _log_histograms(self, trainer: pl.Trainer, tensors: dict[str, ClusteredTensor]) -> None:
+        if trainer.global_rank != 0:
+            return
+        for logger in trainer.loggers:
+            if not isinstance(logger, TensorBoardLogger):
+                continue
+            writer = logger.experiment
+            for name, tensor in tensors.items():
+                step = trainer.global_step
+                writer.add_histogram(
+                    f"dkm_centroids/{name}", tensor.parametrization.centroids.float().cpu(), step
+                )
+                writer.add_histogram(
+                    f"dkm_weights/{name}", tensor.original.detach().float().cpu(), step
+                )
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self.finalize or not self._names:
+            return
+        tensors = self._tensors(pl_module)
+        if not tensors:
+            return
+        self.stats, _ = measure_all(tensors)
+        self.palettes = finalize(pl_module, self._names)
+        load_snapped(pl_module)  # mid-DKM checkpoints (ckpt_path="best") still load
+        self._finalized = True
+        self._write_outputs(trainer, pl_module)
+
+    def _write_outputs(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        from .report import CompressionReport
+
+        final_stats = {
+            name: {"entropy_bits": values["entropy"], "snap_rmse": values["snap_rmse"]}
+            for name, values in self.stats.items()
+        }
+        self.report = CompressionReport.build(pl_module, self.palettes, stats=final_stats)
+        if trainer.global_rank != 0:
+            return
+        out_dir = self._resolve_save_dir(trainer)
+        paths = self.report.save(out_dir)
+        if self.verbose:
+            rank_zero_info("\n" + self.report.to_table())
+            rank_zero_info(f"DKM report written to {', '.join(str(p) for p in paths.values())}")

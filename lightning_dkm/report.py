@@ -1,0 +1,564 @@
+"""What clustering bought: stored size per tensor and in total, and (optionally) an energy
+estimate per inference.
+
+Sizes are the sizes of the compressed artifact (:mod:`lightning_dkm.artifact`), byte for byte:
+
+* a clustered tensor stores its ``P`` LUTs of ``2**bits x cluster_dim`` entries at
+  ``lut_dtype`` plus its ``P * n`` indices bit-packed at ``bits`` each over the whole tensor,
+  ``ceil(P * n * bits / 8)`` bytes;
+* every other tensor of ``model.state_dict()`` (parameters *and* buffers) is stored as it is, at
+  its dtype's width; a tensor reachable under several names (tied weights) counts once.
+
+The baselines store the same tensors densely: floating-point tensors at 4 bytes (fp32) or
+2 bytes (fp16) per element, other tensors (e.g. ``num_batches_tracked``) at their own width.
+
+The energy section is an estimate from :mod:`lightning_dkm.energy` (Horowitz, ISSCC 2014), never
+a measurement; every energy field name says ``estimated``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ._state import state_tensors
+from .energy import EnergyModel, count_macs
+from .palette import Palette
+
+__all__ = ["STAT_KEYS", "CompressionReport", "EnergyEstimate", "LayerReport", "TensorReport"]
+
+#: The per-layer statistics ``CompressionReport.build(stats=...)`` accepts.
+STAT_KEYS = ("entropy_bits", "snap_rmse")
+
+LUT_DTYPES = (torch.float16, torch.float32)
+
+_REPORT_FORMAT = "lightning_dkm.compression_report"
+_REPORT_VERSION = 1
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _ratio(baseline: int, stored: int) -> float:
+    return baseline / stored if stored else 1.0
+
+
+def _from_fields(cls: type, data: Mapping[str, Any]) -> Any:
+    """Build dataclass ``cls`` from ``data``, ignoring derived keys that ``to_dict`` adds."""
+    kwargs = {f.name: data[f.name] for f in fields(cls) if f.name in data}
+    if "shape" in kwargs:
+        kwargs["shape"] = tuple(kwargs["shape"])
+    return cls(**kwargs)
+
+
+@dataclass
+class LayerReport:
+    """One clustered tensor: its spec, its stored size, and optional training statistics.
+
+    ``entropy_bits`` (the final DKM assignment entropy) and ``snap_rmse`` (RMS distance between
+    the trained and the snapped weight) are ``None`` when unknown. ``macs`` and the
+    ``estimated_*`` energies are those of the owning module and ``None`` without an energy
+    estimate.
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    bits: int
+    cluster_dim: int
+    group_size: int | None
+    palettes: int
+    parameters: int
+    lut_bytes: int
+    index_bytes: int
+    entropy_bits: float | None = None
+    snap_rmse: float | None = None
+    macs: int | None = None
+    estimated_fetch_energy_fp32_uj: float | None = None
+    estimated_fetch_energy_compressed_uj: float | None = None
+
+    @property
+    def compressed_bytes(self) -> int:
+        return self.lut_bytes + self.index_bytes
+
+    @property
+    def fp32_bytes(self) -> int:
+        return self.parameters * 4
+
+    @property
+    def ratio_vs_fp32(self) -> float:
+        return _ratio(self.fp32_bytes, self.compressed_bytes)
+
+    @property
+    def bits_per_weight(self) -> float:
+        """Stored bits per scalar weight, LUT included."""
+        return self.compressed_bytes * 8 / self.parameters if self.parameters else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["shape"] = list(self.shape)
+        out.update(
+            compressed_bytes=self.compressed_bytes,
+            fp32_bytes=self.fp32_bytes,
+            ratio_vs_fp32=self.ratio_vs_fp32,
+            bits_per_weight=self.bits_per_weight,
+        )
+        return out
+
+
+@dataclass
+class TensorReport:
+    """One tensor kept as it is (a parameter or a buffer), counted at its dtype's width."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    kind: str  # "parameter" or "buffer"
+    numel: int
+    bytes: int
+    floating: bool
+
+    @property
+    def fp32_bytes(self) -> int:
+        return self.numel * 4 if self.floating else self.bytes
+
+    @property
+    def fp16_bytes(self) -> int:
+        return self.numel * 2 if self.floating else self.bytes
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["shape"] = list(self.shape)
+        out.update(fp32_bytes=self.fp32_bytes, fp16_bytes=self.fp16_bytes)
+        return out
+
+
+@dataclass
+class EnergyEstimate:
+    """Estimated energy of one inference (see :mod:`lightning_dkm.energy`); not a measurement.
+
+    ``fetch`` is DRAM traffic for every stored tensor, ``lut_lookup`` the SRAM reads that
+    resolve palette indices, ``compute`` the MACs (the same for both models).
+    """
+
+    dram_read_pj: float
+    sram_read_pj: float
+    mac_pj: float
+    macs: int
+    estimated_fetch_energy_fp32_uj: float
+    estimated_fetch_energy_compressed_uj: float
+    estimated_lut_lookup_energy_uj: float
+    estimated_compute_energy_uj: float
+
+    @property
+    def estimated_total_energy_fp32_uj(self) -> float:
+        return self.estimated_fetch_energy_fp32_uj + self.estimated_compute_energy_uj
+
+    @property
+    def estimated_total_energy_compressed_uj(self) -> float:
+        return (
+            self.estimated_fetch_energy_compressed_uj
+            + self.estimated_lut_lookup_energy_uj
+            + self.estimated_compute_energy_uj
+        )
+
+    @property
+    def estimated_energy_ratio(self) -> float:
+        """fp32 / compressed: how many times less energy the clustered model is estimated to
+        use."""
+        compressed = self.estimated_total_energy_compressed_uj
+        return self.estimated_total_energy_fp32_uj / compressed if compressed else 1.0
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out.update(
+            estimated_total_energy_fp32_uj=self.estimated_total_energy_fp32_uj,
+            estimated_total_energy_compressed_uj=self.estimated_total_energy_compressed_uj,
+            estimated_energy_ratio=self.estimated_energy_ratio,
+            source="Horowitz, 'Computing's energy problem', ISSCC 2014 (45 nm); an estimate",
+        )
+        return out
+
+
+def _check_stats(
+    stats: Mapping[str, Mapping[str, float]] | None, names: Sequence[str]
+) -> dict[str, dict[str, float]]:
+    if stats is None:
+        return {}
+    out: dict[str, dict[str, float]] = {}
+    for name, values in stats.items():
+        if name not in names:
+            raise ValueError(
+                f"stats has an entry for {name!r}, which is not a clustered tensor; clustered: "
+                f"{', '.join(names) or '(none)'}"
+            )
+        if not isinstance(values, Mapping):
+            raise ValueError(f"stats[{name!r}] must be a mapping with keys from {STAT_KEYS}")
+        unknown = set(values) - set(STAT_KEYS)
+        if unknown:
+            raise ValueError(
+                f"stats[{name!r}] has unknown keys {sorted(unknown)}; allowed: {STAT_KEYS}"
+            )
+        try:
+            out[name] = {key: float(value) for key, value in values.items()}
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"stats[{name!r}] values must be numbers; got {values!r}") from err
+    return out
+
+
+def _owner_module(name: str) -> str:
+    return name.rsplit(".", 1)[0] if "." in name else ""
+
+
+@dataclass
+class CompressionReport:
+    """Stored size of a clustered model, per clustered tensor and in total.
+
+    Build it with :meth:`build`; render it with :meth:`to_table` / :meth:`to_markdown`; persist
+    it with :meth:`to_dict` (JSON-able) / :meth:`save`, and read it back with :meth:`from_dict`.
+    """
+
+    layers: list[LayerReport]
+    unclustered: list[TensorReport]
+    lut_dtype: str = "float16"
+    energy: EnergyEstimate | None = None
+
+    # -- building ----------------------------------------------------------------------------
+    @classmethod
+    def build(
+        cls,
+        model: nn.Module,
+        palettes: Mapping[str, Palette],
+        *,
+        lut_dtype: torch.dtype = torch.float16,
+        stats: Mapping[str, Mapping[str, float]] | None = None,
+        example_input: Any = None,
+        macs: Mapping[str, int] | None = None,
+        energy_model: EnergyModel | None = None,
+    ) -> CompressionReport:
+        """Account for every tensor of a finalized ``model``.
+
+        Args:
+            model: the model after :func:`~lightning_dkm.finalize` or
+                :func:`~lightning_dkm.palettize` (plain, no parametrizations).
+            palettes: what ``finalize``/``palettize`` returned, by parameter name.
+            lut_dtype: the LUT storage dtype, ``torch.float16`` or ``torch.float32`` (as in
+                :func:`~lightning_dkm.artifact.save_compressed`).
+            stats: optional ``{name: {"entropy_bits": ..., "snap_rmse": ...}}`` per clustered
+                tensor.
+            example_input: if given, one forward pass counts MACs (:func:`count_macs`) and the
+                report gets an energy estimate.
+            macs: ``{module name: MACs}`` counted beforehand, instead of ``example_input``.
+            energy_model: the per-operation energies (default: Horowitz, ISSCC 2014).
+
+        Raises:
+            ValueError: an unsupported ``lut_dtype``, a palette with no matching tensor in
+                ``model.state_dict()`` or of another shape, malformed ``stats``, or both
+                ``example_input`` and ``macs``.
+        """
+        if lut_dtype not in LUT_DTYPES:
+            raise ValueError(
+                f"lut_dtype must be one of {[_dtype_name(d) for d in LUT_DTYPES]}; got {lut_dtype}"
+            )
+        if example_input is not None and macs is not None:
+            raise ValueError("pass example_input or macs, not both")
+        names = list(palettes)
+        checked_stats = _check_stats(stats, names)
+        state = state_tensors(model, preferred=names)
+        for name, palette in palettes.items():
+            if name not in state.tensors:
+                raise ValueError(
+                    f"palette {name!r} has no tensor of that name in model.state_dict(); pass "
+                    "the finalized model (after finalize() or palettize()) and its palettes"
+                )
+            shape = tuple(state.tensors[name].shape)
+            if shape != palette.layout.shape:
+                raise ValueError(
+                    f"palette {name!r} is for shape {palette.layout.shape}, but the model's "
+                    f"tensor has shape {shape}"
+                )
+        if example_input is not None:
+            macs = count_macs(model, example_input)
+        em = energy_model or EnergyModel()
+        lut_item = lut_dtype.itemsize
+
+        layers = []
+        for name, palette in palettes.items():
+            spec, layout = palette.layout.spec, palette.layout
+            tensor = state.tensors[name]
+            layer = LayerReport(
+                name=name,
+                shape=layout.shape,
+                dtype=_dtype_name(tensor.dtype),
+                bits=spec.bits,
+                cluster_dim=spec.cluster_dim,
+                group_size=spec.group_size,
+                palettes=layout.num_palettes,
+                parameters=layout.numel,
+                lut_bytes=palette.lut_bytes(lut_dtype),
+                index_bytes=palette.index_bytes(),
+                **checked_stats.get(name, {}),
+            )
+            if macs is not None:
+                layer.macs = int(macs.get(_owner_module(name), 0))
+                layer.estimated_fetch_energy_fp32_uj = em.fetch_uj(layer.fp32_bytes)
+                layer.estimated_fetch_energy_compressed_uj = em.fetch_uj(
+                    layer.compressed_bytes
+                ) + em.lookup_uj(palette.num_indices, spec.cluster_dim * lut_item)
+            layers.append(layer)
+
+        unclustered = [
+            TensorReport(
+                name=name,
+                shape=tuple(t.shape),
+                dtype=_dtype_name(t.dtype),
+                kind="parameter" if name in state.parameters else "buffer",
+                numel=t.numel(),
+                bytes=t.numel() * t.element_size(),
+                floating=t.is_floating_point(),
+            )
+            for name, t in state.tensors.items()
+            if name not in palettes
+        ]
+        report = cls(layers, unclustered, _dtype_name(lut_dtype))
+        if macs is not None:
+            lookups = sum(
+                em.lookup_uj(p.num_indices, p.layout.spec.cluster_dim * lut_item)
+                for p in palettes.values()
+            )
+            total_macs = int(sum(macs.values()))
+            report.energy = EnergyEstimate(
+                dram_read_pj=em.dram_read_pj,
+                sram_read_pj=em.sram_read_pj,
+                mac_pj=em.mac_pj,
+                macs=total_macs,
+                estimated_fetch_energy_fp32_uj=em.fetch_uj(report.fp32_bytes),
+                estimated_fetch_energy_compressed_uj=em.fetch_uj(report.total_bytes),
+                estimated_lut_lookup_energy_uj=lookups,
+                estimated_compute_energy_uj=em.compute_uj(total_macs),
+            )
+        return report
+
+    # -- totals ------------------------------------------------------------------------------
+    @property
+    def clustered_bytes(self) -> int:
+        return sum(layer.compressed_bytes for layer in self.layers)
+
+    @property
+    def unclustered_bytes(self) -> int:
+        return sum(t.bytes for t in self.unclustered)
+
+    @property
+    def total_bytes(self) -> int:
+        """Stored size of the whole model: the artifact's tensor data, in bytes."""
+        return self.clustered_bytes + self.unclustered_bytes
+
+    @property
+    def fp32_bytes(self) -> int:
+        return sum(layer.fp32_bytes for layer in self.layers) + sum(
+            t.fp32_bytes for t in self.unclustered
+        )
+
+    @property
+    def fp16_bytes(self) -> int:
+        return sum(layer.parameters * 2 for layer in self.layers) + sum(
+            t.fp16_bytes for t in self.unclustered
+        )
+
+    @property
+    def ratio_vs_fp32(self) -> float:
+        return _ratio(self.fp32_bytes, self.total_bytes)
+
+    @property
+    def ratio_vs_fp16(self) -> float:
+        return _ratio(self.fp16_bytes, self.total_bytes)
+
+    @property
+    def clustered_parameters(self) -> int:
+        return sum(layer.parameters for layer in self.layers)
+
+    def totals(self) -> dict[str, Any]:
+        """The model-level numbers, as JSON-able primitives."""
+        return {
+            "clustered_tensors": len(self.layers),
+            "unclustered_tensors": len(self.unclustered),
+            "clustered_parameters": self.clustered_parameters,
+            "clustered_bytes": self.clustered_bytes,
+            "unclustered_bytes": self.unclustered_bytes,
+            "total_bytes": self.total_bytes,
+            "fp32_bytes": self.fp32_bytes,
+            "fp16_bytes": self.fp16_bytes,
+            "ratio_vs_fp32": self.ratio_vs_fp32,
+            "ratio_vs_fp16": self.ratio_vs_fp16,
+        }
+
+    # -- serialisation -----------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able primitives: format/version, ``lut_dtype``, ``layers``, ``unclustered``,
+        ``totals`` and ``estimated_energy`` (``None`` without an energy estimate)."""
+        return {
+            "format": _REPORT_FORMAT,
+            "version": _REPORT_VERSION,
+            "lut_dtype": self.lut_dtype,
+            "layers": [layer.to_dict() for layer in self.layers],
+            "unclustered": [t.to_dict() for t in self.unclustered],
+            "totals": self.totals(),
+            "estimated_energy": self.energy.to_dict() if self.energy else None,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> CompressionReport:
+        """The inverse of :meth:`to_dict` (derived fields are recomputed, not read)."""
+        if data.get("format") != _REPORT_FORMAT or data.get("version") != _REPORT_VERSION:
+            raise ValueError(
+                f"not a compression report of format {_REPORT_FORMAT!r} version "
+                f"{_REPORT_VERSION}; got format={data.get('format')!r}, "
+                f"version={data.get('version')!r}"
+            )
+        energy = data.get("estimated_energy")
+        return cls(
+            layers=[_from_fields(LayerReport, d) for d in data["layers"]],
+            unclustered=[_from_fields(TensorReport, d) for d in data["unclustered"]],
+            lut_dtype=data["lut_dtype"],
+            energy=_from_fields(EnergyEstimate, energy) if energy else None,
+        )
+
+    def save(self, directory: str | Path) -> dict[str, Path]:
+        """Write ``compression_report.json`` and ``compression_report.md`` into ``directory``
+        (created if needed); returns ``{"json": path, "markdown": path}``."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        paths = {
+            "json": directory / "compression_report.json",
+            "markdown": directory / "compression_report.md",
+        }
+        paths["json"].write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        paths["markdown"].write_text(self.to_markdown())
+        return paths
+
+    # -- rendering ---------------------------------------------------------------------------
+    _LAYER_HEADERS = (
+        "tensor", "shape", "bits", "dim", "group", "P", "params", "fp32 B", "stored B", "ratio",
+        "bits/w", "entropy", "snap RMSE",
+    )
+
+    def _layer_rows(self) -> list[list[str]]:
+        return [
+            [
+                layer.name,
+                "x".join(map(str, layer.shape)),
+                str(layer.bits),
+                str(layer.cluster_dim),
+                "-" if layer.group_size is None else str(layer.group_size),
+                str(layer.palettes),
+                f"{layer.parameters:,}",
+                f"{layer.fp32_bytes:,}",
+                f"{layer.compressed_bytes:,}",
+                f"{layer.ratio_vs_fp32:.2f}x",
+                f"{layer.bits_per_weight:.3f}",
+                _optional(layer.entropy_bits, ".3f"),
+                _optional(layer.snap_rmse, ".3g"),
+            ]
+            for layer in self.layers
+        ]
+
+    def _total_rows(self) -> list[list[str]]:
+        return [
+            ["clustered tensors", f"{len(self.layers)} ({self.clustered_parameters:,} params)",
+             f"{self.clustered_bytes:,} B"],
+            ["unclustered tensors", f"{len(self.unclustered)} (kept as stored)",
+             f"{self.unclustered_bytes:,} B"],
+            [f"total (LUT {self.lut_dtype})", "", f"{self.total_bytes:,} B"],
+            ["fp32 model", f"{self.ratio_vs_fp32:.2f}x smaller", f"{self.fp32_bytes:,} B"],
+            ["fp16 model", f"{self.ratio_vs_fp16:.2f}x smaller", f"{self.fp16_bytes:,} B"],
+        ]
+
+    def _energy_rows(self) -> list[list[str]]:
+        e = self.energy
+        assert e is not None
+        return [
+            ["MACs per inference", f"{e.macs:,}", f"{e.macs:,}"],
+            ["weight fetch (DRAM)", f"{e.estimated_fetch_energy_fp32_uj:.4g}",
+             f"{e.estimated_fetch_energy_compressed_uj:.4g}"],
+            ["LUT lookups (SRAM)", "0", f"{e.estimated_lut_lookup_energy_uj:.4g}"],
+            ["compute (MACs)", f"{e.estimated_compute_energy_uj:.4g}",
+             f"{e.estimated_compute_energy_uj:.4g}"],
+            ["total", f"{e.estimated_total_energy_fp32_uj:.4g}",
+             f"{e.estimated_total_energy_compressed_uj:.4g}"],
+            ["ratio", "", f"{e.estimated_energy_ratio:.2f}x less"],
+        ]
+
+    def _energy_heading(self) -> str:
+        e = self.energy
+        assert e is not None
+        return (
+            "ESTIMATED energy per inference in µJ (an estimate, not a measurement; Horowitz, "
+            f"ISSCC 2014, 45 nm: DRAM {e.dram_read_pj:g} pJ and SRAM {e.sram_read_pj:g} pJ per "
+            f"32-bit read, {e.mac_pj:g} pJ per MAC; weights fetched once per inference)"
+        )
+
+    def to_table(self) -> str:
+        """An aligned plain-text table: one row per clustered tensor, then the totals (and the
+        energy estimate, if any)."""
+        parts = [
+            _text_table(list(self._LAYER_HEADERS), self._layer_rows()),
+            "",
+            _text_table(["totals", "", "bytes"], self._total_rows()),
+        ]
+        if self.energy is not None:
+            parts += ["", self._energy_heading(),
+                      _text_table(["", "fp32 (est.)", "clustered (est.)"], self._energy_rows())]
+        return "\n".join(parts) + "\n"
+
+    def to_markdown(self) -> str:
+        """The report as Markdown: a table with one row per clustered tensor, the totals, and
+        the energy estimate (if any)."""
+        parts = [
+            "# Compression report",
+            "",
+            "## Clustered tensors",
+            "",
+            _markdown_table(list(self._LAYER_HEADERS), self._layer_rows()),
+            "",
+            "## Totals",
+            "",
+            _markdown_table(["totals", "", "bytes"], self._total_rows()),
+        ]
+        if self.energy is not None:
+            parts += ["", "## Estimated energy per inference", "", self._energy_heading(), "",
+                      _markdown_table(["", "fp32 (est.)", "clustered (est.)"],
+                                      self._energy_rows())]
+        return "\n".join(parts) + "\n"
+
+
+def _optional(value: float | None, fmt: str) -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) \
+        else format(value, fmt)
+
+
+def _text_table(headers: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in [headers, *rows]) for i in range(len(headers))]
+
+    def line(cells: list[str]) -> str:
+        first = cells[0].ljust(widths[0])
+        rest = [c.rjust(w) for c, w in zip(cells[1:], widths[1:], strict=True)]
+        return "  ".join([first, *rest]).rstrip()
+
+    rule = "  ".join("-" * w for w in widths)
+    return "\n".join([line(headers), rule, *(line(r) for r in rows)])
+
+
+def _markdown_table(headers: list[str], rows: list[list[str]]) -> str:
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
+
+    align = "| " + " | ".join([":---"] + ["---:"] * (len(headers) - 1)) + " |"
+    return "\n".join([line(headers), align, *(line(r) for r in rows)])

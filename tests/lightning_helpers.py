@@ -1,0 +1,96 @@
+"""Tiny Lightning models and data for the callback's specification tests (BoringModel style).
+
+Kept in an importable module (not in a test file) so ``ddp_spawn`` workers can unpickle them.
+"""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+
+def random_classification(n: int = 128, features: int = 32, classes: int = 4, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, features, generator=g)
+    w = torch.randn(features, classes, generator=g)
+    y = (x @ w).argmax(1)
+    return TensorDataset(x, y)
+
+
+class TinyNet(pl.LightningModule):
+    """Linear(32->64) -> ReLU -> Linear(64->64) -> ReLU -> Linear(64->4): two tensors of
+    2048 and 4096 weights get clustered at the default min_size; the 256-weight head is skipped.
+    """
+
+    def __init__(self, lr: float = 0.05, batch_size: int = 32) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.body = nn.Sequential(
+            nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 4)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = F.cross_entropy(self(x), y)
+        self.log("train_loss", loss)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_loss", F.cross_entropy(self(x), y))
+
+    def test_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("test_loss", F.cross_entropy(self(x), y))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=0.9)
+
+    def train_dataloader(self):
+        return DataLoader(random_classification(), batch_size=self.hparams.batch_size)
+
+    def val_dataloader(self):
+        return DataLoader(random_classification(64, seed=1), batch_size=self.hparams.batch_size)
+
+    def test_dataloader(self):
+        return DataLoader(random_classification(64, seed=2), batch_size=self.hparams.batch_size)
+
+
+def trainer(tmp_path, **kwargs) -> pl.Trainer:
+    """A quiet CPU trainer writing under ``tmp_path``."""
+    options = dict(
+        default_root_dir=str(tmp_path),
+        max_epochs=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        devices=1,
+    )
+    options.update(kwargs)
+    return pl.Trainer(**options)
+
+
+def distinct_per_palette(weight: torch.Tensor) -> int:
+    return int(torch.unique(weight).numel())
+
+
+class CentroidRecorder(pl.Callback):
+    """Saves every rank's centroids at the end of training (before finalize) to ``out_dir``."""
+
+    def __init__(self, out_dir: str) -> None:
+        self.out_dir = out_dir
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        from lightning_dkm import clustered_tensors
+
+        state = {n: t.parametrization.centroids.clone() for n, t in
+                 clustered_tensors(pl_module).items()}
+        torch.save(state, f"{self.out_dir}/centroids_rank{trainer.global_rank}.pt")

@@ -1,0 +1,183 @@
+"""DKMCallback: the Lightning lifecycle, as a user meets it."""
+
+from __future__ import annotations
+
+import math
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning_helpers import TinyNet, trainer
+from torch import nn
+
+from lightning_dkm import DKMCallback, clustered_tensors
+from lightning_dkm.schedules import build_schedule
+
+
+def fit(tmp_path, callback: DKMCallback, model: TinyNet | None = None, **trainer_kwargs):
+    model = model or TinyNet()
+    t = trainer(tmp_path, callbacks=[callback, *trainer_kwargs.pop("extra_callbacks", [])],
+                **trainer_kwargs)
+    t.fit(model)
+    return model, t
+
+
+class TauRecorder(pl.Callback):
+    """Reads tau and mode from the model during every training epoch."""
+
+    def __init__(self) -> None:
+        self.taus: list[float] = []
+        self.modes: list[str] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if batch_idx:
+            return
+        tensors = list(clustered_tensors(pl_module).values())
+        self.taus.append(float(tensors[0].parametrization.temperature))
+        self.modes.append(tensors[0].parametrization.mode)
+
+
+# -- the finished model -------------------------------------------------------------------------
+def test_fit_leaves_a_plain_model_with_at_most_2_pow_bits_values(tmp_path):
+    model, _ = fit(tmp_path, DKMCallback(bits=2, save_dir=str(tmp_path / "dkm")))
+    assert type(model.body[0]) is nn.Linear and not hasattr(model.body[0], "parametrizations")
+    assert torch.unique(model.body[0].weight).numel() <= 4
+    assert torch.unique(model.body[2].weight).numel() <= 4
+
+
+def test_report_is_saved_as_json_and_markdown(tmp_path):
+    fit(tmp_path, DKMCallback(bits=2, save_dir=str(tmp_path / "dkm")))
+    assert (tmp_path / "dkm" / "compression_report.json").is_file()
+    assert (tmp_path / "dkm" / "compression_report.md").is_file()
+
+
+def test_finalize_false_keeps_the_parametrizations(tmp_path):
+    model, _ = fit(tmp_path, DKMCallback(bits=2, finalize=False))
+    assert set(clustered_tensors(model)) == {"body.0.weight", "body.2.weight"}
+
+
+def test_overrides_give_a_tensor_its_own_bits(tmp_path):
+    cb = DKMCallback(bits=2, overrides={"body.2": {"bits": 3}}, save_dir=str(tmp_path))
+    model, _ = fit(tmp_path, cb)
+    assert cb.palettes["body.0.weight"].layout.spec.bits == 2
+    assert cb.palettes["body.2.weight"].layout.spec.bits == 3
+    assert torch.unique(model.body[2].weight).numel() <= 8
+
+
+def test_small_tensors_are_skipped_with_one_warning_naming_them(tmp_path):
+    with pytest.warns(UserWarning, match=r"min_size=2048.*body\.4\.weight \(256 elements\)"):
+        model, _ = fit(tmp_path, DKMCallback(bits=2, finalize=False))
+    assert "body.4.weight" not in clustered_tensors(model)
+
+
+def test_targets_and_exclude_select_tensors(tmp_path):
+    model, _ = fit(
+        tmp_path, DKMCallback(bits=2, targets=["body.*"], exclude=["body.2"], finalize=False)
+    )
+    assert set(clustered_tensors(model)) == {"body.0.weight"}
+
+
+# -- temperature, start and hard epochs ------------------------------------------------------------
+def test_tau_follows_the_schedule_at_each_epoch_start(tmp_path):
+    recorder = TauRecorder()
+    temperature = {"schedule": "exponential", "start": 1e-1, "end": 1e-3}
+    fit(tmp_path, DKMCallback(bits=2, temperature=temperature, finalize=False),
+        extra_callbacks=[recorder], max_epochs=3)
+    expected = [build_schedule("exponential", 1e-1, 1e-3, num_epochs=3)(e) for e in range(3)]
+    assert recorder.taus == pytest.approx(expected, rel=1e-6)
+    assert recorder.taus[-1] == pytest.approx(1e-3)
+
+
+def test_a_callable_schedule_is_given_by_import_path(tmp_path):
+    recorder = TauRecorder()
+    fit(tmp_path, DKMCallback(bits=2, temperature={"schedule": "math.exp", "start": 1.0},
+                              finalize=False),
+        extra_callbacks=[recorder], max_epochs=2)
+    assert recorder.taus == pytest.approx([math.exp(0), math.exp(1)])
+
+
+def test_training_is_plain_before_start_epoch_and_hard_from_hard_epoch(tmp_path):
+    recorder = TauRecorder()
+    cb = DKMCallback(bits=2, start_epoch=1, hard_epoch=3, finalize=False)
+    model, _ = fit(tmp_path, cb, extra_callbacks=[recorder], max_epochs=4)
+    assert recorder.modes == ["off", "soft", "soft", "hard"]
+
+
+def test_centroids_are_seeded_at_start_epoch_from_the_weights_then(tmp_path):
+    class SeedSpy(pl.Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            t = clustered_tensors(pl_module)["body.0.weight"]
+            self.seen = getattr(self, "seen", []) + [bool(t.parametrization.initialized)]
+
+    spy = SeedSpy()
+    fit(tmp_path, DKMCallback(bits=2, start_epoch=1, finalize=False),
+        extra_callbacks=[spy], max_epochs=2)
+    assert spy.seen == [False, True]
+
+
+# -- bad input ------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"temperature": {"schedule": "wavy", "start": 1e-2}}, r"schedule must be one of.*exponential.*got 'wavy'"),
+        ({"temperature": -1e-3}, r"temperature\.start.*-0\.001"),
+        ({"temperature": {"schedule": "linear", "start": 1e-2, "end": 0.0}}, r"end.*0\.0"),
+        ({"overrides": {"body.0": {"bits": 9}}}, r"overrides\['body\.0'\].*bits.*9"),
+        ({"overrides": {"body.0": {"colour": 1}}}, r"unknown keys \['colour'\]"),
+        ({"start_epoch": 3, "hard_epoch": 1}, r"hard_epoch.*start_epoch \(3\).*1"),
+        ({"bits": 0}, r"bits.*1\.\.8.*0"),
+        ({"max_iter": 0}, r"max_iter.*0"),
+    ],
+)
+def test_bad_arguments_fail_at_construction_naming_the_value(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        DKMCallback(**kwargs)
+
+
+def test_targets_that_match_nothing_list_the_existing_names(tmp_path):
+    with pytest.raises(ValueError, match=r"'decoder\.\*' matches no.*body\.0\.weight"):
+        fit(tmp_path, DKMCallback(targets=["decoder.*"]))
+
+
+def test_an_annealed_schedule_needs_a_finite_number_of_epochs(tmp_path):
+    cb = DKMCallback(temperature={"schedule": "linear", "start": 1e-2, "end": 1e-3})
+    with pytest.raises(MisconfigurationException, match="num_epochs"):
+        fit(tmp_path, cb, max_epochs=-1, max_steps=4)
+
+
+# -- state -----------------------------------------------------------------------------------------
+def test_two_callbacks_have_distinct_state_keys_and_cluster_disjoint_tensors(tmp_path):
+    first = DKMCallback(bits=2, targets=["body.0"], save_dir=str(tmp_path / "a"))
+    second = DKMCallback(bits=3, targets=["body.2"], save_dir=str(tmp_path / "b"))
+    assert first.state_key != second.state_key
+    model, _ = fit(tmp_path, first, extra_callbacks=[second])
+    assert torch.unique(model.body[0].weight).numel() <= 4
+    assert torch.unique(model.body[2].weight).numel() <= 8
+
+
+def test_two_callbacks_on_the_same_tensor_are_refused(tmp_path):
+    first = DKMCallback(bits=2, targets=["body.0"])
+    second = DKMCallback(bits=3, targets=["body.0"], exclude=[])
+    with pytest.raises(MisconfigurationException, match="already clustered"):
+        fit(tmp_path, first, extra_callbacks=[second])
+
+
+def test_checkpoints_load_with_weights_only(tmp_path):
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    fit(tmp_path, DKMCallback(bits=2), enable_checkpointing=True, extra_callbacks=[checkpoint])
+    state = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
+    assert any(".parametrizations.weight.original" in k for k in state["state_dict"])
+    assert any("centroids" in k for k in state["state_dict"])
+    assert any(k.startswith("DKMCallback") for k in state["callbacks"])
+
+
+def test_test_after_fit_from_the_best_checkpoint_evaluates_its_snapped_weights(tmp_path):
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="val_loss")
+    model, t = fit(tmp_path, DKMCallback(bits=2, save_dir=str(tmp_path)),
+                   enable_checkpointing=True, extra_callbacks=[checkpoint], max_epochs=3)
+    results = t.test(ckpt_path="best", verbose=False)
+    assert math.isfinite(results[0]["test_loss"])
+    assert type(model.body[0]) is nn.Linear  # finalized again after the test run
+    assert torch.unique(model.body[0].weight).numel() <= 4
