@@ -15,8 +15,10 @@ from pathlib import Path
 import lightning.pytorch as pl
 from lightning.pytorch.cli import LightningCLI
 
+from lightning_dkm import DKMCallback, load_compressed
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from digits import DigitsCNN, DigitsDataModule  # noqa: E402
+from digits import DigitsCNN, DigitsDataModule
 
 
 class DigitsCLI(LightningCLI):
@@ -47,8 +49,22 @@ def main(args: list[str] | None = None) -> dict[str, float]:
     cli.trainer.fit(model, datamodule=data)  # DKMCallback finalizes and prints the report
     after = test_accuracy(cli.trainer, model, data)
 
-    print(f"\ntest accuracy  fp32: {before:.4f}   DKM-compressed: {after:.4f}")
-    return {"fp32_test_acc": before, "dkm_test_acc": after}
+    # The artifact DKMCallback wrote, loaded into a fresh model of the same architecture.
+    dkm = next(cb for cb in cli.trainer.callbacks if isinstance(cb, DKMCallback))
+    fresh = DigitsCNN(**{k: v for k, v in model.hparams.items() if not k.startswith("_")})
+    load_compressed(fresh, dkm.artifact_path)
+    loaded = test_accuracy(cli.trainer, fresh, data)
+    size = dkm.artifact_path.stat().st_size
+
+    print(f"\ntest accuracy  fp32: {before:.4f}   DKM-compressed: {after:.4f}   "
+          f"loaded from artifact: {loaded:.4f}")
+    print(f"artifact {dkm.artifact_path}: {size:,} bytes on disk "
+          f"(report: {dkm.report.total_bytes:,} bytes + header; "
+          f"fp32 model: {dkm.report.fp32_bytes:,} bytes)")
+    if loaded != after:
+        raise SystemExit("the model loaded from the artifact does not match the finalized model")
+    return {"fp32_test_acc": before, "dkm_test_acc": after, "loaded_test_acc": loaded,
+            "artifact_bytes": size}
 
 
 if __name__ == "__main__":

@@ -19,8 +19,8 @@ from .targets import Target, select_targets
 __all__ = [
     "ClusterSpec",
     "ClusteredTensor",
-    "DKMCallback",
     "CompressionReport",
+    "DKMCallback",
     "DKMParametrization",
     "EnergyEstimate",
     "EnergyModel",

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -26,10 +26,12 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
+from .artifact import save_compressed
 from .clustering import ClusteredTensor, attach, clustered_tensors, finalize, load_snapped
 from .layout import ClusterSpec
 from .monitor import measure_all
 from .palette import Palette
+from .report import CompressionReport
 from .schedules import SCHEDULE_NAMES, TemperatureSchedule, build_schedule
 from .targets import DEFAULT_MIN_SIZE, Target, _spec_with_override, select_targets
 
@@ -45,6 +47,9 @@ _UNSUPPORTED_STRATEGIES = {
 }
 _TEMPERATURE_KEYS = ("schedule", "start", "end", "step_size", "gamma")
 _STATE_VERSION = 1
+_LUT_DTYPES = {"float16": torch.float16, "float32": torch.float32}
+#: File name of the compressed model written into ``save_dir``.
+ARTIFACT_NAME = "model.dkm.safetensors"
 
 
 def _check_temperature(temperature: float | dict[str, Any]) -> dict[str, Any]:
@@ -122,8 +127,13 @@ class DKMCallback(Callback):
             standard deviations; 0 always runs ``max_iter``. Default 1e-4.
         seed: seed of the k-means++ initialisation (the same on every rank). Default 0.
         finalize: snap the weights and remove the parametrizations when fit ends. Default True.
-        save_dir: where the report (and the artifact) go; default: the trainer's ``log_dir``
+        save_dir: where the report and the artifact go; default: the trainer's ``log_dir``
             (or ``default_root_dir``) + ``/dkm``.
+        save_artifact: write the compressed model (``model.dkm.safetensors``: LUTs, bit-packed
+            indices and every other tensor; see :func:`lightning_dkm.save_compressed`) when fit
+            ends. Default True.
+        lut_dtype: precision of the stored palettes, ``"float16"`` (default) or ``"float32"``;
+            the report's sizes count the same.
         log_histograms: TensorBoard histograms of centroids and weights every epoch. Default
             True (only with a ``TensorBoardLogger``).
         verbose: print the compression report at the end of fit. Default True.
@@ -146,6 +156,8 @@ class DKMCallback(Callback):
         seed: int = 0,
         finalize: bool = True,
         save_dir: str | None = None,
+        save_artifact: bool = True,
+        lut_dtype: Literal["float16", "float32"] = "float16",
         log_histograms: bool = True,
         verbose: bool = True,
     ) -> None:
@@ -180,6 +192,10 @@ class DKMCallback(Callback):
         self.seed = int(seed)
         self.finalize = finalize
         self.save_dir = save_dir
+        self.save_artifact = save_artifact
+        if lut_dtype not in _LUT_DTYPES:
+            raise ValueError(f"lut_dtype must be one of {tuple(_LUT_DTYPES)}; got {lut_dtype!r}")
+        self.lut_dtype = lut_dtype
         self.log_histograms = log_histograms
         self.verbose = verbose
 
@@ -191,7 +207,9 @@ class DKMCallback(Callback):
         self.stats: dict[str, dict[str, float]] = {}
         #: The palettes (LUT + indices) produced by finalize, by parameter name.
         self.palettes: dict[str, Palette] = {}
-        self.report: Any = None
+        #: The :class:`~lightning_dkm.report.CompressionReport` and artifact path after fit.
+        self.report: CompressionReport | None = None
+        self.artifact_path: Path | None = None
 
     # -- identity and state --------------------------------------------------------------------
     @property
@@ -367,17 +385,27 @@ class DKMCallback(Callback):
         self._write_outputs(trainer, pl_module)
 
     def _write_outputs(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        from .report import CompressionReport
-
         final_stats = {
             name: {"entropy_bits": values["entropy"], "snap_rmse": values["snap_rmse"]}
             for name, values in self.stats.items()
         }
-        self.report = CompressionReport.build(pl_module, self.palettes, stats=final_stats)
+        lut_dtype = _LUT_DTYPES[self.lut_dtype]
+        self.report = CompressionReport.build(
+            pl_module,
+            self.palettes,
+            lut_dtype=lut_dtype,
+            stats=final_stats,
+            example_input=getattr(pl_module, "example_input_array", None),
+        )
         if trainer.global_rank != 0:
             return
         out_dir = self._resolve_save_dir(trainer)
-        paths = self.report.save(out_dir)
+        paths = dict(self.report.save(out_dir))
+        if self.save_artifact:
+            paths["artifact"] = save_compressed(
+                pl_module, out_dir / ARTIFACT_NAME, self.palettes, lut_dtype=lut_dtype
+            )
+        self.artifact_path = paths.get("artifact")
         if self.verbose:
             rank_zero_info("\n" + self.report.to_table())
-            rank_zero_info(f"DKM report written to {', '.join(str(p) for p in paths.values())}")
+            rank_zero_info(f"DKM outputs written to {', '.join(str(p) for p in paths.values())}")

@@ -115,7 +115,7 @@ def set_temperature(model: nn.Module, tau: float, names: Iterable[str] | None = 
 
 
 def set_mode(model: nn.Module, mode: Mode, names: Iterable[str] | None = None) -> None:
-    """Switch every clustered tensor (or those in ``names``) to ``"soft"``, ``"hard"``, ``"off"``."""
+    """Switch every clustered tensor (or those in ``names``) to ``"soft"``/``"hard"``/``"off"``."""
     for tensor in clustered_tensors(model, names).values():
         tensor.parametrization.set_mode(mode)
 

@@ -101,7 +101,7 @@ def test_a_callable_schedule_is_given_by_import_path(tmp_path):
 def test_training_is_plain_before_start_epoch_and_hard_from_hard_epoch(tmp_path):
     recorder = TauRecorder()
     cb = DKMCallback(bits=2, start_epoch=1, hard_epoch=3, finalize=False)
-    model, _ = fit(tmp_path, cb, extra_callbacks=[recorder], max_epochs=4)
+    _model, _ = fit(tmp_path, cb, extra_callbacks=[recorder], max_epochs=4)
     assert recorder.modes == ["off", "soft", "soft", "hard"]
 
 
@@ -109,7 +109,7 @@ def test_centroids_are_seeded_at_start_epoch_from_the_weights_then(tmp_path):
     class SeedSpy(pl.Callback):
         def on_train_epoch_end(self, trainer, pl_module):
             t = clustered_tensors(pl_module)["body.0.weight"]
-            self.seen = getattr(self, "seen", []) + [bool(t.parametrization.initialized)]
+            self.seen = [*getattr(self, "seen", []), bool(t.parametrization.initialized)]
 
     spy = SeedSpy()
     fit(tmp_path, DKMCallback(bits=2, start_epoch=1, finalize=False),
@@ -121,7 +121,10 @@ def test_centroids_are_seeded_at_start_epoch_from_the_weights_then(tmp_path):
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"temperature": {"schedule": "wavy", "start": 1e-2}}, r"schedule must be one of.*exponential.*got 'wavy'"),
+        (
+            {"temperature": {"schedule": "wavy", "start": 1e-2}},
+            r"schedule must be one of.*exponential.*got 'wavy'",
+        ),
         ({"temperature": -1e-3}, r"temperature\.start.*-0\.001"),
         ({"temperature": {"schedule": "linear", "start": 1e-2, "end": 0.0}}, r"end.*0\.0"),
         ({"overrides": {"body.0": {"bits": 9}}}, r"overrides\['body\.0'\].*bits.*9"),

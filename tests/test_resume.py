@@ -1,0 +1,93 @@
+"""A run interrupted mid-DKM resumes from its checkpoint to the same tau, centroids and
+optimizer state, and ends where an uninterrupted run ends."""
+
+from __future__ import annotations
+
+import copy
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning_helpers import TinyNet, trainer
+
+from lightning_dkm import DKMCallback, clustered_tensors
+
+TEMPERATURE = {"schedule": "exponential", "start": 1e-1, "end": 1e-3}
+
+
+class Crash(pl.Callback):
+    def on_train_epoch_start(self, trainer, pl_module):
+        if trainer.current_epoch == 2:
+            raise RuntimeError("deliberate crash")
+
+
+class StateSpy(pl.Callback):
+    """Captures the restored state when training (re)starts and tau at each epoch."""
+
+    def __init__(self) -> None:
+        self.taus: dict[int, float] = {}
+
+    def on_train_start(self, trainer, pl_module):
+        self.centroids = {
+            n: t.parametrization.centroids.clone() for n, t in clustered_tensors(pl_module).items()
+        }
+        self.optimizer_state = copy.deepcopy(trainer.optimizers[0].state_dict())
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        tensor = next(iter(clustered_tensors(pl_module).values()))
+        self.taus[trainer.current_epoch] = float(tensor.parametrization.temperature)
+
+
+def run(tmp_path, *callbacks, ckpt_path=None):
+    torch.manual_seed(0)  # the same initial weights in every run
+    model = TinyNet()
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, save_top_k=-1)
+    t = trainer(tmp_path, max_epochs=4, enable_checkpointing=True,
+                callbacks=[DKMCallback(bits=2, temperature=TEMPERATURE, finalize=False),
+                           checkpoint, *callbacks])
+    t.fit(model, ckpt_path=ckpt_path)
+    return model
+
+
+@pytest.fixture(scope="module")
+def resumed(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("resume")
+    with pytest.raises(RuntimeError, match="deliberate crash"):
+        run(tmp_path, Crash())
+    last = tmp_path / "ckpt" / "last.ckpt"
+    checkpoint = torch.load(last, weights_only=True)
+    spy = StateSpy()
+    model = run(tmp_path, spy, ckpt_path=str(last))
+    return checkpoint, spy, model
+
+
+def test_centroids_are_restored(resumed):
+    checkpoint, spy, _ = resumed
+    for name, centroids in spy.centroids.items():
+        module, param = name.rsplit(".", 1)
+        key = f"{module}.parametrizations.{param}.0.centroids"
+        assert torch.equal(centroids, checkpoint["state_dict"][key])
+
+
+def test_optimizer_state_is_restored(resumed):
+    checkpoint, spy, _ = resumed
+    saved = checkpoint["optimizer_states"][0]["state"]
+    restored = spy.optimizer_state["state"]
+    assert saved.keys() == restored.keys()
+    for index in saved:
+        assert torch.equal(saved[index]["momentum_buffer"], restored[index]["momentum_buffer"])
+
+
+def test_tau_continues_on_the_schedule(resumed):
+    _, spy, _ = resumed
+    assert sorted(spy.taus) == [2, 3]
+    assert spy.taus[2] == pytest.approx(1e-1 * (1e-2) ** (2 / 3), rel=1e-6)
+    assert spy.taus[3] == pytest.approx(1e-3, rel=1e-6)
+
+
+def test_resumed_run_ends_where_an_uninterrupted_run_ends(resumed, tmp_path):
+    _, _, model = resumed
+    uninterrupted = run(tmp_path)
+    for (name, a), (_, b) in zip(model.state_dict().items(), uninterrupted.state_dict().items()):
+        assert torch.allclose(a.float(), b.float(), atol=1e-6), name
