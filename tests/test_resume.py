@@ -89,5 +89,7 @@ def test_tau_continues_on_the_schedule(resumed):
 def test_resumed_run_ends_where_an_uninterrupted_run_ends(resumed, tmp_path):
     _, _, model = resumed
     uninterrupted = run(tmp_path)
-    for (name, a), (_, b) in zip(model.state_dict().items(), uninterrupted.state_dict().items()):
-        assert torch.allclose(a.float(), b.float(), atol=1e-6), name
+    expected = uninterrupted.state_dict()
+    assert model.state_dict().keys() == expected.keys()
+    for name, value in model.state_dict().items():
+        assert torch.allclose(value.float(), expected[name].float(), atol=1e-6), name
