@@ -104,7 +104,10 @@ def attach(
         ).to(weight.device)
         if initialize:
             parametrization.initialize(weight)
-        parametrize.register_parametrization(module, target.param_name, parametrization)
+        # unsafe=True: skip the trial forward (a soft one would already move the centroids).
+        parametrize.register_parametrization(
+            module, target.param_name, parametrization, unsafe=True
+        )
     return clustered_tensors(model)
 
 

@@ -39,7 +39,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .kmeans import nearest_centroid, pairwise_sq_dist
+from .kmeans import nearest_centroid
 
 __all__ = [
     "EMPTY_MASS",
@@ -114,10 +114,12 @@ def soft_assignment(xt: Tensor, cn: Tensor, tau: Tensor | float) -> Tensor:
     ``xt`` holds the normalised points as ``(P, d, n)``, ``cn`` the normalised centroids
     ``(P, k, d)``. Softmax subtracts each column's largest logit, and every distance here is a
     modest number (data normalised to unit variance), so the logits stay finite and no column
-    is all ``-inf`` for any ``tau >= MIN_TAU``; smaller taus are raised to ``MIN_TAU``.
+    is all ``-inf`` for any ``tau >= MIN_TAU``; smaller taus are raised to ``MIN_TAU``. A tensor
+    tau is raised in at least float32: a float16 buffer (``module.half()``) holds neither
+    ``MIN_TAU`` nor taus below ~6e-8, which it rounds to 0.
     """
     if isinstance(tau, Tensor):
-        tau = tau.clamp_min(MIN_TAU)
+        tau = tau.to(torch.promote_types(tau.dtype, torch.float32)).clamp_min(MIN_TAU)
     else:
         tau = max(float(tau), MIN_TAU)
     return torch.softmax(_sq_dist_kmajor(xt, cn) / -tau, dim=1)

@@ -139,8 +139,10 @@ class DKMParametrization(nn.Module):
         _, snapped = hard_assign(x, self.centroids)
         if self.mode == "hard" and self.training:
             self._move_centroids_to_member_means(x.detach())
-        # Straight-through: the value is the snapped weight, the gradient is the identity.
-        return self.layout.from_palettes(x + (snapped - x).detach())
+        # Straight-through: the value is the snapped weight, the gradient is the identity. Adding
+        # the exact zero ``x - x.detach()`` keeps the value bit-for-bit ``snapped``
+        # (``x + (snapped - x)`` rounds, giving more than 2**bits distinct values).
+        return self.layout.from_palettes(snapped + (x - x.detach()))
 
     @torch.no_grad()
     def _move_centroids_to_member_means(self, x: Tensor) -> None:

@@ -1,0 +1,328 @@
+"""Specification of the palette format and the two ways to reach it: ``attach`` + training +
+``finalize`` (DKM), and ``palettize`` (post-training k-means)."""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable
+from typing import NamedTuple
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_dkm import (
+    ClusterSpec,
+    Palette,
+    PaletteLayout,
+    attach,
+    clustered_tensors,
+    finalize,
+    palettize,
+    select_targets,
+)
+
+
+def distinct_rows_per_palette(x: torch.Tensor) -> list[int]:
+    """Number of distinct d-vectors in each palette of ``x`` (P, n, d)."""
+    return [int(torch.unique(x[p], dim=0).shape[0]) for p in range(x.shape[0])]
+
+
+def assert_palettized(model: nn.Module, palettes: dict[str, Palette]) -> None:
+    """Every palette rebuilds its weight bit for bit, with at most 2**bits vectors per palette."""
+    assert palettes
+    for name, palette in palettes.items():
+        weight = model.get_parameter(name)
+        assert torch.equal(palette.weight(), weight), name
+        k = palette.layout.spec.num_centroids
+        counts = distinct_rows_per_palette(palette.layout.to_palettes(weight.detach()))
+        assert max(counts) <= k, (name, counts)
+        assert counts == palette.distinct_values_per_palette(), name
+
+
+# (module factory, input factory, spec): one clustered layer per case, called as model(*inputs).
+class Holder(nn.Module):
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        out = self.layer(*inputs)
+        return out[0] if isinstance(out, tuple) else out
+
+
+def _tokens() -> tuple[torch.Tensor, ...]:
+    return (torch.randint(0, 40, (3, 5)),)
+
+
+def _sequence() -> tuple[torch.Tensor, ...]:
+    x = torch.randn(5, 2, 16)
+    return (x, x, x)
+
+
+CASES: dict[str, tuple[Callable[[], nn.Module], Callable[[], tuple], ClusterSpec]] = {
+    "linear": (lambda: nn.Linear(32, 16), lambda: (torch.randn(4, 32),), ClusterSpec(bits=3)),
+    "linear-grouped": (
+        lambda: nn.Linear(32, 16),
+        lambda: (torch.randn(4, 32),),
+        ClusterSpec(bits=2, group_size=4),
+    ),
+    "conv2d-dim1": (
+        lambda: nn.Conv2d(8, 16, 3),
+        lambda: (torch.randn(2, 8, 6, 6),),
+        ClusterSpec(bits=3, cluster_dim=1),
+    ),
+    "conv2d-dim2": (
+        lambda: nn.Conv2d(8, 16, 3),
+        lambda: (torch.randn(2, 8, 6, 6),),
+        ClusterSpec(bits=3, cluster_dim=2),
+    ),
+    "conv2d-dim4-grouped": (
+        lambda: nn.Conv2d(8, 16, 3),
+        lambda: (torch.randn(2, 8, 6, 6),),
+        ClusterSpec(bits=3, cluster_dim=4, group_size=8),
+    ),
+    "embedding": (lambda: nn.Embedding(40, 16), _tokens, ClusterSpec(bits=4, cluster_dim=2)),
+    "conv_transpose2d": (
+        lambda: nn.ConvTranspose2d(8, 6, 3),
+        lambda: (torch.randn(2, 8, 4, 4),),
+        ClusterSpec(bits=2, cluster_dim=2, group_size=3),
+    ),
+    "conv1d": (lambda: nn.Conv1d(4, 8, 3), lambda: (torch.randn(2, 4, 9),), ClusterSpec(bits=2)),
+    "conv3d": (
+        lambda: nn.Conv3d(4, 8, 2),
+        lambda: (torch.randn(1, 4, 3, 3, 3),),
+        ClusterSpec(bits=2, cluster_dim=2),
+    ),
+    "multihead_attention": (lambda: nn.MultiheadAttention(16, 2), _sequence, ClusterSpec(bits=3)),
+}
+
+
+def train_clustered(case: str, steps: int = 2) -> tuple[nn.Module, dict[str, nn.Parameter]]:
+    """Build the case's model, attach DKM, take a few SGD steps; return it and its Parameters."""
+    make_layer, make_inputs, spec = CASES[case]
+    model = Holder(make_layer())
+    targets = select_targets(model, spec, min_size=0)
+    parameters = {t.name: model.get_parameter(t.name) for t in targets}
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-2)
+    attach(model, targets, temperature=1e-2)
+    model.train()
+    for _ in range(steps):
+        optimizer.zero_grad()
+        model(*make_inputs()).square().mean().backward()
+        optimizer.step()
+    return model, parameters
+
+
+# -- finalize ------------------------------------------------------------------------------------
+class Finalized(NamedTuple):
+    case: str
+    model: nn.Module
+    parameters: dict[str, nn.Parameter]  # the clustered Parameters, taken before attach
+    palettes: dict[str, Palette]
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def finalized(request: pytest.FixtureRequest) -> Finalized:
+    """Each case trained with DKM for two steps and finalized (shared by the tests below)."""
+    torch.manual_seed(0)
+    model, parameters = train_clustered(request.param)
+    return Finalized(request.param, model, parameters, finalize(model))
+
+
+def test_finalize_leaves_at_most_2_to_the_bits_values_per_palette(finalized: Finalized) -> None:
+    assert list(finalized.palettes) == list(finalized.parameters)
+    assert_palettized(finalized.model, finalized.palettes)
+
+
+def test_finalize_returns_a_plain_model_of_its_own_class(finalized: Finalized) -> None:
+    layer = finalized.model.layer
+    assert type(layer) is type(CASES[finalized.case][0]())
+    assert not hasattr(layer, "parametrizations")
+    assert clustered_tensors(finalized.model) == {}
+
+
+def test_finalize_keeps_the_original_parameter_objects(finalized: Finalized) -> None:
+    for name, parameter in finalized.parameters.items():
+        assert finalized.model.get_parameter(name) is parameter
+        assert isinstance(parameter, nn.Parameter) and parameter.requires_grad
+
+
+def test_the_finalized_model_computes_what_the_clustered_model_computed_in_eval() -> None:
+    model, _ = train_clustered("conv2d-dim2")
+    x = torch.randn(2, 8, 6, 6)
+    model.eval()
+    with torch.no_grad():
+        before = model(x)
+    finalize(model)
+    with torch.no_grad():
+        assert torch.equal(model(x), before)
+
+
+def test_finalize_with_names_finalizes_only_those_tensors() -> None:
+    model = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 16))
+    attach(model, select_targets(model, ClusterSpec(bits=2), min_size=0))
+    palettes = finalize(model, names=["1.weight"])
+    assert list(palettes) == ["1.weight"]
+    assert list(clustered_tensors(model)) == ["0.weight"]
+    assert type(model[1]) is nn.Linear
+
+
+def test_tied_weights_are_finalized_once_and_stay_tied() -> None:
+    model = nn.Sequential(nn.Embedding(32, 16), nn.Linear(16, 32, bias=False))
+    model[1].weight = model[0].weight
+    with pytest.warns(UserWarning, match="tied"):
+        targets = select_targets(model, ClusterSpec(bits=2), min_size=0)
+    attach(model, targets)
+    palettes = finalize(model)
+    assert list(palettes) == ["0.weight"]
+    assert model[1].weight is model[0].weight
+    assert torch.unique(model[1].weight).numel() <= 4
+
+
+def test_a_constant_weight_is_clustered_and_finalized_without_nan() -> None:
+    model = nn.Sequential(nn.Linear(16, 8))
+    with torch.no_grad():
+        model[0].weight.fill_(0.5)
+    with pytest.warns(UserWarning, match="fewer distinct values than k=4"):
+        attach(model, select_targets(model, ClusterSpec(bits=2), min_size=0))
+    centroids = clustered_tensors(model)["0.weight"].parametrization.centroids
+    assert bool(torch.isfinite(centroids).all())
+    assert torch.unique(centroids, dim=1).shape[1] == 4
+    model.train()
+    model(torch.randn(2, 16)).sum().backward()
+    palettes = finalize(model)
+    assert bool((model[0].weight == 0.5).all())
+    assert_palettized(model, palettes)
+
+
+# -- palettize -----------------------------------------------------------------------------------
+def test_palettize_snaps_the_selected_weights_in_place() -> None:
+    model = nn.Sequential(nn.Conv2d(4, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 36, 10))
+    parameters = [model[0].weight, model[3].weight]
+    original = [p.detach().clone() for p in parameters]
+    palettes = palettize(model, bits=3, cluster_dim=2, min_size=0)
+    assert list(palettes) == ["0.weight", "3.weight"]
+    assert all(a is b for a, b in zip((model[0].weight, model[3].weight), parameters, strict=True))
+    assert_palettized(model, palettes)
+    for parameter, before in zip(parameters, original, strict=True):
+        error = (parameter.detach() - before).square().mean()
+        assert 0 < error < before.square().mean()  # snapped, and much closer than zero
+
+
+@pytest.mark.parametrize("case", ["linear-grouped", "conv_transpose2d", "multihead_attention"])
+def test_palettize_uses_the_same_targets_and_format_as_finalize(case: str) -> None:
+    make_layer, _, spec = CASES[case]
+    model = Holder(make_layer())
+    dkm_model = copy.deepcopy(model)
+    ptq = palettize(model, spec.bits, spec.cluster_dim, spec.group_size, min_size=0, n_init=1)
+    attach(dkm_model, select_targets(dkm_model, spec, min_size=0))
+    dkm = finalize(dkm_model)
+    assert ptq.keys() == dkm.keys()
+    for name in ptq:
+        assert ptq[name].layout == dkm[name].layout
+        assert ptq[name].lut.shape == dkm[name].lut.shape
+        assert ptq[name].lut.dtype == dkm[name].lut.dtype
+        assert ptq[name].indices.shape == dkm[name].indices.shape
+        assert ptq[name].indices.dtype == dkm[name].indices.dtype
+    assert_palettized(model, ptq)
+
+
+def test_palettize_honours_targets_exclude_overrides_and_min_size() -> None:
+    model = nn.Sequential(nn.Linear(32, 32), nn.Linear(32, 32), nn.Linear(32, 4))
+    with pytest.warns(UserWarning, match=r"min_size=256 .*2\.weight \(128 elements\)"):
+        palettes = palettize(
+            model, bits=4, exclude="1", overrides={"0": {"bits": 2}}, min_size=256, n_init=1
+        )
+    assert list(palettes) == ["0.weight"]
+    assert palettes["0.weight"].layout.spec.bits == 2
+    assert torch.unique(model[0].weight).numel() <= 4
+    assert torch.unique(model[1].weight).numel() > 16  # excluded: untouched
+
+
+def test_palettize_with_the_same_seed_is_reproducible() -> None:
+    model = nn.Sequential(nn.Linear(32, 16))
+    a, b, c = (copy.deepcopy(model) for _ in range(3))
+    palettize(a, bits=3, min_size=0, seed=1, n_init=1)
+    palettize(b, bits=3, min_size=0, seed=1, n_init=1)
+    palettize(c, bits=3, min_size=0, seed=2, n_init=1)
+    assert torch.equal(a[0].weight, b[0].weight)
+    assert not torch.equal(a[0].weight, c[0].weight)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"bits": 0}, r"bits must be an int in 1\.\.8; got 0"),
+        ({"bits": 9}, r"bits must be an int in 1\.\.8; got 9"),
+        ({"cluster_dim": 3}, r"0\.weight: cluster_dim=3 does not divide .*size 16"),
+        ({"group_size": 3}, r"0\.weight: group_size=3 does not divide .*size 8"),
+        ({"bits": 8}, r"0\.weight: each palette holds 128 vectors, fewer than 2\*\*bits = 256"),
+    ],
+)
+def test_palettize_rejects_a_spec_that_does_not_fit_naming_parameter_and_value(
+    kwargs: dict, message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        palettize(nn.Sequential(nn.Linear(16, 8)), min_size=0, **kwargs)
+
+
+def test_palettize_rejects_nan_weights_naming_the_parameter() -> None:
+    model = nn.Sequential(nn.Linear(16, 8))
+    with torch.no_grad():
+        model[0].weight[3, 3] = float("nan")
+    with pytest.raises(ValueError, match=r"0\.weight: weight contains NaN or Inf .*only finite"):
+        palettize(model, bits=2, min_size=0)
+
+
+def test_palettize_rejects_non_floating_weights_naming_the_parameter() -> None:
+    model = nn.Sequential(nn.Linear(16, 8))
+    model[0].weight = nn.Parameter(torch.ones(8, 16, dtype=torch.int64), requires_grad=False)
+    with pytest.raises(ValueError, match=r"0\.weight: only floating-point .* got torch\.int64"):
+        palettize(model, bits=2, min_size=0)
+
+
+def test_palettize_keeps_the_weight_dtype() -> None:
+    model = nn.Sequential(nn.Linear(16, 8)).to(torch.bfloat16)
+    palettes = palettize(model, bits=2, min_size=0, n_init=1)
+    assert model[0].weight.dtype == torch.bfloat16
+    assert palettes["0.weight"].lut.dtype == torch.bfloat16
+    assert_palettized(model, palettes)
+
+
+# -- the Palette itself --------------------------------------------------------------------------
+def test_palette_weight_is_the_lut_gathered_by_the_indices() -> None:
+    layout = PaletteLayout((4, 4), ClusterSpec(bits=1, cluster_dim=2, group_size=2))
+    lut = torch.tensor([[[1.0, 2.0], [3.0, 4.0]], [[5.0, 6.0], [7.0, 8.0]]])
+    indices = torch.tensor([[0, 1, 1, 0], [1, 1, 0, 0]])
+    palette = Palette(lut, indices, layout)
+    expected = torch.tensor(
+        [[1.0, 2.0, 3.0, 4.0], [3.0, 4.0, 1.0, 2.0], [7.0, 8.0, 7.0, 8.0], [5.0, 6.0, 5.0, 6.0]]
+    )
+    assert torch.equal(palette.weight(), expected)
+    assert palette.distinct_values_per_palette() == [2, 2]
+
+
+@pytest.mark.parametrize(
+    ("lut_shape", "indices", "message"),
+    [
+        ((1, 3, 1), torch.zeros(1, 16, dtype=torch.long), r"w: LUT shape \(1, 3, 1\)"),
+        ((1, 4, 1), torch.zeros(1, 15, dtype=torch.long), r"w: indices shape \(1, 15\)"),
+        ((1, 4, 1), torch.zeros(1, 16), "w: indices must be integers"),
+        ((1, 4, 1), torch.full((1, 16), 4, dtype=torch.long), r"w: indices must lie in \[0, 4\)"),
+    ],
+)
+def test_a_malformed_palette_is_rejected(lut_shape, indices, message: str) -> None:
+    layout = PaletteLayout((4, 4), ClusterSpec(bits=2), name="w")
+    with pytest.raises(ValueError, match=message):
+        Palette(torch.zeros(lut_shape), indices, layout)
+
+
+def test_palette_sizes_count_the_lut_and_the_bit_packed_indices() -> None:
+    layout = PaletteLayout((6, 10), ClusterSpec(bits=3, group_size=3))
+    palette = Palette(torch.zeros(2, 8, 1), torch.zeros(2, 30, dtype=torch.long), layout)
+    assert palette.num_indices == 60
+    assert palette.index_bytes() == math.ceil(60 * 3 / 8)
+    assert palette.lut_bytes() == 16 * 4 and palette.lut_bytes(torch.float16) == 16 * 2
+    assert palette.compressed_bytes() == palette.lut_bytes() + palette.index_bytes()

@@ -1,0 +1,307 @@
+"""Specification of DKMParametrization and of attaching it to a model."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from lightning_dkm import ClusterSpec, PaletteLayout, attach, clustered_tensors, select_targets
+from lightning_dkm.clustering import set_mode, set_temperature
+from lightning_dkm.dkm import hard_assign, soft_assignment
+from lightning_dkm.parametrize import DKMParametrization, stable_seed
+
+
+def clustered_linear(
+    bits: int = 2, cluster_dim: int = 1, group_size: int | None = None, **kwargs
+) -> tuple[nn.Linear, DKMParametrization]:
+    """A Linear(16, 8) whose weight is clustered; weights ~ N(0, 0.05^2) like a trained layer."""
+    linear = nn.Linear(16, 8)
+    with torch.no_grad():
+        linear.weight.normal_(0, 0.05)
+    layout = PaletteLayout((8, 16), ClusterSpec(bits, cluster_dim, group_size), name="weight")
+    parametrization = DKMParametrization(layout, **kwargs)
+    parametrization.initialize(linear.weight)
+    parametrize.register_parametrization(linear, "weight", parametrization)
+    return linear, parametrization
+
+
+def snapped_weight(linear: nn.Linear, parametrization: DKMParametrization) -> torch.Tensor:
+    layout = parametrization.layout
+    x = layout.to_palettes(linear.parametrizations.weight.original.detach())
+    return layout.from_palettes(hard_assign(x, parametrization.centroids)[1])
+
+
+def small_model() -> nn.Sequential:
+    return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8))
+
+
+# -- buffers updated in place --------------------------------------------------------------------
+def test_set_temperature_updates_the_buffer_in_place() -> None:
+    _, p = clustered_linear()
+    buffer, ptr = p.temperature, p.temperature.data_ptr()
+    p.set_temperature(0.125)
+    assert p.temperature is buffer and p.temperature.data_ptr() == ptr
+    assert p.temperature.item() == 0.125
+
+
+def test_a_soft_training_forward_moves_the_centroids_in_place() -> None:
+    linear, p = clustered_linear(temperature=0.5)
+    centroids_ptr, tau_ptr = p.centroids.data_ptr(), p.temperature.data_ptr()
+    before = p.centroids.clone()
+    linear.train()
+    _ = linear.weight
+    assert p.centroids.data_ptr() == centroids_ptr and p.temperature.data_ptr() == tau_ptr
+    assert not torch.equal(p.centroids, before)
+    assert p.temperature.item() == 0.5
+
+
+def test_an_eval_forward_leaves_the_centroids_alone() -> None:
+    linear, p = clustered_linear(temperature=0.5)
+    before = p.centroids.clone()
+    linear.eval()
+    _ = linear.weight
+    assert torch.equal(p.centroids, before)
+
+
+@pytest.mark.parametrize("tau", [0.0, -1.0, float("inf"), float("nan")])
+def test_set_temperature_rejects_a_non_positive_or_non_finite_tau(tau: float) -> None:
+    _, p = clustered_linear()
+    with pytest.raises(
+        ValueError, match=rf"weight: temperature must be a finite number > 0; got {tau}"
+    ):
+        p.set_temperature(tau)
+
+
+def test_bad_constructor_arguments_are_rejected_naming_them() -> None:
+    layout = PaletteLayout((8, 16), ClusterSpec(bits=2), name="fc.weight")
+    with pytest.raises(ValueError, match="max_iter must be an int >= 1; got 0"):
+        DKMParametrization(layout, max_iter=0)
+    with pytest.raises(ValueError, match=r"epsilon must be >= 0; got -0\.1"):
+        DKMParametrization(layout, epsilon=-0.1)
+    with pytest.raises(ValueError, match=r"fc\.weight: temperature must be .* got 0\.0"):
+        DKMParametrization(layout, temperature=0)
+    with pytest.raises(ValueError, match=r"fc\.weight: mode must be one of .* got 'fast'"):
+        DKMParametrization(layout, mode="fast")  # type: ignore[arg-type]
+
+
+# -- modes ---------------------------------------------------------------------------------------
+def test_eval_gives_the_hard_snapped_weight_bit_for_bit() -> None:
+    linear, p = clustered_linear(bits=4, temperature=0.5)
+    linear.eval()
+    weight = linear.weight
+    assert torch.equal(weight, snapped_weight(linear, p))
+    assert torch.unique(weight).numel() <= 16
+
+
+def test_eval_with_vectors_and_groups_gives_the_snapped_weight() -> None:
+    linear, p = clustered_linear(bits=2, cluster_dim=2, group_size=4)
+    linear.eval()
+    assert torch.equal(linear.weight, snapped_weight(linear, p))
+
+
+def test_soft_training_weight_is_differentiable_and_close_to_the_snapped_weight() -> None:
+    linear, p = clustered_linear(bits=3, temperature=1e-6)
+    linear.train()
+    weight = linear.weight
+    weight.sum().backward()
+    original = linear.parametrizations.weight.original
+    assert original.grad is not None and bool(torch.isfinite(original.grad).all())
+    torch.testing.assert_close(weight.detach(), snapped_weight(linear, p))
+
+
+def test_mode_off_is_the_identity() -> None:
+    linear, p = clustered_linear()
+    p.set_mode("off")
+    before = p.centroids.clone()
+    for train in (True, False):
+        linear.train(train)
+        assert torch.equal(linear.weight, linear.parametrizations.weight.original)
+    assert torch.equal(p.centroids, before)
+
+
+def test_mode_hard_forward_is_the_snapped_weight_with_an_identity_gradient() -> None:
+    linear, p = clustered_linear(bits=3, mode="hard")
+    expected = snapped_weight(linear, p)  # from the centroids before the forward moves them
+    linear.train()
+    weight = linear.weight
+    assert torch.equal(weight.detach(), expected)
+    upstream = torch.randn_like(weight)
+    (weight * upstream).sum().backward()
+    assert torch.equal(linear.parametrizations.weight.original.grad, upstream)
+
+
+def test_mode_hard_training_moves_centroids_to_the_mean_of_their_members() -> None:
+    linear, p = clustered_linear(bits=2, mode="hard")
+    with torch.no_grad():
+        p.centroids.add_(0.01)  # off the k-means fixed point
+    x = p.layout.to_palettes(linear.parametrizations.weight.original.detach())
+    idx, _ = hard_assign(x, p.centroids)
+    expected = torch.stack([x[0, idx[0] == j].mean(0) for j in range(4)]).unsqueeze(0)
+    linear.train()
+    _ = linear.weight
+    torch.testing.assert_close(p.centroids, expected)
+
+
+def test_set_mode_rejects_unknown_modes() -> None:
+    _, p = clustered_linear()
+    with pytest.raises(ValueError, match=r"mode must be one of \('soft', 'hard', 'off'\); got 'x'"):
+        p.set_mode("x")  # type: ignore[arg-type]
+
+
+# -- initialisation ------------------------------------------------------------------------------
+def test_initialize_with_the_same_seed_gives_the_same_centroids() -> None:
+    weight = torch.randn(8, 16)
+    layout = PaletteLayout((8, 16), ClusterSpec(bits=3, cluster_dim=2))
+    a, b, c = (DKMParametrization(layout, seed=s) for s in (7, 7, 8))
+    for p in (a, b, c):
+        p.initialize(weight)
+    assert torch.equal(a.centroids, b.centroids)
+    assert not torch.equal(a.centroids, c.centroids)
+    assert bool(a.initialized)
+
+
+def test_an_uninitialized_parametrization_initializes_on_its_first_forward() -> None:
+    weight = torch.randn(8, 16)
+    layout = PaletteLayout((8, 16), ClusterSpec(bits=2))
+    lazy, eager = DKMParametrization(layout, seed=3), DKMParametrization(layout, seed=3)
+    assert not bool(lazy.initialized)
+    eager.initialize(weight)
+    lazy.eval()
+    out = lazy(weight)
+    assert bool(lazy.initialized)
+    assert torch.equal(lazy.centroids, eager.centroids)
+    assert torch.unique(out).numel() <= 4
+
+
+def test_initialize_rejects_weights_it_cannot_cluster() -> None:
+    layout = PaletteLayout((8, 16), ClusterSpec(bits=2), name="fc.weight")
+    weight = torch.randn(8, 16)
+    weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"fc\.weight: weight contains NaN"):
+        DKMParametrization(layout).initialize(weight)
+
+
+def test_stable_seed_depends_only_on_the_base_seed_and_the_name() -> None:
+    assert stable_seed(0, "fc.weight") == stable_seed(0, "fc.weight")
+    assert stable_seed(0, "fc.weight") != stable_seed(1, "fc.weight")
+    assert stable_seed(0, "fc.weight") != stable_seed(0, "fc2.weight")
+    assert 0 <= stable_seed(2**70, "x") < 2**63
+
+
+# -- state, optimizers, inspection ---------------------------------------------------------------
+def test_state_dict_holds_centroids_temperature_and_initialized() -> None:
+    linear, p = clustered_linear(temperature=0.25)
+    state = linear.state_dict()
+    prefix = "parametrizations.weight.0."
+    assert torch.equal(state[prefix + "centroids"], p.centroids)
+    assert state[prefix + "temperature"].item() == 0.25
+    assert bool(state[prefix + "initialized"])
+    assert "parametrizations.weight.original" in state
+
+
+def test_loading_a_state_dict_restores_the_clustered_model() -> None:
+    source, _ = clustered_linear(bits=3)
+    target, q = clustered_linear(bits=3)
+    target.load_state_dict(source.state_dict())
+    source.eval()
+    target.eval()
+    assert torch.equal(target.weight, source.weight)
+    assert torch.equal(q.centroids, source.parametrizations.weight[0].centroids)
+
+
+def test_an_optimizer_built_before_attach_still_updates_the_original_parameter() -> None:
+    model = small_model()
+    parameter = model[0].weight
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    attach(model, select_targets(model, ClusterSpec(bits=2), min_size=0))
+    assert clustered_tensors(model)["0.weight"].original is parameter
+    before = parameter.detach().clone()
+    model(torch.randn(4, 16)).square().sum().backward()
+    optimizer.step()
+    assert parameter.grad is not None
+    assert not torch.equal(parameter.detach(), before)
+
+
+def test_attach_with_the_same_seed_gives_the_same_centroids_on_two_copies() -> None:
+    model = small_model()
+    copies = [copy.deepcopy(model) for _ in range(3)]
+    for m, seed in zip(copies, (5, 5, 6), strict=True):
+        attach(m, select_targets(m, ClusterSpec(bits=3), min_size=0), seed=seed)
+    a, b, c = (clustered_tensors(m) for m in copies)
+    for name in ("0.weight", "2.weight"):
+        assert torch.equal(a[name].parametrization.centroids, b[name].parametrization.centroids)
+        assert not torch.equal(a[name].parametrization.centroids, c[name].parametrization.centroids)
+
+
+def test_attach_is_idempotent() -> None:
+    model = small_model()
+    targets = select_targets(model, ClusterSpec(bits=2), min_size=0)
+    first = attach(model, targets)
+    second = attach(model, targets)
+    assert first.keys() == second.keys() == {"0.weight", "2.weight"}
+    for name in first:
+        assert first[name].parametrization is second[name].parametrization
+        assert len(model.get_submodule(name.split(".")[0]).parametrizations.weight) == 1
+
+
+def test_attach_rejects_non_floating_and_non_finite_weights_naming_them() -> None:
+    model = small_model()
+    targets = select_targets(model, ClusterSpec(bits=2), min_size=0)
+    with torch.no_grad():
+        model[2].weight[0, 0] = float("inf")
+    with pytest.raises(ValueError, match=r"2\.weight: weight contains NaN or Inf"):
+        attach(model, targets)
+    model = small_model()
+    model[0].weight = nn.Parameter(torch.zeros(32, 16, dtype=torch.int32), requires_grad=False)
+    with pytest.raises(ValueError, match=r"0\.weight: only floating-point .* got torch\.int32"):
+        attach(model, select_targets(model, ClusterSpec(bits=2), min_size=0))
+
+
+def test_model_level_temperature_and_mode_reach_every_or_only_the_named_tensors() -> None:
+    model = small_model()
+    found = attach(model, select_targets(model, ClusterSpec(bits=2), min_size=0))
+    set_temperature(model, 0.3)
+    set_mode(model, "hard", names=["2.weight"])
+    assert all(t.parametrization.temperature.item() == pytest.approx(0.3) for t in found.values())
+    assert found["0.weight"].parametrization.mode == "soft"
+    assert found["2.weight"].parametrization.mode == "hard"
+
+
+def test_soft_assignment_chunks_cover_every_row_in_order() -> None:
+    linear, p = clustered_linear(bits=2, temperature=0.1)
+    original = linear.parametrizations.weight.original
+    chunks = list(p.soft_assignment_chunks(original, chunk_rows=50))
+    assert [c.shape for c in chunks] == [(1, 50, 4), (1, 50, 4), (1, 28, 4)]
+    full = torch.cat(chunks, dim=1)
+    torch.testing.assert_close(full.sum(-1), torch.ones(1, 128))
+    x = p.layout.to_palettes(original.detach())
+    scale = x.std(dim=1, unbiased=False, keepdim=True)
+    xt = ((x - x.mean(1, keepdim=True)) / scale).transpose(1, 2)
+    cn = (p.centroids - x.mean(1, keepdim=True)) / scale
+    torch.testing.assert_close(full, soft_assignment(xt, cn, 0.1).transpose(1, 2))
+
+
+def test_palette_reproduces_the_eval_weight() -> None:
+    linear, p = clustered_linear(bits=3, cluster_dim=2, group_size=2)
+    palette = p.palette(linear.parametrizations.weight.original)
+    linear.eval()
+    assert torch.equal(palette.weight(), linear.weight)
+    assert palette.lut.shape == (4, 8, 2) and palette.indices.shape == (4, 16)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_half_precision_module_stays_finite_down_to_tiny_temperatures(dtype) -> None:
+    """``module.to(dtype)`` casts the temperature buffer too; a tau that underflows there
+    (1e-8 is 0 in float16) must still give finite weights."""
+    linear, p = clustered_linear(bits=2)
+    linear.to(dtype).train()
+    for tau in (1e-2, 1e-7, 1e-8, 1e-30):
+        p.set_temperature(tau)
+        weight = linear.weight
+        assert weight.dtype == dtype
+        assert bool(torch.isfinite(weight.float()).all()), tau
+        assert bool(torch.isfinite(p.centroids.float()).all()), tau
