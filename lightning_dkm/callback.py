@@ -125,6 +125,11 @@ class DKMCallback(Callback):
         max_iter: DKM iterations per forward pass. Default 3.
         epsilon: stop the iterations early once no centroid moves more than this many weight
             standard deviations; 0 always runs ``max_iter``. Default 1e-4.
+        implementation: ``"chunked"`` (default): DKM in cache-sized chunks with an analytic
+            backward that recomputes the attention, so extra memory does not grow with
+            ``max_iter``; ``"reference"``: plain autograd through the unrolled iterations (one
+            ``n x k`` attention matrix kept per iteration). Both give the same values and
+            gradients up to float rounding.
         seed: seed of the k-means++ initialisation (the same on every rank). Default 0.
         finalize: snap the weights and remove the parametrizations when fit ends. Default True.
         save_dir: where the report and the artifact go; default: the trainer's ``log_dir``
@@ -153,6 +158,7 @@ class DKMCallback(Callback):
         hard_epoch: int | None = None,
         max_iter: int = 3,
         epsilon: float = 1e-4,
+        implementation: Literal["chunked", "reference"] = "chunked",
         seed: int = 0,
         finalize: bool = True,
         save_dir: str | None = None,
@@ -189,6 +195,11 @@ class DKMCallback(Callback):
         self.hard_epoch = hard_epoch
         self.max_iter = max_iter
         self.epsilon = float(epsilon)
+        if implementation not in ("chunked", "reference"):
+            raise ValueError(
+                f"implementation must be 'chunked' or 'reference'; got {implementation!r}"
+            )
+        self.implementation = implementation
         self.seed = int(seed)
         self.finalize = finalize
         self.save_dir = save_dir
@@ -272,6 +283,7 @@ class DKMCallback(Callback):
             seed=self.seed,
             mode="off",
             initialize=init,
+            implementation=self.implementation,
         )
         self._names = [t.name for t in selected]
 

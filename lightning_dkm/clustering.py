@@ -19,7 +19,7 @@ from torch.nn.utils import parametrize
 
 from .dkm import hard_assign
 from .palette import Palette
-from .parametrize import DKMParametrization, Mode, stable_seed
+from .parametrize import DKMParametrization, Implementation, Mode, stable_seed
 from .targets import Target
 
 __all__ = [
@@ -79,6 +79,7 @@ def attach(
     seed: int = 0,
     mode: Mode = "soft",
     initialize: bool = True,
+    implementation: Implementation = "chunked",
 ) -> dict[str, ClusteredTensor]:
     """Register DKM on every target of ``model`` (idempotent: an already clustered tensor is
     left as it is) and return all clustered tensors.
@@ -101,6 +102,7 @@ def attach(
             epsilon=epsilon,
             seed=stable_seed(seed, target.name),
             mode=mode,
+            implementation=implementation,
         ).to(weight.device)
         if initialize:
             parametrization.initialize(weight)

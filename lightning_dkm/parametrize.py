@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from .dkm import dkm_cluster, hard_assign, normalization_of, soft_assignment
+from .fast_dkm import DEFAULT_CHUNK, fast_dkm_cluster
 from .kmeans import kmeans
 from .layout import PaletteLayout
 from .palette import Palette
@@ -35,6 +36,8 @@ from .palette import Palette
 __all__ = ["DKMParametrization", "Mode", "stable_seed"]
 
 Mode = Literal["soft", "hard", "off"]
+Implementation = Literal["chunked", "reference"]
+_IMPLEMENTATIONS = {"chunked": fast_dkm_cluster, "reference": dkm_cluster}
 _MODES = ("soft", "hard", "off")
 # Lloyd iterations used to initialise centroids (k-means++ then Lloyd, on the current weights).
 _INIT_MAX_ITER = 100
@@ -56,6 +59,11 @@ class DKMParametrization(nn.Module):
         max_iter: DKM iterations per forward (the paper and coremltools use 3).
         epsilon: early-stop threshold on centroid movement, in weight standard deviations.
         seed: k-means++ seed; with :func:`stable_seed` every rank gets the same centroids.
+        implementation: ``"chunked"`` (default, :func:`lightning_dkm.fast_dkm.fast_dkm_cluster`:
+            the same values and gradients as the reference with an analytic, recomputing
+            backward and memory independent of ``max_iter``) or ``"reference"``
+            (:func:`lightning_dkm.dkm.dkm_cluster`, plain autograd through the unrolled loop).
+        chunk: weights per chunk for ``"chunked"``.
         mode: ``"soft"``, ``"hard"`` or ``"off"`` (module docstring).
     """
 
@@ -72,6 +80,8 @@ class DKMParametrization(nn.Module):
         epsilon: float = 1e-4,
         seed: int = 0,
         mode: Mode = "soft",
+        implementation: Implementation = "chunked",
+        chunk: int = DEFAULT_CHUNK,
     ) -> None:
         super().__init__()
         if not isinstance(max_iter, int) or max_iter < 1:
@@ -82,6 +92,14 @@ class DKMParametrization(nn.Module):
         self.max_iter = max_iter
         self.epsilon = float(epsilon)
         self.seed = int(seed)
+        if implementation not in _IMPLEMENTATIONS:
+            raise ValueError(
+                f"implementation must be one of {tuple(_IMPLEMENTATIONS)}; got {implementation!r}"
+            )
+        if not isinstance(chunk, int) or chunk < 1:
+            raise ValueError(f"chunk must be an int >= 1; got {chunk!r}")
+        self.implementation = implementation
+        self.chunk = chunk
         P, _, d = layout.palette_shape
         self.register_buffer("centroids", torch.zeros(P, layout.spec.num_centroids, d))
         self.register_buffer("temperature", torch.tensor(1.0))
@@ -130,8 +148,15 @@ class DKMParametrization(nn.Module):
             self.initialize(weight)
         x = self.layout.to_palettes(weight)
         if self.mode == "soft" and self.training:
-            result = dkm_cluster(
-                x, self.centroids, self.temperature, max_iter=self.max_iter, epsilon=self.epsilon
+            step = _IMPLEMENTATIONS[self.implementation]
+            kwargs = {"chunk": self.chunk} if self.implementation == "chunked" else {}
+            result = step(
+                x,
+                self.centroids,
+                self.temperature,
+                max_iter=self.max_iter,
+                epsilon=self.epsilon,
+                **kwargs,
             )
             with torch.no_grad():
                 self.centroids.copy_(result.centroids)
@@ -183,5 +208,6 @@ class DKMParametrization(nn.Module):
         spec = self.layout.spec
         return (
             f"bits={spec.bits}, cluster_dim={spec.cluster_dim}, group_size={spec.group_size}, "
-            f"palettes={self.layout.num_palettes}, max_iter={self.max_iter}, mode={self.mode!r}"
+            f"palettes={self.layout.num_palettes}, max_iter={self.max_iter}, mode={self.mode!r}, "
+            f"implementation={self.implementation!r}"
         )
