@@ -85,7 +85,7 @@ def test_early_stop_takes_the_same_number_of_iterations():
 def test_empty_clusters_keep_their_centroid_and_gradients_stay_finite():
     x = torch.randn(1, 500, 1) * 0.05
     c = torch.tensor([[[-0.05], [0.0], [0.05], [40.0]]])  # the last one attracts nothing
-    (ref, fast), (g_ref, g_fast) = both(x, c, 1e-2, max_iter=3, epsilon=0)
+    (_, fast), (g_ref, g_fast) = both(x, c, 1e-2, max_iter=3, epsilon=0)
     assert fast.centroids[0, 3, 0] == c[0, 3, 0]
     assert torch.isfinite(g_fast).all()
     assert rel(g_fast, g_ref) < 1e-3
