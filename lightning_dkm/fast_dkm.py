@@ -11,29 +11,31 @@ time and memory. Here:
 * the backward is written by hand (below) and recomputes the last attention chunk by chunk
   instead of storing it.
 
-Gradient (one-step implicit, "Jacobian-free"). With :math:`A = \operatorname{softmax}(Z)`,
+Gradient (exact, by recomputation). With :math:`A = \operatorname{softmax}(Z)`,
 :math:`Z_{ij} = -\|x_i - c_j\|^2/\tau`, masses :math:`m_j = \sum_i A_{ij}`, updated centroids
-:math:`c'_j = \sum_i A_{ij} x_i / m_j` and output :math:`y_i = \sum_j A_{ij} c'_j`, the
-backward of the last iteration for an upstream gradient :math:`g_i` is exact:
+:math:`c'_j = \sum_i A_{ij} x_i / m_j` and output :math:`y_i = \sum_j A_{ij} c'_j` of the last
+iteration, and :math:`U_j = \partial L / \partial c'_j` (for the last iteration
+:math:`U_j = G_j = \sum_i A_{ij} g_i` with :math:`g_i = \partial L/\partial y_i`), each
+iteration's backward is
 
 .. math::
 
-    G_j = \sum_i A_{ij} g_i, \qquad
-    B_{ij} = g_i \cdot c'_j + G_j \cdot (x_i - c'_j) / m_j, \qquad
+    H_j = U_j / m_j, \qquad
+    B_{ij} = [g_i \cdot c'_j] + H_j \cdot (x_i - c'_j), \qquad
     \delta_{ij} = A_{ij}\big(B_{ij} - \textstyle\sum_l A_{il} B_{il}\big),
 
 .. math::
 
-    \partial L / \partial x_i = \sum_j A_{ij} G_j / m_j + \tfrac{2}{\tau} \sum_j \delta_{ij} c_j
+    \partial L / \partial x_i \mathrel{+}= \sum_j A_{ij} H_j + \tfrac{2}{\tau} \sum_j
+    \delta_{ij} c_j, \qquad
+    \partial L / \partial c_j = \tfrac{2}{\tau} \sum_i \delta_{ij} (x_i - c_j)
 
-(using :math:`\sum_j \delta_{ij} = 0`). What it leaves out is the dependence of the
-*starting* centroids :math:`c_j` of the last iteration on ``x`` through the earlier
-iterations. At the k-means fixed point that dependence is what implicit differentiation
-(IDKM, arXiv 2312.07759) adds through :math:`(I - \partial F/\partial C)^{-1}`; the one-step
-form takes that inverse as the identity, as Jacobian-free backpropagation does. Near
-convergence and at small tau (where :math:`\partial F / \partial C \to 0`: hard members do not
-depend on where their centroid started) it matches the unrolled gradient; the tests measure the
-agreement.
+(the bracketed term only in the last iteration; :math:`\sum_j \delta_{ij} = 0` was used; an
+empty cluster passes :math:`U_j` straight to its starting centroid). Going back through every
+iteration this way gives the unrolled gradient exactly (the tests compare it with autograd
+through :func:`~lightning_dkm.dkm.dkm_cluster` to 1e-9 in float64), while storing only the
+centroid trajectory: like activation checkpointing, memory is traded for one recomputation of
+each attention chunk.
 """
 
 from __future__ import annotations

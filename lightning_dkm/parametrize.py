@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from .dkm import dkm_cluster, hard_assign, normalization_of, soft_assignment
 from .fast_dkm import DEFAULT_CHUNK, fast_dkm_cluster
+from .unique_dkm import unique_dkm_cluster
 from .kmeans import kmeans
 from .layout import PaletteLayout
 from .palette import Palette
@@ -36,8 +37,12 @@ from .palette import Palette
 __all__ = ["DKMParametrization", "Mode", "stable_seed"]
 
 Mode = Literal["soft", "hard", "off"]
-Implementation = Literal["chunked", "reference"]
-_IMPLEMENTATIONS = {"chunked": fast_dkm_cluster, "reference": dkm_cluster}
+Implementation = Literal["chunked", "unique", "reference"]
+_IMPLEMENTATIONS = {
+    "chunked": fast_dkm_cluster,
+    "unique": unique_dkm_cluster,
+    "reference": dkm_cluster,
+}
 _MODES = ("soft", "hard", "off")
 # Lloyd iterations used to initialise centroids (k-means++ then Lloyd, on the current weights).
 _INIT_MAX_ITER = 100
@@ -62,7 +67,10 @@ class DKMParametrization(nn.Module):
         implementation: ``"chunked"`` (default, :func:`lightning_dkm.fast_dkm.fast_dkm_cluster`:
             the same values and gradients as the reference with an analytic, recomputing
             backward and memory independent of ``max_iter``) or ``"reference"``
-            (:func:`lightning_dkm.dkm.dkm_cluster`, plain autograd through the unrolled loop).
+            (:func:`lightning_dkm.dkm.dkm_cluster`, plain autograd through the unrolled loop), or
+            ``"unique"`` (:func:`lightning_dkm.unique_dkm.unique_dkm_cluster`, cluster_dim 1
+            only: attention on the distinct float16 values of the normalised weights, the eDKM
+            idea; much faster on large tensors, approximate to the float16 rounding).
         chunk: weights per chunk for ``"chunked"``.
         mode: ``"soft"``, ``"hard"`` or ``"off"`` (module docstring).
     """
@@ -98,6 +106,11 @@ class DKMParametrization(nn.Module):
             )
         if not isinstance(chunk, int) or chunk < 1:
             raise ValueError(f"chunk must be an int >= 1; got {chunk!r}")
+        if implementation == "unique" and layout.spec.cluster_dim != 1:
+            raise ValueError(
+                f"{layout.name}: implementation='unique' needs cluster_dim 1; got "
+                f"{layout.spec.cluster_dim} (use 'chunked')"
+            )
         self.implementation = implementation
         self.chunk = chunk
         P, _, d = layout.palette_shape

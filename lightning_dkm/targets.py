@@ -22,6 +22,7 @@ from typing import Any
 from torch import nn
 
 from .layout import ClusterSpec, PaletteLayout
+from .parametrize import DKMParametrization
 
 __all__ = [
     "DEFAULT_MIN_SIZE",
@@ -189,8 +190,8 @@ def select_targets(
             continue
         if _matches_any(exclude_patterns, names):
             continue
-        tensor = _original_tensor(module, param_name)
         qualified = names[1]
+        tensor = _original_tensor(module, param_name, qualified)
         if tensor.data_ptr() in seen_tensors and tensor.numel():
             warnings.warn(
                 f"{qualified} shares its storage with {seen_tensors[tensor.data_ptr()]} (tied "
@@ -225,9 +226,23 @@ def _qualified(module_name: str, param_name: str) -> str:
     return f"{module_name}.{param_name}" if module_name else param_name
 
 
-def _original_tensor(module: nn.Module, param_name: str):
-    """The stored tensor behind ``module.<param_name>``, looking through a parametrization."""
+def _original_tensor(module: nn.Module, param_name: str, qualified: str):
+    """The stored tensor behind ``module.<param_name>``, looking through a DKM parametrization.
+
+    A weight computed by another parametrization (weight_norm, spectral_norm, orthogonal, a
+    user's own) is refused: DKM would cluster the computed weight, but finalize snaps and
+    stores the original, so the model would silently change.
+    """
     parametrizations = getattr(module, "parametrizations", None)
     if parametrizations is not None and param_name in parametrizations:
-        return parametrizations[param_name].original
+        plist = parametrizations[param_name]
+        others = [type(p).__name__ for p in plist if not isinstance(p, DKMParametrization)]
+        if others:
+            raise ValueError(
+                f"{qualified} is computed by another parametrization ({', '.join(others)}); DKM "
+                "cannot be stacked on it: remove it first "
+                "(torch.nn.utils.parametrize.remove_parametrizations) or leave this tensor out "
+                "with `exclude`"
+            )
+        return plist.original
     return getattr(module, param_name)

@@ -206,3 +206,16 @@ def test_targets_carry_the_layout_axes_of_their_module() -> None:
     assert by_name["features.0.weight"].layout.shape == (16, 4, 3, 3)
     assert by_name["features.0.weight"].module_name == "features.0"
     assert by_name["attn.in_proj_weight"].param_name == "in_proj_weight"
+
+
+def test_a_weight_computed_by_another_parametrization_is_refused():
+    from torch.nn.utils import parametrize
+
+    class Double(nn.Module):
+        def forward(self, w):
+            return 2 * w
+
+    model = nn.Sequential(nn.Linear(64, 64))
+    parametrize.register_parametrization(model[0], "weight", Double())
+    with pytest.raises(ValueError, match=r"0\.weight is computed by another parametrization"):
+        select_targets(model, ClusterSpec(bits=2))

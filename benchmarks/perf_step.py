@@ -1,0 +1,218 @@
+"""Step time and peak memory of DKM training vs plain training of the same model, side by side.
+
+    python benchmarks/perf_step.py                       # the default set (several minutes)
+    python benchmarks/perf_step.py --models cnn --bits 2 4 --steps 20
+
+For every (model, bits, implementation) it builds a plain model and a DKM copy (DKM on every
+Linear/Conv/Embedding weight of >= 2048 elements, cluster_dim 1, max_iter 3, Adam) and times
+their training steps *interleaved* (plain, DKM, plain, DKM, ...), so that load on the machine
+hits both alike; it prints the medians over ``--steps`` steps after ``--warmup`` and the ratio.
+Peak memory is measured in fresh subprocesses (process peak RSS on CPU, or
+``torch.cuda.max_memory_allocated`` on a GPU), one for the plain and one for the DKM model, and
+the ratio of the two is printed with the extra megabytes. A last table shows DKM's extra memory
+for ``max_iter`` 1, 3 and 9.
+
+``--json PATH`` writes every number for docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from models import WORKLOADS
+
+import lightning_dkm
+
+TARGETS = {("cnn", 2): 1.5, ("cnn", 4): 2.0, ("resnet18", 4): 1.5, ("minilm", 4): 1.5}
+
+
+def build(model_name: str, device: str):
+    torch.manual_seed(0)
+    return WORKLOADS[model_name].build().to(device)
+
+
+def add_dkm(model, bits: int, implementation: str, max_iter: int):
+    """DKM on every supported weight of >= 2048 elements; epsilon 0 so every step runs
+    ``max_iter`` iterations (the worst case)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the min_size skip warning
+        targets = lightning_dkm.select_targets(model, lightning_dkm.ClusterSpec(bits=bits))
+    lightning_dkm.attach(
+        model, targets, implementation=implementation, max_iter=max_iter, epsilon=0.0,
+        temperature=1e-2,
+    )
+    return model
+
+
+def make_step(model, model_name: str, device: str):
+    workload = WORKLOADS[model_name]
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    g = torch.Generator().manual_seed(1)
+    x, y = (t.to(device) for t in workload.batch(g))
+
+    def step() -> float:
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        workload.loss(model(x), y).backward()
+        optimizer.step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    return step
+
+
+def time_pair(model_name, bits, implementation, steps, warmup, device):
+    plain = build(model_name, device)
+    dkm = add_dkm(copy.deepcopy(plain), bits, implementation, 3)
+    step_plain, step_dkm = make_step(plain, model_name, device), make_step(dkm, model_name, device)
+    times_plain, times_dkm = [], []
+    for i in range(warmup + steps):
+        tp, td = step_plain(), step_dkm()
+        if i >= warmup:
+            times_plain.append(tp)
+            times_dkm.append(td)
+    params = sum(p.numel() for p in plain.parameters())
+    clustered = sum(t.original.numel() for t in lightning_dkm.clustered_tensors(dkm).values())
+    return {
+        "parameters": params,
+        "clustered_parameters": clustered,
+        "plain_ms": 1e3 * statistics.median(times_plain),
+        "dkm_ms": 1e3 * statistics.median(times_dkm),
+        "ratio": statistics.median(times_dkm) / statistics.median(times_plain),
+    }
+
+
+def _reset_peak_rss() -> None:
+    """Linux: writing 5 to clear_refs resets the process's peak RSS (VmHWM), so that the
+    k-means initialisation and the imports before the steps do not count."""
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+def _peak_rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def peak_memory_child(model_name, bits, implementation, max_iter, steps, device) -> float:
+    """Run in a fresh process: one warm-up step, then the peak memory (MB) over ``steps``
+    training steps: process peak RSS on CPU, peak allocated tensor memory on a GPU."""
+    model = build(model_name, device)
+    if bits:
+        add_dkm(model, bits, implementation, max_iter)
+    step = make_step(model, model_name, device)
+    step()  # optimizer state and allocator pools exist from here on
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        _reset_peak_rss()
+    for _ in range(steps):
+        step()
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return _peak_rss_mb()
+
+
+def peak_memory(model_name, bits, implementation, max_iter, device) -> float:
+    args = [sys.executable, __file__, "--child", model_name, str(bits or 0), implementation,
+            str(max_iter), device]
+    out = subprocess.run(args, capture_output=True, text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--models", nargs="+", default=["cnn", "resnet18", "minilm"])
+    parser.add_argument("--bits", nargs="+", type=int, default=None,
+                        help="default: 2 and 4 for cnn, 4 for the others")
+    parser.add_argument("--implementations", nargs="+", default=["chunked", "unique"])
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--no-memory", action="store_true")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--child", nargs=5, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.child:
+        name, bits, implementation, max_iter, device = args.child
+        print(peak_memory_child(name, int(bits) or None, implementation, int(max_iter), 3, device))
+        return
+
+    setup = {
+        "device": args.device if args.device == "cpu" else torch.cuda.get_device_name(),
+        "cpu": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "max_iter": 3,
+        "cluster_dim": 1,
+    }
+    print("setup:", json.dumps(setup))
+    rows = []
+    for model_name in args.models:
+        for bits in args.bits or ([2, 4] if model_name == "cnn" else [4]):
+            for implementation in args.implementations:
+                row = {"model": model_name, "bits": bits, "implementation": implementation}
+                row.update(time_pair(model_name, bits, implementation, args.steps, args.warmup,
+                                     args.device))
+                if not args.no_memory:
+                    plain_mb = peak_memory(model_name, None, implementation, 3, args.device)
+                    dkm_mb = peak_memory(model_name, bits, implementation, 3, args.device)
+                    row.update(plain_peak_mb=plain_mb, dkm_peak_mb=dkm_mb,
+                               extra_mb=dkm_mb - plain_mb, memory_ratio=dkm_mb / plain_mb)
+                target = TARGETS.get((model_name, bits))
+                row["time_target"] = target
+                row["time_target_met"] = None if target is None else row["ratio"] <= target
+                rows.append(row)
+                print(_format_row(row), flush=True)
+
+    growth = []
+    if not args.no_memory:
+        plain_mb = peak_memory("cnn", None, "chunked", 3, args.device)
+        for implementation in args.implementations:
+            for max_iter in (1, 3, 9):
+                mb = peak_memory("cnn", 4, implementation, max_iter, args.device)
+                growth.append({"implementation": implementation, "max_iter": max_iter,
+                               "extra_mb": mb - plain_mb})
+                print(f"cnn 4 bits {implementation:8s} max_iter {max_iter}: "
+                      f"extra peak memory {mb - plain_mb:7.1f} MB", flush=True)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"setup": setup, "rows": rows, "max_iter": growth},
+                                        indent=2))
+
+
+def _format_row(row: dict) -> str:
+    text = (f"{row['model']:8s} {row['bits']} bits {row['implementation']:8s} "
+            f"plain {row['plain_ms']:8.1f} ms  dkm {row['dkm_ms']:8.1f} ms  "
+            f"time ratio {row['ratio']:5.2f}")
+    if row.get("time_target") is not None:
+        verdict = "met" if row["time_target_met"] else "NOT met"
+        text += f" (target <= {row['time_target']}: {verdict})"
+    if "memory_ratio" in row:
+        text += (f"  peak {row['plain_peak_mb']:.0f} -> {row['dkm_peak_mb']:.0f} MB "
+                 f"(+{row['extra_mb']:.0f} MB, ratio {row['memory_ratio']:.2f})")
+    return text
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,52 @@
+"""The 'unique' DKM step (eDKM's idea): exact DKM of the float16-rounded normalised weights.
+
+On weights whose normalised values are already float16 numbers it must agree with the
+reference step (values 1e-5, gradients 1e-3 relative, float32 rounding); on arbitrary weights
+it differs by the float16 rounding only, which we bound loosely (1e-2) and report precisely in
+docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lightning_dkm.dkm import Normalization, dkm_cluster
+from lightning_dkm.kmeans import kmeans
+from lightning_dkm.unique_dkm import unique_dkm_cluster
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize(("P", "k", "tau"), [(1, 4, 1e-2), (2, 16, 1e-3), (3, 64, 3e-2)])
+def test_matches_the_reference_on_float16_representable_weights(P, k, tau):
+    x = torch.randn(P, 4000, 1).half().float()
+    norm = Normalization(torch.zeros(P, 1, 1), torch.ones(P, 1, 1))
+    c = kmeans(x, k, torch.Generator().manual_seed(0), max_iter=20).centroids
+    g = torch.randn(P, 4000, 1)
+    results = []
+    for step in (dkm_cluster, unique_dkm_cluster):
+        xi = x.clone().requires_grad_()
+        out = step(xi, c, tau, max_iter=3, epsilon=0, normalization=norm)
+        (out.weights * g).sum().backward()
+        results.append((out, xi.grad))
+    (ref, g_ref), (fast, g_fast) = results
+    assert rel(fast.weights, ref.weights) < 1e-5
+    assert rel(fast.centroids, ref.centroids) < 1e-5
+    assert rel(g_fast, g_ref) < 1e-3
+    assert fast.iterations == ref.iterations
+
+
+def test_on_arbitrary_weights_it_differs_only_by_the_rounding():
+    x = torch.randn(1, 20000, 1) * 0.03
+    c = kmeans(x, 16, torch.Generator().manual_seed(0), max_iter=20).centroids
+    ref = dkm_cluster(x, c, 1e-2, max_iter=3, epsilon=0)
+    fast = unique_dkm_cluster(x, c, 1e-2, max_iter=3, epsilon=0)
+    assert rel(fast.weights, ref.weights) < 1e-2
+
+
+def test_vectors_are_refused():
+    with pytest.raises(ValueError, match="cluster_dim 1; got 2"):
+        unique_dkm_cluster(torch.randn(1, 100, 2), torch.randn(1, 4, 2), 1e-2)
