@@ -46,9 +46,13 @@ __all__ = [
     "MIN_TAU",
     "DKMOutput",
     "Normalization",
+    "NormalizedProblem",
+    "denormalized_output",
     "dkm_cluster",
     "hard_assign",
+    "inverse_temperature",
     "normalization_of",
+    "normalized_problem",
     "soft_assignment",
     "update_centroids",
 ]
@@ -134,6 +138,56 @@ def update_centroids(attention: Tensor, xt: Tensor, previous: Tensor) -> Tensor:
     return torch.where((mass > EMPTY_MASS).unsqueeze(-1), updated, previous)
 
 
+class NormalizedProblem(NamedTuple):
+    """A DKM step's inputs in normalised units (shared by every implementation)."""
+
+    x: Tensor  # (P, n, d), (x - center) / scale, differentiable w.r.t. the input
+    centroids: Tensor  # (P, k, d), detached
+    normalization: Normalization
+
+
+def normalized_problem(
+    x: Tensor,
+    centroids: Tensor,
+    tau: Tensor | float,
+    max_iter: int,
+    epsilon: float,
+    normalization: Normalization | None,
+) -> NormalizedProblem:
+    """Check a DKM step's arguments and move ``x`` and ``centroids`` to normalised units, in
+    at least float32. Tensor taus are checked where they are set (a buffer's ``fill_``)."""
+    if not isinstance(max_iter, int) or max_iter < 1:
+        raise ValueError(f"max_iter must be >= 1; got {max_iter!r}")
+    if not epsilon >= 0:
+        raise ValueError(f"epsilon must be >= 0; got {epsilon!r}")
+    if not isinstance(tau, Tensor) and not tau > 0:
+        raise ValueError(f"tau must be > 0; got {tau!r}")
+    compute_dtype = torch.promote_types(x.dtype, torch.float32)
+    xc = x.to(compute_dtype)
+    norm = normalization if normalization is not None else normalization_of(xc.detach())
+    c = _normalize(centroids.detach().to(compute_dtype), norm)
+    return NormalizedProblem(_normalize(xc, norm), c, norm)
+
+
+def inverse_temperature(tau: Tensor | float) -> float:
+    """``1 / tau`` as a Python float, tau raised to ``MIN_TAU`` first (a tau buffer of a
+    half-precision module may underflow to 0)."""
+    return 1.0 / max(float(tau), MIN_TAU)
+
+
+def denormalized_output(
+    weights_n: Tensor, centroids_n: Tensor, problem: NormalizedProblem, x: Tensor,
+    centroids: Tensor,
+) -> tuple[Tensor, Tensor]:
+    """Soft weights (P, n, d) and final centroids (P, k, d) back in the units and dtypes of the
+    step's inputs."""
+    norm = problem.normalization
+    return (
+        _denormalize(weights_n, norm).to(x.dtype),
+        _denormalize(centroids_n.detach(), norm).to(centroids.dtype),
+    )
+
+
 def dkm_cluster(
     x: Tensor,
     centroids: Tensor,
@@ -160,17 +214,8 @@ def dkm_cluster(
         :class:`DKMOutput` with the soft-clustered weights ``A @ C`` in the units and dtype
         of ``x``.
     """
-    if max_iter < 1:
-        raise ValueError(f"max_iter must be >= 1; got {max_iter}")
-    if epsilon < 0:
-        raise ValueError(f"epsilon must be >= 0; got {epsilon}")
-    if not isinstance(tau, Tensor) and not tau > 0:  # tensor taus are checked where they are set
-        raise ValueError(f"tau must be > 0; got {tau}")
-    compute_dtype = torch.promote_types(x.dtype, torch.float32)
-    xc = x.to(compute_dtype)
-    norm = normalization if normalization is not None else normalization_of(xc.detach())
-    xt = _normalize(xc, norm).transpose(1, 2)  # (P, d, n)
-    c = _normalize(centroids.detach().to(compute_dtype), norm)
+    problem = normalized_problem(x, centroids, tau, max_iter, epsilon, normalization)
+    xt, c = problem.x.transpose(1, 2), problem.centroids  # (P, d, n), (P, k, d)
 
     iterations = 0
     for _ in range(max_iter):
@@ -181,9 +226,10 @@ def dkm_cluster(
         c = c_new
         if epsilon > 0 and bool(moved <= epsilon):
             break
-    out = _denormalize(torch.bmm(c.transpose(1, 2), attention).transpose(1, 2), norm)
-    out = out.to(x.dtype)
-    return DKMOutput(out, _denormalize(c.detach(), norm).to(centroids.dtype), attention, iterations)
+    out, final = denormalized_output(
+        torch.bmm(c.transpose(1, 2), attention).transpose(1, 2), c, problem, x, centroids
+    )
+    return DKMOutput(out, final, attention, iterations)
 
 
 def hard_assign(x: Tensor, centroids: Tensor) -> tuple[Tensor, Tensor]:

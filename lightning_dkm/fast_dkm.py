@@ -43,7 +43,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .dkm import EMPTY_MASS, MIN_TAU, DKMOutput, Normalization, normalization_of
+from .dkm import (
+    EMPTY_MASS,
+    DKMOutput,
+    Normalization,
+    denormalized_output,
+    inverse_temperature,
+    normalized_problem,
+)
 
 __all__ = ["DEFAULT_CHUNK", "fast_dkm_cluster"]
 
@@ -158,27 +165,15 @@ def fast_dkm_cluster(
     chunk: int = DEFAULT_CHUNK,
 ) -> DKMOutput:
     """Drop-in for :func:`~lightning_dkm.dkm.dkm_cluster` (same arguments, same forward values
-    and iteration count) with the analytic one-step backward of the module docstring and
-    ``O(k * chunk)`` extra memory. The attention matrix is never kept: ``attention`` in the
-    result is an empty tensor."""
-    if max_iter < 1:
-        raise ValueError(f"max_iter must be >= 1; got {max_iter}")
-    if epsilon < 0:
-        raise ValueError(f"epsilon must be >= 0; got {epsilon}")
-    if chunk < 1:
-        raise ValueError(f"chunk must be >= 1; got {chunk}")
-    if not isinstance(tau, Tensor) and not tau > 0:  # tensor taus are checked where they are set
-        raise ValueError(f"tau must be > 0; got {tau}")
-    # A tau buffer of a half-precision module may underflow to 0: treated as MIN_TAU, as in
-    # the reference.
-    inv_tau = 1.0 / max(float(tau), MIN_TAU)
-    compute_dtype = torch.promote_types(x.dtype, torch.float32)
-    xc = x.to(compute_dtype)
-    norm = normalization if normalization is not None else normalization_of(xc.detach())
-    xt = ((xc - norm.center) / norm.scale).transpose(1, 2).contiguous()  # (P, d, n)
-    c = ((centroids.detach().to(compute_dtype) - norm.center) / norm.scale).contiguous()
-
-    out_t, c_final, iterations = _DKMFunction.apply(xt, c, inv_tau, chunk, max_iter, epsilon)
-    out = (out_t.transpose(1, 2) * norm.scale + norm.center).to(x.dtype)
-    final = (c_final.detach() * norm.scale + norm.center).to(centroids.dtype)
+    and iteration count, the same gradient up to float rounding) with the recomputing
+    backward of the module docstring and ``O(k * chunk)`` extra memory. The attention matrix
+    is never kept: ``attention`` in the result is an empty tensor."""
+    if not isinstance(chunk, int) or chunk < 1:
+        raise ValueError(f"chunk must be an int >= 1; got {chunk!r}")
+    problem = normalized_problem(x, centroids, tau, max_iter, epsilon, normalization)
+    xt = problem.x.transpose(1, 2).contiguous()  # (P, d, n)
+    out_t, c_final, iterations = _DKMFunction.apply(
+        xt, problem.centroids.contiguous(), inverse_temperature(tau), chunk, max_iter, epsilon
+    )
+    out, final = denormalized_output(out_t.transpose(1, 2), c_final, problem, x, centroids)
     return DKMOutput(out, final, out_t.new_empty(0), iterations)

@@ -26,7 +26,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .dkm import EMPTY_MASS, MIN_TAU, DKMOutput, Normalization, normalization_of
+from .dkm import (
+    EMPTY_MASS,
+    DKMOutput,
+    Normalization,
+    denormalized_output,
+    inverse_temperature,
+    normalized_problem,
+)
 
 __all__ = ["unique_dkm_cluster"]
 
@@ -46,7 +53,7 @@ def _bucketize(xn: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     Returns ``values`` (P, U) float32, ``counts`` (P, U) (0 for padding) and ``inverse`` (P, n),
     the position of each weight's value in its palette's row.
     """
-    P, n = xn.shape
+    P = xn.shape[0]
     codes = xn.to(torch.float16).view(torch.int16).to(torch.int64) + (_BUCKETS // 2)
     flat = codes + torch.arange(P, device=xn.device).unsqueeze(1) * _BUCKETS
     counts_all = torch.bincount(flat.reshape(-1), minlength=P * _BUCKETS).view(P, _BUCKETS)
@@ -143,18 +150,12 @@ def unique_dkm_cluster(
     """
     if x.shape[-1] != 1:
         raise ValueError(f"the 'unique' DKM step needs cluster_dim 1; got {x.shape[-1]}")
-    if max_iter < 1:
-        raise ValueError(f"max_iter must be >= 1; got {max_iter}")
-    if epsilon < 0:
-        raise ValueError(f"epsilon must be >= 0; got {epsilon}")
-    if not isinstance(tau, Tensor) and not tau > 0:
-        raise ValueError(f"tau must be > 0; got {tau}")
-    inv_tau = 1.0 / max(float(tau), MIN_TAU)
-    xc = x.to(torch.promote_types(x.dtype, torch.float32))
-    norm = normalization if normalization is not None else normalization_of(xc.detach())
-    xn = ((xc - norm.center) / norm.scale).squeeze(-1).float()  # (P, n)
-    c = ((centroids.detach().float() - norm.center) / norm.scale).squeeze(-1)  # (P, k)
-    out_n, c_final, iterations = _UniqueDKM.apply(xn, c, inv_tau, max_iter, epsilon)
-    out = (out_n.unsqueeze(-1).to(xc.dtype) * norm.scale + norm.center).to(x.dtype)
-    final = (c_final.unsqueeze(-1) * norm.scale + norm.center).to(centroids.dtype)
+    problem = normalized_problem(x, centroids, tau, max_iter, epsilon, normalization)
+    out_n, c_final, iterations = _UniqueDKM.apply(
+        problem.x.squeeze(-1).float(), problem.centroids.squeeze(-1).float(),
+        inverse_temperature(tau), max_iter, epsilon,
+    )
+    out, final = denormalized_output(
+        out_n.unsqueeze(-1), c_final.unsqueeze(-1), problem, x, centroids
+    )
     return DKMOutput(out, final, out_n.new_empty(0), iterations)
