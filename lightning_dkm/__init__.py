@@ -6,7 +6,6 @@ callback builds on it.
 
 from .artifact import load_compressed, read_metadata, save_compressed
 from .bitpack import pack_bits, unpack_bits
-from .callback import DKMCallback
 from .clustering import ClusteredTensor, attach, clustered_tensors, finalize
 from .energy import EnergyModel, count_macs
 from .layout import ClusterSpec, PaletteLayout
@@ -43,3 +42,12 @@ __all__ = [
 ]
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # The callback imports Lightning (seconds); the plain-PyTorch engine should not pay for it.
+    if name == "DKMCallback":
+        from .callback import DKMCallback
+
+        return DKMCallback
+    raise AttributeError(f"module 'lightning_dkm' has no attribute {name!r}")
