@@ -5,6 +5,7 @@ Hooks, one concern each:
 * ``setup("fit")`` -- select targets, register the parametrizations (before
   ``configure_optimizers`` and before DDP wraps the model), seed the centroids.
 * ``on_train_epoch_start`` -- mode (off / soft / hard) and tau from the schedule.
+* ``on_before_optimizer_step`` -- the method's gradient term (Deep k-Means' regulariser).
 * ``on_train_epoch_end`` -- clustering metrics, logged with ``pl_module.log``; TensorBoard
   histograms of centroids and weights.
 * ``on_fit_end`` -- finalize: snap, remove parametrizations, print and save the report.
@@ -29,6 +30,13 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from .artifact import save_compressed
 from .clustering import ClusteredTensor, attach, clustered_tensors, finalize, load_snapped
 from .layout import ClusterSpec
+from .methods import (
+    DEFAULT_REFRESH_EVERY,
+    DEFAULT_REGULARIZATION,
+    ClusteringMethod,
+    MethodName,
+    build_method,
+)
 from .monitor import measure_all
 from .palette import Palette
 from .report import CompressionReport
@@ -95,8 +103,9 @@ class DKMCallback(Callback):
     r"""Compress a model by train-time weight clustering (Differentiable K-Means).
 
     Add it to a ``Trainer``; the loss and the architecture stay as they are. During training
-    every targeted weight is replaced by its soft-clustered form (DKM); when fit ends the weights
-    are snapped to their nearest centroid, so each palette holds at most ``2**bits`` values.
+    every targeted weight is replaced by its soft-clustered form (DKM; or clustered by another
+    ``method``); when fit ends the weights are snapped to their nearest centroid, so each palette
+    holds at most ``2**bits`` values.
 
     Args:
         bits: bits per palette index (1..8): ``2**bits`` centroids per palette. Default 4.
@@ -122,6 +131,7 @@ class DKMCallback(Callback):
             from the weights as they are then). Default 0.
         hard_epoch: from this epoch on, hard nearest-centroid weights with straight-through
             gradients (centroids follow their members). Default ``None``: soft to the end.
+            Only for ``method="dkm"``.
         max_iter: DKM iterations per forward pass. Default 3.
         epsilon: stop the iterations early once no centroid moves more than this many weight
             standard deviations; 0 always runs ``max_iter``. Default 1e-4.
@@ -129,7 +139,9 @@ class DKMCallback(Callback):
             backward that recomputes the attention, so extra memory does not grow with
             ``max_iter``; ``"reference"``: plain autograd through the unrolled iterations (one
             ``n x k`` attention matrix kept per iteration). Both give the same values and
-            gradients up to float rounding.
+            gradients up to float rounding. ``"unique"`` (cluster_dim 1 only): the eDKM idea,
+            attention computed once per distinct float16 value of the normalised weights --
+            much faster on large tensors, approximate to that rounding.
         seed: seed of the k-means++ initialisation (the same on every rank). Default 0.
         finalize: snap the weights and remove the parametrizations when fit ends. Default True.
         save_dir: where the report and the artifact go; default: the trainer's ``log_dir``
@@ -142,6 +154,21 @@ class DKMCallback(Callback):
         log_histograms: TensorBoard histograms of centroids and weights every epoch. Default
             True (only with a ``TensorBoardLogger``).
         verbose: print the compression report at the end of fit. Default True.
+        method: the train-time clustering method (:mod:`lightning_dkm.methods`); every method
+            ends with the same finalize, palettes, report and artifact.
+            ``"dkm"`` (default): Differentiable K-Means (soft, temperature schedule).
+            ``"hard"``: nearest centroid with straight-through gradients, centroids moved to
+            their members' means (TensorFlow Model Optimization's clustering) from
+            ``start_epoch``; ``temperature`` only sets the tau at which the entropy metric is
+            measured. ``"deep_kmeans"``: Deep k-Means (Wu et al., ICML 2018): weights train
+            freely with ``regularization * 2 (w - mean of its cluster)`` added to their
+            gradients, assignments refreshed every ``refresh_every`` optimizer steps,
+            centroids refitted to the final weights before finalize.
+        regularization: Deep k-Means' ``lambda`` (> 0), the weight of the k-means regulariser
+            ``R = Tr(W^T W) - Tr(F^T W^T W F)`` (a sum over each palette's weights). Default
+            1e-3. Only used by ``method="deep_kmeans"``.
+        refresh_every: optimizer steps between Deep k-Means' assignment refreshes (>= 1).
+            Default 50. Only used by ``method="deep_kmeans"``.
     """
 
     def __init__(
@@ -158,7 +185,7 @@ class DKMCallback(Callback):
         hard_epoch: int | None = None,
         max_iter: int = 3,
         epsilon: float = 1e-4,
-        implementation: Literal["chunked", "reference"] = "chunked",
+        implementation: Literal["chunked", "unique", "reference"] = "chunked",
         seed: int = 0,
         finalize: bool = True,
         save_dir: str | None = None,
@@ -166,8 +193,17 @@ class DKMCallback(Callback):
         lut_dtype: Literal["float16", "float32"] = "float16",
         log_histograms: bool = True,
         verbose: bool = True,
+        method: MethodName = "dkm",
+        regularization: float = DEFAULT_REGULARIZATION,
+        refresh_every: int = DEFAULT_REFRESH_EVERY,
     ) -> None:
         super().__init__()
+        self.method = method
+        self._method: ClusteringMethod = build_method(
+            method, regularization=regularization, refresh_every=refresh_every
+        )
+        self.regularization = float(regularization)
+        self.refresh_every = refresh_every
         self.spec = ClusterSpec(bits=bits, cluster_dim=cluster_dim, group_size=group_size)
         self.targets = list(targets) if targets is not None else None
         self.exclude = list(exclude) if exclude is not None else None
@@ -187,6 +223,10 @@ class DKMCallback(Callback):
                 f"hard_epoch must be None or an int >= start_epoch ({start_epoch}); "
                 f"got {hard_epoch!r}"
             )
+        if hard_epoch is not None and method != "dkm":
+            raise ValueError(
+                f"hard_epoch={hard_epoch!r} only applies to method='dkm'; got method={method!r}"
+            )
         if not isinstance(max_iter, int) or max_iter < 1:
             raise ValueError(f"max_iter must be an int >= 1; got {max_iter!r}")
         if not (isinstance(epsilon, (int, float)) and epsilon >= 0):
@@ -195,9 +235,10 @@ class DKMCallback(Callback):
         self.hard_epoch = hard_epoch
         self.max_iter = max_iter
         self.epsilon = float(epsilon)
-        if implementation not in ("chunked", "reference"):
+        if implementation not in ("chunked", "unique", "reference"):
             raise ValueError(
-                f"implementation must be 'chunked' or 'reference'; got {implementation!r}"
+                "implementation must be 'chunked', 'unique' or 'reference'; got "
+                f"{implementation!r}"
             )
         self.implementation = implementation
         self.seed = int(seed)
@@ -239,6 +280,8 @@ class DKMCallback(Callback):
             "names": list(self._names),
             "tau": self._tau,
             "finalized": self._finalized,
+            "method": self.method,
+            "method_state": self._method.state_dict(),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -251,6 +294,13 @@ class DKMCallback(Callback):
             )
         self._tau = state_dict.get("tau")
         self._finalized = bool(state_dict.get("finalized", False))
+        method = state_dict.get("method", "dkm")
+        if method != self.method:
+            raise MisconfigurationException(
+                f"DKMCallback: the checkpoint was written with method={method!r}, but this "
+                f"callback uses method={self.method!r}; resume with the same method"
+            )
+        self._method.load_state_dict(state_dict.get("method_state", {}))
 
     # -- helpers ---------------------------------------------------------------------------------
     def _select(self, pl_module: pl.LightningModule) -> list[Target]:
@@ -297,11 +347,11 @@ class DKMCallback(Callback):
             raise MisconfigurationException(f"DKMCallback temperature: {err}") from err
 
     def _mode_for_epoch(self, epoch: int) -> str:
-        if epoch < self.start_epoch:
-            return "off"
-        if self.hard_epoch is not None and epoch >= self.hard_epoch:
-            return "hard"
-        return "soft"
+        return self._method.mode_for_epoch(epoch, self.start_epoch, self.hard_epoch)
+
+    def _active(self, epoch: int) -> bool:
+        """Whether clustering runs in ``epoch`` (Deep k-Means is active in mode "off")."""
+        return epoch >= self.start_epoch
 
     def _resolve_save_dir(self, trainer: pl.Trainer) -> Path:
         if self.save_dir is not None:
@@ -337,21 +387,32 @@ class DKMCallback(Callback):
         epoch = trainer.current_epoch
         mode = self._mode_for_epoch(epoch)
         tensors = self._tensors(pl_module)
-        if mode != "off":
+        uses_tau = self._method.uses_temperature
+        if self._active(epoch):
             for tensor in tensors.values():
                 if not bool(tensor.parametrization.initialized):
                     tensor.parametrization.initialize(tensor.original.detach())
-            assert self._schedule is not None
-            self._tau = float(self._schedule(epoch - self.start_epoch))
+            if uses_tau:
+                assert self._schedule is not None
+                self._tau = float(self._schedule(epoch - self.start_epoch))
         for tensor in tensors.values():
             tensor.parametrization.set_mode(mode)  # type: ignore[arg-type]
             if self._tau is not None:
                 tensor.parametrization.set_temperature(self._tau)
-        if mode != "off" and tensors:
-            pl_module.log("dkm/tau", self._tau, on_step=False, on_epoch=True, prog_bar=True)
+        if uses_tau and mode != "off" and tensors:
+            pl_module.log(
+                "dkm/tau", self._tau, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True
+            )
+
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any
+    ) -> None:
+        if not self._names or not self._active(trainer.current_epoch):
+            return
+        self._method.on_before_optimizer_step(self._tensors(pl_module), optimizer)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._mode_for_epoch(trainer.current_epoch) == "off":
+        if not self._active(trainer.current_epoch):
             return
         tensors = self._tensors(pl_module)
         if not tensors:
@@ -362,8 +423,10 @@ class DKMCallback(Callback):
             for key, value in values.items():
                 log[f"dkm/{key}/{name}"] = value
         for key, value in log.items():
+            # sync_dist: every rank holds the same value, so the mean is exact and cheap.
             pl_module.log(
-                key, value, on_step=False, on_epoch=True, prog_bar=key == "dkm/entropy"
+                key, value, on_step=False, on_epoch=True, prog_bar=key == "dkm/entropy",
+                sync_dist=True,
             )
         if self.log_histograms:
             self._log_histograms(trainer, tensors)
@@ -390,6 +453,7 @@ class DKMCallback(Callback):
         tensors = self._tensors(pl_module)
         if not tensors:
             return
+        self._method.before_finalize(tensors)
         self.stats, _ = measure_all(tensors)
         self.palettes = finalize(pl_module, self._names)
         load_snapped(pl_module)  # mid-DKM checkpoints (ckpt_path="best") still load

@@ -29,10 +29,10 @@ from torch import Tensor, nn
 
 from .dkm import dkm_cluster, hard_assign, normalization_of, soft_assignment
 from .fast_dkm import DEFAULT_CHUNK, fast_dkm_cluster
-from .unique_dkm import unique_dkm_cluster
 from .kmeans import kmeans
 from .layout import PaletteLayout
 from .palette import Palette
+from .unique_dkm import unique_dkm_cluster
 
 __all__ = ["DKMParametrization", "Mode", "stable_seed"]
 

@@ -1,0 +1,181 @@
+"""The docs cannot drift from the code: the generated configuration reference is up to date,
+every DKMCallback argument is documented, the package's import graph is the one
+docs/architecture.md describes, and every figure and link in docs/ exists."""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import inspect
+import re
+from pathlib import Path
+
+import pytest
+
+from lightning_dkm import DKMCallback
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = ROOT / "docs"
+PACKAGE = ROOT / "lightning_dkm"
+
+
+def _load_generator():
+    spec = importlib.util.spec_from_file_location(
+        "gen_config_reference", ROOT / "scripts" / "gen_config_reference.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+gen = _load_generator()
+
+
+def _init_parameters() -> list[str]:
+    return [p for p in inspect.signature(DKMCallback.__init__).parameters if p != "self"]
+
+
+# -- configuration reference ------------------------------------------------------------------
+def test_configuration_md_is_what_the_generator_writes():
+    committed = (DOCS / "configuration.md").read_text()
+    assert committed == gen.render(), (
+        "docs/configuration.md is out of date; run: python scripts/gen_config_reference.py"
+    )
+
+
+def test_every_init_parameter_is_documented_in_the_docstring():
+    documented = gen.parse_args_section(inspect.getdoc(DKMCallback))
+    params = _init_parameters()
+    assert [p for p in params if p not in documented] == []
+    assert [d for d in documented if d not in params] == []
+    assert all(text.strip() for text in documented.values())
+
+
+def test_every_init_parameter_has_a_section_in_configuration_md():
+    text = (DOCS / "configuration.md").read_text()
+    for name in _init_parameters():
+        assert f"\n## `{name}`\n" in text, name
+
+
+def test_parser_joins_continuation_lines_and_stops_at_the_next_section():
+    doc = inspect.cleandoc(
+        """Summary.
+
+        Args:
+            alpha: first line
+                continued.
+            beta: one line.
+
+        Returns:
+            nothing.
+        """
+    )
+    assert gen.parse_args_section(doc) == {"alpha": "first line continued.", "beta": "one line."}
+
+
+def test_parser_rejects_a_docstring_without_args():
+    with pytest.raises(gen.DocstringError, match="no 'Args:'"):
+        gen.parse_args_section("Summary only.")
+
+
+# -- architecture: the documented import graph is the real one --------------------------------
+def _actual_imports() -> dict[str, set[str]]:
+    """``{module: {package modules it imports}}`` from the source (relative imports, including
+    those inside functions), for every module but ``__init__``."""
+    graph: dict[str, set[str]] = {}
+    for path in sorted(PACKAGE.glob("*.py")):
+        if path.stem == "__init__":
+            continue
+        deps: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                if node.module:
+                    deps.add(node.module.split(".")[0])
+                else:
+                    deps.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith(
+                "lightning_dkm."
+            ):
+                deps.add(node.module.split(".")[1])
+        graph[path.stem] = deps
+    return graph
+
+
+def _documented_imports() -> dict[str, set[str]]:
+    text = (DOCS / "architecture.md").read_text()
+    table = text.split("<!-- import-table -->")[1]
+    graph: dict[str, set[str]] = {}
+    for line in table.splitlines():
+        match = re.match(r"\|\s*`(\w+)\.py`\s*\|([^|]*)\|", line)
+        if match:
+            graph[match.group(1)] = set(re.findall(r"`(\w+)`", match.group(2)))
+    return graph
+
+
+def test_architecture_md_lists_every_module_with_its_real_imports():
+    assert _documented_imports() == _actual_imports()
+
+
+def test_the_import_graph_has_no_cycle():
+    graph = _actual_imports()
+    state: dict[str, int] = {}
+
+    def visit(node: str, path: tuple[str, ...]) -> None:
+        if state.get(node) == 1:
+            raise AssertionError(f"import cycle: {' -> '.join((*path, node))}")
+        if state.get(node) == 2:
+            return
+        state[node] = 1
+        for dep in graph.get(node, ()):
+            visit(dep, (*path, node))
+        state[node] = 2
+
+    for module in graph:
+        visit(module, ())
+
+
+# -- figures and links --------------------------------------------------------------------------
+_LINK = re.compile(r"(!?)\[[^\]]*\]\(([^)#\s]+)(?:#[^)]*)?\)")
+
+
+@pytest.mark.parametrize("page", sorted(p.name for p in DOCS.glob("*.md")))
+def test_links_and_images_resolve(page):
+    text = (DOCS / page).read_text()
+    for _, target in _LINK.findall(text):
+        if re.match(r"[a-z]+://", target):
+            continue
+        assert (DOCS / target).exists(), f"{page}: broken link {target}"
+
+
+@pytest.mark.parametrize("page", sorted(p.name for p in DOCS.glob("*.md")))
+def test_every_figure_states_the_command_that_made_it(page):
+    lines = (DOCS / page).read_text().splitlines()
+    for i, line in enumerate(lines):
+        if line.lstrip().startswith("!["):
+            nearby = "\n".join(lines[max(0, i - 6) : i + 7])
+            assert re.search(r"python scripts/\w+\.py", nearby), (
+                f"{page}:{i + 1}: a figure without the command that made it next to it"
+            )
+
+
+def test_every_figure_file_is_used_by_a_page():
+    text = "\n".join(p.read_text() for p in DOCS.glob("*.md"))
+    for figure in (DOCS / "figures").glob("*.png"):
+        assert f"figures/{figure.name}" in text, f"{figure.name} is not shown in any page"
+
+
+def test_architecture_layers_hold():
+    """The layer diagram: every module is listed once and imports only from lower layers."""
+    text = (DOCS / "architecture.md").read_text()
+    block = text.split("Layers (")[1].split("```")[1]
+    layer_of: dict[str, int] = {}
+    for line in block.strip().splitlines():
+        number, *rest = line.split()
+        for module in re.findall(r"(\w+)\.py", " ".join(rest)):
+            assert module not in layer_of, f"{module} listed twice"
+            layer_of[module] = int(number)
+    graph = _actual_imports()
+    assert set(layer_of) == set(graph)
+    for module, deps in graph.items():
+        for dep in deps:
+            assert layer_of[dep] < layer_of[module], f"{module} imports {dep} from its layer or up"
