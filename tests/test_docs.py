@@ -153,7 +153,7 @@ def test_every_figure_states_the_command_that_made_it(page):
     for i, line in enumerate(lines):
         if line.lstrip().startswith("!["):
             nearby = "\n".join(lines[max(0, i - 6) : i + 7])
-            assert re.search(r"python scripts/\w+\.py", nearby), (
+            assert re.search(r"python (scripts|benchmarks)/\w+\.py", nearby), (
                 f"{page}:{i + 1}: a figure without the command that made it next to it"
             )
 
