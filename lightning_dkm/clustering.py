@@ -18,9 +18,10 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .dkm import hard_assign
+from .layout import ClusterSpec, PaletteLayout
 from .palette import Palette
 from .parametrize import DKMParametrization, Implementation, Mode, stable_seed
-from .targets import Target
+from .targets import Target, clusterable_parameters
 
 __all__ = [
     "ClusteredTensor",
@@ -189,9 +190,6 @@ def snap_state_dict(model: nn.Module, state_dict: dict, prefix: str = "") -> lis
 
 
 def _layout_from_checkpoint(module, module_name, param_name, weight, centroids):
-    from .layout import ClusterSpec, PaletteLayout
-    from .targets import clusterable_parameters
-
     axes = {name: (g, v) for name, g, v in clusterable_parameters(module)}
     if param_name not in axes or centroids.dim() != 3:
         return None
