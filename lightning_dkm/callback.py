@@ -135,13 +135,18 @@ class DKMCallback(Callback):
         max_iter: DKM iterations per forward pass. Default 3.
         epsilon: stop the iterations early once no centroid moves more than this many weight
             standard deviations; 0 always runs ``max_iter``. Default 1e-4.
-        implementation: ``"chunked"`` (default): DKM in cache-sized chunks with an analytic
-            backward that recomputes the attention, so extra memory does not grow with
-            ``max_iter``; ``"reference"``: plain autograd through the unrolled iterations (one
-            ``n x k`` attention matrix kept per iteration). Both give the same values and
-            gradients up to float rounding. ``"unique"`` (cluster_dim 1 only): the eDKM idea,
-            attention computed once per distinct float16 value of the normalised weights --
-            much faster on large tensors, approximate to that rounding.
+        implementation: how the DKM step is computed. ``"auto"`` (default): per tensor,
+            ``"unique"`` for scalar clustering (cluster_dim 1) of >= 16,384 weights per
+            palette, else ``"reference"`` while the attention matrix is small (<= 2**20
+            entries), else ``"chunked"``. ``"unique"`` (cluster_dim 1 only): the eDKM idea,
+            the iterations run once per distinct float16 value of the normalised weights --
+            the fastest by far on large tensors, exact DKM of the float16-rounded weights.
+            ``"chunked"``: the iterations in cache-sized chunks with an analytic backward
+            that recomputes the attention, so extra memory does not grow with ``max_iter``.
+            ``"reference"``: plain autograd through the unrolled iterations (one ``n x k``
+            attention matrix kept per iteration). ``"chunked"`` and ``"reference"`` give the
+            same values and gradients up to float rounding. Timings:
+            ``docs/benchmarks.md``.
         seed: seed of the k-means++ initialisation (the same on every rank). Default 0.
         finalize: snap the weights and remove the parametrizations when fit ends. Default True.
         save_dir: where the report and the artifact go; default: the trainer's ``log_dir``
@@ -185,7 +190,7 @@ class DKMCallback(Callback):
         hard_epoch: int | None = None,
         max_iter: int = 3,
         epsilon: float = 1e-4,
-        implementation: Literal["chunked", "unique", "reference"] = "chunked",
+        implementation: Literal["auto", "unique", "chunked", "reference"] = "auto",
         seed: int = 0,
         finalize: bool = True,
         save_dir: str | None = None,
@@ -235,9 +240,9 @@ class DKMCallback(Callback):
         self.hard_epoch = hard_epoch
         self.max_iter = max_iter
         self.epsilon = float(epsilon)
-        if implementation not in ("chunked", "unique", "reference"):
+        if implementation not in ("auto", "unique", "chunked", "reference"):
             raise ValueError(
-                "implementation must be 'chunked', 'unique' or 'reference'; got "
+                "implementation must be 'auto', 'unique', 'chunked' or 'reference'; got "
                 f"{implementation!r}"
             )
         self.implementation = implementation

@@ -80,7 +80,7 @@ def attach(
     seed: int = 0,
     mode: Mode = "soft",
     initialize: bool = True,
-    implementation: Implementation = "chunked",
+    implementation: Implementation = "auto",
 ) -> dict[str, ClusteredTensor]:
     """Register DKM on every target of ``model`` (idempotent: an already clustered tensor is
     left as it is) and return all clustered tensors.

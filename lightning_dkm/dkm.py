@@ -34,6 +34,7 @@ precision in the ``|x|^2 - 2x.c + |c|^2`` expansion used for vectors.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -47,12 +48,14 @@ __all__ = [
     "DKMOutput",
     "Normalization",
     "NormalizedProblem",
+    "check_step_arguments",
     "denormalized_output",
     "dkm_cluster",
     "hard_assign",
     "inverse_temperature",
     "normalization_of",
     "normalized_problem",
+    "scale_of",
     "soft_assignment",
     "update_centroids",
 ]
@@ -82,13 +85,22 @@ class DKMOutput(NamedTuple):
 @torch.no_grad()
 def normalization_of(x: Tensor) -> Normalization:
     """Centre and scale of each palette of ``x`` (P, n, d): the mean vector and the standard
-    deviation of the scalar weights. A constant palette gets a tiny positive scale so that it
-    stays finite (its distances are 0 or far larger than any tau anyway)."""
+    deviation of the scalar weights (:func:`scale_of`)."""
     center = x.mean(dim=1, keepdim=True)
-    var = (x - center).square().mean(dim=(1, 2), keepdim=True)
-    eps = torch.finfo(x.dtype).eps
+    return Normalization(center, scale_of(x - center, center))
+
+
+@torch.no_grad()
+def scale_of(deviations: Tensor, center: Tensor) -> Tensor:
+    """The standard deviation ``(P, 1, 1)`` of the scalar weights from their ``deviations``
+    ``x - center`` (P, n, d). A constant palette gets a tiny positive scale so that it stays
+    finite (its distances are 0 or far larger than any tau anyway). ``vector_norm`` reduces
+    without a temporary the size of the weights."""
+    count = deviations.shape[1] * deviations.shape[2]
+    std = torch.linalg.vector_norm(deviations, dim=(1, 2), keepdim=True) / math.sqrt(count)
+    eps = torch.finfo(deviations.dtype).eps
     floor = (eps * center.abs().amax(dim=-1, keepdim=True)).clamp_min(1e-12)
-    return Normalization(center, torch.maximum(var.sqrt(), floor))
+    return torch.maximum(std, floor)
 
 
 def _normalize(t: Tensor, norm: Normalization) -> Tensor:
@@ -138,6 +150,17 @@ def update_centroids(attention: Tensor, xt: Tensor, previous: Tensor) -> Tensor:
     return torch.where((mass > EMPTY_MASS).unsqueeze(-1), updated, previous)
 
 
+def check_step_arguments(tau: Tensor | float, max_iter: int, epsilon: float) -> None:
+    """The checks every DKM step implementation makes first. Tensor taus are checked where they
+    are set (a buffer's ``fill_``), not on every call."""
+    if not isinstance(max_iter, int) or max_iter < 1:
+        raise ValueError(f"max_iter must be >= 1; got {max_iter!r}")
+    if not epsilon >= 0:
+        raise ValueError(f"epsilon must be >= 0; got {epsilon!r}")
+    if not isinstance(tau, Tensor) and not tau > 0:
+        raise ValueError(f"tau must be > 0; got {tau!r}")
+
+
 class NormalizedProblem(NamedTuple):
     """A DKM step's inputs in normalised units (shared by every implementation)."""
 
@@ -155,13 +178,8 @@ def normalized_problem(
     normalization: Normalization | None,
 ) -> NormalizedProblem:
     """Check a DKM step's arguments and move ``x`` and ``centroids`` to normalised units, in
-    at least float32. Tensor taus are checked where they are set (a buffer's ``fill_``)."""
-    if not isinstance(max_iter, int) or max_iter < 1:
-        raise ValueError(f"max_iter must be >= 1; got {max_iter!r}")
-    if not epsilon >= 0:
-        raise ValueError(f"epsilon must be >= 0; got {epsilon!r}")
-    if not isinstance(tau, Tensor) and not tau > 0:
-        raise ValueError(f"tau must be > 0; got {tau!r}")
+    at least float32."""
+    check_step_arguments(tau, max_iter, epsilon)
     compute_dtype = torch.promote_types(x.dtype, torch.float32)
     xc = x.to(compute_dtype)
     norm = normalization if normalization is not None else normalization_of(xc.detach())

@@ -34,15 +34,44 @@ from .layout import PaletteLayout
 from .palette import Palette
 from .unique_dkm import unique_dkm_cluster
 
-__all__ = ["DKMParametrization", "Mode", "stable_seed"]
+__all__ = [
+    "AUTO_REFERENCE_MAX_ENTRIES",
+    "AUTO_UNIQUE_MIN_WEIGHTS",
+    "DKMParametrization",
+    "Mode",
+    "resolve_implementation",
+    "stable_seed",
+]
 
 Mode = Literal["soft", "hard", "off"]
-Implementation = Literal["chunked", "unique", "reference"]
+Implementation = Literal["auto", "chunked", "unique", "reference"]
 _IMPLEMENTATIONS = {
     "chunked": fast_dkm_cluster,
     "unique": unique_dkm_cluster,
     "reference": dkm_cluster,
 }
+#: ``"auto"`` takes ``"unique"`` for scalar clustering of at least this many weights per
+#: palette: below it the distinct-value bookkeeping costs more than it saves.
+AUTO_UNIQUE_MIN_WEIGHTS = 1 << 14
+#: ``"auto"`` takes ``"reference"`` when one attention matrix (P x n x k) has at most this many
+#: entries (4 MiB in float32, a few times that in autograd's saved tensors), ``"chunked"``
+#: above it.
+AUTO_REFERENCE_MAX_ENTRIES = 1 << 20
+
+
+def resolve_implementation(implementation: str, layout: PaletteLayout) -> str:
+    """The DKM step ``implementation`` stands for on ``layout``: itself, or for ``"auto"`` the
+    fastest one for the tensor's shape (measured in ``benchmarks/perf_step.py``): ``"unique"``
+    for scalar clustering of >= ``AUTO_UNIQUE_MIN_WEIGHTS`` weights per palette, else
+    ``"reference"`` while the attention is small, else ``"chunked"``."""
+    if implementation != "auto":
+        return implementation
+    P, n, _ = layout.palette_shape
+    if layout.spec.cluster_dim == 1 and n >= AUTO_UNIQUE_MIN_WEIGHTS:
+        return "unique"
+    if P * n * layout.spec.num_centroids <= AUTO_REFERENCE_MAX_ENTRIES:
+        return "reference"
+    return "chunked"
 _MODES = ("soft", "hard", "off")
 # Lloyd iterations used to initialise centroids (k-means++ then Lloyd, on the current weights).
 _INIT_MAX_ITER = 100
@@ -64,13 +93,15 @@ class DKMParametrization(nn.Module):
         max_iter: DKM iterations per forward (the paper and coremltools use 3).
         epsilon: early-stop threshold on centroid movement, in weight standard deviations.
         seed: k-means++ seed; with :func:`stable_seed` every rank gets the same centroids.
-        implementation: ``"chunked"`` (default, :func:`lightning_dkm.fast_dkm.fast_dkm_cluster`:
-            the same values and gradients as the reference with an analytic, recomputing
-            backward and memory independent of ``max_iter``) or ``"reference"``
-            (:func:`lightning_dkm.dkm.dkm_cluster`, plain autograd through the unrolled loop), or
-            ``"unique"`` (:func:`lightning_dkm.unique_dkm.unique_dkm_cluster`, cluster_dim 1
-            only: attention on the distinct float16 values of the normalised weights, the eDKM
-            idea; much faster on large tensors, approximate to the float16 rounding).
+        implementation: the DKM step. ``"unique"``
+            (:func:`lightning_dkm.unique_dkm.unique_dkm_cluster`, cluster_dim 1 only: attention
+            on the distinct float16 values of the normalised weights, the eDKM idea; by far the
+            fastest on large tensors, exact DKM of the float16-rounded weights);
+            ``"chunked"`` (:func:`lightning_dkm.fast_dkm.fast_dkm_cluster`: the reference's
+            values and gradients with an analytic, recomputing backward and memory independent
+            of ``max_iter``); ``"reference"`` (:func:`lightning_dkm.dkm.dkm_cluster`, plain
+            autograd through the unrolled loop); ``"auto"`` (default): per tensor, as
+            :func:`resolve_implementation` says.
         chunk: weights per chunk for ``"chunked"``.
         mode: ``"soft"``, ``"hard"`` or ``"off"`` (module docstring).
     """
@@ -88,7 +119,7 @@ class DKMParametrization(nn.Module):
         epsilon: float = 1e-4,
         seed: int = 0,
         mode: Mode = "soft",
-        implementation: Implementation = "chunked",
+        implementation: Implementation = "auto",
         chunk: int = DEFAULT_CHUNK,
     ) -> None:
         super().__init__()
@@ -100,9 +131,10 @@ class DKMParametrization(nn.Module):
         self.max_iter = max_iter
         self.epsilon = float(epsilon)
         self.seed = int(seed)
-        if implementation not in _IMPLEMENTATIONS:
+        if implementation != "auto" and implementation not in _IMPLEMENTATIONS:
             raise ValueError(
-                f"implementation must be one of {tuple(_IMPLEMENTATIONS)}; got {implementation!r}"
+                f"implementation must be 'auto' or one of {tuple(_IMPLEMENTATIONS)}; got "
+                f"{implementation!r}"
             )
         if not isinstance(chunk, int) or chunk < 1:
             raise ValueError(f"chunk must be an int >= 1; got {chunk!r}")
@@ -112,7 +144,11 @@ class DKMParametrization(nn.Module):
                 f"{layout.spec.cluster_dim} (use 'chunked')"
             )
         self.implementation = implementation
+        self.step_implementation = resolve_implementation(implementation, layout)
         self.chunk = chunk
+        # Scalar clustering of one palette does not depend on the order of the weights, so the
+        # step can run on a flat view instead of the layout's permuted copy (and copy back).
+        self._order_free = layout.spec.cluster_dim == 1 and layout.num_palettes == 1
         P, _, d = layout.palette_shape
         self.register_buffer("centroids", torch.zeros(P, layout.spec.num_centroids, d))
         self.register_buffer("temperature", torch.tensor(1.0))
@@ -159,10 +195,10 @@ class DKMParametrization(nn.Module):
             return weight
         if not bool(self.initialized):
             self.initialize(weight)
-        x = self.layout.to_palettes(weight)
+        x = weight.reshape(1, -1, 1) if self._order_free else self.layout.to_palettes(weight)
         if self.mode == "soft" and self.training:
-            step = _IMPLEMENTATIONS[self.implementation]
-            kwargs = {"chunk": self.chunk} if self.implementation == "chunked" else {}
+            step = _IMPLEMENTATIONS[self.step_implementation]
+            kwargs = {"chunk": self.chunk} if self.step_implementation == "chunked" else {}
             result = step(
                 x,
                 self.centroids,
@@ -173,14 +209,17 @@ class DKMParametrization(nn.Module):
             )
             with torch.no_grad():
                 self.centroids.copy_(result.centroids)
-            return self.layout.from_palettes(result.weights)
+            return self._from_palettes(result.weights, weight)
         _, snapped = hard_assign(x, self.centroids)
         if self.mode == "hard" and self.training:
             self._move_centroids_to_member_means(x.detach())
         # Straight-through: the value is the snapped weight, the gradient is the identity. Adding
         # the exact zero ``x - x.detach()`` keeps the value bit-for-bit ``snapped``
         # (``x + (snapped - x)`` rounds, giving more than 2**bits distinct values).
-        return self.layout.from_palettes(snapped + (x - x.detach()))
+        return self._from_palettes(snapped + (x - x.detach()), weight)
+
+    def _from_palettes(self, x: Tensor, weight: Tensor) -> Tensor:
+        return x.reshape(weight.shape) if self._order_free else self.layout.from_palettes(x)
 
     @torch.no_grad()
     def _move_centroids_to_member_means(self, x: Tensor) -> None:
@@ -222,5 +261,5 @@ class DKMParametrization(nn.Module):
         return (
             f"bits={spec.bits}, cluster_dim={spec.cluster_dim}, group_size={spec.group_size}, "
             f"palettes={self.layout.num_palettes}, max_iter={self.max_iter}, mode={self.mode!r}, "
-            f"implementation={self.implementation!r}"
+            f"implementation={self.implementation!r} ({self.step_implementation})"
         )

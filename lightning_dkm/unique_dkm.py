@@ -3,25 +3,38 @@ r"""DKM on the distinct half-precision values of a tensor (the eDKM idea, arXiv 
 For scalar clustering (``cluster_dim = 1``) the attention of a weight depends only on its
 value. Rounded to float16 *after normalisation* (unit variance, so float16's relative precision
 of :math:`2^{-11}` is what matters, not its range), a palette has at most 65,536 distinct values,
-usually a few thousand. This step computes the attention once per distinct value ``u`` and
-works with per-value counts :math:`w_u`; only a few O(n) gathers and scatters touch every
-weight. Cost per step: ``O(n + U k max_iter)`` instead of ``O(n k max_iter)``.
+about 2 x 10^4 for half a million Gaussian weights. This step runs every DKM iteration on the
+distinct values ``u`` with their counts :math:`w_u`, forward and backward; cost per step
+``O(n + U k max_iter)`` instead of ``O(n k max_iter)``.
 
-What is approximated, and how much: the attention and the weights in the centroid sums are
-those of the float16-rounded value of each (normalised) weight; the gradient passes straight
-through the rounding. Relative to the exact step on the unrounded weights, values differ by the
-rounding (``|dx| <= 2^{-11} |x_n|`` in units of the weights' standard deviation) times the
-attention's sensitivity, which is large only for weights on a cluster boundary. The tests and
-``benchmarks/perf_step.py`` measure the difference against the exact step.
+**What touches every weight, and why it is so little.** Each weight's float16 bit pattern is
+its *code*, an index into a dense table of 65,536 entries per palette. The forward makes the
+codes (two elementwise passes), counts them (``bincount``) and, at the end, reads each output
+from a dense table of the clustered values, already in the weights' units (one ``gather``). The
+backward sums the incoming gradient per code (one ``scatter_add``) and reads each weight's
+gradient :math:`a_u + b_u g_i` from one dense table of packed pairs ``(a_u, b_u)`` (one
+``gather`` and one ``addcmul``). Normalising and denormalising happen on the distinct values,
+not on the weights: the normalisation constants cancel in the gradient. Autograd saves only the
+int16 codes (half the size of float32 weights) and ``O(U k max_iter)`` for the values.
+
+**What is approximated, and how much.** The attention and the weights in the centroid sums are
+those of the float16-rounded value of each normalised weight; the gradient passes straight
+through the rounding. The result is *exactly* DKM of the rounded weights (the tests compare with
+the reference step on float16-representable inputs to 1e-5). On arbitrary weights the values
+differ by the rounding (``|dx| <= 2^{-11} |x_n|`` in units of the weights' standard deviation)
+times the attention's sensitivity, which is large only for weights on a cluster boundary;
+``docs/benchmarks.md`` gives the measured difference.
 
 Backward (per iteration ``t``, exact for the rounded problem): with
 :math:`H_j = \partial L/\partial c'_j / m_j` and
 :math:`B_{ij} = g_i c'_j + H_j (v_u - c'_j)` for weight ``i`` of value ``u`` (``g`` only in
 the last iteration), :math:`\delta_{ij} = A_{uj}(B_{ij} - \sum_l A_{ul} B_{il})` is affine in
-:math:`g_i`, so every per-weight gradient has the form :math:`a_u + b_u g_i`: two gathers.
+:math:`g_i`, so every per-weight gradient has the form :math:`a_u + b_u g_i`.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -30,14 +43,88 @@ from .dkm import (
     EMPTY_MASS,
     DKMOutput,
     Normalization,
-    denormalized_output,
+    check_step_arguments,
     inverse_temperature,
-    normalized_problem,
+    scale_of,
 )
 
 __all__ = ["unique_dkm_cluster"]
 
-_BUCKETS = 1 << 16  # float16 bit patterns
+_CODES = 1 << 16  # float16 bit patterns per palette
+_CODE_OFFSET = _CODES // 2  # int16 bit pattern + offset = column in the dense (P, 65536) table
+
+
+class _DistinctValues(NamedTuple):
+    """The occupied codes of every palette, compacted into a padded ``(P, U)`` layout."""
+
+    ids: Tensor  # (V,) flat ids ``palette * 65536 + column`` of the occupied codes, ascending
+    rows: Tensor | None  # (V,) their palette (None for a single palette)
+    cols: Tensor | None  # (V,) their place in the palette's row of the padded layout
+    values: Tensor  # (P, U) the float16 values (as float32), 0 in padding
+    counts: Tensor  # (P, U) weights per value, 0 in padding
+
+    def to_dense(self, compact: Tensor) -> Tensor:
+        """(P, U, ...) per distinct value -> (P, 65536, ...) per code (0 where unoccupied)."""
+        P, extra = compact.shape[0], compact.shape[2:]
+        dense = compact.new_zeros((P * _CODES, *extra))
+        dense[self.ids] = compact[0] if self.rows is None else compact[self.rows, self.cols]
+        return dense.view(P, _CODES, *extra)
+
+    def from_dense(self, dense: Tensor) -> Tensor:
+        """(P, 65536) per code -> (P, U) per distinct value."""
+        picked = dense.view(-1)[self.ids]
+        if self.rows is None:
+            return picked.unsqueeze(0)
+        compact = dense.new_zeros(self.values.shape)
+        compact[self.rows, self.cols] = picked
+        return compact
+
+
+@torch.no_grad()
+def _float16_codes(x: Tensor, normalization: Normalization | None) -> tuple[Tensor, Tensor, Tensor]:
+    """The bit pattern (P, n) int16 of each weight's normalised value in float16, with the
+    normalisation's centre and scale (P, 1, 1); computed from ``x`` (P, n, 1) when not given.
+    One temporary the size of the weights (the deviations, normalised in place)."""
+    if normalization is None:
+        center = x.mean(dim=1, keepdim=True)
+        deviations = x - center
+        scale = scale_of(deviations, center)
+    else:
+        center = normalization.center.to(x.dtype)
+        scale = normalization.scale.to(x.dtype)
+        deviations = x - center
+    codes = deviations.div_(scale).squeeze(-1).to(torch.float16).view(torch.int16)
+    return codes, center, scale
+
+
+def _columns(codes: Tensor) -> Tensor:
+    """int16 codes -> int64 columns ``code + 32768`` of the dense table (the index type
+    ``gather`` and ``scatter_add`` take)."""
+    return codes.to(torch.int64).add_(_CODE_OFFSET)
+
+
+def _distinct_values(columns: Tensor, dtype: torch.dtype) -> _DistinctValues:
+    P = columns.shape[0]
+    if P == 1:
+        dense_counts = torch.bincount(columns.view(-1), minlength=_CODES)
+        ids = dense_counts.nonzero().squeeze(1)
+        values = (ids - _CODE_OFFSET).to(torch.int16).view(torch.float16).to(dtype)
+        counts = dense_counts[ids].to(dtype)
+        return _DistinctValues(ids, None, None, values.unsqueeze(0), counts.unsqueeze(0))
+    offsets = torch.arange(0, P * _CODES, _CODES, device=columns.device).unsqueeze(1)
+    dense_counts = torch.bincount((columns + offsets).view(-1), minlength=P * _CODES)
+    ids = dense_counts.nonzero().squeeze(1)
+    rows = torch.div(ids, _CODES, rounding_mode="floor")
+    per_palette = torch.bincount(rows, minlength=P)
+    width = int(per_palette.max())
+    starts = per_palette.cumsum(0) - per_palette
+    cols = torch.arange(ids.numel(), device=ids.device) - starts[rows]
+    bit_patterns = (ids - rows * _CODES - _CODE_OFFSET).to(torch.int16)
+    values = torch.zeros(P, width, dtype=dtype, device=ids.device)
+    counts = torch.zeros(P, width, dtype=dtype, device=ids.device)
+    values[rows, cols] = bit_patterns.view(torch.float16).to(dtype)
+    counts[rows, cols] = dense_counts[ids].to(dtype)
+    return _DistinctValues(ids, rows, cols, values, counts)
 
 
 def _attention(v: Tensor, c: Tensor, inv_tau: float) -> Tensor:
@@ -47,90 +134,95 @@ def _attention(v: Tensor, c: Tensor, inv_tau: float) -> Tensor:
     return torch.softmax(z, dim=1)
 
 
-def _bucketize(xn: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Distinct float16 values per palette, padded to a common length.
+def _moments(weights: Tensor, values: Tensor) -> Tensor:
+    """(P, U, 2): per distinct value, ``weights`` and ``weights * value`` (for sums over it)."""
+    return torch.stack((weights, weights * values), -1)
 
-    Returns ``values`` (P, U) float32, ``counts`` (P, U) (0 for padding) and ``inverse`` (P, n),
-    the position of each weight's value in its palette's row.
-    """
-    P = xn.shape[0]
-    codes = xn.to(torch.float16).view(torch.int16).to(torch.int64) + (_BUCKETS // 2)
-    flat = codes + torch.arange(P, device=xn.device).unsqueeze(1) * _BUCKETS
-    counts_all = torch.bincount(flat.reshape(-1), minlength=P * _BUCKETS).view(P, _BUCKETS)
-    occupied = counts_all > 0
-    per_palette = occupied.sum(1)
-    U = int(per_palette.max())
-    # rank of each occupied bucket within its palette -> column in the padded (P, U) layout
-    rank = occupied.cumsum(1) - 1
-    values = torch.zeros(P, U, dtype=torch.float32, device=xn.device)
-    counts = torch.zeros(P, U, dtype=torch.float32, device=xn.device)
-    rows, buckets = occupied.nonzero(as_tuple=True)
-    cols = rank[rows, buckets]
-    bucket_values = (buckets - _BUCKETS // 2).to(torch.int16).view(torch.float16).float()
-    values[rows, cols] = bucket_values
-    counts[rows, cols] = counts_all[rows, buckets].float()
-    inverse = rank.gather(1, codes)
-    return values, counts, inverse
+
+def _pull(delta: Tensor, moments: Tensor, c: Tensor) -> Tensor:
+    r""":math:`\sum_u \delta_{uj} w_u (v_u - c_j)` (P, k) for ``delta`` (P, k, U) and the
+    ``moments`` (:func:`_moments`) of weights :math:`w_u`: one ``bmm``."""
+    r = torch.bmm(delta, moments)
+    return r[..., 1] - c * r[..., 0]
 
 
 class _UniqueDKM(torch.autograd.Function):
+    """DKM of ``x`` (P, n) from normalised centroids ``c0`` (P, k), on the distinct float16
+    values ``codes`` (P, n) of its normalised weights; ``center`` and ``scale`` (P, 1) are the
+    normalisation (constants)."""
+
     @staticmethod
-    def forward(ctx, xn: Tensor, c0: Tensor, inv_tau: float, max_iter: int, epsilon: float):
-        values, counts, inverse = _bucketize(xn.detach())
+    def forward(ctx, x: Tensor, codes: Tensor, center: Tensor, scale: Tensor, c0: Tensor,
+                inv_tau: float, max_iter: int, epsilon: float):
+        columns = _columns(codes)
+        distinct = _distinct_values(columns, c0.dtype)
+        values = distinct.values
+        moments = _moments(distinct.counts, values)  # mass and weighted sum in one bmm
         trajectory, masses = [c0], []
         for _ in range(max_iter):
             c = trajectory[-1]
-            a = _attention(values, c, inv_tau).mul_(counts.unsqueeze(1))  # w_u A_uj
-            mass = a.sum(2)
-            new = torch.bmm(a, values.unsqueeze(-1)).squeeze(-1) / mass.clamp_min(EMPTY_MASS)
-            new = torch.where(mass > EMPTY_MASS, new, c)
+            A = _attention(values, c, inv_tau)
+            r = torch.bmm(A, moments)  # (P, k, 2): sum_u w_u A_uj (1, v_u)
+            mass = r[..., 0]
+            new = torch.where(mass > EMPTY_MASS, r[..., 1] / mass.clamp_min(EMPTY_MASS), c)
             converged = epsilon > 0 and bool((new - c).abs().amax() <= epsilon)
             trajectory.append(new)
             masses.append(mass)
             if converged:
                 break
-        a_last = _attention(values, trajectory[-2], inv_tau)
-        y_values = torch.bmm(trajectory[-1].unsqueeze(1), a_last).squeeze(1)  # (P, U)
-        ctx.save_for_backward(values, counts, inverse, torch.stack(trajectory), torch.stack(masses))
+        y_values = torch.bmm(trajectory[-1].unsqueeze(1), A).squeeze(1)  # (P, U)
+        table = distinct.to_dense((y_values * scale + center).to(x.dtype))
+        ctx.distinct = distinct._replace(values=None, counts=None)
+        ctx.save_for_backward(codes, values, moments, torch.stack(trajectory),
+                              torch.stack(masses))
         ctx.inv_tau = inv_tau
         c_final = trajectory[-1]
         ctx.mark_non_differentiable(c_final)
-        return y_values.gather(1, inverse), c_final, len(masses)
+        return table.gather(1, columns), c_final, len(masses)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor, _grad_c: Tensor, _grad_iterations):
-        values, counts, inverse, trajectory, masses = ctx.saved_tensors
-        inv_tau = ctx.inv_tau
-        P, U = values.shape
-        G_u = torch.zeros(P, U, dtype=grad_out.dtype, device=grad_out.device)
-        G_u.scatter_add_(1, inverse, grad_out)  # sum of g over each value's weights
-        a_coef = torch.zeros_like(values)  # per-value constant part of d L / d x_i
-        b_coef = torch.zeros_like(values)  # per-value factor of g_i
+        codes, values, moments, trajectory, masses = ctx.saved_tensors
+        distinct, two_over_tau = ctx.distinct._replace(values=values), 2.0 * ctx.inv_tau
+        columns = _columns(codes)
+        g = grad_out.to(values.dtype)
+        dense_g = torch.zeros(values.shape[0], _CODES, dtype=g.dtype, device=g.device)
+        G_u = distinct.from_dense(dense_g.scatter_add_(1, columns, g))  # sum of g per value
         T = masses.shape[0]
-        A = _attention(values, trajectory[T - 1], inv_tau)
-        U_c = torch.bmm(A, G_u.unsqueeze(-1)).squeeze(-1)  # d L / d c_T = sum_u A_uj G_u
-        v_row = values.unsqueeze(1)  # (P, 1, U)
-        for t in range(T, 0, -1):
+        for t in range(T, 0, -1):  # iteration t: c_{t-1} -> c_t, attention A_t
             c, c_new, mass = trajectory[t - 1], trajectory[t], masses[t - 1]
-            if t != T:
-                A = _attention(values, c, inv_tau)
+            A = _attention(values, c, ctx.inv_tau)
+            c_row = c.unsqueeze(1)  # (P, 1, k)
+            if t == T:  # the output y_u = sum_j A_uj c_j'
+                U_c = torch.bmm(A, G_u.unsqueeze(-1)).squeeze(-1)  # d L / d c_T
+                y = torch.bmm(c_new.unsqueeze(1), A)  # (P, 1, U)
+                dP = (c_new.unsqueeze(-1) - y).mul_(A)  # delta per unit g
+                b_coef = two_over_tau * torch.bmm(c_row, dP).squeeze(1)  # factor of g_i
+                grad_c = _pull(dP, _moments(G_u, values), c)
+                a_coef = torch.zeros_like(values)  # constant part of d L / d x_i
+            else:
+                grad_c = 0.0
             live = mass > EMPTY_MASS
             H = torch.where(live, U_c / mass.clamp_min(EMPTY_MASS), 0.0)  # (P, k)
-            c_col, H_col = c.unsqueeze(-1), H.unsqueeze(-1)  # (P, k, 1)
-            Q = (v_row - c_new.unsqueeze(-1)).mul_(H_col)  # (P, k, U)
+            Q = (values.unsqueeze(1) - c_new.unsqueeze(-1)).mul_(H.unsqueeze(-1))  # (P, k, U)
             dQ = Q.sub_((A * Q).sum(1, keepdim=True)).mul_(A)  # delta without the g part
-            a_coef += (A * H_col).sum(1) + 2.0 * inv_tau * (dQ * c_col).sum(1)
-            # sum_i delta_ij (v_u - c_j) over the weights of each value, for d L / d c_{t-1}
-            offset = v_row - c_col  # (P, k, U)
-            grad_c = torch.bmm(dQ.mul_(offset), counts.unsqueeze(-1)).squeeze(-1)
-            if t == T:
-                Pn = c_new.unsqueeze(-1)
-                dP = A * (Pn - (A * Pn).sum(1, keepdim=True))  # delta per unit g
-                b_coef += 2.0 * inv_tau * (dP * c_col).sum(1)
-                grad_c += torch.bmm(dP.mul_(offset), G_u.unsqueeze(-1)).squeeze(-1)
-            U_c = 2.0 * inv_tau * grad_c + torch.where(live, 0.0, U_c)
-        grad_x = a_coef.gather(1, inverse) + b_coef.gather(1, inverse) * grad_out
-        return grad_x, None, None, None, None
+            a_coef += torch.bmm(H.unsqueeze(1), A).squeeze(1)
+            a_coef += two_over_tau * torch.bmm(c_row, dQ).squeeze(1)
+            grad_c = grad_c + _pull(dQ, moments, c)
+            U_c = two_over_tau * grad_c + torch.where(live, 0.0, U_c)
+        a_i, b_i = _gather_pair(distinct.to_dense(torch.stack((a_coef, b_coef), -1)), columns)
+        grad_x = torch.addcmul(a_i, b_i, g).to(grad_out.dtype)
+        return grad_x, None, None, None, None, None, None, None
+
+
+def _gather_pair(pairs: Tensor, columns: Tensor) -> tuple[Tensor, Tensor]:
+    """``pairs[p, columns[p, i], 0]`` and ``pairs[p, columns[p, i], 1]`` for (P, 65536, 2)
+    ``pairs``. A float32 pair travels as one int64, so one gather serves both (gathers are the
+    slow, latency-bound part of the step)."""
+    if pairs.dtype == torch.float32:
+        gathered = pairs.view(torch.int64).squeeze(-1).gather(1, columns)
+        return gathered.view(torch.float32).view(*columns.shape, 2).unbind(-1)
+    return pairs[..., 0].gather(1, columns), pairs[..., 1].gather(1, columns)
 
 
 def unique_dkm_cluster(
@@ -150,12 +242,13 @@ def unique_dkm_cluster(
     """
     if x.shape[-1] != 1:
         raise ValueError(f"the 'unique' DKM step needs cluster_dim 1; got {x.shape[-1]}")
-    problem = normalized_problem(x, centroids, tau, max_iter, epsilon, normalization)
-    out_n, c_final, iterations = _UniqueDKM.apply(
-        problem.x.squeeze(-1).float(), problem.centroids.squeeze(-1).float(),
-        inverse_temperature(tau), max_iter, epsilon,
+    check_step_arguments(tau, max_iter, epsilon)
+    compute_dtype = torch.promote_types(x.dtype, torch.float32)
+    codes, center, scale = _float16_codes(x.detach().to(compute_dtype), normalization)
+    center, scale = center.reshape(-1, 1), scale.reshape(-1, 1)
+    c0 = (centroids.detach().squeeze(-1).to(compute_dtype) - center) / scale
+    out, c_final, iterations = _UniqueDKM.apply(
+        x.squeeze(-1), codes, center, scale, c0, inverse_temperature(tau), max_iter, epsilon
     )
-    out, final = denormalized_output(
-        out_n.unsqueeze(-1), c_final.unsqueeze(-1), problem, x, centroids
-    )
-    return DKMOutput(out, final, out_n.new_empty(0), iterations)
+    final = (c_final * scale + center).to(centroids.dtype).unsqueeze(-1)
+    return DKMOutput(out.unsqueeze(-1), final, out.new_empty(0), iterations)
