@@ -17,6 +17,7 @@ Hooks, one concern each:
 from __future__ import annotations
 
 import math
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, Literal
 
@@ -26,6 +27,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from torch.nn.utils import parametrize
 
 from .artifact import save_compressed
 from .clustering import ClusteredTensor, attach, clustered_tensors, finalize, load_snapped
@@ -246,6 +248,7 @@ class DKMCallback(Callback):
                 f"{implementation!r}"
             )
         self.implementation = implementation
+        self._forward_cache: ExitStack | None = None  # parametrize.cached() of the forward
         self.seed = int(seed)
         self.finalize = finalize
         self.save_dir = save_dir
@@ -408,6 +411,42 @@ class DKMCallback(Callback):
             pl_module.log(
                 "dkm/tau", self._tau, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True
             )
+
+    # -- one DKM step per forward -----------------------------------------------------------
+    # A module may read its weight more than once in a forward (nn.TransformerEncoderLayer reads
+    # the attention weights for its fast-path check, tied or shared weights, RNN kernels); each
+    # read of a parametrized weight would run DKM again. Within a training step's forward the
+    # weights do not change, so the parametrization cache (``parametrize.cached``) serves every
+    # read after the first. It is dropped before the backward, so nothing cached outlives the
+    # step (gradient accumulation and manual optimisation included).
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._release_forward_cache()
+        if self._names:
+            self._forward_cache = ExitStack()
+            self._forward_cache.enter_context(parametrize.cached())
+
+    def on_before_backward(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor
+    ) -> None:
+        self._release_forward_cache()
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+        batch_idx: int,
+    ) -> None:
+        self._release_forward_cache()
+
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        self._release_forward_cache()
+
+    def _release_forward_cache(self) -> None:
+        if self._forward_cache is not None:
+            self._forward_cache.close()
+            self._forward_cache = None
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any

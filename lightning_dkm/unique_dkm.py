@@ -7,21 +7,26 @@ about 2 x 10^4 for half a million Gaussian weights. This step runs every DKM ite
 distinct values ``u`` with their counts :math:`w_u`, forward and backward; cost per step
 ``O(n + U k max_iter)`` instead of ``O(n k max_iter)``.
 
-**What touches every weight, and why it is so little.** Each weight's float16 bit pattern is
-its *code*, an index into a dense table of 65,536 entries per palette. The forward makes the
-codes (two elementwise passes), counts them (``bincount``) and, at the end, reads each output
-from a dense table of the clustered values, already in the weights' units (one ``gather``). The
-backward sums the incoming gradient per code (one ``scatter_add``) and reads each weight's
-gradient :math:`a_u + b_u g_i` from one dense table of packed pairs ``(a_u, b_u)`` (one
-``gather`` and one ``addcmul``). Normalising and denormalising happen on the distinct values,
-not on the weights: the normalisation constants cancel in the gradient. Autograd saves only the
-int16 codes (half the size of float32 weights) and ``O(U k max_iter)`` for the values.
+**What touches every weight, and why it is so little.** On CPU the cost of an O(n) pass is
+mostly the fresh memory it writes (page faults), so the step writes as little as it can. The
+forward rounds ``(x - mean) / 2^e`` straight into float16 (one ``addcmul`` that writes 2 bytes
+per weight; ``2^e`` is the power of two nearest the palette's standard deviation, so the
+scaling is exact and float16 keeps its full relative precision), turns the bit patterns into
+int32 table columns, counts them (``bincount``) and reads each output from a dense table of
+the clustered values per code, already in the weights' units (one ``index_select``). The
+standard deviation that sets tau's units comes from the counted values, not from another pass.
+The backward sums the incoming gradient per code (a weighted ``bincount``) and forms each
+weight's gradient :math:`a_u + b_u g_i` from two table lookups. Normalising and denormalising
+happen on the distinct values, not on the weights: the normalisation constants cancel in the
+gradient. Autograd saves the int32 columns (the size of float32 weights) and
+``O(U k max_iter)`` for the values.
 
 **What is approximated, and how much.** The attention and the weights in the centroid sums are
-those of the float16-rounded value of each normalised weight; the gradient passes straight
-through the rounding. The result is *exactly* DKM of the rounded weights (the tests compare with
-the reference step on float16-representable inputs to 1e-5). On arbitrary weights the values
-differ by the rounding (``|dx| <= 2^{-11} |x_n|`` in units of the weights' standard deviation)
+those of the float16-rounded value of each (centred, power-of-two-scaled) weight; the gradient
+passes straight through the rounding. The result is *exactly* DKM of the rounded weights (the
+tests compare with the reference step on float16-representable inputs to 1e-5). On arbitrary
+weights the values differ by the rounding (``|dx| <= 2^{-11} |x - mean|``, at most ~3e-4 of the
+standard deviation for weights within 1 std of the mean)
 times the attention's sensitivity, which is large only for weights on a cluster boundary;
 ``docs/benchmarks.md`` gives the measured difference.
 
@@ -45,7 +50,6 @@ from .dkm import (
     Normalization,
     check_step_arguments,
     inverse_temperature,
-    scale_of,
 )
 
 __all__ = ["KEEP_ATTENTION_MAX_ENTRIES", "unique_dkm_cluster"]
@@ -56,29 +60,28 @@ __all__ = ["KEEP_ATTENTION_MAX_ENTRIES", "unique_dkm_cluster"]
 KEEP_ATTENTION_MAX_ENTRIES = 1 << 20
 
 _CODES = 1 << 16  # float16 bit patterns per palette
-_CODE_OFFSET = _CODES // 2  # int16 bit pattern + offset = column in the dense (P, 65536) table
+_TINY = 1e-30  # keeps log2 finite for a constant palette
 
 
 class _DistinctValues(NamedTuple):
     """The occupied codes of every palette, compacted into a padded ``(P, U)`` layout."""
 
-    ids: Tensor  # (V,) flat ids ``palette * 65536 + column`` of the occupied codes, ascending
+    ids: Tensor  # (V,) flat ids ``palette * 65536 + bit pattern`` of the occupied codes
     rows: Tensor | None  # (V,) their palette (None for a single palette)
     cols: Tensor | None  # (V,) their place in the palette's row of the padded layout
     values: Tensor  # (P, U) the float16 values (as float32), 0 in padding
     counts: Tensor  # (P, U) weights per value, 0 in padding
 
     def to_dense(self, compact: Tensor) -> Tensor:
-        """(P, U) per distinct value -> (P, 65536) per code. Entries of unoccupied codes are
-        left uninitialised: no weight has such a code, so nothing ever reads them."""
+        """(P, U) per distinct value -> (P * 65536,) per code. Entries of unoccupied codes
+        are left uninitialised: no weight has such a code, so nothing ever reads them."""
         P = compact.shape[0]
         picked = compact.view(-1) if self.rows is None else compact[self.rows, self.cols]
-        dense = compact.new_empty(P * _CODES)
-        return dense.scatter_(0, self.ids, picked).view(P, _CODES)
+        return compact.new_empty(P * _CODES).scatter_(0, self.ids, picked)
 
     def from_dense(self, dense: Tensor) -> Tensor:
-        """(P, 65536) per code -> (P, U) per distinct value (0 in padding)."""
-        picked = dense.view(-1).index_select(0, self.ids)
+        """(P * 65536,) per code -> (P, U) per distinct value (0 in padding)."""
+        picked = dense.index_select(0, self.ids)
         if self.rows is None:
             return picked.unsqueeze(0)
         compact = dense.new_zeros(self.values.shape)
@@ -87,50 +90,74 @@ class _DistinctValues(NamedTuple):
 
 
 @torch.no_grad()
-def _float16_codes(x: Tensor, normalization: Normalization | None) -> tuple[Tensor, Tensor, Tensor]:
-    """The bit pattern (P, n) int16 of each weight's normalised value in float16, with the
-    normalisation's centre and scale (P, 1, 1); computed from ``x`` (P, n, 1) when not given.
-    One temporary the size of the weights (the deviations, normalised in place)."""
+def _table_columns(x: Tensor, normalization: Normalization | None
+                   ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """Each weight's column in the dense ``(P * 65536)`` table: ``palette * 65536`` plus the
+    bit pattern of ``(x - center) / unit`` in float16, as int32 (P, n). Also returns the
+    centres (P, 1), the power-of-two units (P, 1) and the normalisation's scale (P, 1) when
+    one was given (else ``None``: it is computed from the distinct values)."""
+    P = x.shape[0]
     if normalization is None:
         center = x.mean(dim=1, keepdim=True)
-        deviations = x - center
-        scale = scale_of(deviations, center)
+        scale = None
+        rough = _rough_std(x, center)
     else:
-        center = normalization.center.to(x.dtype)
-        scale = normalization.scale.to(x.dtype)
-        deviations = x - center
-    codes = deviations.div_(scale).squeeze(-1).to(torch.float16).view(torch.int16)
-    return codes, center, scale
+        center = normalization.center.reshape(P, 1).to(x.dtype)
+        scale = normalization.scale.reshape(P, 1).to(x.dtype)
+        rough = scale
+    unit = torch.exp2(torch.round(torch.log2(rough.clamp_min(_TINY))))
+    codes = torch.empty(x.shape, dtype=torch.float16, device=x.device)
+    torch.addcmul(-center / unit, x, 1.0 / unit, out=codes)  # exact: 1 / unit is 2^-e
+    columns = codes.view(torch.uint16).to(torch.int32)
+    if P > 1:
+        columns += torch.arange(0, P * _CODES, _CODES, device=x.device, dtype=torch.int32
+                                ).unsqueeze(1)
+    return columns, center, unit, scale
 
 
-def _columns(codes: Tensor) -> Tensor:
-    """int16 codes -> int64 columns ``code + 32768`` of the dense table (the index type
-    ``gather`` and ``scatter_add`` take)."""
-    return codes.to(torch.int64).add_(_CODE_OFFSET)
+def _rough_std(x: Tensor, center: Tensor) -> Tensor:
+    """The standard deviation (P, 1) about ``center`` from ``|x|^2 / n - center^2`` (no
+    temporary the size of ``x``); where that cancels badly (a mean far larger than the
+    spread), from the deviations themselves. Only needs to be right within a factor of ~1.4:
+    it picks the power of two that scales the float16 rounding."""
+    n = x.shape[1]
+    mean_square = torch.linalg.vector_norm(x, dim=1, keepdim=True).square_().div_(n)
+    variance = mean_square - center.square()
+    if bool((variance < 1e-4 * mean_square).any()):
+        variance = torch.linalg.vector_norm(x - center, dim=1, keepdim=True).square_().div_(n)
+    return variance.clamp_min(0.0).sqrt_()
 
 
 def _distinct_values(columns: Tensor, dtype: torch.dtype) -> _DistinctValues:
+    """The occupied codes of ``columns`` (P, n), with their float16 values (in units of the
+    palette's ``unit``) and counts."""
     P = columns.shape[0]
+    dense_counts = torch.bincount(columns.view(-1), minlength=P * _CODES)
+    ids = dense_counts.nonzero().squeeze(1)
     if P == 1:
-        dense_counts = torch.bincount(columns.view(-1), minlength=_CODES)
-        ids = dense_counts.nonzero().squeeze(1)
-        values = (ids - _CODE_OFFSET).to(torch.int16).view(torch.float16).to(dtype)
+        values = ids.to(torch.int16).view(torch.float16).to(dtype)  # int16 wraps like uint16
         counts = dense_counts[ids].to(dtype)
         return _DistinctValues(ids, None, None, values.unsqueeze(0), counts.unsqueeze(0))
-    offsets = torch.arange(0, P * _CODES, _CODES, device=columns.device).unsqueeze(1)
-    dense_counts = torch.bincount((columns + offsets).view(-1), minlength=P * _CODES)
-    ids = dense_counts.nonzero().squeeze(1)
     rows = torch.div(ids, _CODES, rounding_mode="floor")
     per_palette = torch.bincount(rows, minlength=P)
     width = int(per_palette.max())
     starts = per_palette.cumsum(0) - per_palette
     cols = torch.arange(ids.numel(), device=ids.device) - starts[rows]
-    bit_patterns = (ids - rows * _CODES - _CODE_OFFSET).to(torch.int16)
+    bit_patterns = (ids - rows * _CODES).to(torch.int16)
     values = torch.zeros(P, width, dtype=dtype, device=ids.device)
     counts = torch.zeros(P, width, dtype=dtype, device=ids.device)
     values[rows, cols] = bit_patterns.view(torch.float16).to(dtype)
     counts[rows, cols] = dense_counts[ids].to(dtype)
     return _DistinctValues(ids, rows, cols, values, counts)
+
+
+def _scale_from_values(distinct: _DistinctValues, unit: Tensor, center: Tensor) -> Tensor:
+    """The palettes' standard deviation about ``center`` (P, 1), from the rounded values and
+    their counts, with the same floor as :func:`~lightning_dkm.dkm.scale_of`."""
+    second_moment = (distinct.counts * distinct.values.square()).sum(1, keepdim=True)
+    std = second_moment.div_(distinct.counts.sum(1, keepdim=True)).sqrt_() * unit
+    floor = (torch.finfo(center.dtype).eps * center.abs()).clamp_min(1e-12)
+    return torch.maximum(std, floor)
 
 
 def _attention(v: Tensor, c: Tensor, inv_tau: float) -> Tensor:
@@ -160,16 +187,20 @@ def _pull(delta: Tensor, moments: Tensor, c: Tensor) -> Tensor:
 
 
 class _UniqueDKM(torch.autograd.Function):
-    """DKM of ``x`` (P, n) from normalised centroids ``c0`` (P, k), on the distinct float16
-    values ``codes`` (P, n) of its normalised weights; ``center`` and ``scale`` (P, 1) are the
-    normalisation (constants)."""
+    """DKM of ``x`` (P, n) from ``centroids`` (P, k) (weight units) on the distinct values of
+    its table ``columns`` (:func:`_table_columns`, with ``center`` and ``unit``); ``scale``
+    (P, 1) sets tau's units, computed from the distinct values when ``None``. Returns the
+    soft weights, the final centroids (weight units) and the number of iterations."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, codes: Tensor, center: Tensor, scale: Tensor, c0: Tensor,
-                inv_tau: float, max_iter: int, epsilon: float):
-        columns = _columns(codes)
-        distinct = _distinct_values(columns, c0.dtype)
-        values = distinct.values
+    def forward(ctx, x: Tensor, columns: Tensor, center: Tensor, unit: Tensor,
+                scale: Tensor | None, centroids: Tensor, inv_tau: float, max_iter: int,
+                epsilon: float):
+        distinct = _distinct_values(columns, center.dtype)
+        if scale is None:
+            scale = _scale_from_values(distinct, unit, center)
+        values = distinct.values.mul_(unit / scale)  # normalised: (x - center) / scale
+        c0 = (centroids - center) / scale
         moments = _moments(distinct.counts, values)  # mass and weighted sum in one bmm
         keep = max_iter * values.numel() * c0.shape[1] <= KEEP_ATTENTION_MAX_ENTRIES
         trajectory, masses, kept = [c0], [], []
@@ -189,21 +220,23 @@ class _UniqueDKM(torch.autograd.Function):
         y_values = torch.bmm(trajectory[-1].unsqueeze(1), A).squeeze(1)  # (P, U)
         table = distinct.to_dense((y_values * scale + center).to(x.dtype))
         ctx.distinct = distinct._replace(values=None, counts=None)
-        ctx.save_for_backward(codes, values, moments, torch.stack(trajectory),
+        ctx.save_for_backward(columns, values, moments, torch.stack(trajectory),
                               torch.stack(masses), *kept)
         ctx.inv_tau = inv_tau
-        c_final = trajectory[-1]
-        ctx.mark_non_differentiable(c_final)
-        return table.gather(1, columns), c_final, len(masses)
+        final = trajectory[-1] * scale + center
+        ctx.mark_non_differentiable(final)
+        out = table.index_select(0, columns.view(-1)).view(columns.shape)
+        return out, final, len(masses)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor, _grad_c: Tensor, _grad_iterations):
-        codes, values, moments, trajectory, masses, *kept = ctx.saved_tensors
+        columns, values, moments, trajectory, masses, *kept = ctx.saved_tensors
         distinct, two_over_tau = ctx.distinct._replace(values=values), 2.0 * ctx.inv_tau
-        columns = _columns(codes)
+        flat_columns = columns.view(-1)
         g = grad_out.to(values.dtype)
-        dense_g = torch.zeros(values.shape[0], _CODES, dtype=g.dtype, device=g.device)
-        G_u = distinct.from_dense(dense_g.scatter_add_(1, columns, g))  # sum of g per value
+        # sum of g over the weights of each value
+        dense_g = torch.bincount(flat_columns, weights=g.reshape(-1), minlength=g.shape[0] * _CODES)
+        G_u = distinct.from_dense(dense_g.to(values.dtype))
         T = masses.shape[0]
         for t in range(T, 0, -1):  # iteration t: c_{t-1} -> c_t, attention A_t
             c, c_new, mass = trajectory[t - 1], trajectory[t], masses[t - 1]
@@ -226,20 +259,11 @@ class _UniqueDKM(torch.autograd.Function):
             a_coef += two_over_tau * torch.bmm(c_row, dQ).squeeze(1)
             grad_c = grad_c + _pull(dQ, moments, c)
             U_c = two_over_tau * grad_c + torch.where(live, 0.0, U_c)
-        a_i, b_i = _gather_pair(distinct, a_coef, b_coef, columns)
-        grad_x = torch.addcmul(a_i, b_i, g).to(grad_out.dtype)
-        return grad_x, None, None, None, None, None, None, None
-
-
-def _gather_pair(distinct: _DistinctValues, a: Tensor, b: Tensor, columns: Tensor
-                 ) -> tuple[Tensor, Tensor]:
-    """Per weight, the ``a`` and ``b`` (P, U) of its distinct value. A float32 pair travels
-    as one int64, so one gather serves both (gathers are the slow, latency-bound part)."""
-    if a.dtype == torch.float32:
-        packed = torch.stack((a, b), -1).view(torch.int64).squeeze(-1)  # (P, U)
-        gathered = distinct.to_dense(packed).gather(1, columns)
-        return gathered.view(torch.float32).view(*columns.shape, 2).unbind(-1)
-    return distinct.to_dense(a).gather(1, columns), distinct.to_dense(b).gather(1, columns)
+        # d L / d x_i = a_u + b_u g_i, with u the value of weight i: two table lookups.
+        grad_x = distinct.to_dense(a_coef).index_select(0, flat_columns).view(columns.shape)
+        b_i = distinct.to_dense(b_coef).index_select(0, flat_columns).view(columns.shape)
+        grad_x.addcmul_(b_i, g)
+        return grad_x.to(grad_out.dtype), None, None, None, None, None, None, None, None
 
 
 def unique_dkm_cluster(
@@ -261,11 +285,13 @@ def unique_dkm_cluster(
         raise ValueError(f"the 'unique' DKM step needs cluster_dim 1; got {x.shape[-1]}")
     check_step_arguments(tau, max_iter, epsilon)
     compute_dtype = torch.promote_types(x.dtype, torch.float32)
-    codes, center, scale = _float16_codes(x.detach().to(compute_dtype), normalization)
-    center, scale = center.reshape(-1, 1), scale.reshape(-1, 1)
-    c0 = (centroids.detach().squeeze(-1).to(compute_dtype) - center) / scale
-    out, c_final, iterations = _UniqueDKM.apply(
-        x.squeeze(-1), codes, center, scale, c0, inverse_temperature(tau), max_iter, epsilon
+    columns, center, unit, scale = _table_columns(
+        x.detach().squeeze(-1).to(compute_dtype), normalization
     )
-    final = (c_final * scale + center).to(centroids.dtype).unsqueeze(-1)
+    out, final, iterations = _UniqueDKM.apply(
+        x.squeeze(-1), columns, center, unit, scale,
+        centroids.detach().squeeze(-1).to(compute_dtype), inverse_temperature(tau), max_iter,
+        epsilon,
+    )
+    final = final.to(centroids.dtype).unsqueeze(-1)
     return DKMOutput(out.unsqueeze(-1), final, out.new_empty(0), iterations)

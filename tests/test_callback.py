@@ -184,3 +184,37 @@ def test_test_after_fit_from_the_best_checkpoint_evaluates_its_snapped_weights(t
     assert math.isfinite(results[0]["test_loss"])
     assert type(model.body[0]) is nn.Linear  # finalized again after the test run
     assert torch.unique(model.body[0].weight).numel() <= 4
+
+
+class ReadsItsWeightTwice(TinyNet):
+    """A forward that reads a clustered weight twice, as nn.TransformerEncoderLayer's fast-path
+    check and tied weights do."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = self.body[1](self.body[0](x))
+        middle = self.body[2]
+        hidden = torch.relu(hidden @ middle.weight.T + middle.bias)
+        assert middle.weight.shape == (64, 64)  # the second read
+        return self.body[4](hidden)
+
+
+def test_each_training_forward_runs_dkm_once_per_tensor(tmp_path, monkeypatch):
+    from torch.nn.utils import parametrize
+
+    from lightning_dkm.parametrize import DKMParametrization
+
+    calls = []
+    original_forward = DKMParametrization.forward
+
+    def counting_forward(self, weight):
+        if self.training and self.mode == "soft":
+            calls.append(self.layout.name)
+        return original_forward(self, weight)
+
+    monkeypatch.setattr(DKMParametrization, "forward", counting_forward)
+    model = ReadsItsWeightTwice()
+    fit(tmp_path, DKMCallback(bits=2, finalize=False), model, max_epochs=1, limit_train_batches=3,
+        limit_val_batches=0)
+    # two clustered tensors, three training steps: one DKM step each, despite the second read
+    assert sorted(calls) == sorted(["body.0.weight", "body.2.weight"] * 3)
+    assert parametrize._cache_enabled == 0  # the cache does not outlive the step

@@ -305,3 +305,45 @@ def test_a_half_precision_module_stays_finite_down_to_tiny_temperatures(dtype) -
         assert weight.dtype == dtype
         assert bool(torch.isfinite(weight.float()).all()), tau
         assert bool(torch.isfinite(p.centroids.float()).all()), tau
+
+
+# -- implementation="auto" ------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("shape", "cluster_dim", "bits", "expected"),
+    [
+        ((512, 1024), 1, 4, "unique"),  # large scalar tensor: the distinct-value step
+        ((64, 64), 1, 4, "reference"),  # small: plain autograd is cheapest
+        ((64, 64), 2, 4, "reference"),
+        ((1024, 1024), 2, 8, "chunked"),  # vectors with a large attention: bounded memory
+    ],
+)
+def test_auto_picks_the_step_by_tensor_size(shape, cluster_dim, bits, expected):
+    from lightning_dkm.parametrize import resolve_implementation
+
+    layout = PaletteLayout(shape, ClusterSpec(bits=bits, cluster_dim=cluster_dim))
+    assert resolve_implementation("auto", layout) == expected
+    assert resolve_implementation("chunked", layout) == "chunked"  # an explicit choice stands
+    assert DKMParametrization(layout).step_implementation == expected
+
+
+def test_a_scalar_single_palette_weight_is_clustered_in_place_of_its_layout_copy():
+    """cluster_dim 1 with one palette does not depend on the weights' order: the step runs on
+    a flat view and gives what the permuted layout gives."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(16, 32, 3)
+    upstream = torch.randn_like(conv.weight)
+    layout = PaletteLayout(tuple(conv.weight.shape), ClusterSpec(bits=2))
+    results = []
+    for order_free in (True, False):
+        p = DKMParametrization(layout, implementation="unique", max_iter=2, epsilon=0.0)
+        p.initialize(conv.weight)
+        p._order_free = order_free
+        w = conv.weight.detach().clone().requires_grad_()
+        out = p(w)
+        (out * upstream).sum().backward()
+        results.append((out.detach(), w.grad, p.centroids.clone()))
+    (flat, g_flat, c_flat), (permuted, g_perm, c_perm) = results
+    torch.testing.assert_close(flat, permuted)
+    torch.testing.assert_close(c_flat, c_perm)
+    # the per-value gradient sums add the same terms in another order (float32 rounding)
+    assert float((g_flat - g_perm).norm() / g_perm.norm()) < 1e-5

@@ -50,3 +50,29 @@ def test_on_arbitrary_weights_it_differs_only_by_the_rounding():
 def test_vectors_are_refused():
     with pytest.raises(ValueError, match="cluster_dim 1; got 2"):
         unique_dkm_cluster(torch.randn(1, 100, 2), torch.randn(1, 4, 2), 1e-2)
+
+
+@pytest.mark.parametrize(
+    ("mean", "std"),
+    [(0.0, 1e-6), (0.0, 1e3), (5.0, 1e-3)],  # tiny, huge, and a mean 5000 stds from zero
+    ids=["tiny-weights", "huge-weights", "offset-mean"],
+)
+def test_rounding_is_relative_to_the_spread_whatever_the_scale_and_offset(mean, std):
+    """The float16 grid is laid on (x - mean) / 2^e with 2^e near the std, so neither tiny,
+    huge nor far-off-centre weights lose precision (or overflow float16)."""
+    x = (torch.randn(1, 20000, 1, dtype=torch.float64) * std + mean).float()
+    c = kmeans(x, 8, torch.Generator().manual_seed(0), max_iter=20).centroids
+    ref = dkm_cluster(x, c, 1e-2, max_iter=3, epsilon=0)
+    fast = unique_dkm_cluster(x, c, 1e-2, max_iter=3, epsilon=0)
+    assert torch.isfinite(fast.weights).all()
+    assert rel(fast.weights - mean, ref.weights - mean) < 1e-2
+    assert rel(fast.centroids - mean, ref.centroids - mean) < 1e-3
+
+
+def test_half_precision_weights_give_half_precision_outputs_and_gradients():
+    x = (torch.randn(1, 5000, 1) * 0.05).half().requires_grad_()
+    c = kmeans(x.detach().float(), 4, torch.Generator().manual_seed(0), max_iter=20).centroids
+    out = unique_dkm_cluster(x, c.half(), 1e-2, max_iter=3, epsilon=0)
+    out.weights.float().sum().backward()
+    assert out.weights.dtype == torch.float16 and x.grad.dtype == torch.float16
+    assert torch.isfinite(x.grad).all()
