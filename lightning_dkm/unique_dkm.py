@@ -7,19 +7,19 @@ about 2 x 10^4 for half a million Gaussian weights. This step runs every DKM ite
 distinct values ``u`` with their counts :math:`w_u`, forward and backward; cost per step
 ``O(n + U k max_iter)`` instead of ``O(n k max_iter)``.
 
-**What touches every weight, and why it is so little.** On CPU the cost of an O(n) pass is
-mostly the fresh memory it writes (page faults), so the step writes as little as it can. The
-forward rounds ``(x - mean) / 2^e`` straight into float16 (one ``addcmul`` that writes 2 bytes
-per weight; ``2^e`` is the power of two nearest the palette's standard deviation, so the
-scaling is exact and float16 keeps its full relative precision), turns the bit patterns into
-int32 table columns, counts them (``bincount``) and reads each output from a dense table of
-the clustered values per code, already in the weights' units (one ``index_select``). The
-standard deviation that sets tau's units comes from the counted values, not from another pass.
-The backward sums the incoming gradient per code (a weighted ``bincount``) and forms each
-weight's gradient :math:`a_u + b_u g_i` from two table lookups. Normalising and denormalising
-happen on the distinct values, not on the weights: the normalisation constants cancel in the
-gradient. Autograd saves the int32 columns (the size of float32 weights) and
-``O(U k max_iter)`` for the values.
+**What touches every weight, and why it is so little.** On CPU an O(n) pass costs mostly the
+fresh memory it writes (page faults), so the step writes little and works in chunks of
+``CHUNK`` weights whose temporaries the allocator reuses. The forward rounds
+``(x - mean) / 2^e`` to float16 (``2^e`` is the power of two nearest the palette's standard
+deviation, so the scaling is exact and float16 keeps its full relative precision); each bit
+pattern is a column of a dense table of 65,536 entries per palette. It counts the columns
+(``bincount``) and reads each output from a table of the clustered values per code, already
+in the weights' units (one ``index_select``). The standard deviation that sets tau's units
+comes from the counted values, not from another pass over the weights. The backward sums the
+incoming gradient per code (a weighted ``bincount``) and forms each weight's gradient
+:math:`a_u + b_u g_i` from two table lookups. Normalising and denormalising happen on the
+distinct values: the normalisation constants cancel in the gradient. Autograd saves the
+float16 codes (2 bytes per weight) and ``O(U k max_iter)`` for the values.
 
 **What is approximated, and how much.** The attention and the weights in the centroid sums are
 those of the float16-rounded value of each (centred, power-of-two-scaled) weight; the gradient
@@ -52,12 +52,17 @@ from .dkm import (
     inverse_temperature,
 )
 
-__all__ = ["KEEP_ATTENTION_MAX_ENTRIES", "unique_dkm_cluster"]
+__all__ = ["CHUNK", "KEEP_ATTENTION_MAX_ENTRIES", "unique_dkm_cluster"]
 
 #: The forward keeps its attention matrices for the backward (instead of recomputing them)
 #: while all ``max_iter`` of them together have at most this many entries (4 MiB in float32):
 #: extra memory stays bounded whatever ``max_iter`` and ``n`` are.
 KEEP_ATTENTION_MAX_ENTRIES = 1 << 20
+
+#: Weights per chunk of the O(n) passes: a chunk's temporaries (a few MiB) come from the
+#: allocator's free lists, where whole-tensor temporaries of large weights would be fresh
+#: pages (page faults cost more than the passes themselves on CPU).
+CHUNK = 1 << 20
 
 _CODES = 1 << 16  # float16 bit patterns per palette
 _TINY = 1e-30  # keeps log2 finite for a constant palette
@@ -90,13 +95,12 @@ class _DistinctValues(NamedTuple):
 
 
 @torch.no_grad()
-def _table_columns(x: Tensor, normalization: Normalization | None
+def _float16_codes(x: Tensor, normalization: Normalization | None
                    ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-    """Each weight's column in the dense ``(P * 65536)`` table: ``palette * 65536`` plus the
-    bit pattern of ``(x - center) / unit`` in float16, as int32 (P, n). Also returns the
+    """Each weight's code: ``(x - center) / unit`` rounded to float16 (P, n). Also returns the
     centres (P, 1), the power-of-two units (P, 1) and the normalisation's scale (P, 1) when
     one was given (else ``None``: it is computed from the distinct values)."""
-    P = x.shape[0]
+    P, n = x.shape
     if normalization is None:
         center = x.mean(dim=1, keepdim=True)
         scale = None
@@ -106,13 +110,60 @@ def _table_columns(x: Tensor, normalization: Normalization | None
         scale = normalization.scale.reshape(P, 1).to(x.dtype)
         rough = scale
     unit = torch.exp2(torch.round(torch.log2(rough.clamp_min(_TINY))))
+    inverse_unit = 1.0 / unit  # exact: a power of two
     codes = torch.empty(x.shape, dtype=torch.float16, device=x.device)
-    torch.addcmul(-center / unit, x, 1.0 / unit, out=codes)  # exact: 1 / unit is 2^-e
+    buffer = torch.empty(P, min(n, CHUNK), dtype=x.dtype, device=x.device)
+    for part in _chunks(n):
+        chunk = buffer[:, : part.stop - part.start]
+        torch.sub(x[:, part], center, out=chunk).mul_(inverse_unit)
+        codes[:, part] = chunk  # the one rounding, float32 -> float16
+    return codes, center, unit, scale
+
+
+def _chunks(n: int):
+    for start in range(0, n, CHUNK):
+        yield slice(start, min(start + CHUNK, n))
+
+
+def _columns(codes: Tensor) -> Tensor:
+    """Table columns (P * m,) int32 of a chunk of codes (P, m): ``palette * 65536 + bit
+    pattern``."""
     columns = codes.view(torch.uint16).to(torch.int32)
+    P = codes.shape[0]
     if P > 1:
-        columns += torch.arange(0, P * _CODES, _CODES, device=x.device, dtype=torch.int32
+        columns += torch.arange(0, P * _CODES, _CODES, device=codes.device, dtype=torch.int32
                                 ).unsqueeze(1)
-    return columns, center, unit, scale
+    return columns.view(-1)
+
+
+def _sum_per_code(codes: Tensor, weights: Tensor | None = None) -> Tensor:
+    """(P * 65536,) per code: how many weights have it, or the sum of ``weights`` (P, n)
+    over them; a chunk at a time."""
+    total = None
+    for part in _chunks(codes.shape[1]):
+        chunk_weights = None if weights is None else weights[:, part].reshape(-1)
+        counts = torch.bincount(_columns(codes[:, part]), weights=chunk_weights,
+                                minlength=codes.shape[0] * _CODES)
+        total = counts if total is None else total.add_(counts)
+    assert total is not None
+    return total
+
+
+def _look_up(codes: Tensor, table: Tensor, out: Tensor, factor: tuple[Tensor, Tensor] | None = None
+             ) -> Tensor:
+    """``out = table[column]`` per weight, or with ``factor = (table_b, g)``
+    ``out = table[column] + table_b[column] * g``; a chunk at a time, into ``out`` (P, n)."""
+    P = codes.shape[0]
+    for part in _chunks(codes.shape[1]):
+        columns = _columns(codes[:, part])
+        values = table.index_select(0, columns).view(P, -1)
+        if factor is None:
+            out[:, part] = values
+        else:
+            table_b, g = factor
+            torch.addcmul(values, table_b.index_select(0, columns).view(P, -1), g[:, part],
+                          out=out[:, part])
+    return out
 
 
 def _rough_std(x: Tensor, center: Tensor) -> Tensor:
@@ -128,11 +179,11 @@ def _rough_std(x: Tensor, center: Tensor) -> Tensor:
     return variance.clamp_min(0.0).sqrt_()
 
 
-def _distinct_values(columns: Tensor, dtype: torch.dtype) -> _DistinctValues:
-    """The occupied codes of ``columns`` (P, n), with their float16 values (in units of the
+def _distinct_values(codes: Tensor, dtype: torch.dtype) -> _DistinctValues:
+    """The occupied codes of ``codes`` (P, n), with their float16 values (in units of the
     palette's ``unit``) and counts."""
-    P = columns.shape[0]
-    dense_counts = torch.bincount(columns.view(-1), minlength=P * _CODES)
+    P = codes.shape[0]
+    dense_counts = _sum_per_code(codes)
     ids = dense_counts.nonzero().squeeze(1)
     if P == 1:
         values = ids.to(torch.int16).view(torch.float16).to(dtype)  # int16 wraps like uint16
@@ -188,15 +239,15 @@ def _pull(delta: Tensor, moments: Tensor, c: Tensor) -> Tensor:
 
 class _UniqueDKM(torch.autograd.Function):
     """DKM of ``x`` (P, n) from ``centroids`` (P, k) (weight units) on the distinct values of
-    its table ``columns`` (:func:`_table_columns`, with ``center`` and ``unit``); ``scale``
+    its ``codes`` (:func:`_float16_codes`, with ``center`` and ``unit``); ``scale``
     (P, 1) sets tau's units, computed from the distinct values when ``None``. Returns the
     soft weights, the final centroids (weight units) and the number of iterations."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, columns: Tensor, center: Tensor, unit: Tensor,
+    def forward(ctx, x: Tensor, codes: Tensor, center: Tensor, unit: Tensor,
                 scale: Tensor | None, centroids: Tensor, inv_tau: float, max_iter: int,
                 epsilon: float):
-        distinct = _distinct_values(columns, center.dtype)
+        distinct = _distinct_values(codes, center.dtype)
         if scale is None:
             scale = _scale_from_values(distinct, unit, center)
         values = distinct.values.mul_(unit / scale)  # normalised: (x - center) / scale
@@ -220,23 +271,20 @@ class _UniqueDKM(torch.autograd.Function):
         y_values = torch.bmm(trajectory[-1].unsqueeze(1), A).squeeze(1)  # (P, U)
         table = distinct.to_dense((y_values * scale + center).to(x.dtype))
         ctx.distinct = distinct._replace(values=None, counts=None)
-        ctx.save_for_backward(columns, values, moments, torch.stack(trajectory),
+        ctx.save_for_backward(codes, values, moments, torch.stack(trajectory),
                               torch.stack(masses), *kept)
         ctx.inv_tau = inv_tau
         final = trajectory[-1] * scale + center
         ctx.mark_non_differentiable(final)
-        out = table.index_select(0, columns.view(-1)).view(columns.shape)
+        out = _look_up(codes, table, torch.empty(codes.shape, dtype=x.dtype, device=x.device))
         return out, final, len(masses)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor, _grad_c: Tensor, _grad_iterations):
-        columns, values, moments, trajectory, masses, *kept = ctx.saved_tensors
+        codes, values, moments, trajectory, masses, *kept = ctx.saved_tensors
         distinct, two_over_tau = ctx.distinct._replace(values=values), 2.0 * ctx.inv_tau
-        flat_columns = columns.view(-1)
         g = grad_out.to(values.dtype)
-        # sum of g over the weights of each value
-        dense_g = torch.bincount(flat_columns, weights=g.reshape(-1), minlength=g.shape[0] * _CODES)
-        G_u = distinct.from_dense(dense_g.to(values.dtype))
+        G_u = distinct.from_dense(_sum_per_code(codes, g).to(values.dtype))  # sum of g per value
         T = masses.shape[0]
         for t in range(T, 0, -1):  # iteration t: c_{t-1} -> c_t, attention A_t
             c, c_new, mass = trajectory[t - 1], trajectory[t], masses[t - 1]
@@ -260,9 +308,8 @@ class _UniqueDKM(torch.autograd.Function):
             grad_c = grad_c + _pull(dQ, moments, c)
             U_c = two_over_tau * grad_c + torch.where(live, 0.0, U_c)
         # d L / d x_i = a_u + b_u g_i, with u the value of weight i: two table lookups.
-        grad_x = distinct.to_dense(a_coef).index_select(0, flat_columns).view(columns.shape)
-        b_i = distinct.to_dense(b_coef).index_select(0, flat_columns).view(columns.shape)
-        grad_x.addcmul_(b_i, g)
+        grad_x = _look_up(codes, distinct.to_dense(a_coef), torch.empty_like(g),
+                          factor=(distinct.to_dense(b_coef), g))
         return grad_x.to(grad_out.dtype), None, None, None, None, None, None, None, None
 
 
@@ -285,11 +332,11 @@ def unique_dkm_cluster(
         raise ValueError(f"the 'unique' DKM step needs cluster_dim 1; got {x.shape[-1]}")
     check_step_arguments(tau, max_iter, epsilon)
     compute_dtype = torch.promote_types(x.dtype, torch.float32)
-    columns, center, unit, scale = _table_columns(
+    codes, center, unit, scale = _float16_codes(
         x.detach().squeeze(-1).to(compute_dtype), normalization
     )
     out, final, iterations = _UniqueDKM.apply(
-        x.squeeze(-1), columns, center, unit, scale,
+        x.squeeze(-1), codes, center, unit, scale,
         centroids.detach().squeeze(-1).to(compute_dtype), inverse_temperature(tau), max_iter,
         epsilon,
     )

@@ -76,3 +76,21 @@ def test_half_precision_weights_give_half_precision_outputs_and_gradients():
     out.weights.float().sum().backward()
     assert out.weights.dtype == torch.float16 and x.grad.dtype == torch.float16
     assert torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("P", [1, 3])
+def test_chunked_passes_give_the_same_result_as_one_chunk(P, monkeypatch):
+    import lightning_dkm.unique_dkm as unique_dkm
+
+    x = torch.randn(P, 5000, 1) * 0.1
+    c = kmeans(x, 4, torch.Generator().manual_seed(0), max_iter=20).centroids
+    g = torch.randn(P, 5000, 1)
+    results = []
+    for chunk in (unique_dkm.CHUNK, 999):  # one chunk; several, the last one short
+        monkeypatch.setattr(unique_dkm, "CHUNK", chunk)
+        xi = x.clone().requires_grad_()
+        out = unique_dkm_cluster(xi, c, 1e-2, max_iter=3, epsilon=0)
+        (out.weights * g).sum().backward()
+        results.append((out.weights.detach(), out.centroids, xi.grad))
+    for one, many in zip(*results, strict=True):
+        torch.testing.assert_close(many, one, rtol=1e-5, atol=1e-7)
