@@ -125,45 +125,63 @@ def _chunks(n: int):
         yield slice(start, min(start + CHUNK, n))
 
 
-def _columns(codes: Tensor) -> Tensor:
-    """Table columns (P * m,) int32 of a chunk of codes (P, m): ``palette * 65536 + bit
-    pattern``."""
-    columns = codes.view(torch.uint16).to(torch.int32)
-    P = codes.shape[0]
-    if P > 1:
-        columns += torch.arange(0, P * _CODES, _CODES, device=codes.device, dtype=torch.int32
-                                ).unsqueeze(1)
-    return columns.view(-1)
+class _Columns:
+    """The table columns ``palette * 65536 + bit pattern`` (int32) of float16 ``codes``
+    (P, n), a chunk at a time; a tensor that fits in one chunk converts its codes once."""
 
+    def __init__(self, codes: Tensor) -> None:
+        self.codes = codes
+        self._whole: Tensor | None = None
 
-def _sum_per_code(codes: Tensor, weights: Tensor | None = None) -> Tensor:
-    """(P * 65536,) per code: how many weights have it, or the sum of ``weights`` (P, n)
-    over them; a chunk at a time."""
-    total = None
-    for part in _chunks(codes.shape[1]):
-        chunk_weights = None if weights is None else weights[:, part].reshape(-1)
-        counts = torch.bincount(_columns(codes[:, part]), weights=chunk_weights,
-                                minlength=codes.shape[0] * _CODES)
-        total = counts if total is None else total.add_(counts)
-    assert total is not None
-    return total
+    def chunks(self):
+        """Yields ``(slice of the weights, flat columns (P * m,))``."""
+        n = self.codes.shape[1]
+        if n <= CHUNK:
+            if self._whole is None:
+                self._whole = self._convert(self.codes)
+            yield slice(0, n), self._whole
+            return
+        for part in _chunks(n):
+            yield part, self._convert(self.codes[:, part])
 
+    @staticmethod
+    def _convert(codes: Tensor) -> Tensor:
+        columns = codes.view(torch.uint16).to(torch.int32)
+        P = codes.shape[0]
+        if P > 1:
+            columns += torch.arange(0, P * _CODES, _CODES, device=codes.device,
+                                    dtype=torch.int32).unsqueeze(1)
+        return columns.view(-1)
 
-def _look_up(codes: Tensor, table: Tensor, out: Tensor, factor: tuple[Tensor, Tensor] | None = None
-             ) -> Tensor:
-    """``out = table[column]`` per weight, or with ``factor = (table_b, g)``
-    ``out = table[column] + table_b[column] * g``; a chunk at a time, into ``out`` (P, n)."""
-    P = codes.shape[0]
-    for part in _chunks(codes.shape[1]):
-        columns = _columns(codes[:, part])
-        values = table.index_select(0, columns).view(P, -1)
-        if factor is None:
-            out[:, part] = values
-        else:
-            table_b, g = factor
-            torch.addcmul(values, table_b.index_select(0, columns).view(P, -1), g[:, part],
-                          out=out[:, part])
-    return out
+    def sum_per_code(self, weights: Tensor | None = None) -> Tensor:
+        """(P * 65536,) per code: how many weights have it, or the sum of ``weights`` (P, n)
+        over them."""
+        total = None
+        for part, columns in self.chunks():
+            chunk_weights = None if weights is None else weights[:, part].reshape(-1)
+            counts = torch.bincount(columns, weights=chunk_weights,
+                                    minlength=self.codes.shape[0] * _CODES)
+            total = counts if total is None else total.add_(counts)
+        assert total is not None
+        return total
+
+    def look_up(self, table: Tensor, factor: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        """(P, n): ``table[column]`` per weight, or with ``factor = (table_b, g)``
+        ``table[column] + table_b[column] * g``."""
+        P, n = self.codes.shape
+        out = None if n <= CHUNK else table.new_empty(P, n)
+        for part, columns in self.chunks():
+            values = table.index_select(0, columns).view(P, -1)
+            if factor is not None:
+                table_b, g = factor
+                values = torch.addcmul(values, table_b.index_select(0, columns).view(P, -1),
+                                       g[:, part], out=None if out is None else out[:, part])
+            if out is None:
+                return values
+            if factor is None:
+                out[:, part] = values
+        assert out is not None
+        return out
 
 
 def _rough_std(x: Tensor, center: Tensor) -> Tensor:
@@ -179,11 +197,11 @@ def _rough_std(x: Tensor, center: Tensor) -> Tensor:
     return variance.clamp_min(0.0).sqrt_()
 
 
-def _distinct_values(codes: Tensor, dtype: torch.dtype) -> _DistinctValues:
-    """The occupied codes of ``codes`` (P, n), with their float16 values (in units of the
-    palette's ``unit``) and counts."""
-    P = codes.shape[0]
-    dense_counts = _sum_per_code(codes)
+def _distinct_values(columns: _Columns, dtype: torch.dtype) -> _DistinctValues:
+    """The occupied codes, with their float16 values (in units of the palette's ``unit``)
+    and counts."""
+    P = columns.codes.shape[0]
+    dense_counts = columns.sum_per_code()
     ids = dense_counts.nonzero().squeeze(1)
     if P == 1:
         values = ids.to(torch.int16).view(torch.float16).to(dtype)  # int16 wraps like uint16
@@ -247,7 +265,8 @@ class _UniqueDKM(torch.autograd.Function):
     def forward(ctx, x: Tensor, codes: Tensor, center: Tensor, unit: Tensor,
                 scale: Tensor | None, centroids: Tensor, inv_tau: float, max_iter: int,
                 epsilon: float):
-        distinct = _distinct_values(codes, center.dtype)
+        columns = _Columns(codes)
+        distinct = _distinct_values(columns, center.dtype)
         if scale is None:
             scale = _scale_from_values(distinct, unit, center)
         values = distinct.values.mul_(unit / scale)  # normalised: (x - center) / scale
@@ -276,15 +295,15 @@ class _UniqueDKM(torch.autograd.Function):
         ctx.inv_tau = inv_tau
         final = trajectory[-1] * scale + center
         ctx.mark_non_differentiable(final)
-        out = _look_up(codes, table, torch.empty(codes.shape, dtype=x.dtype, device=x.device))
-        return out, final, len(masses)
+        return columns.look_up(table), final, len(masses)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor, _grad_c: Tensor, _grad_iterations):
         codes, values, moments, trajectory, masses, *kept = ctx.saved_tensors
         distinct, two_over_tau = ctx.distinct._replace(values=values), 2.0 * ctx.inv_tau
         g = grad_out.to(values.dtype)
-        G_u = distinct.from_dense(_sum_per_code(codes, g).to(values.dtype))  # sum of g per value
+        columns = _Columns(codes)
+        G_u = distinct.from_dense(columns.sum_per_code(g).to(values.dtype))  # sum of g per value
         T = masses.shape[0]
         for t in range(T, 0, -1):  # iteration t: c_{t-1} -> c_t, attention A_t
             c, c_new, mass = trajectory[t - 1], trajectory[t], masses[t - 1]
@@ -308,8 +327,7 @@ class _UniqueDKM(torch.autograd.Function):
             grad_c = grad_c + _pull(dQ, moments, c)
             U_c = two_over_tau * grad_c + torch.where(live, 0.0, U_c)
         # d L / d x_i = a_u + b_u g_i, with u the value of weight i: two table lookups.
-        grad_x = _look_up(codes, distinct.to_dense(a_coef), torch.empty_like(g),
-                          factor=(distinct.to_dense(b_coef), g))
+        grad_x = columns.look_up(distinct.to_dense(a_coef), factor=(distinct.to_dense(b_coef), g))
         return grad_x.to(grad_out.dtype), None, None, None, None, None, None, None, None
 
 
