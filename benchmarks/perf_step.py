@@ -47,14 +47,14 @@ def build(model_name: str, device: str):
     return WORKLOADS[model_name].build().to(device)
 
 
-def add_dkm(model, bits: int, implementation: str, max_iter: int):
-    """DKM on every supported weight of >= 2048 elements; epsilon 0 so every step runs
-    ``max_iter`` iterations (the worst case)."""
+def add_dkm(model, bits: int, implementation: str, max_iter: int, epsilon: float = 0.0):
+    """DKM on every supported weight of >= 2048 elements; by default epsilon 0, so every step
+    runs ``max_iter`` iterations (the worst case)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the min_size skip warning
         targets = lightning_dkm.select_targets(model, lightning_dkm.ClusterSpec(bits=bits))
     lightning_dkm.attach(
-        model, targets, implementation=implementation, max_iter=max_iter, epsilon=0.0,
+        model, targets, implementation=implementation, max_iter=max_iter, epsilon=epsilon,
         temperature=1e-2,
     )
     return model
@@ -82,9 +82,9 @@ def make_step(model, model_name: str, device: str):
     return step
 
 
-def time_pair(model_name, bits, implementation, steps, warmup, device):
+def time_pair(model_name, bits, implementation, steps, warmup, device, epsilon=0.0):
     plain = build(model_name, device)
-    dkm = add_dkm(copy.deepcopy(plain), bits, implementation, 3)
+    dkm = add_dkm(copy.deepcopy(plain), bits, implementation, 3, epsilon)
     step_plain, step_dkm = make_step(plain, model_name, device), make_step(dkm, model_name, device)
     times_plain, times_dkm = [], []
     for i in range(warmup + steps):
@@ -151,6 +151,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--no-memory", action="store_true")
+    parser.add_argument("--epsilon", type=float, default=0.0,
+                        help="DKM's early-stop threshold; 0 (default) always runs max_iter=3 "
+                             "iterations, the worst case the targets are stated for; the "
+                             "callback's default is 1e-4")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--child", nargs=5, default=None, help=argparse.SUPPRESS)
@@ -169,6 +173,7 @@ def main() -> None:
         "steps": args.steps,
         "warmup": args.warmup,
         "max_iter": 3,
+        "epsilon": args.epsilon,
         "cluster_dim": 1,
     }
     print("setup:", json.dumps(setup))
@@ -178,7 +183,7 @@ def main() -> None:
             for implementation in args.implementations:
                 row = {"model": model_name, "bits": bits, "implementation": implementation}
                 row.update(time_pair(model_name, bits, implementation, args.steps, args.warmup,
-                                     args.device))
+                                     args.device, args.epsilon))
                 if not args.no_memory:
                     plain_mb = peak_memory(model_name, None, implementation, 3, args.device)
                     dkm_mb = peak_memory(model_name, bits, implementation, 3, args.device)

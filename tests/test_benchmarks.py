@@ -33,3 +33,12 @@ def test_perf_scaling_prints_a_row_per_cell(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert {(r["implementation"], r["k"]) for r in rows} == {("chunked", 2), ("chunked", 4)}
     assert all(r["ms"] > 0 and r["extra_mb"] >= 0 for r in rows)
+
+
+def test_unique_agreement_prints_small_value_differences():
+    result = run("unique_agreement.py", "--n", "4000")
+    rows = [line.split() for line in result.stdout.splitlines()[1:]]
+    assert len(rows) == 8  # 2 distributions x 2 k x 2 taus
+    for row in rows:
+        soft_weights, centroids = float(row[3]), float(row[4])
+        assert 0 < soft_weights < 1e-1 and 0 <= centroids < 1e-2
