@@ -44,6 +44,7 @@ from .palette import Palette
 from .report import CompressionReport
 from .schedules import SCHEDULE_NAMES, TemperatureSchedule, build_schedule
 from .targets import DEFAULT_MIN_SIZE, Target, _spec_with_override, select_targets
+from .unique_dkm import GRADIENTS
 
 __all__ = ["DKMCallback"]
 
@@ -149,6 +150,12 @@ class DKMCallback(Callback):
             attention matrix kept per iteration). ``"chunked"`` and ``"reference"`` give the
             same values and gradients up to float rounding. Timings:
             ``docs/benchmarks.md``.
+        gradient: ``"unrolled"`` (default): backpropagate through every DKM iteration.
+            ``"implicit"``: IDKM (arXiv 2312.07759), the gradient at the fixed point the
+            iterations approach, from the last iteration's map and an adjoint solve, so the
+            backward's work and memory do not depend on ``max_iter``; computed by the
+            ``"unique"`` step (cluster_dim 1; ``implementation`` must be ``"auto"`` or
+            ``"unique"``). Only for ``method="dkm"``.
         seed: seed of the k-means++ initialisation (the same on every rank). Default 0.
         finalize: snap the weights and remove the parametrizations when fit ends. Default True.
         save_dir: where the report and the artifact go; default: the trainer's ``log_dir``
@@ -193,6 +200,7 @@ class DKMCallback(Callback):
         max_iter: int = 3,
         epsilon: float = 1e-4,
         implementation: Literal["auto", "unique", "chunked", "reference"] = "auto",
+        gradient: Literal["unrolled", "implicit"] = "unrolled",
         seed: int = 0,
         finalize: bool = True,
         save_dir: str | None = None,
@@ -248,6 +256,20 @@ class DKMCallback(Callback):
                 f"{implementation!r}"
             )
         self.implementation = implementation
+        if gradient not in GRADIENTS:
+            raise ValueError(f"gradient must be one of {GRADIENTS}; got {gradient!r}")
+        if gradient == "implicit":
+            if implementation not in ("auto", "unique"):
+                raise ValueError(
+                    "gradient='implicit' is computed by the 'unique' step; got "
+                    f"implementation={implementation!r} (use 'auto' or 'unique')"
+                )
+            if cluster_dim != 1 or method != "dkm":
+                raise ValueError(
+                    "gradient='implicit' needs method='dkm' and cluster_dim=1; got "
+                    f"method={method!r}, cluster_dim={cluster_dim!r}"
+                )
+        self.gradient = gradient
         self._forward_cache: ExitStack | None = None  # parametrize.cached() of the forward
         self.seed = int(seed)
         self.finalize = finalize
@@ -342,6 +364,7 @@ class DKMCallback(Callback):
             mode="off",
             initialize=init,
             implementation=self.implementation,
+            gradient=self.gradient,
         )
         self._names = [t.name for t in selected]
 

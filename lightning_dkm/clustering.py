@@ -22,6 +22,7 @@ from .layout import ClusterSpec, PaletteLayout
 from .palette import Palette
 from .parametrize import DKMParametrization, Implementation, Mode, stable_seed
 from .targets import Target, clusterable_parameters
+from .unique_dkm import Gradient
 
 __all__ = [
     "ClusteredTensor",
@@ -81,6 +82,7 @@ def attach(
     mode: Mode = "soft",
     initialize: bool = True,
     implementation: Implementation = "auto",
+    gradient: Gradient = "unrolled",
 ) -> dict[str, ClusteredTensor]:
     """Register DKM on every target of ``model`` (idempotent: an already clustered tensor is
     left as it is) and return all clustered tensors.
@@ -104,6 +106,7 @@ def attach(
             seed=stable_seed(seed, target.name),
             mode=mode,
             implementation=implementation,
+            gradient=gradient,
         ).to(weight.device)
         if initialize:
             parametrization.initialize(weight)

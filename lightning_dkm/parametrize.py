@@ -32,7 +32,7 @@ from .fast_dkm import DEFAULT_CHUNK, fast_dkm_cluster
 from .kmeans import kmeans
 from .layout import PaletteLayout
 from .palette import Palette
-from .unique_dkm import unique_dkm_cluster
+from .unique_dkm import GRADIENTS, Gradient, unique_dkm_cluster
 
 __all__ = [
     "AUTO_REFERENCE_MAX_ENTRIES",
@@ -59,11 +59,27 @@ AUTO_UNIQUE_MIN_WEIGHTS = 1 << 14
 AUTO_REFERENCE_MAX_ENTRIES = 1 << 20
 
 
-def resolve_implementation(implementation: str, layout: PaletteLayout) -> str:
+def resolve_implementation(
+    implementation: str, layout: PaletteLayout, gradient: str = "unrolled"
+) -> str:
     """The DKM step ``implementation`` stands for on ``layout``: itself, or for ``"auto"`` the
     fastest one for the tensor's shape (measured in ``benchmarks/perf_step.py``): ``"unique"``
     for scalar clustering of >= ``AUTO_UNIQUE_MIN_WEIGHTS`` weights per palette, else
-    ``"reference"`` while the attention is small, else ``"chunked"``."""
+    ``"reference"`` while the attention is small, else ``"chunked"``. The implicit gradient
+    exists in the ``"unique"`` step only, so ``gradient="implicit"`` resolves to it (and is
+    refused for vectors or another explicit implementation)."""
+    if gradient == "implicit":
+        if layout.spec.cluster_dim != 1:
+            raise ValueError(
+                f"{layout.name}: gradient='implicit' is computed by the 'unique' step, which "
+                f"needs cluster_dim 1; got cluster_dim={layout.spec.cluster_dim}"
+            )
+        if implementation not in ("auto", "unique"):
+            raise ValueError(
+                f"{layout.name}: gradient='implicit' is computed by the 'unique' step; got "
+                f"implementation={implementation!r} (use 'auto' or 'unique')"
+            )
+        return "unique"
     if implementation != "auto":
         return implementation
     P, n, _ = layout.palette_shape
@@ -103,6 +119,10 @@ class DKMParametrization(nn.Module):
             autograd through the unrolled loop); ``"auto"`` (default): per tensor, as
             :func:`resolve_implementation` says.
         chunk: weights per chunk for ``"chunked"``.
+        gradient: ``"unrolled"`` (default: through every iteration) or ``"implicit"`` (IDKM: at
+            the iterations' fixed point, work and memory independent of ``max_iter``; computed
+            by the ``"unique"`` step, see
+            :func:`~lightning_dkm.unique_dkm.unique_dkm_cluster`).
         mode: ``"soft"``, ``"hard"`` or ``"off"`` (module docstring).
     """
 
@@ -121,6 +141,7 @@ class DKMParametrization(nn.Module):
         mode: Mode = "soft",
         implementation: Implementation = "auto",
         chunk: int = DEFAULT_CHUNK,
+        gradient: Gradient = "unrolled",
     ) -> None:
         super().__init__()
         if not isinstance(max_iter, int) or max_iter < 1:
@@ -143,8 +164,11 @@ class DKMParametrization(nn.Module):
                 f"{layout.name}: implementation='unique' needs cluster_dim 1; got "
                 f"{layout.spec.cluster_dim} (use 'chunked')"
             )
+        if gradient not in GRADIENTS:
+            raise ValueError(f"gradient must be one of {GRADIENTS}; got {gradient!r}")
         self.implementation = implementation
-        self.step_implementation = resolve_implementation(implementation, layout)
+        self.gradient = gradient
+        self.step_implementation = resolve_implementation(implementation, layout, gradient)
         self.chunk = chunk
         # Scalar clustering of one palette does not depend on the order of the weights, so the
         # step can run on a flat view instead of the layout's permuted copy (and copy back).
@@ -198,7 +222,11 @@ class DKMParametrization(nn.Module):
         x = weight.reshape(1, -1, 1) if self._order_free else self.layout.to_palettes(weight)
         if self.mode == "soft" and self.training:
             step = _IMPLEMENTATIONS[self.step_implementation]
-            kwargs = {"chunk": self.chunk} if self.step_implementation == "chunked" else {}
+            kwargs: dict = {}
+            if self.step_implementation == "chunked":
+                kwargs["chunk"] = self.chunk
+            elif self.step_implementation == "unique":
+                kwargs["gradient"] = self.gradient
             result = step(
                 x,
                 self.centroids,
@@ -261,5 +289,6 @@ class DKMParametrization(nn.Module):
         return (
             f"bits={spec.bits}, cluster_dim={spec.cluster_dim}, group_size={spec.group_size}, "
             f"palettes={self.layout.num_palettes}, max_iter={self.max_iter}, mode={self.mode!r}, "
-            f"implementation={self.implementation!r} ({self.step_implementation})"
+            f"implementation={self.implementation!r} ({self.step_implementation}), "
+            f"gradient={self.gradient!r}"
         )

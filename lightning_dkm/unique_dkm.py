@@ -39,7 +39,7 @@ the last iteration), :math:`\delta_{ij} = A_{uj}(B_{ij} - \sum_l A_{ul} B_{il})`
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import torch
 from torch import Tensor
@@ -52,7 +52,13 @@ from .dkm import (
     inverse_temperature,
 )
 
-__all__ = ["CHUNK", "KEEP_ATTENTION_MAX_ENTRIES", "unique_dkm_cluster"]
+__all__ = [
+    "CHUNK",
+    "GRADIENTS",
+    "KEEP_ATTENTION_MAX_ENTRIES",
+    "Gradient",
+    "unique_dkm_cluster",
+]
 
 #: The forward keeps its attention matrices for the backward (instead of recomputing them)
 #: while all ``max_iter`` of them together have at most this many entries (4 MiB in float32):
@@ -255,6 +261,62 @@ def _pull(delta: Tensor, moments: Tensor, c: Tensor) -> Tensor:
     return r[:, 1] - c * r[:, 0]
 
 
+class _Update:
+    r"""The vector-Jacobian products of one centroid update :math:`c' = F(c, x)` (iteration
+    attention ``A``, masses ``mass``), for an incoming gradient ``U`` (P, k) on :math:`c'`:
+    :meth:`wrt_x` per distinct value (P, U) and :meth:`wrt_c` (P, k). The formulas are those
+    of the module docstring; both share ``H`` and ``delta``."""
+
+    def __init__(self, values: Tensor, moments: Tensor, A: Tensor, c: Tensor, c_new: Tensor,
+                 mass: Tensor, two_over_tau: float) -> None:
+        self.values, self.moments, self.A, self.c, self.c_new = values, moments, A, c, c_new
+        self.live = mass > EMPTY_MASS
+        self.mass = mass.clamp_min(EMPTY_MASS)
+        self.two_over_tau = two_over_tau
+
+    def _h_delta(self, U: Tensor) -> tuple[Tensor, Tensor]:
+        H = torch.where(self.live, U / self.mass, 0.0)  # (P, k)
+        Q = (self.values.unsqueeze(1) - self.c_new.unsqueeze(-1)).mul_(H.unsqueeze(-1))
+        delta = Q.sub_((self.A * Q).sum(1, keepdim=True)).mul_(self.A)  # (P, k, U)
+        return H, delta
+
+    def wrt_x(self, U: Tensor) -> Tensor:
+        H, delta = self._h_delta(U)
+        through_mean = torch.bmm(H.unsqueeze(1), self.A).squeeze(1)
+        through_logits = torch.bmm(self.c.unsqueeze(1), delta).squeeze(1)
+        return through_mean + self.two_over_tau * through_logits
+
+    def wrt_c(self, U: Tensor) -> Tensor:
+        """Through the logits, plus the identity for empty clusters (whose centroid is carried
+        over unchanged)."""
+        _, delta = self._h_delta(U)
+        return self.two_over_tau * _pull(delta, self.moments, self.c) + torch.where(
+            self.live, 0.0, U
+        )
+
+    def adjoint(self, r: Tensor) -> Tensor:
+        r"""Solve :math:`(I - J^\top) w = r` with :math:`J = \partial F / \partial c` at the
+        fixed point (IDKM's implicit gradient), exactly: :math:`J^\top` is a ``k x k``
+        matrix per palette, :math:`J^\top_{jl} = \tfrac{2}{\tau m_l}(\delta_{jl} D_j -
+        M_{jl})` with :math:`M_{jl} = \sum_u w_u A_{uj} A_{ul} (v_u - c_j)(v_u - c'_l)` and
+        :math:`D_j = \sum_u w_u A_{uj} (v_u - c_j)(v_u - c'_j)` (the expansion of
+        :meth:`wrt_c`): one batched product over the distinct values and a ``k x k`` solve.
+        An empty cluster's centroid is carried over unchanged (:math:`J^\top` is the identity
+        there) and nothing depends on it, so its component is set to 0."""
+        v = self.values.unsqueeze(1)  # (P, 1, U)
+        to_new = v - self.c_new.unsqueeze(-1)  # (P, k, U): v_u - c'_l
+        weighted = (v - self.c.unsqueeze(-1)).mul_(self.A).mul_(self.moments[:, :1])
+        D = (weighted * to_new).sum(-1)  # (P, k)
+        M = torch.bmm(weighted, to_new.mul_(self.A).transpose(1, 2))  # (P, k, k)
+        jacobian_t = (torch.diag_embed(D) - M).mul_(self.two_over_tau / self.mass.unsqueeze(1))
+        k = jacobian_t.shape[-1]
+        eye = torch.eye(k, dtype=jacobian_t.dtype, device=jacobian_t.device)
+        dead = ~self.live
+        system = torch.where(dead.unsqueeze(1) | dead.unsqueeze(2), eye, eye - jacobian_t)
+        rhs = torch.where(self.live, r, 0.0).unsqueeze(-1)
+        return torch.linalg.solve(system, rhs).squeeze(-1)
+
+
 class _UniqueDKM(torch.autograd.Function):
     """DKM of ``x`` (P, n) from ``centroids`` (P, k) (weight units) on the distinct values of
     its ``codes`` (:func:`_float16_codes`, with ``center`` and ``unit``); ``scale``
@@ -264,7 +326,7 @@ class _UniqueDKM(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, codes: Tensor, center: Tensor, unit: Tensor,
                 scale: Tensor | None, centroids: Tensor, inv_tau: float, max_iter: int,
-                epsilon: float):
+                epsilon: float, implicit: bool):
         columns = _Columns(codes)
         distinct = _distinct_values(columns, center.dtype)
         if scale is None:
@@ -272,13 +334,15 @@ class _UniqueDKM(torch.autograd.Function):
         values = distinct.values.mul_(unit / scale)  # normalised: (x - center) / scale
         c0 = (centroids - center) / scale
         moments = _moments(distinct.counts, values)  # mass and weighted sum in one bmm
-        keep = max_iter * values.numel() * c0.shape[1] <= KEEP_ATTENTION_MAX_ENTRIES
+        # The implicit backward needs only the last iteration, the unrolled one all of them.
+        kept_iterations = 1 if implicit else max_iter
+        keep = kept_iterations * values.numel() * c0.shape[1] <= KEEP_ATTENTION_MAX_ENTRIES
         trajectory, masses, kept = [c0], [], []
         for _ in range(max_iter):
             c = trajectory[-1]
             A = _attention(values, c, inv_tau)
             if keep:
-                kept.append(A)
+                kept = [A] if implicit else [*kept, A]
             r = _sum_over_values(moments, A)  # (P, 2, k): sum_u w_u A_uj (1, v_u)
             mass = r[:, 0]
             new = torch.where(mass > EMPTY_MASS, r[:, 1] / mass.clamp_min(EMPTY_MASS), c)
@@ -290,9 +354,11 @@ class _UniqueDKM(torch.autograd.Function):
         y_values = torch.bmm(trajectory[-1].unsqueeze(1), A).squeeze(1)  # (P, U)
         table = distinct.to_dense((y_values * scale + center).to(x.dtype))
         ctx.distinct = distinct._replace(values=None, counts=None)
+        if implicit:  # only the last iteration, c_{T-1} -> c_T
+            trajectory, masses = trajectory[-2:], masses[-1:]
         ctx.save_for_backward(codes, values, moments, torch.stack(trajectory),
                               torch.stack(masses), *kept)
-        ctx.inv_tau = inv_tau
+        ctx.inv_tau, ctx.implicit = inv_tau, implicit
         final = trajectory[-1] * scale + center
         ctx.mark_non_differentiable(final)
         return columns.look_up(table), final, len(masses)
@@ -305,30 +371,33 @@ class _UniqueDKM(torch.autograd.Function):
         columns = _Columns(codes)
         G_u = distinct.from_dense(columns.sum_per_code(g).to(values.dtype))  # sum of g per value
         T = masses.shape[0]
-        for t in range(T, 0, -1):  # iteration t: c_{t-1} -> c_t, attention A_t
-            c, c_new, mass = trajectory[t - 1], trajectory[t], masses[t - 1]
-            A = kept[t - 1] if kept else _attention(values, c, ctx.inv_tau)
-            c_row = c.unsqueeze(1)  # (P, 1, k)
-            if t == T:  # the output y_u = sum_j A_uj c_j'
-                U_c = _sum_over_values(G_u.unsqueeze(1), A).squeeze(1)  # d L / d c_T
-                y = torch.bmm(c_new.unsqueeze(1), A)  # (P, 1, U)
-                dP = (c_new.unsqueeze(-1) - y).mul_(A)  # delta per unit g
-                b_coef = two_over_tau * torch.bmm(c_row, dP).squeeze(1)  # factor of g_i
-                grad_c = _pull(dP, _moments(G_u, values), c)
-                a_coef = torch.zeros_like(values)  # constant part of d L / d x_i
-            else:
-                grad_c = 0.0
-            live = mass > EMPTY_MASS
-            H = torch.where(live, U_c / mass.clamp_min(EMPTY_MASS), 0.0)  # (P, k)
-            Q = (values.unsqueeze(1) - c_new.unsqueeze(-1)).mul_(H.unsqueeze(-1))  # (P, k, U)
-            dQ = Q.sub_((A * Q).sum(1, keepdim=True)).mul_(A)  # delta without the g part
-            a_coef += torch.bmm(H.unsqueeze(1), A).squeeze(1)
-            a_coef += two_over_tau * torch.bmm(c_row, dQ).squeeze(1)
-            grad_c = grad_c + _pull(dQ, moments, c)
-            U_c = two_over_tau * grad_c + torch.where(live, 0.0, U_c)
+        # The output y_u = sum_j A_uj c_j' of the last iteration: d L / d c_T directly, the
+        # factor b_u of g_i, and d L / d c_{T-1} through the output's attention.
+        A = kept[-1] if kept else _attention(values, trajectory[T - 1], ctx.inv_tau)
+        c, c_new = trajectory[T - 1], trajectory[T]
+        U_c = _sum_over_values(G_u.unsqueeze(1), A).squeeze(1)
+        dP = (c_new.unsqueeze(-1) - torch.bmm(c_new.unsqueeze(1), A)).mul_(A)  # per unit g
+        b_coef = two_over_tau * torch.bmm(c.unsqueeze(1), dP).squeeze(1)
+        through_output = two_over_tau * _pull(dP, _moments(G_u, values), c)
+        if ctx.implicit:
+            update = _Update(values, moments, A, c, c_new, masses[T - 1], two_over_tau)
+            a_coef = update.wrt_x(update.adjoint(U_c + through_output))
+        else:
+            a_coef = torch.zeros_like(values)
+            for t in range(T, 0, -1):  # iteration t: c_{t-1} -> c_t, attention A_t
+                if t != T:
+                    c, c_new = trajectory[t - 1], trajectory[t]
+                    A = kept[t - 1] if kept else _attention(values, c, ctx.inv_tau)
+                update = _Update(values, moments, A, c, c_new, masses[t - 1], two_over_tau)
+                a_coef += update.wrt_x(U_c)
+                U_c = update.wrt_c(U_c) + (through_output if t == T else 0.0)
         # d L / d x_i = a_u + b_u g_i, with u the value of weight i: two table lookups.
         grad_x = columns.look_up(distinct.to_dense(a_coef), factor=(distinct.to_dense(b_coef), g))
-        return grad_x.to(grad_out.dtype), None, None, None, None, None, None, None, None
+        return grad_x.to(grad_out.dtype), None, None, None, None, None, None, None, None, None
+
+
+Gradient = Literal["unrolled", "implicit"]
+GRADIENTS = ("unrolled", "implicit")
 
 
 def unique_dkm_cluster(
@@ -339,15 +408,25 @@ def unique_dkm_cluster(
     max_iter: int = 3,
     epsilon: float = 1e-4,
     normalization: Normalization | None = None,
+    gradient: Gradient = "unrolled",
 ) -> DKMOutput:
     """DKM for ``cluster_dim = 1`` on the distinct float16 values of the normalised weights.
 
     Same arguments and outputs as :func:`~lightning_dkm.dkm.dkm_cluster` (``attention`` is an
     empty tensor); values and gradients are those of DKM on the rounded weights (module
     docstring).
+
+    ``gradient="unrolled"`` differentiates through every iteration; ``"implicit"`` (IDKM,
+    arXiv 2312.07759) differentiates at the fixed point the iterations approach: the last
+    iteration's map, with the adjoint equation :math:`w = r + J^T w` solved exactly (``J`` is
+    ``k x k``), so the backward's work and memory do not depend on ``max_iter`` (run as many
+    iterations as convergence needs). It equals the unrolled gradient in the limit of many
+    iterations (tested), and differs from it after few.
     """
     if x.shape[-1] != 1:
         raise ValueError(f"the 'unique' DKM step needs cluster_dim 1; got {x.shape[-1]}")
+    if gradient not in GRADIENTS:
+        raise ValueError(f"gradient must be one of {GRADIENTS}; got {gradient!r}")
     check_step_arguments(tau, max_iter, epsilon)
     compute_dtype = torch.promote_types(x.dtype, torch.float32)
     codes, center, unit, scale = _float16_codes(
@@ -356,7 +435,7 @@ def unique_dkm_cluster(
     out, final, iterations = _UniqueDKM.apply(
         x.squeeze(-1), codes, center, unit, scale,
         centroids.detach().squeeze(-1).to(compute_dtype), inverse_temperature(tau), max_iter,
-        epsilon,
+        epsilon, gradient == "implicit",
     )
     final = final.to(centroids.dtype).unsqueeze(-1)
     return DKMOutput(out.unsqueeze(-1), final, out.new_empty(0), iterations)

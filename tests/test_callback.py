@@ -132,6 +132,10 @@ def test_centroids_are_seeded_at_start_epoch_from_the_weights_then(tmp_path):
         ({"start_epoch": 3, "hard_epoch": 1}, r"hard_epoch.*start_epoch \(3\).*1"),
         ({"bits": 0}, r"bits.*1\.\.8.*0"),
         ({"max_iter": 0}, r"max_iter.*0"),
+        ({"gradient": "exact"}, r"gradient must be one of.*got 'exact'"),
+        ({"gradient": "implicit", "implementation": "chunked"},
+         r"implicit.*'unique' step.*implementation='chunked'"),
+        ({"gradient": "implicit", "cluster_dim": 2}, r"implicit.*cluster_dim=1.*cluster_dim=2"),
     ],
 )
 def test_bad_arguments_fail_at_construction_naming_the_value(kwargs, message):
@@ -218,3 +222,14 @@ def test_each_training_forward_runs_dkm_once_per_tensor(tmp_path, monkeypatch):
     # two clustered tensors, three training steps: one DKM step each, despite the second read
     assert sorted(calls) == sorted(["body.0.weight", "body.2.weight"] * 3)
     assert parametrize._cache_enabled == 0  # the cache does not outlive the step
+
+
+def test_implicit_gradient_trains_with_the_unique_step(tmp_path):
+    model, _ = fit(tmp_path, DKMCallback(bits=2, gradient="implicit", finalize=False),
+                   max_epochs=1, limit_train_batches=3, limit_val_batches=0)
+    tensors = clustered_tensors(model)
+    assert tensors and all(
+        t.parametrization.step_implementation == "unique"
+        and t.parametrization.gradient == "implicit"
+        for t in tensors.values()
+    )

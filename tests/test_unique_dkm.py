@@ -94,3 +94,50 @@ def test_chunked_passes_give_the_same_result_as_one_chunk(P, monkeypatch):
         results.append((out.weights.detach(), out.centroids, xi.grad))
     for one, many in zip(*results, strict=True):
         torch.testing.assert_close(many, one, rtol=1e-5, atol=1e-7)
+
+
+# -- the implicit (IDKM) gradient -------------------------------------------------------------
+def _gradient(x, c, tau, max_iter, gradient, norm, upstream):
+    xi = x.clone().requires_grad_()
+    out = unique_dkm_cluster(xi, c, tau, max_iter=max_iter, epsilon=0, normalization=norm,
+                             gradient=gradient)
+    (out.weights * upstream).sum().backward()
+    return out, xi.grad
+
+
+@pytest.mark.parametrize(("k", "tau"), [(4, 1e-1), (8, 1e-1)])
+def test_implicit_gradient_is_the_limit_of_the_unrolled_one(k, tau):
+    """Once the iterations have converged, differentiating at the fixed point (IDKM) gives
+    what backpropagating through all of them gives."""
+    torch.manual_seed(0)
+    x = torch.randn(1, 20000, 1).half().float()
+    norm = Normalization(torch.zeros(1, 1, 1), torch.ones(1, 1, 1))
+    c = kmeans(x, k, torch.Generator().manual_seed(0), max_iter=5).centroids
+    upstream = torch.randn_like(x)
+    unrolled_out, unrolled = _gradient(x, c, tau, 200, "unrolled", norm, upstream)
+    implicit_out, implicit = _gradient(x, c, tau, 200, "implicit", norm, upstream)
+    torch.testing.assert_close(implicit_out.weights, unrolled_out.weights)  # same forward
+    assert rel(implicit, unrolled) < 1e-4
+    # ... and after few iterations the two differ: the implicit one assumes convergence
+    _, unrolled_3 = _gradient(x, c, tau, 3, "unrolled", norm, upstream)
+    _, implicit_3 = _gradient(x, c, tau, 3, "implicit", norm, upstream)
+    assert rel(implicit_3, unrolled_3) > 1e-3
+
+
+def test_implicit_backward_saves_the_same_whatever_max_iter():
+    x = (torch.randn(1, 30000, 1) * 0.02).requires_grad_()
+    c = kmeans(x.detach(), 4, torch.Generator().manual_seed(0), max_iter=5).centroids
+    saved: dict[int, list[int]] = {1: [], 9: []}
+    for max_iter, sizes in saved.items():
+        def pack(t, sizes=sizes):
+            sizes.append(t.numel())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            unique_dkm_cluster(x, c, 1e-2, max_iter=max_iter, epsilon=0, gradient="implicit")
+    assert sum(saved[1]) == sum(saved[9]) > 0
+
+
+def test_unknown_gradient_is_refused():
+    with pytest.raises(ValueError, match=r"gradient must be one of .*got 'exact'"):
+        unique_dkm_cluster(torch.randn(1, 100, 1), torch.randn(1, 4, 1), 1e-2, gradient="exact")
