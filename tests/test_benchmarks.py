@@ -42,3 +42,10 @@ def test_unique_agreement_prints_small_value_differences():
     for row in rows:
         soft_weights, centroids = float(row[3]), float(row[4])
         assert 0 < soft_weights < 1e-1 and 0 <= centroids < 1e-2
+
+
+def test_implicit_gradient_script_prints_one_row_per_case():
+    result = run("implicit_gradient.py")
+    rows = [line.split() for line in result.stdout.splitlines()[1:]]
+    assert len(rows) == 4
+    assert float(rows[0][2]) < 1e-4  # k=4, tau=0.1: converged, implicit == unrolled limit
