@@ -41,10 +41,10 @@ from .methods import (
 )
 from .monitor import measure_all
 from .palette import Palette
+from .parametrize import check_gradient
 from .report import CompressionReport
 from .schedules import SCHEDULE_NAMES, TemperatureSchedule, build_schedule
 from .targets import DEFAULT_MIN_SIZE, Target, _spec_with_override, select_targets
-from .unique_dkm import GRADIENTS
 
 __all__ = ["DKMCallback"]
 
@@ -256,19 +256,12 @@ class DKMCallback(Callback):
                 f"{implementation!r}"
             )
         self.implementation = implementation
-        if gradient not in GRADIENTS:
-            raise ValueError(f"gradient must be one of {GRADIENTS}; got {gradient!r}")
-        if gradient == "implicit":
-            if implementation not in ("auto", "unique"):
-                raise ValueError(
-                    "gradient='implicit' is computed by the 'unique' step; got "
-                    f"implementation={implementation!r} (use 'auto' or 'unique')"
-                )
-            if cluster_dim != 1 or method != "dkm":
-                raise ValueError(
-                    "gradient='implicit' needs method='dkm' and cluster_dim=1; got "
-                    f"method={method!r}, cluster_dim={cluster_dim!r}"
-                )
+        check_gradient(gradient, implementation, "DKMCallback")
+        if gradient == "implicit" and (cluster_dim != 1 or method != "dkm"):
+            raise ValueError(
+                "DKMCallback: gradient='implicit' needs method='dkm' and cluster_dim=1; got "
+                f"method={method!r}, cluster_dim={cluster_dim!r}"
+            )
         self.gradient = gradient
         self._forward_cache: ExitStack | None = None  # parametrize.cached() of the forward
         self.seed = int(seed)

@@ -39,6 +39,7 @@ __all__ = [
     "AUTO_UNIQUE_MIN_WEIGHTS",
     "DKMParametrization",
     "Mode",
+    "check_gradient",
     "resolve_implementation",
     "stable_seed",
 ]
@@ -59,6 +60,18 @@ AUTO_UNIQUE_MIN_WEIGHTS = 1 << 14
 AUTO_REFERENCE_MAX_ENTRIES = 1 << 20
 
 
+def check_gradient(gradient: str, implementation: str, where: str = "DKM") -> None:
+    """``gradient`` is one of ``GRADIENTS``, and ``"implicit"`` comes with an implementation
+    that computes it (``"auto"`` or ``"unique"``)."""
+    if gradient not in GRADIENTS:
+        raise ValueError(f"{where}: gradient must be one of {GRADIENTS}; got {gradient!r}")
+    if gradient == "implicit" and implementation not in ("auto", "unique"):
+        raise ValueError(
+            f"{where}: gradient='implicit' is computed by the 'unique' step; got "
+            f"implementation={implementation!r} (use 'auto' or 'unique')"
+        )
+
+
 def resolve_implementation(
     implementation: str, layout: PaletteLayout, gradient: str = "unrolled"
 ) -> str:
@@ -68,16 +81,12 @@ def resolve_implementation(
     ``"reference"`` while the attention is small, else ``"chunked"``. The implicit gradient
     exists in the ``"unique"`` step only, so ``gradient="implicit"`` resolves to it (and is
     refused for vectors or another explicit implementation)."""
+    check_gradient(gradient, implementation, layout.name)
     if gradient == "implicit":
         if layout.spec.cluster_dim != 1:
             raise ValueError(
                 f"{layout.name}: gradient='implicit' is computed by the 'unique' step, which "
                 f"needs cluster_dim 1; got cluster_dim={layout.spec.cluster_dim}"
-            )
-        if implementation not in ("auto", "unique"):
-            raise ValueError(
-                f"{layout.name}: gradient='implicit' is computed by the 'unique' step; got "
-                f"implementation={implementation!r} (use 'auto' or 'unique')"
             )
         return "unique"
     if implementation != "auto":
@@ -164,8 +173,6 @@ class DKMParametrization(nn.Module):
                 f"{layout.name}: implementation='unique' needs cluster_dim 1; got "
                 f"{layout.spec.cluster_dim} (use 'chunked')"
             )
-        if gradient not in GRADIENTS:
-            raise ValueError(f"gradient must be one of {GRADIENTS}; got {gradient!r}")
         self.implementation = implementation
         self.gradient = gradient
         self.step_implementation = resolve_implementation(implementation, layout, gradient)
