@@ -55,6 +55,7 @@ __all__ = [
     "inverse_temperature",
     "normalization_of",
     "normalized_problem",
+    "scale_floor",
     "scale_of",
     "soft_assignment",
     "update_centroids",
@@ -98,9 +99,13 @@ def scale_of(deviations: Tensor, center: Tensor) -> Tensor:
     without a temporary the size of the weights."""
     count = deviations.shape[1] * deviations.shape[2]
     std = torch.linalg.vector_norm(deviations, dim=(1, 2), keepdim=True) / math.sqrt(count)
-    eps = torch.finfo(deviations.dtype).eps
-    floor = (eps * center.abs().amax(dim=-1, keepdim=True)).clamp_min(1e-12)
-    return torch.maximum(std, floor)
+    return torch.maximum(std, scale_floor(center.abs().amax(dim=-1, keepdim=True)))
+
+
+def scale_floor(center: Tensor) -> Tensor:
+    """The smallest scale a palette with this ``center`` gets: float rounding of the centre
+    (never below 1e-12), so that a constant palette still has a finite, positive scale."""
+    return (torch.finfo(center.dtype).eps * center.abs()).clamp_min(1e-12)
 
 
 def _normalize(t: Tensor, norm: Normalization) -> Tensor:

@@ -50,6 +50,7 @@ from .dkm import (
     Normalization,
     check_step_arguments,
     inverse_temperature,
+    scale_floor,
 )
 
 __all__ = [
@@ -231,8 +232,7 @@ def _scale_from_values(distinct: _DistinctValues, unit: Tensor, center: Tensor) 
     their counts, with the same floor as :func:`~lightning_dkm.dkm.scale_of`."""
     second_moment = (distinct.counts * distinct.values.square()).sum(1, keepdim=True)
     std = second_moment.div_(distinct.counts.sum(1, keepdim=True)).sqrt_() * unit
-    floor = (torch.finfo(center.dtype).eps * center.abs()).clamp_min(1e-12)
-    return torch.maximum(std, floor)
+    return torch.maximum(std, scale_floor(center))
 
 
 def _attention(v: Tensor, c: Tensor, inv_tau: float) -> Tensor:
@@ -264,8 +264,9 @@ def _pull(delta: Tensor, moments: Tensor, c: Tensor) -> Tensor:
 class _Update:
     r"""The vector-Jacobian products of one centroid update :math:`c' = F(c, x)` (iteration
     attention ``A``, masses ``mass``), for an incoming gradient ``U`` (P, k) on :math:`c'`:
-    :meth:`wrt_x` per distinct value (P, U) and :meth:`wrt_c` (P, k). The formulas are those
-    of the module docstring; both share ``H`` and ``delta``."""
+    :meth:`wrt_x` per distinct value (P, U), and with it the one on the old centroids (P, k)
+    in :meth:`wrt_x_and_c`. The formulas are those of the module docstring; both share ``H``
+    and ``delta``."""
 
     def __init__(self, values: Tensor, moments: Tensor, A: Tensor, c: Tensor, c_new: Tensor,
                  mass: Tensor, two_over_tau: float) -> None:
@@ -281,15 +282,21 @@ class _Update:
         return H, delta
 
     def wrt_x(self, U: Tensor) -> Tensor:
+        return self._wrt_x(U, *self._h_delta(U))
+
+    def wrt_x_and_c(self, U: Tensor) -> tuple[Tensor, Tensor]:
+        """Both products from one ``H`` and ``delta`` (the unrolled backward needs both)."""
         H, delta = self._h_delta(U)
+        return self._wrt_x(U, H, delta), self._wrt_c(U, delta)
+
+    def _wrt_x(self, U: Tensor, H: Tensor, delta: Tensor) -> Tensor:
         through_mean = torch.bmm(H.unsqueeze(1), self.A).squeeze(1)
         through_logits = torch.bmm(self.c.unsqueeze(1), delta).squeeze(1)
         return through_mean + self.two_over_tau * through_logits
 
-    def wrt_c(self, U: Tensor) -> Tensor:
+    def _wrt_c(self, U: Tensor, delta: Tensor) -> Tensor:
         """Through the logits, plus the identity for empty clusters (whose centroid is carried
         over unchanged)."""
-        _, delta = self._h_delta(U)
         return self.two_over_tau * _pull(delta, self.moments, self.c) + torch.where(
             self.live, 0.0, U
         )
@@ -299,8 +306,9 @@ class _Update:
         fixed point (IDKM's implicit gradient), exactly: :math:`J^\top` is a ``k x k``
         matrix per palette, :math:`J^\top_{jl} = \tfrac{2}{\tau m_l}(\delta_{jl} D_j -
         M_{jl})` with :math:`M_{jl} = \sum_u w_u A_{uj} A_{ul} (v_u - c_j)(v_u - c'_l)` and
-        :math:`D_j = \sum_u w_u A_{uj} (v_u - c_j)(v_u - c'_j)` (the expansion of
-        :meth:`wrt_c`): one batched product over the distinct values and a ``k x k`` solve.
+        :math:`D_j = \sum_u w_u A_{uj} (v_u - c_j)(v_u - c'_j)` (the expansion of the
+        product on the old centroids): one batched product over the distinct values and a
+        ``k x k`` solve.
         An empty cluster's centroid is carried over unchanged (:math:`J^\top` is the identity
         there) and nothing depends on it, so its component is set to 0."""
         v = self.values.unsqueeze(1)  # (P, 1, U)
@@ -389,8 +397,9 @@ class _UniqueDKM(torch.autograd.Function):
                     c, c_new = trajectory[t - 1], trajectory[t]
                     A = kept[t - 1] if kept else _attention(values, c, ctx.inv_tau)
                 update = _Update(values, moments, A, c, c_new, masses[t - 1], two_over_tau)
-                a_coef += update.wrt_x(U_c)
-                U_c = update.wrt_c(U_c) + (through_output if t == T else 0.0)
+                wrt_x, wrt_c = update.wrt_x_and_c(U_c)
+                a_coef += wrt_x
+                U_c = wrt_c + (through_output if t == T else 0.0)
         # d L / d x_i = a_u + b_u g_i, with u the value of weight i: two table lookups.
         grad_x = columns.look_up(distinct.to_dense(a_coef), factor=(distinct.to_dense(b_coef), g))
         return grad_x.to(grad_out.dtype), None, None, None, None, None, None, None, None, None
