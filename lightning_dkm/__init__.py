@@ -4,7 +4,7 @@ The engine (``kmeans``, ``dkm``, ``layout``, ``parametrize``) is plain PyTorch; 
 callback builds on it.
 """
 
-from .artifact import load_compressed, read_metadata, save_compressed
+from .artifact import load_compressed, read_metadata, read_palettes, save_compressed
 from .bitpack import pack_bits, unpack_bits
 from .clustering import ClusteredTensor, attach, clustered_tensors, finalize
 from .energy import EnergyModel, count_macs
@@ -36,6 +36,7 @@ __all__ = [
     "pack_bits",
     "palettize",
     "read_metadata",
+    "read_palettes",
     "save_compressed",
     "select_targets",
     "unpack_bits",

@@ -3,22 +3,28 @@
 Layout of the file (no pickle anywhere; ``safetensors`` parses it):
 
 * ``lut/<name>``: the LUTs of clustered tensor ``<name>``, shape ``(P, 2**bits, cluster_dim)``,
-  dtype float16 or float32;
+  dtype float16 or float32 (a float16 file keeps the LUT of a tensor with a centroid beyond
+  float16's range, ``|value| > 65504``, in float32 and records that in its layout entry);
 * ``indices/<name>``: its ``P * n`` palette indices (an index addresses one ``cluster_dim``-vector)
   bit-packed at exactly ``bits`` bits each (:mod:`lightning_dkm.bitpack`), a 1-D uint8 tensor;
 * ``state/<name>``: every other tensor of ``model.state_dict()``, as it is; a tensor reachable
   under several names (tied weights) is stored once and the other names are recorded as aliases;
 * string metadata: ``lightning_dkm.format`` (``"lightning_dkm.compressed"``),
   ``lightning_dkm.version`` (``"1"``), ``lightning_dkm.layout`` (JSON: per clustered tensor its
-  shape, dtype, bits, cluster_dim, group_size, group_axis, vector_axis and index count, plus the
-  aliases), ``lightning_dkm.sha256`` (a digest of every tensor and every other metadata entry),
-  and any user metadata.
+  shape, dtype, bits, cluster_dim, group_size, group_axis, vector_axis and index count, plus
+  ``lut_dtype`` where its LUT is stored at another dtype than the file's, and the aliases),
+  ``lightning_dkm.sha256`` (a digest of every tensor and every other metadata entry), and any
+  user metadata.
 
-:func:`load_compressed` treats the file as untrusted: it checks the format, the digest, the
-layout, every tensor's shape and byte length, and the match with the target model, all before
-the first write into the model, and raises ``ValueError`` on any mismatch. The file's tensor
-data is exactly :attr:`CompressionReport.total_bytes <lightning_dkm.report.CompressionReport>`
-bytes.
+Files are written atomically (:func:`~lightning_dkm.palette.write_atomically`): a temporary
+file in the same directory, flushed to disk, then moved into place, so an interrupted save
+leaves the previous file (or none), never a truncated one.
+
+:func:`load_compressed` and :func:`read_palettes` treat the file as untrusted: they check the
+format, the digest, the layout, every tensor's shape and byte length (and ``load_compressed``
+the match with the target model), all before the first write into the model, and raise
+``ValueError`` naming the file and what is wrong. The file's tensor data is exactly
+:attr:`CompressionReport.total_bytes <lightning_dkm.report.CompressionReport>` bytes.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -35,12 +42,19 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from ._state import state_tensors
+from ._state import StateTensors, state_tensors
 from .bitpack import pack_bits, packed_size, unpack_bits
 from .layout import ClusterSpec, PaletteLayout
-from .palette import Palette
+from .palette import FLOAT16_MAX, Palette, write_atomically
 
-__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "load_compressed", "read_metadata", "save_compressed"]
+__all__ = [
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "load_compressed",
+    "read_metadata",
+    "read_palettes",
+    "save_compressed",
+]
 
 FORMAT_NAME = "lightning_dkm.compressed"
 FORMAT_VERSION = "1"
@@ -56,6 +70,15 @@ _LUT_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 _ENTRY_KEYS = {
     "shape", "dtype", "bits", "cluster_dim", "group_size", "group_axis", "vector_axis", "count",
 }
+_OPTIONAL_ENTRY_KEYS = {"lut_dtype"}  # only where it differs from the file's lut_dtype
+_REQUIRED_METADATA = (_KEY_FORMAT, _KEY_VERSION, _KEY_LAYOUT, _KEY_DIGEST)
+
+# A weight "looks clustered" when it is a Parameter of >= 2 dims, at least this large (the
+# default min_size of targets.select_targets, not imported: artifact sits below targets), and
+# holds 2..256 distinct values: what finalize leaves behind with one palette of <= 8 bits.
+_LOOKS_CLUSTERED_MIN_SIZE = 2048
+_LOOKS_CLUSTERED_MAX_VALUES = 256
+_LOOKS_CLUSTERED_PROBE = 4096  # more distinct values than this many leading elements: dense
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -94,6 +117,124 @@ def _check_user_metadata(metadata: Mapping[str, str] | None) -> dict[str, str]:
     return out
 
 
+def _looks_clustered(tensor: Tensor) -> int | None:
+    """The number of distinct values of ``tensor`` when it looks like a finalized (snapped)
+    weight, else ``None``: a floating-point tensor of at least 2048 elements holding 2..256
+    distinct values, which is what finalize leaves behind with one palette of at most 8 bits
+    (a constant tensor, e.g. a zero-initialised layer, does not count)."""
+    if not tensor.is_floating_point() or tensor.numel() < _LOOKS_CLUSTERED_MIN_SIZE:
+        return None
+    flat = tensor.detach().reshape(-1)
+    if torch.unique(flat[:_LOOKS_CLUSTERED_PROBE]).numel() > _LOOKS_CLUSTERED_MAX_VALUES:
+        return None  # the common case, a dense weight, without sorting the whole tensor
+    distinct = int(torch.unique(flat).numel())
+    return distinct if 2 <= distinct <= _LOOKS_CLUSTERED_MAX_VALUES else None
+
+
+def _clustered_looking(state: StateTensors) -> dict[str, int]:
+    """``{name: distinct values}`` of every Parameter of at least 2 dims (the tensors a layout
+    can cluster) that :func:`_looks_clustered`."""
+    found: dict[str, int] = {}
+    for name, tensor in state.tensors.items():
+        if name in state.parameters and tensor.dim() >= 2:
+            distinct = _looks_clustered(tensor)
+            if distinct is not None:
+                found[name] = distinct
+    return found
+
+
+def _refuse_forgotten_palettes(state: StateTensors) -> None:
+    """Empty ``palettes`` for a model that was clustered would silently store it dense."""
+    found = _clustered_looking(state)
+    if found:
+        listing = ", ".join(f"{name} ({n} distinct values)" for name, n in list(found.items())[:10])
+        more = f" and {len(found) - 10} more" if len(found) > 10 else ""
+        raise ValueError(
+            f"palettes is empty, but these weights look clustered (parameters of >= "
+            f"{_LOOKS_CLUSTERED_MIN_SIZE} elements with at most {_LOOKS_CLUSTERED_MAX_VALUES} "
+            f"distinct values): {listing}{more}. Without their palettes they would be stored "
+            "dense, at full size. Pass the palettes: DKMCallback.palettes after fit, or what "
+            "finalize()/palettize() returned (read_palettes() reads them back from an artifact). "
+            "To store these weights dense on purpose, pass allow_dense=True."
+        )
+
+
+def _checked_weight(name: str, palette: Palette, weight: Tensor | None) -> Tensor:
+    """The model's tensor ``name``, which ``palette`` must describe exactly, with finite
+    centroids."""
+    if weight is None:
+        raise ValueError(
+            f"palette {name!r} has no tensor of that name in model.state_dict(); pass the "
+            "finalized model (after finalize() or palettize()) and its palettes"
+        )
+    if not isinstance(palette, Palette):
+        raise ValueError(
+            f"palettes[{name!r}] must be a Palette (from finalize()/palettize()); got "
+            f"{type(palette).__name__}"
+        )
+    if tuple(weight.shape) != palette.layout.shape:
+        raise ValueError(
+            f"palette {name!r} is for shape {palette.layout.shape}, but the model's {name!r} "
+            f"has shape {tuple(weight.shape)}; pass the palettes that finalize()/palettize() "
+            "returned for this model"
+        )
+    if not bool(torch.isfinite(palette.lut).all()):
+        raise ValueError(
+            f"palette {name!r} has NaN or Inf centroids (did training diverge?); a file holding "
+            "them could not be loaded, so none is written. Check the loss and the weights of "
+            f"{name!r}"
+        )
+    rebuilt = palette.weight().to(device=weight.device, dtype=weight.dtype)
+    if not torch.equal(rebuilt, weight):
+        differ = int((rebuilt != weight).sum())
+        raise ValueError(
+            f"palette {name!r} does not reproduce the model's {name!r} ({differ} of "
+            f"{weight.numel()} elements differ): the weight changed after finalize() (more "
+            "training steps, or an in-place edit). Save the model as finalize()/palettize() left "
+            "it, with the palettes that call returned, or run palettize() on the changed model"
+        )
+    return weight
+
+
+def _stored_lut(name: str, palette: Palette, lut_dtype: torch.dtype) -> Tensor:
+    """The LUT as the file stores it: at ``lut_dtype``, or at float32 (with a warning) where a
+    centroid lies beyond float16's range and would otherwise be stored as ``inf``."""
+    dtype = palette.stored_lut_dtype(lut_dtype)
+    lut = palette.lut.detach().to("cpu")
+    if dtype != lut_dtype:
+        flat = lut.reshape(-1).float()
+        value = float(flat[flat.abs().argmax()])
+        warnings.warn(
+            f"{name!r}: centroid {value:g} lies beyond the float16 range (|value| <= "
+            f"{FLOAT16_MAX:g}); stored in float16 it would be inf and the file could not be "
+            f"loaded. This tensor's LUT is stored in float32 instead ("
+            f"{palette.lut_bytes(torch.float32)} bytes, not {palette.lut_bytes(lut_dtype)}; the "
+            "compression report counts it so). To keep float16, keep the weights in range "
+            "(e.g. weight decay); lut_dtype=torch.float32 stores every LUT in float32.",
+            stacklevel=3,
+        )
+    return lut.to(dtype).contiguous()
+
+
+def _clustered_entry(palette: Palette, weight: Tensor, stored: Tensor,
+                     lut_dtype: torch.dtype) -> dict[str, Any]:
+    """The layout entry of one clustered tensor (``lut_dtype`` only where it differs)."""
+    layout, spec = palette.layout, palette.layout.spec
+    entry: dict[str, Any] = {
+        "shape": list(layout.shape),
+        "dtype": _dtype_name(weight.dtype),
+        "bits": spec.bits,
+        "cluster_dim": spec.cluster_dim,
+        "group_size": spec.group_size,
+        "group_axis": layout.group_axis,
+        "vector_axis": layout.vector_axis,
+        "count": palette.num_indices,
+    }
+    if stored.dtype != lut_dtype:
+        entry["lut_dtype"] = _dtype_name(stored.dtype)
+    return entry
+
+
 def save_compressed(
     model: nn.Module,
     path: str | os.PathLike[str],
@@ -101,28 +242,41 @@ def save_compressed(
     *,
     lut_dtype: torch.dtype = torch.float16,
     metadata: Mapping[str, str] | None = None,
+    allow_dense: bool = False,
 ) -> Path:
     """Write the finalized ``model`` as LUTs + bit-packed indices + its other tensors.
+
+    The file is written atomically (:func:`~lightning_dkm.palette.write_atomically`): an
+    interrupted save leaves the previous file at ``path`` (or none), never a truncated one.
 
     Args:
         model: the model after :func:`~lightning_dkm.finalize` or
             :func:`~lightning_dkm.palettize`; each clustered weight must equal
             ``palettes[name].weight()``.
-        path: the file to write (replaced atomically).
-        palettes: what ``finalize``/``palettize`` returned. They are required rather than
-            re-derived from the weights because they carry the layout (bits, cluster_dim,
-            group_size, axes), which the weights alone do not.
+        path: the file to write (replaced atomically); its directory must exist.
+        palettes: what ``finalize``/``palettize`` returned (``DKMCallback.palettes`` after
+            fit). They are required rather than re-derived from the weights because they carry
+            the layout (bits, cluster_dim, group_size, axes), which the weights alone do not.
+            An empty mapping stores every tensor dense, which is allowed for a model with no
+            weight that looks clustered (a Parameter of >= 2 dims and >= 2048 elements holding
+            2..256 distinct values, as finalize leaves a per-tensor palette); for one that has
+            such weights it is an error, since the palettes were most likely forgotten.
         lut_dtype: ``torch.float16`` (half the LUT bytes; the loaded weights are the
-            fp16-rounded centroids) or ``torch.float32`` (loads bit for bit).
+            fp16-rounded centroids) or ``torch.float32`` (loads bit for bit). With float16, a
+            tensor with a centroid beyond float16's range (``|value| > 65504``) keeps its LUT in
+            float32, with a warning, so the file loads back exactly.
         metadata: extra ``str -> str`` entries for the file header.
+        allow_dense: with empty ``palettes``, store weights that look clustered dense anyway.
 
     Returns:
         The path written.
 
     Raises:
-        ValueError: an unsupported ``lut_dtype``, a palette with no tensor of its name in
-            ``model.state_dict()`` or one that differs from that tensor, non-tensor state
-            (``get_extra_state``), or bad ``metadata``.
+        ValueError: an unsupported ``lut_dtype``; empty ``palettes`` while weights look
+            clustered (and not ``allow_dense``); a palette with no tensor of its name in
+            ``model.state_dict()``, of another shape, with NaN/Inf centroids, or that differs
+            from that tensor; non-tensor state (``get_extra_state``); or bad ``metadata``.
+        FileNotFoundError: the directory of ``path`` does not exist.
     """
     if lut_dtype not in _LUT_DTYPES.values():
         raise ValueError(f"lut_dtype must be one of {list(_LUT_DTYPES)}; got {lut_dtype}")
@@ -138,36 +292,19 @@ def save_compressed(
             f"state_dict entries that are not tensors cannot be stored without pickle: "
             f"{', '.join(state.non_tensors)}"
         )
+    if not palettes and not allow_dense:
+        _refuse_forgotten_palettes(state)
 
     tensors: dict[str, Tensor] = {}
     entries: dict[str, dict[str, Any]] = {}
     for name, palette in palettes.items():
-        weight = state.tensors.get(name)
-        if weight is None:
-            raise ValueError(
-                f"palette {name!r} has no tensor of that name in model.state_dict(); pass the "
-                "finalized model (after finalize() or palettize()) and its palettes"
-            )
-        layout, spec = palette.layout, palette.layout.spec
-        if tuple(weight.shape) != layout.shape or not torch.equal(
-            palette.weight().to(device=weight.device, dtype=weight.dtype), weight
-        ):
-            raise ValueError(
-                f"palette {name!r} does not reproduce the model's {name!r}; pass the palettes "
-                "that finalize()/palettize() returned for this model"
-            )
-        tensors[_LUT + name] = palette.lut.detach().to("cpu", lut_dtype).contiguous()
-        tensors[_INDICES + name] = pack_bits(palette.indices.detach().cpu(), spec.bits)
-        entries[name] = {
-            "shape": list(layout.shape),
-            "dtype": _dtype_name(weight.dtype),
-            "bits": spec.bits,
-            "cluster_dim": spec.cluster_dim,
-            "group_size": spec.group_size,
-            "group_axis": layout.group_axis,
-            "vector_axis": layout.vector_axis,
-            "count": palette.num_indices,
-        }
+        weight = _checked_weight(name, palette, state.tensors.get(name))
+        lut = _stored_lut(name, palette, lut_dtype)
+        tensors[_LUT + name] = lut
+        tensors[_INDICES + name] = pack_bits(
+            palette.indices.detach().cpu(), palette.layout.spec.bits
+        )
+        entries[name] = _clustered_entry(palette, weight, lut, lut_dtype)
     storages: set[tuple] = set()
     for name, t in state.tensors.items():
         if name in palettes:
@@ -190,12 +327,7 @@ def save_compressed(
     }
     header[_KEY_DIGEST] = _digest(header, tensors)
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        save_file(tensors, str(tmp), metadata=header)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_atomically({path: lambda tmp: save_file(tensors, str(tmp), metadata=header)})
     return path
 
 
@@ -203,6 +335,8 @@ def save_compressed(
 
 
 def _read(path: Path) -> tuple[dict[str, str], dict[str, Tensor]]:
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a directory; pass the artifact file inside it")
     if not path.is_file():
         raise FileNotFoundError(f"no such file: {path}")
     try:
@@ -210,7 +344,11 @@ def _read(path: Path) -> tuple[dict[str, str], dict[str, Tensor]]:
             metadata = f.metadata() or {}
             tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118
     except Exception as err:  # safetensors raises its own error types for malformed files
-        raise ValueError(f"{path}: not a readable safetensors file ({err})") from err
+        raise ValueError(
+            f"{path}: not a readable safetensors file ({path.stat().st_size} bytes; "
+            f"safetensors says: {err}). It is truncated (an interrupted copy or download) or "
+            "not a safetensors file at all; copy it again or re-save it with save_compressed()"
+        ) from err
     return metadata, tensors
 
 
@@ -228,17 +366,29 @@ def _is_int(value: Any, low: int = 0) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= low
 
 
-def _parse_layout(path: Path, text: str) -> tuple[torch.dtype, dict[str, PaletteLayout],
-                                                   dict[str, str]]:
+def _entry_lut_dtype(path: Path, name: str, entry: dict, default: torch.dtype) -> torch.dtype:
+    """The dtype the LUT of ``name`` is stored at: its entry's ``lut_dtype`` or the file's."""
+    if "lut_dtype" not in entry:
+        return default
+    if not isinstance(entry["lut_dtype"], str) or entry["lut_dtype"] not in _LUT_DTYPES:
+        raise _fail(path, f"layout of {name!r}: lut_dtype must be one of {list(_LUT_DTYPES)}; "
+                          f"got {entry['lut_dtype']!r}")
+    return _LUT_DTYPES[entry["lut_dtype"]]
+
+
+def _parse_layout(path: Path, text: str) -> tuple[dict[str, PaletteLayout],
+                                                   dict[str, torch.dtype], dict[str, str]]:
+    """The layouts of the clustered tensors, the dtype of each one's LUT, and the aliases."""
     try:
         data = json.loads(text)
     except json.JSONDecodeError as err:
         raise _fail(path, f"{_KEY_LAYOUT} is not valid JSON ({err})") from err
     if not isinstance(data, dict) or set(data) != {"lut_dtype", "clustered", "aliases"}:
         raise _fail(path, f"{_KEY_LAYOUT} must hold exactly lut_dtype, clustered and aliases")
-    if data["lut_dtype"] not in _LUT_DTYPES:
+    if not isinstance(data["lut_dtype"], str) or data["lut_dtype"] not in _LUT_DTYPES:
         raise _fail(path, f"lut_dtype must be one of {list(_LUT_DTYPES)}; got "
                           f"{data['lut_dtype']!r}")
+    file_lut_dtype = _LUT_DTYPES[data["lut_dtype"]]
     aliases = data["aliases"]
     if not isinstance(aliases, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in aliases.items()
@@ -247,10 +397,15 @@ def _parse_layout(path: Path, text: str) -> tuple[torch.dtype, dict[str, Palette
     if not isinstance(data["clustered"], dict):
         raise _fail(path, "clustered must map names to layouts")
     layouts: dict[str, PaletteLayout] = {}
+    lut_dtypes: dict[str, torch.dtype] = {}
     for name, entry in data["clustered"].items():
-        if not isinstance(entry, dict) or set(entry) != _ENTRY_KEYS:
+        if not isinstance(entry, dict) or not (
+            _ENTRY_KEYS <= set(entry) <= _ENTRY_KEYS | _OPTIONAL_ENTRY_KEYS
+        ):
             raise _fail(path, f"layout of {name!r} must have exactly the keys "
-                              f"{sorted(_ENTRY_KEYS)}")
+                              f"{sorted(_ENTRY_KEYS)} (and optionally "
+                              f"{sorted(_OPTIONAL_ENTRY_KEYS)})")
+        lut_dtypes[name] = _entry_lut_dtype(path, name, entry, file_lut_dtype)
         shape = entry["shape"]
         ints_ok = (
             isinstance(shape, list) and all(_is_int(s) for s in shape)
@@ -270,7 +425,25 @@ def _parse_layout(path: Path, text: str) -> tuple[torch.dtype, dict[str, Palette
             raise _fail(path, f"{name!r}: count={entry['count']} does not match its layout "
                               f"({layout.num_palettes * layout.vectors_per_palette} indices)")
         layouts[name] = layout
-    return _LUT_DTYPES[data["lut_dtype"]], layouts, aliases
+    return layouts, lut_dtypes, aliases
+
+
+def _check_metadata(path: Path, metadata: Mapping[str, str]) -> None:
+    """The file must say it is a lightning_dkm artifact of this version, with every entry."""
+    if not any(key.startswith(_PREFIX) for key in metadata):
+        raise _fail(path, "has no lightning_dkm metadata: it is a safetensors file, but not one "
+                          "written by lightning_dkm.save_compressed() (a plain state dict loads "
+                          "with safetensors.torch.load_file() and model.load_state_dict())")
+    fmt, version = metadata.get(_KEY_FORMAT), metadata.get(_KEY_VERSION)
+    if fmt != FORMAT_NAME:
+        raise _fail(path, f"not a {FORMAT_NAME!r} file ({_KEY_FORMAT}={fmt!r})")
+    if version != FORMAT_VERSION:
+        raise _fail(path, f"unsupported {_KEY_VERSION}={version!r}; this version reads "
+                          f"{FORMAT_VERSION!r}")
+    absent = [key for key in _REQUIRED_METADATA if key not in metadata]
+    if absent:
+        raise _fail(path, f"the metadata entries {absent} are missing: the header was edited "
+                          "or the file was not written by save_compressed(); re-save it")
 
 
 def _decode(
@@ -278,15 +451,10 @@ def _decode(
 ) -> tuple[dict[str, Palette], dict[str, Tensor], dict[str, str]]:
     """Validate the file on its own and decode it: palettes (LUT in the stored dtype, int64
     indices, on CPU), the other tensors, and the aliases."""
-    fmt, version = metadata.get(_KEY_FORMAT), metadata.get(_KEY_VERSION)
-    if fmt != FORMAT_NAME:
-        raise _fail(path, f"not a {FORMAT_NAME!r} file ({_KEY_FORMAT}={fmt!r})")
-    if version != FORMAT_VERSION:
-        raise _fail(path, f"unsupported {_KEY_VERSION}={version!r}; this version reads "
-                          f"{FORMAT_VERSION!r}")
-    if metadata.get(_KEY_DIGEST) != _digest(metadata, tensors):
+    _check_metadata(path, metadata)
+    if metadata[_KEY_DIGEST] != _digest(metadata, tensors):
         raise _fail(path, "checksum mismatch: the file is corrupted or was modified")
-    lut_dtype, layouts, aliases = _parse_layout(path, metadata.get(_KEY_LAYOUT, ""))
+    layouts, lut_dtypes, aliases = _parse_layout(path, metadata[_KEY_LAYOUT])
 
     state = {k.removeprefix(_STATE): t for k, t in tensors.items() if k.startswith(_STATE)}
     expected = {_STATE + n for n in state} | {p + n for n in layouts for p in (_LUT, _INDICES)}
@@ -306,6 +474,7 @@ def _decode(
         lut, packed = tensors[_LUT + name], tensors[_INDICES + name]
         P, n, d = layout.palette_shape
         k = layout.spec.num_centroids
+        lut_dtype = lut_dtypes[name]
         if lut.dtype != lut_dtype or tuple(lut.shape) != (P, k, d):
             raise _fail(path, f"{name!r}: LUT is {lut.dtype} {tuple(lut.shape)}; the layout "
                               f"needs {lut_dtype} {(P, k, d)}")
@@ -359,6 +528,7 @@ def load_compressed(
 
     Raises:
         FileNotFoundError: no file at ``path``.
+        IsADirectoryError: ``path`` is a directory.
         ValueError: the file is not a readable safetensors file, is of another format or
             version, fails its checksum, has an inconsistent layout, or does not fit ``model``
             (missing or unexpected names, another shape or dtype kind).
@@ -401,3 +571,28 @@ def load_compressed(
                 layout=palette.layout,
             )
     return loaded
+
+
+def read_palettes(path: str | os.PathLike[str]) -> dict[str, Palette]:
+    """The palettes (LUT + indices + layout) stored in an artifact, by parameter name, without
+    a model: e.g. to restore ``DKMCallback.palettes`` in the process that launched a
+    ``ddp_spawn`` fit, or to feed a packed-inference export.
+
+    The file is validated as :func:`load_compressed` validates it (format, checksum, layout,
+    shapes). Each palette's LUT is on CPU in its stored dtype (float16 or float32: the
+    file's ``lut_dtype``, or float32 for a LUT kept in float32 for range), its indices int64;
+    its layout equals the saved one. ``palette.weight()`` is therefore the weight
+    :func:`load_compressed` loads, before the cast to the model's dtype
+    (``palette.lut.to(dtype)`` for a palette in the model's dtype).
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        IsADirectoryError: ``path`` is a directory.
+        ValueError: the file is not a readable safetensors file, is of another format or
+            version, fails its checksum or has an inconsistent layout (naming the file and the
+            entry).
+    """
+    path = Path(path)
+    metadata, tensors = _read(path)
+    palettes, _, _ = _decode(path, metadata, tensors)
+    return palettes

@@ -3,11 +3,20 @@
 Per palette ``p`` the LUT holds ``k = 2**bits`` centroids of length ``cluster_dim`` and every
 d-vector of the weight is stored as an index into it. ``Palette.weight()`` rebuilds the dense
 weight as ``LUT[indices]`` laid back into the tensor's shape; it is exact by construction.
+
+:func:`write_atomically` is the one file writer of the files that persist palettes (the
+artifact and the compression report): temporary file, ``fsync``, ``os.replace``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+import secrets
+import stat
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -15,7 +24,11 @@ from torch import Tensor
 from .bitpack import packed_size
 from .layout import PaletteLayout
 
-__all__ = ["Palette"]
+__all__ = ["FLOAT16_MAX", "Palette", "write_atomically"]
+
+#: The largest finite float16 (65504). A centroid beyond it would be stored as ``inf`` in a
+#: float16 LUT, so such a LUT is stored in float32 instead (see :meth:`Palette.stored_lut_dtype`).
+FLOAT16_MAX = torch.finfo(torch.float16).max
 
 
 @dataclass
@@ -71,6 +84,22 @@ class Palette:
         ``ceil(P * n * bits / 8)`` (see :mod:`lightning_dkm.bitpack`)."""
         return packed_size(self.num_indices, self.layout.spec.bits)
 
+    def max_abs_centroid(self) -> float:
+        """The largest ``|value|`` in the LUT (0.0 for an empty one)."""
+        return float(self.lut.detach().abs().max()) if self.lut.numel() else 0.0
+
+    def stored_lut_dtype(self, lut_dtype: torch.dtype) -> torch.dtype:
+        """The dtype the artifact stores this LUT at when ``lut_dtype`` is asked for.
+
+        That is ``lut_dtype``, except ``torch.float32`` when ``lut_dtype`` is float16 and a
+        centroid lies beyond float16's range (``|value| > 65504``): cast to float16 it would
+        become ``inf``, and a file with an infinite LUT cannot be loaded. The artifact and the
+        report both use this, so their sizes agree.
+        """
+        if lut_dtype == torch.float16 and self.max_abs_centroid() > FLOAT16_MAX:
+            return torch.float32
+        return lut_dtype
+
     def lut_bytes(self, lut_dtype: torch.dtype | None = None) -> int:
         """Bytes of the ``P`` LUTs of ``k x d`` entries stored as ``lut_dtype`` (default: the
         LUT's own dtype)."""
@@ -84,3 +113,88 @@ class Palette:
     def distinct_values_per_palette(self) -> list[int]:
         """Number of distinct LUT entries (vectors) actually used by each palette."""
         return [int(torch.unique(self.indices[p]).numel()) for p in range(self.indices.shape[0])]
+
+
+# -- writing files atomically -----------------------------------------------------------------
+# The artifact and the report both persist finalized palettes; this is their one file writer.
+# (It would sit in a layer-0 module of its own; it lives here because both already import
+# palette, see docs/architecture.md.)
+
+
+def _temporary_beside(path: Path) -> tuple[Path, int]:
+    """Create an empty, uniquely named hidden file next to ``path`` (same directory, so the
+    final ``os.replace`` is a rename within one file system), and the mode the final file
+    should have: that of the file it replaces, or the usual ``0o666 & ~umask`` of a new file
+    (some writers, safetensors among them, create their output as ``0o600``)."""
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        mode = stat.S_IMODE(os.fstat(fd).st_mode)  # 0o666 & ~umask
+    finally:
+        os.close(fd)
+    with contextlib.suppress(FileNotFoundError):
+        mode = stat.S_IMODE(path.stat().st_mode)
+    return tmp, mode
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "r+b") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Make the renames in ``directory`` durable. Not possible on Windows, and some file
+    systems refuse it; the files are complete either way, so a failure here is ignored."""
+    if os.name == "nt":
+        return
+    with contextlib.suppress(OSError):
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _check_writable(path: Path) -> None:
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a directory; pass the path of the file to write")
+    if not path.parent.is_dir():
+        raise FileNotFoundError(
+            f"cannot write {path}: the directory {path.parent} does not exist; create it first"
+        )
+
+
+def write_atomically(writers: Mapping[str | os.PathLike[str], Callable[[Path], None]]) -> None:
+    """Write files so that none is ever seen half-written.
+
+    ``writers[path](tmp)`` writes the whole content of ``path`` into the temporary file ``tmp``
+    (in the same directory). Each temporary file is flushed to disk (``fsync``) and only when
+    *all* are written are they moved into place with ``os.replace`` (an atomic rename). So a
+    crash or kill leaves every ``path`` either as it was or complete, never truncated; an
+    exception while writing leaves every previous file untouched; and no temporary file is
+    left behind by an exception (a hard kill can leave one, named ``.<name>.<random>.tmp``).
+    A replaced file keeps its mode; a new one gets ``0o666 & ~umask``.
+
+    Raises:
+        IsADirectoryError: a path is a directory.
+        FileNotFoundError: the directory of a path does not exist.
+        Exception: whatever a writer raised (after cleaning up).
+    """
+    targets = {Path(path): write for path, write in writers.items()}
+    for path in targets:
+        _check_writable(path)
+    temps: dict[Path, Path] = {}
+    try:
+        for path, write in targets.items():
+            temps[path], mode = _temporary_beside(path)
+            write(temps[path])
+            os.chmod(temps[path], mode)
+            _fsync_file(temps[path])
+        for path in list(temps):
+            os.replace(temps[path], path)
+            del temps[path]
+    finally:
+        for tmp in temps.values():
+            tmp.unlink(missing_ok=True)
+    for directory in {path.parent for path in targets}:
+        _fsync_directory(directory)

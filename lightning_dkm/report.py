@@ -4,8 +4,10 @@ estimate per inference.
 Sizes are the sizes of the compressed artifact (:mod:`lightning_dkm.artifact`), byte for byte:
 
 * a clustered tensor stores its ``P`` LUTs of ``2**bits x cluster_dim`` entries at
-  ``lut_dtype`` plus its ``P * n`` indices bit-packed at ``bits`` each over the whole tensor,
-  ``ceil(P * n * bits / 8)`` bytes;
+  ``lut_dtype`` (at float32, as the artifact does, for a LUT with a centroid beyond float16's
+  range in a float16 report; :meth:`Palette.stored_lut_dtype
+  <lightning_dkm.palette.Palette.stored_lut_dtype>`) plus its ``P * n`` indices bit-packed at
+  ``bits`` each over the whole tensor, ``ceil(P * n * bits / 8)`` bytes;
 * every other tensor of ``model.state_dict()`` (parameters *and* buffers) is stored as it is, at
   its dtype's width; a tensor reachable under several names (tied weights) counts once.
 
@@ -20,8 +22,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -30,9 +33,17 @@ from torch import nn
 
 from ._state import state_tensors
 from .energy import EnergyModel, count_macs
-from .palette import Palette
+from .palette import Palette, write_atomically
 
-__all__ = ["STAT_KEYS", "CompressionReport", "EnergyEstimate", "LayerReport", "TensorReport"]
+__all__ = [
+    "REPORT_JSON",
+    "REPORT_MARKDOWN",
+    "STAT_KEYS",
+    "CompressionReport",
+    "EnergyEstimate",
+    "LayerReport",
+    "TensorReport",
+]
 
 #: The per-layer statistics ``CompressionReport.build(stats=...)`` accepts.
 STAT_KEYS = ("entropy_bits", "snap_rmse")
@@ -41,6 +52,10 @@ LUT_DTYPES = (torch.float16, torch.float32)
 
 _REPORT_FORMAT = "lightning_dkm.compression_report"
 _REPORT_VERSION = 1
+
+#: The file names :meth:`CompressionReport.save` writes into its directory.
+REPORT_JSON = "compression_report.json"
+REPORT_MARKDOWN = "compression_report.md"
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -51,8 +66,14 @@ def _ratio(baseline: int, stored: int) -> float:
     return baseline / stored if stored else 1.0
 
 
-def _from_fields(cls: type, data: Mapping[str, Any]) -> Any:
+def _from_fields(cls: type, data: Any) -> Any:
     """Build dataclass ``cls`` from ``data``, ignoring derived keys that ``to_dict`` adds."""
+    if not isinstance(data, Mapping):
+        raise ValueError(f"a {cls.__name__} entry must be a JSON object; got {data!r}")
+    required = [f.name for f in fields(cls) if f.default is MISSING]
+    absent = [name for name in required if name not in data]
+    if absent:
+        raise ValueError(f"a {cls.__name__} entry lacks the fields {absent}; got {sorted(data)}")
     kwargs = {f.name: data[f.name] for f in fields(cls) if f.name in data}
     if "shape" in kwargs:
         kwargs["shape"] = tuple(kwargs["shape"])
@@ -66,7 +87,9 @@ class LayerReport:
     ``entropy_bits`` (the final DKM assignment entropy) and ``snap_rmse`` (RMS distance between
     the trained and the snapped weight) are ``None`` when unknown. ``macs`` and the
     ``estimated_*`` energies are those of the owning module and ``None`` without an energy
-    estimate.
+    estimate. ``lut_dtype`` is ``None`` when the LUT is stored at the report's ``lut_dtype``,
+    and ``"float32"`` for a LUT that a float16 artifact keeps in float32 because a centroid lies
+    beyond float16's range (``lut_bytes`` counts it at 4 bytes per entry).
     """
 
     name: str
@@ -84,6 +107,7 @@ class LayerReport:
     macs: int | None = None
     estimated_fetch_energy_fp32_uj: float | None = None
     estimated_fetch_energy_compressed_uj: float | None = None
+    lut_dtype: str | None = None
 
     @property
     def compressed_bytes(self) -> int:
@@ -190,10 +214,11 @@ class EnergyEstimate:
 
 def _check_stats(
     stats: Mapping[str, Mapping[str, float]] | None, names: Sequence[str]
-) -> dict[str, dict[str, float]]:
+) -> dict[str, dict[str, float | None]]:
+    """``stats`` validated, as floats; a NaN statistic becomes ``None`` (unknown)."""
     if stats is None:
         return {}
-    out: dict[str, dict[str, float]] = {}
+    out: dict[str, dict[str, float | None]] = {}
     for name, values in stats.items():
         if name not in names:
             raise ValueError(
@@ -208,9 +233,11 @@ def _check_stats(
                 f"stats[{name!r}] has unknown keys {sorted(unknown)}; allowed: {STAT_KEYS}"
             )
         try:
-            out[name] = {key: float(value) for key, value in values.items()}
+            numbers = {key: float(value) for key, value in values.items()}
         except (TypeError, ValueError) as err:
             raise ValueError(f"stats[{name!r}] values must be numbers; got {values!r}") from err
+        # NaN means unknown, as None does (both render as "-"); None also survives JSON.
+        out[name] = {key: None if math.isnan(v) else v for key, v in numbers.items()}
     return out
 
 
@@ -223,7 +250,8 @@ class CompressionReport:
     """Stored size of a clustered model, per clustered tensor and in total.
 
     Build it with :meth:`build`; render it with :meth:`to_table` / :meth:`to_markdown`; persist
-    it with :meth:`to_dict` (JSON-able) / :meth:`save`, and read it back with :meth:`from_dict`.
+    it with :meth:`to_dict` (JSON-able) / :meth:`save`, and read it back with :meth:`from_dict`
+    / :meth:`load`.
     """
 
     layers: list[LayerReport]
@@ -288,12 +316,14 @@ class CompressionReport:
         if example_input is not None:
             macs = count_macs(model, example_input)
         em = energy_model or EnergyModel()
-        lut_item = lut_dtype.itemsize
+        # As the artifact stores them: a LUT beyond float16's range stays float32.
+        stored = {name: p.stored_lut_dtype(lut_dtype) for name, p in palettes.items()}
 
         layers = []
         for name, palette in palettes.items():
             spec, layout = palette.layout.spec, palette.layout
             tensor = state.tensors[name]
+            lut_item = stored[name].itemsize
             layer = LayerReport(
                 name=name,
                 shape=layout.shape,
@@ -303,8 +333,9 @@ class CompressionReport:
                 group_size=spec.group_size,
                 palettes=layout.num_palettes,
                 parameters=layout.numel,
-                lut_bytes=palette.lut_bytes(lut_dtype),
+                lut_bytes=palette.lut_bytes(stored[name]),
                 index_bytes=palette.index_bytes(),
+                lut_dtype=None if stored[name] == lut_dtype else _dtype_name(stored[name]),
                 **checked_stats.get(name, {}),
             )
             if macs is not None:
@@ -331,8 +362,8 @@ class CompressionReport:
         report = cls(layers, unclustered, _dtype_name(lut_dtype))
         if macs is not None:
             lookups = sum(
-                em.lookup_uj(p.num_indices, p.layout.spec.cluster_dim * lut_item)
-                for p in palettes.values()
+                em.lookup_uj(p.num_indices, p.layout.spec.cluster_dim * stored[name].itemsize)
+                for name, p in palettes.items()
             )
             total_macs = int(sum(macs.values()))
             report.energy = EnergyEstimate(
@@ -416,13 +447,23 @@ class CompressionReport:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> CompressionReport:
-        """The inverse of :meth:`to_dict` (derived fields are recomputed, not read)."""
+        """The inverse of :meth:`to_dict` (derived fields are recomputed, not read).
+
+        Raises:
+            ValueError: ``data`` is not a report of this format and version, or lacks an entry
+                or a field (naming it).
+        """
+        if not isinstance(data, Mapping):
+            raise ValueError(f"a compression report must be a JSON object; got {type(data)}")
         if data.get("format") != _REPORT_FORMAT or data.get("version") != _REPORT_VERSION:
             raise ValueError(
                 f"not a compression report of format {_REPORT_FORMAT!r} version "
                 f"{_REPORT_VERSION}; got format={data.get('format')!r}, "
                 f"version={data.get('version')!r}"
             )
+        absent = [key for key in ("layers", "unclustered", "lut_dtype") if key not in data]
+        if absent:
+            raise ValueError(f"the compression report lacks the entries {absent}")
         energy = data.get("estimated_energy")
         return cls(
             layers=[_from_fields(LayerReport, d) for d in data["layers"]],
@@ -432,17 +473,54 @@ class CompressionReport:
         )
 
     def save(self, directory: str | Path) -> dict[str, Path]:
-        """Write ``compression_report.json`` and ``compression_report.md`` into ``directory``
-        (created if needed); returns ``{"json": path, "markdown": path}``."""
+        """Write ``compression_report.json`` and ``compression_report.md`` (UTF-8) into
+        ``directory`` (created if needed); returns ``{"json": path, "markdown": path}``.
+
+        Both are written atomically (:func:`~lightning_dkm.palette.write_atomically`): an
+        interrupted save leaves the previous files (or none), never a truncated one.
+        """
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        paths = {
-            "json": directory / "compression_report.json",
-            "markdown": directory / "compression_report.md",
+        paths = {"json": directory / REPORT_JSON, "markdown": directory / REPORT_MARKDOWN}
+        texts = {
+            paths["json"]: json.dumps(self.to_dict(), indent=2) + "\n",
+            paths["markdown"]: self.to_markdown(),
         }
-        paths["json"].write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-        paths["markdown"].write_text(self.to_markdown())
+        write_atomically({
+            path: lambda tmp, text=text: tmp.write_text(text, encoding="utf-8")
+            for path, text in texts.items()
+        })
         return paths
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> CompressionReport:
+        """Read a report back from the JSON :meth:`save` wrote: ``path`` is that file or the
+        directory it was saved into. After ``report.save(d)``, ``CompressionReport.load(d) ==
+        report``.
+
+        Raises:
+            FileNotFoundError: no such file (or no ``compression_report.json`` in the directory).
+            ValueError: the file is not JSON or not a compression report (naming the file and
+                what is wrong).
+        """
+        path = Path(path)
+        if path.is_dir():
+            path = path / REPORT_JSON
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"no compression report at {path}; pass the {REPORT_JSON} that "
+                "CompressionReport.save() wrote, or its directory"
+            )
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(
+                f"{path}: not valid JSON ({err}); is it truncated? Save the report again"
+            ) from err
+        try:
+            return cls.from_dict(data)
+        except ValueError as err:
+            raise ValueError(f"{path}: {err}") from err
 
     # -- rendering ---------------------------------------------------------------------------
     _LAYER_HEADERS = (
@@ -481,6 +559,18 @@ class CompressionReport:
             ["fp16 model", f"{self.ratio_vs_fp16:.2f}x smaller", f"{self.fp16_bytes:,} B"],
         ]
 
+    def _notes(self) -> list[str]:
+        """One line per LUT dtype other than the report's (LUTs kept in float32 for range)."""
+        by_dtype: dict[str, list[str]] = {}
+        for layer in self.layers:
+            if layer.lut_dtype is not None and layer.lut_dtype != self.lut_dtype:
+                by_dtype.setdefault(layer.lut_dtype, []).append(layer.name)
+        return [
+            f"LUT stored in {dtype}, not {self.lut_dtype} (a centroid beyond the {self.lut_dtype} "
+            f"range): {', '.join(names)}"
+            for dtype, names in by_dtype.items()
+        ]
+
     def _energy_rows(self) -> list[list[str]]:
         e = self.energy
         assert e is not None
@@ -512,6 +602,7 @@ class CompressionReport:
             _text_table(list(self._LAYER_HEADERS), self._layer_rows()),
             "",
             _text_table(["totals", "", "bytes"], self._total_rows()),
+            *(["", *self._notes()] if self._notes() else []),
         ]
         if self.energy is not None:
             parts += ["", self._energy_heading(),
@@ -531,6 +622,7 @@ class CompressionReport:
             "## Totals",
             "",
             _markdown_table(["totals", "", "bytes"], self._total_rows()),
+            *(["", *self._notes()] if self._notes() else []),
         ]
         if self.energy is not None:
             parts += ["", "## Estimated energy per inference", "", self._energy_heading(), "",

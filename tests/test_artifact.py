@@ -26,6 +26,7 @@ from lightning_dkm import (
     pack_bits,
     palettize,
     read_metadata,
+    read_palettes,
     save_compressed,
     unpack_bits,
 )
@@ -231,6 +232,116 @@ def test_save_rejects_bad_arguments(tmp_path) -> None:
     assert not path.exists()
 
 
+def test_empty_palettes_for_a_clustered_model_are_refused_naming_its_weights(tmp_path) -> None:
+    model, _ = finalized()  # embed (2048 weights, 8 values) and fc (2048, 4 x 8 values)
+    path = tmp_path / "m.safetensors"
+    with pytest.raises(ValueError, match="look clustered") as err:
+        save_compressed(model, path, {})
+    message = str(err.value)
+    assert "embed.weight (8 distinct values)" in message and "fc.weight" in message
+    assert "conv.weight" not in message  # 576 weights: below the size that is clustered
+    assert "DKMCallback.palettes" in message and "allow_dense=True" in message
+    assert not path.exists()
+
+
+def test_allow_dense_stores_clustered_looking_weights_dense(tmp_path) -> None:
+    model, _ = finalized()
+    path = save_compressed(model, tmp_path / "m.safetensors", {}, allow_dense=True)
+    with safe_open(str(path), framework="pt") as f:
+        keys = set(f.keys())
+    assert "state/fc.weight" in keys and not any(k.startswith("lut/") for k in keys)
+    fresh = Net()
+    load_compressed(fresh, path)
+    assert_same_state(fresh.state_dict(), model.state_dict())
+
+
+def test_empty_palettes_save_a_dense_model_dense(tmp_path) -> None:
+    """Guard for the refusal above: a model that was never clustered, even with a constant
+    (zero-initialised) large weight, is a plain dense save."""
+    model = Net()
+    nn.init.zeros_(model.embed.weight)
+    path = save_compressed(model, tmp_path / "m.safetensors", {})
+    fresh = Net()
+    load_compressed(fresh, path)
+    assert_same_state(fresh.state_dict(), model.state_dict())
+
+
+def test_a_palette_stale_after_more_training_is_refused_naming_it(tmp_path) -> None:
+    model, palettes = finalized()
+    with torch.no_grad():
+        model.fc.weight[0, 0] += 0.5  # one more "step" after finalize
+    with pytest.raises(ValueError, match=r"'fc\.weight' \(1 of 2048 elements differ\)"):
+        save_compressed(model, tmp_path / "m.safetensors", palettes)
+
+
+def test_nan_centroids_are_refused_at_save_rather_than_written_unloadable(tmp_path) -> None:
+    model, palettes = finalized()
+    palette = palettes["embed.weight"]
+    palette.lut[0, 0, 0] = float("nan")
+    with torch.no_grad():
+        model.embed.weight.copy_(palette.weight())
+    with pytest.raises(ValueError, match=r"'embed\.weight' has NaN or Inf centroids"):
+        save_compressed(model, tmp_path / "m.safetensors", palettes)
+    assert not (tmp_path / "m.safetensors").exists()
+
+
+def beyond_float16() -> tuple[nn.Module, dict[str, Palette]]:
+    """The reference model with ``fc`` trained to weights of ~1e5, beyond float16's 65504."""
+    model = Net()
+    with torch.no_grad():
+        model.fc.weight.mul_(1e6)  # U(-1/8, 1/8) -> up to 1.25e5
+    return finalized(model)
+
+
+def test_a_centroid_beyond_float16_keeps_its_lut_in_float32_and_loads_exactly(tmp_path) -> None:
+    model, palettes = beyond_float16()
+    assert palettes["fc.weight"].max_abs_centroid() > 65504
+    warning = r"'fc\.weight': centroid -?1\d{5} lies beyond the float16 range"
+    with pytest.warns(UserWarning, match=warning):
+        path = save_compressed(model, tmp_path / "m.safetensors", palettes)
+    entries = json.loads(read_metadata(path)["lightning_dkm.layout"])["clustered"]
+    assert entries["fc.weight"]["lut_dtype"] == "float32"
+    assert "lut_dtype" not in entries["conv.weight"]  # only where it differs from the file's
+    fresh = Net()
+    load_compressed(fresh, path)
+    assert torch.equal(fresh.fc.weight, model.fc.weight)  # bit for bit, no inf
+    conv = palettes["conv.weight"]
+    rounded = Palette(conv.lut.half().float(), conv.indices, conv.layout).weight()
+    assert torch.equal(fresh.conv.weight, rounded)  # the others still float16
+
+
+def test_a_float32_kept_lut_is_counted_at_4_bytes_as_on_disk(tmp_path) -> None:
+    model, palettes = beyond_float16()
+    with pytest.warns(UserWarning, match="float16 range"):
+        path = save_compressed(model, tmp_path / "m.safetensors", palettes)
+    report = CompressionReport.build(model, palettes)  # lut_dtype float16
+    fc = next(layer for layer in report.layers if layer.name == "fc.weight")
+    assert fc.lut_dtype == "float32" and fc.lut_bytes == 4 * 8 * 1 * 4  # P=4, k=8, d=1, fp32
+    with open(path, "rb") as f:
+        header_len = struct.unpack("<Q", f.read(8))[0] + 8
+    assert os.path.getsize(path) - header_len == report.total_bytes
+
+
+def test_read_palettes_returns_the_saved_palettes_of_every_layout(tmp_path) -> None:
+    model, palettes = finalized()  # per tensor (embed), grouped (fc), cluster_dim=2 (conv)
+    path = save_compressed(model, tmp_path / "m.safetensors", palettes, lut_dtype=torch.float32)
+    read = read_palettes(path)
+    assert read.keys() == palettes.keys()
+    for name, palette in palettes.items():
+        assert read[name].layout == palette.layout, name
+        assert torch.equal(read[name].indices, palette.indices), name
+        assert read[name].lut.dtype == torch.float32 and torch.equal(read[name].lut, palette.lut)
+        assert torch.equal(read[name].weight(), model.state_dict()[name]), name
+
+
+def test_read_palettes_of_a_float16_file_holds_the_stored_float16_luts(tmp_path) -> None:
+    model, palettes = finalized()
+    read = read_palettes(save_compressed(model, tmp_path / "m.safetensors", palettes))
+    for name, palette in palettes.items():
+        assert torch.equal(read[name].lut, palette.lut.half()), name
+        assert torch.equal(read[name].indices, palette.indices), name
+
+
 # -- loading untrusted files ------------------------------------------------------------------
 
 
@@ -254,6 +365,15 @@ def edit_layout(name: str, **changes) -> Callable[[dict], None]:
     def edit(m: dict) -> None:
         layout = json.loads(m["lightning_dkm.layout"])
         layout["clustered"][name].update(changes)
+        m["lightning_dkm.layout"] = json.dumps(layout)
+
+    return edit
+
+
+def edit_file_lut_dtype(value) -> Callable[[dict], None]:
+    def edit(m: dict) -> None:
+        layout = json.loads(m["lightning_dkm.layout"])
+        layout["lut_dtype"] = value
         m["lightning_dkm.layout"] = json.dumps(layout)
 
     return edit
@@ -329,6 +449,18 @@ CORRUPTIONS = {
         lambda p: rewrite(p, tensors=lambda t: t.update({"junk": torch.zeros(1)})),
         "do not match the layout",
     ),
+    "unknown LUT dtype of one tensor": (
+        lambda p: rewrite(p, meta=edit_layout("fc.weight", lut_dtype="float64")),
+        "layout of 'fc.weight': lut_dtype must be one of",
+    ),
+    "file LUT dtype not a string": (
+        lambda p: rewrite(p, meta=edit_file_lut_dtype(["float16"])),
+        r"lut_dtype must be one of \['float16', 'float32'\]; got \['float16'\]",
+    ),
+    "LUT dtype of one tensor does not match its LUT": (
+        lambda p: rewrite(p, meta=edit_layout("fc.weight", lut_dtype="float32")),
+        "LUT is torch.float16 .* needs torch.float32",
+    ),
 }
 
 
@@ -340,9 +472,20 @@ def test_a_corrupted_file_raises_and_leaves_the_model_untouched(tmp_path, case) 
     corrupt(path)
     fresh = Net()
     before = state_copy(fresh)
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError, match=message) as err:
         load_compressed(fresh, path)
+    assert str(err.value).startswith(f"{path}: ")  # names the file
     assert_same_state(fresh.state_dict(), before)
+
+
+@pytest.mark.parametrize("case", list(CORRUPTIONS))
+def test_read_palettes_rejects_a_corrupted_file_as_loading_does(tmp_path, case) -> None:
+    corrupt, message = CORRUPTIONS[case]
+    model, palettes = finalized()
+    path = save_compressed(model, tmp_path / "m.safetensors", palettes)
+    corrupt(path)
+    with pytest.raises(ValueError, match=message):
+        read_palettes(path)
 
 
 def test_a_missing_file_raises_file_not_found(tmp_path) -> None:

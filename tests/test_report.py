@@ -7,9 +7,11 @@ by a ``BatchNorm1d(64)`` (weight, bias, running mean/var: 4 x 64 floats, plus an
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -197,6 +199,101 @@ def test_save_writes_json_and_markdown(tmp_path) -> None:
     assert paths["markdown"].name == "compression_report.md"
     assert CompressionReport.from_dict(json.loads(paths["json"].read_text())) == report
     assert paths["markdown"].read_text() == report.to_markdown()
+
+
+def full_report() -> CompressionReport:
+    """Grouped palettes, statistics and an energy estimate: every field of a report is set."""
+    model, palettes = clustered(bits=2, group_size=16)
+    return CompressionReport.build(
+        model, palettes, stats={"0.weight": {"entropy_bits": 0.5, "snap_rmse": 1e-3}},
+        example_input=torch.randn(3, 64),
+    )
+
+
+def test_load_reads_back_an_equal_report_from_its_directory_or_its_json(tmp_path) -> None:
+    report = full_report()
+    paths = report.save(tmp_path / "out")
+    for source in (tmp_path / "out", paths["json"], str(paths["json"])):
+        loaded = CompressionReport.load(source)
+        assert loaded == report
+        assert loaded.to_table() == report.to_table()
+        assert loaded.to_markdown() == report.to_markdown()
+
+
+def test_a_nan_statistic_is_stored_as_unknown_so_the_report_round_trips(tmp_path) -> None:
+    model, palettes = clustered(bits=2)
+    report = CompressionReport.build(model, palettes, stats={"0.weight": {"snap_rmse": math.nan}})
+    assert report.layers[0].snap_rmse is None
+    report.save(tmp_path)
+    assert "NaN" not in (tmp_path / "compression_report.json").read_text()  # standard JSON
+    assert CompressionReport.load(tmp_path) == report
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ('{"format": "lightning_dkm.compression_report", "ver', "not valid JSON"),
+        ('{"format": "other", "version": 1}', "format='other'"),
+        ('{"format": "lightning_dkm.compression_report", "version": 1}',
+         r"lacks the entries \['layers', 'unclustered', 'lut_dtype'\]"),
+        ("[1, 2]", "must be a JSON object"),
+    ],
+)
+def test_load_names_the_file_and_what_is_wrong(tmp_path, content, message) -> None:
+    path = tmp_path / "compression_report.json"
+    path.write_text(content)
+    with pytest.raises(ValueError, match=message) as err:
+        CompressionReport.load(path)
+    assert str(err.value).startswith(f"{path}: ")
+
+
+def test_load_of_a_directory_without_a_report_names_the_expected_file(tmp_path) -> None:
+    with pytest.raises(FileNotFoundError, match=r"no compression report at .*report\.json"):
+        CompressionReport.load(tmp_path)
+
+
+def test_from_dict_names_a_missing_field_of_a_layer() -> None:
+    data = json.loads(json.dumps(full_report().to_dict()))
+    del data["layers"][0]["bits"]
+    with pytest.raises(ValueError, match=r"LayerReport entry lacks the fields \['bits'\]"):
+        CompressionReport.from_dict(data)
+
+
+def test_a_report_save_failing_midway_keeps_both_previous_files_and_no_temp_file(
+    tmp_path, monkeypatch
+) -> None:
+    old = full_report()
+    old.save(tmp_path)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    real_write_text = Path.write_text
+
+    def half_then_fail(self, data, *args, **kwargs):  # the JSON is written, the markdown not
+        if data.startswith("# Compression report"):
+            real_write_text(self, data[: len(data) // 2], *args, **kwargs)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write_text(self, data, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", half_then_fail)
+    new = CompressionReport.build(*clustered(bits=3))
+    with pytest.raises(OSError, match="No space left"):
+        new.save(tmp_path)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    assert CompressionReport.load(tmp_path) == old
+
+
+def test_a_lut_beyond_float16_range_is_counted_at_4_bytes_and_noted() -> None:
+    model = linear_bn()
+    with torch.no_grad():
+        model[0].weight.mul_(1e6)  # U(-1/8, 1/8) -> up to 1.25e5, beyond float16's 65504
+    palettes = palettize(model, bits=2, n_init=1, max_iter=20)
+    report = CompressionReport.build(model, palettes)  # lut_dtype float16
+    (layer,) = report.layers
+    assert (layer.lut_dtype, layer.lut_bytes) == ("float32", 4 * 4)  # 4 centroids x fp32
+    assert report.total_bytes == 4 * 4 + 1024 + UNCLUSTERED
+    note = "LUT stored in float32, not float16 (a centroid beyond the float16 range): 0.weight"
+    assert note in report.to_table() and note in report.to_markdown()
+    within = CompressionReport.build(*clustered(bits=2))
+    assert within.layers[0].lut_dtype is None and "LUT stored in" not in within.to_table()
 
 
 # -- MACs -------------------------------------------------------------------------------------
