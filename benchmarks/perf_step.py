@@ -12,7 +12,10 @@ hits both alike; it prints the medians over ``--steps`` steps after ``--warmup``
 Peak memory is measured in fresh subprocesses (process peak RSS on CPU, or
 ``torch.cuda.max_memory_allocated`` on a GPU), one for the plain and one for the DKM model, and
 the ratio of the two is printed with the extra megabytes. A last table shows DKM's extra memory
-for ``max_iter`` 1, 3 and 9.
+for ``max_iter`` 1, 3 and 9. On CUDA (``--device cuda``, the default where CUDA exists) every
+row also reports ``torch.cuda.max_memory_allocated`` over one plain and one DKM step, measured
+in the timing process (with ``--no-memory`` too): the peak and how far it rose above the memory
+allocated before the step.
 
 ``--json PATH`` writes every number for docs/benchmarks.md.
 """
@@ -84,6 +87,17 @@ def make_step(model, model_name: str, device: str):
     return step
 
 
+def cuda_step_peak_mb(step) -> dict[str, float]:
+    """``torch.cuda.max_memory_allocated`` over one ``step`` (MB), and its rise above the memory
+    allocated before it (the step's activations, gradients and DKM temporaries)."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    step()
+    peak = torch.cuda.max_memory_allocated()
+    return {"peak_mb": peak / 2**20, "step_mb": (peak - before) / 2**20}
+
+
 def time_pair(model_name, bits, implementation, steps, warmup, device, epsilon=0.0,
               gradient="unrolled", max_iter=3):
     plain = build(model_name, device)
@@ -97,13 +111,19 @@ def time_pair(model_name, bits, implementation, steps, warmup, device, epsilon=0
             times_dkm.append(td)
     params = sum(p.numel() for p in plain.parameters())
     clustered = sum(t.original.numel() for t in lightning_dkm.clustered_tensors(dkm).values())
-    return {
+    row = {
         "parameters": params,
         "clustered_parameters": clustered,
         "plain_ms": 1e3 * statistics.median(times_plain),
         "dkm_ms": 1e3 * statistics.median(times_dkm),
         "ratio": statistics.median(times_dkm) / statistics.median(times_plain),
     }
+    if device == "cuda":
+        for name, step in (("plain", step_plain), ("dkm", step_dkm)):
+            peak = cuda_step_peak_mb(step)
+            row[f"{name}_cuda_peak_mb"] = peak["peak_mb"]
+            row[f"{name}_cuda_step_mb"] = peak["step_mb"]
+    return row
 
 
 def _reset_peak_rss() -> None:
@@ -162,10 +182,13 @@ def main() -> None:
                         help="DKM's gradient (implicit: IDKM, computed by the 'unique' step)")
     parser.add_argument("--max-iter", type=int, default=3,
                         help="DKM iterations per step for the timing (the targets use 3)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", choices=["cpu", "cuda"],
+                        default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--child", nargs=5, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: CUDA is not available on this machine")
 
     if args.child:
         name, bits, implementation, max_iter, device = args.child
@@ -226,6 +249,10 @@ def _format_row(row: dict) -> str:
     if row.get("time_target") is not None:
         verdict = "met" if row["time_target_met"] else "NOT met"
         text += f" (target <= {row['time_target']}: {verdict})"
+    if "dkm_cuda_peak_mb" in row:
+        text += (f"  cuda max_memory_allocated {row['plain_cuda_peak_mb']:.0f} / "
+                 f"{row['dkm_cuda_peak_mb']:.0f} MB (step +{row['plain_cuda_step_mb']:.0f} / "
+                 f"+{row['dkm_cuda_step_mb']:.0f} MB)")
     if "memory_ratio" in row:
         text += (f"  peak {row['plain_peak_mb']:.0f} -> {row['dkm_peak_mb']:.0f} MB "
                  f"(+{row['extra_mb']:.0f} MB, ratio {row['memory_ratio']:.2f})")

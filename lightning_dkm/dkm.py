@@ -30,11 +30,27 @@ elementwise pass runs over contiguous memory. A centroid whose attention mass fa
 below ``EMPTY_MASS`` (an empty cluster) keeps its previous position instead of dividing by
 ~0. Data are centred before distances are formed, so weights far from the origin lose no
 precision in the ``|x|^2 - 2x.c + |c|^2`` expansion used for vectors.
+
+**Precision.** Every step runs in (at least) float32 with autocast off
+(:func:`autocast_disabled`): under ``torch.autocast`` (Lightning's ``16-mixed`` /
+``bf16-mixed``) the matrix products would otherwise run in half precision, which moves the
+soft weights by up to a standard deviation for vectors. Only the output is cast to the
+weights' dtype.
+
+**Host reads.** The early stop (``epsilon``) needs to know whether the centroids still move.
+Eagerly on CPU the loop reads that back and stops (a read costs nothing there). On an
+accelerator such a read is a sync that stalls the CPU until the device has caught up, and
+under ``torch.compile`` it is a graph break; there (and inside :func:`sync_free`) the loop
+runs all ``max_iter`` rounds and the rounds after convergence leave the centroids and the
+attention as they were (``torch.where`` on a flag kept on the device): the same values and
+gradients, no read (:class:`EarlyStop`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from typing import NamedTuple
 
 import torch
@@ -46,18 +62,23 @@ __all__ = [
     "EMPTY_MASS",
     "MIN_TAU",
     "DKMOutput",
+    "EarlyStop",
     "Normalization",
     "NormalizedProblem",
+    "autocast_disabled",
     "check_step_arguments",
     "denormalized_output",
     "dkm_cluster",
     "hard_assign",
+    "host_reads_are_free",
     "inverse_temperature",
     "normalization_of",
     "normalized_problem",
+    "pick",
     "scale_floor",
     "scale_of",
     "soft_assignment",
+    "sync_free",
     "update_centroids",
 ]
 
@@ -65,6 +86,85 @@ __all__ = [
 EMPTY_MASS = 1e-6
 #: Smallest temperature used; a smaller tau gives the same (one-hot) assignments anyway.
 MIN_TAU = 1e-30
+
+
+_sync_free_depth = 0  # > 0 inside sync_free()
+
+
+@contextlib.contextmanager
+def sync_free() -> Iterator[None]:
+    """Run the DKM steps on CPU as they run on an accelerator: no value is read back to the
+    host (the early stop is decided on the device, the ``"unique"`` step works on the full
+    table of float16 codes). Process-wide; the tests count host reads with it."""
+    global _sync_free_depth
+    _sync_free_depth += 1
+    try:
+        yield
+    finally:
+        _sync_free_depth -= 1
+
+
+def host_reads_are_free(t: Tensor) -> bool:
+    """Whether a step may read values of ``t`` back to the host to save work: eagerly on CPU
+    only. On an accelerator a read is a sync (the CPU waits for the device to catch up), under
+    ``torch.compile`` a graph break, and inside :func:`sync_free` it is refused for tests."""
+    return t.device.type == "cpu" and not _sync_free_depth and not torch.compiler.is_compiling()
+
+
+def autocast_disabled(device_type: str) -> contextlib.AbstractContextManager:
+    """``torch.autocast(device_type, enabled=False)``: the DKM step's products in float32
+    whatever autocast region it is called from (nothing where autocast does not exist)."""
+    if not torch.amp.is_autocast_available(device_type):
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, enabled=False)
+
+
+class EarlyStop:
+    """The ``epsilon`` early stop of a DKM loop, with no host read where reads are not free.
+
+    Per round the step calls :meth:`advance` with the centroids before and after the update
+    (``True``: stop now), then :meth:`keep` on each state it carries. With host reads
+    (:func:`host_reads_are_free`) the loop stops at the first round in which no centroid moved
+    more than ``epsilon``. Without them it runs every round; a flag on the device records
+    whether the stop has happened, and :meth:`keep` then returns the old state
+    (``torch.where``), so the result is the same as stopping. ``iterations`` counts the
+    rounds that took effect: an int, or a 0-dim int64 tensor on the device.
+    """
+
+    def __init__(self, epsilon: float, like: Tensor) -> None:
+        self.epsilon = epsilon
+        self.on_device = epsilon > 0 and not host_reads_are_free(like)
+        self.iterations: int | Tensor = 0
+        self._running: Tensor | None = None  # device flag: the stop has not happened yet
+        self._active: Tensor | None = None  # device flag: the round just counted took effect
+        if self.on_device:
+            self._running = torch.ones((), dtype=torch.bool, device=like.device)
+            self.iterations = torch.zeros((), dtype=torch.long, device=like.device)
+
+    def advance(self, old: Tensor, new: Tensor) -> bool:
+        """Count the update ``old -> new`` (centroids); whether the loop must stop now."""
+        moved = (new.detach() - old.detach()).abs().amax() if self.epsilon > 0 else None
+        if not self.on_device:
+            self.iterations += 1
+            return moved is not None and bool(moved <= self.epsilon)
+        assert self._running is not None and moved is not None
+        self._active = self._running
+        self.iterations = self.iterations + self._active
+        self._running = self._active & (moved > self.epsilon)
+        return False
+
+    def keep(self, new: Tensor, old: Tensor) -> Tensor:
+        """``new`` if the round just counted took effect, else ``old``."""
+        return new if self._active is None else torch.where(self._active, new, old)
+
+
+def pick(stacked: Tensor, index: int | Tensor) -> Tensor:
+    """``stacked[index]`` for an int or a 0-dim int64 device tensor (``index_select``, which
+    reads nothing back, clamped to the valid range)."""
+    if isinstance(index, int):
+        return stacked[index]
+    i = index.clamp(0, stacked.shape[0] - 1).reshape(1)
+    return stacked.index_select(0, i).squeeze(0)
 
 
 class Normalization(NamedTuple):
@@ -80,7 +180,9 @@ class DKMOutput(NamedTuple):
     weights: Tensor  # (P, n, d): the soft-clustered weights A @ C, differentiable
     centroids: Tensor  # (P, k, d): the final centroids, detached (the state for the next call)
     attention: Tensor  # (P, k, n): the last soft-assignment matrix (part of the graph)
-    iterations: int  # centroid updates performed (<= max_iter)
+    #: centroid updates that took effect (<= max_iter); a 0-dim device tensor when the early
+    #: stop was decided on the device (:class:`EarlyStop`)
+    iterations: int | Tensor
 
 
 @torch.no_grad()
@@ -192,9 +294,14 @@ def normalized_problem(
     return NormalizedProblem(_normalize(xc, norm), c, norm)
 
 
-def inverse_temperature(tau: Tensor | float) -> float:
-    """``1 / tau`` as a Python float, tau raised to ``MIN_TAU`` first (a tau buffer of a
-    half-precision module may underflow to 0)."""
+def inverse_temperature(tau: Tensor | float, dtype: torch.dtype = torch.float32
+                        ) -> Tensor | float:
+    """``1 / tau``, tau raised to ``MIN_TAU`` first (a tau buffer cast to half precision may
+    have underflowed to 0): a Python float for a float, and for a tensor a 0-dim tensor of
+    ``dtype`` on its device, so that no value is read back to the host (on an accelerator
+    ``float(tau)`` is a sync)."""
+    if isinstance(tau, Tensor):
+        return 1.0 / tau.detach().to(dtype).clamp_min(MIN_TAU)
     return 1.0 / max(float(tau), MIN_TAU)
 
 
@@ -229,39 +336,48 @@ def dkm_cluster(
         tau: temperature (> 0), in units of the palette's weight variance (module docstring).
         max_iter: at most this many attention + centroid-update rounds (>= 1).
         epsilon: stop early once no centroid moves more than ``epsilon`` (in units of the
-            palette's standard deviation); 0 runs all ``max_iter`` rounds. An early stop reads
-            one scalar back from the device per iteration.
+            palette's standard deviation); 0 runs all ``max_iter`` rounds. Eagerly on CPU the
+            test is read back each round and the loop stops; on an accelerator, under
+            ``torch.compile`` and in :func:`sync_free` nothing is read back: every round
+            runs and those after the stop change nothing (:class:`EarlyStop`), which gives
+            the same result without a sync.
         normalization: fixed centre and scale; computed from ``x`` (detached) when omitted.
 
     Returns:
         :class:`DKMOutput` with the soft-clustered weights ``A @ C`` in the units and dtype
-        of ``x``.
+        of ``x``. The step runs in at least float32 with autocast off, whatever region it is
+        called from (module docstring).
     """
-    problem = normalized_problem(x, centroids, tau, max_iter, epsilon, normalization)
-    xt, c = problem.x.transpose(1, 2), problem.centroids  # (P, d, n), (P, k, d)
-
-    iterations = 0
-    for _ in range(max_iter):
-        attention = soft_assignment(xt, c, tau)
-        c_new = update_centroids(attention, xt, c)
-        iterations += 1
-        moved = (c_new - c).abs().amax().detach()
-        c = c_new
-        if epsilon > 0 and bool(moved <= epsilon):
-            break
-    out, final = denormalized_output(
-        torch.bmm(c.transpose(1, 2), attention).transpose(1, 2), c, problem, x, centroids
-    )
-    return DKMOutput(out, final, attention, iterations)
+    with autocast_disabled(x.device.type):
+        problem = normalized_problem(x, centroids, tau, max_iter, epsilon, normalization)
+        xt, c = problem.x.transpose(1, 2), problem.centroids  # (P, d, n), (P, k, d)
+        stop = EarlyStop(epsilon, xt)
+        attention: Tensor | None = None
+        for _ in range(max_iter):
+            current = soft_assignment(xt, c, tau)
+            c_new = update_centroids(current, xt, c)
+            converged = stop.advance(c, c_new)
+            attention = current if attention is None else stop.keep(current, attention)
+            c = stop.keep(c_new, c)
+            if converged:
+                break
+        assert attention is not None
+        out, final = denormalized_output(
+            torch.bmm(c.transpose(1, 2), attention).transpose(1, 2), c, problem, x, centroids
+        )
+    return DKMOutput(out, final, attention, stop.iterations)
 
 
 def hard_assign(x: Tensor, centroids: Tensor) -> tuple[Tensor, Tensor]:
     """Nearest-centroid indices ``(P, n)`` and the snapped weights ``centroids[indices]``.
 
-    The snapped tensor is built by gathering from ``centroids``, so ``LUT[indices]`` reproduces
-    it bit for bit. No gradient flows through it.
+    The nearest centroid is found in at least float32 with autocast off (half-precision
+    distances would misplace weights near a boundary). The snapped tensor is built by
+    gathering from ``centroids`` and cast to the dtype of ``x``, so ``LUT[indices]`` with the
+    LUT in that dtype reproduces it bit for bit. No gradient flows through it.
     """
-    with torch.no_grad():
-        idx = nearest_centroid(x.detach(), centroids.to(x.dtype))
+    dtype = torch.promote_types(torch.promote_types(x.dtype, centroids.dtype), torch.float32)
+    with torch.no_grad(), autocast_disabled(x.device.type):
+        idx = nearest_centroid(x.detach().to(dtype), centroids.to(dtype))
         snapped = centroids.gather(1, idx.unsqueeze(-1).expand(-1, -1, centroids.shape[-1]))
     return idx, snapped.to(x.dtype)

@@ -135,7 +135,8 @@ class ClusterUsage(Metric):
         num_clusters: centroids per palette ``k`` (>= 1); indices must lie in ``[0, k)``.
         num_palettes: palettes ``P`` (>= 1); with ``P > 1`` indices must have shape ``(P, ...)``.
         validate_args: check that indices are in range; costs one device synchronisation per
-            update, so it can be turned off in hot loops.
+            update, so it can be turned off in hot loops (without it an update reads nothing
+            back from the device).
         **kwargs: forwarded to :class:`torchmetrics.Metric`.
     """
 
@@ -188,9 +189,12 @@ class ClusterUsage(Metric):
                 raise ValueError(f"indices must lie in [0, num_clusters={k}), got a value of {bad}")
         flat = indices.reshape(p, -1).long()
         if p > 1:
-            # Offset palette i's ids into [i * k, (i + 1) * k) so one bincount serves all.
+            # Offset palette i's ids into [i * k, (i + 1) * k) so one count serves all.
             flat = flat + torch.arange(p, device=flat.device).unsqueeze(1) * k
-        self.counts += torch.bincount(flat.reshape(-1), minlength=p * k).view(p, k)
+        # index_add_ into the fixed-size histogram: bincount would read the largest id back
+        # from the device to size its output.
+        flat = flat.reshape(-1)
+        self.counts.view(-1).index_add_(0, flat, torch.ones_like(flat))
 
     def compute(self) -> dict[str, Tensor]:
         """Return ``usage_entropy``, ``perplexity``, ``dead_clusters`` and ``dead_fraction``.

@@ -11,6 +11,10 @@ its parametrization's centroids and temperature (no gradient, no change of state
 * ``dead_clusters``: centroids that no weight snaps to (summed over palettes);
 * ``snap_rmse``: root-mean-square distance from each weight to its nearest centroid -- how much
   finalize will move the weights.
+
+The metrics live on the weights' device (CPU on Apple MPS, where their float64 states are not
+supported), so measuring a CUDA model moves no weight to the host; each tensor's five values
+come back to the host in one read.
 """
 
 from __future__ import annotations
@@ -23,19 +27,34 @@ from .clustering import ClusteredTensor
 from .dkm import hard_assign
 from .metrics import AssignmentEntropy, ClusterUsage, SnapDistance
 
-__all__ = ["measure", "measure_all"]
+__all__ = ["measure", "measure_all", "metric_device"]
+
+_STATISTICS = ("entropy", "usage_entropy", "perplexity", "dead_clusters", "snap_rmse")
 
 
-def _metrics_for(tensor: ClusteredTensor) -> tuple[AssignmentEntropy, ClusterUsage, SnapDistance]:
+def metric_device(device: torch.device) -> torch.device:
+    """Where the metrics of a tensor on ``device`` live: the same device, except CPU for MPS
+    (no float64 there)."""
+    return torch.device("cpu") if device.type == "mps" else device
+
+
+def _metrics_for(
+    tensor: ClusteredTensor, device: torch.device
+) -> tuple[AssignmentEntropy, ClusterUsage, SnapDistance]:
     layout = tensor.parametrization.layout
     # Every process holds the same weights and centroids: no cross-process reduction needed.
-    return (
+    # The indices come from hard_assign, always in range: no validation (a host read).
+    metrics = (
         AssignmentEntropy(sync_on_compute=False),
         ClusterUsage(
-            layout.spec.num_centroids, num_palettes=layout.num_palettes, sync_on_compute=False
+            layout.spec.num_centroids, num_palettes=layout.num_palettes, validate_args=False,
+            sync_on_compute=False,
         ),
         SnapDistance(sync_on_compute=False),
     )
+    for metric in metrics:
+        metric.to(device)
+    return metrics
 
 
 @torch.no_grad()
@@ -45,28 +64,28 @@ def measure_all(
     """Per-tensor statistics (see module docstring) and the model-level mean assignment entropy
     (every soft-assignment row of every tensor weighted equally)."""
     per_tensor: dict[str, dict[str, float]] = {}
-    model_entropy = AssignmentEntropy(sync_on_compute=False)
+    model_entropy: AssignmentEntropy | None = None
     for name, tensor in tensors.items():
-        entropy, usage, snap = _metrics_for(tensor)
         weight = tensor.original.detach()
+        device = metric_device(weight.device)
+        entropy, usage, snap = _metrics_for(tensor, device)
+        if model_entropy is None:
+            model_entropy = AssignmentEntropy(sync_on_compute=False).to(device)
         parametrization = tensor.parametrization
         for chunk in parametrization.soft_assignment_chunks(weight):
-            entropy.update(chunk)
-            model_entropy.update(chunk)
+            entropy.update(chunk.to(device))
+            model_entropy.update(chunk.to(model_entropy.device))
         x = parametrization.layout.to_palettes(weight)
         idx, snapped = hard_assign(x, parametrization.centroids)
-        usage.update(idx)
-        snap.update(x, snapped)
+        usage.update(idx.to(device))
+        snap.update(x.to(device), snapped.to(device))
         usage_stats = usage.compute()
-        snap_stats = snap.compute()
-        per_tensor[name] = {
-            "entropy": float(entropy.compute()),
-            "usage_entropy": float(usage_stats["usage_entropy"]),
-            "perplexity": float(usage_stats["perplexity"]),
-            "dead_clusters": float(usage_stats["dead_clusters"]),
-            "snap_rmse": float(snap_stats["rmse"]),
-        }
-    total = float(model_entropy.compute()) if per_tensor else float("nan")
+        values = torch.stack([
+            entropy.compute(), usage_stats["usage_entropy"], usage_stats["perplexity"],
+            usage_stats["dead_clusters"], snap.compute()["rmse"],
+        ]).tolist()  # one read per tensor
+        per_tensor[name] = dict(zip(_STATISTICS, values, strict=True))
+    total = float(model_entropy.compute()) if model_entropy is not None else float("nan")
     return per_tensor, total
 
 

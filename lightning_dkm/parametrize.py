@@ -16,6 +16,14 @@ Modes (``DKMParametrization.mode``):
 
 Temperature and centroids are buffers, updated in place (``fill_`` / ``copy_``): they follow the
 module across devices, land in ``state_dict`` and checkpoints, and never trigger a recompile.
+They stay float32 when the module is cast to half precision (``module.half()``, Lightning's
+``16-true`` / ``bf16-true``), and the DKM step runs in float32 with autocast off (Lightning's
+``16-mixed`` / ``bf16-mixed``); only the clustered weight takes the weight's dtype.
+
+A training forward reads nothing back to the host (no device sync): whether the centroids are
+initialised is a Python flag (:attr:`DKMParametrization.is_initialized`), tau stays a device
+tensor, and the steps decide their early stop on the device where reads are not free
+(:func:`lightning_dkm.dkm.host_reads_are_free`).
 """
 
 from __future__ import annotations
@@ -27,7 +35,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from .dkm import dkm_cluster, hard_assign, normalization_of, soft_assignment
+from .dkm import autocast_disabled, dkm_cluster, hard_assign, normalization_of, soft_assignment
 from .fast_dkm import DEFAULT_CHUNK, fast_dkm_cluster
 from .kmeans import kmeans
 from .layout import PaletteLayout
@@ -100,6 +108,13 @@ def resolve_implementation(
 _MODES = ("soft", "hard", "off")
 # Lloyd iterations used to initialise centroids (k-means++ then Lloyd, on the current weights).
 _INIT_MAX_ITER = 100
+#: Buffers kept in float32 when the module is cast to a half-precision dtype.
+_FLOAT32_BUFFERS = ("centroids", "temperature")
+
+
+def _is_half(dtype: torch.dtype) -> bool:
+    """A floating dtype narrower than float32 (float16, bfloat16, the float8 types)."""
+    return dtype.is_floating_point and torch.finfo(dtype).bits < 32
 
 
 def stable_seed(base_seed: int, name: str) -> int:
@@ -116,7 +131,14 @@ class DKMParametrization(nn.Module):
             including bits, cluster_dim and group_size.
         temperature: initial tau (> 0), in units of the palette's weight variance.
         max_iter: DKM iterations per forward (the paper and coremltools use 3).
-        epsilon: early-stop threshold on centroid movement, in weight standard deviations.
+        epsilon: early-stop threshold on centroid movement, in weight standard deviations; 0
+            always runs ``max_iter`` iterations. Eagerly on CPU the loop stops at the first
+            iteration that moves no centroid more than ``epsilon`` (the test is read back,
+            which costs nothing there). On an accelerator and under ``torch.compile`` the test
+            is never read back (a sync per iteration, a graph break): all ``max_iter``
+            iterations run and those after the stop change nothing (a flag on the device),
+            so the result is the same and no time is saved
+            (:class:`~lightning_dkm.dkm.EarlyStop`).
         seed: k-means++ seed; with :func:`stable_seed` every rank gets the same centroids.
         implementation: the DKM step. ``"unique"``
             (:func:`lightning_dkm.unique_dkm.unique_dkm_cluster`, cluster_dim 1 only: attention
@@ -133,6 +155,10 @@ class DKMParametrization(nn.Module):
             by the ``"unique"`` step, see
             :func:`~lightning_dkm.unique_dkm.unique_dkm_cluster`).
         mode: ``"soft"``, ``"hard"`` or ``"off"`` (module docstring).
+
+    The centroids are set by :meth:`initialize` (or by loading a state dict that holds them);
+    a forward before that initialises them from the weight it is given, and :meth:`palette`
+    refuses to snap to centroids that were never set.
     """
 
     centroids: Tensor
@@ -181,14 +207,53 @@ class DKMParametrization(nn.Module):
         # step can run on a flat view instead of the layout's permuted copy (and copy back).
         self._order_free = layout.spec.cluster_dim == 1 and layout.num_palettes == 1
         P, _, d = layout.palette_shape
-        self.register_buffer("centroids", torch.zeros(P, layout.spec.num_centroids, d))
-        self.register_buffer("temperature", torch.tensor(1.0))
+        k = layout.spec.num_centroids
+        self.register_buffer("centroids", torch.zeros(P, k, d, dtype=torch.float32))
+        self.register_buffer("temperature", torch.tensor(1.0, dtype=torch.float32))
+        # The buffer travels in checkpoints; the Python flag answers without a device read.
         self.register_buffer("initialized", torch.tensor(False))
+        self._initialized = False
         self.set_temperature(temperature)
         self.mode: Mode = "soft"
         self.set_mode(mode)
 
     # -- state -------------------------------------------------------------------------------
+    @property
+    def is_initialized(self) -> bool:
+        """Whether the centroids have been set (by :meth:`initialize` or by loading a state dict
+        whose ``initialized`` is true). A Python flag kept equal to the ``initialized`` buffer,
+        so asking reads nothing back from the device (``bool(self.initialized)`` would sync)."""
+        flag = self.__dict__.get("_initialized")
+        if flag is None:  # a module pickled before the flag existed: one read, once
+            flag = self._initialized = bool(self.initialized)
+        return flag
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        """Load as ``nn.Module`` does, then refresh :attr:`is_initialized` from the loaded
+        buffer (one read, at load time) and keep centroids and tau in float32 (a half-precision
+        checkpoint loaded with ``assign=True`` would replace them)."""
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._keep_float32({name: None for name in _FLOAT32_BUFFERS})
+        self._initialized = bool(self.initialized)
+
+    def _apply(self, fn, recurse: bool = True):
+        """``nn.Module._apply`` (``to``, ``cuda``, ``half``, ...), except that centroids and tau
+        stay float32 when it would make them half precision: they follow the device only.
+        Lightning's ``16-true`` / ``bf16-true`` cast the whole model this way."""
+        before = {name: self._buffers[name] for name in _FLOAT32_BUFFERS}
+        super()._apply(fn, recurse)
+        self._keep_float32(before)
+        return self
+
+    def _keep_float32(self, before: dict[str, Tensor | None]) -> None:
+        """Buffers of ``before`` that became half precision: back to float32, from their value
+        before the cast where there is one (no double rounding)."""
+        for name, old in before.items():
+            new = self._buffers[name]
+            if new is not None and _is_half(new.dtype):
+                source = new if old is None or _is_half(old.dtype) else old
+                self._buffers[name] = source.to(device=new.device, dtype=torch.float32)
+
     def set_temperature(self, tau: float) -> None:
         """Set tau in place (``fill_``: the buffer keeps its identity, device and dtype)."""
         tau = float(tau)
@@ -205,27 +270,38 @@ class DKMParametrization(nn.Module):
 
     @torch.no_grad()
     def initialize(self, weight: Tensor, generator: torch.Generator | None = None) -> None:
-        """Centroids from seeded k-means++ and Lloyd on ``weight`` (deterministic for a seed)."""
+        """Centroids from seeded k-means++ and Lloyd on ``weight`` (deterministic for a seed),
+        computed on CPU in float32 with autocast off."""
         self.layout.check(weight)
         if generator is None:
             generator = torch.Generator(device="cpu").manual_seed(self.seed)
         x = self.layout.to_palettes(weight.detach()).float().cpu()
-        result = kmeans(
-            x,
-            self.layout.spec.num_centroids,
-            generator,
-            max_iter=_INIT_MAX_ITER,
-            name=self.layout.name,
-        )
+        with autocast_disabled("cpu"):
+            result = kmeans(
+                x,
+                self.layout.spec.num_centroids,
+                generator,
+                max_iter=_INIT_MAX_ITER,
+                name=self.layout.name,
+            )
         self.centroids.copy_(result.centroids.to(self.centroids.dtype))
         self.initialized.fill_(True)
+        self._initialized = True
 
     # -- forward -----------------------------------------------------------------------------
     def forward(self, weight: Tensor) -> Tensor:
+        """The clustered weight (module docstring), in the dtype of ``weight``; the DKM step
+        and the snap run in float32 with autocast off. Centroids that were never set are
+        initialised from ``weight`` first (a Python flag: no device read)."""
         if self.mode == "off":
             return weight
-        if not bool(self.initialized):
+        if not self.is_initialized:
             self.initialize(weight)
+        with autocast_disabled(weight.device.type):
+            return self._clustered(weight)
+
+    def _clustered(self, weight: Tensor) -> Tensor:
+        """The soft (training) or snapped weight of an initialised parametrization."""
         x = weight.reshape(1, -1, 1) if self._order_free else self.layout.to_palettes(weight)
         if self.mode == "soft" and self.training:
             step = _IMPLEMENTATIONS[self.step_implementation]
@@ -280,11 +356,24 @@ class DKMParametrization(nn.Module):
         cn = (self.centroids.float() - norm.center) / norm.scale
         for start in range(0, xt.shape[2], chunk_rows):
             chunk = xt[:, :, start : start + chunk_rows]
-            yield soft_assignment(chunk, cn, self.temperature).transpose(1, 2)
+            with autocast_disabled(chunk.device.type):
+                assignment = soft_assignment(chunk, cn, self.temperature)
+            yield assignment.transpose(1, 2)
 
     @torch.no_grad()
     def palette(self, weight: Tensor) -> Palette:
-        """Hard-assign ``weight`` to the current centroids: the LUT and indices it ships as."""
+        """Hard-assign ``weight`` to the current centroids: the LUT and indices it ships as.
+
+        Raises:
+            RuntimeError: the centroids were never initialised (they would be all zeros, and
+                every weight would snap to 0).
+        """
+        if not self.is_initialized:
+            raise RuntimeError(
+                f"{self.layout.name}: the DKM centroids were never initialised, so there is no "
+                "palette to snap to; call initialize(weight) first (or load a state_dict that "
+                "holds initialised centroids)"
+            )
         self.layout.check(weight)
         x = self.layout.to_palettes(weight.detach())
         idx, _ = hard_assign(x, self.centroids)

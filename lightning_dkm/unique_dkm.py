@@ -30,6 +30,18 @@ standard deviation for weights within 1 std of the mean)
 times the attention's sensitivity, which is large only for weights on a cluster boundary;
 ``docs/benchmarks.md`` gives the measured difference.
 
+**Without host reads** (:func:`~lightning_dkm.dkm.host_reads_are_free`: on an accelerator,
+under ``torch.compile``, in :func:`~lightning_dkm.dkm.sync_free`) the padded layout cannot be
+sized by the widest palette's count of distinct values (``nonzero`` and that count would be
+read back), so it takes ``min(n, 65536)`` columns, a bound from the shape, and each occupied
+code goes to the column of its rank (a cumulative sum); the columns past a palette's last
+distinct value hold value 0 and count 0, so they add nothing to any sum. Counting uses
+``index_add_`` into the fixed-size table (``bincount`` reads its input's maximum back), the
+rough standard deviation picks its fallback with ``torch.where``, and the early stop is decided
+on the device (:class:`~lightning_dkm.dkm.EarlyStop`). The values are those of the compact
+layout up to the summation order; the iterations do up to ``min(n, 65536) / U`` times the work
+(about 3x for half a million Gaussian weights), which an accelerator does in microseconds.
+
 Backward (per iteration ``t``, exact for the rounded problem): with
 :math:`H_j = \partial L/\partial c'_j / m_j` and
 :math:`B_{ij} = g_i c'_j + H_j (v_u - c'_j)` for weight ``i`` of value ``u`` (``g`` only in
@@ -47,9 +59,13 @@ from torch import Tensor
 from .dkm import (
     EMPTY_MASS,
     DKMOutput,
+    EarlyStop,
     Normalization,
+    autocast_disabled,
     check_step_arguments,
+    host_reads_are_free,
     inverse_temperature,
+    pick,
     scale_floor,
 )
 
@@ -76,23 +92,36 @@ _TINY = 1e-30  # keeps log2 finite for a constant palette
 
 
 class _DistinctValues(NamedTuple):
-    """The occupied codes of every palette, compacted into a padded ``(P, U)`` layout."""
+    """The occupied codes of every palette, compacted into a padded ``(P, U)`` layout: with
+    ``ids`` (``U`` the most distinct values of a palette, :func:`_distinct_values`), or with
+    ``slots`` (``U = min(n, 65536)``, a bound from the shape, :func:`_static_distinct_values`).
+    """
 
-    ids: Tensor  # (V,) flat ids ``palette * 65536 + bit pattern`` of the occupied codes
+    ids: Tensor | None  # (V,) flat ids ``palette * 65536 + bit pattern`` of the occupied codes
     rows: Tensor | None  # (V,) their palette (None for a single palette)
     cols: Tensor | None  # (V,) their place in the palette's row of the padded layout
     values: Tensor  # (P, U) the float16 values (as float32), 0 in padding
     counts: Tensor  # (P, U) weights per value, 0 in padding
+    slots: Tensor | None = None  # (P, 65536) each code's column; U (a spare one) if unoccupied
 
     def to_dense(self, compact: Tensor) -> Tensor:
         """(P, U) per distinct value -> (P * 65536,) per code. Entries of unoccupied codes
-        are left uninitialised: no weight has such a code, so nothing ever reads them."""
+        are arbitrary: no weight has such a code, so nothing ever reads them."""
         P = compact.shape[0]
+        if self.slots is not None:
+            spare = torch.cat((compact, compact.new_zeros(P, 1)), 1)
+            return spare.gather(1, self.slots).view(-1)
+        assert self.ids is not None
         picked = compact.view(-1) if self.rows is None else compact[self.rows, self.cols]
         return compact.new_empty(P * _CODES).scatter_(0, self.ids, picked)
 
     def from_dense(self, dense: Tensor) -> Tensor:
         """(P * 65536,) per code -> (P, U) per distinct value (0 in padding)."""
+        if self.slots is not None:
+            P, width = self.slots.shape[0], self.values.shape[1]
+            compact = dense.new_zeros(P, width + 1)
+            return compact.scatter_(1, self.slots, dense.view(P, _CODES))[:, :width]
+        assert self.ids is not None
         picked = dense.index_select(0, self.ids)
         if self.rows is None:
             return picked.unsqueeze(0)
@@ -102,7 +131,7 @@ class _DistinctValues(NamedTuple):
 
 
 @torch.no_grad()
-def _float16_codes(x: Tensor, normalization: Normalization | None
+def _float16_codes(x: Tensor, normalization: Normalization | None, device_side: bool = False
                    ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """Each weight's code: ``(x - center) / unit`` rounded to float16 (P, n). Also returns the
     centres (P, 1), the power-of-two units (P, 1) and the normalisation's scale (P, 1) when
@@ -111,7 +140,7 @@ def _float16_codes(x: Tensor, normalization: Normalization | None
     if normalization is None:
         center = x.mean(dim=1, keepdim=True)
         scale = None
-        rough = _rough_std(x, center)
+        rough = _rough_std(x, center, device_side)
     else:
         center = normalization.center.reshape(P, 1).to(x.dtype)
         scale = normalization.scale.reshape(P, 1).to(x.dtype)
@@ -134,10 +163,12 @@ def _chunks(n: int):
 
 class _Columns:
     """The table columns ``palette * 65536 + bit pattern`` (int32) of float16 ``codes``
-    (P, n), a chunk at a time; a tensor that fits in one chunk converts its codes once."""
+    (P, n), a chunk at a time; a tensor that fits in one chunk converts its codes once.
+    ``device_side``: sums per code with ``index_add_`` (no host read) instead of ``bincount``."""
 
-    def __init__(self, codes: Tensor) -> None:
+    def __init__(self, codes: Tensor, device_side: bool = False) -> None:
         self.codes = codes
+        self.device_side = device_side
         self._whole: Tensor | None = None
 
     def chunks(self):
@@ -163,11 +194,19 @@ class _Columns:
     def sum_per_code(self, weights: Tensor | None = None) -> Tensor:
         """(P * 65536,) per code: how many weights have it, or the sum of ``weights`` (P, n)
         over them."""
+        size = self.codes.shape[0] * _CODES
+        if self.device_side:
+            dtype = torch.long if weights is None else weights.dtype
+            table = torch.zeros(size, dtype=dtype, device=self.codes.device)
+            for part, columns in self.chunks():
+                source = (torch.ones((), dtype=dtype, device=table.device).expand(columns.numel())
+                          if weights is None else weights[:, part].reshape(-1))
+                table.index_add_(0, columns, source)
+            return table
         total = None
         for part, columns in self.chunks():
             chunk_weights = None if weights is None else weights[:, part].reshape(-1)
-            counts = torch.bincount(columns, weights=chunk_weights,
-                                    minlength=self.codes.shape[0] * _CODES)
+            counts = torch.bincount(columns, weights=chunk_weights, minlength=size)
             total = counts if total is None else total.add_(counts)
         assert total is not None
         return total
@@ -191,15 +230,21 @@ class _Columns:
         return out
 
 
-def _rough_std(x: Tensor, center: Tensor) -> Tensor:
+def _rough_std(x: Tensor, center: Tensor, device_side: bool = False) -> Tensor:
     """The standard deviation (P, 1) about ``center`` from ``|x|^2 / n - center^2`` (no
     temporary the size of ``x``); where that cancels badly (a mean far larger than the
     spread), from the deviations themselves. Only needs to be right within a factor of ~1.4:
-    it picks the power of two that scales the float16 rounding."""
+    it picks the power of two that scales the float16 rounding. ``device_side``: both are
+    computed and ``torch.where`` picks (no read of the test; one more pass, cheap on an
+    accelerator)."""
     n = x.shape[1]
     mean_square = torch.linalg.vector_norm(x, dim=1, keepdim=True).square_().div_(n)
     variance = mean_square - center.square()
-    if bool((variance < 1e-4 * mean_square).any()):
+    cancels = variance < 1e-4 * mean_square
+    if device_side:
+        exact = torch.var(x, dim=1, keepdim=True, correction=0)
+        variance = torch.where(cancels, exact, variance)
+    elif bool(cancels.any()):
         variance = torch.linalg.vector_norm(x - center, dim=1, keepdim=True).square_().div_(n)
     return variance.clamp_min(0.0).sqrt_()
 
@@ -227,6 +272,24 @@ def _distinct_values(columns: _Columns, dtype: torch.dtype) -> _DistinctValues:
     return _DistinctValues(ids, rows, cols, values, counts)
 
 
+def _static_distinct_values(columns: _Columns, dtype: torch.dtype) -> _DistinctValues:
+    """The occupied codes with their values and counts, as :func:`_distinct_values` gives
+    them, but in a ``(P, U)`` layout of ``U = min(n, 65536)`` columns, a bound known from the
+    shape: nothing is read back. A code's column is its rank among the palette's occupied
+    codes (a cumulative sum); the columns past a palette's last distinct value hold value 0
+    and count 0, so they add nothing to any sum."""
+    P, n = columns.codes.shape
+    width = min(n, _CODES)
+    dense_counts = columns.sum_per_code().view(P, _CODES)
+    occupied = dense_counts > 0
+    slots = torch.where(occupied, occupied.cumsum(1) - 1, width)  # (P, 65536)
+    patterns = torch.arange(_CODES, dtype=torch.int32, device=slots.device).to(torch.int16)
+    code_values = torch.where(occupied, patterns.view(torch.float16).to(dtype), 0.0)
+    values = code_values.new_zeros(P, width + 1).scatter_(1, slots, code_values)[:, :width]
+    counts = values.new_zeros(P, width + 1).scatter_(1, slots, dense_counts.to(dtype))
+    return _DistinctValues(None, None, None, values, counts[:, :width], slots)
+
+
 def _scale_from_values(distinct: _DistinctValues, unit: Tensor, center: Tensor) -> Tensor:
     """The palettes' standard deviation about ``center`` (P, 1), from the rounded values and
     their counts, with the same floor as :func:`~lightning_dkm.dkm.scale_of`."""
@@ -235,7 +298,7 @@ def _scale_from_values(distinct: _DistinctValues, unit: Tensor, center: Tensor) 
     return torch.maximum(std, scale_floor(center))
 
 
-def _attention(v: Tensor, c: Tensor, inv_tau: float) -> Tensor:
+def _attention(v: Tensor, c: Tensor, inv_tau: Tensor | float) -> Tensor:
     """softmax over centroids for values v (P, U) and centroids c (P, k): laid out (P, k, U)
     so that every elementwise pass runs over contiguous values."""
     z = (v.unsqueeze(1) - c.unsqueeze(-1)).square_().mul_(-inv_tau)
@@ -269,7 +332,7 @@ class _Update:
     and ``delta``."""
 
     def __init__(self, values: Tensor, moments: Tensor, A: Tensor, c: Tensor, c_new: Tensor,
-                 mass: Tensor, two_over_tau: float) -> None:
+                 mass: Tensor, two_over_tau: Tensor | float) -> None:
         self.values, self.moments, self.A, self.c, self.c_new = values, moments, A, c, c_new
         self.live = mass > EMPTY_MASS
         self.mass = mass.clamp_min(EMPTY_MASS)
@@ -301,7 +364,7 @@ class _Update:
             self.live, 0.0, U
         )
 
-    def adjoint(self, r: Tensor) -> Tensor:
+    def adjoint(self, r: Tensor, check_errors: bool = True) -> Tensor:
         r"""Solve :math:`(I - J^\top) w = r` with :math:`J = \partial F / \partial c` at the
         fixed point (IDKM's implicit gradient), exactly: :math:`J^\top` is a ``k x k``
         matrix per palette, :math:`J^\top_{jl} = \tfrac{2}{\tau m_l}(\delta_{jl} D_j -
@@ -310,7 +373,8 @@ class _Update:
         product on the old centroids): one batched product over the distinct values and a
         ``k x k`` solve.
         An empty cluster's centroid is carried over unchanged (:math:`J^\top` is the identity
-        there) and nothing depends on it, so its component is set to 0."""
+        there) and nothing depends on it, so its component is set to 0. ``check_errors=False``
+        skips the singularity check (a host read)."""
         v = self.values.unsqueeze(1)  # (P, 1, U)
         to_new = v - self.c_new.unsqueeze(-1)  # (P, k, U): v_u - c'_l
         weighted = (v - self.c.unsqueeze(-1)).mul_(self.A).mul_(self.moments[:, :1])
@@ -322,21 +386,26 @@ class _Update:
         dead = ~self.live
         system = torch.where(dead.unsqueeze(1) | dead.unsqueeze(2), eye, eye - jacobian_t)
         rhs = torch.where(self.live, r, 0.0).unsqueeze(-1)
-        return torch.linalg.solve(system, rhs).squeeze(-1)
+        if check_errors:
+            return torch.linalg.solve(system, rhs).squeeze(-1)
+        return torch.linalg.solve_ex(system, rhs, check_errors=False)[0].squeeze(-1)
 
 
 class _UniqueDKM(torch.autograd.Function):
     """DKM of ``x`` (P, n) from ``centroids`` (P, k) (weight units) on the distinct values of
     its ``codes`` (:func:`_float16_codes`, with ``center`` and ``unit``); ``scale``
     (P, 1) sets tau's units, computed from the distinct values when ``None``. Returns the
-    soft weights, the final centroids (weight units) and the number of iterations."""
+    soft weights, the final centroids (weight units) and the number of iterations (a device
+    tensor when ``device_side``: the module docstring's form without host reads)."""
 
     @staticmethod
     def forward(ctx, x: Tensor, codes: Tensor, center: Tensor, unit: Tensor,
-                scale: Tensor | None, centroids: Tensor, inv_tau: float, max_iter: int,
-                epsilon: float, implicit: bool):
-        columns = _Columns(codes)
-        distinct = _distinct_values(columns, center.dtype)
+                scale: Tensor | None, centroids: Tensor, inv_tau: Tensor | float, max_iter: int,
+                epsilon: float, implicit: bool, device_side: bool):
+        columns = _Columns(codes, device_side)
+        distinct = (_static_distinct_values if device_side else _distinct_values)(
+            columns, center.dtype
+        )
         if scale is None:
             scale = _scale_from_values(distinct, unit, center)
         values = distinct.values.mul_(unit / scale)  # normalised: (x - center) / scale
@@ -345,64 +414,104 @@ class _UniqueDKM(torch.autograd.Function):
         # The implicit backward needs only the last iteration, the unrolled one all of them.
         kept_iterations = 1 if implicit else max_iter
         keep = kept_iterations * values.numel() * c0.shape[1] <= KEEP_ATTENTION_MAX_ENTRIES
+        stop = EarlyStop(epsilon, values)
         trajectory, masses, kept = [c0], [], []
+        last_attention: Tensor | None = None  # of the last round that took effect
         for _ in range(max_iter):
             c = trajectory[-1]
             A = _attention(values, c, inv_tau)
-            if keep:
-                kept = [A] if implicit else [*kept, A]
+            if keep and not implicit:
+                kept.append(A)
             r = _sum_over_values(moments, A)  # (P, 2, k): sum_u w_u A_uj (1, v_u)
             mass = r[:, 0]
             new = torch.where(mass > EMPTY_MASS, r[:, 1] / mass.clamp_min(EMPTY_MASS), c)
-            converged = epsilon > 0 and bool((new - c).abs().amax() <= epsilon)
-            trajectory.append(new)
+            converged = stop.advance(c, new)
+            trajectory.append(stop.keep(new, c))
             masses.append(mass)
+            last_attention = A if last_attention is None else stop.keep(A, last_attention)
             if converged:
                 break
-        y_values = torch.bmm(trajectory[-1].unsqueeze(1), A).squeeze(1)  # (P, U)
+        assert last_attention is not None
+        if keep and implicit:
+            kept = [last_attention]
+        stacked, stacked_masses = torch.stack(trajectory), torch.stack(masses)
+        last = stop.iterations
+        c_final = pick(stacked, last)
+        y_values = torch.bmm(c_final.unsqueeze(1), last_attention).squeeze(1)  # (P, U)
         table = distinct.to_dense((y_values * scale + center).to(x.dtype))
-        ctx.distinct = distinct._replace(values=None, counts=None)
+        ctx.distinct = distinct._replace(values=None, counts=None, slots=None)
         if implicit:  # only the last iteration, c_{T-1} -> c_T
-            trajectory, masses = trajectory[-2:], masses[-1:]
-        ctx.save_for_backward(codes, values, moments, torch.stack(trajectory),
-                              torch.stack(masses), *kept)
-        ctx.inv_tau, ctx.implicit = inv_tau, implicit
-        final = trajectory[-1] * scale + center
+            stacked = torch.stack((pick(stacked, last - 1), c_final))
+            stacked_masses, saved_last = pick(stacked_masses, last - 1).unsqueeze(0), 1
+        else:
+            saved_last = last
+        extra = [t for t in (saved_last, inv_tau, distinct.slots) if isinstance(t, Tensor)]
+        ctx.save_for_backward(codes, values, moments, stacked, stacked_masses, *kept, *extra)
+        ctx.kept, ctx.implicit, ctx.device_side = len(kept), implicit, device_side
+        ctx.last = None if isinstance(saved_last, Tensor) else saved_last
+        ctx.inv_tau = None if isinstance(inv_tau, Tensor) else inv_tau
+        final = c_final * scale + center
         ctx.mark_non_differentiable(final)
-        return columns.look_up(table), final, len(masses)
+        return columns.look_up(table), final, last
 
     @staticmethod
     def backward(ctx, grad_out: Tensor, _grad_c: Tensor, _grad_iterations):
-        codes, values, moments, trajectory, masses, *kept = ctx.saved_tensors
-        distinct, two_over_tau = ctx.distinct._replace(values=values), 2.0 * ctx.inv_tau
-        g = grad_out.to(values.dtype)
-        columns = _Columns(codes)
-        G_u = distinct.from_dense(columns.sum_per_code(g).to(values.dtype))  # sum of g per value
-        T = masses.shape[0]
-        # The output y_u = sum_j A_uj c_j' of the last iteration: d L / d c_T directly, the
-        # factor b_u of g_i, and d L / d c_{T-1} through the output's attention.
-        A = kept[-1] if kept else _attention(values, trajectory[T - 1], ctx.inv_tau)
-        c, c_new = trajectory[T - 1], trajectory[T]
-        U_c = _sum_over_values(G_u.unsqueeze(1), A).squeeze(1)
-        dP = (c_new.unsqueeze(-1) - torch.bmm(c_new.unsqueeze(1), A)).mul_(A)  # per unit g
-        b_coef = two_over_tau * torch.bmm(c.unsqueeze(1), dP).squeeze(1)
-        through_output = two_over_tau * _pull(dP, _moments(G_u, values), c)
-        if ctx.implicit:
-            update = _Update(values, moments, A, c, c_new, masses[T - 1], two_over_tau)
-            a_coef = update.wrt_x(update.adjoint(U_c + through_output))
-        else:
-            a_coef = torch.zeros_like(values)
-            for t in range(T, 0, -1):  # iteration t: c_{t-1} -> c_t, attention A_t
-                if t != T:
-                    c, c_new = trajectory[t - 1], trajectory[t]
-                    A = kept[t - 1] if kept else _attention(values, c, ctx.inv_tau)
-                update = _Update(values, moments, A, c, c_new, masses[t - 1], two_over_tau)
-                wrt_x, wrt_c = update.wrt_x_and_c(U_c)
-                a_coef += wrt_x
-                U_c = wrt_c + (through_output if t == T else 0.0)
-        # d L / d x_i = a_u + b_u g_i, with u the value of weight i: two table lookups.
-        grad_x = columns.look_up(distinct.to_dense(a_coef), factor=(distinct.to_dense(b_coef), g))
-        return grad_x.to(grad_out.dtype), None, None, None, None, None, None, None, None, None
+        with autocast_disabled(grad_out.device.type):
+            grad_x = _unique_backward(ctx, grad_out)
+        return grad_x, None, None, None, None, None, None, None, None, None, None
+
+
+def _unique_backward(ctx, grad_out: Tensor) -> Tensor:
+    """The backward of the module docstring, from the last round that took effect (``last``:
+    an int, or a device tensor without host reads, where the rounds that did not run leave
+    the gradient unchanged)."""
+    codes, values, moments, trajectory, masses, *rest = ctx.saved_tensors
+    kept, rest = rest[: ctx.kept], rest[ctx.kept :]
+    last = rest.pop(0) if ctx.last is None else ctx.last
+    inv_tau = rest.pop(0) if ctx.inv_tau is None else ctx.inv_tau
+    slots = rest.pop(0) if ctx.device_side else None
+    distinct = ctx.distinct._replace(values=values, slots=slots)
+    two_over_tau = 2.0 * inv_tau
+    stacked_kept = torch.stack(kept) if kept and isinstance(last, Tensor) else None
+
+    def attention_of(t: int | Tensor) -> Tensor:
+        """The attention of round t (c_{t-1} -> c_t): kept, or recomputed."""
+        if not kept:
+            return _attention(values, pick(trajectory, t - 1), inv_tau)
+        return kept[t - 1] if stacked_kept is None else pick(stacked_kept, t - 1)
+
+    g = grad_out.to(values.dtype)
+    columns = _Columns(codes, ctx.device_side)
+    G_u = distinct.from_dense(columns.sum_per_code(g).to(values.dtype))  # sum of g per value
+    # The output y_u = sum_j A_uj c_j' of the last iteration: d L / d c_T directly, the
+    # factor b_u of g_i, and d L / d c_{T-1} through the output's attention.
+    A = attention_of(last)
+    c, c_new = pick(trajectory, last - 1), pick(trajectory, last)
+    U_c = _sum_over_values(G_u.unsqueeze(1), A).squeeze(1)
+    dP = (c_new.unsqueeze(-1) - torch.bmm(c_new.unsqueeze(1), A)).mul_(A)  # per unit g
+    b_coef = two_over_tau * torch.bmm(c.unsqueeze(1), dP).squeeze(1)
+    through_output = two_over_tau * _pull(dP, _moments(G_u, values), c)
+    if ctx.implicit:
+        update = _Update(values, moments, A, c, c_new, pick(masses, last - 1), two_over_tau)
+        a_coef = update.wrt_x(update.adjoint(U_c + through_output, not ctx.device_side))
+    else:
+        a_coef = torch.zeros_like(values)
+        for back in range(masses.shape[0]):  # round t = last - back: c_{t-1} -> c_t
+            t = last - back
+            if back:
+                c, c_new = pick(trajectory, t - 1), pick(trajectory, t)
+                A = attention_of(t)
+            update = _Update(values, moments, A, c, c_new, pick(masses, t - 1), two_over_tau)
+            wrt_x, wrt_c = update.wrt_x_and_c(U_c)
+            U_next = wrt_c + through_output if back == 0 else wrt_c
+            if isinstance(t, Tensor):  # a round that did not run changes nothing
+                wrt_x = torch.where(t >= 1, wrt_x, 0.0)
+                U_next = torch.where(t >= 1, U_next, U_c)
+            a_coef += wrt_x
+            U_c = U_next
+    # d L / d x_i = a_u + b_u g_i, with u the value of weight i: two table lookups.
+    grad_x = columns.look_up(distinct.to_dense(a_coef), factor=(distinct.to_dense(b_coef), g))
+    return grad_x.to(grad_out.dtype)
 
 
 Gradient = Literal["unrolled", "implicit"]
@@ -431,6 +540,10 @@ def unique_dkm_cluster(
     ``k x k``), so the backward's work and memory do not depend on ``max_iter`` (run as many
     iterations as convergence needs). It equals the unrolled gradient in the limit of many
     iterations (tested), and differs from it after few.
+
+    Runs in at least float32 with autocast off; without host reads (an accelerator,
+    ``torch.compile``) on the full table of float16 codes, with the early stop decided on the
+    device (module docstring).
     """
     if x.shape[-1] != 1:
         raise ValueError(f"the 'unique' DKM step needs cluster_dim 1; got {x.shape[-1]}")
@@ -438,13 +551,16 @@ def unique_dkm_cluster(
         raise ValueError(f"gradient must be one of {GRADIENTS}; got {gradient!r}")
     check_step_arguments(tau, max_iter, epsilon)
     compute_dtype = torch.promote_types(x.dtype, torch.float32)
-    codes, center, unit, scale = _float16_codes(
-        x.detach().squeeze(-1).to(compute_dtype), normalization
-    )
-    out, final, iterations = _UniqueDKM.apply(
-        x.squeeze(-1), codes, center, unit, scale,
-        centroids.detach().squeeze(-1).to(compute_dtype), inverse_temperature(tau), max_iter,
-        epsilon, gradient == "implicit",
-    )
+    device_side = not host_reads_are_free(x)
+    with autocast_disabled(x.device.type):
+        codes, center, unit, scale = _float16_codes(
+            x.detach().squeeze(-1).to(compute_dtype), normalization, device_side
+        )
+        out, final, iterations = _UniqueDKM.apply(
+            x.squeeze(-1), codes, center, unit, scale,
+            centroids.detach().squeeze(-1).to(compute_dtype),
+            inverse_temperature(tau, compute_dtype), max_iter, epsilon, gradient == "implicit",
+            device_side,
+        )
     final = final.to(centroids.dtype).unsqueeze(-1)
     return DKMOutput(out.unsqueeze(-1), final, out.new_empty(0), iterations)

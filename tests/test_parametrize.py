@@ -177,6 +177,48 @@ def test_an_uninitialized_parametrization_initializes_on_its_first_forward() -> 
     assert torch.unique(out).numel() <= 4
 
 
+def test_is_initialized_follows_initialize() -> None:
+    layout = PaletteLayout((8, 16), ClusterSpec(bits=2))
+    p = DKMParametrization(layout)
+    assert p.is_initialized is False
+    p.initialize(torch.randn(8, 16))
+    assert p.is_initialized is True and bool(p.initialized)
+
+
+def test_is_initialized_follows_a_loaded_state_dict_both_ways() -> None:
+    linear, initialised = clustered_linear()
+    fresh = DKMParametrization(initialised.layout)
+    fresh.load_state_dict(initialised.state_dict())
+    assert fresh.is_initialized is True
+    assert torch.equal(fresh.centroids, initialised.centroids)
+    # through the parametrized module too (the path of a Lightning checkpoint)
+    target = nn.Linear(16, 8)
+    parametrize.register_parametrization(
+        target, "weight", DKMParametrization(initialised.layout), unsafe=True
+    )
+    target.load_state_dict(linear.state_dict())
+    assert target.parametrizations.weight[0].is_initialized is True
+    initialised.load_state_dict(DKMParametrization(initialised.layout).state_dict())
+    assert initialised.is_initialized is False
+
+
+def test_palette_of_uninitialised_centroids_raises_naming_the_tensor() -> None:
+    layout = PaletteLayout((8, 16), ClusterSpec(bits=2), name="fc.weight")
+    message = r"fc\.weight: .*never initialised.*initialize\(weight\)"
+    with pytest.raises(RuntimeError, match=message):
+        DKMParametrization(layout).palette(torch.randn(8, 16))
+
+
+def test_finalize_refuses_to_snap_to_uninitialised_centroids() -> None:
+    from lightning_dkm import finalize
+
+    model = small_model()
+    targets = select_targets(model, ClusterSpec(bits=2), min_size=1)
+    attach(model, targets, initialize=False, mode="off")
+    with pytest.raises(RuntimeError, match="never initialised"):
+        finalize(model)
+
+
 def test_initialize_rejects_weights_it_cannot_cluster() -> None:
     layout = PaletteLayout((8, 16), ClusterSpec(bits=2), name="fc.weight")
     weight = torch.randn(8, 16)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lightning_dkm.dkm import Normalization, dkm_cluster
+from lightning_dkm.dkm import Normalization, dkm_cluster, sync_free
 from lightning_dkm.kmeans import kmeans
 from lightning_dkm.unique_dkm import unique_dkm_cluster
 
@@ -94,6 +94,49 @@ def test_chunked_passes_give_the_same_result_as_one_chunk(P, monkeypatch):
         results.append((out.weights.detach(), out.centroids, xi.grad))
     for one, many in zip(*results, strict=True):
         torch.testing.assert_close(many, one, rtol=1e-5, atol=1e-7)
+
+
+# -- without host reads: the full table of codes ------------------------------------------------
+def _step(x, c, g, **kwargs):
+    xi = x.clone().requires_grad_()
+    out = unique_dkm_cluster(xi, c, 1e-2, max_iter=3, epsilon=0, **kwargs)
+    (out.weights * g).sum().backward()
+    return out.weights.detach(), out.centroids, xi.grad
+
+
+@pytest.mark.parametrize(
+    ("P", "mean", "std"),
+    [(1, 0.0, 1e-6), (1, 0.0, 1e3), (1, 5.0, 1e-3), (3, 0.0, 1.0)],
+    ids=["tiny-weights", "huge-weights", "offset-mean", "three-palettes"],
+)
+def test_without_host_reads_the_full_code_table_gives_the_compact_result(P, mean, std):
+    """The accelerator form (every float16 code, unoccupied ones with count 0) is the same
+    computation as the compacted distinct values: equal in float64 up to summation order."""
+    x = torch.randn(P, 20000, 1, dtype=torch.float64) * std + mean
+    c = kmeans(x, 8, torch.Generator().manual_seed(0), max_iter=20).centroids
+    g = torch.randn(P, 20000, 1, dtype=torch.float64)
+    for implicit in (False, True):
+        kwargs = {"gradient": "implicit"} if implicit else {}
+        compact = _step(x, c, g, **kwargs)
+        with sync_free():
+            full = _step(x, c, g, **kwargs)
+        for a, b in zip(full, compact, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12 * std)
+
+
+def test_without_host_reads_chunked_passes_give_the_same_result_as_one_chunk(monkeypatch):
+    import lightning_dkm.unique_dkm as unique_dkm
+
+    x = torch.randn(2, 5000, 1, dtype=torch.float64) * 0.1
+    c = kmeans(x, 4, torch.Generator().manual_seed(0), max_iter=20).centroids
+    g = torch.randn(2, 5000, 1, dtype=torch.float64)
+    results = []
+    with sync_free():
+        for chunk in (unique_dkm.CHUNK, 999):  # one chunk; several, the last one short
+            monkeypatch.setattr(unique_dkm, "CHUNK", chunk)
+            results.append(_step(x, c, g))
+    for one, many in zip(*results, strict=True):
+        torch.testing.assert_close(many, one, rtol=1e-9, atol=1e-12)
 
 
 # -- the implicit (IDKM) gradient -------------------------------------------------------------

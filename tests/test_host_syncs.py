@@ -1,0 +1,193 @@
+"""Specification: a DKM training step reads nothing back from the device.
+
+A read (``bool(t)``, ``t.item()``, ``nonzero``, ...) on an accelerator is a sync that stalls the
+CPU until the device has caught up. This machine may have no GPU, so the reads are counted
+with a CPU-side proxy (``benchmarks/graph_breaks.py``: every Python entry point that forces
+one, wrapped), with the steps in the form they take on an accelerator
+(:func:`lightning_dkm.dkm.sync_free`); where CUDA exists,
+``torch.cuda.set_sync_debug_mode("error")`` checks the real thing.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lightning_dkm import ClusterSpec, PaletteLayout
+from lightning_dkm.dkm import dkm_cluster, normalization_of, sync_free
+from lightning_dkm.fast_dkm import fast_dkm_cluster
+from lightning_dkm.kmeans import kmeans
+from lightning_dkm.parametrize import DKMParametrization
+from lightning_dkm.unique_dkm import unique_dkm_cluster
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from graph_breaks import count_host_syncs, graph_breaks
+
+# (implementation, cluster_dim, group_size, gradient); 256 x 256 weights: "auto" is "unique".
+CASES = [
+    ("reference", 1, None, "unrolled"),
+    ("reference", 2, None, "unrolled"),
+    ("chunked", 1, None, "unrolled"),
+    ("chunked", 2, 64, "unrolled"),
+    ("unique", 1, None, "unrolled"),
+    ("unique", 1, 64, "unrolled"),
+    ("unique", 1, None, "implicit"),
+    ("auto", 1, None, "unrolled"),
+]
+
+
+def parametrized_weight(implementation: str, cluster_dim: int, group_size: int | None,
+                        gradient: str, epsilon: float):
+    torch.manual_seed(0)
+    weight = torch.nn.Parameter(torch.randn(256, 256) * 0.05)
+    spec = ClusterSpec(bits=4, cluster_dim=cluster_dim, group_size=group_size)
+    p = DKMParametrization(PaletteLayout((256, 256), spec, name="fc"),
+                           implementation=implementation, gradient=gradient, epsilon=epsilon)
+    p.initialize(weight)
+    return weight, p.train()
+
+
+def training_step(weight: torch.Tensor, p: DKMParametrization) -> None:
+    (p(weight) * torch.ones_like(weight)).sum().backward()
+
+
+@pytest.mark.parametrize("epsilon", [1e-4, 0.0])
+@pytest.mark.parametrize(("implementation", "cluster_dim", "group_size", "gradient"), CASES)
+def test_a_soft_training_step_reads_nothing_back_from_the_device(
+    implementation, cluster_dim, group_size, gradient, epsilon
+) -> None:
+    weight, p = parametrized_weight(implementation, cluster_dim, group_size, gradient, epsilon)
+    with sync_free():
+        training_step(weight, p)  # warm-up: nothing lazy is left
+        with count_host_syncs() as log:
+            training_step(weight, p)
+    assert log.count == 0, log.calls
+
+
+def test_a_hard_training_step_reads_nothing_back_from_the_device() -> None:
+    weight, p = parametrized_weight("reference", 1, None, "unrolled", 1e-4)
+    p.set_mode("hard")
+    with count_host_syncs() as log:
+        training_step(weight, p)
+    assert log.count == 0, log.calls
+
+
+def test_the_first_forward_of_an_initialised_parametrization_reads_no_flag() -> None:
+    """``is_initialized`` is a Python flag: the first forward needs no read of the buffer."""
+    weight, p = parametrized_weight("reference", 1, None, "unrolled", 0.0)
+    with count_host_syncs() as log:
+        p(weight)
+    assert log.count == 0, log.calls
+
+
+@pytest.mark.parametrize(("implementation", "expected"),
+                         [("reference", 3), ("chunked", 3), ("unique", 7)])
+def test_eagerly_on_cpu_the_steps_read_only_what_saves_work(implementation, expected) -> None:
+    """The documented CPU reads, free there: the early-stop test per iteration (3), and for
+    "unique" the distinct-value compaction (``nonzero``), the rough std's fallback test and
+    the two ``bincount`` s (forward and backward)."""
+    weight, p = parametrized_weight(implementation, 1, None, "unrolled", 1e-4)
+    training_step(weight, p)
+    with count_host_syncs() as log:
+        training_step(weight, p)
+    assert log.count == expected, log.calls
+
+
+# -- the early stop decided on the device gives what the early exit gives ----------------------
+STEPS = {"reference": dkm_cluster, "chunked": fast_dkm_cluster, "unique": unique_dkm_cluster}
+
+
+def stopping_epsilon(x: torch.Tensor, c: torch.Tensor, tau: float) -> float:
+    """An epsilon at which the loop stops after its second iteration: between the largest
+    centroid moves of the first and the second (in units of each palette's std)."""
+    scale = normalization_of(x).scale
+    c1 = dkm_cluster(x, c, tau, max_iter=1, epsilon=0.0).centroids
+    c2 = dkm_cluster(x, c1, tau, max_iter=1, epsilon=0.0).centroids
+    first, second = ((c1 - c) / scale).abs().amax(), ((c2 - c1) / scale).abs().amax()
+    assert second < 0.75 * first
+    return float(first + second) / 2
+
+
+def run(step, x, c, tau, epsilon, **kwargs):
+    x = x.clone().requires_grad_()
+    out = step(x, c, tau, max_iter=3, epsilon=epsilon, **kwargs)
+    (out.weights * torch.linspace(-1, 1, x.numel()).view(x.shape)).sum().backward()
+    return out, x.grad
+
+
+@pytest.mark.parametrize(("implementation", "P", "d", "kwargs"), [
+    ("reference", 1, 1, {}),
+    ("reference", 2, 2, {}),
+    ("chunked", 2, 2, {"chunk": 1000}),
+    ("unique", 1, 1, {}),
+    ("unique", 3, 1, {}),
+    ("unique", 1, 1, {"gradient": "implicit"}),
+])
+def test_the_early_stop_on_the_device_equals_the_early_exit(implementation, P, d, kwargs):
+    """In float64, so that only a wrong round (not the summation order of the "unique"
+    step's full code table) could make them differ."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(P, 4096, d, generator=g, dtype=torch.float64)
+    c = kmeans(x, 8, g, max_iter=1).centroids  # one Lloyd step: DKM still moves them
+    epsilon = stopping_epsilon(x, c, 1e-2)
+    tau = torch.tensor(1e-2, dtype=torch.float64)  # a buffer, as in the parametrization
+    exit_out, exit_grad = run(STEPS[implementation], x, c, tau, epsilon, **kwargs)
+    with sync_free():
+        device_out, device_grad = run(STEPS[implementation], x, c, tau, epsilon, **kwargs)
+    assert exit_out.iterations == 2
+    assert isinstance(device_out.iterations, torch.Tensor) and int(device_out.iterations) == 2
+    tolerance = {"rtol": 1e-9, "atol": 1e-9}
+    torch.testing.assert_close(device_out.weights, exit_out.weights, **tolerance)
+    torch.testing.assert_close(device_out.centroids, exit_out.centroids, **tolerance)
+    torch.testing.assert_close(device_grad, exit_grad, **tolerance)
+
+
+# -- torch.compile ---------------------------------------------------------------------------
+@pytest.mark.parametrize("implementation", ["reference", "chunked", "unique"])
+def test_the_soft_training_forward_compiles_without_graph_breaks(implementation) -> None:
+    result = graph_breaks(implementation, 1e-4)
+    assert result["breaks"] == 0, result["reasons"]
+
+
+@pytest.mark.parametrize("implementation", ["reference", "chunked", "unique"])
+def test_the_compiled_training_step_equals_the_eager_one(implementation) -> None:
+    """One graph (``fullgraph=True``) through the custom autograd Functions, and the values,
+    gradients and centroid update of the eager step (which, compiled or not, runs on the
+    device-side path: ``sync_free`` for the eager one)."""
+    weight, p = parametrized_weight(implementation, 1, None, "unrolled", 1e-4)
+    start = p.centroids.clone()
+    with sync_free():
+        eager = p(weight)
+    (eager_grad,) = torch.autograd.grad(eager.sum(), weight)
+    eager_centroids = p.centroids.clone()
+    p.centroids.copy_(start)
+    torch._dynamo.reset()
+    compiled = torch.compile(p, backend="aot_eager", fullgraph=True)(weight)
+    (compiled_grad,) = torch.autograd.grad(compiled.sum(), weight)
+    torch.testing.assert_close(compiled, eager)
+    torch.testing.assert_close(compiled_grad, eager_grad)
+    torch.testing.assert_close(p.centroids, eager_centroids)
+
+
+# -- the real check, where CUDA exists ----------------------------------------------------------
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("epsilon", [1e-4, 0.0])
+@pytest.mark.parametrize(("implementation", "cluster_dim", "group_size", "gradient"), CASES)
+def test_on_cuda_a_soft_training_step_does_not_synchronize(
+    implementation, cluster_dim, group_size, gradient, epsilon
+) -> None:
+    weight, p = parametrized_weight(implementation, cluster_dim, group_size, gradient, epsilon)
+    weight, p = torch.nn.Parameter(weight.detach().cuda()), p.cuda()
+    upstream = torch.ones_like(weight)
+    (p(weight) * upstream).sum().backward()  # warm-up: CUDA context, allocator, kernels
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        (p(weight) * upstream).sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    assert bool(torch.isfinite(weight.grad).all())
