@@ -16,7 +16,7 @@ Layout of the file (no pickle anywhere; ``safetensors`` parses it):
   ``lightning_dkm.sha256`` (a digest of every tensor and every other metadata entry), and any
   user metadata.
 
-Files are written atomically (:func:`~lightning_dkm.palette.write_atomically`): a temporary
+Files are written atomically (:func:`~lightning_dkm._files.write_atomically`): a temporary
 file in the same directory, flushed to disk, then moved into place, so an interrupted save
 leaves the previous file (or none), never a truncated one.
 
@@ -42,10 +42,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from ._files import write_atomically
 from ._state import StateTensors, state_tensors
 from .bitpack import pack_bits, packed_size, unpack_bits
 from .layout import ClusterSpec, PaletteLayout
-from .palette import FLOAT16_MAX, Palette, write_atomically
+from .palette import FLOAT16_MAX, Palette
 
 __all__ = [
     "FORMAT_NAME",
@@ -246,7 +247,7 @@ def save_compressed(
 ) -> Path:
     """Write the finalized ``model`` as LUTs + bit-packed indices + its other tensors.
 
-    The file is written atomically (:func:`~lightning_dkm.palette.write_atomically`): an
+    The file is written atomically (:func:`~lightning_dkm._files.write_atomically`): an
     interrupted save leaves the previous file at ``path`` (or none), never a truncated one.
 
     Args:

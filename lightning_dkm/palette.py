@@ -3,20 +3,11 @@
 Per palette ``p`` the LUT holds ``k = 2**bits`` centroids of length ``cluster_dim`` and every
 d-vector of the weight is stored as an index into it. ``Palette.weight()`` rebuilds the dense
 weight as ``LUT[indices]`` laid back into the tensor's shape; it is exact by construction.
-
-:func:`write_atomically` is the one file writer of the files that persist palettes (the
-artifact and the compression report): temporary file, ``fsync``, ``os.replace``.
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
-import secrets
-import stat
-from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -24,7 +15,7 @@ from torch import Tensor
 from .bitpack import packed_size
 from .layout import PaletteLayout
 
-__all__ = ["FLOAT16_MAX", "Palette", "write_atomically"]
+__all__ = ["FLOAT16_MAX", "Palette"]
 
 #: The largest finite float16 (65504). A centroid beyond it would be stored as ``inf`` in a
 #: float16 LUT, so such a LUT is stored in float32 instead (see :meth:`Palette.stored_lut_dtype`).
@@ -119,82 +110,3 @@ class Palette:
 # The artifact and the report both persist finalized palettes; this is their one file writer.
 # (It would sit in a layer-0 module of its own; it lives here because both already import
 # palette, see docs/architecture.md.)
-
-
-def _temporary_beside(path: Path) -> tuple[Path, int]:
-    """Create an empty, uniquely named hidden file next to ``path`` (same directory, so the
-    final ``os.replace`` is a rename within one file system), and the mode the final file
-    should have: that of the file it replaces, or the usual ``0o666 & ~umask`` of a new file
-    (some writers, safetensors among them, create their output as ``0o600``)."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        mode = stat.S_IMODE(os.fstat(fd).st_mode)  # 0o666 & ~umask
-    finally:
-        os.close(fd)
-    with contextlib.suppress(FileNotFoundError):
-        mode = stat.S_IMODE(path.stat().st_mode)
-    return tmp, mode
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "r+b") as f:
-        os.fsync(f.fileno())
-
-
-def _fsync_directory(directory: Path) -> None:
-    """Make the renames in ``directory`` durable. Not possible on Windows, and some file
-    systems refuse it; the files are complete either way, so a failure here is ignored."""
-    if os.name == "nt":
-        return
-    with contextlib.suppress(OSError):
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _check_writable(path: Path) -> None:
-    if path.is_dir():
-        raise IsADirectoryError(f"{path} is a directory; pass the path of the file to write")
-    if not path.parent.is_dir():
-        raise FileNotFoundError(
-            f"cannot write {path}: the directory {path.parent} does not exist; create it first"
-        )
-
-
-def write_atomically(writers: Mapping[str | os.PathLike[str], Callable[[Path], None]]) -> None:
-    """Write files so that none is ever seen half-written.
-
-    ``writers[path](tmp)`` writes the whole content of ``path`` into the temporary file ``tmp``
-    (in the same directory). Each temporary file is flushed to disk (``fsync``) and only when
-    *all* are written are they moved into place with ``os.replace`` (an atomic rename). So a
-    crash or kill leaves every ``path`` either as it was or complete, never truncated; an
-    exception while writing leaves every previous file untouched; and no temporary file is
-    left behind by an exception (a hard kill can leave one, named ``.<name>.<random>.tmp``).
-    A replaced file keeps its mode; a new one gets ``0o666 & ~umask``.
-
-    Raises:
-        IsADirectoryError: a path is a directory.
-        FileNotFoundError: the directory of a path does not exist.
-        Exception: whatever a writer raised (after cleaning up).
-    """
-    targets = {Path(path): write for path, write in writers.items()}
-    for path in targets:
-        _check_writable(path)
-    temps: dict[Path, Path] = {}
-    try:
-        for path, write in targets.items():
-            temps[path], mode = _temporary_beside(path)
-            write(temps[path])
-            os.chmod(temps[path], mode)
-            _fsync_file(temps[path])
-        for path in list(temps):
-            os.replace(temps[path], path)
-            del temps[path]
-    finally:
-        for tmp in temps.values():
-            tmp.unlink(missing_ok=True)
-    for directory in {path.parent for path in targets}:
-        _fsync_directory(directory)

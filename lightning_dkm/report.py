@@ -31,9 +31,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._files import write_atomically
 from ._state import state_tensors
 from .energy import EnergyModel, count_macs
-from .palette import Palette, write_atomically
+from .palette import Palette
 
 __all__ = [
     "REPORT_JSON",
@@ -476,7 +477,7 @@ class CompressionReport:
         """Write ``compression_report.json`` and ``compression_report.md`` (UTF-8) into
         ``directory`` (created if needed); returns ``{"json": path, "markdown": path}``.
 
-        Both are written atomically (:func:`~lightning_dkm.palette.write_atomically`): an
+        Both are written atomically (:func:`~lightning_dkm._files.write_atomically`): an
         interrupted save leaves the previous files (or none), never a truncated one.
         """
         directory = Path(directory)
