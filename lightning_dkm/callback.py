@@ -17,6 +17,10 @@ Hooks, one concern each:
 from __future__ import annotations
 
 import math
+import os
+import tempfile
+import uuid
+import weakref
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, Literal
@@ -27,11 +31,22 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from torch import nn
 from torch.nn.utils import parametrize
 
+from ._files import write_atomically
 from .artifact import save_compressed
-from .clustering import ClusteredTensor, attach, clustered_tensors, finalize, load_snapped
-from .layout import ClusterSpec
+from .clustering import (
+    ClusteredTensor,
+    attach,
+    checkpoint_clustered_names,
+    clustered_tensors,
+    finalize,
+    load_snapped,
+    register_load_pre_hook,
+    release,
+)
+from .layout import ClusterSpec, PaletteLayout
 from .methods import (
     DEFAULT_REFRESH_EVERY,
     DEFAULT_REGULARIZATION,
@@ -48,15 +63,27 @@ from .targets import DEFAULT_MIN_SIZE, Target, _spec_with_override, select_targe
 
 __all__ = ["DKMCallback"]
 
-_UNSUPPORTED_STRATEGIES = {
-    "FSDPStrategy": "FSDP shards each weight across ranks, but DKM needs the whole tensor on "
-    "every rank to compute its assignments and centroids",
-    "DeepSpeedStrategy": "DeepSpeed ZeRO partitions parameters and wraps the optimizer, which "
-    "the parametrizations are not yet adapted to",
-    "ModelParallelStrategy": "tensor-parallel weights are sharded across ranks; DKM needs whole "
-    "tensors",
-}
+def _unsupported_strategies() -> list[tuple[type, str]]:
+    """``(strategy class, why)`` for the strategies DKM refuses; checked with ``isinstance`` so
+    that subclasses are refused too. DeepSpeed is optional in Lightning, hence the lookup."""
+    from lightning.pytorch import strategies
+
+    reasons = {
+        "FSDPStrategy": "FSDP shards each weight across ranks, but DKM needs the whole tensor on "
+        "every rank to compute its assignments and centroids",
+        "DeepSpeedStrategy": "DeepSpeed ZeRO partitions parameters and wraps the optimizer, "
+        "which the parametrizations are not yet adapted to",
+        "ModelParallelStrategy": "tensor-parallel and FSDP2 weights are sharded across ranks; "
+        "DKM needs whole tensors",
+    }
+    return [
+        (getattr(strategies, name), why)
+        for name, why in reasons.items()
+        if isinstance(getattr(strategies, name, None), type)
+    ]
+
 _TEMPERATURE_KEYS = ("schedule", "start", "end", "step_size", "gamma")
+_ANNEALED_SCHEDULES = ("linear", "exponential", "cosine")
 _STATE_VERSION = 1
 _LUT_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 #: File name of the compressed model written into ``save_dir``.
@@ -102,6 +129,21 @@ def _check_temperature(temperature: float | dict[str, Any]) -> dict[str, Any]:
     return config
 
 
+def _pattern_list(label: str, patterns: str | list[str] | None) -> list[str] | None:
+    """``targets`` / ``exclude`` as a list: one string is one pattern (never its characters)."""
+    if patterns is None:
+        return None
+    if isinstance(patterns, str):
+        return [patterns]
+    out = list(patterns)
+    bad = [p for p in out if not isinstance(p, str) or not p]
+    if bad:
+        raise ValueError(
+            f"{label} must be non-empty strings (name globs or 're:' regexes); got {bad!r}"
+        )
+    return out
+
+
 class DKMCallback(Callback):
     r"""Compress a model by train-time weight clustering (Differentiable K-Means).
 
@@ -118,20 +160,30 @@ class DKMCallback(Callback):
         group_size: output channels that share a palette; ``None`` (default) gives one palette
             per tensor.
         targets: module or parameter name patterns to cluster (globs such as ``"features.*"``,
-            or regexes prefixed ``"re:"``). Default ``None``: every Linear, Conv*,
-            ConvTranspose*, Embedding and MultiheadAttention weight.
-        exclude: patterns removed from the selection. Default none.
+            or regexes prefixed ``"re:"``; one string is one pattern). Default ``None``: every
+            Linear, Conv*, ConvTranspose*, Embedding and MultiheadAttention weight. A pattern
+            that matches no supported weight is an error. A weight shared by several modules
+            (tied) is clustered once; every owner reads the same clustered tensor.
+        exclude: patterns removed from the selection; a pattern that matches no supported
+            weight is an error. Default none.
         min_size: tensors with fewer elements stay in full precision (one warning lists them).
             Default 2048.
         overrides: ``pattern -> {bits, cluster_dim, group_size}`` for particular tensors, e.g.
-            ``{"features.0": {"bits": 8}}``; the first matching pattern wins. Default none.
+            ``{"features.0": {"bits": 8}}``; the first matching pattern wins. An override that
+            matches only tensors below ``min_size`` is not applied, with a warning. Default
+            none.
         temperature: tau, in units of each palette's weight variance (see
             :mod:`lightning_dkm.dkm`). A number is a constant tau; a mapping chooses a schedule:
             ``{schedule: constant|linear|exponential|cosine|step|<import.path>, start, end,
             step_size, gamma}``. tau changes at the start of every epoch and reaches ``end`` at
-            the last soft epoch. Default: exponential from 1e-2 to 1e-4.
+            the last soft epoch, so an annealed schedule needs ``max_epochs`` (or
+            ``hard_epoch``): without one it is an error naming ``max_epochs``/``max_steps``, and
+            with a single soft epoch tau stays at ``start`` (a warning says so). Default:
+            exponential from 1e-2 to 1e-4.
         start_epoch: plain training before this epoch; DKM starts here (centroids are seeded
-            from the weights as they are then). Default 0.
+            from the weights as they are then). If fit ends before it (``max_epochs``,
+            ``max_steps``, early stopping), the model is left as trained, unclustered, with a
+            warning, and nothing is written. Default 0.
         hard_epoch: from this epoch on, hard nearest-centroid weights with straight-through
             gradients (centroids follow their members). Default ``None``: soft to the end.
             Only for ``method="dkm"``.
@@ -159,7 +211,8 @@ class DKMCallback(Callback):
         seed: seed of the k-means++ initialisation (the same on every rank). Default 0.
         finalize: snap the weights and remove the parametrizations when fit ends. Default True.
         save_dir: where the report and the artifact go; default: the trainer's ``log_dir``
-            (or ``default_root_dir``) + ``/dkm``.
+            (or ``default_root_dir``) + ``/dkm``. Resolved and checked (a directory, created if
+            missing, writable) in ``setup``, before training, on every rank.
         save_artifact: write the compressed model (``model.dkm.safetensors``: LUTs, bit-packed
             indices and every other tensor; see :func:`lightning_dkm.save_compressed`) when fit
             ends. Default True.
@@ -190,8 +243,8 @@ class DKMCallback(Callback):
         bits: int = 4,
         cluster_dim: int = 1,
         group_size: int | None = None,
-        targets: list[str] | None = None,
-        exclude: list[str] | None = None,
+        targets: str | list[str] | None = None,
+        exclude: str | list[str] | None = None,
         min_size: int = DEFAULT_MIN_SIZE,
         overrides: dict[str, dict[str, int | None]] | None = None,
         temperature: float | dict[str, Any] | None = None,
@@ -220,8 +273,8 @@ class DKMCallback(Callback):
         self.regularization = float(regularization)
         self.refresh_every = refresh_every
         self.spec = ClusterSpec(bits=bits, cluster_dim=cluster_dim, group_size=group_size)
-        self.targets = list(targets) if targets is not None else None
-        self.exclude = list(exclude) if exclude is not None else None
+        self.targets = _pattern_list("targets", targets)
+        self.exclude = _pattern_list("exclude", exclude)
         if not isinstance(min_size, int) or min_size < 0:
             raise ValueError(f"min_size must be an int >= 0; got {min_size!r}")
         self.min_size = min_size
@@ -278,13 +331,77 @@ class DKMCallback(Callback):
         self._schedule: TemperatureSchedule | None = None
         self._tau: float | None = None
         self._finalized = False
-        #: Per-tensor statistics from the last measured epoch (name -> metric -> value).
-        self.stats: dict[str, dict[str, float]] = {}
-        #: The palettes (LUT + indices) produced by finalize, by parameter name.
-        self.palettes: dict[str, Palette] = {}
-        #: The :class:`~lightning_dkm.report.CompressionReport` and artifact path after fit.
-        self.report: CompressionReport | None = None
-        self.artifact_path: Path | None = None
+        self._out_dir: Path | None = None
+        self._selection_check: Any = None  # the load_state_dict pre-hook of a fit
+        # ddp_spawn runs fit in worker processes that receive a pickled copy of this callback;
+        # rank 0 leaves its results in this file for the copy in the launching process.
+        self._launcher_pid = os.getpid()
+        self._handoff_path = Path(tempfile.gettempdir()) / (
+            f"lightning_dkm-{self._launcher_pid}-{uuid.uuid4().hex}.pt"
+        )
+        weakref.finalize(self, _discard_handoff, self._handoff_path, self._launcher_pid)
+        self._stats: dict[str, dict[str, float]] = {}
+        self._palettes: dict[str, Palette] = {}
+        self._report: CompressionReport | None = None
+        self._output_paths: dict[str, Path] = {}
+
+    # -- results (also in the process that launched a ddp_spawn fit) ------------------------------
+    @property
+    def stats(self) -> dict[str, dict[str, float]]:
+        """Per-tensor statistics from the last measured epoch (name -> metric -> value)."""
+        self._take_handoff()
+        return self._stats
+
+    @stats.setter
+    def stats(self, value: dict[str, dict[str, float]]) -> None:
+        self._stats = value
+
+    @property
+    def palettes(self) -> dict[str, Palette]:
+        """The palettes (LUT + indices) produced by finalize, by parameter name."""
+        self._take_handoff()
+        return self._palettes
+
+    @palettes.setter
+    def palettes(self, value: dict[str, Palette]) -> None:
+        self._palettes = value
+
+    @property
+    def report(self) -> CompressionReport | None:
+        """The :class:`~lightning_dkm.report.CompressionReport` after fit (``None`` before)."""
+        self._take_handoff()
+        return self._report
+
+    @report.setter
+    def report(self, value: CompressionReport | None) -> None:
+        self._report = value
+
+    @property
+    def output_paths(self) -> dict[str, Path]:
+        """What fit wrote: ``{"json": ..., "markdown": ..., "artifact": ...}`` (empty before)."""
+        self._take_handoff()
+        return self._output_paths
+
+    @output_paths.setter
+    def output_paths(self, value: dict[str, Path]) -> None:
+        self._output_paths = dict(value)
+
+    @property
+    def artifact_path(self) -> Path | None:
+        """The compressed model written at fit end (``None`` before, or without an artifact)."""
+        return self.output_paths.get("artifact")
+
+    def _take_handoff(self) -> None:
+        """In the launching process of a ddp_spawn fit, adopt what rank 0 left behind."""
+        if os.getpid() != self._launcher_pid or not self._handoff_path.is_file():
+            return
+        handoff = _read_handoff(self._handoff_path)
+        self._handoff_path.unlink(missing_ok=True)
+        self._output_paths = handoff["paths"]
+        self._palettes = handoff["palettes"]
+        self._stats = handoff["stats"]
+        self._report = CompressionReport.load(self._output_paths["json"])
+        self._finalized = True
 
     # -- identity and state --------------------------------------------------------------------
     @property
@@ -362,11 +479,39 @@ class DKMCallback(Callback):
         self._names = [t.name for t in selected]
 
     def _build_schedule(self, trainer: pl.Trainer) -> TemperatureSchedule:
-        last = self.hard_epoch if self.hard_epoch is not None else trainer.max_epochs
+        """The epoch -> tau schedule over the soft DKM epochs, ``start_epoch`` up to
+        ``hard_epoch`` or ``max_epochs``; errors and warnings name the Trainer's limits."""
+        max_epochs = trainer.max_epochs
+        if max_epochs is not None and 0 <= max_epochs <= self.start_epoch:
+            rank_zero_warn(
+                f"DKMCallback: max_epochs={max_epochs} <= start_epoch={self.start_epoch}, so DKM "
+                "never starts and the model will not be clustered; raise max_epochs or lower "
+                "start_epoch"
+            )
+        last = self.hard_epoch if self.hard_epoch is not None else max_epochs
         num_epochs = None if last is None or last < 0 else max(last - self.start_epoch, 1)
         config = dict(self.temperature)
+        name = config.pop("schedule")
+        anneals = name in _ANNEALED_SCHEDULES and config.get("end") != config["start"]
+        if num_epochs is None and name in _ANNEALED_SCHEDULES:
+            raise MisconfigurationException(
+                f"DKMCallback: the {name!r} temperature schedule anneals tau from start to end "
+                "over the DKM epochs, but the Trainer sets no epoch limit "
+                f"(max_epochs={max_epochs}, max_steps={trainer.max_steps}); tau changes once "
+                "per epoch. Set max_epochs (or hard_epoch), or use a constant temperature "
+                "(temperature: 1.0e-3) or a 'step' schedule."
+            )
+        if last is not None and last - self.start_epoch == 1 and anneals and (
+            self._method.uses_temperature
+        ):
+            rank_zero_warn(
+                f"DKMCallback: only one soft DKM epoch (max_epochs={max_epochs}, "
+                f"start_epoch={self.start_epoch}, hard_epoch={self.hard_epoch}); tau changes "
+                f"once per epoch, so it stays at start={config['start']} for the whole fit and "
+                f"never reaches end={config.get('end')}. Train more epochs to anneal."
+            )
         try:
-            return build_schedule(config.pop("schedule"), num_epochs=num_epochs, **config)
+            return build_schedule(name, num_epochs=num_epochs, **config)
         except ValueError as err:
             raise MisconfigurationException(f"DKMCallback temperature: {err}") from err
 
@@ -389,12 +534,18 @@ class DKMCallback(Callback):
             if not self._tensors(pl_module):
                 load_snapped(pl_module)  # e.g. test(ckpt_path="best") after finalize
             return
-        name = type(trainer.strategy).__name__
-        if name in _UNSUPPORTED_STRATEGIES:
-            raise MisconfigurationException(
-                f"DKMCallback does not support {name} yet: {_UNSUPPORTED_STRATEGIES[name]}. "
-                "Use a single device, 'ddp' or 'ddp_spawn'."
-            )
+        for strategy_type, why in _unsupported_strategies():
+            if isinstance(trainer.strategy, strategy_type):
+                raise MisconfigurationException(
+                    f"DKMCallback does not support {type(trainer.strategy).__name__} yet: "
+                    f"{why}. Use a single device, 'ddp' or 'ddp_spawn'."
+                )
+        # Every rank resolves the output directory here: ``trainer.log_dir`` broadcasts, so it
+        # must not be reached by rank 0 alone at fit end. Checking it now means a bad save_dir
+        # fails before training, not after it.
+        self._out_dir = self._resolve_save_dir(trainer) if self.finalize else None
+        if self._out_dir is not None:
+            _check_writable_dir(self._out_dir, "save_dir" if self.save_dir is not None else None)
         self._schedule = self._build_schedule(trainer)
         selected = self._select(pl_module)
         if not selected:
@@ -406,6 +557,38 @@ class DKMCallback(Callback):
         # from the weights as they are then. Either way every rank computes the same centroids.
         self._attach(pl_module, selected, init=self.start_epoch == 0)
         self._finalized = False
+        self._remove_selection_check()
+        self._selection_check = register_load_pre_hook(pl_module, self._check_selection)
+
+    def _check_selection(self, module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
+        """Before a checkpoint's weights load into the parametrized model (``fit(ckpt_path=)``,
+        which restores the model before any callback state): the checkpoint must cluster the
+        same tensors as the model, else a clear error instead of torch's list of keys."""
+        if prefix:
+            return
+        in_checkpoint = sorted(checkpoint_clustered_names(state_dict))
+        in_model = sorted(clustered_tensors(module))
+        if in_checkpoint != in_model:
+            hint = (
+                " The checkpoint was written without DKM: load its weights into the model "
+                "before fit (model.load_state_dict) instead of passing ckpt_path."
+                if not in_checkpoint
+                else ""
+            )
+            raise MisconfigurationException(
+                f"DKMCallback: the checkpoint clusters {in_checkpoint}, but this run's targets "
+                f"select {in_model}; resume with the same targets / exclude / min_size / "
+                f"overrides as the run that wrote the checkpoint.{hint}"
+            )
+
+    def _remove_selection_check(self) -> None:
+        if self._selection_check is not None:
+            self._selection_check.remove()
+            self._selection_check = None
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self._remove_selection_check()
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         epoch = trainer.current_epoch
@@ -414,7 +597,7 @@ class DKMCallback(Callback):
         uses_tau = self._method.uses_temperature
         if self._active(epoch):
             for tensor in tensors.values():
-                if not bool(tensor.parametrization.initialized):
+                if not tensor.parametrization.is_initialized:
                     tensor.parametrization.initialize(tensor.original.detach())
             if uses_tau:
                 assert self._schedule is not None
@@ -508,10 +691,23 @@ class DKMCallback(Callback):
                 )
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self.finalize or not self._names:
+        if not self.finalize or not self._names or self._finalized:
             return
         tensors = self._tensors(pl_module)
         if not tensors:
+            return
+        if not all(t.parametrization.is_initialized for t in tensors.values()):
+            # Fit ended (max_epochs, max_steps, early stopping, an interrupt) before DKM began:
+            # there are no centroids to snap to. Leave the model as trained, never damaged.
+            release(pl_module, self._names)
+            self._names = []
+            rank_zero_warn(
+                f"DKMCallback: fit ended at epoch {trainer.current_epoch} (global step "
+                f"{trainer.global_step}) before DKM started (start_epoch={self.start_epoch}), so "
+                "the model was NOT clustered: its weights stay as trained, in full precision, "
+                "and no report or artifact was written. Train past start_epoch (max_epochs / "
+                "max_steps) or lower start_epoch."
+            )
             return
         self._method.before_finalize(tensors)
         self.stats, _ = measure_all(tensors)
@@ -535,13 +731,90 @@ class DKMCallback(Callback):
         )
         if trainer.global_rank != 0:
             return
-        out_dir = self._resolve_save_dir(trainer)
-        paths = dict(self.report.save(out_dir))
+        assert self._out_dir is not None  # resolved in setup whenever finalize is on
+        paths = dict(self.report.save(self._out_dir))
         if self.save_artifact:
             paths["artifact"] = save_compressed(
-                pl_module, out_dir / ARTIFACT_NAME, self.palettes, lut_dtype=lut_dtype
+                pl_module, self._out_dir / ARTIFACT_NAME, self.palettes, lut_dtype=lut_dtype
             )
-        self.artifact_path = paths.get("artifact")
+        self.output_paths = paths
+        if os.getpid() != self._launcher_pid:
+            # A spawned worker (ddp_spawn): the process that called fit holds another copy of
+            # this callback and gets only the weights back; leave it what it needs.
+            _write_handoff(self._handoff_path, paths, self.palettes, self.stats)
         if self.verbose:
             rank_zero_info("\n" + self.report.to_table())
             rank_zero_info(f"DKM outputs written to {', '.join(str(p) for p in paths.values())}")
+
+
+# -- module helpers ------------------------------------------------------------------------------
+def _check_writable_dir(path: Path, argument: str | None) -> None:
+    """``path`` is a directory this process can write into (created if missing), else a
+    ``MisconfigurationException`` that names ``argument`` (``save_dir``) and the path."""
+    label = f"save_dir={str(path)!r}" if argument else f"the default output directory {path}"
+    fix = "pass a writable directory as save_dir" if argument else "pass save_dir"
+    if path.exists() and not path.is_dir():
+        raise MisconfigurationException(
+            f"DKMCallback: {label} is a file, not a directory; {fix}"
+        )
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise MisconfigurationException(
+            f"DKMCallback: {label} cannot be created ({err.strerror or err}); {fix}"
+        ) from err
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise MisconfigurationException(f"DKMCallback: {label} is not writable; {fix}")
+
+
+def _write_handoff(
+    path: Path,
+    paths: dict[str, Path],
+    palettes: dict[str, Palette],
+    stats: dict[str, dict[str, float]],
+) -> None:
+    """Rank 0 of a spawned fit: the outputs, palettes and statistics, as tensors and primitives
+    only (so the reader can use ``torch.load(weights_only=True)``), written atomically."""
+    payload = {
+        "paths": {key: str(value) for key, value in paths.items()},
+        "stats": stats,
+        "palettes": {
+            name: {
+                "lut": palette.lut.detach().cpu(),
+                "indices": palette.indices.detach().cpu(),
+                "shape": list(palette.layout.shape),
+                "bits": palette.layout.spec.bits,
+                "cluster_dim": palette.layout.spec.cluster_dim,
+                "group_size": palette.layout.spec.group_size,
+                "group_axis": palette.layout.group_axis,
+                "vector_axis": palette.layout.vector_axis,
+            }
+            for name, palette in palettes.items()
+        },
+    }
+    write_atomically({path: lambda tmp: torch.save(payload, tmp)})
+
+
+def _read_handoff(path: Path) -> dict[str, Any]:
+    payload = torch.load(path, weights_only=True)
+    palettes = {}
+    for name, entry in payload["palettes"].items():
+        spec = ClusterSpec(
+            bits=entry["bits"], cluster_dim=entry["cluster_dim"], group_size=entry["group_size"]
+        )
+        layout = PaletteLayout(
+            tuple(entry["shape"]), spec, entry["group_axis"], entry["vector_axis"], name=name
+        )
+        palettes[name] = Palette(entry["lut"], entry["indices"], layout)
+    return {
+        "paths": {key: Path(value) for key, value in payload["paths"].items()},
+        "palettes": palettes,
+        "stats": payload["stats"],
+    }
+
+
+def _discard_handoff(path: Path, launcher_pid: int) -> None:
+    """Remove a handoff nobody read, from the launching process only (a forked worker that
+    exits must not delete what it just left for the launcher)."""
+    if os.getpid() == launcher_pid:
+        path.unlink(missing_ok=True)

@@ -22,14 +22,18 @@ from .layout import ClusterSpec, PaletteLayout
 from .palette import Palette
 from .parametrize import DKMParametrization, Implementation, Mode, stable_seed
 from .targets import Target, clusterable_parameters
+from .tied import TiedWeight
 from .unique_dkm import Gradient
 
 __all__ = [
     "ClusteredTensor",
     "attach",
+    "checkpoint_clustered_names",
     "clustered_tensors",
     "finalize",
     "load_snapped",
+    "register_load_pre_hook",
+    "release",
     "set_mode",
     "set_temperature",
     "snap_state_dict",
@@ -114,7 +118,47 @@ def attach(
         parametrize.register_parametrization(
             module, target.param_name, parametrization, unsafe=True
         )
+        for tied_module, tied_param in target.tied:
+            parametrize.register_parametrization(
+                modules[tied_module],
+                tied_param,
+                TiedWeight(module, target.param_name, target.name),
+                unsafe=True,
+            )
     return clustered_tensors(model)
+
+
+def _tied_owners(model: nn.Module, names: set[str] | None) -> list[tuple[nn.Module, str]]:
+    """``(module, parameter name)`` of every :class:`TiedWeight` whose tensor is clustered as
+    one of ``names`` (all of them for ``None``)."""
+    found = []
+    for module in model.modules():
+        if not parametrize.is_parametrized(module):
+            continue
+        for param_name, plist in module.parametrizations.items():
+            if any(
+                isinstance(p, TiedWeight) and (names is None or p.owner_name in names)
+                for p in plist
+            ):
+                found.append((module, param_name))
+    return found
+
+
+def _remove(model: nn.Module, tensors: dict[str, ClusteredTensor]) -> None:
+    """Remove the DKM parametrizations of ``tensors`` and of their tied owners; every owner
+    gets the original Parameter back (the tie holds)."""
+    for module, param_name in _tied_owners(model, set(tensors)):
+        parametrize.remove_parametrizations(module, param_name, leave_parametrized=False)
+    for tensor in tensors.values():
+        parametrize.remove_parametrizations(
+            tensor.module, tensor.param_name, leave_parametrized=False
+        )
+
+
+def release(model: nn.Module, names: Iterable[str] | None = None) -> None:
+    """Remove the DKM parametrizations (of ``names``, or all) without snapping: every weight
+    stays as trained, in full precision. For a fit that ended before clustering began."""
+    _remove(model, clustered_tensors(model, names))
 
 
 def set_temperature(model: nn.Module, tau: float, names: Iterable[str] | None = None) -> None:
@@ -138,15 +182,13 @@ def finalize(model: nn.Module, names: Iterable[str] | None = None) -> dict[str, 
     identity. ``names`` limits it to some clustered tensors. Returns the palettes by qualified
     parameter name; ``palette.weight()`` equals the model's weight bit for bit.
     """
-    palettes: dict[str, Palette] = {}
-    for name, tensor in clustered_tensors(model, names).items():
-        original = tensor.original
-        palette = tensor.parametrization.palette(original)
-        parametrize.remove_parametrizations(
-            tensor.module, tensor.param_name, leave_parametrized=False
-        )
-        getattr(tensor.module, tensor.param_name).copy_(palette.weight())
-        palettes[name] = palette
+    tensors = clustered_tensors(model, names)
+    # Every palette first: a tensor whose centroids were never initialised raises here, before
+    # any parametrization is removed, so the model is left as it was.
+    palettes = {name: t.parametrization.palette(t.original) for name, t in tensors.items()}
+    _remove(model, tensors)
+    for name, tensor in tensors.items():
+        getattr(tensor.module, tensor.param_name).copy_(palettes[name].weight())
     return palettes
 
 
@@ -159,12 +201,17 @@ def snap_state_dict(model: nn.Module, state_dict: dict, prefix: str = "") -> lis
 
     A checkpoint written during DKM stores ``<module>.parametrizations.<name>.original`` and the
     parametrization's buffers; a finalized model expects ``<module>.<name>``. For each such
-    entry whose module exists in ``model`` this writes the weight as finalize would have made it
-    from that checkpoint (every weight snapped to its nearest centroid) and drops the DKM keys.
+    entry whose module exists in ``model`` *unparametrized* this writes the weight as finalize
+    would have made it from that checkpoint (every weight snapped to its nearest centroid) and
+    drops the DKM keys. A further owner of a tied weight (no centroids of its own) gets the
+    snapped tensor of the owner it shares storage with. Entries of modules that are parametrized
+    again (DKM re-attached for another fit) are left alone: that model expects them as they are.
     Returns the converted parameter names.
     """
     modules = dict(model.named_modules())
     converted: list[str] = []
+    snapped_by_storage: dict[int, torch.Tensor] = {}
+    ties: list[tuple[str, str, str]] = []  # (key, head, param_name) of tied owners
     for key in [k for k in state_dict if k.endswith(_ORIGINAL_SUFFIX)]:
         if not key.startswith(prefix):
             continue
@@ -174,7 +221,10 @@ def snap_state_dict(model: nn.Module, state_dict: dict, prefix: str = "") -> lis
         module_name = head.removesuffix(".")
         centroids_key = f"{prefix}{head}{_PARAMETRIZATIONS}{param_name}.0.centroids"
         module = modules.get(module_name)
-        if not sep or module is None or centroids_key not in state_dict:
+        if not sep or module is None or parametrize.is_parametrized(module, param_name):
+            continue
+        if centroids_key not in state_dict:
+            ties.append((key, head, param_name))
             continue
         layout = _layout_from_checkpoint(
             module, module_name, param_name, state_dict[key], state_dict[centroids_key]
@@ -187,9 +237,22 @@ def snap_state_dict(model: nn.Module, state_dict: dict, prefix: str = "") -> lis
         buffer_prefix = f"{prefix}{head}{_PARAMETRIZATIONS}{param_name}.0."
         for stale in [k for k in state_dict if k.startswith(buffer_prefix)] + [key]:
             del state_dict[stale]
-        state_dict[f"{prefix}{head}{param_name}"] = palette.weight()
+        snapped = palette.weight()
+        snapped_by_storage[_storage_of(weight)] = snapped
+        state_dict[f"{prefix}{head}{param_name}"] = snapped
+        converted.append(f"{head}{param_name}")
+    for key, head, param_name in ties:
+        snapped = snapped_by_storage.get(_storage_of(state_dict[key]))
+        if snapped is None:
+            continue
+        del state_dict[key]
+        state_dict[f"{prefix}{head}{param_name}"] = snapped
         converted.append(f"{head}{param_name}")
     return converted
+
+
+def _storage_of(tensor: torch.Tensor) -> int:
+    return tensor.untyped_storage().data_ptr()
 
 
 def _layout_from_checkpoint(module, module_name, param_name, weight, centroids):
@@ -217,8 +280,29 @@ def load_snapped(model: nn.Module) -> None:
     def hook(module, state_dict, prefix, *args) -> None:
         snap_state_dict(module, state_dict, prefix)
 
+    _SNAP_HOOKS[model] = register_load_pre_hook(model, hook)
+
+
+def register_load_pre_hook(model: nn.Module, hook):
+    """``hook(module, state_dict, prefix, ...)`` runs before ``model.load_state_dict``; returns
+    the removable handle (``register_load_state_dict_pre_hook``, or its private form before
+    torch 2.5)."""
     register = getattr(model, "register_load_state_dict_pre_hook", None)
     if register is not None:
-        _SNAP_HOOKS[model] = register(hook)
-    else:  # torch < 2.5
-        _SNAP_HOOKS[model] = model._register_load_state_dict_pre_hook(hook, with_module=True)
+        return register(hook)
+    return model._register_load_state_dict_pre_hook(hook, with_module=True)
+
+
+def checkpoint_clustered_names(state_dict: dict, prefix: str = "") -> list[str]:
+    """The DKM-clustered parameter names a (mid-DKM) ``state_dict`` holds: each
+    ``<module>.parametrizations.<name>.original`` with its ``.0.centroids`` beside it."""
+    names = []
+    for key in state_dict:
+        if not (key.startswith(prefix) and key.endswith(_ORIGINAL_SUFFIX)):
+            continue
+        head, sep, param_name = key[len(prefix) : -len(_ORIGINAL_SUFFIX)].rpartition(
+            _PARAMETRIZATIONS
+        )
+        if sep and f"{prefix}{head}{_PARAMETRIZATIONS}{param_name}.0.centroids" in state_dict:
+            names.append(f"{head}{param_name}")
+    return names

@@ -254,7 +254,7 @@ class DeepKMeansMethod(ClusteringMethod):
         for name, tensor in tensors.items():
             parametrization = tensor.parametrization
             weight = tensor.original.detach()
-            if not bool(parametrization.initialized):
+            if not parametrization.is_initialized:
                 parametrization.initialize(weight)
             x = parametrization.layout.to_palettes(weight).float()
             centroids = parametrization.centroids.float()
@@ -279,7 +279,8 @@ class DeepKMeansMethod(ClusteringMethod):
             param = tensor.original
             layout = tensor.parametrization.layout
             x = layout.to_palettes(param.detach())
-            grad = kmeans_regularizer_grad(x, self._assignments[name], layout.spec.num_centroids)
+            idx = self._assignments[name] = self._assignments[name].to(x.device)
+            grad = kmeans_regularizer_grad(x, idx, layout.spec.num_centroids)
             grad = layout.from_palettes(grad.mul_(self.regularization)).to(param.dtype)
             if param.grad is None:
                 param.grad = grad.contiguous()
@@ -292,7 +293,7 @@ class DeepKMeansMethod(ClusteringMethod):
         for tensor in tensors.values():
             parametrization = tensor.parametrization
             weight = tensor.original.detach()
-            if not bool(parametrization.initialized):
+            if not parametrization.is_initialized:
                 parametrization.initialize(weight)
             x = parametrization.layout.to_palettes(weight).float().cpu()
             result = lloyd(x, parametrization.centroids.float().cpu(), max_iter=_FINAL_LLOYD_ITER)
@@ -300,12 +301,19 @@ class DeepKMeansMethod(ClusteringMethod):
         self._assignments.clear()
 
     def state_dict(self) -> dict[str, Any]:
-        return {"steps": self.steps}
+        # The assignments are part of the state: a resume that refreshed them instead would move
+        # the centroids (a Lloyd step) where the uninterrupted run did not. Stored as uint8
+        # (k <= 256) on CPU, so a checkpoint holds one byte per clustered vector.
+        return {
+            "steps": self.steps,
+            "assignments": {n: idx.to("cpu", torch.uint8) for n, idx in self._assignments.items()},
+        }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        # Assignments are not saved: the first step after a resume refreshes them.
         self.steps = int(state.get("steps", 0))
-        self._assignments.clear()
+        self._assignments = {
+            name: idx.long() for name, idx in dict(state.get("assignments", {})).items()
+        }
 
     def __repr__(self) -> str:
         return (

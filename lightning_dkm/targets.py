@@ -23,6 +23,7 @@ from torch import nn
 
 from .layout import ClusterSpec, PaletteLayout
 from .parametrize import DKMParametrization
+from .tied import TiedWeight
 
 __all__ = [
     "DEFAULT_MIN_SIZE",
@@ -116,6 +117,9 @@ class Target:
     module_name: str
     param_name: str
     layout: PaletteLayout
+    #: Other ``(module name, parameter name)`` owners of the same tensor (tied weights): during
+    #: training they read this target's clustered tensor, and finalize keeps them tied.
+    tied: tuple[tuple[str, str], ...] = ()
 
     @property
     def name(self) -> str:
@@ -174,16 +178,21 @@ def select_targets(
                 f"targets pattern {pattern!r} matches no supported weight; candidates are: "
                 f"{', '.join(candidate_names) or '(none)'}"
             )
-    for pattern in overrides:
-        if not any(matches(pattern, n) for m, p, *_ in candidates for n in (m, _qualified(m, p))):
-            raise ValueError(
-                f"overrides pattern {pattern!r} matches no supported weight; candidates are: "
-                f"{', '.join(candidate_names) or '(none)'}"
-            )
+    for label, patterns in (("overrides", list(overrides)), ("exclude", exclude_patterns)):
+        for pattern in patterns:
+            if not any(
+                matches(pattern, n) for m, p, *_ in candidates for n in (m, _qualified(m, p))
+            ):
+                raise ValueError(
+                    f"{label} pattern {pattern!r} matches no supported weight; candidates are: "
+                    f"{', '.join(candidate_names) or '(none)'}"
+                )
 
     selected: list[Target] = []
     skipped: list[str] = []
-    seen_tensors: dict[int, str] = {}
+    owners: dict[int, int] = {}  # data_ptr -> index in ``selected``
+    used_overrides: set[str | None] = set()
+    unused_overrides: dict[str, list[str]] = {}  # pattern -> tensors below min_size it matched
     for module_name, param_name, module, group_axis, vector_axis in candidates:
         names = (module_name, _qualified(module_name, param_name))
         if target_patterns and not _matches_any(target_patterns, names):
@@ -192,26 +201,35 @@ def select_targets(
             continue
         qualified = names[1]
         tensor = _original_tensor(module, param_name, qualified)
-        if tensor.data_ptr() in seen_tensors and tensor.numel():
-            warnings.warn(
-                f"{qualified} shares its storage with {seen_tensors[tensor.data_ptr()]} (tied "
-                "weights); it is clustered once, as the latter",
-                UserWarning,
-                stacklevel=2,
-            )
+        owner = owners.get(tensor.data_ptr()) if tensor.numel() else None
+        if owner is not None:  # a tied weight: one palette, read by every owner
+            first = selected[owner]
+            selected[owner] = replace(first, tied=(*first.tied, (module_name, param_name)))
             continue
+        override = next((p for p in override_specs if _matches_any([p], names)), None)
         if tensor.numel() < min_size:
             skipped.append(f"{qualified} ({tensor.numel()} elements)")
+            if override is not None:
+                unused_overrides.setdefault(override, []).append(qualified)
             continue
-        seen_tensors[tensor.data_ptr()] = qualified
-        tensor_spec = next(
-            (s for p, s in override_specs.items() if _matches_any([p], names)), spec
-        )
+        owners[tensor.data_ptr()] = len(selected)
+        tensor_spec = spec if override is None else override_specs[override]
+        used_overrides.add(override)
         layout = PaletteLayout(
             tuple(tensor.shape), tensor_spec, group_axis, vector_axis, name=qualified
         )
         selected.append(Target(module_name, param_name, layout))
 
+    for pattern, names_below in unused_overrides.items():
+        if pattern in used_overrides:
+            continue
+        warnings.warn(
+            f"overrides[{pattern!r}] is not applied: it matches only tensors smaller than "
+            f"min_size={min_size} ({', '.join(names_below)}), which stay in full precision; "
+            "lower min_size to cluster them",
+            UserWarning,
+            stacklevel=2,
+        )
     if skipped:
         warnings.warn(
             f"skipping {len(skipped)} tensor(s) smaller than min_size={min_size} elements "
@@ -236,7 +254,9 @@ def _original_tensor(module: nn.Module, param_name: str, qualified: str):
     parametrizations = getattr(module, "parametrizations", None)
     if parametrizations is not None and param_name in parametrizations:
         plist = parametrizations[param_name]
-        others = [type(p).__name__ for p in plist if not isinstance(p, DKMParametrization)]
+        others = [
+            type(p).__name__ for p in plist if not isinstance(p, (DKMParametrization, TiedWeight))
+        ]
         if others:
             raise ValueError(
                 f"{qualified} is computed by another parametrization ({', '.join(others)}); DKM "

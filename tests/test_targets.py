@@ -162,12 +162,20 @@ def test_a_spec_that_does_not_fit_a_tensor_errors_naming_it() -> None:
         select_targets(Net(), ClusterSpec(bits=7), min_size=0)
 
 
-def test_tied_weights_are_clustered_once_with_a_warning() -> None:
+def test_tied_weights_are_one_target_that_names_its_other_owners() -> None:
     model = nn.Sequential(nn.Embedding(32, 16), nn.Linear(16, 32, bias=False))
     model[1].weight = model[0].weight
-    with pytest.warns(UserWarning, match=r"1\.weight shares its storage with 0\.weight \(tied"):
-        selected = select_targets(model, ClusterSpec(bits=2), min_size=0)
+    selected = select_targets(model, ClusterSpec(bits=2), min_size=0)
     assert names(selected) == ["0.weight"]
+    assert selected[0].tied == (("1", "weight"),)
+
+
+def test_tied_weights_are_found_again_once_clustered() -> None:
+    model = nn.Sequential(nn.Embedding(32, 16), nn.Linear(16, 32, bias=False))
+    model[1].weight = model[0].weight
+    attach(model, select_targets(model, ClusterSpec(bits=2), min_size=0))
+    again = select_targets(model, ClusterSpec(bits=2), min_size=0)
+    assert names(again) == ["0.weight"] and again[0].tied == (("1", "weight"),)
 
 
 def test_already_clustered_tensors_are_found_again_by_their_original_shape() -> None:
