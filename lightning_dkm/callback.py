@@ -58,8 +58,8 @@ from .monitor import measure_all
 from .palette import Palette
 from .parametrize import check_gradient
 from .report import CompressionReport
-from .schedules import SCHEDULE_NAMES, TemperatureSchedule, build_schedule
 from .targets import DEFAULT_MIN_SIZE, Target, _spec_with_override, select_targets
+from .temperature import TemperatureConfig, TemperaturePlan, geometric_mean
 
 __all__ = ["DKMCallback"]
 
@@ -82,51 +82,12 @@ def _unsupported_strategies() -> list[tuple[type, str]]:
         if isinstance(getattr(strategies, name, None), type)
     ]
 
-_TEMPERATURE_KEYS = ("schedule", "start", "end", "step_size", "gamma")
-_ANNEALED_SCHEDULES = ("linear", "exponential", "cosine")
-_STATE_VERSION = 1
+_STATE_VERSION = 2
+# The tau a parametrization holds before DKM starts (replaced by the plan's before it is used).
+_INITIAL_TAU = 1e-2
 _LUT_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 #: File name of the compressed model written into ``save_dir``.
 ARTIFACT_NAME = "model.dkm.safetensors"
-
-
-def _check_temperature(temperature: float | dict[str, Any]) -> dict[str, Any]:
-    """Normalise the ``temperature`` argument to the keyword arguments of ``build_schedule``."""
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float, dict)):
-        raise ValueError(
-            "temperature must be a number (a constant tau) or a mapping like "
-            "{schedule: exponential, start: 1e-2, end: 1e-4}; got "
-            f"{temperature!r}"
-        )
-    config = (
-        {"schedule": "constant", "start": float(temperature)}
-        if not isinstance(temperature, dict)
-        else dict(temperature)
-    )
-    unknown = set(config) - set(_TEMPERATURE_KEYS)
-    if unknown:
-        raise ValueError(
-            f"temperature has unknown keys {sorted(unknown)}; allowed: {_TEMPERATURE_KEYS}"
-        )
-    if "start" not in config:
-        raise ValueError("temperature needs a 'start' value (tau at the first DKM epoch)")
-    for key in ("start", "end"):
-        value = config.get(key)
-        if value is None and key == "end":
-            continue
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"temperature.{key} must be a number > 0; got {value!r}")
-        if not (value > 0 and math.isfinite(value)):
-            raise ValueError(f"temperature.{key} must be a finite number > 0; got {value!r}")
-    schedule = config.setdefault("schedule", "exponential" if "end" in config else "constant")
-    if not isinstance(schedule, str) or (
-        schedule not in SCHEDULE_NAMES and "." not in schedule and ":" not in schedule
-    ):
-        raise ValueError(
-            f"temperature.schedule must be one of {SCHEDULE_NAMES} or the import path of a "
-            f"callable epoch -> tau ('package.module.function'); got {schedule!r}"
-        )
-    return config
 
 
 def _pattern_list(label: str, patterns: str | list[str] | None) -> list[str] | None:
@@ -172,14 +133,20 @@ class DKMCallback(Callback):
             ``{"features.0": {"bits": 8}}``; the first matching pattern wins. An override that
             matches only tensors below ``min_size`` is not applied, with a warning. Default
             none.
-        temperature: tau, in units of each palette's weight variance (see
-            :mod:`lightning_dkm.dkm`). A number is a constant tau; a mapping chooses a schedule:
-            ``{schedule: constant|linear|exponential|cosine|step|<import.path>, start, end,
-            step_size, gamma}``. tau changes at the start of every epoch and reaches ``end`` at
-            the last soft epoch, so an annealed schedule needs ``max_epochs`` (or
-            ``hard_epoch``): without one it is an error naming ``max_epochs``/``max_steps``, and
-            with a single soft epoch tau stays at ``start`` (a warning says so). Default:
-            exponential from 1e-2 to 1e-4.
+        temperature: the softmax temperature tau and how it anneals
+            (:mod:`lightning_dkm.temperature`). ``"auto"`` (default, also ``None``): for each
+            tensor, tau is calibrated when DKM starts so that its soft assignments have mean
+            entropy ``start_entropy * log2(k)`` bits (0.1: genuinely soft at every bit width),
+            then annealed exponentially every optimizer step to the tau of ``end_entropy``
+            bits (1e-3: near-hard, so finalize moves the weights little); this works for
+            ``max_epochs=1`` and for ``max_steps``. A number is a constant tau, in units of
+            each palette's weight variance. A mapping chooses: ``{schedule:
+            constant|linear|exponential|cosine|step|<import.path>, start, end, interval:
+            step|epoch, start_entropy, end_entropy, step_size, gamma}``; ``start`` / ``end``
+            are numbers (variance units) or ``auto``; ``interval`` is how often tau moves
+            (``step``, default, or ``epoch``); an import path names a callable ``unit -> tau``
+            (a unit is a soft step or epoch). The progress bar's ``dkm/tau`` is the tau in
+            force (the geometric mean over tensors).
         start_epoch: plain training before this epoch; DKM starts here (centroids are seeded
             from the weights as they are then). If fit ends before it (``max_epochs``,
             ``max_steps``, early stopping), the model is left as trained, unclustered, with a
@@ -247,7 +214,7 @@ class DKMCallback(Callback):
         exclude: str | list[str] | None = None,
         min_size: int = DEFAULT_MIN_SIZE,
         overrides: dict[str, dict[str, int | None]] | None = None,
-        temperature: float | dict[str, Any] | None = None,
+        temperature: float | str | dict[str, Any] | None = None,
         start_epoch: int = 0,
         hard_epoch: int | None = None,
         max_iter: int = 3,
@@ -281,9 +248,8 @@ class DKMCallback(Callback):
         self.overrides = dict(overrides or {})
         for pattern, override in self.overrides.items():
             _spec_with_override(self.spec, pattern, override)  # early, clear errors
-        if temperature is None:
-            temperature = {"schedule": "exponential", "start": 1e-2, "end": 1e-4}
-        self.temperature = _check_temperature(temperature)
+        #: The validated temperature (a :class:`~lightning_dkm.temperature.TemperatureConfig`).
+        self.temperature = TemperatureConfig.parse(temperature)
         if not isinstance(start_epoch, int) or start_epoch < 0:
             raise ValueError(f"start_epoch must be an int >= 0; got {start_epoch!r}")
         if hard_epoch is not None and (not isinstance(hard_epoch, int) or hard_epoch < start_epoch):
@@ -328,8 +294,9 @@ class DKMCallback(Callback):
         self.verbose = verbose
 
         self._names: list[str] = []
-        self._schedule: TemperatureSchedule | None = None
-        self._tau: float | None = None
+        self._plan = TemperaturePlan(self.temperature)
+        self._taus: dict[str, float] = {}  # the tau in force per tensor
+        self._start_step = 0  # the optimizer step at which DKM starts (interval "step")
         self._finalized = False
         self._out_dir: Path | None = None
         self._selection_check: Any = None  # the load_state_dict pre-hook of a fit
@@ -418,7 +385,7 @@ class DKMCallback(Callback):
         return {
             "version": _STATE_VERSION,
             "names": list(self._names),
-            "tau": self._tau,
+            "temperature": self._plan.state_dict(),
             "finalized": self._finalized,
             "method": self.method,
             "method_state": self._method.state_dict(),
@@ -432,7 +399,8 @@ class DKMCallback(Callback):
                 f"{names}, but this callback's targets select {self._names}; resume with the "
                 "same targets / exclude / min_size as the run that wrote the checkpoint"
             )
-        self._tau = state_dict.get("tau")
+        if "temperature" in state_dict:  # version 1 had one tau, from the config's numbers
+            self._plan.load_state_dict(state_dict["temperature"])
         self._finalized = bool(state_dict.get("finalized", False))
         method = state_dict.get("method", "dkm")
         if method != self.method:
@@ -467,7 +435,7 @@ class DKMCallback(Callback):
         attach(
             pl_module,
             selected,
-            temperature=self.temperature["start"],
+            temperature=_INITIAL_TAU,
             max_iter=self.max_iter,
             epsilon=self.epsilon,
             seed=self.seed,
@@ -478,42 +446,78 @@ class DKMCallback(Callback):
         )
         self._names = [t.name for t in selected]
 
-    def _build_schedule(self, trainer: pl.Trainer) -> TemperatureSchedule:
-        """The epoch -> tau schedule over the soft DKM epochs, ``start_epoch`` up to
-        ``hard_epoch`` or ``max_epochs``; errors and warnings name the Trainer's limits."""
-        max_epochs = trainer.max_epochs
+    def _check_limits(self, trainer: pl.Trainer) -> None:
+        """At ``setup``: what the Trainer's limits make of ``start_epoch`` and the temperature
+        schedule (errors and warnings name ``max_epochs`` / ``max_steps``)."""
+        max_epochs, max_steps = trainer.max_epochs, trainer.max_steps
         if max_epochs is not None and 0 <= max_epochs <= self.start_epoch:
             rank_zero_warn(
                 f"DKMCallback: max_epochs={max_epochs} <= start_epoch={self.start_epoch}, so DKM "
                 "never starts and the model will not be clustered; raise max_epochs or lower "
                 "start_epoch"
             )
+        config = self.temperature
+        if not (config.anneals and self._method.uses_temperature):
+            return
         last = self.hard_epoch if self.hard_epoch is not None else max_epochs
-        num_epochs = None if last is None or last < 0 else max(last - self.start_epoch, 1)
-        config = dict(self.temperature)
-        name = config.pop("schedule")
-        anneals = name in _ANNEALED_SCHEDULES and config.get("end") != config["start"]
-        if num_epochs is None and name in _ANNEALED_SCHEDULES:
+        open_epochs = last is None or last < 0
+        if open_epochs and (config.interval == "epoch" or max_steps is None or max_steps < 0):
+            unit = "per epoch" if config.interval == "epoch" else "per step"
             raise MisconfigurationException(
-                f"DKMCallback: the {name!r} temperature schedule anneals tau from start to end "
-                "over the DKM epochs, but the Trainer sets no epoch limit "
-                f"(max_epochs={max_epochs}, max_steps={trainer.max_steps}); tau changes once "
-                "per epoch. Set max_epochs (or hard_epoch), or use a constant temperature "
-                "(temperature: 1.0e-3) or a 'step' schedule."
+                f"DKMCallback: the {config.schedule!r} temperature schedule anneals tau from "
+                f"start to end over the soft DKM {unit[4:]}s, but the Trainer sets no limit "
+                f"(max_epochs={max_epochs}, max_steps={max_steps}); set max_epochs or max_steps "
+                "(or hard_epoch), or use a constant temperature (temperature: 1.0e-3)."
             )
-        if last is not None and last - self.start_epoch == 1 and anneals and (
-            self._method.uses_temperature
-        ):
+        if config.interval == "epoch" and not open_epochs and last - self.start_epoch == 1:
             rank_zero_warn(
                 f"DKMCallback: only one soft DKM epoch (max_epochs={max_epochs}, "
-                f"start_epoch={self.start_epoch}, hard_epoch={self.hard_epoch}); tau changes "
-                f"once per epoch, so it stays at start={config['start']} for the whole fit and "
-                f"never reaches end={config.get('end')}. Train more epochs to anneal."
+                f"start_epoch={self.start_epoch}, hard_epoch={self.hard_epoch}) with "
+                "temperature interval 'epoch': tau changes once per epoch, so it stays at its "
+                "start for the whole fit and never anneals. Use interval: step (the default)."
             )
+
+    def _soft_units(self, trainer: pl.Trainer) -> int | None:
+        """At train start (the dataloaders are known): the soft units (steps or epochs) the
+        schedule spans, ``None`` when open-ended; sets the step at which DKM starts."""
+        if self.temperature.interval == "epoch":
+            last = self.hard_epoch if self.hard_epoch is not None else trainer.max_epochs
+            return None if last is None or last < 0 else max(last - self.start_epoch, 1)
+        batches = trainer.num_training_batches
+        per_epoch = (
+            math.inf if math.isinf(batches)
+            else math.ceil(batches / max(trainer.accumulate_grad_batches, 1))
+        )
+        if math.isinf(per_epoch) and (self.start_epoch or self.hard_epoch is not None):
+            raise MisconfigurationException(
+                "DKMCallback: temperature interval 'step' with start_epoch / hard_epoch needs "
+                "a train dataloader of known length (steps per epoch); use interval: epoch"
+            )
+        self._start_step = 0 if math.isinf(per_epoch) else self.start_epoch * per_epoch
+        end = (
+            self.hard_epoch * per_epoch if self.hard_epoch is not None
+            else trainer.estimated_stepping_batches
+        )
+        return None if math.isinf(end) else max(int(end) - self._start_step, 1)
+
+    def _begin(self, tensors: dict[str, ClusteredTensor]) -> None:
+        """DKM starts: seed the centroids still unseeded, then fix each tensor's tau bounds."""
+        for tensor in tensors.values():
+            if not tensor.parametrization.is_initialized:
+                tensor.parametrization.initialize(tensor.original.detach())
+        self._plan.calibrate({
+            name: (t.parametrization.layout.to_palettes(t.original.detach()),
+                   t.parametrization.centroids)
+            for name, t in tensors.items() if name not in self._plan.bounds
+        })
+
+    def _set_taus(self, tensors: dict[str, ClusteredTensor], unit: int) -> None:
         try:
-            return build_schedule(name, num_epochs=num_epochs, **config)
+            self._taus = self._plan.taus(unit)
         except ValueError as err:
             raise MisconfigurationException(f"DKMCallback temperature: {err}") from err
+        for name, tensor in tensors.items():
+            tensor.parametrization.set_temperature(self._taus[name])
 
     def _mode_for_epoch(self, epoch: int) -> str:
         return self._method.mode_for_epoch(epoch, self.start_epoch, self.hard_epoch)
@@ -546,7 +550,8 @@ class DKMCallback(Callback):
         self._out_dir = self._resolve_save_dir(trainer) if self.finalize else None
         if self._out_dir is not None:
             _check_writable_dir(self._out_dir, "save_dir" if self.save_dir is not None else None)
-        self._schedule = self._build_schedule(trainer)
+        self._check_limits(trainer)
+        self._plan = TemperaturePlan(self.temperature)
         selected = self._select(pl_module)
         if not selected:
             rank_zero_warn(
@@ -556,6 +561,8 @@ class DKMCallback(Callback):
         # Seed now (before DDP wraps the model) when DKM starts at once; otherwise at start_epoch
         # from the weights as they are then. Either way every rank computes the same centroids.
         self._attach(pl_module, selected, init=self.start_epoch == 0)
+        if self.start_epoch == 0:
+            self._begin(self._tensors(pl_module))
         self._finalized = False
         self._remove_selection_check()
         self._selection_check = register_load_pre_hook(pl_module, self._check_selection)
@@ -590,26 +597,43 @@ class DKMCallback(Callback):
         if stage == "fit":
             self._remove_selection_check()
 
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._plan.set_units(self._soft_units(trainer))
+
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         epoch = trainer.current_epoch
         mode = self._mode_for_epoch(epoch)
         tensors = self._tensors(pl_module)
         uses_tau = self._method.uses_temperature
-        if self._active(epoch):
-            for tensor in tensors.values():
-                if not tensor.parametrization.is_initialized:
-                    tensor.parametrization.initialize(tensor.original.detach())
-            if uses_tau:
-                assert self._schedule is not None
-                self._tau = float(self._schedule(epoch - self.start_epoch))
+        if self._active(epoch) and tensors:
+            self._begin(tensors)
+            if not uses_tau:  # tau only sets where the entropy metric is measured: the start
+                self._set_taus(tensors, 0)
+            elif self.temperature.interval == "epoch":
+                self._set_taus(tensors, epoch - self.start_epoch)
         for tensor in tensors.values():
             tensor.parametrization.set_mode(mode)  # type: ignore[arg-type]
-            if self._tau is not None:
-                tensor.parametrization.set_temperature(self._tau)
-        if uses_tau and mode != "off" and tensors:
+        if uses_tau and mode != "off" and self._taus and self.temperature.interval == "epoch":
             pl_module.log(
-                "dkm/tau", self._tau, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True
+                "dkm/tau", geometric_mean(self._taus), on_step=False, on_epoch=True,
+                prog_bar=True, sync_dist=True,
             )
+
+    def _step_taus(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Interval "step": every tensor's tau for this optimizer step, shown in the progress
+        bar (the geometric mean over tensors; every rank holds the same values)."""
+        if (
+            self.temperature.interval != "step"
+            or not self._method.uses_temperature
+            or self._mode_for_epoch(trainer.current_epoch) != "soft"
+        ):
+            return
+        tensors = self._tensors(pl_module)
+        if not tensors:
+            return
+        self._set_taus(tensors, max(trainer.global_step - self._start_step, 0))
+        pl_module.log("dkm/tau", geometric_mean(self._taus), on_step=True, on_epoch=False,
+                      prog_bar=True)
 
     # -- one DKM step per forward -----------------------------------------------------------
     # A module may read its weight more than once in a forward (nn.TransformerEncoderLayer reads
@@ -622,6 +646,7 @@ class DKMCallback(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         self._release_forward_cache()
+        self._step_taus(trainer, pl_module)
         if self._names:
             self._forward_cache = ExitStack()
             self._forward_cache.enter_context(parametrize.cached())

@@ -85,7 +85,7 @@ def test_targets_and_exclude_select_tensors(tmp_path):
 # -- temperature, start and hard epochs ------------------------------------------------------------
 def test_tau_follows_the_schedule_at_each_epoch_start(tmp_path):
     recorder = TauRecorder()
-    temperature = {"schedule": "exponential", "start": 1e-1, "end": 1e-3}
+    temperature = {"schedule": "exponential", "start": 1e-1, "end": 1e-3, "interval": "epoch"}
     fit(tmp_path, DKMCallback(bits=2, temperature=temperature, finalize=False),
         extra_callbacks=[recorder], max_epochs=3)
     expected = [build_schedule("exponential", 1e-1, 1e-3, num_epochs=3)(e) for e in range(3)]
@@ -95,8 +95,8 @@ def test_tau_follows_the_schedule_at_each_epoch_start(tmp_path):
 
 def test_a_callable_schedule_is_given_by_import_path(tmp_path):
     recorder = TauRecorder()
-    fit(tmp_path, DKMCallback(bits=2, temperature={"schedule": "math.exp", "start": 1.0},
-                              finalize=False),
+    fit(tmp_path, DKMCallback(bits=2, finalize=False,
+                              temperature={"schedule": "math.exp", "interval": "epoch"}),
         extra_callbacks=[recorder], max_epochs=2)
     assert recorder.taus == pytest.approx([math.exp(0), math.exp(1)])
 

@@ -110,9 +110,15 @@ def test_the_default_save_dir_is_under_the_default_root_dir_without_a_logger(tmp
 
 
 # -- the temperature schedule and the Trainer's limits ---------------------------------------------
-def test_an_annealed_schedule_without_an_epoch_limit_names_max_epochs_and_max_steps(tmp_path):
+def test_an_epoch_schedule_without_an_epoch_limit_names_max_epochs_and_max_steps(tmp_path):
+    cb = DKMCallback(bits=2, temperature={"start": 1e-1, "end": 1e-3, "interval": "epoch"})
     with pytest.raises(MisconfigurationException, match=r"max_epochs=-1, max_steps=4"):
-        fit(tmp_path, DKMCallback(bits=2), max_epochs=-1, max_steps=4)
+        fit(tmp_path, cb, max_epochs=-1, max_steps=4)
+
+
+def test_a_step_schedule_without_any_limit_names_max_epochs_and_max_steps(tmp_path):
+    with pytest.raises(MisconfigurationException, match=r"max_epochs=-1, max_steps=-1"):
+        fit(tmp_path, DKMCallback(bits=2), max_epochs=-1, max_steps=-1)
 
 
 def test_a_constant_temperature_trains_under_max_steps(tmp_path):
@@ -122,9 +128,11 @@ def test_a_constant_temperature_trains_under_max_steps(tmp_path):
     assert torch.unique(model.body[0].weight).numel() <= 4
 
 
-def test_one_soft_epoch_with_an_annealed_schedule_warns_that_tau_stays_at_start(tmp_path):
-    with pytest.warns(UserWarning, match=r"one soft DKM epoch \(max_epochs=1.*stays at start"):
-        fit(tmp_path, DKMCallback(bits=2, finalize=False), max_epochs=1)
+def test_one_soft_epoch_with_an_epoch_schedule_warns_that_tau_stays_at_start(tmp_path):
+    cb = DKMCallback(bits=2, finalize=False,
+                     temperature={"start": 1e-1, "end": 1e-3, "interval": "epoch"})
+    with pytest.warns(UserWarning, match=r"one soft DKM epoch \(max_epochs=1.*stays at its start"):
+        fit(tmp_path, cb, max_epochs=1)
 
 
 # -- arguments ---------------------------------------------------------------------------------

@@ -107,7 +107,7 @@ def test_resuming_with_another_method_is_refused():
 def test_old_checkpoints_without_a_method_load_as_dkm():
     cb = DKMCallback()
     cb.load_state_dict({"version": 1, "names": [], "tau": 0.01, "finalized": False})
-    assert cb._tau == 0.01
+    assert cb.method == "dkm" and cb._plan.bounds == {}  # bounds come from the config then
 
 
 # -- the Deep k-Means regulariser ------------------------------------------------------------------

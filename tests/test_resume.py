@@ -14,8 +14,6 @@ from lightning_helpers import TinyNet, trainer
 from lightning_dkm import DKMCallback, clustered_tensors
 from lightning_dkm.methods import METHOD_NAMES
 
-TEMPERATURE = {"schedule": "exponential", "start": 1e-1, "end": 1e-3}
-
 
 class Crash(pl.Callback):
     def on_train_epoch_start(self, trainer, pl_module):
@@ -24,10 +22,11 @@ class Crash(pl.Callback):
 
 
 class StateSpy(pl.Callback):
-    """Captures the restored state when training (re)starts and tau at each epoch."""
+    """Captures the restored state when training (re)starts and every tensor's tau at each
+    optimizer step (the default temperature: calibrated bounds, annealed per step)."""
 
     def __init__(self) -> None:
-        self.taus: dict[int, float] = {}
+        self.taus: dict[int, dict[str, float]] = {}
 
     def on_train_start(self, trainer, pl_module):
         self.centroids = {
@@ -36,8 +35,9 @@ class StateSpy(pl.Callback):
         self.optimizer_state = copy.deepcopy(trainer.optimizers[0].state_dict())
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        tensor = next(iter(clustered_tensors(pl_module).values()))
-        self.taus[trainer.current_epoch] = float(tensor.parametrization.temperature)
+        self.taus[trainer.global_step] = {
+            n: float(t.parametrization.temperature) for n, t in clustered_tensors(pl_module).items()
+        }
 
 
 def run(tmp_path, method, *callbacks, ckpt_path=None):
@@ -46,8 +46,7 @@ def run(tmp_path, method, *callbacks, ckpt_path=None):
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, save_top_k=-1)
     # refresh_every=3: Deep k-Means refreshes its assignments mid-epoch (4 steps an epoch), so
     # a resume at an epoch boundary must restore them rather than refresh them.
-    dkm = DKMCallback(bits=2, temperature=TEMPERATURE, finalize=False, method=method,
-                      refresh_every=3)
+    dkm = DKMCallback(bits=2, finalize=False, method=method, refresh_every=3)
     t = trainer(tmp_path, max_epochs=4, enable_checkpointing=True,
                 callbacks=[dkm, checkpoint, *callbacks])
     t.fit(model, ckpt_path=ckpt_path)
@@ -64,12 +63,13 @@ def resumed(request, tmp_path_factory):
     checkpoint = torch.load(last, weights_only=True)
     spy = StateSpy()
     model = run(tmp_path, method, spy, ckpt_path=str(last))
-    uninterrupted = run(tmp_path_factory.mktemp(f"straight_{method}"), method)
-    return method, checkpoint, spy, model, uninterrupted
+    straight = StateSpy()
+    uninterrupted = run(tmp_path_factory.mktemp(f"straight_{method}"), method, straight)
+    return method, checkpoint, spy, model, uninterrupted, straight
 
 
 def test_centroids_are_restored(resumed):
-    _, checkpoint, spy, _, _ = resumed
+    _, checkpoint, spy, _, _, _ = resumed
     for name, centroids in spy.centroids.items():
         module, param = name.rsplit(".", 1)
         key = f"{module}.parametrizations.{param}.0.centroids"
@@ -77,7 +77,7 @@ def test_centroids_are_restored(resumed):
 
 
 def test_optimizer_state_is_restored(resumed):
-    _, checkpoint, spy, _, _ = resumed
+    _, checkpoint, spy, _, _, _ = resumed
     saved = checkpoint["optimizer_states"][0]["state"]
     restored = spy.optimizer_state["state"]
     assert saved.keys() == restored.keys()
@@ -86,17 +86,14 @@ def test_optimizer_state_is_restored(resumed):
 
 
 def test_tau_continues_on_the_schedule(resumed):
-    method, _, spy, _, _ = resumed
-    assert sorted(spy.taus) == [2, 3]
-    if method == "dkm":
-        assert spy.taus[2] == pytest.approx(1e-1 * (1e-2) ** (2 / 3), rel=1e-6)
-        assert spy.taus[3] == pytest.approx(1e-3, rel=1e-6)
-    else:  # tau only sets where the entropy metric is measured: the schedule's start
-        assert spy.taus == pytest.approx({2: 1e-1, 3: 1e-1}, rel=1e-6)
+    _, _, spy, _, _, straight = resumed
+    assert sorted(spy.taus) == list(range(8, 16))  # epochs 2 and 3, 4 steps each
+    for step, taus in spy.taus.items():  # the same calibrated bounds, the same step
+        assert taus == straight.taus[step], step
 
 
 def test_resumed_run_ends_where_an_uninterrupted_run_ends(resumed):
-    _, _, _, model, uninterrupted = resumed
+    _, _, _, model, uninterrupted, _ = resumed
     expected = uninterrupted.state_dict()
     assert model.state_dict().keys() == expected.keys()
     for name, value in model.state_dict().items():

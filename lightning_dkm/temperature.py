@@ -1,0 +1,360 @@
+r"""A temperature with one meaning at every bit width, layer and scale.
+
+DKM's tau is in units of a palette's weight variance (:func:`lightning_dkm.dkm.normalization_of`),
+which makes it independent of the weights' scale but not of the number of centroids: the
+softness of :math:`a_j = \operatorname{softmax}_j(-\lVert x - c_j\rVert^2 / \tau)` is set by
+:math:`\tau` relative to the squared gaps between neighbouring centroids, and those shrink as
+``k`` grows. Near a boundary between two centroids of gap :math:`\Delta` (point density
+:math:`p`), the mean assignment entropy is about :math:`2.4\,\tau\,p/\Delta` bits, so at a fixed
+tau it grows roughly as :math:`k^2`: the tau that is soft for 16 centroids is hard for 4.
+
+A temperature given by the **entropy it produces** means the same thing everywhere. For one
+tensor (its palettes ``x`` and their centroids), :func:`temperature_for_entropy` finds by
+bisection the tau at which the mean Shannon entropy of the soft assignments,
+
+.. math::
+
+    \bar H(\tau) = \frac{1}{N}\sum_{i} -\sum_j a_{ij}\log_2 a_{ij},
+
+equals a target. :math:`\bar H` increases monotonically with tau (from 0 for hard assignments
+to :math:`\log_2 k` for uniform ones), so the bisection (in :math:`\log\tau`) converges to the
+unique solution. It runs on a deterministic, evenly strided subsample of at most
+``max_points`` vectors, with the distances computed once: a few milliseconds per tensor.
+Nothing here imports Lightning.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .dkm import normalization_of
+from .schedules import SCHEDULE_NAMES, TemperatureSchedule, build_schedule
+
+__all__ = [
+    "DEFAULT_END_ENTROPY",
+    "DEFAULT_MAX_POINTS",
+    "DEFAULT_START_ENTROPY",
+    "TemperatureConfig",
+    "TemperaturePlan",
+    "geometric_mean",
+    "mean_assignment_entropy",
+    "temperature_for_entropy",
+]
+
+#: Vectors per tensor that the calibration looks at (evenly strided over each palette).
+DEFAULT_MAX_POINTS = 1 << 14
+_LN2 = math.log(2.0)
+#: The bisection's bracket (tau in units of the weight variance: from far harder to far softer
+#: than any useful temperature) and its iterations: 30 halvings of it in log space pin tau to a
+#: relative 2e-8.
+_TAU_LOW, _TAU_HIGH, _BISECTIONS = 1e-6, 1e3, 30
+
+
+def _distances(x: Tensor, centroids: Tensor, max_points: int) -> Tensor:
+    """Squared distances ``(P, k, m)`` in the units DKM's tau is in, from each palette's
+    centroids to at most ``max_points // P`` (at least 1) evenly strided vectors of it."""
+    x = x.detach().float()
+    P, n, _ = x.shape
+    m = max(1, min(n, max_points // max(P, 1)))
+    if m < n:
+        index = torch.linspace(0, n - 1, m, device=x.device).round().long()
+        x = x.index_select(1, index)
+    norm = normalization_of(x)
+    xn = (x - norm.center) / norm.scale  # (P, m, d)
+    cn = (centroids.detach().float().to(x.device) - norm.center) / norm.scale  # (P, k, d)
+    return (cn.unsqueeze(2) - xn.unsqueeze(1)).square().sum(-1)
+
+
+def _entropy_bits(distances: Tensor, tau: float) -> float:
+    """Mean entropy (bits) of ``softmax(-distances / tau)`` over the centroid axis."""
+    log_a = torch.log_softmax(distances / -tau, dim=1)
+    return float(-(log_a.exp() * log_a).sum(1).mean() / _LN2)
+
+
+@torch.no_grad()
+def mean_assignment_entropy(
+    x: Tensor, centroids: Tensor, tau: float, max_points: int = DEFAULT_MAX_POINTS
+) -> float:
+    """Mean entropy in bits of the soft assignments of ``x`` (palettes ``(P, n, d)``) to
+    ``centroids`` ``(P, k, d)`` at ``tau`` (units of each palette's weight variance), on the
+    same subsample that :func:`temperature_for_entropy` uses."""
+    return _entropy_bits(_distances(x, centroids, max_points), tau)
+
+
+@torch.no_grad()
+def temperature_for_entropy(
+    x: Tensor,
+    centroids: Tensor,
+    entropy_bits: float,
+    max_points: int = DEFAULT_MAX_POINTS,
+    name: str = "weight",
+) -> float:
+    """The tau (units of each palette's weight variance) at which the soft assignments of ``x``
+    ``(P, n, d)`` to ``centroids`` ``(P, k, d)`` have mean entropy ``entropy_bits``.
+
+    Args:
+        x: the tensor's palettes.
+        centroids: their current centroids.
+        entropy_bits: the target, in ``(0, log2 k)``.
+        max_points: vectors looked at (an evenly strided subsample; deterministic).
+        name: the tensor's name, for messages.
+
+    Returns:
+        tau, within a relative 2e-8 of the solution; the bracket's end when the target cannot
+        be reached there (e.g. all centroids equal: the entropy is ``log2 k`` at every tau).
+
+    Raises:
+        ValueError: ``entropy_bits`` not in ``(0, log2 k)``.
+    """
+    k = centroids.shape[1]
+    top = math.log2(k)
+    if not (0.0 < float(entropy_bits) < top):
+        raise ValueError(
+            f"{name}: the target assignment entropy must lie in (0, log2 k = {top:g}) bits; "
+            f"got {entropy_bits!r}"
+        )
+    distances = _distances(x, centroids, max_points)
+    low, high = math.log(_TAU_LOW), math.log(_TAU_HIGH)
+    if _entropy_bits(distances, _TAU_LOW) >= entropy_bits:
+        return _TAU_LOW
+    if _entropy_bits(distances, _TAU_HIGH) <= entropy_bits:
+        return _TAU_HIGH
+    for _ in range(_BISECTIONS):
+        middle = 0.5 * (low + high)
+        if _entropy_bits(distances, math.exp(middle)) < entropy_bits:
+            low = middle
+        else:
+            high = middle
+    return math.exp(0.5 * (low + high))
+
+
+# -- the configuration: numbers, or entropies to calibrate to -------------------------------------
+#: Default start: the soft assignments' mean entropy at DKM start, as a fraction of ``log2 k``.
+DEFAULT_START_ENTROPY = 0.1
+#: Default end: the mean entropy (bits) the last soft step anneals to (near-hard assignments).
+DEFAULT_END_ENTROPY = 1e-3
+AUTO = "auto"
+INTERVALS = ("step", "epoch")
+_ANNEALED = ("linear", "exponential", "cosine")
+_KEYS = (
+    "schedule", "start", "end", "interval", "start_entropy", "end_entropy", "step_size", "gamma"
+)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_import_path(schedule: object) -> bool:
+    return isinstance(schedule, str) and schedule not in SCHEDULE_NAMES and (
+        "." in schedule or ":" in schedule
+    )
+
+
+@dataclass(frozen=True)
+class TemperatureConfig:
+    """How tau moves during DKM: a schedule shape, its two ends, and how often it moves.
+
+    ``start`` / ``end`` are numbers (tau in units of each palette's weight variance, the same for
+    every tensor) or ``"auto"``: calibrated for each tensor when DKM starts, to the tau at which
+    its soft assignments have mean entropy ``start_entropy * log2 k`` (start) or ``end_entropy``
+    bits (end), see :func:`temperature_for_entropy`. ``interval="step"`` moves tau every
+    optimizer step, ``"epoch"`` at the start of every epoch.
+
+    :meth:`parse` builds one from what a user writes: a number (a constant tau), ``"auto"``
+    (the default: exponential from ``"auto"`` to ``"auto"`` every step), or a mapping of the
+    fields below.
+    """
+
+    schedule: str = "exponential"
+    start: float | str = AUTO
+    end: float | str | None = AUTO
+    interval: str = "step"
+    start_entropy: float = DEFAULT_START_ENTROPY
+    end_entropy: float = DEFAULT_END_ENTROPY
+    step_size: int | None = None
+    gamma: float | None = None
+
+    @classmethod
+    def parse(cls, value: object) -> TemperatureConfig:
+        """The config for ``value`` (``None`` / ``"auto"``, a number, a mapping or a config),
+        validated: a ``ValueError`` names the bad key and value and what is allowed."""
+        if value is None or value == AUTO:
+            return cls()
+        if isinstance(value, TemperatureConfig):
+            return value
+        if _is_number(value):
+            config = cls(schedule="constant", start=float(value), end=None)
+            config.check()
+            return config
+        if not isinstance(value, Mapping):
+            raise ValueError(
+                "temperature must be 'auto', a number (a constant tau) or a mapping like "
+                "{schedule: exponential, start: auto, end: auto, interval: step}; got "
+                f"{value!r}"
+            )
+        unknown = sorted(set(value) - set(_KEYS))
+        if unknown:
+            raise ValueError(f"temperature has unknown keys {unknown}; allowed: {_KEYS}")
+        fields = dict(value)
+        if "schedule" not in fields:
+            # A mapping with only a start is a constant; with an end (or nothing), annealed.
+            constant = "start" in fields and "end" not in fields
+            fields["schedule"] = "constant" if constant else "exponential"
+        if fields["schedule"] == "constant" and "end" not in fields:
+            fields["end"] = None
+        if _is_import_path(fields["schedule"]):  # a callable's tau is its own: no bounds
+            fields.setdefault("start", None)
+            fields.setdefault("end", None)
+        config = cls(**fields)
+        config.check()
+        return config
+
+    def check(self) -> None:
+        """Raise a ``ValueError`` naming the first invalid field."""
+        if not isinstance(self.schedule, str) or (
+            self.schedule not in SCHEDULE_NAMES and not _is_import_path(self.schedule)
+        ):
+            raise ValueError(
+                f"temperature.schedule must be one of {SCHEDULE_NAMES} or the import path of a "
+                f"callable step/epoch -> tau ('package.module.function'); got {self.schedule!r}"
+            )
+        for key in ("start", "end"):
+            value = getattr(self, key)
+            if value is None and (key == "end" or _is_import_path(self.schedule)):
+                continue
+            if value == AUTO:
+                if self.schedule not in (*_ANNEALED, "constant"):
+                    raise ValueError(
+                        f"temperature.{key}='auto' needs a constant, linear, exponential or "
+                        f"cosine schedule; got schedule={self.schedule!r} (give numbers)"
+                    )
+                continue
+            if not _is_number(value) or not (math.isfinite(value) and value > 0):
+                raise ValueError(
+                    f"temperature.{key} must be 'auto' or a finite number > 0 (tau in units of "
+                    f"the weight variance); got {value!r}"
+                )
+        if self.schedule in _ANNEALED and self.end is None:
+            raise ValueError(
+                f"temperature.end is required by schedule={self.schedule!r}: a number or 'auto'"
+            )
+        if self.interval not in INTERVALS:
+            raise ValueError(
+                f"temperature.interval must be one of {INTERVALS}; got {self.interval!r}"
+            )
+        if not _is_number(self.start_entropy) or not 0 < self.start_entropy < 1:
+            raise ValueError(
+                "temperature.start_entropy must be a fraction of log2 k in (0, 1); got "
+                f"{self.start_entropy!r}"
+            )
+        if not _is_number(self.end_entropy) or not self.end_entropy > 0:
+            raise ValueError(
+                f"temperature.end_entropy must be a number of bits > 0; got {self.end_entropy!r}"
+            )
+
+    @property
+    def anneals(self) -> bool:
+        """Whether tau moves from start to end (a schedule over a known number of steps)."""
+        return self.schedule in _ANNEALED and (self.calibrates or self.start != self.end)
+
+    @property
+    def calibrates(self) -> bool:
+        """Whether a tensor's taus depend on its weights (an ``"auto"`` end)."""
+        return AUTO in (self.start, self.end)
+
+    def bounds(self, x: Tensor, centroids: Tensor, name: str = "weight") -> tuple[float, float]:
+        """``(start, end)`` tau of one tensor (palettes ``x``, ``centroids``): the numbers, or
+        the calibrated taus for ``"auto"``. Without an end, ``end == start``; a callable
+        schedule's are unused (1.0)."""
+        if self.start is None:
+            return 1.0, 1.0
+        k = centroids.shape[1]
+        start = (
+            temperature_for_entropy(x, centroids, self.start_entropy * math.log2(k), name=name)
+            if self.start == AUTO
+            else float(self.start)
+        )
+        if self.end is None:
+            return start, start
+        end = (
+            temperature_for_entropy(x, centroids, min(self.end_entropy, 0.5 * math.log2(k)),
+                                    name=name)
+            if self.end == AUTO
+            else float(self.end)
+        )
+        return start, end
+
+    def schedule_for(
+        self, bounds: tuple[float, float], num_units: int | None
+    ) -> TemperatureSchedule:
+        """The ``unit -> tau`` schedule (a unit is a step or an epoch, ``interval``) of a tensor
+        with these ``bounds`` over ``num_units`` soft units."""
+        extra = {k: v for k, v in (("step_size", self.step_size), ("gamma", self.gamma))
+                 if v is not None}
+        start, end = bounds
+        return build_schedule(
+            self.schedule, start=start, end=None if self.end is None else end,
+            num_epochs=num_units, **extra,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class TemperaturePlan:
+    """Every clustered tensor's tau at every soft unit (step or epoch) of a fit.
+
+    ``calibrate`` fixes each tensor's ``(start, end)`` bounds when DKM starts (from its palettes
+    and centroids for ``"auto"`` ends, else the config's numbers); ``set_units`` gives the number
+    of soft units the schedule spans; ``taus(unit)`` is then each tensor's tau at that unit (0 is
+    the first soft unit). The bounds are the state a resume needs (``state_dict``): they were
+    calibrated on the weights as they were when DKM started, not as they are at the resume.
+    """
+
+    def __init__(self, config: TemperatureConfig) -> None:
+        self.config = config
+        self.bounds: dict[str, tuple[float, float]] = {}
+        self.num_units: int | None = None
+        self._schedules: dict[str, TemperatureSchedule] = {}
+
+    def calibrate(self, palettes: Mapping[str, tuple[Tensor, Tensor]]) -> None:
+        """Bounds for every tensor in ``palettes`` (name -> (palettes ``x``, centroids)) that has
+        none yet."""
+        for name, (x, centroids) in palettes.items():
+            if name not in self.bounds:
+                self.bounds[name] = self.config.bounds(x, centroids, name)
+                self._schedules.pop(name, None)
+
+    def set_units(self, num_units: int | None) -> None:
+        """The number of soft units (``None``: open-ended, only for schedules that allow it)."""
+        if num_units != self.num_units:
+            self.num_units = num_units
+            self._schedules.clear()
+
+    def taus(self, unit: int) -> dict[str, float]:
+        """Each calibrated tensor's tau at soft ``unit`` (``>= 0``)."""
+        return {name: self._schedule(name)(unit) for name in self.bounds}
+
+    def _schedule(self, name: str) -> TemperatureSchedule:
+        if name not in self._schedules:
+            self._schedules[name] = self.config.schedule_for(self.bounds[name], self.num_units)
+        return self._schedules[name]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"bounds": {name: list(b) for name, b in self.bounds.items()}}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.bounds = {name: (float(b[0]), float(b[1])) for name, b in state["bounds"].items()}
+        self._schedules.clear()
+
+
+def geometric_mean(values: Mapping[str, float]) -> float:
+    """The geometric mean of positive values (the one tau the progress bar shows for many)."""
+    return math.exp(sum(math.log(v) for v in values.values()) / len(values))

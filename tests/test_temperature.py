@@ -1,0 +1,115 @@
+"""A temperature given by the assignment entropy it produces: the calibration hits its target
+at every bit width, vector length and palette count, and does not depend on the weights' scale."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from lightning_dkm.kmeans import kmeans
+from lightning_dkm.temperature import (
+    DEFAULT_END_ENTROPY,
+    DEFAULT_START_ENTROPY,
+    TemperatureConfig,
+    TemperaturePlan,
+    mean_assignment_entropy,
+    temperature_for_entropy,
+)
+
+
+def palettes(gen, P: int, n: int, d: int, bits: int, laplace: bool = False):
+    x = torch.randn(P, n, d, generator=gen) * 0.03
+    if laplace:
+        x = torch.distributions.Laplace(0.0, 0.02).sample((P, n, d))
+    centroids = kmeans(x, 2**bits, torch.Generator().manual_seed(0), max_iter=50).centroids
+    return x, centroids
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4])
+@pytest.mark.parametrize(("P", "d"), [(1, 1), (1, 2), (4, 1)])
+def test_the_calibrated_tau_gives_the_target_entropy(gen, bits, P, d):
+    x, centroids = palettes(gen, P, 4096, d, bits)
+    target = 0.2 * bits
+    tau = temperature_for_entropy(x, centroids, target)
+    assert mean_assignment_entropy(x, centroids, tau) == pytest.approx(target, rel=1e-4)
+
+
+def test_the_subsample_represents_the_whole_tensor(gen):
+    x, centroids = palettes(gen, 1, 200_000, 1, 2, laplace=True)
+    tau = temperature_for_entropy(x, centroids, 0.2)
+    whole = mean_assignment_entropy(x, centroids, tau, max_points=10**7)
+    assert whole == pytest.approx(0.2, rel=0.03)
+
+
+def test_one_target_entropy_needs_a_smaller_tau_for_more_centroids(gen):
+    x = torch.randn(1, 8192, 1, generator=gen)
+    taus = []
+    for bits in (1, 2, 3, 4):
+        centroids = kmeans(x, 2**bits, torch.Generator().manual_seed(0), max_iter=50).centroids
+        taus.append(temperature_for_entropy(x, centroids, 0.05))
+    assert taus == sorted(taus, reverse=True)
+    assert taus[0] / taus[-1] > 10  # the same tau would mean very different softness
+
+
+def test_the_calibration_does_not_depend_on_the_weights_scale(gen):
+    x, centroids = palettes(gen, 1, 4096, 1, 3)
+    tau = temperature_for_entropy(x, centroids, 0.5)
+    assert temperature_for_entropy(x * 1e3, centroids * 1e3, 0.5) == pytest.approx(tau, rel=1e-5)
+
+
+def test_a_larger_target_gives_a_larger_tau(gen):
+    x, centroids = palettes(gen, 1, 4096, 1, 2)
+    assert temperature_for_entropy(x, centroids, 0.01) < temperature_for_entropy(x, centroids, 0.5)
+
+
+@pytest.mark.parametrize("target", [0.0, -0.1, 2.0, 3.0, math.nan])
+def test_a_target_outside_zero_to_log2_k_is_refused_naming_it(gen, target):
+    x, centroids = palettes(gen, 1, 1024, 1, 2)
+    with pytest.raises(ValueError, match=r"fc\.weight: .*\(0, log2 k = 2\)"):
+        temperature_for_entropy(x, centroids, target, name="fc.weight")
+
+
+def test_equal_centroids_give_the_end_of_the_bracket_instead_of_looping(gen):
+    x = torch.full((1, 1024, 1), 0.5)
+    centroids = torch.full((1, 4, 1), 0.5)
+    tau = temperature_for_entropy(x, centroids, 0.5)
+    assert math.isfinite(tau) and tau > 0
+
+
+@pytest.mark.parametrize(("bits", "d"), [(1, 1), (2, 1), (4, 1), (2, 2)])
+def test_auto_bounds_give_the_start_and_end_entropies(gen, bits, d):
+    x, centroids = palettes(gen, 1, 4096, d, bits)
+    start, end = TemperatureConfig().bounds(x, centroids)
+    assert mean_assignment_entropy(x, centroids, start) == pytest.approx(
+        DEFAULT_START_ENTROPY * bits, rel=1e-4
+    )
+    assert mean_assignment_entropy(x, centroids, end) == pytest.approx(
+        DEFAULT_END_ENTROPY, rel=1e-3
+    )
+
+
+def test_numeric_bounds_are_the_numbers_for_every_tensor(gen):
+    x, centroids = palettes(gen, 1, 1024, 1, 2)
+    numbers = TemperatureConfig.parse({"start": 0.1, "end": 0.001})
+    assert numbers.bounds(x, centroids) == (0.1, 0.001)
+    assert TemperatureConfig.parse(0.05).bounds(x, centroids) == (0.05, 0.05)
+
+
+def test_a_plan_interpolates_each_tensors_bounds_over_its_units(gen):
+    plan = TemperaturePlan(TemperatureConfig.parse({"start": 1.0, "end": 0.01}))
+    plan.calibrate({"a": palettes(gen, 1, 256, 1, 1)})
+    plan.set_units(3)
+    assert [plan.taus(u)["a"] for u in range(4)] == pytest.approx([1.0, 0.1, 0.01, 0.01])
+
+
+def test_a_plan_round_trips_its_bounds_through_state_dict(gen):
+    plan = TemperaturePlan(TemperatureConfig())
+    plan.calibrate({"a": palettes(gen, 1, 1024, 1, 2), "b": palettes(gen, 2, 512, 1, 3)})
+    other = TemperaturePlan(TemperatureConfig())
+    other.load_state_dict(plan.state_dict())
+    assert other.bounds == plan.bounds
+    plan.set_units(10)
+    other.set_units(10)
+    assert other.taus(7) == plan.taus(7)
