@@ -10,7 +10,7 @@ from .clustering import ClusteredTensor, attach, clustered_tensors, finalize
 from .energy import EnergyModel, count_macs
 from .layout import ClusterSpec, PaletteLayout
 from .palette import Palette
-from .palettize import palettize
+from .palettize import fisher_diagonal, palettize
 from .parametrize import DKMParametrization
 from .report import CompressionReport, EnergyEstimate, LayerReport, TensorReport
 from .targets import Target, select_targets
@@ -32,6 +32,7 @@ __all__ = [
     "clustered_tensors",
     "count_macs",
     "finalize",
+    "fisher_diagonal",
     "load_compressed",
     "pack_bits",
     "palettize",

@@ -1,25 +1,59 @@
-"""Post-training palettization: plain k-means on the chosen weights, no training.
+r"""Post-training palettization: k-means on the chosen weights, no training.
 
 This is the baseline every study compares DKM against: the same targets, the same palette
 format (LUT + indices) and the same report, but the centroids come from k-means on the trained
 weights alone, without letting the loss adapt the weights to them.
+
+Two objectives are offered:
+
+* **plain** (the default): per palette, minimise :math:`\sum_i \lVert w_i - c_{a(i)}\rVert^2`,
+  every weight (vector) counting the same.
+* **sensitivity-weighted** (``calibration=(dataloader, loss_fn)``; SqueezeLLM, Kim et al. 2023,
+  arXiv 2306.07629; coremltools' ``SKMPalettizer``): minimise the loss increase that the
+  snapping causes. With :math:`\delta = w - \hat w` the change a palettization makes, a Taylor
+  expansion of the loss around the trained weights gives
+
+  .. math::
+
+      L(\hat w) - L(w) \approx -g^\top \delta + \tfrac12\, \delta^\top H \delta
+      \approx \tfrac12 \sum_i F_{ii}\,(w_i - c_{a(i)})^2 ,
+
+  because at a trained model the gradient :math:`g` is close to 0, the Hessian :math:`H` is
+  approximated by the Fisher information :math:`F`, and :math:`F` by its diagonal, the sum over
+  calibration batches of the squared gradients (:func:`fisher_diagonal`). The right-hand side
+  is k-means with sample weights :math:`F_{ii}`: Lloyd moves each centroid to the
+  Fisher-weighted mean of its members, :math:`c_j = \sum_{a(i)=j} F_{ii} w_i / \sum_{a(i)=j}
+  F_{ii}`, and k-means++ seeds with probability :math:`\propto F_{ii} D_i^2`, so the palette
+  spends its entries where the loss is sensitive. (The assignment, nearest centroid, does not
+  change: a positive weight does not move the argmin.)
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import itertools
+import warnings
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from .kmeans import kmeans
-from .layout import ClusterSpec
+from .layout import ClusterSpec, PaletteLayout
 from .palette import Palette
 from .parametrize import stable_seed
 from .targets import DEFAULT_MIN_SIZE, select_targets
 
-__all__ = ["palettize"]
+__all__ = ["Calibration", "LossFn", "fisher_diagonal", "palettize"]
+
+#: ``loss_fn(model, batch) -> scalar loss``: what :func:`fisher_diagonal` differentiates.
+LossFn = Callable[[nn.Module, Any], Tensor]
+#: ``(dataloader, loss_fn)``: the calibration data of a sensitivity-weighted :func:`palettize`.
+Calibration = tuple[Iterable[Any], LossFn]
+
+# Weights below this fraction of their palette's mean sensitivity are raised to it, so that a
+# weight without gradient still pulls a centroid once the sensitive ones are all covered.
+_FISHER_FLOOR = 1e-8
 
 
 @torch.no_grad()
@@ -36,8 +70,15 @@ def palettize(
     seed: int = 0,
     n_init: int = 3,
     max_iter: int = 300,
+    calibration: Calibration | None = None,
+    calibration_batches: int | None = None,
 ) -> dict[str, Palette]:
-    """Cluster the selected weights of ``model`` in place with k-means and return their palettes.
+    r"""Cluster the selected weights of ``model`` in place with k-means and return their palettes.
+
+    Without ``calibration`` every weight counts the same (plain k-means). With it, k-means is
+    weighted by each weight's sensitivity :math:`F_{ii}`, the diagonal Fisher information of the
+    calibration loss (SqueezeLLM; see the module docstring): it minimises
+    :math:`\sum_i F_{ii} (w_i - c_{a(i)})^2`, the second-order estimate of the loss increase.
 
     Args:
         model: any ``nn.Module``; its targeted weights are overwritten with their snapped values.
@@ -45,27 +86,57 @@ def palettize(
         targets, exclude, min_size, overrides: which tensors, as in
             :func:`~lightning_dkm.targets.select_targets`.
         seed: k-means++ seed; each tensor uses ``stable_seed(seed, name)``.
-        n_init: k-means restarts per palette (the best inertia is kept).
+        n_init: k-means restarts per palette (the best inertia is kept; weighted inertia when
+            calibrated).
         max_iter: Lloyd iterations at most.
+        calibration: ``None`` (default) for plain k-means, or a pair ``(dataloader, loss_fn)``
+            for sensitivity-weighted k-means: ``dataloader`` is any iterable of batches and
+            ``loss_fn(model, batch)`` returns the scalar loss (see :func:`fisher_diagonal`,
+            which computes the sensitivities of all targets in one pass, before any weight
+            is snapped). With ``cluster_dim = d > 1`` a d-vector's weight is the sum of its
+            coordinates' :math:`F_{ii}` (the objective becomes
+            :math:`\sum_v (\sum_{i \in v} F_{ii}) \lVert w_v - c_{a(v)}\rVert^2`, exact when the
+            coordinates of a vector are equally sensitive). A palette whose weights all have
+            zero gradient is clustered unweighted, with a warning naming the tensor.
+        calibration_batches: with ``calibration``, read at most this many batches (``None``:
+            the whole dataloader).
 
     Returns:
         ``{parameter name: Palette}``; ``palette.weight()`` equals the new weight bit for bit.
+
+    Raises:
+        ValueError: a spec that does not fit a tensor, non-finite or non-float weights, a
+            malformed ``calibration`` or ``calibration_batches``, and the errors of
+            :func:`fisher_diagonal`.
     """
+    _check_calibration(calibration, calibration_batches)
     spec = ClusterSpec(bits=bits, cluster_dim=cluster_dim, group_size=group_size)
     selected = select_targets(
         model, spec, targets=targets, exclude=exclude, min_size=min_size, overrides=overrides
     )
     modules = dict(model.named_modules())
+    weights = {t.name: getattr(modules[t.module_name], t.param_name) for t in selected}
+    for target in selected:
+        target.layout.check(weights[target.name])
+    fisher: dict[str, Tensor] = {}
+    if calibration is not None and selected:
+        dataloader, loss_fn = calibration
+        fisher = fisher_diagonal(
+            model, dataloader, loss_fn, list(weights), num_batches=calibration_batches
+        )
+
     palettes: dict[str, Palette] = {}
     for target in selected:
-        weight = getattr(modules[target.module_name], target.param_name)
+        weight = weights[target.name]
         layout = target.layout
-        layout.check(weight)
         generator = torch.Generator().manual_seed(stable_seed(seed, target.name))
         x = layout.to_palettes(weight.detach()).float().cpu()
+        sample_weight = None
+        if target.name in fisher:
+            sample_weight = _sample_weights(layout, fisher[target.name])
         result = kmeans(
             x, layout.spec.num_centroids, generator, n_init=n_init, max_iter=max_iter,
-            name=target.name,
+            sample_weight=sample_weight, name=target.name,
         )
         palette = Palette(
             lut=result.centroids.to(device=weight.device, dtype=weight.dtype),
@@ -75,3 +146,214 @@ def palettize(
         weight.copy_(palette.weight())
         palettes[target.name] = palette
     return palettes
+
+
+def fisher_diagonal(
+    model: nn.Module,
+    dataloader: Iterable[Any],
+    loss_fn: LossFn,
+    names: Iterable[str] | str,
+    num_batches: int | None = None,
+) -> dict[str, Tensor]:
+    r"""The diagonal of the empirical Fisher information of the named weights:
+    :math:`F_{ii} = \sum_b \left(\partial L_b / \partial w_i\right)^2`, summed over batches.
+
+    :math:`L_b` is ``loss_fn(model, batch)`` on batch ``b`` of ``dataloader``. For a loss that
+    averages over a batch this is the squared gradient of the batch mean; batches of one sample
+    give the per-sample empirical Fisher that SqueezeLLM uses. Only relative values matter to
+    :func:`palettize`, so the sum (not the mean) over batches is returned.
+
+    ``loss_fn`` receives the model and one batch as the dataloader yields it (its tensors, also
+    inside tuples, lists and dicts, moved to the device of the first named weight) and returns
+    a scalar tensor; it must not call ``backward`` itself. For a classifier fed ``(x, y)``
+    batches::
+
+        def loss_fn(model, batch):
+            x, y = batch
+            return torch.nn.functional.cross_entropy(model(x), y)
+
+        fisher = fisher_diagonal(model, val_loader, loss_fn, ["fc.weight"], num_batches=8)
+
+    The model is left as it was: the gradients are taken in eval mode (no dropout, batch-norm
+    running statistics neither used for the batch nor updated) and every module's ``training``
+    flag is restored after; the gradients are returned by ``torch.autograd.grad``, so no
+    ``.grad`` is written; only the named weights require grad during the pass (a frozen weight
+    is measured too) and every parameter's ``requires_grad`` is restored; weights are not
+    changed. Runs under ``torch.no_grad()`` too (it enables grad for its own pass).
+
+    Args:
+        model: any ``nn.Module``.
+        dataloader: an iterable of batches (a ``DataLoader``, a list, a generator).
+        loss_fn: ``loss_fn(model, batch) -> scalar loss tensor``.
+        names: parameter names as ``model.named_parameters()`` spells them (``"0.weight"``).
+        num_batches: read at most this many batches; ``None`` reads the whole dataloader.
+
+    Returns:
+        ``{name: F}`` with ``F`` of the weight's shape, float32, on the weight's device; a
+        weight the loss does not reach gets zeros.
+
+    Raises:
+        ValueError: an unknown or non-floating parameter name, ``num_batches`` not ``None`` or
+            an int >= 1, a dataloader without batches, a loss that is not a scalar tensor or
+            does not depend on any named weight, and a non-finite result (the loss or its
+            gradient overflowed or was NaN).
+    """
+    if not callable(loss_fn):
+        raise ValueError(
+            f"loss_fn must be a callable loss_fn(model, batch) -> scalar loss tensor; got "
+            f"{type(loss_fn).__name__}"
+        )
+    if not isinstance(dataloader, Iterable):
+        raise ValueError(
+            f"dataloader must be an iterable of batches; got {type(dataloader).__name__}"
+        )
+    _check_num_batches("num_batches", num_batches)
+    params = _named_weights(model, names)
+    if not params:
+        return {}
+    device = next(iter(params.values())).device
+    fisher = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
+    wanted = {id(p) for p in params.values()}
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    modes = [(m, m.training) for m in model.modules()]
+    seen = 0
+    try:
+        for p, _ in flags:
+            p.requires_grad_(id(p) in wanted)
+        model.eval()
+        with torch.enable_grad():
+            for batch in itertools.islice(dataloader, num_batches):
+                loss = loss_fn(model, _to_device(batch, device))
+                _check_loss(loss, seen)
+                grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+                for (name, _), grad in zip(params.items(), grads, strict=True):
+                    if grad is not None:
+                        fisher[name].add_(grad.detach().float().square())
+                seen += 1
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        for m, training in modes:
+            m.training = training
+    if seen == 0:
+        raise ValueError(
+            "dataloader yielded no batches; the Fisher information needs at least one "
+            "calibration batch"
+        )
+    for name, value in fisher.items():
+        if not bool(torch.isfinite(value).all()):
+            raise ValueError(
+                f"{name}: the Fisher information (squared loss gradients) is NaN or Inf; check "
+                "that loss_fn gives a finite loss on every calibration batch"
+            )
+    return fisher
+
+
+def _sample_weights(layout: PaletteLayout, fisher: Tensor) -> Tensor:
+    r"""k-means sample weights ``(P, n)`` from a tensor's Fisher diagonal.
+
+    Per d-vector the sum of its coordinates' :math:`F_{ii}`, divided by the palette's largest
+    (k-means is invariant to scaling the weights; this keeps them in [0, 1] for k-means++'s
+    sampling), then floored at ``1e-8`` of the palette's mean. A palette with zero Fisher
+    everywhere gets uniform weights, and a warning names the tensor.
+    """
+    w = layout.to_palettes(fisher).sum(-1).float().cpu()  # (P, n)
+    peak = w.amax(dim=1, keepdim=True)
+    dead = peak.squeeze(1) <= 0
+    w = torch.where(dead[:, None], 1.0, w / peak.clamp_min(torch.finfo(w.dtype).tiny))
+    w = torch.maximum(w, _FISHER_FLOOR * w.mean(dim=1, keepdim=True))
+    if bool(dead.any()):
+        warnings.warn(
+            f"{layout.name}: the calibration loss has zero gradient for every weight of "
+            f"{int(dead.sum())} of {dead.numel()} palette(s), so they are clustered unweighted "
+            "(plain k-means); check that loss_fn uses this weight, or leave it out with "
+            "`exclude`",
+            UserWarning,
+            stacklevel=3,
+        )
+    return w
+
+
+def _named_weights(model: nn.Module, names: Iterable[str] | str) -> dict[str, nn.Parameter]:
+    if isinstance(names, str):
+        names = [names]
+    params: dict[str, nn.Parameter] = {}
+    for name in names:
+        if not isinstance(name, str):
+            raise ValueError(f"names must be parameter names (str); got {name!r}")
+        try:
+            param = model.get_parameter(name)
+        except AttributeError:
+            known = [n for n, _ in model.named_parameters()]
+            raise ValueError(
+                f"names: {name!r} is not a parameter of the model; parameters are: "
+                f"{', '.join(known) or '(none)'}"
+            ) from None
+        if not param.is_floating_point():
+            raise ValueError(
+                f"names: {name!r} has dtype {param.dtype}; only floating-point weights have "
+                "gradients"
+            )
+        params[name] = param
+    return params
+
+
+def _check_num_batches(label: str, value: object) -> None:
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+        raise ValueError(f"{label} must be None (all batches) or an int >= 1; got {value!r}")
+
+
+def _check_calibration(calibration: object, calibration_batches: object) -> None:
+    _check_num_batches("calibration_batches", calibration_batches)
+    if calibration is None:
+        if calibration_batches is not None:
+            raise ValueError(
+                f"calibration_batches={calibration_batches!r} is given without calibration; "
+                "pass calibration=(dataloader, loss_fn) or leave calibration_batches None"
+            )
+        return
+    if not isinstance(calibration, (tuple, list)) or len(calibration) != 2:
+        raise ValueError(
+            "calibration must be None or a pair (dataloader, loss_fn); got "
+            f"{type(calibration).__name__}"
+            + (f" of length {len(calibration)}" if isinstance(calibration, (tuple, list)) else "")
+        )
+    dataloader, loss_fn = calibration
+    if isinstance(dataloader, (str, bytes)) or not isinstance(dataloader, Iterable):
+        raise ValueError(
+            "calibration[0] (the dataloader) must be an iterable of batches; got "
+            f"{type(dataloader).__name__}"
+        )
+    if not callable(loss_fn):
+        raise ValueError(
+            "calibration[1] (loss_fn) must be a callable loss_fn(model, batch) -> scalar loss "
+            f"tensor; got {type(loss_fn).__name__}"
+        )
+
+
+def _check_loss(loss: object, batch_index: int) -> None:
+    if not isinstance(loss, Tensor) or loss.numel() != 1:
+        got = f"shape {tuple(loss.shape)}" if isinstance(loss, Tensor) else type(loss).__name__
+        raise ValueError(
+            f"loss_fn must return a scalar loss tensor; got {got} on batch {batch_index}"
+        )
+    if not loss.requires_grad:
+        raise ValueError(
+            f"loss_fn's loss on batch {batch_index} does not depend on any of the weights "
+            "measured (it requires no grad); compute it from model(...) without torch.no_grad() "
+            "or .detach()"
+        )
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    """``batch`` with every tensor (also inside tuples, lists, named tuples and mappings) on
+    ``device``; everything else unchanged."""
+    if isinstance(batch, Tensor):
+        return batch.to(device)
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # a NamedTuple
+        return type(batch)(*(_to_device(b, device) for b in batch))
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(_to_device(b, device) for b in batch)
+    if isinstance(batch, Mapping):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    return batch
