@@ -4,8 +4,9 @@
     python scripts/plot_training_curves.py       # newest version_N -> docs/figures/...png
     python scripts/plot_training_curves.py --logdir outputs/digits/tensorboard/version_0
 
-Reads the scalars with tensorboard's ``EventAccumulator`` and plots, per epoch: ``dkm/tau``,
-``dkm/entropy`` (model and per layer), ``val_acc``, and per layer ``dkm/perplexity/<name>``,
+Reads the scalars with tensorboard's ``EventAccumulator`` and plots ``dkm/tau`` (per logged
+optimizer step, on the epoch axis) and, per epoch, ``dkm/entropy`` (model and per layer),
+``val_acc``, and per layer ``dkm/perplexity/<name>``,
 ``dkm/snap_rmse/<name>`` (divided by the weight standard deviation read from the
 ``dkm_weights/<name>`` histograms) and ``dkm/dead_clusters/<name>``. Also prints the values as a
 table.
@@ -61,6 +62,18 @@ def load(logdir: Path) -> dict[str, list[tuple[int, float]]]:
     return dict(out)
 
 
+def tau_by_step(logdir: Path, num_epochs: int) -> list[tuple[float, float]]:
+    """``[(fractional epoch, tau)]``: ``dkm/tau`` is logged per optimizer step (with the default
+    ``interval: step``) or per epoch; either way on the epoch axis of the other panels."""
+    acc = EventAccumulator(str(logdir), size_guidance={"scalars": 0})
+    acc.Reload()
+    events = acc.Scalars("dkm/tau")
+    if len(events) <= num_epochs:  # interval "epoch": one value per epoch, set at its start
+        return [(float(i), e.value) for i, e in enumerate(events)]
+    steps_per_epoch = (events[-1].step + 1) / num_epochs
+    return [(e.step / steps_per_epoch, e.value) for e in events]
+
+
 def weight_std(logdir: Path) -> dict[str, list[float]]:
     """Per tensor, the standard deviation of the trainable weights at the end of each DKM
     epoch, from the ``dkm_weights/<name>`` histograms (one per epoch, in order)."""
@@ -101,9 +114,11 @@ def main(argv: list[str] | None = None) -> int:
         xs, ys = zip(*series, strict=True)
         ax.plot(xs, ys, marker="o", ms=3, label=label, **kwargs)
 
-    plot(ax_tau, scalars["dkm/tau"], "dkm/tau", color="black")
+    num_epochs = len(scalars["val_acc"])
+    taus = tau_by_step(logdir, num_epochs)
+    plot(ax_tau, taus, "dkm/tau (geometric mean over tensors)", color="black")
     ax_tau.set_yscale("log")
-    ax_tau.set_title("dkm/tau (units of the weight variance)", fontsize=9)
+    ax_tau.set_title("dkm/tau (units of the weight variance), per logged step", fontsize=9)
 
     plot(ax_ent, scalars["dkm/entropy"], "model (dkm/entropy)", color="black", lw=2)
     for name, series in per_layer(scalars, "entropy").items():
@@ -150,9 +165,12 @@ def main(argv: list[str] | None = None) -> int:
     plt.close(fig)
 
     layer_tags = (t for t in scalars if re.match(r"dkm/(perplexity|snap_rmse|dead_clusters)/", t))
-    columns = ["dkm/tau", "dkm/entropy", "val_acc", *sorted(layer_tags)]
+    columns = ["dkm/entropy", "val_acc", *sorted(layer_tags)]
     print(f"run: {logdir}")
-    epochs = [e for e, _ in scalars["dkm/tau"]]
+    epochs = [e for e, _ in scalars["val_acc"]]
+    first_tau = {int(x): v for x, v in reversed(taus)}  # the first logged tau of each epoch
+    print(f"{'dkm/tau (first logged step)':38s}"
+          + "".join(f"{first_tau.get(e, float('nan')):>11.4g}" for e in epochs))
     for tag in columns:
         values = dict(scalars[tag])
         print(f"{tag:38s}" + "".join(f"{values.get(e, float('nan')):>11.4g}" for e in epochs))
