@@ -154,7 +154,7 @@ def test_apple_dkm_wrapper_trains_and_snaps_to_at_most_2_bits_values():
         optimizer.step()
         optimizer.zero_grad()
         palettizer.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     assert sum(losses[-5:]) < sum(losses[:5])
     state = apple_dkm.finalize_apple_dkm(palettizer, prepared)
     plain = nn.Sequential(nn.Linear(24, 128), nn.Tanh(), nn.Linear(128, 64), nn.Tanh(),
