@@ -549,9 +549,7 @@ def _engine_finetune(model: nn.Module, method: str, init: dict[str, Palette],
                      mode=runner.mode_for_epoch(0, 0, None), initialize=False,
                      implementation=implementation)
     for name, tensor in tensors.items():  # every method starts from the same k-means palettes
-        tensor.parametrization.centroids.copy_(init[name].lut)
-        tensor.parametrization.initialized.fill_(True)
-        tensor.parametrization._initialized = True
+        tensor.parametrization.set_centroids(init[name].lut)
     info: dict[str, Any] = {"max_iter": max_iter, "implementation": implementation}
     taus: Callable[[int], dict[str, float]] = lambda step: {}  # noqa: E731
     if runner.uses_temperature:

@@ -5,6 +5,8 @@ Layout of the file (no pickle anywhere; ``safetensors`` parses it):
 * ``lut/<name>``: the LUTs of clustered tensor ``<name>``, shape ``(P, 2**bits, cluster_dim)``,
   dtype float16 or float32 (a float16 file keeps the LUT of a tensor with a centroid beyond
   float16's range, ``|value| > 65504``, in float32 and records that in its layout entry);
+* ``scale/<name>``: only for a tensor clustered with ``per_channel_scale``: its per-output-channel
+  scales, shape ``(channels,)``, in the dtype of its LUT;
 * ``indices/<name>``: its ``P * n`` palette indices (an index addresses one ``cluster_dim``-vector)
   bit-packed at exactly ``bits`` bits each (:mod:`lightning_dkm.bitpack`), a 1-D uint8 tensor;
 * ``state/<name>``: every other tensor of ``model.state_dict()``, as it is; a tensor reachable
@@ -12,7 +14,8 @@ Layout of the file (no pickle anywhere; ``safetensors`` parses it):
 * string metadata: ``lightning_dkm.format`` (``"lightning_dkm.compressed"``),
   ``lightning_dkm.version`` (``"1"``), ``lightning_dkm.layout`` (JSON: per clustered tensor its
   shape, dtype, bits, cluster_dim, group_size, group_axis, vector_axis and index count, plus
-  ``lut_dtype`` where its LUT is stored at another dtype than the file's, and the aliases),
+  ``lut_dtype`` where its LUT is stored at another dtype than the file's and
+  ``per_channel_scale: true`` where it has scales, and the aliases),
   ``lightning_dkm.sha256`` (a digest of every tensor and every other metadata entry), and any
   user metadata.
 
@@ -66,12 +69,13 @@ _KEY_VERSION = _PREFIX + "version"
 _KEY_LAYOUT = _PREFIX + "layout"
 _KEY_DIGEST = _PREFIX + "sha256"
 
-_LUT, _INDICES, _STATE = "lut/", "indices/", "state/"
+_LUT, _SCALE, _INDICES, _STATE = "lut/", "scale/", "indices/", "state/"
 _LUT_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 _ENTRY_KEYS = {
     "shape", "dtype", "bits", "cluster_dim", "group_size", "group_axis", "vector_axis", "count",
 }
-_OPTIONAL_ENTRY_KEYS = {"lut_dtype"}  # only where it differs from the file's lut_dtype
+# lut_dtype only where it differs from the file's; per_channel_scale only where it is true
+_OPTIONAL_ENTRY_KEYS = {"lut_dtype", "per_channel_scale"}
 _REQUIRED_METADATA = (_KEY_FORMAT, _KEY_VERSION, _KEY_LAYOUT, _KEY_DIGEST)
 
 # A weight "looks clustered" when it is a Parameter of >= 2 dims, at least this large (the
@@ -185,7 +189,7 @@ def _checked_weight(name: str, palette: Palette, weight: Tensor | None) -> Tenso
             "them could not be loaded, so none is written. Check the loss and the weights of "
             f"{name!r}"
         )
-    rebuilt = palette.weight().to(device=weight.device, dtype=weight.dtype)
+    rebuilt = palette.weight(weight.dtype).to(weight.device)
     if not torch.equal(rebuilt, weight):
         differ = int((rebuilt != weight).sum())
         raise ValueError(
@@ -202,7 +206,14 @@ def _stored_lut(name: str, palette: Palette, lut_dtype: torch.dtype) -> Tensor:
     centroid lies beyond float16's range and would otherwise be stored as ``inf``."""
     dtype = palette.stored_lut_dtype(lut_dtype)
     lut = palette.lut.detach().to("cpu")
-    if dtype != lut_dtype:
+    if dtype != lut_dtype and palette.max_abs_centroid() <= FLOAT16_MAX:
+        warnings.warn(
+            f"{name!r}: a per-channel scale is not exactly a float16 number (below float16's "
+            "normal range), so this tensor's LUT and scales are stored in float32 to load back "
+            "exactly; the compression report counts them so.",
+            stacklevel=3,
+        )
+    elif dtype != lut_dtype:
         flat = lut.reshape(-1).float()
         value = float(flat[flat.abs().argmax()])
         warnings.warn(
@@ -233,6 +244,8 @@ def _clustered_entry(palette: Palette, weight: Tensor, stored: Tensor,
     }
     if stored.dtype != lut_dtype:
         entry["lut_dtype"] = _dtype_name(stored.dtype)
+    if spec.per_channel_scale:
+        entry["per_channel_scale"] = True
     return entry
 
 
@@ -302,6 +315,8 @@ def save_compressed(
         weight = _checked_weight(name, palette, state.tensors.get(name))
         lut = _stored_lut(name, palette, lut_dtype)
         tensors[_LUT + name] = lut
+        if palette.scale is not None:
+            tensors[_SCALE + name] = palette.scale.detach().cpu().to(lut.dtype).contiguous()
         tensors[_INDICES + name] = pack_bits(
             palette.indices.detach().cpu(), palette.layout.spec.bits
         )
@@ -415,8 +430,13 @@ def _parse_layout(path: Path, text: str) -> tuple[dict[str, PaletteLayout],
         )
         if not ints_ok:
             raise _fail(path, f"layout of {name!r} has malformed fields: {entry!r}")
+        scaled = entry.get("per_channel_scale", False)
+        if scaled is not True and "per_channel_scale" in entry:
+            raise _fail(path, f"layout of {name!r}: per_channel_scale must be true when present; "
+                              f"got {scaled!r}")
         try:
-            spec = ClusterSpec(entry["bits"], entry["cluster_dim"], entry["group_size"])
+            spec = ClusterSpec(entry["bits"], entry["cluster_dim"], entry["group_size"],
+                               per_channel_scale=scaled)
             layout = PaletteLayout(
                 tuple(shape), spec, entry["group_axis"], entry["vector_axis"], name=name
             )
@@ -459,6 +479,7 @@ def _decode(
 
     state = {k.removeprefix(_STATE): t for k, t in tensors.items() if k.startswith(_STATE)}
     expected = {_STATE + n for n in state} | {p + n for n in layouts for p in (_LUT, _INDICES)}
+    expected |= {_SCALE + n for n, layout in layouts.items() if layout.spec.per_channel_scale}
     missing, unexpected = expected - set(tensors), set(tensors) - expected
     if missing or unexpected:
         raise _fail(path, f"tensors do not match the layout: missing {sorted(missing)}, "
@@ -485,9 +506,14 @@ def _decode(
         if packed.dtype != torch.uint8 or tuple(packed.shape) != (size,):
             raise _fail(path, f"{name!r}: packed indices are {packed.dtype} "
                               f"{tuple(packed.shape)}; the layout needs uint8 ({size},)")
+        scale = tensors.get(_SCALE + name)
+        if scale is not None and (scale.dtype != lut_dtype or tuple(scale.shape)
+                                  != layout.scale_shape):
+            raise _fail(path, f"{name!r}: scales are {scale.dtype} {tuple(scale.shape)}; the "
+                              f"layout needs {lut_dtype} {layout.scale_shape}")
         try:
             indices = unpack_bits(packed, layout.spec.bits, P * n).view(P, n)
-            palettes[name] = Palette(lut=lut, indices=indices, layout=layout)
+            palettes[name] = Palette(lut=lut, indices=indices, layout=layout, scale=scale)
         except ValueError as err:
             raise _fail(path, f"{name!r}: {err}") from err
     return palettes, state, aliases
@@ -552,7 +578,8 @@ def load_compressed(
     for key in sorted(wanted & available):
         source = aliases.get(key, key)
         if source not in cache:
-            cache[source] = palettes[source].weight() if source in palettes else stored[source]
+            cache[source] = (palettes[source].weight(target[key].dtype) if source in palettes
+                             else stored[source])
         value = cache[source]
         if not _compatible(value, target[key]):
             raise _fail(path, f"{key!r} is {value.dtype} {tuple(value.shape)} in the file but "
@@ -570,6 +597,8 @@ def load_compressed(
                 lut=palette.lut.to(device=weight.device, dtype=weight.dtype),
                 indices=palette.indices.to(weight.device),
                 layout=palette.layout,
+                scale=None if palette.scale is None else palette.scale.to(
+                    device=weight.device, dtype=weight.dtype),
             )
     return loaded
 

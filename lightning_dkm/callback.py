@@ -120,6 +120,10 @@ class DKMCallback(Callback):
             Default 1 (scalars).
         group_size: output channels that share a palette; ``None`` (default) gives one palette
             per tensor.
+        per_channel_scale: divide each output channel by its own scale (its largest
+            ``|weight|``, stored in the artifact with the palette: 2 bytes per channel) before
+            clustering, so channels of very different magnitude share a palette well
+            (coremltools' ``enable_per_channel_scale``). Default ``False``.
         targets: module or parameter name patterns to cluster (globs such as ``"features.*"``,
             or regexes prefixed ``"re:"``; one string is one pattern). Default ``None``: every
             Linear, Conv*, ConvTranspose*, Embedding and MultiheadAttention weight. A pattern
@@ -129,7 +133,8 @@ class DKMCallback(Callback):
             weight is an error. Default none.
         min_size: tensors with fewer elements stay in full precision (one warning lists them).
             Default 2048.
-        overrides: ``pattern -> {bits, cluster_dim, group_size}`` for particular tensors, e.g.
+        overrides: ``pattern -> {bits, cluster_dim, group_size, per_channel_scale}`` for
+            particular tensors, e.g.
             ``{"features.0": {"bits": 8}}``; the first matching pattern wins. An override that
             matches only tensors below ``min_size`` is not applied, with a warning. Default
             none.
@@ -210,10 +215,11 @@ class DKMCallback(Callback):
         bits: int = 4,
         cluster_dim: int = 1,
         group_size: int | None = None,
+        per_channel_scale: bool = False,
         targets: str | list[str] | None = None,
         exclude: str | list[str] | None = None,
         min_size: int = DEFAULT_MIN_SIZE,
-        overrides: dict[str, dict[str, int | None]] | None = None,
+        overrides: dict[str, dict[str, int | bool | None]] | None = None,
         temperature: float | str | dict[str, Any] | None = None,
         start_epoch: int = 0,
         hard_epoch: int | None = None,
@@ -239,7 +245,8 @@ class DKMCallback(Callback):
         )
         self.regularization = float(regularization)
         self.refresh_every = refresh_every
-        self.spec = ClusterSpec(bits=bits, cluster_dim=cluster_dim, group_size=group_size)
+        self.spec = ClusterSpec(bits=bits, cluster_dim=cluster_dim, group_size=group_size,
+                                per_channel_scale=per_channel_scale)
         self.targets = _pattern_list("targets", targets)
         self.exclude = _pattern_list("exclude", exclude)
         if not isinstance(min_size, int) or min_size < 0:
@@ -379,6 +386,8 @@ class DKMCallback(Callback):
             group_size=self.spec.group_size,
             targets=self.targets,
             exclude=self.exclude,
+            # only when set, so the key (and old checkpoints' state) stays as it was otherwise
+            **({"per_channel_scale": True} if self.spec.per_channel_scale else {}),
         )
 
     def state_dict(self) -> dict[str, Any]:
@@ -506,7 +515,7 @@ class DKMCallback(Callback):
             if not tensor.parametrization.is_initialized:
                 tensor.parametrization.initialize(tensor.original.detach())
         self._plan.calibrate({
-            name: (t.parametrization.layout.to_palettes(t.original.detach()),
+            name: (t.parametrization.to_palettes(t.original.detach()),
                    t.parametrization.centroids)
             for name, t in tensors.items() if name not in self._plan.bounds
         })
@@ -813,6 +822,7 @@ def _write_handoff(
                 "group_size": palette.layout.spec.group_size,
                 "group_axis": palette.layout.group_axis,
                 "vector_axis": palette.layout.vector_axis,
+                "scale": None if palette.scale is None else palette.scale.detach().cpu(),
             }
             for name, palette in palettes.items()
         },
@@ -824,13 +834,15 @@ def _read_handoff(path: Path) -> dict[str, Any]:
     payload = torch.load(path, weights_only=True)
     palettes = {}
     for name, entry in payload["palettes"].items():
+        scale = entry.get("scale")
         spec = ClusterSpec(
-            bits=entry["bits"], cluster_dim=entry["cluster_dim"], group_size=entry["group_size"]
+            bits=entry["bits"], cluster_dim=entry["cluster_dim"], group_size=entry["group_size"],
+            per_channel_scale=scale is not None,
         )
         layout = PaletteLayout(
             tuple(entry["shape"]), spec, entry["group_axis"], entry["vector_axis"], name=name
         )
-        palettes[name] = Palette(entry["lut"], entry["indices"], layout)
+        palettes[name] = Palette(entry["lut"], entry["indices"], layout, scale=scale)
     return {
         "paths": {key: Path(value) for key, value in payload["paths"].items()},
         "palettes": palettes,

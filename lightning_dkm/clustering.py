@@ -226,15 +226,18 @@ def snap_state_dict(model: nn.Module, state_dict: dict, prefix: str = "") -> lis
         if centroids_key not in state_dict:
             ties.append((key, head, param_name))
             continue
+        buffer_prefix = f"{prefix}{head}{_PARAMETRIZATIONS}{param_name}.0."
+        scale = state_dict.get(buffer_prefix + "scale")
         layout = _layout_from_checkpoint(
-            module, module_name, param_name, state_dict[key], state_dict[centroids_key]
+            module, module_name, param_name, state_dict[key], state_dict[centroids_key],
+            per_channel_scale=scale is not None,
         )
         if layout is None:
             continue
         weight = state_dict[key]
-        idx, _ = hard_assign(layout.to_palettes(weight), state_dict[centroids_key])
-        palette = Palette(state_dict[centroids_key].to(weight.dtype), idx, layout)
-        buffer_prefix = f"{prefix}{head}{_PARAMETRIZATIONS}{param_name}.0."
+        idx, _ = hard_assign(layout.to_palettes(weight, scale), state_dict[centroids_key])
+        palette = Palette(state_dict[centroids_key].to(weight.dtype), idx, layout,
+                          scale=None if scale is None else scale.to(weight.dtype))
         for stale in [k for k in state_dict if k.startswith(buffer_prefix)] + [key]:
             del state_dict[stale]
         snapped = palette.weight()
@@ -255,7 +258,8 @@ def _storage_of(tensor: torch.Tensor) -> int:
     return tensor.untyped_storage().data_ptr()
 
 
-def _layout_from_checkpoint(module, module_name, param_name, weight, centroids):
+def _layout_from_checkpoint(module, module_name, param_name, weight, centroids,
+                            per_channel_scale=False):
     axes = {name: (g, v) for name, g, v in clusterable_parameters(module)}
     if param_name not in axes or centroids.dim() != 3:
         return None
@@ -263,7 +267,8 @@ def _layout_from_checkpoint(module, module_name, param_name, weight, centroids):
     P, k, d = centroids.shape
     bits = k.bit_length() - 1
     group_size = None if P == 1 else weight.shape[group_axis] // P
-    spec = ClusterSpec(bits=bits, cluster_dim=d, group_size=group_size)
+    spec = ClusterSpec(bits=bits, cluster_dim=d, group_size=group_size,
+                       per_channel_scale=per_channel_scale)
     name = f"{module_name}.{param_name}" if module_name else param_name
     return PaletteLayout(tuple(weight.shape), spec, group_axis, vector_axis, name=name)
 

@@ -11,6 +11,10 @@ Conventions (the DKM paper reports "bits/dim" pairs; we spell them out):
   must divide.
 * ``group_size = None`` gives one palette for the whole tensor; ``group_size = g`` gives one
   palette per ``g`` consecutive output channels (``group_axis``), which ``g`` must divide.
+* ``per_channel_scale = True`` divides each output channel by a scale before clustering (its
+  largest ``|weight|``, rounded to float16) and multiplies it back after: the palettes then hold
+  values in [-1, 1] and channels of very different magnitude share them well (coremltools'
+  ``enable_per_channel_scale``). The scales are stored with the palette, one per channel.
 
 A tensor of shape ``shape`` becomes ``x`` of shape ``(P, n, d)``: P palettes, n vectors each.
 """
@@ -23,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["MAX_BITS", "MAX_CLUSTER_DIM", "ClusterSpec", "PaletteLayout"]
+__all__ = ["MAX_BITS", "MAX_CLUSTER_DIM", "ClusterSpec", "PaletteLayout", "channel_scale"]
 
 MAX_BITS = 8
 MAX_CLUSTER_DIM = 8
@@ -41,11 +45,14 @@ class ClusterSpec:
         bits: bits per palette index, 1..8; the palette has ``2**bits`` entries.
         cluster_dim: length of the clustered vectors along the input-channel axis, 1..8.
         group_size: output channels that share one palette; ``None`` for one palette per tensor.
+        per_channel_scale: cluster each output channel divided by its own scale (its largest
+            ``|weight|``), stored with the palette; see the module docstring.
     """
 
     bits: int = 4
     cluster_dim: int = 1
     group_size: int | None = None
+    per_channel_scale: bool = False
 
     def __post_init__(self) -> None:
         if not _is_int(self.bits) or not 1 <= self.bits <= MAX_BITS:
@@ -58,6 +65,10 @@ class ClusterSpec:
             raise ValueError(
                 f"group_size must be None (one palette per tensor) or an int >= 1; "
                 f"got {self.group_size!r}"
+            )
+        if not isinstance(self.per_channel_scale, bool):
+            raise ValueError(
+                f"per_channel_scale must be True or False; got {self.per_channel_scale!r}"
             )
 
     @property
@@ -142,6 +153,17 @@ class PaletteLayout:
         return self.numel // (self.num_palettes * self.spec.cluster_dim)
 
     @property
+    def num_channels(self) -> int:
+        """The size of the output-channel axis (``group_axis``): one scale per channel."""
+        return self.shape[self.group_axis]
+
+    @property
+    def scale_shape(self) -> tuple[int, ...] | None:
+        """The shape of the stored per-channel scales, ``(num_channels,)``, or ``None`` when the
+        spec has no per-channel scale."""
+        return (self.num_channels,) if self.spec.per_channel_scale else None
+
+    @property
     def palette_shape(self) -> tuple[int, int, int]:
         return (self.num_palettes, self.vectors_per_palette, self.spec.cluster_dim)
 
@@ -177,12 +199,46 @@ class PaletteLayout:
                 "elements); only finite weights can be clustered"
             )
 
-    def to_palettes(self, weight: Tensor) -> Tensor:
-        """``weight`` (shape) -> ``(P, n, d)``. Differentiable; a view when no permute is needed."""
+    def broadcast_scale(self, scale: Tensor) -> Tensor:
+        """Per-channel ``scale`` ``(num_channels,)`` shaped to broadcast against the weight."""
+        shape = [1] * len(self.shape)
+        shape[self.group_axis] = self.num_channels
+        return scale.reshape(shape)
+
+    def to_palettes(self, weight: Tensor, scale: Tensor | None = None) -> Tensor:
+        """``weight`` (shape) -> ``(P, n, d)``, each channel divided by ``scale`` when given.
+        Differentiable; a view when no permute (and no scale) is needed."""
+        if scale is not None:
+            weight = weight / self.broadcast_scale(scale.to(weight))
         permuted = weight.permute(self._permutation)
         return permuted.reshape(self.palette_shape)
 
-    def from_palettes(self, x: Tensor) -> Tensor:
-        """``(P, n, d)`` -> a tensor of ``shape``; the exact inverse of :meth:`to_palettes`."""
+    def from_palettes(self, x: Tensor, scale: Tensor | None = None) -> Tensor:
+        """``(P, n, d)`` -> a tensor of ``shape``, each channel multiplied by ``scale`` when
+        given; the inverse of :meth:`to_palettes` (exact without a scale)."""
         permuted_shape = tuple(self.shape[a] for a in self._permutation)
-        return x.reshape(permuted_shape).permute(self._inverse_permutation).contiguous()
+        weight = x.reshape(permuted_shape).permute(self._inverse_permutation).contiguous()
+        if scale is not None:
+            weight = weight * self.broadcast_scale(scale.to(weight))
+        return weight
+
+    @torch.no_grad()
+    def channel_scale(self, weight: Tensor) -> Tensor | None:
+        """The per-channel scales of ``weight`` for this layout (``None`` without
+        ``per_channel_scale``): see :func:`channel_scale`."""
+        if not self.spec.per_channel_scale:
+            return None
+        return channel_scale(weight, self.group_axis)
+
+
+@torch.no_grad()
+def channel_scale(weight: Tensor, axis: int = 0) -> Tensor:
+    """One float32 scale per index of ``axis``: the channel's largest ``|weight|``, rounded to
+    the nearest float16 when float16 holds it as a normal number (so a float16 artifact stores it
+    exactly), and 1.0 for an all-zero channel (nothing to scale)."""
+    dims = [d for d in range(weight.dim()) if d != axis % weight.dim()]
+    peak = weight.detach().float().abs().amax(dim=dims) if dims else weight.detach().float().abs()
+    peak = torch.where(peak > 0, peak, torch.ones_like(peak))
+    rounded = peak.half().float()
+    fits = (rounded >= torch.finfo(torch.float16).tiny) & torch.isfinite(rounded)
+    return torch.where(fits, rounded, peak)

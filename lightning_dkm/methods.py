@@ -256,7 +256,7 @@ class DeepKMeansMethod(ClusteringMethod):
             weight = tensor.original.detach()
             if not parametrization.is_initialized:
                 parametrization.initialize(weight)
-            x = parametrization.layout.to_palettes(weight).float()
+            x = parametrization.to_palettes(weight).float()
             centroids = parametrization.centroids.float()
             idx = nearest_centroid(x, centroids)
             means, counts = cluster_means(x, idx, centroids.shape[1])
@@ -277,11 +277,14 @@ class DeepKMeansMethod(ClusteringMethod):
         self.steps += 1
         for name, tensor in tensors.items():
             param = tensor.original
-            layout = tensor.parametrization.layout
-            x = layout.to_palettes(param.detach())
+            parametrization = tensor.parametrization
+            layout = parametrization.layout
+            x = parametrization.to_palettes(param.detach())
             idx = self._assignments[name] = self._assignments[name].to(x.device)
             grad = kmeans_regularizer_grad(x, idx, layout.spec.num_centroids)
-            grad = layout.from_palettes(grad.mul_(self.regularization)).to(param.dtype)
+            # d/dw of a penalty on the scaled palettes x = w / s is (d/dx) / s, per channel.
+            inverse = None if parametrization.scale is None else parametrization.scale.reciprocal()
+            grad = layout.from_palettes(grad.mul_(self.regularization), inverse).to(param.dtype)
             if param.grad is None:
                 param.grad = grad.contiguous()
             else:
@@ -295,7 +298,7 @@ class DeepKMeansMethod(ClusteringMethod):
             weight = tensor.original.detach()
             if not parametrization.is_initialized:
                 parametrization.initialize(weight)
-            x = parametrization.layout.to_palettes(weight).float().cpu()
+            x = parametrization.to_palettes(weight).float().cpu()
             result = lloyd(x, parametrization.centroids.float().cpu(), max_iter=_FINAL_LLOYD_ITER)
             parametrization.centroids.copy_(result.centroids.to(parametrization.centroids))
         self._assignments.clear()

@@ -75,9 +75,11 @@ def measure_all(
         for chunk in parametrization.soft_assignment_chunks(weight):
             entropy.update(chunk.to(device))
             model_entropy.update(chunk.to(model_entropy.device))
-        x = parametrization.layout.to_palettes(weight)
+        x = parametrization.to_palettes(weight)
         idx, snapped = hard_assign(x, parametrization.centroids)
         usage.update(idx.to(device))
+        if parametrization.scale is not None:  # the snap error in the weight's own units
+            x, snapped = weight, parametrization.from_palettes(snapped)
         snap.update(x.to(device), snapped.to(device))
         usage_stats = usage.compute()
         values = torch.stack([

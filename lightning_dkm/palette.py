@@ -2,7 +2,8 @@
 
 Per palette ``p`` the LUT holds ``k = 2**bits`` centroids of length ``cluster_dim`` and every
 d-vector of the weight is stored as an index into it. ``Palette.weight()`` rebuilds the dense
-weight as ``LUT[indices]`` laid back into the tensor's shape; it is exact by construction.
+weight as ``LUT[indices]`` laid back into the tensor's shape (times each output channel's scale
+when the spec has ``per_channel_scale``); it is exact by construction.
 """
 
 from __future__ import annotations
@@ -24,11 +25,14 @@ FLOAT16_MAX = torch.finfo(torch.float16).max
 
 @dataclass
 class Palette:
-    """LUT ``(P, k, d)`` + indices ``(P, n)`` for one tensor, with the layout to rebuild it."""
+    """LUT ``(P, k, d)`` + indices ``(P, n)`` for one tensor, with the layout to rebuild it,
+    and the per-channel scales ``(channels,)`` when the layout's spec has ``per_channel_scale``
+    (``None`` otherwise)."""
 
     lut: Tensor
     indices: Tensor
     layout: PaletteLayout
+    scale: Tensor | None = None
 
     def __post_init__(self) -> None:
         P, n, d = self.layout.palette_shape
@@ -49,6 +53,26 @@ class Palette:
                 f"{self.layout.name}: indices must lie in [0, {k}); found "
                 f"[{int(self.indices.min())}, {int(self.indices.max())}]"
             )
+        expected_scale = self.layout.scale_shape
+        if expected_scale is None:
+            if self.scale is not None:
+                raise ValueError(
+                    f"{self.layout.name}: a per-channel scale was given but the spec has "
+                    "per_channel_scale=False"
+                )
+            return
+        if self.scale is None or tuple(self.scale.shape) != expected_scale:
+            got = None if self.scale is None else tuple(self.scale.shape)
+            raise ValueError(
+                f"{self.layout.name}: per_channel_scale needs a scale of shape {expected_scale} "
+                f"(one per output channel); got {got}"
+            )
+        if not self.scale.is_floating_point() or not bool(
+            (torch.isfinite(self.scale) & (self.scale > 0)).all()
+        ):
+            raise ValueError(
+                f"{self.layout.name}: per-channel scales must be finite floats > 0"
+            )
 
     @property
     def name(self) -> str:
@@ -59,9 +83,17 @@ class Palette:
         idx = self.indices.long().unsqueeze(-1).expand(-1, -1, self.lut.shape[-1])
         return self.lut.gather(1, idx)
 
-    def weight(self) -> Tensor:
-        """The dense weight in its original shape, bit-for-bit ``LUT[indices]``."""
-        return self.layout.from_palettes(self.vectors())
+    def weight(self, dtype: torch.dtype | None = None) -> Tensor:
+        """The dense weight in its original shape and in ``dtype`` (default: the LUT's),
+        bit-for-bit ``LUT[indices]``. With per-channel scales it is ``LUT[indices] * scale``
+        multiplied in float32 (float64 for a float64 LUT) and then cast, so a float16 LUT loads
+        into a float32 model without a float16 rounding of the product."""
+        dtype = self.lut.dtype if dtype is None else dtype
+        if self.scale is None:
+            return self.layout.from_palettes(self.vectors()).to(dtype)
+        compute = torch.promote_types(self.lut.dtype, torch.float32)
+        weight = self.layout.from_palettes(self.vectors().to(compute), self.scale.to(compute))
+        return weight.to(dtype)
 
     # -- storage sizes -----------------------------------------------------------------------
     @property
@@ -76,20 +108,35 @@ class Palette:
         return packed_size(self.num_indices, self.layout.spec.bits)
 
     def max_abs_centroid(self) -> float:
-        """The largest ``|value|`` in the LUT (0.0 for an empty one)."""
-        return float(self.lut.detach().abs().max()) if self.lut.numel() else 0.0
+        """The largest ``|value|`` in the LUT or the scales (0.0 for an empty LUT): what a
+        float16 file must hold."""
+        peak = float(self.lut.detach().abs().max()) if self.lut.numel() else 0.0
+        if self.scale is not None and self.scale.numel():
+            peak = max(peak, float(self.scale.detach().abs().max()))
+        return peak
 
     def stored_lut_dtype(self, lut_dtype: torch.dtype) -> torch.dtype:
         """The dtype the artifact stores this LUT at when ``lut_dtype`` is asked for.
 
         That is ``lut_dtype``, except ``torch.float32`` when ``lut_dtype`` is float16 and a
-        centroid lies beyond float16's range (``|value| > 65504``): cast to float16 it would
-        become ``inf``, and a file with an infinite LUT cannot be loaded. The artifact and the
-        report both use this, so their sizes agree.
+        centroid lies beyond float16's range (``|value| > 65504``) or a per-channel scale is not
+        exactly a float16:
+        cast to float16 it would become ``inf``, and a file with an infinite LUT cannot be
+        loaded. The scales are stored in the same dtype as the LUT. The artifact and the report
+        both use this, so their sizes agree.
         """
-        if lut_dtype == torch.float16 and self.max_abs_centroid() > FLOAT16_MAX:
+        if lut_dtype == torch.float16 and (
+            self.max_abs_centroid() > FLOAT16_MAX or not self._scale_fits_float16()
+        ):
             return torch.float32
         return lut_dtype
+
+    def _scale_fits_float16(self) -> bool:
+        """Whether float16 holds every per-channel scale exactly (true without scales)."""
+        if self.scale is None:
+            return True
+        scale = self.scale.detach().float()
+        return bool(torch.equal(scale.half().float(), scale))
 
     def lut_bytes(self, lut_dtype: torch.dtype | None = None) -> int:
         """Bytes of the ``P`` LUTs of ``k x d`` entries stored as ``lut_dtype`` (default: the
@@ -97,9 +144,18 @@ class Palette:
         dtype = self.lut.dtype if lut_dtype is None else lut_dtype
         return self.lut.numel() * dtype.itemsize
 
+    def scale_bytes(self, lut_dtype: torch.dtype | None = None) -> int:
+        """Bytes of the per-channel scales stored as ``lut_dtype`` (default: the LUT's dtype);
+        0 without per-channel scale."""
+        if self.scale is None:
+            return 0
+        dtype = self.lut.dtype if lut_dtype is None else lut_dtype
+        return self.scale.numel() * dtype.itemsize
+
     def compressed_bytes(self, lut_dtype: torch.dtype | None = None) -> int:
-        """Stored size of this tensor: :meth:`lut_bytes` + :meth:`index_bytes`."""
-        return self.lut_bytes(lut_dtype) + self.index_bytes()
+        """Stored size of this tensor: :meth:`lut_bytes` + :meth:`scale_bytes` +
+        :meth:`index_bytes`."""
+        return self.lut_bytes(lut_dtype) + self.scale_bytes(lut_dtype) + self.index_bytes()
 
     def distinct_values_per_palette(self) -> list[int]:
         """Number of distinct LUT entries (vectors) actually used by each palette."""

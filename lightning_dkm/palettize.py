@@ -64,6 +64,7 @@ def palettize(
     group_size: int | None = None,
     targets: Iterable[str] | str | None = None,
     *,
+    per_channel_scale: bool = False,
     exclude: Iterable[str] | str | None = None,
     min_size: int = DEFAULT_MIN_SIZE,
     overrides: Mapping[str, Mapping[str, Any]] | None = None,
@@ -83,6 +84,9 @@ def palettize(
     Args:
         model: any ``nn.Module``; its targeted weights are overwritten with their snapped values.
         bits, cluster_dim, group_size: the default :class:`~lightning_dkm.layout.ClusterSpec`.
+        per_channel_scale: cluster each output channel divided by its largest ``|weight|``
+            and store those scales with the palette (see :mod:`lightning_dkm.layout`); with
+            ``calibration`` the sensitivities are rescaled to match (:math:`F_{ii} s_c^2`).
         targets, exclude, min_size, overrides: which tensors, as in
             :func:`~lightning_dkm.targets.select_targets`.
         seed: k-means++ seed; each tensor uses ``stable_seed(seed, name)``.
@@ -110,7 +114,8 @@ def palettize(
             :func:`fisher_diagonal`.
     """
     _check_calibration(calibration, calibration_batches)
-    spec = ClusterSpec(bits=bits, cluster_dim=cluster_dim, group_size=group_size)
+    spec = ClusterSpec(bits=bits, cluster_dim=cluster_dim, group_size=group_size,
+                       per_channel_scale=per_channel_scale)
     selected = select_targets(
         model, spec, targets=targets, exclude=exclude, min_size=min_size, overrides=overrides
     )
@@ -130,10 +135,14 @@ def palettize(
         weight = weights[target.name]
         layout = target.layout
         generator = torch.Generator().manual_seed(stable_seed(seed, target.name))
-        x = layout.to_palettes(weight.detach()).float().cpu()
+        scale = layout.channel_scale(weight)
+        x = layout.to_palettes(weight.detach(), scale).float().cpu()
         sample_weight = None
         if target.name in fisher:
-            sample_weight = _sample_weights(layout, fisher[target.name])
+            sensitivity = fisher[target.name]
+            if scale is not None:  # an error of e in scaled units is s * e in the weight's
+                sensitivity = sensitivity * layout.broadcast_scale(scale.to(sensitivity)) ** 2
+            sample_weight = _sample_weights(layout, sensitivity)
         result = kmeans(
             x, layout.spec.num_centroids, generator, n_init=n_init, max_iter=max_iter,
             sample_weight=sample_weight, name=target.name,
@@ -142,6 +151,7 @@ def palettize(
             lut=result.centroids.to(device=weight.device, dtype=weight.dtype),
             indices=result.labels.to(weight.device),
             layout=layout,
+            scale=None if scale is None else scale.to(device=weight.device, dtype=weight.dtype),
         )
         weight.copy_(palette.weight())
         palettes[target.name] = palette

@@ -109,7 +109,7 @@ _MODES = ("soft", "hard", "off")
 # Lloyd iterations used to initialise centroids (k-means++ then Lloyd, on the current weights).
 _INIT_MAX_ITER = 100
 #: Buffers kept in float32 when the module is cast to a half-precision dtype.
-_FLOAT32_BUFFERS = ("centroids", "temperature")
+_FLOAT32_BUFFERS = ("centroids", "temperature", "scale")
 
 
 def _is_half(dtype: torch.dtype) -> bool:
@@ -209,6 +209,12 @@ class DKMParametrization(nn.Module):
         P, _, d = layout.palette_shape
         k = layout.spec.num_centroids
         self.register_buffer("centroids", torch.zeros(P, k, d, dtype=torch.float32))
+        # Per-channel scales (layout.scale_shape), set with the centroids; only with the spec's
+        # per_channel_scale, so other parametrizations' state dicts are unchanged.
+        scale: Tensor | None = None
+        if layout.scale_shape is not None:
+            scale = torch.ones(layout.scale_shape, dtype=torch.float32)
+        self.register_buffer("scale", scale)
         self.register_buffer("temperature", torch.tensor(1.0, dtype=torch.float32))
         # The buffer travels in checkpoints; the Python flag answers without a device read.
         self.register_buffer("initialized", torch.tensor(False))
@@ -240,7 +246,7 @@ class DKMParametrization(nn.Module):
         """``nn.Module._apply`` (``to``, ``cuda``, ``half``, ...), except that centroids and tau
         stay float32 when it would make them half precision: they follow the device only.
         Lightning's ``16-true`` / ``bf16-true`` cast the whole model this way."""
-        before = {name: self._buffers[name] for name in _FLOAT32_BUFFERS}
+        before = {name: self._buffers.get(name) for name in _FLOAT32_BUFFERS}
         super()._apply(fn, recurse)
         self._keep_float32(before)
         return self
@@ -249,7 +255,7 @@ class DKMParametrization(nn.Module):
         """Buffers of ``before`` that became half precision: back to float32, from their value
         before the cast where there is one (no double rounding)."""
         for name, old in before.items():
-            new = self._buffers[name]
+            new = self._buffers.get(name)
             if new is not None and _is_half(new.dtype):
                 source = new if old is None or _is_half(old.dtype) else old
                 self._buffers[name] = source.to(device=new.device, dtype=torch.float32)
@@ -275,7 +281,9 @@ class DKMParametrization(nn.Module):
         self.layout.check(weight)
         if generator is None:
             generator = torch.Generator(device="cpu").manual_seed(self.seed)
-        x = self.layout.to_palettes(weight.detach()).float().cpu()
+        if self.scale is not None:
+            self.scale.copy_(self.layout.channel_scale(weight))
+        x = self.to_palettes(weight.detach()).float().cpu()
         with autocast_disabled("cpu"):
             result = kmeans(
                 x,
@@ -287,6 +295,52 @@ class DKMParametrization(nn.Module):
         self.centroids.copy_(result.centroids.to(self.centroids.dtype))
         self.initialized.fill_(True)
         self._initialized = True
+
+    @torch.no_grad()
+    def set_centroids(self, centroids: Tensor, scale: Tensor | None = None) -> None:
+        """Start from given centroids ``(P, k, d)`` (e.g. another method's palettes, or a
+        sensitivity-weighted k-means) instead of :meth:`initialize`'s k-means; marks the
+        parametrization initialised. With ``per_channel_scale`` the centroids are in scaled
+        units and ``scale`` (one per output channel, ``Palette.scale``) is required. A wrong
+        shape or a non-finite value is an error."""
+        if (scale is None) != (self.scale is None):
+            raise ValueError(
+                f"{self.layout.name}: " + (
+                    "per_channel_scale needs the scales with the centroids (set_centroids("
+                    "palette.lut, palette.scale))" if scale is None else
+                    "a scale was given but the spec has per_channel_scale=False"
+                )
+            )
+        if scale is not None and (
+            tuple(scale.shape) != tuple(self.scale.shape)
+            or not bool((torch.isfinite(scale) & (scale > 0)).all())
+        ):
+            raise ValueError(
+                f"{self.layout.name}: scale must be {tuple(self.scale.shape)} finite "
+                f"values > 0; got shape {tuple(scale.shape)}"
+            )
+        expected = tuple(self.centroids.shape)
+        if tuple(centroids.shape) != expected:
+            raise ValueError(
+                f"{self.layout.name}: centroids must have shape {expected} (palettes, 2**bits, "
+                f"cluster_dim); got {tuple(centroids.shape)}"
+            )
+        if not bool(torch.isfinite(centroids).all()):
+            raise ValueError(f"{self.layout.name}: centroids contain NaN or Inf values")
+        self.centroids.copy_(centroids.detach().to(self.centroids))
+        if scale is not None:
+            self.scale.copy_(scale.detach().to(self.scale))
+        self.initialized.fill_(True)
+        self._initialized = True
+
+    def to_palettes(self, weight: Tensor) -> Tensor:
+        """``weight`` as the palettes ``(P, n, d)`` that the centroids cluster: the layout's
+        view, each output channel divided by its scale with ``per_channel_scale``."""
+        return self.layout.to_palettes(weight, self.scale)
+
+    def from_palettes(self, x: Tensor) -> Tensor:
+        """The inverse of :meth:`to_palettes`: palettes back to the weight's shape and units."""
+        return self.layout.from_palettes(x, self.scale)
 
     # -- forward -----------------------------------------------------------------------------
     def forward(self, weight: Tensor) -> Tensor:
@@ -302,7 +356,12 @@ class DKMParametrization(nn.Module):
 
     def _clustered(self, weight: Tensor) -> Tensor:
         """The soft (training) or snapped weight of an initialised parametrization."""
-        x = weight.reshape(1, -1, 1) if self._order_free else self.layout.to_palettes(weight)
+        if self._order_free:
+            if self.scale is not None:
+                weight = weight / self.layout.broadcast_scale(self.scale.to(weight))
+            x = weight.reshape(1, -1, 1)
+        else:
+            x = self.to_palettes(weight)
         if self.mode == "soft" and self.training:
             step = _IMPLEMENTATIONS[self.step_implementation]
             kwargs: dict = {}
@@ -330,7 +389,12 @@ class DKMParametrization(nn.Module):
         return self._from_palettes(snapped + (x - x.detach()), weight)
 
     def _from_palettes(self, x: Tensor, weight: Tensor) -> Tensor:
-        return x.reshape(weight.shape) if self._order_free else self.layout.from_palettes(x)
+        if not self._order_free:
+            return self.from_palettes(x)
+        x = x.reshape(weight.shape)
+        if self.scale is not None:
+            x = x * self.layout.broadcast_scale(self.scale.to(x))
+        return x
 
     @torch.no_grad()
     def _move_centroids_to_member_means(self, x: Tensor) -> None:
@@ -350,7 +414,7 @@ class DKMParametrization(nn.Module):
     ) -> Iterator[Tensor]:
         """The current soft assignments (P, rows, k), a chunk of rows at a time, without
         gradient: for metrics such as assignment entropy on tensors of any size."""
-        x = self.layout.to_palettes(weight.detach()).float()
+        x = self.to_palettes(weight.detach()).float()
         norm = normalization_of(x)
         xt = ((x - norm.center) / norm.scale).transpose(1, 2)
         cn = (self.centroids.float() - norm.center) / norm.scale
@@ -375,15 +439,17 @@ class DKMParametrization(nn.Module):
                 "holds initialised centroids)"
             )
         self.layout.check(weight)
-        x = self.layout.to_palettes(weight.detach())
+        x = self.to_palettes(weight.detach())
         idx, _ = hard_assign(x, self.centroids)
         lut = self.centroids.to(weight.dtype).clone()
-        return Palette(lut=lut, indices=idx, layout=self.layout)
+        scale = None if self.scale is None else self.scale.to(weight.dtype).clone()
+        return Palette(lut=lut, indices=idx, layout=self.layout, scale=scale)
 
     def extra_repr(self) -> str:
         spec = self.layout.spec
         return (
             f"bits={spec.bits}, cluster_dim={spec.cluster_dim}, group_size={spec.group_size}, "
+            f"per_channel_scale={spec.per_channel_scale}, "
             f"palettes={self.layout.num_palettes}, max_iter={self.max_iter}, mode={self.mode!r}, "
             f"implementation={self.implementation!r} ({self.step_implementation}), "
             f"gradient={self.gradient!r}"

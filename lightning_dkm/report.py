@@ -6,8 +6,9 @@ Sizes are the sizes of the compressed artifact (:mod:`lightning_dkm.artifact`), 
 * a clustered tensor stores its ``P`` LUTs of ``2**bits x cluster_dim`` entries at
   ``lut_dtype`` (at float32, as the artifact does, for a LUT with a centroid beyond float16's
   range in a float16 report; :meth:`Palette.stored_lut_dtype
-  <lightning_dkm.palette.Palette.stored_lut_dtype>`) plus its ``P * n`` indices bit-packed at
-  ``bits`` each over the whole tensor, ``ceil(P * n * bits / 8)`` bytes;
+  <lightning_dkm.palette.Palette.stored_lut_dtype>`), its per-channel scales (one per output
+  channel, in the LUT's dtype) when it has ``per_channel_scale``, plus its ``P * n`` indices
+  bit-packed at ``bits`` each over the whole tensor, ``ceil(P * n * bits / 8)`` bytes;
 * every other tensor of ``model.state_dict()`` (parameters *and* buffers) is stored as it is, at
   its dtype's width; a tensor reachable under several names (tied weights) counts once.
 
@@ -90,7 +91,8 @@ class LayerReport:
     ``estimated_*`` energies are those of the owning module and ``None`` without an energy
     estimate. ``lut_dtype`` is ``None`` when the LUT is stored at the report's ``lut_dtype``,
     and ``"float32"`` for a LUT that a float16 artifact keeps in float32 because a centroid lies
-    beyond float16's range (``lut_bytes`` counts it at 4 bytes per entry).
+    beyond float16's range (``lut_bytes`` counts it at 4 bytes per entry). ``scale_bytes``
+    counts the per-channel scales (0 without ``per_channel_scale``).
     """
 
     name: str
@@ -103,6 +105,7 @@ class LayerReport:
     parameters: int
     lut_bytes: int
     index_bytes: int
+    scale_bytes: int = 0
     entropy_bits: float | None = None
     snap_rmse: float | None = None
     macs: int | None = None
@@ -112,7 +115,7 @@ class LayerReport:
 
     @property
     def compressed_bytes(self) -> int:
-        return self.lut_bytes + self.index_bytes
+        return self.lut_bytes + self.scale_bytes + self.index_bytes
 
     @property
     def fp32_bytes(self) -> int:
@@ -336,6 +339,7 @@ class CompressionReport:
                 parameters=layout.numel,
                 lut_bytes=palette.lut_bytes(stored[name]),
                 index_bytes=palette.index_bytes(),
+                scale_bytes=palette.scale_bytes(stored[name]),
                 lut_dtype=None if stored[name] == lut_dtype else _dtype_name(stored[name]),
                 **checked_stats.get(name, {}),
             )

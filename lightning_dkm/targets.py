@@ -150,8 +150,9 @@ def select_targets(
             weight (Linear, Conv*, ConvTranspose*, Embedding*, MultiheadAttention projections).
         exclude: patterns removed from the selection.
         min_size: tensors with fewer elements are skipped, with one warning listing them.
-        overrides: ``pattern -> {bits?, cluster_dim?, group_size?}``; the first pattern (in
-            mapping order) that matches a tensor replaces those fields of its spec.
+        overrides: ``pattern -> {bits?, cluster_dim?, group_size?, per_channel_scale?}``; the
+            first pattern (in mapping order) that matches a tensor replaces those fields of its
+            spec.
 
     Raises:
         ValueError: a pattern in ``targets`` or an override that matches no supported weight

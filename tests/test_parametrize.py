@@ -185,6 +185,26 @@ def test_is_initialized_follows_initialize() -> None:
     assert p.is_initialized is True and bool(p.initialized)
 
 
+def test_set_centroids_starts_from_given_centroids_and_marks_them_initialised() -> None:
+    layout = PaletteLayout((8, 16), ClusterSpec(bits=2))
+    p = DKMParametrization(layout)
+    given = torch.tensor([-0.2, -0.05, 0.05, 0.2]).reshape(1, 4, 1)
+    p.set_centroids(given.double())
+    assert p.is_initialized is True and bool(p.initialized)
+    assert p.centroids.dtype == torch.float32 and torch.equal(p.centroids, given)
+    snapped = p.palette(torch.full((8, 16), 0.19)).weight()
+    assert torch.allclose(snapped, torch.full((8, 16), 0.2))
+
+
+def test_set_centroids_rejects_a_wrong_shape_or_non_finite_values() -> None:
+    p = DKMParametrization(PaletteLayout((8, 16), ClusterSpec(bits=2), name="fc.weight"))
+    with pytest.raises(ValueError, match=r"fc\.weight: centroids must have shape \(1, 4, 1\)"):
+        p.set_centroids(torch.zeros(1, 8, 1))
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        p.set_centroids(torch.tensor([0.0, 1.0, float("nan"), 2.0]).reshape(1, 4, 1))
+    assert p.is_initialized is False
+
+
 def test_is_initialized_follows_a_loaded_state_dict_both_ways() -> None:
     linear, initialised = clustered_linear()
     fresh = DKMParametrization(initialised.layout)

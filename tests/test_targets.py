@@ -119,7 +119,7 @@ def test_an_override_with_an_unknown_key_errors_naming_the_pattern_and_the_allow
     with pytest.raises(
         ValueError,
         match=r"overrides\['head'\] has unknown keys \['bitz'\]; allowed: "
-        r"\('bits', 'cluster_dim', 'group_size'\)",
+        r"\('bits', 'cluster_dim', 'group_size', 'per_channel_scale'\)",
     ):
         select_targets(Net(), overrides={"head": {"bitz": 2}}, min_size=0)
 
