@@ -143,7 +143,10 @@ PALETTIZE = "palettize"
 SENSITIVITY = "palettize_sensitivity"
 APPLE = "apple_dkm"
 FP32_FINETUNE = "fp32_finetune"
-METHODS = (*TRAIN_METHODS, PALETTIZE, SENSITIVITY, APPLE, FP32_FINETUNE)
+#: DKM at its defaults started from the sensitivity-weighted k-means palettes instead of the
+#: plain ones (#11: "offer it as DKM's centroid initialisation if it helps; measure").
+DKM_SENSITIVITY_INIT = "dkm_sensitivity_init"
+METHODS = (*TRAIN_METHODS, DKM_SENSITIVITY_INIT, PALETTIZE, SENSITIVITY, APPLE, FP32_FINETUNE)
 #: The default set of the MiniLM and char-LM parts (Deep k-Means only on request).
 DEFAULT_METHODS = ("dkm", "hard", PALETTIZE, SENSITIVITY, APPLE, FP32_FINETUNE)
 DEFAULT_SEEDS = (0, 1, 2)
@@ -342,6 +345,9 @@ class FinetuneConfig:
     #: ``None``: DKMCallback's default temperature (read at run time). ``(start, end)``: an
     #: explicit exponential schedule per optimizer step, the same tau for every tensor.
     temperature: tuple[float, float] | None = None
+    #: A ``DKMCallback(temperature=...)`` mapping used instead of its default, e.g.
+    #: ``{"end_entropy": 0.001}`` (how the default's end entropy was chosen); ``None``: the default.
+    temperature_config: dict[str, Any] | None = None
     #: ``None``: DKMCallback's defaults (read at run time).
     max_iter: int | None = None
     implementation: str | None = None
@@ -554,7 +560,11 @@ def _engine_finetune(model: nn.Module, method: str, init: dict[str, Palette],
     taus: Callable[[int], dict[str, float]] = lambda step: {}  # noqa: E731
     if runner.uses_temperature:
         taus, info["temperature"] = temperature_plan(
-            tensors, len(batches), cfg.temperature, defaults["temperature"])
+            tensors, len(batches), cfg.temperature,
+            cfg.temperature_config if cfg.temperature_config is not None
+            else defaults["temperature"])
+        if cfg.temperature_config is not None and cfg.temperature is None:
+            info["temperature"]["source"] = "--temperature"
 
     def before_step(step: int) -> None:
         for name, tau in taus(step).items():
@@ -605,8 +615,9 @@ def run_task(task: Task, cfg: FinetuneConfig, log=print,
 
         if (why := apple_dkm_unavailable()) is not None:
             reasons[APPLE] = why
-    if SENSITIVITY in methods and (why := sensitivity_unavailable()) is not None:
-        reasons[SENSITIVITY] = why
+    for calibrated in (SENSITIVITY, DKM_SENSITIVITY_INIT):
+        if calibrated in methods and (why := sensitivity_unavailable()) is not None:
+            reasons[calibrated] = why
     for method, why in reasons.items():
         message = f"{task.name}: {method} skipped: {why}"
         log(message)
@@ -664,20 +675,23 @@ def run_task(task: Task, cfg: FinetuneConfig, log=print,
                         t0, steps=0, kmeans_seconds=round(kmeans_s, 2),
                         eval_seconds=round(eval_s, 2))
                 del baseline
-            if SENSITIVITY in methods:
+            sensitivity_init: dict[str, Palette] = {}
+            if SENSITIVITY in methods or DKM_SENSITIVITY_INIT in methods:
                 t0 = _now()
                 model = task.fresh()
                 model.eval()
                 loader = task.calibration(seed, cfg.calibration_batches, cfg.batch_size)
-                palettes = palettize(model, bits=bits, targets=task.targets, seed=seed,
-                                     calibration=(loader, _calibration_loss(task)))
+                sensitivity_init = palettize(model, bits=bits, targets=task.targets, seed=seed,
+                                             calibration=(loader, _calibration_loss(task)))
                 setup_s = time.perf_counter() - t0[0]
-                report = CompressionReport.build(model, palettes, lut_dtype=torch.float16)
-                value, eval_s = evaluate(model)
-                add(SENSITIVITY, bits, seed, value, report.total_bytes, report,
-                    t0, steps=0, kmeans_seconds=round(setup_s, 2),
-                    calibration_examples=cfg.calibration_batches * cfg.batch_size,
-                    eval_seconds=round(eval_s, 2))
+                if SENSITIVITY in methods:
+                    report = CompressionReport.build(model, sensitivity_init,
+                                                     lut_dtype=torch.float16)
+                    value, eval_s = evaluate(model)
+                    add(SENSITIVITY, bits, seed, value, report.total_bytes, report,
+                        t0, steps=0, kmeans_seconds=round(setup_s, 2),
+                        calibration_examples=cfg.calibration_batches * cfg.batch_size,
+                        eval_seconds=round(eval_s, 2))
             for method in cfg.runs(bits):
                 t0 = _now()
                 model = task.fresh()
@@ -689,6 +703,16 @@ def run_task(task: Task, cfg: FinetuneConfig, log=print,
                 add(method, bits, seed, value, report.total_bytes, report,
                     t0, steps=len(batches),
                     eval_seconds=round(eval_s, 2), **info)
+            if DKM_SENSITIVITY_INIT in methods:
+                t0 = _now()
+                model = task.fresh()
+                torch.manual_seed(seed)
+                palettes, info = _engine_finetune(model, "dkm", sensitivity_init, batches, task,
+                                                  cfg, seed, defaults)
+                report = CompressionReport.build(model, palettes, lut_dtype=torch.float16)
+                value, eval_s = evaluate(model)
+                add(DKM_SENSITIVITY_INIT, bits, seed, value, report.total_bytes, report,
+                    t0, steps=len(batches), eval_seconds=round(eval_s, 2), **info)
             if APPLE in methods:
                 t0 = _now()
                 model = task.fresh()
@@ -1163,6 +1187,7 @@ def run_charlm(cfg: CharLMConfig, log=print, skipped: list[str] | None = None
 # -- outputs ---------------------------------------------------------------------------------------
 _STYLE = {"dkm": ("C0", "o"), "deep_kmeans": ("C2", "s"), "hard": ("C1", "^"),
           PALETTIZE: ("C3", "x"), SENSITIVITY: ("C4", "D"), APPLE: ("C5", "v"),
+          DKM_SENSITIVITY_INIT: ("C9", "P"),
           FP32_FINETUNE: ("C7", None), "fp32": ("k", "*")}
 _REFERENCES = ("fp32", FP32_FINETUNE)  # drawn as horizontal lines, not against size
 
@@ -1339,6 +1364,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     common.add_argument("--lr", type=float, help="AdamW lr (defaults: MiniLM 2e-4, char LM 1e-4)")
     common.add_argument("--tau", type=float, nargs=2, metavar=("START", "END"),
                         help="DKM: exponential tau per step instead of DKMCallback's default")
+    common.add_argument("--temperature", type=json.loads, metavar="JSON",
+                        help="DKM: a DKMCallback temperature mapping instead of its default, "
+                             "e.g. '{\"end_entropy\": 0.001}'")
     common.add_argument("--regularization", type=float, help="deep_kmeans' lambda")
     common.add_argument("--calibration-batches", type=int,
                         help="palettize_sensitivity: batches of calibration data")
@@ -1391,6 +1419,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     shared = dict(seeds=seeds, bits=tuple(args.bits) if args.bits else None,
                   methods=tuple(args.methods) if args.methods else None, steps=args.steps,
                   lr=args.lr, temperature=tuple(args.tau) if args.tau else None,
+                  temperature_config=args.temperature,
                   regularization=args.regularization,
                   calibration_batches=args.calibration_batches, trainable=args.trainable)
     minilm_cfg = _apply(minilm_cfg, **shared)

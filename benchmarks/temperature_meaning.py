@@ -6,7 +6,7 @@ Synthetic weights (stated plainly: Gaussian, std 0.03, 50,000 per tensor, seed 0
 from k-means++ and Lloyd as DKM seeds them. Prints (1) the mean assignment entropy, in bits, at
 fixed taus (units of the weight variance) for 1-4 bits: the same tau is soft for 16 centroids
 and hard for 2; (2) the taus that ``temperature: auto`` calibrates (start: 0.1 x log2 k bits,
-end: 1e-3 bits), the entropies they give, and the share of weights whose largest assignment
+end: 1e-2 bits), the entropies they give, and the share of weights whose largest assignment
 is below 0.9 at the start tau (the weights that DKM's soft assignment really moves).
 """
 

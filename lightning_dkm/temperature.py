@@ -138,7 +138,7 @@ def temperature_for_entropy(
 #: Default start: the soft assignments' mean entropy at DKM start, as a fraction of ``log2 k``.
 DEFAULT_START_ENTROPY = 0.1
 #: Default end: the mean entropy (bits) the last soft step anneals to (near-hard assignments).
-DEFAULT_END_ENTROPY = 1e-3
+DEFAULT_END_ENTROPY = 1e-2
 AUTO = "auto"
 INTERVALS = ("step", "epoch")
 _ANNEALED = ("linear", "exponential", "cosine")
