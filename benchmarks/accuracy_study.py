@@ -29,8 +29,9 @@ Methods (``--methods``): ``dkm``, ``hard``, ``deep_kmeans`` (not in the default 
 ``lightning_dkm`` engine with DKMCallback's own defaults *as they are at run time* (temperature,
 DKM iterations, epsilon, implementation: read from ``DKMCallback()``; ``--tau START END`` is an
 explicit per-step exponential override) and start from the centroids of ``palettize`` (so the
-comparison with ``palettize`` is what fine-tuning adds); ``palettize`` (k-means of the fp32
-weights); ``palettize_sensitivity`` (``palettize(..., calibration=(dataloader, loss_fn))``,
+comparison with ``palettize`` is what fine-tuning adds); ``dkm_sensitivity_init`` (the same
+DKM, started from the ``palettize_sensitivity`` centroids instead); ``palettize`` (k-means of
+the fp32 weights); ``palettize_sensitivity`` (``palettize(..., calibration=(dataloader, loss_fn))``,
 ``loss_fn(model, batch)``; skipped with a message while ``palettize`` has no ``calibration``
 argument); ``apple_dkm`` (coremltools' ``DKMPalettizer`` at its defaults, only ``n_bits`` set,
 see ``benchmarks/apple_dkm.py``: same Linear layers, optimizer, steps, data order and starting
@@ -148,7 +149,8 @@ FP32_FINETUNE = "fp32_finetune"
 DKM_SENSITIVITY_INIT = "dkm_sensitivity_init"
 METHODS = (*TRAIN_METHODS, DKM_SENSITIVITY_INIT, PALETTIZE, SENSITIVITY, APPLE, FP32_FINETUNE)
 #: The default set of the MiniLM and char-LM parts (Deep k-Means only on request).
-DEFAULT_METHODS = ("dkm", "hard", PALETTIZE, SENSITIVITY, APPLE, FP32_FINETUNE)
+DEFAULT_METHODS = ("dkm", DKM_SENSITIVITY_INIT, "hard", PALETTIZE, SENSITIVITY, APPLE,
+                   FP32_FINETUNE)
 DEFAULT_SEEDS = (0, 1, 2)
 
 
