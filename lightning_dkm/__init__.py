@@ -6,6 +6,7 @@ callback builds on it.
 
 from .artifact import load_compressed, read_metadata, read_palettes, save_compressed
 from .bitpack import pack_bits, unpack_bits
+from .carried import carried_palettes, carry_palettes, discard_palettes, expect_carried_buffers
 from .clustering import ClusteredTensor, attach, clustered_tensors, finalize
 from .energy import EnergyModel, count_macs
 from .layout import ClusterSpec, PaletteLayout
@@ -29,8 +30,12 @@ __all__ = [
     "Target",
     "TensorReport",
     "attach",
+    "carried_palettes",
+    "carry_palettes",
     "clustered_tensors",
     "count_macs",
+    "discard_palettes",
+    "expect_carried_buffers",
     "finalize",
     "fisher_diagonal",
     "load_compressed",

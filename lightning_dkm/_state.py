@@ -15,7 +15,21 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
-__all__ = ["StateTensors", "state_tensors"]
+__all__ = [
+    "COMPRESSION_METADATA_PREFIX", "StateTensors", "is_compression_metadata", "state_tensors",
+]
+
+#: coremltools' prefix of compression-metadata buffers (``<module>._COREML_/<param>/lut``, ...):
+#: what a finalized model carries about its palettes (:mod:`lightning_dkm.carried`). They
+#: duplicate the palettes, so the artifact does not store them and the report does not count
+#: them.
+COMPRESSION_METADATA_PREFIX = "_COREML_"
+
+
+def is_compression_metadata(name: str) -> bool:
+    """Whether ``name`` (a buffer name, or a ``state_dict`` key) is a compression-metadata
+    buffer."""
+    return name.rpartition(".")[2].startswith(COMPRESSION_METADATA_PREFIX + "/")
 
 
 @dataclass(frozen=True)
@@ -37,8 +51,9 @@ def _identity(t: Tensor) -> tuple | None:
 
 
 def state_tensors(model: nn.Module, preferred: Iterable[str] = ()) -> StateTensors:
-    """Deduplicate ``model.state_dict()``; names in ``preferred`` win the canonical slot."""
-    state = model.state_dict()
+    """Deduplicate ``model.state_dict()``, without its compression-metadata buffers; names in
+    ``preferred`` win the canonical slot."""
+    state = {k: v for k, v in model.state_dict().items() if not is_compression_metadata(k)}
     identities = {name: _identity(t) for name, t in state.items() if isinstance(t, Tensor)}
     canonical_of: dict[tuple, str] = {}
     for name in preferred:

@@ -46,8 +46,9 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from ._files import write_atomically
-from ._state import StateTensors, state_tensors
+from ._state import StateTensors, is_compression_metadata, state_tensors
 from .bitpack import pack_bits, packed_size, unpack_bits
+from .carried import carried_palettes, carry_palettes, discard_palettes
 from .layout import ClusterSpec, PaletteLayout
 from .palette import FLOAT16_MAX, Palette
 
@@ -252,7 +253,7 @@ def _clustered_entry(palette: Palette, weight: Tensor, stored: Tensor,
 def save_compressed(
     model: nn.Module,
     path: str | os.PathLike[str],
-    palettes: Mapping[str, Palette],
+    palettes: Mapping[str, Palette] | None = None,
     *,
     lut_dtype: torch.dtype = torch.float16,
     metadata: Mapping[str, str] | None = None,
@@ -268,9 +269,11 @@ def save_compressed(
             :func:`~lightning_dkm.palettize`; each clustered weight must equal
             ``palettes[name].weight()``.
         path: the file to write (replaced atomically); its directory must exist.
-        palettes: what ``finalize``/``palettize`` returned (``DKMCallback.palettes`` after
-            fit). They are required rather than re-derived from the weights because they carry
-            the layout (bits, cluster_dim, group_size, axes), which the weights alone do not.
+        palettes: ``None`` (default): the palettes ``model`` carries (finalize, palettize and
+            load_compressed record them on it, :mod:`lightning_dkm.carried`), checked against
+            its weights. Or what ``finalize``/``palettize`` returned (``DKMCallback.palettes``
+            after fit), each checked against its weight; tensors they leave out are stored
+            dense (two callbacks on disjoint tensors each save their own).
             An empty mapping stores every tensor dense, which is allowed for a model with no
             weight that looks clustered (a Parameter of >= 2 dims and >= 2048 elements holding
             2..256 distinct values, as finalize leaves a per-tensor palette); for one that has
@@ -294,11 +297,14 @@ def save_compressed(
     """
     if lut_dtype not in _LUT_DTYPES.values():
         raise ValueError(f"lut_dtype must be one of {list(_LUT_DTYPES)}; got {lut_dtype}")
-    if not isinstance(palettes, Mapping):
+    if palettes is None:
+        palettes = carried_palettes(model)
+    elif not isinstance(palettes, Mapping):
         raise ValueError(
-            f"palettes must be the mapping returned by finalize()/palettize(); got "
-            f"{type(palettes).__name__}"
+            f"palettes must be None (the palettes the model carries) or the mapping returned by "
+            f"finalize()/palettize(); got {type(palettes).__name__}"
         )
+
     user_metadata = _check_user_metadata(metadata)
     state = state_tensors(model, preferred=palettes)
     if state.non_tensors:
@@ -551,7 +557,8 @@ def load_compressed(
 
     Returns:
         The palettes of the loaded clustered tensors, on the model's device and in its dtype,
-        with ``palette.weight()`` equal to the loaded weight.
+        with ``palette.weight()`` equal to the loaded weight. The model carries them too
+        (:mod:`lightning_dkm.carried`), replacing any palettes it carried before.
 
     Raises:
         FileNotFoundError: no file at ``path``.
@@ -566,7 +573,9 @@ def load_compressed(
 
     target = model.state_dict()
     available = set(palettes) | set(stored) | set(aliases)
-    wanted = {k for k, v in target.items() if isinstance(v, Tensor)}
+    wanted = {
+        k for k, v in target.items() if isinstance(v, Tensor) and not is_compression_metadata(k)
+    }
     missing, unexpected = wanted - available, available - wanted
     if strict and (missing or unexpected):
         raise _fail(path, "does not match the model (another architecture?): "
@@ -588,6 +597,7 @@ def load_compressed(
 
     for key, value in values.items():
         target[key].copy_(value)
+    discard_palettes(model)  # what the model carried before describes other weights
 
     loaded = {}
     for name, palette in palettes.items():
@@ -600,6 +610,7 @@ def load_compressed(
                 scale=None if palette.scale is None else palette.scale.to(
                     device=weight.device, dtype=weight.dtype),
             )
+    carry_palettes(model, loaded)
     return loaded
 
 

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from .carried import carry_palettes, discard_palettes, metadata_entries, version_key
 from .dkm import hard_assign
 from .layout import ClusterSpec, PaletteLayout
 from .palette import Palette
@@ -96,6 +97,8 @@ def attach(
     """
     modules = dict(model.named_modules())
     existing = clustered_tensors(model)
+    # A finalized model clustered again: the palettes it carries describe the old weights.
+    discard_palettes(model, [t.name for t in targets if t.name not in existing])
     for target in targets:
         if target.name in existing:
             continue
@@ -180,7 +183,9 @@ def finalize(model: nn.Module, names: Iterable[str] | None = None) -> dict[str, 
     Afterwards ``model`` is a plain model of its own class whose clustered weights hold at most
     ``2**bits`` distinct values (vectors) per palette; each original ``Parameter`` keeps its
     identity. ``names`` limits it to some clustered tensors. Returns the palettes by qualified
-    parameter name; ``palette.weight()`` equals the model's weight bit for bit.
+    parameter name; ``palette.weight()`` equals the model's weight bit for bit. The model also
+    carries them (:func:`~lightning_dkm.carried.carry_palettes`), so ``save_compressed(model,
+    path)`` and ``export_coreml`` need nothing else.
     """
     tensors = clustered_tensors(model, names)
     # Every palette first: a tensor whose centroids were never initialised raises here, before
@@ -189,6 +194,7 @@ def finalize(model: nn.Module, names: Iterable[str] | None = None) -> dict[str, 
     _remove(model, tensors)
     for name, tensor in tensors.items():
         getattr(tensor.module, tensor.param_name).copy_(palettes[name].weight())
+    carry_palettes(model, palettes)
     return palettes
 
 
@@ -243,7 +249,17 @@ def snap_state_dict(model: nn.Module, state_dict: dict, prefix: str = "") -> lis
         snapped = palette.weight()
         snapped_by_storage[_storage_of(weight)] = snapped
         state_dict[f"{prefix}{head}{param_name}"] = snapped
+        # what a finalized model carries about this palette (lightning_dkm.carried)
+        carried = set(dict(module.named_buffers(recurse=False)))
+        for key, value in metadata_entries(palette, f"{prefix}{head}").items():
+            if key.rpartition(".")[2] in carried:
+                state_dict[key] = value.to(weight.device)
         converted.append(f"{head}{param_name}")
+    version = version_key(prefix)
+    if converted and version not in state_dict and version.removeprefix(prefix) in dict(
+        model.named_buffers(recurse=False)
+    ):
+        state_dict[version] = torch.tensor(1)
     for key, head, param_name in ties:
         snapped = snapped_by_storage.get(_storage_of(state_dict[key]))
         if snapped is None:

@@ -38,6 +38,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .carried import carry_palettes
 from .kmeans import kmeans
 from .layout import ClusterSpec, PaletteLayout
 from .palette import Palette
@@ -107,6 +108,7 @@ def palettize(
 
     Returns:
         ``{parameter name: Palette}``; ``palette.weight()`` equals the new weight bit for bit.
+        The model carries them too (:func:`~lightning_dkm.carried.carry_palettes`).
 
     Raises:
         ValueError: a spec that does not fit a tensor, non-finite or non-float weights, a
@@ -155,6 +157,7 @@ def palettize(
         )
         weight.copy_(palette.weight())
         palettes[target.name] = palette
+    carry_palettes(model, palettes)
     return palettes
 
 

@@ -59,6 +59,8 @@ def test_each_method_finalizes_to_the_same_report_and_artifact(tmp_path, method)
     loaded = fresh.state_dict()
     assert loaded.keys() == model.state_dict().keys()
     for name, value in model.state_dict().items():
+        if "_COREML_" in name:  # the carried LUTs, fp16-rounded by the load (test_carried.py)
+            continue
         palette = cb.palettes.get(name)
         if palette is not None:  # as the artifact stores it: lut.half()[idx], in the model dtype
             stored = Palette(palette.lut.half(), palette.indices, palette.layout)

@@ -1,0 +1,247 @@
+"""The palettes a finalized model carries with it, as coremltools' compression metadata.
+
+``finalize``, ``palettize`` and ``load_compressed`` record every clustered tensor's palette on
+the module that owns it, as buffers named by coremltools' documented protocol (coremltools
+``optimize/torch/_utils/metadata_utils.py``; ``ct.convert`` reads them from the traced model's
+``state_dict`` and writes one ``constexpr_lut_to_dense`` op per tensor):
+
+* ``_COREML_/<param>/lut``: the LUT, float32, shape ``weight.shape`` with the output-channel axis
+  replaced by the number of palettes ``P`` and every other axis by 1, then ``(2**bits,
+  cluster_dim)``: one block of ``group_size`` consecutive channels per palette;
+* ``_COREML_/<param>/vector_axis``: the axis the ``cluster_dim``-vectors run along;
+* ``_COREML_/<param>/palettization_scale``: the per-channel scales (``per_channel_scale``),
+  shape ``weight.shape`` with every axis but the output-channel axis set to 1;
+* ``_COREML_/<param>/compression_type``: ``[2]`` (palettization);
+* ``_COREML_/metadata_version`` on the root module: ``1``.
+
+These buffers are the model's own record of its compression: they are in ``state_dict`` (so a
+checkpoint of the finalized model holds them), they move with ``.to()`` and they are visible
+through DDP or ``torch.compile`` wrappers. :func:`carried_palettes` reads the palettes back from
+them: the layout from the buffers' shapes, the indices by snapping the weight to its LUT, and it
+checks that ``LUT[indices]`` (times the scales) still equals the weight, so a weight changed after
+finalize is an error that names it, never a silently different palette.
+
+The artifact stores palettes its own way (bit-packed indices) and leaves these buffers out, the
+report does not count them (they duplicate the LUT), and ``load_compressed`` records them again
+on the model it fills.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor, nn
+
+from ._state import COMPRESSION_METADATA_PREFIX, is_compression_metadata
+from .dkm import hard_assign
+from .layout import ClusterSpec, PaletteLayout
+from .palette import Palette
+
+__all__ = [
+    "carried_palettes",
+    "carry_palettes",
+    "discard_palettes",
+    "expect_carried_buffers",
+    "is_compression_metadata",
+]
+
+_SEP = "/"
+_VERSION_BUFFER = COMPRESSION_METADATA_PREFIX + _SEP + "metadata_version"
+_PALETTIZATION = 2  # coremltools' CompressionType.palettization
+_KEYS = ("lut", "vector_axis", "palettization_scale", "compression_type")
+
+
+def _buffer_name(param_name: str, key: str) -> str:
+    return _SEP.join((COMPRESSION_METADATA_PREFIX, param_name, key))
+
+
+def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str, str]:
+    module_name, _, param_name = name.rpartition(".")
+    try:
+        module = model.get_submodule(module_name) if module_name else model
+    except AttributeError as err:
+        raise ValueError(f"{name}: the model has no module {module_name!r}") from err
+    return module, module_name, param_name
+
+
+def _lut_shape(layout: PaletteLayout) -> list[int]:
+    shape = [1] * len(layout.shape)
+    shape[layout.group_axis] = layout.num_palettes
+    return shape
+
+
+def _scale_shape(layout: PaletteLayout) -> list[int]:
+    shape = [1] * len(layout.shape)
+    shape[layout.group_axis] = layout.num_channels
+    return shape
+
+
+def _metadata(palette: Palette) -> dict[str, Tensor]:
+    """The buffers of one palette (float32 LUT and scales, CPU-independent shapes)."""
+    layout = palette.layout
+    _, k, d = palette.lut.shape
+    values = {
+        "lut": palette.lut.detach().float().reshape(*_lut_shape(layout), k, d).clone(),
+        "vector_axis": torch.tensor(layout.vector_axis),
+        "compression_type": torch.tensor([_PALETTIZATION]),
+    }
+    if palette.scale is not None:
+        values["palettization_scale"] = (
+            palette.scale.detach().float().reshape(_scale_shape(layout)).clone()
+        )
+    return values
+
+
+def metadata_entries(palette: Palette, module_prefix: str = "") -> dict[str, Tensor]:
+    """The ``state_dict`` entries (``<module_prefix><buffer>``) that carry ``palette``; for
+    converting a checkpoint written before finalize into what a finalized model expects."""
+    param_name = palette.layout.name.rpartition(".")[2]
+    entries = {
+        module_prefix + _buffer_name(param_name, key): value
+        for key, value in _metadata(palette).items()
+    }
+    return entries
+
+
+def version_key(prefix: str = "") -> str:
+    """The ``state_dict`` key of the metadata version buffer under ``prefix``."""
+    return prefix + _VERSION_BUFFER
+
+
+def discard_palettes(model: nn.Module, names: list[str] | None = None) -> None:
+    """Remove the carried palettes of ``names`` (default: all) and, when none is left, the
+    version buffer."""
+    for module_name, module in model.named_modules():
+        for buffer in [b for b in module._buffers if is_compression_metadata(b)]:
+            if buffer == _VERSION_BUFFER:
+                continue
+            param_name = buffer.split(_SEP)[1]
+            qualified = f"{module_name}.{param_name}" if module_name else param_name
+            if names is None or qualified in names:
+                del module._buffers[buffer]
+    if not carried_names(model) and _VERSION_BUFFER in model._buffers:
+        del model._buffers[_VERSION_BUFFER]
+
+
+@torch.no_grad()
+def carry_palettes(model: nn.Module, palettes: Mapping[str, Palette]) -> None:
+    """Record ``palettes`` (by qualified parameter name) on ``model`` as coremltools'
+    compression-metadata buffers (module docstring), replacing what those tensors carried.
+
+    The buffers go on the device of each weight. ``finalize``, ``palettize`` and
+    ``load_compressed`` call this; call it yourself for palettes from elsewhere (e.g.
+    ``DKMCallback.palettes`` in the process that launched a ``ddp_spawn`` fit).
+
+    Raises:
+        ValueError: a name that is not a parameter of ``model``, or a palette whose shape
+            differs from that parameter's.
+    """
+    for name, palette in palettes.items():
+        module, _, param_name = _owner(model, name)
+        weight = getattr(module, param_name, None)
+        if not isinstance(weight, Tensor) or tuple(weight.shape) != palette.layout.shape:
+            got = None if not isinstance(weight, Tensor) else tuple(weight.shape)
+            raise ValueError(
+                f"{name}: the palette is for shape {palette.layout.shape}, but the model's "
+                f"{name} is {got}"
+            )
+        for key in _KEYS:  # a tensor re-clustered without scales must lose its old ones
+            module._buffers.pop(_buffer_name(param_name, key), None)
+        for key, value in _metadata(palette).items():
+            module.register_buffer(_buffer_name(param_name, key), value.to(weight.device))
+    if palettes:
+        model.register_buffer(_VERSION_BUFFER, torch.tensor(1))
+
+
+def carried_names(model: nn.Module) -> list[str]:
+    """The qualified names of the parameters ``model`` carries a palette for."""
+    names = []
+    for module_name, module in model.named_modules():
+        for buffer in module._buffers:
+            parts = buffer.split(_SEP)
+            if is_compression_metadata(buffer) and len(parts) == 3 and parts[2] == "lut":
+                names.append(f"{module_name}.{parts[1]}" if module_name else parts[1])
+    return names
+
+
+@torch.no_grad()
+def carried_palettes(model: nn.Module) -> dict[str, Palette]:
+    """The palettes ``model`` carries (module docstring), by qualified parameter name.
+
+    Each palette's LUT and scales are in the weight's dtype and on its device; its indices are
+    the nearest LUT entry of every vector, so ``palette.weight()`` is the model's weight.
+
+    Raises:
+        ValueError: a carried buffer that is malformed, or a weight that ``LUT[indices]``
+            (times its scales) no longer reproduces: it changed after finalize (more training
+            or an in-place edit). The message names the weight.
+    """
+    palettes: dict[str, Palette] = {}
+    for name in carried_names(model):
+        module, _, param_name = _owner(model, name)
+        weight = getattr(module, param_name)
+        buffers = {
+            key: module._buffers.get(_buffer_name(param_name, key)) for key in _KEYS
+        }
+        layout = _layout_of(name, weight, buffers)
+        lut = buffers["lut"].reshape(layout.num_palettes, layout.spec.num_centroids, -1)
+        scale = buffers["palettization_scale"]
+        scale = None if scale is None else scale.reshape(-1)
+        x = layout.to_palettes(weight.detach().float(), scale)
+        indices, _ = hard_assign(x, lut.float())
+        palette = Palette(
+            lut=lut.to(weight.dtype).clone(), indices=indices, layout=layout,
+            scale=None if scale is None else scale.to(weight.dtype).clone(),
+        )
+        rebuilt = palette.weight(weight.dtype)
+        if not torch.equal(rebuilt, weight):
+            differ = int((rebuilt != weight).sum())
+            raise ValueError(
+                f"{name}: the weight no longer matches the palette the model carries ({differ} "
+                f"of {weight.numel()} elements differ): it changed after finalize() (more "
+                "training steps, or an in-place edit). Finalize or palettize the model again, "
+                "or discard the palette with lightning_dkm.discard_palettes(model)"
+            )
+        palettes[name] = palette
+    return palettes
+
+
+def _layout_of(name: str, weight: Tensor, buffers: dict[str, Tensor | None]) -> PaletteLayout:
+    """The :class:`PaletteLayout` that the carried buffers of ``weight`` describe."""
+    lut, axis, scale = buffers["lut"], buffers["vector_axis"], buffers["palettization_scale"]
+    ndim = weight.dim()
+    if lut is None or lut.dim() != ndim + 2 or axis is None or axis.numel() != 1:
+        raise ValueError(
+            f"{name}: malformed palette buffers: the LUT must have {ndim + 2} dims (got "
+            f"{None if lut is None else tuple(lut.shape)}) and vector_axis one value"
+        )
+    vector_axis = int(axis) % ndim
+    blocks = [i for i, size in enumerate(lut.shape[:ndim]) if size > 1]
+    if scale is not None:
+        channels = [i for i, size in enumerate(scale.shape) if size > 1]
+        blocks = blocks or channels
+    if len(blocks) > 1:
+        raise ValueError(f"{name}: the LUT has palettes along several axes {blocks}")
+    group_axis = blocks[0] if blocks else (1 if vector_axis == 0 else 0)
+    P, k, d = lut.shape[group_axis], lut.shape[-2], lut.shape[-1]
+    bits = k.bit_length() - 1
+    if 1 << bits != k:
+        raise ValueError(f"{name}: the LUT has {k} entries, not a power of two")
+    group_size = None if P == 1 else weight.shape[group_axis] // P
+    spec = ClusterSpec(bits=bits, cluster_dim=d, group_size=group_size,
+                       per_channel_scale=scale is not None)
+    return PaletteLayout(tuple(weight.shape), spec, group_axis, vector_axis, name=name)
+
+
+def expect_carried_buffers(model: nn.Module, state_dict: Mapping[str, Tensor]) -> None:
+    """Prepare a fresh ``model`` to load a ``state_dict`` written from a finalized one: register
+    (empty) compression-metadata buffers of the shapes ``state_dict`` holds, so a strict
+    ``model.load_state_dict(state_dict)`` accepts them and the model carries the palettes."""
+    for key, value in state_dict.items():
+        module_name, _, buffer = key.rpartition(".")  # a buffer name holds no "."
+        if not is_compression_metadata(buffer):
+            continue
+        module = model.get_submodule(module_name) if module_name else model
+        if buffer not in module._buffers:
+            module.register_buffer(buffer, torch.empty_like(value))
