@@ -61,10 +61,18 @@ def main(args: list[str] | None = None) -> dict[str, float]:
     print(f"artifact {dkm.artifact_path}: {size:,} bytes on disk "
           f"(report: {dkm.report.total_bytes:,} bytes + header; "
           f"fp32 model: {dkm.report.fp32_bytes:,} bytes)")
+    coreml = dkm.output_paths.get("coreml")
+    if coreml is not None:  # export_coreml: true in the YAML (needs the coreml extra)
+        from lightning_dkm.coreml import package_bytes, read_coreml_palettes
+
+        print(f"Core ML package {coreml}: {package_bytes(coreml):,} bytes, "
+              f"{len(read_coreml_palettes(coreml))} LUT-palettized tensors "
+              "(runs on macOS / iOS 18+)")
     if loaded != after:
         raise SystemExit("the model loaded from the artifact does not match the finalized model")
     return {"fp32_test_acc": before, "dkm_test_acc": after, "loaded_test_acc": loaded,
-            "artifact_bytes": size}
+            "artifact_bytes": size,
+            "coreml_bytes": None if coreml is None else package_bytes(coreml)}
 
 
 if __name__ == "__main__":

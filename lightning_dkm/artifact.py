@@ -51,10 +51,12 @@ from .bitpack import pack_bits, packed_size, unpack_bits
 from .carried import carried_palettes, carry_palettes, discard_palettes
 from .layout import ClusterSpec, PaletteLayout
 from .palette import FLOAT16_MAX, Palette
+from .report import CompressionReport
 
 __all__ = [
     "FORMAT_NAME",
     "FORMAT_VERSION",
+    "inspect_artifact",
     "load_compressed",
     "read_metadata",
     "read_palettes",
@@ -343,7 +345,9 @@ def save_compressed(
         _KEY_FORMAT: FORMAT_NAME,
         _KEY_VERSION: FORMAT_VERSION,
         _KEY_LAYOUT: json.dumps(
-            {"lut_dtype": _dtype_name(lut_dtype), "clustered": entries, "aliases": state.aliases},
+            {"lut_dtype": _dtype_name(lut_dtype), "clustered": entries, "aliases": state.aliases,
+             # which stored tensors are Parameters (the rest are buffers), for inspect_artifact
+             "parameters": sorted(n for n in state.tensors if n in state.parameters)},
             sort_keys=True,
         ),
     }
@@ -405,8 +409,13 @@ def _parse_layout(path: Path, text: str) -> tuple[dict[str, PaletteLayout],
         data = json.loads(text)
     except json.JSONDecodeError as err:
         raise _fail(path, f"{_KEY_LAYOUT} is not valid JSON ({err})") from err
-    if not isinstance(data, dict) or set(data) != {"lut_dtype", "clustered", "aliases"}:
-        raise _fail(path, f"{_KEY_LAYOUT} must hold exactly lut_dtype, clustered and aliases")
+    required, optional = {"lut_dtype", "clustered", "aliases"}, {"parameters"}
+    if not isinstance(data, dict) or not required <= set(data) <= required | optional:
+        raise _fail(path, f"{_KEY_LAYOUT} must hold exactly lut_dtype, clustered and aliases "
+                          "(and optionally parameters)")
+    parameters = data.get("parameters", [])
+    if not isinstance(parameters, list) or not all(isinstance(n, str) for n in parameters):
+        raise _fail(path, "parameters must be a list of names")
     if not isinstance(data["lut_dtype"], str) or data["lut_dtype"] not in _LUT_DTYPES:
         raise _fail(path, f"lut_dtype must be one of {list(_LUT_DTYPES)}; got "
                           f"{data['lut_dtype']!r}")
@@ -637,3 +646,46 @@ def read_palettes(path: str | os.PathLike[str]) -> dict[str, Palette]:
     metadata, tensors = _read(path)
     palettes, _, _ = _decode(path, metadata, tensors)
     return palettes
+
+
+def inspect_artifact(path: str | os.PathLike[str]) -> CompressionReport:
+    """The :class:`~lightning_dkm.report.CompressionReport` of an artifact, from the file alone
+    (no model, no training code): per clustered tensor its layout and stored bytes, every other
+    tensor as stored, the totals. It is the report ``DKMCallback`` wrote, without the per-tensor
+    statistics and the energy estimate (those need the training run and a forward pass).
+
+    The file is validated as :func:`read_palettes` validates it. Files written before the
+    ``parameters`` entry existed report every dense tensor as a buffer.
+
+    Raises:
+        FileNotFoundError, IsADirectoryError, ValueError: as :func:`read_palettes`.
+    """
+    path = Path(path)
+    metadata, tensors = _read(path)
+    palettes, stored, aliases = _decode(path, metadata, tensors)
+    data = json.loads(metadata[_KEY_LAYOUT])
+    parameters = set(data.get("parameters", []))
+    skeleton = nn.Module()
+    values = {name: p.weight() for name, p in palettes.items()} | stored
+    for name in [*values, *aliases]:
+        tensor = values[aliases.get(name, name)]
+        owner_name, _, leaf = name.rpartition(".")
+        owner = skeleton
+        for part in owner_name.split(".") if owner_name else []:
+            if part not in owner._modules:
+                owner.add_module(part, nn.Module())
+            owner = owner._modules[part]
+        if name in palettes or aliases.get(name, name) in parameters | set(palettes):
+            owner.register_parameter(leaf, nn.Parameter(tensor, requires_grad=False))
+        else:
+            owner.register_buffer(leaf, tensor)
+    tied = {alias: target for alias, target in aliases.items()}
+    for alias, target in tied.items():  # one tensor under both names, counted once
+        a_owner, _, a_leaf = alias.rpartition(".")
+        t_owner, _, t_leaf = target.rpartition(".")
+        source = skeleton.get_submodule(t_owner) if t_owner else skeleton
+        dest = skeleton.get_submodule(a_owner) if a_owner else skeleton
+        kind = "_parameters" if t_leaf in source._parameters else "_buffers"
+        getattr(dest, kind)[a_leaf] = getattr(source, kind)[t_leaf]
+    lut_dtype = _LUT_DTYPES[data["lut_dtype"]]
+    return CompressionReport.build(skeleton, palettes, lut_dtype=lut_dtype)

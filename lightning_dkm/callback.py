@@ -16,6 +16,7 @@ Hooks, one concern each:
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import tempfile
@@ -88,6 +89,8 @@ _INITIAL_TAU = 1e-2
 _LUT_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 #: File name of the compressed model written into ``save_dir``.
 ARTIFACT_NAME = "model.dkm.safetensors"
+#: The Core ML package written with ``export_coreml=True``.
+COREML_NAME = "model.mlpackage"
 
 
 def _pattern_list(label: str, patterns: str | list[str] | None) -> list[str] | None:
@@ -188,6 +191,11 @@ class DKMCallback(Callback):
         save_artifact: write the compressed model (``model.dkm.safetensors``: LUTs, bit-packed
             indices and every other tensor; see :func:`lightning_dkm.save_compressed`) when fit
             ends. Default True.
+        export_coreml: also write ``model.mlpackage``, a Core ML ML program whose clustered
+            weights are LUT ops (:func:`lightning_dkm.coreml.export_coreml`, traced on the
+            module's ``example_input_array``; needs the ``coreml`` extra). Checked in ``setup``:
+            without coremltools or ``example_input_array`` it fails before training. Default
+            False.
         lut_dtype: precision of the stored palettes, ``"float16"`` (default) or ``"float32"``;
             the report's sizes count the same.
         log_histograms: TensorBoard histograms of centroids and weights every epoch. Default
@@ -231,6 +239,7 @@ class DKMCallback(Callback):
         finalize: bool = True,
         save_dir: str | None = None,
         save_artifact: bool = True,
+        export_coreml: bool = False,
         lut_dtype: Literal["float16", "float32"] = "float16",
         log_histograms: bool = True,
         verbose: bool = True,
@@ -294,6 +303,9 @@ class DKMCallback(Callback):
         self.finalize = finalize
         self.save_dir = save_dir
         self.save_artifact = save_artifact
+        if not isinstance(export_coreml, bool):
+            raise ValueError(f"export_coreml must be True or False; got {export_coreml!r}")
+        self.export_coreml = export_coreml
         if lut_dtype not in _LUT_DTYPES:
             raise ValueError(f"lut_dtype must be one of {tuple(_LUT_DTYPES)}; got {lut_dtype!r}")
         self.lut_dtype = lut_dtype
@@ -559,6 +571,8 @@ class DKMCallback(Callback):
         self._out_dir = self._resolve_save_dir(trainer) if self.finalize else None
         if self._out_dir is not None:
             _check_writable_dir(self._out_dir, "save_dir" if self.save_dir is not None else None)
+        if self.export_coreml:
+            _check_coreml_export(pl_module)
         self._check_limits(trainer)
         self._plan = TemperaturePlan(self.temperature)
         selected = self._select(pl_module)
@@ -771,6 +785,14 @@ class DKMCallback(Callback):
             paths["artifact"] = save_compressed(
                 pl_module, self._out_dir / ARTIFACT_NAME, self.palettes, lut_dtype=lut_dtype
             )
+        if self.export_coreml:
+            from .coreml import export_coreml
+
+            example = _to_cpu(pl_module.example_input_array)
+            # coremltools reads the weights as numpy arrays: trace a CPU copy if need be
+            module = pl_module if pl_module.device.type == "cpu" else copy.deepcopy(
+                pl_module).cpu()
+            paths["coreml"] = export_coreml(module, self._out_dir / COREML_NAME, example)
         self.output_paths = paths
         if os.getpid() != self._launcher_pid:
             # A spawned worker (ddp_spawn): the process that called fit holds another copy of
@@ -782,6 +804,32 @@ class DKMCallback(Callback):
 
 
 # -- module helpers ------------------------------------------------------------------------------
+def _check_coreml_export(pl_module: pl.LightningModule) -> None:
+    """``export_coreml=True`` can work: coremltools imports and the module has an
+    ``example_input_array`` to trace with; else a ``MisconfigurationException`` before training."""
+    try:
+        import coremltools  # noqa: F401
+    except ImportError as err:
+        raise MisconfigurationException(
+            'DKMCallback(export_coreml=True) needs coremltools: pip install '
+            '"lightning-dkm[coreml]"'
+        ) from err
+    example = getattr(pl_module, "example_input_array", None)
+    if example is None or isinstance(example, dict):
+        raise MisconfigurationException(
+            "DKMCallback(export_coreml=True) traces the model on its example_input_array; "
+            f"{type(pl_module).__name__} has "
+            + ("none: set self.example_input_array" if example is None else
+               "a dict, which Core ML export cannot trace: use a tensor or a tuple")
+        )
+
+
+def _to_cpu(example: Any) -> Any:
+    if isinstance(example, torch.Tensor):
+        return example.cpu()
+    return tuple(_to_cpu(e) for e in example)
+
+
 def _check_writable_dir(path: Path, argument: str | None) -> None:
     """``path`` is a directory this process can write into (created if missing), else a
     ``MisconfigurationException`` that names ``argument`` (``save_dir``) and the path."""

@@ -95,6 +95,15 @@ class Palette:
         weight = self.layout.from_palettes(self.vectors().to(compute), self.scale.to(compute))
         return weight.to(dtype)
 
+    def index_grid(self) -> Tensor:
+        """The indices laid out like the weight: its shape with the vector axis divided by
+        ``cluster_dim`` (one index per vector), as Core ML's ``constexpr_lut_to_dense`` and a
+        packed module store them."""
+        layout = self.layout
+        shape = [layout.shape[a] for a in layout._permutation]
+        shape[-1] //= layout.spec.cluster_dim
+        return self.indices.reshape(shape).permute(layout._inverse_permutation)
+
     # -- storage sizes -----------------------------------------------------------------------
     @property
     def num_indices(self) -> int:

@@ -1,0 +1,221 @@
+"""Core ML export: a finalized model as an ``.mlpackage`` whose clustered weights are LUT ops.
+
+``export_coreml`` traces the model and converts it with coremltools (the ``coreml`` extra:
+``pip install "lightning-dkm[coreml]"``) to an ML program. The converter reads the compression
+metadata a finalized model carries (:mod:`lightning_dkm.carried`: ``_COREML_/<param>/lut`` and
+friends) and writes every clustered tensor as one ``constexpr_lut_to_dense`` op holding our
+LUT and indices (per tensor, per ``group_size`` block of channels, ``cluster_dim``-vectors along
+``vector_axis``), followed by ``constexpr_blockwise_shift_scale`` where the tensor has
+per-channel scales. That path preserves our palettes entry for entry (the LUT in float16, as
+the artifact stores it); re-palettizing the snapped weights with
+``ct.optimize.coreml.palettize_weights(mode="unique")`` would find the same values but not our
+grouping or vectors.
+
+Conversion runs on any OS; running the model needs macOS / iOS. :func:`read_coreml_palettes`
+reads the LUTs and indices back from a saved package (no Apple runtime needed), which is how
+the tests check that the program reproduces our weights.
+
+coremltools is imported lazily: nothing else in the package needs it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from .carried import carried_palettes, version_key
+
+__all__ = ["CoreMLPalette", "export_coreml", "package_bytes", "read_coreml_palettes"]
+
+_INSTALL_HINT = 'pip install "lightning-dkm[coreml]" (coremltools >= 8.0)'
+
+
+def _coremltools() -> Any:
+    try:
+        import coremltools as ct
+    except ImportError as err:
+        raise ImportError(f"Core ML export needs coremltools: {_INSTALL_HINT}") from err
+    return ct
+
+
+def _input_types(ct: Any, example_inputs: Sequence[Tensor]) -> list[Any]:
+    types = []
+    for i, example in enumerate(example_inputs):
+        if not isinstance(example, Tensor):
+            raise ValueError(
+                f"example_inputs[{i}] must be a tensor; got {type(example).__name__}"
+            )
+        if example.is_floating_point():
+            dtype = np.float32
+        elif example.dtype in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
+            dtype = np.int32  # Core ML has no int64 inputs
+        else:
+            raise ValueError(f"example_inputs[{i}] has dtype {example.dtype}; use float or int")
+        types.append(ct.TensorType(name=f"input_{i}", shape=tuple(example.shape), dtype=dtype))
+    return types
+
+
+def export_coreml(
+    model: nn.Module,
+    path: str | os.PathLike[str],
+    example_inputs: Tensor | Sequence[Tensor],
+    *,
+    minimum_deployment_target: Any = None,
+    **convert_kwargs: Any,
+) -> Path:
+    """Write ``model`` (finalized: it carries its palettes) as an ML program ``.mlpackage``.
+
+    Args:
+        model: a finalized model (after :func:`~lightning_dkm.finalize`,
+            :func:`~lightning_dkm.palettize` or :func:`~lightning_dkm.load_compressed`); it
+            is traced in eval mode (``torch.jit.trace``) on ``example_inputs``.
+        path: the ``.mlpackage`` directory to write; replaced if it exists (the new package is
+            written next to it first, so a failed export leaves the old one).
+        example_inputs: one tensor or a sequence of them, the model's positional inputs; their
+            shapes become the package's input shapes (integer inputs become int32).
+        minimum_deployment_target: a ``coremltools.target``; default iOS18 (what per-channel
+            scales and grouped LUTs need; older targets are refused by coremltools for them).
+        **convert_kwargs: passed to ``coremltools.convert`` (e.g. ``compute_units``,
+            ``outputs``); ``convert_to`` is always ``"mlprogram"``.
+
+    Returns:
+        The path of the written package.
+
+    Raises:
+        ImportError: coremltools is not installed (the ``coreml`` extra).
+        ValueError: a carried palette no longer matches its weight (changed after finalize),
+            or unusable ``example_inputs``.
+    """
+    ct = _coremltools()
+    path = Path(path)
+    if path.suffix != ".mlpackage":
+        raise ValueError(f"path must end in .mlpackage; got {str(path)!r}")
+    if "convert_to" in convert_kwargs and convert_kwargs["convert_to"] != "mlprogram":
+        raise ValueError(
+            f"convert_to must be 'mlprogram' (LUT ops exist only there); got "
+            f"{convert_kwargs['convert_to']!r}"
+        )
+    convert_kwargs.pop("convert_to", None)
+    examples = (example_inputs,) if isinstance(example_inputs, Tensor) else tuple(example_inputs)
+    inputs = convert_kwargs.pop("inputs", None) or _input_types(ct, examples)
+    palettes = carried_palettes(model)  # validates them against the weights
+    if not palettes:
+        warnings.warn(
+            "export_coreml: the model carries no palettes (not finalized or palettized?), so "
+            "every weight is exported dense",
+            UserWarning,
+            stacklevel=2,
+        )
+    elif version_key() not in dict(model.named_buffers(recurse=False)):
+        model.register_buffer(version_key(), torch.tensor(1))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            traced = torch.jit.trace(model, examples)
+        mlmodel = ct.convert(
+            traced,
+            inputs=inputs,
+            convert_to="mlprogram",
+            minimum_deployment_target=minimum_deployment_target or ct.target.iOS18,
+            **convert_kwargs,
+        )
+    finally:
+        model.train(was_training)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        mlmodel.save(str(staging / path.name))
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(staging / path.name, path)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return path
+
+
+def package_bytes(path: str | os.PathLike[str]) -> int:
+    """The size of a saved ``.mlpackage``: the bytes of every file in it."""
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+@dataclass(frozen=True)
+class CoreMLPalette:
+    """One ``constexpr_lut_to_dense`` op of a saved package: its LUT (shape weight rank + 2),
+    its indices (the weight's shape, vector axis divided by the vector length), the vector
+    axis, and the per-channel scales applied after it (or ``None``), as numpy arrays."""
+
+    op_name: str
+    lut: np.ndarray
+    indices: np.ndarray
+    vector_axis: int | None
+    scale: np.ndarray | None
+
+    def weight(self) -> np.ndarray:
+        """The dense weight the op produces (float32 arithmetic on the stored float16)."""
+        lut = self.lut.astype(np.float32)
+        rank = self.indices.ndim
+        d = lut.shape[-1]
+        idx = self.indices.astype(np.int64)
+        # the palette of every index: its block along each axis
+        block = [np.arange(idx.shape[a]) // (idx.shape[a] // lut.shape[a]) for a in range(rank)]
+        grids = np.meshgrid(*block, indexing="ij")
+        values = lut[(*grids, idx)]  # (..., d)
+        if d > 1:
+            axis = self.vector_axis if self.vector_axis is not None else 0
+            values = np.moveaxis(values, -1, axis + 1)
+            shape = list(idx.shape)
+            shape[axis] *= d
+            values = values.reshape(shape)
+        else:
+            values = values[..., 0]
+        if self.scale is not None:
+            values = values * self.scale.astype(np.float32)
+        return values
+
+
+def read_coreml_palettes(path: str | os.PathLike[str]) -> dict[str, CoreMLPalette]:
+    """The LUT ops of a saved ``.mlpackage``, by op name (coremltools names them after the
+    PyTorch parameter, ``fc.weight`` -> ``fc_weight...``); reads the package without loading
+    it into the Core ML runtime, so it works on every OS."""
+    ct = _coremltools()
+    from coremltools.converters.mil.frontend.milproto.load import load as load_program
+
+    mlmodel = ct.models.MLModel(str(path), skip_model_load=True)
+    spec = mlmodel.get_spec()
+    program = load_program(
+        spec, specification_version=spec.specificationVersion,
+        file_weights_dir=mlmodel.weights_dir,
+    )
+    ops = list(program.functions["main"].operations)
+    scale_of: dict[str, tuple[np.ndarray, str]] = {}
+    for op in ops:
+        if op.op_type == "constexpr_blockwise_shift_scale":
+            scale_of[op.outputs[0].name] = (op.scale.val, op.name)
+    found: dict[str, CoreMLPalette] = {}
+    for op in ops:
+        if op.op_type != "constexpr_lut_to_dense":
+            continue
+        lut = op.lut.val
+        name = op.name
+        scale = None
+        if lut is None:  # the LUT comes from a shift-scale op: per-channel scales
+            source = op.lut.op
+            lut, (scale, name) = source.data.val, scale_of[source.outputs[0].name]
+            scale = scale.reshape(scale.shape[: op.indices.val.ndim])
+            # coremltools expanded the LUT per channel; keep the unscaled per-palette one
+        axis = op.vector_axis.val if op.vector_axis is not None else None
+        found[name] = CoreMLPalette(name, lut, op.indices.val, None if axis is None else int(axis),
+                                    scale)
+    return found
