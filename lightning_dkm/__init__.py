@@ -4,12 +4,20 @@ The engine (``kmeans``, ``dkm``, ``layout``, ``parametrize``) is plain PyTorch; 
 callback builds on it.
 """
 
-from .artifact import load_compressed, read_metadata, read_palettes, save_compressed
+from .artifact import (
+    inspect_artifact,
+    load_compressed,
+    read_metadata,
+    read_palettes,
+    save_compressed,
+)
 from .bitpack import pack_bits, unpack_bits
 from .carried import carried_palettes, carry_palettes, discard_palettes, expect_carried_buffers
 from .clustering import ClusteredTensor, attach, clustered_tensors, finalize
+from .coreml import export_coreml, read_coreml_palettes
 from .energy import EnergyModel, count_macs
 from .layout import ClusterSpec, PaletteLayout
+from .packed import pack, unpack
 from .palette import Palette
 from .palettize import fisher_diagonal, palettize
 from .parametrize import DKMParametrization
@@ -36,15 +44,20 @@ __all__ = [
     "count_macs",
     "discard_palettes",
     "expect_carried_buffers",
+    "export_coreml",
     "finalize",
     "fisher_diagonal",
+    "inspect_artifact",
     "load_compressed",
+    "pack",
     "pack_bits",
     "palettize",
+    "read_coreml_palettes",
     "read_metadata",
     "read_palettes",
     "save_compressed",
     "select_targets",
+    "unpack",
     "unpack_bits",
 ]
 

@@ -50,6 +50,7 @@ from ._state import StateTensors, is_compression_metadata, state_tensors
 from .bitpack import pack_bits, packed_size, unpack_bits
 from .carried import carried_palettes, carry_palettes, discard_palettes
 from .layout import ClusterSpec, PaletteLayout
+from .packed import pack
 from .palette import FLOAT16_MAX, Palette
 from .report import CompressionReport
 
@@ -549,7 +550,7 @@ def _listing(names: set[str], limit: int = 10) -> str:
 
 @torch.no_grad()
 def load_compressed(
-    model: nn.Module, path: str | os.PathLike[str], *, strict: bool = True
+    model: nn.Module, path: str | os.PathLike[str], *, strict: bool = True, packed: bool = False
 ) -> dict[str, Palette]:
     """Fill ``model`` (an instance of the saved architecture) in place from an artifact.
 
@@ -563,6 +564,9 @@ def load_compressed(
         path: the file written by :func:`save_compressed`; it may come from an untrusted source.
         strict: require the file's names and ``model.state_dict()`` to match exactly; with
             ``False`` only the common names are loaded (shapes must still match).
+        packed: keep the clustered weights packed (:func:`lightning_dkm.packed.pack`: LUT +
+            bit-packed indices as buffers, decoded per forward) instead of dense: the model then
+            holds about the artifact's bytes. Their dense values are never written.
 
     Returns:
         The palettes of the loaded clustered tensors, on the model's device and in its dtype,
@@ -596,16 +600,23 @@ def load_compressed(
     for key in sorted(wanted & available):
         source = aliases.get(key, key)
         if source not in cache:
-            cache[source] = (palettes[source].weight(target[key].dtype) if source in palettes
-                             else stored[source])
+            if source in palettes and packed:  # never decoded: check its shape only
+                cache[source] = torch.empty(palettes[source].layout.shape,
+                                            dtype=target[key].dtype, device="meta")
+            elif source in palettes:
+                cache[source] = palettes[source].weight(target[key].dtype)
+            else:
+                cache[source] = stored[source]
         value = cache[source]
         if not _compatible(value, target[key]):
             raise _fail(path, f"{key!r} is {value.dtype} {tuple(value.shape)} in the file but "
                               f"{target[key].dtype} {tuple(target[key].shape)} in the model")
         values[key] = value
 
+    clustered_keys = {k for k in values if aliases.get(k, k) in palettes}
     for key, value in values.items():
-        target[key].copy_(value)
+        if not (packed and key in clustered_keys):
+            target[key].copy_(value)
     discard_palettes(model)  # what the model carried before describes other weights
 
     loaded = {}
@@ -619,7 +630,10 @@ def load_compressed(
                 scale=None if palette.scale is None else palette.scale.to(
                     device=weight.device, dtype=weight.dtype),
             )
-    carry_palettes(model, loaded)
+    if packed:
+        pack(model, {k: v for k, v in loaded.items() if k not in aliases}, verify=False)
+    else:
+        carry_palettes(model, loaded)
     return loaded
 
 
