@@ -111,10 +111,13 @@ def unpack_bits(packed: Tensor, bits: int, count: int) -> Tensor:
     tail = count * bits % 8
     if tail and int(packed[-1]) >> tail:
         raise ValueError(f"the padding bits of the last byte must be zero; got {int(packed[-1])}")
+    mask = (1 << bits) - 1
+    if 8 % bits == 0:  # 1, 2, 4, 8 bits: whole indices per byte, one shift-and-mask
+        shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
+        return ((packed.unsqueeze(1) >> shifts) & mask).reshape(-1)[:count].long()
     out = torch.empty(count, dtype=torch.int64, device=packed.device)
     from_bytes = 8 * torch.arange(bits, dtype=torch.int64, device=packed.device)
     from_word = bits * torch.arange(8, dtype=torch.int64, device=packed.device)
-    mask = (1 << bits) - 1
     for start in range(0, count, _CHUNK):
         m = min(_CHUNK, count - start)
         offset = start * bits // 8

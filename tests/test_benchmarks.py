@@ -166,3 +166,13 @@ def test_apple_dkm_wrapper_trains_and_snaps_to_at_most_2_bits_values():
         assert max(palette.distinct_values_per_palette()) <= 4
     report = CompressionReport.build(plain, palettes, lut_dtype=torch.float16)
     assert report.clustered_parameters == 24 * 128 + 128 * 64
+
+
+def test_packed_inference_compares_dense_and_packed_side_by_side(tmp_path):
+    out = tmp_path / "packed.json"
+    result = run("packed_inference.py", "--quick", "--repeats", "2", "--json", str(out))
+    assert "ratios" in result.stdout
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["model"] == "cnn"
+    assert row["packed"]["state_bytes"] == row["report_bytes"]  # the artifact's bytes, held
+    assert row["state_ratio"] > 10 and row["dense"]["latency_ms"] > 0
