@@ -738,6 +738,24 @@ class DKMCallback(Callback):
                     f"dkm_weights/{name}", tensor.original.detach().float().cpu(), step
                 )
 
+    def _log_report(self, trainer: pl.Trainer) -> None:
+        """The compression totals as ``dkm_report/*`` scalars to every logger, and the Markdown
+        report as TensorBoard text, where users look."""
+        assert self.report is not None
+        totals = self.report.totals()
+        metrics = {f"dkm_report/{key}": float(totals[key]) for key in (
+            "total_bytes", "clustered_bytes", "fp32_bytes", "ratio_vs_fp32", "ratio_vs_fp16")}
+        metrics["dkm_report/bits_per_clustered_weight"] = (
+            8.0 * self.report.clustered_bytes / max(self.report.clustered_parameters, 1))
+        if self.report.energy is not None:
+            metrics["dkm_report/estimated_energy_ratio"] = float(
+                self.report.energy.estimated_energy_ratio)
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+            if isinstance(logger, TensorBoardLogger):
+                logger.experiment.add_text("dkm_report", self.report.to_markdown(),
+                                           trainer.global_step)
+
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.finalize or not self._names or self._finalized:
             return
@@ -779,6 +797,7 @@ class DKMCallback(Callback):
         )
         if trainer.global_rank != 0:
             return
+        self._log_report(trainer)
         assert self._out_dir is not None  # resolved in setup whenever finalize is on
         paths = dict(self.report.save(self._out_dir))
         if self.save_artifact:

@@ -82,6 +82,13 @@ def _from_fields(cls: type, data: Any) -> Any:
     return cls(**kwargs)
 
 
+#: What the rendered report says in place of the energy estimate when it has none.
+ENERGY_SKIPPED = (
+    "Energy estimate: skipped (no example input to count MACs with: set the LightningModule's "
+    "example_input_array, or pass example_input= to CompressionReport.build)"
+)
+
+
 @dataclass
 class LayerReport:
     """One clustered tensor: its spec, its stored size, and optional training statistics.
@@ -612,6 +619,8 @@ class CompressionReport:
         if self.energy is not None:
             parts += ["", self._energy_heading(),
                       _text_table(["", "fp32 (est.)", "clustered (est.)"], self._energy_rows())]
+        else:
+            parts += ["", ENERGY_SKIPPED]
         return "\n".join(parts) + "\n"
 
     def to_markdown(self) -> str:
@@ -633,6 +642,8 @@ class CompressionReport:
             parts += ["", "## Estimated energy per inference", "", self._energy_heading(), "",
                       _markdown_table(["", "fp32 (est.)", "clustered (est.)"],
                                       self._energy_rows())]
+        else:
+            parts += ["", ENERGY_SKIPPED]
         return "\n".join(parts) + "\n"
 
 

@@ -57,3 +57,16 @@ def test_centroid_and_weight_histograms_are_written(events):
     tags = set(events.Tags()["histograms"])
     assert "dkm_centroids/body.0.weight" in tags
     assert "dkm_weights/body.2.weight" in tags
+
+
+def test_the_compression_report_is_logged_at_fit_end(events):
+    tags = set(events.Tags()["scalars"])
+    assert {"dkm_report/total_bytes", "dkm_report/ratio_vs_fp32",
+            "dkm_report/bits_per_clustered_weight"} <= tags
+    ratio = scalar(events, "dkm_report/ratio_vs_fp32")
+    assert len(ratio) == 1 and ratio[0] > 4
+    bits = scalar(events, "dkm_report/bits_per_clustered_weight")[0]
+    assert 2.0 <= bits < 2.1  # 2-bit indices plus the LUTs
+    text = events.Tensors("dkm_report/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert "# Compression report" in text
+    assert "Energy estimate: skipped" in text  # TinyNet has no example_input_array
