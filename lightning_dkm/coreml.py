@@ -20,6 +20,7 @@ coremltools is imported lazily: nothing else in the package needs it.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
@@ -41,10 +42,17 @@ _INSTALL_HINT = 'pip install "lightning-dkm[coreml]" (coremltools >= 8.0)'
 
 
 def _coremltools() -> Any:
+    """Import coremltools without its import-time notices on Linux (the missing macOS runtime
+    library, untested torch / scikit-learn versions: conversion does not need either)."""
+    log = logging.getLogger("coremltools")
+    level = log.level
+    log.setLevel(logging.ERROR)
     try:
         import coremltools as ct
     except ImportError as err:
         raise ImportError(f"Core ML export needs coremltools: {_INSTALL_HINT}") from err
+    finally:
+        log.setLevel(level)
     return ct
 
 
