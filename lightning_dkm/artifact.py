@@ -193,9 +193,8 @@ def _checked_weight(name: str, palette: Palette, weight: Tensor | None) -> Tenso
             "them could not be loaded, so none is written. Check the loss and the weights of "
             f"{name!r}"
         )
-    rebuilt = palette.weight(weight.dtype).to(weight.device)
-    if not torch.equal(rebuilt, weight):
-        differ = int((rebuilt != weight).sum())
+    differ = palette.differing_elements(weight)
+    if differ:
         raise ValueError(
             f"palette {name!r} does not reproduce the model's {name!r} ({differ} of "
             f"{weight.numel()} elements differ): the weight changed after finalize() (more "

@@ -194,9 +194,8 @@ def carried_palettes(model: nn.Module) -> dict[str, Palette]:
             lut=lut.to(weight.dtype).clone(), indices=indices, layout=layout,
             scale=None if scale is None else scale.to(weight.dtype).clone(),
         )
-        rebuilt = palette.weight(weight.dtype)
-        if not torch.equal(rebuilt, weight):
-            differ = int((rebuilt != weight).sum())
+        differ = palette.differing_elements(weight)
+        if differ:
             raise ValueError(
                 f"{name}: the weight no longer matches the palette the model carries ({differ} "
                 f"of {weight.numel()} elements differ): it changed after finalize() (more "

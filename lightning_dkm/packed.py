@@ -108,8 +108,11 @@ def pack(
         weight = module._parameters.get(param_name)
         if weight is None:
             raise ValueError(f"{name} is not a Parameter of the model (already packed?)")
-        if verify and not torch.equal(palette.weight(weight.dtype).to(weight.device), weight):
-            raise ValueError(f"{name}: the palette does not reproduce the weight; not packed")
+        if verify and (differ := palette.differing_elements(weight)):
+            raise ValueError(
+                f"{name}: the palette does not reproduce the weight ({differ} elements differ: "
+                "changed after finalize?); not packed"
+            )
         lut_name, indices_name, scale_name = _names(param_name)
         del module._parameters[param_name]
         module.register_buffer(lut_name, palette.lut.to(device=weight.device, dtype=weight.dtype))

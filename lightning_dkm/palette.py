@@ -95,6 +95,12 @@ class Palette:
         weight = self.layout.from_palettes(self.vectors().to(compute), self.scale.to(compute))
         return weight.to(dtype)
 
+    def differing_elements(self, weight: Tensor) -> int:
+        """How many elements of ``weight`` this palette does not reproduce bit for bit (0: it
+        does); the check behind every "changed after finalize" error."""
+        rebuilt = self.weight(weight.dtype).to(weight.device)
+        return int((rebuilt != weight).sum())
+
     def index_grid(self) -> Tensor:
         """The indices laid out like the weight: its shape with the vector axis divided by
         ``cluster_dim`` (one index per vector), as Core ML's ``constexpr_lut_to_dense`` and a
