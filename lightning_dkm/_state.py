@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 __all__ = [
     "COMPRESSION_METADATA_PREFIX", "StateTensors", "is_compression_metadata", "state_tensors",
+    "unwrap",
 ]
 
 #: coremltools' prefix of compression-metadata buffers (``<module>._COREML_/<param>/lut``, ...):
@@ -48,6 +49,18 @@ def _identity(t: Tensor) -> tuple | None:
     if t.numel() == 0:
         return None
     return (t.device, t.data_ptr(), t.dtype, tuple(t.shape), tuple(t.stride()))
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside ``torch.compile`` and ``DistributedDataParallel`` wrappers (so its
+    names are the model's own, not ``_orig_mod.``- or ``module.``-prefixed ones)."""
+    while True:
+        inner = getattr(model, "_orig_mod", None)  # torch.compile's OptimizedModule
+        if inner is None and type(model).__name__ == "DistributedDataParallel":
+            inner = getattr(model, "module", None)
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
 
 
 def state_tensors(model: nn.Module, preferred: Iterable[str] = ()) -> StateTensors:

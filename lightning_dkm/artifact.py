@@ -46,7 +46,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from ._files import write_atomically
-from ._state import StateTensors, is_compression_metadata, state_tensors
+from ._state import StateTensors, is_compression_metadata, state_tensors, unwrap
 from .bitpack import pack_bits, packed_size, unpack_bits
 from .carried import carried_palettes, carry_palettes, discard_palettes
 from .layout import ClusterSpec, PaletteLayout
@@ -299,6 +299,7 @@ def save_compressed(
     """
     if lut_dtype not in _LUT_DTYPES.values():
         raise ValueError(f"lut_dtype must be one of {list(_LUT_DTYPES)}; got {lut_dtype}")
+    model = unwrap(model)  # torch.compile / DDP: the names are the model's own
     if palettes is None:
         palettes = carried_palettes(model)
     elif not isinstance(palettes, Mapping):

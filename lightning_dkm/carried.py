@@ -33,7 +33,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
-from ._state import COMPRESSION_METADATA_PREFIX, is_compression_metadata
+from ._state import COMPRESSION_METADATA_PREFIX, is_compression_metadata, unwrap
 from .dkm import hard_assign
 from .layout import ClusterSpec, PaletteLayout
 from .palette import Palette
@@ -177,6 +177,7 @@ def carried_palettes(model: nn.Module) -> dict[str, Palette]:
             (times its scales) no longer reproduces: it changed after finalize (more training
             or an in-place edit). The message names the weight.
     """
+    model = unwrap(model)
     palettes: dict[str, Palette] = {}
     for name in carried_names(model):
         module, _, param_name = _owner(model, name)

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ._state import unwrap
 from .carried import carried_palettes, version_key
 
 __all__ = ["CoreMLPalette", "export_coreml", "package_bytes", "read_coreml_palettes"]
@@ -116,6 +117,7 @@ def export_coreml(
     convert_kwargs.pop("convert_to", None)
     examples = (example_inputs,) if isinstance(example_inputs, Tensor) else tuple(example_inputs)
     inputs = convert_kwargs.pop("inputs", None) or _input_types(ct, examples)
+    model = unwrap(model)
     palettes = carried_palettes(model)  # validates them against the weights
     if not palettes:
         warnings.warn(

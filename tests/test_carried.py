@@ -152,3 +152,12 @@ def test_test_from_the_best_checkpoint_keeps_the_carried_palettes_true(tmp_path)
     assert set(carried) == {"body.0.weight", "body.2.weight"}
     for name, palette in carried.items():
         assert torch.equal(palette.weight(), model.get_parameter(name))
+
+
+def test_a_compiled_wrapper_saves_under_the_model_s_own_names(tmp_path) -> None:
+    model = Net()
+    palettes = every_layout(model)
+    compiled = torch.compile(model)  # not run: only the wrapper's names matter here
+    path = save_compressed(compiled, tmp_path / "m.safetensors", lut_dtype=torch.float32)
+    assert set(read_palettes(path)) == set(palettes)
+    assert_same_palettes(carried_palettes(compiled), palettes)
