@@ -826,8 +826,10 @@ class DKMCallback(Callback):
 def _check_coreml_export(pl_module: pl.LightningModule) -> None:
     """``export_coreml=True`` can work: coremltools imports and the module has an
     ``example_input_array`` to trace with; else a ``MisconfigurationException`` before training."""
+    from .coreml import require_coremltools
+
     try:
-        import coremltools  # noqa: F401
+        require_coremltools()
     except ImportError as err:
         raise MisconfigurationException(
             'DKMCallback(export_coreml=True) needs coremltools: pip install '

@@ -37,12 +37,15 @@ from torch import Tensor, nn
 from ._state import unwrap
 from .carried import carried_palettes, version_key
 
-__all__ = ["CoreMLPalette", "export_coreml", "package_bytes", "read_coreml_palettes"]
+__all__ = [
+    "CoreMLPalette", "export_coreml", "package_bytes", "read_coreml_palettes",
+    "require_coremltools",
+]
 
 _INSTALL_HINT = 'pip install "lightning-dkm[coreml]" (coremltools >= 8.0)'
 
 
-def _coremltools() -> Any:
+def require_coremltools() -> Any:
     """Import coremltools without its import-time notices on Linux (the missing macOS runtime
     library, untested torch / scikit-learn versions: conversion does not need either)."""
     log = logging.getLogger("coremltools")
@@ -105,7 +108,7 @@ def export_coreml(
         ValueError: a carried palette no longer matches its weight (changed after finalize),
             or unusable ``example_inputs``.
     """
-    ct = _coremltools()
+    ct = require_coremltools()
     path = Path(path)
     if path.suffix != ".mlpackage":
         raise ValueError(f"path must end in .mlpackage; got {str(path)!r}")
@@ -199,7 +202,7 @@ def read_coreml_palettes(path: str | os.PathLike[str]) -> dict[str, CoreMLPalett
     """The LUT ops of a saved ``.mlpackage``, by op name (coremltools names them after the
     PyTorch parameter, ``fc.weight`` -> ``fc_weight...``); reads the package without loading
     it into the Core ML runtime, so it works on every OS."""
-    ct = _coremltools()
+    ct = require_coremltools()
     from coremltools.converters.mil.frontend.milproto.load import load as load_program
 
     mlmodel = ct.models.MLModel(str(path), skip_model_load=True)
