@@ -10,9 +10,12 @@ builds the architecture, loads the artifact with ``load_compressed(model, path)`
 
 * ``state bytes``: what the model's parameters and buffers hold;
 * ``RSS``: the process's resident memory after the load (``/proc/self/status`` VmRSS) minus its
-  resident memory after every import and before building the model, so imports are left out;
-  the architecture's own random initialisation is allocated either way (packing then frees the
-  clustered weights; small blocks may stay in the allocator's arenas);
+  resident memory after every import and before building the model, so imports are left out.
+  The architecture is built under ``torch.device("meta")`` in both forms, so neither pays for a
+  random initialisation: the dense form holds what ``load_compressed`` assigns, the packed form
+  the LUTs, packed indices and the unclustered tensors (its per-forward decode buffers come and
+  go). Measured after one forward and after ``malloc_trim(0)``, so freed temporaries (the file
+  read, the decode) are not counted;
 * ``latency``: the median of ``--repeats`` forward passes (``torch.no_grad``, batch 1 for the
   CNN and 8 sentences of 32 tokens for MiniLM), after 3 warm-up passes, 2 threads.
 
@@ -37,6 +40,19 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
 sys.path.insert(0, str(ROOT))
+
+
+def _trim() -> None:
+    """Hand freed heap memory back to the OS (glibc ``malloc_trim``), so RSS shows what is held,
+    not what the allocator keeps from temporaries (the file read, the decode)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: RSS then includes the allocator's cache
+        pass
 
 
 def _rss_bytes() -> int:
@@ -68,6 +84,17 @@ def build(model: str):
                             generator=torch.Generator().manual_seed(0))
         return net, ids
     raise ValueError(f"unknown model {model!r}; choose cnn or minilm")
+
+
+def build_input(model: str, net) -> tuple[None, object]:
+    """The example input of ``model`` (on CPU, whatever device ``net`` was built on)."""
+    import torch
+
+    if model == "cnn":
+        return None, torch.zeros(1, 1, 8, 8)
+    ids = torch.randint(0, net.config.vocab_size, (8, 32),
+                        generator=torch.Generator().manual_seed(0))
+    return None, ids
 
 
 def compress(model: str, directory: Path) -> tuple[Path, dict]:
@@ -107,11 +134,15 @@ def child(model: str, artifact: str, packed: bool, repeats: int) -> dict:
         from transformers import BertModel  # noqa: F401
     import gc
 
-    gc.collect()
+    _trim()
     base = _rss_bytes()
-    net, example = build(model)
+    with torch.device("meta"):  # no random initialisation: only what the load writes
+        net, _ = build(model)
+    _, example = build_input(model, net)
     load_compressed(net, artifact, packed=packed)
-    gc.collect()
+    with torch.no_grad():
+        net(example)  # one forward: what inference holds between calls
+    _trim()
     rss = _rss_bytes() - base
     held = sum(t.numel() * t.element_size() for t in net.state_dict().values())
     times = []

@@ -566,7 +566,9 @@ def load_compressed(
             ``False`` only the common names are loaded (shapes must still match).
         packed: keep the clustered weights packed (:func:`lightning_dkm.packed.pack`: LUT +
             bit-packed indices as buffers, decoded per forward) instead of dense: the model then
-            holds about the artifact's bytes. Their dense values are never written.
+            holds about the artifact's bytes. Their dense values are never written. Build the
+            model under ``torch.device("meta")`` to skip its own (dense, random)
+            initialisation as well: tensors still on the meta device are assigned, on CPU.
 
     Returns:
         The palettes of the loaded clustered tensors, on the model's device and in its dtype,
@@ -614,15 +616,25 @@ def load_compressed(
         values[key] = value
 
     clustered_keys = {k for k in values if aliases.get(k, k) in palettes}
+    on_meta: dict[str, Tensor] = {}  # a model built under torch.device("meta"): assign, not copy
     for key, value in values.items():
-        if not (packed and key in clustered_keys):
+        if packed and key in clustered_keys:
+            continue
+        if target[key].is_meta:
+            on_meta[key] = value.to(target[key].dtype)
+        else:
             target[key].copy_(value)
+    if on_meta:
+        model.load_state_dict(on_meta, strict=False, assign=True)
     discard_palettes(model)  # what the model carried before describes other weights
 
+    target = model.state_dict()  # after an assign, the new tensors
     loaded = {}
     for name, palette in palettes.items():
         if name in values:
             weight = target[name]
+            if weight.is_meta:  # packed: the weight stays unmaterialised, its palette on CPU
+                weight = torch.empty(0, dtype=weight.dtype)
             loaded[name] = Palette(
                 lut=palette.lut.to(device=weight.device, dtype=weight.dtype),
                 indices=palette.indices.to(weight.device),

@@ -115,6 +115,8 @@ def pack(
             )
         lut_name, indices_name, scale_name = _names(param_name)
         del module._parameters[param_name]
+        if weight.is_meta:  # never materialised (load_compressed into a meta-built model)
+            weight = torch.empty(0, dtype=weight.dtype, device=palette.lut.device)
         module.register_buffer(lut_name, palette.lut.to(device=weight.device, dtype=weight.dtype))
         module.register_buffer(
             indices_name,

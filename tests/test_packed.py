@@ -96,3 +96,16 @@ def test_a_stale_palette_or_a_tied_weight_is_not_packed() -> None:
     palettize(tied, bits=2, min_size=1)
     with pytest.raises(ValueError, match="tied"):
         pack(tied)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_a_model_built_on_the_meta_device_loads_without_its_own_initialisation(
+        tmp_path, packed) -> None:
+    model, _ = finalized()
+    path = save_compressed(model, tmp_path / "m.safetensors", lut_dtype=torch.float32)
+    with torch.device("meta"):
+        fresh = Net().eval()
+    load_compressed(fresh, path, packed=packed)
+    assert not any(t.is_meta for t in fresh.state_dict().values())
+    assert is_packed(fresh) is packed
+    assert torch.equal(fresh(tokens()), model(tokens()))
