@@ -35,7 +35,6 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ._files import write_atomically
 from .artifact import save_compressed
 from .clustering import (
     ClusteredTensor,
@@ -47,7 +46,8 @@ from .clustering import (
     register_load_pre_hook,
     release,
 )
-from .layout import ClusterSpec, PaletteLayout
+from .handoff import discard_handoff, read_handoff, write_handoff
+from .layout import ClusterSpec
 from .methods import (
     DEFAULT_REFRESH_EVERY,
     DEFAULT_REGULARIZATION,
@@ -325,7 +325,7 @@ class DKMCallback(Callback):
         self._handoff_path = Path(tempfile.gettempdir()) / (
             f"lightning_dkm-{self._launcher_pid}-{uuid.uuid4().hex}.pt"
         )
-        weakref.finalize(self, _discard_handoff, self._handoff_path, self._launcher_pid)
+        weakref.finalize(self, discard_handoff, self._handoff_path, self._launcher_pid)
         self._stats: dict[str, dict[str, float]] = {}
         self._palettes: dict[str, Palette] = {}
         self._report: CompressionReport | None = None
@@ -381,7 +381,7 @@ class DKMCallback(Callback):
         """In the launching process of a ddp_spawn fit, adopt what rank 0 left behind."""
         if os.getpid() != self._launcher_pid or not self._handoff_path.is_file():
             return
-        handoff = _read_handoff(self._handoff_path)
+        handoff = read_handoff(self._handoff_path)
         self._handoff_path.unlink(missing_ok=True)
         self._output_paths = handoff["paths"]
         self._palettes = handoff["palettes"]
@@ -816,7 +816,7 @@ class DKMCallback(Callback):
         if os.getpid() != self._launcher_pid:
             # A spawned worker (ddp_spawn): the process that called fit holds another copy of
             # this callback and gets only the weights back; leave it what it needs.
-            _write_handoff(self._handoff_path, paths, self.palettes, self.stats)
+            write_handoff(self._handoff_path, paths, self.palettes, self.stats)
         if self.verbose:
             rank_zero_info("\n" + self.report.to_table())
             rank_zero_info(f"DKM outputs written to {', '.join(str(p) for p in paths.values())}")
@@ -868,59 +868,3 @@ def _check_writable_dir(path: Path, argument: str | None) -> None:
         ) from err
     if not os.access(path, os.W_OK | os.X_OK):
         raise MisconfigurationException(f"DKMCallback: {label} is not writable; {fix}")
-
-
-def _write_handoff(
-    path: Path,
-    paths: dict[str, Path],
-    palettes: dict[str, Palette],
-    stats: dict[str, dict[str, float]],
-) -> None:
-    """Rank 0 of a spawned fit: the outputs, palettes and statistics, as tensors and primitives
-    only (so the reader can use ``torch.load(weights_only=True)``), written atomically."""
-    payload = {
-        "paths": {key: str(value) for key, value in paths.items()},
-        "stats": stats,
-        "palettes": {
-            name: {
-                "lut": palette.lut.detach().cpu(),
-                "indices": palette.indices.detach().cpu(),
-                "shape": list(palette.layout.shape),
-                "bits": palette.layout.spec.bits,
-                "cluster_dim": palette.layout.spec.cluster_dim,
-                "group_size": palette.layout.spec.group_size,
-                "group_axis": palette.layout.group_axis,
-                "vector_axis": palette.layout.vector_axis,
-                "scale": None if palette.scale is None else palette.scale.detach().cpu(),
-            }
-            for name, palette in palettes.items()
-        },
-    }
-    write_atomically({path: lambda tmp: torch.save(payload, tmp)})
-
-
-def _read_handoff(path: Path) -> dict[str, Any]:
-    payload = torch.load(path, weights_only=True)
-    palettes = {}
-    for name, entry in payload["palettes"].items():
-        scale = entry.get("scale")
-        spec = ClusterSpec(
-            bits=entry["bits"], cluster_dim=entry["cluster_dim"], group_size=entry["group_size"],
-            per_channel_scale=scale is not None,
-        )
-        layout = PaletteLayout(
-            tuple(entry["shape"]), spec, entry["group_axis"], entry["vector_axis"], name=name
-        )
-        palettes[name] = Palette(entry["lut"], entry["indices"], layout, scale=scale)
-    return {
-        "paths": {key: Path(value) for key, value in payload["paths"].items()},
-        "palettes": palettes,
-        "stats": payload["stats"],
-    }
-
-
-def _discard_handoff(path: Path, launcher_pid: int) -> None:
-    """Remove a handoff nobody read, from the launching process only (a forked worker that
-    exits must not delete what it just left for the launcher)."""
-    if os.getpid() == launcher_pid:
-        path.unlink(missing_ok=True)
