@@ -40,6 +40,12 @@ class _Packed:
     layout: PaletteLayout
     handles: tuple[RemovableHandle, RemovableHandle]
     requires_grad: bool
+    #: For one scalar palette at 1/2/4/8 bits: the values of every possible packed byte,
+    #: ``(256, 8 // bits)``, so decoding is one gather (made at the first forward).
+    byte_values: Tensor | None = None
+    #: The LUT the table was made from (storage, version, dtype, device): a LUT that was
+    #: replaced, edited in place, cast or moved makes it again.
+    byte_values_of: tuple | None = None
 
 
 _ATTRIBUTE = "_lightning_dkm_packed"
@@ -49,15 +55,34 @@ def _names(param_name: str) -> tuple[str, str, str]:
     return f"{param_name}_lut", f"{param_name}_packed_indices", f"{param_name}_scale"
 
 
+def _byte_values(lut: Tensor, bits: int) -> Tensor:
+    """``(256, 8 // bits)``: the LUT values of the indices packed in each possible byte."""
+    per = 8 // bits
+    byte = torch.arange(256, device=lut.device).unsqueeze(1)
+    shifts = bits * torch.arange(per, device=lut.device)
+    return lut.reshape(-1)[(byte >> shifts) & ((1 << bits) - 1)]
+
+
 def _decode(module: nn.Module, packed: _Packed) -> Tensor:
+    """The dense weight, equal to ``Palette.weight()`` bit for bit."""
     lut_name, indices_name, scale_name = _names(packed.param_name)
     layout = packed.layout
-    P, n, _ = layout.palette_shape
-    indices = unpack_bits(module._buffers[indices_name], layout.spec.bits, P * n).view(P, n)
+    P, n, d = layout.palette_shape
     lut = module._buffers[lut_name]
     scale = module._buffers.get(scale_name)
-    palette = Palette(lut, indices.to(lut.device), layout, scale)
-    return palette.weight()
+    data = module._buffers[indices_name]
+    bits = layout.spec.bits
+    if P == 1 and d == 1 and 8 % bits == 0:  # one gather from the per-byte value table
+        key = (lut.data_ptr(), lut._version, lut.dtype, lut.device)
+        if packed.byte_values_of != key:
+            packed.byte_values, packed.byte_values_of = _byte_values(lut, bits), key
+        x = packed.byte_values[data.long()].reshape(-1)[:n].view(1, n, 1)
+        if scale is None:
+            return layout.from_palettes(x)
+        compute = torch.promote_types(lut.dtype, torch.float32)
+        return layout.from_palettes(x.to(compute), scale.to(compute)).to(lut.dtype)
+    indices = unpack_bits(data, bits, P * n).view(P, n)
+    return Palette(lut, indices.to(lut.device), layout, scale).weight()
 
 
 def _before_forward(module: nn.Module, args) -> None:

@@ -109,3 +109,17 @@ def test_a_model_built_on_the_meta_device_loads_without_its_own_initialisation(
     assert not any(t.is_meta for t in fresh.state_dict().values())
     assert is_packed(fresh) is packed
     assert torch.equal(fresh(tokens()), model(tokens()))
+
+
+def test_a_packed_model_follows_its_lut_when_it_is_loaded_cast_or_edited() -> None:
+    model, palettes = finalized()
+    pack(model)
+    model(tokens())  # builds the decode tables
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        model.embed.weight_lut.mul_(2.0)  # an in-place edit
+    assert torch.equal(model.embed(torch.tensor([[3]]))[0, 0],
+                       2.0 * palettes["embed.weight"].weight()[3])
+    model.load_state_dict(state)  # and back
+    assert torch.equal(model.embed(torch.tensor([[3]]))[0, 0], palettes["embed.weight"].weight()[3])
+    assert model.double()(tokens()).dtype == torch.float64  # a cast
