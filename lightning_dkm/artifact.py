@@ -690,28 +690,22 @@ def inspect_artifact(path: str | os.PathLike[str]) -> CompressionReport:
     metadata, tensors = _read(path)
     palettes, stored, aliases = _decode(path, metadata, tensors)
     data = json.loads(metadata[_KEY_LAYOUT])
-    parameters = set(data.get("parameters", []))
+    parameters = set(data.get("parameters", [])) | set(palettes)
     skeleton = nn.Module()
     values = {name: p.weight() for name, p in palettes.items()} | stored
+    entries: dict[str, Tensor] = {}  # every stored tensor once, as a Parameter or a buffer
+    for name, tensor in values.items():
+        entries[name] = nn.Parameter(tensor, requires_grad=False) if name in parameters else tensor
+    # an alias gets the very same object, so the report counts the tensor once
     for name in [*values, *aliases]:
-        tensor = values[aliases.get(name, name)]
         owner_name, _, leaf = name.rpartition(".")
         owner = skeleton
         for part in owner_name.split(".") if owner_name else []:
             if part not in owner._modules:
                 owner.add_module(part, nn.Module())
             owner = owner._modules[part]
-        if name in palettes or aliases.get(name, name) in parameters | set(palettes):
-            owner.register_parameter(leaf, nn.Parameter(tensor, requires_grad=False))
-        else:
-            owner.register_buffer(leaf, tensor)
-    tied = {alias: target for alias, target in aliases.items()}
-    for alias, target in tied.items():  # one tensor under both names, counted once
-        a_owner, _, a_leaf = alias.rpartition(".")
-        t_owner, _, t_leaf = target.rpartition(".")
-        source = skeleton.get_submodule(t_owner) if t_owner else skeleton
-        dest = skeleton.get_submodule(a_owner) if a_owner else skeleton
-        kind = "_parameters" if t_leaf in source._parameters else "_buffers"
-        getattr(dest, kind)[a_leaf] = getattr(source, kind)[t_leaf]
+        entry = entries[aliases.get(name, name)]
+        kind = owner._parameters if isinstance(entry, nn.Parameter) else owner._buffers
+        kind[leaf] = entry
     lut_dtype = _LUT_DTYPES[data["lut_dtype"]]
     return CompressionReport.build(skeleton, palettes, lut_dtype=lut_dtype)

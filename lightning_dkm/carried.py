@@ -112,14 +112,9 @@ def version_key(prefix: str = "") -> str:
 def discard_palettes(model: nn.Module, names: list[str] | None = None) -> None:
     """Remove the carried palettes of ``names`` (default: all) and, when none is left, the
     version buffer."""
-    for module_name, module in model.named_modules():
-        for buffer in [b for b in module._buffers if is_compression_metadata(b)]:
-            if buffer == _VERSION_BUFFER:
-                continue
-            param_name = buffer.split(_SEP)[1]
-            qualified = f"{module_name}.{param_name}" if module_name else param_name
-            if names is None or qualified in names:
-                del module._buffers[buffer]
+    for module, buffer, qualified, _ in list(_metadata_buffers(model)):
+        if names is None or qualified in names:
+            del module._buffers[buffer]
     if not carried_names(model) and _VERSION_BUFFER in model._buffers:
         del model._buffers[_VERSION_BUFFER]
 
@@ -156,13 +151,18 @@ def carry_palettes(model: nn.Module, palettes: Mapping[str, Palette]) -> None:
 
 def carried_names(model: nn.Module) -> list[str]:
     """The qualified names of the parameters ``model`` carries a palette for."""
-    names = []
+    return [name for _, _, name, key in _metadata_buffers(model) if key == "lut"]
+
+
+def _metadata_buffers(model: nn.Module):
+    """``(module, buffer name, qualified parameter name, key)`` of every per-parameter
+    compression-metadata buffer (``_COREML_/<param>/<key>``; the version buffer is not one)."""
     for module_name, module in model.named_modules():
         for buffer in module._buffers:
             parts = buffer.split(_SEP)
-            if is_compression_metadata(buffer) and len(parts) == 3 and parts[2] == "lut":
-                names.append(f"{module_name}.{parts[1]}" if module_name else parts[1])
-    return names
+            if is_compression_metadata(buffer) and len(parts) == 3:
+                qualified = f"{module_name}.{parts[1]}" if module_name else parts[1]
+                yield module, buffer, qualified, parts[2]
 
 
 @torch.no_grad()

@@ -81,8 +81,17 @@ def _decode(module: nn.Module, packed: _Packed) -> Tensor:
             return layout.from_palettes(x)
         compute = torch.promote_types(lut.dtype, torch.float32)
         return layout.from_palettes(x.to(compute), scale.to(compute)).to(lut.dtype)
-    indices = unpack_bits(data, bits, P * n).view(P, n)
-    return Palette(lut, indices.to(lut.device), layout, scale).weight()
+    return _palette(module, packed).weight()
+
+
+def _palette(module: nn.Module, packed: _Packed) -> Palette:
+    """The palette one packed weight's buffers hold."""
+    lut_name, indices_name, scale_name = _names(packed.param_name)
+    P, n, _ = packed.layout.palette_shape
+    lut = module._buffers[lut_name]
+    indices = unpack_bits(module._buffers[indices_name], packed.layout.spec.bits, P * n)
+    return Palette(lut, indices.view(P, n).to(lut.device), packed.layout,
+                   module._buffers.get(scale_name))
 
 
 def _before_forward(module: nn.Module, args) -> None:
@@ -167,14 +176,8 @@ def packed_palettes(model: nn.Module) -> dict[str, Palette]:
     out = {}
     for module_name, module in model.named_modules():
         for param_name, packed in getattr(module, _ATTRIBUTE, {}).items():
-            lut_name, indices_name, scale_name = _names(param_name)
-            P, n, _ = packed.layout.palette_shape
-            indices = unpack_bits(module._buffers[indices_name].cpu(), packed.layout.spec.bits,
-                                  P * n).view(P, n)
             name = f"{module_name}.{param_name}" if module_name else param_name
-            out[name] = Palette(module._buffers[lut_name], indices.to(module._buffers[lut_name]
-                                                                      .device), packed.layout,
-                                module._buffers.get(scale_name))
+            out[name] = _palette(module, packed)
     return out
 
 
