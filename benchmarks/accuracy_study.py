@@ -29,18 +29,20 @@ Methods (``--methods``): ``dkm``, ``hard``, ``deep_kmeans`` (not in the default 
 ``lightning_dkm`` engine with DKMCallback's own defaults *as they are at run time* (temperature,
 DKM iterations, epsilon, implementation: read from ``DKMCallback()``; ``--tau START END`` is an
 explicit per-step exponential override) and start from the centroids of ``palettize`` (so the
-comparison with ``palettize`` is what fine-tuning adds); ``dkm_sensitivity_init`` (the same
-DKM, started from the ``palettize_sensitivity`` centroids instead); ``palettize`` (k-means of
-the fp32 weights); ``palettize_sensitivity`` (``palettize(..., calibration=(dataloader, loss_fn))``,
-``loss_fn(model, batch)``; skipped with a message while ``palettize`` has no ``calibration``
-argument); ``apple_dkm`` (coremltools' ``DKMPalettizer`` at its defaults, only ``n_bits`` set,
-see ``benchmarks/apple_dkm.py``: same Linear layers, optimizer, steps, data order and starting
-weights, its own k-means initialisation); ``fp32_finetune`` (the same fine-tuning without
-clustering: the ceiling; bit-independent, so once per seed; on MiniLM it stays near 1.0, what
-is left being AdamW's steps on rounding-level gradients). Every train-time method uses AdamW at
-the same learning rate over the same batches and trains the same parameters. A seed sets the
-data order and the k-means seeding (``palettize``, ``attach``, Apple's k-means++); the split
-and the pretrained weights stay fixed.
+comparison with ``palettize`` is what fine-tuning adds); ``dkm_sensitivity_init`` (the same DKM,
+started from the ``palettize_sensitivity`` centroids instead); ``dkm_exact`` (the same DKM with
+the exact-weights step ``implementation="chunked"``, not the float16 distinct values that
+``"auto"`` picks: what the default's rounding costs; not in the default set); ``palettize``
+(k-means of the fp32 weights); ``palettize_sensitivity`` (``palettize(...,
+calibration=(dataloader, loss_fn))``, ``loss_fn(model, batch)``; skipped with a message while
+``palettize`` has no ``calibration`` argument); ``apple_dkm`` (coremltools' ``DKMPalettizer`` at
+its defaults, only ``n_bits`` set, see ``benchmarks/apple_dkm.py``: same Linear layers,
+optimizer, steps, data order and starting weights, its own k-means initialisation);
+``fp32_finetune`` (the same fine-tuning without clustering: the ceiling; bit-independent, so
+once per seed; on MiniLM it stays near 1.0, what is left being AdamW's steps on rounding-level
+gradients). Every train-time method uses AdamW at the same learning rate over the same batches
+and trains the same parameters. A seed sets the data order and the k-means seeding
+(``palettize``, ``attach``, Apple's k-means++); the split and the pretrained weights stay fixed.
 
 Sizes are :class:`lightning_dkm.CompressionReport` totals (palettes with fp16 LUTs, bit-packed
 indices, every unclustered tensor as stored), identical for every method at a given width; Apple's
@@ -147,7 +149,12 @@ FP32_FINETUNE = "fp32_finetune"
 #: DKM at its defaults started from the sensitivity-weighted k-means palettes instead of the
 #: plain ones (#11: "offer it as DKM's centroid initialisation if it helps; measure").
 DKM_SENSITIVITY_INIT = "dkm_sensitivity_init"
-METHODS = (*TRAIN_METHODS, DKM_SENSITIVITY_INIT, PALETTIZE, SENSITIVITY, APPLE, FP32_FINETUNE)
+#: DKM at its defaults but with the exact-weights step (``implementation="chunked"``) instead of
+#: what ``"auto"`` picks (the float16 distinct-value step for scalar palettes): #14 asks whether
+#: the default's rounding costs accuracy.
+DKM_EXACT = "dkm_exact"
+METHODS = (*TRAIN_METHODS, DKM_SENSITIVITY_INIT, DKM_EXACT, PALETTIZE, SENSITIVITY, APPLE,
+           FP32_FINETUNE)
 #: The default set of the MiniLM and char-LM parts (Deep k-Means only on request).
 DEFAULT_METHODS = ("dkm", DKM_SENSITIVITY_INIT, "hard", PALETTIZE, SENSITIVITY, APPLE,
                    FP32_FINETUNE)
@@ -705,6 +712,17 @@ def run_task(task: Task, cfg: FinetuneConfig, log=print,
                 add(method, bits, seed, value, report.total_bytes, report,
                     t0, steps=len(batches),
                     eval_seconds=round(eval_s, 2), **info)
+            if DKM_EXACT in methods:
+                t0 = _now()
+                model = task.fresh()
+                torch.manual_seed(seed)
+                palettes, info = _engine_finetune(model, "dkm", init, batches, task,
+                                                  _apply(cfg, implementation="chunked"), seed,
+                                                  defaults)
+                report = CompressionReport.build(model, palettes, lut_dtype=torch.float16)
+                value, eval_s = evaluate(model)
+                add(DKM_EXACT, bits, seed, value, report.total_bytes, report,
+                    t0, steps=len(batches), eval_seconds=round(eval_s, 2), **info)
             if DKM_SENSITIVITY_INIT in methods:
                 t0 = _now()
                 model = task.fresh()
@@ -1189,7 +1207,7 @@ def run_charlm(cfg: CharLMConfig, log=print, skipped: list[str] | None = None
 # -- outputs ---------------------------------------------------------------------------------------
 _STYLE = {"dkm": ("C0", "o"), "deep_kmeans": ("C2", "s"), "hard": ("C1", "^"),
           PALETTIZE: ("C3", "x"), SENSITIVITY: ("C4", "D"), APPLE: ("C5", "v"),
-          DKM_SENSITIVITY_INIT: ("C9", "P"),
+          DKM_SENSITIVITY_INIT: ("C9", "P"), DKM_EXACT: ("C8", "h"),
           FP32_FINETUNE: ("C7", None), "fp32": ("k", "*")}
 _REFERENCES = ("fp32", FP32_FINETUNE)  # drawn as horizontal lines, not against size
 
