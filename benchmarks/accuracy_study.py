@@ -131,14 +131,14 @@ from lightning_dkm import (  # noqa: E402
     finalize,
     palettize,
 )
-from lightning_dkm.layout import ClusterSpec  # noqa: E402
-from lightning_dkm.methods import (  # noqa: E402
+from lightning_dkm.engine.layout import ClusterSpec  # noqa: E402
+from lightning_dkm.lightning.schedules import build_schedule  # noqa: E402
+from lightning_dkm.model.methods import (  # noqa: E402
     DEFAULT_REFRESH_EVERY,
     DEFAULT_REGULARIZATION,
     build_method,
 )
-from lightning_dkm.schedules import build_schedule  # noqa: E402
-from lightning_dkm.targets import select_targets  # noqa: E402
+from lightning_dkm.model.targets import select_targets  # noqa: E402
 
 #: The engine's train-time methods (``DKMCallback(method=...)``).
 TRAIN_METHODS = ("dkm", "deep_kmeans", "hard")
@@ -419,7 +419,8 @@ def temperature_plan(
 
     ``override`` ``(start, end)``: exponential from start to end per step, every tensor alike.
     Otherwise DKMCallback's default ``default`` (its ``temperature``), the way the callback
-    applies it: with ``lightning_dkm.temperature.TemperaturePlan`` when it exists (each tensor's
+    applies it: with ``lightning_dkm.lightning.temperature.TemperaturePlan`` when it exists (each
+    tensor's
     bounds calibrated on its weights and current centroids when DKM starts, here from the
     ``palettize`` centroids; then ``taus(step)`` over ``steps`` units), else the older
     callback's ``{schedule, start, end}`` mapping, annealed per step."""
@@ -431,7 +432,7 @@ def temperature_plan(
                 "end": end, "interval": "step"}
         return (lambda step: dict.fromkeys(names, float(schedule(step)))), info
     try:
-        from lightning_dkm.temperature import TemperatureConfig, TemperaturePlan
+        from lightning_dkm.lightning.temperature import TemperatureConfig, TemperaturePlan
     except ImportError:  # a checkout from before the calibrated temperature
         spec = dict(default or {"schedule": "exponential", "start": 1e-2, "end": 1e-4})
         name = spec.pop("schedule")
@@ -461,7 +462,7 @@ def sensitivity_unavailable() -> str | None:
     cannot run."""
     if "calibration" in inspect.signature(palettize).parameters:
         return None
-    return ("lightning_dkm.palettize has no calibration= argument (sensitivity-weighted "
+    return ("lightning_dkm.model.post_training has no calibration= argument (sensitivity-weighted "
             "k-means) in this checkout: palettize_sensitivity skipped")
 
 

@@ -9,7 +9,8 @@ the CPU can no longer queue ahead. This machine has no GPU, so :func:`count_host
 counts the calls that force such a read on an accelerator (a CPU-side proxy: every Python
 entry point below, wrapped for the duration of the block), during one training forward and
 backward of a ``DKMParametrization`` (soft mode) on a ``Linear(256, 256)`` weight, 4 bits.
-The steps run in their sync-free form (:func:`lightning_dkm.dkm.sync_free`), the form they take
+The steps run in their sync-free form (:func:`lightning_dkm.engine.numerics.sync_free`), the form
+they take
 on an accelerator and under ``torch.compile``; ``--eager-cpu`` counts the CPU default too,
 whose reads are free there (no device) and let the loop stop early.
 ``torch.cuda.set_sync_debug_mode("error")`` is the real check where CUDA exists
@@ -124,7 +125,7 @@ def parametrized_weight(implementation: str, epsilon: float, bits: int = 4,
                         shape: tuple[int, int] = (256, 256), cluster_dim: int = 1):
     """A trainable weight and an initialised ``DKMParametrization`` (soft, training) for it."""
     from lightning_dkm import ClusterSpec, PaletteLayout
-    from lightning_dkm.parametrize import DKMParametrization
+    from lightning_dkm.engine.parametrization import DKMParametrization
 
     torch.manual_seed(0)
     weight = torch.nn.Parameter(torch.randn(shape) * 0.05)
@@ -136,9 +137,9 @@ def parametrized_weight(implementation: str, epsilon: float, bits: int = 4,
 
 
 def _sync_free() -> contextlib.AbstractContextManager:
-    from lightning_dkm import dkm
+    from lightning_dkm.engine import numerics
 
-    return dkm.sync_free() if hasattr(dkm, "sync_free") else contextlib.nullcontext()
+    return numerics.sync_free()
 
 
 def syncs_of_one_step(implementation: str, epsilon: float, eager_cpu: bool = False) -> SyncLog:

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import torch
 
-from lightning_dkm.dkm import Normalization
-from lightning_dkm.kmeans import kmeans
-from lightning_dkm.unique_dkm import unique_dkm_cluster
+from lightning_dkm.engine.distinct import unique_dkm_cluster
+from lightning_dkm.engine.kmeans import kmeans
+from lightning_dkm.engine.numerics import Normalization
 
 
 def weight_gradient(x, c, tau, max_iter, gradient, norm, upstream) -> torch.Tensor:

@@ -22,11 +22,11 @@ from pathlib import Path
 
 import torch
 
-from lightning_dkm.fast_dkm import fast_dkm_cluster
-from lightning_dkm.kmeans import kmeans
-from lightning_dkm.unique_dkm import unique_dkm_cluster
+from lightning_dkm.engine.chunked import chunked_dkm_cluster
+from lightning_dkm.engine.distinct import unique_dkm_cluster
+from lightning_dkm.engine.kmeans import kmeans
 
-STEPS = {"chunked": fast_dkm_cluster, "unique": unique_dkm_cluster}
+STEPS = {"chunked": chunked_dkm_cluster, "unique": unique_dkm_cluster}
 
 
 def _rss_mb(field: str) -> float:

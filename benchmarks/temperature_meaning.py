@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import torch
 
-from lightning_dkm.dkm import normalization_of, soft_assignment
-from lightning_dkm.kmeans import kmeans
-from lightning_dkm.temperature import TemperatureConfig, mean_assignment_entropy
+from lightning_dkm.engine.kmeans import kmeans
+from lightning_dkm.engine.numerics import normalization_of
+from lightning_dkm.engine.reference import soft_assignment
+from lightning_dkm.lightning.temperature import TemperatureConfig, mean_assignment_entropy
 
 TAUS = (1e-4, 1e-3, 1e-2, 1e-1)
 

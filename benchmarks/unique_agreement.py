@@ -19,9 +19,9 @@ import argparse
 
 import torch
 
-from lightning_dkm.dkm import dkm_cluster
-from lightning_dkm.kmeans import kmeans
-from lightning_dkm.unique_dkm import unique_dkm_cluster
+from lightning_dkm.engine.distinct import unique_dkm_cluster
+from lightning_dkm.engine.kmeans import kmeans
+from lightning_dkm.engine.reference import dkm_cluster
 
 
 def relative(a: torch.Tensor, b: torch.Tensor) -> float:

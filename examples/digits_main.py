@@ -63,7 +63,7 @@ def main(args: list[str] | None = None) -> dict[str, float]:
           f"fp32 model: {dkm.report.fp32_bytes:,} bytes)")
     coreml = dkm.output_paths.get("coreml")
     if coreml is not None:  # export_coreml: true in the YAML (needs the coreml extra)
-        from lightning_dkm.coreml import package_bytes, read_coreml_palettes
+        from lightning_dkm.export.coreml import package_bytes, read_coreml_palettes
 
         print(f"Core ML package {coreml}: {package_bytes(coreml):,} bytes, "
               f"{len(read_coreml_palettes(coreml))} LUT-palettized tensors "

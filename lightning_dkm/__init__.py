@@ -4,25 +4,30 @@ The engine (``kmeans``, ``dkm``, ``layout``, ``parametrize``) is plain PyTorch; 
 callback builds on it.
 """
 
-from .artifact import (
+from .engine.bitpack import pack_bits, unpack_bits
+from .engine.layout import ClusterSpec, PaletteLayout
+from .engine.palette import Palette
+from .engine.parametrization import DKMParametrization
+from .export.artifact import (
     inspect_artifact,
     load_compressed,
     read_metadata,
     read_palettes,
     save_compressed,
 )
-from .bitpack import pack_bits, unpack_bits
-from .carried import carried_palettes, carry_palettes, discard_palettes, expect_carried_buffers
-from .clustering import ClusteredTensor, attach, clustered_tensors, finalize
-from .coreml import export_coreml, read_coreml_palettes
-from .energy import EnergyModel, count_macs
-from .layout import ClusterSpec, PaletteLayout
-from .packed import pack, unpack
-from .palette import Palette
-from .palettize import fisher_diagonal, palettize
-from .parametrize import DKMParametrization
-from .report import CompressionReport, EnergyEstimate, LayerReport, TensorReport
-from .targets import Target, select_targets
+from .export.coreml import export_coreml, read_coreml_palettes
+from .export.energy import EnergyModel, count_macs
+from .export.packed import pack, unpack
+from .export.report import CompressionReport, EnergyEstimate, LayerReport, TensorReport
+from .model.attach import ClusteredTensor, attach, clustered_tensors, finalize
+from .model.carried import (
+    carried_palettes,
+    carry_palettes,
+    discard_palettes,
+    expect_carried_buffers,
+)
+from .model.post_training import fisher_diagonal, palettize
+from .model.targets import Target, select_targets
 
 __all__ = [
     "ClusterSpec",
@@ -67,7 +72,7 @@ __version__ = "0.1.0"
 def __getattr__(name: str):
     # The callback imports Lightning (seconds); the plain-PyTorch engine should not pay for it.
     if name == "DKMCallback":
-        from .callback import DKMCallback
+        from .lightning.callback import DKMCallback
 
         return DKMCallback
     raise AttributeError(f"module 'lightning_dkm' has no attribute {name!r}")

@@ -41,7 +41,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _inspect(args: argparse.Namespace) -> str:
-    from .artifact import inspect_artifact
+    from .export.artifact import inspect_artifact
 
     report = inspect_artifact(args.file)
     if args.json:
@@ -52,7 +52,7 @@ def _inspect(args: argparse.Namespace) -> str:
 
 
 def _coreml(args: argparse.Namespace) -> str:
-    from .coreml import package_bytes, read_coreml_palettes
+    from .export.coreml import package_bytes, read_coreml_palettes
 
     ops = read_coreml_palettes(args.file)
     rows = [

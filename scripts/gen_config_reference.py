@@ -5,7 +5,8 @@
 
 The argument descriptions come from the ``Args:`` section of ``DKMCallback``'s docstring; types
 and defaults come from ``inspect.signature(DKMCallback.__init__)``; the temperature schedules
-from the docstrings of the classes in :mod:`lightning_dkm.schedules`. ``tests/test_docs.py``
+from the docstrings of the classes in :mod:`lightning_dkm.lightning.schedules`.
+``tests/test_docs.py``
 regenerates the text in memory and compares it with the committed file, so the reference cannot
 drift from the code.
 """
@@ -109,7 +110,7 @@ def _summary(doc: str) -> list[str]:
 
 
 def _schedule_rows() -> list[tuple[str, str]]:
-    from lightning_dkm import schedules
+    from lightning_dkm.lightning import schedules
 
     rows = []
     for name, cls in (

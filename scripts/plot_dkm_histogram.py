@@ -33,9 +33,9 @@ sys.path.insert(0, str(ROOT / "examples"))
 from digits import DigitsCNN, DigitsDataModule  # noqa: E402
 
 from lightning_dkm import ClusterSpec, attach, finalize, select_targets  # noqa: E402
-from lightning_dkm.clustering import clustered_tensors, set_mode, set_temperature  # noqa: E402
-from lightning_dkm.monitor import measure  # noqa: E402
-from lightning_dkm.schedules import build_schedule  # noqa: E402
+from lightning_dkm.lightning.convergence import measure  # noqa: E402
+from lightning_dkm.lightning.schedules import build_schedule  # noqa: E402
+from lightning_dkm.model.attach import clustered_tensors, set_mode, set_temperature  # noqa: E402
 
 COMMAND = "python scripts/plot_dkm_histogram.py"
 

@@ -12,7 +12,7 @@ import torch
 from lightning_helpers import TinyNet, trainer
 
 from lightning_dkm import DKMCallback, clustered_tensors
-from lightning_dkm.temperature import (
+from lightning_dkm.lightning.temperature import (
     DEFAULT_START_ENTROPY,
     TemperatureConfig,
     geometric_mean,

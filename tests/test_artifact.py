@@ -30,7 +30,7 @@ from lightning_dkm import (
     save_compressed,
     unpack_bits,
 )
-from lightning_dkm import artifact as artifact_module
+from lightning_dkm.export import artifact as artifact_module
 
 # -- bit packing ------------------------------------------------------------------------------
 

@@ -134,8 +134,8 @@ def test_apple_dkm_wrapper_trains_and_snaps_to_at_most_2_bits_values():
     from torch import nn
 
     from lightning_dkm import CompressionReport
-    from lightning_dkm.layout import ClusterSpec
-    from lightning_dkm.targets import select_targets
+    from lightning_dkm.engine.layout import ClusterSpec
+    from lightning_dkm.model.targets import select_targets
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(24, 128), nn.Tanh(), nn.Linear(128, 64), nn.Tanh(),

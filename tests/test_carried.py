@@ -1,4 +1,5 @@
-"""Specification of the palettes a finalized model carries (lightning_dkm.carried): coremltools'
+"""Specification of the palettes a finalized model carries (lightning_dkm.model.carried):
+coremltools'
 compression-metadata buffers, written by finalize / palettize / load_compressed, read back
 exactly, kept true through checkpoints, and never silently stale."""
 
@@ -24,7 +25,7 @@ from lightning_dkm import (
     save_compressed,
     select_targets,
 )
-from lightning_dkm.artifact import read_metadata, read_palettes
+from lightning_dkm.export.artifact import read_metadata, read_palettes
 
 
 class Net(nn.Module):

@@ -87,7 +87,7 @@ def test_coreml_lists_the_lut_ops_of_a_package(tmp_path, capsys):
     pytest.importorskip("coremltools")
     import warnings
 
-    from lightning_dkm.coreml import export_coreml
+    from lightning_dkm.export.coreml import export_coreml
 
     model = Net().eval()
     palettize(model, bits=2, min_size=256)

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from lightning_dkm import CompressionReport, DKMCallback, palettize
-from lightning_dkm.coreml import export_coreml, package_bytes, read_coreml_palettes
+from lightning_dkm.export.coreml import export_coreml, package_bytes, read_coreml_palettes
 
 ct = pytest.importorskip("coremltools", reason="the coreml extra (installed by the test command)")
 

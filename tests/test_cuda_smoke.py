@@ -13,7 +13,7 @@ from lightning.pytorch.strategies import DDPStrategy
 from lightning_helpers import CentroidRecorder, TinyNet, trainer
 
 from lightning_dkm import ClusterSpec, DKMCallback, attach, select_targets
-from lightning_dkm.monitor import measure_all
+from lightning_dkm.lightning.convergence import measure_all
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

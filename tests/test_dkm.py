@@ -5,14 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lightning_dkm.dkm import (
-    Normalization,
-    dkm_cluster,
-    hard_assign,
-    normalization_of,
-    soft_assignment,
-)
-from lightning_dkm.kmeans import kmeans, lloyd, pairwise_sq_dist
+from lightning_dkm.engine.kmeans import kmeans, lloyd, pairwise_sq_dist
+from lightning_dkm.engine.numerics import Normalization, hard_assign, normalization_of
+from lightning_dkm.engine.reference import dkm_cluster, soft_assignment
 
 
 def seeded(seed: int) -> torch.Generator:

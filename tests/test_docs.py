@@ -79,25 +79,51 @@ def test_parser_rejects_a_docstring_without_args():
 
 
 # -- architecture: the documented import graph is the real one --------------------------------
+def _module_name(path) -> str:
+    """``engine/layout`` for ``lightning_dkm/engine/layout.py``; ``command`` at the top."""
+    return path.relative_to(PACKAGE).with_suffix("").as_posix()
+
+
+def _resolve(importer: str, level: int, module: str | None) -> list[str]:
+    """The package modules a relative ``from <level dots><module> import ...`` names."""
+    package = importer.split("/")[:-1]
+    base = package[: len(package) - (level - 1)] if level > 1 else package
+    return ["/".join([*base, *module.split(".")])] if module else []
+
+
+def _type_checking_only(node: ast.AST, tree: ast.Module) -> bool:
+    """An import under a top-level ``if TYPE_CHECKING:``: for annotations, not run."""
+    return any(isinstance(top, ast.If) and isinstance(top.test, ast.Name)
+               and top.test.id == "TYPE_CHECKING" and node in top.body for top in tree.body)
+
+
 def _actual_imports() -> dict[str, set[str]]:
     """``{module: {package modules it imports}}`` from the source (relative imports, including
-    those inside functions), for every module but ``__init__``."""
+    those inside functions), for every module but the ``__init__`` files."""
     graph: dict[str, set[str]] = {}
-    for path in sorted(PACKAGE.glob("*.py")):
+    modules = {_module_name(p) for p in PACKAGE.rglob("*.py") if p.stem != "__init__"}
+    for path in sorted(PACKAGE.rglob("*.py")):
         if path.stem == "__init__":
             continue
+        name = _module_name(path)
         deps: set[str] = set()
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom) and node.level == 1:
-                if node.module:
-                    deps.add(node.module.split(".")[0])
-                else:
-                    deps.update(alias.name for alias in node.names)
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if _type_checking_only(node, tree):
+                continue
+            if isinstance(node, ast.ImportFrom) and node.level >= 1:
+                found = _resolve(name, node.level, node.module)
+                if not node.module or found[0] not in modules:  # from . import module
+                    base = _resolve(name, node.level, node.module or "x")[0].rpartition("/")[0]
+                    prefix = base + "/" if node.module is None and base else (
+                        found[0] + "/" if found else "")
+                    found = [prefix + alias.name for alias in node.names]
+                deps.update(d for d in found if d in modules)
             elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith(
                 "lightning_dkm."
             ):
-                deps.add(node.module.split(".")[1])
-        graph[path.stem] = deps
+                deps.add(node.module.removeprefix("lightning_dkm.").replace(".", "/"))
+        graph[name] = deps
     return graph
 
 
@@ -106,9 +132,9 @@ def _documented_imports() -> dict[str, set[str]]:
     table = text.split("<!-- import-table -->")[1]
     graph: dict[str, set[str]] = {}
     for line in table.splitlines():
-        match = re.match(r"\|\s*`(\w+)\.py`\s*\|([^|]*)\|", line)
+        match = re.match(r"\|\s*`([\w/]+)\.py`\s*\|([^|]*)\|", line)
         if match:
-            graph[match.group(1)] = set(re.findall(r"`(\w+)`", match.group(2)))
+            graph[match.group(1)] = set(re.findall(r"`([\w/]+)`", match.group(2)))
     return graph
 
 
@@ -171,7 +197,7 @@ def test_architecture_layers_hold():
     layer_of: dict[str, int] = {}
     for line in block.strip().splitlines():
         number, *rest = line.split()
-        for module in re.findall(r"(\w+)\.py", " ".join(rest)):
+        for module in re.findall(r"([\w/]+)\.py", " ".join(rest)):
             assert module not in layer_of, f"{module} listed twice"
             layer_of[module] = int(number)
     graph = _actual_imports()
@@ -179,3 +205,39 @@ def test_architecture_layers_hold():
     for module, deps in graph.items():
         for dep in deps:
             assert layer_of[dep] < layer_of[module], f"{module} imports {dep} from its layer or up"
+
+
+#: Each subpackage and the subpackages it may import from (its own layer and those below).
+_SUBPACKAGE_MAY_USE = {
+    "engine": {"engine"},
+    "model": {"engine", "model"},
+    "export": {"engine", "model", "export"},
+    "lightning": {"engine", "model", "export", "lightning"},
+    "": {"engine", "model", "export", "lightning"},  # command.py, the console script
+}
+
+
+def test_subpackages_import_only_their_own_layer_and_those_below():
+    """The tree shows the data flow: engine <- model <- export <- lightning, never upwards."""
+    for module, deps in _actual_imports().items():
+        layer = module.rpartition("/")[0]
+        for dep in deps:
+            assert dep.rpartition("/")[0] in _SUBPACKAGE_MAY_USE[layer], (
+                f"{module} imports {dep}, a layer above its own"
+            )
+
+
+def test_only_the_lightning_layer_imports_lightning():
+    for path in PACKAGE.rglob("*.py"):
+        if _module_name(path).startswith("lightning/") or (path.stem == "__init__" and (
+            path.parent.name == "lightning"
+        )):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom)
+                     and node.level == 0 else [])
+            for name in names:
+                assert name.split(".")[0] not in ("lightning", "pytorch_lightning"), (
+                    f"{_module_name(path)} imports {name}: only lightning_dkm/lightning/ may"
+                )

@@ -12,9 +12,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lightning_dkm.dkm import dkm_cluster
-from lightning_dkm.fast_dkm import fast_dkm_cluster
-from lightning_dkm.kmeans import kmeans
+from lightning_dkm.engine.chunked import chunked_dkm_cluster
+from lightning_dkm.engine.kmeans import kmeans
+from lightning_dkm.engine.reference import dkm_cluster
 
 CASES = [  # (P, n, d, k, tau)
     (1, 3000, 1, 4, 1e-2),
@@ -36,9 +36,9 @@ def converged_start(x: torch.Tensor, k: int, tau: float) -> torch.Tensor:
 def both(x, c, tau, **kwargs):
     outs, grads = [], []
     g = torch.randn(x.shape, dtype=x.dtype, generator=torch.Generator().manual_seed(7))
-    for step in (dkm_cluster, fast_dkm_cluster):
+    for step in (dkm_cluster, chunked_dkm_cluster):
         xi = x.detach().clone().requires_grad_()
-        extra = {"chunk": 257} if step is fast_dkm_cluster else {}
+        extra = {"chunk": 257} if step is chunked_dkm_cluster else {}
         out = step(xi, c, tau, **kwargs, **extra)
         (out.weights * g).sum().backward()
         outs.append(out)
@@ -95,7 +95,7 @@ def test_empty_clusters_keep_their_centroid_and_gradients_stay_finite():
 def test_tiny_tau_stays_finite(tau):
     x = (torch.randn(1, 1000, 1) * 1e-3).requires_grad_()
     c = kmeans(x.detach(), 8, torch.Generator().manual_seed(0)).centroids
-    out = fast_dkm_cluster(x, c, tau, max_iter=3)
+    out = chunked_dkm_cluster(x, c, tau, max_iter=3)
     out.weights.square().sum().backward()
     assert torch.isfinite(out.weights).all() and torch.isfinite(x.grad).all()
 
@@ -119,7 +119,7 @@ def test_saved_state_does_not_grow_with_max_iter():
         return total
 
     ref = [saved_elements(dkm_cluster, m) for m in (1, 3, 9)]
-    fast = [saved_elements(fast_dkm_cluster, m) for m in (1, 3, 9)]
+    fast = [saved_elements(chunked_dkm_cluster, m) for m in (1, 3, 9)]
     assert ref[2] > 3 * ref[0]  # grows with the iterations
     assert fast[2] - fast[0] <= 8 * 16 + 8 * 16  # only centroids and masses per iteration
     assert fast[2] < ref[0] / 4

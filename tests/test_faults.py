@@ -12,9 +12,9 @@ from lightning_helpers import TinyNet, trainer
 from torch import nn
 from torch.nn.utils import parametrize
 
-import lightning_dkm.callback as callback_module
+import lightning_dkm.lightning.callback as callback_module
 from lightning_dkm import DKMCallback, load_compressed, save_compressed
-from lightning_dkm.parametrize import DKMParametrization
+from lightning_dkm.engine.parametrization import DKMParametrization
 
 HOOKS = [
     "on_train_epoch_start",

@@ -18,8 +18,8 @@ from safetensors import safe_open
 from safetensors.torch import save, save_file
 from test_artifact import Net, assert_same_state, finalized, rewrite
 
-from lightning_dkm import artifact as artifact_module
 from lightning_dkm import load_compressed, read_palettes, save_compressed
+from lightning_dkm.export import artifact as artifact_module
 
 
 def failing_midway(monkeypatch) -> None:

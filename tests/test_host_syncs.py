@@ -4,7 +4,7 @@ A read (``bool(t)``, ``t.item()``, ``nonzero``, ...) on an accelerator is a sync
 CPU until the device has caught up. This machine may have no GPU, so the reads are counted
 with a CPU-side proxy (``benchmarks/graph_breaks.py``: every Python entry point that forces
 one, wrapped), with the steps in the form they take on an accelerator
-(:func:`lightning_dkm.dkm.sync_free`); where CUDA exists,
+(:func:`lightning_dkm.engine.numerics.sync_free`); where CUDA exists,
 ``torch.cuda.set_sync_debug_mode("error")`` checks the real thing.
 """
 
@@ -17,11 +17,12 @@ import pytest
 import torch
 
 from lightning_dkm import ClusterSpec, PaletteLayout
-from lightning_dkm.dkm import dkm_cluster, normalization_of, sync_free
-from lightning_dkm.fast_dkm import fast_dkm_cluster
-from lightning_dkm.kmeans import kmeans
-from lightning_dkm.parametrize import DKMParametrization
-from lightning_dkm.unique_dkm import unique_dkm_cluster
+from lightning_dkm.engine.chunked import chunked_dkm_cluster
+from lightning_dkm.engine.distinct import unique_dkm_cluster
+from lightning_dkm.engine.kmeans import kmeans
+from lightning_dkm.engine.numerics import normalization_of, sync_free
+from lightning_dkm.engine.parametrization import DKMParametrization
+from lightning_dkm.engine.reference import dkm_cluster
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from graph_breaks import count_host_syncs, graph_breaks
@@ -97,7 +98,7 @@ def test_eagerly_on_cpu_the_steps_read_only_what_saves_work(implementation, expe
 
 
 # -- the early stop decided on the device gives what the early exit gives ----------------------
-STEPS = {"reference": dkm_cluster, "chunked": fast_dkm_cluster, "unique": unique_dkm_cluster}
+STEPS = {"reference": dkm_cluster, "chunked": chunked_dkm_cluster, "unique": unique_dkm_cluster}
 
 
 def stopping_epsilon(x: torch.Tensor, c: torch.Tensor, tau: float) -> float:

@@ -9,8 +9,8 @@ import torch
 from sklearn.cluster import KMeans
 from threadpoolctl import threadpool_limits
 
-from lightning_dkm import kmeans as kmeans_module
-from lightning_dkm.kmeans import (
+from lightning_dkm.engine import kmeans as kmeans_module
+from lightning_dkm.engine.kmeans import (
     kmeans,
     kmeans_plusplus,
     lloyd,

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_dkm.layout import ClusterSpec, PaletteLayout
+from lightning_dkm.engine.layout import ClusterSpec, PaletteLayout
 
 
 def numbered(*shape: int) -> torch.Tensor:

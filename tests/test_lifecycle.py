@@ -16,7 +16,7 @@ from lightning_helpers import TinyNet, trainer
 from torch import nn
 
 from lightning_dkm import ClusterSpec, DKMCallback, attach, clustered_tensors, finalize
-from lightning_dkm.targets import select_targets
+from lightning_dkm.model.targets import select_targets
 
 
 def fit(tmp_path, callback: DKMCallback | None, model: nn.Module | None = None, **kwargs):

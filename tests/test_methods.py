@@ -16,8 +16,8 @@ from lightning_helpers import TinyNet, trainer
 from torch import nn
 
 from lightning_dkm import DKMCallback, Palette, clustered_tensors, load_compressed
-from lightning_dkm.dkm import hard_assign
-from lightning_dkm.methods import (
+from lightning_dkm.engine.numerics import hard_assign
+from lightning_dkm.model.methods import (
     METHOD_NAMES,
     DeepKMeansMethod,
     build_method,
@@ -196,7 +196,7 @@ def test_deep_kmeans_trains_free_weights_and_refreshes_periodically(tmp_path):
         fit(tmp_path, cb, extra_callbacks=[recorder])  # 2 epochs x 4 batches = 8 steps
     finally:
         DeepKMeansMethod.refresh = original
-    assert set(recorder.modes) == {"off"}
+    assert set(recorder.modes) == {"dense"}
     assert refreshes == [0, 3, 6]
     assert cb._method.steps == 8
     assert cb.state_dict()["method_state"]["steps"] == 8
@@ -240,8 +240,8 @@ def test_hard_forward_value_equals_the_snapped_weights(tmp_path):
 
 def test_hard_gradient_is_straight_through():
     from lightning_dkm import select_targets
-    from lightning_dkm.clustering import attach
-    from lightning_dkm.layout import ClusterSpec
+    from lightning_dkm.engine.layout import ClusterSpec
+    from lightning_dkm.model.attach import attach
 
     model = nn.Sequential(nn.Linear(64, 64))
     attach(model, select_targets(model, ClusterSpec(bits=2)), mode="hard")

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torchmetrics import Metric
 
-from lightning_dkm.metrics import AssignmentEntropy, ClusterUsage, SnapDistance
+from lightning_dkm.lightning.metrics import AssignmentEntropy, ClusterUsage, SnapDistance
 
 
 def _compute_as_two_ranks(local: Metric, other: Metric) -> object:
@@ -340,7 +340,7 @@ def test_measuring_reads_each_tensors_statistics_back_once() -> None:
     from torch import nn
 
     from lightning_dkm import ClusterSpec, attach, select_targets
-    from lightning_dkm.monitor import measure_all
+    from lightning_dkm.lightning.convergence import measure_all
 
     model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64))
     tensors = attach(model, select_targets(model, ClusterSpec(bits=2), min_size=1))

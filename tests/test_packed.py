@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from lightning_dkm import CompressionReport, palettize, save_compressed
-from lightning_dkm.artifact import load_compressed
-from lightning_dkm.packed import is_packed, pack, packed_palettes, unpack
+from lightning_dkm.export.artifact import load_compressed
+from lightning_dkm.export.packed import is_packed, pack, packed_palettes, unpack
 
 
 class Net(nn.Module):

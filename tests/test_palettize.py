@@ -23,8 +23,8 @@ from lightning_dkm import (
     palettize,
     select_targets,
 )
-from lightning_dkm.kmeans import kmeans
-from lightning_dkm.palettize import fisher_diagonal
+from lightning_dkm.engine.kmeans import kmeans
+from lightning_dkm.model.post_training import fisher_diagonal
 
 
 def distinct_rows_per_palette(x: torch.Tensor) -> list[int]:
@@ -508,8 +508,8 @@ def test_palettize_with_uniform_fisher_equals_plain_palettize(spec: ClusterSpec)
 
 
 def test_palettize_weights_kmeans_by_the_fisher_of_the_unsnapped_model(monkeypatch) -> None:
-    # the module (``lightning_dkm.palettize`` the attribute is the function)
-    module = importlib.import_module("lightning_dkm.palettize")
+    # the module (``lightning_dkm.model.post_training`` the attribute is the function)
+    module = importlib.import_module("lightning_dkm.model.post_training")
     model = mlp()
     batches = regression_batches()
     fisher = fisher_diagonal(model, batches, mse_loss, ["0.weight", "2.weight"])

@@ -10,9 +10,10 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from lightning_dkm import ClusterSpec, PaletteLayout, attach, clustered_tensors, select_targets
-from lightning_dkm.clustering import set_mode, set_temperature
-from lightning_dkm.dkm import hard_assign, soft_assignment
-from lightning_dkm.parametrize import DKMParametrization, stable_seed
+from lightning_dkm.engine.numerics import hard_assign
+from lightning_dkm.engine.parametrization import DKMParametrization, stable_seed
+from lightning_dkm.engine.reference import soft_assignment
+from lightning_dkm.model.attach import set_mode, set_temperature
 
 
 def clustered_linear(
@@ -115,7 +116,7 @@ def test_soft_training_weight_is_differentiable_and_close_to_the_snapped_weight(
 
 def test_mode_off_is_the_identity() -> None:
     linear, p = clustered_linear()
-    p.set_mode("off")
+    p.set_mode("dense")
     before = p.centroids.clone()
     for train in (True, False):
         linear.train(train)
@@ -148,7 +149,8 @@ def test_mode_hard_training_moves_centroids_to_the_mean_of_their_members() -> No
 
 def test_set_mode_rejects_unknown_modes() -> None:
     _, p = clustered_linear()
-    with pytest.raises(ValueError, match=r"mode must be one of \('soft', 'hard', 'off'\); got 'x'"):
+    expected = r"mode must be one of \('soft', 'hard', 'dense'\); got 'x'"
+    with pytest.raises(ValueError, match=expected):
         p.set_mode("x")  # type: ignore[arg-type]
 
 
@@ -234,7 +236,7 @@ def test_finalize_refuses_to_snap_to_uninitialised_centroids() -> None:
 
     model = small_model()
     targets = select_targets(model, ClusterSpec(bits=2), min_size=1)
-    attach(model, targets, initialize=False, mode="off")
+    attach(model, targets, initialize=False, mode="dense")
     with pytest.raises(RuntimeError, match="never initialised"):
         finalize(model)
 
@@ -380,7 +382,7 @@ def test_a_half_precision_module_stays_finite_down_to_tiny_temperatures(dtype) -
     ],
 )
 def test_auto_picks_the_step_by_tensor_size(shape, cluster_dim, bits, expected):
-    from lightning_dkm.parametrize import resolve_implementation
+    from lightning_dkm.engine.parametrization import resolve_implementation
 
     layout = PaletteLayout(shape, ClusterSpec(bits=bits, cluster_dim=cluster_dim))
     assert resolve_implementation("auto", layout) == expected

@@ -28,8 +28,8 @@ from lightning_dkm import (
     save_compressed,
     select_targets,
 )
-from lightning_dkm.layout import channel_scale
-from lightning_dkm.palette import Palette
+from lightning_dkm.engine.layout import channel_scale
+from lightning_dkm.engine.palette import Palette
 
 
 class Net(nn.Module):

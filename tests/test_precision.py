@@ -14,7 +14,7 @@ import torch
 from lightning_helpers import TinyNet, trainer
 
 from lightning_dkm import ClusterSpec, DKMCallback, PaletteLayout, clustered_tensors
-from lightning_dkm.parametrize import DKMParametrization
+from lightning_dkm.engine.parametrization import DKMParametrization
 
 # (implementation, cluster_dim, shape): "auto" resolves to "unique" for the 16,384-weight
 # scalar tensor and to "reference" for the vectors; "unique" needs cluster_dim 1.

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from lightning_dkm import CompressionReport, EnergyModel, count_macs, palettize
-from lightning_dkm.energy import (
+from lightning_dkm.export.energy import (
     DRAM_READ_32BIT_PJ,
     FP16_MAC_PJ,
     FP32_MAC_PJ,

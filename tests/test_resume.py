@@ -12,7 +12,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning_helpers import TinyNet, trainer
 
 from lightning_dkm import DKMCallback, clustered_tensors
-from lightning_dkm.methods import METHOD_NAMES
+from lightning_dkm.model.methods import METHOD_NAMES
 
 
 class Crash(pl.Callback):

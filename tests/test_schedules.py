@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from lightning_dkm.schedules import (
+from lightning_dkm.lightning.schedules import (
     SCHEDULE_NAMES,
     CallableSchedule,
     TemperatureSchedule,

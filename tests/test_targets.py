@@ -8,7 +8,7 @@ import pytest
 from torch import nn
 
 from lightning_dkm import ClusterSpec, attach, select_targets
-from lightning_dkm.targets import clusterable_parameters, matches
+from lightning_dkm.model.targets import clusterable_parameters, matches
 
 
 class Net(nn.Module):

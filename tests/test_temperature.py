@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from lightning_dkm.kmeans import kmeans
-from lightning_dkm.temperature import (
+from lightning_dkm.engine.kmeans import kmeans
+from lightning_dkm.lightning.temperature import (
     DEFAULT_END_ENTROPY,
     DEFAULT_START_ENTROPY,
     TemperatureConfig,

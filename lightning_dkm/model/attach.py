@@ -1,6 +1,7 @@
 """Model-level operations: attach DKM parametrizations to targets, find them, finalize them.
 
-``attach`` registers a :class:`~lightning_dkm.parametrize.DKMParametrization` on each target and
+``attach`` registers a :class:`~lightning_dkm.engine.parametrization.DKMParametrization` on each
+target and
 initialises its centroids with seeded k-means++ (the same seed gives the same centroids in every
 process). ``finalize`` snaps every clustered weight to its nearest centroid, removes the
 parametrizations (the model is again a plain model of its own class, its Parameters keeping
@@ -17,14 +18,14 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from ..engine.layout import ClusterSpec, PaletteLayout
+from ..engine.numerics import hard_assign
+from ..engine.palette import Palette
+from ..engine.parametrization import DKMParametrization, Implementation, Mode, stable_seed
+from ..engine.weighted import Gradient
 from .carried import carry_palettes, discard_palettes, metadata_entries, version_key
-from .dkm import hard_assign
-from .layout import ClusterSpec, PaletteLayout
-from .palette import Palette
-from .parametrize import DKMParametrization, Implementation, Mode, stable_seed
 from .targets import Target, clusterable_parameters
 from .tied import TiedWeight
-from .unique_dkm import Gradient
 
 __all__ = [
     "ClusteredTensor",
@@ -32,11 +33,11 @@ __all__ = [
     "checkpoint_clustered_names",
     "clustered_tensors",
     "finalize",
-    "load_snapped",
     "register_load_pre_hook",
     "release",
     "set_mode",
     "set_temperature",
+    "snap_on_load",
     "snap_state_dict",
 ]
 
@@ -92,7 +93,8 @@ def attach(
     """Register DKM on every target of ``model`` (idempotent: an already clustered tensor is
     left as it is) and return all clustered tensors.
 
-    Each tensor's k-means++ seed is :func:`~lightning_dkm.parametrize.stable_seed` of ``seed``
+    Each tensor's k-means++ seed is :func:`~lightning_dkm.engine.parametrization.stable_seed` of
+    ``seed``
     and its name, so centroids do not depend on the order or number of processes.
     """
     modules = dict(model.named_modules())
@@ -171,7 +173,8 @@ def set_temperature(model: nn.Module, tau: float, names: Iterable[str] | None = 
 
 
 def set_mode(model: nn.Module, mode: Mode, names: Iterable[str] | None = None) -> None:
-    """Switch every clustered tensor (or those in ``names``) to ``"soft"``/``"hard"``/``"off"``."""
+    """Switch every clustered tensor (or those in ``names``) to ``"soft"``, ``"hard"`` or
+    ``"dense"``."""
     for tensor in clustered_tensors(model, names).values():
         tensor.parametrization.set_mode(mode)
 
@@ -184,7 +187,7 @@ def finalize(model: nn.Module, names: Iterable[str] | None = None) -> dict[str, 
     ``2**bits`` distinct values (vectors) per palette; each original ``Parameter`` keeps its
     identity. ``names`` limits it to some clustered tensors. Returns the palettes by qualified
     parameter name; ``palette.weight()`` equals the model's weight bit for bit. The model also
-    carries them (:func:`~lightning_dkm.carried.carry_palettes`), so ``save_compressed(model,
+    carries them (:func:`~lightning_dkm.model.carried.carry_palettes`), so ``save_compressed(model,
     path)`` and ``export_coreml`` need nothing else.
     """
     tensors = clustered_tensors(model, names)
@@ -249,7 +252,7 @@ def snap_state_dict(model: nn.Module, state_dict: dict, prefix: str = "") -> lis
         snapped = palette.weight()
         snapped_by_storage[_storage_of(weight)] = snapped
         state_dict[f"{prefix}{head}{param_name}"] = snapped
-        # what a finalized model carries about this palette (lightning_dkm.carried)
+        # what a finalized model carries about this palette (lightning_dkm.model.carried)
         carried = set(dict(module.named_buffers(recurse=False)))
         for key, value in metadata_entries(palette, f"{prefix}{head}").items():
             if key.rpartition(".")[2] in carried:
@@ -292,7 +295,7 @@ def _layout_from_checkpoint(module, module_name, param_name, weight, centroids,
 _SNAP_HOOKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def load_snapped(model: nn.Module) -> None:
+def snap_on_load(model: nn.Module) -> None:
     """Let ``model`` (finalized) load mid-DKM checkpoints: its ``load_state_dict`` then converts
     DKM entries with :func:`snap_state_dict` first. Registering twice has no further effect."""
     if model in _SNAP_HOOKS:

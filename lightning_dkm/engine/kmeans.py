@@ -3,7 +3,7 @@
 Every function works on a *batch of independent problems*, one per palette: data ``x`` has shape
 ``(P, n, d)`` (P palettes, n points of dimension d each) and centroids have shape ``(P, k, d)``.
 A single tensor is simply ``P = 1``. Nothing here knows about modules, Lightning or DKM; the
-differentiable step in :mod:`lightning_dkm.dkm` builds on these functions.
+differentiable step in :mod:`lightning_dkm.engine.numerics` builds on these functions.
 
 Seeding is driven by a :class:`torch.Generator`, so the same seed gives the same centroids on
 every process (this is how all DDP ranks agree without communication).

@@ -38,11 +38,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..engine.kmeans import kmeans
+from ..engine.layout import ClusterSpec, PaletteLayout
+from ..engine.palette import Palette
+from ..engine.parametrization import stable_seed
 from .carried import carry_palettes
-from .kmeans import kmeans
-from .layout import ClusterSpec, PaletteLayout
-from .palette import Palette
-from .parametrize import stable_seed
 from .targets import DEFAULT_MIN_SIZE, select_targets
 
 __all__ = ["Calibration", "LossFn", "fisher_diagonal", "palettize"]
@@ -84,12 +84,13 @@ def palettize(
 
     Args:
         model: any ``nn.Module``; its targeted weights are overwritten with their snapped values.
-        bits, cluster_dim, group_size: the default :class:`~lightning_dkm.layout.ClusterSpec`.
+        bits, cluster_dim, group_size: the default
+        :class:`~lightning_dkm.engine.layout.ClusterSpec`.
         per_channel_scale: cluster each output channel divided by its largest ``|weight|``
             and store those scales with the palette (see :mod:`lightning_dkm.layout`); with
             ``calibration`` the sensitivities are rescaled to match (:math:`F_{ii} s_c^2`).
         targets, exclude, min_size, overrides: which tensors, as in
-            :func:`~lightning_dkm.targets.select_targets`.
+            :func:`~lightning_dkm.model.targets.select_targets`.
         seed: k-means++ seed; each tensor uses ``stable_seed(seed, name)``.
         n_init: k-means restarts per palette (the best inertia is kept; weighted inertia when
             calibrated).
@@ -108,7 +109,7 @@ def palettize(
 
     Returns:
         ``{parameter name: Palette}``; ``palette.weight()`` equals the new weight bit for bit.
-        The model carries them too (:func:`~lightning_dkm.carried.carry_palettes`).
+        The model carries them too (:func:`~lightning_dkm.model.carried.carry_palettes`).
 
     Raises:
         ValueError: a spec that does not fit a tensor, non-finite or non-float weights, a

@@ -33,10 +33,10 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
-from ._state import COMPRESSION_METADATA_PREFIX, is_compression_metadata, unwrap
-from .dkm import hard_assign
-from .layout import ClusterSpec, PaletteLayout
-from .palette import Palette
+from ..engine.layout import ClusterSpec, PaletteLayout
+from ..engine.numerics import hard_assign
+from ..engine.palette import Palette
+from .state import COMPRESSION_METADATA_PREFIX, is_compression_metadata, unwrap
 
 __all__ = [
     "carried_palettes",

@@ -1,13 +1,15 @@
 r"""Train-time clustering methods that :class:`~lightning_dkm.DKMCallback` can run (``method=``).
 
-Every method works on the same :class:`~lightning_dkm.parametrize.DKMParametrization` state
+Every method works on the same :class:`~lightning_dkm.engine.parametrization.DKMParametrization`
+state
 (a palette layout and ``2**bits`` centroids per palette) and ends the same way: ``finalize``
 snaps each weight to its nearest centroid, so the palettes, the compression report and the
 artifact have one format whatever the method. They differ in what happens during training:
 
 ``"dkm"`` (default) -- Differentiable K-Means (Cho et al., ICLR 2022): the parametrization runs
     in mode ``"soft"``; the forward pass sees attention-weighted centroids and the loss gradient
-    flows through the k-means iterations into the weights (:mod:`lightning_dkm.dkm`). The
+    flows through the k-means iterations into the weights (:mod:`lightning_dkm.engine.numerics`).
+    The
     temperature schedule applies; ``hard_epoch`` switches to ``"hard"`` for the last epochs.
 
 ``"hard"`` -- nearest-centroid clustering with straight-through gradients, the common baseline
@@ -17,7 +19,7 @@ artifact have one format whatever the method. They differ in what happens during
     mean of its members once per forward pass (one Lloyd step).
 
 ``"deep_kmeans"`` -- Deep k-Means (Wu et al., ICML 2018): the weights train freely (mode
-    ``"off"``, the forward pass sees the real weights) under a k-means regulariser that pulls
+    ``"dense"``, the forward pass sees the real weights) under a k-means regulariser that pulls
     each weight toward the mean of its cluster; the assignments are refreshed every
     ``refresh_every`` optimizer steps; at the end the centroids are refitted (Lloyd) to the final
     weights and finalize shares them (hard weight sharing).
@@ -84,11 +86,11 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from torch import Tensor
 
-from .kmeans import lloyd, nearest_centroid
+from ..engine.kmeans import lloyd, nearest_centroid
 
 if TYPE_CHECKING:
-    from .clustering import ClusteredTensor
-    from .parametrize import Mode
+    from ..engine.parametrization import Mode
+    from .attach import ClusteredTensor
 
 __all__ = [
     "DEFAULT_REFRESH_EVERY",
@@ -175,7 +177,7 @@ class ClusteringMethod:
     uses_temperature: bool = False
 
     def mode_for_epoch(self, epoch: int, start_epoch: int, hard_epoch: int | None) -> Mode:
-        """The parametrization mode (``"soft"``/``"hard"``/``"off"``) for ``epoch``."""
+        """The parametrization mode (``"soft"``/``"hard"``/``"dense"``) for ``epoch``."""
         raise NotImplementedError
 
     def on_before_optimizer_step(
@@ -205,7 +207,7 @@ class DKMMethod(ClusteringMethod):
 
     def mode_for_epoch(self, epoch: int, start_epoch: int, hard_epoch: int | None) -> Mode:
         if epoch < start_epoch:
-            return "off"
+            return "dense"
         if hard_epoch is not None and epoch >= hard_epoch:
             return "hard"
         return "soft"
@@ -218,11 +220,11 @@ class HardMethod(ClusteringMethod):
     name = "hard"
 
     def mode_for_epoch(self, epoch: int, start_epoch: int, hard_epoch: int | None) -> Mode:
-        return "off" if epoch < start_epoch else "hard"
+        return "dense" if epoch < start_epoch else "hard"
 
 
 class DeepKMeansMethod(ClusteringMethod):
-    """Deep k-Means: free weights (mode ``"off"``) plus ``regularization * dR/dW`` in their
+    """Deep k-Means: free weights (mode ``"dense"``) plus ``regularization * dR/dW`` in their
     gradients, assignments refreshed every ``refresh_every`` optimizer steps, centroids refitted
     to the final weights before finalize (module docstring).
 
@@ -245,7 +247,7 @@ class DeepKMeansMethod(ClusteringMethod):
         self._assignments: dict[str, Tensor] = {}
 
     def mode_for_epoch(self, epoch: int, start_epoch: int, hard_epoch: int | None) -> Mode:
-        return "off"
+        return "dense"
 
     @torch.no_grad()
     def refresh(self, tensors: Mapping[str, ClusteredTensor]) -> None:

@@ -1,6 +1,7 @@
 r"""A temperature with one meaning at every bit width, layer and scale.
 
-DKM's tau is in units of a palette's weight variance (:func:`lightning_dkm.dkm.normalization_of`),
+DKM's tau is in units of a palette's weight variance
+(:func:`lightning_dkm.engine.numerics.normalization_of`),
 which makes it independent of the weights' scale but not of the number of centroids: the
 softness of :math:`a_j = \operatorname{softmax}_j(-\lVert x - c_j\rVert^2 / \tau)` is set by
 :math:`\tau` relative to the squared gaps between neighbouring centroids, and those shrink as
@@ -33,7 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .dkm import normalization_of
+from ..engine.numerics import normalization_of
 from .schedules import SCHEDULE_NAMES, TemperatureSchedule, build_schedule
 
 __all__ = [

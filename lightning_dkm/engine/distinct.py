@@ -30,57 +30,53 @@ standard deviation for weights within 1 std of the mean)
 times the attention's sensitivity, which is large only for weights on a cluster boundary;
 ``docs/benchmarks.md`` gives the measured difference.
 
-**Without host reads** (:func:`~lightning_dkm.dkm.host_reads_are_free`: on an accelerator,
-under ``torch.compile``, in :func:`~lightning_dkm.dkm.sync_free`) the padded layout cannot be
+**Without host reads** (:func:`~lightning_dkm.engine.numerics.host_reads_are_free`: on an
+accelerator,
+under ``torch.compile``, in :func:`~lightning_dkm.engine.numerics.sync_free`) the padded layout
+cannot be
 sized by the widest palette's count of distinct values (``nonzero`` and that count would be
 read back), so it takes ``min(n, 65536)`` columns, a bound from the shape, and each occupied
 code goes to the column of its rank (a cumulative sum); the columns past a palette's last
 distinct value hold value 0 and count 0, so they add nothing to any sum. Counting uses
 ``index_add_`` into the fixed-size table (``bincount`` reads its input's maximum back), the
 rough standard deviation picks its fallback with ``torch.where``, and the early stop is decided
-on the device (:class:`~lightning_dkm.dkm.EarlyStop`). The values are those of the compact
+on the device (:class:`~lightning_dkm.engine.numerics.EarlyStop`). The values are those of the
+compact
 layout up to the summation order; the iterations do up to ``min(n, 65536) / U`` times the work
 (about 3x for half a million Gaussian weights), which an accelerator does in microseconds.
 
-Backward (per iteration ``t``, exact for the rounded problem): with
-:math:`H_j = \partial L/\partial c'_j / m_j` and
-:math:`B_{ij} = g_i c'_j + H_j (v_u - c'_j)` for weight ``i`` of value ``u`` (``g`` only in
-the last iteration), :math:`\delta_{ij} = A_{uj}(B_{ij} - \sum_l A_{ul} B_{il})` is affine in
-:math:`g_i`, so every per-weight gradient has the form :math:`a_u + b_u g_i`.
+**The DKM itself** is the weighted core's (:mod:`.weighted`), fed the distinct values and
+their counts: its forward, and its backward for the gradient summed per value, which gives
+every weight ``i`` of value ``u`` the gradient :math:`s_u + b_u g_i` (exact for the rounded
+problem; the derivation is the core's, written once).
 """
 
 from __future__ import annotations
 
-from typing import Literal, NamedTuple
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-from .dkm import (
-    EMPTY_MASS,
+from .numerics import (
     DKMOutput,
-    EarlyStop,
     Normalization,
     autocast_disabled,
     check_step_arguments,
     host_reads_are_free,
     inverse_temperature,
-    pick,
     scale_floor,
 )
+from .weighted import (
+    Gradient,
+    check_gradient_name,
+    load_trajectory,
+    save_trajectory,
+    weighted_dkm,
+    weighted_dkm_gradient,
+)
 
-__all__ = [
-    "CHUNK",
-    "GRADIENTS",
-    "KEEP_ATTENTION_MAX_ENTRIES",
-    "Gradient",
-    "unique_dkm_cluster",
-]
-
-#: The forward keeps its attention matrices for the backward (instead of recomputing them)
-#: while all ``max_iter`` of them together have at most this many entries (4 MiB in float32):
-#: extra memory stays bounded whatever ``max_iter`` and ``n`` are.
-KEEP_ATTENTION_MAX_ENTRIES = 1 << 20
+__all__ = ["CHUNK", "unique_dkm_cluster"]
 
 #: Weights per chunk of the O(n) passes: a chunk's temporaries (a few MiB) come from the
 #: allocator's free lists, where whole-tensor temporaries of large weights would be fresh
@@ -161,7 +157,7 @@ def _chunks(n: int):
         yield slice(start, min(start + CHUNK, n))
 
 
-class _Columns:
+class _CodeColumns:
     """The table columns ``palette * 65536 + bit pattern`` (int32) of float16 ``codes``
     (P, n), a chunk at a time; a tensor that fits in one chunk converts its codes once.
     ``device_side``: sums per code with ``index_add_`` (no host read) instead of ``bincount``."""
@@ -249,7 +245,7 @@ def _rough_std(x: Tensor, center: Tensor, device_side: bool = False) -> Tensor:
     return variance.clamp_min(0.0).sqrt_()
 
 
-def _distinct_values(columns: _Columns, dtype: torch.dtype) -> _DistinctValues:
+def _distinct_values(columns: _CodeColumns, dtype: torch.dtype) -> _DistinctValues:
     """The occupied codes, with their float16 values (in units of the palette's ``unit``)
     and counts."""
     P = columns.codes.shape[0]
@@ -272,7 +268,7 @@ def _distinct_values(columns: _Columns, dtype: torch.dtype) -> _DistinctValues:
     return _DistinctValues(ids, rows, cols, values, counts)
 
 
-def _static_distinct_values(columns: _Columns, dtype: torch.dtype) -> _DistinctValues:
+def _static_distinct_values(columns: _CodeColumns, dtype: torch.dtype) -> _DistinctValues:
     """The occupied codes with their values and counts, as :func:`_distinct_values` gives
     them, but in a ``(P, U)`` layout of ``U = min(n, 65536)`` columns, a bound known from the
     shape: nothing is read back. A code's column is its rank among the palette's occupied
@@ -292,167 +288,44 @@ def _static_distinct_values(columns: _Columns, dtype: torch.dtype) -> _DistinctV
 
 def _scale_from_values(distinct: _DistinctValues, unit: Tensor, center: Tensor) -> Tensor:
     """The palettes' standard deviation about ``center`` (P, 1), from the rounded values and
-    their counts, with the same floor as :func:`~lightning_dkm.dkm.scale_of`."""
+    their counts, with the same floor as :func:`~lightning_dkm.engine.numerics.scale_of`."""
     second_moment = (distinct.counts * distinct.values.square()).sum(1, keepdim=True)
     std = second_moment.div_(distinct.counts.sum(1, keepdim=True)).sqrt_() * unit
     return torch.maximum(std, scale_floor(center))
 
 
-def _attention(v: Tensor, c: Tensor, inv_tau: Tensor | float) -> Tensor:
-    """softmax over centroids for values v (P, U) and centroids c (P, k): laid out (P, k, U)
-    so that every elementwise pass runs over contiguous values."""
-    z = (v.unsqueeze(1) - c.unsqueeze(-1)).square_().mul_(-inv_tau)
-    return torch.softmax(z, dim=1)
-
-
-def _moments(weights: Tensor, values: Tensor) -> Tensor:
-    """(P, 2, U): per distinct value, ``weights`` and ``weights * value`` (for sums over it)."""
-    return torch.stack((weights, weights * values), 1)
-
-
-def _sum_over_values(rows: Tensor, attention: Tensor) -> Tensor:
-    r""":math:`\sum_u r_{cu} A_{ju}`: (P, c, k) from ``rows`` (P, c, U) and ``attention``
-    (P, k, U). Written as ``rows @ attention^T`` because both operands then run along U in
-    memory: about 5x faster on CPU than ``attention @ rows^T`` for a handful of rows."""
-    return torch.bmm(rows, attention.transpose(1, 2))
-
-
-def _pull(delta: Tensor, moments: Tensor, c: Tensor) -> Tensor:
-    r""":math:`\sum_u \delta_{uj} w_u (v_u - c_j)` (P, k) for ``delta`` (P, k, U) and the
-    ``moments`` (:func:`_moments`) of weights :math:`w_u`."""
-    r = _sum_over_values(moments, delta)
-    return r[:, 1] - c * r[:, 0]
-
-
-class _Update:
-    r"""The vector-Jacobian products of one centroid update :math:`c' = F(c, x)` (iteration
-    attention ``A``, masses ``mass``), for an incoming gradient ``U`` (P, k) on :math:`c'`:
-    :meth:`wrt_x` per distinct value (P, U), and with it the one on the old centroids (P, k)
-    in :meth:`wrt_x_and_c`. The formulas are those of the module docstring; both share ``H``
-    and ``delta``."""
-
-    def __init__(self, values: Tensor, moments: Tensor, A: Tensor, c: Tensor, c_new: Tensor,
-                 mass: Tensor, two_over_tau: Tensor | float) -> None:
-        self.values, self.moments, self.A, self.c, self.c_new = values, moments, A, c, c_new
-        self.live = mass > EMPTY_MASS
-        self.mass = mass.clamp_min(EMPTY_MASS)
-        self.two_over_tau = two_over_tau
-
-    def _h_delta(self, U: Tensor) -> tuple[Tensor, Tensor]:
-        H = torch.where(self.live, U / self.mass, 0.0)  # (P, k)
-        Q = (self.values.unsqueeze(1) - self.c_new.unsqueeze(-1)).mul_(H.unsqueeze(-1))
-        delta = Q.sub_((self.A * Q).sum(1, keepdim=True)).mul_(self.A)  # (P, k, U)
-        return H, delta
-
-    def wrt_x(self, U: Tensor) -> Tensor:
-        return self._wrt_x(U, *self._h_delta(U))
-
-    def wrt_x_and_c(self, U: Tensor) -> tuple[Tensor, Tensor]:
-        """Both products from one ``H`` and ``delta`` (the unrolled backward needs both)."""
-        H, delta = self._h_delta(U)
-        return self._wrt_x(U, H, delta), self._wrt_c(U, delta)
-
-    def _wrt_x(self, U: Tensor, H: Tensor, delta: Tensor) -> Tensor:
-        through_mean = torch.bmm(H.unsqueeze(1), self.A).squeeze(1)
-        through_logits = torch.bmm(self.c.unsqueeze(1), delta).squeeze(1)
-        return through_mean + self.two_over_tau * through_logits
-
-    def _wrt_c(self, U: Tensor, delta: Tensor) -> Tensor:
-        """Through the logits, plus the identity for empty clusters (whose centroid is carried
-        over unchanged)."""
-        return self.two_over_tau * _pull(delta, self.moments, self.c) + torch.where(
-            self.live, 0.0, U
-        )
-
-    def adjoint(self, r: Tensor, check_errors: bool = True) -> Tensor:
-        r"""Solve :math:`(I - J^\top) w = r` with :math:`J = \partial F / \partial c` at the
-        fixed point (IDKM's implicit gradient), exactly: :math:`J^\top` is a ``k x k``
-        matrix per palette, :math:`J^\top_{jl} = \tfrac{2}{\tau m_l}(\delta_{jl} D_j -
-        M_{jl})` with :math:`M_{jl} = \sum_u w_u A_{uj} A_{ul} (v_u - c_j)(v_u - c'_l)` and
-        :math:`D_j = \sum_u w_u A_{uj} (v_u - c_j)(v_u - c'_j)` (the expansion of the
-        product on the old centroids): one batched product over the distinct values and a
-        ``k x k`` solve.
-        An empty cluster's centroid is carried over unchanged (:math:`J^\top` is the identity
-        there) and nothing depends on it, so its component is set to 0. ``check_errors=False``
-        skips the singularity check (a host read)."""
-        v = self.values.unsqueeze(1)  # (P, 1, U)
-        to_new = v - self.c_new.unsqueeze(-1)  # (P, k, U): v_u - c'_l
-        weighted = (v - self.c.unsqueeze(-1)).mul_(self.A).mul_(self.moments[:, :1])
-        D = (weighted * to_new).sum(-1)  # (P, k)
-        M = torch.bmm(weighted, to_new.mul_(self.A).transpose(1, 2))  # (P, k, k)
-        jacobian_t = (torch.diag_embed(D) - M).mul_(self.two_over_tau / self.mass.unsqueeze(1))
-        k = jacobian_t.shape[-1]
-        eye = torch.eye(k, dtype=jacobian_t.dtype, device=jacobian_t.device)
-        dead = ~self.live
-        system = torch.where(dead.unsqueeze(1) | dead.unsqueeze(2), eye, eye - jacobian_t)
-        rhs = torch.where(self.live, r, 0.0).unsqueeze(-1)
-        if check_errors:
-            return torch.linalg.solve(system, rhs).squeeze(-1)
-        return torch.linalg.solve_ex(system, rhs, check_errors=False)[0].squeeze(-1)
-
-
 class _UniqueDKM(torch.autograd.Function):
     """DKM of ``x`` (P, n) from ``centroids`` (P, k) (weight units) on the distinct values of
-    its ``codes`` (:func:`_float16_codes`, with ``center`` and ``unit``); ``scale``
-    (P, 1) sets tau's units, computed from the distinct values when ``None``. Returns the
-    soft weights, the final centroids (weight units) and the number of iterations (a device
-    tensor when ``device_side``: the module docstring's form without host reads)."""
+    its ``codes`` (:func:`_float16_codes`, with ``center`` and ``unit``): the weighted core
+    (:mod:`.weighted`) fed the distinct values and their counts. ``scale`` (P, 1) sets tau's
+    units, computed from the distinct values when ``None``. Returns the soft weights, the
+    final centroids (weight units) and the number of iterations (a device tensor when
+    ``device_side``: the module docstring's form without host reads)."""
 
     @staticmethod
     def forward(ctx, x: Tensor, codes: Tensor, center: Tensor, unit: Tensor,
                 scale: Tensor | None, centroids: Tensor, inv_tau: Tensor | float, max_iter: int,
                 epsilon: float, implicit: bool, device_side: bool):
-        columns = _Columns(codes, device_side)
+        columns = _CodeColumns(codes, device_side)
         distinct = (_static_distinct_values if device_side else _distinct_values)(
             columns, center.dtype
         )
         if scale is None:
             scale = _scale_from_values(distinct, unit, center)
-        values = distinct.values.mul_(unit / scale)  # normalised: (x - center) / scale
-        c0 = (centroids - center) / scale
-        moments = _moments(distinct.counts, values)  # mass and weighted sum in one bmm
-        # The implicit backward needs only the last iteration, the unrolled one all of them.
-        kept_iterations = 1 if implicit else max_iter
-        keep = kept_iterations * values.numel() * c0.shape[1] <= KEEP_ATTENTION_MAX_ENTRIES
-        stop = EarlyStop(epsilon, values)
-        trajectory, masses, kept = [c0], [], []
-        last_attention: Tensor | None = None  # of the last round that took effect
-        for _ in range(max_iter):
-            c = trajectory[-1]
-            A = _attention(values, c, inv_tau)
-            if keep and not implicit:
-                kept.append(A)
-            r = _sum_over_values(moments, A)  # (P, 2, k): sum_u w_u A_uj (1, v_u)
-            mass = r[:, 0]
-            new = torch.where(mass > EMPTY_MASS, r[:, 1] / mass.clamp_min(EMPTY_MASS), c)
-            converged = stop.advance(c, new)
-            trajectory.append(stop.keep(new, c))
-            masses.append(mass)
-            last_attention = A if last_attention is None else stop.keep(A, last_attention)
-            if converged:
-                break
-        assert last_attention is not None
-        if keep and implicit:
-            kept = [last_attention]
-        stacked, stacked_masses = torch.stack(trajectory), torch.stack(masses)
-        last = stop.iterations
-        c_final = pick(stacked, last)
-        y_values = torch.bmm(c_final.unsqueeze(1), last_attention).squeeze(1)  # (P, U)
-        table = distinct.to_dense((y_values * scale + center).to(x.dtype))
+        values = distinct.values.mul_(unit / scale).unsqueeze(1)  # (P, 1, U) normalised
+        c0 = ((centroids - center) / scale).unsqueeze(-1)  # (P, k, 1)
+        y, c_final, trajectory = weighted_dkm(values, distinct.counts, c0, inv_tau,
+                                              max_iter=max_iter, epsilon=epsilon,
+                                              implicit=implicit)
+        table = distinct.to_dense((y.squeeze(1) * scale + center).to(x.dtype))
         ctx.distinct = distinct._replace(values=None, counts=None, slots=None)
-        if implicit:  # only the last iteration, c_{T-1} -> c_T
-            stacked = torch.stack((pick(stacked, last - 1), c_final))
-            stacked_masses, saved_last = pick(stacked_masses, last - 1).unsqueeze(0), 1
-        else:
-            saved_last = last
-        extra = [t for t in (saved_last, inv_tau, distinct.slots) if isinstance(t, Tensor)]
-        ctx.save_for_backward(codes, values, moments, stacked, stacked_masses, *kept, *extra)
-        ctx.kept, ctx.implicit, ctx.device_side = len(kept), implicit, device_side
-        ctx.last = None if isinstance(saved_last, Tensor) else saved_last
-        ctx.inv_tau = None if isinstance(inv_tau, Tensor) else inv_tau
-        final = c_final * scale + center
+        slots = [distinct.slots] if device_side else []
+        save_trajectory(ctx, trajectory, codes, values, distinct.counts, *slots,
+                        inv_tau=inv_tau)
+        ctx.implicit, ctx.device_side = implicit, device_side
+        final = c_final.squeeze(-1) * scale + center
         ctx.mark_non_differentiable(final)
-        return columns.look_up(table), final, last
+        return columns.look_up(table), final, trajectory.last
 
     @staticmethod
     def backward(ctx, grad_out: Tensor, _grad_c: Tensor, _grad_iterations):
@@ -462,60 +335,21 @@ class _UniqueDKM(torch.autograd.Function):
 
 
 def _unique_backward(ctx, grad_out: Tensor) -> Tensor:
-    """The backward of the module docstring, from the last round that took effect (``last``:
-    an int, or a device tensor without host reads, where the rounds that did not run leave
-    the gradient unchanged)."""
-    codes, values, moments, trajectory, masses, *rest = ctx.saved_tensors
-    kept, rest = rest[: ctx.kept], rest[ctx.kept :]
-    last = rest.pop(0) if ctx.last is None else ctx.last
-    inv_tau = rest.pop(0) if ctx.inv_tau is None else ctx.inv_tau
-    slots = rest.pop(0) if ctx.device_side else None
-    distinct = ctx.distinct._replace(values=values, slots=slots)
-    two_over_tau = 2.0 * inv_tau
-    stacked_kept = torch.stack(kept) if kept and isinstance(last, Tensor) else None
-
-    def attention_of(t: int | Tensor) -> Tensor:
-        """The attention of round t (c_{t-1} -> c_t): kept, or recomputed."""
-        if not kept:
-            return _attention(values, pick(trajectory, t - 1), inv_tau)
-        return kept[t - 1] if stacked_kept is None else pick(stacked_kept, t - 1)
-
+    """Each weight's gradient :math:`s_u + b_u g_i` (module docstring) from the core's
+    backward on the distinct values, for the summed gradient per value."""
+    trajectory, (codes, values, counts, *slots), inv_tau = load_trajectory(ctx)
+    distinct = ctx.distinct._replace(values=values.squeeze(1), slots=slots[0] if slots
+                                     else None)
     g = grad_out.to(values.dtype)
-    columns = _Columns(codes, ctx.device_side)
+    columns = _CodeColumns(codes, ctx.device_side)
     G_u = distinct.from_dense(columns.sum_per_code(g).to(values.dtype))  # sum of g per value
-    # The output y_u = sum_j A_uj c_j' of the last iteration: d L / d c_T directly, the
-    # factor b_u of g_i, and d L / d c_{T-1} through the output's attention.
-    A = attention_of(last)
-    c, c_new = pick(trajectory, last - 1), pick(trajectory, last)
-    U_c = _sum_over_values(G_u.unsqueeze(1), A).squeeze(1)
-    dP = (c_new.unsqueeze(-1) - torch.bmm(c_new.unsqueeze(1), A)).mul_(A)  # per unit g
-    b_coef = two_over_tau * torch.bmm(c.unsqueeze(1), dP).squeeze(1)
-    through_output = two_over_tau * _pull(dP, _moments(G_u, values), c)
-    if ctx.implicit:
-        update = _Update(values, moments, A, c, c_new, pick(masses, last - 1), two_over_tau)
-        a_coef = update.wrt_x(update.adjoint(U_c + through_output, not ctx.device_side))
-    else:
-        a_coef = torch.zeros_like(values)
-        for back in range(masses.shape[0]):  # round t = last - back: c_{t-1} -> c_t
-            t = last - back
-            if back:
-                c, c_new = pick(trajectory, t - 1), pick(trajectory, t)
-                A = attention_of(t)
-            update = _Update(values, moments, A, c, c_new, pick(masses, t - 1), two_over_tau)
-            wrt_x, wrt_c = update.wrt_x_and_c(U_c)
-            U_next = wrt_c + through_output if back == 0 else wrt_c
-            if isinstance(t, Tensor):  # a round that did not run changes nothing
-                wrt_x = torch.where(t >= 1, wrt_x, 0.0)
-                U_next = torch.where(t >= 1, U_next, U_c)
-            a_coef += wrt_x
-            U_c = U_next
-    # d L / d x_i = a_u + b_u g_i, with u the value of weight i: two table lookups.
-    grad_x = columns.look_up(distinct.to_dense(a_coef), factor=(distinct.to_dense(b_coef), g))
+    shared, b = weighted_dkm_gradient(values, counts, trajectory, G_u.unsqueeze(1), inv_tau,
+                                      implicit=ctx.implicit, check_errors=not ctx.device_side)
+    assert b is not None
+    # d L / d x_i = s_u + b_u g_i, with u the value of weight i: two table lookups.
+    grad_x = columns.look_up(distinct.to_dense(shared.squeeze(1)),
+                             factor=(distinct.to_dense(b.squeeze(1)), g))
     return grad_x.to(grad_out.dtype)
-
-
-Gradient = Literal["unrolled", "implicit"]
-GRADIENTS = ("unrolled", "implicit")
 
 
 def unique_dkm_cluster(
@@ -530,7 +364,8 @@ def unique_dkm_cluster(
 ) -> DKMOutput:
     """DKM for ``cluster_dim = 1`` on the distinct float16 values of the normalised weights.
 
-    Same arguments and outputs as :func:`~lightning_dkm.dkm.dkm_cluster` (``attention`` is an
+    Same arguments and outputs as :func:`~lightning_dkm.engine.reference.dkm_cluster` (``attention``
+    is an
     empty tensor); values and gradients are those of DKM on the rounded weights (module
     docstring).
 
@@ -547,8 +382,7 @@ def unique_dkm_cluster(
     """
     if x.shape[-1] != 1:
         raise ValueError(f"the 'unique' DKM step needs cluster_dim 1; got {x.shape[-1]}")
-    if gradient not in GRADIENTS:
-        raise ValueError(f"gradient must be one of {GRADIENTS}; got {gradient!r}")
+    check_gradient_name(gradient)
     check_step_arguments(tau, max_iter, epsilon)
     compute_dtype = torch.promote_types(x.dtype, torch.float32)
     device_side = not host_reads_are_free(x)

@@ -7,12 +7,13 @@ identity (optimizers built before or after stay valid) under
 
 Modes (``DKMParametrization.mode``):
 
-* ``"soft"`` -- training: the DKM step (:func:`lightning_dkm.dkm.dkm_cluster`); the centroids
+* ``"soft"`` -- training: the DKM step (:func:`lightning_dkm.engine.reference.dkm_cluster`); the
+centroids
   move to where the iterations ended (in place, no gradient). In ``eval()`` the weight is
   snapped to its nearest centroid, so validation measures the model as it will ship.
 * ``"hard"`` -- nearest-centroid weights with a straight-through gradient (identity backward);
   in training the centroids move to the mean of their members (one Lloyd step per forward).
-* ``"off"`` -- the weight passes through unchanged (plain training before DKM starts).
+* ``"dense"`` -- the weight passes through unchanged (plain training before DKM starts).
 
 Temperature and centroids are buffers, updated in place (``fill_`` / ``copy_``): they follow the
 module across devices, land in ``state_dict`` and checkpoints, and never trigger a recompile.
@@ -23,7 +24,7 @@ They stay float32 when the module is cast to half precision (``module.half()``, 
 A training forward reads nothing back to the host (no device sync): whether the centroids are
 initialised is a Python flag (:attr:`DKMParametrization.is_initialized`), tau stays a device
 tensor, and the steps decide their early stop on the device where reads are not free
-(:func:`lightning_dkm.dkm.host_reads_are_free`).
+(:func:`lightning_dkm.engine.numerics.host_reads_are_free`).
 """
 
 from __future__ import annotations
@@ -35,12 +36,14 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from .dkm import autocast_disabled, dkm_cluster, hard_assign, normalization_of, soft_assignment
-from .fast_dkm import DEFAULT_CHUNK, fast_dkm_cluster
+from .chunked import DEFAULT_CHUNK, chunked_dkm_cluster
+from .distinct import unique_dkm_cluster
 from .kmeans import kmeans
 from .layout import PaletteLayout
+from .numerics import autocast_disabled, hard_assign, normalization_of
 from .palette import Palette
-from .unique_dkm import GRADIENTS, Gradient, unique_dkm_cluster
+from .reference import dkm_cluster, soft_assignment
+from .weighted import GRADIENTS, Gradient
 
 __all__ = [
     "AUTO_REFERENCE_MAX_ENTRIES",
@@ -52,10 +55,10 @@ __all__ = [
     "stable_seed",
 ]
 
-Mode = Literal["soft", "hard", "off"]
+Mode = Literal["soft", "hard", "dense"]
 Implementation = Literal["auto", "chunked", "unique", "reference"]
 _IMPLEMENTATIONS = {
-    "chunked": fast_dkm_cluster,
+    "chunked": chunked_dkm_cluster,
     "unique": unique_dkm_cluster,
     "reference": dkm_cluster,
 }
@@ -70,13 +73,15 @@ AUTO_REFERENCE_MAX_ENTRIES = 1 << 20
 
 def check_gradient(gradient: str, implementation: str, where: str = "DKM") -> None:
     """``gradient`` is one of ``GRADIENTS``, and ``"implicit"`` comes with an implementation
-    that computes it (``"auto"`` or ``"unique"``)."""
+    that computes it: every step built on the weighted core (``"auto"``, ``"unique"``,
+    ``"chunked"``), not the plain-autograd ``"reference"``."""
     if gradient not in GRADIENTS:
         raise ValueError(f"{where}: gradient must be one of {GRADIENTS}; got {gradient!r}")
-    if gradient == "implicit" and implementation not in ("auto", "unique"):
+    if gradient == "implicit" and implementation == "reference":
         raise ValueError(
-            f"{where}: gradient='implicit' is computed by the 'unique' step; got "
-            f"implementation={implementation!r} (use 'auto' or 'unique')"
+            f"{where}: gradient='implicit' is computed by the weighted core, which the "
+            f"'reference' step (plain autograd) does not use; got implementation='reference' "
+            f"(use 'auto', 'unique' or 'chunked')"
         )
 
 
@@ -87,25 +92,18 @@ def resolve_implementation(
     fastest one for the tensor's shape (measured in ``benchmarks/perf_step.py``): ``"unique"``
     for scalar clustering of >= ``AUTO_UNIQUE_MIN_WEIGHTS`` weights per palette, else
     ``"reference"`` while the attention is small, else ``"chunked"``. The implicit gradient
-    exists in the ``"unique"`` step only, so ``gradient="implicit"`` resolves to it (and is
-    refused for vectors or another explicit implementation)."""
+    is the weighted core's, so with ``gradient="implicit"`` ``"auto"`` never picks the
+    plain-autograd ``"reference"`` (``"chunked"`` instead)."""
     check_gradient(gradient, implementation, layout.name)
-    if gradient == "implicit":
-        if layout.spec.cluster_dim != 1:
-            raise ValueError(
-                f"{layout.name}: gradient='implicit' is computed by the 'unique' step, which "
-                f"needs cluster_dim 1; got cluster_dim={layout.spec.cluster_dim}"
-            )
-        return "unique"
     if implementation != "auto":
         return implementation
     P, n, _ = layout.palette_shape
     if layout.spec.cluster_dim == 1 and n >= AUTO_UNIQUE_MIN_WEIGHTS:
         return "unique"
-    if P * n * layout.spec.num_centroids <= AUTO_REFERENCE_MAX_ENTRIES:
+    if P * n * layout.spec.num_centroids <= AUTO_REFERENCE_MAX_ENTRIES and gradient != "implicit":
         return "reference"
     return "chunked"
-_MODES = ("soft", "hard", "off")
+_MODES = ("soft", "hard", "dense")
 # Lloyd iterations used to initialise centroids (k-means++ then Lloyd, on the current weights).
 _INIT_MAX_ITER = 100
 #: Buffers kept in float32 when the module is cast to a half-precision dtype.
@@ -127,7 +125,8 @@ class DKMParametrization(nn.Module):
     """Differentiable k-means clustering of one weight tensor.
 
     Args:
-        layout: how the weight is cut into palettes (:class:`~lightning_dkm.layout.PaletteLayout`),
+        layout: how the weight is cut into palettes
+        (:class:`~lightning_dkm.engine.layout.PaletteLayout`),
             including bits, cluster_dim and group_size.
         temperature: initial tau (> 0), in units of the palette's weight variance.
         max_iter: DKM iterations per forward (the paper and coremltools use 3).
@@ -138,23 +137,24 @@ class DKMParametrization(nn.Module):
             is never read back (a sync per iteration, a graph break): all ``max_iter``
             iterations run and those after the stop change nothing (a flag on the device),
             so the result is the same and no time is saved
-            (:class:`~lightning_dkm.dkm.EarlyStop`).
+            (:class:`~lightning_dkm.engine.numerics.EarlyStop`).
         seed: k-means++ seed; with :func:`stable_seed` every rank gets the same centroids.
         implementation: the DKM step. ``"unique"``
-            (:func:`lightning_dkm.unique_dkm.unique_dkm_cluster`, cluster_dim 1 only: attention
+            (:func:`lightning_dkm.engine.distinct.unique_dkm_cluster`, cluster_dim 1 only: attention
             on the distinct float16 values of the normalised weights, the eDKM idea; by far the
             fastest on large tensors, exact DKM of the float16-rounded weights);
-            ``"chunked"`` (:func:`lightning_dkm.fast_dkm.fast_dkm_cluster`: the reference's
+            ``"chunked"`` (:func:`lightning_dkm.engine.chunked.chunked_dkm_cluster`: the reference's
             values and gradients with an analytic, recomputing backward and memory independent
-            of ``max_iter``); ``"reference"`` (:func:`lightning_dkm.dkm.dkm_cluster`, plain
+            of ``max_iter``); ``"reference"`` (:func:`lightning_dkm.engine.reference.dkm_cluster`,
+            plain
             autograd through the unrolled loop); ``"auto"`` (default): per tensor, as
             :func:`resolve_implementation` says.
         chunk: weights per chunk for ``"chunked"``.
         gradient: ``"unrolled"`` (default: through every iteration) or ``"implicit"`` (IDKM: at
             the iterations' fixed point, work and memory independent of ``max_iter``; computed
             by the ``"unique"`` step, see
-            :func:`~lightning_dkm.unique_dkm.unique_dkm_cluster`).
-        mode: ``"soft"``, ``"hard"`` or ``"off"`` (module docstring).
+            :func:`~lightning_dkm.engine.distinct.unique_dkm_cluster`).
+        mode: ``"soft"``, ``"hard"`` or ``"dense"`` (module docstring).
 
     The centroids are set by :meth:`initialize` (or by loading a state dict that holds them);
     a forward before that initialises them from the weight it is given, and :meth:`palette`
@@ -347,7 +347,7 @@ class DKMParametrization(nn.Module):
         """The clustered weight (module docstring), in the dtype of ``weight``; the DKM step
         and the snap run in float32 with autocast off. Centroids that were never set are
         initialised from ``weight`` first (a Python flag: no device read)."""
-        if self.mode == "off":
+        if self.mode == "dense":
             return weight
         if not self.is_initialized:
             self.initialize(weight)
@@ -367,7 +367,7 @@ class DKMParametrization(nn.Module):
             kwargs: dict = {}
             if self.step_implementation == "chunked":
                 kwargs["chunk"] = self.chunk
-            elif self.step_implementation == "unique":
+            if self.step_implementation != "reference":
                 kwargs["gradient"] = self.gradient
             result = step(
                 x,

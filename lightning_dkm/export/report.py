@@ -1,12 +1,13 @@
 """What clustering bought: stored size per tensor and in total, and (optionally) an energy
 estimate per inference.
 
-Sizes are the sizes of the compressed artifact (:mod:`lightning_dkm.artifact`), byte for byte:
+Sizes are the sizes of the compressed artifact (:mod:`lightning_dkm.export.artifact`), byte for
+byte:
 
 * a clustered tensor stores its ``P`` LUTs of ``2**bits x cluster_dim`` entries at
   ``lut_dtype`` (at float32, as the artifact does, for a LUT with a centroid beyond float16's
   range in a float16 report; :meth:`Palette.stored_lut_dtype
-  <lightning_dkm.palette.Palette.stored_lut_dtype>`), its per-channel scales (one per output
+  <lightning_dkm.engine.palette.Palette.stored_lut_dtype>`), its per-channel scales (one per output
   channel, in the LUT's dtype) when it has ``per_channel_scale``, plus its ``P * n`` indices
   bit-packed at ``bits`` each over the whole tensor, ``ceil(P * n * bits / 8)`` bytes;
 * every other tensor of ``model.state_dict()`` (parameters *and* buffers) is stored as it is, at
@@ -15,7 +16,8 @@ Sizes are the sizes of the compressed artifact (:mod:`lightning_dkm.artifact`), 
 The baselines store the same tensors densely: floating-point tensors at 4 bytes (fp32) or
 2 bytes (fp16) per element, other tensors (e.g. ``num_batches_tracked``) at their own width.
 
-The energy section is an estimate from :mod:`lightning_dkm.energy` (Horowitz, ISSCC 2014), never
+The energy section is an estimate from :mod:`lightning_dkm.export.energy` (Horowitz, ISSCC 2014),
+never
 a measurement; every energy field name says ``estimated``.
 """
 
@@ -25,17 +27,26 @@ import json
 import math
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import MISSING, asdict, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from ._files import write_atomically
-from ._state import state_tensors
+from ..engine.palette import Palette
+from ..model.state import state_tensors
 from .energy import EnergyModel, count_macs
-from .palette import Palette
+from .files import write_atomically
+from .report_entries import (
+    EnergyEstimate,
+    LayerReport,
+    TensorReport,
+    _dtype_name,
+    _from_fields,
+    _ratio,
+)
+from .report_render import render
 
 __all__ = [
     "REPORT_JSON",
@@ -58,169 +69,6 @@ _REPORT_VERSION = 1
 #: The file names :meth:`CompressionReport.save` writes into its directory.
 REPORT_JSON = "compression_report.json"
 REPORT_MARKDOWN = "compression_report.md"
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-def _ratio(baseline: int, stored: int) -> float:
-    return baseline / stored if stored else 1.0
-
-
-def _from_fields(cls: type, data: Any) -> Any:
-    """Build dataclass ``cls`` from ``data``, ignoring derived keys that ``to_dict`` adds."""
-    if not isinstance(data, Mapping):
-        raise ValueError(f"a {cls.__name__} entry must be a JSON object; got {data!r}")
-    required = [f.name for f in fields(cls) if f.default is MISSING]
-    absent = [name for name in required if name not in data]
-    if absent:
-        raise ValueError(f"a {cls.__name__} entry lacks the fields {absent}; got {sorted(data)}")
-    kwargs = {f.name: data[f.name] for f in fields(cls) if f.name in data}
-    if "shape" in kwargs:
-        kwargs["shape"] = tuple(kwargs["shape"])
-    return cls(**kwargs)
-
-
-#: What the rendered report says in place of the energy estimate when it has none.
-ENERGY_SKIPPED = (
-    "Energy estimate: skipped (no example input to count MACs with: set the LightningModule's "
-    "example_input_array, or pass example_input= to CompressionReport.build)"
-)
-
-
-@dataclass
-class LayerReport:
-    """One clustered tensor: its spec, its stored size, and optional training statistics.
-
-    ``entropy_bits`` (the final DKM assignment entropy) and ``snap_rmse`` (RMS distance between
-    the trained and the snapped weight) are ``None`` when unknown. ``macs`` and the
-    ``estimated_*`` energies are those of the owning module and ``None`` without an energy
-    estimate. ``lut_dtype`` is ``None`` when the LUT is stored at the report's ``lut_dtype``,
-    and ``"float32"`` for a LUT that a float16 artifact keeps in float32 because a centroid lies
-    beyond float16's range (``lut_bytes`` counts it at 4 bytes per entry). ``scale_bytes``
-    counts the per-channel scales (0 without ``per_channel_scale``).
-    """
-
-    name: str
-    shape: tuple[int, ...]
-    dtype: str
-    bits: int
-    cluster_dim: int
-    group_size: int | None
-    palettes: int
-    parameters: int
-    lut_bytes: int
-    index_bytes: int
-    scale_bytes: int = 0
-    entropy_bits: float | None = None
-    snap_rmse: float | None = None
-    macs: int | None = None
-    estimated_fetch_energy_fp32_uj: float | None = None
-    estimated_fetch_energy_compressed_uj: float | None = None
-    lut_dtype: str | None = None
-
-    @property
-    def compressed_bytes(self) -> int:
-        return self.lut_bytes + self.scale_bytes + self.index_bytes
-
-    @property
-    def fp32_bytes(self) -> int:
-        return self.parameters * 4
-
-    @property
-    def ratio_vs_fp32(self) -> float:
-        return _ratio(self.fp32_bytes, self.compressed_bytes)
-
-    @property
-    def bits_per_weight(self) -> float:
-        """Stored bits per scalar weight, LUT included."""
-        return self.compressed_bytes * 8 / self.parameters if self.parameters else 0.0
-
-    def to_dict(self) -> dict[str, Any]:
-        out = asdict(self)
-        out["shape"] = list(self.shape)
-        out.update(
-            compressed_bytes=self.compressed_bytes,
-            fp32_bytes=self.fp32_bytes,
-            ratio_vs_fp32=self.ratio_vs_fp32,
-            bits_per_weight=self.bits_per_weight,
-        )
-        return out
-
-
-@dataclass
-class TensorReport:
-    """One tensor kept as it is (a parameter or a buffer), counted at its dtype's width."""
-
-    name: str
-    shape: tuple[int, ...]
-    dtype: str
-    kind: str  # "parameter" or "buffer"
-    numel: int
-    bytes: int
-    floating: bool
-
-    @property
-    def fp32_bytes(self) -> int:
-        return self.numel * 4 if self.floating else self.bytes
-
-    @property
-    def fp16_bytes(self) -> int:
-        return self.numel * 2 if self.floating else self.bytes
-
-    def to_dict(self) -> dict[str, Any]:
-        out = asdict(self)
-        out["shape"] = list(self.shape)
-        out.update(fp32_bytes=self.fp32_bytes, fp16_bytes=self.fp16_bytes)
-        return out
-
-
-@dataclass
-class EnergyEstimate:
-    """Estimated energy of one inference (see :mod:`lightning_dkm.energy`); not a measurement.
-
-    ``fetch`` is DRAM traffic for every stored tensor, ``lut_lookup`` the SRAM reads that
-    resolve palette indices, ``compute`` the MACs (the same for both models).
-    """
-
-    dram_read_pj: float
-    sram_read_pj: float
-    mac_pj: float
-    macs: int
-    estimated_fetch_energy_fp32_uj: float
-    estimated_fetch_energy_compressed_uj: float
-    estimated_lut_lookup_energy_uj: float
-    estimated_compute_energy_uj: float
-
-    @property
-    def estimated_total_energy_fp32_uj(self) -> float:
-        return self.estimated_fetch_energy_fp32_uj + self.estimated_compute_energy_uj
-
-    @property
-    def estimated_total_energy_compressed_uj(self) -> float:
-        return (
-            self.estimated_fetch_energy_compressed_uj
-            + self.estimated_lut_lookup_energy_uj
-            + self.estimated_compute_energy_uj
-        )
-
-    @property
-    def estimated_energy_ratio(self) -> float:
-        """fp32 / compressed: how many times less energy the clustered model is estimated to
-        use."""
-        compressed = self.estimated_total_energy_compressed_uj
-        return self.estimated_total_energy_fp32_uj / compressed if compressed else 1.0
-
-    def to_dict(self) -> dict[str, Any]:
-        out = asdict(self)
-        out.update(
-            estimated_total_energy_fp32_uj=self.estimated_total_energy_fp32_uj,
-            estimated_total_energy_compressed_uj=self.estimated_total_energy_compressed_uj,
-            estimated_energy_ratio=self.estimated_energy_ratio,
-            source="Horowitz, 'Computing's energy problem', ISSCC 2014 (45 nm); an estimate",
-        )
-        return out
 
 
 def _check_stats(
@@ -287,10 +135,10 @@ class CompressionReport:
 
         Args:
             model: the model after :func:`~lightning_dkm.finalize` or
-                :func:`~lightning_dkm.palettize` (plain, no parametrizations).
+                :func:`~lightning_dkm.model.post_training` (plain, no parametrizations).
             palettes: what ``finalize``/``palettize`` returned, by parameter name.
             lut_dtype: the LUT storage dtype, ``torch.float16`` or ``torch.float32`` (as in
-                :func:`~lightning_dkm.artifact.save_compressed`).
+                :func:`~lightning_dkm.export.artifact.save_compressed`).
             stats: optional ``{name: {"entropy_bits": ..., "snap_rmse": ...}}`` per clustered
                 tensor.
             example_input: if given, one forward pass counts MACs (:func:`count_macs`) and the
@@ -488,7 +336,7 @@ class CompressionReport:
         """Write ``compression_report.json`` and ``compression_report.md`` (UTF-8) into
         ``directory`` (created if needed); returns ``{"json": path, "markdown": path}``.
 
-        Both are written atomically (:func:`~lightning_dkm._files.write_atomically`): an
+        Both are written atomically (:func:`~lightning_dkm.export.files.write_atomically`): an
         interrupted save leaves the previous files (or none), never a truncated one.
         """
         directory = Path(directory)
@@ -534,139 +382,13 @@ class CompressionReport:
         except ValueError as err:
             raise ValueError(f"{path}: {err}") from err
 
-    # -- rendering ---------------------------------------------------------------------------
-    _LAYER_HEADERS = (
-        "tensor", "shape", "bits", "dim", "group", "P", "params", "fp32 B", "stored B", "ratio",
-        "bits/w", "entropy", "snap RMSE",
-    )
-
-    def _layer_rows(self) -> list[list[str]]:
-        return [
-            [
-                layer.name,
-                "x".join(map(str, layer.shape)),
-                str(layer.bits),
-                str(layer.cluster_dim),
-                "-" if layer.group_size is None else str(layer.group_size),
-                str(layer.palettes),
-                f"{layer.parameters:,}",
-                f"{layer.fp32_bytes:,}",
-                f"{layer.compressed_bytes:,}",
-                f"{layer.ratio_vs_fp32:.2f}x",
-                f"{layer.bits_per_weight:.3f}",
-                _optional(layer.entropy_bits, ".3f"),
-                _optional(layer.snap_rmse, ".3g"),
-            ]
-            for layer in self.layers
-        ]
-
-    def _total_rows(self) -> list[list[str]]:
-        return [
-            ["clustered tensors", f"{len(self.layers)} ({self.clustered_parameters:,} params)",
-             f"{self.clustered_bytes:,} B"],
-            ["unclustered tensors", f"{len(self.unclustered)} (kept as stored)",
-             f"{self.unclustered_bytes:,} B"],
-            [f"total (LUT {self.lut_dtype})", "", f"{self.total_bytes:,} B"],
-            ["fp32 model", f"{self.ratio_vs_fp32:.2f}x smaller", f"{self.fp32_bytes:,} B"],
-            ["fp16 model", f"{self.ratio_vs_fp16:.2f}x smaller", f"{self.fp16_bytes:,} B"],
-        ]
-
-    def _notes(self) -> list[str]:
-        """One line per LUT dtype other than the report's (LUTs kept in float32 for range)."""
-        by_dtype: dict[str, list[str]] = {}
-        for layer in self.layers:
-            if layer.lut_dtype is not None and layer.lut_dtype != self.lut_dtype:
-                by_dtype.setdefault(layer.lut_dtype, []).append(layer.name)
-        return [
-            f"LUT stored in {dtype}, not {self.lut_dtype} (a centroid beyond the {self.lut_dtype} "
-            f"range): {', '.join(names)}"
-            for dtype, names in by_dtype.items()
-        ]
-
-    def _energy_rows(self) -> list[list[str]]:
-        e = self.energy
-        assert e is not None
-        return [
-            ["MACs per inference", f"{e.macs:,}", f"{e.macs:,}"],
-            ["weight fetch (DRAM)", f"{e.estimated_fetch_energy_fp32_uj:.4g}",
-             f"{e.estimated_fetch_energy_compressed_uj:.4g}"],
-            ["LUT lookups (SRAM)", "0", f"{e.estimated_lut_lookup_energy_uj:.4g}"],
-            ["compute (MACs)", f"{e.estimated_compute_energy_uj:.4g}",
-             f"{e.estimated_compute_energy_uj:.4g}"],
-            ["total", f"{e.estimated_total_energy_fp32_uj:.4g}",
-             f"{e.estimated_total_energy_compressed_uj:.4g}"],
-            ["ratio", "", f"{e.estimated_energy_ratio:.2f}x less"],
-        ]
-
-    def _energy_heading(self) -> str:
-        e = self.energy
-        assert e is not None
-        return (
-            "ESTIMATED energy per inference in µJ (an estimate, not a measurement; Horowitz, "
-            f"ISSCC 2014, 45 nm: DRAM {e.dram_read_pj:g} pJ and SRAM {e.sram_read_pj:g} pJ per "
-            f"32-bit read, {e.mac_pj:g} pJ per MAC; weights fetched once per inference)"
-        )
-
+    # -- rendering (report_render.py) ----------------------------------------------------------
     def to_table(self) -> str:
         """An aligned plain-text table: one row per clustered tensor, then the totals (and the
         energy estimate, if any)."""
-        parts = [
-            _text_table(list(self._LAYER_HEADERS), self._layer_rows()),
-            "",
-            _text_table(["totals", "", "bytes"], self._total_rows()),
-            *(["", *self._notes()] if self._notes() else []),
-        ]
-        if self.energy is not None:
-            parts += ["", self._energy_heading(),
-                      _text_table(["", "fp32 (est.)", "clustered (est.)"], self._energy_rows())]
-        else:
-            parts += ["", ENERGY_SKIPPED]
-        return "\n".join(parts) + "\n"
+        return render(self, markdown=False)
 
     def to_markdown(self) -> str:
         """The report as Markdown: a table with one row per clustered tensor, the totals, and
         the energy estimate (if any)."""
-        parts = [
-            "# Compression report",
-            "",
-            "## Clustered tensors",
-            "",
-            _markdown_table(list(self._LAYER_HEADERS), self._layer_rows()),
-            "",
-            "## Totals",
-            "",
-            _markdown_table(["totals", "", "bytes"], self._total_rows()),
-            *(["", *self._notes()] if self._notes() else []),
-        ]
-        if self.energy is not None:
-            parts += ["", "## Estimated energy per inference", "", self._energy_heading(), "",
-                      _markdown_table(["", "fp32 (est.)", "clustered (est.)"],
-                                      self._energy_rows())]
-        else:
-            parts += ["", ENERGY_SKIPPED]
-        return "\n".join(parts) + "\n"
-
-
-def _optional(value: float | None, fmt: str) -> str:
-    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) \
-        else format(value, fmt)
-
-
-def _text_table(headers: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(r[i]) for r in [headers, *rows]) for i in range(len(headers))]
-
-    def line(cells: list[str]) -> str:
-        first = cells[0].ljust(widths[0])
-        rest = [c.rjust(w) for c, w in zip(cells[1:], widths[1:], strict=True)]
-        return "  ".join([first, *rest]).rstrip()
-
-    rule = "  ".join("-" * w for w in widths)
-    return "\n".join([line(headers), rule, *(line(r) for r in rows)])
-
-
-def _markdown_table(headers: list[str], rows: list[list[str]]) -> str:
-    def line(cells: list[str]) -> str:
-        return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
-
-    align = "| " + " | ".join([":---"] + ["---:"] * (len(headers) - 1)) + " |"
-    return "\n".join([line(headers), align, *(line(r) for r in rows)])
+        return render(self, markdown=True)

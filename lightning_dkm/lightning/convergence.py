@@ -1,6 +1,6 @@
 """Measure how far clustering has come on each clustered tensor, with the torchmetrics Metrics.
 
-For one :class:`~lightning_dkm.clustering.ClusteredTensor` this reads its trainable weight and
+For one :class:`~lightning_dkm.model.attach.ClusteredTensor` this reads its trainable weight and
 its parametrization's centroids and temperature (no gradient, no change of state) and returns
 
 * ``entropy``: mean Shannon entropy (bits) of the soft-assignment rows at the current tau --
@@ -23,8 +23,8 @@ from collections.abc import Mapping
 
 import torch
 
-from .clustering import ClusteredTensor
-from .dkm import hard_assign
+from ..engine.numerics import hard_assign
+from ..model.attach import ClusteredTensor
 from .metrics import AssignmentEntropy, ClusterUsage, SnapDistance
 
 __all__ = ["measure", "measure_all", "metric_device"]

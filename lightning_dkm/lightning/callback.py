@@ -35,31 +35,31 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .artifact import save_compressed
-from .clustering import (
+from ..engine.layout import ClusterSpec
+from ..engine.palette import Palette
+from ..engine.parametrization import check_gradient
+from ..export.artifact import save_compressed
+from ..export.report import CompressionReport
+from ..model.attach import (
     ClusteredTensor,
     attach,
     checkpoint_clustered_names,
     clustered_tensors,
     finalize,
-    load_snapped,
     register_load_pre_hook,
     release,
+    snap_on_load,
 )
-from .handoff import discard_handoff, read_handoff, write_handoff
-from .layout import ClusterSpec
-from .methods import (
+from ..model.methods import (
     DEFAULT_REFRESH_EVERY,
     DEFAULT_REGULARIZATION,
     ClusteringMethod,
     MethodName,
     build_method,
 )
-from .monitor import measure_all
-from .palette import Palette
-from .parametrize import check_gradient
-from .report import CompressionReport
-from .targets import DEFAULT_MIN_SIZE, Target, _spec_with_override, select_targets
+from ..model.targets import DEFAULT_MIN_SIZE, Target, _spec_with_override, select_targets
+from .convergence import measure_all
+from .handoff import discard_handoff, read_handoff, write_handoff
 from .temperature import TemperatureConfig, TemperaturePlan, geometric_mean
 
 __all__ = ["DKMCallback"]
@@ -142,7 +142,8 @@ class DKMCallback(Callback):
             matches only tensors below ``min_size`` is not applied, with a warning. Default
             none.
         temperature: the softmax temperature tau and how it anneals
-            (:mod:`lightning_dkm.temperature`). ``"auto"`` (default, also ``None``): for each
+            (:mod:`lightning_dkm.lightning.temperature`). ``"auto"`` (default, also ``None``): for
+            each
             tensor, tau is calibrated when DKM starts so that its soft assignments have mean
             entropy ``start_entropy * log2(k)`` bits (0.1: genuinely soft at every bit width),
             then annealed exponentially every optimizer step to the tau of ``end_entropy``
@@ -192,7 +193,7 @@ class DKMCallback(Callback):
             indices and every other tensor; see :func:`lightning_dkm.save_compressed`) when fit
             ends. Default True.
         export_coreml: also write ``model.mlpackage``, a Core ML ML program whose clustered
-            weights are LUT ops (:func:`lightning_dkm.coreml.export_coreml`, traced on the
+            weights are LUT ops (:func:`lightning_dkm.export.coreml.export_coreml`, traced on the
             module's ``example_input_array``; needs the ``coreml`` extra). Checked in ``setup``:
             without coremltools or ``example_input_array`` it fails before training. Default
             False.
@@ -201,7 +202,7 @@ class DKMCallback(Callback):
         log_histograms: TensorBoard histograms of centroids and weights every epoch. Default
             True (only with a ``TensorBoardLogger``).
         verbose: print the compression report at the end of fit. Default True.
-        method: the train-time clustering method (:mod:`lightning_dkm.methods`); every method
+        method: the train-time clustering method (:mod:`lightning_dkm.model.methods`); every method
             ends with the same finalize, palettes, report and artifact.
             ``"dkm"`` (default): Differentiable K-Means (soft, temperature schedule).
             ``"hard"``: nearest centroid with straight-through gradients, centroids moved to
@@ -264,7 +265,7 @@ class DKMCallback(Callback):
         self.overrides = dict(overrides or {})
         for pattern, override in self.overrides.items():
             _spec_with_override(self.spec, pattern, override)  # early, clear errors
-        #: The validated temperature (a :class:`~lightning_dkm.temperature.TemperatureConfig`).
+        #: The validated temperature (a :class:`~.temperature.TemperatureConfig`).
         self.temperature = TemperatureConfig.parse(temperature)
         if not isinstance(start_epoch, int) or start_epoch < 0:
             raise ValueError(f"start_epoch must be an int >= 0; got {start_epoch!r}")
@@ -354,7 +355,8 @@ class DKMCallback(Callback):
 
     @property
     def report(self) -> CompressionReport | None:
-        """The :class:`~lightning_dkm.report.CompressionReport` after fit (``None`` before)."""
+        """The :class:`~lightning_dkm.export.report.CompressionReport` after fit (``None``
+        before)."""
         self._take_handoff()
         return self._report
 
@@ -460,7 +462,7 @@ class DKMCallback(Callback):
             max_iter=self.max_iter,
             epsilon=self.epsilon,
             seed=self.seed,
-            mode="off",
+            mode="dense",
             initialize=init,
             implementation=self.implementation,
             gradient=self.gradient,
@@ -544,7 +546,7 @@ class DKMCallback(Callback):
         return self._method.mode_for_epoch(epoch, self.start_epoch, self.hard_epoch)
 
     def _active(self, epoch: int) -> bool:
-        """Whether clustering runs in ``epoch`` (Deep k-Means is active in mode "off")."""
+        """Whether clustering runs in ``epoch`` (Deep k-Means is active in mode "dense")."""
         return epoch >= self.start_epoch
 
     def _resolve_save_dir(self, trainer: pl.Trainer) -> Path:
@@ -557,7 +559,7 @@ class DKMCallback(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             if not self._tensors(pl_module):
-                load_snapped(pl_module)  # e.g. test(ckpt_path="best") after finalize
+                snap_on_load(pl_module)  # e.g. test(ckpt_path="best") after finalize
             return
         for strategy_type, why in _unsupported_strategies():
             if isinstance(trainer.strategy, strategy_type):
@@ -636,7 +638,7 @@ class DKMCallback(Callback):
                 self._set_taus(tensors, epoch - self.start_epoch)
         for tensor in tensors.values():
             tensor.parametrization.set_mode(mode)  # type: ignore[arg-type]
-        if uses_tau and mode != "off" and self._taus and self.temperature.interval == "epoch":
+        if uses_tau and mode != "dense" and self._taus and self.temperature.interval == "epoch":
             pl_module.log(
                 "dkm/tau", geometric_mean(self._taus), on_step=False, on_epoch=True,
                 prog_bar=True, sync_dist=True,
@@ -778,7 +780,7 @@ class DKMCallback(Callback):
         self._method.before_finalize(tensors)
         self.stats, _ = measure_all(tensors)
         self.palettes = finalize(pl_module, self._names)
-        load_snapped(pl_module)  # mid-DKM checkpoints (ckpt_path="best") still load
+        snap_on_load(pl_module)  # mid-DKM checkpoints (ckpt_path="best") still load
         self._finalized = True
         self._write_outputs(trainer, pl_module)
 
@@ -805,7 +807,7 @@ class DKMCallback(Callback):
                 pl_module, self._out_dir / ARTIFACT_NAME, self.palettes, lut_dtype=lut_dtype
             )
         if self.export_coreml:
-            from .coreml import export_coreml
+            from ..export.coreml import export_coreml
 
             example = _to_cpu(pl_module.example_input_array)
             # coremltools reads the weights as numpy arrays: trace a CPU copy if need be
@@ -826,7 +828,7 @@ class DKMCallback(Callback):
 def _check_coreml_export(pl_module: pl.LightningModule) -> None:
     """``export_coreml=True`` can work: coremltools imports and the module has an
     ``example_input_array`` to trace with; else a ``MisconfigurationException`` before training."""
-    from .coreml import require_coremltools
+    from ..export.coreml import require_coremltools
 
     try:
         require_coremltools()

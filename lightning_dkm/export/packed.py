@@ -2,7 +2,8 @@
 
 :func:`pack` replaces each clustered weight ``Parameter`` of a finalized model by three buffers
 on its module, ``<param>_lut`` (``(P, 2**bits, cluster_dim)``, the model's dtype),
-``<param>_packed_indices`` (uint8, ``ceil(P * n * bits / 8)`` bytes, :mod:`lightning_dkm.bitpack`)
+``<param>_packed_indices`` (uint8, ``ceil(P * n * bits / 8)`` bytes,
+:mod:`lightning_dkm.engine.bitpack`)
 and, with per-channel scales, ``<param>_scale``; a forward pre-hook decodes the dense weight
 into a plain attribute just before the module runs and a forward hook drops it after, so the
 model's parameters and buffers hold about the artifact's bytes and only one layer's dense
@@ -24,10 +25,10 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from .bitpack import pack_bits, unpack_bits
-from .carried import carried_palettes, carry_palettes, discard_palettes
-from .layout import PaletteLayout
-from .palette import Palette
+from ..engine.bitpack import pack_bits, unpack_bits
+from ..engine.layout import PaletteLayout
+from ..engine.palette import Palette
+from ..model.carried import carried_palettes, carry_palettes, discard_palettes
 
 __all__ = ["is_packed", "pack", "packed_palettes", "unpack"]
 
@@ -116,7 +117,7 @@ def pack(
     """Pack the clustered weights of a finalized ``model`` in place and return it.
 
     Args:
-        model: a finalized model (it carries its palettes, :mod:`lightning_dkm.carried`).
+        model: a finalized model (it carries its palettes, :mod:`lightning_dkm.model.carried`).
         palettes: the palettes to pack (default: the ones the model carries, checked against
             its weights); each must reproduce its weight.
         verify: check that each palette reproduces the weight it replaces (``False`` only where

@@ -119,7 +119,7 @@ class Palette:
 
     def index_bytes(self) -> int:
         """Bytes of the indices bit-packed at ``bits`` each over the whole tensor:
-        ``ceil(P * n * bits / 8)`` (see :mod:`lightning_dkm.bitpack`)."""
+        ``ceil(P * n * bits / 8)`` (see :mod:`lightning_dkm.engine.bitpack`)."""
         return packed_size(self.num_indices, self.layout.spec.bits)
 
     def max_abs_centroid(self) -> float:

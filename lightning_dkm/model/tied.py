@@ -1,7 +1,8 @@
 """Tied weights under DKM: one Parameter, several owners, one clustered tensor.
 
 A model may use one Parameter in two modules (an embedding shared with the output projection).
-DKM registers its :class:`~lightning_dkm.parametrize.DKMParametrization` on the first owner; each
+DKM registers its :class:`~lightning_dkm.engine.parametrization.DKMParametrization` on the first
+owner; each
 further owner gets a :class:`TiedWeight`, whose forward returns the first owner's clustered
 weight. So every use of the tensor in the loss sees the same clustered value, the gradient of
 every use reaches the one Parameter through the DKM step, and under ``parametrize.cached()``

@@ -2,7 +2,7 @@
 
 ``export_coreml`` traces the model and converts it with coremltools (the ``coreml`` extra:
 ``pip install "lightning-dkm[coreml]"``) to an ML program. The converter reads the compression
-metadata a finalized model carries (:mod:`lightning_dkm.carried`: ``_COREML_/<param>/lut`` and
+metadata a finalized model carries (:mod:`lightning_dkm.model.carried`: ``_COREML_/<param>/lut`` and
 friends) and writes every clustered tensor as one ``constexpr_lut_to_dense`` op holding our
 LUT and indices (per tensor, per ``group_size`` block of channels, ``cluster_dim``-vectors along
 ``vector_axis``), followed by ``constexpr_blockwise_shift_scale`` where the tensor has
@@ -34,8 +34,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ._state import unwrap
-from .carried import carried_palettes, version_key
+from ..model.carried import carried_palettes, version_key
+from ..model.state import unwrap
 
 __all__ = [
     "CoreMLPalette", "export_coreml", "package_bytes", "read_coreml_palettes",
@@ -89,7 +89,8 @@ def export_coreml(
 
     Args:
         model: a finalized model (after :func:`~lightning_dkm.finalize`,
-            :func:`~lightning_dkm.palettize` or :func:`~lightning_dkm.load_compressed`); it
+            :func:`~lightning_dkm.model.post_training` or :func:`~lightning_dkm.load_compressed`);
+            it
             is traced in eval mode (``torch.jit.trace``) on ``example_inputs``.
         path: the ``.mlpackage`` directory to write; replaced if it exists (the new package is
             written next to it first, so a failed export leaves the old one).

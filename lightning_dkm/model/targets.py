@@ -1,7 +1,8 @@
 """Which parameters are clustered, and with what spec.
 
 A *target* is one weight tensor of a supported module together with its
-:class:`~lightning_dkm.layout.ClusterSpec` and :class:`~lightning_dkm.layout.PaletteLayout`.
+:class:`~lightning_dkm.engine.layout.ClusterSpec` and
+:class:`~lightning_dkm.engine.layout.PaletteLayout`.
 
 Patterns (in ``targets``, ``exclude`` and the keys of ``overrides``) follow the vocabulary of
 PEFT's ``target_modules``: each is matched against a module's qualified name (``"features.0"``)
@@ -21,8 +22,8 @@ from typing import Any
 
 from torch import nn
 
-from .layout import ClusterSpec, PaletteLayout
-from .parametrize import DKMParametrization
+from ..engine.layout import ClusterSpec, PaletteLayout
+from ..engine.parametrization import DKMParametrization
 from .tied import TiedWeight
 
 __all__ = [

@@ -15,9 +15,9 @@ from typing import Any
 
 import torch
 
-from ._files import write_atomically
-from .layout import ClusterSpec, PaletteLayout
-from .palette import Palette
+from ..engine.layout import ClusterSpec, PaletteLayout
+from ..engine.palette import Palette
+from ..export.files import write_atomically
 
 __all__ = ["discard_handoff", "read_handoff", "write_handoff"]
 

@@ -21,7 +21,7 @@ __all__ = [
 ]
 
 #: coremltools' prefix of compression-metadata buffers (``<module>._COREML_/<param>/lut``, ...):
-#: what a finalized model carries about its palettes (:mod:`lightning_dkm.carried`). They
+#: what a finalized model carries about its palettes (:mod:`lightning_dkm.model.carried`). They
 #: duplicate the palettes, so the artifact does not store them and the report does not count
 #: them.
 COMPRESSION_METADATA_PREFIX = "_COREML_"

@@ -1,0 +1,415 @@
+r"""The one DKM core: weighted DKM on points and their weights, with its analytic backward.
+
+Every DKM step of the package is this computation on what it feeds in (and the plain-autograd
+:func:`~lightning_dkm.engine.reference.dkm_cluster` is its test oracle): the ``"chunked"`` step
+(:mod:`.chunked`) feeds the exact normalised weights, each with weight 1; the ``"unique"`` step
+(:mod:`.distinct`) feeds the distinct float16 values of a palette with their counts (eDKM).
+
+**Forward.** For points :math:`v_u \in R^d` with weights :math:`w_u` and centroids :math:`c`,
+each round is
+
+.. math::
+
+    A_{uj} = \operatorname{softmax}_j\big(-\|v_u - c_j\|^2 / \tau\big), \qquad
+    m_j = \sum_u w_u A_{uj}, \qquad c'_j = \frac{1}{m_j}\sum_u w_u A_{uj} v_u,
+
+and the output of a point is :math:`y_u = \sum_j A_{uj} c'_j` of the last round that took effect
+(its attention from that round's starting centroids). A cluster with mass below ``EMPTY_MASS``
+keeps its centroid. The points are walked in chunks of ``chunk``, so the ``k x chunk``
+temporaries stay in cache and the extra memory does not grow with the number of points; the
+attention of every kept round is stored for the backward while all of them together have at
+most ``KEEP_ATTENTION_MAX_ENTRIES`` entries, else recomputed there chunk by chunk (like
+activation checkpointing).
+
+**Backward.** The gradient reaching a point has two parts. With :math:`U_j = \partial L /
+\partial c'_j` (for the last round :math:`U_j = \sum_u A_{uj} G_u`, :math:`G_u` the loss
+gradient of :math:`y_u` summed over the point's copies), :math:`H_j = U_j / m_j`,
+:math:`B_{uj} = H_j \cdot (v_u - c'_j)` and :math:`\delta_{uj} = A_{uj}(B_{uj} - \sum_l A_{ul}
+B_{ul})`, each round gives *every copy* of point ``u``
+
+.. math::
+
+    s_u \mathrel{+}= \sum_j A_{uj} H_j + \tfrac{2}{\tau}\sum_j \delta_{uj} c_j,
+    \qquad
+    \partial L / \partial c_j = \tfrac{2}{\tau}\sum_u w_u \delta_{uj} (v_u - c_j)
+
+(the *shared* part, through the centroids; :math:`\sum_j \delta_{uj} = 0` was used; an empty
+cluster passes :math:`U_j` to its starting centroid). The output's own attention adds the
+*local* part, :math:`\tfrac{2}{\tau}\sum_j \delta^L_{ij} c_j` with :math:`B^L_{ij} = g_i \cdot
+c'_j`, for the copy's own gradient :math:`g_i`, and :math:`\tfrac{2}{\tau}\sum_i \delta^L_{ij}
+(v_i - c_j)` on the last starting centroids. For weights of 1 (the exact step) both parts are
+folded into one :math:`\delta` per round. For scalar points with counts the local part is
+affine in :math:`g_i`: a coefficient :math:`b_u` per point (:math:`B^L` with :math:`g = 1`),
+and every copy's gradient is :math:`s_u + b_u g_i` (two table lookups in :mod:`.distinct`).
+
+**Implicit gradient** (IDKM, arXiv 2312.07759): instead of walking back through every round,
+the adjoint equation :math:`(I - J^\top) w = r` of the last round's map :math:`c' = F(c)` is
+solved exactly, :math:`J_{jl} = \tfrac{2}{\tau m_j}\sum_u w_u A_{uj}(\delta_{jl} - A_{ul})
+(v_u - c'_j)(v_u - c_l)^\top` being a ``k d x k d`` matrix per palette; the shared part is then
+that of one round with :math:`U = w`. Work and memory of the backward do not depend on
+``max_iter``; it equals the unrolled gradient in the limit of many rounds (tested).
+
+**Without host reads** (:func:`~.numerics.host_reads_are_free`) the early stop is decided on the
+device (:class:`~.numerics.EarlyStop`): all ``max_iter`` rounds run, the first ``last`` (a
+device tensor) take effect, and the backward picks each round with ``index_select`` and leaves
+the gradient unchanged through the rounds that did not run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Literal, NamedTuple
+
+import torch
+from torch import Tensor
+
+from .numerics import EMPTY_MASS, EarlyStop, pick
+
+__all__ = [
+    "DEFAULT_CHUNK",
+    "GRADIENTS",
+    "KEEP_ATTENTION_MAX_ENTRIES",
+    "Gradient",
+    "Trajectory",
+    "attention",
+    "check_gradient_name",
+    "load_trajectory",
+    "save_trajectory",
+    "weighted_dkm",
+    "weighted_dkm_gradient",
+]
+
+#: Points per chunk: a k x chunk float32 block of 2**16 columns is 256 KiB per centroid row.
+DEFAULT_CHUNK = 1 << 16
+
+#: The forward keeps the attention of the rounds the backward needs (instead of recomputing
+#: them) while all of them together have at most this many entries (4 MiB in float32).
+KEEP_ATTENTION_MAX_ENTRIES = 1 << 20
+
+
+def attention(xt: Tensor, c: Tensor, inv_tau: Tensor | float) -> Tensor:
+    """``softmax_j(-|x - c_j|^2 / tau)`` laid out ``(P, k, m)`` for points ``xt`` (P, d, m)
+    and centroids ``c`` (P, k, d); ``inv_tau`` a float or a 0-dim tensor on the device.
+
+    The points run innermost, so every elementwise pass over the ``k x m`` block is a
+    contiguous loop (about 3x faster on CPU than ``(P, m, k)`` for small k)."""
+    if xt.shape[1] == 1:
+        z = torch.sub(xt, c)  # (P, k, m)
+        z.square_().mul_(-inv_tau)
+    else:
+        x2 = xt.square().sum(1, keepdim=True)
+        c2 = c.square().sum(-1, keepdim=True)
+        z = torch.baddbmm(x2 + c2, c, xt, alpha=-2.0).clamp_min_(0.0).mul_(-inv_tau)
+    return torch.softmax(z, dim=1)
+
+
+def _chunks(n: int, chunk: int) -> Iterator[slice]:
+    for start in range(0, n, chunk):
+        yield slice(start, min(start + chunk, n))
+
+
+class Trajectory(NamedTuple):
+    """What the forward leaves for the backward: ``O(rounds * k * d)`` plus kept attentions."""
+
+    centroids: Tensor  # (R + 1, P, k, d): c_0 .. c_R, normalised units
+    masses: Tensor  # (R, P, k): each round's cluster masses
+    last: int | Tensor  # rounds that took effect (a 0-dim device tensor without host reads)
+    kept: Tensor | None  # (R, P, k, U): each round's attention, or None (recomputed)
+    #: only the last round is kept (centroids ``c_{T-1}, c_T``): the implicit gradient's need
+    last_only: bool = False
+
+
+class _Points:
+    """The points ``xt`` (P, d, U) with their ``weights`` (P, U) (``None``: all 1), walked in
+    chunks; the weighted sums of a round come from one product per chunk."""
+
+    def __init__(self, xt: Tensor, weights: Tensor | None, chunk: int) -> None:
+        self.xt, self.weights, self.chunk = xt, weights, chunk
+        self.weighted_xt = xt if weights is None else xt * weights.unsqueeze(1)
+        self.rows = None if weights is None else torch.cat((weights.unsqueeze(1),
+                                                            self.weighted_xt), 1)
+
+    def parts(self) -> Iterator[slice]:
+        return _chunks(self.xt.shape[2], self.chunk)
+
+    def sums(self, s: slice, a: Tensor) -> tuple[Tensor, Tensor]:
+        r""":math:`(\sum_u w_u A_{uj}, \sum_u w_u A_{uj} v_u)` over chunk ``s``: (P, k),
+        (P, k, d). Written as ``rows @ A^T`` so that both operands run along the points in
+        memory (about 5x faster on CPU than ``A @ rows^T`` for a handful of rows)."""
+        if self.rows is None:
+            return a.sum(2), torch.bmm(a, self.xt[:, :, s].transpose(1, 2))
+        r = torch.bmm(self.rows[:, :, s], a.transpose(1, 2))  # (P, 1 + d, k)
+        return r[:, 0], r[:, 1:].transpose(1, 2)
+
+
+def weighted_dkm(xt: Tensor, weights: Tensor | None, c0: Tensor, inv_tau: Tensor | float, *,
+                 max_iter: int, epsilon: float, chunk: int = DEFAULT_CHUNK,
+                 implicit: bool = False) -> tuple[Tensor, Tensor, Trajectory]:
+    """The forward of the module docstring, without autograd.
+
+    Args:
+        xt: the points ``(P, d, U)`` in normalised units.
+        weights: ``(P, U)`` (counts; 0 for padding), or ``None`` for all 1.
+        c0: starting centroids ``(P, k, d)``.
+        inv_tau: ``1 / tau``, a float or a 0-dim tensor (no host read).
+        max_iter, epsilon: at most this many rounds; stop once no centroid moves more than
+            ``epsilon`` (:class:`~.numerics.EarlyStop`).
+        chunk: points per chunk.
+        implicit: keep only what the implicit gradient needs (the last round).
+
+    Returns:
+        ``(y, c_final, trajectory)``: the soft points ``(P, d, U)``, the final centroids and
+        what :func:`weighted_dkm_gradient` needs.
+    """
+    points = _Points(xt, weights, chunk)
+    P, k, d = c0.shape
+    n = xt.shape[2]
+    keep = (1 if implicit else max_iter) * P * k * n <= KEEP_ATTENTION_MAX_ENTRIES
+    stop = EarlyStop(epsilon, xt)
+    centroids, masses, kept = [c0], [], []
+    for _ in range(max_iter):
+        c = centroids[-1]
+        mass = xt.new_zeros(P, k)
+        weighted = xt.new_zeros(P, k, d)
+        parts = []
+        for s in points.parts():
+            a = attention(xt[:, :, s], c, inv_tau)
+            if keep:
+                parts.append(a)
+            chunk_mass, chunk_weighted = points.sums(s, a)
+            mass += chunk_mass
+            weighted += chunk_weighted
+        new = torch.where((mass > EMPTY_MASS).unsqueeze(-1),
+                          weighted / mass.clamp_min(EMPTY_MASS).unsqueeze(-1), c)
+        converged = stop.advance(c, new)
+        centroids.append(stop.keep(new, c))
+        masses.append(mass)
+        if keep:
+            kept.append(parts[0] if len(parts) == 1 else torch.cat(parts, 2))
+        if converged:
+            break
+    trajectory = Trajectory(torch.stack(centroids), torch.stack(masses), stop.iterations,
+                            torch.stack(kept) if keep else None)
+    last = trajectory.last
+    c_final = pick(trajectory.centroids, last)
+    final = _Round(trajectory, last - 1)
+    y = torch.empty_like(xt)
+    for s in points.parts():
+        y[:, :, s] = torch.bmm(c_final.transpose(1, 2), final.attention(points, s, inv_tau))
+    if implicit:  # only the last round c_{T-1} -> c_T
+        trajectory = Trajectory(
+            torch.stack((final.c, c_final)), pick(trajectory.masses, last - 1).unsqueeze(0),
+            last, None if trajectory.kept is None else final.kept.unsqueeze(0), last_only=True,
+        )
+    return y, c_final, trajectory
+
+
+class _Round:
+    """One round of a trajectory (``i``: its index, 0 for the first kept): its starting and
+    updated centroids, its masses and its attention (kept, or recomputed per chunk)."""
+
+    def __init__(self, trajectory: Trajectory, i: int | Tensor) -> None:
+        self.c = pick(trajectory.centroids, i)
+        self.c_new = pick(trajectory.centroids, i + 1)
+        mass = pick(trajectory.masses, i)
+        self.live = (mass > EMPTY_MASS).unsqueeze(-1)  # (P, k, 1)
+        self.mass = mass.clamp_min(EMPTY_MASS).unsqueeze(-1)
+        self.kept = None if trajectory.kept is None else pick(trajectory.kept, i)
+
+    def attention(self, points: _Points, s: slice, inv_tau: Tensor | float) -> Tensor:
+        if self.kept is not None:
+            return self.kept[:, :, s]
+        return attention(points.xt[:, :, s], self.c, inv_tau)
+
+
+def _delta(a: Tensor, b: Tensor) -> Tensor:
+    """``A (B - sum_l A B)`` in place of ``b``: the softmax's vector-Jacobian product."""
+    return b.sub_((a * b).sum(1, keepdim=True)).mul_(a)
+
+
+def _pull(delta: Tensor, xs: Tensor, c: Tensor) -> Tensor:
+    r""":math:`\sum_u \delta_{uj} (v_u - c_j)`: (P, k, d) from ``delta`` (P, k, m) and the
+    points ``xs`` (P, d, m): how the softmax's logits move the starting centroids."""
+    return torch.bmm(delta, xs.transpose(1, 2)) - c * delta.sum(2, keepdim=True)
+
+
+def _round_backward(points: _Points, step: _Round, U: Tensor,
+                    two_over_tau: Tensor | float, inv_tau: Tensor | float, shared: Tensor,
+                    fold_g: Tensor | None = None, ran: Tensor | None = None) -> Tensor:
+    """One round back: add the round's shared part to ``shared`` (P, d, U) in place and
+    return ``dL/dc`` on its starting centroids through the logits (P, k, d). ``fold_g``: the
+    per-point loss gradient (weights of 1 only), whose local part is folded into the same
+    ``delta``. ``ran``: a device flag, False for a round that did not run (it adds nothing)."""
+    H = torch.where(step.live, U / step.mass, 0.0)  # (P, k, d)
+    if ran is not None:
+        H = torch.where(ran, H, 0.0)
+    bias = (H * step.c_new).sum(-1, keepdim=True)  # (P, k, 1)
+    c_scaled = (step.c * two_over_tau).transpose(1, 2)  # (P, d, k)
+    to_c = torch.zeros_like(step.c)
+    for s in points.parts():
+        xs = points.xt[:, :, s]
+        a = step.attention(points, s, inv_tau)
+        b = torch.baddbmm(bias, H, xs, beta=-1.0)  # H_j . (v_u - c'_j)
+        if fold_g is not None:
+            b.baddbmm_(step.c_new, fold_g[:, :, s])  # + g_u . c'_j
+        delta = _delta(a, b)
+        part = torch.bmm(H.transpose(1, 2), a)  # through c' = sum w A v / m
+        part.baddbmm_(c_scaled, delta)  # through the logits
+        shared[:, :, s] += part
+        if points.weights is not None:
+            delta.mul_(points.weights[:, None, s])
+        to_c += _pull(delta, xs, step.c)
+    return to_c.mul_(two_over_tau)
+
+
+def _local(points: _Points, step: _Round, G: Tensor, per_copy: bool,
+           two_over_tau: Tensor | float, inv_tau: Tensor | float) -> tuple[Tensor, Tensor]:
+    """The local part of the output's attention: per point (P, d, U), and ``dL/dc`` on the
+    last round's starting centroids (P, k, d). ``per_copy`` (scalar points with counts): the
+    coefficient :math:`b_u` of each copy's own gradient, the centroid term from ``G``."""
+    local = torch.empty_like(points.xt)
+    to_c = torch.zeros_like(step.c)
+    c_scaled = (step.c * two_over_tau).transpose(1, 2)
+    for s in points.parts():
+        xs = points.xt[:, :, s]
+        a = step.attention(points, s, inv_tau)
+        if per_copy:  # B_uj = c'_j (g = 1); the sum over copies scales it by G_u
+            b = step.c_new.expand(-1, -1, xs.shape[2]).clone()
+        else:
+            b = torch.bmm(step.c_new, G[:, :, s])  # g_u . c'_j
+        delta = _delta(a, b)
+        local[:, :, s] = torch.bmm(c_scaled, delta)
+        to_c += _pull(delta * G[:, :, s] if per_copy else delta, xs, step.c)
+    return local, to_c.mul_(two_over_tau)
+
+
+def _output_gradient(points: _Points, step: _Round, G: Tensor,
+                     inv_tau: Tensor | float) -> Tensor:
+    r""":math:`U_j = \sum_u A_{uj} G_u` on the final centroids (P, k, d)."""
+    U = torch.zeros_like(step.c)
+    for s in points.parts():
+        U.baddbmm_(step.attention(points, s, inv_tau),
+                   G[:, :, s].transpose(1, 2))
+    return U
+
+
+def weighted_dkm_gradient(xt: Tensor, weights: Tensor | None, trajectory: Trajectory,
+                          G: Tensor, inv_tau: Tensor | float, *, chunk: int = DEFAULT_CHUNK,
+                          implicit: bool = False, check_errors: bool = True
+                          ) -> tuple[Tensor, Tensor | None]:
+    """The backward of the module docstring for the loss gradient ``G`` (P, d, U) of the soft
+    points (summed over each point's copies).
+
+    Returns ``(gradient, b)``. With ``weights=None``: the gradient of every point, and
+    ``None``. With weights (scalar points only): the shared part ``s`` of every copy's gradient
+    and the coefficient ``b`` (P, 1, U) of its own loss gradient: copy ``i`` of point ``u`` gets
+    ``s_u + b_u g_i``. ``check_errors=False`` (implicit only) skips the solve's singularity
+    check, a host read.
+    """
+    points = _Points(xt, weights, chunk)
+    two_over_tau = 2.0 * inv_tau
+    last = trajectory.last
+    final = _Round(trajectory, 0 if trajectory.last_only else last - 1)
+    U = _output_gradient(points, final, G, inv_tau)
+    per_copy = weights is not None
+    if per_copy and xt.shape[1] != 1:
+        raise ValueError(f"weighted points must be scalars; got d={xt.shape[1]}")
+    shared = torch.zeros_like(xt)
+    if implicit:
+        local, through_output = _local(points, final, G, per_copy, two_over_tau, inv_tau)
+        w = _adjoint(points, final, U + through_output, two_over_tau, inv_tau, check_errors)
+        _round_backward(points, final, w, two_over_tau, inv_tau, shared)
+        return (shared, local) if per_copy else (shared.add_(local), None)
+    b = through_output = None
+    if per_copy:
+        b, through_output = _local(points, final, G, True, two_over_tau, inv_tau)
+    for back in range(trajectory.masses.shape[0]):  # round t = last - back: c_{t-1} -> c_t
+        t = last - back
+        step = final if back == 0 else _Round(trajectory, t - 1)
+        ran = t >= 1 if isinstance(t, Tensor) and back else None
+        to_c = _round_backward(points, step, U, two_over_tau, inv_tau, shared,
+                               G if back == 0 and not per_copy else None, ran)
+        U_next = to_c + torch.where(step.live, 0.0, U)  # an empty cluster passes U on
+        if through_output is not None and back == 0:
+            U_next = U_next + through_output
+        U = U_next if ran is None else torch.where(ran, U_next, U)
+    return shared, b
+
+
+def _adjoint(points: _Points, step: _Round, r: Tensor,
+             two_over_tau: Tensor | float, inv_tau: Tensor | float, check_errors: bool
+             ) -> Tensor:
+    """Solve :math:`(I - J^\\top) w = r` (module docstring) for ``r`` (P, k, d). An empty
+    cluster's centroid is carried over unchanged and nothing depends on it: its rows and
+    columns are the identity and its component 0."""
+    P, k, d = step.c.shape
+    M = step.c.new_zeros(P, k, d, k, d)
+    D = step.c.new_zeros(P, k, d, d)
+    for s in points.parts():
+        xs = points.xt[:, :, s]  # (P, d, m)
+        a = step.attention(points, s, inv_tau)  # (P, k, m)
+        to_new = (xs.unsqueeze(1) - step.c_new.unsqueeze(-1)).mul_(a.unsqueeze(2))  # A(v-c')
+        to_old = xs.unsqueeze(1) - step.c.unsqueeze(-1)  # (P, k, d, m): v - c
+        if points.weights is not None:
+            to_old = to_old * points.weights[:, None, None, s]
+        D += torch.einsum("pjam,pjbm->pjab", to_new, to_old)
+        M += torch.einsum("pjam,plbm->pjalb", to_new, to_old * a.unsqueeze(2))
+    scale = (two_over_tau / step.mass.squeeze(-1)).reshape(P, k, 1, 1, 1)
+    J = ((_block_diagonal(D) - M) * scale).reshape(P, k * d, k * d)
+    eye = torch.eye(k * d, dtype=J.dtype, device=J.device)
+    dead = (~step.live).expand(P, k, d).reshape(P, k * d)
+    system = torch.where(dead.unsqueeze(1) | dead.unsqueeze(2), eye, eye - J.transpose(1, 2))
+    rhs = torch.where(dead, 0.0, r.reshape(P, k * d)).unsqueeze(-1)
+    if check_errors:
+        solution = torch.linalg.solve(system, rhs)
+    else:
+        solution = torch.linalg.solve_ex(system, rhs, check_errors=False)[0]
+    return solution.reshape(P, k, d)
+
+
+def _block_diagonal(D: Tensor) -> Tensor:
+    """(P, k, d, d) blocks -> (P, k, d, k, d) with block (j, j) = D_j and 0 elsewhere."""
+    P, k, d, _ = D.shape
+    out = D.new_zeros(P, k, d, k, d)
+    idx = torch.arange(k, device=D.device)
+    out[:, idx, :, idx, :] = D.permute(1, 0, 2, 3)
+    return out
+
+
+Gradient = Literal["unrolled", "implicit"]
+#: The gradients every step offers: through every round, or IDKM's at the fixed point.
+GRADIENTS = ("unrolled", "implicit")
+
+
+def check_gradient_name(gradient: str) -> None:
+    """``gradient`` is one of :data:`GRADIENTS` (else a ValueError naming it)."""
+    if gradient not in GRADIENTS:
+        raise ValueError(f"gradient must be one of {GRADIENTS}; got {gradient!r}")
+
+
+def save_trajectory(ctx, trajectory: Trajectory, *tensors: Tensor,
+                    inv_tau: Tensor | float) -> None:
+    """Save ``tensors``, a trajectory and ``inv_tau`` on an autograd ``ctx`` (tensors through
+    ``save_for_backward``, so saved-tensor hooks see them; Python numbers as attributes)."""
+    extra = [t for t in (trajectory.last, trajectory.kept, inv_tau) if isinstance(t, Tensor)]
+    ctx.save_for_backward(*tensors, trajectory.centroids, trajectory.masses, *extra)
+    ctx.saved_layout = (
+        len(tensors),
+        None if isinstance(trajectory.last, Tensor) else trajectory.last,
+        trajectory.kept is not None,
+        None if isinstance(inv_tau, Tensor) else inv_tau,
+        trajectory.last_only,
+    )
+
+
+def load_trajectory(ctx) -> tuple[Trajectory, tuple[Tensor, ...], Tensor | float]:
+    """What :func:`save_trajectory` saved: ``(trajectory, tensors, inv_tau)``."""
+    count, last, has_kept, inv_tau, last_only = ctx.saved_layout
+    saved = list(ctx.saved_tensors)
+    tensors, (centroids, masses), rest = saved[:count], saved[count:count + 2], saved[count + 2:]
+    if last is None:
+        last = rest.pop(0)
+    kept = rest.pop(0) if has_kept else None
+    if inv_tau is None:
+        inv_tau = rest.pop(0)
+    return Trajectory(centroids, masses, last, kept, last_only), tuple(tensors), inv_tau
