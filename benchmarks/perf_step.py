@@ -17,6 +17,10 @@ row also reports ``torch.cuda.max_memory_allocated`` over one plain and one DKM 
 in the timing process (with ``--no-memory`` too): the peak and how far it rose above the memory
 allocated before the step.
 
+On the digits CNN at 2 bits the same interleaved run also times coremltools'
+``DKMPalettizer`` at its defaults on the same layers (``--apple`` / ``--no-apple`` to choose;
+needs the ``studies`` extra) and prints how many times faster our DKM step is.
+
 ``--json PATH`` writes every number for docs/benchmarks.md.
 """
 
@@ -42,7 +46,10 @@ from models import WORKLOADS
 
 import lightning_dkm
 
-TARGETS = {("cnn", 2): 1.5, ("cnn", 4): 2.0, ("resnet18", 4): 1.5, ("minilm", 4): 1.5}
+#: DKM step / plain step targets (#14): <= 1.25 on every model of the default set.
+TARGETS = {("cnn", 2): 1.25, ("cnn", 4): 1.25, ("resnet18", 4): 1.25, ("minilm", 4): 1.25}
+#: Apple's DKMPalettizer step / our DKM step on the same model, timed in the same run (#14).
+APPLE_SPEEDUP_TARGET = 8.0
 
 
 def build(model_name: str, device: str):
@@ -65,7 +72,18 @@ def add_dkm(model, bits: int, implementation: str, max_iter: int, epsilon: float
     return model
 
 
-def make_step(model, model_name: str, device: str):
+def add_apple_dkm(model, bits: int):
+    """coremltools' DKMPalettizer at its defaults (only ``n_bits`` set) on the modules whose
+    weights ``add_dkm`` clusters; returns ``(model, palettizer)``."""
+    from apple_dkm import prepare_apple_dkm
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        targets = lightning_dkm.select_targets(model, lightning_dkm.ClusterSpec(bits=bits))
+    return prepare_apple_dkm(model, [t.module_name for t in targets], bits)
+
+
+def make_step(model, model_name: str, device: str, after_step=None):
     workload = WORKLOADS[model_name]
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
     g = torch.Generator().manual_seed(1)
@@ -80,6 +98,8 @@ def make_step(model, model_name: str, device: str):
             loss = workload.loss(model(x), y)
         loss.backward()
         optimizer.step()
+        if after_step is not None:
+            after_step()
         if device == "cuda":
             torch.cuda.synchronize()
         return time.perf_counter() - start
@@ -99,16 +119,23 @@ def cuda_step_peak_mb(step) -> dict[str, float]:
 
 
 def time_pair(model_name, bits, implementation, steps, warmup, device, epsilon=0.0,
-              gradient="unrolled", max_iter=3):
+              gradient="unrolled", max_iter=3, apple=False):
+    """Plain and DKM steps (and with ``apple`` Apple's DKMPalettizer's) interleaved."""
     plain = build(model_name, device)
     dkm = add_dkm(copy.deepcopy(plain), bits, implementation, max_iter, epsilon, gradient)
-    step_plain, step_dkm = make_step(plain, model_name, device), make_step(dkm, model_name, device)
-    times_plain, times_dkm = [], []
+    steps_of = {"plain": make_step(plain, model_name, device),
+                "dkm": make_step(dkm, model_name, device)}
+    if apple:
+        apple_model, palettizer = add_apple_dkm(copy.deepcopy(plain), bits)
+        steps_of["apple"] = make_step(apple_model, model_name, device, palettizer.step)
+    times: dict[str, list[float]] = {name: [] for name in steps_of}
     for i in range(warmup + steps):
-        tp, td = step_plain(), step_dkm()
-        if i >= warmup:
-            times_plain.append(tp)
-            times_dkm.append(td)
+        for name, step in steps_of.items():
+            elapsed = step()
+            if i >= warmup:
+                times[name].append(elapsed)
+    times_plain, times_dkm = times["plain"], times["dkm"]
+    step_plain, step_dkm = steps_of["plain"], steps_of["dkm"]
     params = sum(p.numel() for p in plain.parameters())
     clustered = sum(t.original.numel() for t in lightning_dkm.clustered_tensors(dkm).values())
     row = {
@@ -118,6 +145,10 @@ def time_pair(model_name, bits, implementation, steps, warmup, device, epsilon=0
         "dkm_ms": 1e3 * statistics.median(times_dkm),
         "ratio": statistics.median(times_dkm) / statistics.median(times_plain),
     }
+    if apple:
+        apple_s = statistics.median(times["apple"])
+        row.update(apple_ms=1e3 * apple_s, apple_ratio=apple_s / statistics.median(times_plain),
+                   speedup_vs_apple=apple_s / statistics.median(times_dkm))
     if device == "cuda":
         for name, step in (("plain", step_plain), ("dkm", step_dkm)):
             peak = cuda_step_peak_mb(step)
@@ -165,6 +196,12 @@ def peak_memory(model_name, bits, implementation, max_iter, device) -> float:
     return float(out.stdout.strip().splitlines()[-1])
 
 
+def _apple_available() -> bool:
+    from apple_dkm import apple_dkm_unavailable
+
+    return apple_dkm_unavailable() is None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", nargs="+", default=["cnn", "resnet18", "minilm"])
@@ -184,6 +221,9 @@ def main() -> None:
                         help="DKM iterations per step for the timing (the targets use 3)")
     parser.add_argument("--device", choices=["cpu", "cuda"],
                         default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--apple", action=argparse.BooleanOptionalAction, default=None,
+                        help="also time coremltools' DKMPalettizer in the same run (default: on "
+                             "the cnn at 2 bits, when coremltools is installed)")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--child", nargs=5, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -213,8 +253,11 @@ def main() -> None:
         for bits in args.bits or ([2, 4] if model_name == "cnn" else [4]):
             for implementation in args.implementations:
                 row = {"model": model_name, "bits": bits, "implementation": implementation}
+                apple = args.apple if args.apple is not None else (
+                    (model_name, bits) == ("cnn", 2) and _apple_available())
                 row.update(time_pair(model_name, bits, implementation, args.steps, args.warmup,
-                                     args.device, args.epsilon, args.gradient, args.max_iter))
+                                     args.device, args.epsilon, args.gradient, args.max_iter,
+                                     apple))
                 if not args.no_memory:
                     plain_mb = peak_memory(model_name, None, implementation, 3, args.device)
                     dkm_mb = peak_memory(model_name, bits, implementation, 3, args.device)
@@ -249,6 +292,11 @@ def _format_row(row: dict) -> str:
     if row.get("time_target") is not None:
         verdict = "met" if row["time_target_met"] else "NOT met"
         text += f" (target <= {row['time_target']}: {verdict})"
+    if "apple_ms" in row:
+        verdict = "met" if row["speedup_vs_apple"] >= APPLE_SPEEDUP_TARGET else "NOT met"
+        text += (f"  apple DKMPalettizer {row['apple_ms']:.1f} ms ({row['apple_ratio']:.2f}x "
+                 f"plain; ours {row['speedup_vs_apple']:.1f}x faster, target >= "
+                 f"{APPLE_SPEEDUP_TARGET:g}x: {verdict})")
     if "dkm_cuda_peak_mb" in row:
         text += (f"  cuda max_memory_allocated {row['plain_cuda_peak_mb']:.0f} / "
                  f"{row['dkm_cuda_peak_mb']:.0f} MB (step +{row['plain_cuda_step_mb']:.0f} / "

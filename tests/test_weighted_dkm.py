@@ -15,7 +15,14 @@ from lightning_dkm.engine.numerics import Normalization
 from lightning_dkm.engine.reference import dkm_cluster
 from lightning_dkm.engine.weighted import weighted_dkm, weighted_dkm_gradient
 
-torch.set_default_dtype(torch.float64)
+
+@pytest.fixture(autouse=True)
+def _float64():
+    """Every tensor of these tests in float64 (exact comparisons), restored afterwards."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
 
 
 def rel(a, b) -> float:
