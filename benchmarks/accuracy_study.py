@@ -114,7 +114,6 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils import parametrize as torch_parametrize
 from torch.utils.data import DataLoader, TensorDataset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -131,6 +130,7 @@ from lightning_dkm import (  # noqa: E402
     finalize,
     palettize,
 )
+from lightning_dkm.engine.clustering_pass import clustering_pass  # noqa: E402
 from lightning_dkm.engine.layout import ClusterSpec  # noqa: E402
 from lightning_dkm.lightning.schedules import build_schedule  # noqa: E402
 from lightning_dkm.model.methods import (  # noqa: E402
@@ -525,7 +525,7 @@ def _train(model: nn.Module, batches: list[tuple], task: Task, cfg: FinetuneConf
             before_step(step)
         # Like DKMCallback: every read of a clustered weight in one forward is served by one
         # DKM step (the cache is dropped before the backward).
-        with torch_parametrize.cached() if cached else contextlib.nullcontext():
+        with clustering_pass(model) if cached else contextlib.nullcontext():
             loss = task.loss(model, batch)
         loss.backward()
         if before_optimizer_step is not None:

@@ -5,8 +5,9 @@
 
 For every (model, bits, implementation) it builds a plain model and a DKM copy (DKM on every
 Linear/Conv/Embedding weight of >= 2048 elements, cluster_dim 1, max_iter 3, Adam; the forward
-runs under ``parametrize.cached()`` as in ``DKMCallback``, so a weight read twice in one forward
-is clustered once; ``--implementations`` default ``auto``, the library's default) and times
+runs in ``clustering_pass(model)`` as in ``DKMCallback``: the soft ``unique`` weights of the
+model are clustered by one batched call, and a weight read twice in one forward is clustered
+once; ``--implementations`` default ``auto``, the library's default) and times
 their training steps *interleaved* (plain, DKM, plain, DKM, ...), so that load on the machine
 hits both alike; it prints the medians over ``--steps`` steps after ``--warmup`` and the ratio.
 Peak memory is measured in fresh subprocesses (process peak RSS on CPU, or
@@ -39,12 +40,12 @@ import warnings
 from pathlib import Path
 
 import torch
-from torch.nn.utils import parametrize
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from models import WORKLOADS
 
 import lightning_dkm
+from lightning_dkm.engine.clustering_pass import clustering_pass
 
 #: DKM step / plain step targets (#14): <= 1.25 on every model of the default set.
 TARGETS = {("cnn", 2): 1.25, ("cnn", 4): 1.25, ("resnet18", 4): 1.25, ("minilm", 4): 1.25}
@@ -94,7 +95,7 @@ def make_step(model, model_name: str, device: str, after_step=None):
             torch.cuda.synchronize()
         start = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
-        with parametrize.cached():  # one DKM step per weight per forward, as DKMCallback does
+        with clustering_pass(model):  # one batched DKM call per forward, as DKMCallback does
             loss = workload.loss(model(x), y)
         loss.backward()
         optimizer.step()

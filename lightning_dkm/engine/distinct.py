@@ -53,6 +53,7 @@ problem; the derivation is the core's, written once).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
@@ -76,7 +77,7 @@ from .weighted import (
     weighted_dkm_gradient,
 )
 
-__all__ = ["CHUNK", "unique_dkm_cluster"]
+__all__ = ["CHUNK", "unique_dkm_batch", "unique_dkm_cluster"]
 
 #: Weights per chunk of the O(n) passes: a chunk's temporaries (a few MiB) come from the
 #: allocator's free lists, where whole-tensor temporaries of large weights would be fresh
@@ -114,14 +115,14 @@ class _DistinctValues(NamedTuple):
     def from_dense(self, dense: Tensor) -> Tensor:
         """(P * 65536,) per code -> (P, U) per distinct value (0 in padding)."""
         if self.slots is not None:
-            P, width = self.slots.shape[0], self.values.shape[1]
+            P, width = self.counts.shape
             compact = dense.new_zeros(P, width + 1)
             return compact.scatter_(1, self.slots, dense.view(P, _CODES))[:, :width]
         assert self.ids is not None
         picked = dense.index_select(0, self.ids)
         if self.rows is None:
             return picked.unsqueeze(0)
-        compact = dense.new_zeros(self.values.shape)
+        compact = dense.new_zeros(self.counts.shape)
         compact[self.rows, self.cols] = picked
         return compact
 
@@ -294,62 +295,186 @@ def _scale_from_values(distinct: _DistinctValues, unit: Tensor, center: Tensor) 
     return torch.maximum(std, scale_floor(center))
 
 
+class _Tensor(NamedTuple):
+    """One tensor of a batch between the forward and the backward: its codes, where its
+    distinct values are, and which rows / columns of the batch they fill."""
+
+    codes: Tensor  # (P, n) float16 codes
+    distinct: _DistinctValues  # the values dropped (they live in the batch)
+    rows: slice  # its palettes among the batch's
+    width: int  # its number of distinct-value columns (U_t)
+
+
+def _prepare(x: Tensor, normalization: Normalization | None, device_side: bool
+             ) -> tuple[Tensor, _CodeColumns, _DistinctValues, Tensor, Tensor]:
+    """Codes, columns, distinct values (normalised in place), centre and scale of ``x`` (P, n)."""
+    codes, center, unit, scale = _float16_codes(x, normalization, device_side)
+    columns = _CodeColumns(codes, device_side)
+    distinct = (_static_distinct_values if device_side else _distinct_values)(
+        columns, center.dtype
+    )
+    if scale is None:
+        scale = _scale_from_values(distinct, unit, center)
+    distinct.values.mul_(unit / scale)  # normalised: (x - center) / scale
+    return codes, columns, distinct, center, scale
+
+
+def _padded(parts: list[Tensor], width: int) -> Tensor:
+    """(P_t, w_t) blocks stacked into (sum P_t, width), zero padded on the right."""
+    if len(parts) == 1 and parts[0].shape[1] == width:
+        return parts[0]
+    out = parts[0].new_zeros(sum(p.shape[0] for p in parts), width)
+    row = 0
+    for p in parts:
+        out[row:row + p.shape[0], : p.shape[1]] = p
+        row += p.shape[0]
+    return out
+
+
 class _UniqueDKM(torch.autograd.Function):
-    """DKM of ``x`` (P, n) from ``centroids`` (P, k) (weight units) on the distinct values of
-    its ``codes`` (:func:`_float16_codes`, with ``center`` and ``unit``): the weighted core
-    (:mod:`.weighted`) fed the distinct values and their counts. ``scale`` (P, 1) sets tau's
-    units, computed from the distinct values when ``None``. Returns the soft weights, the
-    final centroids (weight units) and the number of iterations (a device tensor when
-    ``device_side``: the module docstring's form without host reads)."""
+    """DKM of every tensor ``xs[t]`` (P_t, n_t) from ``centroids[t]`` (P_t, k_t) (weight
+    units) on the distinct values of their float16 codes, all palettes of all tensors in one
+    call of the weighted core (:mod:`.weighted`): values padded with count 0, centroids padded
+    and masked, one ``inv_tau`` per palette. One tensor is the single-tensor step. Returns the
+    soft weights of each tensor, then its final centroids, then its iteration count (each
+    tensor stops early on its own)."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, codes: Tensor, center: Tensor, unit: Tensor,
-                scale: Tensor | None, centroids: Tensor, inv_tau: Tensor | float, max_iter: int,
-                epsilon: float, implicit: bool, device_side: bool):
-        columns = _CodeColumns(codes, device_side)
-        distinct = (_static_distinct_values if device_side else _distinct_values)(
-            columns, center.dtype
-        )
-        if scale is None:
-            scale = _scale_from_values(distinct, unit, center)
-        values = distinct.values.mul_(unit / scale).unsqueeze(1)  # (P, 1, U) normalised
-        c0 = ((centroids - center) / scale).unsqueeze(-1)  # (P, k, 1)
-        y, c_final, trajectory = weighted_dkm(values, distinct.counts, c0, inv_tau,
+    def forward(ctx, config: tuple, *inputs: Tensor):
+        normalizations, inv_taus, max_iter, epsilon, implicit, device_side = config
+        T = len(inv_taus)
+        xs, centroids = inputs[:T], inputs[T:]
+        tensors, values, counts, starts, centers, scales = [], [], [], [], [], []
+        row = 0
+        for x, c, norm in zip(xs, centroids, normalizations, strict=True):
+            codes, _, distinct, center, scale = _prepare(x.detach(), norm, device_side)
+            tensors.append(_Tensor(codes, distinct._replace(values=None),
+                                   slice(row, row + x.shape[0]), distinct.values.shape[1]))
+            values.append(distinct.values)
+            counts.append(distinct.counts)
+            starts.append((c - center) / scale)
+            centers.append(center)
+            scales.append(scale)
+            row += x.shape[0]
+        width = max(t.width for t in tensors)
+        k = max(c.shape[1] for c in centroids)
+        batch_values = _padded(values, width).unsqueeze(1)  # (P, 1, U)
+        batch_counts = _padded(counts, width)
+        c0 = _padded(starts, k).unsqueeze(-1)  # (P, k, 1)
+        mask = None
+        if any(c.shape[1] != k for c in centroids):
+            mask = _padded([torch.ones_like(c, dtype=torch.bool) for c in centroids], k)
+            mask = mask.unsqueeze(-1)
+        inv_tau = inv_taus[0] if T == 1 else torch.cat([
+            torch.as_tensor(t, dtype=batch_values.dtype, device=batch_values.device)
+            .reshape(1).expand(x.shape[0]) for t, x in zip(inv_taus, xs, strict=True)
+        ]).reshape(-1, 1, 1)
+        groups = None if T == 1 else torch.cat([
+            torch.full((x.shape[0],), i, dtype=torch.long, device=x.device)
+            for i, x in enumerate(xs)])
+        y, c_final, trajectory = weighted_dkm(batch_values, batch_counts, c0, inv_tau,
                                               max_iter=max_iter, epsilon=epsilon,
-                                              implicit=implicit)
-        table = distinct.to_dense((y.squeeze(1) * scale + center).to(x.dtype))
-        ctx.distinct = distinct._replace(values=None, counts=None, slots=None)
-        slots = [distinct.slots] if device_side else []
-        save_trajectory(ctx, trajectory, codes, values, distinct.counts, *slots,
+                                              implicit=implicit, centroid_mask=mask,
+                                              groups=groups)
+        outputs, finals = [], []
+        for t, x, c, center, scale, distinct_values in zip(
+                tensors, xs, centroids, centers, scales, values, strict=True):
+            y_t = y[t.rows, 0, : t.width] * scale + center
+            columns = _CodeColumns(t.codes, device_side)
+            distinct = t.distinct._replace(values=distinct_values)
+            outputs.append(columns.look_up(distinct.to_dense(y_t.to(x.dtype))))
+            finals.append(c_final[t.rows, : c.shape[1], 0] * scale + center)
+        ctx.tensors = [t._replace(codes=None) for t in tensors]  # the codes are saved below
+        save_trajectory(ctx, trajectory, batch_values, batch_counts,
+                        *[t.codes for t in tensors], *([mask] if mask is not None else []),
                         inv_tau=inv_tau)
+        ctx.count, ctx.has_mask = T, mask is not None
+        ctx.set_materialize_grads(False)  # an unused tensor's gradient stays None: no work
         ctx.implicit, ctx.device_side = implicit, device_side
-        final = c_final.squeeze(-1) * scale + center
-        ctx.mark_non_differentiable(final)
-        return columns.look_up(table), final, trajectory.last
+        ctx.mark_non_differentiable(*finals)
+        last = trajectory.last
+        iterations = [last[t.rows.start] if isinstance(last, Tensor) and last.ndim else last
+                      for t in tensors]
+        return (*outputs, *finals, *iterations)
 
     @staticmethod
-    def backward(ctx, grad_out: Tensor, _grad_c: Tensor, _grad_iterations):
-        with autocast_disabled(grad_out.device.type):
-            grad_x = _unique_backward(ctx, grad_out)
-        return grad_x, None, None, None, None, None, None, None, None, None, None
+    def backward(ctx, *grads: Tensor | None):
+        device = next(g.device.type for g in grads[: ctx.count] if g is not None)
+        with autocast_disabled(device):
+            return (None, *_unique_backward(ctx, grads[: ctx.count]))
 
 
-def _unique_backward(ctx, grad_out: Tensor) -> Tensor:
-    """Each weight's gradient :math:`s_u + b_u g_i` (module docstring) from the core's
-    backward on the distinct values, for the summed gradient per value."""
-    trajectory, (codes, values, counts, *slots), inv_tau = load_trajectory(ctx)
-    distinct = ctx.distinct._replace(values=values.squeeze(1), slots=slots[0] if slots
-                                     else None)
-    g = grad_out.to(values.dtype)
-    columns = _CodeColumns(codes, ctx.device_side)
-    G_u = distinct.from_dense(columns.sum_per_code(g).to(values.dtype))  # sum of g per value
-    shared, b = weighted_dkm_gradient(values, counts, trajectory, G_u.unsqueeze(1), inv_tau,
-                                      implicit=ctx.implicit, check_errors=not ctx.device_side)
+def _unique_backward(ctx, grads: tuple[Tensor | None, ...]) -> list[Tensor | None]:
+    """Each weight's gradient :math:`s_u + b_u g_i` (module docstring) from one call of the
+    core's backward on the batch's distinct values, for the gradient summed per value. A
+    tensor whose output got no gradient gets none."""
+    trajectory, saved, inv_tau = load_trajectory(ctx)
+    values, counts, *rest = saved
+    codes, mask = rest[: ctx.count], (rest[ctx.count] if ctx.has_mask else None)
+    columns = [_CodeColumns(c, ctx.device_side) for c in codes]
+    G = torch.zeros_like(values)  # (P, 1, U)
+    for t, column, g in zip(ctx.tensors, columns, grads, strict=True):
+        if g is not None:
+            per_code = column.sum_per_code(g.to(values.dtype)).to(values.dtype)
+            G[t.rows, 0, : t.width] = t.distinct.from_dense(per_code)
+    shared, b = weighted_dkm_gradient(values, counts, trajectory, G, inv_tau,
+                                      implicit=ctx.implicit, check_errors=not ctx.device_side,
+                                      centroid_mask=mask)
     assert b is not None
-    # d L / d x_i = s_u + b_u g_i, with u the value of weight i: two table lookups.
-    grad_x = columns.look_up(distinct.to_dense(shared.squeeze(1)),
-                             factor=(distinct.to_dense(b.squeeze(1)), g))
-    return grad_x.to(grad_out.dtype)
+    out: list[Tensor | None] = []
+    for t, column, g in zip(ctx.tensors, columns, grads, strict=True):
+        if g is None:
+            out.append(None)
+            continue
+        # d L / d x_i = s_u + b_u g_i, with u the value of weight i: two table lookups.
+        grad = column.look_up(t.distinct.to_dense(shared[t.rows, 0, : t.width]),
+                              factor=(t.distinct.to_dense(b[t.rows, 0, : t.width]),
+                                      g.to(values.dtype)))
+        out.append(grad.to(g.dtype))
+    return [*out, *([None] * ctx.count)]  # no gradient for the starting centroids
+
+
+def unique_dkm_batch(
+    xs: Sequence[Tensor],
+    centroids: Sequence[Tensor],
+    taus: Sequence[Tensor | float],
+    *,
+    max_iter: int = 3,
+    epsilon: float = 1e-4,
+    normalizations: Sequence[Normalization | None] | None = None,
+    gradient: Gradient = "unrolled",
+) -> list[DKMOutput]:
+    """:func:`unique_dkm_cluster` of several tensors in one call of the weighted core: every
+    palette of every tensor (different sizes, ``k`` and taus) in one padded batch, so that the
+    DKM iterations and their backward run as one chain of ops for the whole model instead of
+    one per tensor. Each result equals that tensor's own call (up to float summation order):
+    every tensor stops early on its own (:class:`~.numerics.EarlyStop` with groups; the batch
+    runs until the last one has stopped, the rounds after a tensor's stop leave it as it was)
+    and reports its own count."""
+    T = len(xs)
+    if T == 0 or len(centroids) != T or len(taus) != T:
+        raise ValueError(f"unique_dkm_batch needs one centroid tensor and one tau per tensor; "
+                         f"got {T} tensors, {len(centroids)} centroids, {len(taus)} taus")
+    check_gradient_name(gradient)
+    for x, tau in zip(xs, taus, strict=True):
+        if x.shape[-1] != 1:
+            raise ValueError(f"the 'unique' DKM step needs cluster_dim 1; got {x.shape[-1]}")
+        check_step_arguments(tau, max_iter, epsilon)
+    compute_dtype = torch.promote_types(xs[0].dtype, torch.float32)
+    device_side = not host_reads_are_free(xs[0])
+    norms = tuple(normalizations) if normalizations is not None else (None,) * T
+    with autocast_disabled(xs[0].device.type):
+        config = (norms, tuple(inverse_temperature(t, compute_dtype) for t in taus), max_iter,
+                  epsilon, gradient == "implicit", device_side)
+        results = _UniqueDKM.apply(
+            config, *(x.squeeze(-1).to(compute_dtype) for x in xs),
+            *(c.detach().squeeze(-1).to(compute_dtype) for c in centroids),
+        )
+    outputs, finals, iterations = results[:T], results[T:2 * T], results[2 * T:]
+    return [DKMOutput(out.unsqueeze(-1).to(x.dtype), final.to(c.dtype).unsqueeze(-1),
+                      out.new_empty(0), count)
+            for out, final, x, c, count in zip(outputs, finals, xs, centroids, iterations,
+                                               strict=True)]
 
 
 def unique_dkm_cluster(
@@ -380,21 +505,5 @@ def unique_dkm_cluster(
     ``torch.compile``) on the full table of float16 codes, with the early stop decided on the
     device (module docstring).
     """
-    if x.shape[-1] != 1:
-        raise ValueError(f"the 'unique' DKM step needs cluster_dim 1; got {x.shape[-1]}")
-    check_gradient_name(gradient)
-    check_step_arguments(tau, max_iter, epsilon)
-    compute_dtype = torch.promote_types(x.dtype, torch.float32)
-    device_side = not host_reads_are_free(x)
-    with autocast_disabled(x.device.type):
-        codes, center, unit, scale = _float16_codes(
-            x.detach().squeeze(-1).to(compute_dtype), normalization, device_side
-        )
-        out, final, iterations = _UniqueDKM.apply(
-            x.squeeze(-1), codes, center, unit, scale,
-            centroids.detach().squeeze(-1).to(compute_dtype),
-            inverse_temperature(tau, compute_dtype), max_iter, epsilon, gradient == "implicit",
-            device_side,
-        )
-    final = final.to(centroids.dtype).unsqueeze(-1)
-    return DKMOutput(out.unsqueeze(-1), final, out.new_empty(0), iterations)
+    return unique_dkm_batch([x], [centroids], [tau], max_iter=max_iter, epsilon=epsilon,
+                            normalizations=[normalization], gradient=gradient)[0]

@@ -104,40 +104,73 @@ class EarlyStop:
     whether the stop has happened, and :meth:`keep` then returns the old state
     (``torch.where``), so the result is the same as stopping. ``iterations`` counts the
     rounds that took effect: an int, or a 0-dim int64 tensor on the device.
+
+    ``groups`` (P,) gives each palette its group (a tensor of a batch, ids ``0..G-1``): each
+    group stops on its own, as if it were alone; the flags are then per group and the loop
+    ends once every group has stopped (read back only where reads are free).
+    ``iterations`` is then a (G,) tensor, and :meth:`per_palette` spreads it over the palettes.
     """
 
-    def __init__(self, epsilon: float, like: Tensor) -> None:
+    def __init__(self, epsilon: float, like: Tensor, groups: Tensor | None = None) -> None:
         self.epsilon = epsilon
-        self.on_device = epsilon > 0 and not host_reads_are_free(like)
+        self.groups = groups if epsilon > 0 else None
+        self.on_device = epsilon > 0 and (groups is not None or not host_reads_are_free(like))
+        self.host_reads = host_reads_are_free(like)
         self.iterations: int | Tensor = 0
-        self._running: Tensor | None = None  # device flag: the stop has not happened yet
-        self._active: Tensor | None = None  # device flag: the round just counted took effect
+        self._running: Tensor | None = None  # device flag(s): the stop has not happened yet
+        self._active: Tensor | None = None  # device flag(s): the round just counted took effect
         if self.on_device:
-            self._running = torch.ones((), dtype=torch.bool, device=like.device)
-            self.iterations = torch.zeros((), dtype=torch.long, device=like.device)
+            shape = () if self.groups is None else (int(self.groups.max()) + 1,)
+            self._running = torch.ones(shape, dtype=torch.bool, device=like.device)
+            self.iterations = torch.zeros(shape, dtype=torch.long, device=like.device)
 
     def advance(self, old: Tensor, new: Tensor) -> bool:
         """Count the update ``old -> new`` (centroids); whether the loop must stop now."""
-        moved = (new.detach() - old.detach()).abs().amax() if self.epsilon > 0 else None
+        if self.epsilon <= 0:
+            self.iterations += 1
+            return False
+        change = (new.detach() - old.detach()).abs()
+        if self.groups is not None:  # per group: the largest move of its palettes
+            assert self._running is not None
+            per_palette = change.amax(dim=tuple(range(1, change.ndim)))
+            moved = torch.zeros_like(self._running, dtype=per_palette.dtype).scatter_reduce_(
+                0, self.groups, per_palette, "amax", include_self=False)
+        else:
+            moved = change.amax()
         if not self.on_device:
             self.iterations += 1
-            return moved is not None and bool(moved <= self.epsilon)
-        assert self._running is not None and moved is not None
+            return bool(moved <= self.epsilon)
+        assert self._running is not None
         self._active = self._running
         self.iterations = self.iterations + self._active
         self._running = self._active & (moved > self.epsilon)
-        return False
+        return self.groups is not None and self.host_reads and not bool(self._running.any())
 
     def keep(self, new: Tensor, old: Tensor) -> Tensor:
         """``new`` if the round just counted took effect, else ``old``."""
-        return new if self._active is None else torch.where(self._active, new, old)
+        if self._active is None:
+            return new
+        active = self._active
+        if self.groups is not None:
+            active = active[self.groups].reshape(-1, *([1] * (new.ndim - 1)))
+        return torch.where(active, new, old)
+
+    def per_palette(self) -> int | Tensor:
+        """The rounds that took effect, per palette (P,) when grouped, else :attr:`iterations`."""
+        if self.groups is None or not isinstance(self.iterations, Tensor):
+            return self.iterations
+        return self.iterations[self.groups]
 
 
 def pick(stacked: Tensor, index: int | Tensor) -> Tensor:
     """``stacked[index]`` for an int or a 0-dim int64 device tensor (``index_select``, which
-    reads nothing back, clamped to the valid range)."""
+    reads nothing back, clamped to the valid range); for a (P,) tensor of indices, palette ``p``
+    from ``stacked[index[p], p]`` (each palette its own round)."""
     if isinstance(index, int):
         return stacked[index]
+    if index.ndim == 1:
+        rounds = index.clamp(0, stacked.shape[0] - 1)
+        return stacked[rounds, torch.arange(rounds.shape[0], device=rounds.device)]
     i = index.clamp(0, stacked.shape[0] - 1).reshape(1)
     return stacked.index_select(0, i).squeeze(0)
 

@@ -40,7 +40,7 @@ from .chunked import DEFAULT_CHUNK, chunked_dkm_cluster
 from .distinct import unique_dkm_cluster
 from .kmeans import kmeans
 from .layout import PaletteLayout
-from .numerics import autocast_disabled, hard_assign, normalization_of
+from .numerics import DKMOutput, autocast_disabled, hard_assign, normalization_of
 from .palette import Palette
 from .reference import dkm_cluster, soft_assignment
 from .weighted import GRADIENTS, Gradient
@@ -206,6 +206,9 @@ class DKMParametrization(nn.Module):
         # Scalar clustering of one palette does not depend on the order of the weights, so the
         # step can run on a flat view instead of the layout's permuted copy (and copy back).
         self._order_free = layout.spec.cluster_dim == 1 and layout.num_palettes == 1
+        #: The :class:`~.clustering_pass.ClusteringPass` this weight belongs to while one is
+        #: open (a plain attribute, never state: nothing outlives the forward).
+        self.clustering_pass = None
         P, _, d = layout.palette_shape
         k = layout.spec.num_centroids
         self.register_buffer("centroids", torch.zeros(P, k, d, dtype=torch.float32))
@@ -355,31 +358,22 @@ class DKMParametrization(nn.Module):
             return self._clustered(weight)
 
     def _clustered(self, weight: Tensor) -> Tensor:
-        """The soft (training) or snapped weight of an initialised parametrization."""
-        if self._order_free:
-            if self.scale is not None:
-                weight = weight / self.layout.broadcast_scale(self.scale.to(weight))
-            x = weight.reshape(1, -1, 1)
-        else:
-            x = self.to_palettes(weight)
+        """The soft (training) or snapped weight of an initialised parametrization. Inside a
+        :func:`~.clustering_pass.clustering_pass` the soft ``"unique"`` step of every such
+        weight of the model runs as one batched call, on the first weight read."""
         if self.mode == "soft" and self.training:
+            if self.clustering_pass is not None and self.step_implementation == "unique":
+                return self.clustering_pass.clustered(self, weight)
             step = _IMPLEMENTATIONS[self.step_implementation]
             kwargs: dict = {}
             if self.step_implementation == "chunked":
                 kwargs["chunk"] = self.chunk
             if self.step_implementation != "reference":
                 kwargs["gradient"] = self.gradient
-            result = step(
-                x,
-                self.centroids,
-                self.temperature,
-                max_iter=self.max_iter,
-                epsilon=self.epsilon,
-                **kwargs,
-            )
-            with torch.no_grad():
-                self.centroids.copy_(result.centroids)
-            return self._from_palettes(result.weights, weight)
+            result = step(self.step_input(weight), self.centroids, self.temperature,
+                          max_iter=self.max_iter, epsilon=self.epsilon, **kwargs)
+            return self.step_output(result, weight)
+        x = self.step_input(weight)
         _, snapped = hard_assign(x, self.centroids)
         if self.mode == "hard" and self.training:
             self._move_centroids_to_member_means(x.detach())
@@ -387,6 +381,23 @@ class DKMParametrization(nn.Module):
         # the exact zero ``x - x.detach()`` keeps the value bit-for-bit ``snapped``
         # (``x + (snapped - x)`` rounds, giving more than 2**bits distinct values).
         return self._from_palettes(snapped + (x - x.detach()), weight)
+
+    def step_input(self, weight: Tensor) -> Tensor:
+        """``weight`` as the DKM step's input ``(P, n, d)``: the layout's palettes (each output
+        channel divided by its scale with ``per_channel_scale``); a single scalar palette as a
+        flat view, since the order of its weights does not matter to the step."""
+        if not self._order_free:
+            return self.to_palettes(weight)
+        if self.scale is not None:
+            weight = weight / self.layout.broadcast_scale(self.scale.to(weight))
+        return weight.reshape(1, -1, 1)
+
+    def step_output(self, result: DKMOutput, weight: Tensor) -> Tensor:
+        """Keep the step's final centroids (in place, no gradient) and return its soft weights
+        in the shape and units of ``weight``."""
+        with torch.no_grad():
+            self.centroids.copy_(result.centroids)
+        return self._from_palettes(result.weights, weight)
 
     def _from_palettes(self, x: Tensor, weight: Tensor) -> Tensor:
         if not self._order_free:

@@ -87,9 +87,12 @@ DEFAULT_CHUNK = 1 << 16
 KEEP_ATTENTION_MAX_ENTRIES = 1 << 20
 
 
-def attention(xt: Tensor, c: Tensor, inv_tau: Tensor | float) -> Tensor:
+def attention(xt: Tensor, c: Tensor, inv_tau: Tensor | float,
+              centroid_mask: Tensor | None = None) -> Tensor:
     """``softmax_j(-|x - c_j|^2 / tau)`` laid out ``(P, k, m)`` for points ``xt`` (P, d, m)
-    and centroids ``c`` (P, k, d); ``inv_tau`` a float or a 0-dim tensor on the device.
+    and centroids ``c`` (P, k, d); ``inv_tau`` a float, a 0-dim tensor on the device, or one
+    per palette ``(P, 1, 1)``. ``centroid_mask`` (P, k, 1): False for padding centroids (a
+    batch of palettes with different ``k``), whose attention is exactly 0.
 
     The points run innermost, so every elementwise pass over the ``k x m`` block is a
     contiguous loop (about 3x faster on CPU than ``(P, m, k)`` for small k)."""
@@ -100,6 +103,8 @@ def attention(xt: Tensor, c: Tensor, inv_tau: Tensor | float) -> Tensor:
         x2 = xt.square().sum(1, keepdim=True)
         c2 = c.square().sum(-1, keepdim=True)
         z = torch.baddbmm(x2 + c2, c, xt, alpha=-2.0).clamp_min_(0.0).mul_(-inv_tau)
+    if centroid_mask is not None:
+        z.masked_fill_(~centroid_mask, float("-inf"))
     return torch.softmax(z, dim=1)
 
 
@@ -113,7 +118,9 @@ class Trajectory(NamedTuple):
 
     centroids: Tensor  # (R + 1, P, k, d): c_0 .. c_R, normalised units
     masses: Tensor  # (R, P, k): each round's cluster masses
-    last: int | Tensor  # rounds that took effect (a 0-dim device tensor without host reads)
+    #: rounds that took effect: an int, a 0-dim device tensor without host reads, or (P,) per
+    #: palette for grouped palettes (each tensor of a batch its own early stop)
+    last: int | Tensor
     kept: Tensor | None  # (R, P, k, U): each round's attention, or None (recomputed)
     #: only the last round is kept (centroids ``c_{T-1}, c_T``): the implicit gradient's need
     last_only: bool = False
@@ -123,8 +130,10 @@ class _Points:
     """The points ``xt`` (P, d, U) with their ``weights`` (P, U) (``None``: all 1), walked in
     chunks; the weighted sums of a round come from one product per chunk."""
 
-    def __init__(self, xt: Tensor, weights: Tensor | None, chunk: int) -> None:
+    def __init__(self, xt: Tensor, weights: Tensor | None, chunk: int,
+                 centroid_mask: Tensor | None = None) -> None:
         self.xt, self.weights, self.chunk = xt, weights, chunk
+        self.centroid_mask = centroid_mask
         self.weighted_xt = xt if weights is None else xt * weights.unsqueeze(1)
         self.rows = None if weights is None else torch.cat((weights.unsqueeze(1),
                                                             self.weighted_xt), 1)
@@ -144,28 +153,34 @@ class _Points:
 
 def weighted_dkm(xt: Tensor, weights: Tensor | None, c0: Tensor, inv_tau: Tensor | float, *,
                  max_iter: int, epsilon: float, chunk: int = DEFAULT_CHUNK,
-                 implicit: bool = False) -> tuple[Tensor, Tensor, Trajectory]:
+                 implicit: bool = False, centroid_mask: Tensor | None = None,
+                 groups: Tensor | None = None) -> tuple[Tensor, Tensor, Trajectory]:
     """The forward of the module docstring, without autograd.
 
     Args:
         xt: the points ``(P, d, U)`` in normalised units.
         weights: ``(P, U)`` (counts; 0 for padding), or ``None`` for all 1.
         c0: starting centroids ``(P, k, d)``.
-        inv_tau: ``1 / tau``, a float or a 0-dim tensor (no host read).
+        inv_tau: ``1 / tau``, a float, a 0-dim tensor (no host read) or one per palette
+            ``(P, 1, 1)``.
         max_iter, epsilon: at most this many rounds; stop once no centroid moves more than
             ``epsilon`` (:class:`~.numerics.EarlyStop`).
         chunk: points per chunk.
         implicit: keep only what the implicit gradient needs (the last round).
+        centroid_mask: ``(P, k, 1)``, False for padding centroids (:func:`attention`); the
+            same mask goes to :func:`weighted_dkm_gradient`.
+        groups: ``(P,)`` each palette's group (a tensor of a batch): each group's early stop is
+            its own (:class:`~.numerics.EarlyStop`), and ``trajectory.last`` is then per palette.
 
     Returns:
         ``(y, c_final, trajectory)``: the soft points ``(P, d, U)``, the final centroids and
         what :func:`weighted_dkm_gradient` needs.
     """
-    points = _Points(xt, weights, chunk)
+    points = _Points(xt, weights, chunk, centroid_mask)
     P, k, d = c0.shape
     n = xt.shape[2]
     keep = (1 if implicit else max_iter) * P * k * n <= KEEP_ATTENTION_MAX_ENTRIES
-    stop = EarlyStop(epsilon, xt)
+    stop = EarlyStop(epsilon, xt, groups)
     centroids, masses, kept = [c0], [], []
     for _ in range(max_iter):
         c = centroids[-1]
@@ -173,7 +188,7 @@ def weighted_dkm(xt: Tensor, weights: Tensor | None, c0: Tensor, inv_tau: Tensor
         weighted = xt.new_zeros(P, k, d)
         parts = []
         for s in points.parts():
-            a = attention(xt[:, :, s], c, inv_tau)
+            a = attention(xt[:, :, s], c, inv_tau, centroid_mask)
             if keep:
                 parts.append(a)
             chunk_mass, chunk_weighted = points.sums(s, a)
@@ -188,7 +203,7 @@ def weighted_dkm(xt: Tensor, weights: Tensor | None, c0: Tensor, inv_tau: Tensor
             kept.append(parts[0] if len(parts) == 1 else torch.cat(parts, 2))
         if converged:
             break
-    trajectory = Trajectory(torch.stack(centroids), torch.stack(masses), stop.iterations,
+    trajectory = Trajectory(torch.stack(centroids), torch.stack(masses), stop.per_palette(),
                             torch.stack(kept) if keep else None)
     last = trajectory.last
     c_final = pick(trajectory.centroids, last)
@@ -219,7 +234,7 @@ class _Round:
     def attention(self, points: _Points, s: slice, inv_tau: Tensor | float) -> Tensor:
         if self.kept is not None:
             return self.kept[:, :, s]
-        return attention(points.xt[:, :, s], self.c, inv_tau)
+        return attention(points.xt[:, :, s], self.c, inv_tau, points.centroid_mask)
 
 
 def _delta(a: Tensor, b: Tensor) -> Tensor:
@@ -295,7 +310,8 @@ def _output_gradient(points: _Points, step: _Round, G: Tensor,
 
 def weighted_dkm_gradient(xt: Tensor, weights: Tensor | None, trajectory: Trajectory,
                           G: Tensor, inv_tau: Tensor | float, *, chunk: int = DEFAULT_CHUNK,
-                          implicit: bool = False, check_errors: bool = True
+                          implicit: bool = False, check_errors: bool = True,
+                          centroid_mask: Tensor | None = None
                           ) -> tuple[Tensor, Tensor | None]:
     """The backward of the module docstring for the loss gradient ``G`` (P, d, U) of the soft
     points (summed over each point's copies).
@@ -304,9 +320,9 @@ def weighted_dkm_gradient(xt: Tensor, weights: Tensor | None, trajectory: Trajec
     ``None``. With weights (scalar points only): the shared part ``s`` of every copy's gradient
     and the coefficient ``b`` (P, 1, U) of its own loss gradient: copy ``i`` of point ``u`` gets
     ``s_u + b_u g_i``. ``check_errors=False`` (implicit only) skips the solve's singularity
-    check, a host read.
+    check, a host read. ``centroid_mask``: the forward's.
     """
-    points = _Points(xt, weights, chunk)
+    points = _Points(xt, weights, chunk, centroid_mask)
     two_over_tau = 2.0 * inv_tau
     last = trajectory.last
     final = _Round(trajectory, 0 if trajectory.last_only else last - 1)
@@ -326,7 +342,9 @@ def weighted_dkm_gradient(xt: Tensor, weights: Tensor | None, trajectory: Trajec
     for back in range(trajectory.masses.shape[0]):  # round t = last - back: c_{t-1} -> c_t
         t = last - back
         step = final if back == 0 else _Round(trajectory, t - 1)
-        ran = t >= 1 if isinstance(t, Tensor) and back else None
+        ran = None
+        if isinstance(t, Tensor) and back:
+            ran = (t >= 1).reshape(-1, 1, 1) if t.ndim else t >= 1
         to_c = _round_backward(points, step, U, two_over_tau, inv_tau, shared,
                                G if back == 0 and not per_copy else None, ran)
         U_next = to_c + torch.where(step.live, 0.0, U)  # an empty cluster passes U on
@@ -354,7 +372,8 @@ def _adjoint(points: _Points, step: _Round, r: Tensor,
             to_old = to_old * points.weights[:, None, None, s]
         D += torch.einsum("pjam,pjbm->pjab", to_new, to_old)
         M += torch.einsum("pjam,plbm->pjalb", to_new, to_old * a.unsqueeze(2))
-    scale = (two_over_tau / step.mass.squeeze(-1)).reshape(P, k, 1, 1, 1)
+    per_palette = two_over_tau.reshape(-1, 1) if isinstance(two_over_tau, Tensor) else two_over_tau
+    scale = (per_palette / step.mass.squeeze(-1)).reshape(P, k, 1, 1, 1)
     J = ((_block_diagonal(D) - M) * scale).reshape(P, k * d, k * d)
     eye = torch.eye(k * d, dtype=J.dtype, device=J.device)
     dead = (~step.live).expand(P, k, d).reshape(P, k * d)

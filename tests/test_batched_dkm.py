@@ -1,0 +1,104 @@
+"""Specification of DKM batched across tensors (lightning_dkm.engine.distinct.unique_dkm_batch):
+every palette of every tensor of a model in one call of the weighted core, as if each tensor had
+been clustered on its own."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lightning_dkm.engine.distinct import unique_dkm_batch, unique_dkm_cluster
+from lightning_dkm.engine.kmeans import kmeans
+from lightning_dkm.engine.numerics import sync_free
+
+
+def _tensors():
+    """Three tensors of different sizes, palettes, k and taus (one tau a device tensor)."""
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(1, 20000, 4, 0.01), (3, 5000, 16, 0.05), (2, 30000, 2, torch.tensor(0.02))]
+    xs, cs, taus = [], [], []
+    for P, n, k, tau in shapes:
+        x = torch.randn(P, n, 1, generator=gen, dtype=torch.float64) * 0.03
+        xs.append(x)
+        cs.append(kmeans(x, k, torch.Generator().manual_seed(1), max_iter=5).centroids)
+        taus.append(tau)
+    return xs, cs, taus
+
+
+def _run(step, xs, cs, taus, upstream, **kwargs):
+    leaves = [x.clone().requires_grad_() for x in xs]
+    outs = step(leaves, cs, taus, **kwargs)
+    loss = sum((o.weights * g).sum() for o, g in zip(outs, upstream, strict=True) if g is not None)
+    loss.backward()
+    return outs, [x.grad for x in leaves]
+
+
+def _one_by_one(xs, cs, taus, **kwargs):
+    return [unique_dkm_cluster(x, c, t, **kwargs) for x, c, t in zip(xs, cs, taus, strict=True)]
+
+
+@pytest.mark.parametrize("gradient", ["unrolled", "implicit"])
+def test_a_batch_is_each_tensor_clustered_on_its_own(gradient):
+    xs, cs, taus = _tensors()
+    upstream = [torch.randn_like(x) for x in xs]
+    kwargs = dict(max_iter=3, epsilon=0.0, gradient=gradient)
+    batched, batched_grads = _run(unique_dkm_batch, xs, cs, taus, upstream, **kwargs)
+    alone, alone_grads = _run(_one_by_one, xs, cs, taus, upstream, **kwargs)
+    for b, a, gb, ga in zip(batched, alone, batched_grads, alone_grads, strict=True):
+        torch.testing.assert_close(b.weights, a.weights, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(b.centroids, a.centroids, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(gb, ga, rtol=1e-8, atol=1e-10)
+
+
+def test_a_tensor_whose_output_is_unused_gets_no_gradient_and_changes_no_other():
+    xs, cs, taus = _tensors()
+    upstream = [torch.randn_like(xs[0]), None, torch.randn_like(xs[2])]
+    _, grads = _run(unique_dkm_batch, xs, cs, taus, upstream, max_iter=3, epsilon=0.0)
+    _, alone = _run(_one_by_one, [xs[0], xs[2]], [cs[0], cs[2]], [taus[0], taus[2]],
+                    [upstream[0], upstream[2]], max_iter=3, epsilon=0.0)
+    assert grads[1] is None
+    torch.testing.assert_close(grads[0], alone[0], rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(grads[2], alone[1], rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("epsilon", [0.0, 1e-4])
+def test_without_host_reads_the_batch_gives_the_compact_result(epsilon):
+    xs, cs, taus = _tensors()
+    upstream = [torch.randn_like(x) for x in xs]
+    compact, compact_grads = _run(unique_dkm_batch, xs, cs, taus, upstream, max_iter=3,
+                                  epsilon=epsilon)
+    with sync_free():
+        full, full_grads = _run(unique_dkm_batch, xs, cs, taus, upstream, max_iter=3,
+                                epsilon=epsilon)
+    for a, b, ga, gb in zip(full, compact, full_grads, compact_grads, strict=True):
+        torch.testing.assert_close(a.weights, b.weights, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(ga, gb, rtol=1e-7, atol=1e-10)
+
+
+def test_each_tensor_of_a_batch_stops_early_on_its_own():
+    """With an epsilon a tensor that has converged stops as it would alone, while the batch
+    runs on for the others: same results, its own iteration count."""
+    xs, cs, taus = _tensors()
+    converged = unique_dkm_cluster(xs[0], cs[0], taus[0], max_iter=50, epsilon=0.0).centroids
+    starts = [converged, cs[1]]
+    alone = [unique_dkm_cluster(x, c, t, max_iter=5, epsilon=1e-3)
+             for x, c, t in zip(xs[:2], starts, taus[:2], strict=True)]
+    upstream = [torch.randn_like(x) for x in xs[:2]]
+    batch, grads = _run(unique_dkm_batch, xs[:2], starts, taus[:2], upstream, max_iter=5,
+                        epsilon=1e-3)
+    _, alone_grads = _run(_one_by_one, xs[:2], starts, taus[:2], upstream, max_iter=5,
+                          epsilon=1e-3)
+    assert int(alone[0].iterations) == int(batch[0].iterations) == 1
+    assert int(batch[1].iterations) == int(alone[1].iterations) > 1
+    for b, a, gb, ga in zip(batch, alone, grads, alone_grads, strict=True):
+        torch.testing.assert_close(b.weights, a.weights, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(b.centroids, a.centroids, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(gb, ga, rtol=1e-8, atol=1e-10)
+
+
+def test_mismatched_arguments_are_refused_naming_the_counts():
+    xs, cs, taus = _tensors()
+    with pytest.raises(ValueError, match="got 3 tensors, 2 centroids, 3 taus"):
+        unique_dkm_batch(xs, cs[:2], taus)
+    with pytest.raises(ValueError, match="cluster_dim 1; got 2"):
+        unique_dkm_batch([torch.randn(1, 100, 2)], [torch.randn(1, 4, 2)], [0.1])

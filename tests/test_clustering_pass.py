@@ -1,0 +1,87 @@
+"""Specification of the clustering pass (lightning_dkm.engine.clustering_pass): inside one
+forward, every soft 'unique' weight of the model is clustered by one batched DKM call, with the
+values, gradients and centroids each weight would get on its own."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import lightning_dkm.engine.clustering_pass as clustering_pass_module
+from lightning_dkm import ClusterSpec, attach, clustered_tensors, select_targets
+from lightning_dkm.engine.clustering_pass import clustering_pass
+
+
+def _model(epsilon: float = 0.0, **spec) -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 300), nn.ReLU(), nn.Linear(300, 200), nn.ReLU(),
+                          nn.Linear(200, 100))
+    targets = select_targets(model, ClusterSpec(**{"bits": 3, **spec}), min_size=0)
+    tensors = attach(model, targets, epsilon=epsilon, implementation="unique")
+    for i, tensor in enumerate(tensors.values()):
+        tensor.parametrization.set_temperature(0.01 * (i + 1))  # a tau of its own each
+    return model
+
+
+def _step(model: nn.Module, in_pass: bool):
+    x = torch.randn(32, 64, generator=torch.Generator().manual_seed(1))
+    context = clustering_pass(model) if in_pass else torch.enable_grad()
+    with context:
+        loss = model(x).square().mean()
+    loss.backward()
+    tensors = clustered_tensors(model)
+    return ({n: t.original.grad.clone() for n, t in tensors.items()},
+            {n: t.parametrization.centroids.clone() for n, t in tensors.items()})
+
+
+def test_a_pass_gives_each_weight_its_own_gradient_and_centroids():
+    grads_pass, centroids_pass = _step(_model(), in_pass=True)
+    grads_alone, centroids_alone = _step(_model(), in_pass=False)
+    for name, alone in grads_alone.items():  # float32: the batch sums in another order
+        scale = float(alone.abs().max())
+        torch.testing.assert_close(grads_pass[name], alone, rtol=1e-4, atol=1e-5 * scale)
+        torch.testing.assert_close(centroids_pass[name], centroids_alone[name])
+
+
+def test_a_pass_clusters_every_weight_in_one_call(monkeypatch):
+    calls = []
+    original = clustering_pass_module.unique_dkm_batch
+
+    def counting(xs, *args, **kwargs):
+        calls.append(len(xs))
+        return original(xs, *args, **kwargs)
+
+    monkeypatch.setattr(clustering_pass_module, "unique_dkm_batch", counting)
+    _step(_model(), in_pass=True)
+    assert calls == [3]
+
+
+def test_weights_with_other_settings_are_batched_apart(monkeypatch):
+    calls = []
+    original = clustering_pass_module.unique_dkm_batch
+    monkeypatch.setattr(clustering_pass_module, "unique_dkm_batch",
+                        lambda xs, *a, **k: calls.append(len(xs)) or original(xs, *a, **k))
+    model = _model()
+    next(iter(clustered_tensors(model).values())).parametrization.max_iter = 5
+    _step(model, in_pass=True)
+    assert sorted(calls) == [1, 2]
+
+
+def test_eval_mode_and_hard_mode_are_untouched_by_a_pass():
+    model = _model()
+    x = torch.randn(4, 64)
+    model.eval()
+    with torch.no_grad():
+        outside = model(x)
+        with clustering_pass(model):
+            inside = model(x)
+    torch.testing.assert_close(inside, outside)
+
+
+def test_nothing_of_a_pass_outlives_it():
+    model = _model()
+    with clustering_pass(model) as current:
+        model(torch.randn(2, 64)).sum().backward()
+    assert len(current.members) == 3
+    assert all(t.parametrization.clustering_pass is None
+               for t in clustered_tensors(model).values())
