@@ -1,10 +1,13 @@
 """lightning_dkm: train-time weight clustering with Differentiable K-Means (DKM).
 
-The engine (``kmeans``, ``dkm``, ``layout``, ``parametrize``) is plain PyTorch; the Lightning
-callback builds on it.
+Four layers (``docs/architecture.md``): ``engine`` (plain PyTorch: k-means, the palette layout,
+the one weighted DKM core, the parametrization), ``model`` (targets, attach / finalize,
+post-training k-means, methods, checkpoints), ``export`` (artifact, packed inference, Core ML,
+report) and ``lightning`` (:class:`DKMCallback`). Every public name is importable from here.
 """
 
 from .engine.bitpack import pack_bits, unpack_bits
+from .engine.clustering_pass import clustering_pass
 from .engine.layout import ClusterSpec, PaletteLayout
 from .engine.palette import Palette
 from .engine.parametrization import DKMParametrization
@@ -26,6 +29,7 @@ from .model.carried import (
     discard_palettes,
     expect_carried_buffers,
 )
+from .model.checkpoint import join_dkm_state, split_dkm_state
 from .model.post_training import fisher_diagonal, palettize
 from .model.targets import Target, select_targets
 
@@ -46,6 +50,7 @@ __all__ = [
     "carried_palettes",
     "carry_palettes",
     "clustered_tensors",
+    "clustering_pass",
     "count_macs",
     "discard_palettes",
     "expect_carried_buffers",
@@ -53,6 +58,7 @@ __all__ = [
     "finalize",
     "fisher_diagonal",
     "inspect_artifact",
+    "join_dkm_state",
     "load_compressed",
     "pack",
     "pack_bits",
@@ -62,6 +68,7 @@ __all__ = [
     "read_palettes",
     "save_compressed",
     "select_targets",
+    "split_dkm_state",
     "unpack",
     "unpack_bits",
 ]

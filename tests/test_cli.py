@@ -77,3 +77,48 @@ def test_optimizer_built_by_the_cli_before_fit_trains_the_clustered_weights(tmp_
     assert {id(p) for p in cli.model.parameters()} == optimizer_params
     for name in ("body.0.weight", "body.2.weight", "body.4.weight", "body.0.bias"):
         assert not torch.equal(before[name], after[name]), name
+
+
+OBJECTS = """
+seed_everything: 0
+trainer:
+  max_epochs: 2
+  logger: false
+  enable_checkpointing: false
+  enable_progress_bar: false
+  enable_model_summary: false
+  default_root_dir: {root}
+  callbacks:
+    - class_path: lightning_dkm.DKMCallback
+      init_args:
+        bits: 2
+        finalize: false
+        temperature:
+          class_path: lightning_dkm.lightning.schedules.ExponentialSchedule
+          init_args: {{start: 1.0e-1, end: 1.0e-3, num_epochs: 8}}
+        method: {method}
+"""
+
+
+@pytest.mark.parametrize(
+    "method",
+    ["hard", "{class_path: lightning_dkm.model.methods.DeepKMeansMethod, "
+             "init_args: {regularization: 1.0e-2, refresh_every: 2}}"],
+    ids=["name", "class_path"],
+)
+def test_yaml_gives_temperature_and_method_as_objects(tmp_path, method):
+    from lightning_dkm.lightning.schedules import ExponentialSchedule
+    from lightning_dkm.model.methods import DeepKMeansMethod, HardMethod
+
+    config = tmp_path / "config.yaml"
+    config.write_text(textwrap.dedent(OBJECTS.format(root=tmp_path, method=method)))
+    cli = LightningCLI(TinyNet, args=["--config", str(config)], run=False,
+                       save_config_callback=None)
+    callback = cli.trainer.callbacks[0]
+    assert callback.temperature.fn == ExponentialSchedule(start=0.1, end=1e-3, num_epochs=8)
+    if method == "hard":
+        assert isinstance(callback._method, HardMethod)
+    else:
+        assert isinstance(callback._method, DeepKMeansMethod)
+        assert (callback._method.regularization, callback._method.refresh_every) == (1e-2, 2)
+    cli.trainer.fit(cli.model)  # trains with them

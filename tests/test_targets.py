@@ -227,3 +227,81 @@ def test_a_weight_computed_by_another_parametrization_is_refused():
     parametrize.register_parametrization(model[0], "weight", Double())
     with pytest.raises(ValueError, match=r"0\.weight is computed by another parametrization"):
         select_targets(model, ClusterSpec(bits=2))
+
+
+# -- bare names: PEFT's target_modules list semantics -------------------------------------------
+class Attention(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.q_proj = nn.Linear(16, 16)
+        self.k_proj = nn.Linear(16, 16)
+
+
+class Layer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.attention = Attention()
+        self.mlp = nn.Linear(16, 16)
+
+
+class Encoder(nn.Module):
+    """encoder.layer.<i>.attention.{q,k}_proj and encoder.layer.<i>.mlp, as in HF models."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = nn.Module()
+        self.encoder.layer = nn.ModuleList([Layer(), Layer()])
+        self.q_proj = nn.Linear(16, 16)  # a top-level module of the same name
+
+
+def test_a_bare_module_name_matches_that_module_at_any_depth() -> None:
+    selected = select_targets(Encoder(), targets=["q_proj"], min_size=0)
+    assert names(selected) == [
+        "encoder.layer.0.attention.q_proj.weight",
+        "encoder.layer.1.attention.q_proj.weight",
+        "q_proj.weight",
+    ]
+
+
+def test_a_bare_name_matches_whole_name_components_only() -> None:
+    assert matches("q_proj", "encoder.layer.0.attention.q_proj")
+    assert matches("q_proj", "q_proj")
+    assert not matches("proj", "encoder.layer.0.attention.q_proj")
+    assert not matches("q_proj", "encoder.layer.0.attention.q_proj2")
+    with pytest.raises(ValueError, match=r"'proj' matches no supported weight.*at any depth"):
+        select_targets(Encoder(), targets=["proj"], min_size=0)
+
+
+def test_a_bare_parameter_name_matches_that_parameter_of_every_module() -> None:
+    assert names(select_targets(Net(), targets="in_proj_weight", min_size=0)) == [
+        "attn.in_proj_weight"
+    ]
+    assert names(select_targets(Net(), targets="out_proj", min_size=0)) == ["attn.out_proj.weight"]
+
+
+def test_a_bare_container_name_matches_nothing_and_the_error_suggests_a_glob() -> None:
+    with pytest.raises(ValueError, match=r"'features' matches no.*write 'features\.\*'"):
+        select_targets(Net(), targets="features", min_size=0)
+
+
+def test_bare_names_work_in_exclude_and_overrides_too() -> None:
+    selected = select_targets(
+        Encoder(), ClusterSpec(bits=2), min_size=0, exclude=["k_proj"],
+        overrides={"mlp": {"bits": 3}},
+    )
+    specs = {t.name: t.spec.bits for t in selected}
+    assert not any("k_proj" in name for name in specs)
+    assert specs["encoder.layer.1.mlp.weight"] == 3
+    assert specs["encoder.layer.0.attention.q_proj.weight"] == 2
+
+
+def test_dotted_names_stay_exact_and_globs_stay_whole_name_matches() -> None:
+    model = Encoder()
+    assert names(select_targets(model, targets="encoder.layer.0.mlp", min_size=0)) == [
+        "encoder.layer.0.mlp.weight"
+    ]
+    assert names(select_targets(model, targets="*.0.*.q_proj", min_size=0)) == [
+        "encoder.layer.0.attention.q_proj.weight"
+    ]
+    # a glob is not a bare name: "q_pro?" must match the whole qualified name, so only the top one
+    assert names(select_targets(model, targets="q_pro?", min_size=0)) == ["q_proj.weight"]

@@ -5,10 +5,23 @@ A *target* is one weight tensor of a supported module together with its
 :class:`~lightning_dkm.engine.layout.PaletteLayout`.
 
 Patterns (in ``targets``, ``exclude`` and the keys of ``overrides``) follow the vocabulary of
-PEFT's ``target_modules``: each is matched against a module's qualified name (``"features.0"``)
-and against the parameter's qualified name (``"attn.in_proj_weight"``). A pattern that starts
-with ``re:`` is a regular expression that must match the whole name; any other pattern is a
-shell-style glob (``*``, ``?``, ``[...]``), e.g. ``"features.*"`` or ``"*.fc"``.
+PEFT's ``target_modules``. Each is matched against the qualified name of every supported module
+(``"features.0"``, ``"encoder.layer.0.attention.q_proj"``) and of its clusterable parameter
+(``"features.0.weight"``, ``"attn.in_proj_weight"``); a module that matches selects its
+clusterable parameter(s). There are three kinds, told apart by their characters:
+
+* ``re:<regex>``: a regular expression that must match the whole name,
+  e.g. ``"re:features\\.\\d+"``;
+* a *bare name* (no ``.``, no ``*``, ``?`` or ``[``): PEFT's list semantics, the name at any
+  depth: it matches a name that equals it or ends in ``.<name>``. ``"q_proj"`` selects
+  ``encoder.layer.0.attention.q_proj`` and every other ``q_proj``; ``"in_proj_weight"`` the
+  ``in_proj_weight`` of every ``MultiheadAttention``; ``"head"`` a top-level ``head`` and
+  ``decoder.head`` alike. It matches whole name components only (``"proj"`` does not select
+  ``q_proj``), and a container (a ``Sequential`` such as ``"features"``) has no clusterable
+  parameter of its own, so it matches nothing: write ``"features.*"`` for what it holds;
+* anything else is a shell-style glob (``*``, ``?``, ``[...]``) on the whole name, e.g.
+  ``"features.*"``, ``"*.fc"``, ``"layers.[0-3].mlp"``; a dotted name without glob characters
+  (``"features.0"``) is an exact name.
 """
 
 from __future__ import annotations
@@ -30,6 +43,7 @@ __all__ = [
     "DEFAULT_MIN_SIZE",
     "Target",
     "clusterable_parameters",
+    "is_bare_name",
     "matches",
     "select_targets",
 ]
@@ -62,11 +76,40 @@ def clusterable_parameters(module: nn.Module) -> list[tuple[str, int, int]]:
     return []
 
 
+_GLOB_CHARACTERS = ("*", "?", "[")
+
+
+def is_bare_name(pattern: str) -> bool:
+    """Whether ``pattern`` is a bare name (module docstring): not ``re:``, no ``.``, no glob
+    characters. It then matches that name at any depth, as in PEFT's ``target_modules`` list."""
+    return (
+        not pattern.startswith("re:")
+        and "." not in pattern
+        and not any(c in pattern for c in _GLOB_CHARACTERS)
+    )
+
+
 def matches(pattern: str, name: str) -> bool:
-    """Whether ``name`` matches one pattern (``re:`` regex, full match; otherwise a glob)."""
+    """Whether the qualified ``name`` matches one pattern: a ``re:`` regex (full match), a bare
+    name (``name`` equals it or ends in ``.<pattern>``) or a glob (module docstring)."""
     if pattern.startswith("re:"):
         return re.fullmatch(pattern[3:], name) is not None
+    if is_bare_name(pattern):
+        return name == pattern or name.endswith("." + pattern)
     return fnmatch.fnmatchcase(name, pattern)
+
+
+def _no_match_error(label: str, pattern: str, candidate_names: list[str]) -> ValueError:
+    hint = (
+        f" (a bare name matches a supported module or parameter called {pattern!r} at any "
+        f"depth; for everything inside a container write {pattern + '.*'!r})"
+        if is_bare_name(pattern)
+        else ""
+    )
+    return ValueError(
+        f"{label} pattern {pattern!r} matches no supported weight; candidates are: "
+        f"{', '.join(candidate_names) or '(none)'}{hint}"
+    )
 
 
 def _matches_any(patterns: Iterable[str], names: Iterable[str]) -> bool:
@@ -147,8 +190,9 @@ def select_targets(
         model: the model to inspect (already parametrized tensors are inspected by their
             original shape).
         spec: the default :class:`ClusterSpec` (bits, cluster_dim, group_size).
-        targets: patterns of modules/parameters to cluster; ``None`` means every supported
-            weight (Linear, Conv*, ConvTranspose*, Embedding*, MultiheadAttention projections).
+        targets: patterns of modules/parameters to cluster (module docstring: ``re:``
+            regexes, bare names at any depth, globs); ``None`` means every supported weight
+            (Linear, Conv*, ConvTranspose*, Embedding*, MultiheadAttention projections).
         exclude: patterns removed from the selection.
         min_size: tensors with fewer elements are skipped, with one warning listing them.
         overrides: ``pattern -> {bits?, cluster_dim?, group_size?, per_channel_scale?}``; the
@@ -174,21 +218,14 @@ def select_targets(
             candidates.append((module_name, param_name, module, group_axis, vector_axis))
     candidate_names = [_qualified(m, p) for m, p, *_ in candidates]
 
-    for pattern in target_patterns:
-        if not any(matches(pattern, n) for m, p, *_ in candidates for n in (m, _qualified(m, p))):
-            raise ValueError(
-                f"targets pattern {pattern!r} matches no supported weight; candidates are: "
-                f"{', '.join(candidate_names) or '(none)'}"
-            )
-    for label, patterns in (("overrides", list(overrides)), ("exclude", exclude_patterns)):
+    for label, patterns in (
+        ("targets", target_patterns), ("overrides", list(overrides)), ("exclude", exclude_patterns)
+    ):
         for pattern in patterns:
             if not any(
                 matches(pattern, n) for m, p, *_ in candidates for n in (m, _qualified(m, p))
             ):
-                raise ValueError(
-                    f"{label} pattern {pattern!r} matches no supported weight; candidates are: "
-                    f"{', '.join(candidate_names) or '(none)'}"
-                )
+                raise _no_match_error(label, pattern, candidate_names)
 
     selected: list[Target] = []
     skipped: list[str] = []

@@ -1,0 +1,266 @@
+"""What :class:`~lightning_dkm.DKMCallback` accepts, checked when it is constructed.
+
+Every check raises a ``ValueError`` that names the argument, the value and what is allowed, so a
+typo in a LightningCLI YAML fails before the Trainer is built, not epochs later. Besides the
+config-friendly forms (names, numbers, mappings), ``temperature`` and ``method`` take objects,
+as Lightning's own callbacks do: a :class:`~lightning_dkm.lightning.schedules.TemperatureSchedule`
+or any callable ``unit -> tau`` (:func:`parse_temperature`), a
+:class:`~lightning_dkm.model.methods.ClusteringMethod` instance (:func:`resolve_method`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..engine.layout import ClusterSpec
+from ..engine.parametrization import check_gradient
+from ..model.methods import (
+    DEFAULT_REFRESH_EVERY,
+    DEFAULT_REGULARIZATION,
+    METHOD_NAMES,
+    ClusteringMethod,
+    DeepKMeansMethod,
+    DKMMethod,
+    HardMethod,
+    build_method,
+)
+from ..model.targets import _spec_with_override
+from .schedules import CallableSchedule, TemperatureSchedule
+from .temperature import INTERVALS, TemperatureConfig
+
+__all__ = [
+    "LUT_DTYPES",
+    "CallableTemperature",
+    "check_arguments",
+    "check_method_options",
+    "check_overrides",
+    "is_int",
+    "parse_temperature",
+    "pattern_list",
+    "require",
+    "resolve_method",
+]
+
+#: ``lut_dtype`` names and the dtype the palettes are stored in.
+LUT_DTYPES = {"float16": torch.float16, "float32": torch.float32}
+
+
+def require(ok: bool, message: str) -> None:
+    """``ValueError(message)`` unless ``ok``: the one-line checks of the constructor."""
+    if not ok:
+        raise ValueError(message)
+
+
+def is_int(value: object, minimum: int) -> bool:
+    """An ``int`` (not a ``bool``) of at least ``minimum``."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def pattern_list(label: str, patterns: str | list[str] | None) -> list[str] | None:
+    """``targets`` / ``exclude`` as a list: one string is one pattern (never its characters)."""
+    if patterns is None:
+        return None
+    if isinstance(patterns, str):
+        return [patterns]
+    out = list(patterns)
+    bad = [p for p in out if not isinstance(p, str) or not p]
+    require(not bad, f"{label} must be non-empty strings (module or parameter names, globs or "
+                     f"'re:' regexes); got {bad!r}")
+    return out
+
+
+def check_overrides(
+    spec: ClusterSpec, overrides: Mapping[str, Mapping[str, Any]] | None
+) -> dict[str, Any]:
+    """``overrides`` as a dict, each entry checked against ``spec`` (unknown keys, bad values)
+    now rather than when the targets are selected in ``setup``."""
+    out = dict(overrides or {})
+    for pattern, override in out.items():
+        _spec_with_override(spec, pattern, override)
+    return out
+
+
+# -- temperature --------------------------------------------------------------------------------
+def _describe(fn: Callable[..., Any]) -> str:
+    """A primitive name for a callable (what the checkpoint records of it)."""
+    if isinstance(fn, TemperatureSchedule):
+        return repr(fn)
+    module = getattr(fn, "__module__", None) or type(fn).__module__
+    name = getattr(fn, "__qualname__", None) or type(fn).__qualname__
+    return f"{module}.{name}"
+
+
+@dataclass(frozen=True)
+class CallableTemperature(TemperatureConfig):
+    """A temperature given as an object: ``tau = fn(unit)`` for every tensor, in units of each
+    palette's weight variance, where a unit is a soft DKM optimizer step (``interval="step"``,
+    the default) or epoch (``"epoch"``), counted from the first one.
+
+    ``fn`` is a :class:`~lightning_dkm.lightning.schedules.TemperatureSchedule` (used as it is)
+    or any callable ``int -> float`` (wrapped in a
+    :class:`~lightning_dkm.lightning.schedules.CallableSchedule`, which checks every tau it
+    returns). It is called once at construction with unit 0, so a callable that cannot be
+    called that way, or returns no usable tau, fails then. It is not calibrated and not saved:
+    after a resume tau is ``fn`` of the restored unit, so ``fn`` must be a pure function of the
+    unit (and picklable for ``ddp_spawn``).
+    """
+
+    fn: Callable[[int], float] | None = None
+
+    @classmethod
+    def of(cls, fn: Callable[[int], float], interval: str = "step") -> CallableTemperature:
+        config = cls(schedule="callable", start=None, end=None, interval=interval, fn=fn)
+        config.check()
+        return config
+
+    def check(self) -> None:
+        require(self.interval in INTERVALS,
+                f"temperature.interval must be one of {INTERVALS}; got {self.interval!r}")
+        fn = self.fn
+        require(callable(fn) and not isinstance(fn, type),
+                "temperature must be a TemperatureSchedule instance or a callable unit -> tau; "
+                f"got {fn!r}" + (" (a class: pass an instance)" if isinstance(fn, type) else ""))
+        try:
+            self.schedule_for((1.0, 1.0), None)(0)
+        except (TypeError, ValueError) as err:
+            raise ValueError(
+                f"temperature={fn!r}: calling it with unit 0 failed ({err}); a callable "
+                "temperature takes the soft DKM step or epoch (an int >= 0, counted from the "
+                "first) and returns tau, a finite number > 0"
+            ) from err
+
+    def schedule_for(
+        self, bounds: tuple[float, float], num_units: int | None
+    ) -> TemperatureSchedule:
+        """``fn`` itself (a schedule) or ``fn`` wrapped so that every tau it returns is checked;
+        the bounds and the number of units do not apply."""
+        if isinstance(self.fn, TemperatureSchedule):
+            return self.fn
+        assert self.fn is not None  # check() refuses None
+        return CallableSchedule(fn=self.fn)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Primitives only: the callable by name."""
+        return {"schedule": "callable", "fn": _describe(self.fn), "interval": self.interval}
+
+
+def _is_temperature_object(value: object) -> bool:
+    return callable(value) and not isinstance(value, (str, bytes, Mapping, TemperatureConfig))
+
+
+def parse_temperature(value: object) -> TemperatureConfig:
+    """The validated temperature of any form ``DKMCallback(temperature=...)`` accepts.
+
+    ``None`` / ``"auto"``, a number and a mapping of strings and numbers go to
+    :meth:`TemperatureConfig.parse`; a :class:`TemperatureSchedule` or callable, bare or as
+    ``{"schedule": <callable>, "interval": "step" | "epoch"}``, becomes a
+    :class:`CallableTemperature`.
+    """
+    if isinstance(value, type):
+        raise ValueError(
+            f"temperature must be an instance, not the class {value.__name__}; e.g. "
+            "ExponentialSchedule(start=1e-1, end=1e-3, num_epochs=1000)"
+        )
+    if _is_temperature_object(value):
+        return CallableTemperature.of(value)  # type: ignore[arg-type]
+    if isinstance(value, Mapping) and _is_temperature_object(value.get("schedule")):
+        extra = sorted(set(value) - {"schedule", "interval"})
+        require(not extra, f"temperature: with a callable schedule only 'interval' may be given "
+                           f"(the callable's tau is its own); got also {extra}")
+        return CallableTemperature.of(value["schedule"], value.get("interval", "step"))
+    if isinstance(value, bool) or not (
+        value is None or isinstance(value, (str, int, float, Mapping, TemperatureConfig))
+    ):
+        raise ValueError(
+            "temperature must be 'auto', a number (a constant tau), a mapping like "
+            "{schedule: exponential, start: auto, end: auto, interval: step}, a "
+            f"TemperatureSchedule or a callable unit -> tau; got {value!r}"
+        )
+    return TemperatureConfig.parse(value)
+
+
+# -- method ---------------------------------------------------------------------------------------
+def resolve_method(
+    method: str | ClusteringMethod,
+    regularization: float = DEFAULT_REGULARIZATION,
+    refresh_every: int = DEFAULT_REFRESH_EVERY,
+) -> ClusteringMethod:
+    """The :class:`ClusteringMethod` that ``method`` names, or ``method`` itself.
+
+    An instance is used as it is (the callback drives it and its state is the run's); it must
+    have a ``name`` (saved in checkpoints, compared on resume) and implement ``mode_for_epoch``,
+    and ``regularization`` / ``refresh_every`` must stay at their defaults: they configure the
+    method built from a name, an instance carries its own.
+    """
+    if isinstance(method, type):
+        raise ValueError(
+            f"method must be a name or an instance, not the class {method.__name__}; e.g. "
+            "method=DeepKMeansMethod(regularization=1e-2)"
+        )
+    if isinstance(method, ClusteringMethod):
+        require(isinstance(method.name, str) and bool(method.name),
+                f"method={method!r} needs a non-empty `name` (it is saved in checkpoints)")
+        require(type(method).mode_for_epoch is not ClusteringMethod.mode_for_epoch,
+                f"method={method!r} must implement mode_for_epoch(epoch, start_epoch, "
+                "hard_epoch) -> 'soft' | 'hard' | 'dense'")
+        changed = [
+            f"{name}={value!r}" for name, value, default in (
+                ("regularization", regularization, DEFAULT_REGULARIZATION),
+                ("refresh_every", refresh_every, DEFAULT_REFRESH_EVERY),
+            ) if value != default
+        ]
+        require(not changed, f"{', '.join(changed)} only configure a method given by name; "
+                             f"method={method!r} is an instance: set them on it (e.g. "
+                             "DeepKMeansMethod(regularization=..., refresh_every=...))")
+        return method
+    require(isinstance(method, str) and method in METHOD_NAMES,
+            f"method must be one of {METHOD_NAMES} or a ClusteringMethod instance "
+            f"(lightning_dkm.model.methods); got {method!r}")
+    return build_method(method, regularization=regularization, refresh_every=refresh_every)
+
+
+def check_method_options(
+    method: ClusteringMethod, hard_epoch: int | None, gradient: str, implementation: str
+) -> None:
+    """The options that only some methods use: ``hard_epoch`` (not for ``hard`` and
+    ``deep_kmeans``, which ignore it) and ``gradient="implicit"`` (DKM's soft step only, with
+    a step that computes it)."""
+    check_gradient(gradient, implementation, "DKMCallback")
+    require(hard_epoch is None or not isinstance(method, (HardMethod, DeepKMeansMethod)),
+            f"hard_epoch={hard_epoch!r} only applies to method='dkm'; got method={method.name!r}")
+    require(gradient != "implicit" or isinstance(method, DKMMethod),
+            "DKMCallback: gradient='implicit' is the gradient of DKM's soft step and needs "
+            f"method='dkm'; got method={method.name!r}")
+
+
+def check_arguments(
+    *,
+    min_size: object,
+    start_epoch: object,
+    hard_epoch: object,
+    max_iter: object,
+    epsilon: object,
+    implementation: object,
+    export_coreml: object,
+    lut_dtype: object,
+) -> None:
+    """The constructor's plain arguments: types and ranges."""
+    require(is_int(min_size, 0), f"min_size must be an int >= 0; got {min_size!r}")
+    require(is_int(start_epoch, 0), f"start_epoch must be an int >= 0; got {start_epoch!r}")
+    require(hard_epoch is None or (is_int(start_epoch, 0) and is_int(hard_epoch, start_epoch)),
+            f"hard_epoch must be None or an int >= start_epoch ({start_epoch}); got "
+            f"{hard_epoch!r}")
+    require(is_int(max_iter, 1), f"max_iter must be an int >= 1; got {max_iter!r}")
+    require(isinstance(epsilon, (int, float)) and not isinstance(epsilon, bool)
+            and epsilon >= 0, f"epsilon must be a number >= 0; got {epsilon!r}")
+    require(implementation in ("auto", "unique", "chunked", "reference"),
+            "implementation must be 'auto', 'unique', 'chunked' or 'reference'; got "
+            f"{implementation!r}")
+    require(isinstance(export_coreml, bool),
+            f"export_coreml must be True or False; got {export_coreml!r}")
+    require(lut_dtype in LUT_DTYPES,
+            f"lut_dtype must be one of {tuple(LUT_DTYPES)}; got {lut_dtype!r}")

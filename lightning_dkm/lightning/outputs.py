@@ -1,0 +1,236 @@
+"""What :class:`~lightning_dkm.DKMCallback` produces and where it goes.
+
+* During fit: the per-epoch clustering metrics (``dkm/entropy``, ``dkm/<metric>/<tensor>``)
+  through ``pl_module.log``, and TensorBoard histograms of centroids and weights.
+* At fit end (after finalize): the :class:`~lightning_dkm.export.report.CompressionReport`
+  (JSON and Markdown in ``save_dir``, ``dkm_report/*`` scalars to every logger, the Markdown as
+  TensorBoard text), the compressed artifact and, optionally, the Core ML package.
+* The results on the callback (:class:`DKMResults`: ``stats``, ``palettes``, ``report``,
+  ``output_paths``, ``artifact_path``), also in the process that launched a ``ddp_spawn`` fit,
+  which gets them from rank 0 through the handoff file (:mod:`.handoff`).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import tempfile
+import uuid
+import weakref
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+
+from ..engine.palette import Palette
+from ..export.report import CompressionReport
+from ..model.attach import ClusteredTensor
+from .handoff import discard_handoff, read_handoff, write_handoff
+
+__all__ = [
+    "ARTIFACT_NAME",
+    "COREML_NAME",
+    "DKMResults",
+    "log_epoch_metrics",
+    "log_histograms",
+    "warn_not_clustered",
+]
+
+#: File name of the compressed model written into ``save_dir``.
+ARTIFACT_NAME = "model.dkm.safetensors"
+#: The Core ML package written with ``export_coreml=True``.
+COREML_NAME = "model.mlpackage"
+
+
+def warn_not_clustered(trainer: pl.Trainer, start_epoch: int) -> None:
+    """Fit ended before DKM started: nothing is clustered and nothing is written; say so."""
+    rank_zero_warn(
+        f"DKMCallback: fit ended at epoch {trainer.current_epoch} (global step "
+        f"{trainer.global_step}) before DKM started (start_epoch={start_epoch}), so the model "
+        "was NOT clustered: its weights stay as trained, in full precision, and no report or "
+        "artifact was written. Train past start_epoch (max_epochs / max_steps) or lower "
+        "start_epoch."
+    )
+
+
+def log_epoch_metrics(
+    pl_module: pl.LightningModule, stats: dict[str, dict[str, float]], model_entropy: float
+) -> None:
+    """``dkm/entropy`` (in the progress bar) and ``dkm/<metric>/<tensor>`` for the epoch.
+    ``sync_dist``: every rank holds the same values, so the mean is exact and cheap."""
+    log = {"dkm/entropy": model_entropy}
+    for name, values in stats.items():
+        for key, value in values.items():
+            log[f"dkm/{key}/{name}"] = value
+    for key, value in log.items():
+        pl_module.log(key, value, on_step=False, on_epoch=True, prog_bar=key == "dkm/entropy",
+                      sync_dist=True)
+
+
+def log_histograms(trainer: pl.Trainer, tensors: dict[str, ClusteredTensor]) -> None:
+    """TensorBoard histograms of every tensor's centroids and weights (rank 0)."""
+    if trainer.global_rank != 0:
+        return
+    for logger in trainer.loggers:
+        if not isinstance(logger, TensorBoardLogger):
+            continue
+        writer = logger.experiment
+        for name, tensor in tensors.items():
+            step = trainer.global_step
+            writer.add_histogram(
+                f"dkm_centroids/{name}", tensor.parametrization.centroids.float().cpu(), step
+            )
+            writer.add_histogram(
+                f"dkm_weights/{name}", tensor.original.detach().float().cpu(), step
+            )
+
+
+def _log_report(trainer: pl.Trainer, report: CompressionReport) -> None:
+    """The compression totals as ``dkm_report/*`` scalars to every logger, and the Markdown
+    report as TensorBoard text, where users look."""
+    totals = report.totals()
+    metrics = {f"dkm_report/{key}": float(totals[key]) for key in (
+        "total_bytes", "clustered_bytes", "fp32_bytes", "ratio_vs_fp32", "ratio_vs_fp16")}
+    metrics["dkm_report/bits_per_clustered_weight"] = (
+        8.0 * report.clustered_bytes / max(report.clustered_parameters, 1))
+    if report.energy is not None:
+        metrics["dkm_report/estimated_energy_ratio"] = float(report.energy.estimated_energy_ratio)
+    for logger in trainer.loggers:
+        logger.log_metrics(metrics, step=trainer.global_step)
+        if isinstance(logger, TensorBoardLogger):
+            logger.experiment.add_text("dkm_report", report.to_markdown(), trainer.global_step)
+
+
+def _to_cpu(example: Any) -> Any:
+    if isinstance(example, torch.Tensor):
+        return example.cpu()
+    return tuple(_to_cpu(e) for e in example)
+
+
+class DKMResults:
+    """The results of a fit, as attributes of the callback; in the process that launched a
+    ``ddp_spawn`` fit they are rank 0's, read from the handoff file on first access."""
+
+    def _init_results(self) -> None:
+        self._stats: dict[str, dict[str, float]] = {}
+        self._palettes: dict[str, Palette] = {}
+        self._report: CompressionReport | None = None
+        self._output_paths: dict[str, Path] = {}
+        self._finalized = False
+        # ddp_spawn runs fit in worker processes that receive a pickled copy of this callback;
+        # rank 0 leaves its results in this file for the copy in the launching process.
+        self._launcher_pid = os.getpid()
+        self._handoff_path = Path(tempfile.gettempdir()) / (
+            f"lightning_dkm-{self._launcher_pid}-{uuid.uuid4().hex}.pt"
+        )
+        weakref.finalize(self, discard_handoff, self._handoff_path, self._launcher_pid)
+
+    @property
+    def stats(self) -> dict[str, dict[str, float]]:
+        """Per-tensor statistics from the last measured epoch (name -> metric -> value)."""
+        self._take_handoff()
+        return self._stats
+
+    @stats.setter
+    def stats(self, value: dict[str, dict[str, float]]) -> None:
+        self._stats = value
+
+    @property
+    def palettes(self) -> dict[str, Palette]:
+        """The palettes (LUT + indices) produced by finalize, by parameter name."""
+        self._take_handoff()
+        return self._palettes
+
+    @palettes.setter
+    def palettes(self, value: dict[str, Palette]) -> None:
+        self._palettes = value
+
+    @property
+    def report(self) -> CompressionReport | None:
+        """The :class:`~lightning_dkm.export.report.CompressionReport` after fit (``None``
+        before)."""
+        self._take_handoff()
+        return self._report
+
+    @report.setter
+    def report(self, value: CompressionReport | None) -> None:
+        self._report = value
+
+    @property
+    def output_paths(self) -> dict[str, Path]:
+        """What fit wrote: ``{"json": ..., "markdown": ..., "artifact": ...}`` (empty before)."""
+        self._take_handoff()
+        return self._output_paths
+
+    @output_paths.setter
+    def output_paths(self, value: dict[str, Path]) -> None:
+        self._output_paths = dict(value)
+
+    @property
+    def artifact_path(self) -> Path | None:
+        """The compressed model written at fit end (``None`` before, or without an artifact)."""
+        return self.output_paths.get("artifact")
+
+    def _take_handoff(self) -> None:
+        """In the launching process of a ddp_spawn fit, adopt what rank 0 left behind."""
+        if os.getpid() != self._launcher_pid or not self._handoff_path.is_file():
+            return
+        handoff = read_handoff(self._handoff_path)
+        self._handoff_path.unlink(missing_ok=True)
+        self._output_paths = handoff["paths"]
+        self._palettes = handoff["palettes"]
+        self._stats = handoff["stats"]
+        self._report = CompressionReport.load(self._output_paths["json"])
+        self._finalized = True
+
+    def _write_outputs(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        out_dir: Path,
+        *,
+        lut_dtype: torch.dtype,
+        write_artifact: Callable[..., Path] | None,
+        export_coreml: bool,
+        verbose: bool,
+    ) -> None:
+        """After finalize: the report on every rank; on rank 0 its files and scalars, the
+        artifact (written by ``write_artifact``, :func:`~lightning_dkm.save_compressed`'s
+        signature; ``None``: none), the Core ML package, and under ``ddp_spawn`` the handoff
+        file."""
+        final_stats = {
+            name: {"entropy_bits": values["entropy"], "snap_rmse": values["snap_rmse"]}
+            for name, values in self._stats.items()
+        }
+        self._report = CompressionReport.build(
+            pl_module, self._palettes, lut_dtype=lut_dtype, stats=final_stats,
+            example_input=getattr(pl_module, "example_input_array", None),
+        )
+        if trainer.global_rank != 0:
+            return
+        _log_report(trainer, self._report)
+        paths = dict(self._report.save(out_dir))
+        if write_artifact is not None:
+            paths["artifact"] = write_artifact(
+                pl_module, out_dir / ARTIFACT_NAME, self._palettes, lut_dtype=lut_dtype
+            )
+        if export_coreml:
+            from ..export.coreml import export_coreml as write_coreml
+
+            example = _to_cpu(pl_module.example_input_array)
+            # coremltools reads the weights as numpy arrays: trace a CPU copy if need be
+            module = pl_module if pl_module.device.type == "cpu" else copy.deepcopy(
+                pl_module).cpu()
+            paths["coreml"] = write_coreml(module, out_dir / COREML_NAME, example)
+        self._output_paths = paths
+        if os.getpid() != self._launcher_pid:
+            # A spawned worker (ddp_spawn): the process that called fit holds another copy of
+            # this callback and gets only the weights back; leave it what it needs.
+            write_handoff(self._handoff_path, paths, self._palettes, self._stats)
+        if verbose:
+            rank_zero_info("\n" + self._report.to_table())
+            rank_zero_info(f"DKM outputs written to {', '.join(str(p) for p in paths.values())}")

@@ -1,0 +1,202 @@
+"""What :class:`~lightning_dkm.DKMCallback` checks against the Trainer before training.
+
+At ``setup("fit")``: the strategy (FSDP, DeepSpeed and tensor parallelism are refused), the
+output directory (resolved on every rank, created, writable), Core ML export (coremltools and an
+``example_input_array``), and what ``max_epochs`` / ``max_steps`` make of ``start_epoch``,
+``hard_epoch`` and the temperature schedule. At ``on_train_start``, when the dataloaders are
+known: the number of soft units (steps or epochs) the schedule spans. Each problem is a
+``MisconfigurationException`` or a warning that names the setting and the fix, raised before the
+first step rather than at the end of fit.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import lightning.pytorch as pl
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+
+from .temperature import TemperatureConfig
+
+__all__ = [
+    "check_coreml_export",
+    "check_fit",
+    "check_limits",
+    "check_strategy",
+    "check_writable_dir",
+    "resolve_save_dir",
+    "soft_units",
+]
+
+
+def _unsupported_strategies() -> list[tuple[type, str]]:
+    """``(strategy class, why)`` for the strategies DKM refuses; checked with ``isinstance`` so
+    that subclasses are refused too. DeepSpeed is optional in Lightning, hence the lookup."""
+    from lightning.pytorch import strategies
+
+    reasons = {
+        "FSDPStrategy": "FSDP shards each weight across ranks, but DKM needs the whole tensor on "
+        "every rank to compute its assignments and centroids",
+        "DeepSpeedStrategy": "DeepSpeed ZeRO partitions parameters and wraps the optimizer, "
+        "which the parametrizations are not yet adapted to",
+        "ModelParallelStrategy": "tensor-parallel and FSDP2 weights are sharded across ranks; "
+        "DKM needs whole tensors",
+    }
+    return [
+        (getattr(strategies, name), why)
+        for name, why in reasons.items()
+        if isinstance(getattr(strategies, name, None), type)
+    ]
+
+
+def check_strategy(trainer: pl.Trainer) -> None:
+    """Refuse the strategies that shard weights (and their subclasses)."""
+    for strategy_type, why in _unsupported_strategies():
+        if isinstance(trainer.strategy, strategy_type):
+            raise MisconfigurationException(
+                f"DKMCallback does not support {type(trainer.strategy).__name__} yet: "
+                f"{why}. Use a single device, 'ddp' or 'ddp_spawn'."
+            )
+
+
+def resolve_save_dir(trainer: pl.Trainer, save_dir: str | None) -> Path:
+    """``save_dir``, or the trainer's ``log_dir`` (``default_root_dir``) + ``/dkm``. Call it on
+    every rank: ``trainer.log_dir`` is a broadcast."""
+    if save_dir is not None:
+        return Path(save_dir)
+    base = trainer.log_dir or trainer.default_root_dir
+    return Path(base) / "dkm"
+
+
+def check_writable_dir(path: Path, argument: str | None) -> None:
+    """``path`` is a directory this process can write into (created if missing), else a
+    ``MisconfigurationException`` that names ``argument`` (``save_dir``) and the path."""
+    label = f"save_dir={str(path)!r}" if argument else f"the default output directory {path}"
+    fix = "pass a writable directory as save_dir" if argument else "pass save_dir"
+    if path.exists() and not path.is_dir():
+        raise MisconfigurationException(
+            f"DKMCallback: {label} is a file, not a directory; {fix}"
+        )
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise MisconfigurationException(
+            f"DKMCallback: {label} cannot be created ({err.strerror or err}); {fix}"
+        ) from err
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise MisconfigurationException(f"DKMCallback: {label} is not writable; {fix}")
+
+
+def check_coreml_export(pl_module: pl.LightningModule) -> None:
+    """``export_coreml=True`` can work: coremltools imports and the module has an
+    ``example_input_array`` to trace with; else a ``MisconfigurationException`` before training."""
+    from ..export.coreml import require_coremltools
+
+    try:
+        require_coremltools()
+    except ImportError as err:
+        raise MisconfigurationException(
+            'DKMCallback(export_coreml=True) needs coremltools: pip install '
+            '"lightning-dkm[coreml]"'
+        ) from err
+    example = getattr(pl_module, "example_input_array", None)
+    if example is None or isinstance(example, dict):
+        raise MisconfigurationException(
+            "DKMCallback(export_coreml=True) traces the model on its example_input_array; "
+            f"{type(pl_module).__name__} has "
+            + ("none: set self.example_input_array" if example is None else
+               "a dict, which Core ML export cannot trace: use a tensor or a tuple")
+        )
+
+
+def check_limits(
+    trainer: pl.Trainer,
+    config: TemperatureConfig,
+    start_epoch: int,
+    hard_epoch: int | None,
+    uses_temperature: bool,
+) -> None:
+    """What the Trainer's limits make of ``start_epoch`` and the temperature schedule (errors
+    and warnings name ``max_epochs`` / ``max_steps``)."""
+    max_epochs, max_steps = trainer.max_epochs, trainer.max_steps
+    if max_epochs is not None and 0 <= max_epochs <= start_epoch:
+        rank_zero_warn(
+            f"DKMCallback: max_epochs={max_epochs} <= start_epoch={start_epoch}, so DKM "
+            "never starts and the model will not be clustered; raise max_epochs or lower "
+            "start_epoch"
+        )
+    if not (config.anneals and uses_temperature):
+        return
+    last = hard_epoch if hard_epoch is not None else max_epochs
+    open_epochs = last is None or last < 0
+    if open_epochs and (config.interval == "epoch" or max_steps is None or max_steps < 0):
+        unit = "epoch" if config.interval == "epoch" else "step"
+        raise MisconfigurationException(
+            f"DKMCallback: the {config.schedule!r} temperature schedule anneals tau from "
+            f"start to end over the soft DKM {unit}s, but the Trainer sets no limit "
+            f"(max_epochs={max_epochs}, max_steps={max_steps}); set max_epochs or max_steps "
+            "(or hard_epoch), or use a constant temperature (temperature: 1.0e-3)."
+        )
+    if config.interval == "epoch" and not open_epochs and last - start_epoch == 1:
+        rank_zero_warn(
+            f"DKMCallback: only one soft DKM epoch (max_epochs={max_epochs}, "
+            f"start_epoch={start_epoch}, hard_epoch={hard_epoch}) with "
+            "temperature interval 'epoch': tau changes once per epoch, so it stays at its "
+            "start for the whole fit and never anneals. Use interval: step (the default)."
+        )
+
+
+def check_fit(
+    trainer: pl.Trainer,
+    pl_module: pl.LightningModule,
+    *,
+    save_dir: str | None,
+    finalize: bool,
+    export_coreml: bool,
+    temperature: TemperatureConfig,
+    start_epoch: int,
+    hard_epoch: int | None,
+    uses_temperature: bool,
+) -> Path | None:
+    """Every check of ``setup("fit")``; returns the output directory (``None`` without
+    ``finalize``: nothing is written).
+
+    Every rank resolves the output directory here: ``trainer.log_dir`` broadcasts, so it must
+    not be reached by rank 0 alone at fit end; and a bad ``save_dir`` fails before training.
+    """
+    check_strategy(trainer)
+    out_dir = None
+    if finalize:
+        out_dir = resolve_save_dir(trainer, save_dir)
+        check_writable_dir(out_dir, "save_dir" if save_dir is not None else None)
+    if export_coreml:
+        check_coreml_export(pl_module)
+    check_limits(trainer, temperature, start_epoch, hard_epoch, uses_temperature)
+    return out_dir
+
+
+def soft_units(
+    trainer: pl.Trainer, interval: str, start_epoch: int, hard_epoch: int | None
+) -> tuple[int | None, int]:
+    """At train start (the dataloaders are known): ``(soft units, start step)``, the number of
+    units (steps or epochs) the schedule spans (``None`` when open-ended) and the optimizer step
+    at which DKM starts (interval ``"step"``; 0 for ``"epoch"``)."""
+    if interval == "epoch":
+        last = hard_epoch if hard_epoch is not None else trainer.max_epochs
+        return (None if last is None or last < 0 else max(last - start_epoch, 1)), 0
+    batches = trainer.num_training_batches
+    per_epoch = (
+        math.inf if math.isinf(batches)
+        else math.ceil(batches / max(trainer.accumulate_grad_batches, 1))
+    )
+    if math.isinf(per_epoch) and (start_epoch or hard_epoch is not None):
+        raise MisconfigurationException(
+            "DKMCallback: temperature interval 'step' with start_epoch / hard_epoch needs "
+            "a train dataloader of known length (steps per epoch); use interval: epoch"
+        )
+    start_step = 0 if math.isinf(per_epoch) else start_epoch * per_epoch
+    end = hard_epoch * per_epoch if hard_epoch is not None else trainer.estimated_stepping_batches
+    return (None if math.isinf(end) else max(int(end) - start_step, 1)), start_step

@@ -1,0 +1,199 @@
+"""State dicts with the DKM keys, loaded into a finalized model: every weight snapped.
+
+``model.state_dict()`` of a model during DKM (and so a checkpoint written before the plain
+format of :mod:`lightning_dkm.model.checkpoint`, or a weights-only Lightning checkpoint, which
+Lightning writes without calling any callback) holds ``<module>.parametrizations.<name>.original``
+and the parametrization's buffers, where a finalized model expects ``<module>.<name>``.
+:func:`snap_state_dict` converts such a state dict as finalize would have converted the model
+(each weight snapped to its checkpointed centroids); :func:`snap_on_load` registers it as a load
+pre-hook, so ``model.load_state_dict(checkpoint["state_dict"])`` just works;
+:func:`checkpoint_clustered_names` lists the clustered tensors such a state dict holds.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from ..engine.layout import ClusterSpec, PaletteLayout
+from ..engine.numerics import hard_assign
+from ..engine.palette import Palette
+from .carried import metadata_entries, version_key
+from .targets import clusterable_parameters
+
+__all__ = [
+    "PARAMETRIZATIONS",
+    "checkpoint_clustered_names",
+    "palette_from_entries",
+    "register_load_pre_hook",
+    "snap_on_load",
+    "snap_state_dict",
+]
+
+#: The infix of :mod:`torch.nn.utils.parametrize`'s ``state_dict`` keys.
+PARAMETRIZATIONS = "parametrizations."
+_ORIGINAL_SUFFIX = ".original"
+
+
+def _head(prefix: str, module_name: str) -> str:
+    return f"{prefix}{module_name}." if module_name else prefix
+
+
+def palette_from_entries(
+    model: nn.Module, name: str, entries: Mapping[str, Tensor], prefix: str = ""
+) -> Palette | None:
+    """The palette of the clustered tensor ``name`` from its DKM entries (``entries`` holds
+    ``<module>.parametrizations.<param>.original`` and ``.0.centroids``, under ``prefix``): its
+    original snapped to its centroids, as finalize makes it. ``None`` if ``model`` has no such
+    module or the centroids were never seeded."""
+    module_name, _, param_name = name.rpartition(".")
+    base = f"{_head(prefix, module_name)}{PARAMETRIZATIONS}{param_name}."
+    original = entries.get(base + "original")
+    centroids = entries.get(base + "0.centroids")
+    initialized = entries.get(base + "0.initialized")
+    if original is None or centroids is None or (initialized is not None and not bool(
+        initialized
+    )):
+        return None
+    try:
+        module = model.get_submodule(module_name) if module_name else model
+    except AttributeError:
+        return None
+    scale = entries.get(base + "0.scale")
+    layout = _layout_from_checkpoint(module, module_name, param_name, original, centroids,
+                                     per_channel_scale=scale is not None)
+    if layout is None:
+        return None
+    idx, _ = hard_assign(layout.to_palettes(original, scale), centroids)
+    return Palette(centroids.to(original.dtype), idx, layout,
+                   scale=None if scale is None else scale.to(original.dtype))
+
+
+def snap_state_dict(model: nn.Module, state_dict: dict, prefix: str = "") -> list[str]:
+    """Turn the DKM entries of a mid-training ``state_dict`` into plain, snapped weights, in place.
+
+    A checkpoint written during DKM before the plain format (and ``model.state_dict()`` of a
+    parametrized model) stores ``<module>.parametrizations.<name>.original`` and the
+    parametrization's buffers; a finalized model expects ``<module>.<name>``. For each such
+    entry whose module exists in ``model`` *unparametrized* this writes the weight as finalize
+    would have made it from that checkpoint (every weight snapped to its nearest centroid; as it
+    is if the centroids were never seeded) and drops the DKM keys. A further owner of a tied
+    weight (no centroids of its own) gets the snapped tensor of the owner it shares storage
+    with. Entries of modules that are parametrized again (DKM re-attached for another fit) are
+    left alone: that model expects them as they are. Returns the converted parameter names.
+    """
+    modules = dict(model.named_modules())
+    converted: list[str] = []
+    snapped_by_storage: dict[int, torch.Tensor] = {}
+    ties: list[tuple[str, str, str]] = []  # (key, head, param_name) of tied owners
+    for key in [k for k in state_dict if k.endswith(_ORIGINAL_SUFFIX)]:
+        if not key.startswith(prefix):
+            continue
+        head, sep, param_name = key[len(prefix) : -len(_ORIGINAL_SUFFIX)].rpartition(
+            PARAMETRIZATIONS
+        )
+        module_name = head.removesuffix(".")
+        module = modules.get(module_name)
+        if not sep or module is None or parametrize.is_parametrized(module, param_name):
+            continue
+        buffer_prefix = f"{prefix}{head}{PARAMETRIZATIONS}{param_name}.0."
+        if buffer_prefix + "centroids" not in state_dict:
+            ties.append((key, head, param_name))
+            continue
+        name = f"{module_name}.{param_name}" if module_name else param_name
+        if param_name not in {p for p, _, _ in clusterable_parameters(module)}:
+            continue
+        weight = state_dict[key]
+        palette = palette_from_entries(model, name, state_dict, prefix)
+        for stale in [k for k in state_dict if k.startswith(buffer_prefix)] + [key]:
+            del state_dict[stale]
+        snapped = weight if palette is None else palette.weight()
+        snapped_by_storage[_storage_of(weight)] = snapped
+        state_dict[f"{prefix}{head}{param_name}"] = snapped
+        if palette is not None:
+            # what a finalized model carries about this palette (lightning_dkm.model.carried)
+            carried = set(dict(module.named_buffers(recurse=False)))
+            for entry, value in metadata_entries(palette, f"{prefix}{head}").items():
+                if entry.rpartition(".")[2] in carried:
+                    state_dict[entry] = value.to(weight.device)
+        converted.append(f"{head}{param_name}")
+    version = version_key(prefix)
+    if converted and version not in state_dict and version.removeprefix(prefix) in dict(
+        model.named_buffers(recurse=False)
+    ):
+        state_dict[version] = torch.tensor(1)
+    for key, head, param_name in ties:
+        snapped = snapped_by_storage.get(_storage_of(state_dict[key]))
+        if snapped is None:
+            continue
+        del state_dict[key]
+        state_dict[f"{prefix}{head}{param_name}"] = snapped
+        converted.append(f"{head}{param_name}")
+    return converted
+
+
+def _storage_of(tensor: torch.Tensor) -> int:
+    return tensor.untyped_storage().data_ptr()
+
+
+def _layout_from_checkpoint(module, module_name, param_name, weight, centroids,
+                            per_channel_scale=False):
+    axes = {name: (g, v) for name, g, v in clusterable_parameters(module)}
+    if param_name not in axes or centroids.dim() != 3:
+        return None
+    group_axis, vector_axis = axes[param_name]
+    P, k, d = centroids.shape
+    bits = k.bit_length() - 1
+    group_size = None if P == 1 else weight.shape[group_axis] // P
+    spec = ClusterSpec(bits=bits, cluster_dim=d, group_size=group_size,
+                       per_channel_scale=per_channel_scale)
+    name = f"{module_name}.{param_name}" if module_name else param_name
+    return PaletteLayout(tuple(weight.shape), spec, group_axis, vector_axis, name=name)
+
+
+_SNAP_HOOKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def snap_on_load(model: nn.Module) -> None:
+    """Let ``model`` (finalized) load checkpoints that hold the DKM keys in their state dict
+    (written before the plain format, or ``state_dict()`` of a parametrized model): its
+    ``load_state_dict`` then converts them with :func:`snap_state_dict` first. Registering
+    twice has no further effect."""
+    if model in _SNAP_HOOKS:
+        return
+
+    def hook(module, state_dict, prefix, *args) -> None:
+        snap_state_dict(module, state_dict, prefix)
+
+    _SNAP_HOOKS[model] = register_load_pre_hook(model, hook)
+
+
+def register_load_pre_hook(model: nn.Module, hook):
+    """``hook(module, state_dict, prefix, ...)`` runs before ``model.load_state_dict``; returns
+    the removable handle (``register_load_state_dict_pre_hook``, or its private form before
+    torch 2.5)."""
+    register = getattr(model, "register_load_state_dict_pre_hook", None)
+    if register is not None:
+        return register(hook)
+    return model._register_load_state_dict_pre_hook(hook, with_module=True)
+
+
+def checkpoint_clustered_names(state_dict: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """The DKM-clustered parameter names a ``state_dict`` with the DKM keys holds: each
+    ``<module>.parametrizations.<name>.original`` with its ``.0.centroids`` beside it. Empty for
+    a plain state dict (:func:`split_dkm_state`)."""
+    names = []
+    for key in state_dict:
+        if not (key.startswith(prefix) and key.endswith(_ORIGINAL_SUFFIX)):
+            continue
+        head, sep, param_name = key[len(prefix) : -len(_ORIGINAL_SUFFIX)].rpartition(
+            PARAMETRIZATIONS
+        )
+        if sep and f"{prefix}{head}{PARAMETRIZATIONS}{param_name}.0.centroids" in state_dict:
+            names.append(f"{head}{param_name}")
+    return names
