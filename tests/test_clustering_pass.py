@@ -4,6 +4,7 @@ values, gradients and centroids each weight would get on its own."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -32,6 +33,12 @@ def _step(model: nn.Module, in_pass: bool):
     tensors = clustered_tensors(model)
     return ({n: t.original.grad.clone() for n, t in tensors.items()},
             {n: t.parametrization.centroids.clone() for n, t in tensors.items()})
+
+
+@pytest.fixture(autouse=True)
+def _batch_every_size(monkeypatch):
+    """These tests batch every weight, as on an accelerator (CPU batches only small ones)."""
+    monkeypatch.setattr(clustering_pass_module, "CPU_BATCH_MAX_ENTRIES", 1 << 30)
 
 
 def test_a_pass_gives_each_weight_its_own_gradient_and_centroids():
@@ -65,6 +72,16 @@ def test_weights_with_other_settings_are_batched_apart(monkeypatch):
     next(iter(clustered_tensors(model).values())).parametrization.max_iter = 5
     _step(model, in_pass=True)
     assert sorted(calls) == [1, 2]
+
+
+def test_on_cpu_large_weights_run_alone_and_small_ones_together(monkeypatch):
+    calls = []
+    original = clustering_pass_module.unique_dkm_batch
+    monkeypatch.setattr(clustering_pass_module, "unique_dkm_batch",
+                        lambda xs, *a, **k: calls.append(len(xs)) or original(xs, *a, **k))
+    monkeypatch.setattr(clustering_pass_module, "CPU_BATCH_MAX_ENTRIES", 20000 * 8)
+    _step(_model(), in_pass=True)  # 19,200 and 20,000 weights batched; 60,000 alone
+    assert calls == [2]
 
 
 def test_eval_mode_and_hard_mode_are_untouched_by_a_pass():

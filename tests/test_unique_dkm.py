@@ -81,7 +81,7 @@ def test_half_precision_weights_give_half_precision_outputs_and_gradients():
 
 @pytest.mark.parametrize("P", [1, 3])
 def test_chunked_passes_give_the_same_result_as_one_chunk(P, monkeypatch):
-    import lightning_dkm.engine.distinct as unique_dkm
+    import lightning_dkm.engine.float16_codes as unique_dkm
 
     x = torch.randn(P, 5000, 1) * 0.1
     c = kmeans(x, 4, torch.Generator().manual_seed(0), max_iter=20).centroids
@@ -126,7 +126,7 @@ def test_without_host_reads_the_full_code_table_gives_the_compact_result(P, mean
 
 
 def test_without_host_reads_chunked_passes_give_the_same_result_as_one_chunk(monkeypatch):
-    import lightning_dkm.engine.distinct as unique_dkm
+    import lightning_dkm.engine.float16_codes as unique_dkm
 
     x = torch.randn(2, 5000, 1, dtype=torch.float64) * 0.1
     c = kmeans(x, 4, torch.Generator().manual_seed(0), max_iter=20).centroids

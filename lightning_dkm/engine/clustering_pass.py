@@ -9,7 +9,16 @@ model with many clustered tensors pays once per tensor and step. Inside
 read in the pass gets its result; the pass also holds ``torch.nn.utils.parametrize.cached()``,
 so a weight read twice in one forward (tied weights, a module called twice) is clustered once.
 Weights on other steps (``"chunked"``, ``"reference"``, vectors), in ``"hard"`` or ``"dense"``
-mode, or in ``eval()`` are computed per tensor as outside a pass.
+mode, in ``eval()``, or too large to gain on CPU (below) are computed per tensor as outside a
+pass.
+
+**When batching pays.** On an accelerator every op costs a launch, so every such weight is
+batched. On CPU a batch pays only for small tensors, whose fixed cost dominates; larger ones
+run faster alone (their temporaries stay in cache). Measured here with
+``python benchmarks/perf_batch.py`` (``unique``, forward and backward of 24 / 12 / 6 tensors):
+16,384 weights each at k = 4 74 ms batched vs 86 ms alone, at k = 16 181 vs 133 ms; 65,536
+weights 135 vs 99 ms; 262,144 weights 141 vs 83 ms. So on CPU a weight joins the batch while
+``P x min(n, 65536) x k <= CPU_BATCH_MAX_ENTRIES`` (2^16), and larger ones run alone.
 
 Tensors are batched together only when their step settings agree (``max_iter``, ``epsilon``,
 ``gradient``, device); each group is one call, in which every tensor still stops early on its
@@ -31,7 +40,11 @@ from torch.nn.utils import parametrize
 from .distinct import unique_dkm_batch
 from .parametrization import DKMParametrization
 
-__all__ = ["ClusteringPass", "clustering_pass"]
+__all__ = ["CPU_BATCH_MAX_ENTRIES", "ClusteringPass", "clustering_pass"]
+
+#: On CPU a weight joins the pass's batch while its attention block, ``P x min(n, 65536) x k``
+#: entries at most, is no larger than this (module docstring); on an accelerator every one does.
+CPU_BATCH_MAX_ENTRIES = 1 << 16
 
 
 class ClusteringPass:
@@ -43,15 +56,25 @@ class ClusteringPass:
         self.members = members
         self._results: dict[int, Tensor] = {}
 
+    def batches(self, p: DKMParametrization, weight: Tensor) -> bool:
+        """Whether ``p``'s soft ``"unique"`` step runs in the pass's batch (module docstring)."""
+        if not (p.mode == "soft" and p.training and p.is_initialized
+                and p.step_implementation == "unique"):
+            return False
+        if weight.device.type != "cpu":
+            return True
+        P, n, _ = p.layout.palette_shape
+        return P * min(n, 1 << 16) * p.layout.spec.num_centroids <= CPU_BATCH_MAX_ENTRIES
+
     def clustered(self, requester: DKMParametrization, weight: Tensor) -> Tensor:
-        """The soft clustered weight of ``requester`` (its original is ``weight``): on the first
-        request, the batched step of every member that runs the ``"unique"`` step in soft
-        training mode with the same settings."""
+        """The soft clustered weight of ``requester`` (its original is ``weight``, and
+        :meth:`batches` holds for it): on the first request, the batched step of every member
+        that :meth:`batches` with the same settings."""
         result = self._results.get(id(requester))
         if result is not None:
             return result
         group = [(p, weight if p is requester else holder.original)
-                 for p, holder in self.members if self._batchable(p)
+                 for p, holder in self.members if self.batches(p, holder.original)
                  and _settings(p, holder.original) == _settings(requester, weight)]
         outputs = unique_dkm_batch(
             [p.step_input(w) for p, w in group], [p.centroids for p, _ in group],
@@ -62,10 +85,6 @@ class ClusteringPass:
             self._results[id(p)] = p.step_output(out, w)
         return self._results[id(requester)]
 
-    @staticmethod
-    def _batchable(p: DKMParametrization) -> bool:
-        return (p.mode == "soft" and p.training and p.is_initialized
-                and p.step_implementation == "unique")
 
 
 def _settings(p: DKMParametrization, weight: Tensor) -> tuple:

@@ -59,6 +59,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from .float16_codes import CodeColumns, DistinctValues, prepare
 from .numerics import (
     DKMOutput,
     Normalization,
@@ -66,7 +67,6 @@ from .numerics import (
     check_step_arguments,
     host_reads_are_free,
     inverse_temperature,
-    scale_floor,
 )
 from .weighted import (
     Gradient,
@@ -77,246 +77,16 @@ from .weighted import (
     weighted_dkm_gradient,
 )
 
-__all__ = ["CHUNK", "unique_dkm_batch", "unique_dkm_cluster"]
-
-#: Weights per chunk of the O(n) passes: a chunk's temporaries (a few MiB) come from the
-#: allocator's free lists, where whole-tensor temporaries of large weights would be fresh
-#: pages (page faults cost more than the passes themselves on CPU).
-CHUNK = 1 << 20
-
-_CODES = 1 << 16  # float16 bit patterns per palette
-_TINY = 1e-30  # keeps log2 finite for a constant palette
-
-
-class _DistinctValues(NamedTuple):
-    """The occupied codes of every palette, compacted into a padded ``(P, U)`` layout: with
-    ``ids`` (``U`` the most distinct values of a palette, :func:`_distinct_values`), or with
-    ``slots`` (``U = min(n, 65536)``, a bound from the shape, :func:`_static_distinct_values`).
-    """
-
-    ids: Tensor | None  # (V,) flat ids ``palette * 65536 + bit pattern`` of the occupied codes
-    rows: Tensor | None  # (V,) their palette (None for a single palette)
-    cols: Tensor | None  # (V,) their place in the palette's row of the padded layout
-    values: Tensor  # (P, U) the float16 values (as float32), 0 in padding
-    counts: Tensor  # (P, U) weights per value, 0 in padding
-    slots: Tensor | None = None  # (P, 65536) each code's column; U (a spare one) if unoccupied
-
-    def to_dense(self, compact: Tensor) -> Tensor:
-        """(P, U) per distinct value -> (P * 65536,) per code. Entries of unoccupied codes
-        are arbitrary: no weight has such a code, so nothing ever reads them."""
-        P = compact.shape[0]
-        if self.slots is not None:
-            spare = torch.cat((compact, compact.new_zeros(P, 1)), 1)
-            return spare.gather(1, self.slots).view(-1)
-        assert self.ids is not None
-        picked = compact.view(-1) if self.rows is None else compact[self.rows, self.cols]
-        return compact.new_empty(P * _CODES).scatter_(0, self.ids, picked)
-
-    def from_dense(self, dense: Tensor) -> Tensor:
-        """(P * 65536,) per code -> (P, U) per distinct value (0 in padding)."""
-        if self.slots is not None:
-            P, width = self.counts.shape
-            compact = dense.new_zeros(P, width + 1)
-            return compact.scatter_(1, self.slots, dense.view(P, _CODES))[:, :width]
-        assert self.ids is not None
-        picked = dense.index_select(0, self.ids)
-        if self.rows is None:
-            return picked.unsqueeze(0)
-        compact = dense.new_zeros(self.counts.shape)
-        compact[self.rows, self.cols] = picked
-        return compact
-
-
-@torch.no_grad()
-def _float16_codes(x: Tensor, normalization: Normalization | None, device_side: bool = False
-                   ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-    """Each weight's code: ``(x - center) / unit`` rounded to float16 (P, n). Also returns the
-    centres (P, 1), the power-of-two units (P, 1) and the normalisation's scale (P, 1) when
-    one was given (else ``None``: it is computed from the distinct values)."""
-    P, n = x.shape
-    if normalization is None:
-        center = x.mean(dim=1, keepdim=True)
-        scale = None
-        rough = _rough_std(x, center, device_side)
-    else:
-        center = normalization.center.reshape(P, 1).to(x.dtype)
-        scale = normalization.scale.reshape(P, 1).to(x.dtype)
-        rough = scale
-    unit = torch.exp2(torch.round(torch.log2(rough.clamp_min(_TINY))))
-    inverse_unit = 1.0 / unit  # exact: a power of two
-    codes = torch.empty(x.shape, dtype=torch.float16, device=x.device)
-    buffer = torch.empty(P, min(n, CHUNK), dtype=x.dtype, device=x.device)
-    for part in _chunks(n):
-        chunk = buffer[:, : part.stop - part.start]
-        torch.sub(x[:, part], center, out=chunk).mul_(inverse_unit)
-        codes[:, part] = chunk  # the one rounding, float32 -> float16
-    return codes, center, unit, scale
-
-
-def _chunks(n: int):
-    for start in range(0, n, CHUNK):
-        yield slice(start, min(start + CHUNK, n))
-
-
-class _CodeColumns:
-    """The table columns ``palette * 65536 + bit pattern`` (int32) of float16 ``codes``
-    (P, n), a chunk at a time; a tensor that fits in one chunk converts its codes once.
-    ``device_side``: sums per code with ``index_add_`` (no host read) instead of ``bincount``."""
-
-    def __init__(self, codes: Tensor, device_side: bool = False) -> None:
-        self.codes = codes
-        self.device_side = device_side
-        self._whole: Tensor | None = None
-
-    def chunks(self):
-        """Yields ``(slice of the weights, flat columns (P * m,))``."""
-        n = self.codes.shape[1]
-        if n <= CHUNK:
-            if self._whole is None:
-                self._whole = self._convert(self.codes)
-            yield slice(0, n), self._whole
-            return
-        for part in _chunks(n):
-            yield part, self._convert(self.codes[:, part])
-
-    @staticmethod
-    def _convert(codes: Tensor) -> Tensor:
-        columns = codes.view(torch.uint16).to(torch.int32)
-        P = codes.shape[0]
-        if P > 1:
-            columns += torch.arange(0, P * _CODES, _CODES, device=codes.device,
-                                    dtype=torch.int32).unsqueeze(1)
-        return columns.view(-1)
-
-    def sum_per_code(self, weights: Tensor | None = None) -> Tensor:
-        """(P * 65536,) per code: how many weights have it, or the sum of ``weights`` (P, n)
-        over them."""
-        size = self.codes.shape[0] * _CODES
-        if self.device_side:
-            dtype = torch.long if weights is None else weights.dtype
-            table = torch.zeros(size, dtype=dtype, device=self.codes.device)
-            for part, columns in self.chunks():
-                source = (torch.ones((), dtype=dtype, device=table.device).expand(columns.numel())
-                          if weights is None else weights[:, part].reshape(-1))
-                table.index_add_(0, columns, source)
-            return table
-        total = None
-        for part, columns in self.chunks():
-            chunk_weights = None if weights is None else weights[:, part].reshape(-1)
-            counts = torch.bincount(columns, weights=chunk_weights, minlength=size)
-            total = counts if total is None else total.add_(counts)
-        assert total is not None
-        return total
-
-    def look_up(self, table: Tensor, factor: tuple[Tensor, Tensor] | None = None) -> Tensor:
-        """(P, n): ``table[column]`` per weight, or with ``factor = (table_b, g)``
-        ``table[column] + table_b[column] * g``."""
-        P, n = self.codes.shape
-        out = None if n <= CHUNK else table.new_empty(P, n)
-        for part, columns in self.chunks():
-            values = table.index_select(0, columns).view(P, -1)
-            if factor is not None:
-                table_b, g = factor
-                values = torch.addcmul(values, table_b.index_select(0, columns).view(P, -1),
-                                       g[:, part], out=None if out is None else out[:, part])
-            if out is None:
-                return values
-            if factor is None:
-                out[:, part] = values
-        assert out is not None
-        return out
-
-
-def _rough_std(x: Tensor, center: Tensor, device_side: bool = False) -> Tensor:
-    """The standard deviation (P, 1) about ``center`` from ``|x|^2 / n - center^2`` (no
-    temporary the size of ``x``); where that cancels badly (a mean far larger than the
-    spread), from the deviations themselves. Only needs to be right within a factor of ~1.4:
-    it picks the power of two that scales the float16 rounding. ``device_side``: both are
-    computed and ``torch.where`` picks (no read of the test; one more pass, cheap on an
-    accelerator)."""
-    n = x.shape[1]
-    mean_square = torch.linalg.vector_norm(x, dim=1, keepdim=True).square_().div_(n)
-    variance = mean_square - center.square()
-    cancels = variance < 1e-4 * mean_square
-    if device_side:
-        exact = torch.var(x, dim=1, keepdim=True, correction=0)
-        variance = torch.where(cancels, exact, variance)
-    elif bool(cancels.any()):
-        variance = torch.linalg.vector_norm(x - center, dim=1, keepdim=True).square_().div_(n)
-    return variance.clamp_min(0.0).sqrt_()
-
-
-def _distinct_values(columns: _CodeColumns, dtype: torch.dtype) -> _DistinctValues:
-    """The occupied codes, with their float16 values (in units of the palette's ``unit``)
-    and counts."""
-    P = columns.codes.shape[0]
-    dense_counts = columns.sum_per_code()
-    ids = dense_counts.nonzero().squeeze(1)
-    if P == 1:
-        values = ids.to(torch.int16).view(torch.float16).to(dtype)  # int16 wraps like uint16
-        counts = dense_counts[ids].to(dtype)
-        return _DistinctValues(ids, None, None, values.unsqueeze(0), counts.unsqueeze(0))
-    rows = torch.div(ids, _CODES, rounding_mode="floor")
-    per_palette = torch.bincount(rows, minlength=P)
-    width = int(per_palette.max())
-    starts = per_palette.cumsum(0) - per_palette
-    cols = torch.arange(ids.numel(), device=ids.device) - starts[rows]
-    bit_patterns = (ids - rows * _CODES).to(torch.int16)
-    values = torch.zeros(P, width, dtype=dtype, device=ids.device)
-    counts = torch.zeros(P, width, dtype=dtype, device=ids.device)
-    values[rows, cols] = bit_patterns.view(torch.float16).to(dtype)
-    counts[rows, cols] = dense_counts[ids].to(dtype)
-    return _DistinctValues(ids, rows, cols, values, counts)
-
-
-def _static_distinct_values(columns: _CodeColumns, dtype: torch.dtype) -> _DistinctValues:
-    """The occupied codes with their values and counts, as :func:`_distinct_values` gives
-    them, but in a ``(P, U)`` layout of ``U = min(n, 65536)`` columns, a bound known from the
-    shape: nothing is read back. A code's column is its rank among the palette's occupied
-    codes (a cumulative sum); the columns past a palette's last distinct value hold value 0
-    and count 0, so they add nothing to any sum."""
-    P, n = columns.codes.shape
-    width = min(n, _CODES)
-    dense_counts = columns.sum_per_code().view(P, _CODES)
-    occupied = dense_counts > 0
-    slots = torch.where(occupied, occupied.cumsum(1) - 1, width)  # (P, 65536)
-    patterns = torch.arange(_CODES, dtype=torch.int32, device=slots.device).to(torch.int16)
-    code_values = torch.where(occupied, patterns.view(torch.float16).to(dtype), 0.0)
-    values = code_values.new_zeros(P, width + 1).scatter_(1, slots, code_values)[:, :width]
-    counts = values.new_zeros(P, width + 1).scatter_(1, slots, dense_counts.to(dtype))
-    return _DistinctValues(None, None, None, values, counts[:, :width], slots)
-
-
-def _scale_from_values(distinct: _DistinctValues, unit: Tensor, center: Tensor) -> Tensor:
-    """The palettes' standard deviation about ``center`` (P, 1), from the rounded values and
-    their counts, with the same floor as :func:`~lightning_dkm.engine.numerics.scale_of`."""
-    second_moment = (distinct.counts * distinct.values.square()).sum(1, keepdim=True)
-    std = second_moment.div_(distinct.counts.sum(1, keepdim=True)).sqrt_() * unit
-    return torch.maximum(std, scale_floor(center))
-
+__all__ = ["unique_dkm_batch", "unique_dkm_cluster"]
 
 class _Tensor(NamedTuple):
     """One tensor of a batch between the forward and the backward: its codes, where its
     distinct values are, and which rows / columns of the batch they fill."""
 
     codes: Tensor  # (P, n) float16 codes
-    distinct: _DistinctValues  # the values dropped (they live in the batch)
+    distinct: DistinctValues  # the values dropped (they live in the batch)
     rows: slice  # its palettes among the batch's
     width: int  # its number of distinct-value columns (U_t)
-
-
-def _prepare(x: Tensor, normalization: Normalization | None, device_side: bool
-             ) -> tuple[Tensor, _CodeColumns, _DistinctValues, Tensor, Tensor]:
-    """Codes, columns, distinct values (normalised in place), centre and scale of ``x`` (P, n)."""
-    codes, center, unit, scale = _float16_codes(x, normalization, device_side)
-    columns = _CodeColumns(codes, device_side)
-    distinct = (_static_distinct_values if device_side else _distinct_values)(
-        columns, center.dtype
-    )
-    if scale is None:
-        scale = _scale_from_values(distinct, unit, center)
-    distinct.values.mul_(unit / scale)  # normalised: (x - center) / scale
-    return codes, columns, distinct, center, scale
 
 
 def _padded(parts: list[Tensor], width: int) -> Tensor:
@@ -347,7 +117,7 @@ class _UniqueDKM(torch.autograd.Function):
         tensors, values, counts, starts, centers, scales = [], [], [], [], [], []
         row = 0
         for x, c, norm in zip(xs, centroids, normalizations, strict=True):
-            codes, _, distinct, center, scale = _prepare(x.detach(), norm, device_side)
+            codes, _, distinct, center, scale = prepare(x.detach(), norm, device_side)
             tensors.append(_Tensor(codes, distinct._replace(values=None),
                                    slice(row, row + x.shape[0]), distinct.values.shape[1]))
             values.append(distinct.values)
@@ -380,7 +150,7 @@ class _UniqueDKM(torch.autograd.Function):
         for t, x, c, center, scale, distinct_values in zip(
                 tensors, xs, centroids, centers, scales, values, strict=True):
             y_t = y[t.rows, 0, : t.width] * scale + center
-            columns = _CodeColumns(t.codes, device_side)
+            columns = CodeColumns(t.codes, device_side)
             distinct = t.distinct._replace(values=distinct_values)
             outputs.append(columns.look_up(distinct.to_dense(y_t.to(x.dtype))))
             finals.append(c_final[t.rows, : c.shape[1], 0] * scale + center)
@@ -411,7 +181,7 @@ def _unique_backward(ctx, grads: tuple[Tensor | None, ...]) -> list[Tensor | Non
     trajectory, saved, inv_tau = load_trajectory(ctx)
     values, counts, *rest = saved
     codes, mask = rest[: ctx.count], (rest[ctx.count] if ctx.has_mask else None)
-    columns = [_CodeColumns(c, ctx.device_side) for c in codes]
+    columns = [CodeColumns(c, ctx.device_side) for c in codes]
     G = torch.zeros_like(values)  # (P, 1, U)
     for t, column, g in zip(ctx.tensors, columns, grads, strict=True):
         if g is not None:

@@ -359,10 +359,10 @@ class DKMParametrization(nn.Module):
 
     def _clustered(self, weight: Tensor) -> Tensor:
         """The soft (training) or snapped weight of an initialised parametrization. Inside a
-        :func:`~.clustering_pass.clustering_pass` the soft ``"unique"`` step of every such
-        weight of the model runs as one batched call, on the first weight read."""
+        :func:`~.clustering_pass.clustering_pass` the soft ``"unique"`` steps of the model's
+        weights run as one batched call, on the first weight read."""
         if self.mode == "soft" and self.training:
-            if self.clustering_pass is not None and self.step_implementation == "unique":
+            if self.clustering_pass is not None and self.clustering_pass.batches(self, weight):
                 return self.clustering_pass.clustered(self, weight)
             step = _IMPLEMENTATIONS[self.step_implementation]
             kwargs: dict = {}

@@ -141,6 +141,14 @@ class _Points:
     def parts(self) -> Iterator[slice]:
         return _chunks(self.xt.shape[2], self.chunk)
 
+    def pull(self, s: slice, delta: Tensor, c: Tensor) -> Tensor:
+        r""":math:`\sum_u w_u \delta_{uj} (v_u - c_j)` over chunk ``s``: (P, k, d), how the
+        softmax's logits move the starting centroids (one product with the weighted rows)."""
+        if self.rows is None:
+            return _unweighted_pull(delta, self.xt[:, :, s], c)
+        r = torch.bmm(self.rows[:, :, s], delta.transpose(1, 2))  # (P, 1 + d, k)
+        return r[:, 1:].transpose(1, 2) - c * r[:, :1].transpose(1, 2)
+
     def sums(self, s: slice, a: Tensor) -> tuple[Tensor, Tensor]:
         r""":math:`(\sum_u w_u A_{uj}, \sum_u w_u A_{uj} v_u)` over chunk ``s``: (P, k),
         (P, k, d). Written as ``rows @ A^T`` so that both operands run along the points in
@@ -242,9 +250,9 @@ def _delta(a: Tensor, b: Tensor) -> Tensor:
     return b.sub_((a * b).sum(1, keepdim=True)).mul_(a)
 
 
-def _pull(delta: Tensor, xs: Tensor, c: Tensor) -> Tensor:
-    r""":math:`\sum_u \delta_{uj} (v_u - c_j)`: (P, k, d) from ``delta`` (P, k, m) and the
-    points ``xs`` (P, d, m): how the softmax's logits move the starting centroids."""
+def _unweighted_pull(delta: Tensor, xs: Tensor, c: Tensor) -> Tensor:
+    r""":math:`\sum_u \delta_{uj} (v_u - c_j)` for ``delta`` that already holds the weights
+    (the local part, summed over copies through ``G``)."""
     return torch.bmm(delta, xs.transpose(1, 2)) - c * delta.sum(2, keepdim=True)
 
 
@@ -264,16 +272,19 @@ def _round_backward(points: _Points, step: _Round, U: Tensor,
     for s in points.parts():
         xs = points.xt[:, :, s]
         a = step.attention(points, s, inv_tau)
-        b = torch.baddbmm(bias, H, xs, beta=-1.0)  # H_j . (v_u - c'_j)
-        if fold_g is not None:
-            b.baddbmm_(step.c_new, fold_g[:, :, s])  # + g_u . c'_j
+        if xs.shape[1] == 1:  # scalars: elementwise (a product over d = 1 is slower)
+            b = torch.sub(xs, step.c_new).mul_(H)  # H_j (v_u - c'_j)
+            if fold_g is not None:
+                b.addcmul_(step.c_new, fold_g[:, :, s])  # + g_u c'_j
+        else:
+            b = torch.baddbmm(bias, H, xs, beta=-1.0)  # H_j . (v_u - c'_j)
+            if fold_g is not None:
+                b.baddbmm_(step.c_new, fold_g[:, :, s])  # + g_u . c'_j
         delta = _delta(a, b)
         part = torch.bmm(H.transpose(1, 2), a)  # through c' = sum w A v / m
         part.baddbmm_(c_scaled, delta)  # through the logits
         shared[:, :, s] += part
-        if points.weights is not None:
-            delta.mul_(points.weights[:, None, s])
-        to_c += _pull(delta, xs, step.c)
+        to_c += points.pull(s, delta, step.c)
     return to_c.mul_(two_over_tau)
 
 
@@ -288,13 +299,13 @@ def _local(points: _Points, step: _Round, G: Tensor, per_copy: bool,
     for s in points.parts():
         xs = points.xt[:, :, s]
         a = step.attention(points, s, inv_tau)
-        if per_copy:  # B_uj = c'_j (g = 1); the sum over copies scales it by G_u
-            b = step.c_new.expand(-1, -1, xs.shape[2]).clone()
+        if per_copy:  # B_uj = c'_j (g = 1): delta = A (c'_j - y_u); copies scale it by G_u
+            y = torch.bmm(step.c_new.transpose(1, 2), a)  # (P, 1, m)
+            delta = (step.c_new - y).mul_(a)
         else:
-            b = torch.bmm(step.c_new, G[:, :, s])  # g_u . c'_j
-        delta = _delta(a, b)
+            delta = _delta(a, torch.bmm(step.c_new, G[:, :, s]))  # B = g_u . c'_j
         local[:, :, s] = torch.bmm(c_scaled, delta)
-        to_c += _pull(delta * G[:, :, s] if per_copy else delta, xs, step.c)
+        to_c += _unweighted_pull(delta * G[:, :, s] if per_copy else delta, xs, step.c)
     return local, to_c.mul_(two_over_tau)
 
 

@@ -1,5 +1,9 @@
 """The compressed artifact: one safetensors file holding a clustered model at its stored size.
 
+(About 500 lines, over the package's ~450: the writer and the loader of one format are kept
+side by side so that every check on load sits next to the write it checks; the format's keys,
+digest and untrusted-file checks are in :mod:`.artifact_format`.)
+
 Layout of the file (no pickle anywhere; ``safetensors`` parses it):
 
 * ``lut/<name>``: the LUTs of clustered tensor ``<name>``, shape ``(P, 2**bits, cluster_dim)``,
