@@ -37,6 +37,14 @@ def _one_by_one(xs, cs, taus, **kwargs):
     return [unique_dkm_cluster(x, c, t, **kwargs) for x, c, t in zip(xs, cs, taus, strict=True)]
 
 
+def _assert_same(batched, alone, batched_grads, alone_grads):
+    """Each tensor's soft weights, centroids and gradient equal, batched and on its own."""
+    for b, a, gb, ga in zip(batched, alone, batched_grads, alone_grads, strict=True):
+        torch.testing.assert_close(b.weights, a.weights, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(b.centroids, a.centroids, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(gb, ga, rtol=1e-8, atol=1e-10)
+
+
 @pytest.mark.parametrize("gradient", ["unrolled", "implicit"])
 def test_a_batch_is_each_tensor_clustered_on_its_own(gradient):
     xs, cs, taus = _tensors()
@@ -44,10 +52,7 @@ def test_a_batch_is_each_tensor_clustered_on_its_own(gradient):
     kwargs = dict(max_iter=3, epsilon=0.0, gradient=gradient)
     batched, batched_grads = _run(unique_dkm_batch, xs, cs, taus, upstream, **kwargs)
     alone, alone_grads = _run(_one_by_one, xs, cs, taus, upstream, **kwargs)
-    for b, a, gb, ga in zip(batched, alone, batched_grads, alone_grads, strict=True):
-        torch.testing.assert_close(b.weights, a.weights, rtol=1e-10, atol=1e-12)
-        torch.testing.assert_close(b.centroids, a.centroids, rtol=1e-10, atol=1e-12)
-        torch.testing.assert_close(gb, ga, rtol=1e-8, atol=1e-10)
+    _assert_same(batched, alone, batched_grads, alone_grads)
 
 
 def test_a_tensor_whose_output_is_unused_gets_no_gradient_and_changes_no_other():
@@ -90,10 +95,7 @@ def test_each_tensor_of_a_batch_stops_early_on_its_own():
                           epsilon=1e-3)
     assert int(alone[0].iterations) == int(batch[0].iterations) == 1
     assert int(batch[1].iterations) == int(alone[1].iterations) > 1
-    for b, a, gb, ga in zip(batch, alone, grads, alone_grads, strict=True):
-        torch.testing.assert_close(b.weights, a.weights, rtol=1e-10, atol=1e-12)
-        torch.testing.assert_close(b.centroids, a.centroids, rtol=1e-10, atol=1e-12)
-        torch.testing.assert_close(gb, ga, rtol=1e-8, atol=1e-10)
+    _assert_same(batch, alone, grads, alone_grads)
 
 
 def test_mismatched_arguments_are_refused_naming_the_counts():
