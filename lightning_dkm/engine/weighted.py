@@ -49,6 +49,11 @@ solved exactly, :math:`J_{jl} = \tfrac{2}{\tau m_j}\sum_u w_u A_{uj}(\delta_{jl}
 that of one round with :math:`U = w`. Work and memory of the backward do not depend on
 ``max_iter``; it equals the unrolled gradient in the limit of many rounds (tested).
 
+**Batches** (:func:`~.distinct.unique_dkm_batch`): palettes of several tensors run as one
+problem: points of weight 0 pad the shorter ones, a ``centroid_mask`` gives padding centroids
+attention exactly 0 (a palette with fewer centroids), ``inv_tau`` may be one per palette, and
+``groups`` gives each tensor its own early stop (``trajectory.last`` then per palette).
+
 **Without host reads** (:func:`~.numerics.host_reads_are_free`) the early stop is decided on the
 device (:class:`~.numerics.EarlyStop`): all ``max_iter`` rounds run, the first ``last`` (a
 device tensor) take effect, and the backward picks each round with ``index_select`` and leaves
