@@ -1,0 +1,74 @@
+"""The engine under FSDP2 (``torch.distributed.fsdp.fully_shard``), two CPU processes with gloo:
+what holds today, before ``DKMCallback`` supports FSDP (issue #13). Parametrizations attached
+before ``fully_shard`` see the unsharded weight in the forward (gathered clustering), and every
+rank ends a training step with the same centroids."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _train_one_step(rank: int, port: int, results) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        import lightning_dkm as L
+
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64))
+        L.attach(model, L.select_targets(model, L.ClusterSpec(bits=2), min_size=0))
+        seen: dict[str, tuple[int, ...]] = {}
+        for name, tensor in L.clustered_tensors(model).items():
+            def recording(weight, name=name, forward=tensor.parametrization.forward):
+                seen[name] = tuple(weight.shape)  # the weight the parametrization is given
+                return forward(weight)
+
+            tensor.parametrization.forward = recording
+        mesh = init_device_mesh("cpu", (2,))
+        for module in model:
+            if isinstance(module, nn.Linear):
+                fully_shard(module, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        x = torch.randn(8, 64, generator=torch.Generator().manual_seed(rank))  # rank's data
+        with L.clustering_pass(model):
+            loss = model(x).square().mean()
+        loss.backward()
+        optimizer.step()
+        local = model[0].parametrizations.weight.original.to_local().shape
+        results[rank] = {
+            "seen": seen, "local": tuple(local),
+            "centroids": {n: t.parametrization.centroids.clone()
+                          for n, t in L.clustered_tensors(model).items()},
+        }
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+def test_fully_sharded_weights_are_clustered_unsharded_with_the_same_centroids_on_every_rank():
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(_train_one_step, args=(_free_port(), results), nprocs=2)
+        ranks = dict(results)
+    assert ranks[0]["local"] == ranks[1]["local"] == (64, 64)  # each rank holds half the rows
+    for rank in (0, 1):  # ... but the parametrization sees the whole weight
+        assert ranks[rank]["seen"] == {"0.weight": (128, 64), "2.weight": (64, 128)}
+    for name, centroids in ranks[0]["centroids"].items():
+        torch.testing.assert_close(ranks[1]["centroids"][name], centroids, rtol=0, atol=0)
