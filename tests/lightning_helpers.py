@@ -94,3 +94,16 @@ class CentroidRecorder(pl.Callback):
         state = {n: t.parametrization.centroids.clone() for n, t in
                  clustered_tensors(pl_module).items()}
         torch.save(state, f"{self.out_dir}/centroids_rank{trainer.global_rank}.pt")
+
+
+class TiedNet(TinyNet):
+    """TinyNet with a fourth Linear that shares body.2's weight (64 x 64, clustered once)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tied = nn.Linear(64, 64)
+        self.tied.weight = self.body[2].weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.body[2](F.relu(self.body[0](x))))
+        return self.body[4](F.relu(self.tied(h)))

@@ -6,11 +6,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from lightning_helpers import TinyNet, trainer
-from torch import nn
+from lightning_helpers import TiedNet, TinyNet, trainer
 
 from lightning_dkm import DKMCallback, carried_palettes, clustered_tensors
 
@@ -29,17 +27,6 @@ def every_epoch(tmp_path, **kwargs) -> ModelCheckpoint:
     return ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, filename="{epoch}", **kwargs)
 
 
-class TiedNet(TinyNet):
-    """TinyNet with a fourth Linear that shares body.2's weight (clustered once)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.tied = nn.Linear(64, 64)
-        self.tied.weight = self.body[2].weight
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = F.relu(self.body[2](F.relu(self.body[0](x))))
-        return self.body[4](F.relu(self.tied(h)))
 
 
 # -- the state_dict is the plain model's ----------------------------------------------------------

@@ -9,7 +9,8 @@ import torch
 from lightning.pytorch.cli import LightningCLI
 from lightning_helpers import TinyNet
 
-CONFIG = """
+#: The trainer and the callback line every config below starts with.
+TRAINER = """
 seed_everything: 0
 trainer:
   max_epochs: 2
@@ -22,7 +23,9 @@ trainer:
     - class_path: lightning_dkm.DKMCallback
       init_args:
         bits: 2
-        targets: ["body.*"]
+"""
+
+CONFIG = TRAINER + """        targets: ["body.*"]
         exclude: ["body.4"]
         min_size: 1024
         overrides:
@@ -79,20 +82,7 @@ def test_optimizer_built_by_the_cli_before_fit_trains_the_clustered_weights(tmp_
         assert not torch.equal(before[name], after[name]), name
 
 
-OBJECTS = """
-seed_everything: 0
-trainer:
-  max_epochs: 2
-  logger: false
-  enable_checkpointing: false
-  enable_progress_bar: false
-  enable_model_summary: false
-  default_root_dir: {root}
-  callbacks:
-    - class_path: lightning_dkm.DKMCallback
-      init_args:
-        bits: 2
-        finalize: false
+OBJECTS = TRAINER + """        finalize: false
         temperature:
           class_path: lightning_dkm.lightning.schedules.ExponentialSchedule
           init_args: {{start: 1.0e-1, end: 1.0e-3, num_epochs: 8}}

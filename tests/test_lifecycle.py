@@ -8,11 +8,10 @@ import types
 import lightning.pytorch as pl
 import pytest
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from lightning_helpers import TinyNet, trainer
+from lightning_helpers import TiedNet, TinyNet, trainer
 from torch import nn
 
 from lightning_dkm import ClusterSpec, DKMCallback, attach, clustered_tensors, finalize
@@ -162,17 +161,6 @@ def test_a_subclass_of_an_unsupported_strategy_is_refused():
 
 
 # -- tied weights --------------------------------------------------------------------------------
-class TiedNet(TinyNet):
-    """TinyNet with a fourth Linear that shares body.2's weight (64 x 64, clustered)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.tied = nn.Linear(64, 64)
-        self.tied.weight = self.body[2].weight
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = F.relu(self.body[2](F.relu(self.body[0](x))))
-        return self.body[4](F.relu(self.tied(h)))
 
 
 class ReadsBothOwners(pl.Callback):
