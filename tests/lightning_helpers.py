@@ -107,3 +107,13 @@ class TiedNet(TinyNet):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = F.relu(self.body[2](F.relu(self.body[0](x))))
         return self.body[4](F.relu(self.tied(h)))
+
+
+def assert_identical_centroids(out_dir) -> None:
+    """The centroids that :class:`CentroidRecorder` saved for ranks 0 and 1 are bit for bit
+    the same (TinyNet's and ShardedMLP's two clustered tensors)."""
+    rank0 = torch.load(f"{out_dir}/centroids_rank0.pt", weights_only=True)
+    rank1 = torch.load(f"{out_dir}/centroids_rank1.pt", weights_only=True)
+    assert rank0.keys() == rank1.keys() == {"body.0.weight", "body.2.weight"}
+    for name in rank0:
+        assert torch.equal(rank0[name], rank1[name]), name

@@ -14,21 +14,13 @@ import pytest
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.strategies import DDPStrategy
-from lightning_helpers import CentroidRecorder, TinyNet, trainer
+from lightning_helpers import CentroidRecorder, TinyNet, assert_identical_centroids, trainer
 from torch import nn
 
 from lightning_dkm import CompressionReport, DKMCallback, load_compressed
 
 pytestmark = pytest.mark.slow
 LOGGERS = ["none", "tensorboard"]
-
-
-def assert_identical_centroids(out_dir: Path) -> None:
-    rank0 = torch.load(out_dir / "centroids_rank0.pt", weights_only=True)
-    rank1 = torch.load(out_dir / "centroids_rank1.pt", weights_only=True)
-    assert rank0.keys() == rank1.keys() == {"body.0.weight", "body.2.weight"}
-    for name in rank0:
-        assert torch.equal(rank0[name], rank1[name]), name
 
 
 def expected_save_dir(root: Path, logger: str) -> Path:

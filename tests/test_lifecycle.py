@@ -9,7 +9,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
-from lightning.pytorch.strategies import ModelParallelStrategy
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning_helpers import TiedNet, TinyNet, trainer
 from torch import nn
@@ -152,11 +152,20 @@ def test_an_override_for_a_tensor_below_min_size_warns_that_it_is_not_applied(tm
 
 
 def test_a_subclass_of_an_unsupported_strategy_is_refused():
-    class MyStrategy(ModelParallelStrategy):
+    class MyStrategy(FSDPStrategy):
         pass
 
     fake_trainer = types.SimpleNamespace(strategy=MyStrategy.__new__(MyStrategy))
-    with pytest.raises(MisconfigurationException, match=r"does not support MyStrategy"):
+    with pytest.raises(MisconfigurationException, match=r"does not support MyStrategy.*FSDP2"):
+        DKMCallback(bits=2).setup(fake_trainer, TinyNet(), "fit")
+
+
+def test_tensor_parallelism_is_refused_with_the_setting_that_works():
+    strategy = ModelParallelStrategy.__new__(ModelParallelStrategy)
+    strategy._tensor_parallel_size = 2
+    fake_trainer = types.SimpleNamespace(strategy=strategy, world_size=4)
+    expected = r"tensor_parallel_size=2.*data_parallel_size=4, tensor_parallel_size=1"
+    with pytest.raises(MisconfigurationException, match=expected):
         DKMCallback(bits=2).setup(fake_trainer, TinyNet(), "fit")
 
 

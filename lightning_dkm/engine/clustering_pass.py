@@ -25,8 +25,9 @@ Tensors are batched together only when their step settings agree (``max_iter``, 
 own, so every result equals the tensor's own call (up to float summation order). Every
 clustered weight of the model is clustered on the first read, also one that this forward
 does not read: for a model that uses only part of its weights per step (alternating
-sub-models), open the pass on the part that runs. Close the pass before the backward
-(``DKMCallback`` does): what it holds is the forward's.
+sub-models), open the pass on the part that runs. Under FSDP2 a weight is whole only while its
+FSDP unit runs (the others are ``DTensor`` shards), so a batch holds the weights of one unit.
+Close the pass before the backward (``DKMCallback`` does): what it holds is the forward's.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from torch.nn.utils import parametrize
 
 from .distinct import unique_dkm_batch
 from .parametrization import DKMParametrization
+from .sharding import is_sharded
 
 __all__ = ["CPU_BATCH_MAX_ENTRIES", "ClusteringPass", "clustering_pass"]
 
@@ -59,8 +61,8 @@ class ClusteringPass:
     def batches(self, p: DKMParametrization, weight: Tensor) -> bool:
         """Whether ``p``'s soft ``"unique"`` step runs in the pass's batch (module docstring)."""
         if not (p.mode == "soft" and p.training and p.is_initialized
-                and p.step_implementation == "unique"):
-            return False
+                and p.step_implementation == "unique") or is_sharded(weight):
+            return False  # a sharded original: FSDP2 gathers it in its own module's forward
         if weight.device.type != "cpu":
             return True
         P, n, _ = p.layout.palette_shape

@@ -21,7 +21,14 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 from ..engine.layout import ClusterSpec
 from ..export.artifact import save_compressed
-from ..model.attach import ClusteredTensor, attach, clustered_tensors, finalize, release
+from ..model.attach import (
+    ClusteredTensor,
+    attach,
+    clustered_tensors,
+    finalize,
+    release,
+    set_mode,
+)
 from ..model.methods import DEFAULT_REFRESH_EVERY, DEFAULT_REGULARIZATION, ClusteringMethod
 from ..model.snapping import snap_on_load
 from ..model.targets import DEFAULT_MIN_SIZE, Target, select_targets
@@ -38,8 +45,9 @@ from .arguments import (
 from .checkpointing import DKMCheckpointing
 from .convergence import measure_all
 from .forward_cache import ForwardCache
+from .fully_sharded import FullySharded
 from .outputs import ARTIFACT_NAME, COREML_NAME, DKMResults
-from .preflight import check_fit
+from .preflight import check_fit, is_fully_sharded
 from .schedules import TemperatureSchedule
 from .temperature import TemperatureConfig, TemperaturePlan
 from .timeline import DKMTimeline
@@ -245,6 +253,7 @@ class DKMCallback(DKMResults, Callback):
         self._out_dir: Path | None = None
         self._forward_cache = ForwardCache()
         self._checkpointing = DKMCheckpointing()
+        self._fully_sharded: FullySharded | None = None  # under FSDP2 (ModelParallelStrategy)
         self._init_results()
 
     # -- identity and state --------------------------------------------------------------------
@@ -299,7 +308,8 @@ class DKMCallback(DKMResults, Callback):
     def on_save_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
-        self._checkpointing.save(pl_module, checkpoint, self.state_key, self._names)
+        if self._fully_sharded is None:  # under FSDP2 the model keeps its own state dict
+            self._checkpointing.save(pl_module, checkpoint, self.state_key, self._names)
 
     def on_load_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
@@ -349,15 +359,22 @@ class DKMCallback(DKMResults, Callback):
             pl_module, self.spec, targets=self.targets, exclude=self.exclude,
             min_size=self.min_size, overrides=self.overrides,
         )
+        self._fully_sharded = FullySharded() if is_fully_sharded(trainer) else None
         if not selected:
             rank_zero_warn(
                 "DKMCallback: no tensor is left to cluster (all matches are smaller than "
                 f"min_size={self.min_size} or excluded); training runs without DKM"
+                + (" (under FSDP2, layers created in configure_model are not seen at setup: "
+                   "create them in __init__)" if self._fully_sharded else "")
             )
+        if self._fully_sharded is not None:
+            self._fully_sharded.setup(trainer, pl_module)
         # Seed now (before DDP wraps the model) when DKM starts at once; otherwise at start_epoch
         # from the weights as they are then. Either way every rank computes the same centroids.
-        self._attach(pl_module, selected, init=self.start_epoch == 0)
-        if self.start_epoch == 0:
+        # Under FSDP2 at the first epoch, from the gathered weights (see .fully_sharded).
+        seed_now = self.start_epoch == 0 and self._fully_sharded is None
+        self._attach(pl_module, selected, init=seed_now)
+        if seed_now:
             self._timeline.begin(self._tensors(pl_module))
         self._finalized = False
         self._checkpointing.watch(pl_module, self._names)
@@ -437,19 +454,28 @@ class DKMCallback(DKMResults, Callback):
             return
         if not all(t.parametrization.is_initialized for t in tensors.values()):
             # Fit ended (max_epochs, max_steps, early stopping, an interrupt) before DKM began:
-            # there are no centroids to snap to. Leave the model as trained, never damaged.
-            release(pl_module, self._names)
+            # there are no centroids to snap to. Leave the model as trained, never damaged
+            # (under FSDP2 the parametrizations stay, in mode "dense": FSDP2 owns what they hold).
+            if self._fully_sharded is None:
+                release(pl_module, self._names)
+            else:
+                set_mode(pl_module, "dense", self._names)
             self._names = []
             outputs.warn_not_clustered(trainer, self.start_epoch)
             return
         self._method.before_finalize(tensors)
         self.stats, _ = measure_all(tensors)
-        self.palettes = finalize(pl_module, self._names)
-        snap_on_load(pl_module)  # state dicts with the DKM keys (weights-only) still load
+        if self._fully_sharded is not None:
+            self.palettes, self.finalized_model = self._fully_sharded.finalize(
+                trainer, pl_module, self._names)
+        else:
+            self.palettes = finalize(pl_module, self._names)
+            snap_on_load(pl_module)  # state dicts with the DKM keys (weights-only) still load
+            self.finalized_model = pl_module
         self._finalized = True
         assert self._out_dir is not None  # resolved in setup whenever finalize is on
         self._write_outputs(
-            trainer, pl_module, self._out_dir, lut_dtype=LUT_DTYPES[self.lut_dtype],
+            trainer, self.finalized_model, self._out_dir, lut_dtype=LUT_DTYPES[self.lut_dtype],
             write_artifact=save_compressed if self.save_artifact else None,
             export_coreml=self.export_coreml, verbose=self.verbose,
         )

@@ -66,7 +66,7 @@ def measure_all(
     per_tensor: dict[str, dict[str, float]] = {}
     model_entropy: AssignmentEntropy | None = None
     for name, tensor in tensors.items():
-        weight = tensor.original.detach()
+        weight = tensor.full_original()  # gathered when FSDP2 shards it
         device = metric_device(weight.device)
         entropy, usage, snap = _metrics_for(tensor, device)
         if model_entropy is None:

@@ -27,6 +27,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from ..engine.palette import Palette
+from ..engine.sharding import is_sharded
 from ..export.report import CompressionReport
 from ..model.attach import ClusteredTensor
 from .handoff import discard_handoff, read_handoff, write_handoff
@@ -72,21 +73,21 @@ def log_epoch_metrics(
 
 
 def log_histograms(trainer: pl.Trainer, tensors: dict[str, ClusteredTensor]) -> None:
-    """TensorBoard histograms of every tensor's centroids and weights (rank 0)."""
-    if trainer.global_rank != 0:
+    """TensorBoard histograms of every tensor's centroids and weights (written by rank 0; call
+    on every rank: a weight that FSDP2 shards is gathered first, one tensor at a time)."""
+    writers = [logger.experiment for logger in trainer.loggers
+               if isinstance(logger, TensorBoardLogger)] if trainer.global_rank == 0 else []
+    sharded = any(is_sharded(t.original) for t in tensors.values())
+    if not writers and not sharded:
         return
-    for logger in trainer.loggers:
-        if not isinstance(logger, TensorBoardLogger):
-            continue
-        writer = logger.experiment
-        for name, tensor in tensors.items():
-            step = trainer.global_step
+    step = trainer.global_step
+    for name, tensor in tensors.items():
+        weight = tensor.full_original()  # a collective on every rank when sharded
+        for writer in writers:
             writer.add_histogram(
                 f"dkm_centroids/{name}", tensor.parametrization.centroids.float().cpu(), step
             )
-            writer.add_histogram(
-                f"dkm_weights/{name}", tensor.original.detach().float().cpu(), step
-            )
+            writer.add_histogram(f"dkm_weights/{name}", weight.float().cpu(), step)
 
 
 def _log_report(trainer: pl.Trainer, report: CompressionReport) -> None:
@@ -121,6 +122,10 @@ class DKMResults:
         self._report: CompressionReport | None = None
         self._output_paths: dict[str, Path] = {}
         self._finalized = False
+        #: The finalized plain model after fit: the LightningModule itself, or under FSDP2 on
+        #: rank 0 a copy of it rebuilt from the gathered weights (``None`` on the other ranks,
+        #: whose module stays sharded, its weights snapped). ``None`` before finalize.
+        self.finalized_model: torch.nn.Module | None = None
         # ddp_spawn runs fit in worker processes that receive a pickled copy of this callback;
         # rank 0 leaves its results in this file for the copy in the launching process.
         self._launcher_pid = os.getpid()
@@ -190,7 +195,7 @@ class DKMResults:
     def _write_outputs(
         self,
         trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
+        pl_module: pl.LightningModule | None,
         out_dir: Path,
         *,
         lut_dtype: torch.dtype,
@@ -201,7 +206,10 @@ class DKMResults:
         """After finalize: the report on every rank; on rank 0 its files and scalars, the
         artifact (written by ``write_artifact``, :func:`~lightning_dkm.save_compressed`'s
         signature; ``None``: none), the Core ML package, and under ``ddp_spawn`` the handoff
-        file."""
+        file. ``pl_module`` is the finalized model (under FSDP2 the plain one rebuilt on rank 0;
+        ``None`` on the other ranks, which then write and hold nothing)."""
+        if pl_module is None:
+            return
         final_stats = {
             name: {"entropy_bits": values["entropy"], "snap_rmse": values["snap_rmse"]}
             for name, values in self._stats.items()

@@ -1,6 +1,7 @@
 """What :class:`~lightning_dkm.DKMCallback` checks against the Trainer before training.
 
-At ``setup("fit")``: the strategy (FSDP, DeepSpeed and tensor parallelism are refused), the
+At ``setup("fit")``: the strategy (FSDP2 through ``ModelParallelStrategy`` is supported; FSDP1,
+DeepSpeed and tensor parallelism are refused), the
 output directory (resolved on every rank, created, writable), Core ML export (coremltools and an
 ``example_input_array``), and what ``max_epochs`` / ``max_steps`` make of ``start_epoch``,
 ``hard_epoch`` and the temperature schedule. At ``on_train_start``, when the dataloaders are
@@ -24,9 +25,11 @@ from .temperature import TemperatureConfig
 __all__ = [
     "check_coreml_export",
     "check_fit",
+    "check_fully_sharded_model",
     "check_limits",
     "check_strategy",
     "check_writable_dir",
+    "is_fully_sharded",
     "resolve_save_dir",
     "soft_units",
 ]
@@ -38,12 +41,14 @@ def _unsupported_strategies() -> list[tuple[type, str]]:
     from lightning.pytorch import strategies
 
     reasons = {
-        "FSDPStrategy": "FSDP shards each weight across ranks, but DKM needs the whole tensor on "
-        "every rank to compute its assignments and centroids",
+        "FSDPStrategy": "FSDP1 flattens each wrapped module's weights into one sharded "
+        "FlatParameter, under which the DKM parametrizations are not tested (Lightning runs it "
+        "on CUDA only, and no GPU was available to test it). Use FSDP2 instead: "
+        "ModelParallelStrategy(data_parallel_size=N, tensor_parallel_size=1) with fully_shard "
+        "in configure_model (docs/distributed.md)",
         "DeepSpeedStrategy": "DeepSpeed ZeRO partitions parameters and wraps the optimizer, "
-        "which the parametrizations are not yet adapted to",
-        "ModelParallelStrategy": "tensor-parallel and FSDP2 weights are sharded across ranks; "
-        "DKM needs whole tensors",
+        "which the parametrizations are not yet adapted to. Use FSDP2 "
+        "(ModelParallelStrategy with tensor_parallel_size=1), 'ddp' or 'ddp_spawn'",
     }
     return [
         (getattr(strategies, name), why)
@@ -52,14 +57,43 @@ def _unsupported_strategies() -> list[tuple[type, str]]:
     ]
 
 
+def is_fully_sharded(trainer: pl.Trainer) -> bool:
+    """Whether the Trainer runs FSDP2 (``ModelParallelStrategy``): the weights are sharded."""
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    return isinstance(trainer.strategy, ModelParallelStrategy)
+
+
 def check_strategy(trainer: pl.Trainer) -> None:
-    """Refuse the strategies that shard weights (and their subclasses)."""
+    """Refuse FSDP1, DeepSpeed and tensor parallelism (and their subclasses); FSDP2 through
+    ``ModelParallelStrategy`` with ``tensor_parallel_size=1`` is supported."""
     for strategy_type, why in _unsupported_strategies():
         if isinstance(trainer.strategy, strategy_type):
             raise MisconfigurationException(
-                f"DKMCallback does not support {type(trainer.strategy).__name__} yet: "
-                f"{why}. Use a single device, 'ddp' or 'ddp_spawn'."
+                f"DKMCallback does not support {type(trainer.strategy).__name__}: {why}."
             )
+    if is_fully_sharded(trainer):
+        tp = getattr(trainer.strategy, "_tensor_parallel_size", 1)
+        if tp != 1:
+            raise MisconfigurationException(
+                f"DKMCallback does not support tensor parallelism (ModelParallelStrategy "
+                f"tensor_parallel_size={tp}): a tensor-parallel weight is split into parts "
+                "that different ranks multiply with, and DKM clusters a weight as one tensor "
+                "(one palette for all its parts). Use ModelParallelStrategy(data_parallel_size="
+                f"{trainer.world_size}, tensor_parallel_size=1) for FSDP2, or 'ddp'."
+            )
+
+
+def check_fully_sharded_model(pl_module: pl.LightningModule) -> None:
+    """Under FSDP2, at ``setup``: the weights to cluster exist (created in ``__init__``, not in
+    ``configure_model``) and are real tensors, not ``meta`` ones."""
+    on_meta = [name for name, p in pl_module.named_parameters() if p.is_meta]
+    if on_meta:
+        raise MisconfigurationException(
+            f"DKMCallback under FSDP2: {on_meta[:3]} are on the meta device at setup; DKM seeds "
+            "its centroids from the trained values, so create the layers with real weights in "
+            "__init__ and apply fully_shard (only) in configure_model"
+        )
 
 
 def resolve_save_dir(trainer: pl.Trainer, save_dir: str | None) -> Path:

@@ -60,9 +60,9 @@ class DKMTimeline:
         """DKM starts: seed the centroids still unseeded, then fix each tensor's tau bounds."""
         for tensor in tensors.values():
             if not tensor.parametrization.is_initialized:
-                tensor.parametrization.initialize(tensor.original.detach())
+                tensor.parametrization.initialize(tensor.full_original())
         self.plan.calibrate({
-            name: (t.parametrization.to_palettes(t.original.detach()),
+            name: (t.parametrization.to_palettes(t.full_original()),
                    t.parametrization.centroids)
             for name, t in tensors.items() if name not in self.plan.bounds
         })

@@ -15,11 +15,12 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from ..engine.palette import Palette
 from ..engine.parametrization import DKMParametrization, Implementation, Mode, stable_seed
+from ..engine.sharding import full_tensor, is_sharded, write_full
 from ..engine.weighted import Gradient
 from .carried import carry_palettes, discard_palettes
 from .targets import Target
@@ -30,6 +31,8 @@ __all__ = [
     "attach",
     "clustered_tensors",
     "finalize",
+    "finalize_sharded",
+    "has_sharded_weights",
     "release",
     "set_mode",
     "set_temperature",
@@ -50,6 +53,12 @@ class ClusteredTensor:
     def original(self) -> nn.Parameter:
         """The trainable Parameter behind the clustered weight."""
         return self.module.parametrizations[self.param_name].original
+
+    def full_original(self) -> Tensor:
+        """The whole original, detached: gathered from every rank when FSDP2 shards it (a
+        collective, :func:`~lightning_dkm.engine.sharding.full_tensor`), else the Parameter's
+        own data."""
+        return full_tensor(self.original)
 
 
 def clustered_tensors(
@@ -195,3 +204,28 @@ def finalize(model: nn.Module, names: Iterable[str] | None = None) -> dict[str, 
         getattr(tensor.module, tensor.param_name).copy_(palettes[name].weight())
     carry_palettes(model, palettes)
     return palettes
+
+
+@torch.no_grad()
+def finalize_sharded(model: nn.Module, names: Iterable[str] | None = None) -> dict[str, Palette]:
+    """:func:`finalize` for a model whose weights FSDP2 shards (``fully_shard``): every rank
+    gathers each clustered weight in turn (a collective; call it on every rank), takes its palette
+    and writes the snapped values back into its own shard. The parametrizations stay (FSDP2 owns
+    the parameters they hold; removing them would detach the weights from FSDP) in mode
+    ``"dense"``, which returns the snapped weight as it is, so the sharded model computes exactly
+    what the finalized plain model does. Returns the palettes, the same on every rank; the plain
+    model is built from them and the full state dict (see ``DKMCallback``).
+    """
+    tensors = clustered_tensors(model, names)
+    palettes = {}
+    for name, tensor in tensors.items():  # every palette first, as in finalize
+        palettes[name] = tensor.parametrization.palette(tensor.full_original())
+    for name, tensor in tensors.items():
+        write_full(tensor.original, palettes[name].weight())
+        tensor.parametrization.set_mode("dense")
+    return palettes
+
+
+def has_sharded_weights(model: nn.Module) -> bool:
+    """Whether any clustered weight of ``model`` is a ``DTensor`` (FSDP2 has sharded it)."""
+    return any(is_sharded(t.original) for t in clustered_tensors(model).values())

@@ -87,6 +87,7 @@ import torch
 from torch import Tensor
 
 from ..engine.kmeans import lloyd, nearest_centroid
+from ..engine.sharding import shard_like
 
 if TYPE_CHECKING:
     from ..engine.parametrization import Mode
@@ -255,7 +256,7 @@ class DeepKMeansMethod(ClusteringMethod):
         its members (an empty cluster keeps its centroid): one Lloyd step."""
         for name, tensor in tensors.items():
             parametrization = tensor.parametrization
-            weight = tensor.original.detach()
+            weight = tensor.full_original()  # gathered when FSDP2 shards it
             if not parametrization.is_initialized:
                 parametrization.initialize(weight)
             x = parametrization.to_palettes(weight).float()
@@ -281,12 +282,13 @@ class DeepKMeansMethod(ClusteringMethod):
             param = tensor.original
             parametrization = tensor.parametrization
             layout = parametrization.layout
-            x = parametrization.to_palettes(param.detach())
+            x = parametrization.to_palettes(tensor.full_original())
             idx = self._assignments[name] = self._assignments[name].to(x.device)
             grad = kmeans_regularizer_grad(x, idx, layout.spec.num_centroids)
             # d/dw of a penalty on the scaled palettes x = w / s is (d/dx) / s, per channel.
             inverse = None if parametrization.scale is None else parametrization.scale.reciprocal()
-            grad = layout.from_palettes(grad.mul_(self.regularization), inverse).to(param.dtype)
+            grad = layout.from_palettes(grad.mul_(self.regularization), inverse)
+            grad = shard_like(param, grad)  # this rank's part when FSDP2 shards the weight
             if param.grad is None:
                 param.grad = grad.contiguous()
             else:
@@ -297,7 +299,7 @@ class DeepKMeansMethod(ClusteringMethod):
         """Refit the centroids to the final weights (Lloyd from the current centroids)."""
         for tensor in tensors.values():
             parametrization = tensor.parametrization
-            weight = tensor.original.detach()
+            weight = tensor.full_original()  # gathered when FSDP2 shards it
             if not parametrization.is_initialized:
                 parametrization.initialize(weight)
             x = parametrization.to_palettes(weight).float().cpu()

@@ -1,0 +1,112 @@
+"""DKMCallback under FSDP2: Lightning's ``ModelParallelStrategy(data_parallel_size=2,
+tensor_parallel_size=1)`` with ``fully_shard`` in ``configure_model``, on 2 CPU processes (gloo).
+
+Each fit runs ``fsdp_fit_script.py`` (Lightning's launcher starts the second process). The
+specification: every rank holds the same centroids, also when the ranks initialise their
+weights differently (FSDP2 does not synchronise them); the artifact and the finalized plain
+model equal a DDP run's with the same global batches; a resume from a sharded or a full FSDP
+checkpoint ends where the uninterrupted run ends; the other methods work too.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from lightning_helpers import assert_identical_centroids
+
+from lightning_dkm import load_compressed
+
+SCRIPT = Path(__file__).with_name("fsdp_fit_script.py")
+CLUSTERED = ("body.0.weight", "body.2.weight")
+
+pytestmark = pytest.mark.skipif(
+    not torch.distributed.is_available(), reason="torch.distributed is not available"
+)
+
+
+def fit(out_dir: Path, strategy: str, *options: str) -> dict:
+    """Run one fit of the script; returns rank 0's ``result.pt``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), str(out_dir), strategy, *options], env=env,
+        capture_output=True, text=True, timeout=300, cwd=out_dir,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    return torch.load(out_dir / "result.pt", weights_only=False)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, tuple[Path, dict]]:
+    root = tmp_path_factory.mktemp("fsdp")
+    done = {}
+    for name, strategy, options in [
+        ("fsdp", "fsdp", ["--checkpoints"]),
+        ("ddp", "ddp", []),
+        ("fsdp_full", "fsdp", ["--checkpoints", "--full"]),
+    ]:
+        done[name] = (root / name, fit(root / name, strategy, *options))
+    for name, source, options in [
+        ("resumed", "fsdp", []), ("resumed_full", "fsdp_full", ["--full"]),
+    ]:
+        checkpoint = done[source][0] / "ckpt" / "epoch=0-step=8.ckpt"
+        done[name] = (root / name, fit(root / name, "fsdp", "--resume", str(checkpoint), *options))
+    return done
+
+
+def assert_same_fit(result: dict, expected: dict) -> None:
+    assert result["palettes"].keys() == expected["palettes"].keys() == set(CLUSTERED)
+    for name, weight in expected["palettes"].items():
+        torch.testing.assert_close(result["palettes"][name], weight, rtol=0, atol=1e-6)
+    assert result["finalized"].keys() == expected["finalized"].keys()
+    for key, value in expected["finalized"].items():
+        torch.testing.assert_close(result["finalized"][key], value, rtol=0, atol=1e-6)
+
+
+def test_every_rank_holds_the_same_centroids(runs):
+    for name in ("fsdp", "fsdp_full", "resumed", "resumed_full"):
+        assert_identical_centroids(runs[name][0])
+
+
+def test_the_artifact_and_the_finalized_model_equal_a_ddp_run_with_the_same_global_batch(runs):
+    (_, fsdp), (_, ddp) = runs["fsdp"], runs["ddp"]
+    assert_same_fit(fsdp, ddp)
+    assert fsdp["report_bytes"] == ddp["report_bytes"]
+    from fsdp_fit_script import ShardedMLP
+
+    sharded = load_compressed(ShardedMLP(), fsdp["artifact"])
+    plain = load_compressed(ShardedMLP(), ddp["artifact"])
+    for name in CLUSTERED:
+        assert torch.equal(sharded[name].indices.long(), plain[name].indices.long()), name
+        torch.testing.assert_close(sharded[name].lut, plain[name].lut, rtol=0, atol=1e-6)
+
+
+def test_the_finalized_model_is_the_plain_module_with_snapped_weights(runs):
+    state = runs["fsdp"][1]["finalized"]
+    assert not any("parametrizations" in key for key in state)
+    for name in CLUSTERED:
+        assert torch.unique(state[name]).numel() <= 4, name
+
+
+@pytest.mark.parametrize("kind", ["sharded", "full"])
+def test_a_resume_from_an_fsdp_checkpoint_ends_where_the_uninterrupted_run_ends(runs, kind):
+    straight, resumed = ("fsdp", "resumed") if kind == "sharded" else ("fsdp_full", "resumed_full")
+    checkpoint = runs[straight][0] / "ckpt" / "epoch=0-step=8.ckpt"
+    assert checkpoint.is_dir() == (kind == "sharded")
+    assert_same_fit(runs[resumed][1], runs[straight][1])
+
+
+@pytest.mark.parametrize("method", ["hard", "deep_kmeans"])
+def test_the_other_methods_run_with_the_same_centroids_on_ranks_that_initialise_differently(
+    tmp_path, method
+):
+    result = fit(tmp_path, "fsdp", "--method", method, "--rank-seeds")
+    assert_identical_centroids(tmp_path)  # seeded from the gathered weights, not at setup
+    assert Path(result["artifact"]).is_file()
+    for name in CLUSTERED:
+        assert torch.unique(result["palettes"][name]).numel() <= 4, name
