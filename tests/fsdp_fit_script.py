@@ -89,8 +89,11 @@ def main() -> None:
         if args.strategy == "fsdp" else DDPStrategy(broadcast_buffers=False)
     )
     checkpoints = [ModelCheckpoint(dirpath=out / "ckpt", save_top_k=-1)] if args.checkpoints else []
+    # implementation "unique" (what "auto" picks for tensors of >= 16,384 weights): under FSDP2
+    # it rebuilds the soft weights in the backward (clustering_pass), under DDP it keeps them.
     callback = DKMCallback(bits=2, seed=0, save_dir=str(out / "dkm"), verbose=False,
-                           method=args.method, finalize=not args.no_finalize)
+                           method=args.method, finalize=not args.no_finalize,
+                           implementation="unique")
     trainer = pl.Trainer(
         default_root_dir=str(out), accelerator="cpu", devices=2, strategy=strategy,
         max_epochs=2, logger=False, enable_checkpointing=bool(checkpoints),

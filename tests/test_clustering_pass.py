@@ -11,6 +11,7 @@ from torch import nn
 import lightning_dkm.engine.clustering_pass as clustering_pass_module
 from lightning_dkm import ClusterSpec, attach, clustered_tensors, select_targets
 from lightning_dkm.engine.clustering_pass import clustering_pass
+from lightning_dkm.engine.distinct import unique_dkm_cluster
 
 
 def _model(epsilon: float = 0.0, **spec) -> nn.Module:
@@ -102,3 +103,64 @@ def test_nothing_of_a_pass_outlives_it():
     assert len(current.members) == 3
     assert all(t.parametrization.clustering_pass is None
                for t in clustered_tensors(model).values())
+
+
+# -- recompute: the soft weights rebuilt in the backward instead of kept --------------------------
+
+
+def _one_step(recompute, rebuilt: list | None = None):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 128), nn.Tanh(), nn.Linear(128, 256))
+    attach(model, select_targets(model, ClusterSpec(bits=3), min_size=0),
+           implementation="unique", temperature=3e-2)
+    if rebuilt is not None:
+        for tensor in clustered_tensors(model).values():
+            original = tensor.parametrization.step_output
+
+            def spy(result, weight, original=original):
+                if result.rebuild is not None:
+                    inner = result.rebuild
+                    result = result._replace(rebuild=lambda: rebuilt.append(1) or inner())
+                return original(result, weight)
+
+            tensor.parametrization.step_output = spy
+    x = torch.randn(16, 256, generator=torch.Generator().manual_seed(1))
+    with clustering_pass(model, recompute=recompute):
+        loss = model(x).square().mean()
+    loss.backward()
+    return model
+
+
+def test_recomputed_soft_weights_give_the_same_gradients_as_kept_ones():
+    rebuilt: list = []
+    kept, recomputed = _one_step(False), _one_step(True, rebuilt)
+    # The second Linear's weight, rebuilt once in the backward (autograd does not save the
+    # first one's: its input needs no gradient).
+    assert len(rebuilt) == 1
+    for (name, a), (_, b) in zip(kept.named_parameters(), recomputed.named_parameters(),
+                                 strict=True):
+        assert torch.equal(a.grad, b.grad), name
+    for name, tensor in clustered_tensors(kept).items():
+        other = clustered_tensors(recomputed)[name].parametrization.centroids
+        assert torch.equal(tensor.parametrization.centroids, other), name
+
+
+def test_by_default_only_weights_that_fsdp_shards_are_rebuilt():
+    rebuilt: list = []
+    _one_step(None, rebuilt)
+    assert rebuilt == []  # plain tensors: kept, as before
+
+
+def test_the_rebuild_of_the_unique_step_is_its_output_bit_for_bit():
+    torch.manual_seed(0)
+    x = torch.randn(1, 50_000, 1, requires_grad=True)
+    c0 = torch.linspace(-1.5, 1.5, 8).reshape(1, 8, 1)
+    kept = unique_dkm_cluster(x, c0, 0.05)
+    again = unique_dkm_cluster(x, c0, 0.05, recompute=True)
+    assert kept.rebuild is None and again.rebuild is not None
+    assert torch.equal(again.rebuild(), again.weights.detach())
+    assert torch.equal(again.weights, kept.weights)
+    g = torch.randn_like(x)
+    (grad_kept,) = torch.autograd.grad(kept.weights, x, g)
+    (grad_again,) = torch.autograd.grad(again.weights, x, g)
+    assert torch.equal(grad_again, grad_kept)

@@ -72,3 +72,56 @@ def test_fully_sharded_weights_are_clustered_unsharded_with_the_same_centroids_o
         assert ranks[rank]["seen"] == {"0.weight": (128, 64), "2.weight": (64, 128)}
     for name, centroids in ranks[0]["centroids"].items():
         torch.testing.assert_close(ranks[1]["centroids"][name], centroids, rtol=0, atol=0)
+
+
+def _sharded_step_against_a_plain_one(rank: int, port: int, results) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        import lightning_dkm as L
+
+        def build():
+            torch.manual_seed(0)
+            model = nn.Sequential(nn.Linear(256, 128), nn.Tanh(), nn.Linear(128, 256))
+            L.attach(model, L.select_targets(model, L.ClusterSpec(bits=3), min_size=0),
+                     implementation="unique", temperature=3e-2)
+            return model
+
+        data = torch.randn(2, 8, 256, generator=torch.Generator().manual_seed(1))
+        plain = build()  # every rank: the whole global batch, no FSDP
+        with L.clustering_pass(plain):
+            loss = plain(data.flatten(0, 1)).square().mean()
+        loss.backward()
+        sharded = build()
+        mesh = init_device_mesh("cpu", (2,))
+        for module in sharded:
+            if isinstance(module, nn.Linear):
+                fully_shard(module, mesh=mesh)
+        fully_shard(sharded, mesh=mesh)
+        with L.clustering_pass(sharded) as current:
+            rebuilt = [current.recomputes(t.parametrization)
+                       for t in L.clustered_tensors(sharded).values()]
+            loss = sharded(data[rank]).square().mean()  # this rank's half
+        loss.backward()  # FSDP2 averages the two halves' gradients
+        results[rank] = {
+            "rebuilt": rebuilt,
+            "grads": {n: (p.grad.full_tensor(), dict(plain.named_parameters())[n].grad)
+                      for n, p in sharded.named_parameters()},
+        }
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+def test_sharded_weights_rebuild_their_soft_weights_and_get_the_plain_gradients():
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(_sharded_step_against_a_plain_one, args=(_free_port(), results), nprocs=2)
+        ranks = dict(results)
+    for rank in (0, 1):
+        assert ranks[rank]["rebuilt"] == [True, True]
+        for name, (sharded, plain) in ranks[rank]["grads"].items():
+            torch.testing.assert_close(sharded, plain, rtol=1e-5, atol=1e-7, msg=name)

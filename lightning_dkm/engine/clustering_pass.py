@@ -28,14 +28,32 @@ does not read: for a model that uses only part of its weights per step (alternat
 sub-models), open the pass on the part that runs. Under FSDP2 a weight is whole only while its
 FSDP unit runs (the others are ``DTensor`` shards), so a batch holds the weights of one unit.
 Close the pass before the backward (``DKMCallback`` does): what it holds is the forward's.
+
+**Recompute instead of keep (FSDP2).** Between the forward and the backward a ``"unique"``
+weight normally costs ``6 n`` bytes beyond the model: its soft weights (``n`` floats, which
+``F.linear`` saves for the input's gradient) and its float16 codes (which the DKM backward
+reads). Under FSDP2 that is the whole model's size on every rank, whatever the world size,
+while FSDP2 itself keeps only shards (it frees each gathered weight after its unit's forward
+and gathers it again for the backward). So for the weights FSDP2 shards (``recompute=None``,
+the default; ``True``: every weight, ``False``: none) the pass keeps neither: the DKM step
+saves its input, the gathered weight, which FSDP2 gathers again for the backward anyway, and
+computes the codes again from it there; and a saved-tensor hook replaces every saved view of
+the soft weights with how to rebuild them (the codes and one look-up in the step's per-code
+output table, bit for bit). What stays per weight is that table and the step's trajectory on
+the distinct values (``O(U k max_iter)``, ``U <= 65,536``); the price is one more pass over the
+weight for the codes and one look-up in the backward. Weights with ``per_channel_scale`` or
+several palettes keep theirs (their step input is a copy, not a view of the weight).
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import weakref
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from torch import Tensor, nn
+from torch.autograd.graph import saved_tensors_hooks
 from torch.nn.utils import parametrize
 
 from .distinct import unique_dkm_batch
@@ -54,9 +72,37 @@ class ClusteringPass:
     parametrization list that holds its original (:attr:`members`), and the clustered weights
     computed so far."""
 
-    def __init__(self, members: list[tuple[DKMParametrization, nn.Module]]) -> None:
+    def __init__(self, members: list[tuple[DKMParametrization, nn.Module]],
+                 recompute: bool | None = None) -> None:
         self.members = members
         self._results: dict[int, Tensor] = {}
+        # Decided outside the forward, where a weight FSDP2 shards is still a DTensor.
+        self._recomputing = {
+            id(p) for p, holder in members if p.can_recompute
+            and (recompute if recompute is not None else is_sharded(holder.original))
+        }
+        self._rebuilds: dict[int, tuple[weakref.ref, Callable[[], Tensor]]] = {}
+
+    def recomputes(self, p: DKMParametrization) -> bool:
+        """Whether ``p``'s soft weights are rebuilt in the backward instead of kept (module
+        docstring: the weights FSDP2 shards, or all with ``recompute=True``)."""
+        return id(p) in self._recomputing
+
+    def rebuilds(self, out: Tensor, rebuild: Callable[[], Tensor]) -> None:
+        """Where autograd saves ``out`` or a view of it during this pass (``F.linear`` saves
+        ``weight.t()``), keep ``rebuild`` in its place: it computes the tensor that ``out`` is
+        a view of (its ``_base``, contiguous), from which the view is taken again."""
+        base = out if out._base is None else out._base
+        self._rebuilds[id(base)] = (weakref.ref(base), rebuild)
+
+    def pack(self, tensor: Tensor) -> Any:
+        """The saved-tensor hook: a view of a soft weight this pass can rebuild is kept as how
+        to rebuild it; everything else as itself."""
+        base = tensor if tensor._base is None else tensor._base
+        entry = self._rebuilds.get(id(base))
+        if entry is None or entry[0]() is not base:
+            return tensor
+        return _Rebuild(entry[1], tensor.size(), tensor.stride(), tensor.storage_offset())
 
     def batches(self, p: DKMParametrization, weight: Tensor) -> bool:
         """Whether ``p``'s soft ``"unique"`` step runs in the pass's batch (module docstring)."""
@@ -82,6 +128,7 @@ class ClusteringPass:
             [p.step_input(w) for p, w in group], [p.centroids for p, _ in group],
             [p.temperature for p, _ in group], max_iter=requester.max_iter,
             epsilon=requester.epsilon, gradient=requester.gradient,
+            recompute=[self.recomputes(p) for p, _ in group],
         )
         for (p, w), out in zip(group, outputs, strict=True):
             self._results[id(p)] = p.step_output(out, w)
@@ -89,14 +136,35 @@ class ClusteringPass:
 
 
 
+class _Rebuild:
+    """What autograd keeps, in place of (a view of) a soft weight, until the backward."""
+
+    __slots__ = ("offset", "rebuild", "size", "stride")
+
+    def __init__(self, rebuild: Callable[[], Tensor], size, stride, offset: int) -> None:
+        self.rebuild, self.size, self.stride, self.offset = rebuild, size, stride, offset
+
+    def __call__(self) -> Tensor:
+        return self.rebuild().as_strided(self.size, self.stride, self.offset)
+
+
+def _unpack(saved: Any) -> Tensor:
+    return saved() if isinstance(saved, _Rebuild) else saved
+
+
 def _settings(p: DKMParametrization, weight: Tensor) -> tuple:
     return p.max_iter, p.epsilon, p.gradient, weight.device, weight.dtype
 
 
 @contextlib.contextmanager
-def clustering_pass(model: nn.Module) -> Iterator[ClusteringPass]:
+def clustering_pass(model: nn.Module, recompute: bool | None = None
+                    ) -> Iterator[ClusteringPass]:
     """Run one forward of ``model`` as one clustering pass (module docstring). Nested or
-    repeated use is fine; on exit nothing of the pass is kept."""
+    repeated use is fine; on exit nothing of the pass is kept.
+
+    ``recompute``: rebuild the soft weights of the ``"unique"`` step in the backward instead
+    of keeping them and their float16 codes from the forward (module docstring). ``None``
+    (default): for the weights that FSDP2 shards; ``True`` / ``False``: for all / none."""
     members = []
     for module in model.modules():
         holders = getattr(module, "parametrizations", None)
@@ -106,11 +174,14 @@ def clustering_pass(model: nn.Module) -> Iterator[ClusteringPass]:
             first = holder[0]
             if isinstance(first, DKMParametrization) and first.clustering_pass is None:
                 members.append((first, holder))
-    current = ClusteringPass(members)
+    current = ClusteringPass(members, recompute)
     for p, _ in members:
         p.clustering_pass = current
     try:
-        with parametrize.cached():
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(parametrize.cached())
+            if current._recomputing:
+                stack.enter_context(saved_tensors_hooks(current.pack, _unpack))
             yield current
     finally:
         for p, _ in members:

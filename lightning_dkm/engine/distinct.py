@@ -53,13 +53,14 @@ problem; the derivation is the core's, written once).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-from .float16_codes import CodeColumns, DistinctValues, prepare
+from .float16_codes import CodeColumns, DistinctValues, float16_codes, prepare
 from .numerics import (
     DKMOutput,
     Normalization,
@@ -111,7 +112,7 @@ class _UniqueDKM(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, config: tuple, *inputs: Tensor):
-        normalizations, inv_taus, max_iter, epsilon, implicit, device_side = config
+        normalizations, inv_taus, max_iter, epsilon, implicit, device_side, recompute = config
         T = len(inv_taus)
         xs, centroids = inputs[:T], inputs[T:]
         tensors, values, counts, starts, centers, scales = [], [], [], [], [], []
@@ -146,26 +147,33 @@ class _UniqueDKM(torch.autograd.Function):
                                               max_iter=max_iter, epsilon=epsilon,
                                               implicit=implicit, centroid_mask=mask,
                                               groups=groups)
-        outputs, finals = [], []
-        for t, x, c, center, scale, distinct_values in zip(
-                tensors, xs, centroids, centers, scales, values, strict=True):
+        outputs, finals, tables = [], [], []
+        for t, x, c, center, scale, distinct_values, again in zip(
+                tensors, xs, centroids, centers, scales, values, recompute, strict=True):
             y_t = y[t.rows, 0, : t.width] * scale + center
             columns = CodeColumns(t.codes, device_side)
             distinct = t.distinct._replace(values=distinct_values)
-            outputs.append(columns.look_up(distinct.to_dense(y_t.to(x.dtype))))
+            table = distinct.to_dense(y_t.to(x.dtype))
+            outputs.append(columns.look_up(table))
             finals.append(c_final[t.rows, : c.shape[1], 0] * scale + center)
+            if again:
+                tables.append(table)
         ctx.tensors = [t._replace(codes=None) for t in tensors]  # the codes are saved below
+        # A tensor with ``recompute`` keeps its input instead of its codes (a view of the
+        # caller's weight, which exists anyway) and computes the codes again in the backward.
+        kept = [x if again else t.codes for t, x, again in zip(tensors, xs, recompute,
+                                                                 strict=True)]
         save_trajectory(ctx, trajectory, batch_values, batch_counts,
-                        *[t.codes for t in tensors], *([mask] if mask is not None else []),
-                        inv_tau=inv_tau)
+                        *kept, *([mask] if mask is not None else []), inv_tau=inv_tau)
+        ctx.recompute, ctx.normalizations = recompute, normalizations
         ctx.count, ctx.has_mask = T, mask is not None
         ctx.set_materialize_grads(False)  # an unused tensor's gradient stays None: no work
         ctx.implicit, ctx.device_side = implicit, device_side
-        ctx.mark_non_differentiable(*finals)
+        ctx.mark_non_differentiable(*finals, *tables)
         last = trajectory.last
         iterations = [last[t.rows.start] if isinstance(last, Tensor) and last.ndim else last
                       for t in tensors]
-        return (*outputs, *finals, *iterations)
+        return (*outputs, *finals, *iterations, *tables)
 
     @staticmethod
     def backward(ctx, *grads: Tensor | None):
@@ -180,7 +188,9 @@ def _unique_backward(ctx, grads: tuple[Tensor | None, ...]) -> list[Tensor | Non
     tensor whose output got no gradient gets none."""
     trajectory, saved, inv_tau = load_trajectory(ctx)
     values, counts, *rest = saved
-    codes, mask = rest[: ctx.count], (rest[ctx.count] if ctx.has_mask else None)
+    kept, mask = rest[: ctx.count], (rest[ctx.count] if ctx.has_mask else None)
+    codes = [float16_codes(k.detach(), norm, ctx.device_side)[0] if again else k
+             for k, norm, again in zip(kept, ctx.normalizations, ctx.recompute, strict=True)]
     columns = [CodeColumns(c, ctx.device_side) for c in codes]
     G = torch.zeros_like(values)  # (P, 1, U)
     for t, column, g in zip(ctx.tensors, columns, grads, strict=True):
@@ -213,6 +223,7 @@ def unique_dkm_batch(
     epsilon: float = 1e-4,
     normalizations: Sequence[Normalization | None] | None = None,
     gradient: Gradient = "unrolled",
+    recompute: Sequence[bool] | None = None,
 ) -> list[DKMOutput]:
     """:func:`unique_dkm_cluster` of several tensors in one call of the weighted core: every
     palette of every tensor (different sizes, ``k`` and taus) in one padded batch, so that the
@@ -220,7 +231,15 @@ def unique_dkm_batch(
     one per tensor. Each result equals that tensor's own call (up to float summation order):
     every tensor stops early on its own (:class:`~.numerics.EarlyStop` with groups; the batch
     runs until the last one has stopped, the rounds after a tensor's stop leave it as it was)
-    and reports its own count."""
+    and reports its own count.
+
+    ``recompute[t]``: keep tensor ``t``'s input for the backward instead of its float16 codes
+    (``2 n`` bytes less; the codes are computed again there, one pass over the input) and give
+    its output a :attr:`~.numerics.DKMOutput.rebuild`, so that a saved-tensor hook can drop the
+    ``n`` soft weights until the backward too (:func:`~.clustering_pass.clustering_pass` does,
+    for the weights FSDP2 shards). It takes effect where the input needs no conversion to the
+    compute dtype (a float32 weight: the step's input is then a view of it, memory that exists
+    anyway); elsewhere it is ignored. The values and gradients are the same either way."""
     T = len(xs)
     if T == 0 or len(centroids) != T or len(taus) != T:
         raise ValueError(f"unique_dkm_batch needs one centroid tensor and one tau per tensor; "
@@ -233,18 +252,32 @@ def unique_dkm_batch(
     compute_dtype = torch.promote_types(xs[0].dtype, torch.float32)
     device_side = not host_reads_are_free(xs[0])
     norms = tuple(normalizations) if normalizations is not None else (None,) * T
+    again = tuple(bool(r) and x.dtype == compute_dtype
+                  for r, x in zip(recompute or (False,) * T, xs, strict=True))
+    inputs = [x.squeeze(-1).to(compute_dtype) for x in xs]
     with autocast_disabled(xs[0].device.type):
         config = (norms, tuple(inverse_temperature(t, compute_dtype) for t in taus), max_iter,
-                  epsilon, gradient == "implicit", device_side)
+                  epsilon, gradient == "implicit", device_side, again)
         results = _UniqueDKM.apply(
-            config, *(x.squeeze(-1).to(compute_dtype) for x in xs),
-            *(c.detach().squeeze(-1).to(compute_dtype) for c in centroids),
+            config, *inputs, *(c.detach().squeeze(-1).to(compute_dtype) for c in centroids),
         )
-    outputs, finals, iterations = results[:T], results[T:2 * T], results[2 * T:]
+    outputs, finals, iterations = results[:T], results[T:2 * T], results[2 * T:3 * T]
+    tables = iter(results[3 * T:])
     return [DKMOutput(out.unsqueeze(-1).to(x.dtype), final.to(c.dtype).unsqueeze(-1),
-                      out.new_empty(0), count)
-            for out, final, x, c, count in zip(outputs, finals, xs, centroids, iterations,
-                                               strict=True)]
+                      out.new_empty(0), count,
+                      rebuild=functools.partial(_rebuild, inp, norm, device_side, next(tables),
+                                                x.dtype) if a else None)
+            for out, final, x, c, count, inp, norm, a in zip(
+                outputs, finals, xs, centroids, iterations, inputs, norms, again, strict=True)]
+
+
+@torch.no_grad()
+def _rebuild(x: Tensor, normalization: Normalization | None, device_side: bool, table: Tensor,
+             dtype: torch.dtype) -> Tensor:
+    """The soft weights of one tensor again, from its input and its per-code output table: the
+    forward's codes and look-up, bit for bit."""
+    codes = float16_codes(x, normalization, device_side)[0]
+    return CodeColumns(codes, device_side).look_up(table).unsqueeze(-1).to(dtype)
 
 
 def unique_dkm_cluster(
@@ -256,6 +289,7 @@ def unique_dkm_cluster(
     epsilon: float = 1e-4,
     normalization: Normalization | None = None,
     gradient: Gradient = "unrolled",
+    recompute: bool = False,
 ) -> DKMOutput:
     """DKM for ``cluster_dim = 1`` on the distinct float16 values of the normalised weights.
 
@@ -273,7 +307,8 @@ def unique_dkm_cluster(
 
     Runs in at least float32 with autocast off; without host reads (an accelerator,
     ``torch.compile``) on the full table of float16 codes, with the early stop decided on the
-    device (module docstring).
+    device (module docstring). ``recompute``: as in :func:`unique_dkm_batch`.
     """
     return unique_dkm_batch([x], [centroids], [tau], max_iter=max_iter, epsilon=epsilon,
-                            normalizations=[normalization], gradient=gradient)[0]
+                            normalizations=[normalization], gradient=gradient,
+                            recompute=[recompute])[0]

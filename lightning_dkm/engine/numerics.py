@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
 import torch
@@ -191,6 +191,10 @@ class DKMOutput(NamedTuple):
     #: centroid updates that took effect (<= max_iter); a 0-dim device tensor when the early
     #: stop was decided on the device (:class:`EarlyStop`)
     iterations: int | Tensor
+    #: ``weights`` computed again (detached, bit for bit) from the step's input and a small
+    #: table, where the step offers it (the ``"unique"`` step with ``recompute``): a saved-tensor
+    #: hook can then drop ``weights`` between the forward and the backward
+    rebuild: Callable[[], Tensor] | None = None
 
 
 @torch.no_grad()

@@ -362,14 +362,17 @@ class DKMParametrization(nn.Module):
         :func:`~.clustering_pass.clustering_pass` the soft ``"unique"`` steps of the model's
         weights run as one batched call, on the first weight read."""
         if self.mode == "soft" and self.training:
-            if self.clustering_pass is not None and self.clustering_pass.batches(self, weight):
-                return self.clustering_pass.clustered(self, weight)
+            current = self.clustering_pass
+            if current is not None and current.batches(self, weight):
+                return current.clustered(self, weight)
             step = _IMPLEMENTATIONS[self.step_implementation]
             kwargs: dict = {}
             if self.step_implementation == "chunked":
                 kwargs["chunk"] = self.chunk
             if self.step_implementation != "reference":
                 kwargs["gradient"] = self.gradient
+            if self.step_implementation == "unique" and current is not None:
+                kwargs["recompute"] = current.recomputes(self)
             result = step(self.step_input(weight), self.centroids, self.temperature,
                           max_iter=self.max_iter, epsilon=self.epsilon, **kwargs)
             return self.step_output(result, weight)
@@ -394,10 +397,20 @@ class DKMParametrization(nn.Module):
 
     def step_output(self, result: DKMOutput, weight: Tensor) -> Tensor:
         """Keep the step's final centroids (in place, no gradient) and return its soft weights
-        in the shape and units of ``weight``."""
+        in the shape and units of ``weight``. A step that can rebuild its weights
+        (``recompute``) tells the clustering pass how, so that it need not keep them."""
         with torch.no_grad():
             self.centroids.copy_(result.centroids)
-        return self._from_palettes(result.weights, weight)
+        out = self._from_palettes(result.weights, weight)
+        if result.rebuild is not None and self.clustering_pass is not None:
+            self.clustering_pass.rebuilds(out, result.rebuild)
+        return out
+
+    @property
+    def can_recompute(self) -> bool:
+        """Whether the ``"unique"`` step's input is a view of the weight (one palette, no
+        per-channel scale), so that keeping it for the backward costs nothing."""
+        return self._order_free and self.scale is None
 
     def _from_palettes(self, x: Tensor, weight: Tensor) -> Tensor:
         if not self._order_free:
