@@ -110,3 +110,19 @@ def test_the_other_methods_run_with_the_same_centroids_on_ranks_that_initialise_
     assert Path(result["artifact"]).is_file()
     for name in CLUSTERED:
         assert torch.unique(result["palettes"][name]).numel() <= 4, name
+
+
+def test_a_full_fsdp_checkpoint_loads_into_a_plain_model_snapped(runs):
+    from fsdp_fit_script import ShardedMLP
+
+    from lightning_dkm.model.snapping import snap_state_dict
+
+    checkpoint = torch.load(runs["fsdp_full"][0] / "ckpt" / "epoch=0-step=8.ckpt",
+                            weights_only=True)
+    state = checkpoint["state_dict"]
+    assert any("parametrizations" in key for key in state)  # the model's own (DKM) keys
+    model = ShardedMLP()
+    assert sorted(snap_state_dict(model, state)) == list(CLUSTERED)
+    model.load_state_dict(state)
+    for name in CLUSTERED:
+        assert torch.unique(model.get_submodule(name[:-7]).weight).numel() <= 4, name

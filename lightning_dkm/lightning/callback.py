@@ -73,6 +73,13 @@ class DKMCallback(DKMResults, Callback):
     resume needs (originals, centroids, tau, scales, carried palettes) is in
     ``checkpoint["callbacks"][state_key]["model"]``, and ``fit(ckpt_path=...)`` resumes exactly.
 
+    Runs under ``ddp``, ``ddp_spawn`` and FSDP2 (``ModelParallelStrategy`` with
+    ``tensor_parallel_size=1`` and ``fully_shard`` in ``configure_model``, on layers created in
+    ``__init__``); FSDP1, DeepSpeed and tensor parallelism are refused at ``setup``. Under FSDP2
+    checkpoints keep the model's own (DKM) keys, full or sharded, and after fit
+    ``finalized_model`` on rank 0 is the plain finalized model rebuilt from the shards (the
+    report and the artifact come from it). See ``docs/distributed.md``.
+
     Args:
         bits: bits per palette index (1..8): ``2**bits`` centroids per palette. Default 4.
         cluster_dim: length of the clustered vectors along the input-channel axis (1..8). An
