@@ -189,7 +189,7 @@ def _unique_backward(ctx, grads: tuple[Tensor | None, ...]) -> list[Tensor | Non
     trajectory, saved, inv_tau = load_trajectory(ctx)
     values, counts, *rest = saved
     kept, mask = rest[: ctx.count], (rest[ctx.count] if ctx.has_mask else None)
-    codes = [float16_codes(k.detach(), norm, ctx.device_side)[0] if again else k
+    codes = [k if again is None else again.take_codes(k, norm, ctx.device_side)
              for k, norm, again in zip(kept, ctx.normalizations, ctx.recompute, strict=True)]
     columns = [CodeColumns(c, ctx.device_side) for c in codes]
     G = torch.zeros_like(values)  # (P, 1, U)
@@ -252,7 +252,7 @@ def unique_dkm_batch(
     compute_dtype = torch.promote_types(xs[0].dtype, torch.float32)
     device_side = not host_reads_are_free(xs[0])
     norms = tuple(normalizations) if normalizations is not None else (None,) * T
-    again = tuple(bool(r) and x.dtype == compute_dtype
+    again = tuple(_Recomputed() if r and x.dtype == compute_dtype else None
                   for r, x in zip(recompute or (False,) * T, xs, strict=True))
     inputs = [x.squeeze(-1).to(compute_dtype) for x in xs]
     with autocast_disabled(xs[0].device.type):
@@ -266,17 +266,34 @@ def unique_dkm_batch(
     return [DKMOutput(out.unsqueeze(-1).to(x.dtype), final.to(c.dtype).unsqueeze(-1),
                       out.new_empty(0), count,
                       rebuild=functools.partial(_rebuild, inp, norm, device_side, next(tables),
-                                                x.dtype) if a else None)
+                                                x.dtype, a) if a else None)
             for out, final, x, c, count, inp, norm, a in zip(
                 outputs, finals, xs, centroids, iterations, inputs, norms, again, strict=True)]
 
 
+class _Recomputed:
+    """A ``recompute`` tensor's codes between the rebuild of its soft weights (``F.linear``'s
+    backward, first) and the DKM backward (next), computed once for both."""
+
+    __slots__ = ("codes",)
+
+    def __init__(self) -> None:
+        self.codes: Tensor | None = None
+
+    def take_codes(self, x: Tensor, normalization: Normalization | None,
+                   device_side: bool) -> Tensor:
+        codes, self.codes = self.codes, None
+        if codes is None:
+            codes = float16_codes(x.detach(), normalization, device_side)[0]
+        return codes
+
+
 @torch.no_grad()
 def _rebuild(x: Tensor, normalization: Normalization | None, device_side: bool, table: Tensor,
-             dtype: torch.dtype) -> Tensor:
+             dtype: torch.dtype, recomputed: _Recomputed) -> Tensor:
     """The soft weights of one tensor again, from its input and its per-code output table: the
-    forward's codes and look-up, bit for bit."""
-    codes = float16_codes(x, normalization, device_side)[0]
+    forward's codes and look-up, bit for bit. The codes stay for the DKM backward."""
+    codes = recomputed.codes = float16_codes(x, normalization, device_side)[0]
     return CodeColumns(codes, device_side).look_up(table).unsqueeze(-1).to(dtype)
 
 
