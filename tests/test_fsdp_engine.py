@@ -61,12 +61,17 @@ def _train_one_step(rank: int, port: int, results) -> None:
         dist.destroy_process_group()
 
 
-@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
-def test_fully_sharded_weights_are_clustered_unsharded_with_the_same_centroids_on_every_rank():
+def _on_two_ranks(worker) -> dict:
+    """Run ``worker(rank, port, results)`` on 2 spawned processes; what each rank left."""
     with mp.Manager() as manager:
         results = manager.dict()
-        mp.spawn(_train_one_step, args=(_free_port(), results), nprocs=2)
-        ranks = dict(results)
+        mp.spawn(worker, args=(_free_port(), results), nprocs=2)
+        return dict(results)
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+def test_fully_sharded_weights_are_clustered_unsharded_with_the_same_centroids_on_every_rank():
+    ranks = _on_two_ranks(_train_one_step)
     assert ranks[0]["local"] == ranks[1]["local"] == (64, 64)  # each rank holds half the rows
     for rank in (0, 1):  # ... but the parametrization sees the whole weight
         assert ranks[rank]["seen"] == {"0.weight": (128, 64), "2.weight": (64, 128)}
@@ -117,10 +122,7 @@ def _sharded_step_against_a_plain_one(rank: int, port: int, results) -> None:
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 def test_sharded_weights_rebuild_their_soft_weights_and_get_the_plain_gradients():
-    with mp.Manager() as manager:
-        results = manager.dict()
-        mp.spawn(_sharded_step_against_a_plain_one, args=(_free_port(), results), nprocs=2)
-        ranks = dict(results)
+    ranks = _on_two_ranks(_sharded_step_against_a_plain_one)
     for rank in (0, 1):
         assert ranks[rank]["rebuilt"] == [True, True]
         for name, (sharded, plain) in ranks[rank]["grads"].items():
