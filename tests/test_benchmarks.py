@@ -176,3 +176,16 @@ def test_packed_inference_compares_dense_and_packed_side_by_side(tmp_path):
     assert row["model"] == "cnn"
     assert row["packed"]["state_bytes"] == row["report_bytes"]  # the artifact's bytes, held
     assert row["state_ratio"] > 10 and row["dense"]["latency_ms"] > 0
+
+
+def test_perf_distributed_compares_fsdp_with_dkm_side_by_side(tmp_path):
+    out = tmp_path / "distributed.json"
+    result = run("perf_distributed.py", "--width", "64", "--heads", "2", "--layers", "1",
+                 "--vocab", "512", "--context", "64", "--seq", "16", "--steps", "1",
+                 "--configs", "fsdp", "fsdp_dkm4", "--fast-seed", "--json", str(out))
+    assert "fsdp_dkm4 / fsdp: peak memory" in result.stdout
+    rows = {r["config"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"fsdp", "fsdp_dkm4"}
+    assert all(r["world"] == 2 and r["peak_mb"] > r["base_mb"] > 0 and r["step_s"] > 0
+               for r in rows.values())
+    assert rows["fsdp"]["parameters"] == rows["fsdp_dkm4"]["parameters"]

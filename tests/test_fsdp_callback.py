@@ -59,13 +59,17 @@ def runs(tmp_path_factory) -> dict[str, tuple[Path, dict]]:
     return done
 
 
-def assert_same_fit(result: dict, expected: dict) -> None:
+def assert_same_fit(result: dict, expected: dict, exact: bool) -> None:
+    """The palettes and the finalized model agree: bit for bit (``exact``), or within float32
+    tolerance (``torch.testing``'s default), as when DDP's all-reduce and FSDP2's
+    reduce-scatter average the gradients in different orders for 16 steps."""
+    tolerance = {"rtol": 0, "atol": 0} if exact else {}
     assert result["palettes"].keys() == expected["palettes"].keys() == set(CLUSTERED)
     for name, weight in expected["palettes"].items():
-        torch.testing.assert_close(result["palettes"][name], weight, rtol=0, atol=1e-6)
+        torch.testing.assert_close(result["palettes"][name], weight, **tolerance)
     assert result["finalized"].keys() == expected["finalized"].keys()
     for key, value in expected["finalized"].items():
-        torch.testing.assert_close(result["finalized"][key], value, rtol=0, atol=1e-6)
+        torch.testing.assert_close(result["finalized"][key], value, **tolerance)
 
 
 def test_every_rank_holds_the_same_centroids(runs):
@@ -75,7 +79,7 @@ def test_every_rank_holds_the_same_centroids(runs):
 
 def test_the_artifact_and_the_finalized_model_equal_a_ddp_run_with_the_same_global_batch(runs):
     (_, fsdp), (_, ddp) = runs["fsdp"], runs["ddp"]
-    assert_same_fit(fsdp, ddp)
+    assert_same_fit(fsdp, ddp, exact=False)
     assert fsdp["report_bytes"] == ddp["report_bytes"]
     from fsdp_fit_script import ShardedMLP
 
@@ -83,7 +87,7 @@ def test_the_artifact_and_the_finalized_model_equal_a_ddp_run_with_the_same_glob
     plain = load_compressed(ShardedMLP(), ddp["artifact"])
     for name in CLUSTERED:
         assert torch.equal(sharded[name].indices.long(), plain[name].indices.long()), name
-        torch.testing.assert_close(sharded[name].lut, plain[name].lut, rtol=0, atol=1e-6)
+        torch.testing.assert_close(sharded[name].lut, plain[name].lut)
 
 
 def test_the_finalized_model_is_the_plain_module_with_snapped_weights(runs):
@@ -98,7 +102,7 @@ def test_a_resume_from_an_fsdp_checkpoint_ends_where_the_uninterrupted_run_ends(
     straight, resumed = ("fsdp", "resumed") if kind == "sharded" else ("fsdp_full", "resumed_full")
     checkpoint = runs[straight][0] / "ckpt" / "epoch=0-step=8.ckpt"
     assert checkpoint.is_dir() == (kind == "sharded")
-    assert_same_fit(runs[resumed][1], runs[straight][1])
+    assert_same_fit(runs[resumed][1], runs[straight][1], exact=True)
 
 
 @pytest.mark.parametrize("method", ["hard", "deep_kmeans"])
