@@ -411,3 +411,35 @@ def test_a_scalar_single_palette_weight_is_clustered_in_place_of_its_layout_copy
     torch.testing.assert_close(c_flat, c_perm)
     # the per-value gradient sums add the same terms in another order (float32 rounding)
     assert float((g_flat - g_perm).norm() / g_perm.norm()) < 1e-5
+
+
+# -- activation checkpointing: a forward run again in the backward ------------------------------
+
+
+def _checkpointed_step(mode: str, checkpoint: str | None):
+    from torch.utils.checkpoint import checkpoint as run_checkpointed
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 128), nn.Tanh(), nn.Linear(128, 64))
+    attach(model, select_targets(model, ClusterSpec(bits=2), min_size=0), mode=mode,
+           temperature=3e-2)
+    x = torch.randn(8, 64, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    out = (model(x) if checkpoint is None else
+           run_checkpointed(model, x, use_reentrant=checkpoint == "reentrant"))
+    out.square().mean().backward()
+    centroids = {n: t.parametrization.centroids.clone()
+                 for n, t in clustered_tensors(model).items()}
+    return {n: p.grad for n, p in model.named_parameters()}, centroids
+
+
+@pytest.mark.parametrize("mode", ["soft", "hard"])
+@pytest.mark.parametrize("checkpoint", ["non_reentrant", "reentrant"])
+def test_a_forward_recomputed_by_activation_checkpointing_moves_the_centroids_once(
+    mode, checkpoint
+):
+    grads, centroids = _checkpointed_step(mode, None)
+    checkpointed_grads, checkpointed_centroids = _checkpointed_step(mode, checkpoint)
+    for name, value in centroids.items():  # one step's move, not two
+        assert torch.equal(checkpointed_centroids[name], value), name
+    for name, grad in grads.items():  # the recomputed forward is the first one
+        torch.testing.assert_close(checkpointed_grads[name], grad, rtol=0, atol=0, msg=name)

@@ -110,6 +110,17 @@ _INIT_MAX_ITER = 100
 _FLOAT32_BUFFERS = ("centroids", "temperature", "scale")
 
 
+def recomputing() -> bool:
+    """Whether this forward runs inside a backward pass: activation checkpointing
+    (``torch.utils.checkpoint``, reentrant or not) computing a forward again. Such a forward
+    starts from the centroids the step started from and moves none, so that it computes what
+    the first forward did and a step moves the centroids once. Always false while
+    ``torch.compile`` traces (no graph break; a compiled graph's recomputation is its own)."""
+    if torch.compiler.is_compiling():
+        return False
+    return torch._C._current_graph_task_id() != -1
+
+
 def _is_half(dtype: torch.dtype) -> bool:
     """A floating dtype narrower than float32 (float16, bfloat16, the float8 types)."""
     return dtype.is_floating_point and torch.finfo(dtype).bits < 32
@@ -209,6 +220,10 @@ class DKMParametrization(nn.Module):
         #: The :class:`~.clustering_pass.ClusteringPass` this weight belongs to while one is
         #: open (a plain attribute, never state: nothing outlives the forward).
         self.clustering_pass = None
+        # The centroids a training step started from, for a forward that activation
+        # checkpointing runs again in the backward (:func:`recomputing`): it must start there
+        # too, and move nothing.
+        self._step_start: Tensor | None = None
         P, _, d = layout.palette_shape
         k = layout.spec.num_centroids
         self.register_buffer("centroids", torch.zeros(P, k, d, dtype=torch.float32))
@@ -373,12 +388,16 @@ class DKMParametrization(nn.Module):
                 kwargs["gradient"] = self.gradient
             if self.step_implementation == "unique" and current is not None:
                 kwargs["recompute"] = current.recomputes(self)
-            result = step(self.step_input(weight), self.centroids, self.temperature,
-                          max_iter=self.max_iter, epsilon=self.epsilon, **kwargs)
-            return self.step_output(result, weight)
+            again = recomputing() and self._step_start is not None
+            result = step(self.step_input(weight), self._step_start if again else self.centroids,
+                          self.temperature, max_iter=self.max_iter, epsilon=self.epsilon,
+                          **kwargs)
+            return self.step_output(result, weight, commit=not again)
         x = self.step_input(weight)
-        _, snapped = hard_assign(x, self.centroids)
-        if self.mode == "hard" and self.training:
+        again = recomputing() and self._step_start is not None
+        _, snapped = hard_assign(x, self._step_start if again else self.centroids)
+        if self.mode == "hard" and self.training and not again:
+            self._step_start = self.centroids.detach().clone()
             self._move_centroids_to_member_means(x.detach())
         # Straight-through: the value is the snapped weight, the gradient is the identity. Adding
         # the exact zero ``x - x.detach()`` keeps the value bit-for-bit ``snapped``
@@ -395,12 +414,15 @@ class DKMParametrization(nn.Module):
             weight = weight / self.layout.broadcast_scale(self.scale.to(weight))
         return weight.reshape(1, -1, 1)
 
-    def step_output(self, result: DKMOutput, weight: Tensor) -> Tensor:
-        """Keep the step's final centroids (in place, no gradient) and return its soft weights
-        in the shape and units of ``weight``. A step that can rebuild its weights
-        (``recompute``) tells the clustering pass how, so that it need not keep them."""
-        with torch.no_grad():
-            self.centroids.copy_(result.centroids)
+    def step_output(self, result: DKMOutput, weight: Tensor, commit: bool = True) -> Tensor:
+        """Keep the step's final centroids (in place, no gradient; not when ``commit`` is false:
+        a recomputed forward) and return its soft weights in the shape and units of ``weight``.
+        A step that can rebuild its weights (``recompute``) tells the clustering pass how, so
+        that it need not keep them."""
+        if commit:
+            with torch.no_grad():
+                self._step_start = self.centroids.clone()
+                self.centroids.copy_(result.centroids)
         out = self._from_palettes(result.weights, weight)
         if result.rebuild is not None and self.clustering_pass is not None:
             self.clustering_pass.rebuilds(out, result.rebuild)
