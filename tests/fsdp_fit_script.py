@@ -11,7 +11,8 @@ palettes' weights and the report's sizes).
 Two epochs of 8 steps. Options: ``--checkpoints`` (one at every epoch end in ``OUT_DIR/ckpt``;
 with ``--full`` each is one file of the full state dict, else a sharded directory),
 ``--resume PATH`` (``fit(ckpt_path=PATH)``), ``--rank-seeds`` (each rank initialises the model
-with its own seed, as FSDP2 does not synchronise them), ``--method NAME``, ``--no-finalize``.
+with its own seed, as FSDP2 does not synchronise them), ``--method NAME``, ``--no-finalize``,
+``--tensorboard`` (a ``TensorBoardLogger`` in ``OUT_DIR``: metrics and histograms).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
 from torch import nn
 from torch.utils.data import DataLoader
@@ -81,6 +83,7 @@ def main() -> None:
     parser.add_argument("--rank-seeds", action="store_true")
     parser.add_argument("--method", default="dkm")
     parser.add_argument("--no-finalize", action="store_true")
+    parser.add_argument("--tensorboard", action="store_true")
     args = parser.parse_args()
     out = Path(args.out_dir)
     strategy = (
@@ -96,7 +99,8 @@ def main() -> None:
                            implementation="unique")
     trainer = pl.Trainer(
         default_root_dir=str(out), accelerator="cpu", devices=2, strategy=strategy,
-        max_epochs=2, logger=False, enable_checkpointing=bool(checkpoints),
+        max_epochs=2, logger=TensorBoardLogger(str(out)) if args.tensorboard else False,
+        enable_checkpointing=bool(checkpoints),
         enable_progress_bar=False, enable_model_summary=False,
         callbacks=[callback, CentroidRecorder(str(out)), *checkpoints],
     )

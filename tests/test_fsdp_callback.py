@@ -46,7 +46,7 @@ def runs(tmp_path_factory) -> dict[str, tuple[Path, dict]]:
     root = tmp_path_factory.mktemp("fsdp")
     done = {}
     for name, strategy, options in [
-        ("fsdp", "fsdp", ["--checkpoints"]),
+        ("fsdp", "fsdp", ["--checkpoints", "--tensorboard"]),
         ("ddp", "ddp", []),
         ("fsdp_full", "fsdp", ["--checkpoints", "--full"]),
     ]:
@@ -130,3 +130,14 @@ def test_a_full_fsdp_checkpoint_loads_into_a_plain_model_snapped(runs):
     model.load_state_dict(state)
     for name in CLUSTERED:
         assert torch.unique(model.get_submodule(name[:-7]).weight).numel() <= 4, name
+
+
+def test_metrics_and_histograms_of_the_sharded_weights_reach_tensorboard(runs):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (event_file,) = (runs["fsdp"][0] / "lightning_logs").glob("version_0/events.out.tfevents.*")
+    events = EventAccumulator(str(event_file), size_guidance={"histograms": 0})
+    events.Reload()
+    for name in CLUSTERED:  # each gathered from both ranks' shards
+        assert f"dkm_weights/{name}" in events.Tags()["histograms"], name
+    assert "dkm/entropy" in events.Tags()["scalars"]

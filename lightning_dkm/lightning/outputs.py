@@ -75,10 +75,11 @@ def log_epoch_metrics(
 def log_histograms(trainer: pl.Trainer, tensors: dict[str, ClusteredTensor]) -> None:
     """TensorBoard histograms of every tensor's centroids and weights (written by rank 0; call
     on every rank: a weight that FSDP2 shards is gathered first, one tensor at a time)."""
-    writers = [logger.experiment for logger in trainer.loggers
-               if isinstance(logger, TensorBoardLogger)] if trainer.global_rank == 0 else []
-    sharded = any(is_sharded(t.original) for t in tensors.values())
-    if not writers and not sharded:
+    boards = [logger for logger in trainer.loggers if isinstance(logger, TensorBoardLogger)]
+    if not boards:  # the same on every rank: then no rank gathers anything
+        return
+    writers = [logger.experiment for logger in boards] if trainer.global_rank == 0 else []
+    if not writers and not any(is_sharded(t.original) for t in tensors.values()):
         return
     step = trainer.global_step
     for name, tensor in tensors.items():
