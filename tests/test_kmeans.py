@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -259,3 +260,14 @@ def test_kmeans_rejects_integer_data() -> None:
 def test_kmeans_rejects_n_init_below_one() -> None:
     with pytest.raises(ValueError, match="n_init must be >= 1; got 0"):
         kmeans(torch.arange(10.0).view(1, 10, 1), 2, n_init=0)
+
+
+def test_values_that_only_differ_past_the_first_points_still_count_as_distinct():
+    # The first 64 k points hold one value; the distinct ones come later: counted in full.
+    x = torch.cat([torch.zeros(64 * 4), torch.arange(1.0, 4.0)]).reshape(1, -1, 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # 4 distinct values for k = 4: no warning
+        kmeans_module._warn_if_few_distinct(x, 4, "late")
+    with pytest.warns(UserWarning, match=r"'late' have fewer distinct values than k=5 "
+                                         r"\(palette 0 has 4\)"):
+        kmeans_module._warn_if_few_distinct(x, 5, "late")

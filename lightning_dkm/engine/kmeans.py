@@ -317,9 +317,22 @@ def _label(name: str | None) -> str:
     return f" of {name!r}" if name else ""
 
 
+def _distinct_count(points: Tensor) -> int:
+    """Distinct points (rows) of ``points`` (n, d); a flat sort for scalars (much faster than
+    ``unique(dim=0)``, the same count)."""
+    if points.shape[1] == 1:
+        return int(torch.unique(points.reshape(-1)).numel())
+    return int(torch.unique(points, dim=0).shape[0])
+
+
 def _warn_if_few_distinct(x: Tensor, k: int, name: str | None) -> None:
-    # Sorting is O(n log n); only worth it when a palette can plausibly be short of values.
-    counts = [int(torch.unique(x[p], dim=0).shape[0]) for p in range(x.shape[0])]
+    # Counting a palette's distinct points is a sort, O(n log n): 3 minutes for a 38.6M-weight
+    # embedding on one core. Its first 64 k points usually hold k distinct ones already, which
+    # settles it exactly; only a palette short of values there is counted in full.
+    counts = []
+    for p in range(x.shape[0]):
+        head = _distinct_count(x[p, : 64 * k])
+        counts.append(head if head >= k else _distinct_count(x[p]))
     short = [(p, c) for p, c in enumerate(counts) if c < k]
     if short:
         p, c = short[0]
