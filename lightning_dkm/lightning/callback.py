@@ -375,7 +375,7 @@ class DKMCallback(DKMResults, Callback):
                    "create them in __init__)" if self._fully_sharded else "")
             )
         if self._fully_sharded is not None:
-            self._fully_sharded.setup(trainer, pl_module)
+            self._fully_sharded.setup(trainer, pl_module, finalize=self.finalize)
         # Seed now (before DDP wraps the model) when DKM starts at once; otherwise at start_epoch
         # from the weights as they are then. Either way every rank computes the same centroids.
         # Under FSDP2 at the first epoch, from the gathered weights (see .fully_sharded).

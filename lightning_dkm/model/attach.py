@@ -20,7 +20,7 @@ from torch.nn.utils import parametrize
 
 from ..engine.palette import Palette
 from ..engine.parametrization import DKMParametrization, Implementation, Mode, stable_seed
-from ..engine.sharding import full_tensor, is_sharded, write_full
+from ..engine.sharding import full_tensor, write_full
 from ..engine.weighted import Gradient
 from .carried import carry_palettes, discard_palettes
 from .targets import Target
@@ -32,7 +32,6 @@ __all__ = [
     "clustered_tensors",
     "finalize",
     "finalize_sharded",
-    "has_sharded_weights",
     "release",
     "set_mode",
     "set_temperature",
@@ -224,8 +223,3 @@ def finalize_sharded(model: nn.Module, names: Iterable[str] | None = None) -> di
         write_full(tensor.original, palettes[name].weight())
         tensor.parametrization.set_mode("dense")
     return palettes
-
-
-def has_sharded_weights(model: nn.Module) -> bool:
-    """Whether any clustered weight of ``model`` is a ``DTensor`` (FSDP2 has sharded it)."""
-    return any(is_sharded(t.original) for t in clustered_tensors(model).values())
