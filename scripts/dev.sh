@@ -22,10 +22,10 @@ setup() {
   local want
   want="$(cat pyproject.toml constraints.txt | sha256sum | cut -d' ' -f1)"
   if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
-    echo "[setup] installing torch==2.13.0 (CPU) and lightning-dkm[dev,examples,coreml]"
+    echo "[setup] installing torch==2.13.0 (CPU) and lightning-dkm[dev,examples,coreml,coreai,coreai-opt]"
     "$venv/bin/python" -m pip install --quiet --upgrade pip
     "$venv/bin/python" -m pip install --quiet -c constraints.txt "torch==2.13.0"
-    "$venv/bin/python" -m pip install --quiet -c constraints.txt -e ".[dev,examples,coreml]"
+    "$venv/bin/python" -m pip install --quiet -c constraints.txt -e ".[dev,examples,coreml,coreai,coreai-opt]"
     echo "$want" > "$stamp"
   fi
 }
