@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
-import tempfile
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -35,11 +33,12 @@ import torch
 from torch import Tensor, nn
 
 from ..model.carried import carried_palettes, version_key
-from ..model.state import unwrap
+from .files import replace_directory
+from .tracing import as_example_tuple, exportable
 
 __all__ = [
-    "CoreMLPalette", "export_coreml", "package_bytes", "read_coreml_palettes",
-    "require_coremltools",
+    "CoreMLPalette", "convert_to_mlprogram", "export_coreml", "package_bytes",
+    "read_coreml_palettes", "require_coremltools",
 ]
 
 _INSTALL_HINT = 'pip install "lightning-dkm[coreml]" (coremltools >= 8.0)'
@@ -77,6 +76,29 @@ def _input_types(ct: Any, example_inputs: Sequence[Tensor]) -> list[Any]:
     return types
 
 
+def convert_to_mlprogram(
+    module: nn.Module,
+    examples: tuple[Tensor, ...],
+    inputs: list[Any] | None = None,
+    minimum_deployment_target: Any = None,
+    **convert_kwargs: Any,
+) -> Any:
+    """Trace ``module`` (already :func:`~lightning_dkm.export.tracing.exportable`) on
+    ``examples`` and convert it to an in-memory ML program; nothing is written. The fit's early
+    check calls this on the dense model, the export on the finalized one."""
+    ct = require_coremltools()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        traced = torch.jit.trace(module, examples)
+    return ct.convert(
+        traced,
+        inputs=inputs or _input_types(ct, examples),
+        convert_to="mlprogram",
+        minimum_deployment_target=minimum_deployment_target or ct.target.iOS18,
+        **convert_kwargs,
+    )
+
+
 def export_coreml(
     model: nn.Module,
     path: str | os.PathLike[str],
@@ -89,9 +111,10 @@ def export_coreml(
 
     Args:
         model: a finalized model (after :func:`~lightning_dkm.finalize`,
-            :func:`~lightning_dkm.model.post_training` or :func:`~lightning_dkm.load_compressed`);
-            it
-            is traced in eval mode (``torch.jit.trace``) on ``example_inputs``.
+            :func:`~lightning_dkm.palettize` or :func:`~lightning_dkm.load_compressed`):
+            a plain ``nn.Module`` or a ``LightningModule`` (inside or outside a Trainer),
+            also behind ``torch.compile`` or DDP; it is traced in eval mode
+            (``torch.jit.trace``) on ``example_inputs``.
         path: the ``.mlpackage`` directory to write; replaced if it exists (the new package is
             written next to it first, so a failed export leaves the old one).
         example_inputs: one tensor or a sequence of them, the model's positional inputs; their
@@ -119,43 +142,22 @@ def export_coreml(
             f"{convert_kwargs['convert_to']!r}"
         )
     convert_kwargs.pop("convert_to", None)
-    examples = (example_inputs,) if isinstance(example_inputs, Tensor) else tuple(example_inputs)
+    examples = as_example_tuple(example_inputs)
     inputs = convert_kwargs.pop("inputs", None) or _input_types(ct, examples)
-    model = unwrap(model)
-    palettes = carried_palettes(model)  # validates them against the weights
-    if not palettes:
-        warnings.warn(
-            "export_coreml: the model carries no palettes (not finalized or palettized?), so "
-            "every weight is exported dense",
-            UserWarning,
-            stacklevel=2,
-        )
-    elif version_key() not in dict(model.named_buffers(recurse=False)):
-        model.register_buffer(version_key(), torch.tensor(1))
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore", torch.jit.TracerWarning)
-            traced = torch.jit.trace(model, examples)
-        mlmodel = ct.convert(
-            traced,
-            inputs=inputs,
-            convert_to="mlprogram",
-            minimum_deployment_target=minimum_deployment_target or ct.target.iOS18,
-            **convert_kwargs,
-        )
-    finally:
-        model.train(was_training)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
-        mlmodel.save(str(staging / path.name))
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(staging / path.name, path)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    with exportable(model) as module:
+        palettes = carried_palettes(module)  # validates them against the weights
+        if not palettes:
+            warnings.warn(
+                "export_coreml: the model carries no palettes (not finalized or palettized?), "
+                "so every weight is exported dense",
+                UserWarning,
+                stacklevel=2,
+            )
+        elif version_key() not in dict(module.named_buffers(recurse=False)):
+            module.register_buffer(version_key(), torch.tensor(1))
+        mlmodel = convert_to_mlprogram(module, examples, inputs, minimum_deployment_target,
+                                       **convert_kwargs)
+    replace_directory(path, lambda staging: mlmodel.save(str(staging)))
     return path
 
 

@@ -1,17 +1,20 @@
 """Files that are never seen half-written: the one writer of everything lightning_dkm persists
 (the artifact, the compression report, the ddp_spawn handoff): temporary file beside the
-target, ``fsync``, ``os.replace``, ``fsync`` of the directory."""
+target, ``fsync``, ``os.replace``, ``fsync`` of the directory; and packages that are
+directories (``.mlpackage``, ``.aimodel``): written beside the target, then moved in."""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import secrets
+import shutil
 import stat
+import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-__all__ = ["write_atomically"]
+__all__ = ["replace_directory", "write_atomically"]
 
 
 def _temporary_beside(path: Path) -> tuple[Path, int]:
@@ -91,3 +94,21 @@ def write_atomically(writers: Mapping[str | os.PathLike[str], Callable[[Path], N
             tmp.unlink(missing_ok=True)
     for directory in {path.parent for path in targets}:
         _fsync_directory(directory)
+
+
+def replace_directory(path: Path, write: Callable[[Path], None]) -> None:
+    """Write the directory ``path`` (a package) with ``write(staging_path)`` into a hidden
+    staging directory beside it, then replace ``path`` by it: an exception in ``write`` leaves
+    the previous package untouched and no staging directory behind."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        write(staging / path.name)
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+        os.replace(staging / path.name, path)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    _fsync_directory(path.parent)
