@@ -156,3 +156,24 @@ def test_a_bare_module_name_selects_that_module_at_any_depth(tmp_path):
     model = Nested()
     t.fit(model)
     assert set(clustered_tensors(model)) == {"body.2.proj.weight"}
+
+
+# -- lut_dtype ----------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("lut_dtype", "stored"), [("fp16", torch.float16), (torch.float32, torch.float32)],
+    ids=["fp16", "torch.float32"],
+)
+def test_lut_dtype_takes_the_spellings_save_compressed_takes(tmp_path, lut_dtype, stored):
+    from lightning_dkm import read_palettes
+
+    cb = DKMCallback(bits=2, lut_dtype=lut_dtype, save_dir=str(tmp_path / "dkm"), verbose=False)
+    fit(tmp_path, cb, max_epochs=1)
+    palettes = read_palettes(tmp_path / "dkm" / "model.dkm.safetensors")
+    assert {p.lut.dtype for p in palettes.values()} == {stored}
+
+
+@pytest.mark.parametrize("lut_dtype", ["bfloat16", torch.bfloat16, "f16"])
+def test_a_bad_lut_dtype_fails_at_construction_naming_it(lut_dtype):
+    with pytest.raises(ValueError, match=r"lut_dtype must be torch\.float16 or torch\.float32, "
+                                         rf"or one of the names 'float16'.*got {lut_dtype!r}"):
+        DKMCallback(lut_dtype=lut_dtype)

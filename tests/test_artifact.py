@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import struct
 import warnings
 from collections.abc import Callable
@@ -190,6 +191,86 @@ def test_size_on_disk_matches_the_report(tmp_path, lut_dtype) -> None:
     data = os.path.getsize(path) - header_len
     assert report.total_bytes * 0.99 <= data <= report.total_bytes * 1.01
     assert data == report.total_bytes  # in fact exact: no padding between tensors
+
+
+#: Every spelling of each LUT dtype that a ``lut_dtype`` argument takes (engine/palette.py).
+LUT_DTYPE_SPELLINGS = {
+    torch.float16: ["float16", "fp16", "half", torch.float16, torch.half],
+    torch.float32: ["float32", "fp32", "float", torch.float32, torch.float],
+}
+
+
+@pytest.mark.parametrize(
+    ("dtype", "spelling"),
+    [(dtype, s) for dtype, spellings in LUT_DTYPE_SPELLINGS.items() for s in spellings],
+    ids=str,
+)
+def test_every_lut_dtype_spelling_saves_and_reports_that_dtype(tmp_path, dtype, spelling):
+    model, palettes = finalized()
+    path = save_compressed(model, tmp_path / "m.safetensors", palettes, lut_dtype=spelling)
+    name = str(dtype).removeprefix("torch.")
+    assert json.loads(read_metadata(path)["lightning_dkm.layout"])["lut_dtype"] == name
+    assert read_palettes(path)["fc.weight"].lut.dtype == dtype
+    report = CompressionReport.build(model, palettes, lut_dtype=spelling)
+    assert report.lut_dtype == name
+    same = CompressionReport.build(model, palettes, lut_dtype=dtype)
+    assert report.total_bytes == same.total_bytes
+    palette = palettes["fc.weight"]
+    assert palette.compressed_bytes(spelling) == palette.compressed_bytes(dtype)
+    assert palette.stored_lut_dtype(spelling) == dtype
+
+
+@pytest.mark.parametrize("bad", ["bfloat16", torch.bfloat16, "float64", "FP16", 16, None])
+def test_a_bad_lut_dtype_is_refused_naming_the_value_and_what_is_allowed(tmp_path, bad):
+    model, palettes = finalized()
+    message = (r"lut_dtype must be torch\.float16 or torch\.float32, or one of the names "
+               r"'float16', 'float32', 'fp16', 'half', 'fp32', 'float'; got "
+               + re.escape(repr(bad)))
+    with pytest.raises(ValueError, match=message):
+        save_compressed(model, tmp_path / "m.safetensors", palettes, lut_dtype=bad)
+    with pytest.raises(ValueError, match=message):
+        CompressionReport.build(model, palettes, lut_dtype=bad)
+    if bad is not None:  # a Palette's byte counts take None for its own dtype
+        with pytest.raises(ValueError, match=message):
+            palettes["fc.weight"].lut_bytes(bad)
+    assert not (tmp_path / "m.safetensors").exists()
+
+
+def _functions_with_a_lut_dtype() -> set[str]:
+    """Every public function and method of the package's API that has a ``lut_dtype``
+    argument, and DKMCallback; the records' fields of that name (``CompressionReport``,
+    ``LayerReport``: the name a report holds) are not arguments."""
+    import dataclasses
+    import inspect
+
+    import lightning_dkm
+
+    found = set()
+    for name in [*lightning_dkm.__all__, "DKMCallback"]:
+        obj = getattr(lightning_dkm, name)
+        members = [(name, obj)]
+        if inspect.isclass(obj):
+            members = [(name, obj)] if not dataclasses.is_dataclass(obj) else []
+            members += [(f"{name}.{attr}", getattr(obj, attr)) for attr in vars(obj)
+                        if not attr.startswith("_") and callable(getattr(obj, attr))]
+        for label, member in members:
+            try:
+                parameters = inspect.signature(member).parameters
+            except (TypeError, ValueError):
+                continue
+            if "lut_dtype" in parameters:
+                found.add(label)
+    return found
+
+
+def test_the_lut_dtype_spellings_test_covers_every_function_with_a_lut_dtype():
+    """A new public function with a ``lut_dtype`` must read it with ``lut_dtype_of`` and be
+    added to the spellings test above (and DKMCallback's, in test_arguments.py)."""
+    assert _functions_with_a_lut_dtype() == {
+        "save_compressed", "CompressionReport.build", "DKMCallback",
+        "Palette.stored_lut_dtype", "Palette.lut_bytes", "Palette.scale_bytes",
+        "Palette.compressed_bytes",
+    }
 
 
 def test_the_file_is_plain_safetensors_without_pickle(tmp_path) -> None:

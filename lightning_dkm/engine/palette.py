@@ -9,6 +9,7 @@ when the spec has ``per_channel_scale``); it is exact by construction.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -16,11 +17,55 @@ from torch import Tensor
 from .bitpack import packed_size
 from .layout import PaletteLayout
 
-__all__ = ["FLOAT16_MAX", "Palette"]
+__all__ = [
+    "FLOAT16_MAX",
+    "LUT_DTYPES",
+    "LUT_DTYPE_VALUES",
+    "LutDtype",
+    "Palette",
+    "lut_dtype_name",
+    "lut_dtype_of",
+]
 
 #: The largest finite float16 (65504). A centroid beyond it would be stored as ``inf`` in a
 #: float16 LUT, so such a LUT is stored in float32 instead (see :meth:`Palette.stored_lut_dtype`).
 FLOAT16_MAX = torch.finfo(torch.float16).max
+
+# -- lut_dtype: the one place its values are read -------------------------------------------------
+#: The dtypes a LUT is stored at, by the name an artifact records (``torch.float16`` without
+#: its ``torch.`` prefix).
+LUT_DTYPES: dict[str, torch.dtype] = {"float16": torch.float16, "float32": torch.float32}
+#: Every value a ``lut_dtype`` argument accepts, and the dtype it means: the names above, the
+#: short names ``"fp16"`` / ``"fp32"``, torch's own aliases ``"half"`` / ``"float"`` (as
+#: ``torch.half``, ``torch.float``) and the dtypes themselves.
+LUT_DTYPE_VALUES: dict[str | torch.dtype, torch.dtype] = {
+    **LUT_DTYPES,
+    "fp16": torch.float16, "half": torch.float16,
+    "fp32": torch.float32, "float": torch.float32,
+    torch.float16: torch.float16, torch.float32: torch.float32,
+}
+#: The type of a ``lut_dtype`` argument (a name, as a YAML gives it, or a dtype).
+LutDtype = Literal["float16", "float32", "fp16", "fp32", "half", "float"] | torch.dtype
+
+
+def lut_dtype_of(value: object, name: str = "lut_dtype") -> torch.dtype:
+    """The dtype that a ``lut_dtype`` argument ``value`` means (see :data:`LUT_DTYPE_VALUES`);
+    a ``ValueError`` naming ``name``, the value and what is allowed for anything else (e.g.
+    ``torch.bfloat16``: an artifact stores float16 or float32 LUTs)."""
+    dtype = LUT_DTYPE_VALUES.get(value) if isinstance(value, (str, torch.dtype)) else None
+    if dtype is None:
+        names = ", ".join(repr(v) for v in LUT_DTYPE_VALUES if isinstance(v, str))
+        raise ValueError(
+            f"{name} must be torch.float16 or torch.float32, or one of the names {names}; "
+            f"got {value!r}"
+        )
+    return dtype
+
+
+def lut_dtype_name(value: object, name: str = "lut_dtype") -> str:
+    """The name an artifact records for ``value`` (``"float16"`` or ``"float32"``), checked as
+    :func:`lut_dtype_of` does."""
+    return str(lut_dtype_of(value, name)).removeprefix("torch.")
 
 
 @dataclass
@@ -130,7 +175,7 @@ class Palette:
             peak = max(peak, float(self.scale.detach().abs().max()))
         return peak
 
-    def stored_lut_dtype(self, lut_dtype: torch.dtype) -> torch.dtype:
+    def stored_lut_dtype(self, lut_dtype: LutDtype) -> torch.dtype:
         """The dtype the artifact stores this LUT at when ``lut_dtype`` is asked for.
 
         That is ``lut_dtype``, except ``torch.float32`` when ``lut_dtype`` is float16 and a
@@ -140,6 +185,7 @@ class Palette:
         loaded. The scales are stored in the same dtype as the LUT. The artifact and the report
         both use this, so their sizes agree.
         """
+        lut_dtype = lut_dtype_of(lut_dtype)
         if lut_dtype == torch.float16 and (
             self.max_abs_centroid() > FLOAT16_MAX or not self._scale_fits_float16()
         ):
@@ -153,21 +199,21 @@ class Palette:
         scale = self.scale.detach().float()
         return bool(torch.equal(scale.half().float(), scale))
 
-    def lut_bytes(self, lut_dtype: torch.dtype | None = None) -> int:
+    def lut_bytes(self, lut_dtype: LutDtype | None = None) -> int:
         """Bytes of the ``P`` LUTs of ``k x d`` entries stored as ``lut_dtype`` (default: the
         LUT's own dtype)."""
-        dtype = self.lut.dtype if lut_dtype is None else lut_dtype
+        dtype = self.lut.dtype if lut_dtype is None else lut_dtype_of(lut_dtype)
         return self.lut.numel() * dtype.itemsize
 
-    def scale_bytes(self, lut_dtype: torch.dtype | None = None) -> int:
+    def scale_bytes(self, lut_dtype: LutDtype | None = None) -> int:
         """Bytes of the per-channel scales stored as ``lut_dtype`` (default: the LUT's dtype);
         0 without per-channel scale."""
         if self.scale is None:
             return 0
-        dtype = self.lut.dtype if lut_dtype is None else lut_dtype
+        dtype = self.lut.dtype if lut_dtype is None else lut_dtype_of(lut_dtype)
         return self.scale.numel() * dtype.itemsize
 
-    def compressed_bytes(self, lut_dtype: torch.dtype | None = None) -> int:
+    def compressed_bytes(self, lut_dtype: LutDtype | None = None) -> int:
         """Stored size of this tensor: :meth:`lut_bytes` + :meth:`scale_bytes` +
         :meth:`index_bytes`."""
         return self.lut_bytes(lut_dtype) + self.scale_bytes(lut_dtype) + self.index_bytes()

@@ -49,7 +49,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from ..engine.bitpack import pack_bits
-from ..engine.palette import FLOAT16_MAX, Palette
+from ..engine.palette import FLOAT16_MAX, LutDtype, Palette, lut_dtype_of
 from ..model.carried import carried_palettes, carry_palettes, discard_palettes
 from ..model.state import StateTensors, is_compression_metadata, state_tensors, unwrap
 from .artifact_format import (
@@ -240,7 +240,7 @@ def save_compressed(
     path: str | os.PathLike[str],
     palettes: Mapping[str, Palette] | None = None,
     *,
-    lut_dtype: torch.dtype = torch.float16,
+    lut_dtype: LutDtype = torch.float16,
     metadata: Mapping[str, str] | None = None,
     allow_dense: bool = False,
 ) -> Path:
@@ -264,7 +264,9 @@ def save_compressed(
             2..256 distinct values, as finalize leaves a per-tensor palette); for one that has
             such weights it is an error, since the palettes were most likely forgotten.
         lut_dtype: ``torch.float16`` (half the LUT bytes; the loaded weights are the
-            fp16-rounded centroids) or ``torch.float32`` (loads bit for bit). With float16, a
+            fp16-rounded centroids) or ``torch.float32`` (loads bit for bit), or a name of
+            one: ``"float16"`` / ``"fp16"`` / ``"half"``, ``"float32"`` / ``"fp32"`` /
+            ``"float"`` (:func:`~lightning_dkm.engine.palette.lut_dtype_of`). With float16, a
             tensor with a centroid beyond float16's range (``|value| > 65504``) keeps its LUT in
             float32, with a warning, so the file loads back exactly.
         metadata: extra ``str -> str`` entries for the file header.
@@ -280,8 +282,7 @@ def save_compressed(
             from that tensor; non-tensor state (``get_extra_state``); or bad ``metadata``.
         FileNotFoundError: the directory of ``path`` does not exist.
     """
-    if lut_dtype not in _LUT_DTYPES.values():
-        raise ValueError(f"lut_dtype must be one of {list(_LUT_DTYPES)}; got {lut_dtype}")
+    lut_dtype = lut_dtype_of(lut_dtype)
     model = unwrap(model)  # torch.compile / DDP: the names are the model's own
     if palettes is None:
         palettes = carried_palettes(model)

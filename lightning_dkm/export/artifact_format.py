@@ -18,7 +18,7 @@ from torch import Tensor
 
 from ..engine.bitpack import packed_size, unpack_bits
 from ..engine.layout import ClusterSpec, PaletteLayout
-from ..engine.palette import Palette
+from ..engine.palette import LUT_DTYPES, Palette
 
 FORMAT_NAME = "lightning_dkm.compressed"
 FORMAT_VERSION = "1"
@@ -30,7 +30,7 @@ _KEY_LAYOUT = _PREFIX + "layout"
 _KEY_DIGEST = _PREFIX + "sha256"
 
 _LUT, _SCALE, _INDICES, _STATE = "lut/", "scale/", "indices/", "state/"
-_LUT_DTYPES = {"float16": torch.float16, "float32": torch.float32}
+_LUT_DTYPES = LUT_DTYPES  # a file records a LUT dtype by its name: "float16" or "float32"
 _ENTRY_KEYS = {
     "shape", "dtype", "bits", "cluster_dim", "group_size", "group_axis", "vector_axis", "count",
 }

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..engine.palette import Palette
+from ..engine.palette import LutDtype, Palette, lut_dtype_of
 from ..model.state import state_tensors
 from .energy import EnergyModel, count_macs
 from .files import write_atomically
@@ -60,8 +60,6 @@ __all__ = [
 
 #: The per-layer statistics ``CompressionReport.build(stats=...)`` accepts.
 STAT_KEYS = ("entropy_bits", "snap_rmse")
-
-LUT_DTYPES = (torch.float16, torch.float32)
 
 _REPORT_FORMAT = "lightning_dkm.compression_report"
 _REPORT_VERSION = 1
@@ -125,7 +123,7 @@ class CompressionReport:
         model: nn.Module,
         palettes: Mapping[str, Palette],
         *,
-        lut_dtype: torch.dtype = torch.float16,
+        lut_dtype: LutDtype = torch.float16,
         stats: Mapping[str, Mapping[str, float]] | None = None,
         example_input: Any = None,
         macs: Mapping[str, int] | None = None,
@@ -137,7 +135,8 @@ class CompressionReport:
             model: the model after :func:`~lightning_dkm.finalize` or
                 :func:`~lightning_dkm.model.post_training` (plain, no parametrizations).
             palettes: what ``finalize``/``palettize`` returned, by parameter name.
-            lut_dtype: the LUT storage dtype, ``torch.float16`` or ``torch.float32`` (as in
+            lut_dtype: the LUT storage dtype, ``torch.float16`` or ``torch.float32`` or a name
+                of one, ``"float16"``, ``"fp16"``, ... (as in
                 :func:`~lightning_dkm.export.artifact.save_compressed`).
             stats: optional ``{name: {"entropy_bits": ..., "snap_rmse": ...}}`` per clustered
                 tensor.
@@ -151,10 +150,7 @@ class CompressionReport:
                 ``model.state_dict()`` or of another shape, malformed ``stats``, or both
                 ``example_input`` and ``macs``.
         """
-        if lut_dtype not in LUT_DTYPES:
-            raise ValueError(
-                f"lut_dtype must be one of {[_dtype_name(d) for d in LUT_DTYPES]}; got {lut_dtype}"
-            )
+        lut_dtype = lut_dtype_of(lut_dtype)
         if example_input is not None and macs is not None:
             raise ValueError("pass example_input or macs, not both")
         names = list(palettes)

@@ -14,9 +14,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
 from ..engine.layout import ClusterSpec
+from ..engine.palette import LUT_DTYPE_VALUES, lut_dtype_of
 from ..engine.parametrization import check_gradient
 from ..model.methods import (
     DEFAULT_REFRESH_EVERY,
@@ -45,8 +44,9 @@ __all__ = [
     "resolve_method",
 ]
 
-#: ``lut_dtype`` names and the dtype the palettes are stored in.
-LUT_DTYPES = {"float16": torch.float16, "float32": torch.float32}
+#: Every value ``lut_dtype`` accepts and the dtype the palettes are stored in (one table for
+#: every function with a ``lut_dtype``: :data:`lightning_dkm.engine.palette.LUT_DTYPE_VALUES`).
+LUT_DTYPES = LUT_DTYPE_VALUES
 
 
 def require(ok: bool, message: str) -> None:
@@ -262,5 +262,4 @@ def check_arguments(
             f"{implementation!r}")
     require(isinstance(export_coreml, bool),
             f"export_coreml must be True or False; got {export_coreml!r}")
-    require(lut_dtype in LUT_DTYPES,
-            f"lut_dtype must be one of {tuple(LUT_DTYPES)}; got {lut_dtype!r}")
+    lut_dtype_of(lut_dtype)
