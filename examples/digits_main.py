@@ -68,11 +68,20 @@ def main(args: list[str] | None = None) -> dict[str, float]:
         print(f"Core ML package {coreml}: {package_bytes(coreml):,} bytes, "
               f"{len(read_coreml_palettes(coreml))} LUT-palettized tensors "
               "(runs on macOS / iOS 18+)")
+    coreai = dkm.report.exports.get("coreai")
+    if coreai is not None:  # export_coreai: true in the YAML (needs the coreai extra)
+        print(f"Core AI package {coreai['path']}: {coreai['package_bytes']:,} bytes, "
+              f"{coreai['lut_ops']} LUT ops; run in coreai-core's runtime: max |runtime - "
+              f"PyTorch| = {coreai['max_abs_difference']:.2g} (allowed "
+              f"{coreai['tolerance']:.2g}; runs on iOS / macOS 27+)")
     if loaded != after:
         raise SystemExit("the model loaded from the artifact does not match the finalized model")
     return {"fp32_test_acc": before, "dkm_test_acc": after, "loaded_test_acc": loaded,
             "artifact_bytes": size,
-            "coreml_bytes": None if coreml is None else package_bytes(coreml)}
+            "coreml_bytes": None if coreml is None else package_bytes(coreml),
+            "coreai_bytes": None if coreai is None else coreai["package_bytes"],
+            "coreai_max_abs_difference": None if coreai is None else coreai[
+                "max_abs_difference"]}
 
 
 if __name__ == "__main__":

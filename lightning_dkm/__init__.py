@@ -3,7 +3,8 @@
 Four layers (``docs/architecture.md``): ``engine`` (plain PyTorch: k-means, the palette layout,
 the one weighted DKM core, the parametrization), ``model`` (targets, attach / finalize,
 post-training k-means, methods, checkpoints), ``export`` (artifact, packed inference, Core ML,
-report) and ``lightning`` (:class:`DKMCallback`). Every public name is importable from here.
+Core AI, report) and ``lightning`` (:class:`DKMCallback`). Every public name is importable
+from here.
 """
 
 from .engine.bitpack import pack_bits, unpack_bits
@@ -18,6 +19,7 @@ from .export.artifact import (
     read_palettes,
     save_compressed,
 )
+from .export.coreai import CoreAIExport, export_coreai, read_coreai_palettes
 from .export.coreml import export_coreml, read_coreml_palettes
 from .export.energy import EnergyModel, count_macs
 from .export.packed import pack, unpack
@@ -37,6 +39,7 @@ __all__ = [
     "ClusterSpec",
     "ClusteredTensor",
     "CompressionReport",
+    "CoreAIExport",
     "DKMCallback",
     "DKMParametrization",
     "EnergyEstimate",
@@ -54,6 +57,7 @@ __all__ = [
     "count_macs",
     "discard_palettes",
     "expect_carried_buffers",
+    "export_coreai",
     "export_coreml",
     "finalize",
     "fisher_diagonal",
@@ -63,6 +67,7 @@ __all__ = [
     "pack",
     "pack_bits",
     "palettize",
+    "read_coreai_palettes",
     "read_coreml_palettes",
     "read_metadata",
     "read_palettes",

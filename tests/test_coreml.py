@@ -137,3 +137,16 @@ def test_the_callback_writes_an_mlpackage_when_asked(tmp_path) -> None:
     path = cb.output_paths["coreml"]
     assert path.name == "model.mlpackage" and path.is_dir()
     assert len(read_coreml_palettes(path)) == 2
+
+
+def test_a_lightning_module_outside_a_trainer_exports(tmp_path) -> None:
+    from lightning_helpers import TinyNet
+
+    model = TinyNet()
+    palettize(model, bits=2)
+    model.train()
+    path = export_coreml(model, tmp_path / "tiny.mlpackage", torch.randn(2, 32))
+    assert len(read_coreml_palettes(path)) == 2
+    assert model.training and "_jit_is_scripting" not in vars(model)
+    with pytest.raises(RuntimeError, match="not attached to a `Trainer`"):
+        model.trainer  # noqa: B018  (the flag is gone again)

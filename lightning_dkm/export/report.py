@@ -27,7 +27,7 @@ import json
 import math
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -102,6 +102,12 @@ def _owner_module(name: str) -> str:
     return name.rsplit(".", 1)[0] if "." in name else ""
 
 
+def _exports(data: object) -> dict[str, dict[str, Any]]:
+    if not isinstance(data, Mapping) or not all(isinstance(v, Mapping) for v in data.values()):
+        raise ValueError("the compression report's 'exports' must map a target to an object")
+    return {str(name): dict(entry) for name, entry in data.items()}
+
+
 @dataclass
 class CompressionReport:
     """Stored size of a clustered model, per clustered tensor and in total.
@@ -115,6 +121,9 @@ class CompressionReport:
     unclustered: list[TensorReport]
     lut_dtype: str = "float16"
     energy: EnergyEstimate | None = None
+    #: What each export wrote and how it was verified, by target (``"coreml"``, ``"coreai"``):
+    #: path, package bytes and, for Core AI, the runtime-vs-PyTorch difference.
+    exports: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     # -- building ----------------------------------------------------------------------------
     @classmethod
@@ -299,6 +308,7 @@ class CompressionReport:
             "unclustered": [t.to_dict() for t in self.unclustered],
             "totals": self.totals(),
             "estimated_energy": self.energy.to_dict() if self.energy else None,
+            "exports": {name: dict(entry) for name, entry in self.exports.items()},
         }
 
     @classmethod
@@ -326,6 +336,7 @@ class CompressionReport:
             unclustered=[_from_fields(TensorReport, d) for d in data["unclustered"]],
             lut_dtype=data["lut_dtype"],
             energy=_from_fields(EnergyEstimate, energy) if energy else None,
+            exports=_exports(data.get("exports", {})),
         )
 
     def save(self, directory: str | Path) -> dict[str, Path]:
@@ -377,6 +388,10 @@ class CompressionReport:
             return cls.from_dict(data)
         except ValueError as err:
             raise ValueError(f"{path}: {err}") from err
+
+    def record_export(self, target: str, entry: Mapping[str, Any]) -> None:
+        """Add (or replace) what the export to ``target`` wrote and measured."""
+        self.exports[target] = dict(entry)
 
     # -- rendering (report_render.py) ----------------------------------------------------------
     def to_table(self) -> str:

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # for annotations only: report.py imports this module
     from .report import CompressionReport
 
-__all__ = ["ENERGY_SKIPPED", "render"]
+__all__ = ["ENERGY_SKIPPED", "export_line", "render"]
 
 #: What the rendered report says in place of the energy estimate when it has none.
 ENERGY_SKIPPED = (
@@ -43,7 +43,26 @@ def render(report: CompressionReport, markdown: bool) -> str:
         parts += ["", "## Estimated energy per inference", ""] if markdown else [""]
         parts += [_energy_heading(report), *([""] if markdown else []),
                   table(_ENERGY_HEADERS, _energy_rows(report))]
+    if report.exports:
+        parts += ["", "## Exports", ""] if markdown else [""]
+        parts += [("- " if markdown else "") + export_line(name, entry)
+                  for name, entry in report.exports.items()]
     return "\n".join(parts) + "\n"
+
+
+def export_line(target: str, entry: dict) -> str:
+    """One export: where, how large, and how it was verified."""
+    line = f"{target}: {entry.get('path')} ({entry.get('package_bytes', 0):,} bytes"
+    if "lut_ops" in entry:
+        line += f", {entry['lut_ops']} LUT ops"
+    line += ")"
+    difference = entry.get("max_abs_difference")
+    if isinstance(difference, float) and not math.isnan(difference):
+        line += (f"; ran in the runtime: max |runtime - PyTorch| = {difference:.3g} "
+                 f"(allowed {entry.get('tolerance', math.nan):.3g})")
+    elif "verified" in entry:
+        line += f"; {entry['verified']}"
+    return line
 
 
 def _layer_rows(report: CompressionReport) -> list[list[str]]:

@@ -47,7 +47,7 @@ from .convergence import measure_all
 from .forward_cache import ForwardCache
 from .fully_sharded import FullySharded
 from .outputs import ARTIFACT_NAME, COREML_NAME, DKMResults
-from .preflight import check_fit, is_fully_sharded
+from .preflight import check_export_widths, check_fit, is_fully_sharded
 from .schedules import TemperatureSchedule
 from .temperature import TemperatureConfig, TemperaturePlan
 from .timeline import DKMTimeline
@@ -170,10 +170,16 @@ class DKMCallback(DKMResults, Callback):
             indices and every other tensor; see :func:`lightning_dkm.save_compressed`) when fit
             ends. Default True.
         export_coreml: also write ``model.mlpackage``, a Core ML ML program whose clustered
-            weights are LUT ops (:func:`lightning_dkm.export.coreml.export_coreml`, traced on the
-            module's ``example_input_array``; needs the ``coreml`` extra). Checked in ``setup``:
-            without coremltools or ``example_input_array`` it fails before training. Default
-            False.
+            weights are LUT ops (:func:`lightning_dkm.export_coreml`, traced on the module's
+            ``example_input_array``; needs the ``coreml`` extra). Checked in ``setup``: without
+            coremltools or ``example_input_array``, or when the model does not convert (one
+            trial conversion of the dense model), it fails before training. Default False.
+        export_coreai: also write ``model.aimodel``, a Core AI package (iOS / macOS 27) whose
+            clustered weights are LUT ops (:func:`lightning_dkm.export_coreai`), then run it in
+            coreai-core's runtime on ``example_input_array`` and compare with PyTorch (the
+            difference goes into the report; beyond float tolerance it is an error). Needs the
+            ``coreai`` extra and widths of 1, 2, 4, 6 or 8 bits. Checked in ``setup`` like
+            ``export_coreml``. Default False.
         lut_dtype: precision of the stored palettes, ``"float16"`` (default) or ``"float32"``;
             the report's sizes count the same.
         log_histograms: TensorBoard histograms of centroids and weights every epoch. Default
@@ -223,6 +229,7 @@ class DKMCallback(DKMResults, Callback):
         save_dir: str | None = None,
         save_artifact: bool = True,
         export_coreml: bool = False,
+        export_coreai: bool = False,
         lut_dtype: Literal["float16", "float32"] = "float16",
         log_histograms: bool = True,
         verbose: bool = True,
@@ -253,7 +260,10 @@ class DKMCallback(DKMResults, Callback):
         self.max_iter, self.epsilon, self.seed = max_iter, float(epsilon), int(seed)
         self.implementation, self.gradient = implementation, gradient
         self.finalize, self.save_dir, self.save_artifact = finalize, save_dir, save_artifact
-        self.export_coreml, self.lut_dtype = export_coreml, lut_dtype
+        if not isinstance(export_coreai, bool):
+            raise ValueError(f"export_coreai must be True or False; got {export_coreai!r}")
+        self.export_coreml, self.export_coreai, self.lut_dtype = (
+            export_coreml, export_coreai, lut_dtype)
         self.log_histograms, self.verbose = log_histograms, verbose
         self._names: list[str] = []
         self._timeline = DKMTimeline(self.temperature, self._method, start_epoch, hard_epoch)
@@ -347,6 +357,9 @@ class DKMCallback(DKMResults, Callback):
         )
         self._names = [t.name for t in selected]
 
+    def _exports(self) -> dict[str, bool]:
+        return {"export_coreml": self.export_coreml, "export_coreai": self.export_coreai}
+
     # -- lifecycle -------------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
@@ -356,7 +369,7 @@ class DKMCallback(DKMResults, Callback):
             return
         self._out_dir = check_fit(
             trainer, pl_module, save_dir=self.save_dir, finalize=self.finalize,
-            export_coreml=self.export_coreml, temperature=self.temperature,
+            exports=self._exports(), temperature=self.temperature,
             start_epoch=self.start_epoch, hard_epoch=self.hard_epoch,
             uses_temperature=self._method.uses_temperature,
         )
@@ -366,6 +379,7 @@ class DKMCallback(DKMResults, Callback):
             pl_module, self.spec, targets=self.targets, exclude=self.exclude,
             min_size=self.min_size, overrides=self.overrides,
         )
+        check_export_widths(selected, self.export_coreai)
         self._fully_sharded = FullySharded() if is_fully_sharded(trainer) else None
         if not selected:
             rank_zero_warn(
@@ -484,6 +498,6 @@ class DKMCallback(DKMResults, Callback):
         self._write_outputs(
             trainer, self.finalized_model, self._out_dir, lut_dtype=LUT_DTYPES[self.lut_dtype],
             write_artifact=save_compressed if self.save_artifact else None,
-            export_coreml=self.export_coreml, verbose=self.verbose,
+            exports=self._exports(), verbose=self.verbose,
         )
 

@@ -4,7 +4,9 @@
   through ``pl_module.log``, and TensorBoard histograms of centroids and weights.
 * At fit end (after finalize): the :class:`~lightning_dkm.export.report.CompressionReport`
   (JSON and Markdown in ``save_dir``, ``dkm_report/*`` scalars to every logger, the Markdown as
-  TensorBoard text), the compressed artifact and, optionally, the Core ML package.
+  TensorBoard text), the compressed artifact, the printed report, and only then, optionally,
+  the Core ML and Core AI packages (recorded in the report; a failed export names the artifact
+  and the call that retries it).
 * The results on the callback (:class:`DKMResults`: ``stats``, ``palettes``, ``report``,
   ``output_paths``, ``artifact_path``), also in the process that launched a ``ddp_spawn`` fit,
   which gets them from rank 0 through the handoff file (:mod:`.handoff`).
@@ -29,11 +31,13 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from ..engine.palette import Palette
 from ..engine.sharding import is_sharded
 from ..export.report import CompressionReport
+from ..export.report_render import export_line as _export_line
 from ..model.attach import ClusteredTensor
 from .handoff import discard_handoff, read_handoff, write_handoff
 
 __all__ = [
     "ARTIFACT_NAME",
+    "COREAI_NAME",
     "COREML_NAME",
     "DKMResults",
     "log_epoch_metrics",
@@ -45,6 +49,8 @@ __all__ = [
 ARTIFACT_NAME = "model.dkm.safetensors"
 #: The Core ML package written with ``export_coreml=True``.
 COREML_NAME = "model.mlpackage"
+#: The Core AI package written with ``export_coreai=True``.
+COREAI_NAME = "model.aimodel"
 
 
 def warn_not_clustered(trainer: pl.Trainer, start_epoch: int) -> None:
@@ -201,14 +207,18 @@ class DKMResults:
         *,
         lut_dtype: torch.dtype,
         write_artifact: Callable[..., Path] | None,
-        export_coreml: bool,
+        exports: dict[str, bool],
         verbose: bool,
     ) -> None:
         """After finalize: the report on every rank; on rank 0 its files and scalars, the
         artifact (written by ``write_artifact``, :func:`~lightning_dkm.save_compressed`'s
-        signature; ``None``: none), the Core ML package, and under ``ddp_spawn`` the handoff
-        file. ``pl_module`` is the finalized model (under FSDP2 the plain one rebuilt on rank 0;
-        ``None`` on the other ranks, which then write and hold nothing)."""
+        signature; ``None``: none), the report printed, and only then the exports
+        (``exports``: ``{"export_coreml": bool, "export_coreai": bool}``), each recorded in the
+        report, which is saved again; under ``ddp_spawn`` the handoff file. An export that fails
+        raises an error that says where the artifact is and the call that retries the export
+        from it: nothing written before it is lost. ``pl_module`` is the finalized model (under
+        FSDP2 the plain one rebuilt on rank 0; ``None`` on the other ranks, which then write and
+        hold nothing)."""
         if pl_module is None:
             return
         final_stats = {
@@ -227,19 +237,74 @@ class DKMResults:
             paths["artifact"] = write_artifact(
                 pl_module, out_dir / ARTIFACT_NAME, self._palettes, lut_dtype=lut_dtype
             )
-        if export_coreml:
-            from ..export.coreml import export_coreml as write_coreml
-
-            example = _to_cpu(pl_module.example_input_array)
-            # coremltools reads the weights as numpy arrays: trace a CPU copy if need be
-            module = pl_module if pl_module.device.type == "cpu" else copy.deepcopy(
-                pl_module).cpu()
-            paths["coreml"] = write_coreml(module, out_dir / COREML_NAME, example)
-        self._output_paths = paths
-        if os.getpid() != self._launcher_pid:
-            # A spawned worker (ddp_spawn): the process that called fit holds another copy of
-            # this callback and gets only the weights back; leave it what it needs.
-            write_handoff(self._handoff_path, paths, self._palettes, self._stats)
+        self._publish(paths)
         if verbose:
             rank_zero_info("\n" + self._report.to_table())
+        try:
+            for argument, wanted in exports.items():
+                if wanted:
+                    target, entry = _export(argument, pl_module, out_dir, paths.get("artifact"))
+                    paths[target] = Path(entry["path"])
+                    self._report.record_export(target, entry)
+        finally:
+            if len(paths) > len(self._output_paths):
+                self._report.save(out_dir)
+                self._publish(paths)
+        if verbose:
+            for target in EXPORT_NAMES.values():
+                if target in self._report.exports:
+                    rank_zero_info(_export_line(target, self._report.exports[target]))
             rank_zero_info(f"DKM outputs written to {', '.join(str(p) for p in paths.values())}")
+
+    def _publish(self, paths: dict[str, Path]) -> None:
+        """Make ``paths`` the results (and, in a ``ddp_spawn`` worker, hand them to the process
+        that called fit: it holds another copy of this callback and gets only the weights)."""
+        self._output_paths = dict(paths)
+        if os.getpid() != self._launcher_pid:
+            write_handoff(self._handoff_path, paths, self._palettes, self._stats)
+
+
+#: The file each export writes into ``save_dir``, by ``DKMCallback`` argument.
+EXPORT_NAMES = {"export_coreml": "coreml", "export_coreai": "coreai"}
+_EXPORT_FILES = {"export_coreml": COREML_NAME, "export_coreai": COREAI_NAME}
+_RETRY = {
+    "export_coreml": "lightning_dkm.export_coreml(load_compressed(YourModel(), {artifact!r}), "
+                     "{path!r}, example_inputs)",
+    "export_coreai": "lightning_dkm.export_coreai(load_compressed(YourModel(), {artifact!r}), "
+                     "{path!r}, example_inputs)",
+}
+
+
+def _export(argument: str, module: pl.LightningModule, out_dir: Path, artifact: Path | None
+            ) -> tuple[str, dict[str, Any]]:
+    """Run one export of the finalized ``module``; ``(target, report entry)``. A failure is a
+    ``RuntimeError`` naming the artifact and the call that retries the export from it."""
+    path = out_dir / _EXPORT_FILES[argument]
+    example = _to_cpu(module.example_input_array)
+    try:
+        # the converters read the weights as numpy arrays: export a CPU copy if need be
+        model = module if module.device.type == "cpu" else copy.deepcopy(module).cpu()
+        if argument == "export_coreml":
+            from ..export.coreml import export_coreml, package_bytes
+
+            written = export_coreml(model, path, example)
+            entry = {"path": str(written), "package_bytes": package_bytes(written),
+                     "verified": "LUT ops read back (running it needs macOS / iOS 18+)"}
+        else:
+            from ..export.coreai import export_coreai
+
+            entry = export_coreai(model, path, example).to_dict()
+    except Exception as err:
+        if artifact is None:
+            where = ("no artifact was written (save_artifact=False); the finalized model is "
+                     "the LightningModule itself: export it with lightning_dkm."
+                     f"{argument}(model, {str(path)!r}, example_inputs)")
+        else:
+            where = (f"the compressed model is safe at {artifact} (report beside it); retry "
+                     "the export with " + _RETRY[argument].format(artifact=str(artifact),
+                                                                   path=str(path)))
+        raise RuntimeError(
+            f"DKMCallback({argument}=True) failed after training: {type(err).__name__}: {err}. "
+            + where
+        ) from err
+    return EXPORT_NAMES[argument], entry

@@ -1,29 +1,34 @@
 """What :class:`~lightning_dkm.DKMCallback` checks against the Trainer before training.
 
 At ``setup("fit")``: the strategy (FSDP2 through ``ModelParallelStrategy`` is supported; FSDP1,
-DeepSpeed and tensor parallelism are refused), the
-output directory (resolved on every rank, created, writable), Core ML export (coremltools and an
-``example_input_array``), and what ``max_epochs`` / ``max_steps`` make of ``start_epoch``,
-``hard_epoch`` and the temperature schedule. At ``on_train_start``, when the dataloaders are
-known: the number of soft units (steps or epochs) the schedule spans. Each problem is a
-``MisconfigurationException`` or a warning that names the setting and the fix, raised before the
-first step rather than at the end of fit.
+DeepSpeed and tensor parallelism are refused), the output directory (resolved on every rank,
+created, writable), the Core ML / Core AI exports (the converter imports, an
+``example_input_array`` exists, one trial conversion of the dense model succeeds, and every
+tensor's width is one Core AI packs), and what ``max_epochs`` / ``max_steps`` make of
+``start_epoch``, ``hard_epoch`` and the temperature schedule. At ``on_train_start``, when the
+dataloaders are known: the number of soft units (steps or epochs) the schedule spans. Each
+problem is a ``MisconfigurationException`` or a warning that names the setting and the fix,
+raised before the first step rather than at the end of fit.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 from pathlib import Path
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
+from ..model.targets import Target
 from .temperature import TemperatureConfig
 
 __all__ = [
-    "check_coreml_export",
+    "check_export_widths",
+    "check_exports",
     "check_fit",
     "check_fully_sharded_model",
     "check_limits",
@@ -124,25 +129,87 @@ def check_writable_dir(path: Path, argument: str | None) -> None:
         raise MisconfigurationException(f"DKMCallback: {label} is not writable; {fix}")
 
 
-def check_coreml_export(pl_module: pl.LightningModule) -> None:
-    """``export_coreml=True`` can work: coremltools imports and the module has an
-    ``example_input_array`` to trace with; else a ``MisconfigurationException`` before training."""
-    from ..export.coreml import require_coremltools
+#: The exports a fit can write, by ``DKMCallback`` argument: (target, extra that provides it).
+EXPORTS = {"export_coreml": ("Core ML", "coreml"), "export_coreai": ("Core AI", "coreai")}
 
-    try:
-        require_coremltools()
-    except ImportError as err:
-        raise MisconfigurationException(
-            'DKMCallback(export_coreml=True) needs coremltools: pip install '
-            '"lightning-dkm[coreml]"'
-        ) from err
+
+def _example_inputs(pl_module: pl.LightningModule, argument: str) -> tuple:
     example = getattr(pl_module, "example_input_array", None)
     if example is None or isinstance(example, dict):
         raise MisconfigurationException(
-            "DKMCallback(export_coreml=True) traces the model on its example_input_array; "
+            f"DKMCallback({argument}=True) converts the model on its example_input_array; "
             f"{type(pl_module).__name__} has "
             + ("none: set self.example_input_array" if example is None else
-               "a dict, which Core ML export cannot trace: use a tensor or a tuple")
+               "a dict, which the export cannot pass positionally: use a tensor or a tuple")
+        )
+    return (example,) if isinstance(example, torch.Tensor) else tuple(example)
+
+
+def _trial_conversion(pl_module: pl.LightningModule, argument: str) -> None:
+    """Convert the (dense) model once, in memory, as the export at fit end will."""
+    from ..export.tracing import as_example_tuple, exportable
+
+    examples = as_example_tuple(_example_inputs(pl_module, argument), "example_input_array")
+    with exportable(pl_module) as module:
+        device = next((p.device for p in module.parameters()), torch.device("cpu"))
+        if argument == "export_coreml":
+            from ..export.coreml import convert_to_mlprogram
+
+            # coremltools reads the weights as numpy arrays: convert a CPU copy if need be
+            module = module if device.type == "cpu" else copy.deepcopy(module).cpu()
+            convert_to_mlprogram(module, tuple(x.cpu() for x in examples))
+        else:
+            from ..export.coreai import convert_to_coreai
+
+            convert_to_coreai(module, tuple(x.to(device) for x in examples))
+
+
+def check_exports(pl_module: pl.LightningModule, requested: dict[str, bool]) -> None:
+    """Each export asked for (``{"export_coreml": bool, "export_coreai": bool}``) can work, so
+    that nothing fails after training: its converter imports, the module has an
+    ``example_input_array``, and the converter converts the model on it (dense weights: the
+    LUT ops come at fit end). Else a ``MisconfigurationException`` naming the export, with the
+    converter's own message."""
+    for argument, wanted in requested.items():
+        if not wanted:
+            continue
+        target, extra = EXPORTS[argument]
+        try:
+            if argument == "export_coreml":
+                from ..export.coreml import require_coremltools as require
+            else:
+                from ..export.coreai import require_coreai as require
+            require()
+        except ImportError as err:
+            raise MisconfigurationException(
+                f"DKMCallback({argument}=True) needs the {extra} extra: pip install "
+                f'"lightning-dkm[{extra}]" ({err})'
+            ) from err
+        _example_inputs(pl_module, argument)
+        try:
+            _trial_conversion(pl_module, argument)
+        except Exception as err:
+            raise MisconfigurationException(
+                f"DKMCallback({argument}=True): {type(pl_module).__name__} cannot be converted "
+                f"to {target} (checked before training, on its example_input_array with dense "
+                f"weights): {type(err).__name__}: {err}. Make the model convertible, or set "
+                f"{argument}=False"
+            ) from err
+
+
+def check_export_widths(targets: list[Target], export_coreai: bool) -> None:
+    """With ``export_coreai``: every tensor to cluster has a width Core AI packs."""
+    if not export_coreai:
+        return
+    from ..export.coreai import COREAI_BITS, unsupported_widths
+
+    bad = unsupported_widths({t.name: t.layout.spec.bits for t in targets})
+    if bad:
+        listed = ", ".join(f"{name} ({bits} bits)" for name, bits in sorted(bad.items()))
+        raise MisconfigurationException(
+            f"DKMCallback(export_coreai=True): Core AI packs LUT indices of {list(COREAI_BITS)} "
+            f"bits only, and {listed} would be clustered at another width. Use bits in "
+            f"{list(COREAI_BITS)} (per tensor through overrides), or export_coreai=False"
         )
 
 
@@ -189,7 +256,7 @@ def check_fit(
     *,
     save_dir: str | None,
     finalize: bool,
-    export_coreml: bool,
+    exports: dict[str, bool],
     temperature: TemperatureConfig,
     start_epoch: int,
     hard_epoch: int | None,
@@ -206,8 +273,7 @@ def check_fit(
     if finalize:
         out_dir = resolve_save_dir(trainer, save_dir)
         check_writable_dir(out_dir, "save_dir" if save_dir is not None else None)
-    if export_coreml:
-        check_coreml_export(pl_module)
+    check_exports(pl_module, exports)
     check_limits(trainer, temperature, start_epoch, hard_epoch, uses_temperature)
     return out_dir
 
