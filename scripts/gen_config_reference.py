@@ -190,7 +190,7 @@ def render() -> str:
         ]
         if p.name == "temperature":
             out += [
-                f"`temperature=None` means `{_yaml_scalar(effective.temperature)}`.",
+                f"`temperature=None` means `{_yaml_scalar(effective.temperature.to_dict())}`.",
                 "",
                 "Schedules (epoch `t` counts from `start_epoch`; `T` is the number of soft DKM "
                 "epochs, `hard_epoch - start_epoch` or `max_epochs - start_epoch`):",
@@ -203,7 +203,8 @@ def render() -> str:
     out += [
         "## Example: LightningCLI config",
         "",
-        "Every argument at its default (`temperature` written out as its effective value):",
+        "Every argument at its default (`temperature` written out as its effective value); "
+        "it runs as it is (`tests/test_cli.py`):",
         "",
         "```yaml",
         "trainer:",
@@ -212,7 +213,7 @@ def render() -> str:
         "      init_args:",
     ]
     for p in params:
-        value = effective.temperature if p.name == "temperature" else p.default
+        value = effective.temperature.to_dict() if p.name == "temperature" else p.default
         out.append(f"        {p.name}: {_yaml_scalar(value)}")
     out += ["```", ""]
     return "\n".join(out)

@@ -117,3 +117,8 @@ def assert_identical_centroids(out_dir) -> None:
     assert rank0.keys() == rank1.keys() == {"body.0.weight", "body.2.weight"}
     for name in rank0:
         assert torch.equal(rank0[name], rank1[name]), name
+
+
+def tau_of_unit(unit: int) -> float:
+    """A temperature as a plain function ``unit -> tau`` that a YAML names by import path."""
+    return 1e-2 / (1 + unit)

@@ -158,6 +158,23 @@ def test_a_bare_module_name_selects_that_module_at_any_depth(tmp_path):
     assert set(clustered_tensors(model)) == {"body.2.proj.weight"}
 
 
+# -- temperature as a mapping -------------------------------------------------------------------
+def test_the_temperature_mapping_type_has_every_field_of_the_config():
+    """The typed dict a YAML mapping is parsed against (TemperatureArgument) is the config."""
+    from dataclasses import fields
+
+    from lightning_dkm.lightning.temperature import TemperatureConfig, TemperatureMapping
+
+    assert list(TemperatureMapping.__annotations__) == [f.name for f in fields(TemperatureConfig)]
+
+
+def test_a_step_schedule_needs_no_end():
+    """``end`` is the step schedule's optional clamp (as for ExponentialSchedule's ``end``)."""
+    cb = DKMCallback(temperature={"schedule": "step", "start": 0.1, "step_size": 2, "gamma": 0.5})
+    assert cb.temperature.end is None
+    assert cb.temperature.schedule_for((0.1, 0.1), None)(4) == pytest.approx(0.025)
+
+
 # -- lut_dtype ----------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     ("lut_dtype", "stored"), [("fp16", torch.float16), (torch.float32, torch.float32)],

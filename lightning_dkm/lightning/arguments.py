@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from ..engine.layout import ClusterSpec
 from ..engine.palette import LUT_DTYPE_VALUES, lut_dtype_of
@@ -29,11 +29,12 @@ from ..model.methods import (
 )
 from ..model.targets import _spec_with_override
 from .schedules import CallableSchedule, TemperatureSchedule
-from .temperature import INTERVALS, TemperatureConfig
+from .temperature import INTERVALS, TemperatureConfig, TemperatureMapping
 
 __all__ = [
     "LUT_DTYPES",
     "CallableTemperature",
+    "TemperatureArgument",
     "check_arguments",
     "check_method_options",
     "check_overrides",
@@ -85,6 +86,18 @@ def check_overrides(
 
 
 # -- temperature --------------------------------------------------------------------------------
+#: The type of ``DKMCallback(temperature=...)``: each form a YAML can give has a member that
+#: jsonargparse parses and writes back (``--print_config``, LightningCLI's ``config.yaml``):
+#: a number, ``"auto"``, a :class:`~.temperature.TemperatureMapping`, a
+#: :class:`TemperatureSchedule` as ``class_path`` / ``init_args``, or the import path of a
+#: callable ``unit -> tau``. The callable comes last on purpose: jsonargparse writes any value
+#: that reaches it as an import path (a mapping as ``'Unable to serialize instance ...'``), so
+#: every other form must be matched first. No plain ``str`` (it would take an import path as a
+#: string) and no ``dict[str, Any]`` (it would take a ``class_path`` mapping as a plain dict).
+TemperatureArgument = (
+    float | Literal["auto"] | TemperatureMapping | TemperatureSchedule | Callable[[int], float]
+    | None
+)
 def _describe(fn: Callable[..., Any]) -> str:
     """A primitive name for a callable (what the checkpoint records of it)."""
     if isinstance(fn, TemperatureSchedule):

@@ -27,9 +27,9 @@ Nothing here imports Lightning.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Literal, TypedDict
 
 import torch
 from torch import Tensor
@@ -42,6 +42,7 @@ __all__ = [
     "DEFAULT_MAX_POINTS",
     "DEFAULT_START_ENTROPY",
     "TemperatureConfig",
+    "TemperatureMapping",
     "TemperaturePlan",
     "geometric_mean",
     "mean_assignment_entropy",
@@ -143,9 +144,28 @@ DEFAULT_END_ENTROPY = 1e-2
 AUTO = "auto"
 INTERVALS = ("step", "epoch")
 _ANNEALED = ("linear", "exponential", "cosine")
-_KEYS = (
-    "schedule", "start", "end", "interval", "start_entropy", "end_entropy", "step_size", "gamma"
-)
+
+
+class TemperatureMapping(TypedDict, total=False):
+    """``temperature`` written as a mapping, e.g. ``{schedule: exponential, start: auto, end:
+    auto}`` in a LightningCLI YAML: the fields of :class:`TemperatureConfig`, every one optional.
+
+    A typed dict rather than ``dict[str, Any]``: jsonargparse checks each key and value when it
+    parses the YAML and writes the mapping back as it was given (``--print_config``, the
+    ``config.yaml`` that LightningCLI saves), so the printed config runs again.
+    """
+
+    schedule: str | Callable[[int], float]
+    start: float | Literal["auto"] | None
+    end: float | Literal["auto"] | None
+    interval: Literal["step", "epoch"]
+    start_entropy: float
+    end_entropy: float
+    step_size: int | None
+    gamma: float | None
+
+
+_KEYS = tuple(TemperatureMapping.__annotations__)
 
 
 def _is_number(value: object) -> bool:
@@ -208,8 +228,8 @@ class TemperatureConfig:
             # A mapping with only a start is a constant; with an end (or nothing), annealed.
             constant = "start" in fields and "end" not in fields
             fields["schedule"] = "constant" if constant else "exponential"
-        if fields["schedule"] == "constant" and "end" not in fields:
-            fields["end"] = None
+        if fields["schedule"] in ("constant", "step") and "end" not in fields:
+            fields["end"] = None  # a constant has none; a step schedule's is an optional clamp
         if _is_import_path(fields["schedule"]):  # a callable's tau is its own: no bounds
             fields.setdefault("start", None)
             fields.setdefault("end", None)
