@@ -2,44 +2,70 @@
 
     lightning-dkm inspect FILE [--json | --markdown]
     lightning-dkm coreml FILE.mlpackage [--json]
+    lightning-dkm --version
 
 ``inspect`` prints the compression report of an artifact (``model.dkm.safetensors``) from the
 file alone: per clustered tensor its shape, bits, vector length, group, palettes, parameters,
 fp32 and stored bytes, ratio and bits per weight, then the totals. ``coreml`` lists the LUT ops
-of a saved Core ML package (no Apple runtime needed). Exit status 0 on success, 1 when the file
-is missing or invalid (the reason on stderr), 2 for a usage error.
+of a saved Core ML package (no Apple runtime needed).
+
+Exit status: 0 on success; 1 when the command fails (a missing path, a file that is not what
+the command reads, a missing optional dependency), with ``lightning-dkm: error: <reason>`` on
+stderr and never a traceback; 2 for a usage error (argparse's convention). Output cut short by
+its reader (``lightning-dkm inspect --json FILE | head -1``) is not an error: exit 0, nothing
+on stderr.
+
+A subcommand is a function ``args -> text`` and one :class:`Subcommand` entry in
+:data:`SUBCOMMANDS` (its name, help and arguments); :func:`main` builds the parser from them,
+runs the one asked for, prints its text and turns any exception into the error line.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
-__all__ = ["main"]
+from . import __version__
+
+__all__ = ["PROG", "SUBCOMMANDS", "Argument", "Subcommand", "main"]
 
 PROG = "lightning-dkm"
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog=PROG, description="Inspect lightning_dkm artifacts and Core ML packages."
-    )
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    inspect = commands.add_parser(
-        "inspect", help="the compression report of an artifact, from the file alone"
-    )
-    inspect.add_argument("file", help="a model.dkm.safetensors written by save_compressed")
-    form = inspect.add_mutually_exclusive_group()
-    form.add_argument("--json", action="store_true", help="the report as JSON")
-    form.add_argument("--markdown", action="store_true", help="the report as Markdown")
-    coreml = commands.add_parser("coreml", help="the LUT ops of a saved .mlpackage")
-    coreml.add_argument("file", help="a .mlpackage written by export_coreml")
-    coreml.add_argument("--json", action="store_true", help="one JSON object per op")
-    return parser
+@dataclass(frozen=True)
+class Argument:
+    """One ``parser.add_argument(*flags, **options)`` call; arguments sharing a non-empty
+    ``exclusive`` name form a mutually exclusive group."""
+
+    flags: tuple[str, ...]
+    options: dict[str, Any] = field(default_factory=dict)
+    exclusive: str = ""
 
 
+@dataclass(frozen=True)
+class Subcommand:
+    """A subcommand: ``run(args)`` returns the text to print or raises (the error line)."""
+
+    name: str
+    help: str
+    arguments: tuple[Argument, ...]
+    run: Callable[[argparse.Namespace], str]
+
+
+def _existing(path: str, what: str) -> Path:
+    """``path`` when it exists; the error names it and what was expected there."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no such file or directory: {path} (expected {what})")
+    return Path(path)
+
+
+# -- inspect ------------------------------------------------------------------------------------
 def _inspect(args: argparse.Namespace) -> str:
     from .export.artifact import inspect_artifact
 
@@ -51,10 +77,16 @@ def _inspect(args: argparse.Namespace) -> str:
     return f"{args.file}\n\n{report.to_table()}"
 
 
+# -- coreml -------------------------------------------------------------------------------------
 def _coreml(args: argparse.Namespace) -> str:
-    from .export.coreml import package_bytes, read_coreml_palettes
+    from .export.coreml import package_bytes, read_coreml_palettes, require_coremltools
 
-    ops = read_coreml_palettes(args.file)
+    path = _existing(args.file, "a .mlpackage written by export_coreml")
+    require_coremltools()  # its own error (how to install it), not "cannot read"
+    try:
+        ops = read_coreml_palettes(path)
+    except Exception as err:  # coremltools raises RuntimeError, ValueError, ... for a bad file
+        raise ValueError(f"{args.file}: not a readable Core ML package ({err})") from err
     rows = [
         {
             "op": name,
@@ -67,9 +99,9 @@ def _coreml(args: argparse.Namespace) -> str:
         for name, op in ops.items()
     ]
     if args.json:
-        return json.dumps({"file": args.file, "bytes": package_bytes(args.file), "ops": rows},
+        return json.dumps({"file": args.file, "bytes": package_bytes(path), "ops": rows},
                           indent=2)
-    lines = [f"{args.file}: {package_bytes(args.file):,} bytes, {len(rows)} LUT ops"]
+    lines = [f"{args.file}: {package_bytes(path):,} bytes, {len(rows)} LUT ops"]
     lines += [
         f"  {r['op']}: indices {tuple(r['indices'])}, {r['bits']} bits, cluster_dim "
         f"{r['cluster_dim']}, {r['lut_blocks']} LUT block(s)"
@@ -79,17 +111,83 @@ def _coreml(args: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
+#: Every subcommand, in the order ``--help`` lists them.
+SUBCOMMANDS: tuple[Subcommand, ...] = (
+    Subcommand(
+        "inspect", "the compression report of an artifact, from the file alone",
+        (Argument(("file",), {"help": "a model.dkm.safetensors written by save_compressed"}),
+         Argument(("--json",), {"action": "store_true", "help": "the report as JSON"},
+                  exclusive="form"),
+         Argument(("--markdown",), {"action": "store_true", "help": "the report as Markdown"},
+                  exclusive="form")),
+        _inspect,
+    ),
+    Subcommand(
+        "coreml", "the LUT ops of a saved .mlpackage",
+        (Argument(("file",), {"help": "a .mlpackage written by export_coreml"}),
+         Argument(("--json",), {"action": "store_true", "help": "one JSON object per op"})),
+        _coreml,
+    ),
+)
+
+
+def _parser(subcommands: Sequence[Subcommand] | None = None) -> argparse.ArgumentParser:
+    """The parser of :data:`SUBCOMMANDS` (or ``subcommands``), each run by ``args.run``."""
+    subcommands = SUBCOMMANDS if subcommands is None else subcommands
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="Inspect lightning_dkm artifacts and exported packages."
+    )
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for sub in subcommands:
+        sub_parser = commands.add_parser(sub.name, help=sub.help)
+        sub_parser.set_defaults(run=sub.run)
+        groups: dict[str, Any] = {}
+        for argument in sub.arguments:
+            target = sub_parser
+            if argument.exclusive:
+                if argument.exclusive not in groups:
+                    groups[argument.exclusive] = sub_parser.add_mutually_exclusive_group()
+                target = groups[argument.exclusive]
+            target.add_argument(*argument.flags, **argument.options)
+    return parser
+
+
+def _error(err: BaseException) -> str:
+    """The reason of ``err``, for the error line: its message, or its type when it has none."""
+    text = str(err) if not isinstance(err, KeyError) or not err.args else repr(err.args[0])
+    return text or type(err).__name__
+
+
+def _print(text: str) -> int:
+    """Print ``text``; a reader that closed the pipe early (``| head``) is not an error.
+
+    Python's recipe (the ``signal`` module's note on SIGPIPE): on ``BrokenPipeError`` point
+    stdout at devnull, so the interpreter's last flush does not fail again. The recipe exits 1;
+    this exits 0, as ``head`` users expect: the reader got what it asked for, and a pipeline
+    under ``set -o pipefail`` must not fail because ``head`` stopped reading.
+    """
+    try:
+        print(text)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
     args = _parser().parse_args(argv)
     try:
-        text = _inspect(args) if args.command == "inspect" else _coreml(args)
-    except (FileNotFoundError, IsADirectoryError, NotADirectoryError, ValueError,
-            ImportError) as err:
-        print(f"{PROG}: error: {err}", file=sys.stderr)
+        text = args.run(args)
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # every failure is one line on stderr, never a traceback
+        print(f"{PROG}: error: {_error(err)}", file=sys.stderr)
         return 1
-    print(text)
-    return 0
+    return _print(text)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,8 @@ file alone, the LUT ops of a Core ML package, and the exit codes a CLI user expe
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
 import subprocess
 import sys
@@ -13,8 +15,9 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_dkm import CompressionReport, palettize, save_compressed
-from lightning_dkm.command import main
+import lightning_dkm
+from lightning_dkm import CompressionReport, command, palettize, save_compressed
+from lightning_dkm.command import Argument, Subcommand, main
 
 
 class Net(nn.Module):
@@ -98,3 +101,98 @@ def test_coreml_lists_the_lut_ops_of_a_package(tmp_path, capsys):
     data = json.loads(capsys.readouterr().out)
     assert {op["bits"] for op in data["ops"]} == {2} and len(data["ops"]) == 2
     assert main(["coreml", str(tmp_path / "missing.mlpackage")]) == 1
+
+
+def console_script() -> list[str]:
+    script = shutil.which("lightning-dkm", path=str(Path(sys.executable).parent))
+    return [script] if script else [sys.executable, "-m", "lightning_dkm.command"]
+
+
+def test_version_prints_the_package_version(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out == f"lightning-dkm {lightning_dkm.__version__}\n"
+    assert lightning_dkm.__version__ == "0.1.0"
+
+
+def _not_an_artifact(tmp_path: Path) -> Path:
+    from safetensors.torch import save_file
+
+    path = tmp_path / "plain.safetensors"
+    save_file({"w": torch.zeros(4)}, str(path))
+    return path
+
+
+def _fake_package(tmp_path: Path) -> Path:
+    package = tmp_path / "fake.mlpackage"
+    package.mkdir()
+    (package / "junk").write_text("x")
+    return package
+
+
+@pytest.mark.parametrize(
+    ("command_line", "reason"),
+    [
+        (lambda tmp, art: ["inspect", str(tmp / "missing.safetensors")], "no such file"),
+        (lambda tmp, art: ["inspect", str(tmp)], "is a directory"),
+        (lambda tmp, art: ["inspect", str(_not_an_artifact(tmp))], "plain.safetensors"),
+        (lambda tmp, art: ["inspect", str(_fake_package(tmp))], "fake.mlpackage"),
+        (lambda tmp, art: ["coreml", str(tmp / "missing.mlpackage")],
+         "no such file or directory: .*missing.mlpackage"),
+        (lambda tmp, art: ["coreml", str(_fake_package(tmp))],
+         "fake.mlpackage: not a readable Core ML package"),
+        (lambda tmp, art: ["coreml", str(art)],
+         "model.dkm.safetensors: not a readable Core ML package"),
+    ],
+    ids=["inspect-missing", "inspect-directory", "inspect-not-an-artifact",
+         "inspect-a-package", "coreml-missing", "coreml-not-a-package", "coreml-an-artifact"],
+)
+def test_every_failure_is_one_error_line_on_stderr_and_exit_1(
+    artifact, tmp_path, capsys, command_line, reason
+):
+    args = command_line(tmp_path, artifact[0])
+    if args[0] == "coreml" and "missing" not in args[1]:
+        pytest.importorskip("coremltools")
+    assert main(args) == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    last = captured.err.strip().splitlines()[-1]  # coremltools may warn on import before it
+    assert re.match(rf"lightning-dkm: error: .*{reason}", last), captured.err
+    assert "Traceback" not in captured.err
+
+
+@pytest.mark.parametrize("error", [RuntimeError("boom"), KeyError("fc.weight"), OSError()],
+                         ids=["runtime-error", "key-error", "no-message"])
+def test_an_unexpected_error_is_still_one_line_and_exit_1(artifact, capsys, monkeypatch, error):
+    def fail(path):
+        raise error
+
+    monkeypatch.setattr("lightning_dkm.export.artifact.inspect_artifact", fail)
+    assert main(["inspect", str(artifact[0])]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("lightning-dkm: error: ")
+    assert err.strip().removeprefix("lightning-dkm: error: ") in ("boom", "'fc.weight'", "OSError")
+
+
+def test_a_reader_that_closes_the_pipe_early_is_not_an_error(artifact):
+    """``lightning-dkm inspect --json FILE | head -1``: no BrokenPipeError traceback, exit 0."""
+    read, write = os.pipe()
+    process = subprocess.Popen([*console_script(), "inspect", "--json", str(artifact[0])],
+                               stdout=write, stderr=subprocess.PIPE, text=True)
+    os.close(write)
+    os.close(read)  # the reader is gone before the first byte: every write fails (EPIPE)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 0, err
+    assert "Traceback" not in err and "BrokenPipe" not in err
+
+
+def test_a_subcommand_is_a_function_and_one_registration(artifact, capsys, monkeypatch):
+    def count(args) -> str:
+        return f"{len(lightning_dkm.read_palettes(args.file))} palettes"
+
+    echo = Subcommand("count", "how many palettes an artifact holds",
+                      (Argument(("file",), {"help": "an artifact"}),), count)
+    monkeypatch.setattr(command, "SUBCOMMANDS", (*command.SUBCOMMANDS, echo))
+    assert main(["count", str(artifact[0])]) == 0
+    assert capsys.readouterr().out == "2 palettes\n"
