@@ -2,12 +2,14 @@
 
     lightning-dkm inspect FILE [--json | --markdown]
     lightning-dkm coreml FILE.mlpackage [--json]
+    lightning-dkm coreai FILE.aimodel [--json]
     lightning-dkm --version
 
 ``inspect`` prints the compression report of an artifact (``model.dkm.safetensors``) from the
 file alone: per clustered tensor its shape, bits, vector length, group, palettes, parameters,
 fp32 and stored bytes, ratio and bits per weight, then the totals. ``coreml`` lists the LUT ops
-of a saved Core ML package (no Apple runtime needed).
+of a saved Core ML package (no Apple runtime needed), ``coreai`` those of a Core AI package, by
+the tensor names :func:`~lightning_dkm.export_coreai` recorded in it.
 
 Exit status: 0 on success; 1 when the command fails (a missing path, a file that is not what
 the command reads, a missing optional dependency), with ``lightning-dkm: error: <reason>`` on
@@ -78,6 +80,20 @@ def _inspect(args: argparse.Namespace) -> str:
 
 
 # -- coreml -------------------------------------------------------------------------------------
+def _lut_listing(file: str, size: int, rows: list[dict[str, Any]], as_json: bool) -> str:
+    """The LUT ops of a package, as text (one line each) or JSON."""
+    if as_json:
+        return json.dumps({"file": file, "bytes": size, "ops": rows}, indent=2)
+    lines = [f"{file}: {size:,} bytes, {len(rows)} LUT ops"]
+    lines += [
+        f"  {r['op']}: indices {tuple(r['indices'])}, {r['bits']} bits, cluster_dim "
+        f"{r['cluster_dim']}, {r['lut_blocks']} LUT block(s)"
+        + (", per-channel scales" if r["per_channel_scale"] else "")
+        for r in rows
+    ]
+    return "\n".join(lines)
+
+
 def _coreml(args: argparse.Namespace) -> str:
     from .export.coreml import package_bytes, read_coreml_palettes, require_coremltools
 
@@ -98,17 +114,33 @@ def _coreml(args: argparse.Namespace) -> str:
         }
         for name, op in ops.items()
     ]
-    if args.json:
-        return json.dumps({"file": args.file, "bytes": package_bytes(path), "ops": rows},
-                          indent=2)
-    lines = [f"{args.file}: {package_bytes(path):,} bytes, {len(rows)} LUT ops"]
-    lines += [
-        f"  {r['op']}: indices {tuple(r['indices'])}, {r['bits']} bits, cluster_dim "
-        f"{r['cluster_dim']}, {r['lut_blocks']} LUT block(s)"
-        + (", per-channel scales" if r["per_channel_scale"] else "")
-        for r in rows
+    return _lut_listing(args.file, package_bytes(path), rows, args.json)
+
+
+# -- coreai -------------------------------------------------------------------------------------
+def _coreai(args: argparse.Namespace) -> str:
+    from .export.coreai import lut_op_names, package_bytes, read_coreai_palettes, require_coreai
+
+    path = _existing(args.file, "a .aimodel written by export_coreai")
+    require_coreai()  # its own error (how to install it), not "cannot read"
+    try:
+        ops = read_coreai_palettes(path)
+        names = lut_op_names(path)
+    except Exception as err:  # coreai-core raises RuntimeError, ValueError, ... for a bad file
+        raise ValueError(f"{args.file}: not a readable Core AI package ({err})") from err
+    names = names if len(names) == len(ops) else [None] * len(ops)
+    rows = [
+        {
+            "op": name or f"lut_to_dense #{op.index}",
+            "indices": list(op.indices.shape),
+            "bits": op.bits,
+            "cluster_dim": int(op.lut.shape[-1]),
+            "lut_blocks": int(op.lut[..., 0, 0].size),
+            "per_channel_scale": op.scale is not None,
+        }
+        for op, name in zip(ops, names, strict=True)
     ]
-    return "\n".join(lines)
+    return _lut_listing(args.file, package_bytes(path), rows, args.json)
 
 
 #: Every subcommand, in the order ``--help`` lists them.
@@ -127,6 +159,12 @@ SUBCOMMANDS: tuple[Subcommand, ...] = (
         (Argument(("file",), {"help": "a .mlpackage written by export_coreml"}),
          Argument(("--json",), {"action": "store_true", "help": "one JSON object per op"})),
         _coreml,
+    ),
+    Subcommand(
+        "coreai", "the LUT ops of a saved .aimodel",
+        (Argument(("file",), {"help": "a .aimodel written by export_coreai"}),
+         Argument(("--json",), {"action": "store_true", "help": "one JSON object per op"})),
+        _coreai,
     ),
 )
 

@@ -249,3 +249,33 @@ def test_an_export_failing_at_fit_end_loses_nothing_and_says_how_to_retry(
     load_compressed(model, artifact)  # the retry the message names works
     assert export_coreai(model, tmp_path / "dkm" / "model.aimodel",
                          torch.randn(2, 32)).lut_ops == 2
+
+
+# -- the command line --------------------------------------------------------------------------
+def test_the_cli_lists_the_lut_ops_by_tensor_name(exported, capsys) -> None:
+    from lightning_dkm.command import main
+
+    _, result = exported
+    assert main(["coreai", str(result.path), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["bytes"] == result.package_bytes
+    by_name = {op["op"]: op for op in data["ops"]}
+    assert sorted(by_name) == sorted(f"{name}.weight" for name in LAYOUTS)
+    assert {name: by_name[f"{name}.weight"]["bits"] for name in LAYOUTS} == {
+        name: spec["bits"] for name, spec in LAYOUTS.items()}
+    assert by_name["embed.weight"]["cluster_dim"] == 2
+    assert by_name["conv1.weight"]["per_channel_scale"]
+    assert by_name["conv1.weight"]["lut_blocks"] == 4  # 16 channels in groups of 4
+    assert main(["coreai", str(result.path)]) == 0
+    assert "conv.weight: indices (16, 4, 3, 3), 6 bits" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("make", [lambda tmp: tmp / "missing.aimodel",
+                                  lambda tmp: (tmp / "x.aimodel").mkdir() or tmp / "x.aimodel"],
+                         ids=["missing", "not-a-package"])
+def test_the_cli_says_what_is_wrong_with_a_bad_path_in_one_line(tmp_path, capsys, make) -> None:
+    from lightning_dkm.command import main
+
+    assert main(["coreai", str(make(tmp_path))]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("lightning-dkm: error: ")

@@ -32,6 +32,7 @@ import concurrent.futures
 import math
 import os
 import re
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -72,10 +73,16 @@ _INSTALL_HINT = 'pip install "lightning-dkm[coreai]" (coreai-torch >= 0.4.3, cor
 def require_coreai() -> Any:
     """Import coreai-torch (which registers the ``torch.ops.coreai`` ops) and return it."""
     try:
-        import coreai_torch
+        with warnings.catch_warnings():
+            # coreai-torch 0.4.3 compares "2.13.0+cpu" > "2.13.0" and warns that the torch it
+            # was validated with is not this one; it is (the local build tag aside).
+            warnings.filterwarnings("ignore", "coreai-torch has only been validated",
+                                    UserWarning)
+            import coreai_torch
 
-        # registers torch.ops.coreai.*: the import Apple's coreai-opt makes for the same reason
-        import coreai_torch._compression.custom_layers
+            # registers torch.ops.coreai.*: the import Apple's coreai-opt makes for the same
+            # reason
+            import coreai_torch._compression.custom_layers
     except ImportError as err:
         raise ImportError(f"Core AI export needs coreai-torch and coreai-core: {_INSTALL_HINT}"
                           ) from err
@@ -314,8 +321,6 @@ def export_coreai(
         palettes = carried_palettes(module)  # validates them against the weights
         _refuse_widths({n: p.layout.spec.bits for n, p in palettes.items()}, "export_coreai")
         if not palettes:
-            import warnings
-
             warnings.warn(
                 "export_coreai: the model carries no palettes (not finalized or palettized?), "
                 "so every weight is exported dense",
