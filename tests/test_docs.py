@@ -241,3 +241,86 @@ def test_only_the_lightning_layer_imports_lightning():
                 assert name.split(".")[0] not in ("lightning", "pytorch_lightning"), (
                     f"{_module_name(path)} imports {name}: only lightning_dkm/lightning/ may"
                 )
+
+
+# -- every Python snippet runs ------------------------------------------------------------------
+_FENCE = re.compile(r"^```python\n(.*?)^```", re.S | re.M)
+_SKIP = re.compile(r"<!--\s*snippet:\s*skip\s*\((?P<reason>[^)]+)\)\s*-->")
+#: The pages whose snippets run: the README and every page in docs/.
+SNIPPET_PAGES = [ROOT / "README.md", *sorted(DOCS.glob("*.md"))]
+
+
+def _snippets() -> list:
+    """``(page, line, code)`` of every ```python block; a block right after
+    ``<!-- snippet: skip (reason) -->`` is reported as skipped, with the reason."""
+    found = []
+    for page in SNIPPET_PAGES:
+        text = page.read_text()
+        for match in _FENCE.finditer(text):
+            line = text.count("\n", 0, match.start()) + 1
+            before = text[: match.start()].rstrip().rsplit("\n", 1)[-1]
+            skip = _SKIP.fullmatch(before.strip())
+            marks = [pytest.mark.skip(reason=skip["reason"])] if skip else []
+            found.append(pytest.param(page.name, line, match.group(1), marks=marks,
+                                      id=f"{page.name}:{line}"))
+    return found
+
+
+@pytest.fixture(scope="module")
+def snippet_files(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("snippet_files")
+
+
+@pytest.mark.parametrize(("page", "line", "code"), _snippets())
+def test_every_python_snippet_runs(page, line, code, tmp_path, monkeypatch, snippet_files):
+    """Each snippet in a fresh namespace (tests/doc_fixtures.py: the names a page leaves to
+    the reader) with a fresh working directory holding the files the pages name."""
+    import warnings
+
+    from doc_fixtures import snippet_namespace
+
+    monkeypatch.chdir(tmp_path)
+    namespace = snippet_namespace(tmp_path, snippet_files)
+    source = "\n" * (line) + code  # tracebacks name the page's own line numbers
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        exec(compile(source, f"{ROOT.name}/{page}", "exec"), namespace)
+
+
+def test_the_snippet_collector_finds_blocks_and_skip_markers(tmp_path, monkeypatch):
+    page = tmp_path / "page.md"
+    page.write_text("text\n\n```python\na = 1\n```\n\n<!-- snippet: skip (needs macOS) -->\n"
+                    "```python\nimport coremltools\n```\n\n```yaml\nb: 2\n```\n")
+    monkeypatch.setitem(globals(), "SNIPPET_PAGES", [page])
+    params = _snippets()
+    assert [(p.values[1], p.values[2]) for p in params] == [(3, "a = 1\n"),
+                                                            (8, "import coremltools\n")]
+    assert [m.kwargs.get("reason") for m in params[1].marks] == ["needs macOS"]
+    assert not params[0].marks
+
+
+def _named_object(dotted: str) -> object:
+    """The object ``lightning_dkm.a.b.c`` names: the longest importable module, then
+    attributes."""
+    import importlib
+
+    parts = dotted.split(".")
+    for cut in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:cut]))
+        except ImportError:
+            continue
+        for attr in parts[cut:]:
+            obj = getattr(obj, attr)
+        return obj
+    raise ImportError(dotted)
+
+
+@pytest.mark.parametrize("page", [p.name for p in SNIPPET_PAGES])
+def test_every_call_written_in_a_page_names_a_function(page):
+    """``lightning_dkm.model.post_training(model, bits=2)`` named a module, not a function;
+    any ``lightning_dkm.<dotted name>(`` in a page must name something callable."""
+    path = ROOT / page if page == "README.md" else DOCS / page
+    for dotted in sorted(set(re.findall(r"\b(lightning_dkm(?:\.\w+)+)\(", path.read_text()))):
+        obj = _named_object(dotted)
+        assert callable(obj) and not inspect.ismodule(obj), f"{page}: {dotted} is not callable"
