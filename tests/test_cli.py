@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import textwrap
 
 import pytest
@@ -129,16 +128,6 @@ SCHEDULE = ("{class_path: lightning_dkm.lightning.schedules.ExponentialSchedule,
 DEEP_KMEANS = ("{class_path: lightning_dkm.model.methods.DeepKMeansMethod, "
                "init_args: {regularization: 1.0e-2, refresh_every: 2}}")
 
-#: Until DKMCallback.__init__ annotates ``temperature`` with ``TemperatureArgument``
-#: (lightning_dkm/lightning/arguments.py), its ``Callable`` member makes jsonargparse write a
-#: mapping as ``'Unable to serialize instance ...'`` (#20). Remove this marker with that change.
-NEEDS_TEMPERATURE_ARGUMENT = pytest.mark.xfail(
-    "TemperatureArgument" not in str(
-        inspect.signature(DKMCallback.__init__).parameters["temperature"].annotation),
-    reason="callback.py: temperature must be annotated TemperatureArgument (#20)", strict=True,
-)
-
-
 def print_config(config, capsys) -> str:
     """What ``fit --config config --print_config`` prints (and LightningCLI saves as
     config.yaml: the same dump)."""
@@ -152,18 +141,15 @@ def print_config(config, capsys) -> str:
 @pytest.mark.parametrize(
     ("temperature", "method"),
     [
-        pytest.param("{schedule: exponential, start: auto, end: auto}", "dkm",
-                     marks=NEEDS_TEMPERATURE_ARGUMENT),
+        pytest.param("{schedule: exponential, start: auto, end: auto}", "dkm"),
         pytest.param("{schedule: step, start: 1.0e-2, step_size: 1, gamma: 0.5, "
-                     "interval: epoch}", "dkm", marks=NEEDS_TEMPERATURE_ARGUMENT),
+                     "interval: epoch}", "dkm"),
         ("1.0e-2", "hard"),
         ("auto", DEEP_KMEANS),
-        pytest.param("lightning_helpers.tau_of_unit", "dkm", marks=NEEDS_TEMPERATURE_ARGUMENT),
-        pytest.param("{schedule: lightning_helpers.tau_of_unit, interval: epoch}", "dkm",
-                     marks=NEEDS_TEMPERATURE_ARGUMENT),
+        pytest.param("lightning_helpers.tau_of_unit", "dkm"),
+        pytest.param("{schedule: lightning_helpers.tau_of_unit, interval: epoch}", "dkm"),
         (SCHEDULE, "dkm"),
-        pytest.param(f"{{schedule: {SCHEDULE}, interval: epoch}}", "dkm",
-                     marks=NEEDS_TEMPERATURE_ARGUMENT),
+        pytest.param(f"{{schedule: {SCHEDULE}, interval: epoch}}", "dkm"),
     ],
     ids=["auto-mapping", "step-mapping", "number", "method-object", "import-path",
          "mapping-with-import-path", "schedule-object", "mapping-with-schedule-object"],
@@ -187,7 +173,6 @@ def test_print_config_writes_a_config_that_runs_again(tmp_path, capsys, temperat
     assert cli.trainer.current_epoch == 2  # it trained
 
 
-@NEEDS_TEMPERATURE_ARGUMENT
 def test_the_config_yaml_lightning_cli_saves_runs_again(tmp_path):
     given = tmp_path / "given.yaml"
     given.write_text(textwrap.dedent(CONFIG.format(root=tmp_path)).replace(

@@ -9,7 +9,6 @@ the parametrizations before ``configure_optimizers`` and before DDP wraps the mo
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -20,6 +19,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 from ..engine.layout import ClusterSpec
+from ..engine.palette import LutDtype, lut_dtype_name
 from ..export.artifact import save_compressed
 from ..model.attach import (
     ClusteredTensor,
@@ -35,6 +35,7 @@ from ..model.targets import DEFAULT_MIN_SIZE, Target, select_targets
 from . import outputs
 from .arguments import (
     LUT_DTYPES,
+    TemperatureArgument,
     check_arguments,
     check_method_options,
     check_overrides,
@@ -48,7 +49,6 @@ from .forward_cache import ForwardCache
 from .fully_sharded import FullySharded
 from .outputs import ARTIFACT_NAME, COREML_NAME, DKMResults
 from .preflight import check_export_widths, check_fit, is_fully_sharded
-from .schedules import TemperatureSchedule
 from .temperature import TemperatureConfig, TemperaturePlan
 from .timeline import DKMTimeline
 
@@ -180,8 +180,9 @@ class DKMCallback(DKMResults, Callback):
             difference goes into the report; beyond float tolerance it is an error). Needs the
             ``coreai`` extra and widths of 1, 2, 4, 6 or 8 bits. Checked in ``setup`` like
             ``export_coreml``. Default False.
-        lut_dtype: precision of the stored palettes, ``"float16"`` (default) or ``"float32"``;
-            the report's sizes count the same.
+        lut_dtype: precision of the stored palettes, ``"float16"`` (default; also ``"fp16"``,
+            ``"half"``, ``torch.float16``) or ``"float32"`` (``"fp32"``, ``"float"``,
+            ``torch.float32``); the report's sizes count the same.
         log_histograms: TensorBoard histograms of centroids and weights every epoch. Default
             True (only with a ``TensorBoardLogger``).
         verbose: print the compression report at the end of fit. Default True.
@@ -216,8 +217,7 @@ class DKMCallback(DKMResults, Callback):
         exclude: str | list[str] | None = None,
         min_size: int = DEFAULT_MIN_SIZE,
         overrides: dict[str, dict[str, int | bool | None]] | None = None,
-        temperature: float | str | TemperatureSchedule | Callable[[int], float]
-        | dict[str, Any] | None = None,
+        temperature: TemperatureArgument = None,
         start_epoch: int = 0,
         hard_epoch: int | None = None,
         max_iter: int = 3,
@@ -230,7 +230,7 @@ class DKMCallback(DKMResults, Callback):
         save_artifact: bool = True,
         export_coreml: bool = False,
         export_coreai: bool = False,
-        lut_dtype: Literal["float16", "float32"] = "float16",
+        lut_dtype: LutDtype = "float16",
         log_histograms: bool = True,
         verbose: bool = True,
         method: Literal["dkm", "deep_kmeans", "hard"] | ClusteringMethod = "dkm",
@@ -262,8 +262,8 @@ class DKMCallback(DKMResults, Callback):
         self.finalize, self.save_dir, self.save_artifact = finalize, save_dir, save_artifact
         if not isinstance(export_coreai, bool):
             raise ValueError(f"export_coreai must be True or False; got {export_coreai!r}")
-        self.export_coreml, self.export_coreai, self.lut_dtype = (
-            export_coreml, export_coreai, lut_dtype)
+        self.export_coreml, self.export_coreai = export_coreml, export_coreai
+        self.lut_dtype = lut_dtype_name(lut_dtype)  # the canonical name: a primitive
         self.log_histograms, self.verbose = log_histograms, verbose
         self._names: list[str] = []
         self._timeline = DKMTimeline(self.temperature, self._method, start_epoch, hard_epoch)
