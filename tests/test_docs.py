@@ -213,6 +213,8 @@ _SUBPACKAGE_MAY_USE = {
     "model": {"engine", "model"},
     "export": {"engine", "model", "export"},
     "lightning": {"engine", "model", "export", "lightning"},
+    # third-party tools that run our engine (coreai-opt's plugin): never imported by the layers
+    "integrations": {"engine", "model", "export", "integrations"},
     "": {"engine", "model", "export", "lightning"},  # command.py, the console script
 }
 
