@@ -13,9 +13,9 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from export_helpers import EveryLayer, every_layer_inputs
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning_helpers import TinyNet, trainer
-from torch import nn
 
 from lightning_dkm import DKMCallback, load_compressed, palettize
 from lightning_dkm.export import coreai
@@ -30,25 +30,11 @@ from lightning_dkm.model.carried import carried_palettes
 pytest.importorskip("coreai_torch", reason="the coreai extra (installed by the test command)")
 
 
-class Net(nn.Module):
-    """Embedding, Conv1d, Conv2d, ConvTranspose2d and Linear, small enough to convert quickly."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(64, 32)
-        self.conv1 = nn.Conv1d(32, 16, 3)
-        self.conv = nn.Conv2d(4, 16, 3)
-        self.deconv = nn.ConvTranspose2d(16, 8, 3)
-        self.fc = nn.Linear(64, 32)
-
-    def forward(self, tokens: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
-        seq = self.conv1(self.embed(tokens).transpose(1, 2)).mean(-1)  # (B, 16)
-        img = self.deconv(self.conv(image)).mean((2, 3))  # (B, 8)
-        return self.fc(torch.cat([seq, seq, img, img, img, img], 1))
+Net = EveryLayer
 
 
 def examples() -> tuple[torch.Tensor, torch.Tensor]:
-    return torch.randint(0, 64, (2, 10)), torch.randn(2, 4, 8, 8)
+    return every_layer_inputs(2)
 
 
 #: One tensor per supported width, with every layout: grouped, per-channel scale, vectors.

@@ -9,6 +9,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from export_helpers import EveryLayer, every_layer_inputs
 from torch import nn
 
 from lightning_dkm import CompressionReport, DKMCallback, palettize
@@ -17,25 +18,11 @@ from lightning_dkm.export.coreml import export_coreml, package_bytes, read_corem
 ct = pytest.importorskip("coremltools", reason="the coreml extra (installed by the test command)")
 
 
-class Net(nn.Module):
-    """Linear, Conv1d, Conv2d, ConvTranspose2d and Embedding, small enough to convert quickly."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(64, 32)
-        self.conv1 = nn.Conv1d(32, 16, 3)
-        self.conv = nn.Conv2d(4, 16, 3)
-        self.deconv = nn.ConvTranspose2d(16, 8, 3)
-        self.fc = nn.Linear(64, 32)
-
-    def forward(self, tokens: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
-        seq = self.conv1(self.embed(tokens).transpose(1, 2)).mean(-1)  # (B, 16)
-        img = self.deconv(self.conv(image)).mean((2, 3))  # (B, 8)
-        return self.fc(torch.cat([seq, seq, img, img, img, img], 1))
+Net = EveryLayer
 
 
 def examples() -> tuple[torch.Tensor, torch.Tensor]:
-    return torch.randint(0, 64, (1, 10)), torch.randn(1, 4, 8, 8)
+    return every_layer_inputs(1)
 
 
 def every_layout(model: nn.Module):

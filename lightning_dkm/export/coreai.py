@@ -47,6 +47,7 @@ from torch.nn.utils import parametrize
 from ..engine.palette import Palette
 from ..model.carried import carried_palettes
 from .files import replace_directory
+from .lut_ops import lut_to_dense
 from .tracing import as_example_tuple, exportable
 
 __all__ = [
@@ -428,22 +429,7 @@ class CoreAIPalette:
 
     def weight(self) -> np.ndarray:
         """The dense weight the op (and its scale op) produce, in float32 arithmetic."""
-        lut = self.lut.astype(np.float32)
-        idx = self.indices.astype(np.int64)
-        rank = idx.ndim
-        block = [np.arange(idx.shape[a]) // (idx.shape[a] // lut.shape[a]) for a in range(rank)]
-        values = lut[(*np.meshgrid(*block, indexing="ij"), idx)]  # (..., d)
-        d = lut.shape[-1]
-        if d > 1:
-            values = np.moveaxis(values, -1, self.axis + 1)
-            shape = list(idx.shape)
-            shape[self.axis] *= d
-            values = values.reshape(shape)
-        else:
-            values = values[..., 0]
-        if self.scale is not None:
-            values = values * self.scale.astype(np.float32)
-        return values
+        return lut_to_dense(self.lut, self.indices, self.axis, self.scale)
 
 
 _TENSOR_TYPE = re.compile(r"tensor<((?:\d+x)*)([a-z]+)(\d+)>")

@@ -34,6 +34,7 @@ from torch import Tensor, nn
 
 from ..model.carried import carried_palettes, version_key
 from .files import replace_directory
+from .lut_ops import lut_to_dense
 from .tracing import as_example_tuple, exportable
 
 __all__ = [
@@ -180,25 +181,7 @@ class CoreMLPalette:
 
     def weight(self) -> np.ndarray:
         """The dense weight the op produces (float32 arithmetic on the stored float16)."""
-        lut = self.lut.astype(np.float32)
-        rank = self.indices.ndim
-        d = lut.shape[-1]
-        idx = self.indices.astype(np.int64)
-        # the palette of every index: its block along each axis
-        block = [np.arange(idx.shape[a]) // (idx.shape[a] // lut.shape[a]) for a in range(rank)]
-        grids = np.meshgrid(*block, indexing="ij")
-        values = lut[(*grids, idx)]  # (..., d)
-        if d > 1:
-            axis = self.vector_axis if self.vector_axis is not None else 0
-            values = np.moveaxis(values, -1, axis + 1)
-            shape = list(idx.shape)
-            shape[axis] *= d
-            values = values.reshape(shape)
-        else:
-            values = values[..., 0]
-        if self.scale is not None:
-            values = values * self.scale.astype(np.float32)
-        return values
+        return lut_to_dense(self.lut, self.indices, self.vector_axis, self.scale)
 
 
 def read_coreml_palettes(path: str | os.PathLike[str]) -> dict[str, CoreMLPalette]:

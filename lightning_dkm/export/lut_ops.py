@@ -1,0 +1,40 @@
+"""The dense weight a LUT op of an Apple package computes, in numpy.
+
+Core ML's ``constexpr_lut_to_dense`` and Core AI's ``lut_to_dense`` share one definition: the
+indices have the weight's shape with the vector axis divided by the vector length ``d``; the LUT
+has shape ``(*blocks, k, d)``, one palette per block of indices along each axis (so
+``blocks[a]`` divides ``indices.shape[a]``); every index picks a ``d``-vector from its block's
+palette, laid along the vector axis; a per-channel scale op may multiply the result. Both
+readers (:mod:`.coreml`, :mod:`.coreai`) rebuild weights with :func:`lut_to_dense`, which is how
+the tests compare a package with the model it came from.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["lut_to_dense"]
+
+
+def lut_to_dense(lut: np.ndarray, indices: np.ndarray, axis: int | None,
+                 scale: np.ndarray | None = None) -> np.ndarray:
+    """``LUT[indices]`` laid out as the weight (vectors along ``axis``, 0 when ``None``), times
+    ``scale`` when given; float32 arithmetic on the stored values."""
+    lut = lut.astype(np.float32)
+    idx = indices.astype(np.int64)
+    rank = idx.ndim
+    # the palette of every index: its block along each axis
+    block = [np.arange(idx.shape[a]) // (idx.shape[a] // lut.shape[a]) for a in range(rank)]
+    values = lut[(*np.meshgrid(*block, indexing="ij"), idx)]  # (..., d)
+    d = lut.shape[-1]
+    if d > 1:
+        axis = 0 if axis is None else axis
+        values = np.moveaxis(values, -1, axis + 1)
+        shape = list(idx.shape)
+        shape[axis] *= d
+        values = values.reshape(shape)
+    else:
+        values = values[..., 0]
+    if scale is not None:
+        values = values * scale.astype(np.float32)
+    return values
