@@ -36,6 +36,7 @@ from .model.post_training import fisher_diagonal, palettize
 from .model.targets import Target, select_targets
 
 __all__ = [
+    "AtomicCheckpointIO",
     "ClusterSpec",
     "ClusteredTensor",
     "CompressionReport",
@@ -87,4 +88,8 @@ def __getattr__(name: str):
         from .lightning.callback import DKMCallback
 
         return DKMCallback
+    if name == "AtomicCheckpointIO":
+        from .lightning.checkpoint_io import AtomicCheckpointIO
+
+        return AtomicCheckpointIO
     raise AttributeError(f"module 'lightning_dkm' has no attribute {name!r}")
