@@ -7,9 +7,11 @@
 
 ``inspect`` prints the compression report of an artifact (``model.dkm.safetensors``) from the
 file alone: per clustered tensor its shape, bits, vector length, group, palettes, parameters,
-fp32 and stored bytes, ratio and bits per weight, then the totals. ``coreml`` lists the LUT ops
-of a saved Core ML package (no Apple runtime needed), ``coreai`` those of a Core AI package, by
-the tensor names :func:`~lightning_dkm.export_coreai` recorded in it.
+fp32 and stored bytes, ratio and bits per weight, then the totals; and a ``warning:`` line when
+the ``compression_report.json`` beside the file records another artifact of its name (another
+run's, or a stale copy). ``coreml`` lists the LUT ops of a saved Core ML package (no Apple
+runtime needed), ``coreai`` those of a Core AI package, by the tensor names
+:func:`~lightning_dkm.export_coreai` recorded in it.
 
 Exit status: 0 on success; 1 when the command fails (a missing path, a file that is not what
 the command reads, a missing optional dependency), with ``lightning-dkm: error: <reason>`` on
@@ -28,6 +30,7 @@ import argparse
 import json
 import os
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,14 +72,25 @@ def _existing(path: str, what: str) -> Path:
 
 # -- inspect ------------------------------------------------------------------------------------
 def _inspect(args: argparse.Namespace) -> str:
-    from .export.artifact import inspect_artifact
+    """The report of the file; a ``compression_report.json`` beside it that records another
+    artifact of its name is a ``warning:`` line under the file name (on stderr with ``--json``
+    and ``--markdown``, which keep stdout the report alone)."""
+    from .export.artifact import ReportMismatchWarning, inspect_artifact
 
-    report = inspect_artifact(args.file)
-    if args.json:
-        return json.dumps(report.to_dict(), indent=2)
-    if args.markdown:
-        return report.to_markdown()
-    return f"{args.file}\n\n{report.to_table()}"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ReportMismatchWarning)
+        report = inspect_artifact(args.file)
+    notes = []
+    for w in caught:
+        if issubclass(w.category, ReportMismatchWarning):
+            notes.append(f"warning: {w.message}")
+        else:  # not ours to swallow
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    if args.json or args.markdown:
+        for note in notes:
+            print(f"{PROG}: {note}", file=sys.stderr)
+        return json.dumps(report.to_dict(), indent=2) if args.json else report.to_markdown()
+    return "\n".join([args.file, *notes, "", report.to_table()])
 
 
 # -- coreml -------------------------------------------------------------------------------------

@@ -28,10 +28,13 @@ Files are written atomically (:func:`~lightning_dkm.export.files.write_atomicall
 file in the same directory, flushed to disk, then moved into place, so an interrupted save
 leaves the previous file (or none), never a truncated one.
 
-:func:`load_compressed` and :func:`read_palettes` treat the file as untrusted: they check the
-format, the digest, the layout, every tensor's shape and byte length (and ``load_compressed``
-the match with the target model), all before the first write into the model, and raise
-``ValueError`` naming the file and what is wrong. The file's tensor data is exactly
+:func:`load_compressed`, :func:`read_palettes` and :func:`inspect_artifact` treat the file as
+untrusted: they check the format, the digest, the layout (JSON of bounded depth and integer
+length), every tensor's shape and byte length (and ``load_compressed`` every shape against the
+target model), all before anything is decoded or written into the model, and raise
+``ValueError`` naming the file and what is wrong. What they allocate is bounded by the file and,
+when decoding, by the model: a layout cannot make them build a weight the model does not have.
+The file's tensor data is exactly
 :attr:`CompressionReport.total_bytes <lightning_dkm.export.report.CompressionReport>` bytes.
 """
 
@@ -62,12 +65,13 @@ from .artifact_format import (
     _LOOKS_CLUSTERED_MIN_SIZE,
     _LOOKS_CLUSTERED_PROBE,
     _LUT,
-    _LUT_DTYPES,
     _PREFIX,
     _SCALE,
     _STATE,
     FORMAT_NAME,
     FORMAT_VERSION,
+    CheckedFile,
+    ReportMismatchWarning,
     _compatible,
     _decode,
     _digest,
@@ -75,15 +79,19 @@ from .artifact_format import (
     _fail,
     _listing,
     _read,
+    check_file,
+    decode_palettes,
     read_metadata,
+    report_mismatch,
 )
 from .files import write_atomically
 from .packed import pack
-from .report import CompressionReport
+from .report import CompressionReport, LayerReport, TensorReport
 
 __all__ = [
     "FORMAT_NAME",
     "FORMAT_VERSION",
+    "ReportMismatchWarning",
     "inspect_artifact",
     "load_compressed",
     "read_metadata",
@@ -372,16 +380,25 @@ def load_compressed(
     Raises:
         FileNotFoundError: no file at ``path``.
         IsADirectoryError: ``path`` is a directory.
-        ValueError: the file is not a readable safetensors file, is of another format or
-            version, fails its checksum, has an inconsistent layout, or does not fit ``model``
-            (missing or unexpected names, another shape or dtype kind).
+        PermissionError: the file may not be read (other ``OSError``s name the path too).
+        ValueError: ``path`` is a FIFO, a device or a socket; the file is not a readable
+            safetensors file, is of another format or version, fails its checksum, has an
+            inconsistent layout, or does not fit ``model`` (missing or unexpected names,
+            another shape or dtype kind: checked from the layout, before anything is decoded,
+            so a file claiming larger tensors than the model has costs no more than reading it).
+
+    Warns:
+        ReportMismatchWarning: the ``compression_report.json`` beside the file records another
+            artifact of its name (other bytes or SHA-256), naming both files.
     """
     path = Path(path)
     metadata, tensors = _read(path)
-    palettes, stored, aliases = _decode(path, metadata, tensors)
+    checked = check_file(path, metadata, tensors)
+    _warn_if_report_mismatch(path, stacklevel=3)  # the caller, past torch.no_grad's wrapper
+    layouts, stored, aliases = checked.layout.layouts, checked.state, checked.layout.aliases
 
     target = model.state_dict()
-    available = set(palettes) | set(stored) | set(aliases)
+    available = set(layouts) | set(stored) | set(aliases)
     wanted = {
         k for k, v in target.items() if isinstance(v, Tensor) and not is_compression_metadata(k)
     }
@@ -390,30 +407,24 @@ def load_compressed(
         raise _fail(path, "does not match the model (another architecture?): "
                           f"missing from the file: [{_listing(missing)}]; "
                           f"not in the model: [{_listing(unexpected)}]")
+    keys = sorted(wanted & available)
+    _check_against_model(checked, keys, target)  # shapes from the layout: nothing decoded yet
 
+    sources = {aliases.get(key, key) for key in keys}
+    palettes = decode_palettes(checked, [name for name in layouts if name in sources])
     values: dict[str, Tensor] = {}
     cache: dict[str, Tensor] = {}
-    for key in sorted(wanted & available):
+    for key in keys:
         source = aliases.get(key, key)
+        if source in palettes and packed:
+            continue  # never decoded: pack() below keeps LUT + indices
         if source not in cache:
-            if source in palettes and packed:  # never decoded: check its shape only
-                cache[source] = torch.empty(palettes[source].layout.shape,
-                                            dtype=target[key].dtype, device="meta")
-            elif source in palettes:
-                cache[source] = palettes[source].weight(target[key].dtype)
-            else:
-                cache[source] = stored[source]
-        value = cache[source]
-        if not _compatible(value, target[key]):
-            raise _fail(path, f"{key!r} is {value.dtype} {tuple(value.shape)} in the file but "
-                              f"{target[key].dtype} {tuple(target[key].shape)} in the model")
-        values[key] = value
+            cache[source] = (palettes[source].weight(target[key].dtype) if source in palettes
+                             else stored[source])
+        values[key] = cache[source]
 
-    clustered_keys = {k for k in values if aliases.get(k, k) in palettes}
     on_meta: dict[str, Tensor] = {}  # a model built under torch.device("meta"): assign, not copy
     for key, value in values.items():
-        if packed and key in clustered_keys:
-            continue
         if target[key].is_meta:
             on_meta[key] = value.to(target[key].dtype)
         else:
@@ -425,7 +436,7 @@ def load_compressed(
     target = model.state_dict()  # after an assign, the new tensors
     loaded = {}
     for name, palette in palettes.items():
-        if name in values:
+        if name in wanted:
             weight = target[name]
             if weight.is_meta:  # packed: the weight stays unmaterialised, its palette on CPU
                 weight = torch.empty(0, dtype=weight.dtype)
@@ -443,6 +454,34 @@ def load_compressed(
     return loaded
 
 
+def _check_against_model(checked: CheckedFile, keys: list[str], target: dict[str, Tensor]
+                         ) -> None:
+    """Every loaded name's shape (a clustered tensor's from its layout) and dtype kind against
+    the model's tensor, before anything is decoded: a file whose layout claims a larger tensor
+    than the model has fails here, not after its weight was built."""
+    layouts, aliases = checked.layout.layouts, checked.layout.aliases
+    for key in keys:
+        source = aliases.get(key, key)
+        want = target[key]
+        if source in layouts:
+            shape, dtype = layouts[source].shape, f"torch.{checked.layout.dtypes[source]}"
+            fits = shape == tuple(want.shape) and want.is_floating_point()
+        else:
+            value = checked.state[source]
+            shape, dtype, fits = tuple(value.shape), str(value.dtype), _compatible(value, want)
+        if not fits:
+            raise _fail(checked.path, f"{key!r} is {dtype} {shape} in the file but "
+                                      f"{want.dtype} {tuple(want.shape)} in the model")
+
+
+def _warn_if_report_mismatch(path: Path, stacklevel: int) -> None:
+    """Warn (at the caller ``stacklevel`` frames up) when the report beside ``path`` records
+    another artifact of its name."""
+    reason = report_mismatch(path)
+    if reason is not None:
+        warnings.warn(reason, ReportMismatchWarning, stacklevel=stacklevel + 1)
+
+
 def read_palettes(path: str | os.PathLike[str]) -> dict[str, Palette]:
     """The palettes (LUT + indices + layout) stored in an artifact, by parameter name, without
     a model: e.g. to restore ``DKMCallback.palettes`` in the process that launched a
@@ -458,9 +497,10 @@ def read_palettes(path: str | os.PathLike[str]) -> dict[str, Palette]:
     Raises:
         FileNotFoundError: no file at ``path``.
         IsADirectoryError: ``path`` is a directory.
-        ValueError: the file is not a readable safetensors file, is of another format or
-            version, fails its checksum or has an inconsistent layout (naming the file and the
-            entry).
+        PermissionError: the file may not be read.
+        ValueError: ``path`` is a FIFO, a device or a socket; the file is not a readable
+            safetensors file, is of another format or version, fails its checksum or has an
+            inconsistent layout (naming the file and the entry).
     """
     path = Path(path)
     metadata, tensors = _read(path)
@@ -470,37 +510,79 @@ def read_palettes(path: str | os.PathLike[str]) -> dict[str, Palette]:
 
 def inspect_artifact(path: str | os.PathLike[str]) -> CompressionReport:
     """The :class:`~lightning_dkm.export.report.CompressionReport` of an artifact, from the file
-    alone
-    (no model, no training code): per clustered tensor its layout and stored bytes, every other
-    tensor as stored, the totals. It is the report ``DKMCallback`` wrote, without the per-tensor
-    statistics and the energy estimate (those need the training run and a forward pass).
+    alone (no model, no training code): per clustered tensor its layout and stored bytes, every
+    other tensor as stored, the totals. It is the report ``DKMCallback`` wrote, without the
+    per-tensor statistics and the energy estimate (those need the training run and a forward
+    pass).
 
-    The file is validated as :func:`read_palettes` validates it. Files written before the
-    ``parameters`` entry existed report every dense tensor as a buffer.
+    The file is validated as :func:`read_palettes` validates it, and nothing is decoded: the
+    sizes come from the layout and the stored tensors, so the time and memory are those of
+    reading the file, whatever its layout claims. Files written before the ``parameters``
+    entry existed report every dense tensor as a buffer. When the ``compression_report.json``
+    beside the file records another artifact of this file's name (other bytes or digest), a
+    :class:`ReportMismatchWarning` says so, naming both files.
 
     Raises:
         FileNotFoundError, IsADirectoryError, ValueError: as :func:`read_palettes`.
     """
     path = Path(path)
     metadata, tensors = _read(path)
-    palettes, stored, aliases = _decode(path, metadata, tensors)
-    data = json.loads(metadata[_KEY_LAYOUT])
-    parameters = set(data.get("parameters", [])) | set(palettes)
-    skeleton = nn.Module()
-    values = {name: p.weight() for name, p in palettes.items()} | stored
-    entries: dict[str, Tensor] = {}  # every stored tensor once, as a Parameter or a buffer
-    for name, tensor in values.items():
-        entries[name] = nn.Parameter(tensor, requires_grad=False) if name in parameters else tensor
-    # an alias gets the very same object, so the report counts the tensor once
-    for name in [*values, *aliases]:
-        owner_name, _, leaf = name.rpartition(".")
-        owner = skeleton
-        for part in owner_name.split(".") if owner_name else []:
-            if part not in owner._modules:
-                owner.add_module(part, nn.Module())
-            owner = owner._modules[part]
-        entry = entries[aliases.get(name, name)]
-        kind = owner._parameters if isinstance(entry, nn.Parameter) else owner._buffers
-        kind[leaf] = entry
-    lut_dtype = _LUT_DTYPES[data["lut_dtype"]]
-    return CompressionReport.build(skeleton, palettes, lut_dtype=lut_dtype)
+    checked = check_file(path, metadata, tensors)
+    _warn_if_report_mismatch(path, stacklevel=2)
+    parsed = checked.layout
+    layers = []
+    for name, layout in parsed.layouts.items():
+        stored_dtype = parsed.lut_dtypes[name]
+        scale = tensors.get(_SCALE + name)
+        layers.append(LayerReport(
+            name=name,
+            shape=layout.shape,
+            dtype=parsed.dtypes[name],
+            bits=layout.spec.bits,
+            cluster_dim=layout.spec.cluster_dim,
+            group_size=layout.spec.group_size,
+            palettes=layout.num_palettes,
+            parameters=layout.numel,
+            lut_bytes=tensors[_LUT + name].numel() * stored_dtype.itemsize,
+            index_bytes=tensors[_INDICES + name].numel(),
+            scale_bytes=0 if scale is None else scale.numel() * stored_dtype.itemsize,
+            lut_dtype=None if stored_dtype == parsed.lut_dtype else _dtype_name(stored_dtype),
+        ))
+    parameters = parsed.parameters | set(parsed.layouts)
+    unclustered = [
+        TensorReport(
+            name=name,
+            shape=tuple(t.shape),
+            dtype=_dtype_name(t.dtype),
+            kind="parameter" if name in parameters else "buffer",
+            numel=t.numel(),
+            bytes=t.numel() * t.element_size(),
+            floating=t.is_floating_point(),
+        )
+        for name in _module_order([*parsed.layouts, *checked.state], parameters)
+        if name in checked.state
+        for t in (checked.state[name],)
+    ]
+    return CompressionReport(layers, unclustered, _dtype_name(parsed.lut_dtype))
+
+
+def _module_order(names: list[str], parameters: set[str] | frozenset[str]) -> list[str]:
+    """``names`` in the order ``state_dict()`` lists them in the module tree they spell (a
+    module's parameters, its buffers, then its submodules in order of first appearance), as the
+    training run's report lists them; without building that tree of modules, so any names
+    (``"a"`` and ``"a.b"``, ``"a..b"``) are fine and the cost is linear in their length."""
+    # a node: (parameter names, buffer names, submodules by name)
+    root: tuple[list[str], list[str], dict[str, tuple]] = ([], [], {})
+    for name in names:
+        node = root
+        owner = name.rpartition(".")[0]
+        for part in owner.split(".") if owner else ():
+            node = node[2].setdefault(part, ([], [], {}))
+        node[0 if name in parameters else 1].append(name)
+    ordered: list[str] = []
+    stack = [root]
+    while stack:  # depth first, iteratively: a name may have any number of dots
+        params, buffers, children = stack.pop()
+        ordered += params + buffers
+        stack.extend(reversed(children.values()))
+    return ordered

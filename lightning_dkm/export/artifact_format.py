@@ -1,14 +1,18 @@
 """The artifact's file format: its metadata keys, its digest, and the checks that read an
-untrusted file (format, digest, layout, every tensor's shape and byte length) before anything is
-written into a model. :mod:`.artifact` writes and loads through it; the layout of the file is
-described there.
+untrusted file (what the path is, format, digest, a layout JSON of bounded depth and number
+length, every tensor's shape and byte length) before anything is decoded or written into a
+model; and whether the ``compression_report.json`` beside an artifact belongs to it.
+:mod:`.artifact` writes and loads through it; the layout of the file is described there.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-from collections.abc import Mapping
+import re
+import stat
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +23,7 @@ from torch import Tensor
 from ..engine.bitpack import packed_size, unpack_bits
 from ..engine.layout import ClusterSpec, PaletteLayout
 from ..engine.palette import LUT_DTYPES, Palette
+from .report import REPORT_JSON
 
 FORMAT_NAME = "lightning_dkm.compressed"
 FORMAT_VERSION = "1"
@@ -60,19 +65,120 @@ def _digest(metadata: Mapping[str, str], tensors: Mapping[str, Tensor]) -> str:
     for key in sorted(tensors):
         t = tensors[key]
         h.update(f"tensor\0{key}\0{_dtype_name(t.dtype)}\0{list(t.shape)}\0".encode())
-        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        # the bytes in place (no copy): memory stays at the file's size
+        h.update(memoryview(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()))
     return h.hexdigest()
 
 
 
-# -- loading --------------------------------------------------------------------------------
+# -- reading an untrusted file ----------------------------------------------------------------
+# Everything below is bounded by the file: the safetensors header (<= 100 MB, its offsets
+# checked against the file's size by safetensors) is the only thing read before these checks,
+# the layout JSON is parsed with a depth and a number-length limit, every count and shape is
+# compared with the bytes the file holds, and nothing is decoded (indices unpacked, weights
+# built) until the file, and for load_compressed the model, has been checked.
+
+_MAX_JSON_DEPTH = 16  # the layout nests 4 deep (file -> clustered -> entry -> shape)
+_MAX_INT_DIGITS = 20  # every integer of the format fits in 64 bits
+_MAX_FLOAT_CHARS = 40  # json.dumps writes a float in at most 24
+_MAX_DIMS = 8  # of a clustered tensor (a Conv3d weight has 5)
+_JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+_NOT_A_BRACKET = re.compile(r"[^\[\]{}]+")
+_EMPTY_PAIR = re.compile(r"\[\]|\{\}")
+_KINDS = (
+    (stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+    (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+class _JSONLimit(ValueError):
+    """A number in a JSON text that the format never holds (too long, NaN, a fraction)."""
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    """``repr(value)``, cut to about ``limit`` characters: file contents quoted in a message."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"
+
+
+def _nests_deeper_than(text: str, limit: int) -> bool:
+    """Whether the JSON ``text`` nests arrays/objects more than ``limit`` deep, in C-speed
+    passes: strings removed, then only brackets kept, then one level of empty pairs removed per
+    pass (an unbalanced text is left to the parser, which names the position)."""
+    if text.count("[") + text.count("{") <= limit:  # the common case for large texts: names
+        return False
+    rest = _NOT_A_BRACKET.sub("", _JSON_STRING.sub("", text))
+    for _ in range(limit):
+        if not rest:
+            return False
+        rest, removed = _EMPTY_PAIR.subn("", rest)
+        if not removed:
+            return False
+    return bool(rest)
+
+
+def _bounded_int(text: str) -> int:
+    digits = len(text.lstrip("-"))
+    if digits > _MAX_INT_DIGITS:
+        raise _JSONLimit(f"an integer of {digits:,} digits (the format's integers have at "
+                         f"most {_MAX_INT_DIGITS})")
+    return int(text)
+
+
+def _bounded_float(text: str) -> float:
+    if len(text) > _MAX_FLOAT_CHARS:
+        raise _JSONLimit(f"a number written in {len(text):,} characters")
+    return float(text)
+
+
+def _no_float(text: str) -> float:
+    raise _JSONLimit(f"the number {_short(text, 30)}, where only integers belong")
+
+
+def _no_constant(name: str) -> Any:
+    raise _JSONLimit(f"{name}, which is not standard JSON")
+
+
+def load_bounded_json(text: str, what: str, *, floats: bool = False) -> Any:
+    """``json.loads(text)`` for untrusted text: at most :data:`_MAX_JSON_DEPTH` levels deep,
+    integers of at most 20 digits, no ``NaN`` / ``Infinity`` (and no fractions unless
+    ``floats``). Every failure is a ``ValueError`` starting with ``what``."""
+    if _nests_deeper_than(text, _MAX_JSON_DEPTH):
+        raise ValueError(f"{what} nests deeper than {_MAX_JSON_DEPTH} levels; the format "
+                         "never does: the file was edited or forged")
+    try:
+        return json.loads(text, parse_int=_bounded_int, parse_constant=_no_constant,
+                          parse_float=_bounded_float if floats else _no_float)
+    except _JSONLimit as err:
+        raise ValueError(f"{what} holds {err}: the file was edited or forged") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{what} is not valid JSON ({err})") from err
+    except RecursionError as err:  # not reached below the depth limit; kept as a backstop
+        raise ValueError(f"{what} nests too deep to read") from err
+
+
+def check_regular_file(path: Path, expected: str = "the artifact file") -> None:
+    """Raise unless ``path`` is a regular file (after symlinks), saying what it is instead:
+    ``FileNotFoundError`` (missing), ``IsADirectoryError``, ``ValueError`` (a FIFO, a device,
+    a socket: reading one could block or never end); other ``OSError``s (permission, a loop of
+    symlinks) name the path as the OS reports it."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no such file: {path}") from None
+    if stat.S_ISREG(mode):
+        return
+    kind = next((name for test, name in _KINDS if test(mode)), "a special file")
+    if stat.S_ISDIR(mode):
+        raise IsADirectoryError(f"{path} is a directory; pass {expected} inside it")
+    raise ValueError(f"{path} is {kind}, not a file; pass {expected} itself")
 
 
 def _read(path: Path) -> tuple[dict[str, str], dict[str, Tensor]]:
-    if path.is_dir():
-        raise IsADirectoryError(f"{path} is a directory; pass the artifact file inside it")
-    if not path.is_file():
-        raise FileNotFoundError(f"no such file: {path}")
+    check_regular_file(path)
+    with open(path, "rb"):
+        pass  # a file we may not read: PermissionError naming it, not "not safetensors"
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             metadata = f.metadata() or {}
@@ -80,8 +186,9 @@ def _read(path: Path) -> tuple[dict[str, str], dict[str, Tensor]]:
     except Exception as err:  # safetensors raises its own error types for malformed files
         raise ValueError(
             f"{path}: not a readable safetensors file ({path.stat().st_size} bytes; "
-            f"safetensors says: {err}). It is truncated (an interrupted copy or download) or "
-            "not a safetensors file at all; copy it again or re-save it with save_compressed()"
+            f"safetensors says: {_short(str(err), 300)}). It is truncated (an interrupted copy "
+            "or download) or not a safetensors file at all; copy it again or re-save it with "
+            "save_compressed()"
         ) from err
     return metadata, tensors
 
@@ -105,71 +212,88 @@ def _entry_lut_dtype(path: Path, name: str, entry: dict, default: torch.dtype) -
     if "lut_dtype" not in entry:
         return default
     if not isinstance(entry["lut_dtype"], str) or entry["lut_dtype"] not in _LUT_DTYPES:
-        raise _fail(path, f"layout of {name!r}: lut_dtype must be one of {list(_LUT_DTYPES)}; "
-                          f"got {entry['lut_dtype']!r}")
+        raise _fail(path, f"layout of {_short(name)}: lut_dtype must be one of "
+                          f"{list(_LUT_DTYPES)}; got {_short(entry['lut_dtype'])}")
     return _LUT_DTYPES[entry["lut_dtype"]]
 
 
-def _parse_layout(path: Path, text: str) -> tuple[dict[str, PaletteLayout],
-                                                   dict[str, torch.dtype], dict[str, str]]:
-    """The layouts of the clustered tensors, the dtype of each one's LUT, and the aliases."""
+def _is_float_dtype_name(value: Any) -> bool:
+    dtype = getattr(torch, value, None) if isinstance(value, str) else None
+    return isinstance(dtype, torch.dtype) and dtype.is_floating_point
+
+
+def _parse_entry(path: Path, name: str, entry: Any) -> PaletteLayout:
+    """The layout of one clustered tensor, from its (untrusted) entry."""
+    if not isinstance(entry, dict) or not (
+        _ENTRY_KEYS <= set(entry) <= _ENTRY_KEYS | _OPTIONAL_ENTRY_KEYS
+    ):
+        raise _fail(path, f"layout of {_short(name)} must have exactly the keys "
+                          f"{sorted(_ENTRY_KEYS)} (and optionally "
+                          f"{sorted(_OPTIONAL_ENTRY_KEYS)})")
+    shape = entry["shape"]
+    ints_ok = (
+        isinstance(shape, list) and len(shape) <= _MAX_DIMS and all(_is_int(s) for s in shape)
+        and all(_is_int(entry[k]) for k in ("count", "group_axis", "vector_axis"))
+        and _is_float_dtype_name(entry["dtype"])
+    )
+    if not ints_ok:
+        raise _fail(path, f"layout of {_short(name)} has malformed fields: {_short(entry, 300)}")
+    scaled = entry.get("per_channel_scale", False)
+    if scaled is not True and "per_channel_scale" in entry:
+        raise _fail(path, f"layout of {_short(name)}: per_channel_scale must be true when "
+                          f"present; got {_short(scaled)}")
+    label = name if len(name) <= 80 else _short(name)  # what its error messages quote
     try:
-        data = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise _fail(path, f"{_KEY_LAYOUT} is not valid JSON ({err})") from err
+        spec = ClusterSpec(entry["bits"], entry["cluster_dim"], entry["group_size"],
+                           per_channel_scale=scaled)
+        layout = PaletteLayout(
+            tuple(shape), spec, entry["group_axis"], entry["vector_axis"], name=label
+        )
+    except (ValueError, TypeError) as err:
+        raise _fail(path, f"invalid layout for {_short(name)}: {err}") from err
+    if entry["count"] != layout.num_palettes * layout.vectors_per_palette:
+        raise _fail(path, f"{_short(name)}: count={entry['count']} does not match its layout "
+                          f"({layout.num_palettes * layout.vectors_per_palette} indices)")
+    return layout if label == name else replace(layout, name=name)
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """The parsed ``lightning_dkm.layout`` entry."""
+
+    lut_dtype: torch.dtype  # the file's
+    layouts: dict[str, PaletteLayout]
+    lut_dtypes: dict[str, torch.dtype]  # each clustered tensor's LUT dtype
+    dtypes: dict[str, str]  # each clustered tensor's dtype in the model that was saved
+    aliases: dict[str, str]
+    parameters: frozenset[str]
+
+
+def _parse_layout(path: Path, text: str) -> _Layout:
+    """The layouts of the clustered tensors, the dtype of each one's LUT, and the aliases."""
+    data = load_bounded_json(text, f"{path}: {_KEY_LAYOUT}")
     required, optional = {"lut_dtype", "clustered", "aliases"}, {"parameters"}
     if not isinstance(data, dict) or not required <= set(data) <= required | optional:
         raise _fail(path, f"{_KEY_LAYOUT} must hold exactly lut_dtype, clustered and aliases "
                           "(and optionally parameters)")
     parameters = data.get("parameters", [])
-    if not isinstance(parameters, list) or not all(isinstance(n, str) for n in parameters):
+    if not isinstance(parameters, list) or not set(map(type, parameters)) <= {str}:
         raise _fail(path, "parameters must be a list of names")
     if not isinstance(data["lut_dtype"], str) or data["lut_dtype"] not in _LUT_DTYPES:
         raise _fail(path, f"lut_dtype must be one of {list(_LUT_DTYPES)}; got "
-                          f"{data['lut_dtype']!r}")
+                          f"{_short(data['lut_dtype'])}")
     file_lut_dtype = _LUT_DTYPES[data["lut_dtype"]]
     aliases = data["aliases"]
-    if not isinstance(aliases, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in aliases.items()
-    ):
+    if not isinstance(aliases, dict) or not set(map(type, aliases.values())) <= {str}:
         raise _fail(path, "aliases must map names to names")
     if not isinstance(data["clustered"], dict):
         raise _fail(path, "clustered must map names to layouts")
-    layouts: dict[str, PaletteLayout] = {}
-    lut_dtypes: dict[str, torch.dtype] = {}
+    layouts, lut_dtypes, dtypes = {}, {}, {}
     for name, entry in data["clustered"].items():
-        if not isinstance(entry, dict) or not (
-            _ENTRY_KEYS <= set(entry) <= _ENTRY_KEYS | _OPTIONAL_ENTRY_KEYS
-        ):
-            raise _fail(path, f"layout of {name!r} must have exactly the keys "
-                              f"{sorted(_ENTRY_KEYS)} (and optionally "
-                              f"{sorted(_OPTIONAL_ENTRY_KEYS)})")
+        layouts[name] = _parse_entry(path, name, entry)
         lut_dtypes[name] = _entry_lut_dtype(path, name, entry, file_lut_dtype)
-        shape = entry["shape"]
-        ints_ok = (
-            isinstance(shape, list) and all(_is_int(s) for s in shape)
-            and all(_is_int(entry[k]) for k in ("count", "group_axis", "vector_axis"))
-            and isinstance(entry["dtype"], str)
-        )
-        if not ints_ok:
-            raise _fail(path, f"layout of {name!r} has malformed fields: {entry!r}")
-        scaled = entry.get("per_channel_scale", False)
-        if scaled is not True and "per_channel_scale" in entry:
-            raise _fail(path, f"layout of {name!r}: per_channel_scale must be true when present; "
-                              f"got {scaled!r}")
-        try:
-            spec = ClusterSpec(entry["bits"], entry["cluster_dim"], entry["group_size"],
-                               per_channel_scale=scaled)
-            layout = PaletteLayout(
-                tuple(shape), spec, entry["group_axis"], entry["vector_axis"], name=name
-            )
-        except (ValueError, TypeError) as err:
-            raise _fail(path, f"invalid layout for {name!r}: {err}") from err
-        if entry["count"] != layout.num_palettes * layout.vectors_per_palette:
-            raise _fail(path, f"{name!r}: count={entry['count']} does not match its layout "
-                              f"({layout.num_palettes * layout.vectors_per_palette} indices)")
-        layouts[name] = layout
-    return layouts, lut_dtypes, aliases
+        dtypes[name] = entry["dtype"]
+    return _Layout(file_lut_dtype, layouts, lut_dtypes, dtypes, aliases, frozenset(parameters))
 
 
 def _check_metadata(path: Path, metadata: Mapping[str, str]) -> None:
@@ -180,9 +304,9 @@ def _check_metadata(path: Path, metadata: Mapping[str, str]) -> None:
                           "with safetensors.torch.load_file() and model.load_state_dict())")
     fmt, version = metadata.get(_KEY_FORMAT), metadata.get(_KEY_VERSION)
     if fmt != FORMAT_NAME:
-        raise _fail(path, f"not a {FORMAT_NAME!r} file ({_KEY_FORMAT}={fmt!r})")
+        raise _fail(path, f"not a {FORMAT_NAME!r} file ({_KEY_FORMAT}={_short(fmt)})")
     if version != FORMAT_VERSION:
-        raise _fail(path, f"unsupported {_KEY_VERSION}={version!r}; this version reads "
+        raise _fail(path, f"unsupported {_KEY_VERSION}={_short(version)}; this version reads "
                           f"{FORMAT_VERSION!r}")
     absent = [key for key in _REQUIRED_METADATA if key not in metadata]
     if absent:
@@ -190,56 +314,102 @@ def _check_metadata(path: Path, metadata: Mapping[str, str]) -> None:
                           "or the file was not written by save_compressed(); re-save it")
 
 
-def _decode(
-    path: Path, metadata: dict[str, str], tensors: dict[str, Tensor]
-) -> tuple[dict[str, Palette], dict[str, Tensor], dict[str, str]]:
-    """Validate the file on its own and decode it: palettes (LUT in the stored dtype, int64
-    indices, on CPU), the other tensors, and the aliases."""
+@dataclass(frozen=True)
+class CheckedFile:
+    """An artifact checked on its own, nothing decoded yet: its layout, the stored LUTs,
+    packed indices and scales (shapes and byte lengths checked against the layout), and the
+    dense tensors (``state``), all as the file holds them."""
+
+    path: Path
+    layout: _Layout
+    tensors: dict[str, Tensor]
+    state: dict[str, Tensor]
+
+
+def _listed(names: set[str] | list[str]) -> str:
+    return f"[{', '.join(_short(n) for n in sorted(names)[:10])}" + (
+        f" and {len(names) - 10} more]" if len(names) > 10 else "]")
+
+
+def check_file(path: Path, metadata: dict[str, str], tensors: dict[str, Tensor]) -> CheckedFile:
+    """Validate the file on its own: format, digest, layout, and every stored tensor's dtype,
+    shape and byte length against the layout (the packed indices of ``n`` indices at ``bits``
+    must be exactly ``ceil(n * bits / 8)`` bytes, the LUT ``P x 2**bits x cluster_dim``), the
+    aliases and parameter names against the stored tensors. Allocates nothing."""
     _check_metadata(path, metadata)
     if metadata[_KEY_DIGEST] != _digest(metadata, tensors):
         raise _fail(path, "checksum mismatch: the file is corrupted or was modified")
-    layouts, lut_dtypes, aliases = _parse_layout(path, metadata[_KEY_LAYOUT])
+    parsed = _parse_layout(path, metadata[_KEY_LAYOUT])
+    layouts, aliases = parsed.layouts, parsed.aliases
 
     state = {k.removeprefix(_STATE): t for k, t in tensors.items() if k.startswith(_STATE)}
     expected = {_STATE + n for n in state} | {p + n for n in layouts for p in (_LUT, _INDICES)}
     expected |= {_SCALE + n for n, layout in layouts.items() if layout.spec.per_channel_scale}
     missing, unexpected = expected - set(tensors), set(tensors) - expected
     if missing or unexpected:
-        raise _fail(path, f"tensors do not match the layout: missing {sorted(missing)}, "
-                          f"unexpected {sorted(unexpected)}")
+        raise _fail(path, f"tensors do not match the layout: missing {_listed(missing)}, "
+                          f"unexpected {_listed(unexpected)}")
     both = set(state) & set(layouts)
     if both:
-        raise _fail(path, f"names stored both clustered and dense: {sorted(both)}")
+        raise _fail(path, f"names stored both clustered and dense: {_listed(both)}")
     for alias, target in aliases.items():
         if alias in state or alias in layouts or (target not in state and target not in layouts):
-            raise _fail(path, f"alias {alias!r} -> {target!r} does not name a stored tensor")
+            raise _fail(path, f"alias {_short(alias)} -> {_short(target)} does not name a "
+                              "stored tensor")
+    strays = parsed.parameters - set(state) - set(layouts)
+    if strays:
+        raise _fail(path, f"parameters names tensors the file does not hold: {_listed(strays)}")
 
-    palettes = {}
     for name, layout in layouts.items():
         lut, packed = tensors[_LUT + name], tensors[_INDICES + name]
         P, n, d = layout.palette_shape
-        k = layout.spec.num_centroids
-        lut_dtype = lut_dtypes[name]
-        if lut.dtype != lut_dtype or tuple(lut.shape) != (P, k, d):
-            raise _fail(path, f"{name!r}: LUT is {lut.dtype} {tuple(lut.shape)}; the layout "
-                              f"needs {lut_dtype} {(P, k, d)}")
+        lut_dtype = parsed.lut_dtypes[name]
+        if lut.dtype != lut_dtype or tuple(lut.shape) != (P, layout.spec.num_centroids, d):
+            raise _fail(path, f"{_short(name)}: LUT is {lut.dtype} {tuple(lut.shape)}; the "
+                              f"layout needs {lut_dtype} {(P, layout.spec.num_centroids, d)}")
         if not bool(torch.isfinite(lut).all()):
-            raise _fail(path, f"{name!r}: LUT contains NaN or Inf")
+            raise _fail(path, f"{_short(name)}: LUT contains NaN or Inf")
         size = packed_size(P * n, layout.spec.bits)
         if packed.dtype != torch.uint8 or tuple(packed.shape) != (size,):
-            raise _fail(path, f"{name!r}: packed indices are {packed.dtype} "
+            raise _fail(path, f"{_short(name)}: packed indices are {packed.dtype} "
                               f"{tuple(packed.shape)}; the layout needs uint8 ({size},)")
         scale = tensors.get(_SCALE + name)
-        if scale is not None and (scale.dtype != lut_dtype or tuple(scale.shape)
-                                  != layout.scale_shape):
-            raise _fail(path, f"{name!r}: scales are {scale.dtype} {tuple(scale.shape)}; the "
-                              f"layout needs {lut_dtype} {layout.scale_shape}")
+        if scale is None:
+            continue
+        if scale.dtype != lut_dtype or tuple(scale.shape) != layout.scale_shape:
+            raise _fail(path, f"{_short(name)}: scales are {scale.dtype} {tuple(scale.shape)}; "
+                              f"the layout needs {lut_dtype} {layout.scale_shape}")
+        if not bool((torch.isfinite(scale) & (scale > 0)).all()):
+            raise _fail(path, f"{_short(name)}: per-channel scales must be finite floats > 0")
+    return CheckedFile(path, parsed, tensors, state)
+
+
+def decode_palettes(checked: CheckedFile, names: Iterable[str] | None = None
+                    ) -> dict[str, Palette]:
+    """The palettes of ``names`` (default: every clustered tensor): LUT in the stored dtype,
+    int64 indices (8 bytes per stored index: call it once the file, and the model it goes
+    into, have been checked), on CPU."""
+    layouts = checked.layout.layouts
+    palettes = {}
+    for name in layouts if names is None else names:
+        layout = layouts[name]
+        P, n, _ = layout.palette_shape
         try:
-            indices = unpack_bits(packed, layout.spec.bits, P * n).view(P, n)
-            palettes[name] = Palette(lut=lut, indices=indices, layout=layout, scale=scale)
+            indices = unpack_bits(checked.tensors[_INDICES + name], layout.spec.bits, P * n)
+            palettes[name] = Palette(lut=checked.tensors[_LUT + name], indices=indices.view(P, n),
+                                     layout=layout, scale=checked.tensors.get(_SCALE + name))
         except ValueError as err:
-            raise _fail(path, f"{name!r}: {err}") from err
-    return palettes, state, aliases
+            raise _fail(checked.path, f"{_short(name)}: {err}") from err
+    return palettes
+
+
+def _decode(
+    path: Path, metadata: dict[str, str], tensors: dict[str, Tensor]
+) -> tuple[dict[str, Palette], dict[str, Tensor], dict[str, str]]:
+    """Validate the file on its own and decode it: palettes (LUT in the stored dtype, int64
+    indices, on CPU), the other tensors, and the aliases."""
+    checked = check_file(path, metadata, tensors)
+    return decode_palettes(checked), checked.state, checked.layout.aliases
 
 
 def _compatible(source: Tensor, target: Tensor) -> bool:
@@ -252,4 +422,51 @@ def _compatible(source: Tensor, target: Tensor) -> bool:
 def _listing(names: set[str], limit: int = 10) -> str:
     ordered = sorted(names)
     more = f" and {len(ordered) - limit} more" if len(ordered) > limit else ""
-    return ", ".join(ordered[:limit]) + more
+    return ", ".join(n if len(n) <= 80 else _short(n) for n in ordered[:limit]) + more
+
+
+# -- the report beside an artifact -----------------------------------------------------------
+
+_MAX_REPORT_BYTES = 64 << 20  # a report of ~100k tensors; a larger file is not checked
+
+
+class ReportMismatchWarning(UserWarning):
+    """The ``compression_report.json`` beside an artifact describes another artifact file."""
+
+
+def _sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def report_mismatch(path: Path) -> str | None:
+    """Why the ``compression_report.json`` beside the artifact ``path`` does not belong to it,
+    or ``None``: its ``artifact`` entry names this file (``file`` equal to ``path``'s name) but
+    records other ``bytes`` or another ``sha256`` (of the whole file) than the file has.
+    ``None`` as well when they match, when there is no report, no such entry or an entry for
+    another file name, and when the report cannot be read (it is not this check's to judge)."""
+    report = path.parent / REPORT_JSON
+    try:
+        info = os.stat(report)
+        if not stat.S_ISREG(info.st_mode) or info.st_size > _MAX_REPORT_BYTES:
+            return None
+        data = load_bounded_json(report.read_text(encoding="utf-8"), str(report), floats=True)
+    except (OSError, ValueError):  # UnicodeDecodeError is a ValueError
+        return None
+    entry = data.get("artifact") if isinstance(data, dict) else None
+    if not isinstance(entry, dict) or entry.get("file") != path.name:
+        return None
+    recorded_bytes, recorded_sha = entry.get("bytes"), entry.get("sha256")
+    size = path.stat().st_size
+    if _is_int(recorded_bytes) and recorded_bytes != size:
+        found = f"{recorded_bytes:,} bytes, but the file has {size:,}"
+    elif isinstance(recorded_sha, str) and recorded_sha.lower() != (actual := _sha256_of(path)):
+        found = f"sha256 {_short(recorded_sha)}, but the file's is {actual!r}"
+    else:
+        return None
+    return (f"{report} does not describe the artifact {path} beside it: its 'artifact' entry "
+            f"records {found}. Another run (or a copy) replaced one of the two; the report's "
+            f"numbers are not this file's (lightning-dkm inspect {path} prints the file's own)")
