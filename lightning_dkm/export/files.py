@@ -1,7 +1,9 @@
 """Files that are never seen half-written: the one writer of everything lightning_dkm persists
 (the artifact, the compression report, the ddp_spawn handoff): temporary file beside the
 target, ``fsync``, ``os.replace``, ``fsync`` of the directory; and packages that are
-directories (``.mlpackage``, ``.aimodel``): written beside the target, then moved in."""
+directories (``.mlpackage``, ``.aimodel``): written beside the target, then moved in. Files that
+belong together (the report and the artifact it describes) are staged and moved in as one
+:class:`FileGroup`."""
 
 from __future__ import annotations
 
@@ -14,7 +16,23 @@ import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-__all__ = ["replace_directory", "write_atomically"]
+__all__ = ["FileGroup", "describe_path", "replace_directory", "write_atomically"]
+
+
+def describe_path(path: str | os.PathLike[str]) -> str:
+    """What is at ``path``, for messages: ``"a file"``, ``"a directory"``, ``"a FIFO (named
+    pipe)"``, ``"a socket"``, ``"a character device"``, ``"a block device"``, ``"a broken
+    symbolic link"``, ``"nothing (it does not exist)"``."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return "a broken symbolic link" if os.path.lexists(path) else "nothing (it does not exist)"
+    except OSError as err:
+        return f"unreadable ({err.strerror or err})"
+    kinds = [(stat.S_ISREG, "a file"), (stat.S_ISDIR, "a directory"),
+             (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
+             (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")]
+    return next((name for test, name in kinds if test(mode)), "a special file")
 
 
 def _temporary_beside(path: Path) -> tuple[Path, int]:
@@ -67,9 +85,10 @@ def write_atomically(writers: Mapping[str | os.PathLike[str], Callable[[Path], N
     (in the same directory). Each temporary file is flushed to disk (``fsync``) and only when
     *all* are written are they moved into place with ``os.replace`` (an atomic rename). So a
     crash or kill leaves every ``path`` either as it was or complete, never truncated; an
-    exception while writing leaves every previous file untouched; and no temporary file is
-    left behind by an exception (a hard kill can leave one, named ``.<name>.<random>.tmp``).
-    A replaced file keeps its mode; a new one gets ``0o666 & ~umask``.
+    exception while writing, or while moving them into place, leaves every previous file as it
+    was (:class:`FileGroup`); and no temporary file is left behind by an exception (a hard kill
+    can leave one, named ``.<name>.<random>.tmp``). A replaced file keeps its mode; a new one
+    gets ``0o666 & ~umask``.
 
     Raises:
         IsADirectoryError: a path is a directory.
@@ -79,21 +98,103 @@ def write_atomically(writers: Mapping[str | os.PathLike[str], Callable[[Path], N
     targets = {Path(path): write for path, write in writers.items()}
     for path in targets:
         _check_writable(path)
-    temps: dict[Path, Path] = {}
-    try:
+    with FileGroup() as group:
         for path, write in targets.items():
-            temps[path], mode = _temporary_beside(path)
-            write(temps[path])
-            os.chmod(temps[path], mode)
-            _fsync_file(temps[path])
-        for path in list(temps):
-            os.replace(temps[path], path)
-            del temps[path]
-    finally:
-        for tmp in temps.values():
+            group.stage(path, write)
+        group.commit()
+
+
+class FileGroup:
+    """Files written together and moved into place together: what :func:`write_atomically`
+    does, in steps, for a caller that must read one staged file before writing the next (the
+    compression report records the digest of the artifact it describes).
+
+    ``stage(path, write)`` writes ``path``'s content into a temporary file beside it (flushed,
+    with the final mode) and returns that file; ``commit()`` moves every staged file into place
+    in the order staged. An exception in ``commit`` puts back every file it had already
+    replaced (each previous file is kept as a hard link, ``.<name>.<random>.previous``, until
+    the commit ends; on a file system without hard links that file cannot be put back), so the
+    group is replaced whole or not at all; leaving the ``with`` block without ``commit`` (an
+    exception) removes the staged files and touches nothing. A hard kill between two renames
+    can leave some files new and some old: a reader that must know pairs them by content (the
+    report's ``artifact.sha256``).
+    """
+
+    def __init__(self) -> None:
+        self._staged: dict[Path, Path] = {}
+
+    def __enter__(self) -> FileGroup:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.discard()
+
+    def stage(self, path: str | os.PathLike[str], write: Callable[[Path], None]) -> Path:
+        """Write ``path``'s content with ``write(tmp)`` into a temporary file beside it and
+        return that file (complete and flushed); ``path`` itself is untouched until
+        :meth:`commit`."""
+        path = Path(path)
+        _check_writable(path)
+        if path in self._staged:
+            raise ValueError(f"{path} is already staged in this group")
+        tmp, mode = _temporary_beside(path)
+        self._staged[path] = tmp
+        write(tmp)
+        os.chmod(tmp, mode)
+        _fsync_file(tmp)
+        return tmp
+
+    def commit(self) -> None:
+        """Move every staged file into place (``os.replace``, in the order staged), all or
+        none; then make the renames durable."""
+        backups: dict[Path, Path] = {}
+        new: set[Path] = set()  # nothing there before: removed again on a failure
+        replaced: list[Path] = []
+        try:
+            for path in self._staged:
+                backup = _keep_previous(path)
+                if backup is not None:
+                    backups[path] = backup
+                elif not os.path.lexists(path):
+                    new.add(path)
+            for path, tmp in self._staged.items():
+                os.replace(tmp, path)
+                replaced.append(path)
+        except BaseException:
+            for path in reversed(replaced):  # put the previous files back
+                with contextlib.suppress(OSError):
+                    if path in backups:
+                        os.replace(backups.pop(path), path)
+                    elif path in new:
+                        path.unlink()
+            raise
+        finally:
+            for backup in backups.values():
+                backup.unlink(missing_ok=True)
+            directories = {path.parent for path in self._staged}
+            self._staged = {path: tmp for path, tmp in self._staged.items()
+                            if path not in replaced}
+        for directory in directories:
+            _fsync_directory(directory)
+
+    def discard(self) -> None:
+        """Remove the staged files that were not committed."""
+        for tmp in self._staged.values():
             tmp.unlink(missing_ok=True)
-    for directory in {path.parent for path in targets}:
-        _fsync_directory(directory)
+        self._staged = {}
+
+
+def _keep_previous(path: Path) -> Path | None:
+    """A hard link to the file ``path`` replaces (``None`` when there is none, or when the file
+    system has no hard links: that file then cannot be put back)."""
+    if not path.is_file():
+        return None
+    backup = path.with_name(f".{path.name}.{secrets.token_hex(8)}.previous")
+    try:
+        os.link(path, backup, follow_symlinks=False)
+    except (OSError, NotImplementedError):
+        return None
+    return backup
 
 
 def replace_directory(path: Path, write: Callable[[Path], None]) -> None:

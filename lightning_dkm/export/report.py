@@ -23,9 +23,11 @@ a measurement; every energy field name says ``estimated``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +51,7 @@ from .report_entries import (
 from .report_render import render
 
 __all__ = [
+    "ARTIFACT_KEYS",
     "REPORT_JSON",
     "REPORT_MARKDOWN",
     "STAT_KEYS",
@@ -56,6 +59,7 @@ __all__ = [
     "EnergyEstimate",
     "LayerReport",
     "TensorReport",
+    "artifact_entry",
 ]
 
 #: The per-layer statistics ``CompressionReport.build(stats=...)`` accepts.
@@ -98,6 +102,48 @@ def _check_stats(
     return out
 
 
+#: The fields of the report's ``artifact`` entry: the artifact's file name (beside the report),
+#: its size in bytes and the SHA-256 of its bytes (lowercase hex).
+ARTIFACT_KEYS = ("file", "bytes", "sha256")
+
+
+def artifact_entry(path: str | os.PathLike[str], file: str | None = None) -> dict[str, Any]:
+    """The report's ``artifact`` entry for the artifact at ``path``: ``{"file": file (default:
+    ``path``'s name), "bytes": its size, "sha256": the hex SHA-256 of its bytes}``, read in 1 MiB
+    blocks. ``file`` names it where it will lie (the file read may be a staged copy)."""
+    path = Path(path)
+    digest, size = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+            size += len(block)
+    return {"file": file if file is not None else path.name, "bytes": size,
+            "sha256": digest.hexdigest()}
+
+
+def _artifact(data: object) -> dict[str, Any] | None:
+    """The ``artifact`` entry read back: ``None`` or the three fields, checked."""
+    if data is None:
+        return None
+    if not isinstance(data, Mapping) or set(data) != set(ARTIFACT_KEYS):
+        raise ValueError(
+            f"the compression report's 'artifact' must be null or an object with the fields "
+            f"{list(ARTIFACT_KEYS)}; got {data!r}"
+        )
+    file, size, sha256 = data["file"], data["bytes"], data["sha256"]
+    if not isinstance(file, str) or not file or "/" in file or "\\" in file:
+        raise ValueError(
+            f"the compression report's artifact.file must be a file name; got {file!r}")
+    if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+        raise ValueError(
+            f"the compression report's artifact.bytes must be a size in bytes; got {size!r}")
+    if not isinstance(sha256, str) or not re.fullmatch(r"[0-9a-f]{64}", sha256):
+        raise ValueError(
+            "the compression report's artifact.sha256 must be 64 lowercase hex digits; got "
+            f"{sha256!r}")
+    return {"file": file, "bytes": size, "sha256": sha256}
+
+
 def _owner_module(name: str) -> str:
     return name.rsplit(".", 1)[0] if "." in name else ""
 
@@ -124,6 +170,10 @@ class CompressionReport:
     #: What each export wrote and how it was verified, by target (``"coreml"``, ``"coreai"``):
     #: path, package bytes and, for Core AI, the runtime-vs-PyTorch difference.
     exports: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: The artifact this report describes, beside it (:func:`artifact_entry`): ``{"file":
+    #: "model.dkm.safetensors", "bytes": N, "sha256": "<hex>"}``; ``None`` when no artifact was
+    #: written with it. ``DKMCallback`` sets it when it writes the artifact.
+    artifact: dict[str, Any] | None = None
 
     # -- building ----------------------------------------------------------------------------
     @classmethod
@@ -299,7 +349,8 @@ class CompressionReport:
     # -- serialisation -----------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         """JSON-able primitives: format/version, ``lut_dtype``, ``layers``, ``unclustered``,
-        ``totals`` and ``estimated_energy`` (``None`` without an energy estimate)."""
+        ``totals``, ``estimated_energy`` (``None`` without an energy estimate), ``exports`` and
+        ``artifact`` (``None`` without an artifact)."""
         return {
             "format": _REPORT_FORMAT,
             "version": _REPORT_VERSION,
@@ -309,6 +360,7 @@ class CompressionReport:
             "totals": self.totals(),
             "estimated_energy": self.energy.to_dict() if self.energy else None,
             "exports": {name: dict(entry) for name, entry in self.exports.items()},
+            "artifact": dict(self.artifact) if self.artifact is not None else None,
         }
 
     @classmethod
@@ -337,7 +389,18 @@ class CompressionReport:
             lut_dtype=data["lut_dtype"],
             energy=_from_fields(EnergyEstimate, energy) if energy else None,
             exports=_exports(data.get("exports", {})),
+            artifact=_artifact(data.get("artifact")),
         )
+
+    def files(self, directory: str | Path) -> dict[Path, str]:
+        """What :meth:`save` writes: ``{directory / compression_report.json: its JSON,
+        directory / compression_report.md: its Markdown}`` (for writing them together with
+        other files, :class:`~lightning_dkm.export.files.FileGroup`)."""
+        directory = Path(directory)
+        return {
+            directory / REPORT_JSON: json.dumps(self.to_dict(), indent=2) + "\n",
+            directory / REPORT_MARKDOWN: self.to_markdown(),
+        }
 
     def save(self, directory: str | Path) -> dict[str, Path]:
         """Write ``compression_report.json`` and ``compression_report.md`` (UTF-8) into
@@ -348,16 +411,11 @@ class CompressionReport:
         """
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        paths = {"json": directory / REPORT_JSON, "markdown": directory / REPORT_MARKDOWN}
-        texts = {
-            paths["json"]: json.dumps(self.to_dict(), indent=2) + "\n",
-            paths["markdown"]: self.to_markdown(),
-        }
         write_atomically({
             path: lambda tmp, text=text: tmp.write_text(text, encoding="utf-8")
-            for path, text in texts.items()
+            for path, text in self.files(directory).items()
         })
-        return paths
+        return {"json": directory / REPORT_JSON, "markdown": directory / REPORT_MARKDOWN}
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> CompressionReport:

@@ -48,7 +48,8 @@ from .convergence import measure_all
 from .forward_cache import ForwardCache
 from .fully_sharded import FullySharded
 from .outputs import ARTIFACT_NAME, COREML_NAME, DKMResults
-from .preflight import check_export_widths, check_fit, is_fully_sharded
+from .ownership import SaveDirLock
+from .preflight import check_export_widths, check_fit, claim_outputs, is_fully_sharded
 from .temperature import TemperatureConfig, TemperaturePlan
 from .timeline import DKMTimeline
 
@@ -164,8 +165,13 @@ class DKMCallback(DKMResults, Callback):
         seed: seed of the k-means++ initialisation (the same on every rank). Default 0.
         finalize: snap the weights and remove the parametrizations when fit ends. Default True.
         save_dir: where the report and the artifact go; default: the trainer's ``log_dir``
-            (or ``default_root_dir``) + ``/dkm``. Resolved and checked (a directory, created if
-            missing, writable) in ``setup``, before training, on every rank.
+            (or ``default_root_dir``) + ``/dkm``. Resolved once in ``setup`` (``~`` expanded,
+            made absolute: fit end writes there even if the working directory changes) and
+            checked before training: a directory, created if missing, writable, no directory
+            or other non-file where an output goes, room for the outputs (``1.1 x outputs x
+            fp32 bytes of the model + 1 MiB``), and no other fit using it: the fit owns it
+            until it ends (a lock file, ``.lightning_dkm.lock``), and a second fit on it is
+            refused at ``setup``, naming the first (:mod:`lightning_dkm.lightning.ownership`).
         save_artifact: write the compressed model (``model.dkm.safetensors``: LUTs, bit-packed
             indices and every other tensor; see :func:`lightning_dkm.save_compressed`) when fit
             ends. Default True.
@@ -268,6 +274,7 @@ class DKMCallback(DKMResults, Callback):
         self._names: list[str] = []
         self._timeline = DKMTimeline(self.temperature, self._method, start_epoch, hard_epoch)
         self._out_dir: Path | None = None
+        self._save_dir_lock: SaveDirLock | None = None  # rank 0's, from setup to teardown
         self._forward_cache = ForwardCache()
         self._checkpointing = DKMCheckpointing()
         self._fully_sharded: FullySharded | None = None  # under FSDP2 (ModelParallelStrategy)
@@ -367,9 +374,11 @@ class DKMCallback(DKMResults, Callback):
                 snap_on_load(pl_module)  # a state dict with DKM keys (weights-only) loads snapped
             self._checkpointing.watch(pl_module, self._names or None)
             return
+        self._release_save_dir()  # a lock an earlier fit of this callback still held
         self._out_dir = check_fit(
             trainer, pl_module, save_dir=self.save_dir, finalize=self.finalize,
-            exports=self._exports(), temperature=self.temperature,
+            save_artifact=self.save_artifact, exports=self._exports(),
+            temperature=self.temperature,
             start_epoch=self.start_epoch, hard_epoch=self.hard_epoch,
             uses_temperature=self._method.uses_temperature,
         )
@@ -399,9 +408,19 @@ class DKMCallback(DKMResults, Callback):
             self._timeline.begin(self._tensors(pl_module))
         self._finalized = False
         self._checkpointing.watch(pl_module, self._names)
+        if self._out_dir is not None:  # last, once this callback's setup has passed
+            self._save_dir_lock = claim_outputs(trainer, self._out_dir, self.save_dir)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._checkpointing.unwatch()
+        if stage == "fit":
+            self._release_save_dir()
+
+    def _release_save_dir(self) -> None:
+        """End this fit's hold on ``save_dir`` (rank 0's lock, :mod:`.ownership`)."""
+        lock, self._save_dir_lock = self._save_dir_lock, None
+        if lock is not None:
+            lock.release()
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._checkpointing.require_restored("training")
@@ -448,6 +467,7 @@ class DKMCallback(DKMResults, Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
     ) -> None:
         self._forward_cache.close()
+        self._release_save_dir()  # Lightning calls no teardown hook after an exception
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any

@@ -4,9 +4,10 @@
   through ``pl_module.log``, and TensorBoard histograms of centroids and weights.
 * At fit end (after finalize): the :class:`~lightning_dkm.export.report.CompressionReport`
   (JSON and Markdown in ``save_dir``, ``dkm_report/*`` scalars to every logger, the Markdown as
-  TensorBoard text), the compressed artifact, the printed report, and only then, optionally,
-  the Core ML and Core AI packages (recorded in the report; a failed export names the artifact
-  and the call that retries it).
+  TensorBoard text) and the compressed artifact, written as one group (the report records the
+  artifact's size and SHA-256; a failed write leaves the previous pair), the printed report,
+  and only then, optionally, the Core ML and Core AI packages (recorded in the report; a failed
+  export names the artifact and the call that retries it).
 * The results on the callback (:class:`DKMResults`: ``stats``, ``palettes``, ``report``,
   ``output_paths``, ``artifact_path``), also in the process that launched a ``ddp_spawn`` fit,
   which gets them from rank 0 through the handoff file (:mod:`.handoff`).
@@ -15,6 +16,7 @@
 from __future__ import annotations
 
 import copy
+import errno
 import os
 import tempfile
 import uuid
@@ -30,7 +32,8 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from ..engine.palette import Palette
 from ..engine.sharding import is_sharded
-from ..export.report import CompressionReport
+from ..export.files import FileGroup
+from ..export.report import REPORT_JSON, REPORT_MARKDOWN, CompressionReport, artifact_entry
 from ..export.report_render import export_line as _export_line
 from ..model.attach import ClusteredTensor
 from .handoff import discard_handoff, read_handoff, write_handoff
@@ -43,6 +46,7 @@ __all__ = [
     "log_epoch_metrics",
     "log_histograms",
     "warn_not_clustered",
+    "write_report_and_artifact",
 ]
 
 #: File name of the compressed model written into ``save_dir``.
@@ -210,9 +214,10 @@ class DKMResults:
         exports: dict[str, bool],
         verbose: bool,
     ) -> None:
-        """After finalize: the report on every rank; on rank 0 its files and scalars, the
-        artifact (written by ``write_artifact``, :func:`~lightning_dkm.save_compressed`'s
-        signature; ``None``: none), the report printed, and only then the exports
+        """After finalize: the report on every rank; on rank 0 its scalars, its files and the
+        artifact as one group (:func:`write_report_and_artifact`; the artifact written by
+        ``write_artifact``, :func:`~lightning_dkm.save_compressed`'s signature; ``None``:
+        none), the report printed, and only then the exports
         (``exports``: ``{"export_coreml": bool, "export_coreai": bool}``), each recorded in the
         report, which is saved again; under ``ddp_spawn`` the handoff file. An export that fails
         raises an error that says where the artifact is and the call that retries the export
@@ -232,11 +237,10 @@ class DKMResults:
         if trainer.global_rank != 0:
             return
         _log_report(trainer, self._report)
-        paths = dict(self._report.save(out_dir))
-        if write_artifact is not None:
-            paths["artifact"] = write_artifact(
-                pl_module, out_dir / ARTIFACT_NAME, self._palettes, lut_dtype=lut_dtype
-            )
+        paths = write_report_and_artifact(
+            self._report, pl_module, out_dir, self._palettes, lut_dtype=lut_dtype,
+            write_artifact=write_artifact,
+        )
         self._publish(paths)
         if verbose:
             rank_zero_info("\n" + self._report.to_table())
@@ -262,6 +266,54 @@ class DKMResults:
         self._output_paths = dict(paths)
         if os.getpid() != self._launcher_pid:
             write_handoff(self._handoff_path, paths, self._palettes, self._stats)
+
+
+def write_report_and_artifact(
+    report: CompressionReport,
+    model: torch.nn.Module,
+    out_dir: Path,
+    palettes: dict[str, Palette],
+    *,
+    lut_dtype: torch.dtype,
+    write_artifact: Callable[..., Any] | None,
+) -> dict[str, Path]:
+    """Write the artifact (``write_artifact(model, path, palettes, lut_dtype=...)``; ``None``:
+    no artifact) and the report that describes it into ``out_dir`` as one group
+    (:class:`~lightning_dkm.export.files.FileGroup`): the artifact is staged first, its size and
+    SHA-256 go into ``report.artifact`` (``None`` without one), then the report is staged, and
+    only then are all moved into place, all or none. So a write that fails (a full disk, an
+    I/O error) leaves the previous report and artifact as they were, a pair, and no temporary
+    file; a ``SafetensorError`` from the writer is raised as the ``OSError`` it reports.
+    Returns ``{"json": ..., "markdown": ..., "artifact": ...}`` (no ``"artifact"`` without
+    one)."""
+    artifact = out_dir / ARTIFACT_NAME
+    report.artifact = None
+    with FileGroup() as group:
+        if write_artifact is not None:
+            staged = group.stage(artifact, lambda tmp: _call_writer(
+                write_artifact, model, tmp, artifact, palettes, lut_dtype))
+            report.artifact = artifact_entry(staged, ARTIFACT_NAME)
+        for path, text in report.files(out_dir).items():
+            group.stage(path, lambda tmp, text=text: tmp.write_text(text, encoding="utf-8"))
+        group.commit()
+    paths = {"json": out_dir / REPORT_JSON, "markdown": out_dir / REPORT_MARKDOWN}
+    if write_artifact is not None:
+        paths["artifact"] = artifact
+    return paths
+
+
+def _call_writer(write_artifact: Callable[..., Any], model: torch.nn.Module, tmp: Path,
+                 artifact: Path, palettes: dict[str, Palette], lut_dtype: torch.dtype) -> None:
+    """``write_artifact`` into the staged file ``tmp`` of ``artifact``; safetensors' own error
+    (a full disk, an I/O error inside its writer) as an ``OSError`` naming ``artifact``."""
+    from safetensors import SafetensorError
+
+    try:
+        write_artifact(model, tmp, palettes, lut_dtype=lut_dtype)
+    except SafetensorError as err:
+        code = errno.ENOSPC if "StorageFull" in str(err) or "No space" in str(err) else None
+        message = f"writing the artifact {artifact} failed: {err}"
+        raise (OSError(code, message) if code else OSError(message)) from err
 
 
 #: The file each export writes into ``save_dir``, by ``DKMCallback`` argument.

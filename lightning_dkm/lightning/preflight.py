@@ -1,14 +1,15 @@
 """What :class:`~lightning_dkm.DKMCallback` checks against the Trainer before training.
 
 At ``setup("fit")``: the strategy (FSDP2 through ``ModelParallelStrategy`` is supported; FSDP1,
-DeepSpeed and tensor parallelism are refused), the output directory (resolved on every rank,
-created, writable), the Core ML / Core AI exports (the converter imports, an
-``example_input_array`` exists, one trial conversion of the dense model succeeds, and every
-tensor's width is one Core AI packs), and what ``max_epochs`` / ``max_steps`` make of
-``start_epoch``, ``hard_epoch`` and the temperature schedule. At ``on_train_start``, when the
-dataloaders are known: the number of soft units (steps or epochs) the schedule spans. Each
-problem is a ``MisconfigurationException`` or a warning that names the setting and the fix,
-raised before the first step rather than at the end of fit.
+DeepSpeed and tensor parallelism are refused), the output directory (resolved once, absolute,
+``~`` expanded, on every rank; created, writable; on rank 0: no directory or other non-file where
+an output goes, room for the outputs, and no other fit holding it, :mod:`.ownership`), the Core
+ML / Core AI exports (the converter imports, an ``example_input_array`` exists, one trial
+conversion of the dense model succeeds, and every tensor's width is one Core AI packs), and what
+``max_epochs`` / ``max_steps`` make of ``start_epoch``, ``hard_epoch`` and the temperature
+schedule. At ``on_train_start``, when the dataloaders are known: the number of soft units (steps
+or epochs) the schedule spans. Each problem is a ``MisconfigurationException`` or a warning that
+names the setting and the fix, raised before the first step rather than at the end of fit.
 """
 
 from __future__ import annotations
@@ -17,24 +18,34 @@ import copy
 import math
 import os
 from pathlib import Path
+from shutil import disk_usage
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
+from ..export.files import describe_path
+from ..export.report import REPORT_JSON, REPORT_MARKDOWN
 from ..model.targets import Target
+from .outputs import ARTIFACT_NAME, COREAI_NAME, COREML_NAME
+from .ownership import SaveDirLock, claim_save_dir, rank_zero_check
 from .temperature import TemperatureConfig
 
 __all__ = [
     "check_export_widths",
     "check_exports",
     "check_fit",
+    "check_free_space",
     "check_fully_sharded_model",
     "check_limits",
+    "check_output_paths",
     "check_strategy",
     "check_writable_dir",
+    "claim_outputs",
     "is_fully_sharded",
+    "model_fp32_bytes",
+    "output_paths",
     "resolve_save_dir",
     "soft_units",
 ]
@@ -101,23 +112,29 @@ def check_fully_sharded_model(pl_module: pl.LightningModule) -> None:
         )
 
 
-def resolve_save_dir(trainer: pl.Trainer, save_dir: str | None) -> Path:
-    """``save_dir``, or the trainer's ``log_dir`` (``default_root_dir``) + ``/dkm``. Call it on
-    every rank: ``trainer.log_dir`` is a broadcast."""
-    if save_dir is not None:
-        return Path(save_dir)
-    base = trainer.log_dir or trainer.default_root_dir
-    return Path(base) / "dkm"
+def resolve_save_dir(trainer: pl.Trainer, save_dir: str | os.PathLike[str] | None) -> Path:
+    """``save_dir``, or the trainer's ``log_dir`` (``default_root_dir``) + ``/dkm``, with ``~``
+    expanded and made absolute against the working directory now, at ``setup``: fit end writes
+    into this path even if the working directory changes during fit. Call it on every rank:
+    ``trainer.log_dir`` is a broadcast."""
+    if save_dir is None:
+        save_dir = Path(trainer.log_dir or trainer.default_root_dir) / "dkm"
+    return Path(os.path.abspath(os.path.expanduser(os.fspath(save_dir))))
+
+
+def _label(path: Path, argument: str | None) -> str:
+    return f"save_dir={str(path)!r}" if argument else f"the default output directory {path}"
 
 
 def check_writable_dir(path: Path, argument: str | None) -> None:
     """``path`` is a directory this process can write into (created if missing), else a
-    ``MisconfigurationException`` that names ``argument`` (``save_dir``) and the path."""
-    label = f"save_dir={str(path)!r}" if argument else f"the default output directory {path}"
+    ``MisconfigurationException`` that names ``argument`` (``save_dir``), the path and what it
+    is (a file, a FIFO, ...)."""
+    label = _label(path, argument)
     fix = "pass a writable directory as save_dir" if argument else "pass save_dir"
-    if path.exists() and not path.is_dir():
+    if os.path.lexists(path) and not path.is_dir():
         raise MisconfigurationException(
-            f"DKMCallback: {label} is a file, not a directory; {fix}"
+            f"DKMCallback: {label} is {describe_path(path)}, not a directory; {fix}"
         )
     try:
         path.mkdir(parents=True, exist_ok=True)
@@ -127,6 +144,72 @@ def check_writable_dir(path: Path, argument: str | None) -> None:
         ) from err
     if not os.access(path, os.W_OK | os.X_OK):
         raise MisconfigurationException(f"DKMCallback: {label} is not writable; {fix}")
+
+
+def output_paths(out_dir: Path, save_artifact: bool, exports: dict[str, bool]
+                 ) -> list[tuple[Path, str, bool]]:
+    """What fit end writes into ``out_dir``: ``(path, what it is, a package directory?)`` for
+    the report (JSON and Markdown) and, as asked, the artifact and the packages."""
+    paths = [(out_dir / REPORT_JSON, "the compression report (JSON)", False),
+             (out_dir / REPORT_MARKDOWN, "the compression report (Markdown)", False)]
+    if save_artifact:
+        paths.append((out_dir / ARTIFACT_NAME, "the compressed artifact", False))
+    packages = {"export_coreml": (COREML_NAME, "the Core ML package"),
+                "export_coreai": (COREAI_NAME, "the Core AI package")}
+    for argument, (name, what) in packages.items():
+        if exports.get(argument):
+            paths.append((out_dir / name, what, True))
+    return paths
+
+
+def check_output_paths(out_dir: Path, label: str, save_artifact: bool,
+                       exports: dict[str, bool]) -> None:
+    """Nothing in the way of an output: each file fit end writes is absent or a file (a
+    package: absent or a directory), else a ``MisconfigurationException`` naming the path and
+    what it is."""
+    for path, what, package in output_paths(out_dir, save_artifact, exports):
+        if not path.exists() or (path.is_dir() if package else path.is_file()):
+            continue
+        expected = "a directory (a package)" if package else "a file"
+        raise MisconfigurationException(
+            f"DKMCallback: {label}: {path} is {describe_path(path)}, not {expected}; "
+            f"{what} is written there when fit ends. Move it away, or pass another save_dir"
+        )
+
+
+#: The free-space margin: the outputs may take up to this many times their estimated size.
+SPACE_MARGIN = 1.1
+#: Room for the report (JSON and Markdown) and the lock, beyond the estimate.
+SPACE_EXTRA = 1 << 20
+
+
+def model_fp32_bytes(module: torch.nn.Module) -> int:
+    """The model at fp32: every parameter and buffer (each once) at ``max(4, its width)``
+    bytes per element, an upper bound of what one output (the artifact, a package) stores."""
+    tensors = [*module.parameters(), *module.buffers()]
+    return sum(t.numel() * max(4, t.element_size()) for t in tensors)
+
+
+def check_free_space(out_dir: Path, label: str, pl_module: torch.nn.Module,
+                     save_artifact: bool, exports: dict[str, bool]) -> None:
+    """Room in ``out_dir`` for the outputs, estimated before training as
+    ``1.1 x outputs x fp32 bytes of the model + 1 MiB``: each output (the artifact, each
+    package) stores at most every tensor at 4 bytes per element (clustered ones far less), a new
+    output is written beside the one it replaces, and 1 MiB covers the report. Else a
+    ``MisconfigurationException`` with the numbers and the formula."""
+    outputs = [what for path, what, _ in output_paths(out_dir, save_artifact, exports)
+               if path.name not in (REPORT_JSON, REPORT_MARKDOWN)]
+    fp32 = model_fp32_bytes(pl_module)
+    needed = math.ceil(SPACE_MARGIN * len(outputs) * fp32) + SPACE_EXTRA
+    free = disk_usage(out_dir).free
+    if free < needed:
+        listed = ", ".join(outputs) or "no artifact or package"
+        raise MisconfigurationException(
+            f"DKMCallback: {label} has {free:,} bytes free, but what fit end writes there may "
+            f"need up to {needed:,} bytes = {SPACE_MARGIN} x {len(outputs)} output(s) "
+            f"({listed}) x {fp32:,} fp32 bytes of the model + {SPACE_EXTRA:,} bytes for the "
+            "report. Free some space, or pass a save_dir on a disk with room"
+        )
 
 
 #: The exports a fit can write, by ``DKMCallback`` argument: (target, extra that provides it).
@@ -256,26 +339,47 @@ def check_fit(
     *,
     save_dir: str | None,
     finalize: bool,
+    save_artifact: bool = True,
     exports: dict[str, bool],
     temperature: TemperatureConfig,
     start_epoch: int,
     hard_epoch: int | None,
     uses_temperature: bool,
 ) -> Path | None:
-    """Every check of ``setup("fit")``; returns the output directory (``None`` without
-    ``finalize``: nothing is written).
+    """Every check of ``setup("fit")``; returns the output directory (absolute; ``None``
+    without ``finalize``: nothing is written). The callback takes the directory last
+    (:func:`claim_outputs`), once its own setup has passed.
 
     Every rank resolves the output directory here: ``trainer.log_dir`` broadcasts, so it must
     not be reached by rank 0 alone at fit end; and a bad ``save_dir`` fails before training.
+    What rank 0 alone writes (the output paths, the free space) rank 0 checks, and every rank
+    raises its refusal.
     """
     check_strategy(trainer)
     out_dir = None
     if finalize:
         out_dir = resolve_save_dir(trainer, save_dir)
-        check_writable_dir(out_dir, "save_dir" if save_dir is not None else None)
+        argument = "save_dir" if save_dir is not None else None
+        label = _label(out_dir, argument)
+        check_writable_dir(out_dir, argument)
+
+        def outputs_fit() -> None:
+            check_output_paths(out_dir, label, save_artifact, exports)
+            check_free_space(out_dir, label, pl_module, save_artifact, exports)
+
+        rank_zero_check(trainer, outputs_fit)
     check_exports(pl_module, exports)
     check_limits(trainer, temperature, start_epoch, hard_epoch, uses_temperature)
     return out_dir
+
+
+def claim_outputs(trainer: pl.Trainer, out_dir: Path, save_dir: str | None
+                  ) -> SaveDirLock | None:
+    """The last step of ``setup("fit")``, on every rank: this fit takes ``out_dir`` (what
+    :func:`check_fit` returned) until ``teardown`` (:mod:`.ownership`); rank 0's lock, ``None``
+    on the other ranks; a ``MisconfigurationException`` on every rank when another fit holds
+    it."""
+    return claim_save_dir(trainer, out_dir, _label(out_dir, "save_dir" if save_dir else None))
 
 
 def soft_units(
