@@ -35,6 +35,7 @@ from lightning_dkm import load_compressed, read_palettes, save_compressed
 from lightning_dkm.command import main
 from lightning_dkm.export import artifact_format
 from lightning_dkm.export.artifact import ReportMismatchWarning, inspect_artifact
+from lightning_dkm.export.report import CompressionReport, artifact_entry
 
 MiB = 1 << 20
 
@@ -457,3 +458,20 @@ def test_a_matching_report_or_none_to_compare_is_silent(tmp_path, capsys, entry)
         inspect_artifact(path)
     assert main(["inspect", str(path)]) == 0
     assert "warning" not in capsys.readouterr().out
+
+
+def test_the_report_the_fit_writes_belongs_to_its_artifact_until_another_replaces_it(tmp_path):
+    """With the writer's own entry (``CompressionReport.artifact = artifact_entry(path)``):
+    silent; after another run's artifact of the same name and size took its place: a warning."""
+    model = Small()
+    path = an_artifact(tmp_path)
+    report = CompressionReport.build(model, {})
+    report.artifact = artifact_entry(path)
+    report.save(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_compressed(Small(), path)
+    save_compressed(Small(), path, {})  # other weights, the same size
+    assert path.stat().st_size == report.artifact["bytes"]
+    with pytest.warns(ReportMismatchWarning, match="records sha256 '[0-9a-f]{64}', but the "):
+        load_compressed(Small(), path)

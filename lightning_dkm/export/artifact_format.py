@@ -23,7 +23,8 @@ from torch import Tensor
 from ..engine.bitpack import packed_size, unpack_bits
 from ..engine.layout import ClusterSpec, PaletteLayout
 from ..engine.palette import LUT_DTYPES, Palette
-from .report import REPORT_JSON
+from .files import describe_path
+from .report import REPORT_JSON, artifact_entry
 
 FORMAT_NAME = "lightning_dkm.compressed"
 FORMAT_VERSION = "1"
@@ -85,11 +86,6 @@ _MAX_DIMS = 8  # of a clustered tensor (a Conv3d weight has 5)
 _JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
 _NOT_A_BRACKET = re.compile(r"[^\[\]{}]+")
 _EMPTY_PAIR = re.compile(r"\[\]|\{\}")
-_KINDS = (
-    (stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
-    (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
-    (stat.S_ISSOCK, "a socket"),
-)
 
 
 class _JSONLimit(ValueError):
@@ -169,10 +165,9 @@ def check_regular_file(path: Path, expected: str = "the artifact file") -> None:
         raise FileNotFoundError(f"no such file: {path}") from None
     if stat.S_ISREG(mode):
         return
-    kind = next((name for test, name in _KINDS if test(mode)), "a special file")
     if stat.S_ISDIR(mode):
         raise IsADirectoryError(f"{path} is a directory; pass {expected} inside it")
-    raise ValueError(f"{path} is {kind}, not a file; pass {expected} itself")
+    raise ValueError(f"{path} is {describe_path(path)}, not a file; pass {expected} itself")
 
 
 def _read(path: Path) -> tuple[dict[str, str], dict[str, Tensor]]:
@@ -434,18 +429,11 @@ class ReportMismatchWarning(UserWarning):
     """The ``compression_report.json`` beside an artifact describes another artifact file."""
 
 
-def _sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def report_mismatch(path: Path) -> str | None:
     """Why the ``compression_report.json`` beside the artifact ``path`` does not belong to it,
-    or ``None``: its ``artifact`` entry names this file (``file`` equal to ``path``'s name) but
-    records other ``bytes`` or another ``sha256`` (of the whole file) than the file has.
+    or ``None``: its ``artifact`` entry (:func:`~lightning_dkm.export.report.artifact_entry`)
+    names this file (``file`` equal to ``path``'s name) but records other ``bytes`` or another
+    ``sha256`` (of the whole file) than the file has.
     ``None`` as well when they match, when there is no report, no such entry or an entry for
     another file name, and when the report cannot be read (it is not this check's to judge)."""
     report = path.parent / REPORT_JSON
@@ -463,7 +451,9 @@ def report_mismatch(path: Path) -> str | None:
     size = path.stat().st_size
     if _is_int(recorded_bytes) and recorded_bytes != size:
         found = f"{recorded_bytes:,} bytes, but the file has {size:,}"
-    elif isinstance(recorded_sha, str) and recorded_sha.lower() != (actual := _sha256_of(path)):
+    elif isinstance(recorded_sha, str) and recorded_sha.lower() != (
+        actual := artifact_entry(path)["sha256"]
+    ):
         found = f"sha256 {_short(recorded_sha)}, but the file's is {actual!r}"
     else:
         return None
