@@ -13,6 +13,7 @@ from .engine.layout import ClusterSpec, PaletteLayout
 from .engine.palette import Palette
 from .engine.parametrization import DKMParametrization
 from .export.artifact import (
+    ReportMismatchWarning,
     inspect_artifact,
     load_compressed,
     read_metadata,
@@ -48,6 +49,7 @@ __all__ = [
     "LayerReport",
     "Palette",
     "PaletteLayout",
+    "ReportMismatchWarning",
     "Target",
     "TensorReport",
     "attach",

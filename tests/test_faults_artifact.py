@@ -194,3 +194,26 @@ def test_a_missing_clustered_tensor_is_named_by_its_key(tmp_path) -> None:
     with pytest.raises(ValueError, match=r"missing \['lut/fc\.weight'\]") as err:
         load_compressed(Net(), path)
     assert str(err.value).startswith(f"{path}: ")
+
+
+def test_save_compressed_raises_a_full_disk_as_an_os_error_naming_the_file(tmp_path, monkeypatch):
+    """safetensors reports a full disk as its own SafetensorError; the docs promise OSError."""
+    from safetensors import SafetensorError
+
+    import lightning_dkm.export.artifact as artifact_module
+    from lightning_dkm import palettize, save_compressed
+
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64))
+    palettize(model, bits=2)
+    path = tmp_path / "m.dkm.safetensors"
+    save_compressed(model, path)
+    before = path.read_bytes()
+
+    def full_disk(*args, **kwargs):
+        raise SafetensorError("Error while serializing: IoError(StorageFull)")
+
+    monkeypatch.setattr(artifact_module, "save_file", full_disk)
+    with pytest.raises(OSError, match=str(path)) as info:
+        save_compressed(model, path)
+    assert info.value.errno == errno.ENOSPC and isinstance(info.value.__cause__, SafetensorError)
+    assert path.read_bytes() == before

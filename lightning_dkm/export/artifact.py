@@ -84,7 +84,7 @@ from .artifact_format import (
     read_metadata,
     report_mismatch,
 )
-from .files import write_atomically
+from .files import safetensors_errors_as_os_errors, write_atomically
 from .packed import pack
 from .report import CompressionReport, LayerReport, TensorReport
 
@@ -289,6 +289,8 @@ def save_compressed(
             ``model.state_dict()``, of another shape, with NaN/Inf centroids, or that differs
             from that tensor; non-tensor state (``get_extra_state``); or bad ``metadata``.
         FileNotFoundError: the directory of ``path`` does not exist.
+        OSError: the write failed (a full disk: ``errno.ENOSPC``, also when safetensors'
+            writer reports it); the previous file at ``path`` is left as it was.
     """
     lut_dtype = lut_dtype_of(lut_dtype)
     model = unwrap(model)  # torch.compile / DDP: the names are the model's own
@@ -346,7 +348,8 @@ def save_compressed(
     }
     header[_KEY_DIGEST] = _digest(header, tensors)
     path = Path(path)
-    write_atomically({path: lambda tmp: save_file(tensors, str(tmp), metadata=header)})
+    with safetensors_errors_as_os_errors(path):
+        write_atomically({path: lambda tmp: save_file(tensors, str(tmp), metadata=header)})
     return path
 
 

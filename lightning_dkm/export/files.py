@@ -8,15 +8,19 @@ belong together (the report and the artifact it describes) are staged and moved 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import secrets
 import shutil
 import stat
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
-__all__ = ["FileGroup", "describe_path", "replace_directory", "write_atomically"]
+__all__ = [
+    "FileGroup", "describe_path", "replace_directory", "safetensors_errors_as_os_errors",
+    "write_atomically",
+]
 
 
 def describe_path(path: str | os.PathLike[str]) -> str:
@@ -213,3 +217,18 @@ def replace_directory(path: Path, write: Callable[[Path], None]) -> None:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     _fsync_directory(path.parent)
+
+
+@contextlib.contextmanager
+def safetensors_errors_as_os_errors(path: str | os.PathLike[str]) -> Iterator[None]:
+    """Inside the block, safetensors' own error (``SafetensorError``: a full disk or an I/O
+    error inside its writer) is raised as the ``OSError`` the docs promise, naming ``path``
+    (``ENOSPC`` for a full disk); the original stays as ``__cause__``."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except SafetensorError as err:
+        full = "StorageFull" in str(err) or "No space" in str(err)
+        message = f"writing {path} failed: {err}"
+        raise (OSError(errno.ENOSPC, message) if full else OSError(message)) from err

@@ -16,7 +16,6 @@
 from __future__ import annotations
 
 import copy
-import errno
 import os
 import tempfile
 import uuid
@@ -32,7 +31,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from ..engine.palette import Palette
 from ..engine.sharding import is_sharded
-from ..export.files import FileGroup
+from ..export.files import FileGroup, safetensors_errors_as_os_errors
 from ..export.report import REPORT_JSON, REPORT_MARKDOWN, CompressionReport, artifact_entry
 from ..export.report_render import export_line as _export_line
 from ..model.attach import ClusteredTensor
@@ -305,15 +304,10 @@ def write_report_and_artifact(
 def _call_writer(write_artifact: Callable[..., Any], model: torch.nn.Module, tmp: Path,
                  artifact: Path, palettes: dict[str, Palette], lut_dtype: torch.dtype) -> None:
     """``write_artifact`` into the staged file ``tmp`` of ``artifact``; safetensors' own error
-    (a full disk, an I/O error inside its writer) as an ``OSError`` naming ``artifact``."""
-    from safetensors import SafetensorError
-
-    try:
+    (a full disk, an I/O error inside its writer) as an ``OSError`` naming ``artifact`` (a
+    writer other than :func:`~lightning_dkm.save_compressed` may not convert it itself)."""
+    with safetensors_errors_as_os_errors(f"the artifact {artifact}"):
         write_artifact(model, tmp, palettes, lut_dtype=lut_dtype)
-    except SafetensorError as err:
-        code = errno.ENOSPC if "StorageFull" in str(err) or "No space" in str(err) else None
-        message = f"writing the artifact {artifact} failed: {err}"
-        raise (OSError(code, message) if code else OSError(message)) from err
 
 
 #: The file each export writes into ``save_dir``, by ``DKMCallback`` argument.
