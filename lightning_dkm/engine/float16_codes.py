@@ -12,7 +12,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .numerics import Normalization, scale_floor
+from .numerics import Normalization, floored_scale, root_mean_square
 
 __all__ = ["CHUNK", "CodeColumns", "DistinctValues", "float16_codes", "prepare"]
 
@@ -166,21 +166,23 @@ class CodeColumns:
 
 def _rough_std(x: Tensor, center: Tensor, device_side: bool = False) -> Tensor:
     """The standard deviation (P, 1) about ``center`` from ``|x|^2 / n - center^2`` (no
-    temporary the size of ``x``); where that cancels badly (a mean far larger than the
-    spread), from the deviations themselves. Only needs to be right within a factor of ~1.4:
-    it picks the power of two that scales the float16 rounding. ``device_side``: both are
-    computed and ``torch.where`` picks (no read of the test; one more pass, cheap on an
-    accelerator)."""
+    temporary the size of ``x``); from the deviations themselves
+    (:func:`~.numerics.root_mean_square`) where that cancels badly (a mean far larger than the
+    spread) or where float32 cannot hold the squares (weights of 1e20 square to 1e40; below
+    about 1e-12 too little room is left above its normal range for the cancellation test).
+    Only needs to be right within a factor of ~1.4: it picks the power of two that scales the
+    float16 rounding. ``device_side``: both are computed and ``torch.where`` picks (no read of
+    the test; the deviations cost three passes over ``x``, cheap on an accelerator)."""
     n = x.shape[1]
     mean_square = torch.linalg.vector_norm(x, dim=1, keepdim=True).square_().div_(n)
     variance = mean_square - center.square()
-    cancels = variance < 1e-4 * mean_square
-    if device_side:
-        exact = torch.var(x, dim=1, keepdim=True, correction=0)
-        variance = torch.where(cancels, exact, variance)
-    elif bool(cancels.any()):
-        variance = torch.linalg.vector_norm(x - center, dim=1, keepdim=True).square_().div_(n)
-    return variance.clamp_min(0.0).sqrt_()
+    info = torch.finfo(x.dtype)
+    in_range = mean_square.clamp(info.tiny / info.eps**2, info.max) == mean_square
+    exact = (variance < 1e-4 * mean_square).logical_or_(in_range.logical_not_())
+    rough = variance.clamp_min_(0.0).sqrt_()
+    if device_side or bool(exact.any()):
+        rough = torch.where(exact, root_mean_square(x - center), rough)
+    return rough
 
 
 def distinct_values(columns: CodeColumns, dtype: torch.dtype) -> DistinctValues:
@@ -226,10 +228,11 @@ def static_distinct_values(columns: CodeColumns, dtype: torch.dtype) -> Distinct
 
 def scale_from_values(distinct: DistinctValues, unit: Tensor, center: Tensor) -> Tensor:
     """The palettes' standard deviation about ``center`` (P, 1), from the rounded values and
-    their counts, with the same floor as :func:`~lightning_dkm.engine.numerics.scale_of`."""
+    their counts, with the same floor as :func:`~lightning_dkm.engine.numerics.normalization_of`
+    (:func:`~lightning_dkm.engine.numerics.floored_scale`)."""
     second_moment = (distinct.counts * distinct.values.square()).sum(1, keepdim=True)
     std = second_moment.div_(distinct.counts.sum(1, keepdim=True)).sqrt_() * unit
-    return torch.maximum(std, scale_floor(center))
+    return floored_scale(std, center)
 
 
 def prepare(x: Tensor, normalization: Normalization | None, device_side: bool

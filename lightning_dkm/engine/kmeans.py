@@ -7,6 +7,15 @@ differentiable step in :mod:`lightning_dkm.engine.numerics` builds on these func
 
 Seeding is driven by a :class:`torch.Generator`, so the same seed gives the same centroids on
 every process (this is how all DDP ranks agree without communication).
+
+**Scale.** :func:`kmeans` and :func:`lloyd` divide each palette by the power of two just above its
+largest ``|x|`` (:func:`palette_unit`) and multiply the centroids back: squared distances, the
+k-means++ probabilities and Lloyd's stopping threshold then stay far from float32's overflow
+(weights of 1e20 square to 1e40) and underflow (1e-20 squares to 1e-40, below its normal
+range), so weights of any magnitude cluster as unit ones do. Dividing by a power of two rounds
+nothing, so ordinary weights get bit for bit the centroids they got unscaled.
+:func:`nearest_centroid` compares distances, not their squares, for scalars, and rescales
+vectors the same way.
 """
 
 from __future__ import annotations
@@ -25,6 +34,8 @@ __all__ = [
     "lloyd",
     "nearest_centroid",
     "pairwise_sq_dist",
+    "palette_unit",
+    "power_of_two",
 ]
 
 # Rows of `x` processed at once by nearest_centroid for d > 1, to bound the (rows x k) buffer.
@@ -32,6 +43,24 @@ _ROW_CHUNK = 1 << 18
 # k-means++ seeds on at most this many points per palette (a random subset); Lloyd then runs on
 # all points. Seeding cost is O(n k L); Lloyd's is O(n k) per iteration.
 _MAX_SEED_POINTS = 1 << 16
+
+
+def power_of_two(magnitude: Tensor) -> Tensor:
+    """For each entry of ``magnitude`` (>= 0) the power of two just above it (``m / 2**e`` in
+    ``[0.5, 1)``), kept inside the normal range of its dtype so that it and its inverse are
+    exact; 1 where the entry is 0 or not finite (nothing to rescale). Multiplying or dividing
+    by it rounds nothing. Four small ops, no host read."""
+    bound = int(-math.log2(torch.finfo(magnitude.dtype).tiny))  # 126 for float32
+    exponent = torch.frexp(magnitude).exponent.clamp_(-bound, bound)
+    return torch.exp2(exponent.to(magnitude.dtype))
+
+
+def palette_unit(x: Tensor) -> Tensor:
+    """``(P, 1, 1)``: the power of two just above each palette's largest ``|x|`` of ``x``
+    ``(P, n, d)`` (:func:`power_of_two`). ``x / palette_unit(x)`` lies within ``(-1, 1)``,
+    exactly scaled."""
+    low, high = torch.aminmax(x.reshape(x.shape[0], -1), dim=1)
+    return power_of_two(torch.maximum(high, -low)).view(-1, 1, 1)
 
 
 def pairwise_sq_dist(x: Tensor, c: Tensor) -> Tensor:
@@ -51,15 +80,17 @@ def pairwise_sq_dist(x: Tensor, c: Tensor) -> Tensor:
 
 def _nearest_1d(x: Tensor, c: Tensor) -> Tensor:
     """Exact argmin for d == 1 in O(n log k): binary search on sorted centroids, then the two
-    neighbours are compared by their actual squared distance (ties go to the lower index)."""
+    neighbours are compared by their distance ``|x - c|`` (ties go to the lower index). Not
+    squared: a square overflows for weights of 1e20 and underflows for 1e-20, and the
+    comparison does not need it."""
     k = c.shape[1]
     sorted_c, order = torch.sort(c.squeeze(-1), dim=-1, stable=True)
     pos = torch.searchsorted(sorted_c.contiguous(), x.squeeze(-1).contiguous())
     lo = (pos - 1).clamp(0, k - 1)
     hi = pos.clamp(0, k - 1)
     xv = x.squeeze(-1)
-    d_lo = (xv - sorted_c.gather(1, lo)).square()
-    d_hi = (xv - sorted_c.gather(1, hi)).square()
+    d_lo = (xv - sorted_c.gather(1, lo)).abs_()
+    d_hi = (xv - sorted_c.gather(1, hi)).abs_()
     orig_lo = order.gather(1, lo)
     orig_hi = order.gather(1, hi)
     take_hi = (d_hi < d_lo) | ((d_hi == d_lo) & (orig_hi < orig_lo))
@@ -71,15 +102,21 @@ def nearest_centroid(x: Tensor, c: Tensor) -> Tensor:
     """Index of the nearest centroid for every point: shape ``(P, n)``, dtype int64.
 
     Ties go to the lowest centroid index, as ``argmin`` does. Memory stays bounded for any n:
-    1-D data uses a sorted search (no ``n x k`` matrix), vectors are processed in row chunks.
+    1-D data uses a sorted search (no ``n x k`` matrix), vectors are processed in row chunks,
+    each divided (with the centroids) by the power of two just above the largest ``|c|`` and
+    ``|x|`` there, so that the squared distances neither overflow nor underflow whatever the
+    weights' magnitude (module docstring).
     """
     _check_batch(x, c)
     if x.shape[-1] == 1:
         return _nearest_1d(x, c)
     out = torch.empty(x.shape[:2], dtype=torch.long, device=x.device)
+    c_unit = palette_unit(c)
     for start in range(0, x.shape[1], _ROW_CHUNK):
         stop = min(start + _ROW_CHUNK, x.shape[1])
-        out[:, start:stop] = pairwise_sq_dist(x[:, start:stop], c).argmin(-1)
+        rows = x[:, start:stop]
+        unit = torch.maximum(c_unit, palette_unit(rows))
+        out[:, start:stop] = pairwise_sq_dist(rows / unit, c / unit).argmin(-1)
     return out
 
 
@@ -220,9 +257,24 @@ def lloyd(
     (weighted) mean of its members; a centroid with no members stays where it is (it never
     becomes NaN). Stops after ``max_iter`` iterations or when every centroid moved less than
     ``tol`` times the data's mean per-dimension variance squared distance (scikit-learn's rule).
-    Inertia never increases from one iteration to the next.
+    Inertia never increases from one iteration to the next. Runs on each palette divided by
+    :func:`palette_unit` (module docstring): the same result for weights of any magnitude.
     """
     _check_batch(x, centroids)
+    unit = palette_unit(x)
+    result = _lloyd(x / unit, centroids / unit, max_iter, tol, sample_weight)
+    return _scaled_back(result, unit)
+
+
+def _scaled_back(result: KMeansResult, unit: Tensor) -> KMeansResult:
+    """A result computed on ``x / unit``, in the units of ``x``."""
+    return KMeansResult(result.centroids * unit, result.labels,
+                        result.inertia * unit.view(-1).square())
+
+
+def _lloyd(x: Tensor, centroids: Tensor, max_iter: int, tol: float,
+           sample_weight: Tensor | None) -> KMeansResult:
+    """:func:`lloyd` on data already scaled to about unit magnitude."""
     P, _, d = x.shape
     k = centroids.shape[1]
     c = centroids.clone()
@@ -272,6 +324,9 @@ def kmeans(
 
     A palette with fewer distinct points than ``k`` gets one centroid per distinct point plus
     distinct, unused placeholders beyond the data's maximum, and a ``UserWarning`` says so.
+
+    Seeding and Lloyd run on each palette divided by :func:`palette_unit` (module docstring),
+    so weights of 1e-20 or 1e20 get the centroids unit weights get, scaled.
     """
     _check_k(x, k)
     if n_init < 1:
@@ -282,14 +337,17 @@ def kmeans(
     xw = x.to(work_dtype)
     w = None if sample_weight is None else sample_weight.to(work_dtype)
     _warn_if_few_distinct(xw, k, name)
+    unit = palette_unit(xw)
+    xw = xw / unit
 
     best: KMeansResult | None = None
     for _ in range(n_init):
         seed_x, seed_w = _seed_subset(xw, w, generator)
         seeds = kmeans_plusplus(seed_x, k, generator, sample_weight=seed_w)
-        result = lloyd(xw, seeds, max_iter=max_iter, tol=tol, sample_weight=w)
+        result = _lloyd(xw, seeds, max_iter=max_iter, tol=tol, sample_weight=w)
         best = result if best is None else _keep_better(best, result)
     assert best is not None
+    best = _scaled_back(best, unit)
     return KMeansResult(best.centroids.to(x.dtype), best.labels, best.inertia)
 
 

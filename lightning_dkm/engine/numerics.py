@@ -9,6 +9,21 @@ below ``EMPTY_MASS`` (an empty cluster) keeps its previous position instead of d
 ~0. Data are centred before distances are formed, so weights far from the origin lose no
 precision in the ``|x|^2 - 2x.c + |c|^2`` expansion used for vectors.
 
+**Scale.** Every step works in units of each palette's centre and standard deviation
+(:func:`normalization_of`, or the ``"unique"`` step's own from the same rules), so the weights'
+magnitude enters only there. The standard deviation is a sum of squares, which float32 cannot
+hold for weights of 1e20 (their squares are 1e40) nor resolve for 1e-20 (1e-40 is below its
+normal range): it is summed over the deviations divided by a power of two just above their
+size (:func:`root_mean_square`; the power from an evenly strided sample, a few small ops;
+dividing by a power of two rounds nothing, so ordinary weights get the scale bit for bit as
+before), and a palette without spread is floored relative to its centre
+(:func:`floored_scale`), not at an absolute 1e-12 that collapsed every palette below it to
+one or two values. Weights of 1e-20 and of 1e20 then give the normalised problem unit weights
+give, and everything after it (tau, ``epsilon``, the attention, the ``auto`` temperature's
+calibration) is in those units. The backward's intermediates are the incoming gradient times
+the scale, in range while ``|gradient| * |weight|`` is (a loss is invariant to a layer's
+scale when a normalisation follows it, and then that product is of the loss's order).
+
 **Precision.** Every step runs in (at least) float32 with autocast off
 (:func:`autocast_disabled`): under ``torch.autocast`` (Lightning's ``16-mixed`` /
 ``bf16-mixed``) the matrix products would otherwise run in half precision, which moves the
@@ -34,7 +49,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .kmeans import nearest_centroid
+from .kmeans import nearest_centroid, power_of_two
 
 __all__ = [
     "EMPTY_MASS",
@@ -46,14 +61,15 @@ __all__ = [
     "autocast_disabled",
     "check_step_arguments",
     "denormalized_output",
+    "floored_scale",
     "hard_assign",
     "host_reads_are_free",
     "inverse_temperature",
     "normalization_of",
     "normalized_problem",
     "pick",
-    "scale_floor",
-    "scale_of",
+    "root_mean_square",
+    "sampled_unit",
     "sync_free",
 ]
 
@@ -61,6 +77,10 @@ __all__ = [
 EMPTY_MASS = 1e-6
 #: Smallest temperature used; a smaller tau gives the same (one-hot) assignments anyway.
 MIN_TAU = 1e-30
+#: The scale of a palette with neither spread nor centre (all zeros): anything positive works.
+_ZERO_PALETTE_SCALE = 1e-12
+#: Points per palette :func:`sampled_unit` looks at.
+_SAMPLE_POINTS = 1 << 12
 
 
 _sync_free_depth = 0  # > 0 inside sync_free()
@@ -200,26 +220,46 @@ class DKMOutput(NamedTuple):
 @torch.no_grad()
 def normalization_of(x: Tensor) -> Normalization:
     """Centre and scale of each palette of ``x`` (P, n, d): the mean vector and the standard
-    deviation of the scalar weights (:func:`scale_of`)."""
+    deviation of the scalar weights about it (:func:`root_mean_square`, in range for weights
+    of any magnitude), floored by :func:`floored_scale`."""
     center = x.mean(dim=1, keepdim=True)
-    return Normalization(center, scale_of(x - center, center))
+    return Normalization(center, floored_scale(root_mean_square(x - center), center))
 
 
 @torch.no_grad()
-def scale_of(deviations: Tensor, center: Tensor) -> Tensor:
-    """The standard deviation ``(P, 1, 1)`` of the scalar weights from their ``deviations``
-    ``x - center`` (P, n, d). A constant palette gets a tiny positive scale so that it stays
-    finite (its distances are 0 or far larger than any tau anyway). ``vector_norm`` reduces
-    without a temporary the size of the weights."""
-    count = deviations.shape[1] * deviations.shape[2]
-    std = torch.linalg.vector_norm(deviations, dim=(1, 2), keepdim=True) / math.sqrt(count)
-    return torch.maximum(std, scale_floor(center.abs().amax(dim=-1, keepdim=True)))
+def root_mean_square(deviations: Tensor) -> Tensor:
+    r"""The root mean square of each palette's ``deviations`` (P, ...), shaped ``(P, 1, ...)``:
+    :math:`u \sqrt{\sum (\delta / u)^2 / N}` with :math:`u` the power of two of
+    :func:`sampled_unit`, so that the squares stay in float32's normal range for weights of any
+    magnitude (module docstring); bit for bit the plain root mean square wherever that was in
+    range (a power of two rounds nothing)."""
+    unit = sampled_unit(deviations)
+    dims = tuple(range(1, deviations.ndim))
+    count = math.prod(deviations.shape[1:])
+    rms = torch.linalg.vector_norm(deviations / unit, dim=dims, keepdim=True)
+    return rms.div_(math.sqrt(count)).mul_(unit)
 
 
-def scale_floor(center: Tensor) -> Tensor:
-    """The smallest scale a palette with this ``center`` gets: float rounding of the centre
-    (never below 1e-12), so that a constant palette still has a finite, positive scale."""
-    return (torch.finfo(center.dtype).eps * center.abs()).clamp_min(1e-12)
+def sampled_unit(deviations: Tensor) -> Tensor:
+    """``(P, 1, ...)``: the power of two just above the largest ``|deviation|`` among at most
+    ``_SAMPLE_POINTS`` evenly strided points of each palette of ``deviations`` (P, n, ...)
+    (:func:`~.kmeans.power_of_two`): the divisor that keeps a palette's squares in range
+    (module docstring). A sample suffices: the squares have some 76 decades of room in
+    float32, and it costs a few small ops, not a pass over the weights."""
+    stride = max(1, deviations.shape[1] // _SAMPLE_POINTS)
+    dims = tuple(range(1, deviations.ndim))
+    return power_of_two(deviations[:, ::stride].abs().amax(dim=dims, keepdim=True))
+
+
+def floored_scale(std: Tensor, center: Tensor) -> Tensor:
+    """A palette's scale from its standard deviation ``std`` and ``center`` (same shape but
+    for the last axis): ``std``, raised to the float rounding of the centre (a constant
+    palette's ``std`` is rounding noise) and, for a palette with neither (all zeros), a fixed
+    positive value, so that every scale is finite and positive. Relative to the palette, not
+    an absolute floor, so that a palette of tiny weights keeps its spread."""
+    floor = center.abs().amax(dim=-1, keepdim=True).mul_(torch.finfo(center.dtype).eps)
+    scale = torch.maximum(std, floor)
+    return scale.masked_fill_(scale < torch.finfo(scale.dtype).tiny, _ZERO_PALETTE_SCALE)
 
 
 def _normalize(t: Tensor, norm: Normalization) -> Tensor:
@@ -262,9 +302,14 @@ def normalized_problem(
     check_step_arguments(tau, max_iter, epsilon)
     compute_dtype = torch.promote_types(x.dtype, torch.float32)
     xc = x.to(compute_dtype)
-    norm = normalization if normalization is not None else normalization_of(xc.detach())
+    if normalization is not None:
+        norm, deviations = normalization, xc - normalization.center
+    else:  # normalization_of, with the deviations computed once for both uses
+        center = xc.detach().mean(dim=1, keepdim=True)
+        deviations = xc - center
+        norm = Normalization(center, floored_scale(root_mean_square(deviations.detach()), center))
     c = _normalize(centroids.detach().to(compute_dtype), norm)
-    return NormalizedProblem(_normalize(xc, norm), c, norm)
+    return NormalizedProblem(deviations / norm.scale, c, norm)
 
 
 def inverse_temperature(tau: Tensor | float, dtype: torch.dtype = torch.float32
