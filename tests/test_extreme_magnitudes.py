@@ -236,3 +236,23 @@ def test_palettize_refuses_a_non_finite_weight_naming_it(value):
         net[0].weight[1, 2] = value
     with pytest.raises(ValueError, match=r"0\.weight: weight contains NaN or Inf"):
         palettize(net, bits=2, min_size=1)
+
+
+def test_a_palette_below_float16s_normal_range_is_saved_in_float32_with_a_warning(tmp_path):
+    """At 1e-20 every centroid would be 0 in a float16 LUT: the artifact keeps that LUT in
+    float32, says so, and loads back bit for bit."""
+    from lightning_dkm import load_compressed, palettize, save_compressed
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64))
+    with torch.no_grad():
+        model[0].weight.mul_(1e-20)
+    palettize(model, bits=2)
+    path = tmp_path / "tiny.dkm.safetensors"
+    with pytest.warns(UserWarning, match=r"'0\.weight': every centroid lies below float16's "
+                                         r"normal range.*stored in float32"):
+        save_compressed(model, path)  # lut_dtype float16, the default
+    fresh = nn.Sequential(nn.Linear(64, 64))
+    load_compressed(fresh, path)
+    assert torch.equal(fresh[0].weight, model[0].weight)
+    assert len(torch.unique(fresh[0].weight)) == 4

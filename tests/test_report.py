@@ -290,7 +290,8 @@ def test_a_lut_beyond_float16_range_is_counted_at_4_bytes_and_noted() -> None:
     (layer,) = report.layers
     assert (layer.lut_dtype, layer.lut_bytes) == ("float32", 4 * 4)  # 4 centroids x fp32
     assert report.total_bytes == 4 * 4 + 1024 + UNCLUSTERED
-    note = "LUT stored in float32, not float16 (a centroid beyond the float16 range): 0.weight"
+    note = ("LUT stored in float32, not float16 (values float16 cannot hold: beyond its range "
+            "or below its normal range): 0.weight")
     assert note in report.to_table() and note in report.to_markdown()
     within = CompressionReport.build(*clustered(bits=2))
     assert within.layers[0].lut_dtype is None and "LUT stored in" not in within.to_table()

@@ -19,6 +19,7 @@ from .layout import PaletteLayout
 
 __all__ = [
     "FLOAT16_MAX",
+    "FLOAT16_TINY",
     "LUT_DTYPES",
     "LUT_DTYPE_VALUES",
     "LutDtype",
@@ -30,6 +31,9 @@ __all__ = [
 #: The largest finite float16 (65504). A centroid beyond it would be stored as ``inf`` in a
 #: float16 LUT, so such a LUT is stored in float32 instead (see :meth:`Palette.stored_lut_dtype`).
 FLOAT16_MAX = torch.finfo(torch.float16).max
+#: The smallest normal float16 (6.1e-5). A palette whose every centroid lies below it would be
+#: stored as float16 subnormals (or 0), so such a LUT is stored in float32 instead.
+FLOAT16_TINY = torch.finfo(torch.float16).tiny
 
 # -- lut_dtype: the one place its values are read -------------------------------------------------
 #: The dtypes a LUT is stored at, by the name an artifact records (``torch.float16`` without
@@ -175,20 +179,37 @@ class Palette:
             peak = max(peak, float(self.scale.detach().abs().max()))
         return peak
 
+    def float16_problem(self) -> str | None:
+        """Why float16 cannot hold this palette as it is (``None``: it can): a centroid beyond
+        float16's range (``|value| > 65504``: it would be ``inf`` and the file unloadable), every
+        centroid below float16's normal range (``|value| < 6.1e-5``, e.g. 1e-20 weights: they
+        would lose their precision or become 0), or a per-channel scale that is not exactly a
+        float16 number."""
+        lut = self.lut.detach().float().reshape(-1)
+        peak = float(lut.abs().max()) if lut.numel() else 0.0
+        if peak > FLOAT16_MAX:
+            value = float(lut[lut.abs().argmax()])
+            return (f"centroid {value:g} lies beyond the float16 range (|value| <= "
+                    f"{FLOAT16_MAX:g}); stored in float16 it would be inf and the file could "
+                    "not be loaded")
+        if 0.0 < peak < FLOAT16_TINY:
+            return (f"every centroid lies below float16's normal range (|value| < "
+                    f"{FLOAT16_TINY:.2g}; the largest is {peak:g}); stored in float16 they "
+                    "would lose their precision or become 0")
+        if not self._scale_fits_float16():
+            return ("a per-channel scale is not exactly a float16 number (below float16's "
+                    "normal range)")
+        return None
+
     def stored_lut_dtype(self, lut_dtype: LutDtype) -> torch.dtype:
         """The dtype the artifact stores this LUT at when ``lut_dtype`` is asked for.
 
-        That is ``lut_dtype``, except ``torch.float32`` when ``lut_dtype`` is float16 and a
-        centroid lies beyond float16's range (``|value| > 65504``) or a per-channel scale is not
-        exactly a float16:
-        cast to float16 it would become ``inf``, and a file with an infinite LUT cannot be
-        loaded. The scales are stored in the same dtype as the LUT. The artifact and the report
-        both use this, so their sizes agree.
+        That is ``lut_dtype``, except ``torch.float32`` when ``lut_dtype`` is float16 and
+        float16 cannot hold the palette (:meth:`float16_problem`). The scales are stored in the
+        same dtype as the LUT. The artifact and the report both use this, so their sizes agree.
         """
         lut_dtype = lut_dtype_of(lut_dtype)
-        if lut_dtype == torch.float16 and (
-            self.max_abs_centroid() > FLOAT16_MAX or not self._scale_fits_float16()
-        ):
+        if lut_dtype == torch.float16 and self.float16_problem() is not None:
             return torch.float32
         return lut_dtype
 

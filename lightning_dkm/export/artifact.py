@@ -52,7 +52,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from ..engine.bitpack import pack_bits
-from ..engine.palette import FLOAT16_MAX, LutDtype, Palette, lut_dtype_of
+from ..engine.palette import LutDtype, Palette, lut_dtype_of
 from ..model.carried import carried_palettes, carry_palettes, discard_palettes
 from ..model.state import StateTensors, is_compression_metadata, state_tensors, unwrap
 from .artifact_format import (
@@ -196,30 +196,20 @@ def _checked_weight(name: str, palette: Palette, weight: Tensor | None) -> Tenso
 
 
 def _stored_lut(name: str, palette: Palette, lut_dtype: torch.dtype) -> Tensor:
-    """The LUT as the file stores it: at ``lut_dtype``, or at float32 (with a warning) where a
-    centroid lies beyond float16's range and would otherwise be stored as ``inf``."""
+    """The LUT as the file stores it: at ``lut_dtype``, or at float32 (with a warning saying
+    why) where float16 cannot hold it (:meth:`~lightning_dkm.engine.palette.Palette.
+    float16_problem`: beyond its range, entirely below its normal range, or scales it cannot
+    hold exactly)."""
     dtype = palette.stored_lut_dtype(lut_dtype)
-    lut = palette.lut.detach().to("cpu")
-    if dtype != lut_dtype and palette.max_abs_centroid() <= FLOAT16_MAX:
+    if dtype != lut_dtype:
         warnings.warn(
-            f"{name!r}: a per-channel scale is not exactly a float16 number (below float16's "
-            "normal range), so this tensor's LUT and scales are stored in float32 to load back "
-            "exactly; the compression report counts them so.",
+            f"{name!r}: {palette.float16_problem()}. This tensor's LUT (and scales) are stored "
+            f"in float32 instead ({palette.lut_bytes(torch.float32)} LUT bytes, not "
+            f"{palette.lut_bytes(lut_dtype)}; the compression report counts them so) and load "
+            "back exactly; lut_dtype=torch.float32 stores every LUT in float32.",
             stacklevel=3,
         )
-    elif dtype != lut_dtype:
-        flat = lut.reshape(-1).float()
-        value = float(flat[flat.abs().argmax()])
-        warnings.warn(
-            f"{name!r}: centroid {value:g} lies beyond the float16 range (|value| <= "
-            f"{FLOAT16_MAX:g}); stored in float16 it would be inf and the file could not be "
-            f"loaded. This tensor's LUT is stored in float32 instead ("
-            f"{palette.lut_bytes(torch.float32)} bytes, not {palette.lut_bytes(lut_dtype)}; the "
-            "compression report counts it so). To keep float16, keep the weights in range "
-            "(e.g. weight decay); lut_dtype=torch.float32 stores every LUT in float32.",
-            stacklevel=3,
-        )
-    return lut.to(dtype).contiguous()
+    return palette.lut.detach().to("cpu").to(dtype).contiguous()
 
 
 def _clustered_entry(palette: Palette, weight: Tensor, stored: Tensor,

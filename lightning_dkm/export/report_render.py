@@ -106,8 +106,8 @@ def _notes(report: CompressionReport) -> list[str]:
         if layer.lut_dtype is not None and layer.lut_dtype != report.lut_dtype:
             by_dtype.setdefault(layer.lut_dtype, []).append(layer.name)
     return [
-        f"LUT stored in {dtype}, not {report.lut_dtype} (a centroid beyond the "
-        f"{report.lut_dtype} range): {', '.join(names)}"
+        f"LUT stored in {dtype}, not {report.lut_dtype} (values {report.lut_dtype} cannot "
+        f"hold: beyond its range or below its normal range): {', '.join(names)}"
         for dtype, names in by_dtype.items()
     ]
 
