@@ -112,7 +112,9 @@ def _step(x, c, g, **kwargs):
 )
 def test_without_host_reads_the_full_code_table_gives_the_compact_result(P, mean, std):
     """The accelerator form (every float16 code, unoccupied ones with count 0) is the same
-    computation as the compacted distinct values: equal in float64 up to summation order."""
+    computation as the compacted distinct values: equal in float64 up to summation order
+    (relative to each output's magnitude: the implicit gradient scales as 1 / std)."""
+    torch.manual_seed(0)  # the same draw whatever ran before (the result was order-dependent)
     x = torch.randn(P, 20000, 1, dtype=torch.float64) * std + mean
     c = kmeans(x, 8, torch.Generator().manual_seed(0), max_iter=20).centroids
     g = torch.randn(P, 20000, 1, dtype=torch.float64)
@@ -122,7 +124,7 @@ def test_without_host_reads_the_full_code_table_gives_the_compact_result(P, mean
         with sync_free():
             full = _step(x, c, g, **kwargs)
         for a, b in zip(full, compact, strict=True):
-            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12 * std)
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12 * float(b.abs().max()))
 
 
 def test_without_host_reads_chunked_passes_give_the_same_result_as_one_chunk(monkeypatch):
