@@ -64,7 +64,7 @@ def entry(shape: tuple[int, int], bits: int = 1, cluster_dim: int = 8, **changes
 
 def layout(clustered: dict | None = None, aliases: dict | None = None, **more: Any) -> dict:
     return {"lut_dtype": "float16", "clustered": clustered or {}, "aliases": aliases or {},
-            **more}
+            "parameters": [], **more}
 
 
 def a_huge_claim(path: Path, packed_bytes: int = MiB) -> Path:

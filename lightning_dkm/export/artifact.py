@@ -20,7 +20,8 @@ Layout of the file (no pickle anywhere; ``safetensors`` parses it):
   ``lightning_dkm.version`` (``"1"``), ``lightning_dkm.layout`` (JSON: per clustered tensor its
   shape, dtype, bits, cluster_dim, group_size, group_axis, vector_axis and index count, plus
   ``lut_dtype`` where its LUT is stored at another dtype than the file's and
-  ``per_channel_scale: true`` where it has scales, and the aliases),
+  ``per_channel_scale: true`` where it has scales, the aliases, and the names of the stored
+  tensors that are Parameters),
   ``lightning_dkm.sha256`` (a digest of every tensor and every other metadata entry), and any
   user metadata.
 
@@ -510,8 +511,7 @@ def inspect_artifact(path: str | os.PathLike[str]) -> CompressionReport:
 
     The file is validated as :func:`read_palettes` validates it, and nothing is decoded: the
     sizes come from the layout and the stored tensors, so the time and memory are those of
-    reading the file, whatever its layout claims. Files written before the ``parameters``
-    entry existed report every dense tensor as a buffer. When the ``compression_report.json``
+    reading the file, whatever its layout claims. When the ``compression_report.json``
     beside the file records another artifact of this file's name (other bytes or digest), a
     :class:`ReportMismatchWarning` says so, naming both files.
 

@@ -267,11 +267,11 @@ class _Layout:
 def _parse_layout(path: Path, text: str) -> _Layout:
     """The layouts of the clustered tensors, the dtype of each one's LUT, and the aliases."""
     data = load_bounded_json(text, f"{path}: {_KEY_LAYOUT}")
-    required, optional = {"lut_dtype", "clustered", "aliases"}, {"parameters"}
-    if not isinstance(data, dict) or not required <= set(data) <= required | optional:
-        raise _fail(path, f"{_KEY_LAYOUT} must hold exactly lut_dtype, clustered and aliases "
-                          "(and optionally parameters)")
-    parameters = data.get("parameters", [])
+    if not isinstance(data, dict) or set(data) != {"lut_dtype", "clustered", "aliases",
+                                                   "parameters"}:
+        raise _fail(path, f"{_KEY_LAYOUT} must hold exactly lut_dtype, clustered, aliases and "
+                          "parameters")
+    parameters = data["parameters"]
     if not isinstance(parameters, list) or not set(map(type, parameters)) <= {str}:
         raise _fail(path, "parameters must be a list of names")
     if not isinstance(data["lut_dtype"], str) or data["lut_dtype"] not in _LUT_DTYPES:

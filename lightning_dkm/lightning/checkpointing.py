@@ -13,8 +13,8 @@ Lightning restores the model's weights before any callback state (``restore_mode
 1. a ``load_state_dict`` pre-hook on the module (from ``setup`` to ``teardown``) makes the plain
    weights loadable into the parametrized or finalized model
    (:func:`~lightning_dkm.model.checkpoint.prepare_plain_load`) and remembers which tensors wait
-   for their DKM state; a state dict with the DKM keys (an older checkpoint) is checked against
-   the selection instead and loads as it is;
+   for their DKM state; a state dict with the DKM keys (a weights-only checkpoint) is checked
+   against the selection instead and loads as it is;
 2. ``on_load_checkpoint`` writes the DKM state in
    (:func:`~lightning_dkm.model.checkpoint.restore_dkm_state`) and takes it out of the loaded
    checkpoint, so the copy Lightning makes for ``load_state_dict`` does not duplicate it;
@@ -37,7 +37,7 @@ from torch import nn
 
 from ..model.attach import clustered_tensors
 from ..model.checkpoint import PlainLoad, prepare_plain_load, restore_dkm_state, split_dkm_state
-from ..model.snapping import checkpoint_clustered_names, register_load_pre_hook
+from ..model.snapping import checkpoint_clustered_names
 
 __all__ = ["DKM_STATE_KEY", "DKMCheckpointing"]
 
@@ -90,7 +90,7 @@ class DKMCheckpointing:
         self.unwatch()
         self._names = names
         self.waiting = _NOTHING
-        self._hook = register_load_pre_hook(pl_module, self._pre_hook)
+        self._hook = pl_module.register_load_state_dict_pre_hook(self._pre_hook)
 
     def unwatch(self) -> None:
         if self._hook is not None:
@@ -101,7 +101,7 @@ class DKMCheckpointing:
         if prefix:
             return
         in_checkpoint = sorted(checkpoint_clustered_names(state_dict))
-        if in_checkpoint:  # the DKM keys themselves (an older checkpoint): they load as they are
+        if in_checkpoint:  # the DKM keys themselves (weights-only): they load as they are
             in_model = sorted(clustered_tensors(module))
             if in_checkpoint != in_model:
                 raise _selection_error(in_checkpoint, in_model)

@@ -37,8 +37,8 @@ entries, and :func:`restore_dkm_state` then writes the DKM state in. The origina
 into the same ``Parameter`` objects (parametrize keeps their identity), so an optimizer built
 before the load, and the optimizer state restored after it, stay attached to them.
 
-A state dict that holds the DKM keys itself (a checkpoint written before this format, a
-weights-only one, ``state_dict()`` of a parametrized model) loads into a finalized model
+A state dict that holds the DKM keys itself (a weights-only checkpoint, ``state_dict()`` of a
+parametrized model) loads into a finalized model
 snapped with :mod:`lightning_dkm.model.snapping`. Nothing here imports Lightning.
 """
 
@@ -202,7 +202,7 @@ def join_dkm_state(state_dict: Mapping[str, Any], dkm_state: Mapping[str, Any]) 
         for key in tensor["keys"]:
             joined.pop(key, None)
         joined.update(tensor["entries"])
-    joined.update(dkm_state.get("carried", {}))
+    joined.update(dkm_state["carried"])
     return joined
 
 
@@ -312,7 +312,7 @@ def restore_dkm_state(
                 carry_palettes(model, {name: palette})
         restored.append(name)
     carried = {
-        key: value for key, value in dkm_state.get("carried", {}).items()
+        key: value for key, value in dkm_state["carried"].items()
         if wanted is None or key == version_key()
         or any(key.startswith(_carried_prefix(n)) for n in wanted)
     }

@@ -1,7 +1,6 @@
 """State dicts with the DKM keys, loaded into a finalized model: every weight snapped.
 
-``model.state_dict()`` of a model during DKM (and so a checkpoint written before the plain
-format of :mod:`lightning_dkm.model.checkpoint`, or a weights-only Lightning checkpoint, which
+``model.state_dict()`` of a model during DKM (and so a weights-only Lightning checkpoint, which
 Lightning writes without calling any callback) holds ``<module>.parametrizations.<name>.original``
 and the parametrization's buffers, where a finalized model expects ``<module>.<name>``.
 :func:`snap_state_dict` converts such a state dict as finalize would have converted the model
@@ -30,7 +29,6 @@ __all__ = [
     "PARAMETRIZATIONS",
     "checkpoint_clustered_names",
     "palette_from_entries",
-    "register_load_pre_hook",
     "snap_on_load",
     "snap_state_dict",
 ]
@@ -55,10 +53,8 @@ def palette_from_entries(
     base = f"{_head(prefix, module_name)}{PARAMETRIZATIONS}{param_name}."
     original = entries.get(base + "original")
     centroids = entries.get(base + "0.centroids")
-    initialized = entries.get(base + "0.initialized")
-    if original is None or centroids is None or (initialized is not None and not bool(
-        initialized
-    )):
+    seeded = bool(entries.get(base + "0.initialized", False))
+    if original is None or centroids is None or not seeded:
         return None
     try:
         module = model.get_submodule(module_name) if module_name else model
@@ -77,8 +73,8 @@ def palette_from_entries(
 def snap_state_dict(model: nn.Module, state_dict: dict, prefix: str = "") -> list[str]:
     """Turn the DKM entries of a mid-training ``state_dict`` into plain, snapped weights, in place.
 
-    A checkpoint written during DKM before the plain format (and ``model.state_dict()`` of a
-    parametrized model) stores ``<module>.parametrizations.<name>.original`` and the
+    ``model.state_dict()`` of a parametrized model (and a weights-only checkpoint written
+    during DKM) stores ``<module>.parametrizations.<name>.original`` and the
     parametrization's buffers; a finalized model expects ``<module>.<name>``. For each such
     entry whose module exists in ``model`` *unparametrized* this writes the weight as finalize
     would have made it from that checkpoint (every weight snapped to its nearest centroid; as it
@@ -161,7 +157,7 @@ _SNAP_HOOKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 def snap_on_load(model: nn.Module) -> None:
     """Let ``model`` (finalized) load checkpoints that hold the DKM keys in their state dict
-    (written before the plain format, or ``state_dict()`` of a parametrized model): its
+    (a weights-only checkpoint, or ``state_dict()`` of a parametrized model): its
     ``load_state_dict`` then converts them with :func:`snap_state_dict` first. Registering
     twice has no further effect."""
     if model in _SNAP_HOOKS:
@@ -170,17 +166,7 @@ def snap_on_load(model: nn.Module) -> None:
     def hook(module, state_dict, prefix, *args) -> None:
         snap_state_dict(module, state_dict, prefix)
 
-    _SNAP_HOOKS[model] = register_load_pre_hook(model, hook)
-
-
-def register_load_pre_hook(model: nn.Module, hook):
-    """``hook(module, state_dict, prefix, ...)`` runs before ``model.load_state_dict``; returns
-    the removable handle (``register_load_state_dict_pre_hook``, or its private form before
-    torch 2.5)."""
-    register = getattr(model, "register_load_state_dict_pre_hook", None)
-    if register is not None:
-        return register(hook)
-    return model._register_load_state_dict_pre_hook(hook, with_module=True)
+    _SNAP_HOOKS[model] = model.register_load_state_dict_pre_hook(hook)
 
 
 def checkpoint_clustered_names(state_dict: Mapping[str, Any], prefix: str = "") -> list[str]:
