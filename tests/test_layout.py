@@ -239,3 +239,35 @@ def test_the_mapping_is_differentiable() -> None:
 def test_negative_axes_are_normalised() -> None:
     layout = PaletteLayout((4, 6, 3), ClusterSpec(bits=1), group_axis=-3, vector_axis=-2)
     assert (layout.group_axis, layout.vector_axis) == (0, 1)
+
+
+# -- the dict form -------------------------------------------------------------------------------
+@pytest.mark.parametrize("spec", [
+    ClusterSpec(bits=3),
+    ClusterSpec(bits=2, cluster_dim=2, group_size=4),
+    ClusterSpec(bits=1, per_channel_scale=True),
+], ids=["per-tensor", "grouped-vectors", "scaled"])
+def test_the_dict_form_round_trips_every_field(spec: ClusterSpec) -> None:
+    layout = PaletteLayout((4, 8, 3), spec, group_axis=1, vector_axis=0, name="conv.weight")
+    data = layout.to_dict()
+    assert PaletteLayout.from_dict(data, "conv.weight") == layout
+    assert ("per_channel_scale" in data) == spec.per_channel_scale  # written only where true
+
+
+def test_the_dict_form_is_plain_json() -> None:
+    import json
+
+    layout = PaletteLayout((8, 16), ClusterSpec(bits=2, group_size=4, per_channel_scale=True))
+    assert json.loads(json.dumps(layout.to_dict())) == layout.to_dict()
+
+
+def test_a_layout_from_a_lut_shape_reads_bits_cluster_dim_and_group_size() -> None:
+    layout = PaletteLayout.of_lut((8, 16), (2, 4, 2), 0, 1, name="fc.weight")
+    assert layout == PaletteLayout((8, 16), ClusterSpec(bits=2, cluster_dim=2, group_size=4),
+                                   name="fc.weight")
+    assert PaletteLayout.of_lut((8, 16), (1, 16, 1), 0, 1).spec.group_size is None
+
+
+def test_a_lut_of_entries_not_a_power_of_two_is_refused() -> None:
+    with pytest.raises(ValueError, match=r"fc\.weight: the LUT has 3 entries, not a power of two"):
+        PaletteLayout.of_lut((8, 16), (1, 3, 1), 0, 1, name="fc.weight")

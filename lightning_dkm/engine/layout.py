@@ -22,7 +22,9 @@ A tensor of shape ``shape`` becomes ``x`` of shape ``(P, n, d)``: P palettes, n 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -135,6 +137,57 @@ class PaletteLayout:
                 f"2**bits = {k} centroids (shape {shape}, bits={self.spec.bits}, cluster_dim={d}, "
                 f"group_size={g}); use fewer bits, a larger group_size, or skip this tensor"
             )
+
+    # -- dict form ---------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """The layout as JSON-ready primitives, the one dict form that every file holding a
+        palette writes (the artifact's layout entries, the ddp_spawn handoff): ``shape``,
+        ``bits``, ``cluster_dim``, ``group_size``, ``group_axis``, ``vector_axis``, and
+        ``per_channel_scale: True`` only where the spec has it. Not the name: files key the
+        entries by it. :meth:`from_dict` reads it back."""
+        spec = self.spec
+        data: dict[str, Any] = {
+            "shape": list(self.shape), "bits": spec.bits, "cluster_dim": spec.cluster_dim,
+            "group_size": spec.group_size, "group_axis": self.group_axis,
+            "vector_axis": self.vector_axis,
+        }
+        if spec.per_channel_scale:
+            data["per_channel_scale"] = True
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], name: str = "weight") -> PaletteLayout:
+        """The layout named ``name`` that :meth:`to_dict` wrote (other keys are ignored).
+
+        Raises:
+            ValueError: a field that :class:`ClusterSpec` or the layout refuses (the shape and
+                the axes are the caller's to check for type when ``data`` is untrusted).
+        """
+        spec = ClusterSpec(data["bits"], data["cluster_dim"], data["group_size"],
+                           per_channel_scale=data.get("per_channel_scale", False))
+        return cls(tuple(data["shape"]), spec, data["group_axis"], data["vector_axis"], name=name)
+
+    @classmethod
+    def of_lut(
+        cls, shape: tuple[int, ...], lut_shape: tuple[int, ...], group_axis: int,
+        vector_axis: int, *, per_channel_scale: bool = False, name: str = "weight",
+    ) -> PaletteLayout:
+        """The layout of a weight of ``shape`` whose palettes a LUT ``(P, k, d)`` holds (a
+        checkpoint's centroids, a model's carried LUT): ``bits = log2(k)``, ``cluster_dim =
+        d``, one palette per ``shape[group_axis] // P`` output channels (``None`` for ``P =
+        1``).
+
+        Raises:
+            ValueError: ``k`` is not a power of two, or the layout refuses the result.
+        """
+        P, k, d = lut_shape[-3:]
+        bits = k.bit_length() - 1
+        if 1 << bits != k:
+            raise ValueError(f"{name}: the LUT has {k} entries, not a power of two")
+        group_size = None if P == 1 else shape[group_axis] // P
+        spec = ClusterSpec(bits=bits, cluster_dim=d, group_size=group_size,
+                           per_channel_scale=per_channel_scale)
+        return cls(tuple(shape), spec, group_axis, vector_axis, name=name)
 
     # -- derived sizes -----------------------------------------------------------------------
     @property

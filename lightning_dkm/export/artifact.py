@@ -216,21 +216,13 @@ def _stored_lut(name: str, palette: Palette, lut_dtype: torch.dtype) -> Tensor:
 def _clustered_entry(palette: Palette, weight: Tensor, stored: Tensor,
                      lut_dtype: torch.dtype) -> dict[str, Any]:
     """The layout entry of one clustered tensor (``lut_dtype`` only where it differs)."""
-    layout, spec = palette.layout, palette.layout.spec
     entry: dict[str, Any] = {
-        "shape": list(layout.shape),
+        **palette.layout.to_dict(),
         "dtype": _dtype_name(weight.dtype),
-        "bits": spec.bits,
-        "cluster_dim": spec.cluster_dim,
-        "group_size": spec.group_size,
-        "group_axis": layout.group_axis,
-        "vector_axis": layout.vector_axis,
         "count": palette.num_indices,
     }
     if stored.dtype != lut_dtype:
         entry["lut_dtype"] = _dtype_name(stored.dtype)
-    if spec.per_channel_scale:
-        entry["per_channel_scale"] = True
     return entry
 
 

@@ -21,7 +21,7 @@ from safetensors import safe_open
 from torch import Tensor
 
 from ..engine.bitpack import packed_size, unpack_bits
-from ..engine.layout import ClusterSpec, PaletteLayout
+from ..engine.layout import PaletteLayout
 from ..engine.palette import LUT_DTYPES, Palette
 from .files import describe_path
 from .report import REPORT_JSON, artifact_entry
@@ -233,17 +233,12 @@ def _parse_entry(path: Path, name: str, entry: Any) -> PaletteLayout:
     )
     if not ints_ok:
         raise _fail(path, f"layout of {_short(name)} has malformed fields: {_short(entry, 300)}")
-    scaled = entry.get("per_channel_scale", False)
-    if scaled is not True and "per_channel_scale" in entry:
+    if entry.get("per_channel_scale", True) is not True:
         raise _fail(path, f"layout of {_short(name)}: per_channel_scale must be true when "
-                          f"present; got {_short(scaled)}")
+                          f"present; got {_short(entry['per_channel_scale'])}")
     label = name if len(name) <= 80 else _short(name)  # what its error messages quote
     try:
-        spec = ClusterSpec(entry["bits"], entry["cluster_dim"], entry["group_size"],
-                           per_channel_scale=scaled)
-        layout = PaletteLayout(
-            tuple(shape), spec, entry["group_axis"], entry["vector_axis"], name=label
-        )
+        layout = PaletteLayout.from_dict(entry, name=label)
     except (ValueError, TypeError) as err:
         raise _fail(path, f"invalid layout for {_short(name)}: {err}") from err
     if entry["count"] != layout.num_palettes * layout.vectors_per_palette:

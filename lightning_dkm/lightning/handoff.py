@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from ..engine.layout import ClusterSpec, PaletteLayout
+from ..engine.layout import PaletteLayout
 from ..engine.palette import Palette
 from ..export.files import write_atomically
 
@@ -35,14 +35,9 @@ def write_handoff(
         "stats": stats,
         "palettes": {
             name: {
+                "layout": palette.layout.to_dict(),
                 "lut": palette.lut.detach().cpu(),
                 "indices": palette.indices.detach().cpu(),
-                "shape": list(palette.layout.shape),
-                "bits": palette.layout.spec.bits,
-                "cluster_dim": palette.layout.spec.cluster_dim,
-                "group_size": palette.layout.spec.group_size,
-                "group_axis": palette.layout.group_axis,
-                "vector_axis": palette.layout.vector_axis,
                 "scale": None if palette.scale is None else palette.scale.detach().cpu(),
             }
             for name, palette in palettes.items()
@@ -53,17 +48,11 @@ def write_handoff(
 
 def read_handoff(path: Path) -> dict[str, Any]:
     payload = torch.load(path, weights_only=True)
-    palettes = {}
-    for name, entry in payload["palettes"].items():
-        scale = entry.get("scale")
-        spec = ClusterSpec(
-            bits=entry["bits"], cluster_dim=entry["cluster_dim"], group_size=entry["group_size"],
-            per_channel_scale=scale is not None,
-        )
-        layout = PaletteLayout(
-            tuple(entry["shape"]), spec, entry["group_axis"], entry["vector_axis"], name=name
-        )
-        palettes[name] = Palette(entry["lut"], entry["indices"], layout, scale=scale)
+    palettes = {
+        name: Palette(entry["lut"], entry["indices"],
+                      PaletteLayout.from_dict(entry["layout"], name), scale=entry["scale"])
+        for name, entry in payload["palettes"].items()
+    }
     return {
         "paths": {key: Path(value) for key, value in payload["paths"].items()},
         "palettes": palettes,

@@ -33,7 +33,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
-from ..engine.layout import ClusterSpec, PaletteLayout
+from ..engine.layout import PaletteLayout
 from ..engine.numerics import hard_assign
 from ..engine.palette import Palette
 from .state import COMPRESSION_METADATA_PREFIX, is_compression_metadata, unwrap
@@ -224,14 +224,10 @@ def _layout_of(name: str, weight: Tensor, buffers: dict[str, Tensor | None]) -> 
     if len(blocks) > 1:
         raise ValueError(f"{name}: the LUT has palettes along several axes {blocks}")
     group_axis = blocks[0] if blocks else (1 if vector_axis == 0 else 0)
-    P, k, d = lut.shape[group_axis], lut.shape[-2], lut.shape[-1]
-    bits = k.bit_length() - 1
-    if 1 << bits != k:
-        raise ValueError(f"{name}: the LUT has {k} entries, not a power of two")
-    group_size = None if P == 1 else weight.shape[group_axis] // P
-    spec = ClusterSpec(bits=bits, cluster_dim=d, group_size=group_size,
-                       per_channel_scale=scale is not None)
-    return PaletteLayout(tuple(weight.shape), spec, group_axis, vector_axis, name=name)
+    return PaletteLayout.of_lut(
+        tuple(weight.shape), (lut.shape[group_axis], *lut.shape[-2:]), group_axis, vector_axis,
+        per_channel_scale=scale is not None, name=name,
+    )
 
 
 def expect_carried_buffers(model: nn.Module, state_dict: Mapping[str, Tensor]) -> None:

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from ..engine.layout import ClusterSpec, PaletteLayout
+from ..engine.layout import PaletteLayout
 from ..engine.numerics import hard_assign
 from ..engine.palette import Palette
 from .carried import metadata_entries, version_key
@@ -143,13 +143,9 @@ def _layout_from_checkpoint(module, module_name, param_name, weight, centroids,
     if param_name not in axes or centroids.dim() != 3:
         return None
     group_axis, vector_axis = axes[param_name]
-    P, k, d = centroids.shape
-    bits = k.bit_length() - 1
-    group_size = None if P == 1 else weight.shape[group_axis] // P
-    spec = ClusterSpec(bits=bits, cluster_dim=d, group_size=group_size,
-                       per_channel_scale=per_channel_scale)
     name = f"{module_name}.{param_name}" if module_name else param_name
-    return PaletteLayout(tuple(weight.shape), spec, group_axis, vector_axis, name=name)
+    return PaletteLayout.of_lut(tuple(weight.shape), tuple(centroids.shape), group_axis,
+                                vector_axis, per_channel_scale=per_channel_scale, name=name)
 
 
 _SNAP_HOOKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
