@@ -12,6 +12,7 @@ import lightning_dkm.engine.clustering_pass as clustering_pass_module
 from lightning_dkm import ClusterSpec, attach, clustered_tensors, select_targets
 from lightning_dkm.engine.clustering_pass import clustering_pass
 from lightning_dkm.engine.distinct import unique_dkm_cluster
+from lightning_dkm.model.attach import set_mode
 
 
 def _model(epsilon: float = 0.0, **spec) -> nn.Module:
@@ -52,6 +53,8 @@ def test_a_pass_gives_each_weight_its_own_gradient_and_centroids():
 
 
 def test_a_pass_clusters_every_weight_in_one_call(monkeypatch):
+    """How many calls a pass makes shows in no result (each weight gets what it would get
+    alone), so the calls of the batched step are counted where the pass makes them."""
     calls = []
     original = clustering_pass_module.unique_dkm_batch
 
@@ -65,6 +68,7 @@ def test_a_pass_clusters_every_weight_in_one_call(monkeypatch):
 
 
 def test_weights_with_other_settings_are_batched_apart(monkeypatch):
+    """Counted as in :func:`test_a_pass_clusters_every_weight_in_one_call`."""
     calls = []
     original = clustering_pass_module.unique_dkm_batch
     monkeypatch.setattr(clustering_pass_module, "unique_dkm_batch",
@@ -76,6 +80,7 @@ def test_weights_with_other_settings_are_batched_apart(monkeypatch):
 
 
 def test_on_cpu_large_weights_run_alone_and_small_ones_together(monkeypatch):
+    """Counted as in :func:`test_a_pass_clusters_every_weight_in_one_call`."""
     calls = []
     original = clustering_pass_module.unique_dkm_batch
     monkeypatch.setattr(clustering_pass_module, "unique_dkm_batch",
@@ -85,7 +90,7 @@ def test_on_cpu_large_weights_run_alone_and_small_ones_together(monkeypatch):
     assert calls == [2]
 
 
-def test_eval_mode_and_hard_mode_are_untouched_by_a_pass():
+def test_eval_mode_is_untouched_by_a_pass():
     model = _model()
     x = torch.randn(4, 64)
     model.eval()
@@ -94,6 +99,27 @@ def test_eval_mode_and_hard_mode_are_untouched_by_a_pass():
         with clustering_pass(model):
             inside = model(x)
     torch.testing.assert_close(inside, outside)
+
+
+def test_hard_mode_is_untouched_by_a_pass():
+    """Hard (straight-through) training steps are not batched: inside a pass they give the
+    outside's outputs, gradients and centroids bit for bit."""
+    results = []
+    for in_pass in (True, False):
+        model = _model()
+        set_mode(model, "hard")
+        x = torch.randn(32, 64, generator=torch.Generator().manual_seed(1))
+        with clustering_pass(model) if in_pass else torch.enable_grad():
+            out = model(x)
+        out.square().mean().backward()
+        tensors = clustered_tensors(model)
+        results.append((out.detach(), {n: t.original.grad for n, t in tensors.items()},
+                        {n: t.parametrization.centroids for n, t in tensors.items()}))
+    (inside, grads_inside, centroids_inside), (outside, grads_outside, centroids_outside) = results
+    assert torch.equal(inside, outside)
+    for name, grad in grads_outside.items():
+        assert torch.equal(grads_inside[name], grad), name
+        assert torch.equal(centroids_inside[name], centroids_outside[name]), name
 
 
 def test_nothing_of_a_pass_outlives_it():

@@ -4,6 +4,9 @@ fit end loses nothing that cannot be written again."""
 
 from __future__ import annotations
 
+import errno
+import os
+
 import lightning.pytorch as pl
 import pytest
 import torch
@@ -12,7 +15,6 @@ from lightning_helpers import TinyNet, trainer
 from torch import nn
 from torch.nn.utils import parametrize
 
-import lightning_dkm.lightning.callback as callback_module
 from lightning_dkm import DKMCallback, load_compressed, save_compressed
 from lightning_dkm.engine.parametrization import DKMParametrization
 
@@ -68,6 +70,9 @@ def test_a_crash_in_any_hook_leaves_a_resumable_checkpoint_and_no_open_cache(tmp
 
 
 def test_a_crash_inside_the_dkm_step_leaves_a_resumable_checkpoint(tmp_path, monkeypatch):
+    """No public input makes the DKM step itself raise partway through a fit, so the fault is
+    injected by wrapping ``DKMParametrization.forward``, the step that
+    ``torch.nn.utils.parametrize`` calls on every read of a clustered weight."""
     calls = {"n": 0}
     forward = DKMParametrization.forward
 
@@ -89,16 +94,30 @@ def test_a_crash_inside_the_dkm_step_leaves_a_resumable_checkpoint(tmp_path, mon
 def test_a_failing_artifact_write_keeps_the_finalized_model_and_its_palettes(
     tmp_path, monkeypatch
 ):
-    def disk_full(*args, **kwargs):
-        raise OSError(28, "No space left on device")
+    """The disk fills when fit's outputs are written: from the end of training on, every
+    ``os.fsync`` fails with ENOSPC (the fault enters where a full disk shows, at the OS
+    boundary, not through the library's own functions)."""
+    disk_full = False
+    real_fsync = os.fsync
 
-    monkeypatch.setattr(callback_module, "save_compressed", disk_full)
+    def fsync(fd: int) -> None:
+        if disk_full:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_fsync(fd)
+
+    class DiskFillsAtTrainEnd(pl.Callback):
+        def on_train_end(self, trainer, pl_module) -> None:  # before DKMCallback's on_fit_end
+            nonlocal disk_full
+            disk_full = True
+
+    monkeypatch.setattr(os, "fsync", fsync)
     torch.manual_seed(0)
     model = TinyNet()
     dkm = DKMCallback(bits=2, save_dir=str(tmp_path / "dkm"))
     with pytest.raises(OSError, match="No space left"):
-        trainer(tmp_path, max_epochs=2, callbacks=[dkm]).fit(model)
+        trainer(tmp_path, max_epochs=2, callbacks=[dkm, DiskFillsAtTrainEnd()]).fit(model)
     assert not (tmp_path / "dkm" / "model.dkm.safetensors").exists()  # nothing half-written
+    disk_full = False
     # the model is finalized and the palettes are kept: the artifact can be written again
     assert type(model.body[0]) is nn.Linear
     path = save_compressed(model, tmp_path / "again.dkm.safetensors", dkm.palettes)

@@ -10,7 +10,6 @@ import torch
 from sklearn.cluster import KMeans
 from threadpoolctl import threadpool_limits
 
-from lightning_dkm.engine import kmeans as kmeans_module
 from lightning_dkm.engine.kmeans import (
     kmeans,
     kmeans_plusplus,
@@ -202,12 +201,12 @@ def test_kmeans_returns_centroids_in_the_input_dtype(gen) -> None:
     assert bool(torch.isfinite(result.centroids.float()).all())
 
 
-def test_kmeans_seeds_on_a_subset_of_very_large_palettes(monkeypatch, gen) -> None:
-    monkeypatch.setattr(kmeans_module, "_MAX_SEED_POINTS", 64)
-    x = torch.randn(1, 1000, 1, generator=gen)
+def test_kmeans_seeds_on_a_subset_of_very_large_palettes(gen) -> None:
+    """Above 65,536 points per palette k-means++ seeds on a seeded sample of them."""
+    x = torch.randn(1, 70_000, 1, generator=gen)
     a = kmeans(x, 4, seeded(1))
     assert torch.equal(a.centroids, kmeans(x, 4, seeded(1)).centroids)
-    assert a.labels.shape == (1, 1000)  # Lloyd still runs on every point
+    assert a.labels.shape == (1, 70_000)  # Lloyd still runs on every point
     assert a.inertia.item() <= 1.05 * sklearn_inertia(x, 4)
 
 
@@ -267,7 +266,7 @@ def test_values_that_only_differ_past_the_first_points_still_count_as_distinct()
     x = torch.cat([torch.zeros(64 * 4), torch.arange(1.0, 4.0)]).reshape(1, -1, 1)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # 4 distinct values for k = 4: no warning
-        kmeans_module._warn_if_few_distinct(x, 4, "late")
+        kmeans(x, 4, seeded(0), name="late")
     with pytest.warns(UserWarning, match=r"'late' have fewer distinct values than k=5 "
                                          r"\(palette 0 has 4\)"):
-        kmeans_module._warn_if_few_distinct(x, 5, "late")
+        kmeans(x, 5, seeded(0), name="late")

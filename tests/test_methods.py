@@ -109,7 +109,8 @@ def test_resuming_with_another_method_is_refused():
 def test_old_checkpoints_without_a_method_load_as_dkm():
     cb = DKMCallback()
     cb.load_state_dict({"version": 1, "names": [], "tau": 0.01, "finalized": False})
-    assert cb.method == "dkm" and cb._plan.bounds == {}  # bounds come from the config then
+    assert cb.method == "dkm"
+    assert cb.state_dict()["temperature"]["bounds"] == {}  # bounds come from the config then
 
 
 # -- the Deep k-Means regulariser ------------------------------------------------------------------
@@ -162,7 +163,7 @@ def test_deep_kmeans_adds_lambda_times_the_gradient(tmp_path):
     trainer(tmp_path, max_epochs=1, limit_train_batches=1, callbacks=[spy, cb]).fit(model)
     tensor = clustered_tensors(model)["body.2.weight"]
     layout = tensor.parametrization.layout
-    idx = cb._method._assignments["body.2.weight"]
+    idx = cb.state_dict()["method_state"]["assignments"]["body.2.weight"].long()
     expected = spy.grad + lam * layout.from_palettes(
         kmeans_regularizer_grad(layout.to_palettes(spy.weight), idx, 4)
     )
@@ -182,23 +183,20 @@ def test_deep_kmeans_trains_free_weights_and_refreshes_periodically(tmp_path):
             assert torch.equal(pl_module.body[0].weight, tensor.original)  # the real weights
 
     refreshes = []
-    original = DeepKMeansMethod.refresh
 
-    def counting(self, tensors):
-        refreshes.append(self.steps)
-        return original(self, tensors)
+    class CountsRefreshes(DeepKMeansMethod):
+        """Deep k-Means as ``method="deep_kmeans"`` builds it, noting the step of each refresh."""
+
+        def refresh(self, tensors):
+            refreshes.append(self.steps)
+            return super().refresh(tensors)
 
     recorder = Recorder()
-    cb = DKMCallback(bits=2, method="deep_kmeans", refresh_every=3, verbose=False,
+    cb = DKMCallback(bits=2, method=CountsRefreshes(refresh_every=3), verbose=False,
                      save_dir=str(tmp_path))
-    DeepKMeansMethod.refresh = counting
-    try:
-        fit(tmp_path, cb, extra_callbacks=[recorder])  # 2 epochs x 4 batches = 8 steps
-    finally:
-        DeepKMeansMethod.refresh = original
+    fit(tmp_path, cb, extra_callbacks=[recorder])  # 2 epochs x 4 batches = 8 steps
     assert set(recorder.modes) == {"dense"}
     assert refreshes == [0, 3, 6]
-    assert cb._method.steps == 8
     assert cb.state_dict()["method_state"]["steps"] == 8
 
 

@@ -390,27 +390,32 @@ def test_auto_picks_the_step_by_tensor_size(shape, cluster_dim, bits, expected):
     assert DKMParametrization(layout).step_implementation == expected
 
 
-def test_a_scalar_single_palette_weight_is_clustered_in_place_of_its_layout_copy():
-    """cluster_dim 1 with one palette does not depend on the weights' order: the step runs on
-    a flat view and gives what the permuted layout gives."""
+def test_a_scalar_single_palette_weight_clusters_the_same_whatever_the_order_of_its_weights():
+    """cluster_dim 1 with one palette does not depend on the weights' order (which is why the
+    step may run on a flat view of the weight instead of the layout's permuted copy): the
+    weights shuffled give the shuffled output and gradient and the same centroids."""
     torch.manual_seed(0)
     conv = nn.Conv2d(16, 32, 3)
     upstream = torch.randn_like(conv.weight)
+    order = torch.randperm(conv.weight.numel())
     layout = PaletteLayout(tuple(conv.weight.shape), ClusterSpec(bits=2))
+
+    def shuffled(t: torch.Tensor) -> torch.Tensor:
+        return t.detach().flatten()[order].view_as(t)
+
     results = []
-    for order_free in (True, False):
+    for weight, grad_out in ((conv.weight, upstream), (shuffled(conv.weight), shuffled(upstream))):
         p = DKMParametrization(layout, implementation="unique", max_iter=2, epsilon=0.0)
-        p.initialize(conv.weight)
-        p._order_free = order_free
-        w = conv.weight.detach().clone().requires_grad_()
+        p.initialize(conv.weight)  # the same centroids to start from
+        w = weight.detach().clone().requires_grad_()
         out = p(w)
-        (out * upstream).sum().backward()
+        (out * grad_out).sum().backward()
         results.append((out.detach(), w.grad, p.centroids.clone()))
-    (flat, g_flat, c_flat), (permuted, g_perm, c_perm) = results
-    torch.testing.assert_close(flat, permuted)
-    torch.testing.assert_close(c_flat, c_perm)
+    (out, grad, centroids), (out_shuffled, grad_shuffled, centroids_shuffled) = results
+    torch.testing.assert_close(out_shuffled, shuffled(out))
+    torch.testing.assert_close(centroids_shuffled, centroids)
     # the per-value gradient sums add the same terms in another order (float32 rounding)
-    assert float((g_flat - g_perm).norm() / g_perm.norm()) < 1e-5
+    assert float((grad_shuffled - shuffled(grad)).norm() / grad.norm()) < 1e-5
 
 
 # -- activation checkpointing: a forward run again in the backward ------------------------------
