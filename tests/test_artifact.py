@@ -16,6 +16,8 @@ from collections.abc import Callable
 
 import pytest
 import torch
+from export_helpers import artifact_digest
+from plain_models import WithBatchNorm
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
@@ -31,7 +33,6 @@ from lightning_dkm import (
     save_compressed,
     unpack_bits,
 )
-from lightning_dkm.export import artifact as artifact_module
 
 # -- bit packing ------------------------------------------------------------------------------
 
@@ -89,21 +90,8 @@ def test_unpack_requires_the_exact_byte_length_and_zero_padding() -> None:
 # -- the reference model ----------------------------------------------------------------------
 
 
-class Net(nn.Module):
-    def __init__(self, width: int = 64) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(64, 32)
-        self.conv = nn.Conv2d(4, 16, 3)
-        self.bn = nn.BatchNorm2d(16)
-        self.fc = nn.Linear(width, 32)
-
-    def forward(self, x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        h = self.bn(self.conv(x)).mean((2, 3)).repeat(1, 4)
-        return self.fc(h) + self.embed(tokens).mean(1)
-
-
 def finalized(model: nn.Module | None = None) -> tuple[nn.Module, dict[str, Palette]]:
-    model = model if model is not None else Net()
+    model = model if model is not None else WithBatchNorm()
     model.bn.running_mean.uniform_()  # non-default buffers, so loading them is visible
     model.bn.num_batches_tracked.fill_(7)
     palettes = palettize(
@@ -139,7 +127,7 @@ def test_reference_model_covers_every_layout_feature() -> None:
 def test_fp32_lut_loads_bit_for_bit_into_a_fresh_instance(tmp_path) -> None:
     model, palettes = finalized()
     path = save_compressed(model, tmp_path / "m.safetensors", palettes, lut_dtype=torch.float32)
-    fresh = Net()
+    fresh = WithBatchNorm()
     loaded = load_compressed(fresh, path)
     assert_same_state(fresh.state_dict(), model.state_dict())
     assert loaded.keys() == palettes.keys()
@@ -151,7 +139,7 @@ def test_fp32_lut_loads_bit_for_bit_into_a_fresh_instance(tmp_path) -> None:
 def test_fp16_lut_loads_the_fp16_rounded_centroids(tmp_path) -> None:
     model, palettes = finalized()
     path = save_compressed(model, tmp_path / "m.safetensors", palettes)  # fp16 by default
-    fresh = Net()
+    fresh = WithBatchNorm()
     load_compressed(fresh, path)
     loaded = fresh.state_dict()
     for name, palette in palettes.items():
@@ -334,7 +322,7 @@ def test_allow_dense_stores_clustered_looking_weights_dense(tmp_path) -> None:
     with safe_open(str(path), framework="pt") as f:
         keys = set(f.keys())
     assert "state/fc.weight" in keys and not any(k.startswith("lut/") for k in keys)
-    fresh = Net()
+    fresh = WithBatchNorm()
     load_compressed(fresh, path)
     assert_same_state(fresh.state_dict(), model.state_dict())
 
@@ -342,10 +330,10 @@ def test_allow_dense_stores_clustered_looking_weights_dense(tmp_path) -> None:
 def test_empty_palettes_save_a_dense_model_dense(tmp_path) -> None:
     """Guard for the refusal above: a model that was never clustered, even with a constant
     (zero-initialised) large weight, is a plain dense save."""
-    model = Net()
+    model = WithBatchNorm()
     nn.init.zeros_(model.embed.weight)
     path = save_compressed(model, tmp_path / "m.safetensors", {})
-    fresh = Net()
+    fresh = WithBatchNorm()
     load_compressed(fresh, path)
     assert_same_state(fresh.state_dict(), model.state_dict())
 
@@ -371,7 +359,7 @@ def test_nan_centroids_are_refused_at_save_rather_than_written_unloadable(tmp_pa
 
 def beyond_float16() -> tuple[nn.Module, dict[str, Palette]]:
     """The reference model with ``fc`` trained to weights of ~1e5, beyond float16's 65504."""
-    model = Net()
+    model = WithBatchNorm()
     with torch.no_grad():
         model.fc.weight.mul_(1e6)  # U(-1/8, 1/8) -> up to 1.25e5
     return finalized(model)
@@ -386,7 +374,7 @@ def test_a_centroid_beyond_float16_keeps_its_lut_in_float32_and_loads_exactly(tm
     entries = json.loads(read_metadata(path)["lightning_dkm.layout"])["clustered"]
     assert entries["fc.weight"]["lut_dtype"] == "float32"
     assert "lut_dtype" not in entries["conv.weight"]  # only where it differs from the file's
-    fresh = Net()
+    fresh = WithBatchNorm()
     load_compressed(fresh, path)
     assert torch.equal(fresh.fc.weight, model.fc.weight)  # bit for bit, no inf
     conv = palettes["conv.weight"]
@@ -441,7 +429,7 @@ def rewrite(
         meta(m)
     if tensors:
         tensors(t)
-    m["lightning_dkm.sha256"] = artifact_module._digest(m, t)
+    m["lightning_dkm.sha256"] = artifact_digest(m, t)
     save_file(t, str(path), metadata=m)
 
 
@@ -554,7 +542,7 @@ def test_a_corrupted_file_raises_and_leaves_the_model_untouched(tmp_path, case) 
     model, palettes = finalized()
     path = save_compressed(model, tmp_path / "m.safetensors", palettes)
     corrupt(path)
-    fresh = Net()
+    fresh = WithBatchNorm()
     before = state_copy(fresh)
     with pytest.raises(ValueError, match=message) as err:
         load_compressed(fresh, path)
@@ -574,16 +562,16 @@ def test_read_palettes_rejects_a_corrupted_file_as_loading_does(tmp_path, case) 
 
 def test_a_missing_file_raises_file_not_found(tmp_path) -> None:
     with pytest.raises(FileNotFoundError):
-        load_compressed(Net(), tmp_path / "absent.safetensors")
+        load_compressed(WithBatchNorm(), tmp_path / "absent.safetensors")
 
 
-class NetPlusExtra(Net):
+class NetPlusExtra(WithBatchNorm):
     def __init__(self) -> None:
         super().__init__()
         self.extra = nn.Linear(2, 2, bias=False)
 
 
-class NetMinusBN(Net):
+class NetMinusBN(WithBatchNorm):
     def __init__(self) -> None:
         super().__init__()
         del self.bn
@@ -592,7 +580,7 @@ class NetMinusBN(Net):
 @pytest.mark.parametrize(
     ("other", "message"),
     [
-        (lambda: Net(width=128), "'fc.weight' is .* in the file but .* in the model"),
+        (lambda: WithBatchNorm(width=128), "'fc.weight' is .* in the file but .* in the model"),
         (lambda: nn.Sequential(nn.Linear(4, 4)), "missing from the file: \\[0.bias, 0.weight\\]"),
         (NetPlusExtra, "missing from the file: \\[extra.weight\\]"),
         (NetMinusBN, "not in the model: \\[bn.bias, bn.num_batches_tracked"),
@@ -618,4 +606,4 @@ def test_non_strict_loading_fills_the_common_names_only(tmp_path) -> None:
     assert torch.equal(target.fc.weight, model.fc.weight)
     assert torch.equal(target.extra.weight, extra_before)
     with pytest.raises(ValueError, match="in the file but"):
-        load_compressed(Net(width=128), path, strict=False)  # shapes must still match
+        load_compressed(WithBatchNorm(width=128), path, strict=False)  # shapes must still match

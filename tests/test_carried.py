@@ -9,6 +9,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning_helpers import TinyNet, trainer
+from plain_models import EveryLayer
 from safetensors import safe_open
 from torch import nn
 
@@ -26,15 +27,6 @@ from lightning_dkm import (
     select_targets,
 )
 from lightning_dkm.export.artifact import read_metadata, read_palettes
-
-
-class Net(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(64, 32)
-        self.conv = nn.Conv2d(4, 16, 3)
-        self.deconv = nn.ConvTranspose2d(16, 8, 3)
-        self.fc = nn.Linear(64, 32)
 
 
 def every_layout(model: nn.Module):
@@ -57,7 +49,7 @@ def assert_same_palettes(a, b) -> None:
 
 
 def test_palettize_records_coremltools_metadata_buffers_on_each_owner() -> None:
-    model = Net()
+    model = EveryLayer()
     every_layout(model)
     state = model.state_dict()
     assert torch.equal(state["_COREML_/metadata_version"], torch.tensor(1))
@@ -71,13 +63,13 @@ def test_palettize_records_coremltools_metadata_buffers_on_each_owner() -> None:
 
 
 def test_the_carried_palettes_are_the_palettes_of_every_layout() -> None:
-    model = Net()
+    model = EveryLayer()
     palettes = every_layout(model)
     assert_same_palettes(carried_palettes(model), palettes)
 
 
 def test_finalize_records_them_too() -> None:
-    model = Net()
+    model = EveryLayer()
     targets = select_targets(model, ClusterSpec(bits=2, group_size=4), min_size=256,
                              targets=["fc", "deconv"])
     attach(model, targets)
@@ -86,7 +78,7 @@ def test_finalize_records_them_too() -> None:
 
 
 def test_save_compressed_needs_nothing_but_the_model(tmp_path) -> None:
-    model = Net()
+    model = EveryLayer()
     palettes = every_layout(model)
     path = save_compressed(model, tmp_path / "m.safetensors")
     assert_same_palettes(read_palettes(path), {
@@ -99,7 +91,7 @@ def test_save_compressed_needs_nothing_but_the_model(tmp_path) -> None:
 
 
 def test_a_weight_changed_after_finalize_is_an_error_naming_it(tmp_path) -> None:
-    model = Net()
+    model = EveryLayer()
     every_layout(model)
     with torch.no_grad():
         model.fc.weight[3, 5] += 0.5
@@ -111,10 +103,10 @@ def test_a_weight_changed_after_finalize_is_an_error_naming_it(tmp_path) -> None
 
 
 def test_a_loaded_model_carries_what_it_loaded(tmp_path) -> None:
-    model = Net()
+    model = EveryLayer()
     every_layout(model)
     path = save_compressed(model, tmp_path / "m.safetensors", lut_dtype=torch.float32)
-    fresh = Net()
+    fresh = EveryLayer()
     loaded = load_compressed(fresh, path)
     assert_same_palettes(carried_palettes(fresh), loaded)
     again = save_compressed(fresh, tmp_path / "again.safetensors", lut_dtype=torch.float32)
@@ -123,16 +115,16 @@ def test_a_loaded_model_carries_what_it_loaded(tmp_path) -> None:
 
 
 def test_the_buffers_survive_a_state_dict_round_trip_and_a_move() -> None:
-    model = Net()
+    model = EveryLayer()
     palettes = every_layout(model)
-    fresh = Net()
+    fresh = EveryLayer()
     expect_carried_buffers(fresh, model.state_dict())
     fresh.load_state_dict(model.state_dict())  # strict
     assert_same_palettes(carried_palettes(fresh.to(torch.float64).to(torch.float32)), palettes)
 
 
 def test_clustering_a_finalized_model_again_drops_its_stale_palettes() -> None:
-    model = Net()
+    model = EveryLayer()
     every_layout(model)
     attach(model, select_targets(model, ClusterSpec(bits=3), min_size=256, targets=["fc"]))
     assert not any(k.startswith("fc._COREML_") for k in model.state_dict())
@@ -156,7 +148,7 @@ def test_test_from_the_best_checkpoint_keeps_the_carried_palettes_true(tmp_path)
 
 
 def test_a_compiled_wrapper_saves_under_the_model_s_own_names(tmp_path) -> None:
-    model = Net()
+    model = EveryLayer()
     palettes = every_layout(model)
     compiled = torch.compile(model)  # not run: only the wrapper's names matter here
     path = save_compressed(compiled, tmp_path / "m.safetensors", lut_dtype=torch.float32)

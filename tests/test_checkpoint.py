@@ -8,6 +8,7 @@ import copy
 
 import pytest
 import torch
+from plain_models import TiedLinears
 from torch import nn
 
 from lightning_dkm import (
@@ -23,30 +24,19 @@ from lightning_dkm import (
 from lightning_dkm.model.checkpoint import prepare_plain_load, restore_dkm_state
 
 
-class Net(nn.Module):
-    """Two clustered Linears; ``tied`` shares ``second``'s weight."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.first = nn.Linear(32, 64)
-        self.second = nn.Linear(64, 64)
-        self.tied = nn.Linear(64, 64, bias=False)
-        self.tied.weight = self.second.weight
-
-
-def plain_net() -> Net:
+def plain_net() -> TiedLinears:
     torch.manual_seed(0)
-    return Net()
+    return TiedLinears()
 
 
-def clustered_net(spec: ClusterSpec | None = None, initialize: bool = True) -> Net:
+def clustered_net(spec: ClusterSpec | None = None, initialize: bool = True) -> TiedLinears:
     model = plain_net()
     attach(model, select_targets(model, spec or ClusterSpec(bits=2), min_size=0),
            initialize=initialize)
     return model
 
 
-def trained(model: Net) -> Net:
+def trained(model: TiedLinears) -> TiedLinears:
     """Moves the originals and the centroids away from their initial values."""
     with torch.no_grad():
         for tensor in clustered_tensors(model).values():

@@ -13,9 +13,9 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from export_helpers import EveryLayer, every_layer_inputs
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning_helpers import TinyNet, trainer
+from plain_models import EveryLayer, every_layer_inputs
 
 from lightning_dkm import DKMCallback, load_compressed, palettize
 from lightning_dkm.export import coreai

@@ -9,7 +9,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from export_helpers import EveryLayer, every_layer_inputs
+from plain_models import EveryLayer, every_layer_inputs
 from torch import nn
 
 from lightning_dkm import CompressionReport, DKMCallback, palettize

@@ -28,12 +28,12 @@ from typing import Any
 
 import pytest
 import torch
+from export_helpers import artifact_digest
 from safetensors.torch import save_file
 from torch import nn
 
 from lightning_dkm import load_compressed, read_palettes, save_compressed
 from lightning_dkm.command import main
-from lightning_dkm.export import artifact_format
 from lightning_dkm.export.artifact import ReportMismatchWarning, inspect_artifact
 from lightning_dkm.export.report import CompressionReport, artifact_entry
 
@@ -50,7 +50,7 @@ def forge(path: Path, layout: dict | str, tensors: dict[str, torch.Tensor],
     meta = {"lightning_dkm.format": "lightning_dkm.compressed", "lightning_dkm.version": "1",
             "lightning_dkm.layout": layout if isinstance(layout, str) else json.dumps(layout),
             **(metadata or {})}
-    meta["lightning_dkm.sha256"] = artifact_format._digest(meta, tensors)
+    meta["lightning_dkm.sha256"] = artifact_digest(meta, tensors)
     save_file(tensors, str(path), metadata=meta)
     return path
 

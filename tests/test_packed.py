@@ -7,6 +7,7 @@ import copy
 
 import pytest
 import torch
+from plain_models import EveryLayer1d
 from torch import nn
 
 from lightning_dkm import CompressionReport, palettize, save_compressed
@@ -14,22 +15,9 @@ from lightning_dkm.export.artifact import load_compressed
 from lightning_dkm.export.packed import is_packed, pack, packed_palettes, unpack
 
 
-class Net(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(64, 16)
-        self.conv = nn.Conv1d(16, 32, 3)
-        self.deconv = nn.ConvTranspose1d(32, 16, 3)
-        self.fc = nn.Linear(16, 64)
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        h = self.deconv(torch.relu(self.conv(self.embed(tokens).transpose(1, 2))))
-        return self.fc(h.mean(-1))
-
-
-def finalized() -> tuple[Net, dict]:
+def finalized() -> tuple[EveryLayer1d, dict]:
     torch.manual_seed(0)
-    model = Net().eval()
+    model = EveryLayer1d().eval()
     palettes = palettize(
         model, bits=2, min_size=256, n_init=1, max_iter=10,
         overrides={"conv": {"cluster_dim": 2}, "fc": {"group_size": 8},
@@ -66,7 +54,7 @@ def test_a_packed_model_holds_about_the_artifact_bytes() -> None:
 def test_load_compressed_packed_never_decodes_into_the_model(tmp_path) -> None:
     model, _ = finalized()
     path = save_compressed(model, tmp_path / "m.safetensors", lut_dtype=torch.float32)
-    fresh = Net().eval()
+    fresh = EveryLayer1d().eval()
     loaded = load_compressed(fresh, path, packed=True)
     assert is_packed(fresh)
     assert torch.equal(fresh(tokens()), model(tokens()))
@@ -104,7 +92,7 @@ def test_a_model_built_on_the_meta_device_loads_without_its_own_initialisation(
     model, _ = finalized()
     path = save_compressed(model, tmp_path / "m.safetensors", lut_dtype=torch.float32)
     with torch.device("meta"):
-        fresh = Net().eval()
+        fresh = EveryLayer1d().eval()
     load_compressed(fresh, path, packed=packed)
     assert not any(t.is_meta for t in fresh.state_dict().values())
     assert is_packed(fresh) is packed

@@ -12,6 +12,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning_helpers import TinyNet, trainer
+from plain_models import EveryLayer, with_channel_magnitudes
 from safetensors import safe_open
 from torch import nn
 
@@ -30,23 +31,6 @@ from lightning_dkm import (
 )
 from lightning_dkm.engine.layout import channel_scale
 from lightning_dkm.engine.palette import Palette
-
-
-class Net(nn.Module):
-    """Every layer kind, with output channels of very different magnitude (1e-2 to 10)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(64, 32)
-        self.conv = nn.Conv2d(4, 16, 3)
-        self.deconv = nn.ConvTranspose2d(16, 8, 3)
-        self.fc = nn.Linear(64, 32)
-        with torch.no_grad():
-            for module in (self.embed, self.conv, self.fc):
-                rows = module.weight.shape[0]
-                shape = (-1, *[1] * (module.weight.dim() - 1))
-                module.weight.mul_(torch.logspace(-2, 1, rows).view(shape))
-            self.deconv.weight.mul_(torch.logspace(-2, 1, 8).view(1, -1, 1, 1))
 
 
 def scaled_palettes(model: nn.Module, **overrides) -> dict[str, Palette]:
@@ -105,10 +89,11 @@ def test_a_palette_needs_its_scales_exactly_when_the_spec_has_them() -> None:
 
 # -- post-training k-means ----------------------------------------------------------------------
 def test_palettize_clusters_every_layer_kind_per_channel_and_stores_the_scales() -> None:
-    model = Net()
+    model = with_channel_magnitudes(EveryLayer())
     original = copy.deepcopy(model)
     palettes = scaled_palettes(model)
-    assert set(palettes) == {"embed.weight", "conv.weight", "deconv.weight", "fc.weight"}
+    assert set(palettes) == {"embed.weight", "conv1.weight", "conv.weight", "deconv.weight",
+                             "fc.weight"}
     for name, palette in palettes.items():
         weight = model.get_parameter(name)
         axis = palette.layout.group_axis
@@ -141,10 +126,10 @@ def test_sensitivity_weighted_palettize_accepts_per_channel_scale() -> None:
 
 # -- the artifact and the report ----------------------------------------------------------------
 def test_a_float32_artifact_loads_scaled_weights_bit_for_bit(tmp_path) -> None:
-    model = Net()
+    model = with_channel_magnitudes(EveryLayer())
     palettes = scaled_palettes(model)
     path = save_compressed(model, tmp_path / "m.safetensors", palettes, lut_dtype=torch.float32)
-    fresh = Net()
+    fresh = with_channel_magnitudes(EveryLayer())
     loaded = load_compressed(fresh, path)
     for name, palette in palettes.items():
         assert torch.equal(fresh.get_parameter(name), model.get_parameter(name)), name
@@ -155,13 +140,13 @@ def test_a_float32_artifact_loads_scaled_weights_bit_for_bit(tmp_path) -> None:
 
 
 def test_a_float16_artifact_stores_scales_in_float16_and_multiplies_in_float32(tmp_path) -> None:
-    model = Net()
+    model = with_channel_magnitudes(EveryLayer())
     palettes = scaled_palettes(model)
     path = save_compressed(model, tmp_path / "m.safetensors", palettes)
     with safe_open(str(path), framework="pt") as f:
         assert f.get_tensor("scale/fc.weight").dtype == torch.float16
         assert torch.equal(f.get_tensor("scale/fc.weight").float(), palettes["fc.weight"].scale)
-    fresh = Net()
+    fresh = with_channel_magnitudes(EveryLayer())
     load_compressed(fresh, path)
     for name, p in palettes.items():
         expected = Palette(p.lut.half().float(), p.indices, p.layout, scale=p.scale).weight()
@@ -170,7 +155,7 @@ def test_a_float16_artifact_stores_scales_in_float16_and_multiplies_in_float32(t
 
 @pytest.mark.parametrize("lut_dtype", [torch.float16, torch.float32])
 def test_the_report_counts_the_scales_as_the_file_stores_them(tmp_path, lut_dtype) -> None:
-    model = Net()
+    model = with_channel_magnitudes(EveryLayer())
     palettes = scaled_palettes(model)
     path = save_compressed(model, tmp_path / "m.safetensors", palettes, lut_dtype=lut_dtype)
     report = CompressionReport.build(model, palettes, lut_dtype=lut_dtype)
@@ -186,7 +171,7 @@ def test_the_report_counts_the_scales_as_the_file_stores_them(tmp_path, lut_dtyp
 def test_a_tampered_scale_is_refused_naming_the_tensor(tmp_path) -> None:
     from safetensors.torch import load_file, save_file
 
-    model = Net()
+    model = with_channel_magnitudes(EveryLayer())
     path = save_compressed(model, tmp_path / "m.safetensors", scaled_palettes(model))
     with safe_open(str(path), framework="pt") as f:
         metadata = f.metadata()
@@ -194,12 +179,12 @@ def test_a_tampered_scale_is_refused_naming_the_tensor(tmp_path) -> None:
     tensors["scale/fc.weight"] = tensors["scale/fc.weight"][:-1].clone()
     save_file(tensors, str(path), metadata=metadata)
     with pytest.raises(ValueError, match="checksum mismatch"):
-        load_compressed(Net(), path)
+        load_compressed(with_channel_magnitudes(EveryLayer()), path)
 
 
 # -- DKM, finalize and checkpoints --------------------------------------------------------------
 def test_dkm_trains_in_scaled_units_and_finalize_keeps_the_scales() -> None:
-    model = Net()
+    model = with_channel_magnitudes(EveryLayer())
     targets = select_targets(model, ClusterSpec(bits=2, per_channel_scale=True), min_size=256,
                              targets=["fc", "deconv"])
     tensors = attach(model, targets)
