@@ -23,6 +23,7 @@ from ..engine.parametrization import DKMParametrization, Implementation, Mode, s
 from ..engine.sharding import full_tensor, write_full
 from ..engine.weighted import Gradient
 from .carried import carry_palettes, discard_palettes
+from .state import qualified_name
 from .targets import Target
 from .tied import TiedWeight
 
@@ -73,7 +74,7 @@ def clustered_tensors(
         for param_name, plist in module.parametrizations.items():
             for p in plist:
                 if isinstance(p, DKMParametrization):
-                    name = f"{module_name}.{param_name}" if module_name else param_name
+                    name = qualified_name(module_name, param_name)
                     if wanted is not None and name not in wanted:
                         continue
                     found[name] = ClusteredTensor(name, module, param_name, p)

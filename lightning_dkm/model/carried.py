@@ -36,9 +36,17 @@ from torch import Tensor, nn
 from ..engine.layout import PaletteLayout
 from ..engine.numerics import hard_assign
 from ..engine.palette import Palette
-from .state import COMPRESSION_METADATA_PREFIX, is_compression_metadata, unwrap
+from .state import (
+    COMPRESSION_METADATA_PREFIX,
+    is_compression_metadata,
+    module_prefix,
+    qualified_name,
+    split_name,
+    unwrap,
+)
 
 __all__ = [
+    "carried_key",
     "carried_palettes",
     "carry_palettes",
     "discard_palettes",
@@ -56,8 +64,15 @@ def _buffer_name(param_name: str, key: str) -> str:
     return _SEP.join((COMPRESSION_METADATA_PREFIX, param_name, key))
 
 
+def carried_key(name: str, key: str = "", prefix: str = "") -> str:
+    """The ``state_dict`` key of the buffer ``key`` (``"lut"``, ...) that carries the palette of
+    the parameter ``name``, under ``prefix``; with ``key=""``, what all of them start with."""
+    module_name, param_name = split_name(name)
+    return module_prefix(module_name, prefix) + _buffer_name(param_name, key)
+
+
 def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str, str]:
-    module_name, _, param_name = name.rpartition(".")
+    module_name, param_name = split_name(name)
     try:
         module = model.get_submodule(module_name) if module_name else model
     except AttributeError as err:
@@ -93,15 +108,12 @@ def _metadata(palette: Palette) -> dict[str, Tensor]:
     return values
 
 
-def metadata_entries(palette: Palette, module_prefix: str = "") -> dict[str, Tensor]:
-    """The ``state_dict`` entries (``<module_prefix><buffer>``) that carry ``palette``; for
-    converting a checkpoint written before finalize into what a finalized model expects."""
-    param_name = palette.layout.name.rpartition(".")[2]
-    entries = {
-        module_prefix + _buffer_name(param_name, key): value
-        for key, value in _metadata(palette).items()
-    }
-    return entries
+def metadata_entries(palette: Palette, prefix: str = "") -> dict[str, Tensor]:
+    """The ``state_dict`` entries (under ``prefix``) that carry ``palette``, whose layout is
+    named by its qualified parameter name; for converting a checkpoint written before finalize
+    into what a finalized model expects."""
+    return {carried_key(palette.layout.name, key, prefix): value
+            for key, value in _metadata(palette).items()}
 
 
 def version_key(prefix: str = "") -> str:
@@ -161,7 +173,7 @@ def _metadata_buffers(model: nn.Module):
         for buffer in module._buffers:
             parts = buffer.split(_SEP)
             if is_compression_metadata(buffer) and len(parts) == 3:
-                qualified = f"{module_name}.{parts[1]}" if module_name else parts[1]
+                qualified = qualified_name(module_name, parts[1])
                 yield module, buffer, qualified, parts[2]
 
 

@@ -52,13 +52,20 @@ from torch import Tensor, nn
 
 from .attach import ClusteredTensor, clustered_tensors, tied_owners
 from .carried import (
+    carried_key,
     carried_names,
     carry_palettes,
     discard_palettes,
     version_key,
 )
-from .snapping import PARAMETRIZATIONS, palette_from_entries
-from .state import is_compression_metadata
+from .snapping import palette_from_entries
+from .state import (
+    PARAMETRIZATIONS,
+    is_compression_metadata,
+    parametrization_prefix,
+    qualified_name,
+    split_name,
+)
 
 __all__ = [
     "DKM_STATE_FORMAT",
@@ -71,25 +78,14 @@ __all__ = [
 
 #: Version of the DKM state's layout (module docstring).
 DKM_STATE_FORMAT = 1
-_ORIGINAL_SUFFIX = ".original"
 
 
-def _split_name(name: str) -> tuple[str, str]:
-    module_name, _, param_name = name.rpartition(".")
-    return module_name, param_name
-
-
-def _head(prefix: str, module_name: str) -> str:
-    """The ``state_dict`` key prefix of a module's own entries."""
-    return f"{prefix}{module_name}." if module_name else prefix
-
-
-def _owners(model: nn.Module, tensors: Mapping[str, ClusteredTensor]) -> dict[str, list[tuple]]:
-    """Each clustered tensor's owners ``(module name, parameter name)``, the first owner (the
-    one with the DKM parametrization) first, then its tied owners."""
-    owners = {name: [_split_name(name)] for name in tensors}
+def _owners(model: nn.Module, tensors: Mapping[str, ClusteredTensor]) -> dict[str, list[str]]:
+    """Each clustered tensor's owners (qualified parameter names), the first owner (the one
+    with the DKM parametrization) first, then its tied owners."""
+    owners = {name: [name] for name in tensors}
     for owner, module_name, param_name in tied_owners(model, set(tensors)):
-        owners[owner].append((module_name, param_name))
+        owners[owner].append(qualified_name(module_name, param_name))
     return owners
 
 
@@ -101,14 +97,8 @@ def _plain_weight(tensor: ClusteredTensor, original: Tensor) -> Tensor:
     return tensor.parametrization.palette(original).weight()
 
 
-def _carried_prefix(name: str, prefix: str = "") -> str:
-    """The ``state_dict`` key prefix of the ``_COREML_`` buffers that carry ``name``'s palette."""
-    module_name, param_name = _split_name(name)
-    return f"{_head(prefix, module_name)}_COREML_/{param_name}/"
-
-
 def _carried_keys(state_dict: Mapping[str, Any], name: str, prefix: str = "") -> list[str]:
-    start = _carried_prefix(name, prefix)
+    start = carried_key(name, prefix=prefix)
     return [k for k in state_dict if k.startswith(start) and is_compression_metadata(k)]
 
 
@@ -142,8 +132,7 @@ def split_dkm_state(
     plain_at: dict[str, tuple[str, Tensor]] = {}  # an owner's original key -> (plain key, value)
     dkm_tensors: dict[str, Any] = {}
     for name, owners in _owners(model, tensors).items():
-        module_name, param_name = owners[0]
-        original_key = f"{_head('', module_name)}{PARAMETRIZATIONS}{param_name}{_ORIGINAL_SUFFIX}"
+        original_key = parametrization_prefix(name) + "original"
         if original_key not in state:
             raise ValueError(
                 f"{name}: the state_dict has no {original_key!r}; pass this model's own "
@@ -151,16 +140,13 @@ def split_dkm_state(
             )
         plain = _plain_weight(tensors[name], state[original_key])
         entries: dict[str, Tensor] = {}
-        for owner_module, owner_param in owners:
-            base = f"{_head('', owner_module)}{PARAMETRIZATIONS}{owner_param}."
+        for owner in owners:
+            base = parametrization_prefix(owner)
             for key in [k for k in state if k.startswith(base)]:
                 entries[key] = state[key]
                 moved[key] = name
-            plain_at[f"{base}original"] = (f"{_head('', owner_module)}{owner_param}", plain)
-        dkm_tensors[name] = {
-            "keys": [f"{_head('', m)}{p}" for m, p in owners],
-            "entries": entries,
-        }
+            plain_at[f"{base}original"] = (owner, plain)
+        dkm_tensors[name] = {"keys": owners, "entries": entries}
     carried_for = carried_names(model) if wanted is None else [
         n for n in carried_names(model) if n in wanted
     ]
@@ -242,28 +228,23 @@ def prepare_plain_load(
     modules = dict(model.named_modules())
     parametrized: list[str] = []
     for name, owners in _owners(model, tensors).items():
-        module_name, param_name = owners[0]
-        base = f"{_head(prefix, module_name)}{PARAMETRIZATIONS}{param_name}."
         for stale in _carried_keys(state_dict, name, prefix):
             del state_dict[stale]
-        if f"{base}original" in state_dict:
+        if parametrization_prefix(name, prefix) + "original" in state_dict:
             continue
-        if f"{_head(prefix, module_name)}{param_name}" not in state_dict:
+        if prefix + name not in state_dict:
             continue
-        for owner_module, owner_param in owners:
-            state_dict.pop(f"{_head(prefix, owner_module)}{owner_param}", None)
+        for owner in owners:
+            state_dict.pop(prefix + owner, None)
+            owner_module, owner_param = split_name(owner)
             plist = modules[owner_module].parametrizations[owner_param]
-            own = f"{_head(prefix, owner_module)}{PARAMETRIZATIONS}{owner_param}."
-            state_dict.update(plist.state_dict(prefix=own))
+            state_dict.update(plist.state_dict(prefix=parametrization_prefix(owner, prefix)))
         parametrized.append(name)
     carried: list[str] = []
     for name in carried_names(model):
         if (wanted is not None and name not in wanted) or name in tensors:
             continue
-        module_name, param_name = _split_name(name)
-        weight_key = f"{_head(prefix, module_name)}{param_name}"
-        lut_key = f"{_head(prefix, module_name)}_COREML_/{param_name}/lut"
-        if weight_key in state_dict and lut_key not in state_dict:
+        if prefix + name in state_dict and carried_key(name, "lut", prefix) not in state_dict:
             discard_palettes(model, [name])
             carried.append(name)
     # The version buffer (always 1) goes with the per-tensor buffers: a placeholder where the
@@ -314,7 +295,7 @@ def restore_dkm_state(
     carried = {
         key: value for key, value in dkm_state["carried"].items()
         if wanted is None or key == version_key()
-        or any(key.startswith(_carried_prefix(n)) for n in wanted)
+        or any(key.startswith(carried_key(n)) for n in wanted)
     }
     if any(key != version_key() for key in carried):
         for key, value in carried.items():
@@ -329,7 +310,7 @@ def restore_dkm_state(
 
 
 def _require_weight(model: nn.Module, name: str) -> None:
-    module_name, param_name = _split_name(name)
+    module_name, param_name = split_name(name)
     try:
         module = model.get_submodule(module_name) if module_name else model
     except AttributeError:
@@ -345,21 +326,21 @@ def _device_of(module: nn.Module, default: Tensor) -> torch.device:
 
 def _load_entries(model: nn.Module, name: str, entries: Mapping[str, Tensor]) -> None:
     """Load a clustered tensor's entries into each of its owners' ``ParametrizationList``."""
-    by_list: dict[str, dict[str, Tensor]] = {}
+    by_owner: dict[str, dict[str, Tensor]] = {}
     for key, value in entries.items():
         head, sep, rest = key.partition(PARAMETRIZATIONS)
         param_name, _, local = rest.partition(".")
         if not sep or not local:
             raise ValueError(f"{name}: {key!r} is not a parametrization entry")
-        by_list.setdefault(f"{head}{PARAMETRIZATIONS}{param_name}", {})[local] = value
-    for list_key, local_entries in by_list.items():
-        module_name = list_key.partition(PARAMETRIZATIONS)[0].removesuffix(".")
-        param_name = list_key.rpartition(".")[2]
+        by_owner.setdefault(head + param_name, {})[local] = value
+    for owner, local_entries in by_owner.items():
+        module_name, param_name = split_name(owner)
         try:
             module = model.get_submodule(module_name) if module_name else model
             plist = module.parametrizations[param_name]
         except (AttributeError, KeyError) as err:
             raise ValueError(
-                f"{name}: the model has no parametrization {list_key!r} to restore into"
+                f"{name}: the model has no parametrization "
+                f"{parametrization_prefix(owner)[:-1]!r} to restore into"
             ) from err
         plist.load_state_dict(local_entries, strict=True)

@@ -23,24 +23,15 @@ from ..engine.layout import PaletteLayout
 from ..engine.numerics import hard_assign
 from ..engine.palette import Palette
 from .carried import metadata_entries, version_key
+from .state import parametrization_prefix, parametrized_originals, split_name
 from .targets import clusterable_parameters
 
 __all__ = [
-    "PARAMETRIZATIONS",
     "checkpoint_clustered_names",
     "palette_from_entries",
     "snap_on_load",
     "snap_state_dict",
 ]
-
-#: The infix of :mod:`torch.nn.utils.parametrize`'s ``state_dict`` keys.
-PARAMETRIZATIONS = "parametrizations."
-_ORIGINAL_SUFFIX = ".original"
-
-
-def _head(prefix: str, module_name: str) -> str:
-    return f"{prefix}{module_name}." if module_name else prefix
-
 
 def palette_from_entries(
     model: nn.Module, name: str, entries: Mapping[str, Tensor], prefix: str = ""
@@ -49,8 +40,8 @@ def palette_from_entries(
     ``<module>.parametrizations.<param>.original`` and ``.0.centroids``, under ``prefix``): its
     original snapped to its centroids, as finalize makes it. ``None`` if ``model`` has no such
     module or the centroids were never seeded."""
-    module_name, _, param_name = name.rpartition(".")
-    base = f"{_head(prefix, module_name)}{PARAMETRIZATIONS}{param_name}."
+    module_name, param_name = split_name(name)
+    base = parametrization_prefix(name, prefix)
     original = entries.get(base + "original")
     centroids = entries.get(base + "0.centroids")
     seeded = bool(entries.get(base + "0.initialized", False))
@@ -60,11 +51,13 @@ def palette_from_entries(
         module = model.get_submodule(module_name) if module_name else model
     except AttributeError:
         return None
-    scale = entries.get(base + "0.scale")
-    layout = _layout_from_checkpoint(module, module_name, param_name, original, centroids,
-                                     per_channel_scale=scale is not None)
-    if layout is None:
+    axes = {p: (g, v) for p, g, v in clusterable_parameters(module)}
+    if param_name not in axes or centroids.dim() != 3:
         return None
+    scale = entries.get(base + "0.scale")
+    layout = PaletteLayout.of_lut(tuple(original.shape), tuple(centroids.shape),
+                                  *axes[param_name], per_channel_scale=scale is not None,
+                                  name=name)
     idx, _ = hard_assign(layout.to_palettes(original, scale), centroids)
     return Palette(centroids.to(original.dtype), idx, layout,
                    scale=None if scale is None else scale.to(original.dtype))
@@ -86,22 +79,16 @@ def snap_state_dict(model: nn.Module, state_dict: dict, prefix: str = "") -> lis
     modules = dict(model.named_modules())
     converted: list[str] = []
     snapped_by_storage: dict[int, torch.Tensor] = {}
-    ties: list[tuple[str, str, str]] = []  # (key, head, param_name) of tied owners
-    for key in [k for k in state_dict if k.endswith(_ORIGINAL_SUFFIX)]:
-        if not key.startswith(prefix):
-            continue
-        head, sep, param_name = key[len(prefix) : -len(_ORIGINAL_SUFFIX)].rpartition(
-            PARAMETRIZATIONS
-        )
-        module_name = head.removesuffix(".")
+    ties: list[tuple[str, str]] = []  # (key, name) of tied owners
+    for key, name in parametrized_originals(state_dict, prefix).items():
+        module_name, param_name = split_name(name)
         module = modules.get(module_name)
-        if not sep or module is None or parametrize.is_parametrized(module, param_name):
+        if module is None or parametrize.is_parametrized(module, param_name):
             continue
-        buffer_prefix = f"{prefix}{head}{PARAMETRIZATIONS}{param_name}.0."
+        buffer_prefix = parametrization_prefix(name, prefix) + "0."
         if buffer_prefix + "centroids" not in state_dict:
-            ties.append((key, head, param_name))
+            ties.append((key, name))
             continue
-        name = f"{module_name}.{param_name}" if module_name else param_name
         if param_name not in {p for p, _, _ in clusterable_parameters(module)}:
             continue
         weight = state_dict[key]
@@ -110,42 +97,31 @@ def snap_state_dict(model: nn.Module, state_dict: dict, prefix: str = "") -> lis
             del state_dict[stale]
         snapped = weight if palette is None else palette.weight()
         snapped_by_storage[_storage_of(weight)] = snapped
-        state_dict[f"{prefix}{head}{param_name}"] = snapped
+        state_dict[prefix + name] = snapped
         if palette is not None:
             # what a finalized model carries about this palette (lightning_dkm.model.carried)
             carried = set(dict(module.named_buffers(recurse=False)))
-            for entry, value in metadata_entries(palette, f"{prefix}{head}").items():
+            for entry, value in metadata_entries(palette, prefix).items():
                 if entry.rpartition(".")[2] in carried:
                     state_dict[entry] = value.to(weight.device)
-        converted.append(f"{head}{param_name}")
+        converted.append(name)
     version = version_key(prefix)
     if converted and version not in state_dict and version.removeprefix(prefix) in dict(
         model.named_buffers(recurse=False)
     ):
         state_dict[version] = torch.tensor(1)
-    for key, head, param_name in ties:
+    for key, name in ties:
         snapped = snapped_by_storage.get(_storage_of(state_dict[key]))
         if snapped is None:
             continue
         del state_dict[key]
-        state_dict[f"{prefix}{head}{param_name}"] = snapped
-        converted.append(f"{head}{param_name}")
+        state_dict[prefix + name] = snapped
+        converted.append(name)
     return converted
 
 
 def _storage_of(tensor: torch.Tensor) -> int:
     return tensor.untyped_storage().data_ptr()
-
-
-def _layout_from_checkpoint(module, module_name, param_name, weight, centroids,
-                            per_channel_scale=False):
-    axes = {name: (g, v) for name, g, v in clusterable_parameters(module)}
-    if param_name not in axes or centroids.dim() != 3:
-        return None
-    group_axis, vector_axis = axes[param_name]
-    name = f"{module_name}.{param_name}" if module_name else param_name
-    return PaletteLayout.of_lut(tuple(weight.shape), tuple(centroids.shape), group_axis,
-                                vector_axis, per_channel_scale=per_channel_scale, name=name)
 
 
 _SNAP_HOOKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -169,13 +145,5 @@ def checkpoint_clustered_names(state_dict: Mapping[str, Any], prefix: str = "") 
     """The DKM-clustered parameter names a ``state_dict`` with the DKM keys holds: each
     ``<module>.parametrizations.<name>.original`` with its ``.0.centroids`` beside it. Empty for
     a plain state dict (:func:`split_dkm_state`)."""
-    names = []
-    for key in state_dict:
-        if not (key.startswith(prefix) and key.endswith(_ORIGINAL_SUFFIX)):
-            continue
-        head, sep, param_name = key[len(prefix) : -len(_ORIGINAL_SUFFIX)].rpartition(
-            PARAMETRIZATIONS
-        )
-        if sep and f"{prefix}{head}{PARAMETRIZATIONS}{param_name}.0.centroids" in state_dict:
-            names.append(f"{head}{param_name}")
-    return names
+    return [name for name in parametrized_originals(state_dict, prefix).values()
+            if parametrization_prefix(name, prefix) + "0.centroids" in state_dict]

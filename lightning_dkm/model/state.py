@@ -6,19 +6,70 @@ stores them once, so both use :func:`state_tensors`: the first name (or a prefer
 the name a palette was made for) is canonical and the others become aliases of it. Two entries
 are the same tensor when they are the same view of the same memory (data pointer, dtype, shape
 and strides); empty tensors are never merged.
+
+It is also the one home of how ``state_dict`` keys are spelled: a module's prefix and the keys of
+:mod:`torch.nn.utils.parametrize` (``<module>.parametrizations.<param>.original`` and
+``... .0.<buffer>``), which checkpoints, snapping and the carried palettes all read.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from torch import Tensor, nn
 
 __all__ = [
-    "COMPRESSION_METADATA_PREFIX", "StateTensors", "is_compression_metadata", "state_tensors",
-    "unwrap",
+    "COMPRESSION_METADATA_PREFIX", "PARAMETRIZATIONS", "StateTensors", "is_compression_metadata",
+    "module_prefix", "parametrization_prefix", "parametrized_originals", "qualified_name",
+    "split_name",
+    "state_tensors", "unwrap",
 ]
+
+#: The infix of :mod:`torch.nn.utils.parametrize`'s ``state_dict`` keys.
+PARAMETRIZATIONS = "parametrizations."
+_ORIGINAL = "original"
+
+
+def split_name(name: str) -> tuple[str, str]:
+    """``(module name, parameter name)`` of a qualified parameter name (``""`` for the root)."""
+    module_name, _, param_name = name.rpartition(".")
+    return module_name, param_name
+
+
+def qualified_name(module_name: str, param_name: str) -> str:
+    """The qualified name of ``module_name``'s parameter ``param_name``: the inverse of
+    :func:`split_name`."""
+    return f"{module_name}.{param_name}" if module_name else param_name
+
+
+def module_prefix(module_name: str, prefix: str = "") -> str:
+    """The ``state_dict`` key prefix of a module's own entries, under ``prefix``."""
+    return f"{prefix}{module_name}." if module_name else prefix
+
+
+def parametrization_prefix(name: str, prefix: str = "") -> str:
+    """``<prefix><module>.parametrizations.<param>.``: what every ``state_dict`` key of the
+    parametrizations of the parameter ``name`` starts with (``original``, ``0.centroids``,
+    ...)."""
+    module_name, param_name = split_name(name)
+    return f"{module_prefix(module_name, prefix)}{PARAMETRIZATIONS}{param_name}."
+
+
+def parametrized_originals(state_dict: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """``{key: qualified parameter name}`` of every parametrized original
+    (``<module>.parametrizations.<param>.original``) under ``prefix`` in ``state_dict``."""
+    found = {}
+    for key in state_dict:
+        if not (key.startswith(prefix) and key.endswith("." + _ORIGINAL)):
+            continue
+        head, sep, param_name = key[len(prefix) : -len(_ORIGINAL) - 1].rpartition(
+            PARAMETRIZATIONS
+        )
+        if sep and (not head or head.endswith(".")):
+            found[key] = head + param_name
+    return found
 
 #: coremltools' prefix of compression-metadata buffers (``<module>._COREML_/<param>/lut``, ...):
 #: what a finalized model carries about its palettes (:mod:`lightning_dkm.model.carried`). They

@@ -37,6 +37,7 @@ from torch import nn
 
 from ..engine.layout import ClusterSpec, PaletteLayout
 from ..engine.parametrization import DKMParametrization
+from .state import qualified_name
 from .tied import TiedWeight
 
 __all__ = [
@@ -216,14 +217,14 @@ def select_targets(
     for module_name, module in model.named_modules():
         for param_name, group_axis, vector_axis in clusterable_parameters(module):
             candidates.append((module_name, param_name, module, group_axis, vector_axis))
-    candidate_names = [_qualified(m, p) for m, p, *_ in candidates]
+    candidate_names = [qualified_name(m, p) for m, p, *_ in candidates]
 
     for label, patterns in (
         ("targets", target_patterns), ("overrides", list(overrides)), ("exclude", exclude_patterns)
     ):
         for pattern in patterns:
             if not any(
-                matches(pattern, n) for m, p, *_ in candidates for n in (m, _qualified(m, p))
+                matches(pattern, n) for m, p, *_ in candidates for n in (m, qualified_name(m, p))
             ):
                 raise _no_match_error(label, pattern, candidate_names)
 
@@ -233,7 +234,7 @@ def select_targets(
     used_overrides: set[str | None] = set()
     unused_overrides: dict[str, list[str]] = {}  # pattern -> tensors below min_size it matched
     for module_name, param_name, module, group_axis, vector_axis in candidates:
-        names = (module_name, _qualified(module_name, param_name))
+        names = (module_name, qualified_name(module_name, param_name))
         if target_patterns and not _matches_any(target_patterns, names):
             continue
         if _matches_any(exclude_patterns, names):
@@ -277,10 +278,6 @@ def select_targets(
             stacklevel=2,
         )
     return selected
-
-
-def _qualified(module_name: str, param_name: str) -> str:
-    return f"{module_name}.{param_name}" if module_name else param_name
 
 
 def _original_tensor(module: nn.Module, param_name: str, qualified: str):
