@@ -32,6 +32,7 @@ __all__ = [
     "kmeans",
     "kmeans_plusplus",
     "lloyd",
+    "member_means",
     "nearest_centroid",
     "pairwise_sq_dist",
     "palette_unit",
@@ -272,25 +273,33 @@ def _scaled_back(result: KMeansResult, unit: Tensor) -> KMeansResult:
                         result.inertia * unit.view(-1).square())
 
 
+def member_means(
+    x: Tensor, labels: Tensor, k: int, weights: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    r"""The (weighted) mean of each cluster's members, ``(P, k, d)``, of ``x`` ``(P, n, d)``
+    under ``labels`` ``(P, n)``, and each cluster's total weight ``(P, k)`` (its member count
+    without ``weights``), in ``x``'s dtype: :math:`\bar x_j = \sum_{a(i)=j} w_i x_i /
+    \sum_{a(i)=j} w_i`. An empty cluster's mean is 0; its count says that it is empty."""
+    P, _, d = x.shape
+    wx = x if weights is None else x * weights.unsqueeze(-1)
+    ones = torch.ones(x.shape[:2], dtype=x.dtype, device=x.device) if weights is None else weights
+    sums = torch.zeros(P, k, d, dtype=x.dtype, device=x.device)
+    sums.scatter_add_(1, labels.unsqueeze(-1).expand(-1, -1, d), wx)
+    counts = torch.zeros(P, k, dtype=x.dtype, device=x.device).scatter_add_(1, labels, ones)
+    return sums / counts.clamp_min(1e-30).unsqueeze(-1), counts
+
+
 def _lloyd(x: Tensor, centroids: Tensor, max_iter: int, tol: float,
            sample_weight: Tensor | None) -> KMeansResult:
     """:func:`lloyd` on data already scaled to about unit magnitude."""
-    P, _, d = x.shape
     k = centroids.shape[1]
     c = centroids.clone()
     w = sample_weight
-    wx = x if w is None else x * w.unsqueeze(-1)
-    ones = torch.ones(x.shape[:2], dtype=x.dtype, device=x.device) if w is None else w
     threshold = tol * x.var(dim=1, unbiased=False).mean() if x.shape[1] > 1 else x.new_zeros(())
     for _ in range(max_iter):
         labels = nearest_centroid(x, c)
-        sums = torch.zeros(P, k, d, dtype=x.dtype, device=x.device)
-        sums.scatter_add_(1, labels.unsqueeze(-1).expand(-1, -1, d), wx)
-        counts = torch.zeros(P, k, dtype=x.dtype, device=x.device).scatter_add_(1, labels, ones)
-        has_members = counts > 0
-        new_c = torch.where(
-            has_members.unsqueeze(-1), sums / counts.clamp_min(1e-30).unsqueeze(-1), c
-        )
+        means, counts = member_means(x, labels, k, w)
+        new_c = torch.where(counts.unsqueeze(-1) > 0, means, c)
         shift = (new_c - c).square().sum(-1).amax()
         c = new_c
         if shift <= threshold:

@@ -86,7 +86,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from torch import Tensor
 
-from ..engine.kmeans import lloyd, nearest_centroid
+from ..engine.kmeans import lloyd, member_means, nearest_centroid
 from ..engine.sharding import shard_like
 
 if TYPE_CHECKING:
@@ -103,7 +103,6 @@ __all__ = [
     "HardMethod",
     "MethodName",
     "build_method",
-    "cluster_means",
     "indicator_matrix",
     "kmeans_regularizer",
     "kmeans_regularizer_grad",
@@ -120,19 +119,6 @@ _FINAL_LLOYD_ITER = 100
 
 
 # -- the regulariser -------------------------------------------------------------------------------
-@torch.no_grad()
-def cluster_means(x: Tensor, idx: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """Member means ``(P, k, d)`` of ``x`` (P, n, d) under the assignment ``idx`` (P, n), and the
-    member counts ``(P, k)``; an empty cluster's mean is 0 (its count says it is empty)."""
-    P, _, d = x.shape
-    xf = x.to(torch.promote_types(x.dtype, torch.float32))
-    sums = torch.zeros(P, k, d, dtype=xf.dtype, device=x.device)
-    sums.scatter_add_(1, idx.unsqueeze(-1).expand(-1, -1, d), xf)
-    counts = torch.zeros(P, k, dtype=xf.dtype, device=x.device)
-    counts.scatter_add_(1, idx, torch.ones_like(idx, dtype=xf.dtype))
-    return sums / counts.clamp_min(1).unsqueeze(-1), counts
-
-
 def indicator_matrix(idx: Tensor, k: int) -> Tensor:
     """The normalised cluster indicator ``F`` (P, n, k) of an assignment ``idx`` (P, n):
     ``F[p, i, j] = 1/sqrt(n_j)`` if ``idx[p, i] == j``. ``F^T F`` is the identity on the
@@ -160,7 +146,7 @@ def kmeans_regularizer_grad(x: Tensor, idx: Tensor, k: int) -> Tensor:
     r"""``dR/dx = 2 (x_i - mean of x over the members of cluster idx_i)`` for the indicator ``F``
     of ``idx`` (see the module docstring), shape and dtype of ``x``; no graph is built."""
     with torch.no_grad():
-        means, _ = cluster_means(x, idx, k)
+        means, _ = member_means(x.to(torch.promote_types(x.dtype, torch.float32)), idx, k)
         member_mean = means.gather(1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
         return (2.0 * (x.to(member_mean.dtype) - member_mean)).to(x.dtype)
 
@@ -262,7 +248,7 @@ class DeepKMeansMethod(ClusteringMethod):
             x = parametrization.to_palettes(weight).float()
             centroids = parametrization.centroids.float()
             idx = nearest_centroid(x, centroids)
-            means, counts = cluster_means(x, idx, centroids.shape[1])
+            means, counts = member_means(x, idx, centroids.shape[1])
             new = torch.where(counts.unsqueeze(-1) > 0, means, centroids)
             parametrization.centroids.copy_(new.to(parametrization.centroids.dtype))
             self._assignments[name] = idx
