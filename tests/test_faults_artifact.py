@@ -14,9 +14,10 @@ import stat
 
 import pytest
 import torch
+from plain_models import WithBatchNorm as Net
 from safetensors import safe_open
 from safetensors.torch import save, save_file
-from test_artifact import Net, assert_same_state, finalized, rewrite
+from test_artifact import assert_same_state, finalized, rewrite
 
 from lightning_dkm import load_compressed, read_palettes, save_compressed
 from lightning_dkm.export import artifact as artifact_module
