@@ -29,13 +29,16 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["MAX_BITS", "MAX_CLUSTER_DIM", "ClusterSpec", "PaletteLayout", "channel_scale"]
+__all__ = [
+    "MAX_BITS", "MAX_CLUSTER_DIM", "ClusterSpec", "PaletteLayout", "channel_scale", "is_int",
+]
 
 MAX_BITS = 8
 MAX_CLUSTER_DIM = 8
 
 
-def _is_int(value: object) -> bool:
+def is_int(value: object) -> bool:
+    """Whether ``value`` is an ``int`` and not a ``bool`` (what every integer field takes)."""
     return isinstance(value, int) and not isinstance(value, bool)
 
 
@@ -57,13 +60,13 @@ class ClusterSpec:
     per_channel_scale: bool = False
 
     def __post_init__(self) -> None:
-        if not _is_int(self.bits) or not 1 <= self.bits <= MAX_BITS:
+        if not is_int(self.bits) or not 1 <= self.bits <= MAX_BITS:
             raise ValueError(f"bits must be an int in 1..{MAX_BITS}; got {self.bits!r}")
-        if not _is_int(self.cluster_dim) or not 1 <= self.cluster_dim <= MAX_CLUSTER_DIM:
+        if not is_int(self.cluster_dim) or not 1 <= self.cluster_dim <= MAX_CLUSTER_DIM:
             raise ValueError(
                 f"cluster_dim must be an int in 1..{MAX_CLUSTER_DIM}; got {self.cluster_dim!r}"
             )
-        if self.group_size is not None and (not _is_int(self.group_size) or self.group_size < 1):
+        if self.group_size is not None and (not is_int(self.group_size) or self.group_size < 1):
             raise ValueError(
                 f"group_size must be None (one palette per tensor) or an int >= 1; "
                 f"got {self.group_size!r}"

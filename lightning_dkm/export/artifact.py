@@ -57,31 +57,26 @@ from ..engine.palette import LutDtype, Palette, lut_dtype_of
 from ..model.carried import carried_palettes, carry_palettes, discard_palettes
 from ..model.state import StateTensors, is_compression_metadata, state_tensors, unwrap
 from .artifact_format import (
-    _INDICES,
-    _KEY_DIGEST,
-    _KEY_FORMAT,
-    _KEY_LAYOUT,
-    _KEY_VERSION,
-    _LOOKS_CLUSTERED_MAX_VALUES,
-    _LOOKS_CLUSTERED_MIN_SIZE,
-    _LOOKS_CLUSTERED_PROBE,
-    _LUT,
-    _PREFIX,
-    _SCALE,
-    _STATE,
     FORMAT_NAME,
     FORMAT_VERSION,
+    INDICES,
+    KEY_DIGEST,
+    KEY_FORMAT,
+    KEY_LAYOUT,
+    KEY_VERSION,
+    LUT,
+    METADATA_PREFIX,
+    SCALE,
+    STATE,
     CheckedFile,
     ReportMismatchWarning,
-    _compatible,
-    _decode,
-    _digest,
-    _dtype_name,
-    _fail,
-    _listing,
-    _read,
     check_file,
     decode_palettes,
+    digest,
+    dtype_name,
+    file_error,
+    listed,
+    read_file,
     read_metadata,
     report_mismatch,
 )
@@ -102,6 +97,13 @@ __all__ = [
 
 # -- saving ---------------------------------------------------------------------------------
 
+# A weight "looks clustered" when it is a Parameter of >= 2 dims, at least this large (the
+# default min_size of targets.select_targets, not imported: artifact sits below targets), and
+# holds 2..256 distinct values: what finalize leaves behind with one palette of <= 8 bits.
+_LOOKS_CLUSTERED_MIN_SIZE = 2048
+_LOOKS_CLUSTERED_MAX_VALUES = 256
+_LOOKS_CLUSTERED_PROBE = 4096  # more distinct values than this many leading elements: dense
+
 
 def _check_user_metadata(metadata: Mapping[str, str] | None) -> dict[str, str]:
     if metadata is None:
@@ -112,8 +114,10 @@ def _check_user_metadata(metadata: Mapping[str, str] | None) -> dict[str, str]:
             raise ValueError(
                 f"metadata must map str to str; got {key!r}: {type(value).__name__}"
             )
-        if key.startswith(_PREFIX):
-            raise ValueError(f"metadata key {key!r} is reserved (keys starting with {_PREFIX!r})")
+        if key.startswith(METADATA_PREFIX):
+            raise ValueError(
+                f"metadata key {key!r} is reserved (keys starting with {METADATA_PREFIX!r})"
+            )
         out[key] = value
     return out
 
@@ -218,11 +222,11 @@ def _clustered_entry(palette: Palette, weight: Tensor, stored: Tensor,
     """The layout entry of one clustered tensor (``lut_dtype`` only where it differs)."""
     entry: dict[str, Any] = {
         **palette.layout.to_dict(),
-        "dtype": _dtype_name(weight.dtype),
+        "dtype": dtype_name(weight.dtype),
         "count": palette.num_indices,
     }
     if stored.dtype != lut_dtype:
-        entry["lut_dtype"] = _dtype_name(stored.dtype)
+        entry["lut_dtype"] = dtype_name(stored.dtype)
     return entry
 
 
@@ -300,10 +304,10 @@ def save_compressed(
     for name, palette in palettes.items():
         weight = _checked_weight(name, palette, state.tensors.get(name))
         lut = _stored_lut(name, palette, lut_dtype)
-        tensors[_LUT + name] = lut
+        tensors[LUT + name] = lut
         if palette.scale is not None:
-            tensors[_SCALE + name] = palette.scale.detach().cpu().to(lut.dtype).contiguous()
-        tensors[_INDICES + name] = pack_bits(
+            tensors[SCALE + name] = palette.scale.detach().cpu().to(lut.dtype).contiguous()
+        tensors[INDICES + name] = pack_bits(
             palette.indices.detach().cpu(), palette.layout.spec.bits
         )
         entries[name] = _clustered_entry(palette, weight, lut, lut_dtype)
@@ -316,20 +320,20 @@ def save_compressed(
         if t.numel() and key in storages:  # a partial view of a stored tensor: store a copy
             t = t.clone()
         storages.add(key)
-        tensors[_STATE + name] = t
+        tensors[STATE + name] = t
 
     header = {
         **user_metadata,
-        _KEY_FORMAT: FORMAT_NAME,
-        _KEY_VERSION: FORMAT_VERSION,
-        _KEY_LAYOUT: json.dumps(
-            {"lut_dtype": _dtype_name(lut_dtype), "clustered": entries, "aliases": state.aliases,
+        KEY_FORMAT: FORMAT_NAME,
+        KEY_VERSION: FORMAT_VERSION,
+        KEY_LAYOUT: json.dumps(
+            {"lut_dtype": dtype_name(lut_dtype), "clustered": entries, "aliases": state.aliases,
              # which stored tensors are Parameters (the rest are buffers), for inspect_artifact
              "parameters": sorted(n for n in state.tensors if n in state.parameters)},
             sort_keys=True,
         ),
     }
-    header[_KEY_DIGEST] = _digest(header, tensors)
+    header[KEY_DIGEST] = digest(header, tensors)
     path = Path(path)
     with safetensors_errors_as_os_errors(path):
         write_atomically({path: lambda tmp: save_file(tensors, str(tmp), metadata=header)})
@@ -378,7 +382,7 @@ def load_compressed(
             artifact of its name (other bytes or SHA-256), naming both files.
     """
     path = Path(path)
-    metadata, tensors = _read(path)
+    metadata, tensors = read_file(path)
     checked = check_file(path, metadata, tensors)
     _warn_if_report_mismatch(path, stacklevel=3)  # the caller, past torch.no_grad's wrapper
     layouts, stored, aliases = checked.layout.layouts, checked.state, checked.layout.aliases
@@ -390,9 +394,9 @@ def load_compressed(
     }
     missing, unexpected = wanted - available, available - wanted
     if strict and (missing or unexpected):
-        raise _fail(path, "does not match the model (another architecture?): "
-                          f"missing from the file: [{_listing(missing)}]; "
-                          f"not in the model: [{_listing(unexpected)}]")
+        raise file_error(path, "does not match the model (another architecture?): "
+                               f"missing from the file: {listed(missing, quote=False)}; "
+                               f"not in the model: {listed(unexpected, quote=False)}")
     keys = sorted(wanted & available)
     _check_against_model(checked, keys, target)  # shapes from the layout: nothing decoded yet
 
@@ -454,10 +458,12 @@ def _check_against_model(checked: CheckedFile, keys: list[str], target: dict[str
             fits = shape == tuple(want.shape) and want.is_floating_point()
         else:
             value = checked.state[source]
-            shape, dtype, fits = tuple(value.shape), str(value.dtype), _compatible(value, want)
+            shape, dtype = tuple(value.shape), str(value.dtype)
+            both_float = value.is_floating_point() and want.is_floating_point()
+            fits = shape == tuple(want.shape) and (both_float or value.dtype == want.dtype)
         if not fits:
-            raise _fail(checked.path, f"{key!r} is {dtype} {shape} in the file but "
-                                      f"{want.dtype} {tuple(want.shape)} in the model")
+            raise file_error(checked.path, f"{key!r} is {dtype} {shape} in the file but "
+                                           f"{want.dtype} {tuple(want.shape)} in the model")
 
 
 def _warn_if_report_mismatch(path: Path, stacklevel: int) -> None:
@@ -489,9 +495,8 @@ def read_palettes(path: str | os.PathLike[str]) -> dict[str, Palette]:
             inconsistent layout (naming the file and the entry).
     """
     path = Path(path)
-    metadata, tensors = _read(path)
-    palettes, _, _ = _decode(path, metadata, tensors)
-    return palettes
+    metadata, tensors = read_file(path)
+    return decode_palettes(check_file(path, metadata, tensors))
 
 
 def inspect_artifact(path: str | os.PathLike[str]) -> CompressionReport:
@@ -511,14 +516,14 @@ def inspect_artifact(path: str | os.PathLike[str]) -> CompressionReport:
         FileNotFoundError, IsADirectoryError, ValueError: as :func:`read_palettes`.
     """
     path = Path(path)
-    metadata, tensors = _read(path)
+    metadata, tensors = read_file(path)
     checked = check_file(path, metadata, tensors)
     _warn_if_report_mismatch(path, stacklevel=2)
     parsed = checked.layout
     layers = []
     for name, layout in parsed.layouts.items():
         stored_dtype = parsed.lut_dtypes[name]
-        scale = tensors.get(_SCALE + name)
+        scale = tensors.get(SCALE + name)
         layers.append(LayerReport(
             name=name,
             shape=layout.shape,
@@ -528,17 +533,17 @@ def inspect_artifact(path: str | os.PathLike[str]) -> CompressionReport:
             group_size=layout.spec.group_size,
             palettes=layout.num_palettes,
             parameters=layout.numel,
-            lut_bytes=tensors[_LUT + name].numel() * stored_dtype.itemsize,
-            index_bytes=tensors[_INDICES + name].numel(),
+            lut_bytes=tensors[LUT + name].numel() * stored_dtype.itemsize,
+            index_bytes=tensors[INDICES + name].numel(),
             scale_bytes=0 if scale is None else scale.numel() * stored_dtype.itemsize,
-            lut_dtype=None if stored_dtype == parsed.lut_dtype else _dtype_name(stored_dtype),
+            lut_dtype=None if stored_dtype == parsed.lut_dtype else dtype_name(stored_dtype),
         ))
     parameters = parsed.parameters | set(parsed.layouts)
     unclustered = [
         TensorReport(
             name=name,
             shape=tuple(t.shape),
-            dtype=_dtype_name(t.dtype),
+            dtype=dtype_name(t.dtype),
             kind="parameter" if name in parameters else "buffer",
             numel=t.numel(),
             bytes=t.numel() * t.element_size(),
@@ -548,7 +553,7 @@ def inspect_artifact(path: str | os.PathLike[str]) -> CompressionReport:
         if name in checked.state
         for t in (checked.state[name],)
     ]
-    return CompressionReport(layers, unclustered, _dtype_name(parsed.lut_dtype))
+    return CompressionReport(layers, unclustered, dtype_name(parsed.lut_dtype))
 
 
 def _module_order(names: list[str], parameters: set[str] | frozenset[str]) -> list[str]:

@@ -2,7 +2,8 @@
 untrusted file (what the path is, format, digest, a layout JSON of bounded depth and number
 length, every tensor's shape and byte length) before anything is decoded or written into a
 model; and whether the ``compression_report.json`` beside an artifact belongs to it.
-:mod:`.artifact` writes and loads through it; the layout of the file is described there.
+:mod:`.artifact` writes and loads through it (every name here is public within the package
+for that); the layout of the file is described there.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from safetensors import safe_open
 from torch import Tensor
 
 from ..engine.bitpack import packed_size, unpack_bits
-from ..engine.layout import PaletteLayout
+from ..engine.layout import PaletteLayout, is_int
 from ..engine.palette import LUT_DTYPES, Palette
 from .files import describe_path
 from .report import REPORT_JSON, artifact_entry
@@ -29,43 +30,37 @@ from .report import REPORT_JSON, artifact_entry
 FORMAT_NAME = "lightning_dkm.compressed"
 FORMAT_VERSION = "1"
 
-_PREFIX = "lightning_dkm."
-_KEY_FORMAT = _PREFIX + "format"
-_KEY_VERSION = _PREFIX + "version"
-_KEY_LAYOUT = _PREFIX + "layout"
-_KEY_DIGEST = _PREFIX + "sha256"
+METADATA_PREFIX = "lightning_dkm."
+KEY_FORMAT = METADATA_PREFIX + "format"
+KEY_VERSION = METADATA_PREFIX + "version"
+KEY_LAYOUT = METADATA_PREFIX + "layout"
+KEY_DIGEST = METADATA_PREFIX + "sha256"
 
-_LUT, _SCALE, _INDICES, _STATE = "lut/", "scale/", "indices/", "state/"
-_LUT_DTYPES = LUT_DTYPES  # a file records a LUT dtype by its name: "float16" or "float32"
+# the tensors' name prefixes; a file records a LUT dtype by its name (LUT_DTYPES)
+LUT, SCALE, INDICES, STATE = "lut/", "scale/", "indices/", "state/"
 _ENTRY_KEYS = {
     "shape", "dtype", "bits", "cluster_dim", "group_size", "group_axis", "vector_axis", "count",
 }
 # lut_dtype only where it differs from the file's; per_channel_scale only where it is true
 _OPTIONAL_ENTRY_KEYS = {"lut_dtype", "per_channel_scale"}
-_REQUIRED_METADATA = (_KEY_FORMAT, _KEY_VERSION, _KEY_LAYOUT, _KEY_DIGEST)
-
-# A weight "looks clustered" when it is a Parameter of >= 2 dims, at least this large (the
-# default min_size of targets.select_targets, not imported: artifact sits below targets), and
-# holds 2..256 distinct values: what finalize leaves behind with one palette of <= 8 bits.
-_LOOKS_CLUSTERED_MIN_SIZE = 2048
-_LOOKS_CLUSTERED_MAX_VALUES = 256
-_LOOKS_CLUSTERED_PROBE = 4096  # more distinct values than this many leading elements: dense
+_REQUIRED_METADATA = (KEY_FORMAT, KEY_VERSION, KEY_LAYOUT, KEY_DIGEST)
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
+def dtype_name(dtype: torch.dtype) -> str:
+    """How the file names a dtype: ``"float16"`` for ``torch.float16``."""
     return str(dtype).removeprefix("torch.")
 
 
-def _digest(metadata: Mapping[str, str], tensors: Mapping[str, Tensor]) -> str:
+def digest(metadata: Mapping[str, str], tensors: Mapping[str, Tensor]) -> str:
     """SHA-256 over every metadata entry but the digest and every tensor (name, dtype, shape,
     bytes), in sorted order, so any change to the file's content changes it."""
     h = hashlib.sha256()
     for key in sorted(metadata):
-        if key != _KEY_DIGEST:
+        if key != KEY_DIGEST:
             h.update(f"meta\0{key}\0{metadata[key]}\0".encode())
     for key in sorted(tensors):
         t = tensors[key]
-        h.update(f"tensor\0{key}\0{_dtype_name(t.dtype)}\0{list(t.shape)}\0".encode())
+        h.update(f"tensor\0{key}\0{dtype_name(t.dtype)}\0{list(t.shape)}\0".encode())
         # the bytes in place (no copy): memory stays at the file's size
         h.update(memoryview(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()))
     return h.hexdigest()
@@ -170,7 +165,9 @@ def check_regular_file(path: Path, expected: str = "the artifact file") -> None:
     raise ValueError(f"{path} is {describe_path(path)}, not a file; pass {expected} itself")
 
 
-def _read(path: Path) -> tuple[dict[str, str], dict[str, Tensor]]:
+def read_file(path: Path) -> tuple[dict[str, str], dict[str, Tensor]]:
+    """``(metadata, tensors)`` of the safetensors file ``path``, nothing checked beyond what
+    safetensors checks; a ``ValueError`` naming the file for one it cannot read."""
     check_regular_file(path)
     with open(path, "rb"):
         pass  # a file we may not read: PermissionError naming it, not "not safetensors"
@@ -190,26 +187,27 @@ def _read(path: Path) -> tuple[dict[str, str], dict[str, Tensor]]:
 
 def read_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
     """The string metadata of a compressed artifact (format entries and user metadata)."""
-    metadata, _ = _read(Path(path))
+    metadata, _ = read_file(Path(path))
     return metadata
 
 
-def _fail(path: Path, message: str) -> ValueError:
+def file_error(path: Path, message: str) -> ValueError:
+    """The error for what is wrong with the file ``path``."""
     return ValueError(f"{path}: {message}")
 
 
-def _is_int(value: Any, low: int = 0) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+def _is_natural(value: Any) -> bool:
+    return is_int(value) and value >= 0
 
 
 def _entry_lut_dtype(path: Path, name: str, entry: dict, default: torch.dtype) -> torch.dtype:
     """The dtype the LUT of ``name`` is stored at: its entry's ``lut_dtype`` or the file's."""
     if "lut_dtype" not in entry:
         return default
-    if not isinstance(entry["lut_dtype"], str) or entry["lut_dtype"] not in _LUT_DTYPES:
-        raise _fail(path, f"layout of {_short(name)}: lut_dtype must be one of "
-                          f"{list(_LUT_DTYPES)}; got {_short(entry['lut_dtype'])}")
-    return _LUT_DTYPES[entry["lut_dtype"]]
+    if not isinstance(entry["lut_dtype"], str) or entry["lut_dtype"] not in LUT_DTYPES:
+        raise file_error(path, f"layout of {_short(name)}: lut_dtype must be one of "
+                               f"{list(LUT_DTYPES)}; got {_short(entry['lut_dtype'])}")
+    return LUT_DTYPES[entry["lut_dtype"]]
 
 
 def _is_float_dtype_name(value: Any) -> bool:
@@ -222,28 +220,29 @@ def _parse_entry(path: Path, name: str, entry: Any) -> PaletteLayout:
     if not isinstance(entry, dict) or not (
         _ENTRY_KEYS <= set(entry) <= _ENTRY_KEYS | _OPTIONAL_ENTRY_KEYS
     ):
-        raise _fail(path, f"layout of {_short(name)} must have exactly the keys "
-                          f"{sorted(_ENTRY_KEYS)} (and optionally "
-                          f"{sorted(_OPTIONAL_ENTRY_KEYS)})")
+        raise file_error(path, f"layout of {_short(name)} must have exactly the keys "
+                               f"{sorted(_ENTRY_KEYS)} (and optionally "
+                               f"{sorted(_OPTIONAL_ENTRY_KEYS)})")
     shape = entry["shape"]
     ints_ok = (
-        isinstance(shape, list) and len(shape) <= _MAX_DIMS and all(_is_int(s) for s in shape)
-        and all(_is_int(entry[k]) for k in ("count", "group_axis", "vector_axis"))
+        isinstance(shape, list) and len(shape) <= _MAX_DIMS and all(_is_natural(s) for s in shape)
+        and all(_is_natural(entry[k]) for k in ("count", "group_axis", "vector_axis"))
         and _is_float_dtype_name(entry["dtype"])
     )
     if not ints_ok:
-        raise _fail(path, f"layout of {_short(name)} has malformed fields: {_short(entry, 300)}")
+        raise file_error(path, f"layout of {_short(name)} has malformed fields: "
+                               f"{_short(entry, 300)}")
     if entry.get("per_channel_scale", True) is not True:
-        raise _fail(path, f"layout of {_short(name)}: per_channel_scale must be true when "
-                          f"present; got {_short(entry['per_channel_scale'])}")
+        raise file_error(path, f"layout of {_short(name)}: per_channel_scale must be true when "
+                               f"present; got {_short(entry['per_channel_scale'])}")
     label = name if len(name) <= 80 else _short(name)  # what its error messages quote
     try:
         layout = PaletteLayout.from_dict(entry, name=label)
     except (ValueError, TypeError) as err:
-        raise _fail(path, f"invalid layout for {_short(name)}: {err}") from err
+        raise file_error(path, f"invalid layout for {_short(name)}: {err}") from err
     if entry["count"] != layout.num_palettes * layout.vectors_per_palette:
-        raise _fail(path, f"{_short(name)}: count={entry['count']} does not match its layout "
-                          f"({layout.num_palettes * layout.vectors_per_palette} indices)")
+        raise file_error(path, f"{_short(name)}: count={entry['count']} does not match its layout "
+                               f"({layout.num_palettes * layout.vectors_per_palette} indices)")
     return layout if label == name else replace(layout, name=name)
 
 
@@ -261,23 +260,23 @@ class _Layout:
 
 def _parse_layout(path: Path, text: str) -> _Layout:
     """The layouts of the clustered tensors, the dtype of each one's LUT, and the aliases."""
-    data = load_bounded_json(text, f"{path}: {_KEY_LAYOUT}")
+    data = load_bounded_json(text, f"{path}: {KEY_LAYOUT}")
     if not isinstance(data, dict) or set(data) != {"lut_dtype", "clustered", "aliases",
                                                    "parameters"}:
-        raise _fail(path, f"{_KEY_LAYOUT} must hold exactly lut_dtype, clustered, aliases and "
-                          "parameters")
+        raise file_error(path, f"{KEY_LAYOUT} must hold exactly lut_dtype, clustered, aliases and "
+                               "parameters")
     parameters = data["parameters"]
     if not isinstance(parameters, list) or not set(map(type, parameters)) <= {str}:
-        raise _fail(path, "parameters must be a list of names")
-    if not isinstance(data["lut_dtype"], str) or data["lut_dtype"] not in _LUT_DTYPES:
-        raise _fail(path, f"lut_dtype must be one of {list(_LUT_DTYPES)}; got "
-                          f"{_short(data['lut_dtype'])}")
-    file_lut_dtype = _LUT_DTYPES[data["lut_dtype"]]
+        raise file_error(path, "parameters must be a list of names")
+    if not isinstance(data["lut_dtype"], str) or data["lut_dtype"] not in LUT_DTYPES:
+        raise file_error(path, f"lut_dtype must be one of {list(LUT_DTYPES)}; got "
+                               f"{_short(data['lut_dtype'])}")
+    file_lut_dtype = LUT_DTYPES[data["lut_dtype"]]
     aliases = data["aliases"]
     if not isinstance(aliases, dict) or not set(map(type, aliases.values())) <= {str}:
-        raise _fail(path, "aliases must map names to names")
+        raise file_error(path, "aliases must map names to names")
     if not isinstance(data["clustered"], dict):
-        raise _fail(path, "clustered must map names to layouts")
+        raise file_error(path, "clustered must map names to layouts")
     layouts, lut_dtypes, dtypes = {}, {}, {}
     for name, entry in data["clustered"].items():
         layouts[name] = _parse_entry(path, name, entry)
@@ -288,20 +287,21 @@ def _parse_layout(path: Path, text: str) -> _Layout:
 
 def _check_metadata(path: Path, metadata: Mapping[str, str]) -> None:
     """The file must say it is a lightning_dkm artifact of this version, with every entry."""
-    if not any(key.startswith(_PREFIX) for key in metadata):
-        raise _fail(path, "has no lightning_dkm metadata: it is a safetensors file, but not one "
-                          "written by lightning_dkm.save_compressed() (a plain state dict loads "
-                          "with safetensors.torch.load_file() and model.load_state_dict())")
-    fmt, version = metadata.get(_KEY_FORMAT), metadata.get(_KEY_VERSION)
+    if not any(key.startswith(METADATA_PREFIX) for key in metadata):
+        raise file_error(path, "has no lightning_dkm metadata: it is a safetensors file, but not "
+                               "one written by lightning_dkm.save_compressed() (a plain state "
+                               "dict loads with safetensors.torch.load_file() and "
+                               "model.load_state_dict())")
+    fmt, version = metadata.get(KEY_FORMAT), metadata.get(KEY_VERSION)
     if fmt != FORMAT_NAME:
-        raise _fail(path, f"not a {FORMAT_NAME!r} file ({_KEY_FORMAT}={_short(fmt)})")
+        raise file_error(path, f"not a {FORMAT_NAME!r} file ({KEY_FORMAT}={_short(fmt)})")
     if version != FORMAT_VERSION:
-        raise _fail(path, f"unsupported {_KEY_VERSION}={_short(version)}; this version reads "
-                          f"{FORMAT_VERSION!r}")
+        raise file_error(path, f"unsupported {KEY_VERSION}={_short(version)}; this version reads "
+                               f"{FORMAT_VERSION!r}")
     absent = [key for key in _REQUIRED_METADATA if key not in metadata]
     if absent:
-        raise _fail(path, f"the metadata entries {absent} are missing: the header was edited "
-                          "or the file was not written by save_compressed(); re-save it")
+        raise file_error(path, f"the metadata entries {absent} are missing: the header was edited "
+                               "or the file was not written by save_compressed(); re-save it")
 
 
 @dataclass(frozen=True)
@@ -316,9 +316,14 @@ class CheckedFile:
     state: dict[str, Tensor]
 
 
-def _listed(names: set[str] | list[str]) -> str:
-    return f"[{', '.join(_short(n) for n in sorted(names)[:10])}" + (
-        f" and {len(names) - 10} more]" if len(names) > 10 else "]")
+def listed(names: set[str] | list[str], *, quote: bool = True, limit: int = 10) -> str:
+    """``[a, b, ... and N more]``: at most ``limit`` of ``names``, sorted, each quoted as file
+    contents are quoted (``repr``, long ones cut); ``quote=False`` writes names of at most 80
+    characters as they are."""
+    ordered = sorted(names)
+    shown = [n if not quote and len(n) <= 80 else _short(n) for n in ordered[:limit]]
+    more = f" and {len(ordered) - limit} more" if len(ordered) > limit else ""
+    return f"[{', '.join(shown)}{more}]"
 
 
 def check_file(path: Path, metadata: dict[str, str], tensors: dict[str, Tensor]) -> CheckedFile:
@@ -327,50 +332,51 @@ def check_file(path: Path, metadata: dict[str, str], tensors: dict[str, Tensor])
     must be exactly ``ceil(n * bits / 8)`` bytes, the LUT ``P x 2**bits x cluster_dim``), the
     aliases and parameter names against the stored tensors. Allocates nothing."""
     _check_metadata(path, metadata)
-    if metadata[_KEY_DIGEST] != _digest(metadata, tensors):
-        raise _fail(path, "checksum mismatch: the file is corrupted or was modified")
-    parsed = _parse_layout(path, metadata[_KEY_LAYOUT])
+    if metadata[KEY_DIGEST] != digest(metadata, tensors):
+        raise file_error(path, "checksum mismatch: the file is corrupted or was modified")
+    parsed = _parse_layout(path, metadata[KEY_LAYOUT])
     layouts, aliases = parsed.layouts, parsed.aliases
 
-    state = {k.removeprefix(_STATE): t for k, t in tensors.items() if k.startswith(_STATE)}
-    expected = {_STATE + n for n in state} | {p + n for n in layouts for p in (_LUT, _INDICES)}
-    expected |= {_SCALE + n for n, layout in layouts.items() if layout.spec.per_channel_scale}
+    state = {k.removeprefix(STATE): t for k, t in tensors.items() if k.startswith(STATE)}
+    expected = {STATE + n for n in state} | {p + n for n in layouts for p in (LUT, INDICES)}
+    expected |= {SCALE + n for n, layout in layouts.items() if layout.spec.per_channel_scale}
     missing, unexpected = expected - set(tensors), set(tensors) - expected
     if missing or unexpected:
-        raise _fail(path, f"tensors do not match the layout: missing {_listed(missing)}, "
-                          f"unexpected {_listed(unexpected)}")
+        raise file_error(path, f"tensors do not match the layout: missing {listed(missing)}, "
+                               f"unexpected {listed(unexpected)}")
     both = set(state) & set(layouts)
     if both:
-        raise _fail(path, f"names stored both clustered and dense: {_listed(both)}")
+        raise file_error(path, f"names stored both clustered and dense: {listed(both)}")
     for alias, target in aliases.items():
         if alias in state or alias in layouts or (target not in state and target not in layouts):
-            raise _fail(path, f"alias {_short(alias)} -> {_short(target)} does not name a "
-                              "stored tensor")
+            raise file_error(path, f"alias {_short(alias)} -> {_short(target)} does not name a "
+                                   "stored tensor")
     strays = parsed.parameters - set(state) - set(layouts)
     if strays:
-        raise _fail(path, f"parameters names tensors the file does not hold: {_listed(strays)}")
+        raise file_error(path, f"parameters names tensors the file does not hold: {listed(strays)}")
 
     for name, layout in layouts.items():
-        lut, packed = tensors[_LUT + name], tensors[_INDICES + name]
+        lut, packed = tensors[LUT + name], tensors[INDICES + name]
         P, n, d = layout.palette_shape
         lut_dtype = parsed.lut_dtypes[name]
         if lut.dtype != lut_dtype or tuple(lut.shape) != (P, layout.spec.num_centroids, d):
-            raise _fail(path, f"{_short(name)}: LUT is {lut.dtype} {tuple(lut.shape)}; the "
-                              f"layout needs {lut_dtype} {(P, layout.spec.num_centroids, d)}")
+            raise file_error(path, f"{_short(name)}: LUT is {lut.dtype} {tuple(lut.shape)}; the "
+                                   f"layout needs {lut_dtype} {(P, layout.spec.num_centroids, d)}")
         if not bool(torch.isfinite(lut).all()):
-            raise _fail(path, f"{_short(name)}: LUT contains NaN or Inf")
+            raise file_error(path, f"{_short(name)}: LUT contains NaN or Inf")
         size = packed_size(P * n, layout.spec.bits)
         if packed.dtype != torch.uint8 or tuple(packed.shape) != (size,):
-            raise _fail(path, f"{_short(name)}: packed indices are {packed.dtype} "
-                              f"{tuple(packed.shape)}; the layout needs uint8 ({size},)")
-        scale = tensors.get(_SCALE + name)
+            raise file_error(path, f"{_short(name)}: packed indices are {packed.dtype} "
+                                   f"{tuple(packed.shape)}; the layout needs uint8 ({size},)")
+        scale = tensors.get(SCALE + name)
         if scale is None:
             continue
         if scale.dtype != lut_dtype or tuple(scale.shape) != layout.scale_shape:
-            raise _fail(path, f"{_short(name)}: scales are {scale.dtype} {tuple(scale.shape)}; "
-                              f"the layout needs {lut_dtype} {layout.scale_shape}")
+            raise file_error(path, f"{_short(name)}: scales are {scale.dtype} "
+                                   f"{tuple(scale.shape)}; the layout needs {lut_dtype} "
+                                   f"{layout.scale_shape}")
         if not bool((torch.isfinite(scale) & (scale > 0)).all()):
-            raise _fail(path, f"{_short(name)}: per-channel scales must be finite floats > 0")
+            raise file_error(path, f"{_short(name)}: per-channel scales must be finite floats > 0")
     return CheckedFile(path, parsed, tensors, state)
 
 
@@ -385,34 +391,12 @@ def decode_palettes(checked: CheckedFile, names: Iterable[str] | None = None
         layout = layouts[name]
         P, n, _ = layout.palette_shape
         try:
-            indices = unpack_bits(checked.tensors[_INDICES + name], layout.spec.bits, P * n)
-            palettes[name] = Palette(lut=checked.tensors[_LUT + name], indices=indices.view(P, n),
-                                     layout=layout, scale=checked.tensors.get(_SCALE + name))
+            indices = unpack_bits(checked.tensors[INDICES + name], layout.spec.bits, P * n)
+            palettes[name] = Palette(lut=checked.tensors[LUT + name], indices=indices.view(P, n),
+                                     layout=layout, scale=checked.tensors.get(SCALE + name))
         except ValueError as err:
-            raise _fail(checked.path, f"{_short(name)}: {err}") from err
+            raise file_error(checked.path, f"{_short(name)}: {err}") from err
     return palettes
-
-
-def _decode(
-    path: Path, metadata: dict[str, str], tensors: dict[str, Tensor]
-) -> tuple[dict[str, Palette], dict[str, Tensor], dict[str, str]]:
-    """Validate the file on its own and decode it: palettes (LUT in the stored dtype, int64
-    indices, on CPU), the other tensors, and the aliases."""
-    checked = check_file(path, metadata, tensors)
-    return decode_palettes(checked), checked.state, checked.layout.aliases
-
-
-def _compatible(source: Tensor, target: Tensor) -> bool:
-    both_float = source.is_floating_point() and target.is_floating_point()
-    return tuple(source.shape) == tuple(target.shape) and (
-        both_float or source.dtype == target.dtype
-    )
-
-
-def _listing(names: set[str], limit: int = 10) -> str:
-    ordered = sorted(names)
-    more = f" and {len(ordered) - limit} more" if len(ordered) > limit else ""
-    return ", ".join(n if len(n) <= 80 else _short(n) for n in ordered[:limit]) + more
 
 
 # -- the report beside an artifact -----------------------------------------------------------
@@ -444,7 +428,7 @@ def report_mismatch(path: Path) -> str | None:
         return None
     recorded_bytes, recorded_sha = entry.get("bytes"), entry.get("sha256")
     size = path.stat().st_size
-    if _is_int(recorded_bytes) and recorded_bytes != size:
+    if _is_natural(recorded_bytes) and recorded_bytes != size:
         found = f"{recorded_bytes:,} bytes, but the file has {size:,}"
     elif isinstance(recorded_sha, str) and recorded_sha.lower() != (
         actual := artifact_entry(path)["sha256"]
