@@ -68,17 +68,22 @@ def clustered_tensors(
     parameter name."""
     wanted = None if names is None else set(names)
     found: dict[str, ClusteredTensor] = {}
-    for module_name, module in model.named_modules():
-        if not parametrize.is_parametrized(module):
-            continue
-        for param_name, plist in module.parametrizations.items():
-            for p in plist:
-                if isinstance(p, DKMParametrization):
-                    name = qualified_name(module_name, param_name)
-                    if wanted is not None and name not in wanted:
-                        continue
-                    found[name] = ClusteredTensor(name, module, param_name, p)
+    for module_name, module, param_name, p in _parametrizations(model, DKMParametrization):
+        name = qualified_name(module_name, param_name)
+        if wanted is None or name in wanted:
+            found[name] = ClusteredTensor(name, module, param_name, p)
     return found
+
+
+def _parametrizations(model: nn.Module, kind: type):
+    """``(module name, module, parameter name, parametrization)`` of every parametrization of
+    type ``kind`` registered in ``model``."""
+    for module_name, module in model.named_modules():
+        if parametrize.is_parametrized(module):
+            for param_name, plist in module.parametrizations.items():
+                for p in plist:
+                    if isinstance(p, kind):
+                        yield module_name, module, param_name, p
 
 
 def attach(
@@ -141,15 +146,9 @@ def tied_owners(model: nn.Module, names: set[str] | None = None) -> list[tuple[s
     """``(owner name, module name, parameter name)`` of every further owner of a tied, clustered
     weight (a :class:`~lightning_dkm.model.tied.TiedWeight`) whose tensor is clustered as one of
     ``names`` (all of them for ``None``); ``owner name`` is that tensor's clustered name."""
-    found = []
-    for module_name, module in model.named_modules():
-        if not parametrize.is_parametrized(module):
-            continue
-        for param_name, plist in module.parametrizations.items():
-            for p in plist:
-                if isinstance(p, TiedWeight) and (names is None or p.owner_name in names):
-                    found.append((p.owner_name, module_name, param_name))
-    return found
+    return [(p.owner_name, module_name, param_name)
+            for module_name, _, param_name, p in _parametrizations(model, TiedWeight)
+            if names is None or p.owner_name in names]
 
 
 def _remove(model: nn.Module, tensors: dict[str, ClusteredTensor]) -> None:
