@@ -16,9 +16,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from lightning_dkm import ClusterSpec, PaletteLayout
+import lightning_dkm.engine.clustering_pass as clustering_pass_module
+from lightning_dkm import ClusterSpec, PaletteLayout, attach, select_targets
 from lightning_dkm.engine.chunked import chunked_dkm_cluster
-from lightning_dkm.engine.distinct import unique_dkm_cluster
+from lightning_dkm.engine.clustering_pass import clustering_pass
+from lightning_dkm.engine.distinct import unique_dkm_batch, unique_dkm_cluster
 from lightning_dkm.engine.kmeans import kmeans
 from lightning_dkm.engine.numerics import normalization_of, sync_free
 from lightning_dkm.engine.parametrization import DKMParametrization
@@ -192,3 +194,112 @@ def test_on_cuda_a_soft_training_step_does_not_synchronize(
         torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()
     assert bool(torch.isfinite(weight.grad).all())
+
+
+# -- several tensors batched, each with its own early stop ---------------------------------------
+def batch_of_tensors():
+    """Three tensors of different sizes, palettes, ``k`` and taus (one tau a device tensor,
+    as a parametrization's buffer is), float64 so that only a wrong round could differ."""
+    g = torch.Generator().manual_seed(0)
+    xs, cs, taus = [], [], []
+    for P, n, k, tau in [(1, 3000, 4, 0.01), (3, 1500, 16, 0.05), (2, 4000, 2, 0.02)]:
+        x = torch.randn(P, n, 1, generator=g, dtype=torch.float64) * 0.03
+        xs.append(x)
+        cs.append(kmeans(x, k, g, max_iter=1).centroids)  # one Lloyd step: DKM moves them
+        taus.append(torch.tensor(tau, dtype=torch.float64) if k == 16 else tau)
+    return xs, cs, taus
+
+
+def batched_step(xs, cs, taus, gradient: str):
+    """One forward and backward of the batch; at this epsilon the tensors stop after 4, 2
+    and 5 of at most 6 rounds."""
+    leaves = [x.clone().requires_grad_() for x in xs]
+    outs = unique_dkm_batch(leaves, cs, taus, max_iter=6, epsilon=0.05, gradient=gradient)
+    sum((o.weights * torch.linspace(-1, 1, o.weights.numel(), dtype=o.weights.dtype,
+                                    device=o.weights.device).view(o.weights.shape)).sum()
+        for o in outs).backward()
+    return outs, [x.grad for x in leaves]
+
+
+@pytest.mark.parametrize("gradient", ["unrolled", "implicit"])
+def test_a_batched_step_with_an_early_stop_reads_nothing_back(gradient) -> None:
+    xs, cs, taus = batch_of_tensors()
+    with sync_free():
+        batched_step(xs, cs, taus, gradient)  # warm-up: nothing lazy is left
+        with count_host_syncs() as log:
+            batched_step(xs, cs, taus, gradient)
+    assert log.count == 0, log.calls
+
+
+@pytest.mark.parametrize("gradient", ["unrolled", "implicit"])
+def test_a_batched_early_stop_on_the_device_equals_the_host_read_one(gradient) -> None:
+    """Each tensor stops at its own round (the counts differ), with the values, centroids and
+    gradients of the eager CPU path, which reads the stop back."""
+    xs, cs, taus = batch_of_tensors()
+    host, host_grads = batched_step(xs, cs, taus, gradient)
+    with sync_free():
+        device, device_grads = batched_step(xs, cs, taus, gradient)
+    counts = [int(o.iterations) for o in host]
+    assert counts == [int(o.iterations) for o in device]
+    assert len(set(counts)) > 1 and max(counts) < 6, counts  # each its own stop, all early
+    tolerance = {"rtol": 1e-9, "atol": 1e-9}
+    for h, d, hg, dg in zip(host, device, host_grads, device_grads, strict=True):
+        torch.testing.assert_close(d.weights, h.weights, **tolerance)
+        torch.testing.assert_close(d.centroids, h.centroids, **tolerance)
+        torch.testing.assert_close(dg, hg, **tolerance)
+
+
+def model_of_several_weights(gradient: str) -> torch.nn.Module:
+    """Three "unique" weights of different sizes, bits and taus, with an early stop."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 300), torch.nn.ReLU(),
+                                torch.nn.Linear(300, 200), torch.nn.ReLU(),
+                                torch.nn.Linear(200, 100))
+    targets = select_targets(model, ClusterSpec(bits=3), min_size=0,
+                             overrides={"2": {"bits": 2}, "4": {"bits": 4}})
+    tensors = attach(model, targets, epsilon=1e-4, implementation="unique", gradient=gradient)
+    for i, tensor in enumerate(tensors.values()):
+        tensor.parametrization.set_temperature(0.01 * (i + 1))
+    return model
+
+
+def pass_step(model: torch.nn.Module) -> None:
+    x = torch.randn(32, 64, generator=torch.Generator().manual_seed(1))
+    with clustering_pass(model):
+        loss = model(x).square().mean()
+    loss.backward()
+
+
+@pytest.mark.parametrize("gradient", ["unrolled", "implicit"])
+def test_a_clustering_pass_over_several_weights_reads_nothing_back(gradient,
+                                                                   monkeypatch) -> None:
+    """The whole pass (every weight in one batched call, as on an accelerator) with an epsilon."""
+    monkeypatch.setattr(clustering_pass_module, "CPU_BATCH_MAX_ENTRIES", 1 << 30)
+    calls = []
+    original = clustering_pass_module.unique_dkm_batch
+    monkeypatch.setattr(clustering_pass_module, "unique_dkm_batch",
+                        lambda xs, *a, **k: calls.append(len(xs)) or original(xs, *a, **k))
+    model = model_of_several_weights(gradient)
+    with sync_free():
+        pass_step(model)  # warm-up
+        with count_host_syncs() as log:
+            pass_step(model)
+    assert calls == [3, 3]
+    assert log.count == 0, log.calls
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("gradient", ["unrolled", "implicit"])
+def test_on_cuda_a_batched_step_with_an_early_stop_does_not_synchronize(gradient) -> None:
+    xs, cs, taus = batch_of_tensors()
+    xs, cs = [x.cuda() for x in xs], [c.cuda() for c in cs]
+    taus = [torch.as_tensor(t, dtype=torch.float64).cuda() for t in taus]  # buffers, as trained
+    batched_step(xs, cs, taus, gradient)  # warm-up: CUDA context, allocator, kernels
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        _, grads = batched_step(xs, cs, taus, gradient)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    assert all(bool(torch.isfinite(g).all()) for g in grads)

@@ -11,7 +11,7 @@ import torch
 
 from lightning_dkm.engine.chunked import chunked_dkm_cluster
 from lightning_dkm.engine.kmeans import kmeans
-from lightning_dkm.engine.numerics import Normalization
+from lightning_dkm.engine.numerics import Groups, Normalization, sync_free
 from lightning_dkm.engine.reference import dkm_cluster
 from lightning_dkm.engine.weighted import weighted_dkm, weighted_dkm_gradient
 
@@ -131,3 +131,27 @@ def test_weighted_points_must_be_scalars():
     with pytest.raises(ValueError, match="weighted points must be scalars; got d=2"):
         weighted_dkm_gradient(torch.randn(1, 2, 10), torch.ones(1, 10), trajectory,
                               torch.randn(1, 2, 10), 1.0)
+
+
+@pytest.mark.parametrize("implicit", [False, True])
+@pytest.mark.parametrize("grouped", [False, True])
+@pytest.mark.parametrize("host_reads", [True, False])
+@pytest.mark.parametrize("epsilon", [0.0, 1e-3])
+def test_the_trajectory_counts_rounds_per_palette_on_every_path(epsilon, host_reads, grouped,
+                                                                 implicit):
+    """``trajectory.last`` is (P,) int64 on the points' device whether the stop is decided on
+    the host or on the device, with or without groups; ``ran`` is the common count exactly
+    where the host knows it (no early stop, or one decided there for a single group)."""
+    g = torch.Generator().manual_seed(0)
+    xt = torch.randn(3, 1, 500, generator=g)
+    c0 = kmeans(xt.transpose(1, 2), 4, g, max_iter=1).centroids
+    groups = Groups(torch.tensor([0, 1, 1]), 2) if grouped else None
+    with sync_free() if not host_reads else torch.enable_grad():
+        _, _, trajectory = weighted_dkm(xt, None, c0, 10.0, max_iter=4, epsilon=epsilon,
+                                        implicit=implicit, groups=groups)
+    assert trajectory.last.shape == (3,) and trajectory.last.dtype == torch.long
+    assert trajectory.last.device == xt.device
+    known = epsilon == 0 or (host_reads and not grouped)
+    assert (trajectory.ran is not None) == known
+    if known:
+        assert trajectory.last.tolist() == [trajectory.ran] * 3

@@ -50,7 +50,7 @@ class _ChunkedDKM(torch.autograd.Function):
         ctx.chunk, ctx.implicit = chunk, implicit
         ctx.check_errors = host_reads_are_free(xt)
         ctx.mark_non_differentiable(c_final)
-        return y, c_final, trajectory.last
+        return y, c_final, trajectory.count(0)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor, _grad_c: Tensor, _grad_iterations):

@@ -63,6 +63,7 @@ from torch import Tensor
 from .float16_codes import CodeColumns, DistinctValues, float16_codes, prepare
 from .numerics import (
     DKMOutput,
+    Groups,
     Normalization,
     autocast_disabled,
     check_step_arguments,
@@ -79,6 +80,36 @@ from .weighted import (
 )
 
 __all__ = ["unique_dkm_batch", "unique_dkm_cluster"]
+
+
+class _Config(NamedTuple):
+    """What :class:`_UniqueDKM` needs besides its tensors, one entry per tensor where a tuple."""
+
+    normalizations: tuple[Normalization | None, ...]
+    inv_taus: tuple[Tensor | float, ...]  # 1 / tau (:func:`~.numerics.inverse_temperature`)
+    max_iter: int
+    epsilon: float
+    implicit: bool  # the implicit gradient
+    device_side: bool  # no host reads (:func:`~.numerics.host_reads_are_free`)
+    recompute: tuple[_Recomputed | None, ...]  # codes computed again in the backward, or None
+
+
+class _Results(NamedTuple):
+    """What :class:`_UniqueDKM` gives, per tensor (autograd passes it as one flat tuple)."""
+
+    weights: tuple[Tensor, ...]  # (P_t, n_t) the soft weights, differentiable
+    centroids: tuple[Tensor, ...]  # (P_t, k_t) the final centroids
+    iterations: tuple[int | Tensor, ...]  # as :attr:`~.numerics.DKMOutput.iterations`
+    tables: tuple[Tensor, ...]  # the per-code output tables of the ``recompute`` tensors only
+
+    def flat(self) -> tuple:
+        return (*self.weights, *self.centroids, *self.iterations, *self.tables)
+
+    @classmethod
+    def of(cls, flat: tuple, count: int) -> _Results:
+        return cls(flat[:count], flat[count:2 * count], flat[2 * count:3 * count],
+                   flat[3 * count:])
+
 
 class _Tensor(NamedTuple):
     """One tensor of a batch between the forward and the backward: its codes, where its
@@ -106,14 +137,17 @@ class _UniqueDKM(torch.autograd.Function):
     """DKM of every tensor ``xs[t]`` (P_t, n_t) from ``centroids[t]`` (P_t, k_t) (weight
     units) on the distinct values of their float16 codes, all palettes of all tensors in one
     call of the weighted core (:mod:`.weighted`): values padded with count 0, centroids padded
-    and masked, one ``inv_tau`` per palette. One tensor is the single-tensor step. Returns the
-    soft weights of each tensor, then its final centroids, then its iteration count (each
-    tensor stops early on its own)."""
+    and masked, one ``inv_tau`` per palette. One tensor is the single-tensor step. Each tensor
+    stops early on its own. :meth:`run` calls it and returns :class:`_Results`."""
 
     @staticmethod
-    def forward(ctx, config: tuple, *inputs: Tensor):
-        normalizations, inv_taus, max_iter, epsilon, implicit, device_side, recompute = config
-        T = len(inv_taus)
+    def run(config: _Config, xs: Sequence[Tensor], centroids: Sequence[Tensor]) -> _Results:
+        return _Results.of(_UniqueDKM.apply(config, *xs, *centroids), len(xs))
+
+    @staticmethod
+    def forward(ctx, config: _Config, *inputs: Tensor):
+        normalizations, device_side = config.normalizations, config.device_side
+        T = len(config.inv_taus)
         xs, centroids = inputs[:T], inputs[T:]
         tensors, values, counts, starts, centers, scales = [], [], [], [], [], []
         row = 0
@@ -136,20 +170,21 @@ class _UniqueDKM(torch.autograd.Function):
         if any(c.shape[1] != k for c in centroids):
             mask = _padded([torch.ones_like(c, dtype=torch.bool) for c in centroids], k)
             mask = mask.unsqueeze(-1)
-        inv_tau = inv_taus[0] if T == 1 else torch.cat([
+        inv_tau = config.inv_taus[0] if T == 1 else torch.cat([
             torch.as_tensor(t, dtype=batch_values.dtype, device=batch_values.device)
-            .reshape(1).expand(x.shape[0]) for t, x in zip(inv_taus, xs, strict=True)
+            .reshape(1).expand(x.shape[0]) for t, x in zip(config.inv_taus, xs, strict=True)
         ]).reshape(-1, 1, 1)
-        groups = None if T == 1 else torch.cat([
+        groups = None if T == 1 else Groups(torch.cat([
             torch.full((x.shape[0],), i, dtype=torch.long, device=x.device)
-            for i, x in enumerate(xs)])
+            for i, x in enumerate(xs)]), T)
         y, c_final, trajectory = weighted_dkm(batch_values, batch_counts, c0, inv_tau,
-                                              max_iter=max_iter, epsilon=epsilon,
-                                              implicit=implicit, centroid_mask=mask,
+                                              max_iter=config.max_iter, epsilon=config.epsilon,
+                                              implicit=config.implicit, centroid_mask=mask,
                                               groups=groups)
         outputs, finals, tables = [], [], []
         for t, x, c, center, scale, distinct_values, again in zip(
-                tensors, xs, centroids, centers, scales, values, recompute, strict=True):
+                tensors, xs, centroids, centers, scales, values, config.recompute,
+                strict=True):
             y_t = y[t.rows, 0, : t.width] * scale + center
             columns = CodeColumns(t.codes, device_side)
             distinct = t.distinct._replace(values=distinct_values)
@@ -161,19 +196,17 @@ class _UniqueDKM(torch.autograd.Function):
         ctx.tensors = [t._replace(codes=None) for t in tensors]  # the codes are saved below
         # A tensor with ``recompute`` keeps its input instead of its codes (a view of the
         # caller's weight, which exists anyway) and computes the codes again in the backward.
-        kept = [x if again else t.codes for t, x, again in zip(tensors, xs, recompute,
-                                                                 strict=True)]
+        kept = [x if again else t.codes
+                for t, x, again in zip(tensors, xs, config.recompute, strict=True)]
         save_trajectory(ctx, trajectory, batch_values, batch_counts,
                         *kept, *([mask] if mask is not None else []), inv_tau=inv_tau)
-        ctx.recompute, ctx.normalizations = recompute, normalizations
+        ctx.recompute, ctx.normalizations = config.recompute, normalizations
         ctx.count, ctx.has_mask = T, mask is not None
         ctx.set_materialize_grads(False)  # an unused tensor's gradient stays None: no work
-        ctx.implicit, ctx.device_side = implicit, device_side
+        ctx.implicit, ctx.device_side = config.implicit, device_side
         ctx.mark_non_differentiable(*finals, *tables)
-        last = trajectory.last
-        iterations = [last[t.rows.start] if isinstance(last, Tensor) and last.ndim else last
-                      for t in tensors]
-        return (*outputs, *finals, *iterations, *tables)
+        iterations = tuple(trajectory.count(t.rows.start) for t in tensors)
+        return _Results(tuple(outputs), tuple(finals), iterations, tuple(tables)).flat()
 
     @staticmethod
     def backward(ctx, *grads: Tensor | None):
@@ -256,19 +289,18 @@ def unique_dkm_batch(
                   for r, x in zip(recompute or (False,) * T, xs, strict=True))
     inputs = [x.squeeze(-1).to(compute_dtype) for x in xs]
     with autocast_disabled(xs[0].device.type):
-        config = (norms, tuple(inverse_temperature(t, compute_dtype) for t in taus), max_iter,
-                  epsilon, gradient == "implicit", device_side, again)
-        results = _UniqueDKM.apply(
-            config, *inputs, *(c.detach().squeeze(-1).to(compute_dtype) for c in centroids),
-        )
-    outputs, finals, iterations = results[:T], results[T:2 * T], results[2 * T:3 * T]
-    tables = iter(results[3 * T:])
+        config = _Config(norms, tuple(inverse_temperature(t, compute_dtype) for t in taus),
+                         max_iter, epsilon, gradient == "implicit", device_side, again)
+        results = _UniqueDKM.run(
+            config, inputs, [c.detach().squeeze(-1).to(compute_dtype) for c in centroids])
+    tables = iter(results.tables)
     return [DKMOutput(out.unsqueeze(-1).to(x.dtype), final.to(c.dtype).unsqueeze(-1),
                       out.new_empty(0), count,
                       rebuild=functools.partial(_rebuild, inp, norm, device_side, next(tables),
                                                 x.dtype, a) if a else None)
             for out, final, x, c, count, inp, norm, a in zip(
-                outputs, finals, xs, centroids, iterations, inputs, norms, again, strict=True)]
+                results.weights, results.centroids, xs, centroids, results.iterations, inputs,
+                norms, again, strict=True)]
 
 
 class _Recomputed:

@@ -56,6 +56,7 @@ __all__ = [
     "MIN_TAU",
     "DKMOutput",
     "EarlyStop",
+    "Groups",
     "Normalization",
     "NormalizedProblem",
     "autocast_disabled",
@@ -114,6 +115,15 @@ def autocast_disabled(device_type: str) -> contextlib.AbstractContextManager:
     return torch.autocast(device_type, enabled=False)
 
 
+class Groups(NamedTuple):
+    """Which tensor of a batch each palette belongs to: ``ids`` (P,) int64 on the device,
+    values ``0 .. count - 1``. ``count`` is known on the host when the batch is built; taking
+    it from ``ids`` would be a host read."""
+
+    ids: Tensor
+    count: int
+
+
 class EarlyStop:
     """The ``epsilon`` early stop of a DKM loop, with no host read where reads are not free.
 
@@ -125,22 +135,23 @@ class EarlyStop:
     (``torch.where``), so the result is the same as stopping. ``iterations`` counts the
     rounds that took effect: an int, or a 0-dim int64 tensor on the device.
 
-    ``groups`` (P,) gives each palette its group (a tensor of a batch, ids ``0..G-1``): each
-    group stops on its own, as if it were alone; the flags are then per group and the loop
-    ends once every group has stopped (read back only where reads are free).
-    ``iterations`` is then a (G,) tensor, and :meth:`per_palette` spreads it over the palettes.
+    ``groups`` gives each palette its group (a tensor of a batch): each group stops on its
+    own, as if it were alone; the flags are then per group and the loop ends once every group
+    has stopped (read back only where reads are free). ``iterations`` is then a
+    (``groups.count``,) tensor. :meth:`per_palette` gives the count of every palette.
     """
 
-    def __init__(self, epsilon: float, like: Tensor, groups: Tensor | None = None) -> None:
+    def __init__(self, epsilon: float, like: Tensor, groups: Groups | None = None) -> None:
         self.epsilon = epsilon
         self.groups = groups if epsilon > 0 else None
         self.on_device = epsilon > 0 and (groups is not None or not host_reads_are_free(like))
         self.host_reads = host_reads_are_free(like)
+        self.device = like.device
         self.iterations: int | Tensor = 0
         self._running: Tensor | None = None  # device flag(s): the stop has not happened yet
         self._active: Tensor | None = None  # device flag(s): the round just counted took effect
         if self.on_device:
-            shape = () if self.groups is None else (int(self.groups.max()) + 1,)
+            shape = () if self.groups is None else (self.groups.count,)
             self._running = torch.ones(shape, dtype=torch.bool, device=like.device)
             self.iterations = torch.zeros(shape, dtype=torch.long, device=like.device)
 
@@ -154,7 +165,7 @@ class EarlyStop:
             assert self._running is not None
             per_palette = change.amax(dim=tuple(range(1, change.ndim)))
             moved = torch.zeros_like(self._running, dtype=per_palette.dtype).scatter_reduce_(
-                0, self.groups, per_palette, "amax", include_self=False)
+                0, self.groups.ids, per_palette, "amax", include_self=False)
         else:
             moved = change.amax()
         if not self.on_device:
@@ -172,27 +183,27 @@ class EarlyStop:
             return new
         active = self._active
         if self.groups is not None:
-            active = active[self.groups].reshape(-1, *([1] * (new.ndim - 1)))
+            active = active[self.groups.ids].reshape(-1, *([1] * (new.ndim - 1)))
         return torch.where(active, new, old)
 
-    def per_palette(self) -> int | Tensor:
-        """The rounds that took effect, per palette (P,) when grouped, else :attr:`iterations`."""
-        if self.groups is None or not isinstance(self.iterations, Tensor):
-            return self.iterations
-        return self.iterations[self.groups]
+    def per_palette(self, palettes: int) -> Tensor:
+        """The rounds that took effect per palette: (``palettes``,) int64 on the device."""
+        if isinstance(self.iterations, int):
+            return torch.full((palettes,), self.iterations, dtype=torch.long,
+                              device=self.device)
+        if self.groups is not None:
+            return self.iterations[self.groups.ids]
+        return self.iterations.expand(palettes)
 
 
 def pick(stacked: Tensor, index: int | Tensor) -> Tensor:
-    """``stacked[index]`` for an int or a 0-dim int64 device tensor (``index_select``, which
-    reads nothing back, clamped to the valid range); for a (P,) tensor of indices, palette ``p``
-    from ``stacked[index[p], p]`` (each palette its own round)."""
+    """``stacked[index]`` for an int (a view); for a (P,) tensor of indices (on the device,
+    nothing read back), palette ``p`` from ``stacked[index[p], p]`` (each palette its own
+    round), the indices clamped to the valid range."""
     if isinstance(index, int):
         return stacked[index]
-    if index.ndim == 1:
-        rounds = index.clamp(0, stacked.shape[0] - 1)
-        return stacked[rounds, torch.arange(rounds.shape[0], device=rounds.device)]
-    i = index.clamp(0, stacked.shape[0] - 1).reshape(1)
-    return stacked.index_select(0, i).squeeze(0)
+    rounds = index.clamp(0, stacked.shape[0] - 1)
+    return stacked[rounds, torch.arange(rounds.shape[0], device=rounds.device)]
 
 
 class Normalization(NamedTuple):

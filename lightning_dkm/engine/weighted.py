@@ -52,12 +52,12 @@ that of one round with :math:`U = w`. Work and memory of the backward do not dep
 **Batches** (:func:`~.distinct.unique_dkm_batch`): palettes of several tensors run as one
 problem: points of weight 0 pad the shorter ones, a ``centroid_mask`` gives padding centroids
 attention exactly 0 (a palette with fewer centroids), ``inv_tau`` may be one per palette, and
-``groups`` gives each tensor its own early stop (``trajectory.last`` then per palette).
+``groups`` gives each tensor its own early stop (:class:`~.numerics.Groups`).
 
 **Without host reads** (:func:`~.numerics.host_reads_are_free`) the early stop is decided on the
 device (:class:`~.numerics.EarlyStop`): all ``max_iter`` rounds run, the first ``last`` (a
-device tensor) take effect, and the backward picks each round with ``index_select`` and leaves
-the gradient unchanged through the rounds that did not run.
+device tensor per palette) take effect, and the backward picks each palette's round by
+indexing on the device and leaves the gradient unchanged through the rounds that did not run.
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ from typing import Literal, NamedTuple
 import torch
 from torch import Tensor
 
-from .numerics import EMPTY_MASS, EarlyStop, pick
+from .numerics import EMPTY_MASS, EarlyStop, Groups, pick
 
 __all__ = [
     "DEFAULT_CHUNK",
@@ -119,16 +119,39 @@ def _chunks(n: int, chunk: int) -> Iterator[slice]:
 
 
 class Trajectory(NamedTuple):
-    """What the forward leaves for the backward: ``O(rounds * k * d)`` plus kept attentions."""
+    """What the forward leaves for the backward: ``O(rounds * k * d)`` plus kept attentions.
+
+    ``last`` has one shape on every path, (P,) int64 on the device: the batched step needs a
+    count per palette (each tensor of a batch stops on its own), and without host reads the
+    counts exist only on the device. Where the host knows that every palette took the same
+    ``ran`` rounds (the stop decided there, or no early stop), :meth:`round` gives plain int
+    indices, so that the CPU step picks its rounds as views and masks none."""
 
     centroids: Tensor  # (R + 1, P, k, d): c_0 .. c_R, normalised units
     masses: Tensor  # (R, P, k): each round's cluster masses
-    #: rounds that took effect: an int, a 0-dim device tensor without host reads, or (P,) per
-    #: palette for grouped palettes (each tensor of a batch its own early stop)
-    last: int | Tensor
+    last: Tensor  # (P,) int64 on the device: the rounds that took effect (<= R) per palette
     kept: Tensor | None  # (R, P, k, U): each round's attention, or None (recomputed)
+    #: the rounds every palette took (``last`` then holds it everywhere), where the host knows
+    #: it; None where it is known on the device only or differs between palettes
+    ran: int | None
     #: only the last round is kept (centroids ``c_{T-1}, c_T``): the implicit gradient's need
     last_only: bool = False
+
+    def round(self, back: int) -> int | Tensor:
+        """Each palette's round ``back`` rounds before its last (0: the last), as an index into
+        :attr:`masses` (round ``i`` moves ``c_i`` to ``c_{i+1}``): an int where :attr:`ran` is
+        known, else (P,) on the device (negative for a round that did not run)."""
+        if self.last_only:
+            return 0
+        if self.ran is not None:
+            return self.ran - 1 - back
+        return self.last - (1 + back)
+
+    def count(self, palette: int) -> int | Tensor:
+        """The rounds that took effect for ``palette``, as
+        :attr:`~.numerics.DKMOutput.iterations` reports them: an int where :attr:`ran` is
+        known, else a 0-dim tensor on the device."""
+        return self.ran if self.ran is not None else self.last[palette]
 
 
 class _Points:
@@ -167,7 +190,7 @@ class _Points:
 def weighted_dkm(xt: Tensor, weights: Tensor | None, c0: Tensor, inv_tau: Tensor | float, *,
                  max_iter: int, epsilon: float, chunk: int = DEFAULT_CHUNK,
                  implicit: bool = False, centroid_mask: Tensor | None = None,
-                 groups: Tensor | None = None) -> tuple[Tensor, Tensor, Trajectory]:
+                 groups: Groups | None = None) -> tuple[Tensor, Tensor, Trajectory]:
     """The forward of the module docstring, without autograd.
 
     Args:
@@ -182,8 +205,8 @@ def weighted_dkm(xt: Tensor, weights: Tensor | None, c0: Tensor, inv_tau: Tensor
         implicit: keep only what the implicit gradient needs (the last round).
         centroid_mask: ``(P, k, 1)``, False for padding centroids (:func:`attention`); the
             same mask goes to :func:`weighted_dkm_gradient`.
-        groups: ``(P,)`` each palette's group (a tensor of a batch): each group's early stop is
-            its own (:class:`~.numerics.EarlyStop`), and ``trajectory.last`` is then per palette.
+        groups: each palette's group (a tensor of a batch): each group's early stop is its
+            own (:class:`~.numerics.EarlyStop`).
 
     Returns:
         ``(y, c_final, trajectory)``: the soft points ``(P, d, U)``, the final centroids and
@@ -216,18 +239,20 @@ def weighted_dkm(xt: Tensor, weights: Tensor | None, c0: Tensor, inv_tau: Tensor
             kept.append(parts[0] if len(parts) == 1 else torch.cat(parts, 2))
         if converged:
             break
-    trajectory = Trajectory(torch.stack(centroids), torch.stack(masses), stop.per_palette(),
-                            torch.stack(kept) if keep else None)
-    last = trajectory.last
-    c_final = pick(trajectory.centroids, last)
-    final = _Round(trajectory, last - 1)
+    ran = stop.iterations if isinstance(stop.iterations, int) else None
+    trajectory = Trajectory(torch.stack(centroids), torch.stack(masses), stop.per_palette(P),
+                            torch.stack(kept) if keep else None, ran)
+    i = trajectory.round(0)
+    final = _Round(trajectory, i)
+    c_final = final.c_new
     y = torch.empty_like(xt)
     for s in points.parts():
         y[:, :, s] = torch.bmm(c_final.transpose(1, 2), final.attention(points, s, inv_tau))
     if implicit:  # only the last round c_{T-1} -> c_T
-        trajectory = Trajectory(
-            torch.stack((final.c, c_final)), pick(trajectory.masses, last - 1).unsqueeze(0),
-            last, None if trajectory.kept is None else final.kept.unsqueeze(0), last_only=True,
+        trajectory = trajectory._replace(
+            centroids=torch.stack((final.c, c_final)),
+            masses=pick(trajectory.masses, i).unsqueeze(0),
+            kept=None if trajectory.kept is None else final.kept.unsqueeze(0), last_only=True,
         )
     return y, c_final, trajectory
 
@@ -340,8 +365,7 @@ def weighted_dkm_gradient(xt: Tensor, weights: Tensor | None, trajectory: Trajec
     """
     points = _Points(xt, weights, chunk, centroid_mask)
     two_over_tau = 2.0 * inv_tau
-    last = trajectory.last
-    final = _Round(trajectory, 0 if trajectory.last_only else last - 1)
+    final = _Round(trajectory, trajectory.round(0))
     U = _output_gradient(points, final, G, inv_tau)
     per_copy = weights is not None
     if per_copy and xt.shape[1] != 1:
@@ -355,12 +379,12 @@ def weighted_dkm_gradient(xt: Tensor, weights: Tensor | None, trajectory: Trajec
     b = through_output = None
     if per_copy:
         b, through_output = _local(points, final, G, True, two_over_tau, inv_tau)
-    for back in range(trajectory.masses.shape[0]):  # round t = last - back: c_{t-1} -> c_t
-        t = last - back
-        step = final if back == 0 else _Round(trajectory, t - 1)
+    for back in range(trajectory.masses.shape[0]):  # round i: c_i -> c_{i+1}
+        i = trajectory.round(back)
+        step = final if back == 0 else _Round(trajectory, i)
         ran = None
-        if isinstance(t, Tensor) and back:
-            ran = (t >= 1).reshape(-1, 1, 1) if t.ndim else t >= 1
+        if isinstance(i, Tensor) and back:
+            ran = (i >= 0).reshape(-1, 1, 1)
         to_c = _round_backward(points, step, U, two_over_tau, inv_tau, shared,
                                G if back == 0 and not per_copy else None, ran)
         U_next = to_c + torch.where(step.live, 0.0, U)  # an empty cluster passes U on
@@ -426,11 +450,12 @@ def save_trajectory(ctx, trajectory: Trajectory, *tensors: Tensor,
                     inv_tau: Tensor | float) -> None:
     """Save ``tensors``, a trajectory and ``inv_tau`` on an autograd ``ctx`` (tensors through
     ``save_for_backward``, so saved-tensor hooks see them; Python numbers as attributes)."""
-    extra = [t for t in (trajectory.last, trajectory.kept, inv_tau) if isinstance(t, Tensor)]
-    ctx.save_for_backward(*tensors, trajectory.centroids, trajectory.masses, *extra)
+    extra = [t for t in (trajectory.kept, inv_tau) if isinstance(t, Tensor)]
+    ctx.save_for_backward(*tensors, trajectory.centroids, trajectory.masses, trajectory.last,
+                          *extra)
     ctx.saved_layout = (
         len(tensors),
-        None if isinstance(trajectory.last, Tensor) else trajectory.last,
+        trajectory.ran,
         trajectory.kept is not None,
         None if isinstance(inv_tau, Tensor) else inv_tau,
         trajectory.last_only,
@@ -439,12 +464,11 @@ def save_trajectory(ctx, trajectory: Trajectory, *tensors: Tensor,
 
 def load_trajectory(ctx) -> tuple[Trajectory, tuple[Tensor, ...], Tensor | float]:
     """What :func:`save_trajectory` saved: ``(trajectory, tensors, inv_tau)``."""
-    count, last, has_kept, inv_tau, last_only = ctx.saved_layout
+    count, ran, has_kept, inv_tau, last_only = ctx.saved_layout
     saved = list(ctx.saved_tensors)
-    tensors, (centroids, masses), rest = saved[:count], saved[count:count + 2], saved[count + 2:]
-    if last is None:
-        last = rest.pop(0)
+    tensors, (centroids, masses, last), rest = (saved[:count], saved[count:count + 3],
+                                                saved[count + 3:])
     kept = rest.pop(0) if has_kept else None
     if inv_tau is None:
         inv_tau = rest.pop(0)
-    return Trajectory(centroids, masses, last, kept, last_only), tuple(tensors), inv_tau
+    return Trajectory(centroids, masses, last, kept, ran, last_only), tuple(tensors), inv_tau
