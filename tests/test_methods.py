@@ -106,11 +106,12 @@ def test_resuming_with_another_method_is_refused():
         cb.load_state_dict(state)
 
 
-def test_old_checkpoints_without_a_method_load_as_dkm():
-    cb = DKMCallback()
-    cb.load_state_dict({"version": 1, "names": [], "tau": 0.01, "finalized": False})
-    assert cb.method == "dkm"
-    assert cb.state_dict()["temperature"]["bounds"] == {}  # bounds come from the config then
+def test_callback_state_of_another_format_version_is_refused_naming_it():
+    """One format, versioned from the first release: no silent reading of other versions."""
+    state = DKMCallback().state_dict()
+    assert DKMCallback().load_state_dict(state) is None  # its own format loads
+    with pytest.raises(MisconfigurationException, match=r"version 3.*reads version 1"):
+        DKMCallback().load_state_dict({**state, "version": 3})
 
 
 # -- the Deep k-Means regulariser ------------------------------------------------------------------

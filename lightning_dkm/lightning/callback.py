@@ -55,7 +55,7 @@ from .timeline import DKMTimeline
 
 __all__ = ["ARTIFACT_NAME", "COREML_NAME", "DKMCallback"]
 
-_STATE_VERSION = 3
+_STATE_VERSION = 1
 # The tau a parametrization holds before DKM starts (replaced by the plan's before it is used).
 _INITIAL_TAU = 1e-2
 
@@ -289,8 +289,7 @@ class DKMCallback(DKMResults, Callback):
             group_size=self.spec.group_size,
             targets=self.targets,
             exclude=self.exclude,
-            # only when set, so the key (and old checkpoints' state) stays as it was otherwise
-            **({"per_channel_scale": True} if self.spec.per_channel_scale else {}),
+            per_channel_scale=self.spec.per_channel_scale,
         )
 
     def state_dict(self) -> dict[str, Any]:
@@ -309,25 +308,28 @@ class DKMCallback(DKMResults, Callback):
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        names = list(state_dict.get("names", []))
+        version = state_dict.get("version")
+        if version != _STATE_VERSION:
+            raise MisconfigurationException(
+                f"DKMCallback: the checkpoint's callback state has version {version!r}; this "
+                f"lightning_dkm reads version {_STATE_VERSION} (the format of its first release)"
+            )
+        names = list(state_dict["names"])
         if self._names and names and names != self._names:
             raise MisconfigurationException(
                 "DKMCallback: the checkpoint clusters "
                 f"{names}, but this callback's targets select {self._names}; resume with the "
                 "same targets / exclude / min_size as the run that wrote the checkpoint"
             )
-        if "temperature" in state_dict:  # version 1 had one tau, from the config's numbers
-            self._timeline.load_state_dict(
-                state_dict["temperature"], state_dict.get("temperature_config")
-            )
-        self._finalized = bool(state_dict.get("finalized", False))
-        method = state_dict.get("method", "dkm")
+        self._timeline.load_state_dict(state_dict["temperature"], state_dict["temperature_config"])
+        self._finalized = bool(state_dict["finalized"])
+        method = state_dict["method"]
         if method != self.method:
             raise MisconfigurationException(
                 f"DKMCallback: the checkpoint was written with method={method!r}, but this "
                 f"callback uses method={self.method!r}; resume with the same method"
             )
-        self._method.load_state_dict(state_dict.get("method_state", {}))
+        self._method.load_state_dict(state_dict["method_state"])
 
     def on_save_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
