@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from .chunked import DEFAULT_CHUNK, chunked_dkm_cluster
 from .distinct import unique_dkm_cluster
-from .kmeans import kmeans
+from .kmeans import kmeans, member_means
 from .layout import PaletteLayout
 from .numerics import DKMOutput, autocast_disabled, hard_assign, normalization_of
 from .palette import Palette
@@ -247,10 +247,7 @@ class DKMParametrization(nn.Module):
         """Whether the centroids have been set (by :meth:`initialize` or by loading a state dict
         whose ``initialized`` is true). A Python flag kept equal to the ``initialized`` buffer,
         so asking reads nothing back from the device (``bool(self.initialized)`` would sync)."""
-        flag = self.__dict__.get("_initialized")
-        if flag is None:  # a module pickled before the flag existed: one read, once
-            flag = self._initialized = bool(self.initialized)
-        return flag
+        return self._initialized
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         """Load as ``nn.Module`` does, then refresh :attr:`is_initialized` from the loaded
@@ -445,12 +442,7 @@ class DKMParametrization(nn.Module):
     @torch.no_grad()
     def _move_centroids_to_member_means(self, x: Tensor) -> None:
         idx, _ = hard_assign(x, self.centroids)
-        P, k, d = self.centroids.shape
-        sums = torch.zeros(P, k, d, dtype=torch.float32, device=x.device)
-        sums.scatter_add_(1, idx.unsqueeze(-1).expand(-1, -1, d), x.float())
-        counts = torch.zeros(P, k, dtype=torch.float32, device=x.device)
-        counts.scatter_add_(1, idx, torch.ones_like(idx, dtype=torch.float32))
-        means = sums / counts.clamp_min(1).unsqueeze(-1)
+        means, counts = member_means(x.float(), idx, self.centroids.shape[1])
         self.centroids.copy_(torch.where(counts.unsqueeze(-1) > 0, means, self.centroids.float()))
 
     # -- inspection and finalize -------------------------------------------------------------
