@@ -26,6 +26,7 @@ from ..engine.layout import PaletteLayout, is_int
 from ..engine.palette import LUT_DTYPES, Palette
 from .files import describe_path
 from .report import REPORT_JSON, artifact_entry
+from .report_entries import dtype_name
 
 FORMAT_NAME = "lightning_dkm.compressed"
 FORMAT_VERSION = "1"
@@ -44,11 +45,6 @@ _ENTRY_KEYS = {
 # lut_dtype only where it differs from the file's; per_channel_scale only where it is true
 _OPTIONAL_ENTRY_KEYS = {"lut_dtype", "per_channel_scale"}
 _REQUIRED_METADATA = (KEY_FORMAT, KEY_VERSION, KEY_LAYOUT, KEY_DIGEST)
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    """How the file names a dtype: ``"float16"`` for ``torch.float16``."""
-    return str(dtype).removeprefix("torch.")
 
 
 def digest(metadata: Mapping[str, str], tensors: Mapping[str, Tensor]) -> str:

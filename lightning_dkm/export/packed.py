@@ -29,6 +29,7 @@ from ..engine.bitpack import pack_bits, unpack_bits
 from ..engine.layout import PaletteLayout
 from ..engine.palette import Palette
 from ..model.carried import carried_palettes, carry_palettes, discard_palettes
+from ..model.state import qualified_name, split_name
 
 __all__ = ["is_packed", "pack", "packed_palettes", "unpack"]
 
@@ -138,7 +139,7 @@ def pack(
             )
         shared.setdefault(key, name)
     for name, palette in palettes.items():
-        module_name, _, param_name = name.rpartition(".")
+        module_name, param_name = split_name(name)
         module = model.get_submodule(module_name) if module_name else model
         weight = module._parameters.get(param_name)
         if weight is None:
@@ -177,8 +178,7 @@ def packed_palettes(model: nn.Module) -> dict[str, Palette]:
     out = {}
     for module_name, module in model.named_modules():
         for param_name, packed in getattr(module, _ATTRIBUTE, {}).items():
-            name = f"{module_name}.{param_name}" if module_name else param_name
-            out[name] = _palette(module, packed)
+            out[qualified_name(module_name, param_name)] = _palette(module, packed)
     return out
 
 
@@ -188,7 +188,7 @@ def unpack(model: nn.Module) -> nn.Module:
     palettes again."""
     palettes = packed_palettes(model)
     for name, palette in palettes.items():
-        module_name, _, param_name = name.rpartition(".")
+        module_name, param_name = split_name(name)
         module = model.get_submodule(module_name) if module_name else model
         packed = module.__dict__[_ATTRIBUTE].pop(param_name)
         for buffer in _names(param_name):

@@ -44,9 +44,9 @@ from .report_entries import (
     EnergyEstimate,
     LayerReport,
     TensorReport,
-    _dtype_name,
     _from_fields,
     _ratio,
+    dtype_name,
 )
 from .report_render import render
 
@@ -241,7 +241,7 @@ class CompressionReport:
             layer = LayerReport(
                 name=name,
                 shape=layout.shape,
-                dtype=_dtype_name(tensor.dtype),
+                dtype=dtype_name(tensor.dtype),
                 bits=spec.bits,
                 cluster_dim=spec.cluster_dim,
                 group_size=spec.group_size,
@@ -250,7 +250,7 @@ class CompressionReport:
                 lut_bytes=palette.lut_bytes(stored[name]),
                 index_bytes=palette.index_bytes(),
                 scale_bytes=palette.scale_bytes(stored[name]),
-                lut_dtype=None if stored[name] == lut_dtype else _dtype_name(stored[name]),
+                lut_dtype=None if stored[name] == lut_dtype else dtype_name(stored[name]),
                 **checked_stats.get(name, {}),
             )
             if macs is not None:
@@ -265,7 +265,7 @@ class CompressionReport:
             TensorReport(
                 name=name,
                 shape=tuple(t.shape),
-                dtype=_dtype_name(t.dtype),
+                dtype=dtype_name(t.dtype),
                 kind="parameter" if name in state.parameters else "buffer",
                 numel=t.numel(),
                 bytes=t.numel() * t.element_size(),
@@ -274,7 +274,7 @@ class CompressionReport:
             for name, t in state.tensors.items()
             if name not in palettes
         ]
-        report = cls(layers, unclustered, _dtype_name(lut_dtype))
+        report = cls(layers, unclustered, dtype_name(lut_dtype))
         if macs is not None:
             lookups = sum(
                 em.lookup_uj(p.num_indices, p.layout.spec.cluster_dim * stored[name].itemsize)

@@ -10,10 +10,11 @@ from typing import Any
 
 import torch
 
-__all__ = ["EnergyEstimate", "LayerReport", "TensorReport"]
+__all__ = ["EnergyEstimate", "LayerReport", "TensorReport", "dtype_name"]
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
+def dtype_name(dtype: torch.dtype) -> str:
+    """How the report and the artifact name a dtype: ``"float16"`` for ``torch.float16``."""
     return str(dtype).removeprefix("torch.")
 
 
