@@ -2,22 +2,20 @@
 
 A read (``bool(t)``, ``t.item()``, ``nonzero``, ...) on an accelerator is a sync that stalls the
 CPU until the device has caught up. This machine may have no GPU, so the reads are counted
-with a CPU-side proxy (``benchmarks/graph_breaks.py``: every Python entry point that forces
-one, wrapped), with the steps in the form they take on an accelerator
+with a CPU-side proxy (:func:`lightning_dkm.diagnostics.count_host_syncs`: every Python entry
+point that forces one, wrapped), with the steps in the form they take on an accelerator
 (:func:`lightning_dkm.engine.numerics.sync_free`); where CUDA exists,
 ``torch.cuda.set_sync_debug_mode("error")`` checks the real thing.
 """
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 import lightning_dkm.engine.clustering_pass as clustering_pass_module
 from lightning_dkm import ClusterSpec, PaletteLayout, attach, select_targets
+from lightning_dkm.diagnostics import count_host_syncs, graph_breaks
 from lightning_dkm.engine.chunked import chunked_dkm_cluster
 from lightning_dkm.engine.clustering_pass import clustering_pass
 from lightning_dkm.engine.distinct import unique_dkm_batch, unique_dkm_cluster
@@ -25,9 +23,6 @@ from lightning_dkm.engine.kmeans import kmeans
 from lightning_dkm.engine.numerics import normalization_of, sync_free
 from lightning_dkm.engine.parametrization import DKMParametrization
 from lightning_dkm.engine.reference import dkm_cluster
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from graph_breaks import count_host_syncs, graph_breaks
 
 # (implementation, cluster_dim, group_size, gradient); 256 x 256 weights: "auto" is "unique".
 CASES = [
@@ -151,7 +146,8 @@ def test_the_early_stop_on_the_device_equals_the_early_exit(implementation, P, d
 # -- torch.compile ---------------------------------------------------------------------------
 @pytest.mark.parametrize("implementation", ["reference", "chunked", "unique"])
 def test_the_soft_training_forward_compiles_without_graph_breaks(implementation) -> None:
-    result = graph_breaks(implementation, 1e-4)
+    weight, p = parametrized_weight(implementation, 1, None, "unrolled", 1e-4)
+    result = graph_breaks(p, weight)
     assert result["breaks"] == 0, result["reasons"]
 
 

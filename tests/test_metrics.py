@@ -8,6 +8,7 @@ import pytest
 import torch
 from torchmetrics import Metric
 
+from lightning_dkm.diagnostics import count_host_syncs
 from lightning_dkm.lightning.metrics import AssignmentEntropy, ClusterUsage, SnapDistance
 
 
@@ -317,19 +318,9 @@ def test_float_sums_are_accumulated_in_float64(metric: Metric, state: str) -> No
 
 
 # -- reads back from the device ----------------------------------------------------------------
-def _count_host_syncs():
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    from graph_breaks import count_host_syncs
-
-    return count_host_syncs()
-
-
 def test_usage_update_without_validation_reads_nothing_back() -> None:
     metric = ClusterUsage(4, num_palettes=2, validate_args=False)
-    with _count_host_syncs() as log:
+    with count_host_syncs() as log:
         metric.update(torch.tensor([[0, 1, 1], [3, 3, 2]]))
     assert log.count == 0, log.calls
     assert metric.counts.tolist() == [[1, 2, 0, 0], [0, 0, 1, 2]]
@@ -344,7 +335,7 @@ def test_measuring_reads_each_tensors_statistics_back_once() -> None:
 
     model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64))
     tensors = attach(model, select_targets(model, ClusterSpec(bits=2), min_size=1))
-    with _count_host_syncs() as log:
+    with count_host_syncs() as log:
         per_tensor, entropy = measure_all(tensors)
     assert log.count == len(tensors) + 1, log.calls
     assert set(per_tensor) == {"0.weight", "2.weight"} and 0 <= entropy <= 2
