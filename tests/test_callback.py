@@ -57,6 +57,16 @@ def test_report_is_saved_as_json_and_markdown(tmp_path):
     assert (tmp_path / "dkm" / "compression_report.md").read_text() == cb.report.to_markdown()
 
 
+def test_the_results_are_an_object_the_callback_holds_and_reads_through(tmp_path):
+    cb = DKMCallback(bits=2, save_dir=str(tmp_path / "dkm"))
+    model, _ = fit(tmp_path, cb)
+    results = cb.results
+    assert results.report is cb.report and results.palettes is cb.palettes
+    assert results.stats is cb.stats and results.output_paths is cb.output_paths
+    assert results.artifact_path == cb.artifact_path == tmp_path / "dkm" / "model.dkm.safetensors"
+    assert results.finalized_model is cb.finalized_model is model
+
+
 def test_finalize_false_keeps_the_parametrizations(tmp_path):
     model, _ = fit(tmp_path, DKMCallback(bits=2, finalize=False))
     assert set(clustered_tensors(model)) == {"body.0.weight", "body.2.weight"}

@@ -19,8 +19,9 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 from ..engine.layout import ClusterSpec
-from ..engine.palette import LutDtype, lut_dtype_name
+from ..engine.palette import LutDtype, Palette, lut_dtype_name
 from ..export.artifact import save_compressed
+from ..export.report import CompressionReport
 from ..model.attach import (
     ClusteredTensor,
     attach,
@@ -50,7 +51,7 @@ from .fully_sharded import FullySharded
 from .outputs import ARTIFACT_NAME, COREML_NAME, DKMResults
 from .ownership import SaveDirLock
 from .preflight import check_export_widths, check_fit, claim_outputs, is_fully_sharded
-from .temperature import TemperatureConfig, TemperaturePlan
+from .temperature import TemperatureConfig
 from .timeline import DKMTimeline
 
 __all__ = ["ARTIFACT_NAME", "COREML_NAME", "DKMCallback"]
@@ -60,7 +61,7 @@ _STATE_VERSION = 1
 _INITIAL_TAU = 1e-2
 
 
-class DKMCallback(DKMResults, Callback):
+class DKMCallback(Callback):
     r"""Compress a model by train-time weight clustering (Differentiable K-Means).
 
     Add it to a ``Trainer``; the loss and the architecture stay as they are. During training
@@ -80,6 +81,11 @@ class DKMCallback(DKMResults, Callback):
     checkpoints keep the model's own (DKM) keys, full or sharded, and after fit
     ``finalized_model`` on rank 0 is the plain finalized model rebuilt from the shards (the
     report and the artifact come from it). See ``docs/distributed.md``.
+
+    What fit produced is in ``results`` (a :class:`~lightning_dkm.lightning.outputs.DKMResults`),
+    also read as the callback's ``stats``, ``palettes``, ``report``, ``output_paths``,
+    ``artifact_path`` and ``finalized_model``; after a ``ddp_spawn`` fit, in the process that
+    called fit too (rank 0's).
 
     Args:
         bits: bits per palette index (1..8): ``2**bits`` centroids per palette. Default 4.
@@ -265,10 +271,13 @@ class DKMCallback(DKMResults, Callback):
         self.min_size, self.start_epoch, self.hard_epoch = min_size, start_epoch, hard_epoch
         self.max_iter, self.epsilon, self.seed = max_iter, float(epsilon), int(seed)
         self.implementation, self.gradient = implementation, gradient
-        self.finalize, self.save_dir, self.save_artifact = finalize, save_dir, save_artifact
+        #: The ``finalize`` argument (not named so: :func:`~lightning_dkm.finalize` is used here).
+        self.finalize_at_fit_end = finalize
+        self.save_dir, self.save_artifact = save_dir, save_artifact
         if not isinstance(export_coreai, bool):
             raise ValueError(f"export_coreai must be True or False; got {export_coreai!r}")
-        self.export_coreml, self.export_coreai = export_coreml, export_coreai
+        #: The exports asked for, by argument: ``{"export_coreml": bool, "export_coreai": bool}``.
+        self.exports = {"export_coreml": export_coreml, "export_coreai": export_coreai}
         self.lut_dtype = lut_dtype_name(lut_dtype)  # the canonical name: a primitive
         self.log_histograms, self.verbose = log_histograms, verbose
         self._names: list[str] = []
@@ -278,7 +287,8 @@ class DKMCallback(DKMResults, Callback):
         self._forward_cache = ForwardCache()
         self._checkpointing = DKMCheckpointing()
         self._fully_sharded: FullySharded | None = None  # under FSDP2 (ModelParallelStrategy)
-        self._init_results()
+        #: What fit produced (:class:`~.outputs.DKMResults`).
+        self.results = DKMResults()
 
     # -- identity and state --------------------------------------------------------------------
     @property
@@ -302,7 +312,7 @@ class DKMCallback(DKMResults, Callback):
             "names": list(self._names),
             "temperature": self._timeline.state_dict(),
             "temperature_config": self.temperature.to_dict(),
-            "finalized": self._finalized,
+            "finalized": self.results.finalized,
             "method": self.method,
             "method_state": self._method.state_dict(),
         }
@@ -322,7 +332,7 @@ class DKMCallback(DKMResults, Callback):
                 "same targets / exclude / min_size as the run that wrote the checkpoint"
             )
         self._timeline.load_state_dict(state_dict["temperature"], state_dict["temperature_config"])
-        self._finalized = bool(state_dict["finalized"])
+        self.results.finalized = bool(state_dict["finalized"])
         method = state_dict["method"]
         if method != self.method:
             raise MisconfigurationException(
@@ -342,10 +352,36 @@ class DKMCallback(DKMResults, Callback):
     ) -> None:
         self._checkpointing.restore(pl_module, checkpoint, self.state_key, self._names)
 
+    # -- the results, as documented attributes (``results`` holds them) ------------------------
     @property
-    def _plan(self) -> TemperaturePlan:
-        """Each tensor's calibrated tau bounds (:class:`~.temperature.TemperaturePlan`)."""
-        return self._timeline.plan
+    def stats(self) -> dict[str, dict[str, float]]:
+        """Per-tensor statistics from the last measured epoch (name -> metric -> value)."""
+        return self.results.stats
+
+    @property
+    def palettes(self) -> dict[str, Palette]:
+        """The palettes (LUT + indices) produced by finalize, by parameter name."""
+        return self.results.palettes
+
+    @property
+    def report(self) -> CompressionReport | None:
+        """The compression report after fit (``None`` before)."""
+        return self.results.report
+
+    @property
+    def output_paths(self) -> dict[str, Path]:
+        """What fit wrote: ``{"json": ..., "markdown": ..., "artifact": ...}`` (empty before)."""
+        return self.results.output_paths
+
+    @property
+    def artifact_path(self) -> Path | None:
+        """The compressed model written at fit end (``None`` before, or without an artifact)."""
+        return self.results.artifact_path
+
+    @property
+    def finalized_model(self) -> torch.nn.Module | None:
+        """The finalized plain model after fit (under FSDP2 rank 0's rebuilt copy)."""
+        return self.results.finalized_model
 
     # -- helpers ---------------------------------------------------------------------------------
     def _tensors(self, pl_module: pl.LightningModule) -> dict[str, ClusteredTensor]:
@@ -366,9 +402,6 @@ class DKMCallback(DKMResults, Callback):
         )
         self._names = [t.name for t in selected]
 
-    def _exports(self) -> dict[str, bool]:
-        return {"export_coreml": self.export_coreml, "export_coreai": self.export_coreai}
-
     # -- lifecycle -------------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
@@ -378,8 +411,9 @@ class DKMCallback(DKMResults, Callback):
             return
         self._release_save_dir()  # a lock an earlier fit of this callback still held
         self._out_dir = check_fit(
-            trainer, pl_module, save_dir=self.save_dir, finalize=self.finalize,
-            save_artifact=self.save_artifact, exports=self._exports(),
+            trainer, pl_module, save_dir=self.save_dir,
+            finalize_at_fit_end=self.finalize_at_fit_end, save_artifact=self.save_artifact,
+            exports=self.exports,
             temperature=self.temperature,
             start_epoch=self.start_epoch, hard_epoch=self.hard_epoch,
             uses_temperature=self._method.uses_temperature,
@@ -390,7 +424,7 @@ class DKMCallback(DKMResults, Callback):
             pl_module, self.spec, targets=self.targets, exclude=self.exclude,
             min_size=self.min_size, overrides=self.overrides,
         )
-        check_export_widths(selected, self.export_coreai)
+        check_export_widths(selected, self.exports["export_coreai"])
         self._fully_sharded = FullySharded() if is_fully_sharded(trainer) else None
         if not selected:
             rank_zero_warn(
@@ -400,7 +434,7 @@ class DKMCallback(DKMResults, Callback):
                    "create them in __init__)" if self._fully_sharded else "")
             )
         if self._fully_sharded is not None:
-            self._fully_sharded.setup(trainer, pl_module, finalize=self.finalize)
+            self._fully_sharded.setup(trainer, pl_module, self.finalize_at_fit_end)
         # Seed now (before DDP wraps the model) when DKM starts at once; otherwise at start_epoch
         # from the weights as they are then. Either way every rank computes the same centroids.
         # Under FSDP2 at the first epoch, from the gathered weights (see .fully_sharded).
@@ -408,7 +442,7 @@ class DKMCallback(DKMResults, Callback):
         self._attach(pl_module, selected, init=seed_now)
         if seed_now:
             self._timeline.begin(self._tensors(pl_module))
-        self._finalized = False
+        self.results.finalized = False
         self._checkpointing.watch(pl_module, self._names)
         if self._out_dir is not None:  # last, once this callback's setup has passed
             self._save_dir_lock = claim_outputs(trainer, self._out_dir, self.save_dir)
@@ -484,13 +518,13 @@ class DKMCallback(DKMResults, Callback):
         tensors = self._tensors(pl_module)
         if not tensors:
             return
-        self.stats, model_entropy = measure_all(tensors)
-        outputs.log_epoch_metrics(pl_module, self.stats, model_entropy)
+        self.results.stats, model_entropy = measure_all(tensors)
+        outputs.log_epoch_metrics(pl_module, self.results.stats, model_entropy)
         if self.log_histograms:
             outputs.log_histograms(trainer, tensors)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self.finalize or not self._names or self._finalized:
+        if not self.finalize_at_fit_end or not self._names or self.results.finalized:
             return
         tensors = self._tensors(pl_module)
         if not tensors:
@@ -507,19 +541,20 @@ class DKMCallback(DKMResults, Callback):
             outputs.warn_not_clustered(trainer, self.start_epoch)
             return
         self._method.before_finalize(tensors)
-        self.stats, _ = measure_all(tensors)
+        results = self.results
+        results.stats, _ = measure_all(tensors)
         if self._fully_sharded is not None:
-            self.palettes, self.finalized_model = self._fully_sharded.finalize(
+            results.palettes, results.finalized_model = self._fully_sharded.finalize(
                 trainer, pl_module, self._names)
         else:
-            self.palettes = finalize(pl_module, self._names)
+            results.palettes = finalize(pl_module, self._names)
             snap_on_load(pl_module)  # state dicts with the DKM keys (weights-only) still load
-            self.finalized_model = pl_module
-        self._finalized = True
+            results.finalized_model = pl_module
+        results.finalized = True
         assert self._out_dir is not None  # resolved in setup whenever finalize is on
-        self._write_outputs(
-            trainer, self.finalized_model, self._out_dir, lut_dtype=LUT_DTYPES[self.lut_dtype],
+        results.write(
+            trainer, results.finalized_model, self._out_dir, lut_dtype=LUT_DTYPES[self.lut_dtype],
             write_artifact=save_compressed if self.save_artifact else None,
-            exports=self._exports(), verbose=self.verbose,
+            exports=self.exports, verbose=self.verbose,
         )
 

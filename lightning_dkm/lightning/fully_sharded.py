@@ -40,13 +40,15 @@ class FullySharded:
     def __init__(self) -> None:
         self._skeleton: nn.Module | None = None
 
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, finalize: bool) -> None:
+    def setup(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, finalize_at_fit_end: bool
+    ) -> None:
         """At ``setup("fit")``, before the parametrizations are attached and before
         ``configure_model`` shards the model: check it, and on rank 0 keep its skeleton when
         fit ends with finalize."""
         check_fully_sharded_model(pl_module)
         self._skeleton = None
-        if finalize and trainer.global_rank == 0:
+        if finalize_at_fit_end and trainer.global_rank == 0:
             mesh = pl_module.__dict__.get("_device_mesh")
             self._skeleton = tensorless_copy(pl_module, leave_out=[trainer, mesh])
 

@@ -8,9 +8,9 @@
   artifact's size and SHA-256; a failed write leaves the previous pair), the printed report,
   and only then, optionally, the Core ML and Core AI packages (recorded in the report; a failed
   export names the artifact and the call that retries it).
-* The results on the callback (:class:`DKMResults`: ``stats``, ``palettes``, ``report``,
-  ``output_paths``, ``artifact_path``), also in the process that launched a ``ddp_spawn`` fit,
-  which gets them from rank 0 through the handoff file (:mod:`.handoff`).
+* The results, a :class:`DKMResults` the callback holds (``stats``, ``palettes``, ``report``,
+  ``output_paths``, ``artifact_path``, ``finalized_model``), also in the process that launched a
+  ``ddp_spawn`` fit, which gets them from rank 0 through the handoff file (:mod:`.handoff`).
 """
 
 from __future__ import annotations
@@ -123,20 +123,22 @@ def _to_cpu(example: Any) -> Any:
 
 
 class DKMResults:
-    """The results of a fit, as attributes of the callback; in the process that launched a
-    ``ddp_spawn`` fit they are rank 0's, read from the handoff file on first access."""
+    """The results of a fit, held by the callback as ``callback.results`` (and read through its
+    properties of the same names); in the process that launched a ``ddp_spawn`` fit they are
+    rank 0's, read from the handoff file on first access."""
 
-    def _init_results(self) -> None:
+    def __init__(self) -> None:
         self._stats: dict[str, dict[str, float]] = {}
         self._palettes: dict[str, Palette] = {}
         self._report: CompressionReport | None = None
         self._output_paths: dict[str, Path] = {}
-        self._finalized = False
+        #: Whether finalize ran (saved in the callback's state: a resumed fit does not repeat it).
+        self.finalized = False
         #: The finalized plain model after fit: the LightningModule itself, or under FSDP2 on
         #: rank 0 a copy of it rebuilt from the gathered weights (``None`` on the other ranks,
         #: whose module stays sharded, its weights snapped). ``None`` before finalize.
         self.finalized_model: torch.nn.Module | None = None
-        # ddp_spawn runs fit in worker processes that receive a pickled copy of this callback;
+        # ddp_spawn runs fit in worker processes that receive a pickled copy of the callback;
         # rank 0 leaves its results in this file for the copy in the launching process.
         self._launcher_pid = os.getpid()
         self._handoff_path = Path(tempfile.gettempdir()) / (
@@ -171,19 +173,11 @@ class DKMResults:
         self._take_handoff()
         return self._report
 
-    @report.setter
-    def report(self, value: CompressionReport | None) -> None:
-        self._report = value
-
     @property
     def output_paths(self) -> dict[str, Path]:
         """What fit wrote: ``{"json": ..., "markdown": ..., "artifact": ...}`` (empty before)."""
         self._take_handoff()
         return self._output_paths
-
-    @output_paths.setter
-    def output_paths(self, value: dict[str, Path]) -> None:
-        self._output_paths = dict(value)
 
     @property
     def artifact_path(self) -> Path | None:
@@ -200,9 +194,9 @@ class DKMResults:
         self._palettes = handoff["palettes"]
         self._stats = handoff["stats"]
         self._report = CompressionReport.load(self._output_paths["json"])
-        self._finalized = True
+        self.finalized = True
 
-    def _write_outputs(
+    def write(
         self,
         trainer: pl.Trainer,
         pl_module: pl.LightningModule | None,

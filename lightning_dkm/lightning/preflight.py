@@ -338,7 +338,7 @@ def check_fit(
     pl_module: pl.LightningModule,
     *,
     save_dir: str | None,
-    finalize: bool,
+    finalize_at_fit_end: bool,
     save_artifact: bool = True,
     exports: dict[str, bool],
     temperature: TemperatureConfig,
@@ -347,7 +347,7 @@ def check_fit(
     uses_temperature: bool,
 ) -> Path | None:
     """Every check of ``setup("fit")``; returns the output directory (absolute; ``None``
-    without ``finalize``: nothing is written). The callback takes the directory last
+    unless fit ends with finalize: nothing is written then). The callback takes the directory last
     (:func:`claim_outputs`), once its own setup has passed.
 
     Every rank resolves the output directory here: ``trainer.log_dir`` broadcasts, so it must
@@ -357,7 +357,7 @@ def check_fit(
     """
     check_strategy(trainer)
     out_dir = None
-    if finalize:
+    if finalize_at_fit_end:
         out_dir = resolve_save_dir(trainer, save_dir)
         argument = "save_dir" if save_dir is not None else None
         label = _label(out_dir, argument)
