@@ -427,7 +427,7 @@ def temperature_plan(
     names = list(tensors)
     if override is not None:
         start, end = override
-        schedule = build_schedule("exponential", start=start, end=end, num_epochs=max(steps, 1))
+        schedule = build_schedule("exponential", start=start, end=end, num_units=max(steps, 1))
         info = {"source": "--tau override", "schedule": "exponential", "start": start,
                 "end": end, "interval": "step"}
         return (lambda step: dict.fromkeys(names, float(schedule(step)))), info
@@ -436,7 +436,7 @@ def temperature_plan(
     except ImportError:  # a checkout from before the calibrated temperature
         spec = dict(default or {"schedule": "exponential", "start": 1e-2, "end": 1e-4})
         name = spec.pop("schedule")
-        schedule = build_schedule(name, num_epochs=max(steps, 1), **spec)
+        schedule = build_schedule(name, num_units=max(steps, 1), **spec)
         info = {"source": "DKMCallback default", "schedule": name, **spec, "interval": "step"}
         return (lambda step: dict.fromkeys(names, float(schedule(step)))), info
     config = TemperatureConfig.parse(default)

@@ -192,10 +192,11 @@ def render() -> str:
             out += [
                 f"`temperature=None` means `{_yaml_scalar(effective.temperature.to_dict())}`.",
                 "",
-                "Schedules (epoch `t` counts from `start_epoch`; `T` is the number of soft DKM "
-                "epochs, `hard_epoch - start_epoch` or `max_epochs - start_epoch`):",
+                "Schedules (a unit `t` is an optimizer step, or an epoch with `interval: epoch`, "
+                "counted from the first soft one at `start_epoch`; `T` is the number of soft "
+                "units, up to `hard_epoch` or the end of fit):",
                 "",
-                "| `schedule` | tau at DKM epoch `t` |",
+                "| `schedule` | tau at soft unit `t` |",
                 "| :--- | :--- |",
                 *[f"| {name} | {text} |" for name, text in _schedule_rows()],
                 "",

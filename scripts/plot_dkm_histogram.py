@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     initial_entropy = measure(tensor)["entropy"]
 
     schedule = build_schedule(
-        "exponential", start=args.tau_start, end=args.tau_end, num_epochs=args.dkm_epochs
+        "exponential", start=args.tau_start, end=args.tau_end, num_units=args.dkm_epochs
     )
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)  # same Parameters, fresh state
     set_mode(model, "soft")

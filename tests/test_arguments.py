@@ -41,7 +41,7 @@ def sqrt_decay(unit: int) -> float:
 
 # -- temperature --------------------------------------------------------------------------------
 def test_a_schedule_object_gives_tau_at_every_soft_step(tmp_path):
-    schedule = ExponentialSchedule(start=1e-1, end=1e-3, num_epochs=8)
+    schedule = ExponentialSchedule(start=1e-1, end=1e-3, num_units=8)
     spy = fit(tmp_path, DKMCallback(bits=2, finalize=False, temperature=schedule))
     assert spy.taus == pytest.approx([schedule(step) for step in range(8)], rel=1e-6)
 

@@ -99,7 +99,7 @@ def test_tau_follows_the_schedule_at_each_epoch_start(tmp_path):
     temperature = {"schedule": "exponential", "start": 1e-1, "end": 1e-3, "interval": "epoch"}
     fit(tmp_path, DKMCallback(bits=2, temperature=temperature, finalize=False),
         extra_callbacks=[recorder], max_epochs=3)
-    expected = [build_schedule("exponential", 1e-1, 1e-3, num_epochs=3)(e) for e in range(3)]
+    expected = [build_schedule("exponential", 1e-1, 1e-3, num_units=3)(e) for e in range(3)]
     assert recorder.taus == pytest.approx(expected, rel=1e-6)
     assert recorder.taus[-1] == pytest.approx(1e-3)
 

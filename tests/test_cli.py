@@ -87,7 +87,7 @@ def test_optimizer_built_by_the_cli_before_fit_trains_the_clustered_weights(tmp_
 OBJECTS = TRAINER + """        finalize: false
         temperature:
           class_path: lightning_dkm.lightning.schedules.ExponentialSchedule
-          init_args: {{start: 1.0e-1, end: 1.0e-3, num_epochs: 8}}
+          init_args: {{start: 1.0e-1, end: 1.0e-3, num_units: 8}}
         method: {method}
 """
 
@@ -107,7 +107,7 @@ def test_yaml_gives_temperature_and_method_as_objects(tmp_path, method):
     cli = LightningCLI(TinyNet, args=["--config", str(config)], run=False,
                        save_config_callback=None)
     callback = cli.trainer.callbacks[0]
-    assert callback.temperature.fn == ExponentialSchedule(start=0.1, end=1e-3, num_epochs=8)
+    assert callback.temperature.fn == ExponentialSchedule(start=0.1, end=1e-3, num_units=8)
     if method == "hard":
         assert callback.method == HardMethod.name
     else:
@@ -129,7 +129,7 @@ ROUND_TRIP = TRAINER + """        finalize: false
         lut_dtype: float32
 """
 SCHEDULE = ("{class_path: lightning_dkm.lightning.schedules.ExponentialSchedule, "
-            "init_args: {start: 1.0e-1, end: 1.0e-3, num_epochs: 8}}")
+            "init_args: {start: 1.0e-1, end: 1.0e-3, num_units: 8}}")
 DEEP_KMEANS = ("{class_path: lightning_dkm.model.methods.DeepKMeansMethod, "
                "init_args: {regularization: 1.0e-2, refresh_every: 2}}")
 

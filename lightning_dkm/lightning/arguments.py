@@ -176,7 +176,7 @@ def parse_temperature(value: object) -> TemperatureConfig:
     if isinstance(value, type):
         raise ValueError(
             f"temperature must be an instance, not the class {value.__name__}; e.g. "
-            "ExponentialSchedule(start=1e-1, end=1e-3, num_epochs=1000)"
+            "ExponentialSchedule(start=1e-1, end=1e-3, num_units=1000)"
         )
     if _is_temperature_object(value):
         return CallableTemperature.of(value)  # type: ignore[arg-type]

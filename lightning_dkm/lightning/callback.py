@@ -132,7 +132,7 @@ class DKMCallback(Callback):
             (``step``, default, or ``epoch``); an import path names a callable ``unit -> tau``
             (a unit is a soft step or epoch, counted from the first). An object works as that
             import path: a :class:`~lightning_dkm.lightning.schedules.TemperatureSchedule`
-            (e.g. ``ExponentialSchedule(start=1e-1, end=1e-3, num_epochs=1000)``; in YAML a
+            (e.g. ``ExponentialSchedule(start=1e-1, end=1e-3, num_units=1000)``; in YAML a
             ``class_path`` / ``init_args`` mapping) or any callable ``unit -> tau``, per step,
             or per epoch as ``{schedule: <object>, interval: epoch}``; it is called with unit
             0 at construction to check it. A callable is not saved in checkpoints: after a

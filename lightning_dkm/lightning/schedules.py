@@ -1,4 +1,5 @@
-"""Temperature schedules for DKM: map a DKM epoch to the softmax temperature ``tau``.
+"""Temperature schedules for DKM: map a DKM unit (a soft step or epoch) to the softmax
+temperature ``tau``.
 
 DKM assigns each weight ``w`` softly to the centroids ``c_j`` with
 ``a_j = softmax_j(-|w - c_j|^2 / tau)``. A large ``tau`` keeps the assignment soft (every
@@ -6,9 +7,11 @@ centroid gets gradient), a small one makes it nearly hard (the trained weights a
 palettized ones that will be exported). Annealing ``tau`` from ``start`` down to ``end`` over
 training moves from the first regime to the second.
 
-Epochs are counted from the start of DKM (``0`` is the first DKM epoch, whatever the trainer's
-global epoch is). ``num_epochs`` is the total number of DKM epochs ``T``; interpolating
-schedules reach ``end`` exactly at epoch ``T - 1`` and hold the value of that epoch afterwards.
+A unit is what DKMCallback's temperature ``interval`` moves tau by: an optimizer step (the default)
+or an epoch. Units are counted from the start of DKM (``0`` is the first soft unit, whatever the
+trainer's global step or epoch is). ``num_units`` is the total number of soft units ``T``;
+interpolating schedules reach ``end`` exactly at unit ``T - 1`` and hold the value of that unit
+afterwards.
 Nothing here imports Lightning.
 """
 
@@ -49,119 +52,119 @@ def _check_tau(name: str, value: float) -> float:
     return tau
 
 
-def _check_num_epochs(num_epochs: int | None) -> int | None:
-    if num_epochs is None:
+def _check_num_units(num_units: int | None) -> int | None:
+    if num_units is None:
         return None
-    if isinstance(num_epochs, bool) or not isinstance(num_epochs, int) or num_epochs < 1:
-        raise ValueError(f"num_epochs must be an int >= 1 or None, got {num_epochs!r}")
-    return num_epochs
+    if isinstance(num_units, bool) or not isinstance(num_units, int) or num_units < 1:
+        raise ValueError(f"num_units must be an int >= 1 or None, got {num_units!r}")
+    return num_units
 
 
-def _check_epoch(epoch: int) -> int:
-    if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+def _check_unit(unit: int) -> int:
+    if isinstance(unit, bool) or not isinstance(unit, int) or unit < 0:
         raise ValueError(
-            f"epoch must be an int >= 0 (counted from the first DKM epoch), got {epoch!r}"
+            f"unit must be an int >= 0 (counted from the first soft unit), got {unit!r}"
         )
-    return epoch
+    return unit
 
 
 class TemperatureSchedule(ABC):
-    """A map ``epoch -> tau`` with ``epoch`` counted from the first DKM epoch.
+    """A map ``unit -> tau`` with ``unit`` counted from the first soft unit.
 
-    Subclasses implement :meth:`_tau`; :meth:`__call__` validates the epoch (an ``int >= 0``)
+    Subclasses implement :meth:`_tau`; :meth:`__call__` validates the unit (an ``int >= 0``)
     and the result (finite and ``> 0``), so every schedule fails loudly instead of feeding a
     zero, negative or NaN temperature into the softmax.
 
     Attributes:
-        num_epochs: total number of DKM epochs ``T``, or ``None`` when open-ended.
+        num_units: total number of soft units ``T``, or ``None`` when open-ended.
     """
 
-    num_epochs: int | None
+    num_units: int | None
 
-    def __call__(self, epoch: int) -> float:
-        """Return the temperature for DKM epoch ``epoch`` (0-based)."""
-        epoch = _check_epoch(epoch)
-        tau = self._tau(epoch)
+    def __call__(self, unit: int) -> float:
+        """Return the temperature for soft unit ``unit`` (0-based)."""
+        unit = _check_unit(unit)
+        tau = self._tau(unit)
         try:
             value = float(tau)
         except (TypeError, ValueError):
             raise ValueError(
-                f"schedule {self!r} returned a non-numeric tau {tau!r} at epoch {epoch}"
+                f"schedule {self!r} returned a non-numeric tau {tau!r} at unit {unit}"
             ) from None
         if not (math.isfinite(value) and value > 0):
             raise ValueError(
-                f"schedule {self!r} returned tau={value!r} at epoch {epoch}; "
+                f"schedule {self!r} returned tau={value!r} at unit {unit}; "
                 "tau must be finite and > 0"
             )
         return value
 
     @abstractmethod
-    def _tau(self, epoch: int) -> float:
-        """Return the (unvalidated) temperature for a validated ``epoch >= 0``."""
+    def _tau(self, unit: int) -> float:
+        """Return the (unvalidated) temperature for a validated ``unit >= 0``."""
 
 
 @dataclass(frozen=True)
 class ConstantSchedule(TemperatureSchedule):
-    """``tau(t) = start`` for every epoch. ``num_epochs`` is optional and unused."""
+    """``tau(t) = start`` for every unit. ``num_units`` is optional and unused."""
 
     start: float
-    num_epochs: int | None = None
+    num_units: int | None = None
 
     def __post_init__(self) -> None:
         _check_tau("start", self.start)
-        _check_num_epochs(self.num_epochs)
+        _check_num_units(self.num_units)
 
-    def _tau(self, epoch: int) -> float:
+    def _tau(self, unit: int) -> float:
         return float(self.start)
 
 
 @dataclass(frozen=True)
 class _AnnealedSchedule(TemperatureSchedule):
-    """Base for schedules that interpolate ``start -> end`` over ``num_epochs`` epochs.
+    """Base for schedules that interpolate ``start -> end`` over ``num_units`` units.
 
     The interpolation variable is ``s = min(t, T - 1) / (T - 1)`` in ``[0, 1]`` (``s = 0`` when
-    ``T == 1``, so a one-epoch run uses ``start``); epochs past the last hold ``end``.
+    ``T == 1``, so a one-unit run uses ``start``); units past the last hold ``end``.
     """
 
     start: float
     end: float
-    num_epochs: int | None
+    num_units: int | None
 
     def __post_init__(self) -> None:
         _check_tau("start", self.start)
         _check_tau("end", self.end)
-        if _check_num_epochs(self.num_epochs) is None:
+        if _check_num_units(self.num_units) is None:
             raise ValueError(
-                f"num_epochs=None is not allowed for {type(self).__name__}: it interpolates "
-                "start -> end over a known number of epochs; pass num_epochs >= 1 or use the "
+                f"num_units=None is not allowed for {type(self).__name__}: it interpolates "
+                "start -> end over a known number of units; pass num_units >= 1 or use the "
                 "'constant' or 'step' schedule"
             )
 
-    def _fraction(self, epoch: int) -> float:
-        assert self.num_epochs is not None  # guaranteed by __post_init__
-        last = self.num_epochs - 1
-        return 0.0 if last == 0 else min(epoch, last) / last
+    def _fraction(self, unit: int) -> float:
+        assert self.num_units is not None  # guaranteed by __post_init__
+        last = self.num_units - 1
+        return 0.0 if last == 0 else min(unit, last) / last
 
 
 @dataclass(frozen=True)
 class LinearSchedule(_AnnealedSchedule):
-    """``tau(t) = start + (end - start) * s`` with ``s = t / (T - 1)``: equal steps per epoch."""
+    """``tau(t) = start + (end - start) * s`` with ``s = t / (T - 1)``: equal steps in tau."""
 
-    def _tau(self, epoch: int) -> float:
-        s = self._fraction(epoch)
+    def _tau(self, unit: int) -> float:
+        s = self._fraction(unit)
         return float(self.end) if s == 1.0 else self.start + (self.end - self.start) * s
 
 
 @dataclass(frozen=True)
 class ExponentialSchedule(_AnnealedSchedule):
-    """``tau(t) = start * (end / start) ** s`` with ``s = t / (T - 1)``: equal *ratios* per epoch.
+    """``tau(t) = start * (end / start) ** s`` with ``s = t / (T - 1)``: equal *ratios* per unit.
 
     Because the softmax logits scale as ``1 / tau``, a geometric decay sharpens the assignment
-    by the same factor every epoch. Evaluated in log space for accuracy.
+    by the same factor every unit. Evaluated in log space for accuracy.
     """
 
-    def _tau(self, epoch: int) -> float:
-        s = self._fraction(epoch)
+    def _tau(self, unit: int) -> float:
+        s = self._fraction(unit)
         if s == 1.0:
             return float(self.end)
         return math.exp(math.log(self.start) + (math.log(self.end) - math.log(self.start)) * s)
@@ -174,8 +177,8 @@ class CosineSchedule(_AnnealedSchedule):
     Flat near both ends: stays soft for longer at the start and settles gently onto ``end``.
     """
 
-    def _tau(self, epoch: int) -> float:
-        s = self._fraction(epoch)
+    def _tau(self, unit: int) -> float:
+        s = self._fraction(unit)
         return self.end + (self.start - self.end) * (1.0 + math.cos(math.pi * s)) / 2.0
 
 
@@ -184,21 +187,21 @@ class StepSchedule(TemperatureSchedule):
     """``tau(t) = start * gamma ** (t // step_size)``, clamped at ``end`` when given.
 
     The clamp follows the direction of travel: with ``gamma < 1`` tau never drops below
-    ``end``, with ``gamma > 1`` it never rises above it. ``num_epochs`` is optional; when given,
-    epochs past ``num_epochs - 1`` hold the value of that last epoch.
+    ``end``, with ``gamma > 1`` it never rises above it. ``num_units`` is optional; when given,
+    units past ``num_units - 1`` hold the value of that last unit.
     """
 
     start: float
     step_size: int
     gamma: float
     end: float | None = None
-    num_epochs: int | None = None
+    num_units: int | None = None
 
     def __post_init__(self) -> None:
         _check_tau("start", self.start)
         if self.end is not None:
             _check_tau("end", self.end)
-        _check_num_epochs(self.num_epochs)
+        _check_num_units(self.num_units)
         if (
             isinstance(self.step_size, bool)
             or not isinstance(self.step_size, int)
@@ -210,10 +213,10 @@ class StepSchedule(TemperatureSchedule):
         ):
             raise ValueError(f"gamma must be a finite number > 0, got {self.gamma!r}")
 
-    def _tau(self, epoch: int) -> float:
-        if self.num_epochs is not None:
-            epoch = min(epoch, self.num_epochs - 1)
-        tau = self.start * self.gamma ** (epoch // self.step_size)
+    def _tau(self, unit: int) -> float:
+        if self.num_units is not None:
+            unit = min(unit, self.num_units - 1)
+        tau = self.start * self.gamma ** (unit // self.step_size)
         if self.end is not None:
             tau = max(tau, self.end) if self.gamma < 1 else min(tau, self.end)
         return tau
@@ -221,22 +224,22 @@ class StepSchedule(TemperatureSchedule):
 
 @dataclass(frozen=True)
 class CallableSchedule(TemperatureSchedule):
-    """Wrap a user callable ``epoch -> tau`` so that its results are validated.
+    """Wrap a user callable ``unit -> tau`` so that its results are validated.
 
-    The callable receives the raw DKM epoch (no holding after ``num_epochs``); a non-numeric,
-    non-finite or non-positive result raises ``ValueError`` naming the epoch and the value.
+    The callable receives the raw soft unit (no holding after ``num_units``); a non-numeric,
+    non-finite or non-positive result raises ``ValueError`` naming the unit and the value.
     """
 
     fn: Callable[[int], float]
-    num_epochs: int | None = None
+    num_units: int | None = None
 
     def __post_init__(self) -> None:
         if not callable(self.fn):
-            raise ValueError(f"fn must be callable (epoch -> tau), got {self.fn!r}")
-        _check_num_epochs(self.num_epochs)
+            raise ValueError(f"fn must be callable (unit -> tau), got {self.fn!r}")
+        _check_num_units(self.num_units)
 
-    def _tau(self, epoch: int) -> float:
-        return self.fn(epoch)
+    def _tau(self, unit: int) -> float:
+        return self.fn(unit)
 
 
 _ANNEALED: dict[str, type[_AnnealedSchedule]] = {
@@ -276,7 +279,7 @@ def _resolve_callable(path: str) -> Callable[[int], float]:
     if not callable(obj):
         raise ValueError(
             f"schedule={path!r} resolved to {obj!r}, which is not callable; "
-            "a custom schedule must be a callable epoch -> tau"
+            "a custom schedule must be a callable unit -> tau"
         )
     return obj
 
@@ -285,37 +288,37 @@ def build_schedule(
     schedule: str,
     start: float,
     end: float | None = None,
-    num_epochs: int | None = None,
+    num_units: int | None = None,
     **kwargs: Any,
 ) -> TemperatureSchedule:
-    """Build a temperature schedule ``epoch -> tau`` from a config-friendly description.
+    """Build a temperature schedule ``unit -> tau`` from a config-friendly description.
 
     Args:
         schedule: one of :data:`SCHEDULE_NAMES`, or the import path of a user callable
-            ``epoch -> tau`` written ``"package.module.function"`` or
+            ``unit -> tau`` written ``"package.module.function"`` or
             ``"package.module:function"``.
-        start: temperature at DKM epoch 0 (finite, > 0). Validated for custom callables too,
+        start: temperature at soft unit 0 (finite, > 0). Validated for custom callables too,
             but not passed to them.
         end: final temperature (finite, > 0). Required by ``linear``, ``exponential`` and
             ``cosine``; the optional clamp of ``step``; ignored (but validated) by ``constant``.
-        num_epochs: total number of DKM epochs, or ``None`` when open-ended (only ``constant``,
+        num_units: total number of soft units, or ``None`` when open-ended (only ``constant``,
             ``step`` and custom callables accept ``None``).
         **kwargs: ``step_size`` (int >= 1) and ``gamma`` (> 0) for ``step``; no other schedule
             takes extra arguments.
 
     Returns:
-        A :class:`TemperatureSchedule`; calling it validates the epoch and the returned tau.
+        A :class:`TemperatureSchedule`; calling it validates the unit and the returned tau.
 
     Raises:
         ValueError: unknown schedule name, unimportable or non-callable import path, invalid
-            ``start``/``end``/``num_epochs``/``step_size``/``gamma``, or unexpected kwargs.
+            ``start``/``end``/``num_units``/``step_size``/``gamma``, or unexpected kwargs.
     """
     if not isinstance(schedule, str):
         raise ValueError(f"schedule must be a str, got {schedule!r}")
     _check_tau("start", start)
     if end is not None:
         _check_tau("end", end)
-    _check_num_epochs(num_epochs)
+    _check_num_units(num_units)
 
     allowed_kwargs = {"step_size", "gamma"} if schedule == "step" else set()
     unexpected = sorted(set(kwargs) - allowed_kwargs)
@@ -326,20 +329,20 @@ def build_schedule(
         )
 
     if schedule == "constant":
-        return ConstantSchedule(start=start, num_epochs=num_epochs)
+        return ConstantSchedule(start=start, num_units=num_units)
     if schedule in ("linear", "exponential", "cosine"):
         if end is None:
             raise ValueError(f"end=None is not allowed for schedule={schedule!r}; pass end > 0")
-        return _ANNEALED[schedule](start=start, end=end, num_epochs=num_epochs)
+        return _ANNEALED[schedule](start=start, end=end, num_units=num_units)
     if schedule == "step":
         missing = sorted({"step_size", "gamma"} - set(kwargs))
         if missing:
             raise ValueError(f"schedule='step' requires {missing}")
-        return StepSchedule(start=start, end=end, num_epochs=num_epochs, **kwargs)
+        return StepSchedule(start=start, end=end, num_units=num_units, **kwargs)
     if "." in schedule or ":" in schedule:
-        return CallableSchedule(fn=_resolve_callable(schedule), num_epochs=num_epochs)
+        return CallableSchedule(fn=_resolve_callable(schedule), num_units=num_units)
     raise ValueError(
         f"schedule={schedule!r} is not a known schedule; allowed names are "
         f"{', '.join(SCHEDULE_NAMES)}, or an import path 'package.module.function' / "
-        "'package.module:function' of a callable epoch -> tau"
+        "'package.module:function' of a callable unit -> tau"
     )

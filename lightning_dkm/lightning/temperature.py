@@ -322,7 +322,7 @@ class TemperatureConfig:
         start, end = bounds
         return build_schedule(
             self.schedule, start=start, end=None if self.end is None else end,
-            num_epochs=num_units, **extra,
+            num_units=num_units, **extra,
         )
 
     def to_dict(self) -> dict[str, Any]:
