@@ -75,6 +75,7 @@ Commands (from the repository root)::
 
     .venv/bin/python benchmarks/accuracy_study.py             # default set (< 60 min, 2 cores)
     .venv/bin/python benchmarks/accuracy_study.py --quick     # CI-sized (< 3 min)
+    .venv/bin/python benchmarks/accuracy_study.py --tiny      # the tests' run (seconds a part)
     .venv/bin/python benchmarks/accuracy_study.py --parts minilm --seeds 0 1 2 --bits 2 \\
         --methods dkm hard --tau 0.1 0.001 --name minilm_tau_1e-1   # a variation
     .venv/bin/python benchmarks/accuracy_study.py --replot benchmarks/results/accuracy_study.json
@@ -117,9 +118,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "examples"))
-sys.path.insert(0, str(ROOT / "benchmarks"))
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "examples"))  # the digits part trains examples/digits.py's CNN
 
 from lightning_dkm import (  # noqa: E402
     CompressionReport,
@@ -850,6 +849,14 @@ class MiniLMConfig(FinetuneConfig):
         return cls(bits=(2,), seeds=(0,), targets=("encoder.encoder.layer.0.*",),
                    train_sentences=256, heldout_sentences=64, steps=3, calibration_batches=1)
 
+    @classmethod
+    def tiny(cls) -> MiniLMConfig:
+        """Seconds after loading: the test configuration (DKM on one query projection)."""
+        return cls(bits=(2,), seeds=(0,), methods=("dkm",),
+                   targets=("encoder.encoder.layer.0.attention.self.query",),
+                   train_sentences=16, heldout_sentences=8, steps=1, batch_size=8,
+                   calibration_batches=1)
+
 
 class MeanPooledEncoder(nn.Module):
     """A transformers encoder + mean pooling over the non-padding tokens: the sentence embedding
@@ -1372,6 +1379,8 @@ def _apply(cfg: FinetuneConfig, **values: Any) -> FinetuneConfig:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="CI-sized run (< 3 min)")
+    parser.add_argument("--tiny", action="store_true",
+                        help="the tests' run: seconds per part, checks that it runs, not numbers")
     parser.add_argument("--parts", nargs="+", choices=("digits", "minilm", "charlm"),
                         default=["minilm", "charlm"])
     parser.add_argument("--seeds", type=int, nargs="+",
@@ -1431,9 +1440,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     _plot(results[part], metric, label, title, figures / f"{prefix}_{part}.png")
         _print_tables(results)
         return results
-    digits_cfg = DigitsConfig.quick() if args.quick else DigitsConfig()
-    minilm_cfg = MiniLMConfig.quick() if args.quick else MiniLMConfig()
-    charlm_cfg = CharLMConfig.quick() if args.quick else CharLMConfig()
+    size = "tiny" if args.tiny else "quick" if args.quick else None
+    digits_cfg = getattr(DigitsConfig, size)() if size else DigitsConfig()
+    minilm_cfg = getattr(MiniLMConfig, size)() if size else MiniLMConfig()
+    charlm_cfg = getattr(CharLMConfig, size)() if size else CharLMConfig()
     seeds = tuple(args.seeds) if args.seeds else None
     if seeds:
         digits_cfg.seeds = seeds
@@ -1505,10 +1515,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         results["seconds"]["charlm"] = round(time.perf_counter() - t0, 1)
     results["seconds"]["total"] = round(time.perf_counter() - start, 1)
 
-    if args.name is None and not args.quick:
+    if args.name is None and size is None:
         paths = write_results(results, args.out, args.figures or ROOT / "docs" / "figures")
     else:
-        name = args.name or "accuracy_study_quick"
+        name = args.name or f"accuracy_study_{size}"
         prefix = "results_" + name.removeprefix("accuracy_study_").removeprefix("accuracy_study")
         paths = write_results(results, args.out, args.figures, name, prefix.rstrip("_"))
     _print_tables(results)

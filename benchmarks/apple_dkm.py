@@ -167,3 +167,76 @@ def palettes_from_snapped(model: nn.Module, targets: Iterable[Target]) -> dict[s
             raise RuntimeError(f"{target.name}: the palette does not rebuild the weight")
         palettes[target.name] = palette
     return palettes
+
+
+def demo(bits: int = 2, steps: int = 40) -> dict[str, Any]:
+    """coremltools' DKM on a small MLP regression (``Linear(24, 128)``, ``Linear(128, 64)``
+    clustered; the last layer is below ``min_size``): prepare, ``steps`` AdamW steps with
+    ``palettizer.step()``, finalize, and the palettes and ``CompressionReport`` of the result,
+    as the study computes them. Returns what the run showed (``{"unavailable": why}`` without
+    coremltools)."""
+    if (why := apple_dkm_unavailable()) is not None:
+        return {"unavailable": why}
+    from lightning_dkm import ClusterSpec, CompressionReport, select_targets
+
+    def mlp() -> nn.Module:
+        return nn.Sequential(nn.Linear(24, 128), nn.Tanh(), nn.Linear(128, 64), nn.Tanh(),
+                             nn.Linear(64, 1))
+
+    torch.manual_seed(0)
+    model = mlp()
+    x = torch.randn(256, 24)
+    y = x[:, :1] * x[:, 1:2]
+    targets = select_targets(model, ClusterSpec(bits=bits))
+    prepared, palettizer = prepare_apple_dkm(model, [t.module_name for t in targets], bits=bits)
+    optimizer = torch.optim.AdamW(prepared.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(steps):
+        loss = (prepared(x) - y).square().mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        palettizer.step()
+        losses.append(float(loss.detach()))
+    plain = mlp()
+    plain.load_state_dict(finalize_apple_dkm(palettizer, prepared))
+    palettes = palettes_from_snapped(plain, targets)
+    report = CompressionReport.build(plain, palettes, lut_dtype=torch.float16)
+    return {
+        "bits": bits,
+        "targets": [t.module_name for t in targets],
+        "losses": losses,
+        "distinct_weights": {name: int(torch.unique(plain.get_parameter(name)).numel())
+                             for name in palettes},
+        "distinct_per_palette_max": {name: max(p.distinct_values_per_palette())
+                                     for name, p in palettes.items()},
+        "clustered_parameters": report.clustered_parameters,
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+    import json
+    from pathlib import Path
+
+    parser = argparse.ArgumentParser(description="coremltools' DKM on a small MLP: "
+                                     "trains, finalizes, and reads its palettes back")
+    parser.add_argument("--bits", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--json", type=Path, default=None, help="also write the result here")
+    args = parser.parse_args(argv)
+    result = demo(args.bits, args.steps)
+    if "unavailable" in result:
+        print(result["unavailable"])
+    else:
+        losses = result["losses"]
+        print(f"apple_dkm, {result['bits']} bits, targets {result['targets']}: loss "
+              f"{losses[0]:.4f} -> {losses[-1]:.4f} in {len(losses)} steps; distinct values "
+              f"per palette {result['distinct_per_palette_max']}; clustered parameters "
+              f"{result['clustered_parameters']}")
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

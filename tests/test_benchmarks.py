@@ -52,40 +52,19 @@ def test_implicit_gradient_script_prints_one_row_per_case():
 
 
 # -- the accuracy study (benchmarks/accuracy_study.py) --------------------------------------------
-def _load_study():
-    import importlib.util
-
-    path = BENCHMARKS / "accuracy_study.py"
-    spec = importlib.util.spec_from_file_location("accuracy_study_under_test", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-def _apple_dkm():
-    """benchmarks/apple_dkm.py (the coremltools wrapper), imported from the benchmarks folder."""
-    if str(BENCHMARKS) not in sys.path:
-        sys.path.insert(0, str(BENCHMARKS))
-    import apple_dkm
-
-    return apple_dkm
-
-
-def test_accuracy_study_charlm_tiny_runs_every_method_for_every_seed(tmp_path):
-    study = _load_study()
-    cfg = study.CharLMConfig.tiny()
-    skipped: list[str] = []
-    rows = study.run_charlm(cfg, log=lambda message: None, skipped=skipped)
-    expected = set(study.DEFAULT_METHODS)
-    if _apple_dkm().apple_dkm_unavailable() is not None:
-        expected.discard(study.APPLE)
-    if study.sensitivity_unavailable() is not None:
-        expected.discard(study.SENSITIVITY)
-    assert len(skipped) == len(set(study.DEFAULT_METHODS) - expected)
+def test_accuracy_study_tiny_charlm_runs_every_method_for_every_seed(tmp_path):
+    run("accuracy_study.py", "--tiny", "--parts", "charlm", "--out", str(tmp_path),
+        "--name", "tiny")
+    saved = json.loads((tmp_path / "tiny.json").read_text())
+    rows, cfg = saved["charlm"], saved["config"]["charlm"]
+    # a method is skipped only where what it needs is missing here (coremltools), saying so
+    skipped = {m for m in cfg["methods"] if any(f": {m} skipped: " in s for s in saved["skipped"])}
+    assert len(saved["skipped"]) == len(skipped)
+    assert all("not available" in s for s in saved["skipped"]), saved["skipped"]
+    expected = set(cfg["methods"]) - skipped
     assert {r["method"] for r in rows} == expected | {"fp32"}
     for method in expected:  # one row per seed (and width)
-        assert sorted(r["seed"] for r in rows if r["method"] == method) == list(cfg.seeds)
+        assert sorted(r["seed"] for r in rows if r["method"] == method) == cfg["seeds"]
     for row in rows:
         assert row["heldout_bpc"] > 0 and row["bytes"] > 0
     clustered = [r for r in rows if r["bits"] == 2]
@@ -93,17 +72,14 @@ def test_accuracy_study_charlm_tiny_runs_every_method_for_every_seed(tmp_path):
     assert clustered[0]["bytes"] < rows[0]["bytes"]
     dkm = [r for r in rows if r["method"] == "dkm"]
     assert all(r["temperature"]["source"] == "DKMCallback default" for r in dkm)
-    for row in (r for r in rows if r["method"] == study.APPLE):
+    for row in (r for r in rows if r["method"] == "apple_dkm"):
         assert row["distinct_values_max"] <= 2 ** row["bits"]
-    out = study.write_results({"charlm": rows}, tmp_path, stem="tiny")
-    saved = json.loads(out["json"].read_text())
     summary = {(e["method"], e["bits"]): e for e in saved["summary"]["charlm"]}
-    assert summary[("dkm", 2)]["n"] == len(cfg.seeds)
+    assert summary[("dkm", 2)]["n"] == len(cfg["seeds"])
     assert summary[("fp32", 32)]["n"] == 1
 
 
-def test_accuracy_study_summary_table_and_replot(tmp_path):
-    study = _load_study()
+def test_accuracy_study_replot_prints_mean_and_std_over_seeds(tmp_path):
     rows = [dict(model="m", method="fp32", bits=32, cluster_dim=1, seed=None, heldout_bpc=2.0,
                  bytes=400)]
     for seed, (a, b) in enumerate([(2.5, 3.0), (2.7, 3.4)]):
@@ -113,59 +89,31 @@ def test_accuracy_study_summary_table_and_replot(tmp_path):
                       heldout_bpc=b, bytes=100),
                  dict(model="m", method="fp32_finetune", bits=32, cluster_dim=1, seed=seed,
                       heldout_bpc=1.9, bytes=400)]
-    summary = {(e["method"], e["bits"]): e for e in study.summarize(rows, "heldout_bpc")}
-    assert summary[("dkm", 2)]["mean"] == 2.6 and summary[("dkm", 2)]["n"] == 2
-    assert abs(summary[("palettize", 2)]["std"] - 0.2828427) < 1e-6
-    table = study._table(rows, "heldout_bpc")
-    assert "2.6000 ± 0.1414" in table and "fp32_finetune" in table
     path = tmp_path / "study.json"
     path.write_text(json.dumps({"charlm": rows}))
     result = run("accuracy_study.py", "--replot", str(path))
-    assert "2.6000 ± 0.1414" in result.stdout
+    # mean ± sample std over the two seeds: dkm 2.6 ± 0.1414, palettize 3.2 ± 0.2828
+    assert "| 2 | 1 | 100 | 2.6000 ± 0.1414 | 3.2000 ± 0.2828 |" in result.stdout
+    assert "fp32: 2.0000 at 400 bytes (n=1)" in result.stdout
+    assert "fp32_finetune (no clustering): 1.9000 ± 0.0000 at 400 bytes (n=2)" in result.stdout
 
 
-def test_apple_dkm_wrapper_trains_and_snaps_to_at_most_2_bits_values():
-    apple_dkm = _apple_dkm()
-    if apple_dkm.apple_dkm_unavailable() is not None:
+def test_apple_dkm_wrapper_trains_and_snaps_to_at_most_2_bits_values(tmp_path):
+    out = tmp_path / "apple.json"
+    result = run("apple_dkm.py", "--bits", "2", "--json", str(out))
+    shown = json.loads(out.read_text())
+    if "unavailable" in shown:
         import pytest
 
-        pytest.skip(apple_dkm.apple_dkm_unavailable())
-    import torch
-    from torch import nn
-
-    from lightning_dkm import CompressionReport
-    from lightning_dkm.engine.layout import ClusterSpec
-    from lightning_dkm.model.targets import select_targets
-
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(24, 128), nn.Tanh(), nn.Linear(128, 64), nn.Tanh(),
-                          nn.Linear(64, 1))
-    x = torch.randn(256, 24)
-    y = x[:, :1] * x[:, 1:2]
-    targets = select_targets(model, ClusterSpec(bits=2))
-    assert [t.module_name for t in targets] == ["0", "2"]  # the last layer is below min_size
-    prepared, palettizer = apple_dkm.prepare_apple_dkm(model, [t.module_name for t in targets],
-                                                       bits=2)
-    optimizer = torch.optim.AdamW(prepared.parameters(), lr=3e-3)
-    losses = []
-    for _ in range(40):
-        loss = (prepared(x) - y).square().mean()
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        palettizer.step()
-        losses.append(float(loss.detach()))
-    assert sum(losses[-5:]) < sum(losses[:5])
-    state = apple_dkm.finalize_apple_dkm(palettizer, prepared)
-    plain = nn.Sequential(nn.Linear(24, 128), nn.Tanh(), nn.Linear(128, 64), nn.Tanh(),
-                          nn.Linear(64, 1))
-    plain.load_state_dict(state)
-    palettes = apple_dkm.palettes_from_snapped(plain, targets)
-    for name, palette in palettes.items():
-        assert torch.unique(plain.get_parameter(name)).numel() <= 4
-        assert max(palette.distinct_values_per_palette()) <= 4
-    report = CompressionReport.build(plain, palettes, lut_dtype=torch.float16)
-    assert report.clustered_parameters == 24 * 128 + 128 * 64
+        pytest.skip(shown["unavailable"])
+    assert "apple_dkm, 2 bits" in result.stdout
+    assert shown["targets"] == ["0", "2"]  # the last layer is below min_size
+    losses = shown["losses"]
+    assert len(losses) == 40 and sum(losses[-5:]) < sum(losses[:5])
+    assert set(shown["distinct_weights"]) == {"0.weight", "2.weight"}
+    assert all(n <= 4 for n in shown["distinct_weights"].values())
+    assert all(n <= 4 for n in shown["distinct_per_palette_max"].values())
+    assert shown["clustered_parameters"] == 24 * 128 + 128 * 64
 
 
 def test_packed_inference_compares_dense_and_packed_side_by_side(tmp_path):

