@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import lightning_dkm.engine.clustering_pass as clustering_pass_module
+import lightning_dkm.engine.rebuild as rebuild_module
 from lightning_dkm import ClusterSpec, attach, clustered_tensors, select_targets
 from lightning_dkm.engine.clustering_pass import clustering_pass
 from lightning_dkm.engine.distinct import unique_dkm_cluster
@@ -127,39 +128,32 @@ def test_nothing_of_a_pass_outlives_it():
     with clustering_pass(model) as current:
         model(torch.randn(2, 64)).sum().backward()
     assert len(current.members) == 3
-    assert all(t.parametrization.clustering_pass is None
+    assert all(t.parametrization.pass_step is None
                for t in clustered_tensors(model).values())
 
 
-# -- recompute: the soft weights rebuilt in the backward instead of kept --------------------------
+# -- rebuild: the soft weights computed again in the backward instead of kept ---------------------
 
 
-def _one_step(recompute, rebuilt: list | None = None):
+def _one_step(rebuild, rebuilt: list | None = None, monkeypatch=None):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(256, 128), nn.Tanh(), nn.Linear(128, 256))
     attach(model, select_targets(model, ClusterSpec(bits=3), min_size=0),
            implementation="unique", temperature=3e-2)
-    if rebuilt is not None:
-        for tensor in clustered_tensors(model).values():
-            original = tensor.parametrization.step_output
-
-            def spy(result, weight, original=original):
-                if result.rebuild is not None:
-                    inner = result.rebuild
-                    result = result._replace(rebuild=lambda: rebuilt.append(1) or inner())
-                return original(result, weight)
-
-            tensor.parametrization.step_output = spy
+    if rebuilt is not None:  # count the rebuilds where the step makes them
+        original = rebuild_module.rebuilt_soft_weights
+        monkeypatch.setattr("lightning_dkm.engine.distinct.rebuilt_soft_weights",
+                            lambda *a: rebuilt.append(1) or original(*a))
     x = torch.randn(16, 256, generator=torch.Generator().manual_seed(1))
-    with clustering_pass(model, recompute=recompute):
+    with clustering_pass(model, rebuild=rebuild):
         loss = model(x).square().mean()
     loss.backward()
     return model
 
 
-def test_recomputed_soft_weights_give_the_same_gradients_as_kept_ones():
+def test_rebuilt_soft_weights_give_the_same_gradients_as_kept_ones(monkeypatch):
     rebuilt: list = []
-    kept, recomputed = _one_step(False), _one_step(True, rebuilt)
+    kept, recomputed = _one_step(False), _one_step(True, rebuilt, monkeypatch)
     # The second Linear's weight, rebuilt once in the backward (autograd does not save the
     # first one's: its input needs no gradient).
     assert len(rebuilt) == 1
@@ -171,9 +165,9 @@ def test_recomputed_soft_weights_give_the_same_gradients_as_kept_ones():
         assert torch.equal(tensor.parametrization.centroids, other), name
 
 
-def test_by_default_only_weights_that_fsdp_shards_are_rebuilt():
+def test_by_default_only_weights_that_fsdp_shards_are_rebuilt(monkeypatch):
     rebuilt: list = []
-    _one_step(None, rebuilt)
+    _one_step(None, rebuilt, monkeypatch)
     assert rebuilt == []  # plain tensors: kept, as before
 
 
@@ -182,7 +176,7 @@ def test_the_rebuild_of_the_unique_step_is_its_output_bit_for_bit():
     x = torch.randn(1, 50_000, 1, requires_grad=True)
     c0 = torch.linspace(-1.5, 1.5, 8).reshape(1, 8, 1)
     kept = unique_dkm_cluster(x, c0, 0.05)
-    again = unique_dkm_cluster(x, c0, 0.05, recompute=True)
+    again = unique_dkm_cluster(x, c0, 0.05, rebuild=True)
     assert kept.rebuild is None and again.rebuild is not None
     assert torch.equal(again.rebuild(), again.weights.detach())
     assert torch.equal(again.weights, kept.weights)

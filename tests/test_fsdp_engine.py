@@ -107,7 +107,7 @@ def _sharded_step_against_a_plain_one(rank: int, port: int, results) -> None:
                 fully_shard(module, mesh=mesh)
         fully_shard(sharded, mesh=mesh)
         with L.clustering_pass(sharded) as current:
-            rebuilt = [current.recomputes(t.parametrization)
+            rebuilt = [current.rebuilds(t.parametrization)
                        for t in L.clustered_tensors(sharded).values()]
             loss = sharded(data[rank]).square().mean()  # this rank's half
         loss.backward()  # FSDP2 averages the two halves' gradients

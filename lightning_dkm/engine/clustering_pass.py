@@ -29,35 +29,32 @@ sub-models), open the pass on the part that runs. Under FSDP2 a weight is whole 
 FSDP unit runs (the others are ``DTensor`` shards), so a batch holds the weights of one unit.
 Close the pass before the backward (``DKMCallback`` does): what it holds is the forward's.
 
-**Recompute instead of keep (FSDP2).** Between the forward and the backward a ``"unique"``
-weight normally costs ``6 n`` bytes beyond the model: its soft weights (``n`` floats, which
-``F.linear`` saves for the input's gradient) and its float16 codes (which the DKM backward
-reads). Under FSDP2 that is the whole model's size on every rank, whatever the world size,
-while FSDP2 itself keeps only shards (it frees each gathered weight after its unit's forward
-and gathers it again for the backward). So for the weights FSDP2 shards (``recompute=None``,
-the default; ``True``: every weight, ``False``: none) the pass keeps neither: the DKM step
-saves its input, the gathered weight, which FSDP2 gathers again for the backward anyway, and
-computes the codes again from it there; and a saved-tensor hook replaces every saved view of
-the soft weights with how to rebuild them (the codes and one look-up in the step's per-code
-output table, bit for bit). What stays per weight is that table and the step's trajectory on
-the distinct values (``O(U k max_iter)``, ``U <= 65,536``); the price is one more pass over the
-weight for the codes and one look-up in the backward. Weights with ``per_channel_scale`` or
-several palettes keep theirs (their step input is a copy, not a view of the weight).
+**Rebuild instead of keep (FSDP2).** For the weights FSDP2 shards (``rebuild=None``, the
+default; ``True``: every weight, ``False``: none) the pass keeps neither the soft weights nor
+the float16 codes of a ``"unique"`` step between the forward and the backward, but computes
+them again in the backward (:mod:`.rebuild`). Weights with ``per_channel_scale`` or several
+palettes keep theirs (their step input is a copy, not a view of the weight).
+
+**Who calls whom.** The pass hands each parametrization a step (:attr:`~.parametrization.
+DKMParametrization.pass_step`, the one step signature) that returns its result: computed in
+the batch on the first read, or by its own step with the pass's ``rebuild``. The parametrization
+keeps the centroids and reads the result back; a batched result that no forward read has its
+centroids kept when the pass closes.
 """
 
 from __future__ import annotations
 
 import contextlib
-import weakref
-from collections.abc import Callable, Iterator
-from typing import Any
+import functools
+from collections.abc import Iterator
 
 from torch import Tensor, nn
-from torch.autograd.graph import saved_tensors_hooks
 from torch.nn.utils import parametrize
 
 from .distinct import unique_dkm_batch
-from .parametrization import DKMParametrization
+from .numerics import DKMOutput
+from .parametrization import DKMParametrization, StepConfig
+from .rebuild import SavedSoftWeights
 from .sharding import is_sharded
 
 __all__ = ["CPU_BATCH_MAX_ENTRIES", "ClusteringPass", "clustering_pass"]
@@ -69,42 +66,27 @@ CPU_BATCH_MAX_ENTRIES = 1 << 16
 
 class ClusteringPass:
     """The weights of one forward: each :class:`DKMParametrization` of the model with the
-    parametrization list that holds its original (:attr:`members`), and the clustered weights
-    computed so far."""
+    parametrization list that holds its original (:attr:`members`), and the results computed so
+    far."""
 
     def __init__(self, members: list[tuple[DKMParametrization, nn.Module]],
-                 recompute: bool | None = None) -> None:
+                 rebuild: bool | None = None) -> None:
         self.members = members
-        self._results: dict[int, Tensor] = {}
+        self._results: dict[int, DKMOutput] = {}
+        self._unread: dict[int, DKMParametrization] = {}
+        self.saved = SavedSoftWeights()
         # Decided outside the forward, where a weight FSDP2 shards is still a DTensor.
-        self._recomputing = {
-            id(p) for p, holder in members if p.can_recompute
-            and (recompute if recompute is not None else is_sharded(holder.original))
+        self._rebuilding = {
+            id(p) for p, holder in members if p.layout.order_free and p.scale is None
+            and (rebuild if rebuild is not None else is_sharded(holder.original))
         }
-        self._rebuilds: dict[int, tuple[weakref.ref, Callable[[], Tensor]]] = {}
 
-    def recomputes(self, p: DKMParametrization) -> bool:
+    def rebuilds(self, p: DKMParametrization) -> bool:
         """Whether ``p``'s soft weights are rebuilt in the backward instead of kept (module
-        docstring: the weights FSDP2 shards, or all with ``recompute=True``)."""
-        return id(p) in self._recomputing
+        docstring: the weights FSDP2 shards, or all with ``rebuild=True``)."""
+        return id(p) in self._rebuilding
 
-    def rebuilds(self, out: Tensor, rebuild: Callable[[], Tensor]) -> None:
-        """Where autograd saves ``out`` or a view of it during this pass (``F.linear`` saves
-        ``weight.t()``), keep ``rebuild`` in its place: it computes the tensor that ``out`` is
-        a view of (its ``_base``, contiguous), from which the view is taken again."""
-        base = out if out._base is None else out._base
-        self._rebuilds[id(base)] = (weakref.ref(base), rebuild)
-
-    def pack(self, tensor: Tensor) -> Any:
-        """The saved-tensor hook: a view of a soft weight this pass can rebuild is kept as how
-        to rebuild it; everything else as itself."""
-        base = tensor if tensor._base is None else tensor._base
-        entry = self._rebuilds.get(id(base))
-        if entry is None or entry[0]() is not base:
-            return tensor
-        return _Rebuild(entry[1], tensor.size(), tensor.stride(), tensor.storage_offset())
-
-    def batches(self, p: DKMParametrization, weight: Tensor) -> bool:
+    def _batches(self, p: DKMParametrization, weight: Tensor) -> bool:
         """Whether ``p``'s soft ``"unique"`` step runs in the pass's batch (module docstring)."""
         if not (p.mode == "soft" and p.training and p.is_initialized
                 and p.step_implementation == "unique") or is_sharded(weight):
@@ -114,42 +96,38 @@ class ClusteringPass:
         P, n, _ = p.layout.palette_shape
         return P * min(n, 1 << 16) * p.layout.spec.num_centroids <= CPU_BATCH_MAX_ENTRIES
 
-    def clustered(self, requester: DKMParametrization, weight: Tensor) -> Tensor:
-        """The soft clustered weight of ``requester`` (its original is ``weight``, and
-        :meth:`batches` holds for it): on the first request, the batched step of every member
-        that :meth:`batches` with the same settings."""
-        result = self._results.get(id(requester))
-        if result is not None:
+    def _step(self, p: DKMParametrization, x: Tensor, centroids: Tensor, tau: Tensor,
+              config: StepConfig) -> DKMOutput:
+        """``p``'s :attr:`~.parametrization.DKMParametrization.pass_step`: on the first request
+        of a weight that :meth:`_batches`, the batched step of every member that does with the
+        same settings; else ``p``'s own step."""
+        if id(p) not in self._results and not self._batches(p, x):
+            result = p.step(x, centroids, tau, config._replace(rebuild=self.rebuilds(p)))
+            self.saved.keep(result)
             return result
-        group = [(p, weight if p is requester else holder.original)
-                 for p, holder in self.members if self.batches(p, holder.original)
-                 and _settings(p, holder.original) == _settings(requester, weight)]
-        outputs = unique_dkm_batch(
-            [p.step_input(w) for p, w in group], [p.centroids for p, _ in group],
-            [p.temperature for p, _ in group], max_iter=requester.max_iter,
-            epsilon=requester.epsilon, gradient=requester.gradient,
-            recompute=[self.recomputes(p) for p, _ in group],
-        )
-        for (p, w), out in zip(group, outputs, strict=True):
-            self._results[id(p)] = p.step_output(out, w)
-        return self._results[id(requester)]
+        if id(p) not in self._results:
+            group = [(q, x if q is p else q.layout.step_view(holder.original, q.scale))
+                     for q, holder in self.members if q is p or (
+                         self._batches(q, holder.original)
+                         and _settings(q, holder.original) == _settings(p, x))]
+            outputs = unique_dkm_batch(
+                [t for _, t in group], [q.centroids for q, _ in group],
+                [q.temperature for q, _ in group], max_iter=p.max_iter, epsilon=p.epsilon,
+                gradient=p.gradient, rebuild=[self.rebuilds(q) for q, _ in group])
+            for (q, _), result in zip(group, outputs, strict=True):
+                self._results[id(q)], self._unread[id(q)] = result, q
+                self.saved.keep(result)
+        self._unread.pop(id(p), None)
+        return self._results[id(p)]
 
-
-
-class _Rebuild:
-    """What autograd keeps, in place of (a view of) a soft weight, until the backward."""
-
-    __slots__ = ("offset", "rebuild", "size", "stride")
-
-    def __init__(self, rebuild: Callable[[], Tensor], size, stride, offset: int) -> None:
-        self.rebuild, self.size, self.stride, self.offset = rebuild, size, stride, offset
-
-    def __call__(self) -> Tensor:
-        return self.rebuild().as_strided(self.size, self.stride, self.offset)
-
-
-def _unpack(saved: Any) -> Tensor:
-    return saved() if isinstance(saved, _Rebuild) else saved
+    def close(self) -> None:
+        """Keep the centroids of batched results that no forward read; nothing else stays."""
+        for p in self._unread.values():
+            p.keep_centroids(self._results[id(p)].centroids)
+        for p, _ in self.members:
+            p.pass_step = None
+        self._results.clear()
+        self._unread.clear()
 
 
 def _settings(p: DKMParametrization, weight: Tensor) -> tuple:
@@ -157,13 +135,13 @@ def _settings(p: DKMParametrization, weight: Tensor) -> tuple:
 
 
 @contextlib.contextmanager
-def clustering_pass(model: nn.Module, recompute: bool | None = None
+def clustering_pass(model: nn.Module, rebuild: bool | None = None
                     ) -> Iterator[ClusteringPass]:
     """Run one forward of ``model`` as one clustering pass (module docstring). Nested or
     repeated use is fine; on exit nothing of the pass is kept.
 
-    ``recompute``: rebuild the soft weights of the ``"unique"`` step in the backward instead
-    of keeping them and their float16 codes from the forward (module docstring). ``None``
+    ``rebuild``: rebuild the soft weights of the ``"unique"`` step in the backward instead
+    of keeping them and their float16 codes from the forward (:mod:`.rebuild`). ``None``
     (default): for the weights that FSDP2 shards; ``True`` / ``False``: for all / none."""
     members = []
     for module in model.modules():
@@ -172,17 +150,16 @@ def clustering_pass(model: nn.Module, recompute: bool | None = None
             continue
         for holder in holders.values():
             first = holder[0]
-            if isinstance(first, DKMParametrization) and first.clustering_pass is None:
+            if isinstance(first, DKMParametrization) and first.pass_step is None:
                 members.append((first, holder))
-    current = ClusteringPass(members, recompute)
+    current = ClusteringPass(members, rebuild)
     for p, _ in members:
-        p.clustering_pass = current
+        p.pass_step = functools.partial(current._step, p)
     try:
         with contextlib.ExitStack() as stack:
             stack.enter_context(parametrize.cached())
-            if current._recomputing:
-                stack.enter_context(saved_tensors_hooks(current.pack, _unpack))
+            if current._rebuilding:
+                stack.enter_context(current.saved.hooks())
             yield current
     finally:
-        for p, _ in members:
-            p.clustering_pass = None
+        current.close()

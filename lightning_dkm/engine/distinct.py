@@ -60,7 +60,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .float16_codes import CodeColumns, DistinctValues, float16_codes, prepare
+from .float16_codes import CodeColumns, DistinctValues, prepare
 from .numerics import (
     DKMOutput,
     Groups,
@@ -70,6 +70,7 @@ from .numerics import (
     host_reads_are_free,
     inverse_temperature,
 )
+from .rebuild import CodesOnce, rebuilt_soft_weights
 from .weighted import (
     Gradient,
     check_gradient_name,
@@ -91,7 +92,7 @@ class _Config(NamedTuple):
     epsilon: float
     implicit: bool  # the implicit gradient
     device_side: bool  # no host reads (:func:`~.numerics.host_reads_are_free`)
-    recompute: tuple[_Recomputed | None, ...]  # codes computed again in the backward, or None
+    codes_once: tuple[CodesOnce | None, ...]  # a rebuilding tensor's codes (:mod:`.rebuild`)
 
 
 class _Results(NamedTuple):
@@ -100,7 +101,7 @@ class _Results(NamedTuple):
     weights: tuple[Tensor, ...]  # (P_t, n_t) the soft weights, differentiable
     centroids: tuple[Tensor, ...]  # (P_t, k_t) the final centroids
     iterations: tuple[int | Tensor, ...]  # as :attr:`~.numerics.DKMOutput.iterations`
-    tables: tuple[Tensor, ...]  # the per-code output tables of the ``recompute`` tensors only
+    tables: tuple[Tensor, ...]  # the per-code output tables of the rebuilding tensors only
 
     def flat(self) -> tuple:
         return (*self.weights, *self.centroids, *self.iterations, *self.tables)
@@ -111,7 +112,7 @@ class _Results(NamedTuple):
                    flat[3 * count:])
 
 
-class _Tensor(NamedTuple):
+class _InBatch(NamedTuple):
     """One tensor of a batch between the forward and the backward: its codes, where its
     distinct values are, and which rows / columns of the batch they fill."""
 
@@ -153,7 +154,7 @@ class _UniqueDKM(torch.autograd.Function):
         row = 0
         for x, c, norm in zip(xs, centroids, normalizations, strict=True):
             codes, _, distinct, center, scale = prepare(x.detach(), norm, device_side)
-            tensors.append(_Tensor(codes, distinct._replace(values=None),
+            tensors.append(_InBatch(codes, distinct._replace(values=None),
                                    slice(row, row + x.shape[0]), distinct.values.shape[1]))
             values.append(distinct.values)
             counts.append(distinct.counts)
@@ -183,7 +184,7 @@ class _UniqueDKM(torch.autograd.Function):
                                               groups=groups)
         outputs, finals, tables = [], [], []
         for t, x, c, center, scale, distinct_values, again in zip(
-                tensors, xs, centroids, centers, scales, values, config.recompute,
+                tensors, xs, centroids, centers, scales, values, config.codes_once,
                 strict=True):
             y_t = y[t.rows, 0, : t.width] * scale + center
             columns = CodeColumns(t.codes, device_side)
@@ -194,13 +195,13 @@ class _UniqueDKM(torch.autograd.Function):
             if again:
                 tables.append(table)
         ctx.tensors = [t._replace(codes=None) for t in tensors]  # the codes are saved below
-        # A tensor with ``recompute`` keeps its input instead of its codes (a view of the
-        # caller's weight, which exists anyway) and computes the codes again in the backward.
+        # A rebuilding tensor keeps its input instead of its codes (a view of the caller's
+        # weight, which exists anyway) and computes the codes again in the backward.
         kept = [x if again else t.codes
-                for t, x, again in zip(tensors, xs, config.recompute, strict=True)]
+                for t, x, again in zip(tensors, xs, config.codes_once, strict=True)]
         save_trajectory(ctx, trajectory, batch_values, batch_counts,
                         *kept, *([mask] if mask is not None else []), inv_tau=inv_tau)
-        ctx.recompute, ctx.normalizations = config.recompute, normalizations
+        ctx.codes_once, ctx.normalizations = config.codes_once, normalizations
         ctx.count, ctx.has_mask = T, mask is not None
         ctx.set_materialize_grads(False)  # an unused tensor's gradient stays None: no work
         ctx.implicit, ctx.device_side = config.implicit, device_side
@@ -223,7 +224,7 @@ def _unique_backward(ctx, grads: tuple[Tensor | None, ...]) -> list[Tensor | Non
     values, counts, *rest = saved
     kept, mask = rest[: ctx.count], (rest[ctx.count] if ctx.has_mask else None)
     codes = [k if again is None else again.take_codes(k, norm, ctx.device_side)
-             for k, norm, again in zip(kept, ctx.normalizations, ctx.recompute, strict=True)]
+             for k, norm, again in zip(kept, ctx.normalizations, ctx.codes_once, strict=True)]
     columns = [CodeColumns(c, ctx.device_side) for c in codes]
     G = torch.zeros_like(values)  # (P, 1, U)
     for t, column, g in zip(ctx.tensors, columns, grads, strict=True):
@@ -256,7 +257,7 @@ def unique_dkm_batch(
     epsilon: float = 1e-4,
     normalizations: Sequence[Normalization | None] | None = None,
     gradient: Gradient = "unrolled",
-    recompute: Sequence[bool] | None = None,
+    rebuild: Sequence[bool] | None = None,
 ) -> list[DKMOutput]:
     """:func:`unique_dkm_cluster` of several tensors in one call of the weighted core: every
     palette of every tensor (different sizes, ``k`` and taus) in one padded batch, so that the
@@ -266,13 +267,13 @@ def unique_dkm_batch(
     runs until the last one has stopped, the rounds after a tensor's stop leave it as it was)
     and reports its own count.
 
-    ``recompute[t]``: keep tensor ``t``'s input for the backward instead of its float16 codes
+    ``rebuild[t]``: keep tensor ``t``'s input for the backward instead of its float16 codes
     (``2 n`` bytes less; the codes are computed again there, one pass over the input) and give
     its output a :attr:`~.numerics.DKMOutput.rebuild`, so that a saved-tensor hook can drop the
-    ``n`` soft weights until the backward too (:func:`~.clustering_pass.clustering_pass` does,
-    for the weights FSDP2 shards). It takes effect where the input needs no conversion to the
-    compute dtype (a float32 weight: the step's input is then a view of it, memory that exists
-    anyway); elsewhere it is ignored. The values and gradients are the same either way."""
+    ``n`` soft weights until the backward too (:mod:`.rebuild`). It takes effect where the
+    input needs no conversion to the compute dtype (a float32 weight: the step's input is then
+    a view of it, memory that exists anyway); elsewhere it is ignored. The values and
+    gradients are the same either way."""
     T = len(xs)
     if T == 0 or len(centroids) != T or len(taus) != T:
         raise ValueError(f"unique_dkm_batch needs one centroid tensor and one tau per tensor; "
@@ -285,8 +286,8 @@ def unique_dkm_batch(
     compute_dtype = torch.promote_types(xs[0].dtype, torch.float32)
     device_side = not host_reads_are_free(xs[0])
     norms = tuple(normalizations) if normalizations is not None else (None,) * T
-    again = tuple(_Recomputed() if r and x.dtype == compute_dtype else None
-                  for r, x in zip(recompute or (False,) * T, xs, strict=True))
+    again = tuple(CodesOnce() if r and x.dtype == compute_dtype else None
+                  for r, x in zip(rebuild or (False,) * T, xs, strict=True))
     inputs = [x.squeeze(-1).to(compute_dtype) for x in xs]
     with autocast_disabled(xs[0].device.type):
         config = _Config(norms, tuple(inverse_temperature(t, compute_dtype) for t in taus),
@@ -296,37 +297,11 @@ def unique_dkm_batch(
     tables = iter(results.tables)
     return [DKMOutput(out.unsqueeze(-1).to(x.dtype), final.to(c.dtype).unsqueeze(-1),
                       out.new_empty(0), count,
-                      rebuild=functools.partial(_rebuild, inp, norm, device_side, next(tables),
-                                                x.dtype, a) if a else None)
+                      rebuild=functools.partial(rebuilt_soft_weights, inp, norm, device_side,
+                                                next(tables), x.dtype, a) if a else None)
             for out, final, x, c, count, inp, norm, a in zip(
                 results.weights, results.centroids, xs, centroids, results.iterations, inputs,
                 norms, again, strict=True)]
-
-
-class _Recomputed:
-    """A ``recompute`` tensor's codes between the rebuild of its soft weights (``F.linear``'s
-    backward, first) and the DKM backward (next), computed once for both."""
-
-    __slots__ = ("codes",)
-
-    def __init__(self) -> None:
-        self.codes: Tensor | None = None
-
-    def take_codes(self, x: Tensor, normalization: Normalization | None,
-                   device_side: bool) -> Tensor:
-        codes, self.codes = self.codes, None
-        if codes is None:
-            codes = float16_codes(x.detach(), normalization, device_side)[0]
-        return codes
-
-
-@torch.no_grad()
-def _rebuild(x: Tensor, normalization: Normalization | None, device_side: bool, table: Tensor,
-             dtype: torch.dtype, recomputed: _Recomputed) -> Tensor:
-    """The soft weights of one tensor again, from its input and its per-code output table: the
-    forward's codes and look-up, bit for bit. The codes stay for the DKM backward."""
-    codes = recomputed.codes = float16_codes(x, normalization, device_side)[0]
-    return CodeColumns(codes, device_side).look_up(table).unsqueeze(-1).to(dtype)
 
 
 def unique_dkm_cluster(
@@ -338,7 +313,7 @@ def unique_dkm_cluster(
     epsilon: float = 1e-4,
     normalization: Normalization | None = None,
     gradient: Gradient = "unrolled",
-    recompute: bool = False,
+    rebuild: bool = False,
 ) -> DKMOutput:
     """DKM for ``cluster_dim = 1`` on the distinct float16 values of the normalised weights.
 
@@ -356,8 +331,8 @@ def unique_dkm_cluster(
 
     Runs in at least float32 with autocast off; without host reads (an accelerator,
     ``torch.compile``) on the full table of float16 codes, with the early stop decided on the
-    device (module docstring). ``recompute``: as in :func:`unique_dkm_batch`.
+    device (module docstring). ``rebuild``: as in :func:`unique_dkm_batch`.
     """
     return unique_dkm_batch([x], [centroids], [tau], max_iter=max_iter, epsilon=epsilon,
                             normalizations=[normalization], gradient=gradient,
-                            recompute=[recompute])[0]
+                            rebuild=[rebuild])[0]

@@ -269,6 +269,30 @@ class PaletteLayout:
         permuted = weight.permute(self._permutation)
         return permuted.reshape(self.palette_shape)
 
+    @property
+    def order_free(self) -> bool:
+        """Scalar clustering of one palette: the order of its weights matters to no step, so a
+        flat view of the weight can stand for the palettes (:meth:`step_view`)."""
+        return self.spec.cluster_dim == 1 and self.num_palettes == 1
+
+    def step_view(self, weight: Tensor, scale: Tensor | None = None) -> Tensor:
+        """``weight`` as a DKM step's input ``(P, n, d)``: :meth:`to_palettes`, or where the
+        layout is :attr:`order_free` a flat view (no permuted copy)."""
+        if not self.order_free:
+            return self.to_palettes(weight, scale)
+        if scale is not None:
+            weight = weight / self.broadcast_scale(scale.to(weight))
+        return weight.reshape(1, -1, 1)
+
+    def from_step_view(self, x: Tensor, scale: Tensor | None = None) -> Tensor:
+        """The inverse of :meth:`step_view`: a step's output in the weight's shape and units."""
+        if not self.order_free:
+            return self.from_palettes(x, scale)
+        x = x.reshape(self.shape)
+        if scale is not None:
+            x = x * self.broadcast_scale(scale.to(x))
+        return x
+
     def from_palettes(self, x: Tensor, scale: Tensor | None = None) -> Tensor:
         """``(P, n, d)`` -> a tensor of ``shape``, each channel multiplied by ``scale`` when
         given; the inverse of :meth:`to_palettes` (exact without a scale)."""

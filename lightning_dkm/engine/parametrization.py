@@ -30,8 +30,8 @@ tensor, and the steps decide their early stop on the device where reads are not 
 from __future__ import annotations
 
 import zlib
-from collections.abc import Iterator
-from typing import Literal
+from collections.abc import Callable, Iterator
+from typing import Literal, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -48,8 +48,11 @@ from .weighted import GRADIENTS, Gradient
 __all__ = [
     "AUTO_REFERENCE_MAX_ENTRIES",
     "AUTO_UNIQUE_MIN_WEIGHTS",
+    "STEPS",
     "DKMParametrization",
     "Mode",
+    "Step",
+    "StepConfig",
     "check_gradient",
     "resolve_implementation",
     "stable_seed",
@@ -57,10 +60,30 @@ __all__ = [
 
 Mode = Literal["soft", "hard", "dense"]
 Implementation = Literal["auto", "chunked", "unique", "reference"]
-_IMPLEMENTATIONS = {
-    "chunked": chunked_dkm_cluster,
-    "unique": unique_dkm_cluster,
-    "reference": dkm_cluster,
+
+
+class StepConfig(NamedTuple):
+    """A DKM step's settings besides its tensors; each step reads those it uses."""
+
+    max_iter: int
+    epsilon: float
+    gradient: Gradient = "unrolled"
+    chunk: int = DEFAULT_CHUNK
+    rebuild: bool = False  # the "unique" step's FSDP2 rebuild (:mod:`.rebuild`)
+
+
+#: The one step interface: ``step(x (P, n, d), centroids (P, k, d), tau, config) -> DKMOutput``.
+Step = Callable[[Tensor, Tensor, Tensor, StepConfig], DKMOutput]
+#: Every implementation behind it, bound once per parametrization (``DKMParametrization.step``);
+#: ``"reference"`` (plain autograd) is the oracle the tests hold the others to.
+STEPS: dict[str, Step] = {
+    "reference": lambda x, c, tau, s: dkm_cluster(
+        x, c, tau, max_iter=s.max_iter, epsilon=s.epsilon),
+    "chunked": lambda x, c, tau, s: chunked_dkm_cluster(
+        x, c, tau, max_iter=s.max_iter, epsilon=s.epsilon, chunk=s.chunk, gradient=s.gradient),
+    "unique": lambda x, c, tau, s: unique_dkm_cluster(
+        x, c, tau, max_iter=s.max_iter, epsilon=s.epsilon, gradient=s.gradient,
+        rebuild=s.rebuild),
 }
 #: ``"auto"`` takes ``"unique"`` for scalar clustering of at least this many weights per
 #: palette: below it the distinct-value bookkeeping costs more than it saves.
@@ -110,7 +133,7 @@ _INIT_MAX_ITER = 100
 _FLOAT32_BUFFERS = ("centroids", "temperature", "scale")
 
 
-def recomputing() -> bool:
+def replaying() -> bool:
     """Whether this forward runs inside a backward pass: activation checkpointing
     (``torch.utils.checkpoint``, reentrant or not) computing a forward again. Such a forward
     starts from the centroids the step started from and moves none, so that it computes what
@@ -198,9 +221,9 @@ class DKMParametrization(nn.Module):
         self.max_iter = max_iter
         self.epsilon = float(epsilon)
         self.seed = int(seed)
-        if implementation != "auto" and implementation not in _IMPLEMENTATIONS:
+        if implementation != "auto" and implementation not in STEPS:
             raise ValueError(
-                f"implementation must be 'auto' or one of {tuple(_IMPLEMENTATIONS)}; got "
+                f"implementation must be 'auto' or one of {tuple(STEPS)}; got "
                 f"{implementation!r}"
             )
         if not isinstance(chunk, int) or chunk < 1:
@@ -214,14 +237,13 @@ class DKMParametrization(nn.Module):
         self.gradient = gradient
         self.step_implementation = resolve_implementation(implementation, layout, gradient)
         self.chunk = chunk
-        # Scalar clustering of one palette does not depend on the order of the weights, so the
-        # step can run on a flat view instead of the layout's permuted copy (and copy back).
-        self._order_free = layout.spec.cluster_dim == 1 and layout.num_palettes == 1
-        #: The :class:`~.clustering_pass.ClusteringPass` this weight belongs to while one is
-        #: open (a plain attribute, never state: nothing outlives the forward).
-        self.clustering_pass = None
+        #: The DKM step (:data:`Step`), bound once.
+        self.step: Step = STEPS[self.step_implementation]
+        #: The step an open :func:`~.clustering_pass.clustering_pass` hands this weight (its
+        #: batched result, or :attr:`step` with the pass's settings); never state.
+        self.pass_step: Step | None = None
         # The centroids a training step started from, for a forward that activation
-        # checkpointing runs again in the backward (:func:`recomputing`): it must start there
+        # checkpointing runs again in the backward (:func:`replaying`): it must start there
         # too, and move nothing.
         self._step_start: Tensor | None = None
         P, _, d = layout.palette_shape
@@ -369,75 +391,38 @@ class DKMParametrization(nn.Module):
         with autocast_disabled(weight.device.type):
             return self._clustered(weight)
 
+    @property
+    def config(self) -> StepConfig:
+        """The step's settings, as the attributes hold them now."""
+        return StepConfig(self.max_iter, self.epsilon, self.gradient, self.chunk)
+
     def _clustered(self, weight: Tensor) -> Tensor:
-        """The soft (training) or snapped weight of an initialised parametrization. Inside a
-        :func:`~.clustering_pass.clustering_pass` the soft ``"unique"`` steps of the model's
-        weights run as one batched call, on the first weight read."""
+        """The soft (training) or snapped weight of an initialised parametrization: the step
+        (:attr:`pass_step` inside a clustering pass) on the layout's step view, read back."""
+        replay = replaying() and self._step_start is not None
+        start = self._step_start if replay else self.centroids
+        x = self.layout.step_view(weight, self.scale)
         if self.mode == "soft" and self.training:
-            current = self.clustering_pass
-            if current is not None and current.batches(self, weight):
-                return current.clustered(self, weight)
-            step = _IMPLEMENTATIONS[self.step_implementation]
-            kwargs: dict = {}
-            if self.step_implementation == "chunked":
-                kwargs["chunk"] = self.chunk
-            if self.step_implementation != "reference":
-                kwargs["gradient"] = self.gradient
-            if self.step_implementation == "unique" and current is not None:
-                kwargs["recompute"] = current.recomputes(self)
-            again = recomputing() and self._step_start is not None
-            result = step(self.step_input(weight), self._step_start if again else self.centroids,
-                          self.temperature, max_iter=self.max_iter, epsilon=self.epsilon,
-                          **kwargs)
-            return self.step_output(result, weight, commit=not again)
-        x = self.step_input(weight)
-        again = recomputing() and self._step_start is not None
-        _, snapped = hard_assign(x, self._step_start if again else self.centroids)
-        if self.mode == "hard" and self.training and not again:
+            step = self.step if self.pass_step is None else self.pass_step
+            result = step(x, start, self.temperature, self.config)
+            if not replay:
+                self.keep_centroids(result.centroids)
+            return self.layout.from_step_view(result.weights, self.scale)
+        _, snapped = hard_assign(x, start)
+        if self.mode == "hard" and self.training and not replay:
             self._step_start = self.centroids.detach().clone()
             self._move_centroids_to_member_means(x.detach())
         # Straight-through: the value is the snapped weight, the gradient is the identity. Adding
         # the exact zero ``x - x.detach()`` keeps the value bit-for-bit ``snapped``
         # (``x + (snapped - x)`` rounds, giving more than 2**bits distinct values).
-        return self._from_palettes(snapped + (x - x.detach()), weight)
+        return self.layout.from_step_view(snapped + (x - x.detach()), self.scale)
 
-    def step_input(self, weight: Tensor) -> Tensor:
-        """``weight`` as the DKM step's input ``(P, n, d)``: the layout's palettes (each output
-        channel divided by its scale with ``per_channel_scale``); a single scalar palette as a
-        flat view, since the order of its weights does not matter to the step."""
-        if not self._order_free:
-            return self.to_palettes(weight)
-        if self.scale is not None:
-            weight = weight / self.layout.broadcast_scale(self.scale.to(weight))
-        return weight.reshape(1, -1, 1)
-
-    def step_output(self, result: DKMOutput, weight: Tensor, commit: bool = True) -> Tensor:
-        """Keep the step's final centroids (in place, no gradient; not when ``commit`` is false:
-        a recomputed forward) and return its soft weights in the shape and units of ``weight``.
-        A step that can rebuild its weights (``recompute``) tells the clustering pass how, so
-        that it need not keep them."""
-        if commit:
-            with torch.no_grad():
-                self._step_start = self.centroids.clone()
-                self.centroids.copy_(result.centroids)
-        out = self._from_palettes(result.weights, weight)
-        if result.rebuild is not None and self.clustering_pass is not None:
-            self.clustering_pass.rebuilds(out, result.rebuild)
-        return out
-
-    @property
-    def can_recompute(self) -> bool:
-        """Whether the ``"unique"`` step's input is a view of the weight (one palette, no
-        per-channel scale), so that keeping it for the backward costs nothing."""
-        return self._order_free and self.scale is None
-
-    def _from_palettes(self, x: Tensor, weight: Tensor) -> Tensor:
-        if not self._order_free:
-            return self.from_palettes(x)
-        x = x.reshape(weight.shape)
-        if self.scale is not None:
-            x = x * self.layout.broadcast_scale(self.scale.to(x))
-        return x
+    @torch.no_grad()
+    def keep_centroids(self, centroids: Tensor) -> None:
+        """Move the centroids to where a training step ended (in place), remembering where it
+        started for an activation-checkpoint replay (:func:`replaying`)."""
+        self._step_start = self.centroids.clone()
+        self.centroids.copy_(centroids)
 
     @torch.no_grad()
     def _move_centroids_to_member_means(self, x: Tensor) -> None:
