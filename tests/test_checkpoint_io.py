@@ -372,6 +372,8 @@ def test_with_lightnings_default_a_crash_saving_last_ckpt_across_file_systems_ca
 def test_with_the_plugin_a_crash_saving_last_ckpt_across_file_systems_resumes_to_the_end(
     tmp_path, other_file_system, monkeypatch
 ):
+    """A crash midway through a checkpoint write cannot be caused from outside: the plugin's
+    ``write_beside`` is wrapped to write half the file and die (``write_dies_midway``)."""
     no_copy(monkeypatch)
     real_write_beside = checkpoint_io.write_beside
     write_dies_midway(monkeypatch, disk_full)

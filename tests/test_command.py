@@ -165,6 +165,8 @@ def test_every_failure_is_one_error_line_on_stderr_and_exit_1(
 @pytest.mark.parametrize("error", [RuntimeError("boom"), KeyError("fc.weight"), OSError()],
                          ids=["runtime-error", "key-error", "no-message"])
 def test_an_unexpected_error_is_still_one_line_and_exit_1(artifact, capsys, monkeypatch, error):
+    """No valid file makes the reader raise an arbitrary error, so ``inspect_artifact`` (public) is
+    replaced by one that does."""
     def fail(path):
         raise error
 
@@ -188,6 +190,7 @@ def test_a_reader_that_closes_the_pipe_early_is_not_an_error(artifact):
 
 
 def test_a_subcommand_is_a_function_and_one_registration(artifact, capsys, monkeypatch):
+    """``SUBCOMMANDS`` is the documented registration point for a subcommand; the test adds one."""
     def count(args) -> str:
         return f"{len(lightning_dkm.read_palettes(args.file))} palettes"
 

@@ -104,6 +104,8 @@ def test_a_width_core_ai_cannot_pack_is_refused_before_anything_is_written(tmp_p
 
 
 def test_a_runtime_that_computes_something_else_is_an_error(tmp_path, monkeypatch) -> None:
+    """No real export computes something else, so ``run_coreai`` (public) is wrapped to offset its
+    outputs: the check compares the runtime's outputs with PyTorch's."""
     model = Net()
     palettize(model, bits=2, min_size=256, n_init=1, max_iter=5)
     real = coreai.run_coreai
@@ -218,6 +220,8 @@ def test_an_export_without_an_example_input_fails_at_setup(tmp_path) -> None:
 
 def test_an_export_failing_at_fit_end_loses_nothing_and_says_how_to_retry(
         tmp_path, monkeypatch, caplog) -> None:
+    """No model both passes the setup-time trial conversion and fails at fit end, so
+    ``export_coreai`` (public) is replaced by one that raises."""
     def broken(*args, **kwargs):
         raise ValueError("the runtime is away")
 

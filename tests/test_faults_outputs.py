@@ -245,6 +245,8 @@ def test_a_package_path_that_is_a_file_fails_at_setup_naming_it(tmp_path):
 
 
 def test_too_little_free_space_fails_at_setup_with_the_estimate(tmp_path, monkeypatch):
+    """A full disk cannot be made on demand: the preflight's ``disk_usage`` (its only reading of
+    the free space) is replaced by one reporting 1000 bytes free."""
     out = tmp_path / "dkm"
     monkeypatch.setattr(preflight_module, "disk_usage",
                         lambda path: types.SimpleNamespace(total=10**9, used=10**9, free=1000))
@@ -267,6 +269,8 @@ def _write_half_then_fail(error: BaseException):
 def test_a_write_failing_at_fit_end_leaves_the_previous_report_and_artifact_as_a_pair(
     tmp_path, monkeypatch
 ):
+    """A write cannot be made to fail halfway on demand: safetensors' ``save_file``, as the artifact
+    module calls it, writes half the file and raises."""
     out = tmp_path / "dkm"
     fit(tmp_path, DKMCallback(bits=2, save_dir=str(out)))
     before = contents(out)
@@ -281,6 +285,8 @@ def test_a_write_failing_at_fit_end_leaves_the_previous_report_and_artifact_as_a
 def test_a_safetensors_error_from_the_artifact_writer_surfaces_as_an_oserror(
     tmp_path, monkeypatch
 ):
+    """safetensors raises its own SafetensorError on a failed write, which no test disk produces:
+    ``save_file``, as the artifact module calls it, raises one after writing half."""
     out = tmp_path / "dkm"
     fit(tmp_path, DKMCallback(bits=2, save_dir=str(out)))
     before = contents(out)
@@ -296,6 +302,8 @@ def test_a_safetensors_error_from_the_artifact_writer_surfaces_as_an_oserror(
 def test_a_failing_rename_while_committing_a_group_restores_every_previous_file(
     tmp_path, monkeypatch
 ):
+    """A rename cannot be made to fail on demand: ``os.replace``, as ``export/files.py`` calls it,
+    fails for one file of the group."""
     first, added, last = tmp_path / "a.bin", tmp_path / "b.bin", tmp_path / "c.bin"
     first.write_bytes(b"old a")
     last.write_bytes(b"old c")

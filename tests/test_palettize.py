@@ -508,6 +508,8 @@ def test_palettize_with_uniform_fisher_equals_plain_palettize(spec: ClusterSpec)
 
 
 def test_palettize_weights_kmeans_by_the_fisher_of_the_unsnapped_model(monkeypatch) -> None:
+    """The Fisher weights are internal to ``palettize``: k-means, as ``model/post_training.py``
+    calls it, is wrapped to record the weights it receives."""
     # the module (``lightning_dkm.model.post_training`` the attribute is the function)
     module = importlib.import_module("lightning_dkm.model.post_training")
     model = mlp()
