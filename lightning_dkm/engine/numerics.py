@@ -223,8 +223,8 @@ class DKMOutput(NamedTuple):
     #: stop was decided on the device (:class:`EarlyStop`)
     iterations: int | Tensor
     #: ``weights`` computed again (detached, bit for bit) from the step's input and a small
-    #: table, where the step offers it (the ``"unique"`` step with ``recompute``): a saved-tensor
-    #: hook can then drop ``weights`` between the forward and the backward
+    #: table, where the step offers it (the ``"unique"`` step with ``rebuild``): a saved-tensor
+    #: hook can then drop ``weights`` between the forward and the backward (:mod:`.rebuild`)
     rebuild: Callable[[], Tensor] | None = None
 
 

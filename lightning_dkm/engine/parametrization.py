@@ -138,7 +138,7 @@ def replaying() -> bool:
     (``torch.utils.checkpoint``, reentrant or not) computing a forward again. Such a forward
     starts from the centroids the step started from and moves none, so that it computes what
     the first forward did and a step moves the centroids once. Always false while
-    ``torch.compile`` traces (no graph break; a compiled graph's recomputation is its own)."""
+    ``torch.compile`` traces (no graph break; a compiled graph's replay is its own)."""
     if torch.compiler.is_compiling():
         return False
     return torch._C._current_graph_task_id() != -1

@@ -14,7 +14,7 @@ centroids it produced). Every operation is differentiable, so the loss gradient 
 through all iterations (the "unrolled" backward).
 
 **How tau relates to the weights' scale.** Distances are divided by :math:`s^2`, the per-palette
-variance of the weights (a constant for autograd, recomputed every call), so ``tau`` is
+variance of the weights (a constant for autograd, computed again every call), so ``tau`` is
 *scale-free*: the same schedule works for an embedding with std 1 and a conv with std 0.01, and
 it keeps its meaning as weights shrink or grow during training. Concretely, a weight half-way
 between two centroids that are :math:`\Delta` apart moves from the one to the other over a

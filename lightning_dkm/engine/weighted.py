@@ -1,11 +1,11 @@
-r"""The one DKM core: weighted DKM on points and their weights, with its analytic backward.
+r"""The one DKM core: weighted DKM on points and their counts, with its analytic backward.
 
 Every DKM step of the package is this computation on what it feeds in (and the plain-autograd
 :func:`~lightning_dkm.engine.reference.dkm_cluster` is its test oracle): the ``"chunked"`` step
-(:mod:`.chunked`) feeds the exact normalised weights, each with weight 1; the ``"unique"`` step
+(:mod:`.chunked`) feeds the exact normalised weights, each counted once; the ``"unique"`` step
 (:mod:`.distinct`) feeds the distinct float16 values of a palette with their counts (eDKM).
 
-**Forward.** For points :math:`v_u \in R^d` with weights :math:`w_u` and centroids :math:`c`,
+**Forward.** For points :math:`v_u \in R^d` with counts :math:`w_u` and centroids :math:`c`,
 each round is
 
 .. math::
@@ -37,7 +37,7 @@ B_{ul})`, each round gives *every copy* of point ``u``
 cluster passes :math:`U_j` to its starting centroid). The output's own attention adds the
 *local* part, :math:`\tfrac{2}{\tau}\sum_j \delta^L_{ij} c_j` with :math:`B^L_{ij} = g_i \cdot
 c'_j`, for the copy's own gradient :math:`g_i`, and :math:`\tfrac{2}{\tau}\sum_i \delta^L_{ij}
-(v_i - c_j)` on the last starting centroids. For weights of 1 (the exact step) both parts are
+(v_i - c_j)` on the last starting centroids. For counts of 1 (the exact step) both parts are
 folded into one :math:`\delta` per round. For scalar points with counts the local part is
 affine in :math:`g_i`: a coefficient :math:`b_u` per point (:math:`B^L` with :math:`g = 1`),
 and every copy's gradient is :math:`s_u + b_u g_i` (two table lookups in :mod:`.distinct`).
@@ -155,15 +155,15 @@ class Trajectory(NamedTuple):
 
 
 class _Points:
-    """The points ``xt`` (P, d, U) with their ``weights`` (P, U) (``None``: all 1), walked in
+    """The points ``xt`` (P, d, U) with their ``counts`` (P, U) (``None``: all 1), walked in
     chunks; the weighted sums of a round come from one product per chunk."""
 
-    def __init__(self, xt: Tensor, weights: Tensor | None, chunk: int,
+    def __init__(self, xt: Tensor, counts: Tensor | None, chunk: int,
                  centroid_mask: Tensor | None = None) -> None:
-        self.xt, self.weights, self.chunk = xt, weights, chunk
+        self.xt, self.counts, self.chunk = xt, counts, chunk
         self.centroid_mask = centroid_mask
-        self.weighted_xt = xt if weights is None else xt * weights.unsqueeze(1)
-        self.rows = None if weights is None else torch.cat((weights.unsqueeze(1),
+        self.weighted_xt = xt if counts is None else xt * counts.unsqueeze(1)
+        self.rows = None if counts is None else torch.cat((counts.unsqueeze(1),
                                                             self.weighted_xt), 1)
 
     def parts(self) -> Iterator[slice]:
@@ -187,7 +187,7 @@ class _Points:
         return r[:, 0], r[:, 1:].transpose(1, 2)
 
 
-def weighted_dkm(xt: Tensor, weights: Tensor | None, c0: Tensor, inv_tau: Tensor | float, *,
+def weighted_dkm(xt: Tensor, counts: Tensor | None, c0: Tensor, inv_tau: Tensor | float, *,
                  max_iter: int, epsilon: float, chunk: int = DEFAULT_CHUNK,
                  implicit: bool = False, centroid_mask: Tensor | None = None,
                  groups: Groups | None = None) -> tuple[Tensor, Tensor, Trajectory]:
@@ -195,7 +195,7 @@ def weighted_dkm(xt: Tensor, weights: Tensor | None, c0: Tensor, inv_tau: Tensor
 
     Args:
         xt: the points ``(P, d, U)`` in normalised units.
-        weights: ``(P, U)`` (counts; 0 for padding), or ``None`` for all 1.
+        counts: ``(P, U)`` (0 for padding), or ``None`` for all 1.
         c0: starting centroids ``(P, k, d)``.
         inv_tau: ``1 / tau``, a float, a 0-dim tensor (no host read) or one per palette
             ``(P, 1, 1)``.
@@ -212,7 +212,7 @@ def weighted_dkm(xt: Tensor, weights: Tensor | None, c0: Tensor, inv_tau: Tensor
         ``(y, c_final, trajectory)``: the soft points ``(P, d, U)``, the final centroids and
         what :func:`weighted_dkm_gradient` needs.
     """
-    points = _Points(xt, weights, chunk, centroid_mask)
+    points = _Points(xt, counts, chunk, centroid_mask)
     P, k, d = c0.shape
     n = xt.shape[2]
     keep = (1 if implicit else max_iter) * P * k * n <= KEEP_ATTENTION_MAX_ENTRIES
@@ -281,7 +281,7 @@ def _delta(a: Tensor, b: Tensor) -> Tensor:
 
 
 def _unweighted_pull(delta: Tensor, xs: Tensor, c: Tensor) -> Tensor:
-    r""":math:`\sum_u \delta_{uj} (v_u - c_j)` for ``delta`` that already holds the weights
+    r""":math:`\sum_u \delta_{uj} (v_u - c_j)` for ``delta`` that already holds the counts
     (the local part, summed over copies through ``G``)."""
     return torch.bmm(delta, xs.transpose(1, 2)) - c * delta.sum(2, keepdim=True)
 
@@ -291,7 +291,7 @@ def _round_backward(points: _Points, step: _Round, U: Tensor,
                     fold_g: Tensor | None = None, ran: Tensor | None = None) -> Tensor:
     """One round back: add the round's shared part to ``shared`` (P, d, U) in place and
     return ``dL/dc`` on its starting centroids through the logits (P, k, d). ``fold_g``: the
-    per-point loss gradient (weights of 1 only), whose local part is folded into the same
+    per-point loss gradient (counts of 1 only), whose local part is folded into the same
     ``delta``. ``ran``: a device flag, False for a round that did not run (it adds nothing)."""
     H = torch.where(step.live, U / step.mass, 0.0)  # (P, k, d)
     if ran is not None:
@@ -349,7 +349,7 @@ def _output_gradient(points: _Points, step: _Round, G: Tensor,
     return U
 
 
-def weighted_dkm_gradient(xt: Tensor, weights: Tensor | None, trajectory: Trajectory,
+def weighted_dkm_gradient(xt: Tensor, counts: Tensor | None, trajectory: Trajectory,
                           G: Tensor, inv_tau: Tensor | float, *, chunk: int = DEFAULT_CHUNK,
                           implicit: bool = False, check_errors: bool = True,
                           centroid_mask: Tensor | None = None
@@ -357,17 +357,17 @@ def weighted_dkm_gradient(xt: Tensor, weights: Tensor | None, trajectory: Trajec
     """The backward of the module docstring for the loss gradient ``G`` (P, d, U) of the soft
     points (summed over each point's copies).
 
-    Returns ``(gradient, b)``. With ``weights=None``: the gradient of every point, and
-    ``None``. With weights (scalar points only): the shared part ``s`` of every copy's gradient
+    Returns ``(gradient, b)``. With ``counts=None``: the gradient of every point, and
+    ``None``. With counts (scalar points only): the shared part ``s`` of every copy's gradient
     and the coefficient ``b`` (P, 1, U) of its own loss gradient: copy ``i`` of point ``u`` gets
     ``s_u + b_u g_i``. ``check_errors=False`` (implicit only) skips the solve's singularity
     check, a host read. ``centroid_mask``: the forward's.
     """
-    points = _Points(xt, weights, chunk, centroid_mask)
+    points = _Points(xt, counts, chunk, centroid_mask)
     two_over_tau = 2.0 * inv_tau
     final = _Round(trajectory, trajectory.round(0))
     U = _output_gradient(points, final, G, inv_tau)
-    per_copy = weights is not None
+    per_copy = counts is not None
     if per_copy and xt.shape[1] != 1:
         raise ValueError(f"weighted points must be scalars; got d={xt.shape[1]}")
     shared = torch.zeros_like(xt)
@@ -408,8 +408,8 @@ def _adjoint(points: _Points, step: _Round, r: Tensor,
         a = step.attention(points, s, inv_tau)  # (P, k, m)
         to_new = (xs.unsqueeze(1) - step.c_new.unsqueeze(-1)).mul_(a.unsqueeze(2))  # A(v-c')
         to_old = xs.unsqueeze(1) - step.c.unsqueeze(-1)  # (P, k, d, m): v - c
-        if points.weights is not None:
-            to_old = to_old * points.weights[:, None, None, s]
+        if points.counts is not None:
+            to_old = to_old * points.counts[:, None, None, s]
         D += torch.einsum("pjam,pjbm->pjab", to_new, to_old)
         M += torch.einsum("pjam,plbm->pjalb", to_new, to_old * a.unsqueeze(2))
     per_palette = two_over_tau.reshape(-1, 1) if isinstance(two_over_tau, Tensor) else two_over_tau
