@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lightning_dkm.engine.kmeans import kmeans, lloyd, pairwise_sq_dist
+from lightning_dkm.engine.kmeans import kmeans, lloyd, sq_distances
 from lightning_dkm.engine.numerics import Normalization, hard_assign, normalization_of
 from lightning_dkm.engine.reference import dkm_cluster, soft_assignment
 
@@ -15,7 +15,7 @@ def seeded(seed: int) -> torch.Generator:
 
 
 def hard_inertia(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    return pairwise_sq_dist(x, c).amin(-1).sum(-1)
+    return sq_distances(x.mT, c).amin(1).sum(-1)
 
 
 def start_centroids(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -166,8 +166,8 @@ def test_soft_assignment_gives_each_point_a_distribution_over_centroids(gen) -> 
 def test_soft_assignment_is_the_softmax_of_negative_distances_over_tau(gen) -> None:
     xt = torch.randn(1, 2, 10, generator=gen, dtype=torch.float64)
     cn = torch.randn(1, 3, 2, generator=gen, dtype=torch.float64)
-    dist = pairwise_sq_dist(xt.transpose(1, 2), cn)  # (P, n, k)
-    expected = torch.softmax(-dist / 0.7, dim=-1).transpose(1, 2)
+    dist = (cn.unsqueeze(2) - xt.mT.unsqueeze(1)).square().sum(-1)  # (P, k, n)
+    expected = torch.softmax(-dist / 0.7, dim=1)
     torch.testing.assert_close(soft_assignment(xt, cn, 0.7), expected)
 
 
@@ -212,7 +212,7 @@ def test_hard_assign_snaps_to_the_nearest_centroid_by_gathering(gen) -> None:
     x = torch.randn(2, 40, 2, generator=gen)
     c = torch.randn(2, 4, 2, generator=gen)
     idx, snapped = hard_assign(x, c)
-    assert torch.equal(idx, pairwise_sq_dist(x, c).argmin(-1))
+    assert torch.equal(idx, sq_distances(x.mT, c).argmin(1))
     for p in range(2):
         assert torch.equal(snapped[p], c[p][idx[p]])
     assert not snapped.requires_grad

@@ -15,7 +15,7 @@ from lightning_dkm.engine.kmeans import (
     kmeans_plusplus,
     lloyd,
     nearest_centroid,
-    pairwise_sq_dist,
+    sq_distances,
 )
 
 
@@ -25,7 +25,7 @@ def seeded(seed: int) -> torch.Generator:
 
 def hard_inertia(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     """Sum over points of the squared distance to the nearest centroid, per palette."""
-    return pairwise_sq_dist(x, c).amin(-1).sum(-1)
+    return sq_distances(x.mT, c).amin(1).sum(-1)
 
 
 def sklearn_inertia(x: torch.Tensor, k: int) -> float:
@@ -45,16 +45,18 @@ def gaussian_mixture(n: int, d: int, gen: torch.Generator) -> torch.Tensor:
 
 # -- distances and assignment --------------------------------------------------------------------
 @pytest.mark.parametrize("d", [1, 3])
-def test_pairwise_sq_dist_equals_explicit_squared_differences(d: int, gen) -> None:
+def test_sq_distances_equal_explicit_squared_differences_centroid_major(d: int, gen) -> None:
     x = torch.randn(2, 7, d, generator=gen, dtype=torch.float64)
     c = torch.randn(2, 4, d, generator=gen, dtype=torch.float64)
-    expected = (x.unsqueeze(2) - c.unsqueeze(1)).square().sum(-1)
-    torch.testing.assert_close(pairwise_sq_dist(x, c), expected)
+    expected = (c.unsqueeze(2) - x.unsqueeze(1)).square().sum(-1)  # (P, k, n)
+    torch.testing.assert_close(sq_distances(x.mT, c), expected)
+    # symmetric: swapping the roles lays the same distances out (P, n, k)
+    torch.testing.assert_close(sq_distances(c.mT, x), expected.mT)
 
 
-def test_pairwise_sq_dist_is_never_negative_for_coincident_vectors() -> None:
+def test_sq_distances_are_never_negative_for_coincident_vectors() -> None:
     x = torch.full((1, 3, 4), 1e3) + torch.arange(3.0).view(1, 3, 1) * 1e-3
-    assert bool((pairwise_sq_dist(x, x) >= 0).all())
+    assert bool((sq_distances(x.mT, x) >= 0).all())
 
 
 @pytest.mark.parametrize("d", [1, 2])
@@ -63,7 +65,7 @@ def test_nearest_centroid_returns_the_argmin_of_distances(d: int, gen) -> None:
     c = torch.randn(3, 9, d, generator=gen, dtype=torch.float64)
     idx = nearest_centroid(x, c)
     assert idx.dtype == torch.long and idx.shape == (3, 200)
-    assert torch.equal(idx, pairwise_sq_dist(x, c).argmin(-1))
+    assert torch.equal(idx, sq_distances(x.mT, c).argmin(1))
 
 
 @pytest.mark.parametrize("d", [1, 2])

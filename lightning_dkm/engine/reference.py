@@ -33,6 +33,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .kmeans import sq_distances
 from .numerics import (
     EMPTY_MASS,
     MIN_TAU,
@@ -45,19 +46,6 @@ from .numerics import (
 )
 
 __all__ = ["dkm_cluster", "soft_assignment", "update_centroids"]
-
-
-def _sq_dist_kmajor(xt: Tensor, c: Tensor) -> Tensor:
-    """Squared distances laid out ``(P, k, n)`` from ``xt`` (P, d, n) and ``c`` (P, k, d).
-
-    Keeping n innermost makes every elementwise pass over the ``k x n`` matrix a contiguous,
-    vectorised loop (about 3x faster on CPU than ``(P, n, k)`` for small k).
-    """
-    if xt.shape[1] == 1:
-        return (xt - c).square()
-    x2 = xt.square().sum(1, keepdim=True)  # (P, 1, n)
-    c2 = c.square().sum(-1, keepdim=True)  # (P, k, 1)
-    return torch.baddbmm(x2 + c2, c, xt, alpha=-2.0).clamp_min(0.0)
 
 
 def soft_assignment(xt: Tensor, cn: Tensor, tau: Tensor | float) -> Tensor:
@@ -74,7 +62,7 @@ def soft_assignment(xt: Tensor, cn: Tensor, tau: Tensor | float) -> Tensor:
         tau = tau.to(torch.promote_types(tau.dtype, torch.float32)).clamp_min(MIN_TAU)
     else:
         tau = max(float(tau), MIN_TAU)
-    return torch.softmax(_sq_dist_kmajor(xt, cn) / -tau, dim=1)
+    return torch.softmax(sq_distances(xt, cn) / -tau, dim=1)
 
 
 def update_centroids(attention: Tensor, xt: Tensor, previous: Tensor) -> Tensor:

@@ -34,6 +34,7 @@ from typing import Any, Literal, TypedDict
 import torch
 from torch import Tensor
 
+from ..engine.kmeans import sq_distances
 from ..engine.numerics import normalization_of
 from .schedules import SCHEDULE_NAMES, TemperatureSchedule, build_schedule
 
@@ -70,7 +71,7 @@ def _distances(x: Tensor, centroids: Tensor, max_points: int) -> Tensor:
     norm = normalization_of(x)
     xn = (x - norm.center) / norm.scale  # (P, m, d)
     cn = (centroids.detach().float().to(x.device) - norm.center) / norm.scale  # (P, k, d)
-    return (cn.unsqueeze(2) - xn.unsqueeze(1)).square().sum(-1)
+    return sq_distances(xn.mT, cn)
 
 
 def _entropy_bits(distances: Tensor, tau: float) -> float:
