@@ -105,7 +105,7 @@ def test_a_bad_temperature_fails_at_construction_naming_it(temperature, message)
 def test_a_method_instance_is_used_as_it_is(tmp_path):
     method = DeepKMeansMethod(regularization=1e-2, refresh_every=2)
     cb = DKMCallback(bits=2, finalize=False, method=method)
-    assert cb.method == "deep_kmeans"
+    assert cb.method is method
     fit(tmp_path, cb, max_epochs=1)
     assert method.steps == 4  # the instance itself was driven: one step per batch
     assert cb.state_dict()["method_state"]["steps"] == 4  # and its state is the callback's

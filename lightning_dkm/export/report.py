@@ -365,7 +365,7 @@ class CompressionReport:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> CompressionReport:
-        """The inverse of :meth:`to_dict` (derived fields are recomputed, not read).
+        """The inverse of :meth:`to_dict` (derived fields are derived again, not read).
 
         Raises:
             ValueError: ``data`` is not a report of this format and version, or lacks an entry

@@ -250,9 +250,8 @@ class DKMCallback(Callback):
         refresh_every: int = DEFAULT_REFRESH_EVERY,
     ) -> None:
         super().__init__()
-        self._method: ClusteringMethod = resolve_method(method, regularization, refresh_every)
-        #: The method's name (saved in checkpoints; ``self._method`` is the method itself).
-        self.method = self._method.name
+        #: The clustering method (its ``name`` is what checkpoints save).
+        self.method: ClusteringMethod = resolve_method(method, regularization, refresh_every)
         self.regularization = float(regularization)
         self.refresh_every = refresh_every
         self.spec = ClusterSpec(bits=bits, cluster_dim=cluster_dim, group_size=group_size,
@@ -267,7 +266,7 @@ class DKMCallback(Callback):
             max_iter=max_iter, epsilon=epsilon, implementation=implementation,
             export_coreml=export_coreml, lut_dtype=lut_dtype,
         )
-        check_method_options(self._method, hard_epoch, gradient, implementation)
+        check_method_options(self.method, hard_epoch, gradient, implementation)
         self.min_size, self.start_epoch, self.hard_epoch = min_size, start_epoch, hard_epoch
         self.max_iter, self.epsilon, self.seed = max_iter, float(epsilon), int(seed)
         self.implementation, self.gradient = implementation, gradient
@@ -281,7 +280,7 @@ class DKMCallback(Callback):
         self.lut_dtype = lut_dtype_name(lut_dtype)  # the canonical name: a primitive
         self.log_histograms, self.verbose = log_histograms, verbose
         self._names: list[str] = []
-        self._timeline = DKMTimeline(self.temperature, self._method, start_epoch, hard_epoch)
+        self._timeline = DKMTimeline(self.temperature, self.method, start_epoch, hard_epoch)
         self._out_dir: Path | None = None
         self._save_dir_lock: SaveDirLock | None = None  # rank 0's, from setup to teardown
         self._forward_cache = ForwardCache()
@@ -313,8 +312,8 @@ class DKMCallback(Callback):
             "temperature": self._timeline.state_dict(),
             "temperature_config": self.temperature.to_dict(),
             "finalized": self.results.finalized,
-            "method": self.method,
-            "method_state": self._method.state_dict(),
+            "method": self.method.name,
+            "method_state": self.method.state_dict(),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -334,12 +333,12 @@ class DKMCallback(Callback):
         self._timeline.load_state_dict(state_dict["temperature"], state_dict["temperature_config"])
         self.results.finalized = bool(state_dict["finalized"])
         method = state_dict["method"]
-        if method != self.method:
+        if method != self.method.name:
             raise MisconfigurationException(
                 f"DKMCallback: the checkpoint was written with method={method!r}, but this "
-                f"callback uses method={self.method!r}; resume with the same method"
+                f"callback uses method={self.method.name!r}; resume with the same method"
             )
-        self._method.load_state_dict(state_dict["method_state"])
+        self.method.load_state_dict(state_dict["method_state"])
 
     def on_save_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
@@ -416,9 +415,9 @@ class DKMCallback(Callback):
             exports=self.exports,
             temperature=self.temperature,
             start_epoch=self.start_epoch, hard_epoch=self.hard_epoch,
-            uses_temperature=self._method.uses_temperature,
+            uses_temperature=self.method.uses_temperature,
         )
-        self._timeline = DKMTimeline(self.temperature, self._method, self.start_epoch,
+        self._timeline = DKMTimeline(self.temperature, self.method, self.start_epoch,
                                      self.hard_epoch)  # a new fit: no calibrated bounds yet
         selected = select_targets(
             pl_module, self.spec, targets=self.targets, exclude=self.exclude,
@@ -510,7 +509,7 @@ class DKMCallback(Callback):
     ) -> None:
         if not self._names or not self._timeline.active(trainer.current_epoch):
             return
-        self._method.on_before_optimizer_step(self._tensors(pl_module), optimizer)
+        self.method.on_before_optimizer_step(self._tensors(pl_module), optimizer)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self._timeline.active(trainer.current_epoch):
@@ -540,7 +539,7 @@ class DKMCallback(Callback):
             self._names = []
             outputs.warn_not_clustered(trainer, self.start_epoch)
             return
-        self._method.before_finalize(tensors)
+        self.method.before_finalize(tensors)
         results = self.results
         results.stats, _ = measure_all(tensors)
         if self._fully_sharded is not None:

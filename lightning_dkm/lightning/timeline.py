@@ -6,7 +6,7 @@ every epoch (``dense`` before ``start_epoch``, then what the method says: DKM ``
 calibrated), and every tensor's tau at each soft unit: an optimizer step (``interval="step"``,
 set at each batch start) or an epoch (``"epoch"``, at each epoch start). Tau lives in each
 parametrization's buffer and is set in place (``fill_``), so a compiled module never recompiles
-for it. The state a resume needs is the plan's calibrated bounds; the unit itself is recomputed
+for it. The state a resume needs is the plan's calibrated bounds; the unit itself is derived
 from the restored step or epoch.
 """
 
