@@ -122,3 +122,29 @@ def assert_identical_centroids(out_dir) -> None:
 def tau_of_unit(unit: int) -> float:
     """A temperature as a plain function ``unit -> tau`` that a YAML names by import path."""
     return 1e-2 / (1 + unit)
+
+
+class RankDataNet(TinyNet):
+    """TinyNet whose training data differs per rank (its seed is the rank), so that anything
+    computed from the training batches on each rank would differ between ranks."""
+
+    def train_dataloader(self):
+        return DataLoader(random_classification(seed=10 + self.trainer.global_rank),
+                          batch_size=self.hparams.batch_size)
+
+
+class AllocationRecorder(pl.Callback):
+    """Saves every rank's ``DKMCallback.bit_allocation`` (as its dict) at the start of training
+    to ``out_dir/allocation_rank<r>.json``."""
+
+    def __init__(self, out_dir: str) -> None:
+        self.out_dir = out_dir
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        import json
+
+        from lightning_dkm import DKMCallback
+
+        dkm = next(c for c in trainer.callbacks if isinstance(c, DKMCallback))
+        with open(f"{self.out_dir}/allocation_rank{trainer.global_rank}.json", "w") as f:
+            json.dump(dkm.bit_allocation.to_dict(), f)

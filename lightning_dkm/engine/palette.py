@@ -26,6 +26,7 @@ __all__ = [
     "Palette",
     "lut_dtype_name",
     "lut_dtype_of",
+    "stored_bytes",
 ]
 
 #: The largest finite float16 (65504). A centroid beyond it would be stored as ``inf`` in a
@@ -70,6 +71,22 @@ def lut_dtype_name(value: object, name: str = "lut_dtype") -> str:
     """The name an artifact records for ``value`` (``"float16"`` or ``"float32"``), checked as
     :func:`lut_dtype_of` does."""
     return str(lut_dtype_of(value, name)).removeprefix("torch.")
+
+
+def stored_bytes(layout: PaletteLayout, lut_dtype: LutDtype, bits: int | None = None) -> int:
+    """Stored size of a tensor clustered with ``layout``, before any palette exists: its ``P``
+    LUTs of ``2**bits x cluster_dim`` entries at ``lut_dtype``, its per-channel scales (one per
+    output channel, same dtype) when the spec has them, and its ``P * n`` indices bit-packed at
+    ``bits`` each. What :meth:`Palette.compressed_bytes` counts for a palette of this layout
+    stored at ``lut_dtype`` (and so the report and the artifact: a float16 LUT that must stay
+    float32, :meth:`Palette.stored_lut_dtype`, is the one case this cannot foresee). ``bits``
+    (default: the layout's) sizes the same layout at another width."""
+    itemsize = lut_dtype_of(lut_dtype).itemsize
+    bits = layout.spec.bits if bits is None else bits
+    P, n, d = layout.palette_shape
+    lut = P * (1 << bits) * d * itemsize
+    scale = layout.num_channels * itemsize if layout.spec.per_channel_scale else 0
+    return lut + scale + packed_size(P * n, bits)
 
 
 @dataclass

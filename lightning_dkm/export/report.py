@@ -174,6 +174,11 @@ class CompressionReport:
     #: "model.dkm.safetensors", "bytes": N, "sha256": "<hex>"}``; ``None`` when no artifact was
     #: written with it. ``DKMCallback`` sets it when it writes the artifact.
     artifact: dict[str, Any] | None = None
+    #: With ``DKMCallback(average_bits=...)``: the widths chosen and why
+    #: (:meth:`BitAllocation.to_dict <lightning_dkm.model.bit_budget.BitAllocation.to_dict>`:
+    #: the budget, and per tensor its width, bytes and the estimate at every width); ``None``
+    #: otherwise.
+    bit_allocation: dict[str, Any] | None = None
 
     # -- building ----------------------------------------------------------------------------
     @classmethod
@@ -349,8 +354,9 @@ class CompressionReport:
     # -- serialisation -----------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         """JSON-able primitives: format/version, ``lut_dtype``, ``layers``, ``unclustered``,
-        ``totals``, ``estimated_energy`` (``None`` without an energy estimate), ``exports`` and
-        ``artifact`` (``None`` without an artifact)."""
+        ``totals``, ``estimated_energy`` (``None`` without an energy estimate), ``exports``,
+        ``artifact`` (``None`` without an artifact) and ``bit_allocation`` (``None`` without
+        ``average_bits``)."""
         return {
             "format": _REPORT_FORMAT,
             "version": _REPORT_VERSION,
@@ -361,6 +367,7 @@ class CompressionReport:
             "estimated_energy": self.energy.to_dict() if self.energy else None,
             "exports": {name: dict(entry) for name, entry in self.exports.items()},
             "artifact": dict(self.artifact) if self.artifact is not None else None,
+            "bit_allocation": self.bit_allocation,
         }
 
     @classmethod
@@ -390,6 +397,7 @@ class CompressionReport:
             energy=_from_fields(EnergyEstimate, energy) if energy else None,
             exports=_exports(data.get("exports", {})),
             artifact=_artifact(data.get("artifact")),
+            bit_allocation=data.get("bit_allocation"),
         )
 
     def files(self, directory: str | Path) -> dict[Path, str]:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
+from ..model.bit_budget import BitAllocation
+
 if TYPE_CHECKING:  # for annotations only: report.py imports this module
     from .report import CompressionReport
 
@@ -43,6 +45,9 @@ def render(report: CompressionReport, markdown: bool) -> str:
         parts += ["", "## Estimated energy per inference", ""] if markdown else [""]
         parts += [_energy_heading(report), *([""] if markdown else []),
                   table(_ENERGY_HEADERS, _energy_rows(report))]
+    if report.bit_allocation is not None:
+        parts += ["", "## Bit allocation (average_bits)", ""] if markdown else [""]
+        parts.append(BitAllocation.from_dict(report.bit_allocation).to_markdown().rstrip())
     if report.exports:
         parts += ["", "## Exports", ""] if markdown else [""]
         parts += [("- " if markdown else "") + export_line(name, entry)

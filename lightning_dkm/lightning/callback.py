@@ -30,20 +30,24 @@ from ..model.attach import (
     release,
     set_mode,
 )
+from ..model.bit_budget import BitAllocation
 from ..model.methods import DEFAULT_REFRESH_EVERY, DEFAULT_REGULARIZATION, ClusteringMethod
 from ..model.snapping import snap_on_load
 from ..model.targets import DEFAULT_MIN_SIZE, Target, select_targets
 from . import outputs
 from .arguments import (
+    DEFAULT_BITS,
     LUT_DTYPES,
     TemperatureArgument,
     check_arguments,
+    check_budget,
     check_method_options,
     check_overrides,
     parse_temperature,
     pattern_list,
     resolve_method,
 )
+from .bit_widths import log_allocation, plan_fit_widths
 from .checkpointing import DKMCheckpointing
 from .convergence import measure_all
 from .forward_cache import ForwardCache
@@ -88,7 +92,23 @@ class DKMCallback(Callback):
     called fit too (rank 0's).
 
     Args:
-        bits: bits per palette index (1..8): ``2**bits`` centroids per palette. Default 4.
+        bits: bits per palette index (1..8): ``2**bits`` centroids per palette. Default
+            ``None``: 4, or chosen per tensor by ``average_bits`` (then ``bits`` must stay
+            ``None``).
+        average_bits: choose each tensor's width (1..8) when DKM starts, so that the clustered
+            bytes (indices at their packed width, LUTs, scales: as the report counts them) do
+            not exceed those of every tensor at ``average_bits`` bits, minimising the estimated
+            loss increase: each tensor's k-means error at every width, weighted by the diagonal
+            Fisher information of ``training_step``'s loss on the first 8 training batches
+            (:mod:`lightning_dkm.model.bit_budget`). A number in [1, 8]; a fraction (2.5) lies
+            between the budgets of the widths around it. An ``overrides`` entry with ``bits``
+            fixes that tensor's width, and its bytes count against the budget. The widths are
+            chosen at ``setup`` from the weights as they are then (also with ``start_epoch >
+            0``), on rank 0 and broadcast; they are logged (TensorBoard text
+            ``dkm/bit_allocation``, the report's ``bit_allocation``), saved in checkpoints and
+            kept on resume. Not under FSDP2. Default ``None``: every tensor at ``bits``.
+        allowed_bits: the widths ``average_bits`` may choose. Default ``None``: 1..8, or with
+            ``export_coreai=True`` the widths Core AI packs, 1, 2, 4, 6, 8.
         cluster_dim: length of the clustered vectors along the input-channel axis (1..8). An
             index then addresses a vector, so storage is ``bits / cluster_dim`` bits per weight.
             Default 1 (scalars).
@@ -221,7 +241,7 @@ class DKMCallback(Callback):
 
     def __init__(
         self,
-        bits: int = 4,
+        bits: int | None = None,
         cluster_dim: int = 1,
         group_size: int | None = None,
         per_channel_scale: bool = False,
@@ -248,13 +268,21 @@ class DKMCallback(Callback):
         method: Literal["dkm", "deep_kmeans", "hard"] | ClusteringMethod = "dkm",
         regularization: float = DEFAULT_REGULARIZATION,
         refresh_every: int = DEFAULT_REFRESH_EVERY,
+        average_bits: float | None = None,
+        allowed_bits: list[int] | None = None,
     ) -> None:
         super().__init__()
         #: The clustering method (its ``name`` is what checkpoints save).
         self.method: ClusteringMethod = resolve_method(method, regularization, refresh_every)
         self.regularization = float(regularization)
         self.refresh_every = refresh_every
-        self.spec = ClusterSpec(bits=bits, cluster_dim=cluster_dim, group_size=group_size,
+        #: The budget of per-tensor widths (``None``: every tensor at ``bits``), the widths it
+        #: may choose, and what it chose in this fit (:class:`~.bit_budget.BitAllocation`).
+        self.average_bits, self.allowed_bits = check_budget(
+            bits, average_bits, allowed_bits, export_coreai)
+        self.bit_allocation: BitAllocation | None = None
+        self.spec = ClusterSpec(bits=DEFAULT_BITS if bits is None else bits,
+                                cluster_dim=cluster_dim, group_size=group_size,
                                 per_channel_scale=per_channel_scale)
         self.targets = pattern_list("targets", targets)
         self.exclude = pattern_list("exclude", exclude)
@@ -292,6 +320,7 @@ class DKMCallback(Callback):
     # -- identity and state --------------------------------------------------------------------
     @property
     def state_key(self) -> str:
+        budget = {} if self.average_bits is None else {"average_bits": self.average_bits}
         return self._generate_state_key(
             bits=self.spec.bits,
             cluster_dim=self.spec.cluster_dim,
@@ -299,12 +328,14 @@ class DKMCallback(Callback):
             targets=self.targets,
             exclude=self.exclude,
             per_channel_scale=self.spec.per_channel_scale,
+            **budget,
         )
 
     def state_dict(self) -> dict[str, Any]:
         """What a resume needs beyond the model, as primitives (and Deep k-Means' uint8
         assignments): the clustered names, each tensor's tau bounds, the temperature it was
-        written with (a callable by name only), finalized or not, the method's name and state.
+        written with (a callable by name only), finalized or not, the method's name and state,
+        and with ``average_bits`` the widths chosen (``"bit_allocation"``; ``None`` without).
         ``on_save_checkpoint`` adds the model's DKM state under ``"model"``."""
         return {
             "version": _STATE_VERSION,
@@ -314,6 +345,8 @@ class DKMCallback(Callback):
             "finalized": self.results.finalized,
             "method": self.method.name,
             "method_state": self.method.state_dict(),
+            "bit_allocation": (None if self.bit_allocation is None
+                               else self.bit_allocation.to_dict()),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -349,7 +382,28 @@ class DKMCallback(Callback):
     def on_load_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
+        self._resume_widths(pl_module, checkpoint)
         self._checkpointing.restore(pl_module, checkpoint, self.state_key, self._names)
+
+    def _resume_widths(self, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        """A resume keeps the widths the checkpoint was trained with: where ``setup`` chose
+        others (from the weights before the checkpoint was loaded), the tensors are attached
+        again at the checkpoint's widths before its DKM state is written in."""
+        if self.average_bits is None or not self._names:
+            return
+        own = (checkpoint.get("callbacks") or {}).get(self.state_key)
+        saved = own.get("bit_allocation") if isinstance(own, dict) else None
+        if saved is None:
+            return
+        allocation = BitAllocation.from_dict(saved)
+        if self.bit_allocation is not None and allocation.bits == self.bit_allocation.bits:
+            self.bit_allocation = allocation
+            return
+        if set(allocation.bits) != set(self._names):
+            return  # another selection: the checkpoint's restore names the difference
+        release(pl_module, self._names)
+        self._attach(pl_module, allocation.apply(self._select(pl_module)), init=False)
+        self.bit_allocation = self.results.bit_allocation = allocation
 
     # -- the results, as documented attributes (``results`` holds them) ------------------------
     @property
@@ -386,6 +440,12 @@ class DKMCallback(Callback):
     def _tensors(self, pl_module: pl.LightningModule) -> dict[str, ClusteredTensor]:
         return clustered_tensors(pl_module, self._names)
 
+    def _select(self, pl_module: pl.LightningModule) -> list[Target]:
+        return select_targets(
+            pl_module, self.spec, targets=self.targets, exclude=self.exclude,
+            min_size=self.min_size, overrides=self.overrides,
+        )
+
     def _attach(self, pl_module: pl.LightningModule, selected: list[Target], init: bool) -> None:
         others = set(clustered_tensors(pl_module)) - set(self._names)
         clash = [t.name for t in selected if t.name in others]
@@ -419,12 +479,21 @@ class DKMCallback(Callback):
         )
         self._timeline = DKMTimeline(self.temperature, self.method, self.start_epoch,
                                      self.hard_epoch)  # a new fit: no calibrated bounds yet
-        selected = select_targets(
-            pl_module, self.spec, targets=self.targets, exclude=self.exclude,
-            min_size=self.min_size, overrides=self.overrides,
-        )
-        check_export_widths(selected, self.exports["export_coreai"])
+        selected = self._select(pl_module)
         self._fully_sharded = FullySharded() if is_fully_sharded(trainer) else None
+        self.bit_allocation = self.results.bit_allocation = None
+        if self.average_bits is not None and selected:
+            if self._fully_sharded is not None:
+                raise MisconfigurationException(
+                    "DKMCallback(average_bits=...) is not supported under FSDP2 yet (the widths "
+                    "are chosen from the whole weights at setup); use ddp, or bits")
+            self.bit_allocation = self.results.bit_allocation = plan_fit_widths(
+                trainer, pl_module, selected, average_bits=self.average_bits,
+                allowed_bits=self.allowed_bits, overrides=self.overrides,
+                lut_dtype=self.lut_dtype, seed=self.seed)
+            selected = self.bit_allocation.apply(selected)
+            log_allocation(trainer, self.bit_allocation, self.verbose)
+        check_export_widths(selected, self.exports["export_coreai"])
         if not selected:
             rank_zero_warn(
                 "DKMCallback: no tensor is left to cluster (all matches are smaller than "

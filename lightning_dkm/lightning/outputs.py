@@ -138,6 +138,9 @@ class DKMResults:
         #: rank 0 a copy of it rebuilt from the gathered weights (``None`` on the other ranks,
         #: whose module stays sharded, its weights snapped). ``None`` before finalize.
         self.finalized_model: torch.nn.Module | None = None
+        #: The widths ``average_bits`` chose (a :class:`~lightning_dkm.model.bit_budget.
+        #: BitAllocation`), recorded in the report; ``None`` without ``average_bits``.
+        self.bit_allocation: Any = None
         # ddp_spawn runs fit in worker processes that receive a pickled copy of the callback;
         # rank 0 leaves its results in this file for the copy in the launching process.
         self._launcher_pid = os.getpid()
@@ -227,6 +230,8 @@ class DKMResults:
             pl_module, self._palettes, lut_dtype=lut_dtype, stats=final_stats,
             example_input=getattr(pl_module, "example_input_array", None),
         )
+        if self.bit_allocation is not None:
+            self._report.bit_allocation = self.bit_allocation.to_dict()
         if trainer.global_rank != 0:
             return
         _log_report(trainer, self._report)

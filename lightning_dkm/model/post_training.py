@@ -42,6 +42,7 @@ from ..engine.kmeans import kmeans
 from ..engine.layout import ClusterSpec, PaletteLayout
 from ..engine.palette import Palette
 from ..engine.parametrization import stable_seed
+from .bit_budget import check_average_bits, fixed_by_overrides, plan_widths
 from .carried import carry_palettes
 from .targets import DEFAULT_MIN_SIZE, select_targets
 
@@ -60,7 +61,7 @@ _FISHER_FLOOR = 1e-8
 @torch.no_grad()
 def palettize(
     model: nn.Module,
-    bits: int = 4,
+    bits: int | None = None,
     cluster_dim: int = 1,
     group_size: int | None = None,
     targets: Iterable[str] | str | None = None,
@@ -74,6 +75,8 @@ def palettize(
     max_iter: int = 300,
     calibration: Calibration | None = None,
     calibration_batches: int | None = None,
+    average_bits: float | None = None,
+    allowed_bits: Iterable[int] | None = None,
 ) -> dict[str, Palette]:
     r"""Cluster the selected weights of ``model`` in place with k-means and return their palettes.
 
@@ -85,7 +88,8 @@ def palettize(
     Args:
         model: any ``nn.Module``; its targeted weights are overwritten with their snapped values.
         bits, cluster_dim, group_size: the default
-        :class:`~lightning_dkm.engine.layout.ClusterSpec`.
+        :class:`~lightning_dkm.engine.layout.ClusterSpec` (``bits`` ``None``: 4, or chosen
+        per tensor by ``average_bits``, which then must be the only width given).
         per_channel_scale: cluster each output channel divided by its largest ``|weight|``
             and store those scales with the palette (see :mod:`lightning_dkm.layout`); with
             ``calibration`` the sensitivities are rescaled to match (:math:`F_{ii} s_c^2`).
@@ -106,6 +110,13 @@ def palettize(
             zero gradient is clustered unweighted, with a warning naming the tensor.
         calibration_batches: with ``calibration``, read at most this many batches (``None``:
             the whole dataloader).
+        average_bits: choose each tensor's width under the bytes of every tensor at this many
+            bits (a number in [1, 8]), as ``DKMCallback(average_bits=...)`` does
+            (:func:`~lightning_dkm.model.bit_budget.plan_widths`): the errors weighted by the
+            calibration's Fisher information, or unweighted without ``calibration``; an
+            override's ``bits`` fixes that tensor's width and counts against the budget. The
+            widths chosen are the palettes' ``layout.spec.bits``. Default ``None``: ``bits``.
+        allowed_bits: the widths ``average_bits`` may choose (default 1..8).
 
     Returns:
         ``{parameter name: Palette}``; ``palette.weight()`` equals the new weight bit for bit.
@@ -117,8 +128,14 @@ def palettize(
             :func:`fisher_diagonal`.
     """
     _check_calibration(calibration, calibration_batches)
-    spec = ClusterSpec(bits=bits, cluster_dim=cluster_dim, group_size=group_size,
-                       per_channel_scale=per_channel_scale)
+    average_bits = check_average_bits(average_bits)
+    if average_bits is not None and bits is not None:
+        raise ValueError(f"bits={bits!r} and average_bits={average_bits:g} are both given; "
+                         "average_bits chooses every tensor's width: leave bits unset (None)")
+    if average_bits is None and allowed_bits is not None:
+        raise ValueError(f"allowed_bits={allowed_bits!r} only applies with average_bits")
+    spec = ClusterSpec(bits=4 if bits is None else bits, cluster_dim=cluster_dim,
+                       group_size=group_size, per_channel_scale=per_channel_scale)
     selected = select_targets(
         model, spec, targets=targets, exclude=exclude, min_size=min_size, overrides=overrides
     )
@@ -132,6 +149,11 @@ def palettize(
         fisher = fisher_diagonal(
             model, dataloader, loss_fn, list(weights), num_batches=calibration_batches
         )
+    if average_bits is not None and selected:
+        selected = plan_widths(
+            selected, weights, average_bits, fixed=fixed_by_overrides(selected, overrides),
+            sensitivity=fisher or None, allowed_bits=allowed_bits, seed=seed,
+        ).apply(selected)
 
     palettes: dict[str, Palette] = {}
     for target in selected:

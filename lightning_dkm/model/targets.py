@@ -165,6 +165,8 @@ class Target:
     #: Other ``(module name, parameter name)`` owners of the same tensor (tied weights): during
     #: training they read this target's clustered tensor, and finalize keeps them tied.
     tied: tuple[tuple[str, str], ...] = ()
+    #: The ``overrides`` pattern that set this tensor's spec (``None``: the default spec).
+    override: str | None = None
 
     @property
     def name(self) -> str:
@@ -258,7 +260,7 @@ def select_targets(
         layout = PaletteLayout(
             tuple(tensor.shape), tensor_spec, group_axis, vector_axis, name=qualified
         )
-        selected.append(Target(module_name, param_name, layout))
+        selected.append(Target(module_name, param_name, layout, override=override))
 
     for pattern, names_below in unused_overrides.items():
         if pattern in used_overrides:

@@ -1,0 +1,142 @@
+"""``DKMCallback(average_bits=...)`` in a fit: the sensitivities from a few training batches,
+the widths chosen on rank 0 and broadcast, and where the allocation is shown.
+
+The allocation itself (estimates, budget, knapsack) is :mod:`lightning_dkm.model.bit_budget`;
+this module only brings it what a fit has: the ``LightningModule``'s ``training_step`` as the
+loss of the Fisher information (:func:`~lightning_dkm.model.post_training.fisher_diagonal`), on
+the first :data:`SENSITIVITY_BATCHES` batches of the training dataloader, at ``setup`` (before
+the optimizer and DDP see the model, when the widths must be fixed).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+
+from ..model.bit_budget import BitAllocation, fixed_by_overrides, plan_widths
+from ..model.post_training import fisher_diagonal
+from ..model.targets import Target
+
+__all__ = ["SENSITIVITY_BATCHES", "log_allocation", "plan_fit_widths"]
+
+#: Training batches whose squared gradients weight the estimate (the diagonal Fisher
+#: information): enough to rank tensors, few enough to cost little beside a fit.
+SENSITIVITY_BATCHES = 8
+
+
+@contextlib.contextmanager
+def _logging_muted(pl_module: pl.LightningModule) -> Iterator[None]:
+    """``self.log`` / ``self.log_dict`` do nothing inside (``training_step`` run outside the
+    loop, where Lightning would refuse them)."""
+    def noop(*args: Any, **kwargs: Any) -> None:
+        return None
+
+    pl_module.log = noop  # type: ignore[method-assign]
+    pl_module.log_dict = noop  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        del pl_module.log, pl_module.log_dict
+
+
+def _training_loss(model: torch.nn.Module, batch: Any) -> torch.Tensor:
+    """The loss ``training_step`` returns (a tensor, or a mapping's ``"loss"``)."""
+    out = model.training_step(batch, 0)  # type: ignore[operator]
+    if isinstance(out, Mapping):
+        out = out.get("loss")
+    return out  # fisher_diagonal checks that it is a scalar tensor
+
+
+def _train_batches(trainer: pl.Trainer) -> Any:
+    """The fit's training dataloader as the user gave it (a ``DataLoader``, a datamodule's or
+    the module's ``train_dataloader()``), or ``None`` where none can be had at setup."""
+    source = getattr(trainer.fit_loop, "_data_source", None)  # Lightning 2.x: no public way
+    if source is None or not source.is_defined():
+        return None
+    loader = source.dataloader()
+    if isinstance(loader, (Mapping, list, tuple)):  # several dataloaders: no one batch order
+        return None
+    return loader
+
+
+def _fisher(trainer: pl.Trainer, pl_module: pl.LightningModule, names: list[str]
+            ) -> tuple[dict[str, torch.Tensor] | None, str]:
+    """The diagonal Fisher information of ``names`` from the first batches of the training
+    data, or ``None`` (and why, in a warning) where it cannot be had."""
+    why = None
+    if not pl_module.automatic_optimization:
+        why = ("the module uses manual optimization, whose training_step steps the optimizer "
+               "itself")
+    else:
+        try:
+            loader = _train_batches(trainer)
+        except Exception as err:  # a user's train_dataloader() that cannot run yet
+            loader, why = None, f"the training dataloader could not be built at setup ({err})"
+        if loader is None and why is None:
+            why = "no training dataloader is known at setup"
+    if why is None:
+        try:
+            with _logging_muted(pl_module):
+                fisher = fisher_diagonal(pl_module, loader, _training_loss, names,
+                                         num_batches=SENSITIVITY_BATCHES)
+            return fisher, f"fisher ({SENSITIVITY_BATCHES} training batches at most)"
+        except ValueError as err:
+            why = f"the training loss gave no sensitivity ({err})"
+    rank_zero_warn(
+        f"DKMCallback(average_bits=...): {why}; the widths are chosen by each tensor's squared "
+        "clustering error alone, every weight counting the same")
+    return None, "none"
+
+
+def plan_fit_widths(
+    trainer: pl.Trainer,
+    pl_module: pl.LightningModule,
+    selected: list[Target],
+    *,
+    average_bits: float,
+    allowed_bits: tuple[int, ...],
+    overrides: Mapping[str, Mapping[str, Any]],
+    lut_dtype: str,
+    seed: int,
+) -> BitAllocation:
+    """The widths of ``selected`` under ``average_bits``: computed on rank 0 (weights as they
+    are at setup, Fisher information from the training batches) and broadcast, so every rank
+    clusters with the same widths whatever data it sees."""
+    allocation: dict[str, Any] | None = None
+    error: str | None = None
+    if trainer.global_rank == 0:
+        modules = dict(pl_module.named_modules())
+        weights = {t.name: getattr(modules[t.module_name], t.param_name) for t in selected}
+        fixed = fixed_by_overrides(selected, overrides)
+        fisher, label = _fisher(trainer, pl_module, [n for n in weights if n not in fixed])
+        try:
+            allocation = plan_widths(
+                selected, weights, average_bits, fixed=fixed, sensitivity=fisher,
+                sensitivity_label=label, allowed_bits=allowed_bits, lut_dtype=lut_dtype,
+                seed=seed).to_dict()
+        except ValueError as err:
+            error = str(err)
+    allocation, error = trainer.strategy.broadcast((allocation, error), src=0)
+    if error is not None:
+        raise MisconfigurationException(f"DKMCallback(average_bits={average_bits:g}): {error}")
+    assert allocation is not None
+    return BitAllocation.from_dict(allocation)
+
+
+def log_allocation(trainer: pl.Trainer, allocation: BitAllocation, verbose: bool) -> None:
+    """The allocation as TensorBoard text (``dkm/bit_allocation``) and, if ``verbose``,
+    printed (rank 0)."""
+    text = allocation.to_markdown()
+    if trainer.global_rank == 0:
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                logger.experiment.add_text("dkm/bit_allocation", text, trainer.global_step)
+    if verbose:
+        rank_zero_info("DKMCallback bit allocation:\n" + text)

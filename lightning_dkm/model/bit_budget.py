@@ -1,0 +1,484 @@
+r"""Per-tensor bit widths under a size budget: what ``average_bits`` chooses (issue #24).
+
+Uniform widths spend the same bits on every tensor whether the loss cares about it or not.
+Given a budget of ``average_bits = B``, :func:`plan_widths` gives each tensor to cluster a width
+:math:`b_t` from ``widths`` (default 1..8) so that
+
+.. math::
+
+    \sum_t \mathrm{bytes}_t(b_t) \le \mathrm{budget}(B), \qquad
+    \text{minimising } \sum_t E_t(b_t),
+
+where :math:`\mathrm{bytes}_t(b)` is what the compression report counts for the tensor at
+:math:`b` bits (its LUTs, per-channel scales and indices packed at :math:`b` bits:
+:func:`~lightning_dkm.engine.palette.stored_bytes`, the report's own accounting) and
+:math:`\mathrm{budget}(B)` the same sum with every tensor at ``B`` bits. A fractional ``B``
+(2.5) interpolates linearly between the budgets of :math:`\lfloor B \rfloor` and
+:math:`\lceil B \rceil` bits (rounded down to whole bytes).
+
+**The estimate** :math:`E_t(b)` of the loss increase is the second-order one of
+:mod:`~lightning_dkm.model.post_training` (SqueezeLLM): snapping ``w`` to its centroids costs
+about :math:`\tfrac12 \sum_i F_{ii} (w_i - c_{a(i)})^2`, with :math:`F` the diagonal Fisher
+information (:func:`~lightning_dkm.model.post_training.fisher_diagonal`). The centroids are
+those k-means finds with :math:`2^b` of them, as DKM is seeded; for scalar palettes k-means
+runs on the palette's distinct float16-rounded values weighted by their counts (at most 63,488
+points whatever the tensor's size), each distinct value's error weighted by the Fisher
+information summed over the weights that round to it. Without a sensitivity every weight
+counts 1 (the squared error itself).
+
+**The allocation** is a multiple-choice knapsack, solved by dynamic programming over bytes:
+exact when the budget is at most 2**16 bytes; beyond that the bytes are counted in units of
+``ceil(budget / 2**16)``, each tensor's rounded up (so the budget is never exceeded), the
+bytes this leaves unused are then spent greedily (largest estimate decrease per byte), and
+a uniform width that fits and estimates lower is taken instead (so an integer ``B`` never
+estimates worse than uniform ``B``).
+
+**Fixed widths.** A tensor whose width an ``overrides`` entry sets explicitly (``{"bits": 8}``)
+keeps it; its bytes count against the budget (the budget is that of *every* clustered tensor
+at ``B`` bits), and a budget the fixed tensors leave too small for the others at the
+narrowest width is an error.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Collection, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..engine.kmeans import kmeans, palette_unit
+from ..engine.layout import MAX_BITS, PaletteLayout
+from ..engine.palette import LutDtype, lut_dtype_name, stored_bytes
+from ..engine.parametrization import stable_seed
+from .targets import Target
+
+__all__ = [
+    "ALL_WIDTHS",
+    "BitAllocation",
+    "TensorWidth",
+    "allocate",
+    "budget_bytes",
+    "check_average_bits",
+    "check_widths",
+    "distortions",
+    "fixed_by_overrides",
+    "plan_widths",
+    "with_bits",
+]
+
+#: Every width ``average_bits`` may choose by default.
+ALL_WIDTHS = tuple(range(1, MAX_BITS + 1))
+# The dynamic programme's budget in units; beyond it bytes are counted in coarser units.
+_DP_UNITS = 1 << 16
+# Lloyd iterations of the estimate's k-means (on at most 63,488 distinct values per palette).
+_KMEANS_ITER = 50
+
+
+def check_average_bits(average_bits: object) -> float | None:
+    """``average_bits`` as a float (``None`` stays ``None``): a finite number in [1, 8]."""
+    if average_bits is None:
+        return None
+    if (isinstance(average_bits, bool) or not isinstance(average_bits, (int, float))
+            or not math.isfinite(average_bits) or not 1 <= average_bits <= MAX_BITS):
+        raise ValueError(
+            f"average_bits must be None (one width for every tensor: bits) or a number in "
+            f"[1, {MAX_BITS}] (the budget: the clustered bytes of every tensor at that many "
+            f"bits; 2.5 lies halfway between 2 and 3); got {average_bits!r}")
+    return float(average_bits)
+
+
+def check_widths(widths: Iterable[int] | None, default: Sequence[int] = ALL_WIDTHS
+                 ) -> tuple[int, ...]:
+    """The widths ``average_bits`` may choose, sorted: ``default`` for ``None``, else a
+    non-empty collection of ints in 1..8."""
+    if widths is None:
+        return tuple(sorted(default))
+    out = list(widths) if not isinstance(widths, (str, bytes)) else [widths]
+    bad = [w for w in out if isinstance(w, bool) or not isinstance(w, int)
+           or not 1 <= w <= MAX_BITS]
+    if not out or bad:
+        raise ValueError(f"allowed_bits must be a non-empty list of ints in 1..{MAX_BITS}; got "
+                         f"{widths!r}")
+    return tuple(sorted(set(out)))
+
+
+def with_bits(layout: PaletteLayout, bits: int) -> PaletteLayout:
+    """``layout`` at another width (the same shape, axes, cluster_dim, grouping, scales)."""
+    return replace(layout, spec=replace(layout.spec, bits=bits))
+
+
+def _fits(layout: PaletteLayout, bits: int) -> bool:
+    """Whether each palette holds at least ``2**bits`` vectors (what a layout requires)."""
+    return layout.vectors_per_palette >= 1 << bits
+
+
+def budget_bytes(layouts: Iterable[PaletteLayout], average_bits: float,
+                 lut_dtype: LutDtype = "float16") -> int:
+    """The clustered bytes of every layout at ``average_bits`` bits, as the report counts them;
+    a fractional width interpolates linearly between the two integer widths around it."""
+    layouts = list(layouts)
+    low, high = math.floor(average_bits), math.ceil(average_bits)
+    at_low = sum(stored_bytes(lay, lut_dtype, low) for lay in layouts)
+    if high == low:
+        return at_low
+    at_high = sum(stored_bytes(lay, lut_dtype, high) for lay in layouts)
+    return at_low + math.floor((average_bits - low) * (at_high - at_low))
+
+
+@torch.no_grad()
+def distortions(
+    weight: Tensor,
+    layout: PaletteLayout,
+    widths: Iterable[int],
+    sensitivity: Tensor | None = None,
+    *,
+    seed: int = 0,
+) -> dict[int, float]:
+    r"""The estimated loss increase :math:`E(b) = \tfrac12 \sum_i F_{ii}(w_i - c_{a(i)})^2` of
+    clustering ``weight`` with ``layout`` at each width ``b`` of ``widths`` (module docstring).
+
+    Args:
+        weight: the tensor as it is when clustering starts.
+        layout: its layout (its spec's ``bits`` is ignored; ``per_channel_scale`` applies).
+        widths: the widths to estimate; each must leave every palette at least ``2**b``
+            vectors.
+        sensitivity: :math:`F_{ii}`, the weight's shape (e.g. the diagonal Fisher
+            information); ``None``: 1 for every weight.
+        seed: k-means++ seed (per width ``stable_seed(seed, f"{name}:{b}")``).
+
+    Returns:
+        ``{bits: estimate}``, floats >= 0 (0 where a palette has no more distinct values than
+        centroids).
+    """
+    scale = layout.channel_scale(weight)
+    x = layout.to_palettes(weight.detach(), scale).float().cpu()  # (P, n, d)
+    if sensitivity is None:
+        f = torch.ones_like(x)
+    else:
+        s = sensitivity.detach().float()
+        if scale is not None:  # an error e in scaled units is s * e in the weight's
+            s = s * layout.broadcast_scale(scale.to(s)) ** 2
+        f = layout.to_palettes(s).float().cpu()
+    unit = palette_unit(x)
+    x = x / unit
+    f = f * unit.square()  # errors are measured on x / unit: back in the weight's units
+    out: dict[int, float] = {}
+    for bits in widths:
+        generator = torch.Generator().manual_seed(stable_seed(seed, f"{layout.name}:{bits}"))
+        k = 1 << bits
+        if x.shape[-1] == 1:
+            total = sum(_scalar_error(x[p, :, 0], f[p, :, 0], k, generator)
+                        for p in range(x.shape[0]))
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)  # few distinct vectors: error 0
+                result = kmeans(x, k, generator, max_iter=_KMEANS_ITER)
+            idx = result.labels.unsqueeze(-1).expand(-1, -1, x.shape[-1])
+            total = float((f * (x - result.centroids.gather(1, idx)).square()).sum())
+        out[bits] = 0.5 * float(total)
+    return out
+
+
+def _scalar_error(values: Tensor, sensitivity: Tensor, k: int,
+                  generator: torch.Generator) -> float:
+    """:math:`\\sum_i F_i (v_i - c_{a(i)})^2` for one scalar palette (already in units), by
+    k-means on its distinct float16-rounded values weighted by their counts."""
+    distinct, inverse, counts = torch.unique(values.half().float(), return_inverse=True,
+                                             return_counts=True)
+    if distinct.numel() <= k:
+        return 0.0
+    weight = torch.zeros_like(distinct).scatter_add_(0, inverse, sensitivity)
+    result = kmeans(distinct.view(1, -1, 1), k, generator, max_iter=_KMEANS_ITER,
+                    sample_weight=counts.to(distinct.dtype).view(1, -1))
+    centroid = result.centroids[0, :, 0].gather(0, result.labels[0])
+    return float((weight * (distinct - centroid).square()).sum())
+
+
+def allocate(options: Mapping[str, Mapping[int, tuple[int, float]]], budget: int
+             ) -> dict[str, int]:
+    """The widths that minimise the summed estimate with the summed bytes at most ``budget``.
+
+    Args:
+        options: ``{tensor: {bits: (bytes, estimate)}}``, at least one width per tensor.
+        budget: bytes (an int >= 0).
+
+    Returns:
+        ``{tensor: bits}``. Exact (dynamic programming over bytes) for budgets up to 2**16
+        bytes; beyond, exact over bytes counted in units of ``ceil(budget / 2**16)`` rounded up,
+        then the unused bytes spent greedily, and a uniform width taken instead where it fits
+        and estimates lower (module docstring).
+
+    Raises:
+        ValueError: an empty option set, or a budget below the cheapest choice.
+    """
+    names = list(options)
+    if not names:
+        return {}
+    for name in names:
+        if not options[name]:
+            raise ValueError(f"{name}: no width to choose from")
+    cheapest = sum(min(b for b, _ in options[n].values()) for n in names)
+    if cheapest > budget:
+        raise ValueError(f"the budget of {budget:,} bytes is below the {cheapest:,} bytes of the "
+                         "narrowest widths")
+    unit = max(1, -(-budget // _DP_UNITS))
+    capacity = budget // unit
+    best = np.zeros(capacity + 1)  # best[c]: the least estimate within c units
+    choices: list[tuple[list[int], np.ndarray]] = []
+    for name in names:
+        widths = sorted(options[name], key=lambda b: (options[name][b][0], -b))
+        candidates = np.full((len(widths), capacity + 1), np.inf)
+        for row, bits in enumerate(widths):
+            cost = -(-options[name][bits][0] // unit)
+            if cost <= capacity:
+                candidates[row, cost:] = best[: capacity + 1 - cost] + options[name][bits][1]
+        pick = candidates.argmin(axis=0)
+        best = candidates[pick, np.arange(capacity + 1)]
+        choices.append((widths, pick))
+    chosen: dict[str, int] = {}
+    c = capacity
+    if not np.isfinite(best[c]):  # only when rounding up costs left no room: the narrowest
+        chosen = {n: min(options[n], key=lambda b: options[n][b][0]) for n in names}
+    else:
+        for name, (widths, pick) in zip(reversed(names), reversed(choices), strict=True):
+            bits = widths[pick[c]]
+            chosen[name] = bits
+            c -= -(-options[name][bits][0] // unit)
+    chosen = _fill(options, {n: chosen[n] for n in names}, budget)
+    return _uniform_if_better(options, chosen, budget)
+
+
+def _total(options: Mapping[str, Mapping[int, tuple[int, float]]], chosen: Mapping[str, int],
+           which: int) -> float:
+    return sum(options[n][b][which] for n, b in chosen.items())
+
+
+def _fill(options: Mapping[str, Mapping[int, tuple[int, float]]], chosen: dict[str, int],
+          budget: int) -> dict[str, int]:
+    """Spend the bytes left under ``budget`` greedily: the change of one tensor's width that
+    lowers the estimate most per byte, while one fits."""
+    left = budget - int(_total(options, chosen, 0))
+    while True:
+        best: tuple[float, str, int] | None = None
+        for name, bits in chosen.items():
+            size, estimate = options[name][bits]
+            for other, (other_size, other_estimate) in options[name].items():
+                extra, gain = other_size - size, estimate - other_estimate
+                if gain <= 0 or extra > left:
+                    continue
+                rate = math.inf if extra <= 0 else gain / extra
+                if best is None or rate > best[0]:
+                    best = (rate, name, other)
+        if best is None:
+            return chosen
+        _, name, bits = best
+        left -= options[name][bits][0] - options[name][chosen[name]][0]
+        chosen[name] = bits
+
+
+def _uniform_if_better(options: Mapping[str, Mapping[int, tuple[int, float]]],
+                       chosen: dict[str, int], budget: int) -> dict[str, int]:
+    common = set.intersection(*(set(o) for o in options.values()))
+    for bits in sorted(common):
+        uniform = {n: bits for n in chosen}
+        if (_total(options, uniform, 0) <= budget
+                and _total(options, uniform, 1) < _total(options, chosen, 1)):
+            chosen = uniform
+    return chosen
+
+
+@dataclass(frozen=True)
+class TensorWidth:
+    """One tensor's width and why: the estimate at every width considered."""
+
+    name: str
+    bits: int
+    bytes: int
+    #: ``{bits: estimated loss increase}`` (empty for a fixed tensor).
+    estimates: dict[int, float] = field(default_factory=dict)
+    #: Set by an ``overrides`` entry's ``bits``, not chosen.
+    fixed: bool = False
+
+    @property
+    def estimate(self) -> float | None:
+        """The estimate of the chosen width (``None`` for a fixed tensor)."""
+        return self.estimates.get(self.bits)
+
+
+@dataclass(frozen=True)
+class BitAllocation:
+    """The widths :func:`plan_widths` chose, with the budget and the estimates behind them."""
+
+    average_bits: float
+    budget_bytes: int
+    allowed_bits: tuple[int, ...]
+    lut_dtype: str
+    #: What weighted the errors: ``"fisher (N batches)"`` or ``"none"`` (squared error).
+    sensitivity: str
+    tensors: tuple[TensorWidth, ...]
+
+    @property
+    def bits(self) -> dict[str, int]:
+        """``{tensor name: bits}``."""
+        return {t.name: t.bits for t in self.tensors}
+
+    @property
+    def total_bytes(self) -> int:
+        """The clustered bytes at the chosen widths (<= :attr:`budget_bytes`)."""
+        return sum(t.bytes for t in self.tensors)
+
+    @property
+    def estimate(self) -> float:
+        """The summed estimate of the chosen (not fixed) widths."""
+        return sum(t.estimate or 0.0 for t in self.tensors)
+
+    def apply(self, targets: Sequence[Target]) -> list[Target]:
+        """``targets`` with the chosen widths (a target not in the allocation is an error)."""
+        bits = self.bits
+        missing = [t.name for t in targets if t.name not in bits]
+        if missing:
+            raise ValueError(f"the bit allocation has no width for {missing}; it covers "
+                             f"{sorted(bits)}")
+        return [replace(t, layout=with_bits(t.layout, bits[t.name])) for t in targets]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Primitives (checkpoints, the report's JSON); :meth:`from_dict` reads it back."""
+        return {
+            "average_bits": self.average_bits,
+            "budget_bytes": self.budget_bytes,
+            "total_bytes": self.total_bytes,
+            "allowed_bits": list(self.allowed_bits),
+            "lut_dtype": self.lut_dtype,
+            "sensitivity": self.sensitivity,
+            "tensors": [
+                {"name": t.name, "bits": t.bits, "bytes": t.bytes, "fixed": t.fixed,
+                 "estimate": t.estimate,
+                 "estimates": {str(b): e for b, e in sorted(t.estimates.items())}}
+                for t in self.tensors
+            ],
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> BitAllocation:
+        try:
+            return cls(
+                average_bits=float(data["average_bits"]),
+                budget_bytes=int(data["budget_bytes"]),
+                allowed_bits=tuple(int(b) for b in data["allowed_bits"]),
+                lut_dtype=str(data["lut_dtype"]),
+                sensitivity=str(data["sensitivity"]),
+                tensors=tuple(
+                    TensorWidth(name=str(t["name"]), bits=int(t["bits"]), bytes=int(t["bytes"]),
+                                estimates={int(b): float(e) for b, e in t["estimates"].items()},
+                                fixed=bool(t["fixed"]))
+                    for t in data["tensors"]),
+            )
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"not a bit allocation: {err!r}") from err
+
+    def to_markdown(self) -> str:
+        """One row per tensor: width, bytes, the estimate that chose it (and the others)."""
+        lines = [
+            f"average_bits={self.average_bits:g}: {self.total_bytes:,} of {self.budget_bytes:,} "
+            f"budget bytes (LUTs at {self.lut_dtype}); widths from {list(self.allowed_bits)}; "
+            f"sensitivity: {self.sensitivity}",
+            "",
+            "| tensor | bits | bytes | estimate | estimate per width |",
+            "| :--- | ---: | ---: | ---: | :--- |",
+        ]
+        for t in self.tensors:
+            per_width = ("fixed by overrides" if t.fixed else
+                         ", ".join(f"{b}: {e:.3g}" for b, e in sorted(t.estimates.items())))
+            estimate = "-" if t.estimate is None else f"{t.estimate:.3g}"
+            lines.append(f"| {t.name} | {t.bits} | {t.bytes:,} | {estimate} | {per_width} |")
+        return "\n".join(lines) + "\n"
+
+
+def fixed_by_overrides(targets: Iterable[Target],
+                       overrides: Mapping[str, Mapping[str, Any]] | None) -> set[str]:
+    """The targets whose width an ``overrides`` entry sets explicitly (``"bits"`` in it)."""
+    overrides = overrides or {}
+    return {t.name for t in targets
+            if t.override is not None and "bits" in overrides.get(t.override, {})}
+
+
+def plan_widths(
+    targets: Sequence[Target],
+    weights: Mapping[str, Tensor],
+    average_bits: float,
+    *,
+    fixed: Collection[str] = (),
+    sensitivity: Mapping[str, Tensor] | None = None,
+    sensitivity_label: str | None = None,
+    allowed_bits: Iterable[int] | None = None,
+    lut_dtype: LutDtype = "float16",
+    seed: int = 0,
+) -> BitAllocation:
+    """Choose every target's width under the budget of ``average_bits`` (module docstring).
+
+    Args:
+        targets: the tensors to cluster (:func:`~lightning_dkm.model.targets.select_targets`),
+            each with its layout (overrides applied; ``bits`` is replaced unless ``fixed``).
+        weights: ``{name: tensor}`` as clustering starts, for every target.
+        average_bits: the budget, a number in [1, 8].
+        fixed: names whose layout's width is kept (:func:`fixed_by_overrides`); their bytes
+            count against the budget.
+        sensitivity: ``{name: F}`` of each weight's shape (e.g.
+            :func:`~lightning_dkm.model.post_training.fisher_diagonal`); ``None``: 1 everywhere.
+        sensitivity_label: how the allocation records it (default ``"fisher"`` / ``"none"``).
+        allowed_bits: the widths to choose from (default 1..8), e.g. Core AI's (1, 2, 4, 6, 8).
+        lut_dtype: the LUTs' storage dtype, as the report counts them.
+        seed: the estimate's k-means seed.
+
+    Raises:
+        ValueError: ``average_bits`` or ``allowed_bits`` out of range, a missing weight, a
+            tensor no allowed width fits, or a budget the fixed tensors leave too small.
+    """
+    average_bits = check_average_bits(average_bits)
+    assert average_bits is not None
+    allowed = check_widths(allowed_bits)
+    lut_name = lut_dtype_name(lut_dtype)
+    missing = [t.name for t in targets if t.name not in weights]
+    if missing:
+        raise ValueError(f"plan_widths: no weight given for {missing}")
+    budget = budget_bytes([t.layout for t in targets], average_bits, lut_dtype)
+    fixed_rows = [TensorWidth(t.name, t.spec.bits, stored_bytes(t.layout, lut_dtype), fixed=True)
+                  for t in targets if t.name in fixed]
+    free = [t for t in targets if t.name not in fixed]
+    options: dict[str, dict[int, tuple[int, float]]] = {}
+    estimates: dict[str, dict[int, float]] = {}
+    for target in free:
+        widths = [b for b in allowed if _fits(target.layout, b)]
+        if not widths:
+            raise ValueError(
+                f"{target.name}: no width of allowed_bits={list(allowed)} fits its palettes of "
+                f"{target.layout.vectors_per_palette} vectors; allow narrower widths or leave "
+                "it out (exclude / min_size)")
+        estimates[target.name] = distortions(
+            weights[target.name], target.layout, widths,
+            None if sensitivity is None else sensitivity.get(target.name), seed=seed)
+        options[target.name] = {b: (stored_bytes(target.layout, lut_dtype, b),
+                                    estimates[target.name][b]) for b in widths}
+    left = budget - sum(r.bytes for r in fixed_rows)
+    need = sum(min(size for size, _ in o.values()) for o in options.values())
+    if need > left:
+        raise ValueError(
+            f"average_bits={average_bits:g} gives a budget of {budget:,} bytes; the "
+            f"{len(fixed_rows)} tensor(s) whose bits overrides fix take "
+            f"{budget - left:,} of them and the other {len(free)} need at least {need:,} at "
+            f"their narrowest allowed width ({min(allowed)} bits). Raise average_bits, lower "
+            "the overrides' bits, or allow narrower widths")
+    chosen = allocate(options, left)
+    rows = {r.name: r for r in fixed_rows}
+    for target in free:
+        bits = chosen[target.name]
+        rows[target.name] = TensorWidth(target.name, bits, options[target.name][bits][0],
+                                        estimates[target.name])
+    label = sensitivity_label or ("fisher" if sensitivity is not None else "none")
+    return BitAllocation(average_bits, budget, allowed, lut_name, label,
+                         tuple(rows[t.name] for t in targets))

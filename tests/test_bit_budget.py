@@ -1,0 +1,270 @@
+"""Per-tensor widths under a size budget (``average_bits``): the allocation is optimal and never
+over budget as the report counts bytes, follows the loss's sensitivity, respects overrides,
+min_size and an exporter's widths, and in a fit is logged, checkpointed, resumed and the same on
+every rank."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.strategies import DDPStrategy
+from lightning_helpers import AllocationRecorder, RankDataNet, TinyNet, trainer
+from torch import nn
+
+from lightning_dkm import CompressionReport, DKMCallback, palettize
+from lightning_dkm.model.bit_budget import allocate
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+def brute_force(options, budget):
+    """The least summed estimate of any choice within ``budget`` (None: no choice fits)."""
+    names = list(options)
+    best = None
+    for combo in itertools.product(*(options[n] for n in names)):
+        size = sum(options[n][b][0] for n, b in zip(names, combo, strict=True))
+        estimate = sum(options[n][b][1] for n, b in zip(names, combo, strict=True))
+        if size <= budget and (best is None or estimate < best):
+            best = estimate
+    return best
+
+
+def random_options(rng, tensors, max_bytes):
+    return {f"t{t}": {b: (rng.randint(1, max_bytes), rng.random() * 10)
+                      for b in rng.sample(range(1, 9), rng.randint(1, 4))}
+            for t in range(tensors)}
+
+
+def test_allocation_is_optimal_against_brute_force_on_small_budgets():
+    rng = random.Random(0)
+    for _ in range(300):
+        options = random_options(rng, rng.randint(1, 4), 50)
+        budget = rng.randint(0, 150)
+        best = brute_force(options, budget)
+        if best is None:
+            with pytest.raises(ValueError, match="below"):
+                allocate(options, budget)
+            continue
+        chosen = allocate(options, budget)
+        assert sum(options[n][b][0] for n, b in chosen.items()) <= budget
+        assert sum(options[n][b][1] for n, b in chosen.items()) == pytest.approx(best)
+
+
+def test_allocation_of_large_budgets_stays_within_them_and_near_the_optimum():
+    rng = random.Random(1)
+    for _ in range(50):
+        options = random_options(rng, 3, 10_000_000)
+        budget = rng.randint(5_000_000, 20_000_000)
+        best = brute_force(options, budget)
+        if best is None:
+            continue
+        chosen = allocate(options, budget)
+        assert sum(options[n][b][0] for n, b in chosen.items()) <= budget
+        # bytes are counted in units of ceil(budget / 2**16), rounded up: at least as good as
+        # the optimum of a budget smaller by one unit per tensor
+        unit = -(-budget // 2**16)
+        smaller = brute_force(options, budget - 3 * unit)
+        if smaller is not None:
+            assert sum(options[n][b][1] for n, b in chosen.items()) <= smaller + 1e-9
+
+
+class TwoLayers(nn.Module):
+    """Two 64 x 64 layers with the same weights; the loss weighs the first 100 times more."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b = nn.Linear(64, 64), nn.Linear(64, 64)
+        with torch.no_grad():
+            self.b.weight.copy_(self.a.weight)
+
+
+def two_layer_loss(model, x):
+    return 100 * model.a(x).square().mean() + model.b(x).square().mean()
+
+
+def calibration():
+    return [torch.randn(16, 64, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+
+
+def uniform_bytes(make, bits, **kwargs):
+    model = make()
+    return CompressionReport.build(model, palettize(model, bits=bits, **kwargs)).clustered_bytes
+
+
+def budgeted(make, average_bits, **kwargs):
+    model = make()
+    palettes = palettize(model, average_bits=average_bits, **kwargs)
+    return palettes, CompressionReport.build(model, palettes).clustered_bytes
+
+
+def test_the_loss_sensitive_tensor_gets_the_wider_width():
+    palettes, _ = budgeted(TwoLayers, 3.5, calibration=(calibration(), two_layer_loss),
+                           allowed_bits=[2, 3, 4], n_init=1)
+    assert palettes["a.weight"].layout.spec.bits > palettes["b.weight"].layout.spec.bits
+
+
+@pytest.mark.parametrize("average_bits", [1, 2, 3])
+def test_clustered_bytes_never_exceed_uniform_ones_as_the_report_counts(average_bits):
+    _, size = budgeted(TinyNet, average_bits, allowed_bits=[1, 2, 3, 4], n_init=1)
+    assert size <= uniform_bytes(TinyNet, average_bits, n_init=1)
+
+
+def test_a_fractional_budget_lies_between_the_uniform_widths_around_it():
+    palettes, size = budgeted(TinyNet, 2.5, allowed_bits=[1, 2, 3, 4], n_init=1)
+    low, high = uniform_bytes(TinyNet, 2, n_init=1), uniform_bytes(TinyNet, 3, n_init=1)
+    assert low < size <= (low + high) // 2
+    assert {p.layout.spec.bits for p in palettes.values()} == {2, 3}
+
+
+def test_an_override_fixes_its_width_and_counts_against_the_budget():
+    overrides = {"body.0": {"bits": 4}}
+    palettes, size = budgeted(TinyNet, 2.5, overrides=overrides, allowed_bits=[1, 2, 3],
+                              n_init=1)
+    assert palettes["body.0.weight"].layout.spec.bits == 4
+    assert palettes["body.2.weight"].layout.spec.bits == 1  # what the 4 bits leave
+    assert size <= (uniform_bytes(TinyNet, 2, n_init=1) + uniform_bytes(TinyNet, 3, n_init=1)) // 2
+
+
+def test_a_budget_too_small_for_the_fixed_overrides_is_an_error():
+    with pytest.raises(ValueError, match=r"overrides fix take .* Raise average_bits"):
+        palettize(TinyNet(), average_bits=1.5, overrides={"body.2": {"bits": 8}})
+
+
+def test_tensors_below_min_size_are_not_allocated():
+    palettes = palettize(TinyNet(), average_bits=2, min_size=3000, allowed_bits=[1, 2, 3],
+                         n_init=1)
+    assert list(palettes) == ["body.2.weight"]
+    assert palettes["body.2.weight"].layout.spec.bits == 2
+
+
+def test_widths_outside_allowed_bits_are_never_chosen():
+    for average_bits in (1.5, 3, 5):
+        palettes, _ = budgeted(TinyNet, average_bits, allowed_bits=[1, 2, 4, 6, 8], n_init=1)
+        assert {p.layout.spec.bits for p in palettes.values()} <= {1, 2, 4, 6, 8}
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"average_bits": 0.5}, r"average_bits must be .* \[1, 8\]"),
+    ({"average_bits": 9}, r"average_bits must be"),
+    ({"average_bits": True}, r"average_bits must be"),
+    ({"average_bits": float("nan")}, r"average_bits must be"),
+    ({"average_bits": 2, "bits": 2}, r"bits=2 and average_bits=2 are both given"),
+    ({"allowed_bits": [2, 4]}, r"allowed_bits=\[2, 4\] only applies with average_bits"),
+    ({"average_bits": 2, "allowed_bits": [0, 2]}, r"allowed_bits must be"),
+    ({"average_bits": 2, "allowed_bits": []}, r"allowed_bits must be"),
+])
+def test_bad_budgets_are_refused_by_the_callback_and_palettize(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        DKMCallback(**kwargs)
+    with pytest.raises(ValueError, match=match):
+        palettize(TinyNet(), **kwargs)
+
+
+def test_core_ai_export_excludes_the_widths_it_cannot_pack():
+    assert DKMCallback(average_bits=3, export_coreai=True).allowed_bits == (1, 2, 4, 6, 8)
+    assert DKMCallback(average_bits=3).allowed_bits == tuple(range(1, 9))
+    with pytest.raises(ValueError, match=r"holds \[3\], which Core AI cannot pack"):
+        DKMCallback(average_bits=3, export_coreai=True, allowed_bits=[2, 3, 4])
+
+
+# -- in a fit -----------------------------------------------------------------------------------
+def fit(tmp_path, model, callback, **kwargs):
+    torch.manual_seed(0)
+    trainer(tmp_path, callbacks=[callback], **kwargs).fit(model)
+    return callback
+
+
+def test_a_fit_clusters_at_the_chosen_widths_and_reports_them(tmp_path):
+    torch.manual_seed(0)
+    callback = fit(tmp_path, TinyNet(), DKMCallback(average_bits=1.5, save_dir=str(tmp_path),
+                                                    verbose=False))
+    chosen = callback.bit_allocation.bits
+    assert {layer.name: layer.bits for layer in callback.report.layers} == chosen
+    assert callback.report.clustered_bytes <= callback.bit_allocation.budget_bytes
+    saved = json.loads((tmp_path / "compression_report.json").read_text())["bit_allocation"]
+    assert {t["name"]: t["bits"] for t in saved["tensors"]} == chosen
+    assert all(t["estimate"] == t["estimates"][str(t["bits"])] for t in saved["tensors"])
+    assert saved["sensitivity"].startswith("fisher")
+    assert "## Bit allocation (average_bits)" in callback.report.to_markdown()
+
+
+def test_the_allocation_is_tensorboard_text(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logger = TensorBoardLogger(str(tmp_path), name="run")
+    fit(tmp_path, TinyNet(), DKMCallback(average_bits=2, verbose=False), logger=logger,
+        max_epochs=1)
+    events = EventAccumulator(str(next(Path(logger.log_dir).glob("events.out.tfevents.*"))))
+    events.Reload()
+    text = events.Tensors("dkm/bit_allocation/text_summary")[0].tensor_proto.string_val[0]
+    assert b"body.0.weight" in text and b"estimate per width" in text
+
+
+def test_a_resume_keeps_the_checkpoints_widths(tmp_path):
+    first = DKMCallback(average_bits=2.5, save_dir=str(tmp_path / "a"), verbose=False,
+                        finalize=False)
+    fit(tmp_path / "a", TinyNet(), first, max_epochs=1, enable_checkpointing=True)
+    checkpoint = next((tmp_path / "a").rglob("*.ckpt"))
+    saved = torch.load(checkpoint, weights_only=False)["callbacks"][first.state_key]
+    assert saved["bit_allocation"]["tensors"] == first.bit_allocation.to_dict()["tensors"]
+
+    # the same model with its layers' roles swapped: setup alone would choose other widths
+    model = TinyNet()
+    with torch.no_grad():
+        model.body[0].weight.mul_(1e-3)
+    resumed = DKMCallback(average_bits=2.5, save_dir=str(tmp_path / "b"), verbose=False)
+    torch.manual_seed(0)
+    trainer(tmp_path / "b", callbacks=[resumed], max_epochs=2).fit(model, ckpt_path=checkpoint)
+    assert resumed.bit_allocation.bits == first.bit_allocation.bits
+    assert {n: p.layout.spec.bits for n, p in resumed.palettes.items()} == \
+        first.bit_allocation.bits
+
+
+@pytest.mark.slow
+def test_every_ddp_rank_clusters_at_rank_zeros_widths(tmp_path):
+    torch.manual_seed(0)
+    t = trainer(tmp_path, strategy=DDPStrategy(start_method="spawn", broadcast_buffers=False),
+                devices=2, max_epochs=1,
+                callbacks=[DKMCallback(average_bits=1.5, save_dir=str(tmp_path / "dkm"),
+                                       verbose=False),
+                           AllocationRecorder(str(tmp_path))])
+    t.fit(RankDataNet())  # each rank's training data differs: only a broadcast agrees
+    rank0 = json.loads((tmp_path / "allocation_rank0.json").read_text())
+    rank1 = json.loads((tmp_path / "allocation_rank1.json").read_text())
+    assert rank0 == rank1
+
+
+def test_average_bits_comes_from_a_lightning_cli_yaml(tmp_path):
+    import textwrap
+
+    from lightning.pytorch.cli import LightningCLI
+
+    config = tmp_path / "config.yaml"
+    config.write_text(textwrap.dedent(f"""
+        seed_everything: 0
+        trainer:
+          max_epochs: 1
+          logger: false
+          enable_checkpointing: false
+          enable_progress_bar: false
+          enable_model_summary: false
+          default_root_dir: {tmp_path}
+          callbacks:
+            - class_path: lightning_dkm.DKMCallback
+              init_args:
+                average_bits: 2.5
+                allowed_bits: [1, 2, 4]
+                verbose: false
+        """))
+    cli = LightningCLI(TinyNet, args=["fit", "--config", str(config)], save_config_callback=None)
+    callback = cli.trainer.callbacks[0]
+    assert (callback.average_bits, callback.allowed_bits) == (2.5, (1, 2, 4))
+    assert {layer.bits for layer in callback.report.layers} <= {1, 2, 4}
+    assert callback.report.clustered_bytes <= callback.bit_allocation.budget_bytes
