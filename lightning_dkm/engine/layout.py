@@ -37,9 +37,11 @@ MAX_BITS = 8
 MAX_CLUSTER_DIM = 8
 
 
-def is_int(value: object) -> bool:
-    """Whether ``value`` is an ``int`` and not a ``bool`` (what every integer field takes)."""
-    return isinstance(value, int) and not isinstance(value, bool)
+def is_int(value: object, minimum: int | None = None) -> bool:
+    """Whether ``value`` is an ``int`` and not a ``bool`` (what every integer field takes), of
+    at least ``minimum`` when one is given."""
+    return (isinstance(value, int) and not isinstance(value, bool)
+            and (minimum is None or value >= minimum))
 
 
 @dataclass(frozen=True)
@@ -66,7 +68,7 @@ class ClusterSpec:
             raise ValueError(
                 f"cluster_dim must be an int in 1..{MAX_CLUSTER_DIM}; got {self.cluster_dim!r}"
             )
-        if self.group_size is not None and (not is_int(self.group_size) or self.group_size < 1):
+        if self.group_size is not None and not is_int(self.group_size, 1):
             raise ValueError(
                 f"group_size must be None (one palette per tensor) or an int >= 1; "
                 f"got {self.group_size!r}"

@@ -1,8 +1,8 @@
 """The compressed artifact: one safetensors file holding a clustered model at its stored size.
 
-(About 500 lines, over the package's ~450: the writer and the loader of one format are kept
-side by side so that every check on load sits next to the write it checks; the format's keys,
-digest and untrusted-file checks are in :mod:`.artifact_format`.)
+The writer and the loader of the format are kept side by side, so that every check on load sits
+next to the write it checks; the format's keys, digest and untrusted-file checks are in
+:mod:`.artifact_format`.
 
 Layout of the file (no pickle anywhere; ``safetensors`` parses it):
 
@@ -76,7 +76,6 @@ from .artifact_format import (
     dtype_name,
     file_error,
     listed,
-    read_file,
     read_metadata,
     report_mismatch,
 )
@@ -382,8 +381,7 @@ def load_compressed(
             artifact of its name (other bytes or SHA-256), naming both files.
     """
     path = Path(path)
-    metadata, tensors = read_file(path)
-    checked = check_file(path, metadata, tensors)
+    checked = check_file(path)
     _warn_if_report_mismatch(path, stacklevel=3)  # the caller, past torch.no_grad's wrapper
     layouts, stored, aliases = checked.layout.layouts, checked.state, checked.layout.aliases
 
@@ -495,8 +493,7 @@ def read_palettes(path: str | os.PathLike[str]) -> dict[str, Palette]:
             inconsistent layout (naming the file and the entry).
     """
     path = Path(path)
-    metadata, tensors = read_file(path)
-    return decode_palettes(check_file(path, metadata, tensors))
+    return decode_palettes(check_file(path))
 
 
 def inspect_artifact(path: str | os.PathLike[str]) -> CompressionReport:
@@ -516,10 +513,9 @@ def inspect_artifact(path: str | os.PathLike[str]) -> CompressionReport:
         FileNotFoundError, IsADirectoryError, ValueError: as :func:`read_palettes`.
     """
     path = Path(path)
-    metadata, tensors = read_file(path)
-    checked = check_file(path, metadata, tensors)
+    checked = check_file(path)
     _warn_if_report_mismatch(path, stacklevel=2)
-    parsed = checked.layout
+    parsed, tensors = checked.layout, checked.tensors
     layers = []
     for name, layout in parsed.layouts.items():
         stored_dtype = parsed.lut_dtypes[name]

@@ -192,18 +192,12 @@ def file_error(path: Path, message: str) -> ValueError:
     return ValueError(f"{path}: {message}")
 
 
-def _is_natural(value: Any) -> bool:
-    return is_int(value) and value >= 0
-
-
-def _entry_lut_dtype(path: Path, name: str, entry: dict, default: torch.dtype) -> torch.dtype:
-    """The dtype the LUT of ``name`` is stored at: its entry's ``lut_dtype`` or the file's."""
-    if "lut_dtype" not in entry:
-        return default
-    if not isinstance(entry["lut_dtype"], str) or entry["lut_dtype"] not in LUT_DTYPES:
-        raise file_error(path, f"layout of {_short(name)}: lut_dtype must be one of "
-                               f"{list(LUT_DTYPES)}; got {_short(entry['lut_dtype'])}")
-    return LUT_DTYPES[entry["lut_dtype"]]
+def _lut_dtype(path: Path, where: str, value: Any) -> torch.dtype:
+    """The LUT dtype a file names (the file's, or one clustered tensor's where it differs)."""
+    if not isinstance(value, str) or value not in LUT_DTYPES:
+        raise file_error(path, f"{where}lut_dtype must be one of {list(LUT_DTYPES)}; got "
+                               f"{_short(value)}")
+    return LUT_DTYPES[value]
 
 
 def _is_float_dtype_name(value: Any) -> bool:
@@ -221,8 +215,8 @@ def _parse_entry(path: Path, name: str, entry: Any) -> PaletteLayout:
                                f"{sorted(_OPTIONAL_ENTRY_KEYS)})")
     shape = entry["shape"]
     ints_ok = (
-        isinstance(shape, list) and len(shape) <= _MAX_DIMS and all(_is_natural(s) for s in shape)
-        and all(_is_natural(entry[k]) for k in ("count", "group_axis", "vector_axis"))
+        isinstance(shape, list) and len(shape) <= _MAX_DIMS and all(is_int(s, 0) for s in shape)
+        and all(is_int(entry[k], 0) for k in ("count", "group_axis", "vector_axis"))
         and _is_float_dtype_name(entry["dtype"])
     )
     if not ints_ok:
@@ -264,10 +258,7 @@ def _parse_layout(path: Path, text: str) -> _Layout:
     parameters = data["parameters"]
     if not isinstance(parameters, list) or not set(map(type, parameters)) <= {str}:
         raise file_error(path, "parameters must be a list of names")
-    if not isinstance(data["lut_dtype"], str) or data["lut_dtype"] not in LUT_DTYPES:
-        raise file_error(path, f"lut_dtype must be one of {list(LUT_DTYPES)}; got "
-                               f"{_short(data['lut_dtype'])}")
-    file_lut_dtype = LUT_DTYPES[data["lut_dtype"]]
+    file_lut_dtype = _lut_dtype(path, "", data["lut_dtype"])
     aliases = data["aliases"]
     if not isinstance(aliases, dict) or not set(map(type, aliases.values())) <= {str}:
         raise file_error(path, "aliases must map names to names")
@@ -276,7 +267,8 @@ def _parse_layout(path: Path, text: str) -> _Layout:
     layouts, lut_dtypes, dtypes = {}, {}, {}
     for name, entry in data["clustered"].items():
         layouts[name] = _parse_entry(path, name, entry)
-        lut_dtypes[name] = _entry_lut_dtype(path, name, entry, file_lut_dtype)
+        lut_dtypes[name] = (_lut_dtype(path, f"layout of {_short(name)}: ", entry["lut_dtype"])
+                            if "lut_dtype" in entry else file_lut_dtype)
         dtypes[name] = entry["dtype"]
     return _Layout(file_lut_dtype, layouts, lut_dtypes, dtypes, aliases, frozenset(parameters))
 
@@ -322,11 +314,13 @@ def listed(names: set[str] | list[str], *, quote: bool = True, limit: int = 10) 
     return f"[{', '.join(shown)}{more}]"
 
 
-def check_file(path: Path, metadata: dict[str, str], tensors: dict[str, Tensor]) -> CheckedFile:
-    """Validate the file on its own: format, digest, layout, and every stored tensor's dtype,
-    shape and byte length against the layout (the packed indices of ``n`` indices at ``bits``
-    must be exactly ``ceil(n * bits / 8)`` bytes, the LUT ``P x 2**bits x cluster_dim``), the
-    aliases and parameter names against the stored tensors. Allocates nothing."""
+def check_file(path: Path) -> CheckedFile:
+    """Read the file ``path`` (:func:`read_file`) and validate it on its own: format, digest,
+    layout, and every stored tensor's dtype, shape and byte length against the layout (the
+    packed indices of ``n`` indices at ``bits`` must be exactly ``ceil(n * bits / 8)`` bytes, the
+    LUT ``P x 2**bits x cluster_dim``), the aliases and parameter names against the stored
+    tensors. Allocates nothing beyond reading."""
+    metadata, tensors = read_file(path)
     _check_metadata(path, metadata)
     if metadata[KEY_DIGEST] != digest(metadata, tensors):
         raise file_error(path, "checksum mismatch: the file is corrupted or was modified")
@@ -424,7 +418,7 @@ def report_mismatch(path: Path) -> str | None:
         return None
     recorded_bytes, recorded_sha = entry.get("bytes"), entry.get("sha256")
     size = path.stat().st_size
-    if _is_natural(recorded_bytes) and recorded_bytes != size:
+    if is_int(recorded_bytes, 0) and recorded_bytes != size:
         found = f"{recorded_bytes:,} bytes, but the file has {size:,}"
     elif isinstance(recorded_sha, str) and recorded_sha.lower() != (
         actual := artifact_entry(path)["sha256"]

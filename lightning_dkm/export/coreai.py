@@ -46,7 +46,7 @@ from torch.nn.utils import parametrize
 
 from ..engine.palette import Palette
 from ..model.carried import carried_palettes
-from .files import replace_directory
+from .files import package_bytes, replace_directory
 from .lut_ops import lut_to_dense
 from .tracing import as_example_tuple, exportable
 
@@ -143,8 +143,7 @@ def _lut_weights(module: nn.Module, palettes: dict[str, Palette]) -> Iterator[No
     aliases: dict[int, list[tuple[nn.Module, str]]] = {}
     for name, param in module.named_parameters(remove_duplicate=False):
         owner, _, leaf = name.rpartition(".")
-        aliases.setdefault(id(param), []).append(
-            (module.get_submodule(owner) if owner else module, leaf))
+        aliases.setdefault(id(param), []).append((module.get_submodule(owner), leaf))
     done: list[tuple[nn.Module, str]] = []
     try:
         for name, palette in palettes.items():
@@ -239,11 +238,6 @@ def _flat_outputs(output: Any) -> list[Tensor]:
     if isinstance(output, list | tuple):
         return [leaf for item in output for leaf in _flat_outputs(item)]
     return []
-
-
-def package_bytes(path: str | os.PathLike[str]) -> int:
-    """The size of a saved ``.aimodel``: the bytes of every file in it."""
-    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
 
 
 @dataclass(frozen=True)

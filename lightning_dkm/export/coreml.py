@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from ..model.carried import carried_palettes, version_key
-from .files import replace_directory
+from .files import package_bytes, replace_directory
 from .lut_ops import lut_to_dense
 from .tracing import as_example_tuple, exportable
 
@@ -160,11 +160,6 @@ def export_coreml(
                                        **convert_kwargs)
     replace_directory(path, lambda staging: mlmodel.save(str(staging)))
     return path
-
-
-def package_bytes(path: str | os.PathLike[str]) -> int:
-    """The size of a saved ``.mlpackage``: the bytes of every file in it."""
-    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
 
 
 @dataclass(frozen=True)

@@ -18,8 +18,8 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 __all__ = [
-    "FileGroup", "describe_path", "replace_directory", "safetensors_errors_as_os_errors",
-    "write_atomically",
+    "FileGroup", "describe_path", "package_bytes", "replace_directory",
+    "safetensors_errors_as_os_errors", "write_atomically",
 ]
 
 
@@ -217,6 +217,12 @@ def replace_directory(path: Path, write: Callable[[Path], None]) -> None:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     _fsync_directory(path.parent)
+
+
+def package_bytes(path: str | os.PathLike[str]) -> int:
+    """The size of a saved package (``.mlpackage``, ``.aimodel``): the bytes of every file in
+    it."""
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
 
 
 @contextlib.contextmanager

@@ -312,12 +312,6 @@ def _call_writer(write_artifact: Callable[..., Any], model: torch.nn.Module, tmp
 #: The file each export writes into ``save_dir``, by ``DKMCallback`` argument.
 EXPORT_NAMES = {"export_coreml": "coreml", "export_coreai": "coreai"}
 _EXPORT_FILES = {"export_coreml": COREML_NAME, "export_coreai": COREAI_NAME}
-_RETRY = {
-    "export_coreml": "lightning_dkm.export_coreml(load_compressed(YourModel(), {artifact!r}), "
-                     "{path!r}, example_inputs)",
-    "export_coreai": "lightning_dkm.export_coreai(load_compressed(YourModel(), {artifact!r}), "
-                     "{path!r}, example_inputs)",
-}
 
 
 def _export(argument: str, module: pl.LightningModule, out_dir: Path, artifact: Path | None
@@ -346,8 +340,8 @@ def _export(argument: str, module: pl.LightningModule, out_dir: Path, artifact: 
                      f"{argument}(model, {str(path)!r}, example_inputs)")
         else:
             where = (f"the compressed model is safe at {artifact} (report beside it); retry "
-                     "the export with " + _RETRY[argument].format(artifact=str(artifact),
-                                                                   path=str(path)))
+                     f"the export with lightning_dkm.{argument}(load_compressed(YourModel(), "
+                     f"{str(artifact)!r}), {str(path)!r}, example_inputs)")
         raise RuntimeError(
             f"DKMCallback({argument}=True) failed after training: {type(err).__name__}: {err}. "
             + where
