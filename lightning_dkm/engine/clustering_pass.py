@@ -21,7 +21,7 @@ weights 135 vs 99 ms; 262,144 weights 141 vs 83 ms. So on CPU a weight joins the
 ``P x min(n, 65536) x k <= CPU_BATCH_MAX_ENTRIES`` (2^16), and larger ones run alone.
 
 Tensors are batched together only when their step settings agree (``max_iter``, ``epsilon``,
-``gradient``, device); each group is one call, in which every tensor still stops early on its
+``gradient``, device, dtype); each group is one call, in which every tensor still stops early on its
 own, so every result equals the tensor's own call (up to float summation order). Every
 clustered weight of the model is clustered on the first read, also one that this forward
 does not read: for a model that uses only part of its weights per step (alternating

@@ -140,7 +140,7 @@ def pack(
         shared.setdefault(key, name)
     for name, palette in palettes.items():
         module_name, param_name = split_name(name)
-        module = model.get_submodule(module_name) if module_name else model
+        module = model.get_submodule(module_name)
         weight = module._parameters.get(param_name)
         if weight is None:
             raise ValueError(f"{name} is not a Parameter of the model (already packed?)")
@@ -189,7 +189,7 @@ def unpack(model: nn.Module) -> nn.Module:
     palettes = packed_palettes(model)
     for name, palette in palettes.items():
         module_name, param_name = split_name(name)
-        module = model.get_submodule(module_name) if module_name else model
+        module = model.get_submodule(module_name)
         packed = module.__dict__[_ATTRIBUTE].pop(param_name)
         for buffer in _names(param_name):
             module._buffers.pop(buffer, None)

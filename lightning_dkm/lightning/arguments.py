@@ -14,8 +14,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from ..engine.layout import ClusterSpec
-from ..engine.palette import LUT_DTYPE_VALUES, lut_dtype_of
+from ..engine.layout import ClusterSpec, is_int
+from ..engine.palette import lut_dtype_of
 from ..engine.parametrization import check_gradient
 from ..model.bit_budget import check_average_bits, check_widths
 from ..model.methods import (
@@ -28,30 +28,22 @@ from ..model.methods import (
     HardMethod,
     build_method,
 )
-from ..model.targets import _spec_with_override
+from ..model.targets import override_specs
 from .schedules import CallableSchedule, TemperatureSchedule
 from .temperature import INTERVALS, TemperatureConfig, TemperatureMapping
 
 __all__ = [
     "DEFAULT_BITS",
-    "LUT_DTYPES",
     "CallableTemperature",
     "TemperatureArgument",
     "check_arguments",
     "check_budget",
     "check_method_options",
     "check_overrides",
-    "is_int",
     "parse_temperature",
-    "pattern_list",
     "require",
     "resolve_method",
 ]
-
-#: Every value ``lut_dtype`` accepts and the dtype the palettes are stored in (one table for
-#: every function with a ``lut_dtype``: :data:`lightning_dkm.engine.palette.LUT_DTYPE_VALUES`).
-LUT_DTYPES = LUT_DTYPE_VALUES
-
 
 #: ``bits`` when it is not given (``None``).
 DEFAULT_BITS = 4
@@ -87,33 +79,13 @@ def require(ok: bool, message: str) -> None:
         raise ValueError(message)
 
 
-def is_int(value: object, minimum: int) -> bool:
-    """An ``int`` (not a ``bool``) of at least ``minimum``."""
-    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
-
-
-def pattern_list(label: str, patterns: str | list[str] | None) -> list[str] | None:
-    """``targets`` / ``exclude`` as a list: one string is one pattern (never its characters)."""
-    if patterns is None:
-        return None
-    if isinstance(patterns, str):
-        return [patterns]
-    out = list(patterns)
-    bad = [p for p in out if not isinstance(p, str) or not p]
-    require(not bad, f"{label} must be non-empty strings (module or parameter names, globs or "
-                     f"'re:' regexes); got {bad!r}")
-    return out
-
-
 def check_overrides(
     spec: ClusterSpec, overrides: Mapping[str, Mapping[str, Any]] | None
 ) -> dict[str, Any]:
     """``overrides`` as a dict, each entry checked against ``spec`` (unknown keys, bad values)
     now rather than when the targets are selected in ``setup``."""
-    out = dict(overrides or {})
-    for pattern, override in out.items():
-        _spec_with_override(spec, pattern, override)
-    return out
+    override_specs(spec, overrides)
+    return dict(overrides or {})
 
 
 # -- temperature --------------------------------------------------------------------------------
@@ -290,6 +262,7 @@ def check_arguments(
     epsilon: object,
     implementation: object,
     export_coreml: object,
+    export_coreai: object,
     lut_dtype: object,
 ) -> None:
     """The constructor's plain arguments: types and ranges."""
@@ -304,6 +277,6 @@ def check_arguments(
     require(implementation in ("auto", "unique", "chunked", "reference"),
             "implementation must be 'auto', 'unique', 'chunked' or 'reference'; got "
             f"{implementation!r}")
-    require(isinstance(export_coreml, bool),
-            f"export_coreml must be True or False; got {export_coreml!r}")
+    for name, value in (("export_coreml", export_coreml), ("export_coreai", export_coreai)):
+        require(isinstance(value, bool), f"{name} must be True or False; got {value!r}")
     lut_dtype_of(lut_dtype)

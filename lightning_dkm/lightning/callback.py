@@ -19,7 +19,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 from ..engine.layout import ClusterSpec
-from ..engine.palette import LutDtype, Palette, lut_dtype_name
+from ..engine.palette import LUT_DTYPES, LutDtype, Palette, lut_dtype_name
 from ..export.artifact import save_compressed
 from ..export.report import CompressionReport
 from ..model.attach import (
@@ -33,18 +33,16 @@ from ..model.attach import (
 from ..model.bit_budget import BitAllocation
 from ..model.methods import DEFAULT_REFRESH_EVERY, DEFAULT_REGULARIZATION, ClusteringMethod
 from ..model.snapping import snap_on_load
-from ..model.targets import DEFAULT_MIN_SIZE, Target, select_targets
+from ..model.targets import DEFAULT_MIN_SIZE, Target, pattern_list, select_targets
 from . import outputs
 from .arguments import (
     DEFAULT_BITS,
-    LUT_DTYPES,
     TemperatureArgument,
     check_arguments,
     check_budget,
     check_method_options,
     check_overrides,
     parse_temperature,
-    pattern_list,
     resolve_method,
 )
 from .bit_widths import log_allocation, plan_fit_widths
@@ -292,7 +290,7 @@ class DKMCallback(Callback):
         check_arguments(
             min_size=min_size, start_epoch=start_epoch, hard_epoch=hard_epoch,
             max_iter=max_iter, epsilon=epsilon, implementation=implementation,
-            export_coreml=export_coreml, lut_dtype=lut_dtype,
+            export_coreml=export_coreml, export_coreai=export_coreai, lut_dtype=lut_dtype,
         )
         check_method_options(self.method, hard_epoch, gradient, implementation)
         self.min_size, self.start_epoch, self.hard_epoch = min_size, start_epoch, hard_epoch
@@ -301,8 +299,6 @@ class DKMCallback(Callback):
         #: The ``finalize`` argument (not named so: :func:`~lightning_dkm.finalize` is used here).
         self.finalize_at_fit_end = finalize
         self.save_dir, self.save_artifact = save_dir, save_artifact
-        if not isinstance(export_coreai, bool):
-            raise ValueError(f"export_coreai must be True or False; got {export_coreai!r}")
         #: The exports asked for, by argument: ``{"export_coreml": bool, "export_coreai": bool}``.
         self.exports = {"export_coreml": export_coreml, "export_coreai": export_coreai}
         self.lut_dtype = lut_dtype_name(lut_dtype)  # the canonical name: a primitive

@@ -71,24 +71,18 @@ def carried_key(name: str, key: str = "", prefix: str = "") -> str:
     return module_prefix(module_name, prefix) + _buffer_name(param_name, key)
 
 
-def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str, str]:
+def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     module_name, param_name = split_name(name)
     try:
-        module = model.get_submodule(module_name) if module_name else model
+        return model.get_submodule(module_name), param_name
     except AttributeError as err:
         raise ValueError(f"{name}: the model has no module {module_name!r}") from err
-    return module, module_name, param_name
 
 
-def _lut_shape(layout: PaletteLayout) -> list[int]:
+def _along_groups(layout: PaletteLayout, size: int) -> list[int]:
+    """The weight's rank of 1s, with ``size`` on its output-channel (group) axis."""
     shape = [1] * len(layout.shape)
-    shape[layout.group_axis] = layout.num_palettes
-    return shape
-
-
-def _scale_shape(layout: PaletteLayout) -> list[int]:
-    shape = [1] * len(layout.shape)
-    shape[layout.group_axis] = layout.num_channels
+    shape[layout.group_axis] = size
     return shape
 
 
@@ -97,14 +91,14 @@ def _metadata(palette: Palette) -> dict[str, Tensor]:
     layout = palette.layout
     _, k, d = palette.lut.shape
     values = {
-        "lut": palette.lut.detach().float().reshape(*_lut_shape(layout), k, d).clone(),
+        "lut": palette.lut.detach().float().reshape(
+            *_along_groups(layout, layout.num_palettes), k, d).clone(),
         "vector_axis": torch.tensor(layout.vector_axis),
         "compression_type": torch.tensor([_PALETTIZATION]),
     }
     if palette.scale is not None:
-        values["palettization_scale"] = (
-            palette.scale.detach().float().reshape(_scale_shape(layout)).clone()
-        )
+        values["palettization_scale"] = palette.scale.detach().float().reshape(
+            _along_groups(layout, layout.num_channels)).clone()
     return values
 
 
@@ -145,7 +139,7 @@ def carry_palettes(model: nn.Module, palettes: Mapping[str, Palette]) -> None:
             differs from that parameter's.
     """
     for name, palette in palettes.items():
-        module, _, param_name = _owner(model, name)
+        module, param_name = _owner(model, name)
         weight = getattr(module, param_name, None)
         if not isinstance(weight, Tensor) or tuple(weight.shape) != palette.layout.shape:
             got = None if not isinstance(weight, Tensor) else tuple(weight.shape)
@@ -192,7 +186,7 @@ def carried_palettes(model: nn.Module) -> dict[str, Palette]:
     model = unwrap(model)
     palettes: dict[str, Palette] = {}
     for name in carried_names(model):
-        module, _, param_name = _owner(model, name)
+        module, param_name = _owner(model, name)
         weight = getattr(module, param_name)
         buffers = {
             key: module._buffers.get(_buffer_name(param_name, key)) for key in _KEYS
@@ -250,6 +244,6 @@ def expect_carried_buffers(model: nn.Module, state_dict: Mapping[str, Tensor]) -
         module_name, _, buffer = key.rpartition(".")  # a buffer name holds no "."
         if not is_compression_metadata(buffer):
             continue
-        module = model.get_submodule(module_name) if module_name else model
+        module = model.get_submodule(module_name)
         if buffer not in module._buffers:
             module.register_buffer(buffer, torch.empty_like(value))

@@ -300,7 +300,7 @@ def restore_dkm_state(
     if any(key != version_key() for key in carried):
         for key, value in carried.items():
             module_name, _, buffer = key.rpartition(".")
-            module = model.get_submodule(module_name) if module_name else model
+            module = model.get_submodule(module_name)
             old = module._buffers.get(buffer)
             device = old.device if old is not None else _device_of(module, value)
             module.register_buffer(buffer, value.to(device, copy=True))
@@ -312,7 +312,7 @@ def restore_dkm_state(
 def _require_weight(model: nn.Module, name: str) -> None:
     module_name, param_name = split_name(name)
     try:
-        module = model.get_submodule(module_name) if module_name else model
+        module = model.get_submodule(module_name)
     except AttributeError:
         module = None
     if not isinstance(getattr(module, param_name, None), Tensor):
@@ -336,7 +336,7 @@ def _load_entries(model: nn.Module, name: str, entries: Mapping[str, Tensor]) ->
     for owner, local_entries in by_owner.items():
         module_name, param_name = split_name(owner)
         try:
-            module = model.get_submodule(module_name) if module_name else model
+            module = model.get_submodule(module_name)
             plist = module.parametrizations[param_name]
         except (AttributeError, KeyError) as err:
             raise ValueError(

@@ -48,7 +48,7 @@ def palette_from_entries(
     if original is None or centroids is None or not seeded:
         return None
     try:
-        module = model.get_submodule(module_name) if module_name else model
+        module = model.get_submodule(module_name)
     except AttributeError:
         return None
     axes = {p: (g, v) for p, g, v in clusterable_parameters(module)}

@@ -46,6 +46,8 @@ __all__ = [
     "clusterable_parameters",
     "is_bare_name",
     "matches",
+    "override_specs",
+    "pattern_list",
     "select_targets",
 ]
 
@@ -118,15 +120,18 @@ def _matches_any(patterns: Iterable[str], names: Iterable[str]) -> bool:
     return any(matches(p, n) for p in patterns for n in names)
 
 
-def _validate_patterns(label: str, patterns: Iterable[str] | None) -> list[str]:
+def pattern_list(label: str, patterns: Iterable[str] | str | None) -> list[str] | None:
+    """``targets`` / ``exclude`` (``label``) as a checked list: one string is one pattern (never
+    its characters), each a non-empty string and every ``re:`` a valid regex; ``None`` stays
+    ``None`` (every supported weight / none excluded)."""
     if patterns is None:
-        return []
-    if isinstance(patterns, str):
-        patterns = [patterns]
-    out = list(patterns)
+        return None
+    out = [patterns] if isinstance(patterns, str) else list(patterns)
+    bad = [p for p in out if not isinstance(p, str) or not p]
+    if bad:
+        raise ValueError(f"{label} must be non-empty strings (module or parameter names, globs "
+                         f"or 're:' regexes); got {bad!r}")
     for p in out:
-        if not isinstance(p, str) or not p:
-            raise ValueError(f"{label} must be non-empty strings; got {p!r}")
         if p.startswith("re:"):
             try:
                 re.compile(p[3:])
@@ -136,6 +141,15 @@ def _validate_patterns(label: str, patterns: Iterable[str] | None) -> list[str]:
 
 
 _SPEC_KEYS = tuple(f.name for f in fields(ClusterSpec))
+
+
+def override_specs(spec: ClusterSpec, overrides: Mapping[str, Any] | None
+                   ) -> dict[str, ClusterSpec]:
+    """Each ``overrides`` pattern's :class:`ClusterSpec`: ``spec`` with the fields it sets
+    replaced; a pattern, key or value that does not fit is a ``ValueError`` naming it."""
+    overrides = dict(overrides or {})
+    pattern_list("overrides keys", list(overrides))
+    return {p: _spec_with_override(spec, p, o) for p, o in overrides.items()}
 
 
 def _spec_with_override(base: ClusterSpec, pattern: str, override: Any) -> ClusterSpec:
@@ -171,7 +185,7 @@ class Target:
     @property
     def name(self) -> str:
         """The parameter's qualified name, e.g. ``"features.0.weight"``."""
-        return f"{self.module_name}.{self.param_name}" if self.module_name else self.param_name
+        return qualified_name(self.module_name, self.param_name)
 
     @property
     def spec(self) -> ClusterSpec:
@@ -207,11 +221,9 @@ def select_targets(
             (the message lists the candidates), a spec or layout that does not fit a tensor.
     """
     spec = spec if spec is not None else ClusterSpec()
-    target_patterns = _validate_patterns("targets", targets)
-    exclude_patterns = _validate_patterns("exclude", exclude)
-    overrides = dict(overrides or {})
-    _validate_patterns("overrides keys", list(overrides))
-    override_specs = {p: _spec_with_override(spec, p, o) for p, o in overrides.items()}
+    target_patterns = pattern_list("targets", targets) or []
+    exclude_patterns = pattern_list("exclude", exclude) or []
+    specs = override_specs(spec, overrides)
     if not isinstance(min_size, int) or min_size < 0:
         raise ValueError(f"min_size must be an int >= 0; got {min_size!r}")
 
@@ -222,7 +234,7 @@ def select_targets(
     candidate_names = [qualified_name(m, p) for m, p, *_ in candidates]
 
     for label, patterns in (
-        ("targets", target_patterns), ("overrides", list(overrides)), ("exclude", exclude_patterns)
+        ("targets", target_patterns), ("overrides", list(specs)), ("exclude", exclude_patterns)
     ):
         for pattern in patterns:
             if not any(
@@ -248,14 +260,14 @@ def select_targets(
             first = selected[owner]
             selected[owner] = replace(first, tied=(*first.tied, (module_name, param_name)))
             continue
-        override = next((p for p in override_specs if _matches_any([p], names)), None)
+        override = next((p for p in specs if _matches_any([p], names)), None)
         if tensor.numel() < min_size:
             skipped.append(f"{qualified} ({tensor.numel()} elements)")
             if override is not None:
                 unused_overrides.setdefault(override, []).append(qualified)
             continue
         owners[tensor.data_ptr()] = len(selected)
-        tensor_spec = spec if override is None else override_specs[override]
+        tensor_spec = spec if override is None else specs[override]
         used_overrides.add(override)
         layout = PaletteLayout(
             tuple(tensor.shape), tensor_spec, group_axis, vector_axis, name=qualified
