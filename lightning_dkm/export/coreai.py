@@ -54,6 +54,7 @@ __all__ = [
     "COREAI_BITS",
     "CoreAIExport",
     "CoreAIPalette",
+    "check_widths",
     "convert_to_coreai",
     "export_coreai",
     "lut_op_names",
@@ -62,7 +63,6 @@ __all__ = [
     "read_coreai_palettes",
     "require_coreai",
     "run_coreai",
-    "unsupported_widths",
 ]
 
 #: Index widths coreai-torch 0.4 can pack (3, 5 and 7 bits fail inside it).
@@ -90,13 +90,11 @@ def require_coreai() -> Any:
     return coreai_torch
 
 
-def unsupported_widths(bits: dict[str, int]) -> dict[str, int]:
-    """The entries of ``{tensor name: bits}`` whose indices Core AI cannot hold."""
-    return {name: b for name, b in bits.items() if b not in COREAI_BITS}
-
-
-def _refuse_widths(bits: dict[str, int], what: str) -> None:
-    bad = unsupported_widths(bits)
+def check_widths(bits: dict[str, int], what: str) -> None:
+    """A ``ValueError`` starting with ``what`` unless every ``{tensor name: bits}`` has a width
+    whose indices Core AI holds (:data:`COREAI_BITS`): the export's check, and the callback's
+    at setup."""
+    bad = {name: b for name, b in bits.items() if b not in COREAI_BITS}
     if bad:
         listed = ", ".join(f"{name} ({b} bits)" for name, b in sorted(bad.items()))
         raise ValueError(
@@ -314,7 +312,7 @@ def export_coreai(
     examples = as_example_tuple(example_inputs)
     with exportable(model) as module:
         palettes = carried_palettes(module)  # validates them against the weights
-        _refuse_widths({n: p.layout.spec.bits for n, p in palettes.items()}, "export_coreai")
+        check_widths({n: p.layout.spec.bits for n, p in palettes.items()}, "export_coreai")
         if not palettes:
             warnings.warn(
                 "export_coreai: the model carries no palettes (not finalized or palettized?), "

@@ -41,6 +41,7 @@ __all__ = [
     "ARTIFACT_NAME",
     "COREAI_NAME",
     "COREML_NAME",
+    "EXPORTS",
     "DKMResults",
     "log_epoch_metrics",
     "log_histograms",
@@ -54,6 +55,11 @@ ARTIFACT_NAME = "model.dkm.safetensors"
 COREML_NAME = "model.mlpackage"
 #: The Core AI package written with ``export_coreai=True``.
 COREAI_NAME = "model.aimodel"
+#: The exports a fit can write, by ``DKMCallback`` argument: ``(key, file, name)``, the key
+#: naming it in the report and the pip extra that provides it, the package written into
+#: ``save_dir``, and what users call it.
+EXPORTS = {"export_coreml": ("coreml", COREML_NAME, "Core ML"),
+           "export_coreai": ("coreai", COREAI_NAME, "Core AI")}
 
 
 def warn_not_clustered(trainer: pl.Trainer, start_epoch: int) -> None:
@@ -253,7 +259,7 @@ class DKMResults:
                 self._report.save(out_dir)
                 self._publish(paths)
         if verbose:
-            for target in EXPORT_NAMES.values():
+            for target, _, _ in EXPORTS.values():
                 if target in self._report.exports:
                     rank_zero_info(_export_line(target, self._report.exports[target]))
             rank_zero_info(f"DKM outputs written to {', '.join(str(p) for p in paths.values())}")
@@ -309,16 +315,14 @@ def _call_writer(write_artifact: Callable[..., Any], model: torch.nn.Module, tmp
         write_artifact(model, tmp, palettes, lut_dtype=lut_dtype)
 
 
-#: The file each export writes into ``save_dir``, by ``DKMCallback`` argument.
-EXPORT_NAMES = {"export_coreml": "coreml", "export_coreai": "coreai"}
-_EXPORT_FILES = {"export_coreml": COREML_NAME, "export_coreai": COREAI_NAME}
 
 
 def _export(argument: str, module: pl.LightningModule, out_dir: Path, artifact: Path | None
             ) -> tuple[str, dict[str, Any]]:
     """Run one export of the finalized ``module``; ``(target, report entry)``. A failure is a
     ``RuntimeError`` naming the artifact and the call that retries the export from it."""
-    path = out_dir / _EXPORT_FILES[argument]
+    target, file, _ = EXPORTS[argument]
+    path = out_dir / file
     example = _to_cpu(module.example_input_array)
     try:
         # the converters read the weights as numpy arrays: export a CPU copy if need be
@@ -346,4 +350,4 @@ def _export(argument: str, module: pl.LightningModule, out_dir: Path, artifact: 
             f"DKMCallback({argument}=True) failed after training: {type(err).__name__}: {err}. "
             + where
         ) from err
-    return EXPORT_NAMES[argument], entry
+    return target, entry

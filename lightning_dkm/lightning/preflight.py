@@ -28,7 +28,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from ..export.files import describe_path
 from ..export.report import REPORT_JSON, REPORT_MARKDOWN
 from ..model.targets import Target
-from .outputs import ARTIFACT_NAME, COREAI_NAME, COREML_NAME
+from .outputs import ARTIFACT_NAME, EXPORTS
 from .ownership import SaveDirLock, claim_save_dir, rank_zero_check
 from .temperature import TemperatureConfig
 
@@ -154,11 +154,9 @@ def output_paths(out_dir: Path, save_artifact: bool, exports: dict[str, bool]
              (out_dir / REPORT_MARKDOWN, "the compression report (Markdown)", False)]
     if save_artifact:
         paths.append((out_dir / ARTIFACT_NAME, "the compressed artifact", False))
-    packages = {"export_coreml": (COREML_NAME, "the Core ML package"),
-                "export_coreai": (COREAI_NAME, "the Core AI package")}
-    for argument, (name, what) in packages.items():
+    for argument, (_, file, name) in EXPORTS.items():
         if exports.get(argument):
-            paths.append((out_dir / name, what, True))
+            paths.append((out_dir / file, f"the {name} package", True))
     return paths
 
 
@@ -212,10 +210,6 @@ def check_free_space(out_dir: Path, label: str, pl_module: torch.nn.Module,
         )
 
 
-#: The exports a fit can write, by ``DKMCallback`` argument: (target, extra that provides it).
-EXPORTS = {"export_coreml": ("Core ML", "coreml"), "export_coreai": ("Core AI", "coreai")}
-
-
 def _example_inputs(pl_module: pl.LightningModule, argument: str) -> tuple:
     example = getattr(pl_module, "example_input_array", None)
     if example is None or isinstance(example, dict):
@@ -256,7 +250,7 @@ def check_exports(pl_module: pl.LightningModule, requested: dict[str, bool]) -> 
     for argument, wanted in requested.items():
         if not wanted:
             continue
-        target, extra = EXPORTS[argument]
+        extra, _, target = EXPORTS[argument]
         try:
             if argument == "export_coreml":
                 from ..export.coreml import require_coremltools as require
@@ -284,16 +278,13 @@ def check_export_widths(targets: list[Target], export_coreai: bool) -> None:
     """With ``export_coreai``: every tensor to cluster has a width Core AI packs."""
     if not export_coreai:
         return
-    from ..export.coreai import COREAI_BITS, unsupported_widths
+    from ..export.coreai import check_widths
 
-    bad = unsupported_widths({t.name: t.layout.spec.bits for t in targets})
-    if bad:
-        listed = ", ".join(f"{name} ({bits} bits)" for name, bits in sorted(bad.items()))
-        raise MisconfigurationException(
-            f"DKMCallback(export_coreai=True): Core AI packs LUT indices of {list(COREAI_BITS)} "
-            f"bits only, and {listed} would be clustered at another width. Use bits in "
-            f"{list(COREAI_BITS)} (per tensor through overrides), or export_coreai=False"
-        )
+    try:
+        check_widths({t.name: t.layout.spec.bits for t in targets},
+                     "DKMCallback(export_coreai=True)")
+    except ValueError as err:
+        raise MisconfigurationException(f"{err}, or set export_coreai=False") from None
 
 
 def check_limits(
