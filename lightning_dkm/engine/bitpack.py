@@ -17,6 +17,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .layout import is_int
+
 __all__ = ["MAX_PACK_BITS", "pack_bits", "packed_size", "unpack_bits"]
 
 MAX_PACK_BITS = 8
@@ -26,13 +28,13 @@ _CHUNK = 1 << 20
 
 
 def _check_bits(bits: int) -> int:
-    if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= MAX_PACK_BITS:
+    if not is_int(bits, 1) or bits > MAX_PACK_BITS:
         raise ValueError(f"bits must be an int in 1..{MAX_PACK_BITS}; got {bits!r}")
     return bits
 
 
 def _check_count(count: int) -> int:
-    if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+    if not is_int(count, 0):
         raise ValueError(f"count must be an int >= 0; got {count!r}")
     return count
 

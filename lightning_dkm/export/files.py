@@ -18,8 +18,8 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 __all__ = [
-    "FileGroup", "describe_path", "package_bytes", "replace_directory",
-    "safetensors_errors_as_os_errors", "write_atomically",
+    "FileGroup", "describe_path", "fsync_directory", "hidden_beside", "package_bytes",
+    "replace_directory", "safetensors_errors_as_os_errors", "write_atomically",
 ]
 
 
@@ -39,12 +39,17 @@ def describe_path(path: str | os.PathLike[str]) -> str:
     return next((name for test, name in kinds if test(mode)), "a special file")
 
 
+def hidden_beside(path: Path, suffix: str) -> Path:
+    """A new hidden name next to ``path``: ``.<name>.<random>.<suffix>``."""
+    return path.with_name(f".{path.name}.{secrets.token_hex(8)}.{suffix}")
+
+
 def _temporary_beside(path: Path) -> tuple[Path, int]:
     """Create an empty, uniquely named hidden file next to ``path`` (same directory, so the
     final ``os.replace`` is a rename within one file system), and the mode the final file
     should have: that of the file it replaces, or the usual ``0o666 & ~umask`` of a new file
     (some writers, safetensors among them, create their output as ``0o600``)."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    tmp = hidden_beside(path, "tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         mode = stat.S_IMODE(os.fstat(fd).st_mode)  # 0o666 & ~umask
@@ -60,7 +65,7 @@ def _fsync_file(path: Path) -> None:
         os.fsync(f.fileno())
 
 
-def _fsync_directory(directory: Path) -> None:
+def fsync_directory(directory: Path) -> None:
     """Make the renames in ``directory`` durable. Not possible on Windows, and some file
     systems refuse it; the files are complete either way, so a failure here is ignored."""
     if os.name == "nt":
@@ -179,7 +184,7 @@ class FileGroup:
             self._staged = {path: tmp for path, tmp in self._staged.items()
                             if path not in replaced}
         for directory in directories:
-            _fsync_directory(directory)
+            fsync_directory(directory)
 
     def discard(self) -> None:
         """Remove the staged files that were not committed."""
@@ -193,7 +198,7 @@ def _keep_previous(path: Path) -> Path | None:
     system has no hard links: that file then cannot be put back)."""
     if not path.is_file():
         return None
-    backup = path.with_name(f".{path.name}.{secrets.token_hex(8)}.previous")
+    backup = hidden_beside(path, "previous")
     try:
         os.link(path, backup, follow_symlinks=False)
     except (OSError, NotImplementedError):
@@ -216,7 +221,7 @@ def replace_directory(path: Path, write: Callable[[Path], None]) -> None:
         os.replace(staging / path.name, path)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    _fsync_directory(path.parent)
+    fsync_directory(path.parent)
 
 
 def package_bytes(path: str | os.PathLike[str]) -> int:

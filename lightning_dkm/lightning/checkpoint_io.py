@@ -29,7 +29,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import secrets
 import stat
 from collections.abc import Callable
 from pathlib import Path
@@ -41,7 +40,7 @@ from fsspec.implementations.local import LocalFileSystem
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.fabric.utilities.types import _PATH
 
-from ..export.files import _fsync_directory
+from ..export.files import fsync_directory, hidden_beside
 
 __all__ = ["AtomicCheckpointIO"]
 
@@ -105,7 +104,7 @@ def write_beside(path: Path, write: Callable[[BinaryIO], None]) -> None:
                 os.fchmod(fd, stat.S_IMODE(path.stat().st_mode))  # keep a replaced file's mode
         os.fsync(fd)
         if named is None:
-            named = _hidden_name(path)
+            named = hidden_beside(path, "tmp")
             _link_unnamed(fd, named)
         os.replace(named, path)
         named = None
@@ -113,11 +112,7 @@ def write_beside(path: Path, write: Callable[[BinaryIO], None]) -> None:
         os.close(fd)
         if named is not None:
             named.unlink(missing_ok=True)
-    _fsync_directory(path.parent)
-
-
-def _hidden_name(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    fsync_directory(path.parent)
 
 
 def _open_temporary(path: Path) -> tuple[int, Path | None]:
@@ -128,7 +123,7 @@ def _open_temporary(path: Path) -> tuple[int, Path | None]:
         return _open_unnamed(path.parent), None
     except OSError:
         pass  # no O_TMPFILE here (EOPNOTSUPP, EISDIR on old kernels, ...): a named file
-    named = _hidden_name(path)
+    named = hidden_beside(path, "tmp")
     return os.open(named, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), named
 
 

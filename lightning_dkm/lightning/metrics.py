@@ -22,13 +22,15 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
+from ..engine.layout import is_int
+
 __all__ = ["AssignmentEntropy", "ClusterUsage", "SnapDistance"]
 
 _LN2 = math.log(2.0)
 
 
 def _check_positive_int(name: str, value: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if not is_int(value, 1):
         raise ValueError(f"{name} must be an int >= 1, got {value!r}")
     return value
 

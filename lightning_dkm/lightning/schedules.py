@@ -24,6 +24,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from ..engine.layout import is_int
+
 __all__ = [
     "SCHEDULE_NAMES",
     "CallableSchedule",
@@ -55,13 +57,13 @@ def _check_tau(name: str, value: float) -> float:
 def _check_num_units(num_units: int | None) -> int | None:
     if num_units is None:
         return None
-    if isinstance(num_units, bool) or not isinstance(num_units, int) or num_units < 1:
+    if not is_int(num_units, 1):
         raise ValueError(f"num_units must be an int >= 1 or None, got {num_units!r}")
     return num_units
 
 
 def _check_unit(unit: int) -> int:
-    if isinstance(unit, bool) or not isinstance(unit, int) or unit < 0:
+    if not is_int(unit, 0):
         raise ValueError(
             f"unit must be an int >= 0 (counted from the first soft unit), got {unit!r}"
         )
@@ -202,11 +204,7 @@ class StepSchedule(TemperatureSchedule):
         if self.end is not None:
             _check_tau("end", self.end)
         _check_num_units(self.num_units)
-        if (
-            isinstance(self.step_size, bool)
-            or not isinstance(self.step_size, int)
-            or self.step_size < 1
-        ):
+        if not is_int(self.step_size, 1):
             raise ValueError(f"step_size must be an int >= 1, got {self.step_size!r}")
         if not (isinstance(self.gamma, (int, float)) and math.isfinite(self.gamma)) or not (
             self.gamma > 0
