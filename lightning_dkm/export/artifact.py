@@ -81,7 +81,7 @@ from .artifact_format import (
 )
 from .files import safetensors_errors_as_os_errors, write_atomically
 from .packed import pack
-from .report import CompressionReport, LayerReport, TensorReport
+from .report import CompressionReport, LayerReport, TensorReport, palette_tensor
 
 __all__ = [
     "FORMAT_NAME",
@@ -166,22 +166,12 @@ def _refuse_forgotten_palettes(state: StateTensors) -> None:
 def _checked_weight(name: str, palette: Palette, weight: Tensor | None) -> Tensor:
     """The model's tensor ``name``, which ``palette`` must describe exactly, with finite
     centroids."""
-    if weight is None:
-        raise ValueError(
-            f"palette {name!r} has no tensor of that name in model.state_dict(); pass the "
-            "finalized model (after finalize() or palettize()) and its palettes"
-        )
     if not isinstance(palette, Palette):
         raise ValueError(
             f"palettes[{name!r}] must be a Palette (from finalize()/palettize()); got "
             f"{type(palette).__name__}"
         )
-    if tuple(weight.shape) != palette.layout.shape:
-        raise ValueError(
-            f"palette {name!r} is for shape {palette.layout.shape}, but the model's {name!r} "
-            f"has shape {tuple(weight.shape)}; pass the palettes that finalize()/palettize() "
-            "returned for this model"
-        )
+    weight = palette_tensor(name, palette, weight)
     if not bool(torch.isfinite(palette.lut).all()):
         raise ValueError(
             f"palette {name!r} has NaN or Inf centroids (did training diverge?); a file holding "
@@ -520,35 +510,17 @@ def inspect_artifact(path: str | os.PathLike[str]) -> CompressionReport:
     for name, layout in parsed.layouts.items():
         stored_dtype = parsed.lut_dtypes[name]
         scale = tensors.get(SCALE + name)
-        layers.append(LayerReport(
-            name=name,
-            shape=layout.shape,
-            dtype=parsed.dtypes[name],
-            bits=layout.spec.bits,
-            cluster_dim=layout.spec.cluster_dim,
-            group_size=layout.spec.group_size,
-            palettes=layout.num_palettes,
-            parameters=layout.numel,
+        layers.append(LayerReport.of(
+            name, layout, getattr(torch, parsed.dtypes[name]), stored=stored_dtype,
+            usual=parsed.lut_dtype,
             lut_bytes=tensors[LUT + name].numel() * stored_dtype.itemsize,
             index_bytes=tensors[INDICES + name].numel(),
             scale_bytes=0 if scale is None else scale.numel() * stored_dtype.itemsize,
-            lut_dtype=None if stored_dtype == parsed.lut_dtype else dtype_name(stored_dtype),
         ))
     parameters = parsed.parameters | set(parsed.layouts)
-    unclustered = [
-        TensorReport(
-            name=name,
-            shape=tuple(t.shape),
-            dtype=dtype_name(t.dtype),
-            kind="parameter" if name in parameters else "buffer",
-            numel=t.numel(),
-            bytes=t.numel() * t.element_size(),
-            floating=t.is_floating_point(),
-        )
-        for name in _module_order([*parsed.layouts, *checked.state], parameters)
-        if name in checked.state
-        for t in (checked.state[name],)
-    ]
+    unclustered = [TensorReport.of(name, checked.state[name], name in parameters)
+                   for name in _module_order([*parsed.layouts, *checked.state], parameters)
+                   if name in checked.state]
     return CompressionReport(layers, unclustered, dtype_name(parsed.lut_dtype))
 
 

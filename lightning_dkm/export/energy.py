@@ -30,6 +30,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..model.targets import CONV, CONV_TRANSPOSE, clusterable_parameters
+
 __all__ = [
     "DRAM_READ_32BIT_PJ",
     "FP16_MAC_PJ",
@@ -85,11 +87,6 @@ class EnergyModel:
         return macs * self.mac_pj * _PJ_TO_UJ
 
 
-_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_CONV_TRANSPOSE = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
-_LOOKUP = (nn.Embedding, nn.EmbeddingBag)
-
-
 def _first_tensor(args: tuple, kwargs: dict, position: int, name: str) -> Tensor:
     return args[position] if len(args) > position else kwargs[name]
 
@@ -108,18 +105,12 @@ def _mha_macs(module: nn.MultiheadAttention, args: tuple, kwargs: dict) -> tuple
 def _macs(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> int:
     if isinstance(module, nn.Linear):
         return output.numel() * module.in_features
-    if isinstance(module, _CONV):
+    if isinstance(module, CONV):
         return output.numel() * math.prod(module.weight.shape[1:])
-    if isinstance(module, _CONV_TRANSPOSE):
+    if isinstance(module, CONV_TRANSPOSE):
         # Every input element is multiplied by (out_channels / groups) * prod(kernel) weights.
         return _first_tensor(args, kwargs, 0, "input").numel() * math.prod(module.weight.shape[1:])
     return 0  # Embedding / EmbeddingBag: table lookups, no multiplies
-
-
-def _is_counted(module: nn.Module) -> bool:
-    return isinstance(
-        module, (nn.Linear, *_CONV, *_CONV_TRANSPOSE, *_LOOKUP, nn.MultiheadAttention)
-    )
 
 
 def _call(model: nn.Module, example_input: Any) -> None:
@@ -159,7 +150,7 @@ def count_macs(model: nn.Module, example_input: Any) -> dict[str, int]:
     counts: dict[str, int] = {}
     handles = []
     for name, module in model.named_modules():
-        if not _is_counted(module):
+        if not clusterable_parameters(module):  # the module types DKM clusters
             continue
         counts[name] = 0
 

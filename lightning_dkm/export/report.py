@@ -34,10 +34,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
+from ..engine.layout import is_int
 from ..engine.palette import LutDtype, Palette, lut_dtype_of
-from ..model.state import state_tensors
+from ..model.state import split_name, state_tensors
 from .energy import EnergyModel, count_macs
 from .files import write_atomically
 from .report_entries import (
@@ -60,6 +61,7 @@ __all__ = [
     "LayerReport",
     "TensorReport",
     "artifact_entry",
+    "palette_tensor",
 ]
 
 #: The per-layer statistics ``CompressionReport.build(stats=...)`` accepts.
@@ -134,7 +136,7 @@ def _artifact(data: object) -> dict[str, Any] | None:
     if not isinstance(file, str) or not file or "/" in file or "\\" in file:
         raise ValueError(
             f"the compression report's artifact.file must be a file name; got {file!r}")
-    if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+    if not is_int(size, 0):
         raise ValueError(
             f"the compression report's artifact.bytes must be a size in bytes; got {size!r}")
     if not isinstance(sha256, str) or not re.fullmatch(r"[0-9a-f]{64}", sha256):
@@ -144,8 +146,21 @@ def _artifact(data: object) -> dict[str, Any] | None:
     return {"file": file, "bytes": size, "sha256": sha256}
 
 
-def _owner_module(name: str) -> str:
-    return name.rsplit(".", 1)[0] if "." in name else ""
+def palette_tensor(name: str, palette: Palette, tensor: Tensor | None) -> Tensor:
+    """``tensor``, the model's tensor ``name`` (``None``: it has none), which ``palette`` must
+    describe: a ``ValueError`` naming both unless it is a tensor of the palette's shape."""
+    if tensor is None:
+        raise ValueError(
+            f"palette {name!r} has no tensor of that name in model.state_dict(); pass the "
+            "finalized model (after finalize() or palettize()) and its palettes"
+        )
+    if tuple(tensor.shape) != palette.layout.shape:
+        raise ValueError(
+            f"palette {name!r} is for shape {palette.layout.shape}, but the model's {name!r} "
+            f"has shape {tuple(tensor.shape)}; pass the palettes that finalize()/palettize() "
+            "returned for this model"
+        )
+    return tensor
 
 
 def _exports(data: object) -> dict[str, dict[str, Any]]:
@@ -221,17 +236,7 @@ class CompressionReport:
         checked_stats = _check_stats(stats, names)
         state = state_tensors(model, preferred=names)
         for name, palette in palettes.items():
-            if name not in state.tensors:
-                raise ValueError(
-                    f"palette {name!r} has no tensor of that name in model.state_dict(); pass "
-                    "the finalized model (after finalize() or palettize()) and its palettes"
-                )
-            shape = tuple(state.tensors[name].shape)
-            if shape != palette.layout.shape:
-                raise ValueError(
-                    f"palette {name!r} is for shape {palette.layout.shape}, but the model's "
-                    f"tensor has shape {shape}"
-                )
+            palette_tensor(name, palette, state.tensors.get(name))
         if example_input is not None:
             macs = count_macs(model, example_input)
         em = energy_model or EnergyModel()
@@ -240,45 +245,23 @@ class CompressionReport:
 
         layers = []
         for name, palette in palettes.items():
-            spec, layout = palette.layout.spec, palette.layout
-            tensor = state.tensors[name]
-            lut_item = stored[name].itemsize
-            layer = LayerReport(
-                name=name,
-                shape=layout.shape,
-                dtype=dtype_name(tensor.dtype),
-                bits=spec.bits,
-                cluster_dim=spec.cluster_dim,
-                group_size=spec.group_size,
-                palettes=layout.num_palettes,
-                parameters=layout.numel,
-                lut_bytes=palette.lut_bytes(stored[name]),
-                index_bytes=palette.index_bytes(),
-                scale_bytes=palette.scale_bytes(stored[name]),
-                lut_dtype=None if stored[name] == lut_dtype else dtype_name(stored[name]),
+            layer = LayerReport.of(
+                name, palette.layout, state.tensors[name].dtype, stored=stored[name],
+                usual=lut_dtype, lut_bytes=palette.lut_bytes(stored[name]),
+                index_bytes=palette.index_bytes(), scale_bytes=palette.scale_bytes(stored[name]),
                 **checked_stats.get(name, {}),
             )
             if macs is not None:
-                layer.macs = int(macs.get(_owner_module(name), 0))
+                layer.macs = int(macs.get(split_name(name)[0], 0))
                 layer.estimated_fetch_energy_fp32_uj = em.fetch_uj(layer.fp32_bytes)
                 layer.estimated_fetch_energy_compressed_uj = em.fetch_uj(
                     layer.compressed_bytes
-                ) + em.lookup_uj(palette.num_indices, spec.cluster_dim * lut_item)
+                ) + em.lookup_uj(palette.num_indices,
+                                 palette.layout.spec.cluster_dim * stored[name].itemsize)
             layers.append(layer)
 
-        unclustered = [
-            TensorReport(
-                name=name,
-                shape=tuple(t.shape),
-                dtype=dtype_name(t.dtype),
-                kind="parameter" if name in state.parameters else "buffer",
-                numel=t.numel(),
-                bytes=t.numel() * t.element_size(),
-                floating=t.is_floating_point(),
-            )
-            for name, t in state.tensors.items()
-            if name not in palettes
-        ]
+        unclustered = [TensorReport.of(name, t, name in state.parameters)
+                       for name, t in state.tensors.items() if name not in palettes]
         report = cls(layers, unclustered, dtype_name(lut_dtype))
         if macs is not None:
             lookups = sum(

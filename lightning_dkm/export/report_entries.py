@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 
+from ..engine.layout import PaletteLayout
+
 __all__ = ["EnergyEstimate", "LayerReport", "TensorReport", "dtype_name"]
 
 
@@ -67,6 +69,21 @@ class LayerReport:
     estimated_fetch_energy_compressed_uj: float | None = None
     lut_dtype: str | None = None
 
+    @classmethod
+    def of(cls, name: str, layout: PaletteLayout, dtype: torch.dtype, *, stored: torch.dtype,
+           usual: torch.dtype, lut_bytes: int, index_bytes: int, scale_bytes: int,
+           **stats: float | None) -> LayerReport:
+        """The row of the tensor ``name`` (of ``dtype``) clustered as ``layout``, its LUT stored
+        at ``stored`` in a report whose LUTs are at ``usual``."""
+        spec = layout.spec
+        return cls(
+            name=name, shape=layout.shape, dtype=dtype_name(dtype), bits=spec.bits,
+            cluster_dim=spec.cluster_dim, group_size=spec.group_size,
+            palettes=layout.num_palettes, parameters=layout.numel, lut_bytes=lut_bytes,
+            index_bytes=index_bytes, scale_bytes=scale_bytes,
+            lut_dtype=None if stored == usual else dtype_name(stored), **stats,
+        )
+
     @property
     def compressed_bytes(self) -> int:
         return self.lut_bytes + self.scale_bytes + self.index_bytes
@@ -107,6 +124,14 @@ class TensorReport:
     numel: int
     bytes: int
     floating: bool
+
+    @classmethod
+    def of(cls, name: str, tensor: torch.Tensor, parameter: bool) -> TensorReport:
+        """The row of ``tensor``, stored as it is under ``name``."""
+        return cls(name=name, shape=tuple(tensor.shape), dtype=dtype_name(tensor.dtype),
+                   kind="parameter" if parameter else "buffer", numel=tensor.numel(),
+                   bytes=tensor.numel() * tensor.element_size(),
+                   floating=tensor.is_floating_point())
 
     @property
     def fp32_bytes(self) -> int:

@@ -27,7 +27,7 @@ from ..engine.numerics import hard_assign
 from ..model.attach import ClusteredTensor
 from .metrics import AssignmentEntropy, ClusterUsage, SnapDistance
 
-__all__ = ["measure", "measure_all", "metric_device"]
+__all__ = ["measure_all", "metric_device"]
 
 _STATISTICS = ("entropy", "usage_entropy", "perplexity", "dead_clusters", "snap_rmse")
 
@@ -89,8 +89,3 @@ def measure_all(
         per_tensor[name] = dict(zip(_STATISTICS, values, strict=True))
     total = float(model_entropy.compute()) if model_entropy is not None else float("nan")
     return per_tensor, total
-
-
-def measure(tensor: ClusteredTensor) -> dict[str, float]:
-    """Statistics of one clustered tensor (see module docstring)."""
-    return measure_all({tensor.name: tensor})[0][tensor.name]

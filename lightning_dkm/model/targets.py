@@ -41,6 +41,8 @@ from .state import qualified_name
 from .tied import TiedWeight
 
 __all__ = [
+    "CONV",
+    "CONV_TRANSPOSE",
     "DEFAULT_MIN_SIZE",
     "Target",
     "clusterable_parameters",
@@ -55,8 +57,9 @@ __all__ = [
 #: a LUT plus indices saves little on them, and they are often the most sensitive.
 DEFAULT_MIN_SIZE = 2048
 
-_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_CONV_TRANSPOSE = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+#: The convolution types DKM clusters (and the MAC count counts).
+CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+CONV_TRANSPOSE = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 _EMBEDDING = (nn.Embedding, nn.EmbeddingBag)
 
 
@@ -68,9 +71,9 @@ def clusterable_parameters(module: nn.Module) -> list[tuple[str, int, int]]:
     for ConvTranspose (whose weight is ``(in, out/groups, *kernel)``); vectors run along the
     other channel axis.
     """
-    if isinstance(module, (nn.Linear, *_CONV, *_EMBEDDING)):
+    if isinstance(module, (nn.Linear, *CONV, *_EMBEDDING)):
         return [("weight", 0, 1)]
-    if isinstance(module, _CONV_TRANSPOSE):
+    if isinstance(module, CONV_TRANSPOSE):
         return [("weight", 1, 0)]
     if isinstance(module, nn.MultiheadAttention):
         if module.in_proj_weight is not None:
