@@ -54,7 +54,7 @@ __all__ = [
     "COREAI_BITS",
     "CoreAIExport",
     "CoreAIPalette",
-    "check_widths",
+    "check_packable",
     "convert_to_coreai",
     "export_coreai",
     "lut_op_names",
@@ -90,7 +90,7 @@ def require_coreai() -> Any:
     return coreai_torch
 
 
-def check_widths(bits: dict[str, int], what: str) -> None:
+def check_packable(bits: dict[str, int], what: str) -> None:
     """A ``ValueError`` starting with ``what`` unless every ``{tensor name: bits}`` has a width
     whose indices Core AI holds (:data:`COREAI_BITS`): the export's check, and the callback's
     at setup."""
@@ -312,7 +312,7 @@ def export_coreai(
     examples = as_example_tuple(example_inputs)
     with exportable(model) as module:
         palettes = carried_palettes(module)  # validates them against the weights
-        check_widths({n: p.layout.spec.bits for n, p in palettes.items()}, "export_coreai")
+        check_packable({n: p.layout.spec.bits for n, p in palettes.items()}, "export_coreai")
         if not palettes:
             warnings.warn(
                 "export_coreai: the model carries no palettes (not finalized or palettized?), "

@@ -278,11 +278,11 @@ def check_export_widths(targets: list[Target], export_coreai: bool) -> None:
     """With ``export_coreai``: every tensor to cluster has a width Core AI packs."""
     if not export_coreai:
         return
-    from ..export.coreai import check_widths
+    from ..export.coreai import check_packable
 
     try:
-        check_widths({t.name: t.layout.spec.bits for t in targets},
-                     "DKMCallback(export_coreai=True)")
+        check_packable({t.name: t.layout.spec.bits for t in targets},
+                       "DKMCallback(export_coreai=True)")
     except ValueError as err:
         raise MisconfigurationException(f"{err}, or set export_coreai=False") from None
 
