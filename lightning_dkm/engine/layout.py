@@ -259,9 +259,17 @@ class PaletteLayout:
 
     def broadcast_scale(self, scale: Tensor) -> Tensor:
         """Per-channel ``scale`` ``(num_channels,)`` shaped to broadcast against the weight."""
+        return scale.reshape(self._along_groups(self.num_channels))
+
+    def broadcast_lut(self, lut: Tensor) -> Tensor:
+        """A LUT ``(P, k, d)`` shaped as coremltools' and Core AI's LUT ops hold it: the
+        weight's rank with ``P`` on the output-channel axis and 1 elsewhere, then ``(k, d)``."""
+        return lut.reshape(*self._along_groups(self.num_palettes), *lut.shape[1:])
+
+    def _along_groups(self, size: int) -> list[int]:
         shape = [1] * len(self.shape)
-        shape[self.group_axis] = self.num_channels
-        return scale.reshape(shape)
+        shape[self.group_axis] = size
+        return shape
 
     def to_palettes(self, weight: Tensor, scale: Tensor | None = None) -> Tensor:
         """``weight`` (shape) -> ``(P, n, d)``, each channel divided by ``scale`` when given.

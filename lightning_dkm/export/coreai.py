@@ -112,19 +112,11 @@ class _LutToDense(nn.Module):
     def __init__(self, palette: Palette, dtype: torch.dtype) -> None:
         super().__init__()
         layout = palette.layout
-        lut_shape = [1] * len(layout.shape)
-        lut_shape[layout.group_axis] = layout.num_palettes
         self.register_buffer("indices", palette.index_grid().to(torch.uint8).contiguous())
-        self.register_buffer(
-            "lut", palette.lut.detach().to(dtype).reshape(*lut_shape, *palette.lut.shape[1:])
-        )
+        self.register_buffer("lut", layout.broadcast_lut(palette.lut.detach().to(dtype)))
         self.axis = layout.vector_axis
-        scale = None
-        if palette.scale is not None:
-            scale_shape = [1] * len(layout.shape)
-            scale_shape[layout.group_axis] = layout.num_channels
-            scale = palette.scale.detach().to(dtype).reshape(scale_shape)
-        self.register_buffer("scale", scale)
+        self.register_buffer("scale", None if palette.scale is None else
+                             layout.broadcast_scale(palette.scale.detach().to(dtype)))
 
     def forward(self, _dense: Tensor) -> Tensor:
         weight = torch.ops.coreai.lut_to_dense(self.indices, self.lut, self.axis)

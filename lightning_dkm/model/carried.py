@@ -79,26 +79,17 @@ def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:
         raise ValueError(f"{name}: the model has no module {module_name!r}") from err
 
 
-def _along_groups(layout: PaletteLayout, size: int) -> list[int]:
-    """The weight's rank of 1s, with ``size`` on its output-channel (group) axis."""
-    shape = [1] * len(layout.shape)
-    shape[layout.group_axis] = size
-    return shape
-
-
 def _metadata(palette: Palette) -> dict[str, Tensor]:
     """The buffers of one palette (float32 LUT and scales, CPU-independent shapes)."""
     layout = palette.layout
-    _, k, d = palette.lut.shape
     values = {
-        "lut": palette.lut.detach().float().reshape(
-            *_along_groups(layout, layout.num_palettes), k, d).clone(),
+        "lut": layout.broadcast_lut(palette.lut.detach().float()).clone(),
         "vector_axis": torch.tensor(layout.vector_axis),
         "compression_type": torch.tensor([_PALETTIZATION]),
     }
     if palette.scale is not None:
-        values["palettization_scale"] = palette.scale.detach().float().reshape(
-            _along_groups(layout, layout.num_channels)).clone()
+        values["palettization_scale"] = layout.broadcast_scale(palette.scale.detach().float()
+                                                               ).clone()
     return values
 
 
