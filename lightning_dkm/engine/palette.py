@@ -188,14 +188,6 @@ class Palette:
         ``ceil(P * n * bits / 8)`` (see :mod:`lightning_dkm.engine.bitpack`)."""
         return packed_size(self.num_indices, self.layout.spec.bits)
 
-    def max_abs_centroid(self) -> float:
-        """The largest ``|value|`` in the LUT or the scales (0.0 for an empty LUT): what a
-        float16 file must hold."""
-        peak = float(self.lut.detach().abs().max()) if self.lut.numel() else 0.0
-        if self.scale is not None and self.scale.numel():
-            peak = max(peak, float(self.scale.detach().abs().max()))
-        return peak
-
     def float16_problem(self) -> str | None:
         """Why float16 cannot hold this palette as it is (``None``: it can): a centroid beyond
         float16's range (``|value| > 65504``: it would be ``inf`` and the file unloadable), every
@@ -259,9 +251,3 @@ class Palette:
     def distinct_values_per_palette(self) -> list[int]:
         """Number of distinct LUT entries (vectors) actually used by each palette."""
         return [int(torch.unique(self.indices[p]).numel()) for p in range(self.indices.shape[0])]
-
-
-# -- writing files atomically -----------------------------------------------------------------
-# The artifact and the report both persist finalized palettes; this is their one file writer.
-# (It would sit in a layer-0 module of its own; it lives here because both already import
-# palette, see docs/architecture.md.)
