@@ -108,6 +108,13 @@ def _lut_listing(file: str, size: int, rows: list[dict[str, Any]], as_json: bool
     return "\n".join(lines)
 
 
+def _lut_row(name: str, op: Any, bits: int) -> dict[str, Any]:
+    """One LUT op of a package (Core ML's or Core AI's: ``lut``, ``indices``, ``scale``)."""
+    return {"op": name, "indices": list(op.indices.shape), "bits": bits,
+            "cluster_dim": int(op.lut.shape[-1]), "lut_blocks": int(op.lut[..., 0, 0].size),
+            "per_channel_scale": op.scale is not None}
+
+
 def _coreml(args: argparse.Namespace) -> str:
     from .export.coreml import package_bytes, read_coreml_palettes, require_coremltools
 
@@ -117,17 +124,8 @@ def _coreml(args: argparse.Namespace) -> str:
         ops = read_coreml_palettes(path)
     except Exception as err:  # coremltools raises RuntimeError, ValueError, ... for a bad file
         raise ValueError(f"{args.file}: not a readable Core ML package ({err})") from err
-    rows = [
-        {
-            "op": name,
-            "indices": list(op.indices.shape),
-            "bits": int(op.lut.shape[-2]).bit_length() - 1,
-            "cluster_dim": int(op.lut.shape[-1]),
-            "lut_blocks": int(op.lut[..., 0, 0].size),
-            "per_channel_scale": op.scale is not None,
-        }
-        for name, op in ops.items()
-    ]
+    rows = [_lut_row(name, op, int(op.lut.shape[-2]).bit_length() - 1)
+            for name, op in ops.items()]
     return _lut_listing(args.file, package_bytes(path), rows, args.json)
 
 
@@ -143,17 +141,8 @@ def _coreai(args: argparse.Namespace) -> str:
     except Exception as err:  # coreai-core raises RuntimeError, ValueError, ... for a bad file
         raise ValueError(f"{args.file}: not a readable Core AI package ({err})") from err
     names = names if len(names) == len(ops) else [None] * len(ops)
-    rows = [
-        {
-            "op": name or f"lut_to_dense #{op.index}",
-            "indices": list(op.indices.shape),
-            "bits": op.bits,
-            "cluster_dim": int(op.lut.shape[-1]),
-            "lut_blocks": int(op.lut[..., 0, 0].size),
-            "per_channel_scale": op.scale is not None,
-        }
-        for op, name in zip(ops, names, strict=True)
-    ]
+    rows = [_lut_row(name or f"lut_to_dense #{op.index}", op, op.bits)
+            for op, name in zip(ops, names, strict=True)]
     return _lut_listing(args.file, package_bytes(path), rows, args.json)
 
 
