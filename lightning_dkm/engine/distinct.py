@@ -151,9 +151,11 @@ class _UniqueDKM(torch.autograd.Function):
         T = len(config.inv_taus)
         xs, centroids = inputs[:T], inputs[T:]
         tensors, values, counts, starts, centers, scales = [], [], [], [], [], []
+        columns_of = []  # each tensor's table columns, converted once for counting and look-up
         row = 0
         for x, c, norm in zip(xs, centroids, normalizations, strict=True):
-            codes, _, distinct, center, scale = prepare(x.detach(), norm, device_side)
+            codes, columns, distinct, center, scale = prepare(x.detach(), norm, device_side)
+            columns_of.append(columns)
             tensors.append(_InBatch(codes, distinct._replace(values=None),
                                    slice(row, row + x.shape[0]), distinct.values.shape[1]))
             values.append(distinct.values)
@@ -183,11 +185,10 @@ class _UniqueDKM(torch.autograd.Function):
                                               implicit=config.implicit, centroid_mask=mask,
                                               groups=groups)
         outputs, finals, tables = [], [], []
-        for t, x, c, center, scale, distinct_values, again in zip(
-                tensors, xs, centroids, centers, scales, values, config.codes_once,
+        for t, x, c, center, scale, distinct_values, again, columns in zip(
+                tensors, xs, centroids, centers, scales, values, config.codes_once, columns_of,
                 strict=True):
             y_t = y[t.rows, 0, : t.width] * scale + center
-            columns = CodeColumns(t.codes, device_side)
             distinct = t.distinct._replace(values=distinct_values)
             table = distinct.to_dense(y_t.to(x.dtype))
             outputs.append(columns.look_up(table))

@@ -21,6 +21,10 @@ __all__ = ["CHUNK", "CodeColumns", "DistinctValues", "float16_codes", "prepare"]
 #: pages (page faults cost more than the passes themselves on CPU).
 CHUNK = 1 << 20
 
+#: Weights per piece of a pass's scratch buffer (128 KiB of float32): small enough to stay in
+#: cache and be reused, where a whole-size temporary would be fresh pages.
+PIECE = 1 << 15
+
 _CODES = 1 << 16  # float16 bit patterns per palette
 _TINY = 1e-30  # keeps log2 finite for a constant palette
 
@@ -82,17 +86,18 @@ def float16_codes(x: Tensor, normalization: Normalization | None, device_side: b
     unit = torch.exp2(torch.round(torch.log2(rough.clamp_min(_TINY))))
     inverse_unit = 1.0 / unit  # exact: a power of two
     codes = torch.empty(x.shape, dtype=torch.float16, device=x.device)
-    buffer = torch.empty(P, min(n, CHUNK), dtype=x.dtype, device=x.device)
-    for part in _chunks(n):
+    buffer = torch.empty(P, min(n, PIECE), dtype=x.dtype, device=x.device)
+    for part in _chunks(n, PIECE):
         chunk = buffer[:, : part.stop - part.start]
         torch.sub(x[:, part], center, out=chunk).mul_(inverse_unit)
         codes[:, part] = chunk  # the one rounding, float32 -> float16
     return codes, center, unit, scale
 
 
-def _chunks(n: int):
-    for start in range(0, n, CHUNK):
-        yield slice(start, min(start + CHUNK, n))
+def _chunks(n: int, size: int | None = None):
+    size = CHUNK if size is None else size
+    for start in range(0, n, size):
+        yield slice(start, min(start + size, n))
 
 
 class CodeColumns:
@@ -147,20 +152,33 @@ class CodeColumns:
 
     def look_up(self, table: Tensor, factor: tuple[Tensor, Tensor] | None = None) -> Tensor:
         """(P, n): ``table[column]`` per weight, or with ``factor = (table_b, g)``
-        ``table[column] + table_b[column] * g``."""
+        ``table[column] + table_b[column] * g``. The result is the one buffer of ``n`` values
+        it allocates: each chunk's look-up is written into it in place, and ``table_b``'s
+        values are gathered a ``PIECE`` at a time into one small scratch buffer (fresh
+        whole-size temporaries cost page faults, more than the look-ups themselves on CPU)."""
         P, n = self.codes.shape
-        out = None if n <= CHUNK else table.new_empty(P, n)
+        out = table.new_empty(P, n)
+        scratch = None
         for part, columns in self.chunks():
-            values = table.index_select(0, columns).view(P, -1)
-            if factor is not None:
-                table_b, g = factor
-                values = torch.addcmul(values, table_b.index_select(0, columns).view(P, -1),
-                                       g[:, part], out=None if out is None else out[:, part])
-            if out is None:
-                return values
+            target = out[:, part]
+            if target.is_contiguous():
+                torch.index_select(table, 0, columns, out=target.view(-1))
+            else:
+                target.copy_(table.index_select(0, columns).view(P, -1))
             if factor is None:
-                out[:, part] = values
-        assert out is not None
+                continue
+            table_b, g = factor
+            g = g[:, part]
+            if P > 1:  # pieces of the flat columns would cut across the palettes' rows
+                target.addcmul_(table_b.index_select(0, columns).view(P, -1), g)
+                continue
+            if scratch is None:
+                scratch = table_b.new_empty(min(PIECE, n))
+            flat, flat_g = target.view(-1), g.reshape(-1)
+            for piece in _chunks(columns.numel(), PIECE):
+                b = scratch[: piece.stop - piece.start]
+                torch.index_select(table_b, 0, columns[piece], out=b)
+                flat[piece].addcmul_(b, flat_g[piece])
         return out
 
 
