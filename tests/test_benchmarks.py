@@ -26,6 +26,22 @@ def test_perf_step_prints_ratios_and_writes_json(tmp_path):
     assert row["model"] == "cnn" and row["bits"] == 2 and row["ratio"] > 0
 
 
+def test_perf_passes_times_every_pass_of_the_unique_step():
+    result = run("perf_passes.py", "--n", "4096", "--repeats", "2", "--alternatives")
+    rows = [line for line in result.stdout.splitlines() if line.endswith("faults")]
+    assert len(rows) == 11  # the step's six passes and five alternatives
+    assert all(float(row.split()[-4]) >= 0 for row in rows)
+
+
+def test_perf_step_times_by_cpu_clock_on_one_thread(tmp_path):
+    out = tmp_path / "step.json"
+    run("perf_step.py", "--models", "cnn", "--bits", "2", "--steps", "2", "--warmup", "1",
+        "--no-memory", "--no-apple", "--clock", "cpu", "--threads", "1", "--json", str(out))
+    saved = json.loads(out.read_text())
+    assert saved["setup"]["clock"] == "cpu" and saved["setup"]["threads"] == 1
+    assert saved["rows"][0]["ratio"] > 0
+
+
 def test_perf_scaling_prints_a_row_per_cell(tmp_path):
     out = tmp_path / "scaling.json"
     run("perf_scaling.py", "--n", "1e4", "--k", "2", "4", "--repeats", "1",

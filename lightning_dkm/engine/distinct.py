@@ -8,8 +8,10 @@ distinct values ``u`` with their counts :math:`w_u`, forward and backward; cost 
 ``O(n + U k max_iter)`` instead of ``O(n k max_iter)``.
 
 **What touches every weight, and why it is so little.** On CPU an O(n) pass costs mostly the
-fresh memory it writes (page faults), so the step writes little and works in chunks of
-``CHUNK`` weights whose temporaries the allocator reuses. The forward rounds
+fresh memory it writes (page faults), so the step writes little: it works in chunks of
+``CHUNK`` weights whose temporaries the allocator reuses, converts the codes to table columns
+once per forward, and writes each look-up into its result (the backward's second table is
+gathered a ``PIECE`` at a time into one reused scratch buffer). The forward rounds
 ``(x - mean) / 2^e`` to float16 (``2^e`` is the power of two nearest the palette's standard
 deviation, so the scaling is exact and float16 keeps its full relative precision); each bit
 pattern is a column of a dense table of 65,536 entries per palette. It counts the columns
