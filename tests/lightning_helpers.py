@@ -148,3 +148,51 @@ class AllocationRecorder(pl.Callback):
         dkm = next(c for c in trainer.callbacks if isinstance(c, DKMCallback))
         with open(f"{self.out_dir}/allocation_rank{trainer.global_rank}.json", "w") as f:
             json.dump(dkm.bit_allocation.to_dict(), f)
+
+
+class WideNet(TinyNet):
+    """TinyNet with a 128 x 128 middle layer: its 16,384 weights take the ``"unique"`` step
+    (batched in the clustering pass on CPU at 2 bits); the first layer takes ``"reference"``."""
+
+    def __init__(self, lr: float = 0.05, batch_size: int = 32) -> None:
+        super().__init__(lr, batch_size)
+        self.body = nn.Sequential(
+            nn.Linear(32, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 4)
+        )
+
+
+class GradientRecorder(pl.Callback):
+    """At the first optimizer step (after every callback before it in the list), the
+    gradients of the clustered originals and of every other parameter, and the centroids;
+    saved to ``out_dir/gradients_rank{r}.pt`` when ``out_dir`` is given (for ddp_spawn)."""
+
+    def __init__(self, out_dir: str | None = None) -> None:
+        self.out_dir = out_dir
+        self.record: dict[str, torch.Tensor] | None = None
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if self.record is not None:
+            return
+        self.record = {
+            name: (p.grad.clone() if p.grad is not None else torch.zeros(0))
+            for name, p in pl_module.named_parameters()
+        }
+        self.record.update({
+            name: b.clone() for name, b in pl_module.named_buffers() if name.endswith("centroids")
+        })
+        if self.out_dir is not None:
+            torch.save(self.record, f"{self.out_dir}/gradients_rank{trainer.global_rank}.pt")
+
+
+class DealtWideNet(WideNet):
+    """WideNet whose training samples are dealt out in turn to the ranks, unshuffled
+    (``DistributedSampler(shuffle=False)``; run with ``use_distributed_sampler=False``): the
+    ranks' first ``b`` samples together are the first ``world_size * b`` of one process."""
+
+    def train_dataloader(self):
+        from torch.utils.data.distributed import DistributedSampler
+
+        data = random_classification()
+        sampler = DistributedSampler(data, num_replicas=self.trainer.world_size,
+                                     rank=self.trainer.global_rank, shuffle=False)
+        return DataLoader(data, batch_size=self.hparams.batch_size, sampler=sampler)

@@ -57,7 +57,7 @@ from .parametrization import DKMParametrization, StepConfig
 from .rebuild import SavedSoftWeights
 from .sharding import is_sharded
 
-__all__ = ["CPU_BATCH_MAX_ENTRIES", "ClusteringPass", "clustering_pass"]
+__all__ = ["CPU_BATCH_MAX_ENTRIES", "ClusteringPass", "clustering_pass", "pass_members"]
 
 #: On CPU a weight joins the pass's batch while its attention block, ``P x min(n, 65536) x k``
 #: entries at most, is no larger than this (module docstring); on an accelerator every one does.
@@ -134,24 +134,36 @@ def _settings(p: DKMParametrization, weight: Tensor) -> tuple:
     return p.max_iter, p.epsilon, p.gradient, weight.device, weight.dtype
 
 
-@contextlib.contextmanager
-def clustering_pass(model: nn.Module, rebuild: bool | None = None
-                    ) -> Iterator[ClusteringPass]:
-    """Run one forward of ``model`` as one clustering pass (module docstring). Nested or
-    repeated use is fine; on exit nothing of the pass is kept.
-
-    ``rebuild``: rebuild the soft weights of the ``"unique"`` step in the backward instead
-    of keeping them and their float16 codes from the forward (:mod:`.rebuild`). ``None``
-    (default): for the weights that FSDP2 shards; ``True`` / ``False``: for all / none."""
+def pass_members(model: nn.Module) -> list[tuple[DKMParametrization, nn.Module]]:
+    """Every :class:`DKMParametrization` of ``model`` (the first of its parametrization list)
+    with the list that holds its original: who :func:`clustering_pass` hands a step. Looked up
+    once, it serves every pass while the model's parametrizations stay (``members=``)."""
     members = []
     for module in model.modules():
         holders = getattr(module, "parametrizations", None)
         if not isinstance(holders, nn.ModuleDict):
             continue
         for holder in holders.values():
-            first = holder[0]
-            if isinstance(first, DKMParametrization) and first.pass_step is None:
-                members.append((first, holder))
+            if isinstance(holder[0], DKMParametrization):
+                members.append((holder[0], holder))
+    return members
+
+
+@contextlib.contextmanager
+def clustering_pass(model: nn.Module, rebuild: bool | None = None, *,
+                    members: list[tuple[DKMParametrization, nn.Module]] | None = None,
+                    ) -> Iterator[ClusteringPass]:
+    """Run one forward of ``model`` as one clustering pass (module docstring). Nested or
+    repeated use is fine; on exit nothing of the pass is kept.
+
+    ``rebuild``: rebuild the soft weights of the ``"unique"`` step in the backward instead
+    of keeping them and their float16 codes from the forward (:mod:`.rebuild`). ``None``
+    (default): for the weights that FSDP2 shards; ``True`` / ``False``: for all / none.
+    ``members``: :func:`pass_members` of ``model`` looked up before (saves the walk over the
+    model's modules at every pass)."""
+    if members is None:
+        members = pass_members(model)
+    members = [(p, holder) for p, holder in members if p.pass_step is None]
     current = ClusteringPass(members, rebuild)
     for p, _ in members:
         p.pass_step = functools.partial(current._step, p)

@@ -36,6 +36,7 @@ from typing import Literal, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from .accumulation import SoftWindow, outside_saved_tensor_hooks
 from .chunked import DEFAULT_CHUNK, chunked_dkm_cluster
 from .distinct import unique_dkm_cluster
 from .kmeans import kmeans, member_means
@@ -242,6 +243,9 @@ class DKMParametrization(nn.Module):
         #: The step an open :func:`~.clustering_pass.clustering_pass` hands this weight (its
         #: batched result, or :attr:`step` with the pass's settings); never state.
         self.pass_step: Step | None = None
+        #: The accumulation window this weight is in (:mod:`.accumulation`: the soft weights
+        #: computed once per optimizer step), or ``None``: a DKM step per training forward.
+        self.window: SoftWindow | None = None
         # The centroids a training step started from, for a forward that activation
         # checkpointing runs again in the backward (:func:`replaying`): it must start there
         # too, and move nothing.
@@ -398,16 +402,32 @@ class DKMParametrization(nn.Module):
 
     def _clustered(self, weight: Tensor) -> Tensor:
         """The soft (training) or snapped weight of an initialised parametrization: the step
-        (:attr:`pass_step` inside a clustering pass) on the layout's step view, read back."""
-        replay = replaying() and self._step_start is not None
+        (:attr:`pass_step` inside a clustering pass) on the layout's step view, read back; in
+        an accumulation window (:attr:`window`) computed once per window."""
+        soft = self.mode == "soft" and self.training
+        window = self.window if soft else None
+        if window is not None and window.has():
+            return window.read()
+        # A replay starts where the step started; so does a window's step computed again with
+        # DKM's graph (its first forward ran without one, e.g. in a reentrant checkpoint).
+        replay = self._step_start is not None and (
+            replaying() or (window is not None and window.soft is not None))
         start = self._step_start if replay else self.centroids
         x = self.layout.step_view(weight, self.scale)
-        if self.mode == "soft" and self.training:
+        if soft:
             step = self.step if self.pass_step is None else self.pass_step
-            result = step(x, start, self.temperature, self.config)
+            if window is None:
+                result = step(x, start, self.temperature, self.config)
+            else:  # kept to the window's last backward, past this micro-batch's hooks
+                with outside_saved_tensor_hooks():
+                    result = step(x, start, self.temperature, self.config)
             if not replay:
                 self.keep_centroids(result.centroids)
-            return self.layout.from_step_view(result.weights, self.scale)
+            if window is None:
+                return self.layout.from_step_view(result.weights, self.scale)
+            with outside_saved_tensor_hooks():
+                window.keep(self.layout.from_step_view(result.weights, self.scale))
+            return window.read()
         _, snapped = hard_assign(x, start)
         if self.mode == "hard" and self.training and not replay:
             self._step_start = self.centroids.detach().clone()

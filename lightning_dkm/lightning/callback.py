@@ -15,6 +15,7 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loops.fetchers import _DataLoaderIterDataFetcher
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
@@ -504,6 +505,7 @@ class DKMCallback(Callback):
         # Under FSDP2 at the first epoch, from the gathered weights (see .fully_sharded).
         seed_now = self.start_epoch == 0 and self._fully_sharded is None
         self._attach(pl_module, selected, init=seed_now)
+        self._forward_cache.forget()
         if seed_now:
             self._timeline.begin(self._tensors(pl_module))
         self.results.finalized = False
@@ -540,7 +542,23 @@ class DKMCallback(Callback):
             pl_module.log("dkm/tau", self._timeline.tau, on_step=False, on_epoch=True,
                           prog_bar=True, sync_dist=True)
 
-    # -- one DKM step per forward (ForwardCache: open at batch start, closed before backward) --
+    # -- one DKM step per forward (ForwardCache: open at batch start, closed before backward),
+    # -- once per optimizer step under gradient accumulation ------------------------------------
+    def _window_position(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool | None:
+        """Whether this batch ends its accumulation window, or ``None`` for a DKM step per
+        forward: without accumulation, under manual optimisation (no window is known), under
+        FSDP2 (the window's soft weights and their gradient would stay whole on every rank:
+        the full model's size, which FSDP2 exists not to hold), and where the loop cannot
+        tell the window's last batch in advance (``training_step`` taking a
+        ``dataloader_iter``, a strategy that accumulates itself)."""
+        if (trainer.accumulate_grad_batches == 1 or not pl_module.automatic_optimization
+                or self._fully_sharded is not None
+                or trainer.strategy.handles_gradient_accumulation
+                or isinstance(getattr(trainer.fit_loop, "_data_fetcher", None),
+                              _DataLoaderIterDataFetcher)):
+            return None
+        return not trainer.fit_loop._should_accumulate()
+
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
@@ -550,7 +568,7 @@ class DKMCallback(Callback):
             pl_module.log("dkm/tau", self._timeline.tau, on_step=True, on_epoch=False,
                           prog_bar=True)
         if self._names:
-            self._forward_cache.open(pl_module)
+            self._forward_cache.open(pl_module, self._window_position(trainer, pl_module))
 
     def on_before_backward(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor
@@ -562,21 +580,26 @@ class DKMCallback(Callback):
         batch_idx: int,
     ) -> None:
         self._forward_cache.close()
+        if self._forward_cache.window_is_last:
+            self._forward_cache.end_window()
 
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
     ) -> None:
         self._forward_cache.close()
+        self._forward_cache.end_window(finish=False)
         self._release_save_dir()  # Lightning calls no teardown hook after an exception
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any
     ) -> None:
+        self._forward_cache.finish_window()  # the window's gradients complete before the step
         if not self._names or not self._timeline.active(trainer.current_epoch):
             return
         self.method.on_before_optimizer_step(self._tensors(pl_module), optimizer)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._forward_cache.end_window()  # Lightning steps on an epoch's last batch
         if not self._timeline.active(trainer.current_epoch):
             return
         tensors = self._tensors(pl_module)
@@ -588,6 +611,7 @@ class DKMCallback(Callback):
             outputs.log_histograms(trainer, tensors)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._forward_cache.forget()
         if not self.finalize_at_fit_end or not self._names or self.results.finalized:
             return
         tensors = self._tensors(pl_module)
