@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import platform
 import statistics
 import sys
@@ -89,7 +90,8 @@ class HookClock:
         return timed
 
 
-def fit(bits: int | None, accumulate: int, epochs: int, hooks: bool) -> tuple[float, dict]:
+def fit(bits: int | None, accumulate: int, epochs: int, hooks: bool,
+        limit_batches: int | None = None) -> tuple[float, dict]:
     """One fit; returns seconds per batch (and the DKM hooks' mean ms per call)."""
     torch.manual_seed(0)
     model, data = DigitsCNN(), DigitsDataModule(batch_size=64)
@@ -104,6 +106,7 @@ def fit(bits: int | None, accumulate: int, epochs: int, hooks: bool) -> tuple[fl
         max_epochs=epochs, accumulate_grad_batches=accumulate, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         limit_val_batches=0, num_sanity_val_steps=0, accelerator="cpu", devices=1,
+        limit_train_batches=limit_batches,
         callbacks=callbacks,
     )
     with warnings.catch_warnings():
@@ -121,9 +124,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="plain/DKM fit pairs per row")
     parser.add_argument("--epochs", type=int, default=3, help="epochs per fit (first untimed)")
     parser.add_argument("--hooks", action="store_true", help="time DKMCallback's batch hooks")
+    parser.add_argument("--limit-batches", type=int, default=None,
+                        help="batches per epoch (default: all 17)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    torch.set_num_threads(torch.get_num_threads())
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)  # no banner per fit
     print(f"torch {torch.__version__}, lightning {pl.__version__}, {platform.processor() or ''} "
           f"{torch.get_num_threads()} threads; digits CNN, batch 64, Adam, {args.epochs} epochs "
           f"per fit (first untimed), {args.repeats} plain/DKM pairs per row, interleaved")
@@ -132,8 +137,8 @@ def main() -> None:
         bits, accumulate = (int(v) for v in spec.split(":"))
         plain, dkm, hook_ms = [], [], {}
         for _ in range(args.repeats):
-            plain.append(fit(None, accumulate, args.epochs, False)[0])
-            seconds, hook_ms = fit(bits, accumulate, args.epochs, args.hooks)
+            plain.append(fit(None, accumulate, args.epochs, False, args.limit_batches)[0])
+            seconds, hook_ms = fit(bits, accumulate, args.epochs, args.hooks, args.limit_batches)
             dkm.append(seconds)
         p, d = statistics.median(plain), statistics.median(dkm)
         target = TARGETS.get((bits, accumulate))

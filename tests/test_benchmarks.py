@@ -153,3 +153,12 @@ def test_perf_distributed_compares_fsdp_with_dkm_side_by_side(tmp_path):
     assert all(r["world"] == 2 and r["peak_mb"] > r["base_mb"] > 0 and r["step_s"] > 0
                for r in rows.values())
     assert rows["fsdp"]["parameters"] == rows["fsdp_dkm4"]["parameters"]
+
+
+def test_perf_fit_prints_a_ratio_per_row(tmp_path):
+    out = tmp_path / "fit.json"
+    result = run("perf_fit.py", "--rows", "2:2", "--repeats", "1", "--epochs", "2",
+                 "--limit-batches", "3", "--json", str(out))
+    assert "ratio" in result.stdout
+    row = json.loads(out.read_text())["rows"][0]
+    assert row["bits"] == 2 and row["accumulate_grad_batches"] == 2 and row["ratio"] > 0

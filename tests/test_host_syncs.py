@@ -299,3 +299,39 @@ def test_on_cuda_a_batched_step_with_an_early_stop_does_not_synchronize(gradient
         torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()
     assert all(bool(torch.isfinite(g).all()) for g in grads)
+
+
+class _CountedHooks:
+    """A DKMCallback's per-batch hooks, run under :func:`count_host_syncs`."""
+
+    HOOKS = ("on_train_batch_start", "on_before_backward", "on_train_batch_end",
+             "on_before_optimizer_step")
+
+    def __init__(self, callback) -> None:
+        self.reads: list[str] = []
+        self.calls = 0
+        for name in self.HOOKS:
+            setattr(callback, name, self._counted(getattr(callback, name)))
+
+    def _counted(self, hook):
+        def counted(*args, **kwargs):
+            with count_host_syncs() as log:
+                hook(*args, **kwargs)
+            self.reads.extend(log.calls)
+            self.calls += 1
+        return counted
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_the_callbacks_batch_hooks_read_nothing_back(tmp_path, accumulate) -> None:
+    """Setting every tensor's tau, opening and closing the pass and the accumulation window:
+    nothing of it reads a tensor back (the DKM step itself is held to that above)."""
+    from lightning_helpers import TinyNet, trainer
+
+    from lightning_dkm import DKMCallback
+
+    callback = DKMCallback(bits=2, finalize=False, log_histograms=False, verbose=False)
+    counted = _CountedHooks(callback)
+    trainer(tmp_path, max_epochs=1, limit_train_batches=4, accumulate_grad_batches=accumulate,
+            callbacks=[callback]).fit(TinyNet(batch_size=8))
+    assert counted.calls > 0 and counted.reads == []

@@ -309,6 +309,7 @@ class DKMCallback(Callback):
         self._out_dir: Path | None = None
         self._save_dir_lock: SaveDirLock | None = None  # rank 0's, from setup to teardown
         self._forward_cache = ForwardCache()
+        self._tensor_cache: tuple[pl.LightningModule, dict[str, ClusteredTensor]] | None = None
         self._checkpointing = DKMCheckpointing()
         self._fully_sharded: FullySharded | None = None  # under FSDP2 (ModelParallelStrategy)
         #: What fit produced (:class:`~.outputs.DKMResults`).
@@ -443,6 +444,18 @@ class DKMCallback(Callback):
             min_size=self.min_size, overrides=self.overrides,
         )
 
+    def _step_tensors(self, pl_module: pl.LightningModule) -> dict[str, ClusteredTensor]:
+        """:meth:`_tensors` for the per-step hooks, looked up once per fit (the walk over the
+        model's modules is not repeated every batch); :meth:`_forget_tensors` when the
+        parametrizations are registered or removed."""
+        if self._tensor_cache is None or self._tensor_cache[0] is not pl_module:
+            self._tensor_cache = (pl_module, self._tensors(pl_module))
+        return self._tensor_cache[1]
+
+    def _forget_tensors(self) -> None:
+        self._tensor_cache = None
+        self._forward_cache.forget()
+
     def _attach(self, pl_module: pl.LightningModule, selected: list[Target], init: bool) -> None:
         others = set(clustered_tensors(pl_module)) - set(self._names)
         clash = [t.name for t in selected if t.name in others]
@@ -457,6 +470,7 @@ class DKMCallback(Callback):
             implementation=self.implementation, gradient=self.gradient,
         )
         self._names = [t.name for t in selected]
+        self._forget_tensors()
 
     # -- lifecycle -------------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -505,7 +519,6 @@ class DKMCallback(Callback):
         # Under FSDP2 at the first epoch, from the gathered weights (see .fully_sharded).
         seed_now = self.start_epoch == 0 and self._fully_sharded is None
         self._attach(pl_module, selected, init=seed_now)
-        self._forward_cache.forget()
         if seed_now:
             self._timeline.begin(self._tensors(pl_module))
         self.results.finalized = False
@@ -514,6 +527,7 @@ class DKMCallback(Callback):
             self._save_dir_lock = claim_outputs(trainer, self._out_dir, self.save_dir)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._forget_tensors()
         self._checkpointing.unwatch()
         if stage == "fit":
             self._release_save_dir()
@@ -564,7 +578,7 @@ class DKMCallback(Callback):
     ) -> None:
         self._forward_cache.close()
         if self._timeline.on_step(trainer.global_step, trainer.current_epoch,
-                                  lambda: self._tensors(pl_module)):
+                                  lambda: self._step_tensors(pl_module)):
             pl_module.log("dkm/tau", self._timeline.tau, on_step=True, on_epoch=False,
                           prog_bar=True)
         if self._names:
@@ -596,7 +610,7 @@ class DKMCallback(Callback):
         self._forward_cache.finish_window()  # the window's gradients complete before the step
         if not self._names or not self._timeline.active(trainer.current_epoch):
             return
-        self.method.on_before_optimizer_step(self._tensors(pl_module), optimizer)
+        self.method.on_before_optimizer_step(self._step_tensors(pl_module), optimizer)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._forward_cache.end_window()  # Lightning steps on an epoch's last batch
@@ -611,7 +625,7 @@ class DKMCallback(Callback):
             outputs.log_histograms(trainer, tensors)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._forward_cache.forget()
+        self._forget_tensors()
         if not self.finalize_at_fit_end or not self._names or self.results.finalized:
             return
         tensors = self._tensors(pl_module)

@@ -16,7 +16,9 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import Tensor
 
 from ..model.attach import ClusteredTensor
 from ..model.methods import ClusteringMethod
@@ -42,6 +44,7 @@ class DKMTimeline:
         self.hard_epoch = hard_epoch
         self.plan = TemperaturePlan(temperature)
         self.taus: dict[str, float] = {}  # the tau in force per tensor
+        self._unit: int | None = None  # the step unit whose taus are set (None: unknown)
         self.start_step = 0  # the optimizer step at which DKM starts (interval "step")
 
     def mode(self, epoch: int) -> str:
@@ -66,6 +69,7 @@ class DKMTimeline:
                    t.parametrization.centroids)
             for name, t in tensors.items() if name not in self.plan.bounds
         })
+        self._unit = None
 
     def on_train_start(self, trainer: pl.Trainer) -> None:
         """The number of soft units the schedule spans, now that the dataloaders are known."""
@@ -73,6 +77,7 @@ class DKMTimeline:
             trainer, self.temperature.interval, self.start_epoch, self.hard_epoch
         )
         self.plan.set_units(units)
+        self._unit = None
 
     def on_epoch_start(self, epoch: int, tensors: Mapping[str, ClusteredTensor]) -> bool:
         """Mode for the epoch; at ``start_epoch`` DKM begins; with interval "epoch" the epoch's
@@ -95,26 +100,43 @@ class DKMTimeline:
         tensors: Callable[[], Mapping[str, ClusteredTensor]],
     ) -> bool:
         """Interval "step": every tensor's tau for this optimizer step (``tensors()`` is only
-        looked up then). Returns whether one was set (to be logged)."""
+        looked up then); nothing when they are set already (the other micro-batches of an
+        accumulation window). Returns whether they were set (to be logged)."""
         if (
             self.temperature.interval != "step"
             or not self.method.uses_temperature
             or self.mode(epoch) != "soft"
         ):
             return False
+        unit = max(global_step - self.start_step, 0)
+        if unit == self._unit:
+            return False
         found = tensors()
         if not found:
             return False
-        self._set_taus(found, max(global_step - self.start_step, 0))
+        self._set_taus(found, unit)
+        self._unit = unit
         return True
 
     def _set_taus(self, tensors: Mapping[str, ClusteredTensor], unit: int) -> None:
+        """Every tensor's tau at ``unit``, written into the parametrizations' buffers by one
+        fused op per device (``torch._foreach_*``: no per-tensor op, nothing read back; each
+        value was checked by its schedule)."""
         try:
             self.taus = self.plan.taus(unit)
         except ValueError as err:
             raise MisconfigurationException(f"DKMCallback temperature: {err}") from err
+        self._unit = None  # a step unit set from on_step only
+        by_device: dict[torch.device, tuple[list[Tensor], list[float]]] = {}
         for name, tensor in tensors.items():
-            tensor.parametrization.set_temperature(self.taus[name])
+            buffer = tensor.parametrization.temperature
+            buffers, values = by_device.setdefault(buffer.device, ([], []))
+            buffers.append(buffer)
+            values.append(self.taus[name])
+        with torch.no_grad():
+            for buffers, values in by_device.values():
+                torch._foreach_zero_(buffers)
+                torch._foreach_add_(buffers, values)
 
     # -- state -------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -133,3 +155,4 @@ class DKMTimeline:
                 "callable or import path, or numbers / 'auto')"
             )
         self.plan.load_state_dict(state)
+        self._unit = None
