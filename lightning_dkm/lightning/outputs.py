@@ -34,6 +34,7 @@ from ..engine.sharding import is_sharded
 from ..export.files import FileGroup, safetensors_errors_as_os_errors
 from ..export.report import REPORT_JSON, REPORT_MARKDOWN, CompressionReport, artifact_entry
 from ..export.report_render import export_line as _export_line
+from ..export.tracing import as_example_tuple
 from ..model.attach import ClusteredTensor
 from .handoff import discard_handoff, read_handoff, write_handoff
 
@@ -120,12 +121,6 @@ def _log_report(trainer: pl.Trainer, report: CompressionReport) -> None:
         logger.log_metrics(metrics, step=trainer.global_step)
         if isinstance(logger, TensorBoardLogger):
             logger.experiment.add_text("dkm_report", report.to_markdown(), trainer.global_step)
-
-
-def _to_cpu(example: Any) -> Any:
-    if isinstance(example, torch.Tensor):
-        return example.cpu()
-    return tuple(_to_cpu(e) for e in example)
 
 
 class DKMResults:
@@ -323,8 +318,8 @@ def _export(argument: str, module: pl.LightningModule, out_dir: Path, artifact: 
     ``RuntimeError`` naming the artifact and the call that retries the export from it."""
     target, file, _ = EXPORTS[argument]
     path = out_dir / file
-    example = _to_cpu(module.example_input_array)
     try:
+        example = tuple(x.cpu() for x in as_example_tuple(module.example_input_array))
         # the converters read the weights as numpy arrays: export a CPU copy if need be
         model = module if module.device.type == "cpu" else copy.deepcopy(module).cpu()
         if argument == "export_coreml":
