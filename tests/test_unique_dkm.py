@@ -87,14 +87,18 @@ def test_chunked_passes_give_the_same_result_as_one_chunk(P, monkeypatch):
     c = kmeans(x, 4, torch.Generator().manual_seed(0), max_iter=20).centroids
     g = torch.randn(P, 5000, 1)
     results = []
-    for chunk in (unique_dkm.CHUNK, 999):  # one chunk; several, the last one short
+    # one chunk; several chunks, the last one short; and scratch pieces smaller than a chunk
+    for chunk, piece in ((unique_dkm.CHUNK, unique_dkm.PIECE), (999, unique_dkm.PIECE),
+                         (999, 250)):
         monkeypatch.setattr(unique_dkm, "CHUNK", chunk)
+        monkeypatch.setattr(unique_dkm, "PIECE", piece)
         xi = x.clone().requires_grad_()
         out = unique_dkm_cluster(xi, c, 1e-2, max_iter=3, epsilon=0)
         (out.weights * g).sum().backward()
         results.append((out.weights.detach(), out.centroids, xi.grad))
-    for one, many in zip(*results, strict=True):
-        torch.testing.assert_close(many, one, rtol=1e-5, atol=1e-7)
+    for other in results[1:]:
+        for one, many in zip(results[0], other, strict=True):
+            torch.testing.assert_close(many, one, rtol=1e-5, atol=1e-7)
 
 
 # -- without host reads: the full table of codes ------------------------------------------------
