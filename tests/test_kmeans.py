@@ -183,13 +183,14 @@ def test_kmeans_with_the_same_seed_gives_identical_centroids(gen) -> None:
     assert torch.equal(a.labels, b.labels)
 
 
-def test_kmeans_with_a_different_seed_gives_different_centroids(gen) -> None:
-    x = torch.randn(1, 400, 1, generator=gen)
+def test_kmeans_of_vectors_with_a_different_seed_gives_different_centroids(gen) -> None:
+    """(Scalars have one answer, the optimum, whatever the seed: tests/test_optimal1d.py.)"""
+    x = torch.randn(1, 400, 2, generator=gen)
     assert not torch.equal(kmeans(x, 16, seeded(5)).centroids, kmeans(x, 16, seeded(6)).centroids)
 
 
 def test_kmeans_n_init_keeps_the_best_run_per_palette(gen) -> None:
-    x = torch.randn(4, 200, 1, generator=gen)
+    x = torch.randn(4, 200, 2, generator=gen)
     # The first of n_init runs draws exactly what a single run draws from the same seed.
     single = kmeans(x, 8, seeded(9), n_init=1, max_iter=2).inertia
     best = kmeans(x, 8, seeded(9), n_init=3, max_iter=2).inertia
@@ -203,9 +204,9 @@ def test_kmeans_returns_centroids_in_the_input_dtype(gen) -> None:
     assert bool(torch.isfinite(result.centroids.float()).all())
 
 
-def test_kmeans_seeds_on_a_subset_of_very_large_palettes(gen) -> None:
-    """Above 65,536 points per palette k-means++ seeds on a seeded sample of them."""
-    x = torch.randn(1, 70_000, 1, generator=gen)
+def test_kmeans_seeds_vectors_on_a_subset_of_very_large_palettes(gen) -> None:
+    """Above 65,536 vectors per palette k-means++ seeds on a seeded sample of them."""
+    x = torch.randn(1, 70_000, 2, generator=gen)
     a = kmeans(x, 4, seeded(1))
     assert torch.equal(a.centroids, kmeans(x, 4, seeded(1)).centroids)
     assert a.labels.shape == (1, 70_000)  # Lloyd still runs on every point

@@ -27,9 +27,12 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from .optimal1d import optimal_kmeans_1d
+
 __all__ = [
     "KMeansResult",
     "kmeans",
+    "kmeans_centroids",
     "kmeans_plusplus",
     "lloyd",
     "member_means",
@@ -325,14 +328,18 @@ def kmeans(
     sample_weight: Tensor | None = None,
     name: str | None = None,
 ) -> KMeansResult:
-    """k-means++ seeding followed by Lloyd's algorithm; the best of ``n_init`` runs per palette.
+    """k-means of every palette: for scalars (``d == 1``) the optimal partition
+    (:func:`~lightning_dkm.engine.optimal1d.optimal_kmeans_1d`, a dynamic program over the
+    sorted values: no seeding, no restarts, the same result for any seed); for vectors
+    k-means++ seeding followed by Lloyd's algorithm, the best of ``n_init`` runs per palette.
 
     Args:
         x: data ``(P, n, d)``; any floating dtype (computed in at least float32).
         k: number of centroids per palette.
-        generator: drives the seeding; the same generator state gives the same result.
-        n_init: independent seedings per palette; the lowest inertia wins.
-        max_iter, tol: Lloyd's stopping rule, see :func:`lloyd`.
+        generator: drives the seeding of vectors; the same generator state gives the same
+            result.
+        n_init: independent seedings per palette of vectors; the lowest inertia wins.
+        max_iter, tol: Lloyd's stopping rule for vectors, see :func:`lloyd`.
         sample_weight: optional non-negative weights ``(P, n)`` (e.g. counts of unique values).
         name: used in warnings (e.g. the parameter being clustered).
 
@@ -342,6 +349,47 @@ def kmeans(
     Seeding and Lloyd run on each palette divided by :func:`palette_unit` (module docstring),
     so weights of 1e-20 or 1e20 get the centroids unit weights get, scaled.
     """
+    xw, w = _checked(x, k, sample_weight, name, n_init)
+    unit = palette_unit(xw)
+    xw = xw / unit
+
+    best: KMeansResult | None = None
+    if xw.shape[-1] == 1:  # scalars: the optimum itself, no seeding and no restarts
+        c = _optimal_centroids(xw, k, w)
+        labels = nearest_centroid(xw, c)
+        best = KMeansResult(c, labels, _inertia(xw, c, labels, w))
+    for _ in range(n_init if best is None else 0):
+        seed_x, seed_w = _seed_subset(xw, w, generator)
+        seeds = kmeans_plusplus(seed_x, k, generator, sample_weight=seed_w)
+        result = _lloyd(xw, seeds, max_iter=max_iter, tol=tol, sample_weight=w)
+        best = result if best is None else _keep_better(best, result)
+    assert best is not None
+    best = _scaled_back(best, unit)
+    return KMeansResult(best.centroids.to(x.dtype), best.labels, best.inertia)
+
+
+@torch.no_grad()
+def kmeans_centroids(
+    x: Tensor,
+    k: int,
+    generator: torch.Generator | None = None,
+    *,
+    max_iter: int = 300,
+    name: str | None = None,
+) -> Tensor:
+    """``kmeans(x, k, generator, max_iter=max_iter, name=name).centroids`` without the labels
+    and the inertia: for scalars the optimal centroids alone, with no pass over the points
+    after the solver's (seeding a 38.6M-weight embedding is then a few passes over it)."""
+    if x.dim() != 3 or x.shape[-1] != 1:
+        return kmeans(x, k, generator, max_iter=max_iter, name=name).centroids
+    xw, _ = _checked(x, k, None, name)
+    return _optimal_centroids(xw, k, None).to(x.dtype)
+
+
+def _checked(x: Tensor, k: int, sample_weight: Tensor | None, name: str | None,
+             n_init: int = 1) -> tuple[Tensor, Tensor | None]:
+    """``x`` and ``sample_weight`` in (at least) float32, after the checks and the warning of
+    :func:`kmeans`."""
     _check_k(x, k)
     if n_init < 1:
         raise ValueError(f"n_init must be >= 1; got {n_init}")
@@ -351,18 +399,22 @@ def kmeans(
     xw = x.to(work_dtype)
     w = None if sample_weight is None else sample_weight.to(work_dtype)
     _warn_if_few_distinct(xw, k, name)
-    unit = palette_unit(xw)
-    xw = xw / unit
+    return xw, w
 
-    best: KMeansResult | None = None
-    for _ in range(n_init):
-        seed_x, seed_w = _seed_subset(xw, w, generator)
-        seeds = kmeans_plusplus(seed_x, k, generator, sample_weight=seed_w)
-        result = _lloyd(xw, seeds, max_iter=max_iter, tol=tol, sample_weight=w)
-        best = result if best is None else _keep_better(best, result)
-    assert best is not None
-    best = _scaled_back(best, unit)
-    return KMeansResult(best.centroids.to(x.dtype), best.labels, best.inertia)
+
+def _optimal_centroids(x: Tensor, k: int, w: Tensor | None) -> Tensor:
+    """The optimal centroids ``(P, k, 1)`` of scalar palettes ``x`` ``(P, n, 1)``
+    (:func:`~.optimal1d.optimal_kmeans_1d`), ascending; a palette with fewer distinct values
+    than ``k`` gets distinct placeholders beyond its data (:func:`_placeholder_centroids`, on
+    the palette divided by its :func:`palette_unit`) for the centroids left without
+    members. The solver works in float64 and scales exactly with a power of two, so any
+    magnitude of ``x`` is fine as it is."""
+    centroids, filled = optimal_kmeans_1d(x.squeeze(-1), k, None if w is None else w)
+    if not bool(filled.all()):
+        unit = palette_unit(x)
+        placeholders = (_placeholder_centroids(x / unit, k) * unit).squeeze(-1)
+        centroids = torch.where(filled, centroids, placeholders.to(centroids))
+    return centroids.to(x.dtype).unsqueeze(-1)
 
 
 def _seed_subset(

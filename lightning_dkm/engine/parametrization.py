@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from .accumulation import SoftWindow, outside_saved_tensor_hooks
 from .chunked import DEFAULT_CHUNK, chunked_dkm_cluster
 from .distinct import unique_dkm_cluster
-from .kmeans import kmeans, member_means
+from .kmeans import kmeans_centroids, member_means
 from .layout import PaletteLayout
 from .numerics import DKMOutput, autocast_disabled, hard_assign, normalization_of
 from .palette import Palette
@@ -128,7 +128,8 @@ def resolve_implementation(
         return "reference"
     return "chunked"
 _MODES = ("soft", "hard", "dense")
-# Lloyd iterations used to initialise centroids (k-means++ then Lloyd, on the current weights).
+# Lloyd iterations used to initialise vector centroids (k-means++ then Lloyd, on the current
+# weights; scalar centroids are the optimal ones).
 _INIT_MAX_ITER = 100
 #: Buffers kept in float32 when the module is cast to a half-precision dtype.
 _FLOAT32_BUFFERS = ("centroids", "temperature", "scale")
@@ -317,8 +318,10 @@ class DKMParametrization(nn.Module):
 
     @torch.no_grad()
     def initialize(self, weight: Tensor, generator: torch.Generator | None = None) -> None:
-        """Centroids from seeded k-means++ and Lloyd on ``weight`` (deterministic for a seed),
-        computed on CPU in float32 with autocast off."""
+        """Centroids from k-means of ``weight``, computed on CPU in float32 with autocast off
+        (:func:`~.kmeans.kmeans_centroids`): for scalars the optimal ones (a dynamic program
+        over the sorted values, deterministic, no seed needed), for vectors seeded k-means++
+        and Lloyd (deterministic for a seed)."""
         self.layout.check(weight)
         if generator is None:
             generator = torch.Generator(device="cpu").manual_seed(self.seed)
@@ -326,14 +329,14 @@ class DKMParametrization(nn.Module):
             self.scale.copy_(self.layout.channel_scale(weight))
         x = self.to_palettes(weight.detach()).float().cpu()
         with autocast_disabled("cpu"):
-            result = kmeans(
+            centroids = kmeans_centroids(
                 x,
                 self.layout.spec.num_centroids,
                 generator,
                 max_iter=_INIT_MAX_ITER,
                 name=self.layout.name,
             )
-        self.centroids.copy_(result.centroids.to(self.centroids.dtype))
+        self.centroids.copy_(centroids.to(self.centroids.dtype))
         self.initialized.fill_(True)
         self._initialized = True
 

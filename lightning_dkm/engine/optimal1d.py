@@ -1,0 +1,379 @@
+r"""Optimal (exact) k-means of scalars: a dynamic program over sorted values.
+
+In one dimension the clusters of an optimal k-means partition are contiguous runs of the
+sorted values, so the best partition of ``m`` sorted values into ``k`` runs is a dynamic
+program (Wang & Song 2011, Ckmeans.1d.dp; Grønlund et al. 2017): with :math:`D_j(i)` the least
+cost of the first ``i + 1`` values in ``j + 1`` runs,
+
+.. math::
+
+    D_0(i) = c(0, i), \qquad D_j(i) = \min_{j \le t \le i} D_{j-1}(t - 1) + c(t, i),
+
+where :math:`c(t, i) = \sum w v^2 - (\sum w v)^2 / \sum w` over values ``t..i`` (weight ``w``)
+is the run's sum of weighted squared distances to its mean, from float64 prefix sums of
+:math:`w`, :math:`w v` and :math:`w v^2` (``v`` centred on the palette's mean, so that the
+differences of prefix sums keep their precision). The cost is a Monge array, so the best ``t``
+does not decrease as ``i`` grows; each row of the program is found by divide and conquer
+(the best ``t`` of the middle ``i`` bounds both halves), ``O(m log m)`` per row and
+``O(k m log m)`` in all. Every level of the recursion is one vectorised step over all its
+nodes and all palettes, so the Python loop runs ``k log2 m`` times whatever the number of
+palettes.
+
+**What is clustered.** The program runs on *bins*: runs of sorted values that stay together,
+each with its weight, sum and sum of squares (exact float64 sums of the values it holds, so
+every cost is the true cost of the weights behind it):
+
+* a palette of at most :data:`EXACT_MAX` weights: its distinct values (ties merged, counts
+  and ``sample_weight`` summed), so the result is the exact optimum;
+* a larger palette: a grid of power-of-two cells over its range (at most
+  :data:`GRID_CELLS`), merged in pairs until at most :data:`MAX_BINS` cells are occupied. The
+  program gives the optimum among partitions that keep each cell whole; Lloyd's algorithm on
+  the finest occupied cells (their exact means, weighted by their mass) then moves the
+  boundaries to the midpoints between centroids, to within a finest cell (``range / 2**20``).
+  ``benchmarks/perf_kmeans.py`` measures the gap to the exact optimum of every value.
+
+Both the grid and the sums scale exactly with a power of two, so ``2**e * x`` gets ``2**e``
+times the centroids of ``x`` bit for bit, and float64 holds the squares of any float32
+weight: weights of 1e-20 and 1e20 cluster as unit ones do.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+__all__ = ["MAX_BINS", "bin_budget", "optimal_kmeans_1d"]
+
+#: The dynamic program runs on at most this many bins per palette (its cost is linear in it);
+#: fewer, down to ``64 k``, when many palettes share one call (:func:`bin_budget`).
+MAX_BINS = 1 << 13
+#: Cells of the finest grid over a larger palette's range (fewer for fewer weights).
+GRID_CELLS = 1 << 20
+# Grid cells binned at once (palettes x cells), bounding the two float64 tables.
+_TABLE_ENTRIES = 1 << 22
+# Weights binned at once (their float64 temporaries come from the allocator's free lists).
+_CHUNK = 1 << 20
+# Foveated cuts: this many more per level, and at most this many rounds of them.
+_FOVEA = 8
+_ROUNDS = 4
+# Palettes x bins x k of the program's choices kept at once (int32).
+_CHOICE_ENTRIES = 1 << 25
+_TINY = torch.finfo(torch.float64).tiny
+
+
+class _Bins(NamedTuple):
+    """Runs of sorted values that stay together, each a point mass at its exact mean: per bin
+    its weight and the weighted sum of its values minus ``center``, padded to a common width
+    with empty bins (weight 0). A run's cost about its own mean differs from that of its
+    values by their spread inside the bins, the same for every partition that keeps the bins
+    whole, so the partitions compare alike."""
+
+    weight: Tensor  # (P, M) float64
+    total: Tensor  # (P, M)
+    center: Tensor  # (P, 1) float64
+    #: (P, C) ascending bin positions where the values cross C equally spaced levels (a grid's)
+    levels: Tensor | None = None
+
+    def means(self) -> Tensor:
+        """Each bin's weighted mean minus ``center`` (0 for an empty bin)."""
+        return self.total / self.weight.clamp_min(_TINY)
+
+
+def bin_budget(palettes: int, k: int) -> int:
+    """The most bins per palette that the dynamic program takes when ``palettes`` palettes
+    are clustered together: :data:`MAX_BINS` for up to 8 of them, then less, so that the total
+    stays about 65,536, but never below ``64 k`` (64 bins per centroid)."""
+    return max(min(MAX_BINS, (1 << 16) // max(palettes, 1)), 64 * k)
+
+
+@torch.no_grad()
+def optimal_kmeans_1d(x: Tensor, k: int, sample_weight: Tensor | None = None
+                      ) -> tuple[Tensor, Tensor]:
+    """The optimal ``k`` centroids of every palette of scalars ``x`` ``(P, n)``, by the
+    dynamic program of the module docstring, each value weighted by ``sample_weight``
+    ``(P, n)`` (>= 0; ``None``: all 1). A palette of at most :func:`bin_budget` values is
+    solved on its distinct values (exact); a larger one on the cells of a grid
+    (:func:`_grid_cells`, :func:`_foveated`).
+
+    Returns ``(centroids, filled)``: centroids ``(P, k)`` float64, ascending, and ``filled``
+    ``(P, k)`` bool, false for the centroids that a palette with fewer than ``k`` distinct
+    values (of positive weight) leaves without members (their values are arbitrary: the
+    caller places them).
+    """
+    if x.dim() != 2:
+        raise ValueError(f"x must have shape (P, n); got {tuple(x.shape)}")
+    if sample_weight is not None and sample_weight.shape != x.shape:
+        raise ValueError(
+            f"sample_weight must have the shape of x {tuple(x.shape)}; got "
+            f"{tuple(sample_weight.shape)}"
+        )
+    P, n = x.shape
+    budget = bin_budget(P, k)
+    centroids = torch.empty(P, k, dtype=torch.float64, device=x.device)
+    filled = torch.empty(P, k, dtype=torch.bool, device=x.device)
+    if n <= budget:
+        for part in _parts(P, max(1, _CHOICE_ENTRIES // (k * n))):
+            bins = _distinct_bins(x[part], _part_of(sample_weight, part))
+            prefix = _prefix(bins)
+            centroids[part], filled[part] = _centroids(prefix, _optimal_starts(prefix, k),
+                                                       bins.center)
+        return centroids, filled
+    cells = min(GRID_CELLS, 1 << (n - 1).bit_length())
+    for part in _parts(P, max(1, _TABLE_ENTRIES // cells)):
+        w = _part_of(sample_weight, part)
+        bins = _grid_cells(x[part], w, cells, budget // 4)
+        if int((bins.weight > 0).sum(1).min()) < k:  # too few occupied cells for k runs:
+            bins = _distinct_bins(x[part], w)  # the distinct values decide (exact)
+        prefix = _prefix(bins)
+        starts = (_optimal_starts(prefix, k) if bins.weight.shape[1] <= budget
+                  else _foveated(prefix, (bins.weight > 0).sum(1), bins.levels, k, budget))
+        centroids[part], filled[part] = _centroids(prefix, starts, bins.center)
+    return centroids, filled
+
+
+def _parts(P: int, step: int) -> list[slice]:
+    return [slice(start, min(start + step, P)) for start in range(0, P, step)]
+
+
+def _part_of(t: Tensor | None, part: slice) -> Tensor | None:
+    return None if t is None else t[part]
+
+
+# -- bins ---------------------------------------------------------------------------------------
+def _distinct_bins(x: Tensor, w: Tensor | None) -> _Bins:
+    """Each palette's distinct values, ascending, with their summed weights."""
+    P, n = x.shape
+    values, order = torch.sort(x, dim=1, stable=True)
+    values = values.double()
+    weights = (torch.ones_like(values) if w is None
+               else w.gather(1, order).to(torch.float64))
+    new = torch.ones(P, n, dtype=torch.bool, device=x.device)
+    new[:, 1:] = values[:, 1:] != values[:, :-1]
+    group = new.cumsum(1) - 1
+    width = int(group[:, -1].max()) + 1
+    center = ((weights * values).sum(1, keepdim=True)
+              / weights.sum(1, keepdim=True).clamp_min(_TINY))
+    tables = torch.zeros(2, P, width, dtype=torch.float64, device=x.device)
+    tables[0].scatter_add_(1, group, weights)
+    tables[1].scatter_add_(1, group, weights * (values - center))
+    return _Bins(tables[0], tables[1], center)
+
+
+def _grid_cells(x: Tensor, w: Tensor | None, cells: int, levels: int) -> _Bins:
+    """Per palette ``cells`` equal cells from its smallest value up, each a power of two wide
+    (just over ``range / cells``), with the weight and the sum of the values in each: the
+    occupied ones in order (then empty padding), and where the values cross ``levels``
+    equally spaced levels (:attr:`_Bins.levels`). A value's cell is ``floor((x - min) /
+    width)``, which ascends with the value, so every cell holds a run of the sorted values.
+    The sums are of ``x - min`` in float64 (exact for float32 weights)."""
+    from .kmeans import power_of_two  # kmeans imports this module
+
+    P, n = x.shape
+    low, high = torch.aminmax(x, dim=1, keepdim=True)
+    inverse = (1.0 / power_of_two(high - low).div_(cells)).double()  # exact: powers of two
+    low = low.double()
+    size = cells + 1  # the top value's cell may round to ``cells``
+    tables = torch.zeros(2, P * size, dtype=torch.float64, device=x.device)
+    ones = torch.ones((), dtype=torch.float64, device=x.device)
+    for begin in range(0, n, _CHUNK):
+        deviation = torch.sub(x[:, begin : begin + _CHUNK], low)  # float64: ``low`` is
+        cell = torch.mul(deviation, inverse).long()  # floor: deviation >= 0
+        if P > 1:
+            cell += (torch.arange(P, device=x.device) * size).unsqueeze(1)
+        cell = cell.view(-1)
+        if w is None:
+            tables[0].scatter_add_(0, cell, ones.expand(cell.numel()))
+        else:
+            weight = w[:, begin : begin + _CHUNK].to(torch.float64)
+            tables[0].scatter_add_(0, cell, weight.view(-1))
+            deviation.mul_(weight)
+        tables[1].scatter_add_(0, cell, deviation.view(-1))
+    tables = tables.view(2, P, size)
+    occupied = tables[0] > 0
+    rank = occupied.cumsum(1)  # occupied cells up to and including each cell
+    width = int(rank[:, -1].max())
+    slot = torch.where(occupied, rank - 1, width)  # the compacted position; spare: ``width``
+    compact = tables.new_zeros(2, P, width + 1).scatter_(2, slot.expand(2, P, size), tables)
+    crossings = rank[:, cells // levels - 1 : cells : cells // levels]
+    return _Bins(compact[0, :, :width], compact[1, :, :width], low, crossings.contiguous())
+
+
+# -- the dynamic program ------------------------------------------------------------------------
+def _prefix(bins: _Bins) -> Tensor:
+    """``(3, P, M + 1)``: the prefix sums of each bin's weight ``w``, ``w m`` and ``w m**2``
+    (``m`` its mean minus the centre), from 0."""
+    weight, total = bins.weight, bins.total
+    P, M = weight.shape
+    prefix = torch.zeros(3, P, M + 1, dtype=torch.float64, device=weight.device)
+    spread = total.square() / weight.clamp_min(_TINY)
+    torch.cumsum(torch.stack((weight, total, spread)), dim=2, out=prefix[:, :, 1:])
+    return prefix
+
+
+def _centroids(prefix: Tensor, starts: Tensor, center: Tensor) -> tuple[Tensor, Tensor]:
+    """The mean of each run starting at ``starts`` (P, k) (bin indices into ``prefix``; the
+    last run ends at the last bin) and whether it holds weight."""
+    _, P, M1 = prefix.shape
+    k = starts.shape[1]
+    ends = torch.cat((starts[:, 1:], torch.full_like(starts[:, :1], M1 - 1)), 1)
+    runs = prefix[:2].gather(2, ends.expand(2, P, k)) - prefix[:2].gather(2, starts.expand(2, P, k))
+    return runs[1] / runs[0].clamp_min(_TINY) + center, runs[0] > 0
+
+
+def _foveated(prefix: Tensor, occupied: Tensor, levels: Tensor, k: int, budget: int
+              ) -> Tensor:
+    """The run starts (P, k) of a partition of the cells of ``prefix`` (each palette's
+    ``occupied`` cells first): the optimum on ``budget / 4`` cuts evenly spaced over the
+    cells and the cuts at ``levels`` (where the values cross evenly spaced levels: a run of
+    far apart values, an outlier and the values next to it, is then split), moved by
+    Lloyd's algorithm on the cells (:func:`_lloyd_cells`), then the optimum on a foveated
+    set of cuts: the even ones plus, around each boundary of the previous partition, cuts
+    ``_FOVEA`` times denser at each level down to every cell (spacing ``s / 8, s / 64, ...,
+    1`` within ``s, s / 8, ..., 8`` cells of it, ``s`` the even spacing), again until the
+    boundaries stay (at most ``_ROUNDS`` times). Every partition so found contains the
+    previous one's boundaries among its cuts, so its cost never rises."""
+    _, P, _ = prefix.shape
+    device = prefix.device
+    coarse = max(k, budget // 4)
+    cuts = (torch.arange(coarse + 1, device=device) * occupied.unsqueeze(1)) // coarse
+    cuts = torch.cat((cuts, levels), 1).sort(1).values
+    spacing = -(-int(occupied.max()) // coarse)
+    ladder = []
+    while spacing > 1:
+        spacing = -(-spacing // _FOVEA)
+        ladder.append(spacing)
+    offsets = torch.cat([torch.arange(-_FOVEA, _FOVEA + 1, device=device) * s for s in ladder])
+    starts = cuts.gather(1, _optimal_starts(_gathered(prefix, cuts), k))
+    starts = _lloyd_cells(prefix, starts, occupied)
+    for _ in range(_ROUNDS):
+        window = (starts[:, 1:].unsqueeze(-1) + offsets).view(P, -1)
+        window = torch.minimum(window.clamp_min(0), occupied.unsqueeze(1))
+        chosen = torch.cat((cuts, window), 1).sort(1).values
+        moved = chosen.gather(1, _optimal_starts(_gathered(prefix, chosen), k))
+        if torch.equal(moved, starts):
+            break
+        starts = moved
+    return starts
+
+
+def _gathered(prefix: Tensor, cuts: Tensor) -> Tensor:
+    """The prefix sums of the bins between consecutive ``cuts`` (P, C) (cell positions)."""
+    return prefix.gather(2, cuts.expand(3, *cuts.shape))
+
+
+def _lloyd_cells(prefix: Tensor, starts: Tensor, occupied: Tensor, max_iter: int = 100
+                 ) -> Tensor:
+    """Lloyd's algorithm on the cells (points at their means, weighted by their mass) from
+    the runs starting at ``starts``, as run starts: each round moves every boundary to the
+    first cell past the midpoint of its neighbouring means, until none moves."""
+    _, P, M1 = prefix.shape
+    weight = prefix[0].diff(dim=1)
+    means = prefix[1].diff(dim=1) / weight.clamp_min(_TINY)
+    # an unoccupied (padding) cell sorts last, past every midpoint
+    means = torch.where(torch.arange(M1 - 1, device=prefix.device) < occupied.unsqueeze(1),
+                        means, torch.finfo(torch.float64).max).contiguous()
+    for _ in range(max_iter):
+        c, filled = _centroids(prefix, starts, torch.zeros(P, 1, dtype=prefix.dtype,
+                                                          device=prefix.device))
+        if not bool(filled.all()):
+            break
+        midpoints = ((c[:, 1:] + c[:, :-1]) / 2).contiguous()
+        moved = torch.cat((starts[:, :1], torch.searchsorted(means, midpoints, right=True)), 1)
+        if torch.equal(moved, starts):
+            break
+        starts = moved
+    return starts
+
+
+def _cost(prefix: Tensor, start: Tensor, end: Tensor) -> Tensor:
+    r"""The cost of runs ``[start, end)`` (flat indices into the ``(3, P * (M + 1))`` prefix
+    sums of ``w``, ``w m`` and ``w m**2`` of the bins): :math:`\sum w m^2 - (\sum w m)^2 /
+    \sum w`, the weighted squared distances of the bins' means to the run's mean (0 for a run
+    without weight)."""
+    w = prefix[0].index_select(0, end) - prefix[0].index_select(0, start)
+    s = prefix[1].index_select(0, end) - prefix[1].index_select(0, start)
+    q = prefix[2].index_select(0, end) - prefix[2].index_select(0, start)
+    return q.sub_(s.square_().div_(w.clamp_min_(_TINY)))
+
+
+def _levels(M: int, device: torch.device) -> list[tuple[Tensor, Tensor, Tensor]]:
+    """The divide-and-conquer tree over ``i`` in ``[0, M)``, level by level: each node's middle
+    ``i`` and the middles of its nearest ancestors to the left and right (-1 where none),
+    whose best ``t`` bound its own."""
+    levels = []
+    lo, hi = torch.tensor([0]), torch.tensor([M - 1])
+    left, right = torch.tensor([-1]), torch.tensor([-1])
+    while lo.numel():
+        mid = (lo + hi) // 2
+        levels.append((mid.to(device), left.to(device), right.to(device)))
+        a, b = lo <= mid - 1, mid + 1 <= hi  # children: [lo, mid - 1] and [mid + 1, hi]
+        lo, hi, left, right = (
+            torch.stack((lo, mid + 1), 1)[torch.stack((a, b), 1)],
+            torch.stack((mid - 1, hi), 1)[torch.stack((a, b), 1)],
+            torch.stack((left, mid), 1)[torch.stack((a, b), 1)],
+            torch.stack((mid, right), 1)[torch.stack((a, b), 1)],
+        )
+    return levels
+
+
+def _optimal_starts(prefix: Tensor, k: int) -> Tensor:
+    """``(P, k)``: where each run of an optimal partition into ``k`` runs starts, for the
+    prefix sums ``(3, P, M + 1)`` of ``M`` bins. With fewer bins than runs (``M < k``) the
+    last runs are empty: they start at ``M``."""
+    _, P, M1 = prefix.shape
+    bins = M1 - 1
+    if bins < k:  # pad with empty bins: runs of cost 0
+        prefix = torch.cat((prefix, prefix[:, :, -1:].expand(3, P, k - bins)), 2)
+        M1 = k + 1
+    M = M1 - 1
+    device = prefix.device
+    flat = prefix.reshape(3, -1)
+    base = torch.arange(P, device=device).unsqueeze(1) * M1  # each palette's first flat index
+    ends = (base + torch.arange(1, M1, device=device)).view(-1)
+    D = _cost(flat, base.expand(P, M).reshape(-1), ends).view(P, M)
+    choice = torch.zeros(k, P, M, dtype=torch.int32, device=device)  # best t per (row, i)
+    levels = _levels(M, device)
+    for j in range(1, k):
+        best_t = choice[j]
+        previous = choice[j - 1]
+        # D_{j-1}(t - 1) at flat index base + t (t >= j >= 1)
+        shifted = torch.cat((D.new_full((P, 1), float("inf")), D), 1).view(-1)
+        row = torch.empty_like(D)
+        for mid, left, right in levels:
+            N = mid.numel()
+            lo = torch.where(left >= 0, best_t[:, left.clamp_min(0)].long(), j)
+            if j > 1:  # a row's best t is at least the previous row's (monotone in j too)
+                lo = torch.maximum(lo, previous[:, mid].long())
+            hi = torch.where(right >= 0, best_t[:, right.clamp_min(0)].long(), M - 1)
+            hi = torch.minimum(hi, mid)
+            empty = hi < lo  # i < j: no partition; any t (j) keeps the choices monotone
+            count = (hi - lo + 1).clamp_(min=1).view(-1)
+            total = int(count.sum())
+            offset = count.cumsum(0) - count  # where each node's candidates begin
+            # each candidate's node (repeat_interleave, without its parallel region: on a
+            # busy CPU that costs milliseconds a call)
+            node = torch.zeros(total, dtype=torch.long, device=device)
+            node.index_fill_(0, offset[1:], 1)
+            node = node.cumsum_(0)
+            first = (lo + base).view(-1) - offset  # t_flat = position + first
+            t = torch.arange(total, device=device).add_(first.index_select(0, node))
+            end = (mid + 1 + base).view(-1).index_select(0, node)
+            value = _cost(flat, t, end).add_(shifted.index_select(0, t))
+            least = value.new_full((P * N,), float("inf")).scatter_reduce_(
+                0, node, value, "amin")
+            candidate = torch.where(value <= least.index_select(0, node), t, t.new_tensor(2**62))
+            arg = candidate.new_full((P * N,), 2**62).scatter_reduce_(0, node, candidate, "amin")
+            arg = torch.where(empty.view(-1), lo.view(-1) + base.expand(P, N).reshape(-1), arg)
+            least = torch.where(empty.view(-1), float("inf"), least)
+            row[:, mid] = least.view(P, N)
+            best_t[:, mid] = (arg.view(P, N) - base).int()
+        D = row
+    starts = torch.zeros(P, k, dtype=torch.long, device=device)
+    i = torch.full((P, 1), M - 1, dtype=torch.long, device=device)
+    for j in range(k - 1, 0, -1):
+        t = choice[j].gather(1, i).long()
+        starts[:, j : j + 1] = t
+        i = t - 1
+    return starts.clamp_max_(bins)
