@@ -101,11 +101,13 @@ def fit(c: float, implementation: str = "auto", spec: str = "scalar", mode: str 
 
 
 def assert_scaled(scaled: Clustered, unit: Clustered, c: float, *, exact: bool = False,
-                  rtol: float = 1e-5, index_mismatches: float = 0.0) -> None:
+                  rtol: float = 1e-5, index_mismatches: float = 0.0,
+                  tau_rtol: float | None = None) -> None:
     """``scaled`` is ``unit`` times ``c``: LUTs (relative to each one's largest entry; with
-    per-channel scales, the scales times ``c`` and the scale-free LUTs equal) and taus within
-    ``rtol``, at most a fraction ``index_mismatches`` of indices differing; bit for bit with
-    ``exact``."""
+    per-channel scales, the scales times ``c`` and the scale-free LUTs equal) within ``rtol``
+    and taus within ``tau_rtol`` (default ``rtol``), at most a fraction ``index_mismatches``
+    of indices differing; bit for bit with ``exact``."""
+    tau_rtol = rtol if tau_rtol is None else tau_rtol
     assert scaled.luts.keys() == unit.luts.keys()
     for name in unit.luts:
         channel_scaled = unit.scales[name] is not None
@@ -122,7 +124,7 @@ def assert_scaled(scaled: Clustered, unit: Clustered, c: float, *, exact: bool =
         differ = (scaled.indices[name] != unit.indices[name]).float().mean().item()
         assert differ <= (0.0 if exact else index_mismatches), (name, differ)
         for a, b in zip(scaled.taus[name], unit.taus[name], strict=True):
-            assert a == (b if exact else pytest.approx(b, rel=rtol)), name
+            assert a == (b if exact else pytest.approx(b, rel=tau_rtol)), name
 
 
 # -- DKM: seeding, auto tau, soft steps, finalize ---------------------------------------------
@@ -146,9 +148,13 @@ def test_grouped_vector_and_per_channel_palettes_cluster_scaled_weights_alike(sp
     """(``"auto"``: ``"unique"`` for the larger tensor's scalar palettes.) A per-channel scale is
     rounded to float16 where float16 holds it (so that a float16 artifact stores it exactly),
     which the scales of 1e+-20 weights are not: their channel-scaled weights differ from the
-    unit ones by that rounding (2**-11), and the calibrated taus by up to 1e-3."""
-    rtol = 1e-3 if SPECS[spec].per_channel_scale else 2e-4
-    assert_scaled(fit(c, spec=spec), fit(1.0, spec=spec), c, rtol=rtol, index_mismatches=1e-3)
+    unit ones by that rounding (2**-11), their optimal centroids by up to 1e-3 and the taus
+    calibrated from them by up to 1e-2 (0.5 % measured: the rounding differs per channel, so
+    the palettes are not a scaled copy of the unit ones)."""
+    channel_scaled = SPECS[spec].per_channel_scale
+    rtol = 1e-3 if channel_scaled else 2e-4
+    assert_scaled(fit(c, spec=spec), fit(1.0, spec=spec), c, rtol=rtol, index_mismatches=1e-3,
+                  tau_rtol=1e-2 if channel_scaled else None)
 
 
 @pytest.mark.parametrize("c", [1e-20, 1e20])

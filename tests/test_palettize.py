@@ -244,14 +244,22 @@ def test_palettize_honours_targets_exclude_overrides_and_min_size() -> None:
     assert torch.unique(model[1].weight).numel() > 16  # excluded: untouched
 
 
-def test_palettize_with_the_same_seed_is_reproducible() -> None:
+def test_palettize_of_vectors_with_the_same_seed_is_reproducible() -> None:
     model = nn.Sequential(nn.Linear(32, 16))
     a, b, c = (copy.deepcopy(model) for _ in range(3))
-    palettize(a, bits=3, min_size=0, seed=1, n_init=1)
-    palettize(b, bits=3, min_size=0, seed=1, n_init=1)
-    palettize(c, bits=3, min_size=0, seed=2, n_init=1)
+    palettize(a, bits=3, cluster_dim=2, min_size=0, seed=1, n_init=1)
+    palettize(b, bits=3, cluster_dim=2, min_size=0, seed=1, n_init=1)
+    palettize(c, bits=3, cluster_dim=2, min_size=0, seed=2, n_init=1)
     assert torch.equal(a[0].weight, b[0].weight)
     assert not torch.equal(a[0].weight, c[0].weight)
+
+
+def test_palettize_of_scalars_is_the_optimum_whatever_the_seed() -> None:
+    model = nn.Sequential(nn.Linear(32, 16))
+    a, b = copy.deepcopy(model), copy.deepcopy(model)
+    palettize(a, bits=3, min_size=0, seed=1)
+    palettize(b, bits=3, min_size=0, seed=2)
+    assert torch.equal(a[0].weight, b[0].weight)
 
 
 @pytest.mark.parametrize(

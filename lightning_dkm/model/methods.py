@@ -21,8 +21,9 @@ artifact have one format whatever the method. They differ in what happens during
 ``"deep_kmeans"`` -- Deep k-Means (Wu et al., ICML 2018): the weights train freely (mode
     ``"dense"``, the forward pass sees the real weights) under a k-means regulariser that pulls
     each weight toward the mean of its cluster; the assignments are refreshed every
-    ``refresh_every`` optimizer steps; at the end the centroids are refitted (Lloyd) to the final
-    weights and finalize shares them (hard weight sharing).
+    ``refresh_every`` optimizer steps; at the end the centroids are refitted to the final
+    weights (the optimal k-means of scalar palettes, Lloyd for vectors) and finalize shares
+    them (hard weight sharing).
 
 The Deep k-Means regulariser
 ----------------------------
@@ -86,7 +87,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from torch import Tensor
 
-from ..engine.kmeans import lloyd, member_means, nearest_centroid
+from ..engine.kmeans import kmeans_centroids, lloyd, member_means, nearest_centroid
 from ..engine.sharding import shard_like
 
 if TYPE_CHECKING:
@@ -114,7 +115,7 @@ METHOD_NAMES: tuple[str, ...] = ("dkm", "deep_kmeans", "hard")
 DEFAULT_REGULARIZATION = 1e-3
 #: Default number of optimizer steps between assignment refreshes for Deep k-Means.
 DEFAULT_REFRESH_EVERY = 50
-# Lloyd iterations at most when Deep k-Means refits its centroids to the final weights.
+# Lloyd iterations at most when Deep k-Means refits vector centroids to the final weights.
 _FINAL_LLOYD_ITER = 100
 
 
@@ -282,15 +283,22 @@ class DeepKMeansMethod(ClusteringMethod):
 
     @torch.no_grad()
     def before_finalize(self, tensors: Mapping[str, ClusteredTensor]) -> None:
-        """Refit the centroids to the final weights (Lloyd from the current centroids)."""
+        """Refit the centroids to the final weights: the optimal k-means of scalar palettes
+        (:func:`~lightning_dkm.engine.kmeans.kmeans_centroids`), Lloyd from the current
+        centroids for vectors."""
         for tensor in tensors.values():
             parametrization = tensor.parametrization
             weight = tensor.full_original()  # gathered when FSDP2 shards it
             if not parametrization.is_initialized:
                 parametrization.initialize(weight)
             x = parametrization.to_palettes(weight).float().cpu()
-            result = lloyd(x, parametrization.centroids.float().cpu(), max_iter=_FINAL_LLOYD_ITER)
-            parametrization.centroids.copy_(result.centroids.to(parametrization.centroids))
+            if x.shape[-1] == 1:
+                centroids = kmeans_centroids(x, parametrization.centroids.shape[1],
+                                             name=parametrization.layout.name)
+            else:
+                centroids = lloyd(x, parametrization.centroids.float().cpu(),
+                                  max_iter=_FINAL_LLOYD_ITER).centroids
+            parametrization.centroids.copy_(centroids.to(parametrization.centroids))
         self._assignments.clear()
 
     def state_dict(self) -> dict[str, Any]:

@@ -77,6 +77,7 @@ def palettize(
     calibration_batches: int | None = None,
     average_bits: float | None = None,
     allowed_bits: Iterable[int] | None = None,
+    progress: bool | None = None,
 ) -> dict[str, Palette]:
     r"""Cluster the selected weights of ``model`` in place with k-means and return their palettes.
 
@@ -95,10 +96,13 @@ def palettize(
             ``calibration`` the sensitivities are rescaled to match (:math:`F_{ii} s_c^2`).
         targets, exclude, min_size, overrides: which tensors, as in
             :func:`~lightning_dkm.model.targets.select_targets`.
-        seed: k-means++ seed; each tensor uses ``stable_seed(seed, name)``.
-        n_init: k-means restarts per palette (the best inertia is kept; weighted inertia when
-            calibrated).
-        max_iter: Lloyd iterations at most.
+        seed: k-means++ seed for vector palettes (``cluster_dim > 1``); each tensor uses
+            ``stable_seed(seed, name)``. Scalar palettes get the optimal k-means (a dynamic
+            program over the sorted values, :mod:`lightning_dkm.engine.optimal1d`), which
+            needs no seed.
+        n_init: k-means restarts per vector palette (the best inertia is kept; weighted
+            inertia when calibrated); scalars need none.
+        max_iter: Lloyd iterations at most (vector palettes).
         calibration: ``None`` (default) for plain k-means, or a pair ``(dataloader, loss_fn)``
             for sensitivity-weighted k-means: ``dataloader`` is any iterable of batches and
             ``loss_fn(model, batch)`` returns the scalar loss (see :func:`fisher_diagonal`,
@@ -117,6 +121,9 @@ def palettize(
             override's ``bits`` fixes that tensor's width and counts against the budget. The
             widths chosen are the palettes' ``layout.spec.bits``. Default ``None``: ``bits``.
         allowed_bits: the widths ``average_bits`` may choose (default 1..8).
+        progress: a tqdm progress bar over the tensors on stderr, as Lightning's: ``None``
+            (default) shows it when stderr is a terminal (not in a pipe, a log file or CI),
+            ``True`` always, ``False`` never.
 
     Returns:
         ``{parameter name: Palette}``; ``palette.weight()`` equals the new weight bit for bit.
@@ -156,7 +163,7 @@ def palettize(
         ).apply(selected)
 
     palettes: dict[str, Palette] = {}
-    for target in selected:
+    for target in _progress(selected, progress):
         weight = weights[target.name]
         layout = target.layout
         generator = torch.Generator().manual_seed(stable_seed(seed, target.name))
@@ -182,6 +189,18 @@ def palettize(
         palettes[target.name] = palette
     carry_palettes(model, palettes)
     return palettes
+
+
+def _progress(selected: list, progress: bool | None):
+    """``selected`` wrapped in a tqdm bar named for the tensor being clustered (tqdm comes
+    with Lightning); ``disable=None`` is tqdm's own rule: off when stderr is not a terminal."""
+    from tqdm.auto import tqdm
+
+    bar = tqdm(selected, desc="palettize", unit="tensor",
+               disable=None if progress is None else not progress)
+    for target in bar:
+        bar.set_postfix_str(target.name, refresh=False)
+        yield target
 
 
 def fisher_diagonal(
