@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import copy
 import importlib
+import io
 import math
+import sys
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -666,3 +668,34 @@ def test_palette_sizes_count_the_lut_and_the_bit_packed_indices() -> None:
     assert palette.index_bytes() == math.ceil(60 * 3 / 8)
     assert palette.lut_bytes() == 16 * 4 and palette.lut_bytes(torch.float16) == 16 * 2
     assert palette.compressed_bytes() == palette.lut_bytes() + palette.index_bytes()
+
+
+# -- progress ----------------------------------------------------------------------------------
+class _Terminal(io.StringIO):
+    """A stderr that says it is a terminal."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+def _two_layers() -> nn.Module:
+    return nn.Sequential(nn.Linear(32, 16), nn.Linear(16, 8))
+
+
+def test_palettize_shows_a_progress_bar_on_a_terminal(monkeypatch) -> None:
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    palettize(_two_layers(), bits=2, min_size=0)
+    shown = terminal.getvalue()
+    assert "palettize" in shown and "2/2" in shown and "tensor" in shown
+
+
+@pytest.mark.parametrize("progress", [None, False])
+def test_palettize_shows_no_progress_bar_off_a_terminal_or_when_told(progress, capsys) -> None:
+    palettize(_two_layers(), bits=2, min_size=0, progress=progress)  # pytest's stderr: no TTY
+    assert capsys.readouterr().err == ""
+
+
+def test_palettize_shows_the_progress_bar_when_told_even_off_a_terminal(capsys) -> None:
+    palettize(_two_layers(), bits=2, min_size=0, progress=True)
+    assert "2/2" in capsys.readouterr().err

@@ -49,7 +49,7 @@ __all__ = ["MAX_BINS", "bin_budget", "optimal_kmeans_1d"]
 #: The dynamic program runs on at most this many bins per palette (its cost is linear in it);
 #: fewer, down to ``64 k``, when many palettes share one call (:func:`bin_budget`).
 MAX_BINS = 1 << 13
-#: Cells of the finest grid over a larger palette's range (fewer for fewer weights).
+#: Cells of the finest grid over a larger palette's range.
 GRID_CELLS = 1 << 20
 # Grid cells binned at once (palettes x cells), bounding the two float64 tables.
 _TABLE_ENTRIES = 1 << 22
@@ -120,7 +120,7 @@ def optimal_kmeans_1d(x: Tensor, k: int, sample_weight: Tensor | None = None
             centroids[part], filled[part] = _centroids(prefix, _optimal_starts(prefix, k),
                                                        bins.center)
         return centroids, filled
-    cells = min(GRID_CELLS, 1 << (n - 1).bit_length())
+    cells = GRID_CELLS
     for part in _parts(P, max(1, _TABLE_ENTRIES // cells)):
         w = _part_of(sample_weight, part)
         bins = _grid_cells(x[part], w, cells, budget // 4)

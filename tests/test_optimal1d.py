@@ -1,0 +1,205 @@
+"""Specification of optimal 1-D k-means (lightning_dkm.engine.optimal1d, through kmeans()).
+
+Scalar palettes get the optimal partition: the least weighted sum of squared distances over
+every partition into k groups, found by a dynamic program over the sorted values. Small
+palettes are solved on their exact distinct values (checked here against brute force over
+every partition); larger ones on a grid of cells refined around the boundaries (checked
+against the exact program on the same values, and against Lloyd's local optima).
+"""
+
+from __future__ import annotations
+
+import itertools
+import warnings
+
+import pytest
+import torch
+
+import lightning_dkm.engine.optimal1d as optimal1d
+from lightning_dkm.engine.kmeans import (
+    kmeans,
+    kmeans_centroids,
+    kmeans_plusplus,
+    lloyd,
+    pairwise_sq_dist,
+)
+from lightning_dkm.engine.optimal1d import optimal_kmeans_1d
+
+
+def seeded(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def inertia(x: torch.Tensor, c: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
+    """Per palette: the (weighted) squared distance of every point to its nearest centroid,
+    in float64."""
+    d = pairwise_sq_dist(x.double(), c.double()).amin(-1)
+    return (d if w is None else d * w.double()).sum(-1)
+
+
+def brute_force(values: torch.Tensor, weights: torch.Tensor, k: int) -> float:
+    """The least weighted inertia over every partition of the sorted distinct values into
+    min(k, distinct) contiguous groups (in one dimension the optimum is such a partition)."""
+    distinct, inverse = torch.unique(values.double(), return_inverse=True)
+    w = torch.zeros(len(distinct), dtype=torch.float64).index_add_(0, inverse, weights.double())
+    m = len(distinct)
+    best = float("inf")
+    for cuts in itertools.combinations(range(1, m), min(k, m) - 1):
+        bounds = (0, *cuts, m)
+        cost = 0.0
+        for a, b in itertools.pairwise(bounds):
+            mean = (w[a:b] * distinct[a:b]).sum() / w[a:b].sum()
+            cost += float((w[a:b] * (distinct[a:b] - mean) ** 2).sum())
+        best = min(best, cost)
+    return best
+
+
+def lloyd_inertia(x: torch.Tensor, k: int, seed: int) -> torch.Tensor:
+    """What the previous seeding found: k-means++ then Lloyd, one palette at a time."""
+    seeds = kmeans_plusplus(x, k, seeded(seed))
+    return inertia(x, lloyd(x, seeds, max_iter=300).centroids)
+
+
+# -- optimality --------------------------------------------------------------------------------
+@pytest.mark.parametrize("trial", range(40))
+def test_the_result_is_the_best_of_every_partition(trial: int) -> None:
+    g = seeded(trial)
+    n = int(torch.randint(2, 10, (1,), generator=g))
+    k = int(torch.randint(1, 5, (1,), generator=g))
+    if trial % 2:  # ties: values on a coarse grid repeat
+        x = torch.randint(-3, 4, (2, n), generator=g).float() * 0.25
+    else:
+        x = torch.randn(2, n, generator=g)
+    w = torch.rand(2, n, generator=g) + 0.05
+    centroids, filled = optimal_kmeans_1d(x, k, w)
+    for p in range(2):
+        found = inertia(x[p].view(1, -1, 1), centroids[p][filled[p]].view(1, -1, 1), w[p:p + 1])
+        assert float(found) == pytest.approx(brute_force(x[p], w[p], k), rel=1e-9, abs=1e-12)
+
+
+def test_centroids_ascend_and_are_the_means_of_their_members(gen) -> None:
+    x = torch.randn(1, 500, 1, generator=gen)
+    result = kmeans(x, 8)
+    c = result.centroids[0, :, 0]
+    assert bool((c[1:] > c[:-1]).all())
+    for j in range(8):
+        members = x[0, result.labels[0] == j, 0]
+        assert float(c[j]) == pytest.approx(float(members.double().mean()), rel=1e-6)
+
+
+def test_a_count_weighs_as_repeated_values(gen) -> None:
+    values = torch.randn(1, 40, generator=gen)
+    counts = torch.randint(1, 5, (1, 40), generator=gen)
+    repeated = values.repeat_interleave(counts[0], dim=1)
+    weighted, _ = optimal_kmeans_1d(values, 5, counts.float())
+    plain, _ = optimal_kmeans_1d(repeated, 5)
+    torch.testing.assert_close(weighted, plain, rtol=1e-12, atol=1e-12)
+
+
+def test_sample_weights_pull_the_centroids() -> None:
+    x = torch.tensor([[0.0, 1.0, 10.0, 11.0]])
+    heavy_right = torch.tensor([[1.0, 1.0, 1.0, 9.0]])
+    c, _ = optimal_kmeans_1d(x, 2, heavy_right)
+    assert c[0].tolist() == pytest.approx([0.5, 10.9])
+
+
+# -- fewer values than centroids, constant and half-precision palettes ------------------------
+def test_k_at_least_the_distinct_values_gives_each_value_its_own_centroid() -> None:
+    x = torch.tensor([3.0, 1.0, 2.0, 1.0, 3.0, 2.0]).view(1, 6, 1)
+    with pytest.warns(UserWarning, match="fewer distinct values than k=5"):
+        result = kmeans(x, 5, name="w")
+    c = result.centroids[0, :, 0]
+    assert c[:3].tolist() == [1.0, 2.0, 3.0]
+    assert bool((c[3:] > 3.0).all()) and torch.unique(c).numel() == 5  # distinct placeholders
+    assert result.inertia.item() == 0.0
+    assert torch.equal(c[result.labels[0]], x[0, :, 0])
+
+
+def test_k_equal_to_the_distinct_values_needs_no_placeholder() -> None:
+    x = torch.tensor([1.0, 2.0, 3.0, 4.0]).repeat(5).view(1, 20, 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        result = kmeans(x, 4)
+    assert result.centroids.flatten().tolist() == [1.0, 2.0, 3.0, 4.0]
+
+
+@pytest.mark.parametrize("n", [100, 20_000])  # the distinct values, and the grid
+def test_a_constant_palette_has_zero_inertia(n: int) -> None:
+    x = torch.full((1, n, 1), -0.75)
+    with pytest.warns(UserWarning, match="fewer distinct values"):
+        result = kmeans(x, 4)
+    c = result.centroids[0, :, 0]
+    assert c[0].item() == -0.75 and torch.unique(c).numel() == 4
+    assert result.inertia.item() == 0.0
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_palettes_get_the_optimum_of_their_values(dtype, gen) -> None:
+    x = (0.02 * torch.randn(1, 3000, 1, generator=gen)).to(dtype)
+    result = kmeans(x, 8)
+    assert result.centroids.dtype == dtype
+    exact, _ = optimal_kmeans_1d(x.float().view(1, -1), 8)
+    torch.testing.assert_close(result.centroids.float().view(1, -1), exact.float(),
+                               rtol=2 ** -7, atol=0)
+
+
+# -- the grid (palettes above the exact size) -----------------------------------------------------
+@pytest.mark.parametrize("data", ["normal", "student_t", "outlier"])
+def test_the_grid_finds_the_optimum_of_the_exact_program(data: str, monkeypatch) -> None:
+    g = seeded(1)
+    n = 20_000
+    if data == "normal":
+        x = torch.randn(1, n, generator=g)
+    elif data == "student_t":
+        x = torch.distributions.StudentT(3.0).sample((1, n))
+    else:  # one weight far from the rest: the grid is coarse next to the others
+        x = torch.randn(1, n, generator=g)
+        x[0, 0] = 500.0
+    k = 8
+    grid, _ = optimal_kmeans_1d(x, k)
+    monkeypatch.setattr(optimal1d, "MAX_BINS", n)  # every distinct value a bin: exact
+    exact, _ = optimal_kmeans_1d(x, k)
+    got, best = inertia(x.view(1, -1, 1), grid.view(1, -1, 1)), inertia(
+        x.view(1, -1, 1), exact.view(1, -1, 1))
+    assert float(got) <= float(best) * (1 + 1e-6)
+
+
+@pytest.mark.parametrize(("n", "k"), [(2_000, 4), (2_000, 16), (12_000, 4), (12_000, 16)])
+def test_never_worse_than_lloyd(n: int, k: int) -> None:
+    for seed in range(3):
+        x = torch.distributions.StudentT(4.0).sample((1, n, 1)) * 0.02
+        ours = inertia(x, kmeans(x, k).centroids)
+        assert float(ours) <= float(lloyd_inertia(x, k, seed)) * (1 + 1e-6)
+
+
+def test_palettes_solved_together_match_each_solved_alone(gen) -> None:
+    x = torch.randn(3, 12_000, generator=gen) * torch.tensor([[1.0], [1e-3], [50.0]])
+    together, _ = optimal_kmeans_1d(x, 4)
+    for p in range(3):
+        alone, _ = optimal_kmeans_1d(x[p : p + 1], 4)
+        torch.testing.assert_close(together[p : p + 1], alone, rtol=1e-12, atol=0)
+
+
+# -- scale, determinism ---------------------------------------------------------------------------
+@pytest.mark.parametrize("n", [3_000, 12_000])
+@pytest.mark.parametrize("c", [2.0 ** -66, 2.0 ** 66])
+def test_weights_scaled_by_a_power_of_two_get_scaled_centroids_bit_for_bit(n, c, gen) -> None:
+    x = torch.randn(2, n, 1, generator=gen)
+    assert torch.equal(kmeans_centroids(x * c, 8), kmeans_centroids(x, 8) * c)
+    assert torch.equal(kmeans(x * c, 8).labels, kmeans(x, 8).labels)
+
+
+@pytest.mark.parametrize("c", [1e-20, 1e20])
+def test_weights_of_any_magnitude_cluster_as_unit_ones(c, gen) -> None:
+    x = torch.randn(1, 12_000, 1, generator=gen)
+    torch.testing.assert_close(kmeans_centroids(x * c, 8) / c, kmeans_centroids(x, 8),
+                               rtol=1e-5, atol=0)
+
+
+def test_the_same_values_give_the_same_centroids_whatever_the_seed(gen) -> None:
+    x = torch.randn(2, 12_000, 1, generator=gen)
+    first = kmeans(x, 16, seeded(0))
+    again = kmeans(x, 16, seeded(123), n_init=3)
+    assert torch.equal(first.centroids, again.centroids)
+    assert torch.equal(first.labels, again.labels)
+    assert torch.equal(kmeans_centroids(x, 16), first.centroids)
