@@ -162,3 +162,15 @@ def test_perf_fit_prints_a_ratio_per_row(tmp_path):
     assert "ratio" in result.stdout
     row = json.loads(out.read_text())["rows"][0]
     assert row["bits"] == 2 and row["accumulate_grad_batches"] == 2 and row["ratio"] > 0
+
+def test_perf_kmeans_compares_the_candidates_and_the_previous_path(tmp_path):
+    out = tmp_path / "kmeans.json"
+    result = run("perf_kmeans.py", "--n", "3000", "--k", "4", "--linear", "128", "--embedding",
+                 "256", "64", "--parts", "candidates", "palettize", "seeding", "--previous",
+                 "--json", str(out))
+    assert "torch (this package)" in result.stdout and "previous path" in result.stdout
+    data = json.loads(out.read_text())
+    ours = [r for r in data["candidates"] if r["candidate"] == "torch (this package)"]
+    assert ours and all(r["inertia_excess"] <= 1e-9 for r in ours)
+    assert data["palettize"]["inertia_ratio"] <= 1.0 + 1e-9
+    assert data["seeding"]["seed_s"] > 0 and data["seeding"]["previous_s"] > 0

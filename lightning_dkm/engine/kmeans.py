@@ -393,7 +393,7 @@ def _checked(x: Tensor, k: int, sample_weight: Tensor | None, name: str | None,
     _check_k(x, k)
     if n_init < 1:
         raise ValueError(f"n_init must be >= 1; got {n_init}")
-    if not bool(torch.isfinite(x).all()):
+    if not bool(torch.isfinite(torch.stack(torch.aminmax(x))).all()):  # NaN propagates
         raise ValueError(f"k-means input{_label(name)} contains NaN or Inf values")
     work_dtype = torch.promote_types(x.dtype, torch.float32)
     xw = x.to(work_dtype)

@@ -57,7 +57,7 @@ _TABLE_ENTRIES = 1 << 22
 _CHUNK = 1 << 20
 # Foveated cuts: this many more per level, and at most this many rounds of them.
 _FOVEA = 8
-_ROUNDS = 4
+_ROUNDS = 2
 # Palettes x bins x k of the program's choices kept at once (int32).
 _CHOICE_ENTRIES = 1 << 25
 _TINY = torch.finfo(torch.float64).tiny
@@ -205,11 +205,9 @@ def _prefix(bins: _Bins) -> Tensor:
     """``(3, P, M + 1)``: the prefix sums of each bin's weight ``w``, ``w m`` and ``w m**2``
     (``m`` its mean minus the centre), from 0."""
     weight, total = bins.weight, bins.total
-    P, M = weight.shape
-    prefix = torch.zeros(3, P, M + 1, dtype=torch.float64, device=weight.device)
     spread = total.square() / weight.clamp_min(_TINY)
-    torch.cumsum(torch.stack((weight, total, spread)), dim=2, out=prefix[:, :, 1:])
-    return prefix
+    sums = torch.stack((weight, total, spread)).cumsum(2)
+    return torch.cat((sums.new_zeros(3, weight.shape[0], 1), sums), 2)
 
 
 def _centroids(prefix: Tensor, starts: Tensor, center: Tensor) -> tuple[Tensor, Tensor]:

