@@ -38,7 +38,6 @@ import lightning_dkm.engine.kmeans as kmeans_module
 import lightning_dkm.engine.parametrization as parametrization_module
 import lightning_dkm.model.post_training as post_training
 from lightning_dkm import palettize
-from lightning_dkm.engine.kmeans import pairwise_sq_dist
 from lightning_dkm.engine.layout import ClusterSpec, PaletteLayout
 from lightning_dkm.engine.optimal1d import optimal_kmeans_1d
 from lightning_dkm.engine.parametrization import DKMParametrization
@@ -245,13 +244,6 @@ def seeding(bits: int, previous: bool, shape: tuple[int, int] = (50257, 768)) ->
     return row
 
 
-def _inertia_check() -> None:  # the helper agrees with the package's distances
-    v, c = torch.randn(100), torch.randn(4)
-    assert abs(inertia(v, c) - float(pairwise_sq_dist(v.view(1, -1, 1).double(),
-                                                      c.view(1, -1, 1).double()).amin(-1).sum())
-               ) < 1e-9
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, default=1 << 20, help="raw values in part 1")
@@ -267,7 +259,6 @@ def main() -> None:
     parser.add_argument("--no-sklearn", action="store_true", help="leave scikit-learn out")
     parser.add_argument("--json", type=Path, help="write the rows here")
     args = parser.parse_args()
-    _inertia_check()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     out: dict[str, Any] = {"setup": vars(args) | {"json": str(args.json)}}
     if "candidates" in args.parts:

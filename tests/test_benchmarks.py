@@ -163,6 +163,7 @@ def test_perf_fit_prints_a_ratio_per_row(tmp_path):
     row = json.loads(out.read_text())["rows"][0]
     assert row["bits"] == 2 and row["accumulate_grad_batches"] == 2 and row["ratio"] > 0
 
+
 def test_perf_kmeans_compares_the_candidates_and_the_previous_path(tmp_path):
     out = tmp_path / "kmeans.json"
     result = run("perf_kmeans.py", "--n", "3000", "--k", "4", "--linear", "128", "--embedding",

@@ -19,7 +19,7 @@ from lightning_dkm.diagnostics import count_host_syncs, graph_breaks
 from lightning_dkm.engine.chunked import chunked_dkm_cluster
 from lightning_dkm.engine.clustering_pass import clustering_pass
 from lightning_dkm.engine.distinct import unique_dkm_batch, unique_dkm_cluster
-from lightning_dkm.engine.kmeans import kmeans
+from lightning_dkm.engine.kmeans import kmeans_plusplus, lloyd
 from lightning_dkm.engine.numerics import normalization_of, sync_free
 from lightning_dkm.engine.parametrization import DKMParametrization
 from lightning_dkm.engine.reference import dkm_cluster
@@ -36,6 +36,12 @@ CASES = [
     ("auto", 1, None, "unrolled"),
 ]
 
+
+
+def one_lloyd_step(x: torch.Tensor, k: int, g: torch.Generator) -> torch.Tensor:
+    """Centroids k-means++ seeds and one Lloyd step moves: DKM still moves them (the optimal
+    ones that ``kmeans`` gives scalars would stop it at once)."""
+    return lloyd(x, kmeans_plusplus(x, k, g), max_iter=1).centroids
 
 def parametrized_weight(implementation: str, cluster_dim: int, group_size: int | None,
                         gradient: str, epsilon: float):
@@ -129,7 +135,7 @@ def test_the_early_stop_on_the_device_equals_the_early_exit(implementation, P, d
     step's full code table) could make them differ."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(P, 4096, d, generator=g, dtype=torch.float64)
-    c = kmeans(x, 8, g, max_iter=1).centroids  # one Lloyd step: DKM still moves them
+    c = one_lloyd_step(x, 8, g)
     epsilon = stopping_epsilon(x, c, 1e-2)
     tau = torch.tensor(1e-2, dtype=torch.float64)  # a buffer, as in the parametrization
     exit_out, exit_grad = run(STEPS[implementation], x, c, tau, epsilon, **kwargs)
@@ -201,7 +207,7 @@ def batch_of_tensors():
     for P, n, k, tau in [(1, 3000, 4, 0.01), (3, 1500, 16, 0.05), (2, 4000, 2, 0.02)]:
         x = torch.randn(P, n, 1, generator=g, dtype=torch.float64) * 0.03
         xs.append(x)
-        cs.append(kmeans(x, k, g, max_iter=1).centroids)  # one Lloyd step: DKM moves them
+        cs.append(one_lloyd_step(x, k, g))
         taus.append(torch.tensor(tau, dtype=torch.float64) if k == 16 else tau)
     return xs, cs, taus
 

@@ -21,7 +21,6 @@ from lightning_dkm.engine.kmeans import (
     kmeans_centroids,
     kmeans_plusplus,
     lloyd,
-    pairwise_sq_dist,
 )
 from lightning_dkm.engine.optimal1d import optimal_kmeans_1d
 
@@ -33,7 +32,7 @@ def seeded(seed: int) -> torch.Generator:
 def inertia(x: torch.Tensor, c: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
     """Per palette: the (weighted) squared distance of every point to its nearest centroid,
     in float64."""
-    d = pairwise_sq_dist(x.double(), c.double()).amin(-1)
+    d = (x.double() - c.double().transpose(-1, -2)).square().amin(-1)  # scalars: (P, n, k)
     return (d if w is None else d * w.double()).sum(-1)
 
 

@@ -10,6 +10,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from lightning_dkm import ClusterSpec, PaletteLayout, attach, clustered_tensors, select_targets
+from lightning_dkm.engine.kmeans import kmeans
 from lightning_dkm.engine.numerics import hard_assign
 from lightning_dkm.engine.parametrization import DKMParametrization, stable_seed
 from lightning_dkm.engine.reference import soft_assignment
@@ -290,15 +291,30 @@ def test_an_optimizer_built_before_attach_still_updates_the_original_parameter()
     assert not torch.equal(parameter.detach(), before)
 
 
-def test_attach_with_the_same_seed_gives_the_same_centroids_on_two_copies() -> None:
+def test_attach_of_vectors_with_the_same_seed_gives_the_same_centroids_on_two_copies() -> None:
     model = small_model()
     copies = [copy.deepcopy(model) for _ in range(3)]
+    spec = ClusterSpec(bits=3, cluster_dim=2)
     for m, seed in zip(copies, (5, 5, 6), strict=True):
-        attach(m, select_targets(m, ClusterSpec(bits=3), min_size=0), seed=seed)
+        attach(m, select_targets(m, spec, min_size=0), seed=seed)
     a, b, c = (clustered_tensors(m) for m in copies)
     for name in ("0.weight", "2.weight"):
         assert torch.equal(a[name].parametrization.centroids, b[name].parametrization.centroids)
         assert not torch.equal(a[name].parametrization.centroids, c[name].parametrization.centroids)
+
+
+def test_attach_seeds_scalar_palettes_with_the_optimal_centroids_whatever_the_seed() -> None:
+    model = small_model()
+    copies = [copy.deepcopy(model) for _ in range(2)]
+    for m, seed in zip(copies, (5, 6), strict=True):
+        attach(m, select_targets(m, ClusterSpec(bits=3), min_size=0), seed=seed)
+    a, b = (clustered_tensors(m) for m in copies)
+    for name in ("0.weight", "2.weight"):
+        centroids = a[name].parametrization.centroids
+        assert torch.equal(centroids, b[name].parametrization.centroids)
+        weight = model.get_parameter(name).detach()
+        optimal = kmeans(weight.reshape(1, -1, 1), 8).centroids
+        assert torch.equal(centroids, optimal)
 
 
 def test_attach_is_idempotent() -> None:

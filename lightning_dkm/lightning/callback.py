@@ -187,7 +187,9 @@ class DKMCallback(Callback):
             weighted DKM core, i.e. the ``"unique"`` and ``"chunked"`` steps (``"auto"`` then
             never picks ``"reference"``; ``implementation="reference"`` is an error). Only for
             ``method="dkm"``.
-        seed: seed of the k-means++ initialisation (the same on every rank). Default 0.
+        seed: seed of the k-means++ initialisation of vector palettes (``cluster_dim > 1``;
+            scalar palettes start from the optimal k-means, which needs none); the same on every
+            rank. Default 0.
         finalize: snap the weights and remove the parametrizations when fit ends. Default True.
         save_dir: where the report and the artifact go; default: the trainer's ``log_dir``
             (or ``default_root_dir``) + ``/dkm``. Resolved once in ``setup`` (``~`` expanded,
