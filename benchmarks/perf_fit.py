@@ -17,6 +17,11 @@ Rows: ``bits`` 2 and 4 with ``accumulate_grad_batches=1``, and 4 bits with
 ``accumulate_grad_batches=8`` (``--accumulate``), where DKM runs once per optimizer step
 (:mod:`lightning_dkm.engine.accumulation`) and the mean time per batch is compared.
 ``--hooks`` also reports the mean time DKMCallback's per-batch hooks take.
+
+``--clock cpu`` times by the process's CPU time (``time.process_time``) instead of the wall
+clock, as ``perf_step.py`` does: on a machine loaded by other processes the wall clock measures
+the scheduler as much as the fit (use with ``--threads 1``, so that no thread spins waiting for
+a descheduled one). ``--threads N`` sets ``torch.set_num_threads``.
 """
 
 from __future__ import annotations
@@ -45,6 +50,11 @@ _HOOKS = ("on_train_batch_start", "on_before_backward", "on_train_batch_end",
           "on_before_optimizer_step")
 
 
+#: The clock the batches and hooks are timed with (``--clock``).
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+_clock = CLOCKS["wall"]
+
+
 class BatchClock(pl.Callback):
     """Per epoch: the first batch's start, the last batch's end, the number of batches."""
 
@@ -57,11 +67,11 @@ class BatchClock(pl.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         epoch = self.epochs[-1]
         if epoch[2] == 0:
-            epoch[0] = time.perf_counter()
+            epoch[0] = _clock()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         epoch = self.epochs[-1]
-        epoch[1] = time.perf_counter()
+        epoch[1] = _clock()
         epoch[2] += 1
 
     def per_batch(self) -> float:
@@ -81,11 +91,11 @@ class HookClock:
 
     def _wrap(self, name, hook):
         def timed(*args, **kwargs):
-            start = time.perf_counter()
+            start = _clock()
             try:
                 return hook(*args, **kwargs)
             finally:
-                self.seconds[name] += time.perf_counter() - start
+                self.seconds[name] += _clock() - start
                 self.calls[name] += 1
         return timed
 
@@ -126,12 +136,22 @@ def main() -> None:
     parser.add_argument("--hooks", action="store_true", help="time DKMCallback's batch hooks")
     parser.add_argument("--limit-batches", type=int, default=None,
                         help="batches per epoch (default: all 17)")
+    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                        help="time by the wall clock (default) or by the process's CPU time "
+                             "(robust to other load on the machine; use with --threads 1)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch.set_num_threads (default: torch's own)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
+    global _clock
+    _clock = CLOCKS[args.clock]
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)  # no banner per fit
     print(f"torch {torch.__version__}, lightning {pl.__version__}, {platform.processor() or ''} "
           f"{torch.get_num_threads()} threads; digits CNN, batch 64, Adam, {args.epochs} epochs "
-          f"per fit (first untimed), {args.repeats} plain/DKM pairs per row, interleaved")
+          f"per fit (first untimed), {args.repeats} plain/DKM pairs per row, interleaved, "
+          f"{args.clock} clock")
     rows = []
     for spec in args.rows:
         bits, accumulate = (int(v) for v in spec.split(":"))
@@ -157,7 +177,8 @@ def main() -> None:
                 f"{k} {v:.3f}" for k, v in hook_ms.items()), flush=True)
     if args.json:
         args.json.write_text(json.dumps({"rows": rows, "repeats": args.repeats,
-                                         "epochs": args.epochs}, indent=2) + "\n")
+                                         "epochs": args.epochs, "clock": args.clock,
+                                         "threads": torch.get_num_threads()}, indent=2) + "\n")
 
 
 if __name__ == "__main__":
