@@ -131,12 +131,15 @@ from lightning_dkm import (  # noqa: E402
 )
 from lightning_dkm.engine.clustering_pass import clustering_pass  # noqa: E402
 from lightning_dkm.engine.layout import ClusterSpec  # noqa: E402
+from lightning_dkm.lightning.bit_widths import SENSITIVITY_BATCHES  # noqa: E402
 from lightning_dkm.lightning.schedules import build_schedule  # noqa: E402
+from lightning_dkm.model.bit_budget import BitAllocation, plan_widths  # noqa: E402
 from lightning_dkm.model.methods import (  # noqa: E402
     DEFAULT_REFRESH_EVERY,
     DEFAULT_REGULARIZATION,
     build_method,
 )
+from lightning_dkm.model.post_training import fisher_diagonal  # noqa: E402
 from lightning_dkm.model.targets import select_targets  # noqa: E402
 
 #: The engine's train-time methods (``DKMCallback(method=...)``).
@@ -152,6 +155,11 @@ DKM_SENSITIVITY_INIT = "dkm_sensitivity_init"
 #: what ``"auto"`` picks (the float16 distinct-value step for scalar palettes): #14 asks whether
 #: the default's rounding costs accuracy.
 DKM_EXACT = "dkm_exact"
+#: DKM at its defaults with per-tensor widths under the bytes of uniform ``average_bits``
+#: (#24): the widths ``DKMCallback(average_bits=B)`` chooses (``plan_widths``, sensitivities
+#: from ``budget_batches`` training batches), each tensor then seeded by k-means at its width.
+#: Runs for every ``FinetuneConfig.average_bits``; its rows' ``bits`` is the budget B.
+DKM_BUDGET = "dkm_average_bits"
 METHODS = (*TRAIN_METHODS, DKM_SENSITIVITY_INIT, DKM_EXACT, PALETTIZE, SENSITIVITY, APPLE,
            FP32_FINETUNE)
 #: The default set of the MiniLM and char-LM parts (Deep k-Means only on request).
@@ -364,6 +372,11 @@ class FinetuneConfig:
     #: Batches (of ``batch_size``, from the training data in seed order) that
     #: ``palettize_sensitivity`` computes its sensitivities on.
     calibration_batches: int = 4
+    #: Budgets of ``dkm_average_bits`` (#24): one run per budget and seed (none by default).
+    average_bits: tuple[float, ...] = ()
+    #: Training batches whose Fisher information weights ``dkm_average_bits``' estimate (what
+    #: DKMCallback reads: ``lightning.bit_widths.SENSITIVITY_BATCHES``).
+    budget_batches: int = SENSITIVITY_BATCHES
     #: What fine-tuning trains, the same for every method: ``"all"`` parameters, or only the
     #: ``"targets"``' modules (the clustered weights and their biases; the rest frozen).
     trainable: str = "all"
@@ -745,7 +758,42 @@ def run_task(task: Task, cfg: FinetuneConfig, log=print,
                 add(APPLE, bits, seed, value, report.total_bytes, report,
                     t0, steps=len(batches),
                     eval_seconds=round(eval_s, 2), **info)
+        for average_bits in cfg.average_bits:
+            t0 = _now()
+            model = task.fresh()
+            init, allocation, plan_s = _budget_init(task, cfg, average_bits, seed)
+            torch.manual_seed(seed)
+            palettes, info = _engine_finetune(model, "dkm", init, batches, task, cfg, seed,
+                                              defaults)
+            report = CompressionReport.build(model, palettes, lut_dtype=torch.float16)
+            value, eval_s = evaluate(model)
+            add(DKM_BUDGET, average_bits, seed, value, report.total_bytes, report, t0,
+                steps=len(batches), eval_seconds=round(eval_s, 2), allocation_seconds=plan_s,
+                budget_bytes=allocation.budget_bytes, widths=allocation.bits, **info)
     return rows
+
+
+def _budget_init(task: Task, cfg: FinetuneConfig, average_bits: float, seed: int
+                 ) -> tuple[dict[str, Palette], BitAllocation, dict[str, float]]:
+    """What ``DKMCallback(average_bits=...)`` does when DKM starts, on ``task``'s fp32 model:
+    the Fisher information of the training loss on ``cfg.budget_batches`` training batches,
+    the widths (``plan_widths``), then k-means at each width (the study's init, as for every
+    engine method). Returns the palettes, the allocation and the seconds of each part."""
+    model = task.fresh()
+    targets = select_targets(model, ClusterSpec(), targets=task.targets)
+    weights = {t.name: model.get_parameter(t.name) for t in targets}
+    t0 = time.perf_counter()
+    loader = task.calibration(seed, cfg.budget_batches, cfg.batch_size)
+    fisher = fisher_diagonal(model, loader, _calibration_loss(task), list(weights),
+                             num_batches=cfg.budget_batches)
+    t1 = time.perf_counter()
+    allocation = plan_widths(targets, weights, average_bits, sensitivity=fisher, seed=seed)
+    t2 = time.perf_counter()
+    init = palettize(model, targets=task.targets, seed=seed,
+                     overrides={name: {"bits": b} for name, b in allocation.bits.items()})
+    seconds = {"fisher": round(t1 - t0, 2), "plan_widths": round(t2 - t1, 2),
+               "kmeans_init": round(time.perf_counter() - t2, 2)}
+    return init, allocation, seconds
 
 
 # -- MiniLM ----------------------------------------------------------------------------------------
@@ -1014,7 +1062,8 @@ class CharLMConfig(FinetuneConfig):
         """Seconds: the test configuration (two seeds, every default method, one width)."""
         return cls(bits=(2,), seeds=(0, 1), d_model=48, layers=1, heads=2, context=32,
                    max_files=8, heldout_windows=16, pretrain_steps=10, pretrain_batch=8,
-                   steps=2, batch_size=8, calibration_batches=1, cache=None)
+                   steps=2, batch_size=8, calibration_batches=1, cache=None,
+                   average_bits=(1.5,), budget_batches=1)
 
 
 class CharBlock(nn.Module):
@@ -1213,7 +1262,8 @@ def run_charlm(cfg: CharLMConfig, log=print, skipped: list[str] | None = None
 
 
 # -- outputs ---------------------------------------------------------------------------------------
-_STYLE = {"dkm": ("C0", "o"), "deep_kmeans": ("C2", "s"), "hard": ("C1", "^"),
+_STYLE = {"dkm": ("C0", "o"), DKM_BUDGET: ("C6", "p"), "deep_kmeans": ("C2", "s"),
+          "hard": ("C1", "^"),
           PALETTIZE: ("C3", "x"), SENSITIVITY: ("C4", "D"), APPLE: ("C5", "v"),
           DKM_SENSITIVITY_INIT: ("C9", "P"), DKM_EXACT: ("C8", "h"),
           FP32_FINETUNE: ("C7", None), "fp32": ("k", "*")}
@@ -1400,6 +1450,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     common.add_argument("--regularization", type=float, help="deep_kmeans' lambda")
     common.add_argument("--calibration-batches", type=int,
                         help="palettize_sensitivity: batches of calibration data")
+    common.add_argument("--average-bits", type=float, nargs="+", metavar="B",
+                        help="dkm_average_bits budgets (#24; default none)")
     common.add_argument("--trainable", choices=("all", "targets"),
                         help="parameters fine-tuned: all, or only the clustered layers' "
                         "(defaults: MiniLM targets, char LM all)")
@@ -1452,7 +1504,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                   lr=args.lr, temperature=tuple(args.tau) if args.tau else None,
                   temperature_config=args.temperature,
                   regularization=args.regularization,
-                  calibration_batches=args.calibration_batches, trainable=args.trainable)
+                  calibration_batches=args.calibration_batches, trainable=args.trainable,
+                  average_bits=tuple(args.average_bits) if args.average_bits else None)
     minilm_cfg = _apply(minilm_cfg, **shared)
     charlm_cfg = _apply(charlm_cfg, **shared)
     minilm_cfg = _apply(

@@ -78,9 +78,15 @@ def test_accuracy_study_tiny_charlm_runs_every_method_for_every_seed(tmp_path):
     assert len(saved["skipped"]) == len(skipped)
     assert all("not available" in s for s in saved["skipped"]), saved["skipped"]
     expected = set(cfg["methods"]) - skipped
+    if cfg["average_bits"]:  # DKM under a byte budget (#24), one row per budget and seed
+        expected.add("dkm_average_bits")
     assert {r["method"] for r in rows} == expected | {"fp32"}
     for method in expected:  # one row per seed (and width)
         assert sorted(r["seed"] for r in rows if r["method"] == method) == cfg["seeds"]
+    for row in (r for r in rows if r["method"] == "dkm_average_bits"):
+        assert row["bits"] in cfg["average_bits"]
+        assert row["clustered_bytes"] <= row["budget_bytes"]
+        assert set(row["widths"].values()) <= set(range(1, 9))
     for row in rows:
         assert row["heldout_bpc"] > 0 and row["bytes"] > 0
     clustered = [r for r in rows if r["bits"] == 2]

@@ -1,0 +1,70 @@
+"""What ``average_bits`` costs on MiniLM (#24: under 5 % of the fit's time).
+
+The allocation is what ``DKMCallback(average_bits=...)`` adds when DKM starts: the Fisher
+information of the training loss on ``SENSITIVITY_BATCHES`` training batches and
+``plan_widths`` (each tensor's k-means error at every width, then the knapsack). This runs the
+accuracy study's MiniLM part (its model, layer-0 targets, data and 32-step DKM fine-tune) with
+uniform 2-bit DKM and ``average_bits=2`` for each seed, one after the other (interleaved), and
+prints the allocation's seconds against the fit's (the training steps of the same run), with
+the machine's load beside them. Writes ``benchmarks/results/budget_cost.json``.
+
+    PYTHONPATH=$PWD HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/budget_cost.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from accuracy_study import DKM_BUDGET, MiniLMConfig, _quiet, run_minilm  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--average-bits", type=float, default=2.0)
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" /
+                        "budget_cost.json")
+    args = parser.parse_args(argv)
+    _quiet()
+    cfg = MiniLMConfig(bits=(round(args.average_bits),), methods=("dkm",),
+                       seeds=tuple(args.seeds), average_bits=(args.average_bits,))
+    load_before = os.getloadavg()
+    rows = run_minilm(cfg, log=lambda m: print(m, flush=True))
+    runs = []
+    for row in rows:
+        if row["method"] != DKM_BUDGET:
+            continue
+        parts = row["allocation_seconds"]
+        allocation = parts["fisher"] + parts["plan_widths"]
+        uniform = next(r for r in rows if r["method"] == "dkm" and r["seed"] == row["seed"])
+        runs.append({"seed": row["seed"], "fisher_s": parts["fisher"],
+                     "plan_widths_s": parts["plan_widths"], "allocation_s": allocation,
+                     "fit_train_s": row["train_seconds"],
+                     "uniform_fit_train_s": uniform["train_seconds"],
+                     "ratio": allocation / row["train_seconds"],
+                     "ratio_vs_uniform_fit": allocation / uniform["train_seconds"]})
+    result = {"command": "python benchmarks/budget_cost.py " + " ".join(
+                  argv if argv is not None else sys.argv[1:]),
+              "steps": cfg.steps, "batch_size": cfg.batch_size, "targets": list(cfg.targets),
+              "load_average_before": load_before, "load_average_after": os.getloadavg(),
+              "runs": runs}
+    for run in runs:
+        print(f"seed {run['seed']}: allocation {run['allocation_s']:.2f} s (Fisher "
+              f"{run['fisher_s']:.2f} s + plan_widths {run['plan_widths_s']:.2f} s) vs the "
+              f"fit's {cfg.steps} training steps {run['fit_train_s']:.1f} s: "
+              f"{100 * run['ratio']:.1f} % (uniform 2-bit fit {run['uniform_fit_train_s']:.1f} s:"
+              f" {100 * run['ratio_vs_uniform_fit']:.1f} %)")
+    print(f"load average before {load_before}, after {result['load_average_after']}")
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()
