@@ -160,6 +160,9 @@ DKM_EXACT = "dkm_exact"
 #: from ``budget_batches`` training batches), each tensor then seeded by k-means at its width.
 #: Runs for every ``FinetuneConfig.average_bits``; its rows' ``bits`` is the budget B.
 DKM_BUDGET = "dkm_average_bits"
+#: The same with every weight counting the same in the estimate (no Fisher information):
+#: ``--budget-sensitivity none``.
+DKM_BUDGET_UNWEIGHTED = "dkm_average_bits_unweighted"
 METHODS = (*TRAIN_METHODS, DKM_SENSITIVITY_INIT, DKM_EXACT, PALETTIZE, SENSITIVITY, APPLE,
            FP32_FINETUNE)
 #: The default set of the MiniLM and char-LM parts (Deep k-Means only on request).
@@ -377,6 +380,9 @@ class FinetuneConfig:
     #: Training batches whose Fisher information weights ``dkm_average_bits``' estimate (what
     #: DKMCallback reads: ``lightning.bit_widths.SENSITIVITY_BATCHES``).
     budget_batches: int = SENSITIVITY_BATCHES
+    #: ``"fisher"`` (what DKMCallback does) or ``"none"``: the estimate's squared errors
+    #: unweighted (rows ``dkm_average_bits_unweighted``).
+    budget_sensitivity: str = "fisher"
     #: What fine-tuning trains, the same for every method: ``"all"`` parameters, or only the
     #: ``"targets"``' modules (the clustered weights and their biases; the rest frozen).
     trainable: str = "all"
@@ -767,7 +773,8 @@ def run_task(task: Task, cfg: FinetuneConfig, log=print,
                                               defaults)
             report = CompressionReport.build(model, palettes, lut_dtype=torch.float16)
             value, eval_s = evaluate(model)
-            add(DKM_BUDGET, average_bits, seed, value, report.total_bytes, report, t0,
+            method = DKM_BUDGET if cfg.budget_sensitivity == "fisher" else DKM_BUDGET_UNWEIGHTED
+            add(method, average_bits, seed, value, report.total_bytes, report, t0,
                 steps=len(batches), eval_seconds=round(eval_s, 2), allocation_seconds=plan_s,
                 budget_bytes=allocation.budget_bytes, widths=allocation.bits, **info)
     return rows
@@ -783,9 +790,11 @@ def _budget_init(task: Task, cfg: FinetuneConfig, average_bits: float, seed: int
     targets = select_targets(model, ClusterSpec(), targets=task.targets)
     weights = {t.name: model.get_parameter(t.name) for t in targets}
     t0 = time.perf_counter()
-    loader = task.calibration(seed, cfg.budget_batches, cfg.batch_size)
-    fisher = fisher_diagonal(model, loader, _calibration_loss(task), list(weights),
-                             num_batches=cfg.budget_batches)
+    fisher = None
+    if cfg.budget_sensitivity == "fisher":
+        loader = task.calibration(seed, cfg.budget_batches, cfg.batch_size)
+        fisher = fisher_diagonal(model, loader, _calibration_loss(task), list(weights),
+                                 num_batches=cfg.budget_batches)
     t1 = time.perf_counter()
     allocation = plan_widths(targets, weights, average_bits, sensitivity=fisher, seed=seed)
     t2 = time.perf_counter()
@@ -1262,8 +1271,8 @@ def run_charlm(cfg: CharLMConfig, log=print, skipped: list[str] | None = None
 
 
 # -- outputs ---------------------------------------------------------------------------------------
-_STYLE = {"dkm": ("C0", "o"), DKM_BUDGET: ("C6", "p"), "deep_kmeans": ("C2", "s"),
-          "hard": ("C1", "^"),
+_STYLE = {"dkm": ("C0", "o"), DKM_BUDGET: ("C6", "p"), DKM_BUDGET_UNWEIGHTED: ("C6", "*"),
+          "deep_kmeans": ("C2", "s"), "hard": ("C1", "^"),
           PALETTIZE: ("C3", "x"), SENSITIVITY: ("C4", "D"), APPLE: ("C5", "v"),
           DKM_SENSITIVITY_INIT: ("C9", "P"), DKM_EXACT: ("C8", "h"),
           FP32_FINETUNE: ("C7", None), "fp32": ("k", "*")}
@@ -1452,6 +1461,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="palettize_sensitivity: batches of calibration data")
     common.add_argument("--average-bits", type=float, nargs="+", metavar="B",
                         help="dkm_average_bits budgets (#24; default none)")
+    common.add_argument("--budget-sensitivity", choices=("fisher", "none"),
+                        help="dkm_average_bits' estimate: Fisher-weighted (default, as "
+                        "DKMCallback) or unweighted squared errors")
     common.add_argument("--trainable", choices=("all", "targets"),
                         help="parameters fine-tuned: all, or only the clustered layers' "
                         "(defaults: MiniLM targets, char LM all)")
@@ -1505,7 +1517,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                   temperature_config=args.temperature,
                   regularization=args.regularization,
                   calibration_batches=args.calibration_batches, trainable=args.trainable,
-                  average_bits=tuple(args.average_bits) if args.average_bits else None)
+                  average_bits=tuple(args.average_bits) if args.average_bits else None,
+                  budget_sensitivity=args.budget_sensitivity)
     minilm_cfg = _apply(minilm_cfg, **shared)
     charlm_cfg = _apply(charlm_cfg, **shared)
     minilm_cfg = _apply(

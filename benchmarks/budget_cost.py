@@ -9,6 +9,10 @@ prints the allocation's seconds against the fit's (the training steps of the sam
 the machine's load beside them. Writes ``benchmarks/results/budget_cost.json``.
 
     PYTHONPATH=$PWD HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/budget_cost.py
+
+``--results STUDY.json`` reads the same figures from the MiniLM rows of an accuracy study run
+with ``--average-bits`` instead of running one (every ``dkm_average_bits`` row records its
+allocation's seconds beside its own fit's).
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--average-bits", type=float, default=2.0)
+    parser.add_argument("--results", type=Path, metavar="STUDY_JSON",
+                        help="read the MiniLM rows of this accuracy study instead of running")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" /
                         "budget_cost.json")
     args = parser.parse_args(argv)
@@ -36,31 +42,43 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = MiniLMConfig(bits=(round(args.average_bits),), methods=("dkm",),
                        seeds=tuple(args.seeds), average_bits=(args.average_bits,))
     load_before = os.getloadavg()
-    rows = run_minilm(cfg, log=lambda m: print(m, flush=True))
+    if args.results is not None:
+        study = json.loads(args.results.read_text())
+        rows, setup = study["minilm"], study["config"]["minilm"]
+    else:
+        rows, setup = run_minilm(cfg, log=lambda m: print(m, flush=True)), vars(cfg)
     runs = []
     for row in rows:
         if row["method"] != DKM_BUDGET:
             continue
         parts = row["allocation_seconds"]
         allocation = parts["fisher"] + parts["plan_widths"]
-        uniform = next(r for r in rows if r["method"] == "dkm" and r["seed"] == row["seed"])
-        runs.append({"seed": row["seed"], "fisher_s": parts["fisher"],
-                     "plan_widths_s": parts["plan_widths"], "allocation_s": allocation,
-                     "fit_train_s": row["train_seconds"],
-                     "uniform_fit_train_s": uniform["train_seconds"],
+        uniform = next((r for r in rows if r["method"] == "dkm" and r["seed"] == row["seed"]
+                        and r["bits"] == round(row["bits"])), None)
+        runs.append({"seed": row["seed"], "average_bits": row["bits"],
+                     "fisher_s": parts["fisher"], "plan_widths_s": parts["plan_widths"],
+                     "allocation_s": allocation, "fit_train_s": row["train_seconds"],
                      "ratio": allocation / row["train_seconds"],
-                     "ratio_vs_uniform_fit": allocation / uniform["train_seconds"]})
+                     "uniform_bits": None if uniform is None else uniform["bits"],
+                     "uniform_fit_train_s": None if uniform is None else uniform["train_seconds"]})
     result = {"command": "python benchmarks/budget_cost.py " + " ".join(
                   argv if argv is not None else sys.argv[1:]),
-              "steps": cfg.steps, "batch_size": cfg.batch_size, "targets": list(cfg.targets),
+              "steps": setup["steps"], "batch_size": setup["batch_size"],
+              "targets": list(setup["targets"]),
               "load_average_before": load_before, "load_average_after": os.getloadavg(),
               "runs": runs}
     for run in runs:
-        print(f"seed {run['seed']}: allocation {run['allocation_s']:.2f} s (Fisher "
-              f"{run['fisher_s']:.2f} s + plan_widths {run['plan_widths_s']:.2f} s) vs the "
-              f"fit's {cfg.steps} training steps {run['fit_train_s']:.1f} s: "
-              f"{100 * run['ratio']:.1f} % (uniform 2-bit fit {run['uniform_fit_train_s']:.1f} s:"
-              f" {100 * run['ratio_vs_uniform_fit']:.1f} %)")
+        line = (f"seed {run['seed']}, average_bits={run['average_bits']:g}: allocation "
+                f"{run['allocation_s']:.2f} s (Fisher {run['fisher_s']:.2f} s + plan_widths "
+                f"{run['plan_widths_s']:.2f} s) vs the fit's {setup['steps']} training steps "
+                f"{run['fit_train_s']:.1f} s: {100 * run['ratio']:.1f} %")
+        if run["uniform_fit_train_s"] is not None:
+            line += (f" (the uniform {run['uniform_bits']}-bit fit's "
+                     f"{run['uniform_fit_train_s']:.1f} s: "
+                     f"{100 * run['allocation_s'] / run['uniform_fit_train_s']:.1f} %)")
+        print(line)
+    if args.results is not None:
+        result["command"] += f"  (rows of {args.results.name}: {study['command']})"
     print(f"load average before {load_before}, after {result['load_average_after']}")
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     return result
