@@ -105,7 +105,11 @@ class DKMCallback(Callback):
             chosen at ``setup`` from the weights as they are then (also with ``start_epoch >
             0``), on rank 0 and broadcast; they are logged (TensorBoard text
             ``dkm/bit_allocation``, the report's ``bit_allocation``), saved in checkpoints and
-            kept on resume. Not under FSDP2. Default ``None``: every tensor at ``bits``.
+            kept on resume. Not under FSDP2. Off by default: in the accuracy study it beats
+            uniform widths at equal bytes on the char-LM but not on MiniLM
+            (``docs/results.md``), and the Fisher information says little where the loss
+            starts at its minimum (distillation to the model itself: its gradients vanish).
+            Default ``None``: every tensor at ``bits``.
         allowed_bits: the widths ``average_bits`` may choose. Default ``None``: 1..8, or with
             ``export_coreai=True`` the widths Core AI packs, 1, 2, 4, 6, 8.
         cluster_dim: length of the clustered vectors along the input-channel axis (1..8). An
