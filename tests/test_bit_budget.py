@@ -268,3 +268,14 @@ def test_average_bits_comes_from_a_lightning_cli_yaml(tmp_path):
     assert (callback.average_bits, callback.allowed_bits) == (2.5, (1, 2, 4))
     assert {layer.bits for layer in callback.report.layers} <= {1, 2, 4}
     assert callback.report.clustered_bytes <= callback.bit_allocation.budget_bytes
+
+
+def test_the_estimate_falls_with_width_and_widths_above_4_are_extrapolated():
+    from lightning_dkm.engine.layout import ClusterSpec, PaletteLayout
+    from lightning_dkm.model.bit_budget import distortions
+
+    weight = torch.randn(128, 64, generator=torch.Generator().manual_seed(0))
+    estimate = distortions(weight, PaletteLayout((128, 64), ClusterSpec()), range(1, 9))
+    assert all(estimate[b] > estimate[b + 1] > 0 for b in range(1, 8))
+    for bits in (5, 6, 7, 8):  # each bit beyond 4 quarters the 4-bit k-means error
+        assert estimate[bits] == pytest.approx(estimate[4] / 4 ** (bits - 4))

@@ -78,6 +78,8 @@ ALL_WIDTHS = tuple(range(1, MAX_BITS + 1))
 _DP_UNITS = 1 << 16
 # Lloyd iterations of the estimate's k-means (on at most 63,488 distinct values per palette).
 _KMEANS_ITER = 50
+# Widths above this are estimated from it, each further bit dividing the error by 4.
+_MEASURED_BITS = 4
 
 
 def check_average_bits(average_bits: object) -> float | None:
@@ -167,7 +169,11 @@ def distortions(
 
     Returns:
         ``{bits: estimate}``, floats >= 0 (0 where a palette has no more distinct values than
-        centroids).
+        centroids). Widths above 4 are not clustered: each further bit divides the 4-bit
+        estimate by 4 (high-rate quantisation theory, :math:`D \propto 2^{-2b}`; measured on
+        a Gaussian 1536 x 384 weight the ratios from 4 to 8 bits are 3.8-4.0), since k-means
+        at 128 and 256 centroids is most of the cost (exact 1-D k-means: 2.8 s of 4.8 s at 8
+        bits for that weight).
     """
     scale = layout.channel_scale(weight)
     x = layout.to_palettes(weight.detach(), scale).float().cpu()  # (P, n, d)
@@ -186,7 +192,9 @@ def distortions(
         # scalar palettes: their distinct float16 values, once for every width
         distinct = ([_distinct(x[p, :, 0], f[p, :, 0]) for p in range(x.shape[0])]
                     if x.shape[-1] == 1 else None)
-        for bits in widths:
+        widths = sorted(widths)
+        measured = [b for b in widths if b <= _MEASURED_BITS] or widths[:1]
+        for bits in measured:
             generator = torch.Generator().manual_seed(
                 stable_seed(seed, f"{layout.name}:{bits}"))
             if distinct is not None:
@@ -194,6 +202,10 @@ def distortions(
             else:
                 total = _vector_error(x, f, 1 << bits, generator)
             out[bits] = 0.5 * total
+    top = max(measured)
+    for bits in widths:  # high-rate quantisation: each bit quarters the squared error
+        if bits not in out:
+            out[bits] = out[top] * 4.0 ** (top - bits)
     return out
 
 
