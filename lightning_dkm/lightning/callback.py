@@ -595,6 +595,10 @@ class DKMCallback(Callback):
     ) -> None:
         self._forward_cache.close()
 
+    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._forward_cache.window_is_last:  # before AMP unscales the gradients
+            self._forward_cache.finish_window()
+
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
         batch_idx: int,
