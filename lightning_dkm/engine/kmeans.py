@@ -356,7 +356,7 @@ def kmeans(
     best: KMeansResult | None = None
     if xw.shape[-1] == 1:  # scalars: the optimum itself, no seeding and no restarts
         c = _optimal_centroids(xw, k, w)
-        labels = nearest_centroid(xw, c)
+        labels = _nearest_ascending(xw, c)
         best = KMeansResult(c, labels, _inertia(xw, c, labels, w))
     for _ in range(n_init if best is None else 0):
         seed_x, seed_w = _seed_subset(xw, w, generator)
@@ -415,6 +415,15 @@ def _optimal_centroids(x: Tensor, k: int, w: Tensor | None) -> Tensor:
         placeholders = (_placeholder_centroids(x / unit, k) * unit).squeeze(-1)
         centroids = torch.where(filled, centroids, placeholders.to(centroids))
     return centroids.to(x.dtype).unsqueeze(-1)
+
+
+def _nearest_ascending(x: Tensor, c: Tensor) -> Tensor:
+    """:func:`nearest_centroid` for scalars ``x`` ``(P, n, 1)`` and strictly ascending
+    centroids ``c`` ``(P, k, 1)`` (the optimal ones): one sorted search among the midpoints
+    (a point on a midpoint goes to the lower centroid, as ``argmin`` sends it), no sort and
+    no comparison of distances."""
+    midpoints = (c[:, 1:, 0] + c[:, :-1, 0]) / 2
+    return torch.searchsorted(midpoints.contiguous(), x.squeeze(-1).contiguous())
 
 
 def _seed_subset(

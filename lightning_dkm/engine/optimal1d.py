@@ -58,7 +58,7 @@ __all__ = ["MAX_BINS", "bin_budget", "optimal_kmeans_1d"]
 #: The dynamic program runs on at most this many bins per palette (its cost is linear in it);
 #: fewer, down to ``64 k``, when many palettes share one call (:func:`bin_budget`).
 MAX_BINS = 1 << 13
-#: Cells of the finest grid over a larger palette's range.
+#: Cells of the finest grid over a larger palette's range (at most; about 2 per weight).
 GRID_CELLS = 1 << 20
 # Grid cells binned at once (palettes x cells), bounding the two float64 tables.
 _TABLE_ENTRIES = 1 << 22
@@ -66,7 +66,7 @@ _TABLE_ENTRIES = 1 << 22
 _CHUNK = 1 << 20
 # Foveated cuts: this many more per level, and at most this many rounds of them.
 _FOVEA = 8
-_ROUNDS = 2
+_ROUNDS = 1
 # Palettes x bins x k of the program's choices kept at once (int32).
 _CHOICE_ENTRIES = 1 << 25
 _TINY = torch.finfo(torch.float64).tiny
@@ -129,7 +129,7 @@ def optimal_kmeans_1d(x: Tensor, k: int, sample_weight: Tensor | None = None
             centroids[part], filled[part] = _centroids(prefix, _optimal_starts(prefix, k),
                                                        bins.center)
         return centroids, filled
-    cells = GRID_CELLS
+    cells = min(GRID_CELLS, max(1 << 18, 1 << (2 * n - 1).bit_length()))  # >= 2 per weight
     for part in _parts(P, max(1, _TABLE_ENTRIES // cells)):
         w = _part_of(sample_weight, part)
         bins = _grid_cells(x[part], w, cells, budget // 4)
@@ -271,7 +271,7 @@ def _gathered(prefix: Tensor, cuts: Tensor) -> Tensor:
     return prefix.gather(2, cuts.expand(3, *cuts.shape))
 
 
-def _lloyd_cells(prefix: Tensor, starts: Tensor, occupied: Tensor, max_iter: int = 100
+def _lloyd_cells(prefix: Tensor, starts: Tensor, occupied: Tensor, max_iter: int = 10
                  ) -> Tensor:
     """Lloyd's algorithm on the cells (points at their means, weighted by their mass) from
     the runs starting at ``starts``, as run starts: each round moves every boundary to the
