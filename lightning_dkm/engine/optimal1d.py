@@ -28,8 +28,9 @@ partition that keeps the bins whole):
 * a palette of at most :func:`bin_budget` weights (8,192 for one palette): its distinct
   values (ties merged, counts and ``sample_weight`` summed), so the result is the exact
   optimum;
-* a larger palette: a grid of :data:`GRID_CELLS` (2**20) equal power-of-two cells over its
-  range, in one pass over the weights (a cell's weight and sum). The program first runs on a
+* a larger palette: a grid of about two equal power-of-two cells per weight (2**18 to
+  :data:`GRID_CELLS`, 2**20) over its range, in one pass over the weights (a cell's weight
+  and sum). The program first runs on a
   coarse set of cuts between cells (evenly spaced over the occupied cells, plus where the
   values cross evenly spaced levels, so that an outlier is never merged with the bulk), then
   Lloyd's algorithm on the cells moves the boundaries, then it runs again on *foveated* cuts:
