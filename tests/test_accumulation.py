@@ -138,6 +138,40 @@ def test_a_window_whose_last_micro_batch_did_not_join_completes_at_close():
                for t in tensors.values())
 
 
+def _close_an_unjoined_window(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    import warnings
+
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        model = _unique_model()
+        window = AccumulationWindow(t.parametrization for t in clustered_tensors(model).values())
+        with clustering_pass(model):
+            loss = model(torch.randn(8, 64)).square().mean()
+        loss.backward()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            window.close()
+        messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+        with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as f:
+            f.write("\n".join(messages))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_under_ddp_a_window_completed_after_the_synchronisation_warns_naming_the_weights(
+        tmp_path):
+    """Under DDP a window whose last micro-batch did not read the clustered weights gets
+    their DKM gradient after the ranks synchronised: each rank says so, naming the weights
+    (silently, the ranks' weights would drift apart)."""
+    torch.multiprocessing.spawn(
+        _close_an_unjoined_window, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+    for rank in range(2):
+        message = (tmp_path / f"rank{rank}.txt").read_text()
+        assert "did not read 0.weight, 2.weight" in message
+        assert "this rank's gradients" in message
+
+
 def test_validation_inside_a_window_snaps_and_leaves_the_window_alone():
     model = _unique_model()
     tensors = clustered_tensors(model)

@@ -35,6 +35,7 @@ opens and closes windows between the trainer's hooks.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -137,6 +138,14 @@ class _WindowEnd(torch.autograd.Function):
         return (grad if earlier is None else grad + earlier.to(grad.dtype)), None
 
 
+def _ranks_synchronised() -> bool:
+    """Whether several processes train together (DDP synchronises their gradients in the
+    backward, so a gradient produced after it stays on its rank)."""
+    distributed = torch.distributed
+    return (distributed.is_available() and distributed.is_initialized()
+            and distributed.get_world_size() > 1)
+
+
 class AccumulationWindow:
     """The soft windows of a model's parametrizations over one optimizer step: opened at the
     window's first micro-batch, told before each micro-batch whether it is the last
@@ -155,10 +164,19 @@ class AccumulationWindow:
     def finish(self) -> None:
         """Run DKM's backward for gradient still held by the leaves (one call for every
         tensor): a window whose last micro-batch did not join them."""
-        pending = [w for p in self.members if p.window is not None
+        pending = [(p.layout.name, w) for p in self.members if p.window is not None
                    and (w := p.window.pending()) is not None]
-        if pending:
-            torch.autograd.backward([s for s, _ in pending], [g for _, g in pending])
+        if not pending:
+            return
+        if _ranks_synchronised():
+            names = ", ".join(name for name, _ in pending)
+            warnings.warn(
+                f"DKM: the last micro-batch of this accumulation window did not read {names}; "
+                "their DKM backward runs now, after the gradients were synchronised across "
+                "ranks, so this optimizer step uses this rank's gradients of these weights "
+                "only. Read every clustered weight in every micro-batch's forward, or train "
+                "without accumulate_grad_batches.", RuntimeWarning, stacklevel=2)
+        torch.autograd.backward([s for _, (s, _) in pending], [g for _, (_, g) in pending])
 
     def close(self, finish: bool = True) -> None:
         """End the window (after :meth:`finish` unless ``finish`` is false, as after an
