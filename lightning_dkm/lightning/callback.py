@@ -285,7 +285,6 @@ class DKMCallback(Callback):
         #: may choose, and what it chose in this fit (:class:`~.bit_budget.BitAllocation`).
         self.average_bits, self.allowed_bits = check_budget(
             bits, average_bits, allowed_bits, export_coreai)
-        self.bit_allocation: BitAllocation | None = None
         self.spec = ClusterSpec(bits=DEFAULT_BITS if bits is None else bits,
                                 cluster_dim=cluster_dim, group_size=group_size,
                                 per_channel_scale=per_channel_scale)
@@ -400,14 +399,13 @@ class DKMCallback(Callback):
         if saved is None:
             return
         allocation = BitAllocation.from_dict(saved)
-        if self.bit_allocation is not None and allocation.bits == self.bit_allocation.bits:
-            self.bit_allocation = allocation
-            return
-        if set(allocation.bits) != set(self._names):
-            return  # another selection: the checkpoint's restore names the difference
-        release(pl_module, self._names)
-        self._attach(pl_module, allocation.apply(self._select(pl_module)), init=False)
-        self.bit_allocation = self.results.bit_allocation = allocation
+        chosen = self.bit_allocation
+        if chosen is None or allocation.bits != chosen.bits:
+            if set(allocation.bits) != set(self._names):
+                return  # another selection: the checkpoint's restore names the difference
+            release(pl_module, self._names)
+            self._attach(pl_module, allocation.apply(self._select(pl_module)), init=False)
+        self.results.bit_allocation = allocation
 
     # -- the results, as documented attributes (``results`` holds them) ------------------------
     @property
@@ -434,6 +432,12 @@ class DKMCallback(Callback):
     def artifact_path(self) -> Path | None:
         """The compressed model written at fit end (``None`` before, or without an artifact)."""
         return self.results.artifact_path
+
+    @property
+    def bit_allocation(self) -> BitAllocation | None:
+        """The widths ``average_bits`` chose in this fit (kept from the checkpoint on resume);
+        ``None`` without ``average_bits``."""
+        return self.results.bit_allocation
 
     @property
     def finalized_model(self) -> torch.nn.Module | None:
@@ -498,18 +502,18 @@ class DKMCallback(Callback):
                                      self.hard_epoch)  # a new fit: no calibrated bounds yet
         selected = self._select(pl_module)
         self._fully_sharded = FullySharded() if is_fully_sharded(trainer) else None
-        self.bit_allocation = self.results.bit_allocation = None
+        self.results.bit_allocation = None
         if self.average_bits is not None and selected:
             if self._fully_sharded is not None:
                 raise MisconfigurationException(
                     "DKMCallback(average_bits=...) is not supported under FSDP2 yet (the widths "
                     "are chosen from the whole weights at setup); use ddp, or bits")
-            self.bit_allocation = self.results.bit_allocation = plan_fit_widths(
+            allocation = self.results.bit_allocation = plan_fit_widths(
                 trainer, pl_module, selected, average_bits=self.average_bits,
                 allowed_bits=self.allowed_bits, overrides=self.overrides,
                 lut_dtype=self.lut_dtype, seed=self.seed)
-            selected = self.bit_allocation.apply(selected)
-            log_allocation(trainer, self.bit_allocation, self.verbose)
+            selected = allocation.apply(selected)
+            log_allocation(trainer, allocation, self.verbose)
         check_export_widths(selected, self.exports["export_coreai"])
         if not selected:
             rank_zero_warn(

@@ -36,6 +36,7 @@ from ..export.report import REPORT_JSON, REPORT_MARKDOWN, CompressionReport, art
 from ..export.report_render import export_line as _export_line
 from ..export.tracing import as_example_tuple
 from ..model.attach import ClusteredTensor
+from ..model.bit_budget import BitAllocation
 from .handoff import discard_handoff, read_handoff, write_handoff
 
 __all__ = [
@@ -141,7 +142,7 @@ class DKMResults:
         self.finalized_model: torch.nn.Module | None = None
         #: The widths ``average_bits`` chose (a :class:`~lightning_dkm.model.bit_budget.
         #: BitAllocation`), recorded in the report; ``None`` without ``average_bits``.
-        self.bit_allocation: Any = None
+        self.bit_allocation: BitAllocation | None = None
         # ddp_spawn runs fit in worker processes that receive a pickled copy of the callback;
         # rank 0 leaves its results in this file for the copy in the launching process.
         self._launcher_pid = os.getpid()
