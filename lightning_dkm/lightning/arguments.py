@@ -17,7 +17,7 @@ from typing import Any, Literal
 from ..engine.layout import ClusterSpec, is_int
 from ..engine.palette import lut_dtype_of
 from ..engine.parametrization import check_gradient
-from ..model.bit_budget import check_average_bits, check_widths
+from ..model.bit_budget import ALL_WIDTHS, DEFAULT_BITS, check_budget
 from ..model.methods import (
     DEFAULT_REFRESH_EVERY,
     DEFAULT_REGULARIZATION,
@@ -37,7 +37,7 @@ __all__ = [
     "CallableTemperature",
     "TemperatureArgument",
     "check_arguments",
-    "check_budget",
+    "check_callback_budget",
     "check_method_options",
     "check_overrides",
     "parse_temperature",
@@ -45,28 +45,17 @@ __all__ = [
     "resolve_method",
 ]
 
-#: ``bits`` when it is not given (``None``).
-DEFAULT_BITS = 4
-
-
-def check_budget(
+def check_callback_budget(
     bits: int | None, average_bits: object, allowed_bits: object, export_coreai: bool
 ) -> tuple[float | None, tuple[int, ...]]:
-    """``average_bits`` (checked: a number in [1, 8], never together with ``bits``) and the
-    widths it may choose: ``allowed_bits``, or 1..8, or with ``export_coreai`` Core AI's
+    """:func:`~lightning_dkm.model.bit_budget.check_budget` for ``DKMCallback``: the widths
+    ``average_bits`` may choose are ``allowed_bits``, or 1..8, or with ``export_coreai`` Core AI's
     (:data:`~lightning_dkm.export.coreai.COREAI_BITS`; given widths it cannot pack are an
     error)."""
     from ..export.coreai import COREAI_BITS
 
-    budget = check_average_bits(average_bits)
-    require(budget is None or bits is None,
-            f"bits={bits!r} and average_bits={average_bits!r} are both given; average_bits "
-            "chooses every tensor's width (overrides may fix some): leave bits unset (None), "
-            "or drop average_bits for one width everywhere")
-    require(budget is not None or allowed_bits is None,
-            f"allowed_bits={allowed_bits!r} only applies with average_bits; got "
-            "average_bits=None")
-    widths = check_widths(allowed_bits, COREAI_BITS if export_coreai else range(1, 9))
+    budget, widths = check_budget(bits, average_bits, allowed_bits,
+                                  COREAI_BITS if export_coreai else ALL_WIDTHS)
     bad = sorted(set(widths) - set(COREAI_BITS)) if export_coreai else []
     require(not bad, f"allowed_bits={allowed_bits!r} holds {bad}, which Core AI cannot pack "
                      f"(export_coreai=True packs {list(COREAI_BITS)}); leave allowed_bits unset")

@@ -40,7 +40,7 @@ from .arguments import (
     DEFAULT_BITS,
     TemperatureArgument,
     check_arguments,
-    check_budget,
+    check_callback_budget,
     check_method_options,
     check_overrides,
     parse_temperature,
@@ -283,7 +283,7 @@ class DKMCallback(Callback):
         self.refresh_every = refresh_every
         #: The budget of per-tensor widths (``None``: every tensor at ``bits``), the widths it
         #: may choose, and what it chose in this fit (:class:`~.bit_budget.BitAllocation`).
-        self.average_bits, self.allowed_bits = check_budget(
+        self.average_bits, self.allowed_bits = check_callback_budget(
             bits, average_bits, allowed_bits, export_coreai)
         self.spec = ClusterSpec(bits=DEFAULT_BITS if bits is None else bits,
                                 cluster_dim=cluster_dim, group_size=group_size,

@@ -78,6 +78,8 @@ ALL_WIDTHS = tuple(range(1, MAX_BITS + 1))
 _DP_UNITS = 1 << 16
 # Lloyd iterations of the estimate's k-means (on at most 63,488 distinct values per palette).
 _KMEANS_ITER = 50
+#: The width of every tensor when neither ``bits`` nor ``average_bits`` is given.
+DEFAULT_BITS = 4
 # Widths above this are estimated from it, each further bit dividing the error by 4.
 _MEASURED_BITS = 4
 
@@ -93,6 +95,25 @@ def check_average_bits(average_bits: object) -> float | None:
             f"[1, {MAX_BITS}] (the budget: the clustered bytes of every tensor at that many "
             f"bits; 2.5 lies halfway between 2 and 3); got {average_bits!r}")
     return float(average_bits)
+
+
+def check_budget(bits: int | None, average_bits: object, allowed_bits: object,
+                 default_widths: Sequence[int] = ALL_WIDTHS
+                 ) -> tuple[float | None, tuple[int, ...]]:
+    """``average_bits`` checked (:func:`check_average_bits`; never together with ``bits``)
+    and the widths it may choose (:func:`check_widths`: ``allowed_bits``, which needs
+    ``average_bits``, or ``default_widths``): the one check of ``DKMCallback`` and
+    ``palettize``."""
+    budget = check_average_bits(average_bits)
+    if budget is not None and bits is not None:
+        raise ValueError(
+            f"bits={bits!r} and average_bits={average_bits!r} are both given; average_bits "
+            "chooses every tensor's width (overrides may fix some): leave bits unset (None), "
+            "or drop average_bits for one width everywhere")
+    if budget is None and allowed_bits is not None:
+        raise ValueError(f"allowed_bits={allowed_bits!r} only applies with average_bits; got "
+                         "average_bits=None")
+    return budget, check_widths(allowed_bits, default_widths)  # type: ignore[arg-type]
 
 
 def check_widths(widths: Iterable[int] | None, default: Sequence[int] = ALL_WIDTHS

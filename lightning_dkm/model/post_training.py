@@ -42,7 +42,7 @@ from ..engine.kmeans import kmeans
 from ..engine.layout import ClusterSpec, PaletteLayout
 from ..engine.palette import Palette
 from ..engine.parametrization import stable_seed
-from .bit_budget import check_average_bits, fixed_by_overrides, plan_widths
+from .bit_budget import DEFAULT_BITS, check_budget, fixed_by_overrides, plan_widths
 from .carried import carry_palettes
 from .targets import DEFAULT_MIN_SIZE, select_targets
 
@@ -135,13 +135,8 @@ def palettize(
             :func:`fisher_diagonal`.
     """
     _check_calibration(calibration, calibration_batches)
-    average_bits = check_average_bits(average_bits)
-    if average_bits is not None and bits is not None:
-        raise ValueError(f"bits={bits!r} and average_bits={average_bits:g} are both given; "
-                         "average_bits chooses every tensor's width: leave bits unset (None)")
-    if average_bits is None and allowed_bits is not None:
-        raise ValueError(f"allowed_bits={allowed_bits!r} only applies with average_bits")
-    spec = ClusterSpec(bits=4 if bits is None else bits, cluster_dim=cluster_dim,
+    average_bits, widths = check_budget(bits, average_bits, allowed_bits)
+    spec = ClusterSpec(bits=DEFAULT_BITS if bits is None else bits, cluster_dim=cluster_dim,
                        group_size=group_size, per_channel_scale=per_channel_scale)
     selected = select_targets(
         model, spec, targets=targets, exclude=exclude, min_size=min_size, overrides=overrides
@@ -159,7 +154,7 @@ def palettize(
     if average_bits is not None and selected:
         selected = plan_widths(
             selected, weights, average_bits, fixed=fixed_by_overrides(selected, overrides),
-            sensitivity=fisher or None, allowed_bits=allowed_bits, seed=seed,
+            sensitivity=fisher or None, allowed_bits=widths, seed=seed,
         ).apply(selected)
 
     palettes: dict[str, Palette] = {}
