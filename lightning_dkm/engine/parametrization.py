@@ -29,6 +29,7 @@ tensor, and the steps decide their early stop on the device where reads are not 
 
 from __future__ import annotations
 
+import contextlib
 import zlib
 from collections.abc import Callable, Iterator
 from typing import Literal, NamedTuple
@@ -419,17 +420,15 @@ class DKMParametrization(nn.Module):
         x = self.layout.step_view(weight, self.scale)
         if soft:
             step = self.step if self.pass_step is None else self.pass_step
-            if window is None:
+            # a window's graph is kept to its last backward, past this micro-batch's hooks
+            with contextlib.nullcontext() if window is None else outside_saved_tensor_hooks():
                 result = step(x, start, self.temperature, self.config)
-            else:  # kept to the window's last backward, past this micro-batch's hooks
-                with outside_saved_tensor_hooks():
-                    result = step(x, start, self.temperature, self.config)
+                soft_weight = self.layout.from_step_view(result.weights, self.scale)
             if not replay:
                 self.keep_centroids(result.centroids)
             if window is None:
-                return self.layout.from_step_view(result.weights, self.scale)
-            with outside_saved_tensor_hooks():
-                window.keep(self.layout.from_step_view(result.weights, self.scale))
+                return soft_weight
+            window.keep(soft_weight)
             return window.read()
         _, snapped = hard_assign(x, start)
         if self.mode == "hard" and self.training and not replay:
