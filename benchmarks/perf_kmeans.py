@@ -20,7 +20,8 @@
 ``--previous`` also times 2-4 through the previous scalar path (k-means++ seeding on at most
 65,536 points, then Lloyd on all; ``n_init=3`` in ``palettize``, 100 Lloyd iterations when
 seeding), substituted for the solver in the same process. Times are wall clock on whatever
-the machine is doing: the ratios are the point (every pair measured in one run).
+the machine is doing (``--clock cpu``: the process's CPU time, robust to other load; use it
+with ``--threads 1``); the ratios are the point (every pair measured in one run).
 """
 
 from __future__ import annotations
@@ -90,10 +91,15 @@ def inertia(values: torch.Tensor, centroids: torch.Tensor, weights: torch.Tensor
     return float(d.sum() if weights is None else (d * weights.double().flatten()).sum())
 
 
+#: The clock ``timed`` reads (``--clock``): wall time, or the process's CPU time.
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+_clock = CLOCKS["wall"]
+
+
 def timed(fn) -> tuple[float, Any]:
-    start = time.perf_counter()
+    start = _clock()
     out = fn()
-    return time.perf_counter() - start, out
+    return _clock() - start, out
 
 
 def student_t(n: int, seed: int = 0) -> torch.Tensor:
@@ -258,7 +264,18 @@ def main() -> None:
                         help="also time parts 2-4 through the previous k-means++ + Lloyd path")
     parser.add_argument("--no-sklearn", action="store_true", help="leave scikit-learn out")
     parser.add_argument("--json", type=Path, help="write the rows here")
+    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                        help="time by the wall clock (default) or by the process's CPU time "
+                             "(robust to other load on the machine; use with --threads 1)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch.set_num_threads (default: torch's own)")
     args = parser.parse_args()
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error(f"--threads must be >= 1; got {args.threads}")
+        torch.set_num_threads(args.threads)
+    global _clock
+    _clock = CLOCKS[args.clock]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     out: dict[str, Any] = {"setup": vars(args) | {"json": str(args.json)}}
     if "candidates" in args.parts:

@@ -22,7 +22,7 @@ from lightning_dkm.engine.kmeans import (
     kmeans_plusplus,
     lloyd,
 )
-from lightning_dkm.engine.optimal1d import optimal_kmeans_1d
+from lightning_dkm.engine.optimal1d import optimal_kmeans_1d, optimal_kmeans_1d_many
 
 
 def seeded(seed: int) -> torch.Generator:
@@ -177,6 +177,42 @@ def test_palettes_solved_together_match_each_solved_alone(gen) -> None:
     for p in range(3):
         alone, _ = optimal_kmeans_1d(x[p : p + 1], 4)
         torch.testing.assert_close(together[p : p + 1], alone, rtol=1e-12, atol=0)
+
+
+def _mixed_problems(gen: torch.Generator) -> list[tuple[torch.Tensor, int, torch.Tensor | None]]:
+    """Tensors of every kind a model holds, solved together below: distinct-value palettes
+    and grid ones, several sizes and k, groups of palettes, sample weights, one distinct value,
+    fewer distinct values than k, and two tensors whose programs have the same size."""
+    return [
+        (torch.randn(1, 5_000, generator=gen), 16, None),  # distinct values
+        (torch.randn(1, 5_000, generator=gen) * 3, 16, None),  # the same program size
+        (torch.randn(1, 12_000, generator=gen), 16, None),  # grid
+        (torch.randn(1, 12_000, generator=gen) * 1e-3, 16, None),  # grid, the same size
+        (torch.distributions.StudentT(4.0).sample((3, 10_000)) * 0.02, 4, None),  # 3 palettes
+        (torch.randn(2, 700, generator=gen), 8, torch.rand(2, 700, generator=gen)),  # weighted
+        (torch.full((1, 3_000), 0.25), 16, None),  # one distinct value
+        (torch.randint(-2, 3, (2, 10_000), generator=gen).float(), 16, None),  # 5 < k values
+        (torch.randn(0, 100, generator=gen), 4, None),  # no palettes
+    ]
+
+
+def test_tensors_solved_together_get_bit_for_bit_what_each_gets_alone(gen) -> None:
+    problems = _mixed_problems(gen)
+    together = optimal_kmeans_1d_many(problems)
+    assert len(together) == len(problems)
+    for (x, k, w), (centroids, filled) in zip(problems, together, strict=True):
+        alone, alone_filled = optimal_kmeans_1d(x, k, w)
+        assert torch.equal(filled, alone_filled)
+        assert torch.equal(centroids[filled], alone[alone_filled])
+        assert centroids.shape == (x.shape[0], k)
+
+
+def test_tensors_solved_in_bounded_rounds_get_the_same_centroids(gen, monkeypatch) -> None:
+    problems = _mixed_problems(gen)
+    at_once = optimal_kmeans_1d_many(problems)
+    monkeypatch.setattr(optimal1d, "_HELD_BINS", 1)  # one palette set at a time
+    for (c, f), (one_by_one, f1) in zip(at_once, optimal_kmeans_1d_many(problems), strict=True):
+        assert torch.equal(f, f1) and torch.equal(c[f], one_by_one[f1])
 
 
 # -- scale, determinism ---------------------------------------------------------------------------

@@ -8,6 +8,7 @@ import importlib
 import io
 import math
 import sys
+import warnings
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -26,6 +27,7 @@ from lightning_dkm import (
     select_targets,
 )
 from lightning_dkm.engine.kmeans import kmeans
+import lightning_dkm.model.post_training as post_training
 from lightning_dkm.model.post_training import fisher_diagonal
 
 
@@ -274,6 +276,56 @@ def test_palettize_of_scalars_is_the_optimum_whatever_the_seed() -> None:
         ({"bits": 8}, r"0\.weight: each palette holds 128 vectors, fewer than 2\*\*bits = 256"),
     ],
 )
+class Mixed(nn.Module):
+    """Tensors of several sizes and kinds: tied, constant, with fewer distinct values than a
+    4-bit palette, and two of one shape."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(300, 48)
+        self.a = nn.Linear(48, 96)
+        self.b = nn.Linear(96, 48)
+        self.c = nn.Linear(48, 48)
+        self.constant = nn.Linear(48, 64)
+        self.few = nn.Linear(64, 48)
+        self.head = nn.Linear(48, 300, bias=False)
+        self.head.weight = self.embed.weight  # tied
+        with torch.no_grad():
+            self.constant.weight.fill_(0.125)
+            self.few.weight.copy_(torch.randint(-2, 3, self.few.weight.shape) * 0.1)
+
+
+@pytest.mark.parametrize("spec", [
+    dict(bits=4), dict(bits=2, per_channel_scale=True), dict(bits=3, group_size=4),
+    dict(bits=6), dict(bits=2, cluster_dim=2),
+])
+def test_palettize_of_a_model_equals_palettize_of_each_tensor_alone(spec: dict) -> None:
+    """The tensors of a model share one batched program: each gets bit for bit the palette it
+    gets when it is the only tensor clustered."""
+    with pytest.warns(UserWarning):  # the constant and the few-valued tensors
+        together = palettize(Mixed(), progress=False, min_size=1, **spec)
+    assert "head.weight" not in together  # tied: one palette, the embedding's
+    for name, palette in together.items():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            alone = palettize(Mixed(), targets=[name], progress=False, min_size=1, **spec)
+        assert torch.equal(palette.lut, alone[name].lut), name
+        assert torch.equal(palette.indices, alone[name].indices), name
+
+
+def test_palettize_in_waves_of_few_weights_gives_the_same_palettes(monkeypatch) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        at_once = palettize(Mixed(), bits=4, progress=False, min_size=1)
+        monkeypatch.setattr(post_training, "_WAVE_WEIGHTS", 1000)  # a tensor a wave
+        one_by_one = palettize(Mixed(), bits=4, progress=False, min_size=1)
+    assert at_once.keys() == one_by_one.keys()
+    for name, palette in at_once.items():
+        assert torch.equal(palette.lut, one_by_one[name].lut), name
+        assert torch.equal(palette.indices, one_by_one[name].indices), name
+
+
 def test_palettize_rejects_a_spec_that_does_not_fit_naming_parameter_and_value(
     kwargs: dict, message: str
 ) -> None:

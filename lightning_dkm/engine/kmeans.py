@@ -22,18 +22,20 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-from .optimal1d import optimal_kmeans_1d
+from .optimal1d import optimal_kmeans_1d_many
 
 __all__ = [
     "KMeansResult",
     "kmeans",
     "kmeans_centroids",
     "kmeans_plusplus",
+    "kmeans_scalars",
     "lloyd",
     "member_means",
     "nearest_centroid",
@@ -355,8 +357,7 @@ def kmeans(
 
     best: KMeansResult | None = None
     if xw.shape[-1] == 1:  # scalars: the optimum itself, no seeding and no restarts
-        c = _optimal_centroids(xw, k, w)
-        labels = _nearest_ascending(xw, c)
+        c, labels = _optimal_fits([(xw, k, w)])[0]
         best = KMeansResult(c, labels, _inertia(xw, c, labels, w))
     for _ in range(n_init if best is None else 0):
         seed_x, seed_w = _seed_subset(xw, w, generator)
@@ -383,7 +384,27 @@ def kmeans_centroids(
     if x.dim() != 3 or x.shape[-1] != 1:
         return kmeans(x, k, generator, max_iter=max_iter, name=name).centroids
     xw, _ = _checked(x, k, None, name)
-    return _optimal_centroids(xw, k, None).to(x.dtype)
+    return _optimal_centroids([(xw, k, None)])[0].to(x.dtype)
+
+
+@torch.no_grad()
+def kmeans_scalars(problems: Sequence[tuple[Tensor, int, Tensor | None, str | None]]
+                   ) -> list[tuple[Tensor, Tensor]]:
+    """``(centroids, labels)`` of :func:`kmeans` for each ``(x, k, sample_weight, name)`` of
+    scalar palettes ``x`` ``(P, n, 1)`` (the tensors of a model), bit for bit, without the
+    inertia: the tensors' dynamic programs run batched
+    (:func:`~lightning_dkm.engine.optimal1d.optimal_kmeans_1d_many`), so many small tensors
+    cost about what one does. The checks and warnings are :func:`kmeans`'s."""
+    scaled, units = [], []
+    for x, k, sample_weight, name in problems:
+        if x.dim() != 3 or x.shape[-1] != 1:
+            raise ValueError(f"x{_label(name)} must be scalar palettes (P, n, 1); got "
+                             f"{tuple(x.shape)}")
+        xw, w = _checked(x, k, sample_weight, name)
+        units.append(palette_unit(xw))
+        scaled.append((xw / units[-1], k, w))
+    return [((c * unit).to(x.dtype), labels) for (x, *_), unit, (c, labels)
+            in zip(problems, units, _optimal_fits(scaled), strict=True)]
 
 
 def _checked(x: Tensor, k: int, sample_weight: Tensor | None, name: str | None,
@@ -402,19 +423,31 @@ def _checked(x: Tensor, k: int, sample_weight: Tensor | None, name: str | None,
     return xw, w
 
 
-def _optimal_centroids(x: Tensor, k: int, w: Tensor | None) -> Tensor:
-    """The optimal centroids ``(P, k, 1)`` of scalar palettes ``x`` ``(P, n, 1)``
-    (:func:`~.optimal1d.optimal_kmeans_1d`), ascending; a palette with fewer distinct values
-    than ``k`` gets distinct placeholders beyond its data (:func:`_placeholder_centroids`, on
-    the palette divided by its :func:`palette_unit`) for the centroids left without
-    members. The solver works in float64 and scales exactly with a power of two, so any
-    magnitude of ``x`` is fine as it is."""
-    centroids, filled = optimal_kmeans_1d(x.squeeze(-1), k, None if w is None else w)
-    if not bool(filled.all()):
-        unit = palette_unit(x)
-        placeholders = (_placeholder_centroids(x / unit, k) * unit).squeeze(-1)
-        centroids = torch.where(filled, centroids, placeholders.to(centroids))
-    return centroids.to(x.dtype).unsqueeze(-1)
+def _optimal_centroids(problems: Sequence[tuple[Tensor, int, Tensor | None]]
+                       ) -> list[Tensor]:
+    """The optimal centroids ``(P, k, 1)`` of scalar palettes ``x`` ``(P, n, 1)`` of each
+    ``(x, k, w)`` (:func:`~.optimal1d.optimal_kmeans_1d_many`: one batched program),
+    ascending; a palette with fewer distinct values than ``k`` gets distinct placeholders
+    beyond its data (:func:`_placeholder_centroids`, on the palette divided by its
+    :func:`palette_unit`) for the centroids left without members. The solver works in
+    float64 and scales exactly with a power of two, so any magnitude of ``x`` is fine as it
+    is."""
+    solved = optimal_kmeans_1d_many([(x.squeeze(-1), k, w) for x, k, w in problems])
+    out = []
+    for (x, k, _), (centroids, filled) in zip(problems, solved, strict=True):
+        if not bool(filled.all()):
+            unit = palette_unit(x)
+            placeholders = (_placeholder_centroids(x / unit, k) * unit).squeeze(-1)
+            centroids = torch.where(filled, centroids, placeholders.to(centroids))
+        out.append(centroids.to(x.dtype).unsqueeze(-1))
+    return out
+
+
+def _optimal_fits(problems: Sequence[tuple[Tensor, int, Tensor | None]]
+                  ) -> list[tuple[Tensor, Tensor]]:
+    """:func:`_optimal_centroids` of each problem and the labels of its points."""
+    return [(c, _nearest_ascending(x, c))
+            for (x, _, _), c in zip(problems, _optimal_centroids(problems), strict=True)]
 
 
 def _nearest_ascending(x: Tensor, c: Tensor) -> Tensor:

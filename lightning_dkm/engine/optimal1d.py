@@ -49,12 +49,13 @@ the same centroids.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from collections.abc import Generator, Sequence
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
-__all__ = ["MAX_BINS", "bin_budget", "optimal_kmeans_1d"]
+__all__ = ["MAX_BINS", "bin_budget", "optimal_kmeans_1d", "optimal_kmeans_1d_many"]
 
 #: The dynamic program runs on at most this many bins per palette (its cost is linear in it);
 #: fewer, down to ``64 k``, when many palettes share one call (:func:`bin_budget`).
@@ -70,6 +71,9 @@ _FOVEA = 8
 _ROUNDS = 1
 # Palettes x bins x k of the program's choices kept at once (int32).
 _CHOICE_ENTRIES = 1 << 25
+# Bins (at most) of the palettes being solved at once by optimal_kmeans_1d_many, each with
+# its float64 prefix sums: many tensors' programs run batched within this bound.
+_HELD_BINS = 1 << 24
 _TINY = torch.finfo(torch.float64).tiny
 
 
@@ -112,6 +116,37 @@ def optimal_kmeans_1d(x: Tensor, k: int, sample_weight: Tensor | None = None
     values (of positive weight) leaves without members (their values are arbitrary: the
     caller places them).
     """
+    return optimal_kmeans_1d_many([(x, k, sample_weight)])[0]
+
+
+@torch.no_grad()
+def optimal_kmeans_1d_many(problems: Sequence[tuple[Tensor, int, Tensor | None]]
+                           ) -> list[tuple[Tensor, Tensor]]:
+    """:func:`optimal_kmeans_1d` of every ``(x, k, sample_weight)`` of ``problems`` (the
+    tensors of a model, say), each bit for bit what it gets alone, in one pass: the dynamic
+    programs of the same size (``k`` and bins per palette) run as one batched program, so
+    the program's Python loop (``k log2 M`` vectorised steps) runs once per size instead of
+    once per tensor, which is what clustering many small tensors costs otherwise. A palette's
+    program does not depend on the others in its batch, so batching changes no result."""
+    jobs, sizes = [], []
+    for x, k, sample_weight in problems:
+        _check_problem(x, sample_weight)
+        P, n = x.shape
+        parts = _problem_parts(x, k)
+        jobs.append([_solve(x[part], k, _part_of(sample_weight, part), bin_budget(P, k))
+                     for part in parts])
+        sizes += [(part.stop - part.start) * min(n, _cell_count(n)) for part in parts]
+    results = _drive([job for parts in jobs for job in parts], sizes)
+    out = []
+    for (x, k, _), parts in zip(problems, jobs, strict=True):
+        mine, results = results[: len(parts)], results[len(parts) :]
+        out.append((torch.cat([c for c, _ in mine]), torch.cat([f for _, f in mine])) if mine
+                   else (x.new_empty(0, k, dtype=torch.float64),
+                         x.new_empty(0, k, dtype=torch.bool)))
+    return out
+
+
+def _check_problem(x: Tensor, sample_weight: Tensor | None) -> None:
     if x.dim() != 2:
         raise ValueError(f"x must have shape (P, n); got {tuple(x.shape)}")
     if sample_weight is not None and sample_weight.shape != x.shape:
@@ -119,28 +154,89 @@ def optimal_kmeans_1d(x: Tensor, k: int, sample_weight: Tensor | None = None
             f"sample_weight must have the shape of x {tuple(x.shape)}; got "
             f"{tuple(sample_weight.shape)}"
         )
+
+
+def _problem_parts(x: Tensor, k: int) -> list[slice]:
+    """The palettes of ``x`` binned at once: bounding the program's choices (distinct
+    values) or the grid's tables."""
     P, n = x.shape
-    budget = bin_budget(P, k)
-    centroids = torch.empty(P, k, dtype=torch.float64, device=x.device)
-    filled = torch.empty(P, k, dtype=torch.bool, device=x.device)
-    if n <= budget:
-        for part in _parts(P, max(1, _CHOICE_ENTRIES // (k * n))):
-            bins = _distinct_bins(x[part], _part_of(sample_weight, part))
+    if n <= bin_budget(P, k):
+        return _parts(P, max(1, _CHOICE_ENTRIES // (k * n)))
+    return _parts(P, max(1, _TABLE_ENTRIES // _cell_count(n)))
+
+
+def _cell_count(n: int) -> int:
+    """The grid's cells for palettes of ``n`` values: about 2 per value, 2**18 to
+    :data:`GRID_CELLS`, a power of two."""
+    return min(GRID_CELLS, max(1 << 18, 1 << (2 * n - 1).bit_length()))
+
+
+#: A palette set's solution in steps: it yields prefix sums ``(3, P, M + 1)`` and the number
+#: of runs for :func:`_optimal_starts`, is sent their run starts, and returns ``(centroids,
+#: filled)``.
+_Solver = Generator[tuple[Tensor, int], Tensor, tuple[Tensor, Tensor]]
+
+
+def _solve(x: Tensor, k: int, w: Tensor | None, budget: int) -> _Solver:
+    """The centroids of palettes ``x`` ``(P, n)`` with at most ``budget`` bins each in the
+    program, as a :data:`_Solver`: on the distinct values (``n <= budget``, or a grid with
+    fewer than ``k`` occupied cells), else on the grid's cells."""
+    n = x.shape[1]
+    if n > budget:
+        bins = _grid_cells(x, w, _cell_count(n), budget // 4)
+        if int((bins.weight > 0).sum(1).min()) >= k:
             prefix = _prefix(bins)
-            centroids[part], filled[part] = _centroids(prefix, _optimal_starts(prefix, k),
-                                                       bins.center)
-        return centroids, filled
-    cells = min(GRID_CELLS, max(1 << 18, 1 << (2 * n - 1).bit_length()))  # >= 2 per weight
-    for part in _parts(P, max(1, _TABLE_ENTRIES // cells)):
-        w = _part_of(sample_weight, part)
-        bins = _grid_cells(x[part], w, cells, budget // 4)
-        if int((bins.weight > 0).sum(1).min()) < k:  # too few occupied cells for k runs:
-            bins = _distinct_bins(x[part], w)  # the distinct values decide (exact)
-        prefix = _prefix(bins)
-        starts = (_optimal_starts(prefix, k) if bins.weight.shape[1] <= budget
-                  else _foveated(prefix, (bins.weight > 0).sum(1), bins.levels, k, budget))
-        centroids[part], filled[part] = _centroids(prefix, starts, bins.center)
-    return centroids, filled
+            if bins.weight.shape[1] <= budget:
+                starts = yield prefix, k
+            else:
+                starts = yield from _foveated(prefix, (bins.weight > 0).sum(1), bins.levels, k,
+                                              budget)
+            return _centroids(prefix, starts, bins.center)
+    bins = _distinct_bins(x, w)  # too few occupied cells for k runs: the distinct values decide
+    prefix = _prefix(bins)
+    starts = yield prefix, k
+    return _centroids(prefix, starts, bins.center)
+
+
+def _drive(solvers: list[_Solver], sizes: list[int]) -> list[tuple[Tensor, Tensor]]:
+    """Every solver's result, running them side by side: each round, the programs that the
+    waiting solvers ask for are grouped by size (runs, bins) and each group is solved by one
+    :func:`_optimal_starts` over all their palettes (in slices that bound its choices).
+    Solvers start in order while those started hold at most :data:`_HELD_BINS` bins
+    (``sizes``: each one's bound), so that memory stays bounded however many there are."""
+    results: list[Any] = [None] * len(solvers)
+    waiting: dict[int, tuple[Tensor, int]] = {}
+    started = held = 0
+    while started < len(solvers) or waiting:
+        while started < len(solvers) and (held == 0 or held + sizes[started] <= _HELD_BINS):
+            held += sizes[started]
+            started += 1
+            held -= _advance(solvers, started - 1, None, waiting, results) * sizes[started - 1]
+        groups: dict[tuple, list[int]] = {}
+        for i, (prefix, k) in waiting.items():
+            groups.setdefault((k, prefix.shape[2], prefix.dtype, prefix.device), []).append(i)
+        asked, waiting = waiting, {}
+        for (k, M1, *_), members in groups.items():
+            prefix = torch.cat([asked[i][0] for i in members], 1)
+            step = max(1, _CHOICE_ENTRIES // (k * max(M1 - 1, k)))
+            starts = torch.cat([_optimal_starts(prefix[:, part], k)
+                                for part in _parts(prefix.shape[1], step)])
+            for i, mine in zip(members, starts.split([asked[i][0].shape[1] for i in members]),
+                               strict=True):
+                held -= _advance(solvers, i, mine, waiting, results) * sizes[i]
+    return results
+
+
+def _advance(solvers: list[_Solver], i: int, sent: Tensor | None, waiting: dict,
+             results: list) -> bool:
+    """Send ``sent`` to solver ``i``: its next request goes to ``waiting``, or its result to
+    ``results`` (then True: it is done)."""
+    try:
+        waiting[i] = solvers[i].send(sent)  # type: ignore[arg-type]
+    except StopIteration as done:
+        results[i] = done.value
+        return True
+    return False
 
 
 def _parts(P: int, step: int) -> list[slice]:
@@ -232,7 +328,7 @@ def _centroids(prefix: Tensor, starts: Tensor, center: Tensor) -> tuple[Tensor, 
 
 
 def _foveated(prefix: Tensor, occupied: Tensor, levels: Tensor, k: int, budget: int
-              ) -> Tensor:
+              ) -> Generator[tuple[Tensor, int], Tensor, Tensor]:
     """The run starts (P, k) of a partition of the cells of ``prefix`` (each palette's
     ``occupied`` cells first): the optimum on ``budget / 4`` cuts evenly spaced over the
     cells and the cuts at ``levels`` (where the values cross evenly spaced levels: a run of
@@ -254,13 +350,13 @@ def _foveated(prefix: Tensor, occupied: Tensor, levels: Tensor, k: int, budget: 
         spacing = -(-spacing // _FOVEA)
         ladder.append(spacing)
     offsets = torch.cat([torch.arange(-_FOVEA, _FOVEA + 1, device=device) * s for s in ladder])
-    starts = cuts.gather(1, _optimal_starts(_gathered(prefix, cuts), k))
+    starts = cuts.gather(1, (yield _gathered(prefix, cuts), k))
     starts = _lloyd_cells(prefix, starts, occupied)
     for _ in range(_ROUNDS):
         window = (starts[:, 1:].unsqueeze(-1) + offsets).view(P, -1)
         window = torch.minimum(window.clamp_min(0), occupied.unsqueeze(1))
         chosen = torch.cat((cuts, window), 1).sort(1).values
-        moved = chosen.gather(1, _optimal_starts(_gathered(prefix, chosen), k))
+        moved = chosen.gather(1, (yield _gathered(prefix, chosen), k))
         if torch.equal(moved, starts):
             break
         starts = moved

@@ -31,6 +31,7 @@ Two objectives are offered:
 from __future__ import annotations
 
 import itertools
+import math
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -38,13 +39,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..engine.kmeans import kmeans
+from ..engine.kmeans import kmeans, kmeans_scalars
 from ..engine.layout import ClusterSpec, PaletteLayout
 from ..engine.palette import Palette
 from ..engine.parametrization import stable_seed
 from .bit_budget import DEFAULT_BITS, check_budget, fixed_by_overrides, plan_widths
 from .carried import carry_palettes
-from .targets import DEFAULT_MIN_SIZE, select_targets
+from .targets import DEFAULT_MIN_SIZE, Target, select_targets
 
 __all__ = ["Calibration", "LossFn", "fisher_diagonal", "palettize"]
 
@@ -158,44 +159,84 @@ def palettize(
         ).apply(selected)
 
     palettes: dict[str, Palette] = {}
-    for target in _progress(selected, progress):
-        weight = weights[target.name]
-        layout = target.layout
-        generator = torch.Generator().manual_seed(stable_seed(seed, target.name))
-        scale = layout.channel_scale(weight)
-        x = layout.to_palettes(weight.detach(), scale).float().cpu()
+    bar = _progress(len(selected), progress)
+    for wave in _waves(selected):
+        scales = {t.name: t.layout.channel_scale(weights[t.name]) for t in wave}
+        fits = _cluster(wave, weights, scales, fisher, seed=seed, n_init=n_init,
+                        max_iter=max_iter)
+        for target in wave:
+            weight, scale = weights[target.name], scales[target.name]
+            centroids, labels = fits.pop(target.name)
+            palette = Palette(
+                lut=centroids.to(device=weight.device, dtype=weight.dtype),
+                indices=labels.to(weight.device),
+                layout=target.layout,
+                scale=None if scale is None else scale.to(device=weight.device,
+                                                          dtype=weight.dtype),
+            )
+            weight.copy_(palette.weight())
+            palettes[target.name] = palette
+            bar.set_postfix_str(target.name, refresh=False)
+            bar.update()
+    bar.close()
+    carry_palettes(model, palettes)
+    return palettes
+
+
+# Weights clustered together at most (one tensor above it alone): a wave's scalar tensors
+# share one batched dynamic program; their float32 values and labels are held at once.
+_WAVE_WEIGHTS = 1 << 25
+
+
+def _waves(selected: list[Target]) -> list[list[Target]]:
+    """``selected`` in consecutive runs of at most :data:`_WAVE_WEIGHTS` weights."""
+    waves: list[list[Target]] = []
+    held = _WAVE_WEIGHTS
+    for target in selected:
+        size = math.prod(target.layout.shape)
+        if held + size > _WAVE_WEIGHTS:
+            waves.append([])
+            held = 0
+        waves[-1].append(target)
+        held += size
+    return waves
+
+
+def _cluster(wave: list[Target], weights: Mapping[str, Tensor],
+             scales: Mapping[str, Tensor | None], fisher: Mapping[str, Tensor], *, seed: int,
+             n_init: int, max_iter: int) -> dict[str, tuple[Tensor, Tensor]]:
+    """``{name: (centroids, labels)}`` of every tensor of ``wave``: the scalar palettes
+    together (:func:`~lightning_dkm.engine.kmeans.kmeans_scalars`, one batched program), the
+    vector ones by :func:`~lightning_dkm.engine.kmeans.kmeans`, seeded per tensor."""
+    problems = {}
+    for target in wave:
+        layout, scale = target.layout, scales[target.name]
+        x = layout.to_palettes(weights[target.name].detach(), scale).float().cpu()
         sample_weight = None
         if target.name in fisher:
             sensitivity = fisher[target.name]
             if scale is not None:  # an error of e in scaled units is s * e in the weight's
                 sensitivity = sensitivity * layout.broadcast_scale(scale.to(sensitivity)) ** 2
             sample_weight = _sample_weights(layout, sensitivity)
-        result = kmeans(
-            x, layout.spec.num_centroids, generator, n_init=n_init, max_iter=max_iter,
-            sample_weight=sample_weight, name=target.name,
-        )
-        palette = Palette(
-            lut=result.centroids.to(device=weight.device, dtype=weight.dtype),
-            indices=result.labels.to(weight.device),
-            layout=layout,
-            scale=None if scale is None else scale.to(device=weight.device, dtype=weight.dtype),
-        )
-        weight.copy_(palette.weight())
-        palettes[target.name] = palette
-    carry_palettes(model, palettes)
-    return palettes
+        problems[target.name] = (x, layout.spec.num_centroids, sample_weight, target.name)
+    scalar = [name for name, (x, *_) in problems.items() if x.shape[-1] == 1]
+    fits = dict(zip(scalar, kmeans_scalars([problems[name] for name in scalar]), strict=True))
+    for name, (x, k, sample_weight, _) in problems.items():
+        if name not in fits:
+            generator = torch.Generator().manual_seed(stable_seed(seed, name))
+            result = kmeans(x, k, generator, n_init=n_init, max_iter=max_iter,
+                            sample_weight=sample_weight, name=name)
+            fits[name] = result.centroids, result.labels
+    return fits
 
 
-def _progress(selected: list, progress: bool | None):
-    """``selected`` wrapped in a tqdm bar named for the tensor being clustered (tqdm comes
-    with Lightning); ``disable=None`` is tqdm's own rule: off when stderr is not a terminal."""
+def _progress(total: int, progress: bool | None):
+    """A tqdm progress bar over ``total`` tensors (tqdm comes with Lightning); ``disable=None``
+    is tqdm's own rule: off when stderr is not a terminal."""
     from tqdm.auto import tqdm
 
-    bar = tqdm(selected, desc="palettize", unit="tensor",
-               disable=None if progress is None else not progress)
-    for target in bar:
-        bar.set_postfix_str(target.name, refresh=False)
-        yield target
+    return tqdm(total=total, desc="palettize", unit="tensor",
+                disable=None if progress is None else not progress)
 
 
 def fisher_diagonal(
