@@ -16,6 +16,7 @@ import pytest
 import torch
 from torch import nn
 
+import lightning_dkm.model.post_training as post_training
 from lightning_dkm import (
     ClusterSpec,
     Palette,
@@ -27,7 +28,6 @@ from lightning_dkm import (
     select_targets,
 )
 from lightning_dkm.engine.kmeans import kmeans
-import lightning_dkm.model.post_training as post_training
 from lightning_dkm.model.post_training import fisher_diagonal
 
 
