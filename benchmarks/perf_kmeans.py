@@ -41,7 +41,7 @@ import lightning_dkm.model.post_training as post_training
 from lightning_dkm import palettize
 from lightning_dkm.engine.layout import ClusterSpec, PaletteLayout
 from lightning_dkm.engine.optimal1d import optimal_kmeans_1d
-from lightning_dkm.engine.parametrization import DKMParametrization
+from lightning_dkm.engine.parametrization import DKMParametrization, stable_seed
 
 
 # -- the previous path ------------------------------------------------------------------------
@@ -68,16 +68,27 @@ def previous_centroids(x, k, generator=None, *, max_iter=300, name=None):
     return previous_kmeans(x, k, generator, max_iter=max_iter, name=name).centroids
 
 
+def previous_scalars(problems, seed: int = 0):
+    """``palettize``'s scalar tensors as it clustered them before: one at a time, each seeded
+    by ``stable_seed(seed, name)``, ``n_init=3`` (its default then)."""
+    return [previous_kmeans(x, k, torch.Generator().manual_seed(stable_seed(seed, name)),
+                            n_init=3, sample_weight=w, name=name)[:2]
+            for x, k, w, name in problems]
+
+
 class Previous:
     """Within the block, ``palettize`` and seeding take the previous scalar path."""
 
     def __enter__(self):
-        self.saved = post_training.kmeans, parametrization_module.kmeans_centroids
+        self.saved = (post_training.kmeans, post_training.kmeans_scalars,
+                      parametrization_module.kmeans_centroids)
         post_training.kmeans = previous_kmeans
+        post_training.kmeans_scalars = previous_scalars
         parametrization_module.kmeans_centroids = previous_centroids
 
     def __exit__(self, *exc):
-        post_training.kmeans, parametrization_module.kmeans_centroids = self.saved
+        (post_training.kmeans, post_training.kmeans_scalars,
+         parametrization_module.kmeans_centroids) = self.saved
 
 
 # -- helpers ----------------------------------------------------------------------------------

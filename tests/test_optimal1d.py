@@ -15,12 +15,14 @@ import warnings
 import pytest
 import torch
 
+import lightning_dkm.engine.kmeans as kmeans_module
 import lightning_dkm.engine.optimal1d as optimal1d
 from lightning_dkm.engine.kmeans import (
     kmeans,
     kmeans_centroids,
     kmeans_plusplus,
     lloyd,
+    nearest_centroid,
 )
 from lightning_dkm.engine.optimal1d import optimal_kmeans_1d, optimal_kmeans_1d_many
 
@@ -177,6 +179,17 @@ def test_palettes_solved_together_match_each_solved_alone(gen) -> None:
     for p in range(3):
         alone, _ = optimal_kmeans_1d(x[p : p + 1], 4)
         torch.testing.assert_close(together[p : p + 1], alone, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("k", [4, 16, 32])  # labels counted up to 16 centroids, searched above
+def test_labels_are_the_nearest_centroid_and_a_midpoint_goes_to_the_lower_one(k, gen) -> None:
+    x = torch.randn(2, 3_000, 1, generator=gen)
+    result = kmeans(x, k)
+    assert torch.equal(result.labels, nearest_centroid(x, result.centroids))
+    c = result.centroids
+    midpoints = (c[:, 1:] + c[:, :-1]) / 2
+    assert torch.equal(kmeans_module._nearest_ascending(midpoints, c),
+                       torch.arange(k - 1).expand(2, -1))
 
 
 def _mixed_problems(gen: torch.Generator) -> list[tuple[torch.Tensor, int, torch.Tensor | None]]:

@@ -266,16 +266,6 @@ def test_palettize_of_scalars_is_the_optimum_whatever_the_seed() -> None:
     assert torch.equal(a[0].weight, b[0].weight)
 
 
-@pytest.mark.parametrize(
-    ("kwargs", "message"),
-    [
-        ({"bits": 0}, r"bits must be an int in 1\.\.8; got 0"),
-        ({"bits": 9}, r"bits must be an int in 1\.\.8; got 9"),
-        ({"cluster_dim": 3}, r"0\.weight: cluster_dim=3 does not divide .*size 16"),
-        ({"group_size": 3}, r"0\.weight: group_size=3 does not divide .*size 8"),
-        ({"bits": 8}, r"0\.weight: each palette holds 128 vectors, fewer than 2\*\*bits = 256"),
-    ],
-)
 class Mixed(nn.Module):
     """Tensors of several sizes and kinds: tied, constant, with fewer distinct values than a
     4-bit palette, and two of one shape."""
@@ -326,6 +316,16 @@ def test_palettize_in_waves_of_few_weights_gives_the_same_palettes(monkeypatch) 
         assert torch.equal(palette.indices, one_by_one[name].indices), name
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"bits": 0}, r"bits must be an int in 1\.\.8; got 0"),
+        ({"bits": 9}, r"bits must be an int in 1\.\.8; got 9"),
+        ({"cluster_dim": 3}, r"0\.weight: cluster_dim=3 does not divide .*size 16"),
+        ({"group_size": 3}, r"0\.weight: group_size=3 does not divide .*size 8"),
+        ({"bits": 8}, r"0\.weight: each palette holds 128 vectors, fewer than 2\*\*bits = 256"),
+    ],
+)
 def test_palettize_rejects_a_spec_that_does_not_fit_naming_parameter_and_value(
     kwargs: dict, message: str
 ) -> None:

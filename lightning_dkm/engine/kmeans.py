@@ -49,6 +49,9 @@ _ROW_CHUNK = 1 << 18
 # k-means++ seeds on at most this many points per palette (a random subset); Lloyd then runs on
 # all points. Seeding cost is O(n k L); Lloyd's is O(n k) per iteration.
 _MAX_SEED_POINTS = 1 << 16
+# Scalar labels are counted (a comparison pass per midpoint) up to this many centroids, found
+# by a sorted search above.
+_COUNTED_LABELS = 16
 
 
 def power_of_two(magnitude: Tensor) -> Tensor:
@@ -452,11 +455,20 @@ def _optimal_fits(problems: Sequence[tuple[Tensor, int, Tensor | None]]
 
 def _nearest_ascending(x: Tensor, c: Tensor) -> Tensor:
     """:func:`nearest_centroid` for scalars ``x`` ``(P, n, 1)`` and strictly ascending
-    centroids ``c`` ``(P, k, 1)`` (the optimal ones): one sorted search among the midpoints
-    (a point on a midpoint goes to the lower centroid, as ``argmin`` sends it), no sort and
-    no comparison of distances."""
-    midpoints = (c[:, 1:, 0] + c[:, :-1, 0]) / 2
-    return torch.searchsorted(midpoints.contiguous(), x.squeeze(-1).contiguous())
+    centroids ``c`` ``(P, k, 1)`` (the optimal ones): the number of midpoints below each
+    point (a point on a midpoint goes to the lower centroid, as ``argmin`` sends it), no sort
+    and no comparison of distances. Up to 16 centroids it is counted, one comparison pass per
+    midpoint (about 2x faster than the sorted search, ``searchsorted``, used above)."""
+    midpoints = (c[:, 1:] + c[:, :-1]) / 2  # (P, k - 1, 1)
+    if c.shape[1] > _COUNTED_LABELS:
+        return torch.searchsorted(midpoints.squeeze(-1).contiguous(),
+                                  x.squeeze(-1).contiguous())
+    points = x.squeeze(-1)
+    labels = torch.zeros(points.shape, dtype=torch.uint8, device=x.device)
+    above = torch.empty(points.shape, dtype=torch.bool, device=x.device)
+    for j in range(c.shape[1] - 1):
+        labels.add_(torch.gt(points, midpoints[:, j], out=above))
+    return labels.long()
 
 
 def _seed_subset(

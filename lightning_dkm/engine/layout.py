@@ -249,9 +249,8 @@ class PaletteLayout:
             raise ValueError(
                 f"{self.name}: only floating-point weights can be clustered; got {weight.dtype}"
             )
-        finite = torch.isfinite(weight)
-        if not bool(finite.all()):
-            bad = weight.numel() - int(finite.sum())
+        if weight.numel() and not bool(torch.isfinite(torch.stack(torch.aminmax(weight))).all()):
+            bad = weight.numel() - int(torch.isfinite(weight).sum())  # NaN propagates
             raise ValueError(
                 f"{self.name}: weight contains NaN or Inf values ({bad} of {weight.numel()} "
                 "elements); only finite weights can be clustered"

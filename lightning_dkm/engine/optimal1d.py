@@ -283,15 +283,14 @@ def _grid_cells(x: Tensor, w: Tensor | None, cells: int, levels: int) -> _Bins:
                           - torch.frexp(span).exponent)
     size = cells + 1  # the top value's cell may round to ``cells``
     tables = torch.zeros(2, P * size, dtype=torch.float64, device=x.device)
-    ones = torch.ones((), dtype=torch.float64, device=x.device)
     for begin in range(0, n, _CHUNK):
-        deviation = torch.sub(x[:, begin : begin + _CHUNK], low)  # float64: ``low`` is
+        deviation = x[:, begin : begin + _CHUNK].to(torch.float64, copy=True).sub_(low)
         cell = torch.mul(deviation, inverse).long()  # floor: deviation >= 0
         if P > 1:
             cell += (torch.arange(P, device=x.device) * size).unsqueeze(1)
         cell = cell.view(-1)
-        if w is None:
-            tables[0].scatter_add_(0, cell, ones.expand(cell.numel()))
+        if w is None:  # counts: exact in any order
+            tables[0].add_(torch.bincount(cell, minlength=P * size))
         else:
             weight = w[:, begin : begin + _CHUNK].to(torch.float64)
             tables[0].scatter_add_(0, cell, weight.view(-1))
@@ -392,14 +391,18 @@ def _lloyd_cells(prefix: Tensor, starts: Tensor, occupied: Tensor, max_iter: int
     return starts
 
 
-def _cost(prefix: Tensor, start: Tensor, end: Tensor) -> Tensor:
+def _cost(prefix: Tensor, start: Tensor, end: Tensor, node: Tensor | None = None) -> Tensor:
     r"""The cost of runs ``[start, end)`` (flat indices into the ``(3, P * (M + 1))`` prefix
     sums of ``w``, ``w m`` and ``w m**2`` of the bins): :math:`\sum w m^2 - (\sum w m)^2 /
     \sum w`, the weighted squared distances of the bins' means to the run's mean (0 for a run
-    without weight)."""
-    w = prefix[0].index_select(0, end) - prefix[0].index_select(0, start)
-    s = prefix[1].index_select(0, end) - prefix[1].index_select(0, start)
-    q = prefix[2].index_select(0, end) - prefix[2].index_select(0, start)
+    without weight). With ``node``, run ``r`` ends at ``end[node[r]]`` (the sums at the few
+    ends are read first, then spread: cheaper than reading them at every run's end)."""
+    w, s, q = (prefix[r].index_select(0, end) for r in range(3))
+    if node is not None:
+        w, s, q = w.index_select(0, node), s.index_select(0, node), q.index_select(0, node)
+    w = w - prefix[0].index_select(0, start)
+    s = s - prefix[1].index_select(0, start)
+    q = q - prefix[2].index_select(0, start)
     return q.sub_(s.square_().div_(w.clamp_min_(_TINY)))
 
 
@@ -464,8 +467,8 @@ def _optimal_starts(prefix: Tensor, k: int) -> Tensor:
             node = node.cumsum_(0)
             first = (lo + base).view(-1) - offset  # t_flat = position + first
             t = torch.arange(total, device=device).add_(first.index_select(0, node))
-            end = (mid + 1 + base).view(-1).index_select(0, node)
-            value = _cost(flat, t, end).add_(shifted.index_select(0, t))
+            value = _cost(flat, t, (mid + 1 + base).view(-1), node).add_(
+                shifted.index_select(0, t))
             least = value.new_full((P * N,), float("inf")).scatter_reduce_(
                 0, node, value, "amin")
             candidate = torch.where(value <= least.index_select(0, node), t, t.new_tensor(2**62))
