@@ -174,10 +174,13 @@ def test_perf_kmeans_compares_the_candidates_and_the_previous_path(tmp_path):
     out = tmp_path / "kmeans.json"
     result = run("perf_kmeans.py", "--n", "3000", "--k", "4", "--linear", "128", "--embedding",
                  "256", "64", "--parts", "candidates", "palettize", "seeding", "--previous",
-                 "--json", str(out))
+                 "--clock", "cpu", "--threads", "1", "--json", str(out))
     assert "torch (this package)" in result.stdout and "previous path" in result.stdout
     data = json.loads(out.read_text())
     ours = [r for r in data["candidates"] if r["candidate"] == "torch (this package)"]
     assert ours and all(r["inertia_excess"] <= 1e-9 for r in ours)
     assert data["palettize"]["inertia_ratio"] <= 1.0 + 1e-9
     assert data["seeding"]["seed_s"] > 0 and data["seeding"]["previous_s"] > 0
+    assert data["setup"]["clock"] == "cpu"
+    # the previous path is k-means++ + Lloyd, not the exact solver: a larger inertia
+    assert data["palettize"]["previous_inertia_ratio"] > data["palettize"]["inertia_ratio"]
