@@ -165,6 +165,22 @@ def test_the_grid_finds_the_optimum_of_the_exact_program(data: str, monkeypatch)
     assert float(got) <= float(best) * (1 + 1e-6)
 
 
+def test_values_crowded_into_fewer_grid_cells_than_k_get_the_exact_program(gen,
+                                                                           monkeypatch) -> None:
+    # 19,990 distinct values within 1e-6 of 0 share one grid cell (the range is set by ten
+    # far weights near 1000, a cell of each): 11 occupied cells for 16 runs. The distinct
+    # values then decide, and the result is the exact program's.
+    x = torch.cat([torch.rand(1, 19_990, generator=gen) * 1e-6,
+                   1000.0 + torch.arange(10.0).view(1, 10)], dim=1)
+    k = 16
+    got, filled = optimal_kmeans_1d(x, k)
+    monkeypatch.setattr(optimal1d, "MAX_BINS", x.shape[1])  # every distinct value a bin: exact
+    exact, _ = optimal_kmeans_1d(x, k)
+    assert bool(filled.all())
+    assert float(inertia(x.view(1, -1, 1), got.view(1, -1, 1))) <= float(
+        inertia(x.view(1, -1, 1), exact.view(1, -1, 1))) * (1 + 1e-6)
+
+
 @pytest.mark.parametrize(("n", "k"), [(2_000, 4), (2_000, 16), (12_000, 4), (12_000, 16)])
 def test_never_worse_than_lloyd(n: int, k: int) -> None:
     for seed in range(3):
