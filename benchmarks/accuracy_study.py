@@ -139,7 +139,7 @@ from lightning_dkm.model.methods import (  # noqa: E402
     DEFAULT_REGULARIZATION,
     build_method,
 )
-from lightning_dkm.model.post_training import fisher_diagonal  # noqa: E402
+from lightning_dkm.model.post_training import hessian_diagonal  # noqa: E402
 from lightning_dkm.model.targets import select_targets  # noqa: E402
 
 #: The engine's train-time methods (``DKMCallback(method=...)``).
@@ -160,7 +160,7 @@ DKM_EXACT = "dkm_exact"
 #: from ``budget_batches`` training batches), each tensor then seeded by k-means at its width.
 #: Runs for every ``FinetuneConfig.average_bits``; its rows' ``bits`` is the budget B.
 DKM_BUDGET = "dkm_average_bits"
-#: The same with every weight counting the same in the estimate (no Fisher information):
+#: The same with every weight counting the same in the estimate (no Hessian diagonal):
 #: ``--budget-sensitivity none``.
 DKM_BUDGET_UNWEIGHTED = "dkm_average_bits_unweighted"
 METHODS = (*TRAIN_METHODS, DKM_SENSITIVITY_INIT, DKM_EXACT, PALETTIZE, SENSITIVITY, APPLE,
@@ -377,12 +377,12 @@ class FinetuneConfig:
     calibration_batches: int = 4
     #: Budgets of ``dkm_average_bits`` (#24): one run per budget and seed (none by default).
     average_bits: tuple[float, ...] = ()
-    #: Training batches whose Fisher information weights ``dkm_average_bits``' estimate (what
+    #: Training batches whose Hessian diagonal weighs ``dkm_average_bits``' estimate (what
     #: DKMCallback reads: ``lightning.bit_widths.SENSITIVITY_BATCHES``).
     budget_batches: int = SENSITIVITY_BATCHES
-    #: ``"fisher"`` (what DKMCallback does) or ``"none"``: the estimate's squared errors
+    #: ``"hessian"`` (what DKMCallback does) or ``"none"``: the estimate's squared errors
     #: unweighted (rows ``dkm_average_bits_unweighted``).
-    budget_sensitivity: str = "fisher"
+    budget_sensitivity: str = "hessian"
     #: What fine-tuning trains, the same for every method: ``"all"`` parameters, or only the
     #: ``"targets"``' modules (the clustered weights and their biases; the rest frozen).
     trainable: str = "all"
@@ -773,7 +773,7 @@ def run_task(task: Task, cfg: FinetuneConfig, log=print,
                                               defaults)
             report = CompressionReport.build(model, palettes, lut_dtype=torch.float16)
             value, eval_s = evaluate(model)
-            method = DKM_BUDGET if cfg.budget_sensitivity == "fisher" else DKM_BUDGET_UNWEIGHTED
+            method = DKM_BUDGET if cfg.budget_sensitivity == "hessian" else DKM_BUDGET_UNWEIGHTED
             add(method, average_bits, seed, value, report.total_bytes, report, t0,
                 steps=len(batches), eval_seconds=round(eval_s, 2), allocation_seconds=plan_s,
                 budget_bytes=allocation.budget_bytes, widths=allocation.bits, **info)
@@ -783,24 +783,24 @@ def run_task(task: Task, cfg: FinetuneConfig, log=print,
 def _budget_init(task: Task, cfg: FinetuneConfig, average_bits: float, seed: int
                  ) -> tuple[dict[str, Palette], BitAllocation, dict[str, float]]:
     """What ``DKMCallback(average_bits=...)`` does when DKM starts, on ``task``'s fp32 model:
-    the Fisher information of the training loss on ``cfg.budget_batches`` training batches,
-    the widths (``plan_widths``), then k-means at each width (the study's init, as for every
-    engine method). Returns the palettes, the allocation and the seconds of each part."""
+    the Hessian diagonal of the training loss on ``cfg.budget_batches`` training batches, the
+    widths (``plan_widths``), then k-means at each width (the study's init, as for every engine
+    method). Returns the palettes, the allocation and the seconds of each part."""
     model = task.fresh()
     targets = select_targets(model, ClusterSpec(), targets=task.targets)
     weights = {t.name: model.get_parameter(t.name) for t in targets}
     t0 = time.perf_counter()
-    fisher = None
-    if cfg.budget_sensitivity == "fisher":
+    hessian = None
+    if cfg.budget_sensitivity == "hessian":
         loader = task.calibration(seed, cfg.budget_batches, cfg.batch_size)
-        fisher = fisher_diagonal(model, loader, _calibration_loss(task), list(weights),
-                                 num_batches=cfg.budget_batches)
+        hessian = hessian_diagonal(model, loader, _calibration_loss(task), list(weights),
+                                   num_batches=cfg.budget_batches)
     t1 = time.perf_counter()
-    allocation = plan_widths(targets, weights, average_bits, sensitivity=fisher, seed=seed)
+    allocation = plan_widths(targets, weights, average_bits, sensitivity=hessian, seed=seed)
     t2 = time.perf_counter()
     init = palettize(model, targets=task.targets, seed=seed,
                      overrides={name: {"bits": b} for name, b in allocation.bits.items()})
-    seconds = {"fisher": round(t1 - t0, 2), "plan_widths": round(t2 - t1, 2),
+    seconds = {"sensitivity": round(t1 - t0, 2), "plan_widths": round(t2 - t1, 2),
                "kmeans_init": round(time.perf_counter() - t2, 2)}
     return init, allocation, seconds
 
@@ -1461,8 +1461,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="palettize_sensitivity: batches of calibration data")
     common.add_argument("--average-bits", type=float, nargs="+", metavar="B",
                         help="dkm_average_bits budgets (#24; default none)")
-    common.add_argument("--budget-sensitivity", choices=("fisher", "none"),
-                        help="dkm_average_bits' estimate: Fisher-weighted (default, as "
+    common.add_argument("--budget-sensitivity", choices=("hessian", "none"),
+                        help="dkm_average_bits' estimate: Hessian-weighted (default, as "
                         "DKMCallback) or unweighted squared errors")
     common.add_argument("--trainable", choices=("all", "targets"),
                         help="parameters fine-tuned: all, or only the clustered layers' "

@@ -191,7 +191,7 @@ def test_a_fit_clusters_at_the_chosen_widths_and_reports_them(tmp_path):
     saved = json.loads((tmp_path / "compression_report.json").read_text())["bit_allocation"]
     assert {t["name"]: t["bits"] for t in saved["tensors"]} == chosen
     assert all(t["estimate"] == t["estimates"][str(t["bits"])] for t in saved["tensors"])
-    assert saved["sensitivity"].startswith("fisher")
+    assert saved["sensitivity"].startswith("hessian")
     assert "## Bit allocation (average_bits)" in callback.report.to_markdown()
 
 
@@ -279,3 +279,78 @@ def test_the_estimate_falls_with_width_and_widths_above_4_are_extrapolated():
     assert all(estimate[b] > estimate[b + 1] > 0 for b in range(1, 8))
     for bits in (5, 6, 7, 8):  # each bit beyond 4 quarters the 4-bit k-means error
         assert estimate[bits] == pytest.approx(estimate[4] / 4 ** (bits - 4))
+
+
+class SelfDistilled(nn.Module):
+    """Two 64 x 64 layers with the same weights whose outputs are distilled toward those of the
+    unclustered model itself: the loss starts at exactly 0 with zero gradient, and weighs the
+    second layer's output 100 times more (the squared error alone ties the twins and gives the
+    first the wider width)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        twins = TwoLayers()
+        self.a, self.b = twins.a, twins.b
+        with torch.no_grad():
+            self.teacher = [layer(x) for x in calibration() for layer in (self.a, self.b)]
+
+
+def self_distillation_loss(model, index):
+    x = calibration()[index]
+    a, b = model.teacher[2 * index], model.teacher[2 * index + 1]
+    return (model.a(x) - a).square().mean() + 100 * (model.b(x) - b).square().mean()
+
+
+def plan(model, sensitivity):
+    from lightning_dkm.engine.layout import ClusterSpec
+    from lightning_dkm.model.bit_budget import plan_widths
+    from lightning_dkm.model.targets import select_targets
+
+    targets = select_targets(model, ClusterSpec(), targets=["a", "b"], min_size=1)
+    weights = {t.name: model.get_parameter(t.name) for t in targets}
+    return plan_widths(targets, weights, 3.5, sensitivity=sensitivity, allowed_bits=[2, 3, 4])
+
+
+def test_a_self_distilled_loss_at_its_minimum_still_ranks_tensors_by_their_curvature():
+    from lightning_dkm.model.post_training import hessian_diagonal
+
+    model = SelfDistilled()
+    assert self_distillation_loss(model, 0) == 0
+    hessian = hessian_diagonal(model, range(4), self_distillation_loss, ["a.weight", "b.weight"])
+    allocation = plan(model, hessian)
+    assert allocation.bits == {"a.weight": 3, "b.weight": 4}
+    assert plan(model, None).bits == {"a.weight": 4, "b.weight": 3}
+    assert allocation.sensitivity == "given"
+
+
+def test_squared_gradients_at_the_minimum_are_refused_as_noise_with_a_warning():
+    from lightning_dkm.model.post_training import fisher_diagonal
+
+    model = SelfDistilled()
+    fisher = fisher_diagonal(model, range(4), self_distillation_loss, ["a.weight", "b.weight"])
+    with pytest.warns(UserWarning, match=r"average_bits=3.5: the sensitivity .* rounding noise"):
+        allocation = plan(model, fisher)
+    assert allocation.sensitivity == "none (given was rounding noise)"
+    assert allocation.bits == plan(model, None).bits  # the squared error alone
+
+
+def test_the_hessian_diagonal_is_exact_where_the_hessian_is_diagonal():
+    from lightning_dkm.model.post_training import hessian_diagonal
+
+    model = nn.Linear(8, 4)
+    c = torch.rand(4, 8, generator=torch.Generator().manual_seed(0))
+    hessian = hessian_diagonal(model, range(3), lambda m, _: (c * m.weight.square()).sum(),
+                               ["weight"])
+    torch.testing.assert_close(hessian["weight"], 3 * 2 * c)  # summed over 3 batches
+
+
+def test_the_hessian_diagonal_leaves_the_model_as_it_was():
+    from lightning_dkm.model.post_training import hessian_diagonal
+
+    model = SelfDistilled().train()
+    model.b.weight.requires_grad_(False)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    hessian_diagonal(model, range(4), self_distillation_loss, ["a.weight", "b.weight"])
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    assert all(p.grad is None for p in model.parameters())
+    assert model.training and model.a.weight.requires_grad and not model.b.weight.requires_grad

@@ -3,9 +3,10 @@ the widths chosen on rank 0 and broadcast, and where the allocation is shown.
 
 The allocation itself (estimates, budget, knapsack) is :mod:`lightning_dkm.model.bit_budget`;
 this module only brings it what a fit has: the ``LightningModule``'s ``training_step`` as the
-loss of the Fisher information (:func:`~lightning_dkm.model.post_training.fisher_diagonal`), on
-the first :data:`SENSITIVITY_BATCHES` batches of the training dataloader, at ``setup`` (before
-the optimizer and DDP see the model, when the widths must be fixed).
+loss whose Hessian diagonal weighs the estimate
+(:func:`~lightning_dkm.model.post_training.hessian_diagonal`), on the first
+:data:`SENSITIVITY_BATCHES` batches of the training dataloader, at ``setup`` (before the
+optimizer and DDP see the model, when the widths must be fixed).
 """
 
 from __future__ import annotations
@@ -21,13 +22,13 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from ..model.bit_budget import BitAllocation, fixed_by_overrides, plan_widths
-from ..model.post_training import fisher_diagonal
+from ..model.post_training import hessian_diagonal
 from ..model.targets import Target
 
 __all__ = ["SENSITIVITY_BATCHES", "log_allocation", "plan_fit_widths"]
 
-#: Training batches whose squared gradients weight the estimate (the diagonal Fisher
-#: information): enough to rank tensors, few enough to cost little beside a fit.
+#: Training batches whose Hessian diagonal weighs the estimate: enough to rank tensors, few
+#: enough to cost little beside a fit.
 SENSITIVITY_BATCHES = 8
 
 
@@ -51,7 +52,7 @@ def _training_loss(model: torch.nn.Module, batch: Any) -> torch.Tensor:
     out = model.training_step(batch, 0)  # type: ignore[operator]
     if isinstance(out, Mapping):
         out = out.get("loss")
-    return out  # fisher_diagonal checks that it is a scalar tensor
+    return out  # hessian_diagonal checks that it is a scalar tensor
 
 
 def _train_batches(trainer: pl.Trainer) -> Any:
@@ -66,9 +67,9 @@ def _train_batches(trainer: pl.Trainer) -> Any:
     return loader
 
 
-def _fisher(trainer: pl.Trainer, pl_module: pl.LightningModule, names: list[str]
-            ) -> tuple[dict[str, torch.Tensor] | None, str]:
-    """The diagonal Fisher information of ``names`` from the first batches of the training
+def _sensitivity(trainer: pl.Trainer, pl_module: pl.LightningModule, names: list[str]
+                 ) -> tuple[dict[str, torch.Tensor] | None, str]:
+    """The Hessian diagonal of ``names`` (Hutchinson) on the first batches of the training
     data, or ``None`` (and why, in a warning) where it cannot be had."""
     why = None
     if not pl_module.automatic_optimization:
@@ -84,15 +85,21 @@ def _fisher(trainer: pl.Trainer, pl_module: pl.LightningModule, names: list[str]
     if why is None:
         try:
             with _logging_muted(pl_module):
-                fisher = fisher_diagonal(pl_module, loader, _training_loss, names,
-                                         num_batches=SENSITIVITY_BATCHES)
-            return fisher, f"fisher ({SENSITIVITY_BATCHES} training batches at most)"
+                hessian = hessian_diagonal(pl_module, loader, _training_loss, names,
+                                           num_batches=SENSITIVITY_BATCHES)
+            return hessian, f"hessian ({SENSITIVITY_BATCHES} training batches at most)"
         except ValueError as err:
             why = f"the training loss gave no sensitivity ({err})"
+        except RuntimeError as err:  # an op without a double backward
+            why = f"the training loss has no second derivative here ({err})"
+    _unweighted(why)
+    return None, "none"
+
+
+def _unweighted(why: str) -> None:
     rank_zero_warn(
         f"DKMCallback(average_bits=...): {why}; the widths are chosen by each tensor's squared "
         "clustering error alone, every weight counting the same")
-    return None, "none"
 
 
 def plan_fit_widths(
@@ -107,7 +114,7 @@ def plan_fit_widths(
     seed: int,
 ) -> BitAllocation:
     """The widths of ``selected`` under ``average_bits``: computed on rank 0 (weights as they
-    are at setup, Fisher information from the training batches) and broadcast, so every rank
+    are at setup, Hessian diagonal from the training batches) and broadcast, so every rank
     clusters with the same widths whatever data it sees."""
     allocation: dict[str, Any] | None = None
     error: str | None = None
@@ -115,10 +122,11 @@ def plan_fit_widths(
         modules = dict(pl_module.named_modules())
         weights = {t.name: getattr(modules[t.module_name], t.param_name) for t in selected}
         fixed = fixed_by_overrides(selected, overrides)
-        fisher, label = _fisher(trainer, pl_module, [n for n in weights if n not in fixed])
+        sensitivity, label = _sensitivity(trainer, pl_module,
+                                          [n for n in weights if n not in fixed])
         try:
             allocation = plan_widths(
-                selected, weights, average_bits, fixed=fixed, sensitivity=fisher,
+                selected, weights, average_bits, fixed=fixed, sensitivity=sensitivity,
                 sensitivity_label=label, allowed_bits=allowed_bits, lut_dtype=lut_dtype,
                 seed=seed).to_dict()
         except ValueError as err:

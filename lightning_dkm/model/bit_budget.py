@@ -17,14 +17,19 @@ where :math:`\mathrm{bytes}_t(b)` is what the compression report counts for the 
 :math:`\lceil B \rceil` bits (rounded down to whole bytes).
 
 **The estimate** :math:`E_t(b)` of the loss increase is the second-order one of
-:mod:`~lightning_dkm.model.post_training` (SqueezeLLM): snapping ``w`` to its centroids costs
-about :math:`\tfrac12 \sum_i F_{ii} (w_i - c_{a(i)})^2`, with :math:`F` the diagonal Fisher
-information (:func:`~lightning_dkm.model.post_training.fisher_diagonal`). The centroids are
-those k-means finds with :math:`2^b` of them, as DKM is seeded; for scalar palettes k-means
-runs on the palette's distinct float16-rounded values weighted by their counts (at most 63,488
-points whatever the tensor's size), each distinct value's error weighted by the Fisher
-information summed over the weights that round to it. Without a sensitivity every weight
-counts 1 (the squared error itself).
+:mod:`~lightning_dkm.model.post_training`: snapping ``w`` to its centroids costs about
+:math:`\tfrac12 \sum_i h_i (w_i - c_{a(i)})^2`, with :math:`h` a diagonal curvature. What
+``DKMCallback`` and the study pass is the Hessian diagonal itself (Hutchinson's estimate,
+:func:`~lightning_dkm.model.post_training.hessian_diagonal`), not the squared gradients
+(the Fisher information of ``palettize``'s calibration): a loss at its minimum at the
+unclustered weights, as distillation toward the model itself, has squared gradients of rounding
+noise but its true curvature, and ``benchmarks/budget_sensitivity.py`` finds the Hessian's
+allocations never worse than uniform widths on both of the study's models, the squared
+gradients' (also measured at the clustered weights) worse on one. The centroids are those
+k-means finds with :math:`2^b` of them, as DKM is seeded (for scalar palettes on the values
+rounded to a fine grid, :func:`_snap`). Without a sensitivity every weight counts 1 (the
+squared error itself); a sensitivity that is rounding noise (:func:`_is_noise`) is replaced by
+that, with a warning.
 
 **The allocation** is a multiple-choice knapsack, solved by dynamic programming over bytes:
 exact when the budget is at most 2**16 bytes; beyond that the bytes are counted in units of
@@ -80,6 +85,9 @@ _DP_UNITS = 1 << 16
 _KMEANS_ITER = 50
 #: The width of every tensor when neither ``bits`` nor ``average_bits`` is given.
 DEFAULT_BITS = 4
+# Scalar palettes are clustered on their values rounded to multiples of 1 / _GRID of the
+# palette's unit (at most 2 * _GRID distinct points, which the exact 1-D solver takes whole).
+_GRID = 1 << 11
 # Widths above this are estimated from it, each further bit dividing the error by 4.
 _MEASURED_BITS = 4
 
@@ -167,7 +175,96 @@ def _one_thread() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
+@dataclass(frozen=True)
+class _Snapped:
+    """One tensor's k-means at several widths, before any sensitivity weighs the errors (the
+    centroids do not depend on it): its palettes ``x`` ``(P, n, d)`` (the weight divided by
+    its per-channel ``scale``, then by ``unit``, a power of two per palette) and, per width,
+    the centroid each vector snaps to, in the same units."""
+
+    layout: PaletteLayout
+    scale: Tensor | None
+    unit: Tensor
+    x: Tensor
+    centroids: dict[int, Tensor]
+
+    def weight(self, bits: int) -> Tensor:
+        """The weight snapped to its palette at ``bits`` (float32, CPU; for
+        ``benchmarks/budget_sensitivity.py``, which measures each snap's loss)."""
+        return self.layout.from_palettes(self.centroids[bits] * self.unit, self.scale)
+
+    def estimates(self, widths: Iterable[int], sensitivity: Tensor | None) -> dict[int, float]:
+        """``{bits: E(bits)}`` (:func:`distortions`), measured up to 4 bits, extrapolated
+        above."""
+        f = self.unit.square()  # errors are measured on x / unit: back in the weight's units
+        if sensitivity is not None:
+            s = sensitivity.detach().float()
+            if self.scale is not None:  # an error e in scaled units is s * e in the weight's
+                s = s * self.layout.broadcast_scale(self.scale.to(s)) ** 2
+            f = f * self.layout.to_palettes(s).float().cpu()
+        out = {b: 0.5 * float((f * (self.x - c).square()).sum())
+               for b, c in self.centroids.items()}
+        widths = sorted(widths)
+        top = max(_measured(widths))
+        # high-rate quantisation: each further bit quarters the squared error
+        return {b: out[b] if b <= top else out[top] * 4.0 ** (top - b) for b in widths}
+
+
+def _measured(widths: Sequence[int]) -> list[int]:
+    """The widths whose k-means the estimate runs: up to 4 bits (at least the narrowest)."""
+    return [b for b in widths if b <= _MEASURED_BITS] or sorted(widths)[:1]
+
+
 @torch.no_grad()
+def _snap(tensors: Sequence[tuple[Tensor, PaletteLayout, Collection[int]]], seed: int
+          ) -> list[_Snapped]:
+    """k-means of each ``(weight, layout, widths)`` at each of its widths. Scalar palettes
+    are clustered on their values rounded to multiples of ``1 / 2048`` of their unit, weighted
+    by their counts (at most 4,097 points whatever the tensor's size: the estimate's centroids
+    move by less than a 128th of a 4-bit step), all palettes of all tensors that need a width
+    in one call of the exact 1-D solver (padded with weightless copies of a palette's last
+    value); vector palettes with k-means++ and Lloyd, per tensor and width (seeded by
+    ``stable_seed(seed, f"{name}:{bits}")``)."""
+    out: list[_Snapped] = []
+    scalars: list[tuple[int, int, Tensor, Tensor, Tensor]] = []  # tensor, palette, distinct...
+    with _one_thread(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # few distinct values: error 0
+        for i, (weight, layout, widths) in enumerate(tensors):
+            scale = layout.channel_scale(weight)
+            x = layout.to_palettes(weight.detach(), scale).float().cpu()  # (P, n, d)
+            unit = palette_unit(x)
+            x = x / unit
+            out.append(_Snapped(layout, scale, unit, x, {}))
+            if x.shape[-1] == 1:
+                for p in range(x.shape[0]):
+                    distinct, inverse, counts = torch.unique(
+                        (x[p, :, 0] * _GRID).round() / _GRID, return_inverse=True,
+                        return_counts=True)
+                    scalars.append((i, p, distinct, inverse, counts.float()))
+                continue
+            for bits in widths:
+                generator = torch.Generator().manual_seed(
+                    stable_seed(seed, f"{layout.name}:{bits}"))
+                result = kmeans(x, 1 << bits, generator, max_iter=_KMEANS_ITER)
+                idx = result.labels.unsqueeze(-1).expand(-1, -1, x.shape[-1])
+                out[i].centroids[bits] = result.centroids.gather(1, idx)
+        for bits in sorted({b for _, _, widths in tensors for b in widths}):
+            rows = [s for s in scalars if bits in tensors[s[0]][2]]
+            if not rows:
+                continue
+            m = max(s[2].numel() for s in rows)
+            values = torch.stack([torch.cat([d, d[-1:].expand(m - d.numel())])
+                                  for _, _, d, _, _ in rows])
+            counts = torch.stack([torch.cat([c, c.new_zeros(m - c.numel())])
+                                  for _, _, _, _, c in rows])
+            result = kmeans(values.unsqueeze(-1), 1 << bits, sample_weight=counts)
+            snapped = result.centroids[..., 0].gather(1, result.labels)  # (rows, m)
+            for r, (i, p, _, inverse, _) in enumerate(rows):
+                target = out[i].centroids.setdefault(bits, torch.empty_like(out[i].x))
+                target[p, :, 0] = snapped[r, inverse]
+    return out
+
+
 def distortions(
     weight: Tensor,
     layout: PaletteLayout,
@@ -176,7 +273,7 @@ def distortions(
     *,
     seed: int = 0,
 ) -> dict[int, float]:
-    r"""The estimated loss increase :math:`E(b) = \tfrac12 \sum_i F_{ii}(w_i - c_{a(i)})^2` of
+    r"""The estimated loss increase :math:`E(b) = \tfrac12 \sum_i h_i (w_i - c_{a(i)})^2` of
     clustering ``weight`` with ``layout`` at each width ``b`` of ``widths`` (module docstring).
 
     Args:
@@ -184,9 +281,9 @@ def distortions(
         layout: its layout (its spec's ``bits`` is ignored; ``per_channel_scale`` applies).
         widths: the widths to estimate; each must leave every palette at least ``2**b``
             vectors.
-        sensitivity: :math:`F_{ii}`, the weight's shape (e.g. the diagonal Fisher
-            information); ``None``: 1 for every weight.
-        seed: k-means++ seed (per width ``stable_seed(seed, f"{name}:{b}")``).
+        sensitivity: :math:`h_i`, the weight's shape (e.g. the Hessian diagonal);
+            ``None``: 1 for every weight.
+        seed: k-means++ seed of vector palettes (per width ``stable_seed(seed, f"{name}:{b}")``).
 
     Returns:
         ``{bits: estimate}``, floats >= 0 (0 where a palette has no more distinct values than
@@ -196,69 +293,9 @@ def distortions(
         at 128 and 256 centroids is most of the cost (exact 1-D k-means: 2.8 s of 4.8 s at 8
         bits for that weight).
     """
-    scale = layout.channel_scale(weight)
-    x = layout.to_palettes(weight.detach(), scale).float().cpu()  # (P, n, d)
-    if sensitivity is None:
-        f = torch.ones_like(x)
-    else:
-        s = sensitivity.detach().float()
-        if scale is not None:  # an error e in scaled units is s * e in the weight's
-            s = s * layout.broadcast_scale(scale.to(s)) ** 2
-        f = layout.to_palettes(s).float().cpu()
-    unit = palette_unit(x)
-    x = x / unit
-    f = f * unit.square()  # errors are measured on x / unit: back in the weight's units
-    out: dict[int, float] = {}
-    with _one_thread():
-        # scalar palettes: their distinct float16 values, once for every width
-        distinct = ([_distinct(x[p, :, 0], f[p, :, 0]) for p in range(x.shape[0])]
-                    if x.shape[-1] == 1 else None)
-        widths = sorted(widths)
-        measured = [b for b in widths if b <= _MEASURED_BITS] or widths[:1]
-        for bits in measured:
-            generator = torch.Generator().manual_seed(
-                stable_seed(seed, f"{layout.name}:{bits}"))
-            if distinct is not None:
-                total = sum(_scalar_error(*points, 1 << bits, generator) for points in distinct)
-            else:
-                total = _vector_error(x, f, 1 << bits, generator)
-            out[bits] = 0.5 * total
-    top = max(measured)
-    for bits in widths:  # high-rate quantisation: each bit quarters the squared error
-        if bits not in out:
-            out[bits] = out[top] * 4.0 ** (top - bits)
-    return out
-
-
-def _distinct(values: Tensor, sensitivity: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """One scalar palette's distinct float16-rounded values, their counts and the summed
-    sensitivity of the weights that round to each."""
-    distinct, inverse, counts = torch.unique(values.half().float(), return_inverse=True,
-                                             return_counts=True)
-    weight = torch.zeros_like(distinct).scatter_add_(0, inverse, sensitivity)
-    return distinct, counts.to(distinct.dtype), weight
-
-
-def _vector_error(x: Tensor, f: Tensor, k: int, generator: torch.Generator) -> float:
-    r""":math:`\sum_i F_i (x_i - c_{a(i)})^2` of vector palettes ``x`` ``(P, n, d)``
-    (sensitivities ``f`` alike), k-means with ``k`` centroids on every vector."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # few distinct vectors: error 0
-        result = kmeans(x, k, generator, max_iter=_KMEANS_ITER)
-    idx = result.labels.unsqueeze(-1).expand(-1, -1, x.shape[-1])
-    return float((f * (x - result.centroids.gather(1, idx)).square()).sum())
-
-
-def _scalar_error(distinct: Tensor, counts: Tensor, weight: Tensor, k: int,
-                  generator: torch.Generator) -> float:
-    """:math:`\\sum_u F_u (v_u - c_{a(u)})^2` over one scalar palette's distinct values
-    (:func:`_distinct`), k-means on them weighted by their counts."""
-    if distinct.numel() <= k:
-        return 0.0
-    result = kmeans(distinct.view(1, -1, 1), k, generator, max_iter=_KMEANS_ITER,
-                    sample_weight=counts.view(1, -1))
-    centroid = result.centroids[0, :, 0].gather(0, result.labels[0])
-    return float((weight * (distinct - centroid).square()).sum())
+    widths = sorted(widths)
+    snapped, = _snap([(weight, layout, _measured(widths))], seed)
+    return snapped.estimates(widths, sensitivity)
 
 
 def allocate(options: Mapping[str, Mapping[int, tuple[int, float]]], budget: int
@@ -380,7 +417,8 @@ class BitAllocation:
     budget_bytes: int
     allowed_bits: tuple[int, ...]
     lut_dtype: str
-    #: What weighted the errors: ``"fisher (N batches)"`` or ``"none"`` (squared error).
+    #: What weighted the errors: ``"hessian (N training batches at most)"`` or ``"none"``
+    #: (squared error).
     sensitivity: str
     tensors: tuple[TensorWidth, ...]
 
@@ -491,8 +529,10 @@ def plan_widths(
         fixed: names whose layout's width is kept (:func:`fixed_by_overrides`); their bytes
             count against the budget.
         sensitivity: ``{name: F}`` of each weight's shape (e.g.
-            :func:`~lightning_dkm.model.post_training.fisher_diagonal`); ``None``: 1 everywhere.
-        sensitivity_label: how the allocation records it (default ``"fisher"`` / ``"none"``).
+            :func:`~lightning_dkm.model.post_training.hessian_diagonal`); ``None``: 1
+            everywhere. One that is rounding noise (:func:`_is_noise`) is replaced by 1
+            everywhere, with a warning naming ``average_bits``.
+        sensitivity_label: how the allocation records it (default ``"given"`` / ``"none"``).
         allowed_bits: the widths to choose from (default 1..8), e.g. Core AI's (1, 2, 4, 6, 8).
         lut_dtype: the LUTs' storage dtype, as the report counts them.
         seed: the estimate's k-means seed.
@@ -512,20 +552,32 @@ def plan_widths(
     fixed_rows = [TensorWidth(t.name, t.spec.bits, stored_bytes(t.layout, lut_dtype), fixed=True)
                   for t in targets if t.name in fixed]
     free = [t for t in targets if t.name not in fixed]
-    options: dict[str, dict[int, tuple[int, float]]] = {}
-    estimates: dict[str, dict[int, float]] = {}
+    widths: dict[str, list[int]] = {}
     for target in free:
-        widths = [b for b in allowed if _fits(target.layout, b)]
-        if not widths:
+        widths[target.name] = [b for b in allowed if _fits(target.layout, b)]
+        if not widths[target.name]:
             raise ValueError(
                 f"{target.name}: no width of allowed_bits={list(allowed)} fits its palettes of "
                 f"{target.layout.vectors_per_palette} vectors; allow narrower widths or leave "
                 "it out (exclude / min_size)")
-        estimates[target.name] = distortions(
-            weights[target.name], target.layout, widths,
-            None if sensitivity is None else sensitivity.get(target.name), seed=seed)
+    snapped = dict(zip((t.name for t in free), _snap(
+        [(weights[t.name], t.layout, _measured(widths[t.name])) for t in free], seed),
+        strict=True))
+    label = sensitivity_label or ("given" if sensitivity is not None else "none")
+    if sensitivity is not None and _is_noise(sensitivity, weights):
+        warnings.warn(
+            f"average_bits={average_bits:g}: the sensitivity ({label}) is rounding noise (it "
+            "accounts for loss changes below float32's resolution), so the widths are chosen "
+            "by each tensor's squared clustering error alone, every weight counting the same",
+            UserWarning, stacklevel=2)
+        sensitivity, label = None, f"none ({label} was rounding noise)"
+    options: dict[str, dict[int, tuple[int, float]]] = {}
+    estimates: dict[str, dict[int, float]] = {}
+    for target in free:
+        estimates[target.name] = snapped[target.name].estimates(
+            widths[target.name], None if sensitivity is None else sensitivity.get(target.name))
         options[target.name] = {b: (stored_bytes(target.layout, lut_dtype, b),
-                                    estimates[target.name][b]) for b in widths}
+                                    estimates[target.name][b]) for b in widths[target.name]}
     left = budget - sum(r.bytes for r in fixed_rows)
     need = sum(min(size for size, _ in o.values()) for o in options.values())
     if need > left:
@@ -541,6 +593,17 @@ def plan_widths(
         bits = chosen[target.name]
         rows[target.name] = TensorWidth(target.name, bits, options[target.name][bits][0],
                                         estimates[target.name])
-    label = sensitivity_label or ("fisher" if sensitivity is not None else "none")
     return BitAllocation(average_bits, budget, allowed, lut_name, label,
                          tuple(rows[t.name] for t in targets))
+
+
+def _is_noise(sensitivity: Mapping[str, Tensor], weights: Mapping[str, Tensor]) -> bool:
+    r"""Whether ``sensitivity`` (squared loss gradients) is rounding noise: the loss change
+    it accounts for when every weight moves by its own size,
+    :math:`\sqrt{\sum_i F_{ii} w_i^2}`, is below float32's resolution of a unit loss
+    (``eps`` = 1.2e-7). Measured at the unclustered weights of a loss at its minimum
+    (distillation toward the model itself) it is about 1e-9; where gradients exist, orders of
+    magnitude above. (A loss whose natural scale is far below 1 reads as noise too.)"""
+    total = sum(float((f.double() * weights[n].detach().double().square().to(f.device)).sum())
+                for n, f in sensitivity.items() if n in weights)
+    return not math.sqrt(max(total, 0.0)) > torch.finfo(torch.float32).eps
