@@ -27,9 +27,10 @@ from ..model.targets import Target
 
 __all__ = ["SENSITIVITY_BATCHES", "log_allocation", "plan_fit_widths"]
 
-#: Training batches whose Hessian diagonal weighs the estimate: enough to rank tensors, few
-#: enough to cost little beside a fit.
-SENSITIVITY_BATCHES = 8
+#: Training batches whose Hessian diagonal weighs the estimate (one Rademacher probe each):
+#: on the accuracy study's two models 1, 2, 4 and 8 batches choose the same widths at 2 and 3
+#: bits (``benchmarks/budget_sensitivity.py``); each costs about three backward passes.
+SENSITIVITY_BATCHES = 2
 
 
 @contextlib.contextmanager

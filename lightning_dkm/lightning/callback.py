@@ -97,9 +97,10 @@ class DKMCallback(Callback):
         average_bits: choose each tensor's width (1..8) when DKM starts, so that the clustered
             bytes (indices at their packed width, LUTs, scales: as the report counts them) do
             not exceed those of every tensor at ``average_bits`` bits, minimising the estimated
-            loss increase: each tensor's k-means error at every width, weighted by the diagonal
-            Fisher information of ``training_step``'s loss on the first 8 training batches
-            (:mod:`lightning_dkm.model.bit_budget`). A number in [1, 8]; a fraction (2.5) lies
+            loss increase: each tensor's k-means error at every width, weighted by the Hessian
+            diagonal (Hutchinson) of ``training_step``'s loss on the first 2 training batches
+            (:mod:`lightning_dkm.model.bit_budget`; it needs a double backward of the loss, else
+            the errors go unweighted, with a warning). A number in [1, 8]; a fraction (2.5) lies
             between the budgets of the widths around it. An ``overrides`` entry with ``bits``
             fixes that tensor's width, and its bytes count against the budget. The widths are
             chosen at ``setup`` from the weights as they are then (also with ``start_epoch >
@@ -107,9 +108,7 @@ class DKMCallback(Callback):
             ``dkm/bit_allocation``, the report's ``bit_allocation``), saved in checkpoints and
             kept on resume. Not under FSDP2. Off by default: in the accuracy study it beats
             uniform widths at equal bytes on the char-LM but not on MiniLM
-            (``docs/results.md``), and the Fisher information says little where the loss
-            starts at its minimum (distillation to the model itself: its gradients vanish).
-            Default ``None``: every tensor at ``bits``.
+            (``docs/results.md``). Default ``None``: every tensor at ``bits``.
         allowed_bits: the widths ``average_bits`` may choose. Default ``None``: 1..8, or with
             ``export_coreai=True`` the widths Core AI packs, 1, 2, 4, 6, 8.
         cluster_dim: length of the clustered vectors along the input-channel axis (1..8). An
