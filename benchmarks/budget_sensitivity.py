@@ -7,11 +7,16 @@ on 8 held-out training batches (others than the sensitivity's), and compares it 
 estimate ``E_t(b) = 1/2 sum_i F_i (w_i - c_a(i))^2`` under each candidate sensitivity ``F``:
 
 * ``none``: 1 for every weight (the squared error);
-* ``fisher_dense``: squared gradients of the training loss at the unclustered weights;
-* ``fisher_clustered``: the same with every tensor snapped at the budget's width (what
-  ``plan_widths`` does with a callable sensitivity; here at 2 bits);
-* ``hutchinson``: the Hessian diagonal at the unclustered weights, ``z * (H z)`` with
-  Rademacher ``z`` (HAWQ), averaged over the batches, negative values clamped to 0.
+* ``fisher_dense``: squared gradients of the training loss at the unclustered weights (what
+  ``average_bits`` used first; here without the noise check, which refuses it on MiniLM);
+* ``fisher_clustered``: the same with every tensor snapped to its 2-bit palette, so the loss
+  is where DKM starts rather than at its minimum;
+* ``secant_clustered``: a per-tensor curvature along the clustering, ``g_t . d_t / |d_t|^2``
+  with ``g`` the gradient at the snapped weights and ``d_t`` the snap's change of tensor t;
+* ``hutchinson`` (and ``_4batch`` / ``_2batch`` / ``_1batch``): the Hessian diagonal at the
+  unclustered weights (``post_training.hessian_diagonal``, what ``average_bits`` uses now);
+* ``measured_1batch``: the loss increases themselves, measured on one sensitivity batch (one
+  forward per tensor and width: the costliest, an oracle of sorts).
 
 Columns: the Spearman correlation of estimate and measured increase over all (tensor, width)
 pairs and over the tensors at each fixed width (what ranks tensors against each other), and
