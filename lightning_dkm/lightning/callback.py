@@ -107,8 +107,9 @@ class DKMCallback(Callback):
             0``), on rank 0 and broadcast; they are logged (TensorBoard text
             ``dkm/bit_allocation``, the report's ``bit_allocation``), saved in checkpoints and
             kept on resume. Not under FSDP2. Off by default: in the accuracy study it beats
-            uniform widths at equal bytes on the char-LM but not on MiniLM
-            (``docs/results.md``). Default ``None``: every tensor at ``bits``.
+            uniform widths at fewer bytes on the char-LM and only ties them on MiniLM, where it
+            chooses uniform widths (``docs/results.md``). Default ``None``: every tensor at
+            ``bits``.
         allowed_bits: the widths ``average_bits`` may choose. Default ``None``: 1..8, or with
             ``export_coreai=True`` the widths Core AI packs, 1, 2, 4, 6, 8.
         cluster_dim: length of the clustered vectors along the input-channel axis (1..8). An
