@@ -8,6 +8,7 @@ from __future__ import annotations
 import itertools
 import json
 import random
+import warnings
 from pathlib import Path
 
 import pytest
@@ -354,3 +355,17 @@ def test_the_hessian_diagonal_leaves_the_model_as_it_was():
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
     assert all(p.grad is None for p in model.parameters())
     assert model.training and model.a.weight.requires_grad and not model.b.weight.requires_grad
+
+
+def test_palettize_allocates_by_the_calibration_losss_curvature_as_the_callback_does():
+    from lightning_dkm import palettize
+
+    model = SelfDistilled()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        palettes = palettize(model, average_bits=3.5, allowed_bits=[2, 3, 4], targets=["a", "b"],
+                             min_size=1, calibration=(range(4), self_distillation_loss),
+                             progress=False)
+    assert {n: p.layout.spec.bits for n, p in palettes.items()} == {"a.weight": 3,
+                                                                   "b.weight": 4}
+    assert not [w for w in caught if "average_bits" in str(w.message)]

@@ -21,16 +21,12 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
-from ..model.bit_budget import BitAllocation, fixed_by_overrides, plan_widths
+from ..model.bit_budget import SENSITIVITY_BATCHES, BitAllocation, fixed_by_overrides, plan_widths
 from ..model.post_training import hessian_diagonal
 from ..model.targets import Target
 
 __all__ = ["SENSITIVITY_BATCHES", "log_allocation", "plan_fit_widths"]
 
-#: Training batches whose Hessian diagonal weighs the estimate (one Rademacher probe each):
-#: on the accuracy study's two models 1, 2, 4 and 8 batches choose the same widths at 2 and 3
-#: bits (``benchmarks/budget_sensitivity.py``); each costs about three backward passes.
-SENSITIVITY_BATCHES = 2
 
 
 @contextlib.contextmanager

@@ -65,6 +65,7 @@ from .targets import Target
 
 __all__ = [
     "ALL_WIDTHS",
+    "SENSITIVITY_BATCHES",
     "BitAllocation",
     "TensorWidth",
     "allocate",
@@ -76,6 +77,11 @@ __all__ = [
     "plan_widths",
     "with_bits",
 ]
+
+#: Batches whose Hessian diagonal weighs the estimate (one Rademacher probe each): on the
+#: accuracy study's two models 1, 2, 4 and 8 batches choose the same widths at 2 and 3 bits
+#: (``benchmarks/budget_sensitivity.py``); each costs about three backward passes.
+SENSITIVITY_BATCHES = 2
 
 #: Every width ``average_bits`` may choose by default.
 ALL_WIDTHS = tuple(range(1, MAX_BITS + 1))

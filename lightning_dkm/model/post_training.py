@@ -43,7 +43,13 @@ from ..engine.kmeans import kmeans, kmeans_scalars
 from ..engine.layout import ClusterSpec, PaletteLayout
 from ..engine.palette import Palette
 from ..engine.parametrization import stable_seed
-from .bit_budget import DEFAULT_BITS, check_budget, fixed_by_overrides, plan_widths
+from .bit_budget import (
+    DEFAULT_BITS,
+    SENSITIVITY_BATCHES,
+    check_budget,
+    fixed_by_overrides,
+    plan_widths,
+)
 from .carried import carry_palettes
 from .targets import DEFAULT_MIN_SIZE, Target, select_targets
 
@@ -118,7 +124,9 @@ def palettize(
         average_bits: choose each tensor's width under the bytes of every tensor at this many
             bits (a number in [1, 8]), as ``DKMCallback(average_bits=...)`` does
             (:func:`~lightning_dkm.model.bit_budget.plan_widths`): the errors weighted by the
-            calibration's Fisher information, or unweighted without ``calibration``; an
+            Hessian diagonal of the calibration loss (:func:`hessian_diagonal`, on at most
+            ``SENSITIVITY_BATCHES`` batches; the Fisher information is rounding noise where
+            a loss starts at its minimum), or unweighted without ``calibration``; an
             override's ``bits`` fixes that tensor's width and counts against the budget. The
             widths chosen are the palettes' ``layout.spec.bits``. Default ``None``: ``bits``.
         allowed_bits: the widths ``average_bits`` may choose (default 1..8).
@@ -153,9 +161,15 @@ def palettize(
             model, dataloader, loss_fn, list(weights), num_batches=calibration_batches
         )
     if average_bits is not None and selected:
+        fixed = fixed_by_overrides(selected, overrides)
+        curvature = None
+        if calibration is not None:  # the allocation weighs by curvature, as DKMCallback's
+            curvature = _allocation_curvature(model, calibration, calibration_batches,
+                                              [n for n in weights if n not in fixed], seed)
         selected = plan_widths(
-            selected, weights, average_bits, fixed=fixed_by_overrides(selected, overrides),
-            sensitivity=fisher or None, allowed_bits=widths, seed=seed,
+            selected, weights, average_bits, fixed=fixed, sensitivity=curvature,
+            sensitivity_label=None if curvature is None else "hessian (calibration)",
+            allowed_bits=widths, seed=seed,
         ).apply(selected)
 
     palettes: dict[str, Palette] = {}
@@ -237,6 +251,27 @@ def _progress(total: int, progress: bool | None):
 
     return tqdm(total=total, desc="palettize", unit="tensor",
                 disable=None if progress is None else not progress)
+
+
+def _allocation_curvature(model: nn.Module, calibration: Calibration,
+                          num_batches: int | None, names: list[str], seed: int
+                          ) -> dict[str, Tensor] | None:
+    """The Hessian diagonal that weighs ``average_bits``' estimate (:func:`hessian_diagonal`
+    of the calibration loss on at most :data:`~.bit_budget.SENSITIVITY_BATCHES` batches, or
+    ``calibration_batches`` if fewer), or ``None`` with a warning where the loss has no
+    second derivative: the widths are then chosen by the unweighted error."""
+    dataloader, loss_fn = calibration
+    batches = SENSITIVITY_BATCHES if num_batches is None else min(num_batches,
+                                                                  SENSITIVITY_BATCHES)
+    try:
+        return hessian_diagonal(model, dataloader, loss_fn, names, num_batches=batches,
+                                seed=seed)
+    except RuntimeError as err:  # an op without a double backward
+        warnings.warn(
+            f"palettize(average_bits=...): the calibration loss has no second derivative "
+            f"here ({err}); the widths are chosen by each tensor's squared clustering error "
+            "alone, every weight counting the same", UserWarning, stacklevel=3)
+        return None
 
 
 def fisher_diagonal(
