@@ -313,11 +313,6 @@ def build_schedule(
     """
     if not isinstance(schedule, str):
         raise ValueError(f"schedule must be a str, got {schedule!r}")
-    _check_tau("start", start)
-    if end is not None:
-        _check_tau("end", end)
-    _check_num_units(num_units)
-
     allowed_kwargs = {"step_size", "gamma"} if schedule == "step" else set()
     unexpected = sorted(set(kwargs) - allowed_kwargs)
     if unexpected:
@@ -326,9 +321,13 @@ def build_schedule(
             "only 'step' takes extra arguments (step_size, gamma)"
         )
 
+    # Each schedule checks its own fields; what it does not take is checked here (a bad value is
+    # a mistake even where it is unused).
     if schedule == "constant":
+        if end is not None:
+            _check_tau("end", end)
         return ConstantSchedule(start=start, num_units=num_units)
-    if schedule in ("linear", "exponential", "cosine"):
+    if schedule in _ANNEALED:
         if end is None:
             raise ValueError(f"end=None is not allowed for schedule={schedule!r}; pass end > 0")
         return _ANNEALED[schedule](start=start, end=end, num_units=num_units)
@@ -338,6 +337,9 @@ def build_schedule(
             raise ValueError(f"schedule='step' requires {missing}")
         return StepSchedule(start=start, end=end, num_units=num_units, **kwargs)
     if "." in schedule or ":" in schedule:
+        _check_tau("start", start)
+        if end is not None:
+            _check_tau("end", end)
         return CallableSchedule(fn=_resolve_callable(schedule), num_units=num_units)
     raise ValueError(
         f"schedule={schedule!r} is not a known schedule; allowed names are "
