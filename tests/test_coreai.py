@@ -211,10 +211,19 @@ def test_a_width_core_ai_cannot_pack_fails_at_setup(tmp_path) -> None:
     assert CountsSteps.steps == 0
 
 
-def test_an_export_without_an_example_input_fails_at_setup(tmp_path) -> None:
+@pytest.mark.parametrize("example, problem", [
+    (None, "TinyNet has none: set self.example_input_array"),
+    ({"x": torch.zeros(1, 32)}, r"sequence of tensors \(the model's positional inputs\); got dict"),
+    ((torch.zeros(1, 32), 3), r"example_input_array\[1\] must be a tensor; got int"),
+])
+def test_an_export_without_a_usable_example_input_fails_at_setup(
+        tmp_path, example, problem) -> None:
     model = TinyNet()
+    model.example_input_array = example
     cb = DKMCallback(save_dir=str(tmp_path / "dkm"), export_coreai=True)
-    with pytest.raises(MisconfigurationException, match="example_input_array"):
+    with pytest.raises(MisconfigurationException,
+                       match=r"DKMCallback\(export_coreai=True\) converts the model on its "
+                             rf"example_input_array: .*{problem}"):
         trainer(tmp_path, callbacks=[cb], max_epochs=1).fit(model)
 
 

@@ -27,6 +27,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 from ..export.files import describe_path
 from ..export.report import REPORT_JSON, REPORT_MARKDOWN
+from ..export.tracing import as_example_tuple, exportable
 from ..model.targets import Target
 from .outputs import ARTIFACT_NAME, EXPORTS
 from .ownership import SaveDirLock, claim_save_dir, rank_zero_check
@@ -210,23 +211,22 @@ def check_free_space(out_dir: Path, label: str, pl_module: torch.nn.Module,
         )
 
 
-def _example_inputs(pl_module: pl.LightningModule, argument: str) -> tuple:
+def _example_inputs(pl_module: pl.LightningModule, argument: str) -> tuple[torch.Tensor, ...]:
+    """``example_input_array`` as the export passes it: a tuple of positional tensors."""
     example = getattr(pl_module, "example_input_array", None)
-    if example is None or isinstance(example, dict):
+    try:
+        if example is None:
+            raise ValueError(f"{type(pl_module).__name__} has none: set self.example_input_array")
+        return as_example_tuple(example, "example_input_array")
+    except ValueError as err:
         raise MisconfigurationException(
-            f"DKMCallback({argument}=True) converts the model on its example_input_array; "
-            f"{type(pl_module).__name__} has "
-            + ("none: set self.example_input_array" if example is None else
-               "a dict, which the export cannot pass positionally: use a tensor or a tuple")
-        )
-    return (example,) if isinstance(example, torch.Tensor) else tuple(example)
+            f"DKMCallback({argument}=True) converts the model on its example_input_array: {err}"
+        ) from None
 
 
-def _trial_conversion(pl_module: pl.LightningModule, argument: str) -> None:
-    """Convert the (dense) model once, in memory, as the export at fit end will."""
-    from ..export.tracing import as_example_tuple, exportable
-
-    examples = as_example_tuple(_example_inputs(pl_module, argument), "example_input_array")
+def _trial_conversion(pl_module: pl.LightningModule, argument: str,
+                      examples: tuple[torch.Tensor, ...]) -> None:
+    """Convert the (dense) model once on ``examples``, in memory, as fit end will."""
     with exportable(pl_module) as module:
         device = next((p.device for p in module.parameters()), torch.device("cpu"))
         if argument == "export_coreml":
@@ -262,9 +262,9 @@ def check_exports(pl_module: pl.LightningModule, requested: dict[str, bool]) -> 
                 f"DKMCallback({argument}=True) needs the {extra} extra: pip install "
                 f'"lightning-dkm[{extra}]" ({err})'
             ) from err
-        _example_inputs(pl_module, argument)
+        examples = _example_inputs(pl_module, argument)
         try:
-            _trial_conversion(pl_module, argument)
+            _trial_conversion(pl_module, argument, examples)
         except Exception as err:
             raise MisconfigurationException(
                 f"DKMCallback({argument}=True): {type(pl_module).__name__} cannot be converted "
