@@ -38,6 +38,8 @@ import lightning.pytorch as pl
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
+from ..export.files import hidden_beside
+
 __all__ = ["LOCK_NAME", "SaveDirLock", "claim_save_dir", "rank_zero_check"]
 
 T = TypeVar("T")
@@ -112,7 +114,7 @@ def _create(path: Path, holder: dict[str, Any]) -> bool:
     exists. Written beside it, then hard-linked (``link`` fails on an existing name); where the
     file system has no hard links, ``O_EXCL`` creation and a write."""
     text = json.dumps(holder, indent=2) + "\n"
-    tmp = path.with_name(f"{path.name}.{holder['token']}.tmp")
+    tmp = hidden_beside(path, "tmp")
     tmp.write_text(text, encoding="utf-8")
     try:
         os.link(tmp, path)
@@ -208,7 +210,7 @@ def _take(directory: Path, label: str) -> SaveDirLock:
 def _remove_if_unchanged(path: Path, stale: dict[str, Any]) -> None:
     """Remove the stale lock ``path`` unless another run has replaced it meanwhile: it is
     renamed aside first (one rename wins), then checked."""
-    aside = path.with_name(f"{path.name}.{secrets.token_hex(8)}.stale")
+    aside = hidden_beside(path, "stale")
     try:
         os.rename(path, aside)
     except FileNotFoundError:
