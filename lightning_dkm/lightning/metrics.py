@@ -35,6 +35,28 @@ def _check_positive_int(name: str, value: int) -> int:
     return value
 
 
+def _kind(value: object) -> str:
+    """What a value that should be a tensor is, for messages: its dtype, or its type."""
+    return str(value.dtype) if isinstance(value, Tensor) else type(value).__name__
+
+
+def _check_floating(name: str, value: object) -> None:
+    if not isinstance(value, Tensor) or not value.is_floating_point():
+        raise ValueError(f"{name} must be a floating-point tensor, got {_kind(value)}")
+
+
+class _SumMetric(Metric):
+    """A metric whose states are fixed-size sums (module docstring), never differentiated."""
+
+    full_state_update = False
+    is_differentiable = False
+
+    def _add_sums(self, dtype: torch.dtype, *names: str) -> None:
+        """Scalar states, zero at the start, summed across processes."""
+        for name in names:
+            self.add_state(name, default=torch.zeros((), dtype=dtype), dist_reduce_fx="sum")
+
+
 def _entropy_bits(counts: Tensor) -> Tensor:
     """Shannon entropy in bits of the histograms along the last dim of ``counts``.
 
@@ -45,7 +67,7 @@ def _entropy_bits(counts: Tensor) -> Tensor:
     return -torch.special.xlogy(p, p).sum(dim=-1) / _LN2
 
 
-class AssignmentEntropy(Metric):
+class AssignmentEntropy(_SumMetric):
     """Mean Shannon entropy, in bits, of the rows of a soft-assignment matrix.
 
     For a row ``p`` of the DKM attention matrix (the probabilities that one weight belongs to
@@ -66,8 +88,6 @@ class AssignmentEntropy(Metric):
         **kwargs: forwarded to :class:`torchmetrics.Metric`.
     """
 
-    full_state_update = False
-    is_differentiable = False
     # A diagnostic: low entropy means hard assignments (small train/export gap), but collapsing
     # too early stalls the clustering, so neither direction is uniformly better.
     higher_is_better = None
@@ -78,20 +98,12 @@ class AssignmentEntropy(Metric):
     def __init__(self, chunk_rows: int = 2**16, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.chunk_rows = _check_positive_int("chunk_rows", chunk_rows)
-        self.add_state(
-            "entropy_sum", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum"
-        )
-        self.add_state(
-            "row_count", default=torch.tensor(0, dtype=torch.int64), dist_reduce_fx="sum"
-        )
+        self._add_sums(torch.float64, "entropy_sum")
+        self._add_sums(torch.int64, "row_count")
 
     def update(self, probs: Tensor) -> None:
         """Add the rows of ``probs`` (shape ``(..., k)``, rows summing to 1)."""
-        if not isinstance(probs, Tensor) or not probs.is_floating_point():
-            raise ValueError(
-                f"probs must be a floating-point tensor, got "
-                f"{probs.dtype if isinstance(probs, Tensor) else type(probs).__name__}"
-            )
+        _check_floating("probs", probs)
         if probs.ndim == 0 or probs.shape[-1] == 0:
             raise ValueError(
                 f"probs must have shape (..., k) with k >= 1, got {tuple(probs.shape)}"
@@ -113,7 +125,7 @@ class AssignmentEntropy(Metric):
         return self.entropy_sum / self.row_count
 
 
-class ClusterUsage(Metric):
+class ClusterUsage(_SumMetric):
     """Histogram of hard cluster assignments: usage entropy, perplexity and dead clusters.
 
     ``update(indices)`` adds the cluster id of each weight (the argmax of its DKM assignment, or
@@ -142,8 +154,6 @@ class ClusterUsage(Metric):
         **kwargs: forwarded to :class:`torchmetrics.Metric`.
     """
 
-    full_state_update = False
-    is_differentiable = False
     higher_is_better = None  # mixed: higher perplexity is better, more dead clusters is worse
 
     counts: Tensor
@@ -173,10 +183,7 @@ class ClusterUsage(Metric):
             or indices.is_complex()
             or indices.dtype == torch.bool
         ):
-            raise ValueError(
-                f"indices must be an integer tensor, got "
-                f"{indices.dtype if isinstance(indices, Tensor) else type(indices).__name__}"
-            )
+            raise ValueError(f"indices must be an integer tensor, got {_kind(indices)}")
         p, k = self.num_palettes, self.num_clusters
         if p > 1 and (indices.ndim == 0 or indices.shape[0] != p):
             raise ValueError(
@@ -214,7 +221,7 @@ class ClusterUsage(Metric):
         }
 
 
-class SnapDistance(Metric):
+class SnapDistance(_SumMetric):
     """How far weights are from their snapped (nearest-centroid) values.
 
     ``update(weights, snapped)`` accumulates, over all elements ``i``, ``sum (w_i - s_i)^2``,
@@ -231,8 +238,6 @@ class SnapDistance(Metric):
         **kwargs: forwarded to :class:`torchmetrics.Metric`.
     """
 
-    full_state_update = False
-    is_differentiable = False
     higher_is_better = False
 
     sq_sum: Tensor
@@ -242,20 +247,13 @@ class SnapDistance(Metric):
     def __init__(self, chunk_size: int = 2**20, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.chunk_size = _check_positive_int("chunk_size", chunk_size)
-        for name in ("sq_sum", "abs_sum"):
-            self.add_state(
-                name, default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum"
-            )
-        self.add_state("count", default=torch.tensor(0, dtype=torch.int64), dist_reduce_fx="sum")
+        self._add_sums(torch.float64, "sq_sum", "abs_sum")
+        self._add_sums(torch.int64, "count")
 
     def update(self, weights: Tensor, snapped: Tensor) -> None:
         """Add the element-wise distances between ``weights`` and ``snapped`` (same shape)."""
-        for name, t in (("weights", weights), ("snapped", snapped)):
-            if not isinstance(t, Tensor) or not t.is_floating_point():
-                raise ValueError(
-                    f"{name} must be a floating-point tensor, got "
-                    f"{t.dtype if isinstance(t, Tensor) else type(t).__name__}"
-                )
+        _check_floating("weights", weights)
+        _check_floating("snapped", snapped)
         if weights.shape != snapped.shape:
             raise ValueError(
                 f"weights and snapped must have the same shape, got {tuple(weights.shape)} "
