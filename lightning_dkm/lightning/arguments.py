@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 from ..engine.layout import ClusterSpec, is_int
 from ..engine.palette import lut_dtype_of
-from ..engine.parametrization import check_gradient
+from ..engine.parametrization import STEPS, check_gradient
 from ..model.bit_budget import ALL_WIDTHS, DEFAULT_BITS, check_budget
 from ..model.methods import (
     DEFAULT_REFRESH_EVERY,
@@ -44,6 +44,7 @@ __all__ = [
     "require",
     "resolve_method",
 ]
+
 
 def check_callback_budget(
     bits: int | None, average_bits: object, allowed_bits: object, export_coreai: bool
@@ -90,6 +91,8 @@ TemperatureArgument = (
     float | Literal["auto"] | TemperatureMapping | TemperatureSchedule | Callable[[int], float]
     | None
 )
+
+
 def _describe(fn: Callable[..., Any]) -> str:
     """A primitive name for a callable (what the checkpoint records of it)."""
     if isinstance(fn, TemperatureSchedule):
@@ -263,9 +266,8 @@ def check_arguments(
     require(is_int(max_iter, 1), f"max_iter must be an int >= 1; got {max_iter!r}")
     require(isinstance(epsilon, (int, float)) and not isinstance(epsilon, bool)
             and epsilon >= 0, f"epsilon must be a number >= 0; got {epsilon!r}")
-    require(implementation in ("auto", "unique", "chunked", "reference"),
-            "implementation must be 'auto', 'unique', 'chunked' or 'reference'; got "
-            f"{implementation!r}")
+    require(implementation == "auto" or implementation in STEPS,
+            f"implementation must be 'auto' or one of {tuple(STEPS)}; got {implementation!r}")
     for name, value in (("export_coreml", export_coreml), ("export_coreai", export_coreai)):
         require(isinstance(value, bool), f"{name} must be True or False; got {value!r}")
     lut_dtype_of(lut_dtype)

@@ -36,6 +36,7 @@ __all__ = [
     "StepSchedule",
     "TemperatureSchedule",
     "build_schedule",
+    "is_import_path",
 ]
 
 SCHEDULE_NAMES: tuple[str, ...] = ("constant", "linear", "exponential", "cosine", "step")
@@ -247,6 +248,14 @@ _ANNEALED: dict[str, type[_AnnealedSchedule]] = {
 }
 
 
+def is_import_path(schedule: object) -> bool:
+    """Whether ``schedule`` names a custom callable (``"package.module.function"`` or
+    ``"package.module:function"``) rather than one of :data:`SCHEDULE_NAMES`."""
+    return isinstance(schedule, str) and schedule not in SCHEDULE_NAMES and (
+        "." in schedule or ":" in schedule
+    )
+
+
 def _resolve_callable(path: str) -> Callable[[int], float]:
     """Import ``"package.module:attr"`` or ``"package.module.attr"`` and return the callable.
 
@@ -336,7 +345,7 @@ def build_schedule(
         if missing:
             raise ValueError(f"schedule='step' requires {missing}")
         return StepSchedule(start=start, end=end, num_units=num_units, **kwargs)
-    if "." in schedule or ":" in schedule:
+    if is_import_path(schedule):
         _check_tau("start", start)
         if end is not None:
             _check_tau("end", end)

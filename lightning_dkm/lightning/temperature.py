@@ -36,7 +36,7 @@ from torch import Tensor
 
 from ..engine.kmeans import sq_distances
 from ..engine.numerics import normalization_of
-from .schedules import SCHEDULE_NAMES, TemperatureSchedule, build_schedule
+from .schedules import SCHEDULE_NAMES, TemperatureSchedule, build_schedule, is_import_path
 
 __all__ = [
     "DEFAULT_END_ENTROPY",
@@ -173,12 +173,6 @@ def _is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _is_import_path(schedule: object) -> bool:
-    return isinstance(schedule, str) and schedule not in SCHEDULE_NAMES and (
-        "." in schedule or ":" in schedule
-    )
-
-
 @dataclass(frozen=True)
 class TemperatureConfig:
     """How tau moves during DKM: a schedule shape, its two ends, and how often it moves.
@@ -231,7 +225,7 @@ class TemperatureConfig:
             fields["schedule"] = "constant" if constant else "exponential"
         if fields["schedule"] in ("constant", "step") and "end" not in fields:
             fields["end"] = None  # a constant has none; a step schedule's is an optional clamp
-        if _is_import_path(fields["schedule"]):  # a callable's tau is its own: no bounds
+        if is_import_path(fields["schedule"]):  # a callable's tau is its own: no bounds
             fields.setdefault("start", None)
             fields.setdefault("end", None)
         config = cls(**fields)
@@ -241,7 +235,7 @@ class TemperatureConfig:
     def check(self) -> None:
         """Raise a ``ValueError`` naming the first invalid field."""
         if not isinstance(self.schedule, str) or (
-            self.schedule not in SCHEDULE_NAMES and not _is_import_path(self.schedule)
+            self.schedule not in SCHEDULE_NAMES and not is_import_path(self.schedule)
         ):
             raise ValueError(
                 f"temperature.schedule must be one of {SCHEDULE_NAMES} or the import path of a "
@@ -249,7 +243,7 @@ class TemperatureConfig:
             )
         for key in ("start", "end"):
             value = getattr(self, key)
-            if value is None and (key == "end" or _is_import_path(self.schedule)):
+            if value is None and (key == "end" or is_import_path(self.schedule)):
                 continue
             if value == AUTO:
                 if self.schedule not in (*_ANNEALED, "constant"):
