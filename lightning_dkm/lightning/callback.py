@@ -279,8 +279,6 @@ class DKMCallback(Callback):
         super().__init__()
         #: The clustering method (its ``name`` is what checkpoints save).
         self.method: ClusteringMethod = resolve_method(method, regularization, refresh_every)
-        self.regularization = float(regularization)
-        self.refresh_every = refresh_every
         #: The budget of per-tensor widths (``None``: every tensor at ``bits``), the widths it
         #: may choose, and what it chose in this fit (:class:`~.bit_budget.BitAllocation`).
         self.average_bits, self.allowed_bits = check_callback_budget(
