@@ -27,15 +27,9 @@ from ..engine.numerics import hard_assign
 from ..model.attach import ClusteredTensor
 from .metrics import AssignmentEntropy, ClusterUsage, SnapDistance
 
-__all__ = ["measure_all", "metric_device"]
+__all__ = ["measure_all"]
 
 _STATISTICS = ("entropy", "usage_entropy", "perplexity", "dead_clusters", "snap_rmse")
-
-
-def metric_device(device: torch.device) -> torch.device:
-    """Where the metrics of a tensor on ``device`` live: the same device, except CPU for MPS
-    (no float64 there)."""
-    return torch.device("cpu") if device.type == "mps" else device
 
 
 def _metrics_for(
@@ -67,7 +61,8 @@ def measure_all(
     model_entropy: AssignmentEntropy | None = None
     for name, tensor in tensors.items():
         weight = tensor.full_original()  # gathered when FSDP2 shards it
-        device = metric_device(weight.device)
+        # the metrics live with the weight, except on MPS (no float64 there: module docstring)
+        device = torch.device("cpu") if weight.device.type == "mps" else weight.device
         entropy, usage, snap = _metrics_for(tensor, device)
         if model_entropy is None:
             model_entropy = AssignmentEntropy(sync_on_compute=False).to(device)
