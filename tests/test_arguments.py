@@ -85,6 +85,8 @@ def test_the_callback_state_stays_primitives_with_a_callable_temperature():
     ("temperature", "message"),
     [
         (ExponentialSchedule, r"an instance, not the class ExponentialSchedule"),
+        ({"schedule": ExponentialSchedule, "interval": "epoch"},
+         r"an instance, not the class ExponentialSchedule"),
         (lambda unit: -1.0, r"calling it with unit 0 failed.*tau must be finite and > 0"),
         (lambda: 1.0, r"calling it with unit 0 failed.*takes the soft DKM step or epoch"),
         ({"schedule": sqrt_decay, "start": 1e-2},
@@ -93,8 +95,8 @@ def test_the_callback_state_stays_primitives_with_a_callable_temperature():
         ([1e-2], r"temperature must be 'auto', a number.*a TemperatureSchedule or a callable"),
         (True, r"temperature must be 'auto'.*got True"),
     ],
-    ids=["class", "negative-tau", "no-unit-argument", "callable-with-start", "bad-interval",
-         "list", "bool"],
+    ids=["class", "class-in-a-mapping", "negative-tau", "no-unit-argument",
+         "callable-with-start", "bad-interval", "list", "bool"],
 )
 def test_a_bad_temperature_fails_at_construction_naming_it(temperature, message):
     with pytest.raises(ValueError, match=message):

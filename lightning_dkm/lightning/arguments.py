@@ -129,9 +129,13 @@ class CallableTemperature(TemperatureConfig):
         require(self.interval in INTERVALS,
                 f"temperature.interval must be one of {INTERVALS}; got {self.interval!r}")
         fn = self.fn
-        require(callable(fn) and not isinstance(fn, type),
-                "temperature must be a TemperatureSchedule instance or a callable unit -> tau; "
-                f"got {fn!r}" + (" (a class: pass an instance)" if isinstance(fn, type) else ""))
+        if isinstance(fn, type):
+            raise ValueError(
+                f"temperature must be an instance, not the class {fn.__name__}; e.g. "
+                "ExponentialSchedule(start=1e-1, end=1e-3, num_units=1000)"
+            )
+        require(callable(fn), "temperature must be a TemperatureSchedule instance or a "
+                              f"callable unit -> tau; got {fn!r}")
         try:
             self.schedule_for((1.0, 1.0), None)(0)
         except (TypeError, ValueError) as err:
@@ -168,11 +172,6 @@ def parse_temperature(value: object) -> TemperatureConfig:
     ``{"schedule": <callable>, "interval": "step" | "epoch"}``, becomes a
     :class:`CallableTemperature`.
     """
-    if isinstance(value, type):
-        raise ValueError(
-            f"temperature must be an instance, not the class {value.__name__}; e.g. "
-            "ExponentialSchedule(start=1e-1, end=1e-3, num_units=1000)"
-        )
     if _is_temperature_object(value):
         return CallableTemperature.of(value)  # type: ignore[arg-type]
     if isinstance(value, Mapping) and _is_temperature_object(value.get("schedule")):

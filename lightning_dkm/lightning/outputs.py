@@ -311,8 +311,6 @@ def _call_writer(write_artifact: Callable[..., Any], model: torch.nn.Module, tmp
         write_artifact(model, tmp, palettes, lut_dtype=lut_dtype)
 
 
-
-
 def _export(argument: str, module: pl.LightningModule, out_dir: Path, artifact: Path | None
             ) -> tuple[str, dict[str, Any]]:
     """Run one export of the finalized ``module``; ``(target, report entry)``. A failure is a
