@@ -255,6 +255,12 @@ def test_user_callable_returning_non_positive_tau_raises_naming_unit_and_value()
         schedule(3)
 
 
+def test_user_callable_returning_a_non_number_raises_naming_it() -> None:
+    schedule = CallableSchedule(lambda unit: "hot")
+    with pytest.raises(ValueError, match=r"returned tau='hot' at unit 1; tau must be finite"):
+        schedule(1)
+
+
 def test_user_callable_returning_nan_tau_raises() -> None:
     schedule = CallableSchedule(nan_tau)
     with pytest.raises(ValueError, match=r"tau=nan at unit 0"):

@@ -42,15 +42,19 @@ __all__ = [
 SCHEDULE_NAMES: tuple[str, ...] = ("constant", "linear", "exponential", "cosine", "step")
 
 
-def _check_tau(name: str, value: float) -> float:
-    """Return ``value`` as a float if it is a valid temperature (finite and > 0)."""
+def _as_tau(value: Any) -> float | None:
+    """``value`` as a float if it is a valid temperature (a finite number > 0), else ``None``."""
     try:
         tau = float(value)
     except (TypeError, ValueError):
-        raise ValueError(
-            f"{name} must be a finite number > 0 (tau must be > 0), got {value!r}"
-        ) from None
-    if not (math.isfinite(tau) and tau > 0):
+        return None
+    return tau if math.isfinite(tau) and tau > 0 else None
+
+
+def _check_tau(name: str, value: float) -> float:
+    """Return ``value`` as a float if it is a valid temperature (finite and > 0)."""
+    tau = _as_tau(value)
+    if tau is None:
         raise ValueError(f"{name} must be finite and > 0 (tau must be > 0), got {value!r}")
     return tau
 
@@ -88,16 +92,10 @@ class TemperatureSchedule(ABC):
         """Return the temperature for soft unit ``unit`` (0-based)."""
         unit = _check_unit(unit)
         tau = self._tau(unit)
-        try:
-            value = float(tau)
-        except (TypeError, ValueError):
+        value = _as_tau(tau)
+        if value is None:
             raise ValueError(
-                f"schedule {self!r} returned a non-numeric tau {tau!r} at unit {unit}"
-            ) from None
-        if not (math.isfinite(value) and value > 0):
-            raise ValueError(
-                f"schedule {self!r} returned tau={value!r} at unit {unit}; "
-                "tau must be finite and > 0"
+                f"schedule {self!r} returned tau={tau!r} at unit {unit}; tau must be finite and > 0"
             )
         return value
 
