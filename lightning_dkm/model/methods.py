@@ -88,6 +88,7 @@ import torch
 from torch import Tensor
 
 from ..engine.kmeans import kmeans_centroids, lloyd, member_means, nearest_centroid
+from ..engine.layout import is_int
 from ..engine.sharding import shard_like
 
 if TYPE_CHECKING:
@@ -339,7 +340,7 @@ def build_method(
         or not (regularization > 0 and regularization != float("inf"))
     ):
         raise ValueError(f"regularization must be a finite number > 0; got {regularization!r}")
-    if isinstance(refresh_every, bool) or not isinstance(refresh_every, int) or refresh_every < 1:
+    if not is_int(refresh_every, 1):
         raise ValueError(f"refresh_every must be an int >= 1; got {refresh_every!r}")
     if method == "dkm":
         return DKMMethod()
