@@ -35,7 +35,7 @@ from typing import Any
 
 from torch import nn
 
-from ..engine.layout import ClusterSpec, PaletteLayout
+from ..engine.layout import ClusterSpec, PaletteLayout, is_int
 from ..engine.parametrization import DKMParametrization
 from .state import qualified_name
 from .tied import TiedWeight
@@ -227,7 +227,7 @@ def select_targets(
     target_patterns = pattern_list("targets", targets) or []
     exclude_patterns = pattern_list("exclude", exclude) or []
     specs = override_specs(spec, overrides)
-    if not isinstance(min_size, int) or min_size < 0:
+    if not is_int(min_size, 0):
         raise ValueError(f"min_size must be an int >= 0; got {min_size!r}")
 
     candidates: list[tuple[str, str, nn.Module, int, int]] = []
