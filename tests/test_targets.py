@@ -149,7 +149,7 @@ def test_an_invalid_regular_expression_is_rejected() -> None:
         select_targets(Net(), targets="re:(", min_size=0)
 
 
-@pytest.mark.parametrize("min_size", [-1, 1.5])
+@pytest.mark.parametrize("min_size", [-1, 1.5, True])
 def test_min_size_must_be_a_non_negative_int(min_size) -> None:
     with pytest.raises(ValueError, match=rf"min_size must be an int >= 0; got {min_size}"):
         select_targets(Net(), min_size=min_size)
