@@ -212,16 +212,13 @@ class DKMResults:
         exports: dict[str, bool],
         verbose: bool,
     ) -> None:
-        """After finalize: the report on every rank; on rank 0 its scalars, its files and the
-        artifact as one group (:func:`write_report_and_artifact`; the artifact written by
-        ``write_artifact``, :func:`~lightning_dkm.save_compressed`'s signature; ``None``:
-        none), the report printed, and only then the exports
-        (``exports``: ``{"export_coreml": bool, "export_coreai": bool}``), each recorded in the
-        report, which is saved again; under ``ddp_spawn`` the handoff file. An export that fails
-        raises an error that says where the artifact is and the call that retries the export
-        from it: nothing written before it is lost. ``pl_module`` is the finalized model (under
-        FSDP2 the plain one rebuilt on rank 0; ``None`` on the other ranks, which then write and
-        hold nothing)."""
+        """Everything fit end produces, in the order of the module docstring: the report on
+        every rank; on rank 0 the report and the artifact (``write_artifact``, with
+        :func:`~lightning_dkm.save_compressed`'s signature; ``None``: none) as one group, then
+        the ``exports`` (``{"export_coreml": bool, ...}``), recorded in the report, and under
+        ``ddp_spawn`` the handoff file. ``pl_module`` is the finalized model (under FSDP2 the
+        plain one rebuilt on rank 0; ``None`` on the other ranks, which write and hold
+        nothing)."""
         if pl_module is None:
             return
         final_stats = {
