@@ -179,14 +179,6 @@ def parse_temperature(value: object) -> TemperatureConfig:
         require(not extra, f"temperature: with a callable schedule only 'interval' may be given "
                            f"(the callable's tau is its own); got also {extra}")
         return CallableTemperature.of(value["schedule"], value.get("interval", "step"))
-    if isinstance(value, bool) or not (
-        value is None or isinstance(value, (str, int, float, Mapping, TemperatureConfig))
-    ):
-        raise ValueError(
-            "temperature must be 'auto', a number (a constant tau), a mapping like "
-            "{schedule: exponential, start: auto, end: auto, interval: step}, a "
-            f"TemperatureSchedule or a callable unit -> tau; got {value!r}"
-        )
     return TemperatureConfig.parse(value)
 
 

@@ -210,10 +210,10 @@ class TemperatureConfig:
             config.check()
             return config
         if not isinstance(value, Mapping):
-            raise ValueError(
-                "temperature must be 'auto', a number (a constant tau) or a mapping like "
-                "{schedule: exponential, start: auto, end: auto, interval: step}; got "
-                f"{value!r}"
+            raise ValueError(  # the objects are DKMCallback's (lightning.arguments)
+                "temperature must be 'auto', a number (a constant tau), a mapping like "
+                "{schedule: exponential, start: auto, end: auto, interval: step}, a "
+                f"TemperatureSchedule or a callable unit -> tau; got {value!r}"
             )
         unknown = sorted(set(value) - set(_KEYS))
         if unknown:
