@@ -99,6 +99,16 @@ def test_bad_method_options_error_naming_the_value(kwargs, match):
         DKMCallback(**kwargs)
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [({"regularization": -1}, r"regularization .* got -1"),
+     ({"refresh_every": 0}, r"refresh_every .* got 0")],
+)
+def test_a_deep_kmeans_instance_checks_its_options_as_the_callback_does(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        DeepKMeansMethod(**kwargs)
+
+
 def test_resuming_with_another_method_is_refused():
     cb = DKMCallback(method="hard")
     state = DKMCallback(method="deep_kmeans").state_dict()

@@ -212,6 +212,17 @@ class HardMethod(ClusteringMethod):
         return "dense" if epoch < start_epoch else "hard"
 
 
+def _check_deep_kmeans_options(regularization: float, refresh_every: int) -> None:
+    if (
+        isinstance(regularization, bool)
+        or not isinstance(regularization, (int, float))
+        or not (regularization > 0 and regularization != float("inf"))
+    ):
+        raise ValueError(f"regularization must be a finite number > 0; got {regularization!r}")
+    if not is_int(refresh_every, 1):
+        raise ValueError(f"refresh_every must be an int >= 1; got {refresh_every!r}")
+
+
 class DeepKMeansMethod(ClusteringMethod):
     """Deep k-Means: free weights (mode ``"dense"``) plus ``regularization * dR/dW`` in their
     gradients, assignments refreshed every ``refresh_every`` optimizer steps, centroids refitted
@@ -229,6 +240,7 @@ class DeepKMeansMethod(ClusteringMethod):
         regularization: float = DEFAULT_REGULARIZATION,
         refresh_every: int = DEFAULT_REFRESH_EVERY,
     ) -> None:
+        _check_deep_kmeans_options(regularization, refresh_every)
         self.regularization = float(regularization)
         self.refresh_every = int(refresh_every)
         #: Optimizer steps taken with the regulariser (drives the refresh period).
@@ -334,14 +346,7 @@ def build_method(
     naming the bad value)."""
     if method not in METHOD_NAMES:
         raise ValueError(f"method must be one of {METHOD_NAMES}; got {method!r}")
-    if (
-        isinstance(regularization, bool)
-        or not isinstance(regularization, (int, float))
-        or not (regularization > 0 and regularization != float("inf"))
-    ):
-        raise ValueError(f"regularization must be a finite number > 0; got {regularization!r}")
-    if not is_int(refresh_every, 1):
-        raise ValueError(f"refresh_every must be an int >= 1; got {refresh_every!r}")
+    _check_deep_kmeans_options(regularization, refresh_every)  # given for every method
     if method == "dkm":
         return DKMMethod()
     if method == "hard":
