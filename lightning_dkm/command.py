@@ -32,7 +32,7 @@ import os
 import sys
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -93,9 +93,13 @@ def _inspect(args: argparse.Namespace) -> str:
     return "\n".join([args.file, *notes, "", report.to_table()])
 
 
-# -- coreml -------------------------------------------------------------------------------------
-def _lut_listing(file: str, size: int, rows: list[dict[str, Any]], as_json: bool) -> str:
-    """The LUT ops of a package, as text (one line each) or JSON."""
+# -- coreml / coreai ----------------------------------------------------------------------------
+def _lut_listing(file: str, size: int, ops: Sequence[Any], as_json: bool) -> str:
+    """The LUT ops (:class:`~lightning_dkm.export.lut_ops.LutOp`) of a package, as text (one
+    line each) or JSON."""
+    rows = [{"op": op.name, "indices": list(op.indices.shape), "bits": op.bits,
+             "cluster_dim": int(op.lut.shape[-1]), "lut_blocks": int(op.lut[..., 0, 0].size),
+             "per_channel_scale": op.scale is not None} for op in ops]
     if as_json:
         return json.dumps({"file": file, "bytes": size, "ops": rows}, indent=2)
     lines = [f"{file}: {size:,} bytes, {len(rows)} LUT ops"]
@@ -108,13 +112,6 @@ def _lut_listing(file: str, size: int, rows: list[dict[str, Any]], as_json: bool
     return "\n".join(lines)
 
 
-def _lut_row(name: str, op: Any, bits: int) -> dict[str, Any]:
-    """One LUT op of a package (Core ML's or Core AI's: ``lut``, ``indices``, ``scale``)."""
-    return {"op": name, "indices": list(op.indices.shape), "bits": bits,
-            "cluster_dim": int(op.lut.shape[-1]), "lut_blocks": int(op.lut[..., 0, 0].size),
-            "per_channel_scale": op.scale is not None}
-
-
 def _coreml(args: argparse.Namespace) -> str:
     from .export.coreml import package_bytes, read_coreml_palettes, require_coremltools
 
@@ -124,13 +121,12 @@ def _coreml(args: argparse.Namespace) -> str:
         ops = read_coreml_palettes(path)
     except Exception as err:  # coremltools raises RuntimeError, ValueError, ... for a bad file
         raise ValueError(f"{args.file}: not a readable Core ML package ({err})") from err
-    rows = [_lut_row(name, op, int(op.lut.shape[-2]).bit_length() - 1)
-            for name, op in ops.items()]
-    return _lut_listing(args.file, package_bytes(path), rows, args.json)
+    return _lut_listing(args.file, package_bytes(path), list(ops.values()), args.json)
 
 
-# -- coreai -------------------------------------------------------------------------------------
 def _coreai(args: argparse.Namespace) -> str:
+    """The ops under the tensor names :func:`~lightning_dkm.export_coreai` recorded, when it
+    recorded one per op."""
     from .export.coreai import lut_op_names, package_bytes, read_coreai_palettes, require_coreai
 
     path = _existing(args.file, "a .aimodel written by export_coreai")
@@ -140,10 +136,9 @@ def _coreai(args: argparse.Namespace) -> str:
         names = lut_op_names(path)
     except Exception as err:  # coreai-core raises RuntimeError, ValueError, ... for a bad file
         raise ValueError(f"{args.file}: not a readable Core AI package ({err})") from err
-    names = names if len(names) == len(ops) else [None] * len(ops)
-    rows = [_lut_row(name or f"lut_to_dense #{op.index}", op, op.bits)
-            for op, name in zip(ops, names, strict=True)]
-    return _lut_listing(args.file, package_bytes(path), rows, args.json)
+    if len(names) == len(ops):
+        ops = [replace(op, name=name or op.name) for op, name in zip(ops, names, strict=True)]
+    return _lut_listing(args.file, package_bytes(path), ops, args.json)
 
 
 #: Every subcommand, in the order ``--help`` lists them.

@@ -35,7 +35,7 @@ import re
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -47,13 +47,12 @@ from torch.nn.utils import parametrize
 from ..engine.palette import Palette
 from ..model.carried import carried_palettes
 from .files import package_bytes, replace_directory
-from .lut_ops import lut_to_dense
+from .lut_ops import LutOp
 from .tracing import as_example_tuple, exportable
 
 __all__ = [
     "COREAI_BITS",
     "CoreAIExport",
-    "CoreAIPalette",
     "check_packable",
     "convert_to_coreai",
     "export_coreai",
@@ -354,7 +353,7 @@ def _same(a: np.ndarray | None, b: np.ndarray | None) -> bool:
     return a.shape == b.shape and bool(np.array_equal(a, b))
 
 
-def match_lut_ops(palettes: dict[str, Palette], ops: list[CoreAIPalette]) -> list[str | None]:
+def match_lut_ops(palettes: dict[str, Palette], ops: list[LutOp]) -> list[str | None]:
     """The tensor name of every LUT op (``None`` for an op none of ``palettes`` is), matched
     by exact equality of LUT, indices, axis and scales.
 
@@ -397,25 +396,6 @@ def lut_op_names(path: str | os.PathLike[str]) -> list[str | None]:
 
 
 # -- reading the LUT ops back -------------------------------------------------------------------
-@dataclass(frozen=True)
-class CoreAIPalette:
-    """One ``coreai.lut_to_dense`` op of a saved package: its LUT (rank of the weight + 2),
-    its indices (the weight's shape, the vector axis divided by the vector length), the axis
-    the vectors run along, the index width in bits, and the per-channel scales applied after it
-    (``None`` without), as numpy arrays."""
-
-    index: int
-    bits: int
-    lut: np.ndarray
-    indices: np.ndarray
-    axis: int
-    scale: np.ndarray | None = field(default=None)
-
-    def weight(self) -> np.ndarray:
-        """The dense weight the op (and its scale op) produce, in float32 arithmetic."""
-        return lut_to_dense(self.lut, self.indices, self.axis, self.scale)
-
-
 _TENSOR_TYPE = re.compile(r"tensor<((?:\d+x)*)([a-z]+)(\d+)>")
 _NUMPY_DTYPES = {("f", 32): np.float32, ("f", 16): np.float16, ("bf", 16): None,
                  ("si", 16): np.int16, ("si", 32): np.int32, ("si", 64): np.int64,
@@ -474,7 +454,7 @@ def _operations(program: Any) -> list[Any]:
     return ops
 
 
-def read_coreai_palettes(path: str | os.PathLike[str]) -> list[CoreAIPalette]:
+def read_coreai_palettes(path: str | os.PathLike[str]) -> list[LutOp]:
     """The LUT ops of a saved ``.aimodel``, in program order, read from its program (no runtime
     needed); a ``constexpr_blockwise_shift_scale`` applied to an op's output is its scale.
 
@@ -500,8 +480,8 @@ def read_coreai_palettes(path: str | os.PathLike[str]) -> list[CoreAIPalette]:
             continue
         indices_value, lut_value, axis_value = op.operands[:3]
         _, _, bits = _parse_type(str(indices_value.type))
-        found.append(CoreAIPalette(
-            index=len(found), bits=bits,
+        found.append(LutOp(
+            name=f"lut_to_dense #{len(found)}", bits=bits,
             lut=_constant(lut_value, resources), indices=_constant(indices_value, resources),
             axis=int(_constant(axis_value, resources)),
             scale=scales.get(op.results[0].get_name()),

@@ -24,7 +24,6 @@ import logging
 import os
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,11 +33,11 @@ from torch import Tensor, nn
 
 from ..model.carried import carried_palettes, version_key
 from .files import package_bytes, replace_directory
-from .lut_ops import lut_to_dense
+from .lut_ops import LutOp
 from .tracing import as_example_tuple, exportable
 
 __all__ = [
-    "CoreMLPalette", "convert_to_mlprogram", "export_coreml", "package_bytes",
+    "convert_to_mlprogram", "export_coreml", "package_bytes",
     "read_coreml_palettes", "require_coremltools",
 ]
 
@@ -162,24 +161,7 @@ def export_coreml(
     return path
 
 
-@dataclass(frozen=True)
-class CoreMLPalette:
-    """One ``constexpr_lut_to_dense`` op of a saved package: its LUT (shape weight rank + 2),
-    its indices (the weight's shape, vector axis divided by the vector length), the vector
-    axis, and the per-channel scales applied after it (or ``None``), as numpy arrays."""
-
-    op_name: str
-    lut: np.ndarray
-    indices: np.ndarray
-    vector_axis: int | None
-    scale: np.ndarray | None
-
-    def weight(self) -> np.ndarray:
-        """The dense weight the op produces (float32 arithmetic on the stored float16)."""
-        return lut_to_dense(self.lut, self.indices, self.vector_axis, self.scale)
-
-
-def read_coreml_palettes(path: str | os.PathLike[str]) -> dict[str, CoreMLPalette]:
+def read_coreml_palettes(path: str | os.PathLike[str]) -> dict[str, LutOp]:
     """The LUT ops of a saved ``.mlpackage``, by op name (coremltools names them after the
     PyTorch parameter, ``fc.weight`` -> ``fc_weight...``); reads the package without loading
     it into the Core ML runtime, so it works on every OS."""
@@ -197,7 +179,7 @@ def read_coreml_palettes(path: str | os.PathLike[str]) -> dict[str, CoreMLPalett
     for op in ops:
         if op.op_type == "constexpr_blockwise_shift_scale":
             scale_of[op.outputs[0].name] = (op.scale.val, op.name)
-    found: dict[str, CoreMLPalette] = {}
+    found: dict[str, LutOp] = {}
     for op in ops:
         if op.op_type != "constexpr_lut_to_dense":
             continue
@@ -209,7 +191,7 @@ def read_coreml_palettes(path: str | os.PathLike[str]) -> dict[str, CoreMLPalett
             lut, (scale, name) = source.data.val, scale_of[source.outputs[0].name]
             scale = scale.reshape(scale.shape[: op.indices.val.ndim])
             # coremltools expanded the LUT per channel; keep the unscaled per-palette one
-        axis = op.vector_axis.val if op.vector_axis is not None else None
-        found[name] = CoreMLPalette(name, lut, op.indices.val, None if axis is None else int(axis),
-                                    scale)
+        axis = None if op.vector_axis is None else int(op.vector_axis.val)
+        found[name] = LutOp(name=name, bits=int(lut.shape[-2]).bit_length() - 1, lut=lut,
+                            indices=op.indices.val, axis=axis, scale=scale)
     return found

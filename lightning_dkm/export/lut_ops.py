@@ -5,15 +5,45 @@ indices have the weight's shape with the vector axis divided by the vector lengt
 has shape ``(*blocks, k, d)``, one palette per block of indices along each axis (so
 ``blocks[a]`` divides ``indices.shape[a]``); every index picks a ``d``-vector from its block's
 palette, laid along the vector axis; a per-channel scale op may multiply the result. Both
-readers (:mod:`.coreml`, :mod:`.coreai`) rebuild weights with :func:`lut_to_dense`, which is how
-the tests compare a package with the model it came from.
+readers (:mod:`.coreml`, :mod:`.coreai`) return the ops they find as :class:`LutOp`, whose
+:meth:`~LutOp.weight` rebuilds the weight with :func:`lut_to_dense`: that is how the tests compare
+a package with the model it came from.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
-__all__ = ["lut_to_dense"]
+__all__ = ["LutOp", "lut_to_dense"]
+
+
+@dataclass(frozen=True)
+class LutOp:
+    """One LUT op of a saved package (module docstring), as numpy arrays.
+
+    Attributes:
+        name: the op's name in the program (Core AI ops have none: ``lut_to_dense #<i>``, their
+            position in program order).
+        bits: the index width.
+        lut: shape ``(*blocks, k, d)``, one palette per block (rank of the weight + 2).
+        indices: the weight's shape, the vector axis divided by the vector length ``d``.
+        axis: the axis the vectors run along (``None``: Core ML's default, 0).
+        scale: the per-channel scales applied after the op, or ``None``.
+    """
+
+    name: str
+    bits: int
+    lut: np.ndarray
+    indices: np.ndarray
+    axis: int | None
+    scale: np.ndarray | None
+
+    def weight(self) -> np.ndarray:
+        """The dense weight the op (and its scale op) produce, in float32 arithmetic on the
+        stored values."""
+        return lut_to_dense(self.lut, self.indices, self.axis, self.scale)
 
 
 def lut_to_dense(lut: np.ndarray, indices: np.ndarray, axis: int | None,
