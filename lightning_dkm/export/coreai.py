@@ -45,10 +45,9 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from ..engine.palette import Palette
-from ..model.carried import carried_palettes
 from .files import package_bytes, replace_directory
 from .lut_ops import LutOp
-from .tracing import as_example_tuple, exportable
+from .tracing import as_example_tuple, exportable, exported_palettes
 
 __all__ = [
     "COREAI_BITS",
@@ -302,15 +301,8 @@ def export_coreai(
         raise ValueError(f"rtol and atol must be >= 0; got rtol={rtol}, atol={atol}")
     examples = as_example_tuple(example_inputs)
     with exportable(model) as module:
-        palettes = carried_palettes(module)  # validates them against the weights
+        palettes = exported_palettes(module, "export_coreai")
         check_packable({n: p.layout.spec.bits for n, p in palettes.items()}, "export_coreai")
-        if not palettes:
-            warnings.warn(
-                "export_coreai: the model carries no palettes (not finalized or palettized?), "
-                "so every weight is exported dense",
-                UserWarning,
-                stacklevel=2,
-            )
         reference = [t.detach().float().cpu().numpy() for t in _flat_outputs(module(*examples))]
         with _lut_weights(module, palettes):
             program = convert_to_coreai(module, examples)

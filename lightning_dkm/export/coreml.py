@@ -31,10 +31,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..model.carried import carried_palettes, version_key
+from ..model.carried import version_key
 from .files import package_bytes, replace_directory
 from .lut_ops import LutOp
-from .tracing import as_example_tuple, exportable
+from .tracing import as_example_tuple, exportable, exported_palettes
 
 __all__ = [
     "convert_to_mlprogram", "export_coreml", "package_bytes",
@@ -61,11 +61,7 @@ def require_coremltools() -> Any:
 
 def _input_types(ct: Any, example_inputs: Sequence[Tensor]) -> list[Any]:
     types = []
-    for i, example in enumerate(example_inputs):
-        if not isinstance(example, Tensor):
-            raise ValueError(
-                f"example_inputs[{i}] must be a tensor; got {type(example).__name__}"
-            )
+    for i, example in enumerate(example_inputs):  # tensors: as_example_tuple checked them
         if example.is_floating_point():
             dtype = np.float32
         elif example.dtype in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
@@ -145,15 +141,8 @@ def export_coreml(
     examples = as_example_tuple(example_inputs)
     inputs = convert_kwargs.pop("inputs", None) or _input_types(ct, examples)
     with exportable(model) as module:
-        palettes = carried_palettes(module)  # validates them against the weights
-        if not palettes:
-            warnings.warn(
-                "export_coreml: the model carries no palettes (not finalized or palettized?), "
-                "so every weight is exported dense",
-                UserWarning,
-                stacklevel=2,
-            )
-        elif version_key() not in dict(module.named_buffers(recurse=False)):
+        palettes = exported_palettes(module, "export_coreml")
+        if palettes and version_key() not in dict(module.named_buffers(recurse=False)):
             module.register_buffer(version_key(), torch.tensor(1))
         mlmodel = convert_to_mlprogram(module, examples, inputs, minimum_deployment_target,
                                        **convert_kwargs)

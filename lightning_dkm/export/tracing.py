@@ -7,20 +7,23 @@ that with its ``_jit_is_scripting`` flag, under which the property returns ``Non
 sets that flag on the instances being exported (duck-typed: the export layer does not import
 Lightning) and restores everything afterwards, so the same call works for a plain
 ``nn.Module``, a ``LightningModule`` inside or outside a Trainer, and either behind a
-``torch.compile`` or DDP wrapper.
+``torch.compile`` or DDP wrapper. :func:`exported_palettes` is what both exporters export.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
 
+from ..engine.palette import Palette
+from ..model.carried import carried_palettes
 from ..model.state import unwrap
 
-__all__ = ["as_example_tuple", "exportable"]
+__all__ = ["as_example_tuple", "exportable", "exported_palettes"]
 
 #: The class attribute ``LightningModule`` reads in its ``trainer`` property.
 _LIGHTNING_SCRIPTING_FLAG = "_jit_is_scripting"
@@ -65,3 +68,18 @@ def exportable(model: nn.Module) -> Iterator[nn.Module]:
             vars(module).pop(_LIGHTNING_SCRIPTING_FLAG, None)
         for module, training in modes:
             module.training = training
+
+
+def exported_palettes(module: nn.Module, exporter: str) -> dict[str, Palette]:
+    """The palettes ``module`` carries (validated against its weights by
+    :func:`~lightning_dkm.model.carried.carried_palettes`); a warning from ``exporter`` when it
+    carries none, since every weight is then exported dense."""
+    palettes = carried_palettes(module)
+    if not palettes:
+        warnings.warn(
+            f"{exporter}: the model carries no palettes (not finalized or palettized?), so "
+            "every weight is exported dense",
+            UserWarning,
+            stacklevel=3,
+        )
+    return palettes
