@@ -24,6 +24,15 @@ def _ratio(baseline: int, stored: int) -> float:
     return baseline / stored if stored else 1.0
 
 
+def _to_dict(row: Any, **derived: Any) -> dict[str, Any]:
+    """The dataclass ``row`` as JSON-ready primitives (a ``shape`` as a list), plus its
+    ``derived`` values; :func:`_from_fields` reads it back."""
+    out = asdict(row)
+    if "shape" in out:
+        out["shape"] = list(out["shape"])
+    return {**out, **derived}
+
+
 def _from_fields(cls: type, data: Any) -> Any:
     """Build dataclass ``cls`` from ``data``, ignoring derived keys that ``to_dict`` adds."""
     if not isinstance(data, Mapping):
@@ -102,15 +111,13 @@ class LayerReport:
         return self.compressed_bytes * 8 / self.parameters if self.parameters else 0.0
 
     def to_dict(self) -> dict[str, Any]:
-        out = asdict(self)
-        out["shape"] = list(self.shape)
-        out.update(
+        return _to_dict(
+            self,
             compressed_bytes=self.compressed_bytes,
             fp32_bytes=self.fp32_bytes,
             ratio_vs_fp32=self.ratio_vs_fp32,
             bits_per_weight=self.bits_per_weight,
         )
-        return out
 
 
 @dataclass
@@ -142,10 +149,7 @@ class TensorReport:
         return self.numel * 2 if self.floating else self.bytes
 
     def to_dict(self) -> dict[str, Any]:
-        out = asdict(self)
-        out["shape"] = list(self.shape)
-        out.update(fp32_bytes=self.fp32_bytes, fp16_bytes=self.fp16_bytes)
-        return out
+        return _to_dict(self, fp32_bytes=self.fp32_bytes, fp16_bytes=self.fp16_bytes)
 
 
 @dataclass
@@ -186,11 +190,10 @@ class EnergyEstimate:
         return self.estimated_total_energy_fp32_uj / compressed if compressed else 1.0
 
     def to_dict(self) -> dict[str, Any]:
-        out = asdict(self)
-        out.update(
+        return _to_dict(
+            self,
             estimated_total_energy_fp32_uj=self.estimated_total_energy_fp32_uj,
             estimated_total_energy_compressed_uj=self.estimated_total_energy_compressed_uj,
             estimated_energy_ratio=self.estimated_energy_ratio,
             source="Horowitz, 'Computing's energy problem', ISSCC 2014 (45 nm); an estimate",
         )
-        return out
