@@ -16,9 +16,8 @@ byte:
 The baselines store the same tensors densely: floating-point tensors at 4 bytes (fp32) or
 2 bytes (fp16) per element, other tensors (e.g. ``num_batches_tracked``) at their own width.
 
-The energy section is an estimate from :mod:`lightning_dkm.export.energy` (Horowitz, ISSCC 2014),
-never
-a measurement; every energy field name says ``estimated``.
+The energy section is an estimate from :mod:`lightning_dkm.export.energy` (Horowitz, ISSCC
+2014), never a measurement; every energy field name says ``estimated``.
 """
 
 from __future__ import annotations
@@ -242,6 +241,10 @@ class CompressionReport:
         em = energy_model or EnergyModel()
         # As the artifact stores them: a LUT beyond float16's range stays float32.
         stored = {name: p.stored_lut_dtype(lut_dtype) for name, p in palettes.items()}
+        lookup_uj = {  # resolving every index once per inference
+            name: em.lookup_uj(p.num_indices, p.layout.spec.cluster_dim * stored[name].itemsize)
+            for name, p in palettes.items()
+        }
 
         layers = []
         for name, palette in palettes.items():
@@ -254,20 +257,15 @@ class CompressionReport:
             if macs is not None:
                 layer.macs = int(macs.get(split_name(name)[0], 0))
                 layer.estimated_fetch_energy_fp32_uj = em.fetch_uj(layer.fp32_bytes)
-                layer.estimated_fetch_energy_compressed_uj = em.fetch_uj(
-                    layer.compressed_bytes
-                ) + em.lookup_uj(palette.num_indices,
-                                 palette.layout.spec.cluster_dim * stored[name].itemsize)
+                layer.estimated_fetch_energy_compressed_uj = (
+                    em.fetch_uj(layer.compressed_bytes) + lookup_uj[name]
+                )
             layers.append(layer)
 
         unclustered = [TensorReport.of(name, t, name in state.parameters)
                        for name, t in state.tensors.items() if name not in palettes]
         report = cls(layers, unclustered, dtype_name(lut_dtype))
         if macs is not None:
-            lookups = sum(
-                em.lookup_uj(p.num_indices, p.layout.spec.cluster_dim * stored[name].itemsize)
-                for name, p in palettes.items()
-            )
             total_macs = int(sum(macs.values()))
             report.energy = EnergyEstimate(
                 dram_read_pj=em.dram_read_pj,
@@ -276,7 +274,7 @@ class CompressionReport:
                 macs=total_macs,
                 estimated_fetch_energy_fp32_uj=em.fetch_uj(report.fp32_bytes),
                 estimated_fetch_energy_compressed_uj=em.fetch_uj(report.total_bytes),
-                estimated_lut_lookup_energy_uj=lookups,
+                estimated_lut_lookup_energy_uj=sum(lookup_uj.values()),
                 estimated_compute_energy_uj=em.compute_uj(total_macs),
             )
         return report
