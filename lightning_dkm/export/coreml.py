@@ -128,18 +128,17 @@ def export_coreml(
         ValueError: a carried palette no longer matches its weight (changed after finalize),
             or unusable ``example_inputs``.
     """
-    ct = require_coremltools()
+    require_coremltools()
     path = Path(path)
     if path.suffix != ".mlpackage":
         raise ValueError(f"path must end in .mlpackage; got {str(path)!r}")
-    if "convert_to" in convert_kwargs and convert_kwargs["convert_to"] != "mlprogram":
+    convert_to = convert_kwargs.pop("convert_to", "mlprogram")
+    if convert_to != "mlprogram":
         raise ValueError(
-            f"convert_to must be 'mlprogram' (LUT ops exist only there); got "
-            f"{convert_kwargs['convert_to']!r}"
+            f"convert_to must be 'mlprogram' (LUT ops exist only there); got {convert_to!r}"
         )
-    convert_kwargs.pop("convert_to", None)
     examples = as_example_tuple(example_inputs)
-    inputs = convert_kwargs.pop("inputs", None) or _input_types(ct, examples)
+    inputs = convert_kwargs.pop("inputs", None)
     with exportable(model) as module:
         palettes = exported_palettes(module, "export_coreml")
         if palettes and version_key() not in dict(module.named_buffers(recurse=False)):
