@@ -145,7 +145,7 @@ def load_bounded_json(text: str, what: str, *, floats: bool = False) -> Any:
         raise ValueError(f"{what} nests too deep to read") from err
 
 
-def check_regular_file(path: Path, expected: str = "the artifact file") -> None:
+def _check_regular_file(path: Path) -> None:
     """Raise unless ``path`` is a regular file (after symlinks), saying what it is instead:
     ``FileNotFoundError`` (missing), ``IsADirectoryError``, ``ValueError`` (a FIFO, a device,
     a socket: reading one could block or never end); other ``OSError``s (permission, a loop of
@@ -157,14 +157,14 @@ def check_regular_file(path: Path, expected: str = "the artifact file") -> None:
     if stat.S_ISREG(mode):
         return
     if stat.S_ISDIR(mode):
-        raise IsADirectoryError(f"{path} is a directory; pass {expected} inside it")
-    raise ValueError(f"{path} is {describe_path(path)}, not a file; pass {expected} itself")
+        raise IsADirectoryError(f"{path} is a directory; pass the artifact file inside it")
+    raise ValueError(f"{path} is {describe_path(path)}, not a file; pass the artifact file itself")
 
 
 def read_file(path: Path) -> tuple[dict[str, str], dict[str, Tensor]]:
     """``(metadata, tensors)`` of the safetensors file ``path``, nothing checked beyond what
     safetensors checks; a ``ValueError`` naming the file for one it cannot read."""
-    check_regular_file(path)
+    _check_regular_file(path)
     with open(path, "rb"):
         pass  # a file we may not read: PermissionError naming it, not "not safetensors"
     try:
