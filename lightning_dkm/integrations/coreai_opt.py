@@ -84,8 +84,8 @@ _Gradient = Literal["unrolled", "implicit"]
 class DKMTrainingStrategy(TrainingStrategy):
     """lightning_dkm's DKM step as coreai-opt's training-time forward of one palettized weight.
 
-    Built by :meth:`DKMTrainingSpec.build_strategy` (one per weight); the arguments are the
-    spec's fields, with the meaning they have in
+    Built by :meth:`DKMTrainingSpec.build_strategy` (one per weight) from the spec's fields,
+    validated there and with their defaults there; they mean what they mean in
     :class:`~lightning_dkm.engine.parametrization.DKMParametrization`.
 
     After a training forward :attr:`parametrization` holds the DKM state of the weight (its
@@ -97,17 +97,17 @@ class DKMTrainingStrategy(TrainingStrategy):
     def __init__(
         self,
         *,
-        temperature: float = 1e-2,
-        max_iter: int = 3,
-        epsilon: float = 1e-4,
-        implementation: _Implementation = "auto",
-        gradient: _Gradient = "unrolled",
+        temperature: float,
+        max_iter: int,
+        epsilon: float,
+        implementation: _Implementation,
+        gradient: _Gradient,
     ) -> None:
-        self.temperature = float(temperature)
-        self.max_iter = int(max_iter)
-        self.epsilon = float(epsilon)
-        self.implementation: _Implementation = implementation
-        self.gradient: _Gradient = gradient
+        self.temperature = temperature
+        self.max_iter = max_iter
+        self.epsilon = epsilon
+        self.implementation = implementation
+        self.gradient = gradient
         #: The engine's parametrization of this weight's palettes, built at the first training
         #: forward (``None`` before).
         self.parametrization: DKMParametrization | None = None
