@@ -135,21 +135,16 @@ def _looks_clustered(tensor: Tensor) -> int | None:
     return distinct if 2 <= distinct <= _LOOKS_CLUSTERED_MAX_VALUES else None
 
 
-def _clustered_looking(state: StateTensors) -> dict[str, int]:
-    """``{name: distinct values}`` of every Parameter of at least 2 dims (the tensors a layout
-    can cluster) that :func:`_looks_clustered`."""
+def _refuse_forgotten_palettes(state: StateTensors) -> None:
+    """Empty ``palettes`` for a model that was clustered would silently store it dense: an
+    error listing every Parameter of at least 2 dims (the tensors a layout can cluster) that
+    :func:`_looks_clustered`, with its number of distinct values."""
     found: dict[str, int] = {}
     for name, tensor in state.tensors.items():
         if name in state.parameters and tensor.dim() >= 2:
             distinct = _looks_clustered(tensor)
             if distinct is not None:
                 found[name] = distinct
-    return found
-
-
-def _refuse_forgotten_palettes(state: StateTensors) -> None:
-    """Empty ``palettes`` for a model that was clustered would silently store it dense."""
-    found = _clustered_looking(state)
     if found:
         listing = ", ".join(f"{name} ({n} distinct values)" for name, n in list(found.items())[:10])
         more = f" and {len(found) - 10} more" if len(found) > 10 else ""
