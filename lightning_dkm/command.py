@@ -167,15 +167,14 @@ SUBCOMMANDS: tuple[Subcommand, ...] = (
 )
 
 
-def _parser(subcommands: Sequence[Subcommand] | None = None) -> argparse.ArgumentParser:
-    """The parser of :data:`SUBCOMMANDS` (or ``subcommands``), each run by ``args.run``."""
-    subcommands = SUBCOMMANDS if subcommands is None else subcommands
+def _parser() -> argparse.ArgumentParser:
+    """The parser of :data:`SUBCOMMANDS`, each run by ``args.run``."""
     parser = argparse.ArgumentParser(
         prog=PROG, description="Inspect lightning_dkm artifacts and exported packages."
     )
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for sub in subcommands:
+    for sub in SUBCOMMANDS:
         sub_parser = commands.add_parser(sub.name, help=sub.help)
         sub_parser.set_defaults(run=sub.run)
         groups: dict[str, Any] = {}
