@@ -106,15 +106,9 @@ def export_coreml(
     """Write ``model`` (finalized: it carries its palettes) as an ML program ``.mlpackage``.
 
     Args:
-        model: a finalized model (after :func:`~lightning_dkm.finalize`,
-            :func:`~lightning_dkm.palettize` or :func:`~lightning_dkm.load_compressed`):
-            a plain ``nn.Module`` or a ``LightningModule`` (inside or outside a Trainer),
-            also behind ``torch.compile`` or DDP; it is traced in eval mode
-            (``torch.jit.trace``) on ``example_inputs``.
-        path: the ``.mlpackage`` directory to write; replaced if it exists (the new package is
-            written next to it first, so a failed export leaves the old one).
-        example_inputs: one tensor or a sequence of them, the model's positional inputs; their
-            shapes become the package's input shapes (integer inputs become int32).
+        model, path, example_inputs: as for :func:`~lightning_dkm.export_coreai`, with
+            ``path`` an ``.mlpackage``; the model is traced in eval mode (``torch.jit.trace``)
+            and integer inputs become int32.
         minimum_deployment_target: a ``coremltools.target``; default iOS18 (what per-channel
             scales and grouped LUTs need; older targets are refused by coremltools for them).
         **convert_kwargs: passed to ``coremltools.convert`` (e.g. ``compute_units``,
