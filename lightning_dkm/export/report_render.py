@@ -10,6 +10,7 @@ from ..model.bit_budget import BitAllocation
 
 if TYPE_CHECKING:  # for annotations only: report.py imports this module
     from .report import CompressionReport
+    from .report_entries import EnergyEstimate
 
 __all__ = ["ENERGY_SKIPPED", "export_line", "render"]
 
@@ -43,8 +44,8 @@ def render(report: CompressionReport, markdown: bool) -> str:
         parts += ["", ENERGY_SKIPPED]
     else:
         parts += ["", "## Estimated energy per inference", ""] if markdown else [""]
-        parts += [_energy_heading(report), *([""] if markdown else []),
-                  table(_ENERGY_HEADERS, _energy_rows(report))]
+        parts += [_energy_heading(report.energy), *([""] if markdown else []),
+                  table(_ENERGY_HEADERS, _energy_rows(report.energy))]
     if report.bit_allocation is not None:
         parts += ["", "## Bit allocation (average_bits)", ""] if markdown else [""]
         parts.append(BitAllocation.from_dict(report.bit_allocation).to_markdown().rstrip())
@@ -117,9 +118,7 @@ def _notes(report: CompressionReport) -> list[str]:
     ]
 
 
-def _energy_rows(report: CompressionReport) -> list[list[str]]:
-    e = report.energy
-    assert e is not None
+def _energy_rows(e: EnergyEstimate) -> list[list[str]]:
     return [
         ["MACs per inference", f"{e.macs:,}", f"{e.macs:,}"],
         ["weight fetch (DRAM)", f"{e.estimated_fetch_energy_fp32_uj:.4g}",
@@ -133,9 +132,7 @@ def _energy_rows(report: CompressionReport) -> list[list[str]]:
     ]
 
 
-def _energy_heading(report: CompressionReport) -> str:
-    e = report.energy
-    assert e is not None
+def _energy_heading(e: EnergyEstimate) -> str:
     return (
         "ESTIMATED energy per inference in µJ (an estimate, not a measurement; Horowitz, "
         f"ISSCC 2014, 45 nm: DRAM {e.dram_read_pj:g} pJ and SRAM {e.sram_read_pj:g} pJ per "
