@@ -340,9 +340,10 @@ def _save(program: Any, path: Path, palettes: dict[str, Palette]) -> None:
 
 
 def _same(a: np.ndarray | None, b: np.ndarray | None) -> bool:
+    """Both absent, or equal in shape and in every value (compared exactly, across dtypes)."""
     if a is None or b is None:
         return a is None and b is None
-    return a.shape == b.shape and bool(np.array_equal(a, b))
+    return bool(np.array_equal(a, b))
 
 
 def match_lut_ops(palettes: dict[str, Palette], ops: list[LutOp]) -> list[str | None]:
@@ -359,8 +360,7 @@ def match_lut_ops(palettes: dict[str, Palette], ops: list[LutOp]) -> list[str | 
         scale = None if module.scale is None else module.scale.float().cpu().numpy()
         for i, op in enumerate(ops):
             if names[i] is None and op.axis == module.axis and _same(op.indices, indices) \
-                    and _same(op.lut.astype(np.float32), lut) and _same(
-                        None if op.scale is None else op.scale.astype(np.float32), scale):
+                    and _same(op.lut, lut) and _same(op.scale, scale):
                 names[i] = name
                 break
         else:
