@@ -35,7 +35,7 @@ import re
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -251,9 +251,7 @@ class CoreAIExport:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready (the path as a string)."""
-        return {"path": str(self.path), "package_bytes": self.package_bytes,
-                "lut_ops": self.lut_ops, "max_abs_difference": self.max_abs_difference,
-                "max_abs_output": self.max_abs_output, "tolerance": self.tolerance}
+        return {**asdict(self), "path": str(self.path)}
 
 
 def export_coreai(
