@@ -470,15 +470,10 @@ def read_palettes(path: str | os.PathLike[str]) -> dict[str, Palette]:
     (``palette.lut.to(dtype)`` for a palette in the model's dtype).
 
     Raises:
-        FileNotFoundError: no file at ``path``.
-        IsADirectoryError: ``path`` is a directory.
-        PermissionError: the file may not be read.
-        ValueError: ``path`` is a FIFO, a device or a socket; the file is not a readable
-            safetensors file, is of another format or version, fails its checksum or has an
-            inconsistent layout (naming the file and the entry).
+        FileNotFoundError, IsADirectoryError, PermissionError, ValueError: as
+            :func:`load_compressed`, for the file on its own (naming the file and the entry).
     """
-    path = Path(path)
-    return decode_palettes(check_file(path))
+    return decode_palettes(check_file(Path(path)))
 
 
 def inspect_artifact(path: str | os.PathLike[str]) -> CompressionReport:
