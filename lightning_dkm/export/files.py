@@ -104,12 +104,9 @@ def write_atomically(writers: Mapping[str | os.PathLike[str], Callable[[Path], N
         FileNotFoundError: the directory of a path does not exist.
         Exception: whatever a writer raised (after cleaning up).
     """
-    targets = {Path(path): write for path, write in writers.items()}
-    for path in targets:
-        _check_writable(path)
     with FileGroup() as group:
-        for path, write in targets.items():
-            group.stage(path, write)
+        for path, write in writers.items():
+            group.stage(path, write)  # checks the path first
         group.commit()
 
 
