@@ -6,8 +6,8 @@ has shape ``(*blocks, k, d)``, one palette per block of indices along each axis 
 ``blocks[a]`` divides ``indices.shape[a]``); every index picks a ``d``-vector from its block's
 palette, laid along the vector axis; a per-channel scale op may multiply the result. Both
 readers (:mod:`.coreml`, :mod:`.coreai`) return the ops they find as :class:`LutOp`, whose
-:meth:`~LutOp.weight` rebuilds the weight with :func:`lut_to_dense`: that is how the tests compare
-a package with the model it came from.
+:meth:`~LutOp.weight` rebuilds the weight: that is how the tests compare a package with the
+model it came from.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["LutOp", "lut_to_dense"]
+__all__ = ["LutOp"]
 
 
 @dataclass(frozen=True)
@@ -41,30 +41,24 @@ class LutOp:
     scale: np.ndarray | None
 
     def weight(self) -> np.ndarray:
-        """The dense weight the op (and its scale op) produce, in float32 arithmetic on the
-        stored values."""
-        return lut_to_dense(self.lut, self.indices, self.axis, self.scale)
-
-
-def lut_to_dense(lut: np.ndarray, indices: np.ndarray, axis: int | None,
-                 scale: np.ndarray | None = None) -> np.ndarray:
-    """``LUT[indices]`` laid out as the weight (vectors along ``axis``, 0 when ``None``), times
-    ``scale`` when given; float32 arithmetic on the stored values."""
-    lut = lut.astype(np.float32)
-    idx = indices.astype(np.int64)
-    rank = idx.ndim
-    # the palette of every index: its block along each axis
-    block = [np.arange(idx.shape[a]) // (idx.shape[a] // lut.shape[a]) for a in range(rank)]
-    values = lut[(*np.meshgrid(*block, indexing="ij"), idx)]  # (..., d)
-    d = lut.shape[-1]
-    if d > 1:
-        axis = 0 if axis is None else axis
-        values = np.moveaxis(values, -1, axis + 1)
-        shape = list(idx.shape)
-        shape[axis] *= d
-        values = values.reshape(shape)
-    else:
-        values = values[..., 0]
-    if scale is not None:
-        values = values * scale.astype(np.float32)
-    return values
+        """The dense weight the op (and its scale op) produce: ``LUT[indices]`` laid out as the
+        weight (vectors along ``axis``, 0 when ``None``), times ``scale`` when given; float32
+        arithmetic on the stored values."""
+        lut = self.lut.astype(np.float32)
+        idx = self.indices.astype(np.int64)
+        # the palette of every index: its block along each axis
+        block = [np.arange(idx.shape[a]) // (idx.shape[a] // lut.shape[a])
+                 for a in range(idx.ndim)]
+        values = lut[(*np.meshgrid(*block, indexing="ij"), idx)]  # (..., d)
+        d = lut.shape[-1]
+        if d > 1:
+            axis = 0 if self.axis is None else self.axis
+            values = np.moveaxis(values, -1, axis + 1)
+            shape = list(idx.shape)
+            shape[axis] *= d
+            values = values.reshape(shape)
+        else:
+            values = values[..., 0]
+        if self.scale is not None:
+            values = values * self.scale.astype(np.float32)
+        return values
