@@ -201,19 +201,6 @@ def _stored_lut(name: str, palette: Palette, lut_dtype: torch.dtype) -> Tensor:
     return palette.lut.detach().to("cpu").to(dtype).contiguous()
 
 
-def _clustered_entry(palette: Palette, weight: Tensor, stored: Tensor,
-                     lut_dtype: torch.dtype) -> dict[str, Any]:
-    """The layout entry of one clustered tensor (``lut_dtype`` only where it differs)."""
-    entry: dict[str, Any] = {
-        **palette.layout.to_dict(),
-        "dtype": dtype_name(weight.dtype),
-        "count": palette.num_indices,
-    }
-    if stored.dtype != lut_dtype:
-        entry["lut_dtype"] = dtype_name(stored.dtype)
-    return entry
-
-
 def save_compressed(
     model: nn.Module,
     path: str | os.PathLike[str],
@@ -294,7 +281,10 @@ def save_compressed(
         tensors[INDICES + name] = pack_bits(
             palette.indices.detach().cpu(), palette.layout.spec.bits
         )
-        entries[name] = _clustered_entry(palette, weight, lut, lut_dtype)
+        entries[name] = {**palette.layout.to_dict(), "dtype": dtype_name(weight.dtype),
+                         "count": palette.num_indices}
+        if lut.dtype != lut_dtype:  # recorded only where it differs from the file's
+            entries[name]["lut_dtype"] = dtype_name(lut.dtype)
     storages: set[tuple] = set()
     for name, t in state.tensors.items():
         if name in palettes:
