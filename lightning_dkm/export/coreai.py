@@ -387,7 +387,7 @@ def lut_op_names(path: str | os.PathLike[str]) -> list[str | None]:
 
 # -- reading the LUT ops back -------------------------------------------------------------------
 _TENSOR_TYPE = re.compile(r"tensor<((?:\d+x)*)([a-z]+)(\d+)>")
-_NUMPY_DTYPES = {("f", 32): np.float32, ("f", 16): np.float16, ("bf", 16): None,
+_NUMPY_DTYPES = {("f", 32): np.float32, ("f", 16): np.float16,
                  ("si", 16): np.int16, ("si", 32): np.int32, ("si", 64): np.int64,
                  ("i", 32): np.int32, ("i", 64): np.int64}
 
