@@ -25,10 +25,6 @@ Layout of the file (no pickle anywhere; ``safetensors`` parses it):
   ``lightning_dkm.sha256`` (a digest of every tensor and every other metadata entry), and any
   user metadata.
 
-Files are written atomically (:func:`~lightning_dkm.export.files.write_atomically`): a temporary
-file in the same directory, flushed to disk, then moved into place, so an interrupted save
-leaves the previous file (or none), never a truncated one.
-
 :func:`load_compressed`, :func:`read_palettes` and :func:`inspect_artifact` treat the file as
 untrusted: they check the format, the digest, the layout (JSON of bounded depth and integer
 length), every tensor's shape and byte length (and ``load_compressed`` every shape against the

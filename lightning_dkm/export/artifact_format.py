@@ -63,12 +63,9 @@ def digest(metadata: Mapping[str, str], tensors: Mapping[str, Tensor]) -> str:
 
 
 
-# -- reading an untrusted file ----------------------------------------------------------------
-# Everything below is bounded by the file: the safetensors header (<= 100 MB, its offsets
-# checked against the file's size by safetensors) is the only thing read before these checks,
-# the layout JSON is parsed with a depth and a number-length limit, every count and shape is
-# compared with the bytes the file holds, and nothing is decoded (indices unpacked, weights
-# built) until the file, and for load_compressed the model, has been checked.
+# -- reading an untrusted file (what is checked, and when: artifact.py's module docstring) ----
+# The safetensors header (<= 100 MB, its offsets checked against the file's size by
+# safetensors) is the only thing read before these checks.
 
 _MAX_JSON_DEPTH = 16  # the layout nests 4 deep (file -> clustered -> entry -> shape)
 _MAX_INT_DIGITS = 20  # every integer of the format fits in 64 bits
