@@ -163,9 +163,32 @@ class Palette:
 
     def differing_elements(self, weight: Tensor) -> int:
         """How many elements of ``weight`` this palette does not reproduce bit for bit (0: it
-        does); the check behind every "changed after finalize" error."""
+        does)."""
         rebuilt = self.weight(weight.dtype).to(weight.device)
         return int((rebuilt != weight).sum())
+
+    def check_reproduces(self, weight: Tensor, name: str, remedy: str) -> None:
+        """Raise a ``ValueError`` naming ``name``, how many elements differ and ``remedy``
+        unless this palette reproduces ``weight`` bit for bit: the one "changed after
+        finalize" error of every reader of palettes."""
+        differ = self.differing_elements(weight)
+        if differ:
+            raise ValueError(
+                f"{name}: the weight no longer matches the palette ({differ} of "
+                f"{weight.numel()} elements differ): it changed after finalize() (more "
+                f"training steps, or an in-place edit). {remedy}"
+            )
+
+    def to(self, device: torch.device | str | None = None,
+           dtype: torch.dtype | None = None) -> Palette:
+        """This palette with its LUT and scales at ``dtype`` on ``device`` and its indices on
+        ``device`` (``None``: as they are), like ``Tensor.to``."""
+        return Palette(
+            lut=self.lut.to(device=device, dtype=dtype),
+            indices=self.indices.to(device),
+            layout=self.layout,
+            scale=None if self.scale is None else self.scale.to(device=device, dtype=dtype),
+        )
 
     def index_grid(self) -> Tensor:
         """The indices laid out like the weight: its shape with the vector axis divided by

@@ -169,14 +169,9 @@ def _checked_weight(name: str, palette: Palette, weight: Tensor | None) -> Tenso
             "them could not be loaded, so none is written. Check the loss and the weights of "
             f"{name!r}"
         )
-    differ = palette.differing_elements(weight)
-    if differ:
-        raise ValueError(
-            f"palette {name!r} does not reproduce the model's {name!r} ({differ} of "
-            f"{weight.numel()} elements differ): the weight changed after finalize() (more "
-            "training steps, or an in-place edit). Save the model as finalize()/palettize() left "
-            "it, with the palettes that call returned, or run palettize() on the changed model"
-        )
+    palette.check_reproduces(
+        weight, name, "Save the model as finalize()/palettize() left it, with the palettes that "
+        "call returned, or run palettize() on the changed model")
     return weight
 
 
@@ -399,13 +394,7 @@ def load_compressed(
             weight = target[name]
             if weight.is_meta:  # packed: the weight stays unmaterialised, its palette on CPU
                 weight = torch.empty(0, dtype=weight.dtype)
-            loaded[name] = Palette(
-                lut=palette.lut.to(device=weight.device, dtype=weight.dtype),
-                indices=palette.indices.to(weight.device),
-                layout=palette.layout,
-                scale=None if palette.scale is None else palette.scale.to(
-                    device=weight.device, dtype=weight.dtype),
-            )
+            loaded[name] = palette.to(weight.device, weight.dtype)
     if packed:
         pack(model, {k: v for k, v in loaded.items() if k not in aliases}, verify=False)
     else:

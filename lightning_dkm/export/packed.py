@@ -144,11 +144,8 @@ def pack(
         weight = module._parameters.get(param_name)
         if weight is None:
             raise ValueError(f"{name} is not a Parameter of the model (already packed?)")
-        if verify and (differ := palette.differing_elements(weight)):
-            raise ValueError(
-                f"{name}: the palette does not reproduce the weight ({differ} elements differ: "
-                "changed after finalize?); not packed"
-            )
+        if verify:
+            palette.check_reproduces(weight, name, "Nothing was packed")
         lut_name, indices_name, scale_name = _names(param_name)
         del module._parameters[param_name]
         if weight.is_meta:  # never materialised (load_compressed into a meta-built model)

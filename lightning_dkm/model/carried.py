@@ -192,14 +192,9 @@ def carried_palettes(model: nn.Module) -> dict[str, Palette]:
             lut=lut.to(weight.dtype).clone(), indices=indices, layout=layout,
             scale=None if scale is None else scale.to(weight.dtype).clone(),
         )
-        differ = palette.differing_elements(weight)
-        if differ:
-            raise ValueError(
-                f"{name}: the weight no longer matches the palette the model carries ({differ} "
-                f"of {weight.numel()} elements differ): it changed after finalize() (more "
-                "training steps, or an in-place edit). Finalize or palettize the model again, "
-                "or discard the palette with lightning_dkm.discard_palettes(model)"
-            )
+        palette.check_reproduces(
+            weight, name, "Finalize or palettize the model again, or discard the palette the "
+            "model carries with lightning_dkm.discard_palettes(model)")
         palettes[name] = palette
     return palettes
 

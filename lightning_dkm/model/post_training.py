@@ -181,13 +181,8 @@ def palettize(
         for target in wave:
             weight, scale = weights[target.name], scales[target.name]
             centroids, labels = fits.pop(target.name)
-            palette = Palette(
-                lut=centroids.to(device=weight.device, dtype=weight.dtype),
-                indices=labels.to(weight.device),
-                layout=target.layout,
-                scale=None if scale is None else scale.to(device=weight.device,
-                                                          dtype=weight.dtype),
-            )
+            palette = Palette(centroids, labels, target.layout, scale).to(weight.device,
+                                                                          weight.dtype)
             weight.copy_(palette.weight())
             palettes[target.name] = palette
             bar.set_postfix_str(target.name, refresh=False)
