@@ -301,7 +301,8 @@ def export_coreai(
     with exportable(model) as module:
         palettes = exported_palettes(module, "export_coreai")
         check_packable({n: p.layout.spec.bits for n, p in palettes.items()}, "export_coreai")
-        reference = [t.detach().float().cpu().numpy() for t in _flat_outputs(module(*examples))]
+        reference = ([t.detach().float().cpu().numpy() for t in _flat_outputs(module(*examples))]
+                     if verify else [])
         with _lut_weights(module, palettes):
             program = convert_to_coreai(module, examples)
     replace_directory(path, lambda staging: _save(program, staging, palettes))
