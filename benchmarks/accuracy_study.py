@@ -38,6 +38,9 @@ calibration=(dataloader, loss_fn))``, ``loss_fn(model, batch)``; skipped with a 
 ``palettize`` has no ``calibration`` argument); ``apple_dkm`` (coremltools' ``DKMPalettizer`` at
 its defaults, only ``n_bits`` set, see ``benchmarks/apple_dkm.py``: same Linear layers,
 optimizer, steps, data order and starting weights, its own k-means initialisation);
+``dkm_per_channel_scale`` and ``dkm_grouped`` (the same DKM on another palette layout,
+``per_channel_scale=True`` / one palette per 32 output channels, seeded by ``palettize`` on
+that layout; their bytes include the scales and extra LUTs; not in the default set);
 ``fp32_finetune`` (the same fine-tuning without clustering: the ceiling; bit-independent, so
 once per seed; on MiniLM it stays near 1.0, what is left being AdamW's steps on rounding-level
 gradients). Every train-time method uses AdamW at the same learning rate over the same batches
@@ -163,8 +166,16 @@ DKM_BUDGET = "dkm_average_bits"
 #: The same with every weight counting the same in the estimate (no Hessian diagonal):
 #: ``--budget-sensitivity none``.
 DKM_BUDGET_UNWEIGHTED = "dkm_average_bits_unweighted"
-METHODS = (*TRAIN_METHODS, DKM_SENSITIVITY_INIT, DKM_EXACT, PALETTIZE, SENSITIVITY, APPLE,
-           FP32_FINETUNE)
+#: DKM at its defaults on other palette layouts (#24 item 2: "``per_channel_scale=True`` and a
+#: grouped palette measured at their real byte cost"): the palettize seeding and the DKM step
+#: run on that layout, and the row's bytes are the report's, scales and extra LUTs included.
+#: The grouped layout shares one palette among 32 output channels.
+DKM_LAYOUTS: dict[str, dict[str, Any]] = {
+    "dkm_per_channel_scale": {"per_channel_scale": True},
+    "dkm_grouped": {"group_size": 32},
+}
+METHODS = (*TRAIN_METHODS, DKM_SENSITIVITY_INIT, DKM_EXACT, *DKM_LAYOUTS, PALETTIZE,
+           SENSITIVITY, APPLE, FP32_FINETUNE)
 #: The default set of the MiniLM and char-LM parts (Deep k-Means only on request).
 DEFAULT_METHODS = ("dkm", DKM_SENSITIVITY_INIT, "hard", PALETTIZE, SENSITIVITY, APPLE,
                    FP32_FINETUNE)
@@ -583,7 +594,7 @@ def _engine_finetune(model: nn.Module, method: str, init: dict[str, Palette],
                      mode=runner.mode_for_epoch(0, 0, None), initialize=False,
                      implementation=implementation)
     for name, tensor in tensors.items():  # every method starts from the same k-means palettes
-        tensor.parametrization.set_centroids(init[name].lut)
+        tensor.parametrization.set_centroids(init[name].lut, init[name].scale)
     info: dict[str, Any] = {"max_iter": max_iter, "implementation": implementation}
     taus: Callable[[int], dict[str, float]] = lambda step: {}  # noqa: E731
     if runner.uses_temperature:
@@ -742,6 +753,19 @@ def run_task(task: Task, cfg: FinetuneConfig, log=print,
                 value, eval_s = evaluate(model)
                 add(DKM_EXACT, bits, seed, value, report.total_bytes, report,
                     t0, steps=len(batches), eval_seconds=round(eval_s, 2), **info)
+            for method in (m for m in DKM_LAYOUTS if m in methods):
+                t0 = _now()
+                model = task.fresh()
+                layout_init = palettize(model, bits=bits, targets=task.targets, seed=seed,
+                                        **DKM_LAYOUTS[method])
+                model = task.fresh()
+                torch.manual_seed(seed)
+                palettes, info = _engine_finetune(model, "dkm", layout_init, batches, task,
+                                                  cfg, seed, defaults)
+                report = CompressionReport.build(model, palettes, lut_dtype=torch.float16)
+                value, eval_s = evaluate(model)
+                add(method, bits, seed, value, report.total_bytes, report, t0,
+                    steps=len(batches), eval_seconds=round(eval_s, 2), **info)
             if DKM_SENSITIVITY_INIT in methods:
                 t0 = _now()
                 model = task.fresh()
@@ -1275,6 +1299,7 @@ _STYLE = {"dkm": ("C0", "o"), DKM_BUDGET: ("C6", "p"), DKM_BUDGET_UNWEIGHTED: ("
           "deep_kmeans": ("C2", "s"), "hard": ("C1", "^"),
           PALETTIZE: ("C3", "x"), SENSITIVITY: ("C4", "D"), APPLE: ("C5", "v"),
           DKM_SENSITIVITY_INIT: ("C9", "P"), DKM_EXACT: ("C8", "h"),
+          "dkm_per_channel_scale": ("C0", "d"), "dkm_grouped": ("C0", "s"),
           FP32_FINETUNE: ("C7", None), "fp32": ("k", "*")}
 _REFERENCES = ("fp32", FP32_FINETUNE)  # drawn as horizontal lines, not against size
 
@@ -1405,20 +1430,21 @@ def _table(rows: list[dict[str, Any]], metric: str) -> str:
     lines = ["| bits | cluster_dim | size (bytes) | " + " | ".join(methods) + " |",
              "|---|---|---|" + "---|" * len(methods)]
 
-    def cell(e: dict[str, Any] | None) -> str:
+    def cell(e: dict[str, Any] | None, size: int) -> str:
         if e is None:
             return "-"
-        return f"{e['mean']:.4f}" + (f" ± {e['std']:.4f}" if e["n"] > 1 else "")
+        own = f" ({e['bytes']:,} bytes)" if e["bytes"] != size else ""  # scales, extra LUTs
+        return f"{e['mean']:.4f}" + (f" ± {e['std']:.4f}" if e["n"] > 1 else "") + own
 
     for bits, cd in settings:
         mine = {e["method"]: e for e in summary if (e["bits"], e["cluster_dim"]) == (bits, cd)}
         size = next(iter(mine.values()))["bytes"]
         lines.append(f"| {bits} | {cd} | {size:,} | "
-                     + " | ".join(cell(mine.get(m)) for m in methods) + " |")
+                     + " | ".join(cell(mine.get(m), size) for m in methods) + " |")
     for e in summary:
         if e["method"] in _REFERENCES:
             label = "fp32" if e["method"] == "fp32" else "fp32_finetune (no clustering)"
-            lines.append(f"\n{label}: {cell(e)} at {e['bytes']:,} bytes (n={e['n']})")
+            lines.append(f"\n{label}: {cell(e, e['bytes'])} at {e['bytes']:,} bytes (n={e['n']})")
     return "\n".join(lines)
 
 
