@@ -1093,7 +1093,7 @@ class CharLMConfig(FinetuneConfig):
     @classmethod
     def tiny(cls) -> CharLMConfig:
         """Seconds: the test configuration (two seeds, every default method, one width)."""
-        return cls(bits=(2,), seeds=(0, 1), d_model=48, layers=1, heads=2, context=32,
+        return cls(bits=(2,), seeds=(0, 1), d_model=64, layers=1, heads=2, context=32,
                    max_files=8, heldout_windows=16, pretrain_steps=10, pretrain_batch=8,
                    steps=2, batch_size=8, calibration_batches=1, cache=None,
                    average_bits=(1.5,), budget_batches=1)

@@ -101,6 +101,16 @@ def test_accuracy_study_tiny_charlm_runs_every_method_for_every_seed(tmp_path):
     assert summary[("fp32", 32)]["n"] == 1
 
 
+def test_accuracy_study_layouts_are_dkm_at_their_own_byte_cost(tmp_path):
+    run("accuracy_study.py", "--tiny", "--parts", "charlm", "--out", str(tmp_path),
+        "--name", "layouts", "--methods", "dkm", "dkm_per_channel_scale", "dkm_grouped",
+        "--bits", "2")
+    rows = json.loads((tmp_path / "layouts.json").read_text())["charlm"]
+    size = {r["method"]: r["bytes"] for r in rows}
+    assert size["dkm"] < size["dkm_grouped"] < size["dkm_per_channel_scale"]  # extra LUTs; scales
+    assert all(r["heldout_bpc"] > 0 for r in rows)
+
+
 def test_accuracy_study_replot_prints_mean_and_std_over_seeds(tmp_path):
     rows = [dict(model="m", method="fp32", bits=32, cluster_dim=1, seed=None, heldout_bpc=2.0,
                  bytes=400)]
