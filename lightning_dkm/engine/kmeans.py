@@ -211,21 +211,18 @@ def _dedupe_centroids(x: Tensor, centers: Tensor) -> Tensor:
     P, k, _ = centers.shape
     out = centers.clone()
     placeholders = _placeholder_centroids(x, k)
+    positions = torch.arange(k, device=centers.device)
     for p in range(P):
-        _, first_index = _unique_rows_first_index(centers[p])
+        distinct, inverse = torch.unique(centers[p], dim=0, return_inverse=True)
+        # the first occurrence of each distinct centroid keeps its place
+        first = torch.full((distinct.shape[0],), k, dtype=torch.long, device=centers.device)
+        first.scatter_reduce_(0, inverse, positions, "amin")
         duplicate = torch.ones(k, dtype=torch.bool, device=centers.device)
-        duplicate[first_index] = False
+        duplicate[first] = False
         n_dup = int(duplicate.sum())
         if n_dup:
             out[p, duplicate] = placeholders[p, :n_dup]
     return out
-
-
-def _unique_rows_first_index(rows: Tensor) -> tuple[Tensor, Tensor]:
-    uniq, inverse = torch.unique(rows, dim=0, return_inverse=True)
-    first = torch.full((uniq.shape[0],), rows.shape[0], dtype=torch.long, device=rows.device)
-    first.scatter_reduce_(0, inverse, torch.arange(rows.shape[0], device=rows.device), "amin")
-    return uniq, first
 
 
 def _check_k(x: Tensor, k: int) -> None:
