@@ -195,7 +195,7 @@ def test_epsilon_stops_early_and_zero_runs_every_iteration(gen) -> None:
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"max_iter": 0}, "max_iter must be >= 1; got 0"),
+        ({"max_iter": 0}, "max_iter must be an int >= 1; got 0"),
         ({"epsilon": -1.0}, "epsilon must be >= 0; got -1.0"),
         ({"tau": 0.0}, "tau must be > 0; got 0.0"),
         ({"tau": -1.0}, "tau must be > 0; got -1.0"),

@@ -285,7 +285,7 @@ def check_step_arguments(tau: Tensor | float, max_iter: int, epsilon: float) -> 
     """The checks every DKM step implementation makes first. Tensor taus are checked where they
     are set (a buffer's ``fill_``), not on every call."""
     if not isinstance(max_iter, int) or max_iter < 1:
-        raise ValueError(f"max_iter must be >= 1; got {max_iter!r}")
+        raise ValueError(f"max_iter must be an int >= 1; got {max_iter!r}")
     if not epsilon >= 0:
         raise ValueError(f"epsilon must be >= 0; got {epsilon!r}")
     if not isinstance(tau, Tensor) and not tau > 0:

@@ -42,7 +42,13 @@ from .chunked import DEFAULT_CHUNK, chunked_dkm_cluster
 from .distinct import unique_dkm_cluster
 from .kmeans import kmeans_centroids, member_means
 from .layout import PaletteLayout
-from .numerics import DKMOutput, autocast_disabled, hard_assign, normalization_of
+from .numerics import (
+    DKMOutput,
+    autocast_disabled,
+    check_step_arguments,
+    hard_assign,
+    normalization_of,
+)
 from .palette import Palette
 from .reference import dkm_cluster, soft_assignment
 from .weighted import GRADIENTS, Gradient
@@ -216,10 +222,6 @@ class DKMParametrization(nn.Module):
         gradient: Gradient = "unrolled",
     ) -> None:
         super().__init__()
-        if not isinstance(max_iter, int) or max_iter < 1:
-            raise ValueError(f"max_iter must be an int >= 1; got {max_iter!r}")
-        if not epsilon >= 0:
-            raise ValueError(f"epsilon must be >= 0; got {epsilon!r}")
         self.layout = layout
         self.max_iter = max_iter
         self.epsilon = float(epsilon)
@@ -266,6 +268,7 @@ class DKMParametrization(nn.Module):
         self.register_buffer("initialized", torch.tensor(False))
         self._initialized = False
         self.set_temperature(temperature)
+        check_step_arguments(self.temperature, max_iter, epsilon)  # tau: set_temperature's
         self.mode: Mode = "soft"
         self.set_mode(mode)
 
