@@ -70,7 +70,6 @@ __all__ = [
     "normalized_problem",
     "pick",
     "root_mean_square",
-    "sampled_unit",
     "sync_free",
 ]
 
@@ -80,7 +79,7 @@ EMPTY_MASS = 1e-6
 MIN_TAU = 1e-30
 #: The scale of a palette with neither spread nor centre (all zeros): anything positive works.
 _ZERO_PALETTE_SCALE = 1e-12
-#: Points per palette :func:`sampled_unit` looks at.
+#: Points per palette :func:`root_mean_square` looks at for its power of two.
 _SAMPLE_POINTS = 1 << 12
 
 
@@ -239,27 +238,20 @@ def normalization_of(x: Tensor) -> Normalization:
 
 @torch.no_grad()
 def root_mean_square(deviations: Tensor) -> Tensor:
-    r"""The root mean square of each palette's ``deviations`` (P, ...), shaped ``(P, 1, ...)``:
-    :math:`u \sqrt{\sum (\delta / u)^2 / N}` with :math:`u` the power of two of
-    :func:`sampled_unit`, so that the squares stay in float32's normal range for weights of any
-    magnitude (module docstring); bit for bit the plain root mean square wherever that was in
-    range (a power of two rounds nothing)."""
-    unit = sampled_unit(deviations)
+    r"""The root mean square of each palette's ``deviations`` (P, n, ...), shaped
+    ``(P, 1, ...)``: :math:`u \sqrt{\sum (\delta / u)^2 / N}` with :math:`u` the power of two
+    just above the largest ``|deviation|`` among at most ``_SAMPLE_POINTS`` evenly strided
+    points of the palette (:func:`~.kmeans.power_of_two`), so that the squares stay in
+    float32's normal range for weights of any magnitude (module docstring); bit for bit the
+    plain root mean square wherever that was in range (a power of two rounds nothing). A
+    sample suffices: the squares have some 76 decades of room in float32, and it costs a few
+    small ops, not a pass over the weights."""
     dims = tuple(range(1, deviations.ndim))
+    stride = max(1, deviations.shape[1] // _SAMPLE_POINTS)
+    unit = power_of_two(deviations[:, ::stride].abs().amax(dim=dims, keepdim=True))
     count = math.prod(deviations.shape[1:])
     rms = torch.linalg.vector_norm(deviations / unit, dim=dims, keepdim=True)
     return rms.div_(math.sqrt(count)).mul_(unit)
-
-
-def sampled_unit(deviations: Tensor) -> Tensor:
-    """``(P, 1, ...)``: the power of two just above the largest ``|deviation|`` among at most
-    ``_SAMPLE_POINTS`` evenly strided points of each palette of ``deviations`` (P, n, ...)
-    (:func:`~.kmeans.power_of_two`): the divisor that keeps a palette's squares in range
-    (module docstring). A sample suffices: the squares have some 76 decades of room in
-    float32, and it costs a few small ops, not a pass over the weights."""
-    stride = max(1, deviations.shape[1] // _SAMPLE_POINTS)
-    dims = tuple(range(1, deviations.ndim))
-    return power_of_two(deviations[:, ::stride].abs().amax(dim=dims, keepdim=True))
 
 
 def floored_scale(std: Tensor, center: Tensor) -> Tensor:
@@ -271,14 +263,6 @@ def floored_scale(std: Tensor, center: Tensor) -> Tensor:
     floor = center.abs().amax(dim=-1, keepdim=True).mul_(torch.finfo(center.dtype).eps)
     scale = torch.maximum(std, floor)
     return scale.masked_fill_(scale < torch.finfo(scale.dtype).tiny, _ZERO_PALETTE_SCALE)
-
-
-def _normalize(t: Tensor, norm: Normalization) -> Tensor:
-    return (t - norm.center) / norm.scale
-
-
-def _denormalize(t: Tensor, norm: Normalization) -> Tensor:
-    return t * norm.scale + norm.center
 
 
 def check_step_arguments(tau: Tensor | float, max_iter: int, epsilon: float) -> None:
@@ -319,7 +303,7 @@ def normalized_problem(
         center = xc.detach().mean(dim=1, keepdim=True)
         deviations = xc - center
         norm = Normalization(center, floored_scale(root_mean_square(deviations.detach()), center))
-    c = _normalize(centroids.detach().to(compute_dtype), norm)
+    c = (centroids.detach().to(compute_dtype) - norm.center) / norm.scale
     return NormalizedProblem(deviations / norm.scale, c, norm)
 
 
@@ -342,8 +326,8 @@ def denormalized_output(
     step's inputs."""
     norm = problem.normalization
     return (
-        _denormalize(weights_n, norm).to(x.dtype),
-        _denormalize(centroids_n.detach(), norm).to(centroids.dtype),
+        (weights_n * norm.scale + norm.center).to(x.dtype),
+        (centroids_n.detach() * norm.scale + norm.center).to(centroids.dtype),
     )
 
 
