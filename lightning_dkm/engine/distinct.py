@@ -105,14 +105,6 @@ class _Results(NamedTuple):
     iterations: tuple[int | Tensor, ...]  # as :attr:`~.numerics.DKMOutput.iterations`
     tables: tuple[Tensor, ...]  # the per-code output tables of the rebuilding tensors only
 
-    def flat(self) -> tuple:
-        return (*self.weights, *self.centroids, *self.iterations, *self.tables)
-
-    @classmethod
-    def of(cls, flat: tuple, count: int) -> _Results:
-        return cls(flat[:count], flat[count:2 * count], flat[2 * count:3 * count],
-                   flat[3 * count:])
-
 
 class _InBatch(NamedTuple):
     """One tensor of a batch between the forward and the backward: its codes, where its
@@ -145,7 +137,8 @@ class _UniqueDKM(torch.autograd.Function):
 
     @staticmethod
     def run(config: _Config, xs: Sequence[Tensor], centroids: Sequence[Tensor]) -> _Results:
-        return _Results.of(_UniqueDKM.apply(config, *xs, *centroids), len(xs))
+        flat, T = _UniqueDKM.apply(config, *xs, *centroids), len(xs)  # forward's order
+        return _Results(flat[:T], flat[T:2 * T], flat[2 * T:3 * T], flat[3 * T:])
 
     @staticmethod
     def forward(ctx, config: _Config, *inputs: Tensor):
@@ -210,7 +203,7 @@ class _UniqueDKM(torch.autograd.Function):
         ctx.implicit, ctx.device_side = config.implicit, device_side
         ctx.mark_non_differentiable(*finals, *tables)
         iterations = tuple(trajectory.count(t.rows.start) for t in tensors)
-        return _Results(tuple(outputs), tuple(finals), iterations, tuple(tables)).flat()
+        return *outputs, *finals, *iterations, *tables  # the fields of _Results, flat
 
     @staticmethod
     def backward(ctx, *grads: Tensor | None):
