@@ -12,7 +12,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .numerics import Normalization, floored_scale, root_mean_square
+from .numerics import Normalization, chunks, floored_scale, root_mean_square
 
 __all__ = ["CHUNK", "CodeColumns", "DistinctValues", "float16_codes", "prepare"]
 
@@ -87,17 +87,11 @@ def float16_codes(x: Tensor, normalization: Normalization | None, device_side: b
     inverse_unit = 1.0 / unit  # exact: a power of two
     codes = torch.empty(x.shape, dtype=torch.float16, device=x.device)
     buffer = torch.empty(P, min(n, PIECE), dtype=x.dtype, device=x.device)
-    for part in _chunks(n, PIECE):
+    for part in chunks(n, PIECE):
         chunk = buffer[:, : part.stop - part.start]
         torch.sub(x[:, part], center, out=chunk).mul_(inverse_unit)
         codes[:, part] = chunk  # the one rounding, float32 -> float16
     return codes, center, unit, scale
-
-
-def _chunks(n: int, size: int | None = None):
-    size = CHUNK if size is None else size
-    for start in range(0, n, size):
-        yield slice(start, min(start + size, n))
 
 
 class CodeColumns:
@@ -118,7 +112,7 @@ class CodeColumns:
                 self._whole = self._convert(self.codes)
             yield slice(0, n), self._whole
             return
-        for part in _chunks(n):
+        for part in chunks(n, CHUNK):
             yield part, self._convert(self.codes[:, part])
 
     @staticmethod
@@ -175,7 +169,7 @@ class CodeColumns:
             if scratch is None:
                 scratch = table_b.new_empty(min(PIECE, n))
             flat, flat_g = target.view(-1), g.reshape(-1)
-            for piece in _chunks(columns.numel(), PIECE):
+            for piece in chunks(columns.numel(), PIECE):
                 b = scratch[: piece.stop - piece.start]
                 torch.index_select(table_b, 0, columns[piece], out=b)
                 flat[piece].addcmul_(b, flat_g[piece])

@@ -61,6 +61,7 @@ __all__ = [
     "NormalizedProblem",
     "autocast_disabled",
     "check_step_arguments",
+    "chunks",
     "denormalized_output",
     "floored_scale",
     "hard_assign",
@@ -112,6 +113,13 @@ def autocast_disabled(device_type: str) -> contextlib.AbstractContextManager:
     if not torch.amp.is_autocast_available(device_type):
         return contextlib.nullcontext()
     return torch.autocast(device_type, enabled=False)
+
+
+def chunks(n: int, size: int) -> Iterator[slice]:
+    """``slice(0, size), slice(size, 2 * size), ...`` up to ``n``: the chunks in which a pass
+    goes over ``n`` weights (or points), bounding its temporaries."""
+    for start in range(0, n, size):
+        yield slice(start, min(start + size, n))
 
 
 class Groups(NamedTuple):

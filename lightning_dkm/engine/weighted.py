@@ -69,7 +69,7 @@ import torch
 from torch import Tensor
 
 from .kmeans import sq_distances
-from .numerics import EMPTY_MASS, EarlyStop, Groups, pick
+from .numerics import EMPTY_MASS, EarlyStop, Groups, chunks, pick
 
 __all__ = [
     "DEFAULT_CHUNK",
@@ -104,11 +104,6 @@ def attention(xt: Tensor, c: Tensor, inv_tau: Tensor | float,
     if centroid_mask is not None:
         z.masked_fill_(~centroid_mask, float("-inf"))
     return torch.softmax(z, dim=1)
-
-
-def _chunks(n: int, chunk: int) -> Iterator[slice]:
-    for start in range(0, n, chunk):
-        yield slice(start, min(start + chunk, n))
 
 
 class Trajectory(NamedTuple):
@@ -160,7 +155,7 @@ class _Points:
                                                             self.weighted_xt), 1)
 
     def parts(self) -> Iterator[slice]:
-        return _chunks(self.xt.shape[2], self.chunk)
+        return chunks(self.xt.shape[2], self.chunk)
 
     def pull(self, s: slice, delta: Tensor, c: Tensor) -> Tensor:
         r""":math:`\sum_u w_u \delta_{uj} (v_u - c_j)` over chunk ``s``: (P, k, d), how the
