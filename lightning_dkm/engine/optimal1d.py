@@ -129,11 +129,11 @@ def optimal_kmeans_1d_many(problems: Sequence[tuple[Tensor, int, Tensor | None]]
     once per tensor, which is what clustering many small tensors costs otherwise. A palette's
     program does not depend on the others in its batch, so batching changes no result."""
     jobs, sizes = [], []
-    for x, k, sample_weight in problems:
-        _check_problem(x, sample_weight)
+    for x, k, w in problems:
+        _check_problem(x, w)
         P, n = x.shape
         parts = _problem_parts(x, k)
-        jobs.append([_solve(x[part], k, _part_of(sample_weight, part), bin_budget(P, k))
+        jobs.append([_solve(x[part], k, None if w is None else w[part], bin_budget(P, k))
                      for part in parts])
         sizes += [(part.stop - part.start) * min(n, _cell_count(n)) for part in parts]
     results = _drive([job for parts in jobs for job in parts], sizes)
@@ -241,10 +241,6 @@ def _advance(solvers: list[_Solver], i: int, sent: Tensor | None, waiting: dict,
 
 def _parts(P: int, step: int) -> list[slice]:
     return [slice(start, min(start + step, P)) for start in range(0, P, step)]
-
-
-def _part_of(t: Tensor | None, part: slice) -> Tensor | None:
-    return None if t is None else t[part]
 
 
 # -- bins ---------------------------------------------------------------------------------------
