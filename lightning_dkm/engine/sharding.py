@@ -17,18 +17,13 @@ from torch import Tensor
 __all__ = ["full_tensor", "is_sharded", "shard_like", "write_full"]
 
 
-def _dtensor_type() -> type | None:
-    if not torch.distributed.is_available():
-        return None
-    from torch.distributed.tensor import DTensor
-
-    return DTensor
-
-
 def is_sharded(tensor: object) -> bool:
     """Whether ``tensor`` is a ``DTensor`` (an FSDP2- or tensor-parallel-managed parameter)."""
-    dtensor = _dtensor_type()
-    return dtensor is not None and isinstance(tensor, dtensor)
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
 
 
 def full_tensor(tensor: Tensor) -> Tensor:
