@@ -313,10 +313,8 @@ def unique_dkm_cluster(
 ) -> DKMOutput:
     """DKM for ``cluster_dim = 1`` on the distinct float16 values of the normalised weights.
 
-    Same arguments and outputs as :func:`~lightning_dkm.engine.reference.dkm_cluster` (``attention``
-    is an
-    empty tensor); values and gradients are those of DKM on the rounded weights (module
-    docstring).
+    Same arguments and outputs as :func:`~.reference.dkm_cluster` (``attention`` is an empty
+    tensor); values and gradients are those of DKM on the rounded weights (module docstring).
 
     ``gradient="unrolled"`` differentiates through every iteration; ``"implicit"`` (IDKM,
     arXiv 2312.07759) differentiates at the fixed point the iterations approach: the last

@@ -8,9 +8,8 @@ identity (optimizers built before or after stay valid) under
 Modes (``DKMParametrization.mode``):
 
 * ``"soft"`` -- training: the DKM step (:func:`lightning_dkm.engine.reference.dkm_cluster`); the
-centroids
-  move to where the iterations ended (in place, no gradient). In ``eval()`` the weight is
-  snapped to its nearest centroid, so validation measures the model as it will ship.
+  centroids move to where the iterations ended (in place, no gradient). In ``eval()`` the
+  weight is snapped to its nearest centroid, so validation measures the model as it will ship.
 * ``"hard"`` -- nearest-centroid weights with a straight-through gradient (identity backward);
   in training the centroids move to the mean of their members (one Lloyd step per forward).
 * ``"dense"`` -- the weight passes through unchanged (plain training before DKM starts).
@@ -168,8 +167,7 @@ class DKMParametrization(nn.Module):
     """Differentiable k-means clustering of one weight tensor.
 
     Args:
-        layout: how the weight is cut into palettes
-        (:class:`~lightning_dkm.engine.layout.PaletteLayout`),
+        layout: how the weight is cut into palettes (:class:`~.layout.PaletteLayout`),
             including bits, cluster_dim and group_size.
         temperature: initial tau (> 0), in units of the palette's weight variance.
         max_iter: DKM iterations per forward (the paper and coremltools use 3).
@@ -182,16 +180,14 @@ class DKMParametrization(nn.Module):
             so the result is the same and no time is saved
             (:class:`~lightning_dkm.engine.numerics.EarlyStop`).
         seed: k-means++ seed; with :func:`stable_seed` every rank gets the same centroids.
-        implementation: the DKM step. ``"unique"``
-            (:func:`lightning_dkm.engine.distinct.unique_dkm_cluster`, cluster_dim 1 only: attention
-            on the distinct float16 values of the normalised weights, the eDKM idea; by far the
-            fastest on large tensors, exact DKM of the float16-rounded weights);
-            ``"chunked"`` (:func:`lightning_dkm.engine.chunked.chunked_dkm_cluster`: the reference's
-            values and gradients with an analytic, recomputing backward and memory independent
-            of ``max_iter``); ``"reference"`` (:func:`lightning_dkm.engine.reference.dkm_cluster`,
-            plain
-            autograd through the unrolled loop); ``"auto"`` (default): per tensor, as
-            :func:`resolve_implementation` says.
+        implementation: the DKM step. ``"unique"`` (:func:`~.distinct.unique_dkm_cluster`,
+            cluster_dim 1 only: attention on the distinct float16 values of the normalised
+            weights, the eDKM idea; by far the fastest on large tensors, exact DKM of the
+            float16-rounded weights); ``"chunked"`` (:func:`~.chunked.chunked_dkm_cluster`:
+            the reference's values and gradients with an analytic, recomputing backward and
+            memory independent of ``max_iter``); ``"reference"``
+            (:func:`~.reference.dkm_cluster`, plain autograd through the unrolled loop);
+            ``"auto"`` (default): per tensor, as :func:`resolve_implementation` says.
         chunk: weights per chunk for ``"chunked"``.
         gradient: ``"unrolled"`` (default: through every iteration) or ``"implicit"`` (IDKM: at
             the iterations' fixed point, work and memory independent of ``max_iter``; computed

@@ -86,9 +86,8 @@ def dkm_cluster(
     """Run the DKM iterations on palettes ``x`` (P, n, d) from ``centroids`` (P, k, d).
 
     Args:
-        x: the weights, arranged as palettes (see
-        :class:`~lightning_dkm.engine.layout.PaletteLayout`);
-            gradients flow back into it through every iteration.
+        x: the weights, arranged as palettes (:class:`~.layout.PaletteLayout`); gradients
+            flow back into it through every iteration.
         centroids: starting centroids in the units of ``x``; treated as constants (detached).
         tau: temperature (> 0), in units of the palette's weight variance (module docstring).
         max_iter: at most this many attention + centroid-update rounds (>= 1).
