@@ -172,13 +172,8 @@ class DKMParametrization(nn.Module):
         temperature: initial tau (> 0), in units of the palette's weight variance.
         max_iter: DKM iterations per forward (the paper and coremltools use 3).
         epsilon: early-stop threshold on centroid movement, in weight standard deviations; 0
-            always runs ``max_iter`` iterations. Eagerly on CPU the loop stops at the first
-            iteration that moves no centroid more than ``epsilon`` (the test is read back,
-            which costs nothing there). On an accelerator and under ``torch.compile`` the test
-            is never read back (a sync per iteration, a graph break): all ``max_iter``
-            iterations run and those after the stop change nothing (a flag on the device),
-            so the result is the same and no time is saved
-            (:class:`~lightning_dkm.engine.numerics.EarlyStop`).
+            always runs ``max_iter`` iterations. Where the test is read back (eagerly on CPU)
+            and where it stays on the device: :class:`~.numerics.EarlyStop`.
         seed: k-means++ seed; with :func:`stable_seed` every rank gets the same centroids.
         implementation: the DKM step. ``"unique"`` (:func:`~.distinct.unique_dkm_cluster`,
             cluster_dim 1 only: attention on the distinct float16 values of the normalised

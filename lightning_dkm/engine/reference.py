@@ -92,11 +92,8 @@ def dkm_cluster(
         tau: temperature (> 0), in units of the palette's weight variance (module docstring).
         max_iter: at most this many attention + centroid-update rounds (>= 1).
         epsilon: stop early once no centroid moves more than ``epsilon`` (in units of the
-            palette's standard deviation); 0 runs all ``max_iter`` rounds. Eagerly on CPU the
-            test is read back each round and the loop stops; on an accelerator, under
-            ``torch.compile`` and in :func:`sync_free` nothing is read back: every round
-            runs and those after the stop change nothing (:class:`EarlyStop`), which gives
-            the same result without a sync.
+            palette's standard deviation); 0 runs all ``max_iter`` rounds. Where the test is
+            read back and where it stays on the device: :class:`EarlyStop`.
         normalization: fixed centre and scale; computed from ``x`` (detached) when omitted.
 
     Returns:
