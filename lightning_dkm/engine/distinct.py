@@ -28,24 +28,21 @@ those of the float16-rounded value of each (centred, power-of-two-scaled) weight
 passes straight through the rounding. The result is *exactly* DKM of the rounded weights (the
 tests compare with the reference step on float16-representable inputs to 1e-5). On arbitrary
 weights the values differ by the rounding (``|dx| <= 2^{-11} |x - mean|``, at most ~3e-4 of the
-standard deviation for weights within 1 std of the mean)
-times the attention's sensitivity, which is large only for weights on a cluster boundary;
-``docs/benchmarks.md`` gives the measured difference.
+standard deviation for weights within 1 std of the mean) times the attention's sensitivity,
+which is large only for weights on a cluster boundary; ``docs/benchmarks.md`` gives the
+measured difference.
 
-**Without host reads** (:func:`~lightning_dkm.engine.numerics.host_reads_are_free`: on an
-accelerator,
-under ``torch.compile``, in :func:`~lightning_dkm.engine.numerics.sync_free`) the padded layout
-cannot be
-sized by the widest palette's count of distinct values (``nonzero`` and that count would be
-read back), so it takes ``min(n, 65536)`` columns, a bound from the shape, and each occupied
-code goes to the column of its rank (a cumulative sum); the columns past a palette's last
-distinct value hold value 0 and count 0, so they add nothing to any sum. Counting uses
-``index_add_`` into the fixed-size table (``bincount`` reads its input's maximum back), the
-rough standard deviation picks its fallback with ``torch.where``, and the early stop is decided
-on the device (:class:`~lightning_dkm.engine.numerics.EarlyStop`). The values are those of the
-compact
-layout up to the summation order; the iterations do up to ``min(n, 65536) / U`` times the work
-(about 3x for half a million Gaussian weights), which an accelerator does in microseconds.
+**Without host reads** (:func:`~.numerics.host_reads_are_free`: on an accelerator, under
+``torch.compile``, in :func:`~.numerics.sync_free`) the padded layout cannot be sized by the
+widest palette's count of distinct values (``nonzero`` and that count would be read back), so
+it takes ``min(n, 65536)`` columns, a bound from the shape, and each occupied code goes to the
+column of its rank (a cumulative sum); the columns past a palette's last distinct value hold
+value 0 and count 0, so they add nothing to any sum. Counting uses ``index_add_`` into the
+fixed-size table (``bincount`` reads its input's maximum back), the rough standard deviation
+picks its fallback with ``torch.where``, and the early stop is decided on the device
+(:class:`~.numerics.EarlyStop`). The values are those of the compact layout up to the
+summation order; the iterations do up to ``min(n, 65536) / U`` times the work (about 3x for
+half a million Gaussian weights), which an accelerator does in microseconds.
 
 **The DKM itself** is the weighted core's (:mod:`.weighted`), fed the distinct values and
 their counts: its forward, and its backward for the gradient summed per value, which gives

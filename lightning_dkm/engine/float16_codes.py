@@ -222,10 +222,8 @@ def distinct_values(columns: CodeColumns, dtype: torch.dtype) -> DistinctValues:
 
 def static_distinct_values(columns: CodeColumns, dtype: torch.dtype) -> DistinctValues:
     """The occupied codes with their values and counts, as :func:`distinct_values` gives
-    them, but in a ``(P, U)`` layout of ``U = min(n, 65536)`` columns, a bound known from the
-    shape: nothing is read back. A code's column is its rank among the palette's occupied
-    codes (a cumulative sum); the columns past a palette's last distinct value hold value 0
-    and count 0, so they add nothing to any sum."""
+    them, but in the layout of ``min(n, 65536)`` columns that needs no host read
+    (:mod:`.distinct`'s module docstring, "Without host reads")."""
     P, n = columns.codes.shape
     width = min(n, _CODES)
     dense_counts = columns.sum_per_code().view(P, _CODES)
