@@ -90,10 +90,6 @@ class _Bins(NamedTuple):
     #: (P, C) ascending bin positions where the values cross C equally spaced levels (a grid's)
     levels: Tensor | None = None
 
-    def means(self) -> Tensor:
-        """Each bin's weighted mean minus ``center`` (0 for an empty bin)."""
-        return self.total / self.weight.clamp_min(_TINY)
-
 
 def bin_budget(palettes: int, k: int) -> int:
     """The most bins per palette that the dynamic program takes when ``palettes`` palettes
