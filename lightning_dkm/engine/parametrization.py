@@ -424,10 +424,13 @@ class DKMParametrization(nn.Module):
                 return soft_weight
             window.keep(soft_weight)
             return window.read()
-        _, snapped = hard_assign(x, start)
+        idx, snapped = hard_assign(x, start)
         if self.mode == "hard" and self.training and not replay:
+            # one Lloyd step from the assignment just made: each centroid to its members' mean
             self._step_start = self.centroids.detach().clone()
-            self._move_centroids_to_member_means(x.detach())
+            means, counts = member_means(x.detach().float(), idx, self.centroids.shape[1])
+            self.centroids.copy_(torch.where(counts.unsqueeze(-1) > 0, means,
+                                             self.centroids.float()))
         # Straight-through: the value is the snapped weight, the gradient is the identity. Adding
         # the exact zero ``x - x.detach()`` keeps the value bit-for-bit ``snapped``
         # (``x + (snapped - x)`` rounds, giving more than 2**bits distinct values).
@@ -439,12 +442,6 @@ class DKMParametrization(nn.Module):
         started for an activation-checkpoint replay (:func:`replaying`)."""
         self._step_start = self.centroids.clone()
         self.centroids.copy_(centroids)
-
-    @torch.no_grad()
-    def _move_centroids_to_member_means(self, x: Tensor) -> None:
-        idx, _ = hard_assign(x, self.centroids)
-        means, counts = member_means(x.float(), idx, self.centroids.shape[1])
-        self.centroids.copy_(torch.where(counts.unsqueeze(-1) > 0, means, self.centroids.float()))
 
     # -- inspection and finalize -------------------------------------------------------------
     @torch.no_grad()
