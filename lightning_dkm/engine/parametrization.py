@@ -50,7 +50,7 @@ from .numerics import (
 )
 from .palette import Palette
 from .reference import dkm_cluster, soft_assignment
-from .weighted import GRADIENTS, Gradient
+from .weighted import Gradient, check_gradient_name
 
 __all__ = [
     "AUTO_REFERENCE_MAX_ENTRIES",
@@ -105,8 +105,7 @@ def check_gradient(gradient: str, implementation: str, where: str = "DKM") -> No
     """``gradient`` is one of ``GRADIENTS``, and ``"implicit"`` comes with an implementation
     that computes it: every step built on the weighted core (``"auto"``, ``"unique"``,
     ``"chunked"``), not the plain-autograd ``"reference"``."""
-    if gradient not in GRADIENTS:
-        raise ValueError(f"{where}: gradient must be one of {GRADIENTS}; got {gradient!r}")
+    check_gradient_name(gradient, where)
     if gradient == "implicit" and implementation == "reference":
         raise ValueError(
             f"{where}: gradient='implicit' is computed by the weighted core, which the "

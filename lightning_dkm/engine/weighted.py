@@ -428,10 +428,10 @@ Gradient = Literal["unrolled", "implicit"]
 GRADIENTS = ("unrolled", "implicit")
 
 
-def check_gradient_name(gradient: str) -> None:
-    """``gradient`` is one of :data:`GRADIENTS` (else a ValueError naming it)."""
+def check_gradient_name(gradient: str, where: str = "DKM") -> None:
+    """``gradient`` is one of :data:`GRADIENTS` (else a ValueError naming ``where`` and it)."""
     if gradient not in GRADIENTS:
-        raise ValueError(f"gradient must be one of {GRADIENTS}; got {gradient!r}")
+        raise ValueError(f"{where}: gradient must be one of {GRADIENTS}; got {gradient!r}")
 
 
 def save_trajectory(ctx, trajectory: Trajectory, *tensors: Tensor,
