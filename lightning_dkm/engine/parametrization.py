@@ -173,7 +173,8 @@ class DKMParametrization(nn.Module):
         epsilon: early-stop threshold on centroid movement, in weight standard deviations; 0
             always runs ``max_iter`` iterations. Where the test is read back (eagerly on CPU)
             and where it stays on the device: :class:`~.numerics.EarlyStop`.
-        seed: k-means++ seed; with :func:`stable_seed` every rank gets the same centroids.
+        seed: k-means++ seed of vector palettes (scalar ones get the exact 1-D k-means, which
+            needs none); with :func:`stable_seed` every rank gets the same centroids.
         implementation: the DKM step. ``"unique"`` (:func:`~.distinct.unique_dkm_cluster`,
             cluster_dim 1 only: attention on the distinct float16 values of the normalised
             weights, the eDKM idea; by far the fastest on large tensors, exact DKM of the
