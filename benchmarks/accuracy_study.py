@@ -686,6 +686,20 @@ def run_task(task: Task, cfg: FinetuneConfig, log=print,
         value = task.evaluate(model)
         return value, time.perf_counter() - t0
 
+    def engine_row(method: str, bits: float, seed: int, init: dict[str, Palette],
+                   batches: list[tuple], started: tuple[float, float],
+                   run_cfg: FinetuneConfig = cfg, engine_method: str = "dkm",
+                   **extra: Any) -> None:
+        """Fine-tune a fresh model with ``engine_method`` from ``init`` and add its row."""
+        model = task.fresh()
+        torch.manual_seed(seed)
+        palettes, info = _engine_finetune(model, engine_method, init, batches, task, run_cfg,
+                                          seed, defaults)
+        report = CompressionReport.build(model, palettes, lut_dtype=torch.float16)
+        value, eval_s = evaluate(model)
+        add(method, bits, seed, value, report.total_bytes, report, started,
+            steps=len(batches), eval_seconds=round(eval_s, 2), **extra, **info)
+
     for seed in cfg.seeds:
         batches = task.batches(seed, cfg.steps, cfg.batch_size)
         if FP32_FINETUNE in methods:
@@ -732,50 +746,17 @@ def run_task(task: Task, cfg: FinetuneConfig, log=print,
                         calibration_examples=cfg.calibration_batches * cfg.batch_size,
                         eval_seconds=round(eval_s, 2))
             for method in cfg.runs(bits):
-                t0 = _now()
-                model = task.fresh()
-                torch.manual_seed(seed)
-                palettes, info = _engine_finetune(model, method, init, batches, task, cfg,
-                                                  seed, defaults)
-                report = CompressionReport.build(model, palettes, lut_dtype=torch.float16)
-                value, eval_s = evaluate(model)
-                add(method, bits, seed, value, report.total_bytes, report,
-                    t0, steps=len(batches),
-                    eval_seconds=round(eval_s, 2), **info)
+                engine_row(method, bits, seed, init, batches, _now(), engine_method=method)
             if DKM_EXACT in methods:
-                t0 = _now()
-                model = task.fresh()
-                torch.manual_seed(seed)
-                palettes, info = _engine_finetune(model, "dkm", init, batches, task,
-                                                  _apply(cfg, implementation="chunked"), seed,
-                                                  defaults)
-                report = CompressionReport.build(model, palettes, lut_dtype=torch.float16)
-                value, eval_s = evaluate(model)
-                add(DKM_EXACT, bits, seed, value, report.total_bytes, report,
-                    t0, steps=len(batches), eval_seconds=round(eval_s, 2), **info)
+                engine_row(DKM_EXACT, bits, seed, init, batches, _now(),
+                           _apply(cfg, implementation="chunked"))
             for method in (m for m in DKM_LAYOUTS if m in methods):
                 t0 = _now()
-                model = task.fresh()
-                layout_init = palettize(model, bits=bits, targets=task.targets, seed=seed,
-                                        **DKM_LAYOUTS[method])
-                model = task.fresh()
-                torch.manual_seed(seed)
-                palettes, info = _engine_finetune(model, "dkm", layout_init, batches, task,
-                                                  cfg, seed, defaults)
-                report = CompressionReport.build(model, palettes, lut_dtype=torch.float16)
-                value, eval_s = evaluate(model)
-                add(method, bits, seed, value, report.total_bytes, report, t0,
-                    steps=len(batches), eval_seconds=round(eval_s, 2), **info)
+                layout_init = palettize(task.fresh(), bits=bits, targets=task.targets,
+                                        seed=seed, **DKM_LAYOUTS[method])
+                engine_row(method, bits, seed, layout_init, batches, t0)
             if DKM_SENSITIVITY_INIT in methods:
-                t0 = _now()
-                model = task.fresh()
-                torch.manual_seed(seed)
-                palettes, info = _engine_finetune(model, "dkm", sensitivity_init, batches, task,
-                                                  cfg, seed, defaults)
-                report = CompressionReport.build(model, palettes, lut_dtype=torch.float16)
-                value, eval_s = evaluate(model)
-                add(DKM_SENSITIVITY_INIT, bits, seed, value, report.total_bytes, report,
-                    t0, steps=len(batches), eval_seconds=round(eval_s, 2), **info)
+                engine_row(DKM_SENSITIVITY_INIT, bits, seed, sensitivity_init, batches, _now())
             if APPLE in methods:
                 t0 = _now()
                 model = task.fresh()
@@ -790,17 +771,11 @@ def run_task(task: Task, cfg: FinetuneConfig, log=print,
                     eval_seconds=round(eval_s, 2), **info)
         for average_bits in cfg.average_bits:
             t0 = _now()
-            model = task.fresh()
             init, allocation, plan_s = _budget_init(task, cfg, average_bits, seed)
-            torch.manual_seed(seed)
-            palettes, info = _engine_finetune(model, "dkm", init, batches, task, cfg, seed,
-                                              defaults)
-            report = CompressionReport.build(model, palettes, lut_dtype=torch.float16)
-            value, eval_s = evaluate(model)
             method = DKM_BUDGET if cfg.budget_sensitivity == "hessian" else DKM_BUDGET_UNWEIGHTED
-            add(method, average_bits, seed, value, report.total_bytes, report, t0,
-                steps=len(batches), eval_seconds=round(eval_s, 2), allocation_seconds=plan_s,
-                budget_bytes=allocation.budget_bytes, widths=allocation.bits, **info)
+            engine_row(method, average_bits, seed, init, batches, t0,
+                       allocation_seconds=plan_s, budget_bytes=allocation.budget_bytes,
+                       widths=allocation.bits)
     return rows
 
 
