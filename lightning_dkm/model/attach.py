@@ -102,9 +102,9 @@ def attach(
     """Register DKM on every target of ``model`` (idempotent: an already clustered tensor is
     left as it is) and return all clustered tensors.
 
-    Each tensor's k-means++ seed is :func:`~lightning_dkm.engine.parametrization.stable_seed` of
-    ``seed``
-    and its name, so centroids do not depend on the order or number of processes.
+    Each tensor's k-means++ seed (vector palettes) is
+    :func:`~lightning_dkm.engine.parametrization.stable_seed` of ``seed`` and its name, so
+    centroids do not depend on the order or number of processes.
     """
     modules = dict(model.named_modules())
     existing = clustered_tensors(model)
