@@ -18,10 +18,8 @@ Rows: ``bits`` 2 and 4 with ``accumulate_grad_batches=1``, and 4 bits with
 (:mod:`lightning_dkm.engine.accumulation`) and the mean time per batch is compared.
 ``--hooks`` also reports the mean time DKMCallback's per-batch hooks take.
 
-``--clock cpu`` times by the process's CPU time (``time.process_time``) instead of the wall
-clock, as ``perf_step.py`` does: on a machine loaded by other processes the wall clock measures
-the scheduler as much as the fit (use with ``--threads 1``, so that no thread spins waiting for
-a descheduled one). ``--threads N`` sets ``torch.set_num_threads``.
+``--clock cpu`` times by the process's CPU time, ``--threads N`` sets torch's threads, as in
+``perf_step.py`` (``benchmarks/clocks.py`` says when to use them).
 """
 
 from __future__ import annotations
@@ -32,14 +30,15 @@ import logging
 import platform
 import statistics
 import sys
-import time
 import warnings
 from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+import clocks
 from digits import DigitsCNN, DigitsDataModule
 
 from lightning_dkm import DKMCallback
@@ -48,11 +47,6 @@ from lightning_dkm import DKMCallback
 TARGETS = {(2, 1): 1.25, (4, 1): 1.35, (4, 8): 1.10}
 _HOOKS = ("on_train_batch_start", "on_before_backward", "on_train_batch_end",
           "on_before_optimizer_step")
-
-
-#: The clock the batches and hooks are timed with (``--clock``).
-CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
-_clock = CLOCKS["wall"]
 
 
 class BatchClock(pl.Callback):
@@ -67,11 +61,11 @@ class BatchClock(pl.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         epoch = self.epochs[-1]
         if epoch[2] == 0:
-            epoch[0] = _clock()
+            epoch[0] = clocks.now()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         epoch = self.epochs[-1]
-        epoch[1] = _clock()
+        epoch[1] = clocks.now()
         epoch[2] += 1
 
     def per_batch(self) -> float:
@@ -91,11 +85,11 @@ class HookClock:
 
     def _wrap(self, name, hook):
         def timed(*args, **kwargs):
-            start = _clock()
+            start = clocks.now()
             try:
                 return hook(*args, **kwargs)
             finally:
-                self.seconds[name] += _clock() - start
+                self.seconds[name] += clocks.now() - start
                 self.calls[name] += 1
         return timed
 
@@ -136,17 +130,10 @@ def main() -> None:
     parser.add_argument("--hooks", action="store_true", help="time DKMCallback's batch hooks")
     parser.add_argument("--limit-batches", type=int, default=None,
                         help="batches per epoch (default: all 17)")
-    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
-                        help="time by the wall clock (default) or by the process's CPU time "
-                             "(robust to other load on the machine; use with --threads 1)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch.set_num_threads (default: torch's own)")
+    clocks.add_arguments(parser)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    global _clock
-    _clock = CLOCKS[args.clock]
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    clocks.apply(parser, args)
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)  # no banner per fit
     print(f"torch {torch.__version__}, lightning {pl.__version__}, {platform.processor() or ''} "
           f"{torch.get_num_threads()} threads; digits CNN, batch 64, Adam, {args.epochs} epochs "

@@ -28,10 +28,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 from typing import Any
 
+import clocks
 import torch
 from torch import nn
 
@@ -102,15 +102,10 @@ def inertia(values: torch.Tensor, centroids: torch.Tensor, weights: torch.Tensor
     return float(d.sum() if weights is None else (d * weights.double().flatten()).sum())
 
 
-#: The clock ``timed`` reads (``--clock``): wall time, or the process's CPU time.
-CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
-_clock = CLOCKS["wall"]
-
-
 def timed(fn) -> tuple[float, Any]:
-    start = _clock()
+    start = clocks.now()
     out = fn()
-    return _clock() - start, out
+    return clocks.now() - start, out
 
 
 def student_t(n: int, seed: int = 0) -> torch.Tensor:
@@ -275,18 +270,9 @@ def main() -> None:
                         help="also time parts 2-4 through the previous k-means++ + Lloyd path")
     parser.add_argument("--no-sklearn", action="store_true", help="leave scikit-learn out")
     parser.add_argument("--json", type=Path, help="write the rows here")
-    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
-                        help="time by the wall clock (default) or by the process's CPU time "
-                             "(robust to other load on the machine; use with --threads 1)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch.set_num_threads (default: torch's own)")
+    clocks.add_arguments(parser)
     args = parser.parse_args()
-    if args.threads is not None:
-        if args.threads < 1:
-            parser.error(f"--threads must be >= 1; got {args.threads}")
-        torch.set_num_threads(args.threads)
-    global _clock
-    _clock = CLOCKS[args.clock]
+    clocks.apply(parser, args)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     out: dict[str, Any] = {"setup": vars(args) | {"json": str(args.json)}}
     if "candidates" in args.parts:

@@ -22,10 +22,8 @@ On the digits CNN at 2 bits the same interleaved run also times coremltools'
 ``DKMPalettizer`` at its defaults on the same layers (``--apple`` / ``--no-apple`` to choose;
 needs the ``studies`` extra) and prints how many times faster our DKM step is.
 
-``--clock cpu`` times each step by the process's CPU time (``time.process_time``) instead of
-the wall clock: on a machine loaded by other processes the wall clock measures the scheduler as
-much as the step, the CPU time only the step's own work (with ``--threads 1``, so that no thread
-spins waiting for a descheduled one). ``--threads N`` sets ``torch.set_num_threads``.
+``--clock cpu`` times each step by the process's CPU time, ``--threads N`` sets torch's threads
+(``benchmarks/clocks.py`` says when to use them).
 
 ``--json PATH`` writes every number for docs/benchmarks.md.
 """
@@ -40,13 +38,13 @@ import resource
 import statistics
 import subprocess
 import sys
-import time
 import warnings
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import clocks
 from models import WORKLOADS
 
 import lightning_dkm
@@ -89,11 +87,6 @@ def add_apple_dkm(model, bits: int):
     return prepare_apple_dkm(model, [t.module_name for t in targets], bits)
 
 
-#: The clock ``make_step`` times with (``--clock``): wall time, or the process's CPU time.
-CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
-_clock = CLOCKS["wall"]
-
-
 def make_step(model, model_name: str, device: str, after_step=None):
     workload = WORKLOADS[model_name]
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
@@ -103,7 +96,7 @@ def make_step(model, model_name: str, device: str, after_step=None):
     def step() -> float:
         if device == "cuda":
             torch.cuda.synchronize()
-        start = _clock()
+        start = clocks.now()
         optimizer.zero_grad(set_to_none=True)
         with clustering_pass(model):  # one batched DKM call per forward, as DKMCallback does
             loss = workload.loss(model(x), y)
@@ -113,7 +106,7 @@ def make_step(model, model_name: str, device: str, after_step=None):
             after_step()
         if device == "cuda":
             torch.cuda.synchronize()
-        return _clock() - start
+        return clocks.now() - start
 
     return step
 
@@ -235,11 +228,7 @@ def main() -> None:
     parser.add_argument("--apple", action=argparse.BooleanOptionalAction, default=None,
                         help="also time coremltools' DKMPalettizer in the same run (default: on "
                              "the cnn at 2 bits, when coremltools is installed)")
-    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
-                        help="time steps by the wall clock (default) or by the process's CPU "
-                             "time (robust to other load on the machine; use with --threads 1)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch.set_num_threads (default: torch's own)")
+    clocks.add_arguments(parser)
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--child", nargs=5, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -247,12 +236,7 @@ def main() -> None:
         parser.error("--device cuda: CUDA is not available on this machine")
     if args.clock == "cpu" and args.device == "cuda":
         parser.error("--clock cpu: the CPU time does not measure work on the GPU")
-    if args.threads is not None:
-        if args.threads < 1:
-            parser.error(f"--threads must be >= 1; got {args.threads}")
-        torch.set_num_threads(args.threads)
-    global _clock
-    _clock = CLOCKS[args.clock]
+    clocks.apply(parser, args)
 
     if args.child:
         name, bits, implementation, max_iter, device = args.child
