@@ -369,3 +369,36 @@ def test_palettize_allocates_by_the_calibration_losss_curvature_as_the_callback_
     assert {n: p.layout.spec.bits for n, p in palettes.items()} == {"a.weight": 3,
                                                                    "b.weight": 4}
     assert not [w for w in caught if "average_bits" in str(w.message)]
+
+
+class _SquareOnce(torch.autograd.Function):
+    """x**2 whose backward has no derivative of its own (as some fused kernels)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x.square()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return 2 * x * grad
+
+
+def test_a_loss_without_second_derivative_falls_back_to_the_unweighted_error_with_a_warning():
+    from lightning_dkm import palettize
+
+    model = SelfDistilled()
+
+    def loss(m, index):
+        x = calibration()[index]
+        return _SquareOnce.apply(m.a(x) - m.teacher[2 * index]).mean() + _SquareOnce.apply(
+            m.b(x) - m.teacher[2 * index + 1]).mean()
+
+    with pytest.warns(UserWarning, match=r"palettize\(average_bits=\.\.\.\): the loss has no "
+                      r"second derivative .*squared clustering error alone"):
+        palettes = palettize(model, average_bits=3.5, allowed_bits=[2, 3, 4], targets=["a", "b"],
+                             min_size=1, calibration=(range(4), loss), progress=False)
+    assert {n: p.layout.spec.bits for n, p in palettes.items()} == plan(SelfDistilled(),
+                                                                       None).bits

@@ -21,8 +21,14 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
-from ..model.bit_budget import SENSITIVITY_BATCHES, BitAllocation, fixed_by_overrides, plan_widths
-from ..model.post_training import hessian_diagonal
+from ..model.bit_budget import (
+    SENSITIVITY_BATCHES,
+    UNWEIGHTED,
+    BitAllocation,
+    fixed_by_overrides,
+    plan_widths,
+)
+from ..model.post_training import allocation_curvature
 from ..model.targets import Target
 
 __all__ = ["SENSITIVITY_BATCHES", "log_allocation", "plan_fit_widths"]
@@ -82,21 +88,14 @@ def _sensitivity(trainer: pl.Trainer, pl_module: pl.LightningModule, names: list
     if why is None:
         try:
             with _logging_muted(pl_module):
-                hessian = hessian_diagonal(pl_module, loader, _training_loss, names,
-                                           num_batches=SENSITIVITY_BATCHES)
-            return hessian, f"hessian ({SENSITIVITY_BATCHES} training batches at most)"
+                hessian, why = allocation_curvature(pl_module, loader, _training_loss, names,
+                                                    SENSITIVITY_BATCHES)
         except ValueError as err:
             why = f"the training loss gave no sensitivity ({err})"
-        except RuntimeError as err:  # an op without a double backward
-            why = f"the training loss has no second derivative here ({err})"
-    _unweighted(why)
+        if why is None:
+            return hessian, f"hessian ({SENSITIVITY_BATCHES} training batches at most)"
+    rank_zero_warn(f"DKMCallback(average_bits=...): {why}; {UNWEIGHTED}")
     return None, "none"
-
-
-def _unweighted(why: str) -> None:
-    rank_zero_warn(
-        f"DKMCallback(average_bits=...): {why}; the widths are chosen by each tensor's squared "
-        "clustering error alone, every weight counting the same")
 
 
 def plan_fit_widths(

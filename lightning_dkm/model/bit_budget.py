@@ -66,6 +66,7 @@ from .targets import Target
 __all__ = [
     "ALL_WIDTHS",
     "SENSITIVITY_BATCHES",
+    "UNWEIGHTED",
     "BitAllocation",
     "TensorWidth",
     "allocate",
@@ -82,6 +83,10 @@ __all__ = [
 #: accuracy study's two models 1, 2, 4 and 8 batches choose the same widths at 2 and 3 bits
 #: (``benchmarks/budget_sensitivity.py``); each costs about three backward passes.
 SENSITIVITY_BATCHES = 2
+
+#: What every fallback to the unweighted estimate says it does instead.
+UNWEIGHTED = ("the widths are chosen by each tensor's squared clustering error alone, every "
+              "weight counting the same")
 
 #: Every width ``average_bits`` may choose by default.
 ALL_WIDTHS = tuple(range(1, MAX_BITS + 1))
@@ -573,8 +578,7 @@ def plan_widths(
     if sensitivity is not None and _is_noise(sensitivity, weights):
         warnings.warn(
             f"average_bits={average_bits:g}: the sensitivity ({label}) is rounding noise (it "
-            "accounts for loss changes below float32's resolution), so the widths are chosen "
-            "by each tensor's squared clustering error alone, every weight counting the same",
+            f"accounts for loss changes below float32's resolution), so {UNWEIGHTED}",
             UserWarning, stacklevel=2)
         sensitivity, label = None, f"none ({label} was rounding noise)"
     options: dict[str, dict[int, tuple[int, float]]] = {}

@@ -46,6 +46,7 @@ from ..engine.parametrization import stable_seed
 from .bit_budget import (
     DEFAULT_BITS,
     SENSITIVITY_BATCHES,
+    UNWEIGHTED,
     check_budget,
     fixed_by_overrides,
     plan_widths,
@@ -53,7 +54,14 @@ from .bit_budget import (
 from .carried import carry_palettes
 from .targets import DEFAULT_MIN_SIZE, Target, select_targets
 
-__all__ = ["Calibration", "LossFn", "fisher_diagonal", "hessian_diagonal", "palettize"]
+__all__ = [
+    "Calibration",
+    "LossFn",
+    "allocation_curvature",
+    "fisher_diagonal",
+    "hessian_diagonal",
+    "palettize",
+]
 
 #: ``loss_fn(model, batch) -> scalar loss``: what :func:`fisher_diagonal` differentiates.
 LossFn = Callable[[nn.Module, Any], Tensor]
@@ -164,8 +172,12 @@ def palettize(
         fixed = fixed_by_overrides(selected, overrides)
         curvature = None
         if calibration is not None:  # the allocation weighs by curvature, as DKMCallback's
-            curvature = _allocation_curvature(model, calibration, calibration_batches,
-                                              [n for n in weights if n not in fixed], seed)
+            batches = min(calibration_batches or SENSITIVITY_BATCHES, SENSITIVITY_BATCHES)
+            curvature, why = allocation_curvature(
+                model, *calibration, [n for n in weights if n not in fixed], batches, seed)
+            if why is not None:
+                warnings.warn(f"palettize(average_bits=...): {why}; {UNWEIGHTED}", UserWarning,
+                              stacklevel=2)
         selected = plan_widths(
             selected, weights, average_bits, fixed=fixed, sensitivity=curvature,
             sensitivity_label=None if curvature is None else "hessian (calibration)",
@@ -248,25 +260,19 @@ def _progress(total: int, progress: bool | None):
                 disable=None if progress is None else not progress)
 
 
-def _allocation_curvature(model: nn.Module, calibration: Calibration,
-                          num_batches: int | None, names: list[str], seed: int
-                          ) -> dict[str, Tensor] | None:
+def allocation_curvature(model: nn.Module, dataloader: Iterable[Any], loss_fn: LossFn,
+                         names: list[str], num_batches: int | None, seed: int = 0
+                         ) -> tuple[dict[str, Tensor] | None, str | None]:
     """The Hessian diagonal that weighs ``average_bits``' estimate (:func:`hessian_diagonal`
-    of the calibration loss on at most :data:`~.bit_budget.SENSITIVITY_BATCHES` batches, or
-    ``calibration_batches`` if fewer), or ``None`` with a warning where the loss has no
-    second derivative: the widths are then chosen by the unweighted error."""
-    dataloader, loss_fn = calibration
-    batches = SENSITIVITY_BATCHES if num_batches is None else min(num_batches,
-                                                                  SENSITIVITY_BATCHES)
+    on at most ``num_batches`` batches), or ``None`` and why where the loss has no second
+    derivative (an op without a double backward): the caller then warns and the widths are
+    chosen by the unweighted error (:data:`~.bit_budget.UNWEIGHTED`). What ``palettize`` and
+    ``DKMCallback`` both use."""
     try:
-        return hessian_diagonal(model, dataloader, loss_fn, names, num_batches=batches,
-                                seed=seed)
-    except RuntimeError as err:  # an op without a double backward
-        warnings.warn(
-            f"palettize(average_bits=...): the calibration loss has no second derivative "
-            f"here ({err}); the widths are chosen by each tensor's squared clustering error "
-            "alone, every weight counting the same", UserWarning, stacklevel=3)
-        return None
+        return hessian_diagonal(model, dataloader, loss_fn, names, num_batches=num_batches,
+                                seed=seed), None
+    except RuntimeError as err:
+        return None, f"the loss has no second derivative here ({err})"
 
 
 def fisher_diagonal(
