@@ -402,10 +402,15 @@ def _cost(prefix: Tensor, start: Tensor, end: Tensor, node: Tensor | None = None
 def _levels(M: int, device: torch.device) -> list[tuple[Tensor, Tensor, Tensor]]:
     """The divide-and-conquer tree over ``i`` in ``[0, M)``, level by level: each node's middle
     ``i`` and the middles of its nearest ancestors to the left and right (-1 where none),
-    whose best ``t`` bound its own."""
-    levels = []
-    lo, hi = torch.tensor([0]), torch.tensor([M - 1])
-    left, right = torch.tensor([-1]), torch.tensor([-1])
+    whose best ``t`` bound its own. The root is the last ``i`` (``M - 1``), the right
+    ancestor of the tree over the rest: its best ``t`` bounds every node from above (without
+    it the nodes down the right edge would search up to their own ``i``, most of each
+    level's candidates), and it is all that the program's last row needs."""
+    levels = [(torch.tensor([M - 1], device=device), torch.tensor([-1], device=device),
+               torch.tensor([-1], device=device))]
+    rest = min(M - 1, 1)  # the tree over [0, M - 2], if any
+    lo, hi = torch.zeros(rest, dtype=torch.long), torch.full((rest,), M - 2)
+    left, right = torch.full((rest,), -1), torch.full((rest,), M - 1)
     while lo.numel():
         mid = (lo + hi) // 2
         levels.append((mid.to(device), left.to(device), right.to(device)))
@@ -437,6 +442,8 @@ def _optimal_starts(prefix: Tensor, k: int) -> Tensor:
     choice = torch.zeros(k, P, M, dtype=torch.int32, device=device)  # best t per (row, i)
     levels = _levels(M, device)
     for j in range(1, k):
+        if j == k - 1:  # the last row: only its last ``i`` (the root) is read
+            levels = levels[:1]
         best_t = choice[j]
         previous = choice[j - 1]
         # D_{j-1}(t - 1) at flat index base + t (t >= j >= 1)
