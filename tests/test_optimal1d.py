@@ -208,6 +208,15 @@ def test_labels_are_the_nearest_centroid_and_a_midpoint_goes_to_the_lower_one(k,
                        torch.arange(k - 1).expand(2, -1))
 
 
+
+@pytest.mark.parametrize("shape", [(3, 1_000), (2, 5), (1, 0)])
+def test_labels_counted_piece_by_piece_are_the_nearest_centroid(shape, gen, monkeypatch
+                                                                 ) -> None:
+    monkeypatch.setattr(kmeans_module, "_LABEL_PIECE", 64)  # pieces across rows and columns
+    x = torch.randn(*shape, 1, generator=gen)
+    c = torch.sort(torch.randn(shape[0], 8, 1, generator=gen), dim=1).values
+    assert torch.equal(kmeans_module._nearest_ascending(x, c), nearest_centroid(x, c))
+
 def _mixed_problems(gen: torch.Generator) -> list[tuple[torch.Tensor, int, torch.Tensor | None]]:
     """Tensors of every kind a model holds, solved together below: distinct-value palettes
     and grid ones, several sizes and k, groups of palettes, sample weights, one distinct value,

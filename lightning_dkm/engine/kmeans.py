@@ -52,6 +52,8 @@ _MAX_SEED_POINTS = 1 << 16
 # Scalar labels are counted (a comparison pass per midpoint) up to this many centroids, found
 # by a sorted search above.
 _COUNTED_LABELS = 16
+# Points counted at once (their comparisons then stay in cache).
+_LABEL_PIECE = 1 << 16
 
 
 def power_of_two(magnitude: Tensor) -> Tensor:
@@ -455,16 +457,23 @@ def _nearest_ascending(x: Tensor, c: Tensor) -> Tensor:
     centroids ``c`` ``(P, k, 1)`` (the optimal ones): the number of midpoints below each
     point (a point on a midpoint goes to the lower centroid, as ``argmin`` sends it), no sort
     and no comparison of distances. Up to 16 centroids it is counted, one comparison pass per
-    midpoint (about 2x faster than the sorted search, ``searchsorted``, used above)."""
+    midpoint over a cache-sized piece of the points at a time (about 2x faster than the
+    sorted search, ``searchsorted``, used above, or than the passes over all the points)."""
     midpoints = (c[:, 1:] + c[:, :-1]) / 2  # (P, k - 1, 1)
     if c.shape[1] > _COUNTED_LABELS:
         return torch.searchsorted(midpoints.squeeze(-1).contiguous(),
                                   x.squeeze(-1).contiguous())
     points = x.squeeze(-1)
+    P, n = points.shape
     labels = torch.zeros(points.shape, dtype=torch.uint8, device=x.device)
-    above = torch.empty(points.shape, dtype=torch.bool, device=x.device)
-    for j in range(c.shape[1] - 1):
-        labels.add_(torch.gt(points, midpoints[:, j], out=above))
+    rows, cols = max(1, _LABEL_PIECE // max(n, 1)), max(1, min(n, _LABEL_PIECE))
+    above = torch.empty(min(P, rows), cols, dtype=torch.bool, device=x.device)
+    for r in range(0, P, rows):
+        for b in range(0, n, cols):
+            piece, count = points[r : r + rows, b : b + cols], labels[r : r + rows, b : b + cols]
+            out = above[: piece.shape[0], : piece.shape[1]]
+            for j in range(c.shape[1] - 1):
+                count.add_(torch.gt(piece, midpoints[r : r + rows, j], out=out))
     return labels.long()
 
 
