@@ -268,7 +268,7 @@ def _grid_cells(x: Tensor, w: Tensor | None, cells: int, levels: int) -> _Bins:
     width)``, which ascends with the value, so every cell holds a run of the sorted values.
     The sums are of ``x - min`` in float64 (exact for float32 weights)."""
     P, n = x.shape
-    low, high = torch.aminmax(x, dim=1, keepdim=True)
+    low, high = x.amin(1, keepdim=True), x.amax(1, keepdim=True)  # faster than aminmax
     low = low.double()
     span = high.double() - low  # exact for float32 weights, and below 2**exponent
     # 1 / width, width = 2**exponent / cells: a power of two (float64 holds any such width)
@@ -277,6 +277,7 @@ def _grid_cells(x: Tensor, w: Tensor | None, cells: int, levels: int) -> _Bins:
     size = cells + 1  # the top value's cell may round to ``cells``
     tables = torch.zeros(2, P * size, dtype=torch.float64, device=x.device)
     step = max(1, _CHUNK // P)  # columns at once
+    ones = torch.ones(P * min(step, n), dtype=torch.float64, device=x.device)
     for begin in range(0, n, step):
         deviation = x[:, begin : begin + step].to(torch.float64, copy=True).sub_(low)
         cell = torch.mul(deviation, inverse).long()  # floor: deviation >= 0
@@ -284,21 +285,26 @@ def _grid_cells(x: Tensor, w: Tensor | None, cells: int, levels: int) -> _Bins:
             cell += (torch.arange(P, device=x.device) * size).unsqueeze(1)
         cell = cell.view(-1)
         if w is None:  # counts (a contiguous source: an expanded one is several times slower)
-            tables[0].scatter_add_(0, cell, torch.ones(cell.shape, dtype=torch.float64,
-                                                       device=x.device))
+            tables[0].scatter_add_(0, cell, ones[: cell.numel()])
         else:
             weight = w[:, begin : begin + step].to(torch.float64)
             tables[0].scatter_add_(0, cell, weight.view(-1))
             deviation.mul_(weight)
         tables[1].scatter_add_(0, cell, deviation.view(-1))
-    tables = tables.view(2, P, size)
-    occupied = tables[0] > 0
-    rank = occupied.cumsum(1)  # occupied cells up to and including each cell
-    width = int(rank[:, -1].max())
-    slot = torch.where(occupied, rank - 1, width)  # the compacted position; spare: ``width``
-    compact = tables.new_zeros(2, P, width + 1).scatter_(2, slot.expand(2, P, size), tables)
-    crossings = rank[:, cells // levels - 1 : cells : cells // levels]
-    return _Bins(compact[0, :, :width], compact[1, :, :width], low, crossings.contiguous())
+    # the occupied cells, compacted: their flat (palette, cell) positions in order
+    found = (tables[0] > 0).nonzero().squeeze(1)
+    starts = torch.arange(P + 1, device=x.device) * size
+    first = torch.searchsorted(found, starts)  # each palette's first entry of ``found``
+    width = int(first.diff().max())
+    palette = torch.div(found, size, rounding_mode="floor")
+    compact = tables.new_zeros(2, P, width)
+    compact[:, palette, torch.arange(found.numel(), device=x.device) - first[palette]] = (
+        tables[:, found])
+    # occupied cells up to each level's cell (inclusive)
+    marks = torch.arange(cells // levels - 1, cells, cells // levels, device=x.device)
+    crossings = (torch.searchsorted(found, starts[:-1, None] + marks, right=True)
+                 - first[:-1, None])
+    return _Bins(compact[0], compact[1], low, crossings)
 
 
 # -- the dynamic program ------------------------------------------------------------------------
