@@ -15,7 +15,8 @@ is the run's sum of weighted squared distances to its mean, from float64 prefix 
 below its smallest value, so that the differences of prefix sums keep their precision). The
 cost is a Monge array, so the best ``t`` does not decrease as ``i`` grows; each row of the
 program is found by divide and conquer
-(the best ``t`` of the middle ``i`` bounds both halves), ``O(m log m)`` per row and
+(the best ``t`` of the middle ``i`` bounds both halves; the last ``i`` comes first, its best
+``t`` bounding every other from above), ``O(m log m)`` per row and
 ``O(k m log m)`` in all. Every level of the recursion is one vectorised step over all its
 nodes and all palettes, so the Python loop runs ``k log2 m`` times whatever the number of
 palettes.
