@@ -393,19 +393,20 @@ def _lloyd_cells(prefix: Tensor, starts: Tensor, occupied: Tensor, max_iter: int
     return starts
 
 
-def _cost(prefix: Tensor, start: Tensor, end: Tensor, node: Tensor | None = None) -> Tensor:
-    r"""The cost of runs ``[start, end)`` (flat indices into the ``(3, P * (M + 1))`` prefix
-    sums of ``w``, ``w m`` and ``w m**2`` of the bins): :math:`\sum w m^2 - (\sum w m)^2 /
-    \sum w`, the weighted squared distances of the bins' means to the run's mean (0 for a run
-    without weight). With ``node``, run ``r`` ends at ``end[node[r]]`` (the sums at the few
-    ends are read first, then spread: cheaper than reading them at every run's end)."""
-    w, s, q = (prefix[r].index_select(0, end) for r in range(3))
+def _mean_term(prefix: Tensor, start: Tensor, end: Tensor, node: Tensor | None = None
+               ) -> Tensor:
+    r""":math:`(\sum w m)^2 / \sum w` of runs ``[start, end)`` (flat indices into the ``(3, P *
+    (M + 1))`` prefix sums of ``w``, ``w m`` and ``w m**2`` of the bins; 0 for a run without
+    weight): a run's cost, the weighted squared distances of its bins' means to its mean, is
+    its :math:`\sum w m^2` less this. With ``node``, run ``r`` ends at ``end[node[r]]`` (the
+    sums at the few ends are read first, then spread: cheaper than reading them at every
+    run's end)."""
+    w, s = (prefix[r].index_select(0, end) for r in range(2))
     if node is not None:
-        w, s, q = w.index_select(0, node), s.index_select(0, node), q.index_select(0, node)
-    w = w - prefix[0].index_select(0, start)
-    s = s - prefix[1].index_select(0, start)
-    q = q - prefix[2].index_select(0, start)
-    return q.sub_(s.square_().div_(w.clamp_min_(_TINY)))
+        w, s = w.index_select(0, node), s.index_select(0, node)
+    w = w.sub_(prefix[0].index_select(0, start))
+    s = s.sub_(prefix[1].index_select(0, start))
+    return s.square_().div_(w.clamp_min_(_TINY))
 
 
 def _levels(M: int, device: torch.device) -> list[tuple[Tensor, Tensor, Tensor]]:
@@ -447,7 +448,8 @@ def _optimal_starts(prefix: Tensor, k: int) -> Tensor:
     flat = prefix.reshape(3, -1)
     base = torch.arange(P, device=device).unsqueeze(1) * M1  # each palette's first flat index
     ends = (base + torch.arange(1, M1, device=device)).view(-1)
-    D = _cost(flat, base.expand(P, M).reshape(-1), ends).view(P, M)
+    D = flat[2].index_select(0, ends).sub_(_mean_term(flat, base.expand(P, M).reshape(-1), ends)
+                                          ).view(P, M)
     choice = torch.zeros(k, P, M, dtype=torch.int32, device=device)  # best t per (row, i)
     levels = _levels(M, device)
     for j in range(1, k):
@@ -455,8 +457,9 @@ def _optimal_starts(prefix: Tensor, k: int) -> Tensor:
             levels = levels[:1]
         best_t = choice[j]
         previous = choice[j - 1]
-        # D_{j-1}(t - 1) at flat index base + t (t >= j >= 1)
-        shifted = torch.cat((D.new_full((P, 1), float("inf")), D), 1).view(-1)
+        # D_{j-1}(t - 1) - q(t) at flat index base + t (t >= j >= 1): a run from t to i then
+        # costs this plus q(i + 1) less its mean term, and q(i + 1) is the same for every t
+        before = torch.cat((D.new_full((P, 1), float("inf")), D), 1).view(-1).sub_(flat[2])
         row = torch.empty_like(D)
         for mid, left, right in levels:
             N = mid.numel()
@@ -476,14 +479,14 @@ def _optimal_starts(prefix: Tensor, k: int) -> Tensor:
             node = node.cumsum_(0)
             first = (lo + base).view(-1) - offset  # t_flat = position + first
             t = torch.arange(total, device=device).add_(first.index_select(0, node))
-            value = _cost(flat, t, (mid + 1 + base).view(-1), node).add_(
-                shifted.index_select(0, t))
+            end = (mid + 1 + base).view(-1)
+            value = before.index_select(0, t).sub_(_mean_term(flat, t, end, node))
             least = value.new_full((P * N,), float("inf")).scatter_reduce_(
                 0, node, value, "amin")
             candidate = torch.where(value <= least.index_select(0, node), t, t.new_tensor(2**62))
             arg = candidate.new_full((P * N,), 2**62).scatter_reduce_(0, node, candidate, "amin")
             arg = torch.where(empty.view(-1), lo.view(-1) + base.expand(P, N).reshape(-1), arg)
-            least = torch.where(empty.view(-1), float("inf"), least)
+            least = torch.where(empty.view(-1), float("inf"), least + flat[2].index_select(0, end))
             row[:, mid] = least.view(P, N)
             best_t[:, mid] = (arg.view(P, N) - base).int()
         D = row
