@@ -477,14 +477,17 @@ def _optimal_starts(prefix: Tensor, k: int) -> Tensor:
             node = torch.zeros(total, dtype=torch.long, device=device)
             node.index_fill_(0, offset[1:], 1)
             node = node.cumsum_(0)
-            first = (lo + base).view(-1) - offset  # t_flat = position + first
-            t = torch.arange(total, device=device).add_(first.index_select(0, node))
+            first = ((lo + base).view(-1) - offset).int()  # t_flat = position + first
+            # (int32: reads by int32 indices are faster; P (M + 1) < _CHOICE_ENTRIES)
+            t = torch.arange(total, dtype=torch.int32, device=device).add_(
+                first.index_select(0, node))
             end = (mid + 1 + base).view(-1)
             value = before.index_select(0, t).sub_(_mean_term(flat, t, end, node))
             least = value.new_full((P * N,), float("inf")).scatter_reduce_(
                 0, node, value, "amin")
-            candidate = torch.where(value <= least.index_select(0, node), t, t.new_tensor(2**62))
-            arg = candidate.new_full((P * N,), 2**62).scatter_reduce_(0, node, candidate, "amin")
+            never = t.new_tensor(torch.iinfo(t.dtype).max)
+            candidate = torch.where(value <= least.index_select(0, node), t, never)
+            arg = never.expand(P * N).clone().scatter_reduce_(0, node, candidate, "amin")
             arg = torch.where(empty.view(-1), lo.view(-1) + base.expand(P, N).reshape(-1), arg)
             least = torch.where(empty.view(-1), float("inf"), least + flat[2].index_select(0, end))
             row[:, mid] = least.view(P, N)
