@@ -465,16 +465,13 @@ def _nearest_ascending(x: Tensor, c: Tensor) -> Tensor:
         return torch.searchsorted(midpoints.squeeze(-1).contiguous(),
                                   x.squeeze(-1).contiguous())
     points = x.squeeze(-1)
-    P, n = points.shape
     labels = torch.zeros(points.shape, dtype=torch.uint8, device=x.device)
-    rows, cols = max(1, _LABEL_PIECE // max(n, 1)), max(1, min(n, _LABEL_PIECE))
-    above = torch.empty(min(P, rows), cols, dtype=torch.bool, device=x.device)
-    for r in range(0, P, rows):
-        for b in range(0, n, cols):
-            piece, count = points[r : r + rows, b : b + cols], labels[r : r + rows, b : b + cols]
-            out = above[: piece.shape[0], : piece.shape[1]]
-            for j in range(c.shape[1] - 1):
-                count.add_(torch.gt(piece, midpoints[r : r + rows, j], out=out))
+    step = max(1, _LABEL_PIECE // points.shape[0])  # columns at once
+    above = torch.empty(points[:, :step].shape, dtype=torch.bool, device=x.device)
+    for begin in range(0, points.shape[1], step):
+        piece, count = points[:, begin : begin + step], labels[:, begin : begin + step]
+        for j in range(c.shape[1] - 1):
+            count.add_(torch.gt(piece, midpoints[:, j], out=above[:, : piece.shape[1]]))
     return labels.long()
 
 
