@@ -1,16 +1,14 @@
 r"""Train-time clustering methods that :class:`~lightning_dkm.DKMCallback` can run (``method=``).
 
 Every method works on the same :class:`~lightning_dkm.engine.parametrization.DKMParametrization`
-state
-(a palette layout and ``2**bits`` centroids per palette) and ends the same way: ``finalize``
+state (a palette layout and ``2**bits`` centroids per palette) and ends the same way: ``finalize``
 snaps each weight to its nearest centroid, so the palettes, the compression report and the
 artifact have one format whatever the method. They differ in what happens during training:
 
 ``"dkm"`` (default) -- Differentiable K-Means (Cho et al., ICLR 2022): the parametrization runs
     in mode ``"soft"``; the forward pass sees attention-weighted centroids and the loss gradient
     flows through the k-means iterations into the weights (:mod:`lightning_dkm.engine.numerics`).
-    The
-    temperature schedule applies; ``hard_epoch`` switches to ``"hard"`` for the last epochs.
+    The temperature schedule applies; ``hard_epoch`` switches to ``"hard"`` for the last epochs.
 
 ``"hard"`` -- nearest-centroid clustering with straight-through gradients, the common baseline
     (what TensorFlow Model Optimization's weight clustering does): mode ``"hard"`` from
@@ -212,15 +210,13 @@ class HardMethod(ClusteringMethod):
         return "dense" if epoch < start_epoch else "hard"
 
 
-def _check_deep_kmeans_options(regularization: float, refresh_every: int) -> None:
-    if (
-        isinstance(regularization, bool)
-        or not isinstance(regularization, (int, float))
-        or not (regularization > 0 and regularization != float("inf"))
-    ):
-        raise ValueError(f"regularization must be a finite number > 0; got {regularization!r}")
-    if not is_int(refresh_every, 1):
-        raise ValueError(f"refresh_every must be an int >= 1; got {refresh_every!r}")
+def _seeded_palettes(tensor: ClusteredTensor) -> Tensor:
+    """The whole weight (gathered when FSDP2 shards it) as float32 palettes ``(P, n, d)``,
+    its centroids seeded from it first if they never were."""
+    weight = tensor.full_original()
+    if not tensor.parametrization.is_initialized:
+        tensor.parametrization.initialize(weight)
+    return tensor.parametrization.to_palettes(weight).float()
 
 
 class DeepKMeansMethod(ClusteringMethod):
@@ -240,7 +236,14 @@ class DeepKMeansMethod(ClusteringMethod):
         regularization: float = DEFAULT_REGULARIZATION,
         refresh_every: int = DEFAULT_REFRESH_EVERY,
     ) -> None:
-        _check_deep_kmeans_options(regularization, refresh_every)
+        if (
+            isinstance(regularization, bool)
+            or not isinstance(regularization, (int, float))
+            or not (regularization > 0 and regularization != float("inf"))
+        ):
+            raise ValueError(f"regularization must be a finite number > 0; got {regularization!r}")
+        if not is_int(refresh_every, 1):
+            raise ValueError(f"refresh_every must be an int >= 1; got {refresh_every!r}")
         self.regularization = float(regularization)
         self.refresh_every = int(refresh_every)
         #: Optimizer steps taken with the regulariser (drives the refresh period).
@@ -256,10 +259,7 @@ class DeepKMeansMethod(ClusteringMethod):
         its members (an empty cluster keeps its centroid): one Lloyd step."""
         for name, tensor in tensors.items():
             parametrization = tensor.parametrization
-            weight = tensor.full_original()  # gathered when FSDP2 shards it
-            if not parametrization.is_initialized:
-                parametrization.initialize(weight)
-            x = parametrization.to_palettes(weight).float()
+            x = _seeded_palettes(tensor)
             centroids = parametrization.centroids.float()
             idx = nearest_centroid(x, centroids)
             means, counts = member_means(x, idx, centroids.shape[1])
@@ -301,10 +301,7 @@ class DeepKMeansMethod(ClusteringMethod):
         centroids for vectors."""
         for tensor in tensors.values():
             parametrization = tensor.parametrization
-            weight = tensor.full_original()  # gathered when FSDP2 shards it
-            if not parametrization.is_initialized:
-                parametrization.initialize(weight)
-            x = parametrization.to_palettes(weight).float().cpu()
+            x = _seeded_palettes(tensor).cpu()
             if x.shape[-1] == 1:
                 centroids = kmeans_centroids(x, parametrization.centroids.shape[1],
                                              name=parametrization.layout.name)
@@ -346,10 +343,11 @@ def build_method(
     naming the bad value)."""
     if method not in METHOD_NAMES:
         raise ValueError(f"method must be one of {METHOD_NAMES}; got {method!r}")
-    _check_deep_kmeans_options(regularization, refresh_every)  # given for every method
+    # built whatever the method, so its options are checked wherever they are given
+    deep_kmeans = DeepKMeansMethod(regularization=regularization, refresh_every=refresh_every)
     if method == "dkm":
         return DKMMethod()
     if method == "hard":
         return HardMethod()
-    return DeepKMeansMethod(regularization=regularization, refresh_every=refresh_every)
+    return deep_kmeans
 
