@@ -52,6 +52,7 @@ from ..engine.bitpack import pack_bits
 from ..engine.palette import LutDtype, Palette, lut_dtype_of
 from ..model.carried import carried_palettes, carry_palettes, discard_palettes
 from ..model.state import StateTensors, is_compression_metadata, state_tensors, unwrap
+from ..model.targets import DEFAULT_MIN_SIZE
 from .artifact_format import (
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -92,11 +93,7 @@ __all__ = [
 
 # -- saving ---------------------------------------------------------------------------------
 
-# A weight "looks clustered" when it is a Parameter of >= 2 dims, at least this large (the
-# default min_size of targets.select_targets, not imported: artifact sits below targets), and
-# holds 2..256 distinct values: what finalize leaves behind with one palette of <= 8 bits.
-_LOOKS_CLUSTERED_MIN_SIZE = 2048
-_LOOKS_CLUSTERED_MAX_VALUES = 256
+_LOOKS_CLUSTERED_MAX_VALUES = 256  # what _looks_clustered allows
 _LOOKS_CLUSTERED_PROBE = 4096  # more distinct values than this many leading elements: dense
 
 
@@ -119,10 +116,10 @@ def _check_user_metadata(metadata: Mapping[str, str] | None) -> dict[str, str]:
 
 def _looks_clustered(tensor: Tensor) -> int | None:
     """The number of distinct values of ``tensor`` when it looks like a finalized (snapped)
-    weight, else ``None``: a floating-point tensor of at least 2048 elements holding 2..256
-    distinct values, which is what finalize leaves behind with one palette of at most 8 bits
+    weight, else ``None``: a floating-point tensor of at least ``DEFAULT_MIN_SIZE`` (2048)
+    elements, what ``select_targets`` clusters by default, holding 2..256 distinct values, which is what finalize leaves behind with one palette of at most 8 bits
     (a constant tensor, e.g. a zero-initialised layer, does not count)."""
-    if not tensor.is_floating_point() or tensor.numel() < _LOOKS_CLUSTERED_MIN_SIZE:
+    if not tensor.is_floating_point() or tensor.numel() < DEFAULT_MIN_SIZE:
         return None
     flat = tensor.detach().reshape(-1)
     if torch.unique(flat[:_LOOKS_CLUSTERED_PROBE]).numel() > _LOOKS_CLUSTERED_MAX_VALUES:
@@ -142,12 +139,12 @@ def _refuse_forgotten_palettes(state: StateTensors) -> None:
             if distinct is not None:
                 found[name] = distinct
     if found:
-        listing = ", ".join(f"{name} ({n} distinct values)" for name, n in list(found.items())[:10])
-        more = f" and {len(found) - 10} more" if len(found) > 10 else ""
+        listing = listed([f"{name} ({n} distinct values)" for name, n in found.items()],
+                         quote=False)
         raise ValueError(
             f"palettes is empty, but these weights look clustered (parameters of >= "
-            f"{_LOOKS_CLUSTERED_MIN_SIZE} elements with at most {_LOOKS_CLUSTERED_MAX_VALUES} "
-            f"distinct values): {listing}{more}. Without their palettes they would be stored "
+            f"{DEFAULT_MIN_SIZE} elements with at most {_LOOKS_CLUSTERED_MAX_VALUES} "
+            f"distinct values): {listing}. Without their palettes they would be stored "
             "dense, at full size. Pass the palettes: DKMCallback.palettes after fit, or what "
             "finalize()/palettize() returned (read_palettes() reads them back from an artifact). "
             "To store these weights dense on purpose, pass allow_dense=True."

@@ -20,7 +20,7 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _ratio(baseline: int, stored: int) -> float:
+def _ratio(baseline: float, stored: float) -> float:
     return baseline / stored if stored else 1.0
 
 
@@ -186,8 +186,8 @@ class EnergyEstimate:
     def estimated_energy_ratio(self) -> float:
         """fp32 / compressed: how many times less energy the clustered model is estimated to
         use."""
-        compressed = self.estimated_total_energy_compressed_uj
-        return self.estimated_total_energy_fp32_uj / compressed if compressed else 1.0
+        return _ratio(self.estimated_total_energy_fp32_uj,
+                      self.estimated_total_energy_compressed_uj)
 
     def to_dict(self) -> dict[str, Any]:
         return _to_dict(

@@ -155,11 +155,6 @@ def with_bits(layout: PaletteLayout, bits: int) -> PaletteLayout:
     return replace(layout, spec=replace(layout.spec, bits=bits))
 
 
-def _fits(layout: PaletteLayout, bits: int) -> bool:
-    """Whether each palette holds at least ``2**bits`` vectors (what a layout requires)."""
-    return layout.vectors_per_palette >= 1 << bits
-
-
 def budget_bytes(layouts: Iterable[PaletteLayout], average_bits: float,
                  lut_dtype: LutDtype = "float16") -> int:
     """The clustered bytes of every layout at ``average_bits`` bits, as the report counts them;
@@ -565,7 +560,8 @@ def plan_widths(
     free = [t for t in targets if t.name not in fixed]
     widths: dict[str, list[int]] = {}
     for target in free:
-        widths[target.name] = [b for b in allowed if _fits(target.layout, b)]
+        # a layout needs at least 2**bits vectors in each palette
+        widths[target.name] = [b for b in allowed if target.layout.vectors_per_palette >= 1 << b]
         if not widths[target.name]:
             raise ValueError(
                 f"{target.name}: no width of allowed_bits={list(allowed)} fits its palettes of "
