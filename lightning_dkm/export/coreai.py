@@ -44,6 +44,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from ..engine.bitpack import packed_size, unpack_bits
 from ..engine.palette import Palette
 from .files import package_bytes, replace_directory
 from .lut_ops import LutOp
@@ -402,15 +403,6 @@ def _parse_type(text: str) -> tuple[tuple[int, ...], str, int]:
     return shape, kind, int(width)
 
 
-def _unpack_uint(data: bytes, count: int, bits: int) -> np.ndarray:
-    """``count`` unsigned integers of ``bits`` each, packed least significant bit first."""
-    if bits == 8:
-        return np.frombuffer(data, dtype=np.uint8, count=count).copy()
-    stream = np.unpackbits(np.frombuffer(data, dtype=np.uint8), bitorder="little")
-    groups = stream[: count * bits].reshape(count, bits).astype(np.uint16)
-    return (groups << np.arange(bits, dtype=np.uint16)).sum(axis=1).astype(np.uint8)
-
-
 def _constant(value: Any, resources: dict[str, bytes]) -> np.ndarray:
     """The numpy value of a ``coreai.constant`` result (inline dense or a resource blob)."""
     shape, kind, width = _parse_type(str(value.type))
@@ -419,8 +411,10 @@ def _constant(value: Any, resources: dict[str, bytes]) -> np.ndarray:
     count = math.prod(shape)
     if text.startswith("dense_resource<"):
         blob = resources[text[len("dense_resource<"):text.index(">")]]
-        if kind == "ui":
-            return _unpack_uint(blob, count, width).reshape(shape)
+        if kind == "ui":  # packed least significant bit first, as engine.bitpack packs
+            packed = bytearray(blob[:packed_size(count, width)])
+            indices = unpack_bits(torch.frombuffer(packed, dtype=torch.uint8), width, count)
+            return indices.to(torch.uint8).numpy().reshape(shape)
         dtype = _NUMPY_DTYPES.get((kind, width))
         if dtype is None:
             raise ValueError(f"cannot read a constant of type {value.type}")
