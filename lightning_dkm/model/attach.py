@@ -216,9 +216,8 @@ def finalize_sharded(model: nn.Module, names: Iterable[str] | None = None) -> di
     model is built from them and the full state dict (see ``DKMCallback``).
     """
     tensors = clustered_tensors(model, names)
-    palettes = {}
-    for name, tensor in tensors.items():  # every palette first, as in finalize
-        palettes[name] = tensor.parametrization.palette(tensor.full_original())
+    # every palette first, as in finalize
+    palettes = {name: t.parametrization.palette(t.full_original()) for name, t in tensors.items()}
     for name, tensor in tensors.items():
         write_full(tensor.original, palettes[name].weight())
         tensor.parametrization.set_mode("dense")

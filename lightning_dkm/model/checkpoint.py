@@ -147,9 +147,7 @@ def split_dkm_state(
                 moved[key] = name
             plain_at[f"{base}original"] = (owner, plain)
         dkm_tensors[name] = {"keys": owners, "entries": entries}
-    carried_for = carried_names(model) if wanted is None else [
-        n for n in carried_names(model) if n in wanted
-    ]
+    carried_for = [n for n in carried_names(model) if wanted is None or n in wanted]
     carried = {key: state[key] for n in carried_for for key in _carried_keys(state, n)}
     plain_state: dict[str, Any] = {}
     for key, value in state.items():
@@ -230,9 +228,8 @@ def prepare_plain_load(
     for name, owners in _owners(model, tensors).items():
         for stale in _carried_keys(state_dict, name, prefix):
             del state_dict[stale]
-        if parametrization_prefix(name, prefix) + "original" in state_dict:
-            continue
-        if prefix + name not in state_dict:
+        has_dkm_keys = parametrization_prefix(name, prefix) + "original" in state_dict
+        if has_dkm_keys or prefix + name not in state_dict:
             continue
         for owner in owners:
             state_dict.pop(prefix + owner, None)

@@ -64,17 +64,14 @@ def palette_from_entries(
 
 
 def snap_state_dict(model: nn.Module, state_dict: dict, prefix: str = "") -> list[str]:
-    """Turn the DKM entries of a mid-training ``state_dict`` into plain, snapped weights, in place.
+    """Turn the DKM entries of a mid-training ``state_dict`` (module docstring) into plain,
+    snapped weights, in place; returns the converted parameter names.
 
-    ``model.state_dict()`` of a parametrized model (and a weights-only checkpoint written
-    during DKM) stores ``<module>.parametrizations.<name>.original`` and the
-    parametrization's buffers; a finalized model expects ``<module>.<name>``. For each such
-    entry whose module exists in ``model`` *unparametrized* this writes the weight as finalize
-    would have made it from that checkpoint (every weight snapped to its nearest centroid; as it
-    is if the centroids were never seeded) and drops the DKM keys. A further owner of a tied
-    weight (no centroids of its own) gets the snapped tensor of the owner it shares storage
-    with. Entries of modules that are parametrized again (DKM re-attached for another fit) are
-    left alone: that model expects them as they are. Returns the converted parameter names.
+    Each entry whose module exists in ``model`` *unparametrized* becomes the weight finalize
+    would have made from that checkpoint (as it is if the centroids were never seeded), its DKM
+    keys dropped. A further owner of a tied weight (no centroids of its own) gets the snapped
+    tensor of the owner it shares storage with. Entries of modules that are parametrized again
+    (DKM re-attached for another fit) are left alone: that model expects them as they are.
     """
     modules = dict(model.named_modules())
     converted: list[str] = []
