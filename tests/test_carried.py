@@ -18,6 +18,7 @@ from lightning_dkm import (
     DKMCallback,
     attach,
     carried_palettes,
+    carry_palettes,
     discard_palettes,
     expect_carried_buffers,
     finalize,
@@ -66,6 +67,18 @@ def test_the_carried_palettes_are_the_palettes_of_every_layout() -> None:
     model = EveryLayer()
     palettes = every_layout(model)
     assert_same_palettes(carried_palettes(model), palettes)
+
+
+def test_a_palette_is_carried_only_by_a_tensor_of_its_name_and_shape() -> None:
+    palettes = every_layout(EveryLayer())
+    other = EveryLayer()
+    other.fc = nn.Linear(16, 8)
+    with pytest.raises(ValueError, match=r"palette 'fc\.weight' is for shape \(32, 64\), but "
+                                         r"the model's 'fc\.weight' has shape \(8, 16\)"):
+        carry_palettes(other, {"fc.weight": palettes["fc.weight"]})
+    with pytest.raises(ValueError, match=r"palette 'fc\.nothing' has no tensor of that name"):
+        carry_palettes(other, {"fc.nothing": palettes["fc.weight"]})
+    assert not carried_palettes(other)  # nothing recorded
 
 
 def test_finalize_records_them_too() -> None:

@@ -50,7 +50,7 @@ from torch import Tensor, nn
 
 from ..engine.bitpack import pack_bits
 from ..engine.palette import LutDtype, Palette, lut_dtype_of
-from ..model.carried import carried_palettes, carry_palettes, discard_palettes
+from ..model.carried import carried_palettes, carry_palettes, discard_palettes, palette_tensor
 from ..model.state import StateTensors, is_compression_metadata, state_tensors, unwrap
 from ..model.targets import DEFAULT_MIN_SIZE
 from .artifact_format import (
@@ -78,7 +78,7 @@ from .artifact_format import (
 )
 from .files import safetensors_errors_as_os_errors, write_atomically
 from .packed import pack
-from .report import CompressionReport, LayerReport, TensorReport, palette_tensor
+from .report import CompressionReport, LayerReport, TensorReport
 
 __all__ = [
     "FORMAT_NAME",
@@ -116,9 +116,10 @@ def _check_user_metadata(metadata: Mapping[str, str] | None) -> dict[str, str]:
 
 def _looks_clustered(tensor: Tensor) -> int | None:
     """The number of distinct values of ``tensor`` when it looks like a finalized (snapped)
-    weight, else ``None``: a floating-point tensor of at least ``DEFAULT_MIN_SIZE`` (2048)
-    elements, what ``select_targets`` clusters by default, holding 2..256 distinct values, which is what finalize leaves behind with one palette of at most 8 bits
-    (a constant tensor, e.g. a zero-initialised layer, does not count)."""
+    weight, else ``None``: a floating-point tensor of at least ``DEFAULT_MIN_SIZE`` (2048,
+    what ``select_targets`` clusters by default) elements holding 2..256 distinct values,
+    which is what finalize leaves behind with one palette of at most 8 bits (a constant
+    tensor, e.g. a zero-initialised layer, does not count)."""
     if not tensor.is_floating_point() or tensor.numel() < DEFAULT_MIN_SIZE:
         return None
     flat = tensor.detach().reshape(-1)

@@ -33,10 +33,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from ..engine.layout import is_int
 from ..engine.palette import LutDtype, Palette, lut_dtype_of
+from ..model.carried import palette_tensor
 from ..model.state import split_name, state_tensors
 from .energy import EnergyModel, count_macs
 from .files import write_atomically
@@ -60,7 +61,6 @@ __all__ = [
     "LayerReport",
     "TensorReport",
     "artifact_entry",
-    "palette_tensor",
 ]
 
 #: The per-layer statistics ``CompressionReport.build(stats=...)`` accepts.
@@ -143,23 +143,6 @@ def _artifact(data: object) -> dict[str, Any] | None:
             "the compression report's artifact.sha256 must be 64 lowercase hex digits; got "
             f"{sha256!r}")
     return {"file": file, "bytes": size, "sha256": sha256}
-
-
-def palette_tensor(name: str, palette: Palette, tensor: Tensor | None) -> Tensor:
-    """``tensor``, the model's tensor ``name`` (``None``: it has none), which ``palette`` must
-    describe: a ``ValueError`` naming both unless it is a tensor of the palette's shape."""
-    if tensor is None:
-        raise ValueError(
-            f"palette {name!r} has no tensor of that name in model.state_dict(); pass the "
-            "finalized model (after finalize() or palettize()) and its palettes"
-        )
-    if tuple(tensor.shape) != palette.layout.shape:
-        raise ValueError(
-            f"palette {name!r} is for shape {palette.layout.shape}, but the model's {name!r} "
-            f"has shape {tuple(tensor.shape)}; pass the palettes that finalize()/palettize() "
-            "returned for this model"
-        )
-    return tensor
 
 
 def _exports(data: object) -> dict[str, dict[str, Any]]:

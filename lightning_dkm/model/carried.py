@@ -52,6 +52,7 @@ __all__ = [
     "discard_palettes",
     "expect_carried_buffers",
     "is_compression_metadata",
+    "palette_tensor",
 ]
 
 _SEP = "/"
@@ -116,6 +117,23 @@ def discard_palettes(model: nn.Module, names: list[str] | None = None) -> None:
         del model._buffers[_VERSION_BUFFER]
 
 
+def palette_tensor(name: str, palette: Palette, tensor: Tensor | None) -> Tensor:
+    """``tensor``, the model's tensor ``name`` (``None``: it has none), which ``palette`` must
+    describe: a ``ValueError`` naming both unless it is a tensor of the palette's shape."""
+    if tensor is None:
+        raise ValueError(
+            f"palette {name!r} has no tensor of that name in model.state_dict(); pass the "
+            "finalized model (after finalize() or palettize()) and its palettes"
+        )
+    if tuple(tensor.shape) != palette.layout.shape:
+        raise ValueError(
+            f"palette {name!r} is for shape {palette.layout.shape}, but the model's {name!r} "
+            f"has shape {tuple(tensor.shape)}; pass the palettes that finalize()/palettize() "
+            "returned for this model"
+        )
+    return tensor
+
+
 @torch.no_grad()
 def carry_palettes(model: nn.Module, palettes: Mapping[str, Palette]) -> None:
     """Record ``palettes`` (by qualified parameter name) on ``model`` as coremltools'
@@ -132,12 +150,7 @@ def carry_palettes(model: nn.Module, palettes: Mapping[str, Palette]) -> None:
     for name, palette in palettes.items():
         module, param_name = _owner(model, name)
         weight = getattr(module, param_name, None)
-        if not isinstance(weight, Tensor) or tuple(weight.shape) != palette.layout.shape:
-            got = None if not isinstance(weight, Tensor) else tuple(weight.shape)
-            raise ValueError(
-                f"{name}: the palette is for shape {palette.layout.shape}, but the model's "
-                f"{name} is {got}"
-            )
+        weight = palette_tensor(name, palette, weight if isinstance(weight, Tensor) else None)
         for key in _KEYS:  # a tensor re-clustered without scales must lose its old ones
             module._buffers.pop(_buffer_name(param_name, key), None)
         for key, value in _metadata(palette).items():

@@ -2,10 +2,11 @@
 
 A model may use one Parameter in two modules (an embedding shared with the output projection).
 DKM registers its :class:`~lightning_dkm.engine.parametrization.DKMParametrization` on the first
-owner; each further owner gets a :class:`TiedWeight`, whose forward returns the first owner's clustered
-weight. So every use of the tensor in the loss sees the same clustered value, the gradient of
-every use reaches the one Parameter through the DKM step, and under ``parametrize.cached()``
-(entered by the callback for each training forward) the DKM step runs once for all owners.
+owner; each further owner gets a :class:`TiedWeight`, whose forward returns the first owner's
+clustered weight. So every use of the tensor in the loss sees the same clustered value, the
+gradient of every use reaches the one Parameter through the DKM step, and under
+``parametrize.cached()`` (entered by the callback for each training forward) the DKM step runs
+once for all owners.
 """
 
 from __future__ import annotations
