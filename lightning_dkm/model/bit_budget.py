@@ -96,8 +96,7 @@ _DP_UNITS = 1 << 16
 _KMEANS_ITER = 50
 #: The width of every tensor when neither ``bits`` nor ``average_bits`` is given.
 DEFAULT_BITS = 4
-# Scalar palettes are clustered on their values rounded to multiples of 1 / _GRID of the
-# palette's unit (at most 2 * _GRID distinct points, which the exact 1-D solver takes whole).
+# Scalar palettes are clustered on their values rounded to multiples of 1 / _GRID (_snap).
 _GRID = 1 << 11
 # Widths above this are estimated from it, each further bit dividing the error by 4.
 _MEASURED_BITS = 4
@@ -313,10 +312,8 @@ def allocate(options: Mapping[str, Mapping[int, tuple[int, float]]], budget: int
         budget: bytes (an int >= 0).
 
     Returns:
-        ``{tensor: bits}``. Exact (dynamic programming over bytes) for budgets up to 2**16
-        bytes; beyond, exact over bytes counted in units of ``ceil(budget / 2**16)`` rounded up,
-        then the unused bytes spent greedily, and a uniform width taken instead where it fits
-        and estimates lower (module docstring).
+        ``{tensor: bits}``: exact for budgets up to 2**16 bytes, beyond that as the module
+        docstring's allocation paragraph says.
 
     Raises:
         ValueError: an empty option set, or a budget below the cheapest choice.
@@ -437,11 +434,6 @@ class BitAllocation:
     def total_bytes(self) -> int:
         """The clustered bytes at the chosen widths (<= :attr:`budget_bytes`)."""
         return sum(t.bytes for t in self.tensors)
-
-    @property
-    def estimate(self) -> float:
-        """The summed estimate of the chosen (not fixed) widths."""
-        return sum(t.estimate or 0.0 for t in self.tensors)
 
     def apply(self, targets: Sequence[Target]) -> list[Target]:
         """``targets`` with the chosen widths (a target not in the allocation is an error)."""
