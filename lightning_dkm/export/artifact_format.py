@@ -312,11 +312,9 @@ def listed(names: set[str] | list[str], *, quote: bool = True, limit: int = 10) 
 
 
 def check_file(path: Path) -> CheckedFile:
-    """Read the file ``path`` (:func:`read_file`) and validate it on its own: format, digest,
-    layout, and every stored tensor's dtype, shape and byte length against the layout (the
-    packed indices of ``n`` indices at ``bits`` must be exactly ``ceil(n * bits / 8)`` bytes, the
-    LUT ``P x 2**bits x cluster_dim``), the aliases and parameter names against the stored
-    tensors. Allocates nothing beyond reading."""
+    """Read the file ``path`` (:func:`read_file`) and validate it on its own, as :mod:`.artifact`'s
+    module docstring lists, the aliases and parameter names against the stored tensors too.
+    Allocates nothing beyond reading."""
     metadata, tensors = read_file(path)
     _check_metadata(path, metadata)
     if metadata[KEY_DIGEST] != digest(metadata, tensors):

@@ -196,9 +196,8 @@ class CompressionReport:
             model: the model after :func:`~lightning_dkm.finalize` or
                 :func:`~lightning_dkm.model.post_training` (plain, no parametrizations).
             palettes: what ``finalize``/``palettize`` returned, by parameter name.
-            lut_dtype: the LUT storage dtype, ``torch.float16`` or ``torch.float32`` or a name
-                of one, ``"float16"``, ``"fp16"``, ... (as in
-                :func:`~lightning_dkm.export.artifact.save_compressed`).
+            lut_dtype: the LUT storage dtype, as
+                :func:`~lightning_dkm.export.artifact.save_compressed`'s.
             stats: optional ``{name: {"entropy_bits": ..., "snap_rmse": ...}}`` per clustered
                 tensor.
             example_input: if given, one forward pass counts MACs (:func:`count_macs`) and the

@@ -29,7 +29,7 @@ from __future__ import annotations
 import fnmatch
 import re
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
@@ -118,8 +118,7 @@ def _no_match_error(label: str, pattern: str, candidate_names: list[str]) -> Val
     )
 
 
-def _matches_any(patterns: Iterable[str], names: Iterable[str]) -> bool:
-    names = list(names)
+def _matches_any(patterns: Iterable[str], names: Sequence[str]) -> bool:
     return any(matches(p, n) for p in patterns for n in names)
 
 
@@ -235,14 +234,13 @@ def select_targets(
         for param_name, group_axis, vector_axis in clusterable_parameters(module):
             candidates.append((module_name, param_name, module, group_axis, vector_axis))
     candidate_names = [qualified_name(m, p) for m, p, *_ in candidates]
+    module_names = [m for m, *_ in candidates]
 
     for label, patterns in (
         ("targets", target_patterns), ("overrides", list(specs)), ("exclude", exclude_patterns)
     ):
         for pattern in patterns:
-            if not any(
-                matches(pattern, n) for m, p, *_ in candidates for n in (m, qualified_name(m, p))
-            ):
+            if not _matches_any([pattern], module_names + candidate_names):
                 raise _no_match_error(label, pattern, candidate_names)
 
     selected: list[Target] = []
