@@ -97,8 +97,8 @@ def _plain_weight(tensor: ClusteredTensor, original: Tensor) -> Tensor:
     return tensor.parametrization.palette(original).weight()
 
 
-def _carried_keys(state_dict: Mapping[str, Any], name: str, prefix: str = "") -> list[str]:
-    start = carried_key(name, prefix=prefix)
+def _carried_keys(state_dict: Mapping[str, Any], name: str) -> list[str]:
+    start = carried_key(name)
     return [k for k in state_dict if k.startswith(start) and is_compression_metadata(k)]
 
 
@@ -203,7 +203,6 @@ def prepare_plain_load(
     model: nn.Module,
     state_dict: dict[str, Any],
     names: Iterable[str] | None = None,
-    prefix: str = "",
 ) -> PlainLoad:
     """Make a plain ``state_dict`` (from :func:`split_dkm_state`) strictly loadable into
     ``model`` as it is now, in place; the body of a ``load_state_dict`` pre-hook.
@@ -218,43 +217,41 @@ def prepare_plain_load(
       :func:`restore_dkm_state` records the checkpoint's.
 
     A state dict that holds the DKM keys itself (``...parametrizations...original``) is left
-    as it is. ``names`` limits this to some tensors; ``prefix`` is the key prefix of ``model``
-    in ``state_dict``.
+    as it is. ``names`` limits this to some tensors.
     """
     wanted = None if names is None else list(names)
     tensors = clustered_tensors(model, wanted)
     modules = dict(model.named_modules())
     parametrized: list[str] = []
     for name, owners in _owners(model, tensors).items():
-        for stale in _carried_keys(state_dict, name, prefix):
+        for stale in _carried_keys(state_dict, name):
             del state_dict[stale]
-        has_dkm_keys = parametrization_prefix(name, prefix) + "original" in state_dict
-        if has_dkm_keys or prefix + name not in state_dict:
+        if parametrization_prefix(name) + "original" in state_dict or name not in state_dict:
             continue
         for owner in owners:
-            state_dict.pop(prefix + owner, None)
+            state_dict.pop(owner, None)
             owner_module, owner_param = split_name(owner)
             plist = modules[owner_module].parametrizations[owner_param]
-            state_dict.update(plist.state_dict(prefix=parametrization_prefix(owner, prefix)))
+            state_dict.update(plist.state_dict(prefix=parametrization_prefix(owner)))
         parametrized.append(name)
     carried: list[str] = []
     for name in carried_names(model):
         if (wanted is not None and name not in wanted) or name in tensors:
             continue
-        if prefix + name in state_dict and carried_key(name, "lut", prefix) not in state_dict:
+        if name in state_dict and carried_key(name, "lut") not in state_dict:
             discard_palettes(model, [name])
             carried.append(name)
     # The version buffer (always 1) goes with the per-tensor buffers: a placeholder where the
     # model has it and the state does not; where the state has it and the model does not, the
     # model gets one if the state carries palettes, else the state's entry goes.
     version = version_key()
-    if version in model._buffers and prefix + version not in state_dict:
-        state_dict[prefix + version] = model._buffers[version]
-    elif version not in model._buffers and prefix + version in state_dict:
-        if _has_per_tensor_metadata({k for k in state_dict if k.startswith(prefix)}):
+    if version in model._buffers and version not in state_dict:
+        state_dict[version] = model._buffers[version]
+    elif version not in model._buffers and version in state_dict:
+        if _has_per_tensor_metadata(state_dict):
             model.register_buffer(version, torch.tensor(1))
         else:
-            del state_dict[prefix + version]
+            del state_dict[version]
     return PlainLoad(parametrized, carried)
 
 
