@@ -7,8 +7,8 @@ next to the write it checks; the format's keys, digest and untrusted-file checks
 Layout of the file (no pickle anywhere; ``safetensors`` parses it):
 
 * ``lut/<name>``: the LUTs of clustered tensor ``<name>``, shape ``(P, 2**bits, cluster_dim)``,
-  dtype float16 or float32 (a float16 file keeps the LUT of a tensor with a centroid beyond
-  float16's range, ``|value| > 65504``, in float32 and records that in its layout entry);
+  dtype float16 or float32 (a float16 file keeps a LUT that float16 cannot hold in float32,
+  :func:`_stored_lut`, and records that in its layout entry);
 * ``scale/<name>``: only for a tensor clustered with ``per_channel_scale``: its per-output-channel
   scales, shape ``(channels,)``, in the dtype of its LUT;
 * ``indices/<name>``: its ``P * n`` palette indices (an index addresses one ``cluster_dim``-vector)
@@ -222,8 +222,8 @@ def save_compressed(
             fp16-rounded centroids) or ``torch.float32`` (loads bit for bit), or a name of
             one: ``"float16"`` / ``"fp16"`` / ``"half"``, ``"float32"`` / ``"fp32"`` /
             ``"float"`` (:func:`~lightning_dkm.engine.palette.lut_dtype_of`). With float16, a
-            tensor with a centroid beyond float16's range (``|value| > 65504``) keeps its LUT in
-            float32, with a warning, so the file loads back exactly.
+            LUT float16 cannot hold stays float32, with a warning saying why, so the file loads
+            back exactly.
         metadata: extra ``str -> str`` entries for the file header.
         allow_dense: with empty ``palettes``, store weights that look clustered dense anyway.
 
@@ -437,7 +437,7 @@ def read_palettes(path: str | os.PathLike[str]) -> dict[str, Palette]:
 
     The file is validated as :func:`load_compressed` validates it (format, checksum, layout,
     shapes). Each palette's LUT is on CPU in its stored dtype (float16 or float32: the
-    file's ``lut_dtype``, or float32 for a LUT kept in float32 for range), its indices int64;
+    file's ``lut_dtype``, or float32 for a LUT float16 cannot hold), its indices int64;
     its layout equals the saved one. ``palette.weight()`` is therefore the weight
     :func:`load_compressed` loads, before the cast to the model's dtype
     (``palette.lut.to(dtype)`` for a palette in the model's dtype).

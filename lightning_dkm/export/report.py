@@ -5,11 +5,11 @@ Sizes are the sizes of the compressed artifact (:mod:`lightning_dkm.export.artif
 byte:
 
 * a clustered tensor stores its ``P`` LUTs of ``2**bits x cluster_dim`` entries at
-  ``lut_dtype`` (at float32, as the artifact does, for a LUT with a centroid beyond float16's
-  range in a float16 report; :meth:`Palette.stored_lut_dtype
-  <lightning_dkm.engine.palette.Palette.stored_lut_dtype>`), its per-channel scales (one per output
-  channel, in the LUT's dtype) when it has ``per_channel_scale``, plus its ``P * n`` indices
-  bit-packed at ``bits`` each over the whole tensor, ``ceil(P * n * bits / 8)`` bytes;
+  ``lut_dtype`` (at float32 where float16 cannot hold it, as the artifact stores it:
+  :meth:`Palette.stored_lut_dtype <lightning_dkm.engine.palette.Palette.stored_lut_dtype>`), its
+  per-channel scales (one per output channel, in the LUT's dtype) when it has
+  ``per_channel_scale``, plus its ``P * n`` indices bit-packed at ``bits`` each over the whole
+  tensor, ``ceil(P * n * bits / 8)`` bytes;
 * every other tensor of ``model.state_dict()`` (parameters *and* buffers) is stored as it is, at
   its dtype's width; a tensor reachable under several names (tied weights) counts once.
 
@@ -221,7 +221,7 @@ class CompressionReport:
         if example_input is not None:
             macs = count_macs(model, example_input)
         em = energy_model or EnergyModel()
-        # As the artifact stores them: a LUT beyond float16's range stays float32.
+        # As the artifact stores them (module docstring).
         stored = {name: p.stored_lut_dtype(lut_dtype) for name, p in palettes.items()}
         lookup_uj = {  # resolving every index once per inference
             name: em.lookup_uj(p.num_indices, p.layout.spec.cluster_dim * stored[name].itemsize)

@@ -55,9 +55,9 @@ class LayerReport:
     the trained and the snapped weight) are ``None`` when unknown. ``macs`` and the
     ``estimated_*`` energies are those of the owning module and ``None`` without an energy
     estimate. ``lut_dtype`` is ``None`` when the LUT is stored at the report's ``lut_dtype``,
-    and ``"float32"`` for a LUT that a float16 artifact keeps in float32 because a centroid lies
-    beyond float16's range (``lut_bytes`` counts it at 4 bytes per entry). ``scale_bytes``
-    counts the per-channel scales (0 without ``per_channel_scale``).
+    and ``"float32"`` for a LUT that a float16 artifact keeps in float32 because float16 cannot
+    hold it (``lut_bytes`` counts it so). ``scale_bytes`` counts the per-channel scales (0
+    without ``per_channel_scale``).
     """
 
     name: str

@@ -106,7 +106,7 @@ def _total_rows(report: CompressionReport) -> list[list[str]]:
 
 
 def _notes(report: CompressionReport) -> list[str]:
-    """One line per LUT dtype other than the report's (LUTs kept in float32 for range)."""
+    """One line per LUT dtype other than the report's (LUTs float16 cannot hold)."""
     by_dtype: dict[str, list[str]] = {}
     for layer in report.layers:
         if layer.lut_dtype is not None and layer.lut_dtype != report.lut_dtype:
