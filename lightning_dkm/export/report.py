@@ -167,9 +167,8 @@ class CompressionReport:
     #: What each export wrote and how it was verified, by target (``"coreml"``, ``"coreai"``):
     #: path, package bytes and, for Core AI, the runtime-vs-PyTorch difference.
     exports: dict[str, dict[str, Any]] = field(default_factory=dict)
-    #: The artifact this report describes, beside it (:func:`artifact_entry`): ``{"file":
-    #: "model.dkm.safetensors", "bytes": N, "sha256": "<hex>"}``; ``None`` when no artifact was
-    #: written with it. ``DKMCallback`` sets it when it writes the artifact.
+    #: The artifact this report describes, beside it (:func:`artifact_entry`); ``None`` when no
+    #: artifact was written with it. ``DKMCallback`` sets it when it writes the artifact.
     artifact: dict[str, Any] | None = None
     #: With ``DKMCallback(average_bits=...)``: the widths chosen and why
     #: (:meth:`BitAllocation.to_dict <lightning_dkm.model.bit_budget.BitAllocation.to_dict>`:

@@ -23,8 +23,7 @@ from torch import Tensor, nn
 __all__ = [
     "COMPRESSION_METADATA_PREFIX", "PARAMETRIZATIONS", "StateTensors", "is_compression_metadata",
     "module_prefix", "parametrization_prefix", "parametrized_originals", "qualified_name",
-    "split_name",
-    "state_tensors", "unwrap",
+    "split_name", "state_tensors", "unwrap",
 ]
 
 #: The infix of :mod:`torch.nn.utils.parametrize`'s ``state_dict`` keys.
@@ -72,9 +71,7 @@ def parametrized_originals(state_dict: Mapping[str, Any], prefix: str = "") -> d
     return found
 
 #: coremltools' prefix of compression-metadata buffers (``<module>._COREML_/<param>/lut``, ...):
-#: what a finalized model carries about its palettes (:mod:`lightning_dkm.model.carried`). They
-#: duplicate the palettes, so the artifact does not store them and the report does not count
-#: them.
+#: the palettes a finalized model carries (:mod:`lightning_dkm.model.carried`).
 COMPRESSION_METADATA_PREFIX = "_COREML_"
 
 
