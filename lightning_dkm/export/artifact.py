@@ -115,11 +115,9 @@ def _check_user_metadata(metadata: Mapping[str, str] | None) -> dict[str, str]:
 
 
 def _looks_clustered(tensor: Tensor) -> int | None:
-    """The number of distinct values of ``tensor`` when it looks like a finalized (snapped)
-    weight, else ``None``: a floating-point tensor of at least ``DEFAULT_MIN_SIZE`` (2048,
-    what ``select_targets`` clusters by default) elements holding 2..256 distinct values,
-    which is what finalize leaves behind with one palette of at most 8 bits (a constant
-    tensor, e.g. a zero-initialised layer, does not count)."""
+    """The number of distinct values of ``tensor`` when it looks like a finalized weight, as
+    :func:`save_compressed`'s ``palettes`` describes one (floating point, at least
+    ``DEFAULT_MIN_SIZE`` elements, 2..256 distinct values), else ``None``."""
     if not tensor.is_floating_point() or tensor.numel() < DEFAULT_MIN_SIZE:
         return None
     flat = tensor.detach().reshape(-1)
@@ -206,18 +204,19 @@ def save_compressed(
 
     Args:
         model: the model after :func:`~lightning_dkm.finalize` or
-            :func:`~lightning_dkm.model.post_training`; each clustered weight must equal
+            :func:`~lightning_dkm.palettize`; each clustered weight must equal
             ``palettes[name].weight()``.
-        path: the file to write (replaced atomically); its directory must exist.
+        path: the file to write; its directory must exist.
         palettes: ``None`` (default): the palettes ``model`` carries (finalize, palettize and
             load_compressed record them on it, :mod:`lightning_dkm.model.carried`), checked against
             its weights. Or what ``finalize``/``palettize`` returned (``DKMCallback.palettes``
             after fit), each checked against its weight; tensors they leave out are stored
             dense (two callbacks on disjoint tensors each save their own).
             An empty mapping stores every tensor dense, which is allowed for a model with no
-            weight that looks clustered (a Parameter of >= 2 dims and >= 2048 elements holding
-            2..256 distinct values, as finalize leaves a per-tensor palette); for one that has
-            such weights it is an error, since the palettes were most likely forgotten.
+            weight that looks clustered (a floating-point Parameter of >= 2 dims and >= 2048
+            elements holding 2..256 distinct values, as finalize leaves a per-tensor palette; a
+            constant one does not count); for one that has such weights it is an error, since
+            the palettes were most likely forgotten.
         lut_dtype: ``torch.float16`` (half the LUT bytes; the loaded weights are the
             fp16-rounded centroids) or ``torch.float32`` (loads bit for bit), or a name of
             one: ``"float16"`` / ``"fp16"`` / ``"half"``, ``"float32"`` / ``"fp32"`` /

@@ -193,7 +193,7 @@ class CompressionReport:
 
         Args:
             model: the model after :func:`~lightning_dkm.finalize` or
-                :func:`~lightning_dkm.model.post_training` (plain, no parametrizations).
+                :func:`~lightning_dkm.palettize` (plain, no parametrizations).
             palettes: what ``finalize``/``palettize`` returned, by parameter name.
             lut_dtype: the LUT storage dtype, as
                 :func:`~lightning_dkm.export.artifact.save_compressed`'s.
