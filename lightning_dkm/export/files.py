@@ -60,11 +60,6 @@ def _temporary_beside(path: Path) -> tuple[Path, int]:
     return tmp, mode
 
 
-def _fsync_file(path: Path) -> None:
-    with open(path, "r+b") as f:
-        os.fsync(f.fileno())
-
-
 def fsync_directory(directory: Path) -> None:
     """Make the renames in ``directory`` durable. Not possible on Windows, and some file
     systems refuse it; the files are complete either way, so a failure here is ignored."""
@@ -147,7 +142,8 @@ class FileGroup:
         self._staged[path] = tmp
         write(tmp)
         os.chmod(tmp, mode)
-        _fsync_file(tmp)
+        with open(tmp, "r+b") as f:
+            os.fsync(f.fileno())
         return tmp
 
     def commit(self) -> None:
