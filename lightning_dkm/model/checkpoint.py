@@ -89,14 +89,6 @@ def _owners(model: nn.Module, tensors: Mapping[str, ClusteredTensor]) -> dict[st
     return owners
 
 
-def _plain_weight(tensor: ClusteredTensor, original: Tensor) -> Tensor:
-    """What finalize would make of ``original`` now: snapped to the current centroids, or as
-    it is while they were never seeded."""
-    if not tensor.parametrization.is_initialized:
-        return original
-    return tensor.parametrization.palette(original).weight()
-
-
 def _carried_keys(state_dict: Mapping[str, Any], name: str) -> list[str]:
     start = carried_key(name)
     return [k for k in state_dict if k.startswith(start) and is_compression_metadata(k)]
@@ -138,7 +130,10 @@ def split_dkm_state(
                 f"{name}: the state_dict has no {original_key!r}; pass this model's own "
                 "state_dict (model.state_dict())"
             )
-        plain = _plain_weight(tensors[name], state[original_key])
+        # what finalize would make of the original now: snapped, or as trained if never seeded
+        original, parametrization = state[original_key], tensors[name].parametrization
+        plain = (parametrization.palette(original).weight() if parametrization.is_initialized
+                 else original)
         entries: dict[str, Tensor] = {}
         for owner in owners:
             base = parametrization_prefix(owner)
