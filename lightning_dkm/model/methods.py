@@ -79,6 +79,7 @@ computes :math:`R` itself (with a dense :math:`F`, for checking on small tensors
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -236,11 +237,8 @@ class DeepKMeansMethod(ClusteringMethod):
         regularization: float = DEFAULT_REGULARIZATION,
         refresh_every: int = DEFAULT_REFRESH_EVERY,
     ) -> None:
-        if (
-            isinstance(regularization, bool)
-            or not isinstance(regularization, (int, float))
-            or not (regularization > 0 and regularization != float("inf"))
-        ):
+        if (isinstance(regularization, bool) or not isinstance(regularization, (int, float))
+                or not 0 < regularization < math.inf):
             raise ValueError(f"regularization must be a finite number > 0; got {regularization!r}")
         if not is_int(refresh_every, 1):
             raise ValueError(f"refresh_every must be an int >= 1; got {refresh_every!r}")
