@@ -30,7 +30,7 @@ from ..model.methods import (
 )
 from ..model.targets import override_specs
 from .schedules import CallableSchedule, TemperatureSchedule
-from .temperature import INTERVALS, TemperatureConfig, TemperatureMapping
+from .temperature import TemperatureConfig, TemperatureMapping, check_interval
 
 __all__ = [
     "DEFAULT_BITS",
@@ -39,7 +39,6 @@ __all__ = [
     "check_arguments",
     "check_callback_budget",
     "check_method_options",
-    "check_overrides",
     "parse_temperature",
     "require",
     "resolve_method",
@@ -69,13 +68,12 @@ def require(ok: bool, message: str) -> None:
         raise ValueError(message)
 
 
-def check_overrides(
-    spec: ClusterSpec, overrides: Mapping[str, Mapping[str, Any]] | None
-) -> dict[str, Any]:
-    """``overrides`` as a dict, each entry checked against ``spec`` (unknown keys, bad values)
-    now rather than when the targets are selected in ``setup``."""
-    override_specs(spec, overrides)
-    return dict(overrides or {})
+def _refuse_class(argument: str, value: object, allowed: str, example: str) -> None:
+    """``ValueError`` when ``value`` is a class where an instance is wanted (a YAML or a call
+    that forgot the parentheses), naming what ``argument`` takes and an ``example``."""
+    if isinstance(value, type):
+        raise ValueError(f"{argument} must be {allowed}, not the class {value.__name__}; "
+                         f"e.g. {example}")
 
 
 # -- temperature --------------------------------------------------------------------------------
@@ -117,23 +115,16 @@ class CallableTemperature(TemperatureConfig):
     unit (and picklable for ``ddp_spawn``).
     """
 
+    schedule: str = "callable"
+    start: float | str | None = None
+    end: float | str | None = None
     fn: Callable[[int], float] | None = None
 
-    @classmethod
-    def of(cls, fn: Callable[[int], float], interval: str = "step") -> CallableTemperature:
-        config = cls(schedule="callable", start=None, end=None, interval=interval, fn=fn)
-        config.check()
-        return config
-
     def check(self) -> None:
-        require(self.interval in INTERVALS,
-                f"temperature.interval must be one of {INTERVALS}; got {self.interval!r}")
+        check_interval(self.interval)
         fn = self.fn
-        if isinstance(fn, type):
-            raise ValueError(
-                f"temperature must be an instance, not the class {fn.__name__}; e.g. "
-                "ExponentialSchedule(start=1e-1, end=1e-3, num_units=1000)"
-            )
+        _refuse_class("temperature", fn, "an instance",
+                      "ExponentialSchedule(start=1e-1, end=1e-3, num_units=1000)")
         require(callable(fn), "temperature must be a TemperatureSchedule instance or a "
                               f"callable unit -> tau; got {fn!r}")
         try:
@@ -173,12 +164,13 @@ def parse_temperature(value: object) -> TemperatureConfig:
     :class:`CallableTemperature`.
     """
     if _is_temperature_object(value):
-        return CallableTemperature.of(value)  # type: ignore[arg-type]
+        return CallableTemperature(fn=value)  # type: ignore[arg-type]
     if isinstance(value, Mapping) and _is_temperature_object(value.get("schedule")):
         extra = sorted(set(value) - {"schedule", "interval"})
         require(not extra, f"temperature: with a callable schedule only 'interval' may be given "
                            f"(the callable's tau is its own); got also {extra}")
-        return CallableTemperature.of(value["schedule"], value.get("interval", "step"))
+        return CallableTemperature(fn=value["schedule"],
+                                   interval=value.get("interval", "step"))
     return TemperatureConfig.parse(value)
 
 
@@ -195,11 +187,8 @@ def resolve_method(
     and ``regularization`` / ``refresh_every`` must stay at their defaults: they configure the
     method built from a name, an instance carries its own.
     """
-    if isinstance(method, type):
-        raise ValueError(
-            f"method must be a name or an instance, not the class {method.__name__}; e.g. "
-            "method=DeepKMeansMethod(regularization=1e-2)"
-        )
+    _refuse_class("method", method, "a name or an instance",
+                  "method=DeepKMeansMethod(regularization=1e-2)")
     if isinstance(method, ClusteringMethod):
         require(isinstance(method.name, str) and bool(method.name),
                 f"method={method!r} needs a non-empty `name` (it is saved in checkpoints)")
@@ -238,6 +227,8 @@ def check_method_options(
 
 def check_arguments(
     *,
+    spec: ClusterSpec,
+    overrides: Mapping[str, Mapping[str, Any]] | None,
     min_size: object,
     start_epoch: object,
     hard_epoch: object,
@@ -248,7 +239,9 @@ def check_arguments(
     export_coreai: object,
     lut_dtype: object,
 ) -> None:
-    """The constructor's plain arguments: types and ranges."""
+    """The constructor's plain arguments: types and ranges; each ``overrides`` entry against
+    ``spec`` (unknown keys, bad values) now rather than when ``setup`` selects the targets."""
+    override_specs(spec, overrides)
     require(is_int(min_size, 0), f"min_size must be an int >= 0; got {min_size!r}")
     require(is_int(start_epoch, 0), f"start_epoch must be an int >= 0; got {start_epoch!r}")
     require(hard_epoch is None or (is_int(start_epoch, 0) and is_int(hard_epoch, start_epoch)),

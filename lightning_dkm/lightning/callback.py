@@ -42,7 +42,6 @@ from .arguments import (
     check_arguments,
     check_callback_budget,
     check_method_options,
-    check_overrides,
     parse_temperature,
     resolve_method,
 )
@@ -288,13 +287,14 @@ class DKMCallback(Callback):
                                 per_channel_scale=per_channel_scale)
         self.targets = pattern_list("targets", targets)
         self.exclude = pattern_list("exclude", exclude)
-        self.overrides = check_overrides(self.spec, overrides)
+        self.overrides = dict(overrides or {})
         #: The validated temperature (a :class:`~.temperature.TemperatureConfig`).
         self.temperature: TemperatureConfig = parse_temperature(temperature)
         check_arguments(
-            min_size=min_size, start_epoch=start_epoch, hard_epoch=hard_epoch,
-            max_iter=max_iter, epsilon=epsilon, implementation=implementation,
-            export_coreml=export_coreml, export_coreai=export_coreai, lut_dtype=lut_dtype,
+            spec=self.spec, overrides=overrides, min_size=min_size, start_epoch=start_epoch,
+            hard_epoch=hard_epoch, max_iter=max_iter, epsilon=epsilon,
+            implementation=implementation, export_coreml=export_coreml,
+            export_coreai=export_coreai, lut_dtype=lut_dtype,
         )
         check_method_options(self.method, hard_epoch, gradient, implementation)
         self.min_size, self.start_epoch, self.hard_epoch = min_size, start_epoch, hard_epoch

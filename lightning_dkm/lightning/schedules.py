@@ -27,6 +27,7 @@ from typing import Any
 from ..engine.layout import is_int
 
 __all__ = [
+    "ANNEALED_SCHEDULES",
     "SCHEDULE_NAMES",
     "CallableSchedule",
     "ConstantSchedule",
@@ -239,7 +240,8 @@ class CallableSchedule(TemperatureSchedule):
         return self.fn(unit)
 
 
-_ANNEALED: dict[str, type[_AnnealedSchedule]] = {
+#: The schedules that move tau from ``start`` to ``end`` over a known number of units.
+ANNEALED_SCHEDULES: dict[str, type[_AnnealedSchedule]] = {
     "linear": LinearSchedule,
     "exponential": ExponentialSchedule,
     "cosine": CosineSchedule,
@@ -334,10 +336,10 @@ def build_schedule(
         if end is not None:
             _check_tau("end", end)
         return ConstantSchedule(start=start, num_units=num_units)
-    if schedule in _ANNEALED:
+    if schedule in ANNEALED_SCHEDULES:
         if end is None:
             raise ValueError(f"end=None is not allowed for schedule={schedule!r}; pass end > 0")
-        return _ANNEALED[schedule](start=start, end=end, num_units=num_units)
+        return ANNEALED_SCHEDULES[schedule](start=start, end=end, num_units=num_units)
     if schedule == "step":
         missing = sorted({"step_size", "gamma"} - set(kwargs))
         if missing:

@@ -36,7 +36,13 @@ from torch import Tensor
 
 from ..engine.kmeans import sq_distances
 from ..engine.numerics import normalization_of
-from .schedules import SCHEDULE_NAMES, TemperatureSchedule, build_schedule, is_import_path
+from .schedules import (
+    ANNEALED_SCHEDULES,
+    SCHEDULE_NAMES,
+    TemperatureSchedule,
+    build_schedule,
+    is_import_path,
+)
 
 __all__ = [
     "DEFAULT_END_ENTROPY",
@@ -45,6 +51,7 @@ __all__ = [
     "TemperatureConfig",
     "TemperatureMapping",
     "TemperaturePlan",
+    "check_interval",
     "geometric_mean",
     "mean_assignment_entropy",
     "temperature_for_entropy",
@@ -144,7 +151,12 @@ DEFAULT_START_ENTROPY = 0.1
 DEFAULT_END_ENTROPY = 1e-2
 AUTO = "auto"
 INTERVALS = ("step", "epoch")
-_ANNEALED = ("linear", "exponential", "cosine")
+
+
+def check_interval(interval: object) -> None:
+    """A ``ValueError`` unless ``interval`` (how often tau moves) is one of :data:`INTERVALS`."""
+    if interval not in INTERVALS:
+        raise ValueError(f"temperature.interval must be one of {INTERVALS}; got {interval!r}")
 
 
 class TemperatureMapping(TypedDict, total=False):
@@ -185,7 +197,7 @@ class TemperatureConfig:
 
     :meth:`parse` builds one from what a user writes: a number (a constant tau), ``"auto"``
     (the default: exponential from ``"auto"`` to ``"auto"`` every step), or a mapping of the
-    fields below.
+    fields below. A config is checked when it is built (:meth:`check`).
     """
 
     schedule: str = "exponential"
@@ -197,6 +209,9 @@ class TemperatureConfig:
     step_size: int | None = None
     gamma: float | None = None
 
+    def __post_init__(self) -> None:
+        self.check()
+
     @classmethod
     def parse(cls, value: object) -> TemperatureConfig:
         """The config for ``value`` (``None`` / ``"auto"``, a number, a mapping or a config),
@@ -206,9 +221,7 @@ class TemperatureConfig:
         if isinstance(value, TemperatureConfig):
             return value
         if _is_number(value):
-            config = cls(schedule="constant", start=float(value), end=None)
-            config.check()
-            return config
+            return cls(schedule="constant", start=float(value), end=None)
         if not isinstance(value, Mapping):
             raise ValueError(  # the objects are DKMCallback's (lightning.arguments)
                 "temperature must be 'auto', a number (a constant tau), a mapping like "
@@ -228,9 +241,7 @@ class TemperatureConfig:
         if is_import_path(fields["schedule"]):  # a callable's tau is its own: no bounds
             fields.setdefault("start", None)
             fields.setdefault("end", None)
-        config = cls(**fields)
-        config.check()
-        return config
+        return cls(**fields)
 
     def check(self) -> None:
         """Raise a ``ValueError`` naming the first invalid field."""
@@ -246,7 +257,7 @@ class TemperatureConfig:
             if value is None and (key == "end" or is_import_path(self.schedule)):
                 continue
             if value == AUTO:
-                if self.schedule not in (*_ANNEALED, "constant"):
+                if self.schedule not in (*ANNEALED_SCHEDULES, "constant"):
                     raise ValueError(
                         f"temperature.{key}='auto' needs a constant, linear, exponential or "
                         f"cosine schedule; got schedule={self.schedule!r} (give numbers)"
@@ -257,14 +268,11 @@ class TemperatureConfig:
                     f"temperature.{key} must be 'auto' or a finite number > 0 (tau in units of "
                     f"the weight variance); got {value!r}"
                 )
-        if self.schedule in _ANNEALED and self.end is None:
+        if self.schedule in ANNEALED_SCHEDULES and self.end is None:
             raise ValueError(
                 f"temperature.end is required by schedule={self.schedule!r}: a number or 'auto'"
             )
-        if self.interval not in INTERVALS:
-            raise ValueError(
-                f"temperature.interval must be one of {INTERVALS}; got {self.interval!r}"
-            )
+        check_interval(self.interval)
         if not _is_number(self.start_entropy) or not 0 < self.start_entropy < 1:
             raise ValueError(
                 "temperature.start_entropy must be a fraction of log2 k in (0, 1); got "
@@ -278,7 +286,7 @@ class TemperatureConfig:
     @property
     def anneals(self) -> bool:
         """Whether tau moves from start to end (a schedule over a known number of steps)."""
-        return self.schedule in _ANNEALED and (self.calibrates or self.start != self.end)
+        return self.schedule in ANNEALED_SCHEDULES and (self.calibrates or self.start != self.end)
 
     @property
     def calibrates(self) -> bool:
@@ -291,21 +299,17 @@ class TemperatureConfig:
         schedule's are unused (1.0)."""
         if self.start is None:
             return 1.0, 1.0
-        k = centroids.shape[1]
-        start = (
-            temperature_for_entropy(x, centroids, self.start_entropy * math.log2(k), name=name)
-            if self.start == AUTO
-            else float(self.start)
-        )
+        top = math.log2(centroids.shape[1])
+
+        def tau(value: float | str, entropy_bits: float) -> float:
+            if value != AUTO:
+                return float(value)
+            return temperature_for_entropy(x, centroids, entropy_bits, name=name)
+
+        start = tau(self.start, self.start_entropy * top)
         if self.end is None:
             return start, start
-        end = (
-            temperature_for_entropy(x, centroids, min(self.end_entropy, 0.5 * math.log2(k)),
-                                    name=name)
-            if self.end == AUTO
-            else float(self.end)
-        )
-        return start, end
+        return start, tau(self.end, min(self.end_entropy, 0.5 * top))
 
     def schedule_for(
         self, bounds: tuple[float, float], num_units: int | None
