@@ -107,7 +107,7 @@ def test_yaml_gives_temperature_and_method_as_objects(tmp_path, method):
     cli = LightningCLI(TinyNet, args=["--config", str(config)], run=False,
                        save_config_callback=None)
     callback = cli.trainer.callbacks[0]
-    assert callback.temperature.fn == ExponentialSchedule(start=0.1, end=1e-3, num_units=8)
+    assert callback.temperature.schedule == ExponentialSchedule(start=0.1, end=1e-3, num_units=8)
     if method == "hard":
         assert isinstance(callback.method, HardMethod)
     else:

@@ -11,7 +11,6 @@ or any callable ``unit -> tau`` (:func:`parse_temperature`), a
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from typing import Any, Literal
 
 from ..engine.layout import ClusterSpec, is_int
@@ -29,12 +28,11 @@ from ..model.methods import (
     build_method,
 )
 from ..model.targets import override_specs
-from .schedules import CallableSchedule, TemperatureSchedule
-from .temperature import TemperatureConfig, TemperatureMapping, check_interval
+from .schedules import TemperatureSchedule
+from .temperature import TemperatureConfig, TemperatureMapping
 
 __all__ = [
     "DEFAULT_BITS",
-    "CallableTemperature",
     "TemperatureArgument",
     "check_arguments",
     "check_callback_budget",
@@ -91,86 +89,13 @@ TemperatureArgument = (
 )
 
 
-def _describe(fn: Callable[..., Any]) -> str:
-    """A primitive name for a callable (what the checkpoint records of it)."""
-    if isinstance(fn, TemperatureSchedule):
-        return repr(fn)
-    module = getattr(fn, "__module__", None) or type(fn).__module__
-    name = getattr(fn, "__qualname__", None) or type(fn).__qualname__
-    return f"{module}.{name}"
-
-
-@dataclass(frozen=True)
-class CallableTemperature(TemperatureConfig):
-    """A temperature given as an object: ``tau = fn(unit)`` for every tensor, in units of each
-    palette's weight variance, where a unit is a soft DKM optimizer step (``interval="step"``,
-    the default) or epoch (``"epoch"``), counted from the first one.
-
-    ``fn`` is a :class:`~lightning_dkm.lightning.schedules.TemperatureSchedule` (used as it is)
-    or any callable ``int -> float`` (wrapped in a
-    :class:`~lightning_dkm.lightning.schedules.CallableSchedule`, which checks every tau it
-    returns). It is called once at construction with unit 0, so a callable that cannot be
-    called that way, or returns no usable tau, fails then. It is not calibrated and not saved:
-    after a resume tau is ``fn`` of the restored unit, so ``fn`` must be a pure function of the
-    unit (and picklable for ``ddp_spawn``).
-    """
-
-    schedule: str = "callable"
-    start: float | str | None = None
-    end: float | str | None = None
-    fn: Callable[[int], float] | None = None
-
-    def check(self) -> None:
-        check_interval(self.interval)
-        fn = self.fn
-        _refuse_class("temperature", fn, "an instance",
-                      "ExponentialSchedule(start=1e-1, end=1e-3, num_units=1000)")
-        require(callable(fn), "temperature must be a TemperatureSchedule instance or a "
-                              f"callable unit -> tau; got {fn!r}")
-        try:
-            self.schedule_for((1.0, 1.0), None)(0)
-        except (TypeError, ValueError) as err:
-            raise ValueError(
-                f"temperature={fn!r}: calling it with unit 0 failed ({err}); a callable "
-                "temperature takes the soft DKM step or epoch (an int >= 0, counted from the "
-                "first) and returns tau, a finite number > 0"
-            ) from err
-
-    def schedule_for(
-        self, bounds: tuple[float, float], num_units: int | None
-    ) -> TemperatureSchedule:
-        """``fn`` itself (a schedule) or ``fn`` wrapped so that every tau it returns is checked;
-        the bounds and the number of units do not apply."""
-        if isinstance(self.fn, TemperatureSchedule):
-            return self.fn
-        assert self.fn is not None  # check() refuses None
-        return CallableSchedule(fn=self.fn)
-
-    def to_dict(self) -> dict[str, Any]:
-        """Primitives only: the callable by name."""
-        return {"schedule": "callable", "fn": _describe(self.fn), "interval": self.interval}
-
-
-def _is_temperature_object(value: object) -> bool:
-    return callable(value) and not isinstance(value, (str, bytes, Mapping, TemperatureConfig))
-
-
 def parse_temperature(value: object) -> TemperatureConfig:
-    """The validated temperature of any form ``DKMCallback(temperature=...)`` accepts.
-
-    ``None`` / ``"auto"``, a number and a mapping of strings and numbers go to
-    :meth:`TemperatureConfig.parse`; a :class:`TemperatureSchedule` or callable, bare or as
-    ``{"schedule": <callable>, "interval": "step" | "epoch"}``, becomes a
-    :class:`CallableTemperature`.
-    """
-    if _is_temperature_object(value):
-        return CallableTemperature(fn=value)  # type: ignore[arg-type]
-    if isinstance(value, Mapping) and _is_temperature_object(value.get("schedule")):
-        extra = sorted(set(value) - {"schedule", "interval"})
-        require(not extra, f"temperature: with a callable schedule only 'interval' may be given "
-                           f"(the callable's tau is its own); got also {extra}")
-        return CallableTemperature(fn=value["schedule"],
-                                   interval=value.get("interval", "step"))
+    """The validated temperature of any form ``DKMCallback(temperature=...)`` accepts
+    (:meth:`TemperatureConfig.parse`), a schedule class given where an instance is wanted
+    refused by name."""
+    schedule = value.get("schedule") if isinstance(value, Mapping) else value
+    _refuse_class("temperature", schedule, "an instance",
+                  "ExponentialSchedule(start=1e-1, end=1e-3, num_units=1000)")
     return TemperatureConfig.parse(value)
 
 

@@ -39,6 +39,7 @@ from ..engine.numerics import normalization_of
 from .schedules import (
     ANNEALED_SCHEDULES,
     SCHEDULE_NAMES,
+    CallableSchedule,
     TemperatureSchedule,
     build_schedule,
     is_import_path,
@@ -51,7 +52,6 @@ __all__ = [
     "TemperatureConfig",
     "TemperatureMapping",
     "TemperaturePlan",
-    "check_interval",
     "geometric_mean",
     "mean_assignment_entropy",
     "temperature_for_entropy",
@@ -153,12 +153,6 @@ AUTO = "auto"
 INTERVALS = ("step", "epoch")
 
 
-def check_interval(interval: object) -> None:
-    """A ``ValueError`` unless ``interval`` (how often tau moves) is one of :data:`INTERVALS`."""
-    if interval not in INTERVALS:
-        raise ValueError(f"temperature.interval must be one of {INTERVALS}; got {interval!r}")
-
-
 class TemperatureMapping(TypedDict, total=False):
     """``temperature`` written as a mapping, e.g. ``{schedule: exponential, start: auto, end:
     auto}`` in a LightningCLI YAML: the fields of :class:`TemperatureConfig`, every one optional.
@@ -185,6 +179,20 @@ def _is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def _is_custom(schedule: object) -> bool:
+    """Whether ``schedule`` is a custom callable (an import path or an object): no bounds."""
+    return is_import_path(schedule) or callable(schedule)
+
+
+def _describe(fn: Callable[..., Any]) -> str:
+    """A primitive name for a schedule given as an object (what the checkpoint records of it)."""
+    if isinstance(fn, TemperatureSchedule):
+        return repr(fn)
+    module = getattr(fn, "__module__", None) or type(fn).__module__
+    name = getattr(fn, "__qualname__", None) or type(fn).__qualname__
+    return f"{module}.{name}"
+
+
 @dataclass(frozen=True)
 class TemperatureConfig:
     """How tau moves during DKM: a schedule shape, its two ends, and how often it moves.
@@ -195,12 +203,18 @@ class TemperatureConfig:
     bits (end), see :func:`temperature_for_entropy`. ``interval="step"`` moves tau every
     optimizer step, ``"epoch"`` at the start of every epoch.
 
+    ``schedule`` may also be a callable ``unit -> tau``, by import path or as an object (a
+    :class:`~lightning_dkm.lightning.schedules.TemperatureSchedule`, or any callable, whose
+    every tau is checked): its tau is its own for every tensor, no ``start`` / ``end``; an
+    object is called with unit 0 when the config is built, and saved in checkpoints by name
+    only (``DKMCallback``'s ``temperature`` says what that asks of it).
+
     :meth:`parse` builds one from what a user writes: a number (a constant tau), ``"auto"``
-    (the default: exponential from ``"auto"`` to ``"auto"`` every step), or a mapping of the
-    fields below. A config is checked when it is built (:meth:`check`).
+    (the default: exponential from ``"auto"`` to ``"auto"`` every step), a callable, or a
+    mapping of the fields below. A config is checked when it is built (:meth:`check`).
     """
 
-    schedule: str = "exponential"
+    schedule: str | Callable[[int], float] = "exponential"
     start: float | str = AUTO
     end: float | str | None = AUTO
     interval: str = "step"
@@ -214,20 +228,27 @@ class TemperatureConfig:
 
     @classmethod
     def parse(cls, value: object) -> TemperatureConfig:
-        """The config for ``value`` (``None`` / ``"auto"``, a number, a mapping or a config),
-        validated: a ``ValueError`` names the bad key and value and what is allowed."""
+        """The config for ``value`` (``None`` / ``"auto"``, a number, a callable, a mapping or a
+        config), validated: a ``ValueError`` names the bad key and value and what is allowed."""
         if value is None or value == AUTO:
             return cls()
         if isinstance(value, TemperatureConfig):
             return value
+        if callable(value):
+            return cls(schedule=value, start=None, end=None)
         if _is_number(value):
             return cls(schedule="constant", start=float(value), end=None)
         if not isinstance(value, Mapping):
-            raise ValueError(  # the objects are DKMCallback's (lightning.arguments)
+            raise ValueError(
                 "temperature must be 'auto', a number (a constant tau), a mapping like "
                 "{schedule: exponential, start: auto, end: auto, interval: step}, a "
                 f"TemperatureSchedule or a callable unit -> tau; got {value!r}"
             )
+        if callable(value.get("schedule")):
+            extra = sorted(set(value) - {"schedule", "interval"})
+            if extra:
+                raise ValueError("temperature: with a callable schedule only 'interval' may be "
+                                 f"given (the callable's tau is its own); got also {extra}")
         unknown = sorted(set(value) - set(_KEYS))
         if unknown:
             raise ValueError(f"temperature has unknown keys {unknown}; allowed: {_KEYS}")
@@ -238,14 +259,23 @@ class TemperatureConfig:
             fields["schedule"] = "constant" if constant else "exponential"
         if fields["schedule"] in ("constant", "step") and "end" not in fields:
             fields["end"] = None  # a constant has none; a step schedule's is an optional clamp
-        if is_import_path(fields["schedule"]):  # a callable's tau is its own: no bounds
+        if _is_custom(fields["schedule"]):  # a callable's tau is its own: no bounds
             fields.setdefault("start", None)
             fields.setdefault("end", None)
         return cls(**fields)
 
     def check(self) -> None:
         """Raise a ``ValueError`` naming the first invalid field."""
-        if not isinstance(self.schedule, str) or (
+        if callable(self.schedule):
+            try:
+                self.schedule_for((1.0, 1.0), None)(0)
+            except (TypeError, ValueError) as err:
+                raise ValueError(
+                    f"temperature={self.schedule!r}: calling it with unit 0 failed ({err}); a "
+                    "callable temperature takes the soft DKM step or epoch (an int >= 0, counted "
+                    "from the first) and returns tau, a finite number > 0"
+                ) from err
+        elif not isinstance(self.schedule, str) or (
             self.schedule not in SCHEDULE_NAMES and not is_import_path(self.schedule)
         ):
             raise ValueError(
@@ -254,7 +284,7 @@ class TemperatureConfig:
             )
         for key in ("start", "end"):
             value = getattr(self, key)
-            if value is None and (key == "end" or is_import_path(self.schedule)):
+            if value is None and (key == "end" or _is_custom(self.schedule)):
                 continue
             if value == AUTO:
                 if self.schedule not in (*ANNEALED_SCHEDULES, "constant"):
@@ -272,7 +302,10 @@ class TemperatureConfig:
             raise ValueError(
                 f"temperature.end is required by schedule={self.schedule!r}: a number or 'auto'"
             )
-        check_interval(self.interval)
+        if self.interval not in INTERVALS:
+            raise ValueError(
+                f"temperature.interval must be one of {INTERVALS}; got {self.interval!r}"
+            )
         if not _is_number(self.start_entropy) or not 0 < self.start_entropy < 1:
             raise ValueError(
                 "temperature.start_entropy must be a fraction of log2 k in (0, 1); got "
@@ -315,7 +348,12 @@ class TemperatureConfig:
         self, bounds: tuple[float, float], num_units: int | None
     ) -> TemperatureSchedule:
         """The ``unit -> tau`` schedule (a unit is a step or an epoch, ``interval``) of a tensor
-        with these ``bounds`` over ``num_units`` soft units."""
+        with these ``bounds`` over ``num_units`` soft units (an object schedule: itself, or
+        the callable wrapped so that every tau it returns is checked)."""
+        if isinstance(self.schedule, TemperatureSchedule):
+            return self.schedule
+        if callable(self.schedule):
+            return CallableSchedule(fn=self.schedule)
         extra = {k: v for k, v in (("step_size", self.step_size), ("gamma", self.gamma))
                  if v is not None}
         start, end = bounds
@@ -325,6 +363,10 @@ class TemperatureConfig:
         )
 
     def to_dict(self) -> dict[str, Any]:
+        """Primitives only: an object schedule by name."""
+        if callable(self.schedule):
+            return {"schedule": "callable", "fn": _describe(self.schedule),
+                    "interval": self.interval}
         return asdict(self)
 
 
