@@ -51,8 +51,8 @@ from .convergence import measure_all
 from .forward_cache import ForwardCache
 from .fully_sharded import FullySharded
 from .outputs import ARTIFACT_NAME, COREML_NAME, DKMResults
-from .ownership import SaveDirLock
-from .preflight import check_export_widths, check_fit, claim_outputs, is_fully_sharded
+from .ownership import SaveDirLock, claim_save_dir
+from .preflight import check_export_widths, check_fit, is_fully_sharded
 from .temperature import TemperatureConfig
 from .timeline import DKMTimeline
 
@@ -532,7 +532,8 @@ class DKMCallback(Callback):
         self.results.finalized = False
         self._checkpointing.watch(pl_module, self._names)
         if self._out_dir is not None:  # last, once this callback's setup has passed
-            self._save_dir_lock = claim_outputs(trainer, self._out_dir, self.save_dir)
+            self._save_dir_lock = claim_save_dir(trainer, self._out_dir,
+                                                 explicit=self.save_dir is not None)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._forget_tensors()

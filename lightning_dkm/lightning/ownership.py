@@ -40,7 +40,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 from ..export.files import hidden_beside
 
-__all__ = ["LOCK_NAME", "SaveDirLock", "claim_save_dir", "rank_zero_check"]
+__all__ = ["LOCK_NAME", "SaveDirLock", "claim_save_dir", "rank_zero_check", "save_dir_label"]
 
 T = TypeVar("T")
 
@@ -242,11 +242,19 @@ def rank_zero_check(trainer: pl.Trainer, check: Callable[[], T]) -> T | None:
     return result
 
 
-def claim_save_dir(trainer: pl.Trainer, directory: Path, label: str | None = None
+def save_dir_label(directory: Path, explicit: bool) -> str:
+    """How messages name the output directory: as ``save_dir`` when the user gave it
+    (``explicit``), else as the default."""
+    if explicit:
+        return f"save_dir={str(directory)!r}"
+    return f"the default output directory {directory}"
+
+
+def claim_save_dir(trainer: pl.Trainer, directory: Path, explicit: bool = True
                    ) -> SaveDirLock | None:
     """At ``setup``, on every rank: rank 0 takes ``directory``'s lock; every rank raises rank
-    0's refusal (a ``MisconfigurationException`` naming the directory and the holder). Returns
-    the lock on rank 0, ``None`` on the others. ``label`` names the directory in messages
-    (default ``save_dir='<directory>'``)."""
-    label = label or f"save_dir={str(directory)!r}"
+    0's refusal (a ``MisconfigurationException`` naming the directory, as
+    :func:`save_dir_label` does, and the holder). Returns the lock on rank 0, ``None`` on the
+    others."""
+    label = save_dir_label(directory, explicit)
     return rank_zero_check(trainer, lambda: _take(directory, label))

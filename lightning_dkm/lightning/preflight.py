@@ -30,7 +30,7 @@ from ..export.report import REPORT_JSON, REPORT_MARKDOWN
 from ..export.tracing import as_example_tuple, exportable
 from ..model.targets import Target
 from .outputs import ARTIFACT_NAME, EXPORTS
-from .ownership import SaveDirLock, claim_save_dir, rank_zero_check
+from .ownership import rank_zero_check, save_dir_label
 from .temperature import TemperatureConfig
 
 __all__ = [
@@ -43,7 +43,6 @@ __all__ = [
     "check_output_paths",
     "check_strategy",
     "check_writable_dir",
-    "claim_outputs",
     "is_fully_sharded",
     "model_fp32_bytes",
     "output_paths",
@@ -123,16 +122,12 @@ def resolve_save_dir(trainer: pl.Trainer, save_dir: str | os.PathLike[str] | Non
     return Path(os.path.abspath(os.path.expanduser(os.fspath(save_dir))))
 
 
-def _label(path: Path, argument: str | None) -> str:
-    return f"save_dir={str(path)!r}" if argument else f"the default output directory {path}"
-
-
-def check_writable_dir(path: Path, argument: str | None) -> None:
+def check_writable_dir(path: Path, explicit: bool) -> None:
     """``path`` is a directory this process can write into (created if missing), else a
-    ``MisconfigurationException`` that names ``argument`` (``save_dir``), the path and what it
-    is (a file, a FIFO, ...)."""
-    label = _label(path, argument)
-    fix = "pass a writable directory as save_dir" if argument else "pass save_dir"
+    ``MisconfigurationException`` that names it (``save_dir`` when ``explicit``: given by the
+    user), and what it is (a file, a FIFO, ...)."""
+    label = save_dir_label(path, explicit)
+    fix = "pass a writable directory as save_dir" if explicit else "pass save_dir"
     if os.path.lexists(path) and not path.is_dir():
         raise MisconfigurationException(
             f"DKMCallback: {label} is {describe_path(path)}, not a directory; {fix}"
@@ -339,7 +334,7 @@ def check_fit(
 ) -> Path | None:
     """Every check of ``setup("fit")``; returns the output directory (absolute; ``None``
     unless fit ends with finalize: nothing is written then). The callback takes the directory last
-    (:func:`claim_outputs`), once its own setup has passed.
+    (:func:`~.ownership.claim_save_dir`), once its own setup has passed.
 
     Every rank resolves the output directory here: ``trainer.log_dir`` broadcasts, so it must
     not be reached by rank 0 alone at fit end; and a bad ``save_dir`` fails before training.
@@ -350,9 +345,8 @@ def check_fit(
     out_dir = None
     if finalize_at_fit_end:
         out_dir = resolve_save_dir(trainer, save_dir)
-        argument = "save_dir" if save_dir is not None else None
-        label = _label(out_dir, argument)
-        check_writable_dir(out_dir, argument)
+        label = save_dir_label(out_dir, explicit=save_dir is not None)
+        check_writable_dir(out_dir, explicit=save_dir is not None)
 
         def outputs_fit() -> None:
             check_output_paths(out_dir, label, save_artifact, exports)
@@ -362,15 +356,6 @@ def check_fit(
     check_exports(pl_module, exports)
     check_limits(trainer, temperature, start_epoch, hard_epoch, uses_temperature)
     return out_dir
-
-
-def claim_outputs(trainer: pl.Trainer, out_dir: Path, save_dir: str | None
-                  ) -> SaveDirLock | None:
-    """The last step of ``setup("fit")``, on every rank: this fit takes ``out_dir`` (what
-    :func:`check_fit` returned) until ``teardown`` (:mod:`.ownership`); rank 0's lock, ``None``
-    on the other ranks; a ``MisconfigurationException`` on every rank when another fit holds
-    it."""
-    return claim_save_dir(trainer, out_dir, _label(out_dir, "save_dir" if save_dir else None))
 
 
 def soft_units(
