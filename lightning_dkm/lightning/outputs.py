@@ -287,8 +287,11 @@ def write_report_and_artifact(
     report.artifact = None
     with FileGroup() as group:
         if write_artifact is not None:
-            staged = group.stage(artifact, lambda tmp: _call_writer(
-                write_artifact, model, tmp, artifact, palettes, lut_dtype))
+            def write(tmp: Path) -> None:  # a SafetensorError as an OSError, whoever writes
+                with safetensors_errors_as_os_errors(f"the artifact {artifact}"):
+                    write_artifact(model, tmp, palettes, lut_dtype=lut_dtype)
+
+            staged = group.stage(artifact, write)
             report.artifact = artifact_entry(staged, ARTIFACT_NAME)
         for path, text in report.files(out_dir).items():
             group.stage(path, lambda tmp, text=text: tmp.write_text(text, encoding="utf-8"))
@@ -297,15 +300,6 @@ def write_report_and_artifact(
     if write_artifact is not None:
         paths["artifact"] = artifact
     return paths
-
-
-def _call_writer(write_artifact: Callable[..., Any], model: torch.nn.Module, tmp: Path,
-                 artifact: Path, palettes: dict[str, Palette], lut_dtype: torch.dtype) -> None:
-    """``write_artifact`` into the staged file ``tmp`` of ``artifact``; safetensors' own error
-    (a full disk, an I/O error inside its writer) as an ``OSError`` naming ``artifact`` (a
-    writer other than :func:`~lightning_dkm.save_compressed` may not convert it itself)."""
-    with safetensors_errors_as_os_errors(f"the artifact {artifact}"):
-        write_artifact(model, tmp, palettes, lut_dtype=lut_dtype)
 
 
 def _export(argument: str, module: pl.LightningModule, out_dir: Path, artifact: Path | None
