@@ -32,25 +32,6 @@ __all__ = ["measure_all"]
 _STATISTICS = ("entropy", "usage_entropy", "perplexity", "dead_clusters", "snap_rmse")
 
 
-def _metrics_for(
-    tensor: ClusteredTensor, device: torch.device
-) -> tuple[AssignmentEntropy, ClusterUsage, SnapDistance]:
-    layout = tensor.parametrization.layout
-    # Every process holds the same weights and centroids: no cross-process reduction needed.
-    # The indices come from hard_assign, always in range: no validation (a host read).
-    metrics = (
-        AssignmentEntropy(sync_on_compute=False),
-        ClusterUsage(
-            layout.spec.num_centroids, num_palettes=layout.num_palettes, validate_args=False,
-            sync_on_compute=False,
-        ),
-        SnapDistance(sync_on_compute=False),
-    )
-    for metric in metrics:
-        metric.to(device)
-    return metrics
-
-
 @torch.no_grad()
 def measure_all(
     tensors: Mapping[str, ClusteredTensor],
@@ -63,10 +44,16 @@ def measure_all(
         weight = tensor.full_original()  # gathered when FSDP2 shards it
         # the metrics live with the weight, except on MPS (no float64 there: module docstring)
         device = torch.device("cpu") if weight.device.type == "mps" else weight.device
-        entropy, usage, snap = _metrics_for(tensor, device)
+        parametrization = tensor.parametrization
+        layout = parametrization.layout
+        # Every process holds the same weights and centroids: no cross-process reduction needed.
+        # The indices come from hard_assign, always in range: no validation (a host read).
+        entropy = AssignmentEntropy(sync_on_compute=False).to(device)
+        usage = ClusterUsage(layout.spec.num_centroids, num_palettes=layout.num_palettes,
+                             validate_args=False, sync_on_compute=False).to(device)
+        snap = SnapDistance(sync_on_compute=False).to(device)
         if model_entropy is None:
             model_entropy = AssignmentEntropy(sync_on_compute=False).to(device)
-        parametrization = tensor.parametrization
         for chunk in parametrization.soft_assignment_chunks(weight):
             entropy.update(chunk.to(device))
             model_entropy.update(chunk.to(model_entropy.device))
