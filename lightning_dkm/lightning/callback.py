@@ -46,7 +46,7 @@ from .arguments import (
     resolve_method,
 )
 from .bit_widths import log_allocation, plan_fit_widths
-from .checkpointing import DKMCheckpointing
+from .checkpointing import DKMCheckpointing, selection_error
 from .convergence import measure_all
 from .forward_cache import ForwardCache
 from .fully_sharded import FullySharded
@@ -359,11 +359,7 @@ class DKMCallback(Callback):
             )
         names = list(state_dict["names"])
         if self._names and names and names != self._names:
-            raise MisconfigurationException(
-                "DKMCallback: the checkpoint clusters "
-                f"{names}, but this callback's targets select {self._names}; resume with the "
-                "same targets / exclude / min_size as the run that wrote the checkpoint"
-            )
+            raise selection_error(names, self._names)
         self._timeline.load_state_dict(state_dict["temperature"], state_dict["temperature_config"])
         self.results.finalized = bool(state_dict["finalized"])
         method = state_dict["method"]

@@ -39,14 +39,15 @@ from ..model.attach import clustered_tensors
 from ..model.checkpoint import PlainLoad, prepare_plain_load, restore_dkm_state, split_dkm_state
 from ..model.snapping import checkpoint_clustered_names
 
-__all__ = ["DKM_STATE_KEY", "DKMCheckpointing"]
+__all__ = ["DKM_STATE_KEY", "DKMCheckpointing", "selection_error"]
 
 #: The key of the DKM state inside the callback's checkpoint state.
 DKM_STATE_KEY = "model"
 _NOTHING = PlainLoad([], [])
 
 
-def _selection_error(in_checkpoint: list[str], in_model: list[str]) -> MisconfigurationException:
+def selection_error(in_checkpoint: list[str], in_model: list[str]) -> MisconfigurationException:
+    """The refusal of a checkpoint that clusters other tensors than this run selects."""
     hint = (
         " The checkpoint was written without DKM: load its weights into the model before fit "
         "(model.load_state_dict) instead of passing ckpt_path."
@@ -104,7 +105,7 @@ class DKMCheckpointing:
         if in_checkpoint:  # the DKM keys themselves (weights-only): they load as they are
             in_model = sorted(clustered_tensors(module))
             if in_checkpoint != in_model:
-                raise _selection_error(in_checkpoint, in_model)
+                raise selection_error(in_checkpoint, in_model)
             return
         self.waiting = prepare_plain_load(module, state_dict, self._names)
 
@@ -126,7 +127,7 @@ class DKMCheckpointing:
                 for name in (state.get(DKM_STATE_KEY) or {}).get("tensors", {})
             })
             if waiting.parametrized:
-                raise _selection_error(others, sorted(names))
+                raise selection_error(others, sorted(names))
             rank_zero_warn(
                 f"DKMCallback: the checkpoint has no DKM state for this callback ({state_key}); "
                 "its weights were loaded, but the model no longer carries palettes for "
@@ -134,7 +135,7 @@ class DKMCheckpointing:
             )
             return
         if waiting.parametrized and sorted(dkm_state["tensors"]) != sorted(names):
-            raise _selection_error(sorted(dkm_state["tensors"]), sorted(names))
+            raise selection_error(sorted(dkm_state["tensors"]), sorted(names))
         restore_dkm_state(pl_module, dkm_state, [*waiting.parametrized, *waiting.carried])
 
     def require_restored(self, stage: str) -> None:
