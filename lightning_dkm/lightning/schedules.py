@@ -68,14 +68,6 @@ def _check_num_units(num_units: int | None) -> int | None:
     return num_units
 
 
-def _check_unit(unit: int) -> int:
-    if not is_int(unit, 0):
-        raise ValueError(
-            f"unit must be an int >= 0 (counted from the first soft unit), got {unit!r}"
-        )
-    return unit
-
-
 class TemperatureSchedule(ABC):
     """A map ``unit -> tau`` with ``unit`` counted from the first soft unit.
 
@@ -91,7 +83,10 @@ class TemperatureSchedule(ABC):
 
     def __call__(self, unit: int) -> float:
         """Return the temperature for soft unit ``unit`` (0-based)."""
-        unit = _check_unit(unit)
+        if not is_int(unit, 0):
+            raise ValueError(
+                f"unit must be an int >= 0 (counted from the first soft unit), got {unit!r}"
+            )
         tau = self._tau(unit)
         value = _as_tau(tau)
         if value is None:
