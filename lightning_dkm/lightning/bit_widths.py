@@ -34,7 +34,6 @@ from ..model.targets import Target
 __all__ = ["SENSITIVITY_BATCHES", "log_allocation", "plan_fit_widths"]
 
 
-
 @contextlib.contextmanager
 def _logging_muted(pl_module: pl.LightningModule) -> Iterator[None]:
     """``self.log`` / ``self.log_dict`` do nothing inside (``training_step`` run outside the

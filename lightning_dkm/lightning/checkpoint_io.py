@@ -12,16 +12,14 @@ into it, then deletes the temporary file. Nothing is ``fsync``-ed. A kill during
 ``last.ckpt`` truncated, the previous copy gone and the whole temporary file orphaned in the
 temporary directory; an exception during it (a full disk) leaves the target truncated too.
 
-:class:`AtomicCheckpointIO` writes beside the target instead, so the last step is a rename within
-one directory: ``torch.save`` streams into an unnamed file in the target's directory
-(``O_TMPFILE``, Linux), which is flushed and ``fsync``-ed, given a hidden name
-(``.<name>.<random>.tmp``) and renamed over the target with ``os.replace``; then the directory
-is ``fsync``-ed. A kill at any point leaves the previous checkpoint as it was, and an unnamed
-file leaves nothing behind (the kernel frees it); only a kill in the microseconds between naming
-the finished file and the rename can leave the hidden file. On a file system without
-``O_TMPFILE`` (NFS, some FUSE mounts, non-Linux) it starts from the hidden named file: an
-exception still removes it, a hard kill during the write can leave it (never the target
-truncated). Loading and removing are Lightning's own (:class:`TorchCheckpointIO`).
+:class:`AtomicCheckpointIO` writes beside the target instead (its docstring), so the last step
+is a rename within one directory. The temporary file is an unnamed one (``O_TMPFILE``, Linux),
+given a hidden name (``.<name>.<random>.tmp``) only when complete: a kill at any point leaves the
+previous checkpoint as it was, and an unnamed file leaves nothing behind (the kernel frees it);
+only a kill in the microseconds between naming the finished file and the rename can leave the
+hidden file. On a file system without ``O_TMPFILE`` (NFS, some FUSE mounts, non-Linux) it starts
+from the hidden named file: an exception still removes it, a hard kill during the write can
+leave it (never the target truncated).
 """
 
 from __future__ import annotations
@@ -85,9 +83,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 def write_beside(path: Path, write: Callable[[BinaryIO], None]) -> None:
-    """Write ``path`` with ``write(file)`` into a temporary file in its directory (created if
-    missing), ``fsync`` it, ``os.replace`` it over ``path`` and ``fsync`` the directory; an
-    exception anywhere leaves ``path`` as it was and no temporary file."""
+    """:class:`AtomicCheckpointIO`'s local write (module docstring), ``write(file)`` filling
+    the file; ``path``'s directory is created if missing."""
     if path.is_dir():
         raise IsADirectoryError(
             f"cannot write the checkpoint {path}: it is a directory (a sharded checkpoint?); "
