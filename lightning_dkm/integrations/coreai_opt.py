@@ -1,61 +1,30 @@
 """DKM as a training strategy of Apple's coreai-opt: train-time, differentiable palettization
-through coreai-opt's own ``KMeansPalettizer``.
-
-coreai-opt 0.4 palettizes after training (k-means, sensitivity-weighted k-means); inside its
-``training_mode()`` the default strategy holds every palettized weight at its k-means LUT, so
-no gradient reaches it. Its public extension point for that is a ``TrainingStrategySpec`` (a
-pydantic config, registered under a key) paired with a ``TrainingStrategy`` (its behaviour,
-``train_forward(module, weight)``). This module registers one under the key ``"lightning_dkm"``
-(:data:`STRATEGY_KEY`); a user names it in a ``PalettizationSpec``::
+through coreai-opt's own ``KMeansPalettizer``, registered under the key ``"lightning_dkm"``
+(:data:`STRATEGY_KEY`) that a config names::
 
     PalettizationSpec(n_bits=4, training_strategy_spec={"type": "lightning_dkm"})
 
-**How coreai-opt finds it.** ``import coreai_opt`` ends by calling every callable of the
-``coreai_opt.plugins`` entry-point group; lightning_dkm's ``pyproject.toml`` advertises
-:func:`lightning_dkm.integrations.register_coreai_opt`, which imports this module, whose
-``@TrainingStrategySpec.register("lightning_dkm")`` fills the registry. The user imports
-nothing of ours.
+``docs/coreai_opt.md`` is the full account: how coreai-opt finds the strategy (its
+``coreai_opt.plugins`` entry point, :func:`lightning_dkm.integrations.register_coreai_opt`),
+what differs from coreai-opt's own k-means, what is refused (a quantized LUT, detected sparsity)
+and which attributes of coreai-opt's private fake-palettize module are read (hence the pin below
+0.5, and ``tests/test_coreai_opt_plugin.py`` checking each of them).
 
-**How coreai-opt calls it.** ``KMeansPalettizer.prepare`` puts a fake-palettize module on every
-palettized weight (a ``torch.nn.utils.parametrize`` parametrization), builds each module's
-strategy from its spec (:meth:`DKMTrainingSpec.build_strategy`: one
-:class:`DKMTrainingStrategy` per weight) and seeds ``module.centroids`` ``(P, k, d)`` with its
+``KMeansPalettizer.prepare`` builds one :class:`DKMTrainingStrategy` per palettized weight
+(:meth:`DKMTrainingSpec.build_strategy`) and seeds ``module.centroids`` ``(P, k, d)`` with its
 k-means. In training mode every read of the weight calls ``strategy.train_forward(module,
-weight)``, which here
+weight)``, which
 
 1. cuts the weight into coreai-opt's own palettes, ``module.vectorize(weight)`` -> ``(P, n, d)``
    (its granularity, its vectors along the output channels, its per-channel scales);
 2. runs lightning_dkm's DKM step on them: a :class:`~lightning_dkm.engine.parametrization.
    DKMParametrization` (mode ``"soft"``) over a :class:`~lightning_dkm.engine.layout.
    PaletteLayout` of shape ``(P, n, d)`` whose palettes are exactly coreai-opt's, started from
-   ``module.centroids``: attention ``softmax(-|v - c|^2 / tau)`` on the normalised values,
-   ``max_iter`` centroid updates, the soft weights ``A @ C`` differentiable with respect to the
-   weight (the engine's analytic backward);
+   ``module.centroids``;
 3. writes the step's state back where coreai-opt keeps it: the moved centroids into
    ``module.centroids`` (in place, in its dtype: the LUT it exports) and each vector's nearest
    centroid into ``module.indices`` (uint8, on the CPU, in coreai-opt's index layout);
 4. returns the soft weights in the weight's shape, ``module.devectorize(soft)``.
-
-So ``module.centroids`` stays the one state (it is in coreai-opt's ``state_dict``, and a
-checkpoint resumes from it), eval forwards (``hard_assign``) and ``palettizer.finalize(...)``
-read the LUT and indices the last training step ended with, and coreai-opt's own export paths
-(Core AI ``PalettizeModule``, Core ML metadata, folded Torch) ship them unchanged.
-
-**What is used beyond coreai-opt's ``__all__``.** Only the documented extension point:
-subclassing ``TrainingStrategySpec`` / ``TrainingStrategy`` (``coreai_opt.palettization.spec``)
-and pointing the spec's ``_strategy_cls`` at the strategy, as ``PalettizationSpec``'s docstring
-says. Inside ``train_forward`` the module coreai-opt hands over is of a private class
-(``_KMeansFakePalettize``); of it we use only attributes without a leading underscore:
-``vectorize`` / ``devectorize`` (and the context object ``vectorize`` returns, passed back
-unopened), ``centroids``, ``indices``, ``n_bits``, ``lut_qspec``,
-``sparsity_detection_threshold`` and ``tensor_fqn``. They are not in coreai-opt's docs, so the
-``coreai-opt`` extra is pinned below 0.5 (``constraints.txt``: 0.4.0) and
-``tests/test_coreai_opt_plugin.py`` checks every one of them end to end.
-
-Refused, with an error naming the fix: a quantized LUT (``lut_qspec``: DKM's soft weights would
-not see the quantization the export applies) and detected sparsity
-(``sparsity_detection_threshold``: coreai-opt clusters only the nonzeros; DKM here would
-cluster the zeros too).
 """
 
 from __future__ import annotations
@@ -185,7 +154,7 @@ def _module_indices(module: nn.Module, idx: Tensor, vectors: Tensor, context: ob
 
 
 def _check_supported(module: nn.Module) -> None:
-    """Refuse what the DKM strategy does not train faithfully (module docstring)."""
+    """Refuse what the DKM strategy does not train faithfully (``docs/coreai_opt.md``)."""
     name = getattr(module, "tensor_fqn", None) or "a palettized weight"
     if not (hasattr(module, "vectorize") and hasattr(module, "devectorize")):
         raise TypeError(
