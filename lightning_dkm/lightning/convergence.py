@@ -2,15 +2,8 @@
 
 For one :class:`~lightning_dkm.model.attach.ClusteredTensor` this reads its trainable weight and
 its parametrization's centroids and temperature (no gradient, no change of state) and returns
-
-* ``entropy``: mean Shannon entropy (bits) of the soft-assignment rows at the current tau --
-  ``log2(k)`` when every weight is spread evenly over all centroids, 0 when every weight belongs
-  to exactly one: it falls toward 0 as clustering hardens;
-* ``usage_entropy`` / ``perplexity``: entropy of the hard cluster-size histogram and ``2**`` it,
-  the effective number of centroids in use (averaged over palettes);
-* ``dead_clusters``: centroids that no weight snaps to (summed over palettes);
-* ``snap_rmse``: root-mean-square distance from each weight to its nearest centroid -- how much
-  finalize will move the weights.
+``entropy``, ``usage_entropy``, ``perplexity``, ``dead_clusters`` and ``snap_rmse``, the
+statistics the callback logs as ``dkm/<statistic>/<tensor>`` (defined in ``docs/metrics.md``).
 
 The metrics live on the weights' device (CPU on Apple MPS, where their float64 states are not
 supported), so measuring a CUDA model moves no weight to the host; each tensor's five values
@@ -36,7 +29,7 @@ _STATISTICS = ("entropy", "usage_entropy", "perplexity", "dead_clusters", "snap_
 def measure_all(
     tensors: Mapping[str, ClusteredTensor],
 ) -> tuple[dict[str, dict[str, float]], float]:
-    """Per-tensor statistics (see module docstring) and the model-level mean assignment entropy
+    """Per-tensor statistics (module docstring) and the model-level mean assignment entropy
     (every soft-assignment row of every tensor weighted equally)."""
     per_tensor: dict[str, dict[str, float]] = {}
     model_entropy: AssignmentEntropy | None = None
