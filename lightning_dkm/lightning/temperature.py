@@ -1,13 +1,9 @@
 r"""A temperature with one meaning at every bit width, layer and scale.
 
 DKM's tau is in units of a palette's weight variance
-(:func:`lightning_dkm.engine.numerics.normalization_of`),
-which makes it independent of the weights' scale but not of the number of centroids: the
-softness of :math:`a_j = \operatorname{softmax}_j(-\lVert x - c_j\rVert^2 / \tau)` is set by
-:math:`\tau` relative to the squared gaps between neighbouring centroids, and those shrink as
-``k`` grows. Near a boundary between two centroids of gap :math:`\Delta` (point density
-:math:`p`), the mean assignment entropy is about :math:`2.4\,\tau\,p/\Delta` bits, so at a fixed
-tau it grows roughly as :math:`k^2`: the tau that is soft for 16 centroids is hard for 4.
+(:func:`lightning_dkm.engine.numerics.normalization_of`), which makes it independent of the
+weights' scale but not of the number of centroids: at a fixed tau the assignments' entropy grows
+roughly as :math:`k^2` (``docs/how_dkm_works.md``, "One meaning at every bit width").
 
 A temperature given by the **entropy it produces** means the same thing everywhere. For one
 tensor (its palettes ``x`` and their centroids), :func:`temperature_for_entropy` finds by
