@@ -1,22 +1,11 @@
-"""What :class:`~lightning_dkm.DKMCallback` does differently under FSDP2.
-
-FSDP2 (``fully_shard``, applied by the user in ``configure_model`` under Lightning's
-``ModelParallelStrategy``) turns each parameter into a ``DTensor`` shard after the callback's
-``setup`` has registered the parametrizations (so FSDP2 shards their originals, and gathers
-each one whole for its module's forward: every rank clusters the same gathered weight, so the
-centroids agree without any extra communication). What changes:
-
-* **Seeding** waits for the first training epoch (``on_train_epoch_start``), from the gathered
-  weights: at ``setup`` each rank holds its own unsharded initialisation, which FSDP2 does not
-  synchronise, so centroids seeded there could differ between ranks.
-* **Checkpoints** keep the model's own state dict (the DKM keys: originals, centroids, tau):
-  Lightning loads FSDP checkpoints, full and sharded, straight into the parametrized model with
-  ``torch.distributed.checkpoint`` before any callback hook could translate plain weights.
-* **Finalize** (:func:`~lightning_dkm.model.attach.finalize_sharded`) snaps every shard in place
-  and keeps the parametrizations in mode ``"dense"`` (FSDP2 owns what they hold). The plain
-  finalized model, the one finalize gives without FSDP, is rebuilt on rank 0 from a weightless
-  copy of the module taken at ``setup`` (:mod:`lightning_dkm.model.skeleton`) and the gathered
-  full state dict; the report, the artifact and the Core ML package come from it.
+"""What :class:`~lightning_dkm.DKMCallback` does differently under FSDP2 (``fully_shard`` in
+``configure_model`` under Lightning's ``ModelParallelStrategy``); ``docs/distributed.md`` says
+what and why. The callback itself seeds at the first training epoch (from the gathered weights)
+and leaves checkpoints the model's own state dict; this module holds the two steps with state:
+the weightless copy of the module taken at ``setup`` (:mod:`lightning_dkm.model.skeleton`), and
+finalize, which snaps every shard in place (:func:`~lightning_dkm.model.attach.finalize_sharded`,
+the parametrizations staying in mode ``"dense"``) and rebuilds the plain finalized model on rank
+0 from that copy and the gathered full state dict.
 """
 
 from __future__ import annotations
