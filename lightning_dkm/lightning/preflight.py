@@ -22,6 +22,7 @@ from shutil import disk_usage
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch import strategies
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
@@ -51,40 +52,30 @@ __all__ = [
 ]
 
 
-def _unsupported_strategies() -> list[tuple[type, str]]:
-    """``(strategy class, why)`` for the strategies DKM refuses; checked with ``isinstance`` so
-    that subclasses are refused too. DeepSpeed is optional in Lightning, hence the lookup."""
-    from lightning.pytorch import strategies
-
-    reasons = {
-        "FSDPStrategy": "FSDP1 flattens each wrapped module's weights into one sharded "
-        "FlatParameter, under which the DKM parametrizations are not tested (Lightning runs it "
-        "on CUDA only, and no GPU was available to test it). Use FSDP2 instead: "
-        "ModelParallelStrategy(data_parallel_size=N, tensor_parallel_size=1) with fully_shard "
-        "in configure_model (docs/distributed.md)",
-        "DeepSpeedStrategy": "DeepSpeed ZeRO partitions parameters and wraps the optimizer, "
-        "which the parametrizations are not yet adapted to. Use FSDP2 "
-        "(ModelParallelStrategy with tensor_parallel_size=1), 'ddp' or 'ddp_spawn'",
-    }
-    return [
-        (getattr(strategies, name), why)
-        for name, why in reasons.items()
-        if isinstance(getattr(strategies, name, None), type)
-    ]
+#: The strategies DKM refuses, by class name in ``lightning.pytorch.strategies``, and why.
+_REFUSED_STRATEGIES = {
+    "FSDPStrategy": "FSDP1 flattens each wrapped module's weights into one sharded "
+    "FlatParameter, under which the DKM parametrizations are not tested (Lightning runs it "
+    "on CUDA only, and no GPU was available to test it). Use FSDP2 instead: "
+    "ModelParallelStrategy(data_parallel_size=N, tensor_parallel_size=1) with fully_shard "
+    "in configure_model (docs/distributed.md)",
+    "DeepSpeedStrategy": "DeepSpeed ZeRO partitions parameters and wraps the optimizer, "
+    "which the parametrizations are not yet adapted to. Use FSDP2 "
+    "(ModelParallelStrategy with tensor_parallel_size=1), 'ddp' or 'ddp_spawn'",
+}
 
 
 def is_fully_sharded(trainer: pl.Trainer) -> bool:
     """Whether the Trainer runs FSDP2 (``ModelParallelStrategy``): the weights are sharded."""
-    from lightning.pytorch.strategies import ModelParallelStrategy
-
-    return isinstance(trainer.strategy, ModelParallelStrategy)
+    return isinstance(trainer.strategy, strategies.ModelParallelStrategy)
 
 
 def check_strategy(trainer: pl.Trainer) -> None:
     """Refuse FSDP1, DeepSpeed and tensor parallelism (and their subclasses); FSDP2 through
     ``ModelParallelStrategy`` with ``tensor_parallel_size=1`` is supported."""
-    for strategy_type, why in _unsupported_strategies():
-        if isinstance(trainer.strategy, strategy_type):
+    for name, why in _REFUSED_STRATEGIES.items():
+        refused = getattr(strategies, name, None)  # DeepSpeed is optional in Lightning
+        if isinstance(refused, type) and isinstance(trainer.strategy, refused):
             raise MisconfigurationException(
                 f"DKMCallback does not support {type(trainer.strategy).__name__}: {why}."
             )
