@@ -38,10 +38,9 @@ __all__ = [
     "check_export_widths",
     "check_exports",
     "check_fit",
-    "check_free_space",
     "check_fully_sharded_model",
     "check_limits",
-    "check_output_paths",
+    "check_outputs",
     "check_strategy",
     "check_writable_dir",
     "is_fully_sharded",
@@ -147,21 +146,6 @@ def output_paths(out_dir: Path, save_artifact: bool, exports: dict[str, bool]
     return paths
 
 
-def check_output_paths(out_dir: Path, label: str, save_artifact: bool,
-                       exports: dict[str, bool]) -> None:
-    """Nothing in the way of an output: each file fit end writes is absent or a file (a
-    package: absent or a directory), else a ``MisconfigurationException`` naming the path and
-    what it is."""
-    for path, what, package in output_paths(out_dir, save_artifact, exports):
-        if not path.exists() or (path.is_dir() if package else path.is_file()):
-            continue
-        expected = "a directory (a package)" if package else "a file"
-        raise MisconfigurationException(
-            f"DKMCallback: {label}: {path} is {describe_path(path)}, not {expected}; "
-            f"{what} is written there when fit ends. Move it away, or pass another save_dir"
-        )
-
-
 #: The free-space margin: the outputs may take up to this many times their estimated size.
 SPACE_MARGIN = 1.1
 #: Room for the report (JSON and Markdown) and the lock, beyond the estimate.
@@ -175,15 +159,24 @@ def model_fp32_bytes(module: torch.nn.Module) -> int:
     return sum(t.numel() * max(4, t.element_size()) for t in tensors)
 
 
-def check_free_space(out_dir: Path, label: str, pl_module: torch.nn.Module,
-                     save_artifact: bool, exports: dict[str, bool]) -> None:
-    """Room in ``out_dir`` for the outputs, estimated before training as
-    ``1.1 x outputs x fp32 bytes of the model + 1 MiB``: each output (the artifact, each
-    package) stores at most every tensor at 4 bytes per element (clustered ones far less), a new
-    output is written beside the one it replaces, and 1 MiB covers the report. Else a
-    ``MisconfigurationException`` with the numbers and the formula."""
-    outputs = [what for path, what, _ in output_paths(out_dir, save_artifact, exports)
-               if path.name not in (REPORT_JSON, REPORT_MARKDOWN)]
+def check_outputs(out_dir: Path, label: str, pl_module: torch.nn.Module,
+                  save_artifact: bool, exports: dict[str, bool]) -> None:
+    """Room in ``out_dir`` for what fit end writes, else a ``MisconfigurationException``:
+    nothing in the way of an output (each file absent or a file, a package absent or a
+    directory; naming the path and what it is), and free space, estimated before training as
+    ``1.1 x outputs x fp32 bytes of the model + 1 MiB`` (with the numbers and the formula): each
+    output (the artifact, each package) stores at most every tensor at 4 bytes per element
+    (clustered ones far less), a new output is written beside the one it replaces, and 1 MiB
+    covers the report."""
+    paths = output_paths(out_dir, save_artifact, exports)
+    for path, what, package in paths:
+        if path.exists() and not (path.is_dir() if package else path.is_file()):
+            expected = "a directory (a package)" if package else "a file"
+            raise MisconfigurationException(
+                f"DKMCallback: {label}: {path} is {describe_path(path)}, not {expected}; "
+                f"{what} is written there when fit ends. Move it away, or pass another save_dir"
+            )
+    outputs = [what for path, what, _ in paths if path.name not in (REPORT_JSON, REPORT_MARKDOWN)]
     fp32 = model_fp32_bytes(pl_module)
     needed = math.ceil(SPACE_MARGIN * len(outputs) * fp32) + SPACE_EXTRA
     free = disk_usage(out_dir).free
@@ -338,12 +331,8 @@ def check_fit(
         out_dir = resolve_save_dir(trainer, save_dir)
         label = save_dir_label(out_dir, explicit=save_dir is not None)
         check_writable_dir(out_dir, explicit=save_dir is not None)
-
-        def outputs_fit() -> None:
-            check_output_paths(out_dir, label, save_artifact, exports)
-            check_free_space(out_dir, label, pl_module, save_artifact, exports)
-
-        rank_zero_check(trainer, outputs_fit)
+        rank_zero_check(trainer, lambda: check_outputs(out_dir, label, pl_module, save_artifact,
+                                                       exports))
     check_exports(pl_module, exports)
     check_limits(trainer, temperature, start_epoch, hard_epoch, uses_temperature)
     return out_dir
