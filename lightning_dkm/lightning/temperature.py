@@ -211,7 +211,7 @@ class TemperatureConfig:
     """
 
     schedule: str | Callable[[int], float] = "exponential"
-    start: float | str = AUTO
+    start: float | str | None = AUTO
     end: float | str | None = AUTO
     interval: str = "step"
     start_entropy: float = DEFAULT_START_ENTROPY
