@@ -201,9 +201,8 @@ class StepSchedule(TemperatureSchedule):
         _check_num_units(self.num_units)
         if not is_int(self.step_size, 1):
             raise ValueError(f"step_size must be an int >= 1, got {self.step_size!r}")
-        if not (isinstance(self.gamma, (int, float)) and math.isfinite(self.gamma)) or not (
-            self.gamma > 0
-        ):
+        gamma = self.gamma
+        if not (isinstance(gamma, (int, float)) and math.isfinite(gamma) and gamma > 0):
             raise ValueError(f"gamma must be a finite number > 0, got {self.gamma!r}")
 
     def _tau(self, unit: int) -> float:
