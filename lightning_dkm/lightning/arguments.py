@@ -14,7 +14,6 @@ from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
 from ..engine.layout import ClusterSpec, is_int
-from ..engine.palette import lut_dtype_of
 from ..engine.parametrization import STEPS, check_gradient
 from ..model.bit_budget import ALL_WIDTHS, DEFAULT_BITS, check_budget
 from ..model.methods import (
@@ -162,7 +161,6 @@ def check_arguments(
     implementation: object,
     export_coreml: object,
     export_coreai: object,
-    lut_dtype: object,
 ) -> None:
     """The constructor's plain arguments: types and ranges; each ``overrides`` entry against
     ``spec`` (unknown keys, bad values) now rather than when ``setup`` selects the targets."""
@@ -179,4 +177,3 @@ def check_arguments(
             f"implementation must be 'auto' or one of {tuple(STEPS)}; got {implementation!r}")
     for name, value in (("export_coreml", export_coreml), ("export_coreai", export_coreai)):
         require(isinstance(value, bool), f"{name} must be True or False; got {value!r}")
-    lut_dtype_of(lut_dtype)

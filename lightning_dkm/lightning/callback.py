@@ -294,8 +294,9 @@ class DKMCallback(Callback):
             spec=self.spec, overrides=overrides, min_size=min_size, start_epoch=start_epoch,
             hard_epoch=hard_epoch, max_iter=max_iter, epsilon=epsilon,
             implementation=implementation, export_coreml=export_coreml,
-            export_coreai=export_coreai, lut_dtype=lut_dtype,
+            export_coreai=export_coreai,
         )
+        self.lut_dtype = lut_dtype_name(lut_dtype)  # checked; the canonical name: a primitive
         check_method_options(self.method, hard_epoch, gradient, implementation)
         self.min_size, self.start_epoch, self.hard_epoch = min_size, start_epoch, hard_epoch
         self.max_iter, self.epsilon, self.seed = max_iter, float(epsilon), int(seed)
@@ -305,7 +306,6 @@ class DKMCallback(Callback):
         self.save_dir, self.save_artifact = save_dir, save_artifact
         #: The exports asked for, by argument: ``{"export_coreml": bool, "export_coreai": bool}``.
         self.exports = {"export_coreml": export_coreml, "export_coreai": export_coreai}
-        self.lut_dtype = lut_dtype_name(lut_dtype)  # the canonical name: a primitive
         self.log_histograms, self.verbose = log_histograms, verbose
         self._names: list[str] = []
         self._timeline = DKMTimeline(self.temperature, self.method, start_epoch, hard_epoch)
