@@ -1,15 +1,11 @@
 """What :class:`~lightning_dkm.DKMCallback` checks against the Trainer before training.
 
-At ``setup("fit")``: the strategy (FSDP2 through ``ModelParallelStrategy`` is supported; FSDP1,
-DeepSpeed and tensor parallelism are refused), the output directory (resolved once, absolute,
-``~`` expanded, on every rank; created, writable; on rank 0: no directory or other non-file where
-an output goes, room for the outputs, and no other fit holding it, :mod:`.ownership`), the Core
-ML / Core AI exports (the converter imports, an ``example_input_array`` exists, one trial
-conversion of the dense model succeeds, and every tensor's width is one Core AI packs), and what
-``max_epochs`` / ``max_steps`` make of ``start_epoch``, ``hard_epoch`` and the temperature
-schedule. At ``on_train_start``, when the dataloaders are known: the number of soft units (steps
-or epochs) the schedule spans. Each problem is a ``MisconfigurationException`` or a warning that
-names the setting and the fix, raised before the first step rather than at the end of fit.
+At ``setup("fit")`` (:func:`check_fit`): the strategy, the output directory, the Core ML / Core
+AI exports and what ``max_epochs`` / ``max_steps`` make of ``start_epoch``, ``hard_epoch`` and
+the temperature schedule; at ``on_train_start``, when the dataloaders are known, the number of
+soft units the schedule spans (:func:`soft_units`). Each problem is a
+``MisconfigurationException`` or a warning that names the setting and the fix, raised before
+the first step rather than at the end of fit.
 """
 
 from __future__ import annotations
