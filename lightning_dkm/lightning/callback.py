@@ -287,7 +287,6 @@ class DKMCallback(Callback):
                                 per_channel_scale=per_channel_scale)
         self.targets = pattern_list("targets", targets)
         self.exclude = pattern_list("exclude", exclude)
-        self.overrides = dict(overrides or {})
         #: The validated temperature (a :class:`~.temperature.TemperatureConfig`).
         self.temperature: TemperatureConfig = parse_temperature(temperature)
         check_arguments(
@@ -296,6 +295,7 @@ class DKMCallback(Callback):
             implementation=implementation, export_coreml=export_coreml,
             export_coreai=export_coreai,
         )
+        self.overrides = dict(overrides or {})  # each entry checked by check_arguments
         self.lut_dtype = lut_dtype_name(lut_dtype)  # checked; the canonical name: a primitive
         check_method_options(self.method, hard_epoch, gradient, implementation)
         self.min_size, self.start_epoch, self.hard_epoch = min_size, start_epoch, hard_epoch
