@@ -142,6 +142,13 @@ def test_bad_temperatures_fail_at_construction_naming_the_value(temperature, mes
         DKMCallback(temperature=temperature)
 
 
+def test_a_config_is_checked_when_it_is_built_not_only_when_parsed():
+    with pytest.raises(ValueError, match=r"interval must be one of \('step', 'epoch'\)"):
+        TemperatureConfig(interval="batch")
+    with pytest.raises(ValueError, match=r"calling it with unit 0 failed"):
+        TemperatureConfig(schedule=lambda unit: -1.0, start=None, end=None)
+
+
 def test_auto_is_the_default_and_parses_from_a_string():
     assert DKMCallback().temperature == TemperatureConfig()
     assert DKMCallback(temperature="auto").temperature == TemperatureConfig()
