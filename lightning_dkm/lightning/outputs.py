@@ -143,8 +143,7 @@ class DKMResults:
         #: The widths ``average_bits`` chose (a :class:`~lightning_dkm.model.bit_budget.
         #: BitAllocation`), recorded in the report; ``None`` without ``average_bits``.
         self.bit_allocation: BitAllocation | None = None
-        # ddp_spawn runs fit in worker processes that receive a pickled copy of the callback;
-        # rank 0 leaves its results in this file for the copy in the launching process.
+        # Where rank 0 of a ddp_spawn fit leaves its results for this process (:mod:`.handoff`).
         self._launcher_pid = os.getpid()
         self._handoff_path = Path(tempfile.gettempdir()) / (
             f"lightning_dkm-{self._launcher_pid}-{uuid.uuid4().hex}.pt"
@@ -258,8 +257,7 @@ class DKMResults:
             rank_zero_info(f"DKM outputs written to {', '.join(str(p) for p in paths.values())}")
 
     def _publish(self, paths: dict[str, Path]) -> None:
-        """Make ``paths`` the results (and, in a ``ddp_spawn`` worker, hand them to the process
-        that called fit: it holds another copy of this callback and gets only the weights)."""
+        """Make ``paths`` the results (and, in a ``ddp_spawn`` worker, hand them off)."""
         self._output_paths = dict(paths)
         if os.getpid() != self._launcher_pid:
             write_handoff(self._handoff_path, paths, self._palettes, self._stats)
