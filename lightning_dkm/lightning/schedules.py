@@ -120,7 +120,8 @@ class _AnnealedSchedule(TemperatureSchedule):
     """Base for schedules that interpolate ``start -> end`` over ``num_units`` units.
 
     The interpolation variable is ``s = min(t, T - 1) / (T - 1)`` in ``[0, 1]`` (``s = 0`` when
-    ``T == 1``, so a one-unit run uses ``start``); units past the last hold ``end``.
+    ``T == 1``, so a one-unit run uses ``start``); at ``s = 1`` tau is ``end`` exactly, and
+    units past the last hold it.
     """
 
     start: float
@@ -137,19 +138,23 @@ class _AnnealedSchedule(TemperatureSchedule):
                 "'constant' or 'step' schedule"
             )
 
-    def _fraction(self, unit: int) -> float:
+    def _tau(self, unit: int) -> float:
         assert self.num_units is not None  # guaranteed by __post_init__
         last = self.num_units - 1
-        return 0.0 if last == 0 else min(unit, last) / last
+        s = 0.0 if last == 0 else min(unit, last) / last
+        return float(self.end) if s == 1.0 else self._between(s)
+
+    @abstractmethod
+    def _between(self, s: float) -> float:
+        """Tau at the fraction ``s`` in ``[0, 1)`` of the way from ``start`` to ``end``."""
 
 
 @dataclass(frozen=True)
 class LinearSchedule(_AnnealedSchedule):
     """``tau(t) = start + (end - start) * s`` with ``s = t / (T - 1)``: equal steps in tau."""
 
-    def _tau(self, unit: int) -> float:
-        s = self._fraction(unit)
-        return float(self.end) if s == 1.0 else self.start + (self.end - self.start) * s
+    def _between(self, s: float) -> float:
+        return self.start + (self.end - self.start) * s
 
 
 @dataclass(frozen=True)
@@ -160,10 +165,7 @@ class ExponentialSchedule(_AnnealedSchedule):
     by the same factor every unit. Evaluated in log space for accuracy.
     """
 
-    def _tau(self, unit: int) -> float:
-        s = self._fraction(unit)
-        if s == 1.0:
-            return float(self.end)
+    def _between(self, s: float) -> float:
         return math.exp(math.log(self.start) + (math.log(self.end) - math.log(self.start)) * s)
 
 
@@ -174,8 +176,7 @@ class CosineSchedule(_AnnealedSchedule):
     Flat near both ends: stays soft for longer at the start and settles gently onto ``end``.
     """
 
-    def _tau(self, unit: int) -> float:
-        s = self._fraction(unit)
+    def _between(self, s: float) -> float:
         return self.end + (self.start - self.end) * (1.0 + math.cos(math.pi * s)) / 2.0
 
 
