@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import warnings
 
 import pytest
@@ -305,3 +306,17 @@ def test_dotted_names_stay_exact_and_globs_stay_whole_name_matches() -> None:
     ]
     # a glob is not a bare name: "q_pro?" must match the whole qualified name, so only the top one
     assert names(select_targets(model, targets="q_pro?", min_size=0)) == ["q_proj.weight"]
+
+
+@pytest.mark.parametrize("overrides", ["classifier", ["classifier"], 4])
+def test_overrides_that_are_not_a_mapping_error_naming_the_value_and_the_form(overrides) -> None:
+    with pytest.raises(ValueError, match=r"overrides must be a mapping pattern -> "
+                                         r"\{key: value\}.*; got " + re.escape(repr(overrides))):
+        select_targets(Net(), overrides=overrides, min_size=0)
+
+
+def test_the_callback_refuses_overrides_that_are_not_a_mapping_at_construction() -> None:
+    from lightning_dkm import DKMCallback
+
+    with pytest.raises(ValueError, match=r"overrides must be a mapping.*got 'classifier'"):
+        DKMCallback(overrides="classifier")

@@ -149,6 +149,11 @@ def override_specs(spec: ClusterSpec, overrides: Mapping[str, Any] | None
                    ) -> dict[str, ClusterSpec]:
     """Each ``overrides`` pattern's :class:`ClusterSpec`: ``spec`` with the fields it sets
     replaced; a pattern, key or value that does not fit is a ``ValueError`` naming it."""
+    if overrides is not None and not isinstance(overrides, Mapping):
+        raise ValueError(
+            f"overrides must be a mapping pattern -> {{key: value}} with keys from {_SPEC_KEYS}, "
+            f"e.g. {{'classifier': {{'bits': 8}}}}; got {overrides!r}"
+        )
     overrides = dict(overrides or {})
     pattern_list("overrides keys", list(overrides))
     return {p: _spec_with_override(spec, p, o) for p, o in overrides.items()}
