@@ -105,10 +105,10 @@ class DKMCallback(Callback):
             chosen at ``setup`` from the weights as they are then (also with ``start_epoch >
             0``), on rank 0 and broadcast; they are logged (TensorBoard text
             ``dkm/bit_allocation``, the report's ``bit_allocation``), saved in checkpoints and
-            kept on resume. Not under FSDP2. Off by default: in the accuracy study it beats
-            uniform widths at fewer bytes on the char-LM and only ties them on MiniLM, where it
-            chooses uniform widths (``docs/results.md``). Default ``None``: every tensor at
-            ``bits``.
+            kept on resume. Not under FSDP2. In the accuracy study it beats uniform widths at
+            fewer bytes at budget 2 on the char-LM and MiniLM's whole encoder, and ties or beats
+            them at 3; off by default because it needs the loss's double backward and is not
+            built for FSDP2 (``docs/results.md``). Default ``None``: every tensor at ``bits``.
         allowed_bits: the widths ``average_bits`` may choose. Default ``None``: 1..8, or with
             ``export_coreai=True`` the widths Core AI packs, 1, 2, 4, 6, 8.
         cluster_dim: length of the clustered vectors along the input-channel axis (1..8). An
