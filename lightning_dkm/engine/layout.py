@@ -44,6 +44,12 @@ def is_int(value: object, minimum: int | None = None) -> bool:
             and (minimum is None or value >= minimum))
 
 
+def is_number(value: object) -> bool:
+    """Whether ``value`` is an ``int`` or a ``float`` and not a ``bool`` (what every real-valued
+    field takes; its range is the caller's check)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 @dataclass(frozen=True)
 class ClusterSpec:
     """How one tensor is clustered.

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..engine.layout import is_number
 from ..model.targets import CONV, CONV_TRANSPOSE, clusterable_parameters
 
 __all__ = [
@@ -54,8 +55,7 @@ _PJ_TO_UJ = 1e-6
 
 
 def _check_energy(name: str, value: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0 \
-            or not math.isfinite(value):
+    if not is_number(value) or not 0 <= value < math.inf:
         raise ValueError(f"{name} must be a finite number >= 0 (pJ); got {value!r}")
     return float(value)
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
-from ..engine.layout import ClusterSpec, is_int
+from ..engine.layout import ClusterSpec, is_int, is_number
 from ..engine.parametrization import STEPS, check_gradient
 from ..model.bit_budget import ALL_WIDTHS, DEFAULT_BITS, check_budget
 from ..model.methods import (
@@ -171,8 +171,7 @@ def check_arguments(
             f"hard_epoch must be None or an int >= start_epoch ({start_epoch}); got "
             f"{hard_epoch!r}")
     require(is_int(max_iter, 1), f"max_iter must be an int >= 1; got {max_iter!r}")
-    require(isinstance(epsilon, (int, float)) and not isinstance(epsilon, bool)
-            and epsilon >= 0, f"epsilon must be a number >= 0; got {epsilon!r}")
+    require(is_number(epsilon) and epsilon >= 0, f"epsilon must be a number >= 0; got {epsilon!r}")
     require(implementation == "auto" or implementation in STEPS,
             f"implementation must be 'auto' or one of {tuple(STEPS)}; got {implementation!r}")
     for name, value in (("export_coreml", export_coreml), ("export_coreai", export_coreai)):

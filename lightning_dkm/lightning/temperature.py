@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from ..engine.kmeans import sq_distances
+from ..engine.layout import is_number
 from ..engine.numerics import normalization_of
 from .schedules import (
     ANNEALED_SCHEDULES,
@@ -171,10 +172,6 @@ class TemperatureMapping(TypedDict, total=False):
 _KEYS = tuple(TemperatureMapping.__annotations__)
 
 
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 def _is_custom(schedule: object) -> bool:
     """Whether ``schedule`` is a custom callable (an import path or an object): no bounds."""
     return is_import_path(schedule) or callable(schedule)
@@ -232,7 +229,7 @@ class TemperatureConfig:
             return value
         if callable(value):
             return cls(schedule=value, start=None, end=None)
-        if _is_number(value):
+        if is_number(value):
             return cls(schedule="constant", start=float(value), end=None)
         if not isinstance(value, Mapping):
             raise ValueError(
@@ -289,7 +286,7 @@ class TemperatureConfig:
                         f"cosine schedule; got schedule={self.schedule!r} (give numbers)"
                     )
                 continue
-            if not _is_number(value) or not (math.isfinite(value) and value > 0):
+            if not is_number(value) or not (math.isfinite(value) and value > 0):
                 raise ValueError(
                     f"temperature.{key} must be 'auto' or a finite number > 0 (tau in units of "
                     f"the weight variance); got {value!r}"
@@ -302,12 +299,12 @@ class TemperatureConfig:
             raise ValueError(
                 f"temperature.interval must be one of {INTERVALS}; got {self.interval!r}"
             )
-        if not _is_number(self.start_entropy) or not 0 < self.start_entropy < 1:
+        if not is_number(self.start_entropy) or not 0 < self.start_entropy < 1:
             raise ValueError(
                 "temperature.start_entropy must be a fraction of log2 k in (0, 1); got "
                 f"{self.start_entropy!r}"
             )
-        if not _is_number(self.end_entropy) or not self.end_entropy > 0:
+        if not is_number(self.end_entropy) or not self.end_entropy > 0:
             raise ValueError(
                 f"temperature.end_entropy must be a number of bits > 0; got {self.end_entropy!r}"
             )

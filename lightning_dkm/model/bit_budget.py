@@ -58,7 +58,7 @@ import torch
 from torch import Tensor
 
 from ..engine.kmeans import kmeans, palette_unit
-from ..engine.layout import MAX_BITS, PaletteLayout
+from ..engine.layout import MAX_BITS, PaletteLayout, is_int, is_number
 from ..engine.palette import LutDtype, lut_dtype_name, stored_bytes
 from ..engine.parametrization import stable_seed
 from .targets import Target
@@ -106,8 +106,7 @@ def check_average_bits(average_bits: object) -> float | None:
     """``average_bits`` as a float (``None`` stays ``None``): a finite number in [1, 8]."""
     if average_bits is None:
         return None
-    if (isinstance(average_bits, bool) or not isinstance(average_bits, (int, float))
-            or not math.isfinite(average_bits) or not 1 <= average_bits <= MAX_BITS):
+    if not is_number(average_bits) or not 1 <= average_bits <= MAX_BITS:
         raise ValueError(
             f"average_bits must be None (one width for every tensor: bits) or a number in "
             f"[1, {MAX_BITS}] (the budget: the clustered bytes of every tensor at that many "
@@ -141,8 +140,7 @@ def check_widths(widths: Iterable[int] | None, default: Sequence[int] = ALL_WIDT
     if widths is None:
         return tuple(sorted(default))
     out = list(widths) if not isinstance(widths, (str, bytes)) else [widths]
-    bad = [w for w in out if isinstance(w, bool) or not isinstance(w, int)
-           or not 1 <= w <= MAX_BITS]
+    bad = [w for w in out if not is_int(w, 1) or w > MAX_BITS]
     if not out or bad:
         raise ValueError(f"allowed_bits must be a non-empty list of ints in 1..{MAX_BITS}; got "
                          f"{widths!r}")

@@ -87,7 +87,7 @@ import torch
 from torch import Tensor
 
 from ..engine.kmeans import kmeans_centroids, lloyd, member_means, nearest_centroid
-from ..engine.layout import is_int
+from ..engine.layout import is_int, is_number
 from ..engine.sharding import shard_like
 
 if TYPE_CHECKING:
@@ -237,8 +237,7 @@ class DeepKMeansMethod(ClusteringMethod):
         regularization: float = DEFAULT_REGULARIZATION,
         refresh_every: int = DEFAULT_REFRESH_EVERY,
     ) -> None:
-        if (isinstance(regularization, bool) or not isinstance(regularization, (int, float))
-                or not 0 < regularization < math.inf):
+        if not is_number(regularization) or not 0 < regularization < math.inf:
             raise ValueError(f"regularization must be a finite number > 0; got {regularization!r}")
         if not is_int(refresh_every, 1):
             raise ValueError(f"refresh_every must be an int >= 1; got {refresh_every!r}")

@@ -40,7 +40,7 @@ import torch
 from torch import Tensor, nn
 
 from ..engine.kmeans import kmeans, kmeans_scalars
-from ..engine.layout import ClusterSpec, PaletteLayout
+from ..engine.layout import ClusterSpec, PaletteLayout, is_int
 from ..engine.palette import Palette
 from ..engine.parametrization import stable_seed
 from .bit_budget import (
@@ -492,7 +492,7 @@ def _named_weights(model: nn.Module, names: Iterable[str] | str) -> dict[str, nn
 
 
 def _check_num_batches(label: str, value: object) -> None:
-    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+    if value is not None and not is_int(value, 1):
         raise ValueError(f"{label} must be None (all batches) or an int >= 1; got {value!r}")
 
 
