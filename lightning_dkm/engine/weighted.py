@@ -327,16 +327,6 @@ def _local(points: _Points, step: _Round, G: Tensor, per_copy: bool,
     return local, to_c.mul_(two_over_tau)
 
 
-def _output_gradient(points: _Points, step: _Round, G: Tensor,
-                     inv_tau: Tensor | float) -> Tensor:
-    r""":math:`U_j = \sum_u A_{uj} G_u` on the final centroids (P, k, d)."""
-    U = torch.zeros_like(step.c)
-    for s in points.parts():
-        U.baddbmm_(step.attention(points, s, inv_tau),
-                   G[:, :, s].transpose(1, 2))
-    return U
-
-
 def weighted_dkm_gradient(xt: Tensor, counts: Tensor | None, trajectory: Trajectory,
                           G: Tensor, inv_tau: Tensor | float, *, chunk: int = DEFAULT_CHUNK,
                           implicit: bool = False, check_errors: bool = True,
@@ -354,7 +344,9 @@ def weighted_dkm_gradient(xt: Tensor, counts: Tensor | None, trajectory: Traject
     points = _Points(xt, counts, chunk, centroid_mask)
     two_over_tau = 2.0 * inv_tau
     final = _Round(trajectory, trajectory.round(0))
-    U = _output_gradient(points, final, G, inv_tau)
+    U = torch.zeros_like(final.c)  # U_j = sum_u A_uj G_u on the final centroids
+    for s in points.parts():
+        U.baddbmm_(final.attention(points, s, inv_tau), G[:, :, s].transpose(1, 2))
     per_copy = counts is not None
     if per_copy and xt.shape[1] != 1:
         raise ValueError(f"weighted points must be scalars; got d={xt.shape[1]}")
@@ -402,7 +394,10 @@ def _adjoint(points: _Points, step: _Round, r: Tensor,
         M += torch.einsum("pjam,plbm->pjalb", to_new, to_old * a.unsqueeze(2))
     per_palette = two_over_tau.reshape(-1, 1) if isinstance(two_over_tau, Tensor) else two_over_tau
     scale = (per_palette / step.mass.squeeze(-1)).reshape(P, k, 1, 1, 1)
-    J = ((_block_diagonal(D) - M) * scale).reshape(P, k * d, k * d)
+    # D_j on the diagonal blocks (j, j) of the (P, k, d, k, d) matrix, 0 elsewhere
+    block_diagonal = D.unsqueeze(3) * torch.eye(k, dtype=D.dtype, device=D.device).reshape(
+        1, k, 1, k, 1)
+    J = ((block_diagonal - M) * scale).reshape(P, k * d, k * d)
     eye = torch.eye(k * d, dtype=J.dtype, device=J.device)
     dead = (~step.live).expand(P, k, d).reshape(P, k * d)
     system = torch.where(dead.unsqueeze(1) | dead.unsqueeze(2), eye, eye - J.transpose(1, 2))
@@ -412,15 +407,6 @@ def _adjoint(points: _Points, step: _Round, r: Tensor,
     else:
         solution = torch.linalg.solve_ex(system, rhs, check_errors=False)[0]
     return solution.reshape(P, k, d)
-
-
-def _block_diagonal(D: Tensor) -> Tensor:
-    """(P, k, d, d) blocks -> (P, k, d, k, d) with block (j, j) = D_j and 0 elsewhere."""
-    P, k, d, _ = D.shape
-    out = D.new_zeros(P, k, d, k, d)
-    idx = torch.arange(k, device=D.device)
-    out[:, idx, :, idx, :] = D.permute(1, 0, 2, 3)
-    return out
 
 
 Gradient = Literal["unrolled", "implicit"]
