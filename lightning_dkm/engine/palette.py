@@ -161,17 +161,11 @@ class Palette:
         weight = self.layout.from_palettes(self.vectors().to(compute), self.scale.to(compute))
         return weight.to(dtype)
 
-    def differing_elements(self, weight: Tensor) -> int:
-        """How many elements of ``weight`` this palette does not reproduce bit for bit (0: it
-        does)."""
-        rebuilt = self.weight(weight.dtype).to(weight.device)
-        return int((rebuilt != weight).sum())
-
     def check_reproduces(self, weight: Tensor, name: str, remedy: str) -> None:
         """Raise a ``ValueError`` naming ``name``, how many elements differ and ``remedy``
         unless this palette reproduces ``weight`` bit for bit: the one "changed after
         finalize" error of every reader of palettes."""
-        differ = self.differing_elements(weight)
+        differ = int((self.weight(weight.dtype).to(weight.device) != weight).sum())
         if differ:
             raise ValueError(
                 f"{name}: the weight no longer matches the palette ({differ} of "
@@ -228,7 +222,8 @@ class Palette:
             return (f"every centroid lies below float16's normal range (|value| < "
                     f"{FLOAT16_TINY:.2g}; the largest is {peak:g}); stored in float16 they "
                     "would lose their precision or become 0")
-        if not self._scale_fits_float16():
+        scale = None if self.scale is None else self.scale.detach().float()
+        if scale is not None and not torch.equal(scale.half().float(), scale):
             return ("a per-channel scale is not exactly a float16 number (below float16's "
                     "normal range)")
         return None
@@ -244,13 +239,6 @@ class Palette:
         if lut_dtype == torch.float16 and self.float16_problem() is not None:
             return torch.float32
         return lut_dtype
-
-    def _scale_fits_float16(self) -> bool:
-        """Whether float16 holds every per-channel scale exactly (true without scales)."""
-        if self.scale is None:
-            return True
-        scale = self.scale.detach().float()
-        return bool(torch.equal(scale.half().float(), scale))
 
     def lut_bytes(self, lut_dtype: LutDtype | None = None) -> int:
         """Bytes of the ``P`` LUTs of ``k x d`` entries stored as ``lut_dtype`` (default: the
