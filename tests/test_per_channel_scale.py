@@ -87,6 +87,17 @@ def test_a_palette_needs_its_scales_exactly_when_the_spec_has_them() -> None:
         Palette(lut, indices, plain, scale=torch.ones(4))
 
 
+
+def test_a_scale_that_float16_cannot_hold_keeps_the_palette_in_float32() -> None:
+    layout = PaletteLayout((4, 8), ClusterSpec(bits=1, per_channel_scale=True), name="fc.weight")
+    lut, indices = torch.tensor([-1.0, 1.0]).reshape(1, 2, 1), torch.zeros(1, 32, dtype=torch.long)
+    exact = Palette(lut, indices, layout, scale=torch.tensor([0.5, 0.25, 2.0, 1.0]))
+    assert exact.float16_problem() is None
+    assert exact.stored_lut_dtype("float16") == torch.float16
+    subnormal = Palette(lut, indices, layout, scale=torch.tensor([0.5, 1e-7, 2.0, 1.0]))
+    assert "per-channel scale is not exactly a float16 number" in subnormal.float16_problem()
+    assert subnormal.stored_lut_dtype("float16") == torch.float32
+
 # -- post-training k-means ----------------------------------------------------------------------
 def test_palettize_clusters_every_layer_kind_per_channel_and_stores_the_scales() -> None:
     model = with_channel_magnitudes(EveryLayer())
