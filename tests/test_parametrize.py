@@ -88,6 +88,18 @@ def test_bad_constructor_arguments_are_rejected_naming_them() -> None:
         DKMParametrization(layout, temperature=0)
     with pytest.raises(ValueError, match=r"fc\.weight: mode must be one of .* got 'fast'"):
         DKMParametrization(layout, mode="fast")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"chunk must be an int >= 1; got 0"):
+        DKMParametrization(layout, chunk=0)
+    with pytest.raises(ValueError, match=r"implementation must be 'auto' or one of \('reference', "
+                       r"'chunked', 'unique'\); got 'fast'"):
+        DKMParametrization(layout, implementation="fast")  # type: ignore[arg-type]
+    vectors = PaletteLayout((8, 16), ClusterSpec(bits=2, cluster_dim=2), name="fc.weight")
+    with pytest.raises(ValueError, match=r"fc\.weight: implementation='unique' needs cluster_dim "
+                       r"1; got 2 \(use 'chunked'\)"):
+        DKMParametrization(vectors, implementation="unique")
+    with pytest.raises(ValueError, match=r"fc\.weight: gradient='implicit' .* got "
+                       r"implementation='reference'"):
+        DKMParametrization(layout, implementation="reference", gradient="implicit")
 
 
 # -- modes ---------------------------------------------------------------------------------------

@@ -45,8 +45,9 @@ from .numerics import (
     DKMOutput,
     autocast_disabled,
     check_step_arguments,
+    chunks,
     hard_assign,
-    normalization_of,
+    normalized_problem,
 )
 from .palette import Palette
 from .reference import dkm_cluster, soft_assignment
@@ -122,7 +123,18 @@ def resolve_implementation(
     for scalar clustering of >= ``AUTO_UNIQUE_MIN_WEIGHTS`` weights per palette, else
     ``"reference"`` while the attention is small, else ``"chunked"``. The implicit gradient
     is the weighted core's, so with ``gradient="implicit"`` ``"auto"`` never picks the
-    plain-autograd ``"reference"`` (``"chunked"`` instead)."""
+    plain-autograd ``"reference"`` (``"chunked"`` instead).
+
+    Raises:
+        ValueError: ``implementation`` is not ``"auto"`` or one of :data:`STEPS`, ``"unique"``
+            on vectors (``cluster_dim > 1``), or ``gradient`` refused by :func:`check_gradient`.
+    """
+    if implementation != "auto" and implementation not in STEPS:
+        raise ValueError(
+            f"implementation must be 'auto' or one of {tuple(STEPS)}; got {implementation!r}")
+    if implementation == "unique" and layout.spec.cluster_dim != 1:
+        raise ValueError(f"{layout.name}: implementation='unique' needs cluster_dim 1; got "
+                         f"{layout.spec.cluster_dim} (use 'chunked')")
     check_gradient(gradient, implementation, layout.name)
     if implementation != "auto":
         return implementation
@@ -186,8 +198,7 @@ class DKMParametrization(nn.Module):
         chunk: weights per chunk for ``"chunked"``.
         gradient: ``"unrolled"`` (default: through every iteration) or ``"implicit"`` (IDKM: at
             the iterations' fixed point, work and memory independent of ``max_iter``; computed
-            by the ``"unique"`` step, see
-            :func:`~lightning_dkm.engine.distinct.unique_dkm_cluster`).
+            by the weighted core, :mod:`.weighted`, so not by ``"reference"``).
         mode: ``"soft"``, ``"hard"`` or ``"dense"`` (module docstring).
 
     The centroids are set by :meth:`initialize` (or by loading a state dict that holds them);
@@ -217,18 +228,8 @@ class DKMParametrization(nn.Module):
         self.max_iter = max_iter
         self.epsilon = float(epsilon)
         self.seed = int(seed)
-        if implementation != "auto" and implementation not in STEPS:
-            raise ValueError(
-                f"implementation must be 'auto' or one of {tuple(STEPS)}; got "
-                f"{implementation!r}"
-            )
         if not isinstance(chunk, int) or chunk < 1:
             raise ValueError(f"chunk must be an int >= 1; got {chunk!r}")
-        if implementation == "unique" and layout.spec.cluster_dim != 1:
-            raise ValueError(
-                f"{layout.name}: implementation='unique' needs cluster_dim 1; got "
-                f"{layout.spec.cluster_dim} (use 'chunked')"
-            )
         self.implementation = implementation
         self.gradient = gradient
         self.step_implementation = resolve_implementation(implementation, layout, gradient)
@@ -393,11 +394,6 @@ class DKMParametrization(nn.Module):
         with autocast_disabled(weight.device.type):
             return self._clustered(weight)
 
-    @property
-    def config(self) -> StepConfig:
-        """The step's settings, as the attributes hold them now."""
-        return StepConfig(self.max_iter, self.epsilon, self.gradient, self.chunk)
-
     def _clustered(self, weight: Tensor) -> Tensor:
         """The soft (training) or snapped weight of an initialised parametrization: the step
         (:attr:`pass_step` inside a clustering pass) on the layout's step view, read back; in
@@ -416,7 +412,8 @@ class DKMParametrization(nn.Module):
             step = self.step if self.pass_step is None else self.pass_step
             # a window's graph is kept to its last backward, past this micro-batch's hooks
             with contextlib.nullcontext() if window is None else outside_saved_tensor_hooks():
-                result = step(x, start, self.temperature, self.config)
+                config = StepConfig(self.max_iter, self.epsilon, self.gradient, self.chunk)
+                result = step(x, start, self.temperature, config)
                 soft_weight = self.layout.from_step_view(result.weights, self.scale)
             if not replay:
                 self.keep_centroids(result.centroids)
@@ -450,14 +447,12 @@ class DKMParametrization(nn.Module):
     ) -> Iterator[Tensor]:
         """The current soft assignments (P, rows, k), a chunk of rows at a time, without
         gradient: for metrics such as assignment entropy on tensors of any size."""
-        x = self.to_palettes(weight.detach()).float()
-        norm = normalization_of(x)
-        xt = ((x - norm.center) / norm.scale).transpose(1, 2)
-        cn = (self.centroids.float() - norm.center) / norm.scale
-        for start in range(0, xt.shape[2], chunk_rows):
-            chunk = xt[:, :, start : start + chunk_rows]
-            with autocast_disabled(chunk.device.type):
-                assignment = soft_assignment(chunk, cn, self.temperature)
+        problem = normalized_problem(self.to_palettes(weight.detach()).float(), self.centroids,
+                                     self.temperature, self.max_iter, self.epsilon, None)
+        xt = problem.x.transpose(1, 2)
+        for part in chunks(xt.shape[2], chunk_rows):
+            with autocast_disabled(xt.device.type):
+                assignment = soft_assignment(xt[:, :, part], problem.centroids, self.temperature)
             yield assignment.transpose(1, 2)
 
     @torch.no_grad()
