@@ -138,14 +138,6 @@ class _WindowEnd(torch.autograd.Function):
         return (grad if earlier is None else grad + earlier.to(grad.dtype)), None
 
 
-def _ranks_synchronised() -> bool:
-    """Whether several processes train together (DDP synchronises their gradients in the
-    backward, so a gradient produced after it stays on its rank)."""
-    distributed = torch.distributed
-    return (distributed.is_available() and distributed.is_initialized()
-            and distributed.get_world_size() > 1)
-
-
 class AccumulationWindow:
     """The soft windows of a model's parametrizations over one optimizer step: opened at the
     window's first micro-batch, told before each micro-batch whether it is the last
@@ -168,7 +160,9 @@ class AccumulationWindow:
                    and (w := p.window.pending()) is not None]
         if not pending:
             return
-        if _ranks_synchronised():
+        distributed = torch.distributed  # several ranks: DDP synchronised their gradients
+        if (distributed.is_available() and distributed.is_initialized()
+                and distributed.get_world_size() > 1):
             names = ", ".join(name for name, _ in pending)
             warnings.warn(
                 f"DKM: the last micro-batch of this accumulation window did not read {names}; "
