@@ -293,20 +293,14 @@ class PaletteLayout:
     def step_view(self, weight: Tensor, scale: Tensor | None = None) -> Tensor:
         """``weight`` as a DKM step's input ``(P, n, d)``: :meth:`to_palettes`, or where the
         layout is :attr:`order_free` a flat view (no permuted copy)."""
-        if not self.order_free:
-            return self.to_palettes(weight, scale)
         if scale is not None:
             weight = weight / self.broadcast_scale(scale.to(weight))
-        return weight.reshape(1, -1, 1)
+        return weight.reshape(1, -1, 1) if self.order_free else self.to_palettes(weight)
 
     def from_step_view(self, x: Tensor, scale: Tensor | None = None) -> Tensor:
         """The inverse of :meth:`step_view`: a step's output in the weight's shape and units."""
-        if not self.order_free:
-            return self.from_palettes(x, scale)
-        x = x.reshape(self.shape)
-        if scale is not None:
-            x = x * self.broadcast_scale(scale.to(x))
-        return x
+        x = x.reshape(self.shape) if self.order_free else self.from_palettes(x)
+        return x if scale is None else x * self.broadcast_scale(scale.to(x))
 
     def from_palettes(self, x: Tensor, scale: Tensor | None = None) -> Tensor:
         """``(P, n, d)`` -> a tensor of ``shape``, each channel multiplied by ``scale`` when
