@@ -73,12 +73,9 @@ def chunked_dkm_cluster(
     chunk: int = DEFAULT_CHUNK,
     gradient: str = "unrolled",
 ) -> DKMOutput:
-    """Drop-in for :func:`~lightning_dkm.engine.reference.dkm_cluster` (same arguments, same
-    forward values and iteration count, the same gradient up to float rounding) with the
-    core's analytic backward and ``O(k * chunk)`` extra memory. The attention matrix is not
-    returned: ``attention`` in the result is an empty tensor. ``gradient="implicit"``: IDKM's
-    fixed-point gradient (:mod:`.weighted`). Runs in at least float32 with autocast off;
-    ``epsilon`` is decided as in the reference step."""
+    """Drop-in for :func:`~lightning_dkm.engine.reference.dkm_cluster` (same arguments, values
+    and iteration count) with the core's analytic backward in ``O(k * chunk)`` extra memory
+    (module docstring); ``attention`` in the result is an empty tensor."""
     if not isinstance(chunk, int) or chunk < 1:
         raise ValueError(f"chunk must be an int >= 1; got {chunk!r}")
     check_gradient_name(gradient)

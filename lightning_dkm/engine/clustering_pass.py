@@ -35,11 +35,7 @@ the float16 codes of a ``"unique"`` step between the forward and the backward, b
 them again in the backward (:mod:`.rebuild`). Weights with ``per_channel_scale`` or several
 palettes keep theirs (their step input is a copy, not a view of the weight).
 
-**Who calls whom.** The pass hands each parametrization a step (:attr:`~.parametrization.
-DKMParametrization.pass_step`, the one step signature) that returns its result: computed in
-the batch on the first read, or by its own step with the pass's ``rebuild``. The parametrization
-keeps the centroids and reads the result back; a batched result that no forward read has its
-centroids kept when the pass closes.
+**Who calls whom**: the step-flow table of ``docs/architecture.md`` ("How one step flows").
 """
 
 from __future__ import annotations

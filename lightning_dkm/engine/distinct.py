@@ -312,13 +312,8 @@ def unique_dkm_cluster(
 
     Same arguments and outputs as :func:`~.reference.dkm_cluster` (``attention`` is an empty
     tensor); values and gradients are those of DKM on the rounded weights (module docstring).
-
-    ``gradient="unrolled"`` differentiates through every iteration; ``"implicit"`` (IDKM,
-    arXiv 2312.07759) differentiates at the fixed point the iterations approach: the last
-    iteration's map, with the adjoint equation :math:`w = r + J^T w` solved exactly (``J`` is
-    ``k x k``), so the backward's work and memory do not depend on ``max_iter`` (run as many
-    iterations as convergence needs). It equals the unrolled gradient in the limit of many
-    iterations (tested), and differs from it after few.
+    ``gradient``: ``"unrolled"`` (through every iteration) or ``"implicit"`` (IDKM, at the
+    fixed point, with work and memory independent of ``max_iter``: :mod:`.weighted`).
 
     Runs in at least float32 with autocast off; without host reads (an accelerator,
     ``torch.compile``) on the full table of float16 codes, with the early stop decided on the
