@@ -20,6 +20,7 @@ from lightning_dkm import (
     ClusterSpec,
     CompressionReport,
     DKMCallback,
+    DKMParametrization,
     PaletteLayout,
     attach,
     finalize,
@@ -86,6 +87,25 @@ def test_a_palette_needs_its_scales_exactly_when_the_spec_has_them() -> None:
     with pytest.raises(ValueError, match="per_channel_scale=False"):
         Palette(lut, indices, plain, scale=torch.ones(4))
 
+
+
+def test_set_centroids_refuses_the_scales_a_palette_refuses() -> None:
+    scaled = PaletteLayout((4, 8), ClusterSpec(bits=1, per_channel_scale=True), name="fc.weight")
+    plain = PaletteLayout((4, 8), ClusterSpec(bits=1), name="fc.weight")
+    lut = torch.zeros(1, 2, 1)
+    with pytest.raises(ValueError, match=r"fc\.weight: per_channel_scale needs a scale of shape "
+                       r"\(4,\) \(one per output channel\); got None"):
+        DKMParametrization(scaled).set_centroids(lut)
+    with pytest.raises(ValueError, match=r"needs a scale of shape \(4,\) .*; got \(3,\)"):
+        DKMParametrization(scaled).set_centroids(lut, torch.ones(3))
+    with pytest.raises(ValueError, match=r"fc\.weight: per-channel scales must be finite floats"):
+        DKMParametrization(scaled).set_centroids(lut, torch.tensor([1.0, float("inf"), 1, 1]))
+    with pytest.raises(ValueError, match=r"fc\.weight: a per-channel scale was given but the "
+                       "spec has per_channel_scale=False"):
+        DKMParametrization(plain).set_centroids(lut, torch.ones(4))
+    p = DKMParametrization(scaled)
+    p.set_centroids(lut, torch.tensor([0.5, 1.0, 2.0, 4.0]))
+    assert p.is_initialized and p.scale.tolist() == [0.5, 1.0, 2.0, 4.0]
 
 
 def test_a_scale_that_float16_cannot_hold_keeps_the_palette_in_float32() -> None:

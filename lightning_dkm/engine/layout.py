@@ -262,6 +262,22 @@ class PaletteLayout:
                 "elements); only finite weights can be clustered"
             )
 
+    def check_scale(self, scale: Tensor | None) -> None:
+        """Errors for per-channel scales that do not fit this layout: any scale without the
+        spec's ``per_channel_scale``; with it, none, another shape than :attr:`scale_shape`,
+        or values that are not finite floats > 0. Every holder of scales checks them here."""
+        if self.scale_shape is None:
+            if scale is not None:
+                raise ValueError(f"{self.name}: a per-channel scale was given but the spec has "
+                                 "per_channel_scale=False")
+            return
+        if scale is None or tuple(scale.shape) != self.scale_shape:
+            got = None if scale is None else tuple(scale.shape)
+            raise ValueError(f"{self.name}: per_channel_scale needs a scale of shape "
+                             f"{self.scale_shape} (one per output channel); got {got}")
+        if not scale.is_floating_point() or not bool((torch.isfinite(scale) & (scale > 0)).all()):
+            raise ValueError(f"{self.name}: per-channel scales must be finite floats > 0")
+
     def broadcast_scale(self, scale: Tensor) -> Tensor:
         """Per-channel ``scale`` ``(num_channels,)`` shaped to broadcast against the weight."""
         return scale.reshape(self._along_groups(self.num_channels))

@@ -119,26 +119,7 @@ class Palette:
                 f"{self.layout.name}: indices must lie in [0, {k}); found "
                 f"[{int(self.indices.min())}, {int(self.indices.max())}]"
             )
-        expected_scale = self.layout.scale_shape
-        if expected_scale is None:
-            if self.scale is not None:
-                raise ValueError(
-                    f"{self.layout.name}: a per-channel scale was given but the spec has "
-                    "per_channel_scale=False"
-                )
-            return
-        if self.scale is None or tuple(self.scale.shape) != expected_scale:
-            got = None if self.scale is None else tuple(self.scale.shape)
-            raise ValueError(
-                f"{self.layout.name}: per_channel_scale needs a scale of shape {expected_scale} "
-                f"(one per output channel); got {got}"
-            )
-        if not self.scale.is_floating_point() or not bool(
-            (torch.isfinite(self.scale) & (self.scale > 0)).all()
-        ):
-            raise ValueError(
-                f"{self.layout.name}: per-channel scales must be finite floats > 0"
-            )
+        self.layout.check_scale(self.scale)
 
     @property
     def name(self) -> str:

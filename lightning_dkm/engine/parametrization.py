@@ -342,23 +342,8 @@ class DKMParametrization(nn.Module):
         sensitivity-weighted k-means) instead of :meth:`initialize`'s k-means; marks the
         parametrization initialised. With ``per_channel_scale`` the centroids are in scaled
         units and ``scale`` (one per output channel, ``Palette.scale``) is required. A wrong
-        shape or a non-finite value is an error."""
-        if (scale is None) != (self.scale is None):
-            raise ValueError(
-                f"{self.layout.name}: " + (
-                    "per_channel_scale needs the scales with the centroids (set_centroids("
-                    "palette.lut, palette.scale))" if scale is None else
-                    "a scale was given but the spec has per_channel_scale=False"
-                )
-            )
-        if scale is not None and (
-            tuple(scale.shape) != tuple(self.scale.shape)
-            or not bool((torch.isfinite(scale) & (scale > 0)).all())
-        ):
-            raise ValueError(
-                f"{self.layout.name}: scale must be {tuple(self.scale.shape)} finite "
-                f"values > 0; got shape {tuple(scale.shape)}"
-            )
+        shape or a non-finite value is an error (:meth:`~.layout.PaletteLayout.check_scale`)."""
+        self.layout.check_scale(scale)
         expected = tuple(self.centroids.shape)
         if tuple(centroids.shape) != expected:
             raise ValueError(
