@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from lightning_dkm.engine.chunked import chunked_dkm_cluster
 from lightning_dkm.engine.distinct import unique_dkm_cluster
 from lightning_dkm.engine.kmeans import kmeans
 from lightning_dkm.engine.numerics import Normalization, sync_free
@@ -191,3 +192,5 @@ def test_implicit_backward_saves_the_same_whatever_max_iter():
 def test_unknown_gradient_is_refused():
     with pytest.raises(ValueError, match=r"gradient must be one of .*got 'exact'"):
         unique_dkm_cluster(torch.randn(1, 100, 1), torch.randn(1, 4, 1), 1e-2, gradient="exact")
+    with pytest.raises(ValueError, match=r"gradient must be one of .*got 'exact'"):
+        chunked_dkm_cluster(torch.randn(1, 100, 2), torch.randn(1, 4, 2), 1e-2, gradient="exact")

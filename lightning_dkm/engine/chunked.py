@@ -26,7 +26,7 @@ from .numerics import (
 )
 from .weighted import (
     DEFAULT_CHUNK,
-    check_gradient_name,
+    check_gradient,
     load_trajectory,
     save_trajectory,
     weighted_dkm,
@@ -78,7 +78,7 @@ def chunked_dkm_cluster(
     (module docstring); ``attention`` in the result is an empty tensor."""
     if not isinstance(chunk, int) or chunk < 1:
         raise ValueError(f"chunk must be an int >= 1; got {chunk!r}")
-    check_gradient_name(gradient)
+    check_gradient(gradient, "chunked")
     with autocast_disabled(x.device.type):
         problem = normalized_problem(x, centroids, tau, max_iter, epsilon, normalization)
         xt = problem.x.transpose(1, 2).contiguous()  # (P, d, n)

@@ -72,7 +72,7 @@ from .numerics import (
 from .rebuild import CodesOnce, rebuilt_soft_weights
 from .weighted import (
     Gradient,
-    check_gradient_name,
+    check_gradient,
     load_trajectory,
     save_trajectory,
     weighted_dkm,
@@ -271,7 +271,7 @@ def unique_dkm_batch(
     if T == 0 or len(centroids) != T or len(taus) != T:
         raise ValueError(f"unique_dkm_batch needs one centroid tensor and one tau per tensor; "
                          f"got {T} tensors, {len(centroids)} centroids, {len(taus)} taus")
-    check_gradient_name(gradient)
+    check_gradient(gradient, "unique")
     for x, tau in zip(xs, taus, strict=True):
         if x.shape[-1] != 1:
             raise ValueError(f"the 'unique' DKM step needs cluster_dim 1; got {x.shape[-1]}")

@@ -51,7 +51,7 @@ from .numerics import (
 )
 from .palette import Palette
 from .reference import dkm_cluster, soft_assignment
-from .weighted import Gradient, check_gradient_name
+from .weighted import Gradient, check_gradient
 
 __all__ = [
     "AUTO_REFERENCE_MAX_ENTRIES",
@@ -61,7 +61,6 @@ __all__ = [
     "Mode",
     "Step",
     "StepConfig",
-    "check_gradient",
     "resolve_implementation",
     "stable_seed",
 ]
@@ -102,19 +101,6 @@ AUTO_UNIQUE_MIN_WEIGHTS = 1 << 14
 AUTO_REFERENCE_MAX_ENTRIES = 1 << 20
 
 
-def check_gradient(gradient: str, implementation: str, where: str = "DKM") -> None:
-    """``gradient`` is one of ``GRADIENTS``, and ``"implicit"`` comes with an implementation
-    that computes it: every step built on the weighted core (``"auto"``, ``"unique"``,
-    ``"chunked"``), not the plain-autograd ``"reference"``."""
-    check_gradient_name(gradient, where)
-    if gradient == "implicit" and implementation == "reference":
-        raise ValueError(
-            f"{where}: gradient='implicit' is computed by the weighted core, which the "
-            f"'reference' step (plain autograd) does not use; got implementation='reference' "
-            f"(use 'auto', 'unique' or 'chunked')"
-        )
-
-
 def resolve_implementation(
     implementation: str, layout: PaletteLayout, gradient: str = "unrolled"
 ) -> str:
@@ -127,7 +113,8 @@ def resolve_implementation(
 
     Raises:
         ValueError: ``implementation`` is not ``"auto"`` or one of :data:`STEPS`, ``"unique"``
-            on vectors (``cluster_dim > 1``), or ``gradient`` refused by :func:`check_gradient`.
+            on vectors (``cluster_dim > 1``), or a ``gradient`` that
+            :func:`~.weighted.check_gradient` refuses.
     """
     if implementation != "auto" and implementation not in STEPS:
         raise ValueError(

@@ -78,7 +78,7 @@ __all__ = [
     "Gradient",
     "Trajectory",
     "attention",
-    "check_gradient_name",
+    "check_gradient",
     "load_trajectory",
     "save_trajectory",
     "weighted_dkm",
@@ -414,10 +414,18 @@ Gradient = Literal["unrolled", "implicit"]
 GRADIENTS = ("unrolled", "implicit")
 
 
-def check_gradient_name(gradient: str, where: str = "DKM") -> None:
-    """``gradient`` is one of :data:`GRADIENTS` (else a ValueError naming ``where`` and it)."""
+def check_gradient(gradient: str, implementation: str, where: str = "DKM") -> None:
+    """``gradient`` is one of :data:`GRADIENTS`, and ``"implicit"`` comes with an implementation
+    that computes it: every step built on this core (``"auto"``, ``"unique"``, ``"chunked"``),
+    not the plain-autograd ``"reference"``. Else a ValueError naming ``where``."""
     if gradient not in GRADIENTS:
         raise ValueError(f"{where}: gradient must be one of {GRADIENTS}; got {gradient!r}")
+    if gradient == "implicit" and implementation == "reference":
+        raise ValueError(
+            f"{where}: gradient='implicit' is computed by the weighted core, which the "
+            f"'reference' step (plain autograd) does not use; got implementation='reference' "
+            f"(use 'auto', 'unique' or 'chunked')"
+        )
 
 
 def save_trajectory(ctx, trajectory: Trajectory, *tensors: Tensor,
