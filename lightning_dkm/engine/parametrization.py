@@ -31,7 +31,7 @@ from __future__ import annotations
 import contextlib
 import zlib
 from collections.abc import Callable, Iterator
-from typing import Literal, NamedTuple
+from typing import Literal, NamedTuple, get_args
 
 import torch
 from torch import Tensor, nn
@@ -131,7 +131,7 @@ def resolve_implementation(
     if P * n * layout.spec.num_centroids <= AUTO_REFERENCE_MAX_ENTRIES and gradient != "implicit":
         return "reference"
     return "chunked"
-_MODES = ("soft", "hard", "dense")
+_MODES: tuple[str, ...] = get_args(Mode)
 # Lloyd iterations used to initialise vector centroids (k-means++ then Lloyd, on the current
 # weights; scalar centroids are the optimal ones).
 _INIT_MAX_ITER = 100
@@ -174,14 +174,11 @@ class DKMParametrization(nn.Module):
             and where it stays on the device: :class:`~.numerics.EarlyStop`.
         seed: k-means++ seed of vector palettes (scalar ones get the exact 1-D k-means, which
             needs none); with :func:`stable_seed` every rank gets the same centroids.
-        implementation: the DKM step. ``"unique"`` (:func:`~.distinct.unique_dkm_cluster`,
-            cluster_dim 1 only: attention on the distinct float16 values of the normalised
-            weights, the eDKM idea; by far the fastest on large tensors, exact DKM of the
-            float16-rounded weights); ``"chunked"`` (:func:`~.chunked.chunked_dkm_cluster`:
-            the reference's values and gradients with an analytic, recomputing backward and
-            memory independent of ``max_iter``); ``"reference"``
-            (:func:`~.reference.dkm_cluster`, plain autograd through the unrolled loop);
-            ``"auto"`` (default): per tensor, as :func:`resolve_implementation` says.
+        implementation: the DKM step (:data:`STEPS`): ``"unique"`` (cluster_dim 1: DKM of
+            the weights' distinct float16 values, :mod:`.distinct`), ``"chunked"`` (exact, in
+            bounded memory, :mod:`.chunked`), ``"reference"`` (plain autograd,
+            :mod:`.reference`), or ``"auto"`` (default): per tensor, as
+            :func:`resolve_implementation` says.
         chunk: weights per chunk for ``"chunked"``.
         gradient: ``"unrolled"`` (default: through every iteration) or ``"implicit"`` (IDKM: at
             the iterations' fixed point, work and memory independent of ``max_iter``; computed

@@ -52,11 +52,9 @@ def soft_assignment(xt: Tensor, cn: Tensor, tau: Tensor | float) -> Tensor:
     r""":math:`\operatorname{softmax}(-D / \tau)` over the centroids: shape ``(P, k, n)``.
 
     ``xt`` holds the normalised points as ``(P, d, n)``, ``cn`` the normalised centroids
-    ``(P, k, d)``. Softmax subtracts each column's largest logit, and every distance here is a
-    modest number (data normalised to unit variance), so the logits stay finite and no column
-    is all ``-inf`` for any ``tau >= MIN_TAU``; smaller taus are raised to ``MIN_TAU``. A tensor
-    tau is raised in at least float32: a float16 buffer (``module.half()``) holds neither
-    ``MIN_TAU`` nor taus below ~6e-8, which it rounds to 0.
+    ``(P, k, d)``. Finite for every tau (:mod:`.numerics`, "Numerics"): taus below ``MIN_TAU``
+    are raised to it, a tensor tau in at least float32 (a float16 buffer, ``module.half()``,
+    rounds taus below ~6e-8 to 0).
     """
     if isinstance(tau, Tensor):
         tau = tau.to(torch.promote_types(tau.dtype, torch.float32)).clamp_min(MIN_TAU)

@@ -63,7 +63,7 @@ indexing on the device and leaves the gradient unchanged through the rounds that
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Literal, NamedTuple
+from typing import Literal, NamedTuple, get_args
 
 import torch
 from torch import Tensor
@@ -411,7 +411,7 @@ def _adjoint(points: _Points, step: _Round, r: Tensor,
 
 Gradient = Literal["unrolled", "implicit"]
 #: The gradients every step offers: through every round, or IDKM's at the fixed point.
-GRADIENTS = ("unrolled", "implicit")
+GRADIENTS: tuple[str, ...] = get_args(Gradient)
 
 
 def check_gradient(gradient: str, implementation: str, where: str = "DKM") -> None:
