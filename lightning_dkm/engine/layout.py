@@ -239,10 +239,7 @@ class PaletteLayout:
     @property
     def _inverse_permutation(self) -> tuple[int, ...]:
         perm = self._permutation
-        inverse = [0] * len(perm)
-        for i, p in enumerate(perm):
-            inverse[p] = i
-        return tuple(inverse)
+        return tuple(perm.index(axis) for axis in range(len(perm)))
 
     # -- mapping -----------------------------------------------------------------------------
     def check(self, weight: Tensor) -> None:

@@ -11,18 +11,13 @@ precision in the ``|x|^2 - 2x.c + |c|^2`` expansion used for vectors.
 
 **Scale.** Every step works in units of each palette's centre and standard deviation
 (:func:`normalization_of`, or the ``"unique"`` step's own from the same rules), so the weights'
-magnitude enters only there. The standard deviation is a sum of squares, which float32 cannot
-hold for weights of 1e20 (their squares are 1e40) nor resolve for 1e-20 (1e-40 is below its
-normal range): it is summed over the deviations divided by a power of two just above their
-size (:func:`root_mean_square`; the power from an evenly strided sample, a few small ops;
-dividing by a power of two rounds nothing, so ordinary weights get the scale bit for bit as
-before), and a palette without spread is floored relative to its centre
-(:func:`floored_scale`), not at an absolute 1e-12 that collapsed every palette below it to
-one or two values. Weights of 1e-20 and of 1e20 then give the normalised problem unit weights
-give, and everything after it (tau, ``epsilon``, the attention, the ``auto`` temperature's
-calibration) is in those units. The backward's intermediates are the incoming gradient times
-the scale, in range while ``|gradient| * |weight|`` is (a loss is invariant to a layer's
-scale when a normalisation follows it, and then that product is of the loss's order).
+magnitude enters only there: the standard deviation is in range for weights of any magnitude
+(:func:`root_mean_square`), and a palette without spread is floored relative to its centre
+(:func:`floored_scale`). Weights of 1e-20 and of 1e20 then give the normalised problem unit
+weights give, and everything after it (tau, ``epsilon``, the attention, the ``auto``
+temperature's calibration) is in those units. The backward's intermediates are the incoming
+gradient times the scale, in range while ``|gradient| * |weight|`` is (a loss is invariant to
+a layer's scale when a normalisation follows it, and then that product is of the loss's order).
 
 **Precision.** Every step runs in (at least) float32 with autocast off
 (:func:`autocast_disabled`): under ``torch.autocast`` (Lightning's ``16-mixed`` /
@@ -30,13 +25,9 @@ scale when a normalisation follows it, and then that product is of the loss's or
 soft weights by up to a standard deviation for vectors. Only the output is cast to the
 weights' dtype.
 
-**Host reads.** The early stop (``epsilon``) needs to know whether the centroids still move.
-Eagerly on CPU the loop reads that back and stops (a read costs nothing there). On an
-accelerator such a read is a sync that stalls the CPU until the device has caught up, and
-under ``torch.compile`` it is a graph break; there (and inside :func:`sync_free`) the loop
-runs all ``max_iter`` rounds and the rounds after convergence leave the centroids and the
-attention as they were (``torch.where`` on a flag kept on the device): the same values and
-gradients, no read (:class:`EarlyStop`).
+**Host reads.** The early stop (``epsilon``) reads back whether the centroids still move
+eagerly on CPU only (:func:`host_reads_are_free`); elsewhere it is decided on the device, with
+the same values and gradients (:class:`EarlyStop`).
 """
 
 from __future__ import annotations
@@ -250,8 +241,9 @@ def root_mean_square(deviations: Tensor) -> Tensor:
     ``(P, 1, ...)``: :math:`u \sqrt{\sum (\delta / u)^2 / N}` with :math:`u` the power of two
     just above the largest ``|deviation|`` among at most ``_SAMPLE_POINTS`` evenly strided
     points of the palette (:func:`~.kmeans.power_of_two`), so that the squares stay in
-    float32's normal range for weights of any magnitude (module docstring); bit for bit the
-    plain root mean square wherever that was in range (a power of two rounds nothing). A
+    float32's normal range for weights of any magnitude (those of 1e20 square to 1e40, of
+    1e-20 to 1e-40: beyond it); bit for bit the plain root mean square wherever that was in
+    range (a power of two rounds nothing). A
     sample suffices: the squares have some 76 decades of room in float32, and it costs a few
     small ops, not a pass over the weights."""
     dims = tuple(range(1, deviations.ndim))
@@ -267,7 +259,8 @@ def floored_scale(std: Tensor, center: Tensor) -> Tensor:
     for the last axis): ``std``, raised to the float rounding of the centre (a constant
     palette's ``std`` is rounding noise) and, for a palette with neither (all zeros), a fixed
     positive value, so that every scale is finite and positive. Relative to the palette, not
-    an absolute floor, so that a palette of tiny weights keeps its spread."""
+    an absolute floor (1e-12 collapsed every palette below it to one or two values), so that a
+    palette of tiny weights keeps its spread."""
     floor = center.abs().amax(dim=-1, keepdim=True).mul_(torch.finfo(center.dtype).eps)
     scale = torch.maximum(std, floor)
     return scale.masked_fill_(scale < torch.finfo(scale.dtype).tiny, _ZERO_PALETTE_SCALE)
