@@ -152,11 +152,9 @@ def clustering_pass(model: nn.Module, rebuild: bool | None = None, *,
     """Run one forward of ``model`` as one clustering pass (module docstring). Nested or
     repeated use is fine; on exit nothing of the pass is kept.
 
-    ``rebuild``: rebuild the soft weights of the ``"unique"`` step in the backward instead
-    of keeping them and their float16 codes from the forward (:mod:`.rebuild`). ``None``
-    (default): for the weights that FSDP2 shards; ``True`` / ``False``: for all / none.
-    ``members``: :func:`pass_members` of ``model`` looked up before (saves the walk over the
-    model's modules at every pass)."""
+    ``rebuild``: which weights rebuild their soft weights in the backward (module docstring,
+    "Rebuild instead of keep"). ``members``: :func:`pass_members` of ``model`` looked up
+    before (saves the walk over the model's modules at every pass)."""
     if members is None:
         members = pass_members(model)
     members = [(p, holder) for p, holder in members if p.pass_step is None]
