@@ -104,10 +104,9 @@ class _Results(NamedTuple):
 
 
 class _InBatch(NamedTuple):
-    """One tensor of a batch between the forward and the backward: its codes, where its
-    distinct values are, and which rows / columns of the batch they fill."""
+    """One tensor of a batch between the forward and the backward (its codes are saved
+    tensors): where its distinct values are, and which rows / columns of the batch they fill."""
 
-    codes: Tensor  # (P, n) float16 codes
     distinct: DistinctValues  # the values dropped (they live in the batch)
     rows: slice  # its palettes among the batch's
     width: int  # its number of distinct-value columns (U_t)
@@ -142,25 +141,21 @@ class _UniqueDKM(torch.autograd.Function):
         normalizations, device_side = config.normalizations, config.device_side
         T = len(config.inv_taus)
         xs, centroids = inputs[:T], inputs[T:]
-        tensors, values, counts, starts, centers, scales = [], [], [], [], [], []
-        columns_of = []  # each tensor's table columns, converted once for counting and look-up
-        row = 0
-        for x, c, norm in zip(xs, centroids, normalizations, strict=True):
-            codes, columns, distinct, center, scale = prepare(x.detach(), norm, device_side)
-            columns_of.append(columns)
-            tensors.append(_InBatch(codes, distinct._replace(values=None),
-                                   slice(row, row + x.shape[0]), distinct.values.shape[1]))
-            values.append(distinct.values)
-            counts.append(distinct.counts)
-            starts.append((c - center) / scale)
-            centers.append(center)
-            scales.append(scale)
+        # per tensor; its table columns are converted once, for counting and for the look-up
+        codes, columns, distinct, centers, scales = zip(*(
+            prepare(x.detach(), norm, device_side)
+            for x, norm in zip(xs, normalizations, strict=True)), strict=True)
+        tensors, row = [], 0
+        for x, d in zip(xs, distinct, strict=True):
+            tensors.append(_InBatch(d._replace(values=None), slice(row, row + x.shape[0]),
+                                    d.values.shape[1]))
             row += x.shape[0]
         width = max(t.width for t in tensors)
         k = max(c.shape[1] for c in centroids)
-        batch_values = _padded(values, width).unsqueeze(1)  # (P, 1, U)
-        batch_counts = _padded(counts, width)
-        c0 = _padded(starts, k).unsqueeze(-1)  # (P, k, 1)
+        batch_values = _padded([d.values for d in distinct], width).unsqueeze(1)  # (P, 1, U)
+        batch_counts = _padded([d.counts for d in distinct], width)
+        c0 = _padded([(c - center) / scale for c, center, scale
+                      in zip(centroids, centers, scales, strict=True)], k).unsqueeze(-1)
         mask = None
         if any(c.shape[1] != k for c in centroids):
             mask = _padded([torch.ones_like(c, dtype=torch.bool) for c in centroids], k)
@@ -177,21 +172,20 @@ class _UniqueDKM(torch.autograd.Function):
                                               implicit=config.implicit, centroid_mask=mask,
                                               groups=groups)
         outputs, finals, tables = [], [], []
-        for t, x, c, center, scale, distinct_values, again, columns in zip(
-                tensors, xs, centroids, centers, scales, values, config.codes_once, columns_of,
+        for t, x, c, d, center, scale, column, again in zip(
+                tensors, xs, centroids, distinct, centers, scales, columns, config.codes_once,
                 strict=True):
             y_t = y[t.rows, 0, : t.width] * scale + center
-            distinct = t.distinct._replace(values=distinct_values)
-            table = distinct.to_dense(y_t.to(x.dtype))
-            outputs.append(columns.look_up(table))
+            table = d.to_dense(y_t.to(x.dtype))
+            outputs.append(column.look_up(table))
             finals.append(c_final[t.rows, : c.shape[1], 0] * scale + center)
             if again:
                 tables.append(table)
-        ctx.tensors = [t._replace(codes=None) for t in tensors]  # the codes are saved below
+        ctx.tensors = tensors  # the codes are saved below
         # A rebuilding tensor keeps its input instead of its codes (a view of the caller's
         # weight, which exists anyway) and computes the codes again in the backward.
-        kept = [x if again else t.codes
-                for t, x, again in zip(tensors, xs, config.codes_once, strict=True)]
+        kept = [x if again else code
+                for x, code, again in zip(xs, codes, config.codes_once, strict=True)]
         save_trajectory(ctx, trajectory, batch_values, batch_counts,
                         *kept, *([mask] if mask is not None else []), inv_tau=inv_tau)
         ctx.codes_once, ctx.normalizations = config.codes_once, normalizations
