@@ -131,6 +131,8 @@ def resolve_implementation(
     if P * n * layout.spec.num_centroids <= AUTO_REFERENCE_MAX_ENTRIES and gradient != "implicit":
         return "reference"
     return "chunked"
+
+
 _MODES: tuple[str, ...] = get_args(Mode)
 # Lloyd iterations used to initialise vector centroids (k-means++ then Lloyd, on the current
 # weights; scalar centroids are the optimal ones).
@@ -235,10 +237,8 @@ class DKMParametrization(nn.Module):
         self.register_buffer("centroids", torch.zeros(P, k, d, dtype=torch.float32))
         # Per-channel scales (layout.scale_shape), set with the centroids; only with the spec's
         # per_channel_scale, so other parametrizations' state dicts are unchanged.
-        scale: Tensor | None = None
-        if layout.scale_shape is not None:
-            scale = torch.ones(layout.scale_shape, dtype=torch.float32)
-        self.register_buffer("scale", scale)
+        self.register_buffer("scale", None if layout.scale_shape is None else
+                             torch.ones(layout.scale_shape, dtype=torch.float32))
         self.register_buffer("temperature", torch.tensor(1.0, dtype=torch.float32))
         # The buffer travels in checkpoints; the Python flag answers without a device read.
         self.register_buffer("initialized", torch.tensor(False))
