@@ -148,11 +148,10 @@ class _Points:
 
     def __init__(self, xt: Tensor, counts: Tensor | None, chunk: int,
                  centroid_mask: Tensor | None = None) -> None:
-        self.xt, self.counts, self.chunk = xt, counts, chunk
-        self.centroid_mask = centroid_mask
-        self.weighted_xt = xt if counts is None else xt * counts.unsqueeze(1)
-        self.rows = None if counts is None else torch.cat((counts.unsqueeze(1),
-                                                            self.weighted_xt), 1)
+        self.xt, self.counts, self.chunk, self.centroid_mask = xt, counts, chunk, centroid_mask
+        # (P, 1 + d, U): each point's count over its weighted coordinates
+        self.rows = None if counts is None else torch.cat(
+            (counts.unsqueeze(1), xt * counts.unsqueeze(1)), 1)
 
     def parts(self) -> Iterator[slice]:
         return chunks(self.xt.shape[2], self.chunk)
