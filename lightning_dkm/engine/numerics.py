@@ -142,8 +142,8 @@ class EarlyStop:
     def __init__(self, epsilon: float, like: Tensor, groups: Groups | None = None) -> None:
         self.epsilon = epsilon
         self.groups = groups if epsilon > 0 else None
-        self.on_device = epsilon > 0 and (groups is not None or not host_reads_are_free(like))
         self.host_reads = host_reads_are_free(like)
+        self.on_device = epsilon > 0 and (groups is not None or not self.host_reads)
         self.device = like.device
         self.iterations: int | Tensor = 0
         self._running: Tensor | None = None  # device flag(s): the stop has not happened yet
