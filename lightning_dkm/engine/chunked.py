@@ -33,7 +33,7 @@ from .weighted import (
     weighted_dkm_gradient,
 )
 
-__all__ = ["DEFAULT_CHUNK", "chunked_dkm_cluster"]
+__all__ = ["chunked_dkm_cluster"]
 
 
 class _ChunkedDKM(torch.autograd.Function):

@@ -37,7 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from .accumulation import SoftWindow, outside_saved_tensor_hooks
-from .chunked import DEFAULT_CHUNK, chunked_dkm_cluster
+from .chunked import chunked_dkm_cluster
 from .distinct import unique_dkm_cluster
 from .kmeans import kmeans_centroids, member_means
 from .layout import PaletteLayout
@@ -51,7 +51,7 @@ from .numerics import (
 )
 from .palette import Palette
 from .reference import dkm_cluster, soft_assignment
-from .weighted import Gradient, check_gradient
+from .weighted import DEFAULT_CHUNK, Gradient, check_gradient
 
 __all__ = [
     "AUTO_REFERENCE_MAX_ENTRIES",
