@@ -148,8 +148,7 @@ class CodeColumns:
         """(P, n): ``table[column]`` per weight, or with ``factor = (table_b, g)``
         ``table[column] + table_b[column] * g``. The result is the one buffer of ``n`` values
         it allocates: each chunk's look-up is written into it in place, and ``table_b``'s
-        values are gathered a ``PIECE`` at a time into one small scratch buffer (fresh
-        whole-size temporaries cost page faults, more than the look-ups themselves on CPU)."""
+        values are gathered a :data:`PIECE` at a time into one small scratch buffer."""
         P, n = self.codes.shape
         out = table.new_empty(P, n)
         scratch = None
