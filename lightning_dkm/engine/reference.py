@@ -16,11 +16,8 @@ through all iterations (the "unrolled" backward).
 **How tau relates to the weights' scale.** Distances are divided by :math:`s^2`, the per-palette
 variance of the weights (a constant for autograd, computed again every call), so ``tau`` is
 *scale-free*: the same schedule works for an embedding with std 1 and a conv with std 0.01, and
-it keeps its meaning as weights shrink or grow during training. Concretely, a weight half-way
-between two centroids that are :math:`\Delta` apart moves from the one to the other over a
-band of width about :math:`2\tau s^2/\Delta`; with 16 centroids spread over :math:`\pm 2s`
-(:math:`\Delta \approx s/4`) ``tau = 1e-2`` gives a band of 8 % of the spacing. (coremltools uses
-raw squared distances with ``tau=1e-4``; for weights of std 0.03 that is ``tau ~ 0.1`` here.)
+it keeps its meaning as weights shrink or grow during training. What a value means, and how it
+compares with coremltools' ``tau``: ``docs/how_dkm_works.md``, "tau and the weight variance".
 
 This is the plain-autograd step: every iteration stays in the graph. It is the test
 oracle of the weighted core (:mod:`.weighted`) that the fast steps feed, and what ``"auto"``
