@@ -94,15 +94,6 @@ class _Config(NamedTuple):
     codes_once: tuple[CodesOnce | None, ...]  # a rebuilding tensor's codes (:mod:`.rebuild`)
 
 
-class _Results(NamedTuple):
-    """What :class:`_UniqueDKM` gives, per tensor (autograd passes it as one flat tuple)."""
-
-    weights: tuple[Tensor, ...]  # (P_t, n_t) the soft weights, differentiable
-    centroids: tuple[Tensor, ...]  # (P_t, k_t) the final centroids
-    iterations: tuple[int | Tensor, ...]  # as :attr:`~.numerics.DKMOutput.iterations`
-    tables: tuple[Tensor, ...]  # the per-code output tables of the rebuilding tensors only
-
-
 class _InBatch(NamedTuple):
     """One tensor of a batch between the forward and the backward (its codes are saved
     tensors): where its distinct values are, and which rows / columns of the batch they fill."""
@@ -129,12 +120,12 @@ class _UniqueDKM(torch.autograd.Function):
     units) on the distinct values of their float16 codes, all palettes of all tensors in one
     call of the weighted core (:mod:`.weighted`): values padded with count 0, centroids padded
     and masked, one ``inv_tau`` per palette. One tensor is the single-tensor step. Each tensor
-    stops early on its own. :meth:`run` calls it and returns :class:`_Results`."""
+    stops early on its own.
 
-    @staticmethod
-    def run(config: _Config, xs: Sequence[Tensor], centroids: Sequence[Tensor]) -> _Results:
-        flat, T = _UniqueDKM.apply(config, *xs, *centroids), len(xs)  # forward's order
-        return _Results(flat[:T], flat[T:2 * T], flat[2 * T:3 * T], flat[3 * T:])
+    Autograd passes the results as one flat tuple: the soft weights (P_t, n_t, differentiable),
+    the final centroids (P_t, k_t) and the iteration counts (as
+    :attr:`~.numerics.DKMOutput.iterations`), one of each per tensor, then the per-code output
+    tables of the rebuilding tensors only."""
 
     @staticmethod
     def forward(ctx, config: _Config, *inputs: Tensor):
@@ -194,7 +185,7 @@ class _UniqueDKM(torch.autograd.Function):
         ctx.implicit, ctx.device_side = config.implicit, device_side
         ctx.mark_non_differentiable(*finals, *tables)
         iterations = tuple(trajectory.count(t.rows.start) for t in tensors)
-        return *outputs, *finals, *iterations, *tables  # the fields of _Results, flat
+        return *outputs, *finals, *iterations, *tables
 
     @staticmethod
     def backward(ctx, *grads: Tensor | None):
@@ -279,16 +270,16 @@ def unique_dkm_batch(
     with autocast_disabled(xs[0].device.type):
         config = _Config(norms, tuple(inverse_temperature(t, compute_dtype) for t in taus),
                          max_iter, epsilon, gradient == "implicit", device_side, again)
-        results = _UniqueDKM.run(
-            config, inputs, [c.detach().squeeze(-1).to(compute_dtype) for c in centroids])
-    tables = iter(results.tables)
+        flat = _UniqueDKM.apply(config, *inputs,
+                                *(c.detach().squeeze(-1).to(compute_dtype) for c in centroids))
+    outputs, finals, iterations = flat[:T], flat[T:2 * T], flat[2 * T:3 * T]
+    tables = iter(flat[3 * T:])  # the rebuilding tensors', in order
     return [DKMOutput(out.unsqueeze(-1).to(x.dtype), final.to(c.dtype).unsqueeze(-1),
                       out.new_empty(0), count,
                       rebuild=functools.partial(rebuilt_soft_weights, inp, norm, device_side,
                                                 next(tables), x.dtype, a) if a else None)
             for out, final, x, c, count, inp, norm, a in zip(
-                results.weights, results.centroids, xs, centroids, results.iterations, inputs,
-                norms, again, strict=True)]
+                outputs, finals, xs, centroids, iterations, inputs, norms, again, strict=True)]
 
 
 def unique_dkm_cluster(
