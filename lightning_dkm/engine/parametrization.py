@@ -61,6 +61,7 @@ __all__ = [
     "Mode",
     "Step",
     "StepConfig",
+    "check_implementation",
     "resolve_implementation",
     "stable_seed",
 ]
@@ -101,6 +102,13 @@ AUTO_UNIQUE_MIN_WEIGHTS = 1 << 14
 AUTO_REFERENCE_MAX_ENTRIES = 1 << 20
 
 
+def check_implementation(implementation: object) -> None:
+    """``ValueError`` naming ``implementation`` unless it is ``"auto"`` or one of :data:`STEPS`."""
+    if implementation != "auto" and implementation not in STEPS:
+        raise ValueError(
+            f"implementation must be 'auto' or one of {tuple(STEPS)}; got {implementation!r}")
+
+
 def resolve_implementation(
     implementation: str, layout: PaletteLayout, gradient: str = "unrolled"
 ) -> str:
@@ -116,9 +124,7 @@ def resolve_implementation(
             on vectors (``cluster_dim > 1``), or a ``gradient`` that
             :func:`~.weighted.check_gradient` refuses.
     """
-    if implementation != "auto" and implementation not in STEPS:
-        raise ValueError(
-            f"implementation must be 'auto' or one of {tuple(STEPS)}; got {implementation!r}")
+    check_implementation(implementation)
     if implementation == "unique" and layout.spec.cluster_dim != 1:
         raise ValueError(f"{layout.name}: implementation='unique' needs cluster_dim 1; got "
                          f"{layout.spec.cluster_dim} (use 'chunked')")

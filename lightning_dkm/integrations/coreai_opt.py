@@ -38,7 +38,8 @@ from torch import Tensor, nn
 
 from ..engine.layout import ClusterSpec, PaletteLayout
 from ..engine.numerics import hard_assign
-from ..engine.parametrization import DKMParametrization, check_gradient
+from ..engine.parametrization import DKMParametrization
+from ..engine.weighted import check_gradient
 
 __all__ = ["STRATEGY_KEY", "DKMTrainingSpec", "DKMTrainingStrategy"]
 

@@ -14,7 +14,8 @@ from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
 from ..engine.layout import ClusterSpec, is_int, is_number
-from ..engine.parametrization import STEPS, check_gradient
+from ..engine.parametrization import check_implementation
+from ..engine.weighted import check_gradient
 from ..model.bit_budget import ALL_WIDTHS, DEFAULT_BITS, check_budget
 from ..model.methods import (
     DEFAULT_REFRESH_EVERY,
@@ -172,7 +173,6 @@ def check_arguments(
             f"{hard_epoch!r}")
     require(is_int(max_iter, 1), f"max_iter must be an int >= 1; got {max_iter!r}")
     require(is_number(epsilon) and epsilon >= 0, f"epsilon must be a number >= 0; got {epsilon!r}")
-    require(implementation == "auto" or implementation in STEPS,
-            f"implementation must be 'auto' or one of {tuple(STEPS)}; got {implementation!r}")
+    check_implementation(implementation)
     for name, value in (("export_coreml", export_coreml), ("export_coreai", export_coreai)):
         require(isinstance(value, bool), f"{name} must be True or False; got {value!r}")
