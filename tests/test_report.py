@@ -142,7 +142,10 @@ def test_optional_stats_fill_entropy_and_snap_rmse() -> None:
     ("stats", "message"),
     [
         ({"nope.weight": {"snap_rmse": 0.1}}, "not a clustered tensor"),
-        ({"0.weight": {"entropy": 0.1}}, "allowed"),
+        ({"0.weight": {"entropy": 0.1}},
+         r"stats\['0.weight'\] has unknown keys \['entropy'\]; allowed: \('entropy_bits'"),
+        ({"0.weight": 0.1}, r"stats\['0.weight'\] must be a mapping with keys from "
+                            r"\('entropy_bits'.*; got 0.1"),
         ({"0.weight": {"snap_rmse": "x"}}, "must be numbers"),
     ],
 )

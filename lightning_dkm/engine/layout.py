@@ -30,7 +30,8 @@ import torch
 from torch import Tensor
 
 __all__ = [
-    "MAX_BITS", "MAX_CLUSTER_DIM", "ClusterSpec", "PaletteLayout", "channel_scale", "is_int",
+    "MAX_BITS", "MAX_CLUSTER_DIM", "ClusterSpec", "PaletteLayout", "channel_scale", "check_keys",
+    "is_int", "is_number",
 ]
 
 MAX_BITS = 8
@@ -42,6 +43,16 @@ def is_int(value: object, minimum: int | None = None) -> bool:
     at least ``minimum`` when one is given."""
     return (isinstance(value, int) and not isinstance(value, bool)
             and (minimum is None or value >= minimum))
+
+
+def check_keys(label: str, value: object, allowed: tuple[str, ...]) -> None:
+    """``ValueError`` naming ``label`` unless ``value`` is a mapping whose keys are all in
+    ``allowed`` (the one check of every option given as a mapping of named fields)."""
+    if not isinstance(value, Mapping):
+        raise ValueError(f"{label} must be a mapping with keys from {allowed}; got {value!r}")
+    unknown = sorted(set(value) - set(allowed))
+    if unknown:
+        raise ValueError(f"{label} has unknown keys {unknown}; allowed: {allowed}")
 
 
 def is_number(value: object) -> bool:

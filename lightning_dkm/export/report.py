@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..engine.layout import is_int
+from ..engine.layout import check_keys, is_int
 from ..engine.palette import LutDtype, Palette, lut_dtype_of
 from ..model.carried import palette_tensor
 from ..model.state import split_name, state_tensors
@@ -87,13 +87,7 @@ def _check_stats(
                 f"stats has an entry for {name!r}, which is not a clustered tensor; clustered: "
                 f"{', '.join(names) or '(none)'}"
             )
-        if not isinstance(values, Mapping):
-            raise ValueError(f"stats[{name!r}] must be a mapping with keys from {STAT_KEYS}")
-        unknown = set(values) - set(STAT_KEYS)
-        if unknown:
-            raise ValueError(
-                f"stats[{name!r}] has unknown keys {sorted(unknown)}; allowed: {STAT_KEYS}"
-            )
+        check_keys(f"stats[{name!r}]", values, STAT_KEYS)
         try:
             numbers = {key: float(value) for key, value in values.items()}
         except (TypeError, ValueError) as err:

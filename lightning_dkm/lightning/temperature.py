@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from ..engine.kmeans import sq_distances
-from ..engine.layout import is_number
+from ..engine.layout import check_keys, is_number
 from ..engine.numerics import normalization_of
 from .schedules import (
     ANNEALED_SCHEDULES,
@@ -242,9 +242,7 @@ class TemperatureConfig:
             if extra:
                 raise ValueError("temperature: with a callable schedule only 'interval' may be "
                                  f"given (the callable's tau is its own); got also {extra}")
-        unknown = sorted(set(value) - set(_KEYS))
-        if unknown:
-            raise ValueError(f"temperature has unknown keys {unknown}; allowed: {_KEYS}")
+        check_keys("temperature", value, _KEYS)
         fields = dict(value)
         if "schedule" not in fields:
             # A mapping with only a start is a constant; with an end (or nothing), annealed.

@@ -35,7 +35,7 @@ from typing import Any
 
 from torch import nn
 
-from ..engine.layout import ClusterSpec, PaletteLayout, is_int
+from ..engine.layout import ClusterSpec, PaletteLayout, check_keys, is_int
 from ..engine.parametrization import DKMParametrization
 from .state import qualified_name
 from .tied import TiedWeight
@@ -160,16 +160,7 @@ def override_specs(spec: ClusterSpec, overrides: Mapping[str, Any] | None
 
 
 def _spec_with_override(base: ClusterSpec, pattern: str, override: Any) -> ClusterSpec:
-    if not isinstance(override, Mapping):
-        raise ValueError(
-            f"overrides[{pattern!r}] must be a mapping with keys from {_SPEC_KEYS}; "
-            f"got {override!r}"
-        )
-    unknown = set(override) - set(_SPEC_KEYS)
-    if unknown:
-        raise ValueError(
-            f"overrides[{pattern!r}] has unknown keys {sorted(unknown)}; allowed: {_SPEC_KEYS}"
-        )
+    check_keys(f"overrides[{pattern!r}]", override, _SPEC_KEYS)
     try:
         return replace(base, **dict(override))
     except ValueError as err:
