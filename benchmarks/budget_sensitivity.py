@@ -55,7 +55,11 @@ from scipy.stats import spearmanr  # noqa: E402
 from lightning_dkm.engine.layout import ClusterSpec  # noqa: E402
 from lightning_dkm.engine.palette import stored_bytes  # noqa: E402
 from lightning_dkm.model.bit_budget import _snap, allocate, budget_bytes  # noqa: E402
-from lightning_dkm.model.post_training import fisher_diagonal, hessian_diagonal  # noqa: E402
+from lightning_dkm.model.post_training import (  # noqa: E402
+    _summed_over_batches,
+    fisher_diagonal,
+    hessian_diagonal,
+)
 from lightning_dkm.model.targets import select_targets  # noqa: E402
 
 WIDTHS = (1, 2, 3, 4)
@@ -84,26 +88,14 @@ def _snapped_in_place(weights, values):
 
 
 def mean_gradient(model, loader, loss_fn, names, num_batches):
-    """The training loss's gradient of ``names``, summed over the first batches (eval mode)."""
-    params = {n: model.get_parameter(n) for n in names}
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    for p, _ in flags:
-        p.requires_grad_(False)
-    for p in params.values():
-        p.requires_grad_(True)
-    out = {n: torch.zeros_like(p) for n, p in params.items()}
-    model.eval()
-    try:
-        for i, batch in enumerate(loader):
-            if i == num_batches:
-                break
-            grads = torch.autograd.grad(loss_fn(model, batch), list(params.values()))
-            for n, g in zip(params, grads, strict=True):
-                out[n] += g
-    finally:
-        for p, f in flags:
-            p.requires_grad_(f)
-    return out
+    """The training loss's gradient of ``names``, summed over the first batches: the pass of
+    ``fisher_diagonal`` / ``hessian_diagonal`` (eval mode, flags restored) with the gradient
+    itself per batch."""
+    def gradient(loss, params):
+        return list(torch.autograd.grad(loss, params, allow_unused=True))
+
+    return _summed_over_batches(model, loader, loss_fn, names, num_batches, gradient,
+                                "the loss gradient")
 
 
 def study(task, batch_size: int, log) -> dict:
@@ -120,12 +112,19 @@ def study(task, batch_size: int, log) -> dict:
     snapped = dict(zip(names, _snap([(weights[n], t.layout, WIDTHS)
                                      for n, t in zip(names, targets, strict=True)], 0),
                        strict=True))
+
+    def measure(batches, floor=-float("inf")):
+        """Each (tensor, width)'s loss increase on ``batches`` when it alone is snapped."""
+        base_c = _loss(model, task, batches)
+        out = {}
+        for n in names:
+            for b in WIDTHS:
+                with _snapped_in_place(weights, {n: snapped[n].weight(b)}):
+                    out[(n, b)] = max(_loss(model, task, batches) - base_c, floor)
+        return out
+
     base = _loss(model, task, held)
-    measured = {}
-    for n in names:
-        for b in WIDTHS:
-            with _snapped_in_place(weights, {n: snapped[n].weight(b)}):
-                measured[(n, b)] = _loss(model, task, held) - base
+    measured = measure(held)
     log(f"{task.name}: held-out loss {base:.4g}; single-tensor increases "
         f"{min(measured.values()):.3g}..{max(measured.values()):.3g}")
 
@@ -161,17 +160,8 @@ def study(task, batch_size: int, log) -> dict:
         estimates[label] = {(n, b): snapped[n].estimates(WIDTHS, None if f is None else f[n])[b]
                             for n in names for b in WIDTHS}
 
-    def measure(batches):
-        base_c = _loss(model, task, batches)
-        out = {}
-        for n in names:
-            for b in WIDTHS:
-                with _snapped_in_place(weights, {n: snapped[n].weight(b)}):
-                    out[(n, b)] = max(_loss(model, task, batches) - base_c, 0.0)
-        return out
-
     estimates["measured_1batch"] = timed("measured_1batch",
-                                         lambda: measure(list(loader())[:1]))
+                                         lambda: measure(list(loader())[:1], floor=0.0))
     layouts = {t.name: t.layout for t in targets}
     uniform = {}
     for bits in (2, 3):
