@@ -402,3 +402,31 @@ def test_a_loss_without_second_derivative_falls_back_to_the_unweighted_error_wit
                              min_size=1, calibration=(range(4), loss), progress=False)
     assert {n: p.layout.spec.bits for n, p in palettes.items()} == plan(SelfDistilled(),
                                                                        None).bits
+
+
+def test_a_weight_with_fewer_distinct_values_than_centroids_costs_nothing_at_that_width():
+    """An already-clustered weight (3 values) estimated and planned at widths of 4+ centroids:
+    error 0 there, not a k-means error about too few points."""
+    from lightning_dkm.engine.layout import ClusterSpec, PaletteLayout
+    from lightning_dkm.model.bit_budget import distortions
+
+    weight = torch.tensor([-0.5, 0.0, 0.5]).repeat(64 * 64 // 3 + 1)[: 64 * 64].view(64, 64)
+    errors = distortions(weight, PaletteLayout((64, 64), ClusterSpec()), range(1, 5))
+    assert errors[1] > 0
+    assert errors[2] == errors[3] == errors[4] == 0.0
+    model = nn.Sequential(nn.Linear(64, 64))
+    with torch.no_grad():
+        model[0].weight.copy_(weight)
+    palettes = palettize(model, average_bits=3, min_size=0, progress=False)
+    assert palettes["0.weight"].weight().unique().numel() == 3
+
+
+def test_a_gradient_without_graph_is_a_clear_error_not_autograd_internal_one():
+    """A loss linear in the weights (or a backward that is not differentiable) leaves nothing
+    to differentiate again: a RuntimeError that says so, which average_bits falls back on."""
+    from lightning_dkm.model.post_training import hessian_diagonal
+
+    model = nn.Linear(4, 3)
+    with pytest.raises(RuntimeError, match=r"no graph to differentiate again: the loss is "
+                                           r"linear in them or its backward is not"):
+        hessian_diagonal(model, [torch.randn(5, 4)], lambda m, x: m(x).sum(), ["weight"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import torch
@@ -476,3 +477,12 @@ def test_a_forward_recomputed_by_activation_checkpointing_moves_the_centroids_on
         assert torch.equal(checkpointed_centroids[name], value), name
     for name, grad in grads.items():  # the recomputed forward is the first one
         torch.testing.assert_close(checkpointed_grads[name], grad, rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.parametrize("implementation", [["auto"], {"unique": 1}, 3])
+def test_an_implementation_that_is_not_a_name_is_refused_naming_it(implementation):
+    from lightning_dkm import DKMCallback
+
+    with pytest.raises(ValueError, match=r"implementation must be 'auto' or one of .*; got "
+                                         + re.escape(repr(implementation))):
+        DKMCallback(implementation=implementation)

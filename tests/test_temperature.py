@@ -113,3 +113,23 @@ def test_a_plan_round_trips_its_bounds_through_state_dict(gen):
     plan.set_units(10)
     other.set_units(10)
     assert other.taus(7) == plan.taus(7)
+
+
+class _UnhashableSchedule:
+    """A callable schedule that defines ``__eq__`` and so has no hash (as a plain dataclass)."""
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _UnhashableSchedule)
+
+    def __call__(self, unit: int) -> float:
+        return 0.1 / (1 + unit)
+
+
+@pytest.mark.parametrize("given", [_UnhashableSchedule(), {"schedule": _UnhashableSchedule(),
+                                                           "interval": "epoch"}])
+def test_an_unhashable_callable_schedule_is_taken_as_any_callable(given):
+    from lightning_dkm.lightning.temperature import TemperatureConfig
+
+    config = TemperatureConfig.parse(given)
+    assert isinstance(config.schedule, _UnhashableSchedule)
+    assert not config.anneals

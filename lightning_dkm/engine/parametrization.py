@@ -104,7 +104,8 @@ AUTO_REFERENCE_MAX_ENTRIES = 1 << 20
 
 def check_implementation(implementation: object) -> None:
     """``ValueError`` naming ``implementation`` unless it is ``"auto"`` or one of :data:`STEPS`."""
-    if implementation != "auto" and implementation not in STEPS:
+    if not isinstance(implementation, str) or (implementation != "auto"
+                                               and implementation not in STEPS):
         raise ValueError(
             f"implementation must be 'auto' or one of {tuple(STEPS)}; got {implementation!r}")
 

@@ -69,8 +69,8 @@ def _train_batches(trainer: pl.Trainer) -> Any:
     return loader
 
 
-def _sensitivity(trainer: pl.Trainer, pl_module: pl.LightningModule, names: list[str]
-                 ) -> tuple[dict[str, torch.Tensor] | None, str]:
+def _sensitivity(trainer: pl.Trainer, pl_module: pl.LightningModule, names: list[str],
+                 seed: int) -> tuple[dict[str, torch.Tensor] | None, str]:
     """The Hessian diagonal of ``names`` (Hutchinson) on the first batches of the training
     data, or ``None`` (and why, in a warning) where it cannot be had."""
     why = None
@@ -88,7 +88,7 @@ def _sensitivity(trainer: pl.Trainer, pl_module: pl.LightningModule, names: list
         try:
             with _logging_muted(pl_module):
                 hessian, why = allocation_curvature(pl_module, loader, _training_loss, names,
-                                                    SENSITIVITY_BATCHES)
+                                                    SENSITIVITY_BATCHES, seed=seed)
         except ValueError as err:
             why = f"the training loss gave no sensitivity ({err})"
         if why is None:
@@ -118,7 +118,7 @@ def plan_fit_widths(
         weights = {t.name: getattr(modules[t.module_name], t.param_name) for t in selected}
         fixed = fixed_by_overrides(selected, overrides)
         sensitivity, label = _sensitivity(trainer, pl_module,
-                                          [n for n in weights if n not in fixed])
+                                          [n for n in weights if n not in fixed], seed)
         try:
             allocation = plan_widths(
                 selected, weights, average_bits, fixed=fixed, sensitivity=sensitivity,

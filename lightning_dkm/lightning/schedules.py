@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ..engine.layout import is_int
+from ..engine.layout import is_int, is_number
 
 __all__ = [
     "ANNEALED_SCHEDULES",
@@ -203,7 +203,7 @@ class StepSchedule(TemperatureSchedule):
         if not is_int(self.step_size, 1):
             raise ValueError(f"step_size must be an int >= 1, got {self.step_size!r}")
         gamma = self.gamma
-        if not (isinstance(gamma, (int, float)) and math.isfinite(gamma) and gamma > 0):
+        if not (is_number(gamma) and math.isfinite(gamma) and gamma > 0):
             raise ValueError(f"gamma must be a finite number > 0, got {self.gamma!r}")
 
     def _tau(self, unit: int) -> float:

@@ -289,7 +289,7 @@ class TemperatureConfig:
                     f"temperature.{key} must be 'auto' or a finite number > 0 (tau in units of "
                     f"the weight variance); got {value!r}"
                 )
-        if self.schedule in ANNEALED_SCHEDULES and self.end is None:
+        if self.annealed and self.end is None:
             raise ValueError(
                 f"temperature.end is required by schedule={self.schedule!r}: a number or 'auto'"
             )
@@ -308,9 +308,14 @@ class TemperatureConfig:
             )
 
     @property
+    def annealed(self) -> bool:
+        """Whether the schedule is one of the annealed named ones (a callable is not)."""
+        return isinstance(self.schedule, str) and self.schedule in ANNEALED_SCHEDULES
+
+    @property
     def anneals(self) -> bool:
         """Whether tau moves from start to end (a schedule over a known number of steps)."""
-        return self.schedule in ANNEALED_SCHEDULES and (self.calibrates or self.start != self.end)
+        return self.annealed and (self.calibrates or self.start != self.end)
 
     @property
     def calibrates(self) -> bool:

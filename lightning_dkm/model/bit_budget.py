@@ -255,7 +255,8 @@ def _snap(tensors: Sequence[tuple[Tensor, PaletteLayout, Collection[int]]], seed
             rows = [s for s in scalars if bits in tensors[s[0]][2]]
             if not rows:
                 continue
-            m = max(s[2].numel() for s in rows)
+            # at least k points per palette: weightless padding where it has fewer values
+            m = max(max(s[2].numel() for s in rows), 1 << bits)
             values = torch.stack([torch.cat([d, d[-1:].expand(m - d.numel())])
                                   for _, _, d, _, _ in rows])
             counts = torch.stack([torch.cat([c, c.new_zeros(m - c.numel())])

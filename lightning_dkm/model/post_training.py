@@ -364,6 +364,11 @@ def hessian_diagonal(
         out: list[Tensor | None] = [None if g is None else torch.zeros_like(g, dtype=torch.float32)
                                     for g in grads]  # a gradient without graph: curvature 0
         curved = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
+        if not curved:  # nothing to differentiate again: linear, or a backward without graph
+            raise RuntimeError(
+                "the loss's gradient of the named weights has no graph to differentiate again: "
+                "the loss is linear in them or its backward is not differentiable, and the "
+                "Hessian diagonal cannot tell which")
         hz = torch.autograd.grad([grads[i] for i in curved], [params[i] for i in curved],
                                  grad_outputs=[zs[i] for i in curved], allow_unused=True)
         for i, h in zip(curved, hz, strict=True):
