@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import re
 
 import pytest
 
@@ -270,3 +271,10 @@ def test_user_callable_returning_nan_tau_raises() -> None:
 def test_callable_schedule_rejects_non_callables() -> None:
     with pytest.raises(ValueError, match="fn must be callable"):
         CallableSchedule(3.0)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("gamma", [True, 0.0, float("nan"), "0.5"])
+def test_a_step_schedule_refuses_a_gamma_that_is_not_a_finite_number_above_zero(gamma) -> None:
+    with pytest.raises(ValueError, match=r"gamma must be a finite number > 0, got "
+                                         + re.escape(repr(gamma))):
+        build_schedule("step", start=1.0, end=None, num_units=None, step_size=1, gamma=gamma)
