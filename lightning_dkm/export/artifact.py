@@ -206,7 +206,8 @@ def save_compressed(
         model: the model after :func:`~lightning_dkm.finalize` or
             :func:`~lightning_dkm.palettize`; each clustered weight must equal
             ``palettes[name].weight()``.
-        path: the file to write; its directory must exist.
+        path: the file to write, replaced atomically
+            (:func:`~lightning_dkm.export.files.write_atomically`); its directory must exist.
         palettes: ``None`` (default): the palettes ``model`` carries (finalize, palettize and
             load_compressed record them on it, :mod:`lightning_dkm.model.carried`), checked against
             its weights. Or what ``finalize``/``palettize`` returned (``DKMCallback.palettes``

@@ -83,8 +83,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 def write_beside(path: Path, write: Callable[[BinaryIO], None]) -> None:
-    """:class:`AtomicCheckpointIO`'s local write (module docstring), ``write(file)`` filling
-    the file; ``path``'s directory is created if missing."""
+    """:class:`AtomicCheckpointIO`'s local write (how: its docstring), ``write(file)`` filling
+    the file; ``path``'s directory is created if missing. An exception leaves ``path`` as it
+    was and no temporary file."""
     if path.is_dir():
         raise IsADirectoryError(
             f"cannot write the checkpoint {path}: it is a directory (a sharded checkpoint?); "

@@ -419,7 +419,9 @@ class BitAllocation:
     budget_bytes: int
     allowed_bits: tuple[int, ...]
     lut_dtype: str
-    #: What weighted the errors: ``"hessian (N training batches at most)"`` or ``"none"``
+    #: What weighted the errors: ``"hessian (N training batches at most)"`` (the callback),
+    #: ``"hessian (calibration)"`` (``palettize``), ``"given"`` (a sensitivity passed to
+    #: :func:`plan_widths`), or ``"none"`` / ``"none (<label> was rounding noise)"``
     #: (squared error).
     sensitivity: str
     tensors: tuple[TensorWidth, ...]
@@ -595,7 +597,8 @@ def plan_widths(
 
 
 def _is_noise(sensitivity: Mapping[str, Tensor], weights: Mapping[str, Tensor]) -> bool:
-    r"""Whether ``sensitivity`` (squared loss gradients) is rounding noise: the loss change
+    r"""Whether ``sensitivity`` (a Hessian diagonal or squared gradients) is rounding noise:
+    the loss change
     it accounts for when every weight moves by its own size,
     :math:`\sqrt{\sum_i F_{ii} w_i^2}`, is below float32's resolution of a unit loss
     (``eps`` = 1.2e-7). Measured at the unclustered weights of a loss at its minimum
