@@ -31,6 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from ..engine.layout import is_number
+from ..model.eval_mode import in_eval_mode
 from ..model.targets import CONV, CONV_TRANSPOSE, clusterable_parameters
 
 __all__ = [
@@ -164,16 +165,13 @@ def count_macs(model: nn.Module, example_input: Any) -> dict[str, int]:
                 counts[_name] += _macs(mod, args, kwargs, output)
 
         handles.append(module.register_forward_hook(hook, with_kwargs=True))
-    modes = {m: m.training for m in model.modules()}
     fastpath = torch.backends.mha.get_fastpath_enabled()
     try:
         torch.backends.mha.set_fastpath_enabled(False)
-        model.eval()
-        _call(model, example_input)
+        with in_eval_mode(model):
+            _call(model, example_input)
     finally:
         torch.backends.mha.set_fastpath_enabled(fastpath)
-        for m, training in modes.items():
-            m.training = training
         for h in handles:
             h.remove()
     return counts

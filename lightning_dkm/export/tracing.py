@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from ..engine.palette import Palette
 from ..model.carried import carried_palettes
+from ..model.eval_mode import in_eval_mode
 from ..model.state import unwrap
 
 __all__ = ["as_example_tuple", "exportable", "exported_palettes"]
@@ -56,18 +57,14 @@ def exportable(model: nn.Module) -> Iterator[nn.Module]:
         if isinstance(getattr(type(m), _LIGHTNING_SCRIPTING_FLAG, None), bool)
         and _LIGHTNING_SCRIPTING_FLAG not in vars(m)
     ]
-    modes = [(m, m.training) for m in inner.modules()]
     for module in flagged:
         object.__setattr__(module, _LIGHTNING_SCRIPTING_FLAG, True)
-    inner.eval()
     try:
-        with torch.no_grad():
+        with in_eval_mode(inner), torch.no_grad():
             yield inner
     finally:
         for module in flagged:
             vars(module).pop(_LIGHTNING_SCRIPTING_FLAG, None)
-        for module, training in modes:
-            module.training = training
 
 
 def exported_palettes(module: nn.Module, exporter: str) -> dict[str, Palette]:
