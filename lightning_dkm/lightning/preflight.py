@@ -325,8 +325,9 @@ def check_fit(
     out_dir = None
     if finalize_at_fit_end:
         out_dir = resolve_save_dir(trainer, save_dir)
-        label = save_dir_label(out_dir, explicit=save_dir is not None)
-        check_writable_dir(out_dir, explicit=save_dir is not None)
+        explicit = save_dir is not None
+        label = save_dir_label(out_dir, explicit)
+        check_writable_dir(out_dir, explicit)
         rank_zero_check(trainer, lambda: check_outputs(out_dir, label, pl_module, save_artifact,
                                                        exports))
     check_exports(pl_module, exports)
