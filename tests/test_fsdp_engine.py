@@ -127,3 +127,87 @@ def test_sharded_weights_rebuild_their_soft_weights_and_get_the_plain_gradients(
         assert ranks[rank]["rebuilt"] == [True, True]
         for name, (sharded, plain) in ranks[rank]["grads"].items():
             torch.testing.assert_close(sharded, plain, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def _shard_local_against_gathered(rank: int, port: int, results) -> None:
+    """One optimizer step's gradients of two micro-batches per rank, clustered two ways: the
+    gathered weights in the forward (a clustering pass reading both micro-batches, one DKM
+    step) and shard-locally (:class:`~lightning_dkm.engine.shard_local.ShardLocalDKM`)."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        import lightning_dkm as L
+        from lightning_dkm.engine.shard_local import ShardLocalDKM, eligible
+
+        mesh = init_device_mesh("cpu", (2,))
+
+        def build():
+            torch.manual_seed(0)
+            model = nn.Sequential(nn.Linear(256, 128), nn.Tanh(), nn.Linear(128, 256))
+            L.attach(model, L.select_targets(model, L.ClusterSpec(bits=3), min_size=0),
+                     implementation="unique", temperature=3e-2)
+            for module in model:
+                if isinstance(module, nn.Linear):
+                    fully_shard(module, mesh=mesh)
+            fully_shard(model, mesh=mesh)
+            return model
+
+        data = torch.randn(2, 2, 8, 256, generator=torch.Generator().manual_seed(1))
+        gathered, local = build(), build()
+        with L.clustering_pass(gathered):
+            loss = sum(gathered(x).square().mean() for x in data[rank])
+        loss.backward()
+
+        tensors = L.clustered_tensors(local)
+        weights = [(n, t.parametrization, t.original) for n, t in tensors.items()]
+        reasons = [eligible(p, o) for _, p, o in weights]
+        raw = {n: t.original.to_local().clone() for n, t in tensors.items()}
+        shard_local = ShardLocalDKM(weights)
+        owners = [w.owner for w in shard_local.weights]
+        shard_local.soften()
+        soft = {n: t.original.detach().full_tensor() for n, t in tensors.items()}  # gathered
+        losses = []
+        for i, x in enumerate(data[rank]):  # two micro-batches: DKM once, soft values again
+            if i:
+                shard_local.reapply()
+            losses.append(local(x).square().mean())
+            losses[-1].backward()
+            shard_local.restore()
+            restored = all(torch.equal(t.original.to_local(), raw[n]) for n, t in tensors.items())
+        shard_local.finish()
+        results[rank] = {
+            "reasons": reasons, "owners": owners, "restored": restored,
+            "raw_after": all(torch.equal(t.original.to_local(), raw[n])
+                             for n, t in tensors.items()),
+            "soft": soft, "loss": (float(sum(losses).detach()), float(loss.detach())),
+            "grads": {n: (p.grad.full_tensor(), dict(gathered.named_parameters())[n]
+                          .grad.full_tensor()) for n, p in local.named_parameters()},
+            "centroids": {n: (t.parametrization.centroids.clone(),
+                              L.clustered_tensors(gathered)[n].parametrization.centroids.clone())
+                          for n, t in tensors.items()},
+        }
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+def test_shard_local_dkm_gives_the_gathered_gradients_and_identical_centroids_on_every_rank():
+    ranks = _on_two_ranks(_shard_local_against_gathered)
+    for rank in (0, 1):
+        r = ranks[rank]
+        assert r["reasons"] == [None, None]
+        assert r["owners"] == [0, 1]  # two weights of 32,768: one each
+        assert r["restored"] and r["raw_after"]  # the raw shards come back bit for bit
+        torch.testing.assert_close(*r["loss"], rtol=1e-5, atol=1e-6)
+        for name, (local, gathered) in r["grads"].items():
+            torch.testing.assert_close(local, gathered, rtol=1e-4, atol=1e-6, msg=name)
+        for name, (local, gathered) in r["centroids"].items():
+            torch.testing.assert_close(local, gathered, rtol=1e-5, atol=1e-6, msg=name)
+    for name, (centroids, _) in ranks[0]["centroids"].items():
+        assert torch.equal(ranks[1]["centroids"][name][0], centroids), name
+    for name, soft in ranks[0]["soft"].items():  # every rank gathered the same soft weights
+        assert torch.equal(ranks[1]["soft"][name], soft), name
+        assert torch.unique(soft).numel() > 8  # soft, not snapped ...

@@ -14,7 +14,10 @@ from torch import Tensor
 
 from .numerics import Normalization, chunks, floored_scale, root_mean_square
 
-__all__ = ["CHUNK", "CodeColumns", "DistinctValues", "float16_codes", "prepare"]
+__all__ = [
+    "CHUNK", "CodeColumns", "DistinctValues", "distinct_from_counts", "encode", "float16_codes",
+    "power_of_two_unit", "prepare",
+]
 
 #: Weights per chunk of the O(n) passes: a chunk's temporaries (a few MiB) come from the
 #: allocator's free lists, where whole-tensor temporaries of large weights would be fresh
@@ -83,7 +86,22 @@ def float16_codes(x: Tensor, normalization: Normalization | None, device_side: b
         center = normalization.center.reshape(P, 1).to(x.dtype)
         scale = normalization.scale.reshape(P, 1).to(x.dtype)
         rough = scale
-    unit = torch.exp2(torch.round(torch.log2(rough.clamp_min(_TINY))))
+    unit = power_of_two_unit(rough)
+    return encode(x, center, unit), center, unit, scale
+
+
+def power_of_two_unit(rough: Tensor) -> Tensor:
+    """The power of two nearest ``rough`` (a standard deviation within a factor of ~1.4): the
+    unit the codes count in, so that dividing by it is exact."""
+    return torch.exp2(torch.round(torch.log2(rough.clamp_min(_TINY))))
+
+
+@torch.no_grad()
+def encode(x: Tensor, center: Tensor, unit: Tensor) -> Tensor:
+    """The float16 codes ``(x - center) / unit`` of ``x`` (P, n), ``center`` and ``unit``
+    (P, 1): elementwise, so the codes of any part of ``x`` are those of the whole (what
+    :mod:`.shard_local` relies on), a :data:`PIECE` at a time through one reused buffer."""
+    P, n = x.shape
     inverse_unit = 1.0 / unit  # exact: a power of two
     codes = torch.empty(x.shape, dtype=torch.float16, device=x.device)
     buffer = torch.empty(P, min(n, PIECE), dtype=x.dtype, device=x.device)
@@ -91,7 +109,7 @@ def float16_codes(x: Tensor, normalization: Normalization | None, device_side: b
         chunk = buffer[:, : part.stop - part.start]
         torch.sub(x[:, part], center, out=chunk).mul_(inverse_unit)
         codes[:, part] = chunk  # the one rounding, float32 -> float16
-    return codes, center, unit, scale
+    return codes
 
 
 class CodeColumns:
@@ -199,8 +217,12 @@ def _rough_std(x: Tensor, center: Tensor, device_side: bool = False) -> Tensor:
 def distinct_values(columns: CodeColumns, dtype: torch.dtype) -> DistinctValues:
     """The occupied codes, with their float16 values (in units of the palette's ``unit``)
     and counts."""
-    P = columns.codes.shape[0]
-    dense_counts = columns.sum_per_code()
+    return distinct_from_counts(columns.sum_per_code(), columns.codes.shape[0], dtype)
+
+
+def distinct_from_counts(dense_counts: Tensor, P: int, dtype: torch.dtype) -> DistinctValues:
+    """:func:`distinct_values` from the per-code counts ``(P * 65536,)`` themselves (counted
+    here, or summed over the shards of several ranks, :mod:`.shard_local`)."""
     ids = dense_counts.nonzero().squeeze(1)
     if P == 1:
         values = ids.to(torch.int16).view(torch.float16).to(dtype)  # int16 wraps like uint16

@@ -239,6 +239,10 @@ class DKMParametrization(nn.Module):
         # checkpointing runs again in the backward (:func:`replaying`): it must start there
         # too, and move nothing.
         self._step_start: Tensor | None = None
+        #: Whether the weight handed to the forward is already this step's soft weight
+        #: (shard-local DKM under FSDP2 wrote it into the shards, :mod:`.shard_local`): the
+        #: training forward is then the identity.
+        self.presoftened = False
         P, _, d = layout.palette_shape
         k = layout.spec.num_centroids
         self.register_buffer("centroids", torch.zeros(P, k, d, dtype=torch.float32))
@@ -362,8 +366,9 @@ class DKMParametrization(nn.Module):
     def forward(self, weight: Tensor) -> Tensor:
         """The clustered weight (module docstring), in the dtype of ``weight``; the DKM step
         and the snap run in float32 with autocast off. Centroids that were never set are
-        initialised from ``weight`` first (a Python flag: no device read)."""
-        if self.mode == "dense":
+        initialised from ``weight`` first (a Python flag: no device read). A
+        :attr:`presoftened` weight is returned as it is."""
+        if self.mode == "dense" or (self.presoftened and self.training):
             return weight
         if not self.is_initialized:
             self.initialize(weight)
