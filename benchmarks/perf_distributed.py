@@ -13,14 +13,23 @@ gloo, one thread each), AdamW, ``--batch`` sequences of ``--seq`` tokens per ran
 * ``fsdp``: ``fully_shard`` on every block and the root (FSDP2, sharded over all ranks);
 * ``fsdp_dkm2`` / ``fsdp_dkm4``: the same with DKM at 2 / 4 bits on every Linear and Embedding
   weight (the callback's defaults: ``implementation="auto"``, ``max_iter=3``), attached before
-  ``fully_shard`` and each forward run in ``clustering_pass(model)``, as ``DKMCallback`` does;
+  ``fully_shard``, as ``DKMCallback`` does: shard-local DKM
+  (:class:`~lightning_dkm.engine.shard_local.ShardLocalDKM`: soft weights written into the
+  shards before the forward, DKM's backward on the reduce-scattered gradients before the
+  optimizer step) for the weights it takes, each forward in ``clustering_pass(model)``;
+* ``fsdp_gathered_dkm4``: DKM at 4 bits as before shard-local DKM (#22 item 4): every rank
+  clusters every gathered weight inside its unit's forward;
 * ``ddp`` / ``ddp_dkm4``: ``DistributedDataParallel`` (every rank holds the whole model).
 
 Each rank reports its peak RSS over the timed steps (``VmHWM``, reset once the model, the
 optimizer state and a warm-up step exist, so the one-off k-means seeding does not count), the
 RSS at rest before them (parameters and optimizer state, gradients freed), the RSS before the
 model was built (the process itself: Python, torch, gloo; included in the other two) and the
-median step time. ``--budget-gb`` caps each rank's address space at that many
+median step time, by the wall clock and by the process's CPU clock (``time.process_time``,
+every thread of the rank: less disturbed by other load on the machine; a rank waiting in a
+gloo collective sleeps). The summary gives each config against plain FSDP2 at the same world
+size, and DKM's added time per rank (``fsdp_dkm4`` minus ``fsdp``) at each world size and its
+ratio to world 1's. ``--budget-gb`` caps each rank's address space at that many
 GB above its size after the imports: a config that does not fit fails with an allocation error
 and is reported as such, instead of waking the machine's OOM killer. ``--world 1 2`` runs each
 config at both world sizes (to see DKM's extra memory fall with the world size).
@@ -57,8 +66,9 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import lightning_dkm
+from lightning_dkm.engine.shard_local import ShardLocalDKM, eligible
 
-CONFIGS = ("fsdp", "fsdp_dkm2", "fsdp_dkm4", "ddp", "ddp_dkm4")
+CONFIGS = ("fsdp", "fsdp_dkm2", "fsdp_dkm4", "fsdp_gathered_dkm4", "ddp", "ddp_dkm4")
 
 
 class Block(nn.Module):
@@ -174,11 +184,22 @@ def _run(rank: int, world: int, config: str, args: dict) -> dict:
     generator = torch.Generator().manual_seed(rank)
     tokens = torch.randint(args["vocab"], (args["batch"], args["seq"] + 1), generator=generator)
 
+    local = []  # the weights DKMCallback clusters shard-locally under FSDP2
+    if bits is not None and config.startswith("fsdp") and "gathered" not in config:
+        local = [(n, t.parametrization, t.original)
+                 for n, t in lightning_dkm.clustered_tensors(model).items()
+                 if eligible(t.parametrization, t.original) is None]
+
     def step() -> None:
+        shard_local = ShardLocalDKM(local) if local else None
+        if shard_local is not None:  # DKMCallback.on_train_batch_start
+            shard_local.soften()
         with lightning_dkm.clustering_pass(model):
             logits = wrapped(tokens[:, :-1])
         loss = F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
         loss.backward()
+        if shard_local is not None:  # DKMCallback.on_before_optimizer_step
+            shard_local.finish()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -186,16 +207,19 @@ def _run(rank: int, world: int, config: str, args: dict) -> dict:
     dist.barrier()
     _settle_memory()
     resting = _status_kb("VmRSS") / 1024
-    times = []
+    times, cpu_times = [], []
     for _ in range(args["steps"]):
         dist.barrier()
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         step()
         times.append(time.perf_counter() - start)
+        cpu_times.append(time.process_time() - cpu_start)
     return {
         "peak_mb": _status_kb("VmHWM") / 1024,
         "resting_mb": resting,
         "step_s": statistics.median(times),
+        "cpu_s": statistics.median(cpu_times),
+        "shard_local": len(local),
         "base_mb": base,
         "parameters": sum(p.numel() for p in model.parameters()),  # a DTensor counts whole
     }
@@ -221,7 +245,23 @@ def run_config(config: str, world: int, args: dict) -> dict:
         "resting_mb": max(r["resting_mb"] for r in ranks),
         "base_mb": max(r["base_mb"] for r in ranks),
         "step_s": max(r["step_s"] for r in ranks),
+        "cpu_s": max(r["cpu_s"] for r in ranks),
+        "shard_local": ranks[0]["shard_local"],
     }
+
+
+def _added_per_world(rows: list[dict], config: str) -> dict[int, tuple[float, float]]:
+    """``{world: (wall s, cpu s)}``: ``config``'s step time minus plain FSDP2's, per rank."""
+    def found(name: str, world: int) -> dict | None:
+        return next((r for r in rows if r["config"] == name and r["world"] == world
+                     and "error" not in r), None)
+
+    added = {}
+    for world in sorted({r["world"] for r in rows}):
+        base, row = found("fsdp", world), found(config, world)
+        if base is not None and row is not None:
+            added[world] = (row["step_s"] - base["step_s"], row["cpu_s"] - base["cpu_s"])
+    return added
 
 
 def main() -> None:
@@ -248,7 +288,7 @@ def main() -> None:
     print(f"decoder width {args.width}, {args.layers} layers, vocab {args.vocab}; "
           f"{args.batch} x {args.seq} tokens per rank; median of {args.steps} steps")
     print(f"{'config':<11} {'world':>5} {'params':>8} {'peak MB/rank':>13} "
-          f"{'resting MB':>11} {'base MB':>8} {'step s':>8}")
+          f"{'resting MB':>11} {'base MB':>8} {'step s':>8} {'cpu s':>8}")
     for world in args.world:
         for config in args.configs:
             row = run_config(config, world, settings)
@@ -258,7 +298,7 @@ def main() -> None:
                 continue
             print(f"{config:<11} {world:>5} {row['parameters'] / 1e6:>7.1f}M "
                   f"{row['peak_mb']:>13.0f} {row['resting_mb']:>11.0f} {row['base_mb']:>8.0f} "
-                  f"{row['step_s']:>8.2f}",
+                  f"{row['step_s']:>8.2f} {row['cpu_s']:>8.2f}",
                   flush=True)
     for world in args.world:
         base = next((r for r in rows if r["config"] == "fsdp" and r["world"] == world
@@ -270,7 +310,15 @@ def main() -> None:
                 print(f"world {world}: {row['config']} / fsdp: peak memory "
                       f"{row['peak_mb'] / base['peak_mb']:.2f}x "
                       f"(+{row['peak_mb'] - base['peak_mb']:.0f} MB per rank), step time "
-                      f"{row['step_s'] / base['step_s']:.2f}x")
+                      f"{row['step_s'] / base['step_s']:.2f}x (cpu "
+                      f"{row['cpu_s'] / base['cpu_s']:.2f}x)")
+    for config in (c for c in args.configs if c.startswith("fsdp_")):
+        added = _added_per_world(rows, config)
+        if 1 in added:
+            for world, (wall, cpu) in sorted(added.items()):
+                print(f"{config}: DKM's added time per rank at world {world}: {wall:+.2f} s "
+                      f"wall ({wall / added[1][0]:.2f}x world 1's), {cpu:+.2f} s cpu "
+                      f"({cpu / added[1][1]:.2f}x world 1's)")
     if args.json:
         args.json.write_text(json.dumps({
             "settings": settings, "rows": rows, "machine": platform.platform(),

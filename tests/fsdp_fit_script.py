@@ -12,7 +12,10 @@ Two epochs of 8 steps. Options: ``--checkpoints`` (one at every epoch end in ``O
 with ``--full`` each is one file of the full state dict, else a sharded directory),
 ``--resume PATH`` (``fit(ckpt_path=PATH)``), ``--rank-seeds`` (each rank initialises the model
 with its own seed, as FSDP2 does not synchronise them), ``--method NAME``, ``--no-finalize``,
-``--tensorboard`` (a ``TensorBoardLogger`` in ``OUT_DIR``: metrics and histograms).
+``--tensorboard`` (a ``TensorBoardLogger`` in ``OUT_DIR``: metrics and histograms),
+``--accumulate N`` (``accumulate_grad_batches``), ``--implementation NAME`` (the DKM step,
+``unique`` by default). ``result.pt`` also holds the warnings rank 0 saw and, per training
+batch, whether the centroids moved during it (``moved``).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -73,6 +77,28 @@ class ShardedMLP(pl.LightningModule):
         return DataLoader(random_classification(256), batch_size=16)
 
 
+class MoveRecorder(pl.Callback):
+    """Whether the centroids moved during each training batch (DKM steps per optimizer step)."""
+
+    def __init__(self) -> None:
+        self.moved: list[bool] = []
+        self._before: list[torch.Tensor] = []
+
+    def _centroids(self, pl_module) -> list[torch.Tensor]:
+        from lightning_dkm import clustered_tensors
+
+        return [t.parametrization.centroids.clone()
+                for t in clustered_tensors(pl_module).values()]
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._before = self._centroids(pl_module)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        after = self._centroids(pl_module)
+        pairs = zip(after, self._before, strict=True)
+        self.moved.append(any(not torch.equal(a, b) for a, b in pairs))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("out_dir")
@@ -84,6 +110,8 @@ def main() -> None:
     parser.add_argument("--method", default="dkm")
     parser.add_argument("--no-finalize", action="store_true")
     parser.add_argument("--tensorboard", action="store_true")
+    parser.add_argument("--accumulate", type=int, default=1)
+    parser.add_argument("--implementation", default="unique")
     args = parser.parse_args()
     out = Path(args.out_dir)
     strategy = (
@@ -96,19 +124,23 @@ def main() -> None:
     # it rebuilds the soft weights in the backward (clustering_pass), under DDP it keeps them.
     callback = DKMCallback(bits=2, seed=0, save_dir=str(out / "dkm"), verbose=False,
                            method=args.method, finalize=not args.no_finalize,
-                           implementation="unique")
+                           implementation=args.implementation)
+    moves = MoveRecorder()
     trainer = pl.Trainer(
         default_root_dir=str(out), accelerator="cpu", devices=2, strategy=strategy,
         max_epochs=2, logger=TensorBoardLogger(str(out)) if args.tensorboard else False,
         enable_checkpointing=bool(checkpoints),
         enable_progress_bar=False, enable_model_summary=False,
-        callbacks=[callback, CentroidRecorder(str(out)), *checkpoints],
+        callbacks=[moves, callback, CentroidRecorder(str(out)), *checkpoints],  # moves first
+        accumulate_grad_batches=args.accumulate,
     )
     # The launcher runs rank 0 and starts rank 1 with LOCAL_RANK set (the Trainer's ranks are
     # only known once fit sets up the processes).
     torch.manual_seed(int(os.environ.get("LOCAL_RANK", "0")) if args.rank_seeds else 0)
     model = ShardedMLP()
-    trainer.fit(model, ckpt_path=args.resume)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        trainer.fit(model, ckpt_path=args.resume)
     if trainer.global_rank == 0:
         torch.save({
             "artifact": str(callback.artifact_path) if callback.artifact_path else None,
@@ -116,6 +148,8 @@ def main() -> None:
             "finalized": None if callback.finalized_model is None
             else callback.finalized_model.state_dict(),
             "report_bytes": None if callback.report is None else callback.report.total_bytes,
+            "warnings": [str(w.message) for w in seen],
+            "moved": moves.moved,
         }, out / "result.pt")
 
 

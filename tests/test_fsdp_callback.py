@@ -5,7 +5,10 @@ Each fit runs ``fsdp_fit_script.py`` (Lightning's launcher starts the second pro
 specification: every rank holds the same centroids, also when the ranks initialise their
 weights differently (FSDP2 does not synchronise them); the artifact and the finalized plain
 model equal a DDP run's with the same global batches; a resume from a sharded or a full FSDP
-checkpoint ends where the uninterrupted run ends; the other methods work too.
+checkpoint ends where the uninterrupted run ends; the other methods work too. DKM runs
+shard-locally (``lightning_dkm.engine.shard_local``): once per optimizer step, also under
+gradient accumulation, where the fit equals DDP's with the same accumulation; weights that
+cannot go shard-local are named in a warning and clustered from the gathered weight.
 """
 
 from __future__ import annotations
@@ -141,3 +144,26 @@ def test_metrics_and_histograms_of_the_sharded_weights_reach_tensorboard(runs):
     for name in CLUSTERED:  # each gathered from both ranks' shards
         assert f"dkm_weights/{name}" in events.Tags()["histograms"], name
     assert "dkm/entropy" in events.Tags()["scalars"]
+
+
+def test_without_accumulation_the_centroids_move_once_in_every_batch_and_nothing_warns(runs):
+    result = runs["fsdp"][1]
+    assert result["moved"] == [True] * 16  # 2 epochs of 8 batches
+    assert not [w for w in result["warnings"] if "gathered" in w]
+
+
+def test_under_gradient_accumulation_dkm_runs_once_per_optimizer_step_and_equals_ddp(tmp_path):
+    fsdp = fit(tmp_path / "fsdp", "fsdp", "--accumulate", "2")
+    ddp = fit(tmp_path / "ddp", "ddp", "--accumulate", "2")
+    assert fsdp["moved"] == ddp["moved"] == [True, False] * 8  # at each window's first batch
+    assert_identical_centroids(tmp_path / "fsdp")
+    assert_same_fit(fsdp, ddp, exact=False)
+
+
+def test_weights_that_cannot_go_shard_local_are_named_in_a_warning_and_still_train(tmp_path):
+    result = fit(tmp_path, "fsdp", "--implementation", "chunked")
+    (warning,) = [w for w in result["warnings"] if "gathered" in w]
+    assert all(name in warning for name in CLUSTERED) and "'chunked'" in warning
+    assert_identical_centroids(tmp_path)
+    for name in CLUSTERED:
+        assert torch.unique(result["palettes"][name]).numel() <= 4, name

@@ -567,7 +567,8 @@ class DKMCallback(Callback):
         """Whether this batch ends its accumulation window, or ``None`` for a DKM step per
         forward: without accumulation, under manual optimisation (no window is known), under
         FSDP2 (the window's soft weights and their gradient would stay whole on every rank:
-        the full model's size, which FSDP2 exists not to hold), and where the loop cannot
+        the full model's size, which FSDP2 exists not to hold; its shard-local DKM runs once
+        per optimizer step by itself, :mod:`.fully_sharded`), and where the loop cannot
         tell the window's last batch in advance (``training_step`` taking a
         ``dataloader_iter``, a strategy that accumulates itself)."""
         if (trainer.accumulate_grad_batches == 1 or not pl_module.automatic_optimization
@@ -587,6 +588,8 @@ class DKMCallback(Callback):
             pl_module.log("dkm/tau", self._timeline.tau, on_step=True, on_epoch=False,
                           prog_bar=True)
         if self._names:
+            if self._fully_sharded is not None:
+                self._fully_sharded.start_batch(pl_module, self._step_tensors(pl_module))
             self._forward_cache.open(pl_module, self._window_position(trainer, pl_module))
 
     def on_before_backward(
@@ -603,6 +606,8 @@ class DKMCallback(Callback):
         batch_idx: int,
     ) -> None:
         self._forward_cache.close()
+        if self._fully_sharded is not None:
+            self._fully_sharded.end_batch()
         if self._forward_cache.window_is_last:
             self._forward_cache.end_window()
 
@@ -611,18 +616,24 @@ class DKMCallback(Callback):
     ) -> None:
         self._forward_cache.close()
         self._forward_cache.end_window(finish=False)
+        if self._fully_sharded is not None:
+            self._fully_sharded.drop()  # the raw weights back in the shards
         self._release_save_dir()  # Lightning calls no teardown hook after an exception
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any
     ) -> None:
         self._forward_cache.finish_window()  # the window's gradients complete before the step
+        if self._fully_sharded is not None:
+            self._fully_sharded.before_optimizer_step()  # shard-local DKM's backward
         if not self._names or not self._timeline.active(trainer.current_epoch):
             return
         self.method.on_before_optimizer_step(self._step_tensors(pl_module), optimizer)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._forward_cache.end_window()  # Lightning steps on an epoch's last batch
+        if self._fully_sharded is not None:
+            self._fully_sharded.drop()
         if not self._timeline.active(trainer.current_epoch):
             return
         tensors = self._tensors(pl_module)
@@ -635,6 +646,8 @@ class DKMCallback(Callback):
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._forget_tensors()
+        if self._fully_sharded is not None:
+            self._fully_sharded.drop()
         if not self.finalize_at_fit_end or not self._names or self.results.finalized:
             return
         tensors = self._tensors(pl_module)

@@ -1,20 +1,27 @@
 """What :class:`~lightning_dkm.DKMCallback` does differently under FSDP2 (``fully_shard`` in
 ``configure_model`` under Lightning's ``ModelParallelStrategy``); ``docs/distributed.md`` says
 what and why. The callback itself seeds at the first training epoch (from the gathered weights)
-and leaves checkpoints the model's own state dict; this module holds the two steps with state:
-the weightless copy of the module taken at ``setup`` (:mod:`lightning_dkm.model.skeleton`), and
-finalize, which snaps every shard in place (:func:`~lightning_dkm.model.attach.finalize_sharded`,
-the parametrizations staying in mode ``"dense"``) and rebuilds the plain finalized model on rank
-0 from that copy and the gathered full state dict.
+and leaves checkpoints the model's own state dict; this module holds the steps with state:
+the weightless copy of the module taken at ``setup`` (:mod:`lightning_dkm.model.skeleton`);
+shard-local DKM (:mod:`lightning_dkm.engine.shard_local`) over each optimizer step, soft weights
+written into the shards at the batch start and DKM's backward applied to the reduce-scattered
+gradients before the step, the raw weights back in place after every batch; and finalize,
+which snaps every shard in place (:func:`~lightning_dkm.model.attach.finalize_sharded`, the
+parametrizations staying in mode ``"dense"``) and rebuilds the plain finalized model on rank 0
+from that copy and the gathered full state dict.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import lightning.pytorch as pl
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import nn
 
 from ..engine.palette import Palette
-from ..model.attach import finalize_sharded
+from ..engine.shard_local import ShardLocalDKM, eligible
+from ..model.attach import ClusteredTensor, finalize_sharded
 from ..model.carried import carry_palettes
 from ..model.checkpoint import split_dkm_state
 from ..model.skeleton import materialize, tensorless_copy
@@ -28,6 +35,68 @@ class FullySharded:
 
     def __init__(self) -> None:
         self._skeleton: nn.Module | None = None
+        self._step: ShardLocalDKM | None = None  # the optimizer step's shard-local DKM
+        self._warned: set[str] = set()  # weights already named in a "gathered" warning
+
+    # -- shard-local DKM over one optimizer step ----------------------------------------------
+    def start_batch(self, pl_module: pl.LightningModule,
+                    tensors: Mapping[str, ClusteredTensor]) -> None:
+        """At a training batch's start: at an optimizer step's first (micro-)batch, DKM of
+        every eligible weight's shards (:meth:`~.ShardLocalDKM.soften`, collectives); at the
+        step's later micro-batches the same soft values again (:meth:`~.ShardLocalDKM.reapply`,
+        no DKM). Weights in soft training that cannot go shard-local keep clustering the
+        gathered weight in the forward; each is named once in a warning saying why."""
+        if self._step is not None:
+            self._step.reapply()
+            return
+        soft = {n: t for n, t in tensors.items() if t.parametrization.mode == "soft"
+                and t.parametrization.training and t.parametrization.is_initialized}
+        if not soft:
+            return
+        if not pl_module.automatic_optimization:
+            self._warn(list(soft), "manual optimisation gives no optimizer step to apply DKM's "
+                       "backward before")
+            return
+        chosen, reasons = [], {}
+        for name, t in soft.items():
+            reason = eligible(t.parametrization, t.original)
+            if reason is None:
+                chosen.append((name, t.parametrization, t.original))
+            else:
+                reasons.setdefault(reason, []).append(name)
+        for reason, names in reasons.items():
+            self._warn(names, reason)
+        if chosen:
+            self._step = ShardLocalDKM(chosen)
+            self._step.soften()
+
+    def _warn(self, names: list[str], reason: str) -> None:
+        new = [n for n in names if n not in self._warned]
+        if new:
+            self._warned.update(new)
+            rank_zero_warn(f"DKMCallback under FSDP2: {new} are clustered from the gathered "
+                           f"weight in each forward (O(n) per rank, not shard-local) because "
+                           f"{reason}")
+
+    def before_optimizer_step(self) -> None:
+        """The step's gradients are complete: DKM's backward on every shard, raw weights
+        back (:meth:`~.ShardLocalDKM.finish`, collectives); the next batch starts a new step."""
+        step, self._step = self._step, None
+        if step is not None:
+            step.finish()
+
+    def end_batch(self) -> None:
+        """After a training batch: the raw weights back in the shards (validation, metrics,
+        checkpoints see them); an accumulation window's tables stay for its next micro-batch."""
+        if self._step is not None:
+            self._step.restore()
+
+    def drop(self) -> None:
+        """The raw weights back and the step forgotten (an exception, an epoch or fit end
+        without the optimizer step)."""
+        step, self._step = self._step, None
+        if step is not None:
+            step.restore()
 
     def setup(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, finalize_at_fit_end: bool
