@@ -1,7 +1,8 @@
-"""The engine under FSDP2 (``torch.distributed.fsdp.fully_shard``), two CPU processes with gloo:
-what holds today, before ``DKMCallback`` supports FSDP (issue #13). Parametrizations attached
-before ``fully_shard`` see the unsharded weight in the forward (gathered clustering), and every
-rank ends a training step with the same centroids."""
+"""The engine under FSDP2 (``torch.distributed.fsdp.fully_shard``), two CPU processes with gloo.
+Parametrizations attached before ``fully_shard`` see the unsharded weight in the forward
+(gathered clustering), and every rank ends a training step with the same centroids; shard-local
+DKM (``lightning_dkm.engine.shard_local``) gives the gathered path's gradients, the same
+centroids bit for bit on every rank, and the raw weights back bit for bit."""
 
 from __future__ import annotations
 
@@ -156,7 +157,7 @@ def _shard_local_against_gathered(rank: int, port: int, results) -> None:
             return model
 
         data = torch.randn(2, 2, 8, 256, generator=torch.Generator().manual_seed(1))
-        gathered, local = build(), build()
+        gathered, local, checkpointed = build(), build(), build()
         with L.clustering_pass(gathered):
             loss = sum(gathered(x).square().mean() for x in data[rank])
         loss.backward()
@@ -178,7 +179,23 @@ def _shard_local_against_gathered(rank: int, port: int, results) -> None:
             shard_local.restore()
             restored = all(torch.equal(t.original.to_local(), raw[n]) for n, t in tensors.items())
         shard_local.finish()
+
+        # the same step under activation checkpointing: the forward runs again in the backward
+        again = L.clustered_tensors(checkpointed)
+        shard_local = ShardLocalDKM([(n, t.parametrization, t.original)
+                                     for n, t in again.items()])
+        shard_local.soften()
+        for i, x in enumerate(data[rank]):
+            if i:
+                shard_local.reapply()
+            torch.utils.checkpoint.checkpoint(checkpointed, x, use_reentrant=False
+                                              ).square().mean().backward()
+            shard_local.restore()
+        shard_local.finish()
+        replayed = {n: (p.grad.full_tensor(), dict(local.named_parameters())[n].grad
+                        .full_tensor()) for n, p in checkpointed.named_parameters()}
         results[rank] = {
+            "replayed": replayed,
             "reasons": reasons, "owners": owners, "restored": restored,
             "raw_after": all(torch.equal(t.original.to_local(), raw[n])
                              for n, t in tensors.items()),
@@ -195,6 +212,7 @@ def _shard_local_against_gathered(rank: int, port: int, results) -> None:
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 def test_shard_local_dkm_gives_the_gathered_gradients_and_identical_centroids_on_every_rank():
+    """Also under activation checkpointing, and with two micro-batches (DKM once)."""
     ranks = _on_two_ranks(_shard_local_against_gathered)
     for rank in (0, 1):
         r = ranks[rank]
@@ -210,4 +228,7 @@ def test_shard_local_dkm_gives_the_gathered_gradients_and_identical_centroids_on
         assert torch.equal(ranks[1]["centroids"][name][0], centroids), name
     for name, soft in ranks[0]["soft"].items():  # every rank gathered the same soft weights
         assert torch.equal(ranks[1]["soft"][name], soft), name
-        assert torch.unique(soft).numel() > 8  # soft, not snapped ...
+        assert torch.unique(soft).numel() > 8  # soft, not snapped
+    for rank in (0, 1):  # activation checkpointing: its replay reads the same soft weights
+        for name, (checkpointed, plain) in ranks[rank]["replayed"].items():
+            torch.testing.assert_close(checkpointed, plain, rtol=1e-6, atol=1e-8, msg=name)

@@ -76,3 +76,26 @@ def test_weights_on_the_meta_device_are_refused_under_fsdp():
         model = TinyNet()
     with pytest.raises(MisconfigurationException, match=r"meta device.*__init__.*configure_model"):
         check_fully_sharded_model(model)
+
+
+def test_shard_local_dkm_deals_the_weights_to_owners_by_size_the_same_way_on_every_rank():
+    from lightning_dkm.engine.shard_local import owners
+
+    # largest first, each to the least loaded rank (ties: the lowest)
+    assert owners([10, 30, 20, 5], 2) == [1, 0, 1, 0]
+    assert owners([10, 30, 20, 5], 1) == [0, 0, 0, 0]
+    assert owners([7, 7, 7], 4) == [0, 1, 2]
+
+
+def test_shard_local_dkm_says_why_a_weight_cannot_take_it():
+    import lightning_dkm as L
+    from lightning_dkm.engine.shard_local import ShardLocalDKM, eligible
+
+    model = nn.Sequential(nn.Linear(16, 8), nn.Linear(8, 16))
+    L.attach(model, L.select_targets(model, L.ClusterSpec(bits=2), min_size=0),
+             implementation="chunked")
+    tensors = L.clustered_tensors(model)
+    for t in tensors.values():  # plain tensors: checked first, then the step and the layout
+        assert eligible(t.parametrization, t.original) == "it is not sharded by FSDP2"
+    with pytest.raises(ValueError, match="at least one weight"):
+        ShardLocalDKM([])
