@@ -77,7 +77,7 @@ def float16_codes(x: Tensor, normalization: Normalization | None, device_side: b
     """Each weight's code: ``(x - center) / unit`` rounded to float16 (P, n). Also returns the
     centres (P, 1), the power-of-two units (P, 1) and the normalisation's scale (P, 1) when
     one was given (else ``None``: it is computed from the distinct values)."""
-    P, n = x.shape
+    P = x.shape[0]
     if normalization is None:
         center = x.mean(dim=1, keepdim=True)
         scale = None
