@@ -26,10 +26,13 @@ optimizer state and a warm-up step exist, so the one-off k-means seeding does no
 RSS at rest before them (parameters and optimizer state, gradients freed), the RSS before the
 model was built (the process itself: Python, torch, gloo; included in the other two) and the
 median step time, by the wall clock and by the process's CPU clock (``time.process_time``,
-every thread of the rank: less disturbed by other load on the machine; a rank waiting in a
-gloo collective sleeps). The summary gives each config against plain FSDP2 at the same world
-size, and DKM's added time per rank (``fsdp_dkm4`` minus ``fsdp``) at each world size and its
-ratio to world 1's. ``--budget-gb`` caps each rank's address space at that many
+every thread of the rank; less disturbed than the wall clock by other load on the machine).
+For shard-local DKM it also reports the time in its two hooks (``soften`` before the forward,
+``finish`` before the optimizer step), which is all of DKM's own work for the weights it
+takes: the forward and backward in between are plain FSDP2's. The summary gives each config
+against plain FSDP2 at the same world size, DKM's added time per rank (the config's step
+minus ``fsdp``'s) at each world size and its ratio to world 1's, and the same for the hooks.
+``--budget-gb`` caps each rank's address space at that many
 GB above its size after the imports: a config that does not fit fails with an allocation error
 and is reported as such, instead of waking the machine's OOM killer. ``--world 1 2`` runs each
 config at both world sizes (to see DKM's extra memory fall with the world size).
@@ -190,35 +193,46 @@ def _run(rank: int, world: int, config: str, args: dict) -> dict:
                  for n, t in lightning_dkm.clustered_tensors(model).items()
                  if eligible(t.parametrization, t.original) is None]
 
-    def step() -> None:
+    def step() -> tuple[float, float]:
+        """One training step; the wall and CPU seconds spent in shard-local DKM's hooks."""
+        wall, cpu = time.perf_counter(), time.process_time()
         shard_local = ShardLocalDKM(local) if local else None
         if shard_local is not None:  # DKMCallback.on_train_batch_start
             shard_local.soften()
+        hooks = [time.perf_counter() - wall, time.process_time() - cpu]
         with lightning_dkm.clustering_pass(model):
             logits = wrapped(tokens[:, :-1])
         loss = F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
         loss.backward()
+        wall, cpu = time.perf_counter(), time.process_time()
         if shard_local is not None:  # DKMCallback.on_before_optimizer_step
             shard_local.finish()
+        hooks[0] += time.perf_counter() - wall
+        hooks[1] += time.process_time() - cpu
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        return hooks[0], hooks[1]
 
     step()  # warm-up: the optimizer state exists from here on
     dist.barrier()
     _settle_memory()
     resting = _status_kb("VmRSS") / 1024
-    times, cpu_times = [], []
+    times, cpu_times, hook_times, hook_cpu_times = [], [], [], []
     for _ in range(args["steps"]):
         dist.barrier()
         start, cpu_start = time.perf_counter(), time.process_time()
-        step()
+        hook_wall, hook_cpu = step()
         times.append(time.perf_counter() - start)
         cpu_times.append(time.process_time() - cpu_start)
+        hook_times.append(hook_wall)
+        hook_cpu_times.append(hook_cpu)
     return {
         "peak_mb": _status_kb("VmHWM") / 1024,
         "resting_mb": resting,
         "step_s": statistics.median(times),
         "cpu_s": statistics.median(cpu_times),
+        "hooks_s": statistics.median(hook_times),
+        "hooks_cpu_s": statistics.median(hook_cpu_times),
         "shard_local": len(local),
         "base_mb": base,
         "parameters": sum(p.numel() for p in model.parameters()),  # a DTensor counts whole
@@ -246,6 +260,8 @@ def run_config(config: str, world: int, args: dict) -> dict:
         "base_mb": max(r["base_mb"] for r in ranks),
         "step_s": max(r["step_s"] for r in ranks),
         "cpu_s": max(r["cpu_s"] for r in ranks),
+        "hooks_s": max(r["hooks_s"] for r in ranks),
+        "hooks_cpu_s": max(r["hooks_cpu_s"] for r in ranks),
         "shard_local": ranks[0]["shard_local"],
     }
 
@@ -288,7 +304,8 @@ def main() -> None:
     print(f"decoder width {args.width}, {args.layers} layers, vocab {args.vocab}; "
           f"{args.batch} x {args.seq} tokens per rank; median of {args.steps} steps")
     print(f"{'config':<11} {'world':>5} {'params':>8} {'peak MB/rank':>13} "
-          f"{'resting MB':>11} {'base MB':>8} {'step s':>8} {'cpu s':>8}")
+          f"{'resting MB':>11} {'base MB':>8} {'step s':>8} {'cpu s':>8} {'hooks s':>8} "
+          f"{'hooks cpu':>9}")
     for world in args.world:
         for config in args.configs:
             row = run_config(config, world, settings)
@@ -298,7 +315,8 @@ def main() -> None:
                 continue
             print(f"{config:<11} {world:>5} {row['parameters'] / 1e6:>7.1f}M "
                   f"{row['peak_mb']:>13.0f} {row['resting_mb']:>11.0f} {row['base_mb']:>8.0f} "
-                  f"{row['step_s']:>8.2f} {row['cpu_s']:>8.2f}",
+                  f"{row['step_s']:>8.2f} {row['cpu_s']:>8.2f} {row['hooks_s']:>8.2f} "
+                  f"{row['hooks_cpu_s']:>9.2f}",
                   flush=True)
     for world in args.world:
         base = next((r for r in rows if r["config"] == "fsdp" and r["world"] == world
@@ -319,6 +337,15 @@ def main() -> None:
                 print(f"{config}: DKM's added time per rank at world {world}: {wall:+.2f} s "
                       f"wall ({wall / added[1][0]:.2f}x world 1's), {cpu:+.2f} s cpu "
                       f"({cpu / added[1][1]:.2f}x world 1's)")
+        hooks = {r["world"]: r for r in rows if r["config"] == config and "error" not in r
+                 and r["shard_local"]}
+        if 1 in hooks:
+            for world, row in sorted(hooks.items()):
+                print(f"{config}: shard-local DKM's hooks per rank at world {world}: "
+                      f"{row['hooks_s']:.2f} s wall "
+                      f"({row['hooks_s'] / hooks[1]['hooks_s']:.2f}x world 1's), "
+                      f"{row['hooks_cpu_s']:.2f} s cpu "
+                      f"({row['hooks_cpu_s'] / hooks[1]['hooks_cpu_s']:.2f}x world 1's)")
     if args.json:
         args.json.write_text(json.dumps({
             "settings": settings, "rows": rows, "machine": platform.platform(),

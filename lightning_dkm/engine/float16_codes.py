@@ -162,13 +162,16 @@ class CodeColumns:
         assert total is not None
         return total
 
-    def look_up(self, table: Tensor, factor: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    def look_up(self, table: Tensor, factor: tuple[Tensor, Tensor] | None = None,
+                out: Tensor | None = None) -> Tensor:
         """(P, n): ``table[column]`` per weight, or with ``factor = (table_b, g)``
         ``table[column] + table_b[column] * g``. The result is the one buffer of ``n`` values
-        it allocates: each chunk's look-up is written into it in place, and ``table_b``'s
-        values are gathered a :data:`PIECE` at a time into one small scratch buffer."""
+        it allocates (or ``out``, (P, n) of ``table``'s dtype, not ``g``): each chunk's
+        look-up is written into it in place, and ``table_b``'s values are gathered a
+        :data:`PIECE` at a time into one small scratch buffer."""
         P, n = self.codes.shape
-        out = table.new_empty(P, n)
+        if out is None:
+            out = table.new_empty(P, n)
         scratch = None
         for part, columns in self.chunks():
             target = out[:, part]

@@ -164,25 +164,39 @@ class ShardLocalDKM:
         world = dist.get_world_size(self.group)
         ranks = owners([o.numel() for _, _, o in members], world)
         self._sources = [dist.get_global_rank(self.group, r) for r in range(world)]
-        # Centre and power-of-two unit of every weight from one all-reduce of its shards' sum
-        # and sum of squares (float64: the variance E[x^2] - E[x]^2 only has to be right within
-        # a factor of ~1.4 to pick the unit, :func:`~.float16_codes.encode`).
-        sums = torch.stack([torch.stack([
-            torch.sum(o.to_local().detach(), dtype=torch.float64),
-            torch.linalg.vector_norm(o.to_local().detach(), dtype=torch.float64).square(),
-        ]) for _, _, o in members])
-        dist.all_reduce(sums, group=self.group)
         self.weights: list[_Weight] = []
-        for (name, p, original), owner, (total, squares) in zip(
-                members, ranks, sums.tolist(), strict=True):
-            n = original.numel()
-            mean = total / n
-            std = max(squares / n - mean * mean, 0.0) ** 0.5
-            device = original.to_local().device
-            center = torch.tensor([[mean]], dtype=torch.float32, device=device)
-            unit = power_of_two_unit(torch.tensor([[std]], dtype=torch.float32, device=device))
+        for (name, p, original), owner, (center, unit) in zip(
+                members, ranks, self._normalizations([o for _, _, o in members]), strict=True):
             self.weights.append(_Weight(name, p, original, owner, center, unit))
         self.softened = False
+
+    def _normalizations(self, originals: list[Tensor]) -> list[tuple[Tensor, Tensor]]:
+        """Each weight's centre and power-of-two unit (1, 1) from one all-reduce of its shards'
+        sums and sums of squares (float32 passes, float64 arithmetic after; the squares in
+        float64 where float32 overflows or cancels). The unit only
+        needs the standard deviation within a factor of ~1.4 (:func:`~.float16_codes.encode`);
+        where ``E[x^2] - E[x]^2`` cancels badly (a mean far larger than the spread) the sums of
+        squared deviations are all-reduced as well, as :mod:`.float16_codes` falls back to
+        them (the same decision on every rank: it reads the all-reduced sums)."""
+        shards = [o.to_local().detach() for o in originals]
+        sums = torch.stack([torch.stack([s.sum(), torch.linalg.vector_norm(s).square()])
+                            for s in shards]).double()
+        dist.all_reduce(sums, group=self.group)
+        sizes = torch.tensor([o.numel() for o in originals], dtype=torch.float64)
+        mean, mean_square = sums[:, 0] / sizes, sums[:, 1] / sizes
+        variance = mean_square - mean.square()
+        cancels = ((variance < 1e-4 * mean_square) | ~mean_square.isfinite()).tolist()
+        if any(cancels):  # float64 deviations: squares of 1e20 overflow float32
+            deviations = torch.stack([
+                torch.linalg.vector_norm(s.double() - m).square() if c
+                else torch.zeros((), dtype=torch.float64) for s, m, c in zip(
+                    shards, mean.tolist(), cancels, strict=True)])
+            dist.all_reduce(deviations, group=self.group)
+            variance = torch.where(torch.tensor(cancels), deviations / sizes, variance)
+        std = variance.clamp_min(0.0).sqrt()
+        return [(torch.tensor([[m]], dtype=torch.float32, device=s.device),
+                 power_of_two_unit(torch.tensor([[d]], dtype=torch.float32, device=s.device)))
+                for s, m, d in zip(shards, mean.tolist(), std.tolist(), strict=True)]
 
     # -- the forward --------------------------------------------------------------------------
     @torch.no_grad()
@@ -229,8 +243,11 @@ class ShardLocalDKM:
             local = w.local()
             if w.raw is None:
                 w.raw = local.detach().clone()
-            soft = column.look_up(w.table)  # (1, n_local)
-            local.detach().copy_(soft.view(local.shape))
+            target = local.detach().view(1, -1)
+            if target.dtype == w.table.dtype:
+                column.look_up(w.table, out=target)  # straight into FSDP2's storage
+            else:
+                target.copy_(column.look_up(w.table))
             w.p.presoftened = True
         self.softened = True
 
