@@ -232,3 +232,57 @@ def test_shard_local_dkm_gives_the_gathered_gradients_and_identical_centroids_on
     for rank in (0, 1):  # activation checkpointing: its replay reads the same soft weights
         for name, (checkpointed, plain) in ranks[rank]["replayed"].items():
             torch.testing.assert_close(checkpointed, plain, rtol=1e-6, atol=1e-8, msg=name)
+
+
+def _soft_weights_at_extreme_magnitudes(rank: int, port: int, results) -> None:
+    """The soft weights that shard-local DKM writes, against the gathered ``"unique"`` step on
+    the whole weight, for weights whose squares overflow float32 (1e18), whose mean dwarfs
+    their spread (1e3 +- 1e-3), and tiny ones (1e-18)."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        import lightning_dkm as L
+        from lightning_dkm.engine.parametrization import StepConfig
+        from lightning_dkm.engine.shard_local import ShardLocalDKM
+
+        mesh = init_device_mesh("cpu", (2,))
+        out = {}
+        for label, scale, offset in [("huge", 1e18, 0.0), ("offset", 1e-3, 1e3),
+                                     ("tiny", 1e-18, 0.0)]:
+            torch.manual_seed(0)
+            model = nn.Sequential(nn.Linear(256, 128))
+            with torch.no_grad():
+                model[0].weight.mul_(scale / model[0].weight.std()).add_(offset)
+            L.attach(model, L.select_targets(model, L.ClusterSpec(bits=3), min_size=0),
+                     implementation="unique", temperature=3e-2)
+            (tensor,) = L.clustered_tensors(model).values()
+            p = tensor.parametrization
+            whole = tensor.original.detach().clone()
+            expected = p.step(whole.reshape(1, -1, 1), p.centroids, p.temperature,
+                              StepConfig(p.max_iter, p.epsilon)).weights.reshape(whole.shape)
+            fully_shard(model, mesh=mesh)
+            shard_local = ShardLocalDKM([("0.weight", p, tensor.original)])
+            shard_local.soften()
+            soft = tensor.original.detach().full_tensor()
+            shard_local.restore()
+            out[label] = (soft, expected, p.centroids.clone(),
+                          torch.equal(tensor.original.detach().full_tensor(), whole))
+        results[rank] = out
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+def test_shard_local_soft_weights_equal_the_gathered_step_at_extreme_magnitudes():
+    ranks = _on_two_ranks(_soft_weights_at_extreme_magnitudes)
+    for label, (soft, expected, centroids, restored) in ranks[0].items():
+        assert restored, label
+        assert torch.isfinite(soft).all(), label
+        spread = (expected - expected.mean()).abs().max()
+        torch.testing.assert_close(soft, expected, rtol=0, atol=1e-4 * float(spread),
+                                   msg=label)
+        assert torch.equal(ranks[1][label][2], centroids), label
+        assert torch.equal(ranks[1][label][0], soft), label
