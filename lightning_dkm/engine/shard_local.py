@@ -32,7 +32,8 @@ up to float summation order.
 **Work per rank**: ``O(n / world)`` per weight (codes, counting, look-ups) plus, for the
 weights it owns, the DKM iterations on the distinct values (``O(U k max_iter)``, ``U <=
 65,536``): the weights are dealt to the ranks by size (:func:`owners`). **Communication** per
-optimizer step: two small all-reduces (sums), and per weight 65,536 integer counts to its
+optimizer step: two small all-reduces (the sums, and whether each weight has a gradient; a
+third where the centre needs it), and per weight 65,536 integer counts to its
 owner, ``65,536 + k`` floats from it, 65,536 float sums to it and ``2 x 65,536`` floats from
 it; one collective per owning rank and kind, not per weight.
 
