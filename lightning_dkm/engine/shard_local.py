@@ -183,17 +183,19 @@ class ShardLocalDKM:
         sums = torch.stack([torch.stack([s.sum(), torch.linalg.vector_norm(s).square()])
                             for s in shards]).double()
         dist.all_reduce(sums, group=self.group)
-        sizes = torch.tensor([o.numel() for o in originals], dtype=torch.float64)
+        sizes = torch.tensor([o.numel() for o in originals], dtype=torch.float64,
+                             device=sums.device)
         mean, mean_square = sums[:, 0] / sizes, sums[:, 1] / sizes
         variance = mean_square - mean.square()
         cancels = ((variance < 1e-4 * mean_square) | ~mean_square.isfinite()).tolist()
         if any(cancels):  # float64 deviations: squares of 1e20 overflow float32
             deviations = torch.stack([
                 torch.linalg.vector_norm(s.double() - m).square() if c
-                else torch.zeros((), dtype=torch.float64) for s, m, c in zip(
+                else s.new_zeros((), dtype=torch.float64) for s, m, c in zip(
                     shards, mean.tolist(), cancels, strict=True)])
             dist.all_reduce(deviations, group=self.group)
-            variance = torch.where(torch.tensor(cancels), deviations / sizes, variance)
+            variance = torch.where(torch.tensor(cancels, device=sums.device),
+                                   deviations.to(sums.device) / sizes, variance)
         std = variance.clamp_min(0.0).sqrt()
         return [(torch.tensor([[m]], dtype=torch.float32, device=s.device),
                  power_of_two_unit(torch.tensor([[d]], dtype=torch.float32, device=s.device)))
@@ -281,7 +283,7 @@ class ShardLocalDKM:
         grads = [None if w.original.grad is None else w.original.grad.to_local()
                  for w in self.weights]
         present = [g is not None for g in grads]
-        flags = torch.tensor(present, dtype=torch.int32)
+        flags = torch.tensor(present, dtype=torch.int32, device=self.weights[0].local().device)
         dist.all_reduce(flags, op=dist.ReduceOp.MIN, group=self.group)
         columns = [w.codes() for w in self.weights]
         sums = [c.sum_per_code(g.detach().reshape(1, -1).float()) if ok else
