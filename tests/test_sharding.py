@@ -78,13 +78,16 @@ def test_weights_on_the_meta_device_are_refused_under_fsdp():
         check_fully_sharded_model(model)
 
 
-def test_shard_local_dkm_deals_the_weights_to_owners_by_size_the_same_way_on_every_rank():
+def test_shard_local_dkm_deals_the_weights_to_owners_by_cost_the_same_way_on_every_rank():
     from lightning_dkm.engine.shard_local import owners
 
     # largest first, each to the least loaded rank (ties: the lowest)
     assert owners([10, 30, 20, 5], 2) == [1, 0, 1, 0]
     assert owners([10, 30, 20, 5], 1) == [0, 0, 0, 0]
     assert owners([7, 7, 7], 4) == [0, 1, 2]
+    # ... by the iterations' cost, which stops growing at 65,536 distinct values: one huge
+    # weight does not leave the other rank every other weight
+    assert owners([40_000_000, 600_000, 600_000, 600_000], 2) == [0, 1, 0, 1]
 
 
 def test_shard_local_dkm_says_why_a_weight_cannot_take_it():

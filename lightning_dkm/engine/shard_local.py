@@ -31,7 +31,7 @@ up to float summation order.
 
 **Work per rank**: ``O(n / world)`` per weight (codes, counting, look-ups) plus, for the
 weights it owns, the DKM iterations on the distinct values (``O(U k max_iter)``, ``U <=
-65,536``): the weights are dealt to the ranks by size (:func:`owners`). **Communication** per
+65,536``): the weights are dealt to the ranks by that cost (:func:`owners`). **Communication** per
 optimizer step: two small all-reduces (the sums, and whether each weight has a gradient; a
 third where the centre needs it), and per weight 65,536 integer counts to its
 owner, ``65,536 + k`` floats from it, 65,536 float sums to it and ``2 x 65,536`` floats from
@@ -100,15 +100,20 @@ def eligible(p: DKMParametrization, original: Tensor) -> str | None:
 
 
 def owners(sizes: Sequence[int], world: int) -> list[int]:
-    """The rank that runs each weight's DKM iterations: the weights dealt by size, largest
-    first, each to the rank with the least so far (ties: the lowest rank). The same on every
-    rank (it depends on the sizes only)."""
+    """The rank that runs each weight's DKM iterations, for weights of ``sizes`` elements:
+    the weights dealt by the cost of their iterations, ``O(U k max_iter)`` with ``U <=
+    min(n, 65,536)`` distinct values (the bound stands for ``U``, known only after counting),
+    largest first, each to the rank with the least so far (ties: the lower size rank, then the
+    lowest rank). The same on every rank (it depends on the sizes only). Dealing by ``n``
+    instead would give one rank the largest weight and little else, though its iterations
+    cost no more than a 65,536-weight matrix's."""
+    costs = [min(n, _CODES) for n in sizes]
     load = [0] * world
     out = [0] * len(sizes)
-    for i in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
+    for i in sorted(range(len(sizes)), key=lambda i: (-costs[i], -sizes[i], i)):
         rank = min(range(world), key=lambda r: (load[r], r))
         out[i] = rank
-        load[rank] += sizes[i]
+        load[rank] += costs[i]
     return out
 
 
