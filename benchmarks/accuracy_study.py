@@ -134,7 +134,10 @@ from lightning_dkm import (  # noqa: E402
 )
 from lightning_dkm.engine.clustering_pass import clustering_pass  # noqa: E402
 from lightning_dkm.engine.layout import ClusterSpec  # noqa: E402
-from lightning_dkm.lightning.bit_widths import SENSITIVITY_BATCHES  # noqa: E402
+from lightning_dkm.lightning.bit_widths import (  # noqa: E402
+    SENSITIVITY_BATCHES,
+    SENSITIVITY_SAMPLES,
+)
 from lightning_dkm.lightning.schedules import build_schedule  # noqa: E402
 from lightning_dkm.model.bit_budget import BitAllocation, plan_widths  # noqa: E402
 from lightning_dkm.model.methods import (  # noqa: E402
@@ -142,7 +145,7 @@ from lightning_dkm.model.methods import (  # noqa: E402
     DEFAULT_REGULARIZATION,
     build_method,
 )
-from lightning_dkm.model.post_training import hessian_diagonal  # noqa: E402
+from lightning_dkm.model.post_training import allocation_curvature  # noqa: E402
 from lightning_dkm.model.targets import select_targets  # noqa: E402
 
 #: The engine's train-time methods (``DKMCallback(method=...)``).
@@ -391,6 +394,9 @@ class FinetuneConfig:
     #: Training batches whose Hessian diagonal weighs ``dkm_average_bits``' estimate (what
     #: DKMCallback reads: ``lightning.bit_widths.SENSITIVITY_BATCHES``).
     budget_batches: int = SENSITIVITY_BATCHES
+    #: Samples of each of those batches (their first; ``None``: whole), as DKMCallback:
+    #: ``lightning.bit_widths.SENSITIVITY_SAMPLES``.
+    budget_samples: int | None = SENSITIVITY_SAMPLES
     #: ``"hessian"`` (what DKMCallback does) or ``"none"``: the estimate's squared errors
     #: unweighted (rows ``dkm_average_bits_unweighted``).
     budget_sensitivity: str = "hessian"
@@ -782,7 +788,8 @@ def run_task(task: Task, cfg: FinetuneConfig, log=print,
 def _budget_init(task: Task, cfg: FinetuneConfig, average_bits: float, seed: int
                  ) -> tuple[dict[str, Palette], BitAllocation, dict[str, float]]:
     """What ``DKMCallback(average_bits=...)`` does when DKM starts, on ``task``'s fp32 model:
-    the Hessian diagonal of the training loss on ``cfg.budget_batches`` training batches, the
+    the Hessian diagonal of the training loss on the first ``cfg.budget_samples`` samples of
+    ``cfg.budget_batches`` training batches (``allocation_curvature``, the callback's), the
     widths (``plan_widths``), then k-means at each width (the study's init, as for every engine
     method). Returns the palettes, the allocation and the seconds of each part."""
     model = task.fresh()
@@ -792,8 +799,11 @@ def _budget_init(task: Task, cfg: FinetuneConfig, average_bits: float, seed: int
     hessian = None
     if cfg.budget_sensitivity == "hessian":
         loader = task.calibration(seed, cfg.budget_batches, cfg.batch_size)
-        hessian = hessian_diagonal(model, loader, _calibration_loss(task), list(weights),
-                                   num_batches=cfg.budget_batches)
+        hessian, label = allocation_curvature(model, loader, _calibration_loss(task),
+                                              list(weights), cfg.budget_batches,
+                                              cfg.budget_samples, seed=seed)
+        if hessian is None:
+            raise RuntimeError(f"{task.name}: {label}")
     t1 = time.perf_counter()
     allocation = plan_widths(targets, weights, average_bits, sensitivity=hessian, seed=seed)
     t2 = time.perf_counter()

@@ -4,9 +4,13 @@ the widths chosen on rank 0 and broadcast, and where the allocation is shown.
 The allocation itself (estimates, budget, knapsack) is :mod:`lightning_dkm.model.bit_budget`;
 this module only brings it what a fit has: the ``LightningModule``'s ``training_step`` as the
 loss whose Hessian diagonal weighs the estimate
-(:func:`~lightning_dkm.model.post_training.hessian_diagonal`), on the first
-:data:`SENSITIVITY_BATCHES` batches of the training dataloader, at ``setup`` (before the
-optimizer and DDP see the model, when the widths must be fixed).
+(:func:`~lightning_dkm.model.post_training.allocation_curvature`), on the first
+:data:`SENSITIVITY_SAMPLES` samples of the first :data:`SENSITIVITY_BATCHES` batch of the
+training dataloader, at ``setup`` (before the optimizer and DDP see the model, when the widths
+must be fixed). Where no Hessian can be had (manual optimization, no dataloader at setup, a
+loss without a double backward) the widths are uniform
+(:func:`~lightning_dkm.model.bit_budget.uniform_allocation`), with a warning naming
+``average_bits`` and why.
 """
 
 from __future__ import annotations
@@ -23,15 +27,17 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from ..model.bit_budget import (
     SENSITIVITY_BATCHES,
-    UNWEIGHTED,
+    SENSITIVITY_SAMPLES,
+    UNIFORM,
     BitAllocation,
     fixed_by_overrides,
     plan_widths,
+    uniform_allocation,
 )
 from ..model.post_training import allocation_curvature
 from ..model.targets import Target
 
-__all__ = ["SENSITIVITY_BATCHES", "log_allocation", "plan_fit_widths"]
+__all__ = ["SENSITIVITY_BATCHES", "SENSITIVITY_SAMPLES", "log_allocation", "plan_fit_widths"]
 
 
 @contextlib.contextmanager
@@ -71,30 +77,23 @@ def _train_batches(trainer: pl.Trainer) -> Any:
 
 def _sensitivity(trainer: pl.Trainer, pl_module: pl.LightningModule, names: list[str],
                  seed: int) -> tuple[dict[str, torch.Tensor] | None, str]:
-    """The Hessian diagonal of ``names`` (Hutchinson) on the first batches of the training
-    data, or ``None`` (and why, in a warning) where it cannot be had."""
-    why = None
+    """The Hessian diagonal of ``names`` (Hutchinson) on the first samples of the training
+    data and its label, or ``None`` and why it cannot be had."""
     if not pl_module.automatic_optimization:
-        why = ("the module uses manual optimization, whose training_step steps the optimizer "
-               "itself")
-    else:
-        try:
-            loader = _train_batches(trainer)
-        except Exception as err:  # a user's train_dataloader() that cannot run yet
-            loader, why = None, f"the training dataloader could not be built at setup ({err})"
-        if loader is None and why is None:
-            why = "no training dataloader is known at setup"
-    if why is None:
-        try:
-            with _logging_muted(pl_module):
-                hessian, why = allocation_curvature(pl_module, loader, _training_loss, names,
-                                                    SENSITIVITY_BATCHES, seed=seed)
-        except ValueError as err:
-            why = f"the training loss gave no sensitivity ({err})"
-        if why is None:
-            return hessian, f"hessian ({SENSITIVITY_BATCHES} training batches at most)"
-    rank_zero_warn(f"DKMCallback(average_bits=...): {why}; {UNWEIGHTED}")
-    return None, "none"
+        return None, ("the module uses manual optimization, whose training_step steps the "
+                      "optimizer itself")
+    try:
+        loader = _train_batches(trainer)
+    except Exception as err:  # a user's train_dataloader() that cannot run yet
+        return None, f"the training dataloader could not be built at setup ({err})"
+    if loader is None:
+        return None, "no training dataloader is known at setup"
+    try:
+        with _logging_muted(pl_module):
+            return allocation_curvature(pl_module, loader, _training_loss, names,
+                                        SENSITIVITY_BATCHES, SENSITIVITY_SAMPLES, seed=seed)
+    except ValueError as err:
+        return None, f"the training loss gave no sensitivity ({err})"
 
 
 def plan_fit_widths(
@@ -119,11 +118,20 @@ def plan_fit_widths(
         fixed = fixed_by_overrides(selected, overrides)
         sensitivity, label = _sensitivity(trainer, pl_module,
                                           [n for n in weights if n not in fixed], seed)
+        if sensitivity is None:
+            rank_zero_warn(f"DKMCallback(average_bits={average_bits:g}): {label}; {UNIFORM}")
         try:
-            allocation = plan_widths(
-                selected, weights, average_bits, fixed=fixed, sensitivity=sensitivity,
-                sensitivity_label=label, allowed_bits=allowed_bits, lut_dtype=lut_dtype,
-                seed=seed).to_dict()
+            if sensitivity is None:
+                chosen = uniform_allocation(selected, weights, average_bits, label, fixed=fixed,
+                                            allowed_bits=allowed_bits,
+                                            lut_dtype=lut_dtype,
+                                            seed=seed)
+            else:
+                chosen = plan_widths(
+                    selected, weights, average_bits, fixed=fixed, sensitivity=sensitivity,
+                    sensitivity_label=label, allowed_bits=allowed_bits,
+                    lut_dtype=lut_dtype, seed=seed)
+            allocation = chosen.to_dict()
         except ValueError as err:
             error = str(err)
     allocation, error = trainer.strategy.broadcast((allocation, error), src=0)

@@ -28,8 +28,10 @@ allocations never worse than uniform widths on both of the study's models, the s
 gradients' (also measured at the clustered weights) worse on one. The centroids are those
 k-means finds with :math:`2^b` of them, as DKM is seeded (for scalar palettes on the values
 rounded to a fine grid, :func:`_snap`). Without a sensitivity every weight counts 1 (the
-squared error itself); a sensitivity that is rounding noise (:func:`_is_noise`) is replaced by
-that, with a warning.
+squared error itself). Where the sensitivity should be had and cannot (a loss without a
+double backward) or is rounding noise (:func:`_is_noise`), the widths are uniform instead
+(:func:`uniform_allocation`: the budget's own width, a fractional budget's two widths around
+it), with a warning: the squared error alone chose widths worse than uniform on MiniLM.
 
 **The allocation** is a multiple-choice knapsack, solved by dynamic programming over bytes:
 exact when the budget is at most 2**16 bytes; beyond that the bytes are counted in units of
@@ -66,7 +68,8 @@ from .targets import Target
 __all__ = [
     "ALL_WIDTHS",
     "SENSITIVITY_BATCHES",
-    "UNWEIGHTED",
+    "SENSITIVITY_SAMPLES",
+    "UNIFORM",
     "BitAllocation",
     "TensorWidth",
     "allocate",
@@ -76,17 +79,25 @@ __all__ = [
     "distortions",
     "fixed_by_overrides",
     "plan_widths",
+    "uniform_allocation",
     "with_bits",
 ]
 
-#: Batches whose Hessian diagonal weighs the estimate (one Rademacher probe each): on the
-#: accuracy study's two models 1, 2, 4 and 8 batches choose the same widths at 2 and 3 bits
-#: (``benchmarks/budget_sensitivity.py``); each costs about three backward passes.
-SENSITIVITY_BATCHES = 2
+#: Batches whose Hessian diagonal weighs the estimate (one Rademacher probe each), each cut to
+#: its first :data:`SENSITIVITY_SAMPLES` samples: a forward, a backward with graph and a second
+#: backward, which cost in proportion to the samples. On the accuracy study's MiniLM (whole
+#: encoder) and char-LM one batch of 4 samples estimates as 2 batches of 16 did (Spearman
+#: 0.998-0.999 over every tensor and width), at a fifth of the time
+#: (``benchmarks/budget_estimator.py``).
+SENSITIVITY_BATCHES = 1
+#: Samples of each sensitivity batch (``post_training.first_samples``; ``None``: whole).
+SENSITIVITY_SAMPLES = 4
 
-#: What every fallback to the unweighted estimate says it does instead.
-UNWEIGHTED = ("the widths are chosen by each tensor's squared clustering error alone, every "
-              "weight counting the same")
+#: What every fallback without a usable sensitivity does instead (:func:`uniform_allocation`).
+UNIFORM = ("every tensor gets the budget's own width (a fractional budget: the narrower of the "
+           "two around it, the wider one where the squared clustering error falls most per "
+           "byte), not widths chosen by the squared clustering error alone, which lost to "
+           "uniform widths on MiniLM")
 
 #: Every width ``average_bits`` may choose by default.
 ALL_WIDTHS = tuple(range(1, MAX_BITS + 1))
@@ -97,7 +108,7 @@ _KMEANS_ITER = 50
 #: The width of every tensor when neither ``bits`` nor ``average_bits`` is given.
 DEFAULT_BITS = 4
 # Scalar palettes are clustered on their values rounded to multiples of 1 / _GRID (_snap).
-_GRID = 1 << 11
+_GRID = 1 << 9
 # Widths above this are estimated from it, each further bit dividing the error by 4.
 _MEASURED_BITS = 4
 
@@ -183,18 +194,29 @@ class _Snapped:
     """One tensor's k-means at several widths, before any sensitivity weighs the errors (the
     centroids do not depend on it): its palettes ``x`` ``(P, n, d)`` (the weight divided by
     its per-channel ``scale``, then by ``unit``, a power of two per palette) and, per width,
-    the centroid each vector snaps to, in the same units."""
+    the centroids, in the same units: of each vector (``(P, n, d)``) for vector palettes; for
+    scalar palettes of each of the tensor's grid ``cells`` (``(C,)``: ``grid`` holds each
+    cell's value, ``cells`` ``(P, n)`` each weight's cell), so that an estimate sums per cell
+    instead of per weight and width."""
 
     layout: PaletteLayout
     scale: Tensor | None
     unit: Tensor
     x: Tensor
     centroids: dict[int, Tensor]
+    grid: Tensor | None = None
+    cells: Tensor | None = None
+
+    def snapped(self, bits: int) -> Tensor:
+        """``(P, n, d)``: the centroid each vector snaps to at ``bits``, in units of ``unit``."""
+        if self.cells is None:
+            return self.centroids[bits]
+        return self.centroids[bits][self.cells].unsqueeze(-1)
 
     def weight(self, bits: int) -> Tensor:
         """The weight snapped to its palette at ``bits`` (float32, CPU; for
         ``benchmarks/budget_sensitivity.py``, which measures each snap's loss)."""
-        return self.layout.from_palettes(self.centroids[bits] * self.unit, self.scale)
+        return self.layout.from_palettes(self.snapped(bits) * self.unit, self.scale)
 
     def estimates(self, widths: Iterable[int], sensitivity: Tensor | None) -> dict[int, float]:
         """``{bits: E(bits)}`` (:func:`distortions`), measured up to 4 bits, extrapolated
@@ -205,17 +227,56 @@ class _Snapped:
             if self.scale is not None:  # an error e in scaled units is s * e in the weight's
                 s = s * self.layout.broadcast_scale(self.scale.to(s)) ** 2
             f = f * self.layout.to_palettes(s).float().cpu()
-        out = {b: 0.5 * float((f * (self.x - c).square()).sum())
-               for b, c in self.centroids.items()}
+        if self.cells is None:
+            out = {b: 0.5 * float((f * (self.x - c).square()).sum())
+                   for b, c in self.centroids.items()}
+        else:
+            out = self._per_cell(f.expand_as(self.x))
         widths = sorted(widths)
         top = max(_measured(widths))
         # high-rate quantisation: each further bit quarters the squared error
         return {b: out[b] if b <= top else out[top] * 4.0 ** (top - b) for b in widths}
 
+    def _per_cell(self, f: Tensor) -> dict[int, float]:
+        r"""The scalar estimates summed per grid cell: with :math:`r_i = x_i - g_i` a weight's
+        offset from its cell's value and :math:`\delta = g - c` the cell's from its centroid,
+        :math:`\sum_i f_i (x_i - c)^2 = \sum_{cells} F \delta^2 + 2 \delta F_r + F_{rr}`
+        (:math:`F, F_r, F_{rr}` the cell's sums of :math:`f, f r, f r^2`), in float64: three
+        weighted counts for every width instead of one pass over the weights per width."""
+        assert self.grid is not None and self.cells is not None
+        cells = self.cells.reshape(-1)
+        grid = self.grid.double()
+        f = f.reshape(-1).double()
+        r = self.x.reshape(-1).double() - grid[cells]
+        fr = f * r
+        size = grid.numel()
+        total = torch.bincount(cells, f, size)
+        first = torch.bincount(cells, fr, size)
+        second = torch.bincount(cells, fr * r, size)
+        out = {}
+        for bits, centroids in self.centroids.items():
+            delta = grid - centroids.double()
+            out[bits] = 0.5 * float((total * delta.square() + 2 * delta * first + second).sum())
+        return out
+
 
 def _measured(widths: Sequence[int]) -> list[int]:
     """The widths whose k-means the estimate runs: up to 4 bits (at least the narrowest)."""
     return [b for b in widths if b <= _MEASURED_BITS] or sorted(widths)[:1]
+
+
+def _grid_values(values: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``values`` (in ``(-1, 1)``, a palette divided by its unit) rounded to multiples of
+    ``1 / _GRID``: the distinct ones ascending, each value's index among them and their
+    counts (float), as ``torch.unique(..., return_inverse=True, return_counts=True)`` gives
+    them, by counting the ``2 * _GRID + 1`` grid cells instead of sorting (a tenth of the
+    time on MiniLM's encoder: 0.06 s instead of 0.59 s for its 36 tensors)."""
+    cell = (values * _GRID).round_().long().add_(_GRID)  # 0 .. 2 * _GRID
+    counts = torch.bincount(cell, minlength=2 * _GRID + 1)
+    present = counts.nonzero().squeeze(1)
+    index = torch.empty_like(counts)
+    index[present] = torch.arange(present.numel())
+    return ((present - _GRID).float() / _GRID, index[cell], counts[present].float())
 
 
 @torch.no_grad()
@@ -240,10 +301,7 @@ def _snap(tensors: Sequence[tuple[Tensor, PaletteLayout, Collection[int]]], seed
             out.append(_Snapped(layout, scale, unit, x, {}))
             if x.shape[-1] == 1:
                 for p in range(x.shape[0]):
-                    distinct, inverse, counts = torch.unique(
-                        (x[p, :, 0] * _GRID).round() / _GRID, return_inverse=True,
-                        return_counts=True)
-                    scalars.append((i, p, distinct, inverse, counts.float()))
+                    scalars.append((i, p, *_grid_values(x[p, :, 0])))
                 continue
             for bits in widths:
                 generator = torch.Generator().manual_seed(
@@ -251,6 +309,7 @@ def _snap(tensors: Sequence[tuple[Tensor, PaletteLayout, Collection[int]]], seed
                 result = kmeans(x, 1 << bits, generator, max_iter=_KMEANS_ITER)
                 idx = result.labels.unsqueeze(-1).expand(-1, -1, x.shape[-1])
                 out[i].centroids[bits] = result.centroids.gather(1, idx)
+        per_cell: dict[tuple[int, int], list[Tensor]] = {}  # (tensor, bits): per palette
         for bits in sorted({b for _, _, widths in tensors for b in widths}):
             rows = [s for s in scalars if bits in tensors[s[0]][2]]
             if not rows:
@@ -263,9 +322,16 @@ def _snap(tensors: Sequence[tuple[Tensor, PaletteLayout, Collection[int]]], seed
                                   for _, _, _, _, c in rows])
             result = kmeans(values.unsqueeze(-1), 1 << bits, sample_weight=counts)
             snapped = result.centroids[..., 0].gather(1, result.labels)  # (rows, m)
-            for r, (i, p, _, inverse, _) in enumerate(rows):
-                target = out[i].centroids.setdefault(bits, torch.empty_like(out[i].x))
-                target[p, :, 0] = snapped[r, inverse]
+            for r, (i, _, distinct, _, _) in enumerate(rows):
+                per_cell.setdefault((i, bits), []).append(snapped[r, : distinct.numel()])
+    for i in sorted({s[0] for s in scalars}):
+        mine = [s for s in scalars if s[0] == i]  # its palettes in order
+        offsets = torch.tensor([0] + [d.numel() for _, _, d, _, _ in mine]).cumsum(0)
+        cells = torch.stack([inverse + offsets[p] for p, (_, _, _, inverse, _)
+                             in enumerate(mine)])
+        centroids = {bits: torch.cat(per_cell[(i, bits)]) for bits in tensors[i][2]}
+        out[i] = replace(out[i], centroids=centroids, cells=cells,
+                         grid=torch.cat([d for _, _, d, _, _ in mine]))
     return out
 
 
@@ -419,10 +485,11 @@ class BitAllocation:
     budget_bytes: int
     allowed_bits: tuple[int, ...]
     lut_dtype: str
-    #: What weighted the errors: ``"hessian (N training batches at most)"`` (the callback),
-    #: ``"hessian (calibration)"`` (``palettize``), ``"given"`` (a sensitivity passed to
-    #: :func:`plan_widths`), or ``"none"`` / ``"none (<label> was rounding noise)"``
-    #: (squared error).
+    #: What weighted the errors: ``"hessian (1 batch, the first 4 samples of each)"`` (the
+    #: callback's training batches, ``palettize``'s calibration ones), ``"given"`` (a
+    #: sensitivity passed to :func:`plan_widths`), ``"none"`` (squared error), or
+    #: ``"uniform (<why>)"`` / ``"uniform (<label> was rounding noise)"``
+    #: (:func:`uniform_allocation`).
     sensitivity: str
     tensors: tuple[TensorWidth, ...]
 
@@ -529,8 +596,8 @@ def plan_widths(
             count against the budget.
         sensitivity: ``{name: F}`` of each weight's shape (e.g.
             :func:`~lightning_dkm.model.post_training.hessian_diagonal`); ``None``: 1
-            everywhere. One that is rounding noise (:func:`_is_noise`) is replaced by 1
-            everywhere, with a warning naming ``average_bits``.
+            everywhere. One that is rounding noise (:func:`_is_noise`) gives the widths of
+            :func:`uniform_allocation` instead, with a warning naming ``average_bits``.
         sensitivity_label: how the allocation records it (default ``"given"`` / ``"none"``).
         allowed_bits: the widths to choose from (default 1..8), e.g. Core AI's (1, 2, 4, 6, 8).
         lut_dtype: the LUTs' storage dtype, as the report counts them.
@@ -540,6 +607,16 @@ def plan_widths(
         ValueError: ``average_bits`` or ``allowed_bits`` out of range, a missing weight, a
             tensor no allowed width fits, or a budget the fixed tensors leave too small.
     """
+    return _plan(targets, weights, average_bits, fixed, sensitivity, sensitivity_label,
+                 allowed_bits, lut_dtype, seed, uniform=False)
+
+
+def _plan(targets: Sequence[Target], weights: Mapping[str, Tensor], average_bits: float,
+          fixed: Collection[str], sensitivity: Mapping[str, Tensor] | None,
+          sensitivity_label: str | None, allowed_bits: Iterable[int] | None,
+          lut_dtype: LutDtype, seed: int, *, uniform: bool) -> BitAllocation:
+    """:func:`plan_widths` (``uniform``: :func:`uniform_allocation`'s widths around the
+    budget, chosen between by the squared error alone)."""
     average_bits = check_average_bits(average_bits)
     assert average_bits is not None
     allowed = check_widths(allowed_bits)
@@ -567,9 +644,9 @@ def plan_widths(
     if sensitivity is not None and _is_noise(sensitivity, weights):
         warnings.warn(
             f"average_bits={average_bits:g}: the sensitivity ({label}) is rounding noise (it "
-            f"accounts for loss changes below float32's resolution), so {UNWEIGHTED}",
-            UserWarning, stacklevel=2)
-        sensitivity, label = None, f"none ({label} was rounding noise)"
+            f"accounts for loss changes below float32's resolution), so {UNIFORM}",
+            UserWarning, stacklevel=3)
+        sensitivity, label, uniform = None, f"uniform ({label} was rounding noise)", True
     options: dict[str, dict[int, tuple[int, float]]] = {}
     estimates: dict[str, dict[int, float]] = {}
     for target in free:
@@ -578,6 +655,8 @@ def plan_widths(
         options[target.name] = {b: (stored_bytes(target.layout, lut_dtype, b),
                                     estimates[target.name][b]) for b in widths[target.name]}
     left = budget - sum(r.bytes for r in fixed_rows)
+    if uniform:
+        options = _around(options, average_bits, left)
     need = sum(min(size for size, _ in o.values()) for o in options.values())
     if need > left:
         raise ValueError(
@@ -594,6 +673,48 @@ def plan_widths(
                                         estimates[target.name])
     return BitAllocation(average_bits, budget, allowed, lut_name, label,
                          tuple(rows[t.name] for t in targets))
+
+
+def _around(options: Mapping[str, Mapping[int, tuple[int, float]]], average_bits: float,
+            budget: int) -> dict[str, dict[int, tuple[int, float]]]:
+    """Each tensor's options cut to the widths around ``average_bits``: the widest at most it
+    and the narrowest at least it (one width, ``B`` itself, for an integer ``B`` it may take),
+    so that no tensor goes below the budget's width to pay for another; the widest a tensor
+    takes where it takes none of those (palettes too small). If the fixed tensors leave
+    ``budget`` too small for that, the narrower widths too (the squared error chooses)."""
+    out = {}
+    for name, option in options.items():
+        low = [b for b in option if b <= average_bits]
+        high = [b for b in option if b >= average_bits]
+        keep = ({max(low)} if low else set()) | ({min(high)} if high else set())
+        out[name] = {b: option[b] for b in (keep or {max(option)})}
+    if sum(min(size for size, _ in o.values()) for o in out.values()) > budget:
+        top = {n: max(o) for n, o in out.items()}
+        out = {n: {b: v for b, v in options[n].items() if b <= top[n]} for n in options}
+    return out
+
+
+def uniform_allocation(
+    targets: Sequence[Target],
+    weights: Mapping[str, Tensor],
+    average_bits: float,
+    why: str,
+    *,
+    fixed: Collection[str] = (),
+    allowed_bits: Iterable[int] | None = None,
+    lut_dtype: LutDtype = "float16",
+    seed: int = 0,
+) -> BitAllocation:
+    """The widths ``average_bits`` takes without a usable sensitivity (:data:`UNIFORM`):
+    every tensor at the budget's width; a fractional budget (2.5) gives every tensor the
+    allowed width just below it and spends the bytes up to the budget on the width just above
+    it where the squared clustering error falls most per byte, so that no tensor is narrower
+    than uniform ``floor(B)`` bits (with Core AI's widths 1, 2, 4, 6, 8 and ``B = 3``: 2 and 4).
+    ``why`` is recorded as the allocation's ``sensitivity``, ``"uniform (<why>)"``; the
+    caller warns. Arguments and errors as :func:`plan_widths`."""
+    allocation = _plan(targets, weights, average_bits, fixed, None, None, allowed_bits,
+                       lut_dtype, seed, uniform=True)
+    return replace(allocation, sensitivity=f"uniform ({why})")
 
 
 def _is_noise(sensitivity: Mapping[str, Tensor], weights: Mapping[str, Tensor]) -> bool:

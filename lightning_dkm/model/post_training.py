@@ -46,10 +46,12 @@ from ..engine.parametrization import stable_seed
 from .bit_budget import (
     DEFAULT_BITS,
     SENSITIVITY_BATCHES,
-    UNWEIGHTED,
+    SENSITIVITY_SAMPLES,
+    UNIFORM,
     check_budget,
     fixed_by_overrides,
     plan_widths,
+    uniform_allocation,
 )
 from .carried import carry_palettes
 from .targets import DEFAULT_MIN_SIZE, Target, select_targets
@@ -58,8 +60,10 @@ __all__ = [
     "Calibration",
     "LossFn",
     "allocation_curvature",
+    "first_samples",
     "fisher_diagonal",
     "hessian_diagonal",
+    "no_double_backward",
     "palettize",
 ]
 
@@ -132,10 +136,13 @@ def palettize(
         average_bits: choose each tensor's width under the bytes of every tensor at this many
             bits (a number in [1, 8]), as ``DKMCallback(average_bits=...)`` does
             (:func:`~lightning_dkm.model.bit_budget.plan_widths`): the errors weighted by the
-            Hessian diagonal of the calibration loss (:func:`hessian_diagonal`, on at most
-            ``SENSITIVITY_BATCHES`` batches; the Fisher information is rounding noise where
-            a loss starts at its minimum), or unweighted without ``calibration``; an
-            override's ``bits`` fixes that tensor's width and counts against the budget. The
+            Hessian diagonal of the calibration loss (:func:`allocation_curvature`: on the
+            first ``SENSITIVITY_SAMPLES`` samples of at most ``SENSITIVITY_BATCHES``
+            batches; the Fisher information is rounding noise where a loss starts at its
+            minimum), uniform widths with a warning where the loss has no second derivative
+            (:func:`~lightning_dkm.model.bit_budget.uniform_allocation`), or the squared
+            error alone without ``calibration``; an override's ``bits`` fixes that tensor's
+            width and counts against the budget. The
             widths chosen are the palettes' ``layout.spec.bits``. Default ``None``: ``bits``.
         allowed_bits: the widths ``average_bits`` may choose (default 1..8).
         progress: a tqdm progress bar over the tensors on stderr, as Lightning's: ``None``
@@ -170,19 +177,24 @@ def palettize(
         )
     if average_bits is not None and selected:
         fixed = fixed_by_overrides(selected, overrides)
-        curvature = None
-        if calibration is not None:  # the allocation weighs by curvature, as DKMCallback's
+        free = [n for n in weights if n not in fixed]
+        if calibration is None:  # no data: the squared error alone
+            allocation = plan_widths(selected, weights, average_bits, fixed=fixed,
+                                     allowed_bits=widths, seed=seed)
+        else:  # the allocation weighs by curvature, as DKMCallback's
             batches = min(calibration_batches or SENSITIVITY_BATCHES, SENSITIVITY_BATCHES)
-            curvature, why = allocation_curvature(
-                model, *calibration, [n for n in weights if n not in fixed], batches, seed)
-            if why is not None:
-                warnings.warn(f"palettize(average_bits=...): {why}; {UNWEIGHTED}", UserWarning,
-                              stacklevel=2)
-        selected = plan_widths(
-            selected, weights, average_bits, fixed=fixed, sensitivity=curvature,
-            sensitivity_label=None if curvature is None else "hessian (calibration)",
-            allowed_bits=widths, seed=seed,
-        ).apply(selected)
+            curvature, label = allocation_curvature(model, *calibration, free, batches,
+                                                    SENSITIVITY_SAMPLES, seed)
+            if curvature is None:
+                warnings.warn(f"palettize(average_bits={average_bits:g}): {label}; {UNIFORM}",
+                              UserWarning, stacklevel=2)
+                allocation = uniform_allocation(selected, weights, average_bits, label,
+                                                fixed=fixed, allowed_bits=widths, seed=seed)
+            else:
+                allocation = plan_widths(selected, weights, average_bits, fixed=fixed,
+                                         sensitivity=curvature, sensitivity_label=label,
+                                         allowed_bits=widths, seed=seed)
+        selected = allocation.apply(selected)
 
     palettes: dict[str, Palette] = {}
     bar = _progress(len(selected), progress)
@@ -261,18 +273,85 @@ def _progress(total: int, progress: bool | None):
 
 
 def allocation_curvature(model: nn.Module, dataloader: Iterable[Any], loss_fn: LossFn,
-                         names: list[str], num_batches: int | None, seed: int = 0
-                         ) -> tuple[dict[str, Tensor] | None, str | None]:
-    """The Hessian diagonal that weighs ``average_bits``' estimate (:func:`hessian_diagonal`
-    on at most ``num_batches`` batches), or ``None`` and why where the loss has no second
-    derivative (an op without a double backward): the caller then warns and the widths are
-    chosen by the unweighted error (:data:`~.bit_budget.UNWEIGHTED`). What ``palettize`` and
-    ``DKMCallback`` both use."""
+                         names: list[str], num_batches: int, samples: int | None, seed: int = 0
+                         ) -> tuple[dict[str, Tensor] | None, str]:
+    """The Hessian diagonal that weighs ``average_bits``' estimate: :func:`hessian_diagonal`
+    on the first ``num_batches`` batches, each cut to its first ``samples`` samples
+    (:func:`first_samples`; ``None``: whole), and how it was had (the allocation's
+    ``sensitivity`` label); or ``None`` and why where the loss has no second derivative (an op
+    without a double backward, :func:`no_double_backward`): the caller then warns and chooses
+    uniform widths (:func:`~.bit_budget.uniform_allocation`). Any other error is raised. What
+    ``palettize`` and ``DKMCallback`` both use."""
+    if samples is not None and not is_int(samples, 1):
+        raise ValueError(f"samples must be None or an int >= 1; got {samples!r}")
+    batches = list(itertools.islice(dataloader, num_batches))
+    parts = [first_samples(batch, samples) for batch in batches]
+    cut = sum(part is not batch for part, batch in zip(parts, batches, strict=True))
     try:
-        return hessian_diagonal(model, dataloader, loss_fn, names, num_batches=num_batches,
-                                seed=seed), None
+        hessian = hessian_diagonal(model, parts, loss_fn, names, seed=seed)
     except RuntimeError as err:
+        if not no_double_backward(err):
+            raise
         return None, f"the loss has no second derivative here ({err})"
+    label = f"hessian ({len(batches)} batch{'es' if len(batches) != 1 else ''}"
+    if samples is not None:
+        label += (f", the first {samples} samples of each" if cut == len(batches) else
+                  f", the first {samples} samples of {cut}" if cut else ", whole")
+    return hessian, label + ")"
+
+
+#: What autograd says when an op of a loss has no double backward (a fused kernel without a
+#: derivative formula of its backward; an autograd.Function marked once_differentiable), and
+#: what :func:`hessian_diagonal` says when no gradient has a graph to differentiate again.
+_NO_DOUBLE_BACKWARD = ("is not implemented", "once_differentiable",
+                       "no graph to differentiate again")
+
+
+def no_double_backward(err: BaseException) -> bool:
+    """Whether ``err`` (from :func:`hessian_diagonal`) says that the loss has no second
+    derivative (:data:`_NO_DOUBLE_BACKWARD`), as opposed to any other failure of the loss,
+    which ``average_bits`` must not hide behind a fallback."""
+    return isinstance(err, RuntimeError) and any(m in str(err) for m in _NO_DOUBLE_BACKWARD)
+
+
+def first_samples(batch: Any, samples: int | None) -> Any:
+    """``batch`` cut to its first ``samples`` samples: every tensor in it (also inside tuples,
+    lists, named tuples and mappings, as :func:`_to_device` walks it) to its first
+    ``samples`` rows, where every leaf is a tensor of at least one dimension and all share
+    their first dimension, larger than ``samples``. Else ``batch`` itself (``None``; a batch
+    of other objects, or of tensors whose first dimensions differ, has no one axis of samples
+    to cut). The Hessian-vector product costs in proportion to the samples."""
+    if samples is None:
+        return batch
+    leaves = _leaves(batch)
+    if not leaves or not all(isinstance(t, Tensor) and t.dim() > 0 for t in leaves):
+        return batch
+    sizes = {t.shape[0] for t in leaves}
+    if len(sizes) != 1 or sizes.pop() <= samples:
+        return batch
+    return _mapped(batch, lambda t: t[:samples])
+
+
+def _leaves(batch: Any) -> list[Any]:
+    """Everything in ``batch`` that is not a tuple, list or mapping, in order."""
+    if isinstance(batch, (tuple, list)):
+        return [leaf for b in batch for leaf in _leaves(b)]
+    if isinstance(batch, Mapping):
+        return [leaf for b in batch.values() for leaf in _leaves(b)]
+    return [batch]
+
+
+def _mapped(batch: Any, fn: Callable[[Tensor], Tensor]) -> Any:
+    """``batch`` with ``fn`` applied to every tensor (the containers of :func:`_to_device`)."""
+    if isinstance(batch, Tensor):
+        return fn(batch)
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # a NamedTuple
+        return type(batch)(*(_mapped(b, fn) for b in batch))
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(_mapped(b, fn) for b in batch)
+    if isinstance(batch, Mapping):
+        return {k: _mapped(v, fn) for k, v in batch.items()}
+    return batch
 
 
 def fisher_diagonal(
