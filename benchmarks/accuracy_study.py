@@ -553,7 +553,7 @@ def _train(model: nn.Module, batches: list[tuple], task: Task, cfg: FinetuneConf
     optimizer = torch.optim.AdamW(_trainable(model, cfg, modules), lr=cfg.lr, weight_decay=0.0)
     model.train()
     losses: list[float] = []
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), time.process_time()
     first = 0.0
     for step, batch in enumerate(batches):
         if before_step is not None:
@@ -572,10 +572,12 @@ def _train(model: nn.Module, batches: list[tuple], task: Task, cfg: FinetuneConf
         losses.append(float(loss.detach()))
         if step == 0:
             first = time.perf_counter() - start
-    seconds = time.perf_counter() - start
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - start_cpu
     few = max(1, min(5, len(losses) // 4))
     return {
         "train_seconds": round(seconds, 2),
+        # process CPU: the work, whatever share of a shared machine's cores the run got
+        "train_cpu_seconds": round(cpu_seconds, 2),
         "first_step_seconds": round(first, 2),
         "train_loss_start": sum(losses[:few]) / few if losses else None,
         "train_loss_end": sum(losses[-few:]) / few if losses else None,
@@ -795,7 +797,7 @@ def _budget_init(task: Task, cfg: FinetuneConfig, average_bits: float, seed: int
     model = task.fresh()
     targets = select_targets(model, ClusterSpec(), targets=task.targets)
     weights = {t.name: model.get_parameter(t.name) for t in targets}
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     hessian = None
     if cfg.budget_sensitivity == "hessian":
         loader = task.calibration(seed, cfg.budget_batches, cfg.batch_size)
@@ -804,13 +806,15 @@ def _budget_init(task: Task, cfg: FinetuneConfig, average_bits: float, seed: int
                                               cfg.budget_samples, seed=seed)
         if hessian is None:
             raise RuntimeError(f"{task.name}: {label}")
-    t1 = time.perf_counter()
+    t1, c1 = time.perf_counter(), time.process_time()
     allocation = plan_widths(targets, weights, average_bits, sensitivity=hessian, seed=seed)
-    t2 = time.perf_counter()
+    t2, c2 = time.perf_counter(), time.process_time()
     init = palettize(model, targets=task.targets, seed=seed,
                      overrides={name: {"bits": b} for name, b in allocation.bits.items()})
     seconds = {"sensitivity": round(t1 - t0, 2), "plan_widths": round(t2 - t1, 2),
-               "kmeans_init": round(time.perf_counter() - t2, 2)}
+               "kmeans_init": round(time.perf_counter() - t2, 2),
+               "sensitivity_cpu": round(c1 - c0, 2), "plan_widths_cpu": round(c2 - c1, 2),
+               "kmeans_init_cpu": round(time.process_time() - c2, 2)}
     return init, allocation, seconds
 
 

@@ -324,15 +324,18 @@ def test_a_self_distilled_loss_at_its_minimum_still_ranks_tensors_by_their_curva
     assert allocation.sensitivity == "given"
 
 
-def test_squared_gradients_at_the_minimum_are_refused_as_noise_with_a_warning():
+def test_squared_gradients_at_the_minimum_are_refused_as_noise_for_uniform_widths():
     from lightning_dkm.model.post_training import fisher_diagonal
 
     model = SelfDistilled()
     fisher = fisher_diagonal(model, range(4), self_distillation_loss, ["a.weight", "b.weight"])
-    with pytest.warns(UserWarning, match=r"average_bits=3.5: the sensitivity .* rounding noise"):
+    with pytest.warns(UserWarning, match=r"average_bits=3.5: the sensitivity \(given\) is "
+                      r"rounding noise .*, so every tensor gets the budget's own width"):
         allocation = plan(model, fisher)
-    assert allocation.sensitivity == "none (given was rounding noise)"
-    assert allocation.bits == plan(model, None).bits  # the squared error alone
+    assert allocation.sensitivity == "uniform (given was rounding noise)"
+    # 3.5 lies between 3 and 4: neither twin goes below 3 bits to pay for the other
+    assert set(allocation.bits.values()) <= {3, 4}
+    assert allocation.total_bytes <= allocation.budget_bytes
 
 
 def test_the_hessian_diagonal_is_exact_where_the_hessian_is_diagonal():
@@ -386,22 +389,22 @@ class _SquareOnce(torch.autograd.Function):
         return 2 * x * grad
 
 
-def test_a_loss_without_second_derivative_falls_back_to_the_unweighted_error_with_a_warning():
+def once_differentiable_loss(m, index):
+    x = calibration()[index]
+    return _SquareOnce.apply(m.a(x) - m.teacher[2 * index]).mean() + _SquareOnce.apply(
+        m.b(x) - m.teacher[2 * index + 1]).mean()
+
+
+def test_a_loss_without_second_derivative_falls_back_to_uniform_widths_with_a_warning():
     from lightning_dkm import palettize
 
-    model = SelfDistilled()
-
-    def loss(m, index):
-        x = calibration()[index]
-        return _SquareOnce.apply(m.a(x) - m.teacher[2 * index]).mean() + _SquareOnce.apply(
-            m.b(x) - m.teacher[2 * index + 1]).mean()
-
-    with pytest.warns(UserWarning, match=r"palettize\(average_bits=\.\.\.\): the loss has no "
-                      r"second derivative .*squared clustering error alone"):
-        palettes = palettize(model, average_bits=3.5, allowed_bits=[2, 3, 4], targets=["a", "b"],
-                             min_size=1, calibration=(range(4), loss), progress=False)
-    assert {n: p.layout.spec.bits for n, p in palettes.items()} == plan(SelfDistilled(),
-                                                                       None).bits
+    with pytest.warns(UserWarning, match=r"palettize\(average_bits=3\): the loss has no "
+                      r"second derivative .*every tensor gets the budget's own width"):
+        palettes = palettize(SelfDistilled(), average_bits=3, allowed_bits=[2, 3, 4],
+                             targets=["a", "b"], min_size=1,
+                             calibration=(range(4), once_differentiable_loss), progress=False)
+    assert {n: p.layout.spec.bits for n, p in palettes.items()} == {"a.weight": 3,
+                                                                   "b.weight": 3}
 
 
 def test_a_weight_with_fewer_distinct_values_than_centroids_costs_nothing_at_that_width():

@@ -301,10 +301,10 @@ def allocation_curvature(model: nn.Module, dataloader: Iterable[Any], loss_fn: L
 
 
 #: What autograd says when an op of a loss has no double backward (a fused kernel without a
-#: derivative formula of its backward; an autograd.Function marked once_differentiable), and
-#: what :func:`hessian_diagonal` says when no gradient has a graph to differentiate again.
-_NO_DOUBLE_BACKWARD = ("is not implemented", "once_differentiable",
-                       "no graph to differentiate again")
+#: derivative formula of its backward: "derivative for aten::... is not implemented"), and
+#: what :func:`hessian_diagonal` says when no gradient has a graph to differentiate again (a
+#: loss whose every path runs through an autograd.Function marked once_differentiable).
+_NO_DOUBLE_BACKWARD = ("is not implemented", "no graph to differentiate again")
 
 
 def no_double_backward(err: BaseException) -> bool:
@@ -432,7 +432,9 @@ def hessian_diagonal(
     accuracy study's MiniLM) but its true curvature. It costs about three backward passes per
     batch and needs every op of the loss to have a double backward: attention runs in
     PyTorch's math kernel inside (the fused CPU kernels have none); another op without one
-    raises ``RuntimeError``. Same arguments, model handling and errors as
+    raises ``RuntimeError`` (:func:`no_double_backward` tells which). An
+    ``autograd.Function`` marked ``once_differentiable`` on some of the loss's paths only is
+    not detected: PyTorch raises nothing and the curvature through it is missing. Same arguments, model handling and errors as
     :func:`fisher_diagonal`.
     """
     generator = torch.Generator().manual_seed(seed)
