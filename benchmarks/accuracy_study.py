@@ -1476,6 +1476,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="palettize_sensitivity: batches of calibration data")
     common.add_argument("--average-bits", type=float, nargs="+", metavar="B",
                         help="dkm_average_bits budgets (#24; default none)")
+    common.add_argument("--budget-batches", type=int,
+                        help="dkm_average_bits: training batches of the Hessian (default "
+                        "DKMCallback's SENSITIVITY_BATCHES)")
+    common.add_argument("--budget-samples", type=int,
+                        help="dkm_average_bits: samples of each of those batches (their first; "
+                        "default DKMCallback's SENSITIVITY_SAMPLES)")
     common.add_argument("--budget-sensitivity", choices=("hessian", "none"),
                         help="dkm_average_bits' estimate: Hessian-weighted (default, as "
                         "DKMCallback) or unweighted squared errors")
@@ -1533,7 +1539,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                   regularization=args.regularization,
                   calibration_batches=args.calibration_batches, trainable=args.trainable,
                   average_bits=tuple(args.average_bits) if args.average_bits else None,
-                  budget_sensitivity=args.budget_sensitivity)
+                  budget_sensitivity=args.budget_sensitivity,
+                  budget_batches=args.budget_batches, budget_samples=args.budget_samples)
     minilm_cfg = _apply(minilm_cfg, **shared)
     charlm_cfg = _apply(charlm_cfg, **shared)
     minilm_cfg = _apply(

@@ -5,8 +5,9 @@ diagonal of the training loss on ``SENSITIVITY_BATCHES`` training batches and
 ``plan_widths`` (each tensor's k-means error at every width, then the knapsack). This runs the
 accuracy study's MiniLM part (its model, layer-0 targets, data and 32-step DKM fine-tune) with
 uniform 2-bit DKM and ``average_bits=2`` for each seed, one after the other (interleaved), and
-prints the allocation's seconds against the fit's (the training steps of the same run), with
-the machine's load beside them. Writes ``benchmarks/results/budget_cost.json``.
+prints the allocation's seconds against the fit's (the training steps of the same run), wall
+clock and (where the run recorded it) process CPU, with the machine's load beside them.
+Writes ``benchmarks/results/budget_cost.json``.
 
     PYTHONPATH=$PWD HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/budget_cost.py
 
@@ -56,10 +57,17 @@ def main(argv: list[str] | None = None) -> dict:
         allocation = sensitivity + parts["plan_widths"]
         uniform = next((r for r in rows if r["method"] == "dkm" and r["seed"] == row["seed"]
                         and r["bits"] == round(row["bits"])), None)
+        cpu = None  # process CPU seconds (runs since #24's cheaper allocation record them)
+        if "sensitivity_cpu" in parts and "train_cpu_seconds" in row:
+            cpu = {"sensitivity_s": parts["sensitivity_cpu"],
+                   "plan_widths_s": parts["plan_widths_cpu"],
+                   "allocation_s": parts["sensitivity_cpu"] + parts["plan_widths_cpu"],
+                   "fit_train_s": row["train_cpu_seconds"]}
+            cpu["ratio"] = cpu["allocation_s"] / cpu["fit_train_s"]
         runs.append({"seed": row["seed"], "average_bits": row["bits"],
                      "sensitivity_s": sensitivity, "plan_widths_s": parts["plan_widths"],
                      "allocation_s": allocation, "fit_train_s": row["train_seconds"],
-                     "ratio": allocation / row["train_seconds"],
+                     "ratio": allocation / row["train_seconds"], "cpu": cpu,
                      "uniform_bits": None if uniform is None else uniform["bits"],
                      "uniform_fit_train_s": None if uniform is None else uniform["train_seconds"]})
     result = {"command": "python benchmarks/budget_cost.py " + " ".join(
@@ -74,6 +82,11 @@ def main(argv: list[str] | None = None) -> dict:
                 f"plan_widths "
                 f"{run['plan_widths_s']:.2f} s) vs the fit's {setup['steps']} training steps "
                 f"{run['fit_train_s']:.1f} s: {100 * run['ratio']:.1f} %")
+        if run["cpu"] is not None:
+            line += (f"; process CPU: allocation {run['cpu']['allocation_s']:.2f} s "
+                     f"(sensitivity {run['cpu']['sensitivity_s']:.2f} s + plan_widths "
+                     f"{run['cpu']['plan_widths_s']:.2f} s) vs training "
+                     f"{run['cpu']['fit_train_s']:.1f} s: {100 * run['cpu']['ratio']:.1f} %")
         if run["uniform_fit_train_s"] is not None:
             line += (f" (the uniform {run['uniform_bits']}-bit fit's "
                      f"{run['uniform_fit_train_s']:.1f} s: "
