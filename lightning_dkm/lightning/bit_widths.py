@@ -5,11 +5,11 @@ The allocation itself (estimates, budget, knapsack) is :mod:`lightning_dkm.model
 this module only brings it what a fit has: the ``LightningModule``'s ``training_step`` as the
 loss whose Hessian diagonal weighs the estimate
 (:func:`~lightning_dkm.model.post_training.allocation_curvature`), on the first
-:data:`SENSITIVITY_SAMPLES` samples of the first :data:`SENSITIVITY_BATCHES` batch of the
-training dataloader, at ``setup`` (before the optimizer and DDP see the model, when the widths
-must be fixed). Where no Hessian can be had (manual optimization, no dataloader at setup, a
-loss without a double backward) the widths are uniform
-(:func:`~lightning_dkm.model.bit_budget.uniform_allocation`), with a warning naming
+:data:`SENSITIVITY_BATCHES` batch of the training dataloader (its first
+:data:`SENSITIVITY_SAMPLES` samples; ``None``: all), at ``setup`` (before the optimizer and
+DDP see the model, when the widths must be fixed). Where no Hessian can be had (manual
+optimization, no dataloader at setup, a loss without a double backward) the widths are
+uniform (:func:`~lightning_dkm.model.bit_budget.uniform_allocation`), with a warning naming
 ``average_bits`` and why.
 """
 

@@ -97,13 +97,14 @@ class DKMCallback(Callback):
             bytes (indices at their packed width, LUTs, scales: as the report counts them) do
             not exceed those of every tensor at ``average_bits`` bits, minimising the estimated
             loss increase: each tensor's k-means error at every width, weighted by the Hessian
-            diagonal (Hutchinson) of ``training_step``'s loss on the first 4 samples of the
-            first training batch (:mod:`lightning_dkm.model.bit_budget`). It needs a double
+            diagonal (Hutchinson) of ``training_step``'s loss on the first training batch
+            (:mod:`lightning_dkm.model.bit_budget`). It needs a double
             backward of the loss; without one (or without a training dataloader at setup, or
             with manual optimization) every tensor gets the budget's width, with a warning (a
             fraction: the widths around it, every tensor at least the narrower). A number in
-            [1, 8]; a fraction (2.5) lies between the budgets of the widths around it. An ``overrides`` entry with ``bits``
-            fixes that tensor's width, and its bytes count against the budget. The widths are
+            [1, 8]; a fraction (2.5) lies between the budgets of the widths around it. An
+            ``overrides`` entry with ``bits`` fixes that tensor's width, and its bytes count
+            against the budget. The widths are
             chosen at ``setup`` from the weights as they are then (also with ``start_epoch >
             0``), on rank 0 and broadcast; they are logged (TensorBoard text
             ``dkm/bit_allocation``, the report's ``bit_allocation``), saved in checkpoints and

@@ -83,15 +83,16 @@ __all__ = [
     "with_bits",
 ]
 
-#: Batches whose Hessian diagonal weighs the estimate (one Rademacher probe each), each cut to
-#: its first :data:`SENSITIVITY_SAMPLES` samples: a forward, a backward with graph and a second
-#: backward, which cost in proportion to the samples. On the accuracy study's MiniLM (whole
-#: encoder) and char-LM one batch of 4 samples estimates as 2 batches of 16 did (Spearman
-#: 0.998-0.999 over every tensor and width), at a fifth of the time
-#: (``benchmarks/budget_estimator.py``).
+#: Batches whose Hessian diagonal weighs the estimate (one Rademacher probe each: a forward, a
+#: backward with graph and a second backward, about 1.6 DKM training steps on the study's
+#: MiniLM). One batch, not 2: on the accuracy study's MiniLM (whole encoder) at budget 3 it
+#: chose widths better than uniform ones on every seed, and 2 batches' estimates agree with its
+#: (Spearman 0.999-1.000) (``benchmarks/budget_estimator.py``, docs/results.md).
 SENSITIVITY_BATCHES = 1
-#: Samples of each sensitivity batch (``post_training.first_samples``; ``None``: whole).
-SENSITIVITY_SAMPLES = 4
+#: Samples of each sensitivity batch (``post_training.first_samples``; ``None``: whole). Fewer
+#: cost less in proportion, but the first 4 of the study's 16 chose widths that lost to
+#: uniform ones at budget 3 on MiniLM (one seed by 0.006 of cosine) and the first 8 tied them.
+SENSITIVITY_SAMPLES: int | None = None
 
 #: What every fallback without a usable sensitivity does instead (:func:`uniform_allocation`).
 UNIFORM = ("every tensor gets the budget's own width (a fractional budget: the narrower of the "
@@ -485,7 +486,7 @@ class BitAllocation:
     budget_bytes: int
     allowed_bits: tuple[int, ...]
     lut_dtype: str
-    #: What weighted the errors: ``"hessian (1 batch, the first 4 samples of each)"`` (the
+    #: What weighted the errors: ``"hessian (1 batch)"`` (the
     #: callback's training batches, ``palettize``'s calibration ones), ``"given"`` (a
     #: sensitivity passed to :func:`plan_widths`), ``"none"`` (squared error), or
     #: ``"uniform (<why>)"`` / ``"uniform (<label> was rounding noise)"``

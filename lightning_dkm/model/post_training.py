@@ -434,8 +434,8 @@ def hessian_diagonal(
     PyTorch's math kernel inside (the fused CPU kernels have none); another op without one
     raises ``RuntimeError`` (:func:`no_double_backward` tells which). An
     ``autograd.Function`` marked ``once_differentiable`` on some of the loss's paths only is
-    not detected: PyTorch raises nothing and the curvature through it is missing. Same arguments, model handling and errors as
-    :func:`fisher_diagonal`.
+    not detected: PyTorch raises nothing and the curvature through it is missing. Same
+    arguments, model handling and errors as :func:`fisher_diagonal`.
     """
     generator = torch.Generator().manual_seed(seed)
 
