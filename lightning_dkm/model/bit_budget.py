@@ -284,9 +284,12 @@ def _grid_values(values: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 def _snap(tensors: Sequence[tuple[Tensor, PaletteLayout, Collection[int]]], seed: int
           ) -> list[_Snapped]:
     """k-means of each ``(weight, layout, widths)`` at each of its widths. Scalar palettes
-    are clustered on their values rounded to multiples of ``1 / 2048`` of their unit, weighted
-    by their counts (at most 4,097 points whatever the tensor's size; on MiniLM's layer 0 the
-    errors at 1..4 bits stay within 1.1 % of exact k-means on every value), all palettes of
+    are clustered on their values rounded to multiples of ``1 / 512`` of their unit, weighted
+    by their counts (at most 1,025 points whatever the tensor's size, which the exact solver
+    takes on its distinct-values path; on MiniLM's encoder and the char-LM the estimates agree
+    with those of a 1/2048 grid to Spearman 1.000, ``benchmarks/budget_estimator.py``; on
+    MiniLM's layer 0 the 1/2048 grid's errors at 1..4 bits were within 1.1 % of exact
+    k-means), all palettes of
     all tensors that need a width in one call of the exact 1-D solver (padded with weightless
     copies of a palette's last value); vector palettes with k-means++ and Lloyd, per tensor
     and width (seeded by ``stable_seed(seed, f"{name}:{bits}")``)."""
