@@ -286,3 +286,56 @@ def test_shard_local_soft_weights_equal_the_gathered_step_at_extreme_magnitudes(
                                    msg=label)
         assert torch.equal(ranks[1][label][2], centroids), label
         assert torch.equal(ranks[1][label][0], soft), label
+
+
+def _a_module_switched_to_eval_within_the_step(rank: int, port: int, results) -> None:
+    """One shard-local step with the first Linear in training mode throughout, and the same
+    step with it switched to eval mode after :meth:`soften` (as a ``training_step`` or a
+    LightningModule's ``on_train_batch_start`` may do, after the callback's batch start)."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        import lightning_dkm as L
+        from lightning_dkm.engine.shard_local import ShardLocalDKM
+
+        mesh = init_device_mesh("cpu", (2,))
+        x = torch.randn(8, 256, generator=torch.Generator().manual_seed(rank))
+        out = {}
+        for label in ("train", "eval"):
+            torch.manual_seed(0)
+            model = nn.Sequential(nn.Linear(256, 128), nn.Tanh(), nn.Linear(128, 256))
+            L.attach(model, L.select_targets(model, L.ClusterSpec(bits=3), min_size=0),
+                     implementation="unique", temperature=3e-2)
+            for module in model:
+                if isinstance(module, nn.Linear):
+                    fully_shard(module, mesh=mesh)
+            fully_shard(model, mesh=mesh)
+            tensors = L.clustered_tensors(model)
+            step = ShardLocalDKM([(n, t.parametrization, t.original) for n, t in tensors.items()])
+            step.soften()
+            if label == "eval":
+                model[0].eval()
+            loss = model(x).square().mean()
+            loss.backward()
+            step.restore()
+            step.finish()
+            out[label] = (loss.detach(), {n: p.grad.full_tensor()
+                                          for n, p in model.named_parameters()})
+        results[rank] = out
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+def test_a_module_switched_to_eval_within_the_step_reads_the_soft_weight_it_was_given():
+    """The shards hold the step's soft weight and its gradient becomes DKM's in ``finish``:
+    the forward must not snap (cluster again) what is already soft, whatever the mode."""
+    ranks = _on_two_ranks(_a_module_switched_to_eval_within_the_step)
+    for rank in (0, 1):
+        (loss, grads), (eval_loss, eval_grads) = ranks[rank]["train"], ranks[rank]["eval"]
+        assert torch.equal(eval_loss, loss)
+        for name, grad in grads.items():
+            assert torch.equal(eval_grads[name], grad), name

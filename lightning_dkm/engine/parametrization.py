@@ -240,8 +240,10 @@ class DKMParametrization(nn.Module):
         # too, and move nothing.
         self._step_start: Tensor | None = None
         #: Whether the weight handed to the forward is already this step's soft weight
-        #: (shard-local DKM under FSDP2 wrote it into the shards, :mod:`.shard_local`): the
-        #: training forward is then the identity.
+        #: (shard-local DKM under FSDP2 wrote it into the shards, :mod:`.shard_local`): every
+        #: forward is then the identity, also in eval mode (a module switched to eval within
+        #: the step): snapping the soft weight would cluster it twice, and ``finish`` turns its
+        #: gradient into DKM's as for the soft weight.
         self.presoftened = False
         P, _, d = layout.palette_shape
         k = layout.spec.num_centroids
@@ -367,8 +369,8 @@ class DKMParametrization(nn.Module):
         """The clustered weight (module docstring), in the dtype of ``weight``; the DKM step
         and the snap run in float32 with autocast off. Centroids that were never set are
         initialised from ``weight`` first (a Python flag: no device read). A
-        :attr:`presoftened` weight is returned as it is."""
-        if self.mode == "dense" or (self.presoftened and self.training):
+        :attr:`presoftened` weight is returned as it is, whatever the module's mode."""
+        if self.mode == "dense" or self.presoftened:
             return weight
         if not self.is_initialized:
             self.initialize(weight)
