@@ -237,7 +237,8 @@ def test_shard_local_dkm_gives_the_gathered_gradients_and_identical_centroids_on
 def _soft_weights_at_extreme_magnitudes(rank: int, port: int, results) -> None:
     """The soft weights that shard-local DKM writes, against the gathered ``"unique"`` step on
     the whole weight, for weights whose squares overflow float32 (1e18), whose mean dwarfs
-    their spread (1e3 +- 1e-3), and tiny ones (1e-18)."""
+    their spread (1e3 +- 1e-3), tiny ones (1e-18), and float16 ones whose shards' sums overflow
+    float16 (8 +- 1, 16,384 per shard: the sums are float32 passes whatever the dtype)."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
@@ -250,23 +251,26 @@ def _soft_weights_at_extreme_magnitudes(rank: int, port: int, results) -> None:
 
         mesh = init_device_mesh("cpu", (2,))
         out = {}
-        for label, scale, offset in [("huge", 1e18, 0.0), ("offset", 1e-3, 1e3),
-                                     ("tiny", 1e-18, 0.0)]:
+        for label, scale, offset, dtype in [
+                ("huge", 1e18, 0.0, torch.float32), ("offset", 1e-3, 1e3, torch.float32),
+                ("tiny", 1e-18, 0.0, torch.float32), ("half", 1.0, 8.0, torch.float16)]:
             torch.manual_seed(0)
             model = nn.Sequential(nn.Linear(256, 128))
             with torch.no_grad():
                 model[0].weight.mul_(scale / model[0].weight.std()).add_(offset)
+            model.to(dtype)
             L.attach(model, L.select_targets(model, L.ClusterSpec(bits=3), min_size=0),
                      implementation="unique", temperature=3e-2)
             (tensor,) = L.clustered_tensors(model).values()
             p = tensor.parametrization
             whole = tensor.original.detach().clone()
-            expected = p.step(whole.reshape(1, -1, 1), p.centroids, p.temperature,
+            expected = p.step(whole.float().reshape(1, -1, 1), p.centroids, p.temperature,
                               StepConfig(p.max_iter, p.epsilon)).weights.reshape(whole.shape)
+            expected = expected.to(dtype).float()  # rounded as the shards hold it
             fully_shard(model, mesh=mesh)
             shard_local = ShardLocalDKM([("0.weight", p, tensor.original)])
             shard_local.soften()
-            soft = tensor.original.detach().full_tensor()
+            soft = tensor.original.detach().full_tensor().float()
             shard_local.restore()
             out[label] = (soft, expected, p.centroids.clone(),
                           torch.equal(tensor.original.detach().full_tensor(), whole))
@@ -282,7 +286,8 @@ def test_shard_local_soft_weights_equal_the_gathered_step_at_extreme_magnitudes(
         assert restored, label
         assert torch.isfinite(soft).all(), label
         spread = (expected - expected.mean()).abs().max()
-        torch.testing.assert_close(soft, expected, rtol=0, atol=1e-4 * float(spread),
+        ulp = 2.0 ** -6 if label == "half" else 0.0  # float16's spacing at 8..16, twice
+        torch.testing.assert_close(soft, expected, rtol=0, atol=1e-4 * float(spread) + ulp,
                                    msg=label)
         assert torch.equal(ranks[1][label][2], centroids), label
         assert torch.equal(ranks[1][label][0], soft), label

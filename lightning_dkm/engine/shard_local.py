@@ -185,8 +185,11 @@ class ShardLocalDKM:
         squared deviations are all-reduced as well, as :mod:`.float16_codes` falls back to
         them (the same decision on every rank: it reads the all-reduced sums)."""
         shards = [o.to_local().detach() for o in originals]
-        sums = torch.stack([torch.stack([s.sum(), torch.linalg.vector_norm(s).square()])
-                            for s in shards]).double()
+        # float32 passes whatever the shards' dtype: a float16 shard's own sum overflows at
+        # 65,504, and a bfloat16 one keeps 8 bits
+        sums = torch.stack([torch.stack([
+            s.sum(dtype=torch.float32),
+            torch.linalg.vector_norm(s, dtype=torch.float32).square()]) for s in shards]).double()
         dist.all_reduce(sums, group=self.group)
         sizes = torch.tensor([o.numel() for o in originals], dtype=torch.float64,
                              device=sums.device)
