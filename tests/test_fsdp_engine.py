@@ -344,3 +344,54 @@ def test_a_module_switched_to_eval_within_the_step_reads_the_soft_weight_it_was_
         assert torch.equal(eval_loss, loss)
         for name, grad in grads.items():
             assert torch.equal(eval_grads[name], grad), name
+
+
+def _a_weight_with_fewer_rows_than_ranks(rank: int, port: int, results) -> None:
+    """A (1, 40,000) weight: rank 1's shard is empty. Shard-local DKM against the gathered
+    step (a clustering pass), one optimizer step's gradient."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        import lightning_dkm as L
+        from lightning_dkm.engine.shard_local import ShardLocalDKM
+
+        mesh = init_device_mesh("cpu", (2,))
+
+        def build():
+            torch.manual_seed(0)
+            model = nn.Sequential(nn.Linear(40_000, 1, bias=False))
+            L.attach(model, L.select_targets(model, L.ClusterSpec(bits=3), min_size=0),
+                     implementation="unique", temperature=3e-2)
+            fully_shard(model[0], mesh=mesh)
+            fully_shard(model, mesh=mesh)
+            return model
+
+        x = torch.randn(4, 40_000, generator=torch.Generator().manual_seed(rank))
+        gathered, local = build(), build()
+        with L.clustering_pass(gathered):
+            gathered(x).square().mean().backward()
+        tensors = L.clustered_tensors(local)
+        step = ShardLocalDKM([(n, t.parametrization, t.original) for n, t in tensors.items()])
+        step.soften()
+        local(x).square().mean().backward()
+        step.restore()
+        step.finish()
+        results[rank] = {
+            "rows": tensors["0.weight"].original.to_local().shape[0],
+            "grads": {n: (p.grad.full_tensor(), dict(gathered.named_parameters())[n]
+                          .grad.full_tensor()) for n, p in local.named_parameters()},
+        }
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+def test_shard_local_dkm_of_a_weight_with_an_empty_shard_gives_the_gathered_gradient():
+    ranks = _on_two_ranks(_a_weight_with_fewer_rows_than_ranks)
+    assert (ranks[0]["rows"], ranks[1]["rows"]) == (1, 0)
+    for rank in (0, 1):  # gradients up to ~100: float32 summation order
+        for name, (local, gathered) in ranks[rank]["grads"].items():
+            torch.testing.assert_close(local, gathered, rtol=1e-4, atol=1e-4, msg=name)

@@ -294,7 +294,8 @@ class ShardLocalDKM:
         flags = torch.tensor(present, dtype=torch.int32, device=self.weights[0].local().device)
         dist.all_reduce(flags, op=dist.ReduceOp.MIN, group=self.group)
         columns = [w.codes() for w in self.weights]
-        sums = [c.sum_per_code(g.detach().reshape(1, -1).float()) if ok else
+        # float32 also for an empty shard (fewer rows than ranks), whose bincount is int64
+        sums = [c.sum_per_code(g.detach().reshape(1, -1).float()).float() if ok else
                 torch.zeros(_CODES, dtype=torch.float32, device=c.codes.device)
                 for c, g, ok in zip(columns, grads, flags.tolist(), strict=True)]
         sums = self._to_owners(sums)
