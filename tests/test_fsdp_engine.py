@@ -395,3 +395,62 @@ def test_shard_local_dkm_of_a_weight_with_an_empty_shard_gives_the_gathered_grad
     for rank in (0, 1):  # gradients up to ~100: float32 summation order
         for name, (local, gathered) in ranks[rank]["grads"].items():
             torch.testing.assert_close(local, gathered, rtol=1e-4, atol=1e-4, msg=name)
+
+
+def _weights_on_two_meshes(rank: int, port: int, results) -> None:
+    """The callback's shard-local step (:class:`~lightning_dkm.lightning.fully_sharded.
+    FullySharded`) on a model whose units were sharded on two equal-ranked but different
+    meshes (one with a dim name, one without: ``fully_shard`` without ``mesh=`` makes the
+    latter), against the gathered step."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        from types import SimpleNamespace
+
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        import lightning_dkm as L
+        from lightning_dkm.lightning.fully_sharded import FullySharded
+
+        named = init_device_mesh("cpu", (2,), mesh_dim_names=("data_parallel",))
+        plain = init_device_mesh("cpu", (2,))
+
+        def build():
+            torch.manual_seed(0)
+            model = nn.Sequential(nn.Linear(256, 128), nn.Tanh(), nn.Linear(128, 256))
+            L.attach(model, L.select_targets(model, L.ClusterSpec(bits=3), min_size=0),
+                     implementation="unique", temperature=3e-2)
+            fully_shard(model[0], mesh=named)
+            fully_shard(model[2], mesh=plain)
+            fully_shard(model, mesh=named)
+            return model
+
+        x = torch.randn(8, 256, generator=torch.Generator().manual_seed(rank))
+        gathered, local = build(), build()
+        with L.clustering_pass(gathered):
+            gathered(x).square().mean().backward()
+        sharded = FullySharded()
+        sharded.start_batch(SimpleNamespace(automatic_optimization=True),
+                            L.clustered_tensors(local))
+        presoftened = [t.parametrization.presoftened
+                       for t in L.clustered_tensors(local).values()]
+        local(x).square().mean().backward()
+        sharded.end_batch()
+        sharded.before_optimizer_step()
+        results[rank] = {
+            "presoftened": presoftened,
+            "grads": {n: (p.grad.full_tensor(), dict(gathered.named_parameters())[n]
+                          .grad.full_tensor()) for n, p in local.named_parameters()},
+        }
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+def test_weights_sharded_on_different_meshes_each_go_shard_local_with_their_mesh():
+    ranks = _on_two_ranks(_weights_on_two_meshes)
+    for rank in (0, 1):
+        assert ranks[rank]["presoftened"] == [True, True]
+        for name, (local, gathered) in ranks[rank]["grads"].items():
+            torch.testing.assert_close(local, gathered, rtol=1e-4, atol=1e-6, msg=name)

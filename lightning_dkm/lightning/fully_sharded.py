@@ -35,7 +35,9 @@ class FullySharded:
 
     def __init__(self) -> None:
         self._skeleton: nn.Module | None = None
-        self._step: ShardLocalDKM | None = None  # the optimizer step's shard-local DKM
+        # the optimizer step's shard-local DKM, one per device mesh (units sharded on
+        # different meshes: e.g. one with a dim name and ``fully_shard``'s default)
+        self._steps: list[ShardLocalDKM] = []
         self._warned: set[str] = set()  # weights already named in a "gathered" warning
 
     # -- shard-local DKM over one optimizer step ----------------------------------------------
@@ -46,8 +48,9 @@ class FullySharded:
         step's later micro-batches the same soft values again (:meth:`~.ShardLocalDKM.reapply`,
         no DKM). Weights in soft training that cannot go shard-local keep clustering the
         gathered weight in the forward; each is named once in a warning saying why."""
-        if self._step is not None:
-            self._step.reapply()
+        if self._steps:
+            for step in self._steps:
+                step.reapply()
             return
         soft = {n: t for n, t in tensors.items() if t.parametrization.mode == "soft"
                 and t.parametrization.training and t.parametrization.is_initialized}
@@ -66,9 +69,17 @@ class FullySharded:
                 reasons.setdefault(reason, []).append(name)
         for reason, names in reasons.items():
             self._warn(names, reason)
-        if chosen:
-            self._step = ShardLocalDKM(chosen)
-            self._step.soften()
+        meshes: list[tuple[object, list]] = []  # in the tensors' order: the same on every rank
+        for weight in chosen:
+            mesh = weight[2].device_mesh
+            same = next((members for m, members in meshes if m == mesh), None)
+            if same is None:
+                meshes.append((mesh, [weight]))
+            else:
+                same.append(weight)
+        self._steps = [ShardLocalDKM(members) for _, members in meshes]
+        for step in self._steps:
+            step.soften()
 
     def _warn(self, names: list[str], reason: str) -> None:
         new = [n for n in names if n not in self._warned]
@@ -81,21 +92,25 @@ class FullySharded:
     def before_optimizer_step(self) -> None:
         """The step's gradients are complete: DKM's backward on every shard, raw weights
         back (:meth:`~.ShardLocalDKM.finish`, collectives); the next batch starts a new step."""
-        step, self._step = self._step, None
-        if step is not None:
-            step.finish()
+        steps, self._steps = self._steps, []
+        try:
+            for step in steps:
+                step.finish()
+        finally:  # where a finish raised, the later meshes' raw weights back too
+            for step in steps:
+                step.restore()
 
     def end_batch(self) -> None:
         """After a training batch: the raw weights back in the shards (validation, metrics,
         checkpoints see them); an accumulation window's tables stay for its next micro-batch."""
-        if self._step is not None:
-            self._step.restore()
+        for step in self._steps:
+            step.restore()
 
     def drop(self) -> None:
         """The raw weights back and the step forgotten (an exception, an epoch or fit end
         without the optimizer step)."""
-        step, self._step = self._step, None
-        if step is not None:
+        steps, self._steps = self._steps, []
+        for step in steps:
             step.restore()
 
     def setup(
