@@ -454,3 +454,68 @@ def test_weights_sharded_on_different_meshes_each_go_shard_local_with_their_mesh
         assert ranks[rank]["presoftened"] == [True, True]
         for name, (local, gathered) in ranks[rank]["grads"].items():
             torch.testing.assert_close(local, gathered, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def _host_reads_of_a_shard_local_step(rank: int, port: int, results) -> None:
+    """The host reads of one shard-local step (soften, forward, backward, finish) in the
+    form it takes on an accelerator (:func:`~lightning_dkm.engine.numerics.sync_free`), for
+    a model of 2 and of 4 clustered weights; and its gradients against the same steps on CPU's
+    own path (host reads allowed)."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        import lightning_dkm as L
+        from lightning_dkm.diagnostics import count_host_syncs
+        from lightning_dkm.engine.numerics import sync_free
+        from lightning_dkm.engine.shard_local import ShardLocalDKM
+
+        mesh = init_device_mesh("cpu", (2,))
+        x = torch.randn(8, 128, generator=torch.Generator().manual_seed(rank))
+        out = {}
+        def build(layers):
+            torch.manual_seed(0)
+            model = nn.Sequential(*[nn.Linear(128, 128) for _ in range(layers)])
+            L.attach(model, L.select_targets(model, L.ClusterSpec(bits=3), min_size=0),
+                     implementation="unique", temperature=3e-2)
+            for module in model:
+                fully_shard(module, mesh=mesh)
+            fully_shard(model, mesh=mesh)
+            return model
+
+        def step(model):
+            model.zero_grad()
+            tensors = L.clustered_tensors(model)
+            engine = ShardLocalDKM([(n, t.parametrization, t.original)
+                                    for n, t in tensors.items()])
+            engine.soften()
+            model(x).square().mean().backward()
+            engine.restore()
+            engine.finish()
+
+        for layers in (2, 4):
+            model, plain = build(layers), build(layers)
+            for _ in range(2):  # a warm-up step, then the counted one
+                with sync_free(), count_host_syncs() as log:
+                    step(model)
+                step(plain)
+            grads = {n: (p.grad.full_tensor(), dict(plain.named_parameters())[n]
+                         .grad.full_tensor()) for n, p in model.named_parameters()}
+            out[layers] = (log.calls, grads)
+        results[rank] = out
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+def test_a_shard_local_step_reads_nothing_back_per_weight():
+    """On an accelerator a read is a sync: the step's few reads are batched over all its
+    weights (the normalisations' fallback decision), none is made per weight."""
+    ranks = _on_two_ranks(_host_reads_of_a_shard_local_step)
+    for rank in (0, 1):
+        (two, _), (four, grads) = ranks[rank][2], ranks[rank][4]
+        assert len(four) == len(two) <= 2, (two, four)
+        for name, (device_form, plain) in grads.items():
+            torch.testing.assert_close(device_form, plain, rtol=1e-5, atol=1e-7, msg=name)

@@ -16,7 +16,7 @@ from .numerics import Normalization, chunks, floored_scale, root_mean_square
 
 __all__ = [
     "CHUNK", "CodeColumns", "DistinctValues", "distinct_from_counts", "encode", "float16_codes",
-    "power_of_two_unit", "prepare",
+    "power_of_two_unit", "prepare", "static_distinct_from_counts",
 ]
 
 #: Weights per chunk of the O(n) passes: a chunk's temporaries (a few MiB) come from the
@@ -249,8 +249,16 @@ def static_distinct_values(columns: CodeColumns, dtype: torch.dtype) -> Distinct
     them, but in the layout of ``min(n, 65536)`` columns that needs no host read
     (:mod:`.distinct`'s module docstring, "Without host reads")."""
     P, n = columns.codes.shape
+    return static_distinct_from_counts(columns.sum_per_code(), P, n, dtype)
+
+
+def static_distinct_from_counts(dense_counts: Tensor, P: int, n: int, dtype: torch.dtype
+                                ) -> DistinctValues:
+    """:func:`static_distinct_values` from the per-code counts ``(P * 65536,)`` of ``n``
+    weights per palette (counted here, or summed over the shards of several ranks,
+    :mod:`.shard_local`)."""
     width = min(n, _CODES)
-    dense_counts = columns.sum_per_code().view(P, _CODES)
+    dense_counts = dense_counts.view(P, _CODES)
     occupied = dense_counts > 0
     slots = torch.where(occupied, occupied.cumsum(1) - 1, width)  # (P, 65536)
     patterns = torch.arange(_CODES, dtype=torch.int32, device=slots.device).to(torch.int16)

@@ -35,7 +35,10 @@ weights it owns, the DKM iterations on the distinct values (``O(U k max_iter)``,
 optimizer step: two small all-reduces (the sums, and whether each weight has a gradient; a
 third where the centre needs it), and per weight 65,536 integer counts to its
 owner, ``65,536 + k`` floats from it, 65,536 float sums to it and ``2 x 65,536`` floats from
-it; one collective per owning rank and kind, not per weight.
+it; one collective per owning rank and kind, not per weight. **Host reads** (syncs on an
+accelerator): two per optimizer step, each for all weights at once (which weights need the
+centre's fallback, which have a gradient); none per weight (codes counted with ``index_add_``,
+the owner's distinct values in the static layout of :func:`~.float16_codes.static_distinct_values`).
 
 **Memory per rank**: the raw shard aside (``4 n / world`` bytes per float32 weight, from
 :meth:`~ShardLocalDKM.soften` to :meth:`~ShardLocalDKM.restore`), a 65,536-entry table of soft
@@ -70,8 +73,9 @@ from .float16_codes import (
     encode,
     power_of_two_unit,
     scale_from_values,
+    static_distinct_from_counts,
 )
-from .numerics import autocast_disabled, inverse_temperature
+from .numerics import autocast_disabled, host_reads_are_free, inverse_temperature
 from .parametrization import DKMParametrization
 from .sharding import is_sharded
 from .weighted import Trajectory, weighted_dkm, weighted_dkm_gradient
@@ -148,7 +152,8 @@ class _Weight:
         """The float16 codes of the raw shard, as the whole weight's codes would be."""
         source = self.local() if self.raw is None else self.raw
         x = source.detach().reshape(1, -1).to(torch.float32)
-        return CodeColumns(encode(x, self.center, self.unit))
+        codes = encode(x, self.center, self.unit)
+        return CodeColumns(codes, device_side=not host_reads_are_free(codes))
 
 
 class ShardLocalDKM:
@@ -183,7 +188,8 @@ class ShardLocalDKM:
         needs the standard deviation within a factor of ~1.4 (:func:`~.float16_codes.encode`);
         where ``E[x^2] - E[x]^2`` cancels badly (a mean far larger than the spread) the sums of
         squared deviations are all-reduced as well, as :mod:`.float16_codes` falls back to
-        them (the same decision on every rank: it reads the all-reduced sums)."""
+        them (the same decision on every rank: it reads the all-reduced sums; that flag per
+        weight, read once for all weights, is the one host read here)."""
         shards = [o.to_local().detach() for o in originals]
         # float32 passes whatever the shards' dtype: a float16 shard's own sum overflows at
         # 65,504, and a bfloat16 one keeps 8 bits
@@ -198,16 +204,16 @@ class ShardLocalDKM:
         cancels = ((variance < 1e-4 * mean_square) | ~mean_square.isfinite()).tolist()
         if any(cancels):  # float64 deviations: squares of 1e20 overflow float32
             deviations = torch.stack([
-                torch.linalg.vector_norm(s.double() - m).square() if c
+                torch.linalg.vector_norm(s.double() - m.to(s.device)).square() if c
                 else s.new_zeros((), dtype=torch.float64) for s, m, c in zip(
-                    shards, mean.tolist(), cancels, strict=True)])
+                    shards, mean, cancels, strict=True)])
             dist.all_reduce(deviations, group=self.group)
             variance = torch.where(torch.tensor(cancels, device=sums.device),
                                    deviations.to(sums.device) / sizes, variance)
         std = variance.clamp_min(0.0).sqrt()
-        return [(torch.tensor([[m]], dtype=torch.float32, device=s.device),
-                 power_of_two_unit(torch.tensor([[d]], dtype=torch.float32, device=s.device)))
-                for s, m, d in zip(shards, mean.tolist(), std.tolist(), strict=True)]
+        return [(m.float().reshape(1, 1).to(s.device),
+                 power_of_two_unit(d.float().reshape(1, 1).to(s.device)))
+                for s, m, d in zip(shards, mean, std, strict=True)]
 
     # -- the forward --------------------------------------------------------------------------
     @torch.no_grad()
@@ -235,7 +241,11 @@ class ShardLocalDKM:
         """The owner's DKM on the whole weight's distinct values (as :mod:`.distinct`'s step):
         the soft value per code (65,536) and the final centroids (1, k, 1)."""
         p = w.p
-        distinct = distinct_from_counts(counts.to(torch.long), 1, torch.float32)
+        if host_reads_are_free(counts):
+            distinct = distinct_from_counts(counts.to(torch.long), 1, torch.float32)
+        else:  # no host read: min(n, 65,536) columns (as the gathered step on a device)
+            distinct = static_distinct_from_counts(counts, 1, w.original.numel(),
+                                                   torch.float32)
         scale = scale_from_values(distinct, w.unit, w.center)
         distinct.values.mul_(w.unit / scale)  # normalised: (x - center) / scale
         c0 = ((p.centroids.detach().float().squeeze(-1) - w.center) / scale).unsqueeze(-1)
@@ -293,20 +303,21 @@ class ShardLocalDKM:
         present = [g is not None for g in grads]
         flags = torch.tensor(present, dtype=torch.int32, device=self.weights[0].local().device)
         dist.all_reduce(flags, op=dist.ReduceOp.MIN, group=self.group)
+        ready = flags.tolist()  # the one host read of the backward, for all weights
         columns = [w.codes() for w in self.weights]
         # float32 also for an empty shard (fewer rows than ranks), whose bincount is int64
         sums = [c.sum_per_code(g.detach().reshape(1, -1).float()).float() if ok else
                 torch.zeros(_CODES, dtype=torch.float32, device=c.codes.device)
-                for c, g, ok in zip(columns, grads, flags.tolist(), strict=True)]
+                for c, g, ok in zip(columns, grads, ready, strict=True)]
         sums = self._to_owners(sums)
         tables = []
-        for w, total, ok in zip(self.weights, sums, flags.tolist(), strict=True):
+        for w, total, ok in zip(self.weights, sums, ready, strict=True):
             if w.owner == self.rank and ok:
                 tables.append(self._gradient_tables(w, total))
             else:
                 tables.append(total.new_empty(2 * _CODES, dtype=torch.float32))
         self._from_owners([(t,) for t in tables])
-        for w, column, g, t, ok in zip(self.weights, columns, grads, tables, flags.tolist(),
+        for w, column, g, t, ok in zip(self.weights, columns, grads, tables, ready,
                                        strict=True):
             if ok and g is not None:
                 dkm = column.look_up(t[:_CODES], factor=(t[_CODES:], g.reshape(1, -1).float()))
@@ -323,7 +334,8 @@ class ShardLocalDKM:
         with autocast_disabled(per_code.device.type):
             shared, b = weighted_dkm_gradient(
                 distinct.values.unsqueeze(1), distinct.counts, owned.trajectory, G,
-                owned.inv_tau, implicit=w.p.gradient == "implicit")
+                owned.inv_tau, implicit=w.p.gradient == "implicit",
+                check_errors=host_reads_are_free(per_code))
         assert b is not None
         return torch.cat([distinct.to_dense(shared[:, 0, :]), distinct.to_dense(b[:, 0, :])])
 
