@@ -519,3 +519,52 @@ def test_a_shard_local_step_reads_nothing_back_per_weight():
         assert len(four) == len(two) <= 2, (two, four)
         for name, (device_form, plain) in grads.items():
             torch.testing.assert_close(device_form, plain, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def _a_pass_batching_a_presoftened_weight(rank: int, port: int, results) -> None:
+    """One FSDP unit with a shard-local weight (``0``) and one that cannot be (``1``: two
+    palettes), both ``"unique"`` and small enough to batch: the callback's clustering pass
+    batches every such weight of the unit at ``1``'s first read, ``0`` (soft already) too."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        from types import SimpleNamespace
+
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        import lightning_dkm as L
+        from lightning_dkm.lightning.fully_sharded import FullySharded
+
+        mesh = init_device_mesh("cpu", (2,))
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(128, 128), nn.Linear(128, 128))
+        L.attach(model, L.select_targets(model, L.ClusterSpec(bits=2), min_size=0,
+                                         overrides={"1": {"group_size": 64}}),
+                 implementation="unique", temperature=3e-2)
+        fully_shard(model, mesh=mesh)
+        tensors = L.clustered_tensors(model)
+        sharded = FullySharded()
+        sharded.start_batch(SimpleNamespace(automatic_optimization=True), tensors)
+        softened = {n: (t.parametrization.presoftened, t.parametrization.centroids.clone())
+                    for n, t in tensors.items()}
+        x = torch.randn(8, 128, generator=torch.Generator().manual_seed(rank))
+        with L.clustering_pass(model):
+            model(x).square().mean().backward()
+        sharded.end_batch()
+        results[rank] = {"softened": softened, "after": {
+            n: t.parametrization.centroids.clone() for n, t in tensors.items()}}
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+def test_a_clustering_pass_does_not_move_a_presoftened_weights_centroids_again():
+    """Shard-local DKM moved ``0``'s centroids once for the step; the pass's batched step of
+    ``0`` (on the soft weight, which no forward reads) must not move them a second time."""
+    ranks = _on_two_ranks(_a_pass_batching_a_presoftened_weight)
+    for rank in (0, 1):
+        r = ranks[rank]
+        assert r["softened"]["0.weight"][0] and not r["softened"]["1.weight"][0]
+        assert torch.equal(r["after"]["0.weight"], r["softened"]["0.weight"][1])
+        assert not torch.equal(r["after"]["1.weight"], r["softened"]["1.weight"][1])

@@ -419,7 +419,12 @@ class DKMParametrization(nn.Module):
     @torch.no_grad()
     def keep_centroids(self, centroids: Tensor) -> None:
         """Move the centroids to where a training step ended (in place), remembering where it
-        started for an activation-checkpoint replay (:func:`replaying`)."""
+        started for an activation-checkpoint replay (:func:`replaying`). A no-op while
+        :attr:`presoftened`: shard-local DKM moved them for this step already (a clustering
+        pass that batched this weight with others of its FSDP unit computed a step of the soft
+        weight, which no forward reads)."""
+        if self.presoftened:
+            return
         self._step_start = self.centroids.clone()
         self.centroids.copy_(centroids)
 
