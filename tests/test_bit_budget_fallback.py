@@ -176,6 +176,46 @@ def test_the_errors_of_a_missing_double_backward_are_recognised():
     assert not no_double_backward(ValueError("derivative for x is not implemented"))
 
 
+def test_a_compiled_module_is_recognised_as_having_no_double_backward():
+    """torch.compile's message names no "derivative ... is not implemented"; before this
+    test the fit raised it at setup instead of falling back to uniform widths."""
+    _, batches = _linear_and_batches()
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2))
+    model[0] = torch.compile(model[0], backend="aot_eager")
+    err = None
+    try:
+        hessian_diagonal(model, batches[:1], _mse, ["0._orig_mod.weight"])
+    except RuntimeError as caught:
+        err = caught
+    assert "does not currently support double backward" in str(err)
+    assert no_double_backward(err)
+    hessian, why = allocation_curvature(model, batches, _mse, ["0._orig_mod.weight"], 1, None)
+    assert hessian is None and "double backward" in why
+
+
+@pytest.mark.parametrize("message", [
+    "Double backwards is not supported for CuDNN RNNs due to limitations in the CuDNN API.",
+    "grid_sampler_3d double backward not implemented for interpolation_mode=",
+    "scatter_reduce(): Double backward is unsupported for src when >1 zeros in src are scattered",
+    "trying to differentiate twice a function that was marked with @once_differentiable",
+    "the derivative for '_cdist_backward' is not implemented.",
+])
+def test_torchs_other_missing_double_backward_messages_are_recognised(message):
+    assert no_double_backward(RuntimeError(message))
+
+
+def test_a_users_own_not_implemented_error_is_raised_not_taken_for_a_missing_double_backward():
+    """NotImplementedError is a RuntimeError: "is not implemented" alone must not hide it."""
+    model, batches = _linear_and_batches()
+
+    def unfinished(model, batch):
+        raise NotImplementedError("the loss of this task is not implemented")
+
+    assert not no_double_backward(NotImplementedError("feature X is not implemented"))
+    with pytest.raises(NotImplementedError, match="this task"):
+        allocation_curvature(model, batches, unfinished, ["weight"], 1, 4)
+
+
 # -- uniform_allocation -------------------------------------------------------------------------
 def _tiny_targets(bits=4):
     model = TinyNet()

@@ -300,18 +300,30 @@ def allocation_curvature(model: nn.Module, dataloader: Iterable[Any], loss_fn: L
     return hessian, label + ")"
 
 
-#: What autograd says when an op of a loss has no double backward (a fused kernel without a
-#: derivative formula of its backward: "derivative for aten::... is not implemented"), and
-#: what :func:`hessian_diagonal` says when no gradient has a graph to differentiate again (a
-#: loss whose every path runs through an autograd.Function marked once_differentiable).
-_NO_DOUBLE_BACKWARD = ("is not implemented", "no graph to differentiate again")
+#: What PyTorch says when an op of a loss has no double backward, lower-cased: a kernel
+#: without a derivative formula of its backward ("derivative for aten::... is not
+#: implemented", ``NotImplemented`` nodes; "the derivative for '...' is not implemented."),
+#: a module compiled by ``torch.compile`` ("torch.compile with aot_autograd does not currently
+#: support double backward"), cuDNN RNNs ("double backwards is not supported"), grid_sampler
+#: and scatter_reduce ("double backward not implemented / is unsupported"), an
+#: ``autograd.Function`` marked ``once_differentiable`` whose result is differentiated twice
+#: ("trying to differentiate twice"); and what :func:`hessian_diagonal` says when no gradient
+#: has a graph to differentiate again (a loss whose every path runs through such a function).
+#: A user's own "... is not implemented" (a ``NotImplementedError`` is a ``RuntimeError``)
+#: is none of these.
+_NO_DOUBLE_BACKWARD = ("double backward", "differentiate twice", "no graph to differentiate again")
 
 
 def no_double_backward(err: BaseException) -> bool:
     """Whether ``err`` (from :func:`hessian_diagonal`) says that the loss has no second
-    derivative (:data:`_NO_DOUBLE_BACKWARD`), as opposed to any other failure of the loss,
-    which ``average_bits`` must not hide behind a fallback."""
-    return isinstance(err, RuntimeError) and any(m in str(err) for m in _NO_DOUBLE_BACKWARD)
+    derivative (:data:`_NO_DOUBLE_BACKWARD`, or autograd's "derivative for ... is not
+    implemented"), as opposed to any other failure of the loss, which ``average_bits`` must
+    not hide behind a fallback."""
+    if not isinstance(err, RuntimeError):
+        return False
+    text = str(err).lower()
+    return (any(m in text for m in _NO_DOUBLE_BACKWARD)
+            or ("derivative for " in text and "not implemented" in text))
 
 
 def first_samples(batch: Any, samples: int | None) -> Any:
