@@ -433,3 +433,54 @@ def test_a_gradient_without_graph_is_a_clear_error_not_autograd_internal_one():
     with pytest.raises(RuntimeError, match=r"no graph to differentiate again: the loss is "
                                            r"linear in them or its backward is not"):
         hessian_diagonal(model, [torch.randn(5, 4)], lambda m, x: m(x).sum(), ["weight"])
+
+
+@pytest.mark.parametrize("exponent", [66, -66, -100])
+def test_the_estimate_of_huge_and_tiny_weights_scales_with_their_square(exponent):
+    """Scaling a weight by 2**e scales its estimate by 2**(2e) exactly (same palettes in units
+    of their power-of-two unit): the unit's square in float32 overflowed to Inf (NaN estimates)
+    around 1e20 and lost its digits (subnormal, or 0) below 1e-20."""
+    from lightning_dkm.engine.layout import ClusterSpec, PaletteLayout
+    from lightning_dkm.model.bit_budget import distortions
+
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(64, 64, generator=generator)
+    sensitivity = torch.rand(64, 64, generator=generator)
+    for spec in (ClusterSpec(), ClusterSpec(cluster_dim=2)):
+        layout = PaletteLayout((64, 64), spec)
+        widths = range(1, 5) if spec.cluster_dim == 1 else range(1, 3)
+        base = distortions(weight, layout, widths, sensitivity)
+        scaled = distortions(weight * 2.0 ** exponent, layout, widths, sensitivity)
+        for bits in widths:
+            expected = base[bits] * 2.0 ** (2 * exponent)
+            assert scaled[bits] == pytest.approx(expected, rel=1e-9, abs=0)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_a_weight_with_nan_or_inf_is_a_value_error_naming_it(value):
+    from lightning_dkm.engine.layout import ClusterSpec, PaletteLayout
+    from lightning_dkm.model.bit_budget import distortions
+
+    weight = torch.randn(64, 64)
+    weight[3, 5] = value
+    with pytest.raises(ValueError, match=r"layer\.weight: the weight has NaN or Inf"):
+        distortions(weight, PaletteLayout((64, 64), ClusterSpec(), name="layer.weight"),
+                    range(1, 5))
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_a_sensitivity_with_nan_or_inf_is_a_value_error_not_noise_or_nan_estimates(value):
+    """NaN passed _is_noise for rounding noise (uniform widths, a false warning); Inf made the
+    estimates NaN, which the knapsack's argmin then chose among at random."""
+    from lightning_dkm.engine.layout import ClusterSpec
+    from lightning_dkm.model.bit_budget import plan_widths
+    from lightning_dkm.model.targets import select_targets
+
+    model = TinyNet()
+    targets = select_targets(model, ClusterSpec(), min_size=0)
+    weights = {t.name: model.get_parameter(t.name) for t in targets}
+    sensitivity = {n: torch.rand_like(w) for n, w in weights.items()}
+    name = targets[0].name
+    sensitivity[name][0, 0] = value
+    with pytest.raises(ValueError, match=f"sensitivity of \\['{name}'\\] has NaN or Inf"):
+        plan_widths(targets, weights, 3, sensitivity=sensitivity)

@@ -222,14 +222,16 @@ class _Snapped:
     def estimates(self, widths: Iterable[int], sensitivity: Tensor | None) -> dict[int, float]:
         """``{bits: E(bits)}`` (:func:`distortions`), measured up to 4 bits, extrapolated
         above."""
-        f = self.unit.square()  # errors are measured on x / unit: back in the weight's units
+        # errors are measured on x / unit: back in the weight's units. In float64: the square
+        # of a float32 unit overflows above |w| ~ 2**63 and is subnormal below ~ 2**-63.
+        f = self.unit.double().square()
         if sensitivity is not None:
-            s = sensitivity.detach().float()
+            s = sensitivity.detach().double()
             if self.scale is not None:  # an error e in scaled units is s * e in the weight's
                 s = s * self.layout.broadcast_scale(self.scale.to(s)) ** 2
-            f = f * self.layout.to_palettes(s).float().cpu()
+            f = f * self.layout.to_palettes(s).cpu()
         if self.cells is None:
-            out = {b: 0.5 * float((f * (self.x - c).square()).sum())
+            out = {b: 0.5 * float((f * (self.x - c).double().square()).sum())
                    for b, c in self.centroids.items()}
         else:
             out = self._per_cell(f.expand_as(self.x))
@@ -300,6 +302,9 @@ def _snap(tensors: Sequence[tuple[Tensor, PaletteLayout, Collection[int]]], seed
         for i, (weight, layout, widths) in enumerate(tensors):
             scale = layout.channel_scale(weight)
             x = layout.to_palettes(weight.detach(), scale).float().cpu()  # (P, n, d)
+            if not bool(torch.isfinite(x).all()):
+                raise ValueError(f"{layout.name}: the weight has NaN or Inf values, whose "
+                                 "clustering error average_bits cannot estimate")
             unit = palette_unit(x)
             x = x / unit
             out.append(_Snapped(layout, scale, unit, x, {}))
@@ -366,6 +371,9 @@ def distortions(
         a Gaussian 1536 x 384 weight the ratios from 4 to 8 bits are 3.8-4.0), since k-means
         at 128 and 256 centroids is most of the cost (exact 1-D k-means: 2.8 s of 4.8 s at 8
         bits for that weight).
+
+    Raises:
+        ValueError: ``weight`` has NaN or Inf values.
     """
     widths = sorted(widths)
     snapped, = _snap([(weight, layout, _measured(widths))], seed)
@@ -609,7 +617,8 @@ def plan_widths(
 
     Raises:
         ValueError: ``average_bits`` or ``allowed_bits`` out of range, a missing weight, a
-            tensor no allowed width fits, or a budget the fixed tensors leave too small.
+            tensor no allowed width fits, a budget the fixed tensors leave too small, or a
+            weight or sensitivity with NaN or Inf values.
     """
     return _plan(targets, weights, average_bits, fixed, sensitivity, sensitivity_label,
                  allowed_bits, lut_dtype, seed, uniform=False)
@@ -645,6 +654,11 @@ def _plan(targets: Sequence[Target], weights: Mapping[str, Tensor], average_bits
         [(weights[t.name], t.layout, _measured(widths[t.name])) for t in free], seed),
         strict=True))
     label = sensitivity_label or ("given" if sensitivity is not None else "none")
+    if sensitivity is not None:
+        bad = [t.name for t in free if (h := sensitivity.get(t.name)) is not None
+               and not bool(torch.isfinite(h).all())]
+        if bad:  # NaN passed for rounding noise, Inf made every estimate NaN
+            raise ValueError(f"plan_widths: the sensitivity of {bad} has NaN or Inf values")
     if sensitivity is not None and _is_noise(sensitivity, weights):
         warnings.warn(
             f"average_bits={average_bits:g}: the sensitivity ({label}) is rounding noise (it "
