@@ -484,3 +484,20 @@ def test_a_sensitivity_with_nan_or_inf_is_a_value_error_not_noise_or_nan_estimat
     sensitivity[name][0, 0] = value
     with pytest.raises(ValueError, match=f"sensitivity of \\['{name}'\\] has NaN or Inf"):
         plan_widths(targets, weights, 3, sensitivity=sensitivity)
+
+
+@pytest.mark.parametrize("values", [[0.3], [0.1, 0.2, 0.3, 0.7], [-0.37, 0.011, 0.4242]])
+def test_a_weight_of_few_values_off_the_grid_costs_nothing_where_each_has_a_centroid(values):
+    """Values that are not multiples of the estimate's 1/512 grid (a weight clustered before,
+    a constant): 0 at every width with a centroid per value, as exact k-means has it, not the
+    distance to the grid (which the extrapolation above 4 bits then paid bytes to shrink)."""
+    from lightning_dkm.engine.layout import ClusterSpec, PaletteLayout
+    from lightning_dkm.model.bit_budget import distortions
+
+    weight = torch.tensor(values).repeat(64 * 64 // len(values) + 1)[: 64 * 64].view(64, 64)
+    for spec in (ClusterSpec(), ClusterSpec(group_size=16)):
+        errors = distortions(weight, PaletteLayout((64, 64), spec), range(1, 9),
+                             torch.rand(64, 64))
+        needed = (len(values) - 1).bit_length()
+        # 0 up to float64 rounding (the per-cell sums); the grid's distance was 1e-5..1e-3
+        assert all(errors[b] < 1e-12 for b in range(max(needed, 1), 9)), errors
