@@ -315,3 +315,24 @@ def test_a_fit_takes_its_hessian_on_one_training_batch(tmp_path):
 def test_a_training_step_that_fails_otherwise_fails_the_fit(tmp_path):
     with pytest.raises(RuntimeError, match="a bug in the user's training_step"):
         _fit(tmp_path, FailingNet(), 2)
+
+
+def test_a_failure_on_rank_0_is_broadcast_before_it_is_raised(tmp_path):
+    """Under DDP only rank 0 runs the Hessian: an error of training_step raised there before
+    the broadcast left the other ranks waiting in it; they now get it and raise too."""
+    from lightning.pytorch.strategies import SingleDeviceStrategy
+
+    sent = []
+
+    class Recording(SingleDeviceStrategy):
+        def broadcast(self, obj, src=0):
+            sent.append(obj)
+            return obj
+
+    callback = DKMCallback(average_bits=2, verbose=False, save_dir=str(tmp_path))
+    with pytest.raises(RuntimeError, match="a bug in the user's training_step"):
+        trainer(tmp_path, callbacks=[callback], max_epochs=1,
+                strategy=Recording(device="cpu")).fit(FailingNet())
+    sent = [obj for obj in sent if isinstance(obj, tuple) and len(obj) == 2]
+    assert sent and sent[-1][0] is None
+    assert "a bug in the user's training_step" in sent[-1][1]

@@ -109,22 +109,24 @@ def plan_fit_widths(
 ) -> BitAllocation:
     """The widths of ``selected`` under ``average_bits``: computed on rank 0 (weights as they
     are at setup, Hessian diagonal from the training batches) and broadcast, so every rank
-    clusters with the same widths whatever data it sees."""
+    clusters with the same widths whatever data it sees. Whatever fails on rank 0 (the
+    budget, or an error of ``training_step`` that is not a missing double backward) is
+    broadcast too and raised on every rank, not on rank 0 alone while the others wait in the
+    broadcast."""
     allocation: dict[str, Any] | None = None
     error: str | None = None
+    failure: Exception | None = None
     if trainer.global_rank == 0:
-        modules = dict(pl_module.named_modules())
-        weights = {t.name: getattr(modules[t.module_name], t.param_name) for t in selected}
-        fixed = fixed_by_overrides(selected, overrides)
-        sensitivity, label = _sensitivity(trainer, pl_module,
-                                          [n for n in weights if n not in fixed], seed)
-        if sensitivity is None:
-            rank_zero_warn(f"DKMCallback(average_bits={average_bits:g}): {label}; {UNIFORM}")
         try:
+            modules = dict(pl_module.named_modules())
+            weights = {t.name: getattr(modules[t.module_name], t.param_name) for t in selected}
+            fixed = fixed_by_overrides(selected, overrides)
+            sensitivity, label = _sensitivity(trainer, pl_module,
+                                              [n for n in weights if n not in fixed], seed)
             if sensitivity is None:
+                rank_zero_warn(f"DKMCallback(average_bits={average_bits:g}): {label}; {UNIFORM}")
                 chosen = uniform_allocation(selected, weights, average_bits, label, fixed=fixed,
-                                            allowed_bits=allowed_bits,
-                                            lut_dtype=lut_dtype,
+                                            allowed_bits=allowed_bits, lut_dtype=lut_dtype,
                                             seed=seed)
             else:
                 chosen = plan_widths(
@@ -134,7 +136,12 @@ def plan_fit_widths(
             allocation = chosen.to_dict()
         except ValueError as err:
             error = str(err)
+        except Exception as err:  # raised as it is on rank 0 after the broadcast
+            failure = err
+            error = f"rank 0 failed to choose the widths ({type(err).__name__}: {err})"
     allocation, error = trainer.strategy.broadcast((allocation, error), src=0)
+    if failure is not None:
+        raise failure
     if error is not None:
         raise MisconfigurationException(f"DKMCallback(average_bits={average_bits:g}): {error}")
     assert allocation is not None
