@@ -54,6 +54,7 @@ from .bit_budget import (
     uniform_allocation,
 )
 from .carried import carry_palettes
+from .eval_mode import in_eval_mode
 from .targets import DEFAULT_MIN_SIZE, Target, select_targets
 
 __all__ = [
@@ -354,7 +355,9 @@ def _leaves(batch: Any) -> list[Any]:
 
 
 def _mapped(batch: Any, fn: Callable[[Tensor], Tensor]) -> Any:
-    """``batch`` with ``fn`` applied to every tensor (the containers of :func:`_to_device`)."""
+    """``batch`` with ``fn`` applied to every tensor, also inside tuples, lists, named tuples
+    and mappings (as new containers; a mapping becomes a plain ``dict``); everything else
+    unchanged."""
     if isinstance(batch, Tensor):
         return fn(batch)
     if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # a NamedTuple
@@ -507,13 +510,11 @@ def _summed_over_batches(
     total = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
     wanted = {id(p) for p in params.values()}
     flags = [(p, p.requires_grad) for p in model.parameters()]
-    modes = [(m, m.training) for m in model.modules()]
     seen = 0
     try:
         for p, _ in flags:
             p.requires_grad_(id(p) in wanted)
-        model.eval()
-        with torch.enable_grad():
+        with in_eval_mode(model), torch.enable_grad():
             for batch in itertools.islice(dataloader, num_batches):
                 loss = loss_fn(model, _to_device(batch, device))
                 _check_loss(loss, seen)
@@ -525,8 +526,6 @@ def _summed_over_batches(
     finally:
         for p, flag in flags:
             p.requires_grad_(flag)
-        for m, training in modes:
-            m.training = training
     if seen == 0:
         raise ValueError(
             f"dataloader yielded no batches; {what} needs at least one calibration batch"
@@ -639,12 +638,4 @@ def _check_loss(loss: object, batch_index: int) -> None:
 def _to_device(batch: Any, device: torch.device) -> Any:
     """``batch`` with every tensor (also inside tuples, lists, named tuples and mappings) on
     ``device``; everything else unchanged."""
-    if isinstance(batch, Tensor):
-        return batch.to(device)
-    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # a NamedTuple
-        return type(batch)(*(_to_device(b, device) for b in batch))
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(_to_device(b, device) for b in batch)
-    if isinstance(batch, Mapping):
-        return {k: _to_device(v, device) for k, v in batch.items()}
-    return batch
+    return _mapped(batch, lambda t: t.to(device))
