@@ -196,3 +196,19 @@ class DealtWideNet(WideNet):
         sampler = DistributedSampler(data, num_replicas=self.trainer.world_size,
                                      rank=self.trainer.global_rank, shuffle=False)
         return DataLoader(data, batch_size=self.hparams.batch_size, sampler=sampler)
+
+
+class SquareOnce(torch.autograd.Function):
+    """``x**2`` whose backward has no derivative of its own (as some fused kernels): a loss
+    through it has no double backward, so ``average_bits`` has no Hessian."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x.square()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return 2 * x * grad

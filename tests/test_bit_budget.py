@@ -15,7 +15,7 @@ import pytest
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.strategies import DDPStrategy
-from lightning_helpers import AllocationRecorder, RankDataNet, TinyNet, trainer
+from lightning_helpers import AllocationRecorder, RankDataNet, SquareOnce, TinyNet, trainer
 from torch import nn
 
 from lightning_dkm import CompressionReport, DKMCallback, palettize
@@ -374,24 +374,9 @@ def test_palettize_allocates_by_the_calibration_losss_curvature_as_the_callback_
     assert not [w for w in caught if "average_bits" in str(w.message)]
 
 
-class _SquareOnce(torch.autograd.Function):
-    """x**2 whose backward has no derivative of its own (as some fused kernels)."""
-
-    @staticmethod
-    def forward(ctx, x):
-        ctx.save_for_backward(x)
-        return x.square()
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad):
-        (x,) = ctx.saved_tensors
-        return 2 * x * grad
-
-
 def once_differentiable_loss(m, index):
     x = calibration()[index]
-    return _SquareOnce.apply(m.a(x) - m.teacher[2 * index]).mean() + _SquareOnce.apply(
+    return SquareOnce.apply(m.a(x) - m.teacher[2 * index]).mean() + SquareOnce.apply(
         m.b(x) - m.teacher[2 * index + 1]).mean()
 
 

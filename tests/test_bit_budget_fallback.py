@@ -12,7 +12,7 @@ from typing import NamedTuple
 import pytest
 import torch
 import torch.nn.functional as F
-from lightning_helpers import TinyNet, trainer
+from lightning_helpers import SquareOnce, TinyNet, trainer
 
 from lightning_dkm import DKMCallback
 from lightning_dkm.engine.layout import ClusterSpec
@@ -113,24 +113,9 @@ def test_the_allocation_samples_must_be_a_positive_int():
         allocation_curvature(model, batches, _mse, ["weight"], 1, 0)
 
 
-class _SquareOnce(torch.autograd.Function):
-    """x**2 whose backward has no derivative of its own (as some fused kernels)."""
-
-    @staticmethod
-    def forward(ctx, x):
-        ctx.save_for_backward(x)
-        return x.square()
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad):
-        (x,) = ctx.saved_tensors
-        return 2 * x * grad
-
-
 def _once_differentiable_loss(model, batch):
     x, y = batch
-    return _SquareOnce.apply(model(x) - y).mean()
+    return SquareOnce.apply(model(x) - y).mean()
 
 
 def test_a_loss_without_a_double_backward_gives_no_hessian_and_says_why():
