@@ -95,10 +95,10 @@ SENSITIVITY_BATCHES = 1
 SENSITIVITY_SAMPLES: int | None = None
 
 #: What every fallback without a usable sensitivity does instead (:func:`uniform_allocation`).
-UNIFORM = ("every tensor gets the budget's own width (a fractional budget: the narrower of the "
-           "two around it, the wider one where the squared clustering error falls most per "
-           "byte), not widths chosen by the squared clustering error alone, which lost to "
-           "uniform widths on MiniLM")
+UNIFORM = ("every tensor gets the budget's own width (a fractional budget, or one that is not an "
+           "allowed width: the allowed width below it, and the one above it where the squared "
+           "clustering error falls most per byte), not widths chosen by the squared clustering "
+           "error alone, which lost to uniform widths on MiniLM")
 
 #: Every width ``average_bits`` may choose by default.
 ALL_WIDTHS = tuple(range(1, MAX_BITS + 1))
