@@ -102,3 +102,34 @@ def test_shard_local_dkm_says_why_a_weight_cannot_take_it():
         assert eligible(t.parametrization, t.original) == "it is not sharded by FSDP2"
     with pytest.raises(ValueError, match="at least one weight"):
         ShardLocalDKM([])
+
+
+def test_shard_local_dkm_leaves_a_cpu_offloaded_shard_to_the_gathered_path(monkeypatch):
+    """Under FSDP2's CPUOffloadPolicy the shards stay on the CPU while the mesh (and its NCCL
+    group) is on the accelerator: shard-local DKM's collectives on the shards' tables would
+    fail there, so such a weight keeps clustering the gathered weight, and says why."""
+    from types import SimpleNamespace
+
+    from torch.distributed.tensor import Shard
+
+    import lightning_dkm as L
+    from lightning_dkm.engine import shard_local
+
+    model = nn.Sequential(nn.Linear(16, 8))
+    L.attach(model, L.select_targets(model, L.ClusterSpec(bits=2), min_size=0),
+             implementation="unique")
+    (t,) = L.clustered_tensors(model).values()
+
+    class Offloaded:  # what eligible reads of an offloaded DTensor: a CPU shard, a cuda mesh
+        placements = (Shard(0),)
+        device_mesh = SimpleNamespace(ndim=1, device_type="cuda")
+
+        def to_local(self):
+            return torch.zeros(4, 16)
+
+    monkeypatch.setattr(shard_local, "is_sharded", lambda tensor: True)
+    reason = shard_local.eligible(t.parametrization, Offloaded())
+    assert reason is not None
+    assert reason.startswith("its shard lives on cpu and its mesh on cuda (FSDP2's CPU offload)")
+    Offloaded.device_mesh = SimpleNamespace(ndim=1, device_type="cpu")  # both on the CPU: fine
+    assert shard_local.eligible(t.parametrization, Offloaded()) is None

@@ -100,6 +100,11 @@ def eligible(p: DKMParametrization, original: Tensor) -> str | None:
     if original.device_mesh.ndim != 1 or tuple(original.placements) != (Shard(0),):
         return (f"FSDP2 places it as {tuple(original.placements)} on a "
                 f"{original.device_mesh.ndim}-D mesh (shard-local needs Shard(0) on a 1-D mesh)")
+    shard_device, mesh_device = original.to_local().device.type, original.device_mesh.device_type
+    if shard_device != mesh_device:
+        return (f"its shard lives on {shard_device} and its mesh on {mesh_device} (FSDP2's CPU "
+                "offload): shard-local DKM's collectives would send the shard's tables through "
+                f"the {mesh_device} process group")
     return None
 
 
