@@ -133,7 +133,13 @@ def test_an_override_fixes_its_width_and_counts_against_the_budget():
     assert size <= (uniform_bytes(TinyNet, 2, n_init=1) + uniform_bytes(TinyNet, 3, n_init=1)) // 2
 
 
-def test_a_budget_too_small_for_the_fixed_overrides_is_an_error():
+def test_a_budget_too_small_for_the_fixed_overrides_is_an_error(monkeypatch):
+    import lightning_dkm.model.bit_budget as bit_budget
+
+    def no_kmeans(*args, **kwargs):
+        raise AssertionError("k-means ran before the bytes said the budget is too small")
+
+    monkeypatch.setattr(bit_budget, "_snap", no_kmeans)  # the bytes alone decide: early
     with pytest.raises(ValueError, match=r"overrides fix take .* Raise average_bits"):
         palettize(TinyNet(), average_bits=1.5, overrides={"body.2": {"bits": 8}})
 

@@ -665,15 +665,26 @@ def _plan(targets: Sequence[Target], weights: Mapping[str, Tensor], average_bits
                 f"{target.name}: no width of allowed_bits={list(allowed)} fits its palettes of "
                 f"{target.layout.vectors_per_palette} vectors; allow narrower widths or leave "
                 "it out (exclude / min_size)")
-    snapped = dict(zip((t.name for t in free), _snap(
-        [(weights[t.name], t.layout, _measured(widths[t.name])) for t in free], seed),
-        strict=True))
+    sizes = {t.name: {b: stored_bytes(t.layout, lut_dtype, b) for b in widths[t.name]}
+             for t in free}
+    left = budget - sum(r.bytes for r in fixed_rows)
+    need = sum(min(size.values()) for size in sizes.values())
+    if need > left:  # bytes alone decide it: before any k-means
+        raise ValueError(
+            f"average_bits={average_bits:g} gives a budget of {budget:,} bytes; the "
+            f"{len(fixed_rows)} tensor(s) whose bits overrides fix take "
+            f"{budget - left:,} of them and the other {len(free)} need at least {need:,} at "
+            f"their narrowest allowed width ({min(allowed)} bits). Raise average_bits, lower "
+            "the overrides' bits, or allow narrower widths")
     label = sensitivity_label or ("given" if sensitivity is not None else "none")
     if sensitivity is not None:
         bad = [t.name for t in free if (h := sensitivity.get(t.name)) is not None
                and not bool(torch.isfinite(h).all())]
         if bad:  # NaN passed for rounding noise, Inf made every estimate NaN
             raise ValueError(f"plan_widths: the sensitivity of {bad} has NaN or Inf values")
+    snapped = dict(zip((t.name for t in free), _snap(
+        [(weights[t.name], t.layout, _measured(widths[t.name])) for t in free], seed),
+        strict=True))
     if sensitivity is not None and _is_noise(sensitivity, weights):
         warnings.warn(
             f"average_bits={average_bits:g}: the sensitivity ({label}) is rounding noise (it "
@@ -685,19 +696,10 @@ def _plan(targets: Sequence[Target], weights: Mapping[str, Tensor], average_bits
     for target in free:
         estimates[target.name] = snapped[target.name].estimates(
             widths[target.name], None if sensitivity is None else sensitivity.get(target.name))
-        options[target.name] = {b: (stored_bytes(target.layout, lut_dtype, b),
-                                    estimates[target.name][b]) for b in widths[target.name]}
-    left = budget - sum(r.bytes for r in fixed_rows)
-    if uniform:
+        options[target.name] = {b: (sizes[target.name][b], estimates[target.name][b])
+                                for b in widths[target.name]}
+    if uniform:  # keeps a narrowest width whenever only it fits: ``need`` still holds
         options = _around(options, average_bits, left)
-    need = sum(min(size for size, _ in o.values()) for o in options.values())
-    if need > left:
-        raise ValueError(
-            f"average_bits={average_bits:g} gives a budget of {budget:,} bytes; the "
-            f"{len(fixed_rows)} tensor(s) whose bits overrides fix take "
-            f"{budget - left:,} of them and the other {len(free)} need at least {need:,} at "
-            f"their narrowest allowed width ({min(allowed)} bits). Raise average_bits, lower "
-            "the overrides' bits, or allow narrower widths")
     chosen = allocate(options, left)
     rows = {r.name: r for r in fixed_rows}
     for target in free:
