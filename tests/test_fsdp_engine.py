@@ -22,51 +22,57 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _train_one_step(rank: int, port: int, results) -> None:
+def _train_one_step(rank: int, results) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    import lightning_dkm as L
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64))
+    L.attach(model, L.select_targets(model, L.ClusterSpec(bits=2), min_size=0))
+    seen: dict[str, tuple[int, ...]] = {}
+    for name, tensor in L.clustered_tensors(model).items():
+        def recording(weight, name=name, forward=tensor.parametrization.forward):
+            seen[name] = tuple(weight.shape)  # the weight the parametrization is given
+            return forward(weight)
+
+        tensor.parametrization.forward = recording
+    mesh = init_device_mesh("cpu", (2,))
+    for module in model:
+        if isinstance(module, nn.Linear):
+            fully_shard(module, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.randn(8, 64, generator=torch.Generator().manual_seed(rank))  # rank's data
+    with L.clustering_pass(model):
+        loss = model(x).square().mean()
+    loss.backward()
+    optimizer.step()
+    local = model[0].parametrizations.weight.original.to_local().shape
+    results[rank] = {
+        "seen": seen, "local": tuple(local),
+        "centroids": {n: t.parametrization.centroids.clone()
+                      for n, t in L.clustered_tensors(model).items()},
+    }
+
+
+def _in_process_group(rank: int, port: int, results, worker) -> None:
+    """``worker(rank, results)`` inside a gloo process group of 2 ranks on ``port``."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
-
-        import lightning_dkm as L
-
-        torch.manual_seed(0)
-        model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64))
-        L.attach(model, L.select_targets(model, L.ClusterSpec(bits=2), min_size=0))
-        seen: dict[str, tuple[int, ...]] = {}
-        for name, tensor in L.clustered_tensors(model).items():
-            def recording(weight, name=name, forward=tensor.parametrization.forward):
-                seen[name] = tuple(weight.shape)  # the weight the parametrization is given
-                return forward(weight)
-
-            tensor.parametrization.forward = recording
-        mesh = init_device_mesh("cpu", (2,))
-        for module in model:
-            if isinstance(module, nn.Linear):
-                fully_shard(module, mesh=mesh)
-        fully_shard(model, mesh=mesh)
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-        x = torch.randn(8, 64, generator=torch.Generator().manual_seed(rank))  # rank's data
-        with L.clustering_pass(model):
-            loss = model(x).square().mean()
-        loss.backward()
-        optimizer.step()
-        local = model[0].parametrizations.weight.original.to_local().shape
-        results[rank] = {
-            "seen": seen, "local": tuple(local),
-            "centroids": {n: t.parametrization.centroids.clone()
-                          for n, t in L.clustered_tensors(model).items()},
-        }
+        worker(rank, results)
     finally:
         dist.destroy_process_group()
 
 
 def _on_two_ranks(worker) -> dict:
-    """Run ``worker(rank, port, results)`` on 2 spawned processes; what each rank left."""
+    """Run ``worker(rank, results)`` on 2 spawned processes in one process group; what each
+    rank left in ``results``."""
     with mp.Manager() as manager:
         results = manager.dict()
-        mp.spawn(worker, args=(_free_port(), results), nprocs=2)
+        mp.spawn(_in_process_group, args=(_free_port(), results, worker), nprocs=2)
         return dict(results)
 
 
@@ -80,45 +86,40 @@ def test_fully_sharded_weights_are_clustered_unsharded_with_the_same_centroids_o
         torch.testing.assert_close(ranks[1]["centroids"][name], centroids, rtol=0, atol=0)
 
 
-def _sharded_step_against_a_plain_one(rank: int, port: int, results) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    try:
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
+def _sharded_step_against_a_plain_one(rank: int, results) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
 
-        import lightning_dkm as L
+    import lightning_dkm as L
 
-        def build():
-            torch.manual_seed(0)
-            model = nn.Sequential(nn.Linear(256, 128), nn.Tanh(), nn.Linear(128, 256))
-            L.attach(model, L.select_targets(model, L.ClusterSpec(bits=3), min_size=0),
-                     implementation="unique", temperature=3e-2)
-            return model
+    def build():
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(256, 128), nn.Tanh(), nn.Linear(128, 256))
+        L.attach(model, L.select_targets(model, L.ClusterSpec(bits=3), min_size=0),
+                 implementation="unique", temperature=3e-2)
+        return model
 
-        data = torch.randn(2, 8, 256, generator=torch.Generator().manual_seed(1))
-        plain = build()  # every rank: the whole global batch, no FSDP
-        with L.clustering_pass(plain):
-            loss = plain(data.flatten(0, 1)).square().mean()
-        loss.backward()
-        sharded = build()
-        mesh = init_device_mesh("cpu", (2,))
-        for module in sharded:
-            if isinstance(module, nn.Linear):
-                fully_shard(module, mesh=mesh)
-        fully_shard(sharded, mesh=mesh)
-        with L.clustering_pass(sharded) as current:
-            rebuilt = [current.rebuilds(t.parametrization)
-                       for t in L.clustered_tensors(sharded).values()]
-            loss = sharded(data[rank]).square().mean()  # this rank's half
-        loss.backward()  # FSDP2 averages the two halves' gradients
-        results[rank] = {
-            "rebuilt": rebuilt,
-            "grads": {n: (p.grad.full_tensor(), dict(plain.named_parameters())[n].grad)
-                      for n, p in sharded.named_parameters()},
-        }
-    finally:
-        dist.destroy_process_group()
+    data = torch.randn(2, 8, 256, generator=torch.Generator().manual_seed(1))
+    plain = build()  # every rank: the whole global batch, no FSDP
+    with L.clustering_pass(plain):
+        loss = plain(data.flatten(0, 1)).square().mean()
+    loss.backward()
+    sharded = build()
+    mesh = init_device_mesh("cpu", (2,))
+    for module in sharded:
+        if isinstance(module, nn.Linear):
+            fully_shard(module, mesh=mesh)
+    fully_shard(sharded, mesh=mesh)
+    with L.clustering_pass(sharded) as current:
+        rebuilt = [current.rebuilds(t.parametrization)
+                   for t in L.clustered_tensors(sharded).values()]
+        loss = sharded(data[rank]).square().mean()  # this rank's half
+    loss.backward()  # FSDP2 averages the two halves' gradients
+    results[rank] = {
+        "rebuilt": rebuilt,
+        "grads": {n: (p.grad.full_tensor(), dict(plain.named_parameters())[n].grad)
+                  for n, p in sharded.named_parameters()},
+    }
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
@@ -130,84 +131,79 @@ def test_sharded_weights_rebuild_their_soft_weights_and_get_the_plain_gradients(
             torch.testing.assert_close(sharded, plain, rtol=1e-5, atol=1e-7, msg=name)
 
 
-def _shard_local_against_gathered(rank: int, port: int, results) -> None:
+def _shard_local_against_gathered(rank: int, results) -> None:
     """One optimizer step's gradients of two micro-batches per rank, clustered two ways: the
     gathered weights in the forward (a clustering pass reading both micro-batches, one DKM
     step) and shard-locally (:class:`~lightning_dkm.engine.shard_local.ShardLocalDKM`)."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    try:
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
 
-        import lightning_dkm as L
-        from lightning_dkm.engine.shard_local import ShardLocalDKM, eligible
+    import lightning_dkm as L
+    from lightning_dkm.engine.shard_local import ShardLocalDKM, eligible
 
-        mesh = init_device_mesh("cpu", (2,))
+    mesh = init_device_mesh("cpu", (2,))
 
-        def build():
-            torch.manual_seed(0)
-            model = nn.Sequential(nn.Linear(256, 128), nn.Tanh(), nn.Linear(128, 256))
-            L.attach(model, L.select_targets(model, L.ClusterSpec(bits=3), min_size=0),
-                     implementation="unique", temperature=3e-2)
-            for module in model:
-                if isinstance(module, nn.Linear):
-                    fully_shard(module, mesh=mesh)
-            fully_shard(model, mesh=mesh)
-            return model
+    def build():
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(256, 128), nn.Tanh(), nn.Linear(128, 256))
+        L.attach(model, L.select_targets(model, L.ClusterSpec(bits=3), min_size=0),
+                 implementation="unique", temperature=3e-2)
+        for module in model:
+            if isinstance(module, nn.Linear):
+                fully_shard(module, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        return model
 
-        data = torch.randn(2, 2, 8, 256, generator=torch.Generator().manual_seed(1))
-        gathered, local, checkpointed = build(), build(), build()
-        with L.clustering_pass(gathered):
-            loss = sum(gathered(x).square().mean() for x in data[rank])
-        loss.backward()
+    data = torch.randn(2, 2, 8, 256, generator=torch.Generator().manual_seed(1))
+    gathered, local, checkpointed = build(), build(), build()
+    with L.clustering_pass(gathered):
+        loss = sum(gathered(x).square().mean() for x in data[rank])
+    loss.backward()
 
-        tensors = L.clustered_tensors(local)
-        weights = [(n, t.parametrization, t.original) for n, t in tensors.items()]
-        reasons = [eligible(p, o) for _, p, o in weights]
-        raw = {n: t.original.to_local().clone() for n, t in tensors.items()}
-        shard_local = ShardLocalDKM(weights)
-        owners = [w.owner for w in shard_local.weights]
-        shard_local.soften()
-        soft = {n: t.original.detach().full_tensor() for n, t in tensors.items()}  # gathered
-        losses = []
-        for i, x in enumerate(data[rank]):  # two micro-batches: DKM once, soft values again
-            if i:
-                shard_local.reapply()
-            losses.append(local(x).square().mean())
-            losses[-1].backward()
-            shard_local.restore()
-            restored = all(torch.equal(t.original.to_local(), raw[n]) for n, t in tensors.items())
-        shard_local.finish()
+    tensors = L.clustered_tensors(local)
+    weights = [(n, t.parametrization, t.original) for n, t in tensors.items()]
+    reasons = [eligible(p, o) for _, p, o in weights]
+    raw = {n: t.original.to_local().clone() for n, t in tensors.items()}
+    shard_local = ShardLocalDKM(weights)
+    owners = [w.owner for w in shard_local.weights]
+    shard_local.soften()
+    soft = {n: t.original.detach().full_tensor() for n, t in tensors.items()}  # gathered
+    losses = []
+    for i, x in enumerate(data[rank]):  # two micro-batches: DKM once, soft values again
+        if i:
+            shard_local.reapply()
+        losses.append(local(x).square().mean())
+        losses[-1].backward()
+        shard_local.restore()
+        restored = all(torch.equal(t.original.to_local(), raw[n]) for n, t in tensors.items())
+    shard_local.finish()
 
-        # the same step under activation checkpointing: the forward runs again in the backward
-        again = L.clustered_tensors(checkpointed)
-        shard_local = ShardLocalDKM([(n, t.parametrization, t.original)
-                                     for n, t in again.items()])
-        shard_local.soften()
-        for i, x in enumerate(data[rank]):
-            if i:
-                shard_local.reapply()
-            torch.utils.checkpoint.checkpoint(checkpointed, x, use_reentrant=False
-                                              ).square().mean().backward()
-            shard_local.restore()
-        shard_local.finish()
-        replayed = {n: (p.grad.full_tensor(), dict(local.named_parameters())[n].grad
-                        .full_tensor()) for n, p in checkpointed.named_parameters()}
-        results[rank] = {
-            "replayed": replayed,
-            "reasons": reasons, "owners": owners, "restored": restored,
-            "raw_after": all(torch.equal(t.original.to_local(), raw[n])
-                             for n, t in tensors.items()),
-            "soft": soft, "loss": (float(sum(losses).detach()), float(loss.detach())),
-            "grads": {n: (p.grad.full_tensor(), dict(gathered.named_parameters())[n]
-                          .grad.full_tensor()) for n, p in local.named_parameters()},
-            "centroids": {n: (t.parametrization.centroids.clone(),
-                              L.clustered_tensors(gathered)[n].parametrization.centroids.clone())
-                          for n, t in tensors.items()},
-        }
-    finally:
-        dist.destroy_process_group()
+    # the same step under activation checkpointing: the forward runs again in the backward
+    again = L.clustered_tensors(checkpointed)
+    shard_local = ShardLocalDKM([(n, t.parametrization, t.original)
+                                 for n, t in again.items()])
+    shard_local.soften()
+    for i, x in enumerate(data[rank]):
+        if i:
+            shard_local.reapply()
+        torch.utils.checkpoint.checkpoint(checkpointed, x, use_reentrant=False
+                                          ).square().mean().backward()
+        shard_local.restore()
+    shard_local.finish()
+    replayed = {n: (p.grad.full_tensor(), dict(local.named_parameters())[n].grad
+                    .full_tensor()) for n, p in checkpointed.named_parameters()}
+    results[rank] = {
+        "replayed": replayed,
+        "reasons": reasons, "owners": owners, "restored": restored,
+        "raw_after": all(torch.equal(t.original.to_local(), raw[n])
+                         for n, t in tensors.items()),
+        "soft": soft, "loss": (float(sum(losses).detach()), float(loss.detach())),
+        "grads": {n: (p.grad.full_tensor(), dict(gathered.named_parameters())[n]
+                      .grad.full_tensor()) for n, p in local.named_parameters()},
+        "centroids": {n: (t.parametrization.centroids.clone(),
+                          L.clustered_tensors(gathered)[n].parametrization.centroids.clone())
+                      for n, t in tensors.items()},
+    }
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
@@ -234,49 +230,44 @@ def test_shard_local_dkm_gives_the_gathered_gradients_and_identical_centroids_on
             torch.testing.assert_close(checkpointed, plain, rtol=1e-6, atol=1e-8, msg=name)
 
 
-def _soft_weights_at_extreme_magnitudes(rank: int, port: int, results) -> None:
+def _soft_weights_at_extreme_magnitudes(rank: int, results) -> None:
     """The soft weights that shard-local DKM writes, against the gathered ``"unique"`` step on
     the whole weight, for weights whose squares overflow float32 (1e18), whose mean dwarfs
     their spread (1e3 +- 1e-3), tiny ones (1e-18), and float16 ones whose shards' sums overflow
     float16 (8 +- 1, 16,384 per shard: the sums are float32 passes whatever the dtype)."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    try:
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
 
-        import lightning_dkm as L
-        from lightning_dkm.engine.parametrization import StepConfig
-        from lightning_dkm.engine.shard_local import ShardLocalDKM
+    import lightning_dkm as L
+    from lightning_dkm.engine.parametrization import StepConfig
+    from lightning_dkm.engine.shard_local import ShardLocalDKM
 
-        mesh = init_device_mesh("cpu", (2,))
-        out = {}
-        for label, scale, offset, dtype in [
-                ("huge", 1e18, 0.0, torch.float32), ("offset", 1e-3, 1e3, torch.float32),
-                ("tiny", 1e-18, 0.0, torch.float32), ("half", 1.0, 8.0, torch.float16)]:
-            torch.manual_seed(0)
-            model = nn.Sequential(nn.Linear(256, 128))
-            with torch.no_grad():
-                model[0].weight.mul_(scale / model[0].weight.std()).add_(offset)
-            model.to(dtype)
-            L.attach(model, L.select_targets(model, L.ClusterSpec(bits=3), min_size=0),
-                     implementation="unique", temperature=3e-2)
-            (tensor,) = L.clustered_tensors(model).values()
-            p = tensor.parametrization
-            whole = tensor.original.detach().clone()
-            expected = p.step(whole.float().reshape(1, -1, 1), p.centroids, p.temperature,
-                              StepConfig(p.max_iter, p.epsilon)).weights.reshape(whole.shape)
-            expected = expected.to(dtype).float()  # rounded as the shards hold it
-            fully_shard(model, mesh=mesh)
-            shard_local = ShardLocalDKM([("0.weight", p, tensor.original)])
-            shard_local.soften()
-            soft = tensor.original.detach().full_tensor().float()
-            shard_local.restore()
-            out[label] = (soft, expected, p.centroids.clone(),
-                          torch.equal(tensor.original.detach().full_tensor(), whole))
-        results[rank] = out
-    finally:
-        dist.destroy_process_group()
+    mesh = init_device_mesh("cpu", (2,))
+    out = {}
+    for label, scale, offset, dtype in [
+            ("huge", 1e18, 0.0, torch.float32), ("offset", 1e-3, 1e3, torch.float32),
+            ("tiny", 1e-18, 0.0, torch.float32), ("half", 1.0, 8.0, torch.float16)]:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(256, 128))
+        with torch.no_grad():
+            model[0].weight.mul_(scale / model[0].weight.std()).add_(offset)
+        model.to(dtype)
+        L.attach(model, L.select_targets(model, L.ClusterSpec(bits=3), min_size=0),
+                 implementation="unique", temperature=3e-2)
+        (tensor,) = L.clustered_tensors(model).values()
+        p = tensor.parametrization
+        whole = tensor.original.detach().clone()
+        expected = p.step(whole.float().reshape(1, -1, 1), p.centroids, p.temperature,
+                          StepConfig(p.max_iter, p.epsilon)).weights.reshape(whole.shape)
+        expected = expected.to(dtype).float()  # rounded as the shards hold it
+        fully_shard(model, mesh=mesh)
+        shard_local = ShardLocalDKM([("0.weight", p, tensor.original)])
+        shard_local.soften()
+        soft = tensor.original.detach().full_tensor().float()
+        shard_local.restore()
+        out[label] = (soft, expected, p.centroids.clone(),
+                      torch.equal(tensor.original.detach().full_tensor(), whole))
+    results[rank] = out
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
@@ -293,45 +284,40 @@ def test_shard_local_soft_weights_equal_the_gathered_step_at_extreme_magnitudes(
         assert torch.equal(ranks[1][label][0], soft), label
 
 
-def _a_module_switched_to_eval_within_the_step(rank: int, port: int, results) -> None:
+def _a_module_switched_to_eval_within_the_step(rank: int, results) -> None:
     """One shard-local step with the first Linear in training mode throughout, and the same
     step with it switched to eval mode after :meth:`soften` (as a ``training_step`` or a
     LightningModule's ``on_train_batch_start`` may do, after the callback's batch start)."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    try:
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
 
-        import lightning_dkm as L
-        from lightning_dkm.engine.shard_local import ShardLocalDKM
+    import lightning_dkm as L
+    from lightning_dkm.engine.shard_local import ShardLocalDKM
 
-        mesh = init_device_mesh("cpu", (2,))
-        x = torch.randn(8, 256, generator=torch.Generator().manual_seed(rank))
-        out = {}
-        for label in ("train", "eval"):
-            torch.manual_seed(0)
-            model = nn.Sequential(nn.Linear(256, 128), nn.Tanh(), nn.Linear(128, 256))
-            L.attach(model, L.select_targets(model, L.ClusterSpec(bits=3), min_size=0),
-                     implementation="unique", temperature=3e-2)
-            for module in model:
-                if isinstance(module, nn.Linear):
-                    fully_shard(module, mesh=mesh)
-            fully_shard(model, mesh=mesh)
-            tensors = L.clustered_tensors(model)
-            step = ShardLocalDKM([(n, t.parametrization, t.original) for n, t in tensors.items()])
-            step.soften()
-            if label == "eval":
-                model[0].eval()
-            loss = model(x).square().mean()
-            loss.backward()
-            step.restore()
-            step.finish()
-            out[label] = (loss.detach(), {n: p.grad.full_tensor()
-                                          for n, p in model.named_parameters()})
-        results[rank] = out
-    finally:
-        dist.destroy_process_group()
+    mesh = init_device_mesh("cpu", (2,))
+    x = torch.randn(8, 256, generator=torch.Generator().manual_seed(rank))
+    out = {}
+    for label in ("train", "eval"):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(256, 128), nn.Tanh(), nn.Linear(128, 256))
+        L.attach(model, L.select_targets(model, L.ClusterSpec(bits=3), min_size=0),
+                 implementation="unique", temperature=3e-2)
+        for module in model:
+            if isinstance(module, nn.Linear):
+                fully_shard(module, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        tensors = L.clustered_tensors(model)
+        step = ShardLocalDKM([(n, t.parametrization, t.original) for n, t in tensors.items()])
+        step.soften()
+        if label == "eval":
+            model[0].eval()
+        loss = model(x).square().mean()
+        loss.backward()
+        step.restore()
+        step.finish()
+        out[label] = (loss.detach(), {n: p.grad.full_tensor()
+                                      for n, p in model.named_parameters()})
+    results[rank] = out
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
@@ -346,46 +332,41 @@ def test_a_module_switched_to_eval_within_the_step_reads_the_soft_weight_it_was_
             assert torch.equal(eval_grads[name], grad), name
 
 
-def _a_weight_with_fewer_rows_than_ranks(rank: int, port: int, results) -> None:
+def _a_weight_with_fewer_rows_than_ranks(rank: int, results) -> None:
     """A (1, 40,000) weight: rank 1's shard is empty. Shard-local DKM against the gathered
     step (a clustering pass), one optimizer step's gradient."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    try:
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
 
-        import lightning_dkm as L
-        from lightning_dkm.engine.shard_local import ShardLocalDKM
+    import lightning_dkm as L
+    from lightning_dkm.engine.shard_local import ShardLocalDKM
 
-        mesh = init_device_mesh("cpu", (2,))
+    mesh = init_device_mesh("cpu", (2,))
 
-        def build():
-            torch.manual_seed(0)
-            model = nn.Sequential(nn.Linear(40_000, 1, bias=False))
-            L.attach(model, L.select_targets(model, L.ClusterSpec(bits=3), min_size=0),
-                     implementation="unique", temperature=3e-2)
-            fully_shard(model[0], mesh=mesh)
-            fully_shard(model, mesh=mesh)
-            return model
+    def build():
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(40_000, 1, bias=False))
+        L.attach(model, L.select_targets(model, L.ClusterSpec(bits=3), min_size=0),
+                 implementation="unique", temperature=3e-2)
+        fully_shard(model[0], mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        return model
 
-        x = torch.randn(4, 40_000, generator=torch.Generator().manual_seed(rank))
-        gathered, local = build(), build()
-        with L.clustering_pass(gathered):
-            gathered(x).square().mean().backward()
-        tensors = L.clustered_tensors(local)
-        step = ShardLocalDKM([(n, t.parametrization, t.original) for n, t in tensors.items()])
-        step.soften()
-        local(x).square().mean().backward()
-        step.restore()
-        step.finish()
-        results[rank] = {
-            "rows": tensors["0.weight"].original.to_local().shape[0],
-            "grads": {n: (p.grad.full_tensor(), dict(gathered.named_parameters())[n]
-                          .grad.full_tensor()) for n, p in local.named_parameters()},
-        }
-    finally:
-        dist.destroy_process_group()
+    x = torch.randn(4, 40_000, generator=torch.Generator().manual_seed(rank))
+    gathered, local = build(), build()
+    with L.clustering_pass(gathered):
+        gathered(x).square().mean().backward()
+    tensors = L.clustered_tensors(local)
+    step = ShardLocalDKM([(n, t.parametrization, t.original) for n, t in tensors.items()])
+    step.soften()
+    local(x).square().mean().backward()
+    step.restore()
+    step.finish()
+    results[rank] = {
+        "rows": tensors["0.weight"].original.to_local().shape[0],
+        "grads": {n: (p.grad.full_tensor(), dict(gathered.named_parameters())[n]
+                      .grad.full_tensor()) for n, p in local.named_parameters()},
+    }
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
@@ -397,54 +378,49 @@ def test_shard_local_dkm_of_a_weight_with_an_empty_shard_gives_the_gathered_grad
             torch.testing.assert_close(local, gathered, rtol=1e-4, atol=1e-4, msg=name)
 
 
-def _weights_on_two_meshes(rank: int, port: int, results) -> None:
+def _weights_on_two_meshes(rank: int, results) -> None:
     """The callback's shard-local step (:class:`~lightning_dkm.lightning.fully_sharded.
     FullySharded`) on a model whose units were sharded on two equal-ranked but different
     meshes (one with a dim name, one without: ``fully_shard`` without ``mesh=`` makes the
     latter), against the gathered step."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    try:
-        from types import SimpleNamespace
+    from types import SimpleNamespace
 
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
 
-        import lightning_dkm as L
-        from lightning_dkm.lightning.fully_sharded import FullySharded
+    import lightning_dkm as L
+    from lightning_dkm.lightning.fully_sharded import FullySharded
 
-        named = init_device_mesh("cpu", (2,), mesh_dim_names=("data_parallel",))
-        plain = init_device_mesh("cpu", (2,))
+    named = init_device_mesh("cpu", (2,), mesh_dim_names=("data_parallel",))
+    plain = init_device_mesh("cpu", (2,))
 
-        def build():
-            torch.manual_seed(0)
-            model = nn.Sequential(nn.Linear(256, 128), nn.Tanh(), nn.Linear(128, 256))
-            L.attach(model, L.select_targets(model, L.ClusterSpec(bits=3), min_size=0),
-                     implementation="unique", temperature=3e-2)
-            fully_shard(model[0], mesh=named)
-            fully_shard(model[2], mesh=plain)
-            fully_shard(model, mesh=named)
-            return model
+    def build():
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(256, 128), nn.Tanh(), nn.Linear(128, 256))
+        L.attach(model, L.select_targets(model, L.ClusterSpec(bits=3), min_size=0),
+                 implementation="unique", temperature=3e-2)
+        fully_shard(model[0], mesh=named)
+        fully_shard(model[2], mesh=plain)
+        fully_shard(model, mesh=named)
+        return model
 
-        x = torch.randn(8, 256, generator=torch.Generator().manual_seed(rank))
-        gathered, local = build(), build()
-        with L.clustering_pass(gathered):
-            gathered(x).square().mean().backward()
-        sharded = FullySharded()
-        sharded.start_batch(SimpleNamespace(automatic_optimization=True),
-                            L.clustered_tensors(local))
-        presoftened = [t.parametrization.presoftened
-                       for t in L.clustered_tensors(local).values()]
-        local(x).square().mean().backward()
-        sharded.end_batch()
-        sharded.before_optimizer_step()
-        results[rank] = {
-            "presoftened": presoftened,
-            "grads": {n: (p.grad.full_tensor(), dict(gathered.named_parameters())[n]
-                          .grad.full_tensor()) for n, p in local.named_parameters()},
-        }
-    finally:
-        dist.destroy_process_group()
+    x = torch.randn(8, 256, generator=torch.Generator().manual_seed(rank))
+    gathered, local = build(), build()
+    with L.clustering_pass(gathered):
+        gathered(x).square().mean().backward()
+    sharded = FullySharded()
+    sharded.start_batch(SimpleNamespace(automatic_optimization=True),
+                        L.clustered_tensors(local))
+    presoftened = [t.parametrization.presoftened
+                   for t in L.clustered_tensors(local).values()]
+    local(x).square().mean().backward()
+    sharded.end_batch()
+    sharded.before_optimizer_step()
+    results[rank] = {
+        "presoftened": presoftened,
+        "grads": {n: (p.grad.full_tensor(), dict(gathered.named_parameters())[n]
+                      .grad.full_tensor()) for n, p in local.named_parameters()},
+    }
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
@@ -456,57 +432,52 @@ def test_weights_sharded_on_different_meshes_each_go_shard_local_with_their_mesh
             torch.testing.assert_close(local, gathered, rtol=1e-4, atol=1e-6, msg=name)
 
 
-def _host_reads_of_a_shard_local_step(rank: int, port: int, results) -> None:
+def _host_reads_of_a_shard_local_step(rank: int, results) -> None:
     """The host reads of one shard-local step (soften, forward, backward, finish) in the
     form it takes on an accelerator (:func:`~lightning_dkm.engine.numerics.sync_free`), for
     a model of 2 and of 4 clustered weights; and its gradients against the same steps on CPU's
     own path (host reads allowed)."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    try:
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
 
-        import lightning_dkm as L
-        from lightning_dkm.diagnostics import count_host_syncs
-        from lightning_dkm.engine.numerics import sync_free
-        from lightning_dkm.engine.shard_local import ShardLocalDKM
+    import lightning_dkm as L
+    from lightning_dkm.diagnostics import count_host_syncs
+    from lightning_dkm.engine.numerics import sync_free
+    from lightning_dkm.engine.shard_local import ShardLocalDKM
 
-        mesh = init_device_mesh("cpu", (2,))
-        x = torch.randn(8, 128, generator=torch.Generator().manual_seed(rank))
-        out = {}
-        def build(layers):
-            torch.manual_seed(0)
-            model = nn.Sequential(*[nn.Linear(128, 128) for _ in range(layers)])
-            L.attach(model, L.select_targets(model, L.ClusterSpec(bits=3), min_size=0),
-                     implementation="unique", temperature=3e-2)
-            for module in model:
-                fully_shard(module, mesh=mesh)
-            fully_shard(model, mesh=mesh)
-            return model
+    mesh = init_device_mesh("cpu", (2,))
+    x = torch.randn(8, 128, generator=torch.Generator().manual_seed(rank))
+    out = {}
+    def build(layers):
+        torch.manual_seed(0)
+        model = nn.Sequential(*[nn.Linear(128, 128) for _ in range(layers)])
+        L.attach(model, L.select_targets(model, L.ClusterSpec(bits=3), min_size=0),
+                 implementation="unique", temperature=3e-2)
+        for module in model:
+            fully_shard(module, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        return model
 
-        def step(model):
-            model.zero_grad()
-            tensors = L.clustered_tensors(model)
-            engine = ShardLocalDKM([(n, t.parametrization, t.original)
-                                    for n, t in tensors.items()])
-            engine.soften()
-            model(x).square().mean().backward()
-            engine.restore()
-            engine.finish()
+    def step(model):
+        model.zero_grad()
+        tensors = L.clustered_tensors(model)
+        engine = ShardLocalDKM([(n, t.parametrization, t.original)
+                                for n, t in tensors.items()])
+        engine.soften()
+        model(x).square().mean().backward()
+        engine.restore()
+        engine.finish()
 
-        for layers in (2, 4):
-            model, plain = build(layers), build(layers)
-            for _ in range(2):  # a warm-up step, then the counted one
-                with sync_free(), count_host_syncs() as log:
-                    step(model)
-                step(plain)
-            grads = {n: (p.grad.full_tensor(), dict(plain.named_parameters())[n]
-                         .grad.full_tensor()) for n, p in model.named_parameters()}
-            out[layers] = (log.calls, grads)
-        results[rank] = out
-    finally:
-        dist.destroy_process_group()
+    for layers in (2, 4):
+        model, plain = build(layers), build(layers)
+        for _ in range(2):  # a warm-up step, then the counted one
+            with sync_free(), count_host_syncs() as log:
+                step(model)
+            step(plain)
+        grads = {n: (p.grad.full_tensor(), dict(plain.named_parameters())[n]
+                     .grad.full_tensor()) for n, p in model.named_parameters()}
+        out[layers] = (log.calls, grads)
+    results[rank] = out
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
@@ -521,41 +492,36 @@ def test_a_shard_local_step_reads_nothing_back_per_weight():
             torch.testing.assert_close(device_form, plain, rtol=1e-5, atol=1e-7, msg=name)
 
 
-def _a_pass_batching_a_presoftened_weight(rank: int, port: int, results) -> None:
+def _a_pass_batching_a_presoftened_weight(rank: int, results) -> None:
     """One FSDP unit with a shard-local weight (``0``) and one that cannot be (``1``: two
     palettes), both ``"unique"`` and small enough to batch: the callback's clustering pass
     batches every such weight of the unit at ``1``'s first read, ``0`` (soft already) too."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    try:
-        from types import SimpleNamespace
+    from types import SimpleNamespace
 
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
 
-        import lightning_dkm as L
-        from lightning_dkm.lightning.fully_sharded import FullySharded
+    import lightning_dkm as L
+    from lightning_dkm.lightning.fully_sharded import FullySharded
 
-        mesh = init_device_mesh("cpu", (2,))
-        torch.manual_seed(0)
-        model = nn.Sequential(nn.Linear(128, 128), nn.Linear(128, 128))
-        L.attach(model, L.select_targets(model, L.ClusterSpec(bits=2), min_size=0,
-                                         overrides={"1": {"group_size": 64}}),
-                 implementation="unique", temperature=3e-2)
-        fully_shard(model, mesh=mesh)
-        tensors = L.clustered_tensors(model)
-        sharded = FullySharded()
-        sharded.start_batch(SimpleNamespace(automatic_optimization=True), tensors)
-        softened = {n: (t.parametrization.presoftened, t.parametrization.centroids.clone())
-                    for n, t in tensors.items()}
-        x = torch.randn(8, 128, generator=torch.Generator().manual_seed(rank))
-        with L.clustering_pass(model):
-            model(x).square().mean().backward()
-        sharded.end_batch()
-        results[rank] = {"softened": softened, "after": {
-            n: t.parametrization.centroids.clone() for n, t in tensors.items()}}
-    finally:
-        dist.destroy_process_group()
+    mesh = init_device_mesh("cpu", (2,))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(128, 128), nn.Linear(128, 128))
+    L.attach(model, L.select_targets(model, L.ClusterSpec(bits=2), min_size=0,
+                                     overrides={"1": {"group_size": 64}}),
+             implementation="unique", temperature=3e-2)
+    fully_shard(model, mesh=mesh)
+    tensors = L.clustered_tensors(model)
+    sharded = FullySharded()
+    sharded.start_batch(SimpleNamespace(automatic_optimization=True), tensors)
+    softened = {n: (t.parametrization.presoftened, t.parametrization.centroids.clone())
+                for n, t in tensors.items()}
+    x = torch.randn(8, 128, generator=torch.Generator().manual_seed(rank))
+    with L.clustering_pass(model):
+        model(x).square().mean().backward()
+    sharded.end_batch()
+    results[rank] = {"softened": softened, "after": {
+        n: t.parametrization.centroids.clone() for n, t in tensors.items()}}
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
