@@ -40,8 +40,16 @@ def fit(out_dir: Path, strategy: str, *options: str) -> dict:
         [sys.executable, str(SCRIPT), str(out_dir), strategy, *options], env=env,
         capture_output=True, text=True, timeout=300, cwd=out_dir,
     )
-    assert result.returncode == 0, result.stderr[-4000:]
+    assert result.returncode == 0, _failure(result.stderr)
     return torch.load(out_dir / "result.pt", weights_only=False)
+
+
+def _failure(stderr: str) -> str:
+    """What a failed fit said: every line naming an error or an abort (rank 0's may come
+    long before the other rank's traceback), then the end of stderr."""
+    marks = ("Error", "error:", "terminate", "Abort", "abort", "Signal", "signal")
+    said = [line for line in stderr.splitlines() if any(m in line for m in marks)]
+    return "\n".join(said[:40]) + "\n--- end of stderr ---\n" + stderr[-3000:]
 
 
 @pytest.fixture(scope="module")
