@@ -16,7 +16,7 @@ from .numerics import Normalization, chunks, floored_scale, root_mean_square
 
 __all__ = [
     "CHUNK", "CodeColumns", "DistinctValues", "distinct_from_counts", "encode", "float16_codes",
-    "power_of_two_unit", "prepare", "static_distinct_from_counts",
+    "normalized_distinct", "power_of_two_unit", "prepare", "static_distinct_from_counts",
 ]
 
 #: Weights per chunk of the O(n) passes: a chunk's temporaries (a few MiB) come from the
@@ -34,8 +34,8 @@ _TINY = 1e-30  # keeps log2 finite for a constant palette
 
 class DistinctValues(NamedTuple):
     """The occupied codes of every palette, compacted into a padded ``(P, U)`` layout: with
-    ``ids`` (``U`` the most distinct values of a palette, :func:`distinct_values`), or with
-    ``slots`` (``U = min(n, 65536)``, a bound from the shape, :func:`static_distinct_values`).
+    ``ids`` (``U`` the most distinct values of a palette, :func:`distinct_from_counts`), or with
+    ``slots`` (``U = min(n, 65536)``, a bound from the shape, :func:`static_distinct_from_counts`).
     """
 
     ids: Tensor | None  # (V,) flat ids ``palette * 65536 + bit pattern`` of the occupied codes
@@ -217,15 +217,11 @@ def _rough_std(x: Tensor, center: Tensor, device_side: bool = False) -> Tensor:
     return rough
 
 
-def distinct_values(columns: CodeColumns, dtype: torch.dtype) -> DistinctValues:
-    """The occupied codes, with their float16 values (in units of the palette's ``unit``)
-    and counts."""
-    return distinct_from_counts(columns.sum_per_code(), columns.codes.shape[0], dtype)
-
-
 def distinct_from_counts(dense_counts: Tensor, P: int, dtype: torch.dtype) -> DistinctValues:
-    """:func:`distinct_values` from the per-code counts ``(P * 65536,)`` themselves (counted
-    here, or summed over the shards of several ranks, :mod:`.shard_local`)."""
+    """The occupied codes of the per-code counts ``(P * 65536,)`` (counted over one tensor, or
+    summed over the shards of several ranks, :mod:`.shard_local`), with their float16 values
+    (in units of the palette's ``unit``) and counts, compacted to the widest palette's number
+    of distinct values (a host read)."""
     ids = dense_counts.nonzero().squeeze(1)
     if P == 1:
         values = ids.to(torch.int16).view(torch.float16).to(dtype)  # int16 wraps like uint16
@@ -244,19 +240,11 @@ def distinct_from_counts(dense_counts: Tensor, P: int, dtype: torch.dtype) -> Di
     return DistinctValues(ids, rows, cols, values, counts)
 
 
-def static_distinct_values(columns: CodeColumns, dtype: torch.dtype) -> DistinctValues:
-    """The occupied codes with their values and counts, as :func:`distinct_values` gives
-    them, but in the layout of ``min(n, 65536)`` columns that needs no host read
-    (:mod:`.distinct`'s module docstring, "Without host reads")."""
-    P, n = columns.codes.shape
-    return static_distinct_from_counts(columns.sum_per_code(), P, n, dtype)
-
-
 def static_distinct_from_counts(dense_counts: Tensor, P: int, n: int, dtype: torch.dtype
                                 ) -> DistinctValues:
-    """:func:`static_distinct_values` from the per-code counts ``(P * 65536,)`` of ``n``
-    weights per palette (counted here, or summed over the shards of several ranks,
-    :mod:`.shard_local`)."""
+    """The occupied codes of the per-code counts ``(P * 65536,)`` of ``n`` weights per palette,
+    as :func:`distinct_from_counts` gives them, but in the layout of ``min(n, 65536)`` columns
+    that needs no host read (:mod:`.distinct`'s module docstring, "Without host reads")."""
     width = min(n, _CODES)
     dense_counts = dense_counts.view(P, _CODES)
     occupied = dense_counts > 0
@@ -277,15 +265,26 @@ def scale_from_values(distinct: DistinctValues, unit: Tensor, center: Tensor) ->
     return floored_scale(std, center)
 
 
+def normalized_distinct(dense_counts: Tensor, P: int, n: int, unit: Tensor, center: Tensor,
+                        scale: Tensor | None, device_side: bool, dtype: torch.dtype
+                        ) -> tuple[DistinctValues, Tensor]:
+    """The distinct values of the per-code counts of ``n`` weights per palette, in the
+    compact layout or (``device_side``) the one without host reads, normalised in place to
+    ``(x - center) / scale``; ``scale`` computed from them where not given. Returns
+    ``(distinct, scale)``: what the step and shard-local DKM (:mod:`.shard_local`) run on."""
+    distinct = (static_distinct_from_counts(dense_counts, P, n, dtype) if device_side
+                else distinct_from_counts(dense_counts, P, dtype))
+    if scale is None:
+        scale = scale_from_values(distinct, unit, center)
+    distinct.values.mul_(unit / scale)
+    return distinct, scale
+
+
 def prepare(x: Tensor, normalization: Normalization | None, device_side: bool
              ) -> tuple[Tensor, CodeColumns, DistinctValues, Tensor, Tensor]:
     """Codes, columns, distinct values (normalised in place), centre and scale of ``x`` (P, n)."""
     codes, center, unit, scale = float16_codes(x, normalization, device_side)
     columns = CodeColumns(codes, device_side)
-    distinct = (static_distinct_values if device_side else distinct_values)(
-        columns, center.dtype
-    )
-    if scale is None:
-        scale = scale_from_values(distinct, unit, center)
-    distinct.values.mul_(unit / scale)  # normalised: (x - center) / scale
+    distinct, scale = normalized_distinct(columns.sum_per_code(), *x.shape, unit, center, scale,
+                                          device_side, center.dtype)
     return codes, columns, distinct, center, scale

@@ -38,7 +38,8 @@ owner, ``65,536 + k`` floats from it, 65,536 float sums to it and ``2 x 65,536``
 it; one collective per owning rank and kind, not per weight. **Host reads** (syncs on an
 accelerator): two per optimizer step, each for all weights at once (which weights need the
 centre's fallback, which have a gradient); none per weight (codes counted with ``index_add_``,
-the owner's distinct values in the static layout of :func:`~.float16_codes.static_distinct_values`).
+the owner's distinct values in the static layout of
+:func:`~.float16_codes.static_distinct_from_counts`).
 
 **Memory per rank**: the raw shard aside (``4 n / world`` bytes per float32 weight, from
 :meth:`~ShardLocalDKM.soften` to :meth:`~ShardLocalDKM.restore`), a 65,536-entry table of soft
@@ -69,11 +70,9 @@ from torch import Tensor, nn
 from .float16_codes import (
     CodeColumns,
     DistinctValues,
-    distinct_from_counts,
     encode,
+    normalized_distinct,
     power_of_two_unit,
-    scale_from_values,
-    static_distinct_from_counts,
 )
 from .numerics import autocast_disabled, host_reads_are_free, inverse_temperature
 from .parametrization import DKMParametrization
@@ -246,13 +245,9 @@ class ShardLocalDKM:
         """The owner's DKM on the whole weight's distinct values (as :mod:`.distinct`'s step):
         the soft value per code (65,536) and the final centroids (1, k, 1)."""
         p = w.p
-        if host_reads_are_free(counts):
-            distinct = distinct_from_counts(counts.to(torch.long), 1, torch.float32)
-        else:  # no host read: min(n, 65,536) columns (as the gathered step on a device)
-            distinct = static_distinct_from_counts(counts, 1, w.original.numel(),
-                                                   torch.float32)
-        scale = scale_from_values(distinct, w.unit, w.center)
-        distinct.values.mul_(w.unit / scale)  # normalised: (x - center) / scale
+        distinct, scale = normalized_distinct(  # as the gathered step does on this device
+            counts.to(torch.long), 1, w.original.numel(), w.unit, w.center, None,
+            not host_reads_are_free(counts), torch.float32)
         c0 = ((p.centroids.detach().float().squeeze(-1) - w.center) / scale).unsqueeze(-1)
         inv_tau = inverse_temperature(p.temperature, torch.float32)
         with autocast_disabled(counts.device.type):
