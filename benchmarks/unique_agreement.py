@@ -9,7 +9,7 @@ centroids from k-means; max_iter 3, epsilon 0; the upstream gradient is Gaussian
 columns show where the gradients differ: without the 0.1% of weights with the largest
 difference (those within a rounding step of a cluster boundary), and the share of the exact
 gradient's squared norm those weights carry. On
-float16-representable weights the two steps agree to float32 rounding (tests/test_unique_dkm.py);
+weights the codes hold exactly the two steps agree to float32 rounding (tests/test_unique_dkm.py);
 what is printed here is the cost of the rounding itself.
 """
 

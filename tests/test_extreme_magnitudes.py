@@ -133,7 +133,7 @@ def assert_scaled(scaled: Clustered, unit: Clustered, c: float, *, exact: bool =
 def test_dkm_clusters_scaled_weights_as_it_clusters_unit_ones(implementation, c):
     unique = implementation == "unique"
     assert_scaled(fit(c, implementation), fit(1.0, implementation), c,
-                  rtol=2e-4 if unique else 1e-5, index_mismatches=1e-3 if unique else 0.0)
+                  rtol=5e-4 if unique else 1e-5, index_mismatches=1e-3 if unique else 0.0)
 
 
 @pytest.mark.parametrize("c", POWERS_OF_TWO)
@@ -169,7 +169,7 @@ def test_without_host_reads_scaled_weights_cluster_as_unit_ones(implementation, 
     unique = implementation == "unique"
     assert_scaled(fit(c, implementation, host_reads=False),
                   fit(1.0, implementation, host_reads=False), c,
-                  rtol=2e-4 if unique else 1e-5, index_mismatches=1e-3 if unique else 0.0)
+                  rtol=5e-4 if unique else 1e-5, index_mismatches=1e-3 if unique else 0.0)
 
 
 # -- the pieces where the scale entered ---------------------------------------------------------

@@ -1,9 +1,11 @@
 r"""DKM on the distinct half-precision values of a tensor (the eDKM idea, arXiv 2309.00964).
 
 For scalar clustering (``cluster_dim = 1``) the attention of a weight depends only on its
-value. Rounded to float16 *after normalisation* (unit variance, so float16's relative precision
-of :math:`2^{-11}` is what matters, not its range), a palette has at most 65,536 distinct values,
-about 2 x 10^4 for half a million Gaussian weights. This step runs every DKM iteration on the
+value. Rounded to float16 *after normalisation* (centred and scaled by a power of two, so that
+a deviation of at least one standard deviation keeps float16's relative precision of
+:math:`2^{-11}` and a smaller one is rounded on an even grid of :math:`2^{-10}` standard
+deviations, :data:`~.float16_codes.FLOOR_SHIFT`), a palette has at most 65,536 distinct values,
+about 4 x 10^3 for half a million Gaussian weights. This step runs every DKM iteration on the
 distinct values ``u`` with their counts :math:`w_u`, forward and backward; cost per step
 ``O(n + U k max_iter)`` instead of ``O(n k max_iter)``.
 
@@ -12,8 +14,8 @@ fresh memory it writes (page faults), so the step writes little: it works in chu
 ``CHUNK`` weights whose temporaries the allocator reuses, converts the codes to table columns
 once per forward, and writes each look-up into its result (the backward's second table is
 gathered a ``PIECE`` at a time into one reused scratch buffer). The forward rounds
-``(x - mean) / 2^e`` to float16 (``2^e`` is the power of two nearest the palette's standard
-deviation, so the scaling is exact and float16 keeps its full relative precision); each bit
+``(x - mean) / 2^(e + 14)`` to float16 (``2^e`` is the power of two nearest the palette's
+standard deviation, so the scaling is exact; :mod:`.float16_codes` says why 14); each bit
 pattern is a column of a dense table of 65,536 entries per palette. It counts the columns
 (``bincount``) and reads each output from a table of the clustered values per code, already
 in the weights' units (one ``index_select``). The standard deviation that sets tau's units
@@ -26,11 +28,11 @@ float16 codes (2 bytes per weight) and ``O(U k max_iter)`` for the values.
 **What is approximated, and how much.** The attention and the weights in the centroid sums are
 those of the float16-rounded value of each (centred, power-of-two-scaled) weight; the gradient
 passes straight through the rounding. The result is *exactly* DKM of the rounded weights (the
-tests compare with the reference step on float16-representable inputs to 1e-5). On arbitrary
-weights the values differ by the rounding (``|dx| <= 2^{-11} |x - mean|``, at most ~3e-4 of the
-standard deviation for weights within 1 std of the mean) times the attention's sensitivity,
-which is large only for weights on a cluster boundary; ``docs/benchmarks.md`` gives the
-measured difference.
+tests compare with the reference step on inputs the codes hold exactly to 1e-5). On arbitrary
+weights the values differ by the rounding (``|dx| <= 2^{-11} max(|x - mean|, 2^e)``: at most
+~7e-4 of the standard deviation for weights within 1 std of the mean, ``2^{-11}`` of their
+distance from it beyond) times the attention's sensitivity, which is large only for weights on
+a cluster boundary; ``docs/benchmarks.md`` gives the measured difference.
 
 **Without host reads** (:func:`~.numerics.host_reads_are_free`: on an accelerator, under
 ``torch.compile``, in :func:`~.numerics.sync_free`) the padded layout cannot be sized by the
