@@ -155,3 +155,21 @@ def test_the_trajectory_counts_rounds_per_palette_on_every_path(epsilon, host_re
     assert (trajectory.ran is not None) == known
     if known:
         assert trajectory.last.tolist() == [trajectory.ran] * 3
+
+
+def test_a_batch_of_tensors_keeps_the_attention_each_would_keep_alone(monkeypatch):
+    """The attention is kept for the backward while it fits ``KEEP_ATTENTION_MAX_ENTRIES`` per
+    tensor: a batch of two tensors that each fit keeps it, as their own calls would (a single
+    budget for the whole batch made a batched step recompute it, slower than the calls alone)."""
+    import lightning_dkm.engine.weighted as weighted
+
+    P, U, k, rounds = 2, 100, 4, 3
+    monkeypatch.setattr(weighted, "KEEP_ATTENTION_MAX_ENTRIES", rounds * k * U)  # one palette
+    xt = torch.randn(P, 1, U)
+    c0 = torch.linspace(-1, 1, k).reshape(1, k, 1).expand(P, k, 1).contiguous()
+    one_tensor = weighted.weighted_dkm(xt, torch.ones(P, U), c0, 10.0, max_iter=rounds,
+                                       epsilon=0.0)[2]
+    two_tensors = weighted.weighted_dkm(xt, torch.ones(P, U), c0, 10.0, max_iter=rounds,
+                                        epsilon=0.0, groups=Groups(torch.arange(P), P))[2]
+    assert one_tensor.kept is None  # 2 palettes of one tensor: over its budget
+    assert two_tensors.kept is not None and two_tensors.kept.shape == (rounds, P, k, U)

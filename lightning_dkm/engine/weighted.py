@@ -89,7 +89,8 @@ __all__ = [
 DEFAULT_CHUNK = 1 << 16
 
 #: The forward keeps the attention of the rounds the backward needs (instead of recomputing
-#: them) while all of them together have at most this many entries (4 MiB in float32).
+#: them) while all of them together have at most this many entries (4 MiB in float32); a batch
+#: of tensors (``groups``) this many per tensor, what each would keep in a call of its own.
 KEEP_ATTENTION_MAX_ENTRIES = 1 << 20
 
 
@@ -202,7 +203,9 @@ def weighted_dkm(xt: Tensor, counts: Tensor | None, c0: Tensor, inv_tau: Tensor 
     points = _Points(xt, counts, chunk, centroid_mask)
     P, k, d = c0.shape
     n = xt.shape[2]
-    keep = (1 if implicit else max_iter) * P * k * n <= KEEP_ATTENTION_MAX_ENTRIES
+    # a batch of tensors may keep what its tensors would keep each in its own call
+    budget = KEEP_ATTENTION_MAX_ENTRIES * (1 if groups is None else groups.count)
+    keep = (1 if implicit else max_iter) * P * k * n <= budget
     stop = EarlyStop(epsilon, xt, groups)
     centroids, masses, kept = [c0], [], []
     for _ in range(max_iter):
