@@ -173,3 +173,35 @@ def test_a_batch_of_tensors_keeps_the_attention_each_would_keep_alone(monkeypatc
                                         epsilon=0.0, groups=Groups(torch.arange(P), P))[2]
     assert one_tensor.kept is None  # 2 palettes of one tensor: over its budget
     assert two_tensors.kept is not None and two_tensors.kept.shape == (rounds, P, k, U)
+
+
+def test_the_per_value_gradient_tables_hold_no_subnormal_numbers(monkeypatch):
+    """Every weight's gradient ``s_u + b_u g_i`` reads both tables in a multiply-add, and a
+    subnormal operand costs x86 a microcode assist per element: saturated attentions leave
+    such entries, which the tables give as 0 (a change below float32's smallest normal
+    number times the weight's gradient)."""
+    import lightning_dkm.engine.weighted as weighted
+
+    U, k = 4000, 4
+    f32 = torch.float32
+    xt = torch.linspace(-3, 3, U, dtype=f32).reshape(1, 1, U)
+    counts = torch.ones(1, U, dtype=f32)
+    c0 = torch.tensor([-1.5, -0.5, 0.5, 1.5], dtype=f32).reshape(1, k, 1)
+    G = torch.randn(1, 1, U, generator=torch.Generator().manual_seed(0), dtype=f32)
+    tiny = torch.finfo(f32).tiny
+
+    def subnormal(t):
+        return (t != 0) & (t.abs() < tiny)
+
+    for gradient in ("unrolled", "implicit"):
+        implicit = gradient == "implicit"
+        trajectory = weighted_dkm(xt, counts, c0, 1 / 0.02, max_iter=3, epsilon=0.0,
+                                  implicit=implicit)[2]
+        flushed = weighted_dkm_gradient(xt, counts, trajectory, G, 1 / 0.02, implicit=implicit)
+        with monkeypatch.context() as patch:
+            patch.setattr(weighted, "flush_subnormals", lambda t: t)
+            raw = weighted_dkm_gradient(xt, counts, trajectory, G, 1 / 0.02, implicit=implicit)
+        assert any(bool(subnormal(t).any()) for t in raw), gradient  # the case arises
+        for mine, theirs in zip(flushed, raw, strict=True):
+            assert not subnormal(mine).any()
+            assert torch.equal(mine, torch.where(subnormal(theirs), 0.0, theirs))

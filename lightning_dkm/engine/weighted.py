@@ -69,7 +69,7 @@ import torch
 from torch import Tensor
 
 from .kmeans import sq_distances
-from .numerics import EMPTY_MASS, EarlyStop, Groups, chunks, pick
+from .numerics import EMPTY_MASS, EarlyStop, Groups, chunks, flush_subnormals, pick
 
 __all__ = [
     "DEFAULT_CHUNK",
@@ -340,8 +340,10 @@ def weighted_dkm_gradient(xt: Tensor, counts: Tensor | None, trajectory: Traject
     Returns ``(gradient, b)``. With ``counts=None``: the gradient of every point, and
     ``None``. With counts (scalar points only): the shared part ``s`` of every copy's gradient
     and the coefficient ``b`` (P, 1, U) of its own loss gradient: copy ``i`` of point ``u`` gets
-    ``s_u + b_u g_i``. ``check_errors=False`` (implicit only) skips the solve's singularity
-    check, a host read. ``centroid_mask``: the forward's.
+    ``s_u + b_u g_i``. Their subnormal entries are set to 0
+    (:func:`~.numerics.flush_subnormals`): every copy's multiply-add reads them, and a subnormal
+    operand costs x86 a microcode assist per element. ``check_errors=False`` (implicit only)
+    skips the solve's singularity check, a host read. ``centroid_mask``: the forward's.
     """
     points = _Points(xt, counts, chunk, centroid_mask)
     two_over_tau = 2.0 * inv_tau
@@ -357,7 +359,9 @@ def weighted_dkm_gradient(xt: Tensor, counts: Tensor | None, trajectory: Traject
         local, through_output = _local(points, final, G, per_copy, two_over_tau, inv_tau)
         w = _adjoint(points, final, U + through_output, two_over_tau, inv_tau, check_errors)
         _round_backward(points, final, w, two_over_tau, inv_tau, shared)
-        return (shared, local) if per_copy else (shared.add_(local), None)
+        if per_copy:
+            return flush_subnormals(shared), flush_subnormals(local)
+        return shared.add_(local), None
     b = through_output = None
     if per_copy:
         b, through_output = _local(points, final, G, True, two_over_tau, inv_tau)
@@ -373,7 +377,10 @@ def weighted_dkm_gradient(xt: Tensor, counts: Tensor | None, trajectory: Traject
         if through_output is not None and back == 0:
             U_next = U_next + through_output
         U = U_next if ran is None else torch.where(ran, U_next, U)
-    return shared, b
+    if per_copy:
+        assert b is not None
+        return flush_subnormals(shared), flush_subnormals(b)
+    return shared, None
 
 
 def _adjoint(points: _Points, step: _Round, r: Tensor,
