@@ -175,33 +175,27 @@ def test_a_batch_of_tensors_keeps_the_attention_each_would_keep_alone(monkeypatc
     assert two_tensors.kept is not None and two_tensors.kept.shape == (rounds, P, k, U)
 
 
-def test_the_per_value_gradient_tables_hold_no_subnormal_numbers(monkeypatch):
-    """Every weight's gradient ``s_u + b_u g_i`` reads both tables in a multiply-add, and a
-    subnormal operand costs x86 a microcode assist per element: saturated attentions leave
-    such entries, which the tables give as 0 (a change below float32's smallest normal
-    number times the weight's gradient)."""
+def test_the_attention_is_a_softmax_with_weights_below_its_floor_exactly_zero():
+    """``attention`` is softmax over the centroids, except that a weight below ``e^-LOGIT_FLOOR``
+    of its point's largest is 0 (a saturated attention's far centroids otherwise underflow into
+    subnormal numbers, which every op reading them pays for on x86); padding centroids stay 0."""
     import lightning_dkm.engine.weighted as weighted
 
-    U, k = 4000, 4
     f32 = torch.float32
-    xt = torch.linspace(-3, 3, U, dtype=f32).reshape(1, 1, U)
-    counts = torch.ones(1, U, dtype=f32)
-    c0 = torch.tensor([-1.5, -0.5, 0.5, 1.5], dtype=f32).reshape(1, k, 1)
-    G = torch.randn(1, 1, U, generator=torch.Generator().manual_seed(0), dtype=f32)
+    xt = torch.linspace(-4, 4, 2001, dtype=f32).reshape(1, 1, -1)
+    c = torch.tensor([-2.0, -0.5, 0.5, 2.0], dtype=f32).reshape(1, 4, 1)
     tiny = torch.finfo(f32).tiny
-
-    def subnormal(t):
-        return (t != 0) & (t.abs() < tiny)
-
-    for gradient in ("unrolled", "implicit"):
-        implicit = gradient == "implicit"
-        trajectory = weighted_dkm(xt, counts, c0, 1 / 0.02, max_iter=3, epsilon=0.0,
-                                  implicit=implicit)[2]
-        flushed = weighted_dkm_gradient(xt, counts, trajectory, G, 1 / 0.02, implicit=implicit)
-        with monkeypatch.context() as patch:
-            patch.setattr(weighted, "flush_subnormals", lambda t: t)
-            raw = weighted_dkm_gradient(xt, counts, trajectory, G, 1 / 0.02, implicit=implicit)
-        assert any(bool(subnormal(t).any()) for t in raw), gradient  # the case arises
-        for mine, theirs in zip(flushed, raw, strict=True):
-            assert not subnormal(mine).any()
-            assert torch.equal(mine, torch.where(subnormal(theirs), 0.0, theirs))
+    for inv_tau in (1.0, 30.0, 1e3):
+        a = weighted.attention(xt, c, inv_tau)
+        logits = -(xt - c).square() * inv_tau  # (1, 4, m)
+        exact = torch.softmax(logits.double(), dim=1)
+        below = logits - logits.amax(1, keepdim=True) < -weighted.LOGIT_FLOOR
+        assert not ((a != 0) & (a.abs() < tiny)).any()
+        assert torch.equal(a[below], torch.zeros_like(a[below]))
+        torch.testing.assert_close(a[~below].double(), exact[~below], rtol=1e-5, atol=1e-30)
+        if inv_tau == 1e3:
+            assert below.any() and (torch.softmax(logits, 1)[below] != 0).any()  # it arises
+    mask = torch.tensor([True, True, True, False]).reshape(1, 4, 1)
+    a = weighted.attention(xt, c, 30.0, mask)
+    assert torch.equal(a[:, 3], torch.zeros_like(a[:, 3]))
+    torch.testing.assert_close(a.sum(1), torch.ones(1, xt.shape[2], dtype=f32))

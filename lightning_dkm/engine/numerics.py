@@ -55,7 +55,6 @@ __all__ = [
     "chunks",
     "denormalized_output",
     "floored_scale",
-    "flush_subnormals",
     "hard_assign",
     "host_reads_are_free",
     "inverse_temperature",
@@ -346,13 +345,3 @@ def hard_assign(x: Tensor, centroids: Tensor) -> tuple[Tensor, Tensor]:
         idx = nearest_centroid(x.detach().to(dtype), centroids.to(dtype))
         snapped = centroids.gather(1, idx.unsqueeze(-1).expand(-1, -1, centroids.shape[-1]))
     return idx, snapped.to(x.dtype)
-
-
-def flush_subnormals(table: Tensor) -> Tensor:
-    """``table`` with its subnormal entries set to 0, in place. For a small table that an O(n)
-    pass reads once per weight in a multiply-add: on x86 every subnormal operand takes a
-    microcode assist (10-60x the time of the element; 173 vs 4.5 us for 32,768 multiply-adds
-    of which a tenth read a subnormal), and DKM's tables have them where an attention is
-    saturated (the digits CNN's backward look-up of 524,288 weights: 2.1 ms, 0.9 ms flushed).
-    What is lost is below the dtype's smallest normal number times the other operand."""
-    return table.masked_fill_(table.abs() < torch.finfo(table.dtype).tiny, 0.0)

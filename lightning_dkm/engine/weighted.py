@@ -62,6 +62,8 @@ indexing on the device and leaves the gradient unchanged through the rounds that
 
 from __future__ import annotations
 
+import math
+
 from collections.abc import Iterator
 from typing import Literal, NamedTuple, get_args
 
@@ -69,12 +71,13 @@ import torch
 from torch import Tensor
 
 from .kmeans import sq_distances
-from .numerics import EMPTY_MASS, EarlyStop, Groups, chunks, flush_subnormals, pick
+from .numerics import EMPTY_MASS, EarlyStop, Groups, chunks, pick
 
 __all__ = [
     "DEFAULT_CHUNK",
     "GRADIENTS",
     "KEEP_ATTENTION_MAX_ENTRIES",
+    "LOGIT_FLOOR",
     "Gradient",
     "Trajectory",
     "attention",
@@ -88,6 +91,17 @@ __all__ = [
 #: Points per chunk: a k x chunk float32 block of 2**16 columns is 256 KiB per centroid row.
 DEFAULT_CHUNK = 1 << 16
 
+#: An attention weight below ``e^-LOGIT_FLOOR`` (about 9e-27) of its point's largest is 0
+#: (:func:`attention`). Such weights are far below float32's precision in every sum they join,
+#: but a saturated attention's far centroids underflowed into subnormal numbers, in the
+#: attention and in the products the backward forms with it, and on x86 every op that reads a
+#: subnormal number takes a microcode assist per element: 4,096 values and 16 centroids took
+#: 1.88 + 2.79 ms forward + backward, 0.61 + 0.63 ms with the floor
+#: (``benchmarks/perf_core.py``). ``e^-60`` also keeps the backward's products of an
+#: attention weight with factors down to about 1e-11 normal.
+LOGIT_FLOOR = 60.0
+_FLOOR_WEIGHT = math.exp(-LOGIT_FLOOR)
+
 #: The forward keeps the attention of the rounds the backward needs (instead of recomputing
 #: them) while all of them together have at most this many entries (4 MiB in float32); a batch
 #: of tensors (``groups``) this many per tensor, what each would keep in a call of its own.
@@ -100,11 +114,18 @@ def attention(xt: Tensor, c: Tensor, inv_tau: Tensor | float,
     and centroids ``c`` (P, k, d); ``inv_tau`` a float, a 0-dim tensor on the device, or one
     per palette ``(P, 1, 1)``. ``centroid_mask`` (P, k, 1): False for padding centroids (a
     batch of palettes with different ``k``), whose attention is exactly 0. The points run
-    innermost (:func:`~.kmeans.sq_distances`)."""
+    innermost (:func:`~.kmeans.sq_distances`).
+
+    A weight below ``e^-LOGIT_FLOOR`` of its point's largest is exactly 0 (:data:`LOGIT_FLOOR`).
+    """
     z = sq_distances(xt, c).mul_(-inv_tau)  # (P, k, m)
     if centroid_mask is not None:
         z.masked_fill_(~centroid_mask, float("-inf"))
-    return torch.softmax(z, dim=1)
+    e = z.sub_(z.amax(1, keepdim=True)).clamp_min_(-LOGIT_FLOOR - 1.0).exp_()
+    torch.nn.functional.threshold_(e, _FLOOR_WEIGHT, 0.0)  # e <= e^-LOGIT_FLOOR -> 0
+    if centroid_mask is not None:
+        e.masked_fill_(~centroid_mask, 0.0)
+    return e.div_(e.sum(1, keepdim=True))
 
 
 class Trajectory(NamedTuple):
@@ -340,10 +361,8 @@ def weighted_dkm_gradient(xt: Tensor, counts: Tensor | None, trajectory: Traject
     Returns ``(gradient, b)``. With ``counts=None``: the gradient of every point, and
     ``None``. With counts (scalar points only): the shared part ``s`` of every copy's gradient
     and the coefficient ``b`` (P, 1, U) of its own loss gradient: copy ``i`` of point ``u`` gets
-    ``s_u + b_u g_i``. Their subnormal entries are set to 0
-    (:func:`~.numerics.flush_subnormals`): every copy's multiply-add reads them, and a subnormal
-    operand costs x86 a microcode assist per element. ``check_errors=False`` (implicit only)
-    skips the solve's singularity check, a host read. ``centroid_mask``: the forward's.
+    ``s_u + b_u g_i``. ``check_errors=False`` (implicit only) skips the solve's singularity
+    check, a host read. ``centroid_mask``: the forward's.
     """
     points = _Points(xt, counts, chunk, centroid_mask)
     two_over_tau = 2.0 * inv_tau
@@ -359,9 +378,7 @@ def weighted_dkm_gradient(xt: Tensor, counts: Tensor | None, trajectory: Traject
         local, through_output = _local(points, final, G, per_copy, two_over_tau, inv_tau)
         w = _adjoint(points, final, U + through_output, two_over_tau, inv_tau, check_errors)
         _round_backward(points, final, w, two_over_tau, inv_tau, shared)
-        if per_copy:
-            return flush_subnormals(shared), flush_subnormals(local)
-        return shared.add_(local), None
+        return (shared, local) if per_copy else (shared.add_(local), None)
     b = through_output = None
     if per_copy:
         b, through_output = _local(points, final, G, True, two_over_tau, inv_tau)
@@ -377,10 +394,7 @@ def weighted_dkm_gradient(xt: Tensor, counts: Tensor | None, trajectory: Traject
         if through_output is not None and back == 0:
             U_next = U_next + through_output
         U = U_next if ran is None else torch.where(ran, U_next, U)
-    if per_copy:
-        assert b is not None
-        return flush_subnormals(shared), flush_subnormals(b)
-    return shared, None
+    return shared, b
 
 
 def _adjoint(points: _Points, step: _Round, r: Tensor,
