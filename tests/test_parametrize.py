@@ -405,9 +405,9 @@ def test_a_half_precision_module_stays_finite_down_to_tiny_temperatures(dtype) -
     ("shape", "cluster_dim", "bits", "expected"),
     [
         ((512, 1024), 1, 4, "unique"),  # large scalar tensor: the distinct-value step
-        ((64, 64), 1, 4, "reference"),  # small: plain autograd is cheapest
-        ((64, 64), 2, 4, "reference"),
-        ((1024, 1024), 2, 8, "chunked"),  # vectors with a large attention: bounded memory
+        ((64, 64), 1, 4, "chunked"),  # small: the exact step (faster than plain autograd)
+        ((64, 64), 2, 4, "chunked"),
+        ((1024, 1024), 2, 8, "chunked"),  # vectors
     ],
 )
 def test_auto_picks_the_step_by_tensor_size(shape, cluster_dim, bits, expected):

@@ -54,7 +54,6 @@ from .reference import dkm_cluster, soft_assignment
 from .weighted import DEFAULT_CHUNK, Gradient, check_gradient
 
 __all__ = [
-    "AUTO_REFERENCE_MAX_ENTRIES",
     "AUTO_UNIQUE_MIN_WEIGHTS",
     "STEPS",
     "DKMParametrization",
@@ -96,10 +95,6 @@ STEPS: dict[str, Step] = {
 #: ``"auto"`` takes ``"unique"`` for scalar clustering of at least this many weights per
 #: palette: below it the distinct-value bookkeeping costs more than it saves.
 AUTO_UNIQUE_MIN_WEIGHTS = 1 << 14
-#: ``"auto"`` takes ``"reference"`` when one attention matrix (P x n x k) has at most this many
-#: entries (4 MiB in float32, a few times that in autograd's saved tensors), ``"chunked"``
-#: above it.
-AUTO_REFERENCE_MAX_ENTRIES = 1 << 20
 
 
 def check_implementation(implementation: object) -> None:
@@ -114,11 +109,10 @@ def resolve_implementation(
     implementation: str, layout: PaletteLayout, gradient: str = "unrolled"
 ) -> str:
     """The DKM step ``implementation`` stands for on ``layout``: itself, or for ``"auto"`` the
-    fastest one for the tensor's shape (measured in ``benchmarks/perf_step.py``): ``"unique"``
-    for scalar clustering of >= ``AUTO_UNIQUE_MIN_WEIGHTS`` weights per palette, else
-    ``"reference"`` while the attention is small, else ``"chunked"``. The implicit gradient
-    is the weighted core's, so with ``gradient="implicit"`` ``"auto"`` never picks the
-    plain-autograd ``"reference"`` (``"chunked"`` instead).
+    fastest one for the tensor's shape: ``"unique"`` for scalar clustering of >=
+    ``AUTO_UNIQUE_MIN_WEIGHTS`` weights per palette, else ``"chunked"``, the exact step, which
+    is 1.1-4x faster than the plain-autograd ``"reference"`` at every size measured (2,048 to
+    16,384 weights, k = 4 to 256, scalars and pairs; ``docs/benchmarks.md``).
 
     Raises:
         ValueError: ``implementation`` is not ``"auto"`` or one of :data:`STEPS`, ``"unique"``
@@ -135,8 +129,6 @@ def resolve_implementation(
     P, n, _ = layout.palette_shape
     if layout.spec.cluster_dim == 1 and n >= AUTO_UNIQUE_MIN_WEIGHTS:
         return "unique"
-    if P * n * layout.spec.num_centroids <= AUTO_REFERENCE_MAX_ENTRIES and gradient != "implicit":
-        return "reference"
     return "chunked"
 
 

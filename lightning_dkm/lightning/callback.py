@@ -176,8 +176,8 @@ class DKMCallback(Callback):
             standard deviations; 0 always runs ``max_iter``. Default 1e-4.
         implementation: how the DKM step is computed. ``"auto"`` (default): per tensor,
             ``"unique"`` for scalar clustering (cluster_dim 1) of >= 16,384 weights per
-            palette, else ``"reference"`` while the attention matrix is small (<= 2**20
-            entries), else ``"chunked"``. ``"unique"`` (cluster_dim 1 only): the eDKM idea,
+            palette, else ``"chunked"`` (exact, and faster than ``"reference"`` at every
+            size). ``"unique"`` (cluster_dim 1 only): the eDKM idea,
             the iterations run once per distinct float16 value of the normalised weights --
             the fastest by far on large tensors, exact DKM of the float16-rounded weights.
             ``"chunked"``: the iterations in cache-sized chunks with an analytic backward
