@@ -1,10 +1,10 @@
 """The 'unique' DKM step (eDKM's idea): exact DKM of the float16-rounded normalised weights.
 
 On weights whose normalised values the codes hold exactly (float16 numbers of
-``x / 2^FLOOR_SHIFT``: multiples of ``2^-10`` below one, float16 numbers above) it must agree with the
-reference step (values 1e-5, gradients 1e-3 relative, float32 rounding); on arbitrary weights
-it differs by the float16 rounding only, which we bound loosely (1e-2) and report precisely in
-docs/benchmarks.md.
+``x / 2^FLOOR_SHIFT``: multiples of ``2^-10`` below one, float16 numbers above) it must agree
+with the reference step (values 1e-5, gradients 1e-3 relative, float32 rounding); on arbitrary
+weights it differs by the codes' rounding only, which we bound loosely (1e-2) and report
+precisely in docs/benchmarks.md.
 """
 
 from __future__ import annotations

@@ -15,8 +15,9 @@ from torch import Tensor
 from .numerics import Normalization, chunks, floored_scale, root_mean_square
 
 __all__ = [
-    "CHUNK", "FLOOR_SHIFT", "CodeColumns", "DistinctValues", "distinct_from_counts", "encode", "float16_codes",
-    "normalized_distinct", "power_of_two_unit", "prepare", "static_distinct_from_counts",
+    "CHUNK", "FLOOR_SHIFT", "CodeColumns", "DistinctValues", "distinct_from_counts", "encode",
+    "float16_codes", "normalized_distinct", "power_of_two_unit", "prepare",
+    "static_distinct_from_counts",
 ]
 
 #: Weights per chunk of the O(n) passes: a chunk's temporaries (a few MiB) come from the

@@ -126,8 +126,7 @@ def resolve_implementation(
     check_gradient(gradient, implementation, layout.name)
     if implementation != "auto":
         return implementation
-    P, n, _ = layout.palette_shape
-    if layout.spec.cluster_dim == 1 and n >= AUTO_UNIQUE_MIN_WEIGHTS:
+    if layout.spec.cluster_dim == 1 and layout.palette_shape[1] >= AUTO_UNIQUE_MIN_WEIGHTS:
         return "unique"
     return "chunked"
 

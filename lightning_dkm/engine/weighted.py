@@ -63,7 +63,6 @@ indexing on the device and leaves the gradient unchanged through the rounds that
 from __future__ import annotations
 
 import math
-
 from collections.abc import Iterator
 from typing import Literal, NamedTuple, get_args
 

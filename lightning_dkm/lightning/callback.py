@@ -177,9 +177,9 @@ class DKMCallback(Callback):
         implementation: how the DKM step is computed. ``"auto"`` (default): per tensor,
             ``"unique"`` for scalar clustering (cluster_dim 1) of >= 16,384 weights per
             palette, else ``"chunked"`` (exact, and faster than ``"reference"`` at every
-            size). ``"unique"`` (cluster_dim 1 only): the eDKM idea,
-            the iterations run once per distinct float16 value of the normalised weights --
-            the fastest by far on large tensors, exact DKM of the float16-rounded weights.
+            size). ``"unique"`` (cluster_dim 1 only): the eDKM idea, the iterations run once
+            per distinct float16 value of the normalised weights -- the fastest by far on
+            large tensors, exact DKM of the float16-rounded weights.
             ``"chunked"``: the iterations in cache-sized chunks with an analytic backward
             that recomputes the attention, so extra memory does not grow with ``max_iter``.
             ``"reference"``: plain autograd through the unrolled iterations (one ``n x k``
