@@ -21,10 +21,15 @@ from lightning_dkm.engine.kmeans import (
     kmeans,
     kmeans_centroids,
     kmeans_plusplus,
+    kmeans_widths,
     lloyd,
     nearest_centroid,
 )
-from lightning_dkm.engine.optimal1d import optimal_kmeans_1d, optimal_kmeans_1d_many
+from lightning_dkm.engine.optimal1d import (
+    optimal_kmeans_1d,
+    optimal_kmeans_1d_many,
+    optimal_kmeans_1d_widths,
+)
 
 
 def seeded(seed: int) -> torch.Generator:
@@ -251,6 +256,47 @@ def test_tensors_solved_in_bounded_rounds_get_the_same_centroids(gen, monkeypatc
     monkeypatch.setattr(optimal1d, "_HELD_BINS", 1)  # one palette set at a time
     for (c, f), (one_by_one, f1) in zip(at_once, optimal_kmeans_1d_many(problems), strict=True):
         assert torch.equal(f, f1) and torch.equal(c[f], one_by_one[f1])
+
+
+def _width_problems(gen: torch.Generator) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    """Palettes that ``average_bits``' estimate solves at several k: grid values with
+    counts (as it does), plain values with ties, palettes of different distinct counts side
+    by side, one with fewer distinct values than the largest k, and one on the grid path."""
+    grid = torch.round(torch.randn(4, 1_025, generator=gen) * 100) / 512
+    return [
+        (grid, torch.randint(0, 50, (4, 1_025), generator=gen).float()),  # counts, some 0
+        (torch.round(torch.randn(3, 2_000, generator=gen) * 20), None),  # ties
+        (torch.cat([torch.randn(1, 600, generator=gen),  # 600 and 7 distinct values
+                    torch.randint(0, 7, (1, 600), generator=gen).float()]), None),
+        (torch.randint(0, 5, (2, 300), generator=gen).float(), None),  # 5 < 16 values
+        (torch.randn(1, 12_000, generator=gen), None),  # the grid path
+    ]
+
+
+@pytest.mark.filterwarnings("ignore:.*fewer distinct values than k")
+@pytest.mark.parametrize("case", range(5))
+def test_one_program_for_several_k_gets_bit_for_bit_what_each_k_gets_alone(case, gen) -> None:
+    x, w = _width_problems(gen)[case]
+    ks = (2, 4, 8, 16)
+    for k, (centroids, filled) in zip(ks, optimal_kmeans_1d_widths(x, ks, w), strict=True):
+        alone, alone_filled = optimal_kmeans_1d(x, k, w)
+        assert torch.equal(filled, alone_filled)
+        assert torch.equal(centroids[filled], alone[alone_filled])
+    for k, result in zip(ks, kmeans_widths(x.unsqueeze(-1), ks, w), strict=True):
+        alone = kmeans(x.unsqueeze(-1), k, sample_weight=w)
+        assert all(torch.equal(a, b) for a, b in zip(result, alone, strict=True)), k
+
+
+def test_several_k_of_distinct_values_cost_one_program(gen, monkeypatch) -> None:
+    """The largest k's program holds every smaller k's rows: one program (15 rows for 2..16
+    centroids) instead of four (26 rows)."""
+    calls = []
+    solve = optimal1d._optimal_starts
+    monkeypatch.setattr(optimal1d, "_optimal_starts",
+                        lambda prefix, k, *a: calls.append(k) or solve(prefix, k, *a))
+    x, w = _width_problems(gen)[0]
+    optimal_kmeans_1d_widths(x, (2, 4, 8, 16), w)
+    assert calls == [16]
 
 
 # -- scale, determinism ---------------------------------------------------------------------------

@@ -28,7 +28,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .optimal1d import optimal_kmeans_1d_many
+from .optimal1d import optimal_kmeans_1d_many, optimal_kmeans_1d_widths
 
 __all__ = [
     "KMeansResult",
@@ -36,6 +36,7 @@ __all__ = [
     "kmeans_centroids",
     "kmeans_plusplus",
     "kmeans_scalars",
+    "kmeans_widths",
     "lloyd",
     "member_means",
     "nearest_centroid",
@@ -410,6 +411,34 @@ def kmeans_scalars(problems: Sequence[tuple[Tensor, int, Tensor | None, str | No
             in zip(problems, units, _optimal_fits(scaled), strict=True)]
 
 
+@torch.no_grad()
+def kmeans_widths(x: Tensor, ks: Sequence[int], sample_weight: Tensor | None = None,
+                  name: str | None = None) -> list[KMeansResult]:
+    """``kmeans(x, k, sample_weight=sample_weight, name=name)`` of scalar palettes ``x``
+    ``(P, n, 1)`` for each ``k`` of ``ks``, bit for bit (its checks and warnings per ``k``),
+    from one dynamic program for all of them where the solver can
+    (:func:`~lightning_dkm.engine.optimal1d.optimal_kmeans_1d_widths`: the largest ``k``'s
+    program holds every smaller one's rows; 15 rows instead of 26 for 2, 4, 8 and 16
+    centroids)."""
+    if x.dim() != 3 or x.shape[-1] != 1:
+        raise ValueError(f"x{_label(name)} must be scalar palettes (P, n, 1); got "
+                         f"{tuple(x.shape)}")
+    if not ks:
+        return []
+    for k in ks:
+        xw, w = _checked(x, k, sample_weight, name)
+    unit = palette_unit(xw)
+    xw = xw / unit
+    out = []
+    for k, (centroids, filled) in zip(ks, optimal_kmeans_1d_widths(xw.squeeze(-1), ks, w),
+                                      strict=True):
+        c = _placed(xw, k, centroids, filled).to(xw.dtype).unsqueeze(-1)
+        labels = _nearest_ascending(xw, c)
+        best = _scaled_back(KMeansResult(c, labels, _inertia(xw, c, labels, w)), unit)
+        out.append(KMeansResult(best.centroids.to(x.dtype), best.labels, best.inertia))
+    return out
+
+
 def _checked(x: Tensor, k: int, sample_weight: Tensor | None, name: str | None,
              n_init: int = 1) -> tuple[Tensor, Tensor | None]:
     """``x`` and ``sample_weight`` in (at least) float32, after the checks and the warning of
@@ -436,14 +465,18 @@ def _optimal_centroids(problems: Sequence[tuple[Tensor, int, Tensor | None]]
     float64 and scales exactly with a power of two, so any magnitude of ``x`` is fine as it
     is."""
     solved = optimal_kmeans_1d_many([(x.squeeze(-1), k, w) for x, k, w in problems])
-    out = []
-    for (x, k, _), (centroids, filled) in zip(problems, solved, strict=True):
-        if not bool(filled.all()):
-            unit = palette_unit(x)
-            placeholders = (_placeholder_centroids(x / unit, k) * unit).squeeze(-1)
-            centroids = torch.where(filled, centroids, placeholders.to(centroids))
-        out.append(centroids.to(x.dtype).unsqueeze(-1))
-    return out
+    return [_placed(x, k, centroids, filled).to(x.dtype).unsqueeze(-1)
+            for (x, k, _), (centroids, filled) in zip(problems, solved, strict=True)]
+
+
+def _placed(x: Tensor, k: int, centroids: Tensor, filled: Tensor) -> Tensor:
+    """The solver's ``centroids`` ``(P, k)`` of palettes ``x`` ``(P, n, 1)``, those without
+    members (not ``filled``) replaced by distinct placeholders beyond the data."""
+    if bool(filled.all()):
+        return centroids
+    unit = palette_unit(x)
+    placeholders = (_placeholder_centroids(x / unit, k) * unit).squeeze(-1)
+    return torch.where(filled, centroids, placeholders.to(centroids))
 
 
 def _optimal_fits(problems: Sequence[tuple[Tensor, int, Tensor | None]]

@@ -56,7 +56,8 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-__all__ = ["MAX_BINS", "bin_budget", "optimal_kmeans_1d", "optimal_kmeans_1d_many"]
+__all__ = ["MAX_BINS", "bin_budget", "optimal_kmeans_1d", "optimal_kmeans_1d_many",
+           "optimal_kmeans_1d_widths"]
 
 #: The dynamic program runs on at most this many bins per palette (its cost is linear in it);
 #: fewer, down to ``64 k``, when many palettes share one call (:func:`bin_budget`).
@@ -142,6 +143,35 @@ def optimal_kmeans_1d_many(problems: Sequence[tuple[Tensor, int, Tensor | None]]
                    else (x.new_empty(0, k, dtype=torch.float64),
                          x.new_empty(0, k, dtype=torch.bool)))
     return out
+
+
+@torch.no_grad()
+def optimal_kmeans_1d_widths(x: Tensor, ks: Sequence[int], sample_weight: Tensor | None = None
+                             ) -> list[tuple[Tensor, Tensor]]:
+    """:func:`optimal_kmeans_1d` of ``x`` for each ``k`` of ``ks``, bit for bit, from one
+    dynamic program where the palettes are solved on their distinct values for every ``k``
+    (at most :func:`bin_budget` of them for the smallest) and hold at least ``max(ks)`` of
+    them: row ``j`` of the program's table is the optimum of the first ``i + 1`` bins in
+    ``j + 1`` runs whatever the number of runs asked for, so the program for the largest
+    ``k`` computes every row that a smaller one's own program would (its last row's one
+    entry, the last bin, is the first one computed there too, with the same bounds), and
+    each ``k``'s partition is traced back from its own row. The program's rows are its cost:
+    1 + 3 + 7 + 15 rows for 2, 4, 8 and 16 centroids apart, 15 together. Otherwise each
+    ``k`` is solved on its own (:func:`optimal_kmeans_1d_many`)."""
+    _check_problem(x, sample_weight)
+    P, n = x.shape
+    top = max(ks)
+    if n > bin_budget(P, min(ks)):
+        return optimal_kmeans_1d_many([(x, k, sample_weight) for k in ks])
+    bins = _distinct_bins(x, sample_weight)
+    width = bins.weight.shape[1]
+    if width < top:  # a smaller program would pad differently
+        return optimal_kmeans_1d_many([(x, k, sample_weight) for k in ks])
+    prefix = _prefix(bins)
+    step = max(1, _CHOICE_ENTRIES // (top * width))
+    parts = [_optimal_starts(prefix[:, part], top, ks) for part in _parts(P, step)]
+    return [_centroids(prefix, torch.cat([starts[i] for starts in parts]), bins.center)
+            for i in range(len(ks))]
 
 
 def _check_problem(x: Tensor, sample_weight: Tensor | None) -> None:
@@ -434,10 +464,12 @@ def _levels(M: int, device: torch.device) -> list[tuple[Tensor, Tensor, Tensor]]
     return levels
 
 
-def _optimal_starts(prefix: Tensor, k: int) -> Tensor:
+def _optimal_starts(prefix: Tensor, k: int, ks: Sequence[int] | None = None) -> Any:
     """``(P, k)``: where each run of an optimal partition into ``k`` runs starts, for the
     prefix sums ``(3, P, M + 1)`` of ``M`` bins. With fewer bins than runs (``M < k``) the
-    last runs are empty: they start at ``M``."""
+    last runs are empty: they start at ``M``. With ``ks`` (each at most ``k``, and ``M >=
+    k``), a list: the starts ``(P, k')`` of each ``k'`` of ``ks``, traced back from its own
+    row of the one table (:func:`optimal_kmeans_1d_widths`)."""
     _, P, M1 = prefix.shape
     bins = M1 - 1
     if bins < k:  # pad with empty bins: runs of cost 0
@@ -493,8 +525,17 @@ def _optimal_starts(prefix: Tensor, k: int) -> Tensor:
             row[:, mid] = least.view(P, N)
             best_t[:, mid] = (arg.view(P, N) - base).int()
         D = row
-    starts = torch.zeros(P, k, dtype=torch.long, device=device)
-    i = torch.full((P, 1), M - 1, dtype=torch.long, device=device)
+    if ks is not None:
+        return [_traced(choice, runs, M, bins) for runs in ks]
+    return _traced(choice, k, M, bins)
+
+
+def _traced(choice: Tensor, k: int, M: int, bins: int) -> Tensor:
+    """``(P, k)``: the run starts of the optimal partition into ``k`` runs, traced back from
+    row ``k - 1`` of the program's ``choice`` table ``(rows, P, M)`` at the last bin."""
+    P = choice.shape[1]
+    starts = torch.zeros(P, k, dtype=torch.long, device=choice.device)
+    i = torch.full((P, 1), M - 1, dtype=torch.long, device=choice.device)
     for j in range(k - 1, 0, -1):
         t = choice[j].gather(1, i).long()
         starts[:, j : j + 1] = t
