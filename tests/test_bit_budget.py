@@ -492,3 +492,42 @@ def test_a_weight_of_few_values_off_the_grid_costs_nothing_where_each_has_a_cent
         needed = (len(values) - 1).bit_length()
         # 0 up to float64 rounding (the per-cell sums); the grid's distance was 1e-5..1e-3
         assert all(errors[b] < 1e-12 for b in range(max(needed, 1), 9)), errors
+
+
+@pytest.mark.parametrize("spec", [{}, {"per_channel_scale": True}, {"group_size": 4},
+                                  {"cluster_dim": 2}])
+def test_the_estimate_is_the_weighted_squared_distance_to_the_snapped_weight(spec, monkeypatch):
+    """Summed per grid cell, a few cache-sized pieces at a time: the same sum as the weights'
+    own distances to the centroids they snap to (to float32's rounding of the snapped weight
+    and of a per-channel scale's division) (#24)."""
+    from lightning_dkm.engine.layout import ClusterSpec, PaletteLayout
+    from lightning_dkm.model import bit_budget
+
+    monkeypatch.setattr(bit_budget, "_PIECE", 1000)  # several pieces, across palettes too
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(16, 96, generator=gen)
+    sensitivity = torch.rand(16, 96, generator=gen)
+    layout = PaletteLayout((16, 96), ClusterSpec(**spec))
+    snapped, = bit_budget._snap([(weight, layout, [1, 2, 3, 4])], seed=0)
+    scale = layout.channel_scale(weight)
+    # without a sensitivity every weight counts 1 in the units it is clustered in
+    unweighted = (torch.ones(16, 96) if scale is None else
+                  1 / layout.broadcast_scale(scale).double().square().expand(16, 96))
+    for f in (sensitivity, None):
+        estimates = bit_budget.distortions(weight, layout, range(1, 5), f)
+        for bits in range(1, 5):
+            error = (weight.double() - snapped.weight(bits).double()).square()
+            exact = 0.5 * float(((unweighted if f is None else f.double()) * error).sum())
+            assert estimates[bits] == pytest.approx(exact, rel=1e-6), (bits, f is None)
+
+
+def test_a_sensitivity_of_finite_values_summing_past_float32_is_not_refused():
+    """A finite sensitivity whose float32 sum overflows (the quick finiteness test) is
+    checked value by value, not taken for Inf."""
+    from lightning_dkm.engine.numerics import all_finite
+
+    big = torch.full((4,), 3e38)
+    assert not bool(torch.isfinite(big.sum())) and all_finite(big)
+    assert not all_finite(torch.tensor([1.0, float("nan")]))
+    assert not all_finite(torch.tensor([float("inf"), -float("inf")]))
+

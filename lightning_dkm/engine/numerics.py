@@ -50,6 +50,7 @@ __all__ = [
     "Groups",
     "Normalization",
     "NormalizedProblem",
+    "all_finite",
     "autocast_disabled",
     "check_step_arguments",
     "chunks",
@@ -104,6 +105,13 @@ def autocast_disabled(device_type: str) -> contextlib.AbstractContextManager:
     if not torch.amp.is_autocast_available(device_type):
         return contextlib.nullcontext()
     return torch.autocast(device_type, enabled=False)
+
+
+def all_finite(t: Tensor) -> bool:
+    """Whether every value of ``t`` is finite: its sum is (one pass that vectorises, against
+    ``isfinite(t).all()``'s boolean tensor: 20x the time on MiniLM's Hessian diagonal), else,
+    since finite values may also sum to Inf, the values themselves decide."""
+    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
 
 
 def chunks(n: int, size: int) -> Iterator[slice]:

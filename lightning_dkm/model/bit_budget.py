@@ -53,14 +53,15 @@ import math
 import warnings
 from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from ..engine.kmeans import kmeans, palette_unit
+from ..engine.kmeans import kmeans, kmeans_widths, power_of_two
 from ..engine.layout import MAX_BITS, PaletteLayout, is_int, is_number
+from ..engine.numerics import all_finite
 from ..engine.palette import LutDtype, lut_dtype_name, stored_bytes
 from ..engine.parametrization import stable_seed
 from .targets import Target
@@ -112,6 +113,8 @@ DEFAULT_BITS = 4
 _GRID = 1 << 9
 # Widths above this are estimated from it, each further bit dividing the error by 4.
 _MEASURED_BITS = 4
+# Entries of a tensor that the passes over its weights take at once (cache-sized).
+_PIECE = 1 << 15
 
 
 def check_average_bits(average_bits: object) -> float | None:
@@ -193,20 +196,23 @@ def _one_thread() -> Iterator[None]:
 @dataclass(frozen=True)
 class _Snapped:
     """One tensor's k-means at several widths, before any sensitivity weighs the errors (the
-    centroids do not depend on it): its palettes ``x`` ``(P, n, d)`` (the weight divided by
-    its per-channel ``scale``, then by ``unit``, a power of two per palette) and, per width,
-    the centroids, in the same units: of each vector (``(P, n, d)``) for vector palettes; for
-    scalar palettes of each of the tensor's grid ``cells`` (``(C,)``: ``grid`` holds each
-    cell's value, ``cells`` ``(P, n)`` each weight's cell), so that an estimate sums per cell
-    instead of per weight and width."""
+    centroids do not depend on it), in units of ``unit``, a power of two per palette, after
+    the per-channel ``scale``. Vector palettes keep ``x`` ``(P, n, d)`` and, per width, the
+    centroid of each vector (``(P, n, d)``). Scalar palettes keep no copy of the weight:
+    ``cells`` ``(P, n)`` (int32) gives each weight's cell of the palettes' grids (``grid``,
+    ``2 * _GRID + 1`` cells per palette, palette after palette) and ``offsets`` ``(P, n)``
+    (float32) its value less its cell's (exact: :func:`_grid_values`), and ``centroids``
+    per width each cell's centroid (``(C,)``), so that an estimate sums per cell instead of
+    per weight and width."""
 
     layout: PaletteLayout
     scale: Tensor | None
     unit: Tensor
-    x: Tensor
     centroids: dict[int, Tensor]
+    x: Tensor | None = None
     grid: Tensor | None = None
     cells: Tensor | None = None
+    offsets: Tensor | None = None
 
     def snapped(self, bits: int) -> Tensor:
         """``(P, n, d)``: the centroid each vector snaps to at ``bits``, in units of ``unit``."""
@@ -219,48 +225,110 @@ class _Snapped:
         ``benchmarks/budget_sensitivity.py``, which measures each snap's loss)."""
         return self.layout.from_palettes(self.snapped(bits) * self.unit, self.scale)
 
-    def estimates(self, widths: Iterable[int], sensitivity: Tensor | None) -> dict[int, float]:
+    def _factor(self, sensitivity: Tensor | None) -> Tensor | None:
+        """The sensitivity in palette layout ``(P, n, d)`` and the scale's units (``None``: 1
+        everywhere), not yet times the palettes' ``unit ** 2``: its own dtype, float64 where
+        a scale multiplies it (each use converts to float64)."""
+        if sensitivity is None:
+            return None
+        s = sensitivity.detach()
+        if self.scale is not None:  # an error e in scaled units is s * e in the weight's
+            s = s.double() * self.layout.broadcast_scale(self.scale.to(s.device).double()) ** 2
+        return self.layout.to_palettes(s).cpu()
+
+    def _vector_factor(self, sensitivity: Tensor | None) -> Tensor:
+        """:meth:`_factor` times ``unit ** 2``, float64, for vector palettes (``unit ** 2``
+        alone without a sensitivity)."""
+        u = self.unit.double().square()
+        f = self._factor(sensitivity)
+        return u if f is None else u * f.double()
+
+    def sums(self, sensitivity: Tensor | None) -> _CellSums:
+        r"""What every estimate of a scalar tensor needs of the sensitivity ``f`` (``None``:
+        1): per cell :math:`F = \sum f` and :math:`F_r = \sum f r` (``r`` a weight's
+        offset from its cell's value), and :math:`\sum f r^2` over the tensor (a constant of
+        every width's estimate), in float64 (they cancel to 0 where every value has a
+        centroid), each times its palette's ``unit ** 2`` (a power of two: exact): the only
+        passes over the weights an estimate makes, a cache-sized piece at a time (half the
+        time of whole passes on MiniLM's encoder)."""
+        assert self.cells is not None and self.offsets is not None and self.grid is not None
+        size = self.grid.numel()
+        f = self._factor(sensitivity)
+        if f is not None:
+            f = f.reshape(self.offsets.shape)
+        total = torch.zeros(size, dtype=torch.float64)
+        first = torch.zeros_like(total)
+        second = torch.zeros(self.offsets.shape[0], dtype=torch.float64)  # per palette
+        for piece in _pieces(self.offsets.shape):
+            cells = self.cells[piece].reshape(-1)
+            r = self.offsets[piece].double()
+            if f is None:
+                total += torch.bincount(cells, minlength=size)
+                fr = r
+            else:
+                weight = f[piece].double()
+                total += torch.bincount(cells, weight.view(-1), size)
+                fr = weight.mul_(r)
+            first += torch.bincount(cells, fr.view(-1), size)
+            second += torch.linalg.vecdot(fr, r)
+        u = self.unit.double().square().reshape(-1)  # (P,)
+        per_cell = u.repeat_interleave(size // u.numel())
+        return _CellSums(total * per_cell, first * per_cell, float(torch.dot(second, u)))
+
+    def estimates(self, widths: Iterable[int], sensitivity: Tensor | None,
+                  sums: _CellSums | None = None) -> dict[int, float]:
         """``{bits: E(bits)}`` (:func:`distortions`), measured up to 4 bits, extrapolated
-        above."""
-        # errors are measured on x / unit: back in the weight's units. In float64: the square
-        # of a float32 unit overflows above |w| ~ 2**63 and is subnormal below ~ 2**-63.
-        f = self.unit.double().square()
-        if sensitivity is not None:
-            s = sensitivity.detach().double()
-            if self.scale is not None:  # an error e in scaled units is s * e in the weight's
-                s = s * self.layout.broadcast_scale(self.scale.to(s)) ** 2
-            f = f * self.layout.to_palettes(s).cpu()
+        above (``sums``: :meth:`sums` of ``sensitivity``, where already had)."""
+        # errors are measured in units of ``unit``: back in the weight's units. In float64:
+        # the square of a float32 unit overflows above |w| ~ 2**63 and is subnormal below
+        # ~ 2**-63.
         if self.cells is None:
+            assert self.x is not None
+            f = self._vector_factor(sensitivity)
             out = {b: 0.5 * float((f * (self.x - c).double().square()).sum())
                    for b, c in self.centroids.items()}
         else:
-            out = self._per_cell(f.expand_as(self.x))
+            out = self._per_cell(sums or self.sums(sensitivity))
         widths = sorted(widths)
         top = max(_measured(widths))
         # high-rate quantisation: each further bit quarters the squared error
         return {b: out[b] if b <= top else out[top] * 4.0 ** (top - b) for b in widths}
 
-    def _per_cell(self, f: Tensor) -> dict[int, float]:
+    def _per_cell(self, sums: _CellSums) -> dict[int, float]:
         r"""The scalar estimates summed per grid cell: with :math:`r_i = x_i - g_i` a weight's
         offset from its cell's value and :math:`\delta = g - c` the cell's from its centroid,
-        :math:`\sum_i f_i (x_i - c)^2 = \sum_{cells} F \delta^2 + 2 \delta F_r + F_{rr}`
-        (:math:`F, F_r, F_{rr}` the cell's sums of :math:`f, f r, f r^2`), in float64: three
-        weighted counts for every width instead of one pass over the weights per width."""
-        assert self.grid is not None and self.cells is not None
-        cells = self.cells.reshape(-1)
+        :math:`\sum_i f_i (x_i - c)^2 = \sum_{cells} (F \delta^2 + 2 \delta F_r) + \sum_i
+        f_i r_i^2` (:meth:`sums`): a few thousand cells per width instead of a pass over the
+        weights."""
+        assert self.grid is not None
         grid = self.grid.double()
-        f = f.reshape(-1).double()
-        r = self.x.reshape(-1).double() - grid[cells]
-        fr = f * r
-        size = grid.numel()
-        total = torch.bincount(cells, f, size)
-        first = torch.bincount(cells, fr, size)
-        second = torch.bincount(cells, fr * r, size)
         out = {}
         for bits, centroids in self.centroids.items():
             delta = grid - centroids.double()
-            out[bits] = 0.5 * float((total * delta.square() + 2 * delta * first + second).sum())
+            out[bits] = 0.5 * (float((sums.total * delta.square()
+                                      + 2 * delta * sums.first).sum()) + sums.second)
         return out
+
+    def moment(self, sensitivity: Tensor | None, sums: _CellSums | None = None) -> float:
+        r""":math:`\sum_i f_i w_i^2`, the weighted squared weight (every weight snapped to
+        0; :func:`_is_noise`), for scalar palettes from the cell sums (``sums``, where
+        already had)."""
+        if self.cells is None:
+            assert self.x is not None
+            return float((self._vector_factor(sensitivity) * self.x.double().square()).sum())
+        assert self.grid is not None
+        sums = sums or self.sums(sensitivity)
+        grid = self.grid.double()
+        return (float((sums.total * grid.square() + 2 * grid * sums.first).sum())
+                + sums.second)
+
+
+class _CellSums(NamedTuple):
+    """A scalar tensor's sensitivity summed per grid cell (:meth:`_Snapped.sums`)."""
+
+    total: Tensor  # (C,) float64
+    first: Tensor  # (C,) float64
+    second: float
 
 
 def _measured(widths: Sequence[int]) -> list[int]:
@@ -268,21 +336,41 @@ def _measured(widths: Sequence[int]) -> list[int]:
     return [b for b in widths if b <= _MEASURED_BITS] or sorted(widths)[:1]
 
 
-def _grid_values(values: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``values`` (in ``(-1, 1)``, a palette divided by its unit) rounded to multiples of
-    ``1 / _GRID``: the distinct ones ascending, each value's index among them and their
-    counts (float), as ``torch.unique(..., return_inverse=True, return_counts=True)`` gives
-    them, by counting the ``2 * _GRID + 1`` grid cells instead of sorting (a tenth of the
-    time on MiniLM's encoder, profiled: 0.1 s instead of 0.59 s for its 36 tensors); and the
-    sum of each cell's values as they are (float64, for the centroids of :func:`_snap`)."""
-    cell = (values * _GRID).round_().long().add_(_GRID)  # 0 .. 2 * _GRID
-    counts = torch.bincount(cell, minlength=2 * _GRID + 1)
-    sums = torch.bincount(cell, values.double(), minlength=2 * _GRID + 1)
-    present = counts.nonzero().squeeze(1)
-    index = torch.empty_like(counts)
-    index[present] = torch.arange(present.numel())
-    return ((present - _GRID).float() / _GRID, index[cell], counts[present].float(),
-            sums[present])
+def _pieces(shape: torch.Size) -> list[tuple[slice, slice]]:
+    """Column slices of a ``(P, n)`` tensor of about :data:`_PIECE` entries each: the passes
+    over the weights run on cache-sized pieces."""
+    P, n = shape
+    step = max(1, _PIECE // P)
+    return [(slice(None), slice(begin, begin + step)) for begin in range(0, n, step)]
+
+
+def _grid_values(x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Palettes ``x`` ``(P, n)`` (in ``(-1, 1)``, each divided by its unit) on the grid of
+    multiples of ``1 / _GRID``, ``2 * _GRID + 1`` cells per palette, palette after palette:
+    each value's cell (int32: bincount is 3x faster on it than on int64) and its offset from
+    the cell's value (float32, exact: ``x * _GRID`` and its rounding differ by at most 1/2,
+    Sterbenz's lemma), and per cell the count and the sum of the values as they are (float64,
+    for the centroids of :func:`_snap`). Counting the cells instead of sorting the values: a
+    tenth of the time on MiniLM's encoder, profiled (0.1 s instead of 0.59 s for its 36
+    tensors); a cache-sized piece at a time, with the offsets kept for every estimate instead
+    of the weights (#24)."""
+    P, n = x.shape
+    size = 2 * _GRID + 1
+    cells = torch.empty(P, n, dtype=torch.int32)
+    offsets = torch.empty(P, n)
+    counts = torch.zeros(P * size, dtype=torch.int64)
+    sums = torch.zeros(P * size, dtype=torch.float64)
+    base = (torch.arange(P, dtype=x.dtype) * size + _GRID).unsqueeze(1)  # cell of value 0
+    for piece in _pieces(x.shape):
+        values = x[piece]
+        scaled = values * _GRID
+        rounded = scaled.round()
+        offsets[piece] = scaled.sub_(rounded).div_(_GRID)
+        cell = rounded.add_(base).int().view(-1)
+        cells[piece] = cell.view(P, -1)
+        counts += torch.bincount(cell, minlength=P * size)
+        sums += torch.bincount(cell, values.double().reshape(-1), P * size)
+    return cells, offsets, counts, sums
 
 
 @torch.no_grad()
@@ -302,60 +390,69 @@ def _snap(tensors: Sequence[tuple[Tensor, PaletteLayout, Collection[int]]], seed
     k-means++ and Lloyd, per tensor and width (seeded by
     ``stable_seed(seed, f"{name}:{bits}")``)."""
     out: list[_Snapped] = []
-    # tensor, palette, then _grid_values': distinct, inverse, counts, sums
+    size = 2 * _GRID + 1
+    # (tensor, palette, its occupied cells' positions, values, counts and sums)
     scalars: list[tuple[int, int, Tensor, Tensor, Tensor, Tensor]] = []
     with _one_thread(), warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # few distinct values: error 0
         for i, (weight, layout, widths) in enumerate(tensors):
             scale = layout.channel_scale(weight)
             x = layout.to_palettes(weight.detach(), scale).float().cpu()  # (P, n, d)
-            if not bool(torch.isfinite(x).all()):
+            flat = x.reshape(x.shape[0], -1)
+            low, high = flat.amin(1), flat.amax(1)  # NaN and Inf propagate
+            if not bool(torch.isfinite(torch.cat((low, high))).all()):
                 raise ValueError(f"{layout.name}: the weight has NaN or Inf values, whose "
                                  "clustering error average_bits cannot estimate")
-            unit = palette_unit(x)
+            unit = power_of_two(torch.maximum(high, -low)).view(-1, 1, 1)  # palette_unit(x)
             x = x / unit
-            out.append(_Snapped(layout, scale, unit, x, {}))
-            if x.shape[-1] == 1:
-                for p in range(x.shape[0]):
-                    scalars.append((i, p, *_grid_values(x[p, :, 0])))
+            if x.shape[-1] > 1:
+                out.append(_Snapped(layout, scale, unit, {}, x=x))
+                for bits in widths:
+                    generator = torch.Generator().manual_seed(
+                        stable_seed(seed, f"{layout.name}:{bits}"))
+                    result = kmeans(x, 1 << bits, generator, max_iter=_KMEANS_ITER)
+                    idx = result.labels.unsqueeze(-1).expand(-1, -1, x.shape[-1])
+                    out[i].centroids[bits] = result.centroids.gather(1, idx)
                 continue
-            for bits in widths:
-                generator = torch.Generator().manual_seed(
-                    stable_seed(seed, f"{layout.name}:{bits}"))
-                result = kmeans(x, 1 << bits, generator, max_iter=_KMEANS_ITER)
-                idx = result.labels.unsqueeze(-1).expand(-1, -1, x.shape[-1])
-                out[i].centroids[bits] = result.centroids.gather(1, idx)
+            cells, offsets, counts, sums = _grid_values(x[..., 0])
+            grid = ((torch.arange(x.shape[0] * size) % size - _GRID).float() / _GRID)
+            out.append(_Snapped(layout, scale, unit, {}, grid=grid, cells=cells,
+                                offsets=offsets))
+            for p in range(x.shape[0]):
+                mine = slice(p * size, (p + 1) * size)
+                present = counts[mine].nonzero().squeeze(1)
+                scalars.append((i, p, present, grid[mine][present],
+                                counts[mine][present].float(), sums[mine][present]))
         per_cell: dict[tuple[int, int], list[Tensor]] = {}  # (tensor, bits): per palette
-        for bits in sorted({b for _, _, widths in tensors for b in widths}):
-            rows = [s for s in scalars if bits in tensors[s[0]][2]]
-            if not rows:
-                continue
-            # at least k points per palette: weightless padding where it has fewer values
-            m = max(max(s[2].numel() for s in rows), 1 << bits)
+        # the palettes that need the same widths: one program for all of them (kmeans_widths)
+        for needed in sorted({tuple(sorted(tensors[s[0]][2])) for s in scalars}):
+            rows = [s for s in scalars if tuple(sorted(tensors[s[0]][2])) == needed]
+            # at least k points per palette: weightless copies of its last value where it has
+            # fewer (they join that value's bin: the program is that of its values alone)
+            m = max(max(s[3].numel() for s in rows), 1 << max(needed))
             values = torch.stack([torch.cat([d, d[-1:].expand(m - d.numel())])
-                                  for _, _, d, _, _, _ in rows])
+                                  for _, _, _, d, _, _ in rows])
             counts = torch.stack([torch.cat([c, c.new_zeros(m - c.numel())])
                                   for _, _, _, _, c, _ in rows])
             sums = torch.stack([torch.cat([t, t.new_zeros(m - t.numel())])
                                 for _, _, _, _, _, t in rows])
-            result = kmeans(values.unsqueeze(-1), 1 << bits, sample_weight=counts)
-            # each centroid the mean of its members' values as they are (one Lloyd update)
-            members = torch.zeros(len(rows), 1 << bits, dtype=torch.float64)
-            members.scatter_add_(1, result.labels, counts.double())
-            total = torch.zeros_like(members).scatter_add_(1, result.labels, sums)
-            centroids = torch.where(members > 0, total / members.clamp_min(1),
-                                    result.centroids[..., 0].double()).float()
-            snapped = centroids.gather(1, result.labels)  # (rows, m)
-            for r, (i, _, distinct, _, _, _) in enumerate(rows):
-                per_cell.setdefault((i, bits), []).append(snapped[r, : distinct.numel()])
+            results = kmeans_widths(values.unsqueeze(-1), [1 << b for b in needed],
+                                    sample_weight=counts)
+            for bits, result in zip(needed, results, strict=True):
+                # each centroid the mean of its members' values as they are (a Lloyd update)
+                members = torch.zeros(len(rows), 1 << bits, dtype=torch.float64)
+                members.scatter_add_(1, result.labels, counts.double())
+                total = torch.zeros_like(members).scatter_add_(1, result.labels, sums)
+                centroids = torch.where(members > 0, total / members.clamp_min(1),
+                                        result.centroids[..., 0].double()).float()
+                snapped = centroids.gather(1, result.labels)  # (rows, m)
+                for r, (i, _, present, _, _, _) in enumerate(rows):
+                    cell = torch.zeros(size)  # an empty cell's centroid weighs nothing
+                    cell[present] = snapped[r, : present.numel()]
+                    per_cell.setdefault((i, bits), []).append(cell)
     for i in sorted({s[0] for s in scalars}):
-        mine = [s for s in scalars if s[0] == i]  # its palettes in order
-        offsets = torch.tensor([0] + [d.numel() for _, _, d, _, _, _ in mine]).cumsum(0)
-        cells = torch.stack([inverse + offsets[p] for p, (_, _, _, inverse, _, _)
-                             in enumerate(mine)])
-        centroids = {bits: torch.cat(per_cell[(i, bits)]) for bits in tensors[i][2]}
-        out[i] = replace(out[i], centroids=centroids, cells=cells,
-                         grid=torch.cat([d for _, _, d, _, _, _ in mine]))
+        out[i] = replace(out[i], centroids={bits: torch.cat(per_cell[(i, bits)])
+                                            for bits in tensors[i][2]})
     return out
 
 
@@ -426,13 +523,18 @@ def allocate(options: Mapping[str, Mapping[int, tuple[int, float]]], budget: int
     choices: list[tuple[list[int], np.ndarray]] = []
     for name in names:
         widths = sorted(options[name], key=lambda b: (options[name][b][0], -b))
-        candidates = np.full((len(widths), capacity + 1), np.inf)
+        # the least over the widths, the first width where several tie: row by row with a
+        # strict comparison (argmin over a (widths, capacity) table: 12x the time)
+        least = np.full(capacity + 1, np.inf)
+        pick = np.zeros(capacity + 1, dtype=np.intp)
         for row, bits in enumerate(widths):
             cost = -(-options[name][bits][0] // unit)
             if cost <= capacity:
-                candidates[row, cost:] = best[: capacity + 1 - cost] + options[name][bits][1]
-        pick = candidates.argmin(axis=0)
-        best = candidates[pick, np.arange(capacity + 1)]
+                value = best[: capacity + 1 - cost] + options[name][bits][1]
+                better = value < least[cost:]
+                np.copyto(least[cost:], value, where=better)
+                pick[cost:][better] = row
+        best = least
         choices.append((widths, pick))
     chosen: dict[str, int] = {}
     c = capacity
@@ -679,23 +781,30 @@ def _plan(targets: Sequence[Target], weights: Mapping[str, Tensor], average_bits
     label = sensitivity_label or ("given" if sensitivity is not None else "none")
     if sensitivity is not None:
         bad = [t.name for t in free if (h := sensitivity.get(t.name)) is not None
-               and not bool(torch.isfinite(h).all())]
+               and not all_finite(h)]
         if bad:  # NaN passed for rounding noise, Inf made every estimate NaN
             raise ValueError(f"plan_widths: the sensitivity of {bad} has NaN or Inf values")
     snapped = dict(zip((t.name for t in free), _snap(
         [(weights[t.name], t.layout, _measured(widths[t.name])) for t in free], seed),
         strict=True))
-    if sensitivity is not None and _is_noise(sensitivity, weights):
+    # the sensitivity summed per grid cell once per tensor: for the noise test and estimates
+    sums = {} if sensitivity is None else {
+        n: s.sums(sensitivity.get(n)) for n, s in snapped.items() if s.cells is not None}
+    if sensitivity is not None and _is_noise(sensitivity, weights, {
+            n: snapped[n].moment(sensitivity[n], sums.get(n))
+            for n in snapped if n in sensitivity}):
         warnings.warn(
             f"average_bits={average_bits:g}: the sensitivity ({label}) is rounding noise (it "
             f"accounts for loss changes below float32's resolution), so {UNIFORM}",
             UserWarning, stacklevel=3)
         sensitivity, label, uniform = None, f"uniform ({label} was rounding noise)", True
+        sums = {}
     options: dict[str, dict[int, tuple[int, float]]] = {}
     estimates: dict[str, dict[int, float]] = {}
     for target in free:
         estimates[target.name] = snapped[target.name].estimates(
-            widths[target.name], None if sensitivity is None else sensitivity.get(target.name))
+            widths[target.name], None if sensitivity is None else sensitivity.get(target.name),
+            sums.get(target.name))
         options[target.name] = {b: (sizes[target.name][b], estimates[target.name][b])
                                 for b in widths[target.name]}
     if uniform:  # keeps a narrowest width whenever only it fits: ``need`` still holds
@@ -752,14 +861,19 @@ def uniform_allocation(
     return replace(allocation, sensitivity=f"uniform ({why})")
 
 
-def _is_noise(sensitivity: Mapping[str, Tensor], weights: Mapping[str, Tensor]) -> bool:
+def _is_noise(sensitivity: Mapping[str, Tensor], weights: Mapping[str, Tensor],
+              moments: Mapping[str, float] | None = None) -> bool:
     r"""Whether ``sensitivity`` (a Hessian diagonal or squared gradients) is rounding noise:
     the loss change
     it accounts for when every weight moves by its own size,
     :math:`\sqrt{\sum_i F_{ii} w_i^2}`, is below float32's resolution of a unit loss
     (``eps`` = 1.2e-7). Measured at the unclustered weights of a loss at its minimum
     (distillation toward the model itself) it is about 1e-9; where gradients exist, orders of
-    magnitude above. (A loss whose natural scale is far below 1 reads as noise too.)"""
-    total = sum(float((f.double() * weights[n].detach().double().square().to(f.device)).sum())
+    magnitude above. (A loss whose natural scale is far below 1 reads as noise too.)
+    ``moments``: each named tensor's :math:`\sum_i F_{ii} w_i^2` where already had
+    (:meth:`_Snapped.moment`, from its grid cells: the same sum to float64 rounding)."""
+    moments = moments or {}
+    total = sum(moments[n] if n in moments else
+                float((f.double() * weights[n].detach().double().square().to(f.device)).sum())
                 for n, f in sensitivity.items() if n in weights)
     return not math.sqrt(max(total, 0.0)) > torch.finfo(torch.float32).eps
