@@ -531,3 +531,29 @@ def test_a_sensitivity_of_finite_values_summing_past_float32_is_not_refused():
     assert not all_finite(torch.tensor([1.0, float("nan")]))
     assert not all_finite(torch.tensor([float("inf"), -float("inf")]))
 
+
+def test_the_hessian_probes_are_the_seeds_rademacher_draws():
+    """Each batch's probe is +-1 from an int64 ``randint(0, 2)`` of the seed's generator, one
+    per named weight in order, whatever dtype the draws are made in (the allocations of the
+    study's runs depend on these draws)."""
+    from lightning_dkm.model.post_training import hessian_diagonal
+
+    model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
+    x = torch.randn(7, 6, generator=torch.Generator().manual_seed(1))
+
+    def loss(m, _):
+        return m(x).square().sum()
+
+    names = ["0.weight", "2.weight"]
+    got = hessian_diagonal(model, range(2), loss, names, seed=5)
+    generator = torch.Generator().manual_seed(5)
+    params = [model.get_parameter(n) for n in names]
+    expected = [torch.zeros_like(p) for p in params]
+    for _ in range(2):
+        grads = torch.autograd.grad(loss(model, None), params, create_graph=True)
+        zs = [torch.randint(0, 2, p.shape, generator=generator).to(p) * 2 - 1 for p in params]
+        hz = torch.autograd.grad(grads, params, grad_outputs=zs)
+        for e, z, h in zip(expected, zs, hz, strict=True):
+            e.add_(z * h)
+    for name, e in zip(names, expected, strict=True):
+        assert torch.equal(got[name], e.clamp_min(0))
