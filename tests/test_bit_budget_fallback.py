@@ -291,10 +291,12 @@ def test_a_fit_without_a_hessian_clusters_at_uniform_widths_with_a_warning(tmp_p
     assert callback.report.clustered_bytes <= callback.bit_allocation.budget_bytes
 
 
-def test_a_fit_takes_its_hessian_on_one_training_batch(tmp_path):
-    assert SENSITIVITY_SAMPLES is None  # the whole batch (docs/results.md: why)
+def test_a_fit_takes_its_hessian_on_the_first_8_samples_of_one_training_batch(tmp_path):
+    """8 samples keep the allocation under 5 % of the study's MiniLM fit and its accuracy
+    targets (docs/results.md: why); TinyNet's batches hold 32."""
+    assert SENSITIVITY_SAMPLES == 8
     callback = _fit(tmp_path, TinyNet(), 2.5)
-    assert callback.bit_allocation.sensitivity == "hessian (1 batch)"
+    assert callback.bit_allocation.sensitivity == "hessian (1 batch, the first 8 samples of each)"
 
 
 def test_a_training_step_that_fails_otherwise_fails_the_fit(tmp_path):

@@ -97,8 +97,8 @@ class DKMCallback(Callback):
             bytes (indices at their packed width, LUTs, scales: as the report counts them) do
             not exceed those of every tensor at ``average_bits`` bits, minimising the estimated
             loss increase: each tensor's k-means error at every width, weighted by the Hessian
-            diagonal (Hutchinson) of ``training_step``'s loss on the first training batch
-            (:mod:`lightning_dkm.model.bit_budget`). It needs a double
+            diagonal (Hutchinson) of ``training_step``'s loss on the first 8 samples of the
+            first training batch (:mod:`lightning_dkm.model.bit_budget`). It needs a double
             backward of the loss; without one (or without a training dataloader at setup, or
             with manual optimization) every tensor gets the budget's width, with a warning (a
             fraction: the widths around it, every tensor at least the narrower). A number in
