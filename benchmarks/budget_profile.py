@@ -9,8 +9,9 @@ the Hutchinson Hessian diagonal of the training loss on a few training batches a
   parameters, AdamW step excluded): the unit the other figures are counted in;
 * per Hutchinson batch its three passes: the forward, the backward with ``create_graph`` and
   the second backward (the Hessian-vector product), at the study's 16 samples and at fewer;
-* ``plan_widths``' parts: each tensor's palettes and distinct grid values (``_snap``'s
-  preparation), the exact 1-D k-means at each width, the estimates, the knapsack.
+  and the library's whole call (``allocation_curvature``: the probes, the checks) at each;
+* ``plan_widths`` whole and the exact 1-D k-means of every width inside it (one program for
+  all widths, ``kmeans_widths``).
 
 Each figure is the median of ``--repeats`` runs, wall and process-CPU seconds, one thread
 (``OMP_NUM_THREADS=1``), with the load average beside them. Writes
@@ -92,28 +93,26 @@ def plain_step(model, loss, params, repeats: int) -> dict[str, float]:
 
 def plan_widths_parts(targets, weights, hessian, average_bits: float, repeats: int
                       ) -> dict[str, Any]:
-    """``plan_widths`` whole, and the seconds its k-means calls take inside it."""
-    spent: list[tuple[int, float]] = []
-    original = bit_budget.kmeans
+    """``plan_widths`` whole, and the seconds its scalar k-means (one program for every
+    width, ``kmeans_widths``) takes inside it."""
+    spent: list[tuple[float, float]] = []
+    original = bit_budget.kmeans_widths
 
-    def counted(x, k, *args, **kwargs):
-        t = time.perf_counter()
-        out = original(x, k, *args, **kwargs)
-        spent.append((k, time.perf_counter() - t))
+    def counted(*args, **kwargs):
+        t, c = time.perf_counter(), time.process_time()
+        out = original(*args, **kwargs)
+        spent.append((time.perf_counter() - t, time.process_time() - c))
         return out
 
-    bit_budget.kmeans = counted
+    bit_budget.kmeans_widths = counted
     try:
         whole, allocation = timed(lambda: bit_budget.plan_widths(
             targets, weights, average_bits, sensitivity=hessian), repeats)
     finally:
-        bit_budget.kmeans = original
-    per_k: dict[int, list[float]] = {}
-    for k, s in spent:
-        per_k.setdefault(k, []).append(s)
+        bit_budget.kmeans_widths = original
     return {"whole": whole,
-            "kmeans_per_width_wall_s": {str(k.bit_length() - 1): round(sum(v) / repeats, 3)
-                                        for k, v in sorted(per_k.items())},
+            "kmeans_all_widths": {"wall_s": round(sum(w for w, _ in spent) / repeats, 3),
+                                  "cpu_s": round(sum(c for _, c in spent) / repeats, 3)},
             "widths": allocation.bits}
 
 
@@ -149,7 +148,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             out[f"hutchinson_{n}"] = hutchinson_passes(model, loss, params, args.repeats)
             print(f"{n} samples: plain step {out[f'plain_step_{n}']}, Hutchinson "
                   f"{out[f'hutchinson_{n}']}", flush=True)
-    from lightning_dkm.model.post_training import hessian_diagonal
+    from lightning_dkm.model.post_training import allocation_curvature, hessian_diagonal
+    for p in model.parameters():  # as the callback finds them: allocation_curvature sets them
+        p.requires_grad_(True)
+    for n in args.samples:  # what the library's call takes, probes and checks included
+        out[f"allocation_curvature_{n}"], _ = timed(lambda n=n: allocation_curvature(
+            model, task.calibration(0, 1, cfg.batch_size), lambda m, b: task.loss(m, tuple(b)),
+            list(weights), 1, n, seed=0), args.repeats)
+        print(f"allocation_curvature, first {n} samples: "
+              f"{out[f'allocation_curvature_{n}']}", flush=True)
     loader = task.calibration(0, 2, cfg.batch_size)
     hessian = hessian_diagonal(model, loader, lambda m, b: task.loss(m, tuple(b)),
                                list(weights), num_batches=2)
@@ -157,7 +164,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         out[f"plan_widths_{bits:g}"] = plan_widths_parts(targets, weights, hessian, bits,
                                                          args.repeats)
         print(f"plan_widths at {bits:g}: {out[f'plan_widths_{bits:g}']['whole']}, k-means "
-              f"{out[f'plan_widths_{bits:g}']['kmeans_per_width_wall_s']}", flush=True)
+              f"{out[f'plan_widths_{bits:g}']['kmeans_all_widths']}", flush=True)
     out["load_average_after"] = os.getloadavg()
     args.out.write_text(json.dumps(out, indent=2) + "\n")
     return out
