@@ -92,14 +92,14 @@ __all__ = [
 #: (``benchmarks/budget_estimator.py``, docs/results.md).
 SENSITIVITY_BATCHES = 1
 #: Samples of each sensitivity batch (``post_training.first_samples``; ``None``: whole). The
-#: first 8, what keeps the allocation under #24's 5 % of the accuracy study's 32-step MiniLM
-#: fit (whole encoder, process CPU: 4.0-4.1 % at budget 2, seeds 0-2, with this module's
-#: cheaper ``plan_widths``; the whole batch of 16 took 7.3-8.8 % before it, 12 samples 5.1-5.3 %
-#: after) and keeps its accuracy targets: MiniLM budget 2 0.8437 +- 0.0032 against uniform
-#: 0.8307 +- 0.0012, budget 3 0.9357 +- 0.0007 against 0.9354 +- 0.0008 (16 samples: 0.8436,
-#: 0.9374), the char-LM 2.3871 / 2.3163 bpc against 2.4474 / 2.3325 (the widths of 16 samples
-#: at budget 2). The first 4 lost to uniform widths at budget 3 on MiniLM (one seed by 0.006).
-#: docs/results.md ("The allocation under 5 %") gives the commands and the per-seed figures.
+#: first 8: what keeps the allocation under #24's 5 % of the accuracy study's 32-step MiniLM fit
+#: (whole encoder, process CPU, seeds 0-2, budgets 2 and 3: 4.3-4.99 % on main at 2d1769d,
+#: 3.4-4.1 % before #22's cheaper DKM step; 12 samples 4.8-5.3 %, the whole 16 with the old
+#: plan_widths 7.3-8.8 %) and keeps its accuracy targets there (MiniLM budget 2 0.8440 +-
+#: 0.0037 against uniform 0.8312 +- 0.0007, budget 3 0.9359 +- 0.0002 against 0.9352 +-
+#: 0.0007; char-LM 2.3866 / 2.3159 bpc against 2.4474 / 2.3325). 6 samples lost to uniform
+#: widths at budget 3 on MiniLM (one seed by 0.0016 of cosine), 4 too (by 0.006). Commands and
+#: per-seed figures: docs/results.md, "The allocation under 5 %".
 SENSITIVITY_SAMPLES: int | None = 8
 
 #: What every fallback without a usable sensitivity does instead (:func:`uniform_allocation`).
