@@ -93,11 +93,11 @@ __all__ = [
 SENSITIVITY_BATCHES = 1
 #: Samples of each sensitivity batch (``post_training.first_samples``; ``None``: whole). The
 #: first 8: what keeps the allocation under #24's 5 % of the accuracy study's 32-step MiniLM fit
-#: (whole encoder, process CPU, seeds 0-2, budgets 2 and 3: 4.3-4.99 % on main at 2d1769d,
+#: (whole encoder, process CPU, seeds 0-2, budgets 2 and 3: 4.4-4.7 % on main at ba40be5,
 #: 3.4-4.1 % before #22's cheaper DKM step; 12 samples 4.8-5.3 %, the whole 16 with the old
-#: plan_widths 7.3-8.8 %) and keeps its accuracy targets there (MiniLM budget 2 0.8440 +-
-#: 0.0037 against uniform 0.8312 +- 0.0007, budget 3 0.9359 +- 0.0002 against 0.9352 +-
-#: 0.0007; char-LM 2.3866 / 2.3159 bpc against 2.4474 / 2.3325). 6 samples lost to uniform
+#: plan_widths 7.3-8.8 %) and keeps its accuracy targets there (MiniLM budget 2 0.8438 +-
+#: 0.0032 against uniform 0.8309 +- 0.0009, budget 3 0.9358 +- 0.0003 against 0.9351 +-
+#: 0.0009; char-LM 2.3869 / 2.3162 bpc against 2.4474 / 2.3327). 6 samples lost to uniform
 #: widths at budget 3 on MiniLM (one seed by 0.0016 of cosine), 4 too (by 0.006). Commands and
 #: per-seed figures: docs/results.md, "The allocation under 5 %".
 SENSITIVITY_SAMPLES: int | None = 8
