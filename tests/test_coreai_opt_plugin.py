@@ -207,7 +207,10 @@ def test_the_loss_gradient_reaches_the_palettized_weights_through_dkm():
     """One training step through coreai-opt computes what lightning_dkm's reference DKM
     (plain autograd through the unrolled iterations) computes from the same weights and
     starting centroids: the same loss, the same gradient on every palettized weight, the same
-    moved centroids; SGD then moves each weight by exactly ``-lr * grad``."""
+    moved centroids; SGD then moves each weight by exactly ``-lr * grad``. (The strategy's
+    default step, ``"auto"``, is the weighted core's exact ``"chunked"`` step on these small
+    weights: its analytic gradient equals autograd's up to float32 rounding, 1e-3 relative on
+    an element near 0.)"""
     model = _model()
     plain = copy.deepcopy(model)
     palettizer = KMeansPalettizer(model, _config(DKM))
@@ -233,7 +236,7 @@ def test_the_loss_gradient_reaches_the_palettized_weights_through_dkm():
         grad = _original(prepared, name).grad
         expected = plain.get_parameter(name).grad
         assert grad is not None and grad.abs().sum() > 0, name
-        torch.testing.assert_close(grad, expected, rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(grad, expected, rtol=1e-4, atol=1e-6)
         torch.testing.assert_close(module.centroids, moved[name], rtol=1e-5, atol=1e-7)
         torch.testing.assert_close(_original(prepared, name).detach(), before[name] - 0.1 * grad)
 
