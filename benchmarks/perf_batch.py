@@ -1,7 +1,7 @@
 """When batching DKM across tensors pays: one ``unique_dkm_batch`` call vs one
 ``unique_dkm_cluster`` per tensor, side by side in one run.
 
-    python benchmarks/perf_batch.py
+    python benchmarks/perf_batch.py --clock cpu --threads 1
 
 For each (weights per tensor n, tensors T, centroids k) it times the forward and backward of T
 random tensors of n weights (cluster_dim 1, max_iter 3, epsilon 0), batched and alone,
@@ -13,9 +13,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
+import sys
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import clocks
 
 from lightning_dkm.engine.distinct import unique_dkm_batch, unique_dkm_cluster
 
@@ -41,18 +45,22 @@ def measure(n: int, tensors: int, k: int, repeats: int) -> dict[str, float]:
     times: dict[str, list[float]] = {"batched": [], "alone": []}
     for i in range(repeats + 1):
         for name, run in (("batched", batched), ("alone", alone)):
-            start = time.perf_counter()
+            start = clocks.now()
             run()
             if i:  # the first round warms up
-                times[name].append(time.perf_counter() - start)
+                times[name].append(clocks.now() - start)
     return {name: 1e3 * statistics.median(v) for name, v in times.items()}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=5)
+    clocks.add_arguments(parser)
     args = parser.parse_args()
-    print(f"threads {torch.get_num_threads()}, torch {torch.__version__}")
+    if args.repeats < 1:
+        parser.error(f"--repeats must be >= 1; got {args.repeats}")
+    clocks.apply(parser, args)
+    print(f"threads {torch.get_num_threads()}, {args.clock} clock, torch {torch.__version__}")
     for n, tensors, k in CASES:
         r = measure(n, tensors, k, args.repeats)
         print(f"n={n:>7,} tensors={tensors:>2} k={k:>2}: batched {r['batched']:7.1f} ms  "

@@ -13,12 +13,15 @@ mode, in ``eval()``, or too large to gain on CPU (below) are computed per tensor
 pass.
 
 **When batching pays.** On an accelerator every op costs a launch, so every such weight is
-batched. On CPU a batch pays only for small tensors, whose fixed cost dominates; larger ones
-run faster alone (their temporaries stay in cache). Measured here with
-``python benchmarks/perf_batch.py`` (``unique``, forward and backward of 24 / 12 / 6 tensors):
-16,384 weights each at k = 4 74 ms batched vs 86 ms alone, at k = 16 181 vs 133 ms; 65,536
-weights 135 vs 99 ms; 262,144 weights 141 vs 83 ms. So on CPU a weight joins the batch while
-``P x min(n, 65536) x k <= CPU_BATCH_MAX_ENTRIES`` (2^16), and larger ones run alone.
+batched. On CPU a batch pays for small and middling tensors, whose fixed cost dominates;
+large ones run as fast or faster alone (their temporaries stay in cache). Measured here with
+``python benchmarks/perf_batch.py --clock cpu --threads 1`` (``unique``, forward and backward
+of 24 / 12 / 6 tensors): 16,384 weights each at k = 4 43.9 ms batched vs 69.0 ms alone, at
+k = 16 72.4 vs 84.0 ms; 65,536 weights at k = 16 48.1 vs 57.4 ms; 262,144 weights 40.9 vs
+42.1 ms (12 tensors of 589,824 weights: slower batched). So on CPU a weight joins the batch
+while ``P x n x k <= CPU_BATCH_MAX_ENTRIES`` (2^20), and larger ones run alone. (Before the
+codes' even grid and the attention's floor, #22, batches were slower from 16,384 weights at
+k = 16 on, and the bound was 2^16 entries of ``P x min(n, 65536) x k``.)
 
 Tensors are batched together only when their step settings agree (``max_iter``, ``epsilon``,
 ``gradient``, device, dtype); each group is one call, in which every tensor still stops early on its
@@ -55,9 +58,9 @@ from .sharding import is_sharded
 
 __all__ = ["CPU_BATCH_MAX_ENTRIES", "ClusteringPass", "clustering_pass", "pass_members"]
 
-#: On CPU a weight joins the pass's batch while its attention block, ``P x min(n, 65536) x k``
-#: entries at most, is no larger than this (module docstring); on an accelerator every one does.
-CPU_BATCH_MAX_ENTRIES = 1 << 16
+#: On CPU a weight joins the pass's batch while ``P x n x k`` (its weights times centroids) is
+#: no larger than this (module docstring); on an accelerator every one does.
+CPU_BATCH_MAX_ENTRIES = 1 << 20
 
 
 class ClusteringPass:
@@ -90,7 +93,7 @@ class ClusteringPass:
         if weight.device.type != "cpu":
             return True
         P, n, _ = p.layout.palette_shape
-        return P * min(n, 1 << 16) * p.layout.spec.num_centroids <= CPU_BATCH_MAX_ENTRIES
+        return P * n * p.layout.spec.num_centroids <= CPU_BATCH_MAX_ENTRIES
 
     def _step(self, p: DKMParametrization, x: Tensor, centroids: Tensor, tau: Tensor,
               config: StepConfig) -> DKMOutput:
