@@ -93,7 +93,8 @@ __all__ = [
 SENSITIVITY_BATCHES = 1
 #: Samples of each sensitivity batch (``post_training.first_samples``; ``None``: whole). The
 #: first 8: what keeps the allocation under #24's 5 % of the accuracy study's 32-step MiniLM fit
-#: (whole encoder, process CPU, seeds 0-2, budgets 2 and 3: 4.4-4.7 % on main at ba40be5,
+#: (whole encoder, process CPU, seeds 0-2, budgets 2 and 3: 4.4-4.7 % on main at ba40be5 and
+#: 3.9-5.4 % in a later run at a01e439,
 #: 3.4-4.1 % before #22's cheaper DKM step; 12 samples 4.8-5.3 %, the whole 16 with the old
 #: plan_widths 7.3-8.8 %) and keeps its accuracy targets there (MiniLM budget 2 0.8438 +-
 #: 0.0032 against uniform 0.8309 +- 0.0009, budget 3 0.9358 +- 0.0003 against 0.9351 +-
