@@ -22,6 +22,26 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _clustered_mlp(mesh=None) -> nn.Sequential:
+    """The two-Linear model these workers train: seed 0, DKM attached to both weights (3 bits,
+    ``"unique"``, tau 3e-2); with ``mesh``, each Linear and then the whole model
+    ``fully_shard``-ed on it."""
+    import lightning_dkm as L
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 128), nn.Tanh(), nn.Linear(128, 256))
+    L.attach(model, L.select_targets(model, L.ClusterSpec(bits=3), min_size=0),
+             implementation="unique", temperature=3e-2)
+    if mesh is not None:
+        from torch.distributed.fsdp import fully_shard
+
+        for module in model:
+            if isinstance(module, nn.Linear):
+                fully_shard(module, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+    return model
+
+
 def _train_one_step(rank: int, results) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
@@ -92,12 +112,7 @@ def _sharded_step_against_a_plain_one(rank: int, results) -> None:
 
     import lightning_dkm as L
 
-    def build():
-        torch.manual_seed(0)
-        model = nn.Sequential(nn.Linear(256, 128), nn.Tanh(), nn.Linear(128, 256))
-        L.attach(model, L.select_targets(model, L.ClusterSpec(bits=3), min_size=0),
-                 implementation="unique", temperature=3e-2)
-        return model
+    build = _clustered_mlp
 
     data = torch.randn(2, 8, 256, generator=torch.Generator().manual_seed(1))
     plain = build()  # every rank: the whole global batch, no FSDP
@@ -136,7 +151,6 @@ def _shard_local_against_gathered(rank: int, results) -> None:
     gathered weights in the forward (a clustering pass reading both micro-batches, one DKM
     step) and shard-locally (:class:`~lightning_dkm.engine.shard_local.ShardLocalDKM`)."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
 
     import lightning_dkm as L
     from lightning_dkm.engine.shard_local import ShardLocalDKM, eligible
@@ -144,15 +158,7 @@ def _shard_local_against_gathered(rank: int, results) -> None:
     mesh = init_device_mesh("cpu", (2,))
 
     def build():
-        torch.manual_seed(0)
-        model = nn.Sequential(nn.Linear(256, 128), nn.Tanh(), nn.Linear(128, 256))
-        L.attach(model, L.select_targets(model, L.ClusterSpec(bits=3), min_size=0),
-                 implementation="unique", temperature=3e-2)
-        for module in model:
-            if isinstance(module, nn.Linear):
-                fully_shard(module, mesh=mesh)
-        fully_shard(model, mesh=mesh)
-        return model
+        return _clustered_mlp(mesh)
 
     data = torch.randn(2, 2, 8, 256, generator=torch.Generator().manual_seed(1))
     gathered, local, checkpointed = build(), build(), build()
@@ -289,7 +295,6 @@ def _a_module_switched_to_eval_within_the_step(rank: int, results) -> None:
     step with it switched to eval mode after :meth:`soften` (as a ``training_step`` or a
     LightningModule's ``on_train_batch_start`` may do, after the callback's batch start)."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
 
     import lightning_dkm as L
     from lightning_dkm.engine.shard_local import ShardLocalDKM
@@ -298,14 +303,7 @@ def _a_module_switched_to_eval_within_the_step(rank: int, results) -> None:
     x = torch.randn(8, 256, generator=torch.Generator().manual_seed(rank))
     out = {}
     for label in ("train", "eval"):
-        torch.manual_seed(0)
-        model = nn.Sequential(nn.Linear(256, 128), nn.Tanh(), nn.Linear(128, 256))
-        L.attach(model, L.select_targets(model, L.ClusterSpec(bits=3), min_size=0),
-                 implementation="unique", temperature=3e-2)
-        for module in model:
-            if isinstance(module, nn.Linear):
-                fully_shard(module, mesh=mesh)
-        fully_shard(model, mesh=mesh)
+        model = _clustered_mlp(mesh)
         tensors = L.clustered_tensors(model)
         step = ShardLocalDKM([(n, t.parametrization, t.original) for n, t in tensors.items()])
         step.soften()
@@ -395,10 +393,7 @@ def _weights_on_two_meshes(rank: int, results) -> None:
     plain = init_device_mesh("cpu", (2,))
 
     def build():
-        torch.manual_seed(0)
-        model = nn.Sequential(nn.Linear(256, 128), nn.Tanh(), nn.Linear(128, 256))
-        L.attach(model, L.select_targets(model, L.ClusterSpec(bits=3), min_size=0),
-                 implementation="unique", temperature=3e-2)
+        model = _clustered_mlp()
         fully_shard(model[0], mesh=named)
         fully_shard(model[2], mesh=plain)
         fully_shard(model, mesh=named)
