@@ -59,7 +59,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..engine.kmeans import kmeans, kmeans_widths, power_of_two
+from ..engine.kmeans import kmeans, kmeans_widths, palette_unit
 from ..engine.layout import MAX_BITS, PaletteLayout, is_int, is_number
 from ..engine.numerics import all_finite
 from ..engine.palette import LutDtype, lut_dtype_name, stored_bytes
@@ -414,12 +414,10 @@ def _snap(tensors: Sequence[tuple[Tensor, PaletteLayout, Collection[int]]], seed
         for i, (weight, layout, widths) in enumerate(tensors):
             scale = layout.channel_scale(weight)
             x = layout.to_palettes(weight.detach(), scale).float().cpu()  # (P, n, d)
-            flat = x.reshape(x.shape[0], -1)
-            low, high = flat.amin(1), flat.amax(1)  # NaN and Inf propagate
-            if not bool(torch.isfinite(torch.cat((low, high))).all()):
+            if not all_finite(x):
                 raise ValueError(f"{layout.name}: the weight has NaN or Inf values, whose "
                                  "clustering error average_bits cannot estimate")
-            unit = power_of_two(torch.maximum(high, -low)).view(-1, 1, 1)  # palette_unit(x)
+            unit = palette_unit(x)
             if x.shape[-1] > 1:
                 x = x / unit
                 out.append(_Snapped(layout, scale, unit, {}, x=x))
