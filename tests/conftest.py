@@ -2,8 +2,49 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+# pytest-xdist (``-n``): these modules build an expensive module-scoped fixture (fits, exports)
+# that their tests share, so each runs whole on one worker; every other test is handed out alone.
+# (xdist's own ``xdist_group`` mark does not group under pytest 9.2: it renames
+# ``item._nodeid``, which pytest no longer reads.)
+WHOLE_MODULES = frozenset({
+    "test_coreai.py", "test_coreml.py", "test_fsdp_callback.py", "test_resume.py",
+    "test_tensorboard.py",
+})
+
+
+class _Scheduling:
+    """The ``pytest_xdist_make_scheduler`` of ``--dist load`` (the default with ``-n``)."""
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_xdist_make_scheduler(self, config: pytest.Config, log):
+        if config.getvalue("dist") != "load":
+            return None
+        from xdist.scheduler import LoadScopeScheduling
+
+        class WholeModulesScheduling(LoadScopeScheduling):
+            """One test a unit, except a module in WHOLE_MODULES: one unit (units with the
+            most tests go first)."""
+
+            def _split_scope(self, nodeid: str) -> str:
+                module = nodeid.split("::", 1)[0]
+                return module if module.rsplit("/", 1)[-1] in WHOLE_MODULES else nodeid
+
+        return WholeModulesScheduling(config, log)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if config.pluginmanager.hasplugin("xdist"):
+        config.pluginmanager.register(_Scheduling(), "lightning_dkm_xdist_scheduling")
+    # Each xdist worker is a process of its own: it takes its share of the machine's cores for
+    # torch's intra-op threads, so that N workers do not each start one thread per core.
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if workers:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(workers)))
 
 
 @pytest.fixture(autouse=True)
