@@ -92,7 +92,7 @@ def mean_gradient(model, loader, loss_fn, names, num_batches):
     ``fisher_diagonal`` / ``hessian_diagonal`` (eval mode, flags restored) with the gradient
     itself per batch."""
     def gradient(loss, params):
-        return list(torch.autograd.grad(loss, params, allow_unused=True))
+        return list(torch.autograd.grad(loss(), params, allow_unused=True))
 
     return _summed_over_batches(model, loader, loss_fn, names, num_batches, gradient,
                                 "the loss gradient")

@@ -32,6 +32,8 @@ from __future__ import annotations
 
 import itertools
 import math
+import random
+import sys
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -65,6 +67,7 @@ __all__ = [
     "first_samples",
     "fisher_diagonal",
     "hessian_diagonal",
+    "hessian_diagonal_fd",
     "no_double_backward",
     "palettize",
 ]
@@ -420,8 +423,9 @@ def fisher_diagonal(
             does not depend on any named weight, and a non-finite result (the loss or its
             gradient overflowed or was NaN).
     """
-    def squared_gradients(loss: Tensor, params: list[Tensor]) -> list[Tensor | None]:
-        grads = torch.autograd.grad(loss, params, allow_unused=True)
+    def squared_gradients(loss: Callable[[], Tensor], params: list[Tensor]
+                          ) -> list[Tensor | None]:
+        grads = torch.autograd.grad(loss(), params, allow_unused=True)
         return [None if g is None else g.detach().float().square() for g in grads]
 
     return _summed_over_batches(model, dataloader, loss_fn, names, num_batches,
@@ -455,12 +459,9 @@ def hessian_diagonal(
     """
     generator = torch.Generator().manual_seed(seed)
 
-    def curvature(loss: Tensor, params: list[Tensor]) -> list[Tensor | None]:
-        grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
-        # +-1 drawn in the weight's dtype: the draws of an int64 randint, in place (its
-        # temporaries were a tenth of the Hessian's time on MiniLM's encoder)
-        zs = [torch.randint(0, 2, p.shape, generator=generator, dtype=p.dtype)
-              .mul_(2).sub_(1).to(p.device) for p in params]
+    def curvature(loss: Callable[[], Tensor], params: list[Tensor]) -> list[Tensor | None]:
+        grads = torch.autograd.grad(loss(), params, create_graph=True, allow_unused=True)
+        zs = _rademacher(generator, params)
         out: list[Tensor | None] = [None] * len(grads)  # a gradient without graph: 0
         curved = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
         if not curved:  # nothing to differentiate again: linear, or a backward without graph
@@ -484,19 +485,141 @@ def hessian_diagonal(
     return {name: value.clamp_min_(0) for name, value in total.items()}
 
 
+#: The finite difference's step of :func:`hessian_diagonal_fd`, relative to the rms over all
+#: named weights: on MiniLM's encoder steps of 1e-2 to 1e-4 of it give the exact
+#: :math:`z \odot Hz` to 2.5e-4 per tensor (docs/results.md).
+FD_STEP = 1e-3
+
+
+def hessian_diagonal_fd(
+    model: nn.Module,
+    dataloader: Iterable[Any],
+    loss_fn: LossFn,
+    names: Iterable[str] | str,
+    num_batches: int | None = None,
+    seed: int = 0,
+    step: float = FD_STEP,
+) -> dict[str, Tensor]:
+    r""":func:`hessian_diagonal`'s estimate (the same Rademacher vectors :math:`z_b` from
+    ``seed``) with each Hessian-vector product a central difference of two plain gradients
+    instead of a double backward:
+    :math:`H_b z_b pprox (g_b(w + \epsilon z_b) - g_b(w - \epsilon z_b)) / 2\epsilon`.
+
+    Two ordinary forward and backward passes per batch, so any loss that trains works: no op
+    needs a double backward (fused attention kernels, ``torch.compile``, an
+    ``autograd.Function`` marked ``once_differentiable``), and attention keeps its default
+    kernels. :math:`\epsilon` is one number for all named weights, ``step`` times their rms
+    taken together (raised to :math:`\sqrt{	ext{eps}}` of the least precise dtype among
+    them: 0.031 for float16, 0.088 for bfloat16, where a step of 1e-3 would not move most
+    weights at all), so the probe stays :math:`z_b` and the estimate is
+    :func:`hessian_diagonal`'s up to the difference's error (2.5e-4 per tensor on MiniLM's
+    encoder), not the differently scaled probe a per-tensor step would make. A tensor whose
+    weights are far smaller than the others' takes a step large against its own scale and a
+    far larger one a step small against its rounding, so the error grows there
+    (docs/results.md). In float16/bfloat16 the step is taken in the weight's dtype, so each
+    weight moves by its rounded step (within half an ulp of :math:`\epsilon`).
+
+    Both gradients of a batch see the same randomness: the torch CPU and CUDA generators and
+    Python's ``random`` and numpy's global state (where numpy is imported) are saved before
+    the first pass and restored before the second, so a loss that masks or augments at random
+    is differenced at the same draws (and the generators are left as one pass leaves them).
+    The weights are copied back bit for bit after every batch (also when the loss raises);
+    otherwise the model handling, arguments and errors are :func:`fisher_diagonal`'s. A loss
+    that has no gradient at all raises autograd's ``RuntimeError``. A loss linear in the
+    weights gets 0.
+    """
+    if not isinstance(step, (int, float)) or isinstance(step, bool) or not 0 < step < 1:
+        raise ValueError(f"step must be a number in (0, 1); got {step!r}")
+    generator = torch.Generator().manual_seed(seed)
+    epsilon: list[float] = []  # one for the call, from the weights as they come in
+
+    def curvature(loss: Callable[[], Tensor], params: list[Tensor]) -> list[Tensor | None]:
+        zs = _rademacher(generator, params)
+        if not epsilon:
+            epsilon.append(_fd_epsilon(params, step))
+        eps = epsilon[0]
+        unique = list({id(p): p for p in params}.values())  # a tied weight moves once
+        saved = [p.detach().clone() for p in unique]
+        states = _rng_states()
+
+        def gradients(sign: float) -> tuple[Tensor | None, ...]:
+            with torch.no_grad():
+                for p, w in zip(unique, saved, strict=True):
+                    p.copy_(w)
+                for p, z in zip(params, zs, strict=True):
+                    p.add_(z, alpha=sign * eps)
+            for setter, state in states:
+                setter(state)
+            return torch.autograd.grad(loss(), params, allow_unused=True)
+
+        try:
+            plus = gradients(1.0)
+            minus = gradients(-1.0)
+        finally:
+            with torch.no_grad():
+                for p, w in zip(unique, saved, strict=True):
+                    p.copy_(w)
+        return [None if a is None or b is None else
+                (a.detach().float() - b.detach().float()).mul_(z).div_(2 * eps)
+                for a, b, z in zip(plus, minus, zs, strict=True)]
+
+    total = _summed_over_batches(model, dataloader, loss_fn, names, num_batches, curvature,
+                                 "the Hessian diagonal")
+    return {name: value.clamp_min_(0) for name, value in total.items()}
+
+
+def _rademacher(generator: torch.Generator, params: list[Tensor]) -> list[Tensor]:
+    """One Hutchinson probe: a +-1 tensor per weight, in order, in the weight's dtype and on
+    its device, from ``generator`` (the draws of an int64 ``randint(0, 2)``, made in place:
+    its temporaries were a tenth of the Hessian's time on MiniLM's encoder). The one home of
+    the draw, so that :func:`hessian_diagonal` and :func:`hessian_diagonal_fd` probe alike."""
+    return [torch.randint(0, 2, p.shape, generator=generator, dtype=p.dtype)
+            .mul_(2).sub_(1).to(p.device) for p in params]
+
+
+def _fd_epsilon(params: list[Tensor], step: float) -> float:
+    """:func:`hessian_diagonal_fd`'s one step: ``step`` (at least the square root of the
+    least precise dtype's eps) times the rms over all ``params`` together (1 where they are
+    all 0), summed in float64 (weights of 2**66 do not overflow)."""
+    unique = list({id(p): p for p in params}.values())
+    squares = sum(float(torch.linalg.vector_norm(p.detach(), dtype=torch.float64)) ** 2
+                  for p in unique)
+    count = sum(p.numel() for p in unique)
+    rms = math.sqrt(squares / count) if count and squares > 0 else 1.0
+    relative = max([step] + [math.sqrt(torch.finfo(p.dtype).eps) for p in unique
+                             if p.dtype in (torch.float16, torch.bfloat16)])
+    return relative * rms
+
+
+def _rng_states() -> list[tuple[Callable[[Any], Any], Any]]:
+    """The global random states a loss may draw from, each with its setter: torch's CPU
+    generator, CUDA's (where CUDA is initialized), Python's ``random`` and numpy's (where
+    numpy is imported)."""
+    states: list[tuple[Callable[[Any], Any], Any]] = [(torch.set_rng_state,
+                                                       torch.get_rng_state())]
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states.append((torch.cuda.set_rng_state_all, torch.cuda.get_rng_state_all()))
+    states.append((random.setstate, random.getstate()))
+    numpy = sys.modules.get("numpy")
+    if numpy is not None:
+        states.append((numpy.random.set_state, numpy.random.get_state()))
+    return states
+
+
 def _summed_over_batches(
     model: nn.Module,
     dataloader: Iterable[Any],
     loss_fn: LossFn,
     names: Iterable[str] | str,
     num_batches: int | None,
-    per_batch: Callable[[Tensor, list[Tensor]], list[Tensor | None]],
+    per_batch: Callable[[Callable[[], Tensor], list[Tensor]], list[Tensor | None]],
     what: str,
 ) -> dict[str, Tensor]:
     """The sum over the first ``num_batches`` batches of ``per_batch(loss, weights)`` (one
-    tensor per named weight, ``None`` where the loss does not reach it), in eval mode with
+    tensor per named weight, ``None`` where the loss does not reach it; ``loss()`` evaluates
+    ``loss_fn`` on the batch, checked, each time it is called), in eval mode with
     only the named weights requiring grad; the model's flags are restored after (the pass of
-    :func:`fisher_diagonal` and :func:`hessian_diagonal`)."""
+    :func:`fisher_diagonal`, :func:`hessian_diagonal` and :func:`hessian_diagonal_fd`)."""
     if not callable(loss_fn):
         raise ValueError(
             f"loss_fn must be a callable loss_fn(model, batch) -> scalar loss tensor; got "
@@ -521,8 +644,13 @@ def _summed_over_batches(
             p.requires_grad_(id(p) in wanted)
         with in_eval_mode(model), torch.enable_grad():
             for batch in itertools.islice(dataloader, num_batches):
-                loss = loss_fn(model, _to_device(batch, device))
-                _check_loss(loss, seen)
+                on_device = _to_device(batch, device)
+
+                def loss(on_device: Any = on_device, index: int = seen) -> Tensor:
+                    value = loss_fn(model, on_device)
+                    _check_loss(value, index)
+                    return value
+
                 values = per_batch(loss, list(params.values()))
                 for name, value in zip(params, values, strict=True):
                     if value is not None:
