@@ -486,8 +486,10 @@ def hessian_diagonal(
 
 
 #: The finite difference's step of :func:`hessian_diagonal_fd`, relative to the rms over all
-#: named weights: on MiniLM's encoder steps of 1e-2 to 1e-4 of it give the exact
-#: :math:`z \odot Hz` to 2.5e-4 per tensor (docs/results.md).
+#: named weights: 1e-3 gives the double backward's :math:`z \odot Hz` to at most 2.6e-4 per
+#: tensor on MiniLM's encoder, 6.4e-4 on the char-LM, 1e-4 on small tanh networks; 1e-2 was
+#: off by 1e-2 to 3 there (the step's truncation; a ReLU's kinks), 1e-4 loses digits to
+#: float32 rounding (1e-3) (``benchmarks/hessian_fd.py``, docs/results.md).
 FD_STEP = 1e-3
 
 
@@ -516,8 +518,12 @@ def hessian_diagonal_fd(
     encoder), not the differently scaled probe a per-tensor step would make. A tensor whose
     weights are far smaller than the others' takes a step large against its own scale and a
     far larger one a step small against its rounding, so the error grows there
-    (docs/results.md). In float16/bfloat16 the step is taken in the weight's dtype, so each
-    weight moves by its rounded step (within half an ulp of :math:`\epsilon`).
+    (docs/results.md). Where the loss has kinks (ReLU, max-pooling), the difference sees the
+    gradient's jumps across those that the step crosses, which the double backward (a
+    ReLU's second derivative is 0) does not: there the two estimates differ (by 11-18x on a
+    small ReLU network at the default step; MiniLM and the char-LM use GELU). In
+    float16/bfloat16 the step is taken in the weight's dtype, so each weight moves by its
+    rounded step (within half an ulp of :math:`\epsilon`).
 
     Both gradients of a batch see the same randomness: the torch CPU and CUDA generators and
     Python's ``random`` and numpy's global state (where numpy is imported) are saved before
