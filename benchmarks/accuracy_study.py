@@ -161,6 +161,9 @@ DKM_SENSITIVITY_INIT = "dkm_sensitivity_init"
 #: what ``"auto"`` picks (the float16 distinct-value step for scalar palettes): #14 asks whether
 #: the default's rounding costs accuracy.
 DKM_EXACT = "dkm_exact"
+#: DKM at its defaults but every tensor at ``bits`` (``average_bits=None``): what ``dkm`` was
+#: before per-tensor widths became the default (#24 item 3), uniform widths at equal bytes.
+DKM_UNIFORM = "dkm_uniform"
 #: DKM at its defaults with per-tensor widths under the bytes of uniform ``average_bits``
 #: (#24): the widths ``DKMCallback(average_bits=B)`` chooses (``plan_widths``, sensitivities
 #: from ``budget_batches`` training batches), each tensor then seeded by k-means at its width.
@@ -177,11 +180,11 @@ DKM_LAYOUTS: dict[str, dict[str, Any]] = {
     "dkm_per_channel_scale": {"per_channel_scale": True},
     "dkm_grouped": {"group_size": 32},
 }
-METHODS = (*TRAIN_METHODS, DKM_SENSITIVITY_INIT, DKM_EXACT, *DKM_LAYOUTS, PALETTIZE,
-           SENSITIVITY, APPLE, FP32_FINETUNE)
+METHODS = (*TRAIN_METHODS, DKM_UNIFORM, DKM_SENSITIVITY_INIT, DKM_EXACT, *DKM_LAYOUTS,
+           PALETTIZE, SENSITIVITY, APPLE, FP32_FINETUNE)
 #: The default set of the MiniLM and char-LM parts (Deep k-Means only on request).
-DEFAULT_METHODS = ("dkm", DKM_SENSITIVITY_INIT, "hard", PALETTIZE, SENSITIVITY, APPLE,
-                   FP32_FINETUNE)
+DEFAULT_METHODS = ("dkm", DKM_UNIFORM, DKM_SENSITIVITY_INIT, "hard", PALETTIZE, SENSITIVITY,
+                   APPLE, FP32_FINETUNE)
 DEFAULT_SEEDS = (0, 1, 2)
 
 
@@ -428,14 +431,17 @@ class Task:
 # -- the engine's defaults, read at run time ------------------------------------------------------
 def callback_defaults() -> dict[str, Any]:
     """What ``DKMCallback()`` does when given nothing: its temperature (as it stores it), DKM
-    iterations, epsilon and implementation, read from a default-constructed callback, so the
-    study follows the callback's defaults as they are when it runs."""
+    iterations, epsilon and implementation, and whether it chooses per-tensor widths under the
+    budget of ``bits`` (``per_tensor_widths``: ``dkm`` then runs as ``dkm_average_bits`` at the
+    budget ``bits``), read from a default-constructed callback, so the study follows the
+    callback's defaults as they are when it runs."""
     cb = DKMCallback(verbose=False, log_histograms=False)
     return {
         "temperature": getattr(cb, "temperature", None),
         "max_iter": cb.max_iter,
         "epsilon": cb.epsilon,
         "implementation": cb.implementation,
+        "per_tensor_widths": cb.average_bits is not None,
     }
 
 
@@ -719,7 +725,7 @@ def run_task(task: Task, cfg: FinetuneConfig, log=print,
             add(FP32_FINETUNE, 32, seed, value, fp32_bytes, None, t0,
                 steps=len(batches), eval_seconds=round(eval_s, 2), **info)
         for bits in cfg.bits:
-            need_init = PALETTIZE in methods or bool(cfg.runs(bits))
+            need_init = PALETTIZE in methods or DKM_UNIFORM in methods or bool(cfg.runs(bits))
             init: dict[str, Palette] = {}
             kmeans_s = 0.0
             if need_init:
@@ -754,7 +760,16 @@ def run_task(task: Task, cfg: FinetuneConfig, log=print,
                         calibration_examples=cfg.calibration_batches * cfg.batch_size,
                         eval_seconds=round(eval_s, 2))
             for method in cfg.runs(bits):
-                engine_row(method, bits, seed, init, batches, _now(), engine_method=method)
+                if method == "dkm" and defaults["per_tensor_widths"]:
+                    t0 = _now()
+                    budget_init, allocation, plan_s = _budget_init(task, cfg, bits, seed)
+                    engine_row(method, bits, seed, budget_init, batches, t0,
+                               allocation_seconds=plan_s, budget_bytes=allocation.budget_bytes,
+                               widths=allocation.bits)
+                else:
+                    engine_row(method, bits, seed, init, batches, _now(), engine_method=method)
+            if DKM_UNIFORM in methods:
+                engine_row(DKM_UNIFORM, bits, seed, init, batches, _now())
             if DKM_EXACT in methods:
                 engine_row(DKM_EXACT, bits, seed, init, batches, _now(),
                            _apply(cfg, implementation="chunked"))
@@ -1284,7 +1299,7 @@ def run_charlm(cfg: CharLMConfig, log=print, skipped: list[str] | None = None
 
 
 # -- outputs ---------------------------------------------------------------------------------------
-_STYLE = {"dkm": ("C0", "o"), DKM_BUDGET: ("C6", "p"), DKM_BUDGET_UNWEIGHTED: ("C6", "*"),
+_STYLE = {"dkm": ("C0", "o"), DKM_UNIFORM: ("C0", "."), DKM_BUDGET: ("C6", "p"), DKM_BUDGET_UNWEIGHTED: ("C6", "*"),
           "deep_kmeans": ("C2", "s"), "hard": ("C1", "^"),
           PALETTIZE: ("C3", "x"), SENSITIVITY: ("C4", "D"), APPLE: ("C5", "v"),
           DKM_SENSITIVITY_INIT: ("C9", "P"), DKM_EXACT: ("C8", "h"),

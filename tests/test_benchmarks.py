@@ -89,11 +89,17 @@ def test_accuracy_study_tiny_charlm_runs_every_method_for_every_seed(tmp_path):
         assert set(row["widths"].values()) <= set(range(1, 9))
     for row in rows:
         assert row["heldout_bpc"] > 0 and row["bytes"] > 0
-    clustered = [r for r in rows if r["bits"] == 2]
-    assert len({r["bytes"] for r in clustered}) == 1  # one size per width, whatever the method
-    assert clustered[0]["bytes"] < rows[0]["bytes"]
+    uniform = [r for r in rows if r["bits"] == 2 and r["method"] not in ("dkm", "dkm_average_bits")]
+    assert len({r["bytes"] for r in uniform}) == 1  # one size per width, whatever the method
+    assert uniform[0]["bytes"] < rows[0]["bytes"]
     dkm = [r for r in rows if r["method"] == "dkm"]
     assert all(r["temperature"]["source"] == "DKMCallback default" for r in dkm)
+    # DKM at its defaults: per-tensor widths under the bytes of uniform `bits` (#24 item 3)
+    assert saved["defaults"]["DKMCallback"]["per_tensor_widths"] is True
+    for row in dkm:
+        assert row["clustered_bytes"] <= row["budget_bytes"] and row["widths"]
+        assert row["bytes"] <= next(r["bytes"] for r in rows if r["method"] == "dkm_uniform"
+                                    and r["bits"] == row["bits"])
     for row in (r for r in rows if r["method"] == "apple_dkm"):
         assert row["distinct_values_max"] <= 2 ** row["bits"]
     summary = {(e["method"], e["bits"]): e for e in saved["summary"]["charlm"]}

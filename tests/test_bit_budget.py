@@ -163,7 +163,9 @@ def test_widths_outside_allowed_bits_are_never_chosen():
     ({"average_bits": True}, r"average_bits must be"),
     ({"average_bits": float("nan")}, r"average_bits must be"),
     ({"average_bits": 2, "bits": 2}, r"bits=2 and average_bits=2 are both given"),
-    ({"allowed_bits": [2, 4]}, r"allowed_bits=\[2, 4\] only applies with average_bits"),
+    ({"allowed_bits": [2, 4], "average_bits": None},
+     r"allowed_bits=\[2, 4\] only applies with average_bits"),
+    ({"average_bits": "4"}, r"average_bits must be None .*, 'bits' \(a budget of bits\) or"),
     ({"average_bits": 2, "allowed_bits": [0, 2]}, r"allowed_bits must be"),
     ({"average_bits": 2, "allowed_bits": []}, r"allowed_bits must be"),
 ])

@@ -10,7 +10,7 @@ loss whose Hessian diagonal weighs the estimate
 DDP see the model, when the widths must be fixed). Where no Hessian can be had (manual
 optimization, no dataloader at setup, a loss without a double backward) the widths are
 uniform (:func:`~lightning_dkm.model.bit_budget.uniform_allocation`), with a warning naming
-``average_bits`` and why.
+``average_bits`` and why; so they are under FSDP2 (:data:`FULLY_SHARDED_WIDTHS`).
 """
 
 from __future__ import annotations
@@ -37,7 +37,14 @@ from ..model.bit_budget import (
 from ..model.post_training import allocation_curvature
 from ..model.targets import Target
 
-__all__ = ["SENSITIVITY_BATCHES", "SENSITIVITY_SAMPLES", "log_allocation", "plan_fit_widths"]
+__all__ = ["FULLY_SHARDED_WIDTHS", "SENSITIVITY_BATCHES", "SENSITIVITY_SAMPLES", "log_allocation",
+           "plan_fit_widths"]
+
+#: Why there is no sensitivity under FSDP2: the widths are fixed at ``setup``, before
+#: ``fully_shard`` runs, where a Hessian would need a whole model's forward and double backward
+#: on one rank (what FSDP2 is used to avoid) and ``training_step`` outside the sharded model.
+FULLY_SHARDED_WIDTHS = ("under FSDP2 no Hessian is computed at setup (it would need the whole, "
+                        "unsharded model's double backward on one rank)")
 
 
 @contextlib.contextmanager
@@ -106,13 +113,15 @@ def plan_fit_widths(
     overrides: Mapping[str, Mapping[str, Any]],
     lut_dtype: str,
     seed: int,
+    no_sensitivity: str | None = None,
 ) -> BitAllocation:
     """The widths of ``selected`` under ``average_bits``: computed on rank 0 (weights as they
     are at setup, Hessian diagonal from the training batches) and broadcast, so every rank
     clusters with the same widths whatever data it sees. Whatever fails on rank 0 (the
     budget, or an error of ``training_step`` that is not a missing double backward) is
     broadcast too and raised on every rank, not on rank 0 alone while the others wait in the
-    broadcast."""
+    broadcast. ``no_sensitivity``: why no Hessian is to be computed (the widths are then
+    uniform, with a warning)."""
     allocation: dict[str, Any] | None = None
     error: str | None = None
     failure: Exception | None = None
@@ -121,10 +130,12 @@ def plan_fit_widths(
             modules = dict(pl_module.named_modules())
             weights = {t.name: getattr(modules[t.module_name], t.param_name) for t in selected}
             fixed = fixed_by_overrides(selected, overrides)
-            sensitivity, label = _sensitivity(trainer, pl_module,
-                                              [n for n in weights if n not in fixed], seed)
+            sensitivity, label = (None, no_sensitivity) if no_sensitivity else _sensitivity(
+                trainer, pl_module, [n for n in weights if n not in fixed], seed)
             if sensitivity is None:
-                rank_zero_warn(f"DKMCallback(average_bits={average_bits:g}): {label}; {UNIFORM}")
+                rank_zero_warn(f"DKMCallback(average_bits={average_bits:g}): {label}; {UNIFORM}"
+                               "; average_bits=None keeps every tensor at bits without this "
+                               "warning")
                 chosen = uniform_allocation(selected, weights, average_bits, label, fixed=fixed,
                                             allowed_bits=allowed_bits, lut_dtype=lut_dtype,
                                             seed=seed)

@@ -31,7 +31,7 @@ from ..model.attach import (
     release,
     set_mode,
 )
-from ..model.bit_budget import BitAllocation
+from ..model.bit_budget import BUDGET_OF_BITS, BitAllocation
 from ..model.methods import DEFAULT_REFRESH_EVERY, DEFAULT_REGULARIZATION, ClusteringMethod
 from ..model.snapping import snap_on_load
 from ..model.targets import DEFAULT_MIN_SIZE, Target, pattern_list, select_targets
@@ -45,7 +45,7 @@ from .arguments import (
     parse_temperature,
     resolve_method,
 )
-from .bit_widths import log_allocation, plan_fit_widths
+from .bit_widths import FULLY_SHARDED_WIDTHS, log_allocation, plan_fit_widths
 from .checkpointing import DKMCheckpointing, selection_error
 from .convergence import measure_all
 from .forward_cache import ForwardCache
@@ -90,28 +90,30 @@ class DKMCallback(Callback):
     called fit too (rank 0's).
 
     Args:
-        bits: bits per palette index (1..8): ``2**bits`` centroids per palette. Default
-            ``None``: 4, or chosen per tensor by ``average_bits`` (then ``bits`` must stay
-            ``None``).
-        average_bits: choose each tensor's width (1..8) when DKM starts, so that the clustered
+        bits: bits per palette index (1..8): ``2**bits`` centroids per palette, on average
+            over the tensors at the default ``average_bits="bits"``, for every tensor with
+            ``average_bits=None``. Default ``None``: 4 (or, with a numeric ``average_bits``,
+            that budget; then ``bits`` must stay ``None``).
+        average_bits: per-tensor widths (1..8) chosen when DKM starts, so that the clustered
             bytes (indices at their packed width, LUTs, scales: as the report counts them) do
-            not exceed those of every tensor at ``average_bits`` bits, minimising the estimated
+            not exceed those of every tensor at the budget's width, minimising the estimated
             loss increase: each tensor's k-means error at every width, weighted by the Hessian
             diagonal (Hutchinson) of ``training_step``'s loss on the first 8 samples of the
-            first training batch (:mod:`lightning_dkm.model.bit_budget`). It needs a double
-            backward of the loss; without one (or without a training dataloader at setup, or
-            with manual optimization) every tensor gets the budget's width, with a warning (a
-            fraction: the widths around it, every tensor at least the narrower). A number in
-            [1, 8]; a fraction (2.5) lies between the budgets of the widths around it. An
-            ``overrides`` entry with ``bits`` fixes that tensor's width, and its bytes count
-            against the budget. The widths are
-            chosen at ``setup`` from the weights as they are then (also with ``start_epoch >
-            0``), on rank 0 and broadcast; they are logged (TensorBoard text
-            ``dkm/bit_allocation``, the report's ``bit_allocation``), saved in checkpoints and
-            kept on resume. Not under FSDP2. In the accuracy study it beats uniform widths at
-            fewer bytes at budget 2 on the char-LM and MiniLM's whole encoder, and ties or beats
-            them at 3; off by default because it needs the loss's double backward and is not
-            built for FSDP2 (``docs/results.md``). Default ``None``: every tensor at ``bits``.
+            first training batch (:mod:`lightning_dkm.model.bit_budget`). Default ``"bits"``:
+            the budget of ``bits``; a number in [1, 8] sets the budget itself (a fraction,
+            2.5, lies between the budgets of the widths around it); ``None``: every tensor at
+            ``bits``. It needs a double backward of the loss; without one (or without a
+            training dataloader at setup, with manual optimization, or under FSDP2, where the
+            widths would have to be chosen before the model is sharded) every tensor gets the
+            budget's width, with a warning (a fraction: the widths around it, every tensor at
+            least the narrower). An ``overrides`` entry with ``bits`` fixes that tensor's width,
+            and its bytes count against the budget. The widths are chosen at ``setup`` from the
+            weights as they are then (also with ``start_epoch > 0``), on rank 0 and broadcast;
+            they are logged (TensorBoard text ``dkm/bit_allocation``, the report's
+            ``bit_allocation``), saved in checkpoints and kept on resume (a checkpoint without
+            an allocation resumes at its uniform widths). The default because in the accuracy
+            study it beats uniform widths at fewer bytes at 2 bits on the char-LM and MiniLM's
+            whole encoder, and is never worse at 3 and 4 bits (``docs/results.md``).
         allowed_bits: the widths ``average_bits`` may choose. Default ``None``: 1..8, or with
             ``export_coreai=True`` the widths Core AI packs, 1, 2, 4, 6, 8.
         cluster_dim: length of the clustered vectors along the input-channel axis (1..8). An
@@ -275,7 +277,7 @@ class DKMCallback(Callback):
         method: Literal["dkm", "deep_kmeans", "hard"] | ClusteringMethod = "dkm",
         regularization: float = DEFAULT_REGULARIZATION,
         refresh_every: int = DEFAULT_REFRESH_EVERY,
-        average_bits: float | None = None,
+        average_bits: float | Literal["bits"] | None = BUDGET_OF_BITS,
         allowed_bits: list[int] | None = None,
     ) -> None:
         super().__init__()
@@ -285,6 +287,7 @@ class DKMCallback(Callback):
         #: may choose, and what it chose in this fit (:class:`~.bit_budget.BitAllocation`).
         self.average_bits, self.allowed_bits = check_callback_budget(
             bits, average_bits, allowed_bits, export_coreai)
+        self._budget_of_bits = average_bits == BUDGET_OF_BITS
         self.spec = ClusterSpec(bits=DEFAULT_BITS if bits is None else bits,
                                 cluster_dim=cluster_dim, group_size=group_size,
                                 per_channel_scale=per_channel_scale)
@@ -324,7 +327,10 @@ class DKMCallback(Callback):
     # -- identity and state --------------------------------------------------------------------
     @property
     def state_key(self) -> str:
-        budget = {} if self.average_bits is None else {"average_bits": self.average_bits}
+        # The default budget (``bits``'s own) keys like uniform ``bits``: a checkpoint of either
+        # resumes under the other at its own widths (``_resume_widths``).
+        budget = ({} if self.average_bits is None or self._budget_of_bits
+                  else {"average_bits": self.average_bits})
         return self._generate_state_key(
             bits=self.spec.bits,
             cluster_dim=self.spec.cluster_dim,
@@ -387,21 +393,28 @@ class DKMCallback(Callback):
 
     def _resume_widths(self, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
         """A resume keeps the widths the checkpoint was trained with: where ``setup`` chose
-        others (from the weights before the checkpoint was loaded), the tensors are attached
-        again at the checkpoint's widths before its DKM state is written in."""
-        if self.average_bits is None or not self._names:
-            return
+        others (from the weights before the checkpoint was loaded, or uniform ones where the
+        checkpoint has an allocation), the tensors are attached again at the checkpoint's
+        widths (its allocation, or ``bits`` everywhere where it has none) before its DKM state
+        is written in."""
         own = (checkpoint.get("callbacks") or {}).get(self.state_key)
-        saved = own.get("bit_allocation") if isinstance(own, dict) else None
-        if saved is None:
-            return
-        allocation = BitAllocation.from_dict(saved)
+        if not isinstance(own, dict) or not self._names:
+            return  # no state of this callback: the checkpoint's restore says so
+        saved = own.get("bit_allocation")
+        allocation = None if saved is None else BitAllocation.from_dict(saved)
         chosen = self.bit_allocation
-        if chosen is None or allocation.bits != chosen.bits:
-            if set(allocation.bits) != set(self._names):
-                return  # another selection: the checkpoint's restore names the difference
+        if allocation is not None and set(allocation.bits) != set(self._names):
+            return  # another selection: the checkpoint's restore names the difference
+        widths = (None if allocation is None else allocation.bits)
+        if widths != (None if chosen is None else chosen.bits):
             release(pl_module, self._names)
-            self._attach(pl_module, allocation.apply(self._select(pl_module)), init=False)
+            selected = self._select(pl_module)
+            self._attach(pl_module, selected if allocation is None else allocation.apply(selected),
+                         init=False)
+            if allocation is None:
+                rank_zero_warn(f"DKMCallback: the checkpoint was trained without an allocation "
+                               f"(every tensor at bits={self.spec.bits}); the resume keeps "
+                               "those widths, not the ones average_bits chose at setup")
         self.results.bit_allocation = allocation
 
     # -- the results, as documented attributes (``results`` holds them) ------------------------
@@ -501,14 +514,11 @@ class DKMCallback(Callback):
         self._fully_sharded = FullySharded() if is_fully_sharded(trainer) else None
         self.results.bit_allocation = None
         if self.average_bits is not None and selected:
-            if self._fully_sharded is not None:
-                raise MisconfigurationException(
-                    "DKMCallback(average_bits=...) is not supported under FSDP2 yet (the widths "
-                    "are chosen from the whole weights at setup); use ddp, or bits")
             allocation = self.results.bit_allocation = plan_fit_widths(
                 trainer, pl_module, selected, average_bits=self.average_bits,
                 allowed_bits=self.allowed_bits, overrides=self.overrides,
-                lut_dtype=self.lut_dtype, seed=self.seed)
+                lut_dtype=self.lut_dtype, seed=self.seed,
+                no_sensitivity=(FULLY_SHARDED_WIDTHS if self._fully_sharded else None))
             selected = allocation.apply(selected)
             log_allocation(trainer, allocation, self.verbose)
         check_export_widths(selected, self.exports["export_coreai"])

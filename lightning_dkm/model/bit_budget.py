@@ -68,6 +68,7 @@ from .targets import Target
 
 __all__ = [
     "ALL_WIDTHS",
+    "BUDGET_OF_BITS",
     "SENSITIVITY_BATCHES",
     "SENSITIVITY_SAMPLES",
     "UNIFORM",
@@ -117,6 +118,9 @@ _DP_UNITS = 1 << 16
 _KMEANS_ITER = 50
 #: The width of every tensor when neither ``bits`` nor ``average_bits`` is given.
 DEFAULT_BITS = 4
+#: ``average_bits="bits"``: the budget is ``bits`` itself (``DKMCallback``'s default): the widths
+#: vary per tensor at the bytes of every tensor at ``bits``.
+BUDGET_OF_BITS = "bits"
 # Scalar palettes are clustered on their values rounded to multiples of 1 / _GRID (_snap).
 _GRID = 1 << 9
 # Widths above this are estimated from it, each further bit dividing the error by 4.
@@ -131,25 +135,31 @@ def check_average_bits(average_bits: object) -> float | None:
         return None
     if not is_number(average_bits) or not 1 <= average_bits <= MAX_BITS:
         raise ValueError(
-            f"average_bits must be None (one width for every tensor: bits) or a number in "
-            f"[1, {MAX_BITS}] (the budget: the clustered bytes of every tensor at that many "
-            f"bits; 2.5 lies halfway between 2 and 3); got {average_bits!r}")
+            f"average_bits must be None (one width for every tensor: bits), "
+            f"{BUDGET_OF_BITS!r} (a budget of bits) or a number in [1, {MAX_BITS}] (the "
+            f"budget: the clustered bytes of every tensor at that many bits; 2.5 lies halfway "
+            f"between 2 and 3); got {average_bits!r}")
     return float(average_bits)
 
 
 def check_budget(bits: int | None, average_bits: object, allowed_bits: object,
                  default_widths: Sequence[int] = ALL_WIDTHS
                  ) -> tuple[float | None, tuple[int, ...]]:
-    """``average_bits`` checked (:func:`check_average_bits`; never together with ``bits``)
-    and the widths it may choose (:func:`check_widths`: ``allowed_bits``, which needs
+    """``average_bits`` checked (:func:`check_average_bits`; a number never together with
+    ``bits``; :data:`BUDGET_OF_BITS` is ``bits``, or :data:`DEFAULT_BITS` without it) and the
+    widths it may choose (:func:`check_widths`: ``allowed_bits``, which needs
     ``average_bits``, or ``default_widths``): the one check of ``DKMCallback`` and
     ``palettize``."""
-    budget = check_average_bits(average_bits)
-    if budget is not None and bits is not None:
-        raise ValueError(
-            f"bits={bits!r} and average_bits={average_bits!r} are both given; average_bits "
-            "chooses every tensor's width (overrides may fix some): leave bits unset (None), "
-            "or drop average_bits for one width everywhere")
+    if average_bits == BUDGET_OF_BITS:
+        budget: float | None = float(DEFAULT_BITS if bits is None else bits)
+    else:
+        budget = check_average_bits(average_bits)
+        if budget is not None and bits is not None:
+            raise ValueError(
+                f"bits={bits!r} and average_bits={average_bits!r} are both given; average_bits "
+                "chooses every tensor's width (overrides may fix some): leave bits unset "
+                f"(None), or set average_bits={BUDGET_OF_BITS!r} (a budget of bits={bits!r}) "
+                "or None (every tensor at bits)")
     if budget is None and allowed_bits is not None:
         raise ValueError(f"allowed_bits={allowed_bits!r} only applies with average_bits; got "
                          "average_bits=None")
