@@ -112,6 +112,9 @@ def main() -> None:
     parser.add_argument("--tensorboard", action="store_true")
     parser.add_argument("--accumulate", type=int, default=1)
     parser.add_argument("--implementation", default="unique")
+    # the FSDP2 / DDP comparisons cluster every tensor at bits=2 under both strategies (the
+    # default budget chooses widths from a Hessian under DDP and falls back to uniform under FSDP2)
+    parser.add_argument("--average-bits", choices=["none", "bits"], default="none")
     args = parser.parse_args()
     out = Path(args.out_dir)
     strategy = (
@@ -124,7 +127,8 @@ def main() -> None:
     # it rebuilds the soft weights in the backward (clustering_pass), under DDP it keeps them.
     callback = DKMCallback(bits=2, seed=0, save_dir=str(out / "dkm"), verbose=False,
                            method=args.method, finalize=not args.no_finalize,
-                           implementation=args.implementation)
+                           implementation=args.implementation,
+                           average_bits=None if args.average_bits == "none" else args.average_bits)
     moves = MoveRecorder()
     trainer = pl.Trainer(
         default_root_dir=str(out), accelerator="cpu", devices=2, strategy=strategy,
@@ -150,6 +154,8 @@ def main() -> None:
             "report_bytes": None if callback.report is None else callback.report.total_bytes,
             "warnings": [str(w.message) for w in seen],
             "moved": moves.moved,
+            "bit_allocation": None if callback.bit_allocation is None
+            else callback.bit_allocation.to_dict(),
         }, out / "result.pt")
 
 

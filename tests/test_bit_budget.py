@@ -250,33 +250,37 @@ def test_every_ddp_rank_clusters_at_rank_zeros_widths(tmp_path):
     assert rank0 == rank1
 
 
-def test_average_bits_comes_from_a_lightning_cli_yaml(tmp_path):
-    import textwrap
-
+@pytest.mark.parametrize("given, bits, budget, allocated", [
+    ("average_bits: 2.5\nallowed_bits: [1, 2, 4]", None, 2.5, True),
+    ("bits: 2", 2, 2.0, True),  # the default: a budget of bits
+    ("bits: 2\naverage_bits: bits", 2, 2.0, True),
+    ("bits: 2\naverage_bits: null", 2, None, False),  # every tensor at bits
+])
+def test_average_bits_comes_from_a_lightning_cli_yaml(tmp_path, given, bits, budget, allocated):
+    import yaml
     from lightning.pytorch.cli import LightningCLI
 
+    init_args = {"verbose": False, **yaml.safe_load(given)}
     config = tmp_path / "config.yaml"
-    config.write_text(textwrap.dedent(f"""
-        seed_everything: 0
-        trainer:
-          max_epochs: 1
-          logger: false
-          enable_checkpointing: false
-          enable_progress_bar: false
-          enable_model_summary: false
-          default_root_dir: {tmp_path}
-          callbacks:
-            - class_path: lightning_dkm.DKMCallback
-              init_args:
-                average_bits: 2.5
-                allowed_bits: [1, 2, 4]
-                verbose: false
-        """))
+    config.write_text(yaml.safe_dump({
+        "seed_everything": 0,
+        "trainer": {"max_epochs": 1, "logger": False, "enable_checkpointing": False,
+                    "enable_progress_bar": False, "enable_model_summary": False,
+                    "default_root_dir": str(tmp_path),
+                    "callbacks": [{"class_path": "lightning_dkm.DKMCallback",
+                                   "init_args": init_args}]},
+    }))
     cli = LightningCLI(TinyNet, args=["fit", "--config", str(config)], save_config_callback=None)
     callback = cli.trainer.callbacks[0]
-    assert (callback.average_bits, callback.allowed_bits) == (2.5, (1, 2, 4))
-    assert {layer.bits for layer in callback.report.layers} <= {1, 2, 4}
-    assert callback.report.clustered_bytes <= callback.bit_allocation.budget_bytes
+    assert callback.average_bits == budget and callback.spec.bits == (bits or 4)
+    assert (callback.bit_allocation is not None) == allocated
+    if budget == 2.5:
+        assert callback.allowed_bits == (1, 2, 4)
+        assert {layer.bits for layer in callback.report.layers} <= {1, 2, 4}
+    if allocated:
+        assert callback.report.clustered_bytes <= callback.bit_allocation.budget_bytes
+    else:
+        assert {layer.bits for layer in callback.report.layers} == {bits}
 
 
 def test_the_estimate_falls_with_width_and_widths_above_4_are_extrapolated():
@@ -559,3 +563,53 @@ def test_the_hessian_probes_are_the_seeds_rademacher_draws():
             e.add_(z * h)
     for name, e in zip(names, expected, strict=True):
         assert torch.equal(got[name], e.clamp_min(0))
+
+
+# -- the default: a budget of the widths as configured (#24 item 3) -------------------------------
+def test_by_default_the_budget_is_the_bytes_of_every_tensor_at_its_configured_width(tmp_path):
+    overrides = {"body.2": {"bits": 4}}
+    uniform = fit(tmp_path / "u", TinyNet(), DKMCallback(
+        bits=2, overrides=overrides, average_bits=None, save_dir=str(tmp_path / "u"),
+        verbose=False), max_epochs=1)
+    default = fit(tmp_path / "d", TinyNet(), DKMCallback(
+        bits=2, overrides=overrides, save_dir=str(tmp_path / "d"), verbose=False), max_epochs=1)
+    assert uniform.bit_allocation is None
+    allocation = default.bit_allocation
+    assert allocation.average_bits == 2 and allocation.sensitivity.startswith("hessian")
+    # the override keeps its 4 bits and its bytes; the budget is what uniform bits=2 stores
+    assert allocation.budget_bytes == uniform.report.clustered_bytes
+    assert allocation.bits["body.2.weight"] == 4
+    assert default.report.clustered_bytes <= uniform.report.clustered_bytes
+    # a number instead counts every tensor at it: the fixed 4 bits leave body.0 too little
+    with pytest.raises(Exception, match=r"average_bits=2 gives a budget of 1,552 bytes; the 1 "
+                                        r"tensor\(s\) whose bits overrides fix take 2,080"):
+        fit(tmp_path / "n", TinyNet(), DKMCallback(average_bits=2, overrides=overrides,
+                                                   save_dir=str(tmp_path / "n"), verbose=False),
+            max_epochs=1)
+
+
+@pytest.mark.parametrize("written, resumed", [(None, "bits"), ("bits", None)])
+def test_a_resume_keeps_the_widths_of_a_checkpoint_written_with_or_without_a_budget(
+        tmp_path, written, resumed):
+    model = TinyNet()
+    with torch.no_grad():
+        model.body[2].weight.mul_(1e-3)  # its error barely counts: the budget narrows it
+    first = DKMCallback(bits=2, average_bits=written, save_dir=str(tmp_path / "a"),
+                        verbose=False, finalize=False)
+    fit(tmp_path / "a", model, first, max_epochs=1, enable_checkpointing=True)
+    checkpoint = next((tmp_path / "a").rglob("*.ckpt"))
+    widths = ({"body.0.weight": 2, "body.2.weight": 2} if first.bit_allocation is None
+              else first.bit_allocation.bits)
+    if written == "bits":
+        assert widths != {"body.0.weight": 2, "body.2.weight": 2}  # the budget did move them
+    second = DKMCallback(bits=2, average_bits=resumed, save_dir=str(tmp_path / "b"),
+                         verbose=False)
+    torch.manual_seed(0)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        trainer(tmp_path / "b", callbacks=[second], max_epochs=2).fit(TinyNet(),
+                                                                      ckpt_path=checkpoint)
+    assert {n: p.layout.spec.bits for n, p in second.palettes.items()} == widths
+    assert (second.bit_allocation is None) == (written is None)
+    if written is None:
+        assert any("trained without an allocation" in str(w.message) for w in seen)

@@ -175,3 +175,15 @@ def test_weights_that_cannot_go_shard_local_are_named_in_a_warning_and_still_tra
     assert_identical_centroids(tmp_path)
     for name in CLUSTERED:
         assert torch.unique(result["palettes"][name]).numel() <= 4, name
+
+
+def test_the_default_budget_gives_uniform_widths_under_fsdp2_with_a_warning_naming_it(tmp_path):
+    result = fit(tmp_path, "fsdp", "--average-bits", "bits")
+    (warning,) = [w for w in result["warnings"] if "average_bits" in w]
+    assert "under FSDP2" in warning and "average_bits=None" in warning
+    allocation = result["bit_allocation"]
+    assert allocation["sensitivity"].startswith("uniform (under FSDP2")
+    assert {row["bits"] for row in allocation["tensors"]} == {2}
+    assert_identical_centroids(tmp_path)
+    for name in CLUSTERED:
+        assert torch.unique(result["palettes"][name]).numel() <= 4, name

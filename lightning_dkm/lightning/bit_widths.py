@@ -34,6 +34,7 @@ from ..model.bit_budget import (
     plan_widths,
     uniform_allocation,
 )
+from ..engine.palette import stored_bytes
 from ..model.post_training import allocation_curvature
 from ..model.targets import Target
 
@@ -114,6 +115,7 @@ def plan_fit_widths(
     lut_dtype: str,
     seed: int,
     no_sensitivity: str | None = None,
+    at_configured_bytes: bool = False,
 ) -> BitAllocation:
     """The widths of ``selected`` under ``average_bits``: computed on rank 0 (weights as they
     are at setup, Hessian diagonal from the training batches) and broadcast, so every rank
@@ -121,7 +123,9 @@ def plan_fit_widths(
     budget, or an error of ``training_step`` that is not a missing double backward) is
     broadcast too and raised on every rank, not on rank 0 alone while the others wait in the
     broadcast. ``no_sensitivity``: why no Hessian is to be computed (the widths are then
-    uniform, with a warning)."""
+    uniform, with a warning). ``at_configured_bytes``: the budget is the bytes of ``selected``
+    at the widths they were selected with (``bits``, an override's own: ``average_bits="bits"``)
+    instead of every tensor at ``average_bits``."""
     allocation: dict[str, Any] | None = None
     error: str | None = None
     failure: Exception | None = None
@@ -130,6 +134,8 @@ def plan_fit_widths(
             modules = dict(pl_module.named_modules())
             weights = {t.name: getattr(modules[t.module_name], t.param_name) for t in selected}
             fixed = fixed_by_overrides(selected, overrides)
+            budget = (sum(stored_bytes(t.layout, lut_dtype) for t in selected)  # type: ignore[arg-type]
+                      if at_configured_bytes else None)
             sensitivity, label = (None, no_sensitivity) if no_sensitivity else _sensitivity(
                 trainer, pl_module, [n for n in weights if n not in fixed], seed)
             if sensitivity is None:
@@ -138,12 +144,12 @@ def plan_fit_widths(
                                "warning")
                 chosen = uniform_allocation(selected, weights, average_bits, label, fixed=fixed,
                                             allowed_bits=allowed_bits, lut_dtype=lut_dtype,
-                                            seed=seed)
+                                            seed=seed, budget=budget)
             else:
                 chosen = plan_widths(
                     selected, weights, average_bits, fixed=fixed, sensitivity=sensitivity,
                     sensitivity_label=label, allowed_bits=allowed_bits,
-                    lut_dtype=lut_dtype, seed=seed)
+                    lut_dtype=lut_dtype, seed=seed, budget=budget)
             allocation = chosen.to_dict()
         except ValueError as err:
             error = str(err)

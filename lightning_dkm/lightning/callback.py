@@ -94,26 +94,28 @@ class DKMCallback(Callback):
             over the tensors at the default ``average_bits="bits"``, for every tensor with
             ``average_bits=None``. Default ``None``: 4 (or, with a numeric ``average_bits``,
             that budget; then ``bits`` must stay ``None``).
-        average_bits: per-tensor widths (1..8) chosen when DKM starts, so that the clustered
-            bytes (indices at their packed width, LUTs, scales: as the report counts them) do
-            not exceed those of every tensor at the budget's width, minimising the estimated
-            loss increase: each tensor's k-means error at every width, weighted by the Hessian
-            diagonal (Hutchinson) of ``training_step``'s loss on the first 8 samples of the
-            first training batch (:mod:`lightning_dkm.model.bit_budget`). Default ``"bits"``:
-            the budget of ``bits``; a number in [1, 8] sets the budget itself (a fraction,
-            2.5, lies between the budgets of the widths around it); ``None``: every tensor at
-            ``bits``. It needs a double backward of the loss; without one (or without a
-            training dataloader at setup, with manual optimization, or under FSDP2, where the
-            widths would have to be chosen before the model is sharded) every tensor gets the
+        average_bits: the budget of per-tensor widths (1..8), chosen when DKM starts so that
+            the clustered bytes (indices at their packed width, LUTs, scales: as the report
+            counts them) stay within it, minimising the estimated loss increase: each tensor's
+            k-means error at every width, weighted by the Hessian diagonal (Hutchinson) of
+            ``training_step``'s loss on the first 8 samples of the first training batch
+            (:mod:`lightning_dkm.model.bit_budget`). Default ``"bits"``: the bytes of every
+            tensor at its configured width (``bits``, or an override's own ``bits``, which
+            stays fixed). A number in [1, 8]: the bytes of every tensor at that width (a
+            fraction, 2.5, lies between the budgets of the widths around it; an override's
+            fixed bytes count against it). ``None``: no budget, every tensor at ``bits``.
+            It needs a double backward of the loss; without one (or without a training
+            dataloader at setup, with manual optimization, or under FSDP2, where the widths
+            would have to be chosen before the model is sharded) every tensor gets the
             budget's width, with a warning (a fraction: the widths around it, every tensor at
-            least the narrower). An ``overrides`` entry with ``bits`` fixes that tensor's width,
-            and its bytes count against the budget. The widths are chosen at ``setup`` from the
-            weights as they are then (also with ``start_epoch > 0``), on rank 0 and broadcast;
-            they are logged (TensorBoard text ``dkm/bit_allocation``, the report's
-            ``bit_allocation``), saved in checkpoints and kept on resume (a checkpoint without
-            an allocation resumes at its uniform widths). The default because in the accuracy
-            study it beats uniform widths at fewer bytes at 2 bits on the char-LM and MiniLM's
-            whole encoder, and is never worse at 3 and 4 bits (``docs/results.md``).
+            least the narrower). The widths are chosen at ``setup`` from the weights as they
+            are then (also with ``start_epoch > 0``), on rank 0 and broadcast; they are
+            logged (TensorBoard text ``dkm/bit_allocation``, the report's
+            ``bit_allocation``), saved in checkpoints and kept on resume (a checkpoint
+            without an allocation resumes at its uniform widths). On by default because in
+            the accuracy study it beats uniform widths at fewer bytes at 2 bits on the
+            char-LM and MiniLM's whole encoder and is never worse at 3 and 4
+            (``docs/results.md``).
         allowed_bits: the widths ``average_bits`` may choose. Default ``None``: 1..8, or with
             ``export_coreai=True`` the widths Core AI packs, 1, 2, 4, 6, 8.
         cluster_dim: length of the clustered vectors along the input-channel axis (1..8). An
@@ -518,7 +520,8 @@ class DKMCallback(Callback):
                 trainer, pl_module, selected, average_bits=self.average_bits,
                 allowed_bits=self.allowed_bits, overrides=self.overrides,
                 lut_dtype=self.lut_dtype, seed=self.seed,
-                no_sensitivity=(FULLY_SHARDED_WIDTHS if self._fully_sharded else None))
+                no_sensitivity=(FULLY_SHARDED_WIDTHS if self._fully_sharded else None),
+                at_configured_bytes=self._budget_of_bits)
             selected = allocation.apply(selected)
             log_allocation(trainer, allocation, self.verbose)
         check_export_widths(selected, self.exports["export_coreai"])

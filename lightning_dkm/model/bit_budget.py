@@ -740,6 +740,7 @@ def plan_widths(
     allowed_bits: Iterable[int] | None = None,
     lut_dtype: LutDtype = "float16",
     seed: int = 0,
+    budget: int | None = None,
 ) -> BitAllocation:
     """Choose every target's width under the budget of ``average_bits`` (module docstring).
 
@@ -758,6 +759,9 @@ def plan_widths(
         allowed_bits: the widths to choose from (default 1..8), e.g. Core AI's (1, 2, 4, 6, 8).
         lut_dtype: the LUTs' storage dtype, as the report counts them.
         seed: the estimate's k-means seed.
+        budget: the clustered bytes not to exceed; default ``None``: those of every target at
+            ``average_bits`` (:func:`budget_bytes`). ``DKMCallback``'s default budget is the
+            targets' bytes at their configured widths (``bits``, and an override's own).
 
     Raises:
         ValueError: ``average_bits`` or ``allowed_bits`` out of range, a missing weight, a
@@ -765,13 +769,14 @@ def plan_widths(
             weight or sensitivity with NaN or Inf values.
     """
     return _plan(targets, weights, average_bits, fixed, sensitivity, sensitivity_label,
-                 allowed_bits, lut_dtype, seed, uniform=False)
+                 allowed_bits, lut_dtype, seed, budget, uniform=False)
 
 
 def _plan(targets: Sequence[Target], weights: Mapping[str, Tensor], average_bits: float,
           fixed: Collection[str], sensitivity: Mapping[str, Tensor] | None,
           sensitivity_label: str | None, allowed_bits: Iterable[int] | None,
-          lut_dtype: LutDtype, seed: int, *, uniform: bool) -> BitAllocation:
+          lut_dtype: LutDtype, seed: int, budget: int | None, *, uniform: bool
+          ) -> BitAllocation:
     """:func:`plan_widths` (``uniform``: :func:`uniform_allocation`'s widths around the
     budget, chosen between by the squared error alone)."""
     average_bits = check_average_bits(average_bits)
@@ -781,7 +786,8 @@ def _plan(targets: Sequence[Target], weights: Mapping[str, Tensor], average_bits
     missing = [t.name for t in targets if t.name not in weights]
     if missing:
         raise ValueError(f"plan_widths: no weight given for {missing}")
-    budget = budget_bytes([t.layout for t in targets], average_bits, lut_dtype)
+    if budget is None:
+        budget = budget_bytes([t.layout for t in targets], average_bits, lut_dtype)
     fixed_rows = [TensorWidth(t.name, t.spec.bits, stored_bytes(t.layout, lut_dtype), fixed=True)
                   for t in targets if t.name in fixed]
     free = [t for t in targets if t.name not in fixed]
@@ -875,6 +881,7 @@ def uniform_allocation(
     allowed_bits: Iterable[int] | None = None,
     lut_dtype: LutDtype = "float16",
     seed: int = 0,
+    budget: int | None = None,
 ) -> BitAllocation:
     """The widths ``average_bits`` takes without a usable sensitivity (:data:`UNIFORM`):
     every tensor at the budget's width; a fractional budget (2.5) gives every tensor the
@@ -884,7 +891,7 @@ def uniform_allocation(
     ``why`` is recorded as the allocation's ``sensitivity``, ``"uniform (<why>)"``; the
     caller warns. Arguments and errors as :func:`plan_widths`."""
     allocation = _plan(targets, weights, average_bits, fixed, None, None, allowed_bits,
-                       lut_dtype, seed, uniform=True)
+                       lut_dtype, seed, budget, uniform=True)
     return replace(allocation, sensitivity=f"uniform ({why})")
 
 
