@@ -1299,7 +1299,8 @@ def run_charlm(cfg: CharLMConfig, log=print, skipped: list[str] | None = None
 
 
 # -- outputs ---------------------------------------------------------------------------------------
-_STYLE = {"dkm": ("C0", "o"), DKM_UNIFORM: ("C0", "."), DKM_BUDGET: ("C6", "p"), DKM_BUDGET_UNWEIGHTED: ("C6", "*"),
+_STYLE = {"dkm": ("C0", "o"), DKM_UNIFORM: ("C0", "."), DKM_BUDGET: ("C6", "p"),
+          DKM_BUDGET_UNWEIGHTED: ("C6", "*"),
           "deep_kmeans": ("C2", "s"), "hard": ("C1", "^"),
           PALETTIZE: ("C3", "x"), SENSITIVITY: ("C4", "D"), APPLE: ("C5", "v"),
           DKM_SENSITIVITY_INIT: ("C9", "P"), DKM_EXACT: ("C8", "h"),

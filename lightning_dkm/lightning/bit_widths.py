@@ -25,6 +25,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
+from ..engine.palette import stored_bytes
 from ..model.bit_budget import (
     SENSITIVITY_BATCHES,
     SENSITIVITY_SAMPLES,
@@ -34,7 +35,6 @@ from ..model.bit_budget import (
     plan_widths,
     uniform_allocation,
 )
-from ..engine.palette import stored_bytes
 from ..model.post_training import allocation_curvature
 from ..model.targets import Target
 
