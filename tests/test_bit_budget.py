@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.strategies import DDPStrategy
 from lightning_helpers import AllocationRecorder, RankDataNet, SquareOnce, TinyNet, trainer
@@ -613,3 +614,26 @@ def test_a_resume_keeps_the_widths_of_a_checkpoint_written_with_or_without_a_bud
     assert (second.bit_allocation is None) == (written is None)
     if written is None:
         assert any("trained without an allocation" in str(w.message) for w in seen)
+
+
+def test_the_allocation_at_setup_leaves_the_fits_random_state_as_it_was(tmp_path):
+    """The sensitivity batch iterates a shuffled dataloader (a draw from torch's generator):
+    a seeded fit sees the same data order with or without the default budget."""
+    import numpy as np
+
+    class RandomState(Callback):
+        def __init__(self):
+            self.seen = []
+
+        def setup(self, trainer, pl_module, stage):
+            self.seen.append((torch.get_rng_state(), random.getstate(), np.random.get_state()[1]))
+
+    before, after = RandomState(), RandomState()
+    callback = DKMCallback(bits=2, save_dir=str(tmp_path), verbose=False)
+    torch.manual_seed(0)
+    trainer(tmp_path, callbacks=[before, callback, after], max_epochs=1).fit(TinyNet())
+    assert callback.bit_allocation.sensitivity.startswith("hessian")
+    (torch_before, python_before, numpy_before), = before.seen
+    (torch_after, python_after, numpy_after), = after.seen
+    assert torch.equal(torch_before, torch_after) and python_before == python_after
+    assert (numpy_before == numpy_after).all()
