@@ -1394,6 +1394,24 @@ def _plot(rows: list[dict[str, Any]], metric: str, ylabel: str, title: str, path
     plt.close(fig)
 
 
+def merge_results(results: dict[str, Any], new: dict[str, Any], source: Path) -> dict[str, Any]:
+    """``results`` with every (part, method) row set that ``new`` holds replaced by ``new``'s,
+    the summaries recomputed, and ``results["merged"]`` saying which rows came from where."""
+    merged = dict(results)
+    record = list(results.get("merged", []))
+    for part, metric, *_ in _PLOTS:
+        methods = sorted({r["method"] for r in new.get(part) or [] if r["method"] != "fp32"})
+        if not methods:
+            continue
+        kept = [r for r in results.get(part) or [] if r["method"] not in methods]
+        merged[part] = kept + [r for r in new[part] if r["method"] in methods]
+        merged.setdefault("summary", {})[part] = summarize(merged[part], metric)
+        record.append({"part": part, "methods": methods, "from": source.name,
+                       "command": new.get("command"), "defaults": new.get("defaults")})
+    merged["merged"] = record
+    return merged
+
+
 def write_results(results: dict[str, Any], out_dir: Path, figures_dir: Path | None = None,
                   stem: str = "accuracy_study", figure_prefix: str = "results") -> dict[str, Path]:
     """Write the JSON (with a per-part ``summary`` over seeds) and (matplotlib permitting) one
@@ -1523,6 +1541,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         "(default: accuracy_study, or accuracy_study_quick with --quick)")
     parser.add_argument("--replot", type=Path, metavar="JSON",
                         help="only redraw the plots (and print the tables) of a results file")
+    parser.add_argument("--merge", type=Path, metavar="NEW_JSON",
+                        help="with --replot: replace the replotted file's rows of every (part, "
+                             "method) that NEW_JSON has by NEW_JSON's (e.g. after a default "
+                             "changed, only the methods it moves re-run), record that under "
+                             "'merged', and write the file back before plotting")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--figures", type=Path, default=None,
                         help="plot directory (default: docs/figures for the default set, "
@@ -1531,6 +1554,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     _quiet()
     if args.replot is not None:
         results = json.loads(args.replot.read_text())
+        if args.merge is not None:
+            results = merge_results(results, json.loads(args.merge.read_text()), args.merge)
+            args.replot.write_text(json.dumps(results, indent=2) + "\n")
         default = args.replot.stem == "accuracy_study"
         figures = args.figures or (ROOT / "docs" / "figures" if default else args.replot.parent)
         prefix = "results" if default else "results_" + args.replot.stem.removeprefix(

@@ -200,3 +200,21 @@ def test_perf_kmeans_compares_the_candidates_and_the_previous_path(tmp_path):
     assert data["setup"]["clock"] == "cpu"
     # the previous path is k-means++ + Lloyd, not the exact solver: a larger inertia
     assert data["palettize"]["previous_inertia_ratio"] > data["palettize"]["inertia_ratio"]
+
+
+def test_accuracy_study_merge_replaces_only_the_methods_the_new_run_has(tmp_path):
+    def row(method, seed, value):
+        return dict(model="m", method=method, bits=2, cluster_dim=1, seed=seed,
+                    heldout_bpc=value, bytes=100)
+
+    old = {"charlm": [row("dkm", 0, 2.5), row("hard", 0, 2.9)]}
+    new = {"command": "new run", "charlm": [row("dkm", 0, 2.4), row("dkm_uniform", 0, 2.5)]}
+    path, new_path = tmp_path / "study.json", tmp_path / "new.json"
+    path.write_text(json.dumps(old))
+    new_path.write_text(json.dumps(new))
+    run("accuracy_study.py", "--replot", str(path), "--merge", str(new_path))
+    merged = json.loads(path.read_text())
+    assert sorted((r["method"], r["heldout_bpc"]) for r in merged["charlm"]) == [
+        ("dkm", 2.4), ("dkm_uniform", 2.5), ("hard", 2.9)]
+    assert merged["merged"] == [{"part": "charlm", "methods": ["dkm", "dkm_uniform"],
+                                 "from": "new.json", "command": "new run", "defaults": None}]
