@@ -200,7 +200,8 @@ class DealtWideNet(WideNet):
 
 class SquareOnce(torch.autograd.Function):
     """``x**2`` whose backward has no derivative of its own (as some fused kernels): a loss
-    through it has no double backward, so ``average_bits`` has no Hessian."""
+    through it has no double backward, so ``average_bits`` takes its Hessian by finite
+    differences."""
 
     @staticmethod
     def forward(ctx, x):

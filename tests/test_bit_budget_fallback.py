@@ -7,6 +7,7 @@ fallback."""
 
 from __future__ import annotations
 
+import warnings
 from typing import NamedTuple
 
 import pytest
@@ -118,12 +119,18 @@ def _once_differentiable_loss(model, batch):
     return SquareOnce.apply(model(x) - y).mean()
 
 
-def test_a_loss_without_a_double_backward_gives_no_hessian_and_says_why():
+def test_a_loss_without_a_double_backward_gets_its_hessian_by_finite_differences():
     model, batches = _linear_and_batches()
-    hessian, why = allocation_curvature(model, batches, _once_differentiable_loss, ["weight"],
-                                        1, 4)
-    assert hessian is None
-    assert why.startswith("the loss has no second derivative here (")
+    hessian, label = allocation_curvature(model, batches, _once_differentiable_loss,
+                                          ["weight"], 1, 4)
+    def twice_differentiable(model, batch):  # the same loss with a double backward
+        x, y = batch
+        return (model(x) - y).square().mean()
+
+    expected = hessian_diagonal(model, [first_samples(batches[0], 4)], twice_differentiable,
+                                ["weight"])
+    torch.testing.assert_close(hessian["weight"], expected["weight"], rtol=1e-3, atol=1e-6)
+    assert label == "hessian by finite differences (1 batch, the first 4 samples of each)"
 
 
 def test_any_other_error_of_the_loss_is_raised_not_taken_for_a_missing_double_backward():
@@ -174,8 +181,9 @@ def test_a_compiled_module_is_recognised_as_having_no_double_backward():
         err = caught
     assert "does not currently support double backward" in str(err)
     assert no_double_backward(err)
-    hessian, why = allocation_curvature(model, batches, _mse, ["0._orig_mod.weight"], 1, None)
-    assert hessian is None and "double backward" in why
+    hessian, how = allocation_curvature(model, batches, _mse, ["0._orig_mod.weight"], 1, None)
+    assert float(hessian["0._orig_mod.weight"].sum()) > 0
+    assert how.startswith("hessian by finite differences")
 
 
 @pytest.mark.parametrize("message", [
@@ -278,7 +286,6 @@ def _fit(tmp_path, model, average_bits):
 
 
 @pytest.mark.parametrize("model, why", [
-    (FusedAttentionNet(), r"the loss has no second derivative here"),
     (ManualNet(), r"the module uses manual optimization"),
 ])
 def test_a_fit_without_a_hessian_clusters_at_uniform_widths_with_a_warning(tmp_path, model,
@@ -289,6 +296,15 @@ def test_a_fit_without_a_hessian_clusters_at_uniform_widths_with_a_warning(tmp_p
     assert set(callback.bit_allocation.bits.values()) == {2}
     assert callback.bit_allocation.sensitivity.startswith("uniform (")
     assert callback.report.clustered_bytes <= callback.bit_allocation.budget_bytes
+
+
+def test_a_fit_whose_loss_has_no_double_backward_gets_its_hessian_by_finite_differences(
+        tmp_path):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        callback = _fit(tmp_path, FusedAttentionNet(), 2)
+    assert not [w for w in caught if "average_bits" in str(w.message)]
+    assert callback.bit_allocation.sensitivity.startswith("hessian by finite differences (")
 
 
 def test_a_fit_takes_its_hessian_on_the_first_8_samples_of_one_training_batch(tmp_path):

@@ -7,8 +7,9 @@ loss whose Hessian diagonal weighs the estimate
 (:func:`~lightning_dkm.model.post_training.allocation_curvature`), on the first
 :data:`SENSITIVITY_BATCHES` batch of the training dataloader (its first
 :data:`SENSITIVITY_SAMPLES` samples; ``None``: all), at ``setup`` (before the optimizer and
-DDP see the model, when the widths must be fixed). Where no Hessian can be had (manual
-optimization, no dataloader at setup, a loss without a double backward) the widths are
+DDP see the model, when the widths must be fixed; a loss without a double backward gets it by
+finite differences). Where no Hessian can be had (manual optimization, no dataloader at
+setup, a loss without any gradient of the weights) the widths are
 uniform (:func:`~lightning_dkm.model.bit_budget.uniform_allocation`), with a warning naming
 ``average_bits`` and why; so they are under FSDP2 (:data:`FULLY_SHARDED_WIDTHS`).
 """
@@ -42,10 +43,10 @@ __all__ = ["FULLY_SHARDED_WIDTHS", "SENSITIVITY_BATCHES", "SENSITIVITY_SAMPLES",
            "plan_fit_widths"]
 
 #: Why there is no sensitivity under FSDP2: the widths are fixed at ``setup``, before
-#: ``fully_shard`` runs, where a Hessian would need a whole model's forward and double backward
+#: ``fully_shard`` runs, where a Hessian would need a whole model's forward and backward passes
 #: on one rank (what FSDP2 is used to avoid) and ``training_step`` outside the sharded model.
 FULLY_SHARDED_WIDTHS = ("under FSDP2 no Hessian is computed at setup (it would need the whole, "
-                        "unsharded model's double backward on one rank)")
+                        "unsharded model's forward and backward passes on one rank)")
 
 
 @contextlib.contextmanager

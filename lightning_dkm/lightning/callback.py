@@ -104,10 +104,11 @@ class DKMCallback(Callback):
             stays fixed). A number in [1, 8]: the bytes of every tensor at that width (a
             fraction, 2.5, lies between the budgets of the widths around it; an override's
             fixed bytes count against it). ``None``: no budget, every tensor at ``bits``.
-            It needs a double backward of the loss; without one (or without a training
-            dataloader at setup, with manual optimization, or under FSDP2, where the widths
-            would have to be chosen before the model is sharded) every tensor gets the
-            budget's width, with a warning (a fraction: the widths around it, every tensor at
+            Where the loss has no double backward (a fused or custom kernel) the Hessian comes
+            from finite differences of gradients instead; without a training dataloader at
+            setup, with manual optimization, or under FSDP2 (where the widths would have to be
+            chosen before the model is sharded) every tensor gets the budget's width, with a
+            warning (a fraction: the widths around it, every tensor at
             least the narrower). The widths are chosen at ``setup`` from the weights as they
             are then (also with ``start_epoch > 0``), on rank 0 and broadcast; they are
             logged (TensorBoard text ``dkm/bit_allocation``, the report's

@@ -283,22 +283,34 @@ def allocation_curvature(model: nn.Module, dataloader: Iterable[Any], loss_fn: L
     """The Hessian diagonal that weighs ``average_bits``' estimate: :func:`hessian_diagonal`
     on the first ``num_batches`` batches, each cut to its first ``samples`` samples
     (:func:`first_samples`; ``None``: whole), and how it was had (the allocation's
-    ``sensitivity`` label); or ``None`` and why where the loss has no second derivative (an op
-    without a double backward, :func:`no_double_backward`): the caller then warns and chooses
-    uniform widths (:func:`~.bit_budget.uniform_allocation`). Any other error is raised. What
-    ``palettize`` and ``DKMCallback`` both use."""
+    ``sensitivity`` label). Where the loss has no second derivative (an op without a double
+    backward, :func:`no_double_backward`: a fused attention kernel, a ``once_differentiable``
+    function, a compiled module) the same estimate by finite differences of two plain
+    gradients (:func:`hessian_diagonal_fd`, labelled ``"hessian by finite differences
+    (...)"``): not always, because on a ReLU network it also counts the kinks its step crosses
+    and so chooses other widths than the double backward, whose allocations the accuracy study
+    measured (``benchmarks/hessian_fd.py``). ``None`` and why only where neither can be had
+    (no gradient either): the caller then warns and chooses uniform widths
+    (:func:`~.bit_budget.uniform_allocation`). Any other error is raised. What ``palettize``
+    and ``DKMCallback`` both use."""
     if samples is not None and not is_int(samples, 1):
         raise ValueError(f"samples must be None or an int >= 1; got {samples!r}")
     batches = list(itertools.islice(dataloader, num_batches))
     parts = [first_samples(batch, samples) for batch in batches]
     cut = sum(part is not batch for part, batch in zip(parts, batches, strict=True))
+    how = "hessian"
     try:
         hessian = hessian_diagonal(model, parts, loss_fn, names, seed=seed)
     except RuntimeError as err:
         if not no_double_backward(err):
             raise
-        return None, f"the loss has no second derivative here ({err})"
-    label = f"hessian ({len(batches)} batch{'es' if len(batches) != 1 else ''}"
+        try:
+            hessian = hessian_diagonal_fd(model, parts, loss_fn, names, seed=seed)
+        except RuntimeError as fd_err:
+            return None, (f"the loss has no second derivative here ({err}) and no gradient "
+                          f"for a finite difference ({fd_err})")
+        how = "hessian by finite differences"
+    label = f"{how} ({len(batches)} batch{'es' if len(batches) != 1 else ''}"
     if samples is not None:
         label += (f", the first {samples} samples of each" if cut == len(batches) else
                   f", the first {samples} samples of {cut}" if cut else ", whole")
