@@ -517,7 +517,7 @@ def hessian_diagonal_fd(
     r""":func:`hessian_diagonal`'s estimate (the same Rademacher vectors :math:`z_b` from
     ``seed``) with each Hessian-vector product a central difference of two plain gradients
     instead of a double backward:
-    :math:`H_b z_b pprox (g_b(w + \epsilon z_b) - g_b(w - \epsilon z_b)) / 2\epsilon`.
+    :math:`H_b z_b \approx (g_b(w + \epsilon z_b) - g_b(w - \epsilon z_b)) / 2\epsilon`.
 
     Two ordinary forward and backward passes per batch, so any loss that trains works: no op
     needs a double backward (fused attention kernels, ``torch.compile``, an
