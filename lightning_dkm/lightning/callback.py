@@ -31,7 +31,7 @@ from ..model.attach import (
     release,
     set_mode,
 )
-from ..model.bit_budget import BUDGET_OF_BITS, BitAllocation
+from ..model.bit_budget import BUDGET_OF_BITS, BitAllocation, fixed_by_overrides
 from ..model.methods import DEFAULT_REFRESH_EVERY, DEFAULT_REGULARIZATION, ClusteringMethod
 from ..model.snapping import snap_on_load
 from ..model.targets import DEFAULT_MIN_SIZE, Target, pattern_list, select_targets
@@ -517,6 +517,10 @@ class DKMCallback(Callback):
         self._fully_sharded = FullySharded() if is_fully_sharded(trainer) else None
         self.results.bit_allocation = None
         if self.average_bits is not None and selected:
+            # widths the overrides fix are checked before the allocation runs training_step
+            fixed = fixed_by_overrides(selected, self.overrides)
+            check_export_widths([t for t in selected if t.name in fixed],
+                                self.exports["export_coreai"])
             allocation = self.results.bit_allocation = plan_fit_widths(
                 trainer, pl_module, selected, average_bits=self.average_bits,
                 allowed_bits=self.allowed_bits, overrides=self.overrides,
