@@ -180,6 +180,9 @@ def test_bad_budgets_are_refused_by_the_callback_and_palettize(kwargs, match):
 def test_core_ai_export_excludes_the_widths_it_cannot_pack():
     assert DKMCallback(average_bits=3, export_coreai=True).allowed_bits == (1, 2, 4, 6, 8)
     assert DKMCallback(average_bits=3).allowed_bits == tuple(range(1, 9))
+    # the default budget of bits=3 chooses among Core AI's widths instead of refusing 3 bits
+    by_default = DKMCallback(bits=3, export_coreai=True)
+    assert (by_default.average_bits, by_default.allowed_bits) == (3.0, (1, 2, 4, 6, 8))
     with pytest.raises(ValueError, match=r"holds \[3\], which Core AI cannot pack"):
         DKMCallback(average_bits=3, export_coreai=True, allowed_bits=[2, 3, 4])
 
