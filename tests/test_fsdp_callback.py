@@ -180,6 +180,7 @@ def test_weights_that_cannot_go_shard_local_are_named_in_a_warning_and_still_tra
 def test_the_default_budget_gives_uniform_widths_under_fsdp2_with_a_warning_naming_it(tmp_path):
     result = fit(tmp_path, "fsdp", "--average-bits", "bits")
     (warning,) = [w for w in result["warnings"] if "average_bits" in w]
+    assert "DKMCallback(average_bits='bits' (bits=2))" in warning
     assert "under FSDP2" in warning and "average_bits=None" in warning
     allocation = result["bit_allocation"]
     assert allocation["sensitivity"].startswith("uniform (under FSDP2")

@@ -148,6 +148,7 @@ def plan_fit_widths(
     uniform, with a warning). ``at_configured_bytes``: the budget is the bytes of ``selected``
     at the widths they were selected with (``bits``, an override's own: ``average_bits="bits"``)
     instead of every tensor at ``average_bits``."""
+    given = f"'bits' (bits={average_bits:g})" if at_configured_bytes else f"{average_bits:g}"
     allocation: dict[str, Any] | None = None
     error: str | None = None
     failure: Exception | None = None
@@ -162,7 +163,7 @@ def plan_fit_widths(
                 sensitivity, label = (None, no_sensitivity) if no_sensitivity else _sensitivity(
                     trainer, pl_module, [n for n in weights if n not in fixed], seed)
             if sensitivity is None:
-                rank_zero_warn(f"DKMCallback(average_bits={average_bits:g}): {label}; {UNIFORM}"
+                rank_zero_warn(f"DKMCallback(average_bits={given}): {label}; {UNIFORM}"
                                "; average_bits=None keeps every tensor at bits without this "
                                "warning")
                 chosen = uniform_allocation(selected, weights, average_bits, label, fixed=fixed,
@@ -183,7 +184,7 @@ def plan_fit_widths(
     if failure is not None:
         raise failure
     if error is not None:
-        raise MisconfigurationException(f"DKMCallback(average_bits={average_bits:g}): {error}")
+        raise MisconfigurationException(f"DKMCallback(average_bits={given}): {error}")
     assert allocation is not None
     return BitAllocation.from_dict(allocation)
 
