@@ -7,19 +7,13 @@ centroids bit for bit on every rank, and the raw weights back bit for bit."""
 from __future__ import annotations
 
 import os
-import socket
+import tempfile
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _clustered_mlp(mesh=None) -> nn.Sequential:
@@ -77,10 +71,10 @@ def _train_one_step(rank: int, results) -> None:
     }
 
 
-def _in_process_group(rank: int, port: int, results, worker) -> None:
-    """``worker(rank, results)`` inside a gloo process group of 2 ranks on ``port``."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+def _in_process_group(rank: int, init_file: str, results, worker) -> None:
+    """``worker(rank, results)`` inside a gloo process group of 2 ranks that meet in
+    ``init_file`` (a file store: no port that two pytest-xdist workers could both pick)."""
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     try:
         worker(rank, results)
     finally:
@@ -90,9 +84,10 @@ def _in_process_group(rank: int, port: int, results, worker) -> None:
 def _on_two_ranks(worker) -> dict:
     """Run ``worker(rank, results)`` on 2 spawned processes in one process group; what each
     rank left in ``results``."""
-    with mp.Manager() as manager:
+    with mp.Manager() as manager, tempfile.TemporaryDirectory() as tmp:
         results = manager.dict()
-        mp.spawn(_in_process_group, args=(_free_port(), results, worker), nprocs=2)
+        init_file = os.path.join(tmp, "rendezvous")
+        mp.spawn(_in_process_group, args=(init_file, results, worker), nprocs=2)
         return dict(results)
 
 
