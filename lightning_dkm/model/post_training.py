@@ -523,7 +523,7 @@ def hessian_diagonal_fd(
     needs a double backward (fused attention kernels, ``torch.compile``, an
     ``autograd.Function`` marked ``once_differentiable``), and attention keeps its default
     kernels. :math:`\epsilon` is one number for all named weights, ``step`` times their rms
-    taken together (raised to :math:`\sqrt{	ext{eps}}` of the least precise dtype among
+    taken together (raised to :math:`\sqrt{\text{eps}}` of the least precise dtype among
     them: 0.031 for float16, 0.088 for bfloat16, where a step of 1e-3 would not move most
     weights at all), so the probe stays :math:`z_b` and the estimate is
     :func:`hessian_diagonal`'s up to the difference's error (2.5e-4 per tensor on MiniLM's
