@@ -34,8 +34,10 @@ from __future__ import annotations
 
 import contextlib
 import math
+import random
+import sys
 from collections.abc import Callable, Iterator
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -62,6 +64,8 @@ __all__ = [
     "normalization_of",
     "normalized_problem",
     "pick",
+    "random_states",
+    "random_states_kept",
     "root_mean_square",
     "sync_free",
 ]
@@ -112,6 +116,34 @@ def all_finite(t: Tensor) -> bool:
     ``isfinite(t).all()``'s boolean tensor: 20x the time on MiniLM's Hessian diagonal), else,
     since finite values may also sum to Inf, the values themselves decide."""
     return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
+
+
+def random_states() -> list[tuple[Callable[[Any], Any], Any]]:
+    """The global random states a loss or a dataloader may draw from, each with its setter:
+    torch's CPU generator, CUDA's (where CUDA is initialized), Python's ``random`` and NumPy's
+    (where NumPy is imported). Setting them back replays the same draws."""
+    states: list[tuple[Callable[[Any], Any], Any]] = [(torch.set_rng_state,
+                                                       torch.get_rng_state())]
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states.append((torch.cuda.set_rng_state_all, torch.cuda.get_rng_state_all()))
+    states.append((random.setstate, random.getstate()))
+    numpy = sys.modules.get("numpy")
+    if numpy is not None:
+        states.append((numpy.random.set_state, numpy.random.get_state()))
+    return states
+
+
+@contextlib.contextmanager
+def random_states_kept() -> Iterator[None]:
+    """The global random states (:func:`random_states`) as they were before, whatever the
+    block draws: work done on the side (the allocation's sensitivity batch at ``setup``)
+    leaves a seeded fit's data order and draws as they would have been."""
+    states = random_states()
+    try:
+        yield
+    finally:
+        for setter, state in states:
+            setter(state)
 
 
 def chunks(n: int, size: int) -> Iterator[slice]:

@@ -26,6 +26,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
+from ..engine.numerics import random_states_kept
 from ..engine.palette import stored_bytes
 from ..model.bit_budget import (
     SENSITIVITY_BATCHES,
@@ -62,27 +63,6 @@ def _logging_muted(pl_module: pl.LightningModule) -> Iterator[None]:
         yield
     finally:
         del pl_module.log, pl_module.log_dict
-
-
-@contextlib.contextmanager
-def _random_state_kept() -> Iterator[None]:
-    """The global random states (torch's CPU and current CUDA device's, Python's ``random``,
-    NumPy's) as they were before: the sensitivity batch draws a shuffled dataloader's order and
-    whatever ``training_step`` draws, and a seeded fit must see the same data and draws with or
-    without the allocation at its setup."""
-    import random
-
-    import numpy as np
-
-    python_state, numpy_state = random.getstate(), np.random.get_state()
-    cuda = [torch.cuda.current_device()] if torch.cuda.is_available() and \
-        torch.cuda.is_initialized() else []
-    try:
-        with torch.random.fork_rng(devices=cuda):
-            yield
-    finally:
-        random.setstate(python_state)
-        np.random.set_state(numpy_state)
 
 
 def _training_loss(model: torch.nn.Module, batch: Any) -> torch.Tensor:
@@ -159,7 +139,7 @@ def plan_fit_widths(
             fixed = fixed_by_overrides(selected, overrides)
             budget = (sum(stored_bytes(t.layout, lut_dtype) for t in selected)  # type: ignore[arg-type]
                       if at_configured_bytes else None)
-            with _random_state_kept():
+            with random_states_kept():  # a seeded fit draws as without the allocation
                 sensitivity, label = (None, no_sensitivity) if no_sensitivity else _sensitivity(
                     trainer, pl_module, [n for n in weights if n not in fixed], seed)
             if sensitivity is None:

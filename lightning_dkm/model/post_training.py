@@ -32,8 +32,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import random
-import sys
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -43,7 +41,7 @@ from torch import Tensor, nn
 
 from ..engine.kmeans import kmeans, kmeans_scalars
 from ..engine.layout import ClusterSpec, PaletteLayout, is_int
-from ..engine.numerics import all_finite
+from ..engine.numerics import all_finite, random_states
 from ..engine.palette import Palette
 from ..engine.parametrization import stable_seed
 from .bit_budget import (
@@ -558,7 +556,7 @@ def hessian_diagonal_fd(
         eps = epsilon[0]
         unique = list({id(p): p for p in params}.values())  # a tied weight moves once
         saved = [p.detach().clone() for p in unique]
-        states = _rng_states()
+        states = random_states()
 
         def gradients(sign: float) -> tuple[Tensor | None, ...]:
             with torch.no_grad():
@@ -607,21 +605,6 @@ def _fd_epsilon(params: list[Tensor], step: float) -> float:
     relative = max([step] + [math.sqrt(torch.finfo(p.dtype).eps) for p in unique
                              if p.dtype in (torch.float16, torch.bfloat16)])
     return relative * rms
-
-
-def _rng_states() -> list[tuple[Callable[[Any], Any], Any]]:
-    """The global random states a loss may draw from, each with its setter: torch's CPU
-    generator, CUDA's (where CUDA is initialized), Python's ``random`` and numpy's (where
-    numpy is imported)."""
-    states: list[tuple[Callable[[Any], Any], Any]] = [(torch.set_rng_state,
-                                                       torch.get_rng_state())]
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        states.append((torch.cuda.set_rng_state_all, torch.cuda.get_rng_state_all()))
-    states.append((random.setstate, random.getstate()))
-    numpy = sys.modules.get("numpy")
-    if numpy is not None:
-        states.append((numpy.random.set_state, numpy.random.get_state()))
-    return states
 
 
 def _summed_over_batches(
