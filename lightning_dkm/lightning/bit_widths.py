@@ -17,7 +17,7 @@ uniform (:func:`~lightning_dkm.model.bit_budget.uniform_allocation`), with a war
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from typing import Any
 
 import lightning.pytorch as pl
@@ -33,7 +33,6 @@ from ..model.bit_budget import (
     SENSITIVITY_SAMPLES,
     UNIFORM,
     BitAllocation,
-    fixed_by_overrides,
     plan_widths,
     uniform_allocation,
 )
@@ -113,7 +112,7 @@ def plan_fit_widths(
     *,
     average_bits: float,
     allowed_bits: tuple[int, ...],
-    overrides: Mapping[str, Mapping[str, Any]],
+    fixed: Collection[str],
     lut_dtype: str,
     seed: int,
     no_sensitivity: str | None = None,
@@ -124,10 +123,12 @@ def plan_fit_widths(
     clusters with the same widths whatever data it sees. Whatever fails on rank 0 (the
     budget, or an error of ``training_step`` that is not a missing double backward) is
     broadcast too and raised on every rank, not on rank 0 alone while the others wait in the
-    broadcast. ``no_sensitivity``: why no Hessian is to be computed (the widths are then
-    uniform, with a warning). ``at_configured_bytes``: the budget is the bytes of ``selected``
-    at the widths they were selected with (``bits``, an override's own: ``average_bits="bits"``)
-    instead of every tensor at ``average_bits``."""
+    broadcast. ``fixed``: the names whose width an override fixes
+    (:func:`~lightning_dkm.model.bit_budget.fixed_by_overrides`). ``no_sensitivity``: why
+    no Hessian is to be computed (the widths are then uniform, with a warning).
+    ``at_configured_bytes``: the budget is the bytes of ``selected`` at the widths they were
+    selected with (``bits``, an override's own: ``average_bits="bits"``) instead of every
+    tensor at ``average_bits``."""
     given = f"'bits' (bits={average_bits:g})" if at_configured_bytes else f"{average_bits:g}"
     allocation: dict[str, Any] | None = None
     error: str | None = None
@@ -136,7 +137,6 @@ def plan_fit_widths(
         try:
             modules = dict(pl_module.named_modules())
             weights = {t.name: getattr(modules[t.module_name], t.param_name) for t in selected}
-            fixed = fixed_by_overrides(selected, overrides)
             budget = (sum(stored_bytes(t.layout, lut_dtype) for t in selected)  # type: ignore[arg-type]
                       if at_configured_bytes else None)
             with random_states_kept():  # a seeded fit draws as without the allocation

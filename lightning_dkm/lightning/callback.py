@@ -523,7 +523,7 @@ class DKMCallback(Callback):
                                 self.exports["export_coreai"])
             allocation = self.results.bit_allocation = plan_fit_widths(
                 trainer, pl_module, selected, average_bits=self.average_bits,
-                allowed_bits=self.allowed_bits, overrides=self.overrides,
+                allowed_bits=self.allowed_bits, fixed=fixed,
                 lut_dtype=self.lut_dtype, seed=self.seed,
                 no_sensitivity=(FULLY_SHARDED_WIDTHS if self._fully_sharded else None),
                 at_configured_bytes=self._budget_of_bits)
