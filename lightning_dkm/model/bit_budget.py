@@ -61,7 +61,7 @@ from torch import Tensor
 
 from ..engine.kmeans import kmeans, kmeans_widths, palette_unit
 from ..engine.layout import MAX_BITS, PaletteLayout, is_int, is_number
-from ..engine.numerics import all_finite
+from ..engine.numerics import all_finite, chunks
 from ..engine.palette import LutDtype, lut_dtype_name, stored_bytes
 from ..engine.parametrization import stable_seed
 from .targets import Target
@@ -358,8 +358,7 @@ def _pieces(shape: torch.Size) -> list[tuple[slice, slice]]:
     """Column slices of a ``(P, n)`` tensor of about :data:`_PIECE` entries each: the passes
     over the weights run on cache-sized pieces."""
     P, n = shape
-    step = max(1, _PIECE // P)
-    return [(slice(None), slice(begin, begin + step)) for begin in range(0, n, step)]
+    return [(slice(None), columns) for columns in chunks(n, max(1, _PIECE // P))]
 
 
 def _grid_values(x: Tensor, unit: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
