@@ -551,10 +551,10 @@ def hessian_diagonal_fd(
 
     def curvature(loss: Callable[[], Tensor], params: list[Tensor]) -> list[Tensor | None]:
         zs = _rademacher(generator, params)
-        if not epsilon:
-            epsilon.append(_fd_epsilon(params, step))
-        eps = epsilon[0]
         unique = list({id(p): p for p in params}.values())  # a tied weight moves once
+        if not epsilon:
+            epsilon.append(_fd_epsilon(unique, step))
+        eps = epsilon[0]
         saved = [p.detach().clone() for p in unique]
         states = random_states()
 
@@ -593,11 +593,11 @@ def _rademacher(generator: torch.Generator, params: list[Tensor]) -> list[Tensor
             .mul_(2).sub_(1).to(p.device) for p in params]
 
 
-def _fd_epsilon(params: list[Tensor], step: float) -> float:
+def _fd_epsilon(unique: list[Tensor], step: float) -> float:
     """:func:`hessian_diagonal_fd`'s one step: ``step`` (at least the square root of the
-    least precise dtype's eps) times the rms over all ``params`` together (1 where they are
-    all 0), summed in float64 (weights of 2**66 do not overflow)."""
-    unique = list({id(p): p for p in params}.values())
+    least precise dtype's eps) times the rms over the weights ``unique`` (each once, a tied
+    one too) together (1 where they are all 0), summed in float64 (weights of 2**66 do not
+    overflow)."""
     squares = sum(float(torch.linalg.vector_norm(p.detach(), dtype=torch.float64)) ** 2
                   for p in unique)
     count = sum(p.numel() for p in unique)
