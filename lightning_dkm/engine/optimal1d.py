@@ -169,7 +169,7 @@ def optimal_kmeans_1d_widths(x: Tensor, ks: Sequence[int], sample_weight: Tensor
         return optimal_kmeans_1d_many([(x, k, sample_weight) for k in ks])
     prefix = _prefix(bins)
     step = max(1, _CHOICE_ENTRIES // (top * width))
-    parts = [_optimal_starts(prefix[:, part], top, ks) for part in _parts(P, step)]
+    parts = [_optimal_starts(prefix[:, part], ks) for part in _parts(P, step)]
     return [_centroids(prefix, torch.cat([starts[i] for starts in parts]), bins.center)
             for i in range(len(ks))]
 
@@ -247,7 +247,7 @@ def _drive(solvers: list[_Solver], sizes: list[int]) -> list[tuple[Tensor, Tenso
         for (k, M1, *_), members in groups.items():
             prefix = torch.cat([asked[i][0] for i in members], 1)
             step = max(1, _CHOICE_ENTRIES // (k * max(M1 - 1, k)))
-            starts = torch.cat([_optimal_starts(prefix[:, part], k)
+            starts = torch.cat([_optimal_starts(prefix[:, part], [k])[0]
                                 for part in _parts(prefix.shape[1], step)])
             for i, mine in zip(members, starts.split([asked[i][0].shape[1] for i in members]),
                                strict=True):
@@ -464,12 +464,13 @@ def _levels(M: int, device: torch.device) -> list[tuple[Tensor, Tensor, Tensor]]
     return levels
 
 
-def _optimal_starts(prefix: Tensor, k: int, ks: Sequence[int] | None = None) -> Any:
-    """``(P, k)``: where each run of an optimal partition into ``k`` runs starts, for the
-    prefix sums ``(3, P, M + 1)`` of ``M`` bins. With fewer bins than runs (``M < k``) the
-    last runs are empty: they start at ``M``. With ``ks`` (each at most ``k``, and ``M >=
-    k``), a list: the starts ``(P, k')`` of each ``k'`` of ``ks``, traced back from its own
-    row of the one table (:func:`optimal_kmeans_1d_widths`)."""
+def _optimal_starts(prefix: Tensor, ks: Sequence[int]) -> list[Tensor]:
+    """For each ``k`` of ``ks``, ``(P, k)``: where each run of an optimal partition into
+    ``k`` runs starts, for the prefix sums ``(3, P, M + 1)`` of ``M`` bins, each traced back
+    from its own row of one table for ``max(ks)`` runs (:func:`optimal_kmeans_1d_widths`).
+    With fewer bins than runs (``M < k``, one ``k`` only) the last runs are empty: they start
+    at ``M``."""
+    k = max(ks)
     _, P, M1 = prefix.shape
     bins = M1 - 1
     if bins < k:  # pad with empty bins: runs of cost 0
@@ -525,9 +526,7 @@ def _optimal_starts(prefix: Tensor, k: int, ks: Sequence[int] | None = None) -> 
             row[:, mid] = least.view(P, N)
             best_t[:, mid] = (arg.view(P, N) - base).int()
         D = row
-    if ks is not None:
-        return [_traced(choice, runs, M, bins) for runs in ks]
-    return _traced(choice, k, M, bins)
+    return [_traced(choice, runs, M, bins) for runs in ks]
 
 
 def _traced(choice: Tensor, k: int, M: int, bins: int) -> Tensor:
