@@ -53,17 +53,25 @@ ESTIMATES = {"double_backward": post_training.hessian_diagonal,
 @contextlib.contextmanager
 def estimate(name: str):
     """Within: the callback's allocation calls the estimate ``name`` (the Hessian it calls
-    first, ``post_training.hessian_diagonal``, swapped)."""
-    original = post_training.hessian_diagonal
-    post_training.hessian_diagonal = ESTIMATES[name]
+    first, ``post_training.hessian_diagonal``, swapped); yields the list its calls are
+    counted in, so that a run can show that the swap took effect."""
+    original, chosen, calls = post_training.hessian_diagonal, ESTIMATES[name], []
+
+    def counted(*args, **kwargs):
+        calls.append(name)
+        return chosen(*args, **kwargs)
+
+    post_training.hessian_diagonal = counted
     try:
-        yield
+        yield calls
     finally:
         post_training.hessian_diagonal = original
 
 
-def _trainer(epochs: int, callbacks: list[pl.Callback]) -> pl.Trainer:
-    return pl.Trainer(max_epochs=epochs, logger=False, enable_checkpointing=False,
+def _trainer(epochs: int, callbacks: list[pl.Callback], limit_batches: int | None
+             ) -> pl.Trainer:
+    return pl.Trainer(max_epochs=epochs, limit_train_batches=limit_batches, logger=False,
+                      enable_checkpointing=False,
                       enable_progress_bar=False, enable_model_summary=False,
                       limit_val_batches=0, num_sanity_val_steps=0, accelerator="cpu",
                       devices=1, callbacks=callbacks, deterministic=True)
@@ -82,8 +90,8 @@ def held_out(model: DigitsCNN, data: DigitsDataModule) -> tuple[float, float]:
     return correct / count, loss / count
 
 
-def run(seeds: list[int], budgets: list[float], pretrain_epochs: int, epochs: int, log
-        ) -> list[dict]:
+def run(seeds: list[int], budgets: list[float], pretrain_epochs: int, epochs: int, log,
+        limit_batches: int | None = None) -> list[dict]:
     rows = []
     for seed in seeds:
         pl.seed_everything(seed, verbose=False)
@@ -92,7 +100,7 @@ def run(seeds: list[int], budgets: list[float], pretrain_epochs: int, epochs: in
         pretrained = DigitsCNN()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            _trainer(pretrain_epochs, []).fit(pretrained, data)
+            _trainer(pretrain_epochs, [], limit_batches).fit(pretrained, data)
         acc, ce = held_out(pretrained, data)
         rows.append({"seed": seed, "method": "fp32", "accuracy": acc, "cross_entropy": ce})
         log(f"seed {seed} fp32: accuracy {acc:.4f}, cross-entropy {ce:.4f}")
@@ -104,15 +112,18 @@ def run(seeds: list[int], budgets: list[float], pretrain_epochs: int, epochs: in
                                    verbose=False, log_histograms=False)
             pl.seed_everything(seed, verbose=False)
             start = time.process_time()
-            with (estimate(way) if way in ESTIMATES else contextlib.nullcontext()), \
+            with (estimate(way) if way in ESTIMATES else contextlib.nullcontext([])) as calls, \
                     warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                _trainer(epochs, [callback]).fit(model, data)
+                _trainer(epochs, [callback], limit_batches).fit(model, data)
+            if way in ESTIMATES and not calls:
+                raise RuntimeError(f"the allocation did not call the {way} estimate")
             seconds = time.process_time() - start
             acc, ce = held_out(model, data)
             allocation = callback.bit_allocation
             row = {"seed": seed, "method": way, "average_bits": budget, "accuracy": acc,
                    "cross_entropy": ce, "fit_cpu_seconds": round(seconds, 2),
+                   "estimate_calls": len(calls),
                    "clustered_bytes": callback.report.clustered_bytes,
                    "widths": None if allocation is None else allocation.bits}
             rows.append(row)
@@ -147,6 +158,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--budgets", type=float, nargs="+", default=[1.5, 2.0])
     parser.add_argument("--pretrain-epochs", type=int, default=5)
     parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--limit-batches", type=int, default=None,
+                        help="training batches per epoch (default: all 17)")
     parser.add_argument("--out", type=Path,
                         default=ROOT / "benchmarks" / "results" / "hessian_fd_relu.json")
     args = parser.parse_args(argv)
@@ -157,7 +170,8 @@ def main(argv: list[str] | None = None) -> dict:
         print(message, flush=True)
 
     load = os.getloadavg()
-    rows = run(args.seeds, args.budgets, args.pretrain_epochs, args.epochs, log)
+    rows = run(args.seeds, args.budgets, args.pretrain_epochs, args.epochs, log,
+               args.limit_batches)
     result = {"command": "python benchmarks/hessian_fd_relu.py " + " ".join(
                   argv if argv is not None else sys.argv[1:]),
               "torch": torch.__version__, "load_average_before": load,

@@ -218,3 +218,16 @@ def test_accuracy_study_merge_replaces_only_the_methods_the_new_run_has(tmp_path
         ("dkm", 2.4), ("dkm_uniform", 2.5), ("hard", 2.9)]
     assert merged["merged"] == [{"part": "charlm", "methods": ["dkm", "dkm_uniform"],
                                  "from": "new.json", "command": "new run", "defaults": None}]
+
+
+def test_hessian_fd_relu_fits_each_estimate_and_uniform_widths(tmp_path):
+    out = tmp_path / "relu.json"
+    result = run("hessian_fd_relu.py", "--seeds", "0", "--budgets", "1.5", "--pretrain-epochs",
+                 "1", "--epochs", "1", "--limit-batches", "3", "--out", str(out))
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["method"] for r in rows] == ["fp32", "double_backward", "finite_difference",
+                                          "uniform"]
+    for row in rows[1:3]:  # the swapped estimate was the one the allocation called
+        assert row["estimate_calls"] == 1 and row["widths"] is not None
+    assert rows[3]["widths"] is None and rows[3]["estimate_calls"] == 0
+    assert "finite_difference average_bits=1.5: accuracy" in result.stdout
