@@ -483,7 +483,7 @@ def hessian_diagonal(
                                  grad_outputs=[zs[i] for i in curved], allow_unused=True)
         for i, h in zip(curved, hz, strict=True):
             if h is not None:
-                out[i] = (zs[i] * h).detach().float()
+                out[i] = zs[i].mul_(h).float()  # in place: z is not read again
         return [torch.zeros_like(g, dtype=torch.float32) if o is None and g is not None else o
                 for o, g in zip(out, grads, strict=True)]
 
