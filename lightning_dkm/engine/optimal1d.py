@@ -423,17 +423,12 @@ def _lloyd_cells(prefix: Tensor, starts: Tensor, occupied: Tensor, max_iter: int
     return starts
 
 
-def _mean_term(prefix: Tensor, start: Tensor, end: Tensor, node: Tensor | None = None
-               ) -> Tensor:
-    r""":math:`(\sum w m)^2 / \sum w` of runs ``[start, end)`` (flat indices into the ``(3, P *
-    (M + 1))`` prefix sums of ``w``, ``w m`` and ``w m**2`` of the bins; 0 for a run without
-    weight): a run's cost, the weighted squared distances of its bins' means to its mean, is
-    its :math:`\sum w m^2` less this. With ``node``, run ``r`` ends at ``end[node[r]]`` (the
-    sums at the few ends are read first, then spread: cheaper than reading them at every
-    run's end)."""
-    w, s = (prefix[r].index_select(0, end) for r in range(2))
-    if node is not None:
-        w, s = w.index_select(0, node), s.index_select(0, node)
+def _mean_term(prefix: Tensor, start: Tensor, w: Tensor, s: Tensor) -> Tensor:
+    r""":math:`(\sum w m)^2 / \sum w` of runs from ``start`` (flat indices into the ``(3, P *
+    (M + 1))`` prefix sums of ``w``, ``w m`` and ``w m**2`` of the bins) to where the prefix
+    sums of ``w`` and ``w m`` are ``w`` and ``s`` (overwritten); 0 for a run without weight: a
+    run's cost, the weighted squared distances of its bins' means to its mean, is its
+    :math:`\sum w m^2` less this."""
     w = w.sub_(prefix[0].index_select(0, start))
     s = s.sub_(prefix[1].index_select(0, start))
     return s.square_().div_(w.clamp_min_(_TINY))
@@ -481,52 +476,88 @@ def _optimal_starts(prefix: Tensor, ks: Sequence[int]) -> list[Tensor]:
     flat = prefix.reshape(3, -1)
     base = torch.arange(P, device=device).unsqueeze(1) * M1  # each palette's first flat index
     ends = (base + torch.arange(1, M1, device=device)).view(-1)
-    D = flat[2].index_select(0, ends).sub_(_mean_term(flat, base.expand(P, M).reshape(-1), ends)
-                                          ).view(P, M)
+    w, s, q = (flat[r].index_select(0, ends) for r in range(3))
+    D = q.sub_(_mean_term(flat, base.expand(P, M).reshape(-1), w, s)).view(P, M)
     choice = torch.zeros(k, P, M, dtype=torch.int32, device=device)  # best t per (row, i)
-    levels = _levels(M, device)
+    # per palette side by side: this row's best t, the bound where a node has no ancestor to
+    # its left (j) and to its right (M - 1), and the previous row's best t (flat: one read
+    # of every node's three bounds)
+    bounds = torch.zeros(P, 2 * M + 2, dtype=torch.long, device=device)
+    bounds[:, M + 1] = M - 1
+    levels = [_level(mid, left, right, M, base, flat) for mid, left, right in _levels(M, device)]
+    never = torch.tensor(torch.iinfo(torch.int32).max, dtype=torch.int32, device=device)
     for j in range(1, k):
         if j == k - 1:  # the last row: only its last ``i`` (the root) is read
             levels = levels[:1]
-        best_t = choice[j]
-        previous = choice[j - 1]
+        if j > 1:  # a row's best t is at least the previous row's (monotone in j too)
+            bounds[:, M + 2 :] = bounds[:, :M]
+        bounds[:, M] = j
+        read = bounds.view(-1)
         # D_{j-1}(t - 1) - q(t) at flat index base + t (t >= j >= 1): a run from t to i then
         # costs this plus q(i + 1) less its mean term, and q(i + 1) is the same for every t
         before = torch.cat((D.new_full((P, 1), float("inf")), D), 1).view(-1).sub_(flat[2])
         row = torch.empty_like(D)
-        for mid, left, right in levels:
-            N = mid.numel()
-            lo = torch.where(left >= 0, best_t[:, left.clamp_min(0)].long(), j)
-            if j > 1:  # a row's best t is at least the previous row's (monotone in j too)
-                lo = torch.maximum(lo, previous[:, mid].long())
-            hi = torch.where(right >= 0, best_t[:, right.clamp_min(0)].long(), M - 1)
-            hi = torch.minimum(hi, mid)
-            empty = hi < lo  # i < j: no partition; any t (j) keeps the choices monotone
-            count = (hi - lo + 1).clamp_(min=1).view(-1)
-            total = int(count.sum())
-            offset = count.cumsum(0) - count  # where each node's candidates begin
+        for level in levels:
+            N = level.mid.numel()
+            bound = read.index_select(0, level.bounds).view(P, 3, N)
+            lo = torch.maximum(bound[:, 0], bound[:, 2])
+            hi = torch.minimum(bound[:, 1], level.mid)
+            count = hi.sub_(lo).add_(1).view(-1)
+            empty = count < 1  # i < j: no partition; any t (j) keeps the choices monotone
+            count.clamp_(min=1)
+            offset = count.cumsum(0)
+            total = int(offset[-1])
+            offset -= count  # where each node's candidates begin
             # each candidate's node (repeat_interleave, without its parallel region: on a
             # busy CPU that costs milliseconds a call)
             node = torch.zeros(total, dtype=torch.long, device=device)
             node.index_fill_(0, offset[1:], 1)
             node = node.cumsum_(0)
+            start = lo.add_(base).view(-1)  # each node's first candidate, flat
             # t_flat = position + first, int32 (faster reads; P (M + 1) < _CHOICE_ENTRIES)
-            first = ((lo + base).view(-1) - offset).int()
+            first = (start - offset).int()
             t = torch.arange(total, dtype=torch.int32, device=device).add_(
                 first.index_select(0, node))
-            end = (mid + 1 + base).view(-1)
-            value = before.index_select(0, t).sub_(_mean_term(flat, t, end, node))
+            # the sums at each node's i + 1 are the level's, read once for every row
+            value = before.index_select(0, t).sub_(_mean_term(
+                flat, t, level.w.index_select(0, node), level.s.index_select(0, node)))
             least = value.new_full((P * N,), float("inf")).scatter_reduce_(
                 0, node, value, "amin")
-            never = t.new_tensor(torch.iinfo(t.dtype).max)
             candidate = torch.where(value <= least.index_select(0, node), t, never)
             arg = never.expand(P * N).clone().scatter_reduce_(0, node, candidate, "amin")
-            arg = torch.where(empty.view(-1), lo.view(-1) + base.expand(P, N).reshape(-1), arg)
-            least = torch.where(empty.view(-1), float("inf"), least + flat[2].index_select(0, end))
-            row[:, mid] = least.view(P, N)
-            best_t[:, mid] = (arg.view(P, N) - base).int()
+            arg = torch.where(empty, start, arg)
+            least = torch.where(empty, float("inf"), least.add_(level.q))
+            row[:, level.mid] = least.view(P, N)
+            bounds[:, level.mid] = arg.view(P, N) - base
+        choice[j] = bounds[:, :M]
         D = row
     return [_traced(choice, runs, M, bins) for runs in ks]
+
+
+class _Level(NamedTuple):
+    """One level of the divide-and-conquer tree (:func:`_levels`) as :func:`_optimal_starts`
+    reads it: its nodes' middle ``i``; per palette, where its nodes' bounds lie in the flat
+    ``(P, 2 M + 2)`` table of best ``t`` (``(P, 3, N)``: the left ancestor's or ``M``, the
+    right one's or ``M + 1``, the previous row's at ``i``); and the prefix sums ``w``, ``w m``
+    and ``q`` at ``i + 1`` per palette and node, the same in every row."""
+
+    mid: Tensor
+    bounds: Tensor
+    w: Tensor
+    s: Tensor
+    q: Tensor
+
+
+def _level(mid: Tensor, left: Tensor, right: Tensor, M: int, base: Tensor, flat: Tensor
+           ) -> _Level:
+    """A level of :func:`_levels` as :class:`_Level`, for palettes at ``base`` in ``flat``."""
+    P = base.shape[0]
+    where = torch.stack((torch.where(left >= 0, left, M), torch.where(right >= 0, right, M + 1),
+                         mid + M + 2))
+    palette = torch.arange(P, device=mid.device).view(P, 1, 1)
+    end = (mid + 1 + base).view(-1)
+    w, s, q = (flat[r].index_select(0, end) for r in range(3))
+    return _Level(mid, (palette * (2 * M + 2) + where).view(-1), w, s, q)
 
 
 def _traced(choice: Tensor, k: int, M: int, bins: int) -> Tensor:
