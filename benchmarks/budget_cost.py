@@ -14,6 +14,19 @@ Writes ``benchmarks/results/budget_cost.json``.
 ``--results STUDY.json`` reads the same figures from the MiniLM rows of an accuracy study run
 with ``--average-bits`` instead of running one (every ``dkm_average_bits`` row records its
 allocation's seconds beside its own fit's).
+
+``--lightning`` measures what a user waits for instead: the same model, data, trainable
+parameters, optimizer and 32 steps as a ``LightningModule`` fitted by ``Trainer.fit`` with
+``DKMCallback(bits=2, targets=<the whole encoder>)``, once at its default (``average_bits=
+"bits"``: the allocation runs at setup) and once with ``average_bits=None`` (uniform widths, no
+allocation), interleaved per seed. For each it prints ``Trainer.fit``'s seconds (setup, DKM's
+seeding k-means, the steps, the final snap and report) and the training steps' (first batch
+start to last batch end), with the allocation's own seconds (``plan_fit_widths``: the Hessian
+and ``plan_widths``, timed inside the fit) against both. Writes
+``benchmarks/results/budget_cost_lightning.json``.
+
+    PYTHONPATH=$PWD HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 .venv/bin/python \\
+        benchmarks/budget_cost.py --lightning
 """
 
 from __future__ import annotations
@@ -22,12 +35,147 @@ import argparse
 import json
 import os
 import sys
+import time
+import warnings
 from pathlib import Path
+
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from accuracy_study import DKM_BUDGET, MiniLMConfig, _quiet, run_minilm  # noqa: E402
+from accuracy_study import (  # noqa: E402
+    DKM_BUDGET,
+    MiniLMConfig,
+    _quiet,
+    _trainable,
+    minilm_task,
+    run_minilm,
+)
+
+#: The clustered tensors of ``--lightning``: every Linear weight of MiniLM's encoder (36), as
+#: the study's cost runs (``--minilm-targets 'encoder.encoder.layer.*'``).
+ENCODER = ("encoder.encoder.layer.*",)
+
+
+def _clock() -> tuple[float, float]:
+    return time.perf_counter(), time.process_time()
+
+
+def _since(start: tuple[float, float]) -> dict[str, float]:
+    wall, cpu = _clock()
+    return {"wall_s": round(wall - start[0], 3), "cpu_s": round(cpu - start[1], 3)}
+
+
+def lightning_fit(task, cfg: MiniLMConfig, seed: int, average_bits) -> dict:
+    """One ``Trainer.fit`` of the study's MiniLM distillation with ``DKMCallback(bits=2,
+    average_bits=average_bits)`` on the encoder: its seconds, its steps' seconds and (with an
+    allocation) the allocation's seconds, wall and process CPU."""
+    import lightning.pytorch as pl
+    from torch.utils.data import DataLoader
+
+    from lightning_dkm import DKMCallback
+    from lightning_dkm.engine.layout import ClusterSpec
+    from lightning_dkm.lightning import callback as callback_module
+    from lightning_dkm.model.targets import select_targets
+
+    model = task.fresh()
+    modules = [t.module_name for t in select_targets(model, ClusterSpec(),
+                                                     targets=cfg.targets)]
+
+    class Distillation(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def training_step(self, batch, batch_idx):
+            return task.loss(self.model, tuple(batch))
+
+        def configure_optimizers(self):
+            return torch.optim.AdamW(_trainable(self.model, cfg, modules), lr=cfg.lr,
+                                     weight_decay=0.0)
+
+    class Steps(pl.Callback):  # first batch start to last batch end
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            if batch_idx == 0:
+                self.start = _clock()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            self.seconds = _since(self.start)
+
+    spent: list[dict[str, float]] = []
+    original = callback_module.plan_fit_widths
+
+    def timed(*args, **kwargs):
+        start = _clock()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            spent.append(_since(start))
+
+    batches = task.batches(seed, cfg.steps, cfg.batch_size)
+    dkm = DKMCallback(bits=2, average_bits=average_bits,
+                      targets=[f"model.{t}" for t in cfg.targets],
+                      seed=seed, verbose=False, log_histograms=False)
+    steps = Steps()
+    trainer = pl.Trainer(max_steps=cfg.steps, max_epochs=1, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, limit_val_batches=0,
+                         num_sanity_val_steps=0, accelerator="cpu", devices=1,
+                         callbacks=[dkm, steps])
+    callback_module.plan_fit_widths = timed
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            start = _clock()
+            trainer.fit(Distillation(), DataLoader(batches, batch_size=None))
+            fit = _since(start)
+    finally:
+        callback_module.plan_fit_widths = original
+    allocation = dkm.bit_allocation
+    return {"seed": seed, "average_bits": average_bits, "fit": fit, "steps": steps.seconds,
+            "allocation": spent[0] if spent else None,
+            "widths": None if allocation is None else allocation.bits,
+            "sensitivity": None if allocation is None else allocation.sensitivity}
+
+
+def lightning_main(args) -> dict:
+    """``--lightning``: default and uniform fits per seed, interleaved (module docstring)."""
+    cfg = MiniLMConfig(targets=ENCODER)
+    if args.tiny:  # seconds: checks the pipeline, not the figures
+        tiny = MiniLMConfig.tiny()
+        cfg = MiniLMConfig(targets=("encoder.encoder.layer.0.*",),
+                           train_sentences=tiny.train_sentences,
+                           heldout_sentences=tiny.heldout_sentences, steps=2,
+                           batch_size=tiny.batch_size)
+    task = minilm_task(cfg, log=lambda m: None)
+    load_before = os.getloadavg()
+    runs = []
+    for seed in args.seeds:
+        uniform = lightning_fit(task, cfg, seed, None)
+        default = lightning_fit(task, cfg, seed, "bits")
+        spent = default["allocation"]
+        ratios = {clock: {"of_fit": spent[clock] / default["fit"][clock],
+                          "of_steps": spent[clock] / default["steps"][clock],
+                          "fit_over_uniform_fit": default["fit"][clock] / uniform["fit"][clock]}
+                  for clock in ("wall_s", "cpu_s")}
+        runs.append({"seed": seed, "default": default, "uniform": uniform, "ratios": ratios})
+        cpu = ratios["cpu_s"]
+        print(f"seed {seed}: allocation {spent['cpu_s']:.2f} s CPU ({spent['wall_s']:.2f} s "
+              f"wall) in a fit of {default['fit']['cpu_s']:.1f} s CPU, its {cfg.steps} steps "
+              f"{default['steps']['cpu_s']:.1f} s: {100 * cpu['of_fit']:.1f} % of the fit, "
+              f"{100 * cpu['of_steps']:.1f} % of the steps (wall: "
+              f"{100 * ratios['wall_s']['of_fit']:.1f} / "
+              f"{100 * ratios['wall_s']['of_steps']:.1f} %); the uniform fit beside it "
+              f"{uniform['fit']['cpu_s']:.1f} s CPU", flush=True)
+    result = {"command": "python benchmarks/budget_cost.py " + " ".join(sys.argv[1:]),
+              "steps": cfg.steps, "batch_size": cfg.batch_size, "targets": list(cfg.targets),
+              "threads": torch.get_num_threads(), "load_average_before": load_before,
+              "load_average_after": os.getloadavg(), "runs": runs}
+    print(f"load average before {load_before}, after {result['load_average_after']}")
+    out = args.out or ROOT / "benchmarks" / "results" / "budget_cost_lightning.json"
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    return result
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -36,10 +184,19 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--average-bits", type=float, default=2.0)
     parser.add_argument("--results", type=Path, metavar="STUDY_JSON",
                         help="read the MiniLM rows of this accuracy study instead of running")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" /
-                        "budget_cost.json")
+    parser.add_argument("--lightning", action="store_true",
+                        help="time Trainer.fit with DKMCallback's default against uniform widths")
+    parser.add_argument("--tiny", action="store_true",
+                        help="--lightning on 2 steps of 8 sentences, encoder layer 0 (a smoke "
+                             "test)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="default: benchmarks/results/budget_cost.json "
+                             "(--lightning: budget_cost_lightning.json)")
     args = parser.parse_args(argv)
     _quiet()
+    if args.lightning:
+        return lightning_main(args)
+    args.out = args.out or ROOT / "benchmarks" / "results" / "budget_cost.json"
     cfg = MiniLMConfig(bits=(round(args.average_bits),), methods=("dkm",),
                        seeds=tuple(args.seeds), average_bits=(args.average_bits,))
     load_before = os.getloadavg()

