@@ -481,10 +481,14 @@ def _optimal_starts(prefix: Tensor, ks: Sequence[int]) -> list[Tensor]:
     choice = torch.zeros(k, P, M, dtype=torch.int32, device=device)  # best t per (row, i)
     # per palette side by side: this row's best t, the bound where a node has no ancestor to
     # its left (j) and to its right (M - 1), and the previous row's best t (flat: one read
-    # of every node's three bounds)
-    bounds = torch.zeros(P, 2 * M + 2, dtype=torch.long, device=device)
+    # of every node's three bounds; int32 as ``choice``)
+    bounds = torch.zeros(P, 2 * M + 2, dtype=torch.int32, device=device)
     bounds[:, M + 1] = M - 1
-    levels = [_level(mid, left, right, M, base, flat) for mid, left, right in _levels(M, device)]
+    palette = torch.arange(P, device=device).view(P, 1, 1) * (2 * M + 2)
+    # the levels that some row reads (two runs: only the last row's root), each with the
+    # prefix sums at its i + 1 (3 P M float64 over all levels, as many as ``prefix``)
+    tree = _levels(M, device)[: 1 if k == 2 else None]
+    levels = [_level(mid, left, right, M, base, flat) for mid, left, right in tree]
     never = torch.tensor(torch.iinfo(torch.int32).max, dtype=torch.int32, device=device)
     for j in range(1, k):
         if j == k - 1:  # the last row: only its last ``i`` (the root) is read
@@ -499,7 +503,7 @@ def _optimal_starts(prefix: Tensor, ks: Sequence[int]) -> list[Tensor]:
         row = torch.empty_like(D)
         for level in levels:
             N = level.mid.numel()
-            bound = read.index_select(0, level.bounds).view(P, 3, N)
+            bound = read.index_select(0, (palette + level.bounds).view(-1)).view(P, 3, N)
             lo = torch.maximum(bound[:, 0], bound[:, 2])
             hi = torch.minimum(bound[:, 1], level.mid)
             count = hi.sub_(lo).add_(1).view(-1)
@@ -528,7 +532,7 @@ def _optimal_starts(prefix: Tensor, ks: Sequence[int]) -> list[Tensor]:
             arg = torch.where(empty, start, arg)
             least = torch.where(empty, float("inf"), least.add_(level.q))
             row[:, level.mid] = least.view(P, N)
-            bounds[:, level.mid] = arg.view(P, N) - base
+            bounds[:, level.mid] = (arg.view(P, N) - base).int()
         choice[j] = bounds[:, :M]
         D = row
     return [_traced(choice, runs, M, bins) for runs in ks]
@@ -536,10 +540,10 @@ def _optimal_starts(prefix: Tensor, ks: Sequence[int]) -> list[Tensor]:
 
 class _Level(NamedTuple):
     """One level of the divide-and-conquer tree (:func:`_levels`) as :func:`_optimal_starts`
-    reads it: its nodes' middle ``i``; per palette, where its nodes' bounds lie in the flat
-    ``(P, 2 M + 2)`` table of best ``t`` (``(P, 3, N)``: the left ancestor's or ``M``, the
+    reads it: its nodes' middle ``i``; where its nodes' bounds lie in a palette's part of the
+    flat ``(P, 2 M + 2)`` table of best ``t`` (``(3, N)``: the left ancestor's or ``M``, the
     right one's or ``M + 1``, the previous row's at ``i``); and the prefix sums ``w``, ``w m``
-    and ``q`` at ``i + 1`` per palette and node, the same in every row."""
+    and ``q`` at ``i + 1`` per palette and node (``(P N,)``), the same in every row."""
 
     mid: Tensor
     bounds: Tensor
@@ -551,13 +555,11 @@ class _Level(NamedTuple):
 def _level(mid: Tensor, left: Tensor, right: Tensor, M: int, base: Tensor, flat: Tensor
            ) -> _Level:
     """A level of :func:`_levels` as :class:`_Level`, for palettes at ``base`` in ``flat``."""
-    P = base.shape[0]
-    where = torch.stack((torch.where(left >= 0, left, M), torch.where(right >= 0, right, M + 1),
-                         mid + M + 2))
-    palette = torch.arange(P, device=mid.device).view(P, 1, 1)
     end = (mid + 1 + base).view(-1)
     w, s, q = (flat[r].index_select(0, end) for r in range(3))
-    return _Level(mid, (palette * (2 * M + 2) + where).view(-1), w, s, q)
+    return _Level(mid, torch.stack((torch.where(left >= 0, left, M),
+                                    torch.where(right >= 0, right, M + 1), mid + M + 2)),
+                  w, s, q)
 
 
 def _traced(choice: Tensor, k: int, M: int, bins: int) -> Tensor:
