@@ -35,6 +35,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -118,7 +119,9 @@ def lightning_fit(task, cfg: MiniLMConfig, seed: int, average_bits) -> dict:
                       targets=[f"model.{t}" for t in cfg.targets],
                       seed=seed, verbose=False, log_histograms=False)
     steps = Steps()
+    out_dir = tempfile.TemporaryDirectory()  # the report and the artifact fit end writes
     trainer = pl.Trainer(max_steps=cfg.steps, max_epochs=1, logger=False,
+                         default_root_dir=out_dir.name,
                          enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, limit_val_batches=0,
                          num_sanity_val_steps=0, accelerator="cpu", devices=1,
@@ -132,6 +135,7 @@ def lightning_fit(task, cfg: MiniLMConfig, seed: int, average_bits) -> dict:
             fit = _since(start)
     finally:
         callback_module.plan_fit_widths = original
+        out_dir.cleanup()
     allocation = dkm.bit_allocation
     return {"seed": seed, "average_bits": average_bits, "fit": fit, "steps": steps.seconds,
             "allocation": spent[0] if spent else None,

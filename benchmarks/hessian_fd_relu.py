@@ -30,6 +30,7 @@ import logging
 import os
 import statistics
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -68,10 +69,10 @@ def estimate(name: str):
         post_training.hessian_diagonal = original
 
 
-def _trainer(epochs: int, callbacks: list[pl.Callback], limit_batches: int | None
-             ) -> pl.Trainer:
+def _trainer(epochs: int, callbacks: list[pl.Callback], limit_batches: int | None,
+             root: str) -> pl.Trainer:
     return pl.Trainer(max_epochs=epochs, limit_train_batches=limit_batches, logger=False,
-                      enable_checkpointing=False,
+                      default_root_dir=root, enable_checkpointing=False,
                       enable_progress_bar=False, enable_model_summary=False,
                       limit_val_batches=0, num_sanity_val_steps=0, accelerator="cpu",
                       devices=1, callbacks=callbacks, deterministic=True)
@@ -92,6 +93,12 @@ def held_out(model: DigitsCNN, data: DigitsDataModule) -> tuple[float, float]:
 
 def run(seeds: list[int], budgets: list[float], pretrain_epochs: int, epochs: int, log,
         limit_batches: int | None = None) -> list[dict]:
+    with tempfile.TemporaryDirectory() as root:  # the reports and artifacts fits write
+        return _runs(seeds, budgets, pretrain_epochs, epochs, log, limit_batches, root)
+
+
+def _runs(seeds: list[int], budgets: list[float], pretrain_epochs: int, epochs: int, log,
+          limit_batches: int | None, root: str) -> list[dict]:
     rows = []
     for seed in seeds:
         pl.seed_everything(seed, verbose=False)
@@ -100,7 +107,7 @@ def run(seeds: list[int], budgets: list[float], pretrain_epochs: int, epochs: in
         pretrained = DigitsCNN()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            _trainer(pretrain_epochs, [], limit_batches).fit(pretrained, data)
+            _trainer(pretrain_epochs, [], limit_batches, root).fit(pretrained, data)
         acc, ce = held_out(pretrained, data)
         rows.append({"seed": seed, "method": "fp32", "accuracy": acc, "cross_entropy": ce})
         log(f"seed {seed} fp32: accuracy {acc:.4f}, cross-entropy {ce:.4f}")
@@ -115,7 +122,7 @@ def run(seeds: list[int], budgets: list[float], pretrain_epochs: int, epochs: in
             with (estimate(way) if way in ESTIMATES else contextlib.nullcontext([])) as calls, \
                     warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                _trainer(epochs, [callback], limit_batches).fit(model, data)
+                _trainer(epochs, [callback], limit_batches, root).fit(model, data)
             if way in ESTIMATES and not calls:
                 raise RuntimeError(f"the allocation did not call the {way} estimate")
             seconds = time.process_time() - start
