@@ -77,6 +77,7 @@ def lightning_fit(task, cfg: MiniLMConfig, seed: int, average_bits) -> dict:
 
     from lightning_dkm import DKMCallback
     from lightning_dkm.engine.layout import ClusterSpec
+    from lightning_dkm.engine.parametrization import DKMParametrization
     from lightning_dkm.lightning import callback as callback_module
     from lightning_dkm.model.targets import select_targets
 
@@ -87,7 +88,9 @@ def lightning_fit(task, cfg: MiniLMConfig, seed: int, average_bits) -> dict:
     class Distillation(pl.LightningModule):
         def __init__(self) -> None:
             super().__init__()
-            self.model = model
+            # train mode, as the study's loop sets it: task.fresh() comes in eval mode, and
+            # Lightning keeps a submodule's own mode, where DKM would snap instead of training
+            self.model = model.train()
 
         def training_step(self, batch, batch_idx):
             return task.loss(self.model, tuple(batch))
@@ -100,6 +103,8 @@ def lightning_fit(task, cfg: MiniLMConfig, seed: int, average_bits) -> dict:
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
             if batch_idx == 0:
                 self.start = _clock()
+                self.modes = {p.training for p in pl_module.modules()
+                              if isinstance(p, DKMParametrization)}
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
             self.seconds = _since(self.start)
@@ -136,6 +141,9 @@ def lightning_fit(task, cfg: MiniLMConfig, seed: int, average_bits) -> dict:
     finally:
         callback_module.plan_fit_widths = original
         out_dir.cleanup()
+    if steps.modes != {True}:  # what the fit measured must be DKM's training step
+        raise RuntimeError(f"the clustered tensors' training flags were {steps.modes} at the "
+                           "first step, not train mode")
     allocation = dkm.bit_allocation
     return {"seed": seed, "average_bits": average_bits, "fit": fit, "steps": steps.seconds,
             "allocation": spent[0] if spent else None,

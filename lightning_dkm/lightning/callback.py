@@ -52,7 +52,7 @@ from .forward_cache import ForwardCache
 from .fully_sharded import FullySharded
 from .outputs import ARTIFACT_NAME, COREML_NAME, DKMResults
 from .ownership import SaveDirLock, claim_save_dir
-from .preflight import check_export_widths, check_fit, is_fully_sharded
+from .preflight import check_export_widths, check_fit, is_fully_sharded, warn_if_in_eval_mode
 from .temperature import TemperatureConfig
 from .timeline import DKMTimeline
 
@@ -567,6 +567,9 @@ class DKMCallback(Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._checkpointing.require_restored("training")
         self._timeline.on_train_start(trainer)
+        tensors = self._step_tensors(pl_module)
+        warn_if_in_eval_mode([n for n, t in tensors.items() if not t.parametrization.training],
+                             len(tensors))
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._checkpointing.require_restored("validation")

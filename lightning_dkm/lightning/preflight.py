@@ -3,7 +3,8 @@
 At ``setup("fit")`` (:func:`check_fit`): the strategy, the output directory, the Core ML / Core
 AI exports and what ``max_epochs`` / ``max_steps`` make of ``start_epoch``, ``hard_epoch`` and
 the temperature schedule; at ``on_train_start``, when the dataloaders are known, the number of
-soft units the schedule spans (:func:`soft_units`). Each problem is a
+soft units the schedule spans (:func:`soft_units`), and whether the clustered tensors are in
+train mode (:func:`warn_if_in_eval_mode`). Each problem is a
 ``MisconfigurationException`` or a warning that names the setting and the fix, raised before
 the first step rather than at the end of fit.
 """
@@ -44,6 +45,7 @@ __all__ = [
     "output_paths",
     "resolve_save_dir",
     "soft_units",
+    "warn_if_in_eval_mode",
 ]
 
 
@@ -357,3 +359,22 @@ def soft_units(
     start_step = 0 if math.isinf(per_epoch) else start_epoch * per_epoch
     end = hard_epoch * per_epoch if hard_epoch is not None else trainer.estimated_stepping_batches
     return (None if math.isinf(end) else max(int(end) - start_step, 1)), start_step
+
+
+def warn_if_in_eval_mode(names_in_eval: list[str], total: int) -> None:
+    """Warn, at train start, that the clustered tensors ``names_in_eval`` (of ``total``) are in
+    eval mode: their forward snaps each weight to its nearest centroid instead of running DKM,
+    so the fit would not cluster them. Lightning keeps each submodule's own train/eval mode
+    (it warns about any module in eval mode, not about what that does to DKM), and a model
+    loaded by e.g. transformers' ``from_pretrained`` comes in eval mode."""
+    if not names_in_eval:
+        return
+    shown = ", ".join(names_in_eval[:3]) + (", ..." if len(names_in_eval) > 3 else "")
+    rank_zero_warn(
+        f"DKMCallback: {len(names_in_eval)} of {total} clustered tensors are in eval mode at "
+        f"the start of training ({shown}): in eval mode a clustered weight is snapped to its "
+        "nearest centroid instead of running DKM, so training will not cluster it. Lightning "
+        "keeps each submodule's own train/eval mode, and models loaded by e.g. "
+        "from_pretrained() come in eval mode: call .train() on the model (in the "
+        "LightningModule's __init__ or on_fit_start)"
+    )
