@@ -113,7 +113,9 @@ def _runs(seeds: list[int], budgets: list[float], pretrain_epochs: int, epochs: 
         log(f"seed {seed} fp32: accuracy {acc:.4f}, cross-entropy {ce:.4f}")
         runs = [(b, way) for b in budgets for way in ESTIMATES] + [(None, "uniform")]
         for budget, way in runs:
-            model = copy.deepcopy(pretrained)
+            # train mode: held_out() left the pretrained model in eval mode, and Lightning
+            # keeps submodules' modes, where DKM would snap instead of training
+            model = copy.deepcopy(pretrained).train()
             callback = DKMCallback(bits=2 if budget is None else None, average_bits=budget,
                                    min_size=2048,
                                    verbose=False, log_histograms=False)
