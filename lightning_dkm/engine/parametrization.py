@@ -51,6 +51,7 @@ from .numerics import (
 )
 from .palette import Palette
 from .reference import dkm_cluster, soft_assignment
+from .snap_cache import SnapCache
 from .weighted import DEFAULT_CHUNK, Gradient, check_gradient
 
 __all__ = [
@@ -226,6 +227,9 @@ class DKMParametrization(nn.Module):
         #: The accumulation window this weight is in (:mod:`.accumulation`: the soft weights
         #: computed once per optimizer step), or ``None``: a DKM step per training forward.
         self.window: SoftWindow | None = None
+        #: The evaluation loop's cache of snapped weights this weight is in
+        #: (:mod:`.snap_cache`: an eval-mode snap computed once per loop), or ``None``.
+        self.snap_cache: SnapCache | None = None
         # The centroids a training step started from, for a forward that activation
         # checkpointing runs again in the backward (:func:`replaying`): it must start there
         # too, and move nothing.
@@ -371,7 +375,8 @@ class DKMParametrization(nn.Module):
     def _clustered(self, weight: Tensor) -> Tensor:
         """The soft (training) or snapped weight of an initialised parametrization: the step
         (:attr:`pass_step` inside a clustering pass) on the layout's step view, read back; in
-        an accumulation window (:attr:`window`) computed once per window."""
+        an accumulation window (:attr:`window`) computed once per window; the eval-mode snap
+        served from an open :attr:`snap_cache` where it may be."""
         soft = self.mode == "soft" and self.training
         window = self.window if soft else None
         if window is not None and window.has():
@@ -381,6 +386,9 @@ class DKMParametrization(nn.Module):
         replay = self._step_start is not None and (
             replaying() or (window is not None and window.soft is not None))
         start = self._step_start if replay else self.centroids
+        cache = None if self.training or replay else self.snap_cache
+        if cache is not None and (kept := cache.get(self, weight)) is not None:
+            return kept
         x = self.layout.step_view(weight, self.scale)
         if soft:
             step = self.step if self.pass_step is None else self.pass_step
@@ -405,7 +413,10 @@ class DKMParametrization(nn.Module):
         # Straight-through: the value is the snapped weight, the gradient is the identity. Adding
         # the exact zero ``x - x.detach()`` keeps the value bit-for-bit ``snapped``
         # (``x + (snapped - x)`` rounds, giving more than 2**bits distinct values).
-        return self.layout.from_step_view(snapped + (x - x.detach()), self.scale)
+        clustered = self.layout.from_step_view(snapped + (x - x.detach()), self.scale)
+        if cache is not None:
+            cache.put(self, weight, clustered)
+        return clustered
 
     @torch.no_grad()
     def keep_centroids(self, centroids: Tensor) -> None:
