@@ -2,9 +2,10 @@
 
 Hooks, one concern each; the work is in the modules they call: :mod:`.arguments` (the
 constructor's checks), :mod:`.preflight` (the Trainer's, at setup), :mod:`.timeline` (modes and
-tau), :mod:`.forward_cache`, :mod:`.checkpointing` (plain weights in checkpoints, the DKM state
-beside them), :mod:`.outputs` (metrics, report, artifact, results). ``setup("fit")`` registers
-the parametrizations before ``configure_optimizers`` and before DDP wraps the model.
+tau), :mod:`.forward_cache`, :mod:`~lightning_dkm.engine.snap_cache` (each weight snapped once
+per validation / test / predict loop), :mod:`.checkpointing` (plain weights in checkpoints, the
+DKM state beside them), :mod:`.outputs` (metrics, report, artifact, results). ``setup("fit")``
+registers the parametrizations before ``configure_optimizers`` and before DDP wraps the model.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 from ..engine.layout import ClusterSpec
 from ..engine.palette import LUT_DTYPES, LutDtype, Palette, lut_dtype_name
+from ..engine.snap_cache import SnapCache
 from ..export.artifact import save_compressed
 from ..export.report import CompressionReport
 from ..model.attach import (
@@ -321,6 +323,7 @@ class DKMCallback(Callback):
         self._out_dir: Path | None = None
         self._save_dir_lock: SaveDirLock | None = None  # rank 0's, from setup to teardown
         self._forward_cache = ForwardCache()
+        self._snap_cache = SnapCache()  # open for a validation / test / predict loop
         self._tensor_cache: tuple[pl.LightningModule, dict[str, ClusteredTensor]] | None = None
         self._checkpointing = DKMCheckpointing()
         self._fully_sharded: FullySharded | None = None  # under FSDP2 (ModelParallelStrategy)
@@ -553,6 +556,7 @@ class DKMCallback(Callback):
                                                  explicit=self.save_dir is not None)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._snap_cache.close()
         self._forget_tensors()
         self._checkpointing.unwatch()
         if stage == "fit":
@@ -573,12 +577,34 @@ class DKMCallback(Callback):
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._checkpointing.require_restored("validation")
+        self._open_snap_cache(trainer, pl_module)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._snap_cache.close()
 
     def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._checkpointing.require_restored("testing")
+        self._open_snap_cache(trainer, pl_module)
+
+    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._snap_cache.close()
 
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._checkpointing.require_restored("prediction")
+        self._open_snap_cache(trainer, pl_module)
+
+    def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._snap_cache.close()
+
+    def _open_snap_cache(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Snap each clustered weight once per evaluation loop, not once per batch
+        (:mod:`~lightning_dkm.engine.snap_cache`; closed at the loop's end, on an exception and
+        before a training batch). Not under FSDP2: there the weights are gathered per forward,
+        and a whole snapped weight kept per tensor would hold the whole model on every rank."""
+        self._snap_cache.close()
+        if self._fully_sharded is None and not is_fully_sharded(trainer):
+            tensors = clustered_tensors(pl_module, self._names or None)
+            self._snap_cache.open(t.parametrization for t in tensors.values())
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._timeline.on_epoch_start(trainer.current_epoch, self._tensors(pl_module)):
@@ -606,6 +632,7 @@ class DKMCallback(Callback):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
+        self._snap_cache.close()  # a validation's snapped weights are stale after this step
         self._forward_cache.close()
         if self._timeline.on_step(trainer.global_step, trainer.current_epoch,
                                   lambda: self._step_tensors(pl_module)):
@@ -638,6 +665,7 @@ class DKMCallback(Callback):
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
     ) -> None:
+        self._snap_cache.close()
         self._forward_cache.close()
         self._forward_cache.end_window(finish=False)
         if self._fully_sharded is not None:
