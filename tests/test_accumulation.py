@@ -117,9 +117,12 @@ def test_a_window_gives_the_summed_gradients_of_a_step_per_micro_batch(checkpoin
     batches = [torch.randn(8, 64, generator=g, requires_grad=True) for _ in range(3)]
     per_micro_batch = _window_step(_unique_model(), batches, window=False)
     windowed = _window_step(_unique_model(), batches, window=True, checkpoint=checkpoint)
+    # Up to float summation order: a gradient that sums terms of the largest one's size and
+    # cancels to a small one keeps their rounding, a few ulps of the largest (1.4e-6 of it on
+    # one entry of 16,384 with the reentrant checkpoint's recomputation on one CPU type)
     for name, grad in per_micro_batch.items():
         torch.testing.assert_close(windowed[name], grad, rtol=1e-5,
-                                   atol=1e-6 * float(grad.abs().max()), msg=name)
+                                   atol=4e-6 * float(grad.abs().max()), msg=name)
 
 
 def test_a_window_whose_last_micro_batch_did_not_join_completes_at_close():
