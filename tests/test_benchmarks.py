@@ -246,3 +246,13 @@ def test_budget_cost_lightning_times_the_allocation_inside_trainer_fit(tmp_path)
     assert default["sensitivity"].startswith("hessian (1 batch")
     assert 0 < default["steps"]["wall_s"] < default["fit"]["wall_s"]
     assert "% of the fit" in result.stdout
+
+
+def test_perf_validate_times_the_loop_with_and_without_the_snap_cache(tmp_path):
+    out = tmp_path / "validate.json"
+    result = run("perf_validate.py", "--width", "128", "--layers", "2", "--batches", "3",
+                 "--repeats", "1", "--json", str(out))
+    saved = json.loads(out.read_text())
+    assert saved["clustered_weights"] == 2 * 128 * 128
+    assert set(saved["ms_per_batch_after_the_first"]) == {"cached", "uncached"}
+    assert "without the snap cache" in result.stdout
