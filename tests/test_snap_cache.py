@@ -72,6 +72,18 @@ def test_inside_the_cache_a_weight_is_snapped_once_and_every_forward_equals_the_
     assert p.snap_cache is None and len(cache) == 0  # nothing kept past the close
 
 
+def test_a_snap_off_the_host_is_not_kept():
+    """On an accelerator a kept snap would be a second copy of the weight in its memory for the
+    whole loop; only host-memory snaps are kept."""
+    linear, p = clustered_linear(False)
+    with snap_cache([p]) as cache, torch.no_grad():
+        cache.put(p, linear.parametrizations.weight.original,
+                  torch.empty(8, 16, device="meta"))
+        assert len(cache) == 0
+        cache.put(p, linear.parametrizations.weight.original, torch.zeros(8, 16))
+        assert len(cache) == 1
+
+
 def test_an_in_place_change_of_the_weight_centroids_or_scale_is_snapped_again(snaps):
     linear, p = clustered_linear(per_channel_scale=True)
     original = linear.parametrizations.weight.original
