@@ -224,9 +224,9 @@ def test_validate_test_and_predict_outside_fit_snap_each_tensor_once(tmp_path, s
     assert checker.per_loop == [2] and checker.equal == [True]
 
 
-def test_under_fsdp2_no_cache_is_opened(tmp_path):
-    """The callback's hook, with its FSDP2 state set by hand (FSDP2 itself needs processes:
-    ``test_fsdp_callback.py`` runs it end to end)."""
+def test_under_fsdp2_no_cache_is_opened(tmp_path, monkeypatch):
+    """The callback's hook, with the trainer's FSDP2 answer set by hand (FSDP2 itself needs
+    processes: ``test_fsdp_callback.py`` runs it end to end)."""
     callback = DKMCallback(bits=2, finalize=False)
     model = RecordingNet()
     t = trainer(tmp_path, max_epochs=1, limit_val_batches=0, callbacks=[callback])
@@ -235,7 +235,8 @@ def test_under_fsdp2_no_cache_is_opened(tmp_path):
     assert all(p.parametrization.snap_cache is not None
                for p in clustered_tensors(model).values())
     callback._snap_cache.close()
-    callback._fully_sharded = object()  # what setup sets under ModelParallelStrategy
+    # what the trainer says under ModelParallelStrategy
+    monkeypatch.setattr("lightning_dkm.lightning.callback.is_fully_sharded", lambda trainer: True)
     callback._open_snap_cache(t, model)
     assert all(p.parametrization.snap_cache is None for p in clustered_tensors(model).values())
 

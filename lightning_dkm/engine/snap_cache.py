@@ -27,7 +27,8 @@ milliseconds) could run a validation out of memory that ran before; on a CPU the
 slow part (the 0.4 s above) and host memory is the plentiful one.
 
 Nothing is kept past :meth:`SnapCache.close` (``DKMCallback`` closes it when the loop ends, on an
-exception and before the next training batch: the next training step changes the weights).
+exception and at teardown; a training step's in-place update of a weight would make its entry
+stale by version anyway, and training forwards never read the cache).
 ``DKMCallback`` does not open one under FSDP2, where the weights are gathered per forward and a
 whole snapped weight per tensor would hold the whole model on every rank.
 """

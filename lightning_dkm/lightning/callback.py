@@ -599,10 +599,12 @@ class DKMCallback(Callback):
     def _open_snap_cache(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Snap each clustered weight once per evaluation loop, not once per batch
         (:mod:`~lightning_dkm.engine.snap_cache`; closed at the loop's end, on an exception and
-        before a training batch). Not under FSDP2: there the weights are gathered per forward,
-        and a whole snapped weight kept per tensor would hold the whole model on every rank."""
+        at teardown; training forwards never read it, and an entry whose weight an optimizer
+        step changed is stale by its version). Not under FSDP2: there the weights are gathered
+        per forward, and a whole snapped weight kept per tensor would hold the whole model on
+        every rank."""
         self._snap_cache.close()
-        if self._fully_sharded is None and not is_fully_sharded(trainer):
+        if not is_fully_sharded(trainer):  # also validate() outside fit, which sets no state
             tensors = clustered_tensors(pl_module, self._names or None)
             self._snap_cache.open(t.parametrization for t in tensors.values())
 
@@ -632,7 +634,6 @@ class DKMCallback(Callback):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        self._snap_cache.close()  # a validation's snapped weights are stale after this step
         self._forward_cache.close()
         if self._timeline.on_step(trainer.global_step, trainer.current_epoch,
                                   lambda: self._step_tensors(pl_module)):
