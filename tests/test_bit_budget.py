@@ -112,6 +112,36 @@ def test_the_loss_sensitive_tensor_gets_the_wider_width():
     assert palettes["a.weight"].layout.spec.bits > palettes["b.weight"].layout.spec.bits
 
 
+@pytest.mark.parametrize("calibration_batches", [None, 2])
+def test_a_one_shot_calibration_iterator_gives_what_a_list_of_its_batches_gives(
+        calibration_batches):
+    """A generator is read once: the sensitivities and the allocation's curvature both come
+    from its batches, as from a list of them (the allocation does not find it exhausted, or
+    start past the batches the sensitivities read)."""
+    def run(wrap):
+        seen = []
+
+        def loss(model, x):
+            seen.append(int(x[0, 0].mul(1e6)))  # which batch: its first entry
+            return two_layer_loss(model, x)
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no fallback to uniform widths
+            palettes, _ = budgeted(TwoLayers, 3.5, calibration=(wrap(calibration()), loss),
+                                   allowed_bits=[2, 3, 4], n_init=1,
+                                   calibration_batches=calibration_batches)
+        return palettes, seen
+
+    from_list, list_reads = run(list)
+    from_generator, generator_reads = run(lambda batches: (x for x in batches))
+    assert generator_reads == list_reads
+    assert from_generator.keys() == from_list.keys()
+    for name, palette in from_list.items():
+        assert from_generator[name].layout.spec.bits == palette.layout.spec.bits
+        torch.testing.assert_close(from_generator[name].weight(), palette.weight(),
+                                   rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("average_bits", [1, 2, 3])
 def test_clustered_bytes_never_exceed_uniform_ones_as_the_report_counts(average_bits):
     _, size = budgeted(TinyNet, average_bits, allowed_bits=[1, 2, 3, 4], n_init=1)

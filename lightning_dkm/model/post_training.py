@@ -33,7 +33,7 @@ from __future__ import annotations
 import itertools
 import math
 import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -126,7 +126,8 @@ def palettize(
             inertia when calibrated); scalars need none.
         max_iter: Lloyd iterations at most (vector palettes).
         calibration: ``None`` (default) for plain k-means, or a pair ``(dataloader, loss_fn)``
-            for sensitivity-weighted k-means: ``dataloader`` is any iterable of batches and
+            for sensitivity-weighted k-means: ``dataloader`` is any iterable of batches (a
+            one-shot iterator such as a generator is read once, also with ``average_bits``) and
             ``loss_fn(model, batch)`` returns the scalar loss (see :func:`fisher_diagonal`,
             which computes the sensitivities of all targets in one pass, before any weight
             is snapped). With ``cluster_dim = d > 1`` a d-vector's weight is the sum of its
@@ -173,8 +174,12 @@ def palettize(
     for target in selected:
         target.layout.check(weights[target.name])
     fisher: dict[str, Tensor] = {}
+    curvature_batches = min(calibration_batches or SENSITIVITY_BATCHES, SENSITIVITY_BATCHES)
     if calibration is not None and selected:
         dataloader, loss_fn = calibration
+        if average_bits is not None:  # two readers
+            dataloader, head = _read_twice(dataloader, curvature_batches)
+            calibration = (head, loss_fn)
         fisher = fisher_diagonal(
             model, dataloader, loss_fn, list(weights), num_batches=calibration_batches
         )
@@ -185,9 +190,8 @@ def palettize(
             allocation = plan_widths(selected, weights, average_bits, fixed=fixed,
                                      allowed_bits=widths, seed=seed)
         else:  # the allocation weighs by curvature, as DKMCallback's
-            batches = min(calibration_batches or SENSITIVITY_BATCHES, SENSITIVITY_BATCHES)
-            curvature, label = allocation_curvature(model, *calibration, free, batches,
-                                                    SENSITIVITY_SAMPLES, seed)
+            curvature, label = allocation_curvature(model, *calibration, free,
+                                                    curvature_batches, SENSITIVITY_SAMPLES, seed)
             if curvature is None:
                 warnings.warn(f"palettize(average_bits={average_bits:g}): {label}; {UNIFORM}",
                               UserWarning, stacklevel=2)
@@ -728,6 +732,18 @@ def _named_weights(model: nn.Module, names: Iterable[str] | str) -> dict[str, nn
 def _check_num_batches(label: str, value: object) -> None:
     if value is not None and not is_int(value, 1):
         raise ValueError(f"{label} must be None (all batches) or an int >= 1; got {value!r}")
+
+
+def _read_twice(dataloader: Iterable[Any], head: int) -> tuple[Iterable[Any], Iterable[Any]]:
+    """``dataloader`` for a reader of its batches from the first, and its first ``head``
+    batches for a second reader. A one-shot iterator (a generator, ``iter(loader)``) would be
+    exhausted by the first read, or moved past the batches it read: its first ``head`` batches
+    are taken once, and the first reader gets them followed by the rest. A re-iterable
+    (a list, a ``DataLoader``) is returned as it is to both, unread."""
+    if not isinstance(dataloader, Iterator):
+        return dataloader, dataloader
+    first = list(itertools.islice(dataloader, head))
+    return itertools.chain(first, dataloader), first
 
 
 def _check_calibration(calibration: object, calibration_batches: object) -> None:
