@@ -7,6 +7,13 @@ For each (weights per tensor n, tensors T, centroids k) it times the forward and
 random tensors of n weights (cluster_dim 1, max_iter 3, epsilon 0), batched and alone,
 interleaved, and prints the medians. ``lightning_dkm.engine.clustering_pass`` batches on CPU
 only the tensors small enough to gain (``CPU_BATCH_MAX_ENTRIES``); this is what that rule rests on.
+
+``--digits-cnn`` times instead the clustering pass of the digits CNN (``examples/digits.py``,
+its clustered weights at ``--bits``, default 2): one forward and backward of its soft weights
+with the small-model rule (``CPU_BATCH_MAX_TOTAL``: all of them one batch) and without it (each
+weight by the per-weight rule), alternating step by step in one process.
+
+    python benchmarks/perf_batch.py --digits-cnn --bits 2 --clock cpu --threads 1
 """
 
 from __future__ import annotations
@@ -52,15 +59,63 @@ def measure(n: int, tensors: int, k: int, repeats: int) -> dict[str, float]:
     return {name: 1e3 * statistics.median(v) for name, v in times.items()}
 
 
+def digits_cnn_pass(bits: int, repeats: int) -> dict[str, float]:
+    """Median milliseconds of the digits CNN's clustering pass (its soft weights, forward and
+    backward) with and without the small-model rule, alternating step by step."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+    from digits import digits_cnn
+
+    from lightning_dkm import ClusterSpec, attach, clustering_pass, select_targets
+    from lightning_dkm.engine import clustering_pass as pass_module
+
+    torch.manual_seed(0)
+    model = digits_cnn()
+    attach(model, select_targets(model, ClusterSpec(bits=bits)))
+    model.train()
+    layers = [m for m in model if hasattr(m, "parametrizations")]
+    grads = [torch.randn_like(m.weight) for m in layers]
+    bounds = {"one batch": pass_module.CPU_BATCH_MAX_TOTAL, "per weight": 0}
+
+    def step(bound: int) -> float:
+        pass_module.CPU_BATCH_MAX_TOTAL = bound
+        start = clocks.now()
+        with clustering_pass(model):
+            weights = [m.weight for m in layers]
+        torch.autograd.backward(weights, grads)
+        seconds = clocks.now() - start
+        for m in layers:
+            m.parametrizations.weight.original.grad = None
+        return seconds
+
+    times: dict[str, list[float]] = {name: [] for name in bounds}
+    try:
+        for i in range(repeats + 3):
+            for name, bound in bounds.items():
+                seconds = step(bound)
+                if i >= 3:  # three warm-up rounds
+                    times[name].append(seconds)
+    finally:
+        pass_module.CPU_BATCH_MAX_TOTAL = bounds["one batch"]
+    return {name: 1e3 * statistics.median(v) for name, v in times.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--digits-cnn", action="store_true",
+                        help="the digits CNN's pass with and without the small-model rule")
+    parser.add_argument("--bits", type=int, default=2, help="with --digits-cnn")
     clocks.add_arguments(parser)
     args = parser.parse_args()
     if args.repeats < 1:
         parser.error(f"--repeats must be >= 1; got {args.repeats}")
     clocks.apply(parser, args)
     print(f"threads {torch.get_num_threads()}, {args.clock} clock, torch {torch.__version__}")
+    if args.digits_cnn:
+        r = digits_cnn_pass(args.bits, args.repeats)
+        print(f"digits CNN, {args.bits} bits: one batch {r['one batch']:.2f} ms, per weight "
+              f"{r['per weight']:.2f} ms, ratio {r['one batch'] / r['per weight']:.3f}")
+        return
     for n, tensors, k in CASES:
         r = measure(n, tensors, k, args.repeats)
         print(f"n={n:>7,} tensors={tensors:>2} k={k:>2}: batched {r['batched']:7.1f} ms  "

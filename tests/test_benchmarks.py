@@ -53,6 +53,13 @@ def test_perf_scaling_prints_a_row_per_cell(tmp_path):
     assert all(r["ms"] > 0 and r["extra_mb"] >= 0 for r in rows)
 
 
+def test_perf_batch_times_the_digits_cnn_pass_with_and_without_the_small_model_rule():
+    result = run("perf_batch.py", "--digits-cnn", "--bits", "2", "--repeats", "1")
+    line = result.stdout.strip().splitlines()[-1]
+    assert line.startswith("digits CNN, 2 bits: one batch ") and "per weight" in line
+    assert float(line.rsplit("ratio ", 1)[1]) > 0
+
+
 def test_unique_agreement_prints_small_value_differences():
     result = run("unique_agreement.py", "--n", "4000")
     rows = [line.split() for line in result.stdout.splitlines()[1:]]

@@ -87,8 +87,26 @@ def test_on_cpu_large_weights_run_alone_and_small_ones_together(monkeypatch):
     monkeypatch.setattr(clustering_pass_module, "unique_dkm_batch",
                         lambda xs, *a, **k: calls.append(len(xs)) or original(xs, *a, **k))
     monkeypatch.setattr(clustering_pass_module, "CPU_BATCH_MAX_ENTRIES", 20000 * 8)
+    monkeypatch.setattr(clustering_pass_module, "CPU_BATCH_MAX_TOTAL", 20000 * 8)
     _step(_model(), in_pass=True)  # 19,200 and 20,000 weights batched; 60,000 alone
     assert calls == [2]
+
+
+def test_on_cpu_a_small_model_is_one_batch_whatever_its_weights_sizes(monkeypatch):
+    """Counted as above: every weight is above the per-weight bound, all of them together
+    within the total one."""
+    calls = []
+    original = clustering_pass_module.unique_dkm_batch
+    monkeypatch.setattr(clustering_pass_module, "unique_dkm_batch",
+                        lambda xs, *a, **k: calls.append(len(xs)) or original(xs, *a, **k))
+    monkeypatch.setattr(clustering_pass_module, "CPU_BATCH_MAX_ENTRIES", 1)
+    monkeypatch.setattr(clustering_pass_module, "CPU_BATCH_MAX_TOTAL", 1 << 22)
+    _step(_model(), in_pass=True)
+    assert calls == [3]
+    monkeypatch.setattr(clustering_pass_module, "CPU_BATCH_MAX_TOTAL", 99_199 * 8)
+    calls.clear()
+    _step(_model(), in_pass=True)  # one entry too many together: each its own step
+    assert calls == []
 
 
 def test_eval_mode_is_untouched_by_a_pass():

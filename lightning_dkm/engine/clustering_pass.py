@@ -19,7 +19,15 @@ large ones run as fast or faster alone (their temporaries stay in cache). Measur
 of 24 / 12 / 6 tensors): 16,384 weights each at k = 4 43.9 ms batched vs 69.0 ms alone, at
 k = 16 72.4 vs 84.0 ms; 65,536 weights at k = 16 48.1 vs 57.4 ms; 262,144 weights 40.9 vs
 42.1 ms (12 tensors of 589,824 weights: slower batched). So on CPU a weight joins the batch
-while ``P x n x k <= CPU_BATCH_MAX_ENTRIES`` (2^20), and larger ones run alone. (Before the
+while ``P x n x k <= CPU_BATCH_MAX_ENTRIES`` (2^20), and larger ones run alone, except in a
+small model: where all the pass's batchable weights together have ``P x n x k <=
+CPU_BATCH_MAX_TOTAL`` (2^22) they are one batch, whatever their sizes. The digits CNN at 2 bits
+(73,728, 294,912 and 524,288 weights, k = 4: 3.6 x 10^6 entries) took 17.1 / 15.5 / 13.0 ms
+per forward and backward of its soft weights as one batch against 18.8 / 17.1 / 14.5 ms by
+the per-weight rule (0.89-0.91; ``python benchmarks/perf_batch.py --digits-cnn --bits 2
+--repeats 60 --clock cpu --threads 1``, the two alternating step by step, three runs); at 4
+bits its weights together exceed the bound and nothing changes. A large model's weights are
+far above the total and keep the per-weight rule. (Before the
 codes' even grid and the attention's floor, #22, batches were slower from 16,384 weights at
 k = 16 on, and the bound was 2^16 entries of ``P x min(n, 65536) x k``.)
 
@@ -56,11 +64,15 @@ from .parametrization import DKMParametrization, StepConfig
 from .rebuild import SavedSoftWeights
 from .sharding import is_sharded
 
-__all__ = ["CPU_BATCH_MAX_ENTRIES", "ClusteringPass", "clustering_pass", "pass_members"]
+__all__ = ["CPU_BATCH_MAX_ENTRIES", "CPU_BATCH_MAX_TOTAL", "ClusteringPass", "clustering_pass",
+           "pass_members"]
 
 #: On CPU a weight joins the pass's batch while ``P x n x k`` (its weights times centroids) is
 #: no larger than this (module docstring); on an accelerator every one does.
 CPU_BATCH_MAX_ENTRIES = 1 << 20
+#: ... or while the ``P x n x k`` of all the pass's batchable weights together is no larger
+#: than this (a small model: one batch of them all; module docstring).
+CPU_BATCH_MAX_TOTAL = 1 << 22
 
 
 class ClusteringPass:
@@ -74,6 +86,7 @@ class ClusteringPass:
         self._results: dict[int, DKMOutput] = {}
         self._unread: dict[int, DKMParametrization] = {}
         self.saved = SavedSoftWeights()
+        self._small: bool | None = None  # :meth:`_small_model`, once known
         # Decided outside the forward, where a weight FSDP2 shards is still a DTensor.
         self._rebuilding = {
             id(p) for p, holder in members if p.layout.order_free and p.scale is None
@@ -85,15 +98,28 @@ class ClusteringPass:
         docstring: the weights FSDP2 shards, or all with ``rebuild=True``)."""
         return id(p) in self._rebuilding
 
+    @staticmethod
+    def _batchable(p: DKMParametrization, weight: Tensor) -> bool:
+        """Whether ``p`` runs the soft ``"unique"`` step on a whole weight (a sharded original:
+        FSDP2 gathers it in its own module's forward)."""
+        return (p.mode == "soft" and p.training and p.is_initialized
+                and p.step_implementation == "unique") and not is_sharded(weight)
+
     def _batches(self, p: DKMParametrization, weight: Tensor) -> bool:
         """Whether ``p``'s soft ``"unique"`` step runs in the pass's batch (module docstring)."""
-        if not (p.mode == "soft" and p.training and p.is_initialized
-                and p.step_implementation == "unique") or is_sharded(weight):
-            return False  # a sharded original: FSDP2 gathers it in its own module's forward
+        if not self._batchable(p, weight):
+            return False
         if weight.device.type != "cpu":
             return True
-        P, n, _ = p.layout.palette_shape
-        return P * n * p.layout.spec.num_centroids <= CPU_BATCH_MAX_ENTRIES
+        return _entries(p) <= CPU_BATCH_MAX_ENTRIES or self._small_model()
+
+    def _small_model(self) -> bool:
+        """Whether all the pass's batchable weights together are within
+        :data:`CPU_BATCH_MAX_TOTAL` (looked at once per pass)."""
+        if self._small is None:
+            self._small = sum(_entries(q) for q, holder in self.members
+                              if self._batchable(q, holder.original)) <= CPU_BATCH_MAX_TOTAL
+        return self._small
 
     def _step(self, p: DKMParametrization, x: Tensor, centroids: Tensor, tau: Tensor,
               config: StepConfig) -> DKMOutput:
@@ -127,6 +153,12 @@ class ClusteringPass:
             p.pass_step = None
         self._results.clear()
         self._unread.clear()
+
+
+def _entries(p: DKMParametrization) -> int:
+    """``P x n x k`` of ``p``'s palettes: what batching on CPU is bounded by."""
+    P, n, _ = p.layout.palette_shape
+    return P * n * p.layout.spec.num_centroids
 
 
 def _settings(p: DKMParametrization, weight: Tensor) -> tuple:
