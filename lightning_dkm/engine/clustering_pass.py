@@ -86,12 +86,14 @@ class ClusteringPass:
         self._results: dict[int, DKMOutput] = {}
         self._unread: dict[int, DKMParametrization] = {}
         self.saved = SavedSoftWeights()
-        self._small: bool | None = None  # :meth:`_small_model`, once known
         # Decided outside the forward, where a weight FSDP2 shards is still a DTensor.
         self._rebuilding = {
             id(p) for p, holder in members if p.layout.order_free and p.scale is None
             and (rebuild if rebuild is not None else is_sharded(holder.original))
         }
+        # :meth:`_small_model`, once known; never under FSDP2, whose batches are per unit
+        self._small: bool | None = (
+            False if any(is_sharded(holder.original) for _, holder in members) else None)
 
     def rebuilds(self, p: DKMParametrization) -> bool:
         """Whether ``p``'s soft weights are rebuilt in the backward instead of kept (module
@@ -115,7 +117,8 @@ class ClusteringPass:
 
     def _small_model(self) -> bool:
         """Whether all the pass's batchable weights together are within
-        :data:`CPU_BATCH_MAX_TOTAL` (looked at once per pass)."""
+        :data:`CPU_BATCH_MAX_TOTAL` (looked at once per pass; never where FSDP2 shards
+        weights: a batch there holds one unit's, gathered one unit at a time)."""
         if self._small is None:
             self._small = sum(_entries(q) for q, holder in self.members
                               if self._batchable(q, holder.original)) <= CPU_BATCH_MAX_TOTAL
