@@ -193,6 +193,7 @@ def test_perf_fit_prints_a_ratio_per_row(tmp_path):
     assert "ratio" in result.stdout
     row = json.loads(out.read_text())["rows"][0]
     assert row["bits"] == 2 and row["accumulate_grad_batches"] == 2 and row["ratio"] > 0
+    assert len(row["pair_ratios"]) == 1 and "(pairs " in result.stdout
 
 
 def test_perf_kmeans_compares_the_candidates_and_the_previous_path(tmp_path):
