@@ -53,10 +53,12 @@ def test_a_pass_gives_each_weight_its_own_gradient_and_centroids():
         torch.testing.assert_close(centroids_pass[name], centroids_alone[name])
 
 
-def test_a_pass_clusters_every_weight_in_one_call(monkeypatch):
+@pytest.fixture
+def batch_calls(monkeypatch) -> list[int]:
     """How many calls a pass makes shows in no result (each weight gets what it would get
-    alone), so the calls of the batched step are counted where the pass makes them."""
-    calls = []
+    alone), so the calls of the batched step are counted where the pass makes them: the
+    number of tensors of each call, in order."""
+    calls: list[int] = []
     original = clustering_pass_module.unique_dkm_batch
 
     def counting(xs, *args, **kwargs):
@@ -64,49 +66,39 @@ def test_a_pass_clusters_every_weight_in_one_call(monkeypatch):
         return original(xs, *args, **kwargs)
 
     monkeypatch.setattr(clustering_pass_module, "unique_dkm_batch", counting)
+    return calls
+
+
+def test_a_pass_clusters_every_weight_in_one_call(batch_calls):
     _step(_model(), in_pass=True)
-    assert calls == [3]
+    assert batch_calls == [3]
 
 
-def test_weights_with_other_settings_are_batched_apart(monkeypatch):
-    """Counted as in :func:`test_a_pass_clusters_every_weight_in_one_call`."""
-    calls = []
-    original = clustering_pass_module.unique_dkm_batch
-    monkeypatch.setattr(clustering_pass_module, "unique_dkm_batch",
-                        lambda xs, *a, **k: calls.append(len(xs)) or original(xs, *a, **k))
+def test_weights_with_other_settings_are_batched_apart(batch_calls):
     model = _model()
     next(iter(clustered_tensors(model).values())).parametrization.max_iter = 5
     _step(model, in_pass=True)
-    assert sorted(calls) == [1, 2]
+    assert sorted(batch_calls) == [1, 2]
 
 
-def test_on_cpu_large_weights_run_alone_and_small_ones_together(monkeypatch):
-    """Counted as in :func:`test_a_pass_clusters_every_weight_in_one_call`."""
-    calls = []
-    original = clustering_pass_module.unique_dkm_batch
-    monkeypatch.setattr(clustering_pass_module, "unique_dkm_batch",
-                        lambda xs, *a, **k: calls.append(len(xs)) or original(xs, *a, **k))
+def test_on_cpu_large_weights_run_alone_and_small_ones_together(monkeypatch, batch_calls):
     monkeypatch.setattr(clustering_pass_module, "CPU_BATCH_MAX_ENTRIES", 20000 * 8)
     monkeypatch.setattr(clustering_pass_module, "CPU_BATCH_MAX_TOTAL", 20000 * 8)
     _step(_model(), in_pass=True)  # 19,200 and 20,000 weights batched; 60,000 alone
-    assert calls == [2]
+    assert batch_calls == [2]
 
 
-def test_on_cpu_a_small_model_is_one_batch_whatever_its_weights_sizes(monkeypatch):
-    """Counted as above: every weight is above the per-weight bound, all of them together
-    within the total one."""
-    calls = []
-    original = clustering_pass_module.unique_dkm_batch
-    monkeypatch.setattr(clustering_pass_module, "unique_dkm_batch",
-                        lambda xs, *a, **k: calls.append(len(xs)) or original(xs, *a, **k))
+def test_on_cpu_a_small_model_is_one_batch_whatever_its_weights_sizes(monkeypatch, batch_calls):
+    """Every weight is above the per-weight bound, all of them together within the total
+    one."""
     monkeypatch.setattr(clustering_pass_module, "CPU_BATCH_MAX_ENTRIES", 1)
     monkeypatch.setattr(clustering_pass_module, "CPU_BATCH_MAX_TOTAL", 1 << 22)
     _step(_model(), in_pass=True)
-    assert calls == [3]
+    assert batch_calls == [3]
     monkeypatch.setattr(clustering_pass_module, "CPU_BATCH_MAX_TOTAL", 99_199 * 8)
-    calls.clear()
+    batch_calls.clear()
     _step(_model(), in_pass=True)  # one entry too many together: each its own step
-    assert calls == []
+    assert batch_calls == []
 
 
 def test_eval_mode_is_untouched_by_a_pass():
