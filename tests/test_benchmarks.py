@@ -194,6 +194,9 @@ def test_perf_fit_prints_a_ratio_per_row(tmp_path):
     row = json.loads(out.read_text())["rows"][0]
     assert row["bits"] == 2 and row["accumulate_grad_batches"] == 2 and row["ratio"] > 0
     assert len(row["pair_ratios"]) == 1 and "(pairs " in result.stdout
+    with_end = row["with_epoch_end"]  # the epoch ends' hooks add time, never remove it
+    assert with_end["plain_ms"] >= row["plain_ms"] and with_end["dkm_ms"] >= row["dkm_ms"]
+    assert "with the epoch end" in result.stdout
 
 
 def test_perf_kmeans_compares_the_candidates_and_the_previous_path(tmp_path):

@@ -79,6 +79,17 @@ def test_chunked_entropy_equals_unchunked_entropy() -> None:
     assert chunked.compute().item() == pytest.approx(expected, rel=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_entropy_is_what_xlogy_gives_also_on_rows_with_exact_zeros(dtype: torch.dtype) -> None:
+    g = torch.Generator().manual_seed(0)
+    probs = torch.softmax(torch.randn(5_000, 16, generator=g, dtype=dtype) * 40, -1)
+    probs[::7, 3] = 0.0  # exact zeros next to underflowed ones
+    metric = AssignmentEntropy()
+    metric.update(probs)
+    expected = -torch.special.xlogy(probs, probs).sum(dtype=torch.float64) / math.log(2) / 5_000
+    assert metric.compute().item() == pytest.approx(expected.item(), rel=1e-6)
+
+
 def test_entropy_accepts_half_precision_inputs() -> None:
     metric = AssignmentEntropy()
     metric.update(torch.full((4, 8), 1.0 / 8, dtype=torch.bfloat16))
@@ -339,3 +350,19 @@ def test_measuring_reads_each_tensors_statistics_back_once() -> None:
         per_tensor, entropy = measure_all(tensors)
     assert log.count == len(tensors) + 1, log.calls
     assert set(per_tensor) == {"0.weight", "2.weight"} and 0 <= entropy <= 2
+
+
+def test_the_models_entropy_is_the_mean_over_every_row_of_every_tensor() -> None:
+    from torch import nn
+
+    from lightning_dkm import ClusterSpec, attach, select_targets
+    from lightning_dkm.lightning.convergence import measure_all
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 16))
+    tensors = attach(model, select_targets(model, ClusterSpec(bits=2), min_size=1))
+    per_tensor, entropy = measure_all(tensors)
+    rows = {"0.weight": 64 * 64, "2.weight": 64 * 16}
+    mean = sum(per_tensor[name]["entropy"] * n for name, n in rows.items()) / sum(rows.values())
+    assert per_tensor["0.weight"]["entropy"] != per_tensor["2.weight"]["entropy"]
+    assert entropy == pytest.approx(mean, rel=1e-12)

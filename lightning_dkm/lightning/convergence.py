@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import torch
+from torch import Tensor
 
 from ..engine.numerics import hard_assign
 from ..model.attach import ClusteredTensor
@@ -32,7 +33,9 @@ def measure_all(
     """Per-tensor statistics (module docstring) and the model-level mean assignment entropy
     (every soft-assignment row of every tensor weighted equally)."""
     per_tensor: dict[str, dict[str, float]] = {}
-    model_entropy: AssignmentEntropy | None = None
+    # The model's entropy from the tensors' own sums, on the first tensor's device: every row
+    # is measured once
+    model_sums: list[Tensor] = []
     for name, tensor in tensors.items():
         weight = tensor.full_original()  # gathered when FSDP2 shards it
         # the metrics live with the weight, except on MPS (no float64 there: module docstring)
@@ -45,11 +48,11 @@ def measure_all(
         usage = ClusterUsage(layout.spec.num_centroids, num_palettes=layout.num_palettes,
                              validate_args=False, sync_on_compute=False).to(device)
         snap = SnapDistance(sync_on_compute=False).to(device)
-        if model_entropy is None:
-            model_entropy = AssignmentEntropy(sync_on_compute=False).to(device)
         for chunk in parametrization.soft_assignment_chunks(weight):
             entropy.update(chunk.to(device))
-            model_entropy.update(chunk.to(model_entropy.device))
+        first = model_sums[0].device if model_sums else device
+        model_sums.append(torch.stack([entropy.entropy_sum,
+                                       entropy.row_count.to(torch.float64)]).to(first))
         x = parametrization.to_palettes(weight)
         idx, snapped = hard_assign(x, parametrization.centroids)
         usage.update(idx.to(device))
@@ -62,5 +65,7 @@ def measure_all(
             usage_stats["dead_clusters"], snap.compute()["rmse"],
         ]).tolist()  # one read per tensor
         per_tensor[name] = dict(zip(_STATISTICS, values, strict=True))
-    total = float(model_entropy.compute()) if model_entropy is not None else float("nan")
-    return per_tensor, total
+    if not model_sums:
+        return per_tensor, float("nan")
+    entropy_sum, rows = torch.stack(model_sums).sum(0).tolist()
+    return per_tensor, entropy_sum / rows
