@@ -2,6 +2,7 @@
 ``unique_dkm_cluster`` per tensor, side by side in one run.
 
     python benchmarks/perf_batch.py --clock cpu --threads 1
+    python benchmarks/perf_batch.py --cases 524288:2:16 1048576:4:4 --clock cpu --threads 1
 
 For each (weights per tensor n, tensors T, centroids k) it times the forward and backward of T
 random tensors of n weights (cluster_dim 1, max_iter 3, epsilon 0), batched and alone,
@@ -105,6 +106,9 @@ def main() -> None:
     parser.add_argument("--digits-cnn", action="store_true",
                         help="the digits CNN's pass with and without the small-model rule")
     parser.add_argument("--bits", type=int, default=2, help="with --digits-cnn")
+    parser.add_argument("--cases", nargs="+", metavar="N:TENSORS:K",
+                        help="the (weights per tensor, tensors, centroids) to time instead of "
+                             "the default ones")
     clocks.add_arguments(parser)
     args = parser.parse_args()
     if args.repeats < 1:
@@ -116,7 +120,15 @@ def main() -> None:
         print(f"digits CNN, {args.bits} bits: one batch {r['one batch']:.2f} ms, per weight "
               f"{r['per weight']:.2f} ms, ratio {r['one batch'] / r['per weight']:.3f}")
         return
-    for n, tensors, k in CASES:
+    cases = CASES
+    if args.cases:
+        try:
+            cases = tuple(tuple(int(v) for v in case.split(":")) for case in args.cases)
+        except ValueError:
+            parser.error(f"--cases takes N:TENSORS:K triples of ints; got {args.cases}")
+        if any(len(case) != 3 or min(case) < 1 for case in cases):
+            parser.error(f"--cases takes N:TENSORS:K triples of ints >= 1; got {args.cases}")
+    for n, tensors, k in cases:
         r = measure(n, tensors, k, args.repeats)
         print(f"n={n:>7,} tensors={tensors:>2} k={k:>2}: batched {r['batched']:7.1f} ms  "
               f"alone {r['alone']:7.1f} ms  ratio {r['batched'] / r['alone']:.2f}", flush=True)

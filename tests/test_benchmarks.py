@@ -60,6 +60,12 @@ def test_perf_batch_times_the_digits_cnn_pass_with_and_without_the_small_model_r
     assert float(line.rsplit("ratio ", 1)[1]) > 0
 
 
+def test_perf_batch_times_the_cases_it_is_given():
+    result = run("perf_batch.py", "--cases", "512:3:4", "--repeats", "1")
+    line = result.stdout.strip().splitlines()[-1]
+    assert line.startswith("n=    512 tensors= 3 k= 4: batched ") and "ratio" in line
+
+
 def test_unique_agreement_prints_small_value_differences():
     result = run("unique_agreement.py", "--n", "4000")
     rows = [line.split() for line in result.stdout.splitlines()[1:]]

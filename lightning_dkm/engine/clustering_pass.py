@@ -21,13 +21,16 @@ k = 16 72.4 vs 84.0 ms; 65,536 weights at k = 16 48.1 vs 57.4 ms; 262,144 weight
 42.1 ms (12 tensors of 589,824 weights: slower batched). So on CPU a weight joins the batch
 while ``P x n x k <= CPU_BATCH_MAX_ENTRIES`` (2^20), and larger ones run alone, except in a
 small model: where all the pass's batchable weights together have ``P x n x k <=
-CPU_BATCH_MAX_TOTAL`` (2^22) they are one batch, whatever their sizes. The digits CNN at 2 bits
+CPU_BATCH_MAX_TOTAL`` (2^24) they are one batch, whatever their sizes. The digits CNN at 2 bits
 (73,728, 294,912 and 524,288 weights, k = 4: 3.6 x 10^6 entries) took 17.1 / 15.5 / 13.0 ms
 per forward and backward of its soft weights as one batch against 18.8 / 17.1 / 14.5 ms by
 the per-weight rule (0.89-0.91; ``python benchmarks/perf_batch.py --digits-cnn --bits 2
---repeats 60 --clock cpu --threads 1``, the two alternating step by step, three runs); at 4
-bits its weights together exceed the bound and nothing changes. A large model's weights are
-far above the total and keep the per-weight rule. (Before the
+--repeats 60 --clock cpu --threads 1``, the two alternating step by step, three runs); at 3
+bits 0.88-0.94 and at 4 bits (14.3 x 10^6 entries) 0.94-0.95 (``--bits 3``, ``--bits 4``,
+``--repeats 40``, two runs each). At the bound (``--cases 524288:2:16 1048576:4:4
+294912:3:16 131072:8:16 589824:2:16 --repeats 7``, two runs): batched 0.81-0.97 of alone,
+except four weights of 1,048,576 at k = 4 (1.02 both times). A large model's weights are far
+above the total and keep the per-weight rule. (Before the
 codes' even grid and the attention's floor, #22, batches were slower from 16,384 weights at
 k = 16 on, and the bound was 2^16 entries of ``P x min(n, 65536) x k``.)
 
@@ -72,7 +75,7 @@ __all__ = ["CPU_BATCH_MAX_ENTRIES", "CPU_BATCH_MAX_TOTAL", "ClusteringPass", "cl
 CPU_BATCH_MAX_ENTRIES = 1 << 20
 #: ... or while the ``P x n x k`` of all the pass's batchable weights together is no larger
 #: than this (a small model: one batch of them all; module docstring).
-CPU_BATCH_MAX_TOTAL = 1 << 22
+CPU_BATCH_MAX_TOTAL = 1 << 24
 
 
 class ClusteringPass:
