@@ -33,8 +33,8 @@ def measure_all(
     """Per-tensor statistics (module docstring) and the model-level mean assignment entropy
     (every soft-assignment row of every tensor weighted equally)."""
     per_tensor: dict[str, dict[str, float]] = {}
-    # The model's entropy from the tensors' own sums, on the first tensor's device: every row
-    # is measured once
+    # The model's entropy from the tensors' own entropy sums and row counts (on the first
+    # tensor's device), so that every soft-assignment row goes through the entropy once.
     model_sums: list[Tensor] = []
     for name, tensor in tensors.items():
         weight = tensor.full_original()  # gathered when FSDP2 shards it
