@@ -66,6 +66,15 @@ def test_perf_batch_times_the_cases_it_is_given():
     assert line.startswith("n=    512 tensors= 3 k= 4: batched ") and "ratio" in line
 
 
+def test_perf_epoch_end_times_the_statistics_of_the_digits_cnn(tmp_path):
+    out = tmp_path / "epoch_end.json"
+    result = run("perf_epoch_end.py", "--model", "cnn", "--bits", "2", "--repeats", "1",
+                 "--json", str(out))
+    row = json.loads(out.read_text())["rows"][0]
+    assert row["bits"] == 2 and row["tensors"] >= 1 and row["seconds"] > 0
+    assert 0 <= row["entropy"] <= 2 and "measure_all" in result.stdout
+
+
 def test_unique_agreement_prints_small_value_differences():
     result = run("unique_agreement.py", "--n", "4000")
     rows = [line.split() for line in result.stdout.splitlines()[1:]]
