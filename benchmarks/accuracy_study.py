@@ -901,6 +901,11 @@ def stdlib_sentences(modules: tuple[str, ...] = STDLIB_MODULES) -> list[str]:
     return sorted(found)
 
 
+#: MiniLM's whole encoder as clustering targets: its 36 Linear weights (the glob selects exactly
+#: those; what the cost and allocation benchmarks cluster).
+MINILM_ENCODER = ("encoder.encoder.layer.*",)
+
+
 @dataclass
 class MiniLMConfig(FinetuneConfig):
     """The MiniLM part: ``steps`` distillation steps of ``batch_size`` sentences per method, width

@@ -47,6 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from accuracy_study import (  # noqa: E402
     DKM_BUDGET,
+    MINILM_ENCODER,
     MiniLMConfig,
     _quiet,
     _trainable,
@@ -56,7 +57,7 @@ from accuracy_study import (  # noqa: E402
 
 #: The clustered tensors of ``--lightning``: every Linear weight of MiniLM's encoder (36), as
 #: the study's cost runs (``--minilm-targets 'encoder.encoder.layer.*'``).
-ENCODER = ("encoder.encoder.layer.*",)
+ENCODER = MINILM_ENCODER
 
 
 def _clock() -> tuple[float, float]:

@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 from accuracy_study import (  # noqa: E402
+    MINILM_ENCODER,
     CharLMConfig,
     MiniLMConfig,
     _calibration_loss,
@@ -145,7 +146,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out: dict[str, Any] = {"command": "python benchmarks/budget_estimator.py " + " ".join(
         argv if argv is not None else sys.argv[1:]), "load_average_before": os.getloadavg()}
     if "minilm" in args.parts:
-        cfg = MiniLMConfig(targets=("encoder.encoder.layer.*",))
+        cfg = MiniLMConfig(targets=MINILM_ENCODER)
         out["minilm_encoder"] = run(minilm_task(cfg, log=lambda m: None), cfg.batch_size,
                                     args.seeds, log)
     if "charlm" in args.parts:

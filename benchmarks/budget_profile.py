@@ -37,13 +37,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-from accuracy_study import MiniLMConfig, _quiet, minilm_task  # noqa: E402
+from accuracy_study import MINILM_ENCODER, MiniLMConfig, _quiet, minilm_task  # noqa: E402
 
 from lightning_dkm.engine.layout import ClusterSpec  # noqa: E402
 from lightning_dkm.model import bit_budget  # noqa: E402
 from lightning_dkm.model.targets import select_targets  # noqa: E402
 
-ENCODER = ("encoder.encoder.layer.*",)
+ENCODER = MINILM_ENCODER
 
 
 def timed(fn: Callable[[], Any], repeats: int) -> tuple[dict[str, float], Any]:

@@ -42,10 +42,10 @@ def clustered(model_name: str, bits: int) -> dict:
         model = DigitsCNN()
         targets = select_targets(model, ClusterSpec(bits=bits))
     else:
-        from accuracy_study import MiniLMConfig, _quiet, minilm_task
+        from accuracy_study import MINILM_ENCODER, MiniLMConfig, _quiet, minilm_task
 
         _quiet()
-        cfg = MiniLMConfig(targets=("encoder.encoder.layer.*",))
+        cfg = MiniLMConfig(targets=MINILM_ENCODER)
         task = minilm_task(cfg, log=lambda message: None)
         model = task.fresh()
         targets = select_targets(model, ClusterSpec(bits=bits), targets=task.targets)
