@@ -64,6 +64,57 @@ def test_a_larger_target_gives_a_larger_tau(gen):
     assert temperature_for_entropy(x, centroids, 0.01) < temperature_for_entropy(x, centroids, 0.5)
 
 
+def _unfloored_bisection(x, centroids, entropy_bits):
+    """The search as it was before the log floor: the same bracket and halvings on the plain
+    softmax entropy (every assignment's exp taken as it is, underflows included)."""
+    from lightning_dkm.lightning import temperature
+
+    distances = temperature._distances(x, centroids, temperature.DEFAULT_MAX_POINTS)
+
+    def entropy(tau):
+        log_a = torch.log_softmax(distances / -tau, dim=1)
+        return float(-(log_a.exp() * log_a).sum(1).mean() / math.log(2.0))
+
+    low, high = math.log(temperature._TAU_LOW), math.log(temperature._TAU_HIGH)
+    for _ in range(temperature._BISECTIONS):
+        middle = 0.5 * (low + high)
+        low, high = (middle, high) if entropy(math.exp(middle)) < entropy_bits else (low, middle)
+    return math.exp(0.5 * (low + high))
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("laplace", [False, True])
+def test_the_log_floor_leaves_the_calibrated_tau_bit_for_bit_as_it_was(gen, bits, laplace):
+    # heavy tails put most assignments far below e^-87 at the end's small tau
+    x, centroids = palettes(gen, 1, 20_000, 1, bits, laplace=laplace)
+    top = math.log2(2**bits)
+    start, end = TemperatureConfig.parse("auto").bounds(x, centroids)
+    assert start == _unfloored_bisection(x, centroids, DEFAULT_START_ENTROPY * top)
+    assert end == _unfloored_bisection(x, centroids, min(DEFAULT_END_ENTROPY, 0.5 * top))
+
+
+def test_the_start_and_the_end_share_their_distances_and_common_evaluations(gen, monkeypatch):
+    from lightning_dkm.lightning import temperature
+
+    x, centroids = palettes(gen, 1, 4096, 1, 3)
+    calls = {"distances": 0, "entropy": 0}
+    distances, entropy_bits = temperature._distances, temperature._entropy_bits
+
+    def counted(name, fn):
+        def wrapper(*args):
+            calls[name] += 1
+            return fn(*args)
+        return wrapper
+
+    monkeypatch.setattr(temperature, "_distances", counted("distances", distances))
+    monkeypatch.setattr(temperature, "_entropy_bits", counted("entropy", entropy_bits))
+    TemperatureConfig.parse("auto").bounds(x, centroids)
+    assert calls["distances"] == 1
+    # two searches of two bracket ends and 30 halvings each, the bracket's ends and the
+    # first midpoint (where both targets lie below it) evaluated once
+    assert calls["entropy"] <= 2 * (2 + temperature._BISECTIONS) - 3
+
+
 @pytest.mark.parametrize("target", [0.0, -0.1, 2.0, 3.0, math.nan])
 def test_a_target_outside_zero_to_log2_k_is_refused_naming_it(gen, target):
     x, centroids = palettes(gen, 1, 1024, 1, 2)
