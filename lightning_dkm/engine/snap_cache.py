@@ -21,6 +21,11 @@ It serves a forward only where that is safe and gives the same tensor bit for bi
   state dict) makes the entry stale, and the weight is snapped again. Tensors without a version
   counter (inference tensors) are never cached.
 
+Each forward is handed its own copy of the kept snap, as each uncached forward gets a tensor of
+its own: a reader that changes the weight it was handed in place (``F.embedding`` with
+``max_norm`` renormalises the rows it looks up in the weight itself) changes neither the kept
+snap nor what a tied owner or a later batch reads.
+
 Only weights in host memory are kept: a kept snap is a second copy of the weight for the length
 of the loop, which on an accelerator (where memory is the scarce part and the snap takes
 milliseconds) could run a validation out of memory that ran before; on a CPU the snap is the
@@ -119,17 +124,18 @@ class SnapCache:
         sources = _sources(parametrization, weight)
         if sources is None or not _same(entry.sources, sources):
             return None
-        return entry.value
+        return entry.value.clone()  # the forward's own: its reader may change it in place
 
     def put(self, parametrization: DKMParametrization, weight: Tensor, value: Tensor) -> None:
         """Keep ``value``, the snapped ``weight`` just computed, for the next forwards (only
-        where it may be served later: grad mode off, versioned sources, host memory)."""
+        where it may be served later: grad mode off, versioned sources, host memory). A copy is
+        kept: the forward returns ``value`` itself, which its reader may change in place."""
         if not servable() or value.device.type != "cpu":
             return
         sources = _sources(parametrization, weight)
         if sources is not None:
             self._entries[id(parametrization)] = _Entry(
-                sources, torch.is_inference_mode_enabled(), value)
+                sources, torch.is_inference_mode_enabled(), value.clone())
 
 
 @contextlib.contextmanager
