@@ -41,6 +41,43 @@ def uncached(model: nn.Module, *args: torch.Tensor) -> torch.Tensor:
             p.snap_cache = cache
 
 
+# -- a weight changed through ``.data``: no version bump -----------------------------------------
+@pytest.mark.parametrize("grad_off", GRAD_OFF)
+def test_weights_swapped_in_through_data_are_snapped_again(grad_off):
+    """An EMA helper that swaps its averages in and out with ``param.data.copy_`` (as
+    ``torch_ema``'s ``copy_to`` / ``restore`` do) changes the weight without bumping its version:
+    a validation step comparing the raw and the averaged model must see both."""
+    linear, p = clustered_linear()
+    original = linear.parametrizations.weight.original
+    raw = original.detach().clone()
+    averaged = raw + 0.3 * torch.randn_like(raw)
+    x = torch.randn(4, 16)
+    with torch.no_grad():
+        original.copy_(averaged)
+        expected_averaged = uncached(linear, x)
+        original.copy_(raw)
+    expected_raw = uncached(linear, x)
+    assert not torch.equal(expected_raw, expected_averaged)
+    with snap_cache([p]), grad_off():
+        for _ in range(2):  # two validation batches
+            assert torch.equal(linear(x), expected_raw)
+            original.data.copy_(averaged)  # swap the averages in
+            assert torch.equal(linear(x), expected_averaged)
+            original.data.copy_(raw)  # and back
+            assert torch.equal(linear(x), expected_raw)
+
+
+@pytest.mark.parametrize("grad_off", GRAD_OFF)
+def test_centroids_or_scales_changed_through_data_are_snapped_again(grad_off):
+    linear, p = clustered_linear(per_channel_scale=True)
+    x = torch.randn(4, 16)
+    with snap_cache([p]), grad_off():
+        linear(x)
+        for change in (lambda: p.centroids.data.mul_(0.5), lambda: p.scale.data.mul_(2.0)):
+            change()
+            assert torch.equal(linear(x), uncached(linear, x))
+
+
 # -- a forward that changes the weight it is handed -------------------------------------------
 class TiedMaxNormLM(nn.Module):
     """An embedding with ``max_norm`` tied to the output projection: ``F.embedding`` renormalises

@@ -17,19 +17,22 @@ It serves a forward only where that is safe and gives the same tensor bit for bi
   a forward outside inference mode, nor a plain one to a forward inside it);
 * only while what the entry was computed from is unchanged: the weight tensor (the same object,
   storage, dtype and ``_version``), the centroids' and the per-channel scales' (same object,
-  storage and ``_version``). An in-place update of any of them (an optimizer step, a loaded
-  state dict) makes the entry stale, and the weight is snapped again. Tensors without a version
-  counter (inference tensors) are never cached.
+  storage and ``_version``), each equal in value to a copy taken with the entry. An in-place
+  update of any of them (an optimizer step, a loaded state dict) makes the entry stale, and the
+  weight is snapped again; so does one that bumps no version (through ``.data``, as EMA helpers
+  such as ``torch_ema`` swap their averages in and out; through NumPy), which only the values
+  show. Comparing them costs a read of the weight, a small part of a nearest-centroid pass.
+  Tensors without a version counter (inference tensors) are never cached.
 
 Each forward is handed its own copy of the kept snap, as each uncached forward gets a tensor of
 its own: a reader that changes the weight it was handed in place (``F.embedding`` with
 ``max_norm`` renormalises the rows it looks up in the weight itself) changes neither the kept
 snap nor what a tied owner or a later batch reads.
 
-Only weights in host memory are kept: a kept snap is a second copy of the weight for the length
-of the loop, which on an accelerator (where memory is the scarce part and the snap takes
-milliseconds) could run a validation out of memory that ran before; on a CPU the snap is the
-slow part (the 0.4 s above) and host memory is the plentiful one.
+Only weights in host memory are kept: a kept snap and the copy of its weight are two more copies
+of the weight for the length of the loop, which on an accelerator (where memory is the scarce
+part and the snap takes milliseconds) could run a validation out of memory that ran before; on a
+CPU the snap is the slow part (the 0.4 s above) and host memory is the plentiful one.
 
 Nothing is kept past :meth:`SnapCache.close` (``DKMCallback`` closes it when the loop ends, on an
 exception and at teardown; a training step's in-place update of a weight would make its entry
@@ -61,6 +64,7 @@ class _Entry(NamedTuple):
     """One parametrization's snapped weight and what it was computed from."""
 
     sources: tuple[_Source, ...]
+    values: tuple[Tensor, ...]  # a copy of each source's tensor as it was
     inference: bool
     value: Tensor
 
@@ -79,6 +83,13 @@ def _sources(parametrization: DKMParametrization, weight: Tensor) -> tuple[_Sour
 def _same(a: tuple[_Source, ...], b: tuple[_Source, ...]) -> bool:
     return len(a) == len(b) and all(
         x[0] is y[0] and x[1:] == y[1:] for x, y in zip(a, b, strict=True))
+
+
+def _unchanged(entry: _Entry) -> bool:
+    """Whether each source still holds the values it had when ``entry`` was kept (a change
+    through ``.data`` bumps no version)."""
+    return all(torch.equal(source[0], value)
+               for source, value in zip(entry.sources, entry.values, strict=True))
 
 
 def servable() -> bool:
@@ -122,7 +133,7 @@ class SnapCache:
         if entry is None or not servable() or entry.inference != torch.is_inference_mode_enabled():
             return None
         sources = _sources(parametrization, weight)
-        if sources is None or not _same(entry.sources, sources):
+        if sources is None or not _same(entry.sources, sources) or not _unchanged(entry):
             return None
         return entry.value.clone()  # the forward's own: its reader may change it in place
 
@@ -135,7 +146,8 @@ class SnapCache:
         sources = _sources(parametrization, weight)
         if sources is not None:
             self._entries[id(parametrization)] = _Entry(
-                sources, torch.is_inference_mode_enabled(), value.clone())
+                sources, tuple(source[0].clone() for source in sources),
+                torch.is_inference_mode_enabled(), value.clone())
 
 
 @contextlib.contextmanager
