@@ -825,7 +825,8 @@ def _plan(targets: Sequence[Target], weights: Mapping[str, Tensor], average_bits
     # the sensitivity summed per grid cell once per tensor: for the noise test and estimates
     sums = {} if sensitivity is None else {
         n: s.sums(sensitivity.get(n)) for n, s in snapped.items() if s.cells is not None}
-    if sensitivity is not None and _is_noise(sensitivity, weights, {
+    # with every tensor fixed there is no sensitivity to judge (nor any width to choose)
+    if sensitivity is not None and free and _is_noise(sensitivity, weights, {
             n: snapped[n].moment(sensitivity[n], sums.get(n))
             for n in snapped if n in sensitivity}):
         warnings.warn(
