@@ -5,7 +5,8 @@ The allocation itself (estimates, budget, knapsack) is :mod:`lightning_dkm.model
 this module only brings it what a fit has: the ``LightningModule``'s ``training_step`` as the
 loss whose Hessian diagonal weighs the estimate
 (:func:`~lightning_dkm.model.post_training.allocation_curvature`), on the first
-:data:`SENSITIVITY_BATCHES` batch of the training dataloader (its first
+:data:`SENSITIVITY_BATCHES` batch of the training dataloader (through Lightning's batch
+hooks, as ``training_step`` gets it; its first
 :data:`SENSITIVITY_SAMPLES` samples; ``None``: all), at ``setup`` (before the optimizer and
 DDP see the model, when the widths must be fixed; a loss without a double backward gets it by
 finite differences). Where no Hessian can be had (manual optimization, no dataloader at
@@ -84,6 +85,15 @@ def _train_batches(trainer: pl.Trainer) -> Any:
     return loader
 
 
+def _as_trained(pl_module: pl.LightningModule, loader: Any) -> Iterator[Any]:
+    """``loader``'s batches as ``training_step`` receives them in the fit: through Lightning's
+    batch hooks (``on_before_batch_transfer``, ``transfer_batch_to_device``,
+    ``on_after_batch_transfer``; the module's or the datamodule's), to the module's device."""
+    for batch in loader:
+        batch = pl_module._on_before_batch_transfer(batch, dataloader_idx=0)
+        yield pl_module._apply_batch_transfer_handler(batch, pl_module.device, dataloader_idx=0)
+
+
 def _sensitivity(trainer: pl.Trainer, pl_module: pl.LightningModule, names: list[str],
                  seed: int) -> tuple[dict[str, torch.Tensor] | None, str]:
     """The Hessian diagonal of ``names`` (Hutchinson) on the first samples of the training
@@ -99,7 +109,8 @@ def _sensitivity(trainer: pl.Trainer, pl_module: pl.LightningModule, names: list
         return None, "no training dataloader is known at setup"
     try:
         with _logging_muted(pl_module):
-            return allocation_curvature(pl_module, loader, _training_loss, names,
+            return allocation_curvature(pl_module, _as_trained(pl_module, loader),
+                                        _training_loss, names,
                                         SENSITIVITY_BATCHES, SENSITIVITY_SAMPLES, seed=seed)
     except ValueError as err:
         return None, f"the training loss gave no sensitivity ({err})"
