@@ -9,6 +9,7 @@ import warnings
 
 import pytest
 import torch
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning_helpers import TinyNet, random_classification, trainer
 from torch.utils.data import DataLoader
 
@@ -77,3 +78,37 @@ def test_with_every_tensor_fixed_by_overrides_a_fit_calls_nothing_rounding_noise
     assert all(t.fixed for t in allocation.tensors)
     assert not rounding_noise_warnings(seen)
     assert "noise" not in allocation.sensitivity
+
+
+class CountsSteps(TinyNet):
+    steps = 0  # batches the training loop started (not the allocation's call at setup)
+
+    def on_train_batch_start(self, batch, batch_idx):
+        type(self).steps += 1
+
+
+def test_a_resume_at_widths_core_ai_cannot_pack_fails_before_training_not_after(tmp_path):
+    """A checkpoint of uniform 3 bits (average_bits=None) resumed with export_coreai=True: the
+    resume keeps the checkpoint's widths, which Core AI cannot pack, so the fit must refuse
+    them when it loads the checkpoint, not export them after training."""
+    first = DKMCallback(bits=3, average_bits=None, save_dir=str(tmp_path / "a"), verbose=False,
+                        finalize=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.manual_seed(0)
+        trainer(tmp_path / "a", callbacks=[first], max_epochs=1,
+                enable_checkpointing=True).fit(TinyNet())
+    checkpoint = next((tmp_path / "a").rglob("*.ckpt"))
+
+    model = CountsSteps()
+    model.example_input_array = torch.randn(2, 32)
+    CountsSteps.steps = 0
+    resumed = DKMCallback(bits=3, export_coreai=True, save_dir=str(tmp_path / "b"),
+                          verbose=False)
+    with warnings.catch_warnings(), pytest.raises(MisconfigurationException,
+                                                  match=r"checkpoint.*body\.0\.weight \(3 "
+                                                        r"bits\)"):
+        warnings.simplefilter("ignore")
+        trainer(tmp_path / "b", callbacks=[resumed], max_epochs=2).fit(model,
+                                                                       ckpt_path=checkpoint)
+    assert CountsSteps.steps == 0

@@ -415,8 +415,13 @@ class DKMCallback(Callback):
         if widths != (None if chosen is None else chosen.bits):
             release(pl_module, self._names)
             selected = self._select(pl_module)
-            self._attach(pl_module, selected if allocation is None else allocation.apply(selected),
-                         init=False)
+            if allocation is not None:
+                selected = allocation.apply(selected)
+            # widths setup did not check: refused now, not by the export after training
+            check_export_widths(selected, self.exports["export_coreai"],
+                                "DKMCallback(export_coreai=True) resuming at the checkpoint's "
+                                "widths")
+            self._attach(pl_module, selected, init=False)
             if allocation is None:
                 rank_zero_warn(f"DKMCallback: the checkpoint was trained without an allocation "
                                f"(every tensor at bits={self.spec.bits}); the resume keeps "

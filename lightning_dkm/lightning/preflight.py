@@ -251,15 +251,16 @@ def check_exports(pl_module: pl.LightningModule, requested: dict[str, bool]) -> 
             ) from err
 
 
-def check_export_widths(targets: list[Target], export_coreai: bool) -> None:
-    """With ``export_coreai``: every tensor to cluster has a width Core AI packs."""
+def check_export_widths(targets: list[Target], export_coreai: bool,
+                        what: str = "DKMCallback(export_coreai=True)") -> None:
+    """With ``export_coreai``: every tensor to cluster has a width Core AI packs (``what``
+    starts the error)."""
     if not export_coreai:
         return
     from ..export.coreai import check_packable
 
     try:
-        check_packable({t.name: t.layout.spec.bits for t in targets},
-                       "DKMCallback(export_coreai=True)")
+        check_packable({t.name: t.layout.spec.bits for t in targets}, what)
     except ValueError as err:
         raise MisconfigurationException(f"{err}, or set export_coreai=False") from None
 
