@@ -16,7 +16,7 @@ import pytest
 import torch
 from torch import nn
 
-import lightning_dkm.model.post_training as post_training
+import lightning_dkm.engine.kmeans as kmeans_module
 from lightning_dkm import (
     ClusterSpec,
     Palette,
@@ -308,7 +308,7 @@ def test_palettize_in_waves_of_few_weights_gives_the_same_palettes(monkeypatch) 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         at_once = palettize(Mixed(), bits=4, progress=False, min_size=1)
-        monkeypatch.setattr(post_training, "_WAVE_WEIGHTS", 1000)  # a tensor a wave
+        monkeypatch.setattr(kmeans_module, "WAVE_WEIGHTS", 1000)  # a tensor a wave
         one_by_one = palettize(Mixed(), bits=4, progress=False, min_size=1)
     assert at_once.keys() == one_by_one.keys()
     for name, palette in at_once.items():

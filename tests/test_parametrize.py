@@ -263,6 +263,49 @@ def test_initialize_rejects_weights_it_cannot_cluster() -> None:
         DKMParametrization(layout).initialize(weight)
 
 
+@pytest.mark.parametrize("wave_weights", [None, 200])  # all at once; about one a batch
+def test_initialize_many_gives_each_the_centroids_of_its_own_initialize(monkeypatch,
+                                                                        wave_weights) -> None:
+    import lightning_dkm.engine.kmeans as kmeans_module
+    from lightning_dkm.engine.parametrization import initialize_many
+
+    if wave_weights is not None:
+        monkeypatch.setattr(kmeans_module, "WAVE_WEIGHTS", wave_weights)
+    g = torch.Generator().manual_seed(5)
+    specs = [ClusterSpec(bits=2), ClusterSpec(bits=4), ClusterSpec(bits=3, cluster_dim=2),
+             ClusterSpec(bits=2), ClusterSpec(bits=2, per_channel_scale=True),
+             ClusterSpec(bits=2, group_size=4)]
+    shapes = [(8, 16), (16, 24), (8, 16), (4, 4), (8, 16), (8, 16)]
+    weights = [torch.randn(shape, generator=g) * s for shape, s in zip(shapes, (1, 1e-3, 2, 5, 1,
+                                                                              1), strict=True)]
+    weights[3] = torch.tensor([0.5, -0.5]).repeat(8).reshape(4, 4)  # fewer values than 2**bits
+    layouts = [PaletteLayout(shape, spec, name=f"t{i}.weight")
+               for i, (shape, spec) in enumerate(zip(shapes, specs, strict=True))]
+    alone = [DKMParametrization(layout, seed=i) for i, layout in enumerate(layouts)]
+    together = [DKMParametrization(layout, seed=i) for i, layout in enumerate(layouts)]
+    with pytest.warns(UserWarning, match="t3.weight"):  # each tensor's own warning, named
+        for p, weight in zip(alone, weights, strict=True):
+            p.initialize(weight)
+    with pytest.warns(UserWarning, match="t3.weight"):
+        initialize_many([(p, lambda weight=weight: weight)
+                         for p, weight in zip(together, weights, strict=True)])
+    for a, b in zip(alone, together, strict=True):
+        assert b.is_initialized
+        assert torch.equal(a.centroids, b.centroids), a.layout.name
+        if a.scale is not None:
+            assert torch.equal(a.scale, b.scale)
+
+
+def test_attach_seeds_nothing_when_one_weight_cannot_be_clustered() -> None:
+    model = small_model()
+    with torch.no_grad():
+        model[2].weight[0, 0] = float("nan")
+    targets = select_targets(model, ClusterSpec(bits=2), min_size=1)
+    with pytest.raises(ValueError, match="NaN"):
+        attach(model, targets)
+    assert clustered_tensors(model) == {}  # not half of them registered
+
+
 def test_stable_seed_depends_only_on_the_base_seed_and_the_name() -> None:
     assert stable_seed(0, "fc.weight") == stable_seed(0, "fc.weight")
     assert stable_seed(0, "fc.weight") != stable_seed(1, "fc.weight")

@@ -31,9 +31,11 @@ from torch import Tensor
 from .optimal1d import optimal_kmeans_1d_many, optimal_kmeans_1d_widths
 
 __all__ = [
+    "WAVE_WEIGHTS",
     "KMeansResult",
     "kmeans",
     "kmeans_centroids",
+    "kmeans_centroids_many",
     "kmeans_plusplus",
     "kmeans_scalars",
     "kmeans_widths",
@@ -43,6 +45,7 @@ __all__ = [
     "palette_unit",
     "power_of_two",
     "sq_distances",
+    "waves",
 ]
 
 # Rows of `x` processed at once by nearest_centroid for d > 1, to bound the (rows x k) buffer.
@@ -387,8 +390,45 @@ def kmeans_centroids(
     after the solver's (seeding a 38.6M-weight embedding is then a few passes over it)."""
     if x.dim() != 3 or x.shape[-1] != 1:
         return kmeans(x, k, generator, max_iter=max_iter, name=name).centroids
-    xw, _ = _checked(x, k, None, name)
-    return _optimal_centroids([(xw, k, None)])[0].to(x.dtype)
+    return kmeans_centroids_many([(x, k, name)])[0]
+
+
+@torch.no_grad()
+def kmeans_centroids_many(problems: Sequence[tuple[Tensor, int, str | None]]) -> list[Tensor]:
+    """:func:`kmeans_centroids` of each ``(x, k, name)`` of scalar palettes ``x`` ``(P, n,
+    1)`` (the tensors of a model), bit for bit, from one batched dynamic program
+    (:func:`~lightning_dkm.engine.optimal1d.optimal_kmeans_1d_many`: many small tensors cost
+    about what one does); the checks and warnings are :func:`kmeans`'s, per tensor. Keep the
+    weights of one call within :data:`WAVE_WEIGHTS` (:func:`waves`)."""
+    checked = []
+    for x, k, name in problems:
+        if x.dim() != 3 or x.shape[-1] != 1:
+            raise ValueError(f"x{_label(name)} must be scalar palettes (P, n, 1); got "
+                             f"{tuple(x.shape)}")
+        checked.append((_checked(x, k, None, name)[0], k, None))
+    return [c.to(x.dtype) for (x, _, _), c in zip(problems, _optimal_centroids(checked),
+                                                  strict=True)]
+
+
+#: Weights clustered together at most by one batched call (:func:`waves`; a tensor above it
+#: alone): their float32 values and the program's work on them are held at once.
+WAVE_WEIGHTS = 1 << 25
+
+
+def waves(sizes: Sequence[int], limit: int | None = None) -> list[list[int]]:
+    """The indices of ``sizes`` (weights per tensor) in consecutive runs of at most ``limit``
+    (default :data:`WAVE_WEIGHTS`) weights, a tensor larger than that alone: the batches of
+    :func:`kmeans_scalars` and :func:`kmeans_centroids_many` over a model's tensors."""
+    limit = WAVE_WEIGHTS if limit is None else limit
+    runs: list[list[int]] = []
+    held = limit
+    for i, size in enumerate(sizes):
+        if held + size > limit:
+            runs.append([])
+            held = 0
+        runs[-1].append(i)
+        held += size
+    return runs
 
 
 @torch.no_grad()

@@ -29,8 +29,9 @@ tensor, and the steps decide their early stop on the device where reads are not 
 from __future__ import annotations
 
 import contextlib
+import math
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Literal, NamedTuple, get_args
 
 import torch
@@ -39,7 +40,7 @@ from torch import Tensor, nn
 from .accumulation import SoftWindow, outside_saved_tensor_hooks
 from .chunked import chunked_dkm_cluster
 from .distinct import unique_dkm_cluster
-from .kmeans import kmeans_centroids, member_means
+from .kmeans import kmeans_centroids, kmeans_centroids_many, member_means, waves
 from .layout import PaletteLayout
 from .numerics import (
     DKMOutput,
@@ -62,6 +63,7 @@ __all__ = [
     "Step",
     "StepConfig",
     "check_implementation",
+    "initialize_many",
     "resolve_implementation",
     "stable_seed",
 ]
@@ -310,12 +312,9 @@ class DKMParametrization(nn.Module):
         (:func:`~.kmeans.kmeans_centroids`): for scalars the optimal ones (a dynamic program
         over the sorted values, deterministic, no seed needed), for vectors seeded k-means++
         and Lloyd (deterministic for a seed)."""
-        self.layout.check(weight)
         if generator is None:
             generator = torch.Generator(device="cpu").manual_seed(self.seed)
-        if self.scale is not None:
-            self.scale.copy_(self.layout.channel_scale(weight))
-        x = self.to_palettes(weight.detach()).float().cpu()
+        x = self._seeding_palettes(weight)
         with autocast_disabled("cpu"):
             centroids = kmeans_centroids(
                 x,
@@ -324,6 +323,17 @@ class DKMParametrization(nn.Module):
                 max_iter=_INIT_MAX_ITER,
                 name=self.layout.name,
             )
+        self._seeded(centroids)
+
+    def _seeding_palettes(self, weight: Tensor) -> Tensor:
+        """What :meth:`initialize` clusters: ``weight`` checked, its per-channel scales set,
+        as float32 palettes on CPU."""
+        self.layout.check(weight)
+        if self.scale is not None:
+            self.scale.copy_(self.layout.channel_scale(weight))
+        return self.to_palettes(weight.detach()).float().cpu()
+
+    def _seeded(self, centroids: Tensor) -> None:
         self.centroids.copy_(centroids.to(self.centroids.dtype))
         self.initialized.fill_(True)
         self._initialized = True
@@ -475,3 +485,29 @@ class DKMParametrization(nn.Module):
             f"implementation={self.implementation!r} ({self.step_implementation}), "
             f"gradient={self.gradient!r}"
         )
+
+
+@torch.no_grad()
+def initialize_many(pairs: Sequence[tuple[DKMParametrization, Callable[[], Tensor]]]) -> None:
+    """:meth:`DKMParametrization.initialize` of each ``(parametrization, weight)`` (``weight``
+    a callable that returns the whole weight: FSDP2 gathers a sharded one), bit for bit the
+    same centroids, with the scalar palettes of consecutive tensors clustered together by one
+    batched dynamic program (:func:`~.kmeans.kmeans_centroids_many`, at most
+    :data:`~.kmeans.WAVE_WEIGHTS` weights at once): the fixed cost of a call is paid once per
+    batch, not once per tensor (MiniLM's 36 encoder Linears at 4 bits:
+    ``docs/benchmarks.md``, "Seeding at DKM start"). Vector palettes are seeded one at a time.
+    """
+    sizes = [math.prod(p.layout.shape) for p, _ in pairs]
+    for run in waves(sizes):
+        scalars = []
+        for i in run:
+            p, weight = pairs[i]
+            if p.layout.spec.cluster_dim != 1:
+                p.initialize(weight())
+                continue
+            scalars.append((p, p._seeding_palettes(weight())))
+        with autocast_disabled("cpu"):
+            centroids = kmeans_centroids_many(
+                [(x, p.layout.spec.num_centroids, p.layout.name) for p, x in scalars])
+        for (p, _), c in zip(scalars, centroids, strict=True):
+            p._seeded(c)

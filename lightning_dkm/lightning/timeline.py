@@ -20,6 +20,7 @@ import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 
+from ..engine.parametrization import initialize_many
 from ..model.attach import ClusteredTensor
 from ..model.methods import ClusteringMethod
 from .preflight import soft_units
@@ -61,9 +62,8 @@ class DKMTimeline:
 
     def begin(self, tensors: Mapping[str, ClusteredTensor]) -> None:
         """DKM starts: seed the centroids still unseeded, then fix each tensor's tau bounds."""
-        for tensor in tensors.values():
-            if not tensor.parametrization.is_initialized:
-                tensor.parametrization.initialize(tensor.full_original())
+        initialize_many([(t.parametrization, t.full_original) for t in tensors.values()
+                         if not t.parametrization.is_initialized])
         self.plan.calibrate({
             name: (t.parametrization.to_palettes(t.full_original()),
                    t.parametrization.centroids)

@@ -19,7 +19,13 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from ..engine.palette import Palette
-from ..engine.parametrization import DKMParametrization, Implementation, Mode, stable_seed
+from ..engine.parametrization import (
+    DKMParametrization,
+    Implementation,
+    Mode,
+    initialize_many,
+    stable_seed,
+)
 from ..engine.sharding import full_tensor, write_full
 from ..engine.weighted import Gradient
 from .carried import carry_palettes, discard_palettes
@@ -110,13 +116,14 @@ def attach(
     existing = clustered_tensors(model)
     # A finalized model clustered again: the palettes it carries describe the old weights.
     discard_palettes(model, [t.name for t in targets if t.name not in existing])
+    new: list[tuple[Target, nn.Module, DKMParametrization, Tensor]] = []
     for target in targets:
         if target.name in existing:
             continue
         module = modules[target.module_name]
         weight = getattr(module, target.param_name)
         target.layout.check(weight)
-        parametrization = DKMParametrization(
+        new.append((target, module, DKMParametrization(
             target.layout,
             temperature=temperature,
             max_iter=max_iter,
@@ -125,9 +132,10 @@ def attach(
             mode=mode,
             implementation=implementation,
             gradient=gradient,
-        ).to(weight.device)
-        if initialize:
-            parametrization.initialize(weight)
+        ).to(weight.device), weight))
+    if initialize:  # all together (one batched k-means), before any is registered
+        initialize_many([(p, lambda weight=weight: weight) for _, _, p, weight in new])
+    for target, module, parametrization, _ in new:
         # unsafe=True: skip the trial forward (a soft one would already move the centroids).
         parametrize.register_parametrization(
             module, target.param_name, parametrization, unsafe=True

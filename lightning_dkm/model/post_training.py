@@ -39,7 +39,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..engine.kmeans import kmeans, kmeans_scalars
+from ..engine.kmeans import kmeans, kmeans_scalars, waves
 from ..engine.layout import ClusterSpec, PaletteLayout, is_int
 from ..engine.numerics import all_finite, random_states
 from ..engine.palette import Palette
@@ -223,23 +223,12 @@ def palettize(
     return palettes
 
 
-# Weights clustered together at most (one tensor above it alone): a wave's scalar tensors
-# share one batched dynamic program; their float32 values and labels are held at once.
-_WAVE_WEIGHTS = 1 << 25
-
-
 def _waves(selected: list[Target]) -> list[list[Target]]:
-    """``selected`` in consecutive runs of at most :data:`_WAVE_WEIGHTS` weights."""
-    waves: list[list[Target]] = []
-    held = _WAVE_WEIGHTS
-    for target in selected:
-        size = math.prod(target.layout.shape)
-        if held + size > _WAVE_WEIGHTS:
-            waves.append([])
-            held = 0
-        waves[-1].append(target)
-        held += size
-    return waves
+    """``selected`` in consecutive runs of at most :data:`~lightning_dkm.engine.kmeans.WAVE_WEIGHTS`
+    weights: a wave's scalar tensors share one batched dynamic program, their float32 values
+    and labels held at once."""
+    return [[selected[i] for i in run]
+            for run in waves([math.prod(t.layout.shape) for t in selected])]
 
 
 def _cluster(wave: list[Target], weights: Mapping[str, Tensor],
