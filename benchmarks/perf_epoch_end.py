@@ -33,8 +33,9 @@ from lightning_dkm import ClusterSpec, attach, select_targets
 from lightning_dkm.lightning.convergence import measure_all
 
 
-def clustered(model_name: str, bits: int) -> dict:
-    """The clustered tensors of ``model_name`` at ``bits``, centroids seeded."""
+def clustered(model_name: str, bits: int, seeded: bool = True) -> dict:
+    """The clustered tensors of ``model_name`` at ``bits``, centroids seeded (``seeded``) or
+    not."""
     if model_name == "cnn":
         from digits import DigitsCNN
 
@@ -49,10 +50,7 @@ def clustered(model_name: str, bits: int) -> dict:
         task = minilm_task(cfg, log=lambda message: None)
         model = task.fresh()
         targets = select_targets(model, ClusterSpec(bits=bits), targets=task.targets)
-    tensors = attach(model, targets)
-    for tensor in tensors.values():
-        tensor.parametrization.initialize(tensor.full_original())
-    return tensors
+    return attach(model, targets, initialize=seeded)
 
 
 def main(argv: list[str] | None = None) -> dict:

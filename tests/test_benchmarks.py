@@ -75,6 +75,16 @@ def test_perf_epoch_end_times_the_statistics_of_the_digits_cnn(tmp_path):
     assert 0 <= row["entropy"] <= 2 and "measure_all" in result.stdout
 
 
+def test_perf_dkm_start_times_seeding_and_calibration_with_equal_results(tmp_path):
+    out = tmp_path / "dkm_start.json"
+    result = run("perf_dkm_start.py", "--model", "cnn", "--bits", "2", "--repeats", "1",
+                 "--json", str(out))
+    row = json.loads(out.read_text())["rows"][0]
+    assert row["bits"] == 2 and row["tensors"] >= 1
+    assert min(row[k] for k in ("seed_each", "seed_many", "tau_plain", "tau_now")) > 0
+    assert "centroids and taus equal" in result.stdout  # the script raises where they differ
+
+
 def test_unique_agreement_prints_small_value_differences():
     result = run("unique_agreement.py", "--n", "4000")
     rows = [line.split() for line in result.stdout.splitlines()[1:]]
