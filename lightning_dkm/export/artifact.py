@@ -309,8 +309,9 @@ def load_compressed(
 ) -> dict[str, Palette]:
     """Fill ``model`` (an instance of the saved architecture) in place from an artifact.
 
-    Clustered weights become ``LUT[indices]`` cast to the model's dtype (bit for bit the
-    finalized weights with an fp32 LUT; the fp16-rounded centroids with an fp16 LUT), every
+    Clustered weights become ``LUT[indices]`` (LUT and scales cast to the model's dtype: bit
+    for bit the finalized weights with an fp32 LUT; the fp16-rounded centroids with an fp16
+    LUT), every
     other tensor is copied as stored. Nothing is written into ``model`` unless the whole file
     is valid and matches it.
 
@@ -371,8 +372,10 @@ def load_compressed(
         if source in palettes and packed:
             continue  # never decoded: pack() below keeps LUT + indices
         if source not in cache:
-            cache[source] = (palettes[source].weight(target[key].dtype) if source in palettes
-                             else stored[source])
+            # the palette in the model's dtype, as it is returned and carried below, so that
+            # the weight is its weight() (LUT and scales cast before they are multiplied)
+            cache[source] = (palettes[source].to(dtype=target[key].dtype).weight()
+                             if source in palettes else stored[source])
         values[key] = cache[source]
 
     on_meta: dict[str, Tensor] = {}  # a model built under torch.device("meta"): assign, not copy
