@@ -1,11 +1,14 @@
 """Specification of the artifact's loader where the model it fills differs from the model that
-was saved: another floating-point dtype."""
+was saved: another floating-point dtype, or weights tied where the file stores two tensors."""
 
 from __future__ import annotations
+
+import warnings
 
 import pytest
 import torch
 from plain_models import EveryLayer, every_layer_inputs, with_channel_magnitudes
+from torch import nn
 
 from lightning_dkm import load_compressed, palettize, save_compressed
 from lightning_dkm.model.carried import carried_palettes
@@ -40,3 +43,46 @@ def test_per_channel_scales_load_into_a_lower_precision_model_as_the_palettes_it
     load_compressed(packed, path, packed=True)
     tokens, image = every_layer_inputs(2)
     assert torch.equal(packed(tokens, image.to(model_dtype)), dense(tokens, image.to(model_dtype)))
+
+
+# -- tied weights in the model, two tensors in the file -------------------------------------
+
+
+def _embedding_and_head(tied: bool, bias: bool = False) -> nn.Sequential:
+    embed, head = nn.Embedding(64, 64), nn.Linear(64, 64, bias=bias)
+    if tied:
+        head.weight = embed.weight
+    return nn.Sequential(embed, head)
+
+
+def test_a_file_of_untied_weights_is_refused_by_a_model_that_ties_them(tmp_path) -> None:
+    """The file holds ``0.weight`` (clustered) and ``1.weight`` (dense) as two tensors; a model
+    whose ``1.weight`` is ``0.weight`` cannot hold both, so loading it is an error naming both,
+    and the model is left as it was (not one of them silently overwritten by the other)."""
+    torch.manual_seed(0)
+    model = _embedding_and_head(tied=False)
+    palettize(model, bits=2, targets=["0.weight"], n_init=1, max_iter=5)
+    path = save_compressed(model, tmp_path / "u.safetensors", lut_dtype=torch.float32)
+    target = _embedding_and_head(tied=True)
+    before = target[0].weight.clone()
+    with pytest.raises(ValueError, match=r"0\.weight.*1\.weight.*tied|tied.*0\.weight.*1\.weight"):
+        load_compressed(target, path)
+    assert torch.equal(target[0].weight, before)
+
+
+def test_a_packed_load_into_a_tied_model_is_refused_before_anything_is_written(tmp_path) -> None:
+    """``packed=True`` cannot keep a tied weight packed (:func:`pack` refuses it); the loader
+    says so before it writes any tensor into the model or drops what it carries."""
+    torch.manual_seed(0)
+    model = _embedding_and_head(tied=True, bias=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "shares its storage ... clustered once"
+        palettize(model, bits=2, n_init=1, max_iter=5)
+    path = save_compressed(model, tmp_path / "t.safetensors", lut_dtype=torch.float32)
+    target = _embedding_and_head(tied=True, bias=True)
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    with pytest.raises(ValueError, match="tied"):
+        load_compressed(target, path, packed=True)
+    after = target.state_dict()
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[k], before[k]) for k in before)

@@ -339,7 +339,9 @@ def load_compressed(
             safetensors file, is of another format or version, fails its checksum, has an
             inconsistent layout, or does not fit ``model`` (missing or unexpected names,
             another shape or dtype kind: checked from the layout, before anything is decoded,
-            so a file claiming larger tensors than the model has costs no more than reading it).
+            so a file claiming larger tensors than the model has costs no more than reading it;
+            names the model ties stored as separate tensors; with ``packed``, a tied clustered
+            weight).
 
     Warns:
         ReportMismatchWarning: the ``compression_report.json`` beside the file records another
@@ -362,6 +364,7 @@ def load_compressed(
                                f"not in the model: {listed(unexpected, quote=False)}")
     keys = sorted(wanted & available)
     _check_against_model(checked, keys, target)  # shapes from the layout: nothing decoded yet
+    _check_ties(checked, keys, model, packed)
 
     sources = {aliases.get(key, key) for key in keys}
     palettes = decode_palettes(checked, [name for name in layouts if name in sources])
@@ -423,6 +426,31 @@ def _check_against_model(checked: CheckedFile, keys: list[str], target: dict[str
         if not fits:
             raise file_error(checked.path, f"{key!r} is {dtype} {shape} in the file but "
                                            f"{want.dtype} {tuple(want.shape)} in the model")
+
+
+def _check_ties(checked: CheckedFile, keys: list[str], model: nn.Module, packed: bool) -> None:
+    """Names that are one tensor in ``model`` (tied weights) must be one tensor in the file (a
+    name and its aliases): otherwise the second copy would silently overwrite the first. With
+    ``packed``, a tied clustered weight is refused here, before anything is written, rather
+    than by :func:`pack` after the dense tensors were."""
+    layouts, aliases = checked.layout.layouts, checked.layout.aliases
+    loaded = set(keys)
+    tied: dict[int, list[str]] = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if isinstance(tensor, Tensor) and not is_compression_metadata(name):
+            tied.setdefault(id(tensor), []).append(name)
+    for group in tied.values():
+        names = [name for name in group if name in loaded]
+        sources = {aliases.get(name, name) for name in names}
+        if len(sources) > 1:
+            raise file_error(checked.path, f"the model ties {listed(names, quote=False)} (one "
+                                           "tensor), but the file stores them as the separate "
+                                           f"tensors {listed(sources, quote=False)}: it was saved "
+                                           "from a model that does not tie them")
+        if packed and len(group) > 1 and sources and sources <= set(layouts):
+            raise file_error(checked.path, f"{listed(group, quote=False)} are one tied Parameter "
+                                           "in the model; packing would untie them, so tied "
+                                           "weights are not packed: load with packed=False")
 
 
 def _warn_if_report_mismatch(path: Path, stacklevel: int) -> None:
