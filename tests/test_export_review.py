@@ -10,7 +10,7 @@ import torch
 from plain_models import EveryLayer, every_layer_inputs, with_channel_magnitudes
 from torch import nn
 
-from lightning_dkm import load_compressed, palettize, save_compressed
+from lightning_dkm import load_compressed, pack, palettize, save_compressed, unpack
 from lightning_dkm.model.carried import carried_palettes
 
 # -- a model of another dtype than the saved one -----------------------------------------------
@@ -86,3 +86,25 @@ def test_a_packed_load_into_a_tied_model_is_refused_before_anything_is_written(t
     after = target.state_dict()
     assert after.keys() == before.keys()
     assert all(torch.equal(after[k], before[k]) for k in before)
+
+
+# -- a packed model given to save_compressed ----------------------------------------------------
+
+
+def test_saving_a_packed_model_is_refused_rather_than_written_as_dense_buffers(tmp_path) -> None:
+    """A packed model's clustered weights are LUT + packed-index buffers, not Parameters:
+    saving it would store them as dense state under names no fresh instance has (an artifact
+    that loads into nothing, a report of no clustered tensor). ``save_compressed`` refuses it,
+    naming ``unpack``, and writes nothing; after ``unpack`` it saves as usual."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64))
+    palettize(model, bits=2, min_size=1, n_init=1, max_iter=5)
+    pack(model)
+    path = tmp_path / "p.safetensors"
+    with pytest.raises(ValueError, match=r"packed.*unpack"):
+        save_compressed(model, path)
+    assert not path.exists()
+    unpack(model)
+    save_compressed(model, path)
+    fresh = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64))
+    assert load_compressed(fresh, path).keys() == {"0.weight", "1.weight"}

@@ -77,7 +77,7 @@ from .artifact_format import (
     report_mismatch,
 )
 from .files import safetensors_errors_as_os_errors, write_atomically
-from .packed import pack
+from .packed import is_packed, pack
 from .report import CompressionReport, LayerReport, TensorReport
 
 __all__ = [
@@ -231,7 +231,8 @@ def save_compressed(
         The path written.
 
     Raises:
-        ValueError: an unsupported ``lut_dtype``; empty ``palettes`` while weights look
+        ValueError: a packed model (:func:`~lightning_dkm.export.packed.pack`: unpack it
+            first); an unsupported ``lut_dtype``; empty ``palettes`` while weights look
             clustered (and not ``allow_dense``); a palette with no tensor of its name in
             ``model.state_dict()``, of another shape, with NaN/Inf centroids, or that differs
             from that tensor; non-tensor state (``get_extra_state``); or bad ``metadata``.
@@ -241,6 +242,12 @@ def save_compressed(
     """
     lut_dtype = lut_dtype_of(lut_dtype)
     model = unwrap(model)  # torch.compile / DDP: the names are the model's own
+    if is_packed(model):
+        raise ValueError(
+            "the model is packed (pack() or load_compressed(..., packed=True)): its clustered "
+            "weights are LUT and packed-index buffers, which would be stored dense under names "
+            "no fresh instance of the model has. Call lightning_dkm.unpack(model) first"
+        )
     if palettes is None:
         palettes = carried_palettes(model)
     elif not isinstance(palettes, Mapping):
