@@ -102,10 +102,15 @@ class DKMCheckpointing:
         if prefix:
             return
         in_checkpoint = sorted(checkpoint_clustered_names(state_dict))
-        if in_checkpoint:  # the DKM keys themselves (weights-only): they load as they are
-            in_model = sorted(clustered_tensors(module))
-            if in_checkpoint != in_model:
-                raise selection_error(in_checkpoint, in_model)
+        in_model = sorted(clustered_tensors(module))
+        own = sorted(clustered_tensors(module, self._names))
+        ours = [name for name in in_checkpoint if name in own]
+        # DKM keys of another callback's tensors only are that callback's placeholders (its
+        # hook ran first: prepare_plain_load) or, beside plain weights of ours, a checkpoint
+        # that restore() refuses; DKM keys of ours are a weights-only checkpoint's.
+        if (ours and ours != own) or not set(in_checkpoint) <= set(in_model):
+            raise selection_error(in_checkpoint, in_model)
+        if ours:  # the DKM keys themselves (weights-only): they load as they are
             return
         self.waiting = prepare_plain_load(module, state_dict, self._names)
 

@@ -1,0 +1,63 @@
+"""Checkpoints, resume and the fit's outputs, in cases the other suites leave out: two
+callbacks on disjoint targets reading back a mid-DKM checkpoint, and what a callback reports
+after a later fit of its own."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning_helpers import TinyNet, trainer
+
+from lightning_dkm import DKMCallback, clustered_tensors
+
+
+def two_callbacks() -> list[DKMCallback]:
+    return [DKMCallback(bits=2, targets=["body.0"], finalize=False, average_bits=None),
+            DKMCallback(bits=3, targets=["body.2"], finalize=False, average_bits=None)]
+
+
+@pytest.fixture
+def mid_dkm_checkpoint_of_two_callbacks(tmp_path):
+    torch.manual_seed(0)
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, filename="{epoch}")
+    t = trainer(tmp_path, callbacks=[*two_callbacks(), checkpoints], max_epochs=1,
+                enable_checkpointing=True)
+    t.fit(TinyNet())
+    path = tmp_path / "ckpt" / "epoch=0.ckpt"
+    return path, torch.load(path, weights_only=True)
+
+
+def entries_of(checkpoint, name):
+    (entries,) = [state["model"]["tensors"][name]["entries"]
+                  for key, state in checkpoint["callbacks"].items()
+                  if key.startswith("DKMCallback") and name in state["model"]["tensors"]]
+    return entries
+
+
+def assert_restored(model, checkpoint):
+    for name, tensor in clustered_tensors(model).items():
+        prefix = f"{name.rsplit('.', 1)[0]}.parametrizations.weight."
+        entries = entries_of(checkpoint, name)
+        assert torch.equal(tensor.original.detach(), entries[prefix + "original"]), name
+        assert torch.equal(tensor.parametrization.centroids, entries[prefix + "0.centroids"]), name
+
+
+def test_two_callbacks_on_disjoint_targets_resume_a_mid_dkm_checkpoint(
+        tmp_path, mid_dkm_checkpoint_of_two_callbacks):
+    path, checkpoint = mid_dkm_checkpoint_of_two_callbacks
+    model = TinyNet()
+    t = trainer(tmp_path / "resumed", callbacks=two_callbacks(), max_epochs=1)
+    t.fit(model, ckpt_path=str(path))  # max_epochs reached at once: only the restore runs
+    assert set(clustered_tensors(model)) == {"body.0.weight", "body.2.weight"}
+    assert_restored(model, checkpoint)
+
+
+def test_two_callbacks_on_disjoint_targets_test_from_a_mid_dkm_checkpoint(
+        tmp_path, mid_dkm_checkpoint_of_two_callbacks):
+    path, checkpoint = mid_dkm_checkpoint_of_two_callbacks
+    model = TinyNet()
+    t = trainer(tmp_path / "again", callbacks=two_callbacks(), max_epochs=1)
+    t.fit(model)  # a clustered model whose state differs from the checkpoint's
+    t.test(model, ckpt_path=str(path), verbose=False)
+    assert_restored(model, checkpoint)
