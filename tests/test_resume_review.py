@@ -61,3 +61,18 @@ def test_two_callbacks_on_disjoint_targets_test_from_a_mid_dkm_checkpoint(
     t.fit(model)  # a clustered model whose state differs from the checkpoint's
     t.test(model, ckpt_path=str(path), verbose=False)
     assert_restored(model, checkpoint)
+
+
+def test_a_later_fit_that_clusters_nothing_does_not_report_the_earlier_fits_outputs(tmp_path):
+    dkm = DKMCallback(bits=2, start_epoch=1, save_dir=str(tmp_path / "dkm"), verbose=False)
+    trainer(tmp_path, callbacks=[dkm], max_epochs=2).fit(TinyNet())
+    assert dkm.report is not None and dkm.artifact_path is not None
+    model = TinyNet()
+    with pytest.warns(UserWarning, match="before DKM started"):
+        trainer(tmp_path, callbacks=[dkm], max_epochs=1).fit(model)  # ends before start_epoch
+    assert not clustered_tensors(model)
+    # nothing was written or finalized in this fit: no result of the earlier one stands for it
+    assert dkm.report is None
+    assert dkm.output_paths == {} and dkm.artifact_path is None
+    assert dkm.palettes == {} and dkm.stats == {}
+    assert dkm.finalized_model is None

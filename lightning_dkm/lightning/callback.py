@@ -523,7 +523,7 @@ class DKMCallback(Callback):
                                      self.hard_epoch)  # a new fit: no calibrated bounds yet
         selected = self._select(pl_module)
         self._fully_sharded = FullySharded() if is_fully_sharded(trainer) else None
-        self.results.bit_allocation = None
+        self.results.start_fit()
         if self.average_bits is not None and selected:
             # widths the overrides fix are checked before the allocation runs training_step
             fixed = fixed_by_overrides(selected, self.overrides)
@@ -554,7 +554,6 @@ class DKMCallback(Callback):
         self._attach(pl_module, selected, init=seed_now)
         if seed_now:
             self._timeline.begin(self._tensors(pl_module))
-        self.results.finalized = False
         self._checkpointing.watch(pl_module, self._names)
         if self._out_dir is not None:  # last, once this callback's setup has passed
             self._save_dir_lock = claim_save_dir(trainer, self._out_dir,

@@ -150,6 +150,12 @@ class DKMResults:
         )
         weakref.finalize(self, discard_handoff, self._handoff_path, self._launcher_pid)
 
+    def start_fit(self) -> None:
+        """A new fit (``setup("fit")``): nothing of an earlier fit stands for this one's
+        results (a fit that ends before DKM starts, or raises, produces none)."""
+        self._stats, self._palettes, self._report, self._output_paths = {}, {}, None, {}
+        self.finalized, self.finalized_model, self.bit_allocation = False, None, None
+
     @property
     def stats(self) -> dict[str, dict[str, float]]:
         """Per-tensor statistics from the last measured epoch (name -> metric -> value)."""
