@@ -6,25 +6,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_snap_cache import clustered_linear
 from torch import nn
-from torch.nn.utils import parametrize
 
-from lightning_dkm import ClusterSpec, PaletteLayout, attach, clustered_tensors, select_targets
-from lightning_dkm.engine.parametrization import DKMParametrization
+from lightning_dkm import ClusterSpec, attach, clustered_tensors, select_targets
 from lightning_dkm.engine.snap_cache import snap_cache
 
 GRAD_OFF = [torch.inference_mode, torch.no_grad]
-
-
-def clustered_linear(per_channel_scale: bool = False) -> tuple[nn.Linear, DKMParametrization]:
-    """A Linear(16, 8) whose weight is clustered at 2 bits, in eval mode."""
-    torch.manual_seed(0)
-    linear = nn.Linear(16, 8)
-    spec = ClusterSpec(2, 1, None, per_channel_scale=per_channel_scale)
-    p = DKMParametrization(PaletteLayout((8, 16), spec, name="weight"))
-    p.initialize(linear.weight)
-    parametrize.register_parametrization(linear, "weight", p)
-    return linear.eval(), p
 
 
 def uncached(model: nn.Module, *args: torch.Tensor) -> torch.Tensor:
