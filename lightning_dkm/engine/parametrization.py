@@ -494,9 +494,9 @@ def initialize_many(pairs: Sequence[tuple[DKMParametrization, Callable[[], Tenso
     same centroids, with the scalar palettes of consecutive tensors clustered together by one
     batched dynamic program (:func:`~.kmeans.kmeans_centroids_many`, at most
     :data:`~.kmeans.WAVE_WEIGHTS` weights at once): the fixed cost of a call is paid once per
-    batch, not once per tensor (MiniLM's 36 encoder Linears at 4 bits:
-    ``docs/benchmarks.md``, "Seeding at DKM start"). Vector palettes are seeded one at a time.
-    """
+    batch, not once per tensor (MiniLM's 36 encoder Linears at 4 bits: ``docs/benchmarks.md``,
+    "DKM's start: seeding and tau calibration"). Vector palettes are seeded one at a time.
+    Under FSDP2 the weights of a batch are gathered together (at most that many)."""
     sizes = [math.prod(p.layout.shape) for p, _ in pairs]
     for run in waves(sizes):
         scalars = []
