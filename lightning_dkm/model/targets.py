@@ -241,29 +241,35 @@ def select_targets(
 
     selected: list[Target] = []
     skipped: list[str] = []
-    owners: dict[int, int] = {}  # data_ptr -> index in ``selected``
+    owners: dict[int, int] = {}  # storage key (_tie_key) -> index in ``selected``
     used_overrides: set[str | None] = set()
     unused_overrides: dict[str, list[str]] = {}  # pattern -> tensors below min_size it matched
+    left_out: dict[str, list[str]] = {}  # pattern -> tensors targets/exclude leave out
     for module_name, param_name, module, group_axis, vector_axis in candidates:
         names = (module_name, qualified_name(module_name, param_name))
-        if target_patterns and not _matches_any(target_patterns, names):
-            continue
-        if _matches_any(exclude_patterns, names):
+        override = next((p for p in specs if _matches_any([p], names)), None)
+        if (target_patterns and not _matches_any(target_patterns, names)) or _matches_any(
+                exclude_patterns, names):
+            if override is not None:
+                left_out.setdefault(override, []).append(names[1])
             continue
         qualified = names[1]
         tensor = _original_tensor(module, param_name, qualified)
-        owner = owners.get(tensor.data_ptr()) if tensor.numel() else None
+        key = _tie_key(tensor)
+        owner = owners.get(key) if tensor.numel() else None
         if owner is not None:  # a tied weight: one palette, read by every owner
             first = selected[owner]
+            if override is not None and override != first.override:
+                first = _with_tied_override(first, override, specs[override], qualified)
+                used_overrides.add(override)
             selected[owner] = replace(first, tied=(*first.tied, (module_name, param_name)))
             continue
-        override = next((p for p in specs if _matches_any([p], names)), None)
         if tensor.numel() < min_size:
             skipped.append(f"{qualified} ({tensor.numel()} elements)")
             if override is not None:
                 unused_overrides.setdefault(override, []).append(qualified)
             continue
-        owners[tensor.data_ptr()] = len(selected)
+        owners[key] = len(selected)
         tensor_spec = spec if override is None else specs[override]
         used_overrides.add(override)
         layout = PaletteLayout(
@@ -281,6 +287,15 @@ def select_targets(
             UserWarning,
             stacklevel=2,
         )
+    for pattern, names_out in left_out.items():
+        if pattern in used_overrides or pattern in unused_overrides:
+            continue
+        warnings.warn(
+            f"overrides[{pattern!r}] is not applied: it matches only tensors that targets / "
+            f"exclude leave out ({', '.join(names_out)}), which stay in full precision",
+            UserWarning,
+            stacklevel=2,
+        )
     if skipped:
         warnings.warn(
             f"skipping {len(skipped)} tensor(s) smaller than min_size={min_size} elements "
@@ -289,6 +304,30 @@ def select_targets(
             stacklevel=2,
         )
     return selected
+
+
+def _tie_key(tensor) -> int:
+    """What tells tied weights apart: the address of their data, or on the ``meta`` device
+    (where every tensor's ``data_ptr()`` is 0) the tensor object itself."""
+    return id(tensor) if tensor.is_meta else tensor.data_ptr()
+
+
+def _with_tied_override(first: Target, override: str, spec: ClusterSpec,
+                        qualified: str) -> Target:
+    """``first`` (a tied weight's target) with the spec of ``override``, which matched its
+    further owner ``qualified``: an override of either owner applies to the one tensor; two
+    owners with different overrides are a ``ValueError`` naming both."""
+    if first.override is not None and spec != first.spec:
+        raise ValueError(
+            f"{first.name} and {qualified} are one tied weight, but overrides "
+            f"{first.override!r} and {override!r} give it different specs ({first.spec} and "
+            f"{spec}); override one of them only"
+        )
+    if first.override is not None:
+        return first
+    layout = first.layout
+    return replace(first, override=override, layout=PaletteLayout(
+        layout.shape, spec, layout.group_axis, layout.vector_axis, name=layout.name))
 
 
 def _original_tensor(module: nn.Module, param_name: str, qualified: str):
