@@ -338,6 +338,16 @@ class TemperatureConfig:
             raise ValueError(
                 f"temperature.end_entropy must be a number of bits > 0; got {self.end_entropy!r}"
             )
+        if not callable(self.schedule):
+            # Build the schedule now (its step_size / gamma, an import path resolved), with a
+            # stand-in 1.0 for an "auto" bound: else a mistake would surface at the first soft
+            # step, after start_epoch epochs of training.
+            bound = {key: 1.0 if value in (None, AUTO) else value
+                     for key, value in (("start", self.start), ("end", self.end))}
+            try:
+                self.schedule_for((bound["start"], bound["end"]), 1)
+            except ValueError as err:
+                raise ValueError(f"temperature: {err}") from err
 
     @property
     def annealed(self) -> bool:
