@@ -40,3 +40,51 @@ def test_a_temperature_mapping_with_an_import_path_still_builds():
     callback = DKMCallback(temperature={"schedule": "lightning_helpers.tau_of_unit",
                                         "interval": "epoch"})
     assert callback.temperature.schedule == "lightning_helpers.tau_of_unit"
+
+
+# -- seed -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("seed", [1.7, True, "x", None])
+def test_seed_must_be_an_int(seed):
+    # Before: 1.7 became 1 and True became 1 silently; "x" failed in int() without naming seed.
+    with pytest.raises(ValueError, match=rf"seed must be an int; got {seed!r}"):
+        DKMCallback(seed=seed)
+
+
+# -- the plain switches and save_dir ----------------------------------------------------------
+@pytest.mark.parametrize("name", ["finalize", "save_artifact", "log_histograms", "verbose"])
+@pytest.mark.parametrize("value", ["false", 0, None])
+def test_a_switch_must_be_true_or_false(name, value):
+    # Before: "false" (truthy) finalized / saved / printed; export_coreml and export_coreai
+    # were already checked so.
+    with pytest.raises(ValueError, match=rf"{name} must be True or False; got {value!r}"):
+        DKMCallback(**{name: value})
+
+
+@pytest.mark.parametrize("save_dir", [5, "", ["out"]])
+def test_save_dir_must_be_a_path_or_none(save_dir):
+    with pytest.raises(ValueError, match=r"save_dir must be None .* or a non-empty path"):
+        DKMCallback(save_dir=save_dir)
+
+
+def test_save_dir_takes_a_string_or_a_path(tmp_path):
+    assert DKMCallback(save_dir=str(tmp_path)).save_dir == str(tmp_path)
+    assert DKMCallback(save_dir=tmp_path).save_dir == tmp_path
+
+
+# -- Deep k-Means' options are not silently ignored by the other methods -----------------------
+@pytest.mark.parametrize("method", ["dkm", "hard"])
+@pytest.mark.parametrize(
+    "options", [{"regularization": 0.5}, {"refresh_every": 7}],
+    ids=["regularization", "refresh_every"],
+)
+def test_deep_kmeans_options_with_another_method_are_refused(method, options):
+    # Before: accepted and ignored (hard_epoch with a method that ignores it is refused).
+    (name, value), = options.items()
+    with pytest.raises(ValueError, match=rf"{name}={value!r} only applies to "
+                                         rf"method='deep_kmeans'; got method='{method}'"):
+        DKMCallback(method=method, **options)
+
+
+def test_deep_kmeans_options_configure_deep_kmeans():
+    method = DKMCallback(method="deep_kmeans", regularization=0.5, refresh_every=7).method
+    assert (method.regularization, method.refresh_every) == (0.5, 7)

@@ -10,6 +10,7 @@ or any callable ``unit -> tau`` (:func:`parse_temperature`), a
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
@@ -133,6 +134,11 @@ def resolve_method(
     require(isinstance(method, str) and method in METHOD_NAMES,
             f"method must be one of {METHOD_NAMES} or a ClusteringMethod instance "
             f"(lightning_dkm.model.methods); got {method!r}")
+    for name, value, default in (("regularization", regularization, DEFAULT_REGULARIZATION),
+                                 ("refresh_every", refresh_every, DEFAULT_REFRESH_EVERY)):
+        require(method == "deep_kmeans" or value == default,
+                f"{name}={value!r} only applies to method='deep_kmeans'; got method={method!r} "
+                f"(leave {name} at its default, {default!r})")
     return build_method(method, regularization=regularization, refresh_every=refresh_every)
 
 
@@ -162,9 +168,13 @@ def check_arguments(
     implementation: object,
     export_coreml: object,
     export_coreai: object,
+    seed: object,
+    save_dir: object,
+    switches: Mapping[str, object],
 ) -> None:
     """The constructor's plain arguments: types and ranges; each ``overrides`` entry against
-    ``spec`` (unknown keys, bad values) now rather than when ``setup`` selects the targets."""
+    ``spec`` (unknown keys, bad values) now rather than when ``setup`` selects the targets;
+    ``switches``: the other ``bool`` arguments by name."""
     override_specs(spec, overrides)
     require(is_int(min_size, 0), f"min_size must be an int >= 0; got {min_size!r}")
     require(is_int(start_epoch, 0), f"start_epoch must be an int >= 0; got {start_epoch!r}")
@@ -174,5 +184,11 @@ def check_arguments(
     require(is_int(max_iter, 1), f"max_iter must be an int >= 1; got {max_iter!r}")
     require(is_number(epsilon) and epsilon >= 0, f"epsilon must be a number >= 0; got {epsilon!r}")
     check_implementation(implementation)
-    for name, value in (("export_coreml", export_coreml), ("export_coreai", export_coreai)):
+    require(is_int(seed), f"seed must be an int; got {seed!r}")
+    require(save_dir is None or (isinstance(save_dir, (str, os.PathLike))
+                                 and os.fspath(save_dir) != ""),
+            f"save_dir must be None (the trainer's log_dir + /dkm) or a non-empty path; got "
+            f"{save_dir!r}")
+    for name, value in (("export_coreml", export_coreml), ("export_coreai", export_coreai),
+                        *switches.items()):
         require(isinstance(value, bool), f"{name} must be True or False; got {value!r}")

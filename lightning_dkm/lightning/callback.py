@@ -248,9 +248,9 @@ class DKMCallback(Callback):
             resume, and ``regularization`` / ``refresh_every`` must stay at their defaults.
         regularization: Deep k-Means' ``lambda`` (> 0), the weight of the k-means regulariser
             ``R = Tr(W^T W) - Tr(F^T W^T W F)`` (a sum over each palette's weights). Default
-            1e-3. Only used by ``method="deep_kmeans"``.
+            1e-3. Only for ``method="deep_kmeans"`` (with another method, an error).
         refresh_every: optimizer steps between Deep k-Means' assignment refreshes (>= 1).
-            Default 50. Only used by ``method="deep_kmeans"``.
+            Default 50. Only for ``method="deep_kmeans"`` (with another method, an error).
     """
 
     def __init__(
@@ -304,13 +304,15 @@ class DKMCallback(Callback):
             spec=self.spec, overrides=overrides, min_size=min_size, start_epoch=start_epoch,
             hard_epoch=hard_epoch, max_iter=max_iter, epsilon=epsilon,
             implementation=implementation, export_coreml=export_coreml,
-            export_coreai=export_coreai,
+            export_coreai=export_coreai, seed=seed, save_dir=save_dir,
+            switches={"finalize": finalize, "save_artifact": save_artifact,
+                      "log_histograms": log_histograms, "verbose": verbose},
         )
         self.overrides = dict(overrides or {})  # each entry checked by check_arguments
         self.lut_dtype = lut_dtype_name(lut_dtype)  # checked; the canonical name: a primitive
         check_method_options(self.method, hard_epoch, gradient, implementation)
         self.min_size, self.start_epoch, self.hard_epoch = min_size, start_epoch, hard_epoch
-        self.max_iter, self.epsilon, self.seed = max_iter, float(epsilon), int(seed)
+        self.max_iter, self.epsilon, self.seed = max_iter, float(epsilon), seed
         self.implementation, self.gradient = implementation, gradient
         #: The ``finalize`` argument (not named so: :func:`~lightning_dkm.finalize` is used here).
         self.finalize_at_fit_end = finalize
