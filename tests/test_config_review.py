@@ -88,3 +88,12 @@ def test_deep_kmeans_options_with_another_method_are_refused(method, options):
 def test_deep_kmeans_options_configure_deep_kmeans():
     method = DKMCallback(method="deep_kmeans", regularization=0.5, refresh_every=7).method
     assert (method.regularization, method.refresh_every) == (0.5, 7)
+
+
+# -- temperature entropies are finite ---------------------------------------------------------
+@pytest.mark.parametrize("end_entropy", [float("inf"), float("nan")])
+def test_an_infinite_end_entropy_is_refused(end_entropy):
+    # Before: inf was accepted (and silently became half of log2 k at calibration).
+    with pytest.raises(ValueError, match=r"end_entropy must be a number of bits > 0; "
+                                         r"got (inf|nan) \(it must be finite\)"):
+        DKMCallback(temperature={"end_entropy": end_entropy})

@@ -334,9 +334,10 @@ class TemperatureConfig:
                 "temperature.start_entropy must be a fraction of log2 k in (0, 1); got "
                 f"{self.start_entropy!r}"
             )
-        if not is_number(self.end_entropy) or not self.end_entropy > 0:
+        if not is_number(self.end_entropy) or not 0 < self.end_entropy < math.inf:
             raise ValueError(
-                f"temperature.end_entropy must be a number of bits > 0; got {self.end_entropy!r}"
+                "temperature.end_entropy must be a number of bits > 0; got "
+                f"{self.end_entropy!r} (it must be finite)"
             )
         if not callable(self.schedule):
             # Build the schedule now (its step_size / gamma, an import path resolved), with a
