@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import lightning.pytorch as pl
+from jsonargparse.typing import NonNegativeInt
 from lightning.pytorch.cli import LightningCLI
 
 from lightning_dkm import DKMCallback, load_compressed
@@ -25,7 +26,8 @@ class DigitsCLI(LightningCLI):
     """LightningCLI plus ``--pretrain_epochs``: fp32 epochs before the DKM fine-tuning."""
 
     def add_arguments_to_parser(self, parser) -> None:
-        parser.add_argument("--pretrain_epochs", type=int, default=5, help="fp32 epochs first")
+        parser.add_argument("--pretrain_epochs", type=NonNegativeInt, default=5,
+                            help="fp32 epochs first")
 
 
 def test_accuracy(trainer: pl.Trainer, model: pl.LightningModule, data) -> float:

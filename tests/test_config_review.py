@@ -97,3 +97,21 @@ def test_an_infinite_end_entropy_is_refused(end_entropy):
     with pytest.raises(ValueError, match=r"end_entropy must be a number of bits > 0; "
                                          r"got (inf|nan) \(it must be finite\)"):
         DKMCallback(temperature={"end_entropy": end_entropy})
+
+
+# -- the main job's own argument --------------------------------------------------------------
+def test_the_main_job_refuses_a_negative_pretrain_epochs():
+    # Before: --pretrain_epochs -1 became Trainer(max_epochs=-1): fp32 training without end.
+    import sys
+    from pathlib import Path
+
+    examples = Path(__file__).resolve().parent.parent / "examples"
+    sys.path.insert(0, str(examples))
+    try:
+        from digits_main import DigitsCLI, DigitsCNN, DigitsDataModule
+    finally:
+        sys.path.remove(str(examples))
+    with pytest.raises(SystemExit) as exit_:
+        DigitsCLI(DigitsCNN, DigitsDataModule, run=False,
+                  args=["--config", str(examples / "digits_dkm.yaml"), "--pretrain_epochs", "-1"])
+    assert exit_.value.code == 2
