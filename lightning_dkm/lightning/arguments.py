@@ -134,12 +134,14 @@ def resolve_method(
     require(isinstance(method, str) and method in METHOD_NAMES,
             f"method must be one of {METHOD_NAMES} or a ClusteringMethod instance "
             f"(lightning_dkm.model.methods); got {method!r}")
+    # the values checked first (a bad one is named as bad), then whether the method uses them
+    built = build_method(method, regularization=regularization, refresh_every=refresh_every)
     for name, value, default in (("regularization", regularization, DEFAULT_REGULARIZATION),
                                  ("refresh_every", refresh_every, DEFAULT_REFRESH_EVERY)):
         require(method == "deep_kmeans" or value == default,
                 f"{name}={value!r} only applies to method='deep_kmeans'; got method={method!r} "
                 f"(leave {name} at its default, {default!r})")
-    return build_method(method, regularization=regularization, refresh_every=refresh_every)
+    return built
 
 
 def check_method_options(
