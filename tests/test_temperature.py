@@ -184,3 +184,27 @@ def test_an_unhashable_callable_schedule_is_taken_as_any_callable(given):
     config = TemperatureConfig.parse(given)
     assert isinstance(config.schedule, _UnhashableSchedule)
     assert not config.anneals
+
+
+def test_an_end_entropy_above_half_of_log2_k_is_capped_with_one_warning_naming_the_tensors(gen):
+    narrow = palettes(gen, 1, 2048, 1, 1)  # k = 2: at most 0.5 bits at the end
+    wide = palettes(gen, 1, 2048, 1, 4)  # k = 16: 0.8 bits is below 2
+    config = TemperatureConfig.parse({"end_entropy": 0.8})
+    plan = TemperaturePlan(config)
+    with pytest.warns(UserWarning, match=r"end_entropy=0\.8 bits is above half of log2 k for 1 "
+                                         r"tensor\(s\).*: fc1\.weight \(k=2: 0\.5 bits\)") as seen:
+        plan.calibrate({"fc1.weight": narrow, "fc2.weight": wide})
+    assert len([w for w in seen if "end_entropy" in str(w.message)]) == 1
+    assert "fc2.weight" not in str(seen[0].message)
+    x, centroids = narrow
+    assert mean_assignment_entropy(x, centroids, plan.bounds["fc1.weight"][1]) == pytest.approx(
+        0.5, rel=1e-4)
+
+
+def test_the_default_end_entropy_calibrates_without_a_warning(gen):
+    import warnings
+
+    plan = TemperaturePlan(TemperatureConfig.parse("auto"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        plan.calibrate({"fc.weight": palettes(gen, 1, 2048, 1, 1)})

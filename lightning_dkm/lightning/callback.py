@@ -155,7 +155,8 @@ class DKMCallback(Callback):
             each tensor, tau is calibrated when DKM starts so that its soft assignments have mean
             entropy ``start_entropy * log2(k)`` bits (0.1: genuinely soft at every bit width),
             then annealed exponentially every optimizer step to the tau of ``end_entropy``
-            bits (1e-2: near-hard, so finalize moves the weights little); this works for
+            bits (1e-2: near-hard, so finalize moves the weights little; at most half of
+            ``log2(k)``, with a warning naming the tensors it caps); this works for
             ``max_epochs=1`` and for ``max_steps``. A number is a constant tau, in units of
             each palette's weight variance. A mapping chooses: ``{schedule:
             constant|linear|exponential|cosine|step|<import.path>, start, end, interval:

@@ -23,6 +23,7 @@ Nothing here imports Lightning.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any, Literal, TypedDict
@@ -385,7 +386,14 @@ class TemperatureConfig:
         start = tau(self.start, self.start_entropy * top)
         if self.end is None:
             return start, start
-        return start, tau(self.end, min(self.end_entropy, 0.5 * top))
+        return start, tau(self.end, self.end_entropy_for(centroids.shape[1]))
+
+    def end_entropy_for(self, k: int) -> float:
+        """The end's target entropy (bits) for ``k`` centroids: ``end_entropy``, at most half
+        of ``log2 k`` (an end nearly as soft as uniform assignments would not anneal toward
+        the hard ones that finalize snaps to; :meth:`TemperaturePlan.calibrate` warns where
+        it caps)."""
+        return min(self.end_entropy, 0.5 * math.log2(k))
 
     def schedule_for(
         self, bounds: tuple[float, float], num_units: int | None
@@ -431,11 +439,26 @@ class TemperaturePlan:
 
     def calibrate(self, palettes: Mapping[str, tuple[Tensor, Tensor]]) -> None:
         """Bounds for every tensor in ``palettes`` (name -> (palettes ``x``, centroids)) that has
-        none yet."""
+        none yet; one warning names the tensors whose ``"auto"`` end ``end_entropy`` is capped
+        for (above half of their ``log2 k``: :meth:`TemperatureConfig.end_entropy_for`)."""
+        capped: dict[str, int] = {}
         for name, (x, centroids) in palettes.items():
             if name not in self.bounds:
+                k = centroids.shape[1]
+                if self.config.end == AUTO and self.config.end_entropy_for(k) < (
+                        self.config.end_entropy):
+                    capped[name] = k
                 self.bounds[name] = self.config.bounds(x, centroids, name)
                 self._schedules.pop(name, None)
+        if capped:
+            shown = ", ".join(f"{name} (k={k}: {self.config.end_entropy_for(k):g} bits)"
+                              for name, k in list(capped.items())[:8])
+            more = f" and {len(capped) - 8} more" if len(capped) > 8 else ""
+            warnings.warn(
+                f"temperature.end_entropy={self.config.end_entropy:g} bits is above half of "
+                f"log2 k for {len(capped)} tensor(s), whose end tau is calibrated to half of "
+                f"log2 k instead: {shown}{more}; an end_entropy below that silences this",
+                UserWarning, stacklevel=2)
 
     def set_units(self, num_units: int | None) -> None:
         """The number of soft units (``None``: open-ended, only for schedules that allow it)."""
