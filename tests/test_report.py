@@ -129,6 +129,18 @@ def test_tied_weights_are_counted_once() -> None:
     assert [layer.name for layer in report.layers] == ["0.weight"] and report.unclustered == []
 
 
+def test_on_the_meta_device_only_tied_weights_are_one_tensor() -> None:
+    from lightning_dkm.model.state import state_tensors
+
+    with torch.device("meta"):  # every data pointer is 0 there
+        embed, head, other = nn.Embedding(64, 64), nn.Linear(64, 64, bias=False), nn.Linear(
+            64, 64, bias=False)
+    head.weight = embed.weight
+    state = state_tensors(nn.Sequential(embed, head, other))
+    assert state.aliases == {"1.weight": "0.weight"}
+    assert list(state.tensors) == ["0.weight", "2.weight"]
+
+
 def test_optional_stats_fill_entropy_and_snap_rmse() -> None:
     model, palettes = clustered(bits=2)
     report = CompressionReport.build(

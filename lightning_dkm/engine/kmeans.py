@@ -400,12 +400,7 @@ def kmeans_centroids_many(problems: Sequence[tuple[Tensor, int, str | None]]) ->
     (:func:`~lightning_dkm.engine.optimal1d.optimal_kmeans_1d_many`: many small tensors cost
     about what one does); the checks and warnings are :func:`kmeans`'s, per tensor. Keep the
     weights of one call within :data:`WAVE_WEIGHTS` (:func:`waves`)."""
-    checked = []
-    for x, k, name in problems:
-        if x.dim() != 3 or x.shape[-1] != 1:
-            raise ValueError(f"x{_label(name)} must be scalar palettes (P, n, 1); got "
-                             f"{tuple(x.shape)}")
-        checked.append((_checked(x, k, None, name)[0], k, None))
+    checked = [(_checked_scalars(x, k, None, name)[0], k, None) for x, k, name in problems]
     return [c.to(x.dtype) for (x, _, _), c in zip(problems, _optimal_centroids(checked),
                                                   strict=True)]
 
@@ -441,10 +436,7 @@ def kmeans_scalars(problems: Sequence[tuple[Tensor, int, Tensor | None, str | No
     cost about what one does. The checks and warnings are :func:`kmeans`'s."""
     scaled, units = [], []
     for x, k, sample_weight, name in problems:
-        if x.dim() != 3 or x.shape[-1] != 1:
-            raise ValueError(f"x{_label(name)} must be scalar palettes (P, n, 1); got "
-                             f"{tuple(x.shape)}")
-        xw, w = _checked(x, k, sample_weight, name)
+        xw, w = _checked_scalars(x, k, sample_weight, name)
         units.append(palette_unit(xw))
         scaled.append((xw / units[-1], k, w))
     return [((c * unit).to(x.dtype), labels) for (x, *_), unit, (c, labels)
@@ -477,6 +469,15 @@ def kmeans_widths(x: Tensor, ks: Sequence[int], sample_weight: Tensor | None = N
         best = _scaled_back(KMeansResult(c, labels, _inertia(xw, c, labels, w)), unit)
         out.append(KMeansResult(best.centroids.to(x.dtype), best.labels, best.inertia))
     return out
+
+
+def _checked_scalars(x: Tensor, k: int, sample_weight: Tensor | None, name: str | None
+                     ) -> tuple[Tensor, Tensor | None]:
+    """:func:`_checked` of scalar palettes ``x`` ``(P, n, 1)`` (the batched solvers' input)."""
+    if x.dim() != 3 or x.shape[-1] != 1:
+        raise ValueError(f"x{_label(name)} must be scalar palettes (P, n, 1); got "
+                         f"{tuple(x.shape)}")
+    return _checked(x, k, sample_weight, name)
 
 
 def _checked(x: Tensor, k: int, sample_weight: Tensor | None, name: str | None,

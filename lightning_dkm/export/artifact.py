@@ -442,10 +442,9 @@ def _check_ties(checked: CheckedFile, keys: list[str], model: nn.Module, packed:
     than by :func:`pack` after the dense tensors were."""
     layouts, aliases = checked.layout.layouts, checked.layout.aliases
     loaded = set(keys)
-    tied: dict[int, list[str]] = {}
-    for name, tensor in model.state_dict(keep_vars=True).items():
-        if isinstance(tensor, Tensor) and not is_compression_metadata(name):
-            tied.setdefault(id(tensor), []).append(name)
+    tied: dict[str, list[str]] = {}  # the model's canonical name -> every name of its tensor
+    for alias, canonical in state_tensors(model).aliases.items():
+        tied.setdefault(canonical, [canonical]).append(alias)
     for group in tied.values():
         names = [name for name in group if name in loaded]
         sources = {aliases.get(name, name) for name in names}

@@ -373,15 +373,15 @@ class TemperatureConfig:
         if self.start is None:
             return 1.0, 1.0
         top = math.log2(centroids.shape[1])
-        curve: list[_EntropyCurve] = []  # one for both ends, made at the first "auto"
+        # one curve for both ends: its distances and common evaluations shared
+        curve = _EntropyCurve(x, centroids, DEFAULT_MAX_POINTS) if self.calibrates else None
 
         def tau(value: float | str, entropy_bits: float) -> float:
             if value != AUTO:
                 return float(value)
+            assert curve is not None
             _check_target(centroids.shape[1], entropy_bits, name)
-            if not curve:
-                curve.append(_EntropyCurve(x, centroids, DEFAULT_MAX_POINTS))
-            return _bisect(curve[0], entropy_bits)
+            return _bisect(curve, entropy_bits)
 
         start = tau(self.start, self.start_entropy * top)
         if self.end is None:

@@ -5,7 +5,9 @@ layer) appear in ``state_dict`` under every name. The report counts them once an
 stores them once, so both use :func:`state_tensors`: the first name (or a preferred one, such as
 the name a palette was made for) is canonical and the others become aliases of it. Two entries
 are the same tensor when they are the same view of the same memory (data pointer, dtype, shape
-and strides); empty tensors are never merged.
+and strides; on the ``meta`` device the same tensor object); empty tensors are never merged
+(:func:`tensor_identity`, which :func:`~lightning_dkm.model.targets.select_targets` and
+:func:`~lightning_dkm.export.artifact.load_compressed` use too).
 
 It is also the one home of how ``state_dict`` keys are spelled: a module's prefix and the keys of
 :mod:`torch.nn.utils.parametrize` (``<module>.parametrizations.<param>.original`` and
@@ -23,7 +25,7 @@ from torch import Tensor, nn
 __all__ = [
     "COMPRESSION_METADATA_PREFIX", "PARAMETRIZATIONS", "StateTensors", "is_compression_metadata",
     "module_prefix", "parametrization_prefix", "parametrized_originals", "qualified_name",
-    "split_name", "state_tensors", "unwrap",
+    "split_name", "state_tensors", "tensor_identity", "unwrap",
 ]
 
 #: The infix of :mod:`torch.nn.utils.parametrize`'s ``state_dict`` keys.
@@ -93,9 +95,15 @@ class StateTensors:
     non_tensors: tuple[str, ...]
 
 
-def _identity(t: Tensor) -> tuple | None:
+def tensor_identity(t: Tensor) -> tuple | None:
+    """What makes two tensors one stored tensor (tied weights): the same view of the same
+    memory (data pointer, dtype, shape, strides); on the ``meta`` device, where every data
+    pointer is 0, the same tensor object (pass the model's own Parameters and buffers, not
+    ``state_dict()``'s detached copies). ``None`` for an empty tensor: never merged."""
     if t.numel() == 0:
         return None
+    if t.is_meta:
+        return (t.device, id(t))
     return (t.device, t.data_ptr(), t.dtype, tuple(t.shape), tuple(t.stride()))
 
 
@@ -115,7 +123,9 @@ def state_tensors(model: nn.Module, preferred: Iterable[str] = ()) -> StateTenso
     """Deduplicate ``model.state_dict()``, without its compression-metadata buffers; names in
     ``preferred`` win the canonical slot."""
     state = {k: v for k, v in model.state_dict().items() if not is_compression_metadata(k)}
-    identities = {name: _identity(t) for name, t in state.items() if isinstance(t, Tensor)}
+    own = model.state_dict(keep_vars=True)  # the tensors themselves: tied ones on meta too
+    identities = {name: tensor_identity(own[name]) for name, t in state.items()
+                  if isinstance(t, Tensor)}
     canonical_of: dict[tuple, str] = {}
     for name in preferred:
         ident = identities.get(name)

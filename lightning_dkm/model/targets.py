@@ -37,7 +37,7 @@ from torch import nn
 
 from ..engine.layout import ClusterSpec, PaletteLayout, check_keys, is_int
 from ..engine.parametrization import DKMParametrization
-from .state import qualified_name
+from .state import qualified_name, tensor_identity
 from .tied import TiedWeight
 
 __all__ = [
@@ -241,7 +241,7 @@ def select_targets(
 
     selected: list[Target] = []
     skipped: list[str] = []
-    owners: dict[int, int] = {}  # storage key (_tie_key) -> index in ``selected``
+    owners: dict[tuple, int] = {}  # tensor_identity -> index in ``selected``
     used_overrides: set[str | None] = set()
     unused_overrides: dict[str, list[str]] = {}  # pattern -> tensors below min_size it matched
     left_out: dict[str, list[str]] = {}  # pattern -> tensors targets/exclude leave out
@@ -255,8 +255,8 @@ def select_targets(
             continue
         qualified = names[1]
         tensor = _original_tensor(module, param_name, qualified)
-        key = _tie_key(tensor)
-        owner = owners.get(key) if tensor.numel() else None
+        key = tensor_identity(tensor)
+        owner = owners.get(key) if key is not None else None
         if owner is not None:  # a tied weight: one palette, read by every owner
             first = selected[owner]
             if override is not None and override != first.override:
@@ -269,7 +269,8 @@ def select_targets(
             if override is not None:
                 unused_overrides.setdefault(override, []).append(qualified)
             continue
-        owners[key] = len(selected)
+        if key is not None:
+            owners[key] = len(selected)
         tensor_spec = spec if override is None else specs[override]
         used_overrides.add(override)
         layout = PaletteLayout(
@@ -304,12 +305,6 @@ def select_targets(
             stacklevel=2,
         )
     return selected
-
-
-def _tie_key(tensor) -> int:
-    """What tells tied weights apart: the address of their data, or on the ``meta`` device
-    (where every tensor's ``data_ptr()`` is 0) the tensor object itself."""
-    return id(tensor) if tensor.is_meta else tensor.data_ptr()
 
 
 def _with_tied_override(first: Target, override: str, spec: ClusterSpec,
