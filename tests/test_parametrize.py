@@ -421,6 +421,23 @@ def test_soft_assignment_chunks_cover_every_row_in_order() -> None:
     torch.testing.assert_close(full, soft_assignment(xt, cn, 0.1).transpose(1, 2))
 
 
+def test_soft_assignment_chunks_are_the_steps_attention_without_subnormal_entries() -> None:
+    # Saturated rows (a small tau): a plain softmax leaves far centroids' entries subnormal
+    # (x86's slow path in every op that reads them); the statistics use the step's floor.
+    linear, p = clustered_linear(bits=4, temperature=1e-4)
+    original = linear.parametrizations.weight.original
+    full = torch.cat(list(p.soft_assignment_chunks(original)), dim=1)
+    tiny = torch.finfo(full.dtype).tiny
+    assert not ((full > 0) & (full < tiny)).any()
+    x = p.layout.to_palettes(original.detach())
+    scale = x.std(dim=1, unbiased=False, keepdim=True)
+    xt = ((x - x.mean(1, keepdim=True)) / scale).transpose(1, 2)
+    cn = (p.centroids - x.mean(1, keepdim=True)) / scale
+    plain = soft_assignment(xt, cn, 1e-4).transpose(1, 2)
+    assert ((plain > 0) & (plain < tiny)).any()  # the case the floor is for
+    torch.testing.assert_close(full, plain, atol=1e-6, rtol=1e-5)
+
+
 def test_palette_reproduces_the_eval_weight() -> None:
     linear, p = clustered_linear(bits=3, cluster_dim=2, group_size=2)
     palette = p.palette(linear.parametrizations.weight.original)
