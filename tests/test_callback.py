@@ -131,6 +131,44 @@ def test_centroids_are_seeded_at_start_epoch_from_the_weights_then(tmp_path):
     assert spy.seen == [False, True]
 
 
+def test_dkm_start_reads_each_weight_once_and_holds_at_most_a_wave_of_them(tmp_path,
+                                                                         monkeypatch):
+    # Under FSDP2 each read is a gather of the whole weight: seeding and the tau calibration
+    # share one, and a weight is done with (seeded, calibrated) before the next wave's read.
+    from lightning_dkm.engine import kmeans
+    from lightning_dkm.lightning.temperature import TemperaturePlan
+    from lightning_dkm.model.attach import ClusteredTensor
+
+    plans: list[TemperaturePlan] = []
+    real_calibrate = TemperaturePlan.calibrate
+
+    def calibrate(self, palettes):
+        plans.append(self)
+        return real_calibrate(self, palettes)
+
+    reads: list[tuple[str, int]] = []  # (weight, tensors calibrated when it was read)
+    real_read = ClusteredTensor.full_original
+
+    def read(self):
+        reads.append((self.param_name, len(plans[-1].bounds) if plans else -1))
+        return real_read(self)
+
+    monkeypatch.setattr(TemperaturePlan, "calibrate", calibrate)
+    monkeypatch.setattr(ClusteredTensor, "full_original", read)
+    monkeypatch.setattr(kmeans, "WAVE_WEIGHTS", 1)  # one tensor per wave
+    at_start: list[tuple[str, int]] = []
+
+    class AtFirstBatch(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if not at_start:
+                at_start.extend(reads)
+
+    fit(tmp_path, DKMCallback(bits=2, finalize=False, temperature={"start": "auto"}),
+        extra_callbacks=[AtFirstBatch()], max_epochs=1)
+    # TinyNet's two clustered weights, each read once, the second after the first's calibration
+    assert [calibrated for _, calibrated in at_start] == [0, 1]
+
+
 # -- bad input ------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     ("kwargs", "message"),

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any, Literal, TypedDict
 
@@ -437,12 +437,16 @@ class TemperaturePlan:
         self.num_units: int | None = None
         self._schedules: dict[str, TemperatureSchedule] = {}
 
-    def calibrate(self, palettes: Mapping[str, tuple[Tensor, Tensor]]) -> None:
-        """Bounds for every tensor in ``palettes`` (name -> (palettes ``x``, centroids)) that has
-        none yet; one warning names the tensors whose ``"auto"`` end ``end_entropy`` is capped
-        for (above half of their ``log2 k``: :meth:`TemperatureConfig.end_entropy_for`)."""
+    def calibrate(self, palettes: Mapping[str, tuple[Tensor, Tensor]]
+                  | Iterable[tuple[str, tuple[Tensor, Tensor]]]) -> None:
+        """Bounds for every tensor in ``palettes`` (name -> (palettes ``x``, centroids), or such
+        pairs one at a time: a generator that reads each weight only when it is calibrated)
+        that has none yet; one warning names the tensors whose ``"auto"`` end ``end_entropy``
+        is capped for (above half of their ``log2 k``:
+        :meth:`TemperatureConfig.end_entropy_for`)."""
         capped: dict[str, int] = {}
-        for name, (x, centroids) in palettes.items():
+        items = palettes.items() if isinstance(palettes, Mapping) else palettes
+        for name, (x, centroids) in items:
             if name not in self.bounds:
                 k = centroids.shape[1]
                 if self.config.end == AUTO and self.config.end_entropy_for(k) < (

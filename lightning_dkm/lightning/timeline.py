@@ -12,7 +12,9 @@ from the restored step or epoch.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import functools
+import math
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import lightning.pytorch as pl
@@ -20,6 +22,7 @@ import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 
+from ..engine.kmeans import waves
 from ..engine.parametrization import initialize_many
 from ..model.attach import ClusteredTensor
 from ..model.methods import ClusteringMethod
@@ -27,6 +30,12 @@ from .preflight import soft_units
 from .temperature import TemperatureConfig, TemperaturePlan, geometric_mean
 
 __all__ = ["DKMTimeline"]
+
+
+def _same(weight: Tensor) -> Tensor:
+    """``weight`` (what :func:`~..engine.parametrization.initialize_many` calls to get a weight
+    already read)."""
+    return weight
 
 
 class DKMTimeline:
@@ -61,15 +70,29 @@ class DKMTimeline:
         return geometric_mean(self.taus)
 
     def begin(self, tensors: Mapping[str, ClusteredTensor]) -> None:
-        """DKM starts: seed the centroids still unseeded, then fix each tensor's tau bounds."""
-        initialize_many([(t.parametrization, t.full_original) for t in tensors.values()
-                         if not t.parametrization.is_initialized])
-        self.plan.calibrate({
-            name: (t.parametrization.to_palettes(t.full_original()),
-                   t.parametrization.centroids)
-            for name, t in tensors.items() if name not in self.plan.bounds
-        })
+        """DKM starts: seed the centroids still unseeded, then fix each tensor's tau bounds
+        (:meth:`_started`)."""
+        self.plan.calibrate(self._started(tensors))
         self._unit = None
+
+    def _started(self, tensors: Mapping[str, ClusteredTensor]
+                 ) -> Iterator[tuple[str, tuple[Tensor, Tensor]]]:
+        """Seeds the tensors' unseeded centroids and yields ``(name, (palettes, centroids))``
+        for those without tau bounds, a wave of at most :data:`~..engine.kmeans.WAVE_WEIGHTS`
+        weights at a time (:func:`~..engine.kmeans.waves`): each weight is read once for both,
+        so FSDP2 gathers it once, and at most a wave of gathered weights is held at once (not
+        the whole model on every rank)."""
+        pending = [(name, t) for name, t in tensors.items()
+                   if not t.parametrization.is_initialized or name not in self.plan.bounds]
+        for run in waves([math.prod(t.parametrization.layout.shape) for _, t in pending]):
+            weights = {i: pending[i][1].full_original() for i in run}
+            initialize_many([(pending[i][1].parametrization, functools.partial(_same, weights[i]))
+                             for i in run if not pending[i][1].parametrization.is_initialized])
+            for i in run:
+                name, t = pending[i]
+                if name not in self.plan.bounds:
+                    yield name, (t.parametrization.to_palettes(weights[i]),
+                                 t.parametrization.centroids)
 
     def on_train_start(self, trainer: pl.Trainer) -> None:
         """The number of soft units the schedule spans, now that the dataloaders are known."""
