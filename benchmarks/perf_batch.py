@@ -15,6 +15,15 @@ with the small-model rule (``CPU_BATCH_MAX_TOTAL``: all of them one batch) and w
 weight by the per-weight rule), alternating step by step in one process.
 
     python benchmarks/perf_batch.py --digits-cnn --bits 2 --clock cpu --threads 1
+
+``--digits-cnn --rounds`` times the same pass as one batch with the batch's rounds counted on
+the host (a batch whose tensors all stopped at the same round picks its rounds as views, the
+default since #22) and on the device (before: per-palette gathers of every round's state,
+also where every tensor stopped together), alternating step by step; it raises where the two
+give other soft weights or gradients.
+
+    python benchmarks/perf_batch.py --digits-cnn --rounds --bits 4 --repeats 200 \\
+        --clock cpu --threads 1
 """
 
 from __future__ import annotations
@@ -22,14 +31,17 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import clocks
 
 from lightning_dkm.engine.distinct import unique_dkm_batch, unique_dkm_cluster
+from lightning_dkm.engine.numerics import EarlyStop
 
 CASES = ((16384, 24, 4), (16384, 24, 16), (65536, 12, 16), (262144, 6, 16))
 
@@ -60,9 +72,16 @@ def measure(n: int, tensors: int, k: int, repeats: int) -> dict[str, float]:
     return {name: 1e3 * statistics.median(v) for name, v in times.items()}
 
 
-def digits_cnn_pass(bits: int, repeats: int) -> dict[str, float]:
+def _rounds_on_the_device(stop: EarlyStop) -> int | None:
+    """:meth:`EarlyStop.rounds` before #22's host count: an int only where the loop counted
+    on the host (no groups), else the per-palette counts on the device."""
+    return stop.iterations if isinstance(stop.iterations, int) else None
+
+
+def digits_cnn_pass(bits: int, repeats: int, rounds: bool = False) -> dict[str, float]:
     """Median milliseconds of the digits CNN's clustering pass (its soft weights, forward and
-    backward) with and without the small-model rule, alternating step by step."""
+    backward) with and without the small-model rule, or (``rounds``) as one batch with its
+    rounds counted on the host and on the device, alternating step by step."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
     from digits import digits_cnn
 
@@ -75,28 +94,45 @@ def digits_cnn_pass(bits: int, repeats: int) -> dict[str, float]:
     model.train()
     layers = [m for m in model if hasattr(m, "parametrizations")]
     grads = [torch.randn_like(m.weight) for m in layers]
-    bounds = {"one batch": pass_module.CPU_BATCH_MAX_TOTAL, "per weight": 0}
+    host_rounds = EarlyStop.rounds
+    variants: dict[str, tuple[int, Callable]] = (
+        {"rounds on the host": (pass_module.CPU_BATCH_MAX_TOTAL, host_rounds),
+         "rounds on the device": (pass_module.CPU_BATCH_MAX_TOTAL, _rounds_on_the_device)}
+        if rounds else
+        {"one batch": (pass_module.CPU_BATCH_MAX_TOTAL, host_rounds),
+         "per weight": (0, host_rounds)})
 
-    def step(bound: int) -> float:
-        pass_module.CPU_BATCH_MAX_TOTAL = bound
+    def step(name: str) -> tuple[float, list[Tensor]]:
+        pass_module.CPU_BATCH_MAX_TOTAL, EarlyStop.rounds = variants[name]
+        # every variant starts each step from the same centroids (the pass keeps its final
+        # ones), so that both compute the same thing
+        saved = [m.parametrizations.weight[0].centroids.clone() for m in layers]
         start = clocks.now()
         with clustering_pass(model):
             weights = [m.weight for m in layers]
         torch.autograd.backward(weights, grads)
         seconds = clocks.now() - start
-        for m in layers:
+        out = [w.detach() for w in weights]
+        for m, c in zip(layers, saved, strict=True):
+            out.append(m.parametrizations.weight.original.grad)
             m.parametrizations.weight.original.grad = None
-        return seconds
+            m.parametrizations.weight[0].centroids.copy_(c)
+        return seconds, out
 
-    times: dict[str, list[float]] = {name: [] for name in bounds}
+    times: dict[str, list[float]] = {name: [] for name in variants}
     try:
         for i in range(repeats + 3):
-            for name, bound in bounds.items():
-                seconds = step(bound)
+            results = []
+            for name in variants:
+                seconds, out = step(name)
+                results.append(out)
                 if i >= 3:  # three warm-up rounds
                     times[name].append(seconds)
+            if rounds and not all(torch.equal(a, b) for a, b in zip(*results, strict=True)):
+                raise AssertionError("the rounds counted on the host changed a soft weight or "
+                                     "a gradient")
     finally:
-        pass_module.CPU_BATCH_MAX_TOTAL = bounds["one batch"]
+        pass_module.CPU_BATCH_MAX_TOTAL, EarlyStop.rounds = variants[next(iter(variants))]
     return {name: 1e3 * statistics.median(v) for name, v in times.items()}
 
 
@@ -106,6 +142,9 @@ def main() -> None:
     parser.add_argument("--digits-cnn", action="store_true",
                         help="the digits CNN's pass with and without the small-model rule")
     parser.add_argument("--bits", type=int, default=2, help="with --digits-cnn")
+    parser.add_argument("--rounds", action="store_true",
+                        help="with --digits-cnn: the batch's rounds counted on the host vs on "
+                             "the device")
     parser.add_argument("--cases", nargs="+", metavar="N:TENSORS:K",
                         help="the (weights per tensor, tensors, centroids) to time instead of "
                              "the default ones")
@@ -115,10 +154,13 @@ def main() -> None:
         parser.error(f"--repeats must be >= 1; got {args.repeats}")
     clocks.apply(parser, args)
     print(f"threads {torch.get_num_threads()}, {args.clock} clock, torch {torch.__version__}")
+    if args.rounds and not args.digits_cnn:
+        parser.error("--rounds goes with --digits-cnn")
     if args.digits_cnn:
-        r = digits_cnn_pass(args.bits, args.repeats)
-        print(f"digits CNN, {args.bits} bits: one batch {r['one batch']:.2f} ms, per weight "
-              f"{r['per weight']:.2f} ms, ratio {r['one batch'] / r['per weight']:.3f}")
+        r = digits_cnn_pass(args.bits, args.repeats, args.rounds)
+        (a, ta), (b, tb) = r.items()
+        print(f"digits CNN, {args.bits} bits: {a} {ta:.2f} ms, {b} {tb:.2f} ms, ratio "
+              f"{ta / tb:.3f}")
         return
     cases = CASES
     if args.cases:

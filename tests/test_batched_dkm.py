@@ -98,6 +98,23 @@ def test_each_tensor_of_a_batch_stops_early_on_its_own():
     _assert_same(batch, alone, grads, alone_grads)
 
 
+def test_a_batch_whose_tensors_stop_together_counts_on_the_host_as_each_alone():
+    """On CPU (host reads free) a batch whose tensors all stop at the same round knows its
+    count on the host, as each tensor's own call does (its rounds are then picked as views),
+    with the same results."""
+    xs, cs, taus = _tensors()
+    xs, cs, taus = [xs[0], xs[2]], [cs[0], cs[2]], [taus[0], taus[2]]
+    starts = [unique_dkm_cluster(x, c, t, max_iter=50, epsilon=0.0).centroids
+              for x, c, t in zip(xs, cs, taus, strict=True)]  # both converged
+    upstream = [torch.randn_like(x) for x in xs]
+    batch, grads = _run(unique_dkm_batch, xs, starts, taus, upstream, max_iter=5, epsilon=1e-3)
+    alone, alone_grads = _run(_one_by_one, xs, starts, taus, upstream, max_iter=5,
+                              epsilon=1e-3)
+    assert [o.iterations for o in batch] == [o.iterations for o in alone] == [1, 1]
+    assert all(isinstance(o.iterations, int) for o in batch)
+    _assert_same(batch, alone, grads, alone_grads)
+
+
 def test_mismatched_arguments_are_refused_naming_the_counts():
     xs, cs, taus = _tensors()
     with pytest.raises(ValueError, match="got 3 tensors, 2 centroids, 3 taus"):

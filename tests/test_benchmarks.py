@@ -60,6 +60,13 @@ def test_perf_batch_times_the_digits_cnn_pass_with_and_without_the_small_model_r
     assert float(line.rsplit("ratio ", 1)[1]) > 0
 
 
+def test_perf_batch_times_the_digits_cnn_pass_with_its_rounds_on_the_host_and_the_device():
+    result = run("perf_batch.py", "--digits-cnn", "--rounds", "--bits", "2", "--repeats", "1")
+    line = result.stdout.strip().splitlines()[-1]
+    assert line.startswith("digits CNN, 2 bits: rounds on the host ")
+    assert "rounds on the device" in line and float(line.rsplit("ratio ", 1)[1]) > 0
+
+
 def test_perf_batch_times_the_cases_it_is_given():
     result = run("perf_batch.py", "--cases", "512:3:4", "--repeats", "1")
     line = result.stdout.strip().splitlines()[-1]

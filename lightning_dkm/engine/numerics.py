@@ -224,6 +224,19 @@ class EarlyStop:
             active = active[self.groups.ids].reshape(-1, *([1] * (new.ndim - 1)))
         return torch.where(active, new, old)
 
+    def rounds(self) -> int | None:
+        """The rounds that took effect, where the host knows that every palette took the same
+        number (``None`` where they differ, or where host reads are not free): with groups
+        on CPU one read of their counts, so that a batch whose tensors all stopped at the same
+        round picks its rounds as views instead of gathering them per palette
+        (:class:`~.weighted.Trajectory`'s ``ran``)."""
+        if isinstance(self.iterations, int):
+            return self.iterations
+        if not self.host_reads:
+            return None
+        counts = set(self.iterations.reshape(-1).tolist())
+        return counts.pop() if len(counts) == 1 else None
+
     def per_palette(self, palettes: int) -> Tensor:
         """The rounds that took effect per palette: (``palettes``,) int64 on the device."""
         if isinstance(self.iterations, int):

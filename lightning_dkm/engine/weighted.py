@@ -249,7 +249,7 @@ def weighted_dkm(xt: Tensor, counts: Tensor | None, c0: Tensor, inv_tau: Tensor 
             kept.append(parts[0] if len(parts) == 1 else torch.cat(parts, 2))
         if converged:
             break
-    ran = stop.iterations if isinstance(stop.iterations, int) else None
+    ran = stop.rounds()
     trajectory = Trajectory(torch.stack(centroids), torch.stack(masses), stop.per_palette(P),
                             torch.stack(kept) if keep else None, ran)
     i = trajectory.round(0)
