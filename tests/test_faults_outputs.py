@@ -10,7 +10,9 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import logging
 import os
+import re
 import socket
 import types
 from pathlib import Path
@@ -212,6 +214,75 @@ def test_a_report_without_an_artifact_records_none(tmp_path):
     fit(tmp_path, DKMCallback(bits=2, save_dir=str(out), save_artifact=False))
     assert json.loads((out / "compression_report.json").read_text())["artifact"] is None
     assert CompressionReport.load(out).artifact is None
+
+
+# -- a save_dir holds one fit's outputs ----------------------------------------------------------
+def exporting_fit(root: Path, out: Path, **kwargs) -> DKMCallback:
+    """A fit of TinyNet (with an ``example_input_array``) writing into ``out``."""
+    torch.manual_seed(0)
+    model = TinyNet()
+    model.example_input_array = torch.randn(2, 32)
+    callback = DKMCallback(bits=2, save_dir=str(out), verbose=False, **kwargs)
+    trainer(root, callbacks=[callback], max_epochs=1).fit(model)
+    return callback
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_an_earlier_fits_artifact_and_packages_this_fit_does_not_write_are_removed_saying_so(
+    tmp_path, caplog
+):
+    pytest.importorskip("coremltools")
+    pytest.importorskip("coreai_torch")
+    out = tmp_path / "dkm"
+    exporting_fit(tmp_path, out, export_coreml=True, export_coreai=True)
+    assert {ARTIFACT, "model.mlpackage", "model.aimodel"} <= {p.name for p in out.iterdir()}
+    caplog.set_level(logging.INFO)
+    callback = exporting_fit(tmp_path, out, save_artifact=False)
+    assert sorted(p.name for p in out.iterdir()) == sorted(OUTPUTS[1:])  # the report alone
+    assert set(callback.output_paths) == {"json", "markdown"}
+    for name in (ARTIFACT, "model.mlpackage", "model.aimodel"):
+        assert str(out / name) in caplog.text  # named as removed
+    assert "an earlier fit's output" in caplog.text
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_an_earlier_fits_package_goes_when_this_fits_export_of_it_fails(tmp_path, monkeypatch):
+    pytest.importorskip("coreai_torch")
+    from lightning_dkm.export import coreai
+
+    out = tmp_path / "dkm"
+    exporting_fit(tmp_path, out, export_coreai=True)
+    assert (out / "model.aimodel").is_dir()
+
+    def broken(*args, **kwargs):
+        raise ValueError("the runtime is away")
+
+    monkeypatch.setattr(coreai, "export_coreai", broken)
+    with pytest.raises(RuntimeError, match="failed after training"):
+        exporting_fit(tmp_path, out, export_coreai=True)
+    assert not (out / "model.aimodel").exists()  # not the earlier fit's, passing for this one's
+    assert CompressionReport.load(out).exports == {}
+    assert (out / ARTIFACT).is_file()
+
+
+def test_what_no_earlier_report_records_is_kept_with_a_warning_naming_it(tmp_path):
+    """Files at the outputs' names that no earlier fit's report records writing may be the
+    user's own: never removed, always named."""
+    out = tmp_path / "dkm"
+    fit(tmp_path, DKMCallback(bits=2, save_dir=str(out), verbose=False))
+    (out / ARTIFACT).write_bytes(b"the user's own bytes")  # no longer the recorded SHA-256
+    package = out / "model.mlpackage"
+    package.mkdir()
+    (package / "mine.txt").write_text("a user's package")
+    with pytest.warns(UserWarning) as caught:
+        fit(tmp_path, DKMCallback(bits=2, save_dir=str(out), verbose=False, save_artifact=False))
+    messages = "\n".join(str(w.message) for w in caught)
+    for name, why in ((ARTIFACT, "save_artifact=False"),
+                      ("model.mlpackage", "export_coreml=False")):
+        assert re.search(rf"{out / name} is not this fit's output \({why}\).*left as it is",
+                         messages)
+    assert (out / ARTIFACT).read_bytes() == b"the user's own bytes"
+    assert (package / "mine.txt").read_text() == "a user's package"
 
 
 # -- item 4: what can be known before training is checked at setup -------------------------------

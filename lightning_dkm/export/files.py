@@ -19,7 +19,7 @@ from pathlib import Path
 
 __all__ = [
     "FileGroup", "describe_path", "fsync_directory", "hidden_beside", "package_bytes",
-    "replace_directory", "safetensors_errors_as_os_errors", "write_atomically",
+    "remove_output", "replace_directory", "safetensors_errors_as_os_errors", "write_atomically",
 ]
 
 
@@ -214,6 +214,20 @@ def replace_directory(path: Path, write: Callable[[Path], None]) -> None:
         os.replace(staging / path.name, path)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    fsync_directory(path.parent)
+
+
+def remove_output(path: Path) -> None:
+    """Remove the file or package directory ``path``, never seen half-removed: it is renamed to
+    a hidden name beside it first (one atomic rename; an ``OSError`` there leaves it as it was),
+    then deleted; a package whose deletion fails midway is left under that hidden name, no
+    longer at ``path``."""
+    aside = hidden_beside(path, "removed")
+    os.rename(path, aside)
+    if aside.is_dir() and not aside.is_symlink():
+        shutil.rmtree(aside, ignore_errors=True)
+    else:
+        aside.unlink(missing_ok=True)
     fsync_directory(path.parent)
 
 

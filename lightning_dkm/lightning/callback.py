@@ -213,6 +213,11 @@ class DKMCallback(Callback):
             fp32 bytes of the model + 1 MiB``), and no other fit using it: the fit owns it
             until it ends (a lock file, ``.lightning_dkm.lock``), and a second fit on it is
             refused at ``setup``, naming the first (:mod:`lightning_dkm.lightning.ownership`).
+            A fit replaces the outputs of the fit before it: what that fit wrote and this one
+            does not (the artifact with ``save_artifact=False``, a package whose export is off
+            or failed) is removed at fit end, named in an info line, as its report recorded
+            it; a file there that no earlier report records is left, with a warning
+            (:func:`lightning_dkm.lightning.outputs.settle_earlier_outputs`).
         save_artifact: write the compressed model (``model.dkm.safetensors``: LUTs, bit-packed
             indices and every other tensor; see :func:`lightning_dkm.save_compressed`) when fit
             ends. Default True.

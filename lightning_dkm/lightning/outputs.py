@@ -8,6 +8,13 @@
   artifact's size and SHA-256; a failed write leaves the previous pair), the printed report,
   and only then, optionally, the Core ML and Core AI packages (recorded in the report; a failed
   export names the artifact and the call that retries it).
+* Last, what an earlier fit left in ``save_dir`` that this fit did not write (the artifact with
+  ``save_artifact=False``, a package whose export is off now or failed) goes, so ``save_dir``
+  never shows an earlier fit's output beside this fit's report as if it were this fit's: an
+  output the earlier report records (the artifact by its SHA-256, a package by its path) is
+  removed, with an info line naming it; anything else at those names (not known to be ours: a
+  user's own file, or an earlier report that cannot be read) is left alone, with a warning
+  naming it (:func:`settle_earlier_outputs`).
 * The results, a :class:`DKMResults` the callback holds (``stats``, ``palettes``, ``report``,
   ``output_paths``, ``artifact_path``, ``finalized_model``), also in the process that launched a
   ``ddp_spawn`` fit, which gets them from rank 0 through the handoff file (:mod:`.handoff`).
@@ -31,7 +38,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from ..engine.palette import Palette
 from ..engine.sharding import is_sharded
-from ..export.files import FileGroup, safetensors_errors_as_os_errors
+from ..export.files import FileGroup, remove_output, safetensors_errors_as_os_errors
 from ..export.report import REPORT_JSON, REPORT_MARKDOWN, CompressionReport, artifact_entry
 from ..export.report_render import export_line as _export_line
 from ..export.tracing import as_example_tuple
@@ -47,6 +54,7 @@ __all__ = [
     "DKMResults",
     "log_epoch_metrics",
     "log_histograms",
+    "settle_earlier_outputs",
     "warn_not_clustered",
     "write_report_and_artifact",
 ]
@@ -239,6 +247,7 @@ class DKMResults:
         if trainer.global_rank != 0:
             return
         _log_report(trainer, self._report)
+        earlier = earlier_report(out_dir)  # read before this fit's report replaces it
         paths = write_report_and_artifact(
             self._report, pl_module, out_dir, self._palettes, lut_dtype=lut_dtype,
             write_artifact=write_artifact,
@@ -256,6 +265,11 @@ class DKMResults:
             if len(paths) > len(self._output_paths):
                 self._report.save(out_dir)
                 self._publish(paths)
+            not_written = {ARTIFACT_NAME: "save_artifact=False"}
+            for argument, (_, file, _) in EXPORTS.items():
+                not_written[file] = (f"{argument}=True did not complete" if exports.get(argument)
+                                     else f"{argument}=False")
+            settle_earlier_outputs(out_dir, paths, earlier, not_written)
         if verbose:
             for target, _, _ in EXPORTS.values():
                 if target in self._report.exports:
@@ -304,6 +318,78 @@ def write_report_and_artifact(
     if write_artifact is not None:
         paths["artifact"] = artifact
     return paths
+
+
+def earlier_report(out_dir: Path) -> CompressionReport | None:
+    """The report an earlier fit left in ``out_dir`` (``None``: none, or unreadable), which
+    says what that fit wrote there (:func:`settle_earlier_outputs`)."""
+    try:
+        return CompressionReport.load(out_dir / REPORT_JSON)
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+
+
+def _recorded_by(report: CompressionReport | None, path: Path) -> bool:
+    """Whether ``report`` (an earlier fit's, from ``path``'s directory) records writing what
+    is at ``path``: the artifact when its bytes still have the recorded size and SHA-256, a
+    package when its recorded path is this one."""
+    if report is None:
+        return False
+    try:
+        if path.name == ARTIFACT_NAME:
+            entry = report.artifact
+            return (entry is not None and entry["file"] == ARTIFACT_NAME and path.is_file()
+                    and not path.is_symlink() and path.stat().st_size == entry["bytes"]
+                    and artifact_entry(path)["sha256"] == entry["sha256"])
+        target = next(t for t, file, _ in EXPORTS.values() if file == path.name)
+        recorded = report.exports.get(target, {}).get("path")
+        return (isinstance(recorded, str) and path.is_dir() and not path.is_symlink()
+                and os.path.samefile(recorded, path))
+    except OSError:
+        return False
+
+
+def settle_earlier_outputs(
+    out_dir: Path, written: dict[str, Path], earlier: CompressionReport | None,
+    not_written: dict[str, str],
+) -> None:
+    """After a fit wrote ``written`` (its output paths) into ``out_dir``: what lies at the name
+    of an output it did not write (the artifact, a package) is an earlier fit's, and beside this
+    fit's report it would pass for this fit's. So an output the ``earlier`` fit's report
+    records (:func:`_recorded_by`) is removed (:func:`~lightning_dkm.export.files.
+    remove_output`), with an info line naming it: ``save_dir`` holds one fit's outputs, as one
+    fit after another replaces them. Anything else there is not known to be ours (a user's own
+    file, a report that cannot be read) and is never removed: a warning names it. ``not_written``
+    says, by file name, why this fit did not write it (for the messages)."""
+    names = [ARTIFACT_NAME] + [file for _, file, _ in EXPORTS.values()]
+    ours = {path.resolve() for path in written.values()}
+    removed = []
+    for name in names:
+        path = out_dir / name
+        if not os.path.lexists(path) or path.resolve() in ours:
+            continue
+        why = not_written.get(name, "it did not write it")
+        if _recorded_by(earlier, path):
+            try:
+                remove_output(path)
+                removed.append(str(path))
+            except OSError as err:
+                rank_zero_warn(
+                    f"DKMCallback: {path} is an earlier fit's output ({why} in this fit), but "
+                    f"removing it failed ({err.strerror or err}); it is NOT this fit's output: "
+                    "delete it before using the outputs"
+                )
+            continue
+        rank_zero_warn(
+            f"DKMCallback: {path} is not this fit's output ({why}), and no earlier fit's report "
+            f"in {out_dir} records writing it, so it was left as it is; it does not belong to "
+            f"this fit's {REPORT_JSON}: move it away, or pass another save_dir"
+        )
+    if removed:
+        rank_zero_info(
+            f"DKMCallback: removed {', '.join(removed)}: an earlier fit's output that this fit "
+            "did not write (it would pass for this fit's beside its report)"
+        )
 
 
 def _export(argument: str, module: pl.LightningModule, out_dir: Path, artifact: Path | None
