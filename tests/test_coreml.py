@@ -112,6 +112,45 @@ def test_bad_arguments_are_refused_naming_them(tmp_path) -> None:
     assert not (tmp_path / "net.mlpackage").exists()
 
 
+def _state(model: nn.Module) -> dict[str, object]:
+    """What the export must leave as it was: the state_dict keys, every buffer (by name, with
+    its value) and the non-persistent buffer sets."""
+    return {"keys": list(model.state_dict()),
+            "buffers": {name: b.clone() for name, b in model.named_buffers()},
+            "non_persistent": [sorted(m._non_persistent_buffers_set) for m in model.modules()]}
+
+
+@pytest.mark.parametrize("converts", [True, False], ids=["converts", "conversion_fails"])
+def test_the_model_leaves_the_export_as_it_came(tmp_path, monkeypatch, converts) -> None:
+    """Palettes recorded on a submodule (``palettize(model.body)``) have no metadata version at
+    the model's root, which ``ct.convert`` needs: it is there for the conversion only."""
+    from lightning_dkm.export import coreml as coreml_module
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64))
+    palettize(model[2], bits=2)
+    before = _state(model)
+    path = tmp_path / "part.mlpackage"
+    if converts:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            export_coreml(model, path, torch.randn(2, 32))
+        assert len(read_coreml_palettes(path)) == 1  # the root's version was there to convert
+    else:
+        def broken(*args, **kwargs):
+            raise RuntimeError("the converter is away")
+
+        monkeypatch.setattr(coreml_module, "convert_to_mlprogram", broken)
+        with pytest.raises(RuntimeError, match="converter is away"):
+            export_coreml(model, path, torch.randn(2, 32))
+    after = _state(model)
+    assert after["keys"] == before["keys"]
+    assert after["non_persistent"] == before["non_persistent"]
+    assert after["buffers"].keys() == before["buffers"].keys()
+    for name, buffer in before["buffers"].items():
+        assert torch.equal(after["buffers"][name], buffer), name
+
+
 def test_the_callback_writes_an_mlpackage_when_asked(tmp_path) -> None:
     from lightning_helpers import TinyNet, trainer
 

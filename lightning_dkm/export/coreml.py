@@ -23,7 +23,8 @@ from __future__ import annotations
 import logging
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -95,6 +96,22 @@ def convert_to_mlprogram(
     )
 
 
+@contextmanager
+def _metadata_version(module: nn.Module, palettes: Mapping[str, object]) -> Iterator[None]:
+    """``ct.convert`` reads the carried palettes only under the root's
+    ``_COREML_/metadata_version`` buffer; a model whose palettes were recorded on a submodule
+    (``palettize(model.body)``) has none at its root. Register it there for the conversion
+    only: the user's model leaves the export as it came (the same ``state_dict`` keys)."""
+    added = bool(palettes) and version_key() not in module._buffers
+    if added:
+        module.register_buffer(version_key(), torch.tensor(1))
+    try:
+        yield
+    finally:
+        if added:
+            module._buffers.pop(version_key(), None)
+
+
 def export_coreml(
     model: nn.Module,
     path: str | os.PathLike[str],
@@ -133,10 +150,8 @@ def export_coreml(
         )
     examples = as_example_tuple(example_inputs)
     inputs = convert_kwargs.pop("inputs", None)
-    with exportable(model) as module:
-        palettes = exported_palettes(module, "export_coreml")
-        if palettes and version_key() not in dict(module.named_buffers(recurse=False)):
-            module.register_buffer(version_key(), torch.tensor(1))
+    with exportable(model) as module, _metadata_version(module, exported_palettes(
+            module, "export_coreml")):
         mlmodel = convert_to_mlprogram(module, examples, inputs, minimum_deployment_target,
                                        **convert_kwargs)
     replace_directory(path, lambda staging: mlmodel.save(str(staging)))
