@@ -45,6 +45,93 @@ def test_per_channel_scales_load_into_a_lower_precision_model_as_the_palettes_it
     assert torch.equal(packed(tokens, image.to(model_dtype)), dense(tokens, image.to(model_dtype)))
 
 
+def _beyond_float16(tmp_path, **palettize_args):
+    """A float32 model whose weights (and so its centroids) lie beyond float16's 65504, saved:
+    the artifact stores those LUTs in float32 (with a warning), as it must."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64))
+    with torch.no_grad():
+        model[0].weight.mul_(1e6)
+    palettize(model, bits=2, min_size=256, **palettize_args)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return save_compressed(model, tmp_path / "big.safetensors")
+
+
+def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["dense", "packed"])
+def test_a_palette_a_float16_model_cannot_hold_is_refused_naming_it_before_anything_loads(
+    tmp_path, packed
+) -> None:
+    """Cast to float16 the LUT would be inf, and so would the weight and every output."""
+    path = _beyond_float16(tmp_path)
+    model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64)).half()
+    before = _snapshot(model)
+    with pytest.raises(ValueError, match=(
+            r"big\.safetensors: cannot be loaded into this model \(its '0\.weight' is "
+            r"torch\.float16\); nothing was loaded: 0\.weight: its LUT holds -?\d+(\.\d+)?, "
+            r"beyond the range of torch\.float16 \(\|value\| <= 65504\).*would become inf")):
+        load_compressed(model, path, packed=packed)
+    after = _snapshot(model)
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[k], before[k]) for k in before)
+    load_compressed(nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64)).bfloat16(), path)
+
+
+def test_a_per_channel_scale_a_float16_model_cannot_hold_is_refused_naming_it(tmp_path) -> None:
+    path = _beyond_float16(tmp_path, per_channel_scale=True)
+    with pytest.raises(ValueError, match=r"0\.weight: its per-channel scales holds .*float16"):
+        load_compressed(nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64)).half(), path)
+
+
+def test_a_scaled_weight_beyond_the_dtype_is_refused_though_its_lut_and_scales_fit() -> None:
+    """``LUT[indices] * scale`` is computed in float32 and then cast: 300 x 1000 = 3e5 is inf
+    in float16 though 300 and 1000 are not."""
+    from lightning_dkm.engine.layout import ClusterSpec, PaletteLayout
+    from lightning_dkm.engine.palette import Palette
+
+    layout = PaletteLayout((2, 4), ClusterSpec(bits=1, per_channel_scale=True), name="fc.weight")
+    lut = torch.tensor([[[-300.0], [300.0]]])
+    palette = Palette(lut, torch.tensor([[0, 1, 0, 1, 1, 0, 1, 0]]), layout,
+                      scale=torch.tensor([1.0, 1000.0]))
+    with pytest.raises(ValueError, match=r"fc\.weight: its weight \(LUT\[indices\] x "
+                                         r"per-channel scale\) holds -?300000, beyond the range "
+                                         r"of torch\.float16"):
+        palette.to(dtype=torch.float16)
+    assert torch.equal(palette.to(dtype=torch.bfloat16).weight(),
+                       palette.weight(torch.bfloat16))
+
+
+def test_pack_refuses_a_palette_the_weights_dtype_cannot_hold_before_packing_anything(
+) -> None:
+    from lightning_dkm.export.packed import is_packed
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64))
+    with torch.no_grad():
+        model[1].weight.mul_(1e6)
+    palettes = palettize(model, bits=2, min_size=256)
+    model.half()
+    with pytest.raises(ValueError, match=r"1\.weight: its LUT holds .*torch\.float16"):
+        pack(model, palettes, verify=False)
+    assert not is_packed(model)
+
+
+def test_an_unclustered_tensor_a_float16_model_cannot_hold_is_refused_naming_it(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64))
+    with torch.no_grad():
+        model[1].bias.fill_(1e5)
+    palettize(model, bits=2, min_size=256)
+    path = save_compressed(model, tmp_path / "m.safetensors")
+    with pytest.raises(ValueError, match=r"its '1\.bias' is torch\.float16\).*1\.bias: the "
+                                         r"file's torch\.float32 tensor holds 100000"):
+        load_compressed(nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64)).half(), path)
+
+
 # -- tied weights in the model, two tensors in the file -------------------------------------
 
 

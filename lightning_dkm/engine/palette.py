@@ -24,6 +24,8 @@ __all__ = [
     "LUT_DTYPE_VALUES",
     "LutDtype",
     "Palette",
+    "cast_overflow",
+    "cast_overflow_message",
     "lut_dtype_name",
     "lut_dtype_of",
     "stored_bytes",
@@ -35,6 +37,31 @@ FLOAT16_MAX = torch.finfo(torch.float16).max
 #: The smallest normal float16 (6.1e-5). A palette whose every centroid lies below it would be
 #: stored as float16 subnormals (or 0), so such a LUT is stored in float32 instead.
 FLOAT16_TINY = torch.finfo(torch.float16).tiny
+
+def cast_overflow(values: Tensor, dtype: torch.dtype) -> float | None:
+    """The finite value of ``values`` of largest magnitude that ``dtype`` cannot hold (cast to
+    ``dtype`` it would become ``inf``: beyond ``torch.finfo(dtype).max``, e.g. 65504 for
+    float16), or ``None`` when every finite value fits, or when ``dtype`` or ``values`` is not
+    floating point (nothing to round)."""
+    if not (dtype.is_floating_point and values.is_floating_point()):
+        return None
+    if torch.finfo(dtype).max >= torch.finfo(values.dtype).max:
+        return None  # a dtype of at least the same range: nothing can overflow
+    values = values.detach()
+    bad = torch.isinf(values.to(dtype)) & torch.isfinite(values)
+    if not bool(bad.any()):
+        return None
+    beyond = values[bad]
+    return float(beyond[beyond.abs().argmax()])
+
+
+def cast_overflow_message(what: str, value: float, dtype: torch.dtype) -> str:
+    """The error for :func:`cast_overflow`'s ``value`` in ``what``: the value, the range of
+    ``dtype`` and the fix."""
+    return (f"{what} holds {value:g}, beyond the range of {dtype} (|value| <= "
+            f"{torch.finfo(dtype).max:g}): cast to {dtype} it would become inf. Use a dtype "
+            "whose range holds it (torch.float32; torch.bfloat16 reaches 3.4e38)")
+
 
 # -- lut_dtype: the one place its values are read -------------------------------------------------
 #: The dtypes a LUT is stored at, by the name an artifact records (``torch.float16`` without
@@ -157,13 +184,44 @@ class Palette:
     def to(self, device: torch.device | str | None = None,
            dtype: torch.dtype | None = None) -> Palette:
         """This palette with its LUT and scales at ``dtype`` on ``device`` and its indices on
-        ``device`` (``None``: as they are), like ``Tensor.to``."""
+        ``device`` (``None``: as they are), like ``Tensor.to``; unlike ``Tensor.to``, never a
+        silent ``inf``: see :meth:`check_fits`.
+
+        Raises:
+            ValueError: ``dtype`` cannot hold this palette (:meth:`check_fits`)."""
+        if dtype is not None:
+            self.check_fits(dtype)
         return Palette(
             lut=self.lut.to(device=device, dtype=dtype),
             indices=self.indices.to(device),
             layout=self.layout,
             scale=None if self.scale is None else self.scale.to(device=device, dtype=dtype),
         )
+
+    def check_fits(self, dtype: torch.dtype) -> None:
+        """Raise a ``ValueError`` naming this tensor, the value and ``dtype``'s range unless
+        ``dtype`` holds every LUT entry, every per-channel scale and every ``LUT[indices] *
+        scale`` (:meth:`weight` at ``dtype``, computed in float32 and then cast) as a finite
+        number: a float32 LUT of a weight beyond 65504, cast to a float16 model, would be
+        ``inf`` (the weight, the forward, everything after). The product is computed only when
+        ``max |LUT| * max |scale|`` could overflow."""
+        parts = [("its LUT", self.lut)]
+        if self.scale is not None:
+            parts.append(("its per-channel scales", self.scale))
+        for what, values in parts:
+            value = cast_overflow(values, dtype)
+            if value is not None:
+                raise ValueError(f"{self.name}: " + cast_overflow_message(what, value, dtype))
+        if self.scale is None or not dtype.is_floating_point or not self.lut.numel():
+            return
+        bound = (float(self.lut.detach().abs().max().double())
+                 * float(self.scale.detach().abs().max().double()))
+        if bound >= torch.finfo(dtype).max:
+            value = cast_overflow(self.weight(torch.promote_types(self.lut.dtype,
+                                                                  torch.float32)), dtype)
+            if value is not None:
+                raise ValueError(f"{self.name}: " + cast_overflow_message(
+                    "its weight (LUT[indices] x per-channel scale)", value, dtype))
 
     def index_grid(self) -> Tensor:
         """The indices laid out like the weight: its shape with the vector axis divided by

@@ -49,7 +49,13 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from ..engine.bitpack import pack_bits
-from ..engine.palette import LutDtype, Palette, lut_dtype_of
+from ..engine.palette import (
+    LutDtype,
+    Palette,
+    cast_overflow,
+    cast_overflow_message,
+    lut_dtype_of,
+)
 from ..model.carried import carried_palettes, carry_palettes, discard_palettes, palette_tensor
 from ..model.state import StateTensors, is_compression_metadata, state_tensors, unwrap
 from ..model.targets import DEFAULT_MIN_SIZE
@@ -347,6 +353,8 @@ def load_compressed(
             inconsistent layout, or does not fit ``model`` (missing or unexpected names,
             another shape or dtype kind: checked from the layout, before anything is decoded,
             so a file claiming larger tensors than the model has costs no more than reading it;
+            a value the model's dtype cannot hold, e.g. a float32 LUT entry beyond float16's
+            65504 for a ``.half()`` model, named before anything is loaded;
             names the model ties stored as separate tensors; with ``packed``, a tied clustered
             weight).
 
@@ -375,6 +383,10 @@ def load_compressed(
 
     sources = {aliases.get(key, key) for key in keys}
     palettes = decode_palettes(checked, [name for name in layouts if name in sources])
+    # Every palette in the model's dtype, as it is returned, carried or packed below (LUT and
+    # scales cast before they are multiplied), before anything is written: a value the
+    # model's dtype cannot hold is an error here, never a silent inf in the model.
+    in_dtype = _in_model_dtype(path, keys, aliases, palettes, stored, target)
     values: dict[str, Tensor] = {}
     cache: dict[str, Tensor] = {}
     for key in keys:
@@ -382,10 +394,8 @@ def load_compressed(
         if source in palettes and packed:
             continue  # never decoded: pack() below keeps LUT + indices
         if source not in cache:
-            # the palette in the model's dtype, as it is returned and carried below, so that
-            # the weight is its weight() (LUT and scales cast before they are multiplied)
-            cache[source] = (palettes[source].to(dtype=target[key].dtype).weight()
-                             if source in palettes else stored[source])
+            cache[source] = (in_dtype[source].weight() if source in palettes
+                             else stored[source])
         values[key] = cache[source]
 
     on_meta: dict[str, Tensor] = {}  # a model built under torch.device("meta"): assign, not copy
@@ -400,17 +410,40 @@ def load_compressed(
 
     target = model.state_dict()  # after an assign, the new tensors
     loaded = {}
-    for name, palette in palettes.items():
+    for name in palettes:
         if name in wanted:
             weight = target[name]
             if weight.is_meta:  # packed: the weight stays unmaterialised, its palette on CPU
                 weight = torch.empty(0, dtype=weight.dtype)
-            loaded[name] = palette.to(weight.device, weight.dtype)
+            loaded[name] = in_dtype[name].to(weight.device)
     if packed:
         pack(model, {k: v for k, v in loaded.items() if k not in aliases}, verify=False)
     else:
         carry_palettes(model, loaded)
     return loaded
+
+
+def _in_model_dtype(path: Path, keys: list[str], aliases: dict[str, str],
+                    palettes: dict[str, Palette], stored: dict[str, Tensor],
+                    target: dict[str, Tensor]) -> dict[str, Palette]:
+    """Each loaded palette cast to its model tensor's dtype (:meth:`Palette.to`), and every
+    stored floating-point tensor checked against it; a value that dtype cannot hold (a float32
+    LUT entry of 1e5 for a float16 model, whose range ends at 65504) is a ``ValueError`` naming
+    the file, the tensor, the value and the range."""
+    cast: dict[str, Palette] = {}
+    for key in keys:
+        source, dtype = aliases.get(key, key), target[key].dtype
+        try:
+            if source in palettes:
+                if source not in cast:
+                    cast[source] = palettes[source].to(dtype=dtype)
+            elif (value := cast_overflow(stored[source], dtype)) is not None:
+                raise ValueError(f"{key}: " + cast_overflow_message(
+                    f"the file's {stored[source].dtype} tensor", value, dtype))
+        except ValueError as err:
+            raise file_error(path, f"cannot be loaded into this model (its {key!r} is "
+                                   f"{dtype}); nothing was loaded: {err}") from None
+    return cast
 
 
 def _check_against_model(checked: CheckedFile, keys: list[str], target: dict[str, Tensor]

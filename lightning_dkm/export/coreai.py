@@ -110,12 +110,12 @@ class _LutToDense(nn.Module):
 
     def __init__(self, palette: Palette, dtype: torch.dtype) -> None:
         super().__init__()
-        layout = palette.layout
+        layout, cast = palette.layout, palette.to(dtype=dtype)  # never a silent inf
         self.register_buffer("indices", palette.index_grid().to(torch.uint8).contiguous())
-        self.register_buffer("lut", layout.broadcast_lut(palette.lut.detach().to(dtype)))
+        self.register_buffer("lut", layout.broadcast_lut(cast.lut.detach()))
         self.axis = layout.vector_axis
-        self.register_buffer("scale", None if palette.scale is None else
-                             layout.broadcast_scale(palette.scale.detach().to(dtype)))
+        self.register_buffer("scale", None if cast.scale is None else
+                             layout.broadcast_scale(cast.scale.detach()))
 
     def forward(self, _dense: Tensor) -> Tensor:
         weight = torch.ops.coreai.lut_to_dense(self.indices, self.lut, self.axis)

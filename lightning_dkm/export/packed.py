@@ -125,8 +125,10 @@ def pack(
             the weight was never filled, as ``load_compressed(..., packed=True)`` does).
 
     Raises:
-        ValueError: a palette that does not match its weight, or a weight that is tied to
-            another name (pack the model it came from untied, or keep it dense).
+        ValueError: a palette that does not match its weight or that the weight's dtype cannot
+            hold (:meth:`Palette.check_fits <lightning_dkm.engine.palette.Palette.check_fits>`),
+            or a weight that is tied to another name (pack the model it came from untied, or
+            keep it dense); checked for every palette before anything is packed.
     """
     palettes = carried_palettes(model) if palettes is None else dict(palettes)
     shared: dict[int, str] = {}
@@ -138,6 +140,7 @@ def pack(
                 "tied weights are not packed (exclude them or keep the model dense)"
             )
         shared.setdefault(key, name)
+    checked = []  # every palette checked before any weight is replaced
     for name, palette in palettes.items():
         module_name, param_name = split_name(name)
         module = model.get_submodule(module_name)
@@ -146,19 +149,21 @@ def pack(
             raise ValueError(f"{name} is not a Parameter of the model (already packed?)")
         if verify:
             palette.check_reproduces(weight, name, "Nothing was packed")
+        palette.check_fits(weight.dtype)  # the buffers below hold it in the weight's dtype
+        checked.append((module, param_name, weight, palette))
+    for module, param_name, weight, palette in checked:
         lut_name, indices_name, scale_name = _names(param_name)
         del module._parameters[param_name]
         if weight.is_meta:  # never materialised (load_compressed into a meta-built model)
             weight = torch.empty(0, dtype=weight.dtype, device=palette.lut.device)
-        module.register_buffer(lut_name, palette.lut.to(device=weight.device, dtype=weight.dtype))
+        cast = palette.to(weight.device, weight.dtype)
+        module.register_buffer(lut_name, cast.lut)
         module.register_buffer(
             indices_name,
             pack_bits(palette.indices.detach().cpu(), palette.layout.spec.bits).to(weight.device),
         )
-        if palette.scale is not None:
-            module.register_buffer(
-                scale_name, palette.scale.to(device=weight.device, dtype=weight.dtype)
-            )
+        if cast.scale is not None:
+            module.register_buffer(scale_name, cast.scale)
         registry = module.__dict__.setdefault(_ATTRIBUTE, {})
         if not registry:
             handles = (module.register_forward_pre_hook(_before_forward),

@@ -201,10 +201,10 @@ def carried_palettes(model: nn.Module) -> dict[str, Palette]:
         scale = None if scale is None else scale.reshape(-1)
         x = layout.to_palettes(weight.detach().float(), scale)
         indices, _ = hard_assign(x, lut.float())
-        palette = Palette(
-            lut=lut.to(weight.dtype).clone(), indices=indices, layout=layout,
-            scale=None if scale is None else scale.to(weight.dtype).clone(),
-        )
+        palette = Palette(  # in the weight's dtype; one the weight's dtype cannot hold fails
+            lut=lut.clone(), indices=indices, layout=layout,
+            scale=None if scale is None else scale.clone(),
+        ).to(dtype=weight.dtype)
         palette.check_reproduces(
             weight, name, "Finalize or palettize the model again, or discard the palette the "
             "model carries with lightning_dkm.discard_palettes(model)")
