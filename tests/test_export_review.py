@@ -175,6 +175,38 @@ def test_a_packed_load_into_a_tied_model_is_refused_before_anything_is_written(t
     assert all(torch.equal(after[k], before[k]) for k in before)
 
 
+@pytest.mark.parametrize("packed", [False, True], ids=["dense", "packed"])
+def test_a_tied_weight_loaded_under_its_alias_alone_keeps_its_palette(tmp_path, packed) -> None:
+    """The file stores the tied weight once, as ``0.weight`` (the embedding), with ``1.weight``
+    (the head) as its alias. A model holding only the head (``strict=False``) gets that weight
+    and its palette under its own name, as a tied model gets it with ``strict=True``: returned,
+    carried (dense) or packed, never a weight without its palette, nor an untouched weight."""
+    torch.manual_seed(0)
+    model = _embedding_and_head(tied=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "shares its storage ... clustered once"
+        palettize(model, bits=2, n_init=1, max_iter=5)
+    path = save_compressed(model, tmp_path / "t.safetensors", lut_dtype=torch.float32)
+    reference = _embedding_and_head(tied=True)
+    expected = load_compressed(reference, path)["0.weight"]
+
+    head_only = nn.Sequential(nn.Identity(), nn.Linear(64, 64, bias=False))
+    loaded = load_compressed(head_only, path, strict=False, packed=packed)
+    assert loaded.keys() == {"1.weight"}
+    palette = loaded["1.weight"]
+    assert palette.name == "1.weight"
+    assert torch.equal(palette.lut, expected.lut) and torch.equal(palette.indices, expected.indices)
+    x = torch.randn(3, 64)
+    assert torch.equal(head_only(x), reference[1](x))  # the saved weight, not the initial one
+    if packed:
+        from lightning_dkm.export.packed import is_packed
+
+        assert is_packed(head_only)
+    else:
+        assert carried_palettes(head_only).keys() == {"1.weight"}
+        assert torch.equal(palette.weight(), head_only[1].weight)
+
+
 # -- a packed model given to save_compressed ----------------------------------------------------
 
 

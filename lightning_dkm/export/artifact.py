@@ -37,6 +37,7 @@ The file's tensor data is exactly
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import warnings
@@ -332,7 +333,9 @@ def load_compressed(
         model: a plain (not parametrized) model of the saved architecture.
         path: the file written by :func:`save_compressed`; it may come from an untrusted source.
         strict: require the file's names and ``model.state_dict()`` to match exactly; with
-            ``False`` only the common names are loaded (shapes must still match).
+            ``False`` only the common names are loaded (shapes must still match); a tied
+            weight the model holds only under an alias the file records (the head of a tied
+            embedding) is loaded with its palette under that name.
         packed: keep the clustered weights packed (:func:`lightning_dkm.export.packed.pack`: LUT +
             bit-packed indices as buffers, decoded per forward) instead of dense: the model then
             holds about the artifact's bytes. Their dense values are never written. Build the
@@ -410,17 +413,37 @@ def load_compressed(
 
     target = model.state_dict()  # after an assign, the new tensors
     loaded = {}
-    for name in palettes:
-        if name in wanted:
-            weight = target[name]
-            if weight.is_meta:  # packed: the weight stays unmaterialised, its palette on CPU
-                weight = torch.empty(0, dtype=weight.dtype)
-            loaded[name] = in_dtype[name].to(weight.device)
+    for source, name in _palette_homes(keys, aliases, palettes, wanted, target).items():
+        weight = target[name]
+        if weight.is_meta:  # packed: the weight stays unmaterialised, its palette on CPU
+            weight = torch.empty(0, dtype=weight.dtype)
+        palette = in_dtype[source].to(weight.device)
+        if name != source:  # the tensor is here under an alias only: the palette follows it
+            palette = dataclasses.replace(
+                palette, layout=dataclasses.replace(palette.layout, name=name))
+        loaded[name] = palette
     if packed:
-        pack(model, {k: v for k, v in loaded.items() if k not in aliases}, verify=False)
+        pack(model, loaded, verify=False)
     else:
         carry_palettes(model, loaded)
     return loaded
+
+
+def _palette_homes(keys: list[str], aliases: dict[str, str], palettes: dict[str, Palette],
+                   wanted: set[str], target: dict[str, Tensor]) -> dict[str, str]:
+    """The model name each loaded palette (by the file's name) is returned, carried or packed
+    under: the file's own name where the model has it; else, for a tied weight the file
+    stores under a name the model lacks (``strict=False``: a model holding only the tied head
+    of an embedding), the model's first name for it, in ``state_dict`` order, so that the
+    palette follows the weight as it does with ``strict=True`` (and a packed load packs it
+    rather than leaving the weight as it was)."""
+    loaded = set(keys)
+    homes = {source: source for source in palettes if source in wanted}
+    for key in target:
+        source = aliases.get(key, key)
+        if key in loaded and source in palettes:
+            homes.setdefault(source, key)
+    return homes
 
 
 def _in_model_dtype(path: Path, keys: list[str], aliases: dict[str, str],
