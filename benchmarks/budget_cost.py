@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import sys
 import tempfile
 import time
@@ -60,13 +61,18 @@ from accuracy_study import (  # noqa: E402
 ENCODER = MINILM_ENCODER
 
 
-def _clock() -> tuple[float, float]:
-    return time.perf_counter(), time.process_time()
+def _clock() -> tuple[float, float, float, int]:
+    """Wall and process CPU seconds, and of the CPU the kernel's share (system time) with the
+    minor page faults so far: first touches of fresh memory, whose cost on this machine's VM
+    varies several-fold from run to run (docs/results.md)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return time.perf_counter(), time.process_time(), usage.ru_stime, usage.ru_minflt
 
 
-def _since(start: tuple[float, float]) -> dict[str, float]:
-    wall, cpu = _clock()
-    return {"wall_s": round(wall - start[0], 3), "cpu_s": round(cpu - start[1], 3)}
+def _since(start: tuple[float, float, float, int]) -> dict[str, float]:
+    wall, cpu, system, faults = _clock()
+    return {"wall_s": round(wall - start[0], 3), "cpu_s": round(cpu - start[1], 3),
+            "system_s": round(system - start[2], 3), "minor_faults": faults - start[3]}
 
 
 def lightning_fit(task, cfg: MiniLMConfig, seed: int, average_bits) -> dict:
@@ -180,7 +186,8 @@ def lightning_main(args) -> dict:
               f"{100 * cpu['of_steps']:.1f} % of the steps (wall: "
               f"{100 * ratios['wall_s']['of_fit']:.1f} / "
               f"{100 * ratios['wall_s']['of_steps']:.1f} %); the uniform fit beside it "
-              f"{uniform['fit']['cpu_s']:.1f} s CPU", flush=True)
+              f"{uniform['fit']['cpu_s']:.1f} s CPU; the allocation's system time "
+              f"{spent['system_s']:.2f} s for {spent['minor_faults']:,} page faults", flush=True)
     result = {"command": "python benchmarks/budget_cost.py " + " ".join(sys.argv[1:]),
               "steps": cfg.steps, "batch_size": cfg.batch_size, "targets": list(cfg.targets),
               "threads": torch.get_num_threads(), "load_average_before": load_before,

@@ -288,7 +288,9 @@ def test_budget_cost_lightning_times_the_allocation_inside_trainer_fit(tmp_path)
     assert uniform["widths"] is None and len(default["widths"]) == 6  # encoder layer 0
     assert default["sensitivity"].startswith("hessian (1 batch")
     assert 0 < default["steps"]["wall_s"] < default["fit"]["wall_s"]
-    assert "% of the fit" in result.stdout
+    assert 0 <= default["allocation"]["system_s"] <= default["allocation"]["cpu_s"]
+    assert default["allocation"]["minor_faults"] >= 0
+    assert "% of the fit" in result.stdout and "page faults" in result.stdout
 
 
 def test_perf_validate_times_the_loop_with_and_without_the_snap_cache(tmp_path):
