@@ -4,6 +4,8 @@ after epochs of training."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from lightning_dkm import DKMCallback
@@ -40,6 +42,21 @@ def test_a_temperature_mapping_with_an_import_path_still_builds():
     callback = DKMCallback(temperature={"schedule": "lightning_helpers.tau_of_unit",
                                         "interval": "epoch"})
     assert callback.temperature.schedule == "lightning_helpers.tau_of_unit"
+
+
+# -- epsilon: the early-stop tolerance is a finite number >= 0 ---------------------------------
+@pytest.mark.parametrize("epsilon",
+                         [float("inf"), float("-inf"), float("nan"), -1e-4, "1e-4", True])
+def test_epsilon_must_be_a_finite_number_at_least_zero(epsilon):
+    # Before: inf was accepted and stopped every DKM loop after its first iteration (every
+    # centroid moves less than inf), so max_iter was silently ignored.
+    with pytest.raises(ValueError, match=rf"epsilon must be a finite number >= 0 .*got "
+                                         rf"{re.escape(repr(epsilon))}"):
+        DKMCallback(epsilon=epsilon)
+
+
+def test_epsilon_zero_is_allowed():
+    assert DKMCallback(epsilon=0).epsilon == 0.0
 
 
 # -- seed -------------------------------------------------------------------------------------

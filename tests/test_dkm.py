@@ -196,7 +196,9 @@ def test_epsilon_stops_early_and_zero_runs_every_iteration(gen) -> None:
     ("kwargs", "message"),
     [
         ({"max_iter": 0}, "max_iter must be an int >= 1; got 0"),
-        ({"epsilon": -1.0}, "epsilon must be >= 0; got -1.0"),
+        ({"epsilon": -1.0}, "epsilon must be a finite number >= 0; got -1.0"),
+        ({"epsilon": float("inf")}, "epsilon must be a finite number >= 0; got inf"),
+        ({"epsilon": float("nan")}, "epsilon must be a finite number >= 0; got nan"),
         ({"tau": 0.0}, "tau must be > 0; got 0.0"),
         ({"tau": -1.0}, "tau must be > 0; got -1.0"),
     ],

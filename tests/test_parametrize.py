@@ -79,12 +79,23 @@ def test_set_temperature_rejects_a_non_positive_or_non_finite_tau(tau: float) ->
         p.set_temperature(tau)
 
 
+def test_attach_refuses_an_infinite_epsilon_before_registering_anything() -> None:
+    # Before: attach(epsilon=inf) registered DKM whose loop always stopped after one iteration.
+    model = nn.Sequential(nn.Linear(64, 64))
+    targets = select_targets(model, ClusterSpec(bits=2), min_size=0)
+    with pytest.raises(ValueError, match=r"epsilon must be a finite number >= 0; got inf"):
+        attach(model, targets, epsilon=float("inf"))
+    assert not clustered_tensors(model)
+
+
 def test_bad_constructor_arguments_are_rejected_naming_them() -> None:
     layout = PaletteLayout((8, 16), ClusterSpec(bits=2), name="fc.weight")
     with pytest.raises(ValueError, match="max_iter must be an int >= 1; got 0"):
         DKMParametrization(layout, max_iter=0)
-    with pytest.raises(ValueError, match=r"epsilon must be >= 0; got -0\.1"):
+    with pytest.raises(ValueError, match=r"epsilon must be a finite number >= 0; got -0\.1"):
         DKMParametrization(layout, epsilon=-0.1)
+    with pytest.raises(ValueError, match=r"epsilon must be a finite number >= 0; got inf"):
+        DKMParametrization(layout, epsilon=float("inf"))
     with pytest.raises(ValueError, match=r"fc\.weight: temperature must be .* got 0\.0"):
         DKMParametrization(layout, temperature=0)
     with pytest.raises(ValueError, match=r"fc\.weight: mode must be one of .* got 'fast'"):

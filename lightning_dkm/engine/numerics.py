@@ -324,8 +324,8 @@ def check_step_arguments(tau: Tensor | float, max_iter: int, epsilon: float) -> 
     are set (a buffer's ``fill_``), not on every call."""
     if not isinstance(max_iter, int) or max_iter < 1:
         raise ValueError(f"max_iter must be an int >= 1; got {max_iter!r}")
-    if not epsilon >= 0:
-        raise ValueError(f"epsilon must be >= 0; got {epsilon!r}")
+    if not (epsilon >= 0 and math.isfinite(epsilon)):  # inf: every loop would stop at once
+        raise ValueError(f"epsilon must be a finite number >= 0; got {epsilon!r}")
     if not isinstance(tau, Tensor) and not tau > 0:
         raise ValueError(f"tau must be > 0; got {tau!r}")
 

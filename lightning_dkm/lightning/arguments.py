@@ -10,6 +10,7 @@ or any callable ``unit -> tau`` (:func:`parse_temperature`), a
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Mapping
 from typing import Any, Literal
@@ -184,7 +185,10 @@ def check_arguments(
             f"hard_epoch must be None or an int >= start_epoch ({start_epoch}); got "
             f"{hard_epoch!r}")
     require(is_int(max_iter, 1), f"max_iter must be an int >= 1; got {max_iter!r}")
-    require(is_number(epsilon) and epsilon >= 0, f"epsilon must be a number >= 0; got {epsilon!r}")
+    # inf would stop every DKM loop after its first iteration (no centroid moves more), nan none
+    require(is_number(epsilon) and math.isfinite(epsilon) and epsilon >= 0,
+            f"epsilon must be a finite number >= 0 (the early-stop tolerance in weight standard "
+            f"deviations; 0 always runs max_iter iterations); got {epsilon!r}")
     check_implementation(implementation)
     require(is_int(seed), f"seed must be an int; got {seed!r}")
     require(save_dir is None or (isinstance(save_dir, (str, os.PathLike))

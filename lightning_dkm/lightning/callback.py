@@ -181,7 +181,7 @@ class DKMCallback(Callback):
             Only for ``method="dkm"``.
         max_iter: DKM iterations per forward pass. Default 3.
         epsilon: stop the iterations early once no centroid moves more than this many weight
-            standard deviations; 0 always runs ``max_iter``. Default 1e-4.
+            standard deviations; a finite number >= 0 (0 always runs ``max_iter``). Default 1e-4.
         implementation: how the DKM step is computed. ``"auto"`` (default): per tensor,
             ``"unique"`` for scalar clustering (cluster_dim 1) of >= 16,384 weights per
             palette, else ``"chunked"`` (exact, and faster than ``"reference"`` at every
