@@ -320,3 +320,27 @@ def test_the_callback_refuses_overrides_that_are_not_a_mapping_at_construction()
 
     with pytest.raises(ValueError, match=r"overrides must be a mapping.*got 'classifier'"):
         DKMCallback(overrides="classifier")
+
+
+# -- an empty pattern list --------------------------------------------------------------------
+@pytest.mark.parametrize("targets", [[], ()])
+def test_an_empty_targets_list_is_an_error_not_every_weight(targets) -> None:
+    # Before: [] selected every supported weight (as None does), while DKMCallback keyed its
+    # checkpoint state apart from None's: a resume of the one under the other was refused.
+    with pytest.raises(ValueError, match=r"targets is empty.*clusters nothing.*targets=None"):
+        select_targets(Net(), targets=targets, min_size=0)
+
+
+def test_the_callback_refuses_an_empty_targets_list_at_construction() -> None:
+    from lightning_dkm import DKMCallback
+
+    with pytest.raises(ValueError, match=r"targets is empty.*targets=None"):
+        DKMCallback(targets=[])
+
+
+def test_an_empty_exclude_list_excludes_nothing_as_none_does() -> None:
+    from lightning_dkm import DKMCallback
+
+    assert names(select_targets(Net(), exclude=[], min_size=0)) == ALL
+    assert DKMCallback(exclude=[]).exclude is None
+    assert DKMCallback(exclude=[]).state_key == DKMCallback(exclude=None).state_key

@@ -140,10 +140,11 @@ class DKMCallback(Callback):
             (``"features.*"``, ``"*.fc"``; ``"features.0"`` is exact) or, prefixed ``"re:"``,
             a regex on the whole name. Default ``None``: every Linear, Conv*, ConvTranspose*,
             Embedding and MultiheadAttention weight. A pattern that matches no supported weight
-            is an error. A weight shared by several modules (tied) is clustered once; every
-            owner reads the same clustered tensor.
+            is an error, and so is an empty list (it would cluster nothing). A weight shared by
+            several modules (tied) is clustered once; every owner reads the same clustered
+            tensor.
         exclude: patterns (as in ``targets``) removed from the selection; a pattern that matches
-            no supported weight is an error. Default none.
+            no supported weight is an error. Default none (``None``; an empty list is the same).
         min_size: tensors with fewer elements stay in full precision (one warning lists them).
             Default 2048.
         overrides: ``pattern -> {bits, cluster_dim, group_size, per_channel_scale}`` for
@@ -302,7 +303,7 @@ class DKMCallback(Callback):
         self.spec = ClusterSpec(bits=DEFAULT_BITS if bits is None else bits,
                                 cluster_dim=cluster_dim, group_size=group_size,
                                 per_channel_scale=per_channel_scale)
-        self.targets = pattern_list("targets", targets)
+        self.targets = pattern_list("targets", targets, required=True)
         self.exclude = pattern_list("exclude", exclude)
         #: The validated temperature (a :class:`~.temperature.TemperatureConfig`).
         self.temperature: TemperatureConfig = parse_temperature(temperature)

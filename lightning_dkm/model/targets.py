@@ -122,13 +122,23 @@ def _matches_any(patterns: Iterable[str], names: Sequence[str]) -> bool:
     return any(matches(p, n) for p in patterns for n in names)
 
 
-def pattern_list(label: str, patterns: Iterable[str] | str | None) -> list[str] | None:
+def pattern_list(label: str, patterns: Iterable[str] | str | None, *,
+                 required: bool = False) -> list[str] | None:
     """``targets`` / ``exclude`` (``label``) as a checked list: one string is one pattern (never
     its characters), each a non-empty string and every ``re:`` a valid regex; ``None`` stays
-    ``None`` (every supported weight / none excluded)."""
+    ``None`` (every supported weight / none excluded). An empty collection is ``None`` too
+    (``exclude=[]`` excludes nothing, and is keyed and saved as ``None``), except where
+    ``required`` (``targets``): there it would select no weight, so it is an error rather than
+    a silent "every weight"."""
     if patterns is None:
         return None
     out = [patterns] if isinstance(patterns, str) else list(patterns)
+    if not out:
+        if required:
+            raise ValueError(
+                f"{label} is empty ({patterns!r}), which clusters nothing; give at least one "
+                f"pattern, or {label}=None (the default) for every supported weight")
+        return None
     bad = [p for p in out if not isinstance(p, str) or not p]
     if bad:
         raise ValueError(f"{label} must be non-empty strings (module or parameter names, globs "
@@ -207,8 +217,9 @@ def select_targets(
         spec: the default :class:`ClusterSpec` (bits, cluster_dim, group_size).
         targets: patterns of modules/parameters to cluster (module docstring: ``re:``
             regexes, bare names at any depth, globs); ``None`` means every supported weight
-            (Linear, Conv*, ConvTranspose*, Embedding*, MultiheadAttention projections).
-        exclude: patterns removed from the selection.
+            (Linear, Conv*, ConvTranspose*, Embedding*, MultiheadAttention projections); an
+            empty list is an error (it would cluster nothing).
+        exclude: patterns removed from the selection (empty or ``None``: none).
         min_size: tensors with fewer elements are skipped, with one warning listing them.
         overrides: ``pattern -> {bits?, cluster_dim?, group_size?, per_channel_scale?}``; the
             first pattern (in mapping order) that matches a tensor replaces those fields of its
@@ -219,7 +230,7 @@ def select_targets(
             (the message lists the candidates), a spec or layout that does not fit a tensor.
     """
     spec = spec if spec is not None else ClusterSpec()
-    target_patterns = pattern_list("targets", targets) or []
+    target_patterns = pattern_list("targets", targets, required=True) or []
     exclude_patterns = pattern_list("exclude", exclude) or []
     specs = override_specs(spec, overrides)
     if not is_int(min_size, 0):
