@@ -5,6 +5,8 @@ after epochs of training."""
 from __future__ import annotations
 
 import re
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -117,18 +119,61 @@ def test_an_infinite_end_entropy_is_refused(end_entropy):
 
 
 # -- the main job's own argument --------------------------------------------------------------
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def digits_main():
+    """The ``examples/digits_main.py`` module (the examples folder is no package)."""
+    sys.path.insert(0, str(EXAMPLES))
+    try:
+        import digits_main
+    finally:
+        sys.path.remove(str(EXAMPLES))
+    return digits_main
+
+
 def test_the_main_job_refuses_a_negative_pretrain_epochs():
     # Before: --pretrain_epochs -1 became Trainer(max_epochs=-1): fp32 training without end.
-    import sys
-    from pathlib import Path
-
-    examples = Path(__file__).resolve().parent.parent / "examples"
-    sys.path.insert(0, str(examples))
-    try:
-        from digits_main import DigitsCLI, DigitsCNN, DigitsDataModule
-    finally:
-        sys.path.remove(str(examples))
+    main = digits_main()
     with pytest.raises(SystemExit) as exit_:
-        DigitsCLI(DigitsCNN, DigitsDataModule, run=False,
-                  args=["--config", str(examples / "digits_dkm.yaml"), "--pretrain_epochs", "-1"])
+        main.DigitsCLI(main.DigitsCNN, main.DigitsDataModule, run=False,
+                       args=["--config", str(EXAMPLES / "digits_dkm.yaml"),
+                             "--pretrain_epochs", "-1"])
     assert exit_.value.code == 2
+
+
+def test_the_main_job_without_an_artifact_reports_and_skips_the_artifact_check(tmp_path, capsys):
+    # Before: save_artifact: false trained, printed the report, then crashed in
+    # load_compressed(fresh, None) (TypeError) reading the artifact path that was not written.
+    pytest.importorskip("sklearn", reason="the digits data come from scikit-learn")
+    config = tmp_path / "tiny.yaml"
+    config.write_text(f"""
+seed_everything: 0
+pretrain_epochs: 0
+trainer:
+  max_epochs: 1
+  limit_train_batches: 2
+  limit_val_batches: 1
+  limit_test_batches: 1
+  default_root_dir: {tmp_path}
+  logger: false
+  enable_checkpointing: false
+  enable_progress_bar: false
+  enable_model_summary: false
+  callbacks:
+    - class_path: lightning_dkm.DKMCallback
+      init_args:
+        bits: 2
+        save_dir: {tmp_path / "dkm"}
+        save_artifact: false
+        log_histograms: false
+data:
+  batch_size: 32
+""")
+    results = digits_main().main(["--config", str(config)])
+    printed = capsys.readouterr().out
+    assert "DKM-compressed:" in printed and "report:" in printed
+    assert "no artifact was written (save_artifact: false)" in printed
+    assert results["loaded_test_acc"] is None and results["artifact_bytes"] is None
+    assert results["dkm_test_acc"] is not None
+    assert not (tmp_path / "dkm" / "model.dkm.safetensors").exists()
