@@ -8,6 +8,7 @@ from __future__ import annotations
 import itertools
 import json
 import random
+import re
 import warnings
 from pathlib import Path
 
@@ -677,3 +678,62 @@ def test_the_allocation_at_setup_leaves_the_fits_random_state_as_it_was(tmp_path
     (torch_after, python_after, numpy_after), = after.seen
     assert torch.equal(torch_before, torch_after) and python_before == python_after
     assert (numpy_before == numpy_after).all()
+
+
+# -- a resume under other allocation settings ----------------------------------------------
+@pytest.fixture(scope="module")
+def allocated_checkpoint(tmp_path_factory):
+    """A mid-DKM checkpoint of bits=2 under the default budget, body.2 fixed at 4 bits."""
+    tmp_path = tmp_path_factory.mktemp("allocated")
+    first = DKMCallback(bits=2, overrides={"body.2": {"bits": 4}}, save_dir=str(tmp_path),
+                        verbose=False, finalize=False)
+    fit(tmp_path, TinyNet(), first, max_epochs=1, enable_checkpointing=True)
+    return next(tmp_path.rglob("*.ckpt")), first.bit_allocation.bits
+
+
+def resume_warnings(tmp_path, checkpoint, **changed):
+    settings = {"overrides": {"body.2": {"bits": 4}}, **changed}
+    resumed = DKMCallback(bits=2, save_dir=str(tmp_path), verbose=False, **settings)
+    torch.manual_seed(0)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        trainer(tmp_path, callbacks=[resumed], max_epochs=2).fit(TinyNet(), ckpt_path=checkpoint)
+    return resumed, [str(w.message) for w in seen if "allocation was made" in str(w.message)]
+
+
+@pytest.mark.parametrize("changed, says", [
+    ({"overrides": {"body.2": {"bits": 3}}},
+     r"overrides: checkpoint \{'body\.2': \{'bits': 4\}\}, now \{'body\.2': \{'bits': 3\}\}"),
+    ({"average_bits": None}, r"average_bits: checkpoint 2, now None"),
+    ({"allowed_bits": [2, 4]}, r"allowed_bits: checkpoint \[1, 2, 3, 4, 5, 6, 7, 8\], now "
+                               r"\[2, 4\]"),
+    ({"lut_dtype": "float32"}, r"lut_dtype: checkpoint 'float16', now 'float32'"),
+], ids=["overrides", "average_bits", "allowed_bits", "lut_dtype"])
+def test_a_resume_under_other_allocation_settings_warns_once_and_keeps_the_checkpoints_widths(
+        tmp_path, allocated_checkpoint, changed, says):
+    # Before: the checkpoint's widths were kept without a word, whatever the settings now.
+    checkpoint, widths = allocated_checkpoint
+    resumed, warned = resume_warnings(tmp_path, checkpoint, **changed)
+    assert len(warned) == 1
+    assert re.search(says, warned[0]) and "checkpoint's allocation is kept" in warned[0]
+    assert {n: p.layout.spec.bits for n, p in resumed.palettes.items()} == widths
+
+
+def test_a_resume_under_the_same_allocation_settings_does_not_warn(tmp_path,
+                                                                   allocated_checkpoint):
+    checkpoint, widths = allocated_checkpoint
+    resumed, warned = resume_warnings(tmp_path, checkpoint)
+    assert warned == []
+    assert {n: p.layout.spec.bits for n, p in resumed.palettes.items()} == widths
+
+
+def test_an_allocation_saved_without_its_overrides_still_loads():
+    """A checkpoint or report written before allocations recorded their overrides."""
+    from lightning_dkm.model.bit_budget import BitAllocation
+
+    saved = {"average_bits": 2.0, "budget_bytes": 10, "total_bytes": 8, "allowed_bits": [1, 2],
+             "lut_dtype": "float16", "sensitivity": "none",
+             "tensors": [{"name": "w", "bits": 2, "bytes": 8, "fixed": False, "estimate": 0.5,
+                          "estimates": {"2": 0.5}}]}
+    allocation = BitAllocation.from_dict(saved)
+    assert allocation.bits == {"w": 2} and allocation.overrides is None

@@ -41,7 +41,7 @@ from ..model.post_training import allocation_curvature
 from ..model.targets import Target
 
 __all__ = ["FULLY_SHARDED_WIDTHS", "SENSITIVITY_BATCHES", "SENSITIVITY_SAMPLES", "log_allocation",
-           "plan_fit_widths"]
+           "plan_fit_widths", "warn_if_allocated_otherwise"]
 
 #: Why there is no sensitivity under FSDP2: the widths are fixed at ``setup``, before
 #: ``fully_shard`` runs, where a Hessian would need a whole model's forward and backward passes
@@ -190,3 +190,42 @@ def log_allocation(trainer: pl.Trainer, allocation: BitAllocation, verbose: bool
                 logger.experiment.add_text("dkm/bit_allocation", text, trainer.global_step)
     if verbose:
         rank_zero_info("DKMCallback bit allocation:\n" + text)
+
+
+def warn_if_allocated_otherwise(
+    allocation: BitAllocation,
+    *,
+    average_bits: float | None,
+    allowed_bits: tuple[int, ...],
+    lut_dtype: str,
+    overrides: Mapping[str, Mapping[str, Any]],
+) -> None:
+    """On resume: one warning naming each setting the checkpoint's ``allocation`` was made
+    under that differs now (checkpoint value vs. now), saying that the checkpoint's widths are
+    kept. They must be: its centroids, originals and optimizer state are of those widths, and
+    a resume continues the run exactly; new settings take effect in a fresh fit (no
+    ``ckpt_path``). ``allowed_bits`` is compared only where a budget is set now (without one
+    it chooses nothing), ``overrides`` only where the checkpoint recorded them."""
+    def shown(value: object) -> str:
+        return f"{value:g}" if isinstance(value, float) else repr(value)
+
+    differ = [
+        (name, before, now) for name, before, now, compared in (
+            ("average_bits", allocation.average_bits, average_bits, True),
+            ("allowed_bits", list(allocation.allowed_bits), list(allowed_bits),
+             average_bits is not None),
+            ("lut_dtype", allocation.lut_dtype, lut_dtype, True),
+            ("overrides", allocation.overrides, {p: dict(o) for p, o in overrides.items()},
+             allocation.overrides is not None),
+        ) if compared and before != now
+    ]
+    if not differ:
+        return
+    widths = ", ".join(f"{name}: {bits}" for name, bits in allocation.bits.items())
+    rank_zero_warn(
+        "DKMCallback: the checkpoint's bit allocation was made with other settings than this "
+        "callback's: " + "; ".join(f"{name}: checkpoint {shown(before)}, now {shown(now)}"
+                                   for name, before, now in differ)
+        + f". The checkpoint's allocation is kept ({widths} bits), so the resume stays exact; "
+        "to allocate under the new settings, start a fresh fit without ckpt_path"
+    )

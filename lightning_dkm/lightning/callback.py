@@ -10,6 +10,7 @@ registers the parametrizations before ``configure_optimizers`` and before DDP wr
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -47,7 +48,12 @@ from .arguments import (
     parse_temperature,
     resolve_method,
 )
-from .bit_widths import FULLY_SHARDED_WIDTHS, log_allocation, plan_fit_widths
+from .bit_widths import (
+    FULLY_SHARDED_WIDTHS,
+    log_allocation,
+    plan_fit_widths,
+    warn_if_allocated_otherwise,
+)
 from .checkpointing import DKMCheckpointing, selection_error
 from .convergence import measure_all
 from .forward_cache import ForwardCache
@@ -115,7 +121,9 @@ class DKMCallback(Callback):
             are then (also with ``start_epoch > 0``), on rank 0 and broadcast; they are
             logged (TensorBoard text ``dkm/bit_allocation``, the report's
             ``bit_allocation``), saved in checkpoints and kept on resume (a checkpoint
-            without an allocation resumes at its uniform widths). On by default because in
+            without an allocation resumes at its uniform widths; one whose allocation was made
+            with another ``average_bits``, ``allowed_bits``, ``lut_dtype`` or ``overrides``
+            resumes at its widths with one warning naming them). On by default because in
             the accuracy study it beats uniform widths at fewer bytes at 2 bits on the
             char-LM and MiniLM's whole encoder and is never worse at 3 and 4
             (``docs/results.md``).
@@ -411,7 +419,8 @@ class DKMCallback(Callback):
         others (from the weights before the checkpoint was loaded, or uniform ones where the
         checkpoint has an allocation), the tensors are attached again at the checkpoint's
         widths (its allocation, or ``bits`` everywhere where it has none) before its DKM state
-        is written in."""
+        is written in. Settings the allocation was made under that differ now are named in a
+        warning (:func:`~.bit_widths.warn_if_allocated_otherwise`), never applied."""
         own = (checkpoint.get("callbacks") or {}).get(self.state_key)
         if not isinstance(own, dict) or not self._names:
             return  # no state of this callback: the checkpoint's restore says so
@@ -420,6 +429,10 @@ class DKMCallback(Callback):
         chosen = self.bit_allocation
         if allocation is not None and set(allocation.bits) != set(self._names):
             return  # another selection: the checkpoint's restore names the difference
+        if allocation is not None:
+            warn_if_allocated_otherwise(
+                allocation, average_bits=self.average_bits, allowed_bits=self.allowed_bits,
+                lut_dtype=self.lut_dtype, overrides=self.overrides)
         widths = (None if allocation is None else allocation.bits)
         if widths != (None if chosen is None else chosen.bits):
             release(pl_module, self._names)
@@ -538,12 +551,13 @@ class DKMCallback(Callback):
             fixed = fixed_by_overrides(selected, self.overrides)
             check_export_widths([t for t in selected if t.name in fixed],
                                 self.exports["export_coreai"])
-            allocation = self.results.bit_allocation = plan_fit_widths(
+            allocation = self.results.bit_allocation = replace(plan_fit_widths(
                 trainer, pl_module, selected, average_bits=self.average_bits,
                 allowed_bits=self.allowed_bits, fixed=fixed,
                 lut_dtype=self.lut_dtype, seed=self.seed,
                 no_sensitivity=(FULLY_SHARDED_WIDTHS if self._fully_sharded else None),
-                at_configured_bytes=self._budget_of_bits)
+                at_configured_bytes=self._budget_of_bits),
+                overrides={p: dict(o) for p, o in self.overrides.items()})  # seen on resume
             selected = allocation.apply(selected)
             log_allocation(trainer, allocation, self.verbose)
         check_export_widths(selected, self.exports["export_coreai"])

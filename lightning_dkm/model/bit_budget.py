@@ -650,6 +650,10 @@ class BitAllocation:
     #: (:func:`uniform_allocation`).
     sensitivity: str
     tensors: tuple[TensorWidth, ...]
+    #: The ``overrides`` (pattern -> settings) the widths were chosen under, as primitives:
+    #: ``DKMCallback`` records them so that a resume can tell whether they changed; ``None``
+    #: where none were recorded (``palettize``, or an allocation saved before they were).
+    overrides: dict[str, dict[str, Any]] | None = None
 
     @property
     def bits(self) -> dict[str, int]:
@@ -685,6 +689,8 @@ class BitAllocation:
                  "estimates": {str(b): e for b, e in sorted(t.estimates.items())}}
                 for t in self.tensors
             ],
+            "overrides": (None if self.overrides is None
+                          else {p: dict(o) for p, o in self.overrides.items()}),
         }
 
     @classmethod
@@ -701,8 +707,10 @@ class BitAllocation:
                                 estimates={int(b): float(e) for b, e in t["estimates"].items()},
                                 fixed=bool(t["fixed"]))
                     for t in data["tensors"]),
+                overrides=(None if data.get("overrides") is None  # not recorded before
+                           else {str(p): dict(o) for p, o in data["overrides"].items()}),
             )
-        except (KeyError, TypeError, ValueError) as err:
+        except (AttributeError, KeyError, TypeError, ValueError) as err:
             raise ValueError(f"not a bit allocation: {err!r}") from err
 
     def to_markdown(self) -> str:
