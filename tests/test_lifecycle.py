@@ -4,6 +4,7 @@ weights, re-fitting a finalized model, and the configuration mistakes users make
 from __future__ import annotations
 
 import types
+import warnings
 
 import lightning.pytorch as pl
 import pytest
@@ -231,3 +232,61 @@ def test_resuming_with_another_selection_is_refused_naming_both(tmp_path):
     t = trainer(tmp_path, callbacks=[other], max_epochs=2)
     with pytest.raises(MisconfigurationException, match=r"body\.2\.weight.*select \[.body\.0"):
         t.fit(TinyNet(), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+
+
+# -- a fit again after a crashed fit, with the same Trainer --------------------------------------
+class CrashOnce(TinyNet):
+    """TinyNet whose training_step raises once at ``crash_at`` (mid-DKM), then trains."""
+
+    crash_at: int | None = 5
+
+    def training_step(self, batch, batch_idx):
+        if self.crash_at is not None and self.global_step == self.crash_at:
+            self.crash_at = None
+            raise RuntimeError("crash mid-DKM")
+        return super().training_step(batch, batch_idx)
+
+
+class AtTrainStart(pl.Callback):
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.seen = {n: (t.parametrization.layout.spec.bits, t.parametrization.centroids.clone())
+                     for n, t in clustered_tensors(pl_module).items()}
+
+
+def test_a_fit_after_a_crashed_fit_starts_from_a_clean_dkm_state(tmp_path):
+    # Before: the crashed fit's parametrizations stayed on the model; the second fit's
+    # allocation could not read the weights behind them (uniform widths, with a warning that
+    # 'body.0.weight' is not a parameter), while the tensors kept the old widths and centroids.
+    torch.manual_seed(0)
+    model = CrashOnce()
+    with torch.no_grad():
+        model.body[2].weight.mul_(1e-3)  # the budget gives it fewer bits than body.0
+    dkm = DKMCallback(bits=2, save_dir=str(tmp_path / "dkm"), verbose=False)
+    spy = AtTrainStart()
+    t = trainer(tmp_path, callbacks=[dkm, spy], max_epochs=2)
+    with pytest.raises(RuntimeError, match="crash mid-DKM"):
+        t.fit(model)
+    crashed = {n: bits for n, (bits, _) in spy.seen.items()}
+    assert crashed == dkm.bit_allocation.bits != {"body.0.weight": 2, "body.2.weight": 2}
+    # what a fresh fit of a model with these weights (the originals as trained) starts from
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()
+               if "parametrizations" not in n}
+    weights.update({n: t.original.detach().clone()
+                    for n, t in clustered_tensors(model).items()})
+    fresh_model = TinyNet()
+    fresh_model.load_state_dict(weights)
+    fresh = DKMCallback(bits=2, save_dir=str(tmp_path / "f"), verbose=False)
+    fresh_spy = AtTrainStart()
+    torch.manual_seed(1)
+    trainer(tmp_path / "f", callbacks=[fresh, fresh_spy], max_epochs=1).fit(fresh_model)
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        torch.manual_seed(1)
+        t.fit(model)  # the same Trainer and callback, no ckpt_path
+    assert not [w for w in seen if "not a parameter" in str(w.message)]
+    assert dkm.bit_allocation.bits == fresh.bit_allocation.bits
+    assert {n: bits for n, (bits, _) in spy.seen.items()} == fresh.bit_allocation.bits
+    for name, (_, centroids) in spy.seen.items():
+        assert torch.equal(centroids, fresh_spy.seen[name][1]), name
+    assert {n: p.layout.spec.bits for n, p in dkm.palettes.items()} == dkm.bit_allocation.bits

@@ -533,6 +533,7 @@ class DKMCallback(Callback):
             self._checkpointing.watch(pl_module, self._names or None)
             return
         self._release_save_dir()  # a lock an earlier fit of this callback still held
+        self._release_earlier_fit(pl_module)
         self._out_dir = check_fit(
             trainer, pl_module, save_dir=self.save_dir,
             finalize_at_fit_end=self.finalize_at_fit_end, save_artifact=self.save_artifact,
@@ -588,6 +589,17 @@ class DKMCallback(Callback):
         self._checkpointing.unwatch()
         if stage == "fit":
             self._release_save_dir()
+
+    def _release_earlier_fit(self, pl_module: pl.LightningModule) -> None:
+        """A new fit starts from a clean DKM state: the parametrizations an earlier fit of this
+        callback left on the model (it raised, or ran with ``finalize=False``) are removed
+        without snapping, so the weights are as trained and this fit chooses its widths from
+        them and seeds new centroids (or a checkpoint's restore writes its own), instead of
+        keeping the earlier fit's widths and centroids beside a new allocation."""
+        if self._names:
+            release(pl_module, self._names)
+            self._names = []
+        self._forget_tensors()
 
     def _release_save_dir(self) -> None:
         """End this fit's hold on ``save_dir`` (rank 0's lock, :mod:`.ownership`)."""
