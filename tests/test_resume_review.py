@@ -76,3 +76,21 @@ def test_a_later_fit_that_clusters_nothing_does_not_report_the_earlier_fits_outp
     assert dkm.output_paths == {} and dkm.artifact_path is None
     assert dkm.palettes == {} and dkm.stats == {}
     assert dkm.finalized_model is None
+
+
+@pytest.mark.parametrize("now", [dict(average_bits=3.0), dict(bits=3, average_bits=None)])
+def test_a_resume_under_other_keyed_settings_names_the_key_its_state_is_under(tmp_path, now):
+    # The state key holds bits, cluster_dim, group_size, per_channel_scale, targets, exclude and
+    # a numeric average_bits: the same tensors' state under another key was refused as "the
+    # checkpoint clusters [a, b], but this run's targets select [a, b]".
+    torch.manual_seed(0)
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="last")
+    written = DKMCallback(average_bits=2.5, finalize=False)
+    trainer(tmp_path, callbacks=[written, checkpoints], max_epochs=1,
+            enable_checkpointing=True).fit(TinyNet())
+    resumed = DKMCallback(finalize=False, **now)
+    t = trainer(tmp_path / "resumed", callbacks=[resumed], max_epochs=2)
+    with pytest.raises(Exception, match=r"(?s)stored under DKMCallback\{.*'average_bits': 2\.5"
+                                        r".*this callback's key is DKMCallback\{") as raised:
+        t.fit(TinyNet(), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    assert "but this run's targets select" not in str(raised.value)

@@ -61,6 +61,21 @@ def selection_error(in_checkpoint: list[str], in_model: list[str]) -> Misconfigu
     )
 
 
+def _other_key_error(written: str, state_key: str, names: list[str]
+                     ) -> MisconfigurationException:
+    """The refusal of a checkpoint that holds these very tensors' DKM state under another
+    callback's key: a callback's key is its settings (``DKMCallback.state_key``), so the run
+    that wrote it had other ones."""
+    return MisconfigurationException(
+        f"DKMCallback: the checkpoint's DKM state of {names} is stored under {written}, but "
+        f"this callback's key is {state_key}: the run that wrote it had other settings among "
+        "those in the key (bits, cluster_dim, group_size, per_channel_scale, targets, exclude, "
+        "a numeric average_bits). Resume with that run's settings; to change them, start a "
+        "fresh fit (no ckpt_path) from its weights: model.load_state_dict(torch.load(path)"
+        "[\"state_dict\"]), the plain weights it holds."
+    )
+
+
 class DKMCheckpointing:
     """The checkpoint format of one :class:`~lightning_dkm.DKMCallback` (module docstring);
     ``names`` are the tensors that callback clusters (or, on a finalized model, clustered)."""
@@ -126,13 +141,17 @@ class DKMCheckpointing:
         if not (waiting.parametrized or waiting.carried):
             return
         if dkm_state is None:
-            others = sorted({
-                name for key, state in states.items()
+            held = {  # what each other DKMCallback's state in the checkpoint clusters
+                key: sorted((state.get(DKM_STATE_KEY) or {}).get("tensors", {}))
+                for key, state in states.items()
                 if str(key).startswith("DKMCallback") and isinstance(state, dict)
-                for name in (state.get(DKM_STATE_KEY) or {}).get("tensors", {})
-            })
+            }
             if waiting.parametrized:
-                raise selection_error(others, sorted(names))
+                same = [key for key, tensors in held.items() if tensors == sorted(names)]
+                if same:  # these tensors' state, under another callback's settings
+                    raise _other_key_error(same[0], state_key, sorted(names))
+                raise selection_error(sorted({n for tensors in held.values() for n in tensors}),
+                                      sorted(names))
             rank_zero_warn(
                 f"DKMCallback: the checkpoint has no DKM state for this callback ({state_key}); "
                 "its weights were loaded, but the model no longer carries palettes for "
