@@ -72,7 +72,7 @@ def _other_key_error(written: str, state_key: str, names: list[str]
         "those in the key (bits, cluster_dim, group_size, per_channel_scale, targets, exclude, "
         "a numeric average_bits). Resume with that run's settings; to change them, start a "
         "fresh fit (no ckpt_path) from its weights: model.load_state_dict(torch.load(path)"
-        "[\"state_dict\"]), the plain weights it holds."
+        "[\"state_dict\"]), the plain model it holds (clustered weights snapped)."
     )
 
 
