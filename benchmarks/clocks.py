@@ -9,7 +9,9 @@ waiting for a descheduled one). ``--threads N`` sets ``torch.set_num_threads``.
 from __future__ import annotations
 
 import argparse
+import json
 import time
+from typing import Any
 
 import torch
 
@@ -38,3 +40,12 @@ def apply(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
             parser.error(f"--threads must be >= 1; got {args.threads}")
         torch.set_num_threads(args.threads)
     _chosen[0] = CLOCKS[args.clock]
+
+
+def result(args: argparse.Namespace, **fields: Any) -> dict[str, Any]:
+    """A script's result: ``fields`` with the clock and the threads it was timed with, written
+    as JSON to ``args.json`` where given (the scripts' common ending)."""
+    out = {"clock": args.clock, "threads": torch.get_num_threads(), **fields}
+    if args.json:
+        args.json.write_text(json.dumps(out, indent=2) + "\n")
+    return out

@@ -23,8 +23,6 @@ Linear weights (as ``perf_epoch_end.py``) and times, side by side (alternating, 
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import statistics
 import sys
@@ -34,7 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import clocks
-from perf_epoch_end import clustered
+from perf_epoch_end import clustered, model_arguments, parsed
 
 from lightning_dkm.engine.parametrization import initialize_many
 from lightning_dkm.lightning import temperature
@@ -96,18 +94,7 @@ def one_repeat(parametrizations: list, weights: list[torch.Tensor],
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", choices=("cnn", "minilm"), default="cnn")
-    parser.add_argument("--bits", type=int, nargs="+", default=[2, 4])
-    parser.add_argument("--repeats", type=int, default=3)
-    clocks.add_arguments(parser)
-    parser.add_argument("--json", type=Path)
-    args = parser.parse_args(argv)
-    clocks.apply(parser, args)
-    if args.repeats < 1:
-        parser.error(f"--repeats must be >= 1; got {args.repeats}")
-    if any(not 1 <= b <= 8 for b in args.bits):
-        parser.error(f"--bits must lie in 1..8; got {args.bits}")
+    args = parsed(model_arguments(__doc__), argv)
     print(f"{args.model}, {torch.get_num_threads()} threads, {args.clock} clock, median of "
           f"{args.repeats}")
     config = temperature.TemperatureConfig.parse("auto")
@@ -129,11 +116,7 @@ def main(argv: list[str] | None = None) -> dict:
               f"{row['tau_plain']:.3f} s plain, {row['tau_now']:.3f} s now "
               f"({row['tau_plain'] / row['tau_now']:.1f}x); centroids and taus equal",
               flush=True)
-    out = {"model": args.model, "clock": args.clock, "threads": torch.get_num_threads(),
-           "repeats": args.repeats, "rows": rows}
-    if args.json:
-        args.json.write_text(json.dumps(out, indent=2) + "\n")
-    return out
+    return clocks.result(args, model=args.model, repeats=args.repeats, rows=rows)
 
 
 if __name__ == "__main__":

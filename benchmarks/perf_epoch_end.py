@@ -18,7 +18,6 @@ run.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from pathlib import Path
@@ -53,21 +52,34 @@ def clustered(model_name: str, bits: int, seeded: bool = True) -> dict:
     return attach(model, targets, initialize=seeded)
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def model_arguments(description: str) -> argparse.ArgumentParser:
+    """The options of the scripts that time a clustered model's tensors (this one and
+    ``perf_dkm_start.py``): ``--model``, ``--bits``, ``--repeats``, the clock's, ``--json``."""
+    parser = argparse.ArgumentParser(description=description.split("\n\n")[0])
     parser.add_argument("--model", choices=("cnn", "minilm"), default="cnn")
     parser.add_argument("--bits", type=int, nargs="+", default=[2, 4])
-    parser.add_argument("--tau", type=float, default=1e-3,
-                        help="every tensor's tau (units of its weight variance)")
     parser.add_argument("--repeats", type=int, default=3)
     clocks.add_arguments(parser)
     parser.add_argument("--json", type=Path)
+    return parser
+
+
+def parsed(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """:func:`model_arguments`' options read, checked and the clock applied."""
     args = parser.parse_args(argv)
     clocks.apply(parser, args)
     if args.repeats < 1:
         parser.error(f"--repeats must be >= 1; got {args.repeats}")
     if any(not 1 <= b <= 8 for b in args.bits):
         parser.error(f"--bits must lie in 1..8; got {args.bits}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = model_arguments(__doc__)
+    parser.add_argument("--tau", type=float, default=1e-3,
+                        help="every tensor's tau (units of its weight variance)")
+    args = parsed(parser, argv)
     print(f"{args.model}, {torch.get_num_threads()} threads, {args.clock} clock, tau {args.tau:g}")
     rows = []
     for bits in args.bits:
@@ -87,11 +99,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{bits} bits, {len(tensors)} tensors, {weights:,} weights: measure_all "
               f"{row['seconds']:.3f} s (median of {args.repeats}), model entropy {entropy:.9g}",
               flush=True)
-    out = {"model": args.model, "clock": args.clock, "threads": torch.get_num_threads(),
-           "tau": args.tau, "rows": rows}
-    if args.json:
-        args.json.write_text(json.dumps(out, indent=2) + "\n")
-    return out
+    return clocks.result(args, model=args.model, tau=args.tau, rows=rows)
 
 
 if __name__ == "__main__":
