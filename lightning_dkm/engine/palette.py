@@ -246,14 +246,14 @@ class Palette:
 
     def float16_problem(self) -> str | None:
         """Why float16 cannot hold this palette as it is (``None``: it can): a centroid beyond
-        float16's range (``|value| > 65504``: it would be ``inf`` and the file unloadable), every
+        float16's range (:func:`cast_overflow`: it would be ``inf`` and the file unloadable), every
         centroid below float16's normal range (``|value| < 6.1e-5``, e.g. 1e-20 weights: they
         would lose their precision or become 0), or a per-channel scale that is not exactly a
         float16 number."""
         lut = self.lut.detach().float().reshape(-1)
         peak = float(lut.abs().max()) if lut.numel() else 0.0
-        if peak > FLOAT16_MAX:
-            value = float(lut[lut.abs().argmax()])
+        value = cast_overflow(lut, torch.float16)
+        if value is not None:
             return (f"centroid {value:g} lies beyond the float16 range (|value| <= "
                     f"{FLOAT16_MAX:g}); stored in float16 it would be inf and the file could "
                     "not be loaded")
