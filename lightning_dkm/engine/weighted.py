@@ -133,7 +133,8 @@ class Trajectory(NamedTuple):
     ``last`` has one shape on every path, (P,) int64 on the device: the batched step needs a
     count per palette (each tensor of a batch stops on its own), and without host reads the
     counts exist only on the device. Where the host knows that every palette took the same
-    ``ran`` rounds (the stop decided there, or no early stop), :meth:`round` gives plain int
+    ``ran`` rounds (the stop decided there, no early stop, or every tensor of a batch stopped
+    at the same round: :meth:`~.numerics.EarlyStop.rounds`), :meth:`round` gives plain int
     indices, so that the CPU step picks its rounds as views and masks none."""
 
     centroids: Tensor  # (R + 1, P, k, d): c_0 .. c_R, normalised units

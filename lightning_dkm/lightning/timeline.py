@@ -12,7 +12,6 @@ from the restored step or epoch.
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
@@ -30,12 +29,6 @@ from .preflight import soft_units
 from .temperature import TemperatureConfig, TemperaturePlan, geometric_mean
 
 __all__ = ["DKMTimeline"]
-
-
-def _same(weight: Tensor) -> Tensor:
-    """``weight`` (what :func:`~..engine.parametrization.initialize_many` calls to get a weight
-    already read)."""
-    return weight
 
 
 class DKMTimeline:
@@ -86,7 +79,7 @@ class DKMTimeline:
                    if not t.parametrization.is_initialized or name not in self.plan.bounds]
         for run in waves([math.prod(t.parametrization.layout.shape) for _, t in pending]):
             weights = {i: pending[i][1].full_original() for i in run}
-            initialize_many([(pending[i][1].parametrization, functools.partial(_same, weights[i]))
+            initialize_many([(pending[i][1].parametrization, lambda w=weights[i]: w)
                              for i in run if not pending[i][1].parametrization.is_initialized])
             for i in run:
                 name, t = pending[i]
