@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import tempfile
 import time
 from typing import Any
 
@@ -49,3 +51,35 @@ def result(args: argparse.Namespace, **fields: Any) -> dict[str, Any]:
     if args.json:
         args.json.write_text(json.dumps(out, indent=2) + "\n")
     return out
+
+
+def native_build() -> dict[str, Any]:
+    """Builds the native loops of the ``"unique"`` step (``lightning_dkm.engine.native``) in an
+    empty cache directory and times it (wall clock): the one-time cost a machine pays before
+    its first fit. Returns ``{"used", "build_s", "why_not"}``; afterwards the process uses the
+    loops as a fit would (or the PyTorch ops where they cannot be built)."""
+    from lightning_dkm.engine import native
+    from lightning_dkm.engine.float16_codes import native_loops
+
+    saved = os.environ.get("LIGHTNING_DKM_CACHE")
+    with tempfile.TemporaryDirectory() as cache:
+        os.environ["LIGHTNING_DKM_CACHE"] = cache
+        native._state.clear()  # as on a machine that has not built them
+        start = time.perf_counter()
+        try:
+            loops = native_loops()
+        finally:
+            if saved is None:
+                del os.environ["LIGHTNING_DKM_CACHE"]
+            else:
+                os.environ["LIGHTNING_DKM_CACHE"] = saved
+        seconds = time.perf_counter() - start
+    return {"used": loops is not None, "build_s": seconds, "why_not": native.build_failure()}
+
+
+def describe_native(build: dict[str, Any]) -> str:
+    """One line for a script's header: whether the loops are used, and what building cost."""
+    if not build["used"]:
+        return f"native loops: not used ({build['why_not']}): the passes run as PyTorch ops"
+    return (f"native loops: built and checked in {build['build_s']:.2f} s (once per machine, "
+            f"outside the timed batches)")

@@ -145,10 +145,12 @@ def main() -> None:
     args = parser.parse_args()
     clocks.apply(parser, args)
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)  # no banner per fit
+    build = clocks.native_build()
     print(f"torch {torch.__version__}, lightning {pl.__version__}, {platform.processor() or ''} "
           f"{torch.get_num_threads()} threads; digits CNN, batch 64, Adam, {args.epochs} epochs "
           f"per fit (first untimed), {args.repeats} plain/DKM pairs per row, interleaved, "
           f"{args.clock} clock")
+    print(clocks.describe_native(build))
     rows = []
     for spec in args.rows:
         bits, accumulate = (int(v) for v in spec.split(":"))
@@ -187,6 +189,7 @@ def main() -> None:
                 f"{k} {v:.3f}" for k, v in hook_ms.items()), flush=True)
     if args.json:
         args.json.write_text(json.dumps({"rows": rows, "repeats": args.repeats,
+                                         "native_loops": build,
                                          "epochs": args.epochs, "clock": args.clock,
                                          "threads": torch.get_num_threads()}, indent=2) + "\n")
 

@@ -15,6 +15,13 @@ pass itself. ``--alternatives`` times the other ways of doing the same work that
 evaluated for #22 (``torch.unique``, ``index_add_``, ``scatter_add_``, one gather of packed
 ``(s, b)`` pairs); ``--compile`` times ``torch.compile`` of the backward's look-up, compile time
 included.
+
+The rows time the passes as PyTorch ops (``lightning_dkm.engine.native`` off), then, where the
+native loops build here, the same work as the step does it with them: encoding and counting in
+one read of the weights, each look-up and the per-code sums one loop. The loops are built
+first in an empty cache directory, so the build time printed is what a machine pays once.
+
+    python benchmarks/perf_passes.py --clock cpu   # (CPU time is what it always measures)
 """
 
 from __future__ import annotations
@@ -22,12 +29,17 @@ from __future__ import annotations
 import argparse
 import resource
 import statistics
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
-from lightning_dkm.engine.float16_codes import CodeColumns, float16_codes
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import clocks
+
+from lightning_dkm.engine.float16_codes import CodeColumns, code_constants, encode, native_loops
 
 _CODES = 1 << 16
 
@@ -62,20 +74,26 @@ def main() -> None:
     n = args.n
     x = torch.randn(1, n) * 0.05
     g = torch.randn(1, n)
-    codes = float16_codes(x, None)[0]
-    columns = CodeColumns(codes).chunks().__next__()[1] if n <= (1 << 20) else None
+    center, unit, _ = code_constants(x, None)
+    codes = encode(x, center, unit, fused=False)
+    columns = CodeColumns(codes, fused=False).chunks().__next__()[1] if n <= (1 << 20) else None
     table_s, table_b = torch.randn(_CODES), torch.randn(_CODES)
+
+    def unfused() -> CodeColumns:
+        return CodeColumns(codes, fused=False)
+
     print(f"n {n}, threads {args.threads}, CPU ms per call (median of {args.repeats}), "
           f"page faults per call")
+    print("PyTorch ops:")
     rows: list[tuple[str, Callable[[], object]]] = [
-        ("codes (centre, scale, round to float16)", lambda: float16_codes(x, None)),
-        ("codes -> table columns (int32)", lambda: CodeColumns(codes).chunks().__next__()),
-        ("count per code (bincount)", lambda: CodeColumns(codes).sum_per_code()),
-        ("forward look-up (columns + gather)", lambda: CodeColumns(codes).look_up(table_s)),
-        ("backward per-code sums (weighted bincount)",
-         lambda: CodeColumns(codes).sum_per_code(g)),
+        ("codes (centre and scale given, round to float16)",
+         lambda: encode(x, center, unit, fused=False)),
+        ("codes -> table columns (int32)", lambda: unfused().chunks().__next__()),
+        ("count per code (bincount)", lambda: unfused().sum_per_code()),
+        ("forward look-up (columns + gather)", lambda: unfused().look_up(table_s)),
+        ("backward per-code sums (weighted bincount)", lambda: unfused().sum_per_code(g)),
         ("backward look-up s_u + b_u g_i (columns + 2 gathers)",
-         lambda: CodeColumns(codes).look_up(table_s, (table_b, g))),
+         lambda: unfused().look_up(table_s, (table_b, g))),
     ]
     if args.alternatives and columns is not None:
         flat_g = g.view(-1)
@@ -97,9 +115,17 @@ def main() -> None:
              lambda: torch.zeros(_CODES).scatter_add_(0, long_columns, flat_g)),
             ("  alt: backward look-up, one gather of (s, b) pairs", pair_gather),
         ]
+    total = conversion = 0.0
     for name, fn in rows:
         ms, faults = measure(fn, args.repeats)
+        total += 0.0 if name.startswith("  alt") else ms
+        conversion = ms if name.startswith("codes ->") else conversion
         print(f"{name:58s} {ms:8.3f} ms {faults:8.0f} faults")
+    # each of the four rows after it converts the codes again; a step converts them twice
+    # (once in the forward, once in the backward)
+    total -= 2 * conversion
+    print(f"{'  a step: all of them, the columns converted twice':58s} {total:8.3f} ms")
+    fused_rows(x, center, unit, codes, g, table_s, table_b, args.repeats, total)
     if args.compile and columns is not None:
         def look_up(cols: torch.Tensor, s: torch.Tensor, b: torch.Tensor,
                     grad: torch.Tensor) -> torch.Tensor:
@@ -114,6 +140,32 @@ def main() -> None:
                              args.repeats)
         print(f"{'  torch.compile: backward look-up (first compile ' + f'{seconds:.1f} s)':58s}"
               f" {ms:8.3f} ms {faults:8.0f} faults")
+
+
+def fused_rows(x, center, unit, codes, g, table_s, table_b, repeats: int,
+               pytorch_total: float) -> None:
+    """The same work with the native loops, built first in an empty cache directory."""
+    build = clocks.native_build()
+    print(clocks.describe_native(build) + ":")
+    loops = native_loops()
+    if loops is None:
+        return
+    inverse_unit = 1.0 / unit
+    out = torch.empty_like(x)
+    total = 0.0
+    for name, fn in [
+        ("codes and count per code, one loop",
+         lambda: loops.encode_and_count(x, center, inverse_unit)),
+        ("forward look-up", lambda: loops.look_up(codes, table_s, torch.empty_like(x))),
+        ("backward per-code sums", lambda: loops.sum_per_code(codes, g)),
+        ("backward look-up s_u + b_u g_i", lambda: loops.look_up_affine(
+            codes, table_s, table_b, g, torch.empty_like(out))),
+    ]:
+        ms, faults = measure(fn, repeats)
+        total += ms
+        print(f"{name:58s} {ms:8.3f} ms {faults:8.0f} faults")
+    print(f"{'  a step: all four':58s} {total:8.3f} ms   (PyTorch ops / loops: "
+          f"{pytorch_total / total:.2f}x)")
 
 
 if __name__ == "__main__":

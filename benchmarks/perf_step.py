@@ -255,8 +255,11 @@ def main() -> None:
         "epsilon": args.epsilon,
         "gradient": args.gradient,
         "cluster_dim": 1,
+        "native_loops": clocks.native_build() if args.device == "cpu" else None,
     }
     print("setup:", json.dumps(setup))
+    if setup["native_loops"] is not None:
+        print(clocks.describe_native(setup["native_loops"]))
     rows = []
     for model_name in args.models:
         for bits in args.bits or ([2, 4] if model_name == "cnn" else [4]):

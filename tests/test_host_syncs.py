@@ -10,15 +10,19 @@ point that forces one, wrapped), with the steps in the form they take on an acce
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
 import lightning_dkm.engine.clustering_pass as clustering_pass_module
 from lightning_dkm import ClusterSpec, PaletteLayout, attach, select_targets
 from lightning_dkm.diagnostics import count_host_syncs, graph_breaks
+from lightning_dkm.engine import native
 from lightning_dkm.engine.chunked import chunked_dkm_cluster
 from lightning_dkm.engine.clustering_pass import clustering_pass
 from lightning_dkm.engine.distinct import unique_dkm_batch, unique_dkm_cluster
+from lightning_dkm.engine.float16_codes import native_loops
 from lightning_dkm.engine.kmeans import kmeans_plusplus, lloyd
 from lightning_dkm.engine.numerics import normalization_of, sync_free
 from lightning_dkm.engine.parametrization import DKMParametrization
@@ -87,16 +91,21 @@ def test_the_first_forward_of_an_initialised_parametrization_reads_no_flag() -> 
     assert log.count == 0, log.calls
 
 
-@pytest.mark.parametrize(("implementation", "expected"),
-                         [("reference", 3), ("chunked", 3), ("unique", 7)])
-def test_eagerly_on_cpu_the_steps_read_only_what_saves_work(implementation, expected) -> None:
+@pytest.mark.parametrize(("implementation", "fused", "expected"), [
+    ("reference", True, 3), ("chunked", True, 3), ("unique", True, 5), ("unique", False, 7)])
+def test_eagerly_on_cpu_the_steps_read_only_what_saves_work(implementation, fused,
+                                                            expected) -> None:
     """The documented CPU reads, free there: the early-stop test per iteration (3), and for
-    "unique" the distinct-value compaction (``nonzero``), the rough std's fallback test and
+    "unique" the distinct-value compaction (``nonzero``) and the rough std's fallback test;
+    with PyTorch ops for the passes over the weights (``fused=False``: no native loops) also
     the two ``bincount`` s (forward and backward)."""
+    if fused and native_loops() is None:
+        pytest.skip(f"the native loops are not built here: {native.build_failure()}")
     weight, p = parametrized_weight(implementation, 1, None, "unrolled", 1e-4)
-    training_step(weight, p)
-    with count_host_syncs() as log:
+    with contextlib.nullcontext() if fused else native.turned_off():
         training_step(weight, p)
+        with count_host_syncs() as log:
+            training_step(weight, p)
     assert log.count == expected, log.calls
 
 

@@ -12,12 +12,13 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from . import native
 from .numerics import Normalization, chunks, floored_scale, root_mean_square
 
 __all__ = [
-    "CHUNK", "FLOOR_SHIFT", "CodeColumns", "DistinctValues", "distinct_from_counts", "encode",
-    "float16_codes", "normalized_distinct", "power_of_two_unit", "prepare",
-    "static_distinct_from_counts",
+    "CHUNK", "FLOOR_SHIFT", "CodeColumns", "DistinctValues", "code_constants",
+    "distinct_from_counts", "encode", "float16_codes", "normalized_distinct",
+    "power_of_two_unit", "prepare", "static_distinct_from_counts",
 ]
 
 #: Weights per chunk of the O(n) passes: a chunk's temporaries (a few MiB) come from the
@@ -94,6 +95,15 @@ def float16_codes(x: Tensor, normalization: Normalization | None, device_side: b
     """Each weight's code: ``(x - center) / unit`` rounded to float16 (P, n). Also returns the
     centres (P, 1), the power-of-two units (P, 1) and the normalisation's scale (P, 1) when
     one was given (else ``None``: it is computed from the distinct values)."""
+    center, unit, scale = code_constants(x, normalization, device_side)
+    return encode(x, center, unit), center, unit, scale
+
+
+@torch.no_grad()
+def code_constants(x: Tensor, normalization: Normalization | None, device_side: bool = False
+                   ) -> tuple[Tensor, Tensor, Tensor | None]:
+    """The centres, power-of-two units and given scales (or ``None``) of
+    :func:`float16_codes`, before any weight is encoded."""
     P = x.shape[0]
     if normalization is None:
         center = x.mean(dim=1, keepdim=True)
@@ -103,8 +113,7 @@ def float16_codes(x: Tensor, normalization: Normalization | None, device_side: b
         center = normalization.center.reshape(P, 1).to(x.dtype)
         scale = normalization.scale.reshape(P, 1).to(x.dtype)
         rough = scale
-    unit = power_of_two_unit(rough)
-    return encode(x, center, unit), center, unit, scale
+    return center, power_of_two_unit(rough), scale
 
 
 def power_of_two_unit(rough: Tensor) -> Tensor:
@@ -116,13 +125,26 @@ def power_of_two_unit(rough: Tensor) -> Tensor:
     return torch.exp2(exponent.clamp_max_(_MAX_EXPONENT))
 
 
+def native_loops(*tensors: Tensor) -> native.Kernels | None:
+    """The fused loops of :mod:`.native` where they are built and take these tensors (never
+    while ``torch.compile`` traces: a foreign call would break its graph)."""
+    if torch.compiler.is_compiling():
+        return None
+    loops = native.kernels(check=_fused_disagreement)
+    return loops if loops is not None and loops.takes(*tensors) else None
+
+
 @torch.no_grad()
-def encode(x: Tensor, center: Tensor, unit: Tensor) -> Tensor:
+def encode(x: Tensor, center: Tensor, unit: Tensor, *, fused: bool = True) -> Tensor:
     """The float16 codes ``(x - center) / unit`` of ``x`` (P, n), ``center`` and ``unit``
     (P, 1): elementwise, so the codes of any part of ``x`` are those of the whole (what
-    :mod:`.shard_local` relies on), a :data:`PIECE` at a time through one reused buffer."""
+    :mod:`.shard_local` relies on). One loop of :mod:`.native` where it can (``fused``), else
+    PyTorch ops, a :data:`PIECE` at a time through one reused buffer; the same codes."""
     P, n = x.shape
     inverse_unit = 1.0 / unit  # exact: a power of two
+    loops = native_loops(x, center, inverse_unit) if fused else None
+    if loops is not None:
+        return loops.encode(x, center, inverse_unit)
     codes = torch.empty(x.shape, dtype=torch.float16, device=x.device)
     buffer = torch.empty(P, min(n, PIECE), dtype=x.dtype, device=x.device)
     for part in chunks(n, PIECE):
@@ -133,14 +155,20 @@ def encode(x: Tensor, center: Tensor, unit: Tensor) -> Tensor:
 
 
 class CodeColumns:
-    """The table columns ``palette * 65536 + bit pattern`` (int32) of float16 ``codes``
-    (P, n), a chunk at a time; a tensor that fits in one chunk converts its codes once.
-    ``device_side``: sums per code with ``index_add_`` (no host read) instead of ``bincount``."""
+    """Counting, summing and looking up per code over float16 ``codes`` (P, n): one loop of
+    :mod:`.native` each where it can (``fused``, on the CPU with host reads), else with the
+    table columns ``palette * 65536 + bit pattern`` (int32) of the codes, a chunk at a time
+    (a tensor that fits in one chunk converts its codes once). ``device_side``: sums per code
+    with ``index_add_`` (no host read) instead of ``bincount``. ``counts``: the codes' counts
+    where they are known already (:func:`prepare` counts as it encodes)."""
 
-    def __init__(self, codes: Tensor, device_side: bool = False) -> None:
+    def __init__(self, codes: Tensor, device_side: bool = False, *, fused: bool = True,
+                 counts: Tensor | None = None) -> None:
         self.codes = codes
         self.device_side = device_side
         self._whole: Tensor | None = None
+        self._loops = native_loops(codes) if fused and not device_side else None
+        self._counts = counts
 
     def chunks(self):
         """Yields ``(slice of the weights, flat columns (P * m,))``."""
@@ -165,6 +193,12 @@ class CodeColumns:
     def sum_per_code(self, weights: Tensor | None = None) -> Tensor:
         """(P * 65536,) per code: how many weights have it, or the sum of ``weights`` (P, n)
         over them."""
+        if weights is None and self._counts is not None:
+            return self._counts
+        loops = self._loops
+        if loops is not None and (weights is None or loops.takes(weights)):
+            return (loops.count(self.codes) if weights is None
+                    else loops.sum_per_code(self.codes, weights))
         size = self.codes.shape[0] * _CODES
         if self.device_side:
             dtype = torch.long if weights is None else weights.dtype
@@ -192,6 +226,11 @@ class CodeColumns:
         P, n = self.codes.shape
         if out is None:
             out = table.new_empty(P, n)
+        loops = self._loops
+        if loops is not None and loops.takes(table, out, *(factor or ())):
+            if factor is None:
+                return loops.look_up(self.codes, table, out)
+            return loops.look_up_affine(self.codes, table, *factor, out)
         scratch = None
         for part, columns in self.chunks():
             target = out[:, part]
@@ -302,9 +341,48 @@ def normalized_distinct(dense_counts: Tensor, P: int, n: int, unit: Tensor, cent
 
 def prepare(x: Tensor, normalization: Normalization | None, device_side: bool
              ) -> tuple[Tensor, CodeColumns, DistinctValues, Tensor, Tensor]:
-    """Codes, columns, distinct values (normalised in place), centre and scale of ``x`` (P, n)."""
-    codes, center, unit, scale = float16_codes(x, normalization, device_side)
-    columns = CodeColumns(codes, device_side)
+    """Codes, columns, distinct values (normalised in place), centre and scale of ``x`` (P, n).
+    Where :mod:`.native` takes ``x``, it is encoded and counted in one read."""
+    center, unit, scale = code_constants(x, normalization, device_side)
+    inverse_unit = 1.0 / unit
+    loops = None if device_side else native_loops(x, center, inverse_unit)
+    if loops is not None:
+        codes, counts = loops.encode_and_count(x, center, inverse_unit)
+        columns = CodeColumns(codes, device_side, counts=counts)
+    else:
+        codes = encode(x, center, unit)
+        columns = CodeColumns(codes, device_side)
     distinct, scale = normalized_distinct(columns.sum_per_code(), *x.shape, unit, center, scale,
                                           device_side, center.dtype)
     return codes, columns, distinct, center, scale
+
+
+def _fused_disagreement(loaded: native.Kernels) -> str | None:
+    """Compares every native loop with the PyTorch ops on values that exercise float16's
+    rounding, subnormals, overflow and repeated codes; returns what differs, if anything."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4099, generator=generator)
+    x[0, :6] = torch.tensor([7e4, -7e4, 0.0, 1e-9, 2.0**-24 * 3, 0.5 + 2.0**-12])
+    center = torch.tensor([[0.0], [0.25]])
+    unit = torch.tensor([[1.0], [2.0**-3]])
+    inverse_unit = 1.0 / unit
+    codes = encode(x, center, unit, fused=False)
+    columns = CodeColumns(codes, fused=False)
+    g = torch.randn(2, 4099, generator=generator)
+    a = torch.randn(2 * _CODES, generator=generator)
+    b = torch.randn(2 * _CODES, generator=generator)
+    native_codes, native_counts = loaded.encode_and_count(x, center, inverse_unit)
+    checks = {
+        "codes": (codes, native_codes),
+        "codes alone": (codes, loaded.encode(x, center, inverse_unit)),
+        "counts": (columns.sum_per_code(), native_counts),
+        "counts from codes": (columns.sum_per_code(), loaded.count(codes)),
+        "sums per code": (columns.sum_per_code(g), loaded.sum_per_code(codes, g)),
+        "look-up": (columns.look_up(a), loaded.look_up(codes, a, torch.empty(2, 4099))),
+        "affine look-up": (columns.look_up(a, factor=(b, g)),
+                           loaded.look_up_affine(codes, a, b, g, torch.empty(2, 4099))),
+    }
+    differ = [name for name, (want, got) in checks.items()
+              if not torch.equal(want.view(torch.int16) if want.dtype == torch.float16 else want,
+                                 got.view(torch.int16) if got.dtype == torch.float16 else got)]
+    return None if not differ else f"its results differ from PyTorch's in: {', '.join(differ)}"

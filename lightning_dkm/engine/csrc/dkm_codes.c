@@ -1,0 +1,136 @@
+/* Fused CPU passes of the "unique" DKM step over every weight (lightning_dkm/engine/native.py).
+ *
+ * A weight's code is the bit pattern of (x - center) * inverse_unit rounded to float16 (round
+ * to nearest even, as PyTorch converts); a palette's table has 65,536 entries, one per bit
+ * pattern. Each function goes over P palettes of n weights (row p at p * n, its table at
+ * p * 65536) in index order, so that its sums are those of torch.bincount's serial loop, and
+ * rounds as the PyTorch ops it replaces do: built with -ffp-contract=off, the one fused
+ * multiply-add is the one addcmul_ makes. Tables to add into are zeroed by the caller.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#define CODES 65536
+#define BLOCK 4096 /* weights converted before they are counted (the conversion vectorises) */
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+/* the gathers vectorise in the AVX2 clone; one build serves every x86-64 CPU */
+#define CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define CLONES
+#endif
+
+#if defined(__FLT16_MANT_DIG__)
+static inline uint16_t half_bits(float f) {
+    _Float16 h = (_Float16)f;
+    uint16_t bits;
+    memcpy(&bits, &h, sizeof bits);
+    return bits;
+}
+#else
+/* IEEE round to nearest even without a float16 type (the FP16 library's method, which
+ * PyTorch's c10::Half uses too). */
+static inline uint32_t float_bits(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
+static inline float bits_float(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
+static inline uint16_t half_bits(float f) {
+    float base = fabsf(f) * bits_float(0x77800000u) * bits_float(0x08800000u); /* 2^112 2^-110 */
+    const uint32_t w = float_bits(f), shl1_w = w + w, sign = w & 0x80000000u;
+    uint32_t bias = shl1_w & 0xFF000000u;
+    if (bias < 0x71000000u) bias = 0x71000000u;
+    base = bits_float((bias >> 1) + 0x07800000u) + base;
+    const uint32_t bits = float_bits(base);
+    const uint32_t nonsign = ((bits >> 13) & 0x00007C00u) + (bits & 0x00000FFFu);
+    return (uint16_t)((sign >> 16) | (shl1_w > 0xFF000000u ? 0x7E00u : nonsign));
+}
+#endif
+
+static void convert_portable(const float *x, int64_t n, float c, float u, uint16_t *out) {
+    for (int64_t i = 0; i < n; ++i) out[i] = half_bits((x[i] - c) * u);
+}
+
+#if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
+#include <immintrin.h>
+__attribute__((target("avx2,f16c")))
+static void convert_f16c(const float *x, int64_t n, float c, float u, uint16_t *out) {
+    const __m256 vc = _mm256_set1_ps(c), vu = _mm256_set1_ps(u);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        const __m256 d = _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(x + i), vc), vu);
+        _mm_storeu_si128((__m128i *)(out + i), _mm256_cvtps_ph(d, _MM_FROUND_TO_NEAREST_INT));
+    }
+    convert_portable(x + i, n - i, c, u, out + i);
+}
+static int has_f16c(void) {
+    static int known = -1;
+    if (known < 0) known = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
+    return known;
+}
+#define CONVERT(x, n, c, u, out) \
+    (has_f16c() ? convert_f16c(x, n, c, u, out) : convert_portable(x, n, c, u, out))
+#else
+#define CONVERT convert_portable
+#endif
+
+/* codes[p, i] = half_bits((x[p, i] - center[p]) * inverse_unit[p]) */
+void dkm_encode(const float *x, int64_t P, int64_t n, const float *center,
+                const float *inverse_unit, uint16_t *codes) {
+    for (int64_t p = 0; p < P; ++p) CONVERT(x + p * n, n, center[p], inverse_unit[p], codes + p * n);
+}
+
+/* dkm_encode, and counts[p, code] += 1 for every weight, a block at a time (in cache) */
+void dkm_encode_count(const float *x, int64_t P, int64_t n, const float *center,
+                      const float *inverse_unit, uint16_t *codes, int64_t *counts) {
+    for (int64_t p = 0; p < P; ++p) {
+        const float *row = x + p * n;
+        uint16_t *out = codes + p * n;
+        int64_t *table = counts + p * CODES;
+        for (int64_t start = 0; start < n; start += BLOCK) {
+            const int64_t stop = start + BLOCK < n ? start + BLOCK : n;
+            CONVERT(row + start, stop - start, center[p], inverse_unit[p], out + start);
+            for (int64_t i = start; i < stop; ++i) ++table[out[i]];
+        }
+    }
+}
+
+/* counts[p, code] += 1 for every weight */
+void dkm_count(const uint16_t *codes, int64_t P, int64_t n, int64_t *counts) {
+    for (int64_t p = 0; p < P; ++p) {
+        const uint16_t *row = codes + p * n;
+        int64_t *table = counts + p * CODES;
+        for (int64_t i = 0; i < n; ++i) ++table[row[i]];
+    }
+}
+
+/* sums[p, code] += w[p, i], in index order */
+void dkm_sum_per_code(const uint16_t *codes, int64_t P, int64_t n, const float *w, float *sums) {
+    for (int64_t p = 0; p < P; ++p) {
+        const uint16_t *row = codes + p * n;
+        const float *weights = w + p * n;
+        float *table = sums + p * CODES;
+        for (int64_t i = 0; i < n; ++i) table[row[i]] += weights[i];
+    }
+}
+
+/* out[p, i] = table[p, codes[p, i]] */
+CLONES void dkm_look_up(const uint16_t *codes, int64_t P, int64_t n, const float *table,
+                        float *out) {
+    for (int64_t p = 0; p < P; ++p) {
+        const uint16_t *row = codes + p * n;
+        const float *t = table + p * CODES;
+        float *o = out + p * n;
+        for (int64_t i = 0; i < n; ++i) o[i] = t[row[i]];
+    }
+}
+
+/* out[p, i] = a[p, code] + b[p, code] * g[p, i] with code = codes[p, i], one fused
+ * multiply-add (as index_select + addcmul_ round): every weight's gradient in the backward */
+CLONES void dkm_look_up_affine(const uint16_t *codes, int64_t P, int64_t n, const float *a,
+                               const float *b, const float *g, float *out) {
+    for (int64_t p = 0; p < P; ++p) {
+        const uint16_t *row = codes + p * n;
+        const float *ta = a + p * CODES, *tb = b + p * CODES, *gp = g + p * n;
+        float *o = out + p * n;
+        for (int64_t i = 0; i < n; ++i) o[i] = fmaf(tb[row[i]], gp[i], ta[row[i]]);
+    }
+}

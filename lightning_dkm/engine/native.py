@@ -1,0 +1,238 @@
+"""Fused CPU loops for the ``"unique"`` DKM step's passes over every weight (#22).
+
+With PyTorch ops, each of the step's O(n) passes is several (:mod:`..float16_codes`): the
+codes are a subtraction and a multiplication into float32 scratch and a conversion to float16;
+counting converts them to int32 table columns and runs ``bincount`` (which reads its input's
+minimum and maximum first); the backward's gradient is an ``index_select`` and an
+``addcmul_``. Here each pass is one loop of ``csrc/dkm_codes.c`` over the weights: encode
+and count in one read of the weights, look-up, sum per code, and the backward's
+``a[code] + b[code] g``.
+They round as the ops they replace do (bit for bit the same codes, counts, sums, outputs and
+gradients: ``tests/test_native.py``), and take about half their time on one thread
+(``benchmarks/perf_passes.py --native``).
+
+**How it is built.** On first use, with the machine's C compiler (``$CC``, else ``cc``, ``gcc``
+or ``clang``): one file, no Python or PyTorch headers, about 0.2 s, into a cache directory
+(``$LIGHTNING_DKM_CACHE``, else ``$XDG_CACHE_HOME/lightning_dkm`` or
+``~/.cache/lightning_dkm``) under a name hashed from the source, the compiler and the flags,
+so a machine builds it once; processes that build it at once (DDP ranks) each write their own
+file and rename it into place. It is loaded with :mod:`ctypes` and checked against the
+PyTorch ops on a few values before it is used (:func:`~.float16_codes.native_loops`).
+
+**When it is not used.** Without a compiler, where the build or the check fails, or with
+``LIGHTNING_DKM_NATIVE=0``, every pass runs as PyTorch ops (the same values; the reason is
+logged once at INFO level). ``LIGHTNING_DKM_NATIVE=1`` makes such a failure an error (for
+benchmarks and CI). The loops take float32 CPU tensors in contiguous memory only; anything
+else (float64 weights, an accelerator, the layout without host reads under ``torch.compile``)
+takes the PyTorch ops as before. They run on one thread: the passes are memory-bound, and on
+the few cores of a phone developer's machine the matrix products are what threads speed up.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+__all__ = ["Kernels", "build_failure", "kernels", "turned_off"]
+
+log = logging.getLogger(__name__)
+
+_SOURCE = Path(__file__).with_name("csrc") / "dkm_codes.c"
+_FLAGS = ("-O3", "-shared", "-fPIC", "-ffp-contract=off")
+_CODES = 1 << 16
+_ENV = "LIGHTNING_DKM_NATIVE"
+_POINTER, _SIZE = ctypes.c_void_p, ctypes.c_int64
+_SIGNATURES = {
+    "dkm_encode": (_POINTER, _SIZE, _SIZE, _POINTER, _POINTER, _POINTER),
+    "dkm_encode_count": (_POINTER, _SIZE, _SIZE, _POINTER, _POINTER, _POINTER, _POINTER),
+    "dkm_count": (_POINTER, _SIZE, _SIZE, _POINTER),
+    "dkm_sum_per_code": (_POINTER, _SIZE, _SIZE, _POINTER, _POINTER),
+    "dkm_look_up": (_POINTER, _SIZE, _SIZE, _POINTER, _POINTER),
+    "dkm_look_up_affine": (_POINTER, _SIZE, _SIZE, _POINTER, _POINTER, _POINTER, _POINTER),
+}
+
+
+class Kernels:
+    """The loaded loops, called on tensors. Every method expects what :meth:`takes` accepts:
+    float32 (weights, tables) and float16 (codes) CPU tensors in contiguous memory, codes
+    ``(P, n)``, tables ``(P * 65536,)``."""
+
+    def __init__(self, library: ctypes.CDLL) -> None:
+        self._library = library
+        for name, arguments in _SIGNATURES.items():
+            function = getattr(library, name)
+            function.argtypes, function.restype = arguments, None
+
+    @staticmethod
+    def takes(*tensors: Tensor) -> bool:
+        """Whether the loops can work on these tensors as they are: on the CPU, contiguous,
+        float32 or float16 (codes), and real tensors (not fake ones under a tracer)."""
+        return all(t.device.type == "cpu" and t.is_contiguous() and not _is_traced(t)
+                   and t.dtype in (torch.float32, torch.float16) for t in tensors)
+
+    def encode(self, x: Tensor, center: Tensor, inverse_unit: Tensor) -> Tensor:
+        """The float16 codes ``(x - center) * inverse_unit`` of ``x`` (P, n)."""
+        P, n = x.shape
+        codes = torch.empty(P, n, dtype=torch.float16)
+        self._library.dkm_encode(x.data_ptr(), P, n, *_per_palette(center, inverse_unit),
+                                 codes.data_ptr())
+        return codes
+
+    def encode_and_count(self, x: Tensor, center: Tensor, inverse_unit: Tensor
+                         ) -> tuple[Tensor, Tensor]:
+        """:meth:`encode`, and the number of weights per code (P * 65536,) int64, in one read
+        of the weights."""
+        P, n = x.shape
+        codes = torch.empty(P, n, dtype=torch.float16)
+        counts = torch.zeros(P * _CODES, dtype=torch.int64)
+        self._library.dkm_encode_count(x.data_ptr(), P, n, *_per_palette(center, inverse_unit),
+                                       codes.data_ptr(), counts.data_ptr())
+        return codes, counts
+
+    def count(self, codes: Tensor) -> Tensor:
+        """The number of weights per code (P * 65536,) int64."""
+        P, n = codes.shape
+        counts = torch.zeros(P * _CODES, dtype=torch.int64)
+        self._library.dkm_count(codes.data_ptr(), P, n, counts.data_ptr())
+        return counts
+
+    def sum_per_code(self, codes: Tensor, weights: Tensor) -> Tensor:
+        """The sum of ``weights`` (P, n) over the weights of each code (P * 65536,), added in
+        index order (``bincount``'s sums, bit for bit)."""
+        P, n = codes.shape
+        sums = torch.zeros(P * _CODES, dtype=torch.float32)
+        self._library.dkm_sum_per_code(codes.data_ptr(), P, n, weights.data_ptr(),
+                                       sums.data_ptr())
+        return sums
+
+    def look_up(self, codes: Tensor, table: Tensor, out: Tensor) -> Tensor:
+        """``out[p, i] = table[p * 65536 + code]`` (``out`` (P, n) float32)."""
+        P, n = codes.shape
+        self._library.dkm_look_up(codes.data_ptr(), P, n, table.data_ptr(), out.data_ptr())
+        return out
+
+    def look_up_affine(self, codes: Tensor, a: Tensor, b: Tensor, g: Tensor, out: Tensor
+                       ) -> Tensor:
+        """``out = a[code] + b[code] * g`` per weight, one fused multiply-add (the rounding of
+        ``index_select`` then ``addcmul_``)."""
+        P, n = codes.shape
+        self._library.dkm_look_up_affine(codes.data_ptr(), P, n, a.data_ptr(), b.data_ptr(),
+                                         g.data_ptr(), out.data_ptr())
+        return out
+
+
+def _per_palette(center: Tensor, inverse_unit: Tensor) -> tuple[int, int]:
+    """Pointers to the (P,) float32 centres and inverse units; the tensors are kept alive by
+    the caller's arguments (``reshape`` of a contiguous (P, 1) tensor is a view)."""
+    return center.reshape(-1).data_ptr(), inverse_unit.reshape(-1).data_ptr()
+
+
+def _is_traced(t: Tensor) -> bool:
+    """A fake or functional tensor (``torch.compile``'s tracing), whose memory is not real."""
+    return type(t) is not torch.Tensor and not isinstance(t, torch.nn.Parameter)
+
+
+_state: dict[str, object] = {}
+
+
+def kernels(check: Callable[[Kernels], str | None] | None = None) -> Kernels | None:
+    """The loaded loops, built on first use; ``None`` where they cannot be used (module
+    docstring), with the reason in :func:`build_failure`. ``check`` is called with the loops
+    when they first load (:func:`~.float16_codes.native_loops` compares them with the PyTorch
+    ops); a reason it returns means they are not used."""
+    if "kernels" not in _state:
+        loaded, failure = _load()
+        if loaded is not None and check is not None:
+            failure = check(loaded)
+            loaded = None if failure is not None else loaded
+        _state["kernels"], _state["failure"] = loaded, failure
+        if _state["failure"] is not None:
+            if os.environ.get(_ENV) == "1":
+                raise RuntimeError(f"{_ENV}=1, but the native DKM loops cannot be used: "
+                                   f"{_state['failure']}")
+            log.info("lightning_dkm: the 'unique' DKM step uses PyTorch ops for its passes "
+                     "over the weights (%s)", _state["failure"])
+    return _state["kernels"]  # type: ignore[return-value]
+
+
+def build_failure() -> str | None:
+    """Why :func:`kernels` gave ``None`` (``None`` when the loops are in use or not loaded)."""
+    return _state.get("failure")  # type: ignore[return-value]
+
+
+@contextlib.contextmanager
+def turned_off() -> Iterator[None]:
+    """Within the block every pass runs as PyTorch ops (what ``LIGHTNING_DKM_NATIVE=0`` does
+    for a whole process): for comparing the two side by side in one process."""
+    saved = dict(_state)
+    _state.update(kernels=None, failure="turned off by lightning_dkm.engine.native.turned_off()")
+    try:
+        yield
+    finally:
+        _state.clear()
+        _state.update(saved)
+
+
+def _load() -> tuple[Kernels | None, str | None]:
+    setting = os.environ.get(_ENV, "auto")
+    if setting not in ("0", "1", "auto"):
+        raise ValueError(f"{_ENV}={setting!r}: use 0 (off), 1 (required) or auto (the default)")
+    if setting == "0":
+        return None, f"{_ENV}=0"
+    if sys.byteorder != "little":
+        return None, "a big-endian machine"
+    compiler = os.environ.get("CC") or next(
+        (c for c in ("cc", "gcc", "clang") if shutil.which(c)), None)
+    if compiler is None:
+        return None, "no C compiler found ($CC, cc, gcc, clang)"
+    try:
+        return Kernels(ctypes.CDLL(str(_build(compiler)))), None
+    except (OSError, subprocess.SubprocessError) as error:
+        return None, f"building or loading {_SOURCE.name} with {compiler!r} failed: {error}"
+
+
+def _cache_directory() -> Path:
+    explicit = os.environ.get("LIGHTNING_DKM_CACHE")
+    if explicit:
+        return Path(explicit)
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "lightning_dkm"
+
+
+def _build(compiler: str) -> Path:
+    """The shared library, compiled into the cache unless it is there already."""
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True,
+                             timeout=60, check=True).stdout
+    key = hashlib.sha256("\0".join((_SOURCE.read_text(), compiler, version, *_FLAGS,
+                                    sys.platform)).encode()).hexdigest()[:16]
+    suffix = ".dll" if sys.platform == "win32" else ".so"
+    directory = _cache_directory()
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        directory = Path(tempfile.gettempdir()) / f"lightning_dkm-{os.getuid()}"
+        directory.mkdir(parents=True, exist_ok=True)
+    target = directory / f"dkm_codes-{key}{suffix}"
+    if target.exists():
+        return target
+    with tempfile.TemporaryDirectory(dir=directory) as scratch:
+        built = Path(scratch) / target.name
+        result = subprocess.run([compiler, *_FLAGS, "-o", str(built), str(_SOURCE), "-lm"],
+                                capture_output=True, text=True, timeout=120)
+        if result.returncode != 0:
+            raise subprocess.SubprocessError(result.stderr.strip()[-2000:] or
+                                             f"exit status {result.returncode}")
+        os.replace(built, target)  # atomic: a process building it at once replaces the same
+    return target

@@ -1,0 +1,173 @@
+"""The native loops of the "unique" step (``lightning_dkm.engine.native``): the same values as
+the PyTorch ops they replace, bit for bit, and a clean fall back to those ops wherever they
+cannot be built."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+
+import pytest
+import torch
+
+from lightning_dkm.engine import native
+from lightning_dkm.engine.distinct import unique_dkm_batch, unique_dkm_cluster
+from lightning_dkm.engine.float16_codes import CodeColumns, encode, native_loops, prepare
+
+CODES = 1 << 16
+loops = native_loops()
+needs_loops = pytest.mark.skipif(loops is None, reason=f"not built here: {native.build_failure()}")
+
+
+@pytest.fixture
+def fresh_state(monkeypatch, tmp_path):
+    """A process that has not loaded the loops yet, with its own cache directory; the loaded
+    state of this process is restored afterwards."""
+    saved = dict(native._state)
+    native._state.clear()
+    monkeypatch.setenv("LIGHTNING_DKM_CACHE", str(tmp_path / "cache"))
+    yield tmp_path / "cache"
+    native._state.clear()
+    native._state.update(saved)
+
+
+@pytest.mark.skipif(not (os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+                         or shutil.which("clang")) or os.environ.get("LIGHTNING_DKM_NATIVE") == "0",
+                    reason="no C compiler here, or the loops are turned off")
+def test_the_loops_are_in_use_where_there_is_a_compiler() -> None:
+    """Where they build, they pass their check against the PyTorch ops (else the tests below
+    would skip instead of failing)."""
+    assert loops is not None, native.build_failure()
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.int16) if t.dtype == torch.float16 else t
+
+
+def weights(P: int, n: int, seed: int = 0) -> torch.Tensor:
+    """Gaussian weights with the values that test float16's rounding: overflow, zero,
+    subnormals, a tie between two float16 neighbours, NaN."""
+    x = torch.randn(P, n, generator=torch.Generator().manual_seed(seed)) * 0.02 + 0.001
+    x[0, :6] = torch.tensor([1e30, -1e30, 0.0, 1e-40, 0.5 + 2.0**-12, float("nan")])
+    return x
+
+
+@needs_loops
+@pytest.mark.parametrize(("P", "n"), [(1, 524_289), (3, 4_097), (2, 7)])
+def test_every_loop_gives_the_pytorch_ops_values_bit_for_bit(P, n) -> None:
+    x = weights(P, n)
+    center = x.nan_to_num().mean(1, keepdim=True)
+    unit = torch.full((P, 1), 2.0**-20)
+    codes = encode(x, center, unit, fused=False)
+    columns = CodeColumns(codes, fused=False)
+    g = torch.randn(P, n)
+    a, b = torch.randn(P * CODES), torch.randn(P * CODES)
+
+    fused_codes, counts = loops.encode_and_count(x, center, 1.0 / unit)
+    assert torch.equal(bits(fused_codes), bits(codes))
+    assert torch.equal(bits(loops.encode(x, center, 1.0 / unit)), bits(codes))
+    assert torch.equal(counts, columns.sum_per_code())
+    assert torch.equal(loops.count(codes), columns.sum_per_code())
+    assert torch.equal(loops.sum_per_code(codes, g), columns.sum_per_code(g))
+    assert torch.equal(loops.look_up(codes, a, torch.empty(P, n)), columns.look_up(a))
+    assert torch.equal(loops.look_up_affine(codes, a, b, g, torch.empty(P, n)),
+                       columns.look_up(a, factor=(b, g)))
+
+
+@needs_loops
+@pytest.mark.parametrize("gradient", ["unrolled", "implicit"])
+def test_the_unique_step_is_bit_for_bit_the_same_with_and_without_the_loops(gradient) -> None:
+    generator = torch.Generator().manual_seed(1)
+    xs = [torch.randn(1, n, 1, generator=generator) * s for n, s in ((70_000, 0.02), (20_000, 3.0))]
+    cs = [torch.quantile(x.flatten(), torch.linspace(0.1, 0.9, k)).reshape(1, k, 1)
+          for x, k in zip(xs, (4, 16), strict=True)]
+    gs = [torch.randn_like(x) for x in xs]
+
+    def step():
+        inputs = [x.clone().requires_grad_() for x in xs]
+        outs = unique_dkm_batch(inputs, cs, [0.01, 0.003], gradient=gradient)
+        sum((o.weights * g).sum() for o, g in zip(outs, gs, strict=True)).backward()
+        return [o.weights for o in outs] + [o.centroids for o in outs] + [x.grad for x in inputs]
+
+    fused = step()
+    with native.turned_off():
+        assert native_loops(xs[0]) is None
+        plain = step()
+    assert all(torch.equal(a, b) for a, b in zip(fused, plain, strict=True))
+
+
+@needs_loops
+def test_prepare_counts_while_it_encodes() -> None:
+    x = weights(1, 100_000).nan_to_num()
+    codes, _, distinct, _, scale = prepare(x, None, device_side=False)
+    with native.turned_off():
+        codes_b, _, distinct_b, _, scale_b = prepare(x, None, device_side=False)
+    assert torch.equal(bits(codes), bits(codes_b))
+    assert torch.equal(distinct.values, distinct_b.values)
+    assert torch.equal(distinct.counts, distinct_b.counts)
+    assert torch.equal(scale, scale_b)
+
+
+@needs_loops
+def test_the_loops_take_only_contiguous_float32_cpu_tensors() -> None:
+    x = torch.randn(4, 6)
+    assert loops.takes(x, x.to(torch.float16))
+    assert not loops.takes(x.double())
+    assert not loops.takes(x.t())
+    assert not loops.takes(torch.empty(4, 6, device="meta"))
+    assert native_loops(x.double()) is None
+    # a float64 step falls back to the PyTorch ops and matches them
+    x64 = (torch.randn(1, 20_000, 1, dtype=torch.float64) * 0.1).requires_grad_()
+    c = torch.linspace(-0.1, 0.1, 4, dtype=torch.float64).reshape(1, 4, 1)
+    out = unique_dkm_cluster(x64, c, 0.01)
+    assert out.weights.dtype == torch.float64
+
+
+def test_turned_off_by_the_environment(fresh_state, monkeypatch, caplog) -> None:
+    monkeypatch.setenv("LIGHTNING_DKM_NATIVE", "0")
+    with caplog.at_level(logging.INFO, logger="lightning_dkm.engine.native"):
+        assert native_loops() is None
+    assert native.build_failure() == "LIGHTNING_DKM_NATIVE=0"
+    assert "uses PyTorch ops" in caplog.text and "LIGHTNING_DKM_NATIVE=0" in caplog.text
+    x = torch.randn(1, 30_000, 1).requires_grad_()
+    unique_dkm_cluster(x, torch.linspace(-1, 1, 4).reshape(1, 4, 1), 0.01).weights.sum().backward()
+    assert x.grad is not None
+
+
+def test_a_compiler_that_fails_means_the_pytorch_ops(fresh_state, monkeypatch, tmp_path) -> None:
+    failing = tmp_path / "broken-cc"
+    failing.write_text("#!/bin/sh\n[ \"$1\" = --version ] && exit 0\necho 'no such luck' >&2\n"
+                       "exit 1\n")
+    failing.chmod(0o755)
+    monkeypatch.setenv("CC", str(failing))
+    assert native_loops() is None
+    assert "no such luck" in native.build_failure() and "broken-cc" in native.build_failure()
+
+
+def test_required_loops_that_cannot_be_built_are_an_error(fresh_state, monkeypatch) -> None:
+    monkeypatch.setenv("CC", "/nonexistent/cc")
+    monkeypatch.setenv("LIGHTNING_DKM_NATIVE", "1")
+    with pytest.raises(RuntimeError, match=r"LIGHTNING_DKM_NATIVE=1.*/nonexistent/cc"):
+        native_loops()
+
+
+def test_an_unknown_setting_is_an_error_naming_the_allowed_ones(fresh_state, monkeypatch) -> None:
+    monkeypatch.setenv("LIGHTNING_DKM_NATIVE", "yes")
+    with pytest.raises(ValueError, match=r"LIGHTNING_DKM_NATIVE='yes'.*0 \(off\), 1 .*auto"):
+        native_loops()
+
+
+@needs_loops
+def test_a_machine_builds_the_library_once(fresh_state, monkeypatch, tmp_path) -> None:
+    """The second process finds the library in the cache and does not compile."""
+    log = tmp_path / "compiles"
+    wrapper = tmp_path / "cc"
+    wrapper.write_text(f"#!/bin/sh\n[ \"$1\" = --version ] || echo x >> {log}\nexec cc \"$@\"\n")
+    wrapper.chmod(0o755)
+    monkeypatch.setenv("CC", str(wrapper))
+    assert native_loops() is not None
+    native._state.clear()
+    assert native_loops() is not None
+    assert log.read_text().count("x") == 1
+    assert len(list(fresh_state.glob("dkm_codes-*"))) == 1
