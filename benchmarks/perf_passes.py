@@ -121,9 +121,9 @@ def main() -> None:
         total += 0.0 if name.startswith("  alt") else ms
         conversion = ms if name.startswith("codes ->") else conversion
         print(f"{name:58s} {ms:8.3f} ms {faults:8.0f} faults")
-    # each of the four rows after it converts the codes again; a step converts them twice
-    # (once in the forward, once in the backward)
-    total -= 2 * conversion
+    # the conversion's own row and the four rows after it each convert the codes to columns;
+    # a step converts them twice (once in the forward, once in the backward)
+    total -= 3 * conversion
     print(f"{'  a step: all of them, the columns converted twice':58s} {total:8.3f} ms")
     fused_rows(x, center, unit, codes, g, table_s, table_b, args.repeats, total)
     if args.compile and columns is not None:
