@@ -1,31 +1,31 @@
 """Fused CPU loops for the ``"unique"`` DKM step's passes over every weight (#22).
 
-With PyTorch ops, each of the step's O(n) passes is several (:mod:`..float16_codes`): the
+With PyTorch ops, each of the step's O(n) passes is several (:mod:`.float16_codes`): the
 codes are a subtraction and a multiplication into float32 scratch and a conversion to float16;
 counting converts them to int32 table columns and runs ``bincount`` (which reads its input's
 minimum and maximum first); the backward's gradient is an ``index_select`` and an
 ``addcmul_``. Here each pass is one loop of ``csrc/dkm_codes.c`` over the weights: encode
 and count in one read of the weights, look-up, sum per code, and the backward's
-``a[code] + b[code] g``.
-They round as the ops they replace do (bit for bit the same codes, counts, sums, outputs and
-gradients: ``tests/test_native.py``), and take about half their time on one thread
-(``benchmarks/perf_passes.py --native``).
+``a[code] + b[code] g``. They round as the ops they replace do (bit for bit the same codes,
+counts, sums, outputs and gradients: ``tests/test_native.py``), and take 2.3-4x less time on
+one thread (``benchmarks/perf_passes.py``; ``docs/benchmarks.md``, "The passes as C loops").
 
 **How it is built.** On first use, with the machine's C compiler (``$CC``, else ``cc``, ``gcc``
-or ``clang``): one file, no Python or PyTorch headers, about 0.2 s, into a cache directory
-(``$LIGHTNING_DKM_CACHE``, else ``$XDG_CACHE_HOME/lightning_dkm`` or
-``~/.cache/lightning_dkm``) under a name hashed from the source, the compiler and the flags,
-so a machine builds it once; processes that build it at once (DDP ranks) each write their own
-file and rename it into place. It is loaded with :mod:`ctypes` and checked against the
-PyTorch ops on a few values before it is used (:func:`~.float16_codes.native_loops`).
+or ``clang``): one file, no Python or PyTorch headers, about 0.4 s with the check below, into a
+cache directory (``$LIGHTNING_DKM_CACHE``, else ``$XDG_CACHE_HOME/lightning_dkm`` or
+``~/.cache/lightning_dkm``; a fresh temporary one where that cannot be created) under a name
+hashed from the source, the compiler and the flags, so a machine builds it once; processes
+that build it at once (DDP ranks) each write their own file and rename it into place. It is
+loaded with :mod:`ctypes` and checked against the PyTorch ops on a few values before it is
+used (:func:`~.float16_codes.native_loops`).
 
 **When it is not used.** Without a compiler, where the build or the check fails, or with
 ``LIGHTNING_DKM_NATIVE=0``, every pass runs as PyTorch ops (the same values; the reason is
 logged once at INFO level). ``LIGHTNING_DKM_NATIVE=1`` makes such a failure an error (for
 benchmarks and CI). The loops take float32 CPU tensors in contiguous memory only; anything
 else (float64 weights, an accelerator, the layout without host reads under ``torch.compile``)
-takes the PyTorch ops as before. They run on one thread: the passes are memory-bound, and on
-the few cores of a phone developer's machine the matrix products are what threads speed up.
+takes the PyTorch ops as before. They run on one thread, as ``bincount`` does in PyTorch; with
+torch's two threads on a 2-core machine the fit still gains from them (``docs/benchmarks.md``).
 """
 
 from __future__ import annotations
@@ -221,9 +221,8 @@ def _build(compiler: str) -> Path:
     directory = _cache_directory()
     try:
         directory.mkdir(parents=True, exist_ok=True)
-    except OSError:
-        directory = Path(tempfile.gettempdir()) / f"lightning_dkm-{os.getuid()}"
-        directory.mkdir(parents=True, exist_ok=True)
+    except OSError:  # a read-only home: this process's own directory, built every time
+        directory = Path(tempfile.mkdtemp(prefix="lightning_dkm-"))
     target = directory / f"dkm_codes-{key}{suffix}"
     if target.exists():
         return target
