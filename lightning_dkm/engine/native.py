@@ -14,10 +14,10 @@ one thread (``benchmarks/perf_passes.py``; ``docs/benchmarks.md``, "The passes a
 or ``clang``): one file, no Python or PyTorch headers, about 0.4 s with the check below, into a
 cache directory (``$LIGHTNING_DKM_CACHE``, else ``$XDG_CACHE_HOME/lightning_dkm`` or
 ``~/.cache/lightning_dkm``; a fresh temporary one where that cannot be created) under a name
-hashed from the source, the compiler and the flags, so a machine builds it once; processes
-that build it at once (DDP ranks) each write their own file and rename it into place. It is
-loaded with :mod:`ctypes` and checked against the PyTorch ops on a few values before it is
-used (:func:`~.float16_codes.native_loops`).
+hashed from the source, the compiler, the flags and the architecture, so a machine builds it
+once; processes that build it at once (DDP ranks) each write their own file and rename it into
+place. It is loaded with :mod:`ctypes` and checked against the PyTorch ops on a few values
+before it is used (:func:`~.float16_codes.native_loops`).
 
 **When it is not used.** Without a compiler, where the build or the check fails, or with
 ``LIGHTNING_DKM_NATIVE=0``, every pass runs as PyTorch ops (the same values; the reason is
@@ -35,6 +35,7 @@ import ctypes
 import hashlib
 import logging
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -215,8 +216,9 @@ def _build(compiler: str) -> Path:
     """The shared library, compiled into the cache unless it is there already."""
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True,
                              timeout=60, check=True).stdout
+    # the machine's architecture too: a home directory shared by x86-64 and ARM nodes
     key = hashlib.sha256("\0".join((_SOURCE.read_text(), compiler, version, *_FLAGS,
-                                    sys.platform)).encode()).hexdigest()[:16]
+                                    sys.platform, platform.machine())).encode()).hexdigest()[:16]
     suffix = ".dll" if sys.platform == "win32" else ".so"
     directory = _cache_directory()
     try:
