@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 
 import pytest
 import torch
+
+# The native loops of the "unique" step (lightning_dkm.engine.native) are built once per test
+# process into a directory of its own, not into the user's ~/.cache; subprocesses (DDP, FSDP
+# fits) inherit it. An explicit LIGHTNING_DKM_CACHE is kept.
+if "LIGHTNING_DKM_CACHE" not in os.environ:
+    os.environ["LIGHTNING_DKM_CACHE"] = tempfile.mkdtemp(prefix="lightning_dkm-tests-")
+    atexit.register(shutil.rmtree, os.environ["LIGHTNING_DKM_CACHE"], ignore_errors=True)
 
 # pytest-xdist (``-n``): these modules build an expensive module-scoped fixture (fits, exports)
 # that their tests share, so each runs whole on one worker; every other test is handed out alone.

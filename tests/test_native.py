@@ -4,8 +4,11 @@ cannot be built."""
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import logging
 import os
+import shlex
 import shutil
 
 import pytest
@@ -13,7 +16,13 @@ import torch
 
 from lightning_dkm.engine import native
 from lightning_dkm.engine.distinct import unique_dkm_batch, unique_dkm_cluster
-from lightning_dkm.engine.float16_codes import CodeColumns, encode, native_loops, prepare
+from lightning_dkm.engine.float16_codes import (
+    CodeColumns,
+    _fused_disagreement,
+    encode,
+    native_loops,
+    prepare,
+)
 
 CODES = 1 << 16
 loops = native_loops()
@@ -32,8 +41,11 @@ def fresh_state(monkeypatch, tmp_path):
     native._state.update(saved)
 
 
-@pytest.mark.skipif(not (os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-                         or shutil.which("clang")) or os.environ.get("LIGHTNING_DKM_NATIVE") == "0",
+compiler_here = bool(os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+                     or shutil.which("clang"))
+
+
+@pytest.mark.skipif(not compiler_here or os.environ.get("LIGHTNING_DKM_NATIVE") == "0",
                     reason="no C compiler here, or the loops are turned off")
 def test_the_loops_are_in_use_where_there_is_a_compiler() -> None:
     """Where they build, they pass their check against the PyTorch ops (else the tests below
@@ -79,14 +91,15 @@ def test_every_loop_gives_the_pytorch_ops_values_bit_for_bit(P, n) -> None:
 @pytest.mark.parametrize("gradient", ["unrolled", "implicit"])
 def test_the_unique_step_is_bit_for_bit_the_same_with_and_without_the_loops(gradient) -> None:
     generator = torch.Generator().manual_seed(1)
-    xs = [torch.randn(1, n, 1, generator=generator) * s for n, s in ((70_000, 0.02), (20_000, 3.0))]
-    cs = [torch.quantile(x.flatten(), torch.linspace(0.1, 0.9, k)).reshape(1, k, 1)
-          for x, k in zip(xs, (4, 16), strict=True)]
+    xs = [torch.randn(P, n, 1, generator=generator) * s
+          for P, n, s in ((1, 70_000, 0.02), (1, 20_000, 3.0), (2, 30_000, 0.5))]
+    cs = [torch.quantile(x.squeeze(-1), torch.linspace(0.1, 0.9, k), dim=1).T.unsqueeze(-1)
+          for x, k in zip(xs, (4, 16, 4), strict=True)]
     gs = [torch.randn_like(x) for x in xs]
 
     def step():
         inputs = [x.clone().requires_grad_() for x in xs]
-        outs = unique_dkm_batch(inputs, cs, [0.01, 0.003], gradient=gradient)
+        outs = unique_dkm_batch(inputs, cs, [0.01, 0.003, 0.02], gradient=gradient)
         sum((o.weights * g).sum() for o, g in zip(outs, gs, strict=True)).backward()
         return [o.weights for o in outs] + [o.centroids for o in outs] + [x.grad for x in inputs]
 
@@ -110,18 +123,119 @@ def test_prepare_counts_while_it_encodes() -> None:
 
 
 @needs_loops
-def test_the_loops_take_only_contiguous_float32_cpu_tensors() -> None:
-    x = torch.randn(4, 6)
-    assert loops.takes(x, x.to(torch.float16))
-    assert not loops.takes(x.double())
-    assert not loops.takes(x.t())
-    assert not loops.takes(torch.empty(4, 6, device="meta"))
-    assert native_loops(x.double()) is None
-    # a float64 step falls back to the PyTorch ops and matches them
+def test_a_loop_refuses_arguments_it_cannot_read_and_the_pytorch_ops_run() -> None:
+    """Every method checks dtype, shape and memory before C sees a pointer: anything else
+    gives ``None`` and the caller's PyTorch ops (so no read past a buffer)."""
+    P, n = 2, 1000
+    x, codes = torch.randn(P, n), torch.zeros(P, n, dtype=torch.float16)
+    center, inverse_unit = torch.zeros(P, 1), torch.ones(P, 1)
+    table, out = torch.randn(P * CODES), torch.empty(P, n)
+    assert loops.encode(x, center, inverse_unit) is not None
+    assert loops.encode(x.half(), center.half(), inverse_unit.half()) is None
+    assert loops.encode(x.double(), center, inverse_unit) is None
+    assert loops.encode(x, center[:1], inverse_unit) is None  # one centre for two palettes
+    assert loops.encode(x.t().contiguous().t(), center, inverse_unit) is None
+    assert loops.encode_and_count(x[:, ::2], center, inverse_unit) is None
+    assert loops.look_up(codes, table.half(), out) is None
+    assert loops.look_up(codes, table[:CODES], out) is None
+    assert loops.look_up(codes, table, out[:, :10]) is None
+    assert loops.sum_per_code(codes, torch.randn(P, n + 1)) is None
+    assert loops.look_up_affine(codes, table, table, torch.randn(P, n).double(), out) is None
+    assert loops.count(codes.float()) is None
+    assert not native.takes(torch.empty(4, device="meta"))
+    assert native_loops(torch.empty(4, device="meta")) is None
+    # the public entry points fall back and match the PyTorch ops
+    unit = torch.full((P, 1), 2.0**-10)
+    assert torch.equal(encode(x.half().float()[:, ::2], center, unit).view(torch.int16),
+                       encode(x.half().float()[:, ::2], center, unit, fused=False)
+                       .view(torch.int16))
+    columns = CodeColumns(encode(x, center, unit))
+    assert torch.equal(columns.look_up(table.double()), CodeColumns(
+        encode(x, center, unit), fused=False).look_up(table.double()))
+    # a float64 step falls back to the PyTorch ops
     x64 = (torch.randn(1, 20_000, 1, dtype=torch.float64) * 0.1).requires_grad_()
     c = torch.linspace(-0.1, 0.1, 4, dtype=torch.float64).reshape(1, 4, 1)
-    out = unique_dkm_cluster(x64, c, 0.01)
-    assert out.weights.dtype == torch.float64
+    assert unique_dkm_cluster(x64, c, 0.01).weights.dtype == torch.float64
+
+
+@needs_loops
+def test_a_second_derivative_is_refused_as_by_the_pytorch_ops() -> None:
+    """A loop's result has no graph: where autograd records (``create_graph=True``) the
+    PyTorch ops run, and refuse as they always did, instead of a silently missing term."""
+    c = torch.linspace(-0.04, 0.04, 4).reshape(1, 4, 1)
+    for context in (contextlib.nullcontext(), native.turned_off()):
+        x = (torch.randn(1, 30_000, 1) * 0.02).requires_grad_()
+        with context, pytest.raises(RuntimeError, match=r"out=\.\.\. arguments don.t support"):
+            out = unique_dkm_cluster(x, c, 0.01)
+            torch.autograd.grad((out.weights**2).sum(), x, create_graph=True)
+
+
+def test_the_check_holds_whatever_the_default_dtype_and_device(fresh_state) -> None:
+    """The loops' check builds its own float32 CPU tensors: a process whose default dtype is
+    float64 or whose default device is ``meta`` still gets (and checks) real loops."""
+    if not compiler_here:
+        pytest.skip("no C compiler here")
+    saved = torch.get_default_dtype()
+    try:
+        torch.set_default_dtype(torch.float64)
+        with torch.device("meta"):
+            assert native_loops(torch.randn(2, 3, device="cpu", dtype=torch.float32)) is not None
+    finally:
+        torch.set_default_dtype(saved)
+    assert native.build_failure() is None
+
+
+def test_a_loop_that_rounds_otherwise_is_caught_by_the_check() -> None:
+    class Wrong:
+        """The loops of this machine, but a look-up that is off by one ulp."""
+
+        fused_multiply_add = True
+
+        def __getattr__(self, name):
+            return getattr(loops, name)
+
+        def look_up(self, codes, table, out):
+            return loops.look_up(codes, table, out).nextafter_(torch.tensor(float("inf")))
+
+    if loops is None:
+        pytest.skip(f"not built here: {native.build_failure()}")
+    assert _fused_disagreement(loops) is None
+    assert _fused_disagreement(Wrong()) == "its results differ from PyTorch's in: look-up"
+
+
+def test_the_portable_conversion_rounds_as_pytorch_nan_payloads_included(tmp_path,
+                                                                         monkeypatch) -> None:
+    """The build older compilers get (no float16 type, no F16C): every loop passes the check,
+    and the codes of infinities and of NaNs with every top-payload pattern are PyTorch's."""
+    if not compiler_here:
+        pytest.skip("no C compiler here")
+    monkeypatch.setenv("LIGHTNING_DKM_CACHE", str(tmp_path))
+    portable = native.Kernels(ctypes.CDLL(str(native.build(
+        shlex.split(os.environ.get("CC", "")) or ["cc"], ("-DDKM_PORTABLE",)))))
+    assert _fused_disagreement(portable) is None
+    payloads = torch.arange(1 << 10, dtype=torch.int32) << 13 | 0x1234
+    bits_ = torch.cat([0x7F800000 | payloads, 0xFF800000 - (1 << 32) | payloads,
+                       torch.tensor([0x7F800000, -8388608], dtype=torch.int32)])
+    x = bits_.view(torch.float32).reshape(1, -1).contiguous()
+    zero, one = torch.zeros(1, 1), torch.ones(1, 1)
+    assert torch.equal(portable.encode(x, zero, one).view(torch.int16),
+                       x.half().view(torch.int16))
+
+
+def test_required_loops_raise_on_every_call(fresh_state, monkeypatch) -> None:
+    monkeypatch.setenv("CC", "/nonexistent/cc")
+    monkeypatch.setenv("LIGHTNING_DKM_NATIVE", "1")
+    for _ in range(2):
+        with pytest.raises(RuntimeError, match=r"LIGHTNING_DKM_NATIVE=1.*/nonexistent/cc"):
+            native_loops()
+
+
+def test_a_compiler_command_with_arguments(fresh_state, monkeypatch) -> None:
+    """``CC="cc -O2"`` (or ``ccache cc``) is a command, split as a shell would."""
+    if not shutil.which("cc"):
+        pytest.skip("no cc here")
+    monkeypatch.setenv("CC", "cc -O2")
+    assert native_loops() is not None, native.build_failure()
 
 
 def test_turned_off_by_the_environment(fresh_state, monkeypatch, caplog) -> None:
@@ -143,13 +257,6 @@ def test_a_compiler_that_fails_means_the_pytorch_ops(fresh_state, monkeypatch, t
     monkeypatch.setenv("CC", str(failing))
     assert native_loops() is None
     assert "no such luck" in native.build_failure() and "broken-cc" in native.build_failure()
-
-
-def test_required_loops_that_cannot_be_built_are_an_error(fresh_state, monkeypatch) -> None:
-    monkeypatch.setenv("CC", "/nonexistent/cc")
-    monkeypatch.setenv("LIGHTNING_DKM_NATIVE", "1")
-    with pytest.raises(RuntimeError, match=r"LIGHTNING_DKM_NATIVE=1.*/nonexistent/cc"):
-        native_loops()
 
 
 def test_an_unknown_setting_is_an_error_naming_the_allowed_ones(fresh_state, monkeypatch) -> None:

@@ -128,10 +128,9 @@ def power_of_two_unit(rough: Tensor) -> Tensor:
 def native_loops(*tensors: Tensor) -> native.Kernels | None:
     """The fused loops of :mod:`.native` where they are built and take these tensors (never
     while ``torch.compile`` traces: a foreign call would break its graph)."""
-    if torch.compiler.is_compiling():
-        return None
-    loops = native.kernels(check=_fused_disagreement)
-    return loops if loops is not None and loops.takes(*tensors) else None
+    if torch.compiler.is_compiling() or not native.takes(*tensors):
+        return None  # checked first: nothing is built for tensors the loops cannot take
+    return native.kernels(check=_fused_disagreement)
 
 
 @torch.no_grad()
@@ -143,8 +142,9 @@ def encode(x: Tensor, center: Tensor, unit: Tensor, *, fused: bool = True) -> Te
     P, n = x.shape
     inverse_unit = 1.0 / unit  # exact: a power of two
     loops = native_loops(x, center, inverse_unit) if fused else None
-    if loops is not None:
-        return loops.encode(x, center, inverse_unit)
+    codes = None if loops is None else loops.encode(x, center, inverse_unit)
+    if codes is not None:
+        return codes
     codes = torch.empty(x.shape, dtype=torch.float16, device=x.device)
     buffer = torch.empty(P, min(n, PIECE), dtype=x.dtype, device=x.device)
     for part in chunks(n, PIECE):
@@ -196,9 +196,11 @@ class CodeColumns:
         if weights is None and self._counts is not None:
             return self._counts
         loops = self._loops
-        if loops is not None and (weights is None or loops.takes(weights)):
-            return (loops.count(self.codes) if weights is None
-                    else loops.sum_per_code(self.codes, weights))
+        if loops is not None and native.takes(*(() if weights is None else (weights,))):
+            total = (loops.count(self.codes) if weights is None
+                     else loops.sum_per_code(self.codes, weights))
+            if total is not None:
+                return total
         size = self.codes.shape[0] * _CODES
         if self.device_side:
             dtype = torch.long if weights is None else weights.dtype
@@ -227,10 +229,11 @@ class CodeColumns:
         if out is None:
             out = table.new_empty(P, n)
         loops = self._loops
-        if loops is not None and loops.takes(table, out, *(factor or ())):
-            if factor is None:
-                return loops.look_up(self.codes, table, out)
-            return loops.look_up_affine(self.codes, table, *factor, out)
+        if loops is not None and native.takes(table, out, *(factor or ())):
+            looked_up = (loops.look_up(self.codes, table, out) if factor is None
+                         else loops.look_up_affine(self.codes, table, *factor, out))
+            if looked_up is not None:
+                return looked_up
         scratch = None
         for part, columns in self.chunks():
             target = out[:, part]
@@ -346,8 +349,9 @@ def prepare(x: Tensor, normalization: Normalization | None, device_side: bool
     center, unit, scale = code_constants(x, normalization, device_side)
     inverse_unit = 1.0 / unit
     loops = None if device_side else native_loops(x, center, inverse_unit)
-    if loops is not None:
-        codes, counts = loops.encode_and_count(x, center, inverse_unit)
+    encoded = None if loops is None else loops.encode_and_count(x, center, inverse_unit)
+    if encoded is not None:
+        codes, counts = encoded
         columns = CodeColumns(codes, device_side, counts=counts)
     else:
         codes = encode(x, center, unit)
@@ -359,30 +363,47 @@ def prepare(x: Tensor, normalization: Normalization | None, device_side: bool
 
 def _fused_disagreement(loaded: native.Kernels) -> str | None:
     """Compares every native loop with the PyTorch ops on values that exercise float16's
-    rounding, subnormals, overflow and repeated codes; returns what differs, if anything."""
+    rounding, subnormals, overflow, NaN payloads and repeated codes; returns what differs, if
+    anything. The backward's look-up is tried with and without a fused multiply-add, and the
+    one that rounds as this machine's ``addcmul_`` is kept (PyTorch's vectorised kernels fuse
+    it, its scalar ones do not). Every tensor here is float32 on the CPU, whatever the
+    process's default dtype and device."""
+    cpu = {"dtype": torch.float32, "device": "cpu"}
     generator = torch.Generator().manual_seed(0)
-    x = torch.randn(2, 4099, generator=generator)
-    x[0, :6] = torch.tensor([7e4, -7e4, 0.0, 1e-9, 2.0**-24 * 3, 0.5 + 2.0**-12])
-    center = torch.tensor([[0.0], [0.25]])
-    unit = torch.tensor([[1.0], [2.0**-3]])
+    x = torch.randn(2, 4099, generator=generator, **cpu)
+    x[0, :7] = torch.tensor([7e4, -7e4, 0.0, 1e-9, 2.0**-24 * 3, 0.5 + 2.0**-12, 0.0], **cpu)
+    x.view(torch.int32)[0, 6] = 0x7FA12345  # a NaN with a payload
+    center = torch.tensor([[0.0], [0.25]], **cpu)
+    unit = torch.tensor([[1.0], [2.0**-3]], **cpu)
     inverse_unit = 1.0 / unit
     codes = encode(x, center, unit, fused=False)
+    finite = torch.where(x.isnan(), 0.0, x)
     columns = CodeColumns(codes, fused=False)
-    g = torch.randn(2, 4099, generator=generator)
-    a = torch.randn(2 * _CODES, generator=generator)
-    b = torch.randn(2 * _CODES, generator=generator)
-    native_codes, native_counts = loaded.encode_and_count(x, center, inverse_unit)
+    g = torch.randn(2, 4099, generator=generator, **cpu)
+    a = torch.randn(2 * _CODES, generator=generator, **cpu)
+    b = torch.randn(2 * _CODES, generator=generator, **cpu)
+    encoded = loaded.encode_and_count(x, center, inverse_unit)
+    finite_codes = encode(finite, center, unit, fused=False)
+    finite_columns = CodeColumns(finite_codes, fused=False)
     checks = {
-        "codes": (codes, native_codes),
+        "codes": (codes, None if encoded is None else encoded[0]),
         "codes alone": (codes, loaded.encode(x, center, inverse_unit)),
-        "counts": (columns.sum_per_code(), native_counts),
+        "counts": (columns.sum_per_code(), None if encoded is None else encoded[1]),
         "counts from codes": (columns.sum_per_code(), loaded.count(codes)),
-        "sums per code": (columns.sum_per_code(g), loaded.sum_per_code(codes, g)),
-        "look-up": (columns.look_up(a), loaded.look_up(codes, a, torch.empty(2, 4099))),
-        "affine look-up": (columns.look_up(a, factor=(b, g)),
-                           loaded.look_up_affine(codes, a, b, g, torch.empty(2, 4099))),
+        "sums per code": (finite_columns.sum_per_code(g),
+                          loaded.sum_per_code(finite_codes, g)),
+        "look-up": (finite_columns.look_up(a),
+                    loaded.look_up(finite_codes, a, torch.empty(2, 4099, **cpu))),
     }
-    differ = [name for name, (want, got) in checks.items()
-              if not torch.equal(want.view(torch.int16) if want.dtype == torch.float16 else want,
-                                 got.view(torch.int16) if got.dtype == torch.float16 else got)]
+    differ = [name for name, (want, got) in checks.items() if got is None or not torch.equal(
+        want.view(torch.int16) if want.dtype == torch.float16 else want,
+        got.view(torch.int16) if got.dtype == torch.float16 else got)]
+    want = finite_columns.look_up(a, factor=(b, g))
+    for fused in (True, False):
+        loaded.fused_multiply_add = fused
+        got = loaded.look_up_affine(finite_codes, a, b, g, torch.empty(2, 4099, **cpu))
+        if got is not None and torch.equal(want, got):
+            break
+    else:
+        differ.append("affine look-up")
     return None if not differ else f"its results differ from PyTorch's in: {', '.join(differ)}"

@@ -17,7 +17,11 @@ cache directory (``$LIGHTNING_DKM_CACHE``, else ``$XDG_CACHE_HOME/lightning_dkm`
 hashed from the source, the compiler, the flags and the architecture, so a machine builds it
 once; processes that build it at once (DDP ranks) each write their own file and rename it into
 place. It is loaded with :mod:`ctypes` and checked against the PyTorch ops on a few values
-before it is used (:func:`~.float16_codes.native_loops`).
+before it is used (:func:`~.float16_codes.native_loops`); the check also finds whether this
+machine's ``addcmul_`` fuses its multiply-add (PyTorch's vectorised kernels do, its scalar
+ones do not), and the backward's look-up rounds the same way. Nothing is built for tensors
+the loops cannot take (:func:`takes`: an accelerator, ``meta``, a tracer's tensors), and each
+loop checks its arguments' dtypes and shapes before C sees a pointer.
 
 **When it is not used.** Without a compiler, where the build or the check fails, or with
 ``LIGHTNING_DKM_NATIVE=0``, every pass runs as PyTorch ops (the same values; the reason is
@@ -30,12 +34,14 @@ torch's two threads on a 2-core machine the fit still gains from them (``docs/be
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import ctypes
 import hashlib
 import logging
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import sys
@@ -46,7 +52,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["Kernels", "build_failure", "kernels", "turned_off"]
+__all__ = ["Kernels", "build", "build_failure", "kernels", "takes", "turned_off"]
 
 log = logging.getLogger(__name__)
 
@@ -61,88 +67,122 @@ _SIGNATURES = {
     "dkm_count": (_POINTER, _SIZE, _SIZE, _POINTER),
     "dkm_sum_per_code": (_POINTER, _SIZE, _SIZE, _POINTER, _POINTER),
     "dkm_look_up": (_POINTER, _SIZE, _SIZE, _POINTER, _POINTER),
-    "dkm_look_up_affine": (_POINTER, _SIZE, _SIZE, _POINTER, _POINTER, _POINTER, _POINTER),
+    "dkm_look_up_affine": (_POINTER, _SIZE, _SIZE, _POINTER, _POINTER, _POINTER, _POINTER,
+                           ctypes.c_int),
 }
 
 
 class Kernels:
-    """The loaded loops, called on tensors. Every method expects what :meth:`takes` accepts:
-    float32 (weights, tables) and float16 (codes) CPU tensors in contiguous memory, codes
-    ``(P, n)``, tables ``(P * 65536,)``."""
+    """The loaded loops, called on tensors. Each method checks its arguments (CPU tensors in
+    contiguous memory, float32 weights and tables, float16 codes ``(P, n)``, tables of
+    ``P * 65536`` entries, ``(P, n)`` weights and results) and returns ``None`` where they do
+    not fit, so that the caller runs the PyTorch ops instead; C never sees memory of another
+    size or type than it expects."""
 
-    def __init__(self, library: ctypes.CDLL) -> None:
+    def __init__(self, library: ctypes.CDLL, fused_multiply_add: bool = True) -> None:
         self._library = library
+        self.fused_multiply_add = fused_multiply_add
         for name, arguments in _SIGNATURES.items():
             function = getattr(library, name)
             function.argtypes, function.restype = arguments, None
 
-    @staticmethod
-    def takes(*tensors: Tensor) -> bool:
-        """Whether the loops can work on these tensors as they are: on the CPU, contiguous,
-        float32 or float16 (codes), and real tensors (not fake ones under a tracer)."""
-        return all(t.device.type == "cpu" and t.is_contiguous() and not _is_traced(t)
-                   and t.dtype in (torch.float32, torch.float16) for t in tensors)
-
-    def encode(self, x: Tensor, center: Tensor, inverse_unit: Tensor) -> Tensor:
+    def encode(self, x: Tensor, center: Tensor, inverse_unit: Tensor) -> Tensor | None:
         """The float16 codes ``(x - center) * inverse_unit`` of ``x`` (P, n)."""
+        if not _constants_fit(x, center, inverse_unit):
+            return None
         P, n = x.shape
-        codes = torch.empty(P, n, dtype=torch.float16)
-        self._library.dkm_encode(x.data_ptr(), P, n, *_per_palette(center, inverse_unit),
+        codes = torch.empty(P, n, dtype=torch.float16, device="cpu")
+        self._library.dkm_encode(x.data_ptr(), P, n, center.data_ptr(), inverse_unit.data_ptr(),
                                  codes.data_ptr())
         return codes
 
     def encode_and_count(self, x: Tensor, center: Tensor, inverse_unit: Tensor
-                         ) -> tuple[Tensor, Tensor]:
+                         ) -> tuple[Tensor, Tensor] | None:
         """:meth:`encode`, and the number of weights per code (P * 65536,) int64, in one read
         of the weights."""
+        if not _constants_fit(x, center, inverse_unit):
+            return None
         P, n = x.shape
-        codes = torch.empty(P, n, dtype=torch.float16)
-        counts = torch.zeros(P * _CODES, dtype=torch.int64)
-        self._library.dkm_encode_count(x.data_ptr(), P, n, *_per_palette(center, inverse_unit),
-                                       codes.data_ptr(), counts.data_ptr())
+        codes = torch.empty(P, n, dtype=torch.float16, device="cpu")
+        counts = torch.zeros(P * _CODES, dtype=torch.int64, device="cpu")
+        self._library.dkm_encode_count(x.data_ptr(), P, n, center.data_ptr(),
+                                       inverse_unit.data_ptr(), codes.data_ptr(),
+                                       counts.data_ptr())
         return codes, counts
 
-    def count(self, codes: Tensor) -> Tensor:
+    def count(self, codes: Tensor) -> Tensor | None:
         """The number of weights per code (P * 65536,) int64."""
+        if not _fit(codes, torch.float16, 2):
+            return None
         P, n = codes.shape
-        counts = torch.zeros(P * _CODES, dtype=torch.int64)
+        counts = torch.zeros(P * _CODES, dtype=torch.int64, device="cpu")
         self._library.dkm_count(codes.data_ptr(), P, n, counts.data_ptr())
         return counts
 
-    def sum_per_code(self, codes: Tensor, weights: Tensor) -> Tensor:
+    def sum_per_code(self, codes: Tensor, weights: Tensor) -> Tensor | None:
         """The sum of ``weights`` (P, n) over the weights of each code (P * 65536,), added in
         index order (``bincount``'s sums, bit for bit)."""
+        if not (_fit(codes, torch.float16, 2) and _fit(weights, torch.float32, 2)
+                and weights.shape == codes.shape):
+            return None
         P, n = codes.shape
-        sums = torch.zeros(P * _CODES, dtype=torch.float32)
+        sums = torch.zeros(P * _CODES, dtype=torch.float32, device="cpu")
         self._library.dkm_sum_per_code(codes.data_ptr(), P, n, weights.data_ptr(),
                                        sums.data_ptr())
         return sums
 
-    def look_up(self, codes: Tensor, table: Tensor, out: Tensor) -> Tensor:
+    def look_up(self, codes: Tensor, table: Tensor, out: Tensor) -> Tensor | None:
         """``out[p, i] = table[p * 65536 + code]`` (``out`` (P, n) float32)."""
+        if not (_tables_fit(codes, out, table)):
+            return None
         P, n = codes.shape
         self._library.dkm_look_up(codes.data_ptr(), P, n, table.data_ptr(), out.data_ptr())
         return out
 
     def look_up_affine(self, codes: Tensor, a: Tensor, b: Tensor, g: Tensor, out: Tensor
-                       ) -> Tensor:
-        """``out = a[code] + b[code] * g`` per weight, one fused multiply-add (the rounding of
-        ``index_select`` then ``addcmul_``)."""
+                       ) -> Tensor | None:
+        """``out = a[code] + b[code] * g`` per weight, rounded as ``index_select`` then
+        ``addcmul_`` round on this machine (one fused multiply-add where PyTorch's kernels
+        fuse it, :attr:`fused_multiply_add`)."""
+        if not (_tables_fit(codes, out, a, b) and _fit(g, torch.float32, 2)
+                and g.shape == codes.shape):
+            return None
         P, n = codes.shape
         self._library.dkm_look_up_affine(codes.data_ptr(), P, n, a.data_ptr(), b.data_ptr(),
-                                         g.data_ptr(), out.data_ptr())
+                                         g.data_ptr(), out.data_ptr(),
+                                         int(self.fused_multiply_add))
         return out
 
 
-def _per_palette(center: Tensor, inverse_unit: Tensor) -> tuple[int, int]:
-    """Pointers to the (P,) float32 centres and inverse units; the tensors are kept alive by
-    the caller's arguments (``reshape`` of a contiguous (P, 1) tensor is a view)."""
-    return center.reshape(-1).data_ptr(), inverse_unit.reshape(-1).data_ptr()
+def takes(*tensors: Tensor) -> bool:
+    """Whether the loops may work on these tensors at all (before anything is built): real
+    CPU tensors (not fake or distributed ones under a tracer, nor a parameter wrapping one),
+    and, while autograd records, none that requires a gradient (a loop's result has no
+    ``grad_fn``; the PyTorch ops then raise as they did for a second derivative)."""
+    recording = torch.is_grad_enabled()
+    return all(type(t) in (torch.Tensor, torch.nn.Parameter) and t.device.type == "cpu"
+               and not (recording and t.requires_grad) for t in tensors)
 
 
-def _is_traced(t: Tensor) -> bool:
-    """A fake or functional tensor (``torch.compile``'s tracing), whose memory is not real."""
-    return type(t) is not torch.Tensor and not isinstance(t, torch.nn.Parameter)
+def _fit(t: Tensor, dtype: torch.dtype, dims: int) -> bool:
+    return (type(t) in (torch.Tensor, torch.nn.Parameter) and t.device.type == "cpu"
+            and t.dtype == dtype and t.dim() == dims and t.is_contiguous()
+            and (t.numel() == 0 or t.data_ptr() != 0))
+
+
+def _constants_fit(x: Tensor, center: Tensor, inverse_unit: Tensor) -> bool:
+    """``x`` (P, n) float32 and one float32 centre and inverse unit per palette."""
+    return (_fit(x, torch.float32, 2) and all(
+        _fit(c.reshape(-1), torch.float32, 1) and c.is_contiguous()
+        and c.numel() == x.shape[0] for c in (center, inverse_unit)))
+
+
+def _tables_fit(codes: Tensor, out: Tensor, *tables: Tensor) -> bool:
+    """Codes (P, n) float16, ``out`` of their shape in float32, tables of P * 65536 float32."""
+    return (_fit(codes, torch.float16, 2) and _fit(out, torch.float32, 2)
+            and out.shape == codes.shape
+            and all(_fit(t, torch.float32, 1) and t.numel() == codes.shape[0] * _CODES
+                    for t in tables))
 
 
 _state: dict[str, object] = {}
@@ -152,19 +192,20 @@ def kernels(check: Callable[[Kernels], str | None] | None = None) -> Kernels | N
     """The loaded loops, built on first use; ``None`` where they cannot be used (module
     docstring), with the reason in :func:`build_failure`. ``check`` is called with the loops
     when they first load (:func:`~.float16_codes.native_loops` compares them with the PyTorch
-    ops); a reason it returns means they are not used."""
+    ops and sets :attr:`Kernels.fused_multiply_add`); a reason it returns means they are not
+    used."""
     if "kernels" not in _state:
         loaded, failure = _load()
         if loaded is not None and check is not None:
             failure = check(loaded)
             loaded = None if failure is not None else loaded
         _state["kernels"], _state["failure"] = loaded, failure
-        if _state["failure"] is not None:
-            if os.environ.get(_ENV) == "1":
-                raise RuntimeError(f"{_ENV}=1, but the native DKM loops cannot be used: "
-                                   f"{_state['failure']}")
+        if failure is not None and os.environ.get(_ENV) != "1":
             log.info("lightning_dkm: the 'unique' DKM step uses PyTorch ops for its passes "
-                     "over the weights (%s)", _state["failure"])
+                     "over the weights (%s)", failure)
+    if _state["failure"] is not None and os.environ.get(_ENV) == "1":
+        raise RuntimeError(f"{_ENV}=1, but the native DKM loops cannot be used: "
+                           f"{_state['failure']}")
     return _state["kernels"]  # type: ignore[return-value]
 
 
@@ -194,14 +235,15 @@ def _load() -> tuple[Kernels | None, str | None]:
         return None, f"{_ENV}=0"
     if sys.byteorder != "little":
         return None, "a big-endian machine"
-    compiler = os.environ.get("CC") or next(
-        (c for c in ("cc", "gcc", "clang") if shutil.which(c)), None)
+    compiler = shlex.split(os.environ.get("CC", "")) or next(
+        ([c] for c in ("cc", "gcc", "clang") if shutil.which(c)), None)
     if compiler is None:
         return None, "no C compiler found ($CC, cc, gcc, clang)"
     try:
-        return Kernels(ctypes.CDLL(str(_build(compiler)))), None
+        return Kernels(ctypes.CDLL(str(build(compiler)))), None
     except (OSError, subprocess.SubprocessError) as error:
-        return None, f"building or loading {_SOURCE.name} with {compiler!r} failed: {error}"
+        return None, (f"building or loading {_SOURCE.name} with {' '.join(compiler)!r} failed: "
+                      f"{error}")
 
 
 def _cache_directory() -> Path:
@@ -212,26 +254,36 @@ def _cache_directory() -> Path:
     return Path(base) / "lightning_dkm"
 
 
-def _build(compiler: str) -> Path:
-    """The shared library, compiled into the cache unless it is there already."""
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True,
-                             timeout=60, check=True).stdout
+def build(compiler: list[str], extra_flags: tuple[str, ...] = ()) -> Path:
+    """The shared library built by ``compiler`` (a command, e.g. ``["ccache", "cc"]``) with
+    ``extra_flags``, compiled into the cache unless it is there already; where the cache cannot
+    be written, into a temporary directory removed at exit."""
+    version = subprocess.run([*compiler, "--version"], capture_output=True, text=True,
+                             errors="replace", timeout=60, check=True).stdout
+    flags = (*_FLAGS, *extra_flags)
     # the machine's architecture too: a home directory shared by x86-64 and ARM nodes
-    key = hashlib.sha256("\0".join((_SOURCE.read_text(), compiler, version, *_FLAGS,
+    key = hashlib.sha256("\0".join((_SOURCE.read_text(), *compiler, version, *flags,
                                     sys.platform, platform.machine())).encode()).hexdigest()[:16]
     suffix = ".dll" if sys.platform == "win32" else ".so"
+    name = f"dkm_codes-{key}{suffix}"
     directory = _cache_directory()
+    if (directory / name).exists():
+        return directory / name
     try:
         directory.mkdir(parents=True, exist_ok=True)
-    except OSError:  # a read-only home: this process's own directory, built every time
+        return _compile(compiler, flags, directory, name)
+    except OSError:  # a read-only cache: this process's own directory, built every time
         directory = Path(tempfile.mkdtemp(prefix="lightning_dkm-"))
-    target = directory / f"dkm_codes-{key}{suffix}"
-    if target.exists():
-        return target
+        atexit.register(shutil.rmtree, directory, ignore_errors=True)
+        return _compile(compiler, flags, directory, name)
+
+
+def _compile(compiler: list[str], flags: tuple[str, ...], directory: Path, name: str) -> Path:
+    target = directory / name
     with tempfile.TemporaryDirectory(dir=directory) as scratch:
-        built = Path(scratch) / target.name
-        result = subprocess.run([compiler, *_FLAGS, "-o", str(built), str(_SOURCE), "-lm"],
-                                capture_output=True, text=True, timeout=120)
+        built = Path(scratch) / name
+        result = subprocess.run([*compiler, *flags, "-o", str(built), str(_SOURCE), "-lm"],
+                                capture_output=True, text=True, errors="replace", timeout=120)
         if result.returncode != 0:
             raise subprocess.SubprocessError(result.stderr.strip()[-2000:] or
                                              f"exit status {result.returncode}")

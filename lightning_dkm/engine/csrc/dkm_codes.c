@@ -5,7 +5,9 @@
  * pattern. Each function goes over P palettes of n weights (row p at p * n, its table at
  * p * 65536) in index order, so that its sums are those of torch.bincount's serial loop, and
  * rounds as the PyTorch ops it replaces do: built with -ffp-contract=off, the one fused
- * multiply-add is the one addcmul_ makes. Tables to add into are zeroed by the caller.
+ * multiply-add is the one addcmul_ makes where PyTorch's vectorised kernels make it (the caller
+ * says). Tables to add into are zeroed by the caller. -DDKM_PORTABLE builds the conversion
+ * without a float16 type or F16C (what older compilers get; the tests build it so too).
  */
 #include <math.h>
 #include <stdint.h>
@@ -14,14 +16,15 @@
 #define CODES 65536
 #define BLOCK 4096 /* weights converted before they are counted (the conversion vectorises) */
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-/* the gathers vectorise in the AVX2 clone; one build serves every x86-64 CPU */
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__) \
+    && defined(__GLIBC__)
+/* the gathers vectorise in the AVX2 clone (dispatched by an ifunc: glibc only) */
 #define CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
 #else
 #define CLONES
 #endif
 
-#if defined(__FLT16_MANT_DIG__)
+#if defined(__FLT16_MANT_DIG__) && !defined(DKM_PORTABLE)
 static inline uint16_t half_bits(float f) {
     _Float16 h = (_Float16)f;
     uint16_t bits;
@@ -30,7 +33,7 @@ static inline uint16_t half_bits(float f) {
 }
 #else
 /* IEEE round to nearest even without a float16 type (the FP16 library's method, which
- * PyTorch's c10::Half uses too). */
+ * PyTorch's c10::Half uses too); a NaN keeps the top of its payload, as the hardware does. */
 static inline uint32_t float_bits(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
 static inline float bits_float(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
 static inline uint16_t half_bits(float f) {
@@ -41,7 +44,8 @@ static inline uint16_t half_bits(float f) {
     base = bits_float((bias >> 1) + 0x07800000u) + base;
     const uint32_t bits = float_bits(base);
     const uint32_t nonsign = ((bits >> 13) & 0x00007C00u) + (bits & 0x00000FFFu);
-    return (uint16_t)((sign >> 16) | (shl1_w > 0xFF000000u ? 0x7E00u : nonsign));
+    return (uint16_t)((sign >> 16) | (shl1_w > 0xFF000000u ? (0x7E00u | ((w >> 13) & 0x3FFu))
+                                                            : nonsign));
 }
 #endif
 
@@ -49,7 +53,7 @@ static void convert_portable(const float *x, int64_t n, float c, float u, uint16
     for (int64_t i = 0; i < n; ++i) out[i] = half_bits((x[i] - c) * u);
 }
 
-#if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
+#if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__) && !defined(DKM_PORTABLE)
 #include <immintrin.h>
 __attribute__((target("avx2,f16c")))
 static void convert_f16c(const float *x, int64_t n, float c, float u, uint16_t *out) {
@@ -123,14 +127,18 @@ CLONES void dkm_look_up(const uint16_t *codes, int64_t P, int64_t n, const float
     }
 }
 
-/* out[p, i] = a[p, code] + b[p, code] * g[p, i] with code = codes[p, i], one fused
- * multiply-add (as index_select + addcmul_ round): every weight's gradient in the backward */
+/* out[p, i] = a[p, code] + b[p, code] * g[p, i] with code = codes[p, i]: every weight's
+ * gradient in the backward, rounded as index_select + addcmul_ round (one fused multiply-add
+ * where `fused`, else the product rounded, then the sum) */
 CLONES void dkm_look_up_affine(const uint16_t *codes, int64_t P, int64_t n, const float *a,
-                               const float *b, const float *g, float *out) {
+                               const float *b, const float *g, float *out, int fused) {
     for (int64_t p = 0; p < P; ++p) {
         const uint16_t *row = codes + p * n;
         const float *ta = a + p * CODES, *tb = b + p * CODES, *gp = g + p * n;
         float *o = out + p * n;
-        for (int64_t i = 0; i < n; ++i) o[i] = fmaf(tb[row[i]], gp[i], ta[row[i]]);
+        if (fused)
+            for (int64_t i = 0; i < n; ++i) o[i] = fmaf(tb[row[i]], gp[i], ta[row[i]]);
+        else
+            for (int64_t i = 0; i < n; ++i) o[i] = ta[row[i]] + tb[row[i]] * gp[i];
     }
 }
