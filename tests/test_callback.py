@@ -212,8 +212,25 @@ def test_two_callbacks_have_distinct_state_keys_and_cluster_disjoint_tensors(tmp
 def test_two_callbacks_on_the_same_tensor_are_refused(tmp_path):
     first = DKMCallback(bits=2, targets=["body.0"])
     second = DKMCallback(bits=3, targets=["body.0"], exclude=[])
-    with pytest.raises(MisconfigurationException, match="already clustered"):
+    with pytest.raises(MisconfigurationException,
+                       match=r"already clustered by another DKMCallback of this Trainer"):
         fit(tmp_path, first, extra_callbacks=[second])
+
+
+def test_a_new_callback_on_a_model_an_earlier_fit_left_clustered_is_refused_before_it_runs(
+        tmp_path):
+    """Another instance's parametrizations left by a finalize=False fit: refused at setup,
+    before the allocation runs training_step, naming what continues or clears them."""
+    model, _ = fit(tmp_path, DKMCallback(bits=2, finalize=False, save_dir=str(tmp_path / "a")))
+    steps = []
+    original = model.training_step
+    model.training_step = lambda *args, **kwargs: steps.append(1) or original(*args, **kwargs)
+    with pytest.raises(MisconfigurationException, match=(
+            r"\['body\.0\.weight', .*\] still hold the DKM parametrizations of an earlier fit "
+            r"with another DKMCallback instance.*ckpt_path.*lightning_dkm\.finalize\(model\)"
+            r".*release\(model\)")):
+        fit(tmp_path, DKMCallback(bits=2, save_dir=str(tmp_path / "b")), model=model)
+    assert steps == []  # the allocation's training_step never ran
 
 
 def test_checkpoints_load_with_weights_only(tmp_path):

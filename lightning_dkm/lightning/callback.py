@@ -509,14 +509,35 @@ class DKMCallback(Callback):
         self._tensor_cache = None
         self._forward_cache.forget()
 
-    def _attach(self, pl_module: pl.LightningModule, selected: list[Target], init: bool) -> None:
+    def _refuse_clustered_elsewhere(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                                    selected: list[Target]) -> None:
+        """Refuse, before anything runs, targets that another :class:`DKMCallback` clusters:
+        one of this Trainer's (give each disjoint targets), or one whose earlier fit left its
+        parametrizations on the model (``finalize=False``, or a fit that raised), which only
+        that instance, its checkpoint, or taking them off can continue."""
         others = set(clustered_tensors(pl_module)) - set(self._names)
         clash = [t.name for t in selected if t.name in others]
-        if clash:
+        if not clash:
+            return
+        siblings = {name for callback in trainer.callbacks
+                    if isinstance(callback, DKMCallback) and callback is not self
+                    for name in callback._names}
+        shared = [name for name in clash if name in siblings]
+        if shared:
             raise MisconfigurationException(
-                f"DKMCallback: {clash} are already clustered by another DKMCallback; give each "
-                "callback disjoint targets (use `exclude`)"
+                f"DKMCallback: {shared} are already clustered by another DKMCallback of this "
+                "Trainer; give each callback disjoint targets (use `exclude`)"
             )
+        raise MisconfigurationException(
+            f"DKMCallback: {clash} still hold the DKM parametrizations of an earlier fit with "
+            "another DKMCallback instance (one with finalize=False, or one that raised). "
+            "Continue that fit with the same callback instance or from its checkpoint "
+            "(Trainer.fit(..., ckpt_path=...)), or take them off first: "
+            "lightning_dkm.finalize(model) snaps the weights to their palettes, "
+            "lightning_dkm.model.attach.release(model) keeps them as trained."
+        )
+
+    def _attach(self, pl_module: pl.LightningModule, selected: list[Target], init: bool) -> None:
         attach(
             pl_module, selected, temperature=_INITIAL_TAU, max_iter=self.max_iter,
             epsilon=self.epsilon, seed=self.seed, mode="dense", initialize=init,
@@ -545,6 +566,8 @@ class DKMCallback(Callback):
         self._timeline = DKMTimeline(self.temperature, self.method, self.start_epoch,
                                      self.hard_epoch)  # a new fit: no calibrated bounds yet
         selected = self._select(pl_module)
+        # before the allocation runs training_step: a clash is refused at once
+        self._refuse_clustered_elsewhere(trainer, pl_module, selected)
         self._fully_sharded = FullySharded() if is_fully_sharded(trainer) else None
         self.results.start_fit()
         if self.average_bits is not None and selected:
