@@ -19,7 +19,10 @@ standard deviation, so the scaling is exact; :mod:`.float16_codes` says why 14);
 pattern is a column of a dense table of 65,536 entries per palette. It counts the columns
 (``bincount``) and reads each output from a table of the clustered values per code, already
 in the weights' units (one ``index_select``). The standard deviation that sets tau's units
-comes from the counted values, not from another pass over the weights. The backward sums the
+comes from the counted values, not from another pass over the weights. On the CPU these passes
+are C loops (:mod:`.native`: encoding and counting in one read, each look-up and the
+backward's sums one loop each), bit for bit the values of the PyTorch ops described here,
+which run wherever the loops cannot. The backward sums the
 incoming gradient per code (a weighted ``bincount``) and forms each weight's gradient
 :math:`a_u + b_u g_i` from two table lookups. Normalising and denormalising happen on the
 distinct values: the normalisation constants cancel in the gradient. Autograd saves the
