@@ -25,7 +25,7 @@ from .export.coreml import export_coreml, read_coreml_palettes
 from .export.energy import EnergyModel, count_macs
 from .export.packed import pack, unpack
 from .export.report import CompressionReport, EnergyEstimate, LayerReport, TensorReport
-from .model.attach import ClusteredTensor, attach, clustered_tensors, finalize
+from .model.attach import ClusteredTensor, attach, clustered_tensors, finalize, release
 from .model.carried import (
     carried_palettes,
     carry_palettes,
@@ -74,6 +74,7 @@ __all__ = [
     "read_coreml_palettes",
     "read_metadata",
     "read_palettes",
+    "release",
     "save_compressed",
     "select_targets",
     "split_dkm_state",

@@ -13,6 +13,7 @@ from lightning_helpers import TinyNet, trainer
 from torch import nn
 from torch.nn.utils import parametrize
 
+import lightning_dkm
 from lightning_dkm import CompressionReport, DKMCallback, carried_palettes, clustered_tensors
 from lightning_dkm.engine.numerics import hard_assign
 from lightning_dkm.lightning.schedules import build_schedule
@@ -228,9 +229,15 @@ def test_a_new_callback_on_a_model_an_earlier_fit_left_clustered_is_refused_befo
     with pytest.raises(MisconfigurationException, match=(
             r"\['body\.0\.weight', .*\] still hold the DKM parametrizations of an earlier fit "
             r"with another DKMCallback instance.*ckpt_path.*lightning_dkm\.finalize\(model\)"
-            r".*release\(model\)")):
+            r".*lightning_dkm\.release\(model\)")):
         fit(tmp_path, DKMCallback(bits=2, save_dir=str(tmp_path / "b")), model=model)
     assert steps == []  # the allocation's training_step never ran
+    trained = {name: t.original.detach().clone() for name, t in clustered_tensors(model).items()}
+    lightning_dkm.release(model)  # what the message offers: the weights as trained
+    assert not clustered_tensors(model)
+    assert all(torch.equal(model.get_parameter(name), w) for name, w in trained.items())
+    fit(tmp_path, DKMCallback(bits=2, save_dir=str(tmp_path / "b")), model=model)
+    assert torch.unique(model.body[0].weight).numel() <= 4
 
 
 def test_checkpoints_load_with_weights_only(tmp_path):

@@ -534,7 +534,7 @@ class DKMCallback(Callback):
             "Continue that fit with the same callback instance or from its checkpoint "
             "(Trainer.fit(..., ckpt_path=...)), or take them off first: "
             "lightning_dkm.finalize(model) snaps the weights to their palettes, "
-            "lightning_dkm.model.attach.release(model) keeps them as trained."
+            "lightning_dkm.release(model) keeps them as trained."
         )
 
     def _attach(self, pl_module: pl.LightningModule, selected: list[Target], init: bool) -> None:
