@@ -174,7 +174,9 @@ def _remove(model: nn.Module, tensors: dict[str, ClusteredTensor]) -> None:
 
 def release(model: nn.Module, names: Iterable[str] | None = None) -> None:
     """Remove the DKM parametrizations (of ``names``, or all) without snapping: every weight
-    stays as trained, in full precision. For a fit that ended before clustering began."""
+    stays as trained, in full precision. For a fit that ended before clustering began, or for
+    a model an earlier fit left clustered (``finalize=False``, or a fit that raised) that a new
+    :class:`~lightning_dkm.DKMCallback` is to fit again from its trained weights."""
     _remove(model, clustered_tensors(model, names))
 
 
