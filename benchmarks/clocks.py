@@ -64,7 +64,7 @@ def native_build() -> dict[str, Any]:
     saved = os.environ.get("LIGHTNING_DKM_CACHE")
     with tempfile.TemporaryDirectory() as cache:
         os.environ["LIGHTNING_DKM_CACHE"] = cache
-        native._state.clear()  # as on a machine that has not built them
+        native.forget()  # as on a machine that has not built them
         start = time.perf_counter()
         try:
             loops = native_loops()

@@ -196,7 +196,7 @@ class CodeColumns:
         if weights is None and self._counts is not None:
             return self._counts
         loops = self._loops
-        if loops is not None and native.takes(*(() if weights is None else (weights,))):
+        if loops is not None:
             total = (loops.count(self.codes) if weights is None
                      else loops.sum_per_code(self.codes, weights))
             if total is not None:
@@ -229,7 +229,7 @@ class CodeColumns:
         if out is None:
             out = table.new_empty(P, n)
         loops = self._loops
-        if loops is not None and native.takes(table, out, *(factor or ())):
+        if loops is not None:
             looked_up = (loops.look_up(self.codes, table, out) if factor is None
                          else loops.look_up_affine(self.codes, table, *factor, out))
             if looked_up is not None:
@@ -353,8 +353,8 @@ def prepare(x: Tensor, normalization: Normalization | None, device_side: bool
     if encoded is not None:
         codes, counts = encoded
         columns = CodeColumns(codes, device_side, counts=counts)
-    else:
-        codes = encode(x, center, unit)
+    else:  # the loops were tried above (or the layout without host reads keeps the ops)
+        codes = encode(x, center, unit, fused=False)
         columns = CodeColumns(codes, device_side)
     distinct, scale = normalized_distinct(columns.sum_per_code(), *x.shape, unit, center, scale,
                                           device_side, center.dtype)

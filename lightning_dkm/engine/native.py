@@ -52,7 +52,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["Kernels", "build", "build_failure", "kernels", "takes", "turned_off"]
+__all__ = ["Kernels", "build", "build_failure", "forget", "kernels", "takes", "turned_off"]
 
 log = logging.getLogger(__name__)
 
@@ -159,14 +159,17 @@ def takes(*tensors: Tensor) -> bool:
     CPU tensors (not fake or distributed ones under a tracer, nor a parameter wrapping one),
     and, while autograd records, none that requires a gradient (a loop's result has no
     ``grad_fn``; the PyTorch ops then raise as they did for a second derivative)."""
-    recording = torch.is_grad_enabled()
-    return all(type(t) in (torch.Tensor, torch.nn.Parameter) and t.device.type == "cpu"
-               and not (recording and t.requires_grad) for t in tensors)
+    return all(map(_real_cpu, tensors))
+
+
+def _real_cpu(t: Tensor) -> bool:
+    return (type(t) in (torch.Tensor, torch.nn.Parameter) and t.device.type == "cpu"
+            and not (t.requires_grad and torch.is_grad_enabled()))
 
 
 def _fit(t: Tensor, dtype: torch.dtype, dims: int) -> bool:
-    return (type(t) in (torch.Tensor, torch.nn.Parameter) and t.device.type == "cpu"
-            and t.dtype == dtype and t.dim() == dims and t.is_contiguous()
+    """:func:`takes` ``t``, of ``dtype`` and ``dims`` dimensions, in contiguous memory."""
+    return (_real_cpu(t) and t.dtype == dtype and t.dim() == dims and t.is_contiguous()
             and (t.numel() == 0 or t.data_ptr() != 0))
 
 
@@ -212,6 +215,12 @@ def kernels(check: Callable[[Kernels], str | None] | None = None) -> Kernels | N
 def build_failure() -> str | None:
     """Why :func:`kernels` gave ``None`` (``None`` when the loops are in use or not loaded)."""
     return _state.get("failure")  # type: ignore[return-value]
+
+
+def forget() -> None:
+    """Drop the loaded loops: the next :func:`kernels` loads them again (from the cache, or
+    built anew where it is empty), as a new process would; for timing a first build."""
+    _state.clear()
 
 
 @contextlib.contextmanager
