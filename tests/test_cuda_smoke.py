@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import math
 
+import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.strategies import DDPStrategy
 from lightning_helpers import CentroidRecorder, TinyNet, trainer
 
-from lightning_dkm import ClusterSpec, DKMCallback, attach, select_targets
+from lightning_dkm import ClusterSpec, DKMCallback, attach, clustered_tensors, select_targets
 from lightning_dkm.lightning.convergence import measure_all
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -25,6 +26,20 @@ def clustered_weights(model: TinyNet) -> list[torch.Tensor]:
     return [model.body[0].weight, model.body[2].weight]
 
 
+class DeviceRecorder(pl.Callback):
+    """Records, after every training batch, the devices that the clustered weights and their
+    centroids are on: Lightning's teardown moves the module back to the CPU after the fit, so
+    where the clustering ran can only be seen during it."""
+
+    def __init__(self) -> None:
+        self.devices: set[str] = set()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        for tensor in clustered_tensors(pl_module).values():
+            self.devices.add(tensor.parametrization.centroids.device.type)
+        self.devices.update(weight.device.type for weight in clustered_weights(pl_module))
+
+
 @pytest.mark.parametrize("precision", PRECISIONS)
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 def test_one_epoch_on_cuda_logs_the_metrics_and_finalizes(tmp_path, precision, implementation):
@@ -33,15 +48,16 @@ def test_one_epoch_on_cuda_logs_the_metrics_and_finalizes(tmp_path, precision, i
     model = TinyNet()
     callback = DKMCallback(bits=2, implementation=implementation,
                            save_dir=str(tmp_path / "dkm"), verbose=False)
+    devices = DeviceRecorder()
     fit = trainer(tmp_path, accelerator="cuda", devices=1, precision=precision, max_epochs=1,
-                  callbacks=[callback])
+                  callbacks=[callback, devices])
     fit.fit(model)
+    assert devices.devices == {"cuda"}
     assert math.isfinite(float(fit.callback_metrics["dkm/entropy"]))
     assert set(callback.stats) == {"body.0.weight", "body.2.weight"}
     for stats in callback.stats.values():
         assert all(math.isfinite(value) for value in stats.values()), stats
     for weight in clustered_weights(model):
-        assert weight.device.type == "cuda"
         assert torch.unique(weight).numel() <= 4
 
 
