@@ -13,10 +13,11 @@ hits both alike; it prints the medians over ``--steps`` steps after ``--warmup``
 Peak memory is measured in fresh subprocesses (process peak RSS on CPU, or
 ``torch.cuda.max_memory_allocated`` on a GPU), one for the plain and one for the DKM model, and
 the ratio of the two is printed with the extra megabytes. A last table shows DKM's extra memory
-for ``max_iter`` 1, 3 and 9. On CUDA (``--device cuda``, the default where CUDA exists) every
-row also reports ``torch.cuda.max_memory_allocated`` over one plain and one DKM step, measured
-in the timing process (with ``--no-memory`` too): the peak and how far it rose above the memory
-allocated before the step.
+for ``max_iter`` 1, 3 and 9. On CUDA (``--device cuda``, the default where CUDA exists unless
+``--clock cpu`` asks for the CPU's time) every row also reports
+``torch.cuda.max_memory_allocated`` over one plain and one DKM step, measured in the timing
+process (with ``--no-memory`` too): the peak and how far it rose above the memory allocated
+before the step.
 
 On the digits CNN at 2 bits the same interleaved run also times coremltools'
 ``DKMPalettizer`` at its defaults on the same layers (``--apple`` / ``--no-apple`` to choose;
@@ -206,7 +207,8 @@ def _apple_available() -> bool:
     return apple_dkm_unavailable() is None
 
 
-def main() -> None:
+def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, checked: the device resolved, the clock and threads applied."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", nargs="+", default=["cnn", "resnet18", "minilm"])
     parser.add_argument("--bits", nargs="+", type=int, default=None,
@@ -223,21 +225,28 @@ def main() -> None:
                         help="DKM's gradient (implicit: IDKM, computed by the 'unique' step)")
     parser.add_argument("--max-iter", type=int, default=3,
                         help="DKM iterations per step for the timing (the targets use 3)")
-    parser.add_argument("--device", choices=["cpu", "cuda"],
-                        default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default=None,
+                        help="default: cuda where CUDA exists, unless --clock cpu asks for the "
+                             "CPU's time (which cannot measure work on a GPU): then cpu")
     parser.add_argument("--apple", action=argparse.BooleanOptionalAction, default=None,
                         help="also time coremltools' DKMPalettizer in the same run (default: on "
                              "the cnn at 2 bits, when coremltools is installed)")
     clocks.add_arguments(parser)
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--child", nargs=5, default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() and args.clock != "cpu" else "cpu"
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: CUDA is not available on this machine")
     if args.clock == "cpu" and args.device == "cuda":
         parser.error("--clock cpu: the CPU time does not measure work on the GPU")
     clocks.apply(parser, args)
+    return args
 
+
+def main() -> None:
+    args = parse_arguments()
     if args.child:
         name, bits, implementation, max_iter, device = args.child
         print(peak_memory_child(name, int(bits) or None, implementation, int(max_iter), 3, device))

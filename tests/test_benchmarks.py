@@ -303,3 +303,26 @@ def test_perf_validate_times_the_loop_with_and_without_the_snap_cache(tmp_path):
     assert saved["clustered_weights"] == 2 * 128 * 128
     assert set(saved["ms_per_batch_after_the_first"]) == {"cached", "uncached"}
     assert "without the snap cache" in result.stdout
+
+
+@pytest.mark.parametrize(("argv", "device"), [
+    ([], "cuda"),
+    (["--clock", "cpu"], "cpu"),
+    (["--device", "cpu"], "cpu"),
+])
+def test_perf_step_runs_on_the_gpu_by_default_unless_the_cpu_clock_is_asked_for(
+        monkeypatch, argv, device):
+    """Where CUDA exists, ``--clock cpu`` alone times the CPU (as on a machine without one), and
+    only an explicit ``--device cuda --clock cpu`` is refused."""
+    import torch
+
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    import clocks
+    import perf_step
+
+    monkeypatch.setattr(clocks, "_chosen", list(clocks._chosen))  # parse_arguments picks one
+
+    assert perf_step.parse_arguments(argv).device == device
+    with pytest.raises(SystemExit):
+        perf_step.parse_arguments(["--device", "cuda", "--clock", "cpu"])
