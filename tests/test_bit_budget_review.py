@@ -9,6 +9,7 @@ import warnings
 
 import pytest
 import torch
+from extras import need
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning_helpers import TinyNet, random_classification, trainer
 from torch.utils.data import DataLoader
@@ -91,6 +92,7 @@ def test_a_resume_at_widths_core_ai_cannot_pack_fails_before_training_not_after(
     """A checkpoint of uniform 3 bits (average_bits=None) resumed with export_coreai=True: the
     resume keeps the checkpoint's widths, which Core AI cannot pack, so the fit must refuse
     them when it loads the checkpoint, not export them after training."""
+    need("coreai_torch")  # export_coreai=True is refused first without the coreai extra
     first = DKMCallback(bits=3, average_bits=None, save_dir=str(tmp_path / "a"), verbose=False,
                         finalize=False)
     with warnings.catch_warnings():

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from extras import need
 from torch import nn
 
 import lightning_dkm
@@ -87,7 +88,7 @@ def test_the_console_script_is_installed_and_runs(artifact):
 
 
 def test_coreml_lists_the_lut_ops_of_a_package(tmp_path, capsys):
-    pytest.importorskip("coremltools")
+    need("coremltools")
     import warnings
 
     from lightning_dkm.export.coreml import export_coreml
@@ -153,7 +154,7 @@ def test_every_failure_is_one_error_line_on_stderr_and_exit_1(
 ):
     args = command_line(tmp_path, artifact[0])
     if args[0] == "coreml" and "missing" not in args[1]:
-        pytest.importorskip("coremltools")
+        need("coremltools")
     assert main(args) == 1
     captured = capsys.readouterr()
     assert captured.out == ""

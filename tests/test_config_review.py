@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from extras import need
 
 from lightning_dkm import DKMCallback
 
@@ -145,7 +146,7 @@ def test_the_main_job_refuses_a_negative_pretrain_epochs():
 def test_the_main_job_without_an_artifact_reports_and_skips_the_artifact_check(tmp_path, capsys):
     # Before: save_artifact: false trained, printed the report, then crashed in
     # load_compressed(fresh, None) (TypeError) reading the artifact path that was not written.
-    pytest.importorskip("sklearn", reason="the digits data come from scikit-learn")
+    need("sklearn")  # the digits data
     config = tmp_path / "tiny.yaml"
     config.write_text(f"""
 seed_everything: 0

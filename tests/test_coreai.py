@@ -13,6 +13,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from extras import need
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning_helpers import TinyNet, trainer
 from plain_models import EveryLayer, every_layer_inputs
@@ -27,7 +28,7 @@ from lightning_dkm.export.coreai import (
 )
 from lightning_dkm.model.carried import carried_palettes
 
-pytest.importorskip("coreai_torch", reason="the coreai extra (installed by the test command)")
+need("coreai_torch")
 
 
 Net = EveryLayer

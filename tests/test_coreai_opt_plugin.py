@@ -7,6 +7,8 @@ strategy coreai-opt built for a weight (``module._training_strategy``, test-only
 itself never touches it.
 """
 
+# ruff: noqa: E402 (coreai-opt is imported after the check that its extra is installed)
+
 from __future__ import annotations
 
 import asyncio
@@ -20,11 +22,12 @@ from importlib.metadata import entry_points
 
 import pytest
 import torch
+from extras import need
 from torch import nn
 from torch.nn import functional as F
 
-if sys.version_info < (3, 11):  # coreai-opt supports Python >= 3.11 only
-    pytest.importorskip("coreai_opt")
+# The imports below need the coreai-opt extra (Python >= 3.11 only: never required below it).
+need("coreai_opt")
 
 from coreai_opt import ExportBackend
 from coreai_opt.palettization import (

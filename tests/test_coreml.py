@@ -9,13 +9,14 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from extras import need
 from plain_models import EveryLayer, every_layer_inputs
 from torch import nn
 
 from lightning_dkm import CompressionReport, DKMCallback, palettize
 from lightning_dkm.export.coreml import export_coreml, package_bytes, read_coreml_palettes
 
-ct = pytest.importorskip("coremltools", reason="the coreml extra (installed by the test command)")
+ct = need("coremltools")
 
 
 Net = EveryLayer

@@ -20,6 +20,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
+from extras import need
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning_helpers import TinyNet, trainer
 from safetensors import SafetensorError
@@ -231,8 +232,8 @@ def exporting_fit(root: Path, out: Path, **kwargs) -> DKMCallback:
 def test_an_earlier_fits_artifact_and_packages_this_fit_does_not_write_are_removed_saying_so(
     tmp_path, caplog
 ):
-    pytest.importorskip("coremltools")
-    pytest.importorskip("coreai_torch")
+    need("coremltools")
+    need("coreai_torch")
     out = tmp_path / "dkm"
     exporting_fit(tmp_path, out, export_coreml=True, export_coreai=True)
     assert {ARTIFACT, "model.mlpackage", "model.aimodel"} <= {p.name for p in out.iterdir()}
@@ -247,7 +248,7 @@ def test_an_earlier_fits_artifact_and_packages_this_fit_does_not_write_are_remov
 
 @pytest.mark.filterwarnings("ignore")
 def test_an_earlier_fits_package_goes_when_this_fits_export_of_it_fails(tmp_path, monkeypatch):
-    pytest.importorskip("coreai_torch")
+    need("coreai_torch")
     from lightning_dkm.export import coreai
 
     out = tmp_path / "dkm"

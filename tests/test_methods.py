@@ -11,6 +11,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
+from extras import need
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning_helpers import TinyNet, trainer
 from torch import nn
@@ -278,7 +279,7 @@ def _tiny_study(tmp_path: Path, part: str) -> dict:
 
 
 def test_accuracy_study_digits_part_runs_tiny(tmp_path):
-    pytest.importorskip("sklearn", reason="the digits data come from scikit-learn")
+    need("sklearn")  # the digits data
     saved = _tiny_study(tmp_path, "digits")
     rows = saved["digits"]
     methods = {row["method"] for row in rows}

@@ -1,0 +1,70 @@
+"""Tests of an optional extra skip where it is not installed, and fail where it must be.
+
+``pytest`` in an environment with only the package and its ``dev`` tools skips the tests of the
+``coreml``, ``coreai`` and ``coreai-opt`` extras, naming the extra. The README's test command
+(``bash scripts/dev.sh test``) installs every extra and sets ``LIGHTNING_DKM_REQUIRE_EXTRAS=1``:
+there a missing extra fails the test instead, so that a broken install cannot pass as skips.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from types import ModuleType
+
+import pytest
+
+#: Set by ``scripts/dev.sh test``: a missing extra is an error, not a skip.
+REQUIRE_EXTRAS = "LIGHTNING_DKM_REQUIRE_EXTRAS"
+
+#: The module that stands for each optional extra of pyproject.toml.
+EXTRA_OF_MODULE = {
+    "coremltools": "coreml",
+    "coreai_torch": "coreai",
+    "coreai_core": "coreai",
+    "coreai_opt": "coreai-opt",
+    "sklearn": "dev",
+}
+
+#: Extras whose packages exist only for newer Pythons (pyproject.toml's markers): never required
+#: below that version.
+PYTHON_OF_EXTRA = {"coreai": (3, 11), "coreai-opt": (3, 11)}
+
+
+def extra_required(extra: str) -> bool:
+    """Whether a missing ``extra`` fails a test here rather than skipping it."""
+    return (os.environ.get(REQUIRE_EXTRAS) == "1"
+            and sys.version_info >= PYTHON_OF_EXTRA.get(extra, (0,)))
+
+
+def need(module: str) -> ModuleType:
+    """Import ``module`` of an optional extra, or skip the test (or the whole test module, when
+    called at its top) where it is not installed; under ``LIGHTNING_DKM_REQUIRE_EXTRAS=1`` fail
+    instead."""
+    extra = EXTRA_OF_MODULE[module]
+    try:
+        return importlib.import_module(module)
+    except ImportError as error:
+        message = (f"{module} is not installed (the {extra} extra: "
+                   f"pip install \"lightning-dkm[{extra}]\"): {error}")
+        if extra_required(extra):
+            pytest.fail(f"{message}; {REQUIRE_EXTRAS}=1 requires every extra", pytrace=False)
+        pytest.skip(message, allow_module_level=True)
+
+
+def missing_extra_behind(error: BaseException) -> str | None:
+    """The optional module whose absence caused ``error`` (anywhere in its chain of causes), if
+    that module is indeed not installed; else None."""
+    missing = set()
+    seen = error
+    while seen is not None:
+        if isinstance(seen, ModuleNotFoundError) and seen.name:
+            missing.add(seen.name.split(".")[0])
+        seen = seen.__cause__ or seen.__context__
+    for module in sorted(missing & EXTRA_OF_MODULE.keys()):
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            return module
+    return None
