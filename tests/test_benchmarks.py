@@ -326,3 +326,11 @@ def test_perf_step_runs_on_the_gpu_by_default_unless_the_cpu_clock_is_asked_for(
     assert perf_step.parse_arguments(argv).device == device
     with pytest.raises(SystemExit):
         perf_step.parse_arguments(["--device", "cuda", "--clock", "cpu"])
+
+
+def test_count_ops_counts_more_operators_with_dkm_than_without(tmp_path):
+    out = tmp_path / "ops.json"
+    result = run("count_ops.py", "--models", "cnn", "--top", "3", "--json", str(out))
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["clustered_tensors"] == 4 and row["dkm"] > row["plain"] > 0
+    assert len(row["top"]) == 3 and "added" in result.stdout

@@ -227,3 +227,14 @@ def test_unknown_gradient_is_refused():
         unique_dkm_cluster(torch.randn(1, 100, 1), torch.randn(1, 4, 1), 1e-2, gradient="exact")
     with pytest.raises(ValueError, match=r"gradient must be one of .*got 'exact'"):
         chunked_dkm_cluster(torch.randn(1, 100, 2), torch.randn(1, 4, 2), 1e-2, gradient="exact")
+
+
+def test_off_the_cpu_the_passes_take_pieces_sized_for_kernel_launches_not_for_the_cache():
+    """On the CPU the O(n) passes work a cache-sized piece at a time; on an accelerator each
+    piece costs launches, so they take :data:`ACCELERATOR_PIECE` weights (values unchanged:
+    ``test_chunked_passes_give_the_same_result_as_one_chunk``)."""
+    from lightning_dkm.engine.float16_codes import ACCELERATOR_PIECE, CHUNK, PIECE, pass_sizes
+
+    assert pass_sizes(torch.device("cpu")) == (CHUNK, PIECE)
+    assert pass_sizes(torch.device("meta")) == (ACCELERATOR_PIECE, ACCELERATOR_PIECE)
+    assert ACCELERATOR_PIECE >= CHUNK > PIECE

@@ -16,9 +16,9 @@ from . import native
 from .numerics import Normalization, chunks, floored_scale, root_mean_square
 
 __all__ = [
-    "CHUNK", "FLOOR_SHIFT", "CodeColumns", "DistinctValues", "code_constants",
-    "distinct_from_counts", "encode", "float16_codes", "normalized_distinct",
-    "power_of_two_unit", "prepare", "static_distinct_from_counts",
+    "ACCELERATOR_PIECE", "CHUNK", "FLOOR_SHIFT", "CodeColumns", "DistinctValues",
+    "code_constants", "distinct_from_counts", "encode", "float16_codes", "normalized_distinct",
+    "pass_sizes", "power_of_two_unit", "prepare", "static_distinct_from_counts",
 ]
 
 #: Weights per chunk of the O(n) passes: a chunk's temporaries (a few MiB) come from the
@@ -34,7 +34,22 @@ CHUNK = 1 << 20
 #: 0.93-0.96 ms. Each piece's values are those of the whole: the size changes no result.
 PIECE = 1 << 17
 
+#: Off the CPU (CUDA, MPS, ...) chunks and pieces of this many weights (16 MiB of float32 per
+#: palette row) instead: there every chunk and piece costs kernel launches from Python and no
+#: cache is to be stayed in, so MiniLM's 11.7M-weight embedding takes 3 pieces, not 90
+#: (``benchmarks/count_ops.py``). The sizes change no result.
+ACCELERATOR_PIECE = 1 << 22
+
 _CODES = 1 << 16  # float16 bit patterns per palette
+
+
+def pass_sizes(device: torch.device) -> tuple[int, int]:
+    """``(chunk, piece)``: the weights per chunk (:data:`CHUNK`) and per scratch piece
+    (:data:`PIECE`) of the O(n) passes on ``device``; :data:`ACCELERATOR_PIECE` for both off
+    the CPU."""
+    if device.type == "cpu":
+        return CHUNK, PIECE
+    return max(CHUNK, ACCELERATOR_PIECE), ACCELERATOR_PIECE
 _TINY = 1e-30  # keeps log2 finite for a constant palette
 _MAX_EXPONENT = 127  # float32's largest power of two: a unit past it would be inf
 
@@ -146,8 +161,9 @@ def encode(x: Tensor, center: Tensor, unit: Tensor, *, fused: bool = True) -> Te
     if codes is not None:
         return codes
     codes = torch.empty(x.shape, dtype=torch.float16, device=x.device)
-    buffer = torch.empty(P, min(n, PIECE), dtype=x.dtype, device=x.device)
-    for part in chunks(n, PIECE):
+    piece = pass_sizes(x.device)[1]
+    buffer = torch.empty(P, min(n, piece), dtype=x.dtype, device=x.device)
+    for part in chunks(n, piece):
         chunk = buffer[:, : part.stop - part.start]
         torch.sub(x[:, part], center, out=chunk).mul_(inverse_unit)
         codes[:, part] = chunk  # the one rounding, float32 -> float16
@@ -173,12 +189,13 @@ class CodeColumns:
     def chunks(self):
         """Yields ``(slice of the weights, flat columns (P * m,))``."""
         n = self.codes.shape[1]
-        if n <= CHUNK:
+        chunk = pass_sizes(self.codes.device)[0]
+        if n <= chunk:
             if self._whole is None:
                 self._whole = self._convert(self.codes)
             yield slice(0, n), self._whole
             return
-        for part in chunks(n, CHUNK):
+        for part in chunks(n, chunk):
             yield part, self._convert(self.codes[:, part])
 
     @staticmethod
@@ -248,10 +265,11 @@ class CodeColumns:
             if P > 1:  # pieces of the flat columns would cut across the palettes' rows
                 target.addcmul_(table_b.index_select(0, columns).view(P, -1), g)
                 continue
+            piece_size = pass_sizes(table_b.device)[1]
             if scratch is None:
-                scratch = table_b.new_empty(min(PIECE, n))
+                scratch = table_b.new_empty(min(piece_size, n))
             flat, flat_g = target.view(-1), g.reshape(-1)
-            for piece in chunks(columns.numel(), PIECE):
+            for piece in chunks(columns.numel(), piece_size):
                 b = scratch[: piece.stop - piece.start]
                 torch.index_select(table_b, 0, columns[piece], out=b)
                 flat[piece].addcmul_(b, flat_g[piece])
