@@ -12,8 +12,9 @@ the CPU, in the form the step takes on an accelerator: inside
 full code table), with every ``"unique"`` weight in the pass's one batch (the rule
 :class:`~lightning_dkm.engine.clustering_pass.ClusteringPass` applies off the CPU; on the CPU
 it batches by size), the O(n) passes in the accelerator's piece sizes
-(:func:`lightning_dkm.engine.float16_codes.pass_sizes`) and without the CPU's native loops.
-Views are not counted (no kernel). ``--top N`` lists the lines of
+(:func:`lightning_dkm.engine.float16_codes.pass_sizes`; a checkout from before that function
+runs with its own sizes) and without the CPU's native loops. Views and bare allocations are
+not counted (no kernel). ``--top N`` lists the lines of
 ``lightning_dkm`` that dispatch the most operators in the DKM step.
 
 The workloads, optimizer and DKM settings are ``perf_step.py``'s (``benchmarks/models.py``).
@@ -23,34 +24,39 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import json
-import os
 import sys
 import traceback
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
+from unittest import mock
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-os.environ["LIGHTNING_DKM_NATIVE"] = "0"  # the CPU's C loops: an accelerator has none
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import perf_step
 
 import lightning_dkm
-from lightning_dkm.engine import clustering_pass, float16_codes
+from lightning_dkm.engine import clustering_pass, float16_codes, native
 from lightning_dkm.engine.numerics import sync_free
 
-#: Operators that only make a view (no kernel on any device).
-VIEWS = frozenset({
+#: Operators that only make a view or allocate (no kernel on any device).
+NO_KERNEL = frozenset({
     "alias", "as_strided", "detach", "expand", "permute", "reshape", "select", "slice",
     "squeeze", "t", "transpose", "unsqueeze", "view", "_unsafe_view",
+    "empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided",
 })
+#: The package's folder: a stack frame in it is one of ours.
+PACKAGE = Path(lightning_dkm.__file__).resolve().parent
 
 
 class OperatorCount(TorchDispatchMode):
-    """Counts the non-view operators dispatched inside it, each under the innermost line of
-    ``lightning_dkm`` on the Python stack (or ``"(model, loss, optimizer)"``)."""
+    """Counts the operators dispatched inside it that launch a kernel (not in
+    :data:`NO_KERNEL`), each under the innermost line of ``lightning_dkm`` on the Python stack
+    (or ``"(model, loss, optimizer)"``)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -58,24 +64,35 @@ class OperatorCount(TorchDispatchMode):
         self.by_line: collections.Counter[str] = collections.Counter()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func._overloadpacket.__name__ not in VIEWS:
+        if func._overloadpacket.__name__ not in NO_KERNEL:
             self.total += 1
-            ours = [f for f in traceback.extract_stack() if "lightning_dkm" in f.filename]
+            ours = [f for f in traceback.extract_stack()
+                    if Path(f.filename).resolve().is_relative_to(PACKAGE)]
             where = "(model, loss, optimizer)"
             if ours:
                 frame = ours[-1]
-                where = f"{frame.filename.split('lightning_dkm/')[-1]}:{frame.lineno} {frame.name}"
+                file = Path(frame.filename).resolve().relative_to(PACKAGE)
+                where = f"{file}:{frame.lineno} {frame.name}"
             self.by_line[where] += 1
         return func(*args, **(kwargs or {}))
 
 
-def as_on_an_accelerator() -> None:
-    """Every weight the pass can batch joins its batch, as :meth:`ClusteringPass._batches`
-    decides off the CPU, and the O(n) passes take the sizes they take there."""
-    clustering_pass.ClusteringPass._batches = (
-        lambda self, p, weight: self._batchable(p, weight))
-    accelerator = float16_codes.pass_sizes(torch.device("meta"))
-    float16_codes.pass_sizes = lambda device: accelerator
+@contextlib.contextmanager
+def as_on_an_accelerator() -> Iterator[None]:
+    """Inside: every weight the pass can batch joins its batch, as
+    :meth:`ClusteringPass._batches` decides off the CPU; the O(n) passes take the sizes they
+    take there; no native loops; no host reads (:func:`sync_free`)."""
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(native.turned_off())
+        stack.enter_context(mock.patch.object(
+            clustering_pass.ClusteringPass, "_batches",
+            lambda self, p, weight: self._batchable(p, weight)))
+        if hasattr(float16_codes, "pass_sizes"):
+            accelerator = float16_codes.pass_sizes(torch.device("meta"))
+            stack.enter_context(mock.patch.object(float16_codes, "pass_sizes",
+                                                  lambda device: accelerator))
+        stack.enter_context(sync_free())
+        yield
 
 
 def count_step(model_name: str, bits: int | None) -> tuple[OperatorCount, int]:
@@ -86,7 +103,7 @@ def count_step(model_name: str, bits: int | None) -> tuple[OperatorCount, int]:
     if bits is not None:
         perf_step.add_dkm(model, bits, "auto", max_iter=3)
     step = perf_step.make_step(model, model_name, "cpu")
-    with sync_free():
+    with as_on_an_accelerator():
         step()
         step()
         count = OperatorCount()
@@ -105,7 +122,6 @@ def main() -> None:
     args = parser.parse_args()
     warnings.simplefilter("ignore")  # min_size skips
     torch.set_num_threads(1)
-    as_on_an_accelerator()
     rows = []
     for name in args.models:
         plain, _ = count_step(name, None)

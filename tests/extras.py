@@ -56,12 +56,14 @@ def need(module: str) -> ModuleType:
 def missing_extra_behind(error: BaseException) -> str | None:
     """The optional module whose absence caused ``error`` (anywhere in its chain of causes), if
     that module is indeed not installed; else None."""
-    missing = set()
-    seen = error
-    while seen is not None:
-        if isinstance(seen, ModuleNotFoundError) and seen.name:
-            missing.add(seen.name.split(".")[0])
-        seen = seen.__cause__ or seen.__context__
+    missing, visited = set(), set()
+    link: BaseException | None = error
+    while link is not None and id(link) not in visited:
+        visited.add(id(link))
+        if isinstance(link, ModuleNotFoundError) and link.name:
+            missing.add(link.name.split(".")[0])
+        # as a traceback shows it: the explicit cause, else the context unless suppressed
+        link = link.__cause__ or (None if link.__suppress_context__ else link.__context__)
     for module in sorted(missing & EXTRA_OF_MODULE.keys()):
         try:
             importlib.import_module(module)

@@ -311,7 +311,7 @@ def test_perf_validate_times_the_loop_with_and_without_the_snap_cache(tmp_path):
     (["--device", "cpu"], "cpu"),
 ])
 def test_perf_step_runs_on_the_gpu_by_default_unless_the_cpu_clock_is_asked_for(
-        monkeypatch, argv, device):
+        monkeypatch, capsys, argv, device):
     """Where CUDA exists, ``--clock cpu`` alone times the CPU (as on a machine without one), and
     only an explicit ``--device cuda --clock cpu`` is refused."""
     import torch
@@ -326,6 +326,7 @@ def test_perf_step_runs_on_the_gpu_by_default_unless_the_cpu_clock_is_asked_for(
     assert perf_step.parse_arguments(argv).device == device
     with pytest.raises(SystemExit):
         perf_step.parse_arguments(["--device", "cuda", "--clock", "cpu"])
+    assert "--clock cpu: the CPU time does not measure work on the GPU" in capsys.readouterr().err
 
 
 def test_count_ops_counts_more_operators_with_dkm_than_without(tmp_path):

@@ -284,7 +284,7 @@ def test_coreai_opts_export_carries_the_luts_and_indices_dkm_ended_with(layout, 
     exactly our engine's final centroids, its indices decode to our engine's snapped weights
     (and count the same members per centroid), and the ``.aimodel`` coreai-torch converts it to
     computes in Core AI's runtime what the trained model computes in eval."""
-    import coreai_torch
+    coreai_torch = need("coreai_torch")  # coreai-opt installs without it (its own extra)
 
     palettizer = KMeansPalettizer(_model(), _config(DKM, **LAYOUTS[layout]))
     prepared = palettizer.prepare((_batch()[0],))

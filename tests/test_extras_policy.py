@@ -50,13 +50,21 @@ def test_an_error_is_put_down_to_a_missing_extra_through_its_chain_of_causes(
         except ImportError as err:
             raise ImportError("Core ML export needs coremltools") from err
 
-    try:
+    with pytest.raises(RuntimeError) as raised:
         try:
             export()
         except ImportError as err:
             raise RuntimeError("DKMCallback(export_coreml=True) needs the coreml extra") from err
-    except RuntimeError as error:
-        assert missing_extra_behind(error) == "coremltools"
+    assert missing_extra_behind(raised.value) == "coremltools"
+
+
+def test_an_error_raised_from_none_is_not_put_down_to_the_extra_it_hid(coremltools_missing):
+    with pytest.raises(RuntimeError) as raised:
+        try:
+            import coremltools  # noqa: F401
+        except ImportError:
+            raise RuntimeError("unrelated") from None
+    assert missing_extra_behind(raised.value) is None
 
 
 def test_an_error_of_an_installed_module_or_of_no_module_is_not_put_down_to_an_extra():

@@ -231,10 +231,10 @@ def test_unknown_gradient_is_refused():
 
 def test_off_the_cpu_the_passes_take_pieces_sized_for_kernel_launches_not_for_the_cache():
     """On the CPU the O(n) passes work a cache-sized piece at a time; on an accelerator each
-    piece costs launches, so they take :data:`ACCELERATOR_PIECE` weights (values unchanged:
+    piece costs launches, so both take :data:`ACCELERATOR_CHUNK` weights (values unchanged:
     ``test_chunked_passes_give_the_same_result_as_one_chunk``)."""
-    from lightning_dkm.engine.float16_codes import ACCELERATOR_PIECE, CHUNK, PIECE, pass_sizes
+    from lightning_dkm.engine.float16_codes import ACCELERATOR_CHUNK, CHUNK, PIECE, pass_sizes
 
     assert pass_sizes(torch.device("cpu")) == (CHUNK, PIECE)
-    assert pass_sizes(torch.device("meta")) == (ACCELERATOR_PIECE, ACCELERATOR_PIECE)
-    assert ACCELERATOR_PIECE >= CHUNK > PIECE
+    assert pass_sizes(torch.device("meta")) == (ACCELERATOR_CHUNK, ACCELERATOR_CHUNK)
+    assert ACCELERATOR_CHUNK > CHUNK > PIECE

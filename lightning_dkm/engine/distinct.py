@@ -10,23 +10,23 @@ distinct values ``u`` with their counts :math:`w_u`, forward and backward; cost 
 ``O(n + U k max_iter)`` instead of ``O(n k max_iter)``.
 
 **What touches every weight, and why it is so little.** On CPU an O(n) pass costs mostly the
-fresh memory it writes (page faults), so the step writes little: it works in chunks of
-``CHUNK`` weights whose temporaries the allocator reuses, converts the codes to table columns
-once per forward, and writes each look-up into its result (the backward's second table is
-gathered a ``PIECE`` at a time into one reused scratch buffer). The forward rounds
-``(x - mean) / 2^(e + 14)`` to float16 (``2^e`` is the power of two nearest the palette's
-standard deviation, so the scaling is exact; :mod:`.float16_codes` says why 14); each bit
-pattern is a column of a dense table of 65,536 entries per palette. It counts the columns
-(``bincount``) and reads each output from a table of the clustered values per code, already
-in the weights' units (one ``index_select``). The standard deviation that sets tau's units
-comes from the counted values, not from another pass over the weights. On the CPU these passes
-are C loops (:mod:`.native`: encoding and counting in one read, each look-up and the
-backward's sums one loop each), bit for bit the values of the PyTorch ops described here,
-which run wherever the loops cannot. The backward sums the
-incoming gradient per code (a weighted ``bincount``) and forms each weight's gradient
-:math:`a_u + b_u g_i` from two table lookups. Normalising and denormalising happen on the
-distinct values: the normalisation constants cancel in the gradient. Autograd saves the
-float16 codes (2 bytes per weight) and ``O(U k max_iter)`` for the values.
+fresh memory it writes (page faults), so the step writes little: it works in chunks of ``CHUNK``
+weights whose temporaries the allocator reuses, converts the codes to table columns once per
+forward, and writes each look-up into its result (the backward's second table is gathered a
+``PIECE`` at a time into one reused scratch buffer). Off the CPU chunks and pieces are larger
+(:func:`~.float16_codes.pass_sizes`): there each costs kernel launches. The forward rounds
+``(x - mean) / 2^(e + 14)`` to float16 (``2^e`` is the power of two nearest the palette's standard
+deviation, so the scaling is exact; :mod:`.float16_codes` says why 14); each bit pattern is a
+column of a dense table of 65,536 entries per palette. It counts the columns (``bincount``) and
+reads each output from a table of the clustered values per code, already in the weights' units
+(one ``index_select``). The standard deviation that sets tau's units comes from the counted
+values, not from another pass over the weights. On the CPU these passes are C loops
+(:mod:`.native`: encoding and counting in one read, each look-up and the backward's sums one
+loop each), bit for bit the values of the PyTorch ops described here, which run wherever the
+loops cannot. The backward sums the incoming gradient per code (a weighted ``bincount``) and
+forms each weight's gradient :math:`a_u + b_u g_i` from two table lookups. Normalising and
+denormalising happen on the distinct values: the normalisation constants cancel in the gradient.
+Autograd saves the float16 codes (2 bytes per weight) and ``O(U k max_iter)`` for the values.
 
 **What is approximated, and how much.** The attention and the weights in the centroid sums are
 those of the float16-rounded value of each (centred, power-of-two-scaled) weight; the gradient

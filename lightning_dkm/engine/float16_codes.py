@@ -16,7 +16,7 @@ from . import native
 from .numerics import Normalization, chunks, floored_scale, root_mean_square
 
 __all__ = [
-    "ACCELERATOR_PIECE", "CHUNK", "FLOOR_SHIFT", "CodeColumns", "DistinctValues",
+    "ACCELERATOR_CHUNK", "CHUNK", "FLOOR_SHIFT", "CodeColumns", "DistinctValues",
     "code_constants", "distinct_from_counts", "encode", "float16_codes", "normalized_distinct",
     "pass_sizes", "power_of_two_unit", "prepare", "static_distinct_from_counts",
 ]
@@ -34,24 +34,26 @@ CHUNK = 1 << 20
 #: 0.93-0.96 ms. Each piece's values are those of the whole: the size changes no result.
 PIECE = 1 << 17
 
-#: Off the CPU (CUDA, MPS, ...) chunks and pieces of this many weights (16 MiB of float32 per
-#: palette row) instead: there every chunk and piece costs kernel launches from Python and no
+#: Off the CPU (CUDA, MPS, ...) chunks and pieces are both this many weights (16 MiB of
+#: float32 per palette row): there each chunk and piece costs kernel launches from Python and no
 #: cache is to be stayed in, so MiniLM's 11.7M-weight embedding takes 3 pieces, not 90
-#: (``benchmarks/count_ops.py``). The sizes change no result.
-ACCELERATOR_PIECE = 1 << 22
+#: (``benchmarks/count_ops.py``). The sizes change no result. (A tensor of up to this many
+#: weights keeps its int32 table columns for the look-up, as one of up to :data:`CHUNK` does on
+#: the CPU.)
+ACCELERATOR_CHUNK = 1 << 22
 
 _CODES = 1 << 16  # float16 bit patterns per palette
+_TINY = 1e-30  # keeps log2 finite for a constant palette
+_MAX_EXPONENT = 127  # float32's largest power of two: a unit past it would be inf
 
 
 def pass_sizes(device: torch.device) -> tuple[int, int]:
-    """``(chunk, piece)``: the weights per chunk (:data:`CHUNK`) and per scratch piece
-    (:data:`PIECE`) of the O(n) passes on ``device``; :data:`ACCELERATOR_PIECE` for both off
-    the CPU."""
+    """``(chunk, piece)``: the weights per chunk and per scratch piece of the O(n) passes on
+    ``device``: :data:`CHUNK` and :data:`PIECE` on the CPU, :data:`ACCELERATOR_CHUNK` for both
+    elsewhere."""
     if device.type == "cpu":
         return CHUNK, PIECE
-    return max(CHUNK, ACCELERATOR_PIECE), ACCELERATOR_PIECE
-_TINY = 1e-30  # keeps log2 finite for a constant palette
-_MAX_EXPONENT = 127  # float32's largest power of two: a unit past it would be inf
+    return ACCELERATOR_CHUNK, ACCELERATOR_CHUNK
 
 #: Binades between the codes' unit and the power of two ``s`` nearest the standard deviation.
 #: A code is ``(x - center) / (s 2^14)``: float16's normal range starts at ``2^-14``, so a
@@ -153,7 +155,8 @@ def encode(x: Tensor, center: Tensor, unit: Tensor, *, fused: bool = True) -> Te
     """The float16 codes ``(x - center) / unit`` of ``x`` (P, n), ``center`` and ``unit``
     (P, 1): elementwise, so the codes of any part of ``x`` are those of the whole (what
     :mod:`.shard_local` relies on). One loop of :mod:`.native` where it can (``fused``), else
-    PyTorch ops, a :data:`PIECE` at a time through one reused buffer; the same codes."""
+    PyTorch ops, a piece at a time through one reused buffer (:func:`pass_sizes`); the same
+    codes."""
     P, n = x.shape
     inverse_unit = 1.0 / unit  # exact: a power of two
     loops = native_loops(x, center, inverse_unit) if fused else None
@@ -241,7 +244,7 @@ class CodeColumns:
         ``table[column] + table_b[column] * g``. The result is the one buffer of ``n`` values
         it allocates (or ``out``, (P, n) of ``table``'s dtype, not ``g``): each chunk's
         look-up is written into it in place, and ``table_b``'s values are gathered a
-        :data:`PIECE` at a time into one small scratch buffer."""
+        piece at a time into one small scratch buffer (:func:`pass_sizes`)."""
         P, n = self.codes.shape
         if out is None:
             out = table.new_empty(P, n)
