@@ -9,7 +9,7 @@ import torch
 
 from lightning_dkm.engine.distinct import unique_dkm_batch, unique_dkm_cluster
 from lightning_dkm.engine.kmeans import kmeans
-from lightning_dkm.engine.numerics import sync_free
+from lightning_dkm.engine.numerics import normalization_of, sync_free
 
 
 def _tensors():
@@ -78,6 +78,42 @@ def test_without_host_reads_the_batch_gives_the_compact_result(epsilon):
     for a, b, ga, gb in zip(full, compact, full_grads, compact_grads, strict=True):
         torch.testing.assert_close(a.weights, b.weights, rtol=1e-9, atol=1e-12)
         torch.testing.assert_close(ga, gb, rtol=1e-7, atol=1e-10)
+
+
+@pytest.mark.parametrize("gradient", ["unrolled", "implicit"])
+def test_without_host_reads_a_batch_shares_one_layout_and_gives_each_tensor_its_own_result(
+        gradient):
+    """On an accelerator a batch's palettes share one distinct-value layout (fewer kernel
+    launches); each tensor still gets what it gets alone, also one whose output is unused."""
+    xs, cs, taus = _tensors()
+    upstream = [torch.randn_like(xs[0]), None, torch.randn_like(xs[2])]
+    kwargs = dict(max_iter=3, epsilon=0.0, gradient=gradient)
+    with sync_free():
+        batched, batched_grads = _run(unique_dkm_batch, xs, cs, taus, upstream, **kwargs)
+        alone = _one_by_one(xs, cs, taus, **kwargs)
+        _, alone_grads = _run(_one_by_one, [xs[0], xs[2]], [cs[0], cs[2]],
+                              [taus[0], taus[2]], [upstream[0], upstream[2]], **kwargs)
+    assert batched_grads[1] is None
+    _assert_same([batched[0], batched[2]], [alone[0], alone[2]],
+                 [batched_grads[0], batched_grads[2]], alone_grads)
+    torch.testing.assert_close(batched[1].weights, alone[1].weights, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(batched[1].centroids, alone[1].centroids, rtol=1e-10, atol=1e-12)
+
+
+def test_without_host_reads_a_given_normalization_keeps_its_tensor_in_a_layout_of_its_own():
+    """A tensor normalised by given constants (shard-local DKM's) is laid out on its own."""
+    xs, cs, taus = _tensors()
+    norms = [normalization_of(xs[0]), None, None]
+    upstream = [torch.randn_like(x) for x in xs]
+    with sync_free():
+        batched, batched_grads = _run(unique_dkm_batch, xs, cs, taus, upstream, max_iter=3,
+                                      epsilon=0.0, normalizations=norms)
+        alone = [unique_dkm_cluster(x, c, t, max_iter=3, epsilon=0.0, normalization=n)
+                 for x, c, t, n in zip(xs, cs, taus, norms, strict=True)]
+    torch.testing.assert_close(batched[0].weights, alone[0].weights, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(batched[2].centroids, alone[2].centroids, rtol=1e-10,
+                               atol=1e-12)
+    assert all(g is not None for g in batched_grads)
 
 
 def test_each_tensor_of_a_batch_stops_early_on_its_own():

@@ -47,7 +47,11 @@ fixed-size table (``bincount`` reads its input's maximum back), the rough standa
 picks its fallback with ``torch.where``, and the early stop is decided on the device
 (:class:`~.numerics.EarlyStop`). The values are those of the compact layout up to the
 summation order; the iterations do up to ``min(n, 65536) / U`` times the work (about 3x for
-half a million Gaussian weights), which an accelerator does in microseconds.
+half a million Gaussian weights), which an accelerator does in microseconds. There every
+operator is a kernel launch, so a batch's palettes share one layout
+(:func:`~.float16_codes.prepare_shared`): the units, the distinct values, the scales and the
+per-code tables of the soft weights and gradients are computed once for all its tensors, not
+once per tensor (``benchmarks/count_ops.py``).
 
 **The DKM itself** is the weighted core's (:mod:`.weighted`), fed the distinct values and
 their counts: its forward, and its backward for the gradient summed per value, which gives
@@ -64,7 +68,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .float16_codes import CodeColumns, DistinctValues, prepare
+from .float16_codes import CODES, CodeColumns, DistinctValues, prepare, prepare_shared
 from .numerics import (
     DKMOutput,
     Groups,
@@ -99,13 +103,67 @@ class _Config(NamedTuple):
     codes_once: tuple[CodesOnce | None, ...]  # a rebuilding tensor's codes (:mod:`.rebuild`)
 
 
-class _InBatch(NamedTuple):
-    """One tensor of a batch between the forward and the backward (its codes are saved
-    tensors): where its distinct values are, and which rows / columns of the batch they fill."""
+class _OwnLayouts:
+    """Each tensor of a batch with a distinct-value layout of its own (:func:`prepare`): its
+    palettes are rows ``rows[t]`` of the batch and its values the first ``widths[t]`` columns,
+    normalised by ``centers[t]`` and ``scales[t]`` (P_t, 1). The layouts keep no values (the
+    batch's are saved with the trajectory)."""
 
-    distinct: DistinctValues  # the values dropped (they live in the batch)
-    rows: slice  # its palettes among the batch's
-    width: int  # its number of distinct-value columns (U_t)
+    shares_tables = False  # each per-code table is a tensor of its own
+
+    def __init__(self, distinct: Sequence[DistinctValues], rows: list[slice],
+                 centers: Sequence[Tensor], scales: Sequence[Tensor]) -> None:
+        self.parts = [d._replace(values=None) for d in distinct]
+        self.rows, self.centers, self.scales = rows, centers, scales
+        self.widths = [d.counts.shape[1] for d in distinct]
+
+    def soft_tables(self, y: Tensor) -> list[Tensor]:
+        """Each tensor's per-code table (P_t * 65536,) of the batch's values ``y`` (P, U),
+        in its weights' units."""
+        return [d.to_dense(y[r, :w] * scale + center) for d, r, w, center, scale in zip(
+            self.parts, self.rows, self.widths, self.centers, self.scales, strict=True)]
+
+    def to_dense(self, compact: Tensor, wanted: Sequence[bool]) -> list[Tensor | None]:
+        """Each wanted tensor's per-code table of ``compact`` (P, U)."""
+        return [d.to_dense(compact[r, :w]) if want else None
+                for d, r, w, want in zip(self.parts, self.rows, self.widths, wanted, strict=True)]
+
+    def from_dense(self, per_code: Sequence[Tensor | None], like: Tensor) -> Tensor:
+        """The batch's (P, U) values (0 in padding and for a tensor without one) of each
+        tensor's per-code table."""
+        out = torch.zeros_like(like)
+        for d, r, w, table in zip(self.parts, self.rows, self.widths, per_code, strict=True):
+            if table is not None:
+                out[r, :w] = d.from_dense(table)
+        return out
+
+
+class _SharedLayout:
+    """Every palette of a batch in one distinct-value layout (:func:`prepare_shared`),
+    normalised by ``center`` and ``scale`` (P, 1): the per-code tables of all tensors are one
+    table, tensor ``t`` its rows ``rows[t]``; the methods are :class:`_OwnLayouts`'."""
+
+    shares_tables = True  # each per-code table is a view of the batch's
+
+    def __init__(self, distinct: DistinctValues, rows: list[slice], center: Tensor,
+                 scale: Tensor) -> None:
+        self.distinct = distinct._replace(values=None)
+        self.rows, self.center, self.scale = rows, center, scale
+
+    def _split(self, dense: Tensor) -> list[Tensor]:
+        return [dense[r.start * CODES: r.stop * CODES] for r in self.rows]
+
+    def soft_tables(self, y: Tensor) -> list[Tensor]:
+        return self._split(self.distinct.to_dense(y * self.scale + self.center))
+
+    def to_dense(self, compact: Tensor, wanted: Sequence[bool]) -> list[Tensor | None]:
+        tables = self._split(self.distinct.to_dense(compact))
+        return [table if want else None for table, want in zip(tables, wanted, strict=True)]
+
+    def from_dense(self, per_code: Sequence[Tensor | None], like: Tensor) -> Tensor:
+        parts = [like.new_zeros((r.stop - r.start) * CODES) if table is None else table
+                 for r, table in zip(self.rows, per_code, strict=True)]
+        return self.distinct.from_dense(torch.cat(parts))
 
 
 def _padded(parts: list[Tensor], width: int) -> Tensor:
@@ -137,19 +195,26 @@ class _UniqueDKM(torch.autograd.Function):
         normalizations, device_side = config.normalizations, config.device_side
         T = len(config.inv_taus)
         xs, centroids = inputs[:T], inputs[T:]
-        # per tensor; its table columns are converted once, for counting and for the look-up
-        codes, columns, distinct, centers, scales = zip(*(
-            prepare(x.detach(), norm, device_side)
-            for x, norm in zip(xs, normalizations, strict=True)), strict=True)
-        tensors, row = [], 0
-        for x, d in zip(xs, distinct, strict=True):
-            tensors.append(_InBatch(d._replace(values=None), slice(row, row + x.shape[0]),
-                                    d.values.shape[1]))
+        rows, row = [], 0
+        for x in xs:
+            rows.append(slice(row, row + x.shape[0]))
             row += x.shape[0]
-        width = max(t.width for t in tensors)
+        layout: _OwnLayouts | _SharedLayout
+        if device_side and all(norm is None for norm in normalizations):
+            codes, columns, shared, center, scale = prepare_shared([x.detach() for x in xs])
+            layout = _SharedLayout(shared, rows, center, scale)
+            centers = [center[r] for r in rows]
+            scales = [scale[r] for r in rows]
+            batch_values, batch_counts = shared.values.unsqueeze(1), shared.counts  # (P, 1, U)
+        else:  # per tensor; its table columns are converted once, for counting and look-up
+            codes, columns, distinct, centers, scales = zip(*(
+                prepare(x.detach(), norm, device_side)
+                for x, norm in zip(xs, normalizations, strict=True)), strict=True)
+            layout = _OwnLayouts(distinct, rows, centers, scales)
+            width = max(layout.widths)
+            batch_values = _padded([d.values for d in distinct], width).unsqueeze(1)
+            batch_counts = _padded([d.counts for d in distinct], width)
         k = max(c.shape[1] for c in centroids)
-        batch_values = _padded([d.values for d in distinct], width).unsqueeze(1)  # (P, 1, U)
-        batch_counts = _padded([d.counts for d in distinct], width)
         c0 = _padded([(c - center) / scale for c, center, scale
                       in zip(centroids, centers, scales, strict=True)], k).unsqueeze(-1)
         mask = None
@@ -168,16 +233,15 @@ class _UniqueDKM(torch.autograd.Function):
                                               implicit=config.implicit, centroid_mask=mask,
                                               groups=groups)
         outputs, finals, tables = [], [], []
-        for t, x, c, d, center, scale, column, again in zip(
-                tensors, xs, centroids, distinct, centers, scales, columns, config.codes_once,
-                strict=True):
-            y_t = y[t.rows, 0, : t.width] * scale + center
-            table = d.to_dense(y_t.to(x.dtype))
+        for r, x, c, table, center_t, scale_t, column, again in zip(
+                rows, xs, centroids, layout.soft_tables(y[:, 0]), centers, scales, columns,
+                config.codes_once, strict=True):
+            table = table.to(x.dtype)
             outputs.append(column.look_up(table))
-            finals.append(c_final[t.rows, : c.shape[1], 0] * scale + center)
-            if again:
-                tables.append(table)
-        ctx.tensors = tensors  # the codes are saved below
+            finals.append(c_final[r, : c.shape[1], 0] * scale_t + center_t)
+            if again:  # its own tensor: an output of the step, not a view of the batch's
+                tables.append(table.clone() if layout.shares_tables else table)
+        ctx.layout = layout  # the codes are saved below
         # A rebuilding tensor keeps its input instead of its codes (a view of the caller's
         # weight, which exists anyway) and computes the codes again in the backward.
         kept = [x if again else code
@@ -189,7 +253,7 @@ class _UniqueDKM(torch.autograd.Function):
         ctx.set_materialize_grads(False)  # an unused tensor's gradient stays None: no work
         ctx.implicit, ctx.device_side = config.implicit, device_side
         ctx.mark_non_differentiable(*finals, *tables)
-        iterations = tuple(trajectory.count(t.rows.start) for t in tensors)
+        iterations = tuple(trajectory.count(r.start) for r in rows)
         return *outputs, *finals, *iterations, *tables
 
     @staticmethod
@@ -209,24 +273,24 @@ def _unique_backward(ctx, grads: tuple[Tensor | None, ...]) -> list[Tensor | Non
     codes = [k if again is None else again.take_codes(k, norm, ctx.device_side)
              for k, norm, again in zip(kept, ctx.normalizations, ctx.codes_once, strict=True)]
     columns = [CodeColumns(c, ctx.device_side) for c in codes]
-    G = torch.zeros_like(values)  # (P, 1, U)
-    for t, column, g in zip(ctx.tensors, columns, grads, strict=True):
-        if g is not None:
-            per_code = column.sum_per_code(g.to(values.dtype)).to(values.dtype)
-            G[t.rows, 0, : t.width] = t.distinct.from_dense(per_code)
+    layout = ctx.layout
+    G = layout.from_dense([None if g is None else
+                           column.sum_per_code(g.to(values.dtype)).to(values.dtype)
+                           for column, g in zip(columns, grads, strict=True)],
+                          values[:, 0]).unsqueeze(1)  # (P, 1, U)
     shared, b = weighted_dkm_gradient(values, counts, trajectory, G, inv_tau,
                                       implicit=ctx.implicit, check_errors=not ctx.device_side,
                                       centroid_mask=mask)
     assert b is not None
+    wanted = [g is not None for g in grads]
+    # d L / d x_i = s_u + b_u g_i, with u the value of weight i: two table lookups.
     out: list[Tensor | None] = []
-    for t, column, g in zip(ctx.tensors, columns, grads, strict=True):
+    for column, g, a_table, b_table in zip(columns, grads, layout.to_dense(shared[:, 0], wanted),
+                                           layout.to_dense(b[:, 0], wanted), strict=True):
         if g is None:
             out.append(None)
             continue
-        # d L / d x_i = s_u + b_u g_i, with u the value of weight i: two table lookups.
-        grad = column.look_up(t.distinct.to_dense(shared[t.rows, 0, : t.width]),
-                              factor=(t.distinct.to_dense(b[t.rows, 0, : t.width]),
-                                      g.to(values.dtype)))
+        grad = column.look_up(a_table, factor=(b_table, g.to(values.dtype)))
         out.append(grad.to(g.dtype))
     return [*out, *([None] * ctx.count)]  # no gradient for the starting centroids
 

@@ -7,6 +7,7 @@ shape where host reads are not free); per-code tables are read back per weight b
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
@@ -16,9 +17,9 @@ from . import native
 from .numerics import Normalization, chunks, floored_scale, root_mean_square
 
 __all__ = [
-    "ACCELERATOR_CHUNK", "CHUNK", "FLOOR_SHIFT", "CodeColumns", "DistinctValues",
+    "ACCELERATOR_CHUNK", "CHUNK", "CODES", "FLOOR_SHIFT", "CodeColumns", "DistinctValues",
     "code_constants", "distinct_from_counts", "encode", "float16_codes", "normalized_distinct",
-    "pass_sizes", "power_of_two_unit", "prepare", "static_distinct_from_counts",
+    "pass_sizes", "power_of_two_unit", "prepare", "prepare_shared", "static_distinct_from_counts",
 ]
 
 #: Weights per chunk of the O(n) passes: a chunk's temporaries (a few MiB) come from the
@@ -42,7 +43,7 @@ PIECE = 1 << 17
 #: the CPU.)
 ACCELERATOR_CHUNK = 1 << 22
 
-_CODES = 1 << 16  # float16 bit patterns per palette
+CODES = 1 << 16  # float16 bit patterns per palette: the columns of a per-code table
 _TINY = 1e-30  # keeps log2 finite for a constant palette
 _MAX_EXPONENT = 127  # float32's largest power of two: a unit past it would be inf
 
@@ -89,14 +90,14 @@ class DistinctValues(NamedTuple):
             return spare.gather(1, self.slots).view(-1)
         assert self.ids is not None
         picked = compact.view(-1) if self.rows is None else compact[self.rows, self.cols]
-        return compact.new_empty(P * _CODES).scatter_(0, self.ids, picked)
+        return compact.new_empty(P * CODES).scatter_(0, self.ids, picked)
 
     def from_dense(self, dense: Tensor) -> Tensor:
         """(P * 65536,) per code -> (P, U) per distinct value (0 in padding)."""
         if self.slots is not None:
             P, width = self.counts.shape
             compact = dense.new_zeros(P, width + 1)
-            return compact.scatter_(1, self.slots, dense.view(P, _CODES))[:, :width]
+            return compact.scatter_(1, self.slots, dense.view(P, CODES))[:, :width]
         assert self.ids is not None
         picked = dense.index_select(0, self.ids)
         if self.rows is None:
@@ -206,7 +207,7 @@ class CodeColumns:
         columns = codes.view(torch.uint16).to(torch.int32)
         P = codes.shape[0]
         if P > 1:
-            columns += torch.arange(0, P * _CODES, _CODES, device=codes.device,
+            columns += torch.arange(0, P * CODES, CODES, device=codes.device,
                                     dtype=torch.int32).unsqueeze(1)
         return columns.view(-1)
 
@@ -221,7 +222,7 @@ class CodeColumns:
                      else loops.sum_per_code(self.codes, weights))
             if total is not None:
                 return total
-        size = self.codes.shape[0] * _CODES
+        size = self.codes.shape[0] * CODES
         if self.device_side:
             dtype = torch.long if weights is None else weights.dtype
             table = torch.zeros(size, dtype=dtype, device=self.codes.device)
@@ -310,12 +311,12 @@ def distinct_from_counts(dense_counts: Tensor, P: int, dtype: torch.dtype) -> Di
         values = ids.to(torch.int16).view(torch.float16).to(dtype)  # int16 wraps like uint16
         counts = dense_counts[ids].to(dtype)
         return DistinctValues(ids, None, None, values.unsqueeze(0), counts.unsqueeze(0))
-    rows = torch.div(ids, _CODES, rounding_mode="floor")
+    rows = torch.div(ids, CODES, rounding_mode="floor")
     per_palette = torch.bincount(rows, minlength=P)
     width = int(per_palette.max())
     starts = per_palette.cumsum(0) - per_palette
     cols = torch.arange(ids.numel(), device=ids.device) - starts[rows]
-    bit_patterns = (ids - rows * _CODES).to(torch.int16)
+    bit_patterns = (ids - rows * CODES).to(torch.int16)
     values = torch.zeros(P, width, dtype=dtype, device=ids.device)
     counts = torch.zeros(P, width, dtype=dtype, device=ids.device)
     values[rows, cols] = bit_patterns.view(torch.float16).to(dtype)
@@ -328,11 +329,11 @@ def static_distinct_from_counts(dense_counts: Tensor, P: int, n: int, dtype: tor
     """The occupied codes of the per-code counts ``(P * 65536,)`` of ``n`` weights per palette,
     as :func:`distinct_from_counts` gives them, but in the layout of ``min(n, 65536)`` columns
     that needs no host read (:mod:`.distinct`'s module docstring, "Without host reads")."""
-    width = min(n, _CODES)
-    dense_counts = dense_counts.view(P, _CODES)
+    width = min(n, CODES)
+    dense_counts = dense_counts.view(P, CODES)
     occupied = dense_counts > 0
     slots = torch.where(occupied, occupied.cumsum(1) - 1, width)  # (P, 65536)
-    patterns = torch.arange(_CODES, dtype=torch.int32, device=slots.device).to(torch.int16)
+    patterns = torch.arange(CODES, dtype=torch.int32, device=slots.device).to(torch.int16)
     code_values = torch.where(occupied, patterns.view(torch.float16).to(dtype), 0.0)
     values = code_values.new_zeros(P, width + 1).scatter_(1, slots, code_values)[:, :width]
     counts = values.new_zeros(P, width + 1).scatter_(1, slots, dense_counts.to(dtype))
@@ -382,6 +383,34 @@ def prepare(x: Tensor, normalization: Normalization | None, device_side: bool
     return codes, columns, distinct, center, scale
 
 
+def prepare_shared(xs: Sequence[Tensor]
+                   ) -> tuple[list[Tensor], list[CodeColumns], DistinctValues, Tensor, Tensor]:
+    """:func:`prepare` without host reads (``device_side``) for a batch of tensors ``xs``
+    (P_t, n_t) with no given normalisation, in the fewest kernel launches: per tensor only what
+    reads its weights (its centre, rough spread, codes and counts); the power-of-two units, the
+    distinct-value layout, the scales and the normalisation once for every palette of the
+    batch. Returns each tensor's codes and columns, and for the batch's rows (sum P_t) the
+    distinct values (normalised in place, ``min(max n_t, 65536)`` columns), centres and scales.
+    The same values as :func:`prepare` tensor by tensor, up to the rounding of a palette's
+    second moment summed over more (zero) padding columns."""
+    centers = [x.mean(dim=1, keepdim=True) for x in xs]
+    units = power_of_two_unit(torch.cat([_rough_std(x, center, device_side=True)
+                                         for x, center in zip(xs, centers, strict=True)]))
+    codes, columns, counts = [], [], []
+    row = 0
+    for x, center in zip(xs, centers, strict=True):
+        code = encode(x, center, units[row:row + x.shape[0]], fused=False)
+        column = CodeColumns(code, device_side=True)
+        codes.append(code)
+        columns.append(column)
+        counts.append(column.sum_per_code())
+        row += x.shape[0]
+    center = torch.cat(centers)
+    distinct, scale = normalized_distinct(torch.cat(counts), row, max(x.shape[1] for x in xs),
+                                          units, center, None, True, center.dtype)
+    return codes, columns, distinct, center, scale
+
+
 def _fused_disagreement(loaded: native.Kernels) -> str | None:
     """Compares every native loop with the PyTorch ops on values that exercise float16's
     rounding, subnormals, overflow, NaN payloads and repeated codes; returns what differs, if
@@ -401,8 +430,8 @@ def _fused_disagreement(loaded: native.Kernels) -> str | None:
     finite = torch.where(x.isnan(), 0.0, x)
     columns = CodeColumns(codes, fused=False)
     g = torch.randn(2, 4099, generator=generator, **cpu)
-    a = torch.randn(2 * _CODES, generator=generator, **cpu)
-    b = torch.randn(2 * _CODES, generator=generator, **cpu)
+    a = torch.randn(2 * CODES, generator=generator, **cpu)
+    b = torch.randn(2 * CODES, generator=generator, **cpu)
     encoded = loaded.encode_and_count(x, center, inverse_unit)
     finite_codes = encode(finite, center, unit, fused=False)
     finite_columns = CodeColumns(finite_codes, fused=False)

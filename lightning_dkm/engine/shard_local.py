@@ -68,6 +68,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from .float16_codes import (
+    CODES,
     CodeColumns,
     DistinctValues,
     encode,
@@ -81,7 +82,6 @@ from .weighted import Trajectory, weighted_dkm, weighted_dkm_gradient
 
 __all__ = ["ShardLocalDKM", "eligible", "owners"]
 
-_CODES = 1 << 16  # float16 bit patterns (one palette)
 
 
 def eligible(p: DKMParametrization, original: Tensor) -> str | None:
@@ -115,7 +115,7 @@ def owners(sizes: Sequence[int], world: int) -> list[int]:
     lowest rank). The same on every rank (it depends on the sizes only). Dealing by ``n``
     instead would give one rank the largest weight and little else, though its iterations
     cost no more than a 65,536-weight matrix's."""
-    costs = [min(n, _CODES) for n in sizes]
+    costs = [min(n, CODES) for n in sizes]
     load = [0] * world
     out = [0] * len(sizes)
     for i in sorted(range(len(sizes)), key=lambda i: (-costs[i], -sizes[i], i)):
@@ -232,7 +232,7 @@ class ShardLocalDKM:
             if w.owner == self.rank:
                 w.table, final = self._dkm(w, total)
             else:
-                w.table = total.new_empty(_CODES, dtype=torch.float32)
+                w.table = total.new_empty(CODES, dtype=torch.float32)
                 final = torch.empty_like(w.p.centroids)
             finals.append(final)
         self._from_owners([(w.table, final) for w, final in zip(self.weights, finals,
@@ -307,7 +307,7 @@ class ShardLocalDKM:
         columns = [w.codes() for w in self.weights]
         # float32 also for an empty shard (fewer rows than ranks), whose bincount is int64
         sums = [c.sum_per_code(g.detach().reshape(1, -1).float()).float() if ok else
-                torch.zeros(_CODES, dtype=torch.float32, device=c.codes.device)
+                torch.zeros(CODES, dtype=torch.float32, device=c.codes.device)
                 for c, g, ok in zip(columns, grads, ready, strict=True)]
         sums = self._to_owners(sums)
         tables = []
@@ -315,12 +315,12 @@ class ShardLocalDKM:
             if w.owner == self.rank and ok:
                 tables.append(self._gradient_tables(w, total))
             else:
-                tables.append(total.new_empty(2 * _CODES, dtype=torch.float32))
+                tables.append(total.new_empty(2 * CODES, dtype=torch.float32))
         self._from_owners([(t,) for t in tables])
         for w, column, g, t, ok in zip(self.weights, columns, grads, tables, ready,
                                        strict=True):
             if ok and g is not None:
-                dkm = column.look_up(t[:_CODES], factor=(t[_CODES:], g.reshape(1, -1).float()))
+                dkm = column.look_up(t[:CODES], factor=(t[CODES:], g.reshape(1, -1).float()))
                 g.copy_(dkm.view(g.shape))
             w.owned, w.table = None, None
 
