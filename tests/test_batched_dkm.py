@@ -100,6 +100,28 @@ def test_without_host_reads_a_batch_shares_one_layout_and_gives_each_tensor_its_
     torch.testing.assert_close(batched[1].centroids, alone[1].centroids, rtol=1e-10, atol=1e-12)
 
 
+def test_without_host_reads_a_shared_layout_holds_tensors_past_65536_weights_and_rebuilds():
+    """A batch of float32 tensors, one wider than the 65,536 columns of the layout and two
+    narrower, two of them rebuilding their soft weights in the backward: each gets what it
+    gets alone."""
+    gen = torch.Generator().manual_seed(3)
+    xs = [torch.randn(P, n, 1, generator=gen) * 0.02 for P, n in ((1, 20000), (3, 5000),
+                                                                  (2, 70000))]
+    cs = [kmeans(x, k, torch.Generator().manual_seed(1), max_iter=5).centroids
+          for x, k in zip(xs, (4, 16, 2), strict=True)]
+    taus = [0.01, 0.05, 0.02]
+    upstream = [torch.randn_like(x) for x in xs]
+    kwargs = dict(max_iter=3, epsilon=1e-4)
+    with sync_free():
+        batched, batched_grads = _run(unique_dkm_batch, xs, cs, taus, upstream,
+                                      rebuild=[True, False, True], **kwargs)
+        alone, alone_grads = _run(_one_by_one, xs, cs, taus, upstream, **kwargs)
+    for b, a, gb, ga in zip(batched, alone, batched_grads, alone_grads, strict=True):
+        torch.testing.assert_close(b.weights, a.weights, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(b.centroids, a.centroids, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(gb, ga, rtol=1e-4, atol=1e-6)
+
+
 def test_without_host_reads_a_given_normalization_keeps_its_tensor_in_a_layout_of_its_own():
     """A tensor normalised by given constants (shard-local DKM's) is laid out on its own."""
     xs, cs, taus = _tensors()

@@ -83,7 +83,6 @@ from .weighted import Trajectory, weighted_dkm, weighted_dkm_gradient
 __all__ = ["ShardLocalDKM", "eligible", "owners"]
 
 
-
 def eligible(p: DKMParametrization, original: Tensor) -> str | None:
     """``None`` when ``p``'s weight can be clustered shard-locally (module docstring), else
     why not (for a warning naming it). Mode and training are the caller's: outside soft
