@@ -9,7 +9,9 @@
 # 2. no host sync in a training step (tests/test_host_syncs.py, the
 #    torch.cuda.set_sync_debug_mode("error") tests);
 # 3. benchmarks/perf_step.py on CUDA (the CNN, every implementation, with
-#    torch.cuda.max_memory_allocated per step; then the peak-memory subprocesses for "auto").
+#    torch.cuda.max_memory_allocated per step; ResNet-18 and the MiniLM-size encoder with
+#    "auto", where a step's kernel launches matter most: docs/benchmarks.md "On a GPU"; then
+#    the peak-memory subprocesses for "auto").
 #
 # It prints a table of the checks and the perf rows, writes the JSON and logs to OUT_DIR, and
 # exits non-zero if any check failed (or if this Python has no CUDA).
@@ -65,6 +67,9 @@ check host-syncs "$py" -m pytest tests/test_host_syncs.py -q -rs -p no:cacheprov
 check perf-step "$py" benchmarks/perf_step.py --device cuda --models cnn --bits 2 4 \
   --implementations auto unique chunked reference --steps 10 --warmup 3 --no-memory \
   --json "$out/perf_step_cuda.json"
+check perf-models "$py" benchmarks/perf_step.py --device cuda --models resnet18 minilm \
+  --bits 2 4 --implementations auto --steps 10 --warmup 3 --no-memory \
+  --json "$out/perf_models_cuda.json"
 check perf-memory "$py" benchmarks/perf_step.py --device cuda --models cnn --bits 4 \
   --implementations auto --steps 5 --warmup 2 --json "$out/perf_memory_cuda.json"
 
@@ -78,11 +83,12 @@ done
 
 if [ -f "$out/perf_step_cuda.json" ]; then
   echo
-  "$py" - "$out/perf_step_cuda.json" <<'EOF'
+  "$py" - "$out/perf_step_cuda.json" "$out/perf_models_cuda.json" <<'EOF'
 import json
+import os
 import sys
 
-rows = json.load(open(sys.argv[1]))["rows"]
+rows = [r for f in sys.argv[1:] if os.path.exists(f) for r in json.load(open(f))["rows"]]
 print(f"{'model':8s} {'bits':>4s} {'impl':9s} {'plain ms':>9s} {'dkm ms':>8s} {'ratio':>6s} "
       f"{'plain peak MB':>13s} {'dkm peak MB':>11s} {'dkm step +MB':>12s}")
 for r in rows:

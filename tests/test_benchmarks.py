@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -335,3 +336,18 @@ def test_count_ops_counts_more_operators_with_dkm_than_without(tmp_path):
     (row,) = json.loads(out.read_text())["rows"]
     assert row["clustered_tensors"] == 4 and row["dkm"] > row["plain"] > 0
     assert len(row["top"]) == 3 and "added" in result.stdout
+
+
+def test_gpu_check_refuses_a_python_without_cuda_and_says_why(tmp_path):
+    """``benchmarks/gpu_check.sh`` (run on a GPU machine) is valid bash and, where this Python
+    has no CUDA, exits 1 before running anything, naming the cause."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this Python has CUDA: the script would run the whole check")
+    script = BENCHMARKS / "gpu_check.sh"
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    result = subprocess.run(["bash", str(script), str(tmp_path / "out")], capture_output=True,
+                            text=True, timeout=120, env={**os.environ, "PYTHON": sys.executable})
+    assert result.returncode == 1
+    assert "has no usable CUDA device" in result.stderr

@@ -386,7 +386,7 @@ def prepare(x: Tensor, normalization: Normalization | None, device_side: bool
 def prepare_shared(xs: Sequence[Tensor]
                    ) -> tuple[list[Tensor], list[CodeColumns], DistinctValues, Tensor, Tensor]:
     """:func:`prepare` without host reads (``device_side``) for a batch of tensors ``xs``
-    (P_t, n_t) with no given normalisation, in the fewest kernel launches: per tensor only what
+    (P_t, n_t) with no given normalisation, in fewer kernel launches: per tensor only what
     reads its weights (its centre, rough spread, codes and counts); the power-of-two units, the
     distinct-value layout, the scales and the normalisation once for every palette of the
     batch. Returns each tensor's codes and columns, and for the batch's rows (sum P_t) the
