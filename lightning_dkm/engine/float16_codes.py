@@ -56,6 +56,7 @@ def pass_sizes(device: torch.device) -> tuple[int, int]:
         return CHUNK, PIECE
     return ACCELERATOR_CHUNK, ACCELERATOR_CHUNK
 
+
 #: Binades between the codes' unit and the power of two ``s`` nearest the standard deviation.
 #: A code is ``(x - center) / (s 2^14)``: float16's normal range starts at ``2^-14``, so a
 #: deviation ``|x - center| >= s`` is rounded with float16's relative precision (``2^-11`` of
@@ -122,16 +123,20 @@ def code_constants(x: Tensor, normalization: Normalization | None, device_side: 
                    ) -> tuple[Tensor, Tensor, Tensor | None]:
     """The centres, power-of-two units and given scales (or ``None``) of
     :func:`float16_codes`, before any weight is encoded."""
-    P = x.shape[0]
+    center, rough, scale = _center_and_spread(x, normalization, device_side)
+    return center, power_of_two_unit(rough), scale
+
+
+def _center_and_spread(x: Tensor, normalization: Normalization | None, device_side: bool
+                       ) -> tuple[Tensor, Tensor, Tensor | None]:
+    """The centres (P, 1), the spreads the units are taken from (the rough standard deviation,
+    or the given scale) and the given scales (or ``None``) of :func:`code_constants`."""
     if normalization is None:
         center = x.mean(dim=1, keepdim=True)
-        scale = None
-        rough = _rough_std(x, center, device_side)
-    else:
-        center = normalization.center.reshape(P, 1).to(x.dtype)
-        scale = normalization.scale.reshape(P, 1).to(x.dtype)
-        rough = scale
-    return center, power_of_two_unit(rough), scale
+        return center, _rough_std(x, center, device_side), None
+    P = x.shape[0]
+    scale = normalization.scale.reshape(P, 1).to(x.dtype)
+    return normalization.center.reshape(P, 1).to(x.dtype), scale, scale
 
 
 def power_of_two_unit(rough: Tensor) -> Tensor:
@@ -255,7 +260,7 @@ class CodeColumns:
                          else loops.look_up_affine(self.codes, table, *factor, out))
             if looked_up is not None:
                 return looked_up
-        scratch = None
+        scratch, piece_size = None, pass_sizes(self.codes.device)[1]
         for part, columns in self.chunks():
             target = out[:, part]
             if target.is_contiguous():
@@ -269,7 +274,6 @@ class CodeColumns:
             if P > 1:  # pieces of the flat columns would cut across the palettes' rows
                 target.addcmul_(table_b.index_select(0, columns).view(P, -1), g)
                 continue
-            piece_size = pass_sizes(table_b.device)[1]
             if scratch is None:
                 scratch = table_b.new_empty(min(piece_size, n))
             flat, flat_g = target.view(-1), g.reshape(-1)
@@ -393,9 +397,9 @@ def prepare_shared(xs: Sequence[Tensor]
     distinct values (normalised in place, ``min(max n_t, 65536)`` columns), centres and scales.
     The same values as :func:`prepare` tensor by tensor, up to the rounding of a palette's
     second moment summed over more (zero) padding columns."""
-    centers = [x.mean(dim=1, keepdim=True) for x in xs]
-    units = power_of_two_unit(torch.cat([_rough_std(x, center, device_side=True)
-                                         for x, center in zip(xs, centers, strict=True)]))
+    centers, spreads, _ = zip(*(_center_and_spread(x, None, device_side=True) for x in xs),
+                              strict=True)
+    units = power_of_two_unit(torch.cat(spreads))  # one op for all palettes, not one per tensor
     codes, columns, counts = [], [], []
     row = 0
     for x, center in zip(xs, centers, strict=True):
