@@ -79,7 +79,7 @@ def palette_unit(x: Tensor) -> Tensor:
     return power_of_two(torch.maximum(high, -low)).view(-1, 1, 1)
 
 
-def sq_distances(xt: Tensor, c: Tensor) -> Tensor:
+def sq_distances(xt: Tensor, c: Tensor, out: Tensor | None = None) -> Tensor:
     r"""Squared Euclidean distances ``D[p, j, i] = ||xt[p, :, i] - c[p, j]||^2`` laid out
     ``(P, k, n)`` from points ``xt`` ``(P, d, n)`` and centroids ``c`` ``(P, k, d)``: the one
     home of this distance (k-means, the DKM steps, the temperature search).
@@ -90,13 +90,14 @@ def sq_distances(xt: Tensor, c: Tensor) -> Tensor:
     For ``d == 1`` the difference is formed directly (exact). For ``d > 1`` the expansion
     :math:`\|x\|^2 - 2 x \cdot c + \|c\|^2` keeps memory at ``k x n`` instead of ``k x n x d``;
     it is clamped at 0 against rounding. Callers that need accuracy for data far from the origin
-    centre it first (distances are translation invariant).
+    centre it first (distances are translation invariant). ``out``: a tensor of the result's
+    shape to write it into.
     """
     if xt.shape[1] == 1:
-        return torch.sub(xt, c).square_()
+        return torch.sub(xt, c, out=out).square_()
     x2 = xt.square().sum(1, keepdim=True)
     c2 = c.square().sum(-1, keepdim=True)
-    return torch.baddbmm(x2 + c2, c, xt, alpha=-2.0).clamp_min_(0.0)
+    return torch.baddbmm(x2 + c2, c, xt, alpha=-2.0, out=out).clamp_min_(0.0)
 
 
 def _nearest_1d(x: Tensor, c: Tensor) -> Tensor:

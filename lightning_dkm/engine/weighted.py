@@ -108,16 +108,18 @@ KEEP_ATTENTION_MAX_ENTRIES = 1 << 20
 
 
 def attention(xt: Tensor, c: Tensor, inv_tau: Tensor | float,
-              centroid_mask: Tensor | None = None) -> Tensor:
+              centroid_mask: Tensor | None = None, out: Tensor | None = None) -> Tensor:
     """``softmax_j(-|x - c_j|^2 / tau)`` laid out ``(P, k, m)`` for points ``xt`` (P, d, m)
     and centroids ``c`` (P, k, d); ``inv_tau`` a float, a 0-dim tensor on the device, or one
     per palette ``(P, 1, 1)``. ``centroid_mask`` (P, k, 1): False for padding centroids (a
     batch of palettes with different ``k``), whose attention is exactly 0. The points run
-    innermost (:func:`~.kmeans.sq_distances`).
+    innermost (:func:`~.kmeans.sq_distances`). ``out``: a (P, k, m) tensor to compute it in
+    (the forward's slot for a kept round: no copy into the stack of kept rounds after); the
+    same values.
 
     A weight below ``e^-LOGIT_FLOOR`` of its point's largest is exactly 0 (:data:`LOGIT_FLOOR`).
     """
-    z = sq_distances(xt, c).mul_(-inv_tau)  # (P, k, m)
+    z = sq_distances(xt, c, out=out).mul_(-inv_tau)  # (P, k, m)
     if centroid_mask is not None:
         z.masked_fill_(~centroid_mask, float("-inf"))
     e = z.sub_(z.amax(1, keepdim=True)).clamp_min_(-LOGIT_FLOOR - 1.0).exp_()
@@ -183,8 +185,7 @@ class _Points:
         softmax's logits move the starting centroids (one product with the weighted rows)."""
         if self.rows is None:
             return _unweighted_pull(delta, self.xt[:, :, s], c)
-        r = torch.bmm(self.rows[:, :, s], delta.transpose(1, 2))  # (P, 1 + d, k)
-        return r[:, 1:].transpose(1, 2) - c * r[:, :1].transpose(1, 2)
+        return _pull(self.rows[:, :, s], delta, c)
 
     def sums(self, s: slice, a: Tensor) -> tuple[Tensor, Tensor]:
         r""":math:`(\sum_u w_u A_{uj}, \sum_u w_u A_{uj} v_u)` over chunk ``s``: (P, k),
@@ -228,16 +229,16 @@ def weighted_dkm(xt: Tensor, counts: Tensor | None, c0: Tensor, inv_tau: Tensor 
     budget = KEEP_ATTENTION_MAX_ENTRIES * (1 if groups is None else groups.count)
     keep = (1 if implicit else max_iter) * P * k * n <= budget
     stop = EarlyStop(epsilon, xt, groups)
-    centroids, masses, kept = [c0], [], []
-    for _ in range(max_iter):
+    centroids, masses = [c0], []
+    # every round's attention is computed in its slot of one buffer, not stacked after
+    kept = xt.new_empty(max_iter, P, k, n) if keep else None
+    for i in range(max_iter):
         c = centroids[-1]
         mass = xt.new_zeros(P, k)
         weighted = xt.new_zeros(P, k, d)
-        parts = []
         for s in points.parts():
-            a = attention(xt[:, :, s], c, inv_tau, centroid_mask)
-            if keep:
-                parts.append(a)
+            slot = None if kept is None else kept[i, :, :, s]
+            a = attention(xt[:, :, s], c, inv_tau, centroid_mask, out=slot)
             chunk_mass, chunk_weighted = points.sums(s, a)
             mass += chunk_mass
             weighted += chunk_weighted
@@ -246,13 +247,11 @@ def weighted_dkm(xt: Tensor, counts: Tensor | None, c0: Tensor, inv_tau: Tensor 
         converged = stop.advance(c, new)
         centroids.append(stop.keep(new, c))
         masses.append(mass)
-        if keep:
-            kept.append(parts[0] if len(parts) == 1 else torch.cat(parts, 2))
         if converged:
             break
     ran = stop.rounds()
     trajectory = Trajectory(torch.stack(centroids), torch.stack(masses), stop.per_palette(P),
-                            torch.stack(kept) if keep else None, ran)
+                            None if kept is None else kept[: len(masses)], ran)
     i = trajectory.round(0)
     final = _Round(trajectory, i)
     c_final = final.c_new
@@ -291,10 +290,21 @@ def _delta(a: Tensor, b: Tensor) -> Tensor:
     return b.sub_((a * b).sum(1, keepdim=True)).mul_(a)
 
 
-def _unweighted_pull(delta: Tensor, xs: Tensor, c: Tensor) -> Tensor:
-    r""":math:`\sum_u \delta_{uj} (v_u - c_j)` for ``delta`` that already holds the counts
-    (the local part, summed over copies through ``G``)."""
-    return torch.bmm(delta, xs.transpose(1, 2)) - c * delta.sum(2, keepdim=True)
+def _pull(rows: Tensor, delta: Tensor, c: Tensor) -> Tensor:
+    r""":math:`\sum_u r_u \delta_{uj} (v_u - c_j)`: (P, k, d) from ``rows`` (P, 1 + d, m), each
+    point's factor :math:`r_u` over its coordinates times it, :math:`(r_u, r_u v_u)`, in one
+    product ``rows @ delta^T`` (both operands along the points in memory, :meth:`_Points.sums`)."""
+    r = torch.bmm(rows, delta.transpose(1, 2))  # (P, 1 + d, k)
+    return r[:, 1:].transpose(1, 2) - c * r[:, :1].transpose(1, 2)
+
+
+def _unweighted_pull(delta: Tensor, xs: Tensor, c: Tensor, factor: Tensor | None = None
+                     ) -> Tensor:
+    r""":math:`\sum_u f_u \delta_{uj} (v_u - c_j)` for points ``xs`` (P, d, m), with each
+    point's ``factor`` :math:`f_u` (P, 1, m), or 1 (``delta`` then holds the counts: the local
+    part, summed over copies through ``G``)."""
+    ones = xs.new_ones(xs.shape[0], 1, xs.shape[2]) if factor is None else factor
+    return _pull(torch.cat((ones, xs * ones), 1), delta, c)
 
 
 def _round_backward(points: _Points, step: _Round, U: Tensor,
@@ -346,7 +356,7 @@ def _local(points: _Points, step: _Round, G: Tensor, per_copy: bool,
         else:
             delta = _delta(a, torch.bmm(step.c_new, G[:, :, s]))  # B = g_u . c'_j
         local[:, :, s] = torch.bmm(c_scaled, delta)
-        to_c += _unweighted_pull(delta * G[:, :, s] if per_copy else delta, xs, step.c)
+        to_c += _unweighted_pull(delta, xs, step.c, G[:, :, s] if per_copy else None)
     return local, to_c.mul_(two_over_tau)
 
 
