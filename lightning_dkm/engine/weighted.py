@@ -377,9 +377,10 @@ def weighted_dkm_gradient(xt: Tensor, counts: Tensor | None, trajectory: Traject
     points = _Points(xt, counts, chunk, centroid_mask)
     two_over_tau = 2.0 * inv_tau
     final = _Round(trajectory, trajectory.round(0))
-    U = torch.zeros_like(final.c)  # U_j = sum_u A_uj G_u on the final centroids
-    for s in points.parts():
-        U.baddbmm_(final.attention(points, s, inv_tau), G[:, :, s].transpose(1, 2))
+    U = torch.zeros_like(final.c.transpose(1, 2))  # U_j = sum_u A_uj G_u, final centroids
+    for s in points.parts():  # as G @ A^T: both operands along the points in memory
+        U.baddbmm_(G[:, :, s], final.attention(points, s, inv_tau).transpose(1, 2))
+    U = U.transpose(1, 2)
     per_copy = counts is not None
     if per_copy and xt.shape[1] != 1:
         raise ValueError(f"weighted points must be scalars; got d={xt.shape[1]}")
