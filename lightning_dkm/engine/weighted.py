@@ -173,28 +173,37 @@ class _Points:
     def __init__(self, xt: Tensor, counts: Tensor | None, chunk: int,
                  centroid_mask: Tensor | None = None) -> None:
         self.xt, self.counts, self.chunk, self.centroid_mask = xt, counts, chunk, centroid_mask
-        # (P, 1 + d, U): each point's count over its weighted coordinates
-        self.rows = None if counts is None else torch.cat(
-            (counts.unsqueeze(1), xt * counts.unsqueeze(1)), 1)
+        # (P, 1 + d, U): each point's count over its weighted coordinates; for points counted
+        # once, (1, v_u), kept whole where they are one chunk (else made a chunk at a time,
+        # so that the extra memory stays that of a chunk)
+        if counts is not None:
+            self.rows: Tensor | None = torch.cat(
+                (counts.unsqueeze(1), xt * counts.unsqueeze(1)), 1)
+        else:
+            self.rows = _unit_rows(xt) if xt.shape[2] <= chunk else None
 
     def parts(self) -> Iterator[slice]:
         return chunks(self.xt.shape[2], self.chunk)
 
+    def _rows(self, s: slice) -> Tensor:
+        return _unit_rows(self.xt[:, :, s]) if self.rows is None else self.rows[:, :, s]
+
     def pull(self, s: slice, delta: Tensor, c: Tensor) -> Tensor:
         r""":math:`\sum_u w_u \delta_{uj} (v_u - c_j)` over chunk ``s``: (P, k, d), how the
         softmax's logits move the starting centroids (one product with the weighted rows)."""
-        if self.rows is None:
-            return _unweighted_pull(delta, self.xt[:, :, s], c)
-        return _pull(self.rows[:, :, s], delta, c)
+        return _pull(self._rows(s), delta, c)
 
     def sums(self, s: slice, a: Tensor) -> tuple[Tensor, Tensor]:
         r""":math:`(\sum_u w_u A_{uj}, \sum_u w_u A_{uj} v_u)` over chunk ``s``: (P, k),
         (P, k, d). Written as ``rows @ A^T`` so that both operands run along the points in
         memory (about 5x faster on CPU than ``A @ rows^T`` for a handful of rows)."""
-        if self.rows is None:
-            return a.sum(2), torch.bmm(a, self.xt[:, :, s].transpose(1, 2))
-        r = torch.bmm(self.rows[:, :, s], a.transpose(1, 2))  # (P, 1 + d, k)
+        r = torch.bmm(self._rows(s), a.transpose(1, 2))  # (P, 1 + d, k)
         return r[:, 0], r[:, 1:].transpose(1, 2)
+
+
+def _unit_rows(xs: Tensor) -> Tensor:
+    """(P, 1 + d, m): ``(1, v_u)`` for points ``xs`` (P, d, m) counted once each."""
+    return torch.cat((xs.new_ones(xs.shape[0], 1, xs.shape[2]), xs), 1)
 
 
 def weighted_dkm(xt: Tensor, counts: Tensor | None, c0: Tensor, inv_tau: Tensor | float, *,
@@ -303,8 +312,9 @@ def _unweighted_pull(delta: Tensor, xs: Tensor, c: Tensor, factor: Tensor | None
     r""":math:`\sum_u f_u \delta_{uj} (v_u - c_j)` for points ``xs`` (P, d, m), with each
     point's ``factor`` :math:`f_u` (P, 1, m), or 1 (``delta`` then holds the counts: the local
     part, summed over copies through ``G``)."""
-    ones = xs.new_ones(xs.shape[0], 1, xs.shape[2]) if factor is None else factor
-    return _pull(torch.cat((ones, xs * ones), 1), delta, c)
+    if factor is None:
+        return _pull(_unit_rows(xs), delta, c)
+    return _pull(torch.cat((factor, xs * factor), 1), delta, c)
 
 
 def _round_backward(points: _Points, step: _Round, U: Tensor,
