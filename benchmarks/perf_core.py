@@ -48,13 +48,15 @@ def median_ms(fn: Callable[[], object], repeats: int) -> float:
     return 1e3 * statistics.median(times)
 
 
-def attention_before(xt: torch.Tensor, c: torch.Tensor, inv_tau, centroid_mask=None
-                     ) -> torch.Tensor:
-    """``weighted.attention`` before the floor (#22): a plain softmax of the logits."""
+def attention_before(xt: torch.Tensor, c: torch.Tensor, inv_tau, centroid_mask=None,
+                     out: torch.Tensor | None = None) -> torch.Tensor:
+    """``weighted.attention`` before the floor (#22): a plain softmax of the logits (in
+    ``out`` where given, as the core asks for a kept round)."""
     z = sq_distances(xt, c).mul_(-inv_tau)
     if centroid_mask is not None:
         z.masked_fill_(~centroid_mask, float("-inf"))
-    return torch.softmax(z, dim=1)
+    a = torch.softmax(z, dim=1)
+    return a if out is None else out.copy_(a)
 
 
 def core_row(U: int, k: int, repeats: int) -> dict[str, float]:
