@@ -47,11 +47,14 @@ fixed-size table (``bincount`` reads its input's maximum back), the rough standa
 picks its fallback with ``torch.where``, and the early stop is decided on the device
 (:class:`~.numerics.EarlyStop`). The values are those of the compact layout up to the
 summation order; the iterations do up to ``min(n, 65536) / U`` times the work (about 3x for
-half a million Gaussian weights), which an accelerator does in microseconds. There every
-operator is a kernel launch, so a batch's palettes share one layout
-(:func:`~.float16_codes.prepare_shared`): the units, the distinct values, the scales and the
-per-code tables of the soft weights and gradients are computed once for all its tensors, not
-once per tensor (``benchmarks/count_ops.py``).
+half a million Gaussian weights), which an accelerator does in microseconds.
+
+**A batch shares one layout** (:func:`~.float16_codes.prepare_shared`): the units, the distinct
+values, the scales and the per-code tables of the soft weights and gradients are computed
+once for all its tensors, not once per tensor. On an accelerator every operator is a kernel
+launch (``benchmarks/count_ops.py``); on the CPU each costs a few microseconds of dispatch,
+and the compact layout of a batch of palettes is what padding each tensor's to the widest
+gave. Only a tensor with a given normalisation keeps a layout of its own.
 
 **The DKM itself** is the weighted core's (:mod:`.weighted`), fed the distinct values and
 their counts: its forward, and its backward for the gradient summed per value, which gives
@@ -200,8 +203,9 @@ class _UniqueDKM(torch.autograd.Function):
             rows.append(slice(row, row + x.shape[0]))
             row += x.shape[0]
         layout: _OwnLayouts | _SharedLayout
-        if device_side and all(norm is None for norm in normalizations):
-            codes, columns, shared, center, scale = prepare_shared([x.detach() for x in xs])
+        if (device_side or T > 1) and all(norm is None for norm in normalizations):
+            codes, columns, shared, center, scale = prepare_shared([x.detach() for x in xs],
+                                                                   device_side)
             layout = _SharedLayout(shared, rows, center, scale)
             centers = [center[r] for r in rows]
             scales = [scale[r] for r in rows]

@@ -387,31 +387,42 @@ def prepare(x: Tensor, normalization: Normalization | None, device_side: bool
     return codes, columns, distinct, center, scale
 
 
-def prepare_shared(xs: Sequence[Tensor]
+def prepare_shared(xs: Sequence[Tensor], device_side: bool = True
                    ) -> tuple[list[Tensor], list[CodeColumns], DistinctValues, Tensor, Tensor]:
-    """:func:`prepare` without host reads (``device_side``) for a batch of tensors ``xs``
-    (P_t, n_t) with no given normalisation, in fewer kernel launches: per tensor only what
-    reads its weights (its centre, rough spread, codes and counts); the power-of-two units, the
-    distinct-value layout, the scales and the normalisation once for every palette of the
-    batch. Returns each tensor's codes and columns, and for the batch's rows (sum P_t) the
-    distinct values (normalised in place, ``min(max n_t, 65536)`` columns), centres and scales.
-    The same values as :func:`prepare` tensor by tensor, up to the rounding of a palette's
-    second moment summed over more (zero) padding columns."""
-    centers, spreads, _ = zip(*(_center_and_spread(x, None, device_side=True) for x in xs),
+    """:func:`prepare` for a batch of tensors ``xs`` (P_t, n_t) with no given normalisation, in
+    fewer operators: per tensor only what reads its weights (its centre, rough spread, codes
+    and counts); the power-of-two units, the distinct-value layout, the scales and the
+    normalisation once for every palette of the batch. ``device_side``: without host reads
+    (the layout of ``min(max n_t, 65536)`` columns); else the compact layout of the widest
+    palette's distinct values, with the codes encoded and counted by :mod:`.native`'s loop
+    where it takes the tensors (:func:`prepare`'s rule). Returns each tensor's codes and
+    columns, and for the batch's rows (sum P_t) the distinct values (normalised in place),
+    centres and scales. The same values as :func:`prepare` tensor by tensor, up to the rounding
+    of a palette's second moment summed over more (zero) padding columns."""
+    centers, spreads, _ = zip(*(_center_and_spread(x, None, device_side) for x in xs),
                               strict=True)
     units = power_of_two_unit(torch.cat(spreads))  # one op for all palettes, not one per tensor
+    inverse_units = 1.0 / units  # exact: powers of two
     codes, columns, counts = [], [], []
     row = 0
     for x, center in zip(xs, centers, strict=True):
-        code = encode(x, center, units[row:row + x.shape[0]], fused=False)
-        column = CodeColumns(code, device_side=True)
+        rows = slice(row, row + x.shape[0])
+        loops = None if device_side else native_loops(x, center, inverse_units[rows])
+        encoded = None if loops is None else loops.encode_and_count(x, center,
+                                                                   inverse_units[rows])
+        if encoded is not None:
+            code, count = encoded
+            column = CodeColumns(code, device_side, counts=count)
+        else:
+            code = encode(x, center, units[rows], fused=False)
+            column = CodeColumns(code, device_side)
         codes.append(code)
         columns.append(column)
         counts.append(column.sum_per_code())
         row += x.shape[0]
     center = torch.cat(centers)
     distinct, scale = normalized_distinct(torch.cat(counts), row, max(x.shape[1] for x in xs),
-                                          units, center, None, True, center.dtype)
+                                          units, center, None, device_side, center.dtype)
     return codes, columns, distinct, center, scale
 
 
