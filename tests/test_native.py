@@ -18,7 +18,10 @@ from lightning_dkm.engine import native
 from lightning_dkm.engine.distinct import unique_dkm_batch, unique_dkm_cluster
 from lightning_dkm.engine.float16_codes import (
     CodeColumns,
+    DistinctValues,
     _fused_disagreement,
+    _same,
+    distinct_from_counts,
     encode,
     native_loops,
     prepare,
@@ -85,6 +88,31 @@ def test_every_loop_gives_the_pytorch_ops_values_bit_for_bit(P, n) -> None:
     assert torch.equal(loops.look_up(codes, a, torch.empty(P, n)), columns.look_up(a))
     assert torch.equal(loops.look_up_affine(codes, a, b, g, torch.empty(P, n)),
                        columns.look_up(a, factor=(b, g)))
+
+
+@needs_loops
+@pytest.mark.parametrize("P", [1, 3])
+def test_the_compaction_of_the_counts_is_nonzeros_bit_for_bit(P) -> None:
+    """Every field of the distinct values: the occupied codes in code order, their palettes,
+    ranks, float16 values (infinities, and NaN codes as NaN) and counts (one past float32's
+    2^24, rounded as PyTorch converts), a palette with every code occupied, one with a single
+    code."""
+    generator = torch.Generator().manual_seed(2)
+    counts = torch.randint(0, 3, (P, CODES), generator=generator) * torch.randint(
+        0, 2, (P, CODES), generator=generator)
+    counts[0, 0x7C00] = 1  # +inf
+    counts[0, 0x7E01] = (1 << 24) + 1  # a NaN code, a count float32 rounds
+    if P > 1:
+        counts[1] = 1  # every code
+        counts[2] = 0
+        counts[2, 0x8001] = 5  # one code: the smallest negative subnormal
+    dense = counts.reshape(-1)
+    with native.turned_off():
+        want = distinct_from_counts(dense, P, torch.float32)
+    got = distinct_from_counts(dense, P, torch.float32)
+    for field in DistinctValues._fields:  # a NaN value only has to be one (_same)
+        assert _same(getattr(want, field), getattr(got, field)), field
+    assert got.values.isnan().any() and got.values.isinf().any()
 
 
 @needs_loops

@@ -309,7 +309,29 @@ def distinct_from_counts(dense_counts: Tensor, P: int, dtype: torch.dtype) -> Di
     """The occupied codes of the per-code counts ``(P * 65536,)`` (counted over one tensor, or
     summed over the shards of several ranks, :mod:`.shard_local`), with their float16 values
     (in units of the palette's ``unit``) and counts, compacted to the widest palette's number
-    of distinct values (a host read)."""
+    of distinct values (a host read). In two reads of the counts by :mod:`.native`'s loop where
+    it takes them and ``dtype`` is float32 (the same tensors), else by PyTorch ops."""
+    loops = native_loops(dense_counts) if dtype == torch.float32 else None
+    compacted = None if loops is None else _distinct_by_loop(loops, dense_counts, P)
+    return compacted if compacted is not None else _distinct_by_ops(dense_counts, P, dtype)
+
+
+def _distinct_by_loop(loops: native.Kernels, dense_counts: Tensor, P: int
+                      ) -> DistinctValues | None:
+    """:func:`distinct_from_counts` in float32 by :meth:`~.native.Kernels.distinct`, or
+    ``None`` where the loop does not take the counts."""
+    compacted = loops.distinct(dense_counts, P)
+    if compacted is None:
+        return None
+    ids, rows, cols, patterns, counts = compacted
+    values = patterns.view(torch.float16).to(torch.float32)
+    if P == 1:
+        return DistinctValues(ids, None, None, values, counts)
+    return DistinctValues(ids, rows, cols, values, counts)
+
+
+def _distinct_by_ops(dense_counts: Tensor, P: int, dtype: torch.dtype) -> DistinctValues:
+    """:func:`distinct_from_counts` by PyTorch ops."""
     ids = dense_counts.nonzero().squeeze(1)
     if P == 1:
         values = ids.to(torch.int16).view(torch.float16).to(dtype)  # int16 wraps like uint16
@@ -426,6 +448,25 @@ def prepare_shared(xs: Sequence[Tensor], device_side: bool = True
     return codes, columns, distinct, center, scale
 
 
+def _same(want: Tensor | None, got: Tensor | None) -> bool:
+    """Whether a loop's result is the PyTorch ops' bit for bit (both ``None``: a field neither
+    has). Float16 codes are compared by their bits, so NaN payloads count; in float32 results a
+    NaN only has to be one (PyTorch's own conversions of a NaN code do not all keep its
+    payload), every other value bit for bit."""
+    if want is None or got is None:
+        return want is None and got is None
+    if want.dtype != got.dtype or want.shape != got.shape:
+        return False
+    if want.dtype == torch.float16:
+        return torch.equal(want.view(torch.int16), got.view(torch.int16))
+    if want.dtype == torch.float32:
+        nan = want.isnan()
+        return torch.equal(nan, got.isnan()) and torch.equal(
+            want.masked_fill(nan, 0.0).view(torch.int32),
+            got.masked_fill(nan, 0.0).view(torch.int32))
+    return torch.equal(want, got)
+
+
 def _fused_disagreement(loaded: native.Kernels) -> str | None:
     """Compares every native loop with the PyTorch ops on values that exercise float16's
     rounding, subnormals, overflow, NaN payloads and repeated codes; returns what differs, if
@@ -460,9 +501,14 @@ def _fused_disagreement(loaded: native.Kernels) -> str | None:
         "look-up": (finite_columns.look_up(a),
                     loaded.look_up(finite_codes, a, torch.empty(2, 4099, **cpu))),
     }
-    differ = [name for name, (want, got) in checks.items() if got is None or not torch.equal(
-        want.view(torch.int16) if want.dtype == torch.float16 else want,
-        got.view(torch.int16) if got.dtype == torch.float16 else got)]
+    for P, counts in ((2, columns.sum_per_code()), (1, columns.sum_per_code()[CODES:])):
+        want_distinct = _distinct_by_ops(counts, P, torch.float32)
+        got_distinct = _distinct_by_loop(loaded, counts, P)
+        for field in DistinctValues._fields:
+            checks[f"distinct {field} (P={P})"] = (
+                getattr(want_distinct, field),
+                None if got_distinct is None else getattr(got_distinct, field))
+    differ = [name for name, (want, got) in checks.items() if not _same(want, got)]
     want = finite_columns.look_up(a, factor=(b, g))
     for fused in (True, False):
         loaded.fused_multiply_add = fused

@@ -6,9 +6,11 @@ counting converts them to int32 table columns and runs ``bincount`` (which reads
 minimum and maximum first); the backward's gradient is an ``index_select`` and an
 ``addcmul_``. Here each pass is one loop of ``csrc/dkm_codes.c`` over the weights: encode
 and count in one read of the weights, look-up, sum per code, and the backward's
-``a[code] + b[code] g``. They round as the ops they replace do (bit for bit the same codes,
-counts, sums, outputs and gradients: ``tests/test_native.py``), and take 2.3-4x less time on
-one thread (``benchmarks/perf_passes.py``; ``docs/benchmarks.md``, "The passes as C loops").
+``a[code] + b[code] g``; and one more compacts the per-code counts into the distinct values
+(what ``nonzero`` and a dozen indexing ops did, two reads of the counts). They round as the
+ops they replace do (bit for bit the same codes, counts, sums, outputs, gradients and
+distinct values: ``tests/test_native.py``), and take 2.3-4x less time on one thread
+(``benchmarks/perf_passes.py``; ``docs/benchmarks.md``, "The passes as C loops").
 
 **How it is built.** On first use, with the machine's C compiler (``$CC``, else ``cc``, ``gcc``
 or ``clang``): one file, no Python or PyTorch headers, about 0.4 s with the check below, into a
@@ -69,6 +71,8 @@ _SIGNATURES = {
     "dkm_look_up": (_POINTER, _SIZE, _SIZE, _POINTER, _POINTER),
     "dkm_look_up_affine": (_POINTER, _SIZE, _SIZE, _POINTER, _POINTER, _POINTER, _POINTER,
                            ctypes.c_int),
+    "dkm_occupied": (_POINTER, _SIZE, _POINTER),
+    "dkm_distinct": (_POINTER, _SIZE, _SIZE, _POINTER, _POINTER, _POINTER, _POINTER, _POINTER),
 }
 
 
@@ -152,6 +156,27 @@ class Kernels:
                                          g.data_ptr(), out.data_ptr(),
                                          int(self.fused_multiply_add))
         return out
+
+    def distinct(self, dense_counts: Tensor, P: int
+                 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor] | None:
+        """The occupied codes of the per-code counts ``(P * 65536,)`` int64, in code order:
+        their flat ids, palettes and ranks in their palette (each (U,) int64), and (P, width)
+        tables of their float16 bit patterns (int16) and counts (float32), zero after a
+        palette's last, ``width`` the most any palette has: what ``nonzero`` and the indexing
+        of :func:`~.float16_codes.distinct_from_counts` give, in two reads of the counts."""
+        if not (_fit(dense_counts, torch.int64, 1) and dense_counts.numel() == P * _CODES):
+            return None
+        occupied = torch.empty(P, dtype=torch.int64, device="cpu")
+        self._library.dkm_occupied(dense_counts.data_ptr(), P, occupied.data_ptr())
+        per_palette = occupied.tolist()
+        total, width = sum(per_palette), max(per_palette)
+        ids, rows, cols = (torch.empty(total, dtype=torch.int64, device="cpu") for _ in range(3))
+        patterns = torch.empty(P, width, dtype=torch.int16, device="cpu")
+        counts = torch.empty(P, width, dtype=torch.float32, device="cpu")
+        self._library.dkm_distinct(dense_counts.data_ptr(), P, width, ids.data_ptr(),
+                                   rows.data_ptr(), cols.data_ptr(), patterns.data_ptr(),
+                                   counts.data_ptr())
+        return ids, rows, cols, patterns, counts
 
 
 def takes(*tensors: Tensor) -> bool:

@@ -1,4 +1,5 @@
-/* Fused CPU passes of the "unique" DKM step over every weight (lightning_dkm/engine/native.py).
+/* Fused CPU passes of the "unique" DKM step over every weight, and the compaction of its
+ * per-code counts into the distinct values (lightning_dkm/engine/native.py).
  *
  * A weight's code is the bit pattern of (x - center) * inverse_unit rounded to float16 (round
  * to nearest even, as PyTorch converts); a palette's table has 65,536 entries, one per bit
@@ -140,5 +141,44 @@ CLONES void dkm_look_up_affine(const uint16_t *codes, int64_t P, int64_t n, cons
             for (int64_t i = 0; i < n; ++i) o[i] = fmaf(tb[row[i]], gp[i], ta[row[i]]);
         else
             for (int64_t i = 0; i < n; ++i) o[i] = ta[row[i]] + tb[row[i]] * gp[i];
+    }
+}
+
+/* occupied[p] = the number of codes of palette p whose count is not 0 */
+void dkm_occupied(const int64_t *counts, int64_t P, int64_t *occupied) {
+    for (int64_t p = 0; p < P; ++p) {
+        const int64_t *table = counts + p * CODES;
+        int64_t n = 0;
+        for (int64_t c = 0; c < CODES; ++c) n += table[c] != 0;
+        occupied[p] = n;
+    }
+}
+
+/* The occupied codes of every palette in code order (what nonzero() gives): their flat ids
+ * p * 65536 + code, palettes and ranks in their palette, and the (P, width) tables of their
+ * bit patterns and counts (rounded to float as PyTorch converts an int64), 0 after a palette's
+ * last; width is at least the largest dkm_occupied */
+void dkm_distinct(const int64_t *counts, int64_t P, int64_t width, int64_t *ids, int64_t *rows,
+                  int64_t *cols, uint16_t *patterns, float *table_counts) {
+    int64_t k = 0;
+    for (int64_t p = 0; p < P; ++p) {
+        const int64_t *table = counts + p * CODES;
+        uint16_t *pattern = patterns + p * width;
+        float *count = table_counts + p * width;
+        int64_t col = 0;
+        for (int64_t c = 0; c < CODES; ++c) {
+            if (table[c] == 0) continue;
+            ids[k] = p * CODES + c;
+            rows[k] = p;
+            cols[k] = col;
+            pattern[col] = (uint16_t)c;
+            count[col] = (float)table[c];
+            ++col;
+            ++k;
+        }
+        for (; col < width; ++col) {
+            pattern[col] = 0;
+            count[col] = 0.0f;
+        }
     }
 }
