@@ -7,9 +7,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from lightning_dkm.engine.chunked import chunked_dkm_cluster
 from lightning_dkm.engine.distinct import unique_dkm_batch, unique_dkm_cluster
 from lightning_dkm.engine.kmeans import kmeans
-from lightning_dkm.engine.numerics import normalization_of, sync_free
+from lightning_dkm.engine.numerics import Normalization, normalization_of, sync_free
 
 
 def _tensors():
@@ -179,3 +180,50 @@ def test_mismatched_arguments_are_refused_naming_the_counts():
         unique_dkm_batch(xs, cs[:2], taus)
     with pytest.raises(ValueError, match="cluster_dim 1; got 2"):
         unique_dkm_batch([torch.randn(1, 100, 2)], [torch.randn(1, 4, 2)], [0.1])
+
+
+@pytest.mark.parametrize("gradient", ["unrolled", "implicit"])
+def test_a_tensor_on_its_exact_weights_gets_what_the_chunked_step_gives_it(gradient):
+    """``exact``: a tensor of the batch clustered on its exact weights, each its own point of
+    count 1 (what ``implementation="auto"`` gives a small tensor joins the batch instead of a
+    call of its own); listed anywhere in the batch."""
+    generator = torch.Generator().manual_seed(3)
+    xs = [torch.randn(2, 5_000, 1, generator=generator) * 0.05 + 0.01,
+          torch.randn(1, 70_000, 1, generator=generator) * 0.02,
+          torch.randn(1, 3_000, 1, generator=generator)]
+    cs = [torch.sort(torch.randn(x.shape[0], k, 1, generator=generator) * x.std(), dim=1).values
+          for x, k in zip(xs, (4, 16, 8), strict=True)]
+    taus = [0.02, 0.01, 0.05]
+    gs = [torch.randn(x.shape, generator=generator) for x in xs]
+    inputs = [x.clone().requires_grad_() for x in xs]
+    outs = unique_dkm_batch(inputs, cs, taus, epsilon=0.0, gradient=gradient,
+                            exact=[True, False, True])
+    sum((o.weights * g).sum() for o, g in zip(outs, gs, strict=True)).backward()
+    for t in (0, 2):
+        x = xs[t].clone().requires_grad_()
+        alone = chunked_dkm_cluster(x, cs[t], taus[t], epsilon=0.0, gradient=gradient)
+        (alone.weights * gs[t]).sum().backward()
+        torch.testing.assert_close(outs[t].weights, alone.weights, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(outs[t].centroids, alone.centroids)
+        assert outs[t].iterations == alone.iterations
+        scale = float(x.grad.abs().max())  # the implicit solve amplifies float32 rounding
+        tolerance = 1e-5 if gradient == "unrolled" else 2e-3
+        torch.testing.assert_close(inputs[t].grad, x.grad, rtol=tolerance, atol=tolerance * scale)
+    coded = unique_dkm_batch([xs[1]], cs[1:2], taus[1:2], epsilon=0.0, gradient=gradient)[0]
+    torch.testing.assert_close(outs[1].weights, coded.weights, rtol=1e-5, atol=1e-7)
+
+
+def test_exact_tensors_need_a_tensor_on_its_codes_and_no_normalization():
+    x = torch.randn(1, 3_000, 1)
+    c = torch.linspace(-1, 1, 4).reshape(1, 4, 1)
+    with pytest.raises(ValueError, match="at least one tensor of the batch must be on its codes"):
+        unique_dkm_batch([x, x], [c, c], [0.01, 0.01], exact=[True, True])
+    with pytest.raises(ValueError, match="one flag per tensor"):
+        unique_dkm_batch([x, x], [c, c], [0.01, 0.01], exact=[True])
+    norm = Normalization(torch.zeros(1, 1, 1), torch.ones(1, 1, 1))
+    with pytest.raises(ValueError, match="no normalization and no rebuild"):
+        unique_dkm_batch([x, x], [c, c], [0.01, 0.01], normalizations=[norm, norm],
+                         exact=[False, True])
+    with pytest.raises(ValueError, match="no normalization and no rebuild"):
+        unique_dkm_batch([x, x], [c, c], [0.01, 0.01], rebuild=[False, True],
+                         exact=[False, True])

@@ -101,6 +101,41 @@ def test_on_cpu_a_small_model_is_one_batch_whatever_its_weights_sizes(monkeypatc
     assert batch_calls == []
 
 
+def _mixed_model() -> nn.Module:
+    """``implementation="auto"``: the 19,200- and 20,000-weight layers on ``"unique"``, the
+    1,000-weight head on ``"chunked"`` (below ``AUTO_UNIQUE_MIN_WEIGHTS``)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 300), nn.ReLU(), nn.Linear(300, 100), nn.ReLU(),
+                          nn.Linear(100, 10))
+    attach(model, select_targets(model, ClusterSpec(bits=3), min_size=0), epsilon=0.0)
+    return model
+
+
+def test_a_small_chunked_weight_joins_the_batch_on_its_exact_weights(batch_calls):
+    """One call for all three; the head gets what its own ``"chunked"`` step gives it, up to
+    float summation order."""
+    steps = [t.parametrization.step_implementation
+             for t in clustered_tensors(_mixed_model()).values()]
+    assert steps == ["unique", "unique", "chunked"]
+    grads_pass, centroids_pass = _step(_mixed_model(), in_pass=True)
+    assert batch_calls == [3]
+    grads_alone, centroids_alone = _step(_mixed_model(), in_pass=False)
+    for name, alone in grads_alone.items():
+        scale = float(alone.abs().max())
+        torch.testing.assert_close(grads_pass[name], alone, rtol=1e-4, atol=1e-5 * scale)
+        torch.testing.assert_close(centroids_pass[name], centroids_alone[name])
+
+
+def test_chunked_weights_alone_run_their_own_step(batch_calls):
+    """With no weight on its codes to join (here every one is on ``"chunked"``), a small
+    weight runs its own step."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 100), nn.ReLU(), nn.Linear(100, 10))
+    attach(model, select_targets(model, ClusterSpec(bits=3), min_size=0), epsilon=0.0)
+    _step(model, in_pass=True)
+    assert batch_calls == []
+
+
 def test_eval_mode_is_untouched_by_a_pass():
     model = _model()
     x = torch.randn(4, 64)

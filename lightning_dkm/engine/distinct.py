@@ -80,6 +80,7 @@ from .numerics import (
     check_step_arguments,
     host_reads_are_free,
     inverse_temperature,
+    normalization_of,
 )
 from .rebuild import CodesOnce, rebuilt_soft_weights
 from .weighted import (
@@ -104,6 +105,7 @@ class _Config(NamedTuple):
     implicit: bool  # the implicit gradient
     device_side: bool  # no host reads (:func:`~.numerics.host_reads_are_free`)
     codes_once: tuple[CodesOnce | None, ...]  # a rebuilding tensor's codes (:mod:`.rebuild`)
+    exact: int = 0  # the last ``exact`` tensors are clustered on their exact weights
 
 
 class _OwnLayouts:
@@ -169,6 +171,61 @@ class _SharedLayout:
         return self.distinct.from_dense(torch.cat(parts))
 
 
+class _ExactPoints:
+    """A tensor of a batch clustered on its exact weights (``unique_dkm_batch``'s ``exact``):
+    each weight is a point of its own with count 1, so its "per-code" table is its row of the
+    batch and a look-up is the identity: the methods of :class:`~.float16_codes.CodeColumns`
+    that the step calls."""
+
+    @staticmethod
+    def sum_per_code(weights: Tensor) -> Tensor:
+        return weights
+
+    @staticmethod
+    def look_up(table: Tensor, factor: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        if factor is None:
+            return table
+        b, g = factor
+        return torch.addcmul(table, b, g)
+
+
+class _WithExactRows:
+    """A batch's coded tensors in their shared layout (``coded``, rows ``[0, P_c)``) followed by
+    tensors on their exact weights, tensor ``t`` at rows ``rows[t]`` with ``widths[t]`` points,
+    normalised by ``centers[t]`` and ``scales[t]`` (:func:`~.numerics.normalization_of`, as
+    :mod:`.chunked` normalises): the methods are :class:`_OwnLayouts`', an exact tensor's table
+    being its (P_t, n_t) row block."""
+
+    shares_tables = True
+
+    def __init__(self, coded: _SharedLayout, rows: list[slice], widths: list[int],
+                 centers: list[Tensor], scales: list[Tensor]) -> None:
+        self.coded, self.rows, self.widths = coded, rows, widths
+        self.centers, self.scales = centers, scales
+        self.coded_rows = coded.rows[-1].stop
+
+    def soft_tables(self, y: Tensor) -> list[Tensor]:
+        return self.coded.soft_tables(y[: self.coded_rows]) + [
+            y[r, :w] * scale + center for r, w, center, scale in zip(
+                self.rows, self.widths, self.centers, self.scales, strict=True)]
+
+    def to_dense(self, compact: Tensor, wanted: Sequence[bool]) -> list[Tensor | None]:
+        coded = len(self.coded.rows)
+        return self.coded.to_dense(compact[: self.coded_rows], wanted[:coded]) + [
+            compact[r, :w] if want else None
+            for r, w, want in zip(self.rows, self.widths, wanted[coded:], strict=True)]
+
+    def from_dense(self, per_code: Sequence[Tensor | None], like: Tensor) -> Tensor:
+        coded = len(self.coded.rows)
+        out = torch.zeros_like(like)
+        part = self.coded.from_dense(per_code[:coded], like[: self.coded_rows])
+        out[: self.coded_rows, : part.shape[1]] = part
+        for r, w, g in zip(self.rows, self.widths, per_code[coded:], strict=True):
+            if g is not None:
+                out[r, :w] = g
+        return out
+
+
 def _padded(parts: list[Tensor], width: int) -> Tensor:
     """(P_t, w_t) blocks stacked into (sum P_t, width), zero padded on the right."""
     if len(parts) == 1 and parts[0].shape[1] == width:
@@ -202,14 +259,30 @@ class _UniqueDKM(torch.autograd.Function):
         for x in xs:
             rows.append(slice(row, row + x.shape[0]))
             row += x.shape[0]
-        layout: _OwnLayouts | _SharedLayout
+        layout: _OwnLayouts | _SharedLayout | _WithExactRows
+        coded = T - config.exact
         if (device_side or T > 1) and all(norm is None for norm in normalizations):
-            codes, columns, shared, center, scale = prepare_shared([x.detach() for x in xs],
-                                                                   device_side)
-            layout = _SharedLayout(shared, rows, center, scale)
-            centers = [center[r] for r in rows]
-            scales = [scale[r] for r in rows]
+            codes, columns, shared, center, scale = prepare_shared(
+                [x.detach() for x in xs[:coded]], device_side)
+            layout = _SharedLayout(shared, rows[:coded], center, scale)
+            centers = [center[r] for r in rows[:coded]]
+            scales = [scale[r] for r in rows[:coded]]
             batch_values, batch_counts = shared.values.unsqueeze(1), shared.counts  # (P, 1, U)
+            if config.exact:  # the exact tensors' rows after the coded ones' (chunked's values)
+                values, counts = [shared.values], [shared.counts]
+                for x in xs[coded:]:
+                    norm = normalization_of(x.detach())
+                    values.append((x.detach() - norm.center) / norm.scale)
+                    counts.append(torch.ones_like(values[-1]))
+                    centers.append(norm.center)
+                    scales.append(norm.scale)
+                    columns.append(_ExactPoints())
+                    codes.append(None)
+                layout = _WithExactRows(layout, rows[coded:], [x.shape[1] for x in xs[coded:]],
+                                        centers[coded:], scales[coded:])
+                width = max(v.shape[1] for v in values)
+                batch_values = _padded(values, width).unsqueeze(1)
+                batch_counts = _padded(counts, width)
         else:  # per tensor; its table columns are converted once, for counting and look-up
             codes, columns, distinct, centers, scales = zip(*(
                 prepare(x.detach(), norm, device_side)
@@ -249,11 +322,12 @@ class _UniqueDKM(torch.autograd.Function):
         # A rebuilding tensor keeps its input instead of its codes (a view of the caller's
         # weight, which exists anyway) and computes the codes again in the backward.
         kept = [x if again else code
-                for x, code, again in zip(xs, codes, config.codes_once, strict=True)]
+                for x, code, again in zip(xs[:coded], codes[:coded],
+                                          config.codes_once[:coded], strict=True)]
         save_trajectory(ctx, trajectory, batch_values, batch_counts,
                         *kept, *([mask] if mask is not None else []), inv_tau=inv_tau)
         ctx.codes_once, ctx.normalizations = config.codes_once, normalizations
-        ctx.count, ctx.has_mask = T, mask is not None
+        ctx.count, ctx.coded, ctx.has_mask = T, coded, mask is not None
         ctx.set_materialize_grads(False)  # an unused tensor's gradient stays None: no work
         ctx.implicit, ctx.device_side = config.implicit, device_side
         ctx.mark_non_differentiable(*finals, *tables)
@@ -273,10 +347,12 @@ def _unique_backward(ctx, grads: tuple[Tensor | None, ...]) -> list[Tensor | Non
     tensor whose output got no gradient gets none."""
     trajectory, saved, inv_tau = load_trajectory(ctx)
     values, counts, *rest = saved
-    kept, mask = rest[: ctx.count], (rest[ctx.count] if ctx.has_mask else None)
+    kept, mask = rest[: ctx.coded], (rest[ctx.coded] if ctx.has_mask else None)
     codes = [k if again is None else again.take_codes(k, norm, ctx.device_side)
-             for k, norm, again in zip(kept, ctx.normalizations, ctx.codes_once, strict=True)]
-    columns = [CodeColumns(c, ctx.device_side) for c in codes]
+             for k, norm, again in zip(kept, ctx.normalizations[: ctx.coded],
+                                       ctx.codes_once[: ctx.coded], strict=True)]
+    columns: list[CodeColumns | _ExactPoints] = [CodeColumns(c, ctx.device_side) for c in codes]
+    columns += [_ExactPoints()] * (ctx.count - ctx.coded)
     layout = ctx.layout
     G = layout.from_dense([None if g is None else
                            column.sum_per_code(g.to(values.dtype)).to(values.dtype)
@@ -309,6 +385,7 @@ def unique_dkm_batch(
     normalizations: Sequence[Normalization | None] | None = None,
     gradient: Gradient = "unrolled",
     rebuild: Sequence[bool] | None = None,
+    exact: Sequence[bool] | None = None,
 ) -> list[DKMOutput]:
     """:func:`unique_dkm_cluster` of several tensors in one call of the weighted core: every
     palette of every tensor (different sizes, ``k`` and taus) in one padded batch, so that the
@@ -324,11 +401,39 @@ def unique_dkm_batch(
     ``n`` soft weights until the backward too (:mod:`.rebuild`). It takes effect where the
     input needs no conversion to the compute dtype (a float32 weight: the step's input is then
     a view of it, memory that exists anyway); elsewhere it is ignored. The values and
-    gradients are the same either way."""
+    gradients are the same either way.
+
+    ``exact[t]``: cluster tensor ``t`` on its exact weights instead of their float16 codes,
+    each weight a point of count 1, normalised as :mod:`.chunked` normalises: its result is
+    :func:`~.chunked.chunked_dkm_cluster`'s up to float summation order, for the cost of a few
+    rows of the batch instead of a call of its own (``implementation="auto"`` takes
+    ``"chunked"`` for small tensors, whose own call is mostly fixed cost). Needs at least one
+    tensor on its codes, no ``normalizations`` and no ``rebuild`` for it."""
     T = len(xs)
     if T == 0 or len(centroids) != T or len(taus) != T:
         raise ValueError(f"unique_dkm_batch needs one centroid tensor and one tau per tensor; "
                          f"got {T} tensors, {len(centroids)} centroids, {len(taus)} taus")
+    on_exact = tuple(exact) if exact is not None else (False,) * T
+    if len(on_exact) != T:
+        raise ValueError(f"exact needs one flag per tensor; got {len(on_exact)} for {T}")
+    if any(on_exact):
+        if all(on_exact):
+            raise ValueError("exact: at least one tensor of the batch must be on its codes")
+        if normalizations is not None or any(
+                r and e for r, e in zip(rebuild or (False,) * T, on_exact, strict=True)):
+            raise ValueError("exact: a tensor on its exact weights takes no normalization and "
+                             "no rebuild")
+        if not all(on_exact[i] <= on_exact[i + 1] for i in range(T - 1)):  # codes first
+            order = sorted(range(T), key=lambda t: on_exact[t])
+            results = unique_dkm_batch(
+                [xs[t] for t in order], [centroids[t] for t in order], [taus[t] for t in order],
+                max_iter=max_iter, epsilon=epsilon, gradient=gradient,
+                rebuild=None if rebuild is None else [rebuild[t] for t in order],
+                exact=[on_exact[t] for t in order])
+            back = [0] * T
+            for position, t in enumerate(order):
+                back[t] = position
+            return [results[back[t]] for t in range(T)]
     check_gradient(gradient, "unique")
     for x, tau in zip(xs, taus, strict=True):
         if x.shape[-1] != 1:
@@ -342,7 +447,8 @@ def unique_dkm_batch(
     inputs = [x.squeeze(-1).to(compute_dtype) for x in xs]
     with autocast_disabled(xs[0].device.type):
         config = _Config(norms, tuple(inverse_temperature(t, compute_dtype) for t in taus),
-                         max_iter, epsilon, gradient == "implicit", device_side, again)
+                         max_iter, epsilon, gradient == "implicit", device_side, again,
+                         sum(on_exact))
         flat = _UniqueDKM.apply(config, *inputs,
                                 *(c.detach().squeeze(-1).to(compute_dtype) for c in centroids))
     outputs, finals, iterations = flat[:T], flat[T:2 * T], flat[2 * T:3 * T]
