@@ -403,12 +403,19 @@ def weighted_dkm_gradient(xt: Tensor, counts: Tensor | None, trajectory: Traject
     b = through_output = None
     if per_copy:
         b, through_output = _local(points, final, G, True, two_over_tau, inv_tau)
-    for back in range(trajectory.masses.shape[0]):  # round i: c_i -> c_{i+1}
-        i = trajectory.round(back)
-        step = final if back == 0 else _Round(trajectory, i)
-        ran = None
-        if isinstance(i, Tensor) and back:
-            ran = (i >= 0).reshape(-1, 1, 1)
+    rounds = trajectory.masses.shape[0]
+    for back in range(rounds):  # round i: c_i -> c_{i+1}
+        step, ran = final, None
+        if back and trajectory.ran is not None:  # every palette ran as many rounds
+            step = _Round(trajectory, trajectory.round(back))
+        elif back:
+            # Palettes that ran different numbers of rounds: after each one's last round (the
+            # final above), the rounds are walked down together, each as a view, and a palette
+            # takes part in round i only below its last (a device flag): the rounds each palette
+            # walks, in its order, without gathering every round's attention per palette.
+            i = rounds - 1 - back
+            step = _Round(trajectory, i)
+            ran = (trajectory.last - 1 > i).reshape(-1, 1, 1)
         to_c = _round_backward(points, step, U, two_over_tau, inv_tau, shared,
                                G if back == 0 and not per_copy else None, ran)
         U_next = to_c + torch.where(step.live, 0.0, U)  # an empty cluster passes U on
