@@ -173,37 +173,31 @@ class _Points:
     def __init__(self, xt: Tensor, counts: Tensor | None, chunk: int,
                  centroid_mask: Tensor | None = None) -> None:
         self.xt, self.counts, self.chunk, self.centroid_mask = xt, counts, chunk, centroid_mask
-        # (P, 1 + d, U): each point's count over its weighted coordinates; for points counted
-        # once, (1, v_u), kept whole where they are one chunk (else made a chunk at a time,
-        # so that the extra memory stays that of a chunk)
-        if counts is not None:
-            self.rows: Tensor | None = torch.cat(
-                (counts.unsqueeze(1), xt * counts.unsqueeze(1)), 1)
-        else:
-            self.rows = _unit_rows(xt) if xt.shape[2] <= chunk else None
+        # (P, 1 + d, U): each point's count over its weighted coordinates
+        self.rows = None if counts is None else torch.cat(
+            (counts.unsqueeze(1), xt * counts.unsqueeze(1)), 1)
 
     def parts(self) -> Iterator[slice]:
         return chunks(self.xt.shape[2], self.chunk)
 
-    def _rows(self, s: slice) -> Tensor:
-        return _unit_rows(self.xt[:, :, s]) if self.rows is None else self.rows[:, :, s]
-
     def pull(self, s: slice, delta: Tensor, c: Tensor) -> Tensor:
         r""":math:`\sum_u w_u \delta_{uj} (v_u - c_j)` over chunk ``s``: (P, k, d), how the
         softmax's logits move the starting centroids (one product with the weighted rows)."""
-        return _pull(self._rows(s), delta, c)
+        if self.rows is None:
+            return _unweighted_pull(delta, self.xt[:, :, s], c)
+        return _pull(self.rows[:, :, s], delta, c)
 
     def sums(self, s: slice, a: Tensor) -> tuple[Tensor, Tensor]:
         r""":math:`(\sum_u w_u A_{uj}, \sum_u w_u A_{uj} v_u)` over chunk ``s``: (P, k),
         (P, k, d). Written as ``rows @ A^T`` so that both operands run along the points in
-        memory (about 5x faster on CPU than ``A @ rows^T`` for a handful of rows)."""
-        r = torch.bmm(self._rows(s), a.transpose(1, 2))  # (P, 1 + d, k)
+        memory (about 5x faster on CPU than ``A @ rows^T`` for a handful of rows). Points
+        counted once keep ``A.sum`` and ``A @ v^T``: the exact step's sums of many points, which
+        ``sum``'s cascade adds more accurately than a product with a row of ones
+        (``tests/test_coreai_opt_plugin.py`` holds its gradient to autograd's)."""
+        if self.rows is None:
+            return a.sum(2), torch.bmm(a, self.xt[:, :, s].transpose(1, 2))
+        r = torch.bmm(self.rows[:, :, s], a.transpose(1, 2))  # (P, 1 + d, k)
         return r[:, 0], r[:, 1:].transpose(1, 2)
-
-
-def _unit_rows(xs: Tensor) -> Tensor:
-    """(P, 1 + d, m): ``(1, v_u)`` for points ``xs`` (P, d, m) counted once each."""
-    return torch.cat((xs.new_ones(xs.shape[0], 1, xs.shape[2]), xs), 1)
 
 
 def weighted_dkm(xt: Tensor, counts: Tensor | None, c0: Tensor, inv_tau: Tensor | float, *,
@@ -307,14 +301,10 @@ def _pull(rows: Tensor, delta: Tensor, c: Tensor) -> Tensor:
     return r[:, 1:].transpose(1, 2) - c * r[:, :1].transpose(1, 2)
 
 
-def _unweighted_pull(delta: Tensor, xs: Tensor, c: Tensor, factor: Tensor | None = None
-                     ) -> Tensor:
-    r""":math:`\sum_u f_u \delta_{uj} (v_u - c_j)` for points ``xs`` (P, d, m), with each
-    point's ``factor`` :math:`f_u` (P, 1, m), or 1 (``delta`` then holds the counts: the local
-    part, summed over copies through ``G``)."""
-    if factor is None:
-        return _pull(_unit_rows(xs), delta, c)
-    return _pull(torch.cat((factor, xs * factor), 1), delta, c)
+def _unweighted_pull(delta: Tensor, xs: Tensor, c: Tensor) -> Tensor:
+    r""":math:`\sum_u \delta_{uj} (v_u - c_j)` for points ``xs`` (P, d, m) counted once (as
+    :meth:`_Points.sums`, with ``sum``'s more accurate cascade over many points)."""
+    return torch.bmm(delta, xs.transpose(1, 2)) - c * delta.sum(2, keepdim=True)
 
 
 def _round_backward(points: _Points, step: _Round, U: Tensor,
@@ -366,7 +356,10 @@ def _local(points: _Points, step: _Round, G: Tensor, per_copy: bool,
         else:
             delta = _delta(a, torch.bmm(step.c_new, G[:, :, s]))  # B = g_u . c'_j
         local[:, :, s] = torch.bmm(c_scaled, delta)
-        to_c += _unweighted_pull(delta, xs, step.c, G[:, :, s] if per_copy else None)
+        if per_copy:  # sum_u G_u delta_uj (v_u - c_j): the rows (G_u, G_u v_u) times delta
+            to_c += _pull(torch.cat((G[:, :, s], xs * G[:, :, s]), 1), delta, step.c)
+        else:
+            to_c += _unweighted_pull(delta, xs, step.c)
     return local, to_c.mul_(two_over_tau)
 
 
