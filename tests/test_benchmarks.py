@@ -221,6 +221,16 @@ def test_perf_distributed_compares_fsdp_with_dkm_side_by_side(tmp_path):
     assert rows["fsdp"]["parameters"] == rows["fsdp_dkm4"]["parameters"]
 
 
+def test_perf_dkm_steady_times_dkm_alone_after_a_fit(tmp_path):
+    out = tmp_path / "steady.json"
+    result = run("perf_dkm_steady.py", "--bits", "2", "--epochs", "1", "--steps", "2",
+                 "--repeats", "2", "--json", str(out))
+    assert "DKM forward + backward" in result.stdout
+    row = json.loads(out.read_text())["rows"][0]
+    assert row["bits"] == 2 and row["ms_per_step"] > 0 and len(row["all_ms"]) == 2
+    assert len(row["iterations"]) == 4 and all(i >= 1 for i in row["iterations"])
+
+
 def test_perf_fit_prints_a_ratio_per_row(tmp_path):
     out = tmp_path / "fit.json"
     result = run("perf_fit.py", "--rows", "2:2", "--repeats", "1", "--epochs", "2",
