@@ -20,6 +20,14 @@ def run(script: str, *args: str) -> subprocess.CompletedProcess:
     )
 
 
+def run_with_json(script: str, tmp_path: Path, *args: str
+                  ) -> tuple[subprocess.CompletedProcess, list[dict]]:
+    """``run`` with ``--json`` into a file of ``tmp_path``; the result and the file's rows."""
+    out = tmp_path / f"{Path(script).stem}.json"
+    result = run(script, *args, "--json", str(out))
+    return result, json.loads(out.read_text())["rows"]
+
+
 def test_perf_step_prints_ratios_and_writes_json(tmp_path):
     out = tmp_path / "step.json"
     result = run("perf_step.py", "--models", "cnn", "--bits", "2", "--steps", "2", "--warmup",
@@ -222,21 +230,17 @@ def test_perf_distributed_compares_fsdp_with_dkm_side_by_side(tmp_path):
 
 
 def test_perf_dkm_steady_times_dkm_alone_after_a_fit(tmp_path):
-    out = tmp_path / "steady.json"
-    result = run("perf_dkm_steady.py", "--bits", "2", "--epochs", "1", "--steps", "2",
-                 "--repeats", "2", "--json", str(out))
+    result, (row,) = run_with_json("perf_dkm_steady.py", tmp_path, "--bits", "2", "--epochs",
+                                   "1", "--steps", "2", "--repeats", "2")
     assert "DKM forward + backward" in result.stdout
-    row = json.loads(out.read_text())["rows"][0]
     assert row["bits"] == 2 and row["ms_per_step"] > 0 and len(row["all_ms"]) == 2
     assert len(row["iterations"]) == 4 and all(i >= 1 for i in row["iterations"])
 
 
 def test_perf_fit_prints_a_ratio_per_row(tmp_path):
-    out = tmp_path / "fit.json"
-    result = run("perf_fit.py", "--rows", "2:2", "--repeats", "1", "--epochs", "2",
-                 "--limit-batches", "3", "--json", str(out))
+    result, (row,) = run_with_json("perf_fit.py", tmp_path, "--rows", "2:2", "--repeats", "1",
+                                   "--epochs", "2", "--limit-batches", "3")
     assert "ratio" in result.stdout
-    row = json.loads(out.read_text())["rows"][0]
     assert row["bits"] == 2 and row["accumulate_grad_batches"] == 2 and row["ratio"] > 0
     assert len(row["pair_ratios"]) == 1 and "(pairs " in result.stdout
     with_end = row["with_epoch_end"]  # the epoch ends' hooks add time, never remove it
