@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 import clocks
 from digits import DigitsCNN, DigitsDataModule
 
-from lightning_dkm import DKMCallback
+from lightning_dkm import DKMCallback, clustered_tensors
 from lightning_dkm.engine.clustering_pass import clustering_pass, pass_members
 
 
@@ -59,14 +59,13 @@ def time_steps(model: torch.nn.Module, steps: int, repeats: int) -> tuple[list[f
     """ms per step of ``repeats`` runs of ``steps`` DKM steps (after 10 untimed ones), and the
     iteration count of each tensor in the last pass."""
     members = pass_members(model)
-    reads = [(module, name) for module in model.modules()
-             for name in getattr(getattr(module, "parametrizations", None), "keys", list)()]
+    tensors = list(clustered_tensors(model).values())
     generator = torch.Generator().manual_seed(1)
-    grads = [torch.randn(getattr(m, n).shape, generator=generator) for m, n in reads]
+    grads = [torch.randn(t.original.shape, generator=generator) for t in tensors]
 
     def step() -> list:
         with clustering_pass(model, members=members) as current:
-            weights = [getattr(m, n) for m, n in reads]
+            weights = [getattr(t.module, t.param_name) for t in tensors]
             # each tensor's rounds in this pass (the pass's own record: a private field)
             iterations = [int(r.iterations) for r in current._results.values()]
         torch.autograd.backward(weights, grads)

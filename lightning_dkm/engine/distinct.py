@@ -54,7 +54,8 @@ values, the scales and the per-code tables of the soft weights and gradients are
 once for all its tensors, not once per tensor. On an accelerator every operator is a kernel
 launch (``benchmarks/count_ops.py``); on the CPU each costs a few microseconds of dispatch,
 and the compact layout of a batch of palettes is what padding each tensor's to the widest
-gave. Only a tensor with a given normalisation keeps a layout of its own.
+gave. A batch in which a normalisation is given keeps one layout per tensor
+(:func:`~.float16_codes.prepare`).
 
 **The DKM itself** is the weighted core's (:mod:`.weighted`), fed the distinct values and
 their counts: its forward, and its backward for the gradient summed per value, which gives
@@ -168,7 +169,7 @@ class _SharedLayout:
     def from_dense(self, per_code: Sequence[Tensor | None], like: Tensor) -> Tensor:
         parts = [like.new_zeros((r.stop - r.start) * CODES) if table is None else table
                  for r, table in zip(self.rows, per_code, strict=True)]
-        return self.distinct.from_dense(torch.cat(parts))
+        return self.distinct.from_dense(parts[0] if len(parts) == 1 else torch.cat(parts))
 
 
 class _ExactPoints:
@@ -261,36 +262,32 @@ class _UniqueDKM(torch.autograd.Function):
             row += x.shape[0]
         layout: _OwnLayouts | _SharedLayout | _WithExactRows
         coded = T - config.exact
-        if (device_side or T > 1) and all(norm is None for norm in normalizations):
+        if all(norm is None for norm in normalizations):
             codes, columns, shared, center, scale = prepare_shared(
                 [x.detach() for x in xs[:coded]], device_side)
             layout = _SharedLayout(shared, rows[:coded], center, scale)
             centers = [center[r] for r in rows[:coded]]
             scales = [scale[r] for r in rows[:coded]]
-            batch_values, batch_counts = shared.values.unsqueeze(1), shared.counts  # (P, 1, U)
-            if config.exact:  # the exact tensors' rows after the coded ones' (chunked's values)
-                values, counts = [shared.values], [shared.counts]
-                for x in xs[coded:]:
-                    norm = normalization_of(x.detach())
-                    values.append((x.detach() - norm.center) / norm.scale)
-                    counts.append(torch.ones_like(values[-1]))
-                    centers.append(norm.center)
-                    scales.append(norm.scale)
-                    columns.append(_ExactPoints())
-                    codes.append(None)
+            values, counts = [shared.values], [shared.counts]
+            for x in xs[coded:]:  # the exact tensors' rows after the coded ones' (chunked's)
+                norm = normalization_of(x.detach())
+                values.append((x.detach() - norm.center) / norm.scale)
+                counts.append(torch.ones_like(values[-1]))
+                centers.append(norm.center)
+                scales.append(norm.scale)
+                columns.append(_ExactPoints())
+            if config.exact:
                 layout = _WithExactRows(layout, rows[coded:], [x.shape[1] for x in xs[coded:]],
                                         centers[coded:], scales[coded:])
-                width = max(v.shape[1] for v in values)
-                batch_values = _padded(values, width).unsqueeze(1)
-                batch_counts = _padded(counts, width)
-        else:  # per tensor; its table columns are converted once, for counting and look-up
+        else:  # each tensor its own layout; its table columns converted once
             codes, columns, distinct, centers, scales = zip(*(
                 prepare(x.detach(), norm, device_side)
                 for x, norm in zip(xs, normalizations, strict=True)), strict=True)
             layout = _OwnLayouts(distinct, rows, centers, scales)
-            width = max(layout.widths)
-            batch_values = _padded([d.values for d in distinct], width).unsqueeze(1)
-            batch_counts = _padded([d.counts for d in distinct], width)
+            values, counts = [d.values for d in distinct], [d.counts for d in distinct]
+        width = max(v.shape[1] for v in values)
+        batch_values = _padded(values, width).unsqueeze(1)  # (P, 1, U)
+        batch_counts = _padded(counts, width)
         k = max(c.shape[1] for c in centroids)
         c0 = _padded([(c - center) / scale for c, center, scale
                       in zip(centroids, centers, scales, strict=True)], k).unsqueeze(-1)

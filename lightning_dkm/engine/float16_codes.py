@@ -395,18 +395,25 @@ def prepare(x: Tensor, normalization: Normalization | None, device_side: bool
     """Codes, columns, distinct values (normalised in place), centre and scale of ``x`` (P, n).
     Where :mod:`.native` takes ``x``, it is encoded and counted in one read."""
     center, unit, scale = code_constants(x, normalization, device_side)
-    inverse_unit = 1.0 / unit
+    codes, columns = _encoded(x, center, unit, device_side)
+    distinct, scale = normalized_distinct(columns.sum_per_code(), *x.shape, unit, center, scale,
+                                          device_side, center.dtype)
+    return codes, columns, distinct, center, scale
+
+
+def _encoded(x: Tensor, center: Tensor, unit: Tensor, device_side: bool
+             ) -> tuple[Tensor, CodeColumns]:
+    """The codes of ``x`` and their columns: encoded and counted in one read by :mod:`.native`
+    where it takes ``x`` (with host reads), else by PyTorch ops (counted on first use)."""
+    inverse_unit = 1.0 / unit  # exact: a power of two
     loops = None if device_side else native_loops(x, center, inverse_unit)
     encoded = None if loops is None else loops.encode_and_count(x, center, inverse_unit)
     if encoded is not None:
         codes, counts = encoded
-        columns = CodeColumns(codes, device_side, counts=counts)
-    else:  # the loops were tried above (or the layout without host reads keeps the ops)
-        codes = encode(x, center, unit, fused=False)
-        columns = CodeColumns(codes, device_side)
-    distinct, scale = normalized_distinct(columns.sum_per_code(), *x.shape, unit, center, scale,
-                                          device_side, center.dtype)
-    return codes, columns, distinct, center, scale
+        return codes, CodeColumns(codes, device_side, counts=counts)
+    # the loops were tried above (or the layout without host reads keeps the ops)
+    codes = encode(x, center, unit, fused=False)
+    return codes, CodeColumns(codes, device_side)
 
 
 def prepare_shared(xs: Sequence[Tensor], device_side: bool = True
@@ -424,20 +431,10 @@ def prepare_shared(xs: Sequence[Tensor], device_side: bool = True
     centers, spreads, _ = zip(*(_center_and_spread(x, None, device_side) for x in xs),
                               strict=True)
     units = power_of_two_unit(torch.cat(spreads))  # one op for all palettes, not one per tensor
-    inverse_units = 1.0 / units  # exact: powers of two
     codes, columns, counts = [], [], []
     row = 0
     for x, center in zip(xs, centers, strict=True):
-        rows = slice(row, row + x.shape[0])
-        loops = None if device_side else native_loops(x, center, inverse_units[rows])
-        encoded = None if loops is None else loops.encode_and_count(x, center,
-                                                                   inverse_units[rows])
-        if encoded is not None:
-            code, count = encoded
-            column = CodeColumns(code, device_side, counts=count)
-        else:
-            code = encode(x, center, units[rows], fused=False)
-            column = CodeColumns(code, device_side)
+        code, column = _encoded(x, center, units[row:row + x.shape[0]], device_side)
         codes.append(code)
         columns.append(column)
         counts.append(column.sum_per_code())
