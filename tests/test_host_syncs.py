@@ -170,19 +170,27 @@ def test_the_soft_training_forward_compiles_without_graph_breaks(implementation)
 def test_the_compiled_training_step_equals_the_eager_one(implementation) -> None:
     """One graph (``fullgraph=True``) through the custom autograd Functions, and the values,
     gradients and centroid update of the eager step (which, compiled or not, runs on the
-    device-side path: ``sync_free`` for the eager one)."""
+    device-side path: ``sync_free`` for the eager one). A compiled graph runs PyTorch ops only;
+    the eager CPU step's backward runs the core's C loops (:mod:`~lightning_dkm.engine.native`)
+    where they are built, whose gradient agrees up to summation order (here 4e-5 of 1, while
+    both are 2e-4 from the float64 gradient), and equals it with the loops off."""
     weight, p = parametrized_weight(implementation, 1, None, "unrolled", 1e-4)
     start = p.centroids.clone()
-    with sync_free():
-        eager = p(weight)
-    (eager_grad,) = torch.autograd.grad(eager.sum(), weight)
+    eager_grads = []
+    for loops_off in (True, False):
+        p.centroids.copy_(start)
+        with sync_free(), native.turned_off() if loops_off else contextlib.nullcontext():
+            eager = p(weight)
+            (eager_grad,) = torch.autograd.grad(eager.sum(), weight)
+        eager_grads.append(eager_grad)
     eager_centroids = p.centroids.clone()
     p.centroids.copy_(start)
     torch._dynamo.reset()
     compiled = torch.compile(p, backend="aot_eager", fullgraph=True)(weight)
     (compiled_grad,) = torch.autograd.grad(compiled.sum(), weight)
     torch.testing.assert_close(compiled, eager)
-    torch.testing.assert_close(compiled_grad, eager_grad)
+    torch.testing.assert_close(compiled_grad, eager_grads[0])
+    torch.testing.assert_close(compiled_grad, eager_grads[1], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(p.centroids, eager_centroids)
 
 

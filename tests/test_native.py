@@ -117,7 +117,9 @@ def test_the_compaction_of_the_counts_is_nonzeros_bit_for_bit(P) -> None:
 
 @needs_loops
 @pytest.mark.parametrize("gradient", ["unrolled", "implicit"])
-def test_the_unique_step_is_bit_for_bit_the_same_with_and_without_the_loops(gradient) -> None:
+def test_the_unique_step_with_and_without_the_loops(gradient) -> None:
+    """The forward (soft weights, centroids) bit for bit; the gradients up to the summation
+    order of the core's backward loops (``Kernels.round_backward`` / ``local_backward``)."""
     generator = torch.Generator().manual_seed(1)
     xs = [torch.randn(P, n, 1, generator=generator) * s
           for P, n, s in ((1, 70_000, 0.02), (1, 20_000, 3.0), (2, 30_000, 0.5))]
@@ -135,7 +137,91 @@ def test_the_unique_step_is_bit_for_bit_the_same_with_and_without_the_loops(grad
     with native.turned_off():
         assert native_loops(xs[0]) is None
         plain = step()
-    assert all(torch.equal(a, b) for a, b in zip(fused, plain, strict=True))
+    forward = 2 * len(xs)
+    assert all(torch.equal(a, b) for a, b in zip(fused[:forward], plain[:forward], strict=True))
+    for a, b in zip(fused[forward:], plain[forward:], strict=True):
+        assert not torch.equal(a, torch.zeros_like(a))
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * float(b.abs().max()))
+
+
+def _core_problem(P: int, U: int, k: int, seed: int, *, masked: bool = False):
+    """A batch of ``P`` scalar palettes of ``U`` sorted points with counts (the last palette
+    padded with count-0 points, with ``masked``: half its centroids masked out), centroids
+    and one temperature per palette, and the loss gradient of the soft points."""
+    generator = torch.Generator().manual_seed(seed)
+    xt = torch.sort(torch.randn(P, 1, U, generator=generator), dim=2).values
+    counts = torch.randint(1, 50, (P, U), generator=generator).float()
+    counts[-1, U // 2:] = 0.0
+    c0 = torch.sort(torch.randn(P, k, 1, generator=generator), dim=1).values
+    inv_tau = torch.linspace(30.0, 80.0, P).reshape(P, 1, 1)
+    mask = None
+    if masked:
+        mask = torch.ones(P, k, 1, dtype=torch.bool)
+        mask[-1, k // 2:] = False
+    G = torch.randn(P, 1, U, generator=generator)
+    return xt, counts, c0, inv_tau, mask, G
+
+
+@needs_loops
+@pytest.mark.parametrize("loop", ["round_backward", "local_backward"])
+def test_a_core_loop_that_computes_otherwise_is_caught_by_the_check(monkeypatch, loop) -> None:
+    real = getattr(native.Kernels, loop)
+
+    def off_by_a_little(self, *args):
+        out = real(self, *args)
+        return out * 1.001 if isinstance(out, torch.Tensor) else (out[0] * 1.001, *out[1:])
+
+    monkeypatch.setattr(native.Kernels, loop, off_by_a_little)
+    reason = _fused_disagreement(loops)
+    assert reason is not None and f"core {loop.replace('_', ' ')}" in reason
+@needs_loops
+@pytest.mark.parametrize(("P", "U", "k", "chunk", "gradient", "masked", "groups"), [
+    (4, 5120, 16, 1 << 16, "unrolled", False, True),  # the digits CNN's 4-bit batch
+    (3, 1001, 4, 1 << 16, "unrolled", True, True),  # a tail of 9 points past the lanes
+    (2, 777, 256, 300, "unrolled", False, False),  # 8 bits, chunks: strided views
+    (3, 2000, 16, 1 << 16, "implicit", True, True),
+    (1, 5, 2, 1 << 16, "unrolled", False, False),  # fewer points than lanes
+])
+def test_the_core_backward_loops_give_the_pytorch_ops_gradient(P, U, k, chunk, gradient,
+                                                                masked, groups) -> None:
+    """``weighted_dkm_gradient`` with the loops agrees with the PyTorch ops to float32
+    rounding, and is as close as they are to the same backward in float64; palettes of one
+    batch that stop at different rounds (``groups``) walk the rounds with device flags."""
+    from lightning_dkm.engine.numerics import Groups
+    from lightning_dkm.engine.weighted import weighted_dkm, weighted_dkm_gradient
+
+    xt, counts, c0, inv_tau, mask, G = _core_problem(P, U, k, seed=P * U + k, masked=masked)
+    group = Groups(torch.arange(P), P) if groups else None
+
+    def backward(dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        cast = [t.to(dtype) for t in (xt, counts, c0, inv_tau, G)]
+        _, _, trajectory = weighted_dkm(cast[0], cast[1], cast[2], cast[3], max_iter=4,
+                                        epsilon=1e-3, chunk=chunk, centroid_mask=mask,
+                                        implicit=gradient == "implicit", groups=group)
+        return weighted_dkm_gradient(cast[0], cast[1], trajectory, cast[4], cast[3],
+                                     chunk=chunk, implicit=gradient == "implicit",
+                                     centroid_mask=mask)
+
+    calls = []
+    real = native.Kernels.round_backward, native.Kernels.local_backward
+    with pytest.MonkeyPatch.context() as patch:
+        for method in real:
+            def spy(self, *args, method=method):
+                calls.append(method.__name__)
+                return method(self, *args)
+            patch.setattr(native.Kernels, method.__name__, spy)
+        fused = backward(torch.float32)
+    assert "local_backward" in calls and "round_backward" in calls
+    with native.turned_off():
+        plain = backward(torch.float32)
+    exact = backward(torch.float64)
+    for got, want, truth in zip(fused, plain, exact, strict=True):
+        scale = float(truth.abs().max())
+        assert scale > 0
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * scale)
+        error_loops = float((got.double() - truth).abs().max())
+        error_ops = float((want.double() - truth).abs().max())
+        assert error_loops <= 2 * error_ops + 1e-7 * scale, (error_loops, error_ops)
 
 
 @needs_loops
@@ -170,6 +256,18 @@ def test_a_loop_refuses_arguments_it_cannot_read_and_the_pytorch_ops_run() -> No
     assert loops.sum_per_code(codes, torch.randn(P, n + 1)) is None
     assert loops.look_up_affine(codes, table, table, torch.randn(P, n).double(), out) is None
     assert loops.count(codes.float()) is None
+    a, small, t = torch.rand(P, 4, n), torch.randn(P, 4), torch.ones(P)
+    rows, shared = torch.randn(P, 2, n), torch.zeros(P, n)
+    assert loops.round_backward(a, x, rows, small, small, small, t, shared) is not None
+    assert loops.round_backward(a.transpose(1, 2).contiguous().transpose(1, 2), x, rows, small,
+                                small, small, t, shared) is None  # points not contiguous
+    assert loops.round_backward(a, x, rows, small, small, small.double(), t, shared) is None
+    assert loops.round_backward(a, x, rows, small, small, small, t[:1], shared) is None
+    assert loops.round_backward(a, x[:, 1:], rows, small, small, small, t, shared) is None
+    assert loops.local_backward(a, x, x, small, small, t) is not None
+    assert loops.local_backward(torch.rand(P, 257, n), x, x, torch.randn(P, 257),
+                                torch.randn(P, 257), t) is None  # past 8 bits
+    assert loops.local_backward(a, x, x.double(), small, small, t) is None
     assert not native.takes(torch.empty(4, device="meta"))
     assert native_loops(torch.empty(4, device="meta")) is None
     # the public entry points fall back and match the PyTorch ops

@@ -12,6 +12,14 @@ ops they replace do (bit for bit the same codes, counts, sums, outputs, gradient
 distinct values: ``tests/test_native.py``), and take 2.3-4x less time on one thread
 (``benchmarks/perf_passes.py``; ``docs/benchmarks.md``, "The passes as C loops").
 
+**The weighted core's backward** (:mod:`.weighted`) has two loops here too, for scalar points
+with counts (every ``"unique"`` batch): a round back (``round_backward``) and the last round's
+local part with the final centroids' gradient (``local_backward``), each one read of the
+round's attention where the PyTorch ops make some ten passes over it and its temporaries.
+Their sums over the points run in their own order, so their gradients are the PyTorch ops'
+up to summation order (within float32 rounding of the float64 gradient, as the ops are:
+``tests/test_native.py``), not bit for bit; the forward and every pass over the weights are.
+
 **How it is built.** On first use, with the machine's C compiler (``$CC``, else ``cc``, ``gcc``
 or ``clang``): one file, no Python or PyTorch headers, about 0.4 s with the check below, into a
 cache directory (``$LIGHTNING_DKM_CACHE``, else ``$XDG_CACHE_HOME/lightning_dkm`` or
@@ -19,7 +27,8 @@ cache directory (``$LIGHTNING_DKM_CACHE``, else ``$XDG_CACHE_HOME/lightning_dkm`
 hashed from the source, the compiler, the flags and the architecture, so a machine builds it
 once; processes that build it at once (DDP ranks) each write their own file and rename it into
 place. It is loaded with :mod:`ctypes` and checked against the PyTorch ops on a few values
-before it is used (:func:`~.float16_codes.native_loops`); the check also finds whether this
+before it is used (:func:`~.float16_codes.native_loops`; the core's loops to a tolerance);
+the check also finds whether this
 machine's ``addcmul_`` fuses its multiply-add (PyTorch's vectorised kernels do, its scalar
 ones do not), and the backward's look-up rounds the same way. Nothing is built for tensors
 the loops cannot take (:func:`takes`: an accelerator, ``meta``, a tracer's tensors), and each
@@ -73,7 +82,15 @@ _SIGNATURES = {
                            ctypes.c_int),
     "dkm_occupied": (_POINTER, _SIZE, _POINTER),
     "dkm_distinct": (_POINTER, _SIZE, _SIZE, _POINTER, _POINTER, _POINTER, _POINTER, _POINTER),
+    "dkm_round_backward": (_SIZE, _SIZE, _SIZE, _POINTER, _SIZE, _SIZE, _POINTER, _SIZE,
+                           _POINTER, _POINTER, _SIZE, _POINTER, _POINTER, _POINTER, _POINTER,
+                           _POINTER, _SIZE, _POINTER),
+    "dkm_local_backward": (_SIZE, _SIZE, _SIZE, _POINTER, _SIZE, _SIZE, _POINTER, _SIZE,
+                           _POINTER, _SIZE, _POINTER, _POINTER, _POINTER, _POINTER, _SIZE,
+                           _POINTER, _POINTER),
 }
+#: The most centroids the core's loops take (8 bits; ``CORE_MAX_K`` in the C source).
+CORE_MAX_K = 256
 
 
 class Kernels:
@@ -178,6 +195,48 @@ class Kernels:
                                    counts.data_ptr())
         return ids, rows, cols, patterns, counts
 
+    def round_backward(self, a: Tensor, x: Tensor, rows: Tensor, c: Tensor, c_new: Tensor,
+                       H: Tensor, two_over_tau: Tensor, shared: Tensor) -> Tensor | None:
+        """One round of the weighted core's backward for scalar points with counts
+        (:func:`~.weighted._round_backward`) over a chunk of ``m`` points: adds the round's
+        shared part to ``shared`` (P, m) and returns ``dL/dc`` on its starting centroids
+        (P, k). ``a`` (P, k, m) is the round's attention, ``x`` (P, m) the points, ``rows``
+        (P, 2, m) their counts and counts times values, ``c``, ``c_new`` and ``H`` (P, k) the
+        starting and updated centroids and ``U / mass``, ``two_over_tau`` (P,). Views whose
+        points are contiguous are taken as they are (a chunk of a kept attention)."""
+        P, k, m = a.shape
+        if not (_core_fits(a, x, rows[:, 0], rows[:, 1], shared) and _small_fit(P, k, c, c_new, H)
+                and _fit(two_over_tau, torch.float32, 1) and two_over_tau.numel() == P
+                and x.shape == shared.shape == (P, m) and rows.shape == (P, 2, m)):
+            return None
+        to_c = torch.empty(P, k, dtype=torch.float32, device="cpu")
+        self._library.dkm_round_backward(
+            P, k, m, a.data_ptr(), a.stride(0), a.stride(1), x.data_ptr(), x.stride(0),
+            rows[:, 0].data_ptr(), rows[:, 1].data_ptr(), rows.stride(0), c.data_ptr(),
+            c_new.data_ptr(), H.data_ptr(), two_over_tau.data_ptr(), shared.data_ptr(),
+            shared.stride(0), to_c.data_ptr())
+        return to_c
+
+    def local_backward(self, a: Tensor, x: Tensor, G: Tensor, c: Tensor, c_new: Tensor,
+                       two_over_tau: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
+        """The last round's local part for scalar points with counts (:func:`~.weighted._local`
+        with ``per_copy``) over a chunk of ``m`` points, and the loss gradient of the final
+        centroids: ``(local (P, m), dL/dc (P, k), U (P, k))`` for the attention ``a`` (P, k,
+        m), the points ``x`` and their summed loss gradients ``G`` (P, m), the starting and
+        final centroids ``c``, ``c_new`` (P, k) and ``two_over_tau`` (P,)."""
+        P, k, m = a.shape
+        if not (_core_fits(a, x, G) and _small_fit(P, k, c, c_new)
+                and _fit(two_over_tau, torch.float32, 1) and two_over_tau.numel() == P
+                and x.shape == G.shape == (P, m)):
+            return None
+        local = torch.empty(P, m, dtype=torch.float32, device="cpu")
+        to_c, U = (torch.empty(P, k, dtype=torch.float32, device="cpu") for _ in range(2))
+        self._library.dkm_local_backward(
+            P, k, m, a.data_ptr(), a.stride(0), a.stride(1), x.data_ptr(), x.stride(0),
+            G.data_ptr(), G.stride(0), c.data_ptr(), c_new.data_ptr(), two_over_tau.data_ptr(),
+            local.data_ptr(), local.stride(0), to_c.data_ptr(), U.data_ptr())
+        return local, to_c, U
+
 
 def takes(*tensors: Tensor) -> bool:
     """Whether the loops may work on these tensors at all (before anything is built): real
@@ -204,6 +263,19 @@ def _constants_fit(x: Tensor, center: Tensor, inverse_unit: Tensor) -> bool:
         _fit(c.reshape(-1), torch.float32, 1) and c.is_contiguous()
         and c.numel() == x.shape[0] for c in (center, inverse_unit)))
 
+
+def _core_fits(*views: Tensor) -> bool:
+    """Float32 views the core's loops walk: real CPU tensors whose last dimension is
+    contiguous (rows at any stride, as a chunk of a larger tensor has them)."""
+    return all(_real_cpu(t) and t.dtype == torch.float32 and t.dim() >= 2
+               and (t.shape[-1] <= 1 or t.stride(-1) == 1) and t.data_ptr() != 0
+               for t in views)
+
+
+def _small_fit(P: int, k: int, *tables: Tensor) -> bool:
+    """(P, k) float32 tables in contiguous memory, ``k`` within :data:`CORE_MAX_K`."""
+    return 0 < k <= CORE_MAX_K and all(
+        _fit(t, torch.float32, 2) and t.shape == (P, k) for t in tables)
 
 def _tables_fit(codes: Tensor, out: Tensor, *tables: Tensor) -> bool:
     """Codes (P, n) float16, ``out`` of their shape in float32, tables of P * 65536 float32."""

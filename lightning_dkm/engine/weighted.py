@@ -41,6 +41,9 @@ c'_j`, for the copy's own gradient :math:`g_i`, and :math:`\tfrac{2}{\tau}\sum_i
 folded into one :math:`\delta` per round. For scalar points with counts the local part is
 affine in :math:`g_i`: a coefficient :math:`b_u` per point (:math:`B^L` with :math:`g = 1`),
 and every copy's gradient is :math:`s_u + b_u g_i` (two table lookups in :mod:`.distinct`).
+For those, on the CPU in float32, each round back and the local part are one C loop
+(:mod:`.native`: one read of the attention instead of some ten passes; the same gradient up to
+summation order).
 
 **Implicit gradient** (IDKM, arXiv 2312.07759): instead of walking back through every round,
 the adjoint equation :math:`(I - J^\top) w = r` of the last round's map :math:`c' = F(c)` is
@@ -69,6 +72,8 @@ from typing import Literal, NamedTuple, get_args
 import torch
 from torch import Tensor
 
+from . import native
+from .float16_codes import native_loops
 from .kmeans import sq_distances
 from .numerics import EMPTY_MASS, EarlyStop, Groups, chunks, pick
 
@@ -317,6 +322,10 @@ def _round_backward(points: _Points, step: _Round, U: Tensor,
     H = torch.where(step.live, U / step.mass, 0.0)  # (P, k, d)
     if ran is not None:
         H = torch.where(ran, H, 0.0)
+    if fold_g is None:
+        to_c = _round_backward_by_loop(points, step, H, two_over_tau, inv_tau, shared)
+        if to_c is not None:
+            return to_c
     bias = (H * step.c_new).sum(-1, keepdim=True)  # (P, k, 1)
     c_scaled = (step.c * two_over_tau).transpose(1, 2)  # (P, d, k)
     to_c = torch.zeros_like(step.c)
@@ -337,6 +346,70 @@ def _round_backward(points: _Points, step: _Round, U: Tensor,
         shared[:, :, s] += part
         to_c += points.pull(s, delta, step.c)
     return to_c.mul_(two_over_tau)
+
+
+def _core_loops(points: _Points, step: _Round) -> native.Kernels | None:
+    """The core's C loops (:mod:`.native`) where they take this backward: scalar points with
+    counts, float32 on the CPU (not under a tracer). ``None``: the PyTorch ops."""
+    if points.rows is None or points.xt.shape[1] != 1 or points.xt.dtype != torch.float32:
+        return None
+    return native_loops(points.xt, step.c)
+
+
+def _per_palette(value: Tensor | float, P: int) -> Tensor:
+    """``value`` (a float, a 0-dim tensor or one per palette (P, 1, 1)) as (P,) float32."""
+    return torch.as_tensor(value, dtype=torch.float32).reshape(-1).expand(P).contiguous()
+
+
+def _round_backward_by_loop(points: _Points, step: _Round, H: Tensor,
+                            two_over_tau: Tensor | float, inv_tau: Tensor | float,
+                            shared: Tensor) -> Tensor | None:
+    """:func:`_round_backward` (without ``fold_g``) as one C loop per chunk
+    (``Kernels.round_backward``): the values of the PyTorch ops up to summation order, in
+    one read of the attention instead of some ten passes over it; ``None`` where the loops
+    do not take it."""
+    loops = _core_loops(points, step)
+    if loops is None:
+        return None
+    P, k, _ = step.c.shape
+    c, c_new, h = (v.reshape(P, k).contiguous() for v in (step.c, step.c_new, H))
+    t = _per_palette(two_over_tau, P)
+    to_c = None
+    for s in points.parts():
+        part = loops.round_backward(step.attention(points, s, inv_tau), points.xt[:, 0, s],
+                                    points.rows[:, :, s], c, c_new, h, t, shared[:, 0, s])
+        if part is None:
+            assert to_c is None, "the loop took one chunk and not the next"
+            return None
+        to_c = part if to_c is None else to_c.add_(part)
+    return None if to_c is None else to_c.unsqueeze(-1)
+
+
+def _local_by_loop(points: _Points, step: _Round, G: Tensor, two_over_tau: Tensor | float,
+                   inv_tau: Tensor | float) -> tuple[Tensor, Tensor, Tensor] | None:
+    """``(U, local, dL/dc)``: the loss gradient of the final centroids and :func:`_local`
+    (``per_copy``) as one C loop per chunk (``Kernels.local_backward``), the values of the
+    PyTorch ops up to summation order; ``None`` where the loops do not take it."""
+    loops = _core_loops(points, step)
+    if loops is None or G.dtype != torch.float32:
+        return None
+    P, k, _ = step.c.shape
+    c, c_new = (v.reshape(P, k).contiguous() for v in (step.c, step.c_new))
+    t = _per_palette(two_over_tau, P)
+    local = torch.empty_like(points.xt)
+    U = to_c = None
+    for s in points.parts():
+        parts = loops.local_backward(step.attention(points, s, inv_tau), points.xt[:, 0, s],
+                                     G[:, 0, s], c, c_new, t)
+        if parts is None:
+            assert U is None, "the loop took one chunk and not the next"
+            return None
+        local[:, 0, s] = parts[0]
+        U = parts[2] if U is None else U.add_(parts[2])
+        to_c = parts[1] if to_c is None else to_c.add_(parts[1])
+    if U is None:
+        return None
+    return U.unsqueeze(-1), local, to_c.unsqueeze(-1)
 
 
 def _local(points: _Points, step: _Round, G: Tensor, per_copy: bool,
@@ -380,22 +453,28 @@ def weighted_dkm_gradient(xt: Tensor, counts: Tensor | None, trajectory: Traject
     points = _Points(xt, counts, chunk, centroid_mask)
     two_over_tau = 2.0 * inv_tau
     final = _Round(trajectory, trajectory.round(0))
-    U = torch.zeros_like(final.c.transpose(1, 2))  # U_j = sum_u A_uj G_u, final centroids
-    for s in points.parts():  # as G @ A^T: both operands along the points in memory
-        U.baddbmm_(G[:, :, s], final.attention(points, s, inv_tau).transpose(1, 2))
-    U = U.transpose(1, 2)
     per_copy = counts is not None
     if per_copy and xt.shape[1] != 1:
         raise ValueError(f"weighted points must be scalars; got d={xt.shape[1]}")
+    by_loop = _local_by_loop(points, final, G, two_over_tau, inv_tau) if per_copy else None
+    if by_loop is not None:
+        U, local_part = by_loop[0], by_loop[1:]
+    else:
+        U = torch.zeros_like(final.c.transpose(1, 2))  # U_j = sum_u A_uj G_u, final centroids
+        for s in points.parts():  # as G @ A^T: both operands along the points in memory
+            U.baddbmm_(G[:, :, s], final.attention(points, s, inv_tau).transpose(1, 2))
+        U = U.transpose(1, 2)
+        local_part = None
     shared = torch.zeros_like(xt)
     if implicit:
-        local, through_output = _local(points, final, G, per_copy, two_over_tau, inv_tau)
+        local, through_output = local_part or _local(points, final, G, per_copy, two_over_tau,
+                                                     inv_tau)
         w = _adjoint(points, final, U + through_output, two_over_tau, inv_tau, check_errors)
         _round_backward(points, final, w, two_over_tau, inv_tau, shared)
         return (shared, local) if per_copy else (shared.add_(local), None)
     b = through_output = None
     if per_copy:
-        b, through_output = _local(points, final, G, True, two_over_tau, inv_tau)
+        b, through_output = local_part or _local(points, final, G, True, two_over_tau, inv_tau)
     rounds = trajectory.masses.shape[0]
     for back in range(rounds):  # round i: c_i -> c_{i+1}
         step, ran = final, None

@@ -1,5 +1,6 @@
-/* Fused CPU passes of the "unique" DKM step over every weight, and the compaction of its
- * per-code counts into the distinct values (lightning_dkm/engine/native.py).
+/* Fused CPU passes of the "unique" DKM step over every weight, the compaction of its
+ * per-code counts into the distinct values, and the weighted core's backward for scalar points
+ * with counts (at the end; lightning_dkm/engine/native.py).
  *
  * A weight's code is the bit pattern of (x - center) * inverse_unit rounded to float16 (round
  * to nearest even, as PyTorch converts); a palette's table has 65,536 entries, one per bit
@@ -179,6 +180,158 @@ void dkm_distinct(const int64_t *counts, int64_t P, int64_t width, int64_t *ids,
         for (; col < width; ++col) {
             pattern[col] = 0;
             count[col] = 0.0f;
+        }
+    }
+}
+
+/* ---- The weighted core's backward for scalar points with counts (weighted.py) ----------
+ * Both loops walk a chunk of m points of P palettes with k <= CORE_MAX_K centroids: the
+ * attention a (rows of m points with stride a_j between centroids, a_p between palettes),
+ * each point's value x and what it is weighted by, a block of CORE_LANES points at a time
+ * (the lanes vectorise). The per-point sums over the centroids run in centroid order; the
+ * sums over the points are float32 partial sums per lane, added at the end: the values of the
+ * PyTorch ops up to that summation order (their products run in the BLAS's order). */
+#define CORE_LANES 16
+#define CORE_MAX_K 256
+
+/* One round back (_round_backward, scalar points with counts), with t = 2 / tau of palette p:
+ *   b_j = (x_u - cn_j) H_j,  s = sum_j a_uj b_j,  delta_uj = (b_j - s) a_uj,
+ *   shared_u += sum_j H_j a_uj + sum_j (c_j t) delta_uj,
+ *   to_c_j = (sum_u wx_u delta_uj - c_j sum_u w_u delta_uj) t
+ * with w the points' counts and wx their counts times their values. */
+CLONES void dkm_round_backward(int64_t P, int64_t k, int64_t m, const float *a, int64_t a_p,
+                               int64_t a_j, const float *x, int64_t x_p, const float *w,
+                               const float *wx, int64_t w_p, const float *c, const float *cn,
+                               const float *H, const float *t, float *shared, int64_t s_p,
+                               float *to_c) {
+    float cs[CORE_MAX_K], acc0[CORE_MAX_K][CORE_LANES], acc1[CORE_MAX_K][CORE_LANES];
+    for (int64_t p = 0; p < P; ++p) {
+        const float *ap = a + p * a_p, *xp = x + p * x_p, *wp = w + p * w_p, *wxp = wx + p * w_p;
+        const float *cp = c + p * k, *cnp = cn + p * k, *Hp = H + p * k;
+        float *sp = shared + p * s_p;
+        for (int64_t j = 0; j < k; ++j) {
+            cs[j] = cp[j] * t[p];
+            for (int l = 0; l < CORE_LANES; ++l) acc0[j][l] = acc1[j][l] = 0.0f;
+        }
+        for (int64_t u0 = 0; u0 < m; u0 += CORE_LANES) {
+            const int lanes = m - u0 < CORE_LANES ? (int)(m - u0) : CORE_LANES;
+            float xv[CORE_LANES], s[CORE_LANES], part[CORE_LANES], through[CORE_LANES];
+            for (int l = 0; l < CORE_LANES; ++l) {
+                xv[l] = l < lanes ? xp[u0 + l] : 0.0f;
+                s[l] = part[l] = through[l] = 0.0f;
+            }
+            if (lanes == CORE_LANES) {
+                for (int64_t j = 0; j < k; ++j) {
+                    const float *aj = ap + j * a_j + u0;
+                    for (int l = 0; l < CORE_LANES; ++l) s[l] += aj[l] * ((xv[l] - cnp[j]) * Hp[j]);
+                }
+                for (int64_t j = 0; j < k; ++j) {
+                    const float *aj = ap + j * a_j + u0;
+                    for (int l = 0; l < CORE_LANES; ++l) {
+                        const float d = ((xv[l] - cnp[j]) * Hp[j] - s[l]) * aj[l];
+                        part[l] += Hp[j] * aj[l];
+                        through[l] += cs[j] * d;
+                        acc0[j][l] += wp[u0 + l] * d;
+                        acc1[j][l] += wxp[u0 + l] * d;
+                    }
+                }
+            } else {
+                for (int l = 0; l < lanes; ++l) {
+                    for (int64_t j = 0; j < k; ++j)
+                        s[l] += ap[j * a_j + u0 + l] * ((xv[l] - cnp[j]) * Hp[j]);
+                    for (int64_t j = 0; j < k; ++j) {
+                        const float aj = ap[j * a_j + u0 + l];
+                        const float d = ((xv[l] - cnp[j]) * Hp[j] - s[l]) * aj;
+                        part[l] += Hp[j] * aj;
+                        through[l] += cs[j] * d;
+                        acc0[j][l] += wp[u0 + l] * d;
+                        acc1[j][l] += wxp[u0 + l] * d;
+                    }
+                }
+            }
+            for (int l = 0; l < lanes; ++l) sp[u0 + l] += part[l] + through[l];
+        }
+        for (int64_t j = 0; j < k; ++j) {
+            float r0 = 0.0f, r1 = 0.0f;
+            for (int l = 0; l < CORE_LANES; ++l) {
+                r0 += acc0[j][l];
+                r1 += acc1[j][l];
+            }
+            to_c[p * k + j] = (r1 - cp[j] * r0) * t[p];
+        }
+    }
+}
+
+/* The last round's local part (_local, scalar points with counts) and the loss gradient of
+ * the final centroids, with G_u the loss gradient of point u summed over its copies:
+ *   y_u = sum_j cn_j a_uj,  delta_uj = (cn_j - y_u) a_uj,  local_u = sum_j (c_j t) delta_uj,
+ *   to_c_j = (sum_u (x_u G_u) delta_uj - c_j sum_u G_u delta_uj) t,  U_j = sum_u a_uj G_u */
+CLONES void dkm_local_backward(int64_t P, int64_t k, int64_t m, const float *a, int64_t a_p,
+                               int64_t a_j, const float *x, int64_t x_p, const float *G,
+                               int64_t g_p, const float *c, const float *cn, const float *t,
+                               float *local, int64_t l_p, float *to_c, float *U) {
+    float cs[CORE_MAX_K], acc0[CORE_MAX_K][CORE_LANES], acc1[CORE_MAX_K][CORE_LANES],
+        accu[CORE_MAX_K][CORE_LANES];
+    for (int64_t p = 0; p < P; ++p) {
+        const float *ap = a + p * a_p, *xp = x + p * x_p, *gp = G + p * g_p;
+        const float *cp = c + p * k, *cnp = cn + p * k;
+        float *lp = local + p * l_p;
+        for (int64_t j = 0; j < k; ++j) {
+            cs[j] = cp[j] * t[p];
+            for (int l = 0; l < CORE_LANES; ++l) acc0[j][l] = acc1[j][l] = accu[j][l] = 0.0f;
+        }
+        for (int64_t u0 = 0; u0 < m; u0 += CORE_LANES) {
+            const int lanes = m - u0 < CORE_LANES ? (int)(m - u0) : CORE_LANES;
+            float g[CORE_LANES], gx[CORE_LANES], y[CORE_LANES], out[CORE_LANES];
+            for (int l = 0; l < CORE_LANES; ++l) {
+                g[l] = l < lanes ? gp[u0 + l] : 0.0f;
+                gx[l] = l < lanes ? xp[u0 + l] * g[l] : 0.0f;
+                y[l] = out[l] = 0.0f;
+            }
+            if (lanes == CORE_LANES) {
+                for (int64_t j = 0; j < k; ++j) {
+                    const float *aj = ap + j * a_j + u0;
+                    for (int l = 0; l < CORE_LANES; ++l) {
+                        y[l] += cnp[j] * aj[l];
+                        accu[j][l] += aj[l] * g[l];
+                    }
+                }
+                for (int64_t j = 0; j < k; ++j) {
+                    const float *aj = ap + j * a_j + u0;
+                    for (int l = 0; l < CORE_LANES; ++l) {
+                        const float d = (cnp[j] - y[l]) * aj[l];
+                        out[l] += cs[j] * d;
+                        acc0[j][l] += g[l] * d;
+                        acc1[j][l] += gx[l] * d;
+                    }
+                }
+            } else {
+                for (int l = 0; l < lanes; ++l) {
+                    for (int64_t j = 0; j < k; ++j) {
+                        const float aj = ap[j * a_j + u0 + l];
+                        y[l] += cnp[j] * aj;
+                        accu[j][l] += aj * g[l];
+                    }
+                    for (int64_t j = 0; j < k; ++j) {
+                        const float aj = ap[j * a_j + u0 + l];
+                        const float d = (cnp[j] - y[l]) * aj;
+                        out[l] += cs[j] * d;
+                        acc0[j][l] += g[l] * d;
+                        acc1[j][l] += gx[l] * d;
+                    }
+                }
+            }
+            for (int l = 0; l < lanes; ++l) lp[u0 + l] = out[l];
+        }
+        for (int64_t j = 0; j < k; ++j) {
+            float r0 = 0.0f, r1 = 0.0f, ru = 0.0f;
+            for (int l = 0; l < CORE_LANES; ++l) {
+                r0 += acc0[j][l];
+                r1 += acc1[j][l];
+                ru += accu[j][l];
+            }
+            to_c[p * k + j] = (r1 - cp[j] * r0) * t[p];
+            U[p * k + j] = ru;
         }
     }
 }
