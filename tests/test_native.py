@@ -404,3 +404,33 @@ def test_a_machine_builds_the_library_once(fresh_state, monkeypatch, tmp_path) -
     assert native_loops() is not None
     assert log.read_text().count("x") == 1
     assert len(list(fresh_state.glob("dkm_codes-*"))) == 1
+
+
+@needs_loops
+def test_the_core_loops_split_the_points_over_torchs_threads(monkeypatch) -> None:
+    """With several intra-op threads the points are cut into ranges of whole lanes, one per
+    thread: a point's local part is the one thread's bit for bit; what goes through sums over
+    the points (dL/dc, U, and the shared part through them) agrees up to summation order."""
+    from lightning_dkm.engine.weighted import weighted_dkm, weighted_dkm_gradient
+
+    xt, counts, c0, inv_tau, mask, G = _core_problem(3, 4099, 16, seed=5, masked=True)
+
+    def backward() -> tuple[torch.Tensor, torch.Tensor]:
+        _, _, trajectory = weighted_dkm(xt, counts, c0, inv_tau, max_iter=3, epsilon=0.0,
+                                        centroid_mask=mask)
+        return weighted_dkm_gradient(xt, counts, trajectory, G, inv_tau, centroid_mask=mask)
+
+    threads = torch.get_num_threads()
+    one = backward()
+    assert native._point_ranges(3, 16, 4099) == [slice(0, 4099)]
+    monkeypatch.setattr(native, "PARALLEL_GRAIN", 1024)
+    torch.set_num_threads(3)
+    try:
+        ranges = native._point_ranges(3, 16, 4099)
+        several = backward()
+    finally:
+        torch.set_num_threads(threads)
+    assert [(r.start, r.stop) for r in ranges] == [(0, 1360), (1360, 2720), (2720, 4099)]
+    # the shared part sums per point in the same order; the local part b too
+    assert torch.equal(one[1], several[1])
+    torch.testing.assert_close(several[0], one[0], rtol=1e-5, atol=1e-6)

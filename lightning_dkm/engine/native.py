@@ -19,6 +19,9 @@ round's attention where the PyTorch ops make some ten passes over it and its tem
 Their sums over the points run in their own order, so their gradients are the PyTorch ops'
 up to summation order (within float32 rounding of the float64 gradient, as the ops are:
 ``tests/test_native.py``), not bit for bit; the forward and every pass over the weights are.
+Where a call has at least :data:`PARALLEL_GRAIN` attention entries per thread, its points are
+cut into ranges over torch's intra-op threads (``torch.get_num_threads()``; a ``ctypes`` call
+releases the GIL), as the PyTorch ops they replace spread over them.
 
 **How it is built.** On first use, with the machine's C compiler (``$CC``, else ``cc``, ``gcc``
 or ``clang``): one file, no Python or PyTorch headers, about 0.4 s with the check below, into a
@@ -49,6 +52,7 @@ import atexit
 import contextlib
 import ctypes
 import hashlib
+import itertools
 import logging
 import os
 import platform
@@ -58,6 +62,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -209,13 +214,21 @@ class Kernels:
                 and _fit(two_over_tau, torch.float32, 1) and two_over_tau.numel() == P
                 and x.shape == shared.shape == (P, m) and rows.shape == (P, 2, m)):
             return None
-        to_c = torch.empty(P, k, dtype=torch.float32, device="cpu")
-        self._library.dkm_round_backward(
-            P, k, m, a.data_ptr(), a.stride(0), a.stride(1), x.data_ptr(), x.stride(0),
-            rows[:, 0].data_ptr(), rows[:, 1].data_ptr(), rows.stride(0), c.data_ptr(),
-            c_new.data_ptr(), H.data_ptr(), two_over_tau.data_ptr(), shared.data_ptr(),
-            shared.stride(0), to_c.data_ptr())
-        return to_c
+        ranges = _point_ranges(P, k, m)
+        parts = torch.empty(len(ranges), P, k, dtype=torch.float32, device="cpu")
+
+        def run(i: int) -> None:
+            s = ranges[i]
+            a_s, rows_s, shared_s = a[:, :, s], rows[:, :, s], shared[:, s]
+            self._library.dkm_round_backward(
+                P, k, s.stop - s.start, a_s.data_ptr(), a.stride(0), a.stride(1),
+                x[:, s].data_ptr(), x.stride(0), rows_s[:, 0].data_ptr(),
+                rows_s[:, 1].data_ptr(), rows.stride(0), c.data_ptr(), c_new.data_ptr(),
+                H.data_ptr(), two_over_tau.data_ptr(), shared_s.data_ptr(), shared.stride(0),
+                parts[i].data_ptr())
+
+        _in_parallel(run, len(ranges))
+        return parts[0] if len(ranges) == 1 else parts.sum(0)
 
     def local_backward(self, a: Tensor, x: Tensor, G: Tensor, c: Tensor, c_new: Tensor,
                        two_over_tau: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
@@ -229,14 +242,64 @@ class Kernels:
                 and _fit(two_over_tau, torch.float32, 1) and two_over_tau.numel() == P
                 and x.shape == G.shape == (P, m)):
             return None
+        ranges = _point_ranges(P, k, m)
         local = torch.empty(P, m, dtype=torch.float32, device="cpu")
-        to_c, U = (torch.empty(P, k, dtype=torch.float32, device="cpu") for _ in range(2))
-        self._library.dkm_local_backward(
-            P, k, m, a.data_ptr(), a.stride(0), a.stride(1), x.data_ptr(), x.stride(0),
-            G.data_ptr(), G.stride(0), c.data_ptr(), c_new.data_ptr(), two_over_tau.data_ptr(),
-            local.data_ptr(), local.stride(0), to_c.data_ptr(), U.data_ptr())
+        parts = torch.empty(2, len(ranges), P, k, dtype=torch.float32, device="cpu")
+
+        def run(i: int) -> None:
+            s = ranges[i]
+            self._library.dkm_local_backward(
+                P, k, s.stop - s.start, a[:, :, s].data_ptr(), a.stride(0), a.stride(1),
+                x[:, s].data_ptr(), x.stride(0), G[:, s].data_ptr(), G.stride(0),
+                c.data_ptr(), c_new.data_ptr(), two_over_tau.data_ptr(),
+                local[:, s].data_ptr(), local.stride(0), parts[0, i].data_ptr(),
+                parts[1, i].data_ptr())
+
+        _in_parallel(run, len(ranges))
+        to_c, U = (parts[:, 0] if len(ranges) == 1 else parts.sum(1)).unbind(0)
         return local, to_c, U
 
+
+#: Attention entries (``P x k x points``) a thread of the core's loops takes at least: below
+#: it a second thread costs more to start than it saves.
+PARALLEL_GRAIN = 1 << 18
+
+_pool: list[tuple[ThreadPoolExecutor, int]] = []  # the pool and its number of threads
+
+
+def _point_ranges(P: int, k: int, m: int) -> list[slice]:
+    """The points ``0..m`` cut into as many ranges as torch's intra-op threads
+    (``torch.get_num_threads()``) take with at least :data:`PARALLEL_GRAIN` entries each, cut
+    at multiples of the loops' 16 lanes: one range where one thread is enough."""
+    parts = min(torch.get_num_threads(), P * k * m // PARALLEL_GRAIN)
+    if parts <= 1:
+        return [slice(0, m)]
+    bounds = [0, *(((m * i // parts) // 16) * 16 for i in range(1, parts)), m]
+    return [slice(a, b) for a, b in itertools.pairwise(bounds) if b > a]
+
+
+def _in_parallel(run: Callable[[int], None], count: int) -> None:
+    """``run(0) .. run(count - 1)``, the first on this thread and the others on a pool of
+    threads (a ``ctypes`` call releases the GIL, so the loops run at once); errors raised."""
+    if count == 1:
+        run(0)
+        return
+    if not _pool or _pool[0][1] < count - 1:  # grows with torch's threads
+        _pool[:] = [(ThreadPoolExecutor(max_workers=count - 1,
+                                        thread_name_prefix="lightning_dkm-core"), count - 1)]
+    futures = [_pool[0][0].submit(run, i) for i in range(1, count)]
+    run(0)
+    for future in futures:
+        future.result()
+
+
+def _forget_pool() -> None:
+    """A forked child has the pool's object but not its threads: it makes its own."""
+    _pool.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool)
 
 def takes(*tensors: Tensor) -> bool:
     """Whether the loops may work on these tensors at all (before anything is built): real
