@@ -434,3 +434,26 @@ def test_the_core_loops_split_the_points_over_torchs_threads(monkeypatch) -> Non
     # the shared part sums per point in the same order; the local part b too
     assert torch.equal(one[1], several[1])
     torch.testing.assert_close(several[0], one[0], rtol=1e-5, atol=1e-6)
+
+
+@needs_loops
+def test_the_look_ups_split_the_weights_over_torchs_threads_bit_for_bit(monkeypatch) -> None:
+    """Each weight's look-up is its own: ranges of the weights on several threads (rows of two
+    palettes cut alike) give the one-thread result bit for bit."""
+    P, n = 2, 10_001
+    generator = torch.Generator().manual_seed(3)
+    codes = (torch.randn(P, n, generator=generator) * 3).half()
+    a, b = torch.randn(2, P * CODES, generator=generator)
+    g = torch.randn(P, n, generator=generator)
+    one = (loops.look_up(codes, a, torch.empty(P, n)),
+           loops.look_up_affine(codes, a, b, g, torch.empty(P, n)))
+    threads = torch.get_num_threads()
+    monkeypatch.setattr(native, "LOOK_UP_GRAIN", 1000)
+    torch.set_num_threads(3)
+    try:
+        assert len(native._weight_ranges(n)) == 3
+        several = (loops.look_up(codes, a, torch.empty(P, n)),
+                   loops.look_up_affine(codes, a, b, g, torch.empty(P, n)))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(x, y) for x, y in zip(one, several, strict=True))

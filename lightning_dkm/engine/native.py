@@ -42,7 +42,10 @@ loop checks its arguments' dtypes and shapes before C sees a pointer.
 logged once at INFO level). ``LIGHTNING_DKM_NATIVE=1`` makes such a failure an error (for
 benchmarks and CI). The loops take float32 CPU tensors in contiguous memory only; anything
 else (float64 weights, an accelerator, the layout without host reads under ``torch.compile``)
-takes the PyTorch ops as before. They run on one thread, as ``bincount`` does in PyTorch; with
+takes the PyTorch ops as before. Encoding, counting and summing per code run on one thread, as
+``bincount`` does in PyTorch; the look-ups cut a tensor of at least twice
+:data:`LOOK_UP_GRAIN` weights into ranges over torch's intra-op threads (each weight's value is
+its own, so bit for bit the same), and the core's loops a large call's points (above). With
 torch's two threads on a 2-core machine the fit still gains from them (``docs/benchmarks.md``).
 """
 
@@ -82,9 +85,9 @@ _SIGNATURES = {
     "dkm_encode_count": (_POINTER, _SIZE, _SIZE, _POINTER, _POINTER, _POINTER, _POINTER),
     "dkm_count": (_POINTER, _SIZE, _SIZE, _POINTER),
     "dkm_sum_per_code": (_POINTER, _SIZE, _SIZE, _POINTER, _POINTER),
-    "dkm_look_up": (_POINTER, _SIZE, _SIZE, _POINTER, _POINTER),
-    "dkm_look_up_affine": (_POINTER, _SIZE, _SIZE, _POINTER, _POINTER, _POINTER, _POINTER,
-                           ctypes.c_int),
+    "dkm_look_up": (_POINTER, _SIZE, _SIZE, _SIZE, _POINTER, _POINTER),
+    "dkm_look_up_affine": (_POINTER, _SIZE, _SIZE, _SIZE, _POINTER, _POINTER, _POINTER,
+                           _POINTER, ctypes.c_int),
     "dkm_occupied": (_POINTER, _SIZE, _POINTER),
     "dkm_distinct": (_POINTER, _SIZE, _SIZE, _POINTER, _POINTER, _POINTER, _POINTER, _POINTER),
     "dkm_round_backward": (_SIZE, _SIZE, _SIZE, _POINTER, _SIZE, _SIZE, _POINTER, _SIZE,
@@ -162,7 +165,14 @@ class Kernels:
         if not (_tables_fit(codes, out, table)):
             return None
         P, n = codes.shape
-        self._library.dkm_look_up(codes.data_ptr(), P, n, table.data_ptr(), out.data_ptr())
+        ranges = _weight_ranges(n)
+
+        def run(i: int) -> None:
+            s = ranges[i]
+            self._library.dkm_look_up(codes[:, s].data_ptr(), P, s.stop - s.start, n,
+                                      table.data_ptr(), out[:, s].data_ptr())
+
+        _in_parallel(run, len(ranges))
         return out
 
     def look_up_affine(self, codes: Tensor, a: Tensor, b: Tensor, g: Tensor, out: Tensor
@@ -174,9 +184,16 @@ class Kernels:
                 and g.shape == codes.shape):
             return None
         P, n = codes.shape
-        self._library.dkm_look_up_affine(codes.data_ptr(), P, n, a.data_ptr(), b.data_ptr(),
-                                         g.data_ptr(), out.data_ptr(),
-                                         int(self.fused_multiply_add))
+        ranges = _weight_ranges(n)
+        fused = int(self.fused_multiply_add)
+
+        def run(i: int) -> None:
+            s = ranges[i]
+            self._library.dkm_look_up_affine(codes[:, s].data_ptr(), P, s.stop - s.start, n,
+                                             a.data_ptr(), b.data_ptr(), g[:, s].data_ptr(),
+                                             out[:, s].data_ptr(), fused)
+
+        _in_parallel(run, len(ranges))
         return out
 
     def distinct(self, dense_counts: Tensor, P: int
@@ -261,8 +278,8 @@ class Kernels:
 
 
 #: Attention entries (``P x k x points``) a thread of the core's loops takes at least: below
-#: it a second thread costs more to start than it saves.
-PARALLEL_GRAIN = 1 << 18
+#: it a second thread costs more to start (about 0.1 ms) than it saves.
+PARALLEL_GRAIN = 1 << 19
 
 _pool: list[tuple[ThreadPoolExecutor, int]] = []  # the pool and its number of threads
 
@@ -275,6 +292,23 @@ def _point_ranges(P: int, k: int, m: int) -> list[slice]:
     if parts <= 1:
         return [slice(0, m)]
     bounds = [0, *(((m * i // parts) // 16) * 16 for i in range(1, parts)), m]
+    return [slice(a, b) for a, b in itertools.pairwise(bounds) if b > a]
+
+
+#: Weights a thread of the look-ups takes at least (each weight's result is its own, so the
+#: values do not depend on the cut): a thread of the pool costs about 0.1 ms to hand work to,
+#: and on 2 threads a look-up gained from it only past about a million weights (1.76 -> 1.08 ms
+#: at 4.7 million, 0.12 -> 0.21 ms at 295,000; a throwaway timer, wall clock).
+LOOK_UP_GRAIN = 1 << 21
+
+
+def _weight_ranges(n: int) -> list[slice]:
+    """The weights ``0..n`` of a look-up cut into ranges, one per intra-op thread with at least
+    :data:`LOOK_UP_GRAIN` weights each (cut at multiples of 64: whole cache lines)."""
+    parts = min(torch.get_num_threads(), n // LOOK_UP_GRAIN)
+    if parts <= 1:
+        return [slice(0, n)]
+    bounds = [0, *(((n * i // parts) // 64) * 64 for i in range(1, parts)), n]
     return [slice(a, b) for a, b in itertools.pairwise(bounds) if b > a]
 
 

@@ -118,26 +118,27 @@ void dkm_sum_per_code(const uint16_t *codes, int64_t P, int64_t n, const float *
     }
 }
 
-/* out[p, i] = table[p, codes[p, i]] */
-CLONES void dkm_look_up(const uint16_t *codes, int64_t P, int64_t n, const float *table,
-                        float *out) {
+/* out[p, i] = table[p, codes[p, i]] for i < n, rows `stride` apart (a range of the weights) */
+CLONES void dkm_look_up(const uint16_t *codes, int64_t P, int64_t n, int64_t stride,
+                        const float *table, float *out) {
     for (int64_t p = 0; p < P; ++p) {
-        const uint16_t *row = codes + p * n;
+        const uint16_t *row = codes + p * stride;
         const float *t = table + p * CODES;
-        float *o = out + p * n;
+        float *o = out + p * stride;
         for (int64_t i = 0; i < n; ++i) o[i] = t[row[i]];
     }
 }
 
 /* out[p, i] = a[p, code] + b[p, code] * g[p, i] with code = codes[p, i]: every weight's
  * gradient in the backward, rounded as index_select + addcmul_ round (one fused multiply-add
- * where `fused`, else the product rounded, then the sum) */
-CLONES void dkm_look_up_affine(const uint16_t *codes, int64_t P, int64_t n, const float *a,
-                               const float *b, const float *g, float *out, int fused) {
+ * where `fused`, else the product rounded, then the sum); rows `stride` apart, as above */
+CLONES void dkm_look_up_affine(const uint16_t *codes, int64_t P, int64_t n, int64_t stride,
+                               const float *a, const float *b, const float *g, float *out,
+                               int fused) {
     for (int64_t p = 0; p < P; ++p) {
-        const uint16_t *row = codes + p * n;
-        const float *ta = a + p * CODES, *tb = b + p * CODES, *gp = g + p * n;
-        float *o = out + p * n;
+        const uint16_t *row = codes + p * stride;
+        const float *ta = a + p * CODES, *tb = b + p * CODES, *gp = g + p * stride;
+        float *o = out + p * stride;
         if (fused)
             for (int64_t i = 0; i < n; ++i) o[i] = fmaf(tb[row[i]], gp[i], ta[row[i]]);
         else
