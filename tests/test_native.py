@@ -457,3 +457,21 @@ def test_the_look_ups_split_the_weights_over_torchs_threads_bit_for_bit(monkeypa
     finally:
         torch.set_num_threads(threads)
     assert all(torch.equal(x, y) for x, y in zip(one, several, strict=True))
+
+
+@needs_loops
+def test_the_core_loops_leave_a_recorded_backward_to_the_pytorch_ops(monkeypatch) -> None:
+    """Where autograd records the backward itself (an upstream gradient that requires grad,
+    as ``create_graph=True`` gives), the loops, whose results have no graph, are not used."""
+    from lightning_dkm.engine.weighted import weighted_dkm, weighted_dkm_gradient
+
+    xt, counts, c0, inv_tau, _, G = _core_problem(2, 300, 4, seed=7)
+    _, _, trajectory = weighted_dkm(xt, counts, c0, inv_tau, max_iter=2, epsilon=0.0)
+    calls = []
+    for name in ("round_backward", "local_backward"):
+        monkeypatch.setattr(native.Kernels, name, lambda self, *a, name=name: calls.append(name))
+    G = G.clone().requires_grad_()
+    with torch.enable_grad():
+        shared, _ = weighted_dkm_gradient(xt, counts, trajectory, G, inv_tau)
+    assert calls == []
+    assert shared.requires_grad  # b (the local part for g = 1) does not depend on G

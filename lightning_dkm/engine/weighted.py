@@ -348,12 +348,15 @@ def _round_backward(points: _Points, step: _Round, U: Tensor,
     return to_c.mul_(two_over_tau)
 
 
-def _core_loops(points: _Points, step: _Round) -> native.Kernels | None:
+def _core_loops(points: _Points, step: _Round, upstream: Tensor) -> native.Kernels | None:
     """The core's C loops (:mod:`.native`) where they take this backward: scalar points with
-    counts, float32 on the CPU (not under a tracer). ``None``: the PyTorch ops."""
-    if points.rows is None or points.xt.shape[1] != 1 or points.xt.dtype != torch.float32:
+    counts, float32 on the CPU (not under a tracer), and an ``upstream`` gradient that autograd
+    does not record (``create_graph=True``: the PyTorch ops then run, as the loops' results
+    have no graph). ``None``: the PyTorch ops."""
+    if (points.rows is None or points.xt.shape[1] != 1 or points.xt.dtype != torch.float32
+            or upstream.dtype != torch.float32):
         return None
-    return native_loops(points.xt, step.c)
+    return native_loops(points.xt, step.c, upstream)
 
 
 def _per_palette(value: Tensor | float, P: int) -> Tensor:
@@ -368,7 +371,7 @@ def _round_backward_by_loop(points: _Points, step: _Round, H: Tensor,
     (``Kernels.round_backward``): the values of the PyTorch ops up to summation order, in
     one read of the attention instead of some ten passes over it; ``None`` where the loops
     do not take it."""
-    loops = _core_loops(points, step)
+    loops = _core_loops(points, step, H)
     if loops is None:
         return None
     P, k, _ = step.c.shape
@@ -390,8 +393,8 @@ def _local_by_loop(points: _Points, step: _Round, G: Tensor, two_over_tau: Tenso
     """``(U, local, dL/dc)``: the loss gradient of the final centroids and :func:`_local`
     (``per_copy``) as one C loop per chunk (``Kernels.local_backward``), the values of the
     PyTorch ops up to summation order; ``None`` where the loops do not take it."""
-    loops = _core_loops(points, step)
-    if loops is None or G.dtype != torch.float32:
+    loops = _core_loops(points, step, G)
+    if loops is None:
         return None
     P, k, _ = step.c.shape
     c, c_new = (v.reshape(P, k).contiguous() for v in (step.c, step.c_new))
