@@ -133,7 +133,9 @@ def test_the_unique_step_with_and_without_the_loops(gradient) -> None:
         sum((o.weights * g).sum() for o, g in zip(outs, gs, strict=True)).backward()
         return [o.weights for o in outs] + [o.centroids for o in outs] + [x.grad for x in inputs]
 
-    fused = step()
+    with core_loop_results() as ran:
+        fused = step()
+    assert "local_backward" in ran
     with native.turned_off():
         assert native_loops(xs[0]) is None
         plain = step()
@@ -162,56 +164,90 @@ def _core_problem(P: int, U: int, k: int, seed: int, *, masked: bool = False):
     return xt, counts, c0, inv_tau, mask, G
 
 
+@contextlib.contextmanager
+def core_loop_results():
+    """The names of the core's loops that returned a result (not ``None``: the ops ran)."""
+    ran: list[str] = []
+    with pytest.MonkeyPatch.context() as patch:
+        for name in ("round_backward", "local_backward"):
+            real = getattr(native.Kernels, name)
+
+            def spy(self, *args, real=real, name=name):
+                out = real(self, *args)
+                if out is not None:
+                    ran.append(name)
+                return out
+            patch.setattr(native.Kernels, name, spy)
+        yield ran
+
+
 @needs_loops
 @pytest.mark.parametrize("loop", ["round_backward", "local_backward"])
-def test_a_core_loop_that_computes_otherwise_is_caught_by_the_check(monkeypatch, loop) -> None:
+def test_a_core_loop_that_computes_otherwise_is_turned_off_by_the_check(monkeypatch,
+                                                                         loop) -> None:
+    """The check refuses the core's loops alone: the passes over the weights, bit for bit the
+    PyTorch ops', keep theirs."""
     real = getattr(native.Kernels, loop)
 
     def off_by_a_little(self, *args):
         out = real(self, *args)
+        if out is None:
+            return None
         return out * 1.001 if isinstance(out, torch.Tensor) else (out[0] * 1.001, *out[1:])
 
     monkeypatch.setattr(native.Kernels, loop, off_by_a_little)
-    reason = _fused_disagreement(loops)
-    assert reason is not None and f"core {loop.replace('_', ' ')}" in reason
+    monkeypatch.setattr(loops, "core_agrees", True)  # restored after the test
+    monkeypatch.setenv("LIGHTNING_DKM_NATIVE", "1")  # required: the difference is an error
+    assert f"core {loop.replace('_', ' ')}" in _fused_disagreement(loops)
+    monkeypatch.setenv("LIGHTNING_DKM_NATIVE", "auto")
+    assert _fused_disagreement(loops) is None
+    assert loops.core_agrees is False
+    a, small, t = torch.rand(1, 4, 40), torch.randn(1, 4), torch.ones(1)
+    assert loops.local_backward(a, torch.randn(1, 40), torch.randn(1, 40), small, small,
+                                t) is None
+    assert loops.look_up(torch.zeros(1, 40, dtype=torch.float16), torch.randn(CODES),
+                         torch.empty(1, 40)) is not None
+
+
 @needs_loops
-@pytest.mark.parametrize(("P", "U", "k", "chunk", "gradient", "masked", "groups"), [
-    (4, 5120, 16, 1 << 16, "unrolled", False, True),  # the digits CNN's 4-bit batch
+@pytest.mark.parametrize(("P", "U", "k", "chunk", "gradient", "masked", "mixed"), [
+    (4, 5120, 16, 1 << 16, "unrolled", False, False),  # the digits CNN's 4-bit batch
+    (4, 5120, 16, 1 << 16, "unrolled", False, True),  # its palettes stop at different rounds
     (3, 1001, 4, 1 << 16, "unrolled", True, True),  # a tail of 9 points past the lanes
-    (2, 777, 256, 300, "unrolled", False, False),  # 8 bits, chunks: strided views
+    (2, 777, 16, 300, "unrolled", False, False),  # chunks of a kept attention: strided views
+    (2, 777, 256, 300, "unrolled", False, False),  # 8 bits, chunks recomputed
     (3, 2000, 16, 1 << 16, "implicit", True, True),
     (1, 5, 2, 1 << 16, "unrolled", False, False),  # fewer points than lanes
 ])
 def test_the_core_backward_loops_give_the_pytorch_ops_gradient(P, U, k, chunk, gradient,
-                                                                masked, groups) -> None:
+                                                                masked, mixed) -> None:
     """``weighted_dkm_gradient`` with the loops agrees with the PyTorch ops to float32
-    rounding, and is as close as they are to the same backward in float64; palettes of one
-    batch that stop at different rounds (``groups``) walk the rounds with device flags."""
+    rounding, and is as close as they are to the same backward in float64 (on the same
+    forward); palettes of one batch that stop at different rounds (``mixed``) walk the rounds
+    with device flags."""
     from lightning_dkm.engine.numerics import Groups
     from lightning_dkm.engine.weighted import weighted_dkm, weighted_dkm_gradient
 
     xt, counts, c0, inv_tau, mask, G = _core_problem(P, U, k, seed=P * U + k, masked=masked)
-    group = Groups(torch.arange(P), P) if groups else None
+    implicit = gradient == "implicit"
+    _, _, trajectory = weighted_dkm(xt, counts, c0, inv_tau, max_iter=10 if mixed else 3,
+                                    epsilon=0.05 if mixed else 0.0, chunk=chunk,
+                                    centroid_mask=mask, implicit=implicit,
+                                    groups=Groups(torch.arange(P), P) if mixed else None)
+    assert (trajectory.ran is None) == mixed
+    assert (trajectory.kept is not None) == (k <= 16)
 
     def backward(dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        cast = [t.to(dtype) for t in (xt, counts, c0, inv_tau, G)]
-        _, _, trajectory = weighted_dkm(cast[0], cast[1], cast[2], cast[3], max_iter=4,
-                                        epsilon=1e-3, chunk=chunk, centroid_mask=mask,
-                                        implicit=gradient == "implicit", groups=group)
-        return weighted_dkm_gradient(cast[0], cast[1], trajectory, cast[4], cast[3],
-                                     chunk=chunk, implicit=gradient == "implicit",
-                                     centroid_mask=mask)
+        cast = [t.to(dtype) for t in (xt, counts, inv_tau, G)]
+        path = trajectory._replace(**{
+            field: getattr(trajectory, field).to(dtype)
+            for field in ("centroids", "masses", "kept") if getattr(trajectory, field) is not None})
+        return weighted_dkm_gradient(cast[0], cast[1], path, cast[3], cast[2], chunk=chunk,
+                                     implicit=implicit, centroid_mask=mask)
 
-    calls = []
-    real = native.Kernels.round_backward, native.Kernels.local_backward
-    with pytest.MonkeyPatch.context() as patch:
-        for method in real:
-            def spy(self, *args, method=method):
-                calls.append(method.__name__)
-                return method(self, *args)
-            patch.setattr(native.Kernels, method.__name__, spy)
+    with core_loop_results() as ran:
         fused = backward(torch.float32)
-    assert "local_backward" in calls and "round_backward" in calls
+    assert "local_backward" in ran and ("round_backward" in ran)
     with native.turned_off():
         plain = backward(torch.float32)
     exact = backward(torch.float64)
@@ -264,6 +300,9 @@ def test_a_loop_refuses_arguments_it_cannot_read_and_the_pytorch_ops_run() -> No
     assert loops.round_backward(a, x, rows, small, small, small.double(), t, shared) is None
     assert loops.round_backward(a, x, rows, small, small, small, t[:1], shared) is None
     assert loops.round_backward(a, x[:, 1:], rows, small, small, small, t, shared) is None
+    assert loops.round_backward(a, x, rows[:, :1], small, small, small, t, shared) is None
+    assert loops.round_backward(a, x, rows, small, small, small, t,
+                                shared[:1].expand(P, n)) is None  # its rows would overlap
     assert loops.local_backward(a, x, x, small, small, t) is not None
     assert loops.local_backward(torch.rand(P, 257, n), x, x, torch.randn(P, 257),
                                 torch.randn(P, 257), t) is None  # past 8 bits
@@ -414,11 +453,14 @@ def test_the_core_loops_split_the_points_over_torchs_threads(monkeypatch) -> Non
     from lightning_dkm.engine.weighted import weighted_dkm, weighted_dkm_gradient
 
     xt, counts, c0, inv_tau, mask, G = _core_problem(3, 4099, 16, seed=5, masked=True)
+    _, _, trajectory = weighted_dkm(xt, counts, c0, inv_tau, max_iter=3, epsilon=0.0,
+                                    centroid_mask=mask)  # one forward for both
 
     def backward() -> tuple[torch.Tensor, torch.Tensor]:
-        _, _, trajectory = weighted_dkm(xt, counts, c0, inv_tau, max_iter=3, epsilon=0.0,
-                                        centroid_mask=mask)
-        return weighted_dkm_gradient(xt, counts, trajectory, G, inv_tau, centroid_mask=mask)
+        with core_loop_results() as ran:
+            out = weighted_dkm_gradient(xt, counts, trajectory, G, inv_tau, centroid_mask=mask)
+        assert ran
+        return out
 
     threads = torch.get_num_threads()
     one = backward()

@@ -30,7 +30,8 @@ cache directory (``$LIGHTNING_DKM_CACHE``, else ``$XDG_CACHE_HOME/lightning_dkm`
 hashed from the source, the compiler, the flags and the architecture, so a machine builds it
 once; processes that build it at once (DDP ranks) each write their own file and rename it into
 place. It is loaded with :mod:`ctypes` and checked against the PyTorch ops on a few values
-before it is used (:func:`~.float16_codes.native_loops`; the core's loops to a tolerance);
+before it is used (:func:`~.float16_codes.native_loops`; the core's loops to a tolerance,
+and where they disagree only they are turned off: ``Kernels.core_agrees``);
 the check also finds whether this
 machine's ``addcmul_`` fuses its multiply-add (PyTorch's vectorised kernels do, its scalar
 ones do not), and the backward's look-up rounds the same way. Nothing is built for tensors
@@ -111,6 +112,10 @@ class Kernels:
     def __init__(self, library: ctypes.CDLL, fused_multiply_add: bool = True) -> None:
         self._library = library
         self.fused_multiply_add = fused_multiply_add
+        #: whether the core's backward loops agree with the PyTorch ops on this machine
+        #: (:func:`~.float16_codes.native_loops`' check); where not, they return ``None`` and
+        #: the ops run, while the passes over the weights keep their loops
+        self.core_agrees = True
         for name, arguments in _SIGNATURES.items():
             function = getattr(library, name)
             function.argtypes, function.restype = arguments, None
@@ -226,10 +231,13 @@ class Kernels:
         (P, 2, m) their counts and counts times values, ``c``, ``c_new`` and ``H`` (P, k) the
         starting and updated centroids and ``U / mass``, ``two_over_tau`` (P,). Views whose
         points are contiguous are taken as they are (a chunk of a kept attention)."""
+        if not self.core_agrees or a.dim() != 3 or rows.dim() != 3 or rows.shape[1] != 2:
+            return None
         P, k, m = a.shape
         if not (_core_fits(a, x, rows[:, 0], rows[:, 1], shared) and _small_fit(P, k, c, c_new, H)
                 and _fit(two_over_tau, torch.float32, 1) and two_over_tau.numel() == P
-                and x.shape == shared.shape == (P, m) and rows.shape == (P, 2, m)):
+                and x.shape == shared.shape == (P, m) and rows.shape == (P, 2, m)
+                and _rows_apart(shared)):
             return None
         ranges = _point_ranges(P, k, m)
         parts = torch.empty(len(ranges), P, k, dtype=torch.float32, device="cpu")
@@ -254,6 +262,8 @@ class Kernels:
         centroids: ``(local (P, m), dL/dc (P, k), U (P, k))`` for the attention ``a`` (P, k,
         m), the points ``x`` and their summed loss gradients ``G`` (P, m), the starting and
         final centroids ``c``, ``c_new`` (P, k) and ``two_over_tau`` (P,)."""
+        if not self.core_agrees or a.dim() != 3:
+            return None
         P, k, m = a.shape
         if not (_core_fits(a, x, G) and _small_fit(P, k, c, c_new)
                 and _fit(two_over_tau, torch.float32, 1) and two_over_tau.numel() == P
@@ -322,7 +332,11 @@ def _in_parallel(run: Callable[[int], None], count: int) -> None:
         _pool[:] = [(ThreadPoolExecutor(max_workers=count - 1,
                                         thread_name_prefix="lightning_dkm-core"), count - 1)]
     futures = [_pool[0][0].submit(run, i) for i in range(1, count)]
-    run(0)
+    try:
+        run(0)
+    finally:  # every range is done (or failed) before anything is read or raised
+        for future in futures:
+            future.exception()
     for future in futures:
         future.result()
 
@@ -367,6 +381,12 @@ def _core_fits(*views: Tensor) -> bool:
     return all(_real_cpu(t) and t.dtype == torch.float32 and t.dim() >= 2
                and (t.shape[-1] <= 1 or t.stride(-1) == 1) and t.data_ptr() != 0
                for t in views)
+
+
+def _rows_apart(out: Tensor) -> bool:
+    """An output (P, m) whose rows do not overlap (an expanded view's would: the loops would
+    add every palette into one row, where PyTorch's in-place ops refuse)."""
+    return out.shape[0] <= 1 or out.stride(0) >= out.shape[1]
 
 
 def _small_fit(P: int, k: int, *tables: Tensor) -> bool:

@@ -382,7 +382,8 @@ def _round_backward_by_loop(points: _Points, step: _Round, H: Tensor,
         part = loops.round_backward(step.attention(points, s, inv_tau), points.xt[:, 0, s],
                                     points.rows[:, :, s], c, c_new, h, t, shared[:, 0, s])
         if part is None:
-            assert to_c is None, "the loop took one chunk and not the next"
+            if to_c is not None:  # shared holds the chunks before: the ops must not add them
+                raise RuntimeError("the core's round loop took one chunk and not the next")
             return None
         to_c = part if to_c is None else to_c.add_(part)
     return None if to_c is None else to_c.unsqueeze(-1)
@@ -405,7 +406,8 @@ def _local_by_loop(points: _Points, step: _Round, G: Tensor, two_over_tau: Tenso
         parts = loops.local_backward(step.attention(points, s, inv_tau), points.xt[:, 0, s],
                                      G[:, 0, s], c, c_new, t)
         if parts is None:
-            assert U is None, "the loop took one chunk and not the next"
+            if U is not None:
+                raise RuntimeError("the core's local loop took one chunk and not the next")
             return None
         local[:, 0, s] = parts[0]
         U = parts[2] if U is None else U.add_(parts[2])
