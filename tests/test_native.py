@@ -195,11 +195,18 @@ def test_a_core_loop_that_computes_otherwise_is_turned_off_by_the_check(monkeypa
             return None
         return out * 1.001 if isinstance(out, torch.Tensor) else (out[0] * 1.001, *out[1:])
 
+    from lightning_dkm.engine.weighted import check_core_loops
+
+    monkeypatch.setattr(loops, "core_agrees", True)  # both restored after the test
+    monkeypatch.setattr(loops, "core_checked", False)
+    check_core_loops(loops)  # the loops as built agree
+    assert loops.core_agrees is True and loops.core_checked is True
     monkeypatch.setattr(native.Kernels, loop, off_by_a_little)
-    monkeypatch.setattr(loops, "core_agrees", True)  # restored after the test
     monkeypatch.setenv("LIGHTNING_DKM_NATIVE", "1")  # required: the difference is an error
-    assert f"core {loop.replace('_', ' ')}" in _fused_disagreement(loops)
+    with pytest.raises(RuntimeError, match="core's backward loops differ"):
+        check_core_loops(loops)
     monkeypatch.setenv("LIGHTNING_DKM_NATIVE", "auto")
+    check_core_loops(loops)
     assert _fused_disagreement(loops) is None
     assert loops.core_agrees is False
     a, small, t = torch.rand(1, 4, 40), torch.randn(1, 4), torch.ones(1)

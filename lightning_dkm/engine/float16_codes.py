@@ -7,8 +7,6 @@ shape where host reads are not free); per-code tables are read back per weight b
 
 from __future__ import annotations
 
-import logging
-import os
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -17,8 +15,6 @@ from torch import Tensor
 
 from . import native
 from .numerics import Normalization, chunks, floored_scale, root_mean_square
-
-log = logging.getLogger(__name__)
 
 __all__ = [
     "ACCELERATOR_CHUNK", "CHUNK", "CODES", "FLOOR_SHIFT", "CodeColumns", "DistinctValues",
@@ -518,46 +514,5 @@ def _fused_disagreement(loaded: native.Kernels) -> str | None:
             break
     else:
         differ.append("affine look-up")
-    core = _core_disagreement(loaded, generator)
-    if core and os.environ.get("LIGHTNING_DKM_NATIVE") == "1":  # required: every loop
-        differ += core
-    elif core:  # only these loops are refused: the passes over the weights agree bit for bit
-        log.info("lightning_dkm: the DKM core's backward uses PyTorch ops (its loops differ "
-                 "from them in: %s)", ", ".join(core))
-        loaded.core_agrees = False
     return None if not differ else f"its results differ from PyTorch's in: {', '.join(differ)}"
 
-
-def _core_disagreement(loaded: native.Kernels, generator: torch.Generator) -> list[str]:
-    """The core's backward loops against the PyTorch ops' formulas on a small batch (a tail
-    past the lanes, a strided view of the attention): they agree up to summation order, so to
-    a tolerance; ``[]`` or the names of the loops that differ (:func:`_fused_disagreement`
-    then turns off these loops only, ``Kernels.core_agrees``)."""
-    cpu = {"dtype": torch.float32, "device": "cpu"}
-    P, k, m = 2, 5, 37
-    a = torch.rand(P, k, m + 3, generator=generator, **cpu)[:, :, 3:]
-    a = a / a.sum(1, keepdim=True)
-    x, G = torch.randn(2, P, m, generator=generator, **cpu)
-    w = torch.rand(P, m, generator=generator, **cpu) * 9
-    c, c_new, H = torch.randn(3, P, k, generator=generator, **cpu)
-    t = torch.tensor([3.0, 0.5], **cpu)
-    shared = torch.zeros(P, m, **cpu)
-    got = loaded.round_backward(a, x, torch.stack((w, w * x), 1), c, c_new, H, t, shared)
-    b = (x.unsqueeze(1) - c_new.unsqueeze(-1)) * H.unsqueeze(-1)
-    delta = (b - (a * b).sum(1, keepdim=True)) * a
-    cs = (c * t.unsqueeze(1)).unsqueeze(-1)
-    want_shared = (H.unsqueeze(-1) * a).sum(1) + (cs * delta).sum(1)
-    want = ((w * x).unsqueeze(1) * delta).sum(-1) - c * (w.unsqueeze(1) * delta).sum(-1)
-    differ = []
-    if got is None or not (torch.allclose(got, want * t.unsqueeze(1), rtol=1e-4, atol=1e-5)
-                           and torch.allclose(shared, want_shared, rtol=1e-4, atol=1e-6)):
-        differ.append("core round backward")
-    got_local = loaded.local_backward(a, x, G, c, c_new, t)
-    delta = (c_new.unsqueeze(-1) - (c_new.unsqueeze(-1) * a).sum(1, keepdim=True)) * a
-    want_local = ((cs * delta).sum(1),
-                  (((G * x).unsqueeze(1) * delta).sum(-1) - c * (G.unsqueeze(1) * delta).sum(-1))
-                  * t.unsqueeze(1), (a * G.unsqueeze(1)).sum(-1))
-    if got_local is None or not all(torch.allclose(g, v, rtol=1e-4, atol=1e-5)
-                                    for g, v in zip(got_local, want_local, strict=True)):
-        differ.append("core local backward")
-    return differ

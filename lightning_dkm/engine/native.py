@@ -31,9 +31,9 @@ cache directory (``$LIGHTNING_DKM_CACHE``, else ``$XDG_CACHE_HOME/lightning_dkm`
 hashed from the source, the compiler, the flags and the architecture, so a machine builds it
 once; processes that build it at once (DDP ranks) each write their own file and rename it into
 place. It is loaded with :mod:`ctypes` and checked against the PyTorch ops on a few values
-before it is used (:func:`~.float16_codes.native_loops`; the core's loops to a tolerance,
-and where they disagree only they are turned off: ``Kernels.core_agrees``);
-the check also finds whether this
+before it is used (:func:`~.float16_codes.native_loops`; the core's loops at their first use,
+against the core's own PyTorch path to a tolerance, and where they disagree only they are
+turned off: :func:`~.weighted.check_core_loops`); the check also finds whether this
 machine's ``addcmul_`` fuses its multiply-add (PyTorch's vectorised kernels do, its scalar
 ones do not), and the backward's look-up rounds the same way. Nothing is built for tensors
 the loops cannot take (:func:`takes`: an accelerator, ``meta``, a tracer's tensors), and each
@@ -114,12 +114,23 @@ class Kernels:
         self._library = library
         self.fused_multiply_add = fused_multiply_add
         #: whether the core's backward loops agree with the PyTorch ops on this machine
-        #: (:func:`~.float16_codes.native_loops`' check); where not, they return ``None`` and
-        #: the ops run, while the passes over the weights keep their loops
+        #: (checked at their first use, :func:`~.weighted.check_core_loops`); where not, they
+        #: return ``None`` and the ops run, while the passes over the weights keep their loops
         self.core_agrees = True
+        self.core_checked = False
         for name, arguments in _SIGNATURES.items():
             function = getattr(library, name)
             function.argtypes, function.restype = arguments, None
+
+    def refuse_core(self, why: str) -> None:
+        """The core's loops disagree with the PyTorch ops (``why``): they are not used from
+        now on (logged once); with ``LIGHTNING_DKM_NATIVE=1`` an error instead."""
+        if os.environ.get(_ENV) == "1":
+            raise RuntimeError(f"{_ENV}=1, but the DKM core's backward loops differ from the "
+                               f"PyTorch ops: {why}")
+        log.info("lightning_dkm: the DKM core's backward uses PyTorch ops (its loops differ "
+                 "from them: %s)", why)
+        self.core_agrees = False
 
     def encode(self, x: Tensor, center: Tensor, inverse_unit: Tensor) -> Tensor | None:
         """The float16 codes ``(x - center) * inverse_unit`` of ``x`` (P, n)."""

@@ -65,9 +65,10 @@ indexing on the device and leaves the gradient unchanged through the rounds that
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Iterator
-from typing import Literal, NamedTuple, get_args
+from collections.abc import Callable, Iterable, Iterator
+from typing import Literal, NamedTuple, TypeVar, get_args
 
 import torch
 from torch import Tensor
@@ -94,6 +95,8 @@ __all__ = [
 
 #: Points per chunk: a k x chunk float32 block of 2**16 columns is 256 KiB per centroid row.
 DEFAULT_CHUNK = 1 << 16
+
+_R = TypeVar("_R")
 
 #: An attention weight below ``e^-LOGIT_FLOOR`` (about 9e-27) of its point's largest is 0
 #: (:func:`attention`). Such weights are far below float32's precision in every sum they join,
@@ -352,16 +355,80 @@ def _core_loops(points: _Points, step: _Round, upstream: Tensor) -> native.Kerne
     """The core's C loops (:mod:`.native`) where they take this backward: scalar points with
     counts, float32 on the CPU (not under a tracer), and an ``upstream`` gradient that autograd
     does not record (``create_graph=True``: the PyTorch ops then run, as the loops' results
-    have no graph). ``None``: the PyTorch ops."""
+    have no graph); checked against the PyTorch ops at their first use
+    (:func:`check_core_loops`). ``None``: the PyTorch ops."""
     if (points.rows is None or points.xt.shape[1] != 1 or points.xt.dtype != torch.float32
             or upstream.dtype != torch.float32):
         return None
-    return native_loops(points.xt, step.c, upstream)
+    loops = native_loops(points.xt, step.c, upstream)
+    if loops is not None and not loops.core_checked:
+        check_core_loops(loops)
+    return loops if loops is not None and loops.core_agrees else None
+
+
+def check_core_loops(loops: native.Kernels) -> None:
+    """The core's backward loops against the core's own PyTorch path, once per loaded
+    library: the unrolled backward of a small batch (two rounds, a masked centroid, chunks of
+    20 points: strided views of the kept attention and tails past the loops' 16 lanes) with
+    the loops and with ``core_agrees`` off. They agree up to summation order, so to a
+    tolerance; where they do not, :meth:`~.native.Kernels.refuse_core`. Every tensor is
+    float32 on the CPU, whatever the process's defaults."""
+    loops.core_checked = True
+    cpu = {"dtype": torch.float32, "device": "cpu"}
+    generator = torch.Generator().manual_seed(0)
+    P, U, k, chunk = 2, 37, 5, 20
+    xt = torch.randn(P, 1, U, generator=generator, **cpu)
+    counts = torch.randint(1, 9, (P, U), generator=generator).to(**cpu)
+    c0 = torch.sort(torch.randn(P, k, 1, generator=generator, **cpu), dim=1).values
+    inv_tau = torch.tensor([3.0, 0.5], **cpu).reshape(P, 1, 1)
+    mask = torch.ones(P, k, 1, dtype=torch.bool, device="cpu")
+    mask[1, -1] = False
+    G = torch.randn(P, 1, U, generator=generator, **cpu)
+    _, _, trajectory = weighted_dkm(xt, counts, c0, inv_tau, max_iter=2, epsilon=0.0,
+                                    chunk=chunk, centroid_mask=mask)
+
+    def backward() -> tuple[Tensor, Tensor]:
+        shared, b = weighted_dkm_gradient(xt, counts, trajectory, G, inv_tau, chunk=chunk,
+                                          centroid_mask=mask)
+        assert b is not None
+        return shared, b
+
+    got = backward()
+    loops.core_agrees = False  # the same backward on the PyTorch ops
+    try:
+        want = backward()
+    finally:
+        loops.core_agrees = True
+    differ = [name for name, g, w in zip(("shared part", "local part"), got, want, strict=True)
+              if not torch.allclose(g, w, rtol=1e-4, atol=1e-5 * float(w.abs().max()))]
+    if differ:
+        loops.refuse_core(", ".join(differ))
 
 
 def _per_palette(value: Tensor | float, P: int) -> Tensor:
     """``value`` (a float, a 0-dim tensor or one per palette (P, 1, 1)) as (P,) float32."""
     return torch.as_tensor(value, dtype=torch.float32).reshape(-1).expand(P).contiguous()
+
+
+def _by_chunks(points: _Points, step: _Round, inv_tau: Tensor | float,
+               call: Callable[[Tensor, slice], _R | None]) -> list[_R] | None:
+    """``call(attention, chunk)`` on every chunk of the points: the results, or ``None`` where
+    the loop does not take the first chunk (a later refusal is an error: the chunks before
+    have written into the caller's output, which the PyTorch ops would add to again)."""
+    results: list[_R] = []
+    for s in points.parts():
+        out = call(step.attention(points, s, inv_tau), s)
+        if out is None:
+            if results:
+                raise RuntimeError("a core loop took one chunk of the points and not the next")
+            return None
+        results.append(out)
+    return results or None
+
+
+def _total(parts: Iterable[Tensor]) -> Tensor:
+    """The chunks' partial sums added in chunk order."""
+    return functools.reduce(torch.add, parts)
 
 
 def _round_backward_by_loop(points: _Points, step: _Round, H: Tensor,
@@ -377,16 +444,9 @@ def _round_backward_by_loop(points: _Points, step: _Round, H: Tensor,
     P, k, _ = step.c.shape
     c, c_new, h = (v.reshape(P, k).contiguous() for v in (step.c, step.c_new, H))
     t = _per_palette(two_over_tau, P)
-    to_c = None
-    for s in points.parts():
-        part = loops.round_backward(step.attention(points, s, inv_tau), points.xt[:, 0, s],
-                                    points.rows[:, :, s], c, c_new, h, t, shared[:, 0, s])
-        if part is None:
-            if to_c is not None:  # shared holds the chunks before: the ops must not add them
-                raise RuntimeError("the core's round loop took one chunk and not the next")
-            return None
-        to_c = part if to_c is None else to_c.add_(part)
-    return None if to_c is None else to_c.unsqueeze(-1)
+    parts = _by_chunks(points, step, inv_tau, lambda a, s: loops.round_backward(
+        a, points.xt[:, 0, s], points.rows[:, :, s], c, c_new, h, t, shared[:, 0, s]))
+    return None if parts is None else _total(parts).unsqueeze(-1)
 
 
 def _local_by_loop(points: _Points, step: _Round, G: Tensor, two_over_tau: Tensor | float,
@@ -401,20 +461,18 @@ def _local_by_loop(points: _Points, step: _Round, G: Tensor, two_over_tau: Tenso
     c, c_new = (v.reshape(P, k).contiguous() for v in (step.c, step.c_new))
     t = _per_palette(two_over_tau, P)
     local = torch.empty_like(points.xt)
-    U = to_c = None
-    for s in points.parts():
-        parts = loops.local_backward(step.attention(points, s, inv_tau), points.xt[:, 0, s],
-                                     G[:, 0, s], c, c_new, t)
-        if parts is None:
-            if U is not None:
-                raise RuntimeError("the core's local loop took one chunk and not the next")
-            return None
-        local[:, 0, s] = parts[0]
-        U = parts[2] if U is None else U.add_(parts[2])
-        to_c = parts[1] if to_c is None else to_c.add_(parts[1])
-    if U is None:
+
+    def call(a: Tensor, s: slice) -> tuple[Tensor, Tensor, Tensor] | None:
+        out = loops.local_backward(a, points.xt[:, 0, s], G[:, 0, s], c, c_new, t)
+        if out is not None:
+            local[:, 0, s] = out[0]
+        return out
+
+    parts = _by_chunks(points, step, inv_tau, call)
+    if parts is None:
         return None
-    return U.unsqueeze(-1), local, to_c.unsqueeze(-1)
+    return (_total(p[2] for p in parts).unsqueeze(-1), local,
+            _total(p[1] for p in parts).unsqueeze(-1))
 
 
 def _local(points: _Points, step: _Round, G: Tensor, per_copy: bool,
