@@ -307,14 +307,9 @@ _pool: list[tuple[ThreadPoolExecutor, int]] = []  # the pool and its number of t
 
 
 def _point_ranges(P: int, k: int, m: int) -> list[slice]:
-    """The points ``0..m`` cut into as many ranges as torch's intra-op threads
-    (``torch.get_num_threads()``) take with at least :data:`PARALLEL_GRAIN` entries each, cut
-    at multiples of the loops' 16 lanes: one range where one thread is enough."""
-    parts = min(torch.get_num_threads(), P * k * m // PARALLEL_GRAIN)
-    if parts <= 1:
-        return [slice(0, m)]
-    bounds = [0, *(((m * i // parts) // 16) * 16 for i in range(1, parts)), m]
-    return [slice(a, b) for a, b in itertools.pairwise(bounds) if b > a]
+    """The points ``0..m`` of a core call cut over torch's threads, each with at least
+    :data:`PARALLEL_GRAIN` attention entries, at multiples of the loops' 16 lanes."""
+    return _ranges(m, P * k * m // PARALLEL_GRAIN, 16)
 
 
 #: Weights a thread of the look-ups takes at least (each weight's result is its own, so the
@@ -325,12 +320,18 @@ LOOK_UP_GRAIN = 1 << 21
 
 
 def _weight_ranges(n: int) -> list[slice]:
-    """The weights ``0..n`` of a look-up cut into ranges, one per intra-op thread with at least
-    :data:`LOOK_UP_GRAIN` weights each (cut at multiples of 64: whole cache lines)."""
-    parts = min(torch.get_num_threads(), n // LOOK_UP_GRAIN)
+    """The weights ``0..n`` of a look-up cut over torch's threads, each with at least
+    :data:`LOOK_UP_GRAIN` weights, at multiples of 64 (whole cache lines)."""
+    return _ranges(n, n // LOOK_UP_GRAIN, 64)
+
+
+def _ranges(n: int, most: int, align: int) -> list[slice]:
+    """``0..n`` in as many ranges as torch's intra-op threads (``torch.get_num_threads()``),
+    at most ``most``, cut at multiples of ``align``; one range where one thread is enough."""
+    parts = min(torch.get_num_threads(), most)
     if parts <= 1:
         return [slice(0, n)]
-    bounds = [0, *(((n * i // parts) // 64) * 64 for i in range(1, parts)), n]
+    bounds = [0, *(((n * i // parts) // align) * align for i in range(1, parts)), n]
     return [slice(a, b) for a, b in itertools.pairwise(bounds) if b > a]
 
 
