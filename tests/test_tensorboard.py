@@ -70,3 +70,33 @@ def test_the_compression_report_is_logged_at_fit_end(events):
     text = events.Tensors("dkm_report/text_summary")[0].tensor_proto.string_val[0].decode()
     assert "# Compression report" in text
     assert "Energy estimate: skipped" in text  # TinyNet has no example_input_array
+
+
+class CountsTauLogs(TinyNet):
+    """Counts the ``self.log`` calls of ``dkm/tau``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tau_logs = 0
+
+    def log(self, name, value, *args, **kwargs):
+        self.tau_logs += name == "dkm/tau"
+        super().log(name, value, *args, **kwargs)
+
+
+def test_tau_reaches_every_step_the_logger_writes_without_a_log_call_on_the_others(tmp_path):
+    logger = TensorBoardLogger(str(tmp_path), name="run")
+    model = CountsTauLogs()
+    # 5 epochs x 4 steps; the logger writes every third step (steps 2, 5, 8, ...)
+    t = trainer(tmp_path, logger=logger, max_epochs=5, log_every_n_steps=3,
+                callbacks=[DKMCallback(bits=2, finalize=False)])
+    t.fit(model)
+    event_file = next(Path(logger.log_dir).glob("events.out.tfevents.*"))
+    events = EventAccumulator(str(event_file))
+    events.Reload()
+    written = [e.step for e in events.Scalars("train_loss")]
+    assert written == list(range(2, 20, 3))
+    assert [e.step for e in events.Scalars("dkm/tau")] == written
+    # logged at those steps and each epoch's first and last batch, not at every step
+    steps = set(written) | {4 * e for e in range(5)} | {4 * e + 3 for e in range(5)}
+    assert model.tau_logs == len(steps) < 20

@@ -179,8 +179,9 @@ class DKMCallback(Callback):
             or per epoch as ``{schedule: <object>, interval: epoch}``; it is called with unit
             0 at construction to check it. A callable is not saved in checkpoints: after a
             resume tau is the callable of the restored step, so it must be a pure function of
-            the unit (and picklable for ``ddp_spawn``). The progress bar's ``dkm/tau`` is the
-            tau in force (the geometric mean over tensors).
+            the unit (and picklable for ``ddp_spawn``). ``dkm/tau`` is the tau in force (the
+            geometric mean over tensors), logged at the steps the loggers write and at each
+            epoch's first and last batch (the progress bar shows the latest).
         start_epoch: plain training before this epoch; DKM starts here (centroids are seeded
             from the weights as they are then). If fit ends before it (``max_epochs``,
             ``max_steps``, early stopping), the model is left as trained, unclustered, with a
@@ -699,8 +700,7 @@ class DKMCallback(Callback):
         self._forward_cache.close()
         if self._timeline.on_step(trainer.global_step, trainer.current_epoch,
                                   lambda: self._step_tensors(pl_module)):
-            pl_module.log("dkm/tau", self._timeline.tau, on_step=True, on_epoch=False,
-                          prog_bar=True)
+            outputs.log_step_tau(trainer, pl_module, self._timeline.tau, batch_idx)
         if self._names:
             if self._fully_sharded is not None:
                 self._fully_sharded.start_batch(pl_module, self._step_tensors(pl_module))
