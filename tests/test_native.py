@@ -146,6 +146,98 @@ def test_the_unique_step_with_and_without_the_loops(gradient) -> None:
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * float(b.abs().max()))
 
 
+@needs_loops
+@pytest.mark.parametrize(("P", "n"), [(1, 524_289), (3, 4_097), (2, 7)])
+def test_marked_counting_finds_the_distinct_values_of_zeroed_tables(P, n) -> None:
+    """:meth:`~.native.Kernels.encode_mark` counts into a table nobody zeroed (filled with
+    garbage here): the codes and the distinct values its marks give are those of the zeroed
+    tables, field by field."""
+    x = weights(P, n)
+    center = x.nan_to_num().mean(1, keepdim=True)
+    inverse_unit = torch.full((P, 1), 2.0**20)
+    want_codes, counts = loops.encode_and_count(x, center, inverse_unit)
+    want = distinct_from_counts(counts, P, torch.float32)
+    garbage = torch.randint(-9, 9, (P * CODES,), dtype=torch.int32)
+    marks = torch.zeros(P * native.MARK_WORDS, dtype=torch.int64)
+    codes = loops.encode_mark(x, center, inverse_unit, garbage, marks)
+    assert torch.equal(bits(codes), bits(want_codes))
+    ids, rows, cols, patterns, value_counts, occupied = loops.marked_distinct(garbage, marks, P)
+    assert sum(occupied) == ids.numel() == int((counts > 0).sum())
+    assert torch.equal(ids, want.ids)
+    if P > 1:
+        assert torch.equal(rows, want.rows) and torch.equal(cols, want.cols)
+    assert _same(patterns.view(torch.float16).to(torch.float32), want.values)
+    assert torch.equal(value_counts, want.counts)
+
+
+@needs_loops
+def test_sums_at_and_spread_refuse_indices_outside_their_tables() -> None:
+    codes = torch.zeros(1, 8, dtype=torch.float16)
+    g, out = torch.ones(1, 8), torch.zeros(2, 4)
+    scratch = torch.empty(CODES)
+    ids, rows, cols = (torch.tensor([v]) for v in (5, 0, 0))
+    assert loops.sums_at(codes, g, scratch, ids, rows, cols, slice(0, 1), 0, out) is not None
+    for bad in ((CODES, 0, 0), (-1, 0, 0), (5, 2, 0), (5, 0, 4)):  # beyond its palette, R, width
+        ids, rows, cols = (torch.tensor([v]) for v in bad)
+        out.zero_()
+        assert loops.sums_at(codes, g, scratch, ids, rows, cols, slice(0, 1), 0, out) is None
+        assert not out.any()
+        assert loops.spread(out, ids, rows, cols) is None or bad == (CODES, 0, 0)
+    assert loops.spread(out, torch.tensor([2 * CODES]), torch.tensor([1]),
+                        torch.tensor([0])) is None
+
+
+@needs_loops
+@pytest.mark.parametrize("exact", [False, True])
+def test_the_marked_tables_give_the_zeroed_tables_step_bit_for_bit(monkeypatch, exact) -> None:
+    """A batch's forward and gradients with the count table never zeroed, the backward's sums
+    taken at the distinct codes only (:meth:`~.native.Kernels.sums_at`) and the per-value
+    tables spread by a loop, against counting into zeroed tables, summing over every code and
+    scattering with PyTorch ops: bit for bit, for palettes of several tensors, an exact one,
+    and a tensor whose output gets no gradient."""
+    from lightning_dkm.engine import float16_codes
+
+    generator = torch.Generator().manual_seed(3)
+    shapes = ((1, 70_000, 0.02), (3, 9_000, 3.0), (2, 30_000, 0.5), (1, 600, 0.1))
+    xs = [torch.randn(P, n, 1, generator=generator) * s for P, n, s in shapes]
+    cs = [torch.quantile(x.squeeze(-1), torch.linspace(0.1, 0.9, k), dim=1).T.unsqueeze(-1)
+          for x, k in zip(xs, (4, 16, 4, 8), strict=True)]
+    gs = [torch.randn_like(x) for x in xs]
+    gs[2] = None  # its output is not used
+
+    def step():
+        inputs = [x.clone().requires_grad_() for x in xs]
+        outs = unique_dkm_batch(inputs, cs, [0.01, 0.003, 0.02, 0.05],
+                                exact=[False, False, False, exact])
+        sum((o.weights * g).sum() for o, g in zip(outs, gs, strict=True) if g is not None
+            ).backward()
+        return ([o.weights for o in outs] + [o.centroids for o in outs]
+                + [x.grad for x in inputs if x.grad is not None])
+
+    sums_at, spread = [], []
+    monkeypatch.setattr(native.Kernels, "sums_at", _spy(native.Kernels.sums_at, sums_at))
+    monkeypatch.setattr(native.Kernels, "spread", _spy(native.Kernels.spread, spread))
+    marked = step()
+    assert sums_at and spread and all(r is not None for r in sums_at + spread)
+    with monkeypatch.context() as m:
+        m.setattr(float16_codes, "_prepare_marked", lambda *args: None)
+        m.setattr(native.Kernels, "spread", lambda *args: None)
+        calls = len(sums_at)
+        zeroed = step()
+        assert len(sums_at) == calls  # without the marks' counts per palette: the dense sums
+    assert len(marked) == len(zeroed)
+    for a, b in zip(marked, zeroed, strict=True):
+        assert _same(a, b)
+
+
+def _spy(method, results: list):
+    def spied(*args, **kwargs):
+        result = method(*args, **kwargs)
+        results.append(result)
+        return result
+    return spied
+
+
 def _core_problem(P: int, U: int, k: int, seed: int, *, masked: bool = False):
     """A batch of ``P`` scalar palettes of ``U`` sorted points with counts (the last palette
     padded with count-0 points, with ``masked``: half its centroids masked out), centroids

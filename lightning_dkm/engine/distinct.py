@@ -66,13 +66,21 @@ problem; the derivation is the core's, written once).
 from __future__ import annotations
 
 import functools
+import itertools
 from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-from .float16_codes import CODES, CodeColumns, DistinctValues, prepare, prepare_shared
+from .float16_codes import (
+    CODES,
+    CodeColumns,
+    DistinctValues,
+    native_loops,
+    prepare,
+    prepare_shared,
+)
 from .numerics import (
     DKMOutput,
     Groups,
@@ -134,6 +142,12 @@ class _OwnLayouts:
         return [d.to_dense(compact[r, :w]) if want else None
                 for d, r, w, want in zip(self.parts, self.rows, self.widths, wanted, strict=True)]
 
+    def sums_per_value(self, columns: Sequence[CodeColumns], grads: Sequence[Tensor | None],
+                       like: Tensor) -> Tensor:
+        """The batch's (P, U) sums of each tensor's ``grads`` (P_t, n_t) over the weights of
+        each distinct value (0 in padding and for a tensor without one)."""
+        return self.from_dense(_sums_per_code(columns, grads), like)
+
     def from_dense(self, per_code: Sequence[Tensor | None], like: Tensor) -> Tensor:
         """The batch's (P, U) values (0 in padding and for a tensor without one) of each
         tensor's per-code table."""
@@ -165,6 +179,37 @@ class _SharedLayout:
     def to_dense(self, compact: Tensor, wanted: Sequence[bool]) -> list[Tensor | None]:
         tables = self._split(self.distinct.to_dense(compact))
         return [table if want else None for table, want in zip(tables, wanted, strict=True)]
+
+    def sums_per_value(self, columns: Sequence[CodeColumns], grads: Sequence[Tensor | None],
+                       like: Tensor) -> Tensor:
+        out = torch.zeros_like(like)
+        if self.sums_into(columns, grads, out):
+            return out
+        return self.from_dense(_sums_per_code(columns, grads), like)
+
+    def sums_into(self, columns: Sequence[CodeColumns], grads: Sequence[Tensor | None],
+                  out: Tensor) -> bool:
+        """:meth:`sums_per_value` written into ``out`` (zeros, at least the batch's rows and
+        columns) by :mod:`.native`'s :meth:`~.native.Kernels.sums_at`, which zeroes, adds
+        into and reads only the entries of each palette's distinct codes in a scratch table,
+        where the loops take every tensor and the distinct values know their number per
+        palette (:func:`~.float16_codes.prepare_shared`'s marked codes); ``False`` (``out``
+        then holds nothing to read) elsewhere."""
+        d = self.distinct
+        present = [g for g in grads if g is not None]
+        if d.occupied is None or d.rows is None or not present:
+            return False
+        loops = native_loops(out, *present)
+        if loops is None:
+            return False
+        starts = [0, *itertools.accumulate(d.occupied)]
+        scratch = out.new_empty(max(r.stop - r.start for r in self.rows) * CODES)
+        for r, column, g in zip(self.rows, columns, grads, strict=True):
+            if g is not None and loops.sums_at(
+                    column.codes, g, scratch, d.ids, d.rows, d.cols,
+                    slice(starts[r.start], starts[r.stop]), r.start, out) is None:
+                return False
+        return True
 
     def from_dense(self, per_code: Sequence[Tensor | None], like: Tensor) -> Tensor:
         parts = [like.new_zeros((r.stop - r.start) * CODES) if table is None else table
@@ -216,6 +261,17 @@ class _WithExactRows:
             compact[r, :w] if want else None
             for r, w, want in zip(self.rows, self.widths, wanted[coded:], strict=True)]
 
+    def sums_per_value(self, columns: Sequence[CodeColumns | _ExactPoints],
+                       grads: Sequence[Tensor | None], like: Tensor) -> Tensor:
+        coded = len(self.coded.rows)
+        out = torch.zeros_like(like)
+        if not self.coded.sums_into(columns[:coded], grads[:coded], out):
+            return self.from_dense(_sums_per_code(columns, grads), like)
+        for r, w, g in zip(self.rows, self.widths, grads[coded:], strict=True):
+            if g is not None:
+                out[r, :w] = g
+        return out
+
     def from_dense(self, per_code: Sequence[Tensor | None], like: Tensor) -> Tensor:
         coded = len(self.coded.rows)
         out = torch.zeros_like(like)
@@ -225,6 +281,13 @@ class _WithExactRows:
             if g is not None:
                 out[r, :w] = g
         return out
+
+
+def _sums_per_code(columns: Sequence[CodeColumns | _ExactPoints],
+                   grads: Sequence[Tensor | None]) -> list[Tensor | None]:
+    """Each tensor's sums of its ``grads`` per code (an exact tensor's: its gradient)."""
+    return [None if g is None else column.sum_per_code(g)
+            for column, g in zip(columns, grads, strict=True)]
 
 
 def _padded(parts: list[Tensor], width: int) -> Tensor:
@@ -351,10 +414,8 @@ def _unique_backward(ctx, grads: tuple[Tensor | None, ...]) -> list[Tensor | Non
     columns: list[CodeColumns | _ExactPoints] = [CodeColumns(c, ctx.device_side) for c in codes]
     columns += [_ExactPoints()] * (ctx.count - ctx.coded)
     layout = ctx.layout
-    G = layout.from_dense([None if g is None else
-                           column.sum_per_code(g.to(values.dtype)).to(values.dtype)
-                           for column, g in zip(columns, grads, strict=True)],
-                          values[:, 0]).unsqueeze(1)  # (P, 1, U)
+    G = layout.sums_per_value(columns, [None if g is None else g.to(values.dtype)
+                                        for g in grads], values[:, 0]).unsqueeze(1)  # (P, 1, U)
     shared, b = weighted_dkm_gradient(values, counts, trajectory, G, inv_tau,
                                       implicit=ctx.implicit, check_errors=not ctx.device_side,
                                       centroid_mask=mask)

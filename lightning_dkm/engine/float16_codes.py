@@ -81,11 +81,21 @@ class DistinctValues(NamedTuple):
     values: Tensor  # (P, U) the float16 values (as float32), 0 in padding
     counts: Tensor  # (P, U) weights per value, 0 in padding
     slots: Tensor | None = None  # (P, 65536) each code's column; U (a spare one) if unoccupied
+    #: distinct values per palette, where the host knows them (:func:`prepare_shared`'s
+    #: marked codes): the range of :attr:`ids` of a palette, for :meth:`~.native.Kernels.sums_at`
+    occupied: tuple[int, ...] | None = None
 
     def to_dense(self, compact: Tensor) -> Tensor:
         """(P, U) per distinct value -> (P * 65536,) per code. Entries of unoccupied codes
-        are arbitrary: no weight has such a code, so nothing ever reads them."""
+        are arbitrary: no weight has such a code, so nothing ever reads them. One loop of
+        :mod:`.native` for several palettes where it takes them (the same values)."""
         P = compact.shape[0]
+        if self.rows is not None and self.ids is not None:
+            loops = native_loops(compact)
+            spread = None if loops is None else loops.spread(compact, self.ids, self.rows,
+                                                             self.cols)
+            if spread is not None:
+                return spread
         if self.slots is not None:
             spare = torch.cat((compact, compact.new_zeros(P, 1)), 1)
             return spare.gather(1, self.slots).view(-1)
@@ -384,6 +394,12 @@ def normalized_distinct(dense_counts: Tensor, P: int, n: int, unit: Tensor, cent
     ``(distinct, scale)``: what the step and shard-local DKM (:mod:`.shard_local`) run on."""
     distinct = (static_distinct_from_counts(dense_counts, P, n, dtype) if device_side
                 else distinct_from_counts(dense_counts, P, dtype))
+    return _normalized(distinct, unit, center, scale)
+
+
+def _normalized(distinct: DistinctValues, unit: Tensor, center: Tensor, scale: Tensor | None
+                ) -> tuple[DistinctValues, Tensor]:
+    """:func:`normalized_distinct` of distinct values already found."""
     if scale is None:
         scale = scale_from_values(distinct, unit, center)
     distinct.values.mul_(unit / scale)
@@ -431,6 +447,9 @@ def prepare_shared(xs: Sequence[Tensor], device_side: bool = True
     centers, spreads, _ = zip(*(_center_and_spread(x, None, device_side) for x in xs),
                               strict=True)
     units = power_of_two_unit(torch.cat(spreads))  # one op for all palettes, not one per tensor
+    marked = None if device_side else _prepare_marked(xs, centers, units)
+    if marked is not None:
+        return marked
     codes, columns, counts = [], [], []
     row = 0
     for x, center in zip(xs, centers, strict=True):
@@ -442,6 +461,46 @@ def prepare_shared(xs: Sequence[Tensor], device_side: bool = True
     center = torch.cat(centers)
     distinct, scale = normalized_distinct(torch.cat(counts), row, max(x.shape[1] for x in xs),
                                           units, center, None, device_side, center.dtype)
+    return codes, columns, distinct, center, scale
+
+
+def _prepare_marked(xs: Sequence[Tensor], centers: Sequence[Tensor], units: Tensor
+                    ) -> tuple[list[Tensor], list[CodeColumns], DistinctValues, Tensor, Tensor
+                               ] | None:
+    """:func:`prepare_shared`'s codes, counts and distinct values by :mod:`.native`'s marked
+    counting (:meth:`~.native.Kernels.encode_mark`), every palette of the batch into one count
+    table that is never zeroed, and its distinct values found from the marks: where the loops
+    take every tensor, else ``None``. The same values as counting into zeroed tables; the
+    distinct values also know their number per palette (:attr:`DistinctValues.occupied`,
+    for the backward's sums, :meth:`~.native.Kernels.sums_at`)."""
+    loops = native_loops(*xs, units)
+    if loops is None:
+        return None
+    rows = sum(x.shape[0] for x in xs)
+    counts = torch.empty(rows * CODES, dtype=torch.int32, device="cpu")
+    marks = torch.zeros(rows * native.MARK_WORDS, dtype=torch.int64, device="cpu")
+    inverse_units = 1.0 / units  # exact: powers of two
+    codes, columns = [], []
+    row = 0
+    for x, center in zip(xs, centers, strict=True):
+        P = x.shape[0]
+        code = loops.encode_mark(x, center, inverse_units[row:row + P],
+                                 counts[row * CODES:(row + P) * CODES],
+                                 marks[row * native.MARK_WORDS:(row + P) * native.MARK_WORDS])
+        if code is None:
+            return None
+        codes.append(code)
+        columns.append(CodeColumns(code))
+        row += P
+    found = loops.marked_distinct(counts, marks, rows)
+    if found is None:
+        return None
+    ids, palettes, cols, patterns, value_counts, occupied = found
+    values = patterns.view(torch.float16).to(torch.float32)
+    distinct = DistinctValues(ids, palettes if rows > 1 else None, cols if rows > 1 else None,
+                              values, value_counts, occupied=tuple(occupied))
+    center = torch.cat(centers)
+    distinct, scale = _normalized(distinct, units, center, None)
     return codes, columns, distinct, center, scale
 
 
@@ -462,6 +521,37 @@ def _same(want: Tensor | None, got: Tensor | None) -> bool:
             want.masked_fill(nan, 0.0).view(torch.int32),
             got.masked_fill(nan, 0.0).view(torch.int32))
     return torch.equal(want, got)
+
+
+def _check_marked(loaded: native.Kernels, x: Tensor, center: Tensor, inverse_unit: Tensor,
+                  finite_codes: Tensor, g: Tensor,
+                  checks: dict[str, tuple[Tensor | None, Tensor | None]]) -> None:
+    """Adds to ``checks`` the marked counting (into a table of garbage), the sums at the
+    distinct codes and the spread of a per-value table (:func:`_prepare_marked`), each beside
+    what the PyTorch ops give."""
+    P = x.shape[0]
+    counts = torch.full((P * CODES,), 7, dtype=torch.int32, device="cpu")  # garbage, unzeroed
+    marks = torch.zeros(P * native.MARK_WORDS, dtype=torch.int64, device="cpu")
+    codes = loaded.encode_mark(x, center, inverse_unit, counts, marks)
+    checks["marked codes"] = (encode(x, center, 1.0 / inverse_unit, fused=False), codes)
+    want = _distinct_by_ops(CodeColumns(finite_codes, fused=False).sum_per_code(), P,
+                            torch.float32)
+    marks.zero_()
+    found = loaded.encode_mark(torch.where(x.isnan(), 0.0, x), center, inverse_unit, counts,
+                               marks)
+    got = None if found is None else loaded.marked_distinct(counts, marks, P)
+    for name, field in (("ids", want.ids), ("rows", want.rows), ("cols", want.cols),
+                        ("counts", want.counts)):
+        position = ("ids", "rows", "cols", "", "counts").index(name)
+        checks[f"marked distinct {name}"] = (field, None if got is None else got[position])
+    sums = want.from_dense(CodeColumns(finite_codes, fused=False).sum_per_code(g))
+    assert want.ids is not None and want.rows is not None and want.cols is not None
+    scratch = torch.empty(P * CODES, dtype=torch.float32, device="cpu")
+    got_sums = loaded.sums_at(finite_codes, g, scratch, want.ids, want.rows,
+                              want.cols, slice(0, want.ids.numel()), 0, torch.zeros_like(sums))
+    checks["sums at the distinct codes"] = (sums, got_sums)
+    spread = loaded.spread(sums, want.ids, want.rows, want.cols)
+    checks["spread"] = (sums[want.rows, want.cols], None if spread is None else spread[want.ids])
 
 
 def _fused_disagreement(loaded: native.Kernels) -> str | None:
@@ -505,6 +595,7 @@ def _fused_disagreement(loaded: native.Kernels) -> str | None:
             checks[f"distinct {field} (P={P})"] = (
                 getattr(want_distinct, field),
                 None if got_distinct is None else getattr(got_distinct, field))
+    _check_marked(loaded, x, center, inverse_unit, finite_codes, g, checks)
     differ = [name for name, (want, got) in checks.items() if not _same(want, got)]
     want = finite_columns.look_up(a, factor=(b, g))
     for fused in (True, False):

@@ -92,6 +92,14 @@ _SIGNATURES = {
                            _POINTER, ctypes.c_int),
     "dkm_occupied": (_POINTER, _SIZE, _POINTER),
     "dkm_distinct": (_POINTER, _SIZE, _SIZE, _POINTER, _POINTER, _POINTER, _POINTER, _POINTER),
+    "dkm_encode_mark": (_POINTER, _SIZE, _SIZE, _POINTER, _POINTER, _POINTER, _POINTER,
+                        _POINTER),
+    "dkm_marked_occupied": (_POINTER, _SIZE, _POINTER),
+    "dkm_marked_distinct": (_POINTER, _POINTER, _SIZE, _SIZE, _POINTER, _POINTER, _POINTER,
+                            _POINTER, _POINTER),
+    "dkm_sums_at": (_POINTER, _SIZE, _SIZE, _POINTER, _POINTER, _POINTER, _POINTER, _POINTER,
+                    _SIZE, _SIZE, _SIZE, _SIZE, _SIZE, _POINTER),
+    "dkm_spread": (_POINTER, _SIZE, _SIZE, _POINTER, _POINTER, _POINTER, _SIZE, _POINTER),
     "dkm_round_backward": (_SIZE, _SIZE, _SIZE, _POINTER, _SIZE, _SIZE, _POINTER, _SIZE,
                            _POINTER, _POINTER, _SIZE, _POINTER, _POINTER, _POINTER, _POINTER,
                            _POINTER, _SIZE, _POINTER),
@@ -99,6 +107,10 @@ _SIGNATURES = {
                            _POINTER, _SIZE, _POINTER, _POINTER, _POINTER, _POINTER, _SIZE,
                            _POINTER, _POINTER),
 }
+#: The loops that return 0, or 1 where their indices would leave their tables (nothing written).
+_RETURN_STATUS = frozenset({"dkm_sums_at", "dkm_spread"})
+#: Words of a palette's bitmap of the codes seen (``MARK_WORDS`` in the C source).
+MARK_WORDS = _CODES // 64
 #: The most centroids the core's loops take (8 bits; ``CORE_MAX_K`` in the C source).
 CORE_MAX_K = 256
 
@@ -120,7 +132,8 @@ class Kernels:
         self.core_checked = False
         for name, arguments in _SIGNATURES.items():
             function = getattr(library, name)
-            function.argtypes, function.restype = arguments, None
+            function.argtypes = arguments
+            function.restype = ctypes.c_int if name in _RETURN_STATUS else None
 
     def refuse_core(self, why: str) -> None:
         """The core's loops disagree with the PyTorch ops (``why``): they are not used from
@@ -186,8 +199,8 @@ class Kernels:
 
         def run(i: int) -> None:
             s = ranges[i]
-            self._library.dkm_look_up(codes[:, s].data_ptr(), P, s.stop - s.start, n,
-                                      table.data_ptr(), out[:, s].data_ptr())
+            self._library.dkm_look_up(_at(codes, s.start), P, s.stop - s.start, n,
+                                      table.data_ptr(), _at(out, s.start))
 
         _in_parallel(run, len(ranges))
         return out
@@ -206,9 +219,9 @@ class Kernels:
 
         def run(i: int) -> None:
             s = ranges[i]
-            self._library.dkm_look_up_affine(codes[:, s].data_ptr(), P, s.stop - s.start, n,
-                                             a.data_ptr(), b.data_ptr(), g[:, s].data_ptr(),
-                                             out[:, s].data_ptr(), fused)
+            self._library.dkm_look_up_affine(_at(codes, s.start), P, s.stop - s.start, n,
+                                             a.data_ptr(), b.data_ptr(), _at(g, s.start),
+                                             _at(out, s.start), fused)
 
         _in_parallel(run, len(ranges))
         return out
@@ -234,6 +247,84 @@ class Kernels:
                                    counts.data_ptr())
         return ids, rows, cols, patterns, counts
 
+    def encode_mark(self, x: Tensor, center: Tensor, inverse_unit: Tensor, counts: Tensor,
+                    marks: Tensor) -> Tensor | None:
+        """:meth:`encode`, counting each palette's codes into ``counts`` (P * 65536,) int32
+        and marking them in ``marks`` (P * :data:`MARK_WORDS`,) int64, zeroed by the caller.
+        The count table is not zeroed (an entry of a code no weight has is left as it was)
+        and is read through the marks only (:meth:`marked_distinct`): one write per weight
+        instead of zeroing and reading 65,536 entries per palette. Fewer than 2**31 weights
+        per palette (the counts are int32)."""
+        if not (_constants_fit(x, center, inverse_unit) and _fit(counts, torch.int32, 1)
+                and _fit(marks, torch.int64, 1)):
+            return None
+        P, n = x.shape
+        if counts.numel() != P * _CODES or marks.numel() != P * MARK_WORDS or n >= 1 << 31:
+            return None
+        codes = torch.empty(P, n, dtype=torch.float16, device="cpu")
+        self._library.dkm_encode_mark(x.data_ptr(), P, n, center.data_ptr(),
+                                      inverse_unit.data_ptr(), codes.data_ptr(),
+                                      counts.data_ptr(), marks.data_ptr())
+        return codes
+
+    def marked_distinct(self, counts: Tensor, marks: Tensor, P: int
+                        ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, list[int]] | None:
+        """:meth:`distinct` of the codes :meth:`encode_mark` counted and marked, and the
+        number of distinct codes of each palette (a list: read back to size the tables)."""
+        if not (_fit(counts, torch.int32, 1) and counts.numel() == P * _CODES
+                and _fit(marks, torch.int64, 1) and marks.numel() == P * MARK_WORDS):
+            return None
+        occupied = torch.empty(P, dtype=torch.int64, device="cpu")
+        self._library.dkm_marked_occupied(marks.data_ptr(), P, occupied.data_ptr())
+        per_palette = occupied.tolist()
+        total, width = sum(per_palette), max(per_palette, default=0)
+        ids, rows, cols = (torch.empty(total, dtype=torch.int64, device="cpu") for _ in range(3))
+        patterns = torch.empty(P, width, dtype=torch.int16, device="cpu")
+        table_counts = torch.empty(P, width, dtype=torch.float32, device="cpu")
+        self._library.dkm_marked_distinct(counts.data_ptr(), marks.data_ptr(), P, width,
+                                          ids.data_ptr(), rows.data_ptr(), cols.data_ptr(),
+                                          patterns.data_ptr(), table_counts.data_ptr())
+        return ids, rows, cols, patterns, table_counts, per_palette
+
+    def sums_at(self, codes: Tensor, weights: Tensor, scratch: Tensor, ids: Tensor,
+                rows: Tensor, cols: Tensor, values: slice, row0: int, out: Tensor
+                ) -> Tensor | None:
+        """The sums of ``weights`` (P, n) over the weights of each code, written to ``out``
+        (R, width) at ``(rows[v], cols[v])`` for the distinct codes ``v`` in ``values`` (flat
+        ids ``ids[v]``; a tensor's palettes being rows ``row0 .. row0 + P - 1`` of a batch):
+        :meth:`sum_per_code` followed by the pick of those codes, but zeroing, adding into and
+        reading only their entries of ``scratch`` (at least P * 65536 float32)."""
+        if not (_fit(codes, torch.float16, 2) and _fit(weights, torch.float32, 2)
+                and weights.shape == codes.shape and _fit(scratch, torch.float32, 1)
+                and _fit(out, torch.float32, 2) and all(_fit(t, torch.int64, 1) for t in
+                                                       (ids, rows, cols))):
+            return None
+        P, n = codes.shape
+        if (scratch.numel() < P * _CODES or not ids.numel() == rows.numel() == cols.numel()
+                or not 0 <= values.start <= values.stop <= ids.numel()):
+            return None
+        status = self._library.dkm_sums_at(
+            codes.data_ptr(), P, n, weights.data_ptr(), scratch.data_ptr(), ids.data_ptr(),
+            rows.data_ptr(), cols.data_ptr(), values.start, values.stop, row0, out.shape[0],
+            out.shape[1], out.data_ptr())
+        return out if status == 0 else None
+
+    def spread(self, compact: Tensor, ids: Tensor, rows: Tensor, cols: Tensor
+               ) -> Tensor | None:
+        """``compact`` (R, width) per distinct value -> (R * 65536,) per code, the entry of
+        code ``ids[v]`` from ``(rows[v], cols[v])``; the entries of other codes are left
+        unset (no weight reads them): what ``scatter_`` of the picked values gives."""
+        if not (_fit(compact, torch.float32, 2) and all(_fit(t, torch.int64, 1) for t in
+                                                         (ids, rows, cols))
+                and ids.numel() == rows.numel() == cols.numel()):
+            return None
+        R, width = compact.shape
+        dense = torch.empty(R * _CODES, dtype=torch.float32, device="cpu")
+        status = self._library.dkm_spread(compact.data_ptr(), R, width, ids.data_ptr(),
+                                          rows.data_ptr(), cols.data_ptr(), ids.numel(),
+                                          dense.data_ptr())
+        return dense if status == 0 else None
+
     def round_backward(self, a: Tensor, x: Tensor, rows: Tensor, c: Tensor, c_new: Tensor,
                        H: Tensor, two_over_tau: Tensor, shared: Tensor) -> Tensor | None:
         """One round of the weighted core's backward for scalar points with counts
@@ -246,7 +337,7 @@ class Kernels:
         if not self.core_agrees or a.dim() != 3 or rows.dim() != 3 or rows.shape[1] != 2:
             return None
         P, k, m = a.shape
-        if not (_core_fits(a, x, rows[:, 0], rows[:, 1], shared) and _small_fit(P, k, c, c_new, H)
+        if not (_core_fits(a, x, rows, shared) and _small_fit(P, k, c, c_new, H)
                 and _fit(two_over_tau, torch.float32, 1) and two_over_tau.numel() == P
                 and x.shape == shared.shape == (P, m) and rows.shape == (P, 2, m)
                 and _rows_apart(shared)):
@@ -256,13 +347,12 @@ class Kernels:
 
         def run(i: int) -> None:
             s = ranges[i]
-            a_s, rows_s, shared_s = a[:, :, s], rows[:, :, s], shared[:, s]
             self._library.dkm_round_backward(
-                P, k, s.stop - s.start, a_s.data_ptr(), a.stride(0), a.stride(1),
-                x[:, s].data_ptr(), x.stride(0), rows_s[:, 0].data_ptr(),
-                rows_s[:, 1].data_ptr(), rows.stride(0), c.data_ptr(), c_new.data_ptr(),
-                H.data_ptr(), two_over_tau.data_ptr(), shared_s.data_ptr(), shared.stride(0),
-                parts[i].data_ptr())
+                P, k, s.stop - s.start, _at(a, s.start), a.stride(0), a.stride(1),
+                _at(x, s.start), x.stride(0), _at(rows, s.start),
+                _at(rows, s.start, rows.stride(1)), rows.stride(0), c.data_ptr(),
+                c_new.data_ptr(), H.data_ptr(), two_over_tau.data_ptr(), _at(shared, s.start),
+                shared.stride(0), _at(parts, i * P * k))
 
         _in_parallel(run, len(ranges))
         return parts[0] if len(ranges) == 1 else parts.sum(0)
@@ -288,11 +378,11 @@ class Kernels:
         def run(i: int) -> None:
             s = ranges[i]
             self._library.dkm_local_backward(
-                P, k, s.stop - s.start, a[:, :, s].data_ptr(), a.stride(0), a.stride(1),
-                x[:, s].data_ptr(), x.stride(0), G[:, s].data_ptr(), G.stride(0),
+                P, k, s.stop - s.start, _at(a, s.start), a.stride(0), a.stride(1),
+                _at(x, s.start), x.stride(0), _at(G, s.start), G.stride(0),
                 c.data_ptr(), c_new.data_ptr(), two_over_tau.data_ptr(),
-                local[:, s].data_ptr(), local.stride(0), parts[0, i].data_ptr(),
-                parts[1, i].data_ptr())
+                _at(local, s.start), local.stride(0), _at(parts, i * P * k),
+                _at(parts, (len(ranges) + i) * P * k))
 
         _in_parallel(run, len(ranges))
         to_c, U = (parts[:, 0] if len(ranges) == 1 else parts.sum(1)).unbind(0)
@@ -354,6 +444,13 @@ def _in_parallel(run: Callable[[int], None], count: int) -> None:
         future.result()
 
 
+def _at(t: Tensor, index: int, offset: int = 0) -> int:
+    """The address of ``t[..., index]`` plus ``offset`` elements (every leading index 0):
+    what ``t[..., index:].data_ptr()`` gives, without building the view (an operator call
+    each, a few microseconds where a loop takes as little)."""
+    return t.data_ptr() + (index * t.stride(-1) + offset) * t.element_size()
+
+
 def _forget_pool() -> None:
     """A forked child has the pool's object but not its threads: it makes its own."""
     _pool.clear()
@@ -371,7 +468,7 @@ def takes(*tensors: Tensor) -> bool:
 
 
 def _real_cpu(t: Tensor) -> bool:
-    return (type(t) in (torch.Tensor, torch.nn.Parameter) and t.device.type == "cpu"
+    return (type(t) in (torch.Tensor, torch.nn.Parameter) and t.is_cpu
             and not (t.requires_grad and torch.is_grad_enabled()))
 
 

@@ -185,6 +185,145 @@ void dkm_distinct(const int64_t *counts, int64_t P, int64_t width, int64_t *ids,
     }
 }
 
+/* ---- Tables that are never zeroed ----------------------------------------------------------
+ * A palette's codes are a few thousand of its 65,536: the functions below touch only those.
+ * Counting marks each code seen in a bitmap of 1024 words per palette (zeroed by the caller,
+ * 8 KiB): a code's first weight sets its count to 1, later ones add 1, so the count table needs
+ * no zeroing and is read only where marked; the distinct codes come from the marks in code
+ * order. A batch's sums per code zero, add into and read only the entries of its codes. */
+#define MARK_WORDS (CODES / 64)
+
+/* dkm_encode, and counts[p, code] of every code a weight has (int32; unmarked entries are left
+ * as they were), marks[p] recording the codes seen */
+void dkm_encode_mark(const float *x, int64_t P, int64_t n, const float *center,
+                     const float *inverse_unit, uint16_t *codes, int32_t *counts,
+                     uint64_t *marks) {
+    for (int64_t p = 0; p < P; ++p) {
+        const float *row = x + p * n;
+        uint16_t *out = codes + p * n;
+        int32_t *table = counts + p * CODES;
+        uint64_t *mark = marks + p * MARK_WORDS;
+        for (int64_t start = 0; start < n; start += BLOCK) {
+            const int64_t stop = start + BLOCK < n ? start + BLOCK : n;
+            CONVERT(row + start, stop - start, center[p], inverse_unit[p], out + start);
+            for (int64_t i = start; i < stop; ++i) {
+                const uint16_t c = out[i];
+                const uint64_t bit = (uint64_t)1 << (c & 63);
+                if (mark[c >> 6] & bit) {
+                    ++table[c];
+                } else {
+                    mark[c >> 6] |= bit;
+                    table[c] = 1;
+                }
+            }
+        }
+    }
+}
+
+static inline int64_t bits_set(uint64_t word) {
+#if defined(__GNUC__) || defined(__clang__)
+    return __builtin_popcountll(word);
+#else
+    int64_t n = 0;
+    for (; word; word &= word - 1) ++n;
+    return n;
+#endif
+}
+
+static inline int lowest_bit(uint64_t word) {
+#if defined(__GNUC__) || defined(__clang__)
+    return __builtin_ctzll(word);
+#else
+    int b = 0;
+    while (!(word & 1)) { word >>= 1; ++b; }
+    return b;
+#endif
+}
+
+/* occupied[p] = the number of codes marked in palette p */
+void dkm_marked_occupied(const uint64_t *marks, int64_t P, int64_t *occupied) {
+    for (int64_t p = 0; p < P; ++p) {
+        int64_t n = 0;
+        for (int64_t w = 0; w < MARK_WORDS; ++w) n += bits_set(marks[p * MARK_WORDS + w]);
+        occupied[p] = n;
+    }
+}
+
+/* dkm_distinct over the marked codes (their counts from dkm_encode_mark's table) */
+void dkm_marked_distinct(const int32_t *counts, const uint64_t *marks, int64_t P,
+                         int64_t width, int64_t *ids, int64_t *rows, int64_t *cols,
+                         uint16_t *patterns, float *table_counts) {
+    int64_t k = 0;
+    for (int64_t p = 0; p < P; ++p) {
+        const int32_t *table = counts + p * CODES;
+        const uint64_t *mark = marks + p * MARK_WORDS;
+        uint16_t *pattern = patterns + p * width;
+        float *count = table_counts + p * width;
+        int64_t col = 0;
+        for (int64_t w = 0; w < MARK_WORDS; ++w) {
+            for (uint64_t word = mark[w]; word; word &= word - 1) {
+                const int64_t c = w * 64 + lowest_bit(word);
+                ids[k] = p * CODES + c;
+                rows[k] = p;
+                cols[k] = col;
+                pattern[col] = (uint16_t)c;
+                count[col] = (float)table[c];
+                ++col;
+                ++k;
+            }
+        }
+        for (; col < width; ++col) {
+            pattern[col] = 0;
+            count[col] = 0.0f;
+        }
+    }
+}
+
+/* Whether ids[v], rows[v], cols[v] for v0 <= v < v1 stay inside a tensor of P palettes from
+ * row row0 (ids[v] in row0 * 65536 .. (row0 + P) * 65536) and a compact table of R rows of
+ * width entries: the loops below write nothing where one does not (their caller's indices
+ * come from dkm_marked_distinct, so this is a guard, not a branch taken) */
+static int indices_fit(const int64_t *ids, const int64_t *rows, const int64_t *cols, int64_t v0,
+                       int64_t v1, int64_t row0, int64_t P, int64_t R, int64_t width) {
+    for (int64_t v = v0; v < v1; ++v)
+        if (ids[v] < row0 * CODES || ids[v] >= (row0 + P) * CODES || rows[v] < 0
+            || rows[v] >= R || cols[v] < 0 || cols[v] >= width)
+            return 0;
+    return 1;
+}
+
+/* For the codes v0 <= v < v1 of a batch's distinct values (ids[v] = row * 65536 + code, the
+ * rows row0 .. row0 + P - 1 being a tensor's P palettes): the sum of w over the weights of
+ * each code, added in index order (dkm_sum_per_code's sums), written to
+ * compact[rows[v] * width + cols[v]] (R rows). scratch holds P * 65536 floats; only the
+ * entries of those codes are zeroed and read. Returns 0, or 1 (nothing written) where an
+ * index is out of range. */
+int dkm_sums_at(const uint16_t *codes, int64_t P, int64_t n, const float *w, float *scratch,
+                const int64_t *ids, const int64_t *rows, const int64_t *cols, int64_t v0,
+                int64_t v1, int64_t row0, int64_t R, int64_t width, float *compact) {
+    if (!indices_fit(ids, rows, cols, v0, v1, row0, P, R, width)) return 1;
+    const int64_t base = row0 * CODES;
+    for (int64_t v = v0; v < v1; ++v) scratch[ids[v] - base] = 0.0f;
+    for (int64_t p = 0; p < P; ++p) {
+        const uint16_t *row = codes + p * n;
+        const float *weights = w + p * n;
+        float *table = scratch + p * CODES;
+        for (int64_t i = 0; i < n; ++i) table[row[i]] += weights[i];
+    }
+    for (int64_t v = v0; v < v1; ++v) compact[rows[v] * width + cols[v]] = scratch[ids[v] - base];
+    return 0;
+}
+
+/* dense[ids[v]] = compact[rows[v] * width + cols[v]] for v < V: a per-value table of R rows
+ * spread over the codes of its R palettes (the other entries are not written: no weight reads
+ * them). Returns 0, or 1 (nothing written) where an index is out of range. */
+int dkm_spread(const float *compact, int64_t R, int64_t width, const int64_t *ids,
+               const int64_t *rows, const int64_t *cols, int64_t V, float *dense) {
+    if (!indices_fit(ids, rows, cols, 0, V, 0, R, R, width)) return 1;
+    for (int64_t v = 0; v < V; ++v) dense[ids[v]] = compact[rows[v] * width + cols[v]];
+    return 0;
+}
+
 /* ---- The weighted core's backward for scalar points with counts (weighted.py) ----------
  * Both loops walk a chunk of m points of P palettes with k <= CORE_MAX_K centroids: the
  * attention a (rows of m points with stride a_j between centroids, a_p between palettes),
