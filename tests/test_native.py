@@ -616,3 +616,26 @@ def test_the_core_loops_leave_a_recorded_backward_to_the_pytorch_ops(monkeypatch
         shared, _ = weighted_dkm_gradient(xt, counts, trajectory, G, inv_tau)
     assert calls == []
     assert shared.requires_grad  # b (the local part for g = 1) does not depend on G
+
+
+@needs_loops
+@pytest.mark.parametrize("k", [1, 2, 4, 16, 256])
+def test_the_nearest_centroid_loop_gives_the_pytorch_ops_indices(k) -> None:
+    """Every weight's nearest centroid (ties to the lower index) as the PyTorch ops find it:
+    weights in and beyond the centroids' range, NaN and infinite weights, weights midway
+    between two centroids, a centroid given twice, and a palette with a NaN centroid (there
+    the ops' binary search decides, and the loop takes it too)."""
+    from lightning_dkm.engine.kmeans import nearest_1d_by_ops
+
+    generator = torch.Generator().manual_seed(k)
+    c = torch.randn(3, k, generator=generator)
+    if k > 1:
+        c[1, 1] = c[1, 0]  # twice: the lower index wins
+        c[2, k // 2] = float("nan")
+    x = torch.randn(3, 5_000, generator=generator) * 2
+    midway = (c[0, 0] + c[0, -1]) / 2
+    x[:, :5] = torch.tensor([float("nan"), float("inf"), float("-inf"), 1e30, float(midway)])
+    x[1, 5:7] = c[1, 0]
+    sorted_c, order = torch.sort(c, dim=-1, stable=True)
+    want = nearest_1d_by_ops(x, sorted_c, order)
+    assert torch.equal(loops.nearest_sorted(x, sorted_c, order), want)

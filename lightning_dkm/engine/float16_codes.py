@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from . import native
+from .kmeans import nearest_1d_by_ops
 from .numerics import Normalization, chunks, floored_scale, root_mean_square
 
 __all__ = [
@@ -554,6 +555,21 @@ def _check_marked(loaded: native.Kernels, x: Tensor, center: Tensor, inverse_uni
     checks["spread"] = (sums[want.rows, want.cols], None if spread is None else spread[want.ids])
 
 
+def _check_nearest(loaded: native.Kernels, x: Tensor,
+                   checks: dict[str, tuple[Tensor | None, Tensor | None]]) -> None:
+    """Adds to ``checks`` the nearest-centroid loop beside the PyTorch ops, on weights with
+    NaN, infinities, overflow and ties: points midway between two centroids, and a centroid
+    given twice (the lower index wins)."""
+    centroids = torch.tensor([[0.5, -1.0, 2.0, 0.5, -0.25], [3.0, -3.0, 0.0, 1.0, 2.0]],
+                             dtype=torch.float32, device="cpu")
+    points = x.clone()
+    points[1, :6] = torch.tensor([0.5, -0.625, float("inf"), float("-inf"), 1.5, 2.5],
+                                 dtype=torch.float32, device="cpu")
+    sorted_c, order = torch.sort(centroids, dim=-1, stable=True)
+    checks["nearest centroid"] = (nearest_1d_by_ops(points, sorted_c, order),
+                                  loaded.nearest_sorted(points, sorted_c, order))
+
+
 def _fused_disagreement(loaded: native.Kernels) -> str | None:
     """Compares every native loop with the PyTorch ops on values that exercise float16's
     rounding, subnormals, overflow, NaN payloads and repeated codes; returns what differs, if
@@ -596,6 +612,7 @@ def _fused_disagreement(loaded: native.Kernels) -> str | None:
                 getattr(want_distinct, field),
                 None if got_distinct is None else getattr(got_distinct, field))
     _check_marked(loaded, x, center, inverse_unit, finite_codes, g, checks)
+    _check_nearest(loaded, x, checks)
     differ = [name for name, (want, got) in checks.items() if not _same(want, got)]
     want = finite_columns.look_up(a, factor=(b, g))
     for fused in (True, False):

@@ -100,6 +100,7 @@ _SIGNATURES = {
     "dkm_sums_at": (_POINTER, _SIZE, _SIZE, _POINTER, _POINTER, _POINTER, _POINTER, _POINTER,
                     _SIZE, _SIZE, _SIZE, _SIZE, _SIZE, _POINTER),
     "dkm_spread": (_POINTER, _SIZE, _SIZE, _POINTER, _POINTER, _POINTER, _SIZE, _POINTER),
+    "dkm_nearest_sorted": (_POINTER, _SIZE, _SIZE, _POINTER, _POINTER, _SIZE, _POINTER),
     "dkm_round_backward": (_SIZE, _SIZE, _SIZE, _POINTER, _SIZE, _SIZE, _POINTER, _SIZE,
                            _POINTER, _POINTER, _SIZE, _POINTER, _POINTER, _POINTER, _POINTER,
                            _POINTER, _SIZE, _POINTER),
@@ -324,6 +325,21 @@ class Kernels:
                                           rows.data_ptr(), cols.data_ptr(), ids.numel(),
                                           dense.data_ptr())
         return dense if status == 0 else None
+
+    def nearest_sorted(self, x: Tensor, sorted_c: Tensor, order: Tensor) -> Tensor | None:
+        """The index (P, n) int64 of each weight's nearest centroid (ties to the lower index)
+        for weights ``x`` (P, n) float32 and each palette's centroids sorted ascending
+        ``sorted_c`` (P, k) with their indices ``order`` (P, k) int64: what
+        :func:`~.kmeans._nearest_1d`'s PyTorch ops give, in one pass."""
+        if not (_fit(x, torch.float32, 2) and _fit(sorted_c, torch.float32, 2)
+                and _fit(order, torch.int64, 2) and order.shape == sorted_c.shape
+                and sorted_c.shape[0] == x.shape[0] and sorted_c.shape[1] > 0):
+            return None
+        P, n = x.shape
+        idx = torch.empty(P, n, dtype=torch.int64, device="cpu")
+        self._library.dkm_nearest_sorted(x.data_ptr(), P, n, sorted_c.data_ptr(),
+                                         order.data_ptr(), sorted_c.shape[1], idx.data_ptr())
+        return idx
 
     def round_backward(self, a: Tensor, x: Tensor, rows: Tensor, c: Tensor, c_new: Tensor,
                        H: Tensor, two_over_tau: Tensor, shared: Tensor) -> Tensor | None:

@@ -324,6 +324,59 @@ int dkm_spread(const float *compact, int64_t R, int64_t width, const int64_t *id
     return 0;
 }
 
+/* ---- The nearest centroid of scalar weights (kmeans.py's _nearest_1d) -----------------------
+ * idx[p, i] = the original index of the centroid of palette p nearest to x[p, i] by |x - c|,
+ * ties to the lower original index, from the palette's k centroids sorted ascending (sorted,
+ * their original indices order), as the PyTorch ops find it: torch.searchsorted's lower bound
+ * (the first j with sorted[j] >= x), then the two neighbours compared. Where no centroid is
+ * NaN the predicate !(sorted[j] >= x) holds for a prefix of j, so the bound is the number of j
+ * it holds for: counted a block of weights at a time (the count vectorises over the weights,
+ * where a binary search branches unpredictably); a palette with a NaN centroid (sorted last)
+ * takes searchsorted's own binary search, which then stops elsewhere than the count. */
+#define NEAREST_BLOCK 256
+
+static inline int64_t lower_bound(const float *s, int64_t k, float v) {
+    int64_t start = 0, end = k;
+    while (start < end) {
+        const int64_t mid = start + ((end - start) >> 1);
+        if (!(s[mid] >= v)) start = mid + 1;
+        else end = mid;
+    }
+    return start;
+}
+
+CLONES void dkm_nearest_sorted(const float *x, int64_t P, int64_t n, const float *sorted,
+                               const int64_t *order, int64_t k, int64_t *idx) {
+    int32_t count[NEAREST_BLOCK];
+    for (int64_t p = 0; p < P; ++p) {
+        const float *row = x + p * n, *s = sorted + p * k;
+        const int64_t *o = order + p * k;
+        int64_t *out = idx + p * n;
+        const int counted = !isnan(s[k - 1]);  /* NaN sorts last */
+        for (int64_t start = 0; start < n; start += NEAREST_BLOCK) {
+            const int64_t m = start + NEAREST_BLOCK < n ? NEAREST_BLOCK : n - start;
+            const float *v = row + start;
+            if (counted) {
+                for (int64_t i = 0; i < m; ++i) count[i] = 0;
+                for (int64_t j = 0; j < k; ++j) {
+                    const float sj = s[j];
+                    for (int64_t i = 0; i < m; ++i) count[i] += !(sj >= v[i]);
+                }
+            } else {
+                for (int64_t i = 0; i < m; ++i) count[i] = (int32_t)lower_bound(s, k, v[i]);
+            }
+            for (int64_t i = 0; i < m; ++i) {
+                const int64_t pos = count[i];
+                const int64_t lo = pos - 1 < 0 ? 0 : (pos - 1 > k - 1 ? k - 1 : pos - 1);
+                const int64_t hi = pos > k - 1 ? k - 1 : pos;
+                const float d_lo = fabsf(v[i] - s[lo]), d_hi = fabsf(v[i] - s[hi]);
+                const int take_hi = d_hi < d_lo || (d_hi == d_lo && o[hi] < o[lo]);
+                out[start + i] = take_hi ? o[hi] : o[lo];
+            }
+        }
+    }
+}
+
 /* ---- The weighted core's backward for scalar points with counts (weighted.py) ----------
  * Both loops walk a chunk of m points of P palettes with k <= CORE_MAX_K centroids: the
  * attention a (rows of m points with stride a_j between centroids, a_p between palettes),
