@@ -149,16 +149,16 @@ def test_the_unique_step_with_and_without_the_loops(gradient) -> None:
 @needs_loops
 @pytest.mark.parametrize(("P", "n"), [(1, 524_289), (3, 4_097), (2, 7)])
 def test_marked_counting_finds_the_distinct_values_of_zeroed_tables(P, n) -> None:
-    """:meth:`~.native.Kernels.encode_mark` counts into a table nobody zeroed (filled with
-    garbage here): the codes and the distinct values its marks give are those of the zeroed
-    tables, field by field."""
+    """:meth:`~.native.Kernels.encode_mark` counts into int32 tables and marks the codes it
+    saw (whatever both held before: garbage here): the codes and the distinct values its marks
+    give are those of the int64 counts, field by field."""
     x = weights(P, n)
     center = x.nan_to_num().mean(1, keepdim=True)
     inverse_unit = torch.full((P, 1), 2.0**20)
     want_codes, counts = loops.encode_and_count(x, center, inverse_unit)
     want = distinct_from_counts(counts, P, torch.float32)
     garbage = torch.randint(-9, 9, (P * CODES,), dtype=torch.int32)
-    marks = torch.zeros(P * native.MARK_WORDS, dtype=torch.int64)
+    marks = torch.full((P * native.MARK_WORDS,), -1, dtype=torch.int64)
     codes = loops.encode_mark(x, center, inverse_unit, garbage, marks)
     assert torch.equal(bits(codes), bits(want_codes))
     ids, rows, cols, patterns, value_counts, occupied = loops.marked_distinct(garbage, marks, P)

@@ -469,17 +469,17 @@ def _prepare_marked(xs: Sequence[Tensor], centers: Sequence[Tensor], units: Tens
                     ) -> tuple[list[Tensor], list[CodeColumns], DistinctValues, Tensor, Tensor
                                ] | None:
     """:func:`prepare_shared`'s codes, counts and distinct values by :mod:`.native`'s marked
-    counting (:meth:`~.native.Kernels.encode_mark`), every palette of the batch into one count
-    table that is never zeroed, and its distinct values found from the marks: where the loops
-    take every tensor, else ``None``. The same values as counting into zeroed tables; the
-    distinct values also know their number per palette (:attr:`DistinctValues.occupied`,
-    for the backward's sums, :meth:`~.native.Kernels.sums_at`)."""
+    counting (:meth:`~.native.Kernels.encode_mark`): every palette of the batch counted into
+    one int32 table, the codes seen marked in a bitmap, and the distinct values found from the
+    marks: where the loops take every tensor, else ``None``. The same values as the int64
+    counts and their walk; the distinct values also know their number per palette
+    (:attr:`DistinctValues.occupied`, for the backward's sums, :meth:`~.native.Kernels.sums_at`)."""
     loops = native_loops(*xs, units)
     if loops is None:
         return None
     rows = sum(x.shape[0] for x in xs)
     counts = torch.empty(rows * CODES, dtype=torch.int32, device="cpu")
-    marks = torch.zeros(rows * native.MARK_WORDS, dtype=torch.int64, device="cpu")
+    marks = torch.empty(rows * native.MARK_WORDS, dtype=torch.int64, device="cpu")
     inverse_units = 1.0 / units  # exact: powers of two
     codes, columns = [], []
     row = 0
@@ -531,13 +531,12 @@ def _check_marked(loaded: native.Kernels, x: Tensor, center: Tensor, inverse_uni
     distinct codes and the spread of a per-value table (:func:`_prepare_marked`), each beside
     what the PyTorch ops give."""
     P = x.shape[0]
-    counts = torch.full((P * CODES,), 7, dtype=torch.int32, device="cpu")  # garbage, unzeroed
-    marks = torch.zeros(P * native.MARK_WORDS, dtype=torch.int64, device="cpu")
+    counts = torch.full((P * CODES,), 7, dtype=torch.int32, device="cpu")  # overwritten
+    marks = torch.full((P * native.MARK_WORDS,), -1, dtype=torch.int64, device="cpu")
     codes = loaded.encode_mark(x, center, inverse_unit, counts, marks)
     checks["marked codes"] = (encode(x, center, 1.0 / inverse_unit, fused=False), codes)
     want = _distinct_by_ops(CodeColumns(finite_codes, fused=False).sum_per_code(), P,
                             torch.float32)
-    marks.zero_()
     found = loaded.encode_mark(torch.where(x.isnan(), 0.0, x), center, inverse_unit, counts,
                                marks)
     got = None if found is None else loaded.marked_distinct(counts, marks, P)

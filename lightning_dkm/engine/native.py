@@ -251,11 +251,9 @@ class Kernels:
     def encode_mark(self, x: Tensor, center: Tensor, inverse_unit: Tensor, counts: Tensor,
                     marks: Tensor) -> Tensor | None:
         """:meth:`encode`, counting each palette's codes into ``counts`` (P * 65536,) int32
-        and marking them in ``marks`` (P * :data:`MARK_WORDS`,) int64, zeroed by the caller.
-        The count table is not zeroed (an entry of a code no weight has is left as it was)
-        and is read through the marks only (:meth:`marked_distinct`): one write per weight
-        instead of zeroing and reading 65,536 entries per palette. Fewer than 2**31 weights
-        per palette (the counts are int32)."""
+        and marking the codes seen in ``marks`` (P * :data:`MARK_WORDS`,) int64, a bit per
+        code (both written here, whatever they held): :meth:`marked_distinct` then reads the
+        counts of those codes only. Fewer than 2**31 weights per palette (int32 counts)."""
         if not (_constants_fit(x, center, inverse_unit) and _fit(counts, torch.int32, 1)
                 and _fit(marks, torch.int64, 1)):
             return None

@@ -185,16 +185,18 @@ void dkm_distinct(const int64_t *counts, int64_t P, int64_t width, int64_t *ids,
     }
 }
 
-/* ---- Tables that are never zeroed ----------------------------------------------------------
- * A palette's codes are a few thousand of its 65,536: the functions below touch only those.
- * Counting marks each code seen in a bitmap of 1024 words per palette (zeroed by the caller,
- * 8 KiB): a code's first weight sets its count to 1, later ones add 1, so the count table needs
- * no zeroing and is read only where marked; the distinct codes come from the marks in code
- * order. A batch's sums per code zero, add into and read only the entries of its codes. */
+/* ---- Tables read at their distinct codes only ------------------------------------------------
+ * A palette's codes are a few thousand of its 65,536: after counting, a bitmap of 1024 words per
+ * palette marks the codes seen, and the distinct codes come from its set bits in code order
+ * (instead of a walk that branches on every entry of the table). A batch's sums per code zero,
+ * add into and read only the entries of its codes. */
 #define MARK_WORDS (CODES / 64)
 
-/* dkm_encode, and counts[p, code] of every code a weight has (int32; unmarked entries are left
- * as they were), marks[p] recording the codes seen */
+/* dkm_encode, counts[p, code] of every code (int32, zeroed here) and marks[p] (written here):
+ * bit c of the palette's words set where code c has a weight. A plain count into a zeroed int32
+ * table and the marks from it afterwards (a pass of 65,536 compares that vectorises) took half
+ * the time of marking inside the count (a branch or a read-modify-write of the mark per weight),
+ * and 0.74x that of the int64 count (524,288 weights, 20,000 codes; a throwaway C timer). */
 void dkm_encode_mark(const float *x, int64_t P, int64_t n, const float *center,
                      const float *inverse_unit, uint16_t *codes, int32_t *counts,
                      uint64_t *marks) {
@@ -203,19 +205,21 @@ void dkm_encode_mark(const float *x, int64_t P, int64_t n, const float *center,
         uint16_t *out = codes + p * n;
         int32_t *table = counts + p * CODES;
         uint64_t *mark = marks + p * MARK_WORDS;
+        memset(table, 0, CODES * sizeof(int32_t));
         for (int64_t start = 0; start < n; start += BLOCK) {
             const int64_t stop = start + BLOCK < n ? start + BLOCK : n;
             CONVERT(row + start, stop - start, center[p], inverse_unit[p], out + start);
-            for (int64_t i = start; i < stop; ++i) {
-                const uint16_t c = out[i];
-                const uint64_t bit = (uint64_t)1 << (c & 63);
-                if (mark[c >> 6] & bit) {
-                    ++table[c];
-                } else {
-                    mark[c >> 6] |= bit;
-                    table[c] = 1;
-                }
+            for (int64_t i = start; i < stop; ++i) ++table[out[i]];
+        }
+        for (int64_t w = 0; w < MARK_WORDS; ++w) {  /* a byte at a time: 2.5x the speed */
+            const int32_t *entries = table + w * 64;
+            uint64_t word = 0;
+            for (int b = 0; b < 64; b += 8) {
+                unsigned byte = 0;
+                for (int j = 0; j < 8; ++j) byte |= (unsigned)(entries[b + j] != 0) << j;
+                word |= (uint64_t)byte << b;
             }
+            mark[w] = word;
         }
     }
 }
