@@ -159,12 +159,9 @@ def power_of_two_unit(rough: Tensor) -> Tensor:
     return torch.exp2(exponent.clamp_max_(_MAX_EXPONENT))
 
 
-def native_loops(*tensors: Tensor) -> native.Kernels | None:
-    """The fused loops of :mod:`.native` where they are built and take these tensors (never
-    while ``torch.compile`` traces: a foreign call would break its graph)."""
-    if torch.compiler.is_compiling() or not native.takes(*tensors):
-        return None  # checked first: nothing is built for tensors the loops cannot take
-    return native.kernels(check=_fused_disagreement)
+#: The fused loops of :mod:`.native` where they are built, pass :func:`_fused_disagreement`
+#: (set below) and take these tensors (:func:`~.native.loops_for`).
+native_loops = native.loops_for
 
 
 @torch.no_grad()
@@ -623,3 +620,5 @@ def _fused_disagreement(loaded: native.Kernels) -> str | None:
         differ.append("affine look-up")
     return None if not differ else f"its results differ from PyTorch's in: {', '.join(differ)}"
 
+
+native.set_check(_fused_disagreement)

@@ -28,6 +28,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from . import native
 from .optimal1d import optimal_kmeans_1d_many, optimal_kmeans_1d_widths
 
 __all__ = [
@@ -107,10 +108,8 @@ def _nearest_1d(x: Tensor, c: Tensor) -> Tensor:
     comparison does not need it. One loop of :mod:`.native` where it takes the weights (the
     same indices, in a tenth of the time), else PyTorch ops (:func:`nearest_1d_by_ops`)."""
     sorted_c, order = torch.sort(c.squeeze(-1), dim=-1, stable=True)
-    from .float16_codes import native_loops  # it imports this module (through .numerics)
-
     points = x.squeeze(-1)
-    loops = native_loops(points, sorted_c)
+    loops = native.loops_for(points, sorted_c)
     found = None if loops is None else loops.nearest_sorted(points, sorted_c, order)
     return found if found is not None else nearest_1d_by_ops(points, sorted_c, order)
 

@@ -550,6 +550,27 @@ def kernels(check: Callable[[Kernels], str | None] | None = None) -> Kernels | N
     return _state["kernels"]  # type: ignore[return-value]
 
 
+#: The check :func:`loops_for` loads the loops with (:func:`set_check`).
+_check: list[Callable[[Kernels], str | None]] = []
+
+
+def set_check(check: Callable[[Kernels], str | None]) -> None:
+    """The comparison with the PyTorch ops that the loops must pass when they first load
+    (:func:`~.float16_codes._fused_disagreement`, set when that module is imported), so that
+    modules below it in the engine (:mod:`.kmeans`) can use the loops through
+    :func:`loops_for` without importing it."""
+    _check[:] = [check]
+
+
+def loops_for(*tensors: Tensor) -> Kernels | None:
+    """The loops where they are built, checked and take these tensors (never while
+    ``torch.compile`` traces: a foreign call would break its graph); ``None`` before a check
+    is set (nothing is loaded unchecked)."""
+    if torch.compiler.is_compiling() or not _check or not takes(*tensors):
+        return None  # checked first: nothing is built for tensors the loops cannot take
+    return kernels(check=_check[0])
+
+
 def build_failure() -> str | None:
     """Why :func:`kernels` gave ``None`` (``None`` when the loops are in use or not loaded)."""
     return _state.get("failure")  # type: ignore[return-value]
