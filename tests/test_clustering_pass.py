@@ -53,16 +53,22 @@ def test_a_pass_gives_each_weight_its_own_gradient_and_centroids():
         torch.testing.assert_close(centroids_pass[name], centroids_alone[name])
 
 
+exact_flags: list[list[bool]] = []
+
+
 @pytest.fixture
 def batch_calls(monkeypatch) -> list[int]:
     """How many calls a pass makes shows in no result (each weight gets what it would get
     alone), so the calls of the batched step are counted where the pass makes them: the
-    number of tensors of each call, in order."""
+    number of tensors of each call, in order (and in ``exact_flags`` which joined on their
+    exact weights)."""
     calls: list[int] = []
+    exact_flags.clear()
     original = clustering_pass_module.unique_dkm_batch
 
     def counting(xs, *args, **kwargs):
         calls.append(len(xs))
+        exact_flags.append(list(kwargs.get("exact") or [False] * len(xs)))
         return original(xs, *args, **kwargs)
 
     monkeypatch.setattr(clustering_pass_module, "unique_dkm_batch", counting)
@@ -101,29 +107,51 @@ def test_on_cpu_a_small_model_is_one_batch_whatever_its_weights_sizes(monkeypatc
     assert batch_calls == []
 
 
-def _mixed_model() -> nn.Module:
+def _mixed_model(implementation: str = "auto") -> nn.Module:
     """``implementation="auto"``: the 19,200- and 20,000-weight layers on ``"unique"``, the
-    1,000-weight head on ``"chunked"`` (below ``AUTO_UNIQUE_MIN_WEIGHTS``)."""
+    1,000-weight head on ``"chunked"`` (below ``AUTO_UNIQUE_MIN_WEIGHTS``); with another
+    ``implementation`` every layer on it."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 300), nn.ReLU(), nn.Linear(300, 100), nn.ReLU(),
                           nn.Linear(100, 10))
-    attach(model, select_targets(model, ClusterSpec(bits=3), min_size=0), epsilon=0.0)
+    attach(model, select_targets(model, ClusterSpec(bits=3), min_size=0), epsilon=0.0,
+           implementation=implementation)
     return model
 
 
-def test_a_small_chunked_weight_joins_the_batch_on_its_exact_weights(batch_calls):
-    """One call for all three; the head gets what its own ``"chunked"`` step gives it, up to
-    float summation order."""
+def _assert_same_step(got, want) -> None:
+    """Gradients and centroids of a pass against each weight's own step (float summation
+    order apart)."""
+    for name, alone in want[0].items():
+        scale = float(alone.abs().max())
+        torch.testing.assert_close(got[0][name], alone, rtol=1e-4, atol=1e-5 * scale)
+        torch.testing.assert_close(got[1][name], want[1][name])
+
+
+def test_a_small_weight_auto_gives_chunked_joins_the_batch_on_its_codes(batch_calls):
+    """One call for all three; in the batch the head, whose own call ``"auto"`` gives the
+    exact ``"chunked"`` step (mostly fixed cost alone), gets what the ``"unique"`` step on its
+    float16 codes gives it."""
     steps = [t.parametrization.step_implementation
              for t in clustered_tensors(_mixed_model()).values()]
     assert steps == ["unique", "unique", "chunked"]
-    grads_pass, centroids_pass = _step(_mixed_model(), in_pass=True)
-    assert batch_calls == [3]
-    grads_alone, centroids_alone = _step(_mixed_model(), in_pass=False)
-    for name, alone in grads_alone.items():
-        scale = float(alone.abs().max())
-        torch.testing.assert_close(grads_pass[name], alone, rtol=1e-4, atol=1e-5 * scale)
-        torch.testing.assert_close(centroids_pass[name], centroids_alone[name])
+    in_pass = _step(_mixed_model(), in_pass=True)
+    assert batch_calls == [3] and exact_flags == [[False, False, False]]
+    _assert_same_step(in_pass, _step(_mixed_model("unique"), in_pass=False))
+
+
+def test_a_small_weight_given_chunked_by_name_joins_on_its_exact_weights(batch_calls):
+    """The head's ``"chunked"`` chosen by name (not by ``"auto"``): it joins the batch on its
+    exact weights and gets what its own ``"chunked"`` step gives it."""
+    def model() -> nn.Module:
+        m = _mixed_model()
+        head = clustered_tensors(m)["4.weight"].parametrization
+        head.implementation = "chunked"  # as attach(..., implementation="chunked") sets it
+        return m
+
+    in_pass = _step(model(), in_pass=True)
+    assert batch_calls == [3] and exact_flags == [[False, False, True]]
+    _assert_same_step(in_pass, _step(model(), in_pass=False))
 
 
 def test_chunked_weights_alone_run_their_own_step(batch_calls):

@@ -8,12 +8,16 @@ model with many clustered tensors pays once per tensor and step. Inside
 (:func:`~.distinct.unique_dkm_batch`: their palettes padded into one batch), and every other
 read in the pass gets its result; the pass also holds ``torch.nn.utils.parametrize.cached()``,
 so a weight read twice in one forward (tied weights, a module called twice) is clustered once.
-A small scalar weight on the ``"chunked"`` step (what ``implementation="auto"`` gives a palette
-of fewer than 16,384 weights) joins that batch on its exact weights, each its own point of
-count 1 (``unique_dkm_batch``'s ``exact``): the values of its own step up to float summation
-order, for a few rows of the batch instead of a call of its own, whose fixed cost is most of
-its time (the digits CNN's 5,120-weight head took 1.2 ms of a 2-bit batch alone); where no
-weight on its codes is in the pass, it runs its own step. Weights on other steps
+A small scalar weight that ``implementation="auto"`` gives the ``"chunked"`` step (a palette of
+fewer than 16,384 weights, whose own call would be mostly the ``"unique"`` step's fixed cost)
+joins that batch on its float16 codes, as a ``"unique"`` weight does: in the batch that cost
+is shared, and its distinct values are fewer than its weights (the digits CNN's 5,120-weight
+head took 1.2 ms of a 2-bit batch in a call of its own; as 5,120 exact points it widened the
+4-bit batch from 4,098 columns to 5,120 and cost 1.1-2.6 ms of the step more than on its
+codes, ``benchmarks/perf_dkm_steady.py``). One given the ``"chunked"`` step by name joins on
+its exact weights, each its own point of count 1 (``unique_dkm_batch``'s ``exact``): the
+values of its own step up to float summation order. Where no weight of the pass runs
+``"unique"`` by its own setting, each runs its own step. Weights on other steps
 (``"reference"``, vectors, larger ``"chunked"`` ones), in ``"hard"`` or ``"dense"`` mode, in
 ``eval()``, or too large to gain on CPU (below) are computed per tensor as outside a pass.
 
@@ -114,7 +118,7 @@ class ClusteringPass:
         FSDP2 gathers it in its own module's forward), or the ``"chunked"`` one on a small
         scalar palette (:func:`_exact_member`)."""
         return (p.mode == "soft" and p.training and p.is_initialized
-                and (p.step_implementation == "unique" or _exact_member(p))
+                and (p.step_implementation == "unique" or _small_chunked(p))
                 and not is_sharded(weight))
 
     def _batches(self, p: DKMParametrization, weight: Tensor) -> bool:
@@ -145,7 +149,7 @@ class ClusteringPass:
                      for q, holder in self.members if q is p or (
                          self._batches(q, holder.original)
                          and _settings(q, holder.original) == _settings(p, x))]
-            if all(_exact_member(q) for q, _ in group):  # no tensor on its codes to join
+            if all(q.step_implementation != "unique" for q, _ in group):  # none to join
                 group = None
         if id(p) not in self._results and group is None:
             result = p.step(x, centroids, tau, config._replace(rebuild=self.rebuilds(p)))
@@ -175,14 +179,21 @@ class ClusteringPass:
         self._unread.clear()
 
 
-def _exact_member(p: DKMParametrization) -> bool:
-    """Whether ``p`` joins a batch on its exact weights (``unique_dkm_batch``'s ``exact``): the
-    ``"chunked"`` step on scalar palettes smaller than
-    :data:`~.parametrization.AUTO_UNIQUE_MIN_WEIGHTS`, what ``implementation="auto"`` gives a
-    small tensor, whose own call is mostly fixed cost; its rows never widen the batch past the
-    codes' 65,536 columns. Its result is its own step's up to float summation order."""
+def _small_chunked(p: DKMParametrization) -> bool:
+    """Whether ``p`` runs the ``"chunked"`` step on scalar palettes smaller than
+    :data:`~.parametrization.AUTO_UNIQUE_MIN_WEIGHTS`: a batch member (module docstring), on
+    its float16 codes where ``implementation="auto"`` chose that step, else on its exact
+    weights (:func:`_exact_member`); its rows never widen the batch past the codes' 65,536
+    columns."""
     return (p.step_implementation == "chunked" and p.layout.spec.cluster_dim == 1
             and p.layout.palette_shape[1] < AUTO_UNIQUE_MIN_WEIGHTS)
+
+
+def _exact_member(p: DKMParametrization) -> bool:
+    """Whether ``p`` joins a batch on its exact weights (``unique_dkm_batch``'s ``exact``): a
+    small scalar weight given the ``"chunked"`` step by name. Its result is its own step's up
+    to float summation order."""
+    return _small_chunked(p) and p.implementation != "auto"
 
 
 def _entries(p: DKMParametrization) -> int:
