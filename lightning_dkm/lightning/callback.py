@@ -195,7 +195,9 @@ class DKMCallback(Callback):
         implementation: how the DKM step is computed. ``"auto"`` (default): per tensor,
             ``"unique"`` for scalar clustering (cluster_dim 1) of >= 16,384 weights per
             palette, else ``"chunked"`` (exact, and faster than ``"reference"`` at every
-            size). ``"unique"`` (cluster_dim 1 only): the eDKM idea, the iterations run once
+            size); in a training step such a small scalar tensor joins the batch of the
+            model's ``"unique"`` tensors on its float16 codes, where that is cheaper than its
+            own call. ``"unique"`` (cluster_dim 1 only): the eDKM idea, the iterations run once
             per distinct float16 value of the normalised weights -- the fastest by far on
             large tensors, exact DKM of the float16-rounded weights.
             ``"chunked"``: the iterations in cache-sized chunks with an analytic backward
