@@ -144,7 +144,7 @@ def _center_and_spread(x: Tensor, normalization: Normalization | None, device_si
     or the given scale) and the given scales (or ``None``) of :func:`code_constants`."""
     if normalization is None:
         center = x.mean(dim=1, keepdim=True)
-        return center, _rough_std(x, center, device_side), None
+        return center, _rough_stds([x], [center], device_side), None
     P = x.shape[0]
     scale = normalization.scale.reshape(P, 1).to(x.dtype)
     return normalization.center.reshape(P, 1).to(x.dtype), scale, scale
@@ -292,24 +292,31 @@ class CodeColumns:
         return out
 
 
-def _rough_std(x: Tensor, center: Tensor, device_side: bool = False) -> Tensor:
-    """The standard deviation (P, 1) about ``center`` from ``|x|^2 / n - center^2`` (no
-    temporary the size of ``x``); from the deviations themselves
-    (:func:`~.numerics.root_mean_square`) where that cancels badly (a mean far larger than the
-    spread) or where float32 cannot hold the squares (weights of 1e20 square to 1e40; below
-    about 1e-12 too little room is left above its normal range for the cancellation test).
-    Only needs to be right within a factor of ~1.4: it picks the power of two that scales the
-    float16 rounding. ``device_side``: both are computed and ``torch.where`` picks (no read of
-    the test; the deviations cost three passes over ``x``, cheap on an accelerator)."""
-    n = x.shape[1]
-    mean_square = torch.linalg.vector_norm(x, dim=1, keepdim=True).square_().div_(n)
+def _rough_stds(xs: Sequence[Tensor], centers: Sequence[Tensor], device_side: bool = False
+                ) -> Tensor:
+    """The standard deviations (sum P_t, 1) of the palettes of ``xs`` (P_t, n_t, one dtype)
+    about ``centers`` (P_t, 1) from ``|x|^2 / n - center^2`` (no temporary the size of ``x``);
+    from the deviations themselves (:func:`~.numerics.root_mean_square`) where that cancels
+    badly (a mean far larger than the spread) or where float32 cannot hold the squares
+    (weights of 1e20 square to 1e40; below about 1e-12 too little room is left above its
+    normal range for the cancellation test). Only needs to be right within a factor of ~1.4:
+    it picks the power of two that scales the float16 rounding. ``device_side``: both are
+    computed and ``torch.where`` picks (no read of the test; the deviations cost three passes
+    over ``x``, cheap on an accelerator). One reduction per tensor, the tests one op each for
+    every palette of the batch (elementwise: each palette's value is its own)."""
+    squares = [torch.linalg.vector_norm(x, dim=1, keepdim=True).square_().div_(x.shape[1])
+               for x in xs]
+    mean_square = squares[0] if len(squares) == 1 else torch.cat(squares)
+    center = centers[0] if len(centers) == 1 else torch.cat(centers)
     variance = mean_square - center.square()
-    info = torch.finfo(x.dtype)
+    info = torch.finfo(xs[0].dtype)
     in_range = mean_square.clamp(info.tiny / info.eps**2, info.max) == mean_square
     exact = (variance < 1e-4 * mean_square).logical_or_(in_range.logical_not_())
     rough = variance.clamp_min_(0.0).sqrt_()
     if device_side or bool(exact.any()):
-        rough = torch.where(exact, root_mean_square(x - center), rough)
+        deviations = [root_mean_square(x - c) for x, c in zip(xs, centers, strict=True)]
+        rough = torch.where(exact, deviations[0] if len(deviations) == 1
+                            else torch.cat(deviations), rough)
     return rough
 
 
@@ -442,9 +449,8 @@ def prepare_shared(xs: Sequence[Tensor], device_side: bool = True
     columns, and for the batch's rows (sum P_t) the distinct values (normalised in place),
     centres and scales. The same values as :func:`prepare` tensor by tensor, up to the rounding
     of a palette's second moment summed over more (zero) padding columns."""
-    centers, spreads, _ = zip(*(_center_and_spread(x, None, device_side) for x in xs),
-                              strict=True)
-    units = power_of_two_unit(torch.cat(spreads))  # one op for all palettes, not one per tensor
+    centers = [x.mean(dim=1, keepdim=True) for x in xs]
+    units = power_of_two_unit(_rough_stds(xs, centers, device_side))  # all palettes at once
     marked = None if device_side else _prepare_marked(xs, centers, units)
     if marked is not None:
         return marked
