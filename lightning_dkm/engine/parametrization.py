@@ -438,7 +438,12 @@ class DKMParametrization(nn.Module):
         weight, which no forward reads)."""
         if self.presoftened:
             return
-        self._step_start = self.centroids.clone()
+        start = self._step_start
+        if start is None or start.shape != self.centroids.shape or start.dtype != \
+                self.centroids.dtype or start.device != self.centroids.device:
+            self._step_start = self.centroids.detach().clone()
+        else:  # in place: no allocation and no module attribute set per step
+            start.copy_(self.centroids)
         self.centroids.copy_(centroids)
 
     # -- inspection and finalize -------------------------------------------------------------
