@@ -636,6 +636,12 @@ def test_the_nearest_centroid_loop_gives_the_pytorch_ops_indices(k) -> None:
     midway = (c[0, 0] + c[0, -1]) / 2
     x[:, :5] = torch.tensor([float("nan"), float("inf"), float("-inf"), 1e30, float(midway)])
     x[1, 5:7] = c[1, 0]
+    if k > 1:
+        x[1, 7] = (c[1, 0] + c[1, 2 % k]) / 2  # midway to a centroid given twice
     sorted_c, order = torch.sort(c, dim=-1, stable=True)
     want = nearest_1d_by_ops(x, sorted_c, order)
     assert torch.equal(loops.nearest_sorted(x, sorted_c, order), want)
+    # ties, also between copies of one centroid, go to the lowest index, as argmin's do
+    finite = x[:2, 5:]
+    argmin = (finite.unsqueeze(-1) - c[:2].unsqueeze(1)).abs().argmin(-1)
+    assert torch.equal(want[:2, 5:], argmin)

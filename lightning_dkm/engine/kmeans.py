@@ -118,8 +118,11 @@ def nearest_1d_by_ops(points: Tensor, sorted_c: Tensor, order: Tensor) -> Tensor
     """:func:`_nearest_1d` of ``points`` (P, n) by PyTorch ops, from each palette's centroids
     sorted ascending (P, k) and their indices ``order``."""
     k = sorted_c.shape[1]
-    pos = torch.searchsorted(sorted_c.contiguous(), points.contiguous())
+    sorted_c = sorted_c.contiguous()
+    pos = torch.searchsorted(sorted_c, points.contiguous())
     lo = (pos - 1).clamp(0, k - 1)
+    # a centroid value given twice: the first of its run (the lowest index, as argmin ties)
+    lo = torch.minimum(torch.searchsorted(sorted_c, sorted_c.gather(1, lo)), lo)
     hi = pos.clamp(0, k - 1)
     d_lo = (points - sorted_c.gather(1, lo)).abs_()
     d_hi = (points - sorted_c.gather(1, hi)).abs_()

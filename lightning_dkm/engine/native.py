@@ -299,8 +299,12 @@ class Kernels:
                                                        (ids, rows, cols))):
             return None
         P, n = codes.shape
+        if not (isinstance(values.start, int) and isinstance(values.stop, int)
+                and values.step in (None, 1) and isinstance(row0, int)):
+            return None
         if (scratch.numel() < P * _CODES or not ids.numel() == rows.numel() == cols.numel()
-                or not 0 <= values.start <= values.stop <= ids.numel()):
+                or not 0 <= values.start <= values.stop <= ids.numel()
+                or not 0 <= row0 < (1 << 62) // _CODES - P):
             return None
         status = self._library.dkm_sums_at(
             codes.data_ptr(), P, n, weights.data_ptr(), scratch.data_ptr(), ids.data_ptr(),

@@ -332,7 +332,8 @@ int dkm_spread(const float *compact, int64_t R, int64_t width, const int64_t *id
  * idx[p, i] = the original index of the centroid of palette p nearest to x[p, i] by |x - c|,
  * ties to the lower original index, from the palette's k centroids sorted ascending (sorted,
  * their original indices order), as the PyTorch ops find it: torch.searchsorted's lower bound
- * (the first j with sorted[j] >= x), then the two neighbours compared. Where no centroid is
+ * (the first j with sorted[j] >= x), then the two neighbours compared, the lower one taken at
+ * the first of a run of equal centroids (its lowest original index). Where no centroid is
  * NaN the predicate !(sorted[j] >= x) holds for a prefix of j, so the bound is the number of j
  * it holds for: counted a block of weights at a time (the count vectorises over the weights,
  * where a binary search branches unpredictably); a palette with a NaN centroid (sorted last)
@@ -351,7 +352,7 @@ static inline int64_t lower_bound(const float *s, int64_t k, float v) {
 
 CLONES void dkm_nearest_sorted(const float *x, int64_t P, int64_t n, const float *sorted,
                                const int64_t *order, int64_t k, int64_t *idx) {
-    int32_t count[NEAREST_BLOCK];
+    int64_t count[NEAREST_BLOCK];
     for (int64_t p = 0; p < P; ++p) {
         const float *row = x + p * n, *s = sorted + p * k;
         const int64_t *o = order + p * k;
@@ -367,12 +368,13 @@ CLONES void dkm_nearest_sorted(const float *x, int64_t P, int64_t n, const float
                     for (int64_t i = 0; i < m; ++i) count[i] += !(sj >= v[i]);
                 }
             } else {
-                for (int64_t i = 0; i < m; ++i) count[i] = (int32_t)lower_bound(s, k, v[i]);
+                for (int64_t i = 0; i < m; ++i) count[i] = lower_bound(s, k, v[i]);
             }
             for (int64_t i = 0; i < m; ++i) {
                 const int64_t pos = count[i];
-                const int64_t lo = pos - 1 < 0 ? 0 : (pos - 1 > k - 1 ? k - 1 : pos - 1);
+                int64_t lo = pos - 1 < 0 ? 0 : (pos - 1 > k - 1 ? k - 1 : pos - 1);
                 const int64_t hi = pos > k - 1 ? k - 1 : pos;
+                while (lo > 0 && s[lo - 1] == s[lo]) --lo;  /* a value given twice: its first */
                 const float d_lo = fabsf(v[i] - s[lo]), d_hi = fabsf(v[i] - s[hi]);
                 const int take_hi = d_hi < d_lo || (d_hi == d_lo && o[hi] < o[lo]);
                 out[start + i] = take_hi ? o[hi] : o[lo];
