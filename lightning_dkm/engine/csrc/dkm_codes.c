@@ -146,6 +146,26 @@ CLONES void dkm_look_up_affine(const uint16_t *codes, int64_t P, int64_t n, int6
     }
 }
 
+/* The k-th distinct code c of palette p, column col of its row: its flat id p * 65536 + c,
+ * palette, rank, bit pattern and count (rounded to float as PyTorch converts an integer) */
+static inline void put_distinct(int64_t p, int64_t c, int64_t n, int64_t k, int64_t col,
+                                int64_t *ids, int64_t *rows, int64_t *cols, uint16_t *pattern,
+                                float *count) {
+    ids[k] = p * CODES + c;
+    rows[k] = p;
+    cols[k] = col;
+    pattern[col] = (uint16_t)c;
+    count[col] = (float)n;
+}
+
+/* zeros after a palette's last distinct code, up to the rows' width */
+static inline void pad_distinct(uint16_t *pattern, float *count, int64_t col, int64_t width) {
+    for (; col < width; ++col) {
+        pattern[col] = 0;
+        count[col] = 0.0f;
+    }
+}
+
 /* occupied[p] = the number of codes of palette p whose count is not 0 */
 void dkm_occupied(const int64_t *counts, int64_t P, int64_t *occupied) {
     for (int64_t p = 0; p < P; ++p) {
@@ -168,20 +188,10 @@ void dkm_distinct(const int64_t *counts, int64_t P, int64_t width, int64_t *ids,
         uint16_t *pattern = patterns + p * width;
         float *count = table_counts + p * width;
         int64_t col = 0;
-        for (int64_t c = 0; c < CODES; ++c) {
-            if (table[c] == 0) continue;
-            ids[k] = p * CODES + c;
-            rows[k] = p;
-            cols[k] = col;
-            pattern[col] = (uint16_t)c;
-            count[col] = (float)table[c];
-            ++col;
-            ++k;
-        }
-        for (; col < width; ++col) {
-            pattern[col] = 0;
-            count[col] = 0.0f;
-        }
+        for (int64_t c = 0; c < CODES; ++c)
+            if (table[c] != 0)
+                put_distinct(p, c, table[c], k++, col++, ids, rows, cols, pattern, count);
+        pad_distinct(pattern, count, col, width);
     }
 }
 
@@ -267,19 +277,10 @@ void dkm_marked_distinct(const int32_t *counts, const uint64_t *marks, int64_t P
         for (int64_t w = 0; w < MARK_WORDS; ++w) {
             for (uint64_t word = mark[w]; word; word &= word - 1) {
                 const int64_t c = w * 64 + lowest_bit(word);
-                ids[k] = p * CODES + c;
-                rows[k] = p;
-                cols[k] = col;
-                pattern[col] = (uint16_t)c;
-                count[col] = (float)table[c];
-                ++col;
-                ++k;
+                put_distinct(p, c, table[c], k++, col++, ids, rows, cols, pattern, count);
             }
         }
-        for (; col < width; ++col) {
-            pattern[col] = 0;
-            count[col] = 0.0f;
-        }
+        pad_distinct(pattern, count, col, width);
     }
 }
 
