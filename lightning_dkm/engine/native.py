@@ -10,7 +10,12 @@ and count in one read of the weights, look-up, sum per code, and the backward's
 (what ``nonzero`` and a dozen indexing ops did, two reads of the counts). They round as the
 ops they replace do (bit for bit the same codes, counts, sums, outputs, gradients and
 distinct values: ``tests/test_native.py``), and take 2.3-4x less time on one thread
-(``benchmarks/perf_passes.py``; ``docs/benchmarks.md``, "The passes as C loops").
+(``benchmarks/perf_passes.py``; ``docs/benchmarks.md``, "The passes as C loops"). A batch of
+tensors (:func:`~.float16_codes.prepare_shared`) counts into one int32 table and a bitmap of
+the codes seen (``encode_mark``), finds the distinct values from the bitmap
+(``marked_distinct``), and in the backward sums each tensor's gradient at its distinct codes
+only (``sums_at``); per-value tables reach the codes by ``spread``. ``nearest_sorted`` is
+:func:`~.kmeans._nearest_1d`'s search (the nearest centroid of scalar weights).
 
 **The weighted core's backward** (:mod:`.weighted`) has two loops here too, for scalar points
 with counts (every ``"unique"`` batch): a round back (``round_backward``) and the last round's
