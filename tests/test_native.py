@@ -79,10 +79,12 @@ def test_every_loop_gives_the_pytorch_ops_values_bit_for_bit(P, n) -> None:
     g = torch.randn(P, n)
     a, b = torch.randn(P * CODES), torch.randn(P * CODES)
 
-    fused_codes, counts = loops.encode_and_count(x, center, 1.0 / unit)
+    counts = torch.empty(P * CODES, dtype=torch.int32)
+    marks = torch.empty(P * native.MARK_WORDS, dtype=torch.int64)
+    fused_codes = loops.encode_mark(x, center, 1.0 / unit, counts, marks)
     assert torch.equal(bits(fused_codes), bits(codes))
     assert torch.equal(bits(loops.encode(x, center, 1.0 / unit)), bits(codes))
-    assert torch.equal(counts, columns.sum_per_code())
+    assert torch.equal(counts.to(torch.int64), columns.sum_per_code())
     assert torch.equal(loops.count(codes), columns.sum_per_code())
     assert torch.equal(loops.sum_per_code(codes, g), columns.sum_per_code(g))
     assert torch.equal(loops.look_up(codes, a, torch.empty(P, n)), columns.look_up(a))
@@ -155,7 +157,8 @@ def test_marked_counting_finds_the_distinct_values_of_zeroed_tables(P, n) -> Non
     x = weights(P, n)
     center = x.nan_to_num().mean(1, keepdim=True)
     inverse_unit = torch.full((P, 1), 2.0**20)
-    want_codes, counts = loops.encode_and_count(x, center, inverse_unit)
+    want_codes = encode(x, center, 1.0 / inverse_unit, fused=False)
+    counts = CodeColumns(want_codes, fused=False).sum_per_code()
     want = distinct_from_counts(counts, P, torch.float32)
     garbage = torch.randint(-9, 9, (P * CODES,), dtype=torch.int32)
     marks = torch.full((P * native.MARK_WORDS,), -1, dtype=torch.int64)
@@ -384,7 +387,9 @@ def test_a_loop_refuses_arguments_it_cannot_read_and_the_pytorch_ops_run() -> No
     assert loops.encode(x.double(), center, inverse_unit) is None
     assert loops.encode(x, center[:1], inverse_unit) is None  # one centre for two palettes
     assert loops.encode(x.t().contiguous().t(), center, inverse_unit) is None
-    assert loops.encode_and_count(x[:, ::2], center, inverse_unit) is None
+    assert loops.encode_mark(x[:, ::2], center, inverse_unit,
+                             torch.empty(P * CODES, dtype=torch.int32),
+                             torch.empty(P * native.MARK_WORDS, dtype=torch.int64)) is None
     assert loops.look_up(codes, table.half(), out) is None
     assert loops.look_up(codes, table[:CODES], out) is None
     assert loops.look_up(codes, table, out[:, :10]) is None

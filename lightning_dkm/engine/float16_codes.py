@@ -192,16 +192,13 @@ class CodeColumns:
     :mod:`.native` each where it can (``fused``, on the CPU with host reads), else with the
     table columns ``palette * 65536 + bit pattern`` (int32) of the codes, a chunk at a time
     (a tensor that fits in one chunk converts its codes once). ``device_side``: sums per code
-    with ``index_add_`` (no host read) instead of ``bincount``. ``counts``: the codes' counts
-    where they are known already (:func:`prepare` counts as it encodes)."""
+    with ``index_add_`` (no host read) instead of ``bincount``."""
 
-    def __init__(self, codes: Tensor, device_side: bool = False, *, fused: bool = True,
-                 counts: Tensor | None = None) -> None:
+    def __init__(self, codes: Tensor, device_side: bool = False, *, fused: bool = True) -> None:
         self.codes = codes
         self.device_side = device_side
         self._whole: Tensor | None = None
         self._loops = native_loops(codes) if fused and not device_side else None
-        self._counts = counts
 
     def chunks(self):
         """Yields ``(slice of the weights, flat columns (P * m,))``."""
@@ -227,8 +224,6 @@ class CodeColumns:
     def sum_per_code(self, weights: Tensor | None = None) -> Tensor:
         """(P * 65536,) per code: how many weights have it, or the sum of ``weights`` (P, n)
         over them."""
-        if weights is None and self._counts is not None:
-            return self._counts
         loops = self._loops
         if loops is not None:
             total = (loops.count(self.codes) if weights is None
@@ -414,8 +409,13 @@ def _normalized(distinct: DistinctValues, unit: Tensor, center: Tensor, scale: T
 def prepare(x: Tensor, normalization: Normalization | None, device_side: bool
              ) -> tuple[Tensor, CodeColumns, DistinctValues, Tensor, Tensor]:
     """Codes, columns, distinct values (normalised in place), centre and scale of ``x`` (P, n).
-    Where :mod:`.native` takes ``x``, it is encoded and counted in one read."""
+    Where :mod:`.native` takes ``x``, it is encoded and counted in one read
+    (:func:`_prepare_marked`, as a batch of one)."""
     center, unit, scale = code_constants(x, normalization, device_side)
+    marked = None if device_side else _prepare_marked([x], [center], unit, scale)
+    if marked is not None:
+        codes, columns, distinct, center, scale = marked
+        return codes[0], columns[0], distinct, center, scale
     codes, columns = _encoded(x, center, unit, device_side)
     distinct, scale = normalized_distinct(columns.sum_per_code(), *x.shape, unit, center, scale,
                                           device_side, center.dtype)
@@ -424,16 +424,10 @@ def prepare(x: Tensor, normalization: Normalization | None, device_side: bool
 
 def _encoded(x: Tensor, center: Tensor, unit: Tensor, device_side: bool
              ) -> tuple[Tensor, CodeColumns]:
-    """The codes of ``x`` and their columns: encoded and counted in one read by :mod:`.native`
-    where it takes ``x`` (with host reads), else by PyTorch ops (counted on first use)."""
-    inverse_unit = 1.0 / unit  # exact: a power of two
-    loops = None if device_side else native_loops(x, center, inverse_unit)
-    encoded = None if loops is None else loops.encode_and_count(x, center, inverse_unit)
-    if encoded is not None:
-        codes, counts = encoded
-        return codes, CodeColumns(codes, device_side, counts=counts)
-    # the loops were tried above (or the layout without host reads keeps the ops)
-    codes = encode(x, center, unit, fused=False)
+    """The codes of ``x`` and their columns (counted on first use), where
+    :func:`_prepare_marked` does not take ``x``: by :mod:`.native`'s encoding where it takes
+    ``x`` (with host reads), else by PyTorch ops."""
+    codes = encode(x, center, unit, fused=not device_side)
     return codes, CodeColumns(codes, device_side)
 
 
@@ -468,7 +462,8 @@ def prepare_shared(xs: Sequence[Tensor], device_side: bool = True
     return codes, columns, distinct, center, scale
 
 
-def _prepare_marked(xs: Sequence[Tensor], centers: Sequence[Tensor], units: Tensor
+def _prepare_marked(xs: Sequence[Tensor], centers: Sequence[Tensor], units: Tensor,
+                    scale: Tensor | None = None
                     ) -> tuple[list[Tensor], list[CodeColumns], DistinctValues, Tensor, Tensor
                                ] | None:
     """:func:`prepare_shared`'s codes, counts and distinct values by :mod:`.native`'s marked
@@ -476,7 +471,8 @@ def _prepare_marked(xs: Sequence[Tensor], centers: Sequence[Tensor], units: Tens
     one int32 table, the codes seen marked in a bitmap, and the distinct values found from the
     marks: where the loops take every tensor, else ``None``. The same values as the int64
     counts and their walk; the distinct values also know their number per palette
-    (:attr:`DistinctValues.occupied`, for the backward's sums, :meth:`~.native.Kernels.sums_at`)."""
+    (:attr:`DistinctValues.occupied`, for the backward's sums, :meth:`~.native.Kernels.sums_at`).
+    ``scale``: the palettes' given scales (else computed from the distinct values)."""
     loops = native_loops(*xs, units)
     if loops is None:
         return None
@@ -503,8 +499,8 @@ def _prepare_marked(xs: Sequence[Tensor], centers: Sequence[Tensor], units: Tens
     values = patterns.view(torch.float16).to(torch.float32)
     distinct = DistinctValues(ids, palettes if rows > 1 else None, cols if rows > 1 else None,
                               values, value_counts, occupied=tuple(occupied))
-    center = torch.cat(centers)
-    distinct, scale = _normalized(distinct, units, center, None)
+    center = centers[0] if len(centers) == 1 else torch.cat(centers)
+    distinct, scale = _normalized(distinct, units, center, scale)
     return codes, columns, distinct, center, scale
 
 
@@ -537,7 +533,10 @@ def _check_marked(loaded: native.Kernels, x: Tensor, center: Tensor, inverse_uni
     counts = torch.full((P * CODES,), 7, dtype=torch.int32, device="cpu")  # overwritten
     marks = torch.full((P * native.MARK_WORDS,), -1, dtype=torch.int64, device="cpu")
     codes = loaded.encode_mark(x, center, inverse_unit, counts, marks)
-    checks["marked codes"] = (encode(x, center, 1.0 / inverse_unit, fused=False), codes)
+    want_codes = encode(x, center, 1.0 / inverse_unit, fused=False)
+    checks["marked codes"] = (want_codes, codes)
+    checks["marked counts"] = (CodeColumns(want_codes, fused=False).sum_per_code(),
+                               None if codes is None else counts.to(torch.int64))
     want = _distinct_by_ops(CodeColumns(finite_codes, fused=False).sum_per_code(), P,
                             torch.float32)
     found = loaded.encode_mark(torch.where(x.isnan(), 0.0, x), center, inverse_unit, counts,
@@ -593,13 +592,10 @@ def _fused_disagreement(loaded: native.Kernels) -> str | None:
     g = torch.randn(2, 4099, generator=generator, **cpu)
     a = torch.randn(2 * CODES, generator=generator, **cpu)
     b = torch.randn(2 * CODES, generator=generator, **cpu)
-    encoded = loaded.encode_and_count(x, center, inverse_unit)
     finite_codes = encode(finite, center, unit, fused=False)
     finite_columns = CodeColumns(finite_codes, fused=False)
     checks = {
-        "codes": (codes, None if encoded is None else encoded[0]),
         "codes alone": (codes, loaded.encode(x, center, inverse_unit)),
-        "counts": (columns.sum_per_code(), None if encoded is None else encoded[1]),
         "counts from codes": (columns.sum_per_code(), loaded.count(codes)),
         "sums per code": (finite_columns.sum_per_code(g),
                           loaded.sum_per_code(finite_codes, g)),

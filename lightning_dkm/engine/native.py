@@ -89,7 +89,6 @@ _ENV = "LIGHTNING_DKM_NATIVE"
 _POINTER, _SIZE = ctypes.c_void_p, ctypes.c_int64
 _SIGNATURES = {
     "dkm_encode": (_POINTER, _SIZE, _SIZE, _POINTER, _POINTER, _POINTER),
-    "dkm_encode_count": (_POINTER, _SIZE, _SIZE, _POINTER, _POINTER, _POINTER, _POINTER),
     "dkm_count": (_POINTER, _SIZE, _SIZE, _POINTER),
     "dkm_sum_per_code": (_POINTER, _SIZE, _SIZE, _POINTER, _POINTER),
     "dkm_look_up": (_POINTER, _SIZE, _SIZE, _SIZE, _POINTER, _POINTER),
@@ -160,20 +159,6 @@ class Kernels:
         self._library.dkm_encode(x.data_ptr(), P, n, center.data_ptr(), inverse_unit.data_ptr(),
                                  codes.data_ptr())
         return codes
-
-    def encode_and_count(self, x: Tensor, center: Tensor, inverse_unit: Tensor
-                         ) -> tuple[Tensor, Tensor] | None:
-        """:meth:`encode`, and the number of weights per code (P * 65536,) int64, in one read
-        of the weights."""
-        if not _constants_fit(x, center, inverse_unit):
-            return None
-        P, n = x.shape
-        codes = torch.empty(P, n, dtype=torch.float16, device="cpu")
-        counts = torch.zeros(P * _CODES, dtype=torch.int64, device="cpu")
-        self._library.dkm_encode_count(x.data_ptr(), P, n, center.data_ptr(),
-                                       inverse_unit.data_ptr(), codes.data_ptr(),
-                                       counts.data_ptr())
-        return codes, counts
 
     def count(self, codes: Tensor) -> Tensor | None:
         """The number of weights per code (P * 65536,) int64."""

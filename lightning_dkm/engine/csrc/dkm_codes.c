@@ -84,21 +84,6 @@ void dkm_encode(const float *x, int64_t P, int64_t n, const float *center,
     for (int64_t p = 0; p < P; ++p) CONVERT(x + p * n, n, center[p], inverse_unit[p], codes + p * n);
 }
 
-/* dkm_encode, and counts[p, code] += 1 for every weight, a block at a time (in cache) */
-void dkm_encode_count(const float *x, int64_t P, int64_t n, const float *center,
-                      const float *inverse_unit, uint16_t *codes, int64_t *counts) {
-    for (int64_t p = 0; p < P; ++p) {
-        const float *row = x + p * n;
-        uint16_t *out = codes + p * n;
-        int64_t *table = counts + p * CODES;
-        for (int64_t start = 0; start < n; start += BLOCK) {
-            const int64_t stop = start + BLOCK < n ? start + BLOCK : n;
-            CONVERT(row + start, stop - start, center[p], inverse_unit[p], out + start);
-            for (int64_t i = start; i < stop; ++i) ++table[out[i]];
-        }
-    }
-}
-
 /* counts[p, code] += 1 for every weight */
 void dkm_count(const uint16_t *codes, int64_t P, int64_t n, int64_t *counts) {
     for (int64_t p = 0; p < P; ++p) {
