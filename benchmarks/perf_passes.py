@@ -39,6 +39,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import clocks
 
+from lightning_dkm.engine import native
 from lightning_dkm.engine.float16_codes import CodeColumns, code_constants, encode, native_loops
 
 _CODES = 1 << 16
@@ -152,10 +153,13 @@ def fused_rows(x, center, unit, codes, g, table_s, table_b, repeats: int,
         return
     inverse_unit = 1.0 / unit
     out = torch.empty_like(x)
+    P = x.shape[0]
+    counts = torch.empty(P * _CODES, dtype=torch.int32)
+    marks = torch.empty(P * native.MARK_WORDS, dtype=torch.int64)
     total = 0.0
     for name, fn in [
         ("codes and count per code, one loop",
-         lambda: loops.encode_and_count(x, center, inverse_unit)),
+         lambda: loops.encode_mark(x, center, inverse_unit, counts, marks)),
         ("forward look-up", lambda: loops.look_up(codes, table_s, torch.empty_like(x))),
         ("backward per-code sums", lambda: loops.sum_per_code(codes, g)),
         ("backward look-up s_u + b_u g_i", lambda: loops.look_up_affine(
