@@ -267,19 +267,21 @@ class _WithExactRows:
         out = torch.zeros_like(like)
         if not self.coded.sums_into(columns[:coded], grads[:coded], out):
             return self.from_dense(_sums_per_code(columns, grads), like)
-        for r, w, g in zip(self.rows, self.widths, grads[coded:], strict=True):
-            if g is not None:
-                out[r, :w] = g
-        return out
+        return self._put_exact(out, grads[coded:])
 
     def from_dense(self, per_code: Sequence[Tensor | None], like: Tensor) -> Tensor:
         coded = len(self.coded.rows)
         out = torch.zeros_like(like)
         part = self.coded.from_dense(per_code[:coded], like[: self.coded_rows])
         out[: self.coded_rows, : part.shape[1]] = part
-        for r, w, g in zip(self.rows, self.widths, per_code[coded:], strict=True):
-            if g is not None:
-                out[r, :w] = g
+        return self._put_exact(out, per_code[coded:])
+
+    def _put_exact(self, out: Tensor, per_point: Sequence[Tensor | None]) -> Tensor:
+        """``out`` with each exact tensor's (P_t, n_t) values (its table is its points) in its
+        row block; a tensor without one keeps its zeros."""
+        for r, w, values in zip(self.rows, self.widths, per_point, strict=True):
+            if values is not None:
+                out[r, :w] = values
         return out
 
 

@@ -226,17 +226,26 @@ class Kernels:
         of :func:`~.float16_codes.distinct_from_counts` give, in two reads of the counts."""
         if not (_fit(dense_counts, torch.int64, 1) and dense_counts.numel() == P * _CODES):
             return None
+        ptr = dense_counts.data_ptr()
+        return self._compacted(
+            P, lambda occupied: self._library.dkm_occupied(ptr, P, occupied),
+            lambda width, *out: self._library.dkm_distinct(ptr, P, width, *out))[:5]
+
+    @staticmethod
+    def _compacted(P: int, count: Callable[[int], None], compact: Callable[..., None]
+                   ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, list[int]]:
+        """The tables of :meth:`distinct` and :meth:`marked_distinct`, and the distinct codes
+        per palette: ``count(occupied)`` writes those (read back to size the tables), then
+        ``compact(width, ids, rows, cols, patterns, counts)`` fills the tables (addresses)."""
         occupied = torch.empty(P, dtype=torch.int64, device="cpu")
-        self._library.dkm_occupied(dense_counts.data_ptr(), P, occupied.data_ptr())
+        count(occupied.data_ptr())
         per_palette = occupied.tolist()
-        total, width = sum(per_palette), max(per_palette)
+        total, width = sum(per_palette), max(per_palette, default=0)
         ids, rows, cols = (torch.empty(total, dtype=torch.int64, device="cpu") for _ in range(3))
         patterns = torch.empty(P, width, dtype=torch.int16, device="cpu")
         counts = torch.empty(P, width, dtype=torch.float32, device="cpu")
-        self._library.dkm_distinct(dense_counts.data_ptr(), P, width, ids.data_ptr(),
-                                   rows.data_ptr(), cols.data_ptr(), patterns.data_ptr(),
-                                   counts.data_ptr())
-        return ids, rows, cols, patterns, counts
+        compact(width, *(t.data_ptr() for t in (ids, rows, cols, patterns, counts)))
+        return ids, rows, cols, patterns, counts, per_palette
 
     def encode_mark(self, x: Tensor, center: Tensor, inverse_unit: Tensor, counts: Tensor,
                     marks: Tensor) -> Tensor | None:
@@ -263,17 +272,10 @@ class Kernels:
         if not (_fit(counts, torch.int32, 1) and counts.numel() == P * _CODES
                 and _fit(marks, torch.int64, 1) and marks.numel() == P * MARK_WORDS):
             return None
-        occupied = torch.empty(P, dtype=torch.int64, device="cpu")
-        self._library.dkm_marked_occupied(marks.data_ptr(), P, occupied.data_ptr())
-        per_palette = occupied.tolist()
-        total, width = sum(per_palette), max(per_palette, default=0)
-        ids, rows, cols = (torch.empty(total, dtype=torch.int64, device="cpu") for _ in range(3))
-        patterns = torch.empty(P, width, dtype=torch.int16, device="cpu")
-        table_counts = torch.empty(P, width, dtype=torch.float32, device="cpu")
-        self._library.dkm_marked_distinct(counts.data_ptr(), marks.data_ptr(), P, width,
-                                          ids.data_ptr(), rows.data_ptr(), cols.data_ptr(),
-                                          patterns.data_ptr(), table_counts.data_ptr())
-        return ids, rows, cols, patterns, table_counts, per_palette
+        table, bits = counts.data_ptr(), marks.data_ptr()
+        return self._compacted(
+            P, lambda occupied: self._library.dkm_marked_occupied(bits, P, occupied),
+            lambda width, *out: self._library.dkm_marked_distinct(table, bits, P, width, *out))
 
     def sums_at(self, codes: Tensor, weights: Tensor, scratch: Tensor, ids: Tensor,
                 rows: Tensor, cols: Tensor, values: slice, row0: int, out: Tensor
