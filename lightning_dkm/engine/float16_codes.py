@@ -331,13 +331,19 @@ def _distinct_by_loop(loops: native.Kernels, dense_counts: Tensor, P: int
     """:func:`distinct_from_counts` in float32 by :meth:`~.native.Kernels.distinct`, or
     ``None`` where the loop does not take the counts."""
     compacted = loops.distinct(dense_counts, P)
-    if compacted is None:
-        return None
-    ids, rows, cols, patterns, counts = compacted
+    return None if compacted is None else _from_loop(P, *compacted)
+
+
+def _from_loop(P: int, ids: Tensor, rows: Tensor, cols: Tensor, patterns: Tensor,
+               counts: Tensor, occupied: list[int] | None = None) -> DistinctValues:
+    """The distinct values of a compaction loop's tables (:meth:`~.native.Kernels.distinct`,
+    :meth:`~.native.Kernels.marked_distinct`): float16 bit patterns as float32 values, no
+    palettes or ranks for a single palette, and the number per palette where known."""
     values = patterns.view(torch.float16).to(torch.float32)
     if P == 1:
-        return DistinctValues(ids, None, None, values, counts)
-    return DistinctValues(ids, rows, cols, values, counts)
+        rows = cols = None
+    return DistinctValues(ids, rows, cols, values, counts,
+                          occupied=None if occupied is None else tuple(occupied))
 
 
 def _distinct_by_ops(dense_counts: Tensor, P: int, dtype: torch.dtype) -> DistinctValues:
@@ -495,10 +501,7 @@ def _prepare_marked(xs: Sequence[Tensor], centers: Sequence[Tensor], units: Tens
     found = loops.marked_distinct(counts, marks, rows)
     if found is None:
         return None
-    ids, palettes, cols, patterns, value_counts, occupied = found
-    values = patterns.view(torch.float16).to(torch.float32)
-    distinct = DistinctValues(ids, palettes if rows > 1 else None, cols if rows > 1 else None,
-                              values, value_counts, occupied=tuple(occupied))
+    distinct = _from_loop(rows, *found)
     center = centers[0] if len(centers) == 1 else torch.cat(centers)
     distinct, scale = _normalized(distinct, units, center, scale)
     return codes, columns, distinct, center, scale
@@ -541,11 +544,11 @@ def _check_marked(loaded: native.Kernels, x: Tensor, center: Tensor, inverse_uni
                             torch.float32)
     found = loaded.encode_mark(torch.where(x.isnan(), 0.0, x), center, inverse_unit, counts,
                                marks)
-    got = None if found is None else loaded.marked_distinct(counts, marks, P)
-    for name, field in (("ids", want.ids), ("rows", want.rows), ("cols", want.cols),
-                        ("counts", want.counts)):
-        position = ("ids", "rows", "cols", "", "counts").index(name)
-        checks[f"marked distinct {name}"] = (field, None if got is None else got[position])
+    tables = None if found is None else loaded.marked_distinct(counts, marks, P)
+    got = None if tables is None else _from_loop(P, *tables[:5])  # occupied: the ops' None
+    for field in DistinctValues._fields:
+        checks[f"marked distinct {field}"] = (getattr(want, field),
+                                              None if got is None else getattr(got, field))
     sums = want.from_dense(CodeColumns(finite_codes, fused=False).sum_per_code(g))
     assert want.ids is not None and want.rows is not None and want.cols is not None
     scratch = torch.empty(P * CODES, dtype=torch.float32, device="cpu")
