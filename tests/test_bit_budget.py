@@ -737,3 +737,31 @@ def test_an_allocation_saved_without_its_overrides_still_loads():
                           "estimates": {"2": 0.5}}]}
     allocation = BitAllocation.from_dict(saved)
     assert allocation.bits == {"w": 2} and allocation.overrides is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_plan_widths_gives_the_same_allocation_with_and_without_the_native_loops(dtype):
+    """The grid's passes over the weights as C loops or as PyTorch ops: the same widths and
+    estimates to the last bit, on whole-tensor, grouped and scaled palettes; and the given
+    sensitivity is read, not written (a float64 one was scaled in place before, #24)."""
+    from lightning_dkm.engine import native
+    from lightning_dkm.engine.layout import ClusterSpec
+    from lightning_dkm.model.bit_budget import plan_widths
+    from lightning_dkm.model.targets import select_targets
+
+    gen = torch.Generator().manual_seed(0)
+    model = nn.Sequential(nn.Linear(300, 200), nn.Linear(200, 40))
+    with torch.no_grad():
+        model[0].weight.mul_(torch.randn(200, 300, generator=gen).exp())  # heavy tails
+        model[1].weight[:, :50] = 0.0
+    for spec in (ClusterSpec(), ClusterSpec(group_size=8), ClusterSpec(per_channel_scale=True)):
+        targets = select_targets(model, spec, min_size=1)
+        weights = {t.name: model.get_parameter(t.name) for t in targets}
+        sensitivity = {n: torch.rand(w.shape, generator=gen, dtype=dtype) ** 3
+                       for n, w in weights.items()}
+        kept = {n: s.clone() for n, s in sensitivity.items()}
+        fast = plan_widths(targets, weights, 2.5, sensitivity=sensitivity)
+        with native.turned_off():
+            by_ops = plan_widths(targets, weights, 2.5, sensitivity=sensitivity)
+        assert fast.to_dict() == by_ops.to_dict()
+        assert all(torch.equal(sensitivity[n], kept[n]) for n in kept)

@@ -650,3 +650,53 @@ def test_the_nearest_centroid_loop_gives_the_pytorch_ops_indices(k) -> None:
     finite = x[:2, 5:]
     argmin = (finite.unsqueeze(-1) - c[:2].unsqueeze(1)).abs().argmin(-1)
     assert torch.equal(want[:2, 5:], argmin)
+
+
+@needs_loops
+@pytest.mark.parametrize(("P", "n", "piece"), [(1, 300_001, 1 << 17), (3, 5_000, 2_000),
+                                               (700, 40, 3)])
+@pytest.mark.parametrize("dtype", [None, torch.float32, torch.float64])
+def test_the_grid_loops_give_bincounts_sums_per_piece_bit_for_bit(monkeypatch, P, n, piece,
+                                                                  dtype) -> None:
+    """``average_bits``' estimate (:mod:`lightning_dkm.model.bit_budget`): each palette's
+    count and sum of values per grid cell and the sensitivity's sums per cell, whether a
+    piece of a palette spans more columns than the grid has cells (one zeroed table) or fewer
+    (the cells it touched, listed: 700 palettes of 3 columns a piece), bit for bit what the
+    PyTorch ops' ``bincount`` per piece gives, with weights on the grid's edges, repeated,
+    zero, -0 and subnormal; a float64 sensitivity is read, not written."""
+    from lightning_dkm.engine.kmeans import palette_unit
+    from lightning_dkm.model import bit_budget
+
+    monkeypatch.setattr(bit_budget, "_PIECE", piece * P)
+    gen = torch.Generator().manual_seed(P)
+    x = torch.randn(P, n, generator=gen) * torch.randn(P, 1, generator=gen).exp()
+    x[0, :8] = torch.tensor([0.0, -0.0, 1e-40, 3.0, -3.0, 1.0, 1.0, 1.0]) * x[0].abs().max()
+    unit = palette_unit(x.unsqueeze(-1))
+    _, _, counts, sums = bit_budget._grid_values(x, unit.view(-1, 1))
+    got = loops.grid_counts(x, unit.reshape(-1), bit_budget._GRID, piece)
+    assert torch.equal(got[0], counts) and torch.equal(got[1], sums)
+    f = None if dtype is None else torch.rand(P, n, generator=gen, dtype=dtype)
+    kept = None if f is None else f.clone()
+    snapped = bit_budget._Snapped(None, None, unit, {}, grid=torch.zeros(P * (2 * 512 + 1)),
+                                  values=x)
+    want = snapped._sums_by_ops(f)
+    got = loops.grid_sums(x, unit.reshape(-1), bit_budget._GRID, piece, f)
+    assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+    assert f is None or torch.equal(f, kept)
+
+
+@needs_loops
+def test_the_grid_loops_refuse_what_they_cannot_read_or_values_off_the_grid() -> None:
+    """Arguments of another dtype, shape or layout give ``None`` before C reads them; a unit
+    below a palette's largest value (values off the grid) gives ``None`` too."""
+    x, unit = torch.randn(2, 100), torch.full((2,), 8.0)
+    assert loops.grid_counts(x, unit, 512, 64) is not None
+    assert loops.grid_counts(x.double(), unit, 512, 64) is None
+    assert loops.grid_counts(x[:, ::2], unit, 512, 64) is None
+    assert loops.grid_counts(x, unit[:1], 512, 64) is None
+    assert loops.grid_counts(x, unit, 500, 64) is None  # not a power of two
+    assert loops.grid_counts(x, unit, 512, 0) is None
+    assert loops.grid_sums(x, unit, 512, 64, torch.rand(2, 100).half()) is None
+    assert loops.grid_sums(x, unit, 512, 64, torch.rand(2, 99)) is None
+    assert loops.grid_counts(x, torch.full((2,), 0.5), 512, 64) is None
+    assert loops.grid_sums(x, torch.full((2,), 0.5), 512, 64, None) is None

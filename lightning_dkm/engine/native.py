@@ -16,6 +16,9 @@ the codes seen (``encode_mark``), finds the distinct values from the bitmap
 (``marked_distinct``), and in the backward sums each tensor's gradient at its distinct codes
 only (``sums_at``); per-value tables reach the codes by ``spread``. ``nearest_sorted`` is
 :func:`~.kmeans._nearest_1d`'s search (the nearest centroid of scalar weights).
+``grid_counts`` and ``grid_sums`` are ``average_bits``' passes over the weights
+(:mod:`lightning_dkm.model.bit_budget`: each value's cell of a grid, counted and summed, and
+a sensitivity summed per cell), bit for bit its ``bincount`` per piece.
 
 **The weighted core's backward** (:mod:`.weighted`) has two loops here too, for scalar points
 with counts (every ``"unique"`` batch): a round back (``round_backward``) and the last round's
@@ -111,9 +114,16 @@ _SIGNATURES = {
     "dkm_local_backward": (_SIZE, _SIZE, _SIZE, _POINTER, _SIZE, _SIZE, _POINTER, _SIZE,
                            _POINTER, _SIZE, _POINTER, _POINTER, _POINTER, _POINTER, _SIZE,
                            _POINTER, _POINTER),
+    "dkm_grid_counts": (_POINTER, _SIZE, _SIZE, _POINTER, _SIZE, _SIZE, _POINTER, _POINTER,
+                        _POINTER, _POINTER, _POINTER),
+    "dkm_grid_sums": (_POINTER, _SIZE, _SIZE, _POINTER, _SIZE, _SIZE, _POINTER, ctypes.c_int,
+                      _POINTER, _POINTER, _POINTER, _POINTER, _POINTER, _POINTER),
 }
-#: The loops that return 0, or 1 where their indices would leave their tables (nothing written).
-_RETURN_STATUS = frozenset({"dkm_sums_at", "dkm_spread"})
+#: The loops that return 0, or 1 where their indices would leave their tables (nothing written;
+#: the grid's loops: a value outside the grid, some cells already added into).
+_RETURN_STATUS = frozenset({"dkm_sums_at", "dkm_spread", "dkm_grid_counts", "dkm_grid_sums"})
+#: The sensitivity types :meth:`Kernels.grid_sums` takes (its ``f_type`` in the C source).
+_GRID_WEIGHTS = {None: 0, torch.float32: 1, torch.float64: 2}
 #: Words of a palette's bitmap of the codes seen (``MARK_WORDS`` in the C source).
 MARK_WORDS = _CODES // 64
 #: The most centroids the core's loops take (8 bits; ``CORE_MAX_K`` in the C source).
@@ -335,6 +345,60 @@ class Kernels:
                                          order.data_ptr(), sorted_c.shape[1], idx.data_ptr())
         return idx
 
+    def grid_counts(self, x: Tensor, unit: Tensor, grid: int, piece: int
+                    ) -> tuple[Tensor, Tensor] | None:
+        """Per cell of each palette's grid (``2 * grid + 1`` cells of width ``1 / grid``, a
+        power of two, over ``[-1, 1]``, palette after palette) of the values ``x / unit``
+        (``x`` (P, n) float32, ``unit`` one float32 power of two per palette, at least each
+        palette's largest ``|x|``): the number of values (int64) and their sum (float64), the sums
+        added sequentially a ``piece`` of columns at a time (``average_bits``' estimate:
+        what :func:`~lightning_dkm.model.bit_budget._grid_values`' ``bincount`` of each piece
+        gives, bit for bit), in one read of ``x`` and without its cells or offsets."""
+        if not self._grid_fit(x, unit, grid, piece):
+            return None
+        P, n = x.shape
+        size = 2 * grid + 1
+        counts = torch.zeros(P * size, dtype=torch.int64, device="cpu")
+        sums = torch.zeros(P * size, dtype=torch.float64, device="cpu")
+        part, seen, touched = _grid_scratch(size, 1)
+        status = self._library.dkm_grid_counts(
+            x.data_ptr(), P, n, unit.data_ptr(), grid, piece, counts.data_ptr(),
+            sums.data_ptr(), part.data_ptr(), seen.data_ptr(), touched.data_ptr())
+        return (counts, sums) if status == 0 else None
+
+    def grid_sums(self, x: Tensor, unit: Tensor, grid: int, piece: int, f: Tensor | None
+                  ) -> tuple[Tensor, Tensor, Tensor] | None:
+        """For the grid of :meth:`grid_counts` and a sensitivity ``f`` (P, n) float32 or
+        float64 (``None``: 1 everywhere), with ``r`` each value's offset from its cell's
+        (float32, exact), per cell the sums of ``f`` and ``f r`` (each (P * size,)) and per
+        palette that of ``f r^2`` ((P,)), all float64 and sequential per piece as
+        :meth:`grid_counts` (what :meth:`~lightning_dkm.model.bit_budget._Snapped.sums`'
+        ``bincount`` of each piece gives, bit for bit)."""
+        if not (self._grid_fit(x, unit, grid, piece) and (f is None or (
+                f.dtype in _GRID_WEIGHTS and _fit(f, f.dtype, 2) and f.shape == x.shape))):
+            return None
+        P, n = x.shape
+        size = 2 * grid + 1
+        total = torch.zeros(P * size, dtype=torch.float64, device="cpu")
+        first, second = torch.zeros_like(total), torch.zeros(P, dtype=torch.float64)
+        part, seen, touched = _grid_scratch(size, 2)
+        status = self._library.dkm_grid_sums(
+            x.data_ptr(), P, n, unit.data_ptr(), grid, piece,
+            None if f is None else f.data_ptr(), _GRID_WEIGHTS[None if f is None else f.dtype],
+            total.data_ptr(), first.data_ptr(), second.data_ptr(), part.data_ptr(),
+            seen.data_ptr(), touched.data_ptr())
+        return (total, first, second) if status == 0 else None
+
+    @staticmethod
+    def _grid_fit(x: Tensor, unit: Tensor, grid: int, piece: int) -> bool:
+        """``x`` (P, n) float32, one float32 unit per palette, ``grid`` a power of two and
+        ``piece`` an int whose tables the loops can index."""
+        return (_fit(x, torch.float32, 2) and _fit(unit.reshape(-1), torch.float32, 1)
+                and unit.is_contiguous() and unit.numel() == x.shape[0]
+                and isinstance(grid, int) and 1 <= grid <= 1 << 20 and grid & (grid - 1) == 0
+                and isinstance(piece, int) and piece >= 1
+                and x.shape[0] * (2 * grid + 1) < 1 << 62)
+
     def round_backward(self, a: Tensor, x: Tensor, rows: Tensor, c: Tensor, c_new: Tensor,
                        H: Tensor, two_over_tau: Tensor, shared: Tensor) -> Tensor | None:
         """One round of the weighted core's backward for scalar points with counts
@@ -452,6 +516,14 @@ def _in_parallel(run: Callable[[int], None], count: int) -> None:
             future.exception()
     for future in futures:
         future.result()
+
+
+def _grid_scratch(size: int, tables: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The grid loops' work space: ``tables`` partial sums per cell, the last piece and
+    palette that touched each cell (-1: none yet) and the list of the cells a piece touched."""
+    return (torch.empty(tables * size, dtype=torch.float64, device="cpu"),
+            torch.full((size,), -1, dtype=torch.int64, device="cpu"),
+            torch.empty(size, dtype=torch.int64, device="cpu"))
 
 
 def _at(t: Tensor, index: int, offset: int = 0) -> int:

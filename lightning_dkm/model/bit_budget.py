@@ -59,6 +59,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..engine import native
 from ..engine.kmeans import kmeans, kmeans_widths, palette_unit
 from ..engine.layout import MAX_BITS, PaletteLayout, is_int, is_number
 from ..engine.numerics import all_finite, chunks
@@ -218,13 +219,12 @@ def _one_thread() -> Iterator[None]:
 class _Snapped:
     """One tensor's k-means at several widths, before any sensitivity weighs the errors (the
     centroids do not depend on it), in units of ``unit``, a power of two per palette, after
-    the per-channel ``scale``. Vector palettes keep ``x`` ``(P, n, d)`` and, per width, the
-    centroid of each vector (``(P, n, d)``). Scalar palettes keep no copy of the weight:
-    ``cells`` ``(P, n)`` (int32) gives each weight's cell of the palettes' grids (``grid``,
-    ``2 * _GRID + 1`` cells per palette, palette after palette) and ``offsets`` ``(P, n)``
-    (float32) its value less its cell's (exact: :func:`_grid_values`), and ``centroids``
-    per width each cell's centroid (``(C,)``), so that an estimate sums per cell instead of
-    per weight and width."""
+    the per-channel ``scale``. Vector palettes keep ``x`` ``(P, n, d)`` (in units of ``unit``)
+    and, per width, the centroid of each vector (``(P, n, d)``). Scalar palettes keep their
+    ``values`` ``(P, n)`` as they are (a view of the weight where its layout allows) and, per
+    width, each grid cell's centroid (``centroids``: ``(C,)``, ``grid``: the cells' values,
+    ``2 * _GRID + 1`` per palette, palette after palette), so that an estimate sums the
+    sensitivity per cell instead of per weight and width (:meth:`sums`)."""
 
     layout: PaletteLayout
     scale: Tensor | None
@@ -232,14 +232,25 @@ class _Snapped:
     centroids: dict[int, Tensor]
     x: Tensor | None = None
     grid: Tensor | None = None
-    cells: Tensor | None = None
-    offsets: Tensor | None = None
+    values: Tensor | None = None
+    #: The PyTorch ops' cells and offsets of ``values`` (:func:`_grid_values`), kept once made
+    #: (where the native loops are not used, and for :meth:`snapped`).
+    _cells: dict[str, Tensor] = field(default_factory=dict, compare=False, repr=False)
+
+    def cells_and_offsets(self) -> tuple[Tensor, Tensor]:
+        """Each scalar weight's cell (``(P, n)`` int32, palette after palette) and its offset
+        from the cell's value (``(P, n)`` float32, in units of ``unit``)."""
+        assert self.values is not None
+        if not self._cells:
+            cells, offsets, _, _ = _grid_values(self.values, self.unit.view(-1, 1))
+            self._cells.update(cells=cells, offsets=offsets)
+        return self._cells["cells"], self._cells["offsets"]
 
     def snapped(self, bits: int) -> Tensor:
         """``(P, n, d)``: the centroid each vector snaps to at ``bits``, in units of ``unit``."""
-        if self.cells is None:
+        if self.values is None:
             return self.centroids[bits]
-        return self.centroids[bits][self.cells].unsqueeze(-1)
+        return self.centroids[bits][self.cells_and_offsets()[0]].unsqueeze(-1)
 
     def weight(self, bits: int) -> Tensor:
         """The weight snapped to its palette at ``bits`` (float32, CPU; for
@@ -270,31 +281,46 @@ class _Snapped:
         offset from its cell's value), and :math:`\sum f r^2` over the tensor (a constant of
         every width's estimate), in float64 (they cancel to 0 where every value has a
         centroid), each times its palette's ``unit ** 2`` (a power of two: exact): the only
-        passes over the weights an estimate makes, a piece of :data:`_PIECE` entries at a
-        time."""
-        assert self.cells is not None and self.offsets is not None and self.grid is not None
-        size = self.grid.numel()
+        pass over the weights an estimate makes, a piece of :data:`_PIECE` entries at a time
+        (one loop of :mod:`~lightning_dkm.engine.native` where it is built, else PyTorch ops
+        on :meth:`cells_and_offsets`; the same sums, bit for bit)."""
+        assert self.values is not None and self.grid is not None
+        P, n = self.values.shape
         f = self._factor(sensitivity)
         if f is not None:
-            f = f.reshape(self.offsets.shape)
+            f = f.reshape(P, n).contiguous()
+        loops = native.loops_for(self.values)
+        got = None if loops is None else loops.grid_sums(
+            self.values, self.unit.reshape(-1).contiguous(), _GRID, _piece_columns(P), f)
+        total, first, second = got or self._sums_by_ops(f)
+        u = self.unit.double().square().reshape(-1)  # (P,)
+        per_cell = u.repeat_interleave(self.grid.numel() // u.numel())
+        return _CellSums(total * per_cell, first * per_cell, float(torch.dot(second, u)))
+
+    def _sums_by_ops(self, f: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        """:meth:`sums` before the units, by PyTorch ops: ``bincount`` per piece."""
+        assert self.grid is not None
+        cells, offsets = self.cells_and_offsets()
+        size = self.grid.numel()
+        P = offsets.shape[0]
         total = torch.zeros(size, dtype=torch.float64)
         first = torch.zeros_like(total)
-        second = torch.zeros(self.offsets.shape[0], dtype=torch.float64)  # per palette
-        for piece in _pieces(self.offsets.shape):
-            cells = self.cells[piece].reshape(-1)
-            r = self.offsets[piece].double()
+        second = torch.zeros(P, dtype=torch.float64)  # per palette
+        for piece in _pieces(offsets.shape):
+            cell = cells[piece].reshape(-1)
+            r = offsets[piece].double()
             if f is None:
-                total += torch.bincount(cells, minlength=size)
+                total += torch.bincount(cell, minlength=size)
                 fr = r
             else:
-                weight = f[piece].double()
-                total += torch.bincount(cells, weight.view(-1), size)
-                fr = weight.mul_(r)
-            first += torch.bincount(cells, fr.view(-1), size)
-            second += torch.linalg.vecdot(fr, r)
-        u = self.unit.double().square().reshape(-1)  # (P,)
-        per_cell = u.repeat_interleave(size // u.numel())
-        return _CellSums(total * per_cell, first * per_cell, float(torch.dot(second, u)))
+                weight = f[piece].double()  # f itself where float64: not written
+                total += torch.bincount(cell, weight.reshape(-1), size)
+                fr = weight * r
+            first += torch.bincount(cell, fr.reshape(-1), size)
+            # per palette in index order, as the loop adds (not linalg.vecdot's order)
+            palette = torch.arange(P).repeat_interleave(r.shape[1])
+            second += torch.bincount(palette, (fr * r).reshape(-1), P)
+        return total, first, second
 
     def estimates(self, widths: Iterable[int], sensitivity: Tensor | None,
                   sums: _CellSums | None = None) -> dict[int, float]:
@@ -303,7 +329,7 @@ class _Snapped:
         # errors are measured in units of ``unit``: back in the weight's units. In float64:
         # the square of a float32 unit overflows above |w| ~ 2**63 and is subnormal below
         # ~ 2**-63.
-        if self.cells is None:
+        if self.values is None:
             assert self.x is not None
             f = self._vector_factor(sensitivity)
             out = {b: 0.5 * float((f * (self.x - c).double().square()).sum())
@@ -334,7 +360,7 @@ class _Snapped:
         r""":math:`\sum_i f_i w_i^2`, the weighted squared weight (every weight snapped to
         0; :func:`_is_noise`), for scalar palettes from the cell sums (``sums``, where
         already had)."""
-        if self.cells is None:
+        if self.values is None:
             assert self.x is not None
             return float((self._vector_factor(sensitivity) * self.x.double().square()).sum())
         assert self.grid is not None
@@ -357,11 +383,17 @@ def _measured(widths: Sequence[int]) -> list[int]:
     return [b for b in widths if b <= _MEASURED_BITS] or sorted(widths)[:1]
 
 
+def _piece_columns(P: int) -> int:
+    """The columns of a piece of ``P`` palettes: about :data:`_PIECE` entries, at least one
+    column."""
+    return max(1, _PIECE // P)
+
+
 def _pieces(shape: torch.Size) -> list[tuple[slice, slice]]:
     """Column slices of a ``(P, n)`` tensor of about :data:`_PIECE` entries each: the passes
     over the weights run on pieces, not whole tensors."""
     P, n = shape
-    return [(slice(None), columns) for columns in chunks(n, max(1, _PIECE // P))]
+    return [(slice(None), columns) for columns in chunks(n, _piece_columns(P))]
 
 
 def _grid_values(x: Tensor, unit: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -373,15 +405,20 @@ def _grid_values(x: Tensor, unit: Tensor) -> tuple[Tensor, Tensor, Tensor, Tenso
     the values as they are (float64, for the centroids of :func:`_snap`). Counting the cells
     instead of sorting the values: a tenth of the time on MiniLM's encoder, profiled (0.1 s
     instead of 0.59 s for its 36 tensors); a piece at a time (:data:`_PIECE`) into buffers reused
-    from piece to piece, with the offsets kept for every estimate instead of the weights
-    (#24)."""
+    from piece to piece (#24). The PyTorch ops of the grid: where the native loops are built,
+    :meth:`~lightning_dkm.engine.native.Kernels.grid_counts` gives the counts and sums (bit
+    for bit these) in one read of ``x``, keeping no cells or offsets, and
+    :meth:`~lightning_dkm.engine.native.Kernels.grid_sums` the sensitivity's sums from ``x``
+    again (on MiniLM's encoder 1.6 and 2.6 ns per weight against about 7 for these ops, and
+    ``plan_widths`` 0.18 s instead of 0.25 s: docs/results.md, "The grid's passes as C
+    loops")."""
     P, n = x.shape
     size = 2 * _GRID + 1
     cells = torch.empty(P, n, dtype=torch.int32)
     offsets = torch.empty(P, n)
     counts = torch.zeros(P * size, dtype=torch.int64)
     sums = torch.zeros(P * size, dtype=torch.float64)
-    base = (torch.arange(P, dtype=x.dtype) * size + _GRID).unsqueeze(1)  # cell of value 0
+    base = (torch.arange(P, dtype=torch.int32) * size + _GRID).unsqueeze(1)  # cell of value 0
     pieces = _pieces(x.shape)
     width = pieces[0][1].stop - pieces[0][1].start if pieces else 0
     values, scaled = torch.empty(P, width), torch.empty(P, width)
@@ -394,8 +431,9 @@ def _grid_values(x: Tensor, unit: Tensor) -> tuple[Tensor, Tensor, Tensor, Tenso
         offsets[piece] = t
         t.round_()
         offsets[piece].sub_(t).div_(_GRID)
-        cells[piece] = t.add_(base)
-        cell = cells[piece].reshape(-1)
+        cell = cells[piece]
+        cell.copy_(t).add_(base)  # in int32: float32 would round cells past 2**24
+        cell = cell.reshape(-1)
         counts += torch.bincount(cell, minlength=P * size)
         sums += torch.bincount(cell, d.copy_(v).reshape(-1), P * size)
     return cells, offsets, counts, sums
@@ -440,10 +478,16 @@ def _snap(tensors: Sequence[tuple[Tensor, PaletteLayout, Collection[int]]], seed
                     idx = result.labels.unsqueeze(-1).expand(-1, -1, x.shape[-1])
                     out[i].centroids[bits] = result.centroids.gather(1, idx)
                 continue
-            cells, offsets, counts, sums = _grid_values(x[..., 0], unit.view(-1, 1))
+            values = x[..., 0].contiguous()
+            loops = native.loops_for(values)
+            counted = None if loops is None else loops.grid_counts(
+                values, unit.reshape(-1).contiguous(), _GRID, _piece_columns(values.shape[0]))
             grid = ((torch.arange(x.shape[0] * size) % size - _GRID).float() / _GRID)
-            out.append(_Snapped(layout, scale, unit, {}, grid=grid, cells=cells,
-                                offsets=offsets))
+            out.append(_Snapped(layout, scale, unit, {}, grid=grid, values=values))
+            if counted is None:  # the PyTorch ops, whose cells and offsets the sums reuse
+                cells, offsets, *counted = _grid_values(values, unit.view(-1, 1))
+                out[i]._cells.update(cells=cells, offsets=offsets)
+            counts, sums = counted
             for p in range(x.shape[0]):
                 mine = slice(p * size, (p + 1) * size)
                 present = counts[mine].nonzero().squeeze(1)
@@ -832,7 +876,7 @@ def _plan(targets: Sequence[Target], weights: Mapping[str, Tensor], average_bits
         strict=True))
     # the sensitivity summed per grid cell once per tensor: for the noise test and estimates
     sums = {} if sensitivity is None else {
-        n: s.sums(sensitivity.get(n)) for n, s in snapped.items() if s.cells is not None}
+        n: s.sums(sensitivity.get(n)) for n, s in snapped.items() if s.values is not None}
     # with every tensor fixed there is no sensitivity to judge (nor any width to choose)
     if sensitivity is not None and free and _is_noise(sensitivity, weights, {
             n: snapped[n].moment(sensitivity[n], sums.get(n))

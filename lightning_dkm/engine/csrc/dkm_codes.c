@@ -1,6 +1,7 @@
 /* Fused CPU passes of the "unique" DKM step over every weight, the compaction of its
- * per-code counts into the distinct values, and the weighted core's backward for scalar points
- * with counts (at the end; lightning_dkm/engine/native.py).
+ * per-code counts into the distinct values, the weighted core's backward for scalar points
+ * with counts, and the grid of average_bits' estimate (the last two at the end;
+ * lightning_dkm/engine/native.py).
  *
  * A weight's code is the bit pattern of (x - center) * inverse_unit rounded to float16 (round
  * to nearest even, as PyTorch converts); a palette's table has 65,536 entries, one per bit
@@ -519,4 +520,133 @@ CLONES void dkm_local_backward(int64_t P, int64_t k, int64_t m, const float *a, 
             U[p * k + j] = ru;
         }
     }
+}
+
+/* ---- The grid of average_bits' estimate (lightning_dkm/model/bit_budget.py, _snap) ----
+ *
+ * A palette's values v = x / unit (unit a power of two: v in [-1, 1]; computed as x times
+ * 1 / unit, the same exact product rounded once) fall in the cells of the grid of multiples of
+ * 1 / grid (a power of two): cell c = round(v * grid) + grid of 2 * grid + 1 (round to nearest even, as
+ * torch.round), offset r = (v * grid - round(v * grid)) / grid, each in float32 as the PyTorch
+ * ops compute them. The weights are taken in pieces of `piece` columns (all palettes' columns
+ * j0 .. j1 - 1 of a piece, then the next), and each piece's float64 sums per cell are added
+ * sequentially from 0, then added to the running sums: what `sums += torch.bincount(
+ * cells_of_piece, values, size)` gives per piece, bit for bit. A piece of a palette with at
+ * least as many columns as cells sums into a zeroed table of every cell; a narrower one (many
+ * palettes) lists the cells it touched instead, so that it costs its columns, not the grid
+ * (`seen` (size,) holds per cell the last piece and palette that touched it, -1 at first).
+ * Each returns 1 where a value falls outside the grid (a unit that is not the palette's: the
+ * sums are then incomplete), else 0. */
+
+typedef struct {
+    double *part;     /* tables x size partial sums of the piece */
+    int64_t *seen, *touched, count, size, tables;
+    int dense;
+} grid_piece;
+
+static inline void piece_begin(grid_piece *g, int64_t columns) {
+    g->dense = columns >= g->size;
+    g->count = 0;
+    if (g->dense) memset(g->part, 0, (size_t)(g->tables * g->size) * sizeof(double));
+}
+
+static inline void piece_touch(grid_piece *g, int64_t c, int64_t stamp) {
+    if (g->dense || g->seen[c] == stamp) return;
+    g->seen[c] = stamp;
+    for (int64_t t = 0; t < g->tables; ++t) g->part[t * g->size + c] = 0.0;
+    g->touched[g->count++] = c;
+}
+
+/* out_t[c] += part_t[c] for the cells the piece touched (every cell of a dense piece: adding
+ * 0 changes no sum, which is never -0: it starts at +0) */
+static inline void piece_end(const grid_piece *g, double *const *out) {
+    for (int64_t t = 0; t < g->tables; ++t) {
+        const double *part = g->part + t * g->size;
+        double *o = out[t];
+        if (g->dense)
+            for (int64_t c = 0; c < g->size; ++c) o[c] += part[c];
+        else
+            for (int64_t i = 0; i < g->count; ++i) o[g->touched[i]] += part[g->touched[i]];
+    }
+}
+
+/* grid a power of two: times 1 / grid is the division, rounded once as it is */
+static inline int grid_cell(float x, float inverse_unit, float g, int64_t grid, int64_t *cell,
+                            float *offset) {
+    const float t = (x * inverse_unit) * g, rounded = nearbyintf(t);
+    if (!(rounded >= -(float)grid && rounded <= (float)grid)) return 1;
+    *cell = (int64_t)rounded + grid;
+    *offset = (t - rounded) * (1.0f / g);
+    return 0;
+}
+
+/* Per cell of each palette (P * size): the number of weights (counts, int64) and the sum of
+ * their values v in float64 (sums); both added into. `part` holds size. */
+CLONES int dkm_grid_counts(const float *x, int64_t P, int64_t n, const float *unit, int64_t grid,
+                    int64_t piece, int64_t *counts, double *sums, double *part, int64_t *seen,
+                    int64_t *touched) {
+    const int64_t size = 2 * grid + 1;
+    const float g = (float)grid;
+    grid_piece gp = {part, seen, touched, 0, size, 1, 0};
+    int64_t stamp = 0;
+    for (int64_t j0 = 0; j0 < n; j0 += piece) {
+        const int64_t j1 = n - j0 > piece ? j0 + piece : n;
+        for (int64_t p = 0; p < P; ++p, ++stamp) {
+            const float *row = x + p * n;
+            const float inverse = 1.0f / unit[p];
+            int64_t *count = counts + p * size;
+            double *sum = sums + p * size;
+            piece_begin(&gp, j1 - j0);
+            for (int64_t j = j0; j < j1; ++j) {
+                int64_t c;
+                float r;
+                if (grid_cell(row[j], inverse, g, grid, &c, &r)) return 1;
+                ++count[c];
+                piece_touch(&gp, c, stamp);
+                part[c] += (double)(row[j] * inverse);
+            }
+            piece_end(&gp, &sum);
+        }
+    }
+    return 0;
+}
+
+/* What every estimate needs of a sensitivity f (P, n) (f_type 0: none, 1 everywhere; 1:
+ * float32; 2: float64), per cell F = sum f (total) and F_r = sum f r (first), and per palette
+ * sum f r^2 (second), in float64 (f and r converted, f r rounded, then f r r), added into.
+ * `part` holds 2 * size. */
+CLONES int dkm_grid_sums(const float *x, int64_t P, int64_t n, const float *unit, int64_t grid,
+                  int64_t piece, const void *f, int f_type, double *total, double *first,
+                  double *second, double *part, int64_t *seen, int64_t *touched) {
+    const int64_t size = 2 * grid + 1;
+    const float g = (float)grid;
+    grid_piece gp = {part, seen, touched, 0, size, 2, 0};
+    double *part_total = part, *part_first = part + size;
+    int64_t stamp = 0;
+    for (int64_t j0 = 0; j0 < n; j0 += piece) {
+        const int64_t j1 = n - j0 > piece ? j0 + piece : n;
+        for (int64_t p = 0; p < P; ++p, ++stamp) {
+            const float *row = x + p * n;
+            const float inverse = 1.0f / unit[p];
+            double *out[2] = {total + p * size, first + p * size};
+            double square = 0.0;
+            piece_begin(&gp, j1 - j0);
+            for (int64_t j = j0; j < j1; ++j) {
+                int64_t c;
+                float r32;
+                if (grid_cell(row[j], inverse, g, grid, &c, &r32)) return 1;
+                const double r = (double)r32;
+                const double w = f_type == 0 ? 1.0 : f_type == 1
+                    ? (double)((const float *)f)[p * n + j] : ((const double *)f)[p * n + j];
+                const double fr = w * r;
+                piece_touch(&gp, c, stamp);
+                part_total[c] += w;
+                part_first[c] += fr;
+                square += fr * r;
+            }
+            piece_end(&gp, out);
+            second[p] += square;
+        }
+    }
+    return 0;
 }
