@@ -220,11 +220,12 @@ class _Snapped:
     """One tensor's k-means at several widths, before any sensitivity weighs the errors (the
     centroids do not depend on it), in units of ``unit``, a power of two per palette, after
     the per-channel ``scale``. Vector palettes keep ``x`` ``(P, n, d)`` (in units of ``unit``)
-    and, per width, the centroid of each vector (``(P, n, d)``). Scalar palettes keep their
-    ``values`` ``(P, n)`` as they are (a view of the weight where its layout allows) and, per
-    width, each grid cell's centroid (``centroids``: ``(C,)``, ``grid``: the cells' values,
-    ``2 * _GRID + 1`` per palette, palette after palette), so that an estimate sums the
-    sensitivity per cell instead of per weight and width (:meth:`sums`)."""
+    and, per width, the centroid of each vector (``(P, n, d)``). Scalar palettes (``grid``:
+    the cells' values, ``2 * _GRID + 1`` per palette, palette after palette) keep, per width,
+    each grid cell's centroid (``centroids``: ``(C,)``), so that an estimate sums the
+    sensitivity per cell instead of per weight and width (:meth:`sums`), and either their
+    ``values`` ``(P, n)`` as they are (a view of the weight where its layout allows), which
+    the native loops read, or, where the PyTorch ops found the grid, its cells and offsets."""
 
     layout: PaletteLayout
     scale: Tensor | None
@@ -233,22 +234,22 @@ class _Snapped:
     x: Tensor | None = None
     grid: Tensor | None = None
     values: Tensor | None = None
-    #: The PyTorch ops' cells and offsets of ``values`` (:func:`_grid_values`), kept once made
-    #: (where the native loops are not used, and for :meth:`snapped`).
+    #: The PyTorch ops' cells and offsets (:func:`_grid_values`), kept once made (where the
+    #: native loops are not used, and for :meth:`snapped`).
     _cells: dict[str, Tensor] = field(default_factory=dict, compare=False, repr=False)
 
     def cells_and_offsets(self) -> tuple[Tensor, Tensor]:
         """Each scalar weight's cell (``(P, n)`` int32, palette after palette) and its offset
         from the cell's value (``(P, n)`` float32, in units of ``unit``)."""
-        assert self.values is not None
         if not self._cells:
+            assert self.values is not None
             cells, offsets, _, _ = _grid_values(self.values, self.unit.view(-1, 1))
             self._cells.update(cells=cells, offsets=offsets)
         return self._cells["cells"], self._cells["offsets"]
 
     def snapped(self, bits: int) -> Tensor:
         """``(P, n, d)``: the centroid each vector snaps to at ``bits``, in units of ``unit``."""
-        if self.values is None:
+        if self.grid is None:
             return self.centroids[bits]
         return self.centroids[bits][self.cells_and_offsets()[0]].unsqueeze(-1)
 
@@ -284,12 +285,12 @@ class _Snapped:
         pass over the weights an estimate makes, a piece of :data:`_PIECE` entries at a time
         (one loop of :mod:`~lightning_dkm.engine.native` where it is built, else PyTorch ops
         on :meth:`cells_and_offsets`; the same sums, bit for bit)."""
-        assert self.values is not None and self.grid is not None
-        P, n = self.values.shape
+        assert self.grid is not None
+        P = self.unit.numel()
         f = self._factor(sensitivity)
         if f is not None:
-            f = f.reshape(P, n).contiguous()
-        loops = native.loops_for(self.values)
+            f = f.reshape(P, -1).contiguous()
+        loops = None if self.values is None else native.loops_for(self.values)
         got = None if loops is None else loops.grid_sums(
             self.values, self.unit.reshape(-1).contiguous(), _GRID, _piece_columns(P), f)
         total, first, second = got or self._sums_by_ops(f)
@@ -329,7 +330,7 @@ class _Snapped:
         # errors are measured in units of ``unit``: back in the weight's units. In float64:
         # the square of a float32 unit overflows above |w| ~ 2**63 and is subnormal below
         # ~ 2**-63.
-        if self.values is None:
+        if self.grid is None:
             assert self.x is not None
             f = self._vector_factor(sensitivity)
             out = {b: 0.5 * float((f * (self.x - c).double().square()).sum())
@@ -360,7 +361,7 @@ class _Snapped:
         r""":math:`\sum_i f_i w_i^2`, the weighted squared weight (every weight snapped to
         0; :func:`_is_noise`), for scalar palettes from the cell sums (``sums``, where
         already had)."""
-        if self.values is None:
+        if self.grid is None:
             assert self.x is not None
             return float((self._vector_factor(sensitivity) * self.x.double().square()).sum())
         assert self.grid is not None
@@ -478,15 +479,17 @@ def _snap(tensors: Sequence[tuple[Tensor, PaletteLayout, Collection[int]]], seed
                     idx = result.labels.unsqueeze(-1).expand(-1, -1, x.shape[-1])
                     out[i].centroids[bits] = result.centroids.gather(1, idx)
                 continue
-            values = x[..., 0].contiguous()
-            loops = native.loops_for(values)
+            palettes = x[..., 0].contiguous()
+            loops = native.loops_for(palettes)
             counted = None if loops is None else loops.grid_counts(
-                values, unit.reshape(-1).contiguous(), _GRID, _piece_columns(values.shape[0]))
+                palettes, unit.reshape(-1).contiguous(), _GRID, _piece_columns(x.shape[0]))
             grid = ((torch.arange(x.shape[0] * size) % size - _GRID).float() / _GRID)
-            out.append(_Snapped(layout, scale, unit, {}, grid=grid, values=values))
-            if counted is None:  # the PyTorch ops, whose cells and offsets the sums reuse
-                cells, offsets, *counted = _grid_values(values, unit.view(-1, 1))
-                out[i]._cells.update(cells=cells, offsets=offsets)
+            if counted is None:  # the PyTorch ops: the sums reuse their cells and offsets
+                cells, offsets, *counted = _grid_values(palettes, unit.view(-1, 1))
+                out.append(_Snapped(layout, scale, unit, {}, grid=grid,
+                                    _cells={"cells": cells, "offsets": offsets}))
+            else:
+                out.append(_Snapped(layout, scale, unit, {}, grid=grid, values=palettes))
             counts, sums = counted
             for p in range(x.shape[0]):
                 mine = slice(p * size, (p + 1) * size)
@@ -876,7 +879,7 @@ def _plan(targets: Sequence[Target], weights: Mapping[str, Tensor], average_bits
         strict=True))
     # the sensitivity summed per grid cell once per tensor: for the noise test and estimates
     sums = {} if sensitivity is None else {
-        n: s.sums(sensitivity.get(n)) for n, s in snapped.items() if s.values is not None}
+        n: s.sums(sensitivity.get(n)) for n, s in snapped.items() if s.grid is not None}
     # with every tensor fixed there is no sensitivity to judge (nor any width to choose)
     if sensitivity is not None and free and _is_noise(sensitivity, weights, {
             n: snapped[n].moment(sensitivity[n], sums.get(n))
