@@ -227,3 +227,59 @@ def test_exact_tensors_need_a_tensor_on_its_codes_and_no_normalization():
     with pytest.raises(ValueError, match="no normalization and no rebuild"):
         unique_dkm_batch([x, x], [c, c], [0.01, 0.01], rebuild=[False, True],
                          exact=[False, True])
+
+
+def _operator_calls(fn) -> int:
+    """The operator calls ``fn()`` makes (a dispatch mode sees each)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    calls = []
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            calls.append(func)
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        fn()
+    return len(calls)
+
+
+@pytest.mark.parametrize("palettes", [1, 3])
+def test_a_batchs_temperatures_and_groups_cost_the_same_calls_for_4_or_40_tensors(palettes):
+    """Per step a batch gives every palette its tensor's ``1 / tau`` and group: from the
+    callback's tau buffers (0-dim tensors) in a fixed number of operator calls, not a few per
+    tensor (#22's lean step), with the values of each tensor's own
+    :func:`~lightning_dkm.engine.numerics.inverse_temperature` bit for bit, and the groups'
+    ids known on the host too (the early stop reads nothing back)."""
+    from lightning_dkm.engine.numerics import (
+        Groups,
+        inverse_temperature,
+        palette_inverse_temperatures,
+    )
+
+    def batch(T):
+        taus = [torch.tensor(0.3 + 0.01 * t) for t in range(T)]
+        sizes = [palettes + t % 2 for t in range(T)]
+        return taus, sizes
+
+    calls = []
+    for T in (4, 40):
+        taus, sizes = batch(T)
+        calls.append(_operator_calls(lambda taus=taus, sizes=sizes: (
+            palette_inverse_temperatures(taus, sizes, torch.float32, torch.device("cpu")),
+            Groups.of_sizes(sizes, torch.device("cpu")))))
+        inverse = palette_inverse_temperatures(taus, sizes, torch.float32, torch.device("cpu"))
+        want = torch.cat([inverse_temperature(t).reshape(1).expand(p)
+                          for t, p in zip(taus, sizes, strict=True)])
+        assert torch.equal(inverse.view(-1), want) and inverse.shape == (sum(sizes), 1, 1)
+        groups = Groups.of_sizes(sizes, torch.device("cpu"))
+        assert groups.ids.tolist() == list(groups.host) == [
+            t for t, p in enumerate(sizes) for _ in range(p)]
+    assert calls[0] == calls[1] <= 16, calls
+    # taus given as numbers (or a mix) still work, one conversion each
+    mixed = palette_inverse_temperatures([0.3, torch.tensor(0.7)], [2, 1], torch.float32,
+                                         torch.device("cpu"))
+    one = torch.as_tensor(inverse_temperature(0.3), dtype=torch.float32)
+    assert torch.equal(mixed.view(-1), torch.stack([one, one,
+                                                    inverse_temperature(torch.tensor(0.7))]))

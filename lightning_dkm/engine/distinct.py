@@ -90,6 +90,7 @@ from .numerics import (
     host_reads_are_free,
     inverse_temperature,
     normalization_of,
+    palette_inverse_temperatures,
 )
 from .rebuild import CodesOnce, rebuilt_soft_weights
 from .weighted import (
@@ -108,7 +109,10 @@ class _Config(NamedTuple):
     """What :class:`_UniqueDKM` needs besides its tensors, one entry per tensor where a tuple."""
 
     normalizations: tuple[Normalization | None, ...]
-    inv_taus: tuple[Tensor | float, ...]  # 1 / tau (:func:`~.numerics.inverse_temperature`)
+    #: 1 / tau (:func:`~.numerics.inverse_temperature`): the one tensor's, or per palette of
+    #: the batch (P, 1, 1) (:func:`~.numerics.palette_inverse_temperatures`)
+    inv_tau: Tensor | float
+    palettes: tuple[int, ...]  # per tensor
     max_iter: int
     epsilon: float
     implicit: bool  # the implicit gradient
@@ -319,7 +323,7 @@ class _UniqueDKM(torch.autograd.Function):
     @staticmethod
     def forward(ctx, config: _Config, *inputs: Tensor):
         normalizations, device_side = config.normalizations, config.device_side
-        T = len(config.inv_taus)
+        T = len(config.palettes)
         xs, centroids = inputs[:T], inputs[T:]
         rows, row = [], 0
         for x in xs:
@@ -360,14 +364,8 @@ class _UniqueDKM(torch.autograd.Function):
         if any(c.shape[1] != k for c in centroids):
             mask = _padded([torch.ones_like(c, dtype=torch.bool) for c in centroids], k)
             mask = mask.unsqueeze(-1)
-        inv_tau = config.inv_taus[0] if T == 1 else torch.cat([
-            torch.as_tensor(t, dtype=batch_values.dtype, device=batch_values.device)
-            .reshape(1).expand(x.shape[0]) for t, x in zip(config.inv_taus, xs, strict=True)
-        ]).reshape(-1, 1, 1)
-        groups = None if T == 1 else Groups(torch.cat([
-            torch.full((x.shape[0],), i, dtype=torch.long, device=x.device)
-            for i, x in enumerate(xs)]), T)
-        y, c_final, trajectory = weighted_dkm(batch_values, batch_counts, c0, inv_tau,
+        groups = None if T == 1 else Groups.of_sizes(config.palettes, batch_values.device)
+        y, c_final, trajectory = weighted_dkm(batch_values, batch_counts, c0, config.inv_tau,
                                               max_iter=config.max_iter, epsilon=config.epsilon,
                                               implicit=config.implicit, centroid_mask=mask,
                                               groups=groups)
@@ -387,7 +385,7 @@ class _UniqueDKM(torch.autograd.Function):
                 for x, code, again in zip(xs[:coded], codes[:coded],
                                           config.codes_once[:coded], strict=True)]
         save_trajectory(ctx, trajectory, batch_values, batch_counts,
-                        *kept, *([mask] if mask is not None else []), inv_tau=inv_tau)
+                        *kept, *([mask] if mask is not None else []), inv_tau=config.inv_tau)
         ctx.codes_once, ctx.normalizations = config.codes_once, normalizations
         ctx.count, ctx.coded, ctx.has_mask = T, coded, mask is not None
         ctx.set_materialize_grads(False)  # an unused tensor's gradient stays None: no work
@@ -506,9 +504,11 @@ def unique_dkm_batch(
                   for r, x in zip(rebuild or (False,) * T, xs, strict=True))
     inputs = [x.squeeze(-1).to(compute_dtype) for x in xs]
     with autocast_disabled(xs[0].device.type):
-        config = _Config(norms, tuple(inverse_temperature(t, compute_dtype) for t in taus),
-                         max_iter, epsilon, gradient == "implicit", device_side, again,
-                         sum(on_exact))
+        palettes = tuple(x.shape[0] for x in inputs)
+        inv_tau = (inverse_temperature(taus[0], compute_dtype) if T == 1 else
+                   palette_inverse_temperatures(taus, palettes, compute_dtype, xs[0].device))
+        config = _Config(norms, inv_tau, palettes, max_iter, epsilon, gradient == "implicit",
+                         device_side, again, sum(on_exact))
         flat = _UniqueDKM.apply(config, *inputs,
                                 *(c.detach().squeeze(-1).to(compute_dtype) for c in centroids))
     outputs, finals, iterations = flat[:T], flat[T:2 * T], flat[2 * T:3 * T]

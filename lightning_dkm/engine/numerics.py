@@ -36,7 +36,7 @@ import contextlib
 import math
 import random
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -156,10 +156,24 @@ def chunks(n: int, size: int) -> Iterator[slice]:
 class Groups(NamedTuple):
     """Which tensor of a batch each palette belongs to: ``ids`` (P,) int64 on the device,
     values ``0 .. count - 1``. ``count`` is known on the host when the batch is built; taking
-    it from ``ids`` would be a host read."""
+    it from ``ids`` would be a host read. ``host``: the same ids as a host tuple, where the
+    batch knows them (:meth:`of_sizes`), so that nothing reads ``ids`` back."""
 
     ids: Tensor
     count: int
+    host: tuple[int, ...] | None = None
+
+    @classmethod
+    def of_sizes(cls, palettes: Sequence[int], device: torch.device) -> Groups:
+        """The groups of a batch of tensors with ``palettes[t]`` palettes each, in order: two
+        operator calls whatever the number of tensors (one where each has one palette)."""
+        count = len(palettes)
+        host = tuple(t for t, p in enumerate(palettes) for _ in range(p))
+        ids = torch.arange(count, device=device)
+        if len(host) != count:
+            ids = ids.repeat_interleave(torch.tensor(palettes, device=device),
+                                        output_size=len(host))
+        return cls(ids, count, host)
 
 
 class EarlyStop:
@@ -195,7 +209,8 @@ class EarlyStop:
         self._active: Tensor | None = None  # device flag(s): the round just counted took effect
         if self.on_host_groups:
             assert self.groups is not None
-            self._palette_groups: list[int] = self.groups.ids.tolist()
+            self._palette_groups: list[int] = (list(self.groups.host) if self.groups.host
+                                               is not None else self.groups.ids.tolist())
             self._host_running = [True] * self.groups.count
             self._host_active = self._host_running
             self.iterations = [0] * self.groups.count
@@ -414,6 +429,26 @@ def inverse_temperature(tau: Tensor | float, dtype: torch.dtype = torch.float32
     if isinstance(tau, Tensor):
         return 1.0 / tau.detach().to(dtype).clamp_min(MIN_TAU)
     return 1.0 / max(float(tau), MIN_TAU)
+
+
+def palette_inverse_temperatures(taus: Sequence[Tensor | float], palettes: Sequence[int],
+                                 dtype: torch.dtype, device: torch.device) -> Tensor:
+    """``(sum(palettes), 1, 1)``: each tensor's :func:`inverse_temperature` (bit for bit) for
+    each of its ``palettes[t]`` palettes, as a batch of tensors steps with them. The callback's
+    tau buffers (0-dim tensors of one dtype and device) take a few operator calls whatever the
+    number of tensors; other taus one each."""
+    if (all(isinstance(t, Tensor) and t.dim() == 0 for t in taus)
+            and len({(t.dtype, t.device) for t in taus}) == 1):  # type: ignore[union-attr]
+        inverse = inverse_temperature(torch.stack(list(taus)), dtype)  # type: ignore[arg-type]
+        assert isinstance(inverse, Tensor)
+        inverse = inverse.to(device)
+    else:
+        inverse = torch.cat([torch.as_tensor(inverse_temperature(t, dtype), dtype=dtype,
+                                             device=device).reshape(1) for t in taus])
+    if any(p != 1 for p in palettes):
+        inverse = inverse.repeat_interleave(torch.tensor(list(palettes), device=device),
+                                            output_size=sum(palettes))
+    return inverse.reshape(-1, 1, 1)
 
 
 def denormalized_output(
