@@ -297,9 +297,10 @@ def _sums_per_code(columns: Sequence[CodeColumns | _ExactPoints],
 
 
 def _padded(parts: list[Tensor], width: int) -> Tensor:
-    """(P_t, w_t) blocks stacked into (sum P_t, width), zero padded on the right."""
-    if len(parts) == 1 and parts[0].shape[1] == width:
-        return parts[0]
+    """(P_t, w_t) blocks stacked into (sum P_t, width), zero padded on the right (one
+    operator call where every block is ``width`` wide)."""
+    if all(p.shape[1] == width for p in parts):
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
     out = parts[0].new_zeros(sum(p.shape[0] for p in parts), width)
     row = 0
     for p in parts:
@@ -335,6 +336,7 @@ class _UniqueDKM(torch.autograd.Function):
             codes, columns, shared, center, scale = prepare_shared(
                 [x.detach() for x in xs[:coded]], device_side)
             layout = _SharedLayout(shared, rows[:coded], center, scale)
+            center_all, scale_all = center, scale  # (P, 1): every row's
             centers = [center[r] for r in rows[:coded]]
             scales = [scale[r] for r in rows[:coded]]
             values, counts = [shared.values], [shared.counts]
@@ -348,34 +350,39 @@ class _UniqueDKM(torch.autograd.Function):
             if config.exact:
                 layout = _WithExactRows(layout, rows[coded:], [x.shape[1] for x in xs[coded:]],
                                         centers[coded:], scales[coded:])
+                center_all, scale_all = torch.cat(centers), torch.cat(scales)
         else:  # each tensor its own layout; its table columns converted once
             codes, columns, distinct, centers, scales = zip(*(
                 prepare(x.detach(), norm, device_side)
                 for x, norm in zip(xs, normalizations, strict=True)), strict=True)
             layout = _OwnLayouts(distinct, rows, centers, scales)
             values, counts = [d.values for d in distinct], [d.counts for d in distinct]
+            center_all, scale_all = torch.cat(centers), torch.cat(scales)
         width = max(v.shape[1] for v in values)
         batch_values = _padded(values, width).unsqueeze(1)  # (P, 1, U)
         batch_counts = _padded(counts, width)
         k = max(c.shape[1] for c in centroids)
-        c0 = _padded([(c - center) / scale for c, center, scale
-                      in zip(centroids, centers, scales, strict=True)], k).unsqueeze(-1)
+        # normalised for the whole batch at once (elementwise: each palette's value is its own)
+        c0 = (_padded(list(centroids), k) - center_all) / scale_all
         mask = None
         if any(c.shape[1] != k for c in centroids):
             mask = _padded([torch.ones_like(c, dtype=torch.bool) for c in centroids], k)
+            c0 = torch.where(mask, c0, 0.0)  # padding: 0, not a normalised 0
             mask = mask.unsqueeze(-1)
+        c0 = c0.unsqueeze(-1)
         groups = None if T == 1 else Groups.of_sizes(config.palettes, batch_values.device)
         y, c_final, trajectory = weighted_dkm(batch_values, batch_counts, c0, config.inv_tau,
                                               max_iter=config.max_iter, epsilon=config.epsilon,
                                               implicit=config.implicit, centroid_mask=mask,
                                               groups=groups)
         outputs, finals, tables = [], [], []
-        for r, x, c, table, center_t, scale_t, column, again in zip(
-                rows, xs, centroids, layout.soft_tables(y[:, 0]), centers, scales, columns,
+        final_all = c_final[:, :, 0] * scale_all + center_all  # (P, k): each tensor's rows
+        for r, x, c, table, column, again in zip(
+                rows, xs, centroids, layout.soft_tables(y[:, 0]), columns,
                 config.codes_once, strict=True):
             table = table.to(x.dtype)
             outputs.append(column.look_up(table))
-            finals.append(c_final[r, : c.shape[1], 0] * scale_t + center_t)
+            finals.append(final_all[r, : c.shape[1]])
             if again:  # its own tensor: an output of the step, not a view of the batch's
                 tables.append(table.clone() if layout.shares_tables else table)
         ctx.layout = layout  # the codes are saved below
