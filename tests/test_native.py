@@ -696,6 +696,8 @@ def test_the_grid_loops_refuse_what_they_cannot_read_or_values_off_the_grid() ->
     assert loops.grid_counts(x, unit[:1], 512, 64) is None
     assert loops.grid_counts(x, unit, 500, 64) is None  # not a power of two
     assert loops.grid_counts(x, unit, 512, 0) is None
+    assert loops.grid_counts(x, unit, 512, 1 << 63) is None  # would wrap in C's int64
+    assert loops.grid_counts(torch._neg_view(x), unit, 512, 64) is None  # memory holds -x
     assert loops.grid_sums(x, unit, 512, 64, torch.rand(2, 100).half()) is None
     assert loops.grid_sums(x, unit, 512, 64, torch.rand(2, 99)) is None
     assert loops.grid_counts(x, torch.full((2,), 0.5), 512, 64) is None

@@ -396,7 +396,7 @@ class Kernels:
         return (_fit(x, torch.float32, 2) and _fit(unit.reshape(-1), torch.float32, 1)
                 and unit.is_contiguous() and unit.numel() == x.shape[0]
                 and isinstance(grid, int) and 1 <= grid <= 1 << 20 and grid & (grid - 1) == 0
-                and isinstance(piece, int) and piece >= 1
+                and isinstance(piece, int) and 1 <= piece < 1 << 62  # an int64 in C
                 and x.shape[0] * (2 * grid + 1) < 1 << 62)
 
     def round_backward(self, a: Tensor, x: Tensor, rows: Tensor, c: Tensor, c_new: Tensor,
@@ -555,9 +555,10 @@ def _real_cpu(t: Tensor) -> bool:
 
 
 def _fit(t: Tensor, dtype: torch.dtype, dims: int) -> bool:
-    """:func:`takes` ``t``, of ``dtype`` and ``dims`` dimensions, in contiguous memory."""
+    """:func:`takes` ``t``, of ``dtype`` and ``dims`` dimensions, in contiguous memory that
+    holds its values (not a lazily negated view, whose memory holds their negatives)."""
     return (_real_cpu(t) and t.dtype == dtype and t.dim() == dims and t.is_contiguous()
-            and (t.numel() == 0 or t.data_ptr() != 0))
+            and not t.is_neg() and (t.numel() == 0 or t.data_ptr() != 0))
 
 
 def _constants_fit(x: Tensor, center: Tensor, inverse_unit: Tensor) -> bool:
