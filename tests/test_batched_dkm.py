@@ -283,3 +283,22 @@ def test_a_batchs_temperatures_and_groups_cost_the_same_calls_for_4_or_40_tensor
     one = torch.as_tensor(inverse_temperature(0.3), dtype=torch.float32)
     assert torch.equal(mixed.view(-1), torch.stack([one, one,
                                                     inverse_temperature(torch.tensor(0.7))]))
+
+
+def test_the_batchs_root_mean_squares_are_each_tensors_own_with_one_power_of_two_call():
+    """The spread of every palette of a batch where the rough one cancels (and everywhere
+    without host reads): each tensor's :func:`~lightning_dkm.engine.numerics.root_mean_square`
+    bit for bit, weights of 1e20 and 1e-25 and an all-zero palette included, with the powers
+    of two of the whole batch in one call."""
+    from unittest import mock
+
+    from lightning_dkm.engine import numerics
+
+    gen = torch.Generator().manual_seed(5)
+    xs = [torch.randn(1, 7001, generator=gen) * 0.02 + 5, torch.randn(3, 400, generator=gen) * 1e20,
+          torch.randn(2, 300, generator=gen) * 1e-25, torch.zeros(1, 50)]
+    deviations = [x - x.mean(1, keepdim=True) for x in xs]
+    want = torch.cat([numerics.root_mean_square(d) for d in deviations])
+    with mock.patch.object(numerics, "power_of_two", wraps=numerics.power_of_two) as spy:
+        got = numerics.root_mean_squares(deviations)
+    assert torch.equal(got, want) and spy.call_count == 1

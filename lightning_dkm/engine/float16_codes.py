@@ -15,7 +15,7 @@ from torch import Tensor
 
 from . import native
 from .kmeans import nearest_1d_by_ops
-from .numerics import Normalization, chunks, floored_scale, root_mean_square
+from .numerics import Normalization, chunks, floored_scale, root_mean_squares
 
 __all__ = [
     "ACCELERATOR_CHUNK", "CHUNK", "CODES", "FLOOR_SHIFT", "CodeColumns", "DistinctValues",
@@ -291,7 +291,7 @@ def _rough_stds(xs: Sequence[Tensor], centers: Sequence[Tensor], device_side: bo
                 ) -> Tensor:
     """The standard deviations (sum P_t, 1) of the palettes of ``xs`` (P_t, n_t, one dtype)
     about ``centers`` (P_t, 1) from ``|x|^2 / n - center^2`` (no temporary the size of ``x``);
-    from the deviations themselves (:func:`~.numerics.root_mean_square`) where that cancels
+    from the deviations themselves (:func:`~.numerics.root_mean_squares`) where that cancels
     badly (a mean far larger than the spread) or where float32 cannot hold the squares
     (weights of 1e20 square to 1e40; below about 1e-12 too little room is left above its
     normal range for the cancellation test). Only needs to be right within a factor of ~1.4:
@@ -309,9 +309,8 @@ def _rough_stds(xs: Sequence[Tensor], centers: Sequence[Tensor], device_side: bo
     exact = (variance < 1e-4 * mean_square).logical_or_(in_range.logical_not_())
     rough = variance.clamp_min_(0.0).sqrt_()
     if device_side or bool(exact.any()):
-        deviations = [root_mean_square(x - c) for x, c in zip(xs, centers, strict=True)]
-        rough = torch.where(exact, deviations[0] if len(deviations) == 1
-                            else torch.cat(deviations), rough)
+        deviations = root_mean_squares([x - c for x, c in zip(xs, centers, strict=True)])
+        rough = torch.where(exact, deviations, rough)
     return rough
 
 

@@ -67,6 +67,7 @@ __all__ = [
     "random_states",
     "random_states_kept",
     "root_mean_square",
+    "root_mean_squares",
     "sync_free",
 ]
 
@@ -364,6 +365,22 @@ def root_mean_square(deviations: Tensor) -> Tensor:
     count = math.prod(deviations.shape[1:])
     rms = torch.linalg.vector_norm(deviations / unit, dim=dims, keepdim=True)
     return rms.div_(math.sqrt(count)).mul_(unit)
+
+
+def root_mean_squares(deviations: Sequence[Tensor]) -> Tensor:
+    """:func:`root_mean_square` of each tensor of ``deviations`` (P_t, n_t), concatenated
+    (sum P_t, 1), bit for bit: each tensor's peak, its pass and its mean, but the powers of
+    two of all palettes at once (four ops for the batch, not per tensor: where every op is a
+    kernel launch, as on an accelerator, they outnumbered the passes)."""
+    if len(deviations) == 1:
+        return root_mean_square(deviations[0])
+    peaks = [d[:, ::max(1, d.shape[1] // _SAMPLE_POINTS)].abs().amax(dim=1, keepdim=True)
+             for d in deviations]
+    units = power_of_two(torch.cat(peaks))
+    parts = units.split([d.shape[0] for d in deviations])
+    means = [torch.linalg.vector_norm(d / u, dim=1, keepdim=True).div_(math.sqrt(d.shape[1]))
+             for d, u in zip(deviations, parts, strict=True)]
+    return torch.cat(means).mul_(units)
 
 
 def floored_scale(std: Tensor, center: Tensor) -> Tensor:
