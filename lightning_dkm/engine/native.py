@@ -114,15 +114,13 @@ _SIGNATURES = {
     "dkm_local_backward": (_SIZE, _SIZE, _SIZE, _POINTER, _SIZE, _SIZE, _POINTER, _SIZE,
                            _POINTER, _SIZE, _POINTER, _POINTER, _POINTER, _POINTER, _SIZE,
                            _POINTER, _POINTER),
-    "dkm_grid_counts": (_POINTER, _SIZE, _SIZE, _POINTER, _SIZE, _SIZE, _POINTER, _POINTER,
-                        _POINTER, _POINTER, _POINTER),
-    "dkm_grid_sums": (_POINTER, _SIZE, _SIZE, _POINTER, _SIZE, _SIZE, _POINTER, ctypes.c_int,
-                      _POINTER, _POINTER, _POINTER, _POINTER, _POINTER, _POINTER),
+    "dkm_grid": (_POINTER, _SIZE, _SIZE, _POINTER, _SIZE, _SIZE, _POINTER, _POINTER, _POINTER,
+                 ctypes.c_int, _POINTER, _POINTER, _POINTER, _POINTER, _POINTER, _POINTER),
 }
 #: The loops that return 0, or 1 where their indices would leave their tables (nothing written;
 #: the grid's loops: a value outside the grid, some cells already added into).
-_RETURN_STATUS = frozenset({"dkm_sums_at", "dkm_spread", "dkm_grid_counts", "dkm_grid_sums"})
-#: The sensitivity types :meth:`Kernels.grid_sums` takes (its ``f_type`` in the C source).
+_RETURN_STATUS = frozenset({"dkm_sums_at", "dkm_spread", "dkm_grid"})
+#: The sensitivity types :meth:`Kernels.grid_sums` takes (``dkm_grid``'s ``f_type``).
 _GRID_WEIGHTS = {None: 0, torch.float32: 1, torch.float64: 2}
 #: Words of a palette's bitmap of the codes seen (``MARK_WORDS`` in the C source).
 MARK_WORDS = _CODES // 64
@@ -356,15 +354,11 @@ class Kernels:
         gives, bit for bit), in one read of ``x`` and without its cells or offsets."""
         if not self._grid_fit(x, unit, grid, piece):
             return None
-        P, n = x.shape
-        size = 2 * grid + 1
-        counts = torch.zeros(P * size, dtype=torch.int64, device="cpu")
-        sums = torch.zeros(P * size, dtype=torch.float64, device="cpu")
-        part, seen, touched = _grid_scratch(size, 1)
-        status = self._library.dkm_grid_counts(
-            x.data_ptr(), P, n, unit.data_ptr(), grid, piece, counts.data_ptr(),
-            sums.data_ptr(), part.data_ptr(), seen.data_ptr(), touched.data_ptr())
-        return (counts, sums) if status == 0 else None
+        P = x.shape[0]
+        counts = torch.zeros(P * (2 * grid + 1), dtype=torch.int64, device="cpu")
+        sums = torch.zeros(P * (2 * grid + 1), dtype=torch.float64, device="cpu")
+        ok = self._grid(x, unit, grid, piece, counts=counts, sums=sums)
+        return (counts, sums) if ok else None
 
     def grid_sums(self, x: Tensor, unit: Tensor, grid: int, piece: int, f: Tensor | None
                   ) -> tuple[Tensor, Tensor, Tensor] | None:
@@ -377,17 +371,30 @@ class Kernels:
         if not (self._grid_fit(x, unit, grid, piece) and (f is None or (
                 f.dtype in _GRID_WEIGHTS and _fit(f, f.dtype, 2) and f.shape == x.shape))):
             return None
+        P = x.shape[0]
+        total = torch.zeros(P * (2 * grid + 1), dtype=torch.float64, device="cpu")
+        first, second = torch.zeros_like(total), torch.zeros(P, dtype=torch.float64)
+        ok = self._grid(x, unit, grid, piece, f=f, total=total, first=first, second=second)
+        return (total, first, second) if ok else None
+
+    def _grid(self, x: Tensor, unit: Tensor, grid: int, piece: int, *,
+              counts: Tensor | None = None, sums: Tensor | None = None, f: Tensor | None = None,
+              total: Tensor | None = None, first: Tensor | None = None,
+              second: Tensor | None = None) -> bool:
+        """``dkm_grid`` into the given tables (checked by the callers); whether it ran."""
         P, n = x.shape
         size = 2 * grid + 1
-        total = torch.zeros(P * size, dtype=torch.float64, device="cpu")
-        first, second = torch.zeros_like(total), torch.zeros(P, dtype=torch.float64)
-        part, seen, touched = _grid_scratch(size, 2)
-        status = self._library.dkm_grid_sums(
-            x.data_ptr(), P, n, unit.data_ptr(), grid, piece,
-            None if f is None else f.data_ptr(), _GRID_WEIGHTS[None if f is None else f.dtype],
-            total.data_ptr(), first.data_ptr(), second.data_ptr(), part.data_ptr(),
-            seen.data_ptr(), touched.data_ptr())
-        return (total, first, second) if status == 0 else None
+        part = torch.empty(3 * size, dtype=torch.float64, device="cpu")
+        seen = torch.full((size,), -1, dtype=torch.int64, device="cpu")  # no piece yet
+        touched = torch.empty(size, dtype=torch.int64, device="cpu")
+
+        def at(t: Tensor | None) -> int | None:
+            return None if t is None else t.data_ptr()
+
+        return self._library.dkm_grid(
+            x.data_ptr(), P, n, unit.data_ptr(), grid, piece, at(counts), at(sums), at(f),
+            _GRID_WEIGHTS[None if f is None else f.dtype], at(total), at(first), at(second),
+            part.data_ptr(), seen.data_ptr(), touched.data_ptr()) == 0
 
     @staticmethod
     def _grid_fit(x: Tensor, unit: Tensor, grid: int, piece: int) -> bool:
@@ -516,14 +523,6 @@ def _in_parallel(run: Callable[[int], None], count: int) -> None:
             future.exception()
     for future in futures:
         future.result()
-
-
-def _grid_scratch(size: int, tables: int) -> tuple[Tensor, Tensor, Tensor]:
-    """The grid loops' work space: ``tables`` partial sums per cell, the last piece and
-    palette that touched each cell (-1: none yet) and the list of the cells a piece touched."""
-    return (torch.empty(tables * size, dtype=torch.float64, device="cpu"),
-            torch.full((size,), -1, dtype=torch.int64, device="cpu"),
-            torch.empty(size, dtype=torch.int64, device="cpu"))
 
 
 def _at(t: Tensor, index: int, offset: int = 0) -> int:

@@ -526,8 +526,8 @@ CLONES void dkm_local_backward(int64_t P, int64_t k, int64_t m, const float *a, 
  *
  * A palette's values v = x / unit (unit a power of two: v in [-1, 1]; computed as x times
  * 1 / unit, the same exact product rounded once) fall in the cells of the grid of multiples of
- * 1 / grid (a power of two): cell c = round(v * grid) + grid of 2 * grid + 1 (round to nearest even, as
- * torch.round), offset r = (v * grid - round(v * grid)) / grid, each in float32 as the PyTorch
+ * 1 / grid (a power of two): cell c = round(v * grid) + grid of 2 * grid + 1 (round to
+ * nearest even, as torch.round), offset r = (v * grid - round(v * grid)) / grid, each in float32 as the PyTorch
  * ops compute them. The weights are taken in pieces of `piece` columns (all palettes' columns
  * j0 .. j1 - 1 of a piece, then the next), and each piece's float64 sums per cell are added
  * sequentially from 0, then added to the running sums: what `sums += torch.bincount(
@@ -535,7 +535,7 @@ CLONES void dkm_local_backward(int64_t P, int64_t k, int64_t m, const float *a, 
  * least as many columns as cells sums into a zeroed table of every cell; a narrower one (many
  * palettes) lists the cells it touched instead, so that it costs its columns, not the grid
  * (`seen` (size,) holds per cell the last piece and palette that touched it, -1 at first).
- * Each returns 1 where a value falls outside the grid (a unit that is not the palette's: the
+ * It returns 1 where a value falls outside the grid (a unit that is not the palette's: the
  * sums are then incomplete), else 0. */
 
 typedef struct {
@@ -563,6 +563,7 @@ static inline void piece_end(const grid_piece *g, double *const *out) {
     for (int64_t t = 0; t < g->tables; ++t) {
         const double *part = g->part + t * g->size;
         double *o = out[t];
+        if (o == NULL) continue;  /* a table the pass does not fill */
         if (g->dense)
             for (int64_t c = 0; c < g->size; ++c) o[c] += part[c];
         else
@@ -580,72 +581,52 @@ static inline int grid_cell(float x, float inverse_unit, float g, int64_t grid, 
     return 0;
 }
 
-/* Per cell of each palette (P * size): the number of weights (counts, int64) and the sum of
- * their values v in float64 (sums); both added into. `part` holds size. */
-CLONES int dkm_grid_counts(const float *x, int64_t P, int64_t n, const float *unit, int64_t grid,
-                    int64_t piece, int64_t *counts, double *sums, double *part, int64_t *seen,
+/* One pass over the grid (P * size cells), in pieces as above. Where `counts` is given: per
+ * cell the number of weights (int64) and the sum of their values v in float64 (`sums`). Where
+ * `total` is given, for a sensitivity f (P, n) (f_type 0: none, 1 everywhere; 1: float32; 2:
+ * float64): per cell F = sum f (`total`) and F_r = sum f r (`first`), and per palette sum f r^2
+ * (`second`), in float64 (f and r converted, f r rounded, then f r r). All added into. `part`
+ * holds 3 * size. */
+CLONES int dkm_grid(const float *x, int64_t P, int64_t n, const float *unit, int64_t grid,
+                    int64_t piece, int64_t *counts, double *sums, const void *f, int f_type,
+                    double *total, double *first, double *second, double *part, int64_t *seen,
                     int64_t *touched) {
     const int64_t size = 2 * grid + 1;
     const float g = (float)grid;
-    grid_piece gp = {part, seen, touched, 0, size, 1, 0};
+    grid_piece gp = {part, seen, touched, 0, size, 3, 0};
+    double *part_sum = part, *part_total = part + size, *part_first = part + 2 * size;
     int64_t stamp = 0;
     for (int64_t j0 = 0; j0 < n; j0 += piece) {
         const int64_t j1 = n - j0 > piece ? j0 + piece : n;
         for (int64_t p = 0; p < P; ++p, ++stamp) {
             const float *row = x + p * n;
             const float inverse = 1.0f / unit[p];
-            int64_t *count = counts + p * size;
-            double *sum = sums + p * size;
-            piece_begin(&gp, j1 - j0);
-            for (int64_t j = j0; j < j1; ++j) {
-                int64_t c;
-                float r;
-                if (grid_cell(row[j], inverse, g, grid, &c, &r)) return 1;
-                ++count[c];
-                piece_touch(&gp, c, stamp);
-                part[c] += (double)(row[j] * inverse);
-            }
-            piece_end(&gp, &sum);
-        }
-    }
-    return 0;
-}
-
-/* What every estimate needs of a sensitivity f (P, n) (f_type 0: none, 1 everywhere; 1:
- * float32; 2: float64), per cell F = sum f (total) and F_r = sum f r (first), and per palette
- * sum f r^2 (second), in float64 (f and r converted, f r rounded, then f r r), added into.
- * `part` holds 2 * size. */
-CLONES int dkm_grid_sums(const float *x, int64_t P, int64_t n, const float *unit, int64_t grid,
-                  int64_t piece, const void *f, int f_type, double *total, double *first,
-                  double *second, double *part, int64_t *seen, int64_t *touched) {
-    const int64_t size = 2 * grid + 1;
-    const float g = (float)grid;
-    grid_piece gp = {part, seen, touched, 0, size, 2, 0};
-    double *part_total = part, *part_first = part + size;
-    int64_t stamp = 0;
-    for (int64_t j0 = 0; j0 < n; j0 += piece) {
-        const int64_t j1 = n - j0 > piece ? j0 + piece : n;
-        for (int64_t p = 0; p < P; ++p, ++stamp) {
-            const float *row = x + p * n;
-            const float inverse = 1.0f / unit[p];
-            double *out[2] = {total + p * size, first + p * size};
+            int64_t *count = counts ? counts + p * size : NULL;
+            double *out[3] = {sums ? sums + p * size : NULL, total ? total + p * size : NULL,
+                              first ? first + p * size : NULL};
             double square = 0.0;
             piece_begin(&gp, j1 - j0);
             for (int64_t j = j0; j < j1; ++j) {
                 int64_t c;
                 float r32;
                 if (grid_cell(row[j], inverse, g, grid, &c, &r32)) return 1;
-                const double r = (double)r32;
-                const double w = f_type == 0 ? 1.0 : f_type == 1
-                    ? (double)((const float *)f)[p * n + j] : ((const double *)f)[p * n + j];
-                const double fr = w * r;
                 piece_touch(&gp, c, stamp);
-                part_total[c] += w;
-                part_first[c] += fr;
-                square += fr * r;
+                if (count) {
+                    ++count[c];
+                    part_sum[c] += (double)(row[j] * inverse);
+                }
+                if (total) {
+                    const double r = (double)r32;
+                    const double w = f_type == 0 ? 1.0 : f_type == 1
+                        ? (double)((const float *)f)[p * n + j] : ((const double *)f)[p * n + j];
+                    const double fr = w * r;
+                    part_total[c] += w;
+                    part_first[c] += fr;
+                    square += fr * r;
+                }
             }
             piece_end(&gp, out);
-            second[p] += square;
+            if (total) second[p] += square;
         }
     }
     return 0;
