@@ -322,3 +322,36 @@ def test_the_same_values_give_the_same_centroids_whatever_the_seed(gen) -> None:
     assert torch.equal(first.centroids, again.centroids)
     assert torch.equal(first.labels, again.labels)
     assert torch.equal(kmeans_centroids(x, 16), first.centroids)
+
+
+def test_the_programs_c_loop_gives_the_pytorch_ops_starts_bit_for_bit():
+    """Where the native library is built, the dynamic program runs as one C loop
+    (``dkm_optimal_choices``) instead of vectorised ops per level: the same run starts for
+    every width, on ties (rounded values), values of 1e-20, bins of weight 0 and fewer bins
+    than runs (padded), bit for bit."""
+    from lightning_dkm.engine import native
+    from lightning_dkm.engine import optimal1d as o
+
+    if native.loops_for(torch.zeros(1, dtype=torch.float64)) is None:
+        pytest.skip(f"the native loops are not built here: {native.build_failure()}")
+    gen = torch.Generator().manual_seed(0)
+    for case in range(120):
+        P, M = int(torch.randint(1, 5, (1,), generator=gen)), int(torch.randint(1, 200, (1,),
+                                                                                   generator=gen))
+        values = torch.randn(P, M, generator=gen, dtype=torch.float64)
+        values = {0: values, 1: values.round(), 2: values * 1e-20}.get(case % 4, values)
+        weights = torch.rand(P, M, generator=gen, dtype=torch.float64)
+        if case % 4 == 3:
+            weights[weights < 0.3] = 0.0
+        values = values.sort(1).values
+        prefix = o._prefix(o._Bins(weights, weights * values, torch.zeros(P, 1,
+                                                                         dtype=torch.float64)))
+        ks = sorted({int(k) for k in torch.randint(1, 20, (3,), generator=gen)})
+        fast = o._optimal_starts(prefix, ks)
+        with native.turned_off():
+            by_ops = o._optimal_starts(prefix, ks)
+        assert all(torch.equal(a, b) for a, b in zip(fast, by_ops, strict=True)), (case, ks)
+    loops = native.loops_for(prefix)
+    assert loops.optimal_choices(prefix.float(), 2, o._TINY) is None  # float64 only
+    assert loops.optimal_choices(prefix, prefix.shape[2], o._TINY) is None  # k > M: padded first
+    assert loops.optimal_choices(prefix[:, :, ::2], 2, o._TINY) is None  # not contiguous

@@ -18,7 +18,9 @@ only (``sums_at``); per-value tables reach the codes by ``spread``. ``nearest_so
 :func:`~.kmeans._nearest_1d`'s search (the nearest centroid of scalar weights).
 ``grid_counts`` and ``grid_sums`` are ``average_bits``' passes over the weights
 (:mod:`lightning_dkm.model.bit_budget`: each value's cell of a grid, counted and summed, and
-a sensitivity summed per cell), bit for bit its ``bincount`` per piece.
+a sensitivity summed per cell), bit for bit its ``bincount`` per piece; and
+``optimal_choices`` runs the exact 1-D k-means program of :mod:`.optimal1d` (its choices bit
+for bit those of its vectorised PyTorch ops).
 
 **The weighted core's backward** (:mod:`.weighted`) has two loops here too, for scalar points
 with counts (every ``"unique"`` batch): a round back (``round_backward``) and the last round's
@@ -116,6 +118,8 @@ _SIGNATURES = {
                            _POINTER, _POINTER),
     "dkm_grid": (_POINTER, _SIZE, _SIZE, _POINTER, _SIZE, _SIZE, _POINTER, _POINTER, _POINTER,
                  ctypes.c_int, _POINTER, _POINTER, _POINTER, _POINTER, _POINTER, _POINTER),
+    "dkm_optimal_choices": (_POINTER, _SIZE, _SIZE, _SIZE, ctypes.c_double, _POINTER, _POINTER,
+                            _POINTER, _POINTER),
 }
 #: The loops that return 0, or 1 where their indices would leave their tables (nothing written;
 #: the grid's loops: a value outside the grid, some cells already added into).
@@ -376,6 +380,23 @@ class Kernels:
         first, second = torch.zeros_like(total), torch.zeros(P, dtype=torch.float64)
         ok = self._grid(x, unit, grid, piece, f=f, total=total, first=first, second=second)
         return (total, first, second) if ok else None
+
+    def optimal_choices(self, prefix: Tensor, k: int, tiny: float) -> Tensor | None:
+        """The exact 1-D k-means program's table of choices ``(k, P, M)`` int32 for the prefix
+        sums ``prefix`` ``(3, P, M + 1)`` float64 of ``M >= k`` bins (what
+        :func:`~.optimal1d._optimal_starts`' PyTorch ops give, bit for bit: every value
+        computed by the same operations in the same order, one palette and node at a time
+        instead of vectorised over them, so no per-node operator call)."""
+        if not (_fit(prefix, torch.float64, 3) and prefix.shape[0] == 3 and isinstance(k, int)
+                and 1 <= k <= prefix.shape[2] - 1 < 1 << 31):
+            return None
+        _, P, M1 = prefix.shape
+        M = M1 - 1
+        choice = torch.empty(k, P, M, dtype=torch.int32, device="cpu")
+        D, row, before = (torch.empty(n, dtype=torch.float64) for n in (M, M, M1))
+        self._library.dkm_optimal_choices(prefix.data_ptr(), P, M, k, tiny, choice.data_ptr(),
+                                          D.data_ptr(), row.data_ptr(), before.data_ptr())
+        return choice
 
     def _grid(self, x: Tensor, unit: Tensor, grid: int, piece: int, *,
               counts: Tensor | None = None, sums: Tensor | None = None, f: Tensor | None = None,

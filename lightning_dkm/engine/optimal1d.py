@@ -19,7 +19,10 @@ program is found by divide and conquer
 ``t`` bounding every other from above), ``O(m log m)`` per row and
 ``O(k m log m)`` in all. Every level of the recursion is one vectorised step over all its
 nodes and all palettes, so the Python loop runs ``k log2 m`` times whatever the number of
-palettes.
+palettes; on the CPU, where the native library is built (:mod:`.native`), one C loop runs the
+whole program instead (``dkm_optimal_choices``: the same operations on every value, so the
+same choices bit for bit, without the per-level operator calls: 0.009 s against 0.117 s for
+36 palettes of 1,025 bins at 2-16 runs, process CPU, a throwaway timer).
 
 **What is clustered.** The program runs on *bins*: runs of sorted values that stay together,
 each with its weight and the exact float64 sum of its values, a point mass at its mean (a
@@ -55,6 +58,8 @@ from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
+
+from . import native
 
 __all__ = ["MAX_BINS", "bin_budget", "optimal_kmeans_1d", "optimal_kmeans_1d_many",
            "optimal_kmeans_1d_widths"]
@@ -472,6 +477,10 @@ def _optimal_starts(prefix: Tensor, ks: Sequence[int]) -> list[Tensor]:
         prefix = torch.cat((prefix, prefix[:, :, -1:].expand(3, P, k - bins)), 2)
         M1 = k + 1
     M = M1 - 1
+    loops = native.loops_for(prefix)
+    table = None if loops is None else loops.optimal_choices(prefix.contiguous(), k, _TINY)
+    if table is not None:
+        return [_traced(table, runs, M, bins) for runs in ks]
     device = prefix.device
     flat = prefix.reshape(3, -1)
     base = torch.arange(P, device=device).unsqueeze(1) * M1  # each palette's first flat index

@@ -631,3 +631,92 @@ CLONES int dkm_grid(const float *x, int64_t P, int64_t n, const float *unit, int
     }
     return 0;
 }
+
+/* ---- The exact 1-D k-means program (lightning_dkm/engine/optimal1d.py, _optimal_starts) ----
+ *
+ * For P palettes of M bins with prefix sums (3, P, M + 1) of w, w m and w m^2 (float64), row j
+ * of the program holds D_j(i), the least cost of bins 0..i in j + 1 runs, and choice (k, P, M)
+ * (int32) the start t of the last run of that optimum. Row 0 is one run; row j's node i takes
+ * the least of D_{j-1}(t - 1) - q(t) - (s(i+1) - s(t))^2 / max(w(i+1) - w(t), tiny) over t in
+ * [max(left, previous row's best at i), min(right, i)] (the first such t on ties; an empty
+ * range keeps its low end and an infinite cost), plus q(i + 1), with left and right the best t
+ * of its nearest computed neighbours in the divide and conquer: the last i first (between j and
+ * M - 1), then the rest by halves. The last row computes only its last i. Every value is the
+ * PyTorch ops' operation for operation (rounded as they are, no fused multiply-add), so the
+ * choices are theirs bit for bit. `D` and `row` hold M doubles each. */
+
+typedef struct {
+    const double *w, *s, *q; /* the palette's prefix sums */
+    const double *before;    /* D_{j-1}(t - 1) - q(t) */
+    double *row;             /* D_j */
+    int32_t *best, *previous; /* this row's and the previous row's choices */
+    double tiny;
+} dp_row;
+
+static int64_t dp_node(const dp_row *r, int64_t i, int64_t lo, int64_t hi) {
+    const double w_end = r->w[i + 1], s_end = r->s[i + 1];
+    if (hi < lo) {
+        r->row[i] = INFINITY;
+        r->best[i] = (int32_t)lo;
+        return lo;
+    }
+    double least = 0.0;
+    int64_t arg = lo;
+    for (int64_t t = lo; t <= hi; ++t) {
+        double w = w_end - r->w[t], s = s_end - r->s[t];
+        w = w < r->tiny ? r->tiny : w;
+        s = s * s;
+        const double value = r->before[t] - s / w;
+        if (t == lo || value < least) {
+            least = value;
+            arg = t;
+        }
+    }
+    r->row[i] = least + r->q[i + 1];
+    r->best[i] = (int32_t)arg;
+    return arg;
+}
+
+/* nodes lo_i .. hi_i (i) with the best t of their left and right neighbours */
+static void dp_range(const dp_row *r, int64_t lo_i, int64_t hi_i, int64_t left, int64_t right) {
+    while (lo_i <= hi_i) {
+        const int64_t mid = (lo_i + hi_i) / 2;
+        const int64_t prev = r->previous[mid];
+        const int64_t lo = left > prev ? left : prev, hi = right < mid ? right : mid;
+        const int64_t t = dp_node(r, mid, lo, hi);
+        dp_range(r, lo_i, mid - 1, left, t);
+        lo_i = mid + 1; /* the right half: a loop, not a call */
+        left = t;
+    }
+}
+
+void dkm_optimal_choices(const double *prefix, int64_t P, int64_t M, int64_t k, double tiny,
+                         int32_t *choice, double *D, double *row, double *before) {
+    const int64_t M1 = M + 1;
+    for (int64_t p = 0; p < P; ++p) {
+        const double *w = prefix + p * M1, *s = prefix + (P + p) * M1,
+                     *q = prefix + (2 * P + p) * M1;
+        for (int64_t i = 0; i < M; ++i) {
+            double ww = w[i + 1] - w[0], ss = s[i + 1] - s[0];
+            ww = ww < tiny ? tiny : ww;
+            ss = ss * ss;
+            D[i] = q[i + 1] - ss / ww;
+            choice[p * M + i] = 0;
+        }
+        for (int64_t j = 1; j < k; ++j) {
+            int32_t *best = choice + (j * P + p) * M;
+            const int32_t *previous_row = choice + ((j - 1) * P + p) * M;
+            /* row 1 has no previous bound (0); the last row computes its last i only, and keeps
+             * the previous row's choices elsewhere, as the PyTorch ops leave them */
+            before[0] = INFINITY - q[0];
+            for (int64_t t = 1; t < M1; ++t) before[t] = D[t - 1] - q[t];
+            for (int64_t i = 0; i < M; ++i) best[i] = j == 1 ? 0 : previous_row[i];
+            dp_row r = {w, s, q, before, row, best, best, tiny};
+            const int64_t root = dp_node(&r, M - 1, j > best[M - 1] ? j : best[M - 1], M - 1);
+            if (j < k - 1) dp_range(&r, 0, M - 2, j, root);
+            double *swap = D;
+            D = row;
+            row = swap;
+        }
+    }
+}
