@@ -688,7 +688,8 @@ def test_the_grid_loops_give_bincounts_sums_per_piece_bit_for_bit(monkeypatch, P
 @needs_loops
 def test_the_grid_loops_refuse_what_they_cannot_read_or_values_off_the_grid() -> None:
     """Arguments of another dtype, shape or layout give ``None`` before C reads them; a unit
-    below a palette's largest value (values off the grid) gives ``None`` too."""
+    below a palette's largest value (values off the grid) or not a power of two (where the
+    loop's product by its inverse would not be the ops' division) gives ``None`` too."""
     x, unit = torch.randn(2, 100), torch.full((2,), 8.0)
     assert loops.grid_counts(x, unit, 512, 64) is not None
     assert loops.grid_counts(x.double(), unit, 512, 64) is None
@@ -701,4 +702,5 @@ def test_the_grid_loops_refuse_what_they_cannot_read_or_values_off_the_grid() ->
     assert loops.grid_sums(x, unit, 512, 64, torch.rand(2, 100).half()) is None
     assert loops.grid_sums(x, unit, 512, 64, torch.rand(2, 99)) is None
     assert loops.grid_counts(x, torch.full((2,), 0.5), 512, 64) is None
+    assert loops.grid_counts(x, torch.full((2,), 6.0), 512, 64) is None  # not a power of two
     assert loops.grid_sums(x, torch.full((2,), 0.5), 512, 64, None) is None

@@ -419,13 +419,15 @@ class Kernels:
 
     @staticmethod
     def _grid_fit(x: Tensor, unit: Tensor, grid: int, piece: int) -> bool:
-        """``x`` (P, n) float32, one float32 unit per palette, ``grid`` a power of two and
+        """``x`` (P, n) float32, one float32 power of two per palette as its unit (where the
+        loop's product by ``1 / unit`` is the ops' division), ``grid`` a power of two and
         ``piece`` an int whose tables the loops can index."""
         return (_fit(x, torch.float32, 2) and _fit(unit.reshape(-1), torch.float32, 1)
                 and unit.is_contiguous() and unit.numel() == x.shape[0]
                 and isinstance(grid, int) and 1 <= grid <= 1 << 20 and grid & (grid - 1) == 0
                 and isinstance(piece, int) and 1 <= piece < 1 << 62  # an int64 in C
-                and x.shape[0] * (2 * grid + 1) < 1 << 62)
+                and x.shape[0] * (2 * grid + 1) < 1 << 62
+                and bool((torch.frexp(unit).mantissa == 0.5).all()))
 
     def round_backward(self, a: Tensor, x: Tensor, rows: Tensor, c: Tensor, c_new: Tensor,
                        H: Tensor, two_over_tau: Tensor, shared: Tensor) -> Tensor | None:
