@@ -168,13 +168,19 @@ class Groups(NamedTuple):
     def of_sizes(cls, palettes: Sequence[int], device: torch.device) -> Groups:
         """The groups of a batch of tensors with ``palettes[t]`` palettes each, in order: two
         operator calls whatever the number of tensors (one where each has one palette)."""
-        count = len(palettes)
         host = tuple(t for t, p in enumerate(palettes) for _ in range(p))
-        ids = torch.arange(count, device=device)
-        if len(host) != count:
-            ids = ids.repeat_interleave(torch.tensor(palettes, device=device),
-                                        output_size=len(host))
-        return cls(ids, count, host)
+        ids = over_palettes(torch.arange(len(palettes), device=device), palettes)
+        return cls(ids, len(palettes), host)
+
+
+def over_palettes(per_tensor: Tensor, palettes: Sequence[int]) -> Tensor:
+    """``per_tensor`` (T, ...), one entry per tensor of a batch, repeated for each of its
+    ``palettes[t]`` palettes: (sum palettes, ...). Itself where every tensor has one palette,
+    else one ``repeat_interleave`` whose size is given (no host read)."""
+    if all(p == 1 for p in palettes):
+        return per_tensor
+    return per_tensor.repeat_interleave(torch.tensor(list(palettes), device=per_tensor.device),
+                                        dim=0, output_size=sum(palettes))
 
 
 class EarlyStop:
@@ -462,10 +468,7 @@ def palette_inverse_temperatures(taus: Sequence[Tensor | float], palettes: Seque
     else:
         inverse = torch.cat([torch.as_tensor(inverse_temperature(t, dtype), dtype=dtype,
                                              device=device).reshape(1) for t in taus])
-    if any(p != 1 for p in palettes):
-        inverse = inverse.repeat_interleave(torch.tensor(list(palettes), device=device),
-                                            output_size=sum(palettes))
-    return inverse.reshape(-1, 1, 1)
+    return over_palettes(inverse, palettes).reshape(-1, 1, 1)
 
 
 def denormalized_output(
