@@ -377,7 +377,7 @@ class Kernels:
             return None
         P = x.shape[0]
         total = torch.zeros(P * (2 * grid + 1), dtype=torch.float64, device="cpu")
-        first, second = torch.zeros_like(total), torch.zeros(P, dtype=torch.float64)
+        first, second = torch.zeros_like(total), torch.zeros(P, dtype=torch.float64, device="cpu")
         ok = self._grid(x, unit, grid, piece, f=f, total=total, first=first, second=second)
         return (total, first, second) if ok else None
 
@@ -393,7 +393,7 @@ class Kernels:
         _, P, M1 = prefix.shape
         M = M1 - 1
         choice = torch.empty(k, P, M, dtype=torch.int32, device="cpu")
-        D, row, before = (torch.empty(n, dtype=torch.float64) for n in (M, M, M1))
+        D, row, before = (torch.empty(n, dtype=torch.float64, device="cpu") for n in (M, M, M1))
         self._library.dkm_optimal_choices(prefix.data_ptr(), P, M, k, tiny, choice.data_ptr(),
                                           D.data_ptr(), row.data_ptr(), before.data_ptr())
         return choice
