@@ -16,6 +16,7 @@ from torch import Tensor
 from . import native
 from .kmeans import nearest_1d_by_ops
 from .numerics import Normalization, chunks, floored_scale, root_mean_squares
+from .optimal1d import choices_by_loop, choices_by_ops
 
 __all__ = [
     "ACCELERATOR_CHUNK", "CHUNK", "CODES", "FLOOR_SHIFT", "CodeColumns", "DistinctValues",
@@ -573,6 +574,21 @@ def _check_nearest(loaded: native.Kernels, x: Tensor,
                                   loaded.nearest_sorted(points, sorted_c, order))
 
 
+def _check_program(loaded: native.Kernels,
+                   checks: dict[str, tuple[Tensor | None, Tensor | None]]) -> None:
+    """Adds to ``checks`` the exact 1-D k-means program's loop beside its PyTorch ops
+    (:func:`~.optimal1d.choices_by_ops`) on two palettes of 40 weighted bins, with ties
+    (repeated values) and bins of weight 0, at 5 runs: every entry of the table of choices."""
+    generator = torch.Generator().manual_seed(1)
+    cpu = {"dtype": torch.float64, "device": "cpu"}  # whatever the defaults
+    values = torch.randn(2, 40, generator=generator, **cpu).mul_(4).round_().sort(1).values
+    weights = torch.rand(2, 40, generator=generator, **cpu)
+    weights[:, ::7] = 0.0
+    sums = torch.stack((weights, weights * values, weights * values.square())).cumsum(2)
+    prefix = torch.cat((sums.new_zeros(3, 2, 1), sums), 2)
+    checks["k-means program"] = (choices_by_ops(prefix, 5), choices_by_loop(loaded, prefix, 5))
+
+
 def _fused_disagreement(loaded: native.Kernels) -> str | None:
     """Compares every native loop with the PyTorch ops on values that exercise float16's
     rounding, subnormals, overflow, NaN payloads and repeated codes; returns what differs, if
@@ -613,6 +629,7 @@ def _fused_disagreement(loaded: native.Kernels) -> str | None:
                 None if got_distinct is None else getattr(got_distinct, field))
     _check_marked(loaded, x, center, inverse_unit, finite_codes, g, checks)
     _check_nearest(loaded, x, checks)
+    _check_program(loaded, checks)
     differ = [name for name, (want, got) in checks.items() if not _same(want, got)]
     want = finite_columns.look_up(a, factor=(b, g))
     for fused in (True, False):

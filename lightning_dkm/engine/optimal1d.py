@@ -449,8 +449,10 @@ def _levels(M: int, device: torch.device) -> list[tuple[Tensor, Tensor, Tensor]]
     levels = [(torch.tensor([M - 1], device=device), torch.tensor([-1], device=device),
                torch.tensor([-1], device=device))]
     rest = min(M - 1, 1)  # the tree over [0, M - 2], if any
-    lo, hi = torch.zeros(rest, dtype=torch.long), torch.full((rest,), M - 2)
-    left, right = torch.full((rest,), -1), torch.full((rest,), M - 1)
+    # built on the CPU whatever the default device (then moved): a few ints per node
+    lo = torch.zeros(rest, dtype=torch.long, device="cpu")
+    hi = torch.full((rest,), M - 2, device="cpu")
+    left, right = torch.full((rest,), -1, device="cpu"), torch.full((rest,), M - 1, device="cpu")
     while lo.numel():
         mid = (lo + hi) // 2
         levels.append((mid.to(device), left.to(device), right.to(device)))
@@ -478,9 +480,24 @@ def _optimal_starts(prefix: Tensor, ks: Sequence[int]) -> list[Tensor]:
         M1 = k + 1
     M = M1 - 1
     loops = native.loops_for(prefix)
-    table = None if loops is None else loops.optimal_choices(prefix.contiguous(), k, _TINY)
-    if table is not None:
-        return [_traced(table, runs, M, bins) for runs in ks]
+    table = None if loops is None else choices_by_loop(loops, prefix, k)
+    if table is None:
+        table = choices_by_ops(prefix, k)
+    return [_traced(table, runs, M, bins) for runs in ks]
+
+
+def choices_by_loop(loops: native.Kernels, prefix: Tensor, k: int) -> Tensor | None:
+    """:func:`choices_by_ops` by the native library's loop (``None`` where it does not take
+    ``prefix``)."""
+    return loops.optimal_choices(prefix.contiguous(), k, _TINY)
+
+
+def choices_by_ops(prefix: Tensor, k: int) -> Tensor:
+    """The program's table of choices ``(k, P, M)`` int32 (row ``j``, palette, bin ``i``: the
+    start of the last of ``j + 1`` runs ending at ``i``) for the prefix sums ``(3, P, M + 1)``
+    of ``M >= k`` bins, by vectorised PyTorch ops (what the native loop gives bit for bit)."""
+    _, P, M1 = prefix.shape
+    M = M1 - 1
     device = prefix.device
     flat = prefix.reshape(3, -1)
     base = torch.arange(P, device=device).unsqueeze(1) * M1  # each palette's first flat index
@@ -544,7 +561,7 @@ def _optimal_starts(prefix: Tensor, ks: Sequence[int]) -> list[Tensor]:
             bounds[:, level.mid] = (arg.view(P, N) - base).int()
         choice[j] = bounds[:, :M]
         D = row
-    return [_traced(choice, runs, M, bins) for runs in ks]
+    return choice
 
 
 class _Level(NamedTuple):
