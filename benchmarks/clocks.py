@@ -59,7 +59,6 @@ def native_build() -> dict[str, Any]:
     its first fit. Returns ``{"used", "build_s", "why_not"}``; afterwards the process uses the
     loops as a fit would (or the PyTorch ops where they cannot be built)."""
     from lightning_dkm.engine import native
-    from lightning_dkm.engine.float16_codes import native_loops
 
     saved = os.environ.get("LIGHTNING_DKM_CACHE")
     with tempfile.TemporaryDirectory() as cache:
@@ -67,7 +66,7 @@ def native_build() -> dict[str, Any]:
         native.forget()  # as on a machine that has not built them
         start = time.perf_counter()
         try:
-            loops = native_loops()
+            loops = native.loops_for()
         finally:
             if saved is None:
                 del os.environ["LIGHTNING_DKM_CACHE"]

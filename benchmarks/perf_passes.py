@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import clocks
 
 from lightning_dkm.engine import native
-from lightning_dkm.engine.float16_codes import CodeColumns, code_constants, encode, native_loops
+from lightning_dkm.engine.float16_codes import CodeColumns, code_constants, encode
 
 _CODES = 1 << 16
 
@@ -148,7 +148,7 @@ def fused_rows(x, center, unit, codes, g, table_s, table_b, repeats: int,
     """The same work with the native loops, built first in an empty cache directory."""
     build = clocks.native_build()
     print(clocks.describe_native(build) + ":")
-    loops = native_loops()
+    loops = native.loops_for()
     if loops is None:
         return
     inverse_unit = 1.0 / unit

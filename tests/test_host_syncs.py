@@ -22,7 +22,6 @@ from lightning_dkm.engine import native
 from lightning_dkm.engine.chunked import chunked_dkm_cluster
 from lightning_dkm.engine.clustering_pass import clustering_pass
 from lightning_dkm.engine.distinct import unique_dkm_batch, unique_dkm_cluster
-from lightning_dkm.engine.float16_codes import native_loops
 from lightning_dkm.engine.kmeans import kmeans_plusplus, lloyd
 from lightning_dkm.engine.numerics import normalization_of, sync_free
 from lightning_dkm.engine.parametrization import DKMParametrization
@@ -99,7 +98,7 @@ def test_eagerly_on_cpu_the_steps_read_only_what_saves_work(implementation, fuse
     "unique" the distinct-value compaction (``nonzero``) and the rough std's fallback test;
     with PyTorch ops for the passes over the weights (``fused=False``: no native loops) also
     the two ``bincount`` s (forward and backward)."""
-    if fused and native_loops() is None:
+    if fused and native.loops_for() is None:
         pytest.skip(f"the native loops are not built here: {native.build_failure()}")
     weight, p = parametrized_weight(implementation, 1, None, "unrolled", 1e-4)
     with contextlib.nullcontext() if fused else native.turned_off():

@@ -23,12 +23,11 @@ from lightning_dkm.engine.float16_codes import (
     _same,
     distinct_from_counts,
     encode,
-    native_loops,
     prepare,
 )
 
 CODES = 1 << 16
-loops = native_loops()
+loops = native.loops_for()
 needs_loops = pytest.mark.skipif(loops is None, reason=f"not built here: {native.build_failure()}")
 
 
@@ -139,7 +138,7 @@ def test_the_unique_step_with_and_without_the_loops(gradient) -> None:
         fused = step()
     assert "local_backward" in ran
     with native.turned_off():
-        assert native_loops(xs[0]) is None
+        assert native.loops_for(xs[0]) is None
         plain = step()
     forward = 2 * len(xs)
     assert all(torch.equal(a, b) for a, b in zip(fused[:forward], plain[:forward], strict=True))
@@ -412,7 +411,7 @@ def test_a_loop_refuses_arguments_it_cannot_read_and_the_pytorch_ops_run() -> No
                                 torch.randn(P, 257), t) is None  # past 8 bits
     assert loops.local_backward(a, x, x.double(), small, small, t) is None
     assert not native.takes(torch.empty(4, device="meta"))
-    assert native_loops(torch.empty(4, device="meta")) is None
+    assert native.loops_for(torch.empty(4, device="meta")) is None
     # the public entry points fall back and match the PyTorch ops
     unit = torch.full((P, 1), 2.0**-10)
     assert torch.equal(encode(x.half().float()[:, ::2], center, unit).view(torch.int16),
@@ -448,7 +447,8 @@ def test_the_check_holds_whatever_the_default_dtype_and_device(fresh_state) -> N
     try:
         torch.set_default_dtype(torch.float64)
         with torch.device("meta"):
-            assert native_loops(torch.randn(2, 3, device="cpu", dtype=torch.float32)) is not None
+            x = torch.randn(2, 3, device="cpu", dtype=torch.float32)
+            assert native.loops_for(x) is not None
     finally:
         torch.set_default_dtype(saved)
     assert native.build_failure() is None
@@ -470,6 +470,40 @@ def test_a_loop_that_rounds_otherwise_is_caught_by_the_check() -> None:
         pytest.skip(f"not built here: {native.build_failure()}")
     assert _fused_disagreement(loops) is None
     assert _fused_disagreement(Wrong()) == "its results differ from PyTorch's in: look-up"
+
+
+def test_a_grid_loop_that_adds_otherwise_is_caught_by_the_check() -> None:
+    """The grid of ``average_bits``' estimate is checked at load like the step's loops: a
+    per-palette sum off by one ulp, or a count off by one, turns the library off."""
+    class Wrong:
+        """The loops of this machine, but one grid table off."""
+
+        fused_multiply_add = True
+
+        def __init__(self, table):
+            self.table = table
+
+        def __getattr__(self, name):
+            return getattr(loops, name)
+
+        def grid_counts(self, *args):
+            counts, sums = loops.grid_counts(*args)
+            return (counts + 1, sums) if self.table == "counts" else (counts, sums)
+
+        def grid_sums(self, *args):
+            total, first, second = loops.grid_sums(*args)
+            if self.table == "second":
+                second = second.nextafter(torch.tensor(float("inf"), dtype=torch.float64))
+            return total, first, second
+
+    if loops is None:
+        pytest.skip(f"not built here: {native.build_failure()}")
+    assert _fused_disagreement(Wrong(None)) is None
+    assert _fused_disagreement(Wrong("counts")) == ("its results differ from PyTorch's in: "
+                                                    "grid counts")
+    assert _fused_disagreement(Wrong("second")) == (
+        "its results differ from PyTorch's in: grid sums of f r^2 (None), grid sums of f r^2 "
+        "(torch.float32), grid sums of f r^2 (torch.float64)")
 
 
 def test_the_portable_conversion_rounds_as_pytorch_nan_payloads_included(tmp_path,
@@ -496,7 +530,7 @@ def test_required_loops_raise_on_every_call(fresh_state, monkeypatch) -> None:
     monkeypatch.setenv("LIGHTNING_DKM_NATIVE", "1")
     for _ in range(2):
         with pytest.raises(RuntimeError, match=r"LIGHTNING_DKM_NATIVE=1.*/nonexistent/cc"):
-            native_loops()
+            native.loops_for()
 
 
 def test_a_compiler_command_with_arguments(fresh_state, monkeypatch) -> None:
@@ -504,13 +538,13 @@ def test_a_compiler_command_with_arguments(fresh_state, monkeypatch) -> None:
     if not shutil.which("cc"):
         pytest.skip("no cc here")
     monkeypatch.setenv("CC", "cc -O2")
-    assert native_loops() is not None, native.build_failure()
+    assert native.loops_for() is not None, native.build_failure()
 
 
 def test_turned_off_by_the_environment(fresh_state, monkeypatch, caplog) -> None:
     monkeypatch.setenv("LIGHTNING_DKM_NATIVE", "0")
     with caplog.at_level(logging.INFO, logger="lightning_dkm.engine.native"):
-        assert native_loops() is None
+        assert native.loops_for() is None
     assert native.build_failure() == "LIGHTNING_DKM_NATIVE=0"
     assert "uses PyTorch ops" in caplog.text and "LIGHTNING_DKM_NATIVE=0" in caplog.text
     x = torch.randn(1, 30_000, 1).requires_grad_()
@@ -524,14 +558,14 @@ def test_a_compiler_that_fails_means_the_pytorch_ops(fresh_state, monkeypatch, t
                        "exit 1\n")
     failing.chmod(0o755)
     monkeypatch.setenv("CC", str(failing))
-    assert native_loops() is None
+    assert native.loops_for() is None
     assert "no such luck" in native.build_failure() and "broken-cc" in native.build_failure()
 
 
 def test_an_unknown_setting_is_an_error_naming_the_allowed_ones(fresh_state, monkeypatch) -> None:
     monkeypatch.setenv("LIGHTNING_DKM_NATIVE", "yes")
     with pytest.raises(ValueError, match=r"LIGHTNING_DKM_NATIVE='yes'.*0 \(off\), 1 .*auto"):
-        native_loops()
+        native.loops_for()
 
 
 @needs_loops
@@ -542,9 +576,9 @@ def test_a_machine_builds_the_library_once(fresh_state, monkeypatch, tmp_path) -
     wrapper.write_text(f"#!/bin/sh\n[ \"$1\" = --version ] || echo x >> {log}\nexec cc \"$@\"\n")
     wrapper.chmod(0o755)
     monkeypatch.setenv("CC", str(wrapper))
-    assert native_loops() is not None
+    assert native.loops_for() is not None
     native.forget()  # a second process
-    assert native_loops() is not None
+    assert native.loops_for() is not None
     assert log.read_text().count("x") == 1
     assert len(list(fresh_state.glob("dkm_codes-*"))) == 1
 

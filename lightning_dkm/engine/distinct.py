@@ -73,11 +73,11 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from . import native
 from .float16_codes import (
     CODES,
     CodeColumns,
     DistinctValues,
-    native_loops,
     prepare,
     prepare_shared,
 )
@@ -203,7 +203,7 @@ class _SharedLayout:
         present = [g for g in grads if g is not None]
         if d.occupied is None or d.rows is None or not present:
             return False
-        loops = native_loops(out, *present)
+        loops = native.loops_for(out, *present)
         if loops is None:
             return False
         starts = [0, *itertools.accumulate(d.occupied)]

@@ -17,6 +17,7 @@ from . import native
 from .kmeans import nearest_1d_by_ops
 from .numerics import Normalization, chunks, floored_scale, root_mean_squares
 from .optimal1d import choices_by_loop, choices_by_ops
+from .value_grid import cell_sums_by_ops, cells_by_ops
 
 __all__ = [
     "ACCELERATOR_CHUNK", "CHUNK", "CODES", "FLOOR_SHIFT", "CodeColumns", "DistinctValues",
@@ -93,7 +94,7 @@ class DistinctValues(NamedTuple):
         :mod:`.native` for several palettes where it takes them (the same values)."""
         P = compact.shape[0]
         if self.rows is not None and self.ids is not None:
-            loops = native_loops(compact)
+            loops = native.loops_for(compact)
             spread = None if loops is None else loops.spread(compact, self.ids, self.rows,
                                                              self.cols)
             if spread is not None:
@@ -160,11 +161,6 @@ def power_of_two_unit(rough: Tensor) -> Tensor:
     return torch.exp2(exponent.clamp_max_(_MAX_EXPONENT))
 
 
-#: The fused loops of :mod:`.native` where they are built, pass :func:`_fused_disagreement`
-#: (set below) and take these tensors (:func:`~.native.loops_for`).
-native_loops = native.loops_for
-
-
 @torch.no_grad()
 def encode(x: Tensor, center: Tensor, unit: Tensor, *, fused: bool = True) -> Tensor:
     """The float16 codes ``(x - center) / unit`` of ``x`` (P, n), ``center`` and ``unit``
@@ -174,7 +170,7 @@ def encode(x: Tensor, center: Tensor, unit: Tensor, *, fused: bool = True) -> Te
     codes."""
     P, n = x.shape
     inverse_unit = 1.0 / unit  # exact: a power of two
-    loops = native_loops(x, center, inverse_unit) if fused else None
+    loops = native.loops_for(x, center, inverse_unit) if fused else None
     codes = None if loops is None else loops.encode(x, center, inverse_unit)
     if codes is not None:
         return codes
@@ -199,7 +195,7 @@ class CodeColumns:
         self.codes = codes
         self.device_side = device_side
         self._whole: Tensor | None = None
-        self._loops = native_loops(codes) if fused and not device_side else None
+        self._loops = native.loops_for(codes) if fused and not device_side else None
 
     def chunks(self):
         """Yields ``(slice of the weights, flat columns (P * m,))``."""
@@ -321,7 +317,7 @@ def distinct_from_counts(dense_counts: Tensor, P: int, dtype: torch.dtype) -> Di
     (in units of the palette's ``unit``) and counts, compacted to the widest palette's number
     of distinct values (a host read). In two reads of the counts by :mod:`.native`'s loop where
     it takes them and ``dtype`` is float32 (the same tensors), else by PyTorch ops."""
-    loops = native_loops(dense_counts) if dtype == torch.float32 else None
+    loops = native.loops_for(dense_counts) if dtype == torch.float32 else None
     compacted = None if loops is None else _distinct_by_loop(loops, dense_counts, P)
     return compacted if compacted is not None else _distinct_by_ops(dense_counts, P, dtype)
 
@@ -479,7 +475,7 @@ def _prepare_marked(xs: Sequence[Tensor], centers: Sequence[Tensor], units: Tens
     counts and their walk; the distinct values also know their number per palette
     (:attr:`DistinctValues.occupied`, for the backward's sums, :meth:`~.native.Kernels.sums_at`).
     ``scale``: the palettes' given scales (else computed from the distinct values)."""
-    loops = native_loops(*xs, units)
+    loops = native.loops_for(*xs, units)
     if loops is None:
         return None
     rows = sum(x.shape[0] for x in xs)
@@ -589,6 +585,35 @@ def _check_program(loaded: native.Kernels,
     checks["k-means program"] = (choices_by_ops(prefix, 5), choices_by_loop(loaded, prefix, 5))
 
 
+def _check_grid(loaded: native.Kernels,
+                checks: dict[str, tuple[Tensor | None, Tensor | None]]) -> None:
+    """Adds to ``checks`` the grid loop of ``average_bits``' estimate beside its PyTorch ops
+    (:mod:`.value_grid`): counts and sums per cell, and a sensitivity's sums (none, float32,
+    float64), on two palettes of 700 values in pieces of 64 columns of a grid of 16 cells a
+    side (one palette's values wider than its pieces' cells are many, the other's narrower),
+    with values on the cells' edges and midway between cells, -0, a subnormal and repeats."""
+    generator = torch.Generator().manual_seed(2)
+    cpu = {"dtype": torch.float32, "device": "cpu"}  # whatever the defaults
+    grid, columns = 16, 64
+    unit = torch.tensor([[4.0], [2.0**-10]], **cpu)
+    x = torch.rand(2, 700, generator=generator, **cpu).mul_(2).sub_(1)
+    x[1, 100:] = x[1, 100:].mul_(1024).round_().div_(1024)  # few distinct values: repeats
+    x[0, :8] = torch.tensor([1.0, -1.0, 0.0, -0.0, 2.0**-130, 1.5 / grid, -2.5 / grid,
+                             0.5 / grid], **cpu)
+    x.mul_(unit)
+    cells, offsets, counts, sums = cells_by_ops(x, unit, grid, columns)
+    got = loaded.grid_counts(x, unit.reshape(-1), grid, columns)
+    checks["grid counts"] = (counts, None if got is None else got[0])
+    checks["grid sums"] = (sums, None if got is None else got[1])
+    for dtype in (None, torch.float32, torch.float64):
+        f = None if dtype is None else torch.rand(2, 700, generator=generator, dtype=dtype,
+                                                  device="cpu")
+        want = cell_sums_by_ops(cells, offsets, f, grid, columns)
+        found = loaded.grid_sums(x, unit.reshape(-1), grid, columns, f)
+        for name, a, b in zip(("f", "f r", "f r^2"), want, found or (None,) * 3, strict=True):
+            checks[f"grid sums of {name} ({dtype})"] = (a, b)
+
+
 def _fused_disagreement(loaded: native.Kernels) -> str | None:
     """Compares every native loop with the PyTorch ops on values that exercise float16's
     rounding, subnormals, overflow, NaN payloads and repeated codes; returns what differs, if
@@ -630,6 +655,7 @@ def _fused_disagreement(loaded: native.Kernels) -> str | None:
     _check_marked(loaded, x, center, inverse_unit, finite_codes, g, checks)
     _check_nearest(loaded, x, checks)
     _check_program(loaded, checks)
+    _check_grid(loaded, checks)
     differ = [name for name, (want, got) in checks.items() if not _same(want, got)]
     want = finite_columns.look_up(a, factor=(b, g))
     for fused in (True, False):

@@ -17,8 +17,8 @@ the codes seen (``encode_mark``), finds the distinct values from the bitmap
 only (``sums_at``); per-value tables reach the codes by ``spread``. ``nearest_sorted`` is
 :func:`~.kmeans._nearest_1d`'s search (the nearest centroid of scalar weights).
 ``grid_counts`` and ``grid_sums`` are ``average_bits``' passes over the weights
-(:mod:`lightning_dkm.model.bit_budget`: each value's cell of a grid, counted and summed, and
-a sensitivity summed per cell), bit for bit its ``bincount`` per piece; and
+(:mod:`.value_grid`: each value's cell of a grid, counted and summed, and a sensitivity
+summed per cell), bit for bit its ``bincount`` per piece; and
 ``optimal_choices`` runs the exact 1-D k-means program of :mod:`.optimal1d` (its choices bit
 for bit those of its vectorised PyTorch ops).
 
@@ -41,7 +41,8 @@ cache directory (``$LIGHTNING_DKM_CACHE``, else ``$XDG_CACHE_HOME/lightning_dkm`
 hashed from the source, the compiler, the flags and the architecture, so a machine builds it
 once; processes that build it at once (DDP ranks) each write their own file and rename it into
 place. It is loaded with :mod:`ctypes` and checked against the PyTorch ops on a few values
-before it is used (:func:`~.float16_codes.native_loops`; the core's loops at their first use,
+before it is used (:func:`loops_for`, with :func:`~.float16_codes._fused_disagreement`; the
+core's loops at their first use,
 against the core's own PyTorch path to a tolerance, and where they disagree only they are
 turned off: :func:`~.weighted.check_core_loops`); the check also finds whether this
 machine's ``addcmul_`` fuses its multiply-add (PyTorch's vectorised kernels do, its scalar
@@ -354,7 +355,7 @@ class Kernels:
         (``x`` (P, n) float32, ``unit`` one float32 power of two per palette, at least each
         palette's largest ``|x|``): the number of values (int64) and their sum (float64), the sums
         added sequentially a ``piece`` of columns at a time (``average_bits``' estimate:
-        what :func:`~lightning_dkm.model.bit_budget._grid_values`' ``bincount`` of each piece
+        what :func:`~.value_grid.cells_by_ops`' ``bincount`` of each piece
         gives, bit for bit), in one read of ``x`` and without its cells or offsets."""
         if not self._grid_fit(x, unit, grid, piece):
             return None
@@ -370,8 +371,8 @@ class Kernels:
         float64 (``None``: 1 everywhere), with ``r`` each value's offset from its cell's
         (float32, exact), per cell the sums of ``f`` and ``f r`` (each (P * size,)) and per
         palette that of ``f r^2`` ((P,)), all float64 and sequential per piece as
-        :meth:`grid_counts` (what :meth:`~lightning_dkm.model.bit_budget._Snapped.sums`'
-        ``bincount`` of each piece gives, bit for bit)."""
+        :meth:`grid_counts` (what :func:`~.value_grid.cell_sums_by_ops`' ``bincount`` of each
+        piece gives, bit for bit)."""
         if not (self._grid_fit(x, unit, grid, piece) and (f is None or (
                 f.dtype in _GRID_WEIGHTS and _fit(f, f.dtype, 2) and f.shape == x.shape))):
             return None
@@ -623,7 +624,7 @@ _state: dict[str, object] = {}
 def kernels(check: Callable[[Kernels], str | None] | None = None) -> Kernels | None:
     """The loaded loops, built on first use; ``None`` where they cannot be used (module
     docstring), with the reason in :func:`build_failure`. ``check`` is called with the loops
-    when they first load (:func:`~.float16_codes.native_loops` compares them with the PyTorch
+    when they first load (:func:`~.float16_codes._fused_disagreement` compares them with the PyTorch
     ops and sets :attr:`Kernels.fused_multiply_add`); a reason it returns means they are not
     used."""
     if "kernels" not in _state:

@@ -74,7 +74,6 @@ import torch
 from torch import Tensor
 
 from . import native
-from .float16_codes import native_loops
 from .kmeans import sq_distances
 from .numerics import EMPTY_MASS, EarlyStop, Groups, chunks, pick
 
@@ -360,7 +359,7 @@ def _core_loops(points: _Points, step: _Round, upstream: Tensor) -> native.Kerne
     if (points.rows is None or points.xt.shape[1] != 1 or points.xt.dtype != torch.float32
             or upstream.dtype != torch.float32):
         return None
-    loops = native_loops(points.xt, step.c, upstream)
+    loops = native.loops_for(points.xt, step.c, upstream)
     if loops is not None and not loops.core_checked:
         check_core_loops(loops)
     return loops if loops is not None and loops.core_agrees else None

@@ -62,9 +62,10 @@ from torch import Tensor
 from ..engine import native
 from ..engine.kmeans import kmeans, kmeans_widths, palette_unit
 from ..engine.layout import MAX_BITS, PaletteLayout, is_int, is_number
-from ..engine.numerics import all_finite, chunks
+from ..engine.numerics import all_finite
 from ..engine.palette import LutDtype, lut_dtype_name, stored_bytes
 from ..engine.parametrization import stable_seed
+from ..engine.value_grid import cell_sums_by_ops, cells_by_ops
 from .targets import Target
 
 __all__ = [
@@ -299,29 +300,10 @@ class _Snapped:
         return _CellSums(total * per_cell, first * per_cell, float(torch.dot(second, u)))
 
     def _sums_by_ops(self, f: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
-        """:meth:`sums` before the units, by PyTorch ops: ``bincount`` per piece."""
-        assert self.grid is not None
+        """:meth:`sums` before the units, by PyTorch ops (:func:`~lightning_dkm.engine.
+        value_grid.cell_sums_by_ops` on :meth:`cells_and_offsets`)."""
         cells, offsets = self.cells_and_offsets()
-        size = self.grid.numel()
-        P = offsets.shape[0]
-        total = torch.zeros(size, dtype=torch.float64)
-        first = torch.zeros_like(total)
-        second = torch.zeros(P, dtype=torch.float64)  # per palette
-        for piece in _pieces(offsets.shape):
-            cell = cells[piece].reshape(-1)
-            r = offsets[piece].double()
-            if f is None:
-                total += torch.bincount(cell, minlength=size)
-                fr = r
-            else:
-                weight = f[piece].double()  # f itself where float64: not written
-                total += torch.bincount(cell, weight.reshape(-1), size)
-                fr = weight * r
-            first += torch.bincount(cell, fr.reshape(-1), size)
-            # per palette in index order, as the loop adds (not linalg.vecdot's order)
-            palette = torch.arange(P).repeat_interleave(r.shape[1])
-            second += torch.bincount(palette, (fr * r).reshape(-1), P)
-        return total, first, second
+        return cell_sums_by_ops(cells, offsets, f, _GRID, _piece_columns(offsets.shape[0]))
 
     def estimates(self, widths: Iterable[int], sensitivity: Tensor | None,
                   sums: _CellSums | None = None) -> dict[int, float]:
@@ -390,54 +372,20 @@ def _piece_columns(P: int) -> int:
     return max(1, _PIECE // P)
 
 
-def _pieces(shape: torch.Size) -> list[tuple[slice, slice]]:
-    """Column slices of a ``(P, n)`` tensor of about :data:`_PIECE` entries each: the passes
-    over the weights run on pieces, not whole tensors."""
-    P, n = shape
-    return [(slice(None), columns) for columns in chunks(n, _piece_columns(P))]
-
-
 def _grid_values(x: Tensor, unit: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Palettes ``x / unit`` (``x`` ``(P, n)``, ``unit`` ``(P, 1)`` powers of two: in ``(-1,
-    1)``) on the grid of multiples of ``1 / _GRID``, ``2 * _GRID + 1`` cells per palette,
-    palette after palette: each value's cell (int32: bincount is 3x faster on it than on
-    int64) and its offset from the cell's value (float32, exact: ``x * _GRID`` and its
-    rounding differ by at most 1/2, Sterbenz's lemma), and per cell the count and the sum of
-    the values as they are (float64, for the centroids of :func:`_snap`). Counting the cells
-    instead of sorting the values: a tenth of the time on MiniLM's encoder, profiled (0.1 s
-    instead of 0.59 s for its 36 tensors); a piece at a time (:data:`_PIECE`) into buffers reused
-    from piece to piece (#24). The PyTorch ops of the grid: where the native loops are built,
+    """Palettes ``x`` ``(P, n)`` over their ``unit`` ``(P, 1)`` on the grid of multiples of
+    ``1 / _GRID``, a piece of :data:`_PIECE` entries at a time: each value's cell and offset,
+    and per cell the count and the sum of the values
+    (:func:`~lightning_dkm.engine.value_grid.cells_by_ops`). Counting the cells instead of
+    sorting the values: a tenth of the time on MiniLM's encoder, profiled (0.1 s instead of
+    0.59 s for its 36 tensors). Where the native loops are built,
     :meth:`~lightning_dkm.engine.native.Kernels.grid_counts` gives the counts and sums (bit
     for bit these) in one read of ``x``, keeping no cells or offsets, and
     :meth:`~lightning_dkm.engine.native.Kernels.grid_sums` the sensitivity's sums from ``x``
     again (on MiniLM's encoder 1.6 and 2.6 ns per weight against about 7 for these ops, and
     ``plan_widths`` 0.18 s instead of 0.25 s: docs/results.md, "The grid's passes as C
     loops")."""
-    P, n = x.shape
-    size = 2 * _GRID + 1
-    cells = torch.empty(P, n, dtype=torch.int32)
-    offsets = torch.empty(P, n)
-    counts = torch.zeros(P * size, dtype=torch.int64)
-    sums = torch.zeros(P * size, dtype=torch.float64)
-    base = (torch.arange(P, dtype=torch.int32) * size + _GRID).unsqueeze(1)  # cell of value 0
-    pieces = _pieces(x.shape)
-    width = pieces[0][1].stop - pieces[0][1].start if pieces else 0
-    values, scaled = torch.empty(P, width), torch.empty(P, width)
-    wide = torch.empty(P, width, dtype=torch.float64)
-    for piece in pieces:
-        m = min(n, piece[1].stop) - piece[1].start
-        v, t, d = values[:, :m], scaled[:, :m], wide[:, :m]
-        torch.div(x[piece], unit, out=v)  # exact: a power of two
-        torch.mul(v, _GRID, out=t)
-        offsets[piece] = t
-        t.round_()
-        offsets[piece].sub_(t).div_(_GRID)
-        cell = cells[piece]
-        cell.copy_(t).add_(base)  # in int32: float32 would round cells past 2**24
-        cell = cell.reshape(-1)
-        counts += torch.bincount(cell, minlength=P * size)
-        sums += torch.bincount(cell, d.copy_(v).reshape(-1), P * size)
-    return cells, offsets, counts, sums
+    return cells_by_ops(x, unit, _GRID, _piece_columns(x.shape[0]))
 
 
 @torch.no_grad()
