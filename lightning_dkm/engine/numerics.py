@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import math
 import random
+import struct
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple
@@ -187,130 +188,151 @@ class EarlyStop:
     """The ``epsilon`` early stop of a DKM loop, with no host read where reads are not free.
 
     Per round the step calls :meth:`advance` with the centroids before and after the update
-    (``True``: stop now), then :meth:`keep` on each state it carries. With host reads
-    (:func:`host_reads_are_free`) the loop stops at the first round in which no centroid moved
-    more than ``epsilon``. Without them it runs every round; a flag on the device records
-    whether the stop has happened, and :meth:`keep` then returns the old state
-    (``torch.where``), so the result is the same as stopping. ``iterations`` counts the
-    rounds that took effect: an int, or a 0-dim int64 tensor on the device.
+    (``True``: stop now), then :meth:`keep` on each state it carries. ``groups`` gives each
+    palette its group (a tensor of a batch; without groups every palette is in one): each group
+    stops on its own, as if it were alone, at the first round in which none of its centroids
+    moved more than ``epsilon`` (compared in the centroids' dtype; a NaN move stops its group,
+    as the device's comparison does); the loop ends once every group has stopped. Two ways:
 
-    ``groups`` gives each palette its group (a tensor of a batch): each group stops on its
-    own, as if it were alone; the flags are then per group and the loop ends once every group
-    has stopped. ``iterations`` is then one count per group: a (``groups.count``,) tensor on
-    the device, or where host reads are free a list of ints kept on the host (each round reads
-    the palettes' largest moves back once, and a round in which every group is still running
-    keeps its update with no op at all: the same decisions, about ten operator calls fewer per
-    round). :meth:`per_palette` gives the count of every palette.
+    - **On the host** (:func:`host_reads_are_free`): each round reads the groups' largest
+      moves back once (one value without groups), and the loop breaks once all have stopped.
+      A round in which every group is still running keeps its update with no op at all; only
+      a batch whose groups stop at different rounds masks the stopped ones' state.
+    - **On the device** (an accelerator, ``torch.compile``, :func:`sync_free`): every round
+      runs; a flag per group on the device records whether its stop has happened, and
+      :meth:`keep` then returns the old state (``torch.where``), so the result is the same as
+      stopping, with nothing read back.
+
+    With ``epsilon <= 0`` nothing stops the loop and nothing is compared. ``iterations``
+    counts the rounds that took effect: an int where every palette took the same (no groups,
+    on the host, or no stop at all), a list of ints per group on the host, or on the device a
+    0-dim (no groups) or (``groups.count``,) int64 tensor. :meth:`per_palette` gives the
+    count of every palette, :meth:`rounds` the one count where the host knows it.
     """
 
     def __init__(self, epsilon: float, like: Tensor, groups: Groups | None = None) -> None:
         self.epsilon = epsilon
         self.groups = groups if epsilon > 0 else None
-        self.host_reads = host_reads_are_free(like)
-        self.on_host_groups = self.groups is not None and self.host_reads
-        self.on_device = epsilon > 0 and not self.on_host_groups and (
-            groups is not None or not self.host_reads)
+        self.on_device = epsilon > 0 and not host_reads_are_free(like)
         self.device = like.device
-        self.iterations: int | Tensor | list[int] = 0
+        self._threshold = _rounded_to(epsilon, like.dtype)
+        count = 1 if self.groups is None else self.groups.count
+        # on the host: each group's rounds and flags; on the device: flags as tensors
+        self._counts = [0] * count
+        self._host_running = [True] * count
+        self._host_active = self._host_running
+        self._palette_groups: list[int] | None = None
         self._running: Tensor | None = None  # device flag(s): the stop has not happened yet
         self._active: Tensor | None = None  # device flag(s): the round just counted took effect
-        if self.on_host_groups:
-            assert self.groups is not None
-            self._palette_groups: list[int] = (list(self.groups.host) if self.groups.host
-                                               is not None else self.groups.ids.tolist())
-            self._host_running = [True] * self.groups.count
-            self._host_active = self._host_running
-            self.iterations = [0] * self.groups.count
-            # the device compares float32 moves with epsilon rounded to float32: so does this
-            self._epsilon32 = float(torch.tensor(epsilon, dtype=torch.float32))
-        elif self.on_device:
-            shape = () if self.groups is None else (self.groups.count,)
+        self._device_counts: Tensor | None = None
+        if self.on_device:
+            shape = () if self.groups is None else (count,)
             self._running = torch.ones(shape, dtype=torch.bool, device=like.device)
-            self.iterations = torch.zeros(shape, dtype=torch.long, device=like.device)
+            self._device_counts = torch.zeros(shape, dtype=torch.long, device=like.device)
+        elif self.groups is not None:
+            self._palette_groups = (list(self.groups.host) if self.groups.host is not None
+                                    else self.groups.ids.tolist())
+
+    @property
+    def iterations(self) -> int | list[int] | Tensor:
+        """The rounds that took effect (class docstring)."""
+        if self._device_counts is not None:
+            return self._device_counts
+        return self._counts[0] if self.groups is None else list(self._counts)
 
     def advance(self, old: Tensor, new: Tensor) -> bool:
         """Count the update ``old -> new`` (centroids); whether the loop must stop now."""
         if self.epsilon <= 0:
-            assert isinstance(self.iterations, int)
-            self.iterations += 1
+            self._counts[0] += 1
             return False
         change = (new.detach() - old.detach()).abs()
-        if self.on_host_groups:
-            return self._advance_on_host(change.amax(dim=tuple(range(1, change.ndim))).tolist())
+        if self.on_device:
+            self._advance_on_device(change)
+            return False
+        if self.groups is None:
+            moved = [float(change.amax())]
+        else:
+            moved = self._largest_per_group(
+                change.amax(dim=tuple(range(1, change.ndim))).tolist())
+        self._host_active = self._host_running
+        self._counts = [i + a for i, a in zip(self._counts, self._host_active, strict=True)]
+        self._host_running = [a and m > self._threshold
+                              for a, m in zip(self._host_active, moved, strict=True)]
+        return not any(self._host_running)
+
+    def _largest_per_group(self, per_palette: list[float]) -> list[float]:
+        """Each group's largest move from its palettes' (a NaN wins and stays, as ``amax``
+        propagates it)."""
+        assert self._palette_groups is not None
+        moved = [-math.inf] * len(self._counts)
+        for group, change in zip(self._palette_groups, per_palette, strict=True):
+            largest = moved[group]
+            if math.isnan(change) or (not math.isnan(largest) and change > largest):
+                moved[group] = change
+        return moved
+
+    def _advance_on_device(self, change: Tensor) -> None:
+        """:meth:`advance` with the flags on the device: nothing read back."""
+        assert self._running is not None and self._device_counts is not None
         if self.groups is not None:  # per group: the largest move of its palettes
-            assert self._running is not None
             per_palette = change.amax(dim=tuple(range(1, change.ndim)))
             moved = torch.zeros_like(self._running, dtype=per_palette.dtype).scatter_reduce_(
                 0, self.groups.ids, per_palette, "amax", include_self=False)
         else:
             moved = change.amax()
-        if not self.on_device:
-            assert isinstance(self.iterations, int)
-            self.iterations += 1
-            return bool(moved <= self.epsilon)
-        assert self._running is not None and isinstance(self.iterations, Tensor)
         self._active = self._running
-        self.iterations = self.iterations + self._active
+        self._device_counts = self._device_counts + self._active
         self._running = self._active & (moved > self.epsilon)
-        return False
-
-    def _advance_on_host(self, per_palette: list[float]) -> bool:
-        """:meth:`advance` with groups where host reads are free, on the palettes' largest
-        moves read back: a group keeps running while one of its palettes moved more than
-        ``epsilon``."""
-        moved = [-math.inf] * len(self._host_running)
-        for group, change in zip(self._palette_groups, per_palette, strict=True):
-            largest = moved[group]  # a NaN wins and stays, as amax propagates it
-            if math.isnan(change) or (not math.isnan(largest) and change > largest):
-                moved[group] = change
-        assert isinstance(self.iterations, list)
-        self._host_active = self._host_running
-        self.iterations = [i + a for i, a in zip(self.iterations, self._host_active, strict=True)]
-        self._host_running = [a and m > self._epsilon32
-                              for a, m in zip(self._host_active, moved, strict=True)]
-        return not any(self._host_running)
 
     def keep(self, new: Tensor, old: Tensor) -> Tensor:
         """``new`` if the round just counted took effect, else ``old``."""
-        if self.on_host_groups:
-            if all(self._host_active):
-                return new
-            active_palettes = [self._host_active[g] for g in self._palette_groups]
-            mask = torch.tensor(active_palettes, device=new.device)
-            return torch.where(mask.reshape(-1, *([1] * (new.ndim - 1))), new, old)
-        if self._active is None:
+        if self.on_device:
+            assert self._active is not None
+            active = self._active
+            if self.groups is not None:
+                active = active[self.groups.ids].reshape(-1, *([1] * (new.ndim - 1)))
+            return torch.where(active, new, old)
+        if all(self._host_active):
             return new
-        active = self._active
-        if self.groups is not None:
-            active = active[self.groups.ids].reshape(-1, *([1] * (new.ndim - 1)))
-        return torch.where(active, new, old)
+        assert self._palette_groups is not None  # one group: the loop broke when it stopped
+        mask = torch.tensor([self._host_active[g] for g in self._palette_groups],
+                            device=new.device)
+        return torch.where(mask.reshape(-1, *([1] * (new.ndim - 1))), new, old)
 
     def rounds(self) -> int | None:
         """The rounds that took effect, where the host knows that every palette took the same
         number (``None`` where they differ, or where host reads are not free), so that a batch
         whose tensors all stopped at the same round picks its rounds as views instead of
         gathering them per palette (:class:`~.weighted.Trajectory`'s ``ran``)."""
-        if isinstance(self.iterations, int):
-            return self.iterations
-        if isinstance(self.iterations, list):
-            counts = set(self.iterations)
-            return counts.pop() if len(counts) == 1 else None
-        if not self.host_reads:
+        if self.on_device:  # known on the device only: reading it back is what it avoids
             return None
-        counts = set(self.iterations.reshape(-1).tolist())
+        counts = set(self._counts)
         return counts.pop() if len(counts) == 1 else None
 
     def per_palette(self, palettes: int) -> Tensor:
         """The rounds that took effect per palette: (``palettes``,) int64 on the device."""
-        if isinstance(self.iterations, int):
-            return torch.full((palettes,), self.iterations, dtype=torch.long,
+        if self._device_counts is not None:
+            if self.groups is not None:
+                return self._device_counts[self.groups.ids]
+            return self._device_counts.expand(palettes)
+        if self._palette_groups is None:
+            return torch.full((palettes,), self._counts[0], dtype=torch.long,
                               device=self.device)
-        if isinstance(self.iterations, list):
-            return torch.tensor([self.iterations[g] for g in self._palette_groups],
-                                dtype=torch.long, device=self.device)
-        if self.groups is not None:
-            return self.iterations[self.groups.ids]
-        return self.iterations.expand(palettes)
+        return torch.tensor([self._counts[g] for g in self._palette_groups], dtype=torch.long,
+                            device=self.device)
+
+
+def _rounded_to(value: float, dtype: torch.dtype) -> float:
+    """``value`` as ``dtype`` holds it (a float32 rounding without an operator call), so that
+    the host compares a move with ``epsilon`` as the device compares them."""
+    if dtype == torch.float64:
+        return float(value)
+    if dtype == torch.float32 and abs(value) <= _FLOAT32_MAX:
+        return struct.unpack("f", struct.pack("f", value))[0]
+    return float(torch.tensor(value, dtype=dtype))  # rounds past the largest float32 too
+
+
+_FLOAT32_MAX = torch.finfo(torch.float32).max
 
 
 def pick(stacked: Tensor, index: int | Tensor) -> Tensor:
