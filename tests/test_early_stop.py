@@ -3,11 +3,13 @@ host, where it reads the moves back, and on the device, where it reads nothing b
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
 import torch
 
+from lightning_dkm.diagnostics import count_host_syncs
 from lightning_dkm.engine.numerics import EarlyStop, Groups, sync_free
 
 
@@ -20,7 +22,7 @@ def _run(moves: list[list[float]], epsilon: float, groups: Groups | None, dtype:
     like = torch.zeros(P, 1, 3, dtype=dtype)
     c = torch.zeros(P, 2, 1, dtype=dtype)
     stops = []
-    with sync_free() if on_device else _nothing():
+    with sync_free() if on_device else contextlib.nullcontext():
         stop = EarlyStop(epsilon, like, groups)
         for move in moves:
             new = c + torch.tensor(move, dtype=dtype).view(P, 1, 1)
@@ -30,14 +32,6 @@ def _run(moves: list[list[float]], epsilon: float, groups: Groups | None, dtype:
                 break
         per_palette = stop.per_palette(P).tolist()
     return per_palette, stops, c
-
-
-class _nothing:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 MOVES = [[0.5, 0.5, 0.5], [0.2, 1e-6, 0.3], [1e-6, 1e-6, 0.2], [1e-6, 1e-6, 1e-6]]
@@ -82,10 +76,62 @@ def test_epsilon_is_compared_in_the_centroids_dtype():
 
 def test_without_epsilon_every_round_counts_and_nothing_is_read():
     like = torch.zeros(2, 1, 3)
-    stop = EarlyStop(0.0, like, Groups(torch.tensor([0, 1]), 2, (0, 1)))
     c = torch.zeros(2, 2, 1)
-    for _ in range(3):
-        assert stop.advance(c, c + 1) is False
-        assert torch.equal(stop.keep(c + 1, c), c + 1)
+    with count_host_syncs() as log:
+        stop = EarlyStop(0.0, like, Groups(torch.tensor([0, 1]), 2, (0, 1)))
+        for _ in range(3):
+            assert stop.advance(c, c + 1) is False
+            assert torch.equal(stop.keep(c + 1, c), c + 1)
+    assert log.calls == []
     assert stop.iterations == 3 and stop.rounds() == 3
     assert stop.per_palette(2).tolist() == [3, 3]
+
+
+def test_on_the_device_nothing_is_read_back():
+    groups = Groups(torch.tensor([0, 1, 1]), 2, (0, 1, 1))
+    like = torch.zeros(3, 1, 3)
+    c = torch.zeros(3, 2, 1)
+    with sync_free(), count_host_syncs() as log:
+        stop = EarlyStop(1e-4, like, groups)
+        for move in MOVES:
+            new = c + torch.tensor(move).view(3, 1, 1)
+            assert stop.advance(c, new) is False
+            c = stop.keep(new, c)
+        per_palette = stop.per_palette(3)
+        assert stop.rounds() is None
+    assert log.calls == []
+    assert per_palette.tolist() == [3, 4, 4]
+
+
+@pytest.mark.parametrize("where", ["host", "host, grouped", "device", "device, grouped"])
+def test_the_counts_are_an_int_a_list_per_group_or_a_tensor_on_the_device(where):
+    grouped = "grouped" in where
+    groups = Groups(torch.tensor([0, 1, 1]), 2, (0, 1, 1)) if grouped else None
+    like, c = torch.zeros(3, 1, 3), torch.zeros(3, 2, 1)
+    with sync_free() if where.startswith("device") else contextlib.nullcontext():
+        stop = EarlyStop(1e-4, like, groups)
+        for move in MOVES:
+            new = c + torch.tensor(move).view(3, 1, 1)
+            done = stop.advance(c, new)
+            c = stop.keep(new, c)
+            if done:
+                break
+    if where == "host":
+        assert stop.iterations == 4 and stop.rounds() == 4
+    elif where == "host, grouped":
+        assert stop.iterations == [3, 4] and stop.rounds() is None  # they differ
+    else:
+        assert isinstance(stop.iterations, torch.Tensor) and stop.rounds() is None
+        assert stop.iterations.tolist() == (4 if groups is None else [3, 4])
+
+
+def test_a_batch_whose_groups_stop_together_knows_its_one_count():
+    groups = Groups(torch.tensor([0, 1]), 2, (0, 1))
+    moves = [[0.5, 0.5], [0.2, 0.3], [1e-6, 1e-6]]
+    like, c = torch.zeros(2, 1, 3), torch.zeros(2, 2, 1)
+    stop = EarlyStop(1e-4, like, groups)
+    for move in moves:
+        new = c + torch.tensor(move).view(2, 1, 1)
+        done = stop.advance(c, new)
+        c = stop.keep(new, c)
+    assert done is True and stop.iterations == [3, 3] and stop.rounds() == 3

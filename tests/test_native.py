@@ -499,11 +499,13 @@ def test_a_grid_loop_that_adds_otherwise_is_caught_by_the_check() -> None:
     if loops is None:
         pytest.skip(f"not built here: {native.build_failure()}")
     assert _fused_disagreement(Wrong(None)) is None
-    assert _fused_disagreement(Wrong("counts")) == ("its results differ from PyTorch's in: "
-                                                    "grid counts")
+    assert _fused_disagreement(Wrong("counts")) == (
+        "its results differ from PyTorch's in: grid counts (64 columns), grid counts (16 "
+        "columns)")
     assert _fused_disagreement(Wrong("second")) == (
-        "its results differ from PyTorch's in: grid sums of f r^2 (None), grid sums of f r^2 "
-        "(torch.float32), grid sums of f r^2 (torch.float64)")
+        "its results differ from PyTorch's in: " + ", ".join(
+            f"grid sums of f r^2 ({dtype}, {columns} columns)" for columns in (64, 16)
+            for dtype in (None, torch.float32, torch.float64)))
 
 
 def test_the_portable_conversion_rounds_as_pytorch_nan_payloads_included(tmp_path,

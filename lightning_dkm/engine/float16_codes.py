@@ -589,29 +589,34 @@ def _check_grid(loaded: native.Kernels,
                 checks: dict[str, tuple[Tensor | None, Tensor | None]]) -> None:
     """Adds to ``checks`` the grid loop of ``average_bits``' estimate beside its PyTorch ops
     (:mod:`.value_grid`): counts and sums per cell, and a sensitivity's sums (none, float32,
-    float64), on two palettes of 700 values in pieces of 64 columns of a grid of 16 cells a
-    side (one palette's values wider than its pieces' cells are many, the other's narrower),
-    with values on the cells' edges and midway between cells, -0, a subnormal and repeats."""
+    float64), on two palettes of 700 values of a grid of 16 cells a side (33 cells), in
+    pieces of 64 columns (more columns than cells: the loop zeroes whole tables per piece)
+    and of 16 (fewer: it keeps a list of the cells each piece touched, the path of every
+    call with 128 palettes or more), with values on the cells' edges and midway between
+    cells, -0, a subnormal and repeats."""
     generator = torch.Generator().manual_seed(2)
     cpu = {"dtype": torch.float32, "device": "cpu"}  # whatever the defaults
-    grid, columns = 16, 64
+    grid = 16
     unit = torch.tensor([[4.0], [2.0**-10]], **cpu)
     x = torch.rand(2, 700, generator=generator, **cpu).mul_(2).sub_(1)
     x[1, 100:] = x[1, 100:].mul_(1024).round_().div_(1024)  # few distinct values: repeats
     x[0, :8] = torch.tensor([1.0, -1.0, 0.0, -0.0, 2.0**-130, 1.5 / grid, -2.5 / grid,
                              0.5 / grid], **cpu)
     x.mul_(unit)
-    cells, offsets, counts, sums = cells_by_ops(x, unit, grid, columns)
-    got = loaded.grid_counts(x, unit.reshape(-1), grid, columns)
-    checks["grid counts"] = (counts, None if got is None else got[0])
-    checks["grid sums"] = (sums, None if got is None else got[1])
-    for dtype in (None, torch.float32, torch.float64):
-        f = None if dtype is None else torch.rand(2, 700, generator=generator, dtype=dtype,
-                                                  device="cpu")
-        want = cell_sums_by_ops(cells, offsets, f, grid, columns)
-        found = loaded.grid_sums(x, unit.reshape(-1), grid, columns, f)
-        for name, a, b in zip(("f", "f r", "f r^2"), want, found or (None,) * 3, strict=True):
-            checks[f"grid sums of {name} ({dtype})"] = (a, b)
+    f = {dtype: torch.rand(2, 700, generator=generator, dtype=dtype, device="cpu")
+         for dtype in (torch.float32, torch.float64)}
+    for columns in (64, 16):
+        cells, offsets, counts, sums = cells_by_ops(x, unit, grid, columns)
+        got = loaded.grid_counts(x, unit.reshape(-1), grid, columns)
+        checks[f"grid counts ({columns} columns)"] = (counts, None if got is None else got[0])
+        checks[f"grid sums ({columns} columns)"] = (sums, None if got is None else got[1])
+        for dtype in (None, torch.float32, torch.float64):
+            weights = None if dtype is None else f[dtype]
+            want = cell_sums_by_ops(cells, offsets, weights, grid, columns)
+            found = loaded.grid_sums(x, unit.reshape(-1), grid, columns, weights)
+            for name, a, b in zip(("f", "f r", "f r^2"), want, found or (None,) * 3,
+                                  strict=True):
+                checks[f"grid sums of {name} ({dtype}, {columns} columns)"] = (a, b)
 
 
 def _fused_disagreement(loaded: native.Kernels) -> str | None:

@@ -215,7 +215,10 @@ class EarlyStop:
         self.groups = groups if epsilon > 0 else None
         self.on_device = epsilon > 0 and not host_reads_are_free(like)
         self.device = like.device
-        self._threshold = _rounded_to(epsilon, like.dtype)
+        # the host compares in the centroids' dtype, as the device does (computed only there:
+        # a rounding past float32's range is an operator call, a host read on the device)
+        self._threshold = (_rounded_to(epsilon, like.dtype) if epsilon > 0 and not self.on_device
+                           else math.nan)
         count = 1 if self.groups is None else self.groups.count
         # on the host: each group's rounds and flags; on the device: flags as tensors
         self._counts = [0] * count
