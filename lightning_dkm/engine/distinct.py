@@ -337,20 +337,19 @@ class _UniqueDKM(torch.autograd.Function):
                 [x.detach() for x in xs[:coded]], device_side)
             layout = _SharedLayout(shared, rows[:coded], center, scale)
             center_all, scale_all = center, scale  # (P, 1): every row's
-            centers = [center[r] for r in rows[:coded]]
-            scales = [scale[r] for r in rows[:coded]]
             values, counts = [shared.values], [shared.counts]
-            for x in xs[coded:]:  # the exact tensors' rows after the coded ones' (chunked's)
-                norm = normalization_of(x.detach())
-                values.append((x.detach() - norm.center) / norm.scale)
+            exact_norms = [normalization_of(x.detach()) for x in xs[coded:]]
+            for x, norm in zip(xs[coded:], exact_norms, strict=True):  # rows after the coded
+                values.append((x.detach() - norm.center) / norm.scale)  # ones' (chunked's)
                 counts.append(torch.ones_like(values[-1]))
-                centers.append(norm.center)
-                scales.append(norm.scale)
                 columns.append(_ExactPoints())
             if config.exact:
+                exact_centers = [norm.center for norm in exact_norms]
+                exact_scales = [norm.scale for norm in exact_norms]
                 layout = _WithExactRows(layout, rows[coded:], [x.shape[1] for x in xs[coded:]],
-                                        centers[coded:], scales[coded:])
-                center_all, scale_all = torch.cat(centers), torch.cat(scales)
+                                        exact_centers, exact_scales)
+                center_all = torch.cat([center, *exact_centers])
+                scale_all = torch.cat([scale, *exact_scales])
         else:  # each tensor its own layout; its table columns converted once
             codes, columns, distinct, centers, scales = zip(*(
                 prepare(x.detach(), norm, device_side)
