@@ -385,7 +385,7 @@ class Kernels:
     def optimal_choices(self, prefix: Tensor, k: int, tiny: float) -> Tensor | None:
         """The exact 1-D k-means program's table of choices ``(k, P, M)`` int32 for the prefix
         sums ``prefix`` ``(3, P, M + 1)`` float64 of ``M >= k`` bins (what
-        :func:`~.optimal1d._optimal_starts`' PyTorch ops give, bit for bit: every value
+        :func:`~.optimal1d.choices_by_ops` gives, bit for bit: every value
         computed by the same operations in the same order, one palette and node at a time
         instead of vectorised over them, so no per-node operator call)."""
         if not (_fit(prefix, torch.float64, 3) and prefix.shape[0] == 3 and isinstance(k, int)

@@ -9,11 +9,12 @@ their sum (:func:`cells_by_ops`), and per cell the sums of a sensitivity ``f`` a
 (:func:`cell_sums_by_ops`). Each pass runs a piece of ``columns`` columns at a time and adds
 each piece's ``bincount`` into float64 tables.
 
-These are the PyTorch ops; :mod:`.native`'s ``dkm_grid`` loop (``Kernels.grid_counts`` and
-``Kernels.grid_sums``) gives the same tables bit for bit in one read of ``x`` without keeping
-cells or offsets, where it is built. The two live here, below the engine's load check
-(:mod:`.float16_codes`), so that the check compares the loop with these ops when the library
-first loads, as it does every other loop.
+:func:`cell_counts` and :func:`cell_sums` run :mod:`.native`'s ``dkm_grid`` loop
+(``Kernels.grid_counts`` and ``Kernels.grid_sums``) where it is built: the same tables bit for
+bit in one read of ``x``, keeping no cell or offset per value. Elsewhere they run the PyTorch
+ops (:func:`cells_by_ops`, :func:`cell_sums_by_ops`), whose cells and offsets the sums reuse.
+Both live here, below the engine's load check (:mod:`.float16_codes`), so that the check
+compares the loop with these ops when the library first loads, as it does every other loop.
 """
 
 from __future__ import annotations
@@ -21,9 +22,43 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from . import native
 from .numerics import chunks
 
-__all__ = ["cell_sums_by_ops", "cells_by_ops", "pieces"]
+__all__ = ["Cells", "cell_counts", "cell_sums", "cell_sums_by_ops", "cells_by_ops", "pieces"]
+
+#: Each value's cell (int32) and its offset from the cell's value (float32), both ``(P, n)``.
+Cells = tuple[Tensor, Tensor]
+
+
+def cell_counts(x: Tensor, unit: Tensor, grid: int, columns: int
+                ) -> tuple[Tensor, Tensor, Cells | None]:
+    """Per cell the number of values of ``x / unit`` (int64) and their sum (float64), and
+    where the PyTorch ops found them, each value's cell and offset (``None`` where the native
+    loop did: it keeps none). ``x`` ``(P, n)`` float32, ``unit`` one power of two per palette
+    (``(P,)`` or ``(P, 1)``), at least each palette's largest ``|x|``."""
+    loops = native.loops_for(x)
+    counted = None if loops is None else loops.grid_counts(
+        x, unit.reshape(-1).contiguous(), grid, columns)
+    if counted is not None:
+        return counted[0], counted[1], None
+    cells, offsets, counts, sums = cells_by_ops(x, unit.reshape(-1, 1), grid, columns)
+    return counts, sums, (cells, offsets)
+
+
+def cell_sums(x: Tensor, unit: Tensor, grid: int, columns: int, f: Tensor | None,
+              cells: Cells | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`cell_sums_by_ops` of the values ``x / unit`` (as :func:`cell_counts`) and the
+    sensitivity ``f``: by the native loop where it takes them, else by the PyTorch ops on
+    ``cells`` (those :func:`cell_counts` gave; found again where ``None``)."""
+    loops = native.loops_for(x)
+    got = None if loops is None else loops.grid_sums(
+        x, unit.reshape(-1).contiguous(), grid, columns, f)
+    if got is not None:
+        return got
+    if cells is None:
+        cells = cells_by_ops(x, unit.reshape(-1, 1), grid, columns)[:2]
+    return cell_sums_by_ops(*cells, f, grid, columns)
 
 
 def pieces(shape: torch.Size | tuple[int, int], columns: int) -> list[tuple[slice, slice]]:

@@ -49,6 +49,7 @@ narrowest width is an error.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import warnings
 from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
@@ -59,13 +60,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..engine import native
 from ..engine.kmeans import kmeans, kmeans_widths, palette_unit
 from ..engine.layout import MAX_BITS, PaletteLayout, is_int, is_number
 from ..engine.numerics import all_finite
 from ..engine.palette import LutDtype, lut_dtype_name, stored_bytes
 from ..engine.parametrization import stable_seed
-from ..engine.value_grid import cell_sums_by_ops, cells_by_ops
+from ..engine.value_grid import Cells, cell_counts, cell_sums, cell_sums_by_ops, cells_by_ops
 from .targets import Target
 
 __all__ = [
@@ -224,9 +224,9 @@ class _Snapped:
     and, per width, the centroid of each vector (``(P, n, d)``). Scalar palettes (``grid``:
     the cells' values, ``2 * _GRID + 1`` per palette, palette after palette) keep, per width,
     each grid cell's centroid (``centroids``: ``(C,)``), so that an estimate sums the
-    sensitivity per cell instead of per weight and width (:meth:`sums`), and either their
-    ``values`` ``(P, n)`` as they are (a view of the weight where its layout allows), which
-    the native loops read, or, where the PyTorch ops found the grid, its cells and offsets."""
+    sensitivity per cell instead of per weight and width (:meth:`sums`), and their ``values``
+    ``(P, n)`` as they are (a view of the weight where its layout allows), which the native
+    loops read, with the cells and offsets where the PyTorch ops found the grid instead."""
 
     layout: PaletteLayout
     scale: Tensor | None
@@ -235,18 +235,21 @@ class _Snapped:
     x: Tensor | None = None
     grid: Tensor | None = None
     values: Tensor | None = None
-    #: The PyTorch ops' cells and offsets (:func:`_grid_values`), kept once made (where the
-    #: native loops are not used, and for :meth:`snapped`).
-    _cells: dict[str, Tensor] = field(default_factory=dict, compare=False, repr=False)
+    #: The PyTorch ops' cells and offsets, where :func:`_snap` found the grid by them.
+    cells: Cells | None = None
 
-    def cells_and_offsets(self) -> tuple[Tensor, Tensor]:
+    def cells_and_offsets(self) -> Cells:
         """Each scalar weight's cell (``(P, n)`` int32, palette after palette) and its offset
         from the cell's value (``(P, n)`` float32, in units of ``unit``)."""
-        if not self._cells:
-            assert self.values is not None
-            cells, offsets, _, _ = _grid_values(self.values, self.unit.view(-1, 1))
-            self._cells.update(cells=cells, offsets=offsets)
-        return self._cells["cells"], self._cells["offsets"]
+        return self.cells if self.cells is not None else self._cells_of_values
+
+    @functools.cached_property
+    def _cells_of_values(self) -> Cells:
+        """:meth:`cells_and_offsets` found from ``values`` (where the native loops counted
+        the cells, keeping none), once."""
+        assert self.values is not None
+        cells, offsets, _, _ = _grid_values(self.values, self.unit.view(-1, 1))
+        return cells, offsets
 
     def snapped(self, bits: int) -> Tensor:
         """``(P, n, d)``: the centroid each vector snaps to at ``bits``, in units of ``unit``."""
@@ -284,17 +287,16 @@ class _Snapped:
         every width's estimate), in float64 (they cancel to 0 where every value has a
         centroid), each times its palette's ``unit ** 2`` (a power of two: exact): the only
         pass over the weights an estimate makes, a piece of :data:`_PIECE` entries at a time
-        (one loop of :mod:`~lightning_dkm.engine.native` where it is built, else PyTorch ops
-        on :meth:`cells_and_offsets`; the same sums, bit for bit)."""
+        (:func:`~lightning_dkm.engine.value_grid.cell_sums`: the native loop where it is
+        built, else PyTorch ops on :meth:`cells_and_offsets`; the same sums, bit for bit)."""
         assert self.grid is not None
         P = self.unit.numel()
         f = self._factor(sensitivity)
         if f is not None:
             f = f.reshape(P, -1).contiguous()
-        loops = None if self.values is None else native.loops_for(self.values)
-        got = None if loops is None else loops.grid_sums(
-            self.values, self.unit.reshape(-1).contiguous(), _GRID, _piece_columns(P), f)
-        total, first, second = got or self._sums_by_ops(f)
+        assert self.values is not None
+        total, first, second = cell_sums(self.values, self.unit, _GRID, _piece_columns(P), f,
+                                         self.cells)
         u = self.unit.double().square().reshape(-1)  # (P,)
         per_cell = u.repeat_interleave(self.grid.numel() // u.numel())
         return _CellSums(total * per_cell, first * per_cell, float(torch.dot(second, u)))
@@ -428,17 +430,10 @@ def _snap(tensors: Sequence[tuple[Tensor, PaletteLayout, Collection[int]]], seed
                     out[i].centroids[bits] = result.centroids.gather(1, idx)
                 continue
             palettes = x[..., 0].contiguous()
-            loops = native.loops_for(palettes)
-            counted = None if loops is None else loops.grid_counts(
-                palettes, unit.reshape(-1).contiguous(), _GRID, _piece_columns(x.shape[0]))
+            counts, sums, cells = cell_counts(palettes, unit, _GRID, _piece_columns(x.shape[0]))
             grid = ((torch.arange(x.shape[0] * size) % size - _GRID).float() / _GRID)
-            if counted is None:  # the PyTorch ops: the sums reuse their cells and offsets
-                cells, offsets, *counted = _grid_values(palettes, unit.view(-1, 1))
-                out.append(_Snapped(layout, scale, unit, {}, grid=grid,
-                                    _cells={"cells": cells, "offsets": offsets}))
-            else:
-                out.append(_Snapped(layout, scale, unit, {}, grid=grid, values=palettes))
-            counts, sums = counted
+            out.append(_Snapped(layout, scale, unit, {}, grid=grid, values=palettes,
+                                cells=cells))
             for p in range(x.shape[0]):
                 mine = slice(p * size, (p + 1) * size)
                 present = counts[mine].nonzero().squeeze(1)
