@@ -390,12 +390,23 @@ def root_mean_square(deviations: Tensor) -> Tensor:
     range (a power of two rounds nothing). A
     sample suffices: the squares have some 76 decades of room in float32, and it costs a few
     small ops, not a pass over the weights."""
-    dims = tuple(range(1, deviations.ndim))
+    unit = power_of_two(_sampled_peak(deviations))
+    return _in_units(deviations, unit).mul_(unit)
+
+
+def _sampled_peak(deviations: Tensor) -> Tensor:
+    """Each palette's largest ``|deviation|`` among at most :data:`_SAMPLE_POINTS` evenly
+    strided points, ``(P, 1, ...)``."""
     stride = max(1, deviations.shape[1] // _SAMPLE_POINTS)
-    unit = power_of_two(deviations[:, ::stride].abs().amax(dim=dims, keepdim=True))
-    count = math.prod(deviations.shape[1:])
+    dims = tuple(range(1, deviations.ndim))
+    return deviations[:, ::stride].abs().amax(dim=dims, keepdim=True)
+
+
+def _in_units(deviations: Tensor, unit: Tensor) -> Tensor:
+    """Each palette's root mean square in units of its ``unit`` (a power of two), one pass."""
+    dims = tuple(range(1, deviations.ndim))
     rms = torch.linalg.vector_norm(deviations / unit, dim=dims, keepdim=True)
-    return rms.div_(math.sqrt(count)).mul_(unit)
+    return rms.div_(math.sqrt(math.prod(deviations.shape[1:])))
 
 
 def root_mean_squares(deviations: Sequence[Tensor]) -> Tensor:
@@ -405,13 +416,10 @@ def root_mean_squares(deviations: Sequence[Tensor]) -> Tensor:
     kernel launch, as on an accelerator, they outnumbered the passes)."""
     if len(deviations) == 1:
         return root_mean_square(deviations[0])
-    peaks = [d[:, ::max(1, d.shape[1] // _SAMPLE_POINTS)].abs().amax(dim=1, keepdim=True)
-             for d in deviations]
-    units = power_of_two(torch.cat(peaks))
+    units = power_of_two(torch.cat([_sampled_peak(d) for d in deviations]))
     parts = units.split([d.shape[0] for d in deviations])
-    means = [torch.linalg.vector_norm(d / u, dim=1, keepdim=True).div_(math.sqrt(d.shape[1]))
-             for d, u in zip(deviations, parts, strict=True)]
-    return torch.cat(means).mul_(units)
+    return torch.cat([_in_units(d, u) for d, u in zip(deviations, parts, strict=True)]
+                     ).mul_(units)
 
 
 def floored_scale(std: Tensor, center: Tensor) -> Tensor:
