@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import tempfile
 import time
 from typing import Any
@@ -44,10 +45,25 @@ def apply(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     _chosen[0] = CLOCKS[args.clock]
 
 
+def cpu_model() -> str:
+    """The processor's name (Linux's ``/proc/cpuinfo`` "model name", else what ``platform``
+    says): ratios of DKM to plain steps differ between processors by more than between runs,
+    so every result names the one it was measured on."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
 def result(args: argparse.Namespace, **fields: Any) -> dict[str, Any]:
-    """A script's result: ``fields`` with the clock and the threads it was timed with, written
-    as JSON to ``args.json`` where given (the scripts' common ending)."""
-    out = {"clock": args.clock, "threads": torch.get_num_threads(), **fields}
+    """A script's result: ``fields`` with the clock and the threads it was timed with and the
+    processor, written as JSON to ``args.json`` where given (the scripts' common ending)."""
+    out = {"clock": args.clock, "threads": torch.get_num_threads(), "cpu": cpu_model(),
+           **fields}
     if args.json:
         args.json.write_text(json.dumps(out, indent=2) + "\n")
     return out

@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import platform
 import statistics
 import sys
 import warnings
@@ -146,7 +145,7 @@ def main() -> None:
     clocks.apply(parser, args)
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)  # no banner per fit
     build = clocks.native_build()
-    print(f"torch {torch.__version__}, lightning {pl.__version__}, {platform.processor() or ''} "
+    print(f"torch {torch.__version__}, lightning {pl.__version__}, {clocks.cpu_model()}, "
           f"{torch.get_num_threads()} threads; digits CNN, batch 64, Adam, {args.epochs} epochs "
           f"per fit (first untimed), {args.repeats} plain/DKM pairs per row, interleaved, "
           f"{args.clock} clock")
@@ -191,6 +190,7 @@ def main() -> None:
         args.json.write_text(json.dumps({"rows": rows, "repeats": args.repeats,
                                          "native_loops": build,
                                          "epochs": args.epochs, "clock": args.clock,
+                                         "cpu": clocks.cpu_model(),
                                          "threads": torch.get_num_threads()}, indent=2) + "\n")
 
 

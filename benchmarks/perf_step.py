@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import platform
 import resource
 import statistics
 import subprocess
@@ -254,7 +253,7 @@ def main() -> None:
 
     setup = {
         "device": args.device if args.device == "cpu" else torch.cuda.get_device_name(),
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": clocks.cpu_model(),
         "threads": torch.get_num_threads(),
         "clock": args.clock,
         "torch": torch.__version__,
