@@ -366,3 +366,23 @@ def test_the_models_entropy_is_the_mean_over_every_row_of_every_tensor() -> None
     mean = sum(per_tensor[name]["entropy"] * n for name, n in rows.items()) / sum(rows.values())
     assert per_tensor["0.weight"]["entropy"] != per_tensor["2.weight"]["entropy"]
     assert entropy == pytest.approx(mean, rel=1e-12)
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_the_logged_entropy_is_assignment_entropy_of_the_soft_assignments(bits: int) -> None:
+    """``measure_all`` computes it from the logits; it is the metric's value on the
+    parametrization's soft assignments, to float rounding."""
+    from torch import nn
+
+    from lightning_dkm import ClusterSpec, attach, select_targets
+    from lightning_dkm.lightning.convergence import measure_all
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 16))
+    tensors = attach(model, select_targets(model, ClusterSpec(bits=bits), min_size=1))
+    per_tensor, _ = measure_all(tensors)
+    for name, tensor in tensors.items():
+        metric = AssignmentEntropy()
+        for chunk in tensor.parametrization.soft_assignment_chunks(tensor.full_original()):
+            metric.update(chunk)
+        assert per_tensor[name]["entropy"] == pytest.approx(metric.compute().item(), rel=1e-6)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import re
 
 import pytest
@@ -447,6 +448,39 @@ def test_soft_assignment_chunks_are_the_steps_attention_without_subnormal_entrie
     plain = soft_assignment(xt, cn, 1e-4).transpose(1, 2)
     assert ((plain > 0) & (plain < tiny)).any()  # the case the floor is for
     torch.testing.assert_close(full, plain, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize(("bits", "cluster_dim", "group_size", "tau"), [
+    (2, 1, None, 0.1), (4, 1, 2, 1e-3), (4, 1, None, 1e-5), (3, 2, 2, 0.05)])
+def test_soft_assignment_entropy_is_minus_sum_p_log_p_of_the_chunks(
+        bits: int, cluster_dim: int, group_size: int | None, tau: float) -> None:
+    # From the logits (log S - sum e z / S) instead of the probabilities; soft, saturated
+    # (entries under the floor) and vector palettes, several palettes, several chunks.
+    linear, p = clustered_linear(bits=bits, cluster_dim=cluster_dim, group_size=group_size,
+                                 temperature=tau)
+    original = linear.parametrizations.weight.original
+    chunks = list(p.soft_assignment_chunks(original, chunk_rows=24))
+    rows = torch.cat(chunks, dim=1).double()
+    expected = -torch.special.xlogy(rows, rows).sum()
+    total, count = p.soft_assignment_entropy(original, chunk_rows=24)
+    assert count == rows.shape[0] * rows.shape[1]
+    assert total.dtype == torch.float64 and total.shape == ()
+    torch.testing.assert_close(total, expected, rtol=1e-5, atol=1e-6 * count)
+
+
+def test_soft_assignment_entropy_of_one_hot_and_of_uniform_rows() -> None:
+    # The weights on the centroids and a tiny tau: every row one-hot, 0 nats; a huge tau:
+    # every row uniform over the k centroids, log(k) nats each.
+    linear, p = clustered_linear(bits=3)
+    original = linear.parametrizations.weight.original
+    with torch.no_grad():
+        original.copy_(p.palette(original).weight())
+    p.temperature.fill_(1e-6)
+    total, count = p.soft_assignment_entropy(original)
+    assert count == 128 and total.item() == 0.0
+    p.temperature.fill_(1e12)
+    total, _ = p.soft_assignment_entropy(original)
+    assert total.item() == pytest.approx(count * math.log(8), rel=1e-6)
 
 
 def test_palette_reproduces_the_eval_weight() -> None:

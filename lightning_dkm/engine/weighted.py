@@ -85,6 +85,7 @@ __all__ = [
     "Gradient",
     "Trajectory",
     "attention",
+    "attention_entropy",
     "check_gradient",
     "load_trajectory",
     "save_trajectory",
@@ -126,14 +127,42 @@ def attention(xt: Tensor, c: Tensor, inv_tau: Tensor | float,
 
     A weight below ``e^-LOGIT_FLOOR`` of its point's largest is exactly 0 (:data:`LOGIT_FLOOR`).
     """
-    z = sq_distances(xt, c, out=out).mul_(-inv_tau)  # (P, k, m)
-    if centroid_mask is not None:
-        z.masked_fill_(~centroid_mask, float("-inf"))
-    e = z.sub_(z.amax(1, keepdim=True)).clamp_min_(-LOGIT_FLOOR - 1.0).exp_()
-    torch.nn.functional.threshold_(e, _FLOOR_WEIGHT, 0.0)  # e <= e^-LOGIT_FLOOR -> 0
+    e = _floored_exp(_shifted_logits(xt, c, inv_tau, centroid_mask, out), in_place=True)
     if centroid_mask is not None:
         e.masked_fill_(~centroid_mask, 0.0)
     return e.div_(e.sum(1, keepdim=True))
+
+
+def attention_entropy(xt: Tensor, c: Tensor, inv_tau: Tensor | float) -> Tensor:
+    r"""The entropy in nats of each point's :func:`attention` (same arguments, no mask):
+    (P, m). With the shifted logits :math:`z_j` (largest 0), :math:`e_j = e^{z_j}` (0 below
+    the floor) and :math:`S = \sum_j e_j`, each entry is :math:`p_j = e_j / S`, so
+
+    .. math:: -\sum_j p_j \log p_j = \log S - \tfrac{1}{S} \sum_j e_j z_j
+
+    (an entry at 0 adds 0 to both sides): one logarithm per point instead of one per entry,
+    and no probabilities formed. Both terms are >= 0 (:math:`S \ge 1`, :math:`z_j \le 0`),
+    so nothing cancels; it agrees with ``-(p * p.log()).sum(1)`` to float rounding."""
+    z = _shifted_logits(xt, c, inv_tau)
+    e = _floored_exp(z, in_place=False)
+    total = e.sum(1)
+    return total.log().sub_(e.mul_(z).sum(1).div_(total))
+
+
+def _shifted_logits(xt: Tensor, c: Tensor, inv_tau: Tensor | float,
+                    centroid_mask: Tensor | None = None, out: Tensor | None = None) -> Tensor:
+    """The attention's logits ``-|x - c_j|^2 / tau`` (P, k, m) less each point's largest,
+    raised to just below ``-LOGIT_FLOOR`` (a padding centroid's too): every entry finite."""
+    z = sq_distances(xt, c, out=out).mul_(-inv_tau)  # (P, k, m)
+    if centroid_mask is not None:
+        z.masked_fill_(~centroid_mask, float("-inf"))
+    return z.sub_(z.amax(1, keepdim=True)).clamp_min_(-LOGIT_FLOOR - 1.0)
+
+
+def _floored_exp(z: Tensor, in_place: bool) -> Tensor:
+    """``exp(z)`` with every value at or below ``e^-LOGIT_FLOOR`` exactly 0."""
+    e = z.exp_() if in_place else z.exp()
+    return torch.nn.functional.threshold_(e, _FLOOR_WEIGHT, 0.0)
 
 
 class Trajectory(NamedTuple):
