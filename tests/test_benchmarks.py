@@ -264,6 +264,24 @@ def test_perf_kmeans_compares_the_candidates_and_the_previous_path(tmp_path):
     assert data["palettize"]["previous_inertia_ratio"] > data["palettize"]["inertia_ratio"]
 
 
+def test_perf_kmeans_times_an_earlier_checkouts_package_on_the_same_inputs(tmp_path):
+    # this checkout stands in for an earlier one: the subprocess must import the package
+    # from the path it is given, and an empty directory is refused before anything runs
+    checkout = Path(__file__).resolve().parents[1]
+    out = tmp_path / "kmeans.json"
+    result = run("perf_kmeans.py", "--linear", "128", "--embedding", "256", "64", "--parts",
+                 "palettize", "seeding", "--before", str(checkout), "--clock", "cpu",
+                 "--threads", "1", "--json", str(out))
+    before = json.loads(out.read_text())["before"]
+    assert set(before) == {"checkout", "palettize", "seeding"}
+    assert before["palettize"]["seconds"] > 0 and before["seeding"]["speedup"] > 0
+    assert "with the package at" in result.stdout
+    refused = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "perf_kmeans.py"), "--parts", "seeding", "--before",
+         str(tmp_path)], capture_output=True, text=True, check=False)
+    assert refused.returncode == 2 and "not a checkout of this project" in refused.stderr
+
+
 def test_accuracy_study_merge_replaces_only_the_methods_the_new_run_has(tmp_path):
     def row(method, seed, value):
         return dict(model="m", method=method, bits=2, cluster_dim=1, seed=seed,
