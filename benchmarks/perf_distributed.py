@@ -69,7 +69,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import lightning_dkm
-from lightning_dkm.engine.shard_local import ShardLocalDKM, eligible
+from lightning_dkm.engine.shard_local import RawShards, ShardLocalDKM, eligible
 
 CONFIGS = ("fsdp", "fsdp_dkm2", "fsdp_dkm4", "fsdp_gathered_dkm4", "ddp", "ddp_dkm4")
 
@@ -193,10 +193,12 @@ def _run(rank: int, world: int, config: str, args: dict) -> dict:
                  for n, t in lightning_dkm.clustered_tensors(model).items()
                  if eligible(t.parametrization, t.original) is None]
 
+    raw_shards = RawShards()  # as DKMCallback keeps them, from one step to the next
+
     def step() -> tuple[float, float]:
         """One training step; the wall and CPU seconds spent in shard-local DKM's hooks."""
         wall, cpu = time.perf_counter(), time.process_time()
-        shard_local = ShardLocalDKM(local) if local else None
+        shard_local = ShardLocalDKM(local, raw_shards) if local else None
         if shard_local is not None:  # DKMCallback.on_train_batch_start
             shard_local.soften()
         hooks = [time.perf_counter() - wall, time.process_time() - cpu]

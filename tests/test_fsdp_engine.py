@@ -148,7 +148,7 @@ def _shard_local_against_gathered(rank: int, results) -> None:
     from torch.distributed.device_mesh import init_device_mesh
 
     import lightning_dkm as L
-    from lightning_dkm.engine.shard_local import ShardLocalDKM, eligible
+    from lightning_dkm.engine.shard_local import RawShards, ShardLocalDKM, eligible
 
     mesh = init_device_mesh("cpu", (2,))
 
@@ -165,9 +165,11 @@ def _shard_local_against_gathered(rank: int, results) -> None:
     weights = [(n, t.parametrization, t.original) for n, t in tensors.items()]
     reasons = [eligible(p, o) for _, p, o in weights]
     raw = {n: t.original.to_local().clone() for n, t in tensors.items()}
-    shard_local = ShardLocalDKM(weights)
+    raw_shards = RawShards()  # kept from this step to the next, as the callback does
+    shard_local = ShardLocalDKM(weights, raw_shards)
     owners = [w.owner for w in shard_local.weights]
     shard_local.soften()
+    first_memory = [w.raw.data_ptr() for w in shard_local.weights]
     soft = {n: t.original.detach().full_tensor() for n, t in tensors.items()}  # gathered
     losses = []
     for i, x in enumerate(data[rank]):  # two micro-batches: DKM once, soft values again
@@ -182,8 +184,9 @@ def _shard_local_against_gathered(rank: int, results) -> None:
     # the same step under activation checkpointing: the forward runs again in the backward
     again = L.clustered_tensors(checkpointed)
     shard_local = ShardLocalDKM([(n, t.parametrization, t.original)
-                                 for n, t in again.items()])
+                                 for n, t in again.items()], raw_shards)
     shard_local.soften()
+    reused = [w.raw.data_ptr() for w in shard_local.weights] == first_memory
     for i, x in enumerate(data[rank]):
         if i:
             shard_local.reapply()
@@ -195,7 +198,7 @@ def _shard_local_against_gathered(rank: int, results) -> None:
                     .full_tensor()) for n, p in checkpointed.named_parameters()}
     results[rank] = {
         "replayed": replayed,
-        "reasons": reasons, "owners": owners, "restored": restored,
+        "reasons": reasons, "owners": owners, "restored": restored, "reused": reused,
         "raw_after": all(torch.equal(t.original.to_local(), raw[n])
                          for n, t in tensors.items()),
         "soft": soft, "loss": (float(sum(losses).detach()), float(loss.detach())),
@@ -216,6 +219,7 @@ def test_shard_local_dkm_gives_the_gathered_gradients_and_identical_centroids_on
         assert r["reasons"] == [None, None]
         assert r["owners"] == [0, 1]  # two weights of 32,768: one each
         assert r["restored"] and r["raw_after"]  # the raw shards come back bit for bit
+        assert r["reused"]  # the second step kept its raw shards in the first one's memory
         torch.testing.assert_close(*r["loss"], rtol=1e-5, atol=1e-6)
         for name, (local, gathered) in r["grads"].items():
             torch.testing.assert_close(local, gathered, rtol=1e-4, atol=1e-6, msg=name)
@@ -229,6 +233,25 @@ def test_shard_local_dkm_gives_the_gathered_gradients_and_identical_centroids_on
     for rank in (0, 1):  # activation checkpointing: its replay reads the same soft weights
         for name, (checkpointed, plain) in ranks[rank]["replayed"].items():
             torch.testing.assert_close(checkpointed, plain, rtol=1e-6, atol=1e-8, msg=name)
+
+
+def test_raw_shards_reuse_a_weights_memory_until_released() -> None:
+    from lightning_dkm.engine.shard_local import RawShards
+
+    raw_shards = RawShards()
+    shard = torch.randn(4, 8)
+    first = raw_shards.copy("w", shard)
+    assert torch.equal(first, shard) and first.data_ptr() != shard.data_ptr()
+    again = raw_shards.copy("w", shard * 2)  # the next step: the same memory, new values
+    assert again.data_ptr() == first.data_ptr() and torch.equal(again, shard * 2)
+    other = raw_shards.copy("v", shard)  # each weight its own
+    assert other.data_ptr() != first.data_ptr()
+    for changed in (torch.randn(2, 8), shard.double(), shard.t()):
+        kept = raw_shards.copy("w", changed)  # another shape or dtype: other memory
+        assert torch.equal(kept, changed) and kept.is_contiguous()
+    assert raw_shards.copy("w", shard.t()).data_ptr() == kept.data_ptr()
+    raw_shards.release()
+    assert raw_shards.copy("w", shard.t()).data_ptr() != kept.data_ptr()
 
 
 def _soft_weights_at_extreme_magnitudes(rank: int, results) -> None:

@@ -42,8 +42,9 @@ the owner's distinct values in the static layout of
 :func:`~.float16_codes.static_distinct_from_counts`).
 
 **Memory per rank**: the raw shard aside (``4 n / world`` bytes per float32 weight, from
-:meth:`~ShardLocalDKM.soften` to :meth:`~ShardLocalDKM.restore`), a 65,536-entry table of soft
-values per weight, and on the owner the trajectory on the distinct values.
+:meth:`~ShardLocalDKM.soften` to :meth:`~ShardLocalDKM.restore`, or from step to step in a
+:class:`RawShards` the caller keeps), a 65,536-entry table of soft values per weight, and on the
+owner the trajectory on the distinct values.
 
 **Which weights** (:func:`eligible`): soft-mode, training, initialised parametrizations of the
 ``"unique"`` step on one palette without per-channel scale (the codes of a row-shard are then
@@ -80,7 +81,7 @@ from .parametrization import DKMParametrization
 from .sharding import is_sharded
 from .weighted import Trajectory, weighted_dkm, weighted_dkm_gradient
 
-__all__ = ["ShardLocalDKM", "eligible", "owners"]
+__all__ = ["RawShards", "ShardLocalDKM", "eligible", "owners"]
 
 
 def eligible(p: DKMParametrization, original: Tensor) -> str | None:
@@ -159,13 +160,46 @@ class _Weight:
         return CodeColumns(codes, device_side=not host_reads_are_free(codes))
 
 
+class RawShards:
+    """The memory each weight's raw shard is kept in while its parameter holds soft values,
+    reused from one optimizer step to the next until :meth:`release`.
+
+    A fresh copy per step pays its first touches every step on the CPU (glibc hands blocks
+    this large back to the system when they are freed): on GPT-2 small's 85M clustered
+    weights that copy was a fifth of the hooks' time at world 2, and took longer per rank than
+    at world 1 for half the data (page faults of two processes at once;
+    ``benchmarks/perf_distributed.py``). Kept, ``4 n / world`` bytes per float32 weight stay
+    taken between steps too: the callback releases them at every epoch's end, at the fit's
+    end and on an exception."""
+
+    def __init__(self) -> None:
+        self._kept: dict[str, Tensor] = {}
+
+    def copy(self, name: str, shard: Tensor) -> Tensor:
+        """``shard``'s values in the memory kept for ``name`` (taken on first use, and again
+        where the shard's shape, dtype or device changed)."""
+        kept = self._kept.get(name)
+        if (kept is None or kept.shape != shard.shape or kept.dtype != shard.dtype
+                or kept.device != shard.device):
+            kept = self._kept[name] = torch.empty_like(
+                shard, memory_format=torch.contiguous_format)
+        return kept.copy_(shard)
+
+    def release(self) -> None:
+        """Let the memory go (the next :meth:`copy` takes it again)."""
+        self._kept.clear()
+
+
 class ShardLocalDKM:
     """The shard-local DKM of one optimizer step (module docstring): :meth:`soften` at its
     first micro-batch, :meth:`reapply` at the others, :meth:`restore` after each,
     :meth:`finish` before the optimizer step. ``weights``: ``(name, parametrization,
-    sharded original)`` of the eligible weights, all on one mesh."""
+    sharded original)`` of the eligible weights, all on one mesh. ``raw_shards``: where the
+    raw shards are kept aside, reused across steps (:class:`RawShards`); by default memory of
+    this step's own."""
 
-    def __init__(self, weights: Iterable[tuple[str, DKMParametrization, nn.Parameter]]) -> None:
+    def __init__(self, weights: Iterable[tuple[str, DKMParametrization, nn.Parameter]],
+                 raw_shards: RawShards | None = None) -> None:
         members = list(weights)
         if not members:
             raise ValueError("ShardLocalDKM needs at least one weight")
@@ -183,6 +217,7 @@ class ShardLocalDKM:
                 members, ranks, self._normalizations([o for _, _, o in members]), strict=True):
             self.weights.append(_Weight(name, p, original, owner, center, unit))
         self.softened = False
+        self.raw_shards = RawShards() if raw_shards is None else raw_shards
 
     def _normalizations(self, originals: list[Tensor]) -> list[tuple[Tensor, Tensor]]:
         """Each weight's centre and power-of-two unit (1, 1) from one all-reduce of its shards'
@@ -262,7 +297,7 @@ class ShardLocalDKM:
         for w, column in zip(self.weights, columns, strict=True):
             local = w.local()
             if w.raw is None:
-                w.raw = local.detach().clone()
+                w.raw = self.raw_shards.copy(w.name, local.detach())
             target = local.detach().view(1, -1)
             if target.dtype == w.table.dtype:
                 column.look_up(w.table, out=target)  # straight into FSDP2's storage

@@ -20,7 +20,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import nn
 
 from ..engine.palette import Palette
-from ..engine.shard_local import ShardLocalDKM, eligible
+from ..engine.shard_local import RawShards, ShardLocalDKM, eligible
 from ..model.attach import ClusteredTensor, finalize_sharded
 from ..model.carried import carry_palettes
 from ..model.checkpoint import split_dkm_state
@@ -38,6 +38,8 @@ class FullySharded:
         # the optimizer step's shard-local DKM, one per device mesh (units sharded on
         # different meshes: e.g. one with a dim name and ``fully_shard``'s default)
         self._steps: list[ShardLocalDKM] = []
+        # the raw shards' memory, reused by every step of an epoch (released by drop)
+        self._raw_shards = RawShards()
         self._warned: set[str] = set()  # weights already named in a "gathered" warning
 
     # -- shard-local DKM over one optimizer step ----------------------------------------------
@@ -77,7 +79,7 @@ class FullySharded:
                 meshes.append((mesh, [weight]))
             else:
                 same.append(weight)
-        self._steps = [ShardLocalDKM(members) for _, members in meshes]
+        self._steps = [ShardLocalDKM(members, self._raw_shards) for _, members in meshes]
         for step in self._steps:
             step.soften()
 
@@ -108,10 +110,13 @@ class FullySharded:
 
     def drop(self) -> None:
         """The raw weights back and the step forgotten (an exception, an epoch or fit end
-        without the optimizer step)."""
+        without the optimizer step); the memory kept for the raw shards let go."""
         steps, self._steps = self._steps, []
-        for step in steps:
-            step.restore()
+        try:
+            for step in steps:
+                step.restore()
+        finally:
+            self._raw_shards.release()
 
     def setup(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, finalize_at_fit_end: bool
