@@ -117,10 +117,15 @@ def test_without_host_reads_a_shared_layout_holds_tensors_past_65536_weights_and
         batched, batched_grads = _run(unique_dkm_batch, xs, cs, taus, upstream,
                                       rebuild=[True, False, True], **kwargs)
         alone, alone_grads = _run(_one_by_one, xs, cs, taus, upstream, **kwargs)
+    # float32: the batch's scale rounds its second moment over the layout's padding columns
+    # (the docstring of prepare_shared), and 1 / tau amplifies that rounding in the soft
+    # weights: 3e-5 of the largest weight and of the largest gradient on an AVX-512 CPU (the
+    # step alone is 5e-6 from float64 there). Tolerances in units of each tensor's own scale.
     for b, a, gb, ga in zip(batched, alone, batched_grads, alone_grads, strict=True):
-        torch.testing.assert_close(b.weights, a.weights, rtol=1e-5, atol=1e-7)
+        weight_scale, grad_scale = float(a.weights.abs().max()), float(ga.abs().max())
+        torch.testing.assert_close(b.weights, a.weights, rtol=1e-5, atol=1e-4 * weight_scale)
         torch.testing.assert_close(b.centroids, a.centroids, rtol=1e-5, atol=1e-7)
-        torch.testing.assert_close(gb, ga, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(gb, ga, rtol=1e-4, atol=1e-4 * grad_scale)
 
 
 def test_without_host_reads_a_given_normalization_keeps_its_tensor_in_a_layout_of_its_own():
@@ -206,8 +211,11 @@ def test_a_tensor_on_its_exact_weights_gets_what_the_chunked_step_gives_it(gradi
         torch.testing.assert_close(outs[t].weights, alone.weights, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(outs[t].centroids, alone.centroids)
         assert outs[t].iterations == alone.iterations
-        scale = float(x.grad.abs().max())  # the implicit solve amplifies float32 rounding
-        tolerance = 1e-5 if gradient == "unrolled" else 2e-3
+        # float32 summation order: the chunked step alone is 2.5e-5 of the largest gradient
+        # from float64 on this problem (AVX-512 CPU), the batch as close; the implicit solve
+        # amplifies the rounding further
+        scale = float(x.grad.abs().max())
+        tolerance = 1e-4 if gradient == "unrolled" else 2e-3
         torch.testing.assert_close(inputs[t].grad, x.grad, rtol=tolerance, atol=tolerance * scale)
     coded = unique_dkm_batch([xs[1]], cs[1:2], taus[1:2], epsilon=0.0, gradient=gradient)[0]
     torch.testing.assert_close(outs[1].weights, coded.weights, rtol=1e-5, atol=1e-7)
