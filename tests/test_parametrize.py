@@ -483,6 +483,16 @@ def test_soft_assignment_entropy_of_one_hot_and_of_uniform_rows() -> None:
     assert total.item() == pytest.approx(count * math.log(8), rel=1e-6)
 
 
+@pytest.mark.parametrize("chunk_rows", [0, -3, 2.5, True])
+def test_soft_assignments_refuse_a_chunk_size_below_one_row(chunk_rows) -> None:
+    linear, p = clustered_linear(bits=2)
+    original = linear.parametrizations.weight.original
+    with pytest.raises(ValueError, match=rf"chunk_rows must be an int >= 1; got {chunk_rows!r}"):
+        p.soft_assignment_entropy(original, chunk_rows=chunk_rows)
+    with pytest.raises(ValueError, match="chunk_rows must be an int >= 1"):
+        next(p.soft_assignment_chunks(original, chunk_rows=chunk_rows))
+
+
 def test_palette_reproduces_the_eval_weight() -> None:
     linear, p = clustered_linear(bits=3, cluster_dim=2, group_size=2)
     palette = p.palette(linear.parametrizations.weight.original)

@@ -41,7 +41,7 @@ from .accumulation import SoftWindow, outside_saved_tensor_hooks
 from .chunked import chunked_dkm_cluster
 from .distinct import unique_dkm_cluster
 from .kmeans import kmeans_centroids, kmeans_centroids_many, member_means, waves
-from .layout import PaletteLayout
+from .layout import PaletteLayout, is_int
 from .numerics import (
     DKMOutput,
     autocast_disabled,
@@ -489,6 +489,8 @@ class DKMParametrization(nn.Module):
         """The normalised points (P, d, rows) of ``weight`` a chunk at a time, with the
         normalised centroids and ``1 / tau``: what the attention of the current step takes,
         in float32 or wider (to be used outside autocast)."""
+        if not is_int(chunk_rows, 1):
+            raise ValueError(f"chunk_rows must be an int >= 1; got {chunk_rows!r}")
         problem = normalized_problem(self.to_palettes(weight.detach()).float(), self.centroids,
                                      self.temperature, self.max_iter, self.epsilon, None)
         xt = problem.x.transpose(1, 2)

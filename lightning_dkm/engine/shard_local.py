@@ -162,7 +162,7 @@ class _Weight:
 
 class RawShards:
     """The memory each weight's raw shard is kept in while its parameter holds soft values,
-    reused from one optimizer step to the next until :meth:`release`.
+    reused from one optimizer step to the next until :meth:`release` (on the CPU).
 
     A fresh copy per step pays its first touches every step on the CPU (glibc hands blocks
     this large back to the system when they are freed): on GPT-2 small's 85M clustered
@@ -170,18 +170,27 @@ class RawShards:
     at world 1 for half the data (page faults of two processes at once;
     ``benchmarks/perf_distributed.py``). Kept, ``4 n / world`` bytes per float32 weight stay
     taken between steps too: the callback releases them at every epoch's end, at the fit's
-    end and on an exception."""
+    end and on an exception. An accelerator's caching allocator reuses a freed copy's memory
+    by itself, so a shard there gets a fresh copy each time and nothing is kept. Keyed by the
+    parameter (not its name): two models' steps that share one :class:`RawShards` keep apart."""
 
     def __init__(self) -> None:
-        self._kept: dict[str, Tensor] = {}
+        self._kept: dict[int, Tensor] = {}
 
-    def copy(self, name: str, shard: Tensor) -> Tensor:
-        """``shard``'s values in the memory kept for ``name`` (taken on first use, and again
-        where the shard's shape, dtype or device changed)."""
-        kept = self._kept.get(name)
+    def __len__(self) -> int:
+        """How many weights have memory kept."""
+        return len(self._kept)
+
+    def copy(self, parameter: Tensor, shard: Tensor) -> Tensor:
+        """``shard``'s values (``parameter``'s rows on this rank) in the memory kept for
+        ``parameter``: taken on first use, and again where the shard's shape, dtype or device
+        changed; a fresh copy off the CPU."""
+        if shard.device.type != "cpu":
+            return shard.clone(memory_format=torch.contiguous_format)
+        kept = self._kept.get(id(parameter))
         if (kept is None or kept.shape != shard.shape or kept.dtype != shard.dtype
                 or kept.device != shard.device):
-            kept = self._kept[name] = torch.empty_like(
+            kept = self._kept[id(parameter)] = torch.empty_like(
                 shard, memory_format=torch.contiguous_format)
         return kept.copy_(shard)
 
@@ -217,6 +226,7 @@ class ShardLocalDKM:
                 members, ranks, self._normalizations([o for _, _, o in members]), strict=True):
             self.weights.append(_Weight(name, p, original, owner, center, unit))
         self.softened = False
+        self._own_raw_shards = raw_shards is None  # this step's only: let go at finish
         self.raw_shards = RawShards() if raw_shards is None else raw_shards
 
     def _normalizations(self, originals: list[Tensor]) -> list[tuple[Tensor, Tensor]]:
@@ -297,7 +307,7 @@ class ShardLocalDKM:
         for w, column in zip(self.weights, columns, strict=True):
             local = w.local()
             if w.raw is None:
-                w.raw = self.raw_shards.copy(w.name, local.detach())
+                w.raw = self.raw_shards.copy(w.original, local.detach())
             target = local.detach().view(1, -1)
             if target.dtype == w.table.dtype:
                 column.look_up(w.table, out=target)  # straight into FSDP2's storage
@@ -332,6 +342,8 @@ class ShardLocalDKM:
         (no backward ran) is only restored. Collectives: every rank calls it, at the same
         step. The step's state is dropped: the next step starts with :meth:`soften`."""
         self.restore()
+        if self._own_raw_shards:
+            self.raw_shards.release()
         grads = [None if w.original.grad is None else w.original.grad.to_local()
                  for w in self.weights]
         present = [g is not None for g in grads]

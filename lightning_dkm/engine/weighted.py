@@ -142,7 +142,7 @@ def attention_entropy(xt: Tensor, c: Tensor, inv_tau: Tensor | float) -> Tensor:
 
     (an entry at 0 adds 0 to both sides): one logarithm per point instead of one per entry,
     and no probabilities formed. Both terms are >= 0 (:math:`S \ge 1`, :math:`z_j \le 0`),
-    so nothing cancels; it agrees with ``-(p * p.log()).sum(1)`` to float rounding."""
+    so nothing cancels; it agrees with ``-torch.special.xlogy(p, p).sum(1)`` to float rounding."""
     z = _shifted_logits(xt, c, inv_tau)
     e = _floored_exp(z, in_place=False)
     total = e.sum(1)

@@ -57,7 +57,7 @@ def measure_all(
         # from the logits: no (rows, k) probabilities formed
         nats, count = parametrization.soft_assignment_entropy(weight)
         entropy_sum = nats.to(device) / math.log(2)
-        rows = torch.tensor(float(count), dtype=torch.float64, device=device)
+        rows = torch.full((), count, dtype=torch.float64, device=device)  # no copy to a GPU
         first = model_sums[0].device if model_sums else device
         model_sums.append(torch.stack([entropy_sum, rows]).to(first))
         x = parametrization.to_palettes(weight)

@@ -112,11 +112,15 @@ class FullySharded:
         """The raw weights back and the step forgotten (an exception, an epoch or fit end
         without the optimizer step); the memory kept for the raw shards let go."""
         steps, self._steps = self._steps, []
-        try:
-            for step in steps:
+        failures = []
+        for step in steps:  # every mesh's raw weights back, even where one restore raised
+            try:
                 step.restore()
-        finally:
-            self._raw_shards.release()
+            except Exception as failure:  # raised below, after the others
+                failures.append(failure)
+        self._raw_shards.release()
+        if failures:
+            raise failures[0]
 
     def setup(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, finalize_at_fit_end: bool
