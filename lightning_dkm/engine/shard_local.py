@@ -166,13 +166,13 @@ class RawShards:
 
     A fresh copy per step pays its first touches every step on the CPU (glibc hands blocks
     this large back to the system when they are freed): on GPT-2 small's 85M clustered
-    weights that copy was a fifth of the hooks' time at world 2, and took longer per rank than
-    at world 1 for half the data (page faults of two processes at once;
-    ``benchmarks/perf_distributed.py``). Kept, ``4 n / world`` bytes per float32 weight stay
-    taken between steps too: the callback releases them at every epoch's end, at the fit's
-    end and on an exception. An accelerator's caching allocator reuses a freed copy's memory
-    by itself, so a shard there gets a fresh copy each time and nothing is kept. Keyed by the
-    parameter (not its name): two models' steps that share one :class:`RawShards` keep apart."""
+    weights keeping it made the hooks 0.06-0.14 s cheaper per step at world 1 and 2 (of
+    0.8-1.4 s; ``benchmarks/perf_distributed.py``). Kept, ``4 n / world`` bytes per float32
+    weight stay taken between steps too: the callback releases them at every epoch's end, at
+    the fit's end and on an exception. An accelerator's caching allocator reuses a freed
+    copy's memory by itself, so a shard there gets a fresh copy each time and nothing is kept.
+    Keyed by the parameter (not its name): two models' steps that share one
+    :class:`RawShards` keep apart."""
 
     def __init__(self) -> None:
         self._kept: dict[int, Tensor] = {}
