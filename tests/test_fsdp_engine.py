@@ -6,6 +6,7 @@ centroids bit for bit on every rank, and the raw weights back bit for bit."""
 
 from __future__ import annotations
 
+import gc
 import os
 import tempfile
 
@@ -254,6 +255,14 @@ def test_raw_shards_reuse_a_parameters_memory_until_released() -> None:
     raw_shards.release()
     assert len(raw_shards) == 0
     assert raw_shards.copy(parameter, shard.t()).data_ptr() != kept.data_ptr()
+    # a parameter that is gone lets its memory go when another one comes
+    raw_shards.copy(other_parameter, shard)
+    assert len(raw_shards) == 2
+    del other_parameter
+    gc.collect()
+    newcomer = nn.Parameter(torch.randn(4, 8))
+    raw_shards.copy(newcomer, shard)
+    assert len(raw_shards) == 2  # parameter's and the newcomer's
 
 
 def test_the_callbacks_fsdp_side_lets_the_raw_shards_memory_go_when_it_drops_the_step() -> None:

@@ -61,6 +61,7 @@ checkpoints or metrics may run) the raw weights are back in place (:meth:`restor
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -175,7 +176,9 @@ class RawShards:
     :class:`RawShards` keep apart."""
 
     def __init__(self) -> None:
-        self._kept: dict[int, Tensor] = {}
+        # id(parameter) -> (a weak reference to it, its memory); a parameter that is gone
+        # lets its memory go at the next new one (its id may then be another's)
+        self._kept: dict[int, tuple[weakref.ref, Tensor]] = {}
 
     def __len__(self) -> int:
         """How many weights have memory kept."""
@@ -187,11 +190,14 @@ class RawShards:
         changed; a fresh copy off the CPU."""
         if shard.device.type != "cpu":
             return shard.clone(memory_format=torch.contiguous_format)
-        kept = self._kept.get(id(parameter))
+        entry = self._kept.get(id(parameter))
+        kept = None if entry is None or entry[0]() is not parameter else entry[1]
         if (kept is None or kept.shape != shard.shape or kept.dtype != shard.dtype
                 or kept.device != shard.device):
-            kept = self._kept[id(parameter)] = torch.empty_like(
-                shard, memory_format=torch.contiguous_format)
+            if entry is None:  # a new parameter: forget those that are gone
+                self._kept = {k: v for k, v in self._kept.items() if v[0]() is not None}
+            kept = torch.empty_like(shard, memory_format=torch.contiguous_format)
+            self._kept[id(parameter)] = (weakref.ref(parameter), kept)
         return kept.copy_(shard)
 
     def release(self) -> None:
