@@ -701,6 +701,7 @@ def test_the_grid_loops_give_bincounts_sums_per_piece_bit_for_bit(monkeypatch, P
     PyTorch ops' ``bincount`` per piece gives, with weights on the grid's edges, repeated,
     zero, -0 and subnormal; a float64 sensitivity is read, not written."""
     from lightning_dkm.engine.kmeans import palette_unit
+    from lightning_dkm.engine.value_grid import cell_sums_by_ops
     from lightning_dkm.model import bit_budget
 
     monkeypatch.setattr(bit_budget, "_PIECE", piece * P)
@@ -708,14 +709,12 @@ def test_the_grid_loops_give_bincounts_sums_per_piece_bit_for_bit(monkeypatch, P
     x = torch.randn(P, n, generator=gen) * torch.randn(P, 1, generator=gen).exp()
     x[0, :8] = torch.tensor([0.0, -0.0, 1e-40, 3.0, -3.0, 1.0, 1.0, 1.0]) * x[0].abs().max()
     unit = palette_unit(x.unsqueeze(-1))
-    _, _, counts, sums = bit_budget._grid_values(x, unit.view(-1, 1))
+    cells, offsets, counts, sums = bit_budget._grid_values(x, unit.view(-1, 1))
     got = loops.grid_counts(x, unit.reshape(-1), bit_budget._GRID, piece)
     assert torch.equal(got[0], counts) and torch.equal(got[1], sums)
     f = None if dtype is None else torch.rand(P, n, generator=gen, dtype=dtype)
     kept = None if f is None else f.clone()
-    snapped = bit_budget._Snapped(None, None, unit, {}, grid=torch.zeros(P * (2 * 512 + 1)),
-                                  values=x)
-    want = snapped._sums_by_ops(f)
+    want = cell_sums_by_ops(cells, offsets, f, bit_budget._GRID, piece)
     got = loops.grid_sums(x, unit.reshape(-1), bit_budget._GRID, piece, f)
     assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
     assert f is None or torch.equal(f, kept)

@@ -65,7 +65,7 @@ from ..engine.layout import MAX_BITS, PaletteLayout, is_int, is_number
 from ..engine.numerics import all_finite
 from ..engine.palette import LutDtype, lut_dtype_name, stored_bytes
 from ..engine.parametrization import stable_seed
-from ..engine.value_grid import Cells, cell_counts, cell_sums, cell_sums_by_ops, cells_by_ops
+from ..engine.value_grid import Cells, cell_counts, cell_sums, cells_by_ops
 from .targets import Target
 
 __all__ = [
@@ -300,12 +300,6 @@ class _Snapped:
         u = self.unit.double().square().reshape(-1)  # (P,)
         per_cell = u.repeat_interleave(self.grid.numel() // u.numel())
         return _CellSums(total * per_cell, first * per_cell, float(torch.dot(second, u)))
-
-    def _sums_by_ops(self, f: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
-        """:meth:`sums` before the units, by PyTorch ops (:func:`~lightning_dkm.engine.
-        value_grid.cell_sums_by_ops` on :meth:`cells_and_offsets`)."""
-        cells, offsets = self.cells_and_offsets()
-        return cell_sums_by_ops(cells, offsets, f, _GRID, _piece_columns(offsets.shape[0]))
 
     def estimates(self, widths: Iterable[int], sensitivity: Tensor | None,
                   sums: _CellSums | None = None) -> dict[int, float]:
