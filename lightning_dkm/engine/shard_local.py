@@ -210,8 +210,8 @@ class ShardLocalDKM:
     first micro-batch, :meth:`reapply` at the others, :meth:`restore` after each,
     :meth:`finish` before the optimizer step. ``weights``: ``(name, parametrization,
     sharded original)`` of the eligible weights, all on one mesh. ``raw_shards``: where the
-    raw shards are kept aside, reused across steps (:class:`RawShards`); by default memory of
-    this step's own."""
+    raw shards are kept aside, reused across steps (:class:`RawShards`); without one, a fresh
+    copy each time."""
 
     def __init__(self, weights: Iterable[tuple[str, DKMParametrization, nn.Parameter]],
                  raw_shards: RawShards | None = None) -> None:
@@ -232,8 +232,7 @@ class ShardLocalDKM:
                 members, ranks, self._normalizations([o for _, _, o in members]), strict=True):
             self.weights.append(_Weight(name, p, original, owner, center, unit))
         self.softened = False
-        self._own_raw_shards = raw_shards is None  # this step's only: let go at finish
-        self.raw_shards = RawShards() if raw_shards is None else raw_shards
+        self.raw_shards = raw_shards
 
     def _normalizations(self, originals: list[Tensor]) -> list[tuple[Tensor, Tensor]]:
         """Each weight's centre and power-of-two unit (1, 1) from one all-reduce of its shards'
@@ -313,7 +312,8 @@ class ShardLocalDKM:
         for w, column in zip(self.weights, columns, strict=True):
             local = w.local()
             if w.raw is None:
-                w.raw = self.raw_shards.copy(w.original, local.detach())
+                w.raw = (local.detach().clone() if self.raw_shards is None
+                         else self.raw_shards.copy(w.original, local.detach()))
             target = local.detach().view(1, -1)
             if target.dtype == w.table.dtype:
                 column.look_up(w.table, out=target)  # straight into FSDP2's storage
@@ -348,8 +348,6 @@ class ShardLocalDKM:
         (no backward ran) is only restored. Collectives: every rank calls it, at the same
         step. The step's state is dropped: the next step starts with :meth:`soften`."""
         self.restore()
-        if self._own_raw_shards:
-            self.raw_shards.release()
         grads = [None if w.original.grad is None else w.original.grad.to_local()
                  for w in self.weights]
         present = [g is not None for g in grads]
